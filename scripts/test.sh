@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Runs every check erel has: formatting, lints, and the whole test suite against a real
+# RabbitMQ and real Erlang/OTP tools. Installs and starts what the tests need when it is
+# missing, and fails loudly when it cannot.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'test.sh: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        die "need root to run: $*"
+    fi
+}
+
+apt_updated=0
+apt_install() {
+    command -v apt-get >/dev/null || die "cannot install $*: no apt-get on this machine"
+    if [ "$apt_updated" -eq 0 ]; then
+        log "apt-get update"
+        as_root apt-get update -qq || die "apt-get update failed"
+        apt_updated=1
+    fi
+    log "installing $*"
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null \
+        || die "apt-get install $* failed"
+}
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+ensure_rabbitmq() {
+    if port_open 127.0.0.1 5672; then
+        return
+    fi
+    if ! command -v rabbitmq-server >/dev/null && [ ! -x /usr/sbin/rabbitmq-server ]; then
+        apt_install rabbitmq-server
+    fi
+    log "starting RabbitMQ"
+    as_root env PATH="/usr/sbin:$PATH" rabbitmq-server -detached >/dev/null 2>&1 || true
+    for _ in $(seq 1 90); do
+        if port_open 127.0.0.1 5672; then
+            log "RabbitMQ is up on 127.0.0.1:5672"
+            return
+        fi
+        sleep 1
+    done
+    die "RabbitMQ did not come up on 127.0.0.1:5672 within 90 s"
+}
+
+ensure_erlang_tools() {
+    command -v erl >/dev/null || apt_install erlang-base erlang-dev
+    command -v rebar3 >/dev/null || apt_install rebar3
+    command -v rebar3 >/dev/null || die "rebar3 is still missing after installing it"
+}
+
+ensure_tools() {
+    command -v openssl >/dev/null || apt_install openssl
+    command -v cargo >/dev/null || die "cargo is not on PATH"
+}
+
+ensure_tools
+ensure_erlang_tools
+ensure_rabbitmq
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+log "cargo test"
+cargo test --workspace --no-fail-fast

@@ -1,0 +1,1 @@
+//! End-to-end tests for erel live in `tests/`.
