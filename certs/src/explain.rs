@@ -1,0 +1,128 @@
+//! Turning TLS authentication failures into sentences an operator can act on.
+//!
+//! Under TLS 1.3 the client finishes its side of the handshake before the server
+//! has judged the client's certificate, so a master whose certificate is refused
+//! usually learns it on its first read, as an `io::Error` wrapping
+//! `rustls::Error::AlertReceived(..)`. The wording is the master's point of view
+//! (the master is the TLS client, the agent the server).
+
+use std::error::Error as StdError;
+
+use rustls::{AlertDescription, CertificateError, Error as TlsError};
+
+/// Explains an I/O error from a TLS connection if it is a TLS authentication or
+/// negotiation problem (a refused, unknown, expired or revoked certificate, a
+/// wrong host name, an incompatible TLS version); `None` for anything else, such
+/// as a refused TCP connection or a timeout.
+pub fn explain_tls_error(err: &std::io::Error) -> Option<String> {
+    let mut source: Option<&(dyn StdError + 'static)> = err.get_ref().map(|e| e as _);
+    while let Some(e) = source {
+        if let Some(tls) = e.downcast_ref::<TlsError>() {
+            return explain_rustls_error(tls);
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// Explains a [`rustls::Error`] as [`explain_tls_error`] does.
+pub fn explain_rustls_error(err: &TlsError) -> Option<String> {
+    match err {
+        TlsError::AlertReceived(alert) => explain_alert(*alert),
+        TlsError::InvalidCertificate(cert) => Some(explain_peer_certificate(cert)),
+        TlsError::NoCertificatesPresented => {
+            Some("the peer presented no certificate (a certificate signed by the cluster CA is required)".into())
+        }
+        TlsError::PeerIncompatible(why) => Some(format!(
+            "the peer cannot speak TLS 1.3 with us ({why:?}); erel requires TLS 1.3"
+        )),
+        TlsError::InvalidCertRevocationList(why) => Some(format!(
+            "the certificate revocation list (crl.pem) is unusable: {why:?}"
+        )),
+        _ => None,
+    }
+}
+
+const NOT_CLUSTER: &str = "is this master's certificate signed by the cluster CA?";
+
+fn explain_alert(alert: AlertDescription) -> Option<String> {
+    let refused = "the agent refused our certificate";
+    let text = match alert {
+        AlertDescription::CertificateRequired => {
+            "the agent refused us: no client certificate was presented (the agent requires the master's certificate)".to_string()
+        }
+        AlertDescription::UnknownCA => format!(
+            "{refused}: unknown CA (is this master's certificate signed by the cluster CA, and is the agent's crl.pem from that CA?)"
+        ),
+        AlertDescription::BadCertificate => format!("{refused}: bad certificate ({NOT_CLUSTER})"),
+        AlertDescription::CertificateRevoked => format!(
+            "{refused}: certificate revoked (issue a new master certificate)"
+        ),
+        AlertDescription::CertificateExpired => format!(
+            "{refused}: certificate expired or not yet valid (check its dates and both clocks)"
+        ),
+        AlertDescription::UnsupportedCertificate => format!(
+            "{refused}: certificate not allowed for client authentication (it lacks the clientAuth extended key usage)"
+        ),
+        AlertDescription::DecryptError => {
+            format!("{refused}: a signature did not verify ({NOT_CLUSTER})")
+        }
+        AlertDescription::CertificateUnknown | AlertDescription::AccessDenied => {
+            format!("{refused}: certificate not accepted ({NOT_CLUSTER})")
+        }
+        AlertDescription::ProtocolVersion => {
+            "the peer refused our TLS version (erel speaks TLS 1.3 only)".to_string()
+        }
+        AlertDescription::HandshakeFailure | AlertDescription::InsufficientSecurity => {
+            "TLS handshake failure: no common cipher suite or key exchange (erel uses TLS 1.3 with the ring provider)".to_string()
+        }
+        _ => return None,
+    };
+    Some(text)
+}
+
+fn explain_peer_certificate(err: &CertificateError) -> String {
+    match err {
+        CertificateError::NotValidForNameContext {
+            expected,
+            presented,
+        } => {
+            let expected = expected.to_str();
+            if presented.is_empty() {
+                format!("the agent's certificate does not name host '{expected}'")
+            } else {
+                format!(
+                    "the agent's certificate does not name host '{expected}' (it names {})",
+                    presented.join(", ")
+                )
+            }
+        }
+        CertificateError::NotValidForName => {
+            "the agent's certificate does not name the host we expected".to_string()
+        }
+        CertificateError::UnknownIssuer => {
+            "the peer's certificate is not signed by the cluster CA (unknown CA)".to_string()
+        }
+        CertificateError::Revoked => "the peer's certificate is revoked (listed in crl.pem)".to_string(),
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            "the peer's certificate expired".to_string()
+        }
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            "the peer's certificate is not valid yet (check the clocks)".to_string()
+        }
+        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+            "the peer's certificate is not issued for this use (wrong extended key usage: agents need serverAuth, the master clientAuth)".to_string()
+        }
+        CertificateError::UnknownRevocationStatus => {
+            "the peer's revocation status is unknown (crl.pem is not from the cluster CA)".to_string()
+        }
+        CertificateError::ExpiredRevocationList
+        | CertificateError::ExpiredRevocationListContext { .. } => {
+            "the certificate revocation list (crl.pem) has expired".to_string()
+        }
+        CertificateError::BadSignature => {
+            "the peer's certificate has a bad signature (not signed by the cluster CA?)".to_string()
+        }
+        other => format!("the peer's certificate is not acceptable: {other}"),
+    }
+}

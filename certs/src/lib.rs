@@ -1,0 +1,93 @@
+//! Certificates and TLS for an erel cluster.
+//!
+//! The master keeps a certificate directory ([`MasterDir`], layout in [`layout`]):
+//! a cluster CA, the master's client certificate, a CRL, and one bundle per host
+//! that is copied to that host for its agent. Everything trusts only the cluster
+//! CA, speaks TLS 1.3 only, and uses the ring provider passed explicitly.
+//!
+//! Modules:
+//! * [`layout`]: the file names of the directory and of a host bundle.
+//! * `store`: [`MasterDir`] — `init`, `issue_host`, `revoke`, the master's client config.
+//! * `pki`: key, certificate and CRL generation with rcgen (validity in
+//!   [`CA_VALIDITY`] and [`LEAF_VALIDITY`]).
+//! * `tls`: the rustls configurations ([`server_config`], [`client_config_from`]),
+//!   [`server_name`], [`peer_name`] and [`bundle_fingerprint`] for reloading.
+//! * `explain`: [`explain_tls_error`], a refused handshake as a sentence.
+//! * [`testing`]: odd certificates for other crates' negative tests.
+//! * `files`: atomic writes; keys are mode 0600 from the start.
+//!
+//! ```
+//! # fn main() -> erel_certs::Result<()> {
+//! # let tmp = tempfile::tempdir().expect("tempdir");
+//! use erel_certs::MasterDir;
+//!
+//! let certs = MasterDir::new(tmp.path().join("certs"));
+//! certs.init("prod")?;                                   // erel certs init
+//! let bundle = certs.issue_host("web-1", &[], &[])?;     // erel certs host web-1
+//! let agent = erel_certs::server_config(&bundle)?;       // erel-boot --certs <bundle>
+//! let master = certs.client_config()?;                   // erel ping web-1@...
+//! let expect = erel_certs::server_name("web-1")?;
+//! # let _ = (agent, master, expect);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Revocations are recorded only in `crl.pem` itself: [`MasterDir::revoke`] reads
+//! the current CRL (checking its signature), adds the serial number and re-signs
+//! it with the next CRL number.
+#![deny(missing_docs)]
+
+mod error;
+mod explain;
+mod files;
+pub mod layout;
+mod pki;
+mod store;
+pub mod testing;
+mod tls;
+
+pub use error::{Error, Result};
+pub use explain::{explain_rustls_error, explain_tls_error};
+pub use pki::{CA_VALIDITY, LEAF_VALIDITY};
+pub use store::MasterDir;
+pub use tls::{
+    bundle_fingerprint, client_config_from, peer_name, provider, server_config, server_name,
+    BundleFingerprint,
+};
+
+/// The longest host id: one DNS label.
+pub const MAX_HOST_ID_LEN: usize = 63;
+
+/// Checks a host id: 1 to 63 characters of lowercase letters, digits and `-`,
+/// neither starting nor ending with `-`, and not all digits. Such an id is a
+/// valid DNS label, usable as a TLS server name and as a directory name.
+pub fn validate_host_id(id: &str) -> Result<()> {
+    let reason = if id.is_empty() {
+        Some("a host id must not be empty".to_string())
+    } else if id.len() > MAX_HOST_ID_LEN {
+        Some(format!(
+            "a host id has at most {MAX_HOST_ID_LEN} characters, this one has {}",
+            id.len()
+        ))
+    } else if let Some(bad) = id
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        Some(format!(
+            "{bad:?} is not allowed; use lowercase letters a-z, digits and '-'"
+        ))
+    } else if id.starts_with('-') || id.ends_with('-') {
+        Some("a host id must not start or end with '-'".to_string())
+    } else if id.bytes().all(|b| b.is_ascii_digit()) {
+        Some("a host id must not be all digits (it would read as a number, not a name)".to_string())
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Error::InvalidName {
+            name: id.to_string(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}

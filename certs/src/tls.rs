@@ -1,0 +1,267 @@
+//! rustls configurations for both ends, built from files, with the ring provider
+//! and TLS 1.3 only. Neither end resumes sessions: every connection is a full,
+//! fully verified handshake against the current CA and CRL.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rustls::client::{Resumption, WebPkiServerVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::error::{Error, Result};
+use crate::layout::{CA_PEM, CRL_PEM, HOST_KEY, HOST_PEM, MASTER_KEY, MASTER_PEM};
+
+/// The ring crypto provider, passed explicitly so nothing depends on a
+/// process-wide default.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The agent's server configuration from a host bundle directory (`ca.pem`,
+/// `host.pem`, `host.key`, and `crl.pem` when present).
+///
+/// TLS 1.3 only. A client certificate is required, must chain to `ca.pem`, must
+/// carry the clientAuth extended key usage, and must not be listed in `crl.pem`.
+/// No session tickets and no session cache: nothing is resumed.
+pub fn server_config(bundle_dir: &Path) -> Result<Arc<ServerConfig>> {
+    let provider = provider();
+    let ca = bundle_dir.join(CA_PEM);
+    let roots = load_roots(&ca)?;
+    let crl_path = bundle_dir.join(CRL_PEM);
+    let crls = if crl_path.exists() {
+        load_crls(&crl_path)?
+    } else {
+        Vec::new()
+    };
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .with_crls(crls)
+        .build()
+        .map_err(|source| Error::Verifier {
+            ca: ca.clone(),
+            source,
+        })?;
+    let cert_path = bundle_dir.join(HOST_PEM);
+    let key_path = bundle_dir.join(HOST_KEY);
+    let certs = load_certs(&cert_path)?;
+    let key = load_key(&key_path)?;
+    let what = || {
+        format!(
+            "server configuration from {} and {}",
+            cert_path.display(),
+            key_path.display()
+        )
+    };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| Error::Tls {
+            what: what(),
+            source,
+        })?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|source| Error::Tls {
+            what: what(),
+            source,
+        })?;
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    Ok(Arc::new(config))
+}
+
+/// A client configuration from explicit files: trust only `ca_pem`, present
+/// `cert_pem` with `key_pem`, and check the server's certificate against
+/// `crl_pem` when given.
+///
+/// TLS 1.3 only; resumption disabled. The server's certificate must carry the
+/// serverAuth extended key usage and name the [`crate::server_name`] the
+/// connection is made to. Tests use this to present odd certificates.
+pub fn client_config_from(
+    ca_pem: &Path,
+    cert_pem: &Path,
+    key_pem: &Path,
+    crl_pem: Option<&Path>,
+) -> Result<Arc<ClientConfig>> {
+    let provider = provider();
+    let roots = load_roots(ca_pem)?;
+    let crls = match crl_pem {
+        Some(path) => load_crls(path)?,
+        None => Vec::new(),
+    };
+    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .with_crls(crls)
+        .build()
+        .map_err(|source| Error::Verifier {
+            ca: ca_pem.to_path_buf(),
+            source,
+        })?;
+    let certs = load_certs(cert_pem)?;
+    let key = load_key(key_pem)?;
+    let what = || {
+        format!(
+            "client configuration from {} and {}",
+            cert_pem.display(),
+            key_pem.display()
+        )
+    };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| Error::Tls {
+            what: what(),
+            source,
+        })?
+        .with_webpki_verifier(verifier)
+        .with_client_auth_cert(certs, key)
+        .map_err(|source| Error::Tls {
+            what: what(),
+            source,
+        })?;
+    config.resumption = Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// The rustls [`ServerName`] to connect to host `host_id` under: the id as a DNS
+/// name, which the host certificate carries as a subject alternative name.
+pub fn server_name(host_id: &str) -> Result<ServerName<'static>> {
+    crate::validate_host_id(host_id)?;
+    ServerName::try_from(host_id.to_string()).map_err(|_| Error::InvalidName {
+        name: host_id.to_string(),
+        reason: "not usable as a TLS server name".into(),
+    })
+}
+
+/// The name a verified peer certificate gives itself, for logs: its subject
+/// common name, or else its first DNS subject alternative name. `None` if the
+/// certificate cannot be parsed or names nothing.
+pub fn peer_name(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    if let Some(cn) = parsed
+        .subject()
+        .iter_common_name()
+        .find_map(|cn| cn.as_str().ok())
+    {
+        return Some(cn.to_string());
+    }
+    let san = parsed.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        GeneralName::DNSName(dns) => Some(dns.to_string()),
+        _ => None,
+    })
+}
+
+/// A cheap, comparable snapshot of the certificate files in a bundle or master
+/// directory: for each of `ca.pem`, `host.pem`, `host.key`, `master.pem`,
+/// `master.key` and `crl.pem` that exists, its path, length, modification time
+/// and inode. Files are replaced by rename, which gives them a new inode, so a
+/// replacement is noticed even when length and mtime happen to match.
+///
+/// Compare two snapshots with `==`; when they differ, build a new configuration
+/// ([`server_config`]) for the connections that follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleFingerprint {
+    files: Vec<FileStamp>,
+}
+
+/// One file's identity in a [`BundleFingerprint`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    path: PathBuf,
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+impl BundleFingerprint {
+    /// The files that were present, with their lengths and modification times.
+    pub fn files(&self) -> impl Iterator<Item = (&Path, u64, Option<SystemTime>)> {
+        self.files
+            .iter()
+            .map(|f| (f.path.as_path(), f.len, f.modified))
+    }
+}
+
+/// Takes a [`BundleFingerprint`] of `bundle_dir`. Missing or unreadable files
+/// are simply absent from it (so a file appearing or disappearing is a change).
+pub fn bundle_fingerprint(bundle_dir: &Path) -> BundleFingerprint {
+    use std::os::unix::fs::MetadataExt;
+    let files = [CA_PEM, HOST_PEM, HOST_KEY, MASTER_PEM, MASTER_KEY, CRL_PEM]
+        .iter()
+        .filter_map(|name| {
+            let path = bundle_dir.join(name);
+            let meta = std::fs::metadata(&path).ok()?;
+            Some(FileStamp {
+                len: meta.len(),
+                modified: meta.modified().ok(),
+                inode: meta.ino(),
+                path,
+            })
+        })
+        .collect();
+    BundleFingerprint { files }
+}
+
+/// Every certificate in a PEM file; at least one.
+pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_error(path, e))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, e))?;
+    if certs.is_empty() {
+        return Err(Error::parse(path, "no certificate in this file"));
+    }
+    Ok(certs)
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| Error::parse(path, format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    warn_if_exposed(path);
+    PrivateKeyDer::from_pem_file(path).map_err(|e| pem_error(path, e))
+}
+
+fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>> {
+    let crls = CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| pem_error(path, e))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, e))?;
+    if crls.is_empty() {
+        return Err(Error::parse(
+            path,
+            "no CRL (\"X509 CRL\" PEM section) in this file",
+        ));
+    }
+    Ok(crls)
+}
+
+fn pem_error(path: &Path, e: rustls::pki_types::pem::Error) -> Error {
+    use rustls::pki_types::pem::Error as PemError;
+    match e {
+        PemError::Io(io) => crate::files::not_found_or_io(path, io),
+        PemError::NoItemsFound => Error::parse(path, "no usable PEM section of the expected kind"),
+        other => Error::parse(path, format!("malformed PEM: {other}")),
+    }
+}
+
+/// Logs a warning when a private key file is readable by group or others.
+fn warn_if_exposed(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "private key is readable by group or others; it should be mode 0600");
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! Real mutual-TLS handshakes over 127.0.0.1, one good and many refused.
+
+use std::sync::Arc;
+
+use erel_certs::{
+    bundle_fingerprint, client_config_from, explain_tls_error, layout, server_config, testing,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use crate::helper::{attempt, expect_refused, pki};
+
+#[tokio::test]
+async fn master_and_agent_complete_a_mutual_tls_exchange() {
+    let pki = pki("web-1");
+    let server = server_config(&pki.bundle).expect("server config");
+    let client = pki.master.client_config().expect("client config");
+
+    let (client_result, server_result) = attempt(server, client, "web-1").await;
+
+    let exchanged = client_result.expect("client exchange");
+    assert_eq!(exchanged.echoed, 42);
+    assert_eq!(exchanged.peer.as_deref(), Some("web-1"));
+    let served = server_result.expect("server exchange");
+    assert_eq!(served.peer.as_deref(), Some("erel-master"));
+}
+
+#[tokio::test]
+async fn client_without_certificate_is_refused() {
+    let pki = pki("web-1");
+    let server = server_config(&pki.bundle).expect("server config");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(pki.master.ca_pem()).expect("ca.pem") {
+        roots.add(cert.expect("cert")).expect("root");
+    }
+    let client = rustls::ClientConfig::builder_with_provider(erel_certs::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+
+    let (client_result, server_result) = attempt(server, Arc::new(client), "web-1").await;
+
+    expect_refused(client_result, "no client certificate");
+    let server_err = server_result.expect_err("server must refuse");
+    let explained = explain_tls_error(&server_err).expect("server side explained");
+    assert!(
+        explained.contains("presented no certificate"),
+        "{explained}"
+    );
+}
+
+#[tokio::test]
+async fn client_certificate_from_another_ca_is_refused() {
+    let pki = pki("web-1");
+    let server = server_config(&pki.bundle).expect("server config");
+    let foreign = testing::foreign_client(&pki.scratch("foreign")).expect("foreign cert");
+    // Trust the real cluster CA for the agent, but present the foreign certificate.
+    let client = client_config_from(&pki.master.ca_pem(), &foreign.cert, &foreign.key, None)
+        .expect("client");
+
+    let (client_result, server_result) = attempt(server, client, "web-1").await;
+
+    let explained = expect_refused(client_result, "unknown CA");
+    assert!(
+        explained.contains("signed by the cluster CA"),
+        "{explained}"
+    );
+    let server_err = server_result.expect_err("server must refuse");
+    let explained = explain_tls_error(&server_err).expect("server side explained");
+    assert!(
+        explained.contains("not signed by the cluster CA"),
+        "{explained}"
+    );
+}
+
+#[tokio::test]
+async fn agent_with_another_host_id_is_refused_by_the_master() {
+    let pki = pki("web-1");
+    let server = server_config(&pki.bundle).expect("server config");
+    let client = pki.master.client_config().expect("client config");
+
+    let (client_result, server_result) = attempt(server, client, "web-2").await;
+
+    let explained = expect_refused(client_result, "does not name host 'web-2'");
+    assert!(explained.contains("web-1"), "{explained}");
+    assert!(
+        server_result.is_err(),
+        "the server must not complete either"
+    );
+}
+
+#[tokio::test]
+async fn expired_client_certificate_is_refused() {
+    let pki = pki("web-1");
+    let server = server_config(&pki.bundle).expect("server config");
+    let expired = testing::expired_client(&pki.master, &pki.scratch("expired")).expect("cert");
+    let client =
+        client_config_from(&expired.ca, &expired.cert, &expired.key, None).expect("client");
+
+    let (client_result, server_result) = attempt(server, client, "web-1").await;
+
+    expect_refused(client_result, "certificate expired");
+    assert!(server_result.is_err());
+}
+
+#[tokio::test]
+async fn client_certificate_without_client_auth_is_refused() {
+    let pki = pki("web-1");
+    let server = server_config(&pki.bundle).expect("server config");
+    let odd = testing::client_without_client_auth(&pki.master, &pki.scratch("odd")).expect("cert");
+    let client = client_config_from(&odd.ca, &odd.cert, &odd.key, None).expect("client");
+
+    let (client_result, server_result) = attempt(server, client, "web-1").await;
+
+    expect_refused(client_result, "clientAuth");
+    assert!(server_result.is_err());
+}
+
+#[tokio::test]
+async fn revoked_master_certificate_is_refused_after_reload() {
+    let pki = pki("web-1");
+    let before = bundle_fingerprint(&pki.bundle);
+    pki.master.revoke("master").expect("revoke master");
+    let after = bundle_fingerprint(&pki.bundle);
+    assert_ne!(
+        before, after,
+        "the bundle's crl.pem changed; a server must notice"
+    );
+
+    let server = server_config(&pki.bundle).expect("reloaded server config");
+    let client = pki.master.client_config().expect("client config");
+    let (client_result, server_result) = attempt(server, client, "web-1").await;
+
+    expect_refused(client_result, "certificate revoked");
+    let server_err = server_result.expect_err("server must refuse");
+    let explained = explain_tls_error(&server_err).expect("server side explained");
+    assert!(explained.contains("revoked"), "{explained}");
+
+    // A new master certificate gets in again.
+    pki.master.reissue_master().expect("reissue master");
+    let server = server_config(&pki.bundle).expect("server config");
+    let client = pki.master.client_config().expect("client config");
+    let (client_result, _) = attempt(server, client, "web-1").await;
+    assert_eq!(client_result.expect("new master certificate").echoed, 42);
+}
+
+#[tokio::test]
+async fn revoked_host_certificate_is_refused_by_the_master() {
+    let pki = pki("web-1");
+    // The agent still runs with its (now revoked) certificate.
+    let server = server_config(&pki.bundle).expect("server config");
+    pki.master.revoke("web-1").expect("revoke web-1");
+    let client = pki.master.client_config().expect("client config");
+
+    let (client_result, _) = attempt(server, client, "web-1").await;
+
+    expect_refused(client_result, "revoked");
+
+    // Re-issuing gives a new serial, which is not revoked.
+    let bundle = pki
+        .master
+        .issue_host("web-1", &[crate::helper::LOOPBACK], &[])
+        .expect("re-issue");
+    let server = server_config(&bundle).expect("server config");
+    let client = pki.master.client_config().expect("client config");
+    let (client_result, _) = attempt(server, client, "web-1").await;
+    assert_eq!(client_result.expect("re-issued host").echoed, 42);
+}
+
+#[tokio::test]
+async fn agent_certificate_from_another_ca_is_refused_by_the_master() {
+    let pki = pki("web-1");
+    let foreign = testing::foreign_host_bundle("web-1", &pki.scratch("foreign")).expect("bundle");
+    let server = server_config(foreign.cert.parent().expect("dir")).expect("server config");
+    let client = pki.master.client_config().expect("client config");
+
+    let (client_result, _) = attempt(server, client, "web-1").await;
+
+    expect_refused(client_result, "not signed by the cluster CA");
+}
+
+#[tokio::test]
+async fn expired_agent_certificate_is_refused_by_the_master() {
+    let pki = pki("web-1");
+    let dir = pki.scratch("expired-host");
+    testing::expired_host_bundle(&pki.master, "web-1", &dir).expect("bundle");
+    let server = server_config(&dir).expect("server config");
+    let client = pki.master.client_config().expect("client config");
+
+    let (client_result, _) = attempt(server, client, "web-1").await;
+
+    expect_refused(client_result, "expired");
+}
+
+#[tokio::test]
+async fn agent_without_crl_still_verifies_clients() {
+    let pki = pki("web-1");
+    std::fs::remove_file(pki.bundle.join(layout::CRL_PEM)).expect("remove crl");
+    let server = server_config(&pki.bundle).expect("server config without crl");
+    let client = pki.master.client_config().expect("client config");
+
+    let (client_result, _) = attempt(server, client, "web-1").await;
+    assert_eq!(client_result.expect("exchange").echoed, 42);
+
+    let foreign = testing::foreign_client(&pki.scratch("foreign")).expect("foreign cert");
+    let server = server_config(&pki.bundle).expect("server config without crl");
+    let client = client_config_from(&pki.master.ca_pem(), &foreign.cert, &foreign.key, None)
+        .expect("client");
+    let (client_result, _) = attempt(server, client, "web-1").await;
+    expect_refused(client_result, "unknown CA");
+}
+
+#[test]
+fn non_tls_errors_are_not_explained() {
+    let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+    assert_eq!(explain_tls_error(&refused), None);
+    let other = std::io::Error::other("something else");
+    assert_eq!(explain_tls_error(&other), None);
+    let garbage = std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        rustls::Error::General("x".into()),
+    );
+    assert_eq!(explain_tls_error(&garbage), None);
+}

@@ -1,0 +1,186 @@
+//! A fresh PKI in a temporary directory, an agent-like TLS echo server and a
+//! master-like client, each phase under a timeout.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use erel_certs::MasterDir;
+use rustls::{ClientConfig, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// Bound on every connection phase in these tests.
+pub const PHASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// A cluster CA with one host bundle, in a temporary directory.
+pub struct Pki {
+    pub tmp: tempfile::TempDir,
+    pub master: MasterDir,
+    pub bundle: PathBuf,
+}
+
+/// `init` plus `issue_host(host_id, [127.0.0.1], [])`.
+pub fn pki(host_id: &str) -> Pki {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let master = MasterDir::new(tmp.path().join("certs"));
+    master.init("test").expect("init");
+    let bundle = master
+        .issue_host(host_id, &[LOOPBACK], &[])
+        .expect("issue_host");
+    Pki {
+        tmp,
+        master,
+        bundle,
+    }
+}
+
+impl Pki {
+    /// A scratch directory inside the temporary directory.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+}
+
+/// What the server saw of one connection.
+#[derive(Debug)]
+pub struct Served {
+    /// The client's name from its certificate.
+    pub peer: Option<String>,
+}
+
+/// Accepts one connection: TLS handshake, read one byte, echo it back.
+/// The handle yields the handshake or I/O error the server saw.
+pub async fn echo_once(config: Arc<ServerConfig>) -> (SocketAddr, JoinHandle<io::Result<Served>>) {
+    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    let addr = listener.local_addr().expect("local_addr");
+    let handle = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await?;
+        let accepted = tokio::time::timeout(
+            PHASE_TIMEOUT,
+            TlsAcceptor::from(config).accept(tcp).into_fallible(),
+        )
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))?;
+        let mut tls = match accepted {
+            Ok(tls) => tls,
+            Err((err, tcp)) => {
+                linger(tcp).await;
+                return Err(err);
+            }
+        };
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(erel_certs::peer_name);
+        let mut byte = [0u8; 1];
+        timeout(tls.read_exact(&mut byte)).await?;
+        timeout(tls.write_all(&byte)).await?;
+        timeout(tls.shutdown()).await?;
+        Ok(Served { peer })
+    });
+    (addr, handle)
+}
+
+/// What the client saw of a successful exchange.
+#[derive(Debug)]
+pub struct Exchanged {
+    /// The byte echoed back.
+    pub echoed: u8,
+    /// The server's name from its certificate.
+    pub peer: Option<String>,
+}
+
+/// Connects to `addr` expecting host `host_id`, writes one byte and reads it back.
+/// Under TLS 1.3 a refused client certificate shows up here on the read.
+pub async fn exchange(
+    config: Arc<ClientConfig>,
+    addr: SocketAddr,
+    host_id: &str,
+) -> io::Result<Exchanged> {
+    let name = erel_certs::server_name(host_id).expect("server name");
+    let tcp = timeout(TcpStream::connect(addr)).await?;
+    let mut tls = timeout(TlsConnector::from(config).connect(name, tcp)).await?;
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(erel_certs::peer_name);
+    timeout(tls.write_all(&[42])).await?;
+    timeout(tls.flush()).await?;
+    let mut byte = [0u8; 1];
+    timeout(tls.read_exact(&mut byte)).await?;
+    Ok(Exchanged {
+        echoed: byte[0],
+        peer,
+    })
+}
+
+/// One full attempt: server from `server`, client from `client` expecting `host_id`.
+/// Returns what each side got.
+pub async fn attempt(
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    host_id: &str,
+) -> (io::Result<Exchanged>, io::Result<Served>) {
+    let (addr, handle) = echo_once(server).await;
+    let client_result = exchange(client, addr, host_id).await;
+    let server_result = tokio::time::timeout(PHASE_TIMEOUT, handle)
+        .await
+        .expect("server finished in time")
+        .expect("server task did not panic");
+    (client_result, server_result)
+}
+
+/// Expects the client to fail, with an explanation containing `expected`.
+/// Returns the explanation.
+pub fn expect_refused(result: io::Result<Exchanged>, expected: &str) -> String {
+    let err = match result {
+        Ok(ok) => panic!("the exchange should have failed, got {ok:?}"),
+        Err(err) => err,
+    };
+    let explained = erel_certs::explain_tls_error(&err)
+        .unwrap_or_else(|| panic!("not explained as a TLS problem: {err:?}"));
+    assert!(
+        explained.contains(expected),
+        "explanation {explained:?} should contain {expected:?} (error: {err:?})"
+    );
+    explained
+}
+
+/// After a refused handshake: send FIN and drain what the client still sends
+/// (bounded), so the client reads our alert instead of a reset caused by closing
+/// a socket with unread data in it.
+async fn linger(mut tcp: TcpStream) {
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 1024];
+    let drain = async {
+        while let Ok(n) = tcp.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
+}
+
+async fn timeout<T, E: Into<io::Error>>(
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> io::Result<T> {
+    match tokio::time::timeout(PHASE_TIMEOUT, fut).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "test phase timed out",
+        )),
+    }
+}

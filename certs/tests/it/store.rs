@@ -1,0 +1,323 @@
+//! The master's certificate directory: layout, refusals, modes, revocation bookkeeping.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use erel_certs::{layout, validate_host_id, Error, MasterDir};
+
+use crate::helper::{pki, LOOPBACK};
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+}
+
+#[test]
+fn init_writes_the_documented_layout() {
+    let pki = pki("web-1");
+    let dir = pki.master.path();
+    for name in [
+        layout::CA_PEM,
+        layout::CA_KEY,
+        layout::MASTER_PEM,
+        layout::MASTER_KEY,
+        layout::CRL_PEM,
+    ] {
+        assert!(dir.join(name).is_file(), "{name} missing");
+    }
+    for name in [
+        layout::CA_PEM,
+        layout::HOST_PEM,
+        layout::HOST_KEY,
+        layout::CRL_PEM,
+    ] {
+        assert!(pki.bundle.join(name).is_file(), "bundle {name} missing");
+    }
+    assert_eq!(pki.bundle, dir.join("hosts").join("web-1"));
+    assert_eq!(
+        fs::read(dir.join(layout::CA_PEM)).expect("ca"),
+        fs::read(pki.bundle.join(layout::CA_PEM)).expect("bundle ca")
+    );
+    assert_eq!(
+        pki.master.host_ids().expect("ids"),
+        vec!["web-1".to_string()]
+    );
+    // No staging or temporary names left behind.
+    for d in [dir.to_path_buf(), dir.join("hosts"), pki.bundle.clone()] {
+        for entry in fs::read_dir(&d).expect("read_dir") {
+            let name = entry.expect("entry").file_name();
+            assert!(
+                !name.to_string_lossy().starts_with('.'),
+                "left over: {name:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn key_files_are_private_and_certificates_public() {
+    let pki = pki("web-1");
+    let dir = pki.master.path();
+    assert_eq!(mode(&dir.join(layout::CA_KEY)), 0o600);
+    assert_eq!(mode(&dir.join(layout::MASTER_KEY)), 0o600);
+    assert_eq!(mode(&pki.bundle.join(layout::HOST_KEY)), 0o600);
+    assert_eq!(mode(&dir.join(layout::CA_PEM)), 0o644);
+    assert_eq!(mode(&dir.join(layout::MASTER_PEM)), 0o644);
+    assert_eq!(mode(&dir.join(layout::CRL_PEM)), 0o644);
+    assert_eq!(mode(&pki.bundle.join(layout::HOST_PEM)), 0o644);
+    assert_eq!(mode(&dir.join("hosts")), 0o700);
+    pki.master.reissue_master().expect("reissue");
+    assert_eq!(mode(&dir.join(layout::MASTER_KEY)), 0o600);
+}
+
+#[test]
+fn init_twice_refuses_and_keeps_the_ca() {
+    let pki = pki("web-1");
+    let ca = pki.master.ca_pem();
+    let before = fs::read(&ca).expect("ca.pem");
+    let key_before = fs::read(pki.master.path().join(layout::CA_KEY)).expect("ca.key");
+
+    let err = pki
+        .master
+        .init("test")
+        .expect_err("second init must refuse");
+
+    match &err {
+        Error::AlreadyExists { path } => assert_eq!(path, &ca),
+        other => panic!("expected AlreadyExists, got {other:?}"),
+    }
+    assert!(err.to_string().contains("ca.pem"), "{err}");
+    assert_eq!(fs::read(&ca).expect("ca.pem"), before);
+    assert_eq!(
+        fs::read(pki.master.path().join(layout::CA_KEY)).expect("ca.key"),
+        key_before
+    );
+}
+
+#[test]
+fn init_refuses_when_only_the_key_exists() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let master = MasterDir::new(tmp.path());
+    fs::write(tmp.path().join(layout::CA_KEY), b"precious").expect("write");
+    let err = master.init("test").expect_err("must refuse");
+    assert!(
+        matches!(&err, Error::AlreadyExists { path } if path.ends_with("ca.key")),
+        "{err:?}"
+    );
+    assert_eq!(
+        fs::read(tmp.path().join(layout::CA_KEY)).expect("read"),
+        b"precious"
+    );
+    assert!(!tmp.path().join(layout::CA_PEM).exists());
+}
+
+#[test]
+fn issue_host_without_ca_names_ca_pem() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let master = MasterDir::new(tmp.path().join("certs"));
+    let err = master
+        .issue_host("web-1", &[LOOPBACK], &[])
+        .expect_err("no CA yet");
+    match &err {
+        Error::MissingCa { path } => assert_eq!(path, &master.ca_pem()),
+        other => panic!("expected MissingCa, got {other:?}"),
+    }
+    let message = err.to_string();
+    assert!(message.contains("ca.pem"), "{message}");
+    assert!(message.contains("erel certs init"), "{message}");
+}
+
+#[test]
+fn revoke_of_unknown_name_names_the_path() {
+    let pki = pki("web-1");
+    let err = pki.master.revoke("web-9").expect_err("unknown host");
+    match &err {
+        Error::UnknownHost { id, path } => {
+            assert_eq!(id, "web-9");
+            assert_eq!(path, &pki.master.host_dir("web-9").join(layout::HOST_PEM));
+        }
+        other => panic!("expected UnknownHost, got {other:?}"),
+    }
+    assert!(err.to_string().contains("web-9"), "{err}");
+    assert!(matches!(
+        pki.master.revoke("../x"),
+        Err(Error::InvalidName { .. })
+    ));
+}
+
+#[test]
+fn revoke_keeps_earlier_entries_counts_up_and_is_idempotent() {
+    let pki = pki("web-1");
+    pki.master
+        .issue_host("web-2", &[LOOPBACK], &[])
+        .expect("web-2");
+    let (number, entries) = crl_summary(&pki.master.crl_pem());
+    assert_eq!((number, entries), (1, 0));
+
+    pki.master.revoke("master").expect("revoke master");
+    assert_eq!(crl_summary(&pki.master.crl_pem()), (2, 1));
+    pki.master.revoke("web-1").expect("revoke web-1");
+    assert_eq!(crl_summary(&pki.master.crl_pem()), (3, 2));
+    let crl = fs::read(pki.master.crl_pem()).expect("crl");
+
+    pki.master.revoke("web-1").expect("revoke web-1 again");
+    assert_eq!(crl_summary(&pki.master.crl_pem()), (3, 2));
+    assert_eq!(
+        fs::read(pki.master.crl_pem()).expect("crl"),
+        crl,
+        "unchanged"
+    );
+
+    for host in ["web-1", "web-2"] {
+        let copy = fs::read(pki.master.host_dir(host).join(layout::CRL_PEM)).expect("bundle crl");
+        assert_eq!(copy, crl, "{host} bundle has the current CRL");
+    }
+
+    // A newly issued bundle carries the current CRL too.
+    let web3 = pki.master.issue_host("web-3", &[], &[]).expect("web-3");
+    assert_eq!(fs::read(web3.join(layout::CRL_PEM)).expect("crl"), crl);
+}
+
+#[test]
+fn reissuing_a_host_replaces_its_bundle() {
+    let pki = pki("web-1");
+    let cert_before = fs::read(pki.bundle.join(layout::HOST_PEM)).expect("host.pem");
+    let key_before = fs::read(pki.bundle.join(layout::HOST_KEY)).expect("host.key");
+    let again = pki
+        .master
+        .issue_host("web-1", &[LOOPBACK], &["web-1.example.org".to_string()])
+        .expect("re-issue");
+    assert_eq!(again, pki.bundle);
+    assert_ne!(
+        fs::read(again.join(layout::HOST_PEM)).expect("host.pem"),
+        cert_before
+    );
+    assert_ne!(
+        fs::read(again.join(layout::HOST_KEY)).expect("host.key"),
+        key_before
+    );
+    let hosts: Vec<_> = fs::read_dir(pki.master.path().join("hosts"))
+        .expect("hosts")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(hosts, vec!["web-1".to_string()], "no leftovers");
+}
+
+#[test]
+fn issue_host_rejects_bad_names() {
+    let pki = pki("web-1");
+    for id in ["", "Web-1", "../x", "a/b", "master"] {
+        let err = pki.master.issue_host(id, &[], &[]).expect_err(id);
+        assert!(matches!(err, Error::InvalidName { .. }), "{id}: {err:?}");
+    }
+    let err = pki
+        .master
+        .issue_host("web-2", &[], &["not a name".to_string()])
+        .expect_err("bad dns");
+    assert!(err.to_string().contains("not a name"), "{err}");
+    assert!(!pki.master.host_dir("web-2").exists());
+}
+
+#[test]
+fn init_rejects_bad_cluster_names() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let master = MasterDir::new(tmp.path());
+    for name in ["", "  ", "a\nb", &"x".repeat(49)] {
+        assert!(
+            matches!(master.init(name), Err(Error::InvalidName { .. })),
+            "{name:?}"
+        );
+    }
+    assert!(!tmp.path().join(layout::CA_PEM).exists());
+}
+
+#[test]
+fn host_ids_are_dns_labels() {
+    for bad in [
+        "",
+        "A",
+        "-x",
+        "x-",
+        "a/b",
+        "../x",
+        "a.b",
+        "a_b",
+        "é",
+        "123",
+        &"a".repeat(64),
+    ] {
+        let err = validate_host_id(bad).expect_err(bad);
+        assert!(matches!(err, Error::InvalidName { .. }), "{bad:?}");
+        assert!(erel_certs::server_name(bad).is_err(), "{bad:?}");
+    }
+    for good in ["a", "web-1", "db01", "1a", &"a".repeat(63)] {
+        validate_host_id(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+        erel_certs::server_name(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+}
+
+#[test]
+fn client_config_needs_the_crl() {
+    let pki = pki("web-1");
+    fs::remove_file(pki.master.crl_pem()).expect("remove");
+    let err = pki.master.client_config().expect_err("no crl");
+    assert!(
+        matches!(&err, Error::Missing { path } if path.ends_with("crl.pem")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn server_config_names_a_missing_bundle_file() {
+    let pki = pki("web-1");
+    fs::remove_file(pki.bundle.join(layout::HOST_KEY)).expect("remove");
+    let err = erel_certs::server_config(&pki.bundle).expect_err("no key");
+    assert!(
+        matches!(&err, Error::Missing { path } if path.ends_with("host.key")),
+        "{err:?}"
+    );
+    let err = erel_certs::server_config(&pki.scratch("nothing")).expect_err("no bundle");
+    assert!(err.to_string().contains("ca.pem"), "{err}");
+}
+
+#[test]
+fn fingerprint_notices_a_replaced_file() {
+    let pki = pki("web-1");
+    let before = erel_certs::bundle_fingerprint(&pki.bundle);
+    assert_eq!(before, erel_certs::bundle_fingerprint(&pki.bundle));
+    assert_eq!(before.files().count(), 4);
+    pki.master
+        .issue_host("web-1", &[LOOPBACK], &[])
+        .expect("re-issue");
+    assert_ne!(before, erel_certs::bundle_fingerprint(&pki.bundle));
+}
+
+#[test]
+fn nothing_secret_in_debug_output() {
+    let pki = pki("web-1");
+    let key = fs::read_to_string(pki.master.path().join(layout::CA_KEY)).expect("key");
+    let body: String = key.lines().nth(1).expect("pem body").to_string();
+    let debug = format!("{:?}", pki.master);
+    assert!(!debug.contains(&body));
+}
+
+#[test]
+fn error_is_usable_with_anyhow() {
+    fn assert_send_sync<T: std::error::Error + Send + Sync + 'static>() {}
+    assert_send_sync::<Error>();
+}
+
+/// (CRL number, number of entries) of a CRL file.
+fn crl_summary(path: &Path) -> (u64, usize) {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateRevocationListDer::from_pem_file(path).expect("crl");
+    let (_, crl) = x509_parser::parse_x509_crl(der.as_ref()).expect("parse");
+    let number = crl
+        .crl_number()
+        .expect("crl number")
+        .to_u64_digits()
+        .first()
+        .copied()
+        .unwrap_or(0);
+    (number, crl.iter_revoked_certificates().count())
+}
