@@ -1,0 +1,347 @@
+//! The agent's start-up configuration: flags and an optional `boot.toml`, turned into
+//! validated settings in one place. Errors name the file or flag at fault.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::settings::{Limits, Supervision};
+
+/// Default root directory.
+pub const DEFAULT_ROOT: &str = "/var/lib/erel";
+/// Default certificate bundle directory.
+pub const DEFAULT_CERTS: &str = "/etc/erel/certs";
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7070";
+
+/// Command-line flags. Each overrides the same setting in the config file.
+#[derive(Debug, Parser)]
+#[command(name = "erel-boot", version, about = "The erel boot agent")]
+pub struct Flags {
+    /// A TOML file with the settings below (flags win over the file).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address and port to listen on [default: 0.0.0.0:7070].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<String>,
+    /// Root directory for releases and the agent's state [default: /var/lib/erel].
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Host certificate bundle: ca.pem, host.pem, host.key, crl.pem [default: /etc/erel/certs].
+    #[arg(long, value_name = "DIR")]
+    pub certs: Option<PathBuf>,
+    /// Largest file a master may write, in bytes.
+    #[arg(long)]
+    pub max_file_bytes: Option<u64>,
+    /// Free disk the agent never writes into, in bytes.
+    #[arg(long)]
+    pub disk_reserve_bytes: Option<u64>,
+    /// Most bytes one archive may unpack to.
+    #[arg(long)]
+    pub max_unpack_bytes: Option<u64>,
+    /// Most entries one archive may hold.
+    #[arg(long)]
+    pub max_unpack_entries: Option<u64>,
+    /// Most connections served at once.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Versions of each release kept besides the running one.
+    #[arg(long)]
+    pub keep_versions: Option<usize>,
+    /// First restart delay for a release that died, in milliseconds.
+    #[arg(long)]
+    pub restart_backoff_ms: Option<u64>,
+    /// Longest restart delay, in milliseconds.
+    #[arg(long)]
+    pub restart_backoff_max_ms: Option<u64>,
+    /// A run shorter than this (milliseconds) counts towards crash-looping.
+    #[arg(long)]
+    pub stable_after_ms: Option<u64>,
+    /// Short runs in a row after which a release is marked crash-looping.
+    #[arg(long)]
+    pub crash_loop_after: Option<u32>,
+    /// Largest output log per release before rotation, in bytes.
+    #[arg(long)]
+    pub log_max_bytes: Option<u64>,
+}
+
+/// The settings as a `boot.toml` holds them; every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    listen: Option<String>,
+    root: Option<PathBuf>,
+    certs: Option<PathBuf>,
+    max_file_bytes: Option<u64>,
+    disk_reserve_bytes: Option<u64>,
+    max_unpack_bytes: Option<u64>,
+    max_unpack_entries: Option<u64>,
+    max_connections: Option<usize>,
+    keep_versions: Option<usize>,
+    restart_backoff_ms: Option<u64>,
+    restart_backoff_max_ms: Option<u64>,
+    stable_after_ms: Option<u64>,
+    crash_loop_after: Option<u32>,
+    log_max_bytes: Option<u64>,
+}
+
+/// Validated start-up settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The root directory.
+    pub root: PathBuf,
+    /// The certificate bundle directory.
+    pub certs: PathBuf,
+    /// Limits on commands.
+    pub limits: Limits,
+    /// Supervision settings.
+    pub supervision: Supervision,
+}
+
+/// A start-up setting is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {message}")]
+pub struct ConfigError {
+    origin: String,
+    message: String,
+}
+
+impl ConfigError {
+    fn new(origin: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            origin: origin.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Merges flags over the config file and validates the result.
+    pub fn from_flags(flags: Flags) -> Result<Self, ConfigError> {
+        let (file, origin) = match &flags.config {
+            Some(path) => (read_file(path)?, path.display().to_string()),
+            None => (FileSettings::default(), "flags".to_string()),
+        };
+        let setting = |name: &str| {
+            if flags.config.is_some() {
+                format!(
+                    "{origin}: setting '{name}' (or --{})",
+                    name.replace('_', "-")
+                )
+            } else {
+                format!("--{}", name.replace('_', "-"))
+            }
+        };
+        let listen_text = flags
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen_text.parse().map_err(|e| {
+            ConfigError::new(
+                setting("listen"),
+                format!("'{listen_text}' is not ADDR:PORT: {e}"),
+            )
+        })?;
+        let root = flags
+            .root
+            .or(file.root)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+        let certs = flags
+            .certs
+            .or(file.certs)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CERTS));
+        for name in ["ca.pem", "host.pem", "host.key"] {
+            if !certs.join(name).is_file() {
+                return Err(ConfigError::new(
+                    setting("certs"),
+                    format!(
+                        "{} is missing: the bundle needs ca.pem, host.pem and host.key (from `erel certs host`)",
+                        certs.join(name).display()
+                    ),
+                ));
+            }
+        }
+        let defaults = Limits::default();
+        let limits = Limits {
+            max_file_bytes: flags
+                .max_file_bytes
+                .or(file.max_file_bytes)
+                .unwrap_or(defaults.max_file_bytes),
+            disk_reserve_bytes: flags
+                .disk_reserve_bytes
+                .or(file.disk_reserve_bytes)
+                .unwrap_or(defaults.disk_reserve_bytes),
+            max_unpack_bytes: flags
+                .max_unpack_bytes
+                .or(file.max_unpack_bytes)
+                .unwrap_or(defaults.max_unpack_bytes),
+            max_unpack_entries: flags
+                .max_unpack_entries
+                .or(file.max_unpack_entries)
+                .unwrap_or(defaults.max_unpack_entries),
+            max_connections: flags
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(defaults.max_connections),
+        };
+        if limits.max_connections == 0 {
+            return Err(ConfigError::new(
+                setting("max_connections"),
+                "must be at least 1",
+            ));
+        }
+        let sup = Supervision::default();
+        let ms = |flag: Option<u64>, file: Option<u64>, default: Duration| {
+            flag.or(file).map(Duration::from_millis).unwrap_or(default)
+        };
+        let supervision = Supervision {
+            restart_backoff: ms(
+                flags.restart_backoff_ms,
+                file.restart_backoff_ms,
+                sup.restart_backoff,
+            ),
+            restart_backoff_max: ms(
+                flags.restart_backoff_max_ms,
+                file.restart_backoff_max_ms,
+                sup.restart_backoff_max,
+            ),
+            stable_after: ms(
+                flags.stable_after_ms,
+                file.stable_after_ms,
+                sup.stable_after,
+            ),
+            crash_loop_after: flags
+                .crash_loop_after
+                .or(file.crash_loop_after)
+                .unwrap_or(sup.crash_loop_after),
+            log_max_bytes: flags
+                .log_max_bytes
+                .or(file.log_max_bytes)
+                .unwrap_or(sup.log_max_bytes),
+            keep_versions: flags
+                .keep_versions
+                .or(file.keep_versions)
+                .unwrap_or(sup.keep_versions),
+        };
+        if supervision.crash_loop_after == 0 {
+            return Err(ConfigError::new(
+                setting("crash_loop_after"),
+                "must be at least 1",
+            ));
+        }
+        if supervision.restart_backoff.is_zero() {
+            return Err(ConfigError::new(
+                setting("restart_backoff_ms"),
+                "must be at least 1",
+            ));
+        }
+        if supervision.restart_backoff_max < supervision.restart_backoff {
+            return Err(ConfigError::new(
+                setting("restart_backoff_max_ms"),
+                "must not be below restart_backoff_ms",
+            ));
+        }
+        Ok(Config {
+            listen,
+            root,
+            certs,
+            limits,
+            supervision,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
+    toml::from_str(&text)
+        .map_err(|e| ConfigError::new(path.display().to_string(), e.to_string().trim().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for name in ["ca.pem", "host.pem", "host.key"] {
+            std::fs::write(dir.path().join(name), "x").expect("write");
+        }
+        dir
+    }
+
+    fn flags(args: &[&str]) -> Flags {
+        Flags::parse_from(std::iter::once("erel-boot").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn file_settings_apply_and_flags_win() {
+        let certs = bundle();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("boot.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "listen = \"127.0.0.1:7000\"\ncerts = \"{}\"\nkeep_versions = 5\n",
+                certs.path().display()
+            ),
+        )
+        .expect("write");
+        let config = Config::from_flags(flags(&[
+            "--config",
+            file.to_str().expect("utf8"),
+            "--listen",
+            "127.0.0.1:7001",
+        ]))
+        .expect("config");
+        assert_eq!(config.listen.port(), 7001);
+        assert_eq!(config.supervision.keep_versions, 5);
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let certs = bundle();
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/boot.toml.example");
+        let text = std::fs::read_to_string(example).expect("example");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("boot.toml");
+        let text = text.replace("/etc/erel/certs", certs.path().to_str().expect("utf8"));
+        std::fs::write(&file, text).expect("write");
+        let config =
+            Config::from_flags(flags(&["--config", file.to_str().expect("utf8")])).expect("valid");
+        assert_eq!(config.listen.port(), 7070);
+        assert_eq!(config.supervision.crash_loop_after, 5);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_setting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("boot.toml");
+        std::fs::write(&file, "listne = \"x\"\n").expect("write");
+        let err = Config::from_flags(flags(&["--config", file.to_str().expect("utf8")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("boot.toml") && err.contains("listne"), "{err}");
+
+        let certs = bundle();
+        let err = Config::from_flags(flags(&[
+            "--certs",
+            certs.path().to_str().expect("utf8"),
+            "--listen",
+            "nowhere",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--listen") && err.contains("nowhere"), "{err}");
+
+        let err = Config::from_flags(flags(&["--certs", "/nonexistent-bundle"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent-bundle/ca.pem"), "{err}");
+    }
+}

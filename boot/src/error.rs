@@ -1,0 +1,173 @@
+//! The agent's one error type. Every variant says what was at fault, and maps to the
+//! protocol's [`ErrorKind`] so the master can act on it.
+
+use std::path::PathBuf;
+
+use erel_proto::{ErrorKind, ErrorReply};
+
+/// Why a command failed or was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A path named by the master is not acceptable.
+    #[error("invalid path '{path}': {reason}")]
+    InvalidPath {
+        /// The path as the master sent it.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Something named does not exist.
+    #[error("{what} not found: {path}")]
+    NotFound {
+        /// What kind of thing (archive, release version, program…).
+        what: &'static str,
+        /// Where it was looked for, relative to the root.
+        path: String,
+    },
+    /// The destination holds something else.
+    #[error("{path}: {reason}")]
+    Conflict {
+        /// The destination, relative to the root.
+        path: String,
+        /// What it holds.
+        reason: String,
+    },
+    /// Content or size does not match what was announced.
+    #[error("{path}: {reason}")]
+    ChecksumMismatch {
+        /// The file, relative to the root.
+        path: String,
+        /// Expected and actual values.
+        reason: String,
+    },
+    /// A size or count is above a configured limit.
+    #[error("{what} of {value} exceeds the limit of {limit}")]
+    TooLarge {
+        /// What was measured (file size, unpacked bytes, entries…).
+        what: String,
+        /// The value seen.
+        value: u64,
+        /// The configured limit.
+        limit: u64,
+    },
+    /// Not enough free disk.
+    #[error(
+        "not enough disk for {what}: need {need} bytes, {free} free with a {reserve}-byte reserve"
+    )]
+    NoSpace {
+        /// What was to be written.
+        what: String,
+        /// Bytes needed.
+        need: u64,
+        /// Bytes free.
+        free: u64,
+        /// Bytes the agent keeps free.
+        reserve: u64,
+    },
+    /// An archive entry is unsafe; nothing was written.
+    #[error("unsafe archive entry '{entry}': {reason}")]
+    UnsafeArchive {
+        /// The entry's path as stored in the archive.
+        entry: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// An archive cannot be read.
+    #[error("bad archive {path}: {reason}")]
+    BadArchive {
+        /// The archive, relative to the root.
+        path: String,
+        /// What the reader reported.
+        reason: String,
+    },
+    /// A release process could not be started.
+    #[error("cannot start {name} {version}: {reason}")]
+    SpawnFailed {
+        /// Release name.
+        name: String,
+        /// Release version.
+        version: String,
+        /// Why.
+        reason: String,
+    },
+    /// The frame was not expected or could not be decoded.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// A phase took too long.
+    #[error("timed out {0}")]
+    Timeout(String),
+    /// The agent is busy with a conflicting operation or at its connection limit.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// An input/output error, with the path and the operation.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What the agent was doing (read, write, rename…).
+        op: &'static str,
+        /// The path, absolute on the agent.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// An unexpected state.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Result with the agent's error.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Builds an [`Error::Io`] for `op` on `path`.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Builds an [`Error::InvalidPath`].
+    pub fn invalid_path(path: &str, reason: impl Into<String>) -> Self {
+        Error::InvalidPath {
+            path: path.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Builds an [`Error::UnsafeArchive`].
+    pub fn unsafe_entry(entry: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::UnsafeArchive {
+            entry: entry.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The protocol kind this error is reported as.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidPath { .. } => ErrorKind::InvalidPath,
+            Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::Conflict { .. } => ErrorKind::Conflict,
+            Error::ChecksumMismatch { .. } => ErrorKind::ChecksumMismatch,
+            Error::TooLarge { .. } => ErrorKind::TooLarge,
+            Error::NoSpace { .. } => ErrorKind::NoSpace,
+            Error::UnsafeArchive { .. } => ErrorKind::UnsafeArchive,
+            Error::BadArchive { .. } => ErrorKind::BadArchive,
+            Error::SpawnFailed { .. } => ErrorKind::SpawnFailed,
+            Error::BadRequest(_) => ErrorKind::BadRequest,
+            Error::Timeout(_) => ErrorKind::Timeout,
+            Error::Busy(_) => ErrorKind::Busy,
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                ErrorKind::NoSpace
+            }
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// The reply sent to the master.
+    pub fn to_reply(&self) -> ErrorReply {
+        ErrorReply::new(self.kind(), self.to_string())
+    }
+}

@@ -1,0 +1,326 @@
+//! Retention: old versions of a release, and the archives they came from, are removed.
+//!
+//! Versions are the directories under `releases/<name>/`, ordered by modification time
+//! (the time they were unpacked into place). [`prune`] keeps the versions it is told to
+//! keep (the running or desired one) and the newest few others. A version is removed
+//! by renaming it into `.erel/trash/` first, so it disappears at once and never half,
+//! then deleting it there; its unpack marker goes with it, and so does the archive it
+//! was unpacked from, unless another version still refers to that archive or the file
+//! at that path no longer holds that archive's content. What a crash leaves in the
+//! trash is removed by [`sweep_trash`].
+
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::time::SystemTime;
+
+use erel_proto::Sha256;
+use sha2::{Digest, Sha256 as Hasher};
+
+use crate::error::{Error, Result};
+use crate::root::{self, PathLock, Root};
+use crate::unpack::{self, Marker};
+
+/// Removes versions of release `name` beyond the `keep_newest` newest (by modification
+/// time) that are not in `keep`, with the archives they were unpacked from when nothing
+/// else refers to them. Returns the versions removed, sorted. Blocking.
+pub fn prune(root: &Root, name: &str, keep: &[String], keep_newest: usize) -> Result<Vec<String>> {
+    let all = versions(root, name);
+    let others: Vec<&String> = all.iter().filter(|v| !keep.contains(v)).collect();
+    let doomed = &others[..others.len().saturating_sub(keep_newest)];
+    let trash = root.state("trash");
+    let mut removed = Vec::new();
+    let mut archives: Vec<Marker> = Vec::new();
+    for version in doomed {
+        let dir = root.version_dir(name, version)?;
+        // An unpack into this very directory is under way: leave it for the next prune.
+        let Ok(_lock) = PathLock::acquire(dir.clone(), version) else {
+            continue;
+        };
+        let grave = trash.join(root::unique_name());
+        fs::rename(&dir, &grave).map_err(|e| Error::io("move to trash", &dir, e))?;
+        let marker_file = unpack::marker_path(root, &format!("releases/{name}/{version}"));
+        if let Some(marker) = unpack::read_marker(&marker_file) {
+            archives.push(marker);
+        }
+        remove_if_present(&marker_file)?;
+        if let Err(e) = fs::remove_dir_all(&grave) {
+            // Left for `sweep_trash`; the version is gone from where it counts.
+            tracing::warn!(path = %grave.display(), error = %e, "could not empty the trash");
+        }
+        removed.push((*version).clone());
+    }
+    if !removed.is_empty() {
+        if let Some(parent) = root.release_dir(name).ok().filter(|d| d.exists()) {
+            root::sync_dir(&parent)?;
+        }
+    }
+    let still_named: Vec<String> = all_markers(root)
+        .into_iter()
+        .map(|marker| marker.archive)
+        .collect();
+    for marker in archives {
+        if still_named.contains(&marker.archive) {
+            continue;
+        }
+        remove_archive(root, &marker)?;
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+/// Removes the archive a marker names, if the file there still has the marker's digest.
+fn remove_archive(root: &Root, marker: &Marker) -> Result<()> {
+    let Ok(path) = root.resolve(&marker.archive) else {
+        return Ok(());
+    };
+    match fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_file() => {}
+        _ => return Ok(()),
+    }
+    if digest_of_file(&path)?.to_hex() != marker.sha256 {
+        // Replaced by other content since: someone may still need it.
+        return Ok(());
+    }
+    remove_if_present(&path)
+}
+
+fn digest_of_file(path: &Path) -> Result<Sha256> {
+    let mut file = fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let mut hasher = Hasher::new();
+    io::copy(&mut file, &mut hasher).map_err(|e| Error::io("read", path, e))?;
+    Ok(Sha256(hasher.finalize().into()))
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", path, e)),
+    }
+}
+
+/// Every readable unpack marker whose directory still exists as unpacked.
+fn all_markers(root: &Root) -> Vec<Marker> {
+    let dir = root.state("unpacked");
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".json"))
+        .filter_map(|entry| unpack::read_marker(&entry.path()))
+        .filter(|marker| {
+            root.resolve(&marker.dest)
+                .is_ok_and(|dest| unpack::marker_matches(marker, &dest))
+        })
+        .collect()
+}
+
+/// Versions of release `name` present on disk, oldest first by modification time
+/// (then by name). Empty for an unknown or invalid name.
+pub fn versions(root: &Root, name: &str) -> Vec<String> {
+    let Ok(dir) = root.release_dir(name) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(SystemTime, String)> = subdirectories(&dir)
+        .into_iter()
+        .filter(|(_, version)| root::check_name("release version", version).is_ok())
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, version)| version).collect()
+}
+
+/// Names of the releases with a directory under `releases/`, sorted.
+pub fn release_names(root: &Root) -> Vec<String> {
+    let mut names: Vec<String> = subdirectories(&root.path().join("releases"))
+        .into_iter()
+        .map(|(_, name)| name)
+        .filter(|name| root::check_name("release name", name).is_ok())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Real directories (not symlinks) directly under `dir`, with their modification time.
+fn subdirectories(dir: &Path) -> Vec<(SystemTime, String)> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| {
+            let meta = fs::symlink_metadata(entry.path()).ok()?;
+            if !meta.is_dir() {
+                return None;
+            }
+            let name = entry.file_name().into_string().ok()?;
+            Some((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), name))
+        })
+        .collect()
+}
+
+/// Empties `.erel/trash/`: what a prune interrupted by a crash left there. Run at startup.
+pub fn sweep_trash(root: &Root) -> Result<()> {
+    let trash = root.state("trash");
+    let entries = fs::read_dir(&trash).map_err(|e| Error::io("list", &trash, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("list", &trash, e))?;
+        let path = entry.path();
+        let is_dir = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+        let removed = if is_dir {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        match removed {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove", &path, e)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use erel_proto::Unpack;
+
+    use super::*;
+    use crate::settings::Limits;
+
+    fn root() -> (tempfile::TempDir, Root) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = Root::open(&dir.path().join("root")).expect("open root");
+        (dir, root)
+    }
+
+    fn tar_with(version: &str) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(0o644);
+        header.set_size(version.len() as u64);
+        builder
+            .append_data(&mut header, "VERSION", version.as_bytes())
+            .expect("append");
+        builder.into_inner().expect("tar")
+    }
+
+    /// Pushes `archive` (unless present) and unpacks it as `version`, `age` seconds old.
+    fn install(root: &Root, version: &str, archive: &str, age: u64) {
+        let path = root.path().join(archive);
+        if !path.exists() {
+            fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            fs::write(&path, tar_with(archive)).expect("write");
+        }
+        let request = Unpack {
+            archive: archive.into(),
+            dest: format!("releases/beat/{version}"),
+            sha256: None,
+        };
+        crate::unpack::unpack(root, &request, &Limits::default()).expect("unpack");
+        let when = UNIX_EPOCH + Duration::from_secs(1_700_000_000 - age);
+        fs::File::open(root.path().join("releases/beat").join(version))
+            .and_then(|dir| dir.set_modified(when))
+            .expect("set mtime");
+    }
+
+    #[test]
+    fn keeps_the_running_and_the_newest_and_removes_the_rest() {
+        let (_dir, root) = root();
+        install(&root, "0.1.0", "archives/beat-0.1.0.tar", 500);
+        install(&root, "0.2.0", "archives/beat-0.2.0.tar", 400);
+        install(&root, "0.3.0", "archives/beat-0.3.0.tar", 300);
+        install(&root, "0.4.0", "archives/beat-0.4.0.tar", 200);
+        install(&root, "0.5.0", "archives/beat-0.5.0.tar", 100);
+        assert_eq!(
+            versions(&root, "beat"),
+            ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0"]
+        );
+        assert_eq!(release_names(&root), ["beat"]);
+
+        let removed = prune(&root, "beat", &["0.2.0".to_string()], 2).expect("prune");
+        assert_eq!(removed, ["0.1.0", "0.3.0"]);
+        assert_eq!(versions(&root, "beat"), ["0.2.0", "0.4.0", "0.5.0"]);
+        for gone in ["0.1.0", "0.3.0"] {
+            assert!(!root
+                .path()
+                .join(format!("archives/beat-{gone}.tar"))
+                .exists());
+            let marker = crate::unpack::marker_path(&root, &format!("releases/beat/{gone}"));
+            assert!(!marker.exists(), "{gone}");
+        }
+        for kept in ["0.2.0", "0.4.0", "0.5.0"] {
+            assert!(root
+                .path()
+                .join(format!("archives/beat-{kept}.tar"))
+                .exists());
+        }
+        assert!(fs::read_dir(root.state("trash"))
+            .expect("list")
+            .next()
+            .is_none());
+
+        // Nothing more to do.
+        assert!(prune(&root, "beat", &["0.2.0".to_string()], 2)
+            .expect("prune")
+            .is_empty());
+        // Keeping none besides the running one.
+        assert_eq!(
+            prune(&root, "beat", &["0.5.0".to_string()], 0).expect("prune"),
+            ["0.2.0", "0.4.0"]
+        );
+        assert_eq!(versions(&root, "beat"), ["0.5.0"]);
+    }
+
+    #[test]
+    fn an_archive_still_in_use_is_kept() {
+        let (_dir, root) = root();
+        install(&root, "a", "archives/shared.tar", 300);
+        install(&root, "b", "archives/shared.tar", 200);
+        install(&root, "c", "archives/other.tar", 100);
+        let removed = prune(&root, "beat", &["c".to_string()], 1).expect("prune");
+        assert_eq!(removed, ["a"]);
+        assert!(root.path().join("archives/shared.tar").exists());
+        let removed = prune(&root, "beat", &["c".to_string()], 0).expect("prune");
+        assert_eq!(removed, ["b"]);
+        assert!(!root.path().join("archives/shared.tar").exists());
+    }
+
+    #[test]
+    fn an_archive_replaced_since_is_kept() {
+        let (_dir, root) = root();
+        install(&root, "a", "archives/beat.tar", 200);
+        install(&root, "b", "archives/b.tar", 100);
+        fs::write(root.path().join("archives/beat.tar"), b"newer content").expect("write");
+        assert_eq!(prune(&root, "beat", &[], 1).expect("prune"), ["a"]);
+        assert!(root.path().join("archives/beat.tar").exists());
+    }
+
+    #[test]
+    fn unknown_release_and_stray_files_are_ignored() {
+        let (_dir, root) = root();
+        assert!(versions(&root, "nothing").is_empty());
+        assert!(versions(&root, "../etc").is_empty());
+        assert!(prune(&root, "nothing", &[], 0).expect("prune").is_empty());
+        fs::create_dir_all(root.path().join("releases/beat")).expect("mkdir");
+        fs::write(root.path().join("releases/beat/notes.txt"), b"x").expect("write");
+        fs::write(root.path().join("releases/file"), b"x").expect("write");
+        assert!(versions(&root, "beat").is_empty());
+        assert_eq!(release_names(&root), ["beat"]);
+    }
+
+    #[test]
+    fn sweep_empties_the_trash() {
+        let (_dir, root) = root();
+        fs::create_dir_all(root.state("trash").join("x/y")).expect("mkdir");
+        fs::write(root.state("trash").join("x/y/z"), b"z").expect("write");
+        sweep_trash(&root).expect("sweep");
+        assert!(fs::read_dir(root.state("trash"))
+            .expect("list")
+            .next()
+            .is_none());
+    }
+}

@@ -1,0 +1,414 @@
+//! The agent's root directory and the rules for every path the master names.
+//!
+//! Layout under the root:
+//!
+//! ```text
+//! releases/<name>/<version>/   unpacked releases (Start runs from here)
+//! <anything else>              files the master writes, e.g. archives/
+//! .erel/                       the agent's own state; the master can name nothing here
+//!   staging/                   partial WriteFile transfers
+//!   unpack/                    archives being unpacked
+//!   unpacked/                  which archive each unpacked directory came from
+//!   releases/                  desired state and run records, one file per release
+//!   logs/                      release output
+//!   trash/                     directories being removed
+//! ```
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+/// Name of the agent's state directory under the root.
+pub const STATE_DIR: &str = ".erel";
+
+/// Longest path the master may name, in bytes.
+pub const MAX_PATH_LEN: usize = 1024;
+
+/// The agent's root directory.
+#[derive(Debug, Clone)]
+pub struct Root {
+    dir: PathBuf,
+}
+
+impl Root {
+    /// Opens (creating when missing) the root and its state directories. The root is
+    /// canonicalized, so later checks compare real paths.
+    pub fn open(dir: &Path) -> Result<Self> {
+        fs::create_dir_all(dir).map_err(|e| Error::io("create root", dir, e))?;
+        let dir = fs::canonicalize(dir).map_err(|e| Error::io("resolve root", dir, e))?;
+        let root = Root { dir };
+        for sub in ["staging", "unpack", "unpacked", "releases", "logs", "trash"] {
+            let path = root.state_dir().join(sub);
+            fs::create_dir_all(&path).map_err(|e| Error::io("create", &path, e))?;
+        }
+        Ok(root)
+    }
+
+    /// The root directory, canonical.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `root/.erel`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join(STATE_DIR)
+    }
+
+    /// A directory inside the state directory, e.g. `state("staging")`.
+    pub fn state(&self, sub: &str) -> PathBuf {
+        self.state_dir().join(sub)
+    }
+
+    /// `root/releases/<name>`, after checking `name`.
+    pub fn release_dir(&self, name: &str) -> Result<PathBuf> {
+        check_name("release name", name)?;
+        Ok(self.dir.join("releases").join(name))
+    }
+
+    /// `root/releases/<name>/<version>`, after checking both.
+    pub fn version_dir(&self, name: &str, version: &str) -> Result<PathBuf> {
+        check_name("release version", version)?;
+        Ok(self.release_dir(name)?.join(version))
+    }
+
+    /// Resolves a path the master named, relative to the root.
+    ///
+    /// Refused: empty, too long, absolute, any `..` or `.` component, NUL bytes, anything
+    /// inside the agent's state directory, and any existing ancestor (or the path itself)
+    /// that is a symlink. Nothing is created.
+    pub fn resolve(&self, relative: &str) -> Result<PathBuf> {
+        let rel = check_relative(relative)?;
+        let first = rel.components().next();
+        if first == Some(Component::Normal(OsStr::new(STATE_DIR))) {
+            return Err(Error::invalid_path(
+                relative,
+                "names the agent's own state directory",
+            ));
+        }
+        let full = self.dir.join(&rel);
+        // Walk every prefix below the root: none may be a symlink, and every existing
+        // ancestor must be a directory.
+        let mut current = self.dir.clone();
+        let components: Vec<_> = rel.components().collect();
+        for (i, component) in components.iter().enumerate() {
+            current.push(component);
+            match fs::symlink_metadata(&current) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    return Err(Error::invalid_path(
+                        relative,
+                        format!(
+                            "passes through the symlink {}",
+                            current
+                                .strip_prefix(&self.dir)
+                                .unwrap_or(&current)
+                                .display()
+                        ),
+                    ));
+                }
+                Ok(meta) if i + 1 < components.len() && !meta.is_dir() => {
+                    return Err(Error::invalid_path(
+                        relative,
+                        format!(
+                            "{} is not a directory",
+                            current
+                                .strip_prefix(&self.dir)
+                                .unwrap_or(&current)
+                                .display()
+                        ),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) => return Err(Error::io("inspect", &current, e)),
+            }
+        }
+        Ok(full)
+    }
+
+    /// Creates the missing parent directories of a path the master named, one
+    /// component at a time, never through a symlink (each new directory's parent is
+    /// synced, so it survives a crash); then resolves the path as [`Root::resolve`]
+    /// does. Nothing is created outside the root even if a symlink appears meanwhile.
+    pub fn create_parents(&self, relative: &str) -> Result<PathBuf> {
+        let rel = check_relative(relative)?;
+        self.resolve(relative)?;
+        let components: Vec<_> = rel.components().collect();
+        let mut current = self.dir.clone();
+        for component in &components[..components.len().saturating_sub(1)] {
+            current.push(component);
+            let created = match fs::create_dir(&current) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(Error::io("create directory", &current, e)),
+            };
+            // `mkdir` does not follow a symlink in the last component: check what is there.
+            let meta =
+                fs::symlink_metadata(&current).map_err(|e| Error::io("inspect", &current, e))?;
+            let shown = current
+                .strip_prefix(&self.dir)
+                .unwrap_or(&current)
+                .display();
+            if meta.file_type().is_symlink() {
+                return Err(Error::invalid_path(
+                    relative,
+                    format!("passes through the symlink {shown}"),
+                ));
+            }
+            if !meta.is_dir() {
+                return Err(Error::invalid_path(
+                    relative,
+                    format!("{shown} is not a directory"),
+                ));
+            }
+            if created {
+                if let Some(parent) = current.parent() {
+                    sync_dir(parent)?;
+                }
+            }
+        }
+        self.resolve(relative)
+    }
+}
+
+/// Checks a path the master named: relative, normal components only, bounded.
+pub fn check_relative(relative: &str) -> Result<PathBuf> {
+    if relative.is_empty() {
+        return Err(Error::invalid_path(relative, "empty path"));
+    }
+    if relative.len() > MAX_PATH_LEN {
+        return Err(Error::invalid_path(
+            &relative[..64],
+            format!("longer than {MAX_PATH_LEN} bytes"),
+        ));
+    }
+    if relative.contains('\0') {
+        return Err(Error::invalid_path(relative, "contains a NUL byte"));
+    }
+    let path = Path::new(relative);
+    if path.is_absolute() {
+        return Err(Error::invalid_path(
+            relative,
+            "absolute paths are refused; name a path relative to the agent's root",
+        ));
+    }
+    for component in path.components() {
+        match component {
+            Component::Normal(_) => {}
+            Component::ParentDir => {
+                return Err(Error::invalid_path(relative, "contains '..'"));
+            }
+            Component::CurDir => {
+                return Err(Error::invalid_path(relative, "contains '.'"));
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(Error::invalid_path(relative, "is absolute"));
+            }
+        }
+    }
+    if relative.split('/').any(|part| part == ".") {
+        return Err(Error::invalid_path(relative, "contains '.'"));
+    }
+    Ok(path.to_path_buf())
+}
+
+/// Checks a release name or version: one path component of letters, digits, `.`, `_`,
+/// `-` and `+`, not starting with `.`, at most 128 bytes.
+pub fn check_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid_path(
+            name,
+            format!("not a valid {what}: use letters, digits, '.', '_', '-', '+'; no leading '.'"),
+        ))
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync
+/// of the directory. Readers see the old content or the new, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::Internal(format!("{} has no parent", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| Error::io("create", &tmp, e))?;
+    file.write_all(bytes)
+        .map_err(|e| Error::io("write", &tmp, e))?;
+    file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
+    sync_dir(dir)
+}
+
+/// Fsyncs a directory so a rename inside it survives a crash.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("fsync directory", dir, e))
+}
+
+/// Free bytes for an unprivileged writer on the file system holding `path`.
+pub fn free_disk(path: &Path) -> u64 {
+    match nix::sys::statvfs::statvfs(path) {
+        // The field types differ between platforms; on some the conversion is a no-op.
+        #[allow(clippy::useless_conversion)]
+        Ok(stat) => {
+            let blocks = u64::from(stat.blocks_available());
+            let size = u64::from(stat.fragment_size());
+            blocks.saturating_mul(size)
+        }
+        Err(_) => 0,
+    }
+}
+
+/// A claim on one path by one request at a time within this process, released on drop.
+///
+/// Two transfers of the same staging file, or two unpacks into the same destination,
+/// would corrupt each other; the second is refused with [`Error::Busy`] instead.
+#[derive(Debug)]
+pub struct PathLock {
+    key: PathBuf,
+}
+
+fn held_paths() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
+    static HELD: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+    // Every operation on the set is a single insert, lookup or remove, so a panic
+    // elsewhere cannot leave it inconsistent: a poisoned lock is still usable.
+    HELD.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl PathLock {
+    /// Claims `key` (an absolute path on the agent). `name` is what the master called
+    /// the thing, for the error when another request holds it.
+    pub fn acquire(key: PathBuf, name: &str) -> Result<PathLock> {
+        if held_paths().insert(key.clone()) {
+            Ok(PathLock { key })
+        } else {
+            Err(Error::Busy(format!(
+                "another request is working on {name}; retry when it is done"
+            )))
+        }
+    }
+
+    /// Whether some request holds `key` now.
+    pub fn is_held(key: &Path) -> bool {
+        held_paths().contains(key)
+    }
+}
+
+impl Drop for PathLock {
+    fn drop(&mut self) {
+        held_paths().remove(&self.key);
+    }
+}
+
+/// A name no other call in this process, nor an earlier run of the agent, has used:
+/// process id, nanoseconds since the epoch and a counter.
+pub fn unique_name() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{}-{nanos}-{n}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> (tempfile::TempDir, Root) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = Root::open(dir.path()).expect("open root");
+        (dir, root)
+    }
+
+    #[test]
+    fn accepts_plain_relative_paths() {
+        let (_dir, root) = root();
+        let p = root.resolve("archives/beat-0.1.0.tar.gz").expect("ok");
+        assert_eq!(p, root.path().join("archives/beat-0.1.0.tar.gz"));
+    }
+
+    #[test]
+    fn refuses_escapes_and_state() {
+        let (_dir, root) = root();
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a/./b",
+            "./a",
+            ".erel/releases/x",
+            ".erel",
+            "a\0b",
+        ] {
+            let err = root.resolve(bad).unwrap_err();
+            assert!(matches!(err, Error::InvalidPath { .. }), "{bad:?}: {err}");
+        }
+        let long = "a/".repeat(600);
+        assert!(root.resolve(&long).is_err());
+    }
+
+    #[test]
+    fn refuses_paths_through_symlinks() {
+        let (_dir, root) = root();
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink(outside.path(), root.path().join("link")).expect("symlink");
+        let err = root.resolve("link/file").unwrap_err();
+        assert!(err.to_string().contains("symlink link"), "{err}");
+        let err = root.resolve("link").unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+    }
+
+    #[test]
+    fn names_are_single_components() {
+        assert!(check_name("release name", "beat").is_ok());
+        assert!(check_name("release version", "0.2.0+build.1").is_ok());
+        for bad in ["", ".", "..", ".hidden", "a/b", "a b", "x\0"] {
+            assert!(check_name("release name", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn atomic_write_replaces_content() {
+        let (_dir, root) = root();
+        let path = root.state("releases").join("beat.json");
+        write_atomic(&path, b"one", 0o600).expect("write");
+        write_atomic(&path, b"two", 0o600).expect("write");
+        assert_eq!(fs::read(&path).expect("read"), b"two");
+        let leftovers: Vec<_> = fs::read_dir(root.state("releases"))
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+}

@@ -1,0 +1,62 @@
+//! The agent's validated settings: limits on what it accepts and how it supervises.
+//!
+//! `main` turns flags and `boot.toml` into these once; the rest of the agent only reads them.
+
+use std::time::Duration;
+
+/// Bounds on what one command may make the agent write.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest file a `WriteFile` may announce.
+    pub max_file_bytes: u64,
+    /// Free disk the agent never writes into.
+    pub disk_reserve_bytes: u64,
+    /// Most bytes of file content one archive may unpack to.
+    pub max_unpack_bytes: u64,
+    /// Most entries one archive may hold.
+    pub max_unpack_entries: u64,
+    /// Most connections served at once.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_file_bytes: 8 << 30,
+            disk_reserve_bytes: 256 << 20,
+            max_unpack_bytes: 16 << 30,
+            max_unpack_entries: 200_000,
+            max_connections: 32,
+        }
+    }
+}
+
+/// How releases are supervised.
+#[derive(Debug, Clone)]
+pub struct Supervision {
+    /// First delay before restarting a release that died; doubles each time.
+    pub restart_backoff: Duration,
+    /// Longest delay between restarts.
+    pub restart_backoff_max: Duration,
+    /// A run shorter than this counts as a crash towards crash-looping.
+    pub stable_after: Duration,
+    /// This many short runs in a row mark a release crash-looping.
+    pub crash_loop_after: u32,
+    /// Largest output log per release before it is rotated.
+    pub log_max_bytes: u64,
+    /// Versions kept per release besides the running one.
+    pub keep_versions: usize,
+}
+
+impl Default for Supervision {
+    fn default() -> Self {
+        Supervision {
+            restart_backoff: Duration::from_millis(500),
+            restart_backoff_max: Duration::from_secs(30),
+            stable_after: Duration::from_secs(10),
+            crash_loop_after: 5,
+            log_max_bytes: 4 << 20,
+            keep_versions: 2,
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! What the supervisor persists under `.erel/releases/`, one pair of files per release:
+//!
+//! - `<name>.json`: the desired state ([`Desired`]), written atomically *before* a
+//!   process is spawned or signalled, so that an agent restart knows what should run;
+//! - `<name>.run`: the run record ([`RunRecord`]) of the process last spawned, written
+//!   right after the spawn, so that an agent restart can adopt it instead of starting a
+//!   second copy.
+//!
+//! The two suffixes differ, so no release name can make one file collide with another.
+
+use std::fs;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::root::{self, Root};
+
+/// Suffix of a desired-state file.
+const DESIRED_SUFFIX: &str = ".json";
+/// Suffix of a run-record file.
+const RUN_SUFFIX: &str = ".run";
+/// Permission bits of both files: they may hold secrets passed in the environment.
+const RECORD_MODE: u32 = 0o600;
+
+/// What the master asked for a release, as last recorded.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Desired {
+    /// Release name.
+    pub name: String,
+    /// Version to run.
+    pub version: String,
+    /// Program (relative to the version directory) and arguments; never empty here.
+    pub argv: Vec<String>,
+    /// Extra environment from the `Start` request.
+    pub env: Vec<(String, String)>,
+    /// User to run as, when one was named.
+    pub user: Option<String>,
+    /// Whether the release should run.
+    pub should_run: bool,
+    /// Set when the release crash-looped: it stays stopped, even across an agent restart,
+    /// until the next `Start`. `should_run` stays true so the intent is not lost.
+    #[serde(default)]
+    pub crash_looping: bool,
+}
+
+/// Environment values may be secrets: `Debug` shows their names only.
+impl std::fmt::Debug for Desired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let env_names: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Desired")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("argv", &self.argv)
+            .field("env_names", &env_names)
+            .field("user", &self.user)
+            .field("should_run", &self.should_run)
+            .field("crash_looping", &self.crash_looping)
+            .finish()
+    }
+}
+
+/// The process last spawned for a release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RunRecord {
+    /// Process id of the group leader.
+    pub pid: u32,
+    /// Its process group (equal to `pid`: the leader made its own group).
+    pub pgid: i32,
+    /// Its start time in clock ticks after boot (`/proc/<pid>/stat` field 22), so that a
+    /// recycled pid is not mistaken for it.
+    pub start_time: u64,
+    /// The version it runs.
+    pub version: String,
+}
+
+fn desired_path(root: &Root, name: &str) -> PathBuf {
+    root.state("releases")
+        .join(format!("{name}{DESIRED_SUFFIX}"))
+}
+
+fn run_path(root: &Root, name: &str) -> PathBuf {
+    root.state("releases").join(format!("{name}{RUN_SUFFIX}"))
+}
+
+fn save<T: Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::Internal(format!("encode {}: {e}", path.display())))?;
+    root::write_atomic(path, &bytes, RECORD_MODE)
+}
+
+fn load<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> Result<Option<T>> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            Error::io(
+                "decode",
+                path,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("read", path, e)),
+    }
+}
+
+/// Records the desired state of `desired.name`, atomically.
+pub(crate) fn save_desired(root: &Root, desired: &Desired) -> Result<()> {
+    save(&desired_path(root, &desired.name), desired)
+}
+
+/// Records the process just spawned for `name`, atomically.
+pub(crate) fn save_run(root: &Root, name: &str, run: &RunRecord) -> Result<()> {
+    save(&run_path(root, name), run)
+}
+
+/// The run record of `name`, if any.
+pub(crate) fn load_run(root: &Root, name: &str) -> Result<Option<RunRecord>> {
+    load(&run_path(root, name))
+}
+
+/// Removes the run record of `name`; a missing record is fine.
+pub(crate) fn remove_run(root: &Root, name: &str) -> Result<()> {
+    let path = run_path(root, name);
+    match fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", &path, e)),
+    }
+}
+
+/// Every desired-state file under the root. A file that cannot be read is reported in
+/// the second list (path and error) and otherwise skipped, so one damaged file does not
+/// stop the agent from supervising the others.
+pub(crate) fn load_all_desired(root: &Root) -> Result<(Vec<Desired>, Vec<Error>)> {
+    let dir = root.state("releases");
+    let entries = fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
+    let mut found = Vec::new();
+    let mut damaged = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else {
+            continue;
+        };
+        let Some(name) = file_name.strip_suffix(DESIRED_SUFFIX) else {
+            continue;
+        };
+        if root::check_name("release name", name).is_err() {
+            continue; // temporary files of write_atomic start with '.'
+        }
+        match load::<Desired>(&entry.path()) {
+            Ok(Some(desired)) if desired.name == name => found.push(desired),
+            Ok(Some(desired)) => damaged.push(Error::Internal(format!(
+                "{} names the release '{}'",
+                entry.path().display(),
+                desired.name
+            ))),
+            Ok(None) => {}
+            Err(e) => damaged.push(e),
+        }
+    }
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((found, damaged))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn desired_and_run_records_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = Root::open(dir.path()).expect("root");
+        let desired = Desired {
+            name: "beat".into(),
+            version: "1.0".into(),
+            argv: vec!["bin/beat".into(), "foreground".into()],
+            env: vec![("A".into(), "b".into())],
+            user: None,
+            should_run: true,
+            crash_looping: false,
+        };
+        save_desired(&root, &desired).expect("save");
+        // A release whose name ends like a suffix does not collide.
+        let other = Desired {
+            name: "beat.run".into(),
+            ..desired.clone()
+        };
+        save_desired(&root, &other).expect("save");
+        let run = RunRecord {
+            pid: 42,
+            pgid: 42,
+            start_time: 7,
+            version: "1.0".into(),
+        };
+        save_run(&root, "beat", &run).expect("save run");
+        let (all, damaged) = load_all_desired(&root).expect("load");
+        assert!(damaged.is_empty());
+        let shown = format!("{desired:?}");
+        assert!(
+            shown.contains("\"A\"") && !shown.contains("\"b\""),
+            "{shown}"
+        );
+        assert_eq!(all, vec![desired, other]);
+        assert_eq!(load_run(&root, "beat").expect("load run"), Some(run));
+        remove_run(&root, "beat").expect("remove");
+        remove_run(&root, "beat").expect("remove twice");
+        assert_eq!(load_run(&root, "beat").expect("load run"), None);
+    }
+}

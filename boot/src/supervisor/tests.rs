@@ -1,0 +1,775 @@
+//! Supervisor tests with real processes: shell scripts in a temporary root stand in for
+//! releases. Every test kills what it started when it ends, even on failure.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use erel_proto::{ReleaseState, ReleaseStatus, Start};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+
+use super::process;
+use super::Supervisor;
+use crate::error::Error;
+use crate::root::Root;
+use crate::settings::Supervision;
+
+/// Longest a condition is waited for.
+const PATIENCE: Duration = Duration::from_secs(15);
+const HOST: &str = "host-test";
+
+/// A temporary root whose release processes are all killed on drop.
+struct Fixture {
+    root: Root,
+    // Dropped after `root` is no longer used: kills, then removes the directory.
+    _cleanup: Cleanup,
+    _dir: tempfile::TempDir,
+}
+
+struct Cleanup {
+    root: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for pid in processes_in(&self.root, None, false) {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Readable by other users, for the test that drops privileges.
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let root = Root::open(dir.path()).expect("root");
+    Fixture {
+        _cleanup: Cleanup {
+            root: root.path().to_path_buf(),
+        },
+        root,
+        _dir: dir,
+    }
+}
+
+fn settings() -> Supervision {
+    Supervision {
+        restart_backoff: Duration::from_millis(50),
+        restart_backoff_max: Duration::from_millis(200),
+        stable_after: Duration::from_secs(1),
+        crash_loop_after: 3,
+        log_max_bytes: 1 << 20,
+        keep_versions: 2,
+    }
+}
+
+/// Writes `releases/<name>/<version>/bin/<name>` as an executable shell script.
+fn release(root: &Root, name: &str, version: &str, body: &str) {
+    let bin = root
+        .path()
+        .join("releases")
+        .join(name)
+        .join(version)
+        .join("bin");
+    fs::create_dir_all(&bin).expect("mkdir");
+    for dir in [
+        root.path().join("releases"),
+        root.path().join("releases").join(name),
+        root.path().join("releases").join(name).join(version),
+        bin.clone(),
+    ] {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let script = bin.join(name);
+    fs::write(&script, format!("#!/bin/sh\n{body}\n")).expect("write script");
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+const SLEEPER: &str = "echo started $EREL_VERSION\nexec sleep 1000";
+
+fn start_request(name: &str, version: &str) -> Start {
+    Start {
+        name: name.into(),
+        version: version.into(),
+        argv: Vec::new(),
+        env: Vec::new(),
+        user: None,
+    }
+}
+
+async fn open(root: &Root) -> Supervisor {
+    Supervisor::open(root.clone(), HOST.into(), settings())
+        .await
+        .expect("open supervisor")
+}
+
+/// Live (non-zombie) processes, or only group leaders, carrying `EREL_ROOT=<root>` (and
+/// `EREL_RELEASE=<name>` when given).
+fn processes_in(root: &Path, name: Option<&str>, leaders_only: bool) -> Vec<u32> {
+    let root_text = root.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/proc").expect("proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Some(stat) = process::proc_stat(pid) else {
+            continue;
+        };
+        if stat.is_gone() || (leaders_only && stat.pgrp != pid as i32) {
+            continue;
+        }
+        let Some(env) = process::environ(pid) else {
+            continue;
+        };
+        let has = |k: &str, v: &str| env.iter().any(|(key, value)| key == k && value == v);
+        if has("EREL_ROOT", &root_text) && name.is_none_or(|n| has("EREL_RELEASE", n)) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// The copies of a release that run: group leaders with its environment.
+fn copies(root: &Root, name: &str) -> Vec<u32> {
+    processes_in(root.path(), Some(name), true)
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn status(sup: &Supervisor, name: &str) -> ReleaseStatus {
+    sup.statuses()
+        .await
+        .into_iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no status for {name}"))
+}
+
+async fn wait_status(
+    sup: &Supervisor,
+    name: &str,
+    what: &str,
+    check: impl Fn(&ReleaseStatus) -> bool,
+) -> ReleaseStatus {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let current = status(sup, name).await;
+        if check(&current) {
+            return current;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last status {current:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    process::proc_stat(pid).is_some_and(|s| !s.is_gone())
+}
+
+fn log_text(root: &Root, name: &str) -> String {
+    fs::read_to_string(root.state("logs").join(format!("{name}.log"))).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn start_runs_in_its_own_group_with_env_and_log() {
+    let fx = fixture();
+    release(
+        &fx.root,
+        "app",
+        "1",
+        "env > \"$EREL_ROOT/app.env\"\npwd > \"$EREL_ROOT/app.pwd\"\necho started $EREL_VERSION\nexec sleep 1000",
+    );
+    let sup = open(&fx.root).await;
+    let mut request = start_request("app", "1");
+    request.env = vec![
+        ("FOO".into(), "bar".into()),
+        ("PATH".into(), "/custom/bin:/usr/bin:/bin".into()),
+        ("EREL_VERSION".into(), "forged".into()),
+    ];
+    let started = sup.start(&request).await.expect("start");
+    assert!(!started.already_running);
+    let status = status(&sup, "app").await;
+    assert_eq!(status.state, ReleaseState::Running);
+    assert_eq!(status.pid, Some(started.pid));
+    assert_eq!(status.version.as_deref(), Some("1"));
+    assert!(status.desired_running);
+    assert_eq!(status.versions, vec!["1".to_string()]);
+    let stat = process::proc_stat(started.pid).expect("stat");
+    assert_eq!(stat.pgrp, started.pid as i32, "own process group");
+
+    // The script echoes after writing both files.
+    eventually("output in the log", || {
+        log_text(&fx.root, "app").contains("started 1")
+    })
+    .await;
+    let env_file = fx.root.path().join("app.env");
+    let env = fs::read_to_string(&env_file).expect("env");
+    let root_text = fx.root.path().display().to_string();
+    for line in [
+        "EREL_HOST_ID=host-test".to_string(),
+        "EREL_RELEASE=app".to_string(),
+        "EREL_VERSION=1".to_string(),
+        format!("EREL_ROOT={root_text}"),
+        "FOO=bar".to_string(),
+        "PATH=/custom/bin:/usr/bin:/bin".to_string(),
+        "LANG=C.UTF-8".to_string(),
+    ] {
+        assert!(env.lines().any(|l| l == line), "{line} missing from\n{env}");
+    }
+    assert!(env.lines().any(|l| l.starts_with("HOME=")), "{env}");
+    assert!(!env.contains("forged"));
+    let pwd = fs::read_to_string(fx.root.path().join("app.pwd")).expect("pwd");
+    assert_eq!(pwd.trim(), format!("{root_text}/releases/app/1"));
+
+    assert!(log_text(&fx.root, "app").contains("--- erel: starting app 1 at "));
+
+    let again = sup.start(&request).await.expect("start again");
+    assert!(again.already_running);
+    assert_eq!(again.pid, started.pid);
+    assert_eq!(copies(&fx.root, "app"), vec![started.pid]);
+    assert_eq!(
+        sup.running_versions(),
+        vec![("app".to_string(), "1".to_string())]
+    );
+
+    // Desired state and run record are on disk.
+    let desired = fs::read_to_string(fx.root.state("releases").join("app.json")).expect("desired");
+    assert!(desired.contains("\"should_run\": true"), "{desired}");
+    assert!(desired.contains("bin/app"), "{desired}");
+    let run = fs::read_to_string(fx.root.state("releases").join("app.run")).expect("run");
+    assert!(run.contains(&format!("\"pid\": {}", started.pid)), "{run}");
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn a_killed_release_is_restarted() {
+    let fx = fixture();
+    release(&fx.root, "app", "1", SLEEPER);
+    let sup = open(&fx.root).await;
+    let first = sup.start(&start_request("app", "1")).await.expect("start");
+    kill(Pid::from_raw(first.pid as i32), Signal::SIGKILL).expect("kill");
+    let status = wait_status(&sup, "app", "a restart", |s| {
+        s.state == ReleaseState::Running && s.pid.is_some_and(|p| p != first.pid)
+    })
+    .await;
+    assert_eq!(status.restarts, 1);
+    assert_eq!(copies(&fx.root, "app"), vec![status.pid.expect("pid")]);
+    sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn a_release_that_keeps_dying_crash_loops() {
+    let fx = fixture();
+    release(&fx.root, "app", "1", "echo boom $EREL_VERSION\nexit 3");
+    let sup = open(&fx.root).await;
+    sup.start(&start_request("app", "1")).await.expect("start");
+    let status = wait_status(&sup, "app", "crash-looping", |s| {
+        s.state == ReleaseState::CrashLooping
+    })
+    .await;
+    assert!(
+        status.output_tail.contains("boom 1"),
+        "{:?}",
+        status.output_tail
+    );
+    assert_eq!(status.restarts, 2);
+    assert!(status.desired_running);
+    assert_eq!(status.pid, None);
+    let runs = |root: &Root| log_text(root, "app").matches("boom 1").count();
+    assert_eq!(runs(&fx.root), 3);
+    // No further restarts, also not after an agent restart.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(runs(&fx.root), 3);
+    sup.detach().await;
+    let sup = open(&fx.root).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(status_state(&sup, "app").await, ReleaseState::CrashLooping);
+    assert_eq!(runs(&fx.root), 3);
+
+    // The next Start begins afresh.
+    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    assert!(!started.already_running);
+    wait_status(&sup, "app", "crash-looping again", |s| {
+        s.state == ReleaseState::CrashLooping
+    })
+    .await;
+    assert_eq!(runs(&fx.root), 6);
+    sup.detach().await;
+}
+
+async fn status_state(sup: &Supervisor, name: &str) -> ReleaseState {
+    status(sup, name).await.state
+}
+
+#[tokio::test]
+async fn an_exited_release_reports_its_exit_while_waiting_to_restart() {
+    let fx = fixture();
+    release(&fx.root, "app", "1", "echo bye\nexit 7");
+    let mut slow = settings();
+    slow.restart_backoff = Duration::from_secs(30);
+    slow.restart_backoff_max = Duration::from_secs(30);
+    let sup = Supervisor::open(fx.root.clone(), HOST.into(), slow)
+        .await
+        .expect("open");
+    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    let status = wait_status(&sup, "app", "exited", |s| {
+        matches!(s.state, ReleaseState::Exited { .. })
+    })
+    .await;
+    assert_eq!(
+        status.state,
+        ReleaseState::Exited {
+            code: Some(7),
+            signal: None
+        }
+    );
+    assert!(status.output_tail.contains("bye"));
+    // Starting it again during the backoff changes nothing.
+    let again = sup.start(&start_request("app", "1")).await.expect("start");
+    assert!(again.already_running);
+    assert_eq!(again.pid, started.pid);
+    // Stopping it ends the backoff: it is not running.
+    let stopped = sup.stop("app", Duration::from_secs(1)).await.expect("stop");
+    assert!(!stopped.was_running);
+    assert_eq!(status_state(&sup, "app").await, ReleaseState::Stopped);
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn stop_terminates_gracefully() {
+    let fx = fixture();
+    release(
+        &fx.root,
+        "app",
+        "1",
+        "trap 'echo got term; exit 0' TERM\necho ready\nsleep 1000 &\nwait",
+    );
+    let sup = open(&fx.root).await;
+    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    eventually("the trap to be set", || {
+        log_text(&fx.root, "app").contains("ready")
+    })
+    .await;
+    let stopped = sup
+        .stop("app", Duration::from_secs(10))
+        .await
+        .expect("stop");
+    assert!(stopped.was_running);
+    assert!(!stopped.killed);
+    assert!(process::group_members(started.pid as i32).is_empty());
+    assert!(log_text(&fx.root, "app").contains("got term"));
+    let status = status(&sup, "app").await;
+    assert_eq!(status.state, ReleaseState::Stopped);
+    assert!(!status.desired_running);
+    assert_eq!(status.pid, None);
+    let desired = fs::read_to_string(fx.root.state("releases").join("app.json")).expect("desired");
+    assert!(desired.contains("\"should_run\": false"), "{desired}");
+    assert!(!fx.root.state("releases").join("app.run").exists());
+    // Our child was reaped: no zombie left behind.
+    assert!(process::proc_stat(started.pid).is_none());
+    // Idempotent, also for a release never heard of.
+    let again = sup
+        .stop("app", Duration::from_secs(1))
+        .await
+        .expect("stop again");
+    assert!(!again.was_running && !again.killed);
+    let unknown = sup
+        .stop("nothing", Duration::from_secs(1))
+        .await
+        .expect("stop unknown");
+    assert!(!unknown.was_running && !unknown.killed);
+    assert!(sup.running_versions().is_empty());
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn stop_kills_what_ignores_sigterm() {
+    let fx = fixture();
+    release(
+        &fx.root,
+        "app",
+        "1",
+        "trap '' TERM\necho ready\nsleep 1000 &\nwait",
+    );
+    let sup = open(&fx.root).await;
+    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    eventually("the trap to be set", || {
+        log_text(&fx.root, "app").contains("ready")
+    })
+    .await;
+    let begun = Instant::now();
+    let stopped = sup
+        .stop("app", Duration::from_millis(300))
+        .await
+        .expect("stop");
+    assert!(begun.elapsed() >= Duration::from_millis(300));
+    assert!(stopped.was_running);
+    assert!(stopped.killed);
+    assert!(process::group_members(started.pid as i32).is_empty());
+    assert!(copies(&fx.root, "app").is_empty());
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn stop_leaves_nothing_of_the_group() {
+    let fx = fixture();
+    // A grandchild, reparented away from the release, still in its process group.
+    release(
+        &fx.root,
+        "app",
+        "1",
+        "(sh -c 'exec sleep 1001' &)\necho forked\nexec sleep 1000",
+    );
+    let sup = open(&fx.root).await;
+    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    let pgid = started.pid as i32;
+    eventually("the grandchild", || process::group_members(pgid).len() >= 2).await;
+    let stopped = sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    assert!(stopped.was_running);
+    assert!(process::group_members(pgid).is_empty());
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn starting_another_version_replaces_the_running_one() {
+    let fx = fixture();
+    release(&fx.root, "app", "1", SLEEPER);
+    release(&fx.root, "app", "2", SLEEPER);
+    let sup = open(&fx.root).await;
+    let one = sup
+        .start(&start_request("app", "1"))
+        .await
+        .expect("start 1");
+    let two = sup
+        .start(&start_request("app", "2"))
+        .await
+        .expect("start 2");
+    assert!(!two.already_running);
+    assert_ne!(one.pid, two.pid);
+    assert!(!alive(one.pid));
+    assert_eq!(copies(&fx.root, "app"), vec![two.pid]);
+    let status = status(&sup, "app").await;
+    assert_eq!(status.version.as_deref(), Some("2"));
+    assert_eq!(status.pid, Some(two.pid));
+    assert_eq!(status.restarts, 0);
+    assert_eq!(
+        sup.running_versions(),
+        vec![("app".to_string(), "2".to_string())]
+    );
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn an_agent_restart_adopts_the_running_release() {
+    let fx = fixture();
+    release(&fx.root, "app", "1", SLEEPER);
+    let sup = open(&fx.root).await;
+    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    sup.detach().await;
+    drop(sup);
+    assert!(alive(started.pid), "detach must not stop releases");
+
+    let sup = open(&fx.root).await;
+    let status = status(&sup, "app").await;
+    assert_eq!(status.state, ReleaseState::Running);
+    assert_eq!(status.pid, Some(started.pid));
+    assert_eq!(copies(&fx.root, "app"), vec![started.pid]);
+    let again = sup.start(&start_request("app", "1")).await.expect("start");
+    assert!(again.already_running);
+    assert_eq!(again.pid, started.pid);
+
+    // An adopted process that dies is noticed and restarted.
+    kill(Pid::from_raw(started.pid as i32), Signal::SIGKILL).expect("kill");
+    let status = wait_status(&sup, "app", "a restart", |s| {
+        s.state == ReleaseState::Running && s.pid.is_some_and(|p| p != started.pid)
+    })
+    .await;
+    assert_eq!(status.restarts, 1);
+    assert_eq!(copies(&fx.root, "app"), vec![status.pid.expect("pid")]);
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn an_agent_restart_without_run_record_finds_the_release_by_environment() {
+    let fx = fixture();
+    release(&fx.root, "app", "1", SLEEPER);
+    let sup = open(&fx.root).await;
+    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    sup.detach().await;
+    fs::remove_file(fx.root.state("releases").join("app.run")).expect("remove run record");
+
+    let sup = open(&fx.root).await;
+    let status = status(&sup, "app").await;
+    assert_eq!(status.state, ReleaseState::Running);
+    assert_eq!(status.pid, Some(started.pid));
+    assert_eq!(copies(&fx.root, "app"), vec![started.pid]);
+    assert!(
+        fx.root.state("releases").join("app.run").exists(),
+        "record rewritten"
+    );
+
+    // Stopping the adopted process works too.
+    let stopped = sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    assert!(stopped.was_running);
+    assert!(!stopped.killed);
+    assert!(copies(&fx.root, "app").is_empty());
+    assert!(process::group_members(started.pid as i32).is_empty());
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn an_agent_restart_starts_a_dead_release_once() {
+    let fx = fixture();
+    release(&fx.root, "app", "1", SLEEPER);
+    let sup = open(&fx.root).await;
+    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    sup.detach().await;
+    kill(Pid::from_raw(started.pid as i32), Signal::SIGKILL).expect("kill");
+    eventually("the process to die", || !alive(started.pid)).await;
+
+    let sup = open(&fx.root).await;
+    let status = status(&sup, "app").await;
+    assert_eq!(status.state, ReleaseState::Running);
+    let pid = status.pid.expect("pid");
+    assert_ne!(pid, started.pid);
+    assert_eq!(copies(&fx.root, "app"), vec![pid]);
+    assert_eq!(
+        log_text(&fx.root, "app")
+            .matches("--- erel: starting")
+            .count(),
+        2
+    );
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn an_agent_restart_replaces_a_copy_of_the_wrong_version() {
+    let fx = fixture();
+    release(&fx.root, "app", "1", SLEEPER);
+    release(&fx.root, "app", "2", SLEEPER);
+    let sup = open(&fx.root).await;
+    let one = sup.start(&start_request("app", "1")).await.expect("start");
+    sup.detach().await;
+    // As if the agent died right after recording that version 2 should run.
+    let desired_path = fx.root.state("releases").join("app.json");
+    let desired = fs::read_to_string(&desired_path).expect("desired");
+    fs::write(
+        &desired_path,
+        desired.replace("\"version\": \"1\"", "\"version\": \"2\""),
+    )
+    .expect("write");
+
+    let sup = open(&fx.root).await;
+    let status = status(&sup, "app").await;
+    assert_eq!(status.version.as_deref(), Some("2"));
+    let pid = status.pid.expect("pid");
+    assert!(!alive(one.pid));
+    assert_eq!(copies(&fx.root, "app"), vec![pid]);
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn an_agent_restart_stops_what_should_not_run() {
+    let fx = fixture();
+    release(&fx.root, "app", "1", SLEEPER);
+    let sup = open(&fx.root).await;
+    let one = sup.start(&start_request("app", "1")).await.expect("start");
+    sup.detach().await;
+    // As if the agent died between recording the stop and signalling.
+    let desired_path = fx.root.state("releases").join("app.json");
+    let desired = fs::read_to_string(&desired_path).expect("desired");
+    fs::write(
+        &desired_path,
+        desired.replace("\"should_run\": true", "\"should_run\": false"),
+    )
+    .expect("write");
+    let sup = open(&fx.root).await;
+    assert!(!alive(one.pid));
+    assert_eq!(status_state(&sup, "app").await, ReleaseState::Stopped);
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn a_release_runs_as_the_named_user() {
+    if !nix::unistd::geteuid().is_root() {
+        return; // dropping privileges needs root
+    }
+    let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
+        return;
+    };
+    let fx = fixture();
+    release(&fx.root, "app", "1", SLEEPER);
+    let sup = open(&fx.root).await;
+    let mut request = start_request("app", "1");
+    request.user = Some("nobody".into());
+    let started = sup.start(&request).await.expect("start as nobody");
+    let status = fs::read_to_string(format!("/proc/{}/status", started.pid)).expect("status");
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .expect("Uid line");
+    let uids: Vec<&str> = uid_line.split_whitespace().skip(1).collect();
+    assert!(
+        uids.iter().all(|u| *u == nobody.uid.to_string()),
+        "{uid_line}"
+    );
+    let groups_line = status
+        .lines()
+        .find(|l| l.starts_with("Groups:"))
+        .expect("Groups line");
+    assert!(
+        !groups_line.split_whitespace().skip(1).any(|g| g == "0"),
+        "{groups_line}"
+    );
+    let env = process::environ(started.pid).expect("environ");
+    assert!(
+        env.contains(&("USER".to_string(), "nobody".to_string())),
+        "{env:?}"
+    );
+    assert!(env.contains(&("HOME".to_string(), nobody.dir.display().to_string())));
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn bad_start_requests_are_refused_without_recording_anything() {
+    let fx = fixture();
+    release(&fx.root, "app", "1", SLEEPER);
+    let plain = fx.root.path().join("releases/app/1/bin/plain");
+    fs::write(&plain, "#!/bin/sh\n").expect("write");
+    let sup = open(&fx.root).await;
+
+    let err = sup.start(&start_request("app", "9")).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    assert!(err.to_string().contains("releases/app/9"), "{err}");
+
+    let with_argv = |argv: &[&str]| {
+        let mut request = start_request("app", "1");
+        request.argv = argv.iter().map(|a| a.to_string()).collect();
+        request
+    };
+    let err = sup.start(&with_argv(&["/bin/sh"])).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidPath { .. }), "{err}");
+    let err = sup
+        .start(&with_argv(&["../../../../bin/sh"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidPath { .. }), "{err}");
+    let err = sup.start(&with_argv(&["bin/missing"])).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+    let err = sup.start(&with_argv(&["bin/plain"])).await.unwrap_err();
+    assert!(matches!(err, Error::SpawnFailed { .. }), "{err}");
+    assert!(err.to_string().contains("not executable"), "{err}");
+    let mut request = start_request("app", "1");
+    request.user = Some("no-such-user-here".into());
+    let err = sup.start(&request).await.unwrap_err();
+    assert!(matches!(err, Error::SpawnFailed { .. }), "{err}");
+    assert!(err.to_string().contains("no-such-user-here"), "{err}");
+    let err = sup.start(&start_request("../x", "1")).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidPath { .. }), "{err}");
+
+    assert!(!fx.root.state("releases").join("app.json").exists());
+    assert!(copies(&fx.root, "app").is_empty());
+    let status = status(&sup, "app").await;
+    assert_eq!(status.state, ReleaseState::Stopped);
+    assert!(!status.desired_running);
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn statuses_list_versions_oldest_first() {
+    let fx = fixture();
+    release(&fx.root, "app", "2", SLEEPER);
+    let old = fs::File::open(fx.root.path().join("releases/app/2")).expect("open");
+    old.set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000))
+        .expect("set mtime");
+    release(&fx.root, "app", "10", SLEEPER);
+    release(&fx.root, "other", "1", SLEEPER);
+    let sup = open(&fx.root).await;
+    let all = sup.statuses().await;
+    let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, vec!["app", "other"]);
+    assert_eq!(all[0].versions, vec!["2".to_string(), "10".to_string()]);
+    assert_eq!(all[0].state, ReleaseState::Stopped);
+    assert_eq!(all[0].version, None);
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn a_large_log_is_copy_truncated() {
+    let fx = fixture();
+    release(
+        &fx.root,
+        "app",
+        "1",
+        "i=0\nwhile [ $i -lt 50 ]; do echo line-$i-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; i=$((i+1)); done\necho done-writing\nexec sleep 1000",
+    );
+    let mut small = settings();
+    small.log_max_bytes = 1000;
+    let sup = Supervisor::open(fx.root.clone(), HOST.into(), small)
+        .await
+        .expect("open");
+    sup.start(&start_request("app", "1")).await.expect("start");
+    let rotated = fx.root.state("logs").join("app.log.1");
+    let written = || {
+        let old = fs::read_to_string(&rotated).unwrap_or_default();
+        old.contains("done-writing") || log_text(&fx.root, "app").contains("done-writing")
+    };
+    eventually("the output", written).await;
+    sup.statuses().await;
+    assert!(rotated.exists());
+    let kept = fs::read_to_string(&rotated).expect("rotated log");
+    assert!(kept.len() > 1000, "{} bytes rotated", kept.len());
+    assert!(log_text(&fx.root, "app").len() <= 1000);
+    sup.detach().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stop_and_start_racing_restarts_never_leave_two_copies() {
+    let fx = fixture();
+    release(&fx.root, "app", "1", "sleep 0.05\nexit 1");
+    release(&fx.root, "app", "2", SLEEPER);
+    let mut patient = settings();
+    patient.restart_backoff = Duration::from_millis(10);
+    patient.restart_backoff_max = Duration::from_millis(20);
+    patient.crash_loop_after = 1000;
+    let sup = Supervisor::open(fx.root.clone(), HOST.into(), patient)
+        .await
+        .expect("open");
+    for round in 0..8u64 {
+        sup.start(&start_request("app", "1")).await.expect("start");
+        tokio::time::sleep(Duration::from_millis(15 * round)).await;
+        sup.stop("app", Duration::from_secs(2)).await.expect("stop");
+        assert!(copies(&fx.root, "app").is_empty(), "round {round}");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(copies(&fx.root, "app").is_empty(), "restarted after stop");
+    assert_eq!(status_state(&sup, "app").await, ReleaseState::Stopped);
+
+    // Concurrent starts of two versions: one wins, one copy runs.
+    let (two, one) = (start_request("app", "2"), start_request("app", "1"));
+    let (a, b) = tokio::join!(sup.start(&two), sup.start(&one));
+    a.expect("start 2");
+    b.expect("start 1");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(copies(&fx.root, "app").len() <= 1);
+    let stopped = sup.stop("app", Duration::from_secs(2)).await.expect("stop");
+    assert!(!stopped.killed);
+    assert!(copies(&fx.root, "app").is_empty());
+    sup.detach().await;
+}
