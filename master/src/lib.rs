@@ -1,1 +1,18 @@
-//! placeholder
+//! The erel master, as a library the `erel` binary and the tests share.
+//!
+//! - [`cli`]: the `erel` program (`main.rs` only calls it).
+//! - [`client`]: the typed client for one agent, one method per command.
+//! - [`cluster`]: the cluster file, validated once into a [`cluster::Plan`].
+//! - [`rollout`]: the rolling cold deploy: pure decisions, one I/O driver, the daemon loop.
+//! - [`digest_cache`]: remembered sha256 digests of local files.
+//! - [`error`]: the one error type.
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod client;
+pub mod cluster;
+pub mod digest_cache;
+pub mod error;
+
+pub use client::{AgentClient, HostAddr};
+pub use error::{Error, Result};

@@ -1,0 +1,391 @@
+//! The low-level agent commands: `ping`, `push`, `unpack`, `start`, `stop`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::client::{Progress, WriteSource};
+use crate::digest_cache::DigestCache;
+use crate::{AgentClient, HostAddr};
+use anyhow::Context as _;
+use clap::Args;
+use erel_proto::{Pong, ReleaseState, ReleaseStatus, Start};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::Context;
+
+/// `erel ping HOST.. [--json]`.
+#[derive(Debug, Args)]
+pub struct PingArgs {
+    /// Agents as ID@ADDR:PORT, or host ids from the cluster file.
+    #[arg(required = true)]
+    hosts: Vec<String>,
+    /// Print everything each agent reports, as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `erel push HOST FILE DEST [--mode M]`.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The agent, as ID@ADDR:PORT or a host id from the cluster file.
+    host: String,
+    /// The local file.
+    file: PathBuf,
+    /// Destination relative to the agent's root, e.g. archives/beat-0.2.0.tar.gz.
+    dest: String,
+    /// Permission bits, in octal.
+    #[arg(long, default_value = "644", value_parser = parse_mode)]
+    mode: u32,
+    /// The file's sha256 when known (skips hashing; a file already on the agent costs nothing).
+    #[arg(long)]
+    sha256: Option<String>,
+}
+
+/// `erel unpack HOST ARCHIVE DEST`.
+#[derive(Debug, Args)]
+pub struct UnpackArgs {
+    /// The agent, as ID@ADDR:PORT or a host id from the cluster file.
+    host: String,
+    /// The archive on the agent, relative to its root.
+    archive: String,
+    /// The destination directory on the agent, e.g. releases/beat/0.2.0.
+    dest: String,
+}
+
+/// `erel start HOST NAME VERSION [--env K=V].. [-- ARGV..]`.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The agent, as ID@ADDR:PORT or a host id from the cluster file.
+    host: String,
+    /// Release name.
+    name: String,
+    /// Release version (a directory under releases/NAME/ on the agent).
+    version: String,
+    /// An environment variable for the release (repeatable).
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Run as this user on the agent.
+    #[arg(long)]
+    user: Option<String>,
+    /// The command, relative to the version directory [default: bin/NAME foreground].
+    #[arg(last = true)]
+    argv: Vec<String>,
+}
+
+/// `erel stop HOST NAME [--grace SECS]`.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// The agent, as ID@ADDR:PORT or a host id from the cluster file.
+    host: String,
+    /// Release name.
+    name: String,
+    /// Seconds between SIGTERM and SIGKILL.
+    #[arg(long, default_value_t = 10)]
+    grace: u64,
+}
+
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("'{text}' is not an octal mode such as 644 or 755"))?;
+    if mode > 0o777 {
+        return Err(format!(
+            "mode {text} has bits above 0777 (setuid, setgid and sticky are refused)"
+        ));
+    }
+    Ok(mode)
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}' is not K=V"))?;
+    if key.is_empty() {
+        return Err(format!("'{text}' has an empty name"));
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
+/// Resolves a `HOST` argument: `ID@ADDR:PORT`, or an id from the cluster file (the
+/// one given with `--cluster`, else `cluster.toml` when it exists).
+pub fn resolve(text: &str, cluster: Option<&Path>) -> anyhow::Result<HostAddr> {
+    Ok(crate::cluster::resolve_host(text, cluster)?)
+}
+
+async fn connect(ctx: &Context, host: &HostAddr) -> anyhow::Result<AgentClient> {
+    let tls = ctx.tls()?;
+    Ok(AgentClient::connect(host, tls, &ctx.master_name()).await?)
+}
+
+/// One host's answer to `ping`, as `--json` prints it.
+#[derive(Debug, serde::Serialize)]
+struct PingReport {
+    host: String,
+    addr: String,
+    reachable: bool,
+    error: Option<String>,
+    agent: Option<Pong>,
+}
+
+/// Pings every host at once and prints one line each.
+pub async fn ping(
+    ctx: &Context,
+    cluster: Option<&Path>,
+    args: PingArgs,
+) -> anyhow::Result<ExitCode> {
+    let hosts = args
+        .hosts
+        .iter()
+        .map(|text| resolve(text, cluster))
+        .collect::<anyhow::Result<Vec<HostAddr>>>()?;
+    let tls = ctx.tls()?;
+    let name = ctx.master_name();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, host) in hosts.into_iter().enumerate() {
+        let tls = tls.clone();
+        let name = name.clone();
+        tasks.spawn(async move {
+            let outcome = async {
+                let mut client = AgentClient::connect(&host, tls, &name).await?;
+                client.ping().await
+            }
+            .await;
+            (index, host, outcome)
+        });
+    }
+    let mut reports = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (index, host, outcome) = joined.context("ping task failed")?;
+        let report = match outcome {
+            Ok(pong) => PingReport {
+                host: host.id,
+                addr: host.addr,
+                reachable: true,
+                error: None,
+                agent: Some(pong),
+            },
+            Err(e) => PingReport {
+                host: host.id,
+                addr: host.addr,
+                reachable: false,
+                error: Some(e.to_string()),
+                agent: None,
+            },
+        };
+        reports.push((index, report));
+    }
+    reports.sort_by_key(|(index, _)| *index);
+    let reports: Vec<PingReport> = reports.into_iter().map(|(_, r)| r).collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        for report in &reports {
+            println!("{}", ping_line(report));
+        }
+    }
+    Ok(if reports.iter().all(|r| r.reachable) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn ping_line(report: &PingReport) -> String {
+    let Some(pong) = &report.agent else {
+        return format!(
+            "{} {} unreachable: {}",
+            report.host,
+            report.addr,
+            report.error.as_deref().unwrap_or("unknown error")
+        );
+    };
+    let mut line = format!(
+        "{} {} ok erel-boot {} up {}s, {} free",
+        report.host,
+        report.addr,
+        pong.agent_version,
+        pong.uptime_secs,
+        human_bytes(pong.free_disk_bytes)
+    );
+    if pong.releases.is_empty() {
+        line.push_str("; no releases");
+    }
+    for release in &pong.releases {
+        line.push_str("; ");
+        line.push_str(&release_summary(release));
+    }
+    line
+}
+
+/// A release in a few words: `beat 0.2.0 running pid 42 restarts 0`.
+pub fn release_summary(release: &ReleaseStatus) -> String {
+    let version = release.version.as_deref().unwrap_or("-");
+    let state = match &release.state {
+        ReleaseState::Running => format!("running pid {}", release.pid.unwrap_or(0)),
+        ReleaseState::Stopped => "stopped".to_string(),
+        ReleaseState::Exited { code, signal } => match (code, signal) {
+            (Some(code), _) => format!("exited with code {code}"),
+            (None, Some(signal)) => format!("killed by signal {signal}"),
+            (None, None) => "exited".to_string(),
+        },
+        ReleaseState::CrashLooping => "crash-looping".to_string(),
+    };
+    format!(
+        "{} {version} {state} restarts {}",
+        release.name, release.restarts
+    )
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// Pushes one file with a progress bar.
+pub async fn push(
+    ctx: &Context,
+    cluster: Option<&Path>,
+    args: PushArgs,
+) -> anyhow::Result<ExitCode> {
+    let host = resolve(&args.host, cluster)?;
+    let cache = DigestCache::for_user();
+    let sha256 = match &args.sha256 {
+        Some(text) => Some(
+            erel_proto::Sha256::from_hex(text)
+                .with_context(|| format!("--sha256 '{text}' is not 64 hex characters"))?,
+        ),
+        None => cache.as_ref().and_then(|c| c.get(&args.file)),
+    };
+    let source = WriteSource {
+        path: args.file.clone(),
+        sha256,
+    };
+    let mut client = connect(ctx, &host).await?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!(
+        "{} -> {}:{}",
+        args.file.display(),
+        host.id,
+        args.dest
+    ));
+    let mut on_progress = |p: Progress| {
+        bar.set_length(p.total);
+        bar.set_position(p.skipped + p.sent);
+    };
+    let written = client
+        .write_file(&source, &args.dest, args.mode, &mut on_progress)
+        .await;
+    bar.finish_and_clear();
+    let written = written?;
+    if let Some(cache) = cache {
+        cache.put(&args.file, written.sha256);
+    }
+    let how = if written.received == 0 {
+        "already present, nothing sent".to_string()
+    } else if written.received < written.size {
+        format!(
+            "resumed, sent {} of {}",
+            human_bytes(written.received),
+            human_bytes(written.size)
+        )
+    } else {
+        format!("sent {}", human_bytes(written.received))
+    };
+    println!(
+        "{}:{} {} sha256 {} ({how})",
+        host.id,
+        args.dest,
+        human_bytes(written.size),
+        written.sha256
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Unpacks an archive on one agent.
+pub async fn unpack(
+    ctx: &Context,
+    cluster: Option<&Path>,
+    args: UnpackArgs,
+) -> anyhow::Result<ExitCode> {
+    let host = resolve(&args.host, cluster)?;
+    let mut client = connect(ctx, &host).await?;
+    let done = client.unpack(&args.archive, &args.dest, None).await?;
+    if done.already {
+        println!(
+            "{}:{} already unpacked from {} (sha256 {})",
+            host.id, args.dest, args.archive, done.sha256
+        );
+    } else {
+        println!(
+            "{}:{} unpacked from {}: {} entries, {}",
+            host.id,
+            args.dest,
+            args.archive,
+            done.entries,
+            human_bytes(done.bytes)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts a release on one agent.
+pub async fn start(
+    ctx: &Context,
+    cluster: Option<&Path>,
+    args: StartArgs,
+) -> anyhow::Result<ExitCode> {
+    let host = resolve(&args.host, cluster)?;
+    let mut client = connect(ctx, &host).await?;
+    let started = client
+        .start(Start {
+            name: args.name.clone(),
+            version: args.version.clone(),
+            argv: args.argv,
+            env: args.env,
+            user: args.user,
+        })
+        .await?;
+    let how = if started.already_running {
+        "already running"
+    } else {
+        "started"
+    };
+    println!(
+        "{}: {} {} {how}, pid {}",
+        host.id, args.name, args.version, started.pid
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Stops a release on one agent.
+pub async fn stop(
+    ctx: &Context,
+    cluster: Option<&Path>,
+    args: StopArgs,
+) -> anyhow::Result<ExitCode> {
+    let host = resolve(&args.host, cluster)?;
+    let mut client = connect(ctx, &host).await?;
+    let stopped = client
+        .stop(&args.name, Duration::from_secs(args.grace))
+        .await?;
+    let how = match (stopped.was_running, stopped.killed) {
+        (false, _) => "was not running",
+        (true, false) => "stopped",
+        (true, true) => "killed after the grace period",
+    };
+    println!("{}: {} {how}", host.id, args.name);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,68 @@
+//! `erel certs init | host | revoke`.
+
+use std::net::IpAddr;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Subcommand;
+
+use super::Context;
+
+/// Certificate commands.
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Creates a new cluster CA and the master's client certificate.
+    Init {
+        /// A name for the cluster, written into the CA's common name.
+        #[arg(long, default_value = "erel")]
+        cluster: String,
+    },
+    /// Creates the bundle for one host: hosts/<ID>/{ca.pem,host.pem,host.key,crl.pem}.
+    Host {
+        /// The host id (lowercase letters, digits, '-').
+        id: String,
+        /// An IP address the certificate also names (repeatable).
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
+        /// A DNS name the certificate also names (repeatable).
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+    },
+    /// Adds a host's (or the master's, as "master") certificate to the CRL.
+    Revoke {
+        /// A host id with a bundle under hosts/, or "master".
+        name: String,
+    },
+}
+
+/// Runs a certificate command.
+pub fn run(ctx: &Context, command: CertsCommand) -> anyhow::Result<ExitCode> {
+    let dir = ctx.certs.path().display().to_string();
+    match command {
+        CertsCommand::Init { cluster } => {
+            ctx.certs
+                .init(&cluster)
+                .with_context(|| format!("erel certs init in {dir}"))?;
+            println!("created the cluster CA and the master certificate in {dir}");
+        }
+        CertsCommand::Host { id, ips, dns } => {
+            let bundle = ctx
+                .certs
+                .issue_host(&id, &ips, &dns)
+                .with_context(|| format!("erel certs host {id}"))?;
+            println!(
+                "wrote the bundle for {id} to {} (copy it to the host's --certs directory)",
+                bundle.display()
+            );
+        }
+        CertsCommand::Revoke { name } => {
+            ctx.certs
+                .revoke(&name)
+                .with_context(|| format!("erel certs revoke {name}"))?;
+            println!(
+                "revoked {name}: {dir}/crl.pem and every host bundle's crl.pem updated; copy them to the agents"
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

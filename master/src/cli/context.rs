@@ -1,0 +1,47 @@
+//! What every command may need: the certificate directory and this master's name.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use erel_certs::MasterDir;
+
+/// What every command may need.
+#[derive(Debug)]
+pub struct Context {
+    /// The master's certificate directory.
+    pub certs: MasterDir,
+}
+
+impl Context {
+    /// Builds the context for a certificate directory.
+    pub fn new(certs: PathBuf) -> Self {
+        Context {
+            certs: MasterDir::new(certs),
+        }
+    }
+
+    /// The TLS client configuration, from the certificate directory.
+    pub fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        self.certs.client_config().with_context(|| {
+            format!(
+                "loading the master's certificates from {} (run `erel certs init` first?)",
+                self.certs.path().display()
+            )
+        })
+    }
+
+    /// The name this master gives in `Hello`: `erel@` and the machine's host name.
+    pub fn master_name(&self) -> String {
+        master_name()
+    }
+}
+
+/// `erel@<host name>`, the name a master gives in `Hello`.
+pub fn master_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .map(|name| format!("erel@{name}"))
+        .unwrap_or_else(|| "erel".to_string())
+}

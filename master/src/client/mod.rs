@@ -1,0 +1,335 @@
+//! The master's typed client for one agent: connect, handshake, and one method per
+//! command. Every phase runs under a named timeout, and every failure names the host.
+
+mod write_file;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use erel_proto::{
+    read_frame, write_frame, FrameError, Hello, Ping, Pong, Request, Response, Sha256, Start,
+    Started, Stop, Stopped, Unpack, Unpacked, PROTOCOL_VERSION,
+};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::error::{Error, Result};
+
+pub use write_file::{Progress, WriteSource};
+
+/// Time allowed to open the TCP connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for the TLS handshake and the `Hello` exchange.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for a `Ping` answer.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
+/// Time allowed for an `Unpack` answer (large archives on slow disks).
+pub const UNPACK_TIMEOUT: Duration = Duration::from_secs(600);
+/// Time allowed for a `Start` answer (it may first stop another version).
+pub const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// Time allowed for a `Stop` answer beyond its grace period.
+pub const STOP_MARGIN: Duration = Duration::from_secs(30);
+/// A transfer making no progress for this long is abandoned.
+pub const TRANSFER_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An agent to talk to: its host id (which its certificate must name) and address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostAddr {
+    /// The host id.
+    pub id: String,
+    /// `ADDR:PORT`.
+    pub addr: String,
+}
+
+impl FromStr for HostAddr {
+    type Err = Error;
+
+    /// Parses `ID@ADDR:PORT`.
+    fn from_str(text: &str) -> Result<Self> {
+        let invalid = |reason: &str| Error::InvalidHost {
+            text: text.to_string(),
+            reason: reason.to_string(),
+        };
+        let (id, addr) = text
+            .split_once('@')
+            .ok_or_else(|| invalid("expected ID@ADDR:PORT"))?;
+        erel_certs::validate_host_id(id).map_err(|e| invalid(&e.to_string()))?;
+        let (host, port) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| invalid("the address needs a port, as ADDR:PORT"))?;
+        if host.is_empty() {
+            return Err(invalid("the address is empty"));
+        }
+        port.parse::<u16>()
+            .map_err(|_| invalid(&format!("'{port}' is not a port number")))?;
+        Ok(HostAddr {
+            id: id.to_string(),
+            addr: addr.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for HostAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.id, self.addr)
+    }
+}
+
+/// An authenticated connection to one agent.
+pub struct AgentClient {
+    stream: TlsStream<TcpStream>,
+    host: HostAddr,
+    hello: Hello,
+}
+
+impl fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("host", &self.host)
+            .field("agent", &self.hello.software)
+            .finish()
+    }
+}
+
+impl AgentClient {
+    /// Connects, verifies the agent's certificate names `host.id`, and exchanges `Hello`.
+    pub async fn connect(
+        host: &HostAddr,
+        tls: Arc<rustls::ClientConfig>,
+        master_name: &str,
+    ) -> Result<Self> {
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&host.addr))
+            .await
+            .map_err(|_| timeout(host, format!("connecting to {}", host.addr)))?
+            .map_err(|source| Error::Connect {
+                host: host.id.clone(),
+                addr: host.addr.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let server_name = erel_certs::server_name(&host.id)?;
+        let connector = TlsConnector::from(tls);
+        let handshake = async {
+            let stream = connector
+                .connect(server_name, tcp)
+                .await
+                .map_err(|e| io_error(host, "during the TLS handshake", e))?;
+            let mut client = AgentClient {
+                stream,
+                host: host.clone(),
+                hello: Hello {
+                    protocol: 0,
+                    name: String::new(),
+                    software: String::new(),
+                },
+            };
+            let ours = Hello {
+                protocol: PROTOCOL_VERSION,
+                name: master_name.to_string(),
+                software: format!("erel {}", env!("CARGO_PKG_VERSION")),
+            };
+            client.send(&Request::Hello(ours)).await?;
+            match client.receive().await? {
+                Response::Hello(theirs) => {
+                    if theirs.protocol != PROTOCOL_VERSION {
+                        return Err(client.protocol_error(format!(
+                            "agent speaks protocol {}, this master {PROTOCOL_VERSION}",
+                            theirs.protocol
+                        )));
+                    }
+                    client.hello = theirs;
+                    Ok(client)
+                }
+                Response::Error(reply) => Err(Error::Agent {
+                    host: host.id.clone(),
+                    reply,
+                }),
+                other => Err(client.unexpected("Hello", &other)),
+            }
+        };
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| timeout(host, "during the TLS handshake and Hello".to_string()))?
+    }
+
+    /// The host this client talks to.
+    pub fn host(&self) -> &HostAddr {
+        &self.host
+    }
+
+    /// The agent's `Hello`: its host id and software version.
+    pub fn agent_hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// `Ping`: the agent's live state.
+    pub async fn ping(&mut self) -> Result<Pong> {
+        match self
+            .call(Request::Ping(Ping {}), PING_TIMEOUT, "Ping")
+            .await?
+        {
+            Response::Pong(pong) => Ok(pong),
+            other => Err(self.unexpected("Pong", &other)),
+        }
+    }
+
+    /// `Unpack`: unpacks `archive` into `dest` on the agent.
+    pub async fn unpack(
+        &mut self,
+        archive: &str,
+        dest: &str,
+        sha256: Option<Sha256>,
+    ) -> Result<Unpacked> {
+        let request = Request::Unpack(Unpack {
+            archive: archive.to_string(),
+            dest: dest.to_string(),
+            sha256,
+        });
+        match self.call(request, UNPACK_TIMEOUT, "Unpack").await? {
+            Response::Unpacked(done) => Ok(done),
+            other => Err(self.unexpected("Unpacked", &other)),
+        }
+    }
+
+    /// `Start`: runs a release version, supervised.
+    pub async fn start(&mut self, start: Start) -> Result<Started> {
+        match self
+            .call(Request::Start(start), START_TIMEOUT, "Start")
+            .await?
+        {
+            Response::Started(started) => Ok(started),
+            other => Err(self.unexpected("Started", &other)),
+        }
+    }
+
+    /// `Stop`: SIGTERM to the release's group, SIGKILL after `grace`.
+    pub async fn stop(&mut self, name: &str, grace: Duration) -> Result<Stopped> {
+        let request = Request::Stop(Stop {
+            name: name.to_string(),
+            grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+        });
+        match self.call(request, grace + STOP_MARGIN, "Stop").await? {
+            Response::Stopped(stopped) => Ok(stopped),
+            other => Err(self.unexpected("Stopped", &other)),
+        }
+    }
+
+    /// Sends one request and reads its answer; an agent error becomes [`Error::Agent`].
+    async fn call(&mut self, request: Request, limit: Duration, what: &str) -> Result<Response> {
+        let exchange = async {
+            self.send(&request).await?;
+            self.receive().await
+        };
+        let response = tokio::time::timeout(limit, exchange)
+            .await
+            .map_err(|_| timeout(&self.host, format!("waiting for the answer to {what}")))??;
+        match response {
+            Response::Error(reply) => Err(Error::Agent {
+                host: self.host.id.clone(),
+                reply,
+            }),
+            other => Ok(other),
+        }
+    }
+
+    async fn send<T: serde::Serialize>(&mut self, frame: &T) -> Result<()> {
+        write_frame(&mut self.stream, frame)
+            .await
+            .map_err(|e| self.frame_error(e))
+    }
+
+    async fn receive(&mut self) -> Result<Response> {
+        match read_frame::<Response, _>(&mut self.stream).await {
+            Ok(Some(response)) => Ok(response),
+            Ok(None) => Err(self.protocol_error(
+                "the agent closed the connection (refused our certificate, or at its connection limit?)"
+                    .to_string(),
+            )),
+            Err(e) => Err(self.frame_error(e)),
+        }
+    }
+
+    fn frame_error(&self, error: FrameError) -> Error {
+        match error {
+            FrameError::Io(e) => io_error(&self.host, "on the connection", e),
+            other => self.protocol_error(other.to_string()),
+        }
+    }
+
+    fn protocol_error(&self, message: String) -> Error {
+        Error::Protocol {
+            host: self.host.id.clone(),
+            message,
+        }
+    }
+
+    fn unexpected(&self, wanted: &str, got: &Response) -> Error {
+        self.protocol_error(format!(
+            "expected {wanted}, the agent sent {}",
+            response_name(got)
+        ))
+    }
+}
+
+/// Turns an I/O error into a TLS error when it is one, else a protocol error.
+fn io_error(host: &HostAddr, phase: &str, error: std::io::Error) -> Error {
+    if let Some(message) = erel_certs::explain_tls_error(&error) {
+        return Error::Tls {
+            host: host.id.clone(),
+            addr: host.addr.clone(),
+            message,
+        };
+    }
+    Error::Protocol {
+        host: host.id.clone(),
+        message: format!("{phase}: {error}"),
+    }
+}
+
+fn timeout(host: &HostAddr, phase: String) -> Error {
+    Error::Timeout {
+        host: host.id.clone(),
+        phase,
+    }
+}
+
+fn response_name(response: &Response) -> &'static str {
+    match response {
+        Response::Hello(_) => "Hello",
+        Response::Pong(_) => "Pong",
+        Response::WriteOffer(_) => "WriteOffer",
+        Response::Written(_) => "Written",
+        Response::Unpacked(_) => "Unpacked",
+        Response::Started(_) => "Started",
+        Response::Stopped(_) => "Stopped",
+        Response::Error(_) => "Error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_host_addresses() {
+        let host: HostAddr = "web-1@127.0.0.1:7070".parse().expect("parse");
+        assert_eq!(host.id, "web-1");
+        assert_eq!(host.addr, "127.0.0.1:7070");
+        let v6: HostAddr = "db-2@[::1]:7070".parse().expect("parse");
+        assert_eq!(v6.addr, "[::1]:7070");
+        for bad in [
+            "web-1",
+            "web-1@host",
+            "@h:1",
+            "Web_1@h:1",
+            "w@:1",
+            "w@h:notaport",
+        ] {
+            let err = bad.parse::<HostAddr>().unwrap_err().to_string();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! The cluster file: which hosts form which group, and which release and version each
+//! group runs. Parsed into raw structs ([`raw`]), then validated once into a [`Plan`]
+//! ([`validate`]); every error names the file, the field and what is wrong.
+//!
+//! ```toml
+//! revision = 7
+//!
+//! [[host]]
+//! id = "web-1"
+//! addr = "10.0.0.11:7070"
+//! group = "web"
+//! env = { BEAT_PORT = "27182" }   # optional, merged over the group's env
+//!
+//! [group.web]
+//! release = "beat"
+//! version = "0.2.0"
+//! archive = "releases/beat-0.2.0.tar.gz"   # relative to this file, or found by sha256
+//! sha256 = "…"
+//! argv = ["bin/beat", "foreground"]        # default: bin/<release> foreground
+//! env = { NODE_NAME = "beat" }
+//! user = "beat"                            # optional
+//! max_in_flight = 1                        # default 1
+//! canaries = 1                             # default 1 (0 when the group has no hosts)
+//! stop_grace_secs = 10                     # default 10
+//! health = { tcp = 27182, min_up_secs = 5, deadline_secs = 60 }
+//! ```
+//!
+//! Where archives are found is the caller's choice ([`ArchiveLookup`]): beside the
+//! file for `erel deploy`, in an artifact directory for a config received over AMQP.
+
+mod raw;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use erel_proto::{Sha256, Start};
+
+use crate::error::{Error, Result};
+use crate::HostAddr;
+
+/// The file `--cluster` defaults to.
+pub const DEFAULT_CLUSTER_FILE: &str = "cluster.toml";
+/// Seconds a release must stay up when the group says nothing.
+pub const DEFAULT_MIN_UP_SECS: u64 = 5;
+/// Seconds a release has to become healthy when the group says nothing.
+pub const DEFAULT_DEADLINE_SECS: u64 = 60;
+/// Seconds between SIGTERM and SIGKILL when the group says nothing.
+pub const DEFAULT_STOP_GRACE_SECS: u64 = 10;
+/// The longest stop grace the agent accepts.
+pub const MAX_STOP_GRACE_SECS: u64 = 600;
+
+/// Where the archives a cluster file names are found and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArchiveLookup {
+    /// `archive` is relative to this directory (the cluster file's); a group naming only
+    /// `sha256` is matched against the `.tar.gz`/`.tgz`/`.tar` files in this directory
+    /// and its `artifacts/` subdirectory.
+    Beside(PathBuf),
+    /// Archives live in this artifact directory: `archive` is looked up by its file
+    /// name there, a group naming only `sha256` is matched against its files.
+    Artifacts(PathBuf),
+    /// Archives are not opened: [`GroupPlan::archive`] is `None`. For commands that
+    /// only need hosts and desired versions (`status`, host lookup).
+    Unchecked,
+}
+
+/// A validated cluster file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Where it came from, as errors name it.
+    pub origin: String,
+    /// The revision; a daemon applies only a larger one.
+    pub revision: u64,
+    /// Every host, in file order.
+    pub hosts: Vec<HostPlan>,
+    /// Every group by name.
+    pub groups: BTreeMap<String, GroupPlan>,
+}
+
+/// One host of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPlan {
+    /// Host id, as its certificate names it.
+    pub id: String,
+    /// `ADDR:PORT` of its agent.
+    pub addr: String,
+    /// The group it belongs to.
+    pub group: String,
+    /// Host-only environment, merged over the group's.
+    pub env: BTreeMap<String, String>,
+}
+
+/// What a group of hosts runs and how it is rolled out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPlan {
+    /// Group name.
+    pub name: String,
+    /// Release name.
+    pub release: String,
+    /// Desired version.
+    pub version: String,
+    /// The archive, checked; `None` only with [`ArchiveLookup::Unchecked`].
+    pub archive: Option<Archive>,
+    /// The command, relative to the version directory; empty means the agent's default
+    /// `bin/<release> foreground`.
+    pub argv: Vec<String>,
+    /// Environment for every host of the group.
+    pub env: BTreeMap<String, String>,
+    /// Run as this user on the hosts.
+    pub user: Option<String>,
+    /// Most hosts switching at once (at least 1).
+    pub max_in_flight: usize,
+    /// Hosts that switch first, alone, before the rest.
+    pub canaries: usize,
+    /// Grace between SIGTERM and SIGKILL when stopping the release.
+    pub stop_grace: Duration,
+    /// The health gate.
+    pub health: Health,
+}
+
+/// A release archive on the master's disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Archive {
+    /// The local file.
+    pub path: PathBuf,
+    /// Its file name, used for `archives/<file name>` on the agents.
+    pub file_name: String,
+    /// Its sha256, checked.
+    pub sha256: Sha256,
+}
+
+/// When a freshly started release counts as healthy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// A TCP port on the host's address that must accept a connection.
+    pub tcp: Option<u16>,
+    /// How long it must run without a restart.
+    pub min_up: Duration,
+    /// How long it has, from its start, to be healthy.
+    pub deadline: Duration,
+}
+
+impl Plan {
+    /// Loads and validates `path`, with archives relative to its directory.
+    pub fn load(path: &Path) -> Result<Plan> {
+        Plan::load_with(path, &ArchiveLookup::Beside(base_dir(path)))
+    }
+
+    /// Loads and validates `path`, finding archives as `lookup` says.
+    pub fn load_with(path: &Path, lookup: &ArchiveLookup) -> Result<Plan> {
+        let text = read(path)?;
+        Plan::parse(&text, &path.display().to_string(), lookup)
+    }
+
+    /// Validates a cluster file's text. `origin` names it in errors (a path, or where a
+    /// config received over the wire came from).
+    pub fn parse(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<Plan> {
+        validate::plan(text, origin, lookup)
+    }
+
+    /// Reads only the revision of a cluster file, without validating the rest.
+    pub fn read_revision(path: &Path) -> Result<u64> {
+        let text = read(path)?;
+        let origin = path.display().to_string();
+        toml::from_str::<raw::RawRevision>(&text)
+            .map(|r| r.revision)
+            .map_err(|e| validate::toml_error(&origin, &text, &e))
+    }
+
+    /// The host with this id.
+    pub fn host(&self, id: &str) -> Option<&HostPlan> {
+        self.hosts.iter().find(|h| h.id == id)
+    }
+
+    /// The hosts of `group`, in file order.
+    pub fn hosts_in(&self, group: &str) -> Vec<&HostPlan> {
+        self.hosts.iter().filter(|h| h.group == group).collect()
+    }
+
+    /// The group a host belongs to.
+    pub fn group_of(&self, host: &HostPlan) -> Option<&GroupPlan> {
+        self.groups.get(&host.group)
+    }
+}
+
+impl HostPlan {
+    /// Its id and address, for a client.
+    pub fn host_addr(&self) -> HostAddr {
+        HostAddr {
+            id: self.id.clone(),
+            addr: self.addr.clone(),
+        }
+    }
+
+    /// The address without its port (and without the brackets of an IPv6 address):
+    /// where health probes connect.
+    pub fn probe_host(&self) -> &str {
+        let host = self
+            .addr
+            .rsplit_once(':')
+            .map(|(host, _)| host)
+            .unwrap_or(&self.addr);
+        host.trim_start_matches('[').trim_end_matches(']')
+    }
+}
+
+impl GroupPlan {
+    /// The `Start` request for `version` of this group's release on `host`: the
+    /// group's argv and user, the group's env with the host's merged over it.
+    ///
+    /// A rollback starts the previous version with this same argv and env: the agent
+    /// needs them to start anything, the master keeps no history of what an old version
+    /// was started with, and a release's command line rarely changes between versions.
+    pub fn start_request(&self, host: &HostPlan, version: &str) -> Start {
+        let mut env = self.env.clone();
+        env.extend(host.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Start {
+            name: self.release.clone(),
+            version: version.to_string(),
+            argv: self.argv.clone(),
+            env: env.into_iter().collect(),
+            user: self.user.clone(),
+        }
+    }
+
+    /// Where the archive goes on an agent: `archives/<file name>`.
+    pub fn archive_dest(archive: &Archive) -> String {
+        format!("archives/{}", archive.file_name)
+    }
+
+    /// Where the version is unpacked on an agent: `releases/<name>/<version>`.
+    pub fn version_dir(&self) -> String {
+        format!("releases/{}/{}", self.release, self.version)
+    }
+}
+
+/// Resolves a `HOST` argument: `ID@ADDR:PORT`, or an id found in the cluster file.
+/// `cluster` is the file given with `--cluster`, else `cluster.toml` when it exists.
+pub fn resolve_host(text: &str, cluster: Option<&Path>) -> Result<HostAddr> {
+    if text.contains('@') {
+        return text.parse();
+    }
+    let path = match cluster {
+        Some(path) => path.to_path_buf(),
+        None => {
+            let default = PathBuf::from(DEFAULT_CLUSTER_FILE);
+            if !default.exists() {
+                return Err(Error::InvalidHost {
+                    text: text.to_string(),
+                    reason: format!(
+                        "expected ID@ADDR:PORT, or a host id with --cluster FILE (no {DEFAULT_CLUSTER_FILE} here)"
+                    ),
+                });
+            }
+            default
+        }
+    };
+    let plan = Plan::load_with(&path, &ArchiveLookup::Unchecked)?;
+    plan.host(text)
+        .map(HostPlan::host_addr)
+        .ok_or_else(|| Error::InvalidHost {
+            text: text.to_string(),
+            reason: format!("no host with this id in {}", path.display()),
+        })
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::Cluster {
+        file: path.display().to_string(),
+        field: String::new(),
+        message: format!("cannot read: {e}"),
+    })
+}
+
+fn base_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+#[cfg(test)]
+mod tests;

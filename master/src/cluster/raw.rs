@@ -1,0 +1,64 @@
+//! The cluster file exactly as written: serde structs that refuse unknown fields.
+//! Nothing here is checked beyond TOML types; [`super::validate`] turns this into a
+//! [`super::Plan`] once.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub revision: u64,
+    #[serde(default)]
+    pub host: Vec<RawHost>,
+    #[serde(default)]
+    pub group: BTreeMap<String, RawGroup>,
+}
+
+/// One `[[host]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHost {
+    pub id: String,
+    pub addr: String,
+    pub group: String,
+    /// Variables for this host only, merged over the group's `env`.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// One `[group.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGroup {
+    pub release: String,
+    pub version: String,
+    pub archive: Option<String>,
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub user: Option<String>,
+    pub max_in_flight: Option<u32>,
+    pub canaries: Option<u32>,
+    pub stop_grace_secs: Option<u64>,
+    pub health: Option<RawHealth>,
+}
+
+/// `health = { tcp, min_up_secs, deadline_secs }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealth {
+    pub tcp: Option<u16>,
+    pub min_up_secs: Option<u64>,
+    pub deadline_secs: Option<u64>,
+}
+
+/// Only the revision, for a cheap look at a file that may have changed.
+#[derive(Debug, Deserialize)]
+pub(super) struct RawRevision {
+    pub revision: u64,
+}

@@ -1,0 +1,352 @@
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+use crate::digest_cache::sha256_file;
+
+const FILE: &str = "cluster.toml";
+
+/// A directory holding `beat-0.2.0.tar.gz` and a valid cluster text naming it.
+struct Fixture {
+    dir: tempfile::TempDir,
+    sha256: Sha256,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("releases")).expect("mkdir");
+        let archive = dir.path().join("releases/beat-0.2.0.tar.gz");
+        std::fs::write(&archive, b"not really a tarball").expect("write");
+        let sha256 = sha256_file(&archive).expect("hash");
+        Fixture { dir, sha256 }
+    }
+
+    fn text(&self) -> String {
+        format!(
+            r#"
+revision = 7
+
+[[host]]
+id = "web-1"
+addr = "10.0.0.11:7070"
+group = "web"
+env = {{ BEAT_PORT = "27183" }}
+
+[[host]]
+id = "web-2"
+addr = "10.0.0.12:7070"
+group = "web"
+
+[group.web]
+release = "beat"
+version = "0.2.0"
+archive = "releases/beat-0.2.0.tar.gz"
+sha256 = "{}"
+argv = ["bin/beat", "foreground"]
+env = {{ NODE_NAME = "beat", BEAT_PORT = "27182" }}
+max_in_flight = 1
+canaries = 1
+health = {{ tcp = 27182, min_up_secs = 5, deadline_secs = 60 }}
+"#,
+            self.sha256
+        )
+    }
+
+    fn lookup(&self) -> ArchiveLookup {
+        ArchiveLookup::Beside(self.dir.path().to_path_buf())
+    }
+
+    fn parse(&self, text: &str) -> Result<Plan> {
+        Plan::parse(text, FILE, &self.lookup())
+    }
+
+    /// The error for the valid text with `from` replaced by `to`.
+    fn error_with(&self, from: &str, to: &str) -> String {
+        let text = self.text();
+        assert!(text.contains(from), "fixture holds {from:?}");
+        match self.parse(&text.replacen(from, to, 1)) {
+            Ok(_) => panic!("{from:?} -> {to:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+}
+
+fn assert_mentions(error: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(error.contains(part), "{error:?} should mention {part:?}");
+    }
+}
+
+#[test]
+fn a_valid_file_becomes_a_plan() {
+    let fx = Fixture::new();
+    let plan = fx.parse(&fx.text()).expect("valid");
+    assert_eq!(plan.revision, 7);
+    assert_eq!(plan.hosts.len(), 2);
+    let web = &plan.groups["web"];
+    assert_eq!(web.release, "beat");
+    assert_eq!(web.max_in_flight, 1);
+    assert_eq!(web.canaries, 1);
+    assert_eq!(web.health.tcp, Some(27182));
+    assert_eq!(web.health.min_up, Duration::from_secs(5));
+    let archive = web.archive.as_ref().expect("checked");
+    assert_eq!(archive.file_name, "beat-0.2.0.tar.gz");
+    assert_eq!(archive.sha256, fx.sha256);
+    assert_eq!(
+        GroupPlan::archive_dest(archive),
+        "archives/beat-0.2.0.tar.gz"
+    );
+    assert_eq!(web.version_dir(), "releases/beat/0.2.0");
+
+    let host_1 = plan.host("web-1").expect("web-1");
+    assert_eq!(host_1.probe_host(), "10.0.0.11");
+    let start = web.start_request(host_1, "0.2.0");
+    assert!(
+        start.env.contains(&("BEAT_PORT".into(), "27183".into())),
+        "the host's env wins: {:?}",
+        start.env
+    );
+    assert!(start.env.contains(&("NODE_NAME".into(), "beat".into())));
+    let start_2 = web.start_request(plan.host("web-2").expect("web-2"), "0.1.0");
+    assert!(start_2.env.contains(&("BEAT_PORT".into(), "27182".into())));
+    assert_eq!(start_2.version, "0.1.0");
+    assert_eq!(start_2.argv, vec!["bin/beat", "foreground"]);
+}
+
+#[test]
+fn defaults_apply_when_fields_are_left_out() {
+    let fx = Fixture::new();
+    let artifacts = fx.dir.path().join("artifacts");
+    std::fs::create_dir(&artifacts).expect("mkdir");
+    std::fs::copy(
+        fx.dir.path().join("releases/beat-0.2.0.tar.gz"),
+        artifacts.join("beat-1.tar.gz"),
+    )
+    .expect("copy");
+    let text = format!(
+        "revision = 1\n[[host]]\nid = \"a-1\"\naddr = \"127.0.0.1:1\"\ngroup = \"g\"\n\
+         [group.g]\nrelease = \"beat\"\nversion = \"1\"\nsha256 = \"{}\"\n",
+        fx.sha256
+    );
+    let plan = fx.parse(&text).expect("valid");
+    let g = &plan.groups["g"];
+    assert_eq!(g.max_in_flight, 1);
+    assert_eq!(g.canaries, 1);
+    assert_eq!(g.health.tcp, None);
+    assert_eq!(g.health.min_up, Duration::from_secs(DEFAULT_MIN_UP_SECS));
+    assert_eq!(
+        g.health.deadline,
+        Duration::from_secs(DEFAULT_DEADLINE_SECS)
+    );
+    assert!(g.argv.is_empty(), "the agent's default argv");
+    // Found by sha256 alone, in the file's artifacts/ directory.
+    let found = g.archive.as_ref().expect("checked");
+    assert_eq!(found.file_name, "beat-1.tar.gz");
+    assert_eq!(found.sha256, fx.sha256);
+}
+
+#[test]
+fn an_archive_named_only_by_sha256_is_found_in_the_artifacts() {
+    let fx = Fixture::new();
+    let artifacts = fx.dir.path().join("releases");
+    let text = fx
+        .text()
+        .replace("archive = \"releases/beat-0.2.0.tar.gz\"\n", "");
+    let plan = Plan::parse(
+        &text,
+        "amqp revision 7",
+        &ArchiveLookup::Artifacts(artifacts),
+    )
+    .expect("found by sha256");
+    let archive = plan.groups["web"].archive.clone().expect("checked");
+    assert_eq!(archive.file_name, "beat-0.2.0.tar.gz");
+
+    // By file name in the artifact directory, whatever directory the config names.
+    let text = fx
+        .text()
+        .replace("releases/beat-0.2.0.tar.gz", "elsewhere/beat-0.2.0.tar.gz");
+    let plan = Plan::parse(
+        &text,
+        "amqp",
+        &ArchiveLookup::Artifacts(fx.dir.path().join("releases")),
+    )
+    .expect("found by file name");
+    assert_eq!(
+        plan.groups["web"].archive.as_ref().map(|a| a.sha256),
+        Some(fx.sha256)
+    );
+}
+
+#[test]
+fn unchecked_lookup_does_not_open_archives() {
+    let fx = Fixture::new();
+    let text = fx
+        .text()
+        .replace("releases/beat-0.2.0.tar.gz", "missing.tar.gz");
+    let plan = Plan::parse(&text, FILE, &ArchiveLookup::Unchecked).expect("valid");
+    assert_eq!(plan.groups["web"].archive, None);
+}
+
+#[test]
+fn load_reads_archives_beside_the_file() {
+    let fx = Fixture::new();
+    let path = fx.dir.path().join("cluster.toml");
+    std::fs::write(&path, fx.text()).expect("write");
+    let plan = Plan::load(&path).expect("valid");
+    assert_eq!(plan.origin, path.display().to_string());
+    assert_eq!(Plan::read_revision(&path).expect("revision"), 7);
+}
+
+#[test]
+fn every_error_names_the_file_the_field_and_the_problem() {
+    let fx = Fixture::new();
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "group = \"web\"\nenv",
+            "group = \"db\"\nenv",
+            &["host[0].group", "unknown group 'db'", "groups: web"],
+        ),
+        (
+            "id = \"web-2\"",
+            "id = \"web-1\"",
+            &["host[1].id", "duplicate host id 'web-1'", "host[0]"],
+        ),
+        (
+            "addr = \"10.0.0.12:7070\"",
+            "addr = \"10.0.0.11:7070\"",
+            &["host[1].addr", "duplicate address '10.0.0.11:7070'"],
+        ),
+        (
+            "id = \"web-2\"",
+            "id = \"Web_2\"",
+            &["host[1].id", "bad host id 'Web_2'"],
+        ),
+        (
+            "addr = \"10.0.0.12:7070\"",
+            "addr = \"10.0.0.12\"",
+            &["host[1].addr", "needs a port"],
+        ),
+        (
+            "archive = \"releases/beat-0.2.0.tar.gz\"",
+            "archive = \"releases/nope.tar.gz\"",
+            &["group.web.archive", "nope.tar.gz"],
+        ),
+        (
+            "sha256 = \"",
+            "sha256 = \"00",
+            &["group.web.sha256", "not 64 hex"],
+        ),
+        (
+            "max_in_flight = 1",
+            "max_in_flight = 0",
+            &["group.web.max_in_flight", "at least 1"],
+        ),
+        (
+            "canaries = 1",
+            "canaries = 3",
+            &["group.web.canaries", "3 canaries", "only 2 host"],
+        ),
+        (
+            "release = \"beat\"",
+            "release = \"../beat\"",
+            &["group.web.release", "not a valid release name"],
+        ),
+        (
+            "version = \"0.2.0\"",
+            "version = \"0.2 0\"",
+            &["group.web.version", "not a valid version"],
+        ),
+        (
+            "deadline_secs = 60",
+            "deadline_secs = 2",
+            &["group.web.health.deadline_secs", "shorter than min_up_secs"],
+        ),
+        (
+            "tcp = 27182",
+            "tcp = 0",
+            &["group.web.health.tcp", "port 0"],
+        ),
+        (
+            "NODE_NAME = \"beat\"",
+            "EREL_HOST_ID = \"x\"",
+            &["group.web.env.EREL_HOST_ID", "set by the agent"],
+        ),
+        (
+            "argv = [\"bin/beat\"",
+            "argv = [\"/bin/sh\"",
+            &["group.web.argv", "relative"],
+        ),
+        (
+            "max_in_flight = 1",
+            "max_in_flight = 1\ncolour = \"red\"",
+            &["group.web.colour", "unknown field"],
+        ),
+        (
+            "revision = 7",
+            "revision = -1",
+            &["revision", "line 2", "expected u64"],
+        ),
+    ];
+    for (from, to, parts) in cases {
+        let error = fx.error_with(from, to);
+        assert!(error.starts_with(FILE), "{error:?} names the file");
+        assert_mentions(&error, parts);
+    }
+}
+
+#[test]
+fn a_wrong_sha256_is_refused_with_both_digests() {
+    let fx = Fixture::new();
+    let wrong = "ab".repeat(32);
+    let error = fx.error_with(&fx.sha256.to_hex(), &wrong);
+    assert_mentions(
+        &error,
+        &["group.web.sha256", "wrong", &fx.sha256.to_hex(), &wrong],
+    );
+}
+
+#[test]
+fn a_group_without_any_archive_is_refused() {
+    let fx = Fixture::new();
+    let text = fx
+        .text()
+        .replace("archive = \"releases/beat-0.2.0.tar.gz\"\n", "")
+        .replace(&format!("sha256 = \"{}\"\n", fx.sha256), "");
+    let error = fx.parse(&text).expect_err("no archive").to_string();
+    assert_mentions(&error, &["group.web", "names no archive"]);
+
+    let unknown = "cd".repeat(32);
+    let text = fx
+        .text()
+        .replace("archive = \"releases/beat-0.2.0.tar.gz\"\n", "")
+        .replace(&fx.sha256.to_hex(), &unknown);
+    let error = fx.parse(&text).expect_err("unknown sha").to_string();
+    assert_mentions(
+        &error,
+        &["group.web.sha256", "no archive with sha256", &unknown],
+    );
+}
+
+#[test]
+fn an_unreadable_file_names_itself() {
+    let error = Plan::load(Path::new("/nonexistent/cluster.toml"))
+        .expect_err("missing")
+        .to_string();
+    assert_mentions(&error, &["/nonexistent/cluster.toml", "cannot read"]);
+}
+
+#[test]
+fn host_arguments_resolve_through_the_cluster_file() {
+    let fx = Fixture::new();
+    let path = fx.dir.path().join("cluster.toml");
+    std::fs::write(&path, fx.text()).expect("write");
+    let host = resolve_host("web-2", Some(&path)).expect("known id");
+    assert_eq!(host.addr, "10.0.0.12:7070");
+    let direct = resolve_host("x-1@127.0.0.1:9", Some(&path)).expect("explicit");
+    assert_eq!(direct.id, "x-1");
+    let error = resolve_host("web-9", Some(&path))
+        .expect_err("unknown")
+        .to_string();
+    assert_mentions(&error, &["web-9", "no host with this id"]);
+}

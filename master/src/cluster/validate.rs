@@ -1,0 +1,440 @@
+//! Raw cluster file → [`Plan`], once. Each check names the field it is about.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use erel_proto::Sha256;
+
+use super::raw::{RawCluster, RawGroup, RawHost};
+use super::{
+    Archive, ArchiveLookup, GroupPlan, Health, HostPlan, Plan, DEFAULT_DEADLINE_SECS,
+    DEFAULT_MIN_UP_SECS, DEFAULT_STOP_GRACE_SECS, MAX_STOP_GRACE_SECS,
+};
+use crate::digest_cache::sha256_file;
+use crate::error::{Error, Result};
+use crate::HostAddr;
+
+/// Archive file extensions considered when a group names only a sha256.
+const ARCHIVE_EXTENSIONS: [&str; 3] = [".tar.gz", ".tgz", ".tar"];
+
+/// Builds errors for one file.
+struct Fault<'a> {
+    origin: &'a str,
+}
+
+impl Fault<'_> {
+    fn at(&self, field: impl Into<String>, message: impl Into<String>) -> Error {
+        Error::Cluster {
+            file: self.origin.to_string(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<Plan> {
+    let raw: RawCluster = toml::from_str(text).map_err(|e| toml_error(origin, text, &e))?;
+    let fault = Fault { origin };
+
+    let mut groups = BTreeMap::new();
+    for (name, group) in &raw.group {
+        let hosts = raw.host.iter().filter(|h| &h.group == name).count();
+        groups.insert(
+            name.clone(),
+            group_plan(&fault, name, group, hosts, lookup)?,
+        );
+    }
+
+    let mut hosts = Vec::with_capacity(raw.host.len());
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let mut addrs: HashMap<&str, usize> = HashMap::new();
+    for (index, host) in raw.host.iter().enumerate() {
+        hosts.push(host_plan(&fault, index, host, &groups)?);
+        if let Some(first) = ids.insert(host.id.as_str(), index) {
+            return Err(fault.at(
+                format!("host[{index}].id"),
+                format!("duplicate host id '{}' (also host[{first}])", host.id),
+            ));
+        }
+        if let Some(first) = addrs.insert(host.addr.as_str(), index) {
+            return Err(fault.at(
+                format!("host[{index}].addr"),
+                format!(
+                    "duplicate address '{}' (also host[{first}], '{}')",
+                    host.addr, raw.host[first].id
+                ),
+            ));
+        }
+    }
+
+    Ok(Plan {
+        origin: origin.to_string(),
+        revision: raw.revision,
+        hosts,
+        groups,
+    })
+}
+
+fn host_plan(
+    fault: &Fault<'_>,
+    index: usize,
+    host: &RawHost,
+    groups: &BTreeMap<String, GroupPlan>,
+) -> Result<HostPlan> {
+    let field = |name: &str| format!("host[{index}].{name}");
+    erel_certs::validate_host_id(&host.id)
+        .map_err(|e| fault.at(field("id"), format!("bad host id '{}': {e}", host.id)))?;
+    format!("{}@{}", host.id, host.addr)
+        .parse::<HostAddr>()
+        .map_err(|e| match e {
+            Error::InvalidHost { reason, .. } => {
+                fault.at(field("addr"), format!("'{}': {reason}", host.addr))
+            }
+            other => fault.at(field("addr"), other.to_string()),
+        })?;
+    if !groups.contains_key(&host.group) {
+        let known: Vec<&str> = groups.keys().map(String::as_str).collect();
+        let known = if known.is_empty() {
+            "the file defines no [group.NAME]".to_string()
+        } else {
+            format!("groups: {}", known.join(", "))
+        };
+        return Err(fault.at(
+            field("group"),
+            format!("unknown group '{}' ({known})", host.group),
+        ));
+    }
+    check_env(fault, &field("env"), &host.env)?;
+    Ok(HostPlan {
+        id: host.id.clone(),
+        addr: host.addr.clone(),
+        group: host.group.clone(),
+        env: host.env.clone(),
+    })
+}
+
+fn group_plan(
+    fault: &Fault<'_>,
+    name: &str,
+    group: &RawGroup,
+    hosts: usize,
+    lookup: &ArchiveLookup,
+) -> Result<GroupPlan> {
+    let field = |sub: &str| format!("group.{name}.{sub}");
+    if !is_group_name(name) {
+        return Err(fault.at(
+            format!("group.{name}"),
+            "not a valid group name: use letters, digits, '-' and '_'",
+        ));
+    }
+    check_name(fault, &field("release"), "release name", &group.release)?;
+    check_name(fault, &field("version"), "version", &group.version)?;
+
+    let max_in_flight = group.max_in_flight.unwrap_or(1);
+    if max_in_flight == 0 {
+        return Err(fault.at(
+            field("max_in_flight"),
+            "must be at least 1 (it is the number of hosts switched at once)",
+        ));
+    }
+    let canaries = match group.canaries {
+        Some(canaries) => {
+            let canaries = usize::try_from(canaries).unwrap_or(usize::MAX);
+            if canaries > hosts {
+                return Err(fault.at(
+                    field("canaries"),
+                    format!("{canaries} canaries but the group has only {hosts} host(s)"),
+                ));
+            }
+            canaries
+        }
+        None => hosts.min(1),
+    };
+
+    let stop_grace_secs = group.stop_grace_secs.unwrap_or(DEFAULT_STOP_GRACE_SECS);
+    if stop_grace_secs > MAX_STOP_GRACE_SECS {
+        return Err(fault.at(
+            field("stop_grace_secs"),
+            format!("{stop_grace_secs} is above the agent's limit of {MAX_STOP_GRACE_SECS}"),
+        ));
+    }
+
+    let health = health(fault, name, group)?;
+
+    if let Some(first) = group.argv.first() {
+        if first.is_empty() || first.starts_with('/') || first.split('/').any(|c| c == "..") {
+            return Err(fault.at(
+                field("argv"),
+                format!("'{first}' must be a path relative to the version directory, without '..'"),
+            ));
+        }
+    }
+    check_env(fault, &field("env"), &group.env)?;
+    if let Some(user) = &group.user {
+        if user.is_empty() || user.contains(['\0', '/', ':']) {
+            return Err(fault.at(field("user"), format!("'{user}' is not a user name")));
+        }
+    }
+
+    let archive = archive(fault, name, group, lookup)?;
+    Ok(GroupPlan {
+        name: name.to_string(),
+        release: group.release.clone(),
+        version: group.version.clone(),
+        archive,
+        argv: group.argv.clone(),
+        env: group.env.clone(),
+        user: group.user.clone(),
+        max_in_flight: usize::try_from(max_in_flight).unwrap_or(usize::MAX),
+        canaries,
+        stop_grace: Duration::from_secs(stop_grace_secs),
+        health,
+    })
+}
+
+fn health(fault: &Fault<'_>, name: &str, group: &RawGroup) -> Result<Health> {
+    let field = |sub: &str| format!("group.{name}.health.{sub}");
+    let (tcp, min_up, deadline) = match &group.health {
+        Some(h) => (h.tcp, h.min_up_secs, h.deadline_secs),
+        None => (None, None, None),
+    };
+    if tcp == Some(0) {
+        return Err(fault.at(field("tcp"), "port 0 cannot be probed"));
+    }
+    let min_up = min_up.unwrap_or(DEFAULT_MIN_UP_SECS);
+    let deadline = deadline.unwrap_or(DEFAULT_DEADLINE_SECS.max(min_up));
+    if deadline < min_up {
+        return Err(fault.at(
+            field("deadline_secs"),
+            format!("deadline {deadline}s is shorter than min_up_secs {min_up}s: no release could ever pass"),
+        ));
+    }
+    if deadline == 0 {
+        return Err(fault.at(field("deadline_secs"), "must be at least 1"));
+    }
+    Ok(Health {
+        tcp,
+        min_up: Duration::from_secs(min_up),
+        deadline: Duration::from_secs(deadline),
+    })
+}
+
+fn archive(
+    fault: &Fault<'_>,
+    name: &str,
+    group: &RawGroup,
+    lookup: &ArchiveLookup,
+) -> Result<Option<Archive>> {
+    let archive_field = format!("group.{name}.archive");
+    let sha_field = format!("group.{name}.sha256");
+    let expected =
+        match &group.sha256 {
+            Some(text) => Some(Sha256::from_hex(text).ok_or_else(|| {
+                fault.at(&sha_field, format!("'{text}' is not 64 hex characters"))
+            })?),
+            None => None,
+        };
+    if group.archive.is_none() && expected.is_none() {
+        return Err(fault.at(
+            format!("group.{name}"),
+            "names no archive: give `archive` (a path), `sha256`, or both",
+        ));
+    }
+    if let Some(archive) = &group.archive {
+        if archive.is_empty() {
+            return Err(fault.at(&archive_field, "is empty"));
+        }
+    }
+    let (search_dirs, named): (Vec<PathBuf>, Option<PathBuf>) = match lookup {
+        ArchiveLookup::Unchecked => return Ok(None),
+        ArchiveLookup::Beside(dir) => (
+            vec![dir.clone(), dir.join("artifacts")],
+            group.archive.as_ref().map(|a| dir.join(a)),
+        ),
+        ArchiveLookup::Artifacts(dir) => {
+            let named = match &group.archive {
+                Some(archive) => {
+                    let file_name = Path::new(archive).file_name().ok_or_else(|| {
+                        fault.at(&archive_field, format!("'{archive}' names no file"))
+                    })?;
+                    Some(dir.join(file_name))
+                }
+                None => None,
+            };
+            (vec![dir.clone()], named)
+        }
+    };
+
+    let (path, sha256) = match (named, expected) {
+        (Some(path), expected) => {
+            let meta = std::fs::metadata(&path)
+                .map_err(|e| fault.at(&archive_field, format!("{}: {e}", path.display())))?;
+            if !meta.is_file() {
+                return Err(fault.at(
+                    &archive_field,
+                    format!("{} is not a regular file", path.display()),
+                ));
+            }
+            let actual = sha256_file(&path).map_err(|e| {
+                fault.at(
+                    &archive_field,
+                    format!("{}: cannot read: {e}", path.display()),
+                )
+            })?;
+            if let Some(expected) = expected {
+                if expected != actual {
+                    return Err(fault.at(
+                        &sha_field,
+                        format!(
+                            "wrong: {} has sha256 {actual}, the file says {expected}",
+                            path.display()
+                        ),
+                    ));
+                }
+            }
+            (path, actual)
+        }
+        (None, Some(expected)) => {
+            let path = find_by_sha256(&search_dirs, expected).ok_or_else(|| {
+                let dirs: Vec<String> = search_dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect();
+                fault.at(
+                    &sha_field,
+                    format!("no archive with sha256 {expected} in {}", dirs.join(" or ")),
+                )
+            })?;
+            (path, expected)
+        }
+        (None, None) => {
+            return Err(fault.at(format!("group.{name}"), "names no archive"));
+        }
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    check_name(fault, &archive_field, "archive file name", &file_name)?;
+    Ok(Some(Archive {
+        path,
+        file_name,
+        sha256,
+    }))
+}
+
+/// The first archive-like regular file in `dirs` whose content has this digest.
+fn find_by_sha256(dirs: &[PathBuf], expected: Sha256) -> Option<PathBuf> {
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        let mut candidates: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+                name.is_some_and(|n| ARCHIVE_EXTENSIONS.iter().any(|ext| n.ends_with(ext)))
+                    && p.is_file()
+            })
+            .collect();
+        candidates.sort();
+        if let Some(found) = candidates
+            .into_iter()
+            .find(|p| sha256_file(p).ok() == Some(expected))
+        {
+            return Some(found);
+        }
+    }
+    None
+}
+
+/// The agent's rule for release names and versions: one path component of letters,
+/// digits, `.`, `_`, `-` and `+`, not starting with `.`, at most 128 bytes.
+fn check_name(fault: &Fault<'_>, field: &str, what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'));
+    if ok {
+        Ok(())
+    } else {
+        Err(fault.at(
+            field,
+            format!("'{name}' is not a valid {what}: use letters, digits, '.', '_', '-', '+'; no leading '.'"),
+        ))
+    }
+}
+
+fn is_group_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+}
+
+fn check_env(fault: &Fault<'_>, field: &str, env: &BTreeMap<String, String>) -> Result<()> {
+    for (key, value) in env {
+        if key.is_empty() || key.contains(['=', '\0']) {
+            return Err(fault.at(format!("{field}.{key}"), "not a variable name"));
+        }
+        if key.starts_with("EREL_") {
+            return Err(fault.at(
+                format!("{field}.{key}"),
+                "EREL_ variables are set by the agent itself",
+            ));
+        }
+        if value.contains('\0') {
+            return Err(fault.at(format!("{field}.{key}"), "the value holds a NUL byte"));
+        }
+    }
+    Ok(())
+}
+
+/// A TOML syntax or type error, with its line and column and the key it is about:
+/// the key on the line the error points at, under the nearest `[table]` header.
+pub(super) fn toml_error(origin: &str, text: &str, error: &toml::de::Error) -> Error {
+    let (field, position) = match error.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let before = &text[..start];
+            let line = before.matches('\n').count() + 1;
+            let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+            let column = start - line_start + 1;
+            let line_text = text[line_start..].lines().next().unwrap_or("");
+            (
+                key_at(before, line_text),
+                format!("line {line}, column {column}: "),
+            )
+        }
+        None => (String::new(), String::new()),
+    };
+    Error::Cluster {
+        file: origin.to_string(),
+        field,
+        message: format!("{position}{}", error.message().trim()),
+    }
+}
+
+/// `table.key` for the key assigned on `line`, whose table header is the last one in
+/// `before`; empty when the line assigns nothing.
+fn key_at(before: &str, line: &str) -> String {
+    let Some((key, _)) = line.split_once('=') else {
+        return String::new();
+    };
+    let key = key.trim().trim_matches('"');
+    let table = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    match table {
+        Some(table) if !table.is_empty() => format!("{table}.{key}"),
+        _ => key.to_string(),
+    }
+}

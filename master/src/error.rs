@@ -1,0 +1,125 @@
+//! The master library's one error type. Each variant names the host, file or field at
+//! fault, so the binary can print it as is.
+
+use std::path::PathBuf;
+
+use erel_proto::{ErrorKind, ErrorReply};
+
+/// Why a master operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A `HOST` argument is not `ID@ADDR:PORT` or a known id.
+    #[error("invalid host '{text}': {reason}")]
+    InvalidHost {
+        /// The argument as given.
+        text: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The TCP connection could not be made.
+    #[error("{host}: cannot connect to {addr}: {source}")]
+    Connect {
+        /// Host id.
+        host: String,
+        /// Address tried.
+        addr: String,
+        /// The socket error.
+        source: std::io::Error,
+    },
+    /// TLS authentication failed on either side.
+    #[error("{host} ({addr}): {message}")]
+    Tls {
+        /// Host id.
+        host: String,
+        /// Address.
+        addr: String,
+        /// What went wrong, in words an operator can act on.
+        message: String,
+    },
+    /// A phase took too long.
+    #[error("{host}: timed out {phase}")]
+    Timeout {
+        /// Host id.
+        host: String,
+        /// What the master was waiting for.
+        phase: String,
+    },
+    /// The agent broke the protocol or the connection failed mid-exchange.
+    #[error("{host}: {message}")]
+    Protocol {
+        /// Host id.
+        host: String,
+        /// What happened.
+        message: String,
+    },
+    /// The agent refused or failed the request.
+    #[error("{host}: {reply}")]
+    Agent {
+        /// Host id.
+        host: String,
+        /// The agent's error.
+        reply: ErrorReply,
+    },
+    /// A local file could not be used.
+    #[error("{path}: {message}")]
+    Local {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// Certificates could not be loaded or made.
+    #[error(transparent)]
+    Certs(#[from] erel_certs::Error),
+    /// A cluster file is invalid: which file, which field, what is wrong.
+    #[error("{}", cluster_message(file, field, message))]
+    Cluster {
+        /// The cluster file (or where a config text came from).
+        file: String,
+        /// The field at fault, e.g. `group.web.max_in_flight` or `host[2].id`; empty
+        /// when the text is not TOML at all.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn cluster_message(file: &str, field: &str, message: &str) -> String {
+    if field.is_empty() {
+        format!("{file}: {message}")
+    } else {
+        format!("{file}: {field}: {message}")
+    }
+}
+
+impl Error {
+    /// The agent's error kind, when the agent refused.
+    pub fn agent_kind(&self) -> Option<ErrorKind> {
+        match self {
+            Error::Agent { reply, .. } => Some(reply.kind),
+            _ => None,
+        }
+    }
+
+    /// True when retrying on a new connection may succeed (connection problems).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Connect { .. } | Error::Timeout { .. } | Error::Protocol { .. } => true,
+            Error::Agent { reply, .. } => {
+                matches!(reply.kind, ErrorKind::Busy | ErrorKind::Timeout)
+            }
+            _ => false,
+        }
+    }
+
+    /// Builds an [`Error::Local`].
+    pub fn local(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
+        Error::Local {
+            path: path.into(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Result with the master's error.
+pub type Result<T> = std::result::Result<T, Error>;
