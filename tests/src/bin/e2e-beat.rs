@@ -1,0 +1,40 @@
+//! A tiny release program for the tests: `foreground` serves TCP on `$BEAT_PORT` and
+//! answers every connection with `beat <version> <host>`. `$BEAT_FAIL` makes it
+//! misbehave on purpose: `exit` exits at once with code 3, `silent` runs without
+//! listening.
+
+use std::io::Write;
+use std::net::TcpListener;
+
+fn main() {
+    let version = std::env::var("EREL_VERSION").unwrap_or_else(|_| "unknown".into());
+    let host = std::env::var("EREL_HOST_ID").unwrap_or_else(|_| "unknown".into());
+    match std::env::var("BEAT_FAIL").as_deref() {
+        Ok("exit") => {
+            eprintln!("beat {version}: failing on purpose");
+            std::process::exit(3);
+        }
+        Ok("silent") => {
+            println!("beat {version}: running without listening");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+        _ => {}
+    }
+    let port = std::env::var("BEAT_PORT").unwrap_or_else(|_| "0".into());
+    let listener = match TcpListener::bind(format!("127.0.0.1:{port}")) {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("beat {version}: cannot listen on {port}: {e}");
+            std::process::exit(2);
+        }
+    };
+    let local = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    println!("beat {version} on {host} listening on {local}");
+    let _ = std::io::stdout().flush();
+    for stream in listener.incoming().flatten() {
+        let mut stream = stream;
+        let _ = writeln!(stream, "beat {version} {host}");
+    }
+}

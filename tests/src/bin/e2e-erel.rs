@@ -1,0 +1,5 @@
+//! The master, built inside the test crate so its tests can run it.
+
+fn main() -> std::process::ExitCode {
+    erel_master::cli::main()
+}

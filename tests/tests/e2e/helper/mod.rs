@@ -1,0 +1,335 @@
+//! Shared pieces of the end-to-end tests: a fresh PKI, real agent processes on
+//! loopback with a temporary root each, release tarballs made on the spot, and bounded
+//! waits. Everything started here is really stopped when dropped, releases included.
+
+#![allow(dead_code)]
+
+pub mod otp;
+pub mod release;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use erel_certs::MasterDir;
+use erel_master::{AgentClient, HostAddr};
+
+/// The agent program built for these tests.
+pub const AGENT_BIN: &str = env!("CARGO_BIN_EXE_e2e-erel-boot");
+/// The master program built for these tests.
+pub const MASTER_BIN: &str = env!("CARGO_BIN_EXE_e2e-erel");
+
+/// A cluster CA and master certificate in a temporary directory.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub master: MasterDir,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let master = MasterDir::new(dir.path().join("certs"));
+        master.init("test").expect("certs init");
+        Pki { dir, master }
+    }
+
+    /// The certificate directory (what `erel --certs` takes).
+    pub fn certs_dir(&self) -> &Path {
+        self.master.path()
+    }
+
+    /// The bundle for `id`, issued on first use.
+    pub fn bundle(&self, id: &str) -> PathBuf {
+        let dir = self.master.host_dir(id);
+        if !dir.join("host.pem").exists() {
+            self.master
+                .issue_host(id, &["127.0.0.1".parse().expect("ip")], &[])
+                .expect("issue host");
+        }
+        dir
+    }
+
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        self.master.client_config().expect("client config")
+    }
+
+    /// A connected client for an agent.
+    pub async fn connect(&self, agent: &AgentProc) -> AgentClient {
+        AgentClient::connect(&agent.host(), self.client_config(), "test-master")
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}\nagent log:\n{}", agent.id, agent.log()))
+    }
+
+    /// The `erel` command with this PKI's certificate directory.
+    pub fn erel(&self) -> Command {
+        let mut command = Command::new(MASTER_BIN);
+        command.arg("--certs").arg(self.certs_dir());
+        command
+    }
+}
+
+/// Supervision settings that keep the tests fast.
+pub const FAST_SUPERVISION: &[&str] = &[
+    "--restart-backoff-ms",
+    "100",
+    "--restart-backoff-max-ms",
+    "400",
+    "--stable-after-ms",
+    "1500",
+    "--crash-loop-after",
+    "3",
+];
+
+/// A real `erel-boot` process on loopback with its own temporary root.
+pub struct AgentProc {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub root_dir: tempfile::TempDir,
+    pub root: PathBuf,
+    bundle: PathBuf,
+    extra: Vec<String>,
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+}
+
+impl AgentProc {
+    /// Starts an agent for host `id` with the fast supervision settings and `extra` flags.
+    pub fn start(pki: &Pki, id: &str, extra: &[&str]) -> Self {
+        let root_dir = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(root_dir.path()).expect("canonical root");
+        let mut agent = AgentProc {
+            id: id.to_string(),
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            root_dir,
+            root,
+            bundle: pki.bundle(id),
+            extra: FAST_SUPERVISION
+                .iter()
+                .chain(extra.iter())
+                .map(|s| s.to_string())
+                .collect(),
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(AGENT_BIN)
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--certs")
+            .arg(&self.bundle)
+            .args(&self.extra)
+            .env("EREL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn erel-boot");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel::<Option<SocketAddr>>();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            let mut announced = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !announced {
+                    if let Some(addr) = listen_addr(&line) {
+                        let _ = tx.send(Some(addr));
+                        announced = true;
+                    }
+                }
+                let mut log = log.lock().expect("log lock");
+                log.push_str(&line);
+                log.push('\n');
+            }
+            let _ = tx.send(None);
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Some(addr)) => self.addr = addr,
+            _ => {
+                let _ = child.kill();
+                panic!("agent {} did not start:\n{}", self.id, self.log());
+            }
+        }
+        self.child = Some(child);
+    }
+
+    /// `ID@ADDR:PORT` of this agent.
+    pub fn host(&self) -> HostAddr {
+        HostAddr {
+            id: self.id.clone(),
+            addr: self.addr.to_string(),
+        }
+    }
+
+    /// What the agent logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// `kill -9` the agent (its releases keep running).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM the agent and wait for it to exit; returns its exit status success.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Starts the agent again on the same root and port.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Process ids of every live (non-zombie) process started for release `name` under
+    /// this agent's root, found by the environment the agent gives releases.
+    pub fn release_pids(&self, name: &str) -> Vec<i32> {
+        processes_with_env(&[
+            format!("EREL_ROOT={}", self.root.display()),
+            format!("EREL_RELEASE={name}"),
+        ])
+    }
+
+    /// Every live process started under this agent's root.
+    pub fn all_release_pids(&self) -> Vec<i32> {
+        processes_with_env(&[format!("EREL_ROOT={}", self.root.display())])
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill9();
+        for pid in self.all_release_pids() {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn listen_addr(line: &str) -> Option<SocketAddr> {
+    let start = line.find("listen=")? + "listen=".len();
+    let rest = &line[start..];
+    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Live processes whose environment holds every one of `needles` (`K=V`).
+pub fn processes_with_env(needles: &[String]) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+        let all = needles
+            .iter()
+            .all(|needle| vars.contains(&needle.as_bytes()));
+        if all && !is_zombie(pid) {
+            pids.push(pid);
+        }
+    }
+    pids.sort_unstable();
+    pids
+}
+
+fn is_zombie(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    stat.rsplit_once(')')
+        .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        .unwrap_or(true)
+}
+
+/// Polls `condition` every 50 ms until it holds or `limit` passes.
+pub async fn wait_until<F, Fut>(limit: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Lists every path under `dir`, relative, sorted, skipping `skip` (a top-level name).
+pub fn listing(dir: &Path, skip: &str) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, skip: &str, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(base)
+                .expect("under base")
+                .to_string_lossy()
+                .into_owned();
+            if rel == skip {
+                continue;
+            }
+            out.push(rel);
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                walk(base, &path, skip, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, skip, &mut out);
+    out.sort();
+    out
+}

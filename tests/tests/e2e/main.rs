@@ -1,0 +1,7 @@
+//! End-to-end tests: real `erel-boot` processes, real mutual TLS on loopback, real
+//! release tarballs and real OTP releases.
+
+mod helper;
+
+mod agent;
+mod otp;
