@@ -5,7 +5,6 @@
 //! Run with `cargo bench -p erel-tests --bench agent`. It prints one line per figure.
 
 #[path = "../tests/e2e/helper/mod.rs"]
-#[allow(dead_code)]
 mod helper;
 
 use std::io::Write;
