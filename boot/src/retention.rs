@@ -162,24 +162,7 @@ fn subdirectories(dir: &Path) -> Vec<(SystemTime, String)> {
 
 /// Empties `.erel/trash/`: what a prune interrupted by a crash left there. Run at startup.
 pub fn sweep_trash(root: &Root) -> Result<()> {
-    let trash = root.state("trash");
-    let entries = fs::read_dir(&trash).map_err(|e| Error::io("list", &trash, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io("list", &trash, e))?;
-        let path = entry.path();
-        let is_dir = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
-        let removed = if is_dir {
-            fs::remove_dir_all(&path)
-        } else {
-            fs::remove_file(&path)
-        };
-        match removed {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove", &path, e)),
-        }
-    }
-    Ok(())
+    crate::root::empty_dir(&root.state("trash"))
 }
 
 #[cfg(test)]

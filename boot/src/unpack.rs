@@ -1036,24 +1036,7 @@ fn describe_existing(root: &Root, dest: &Path, dest_rel: &str) -> Result<Option<
 /// Removes staging directories left by an unpack interrupted by a crash. Run at startup,
 /// before any request is served.
 pub fn sweep_stale(root: &Root) -> Result<()> {
-    let dir = root.state("unpack");
-    let entries = fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
-        let path = entry.path();
-        let is_dir = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
-        let removed = if is_dir {
-            fs::remove_dir_all(&path)
-        } else {
-            fs::remove_file(&path)
-        };
-        match removed {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove", &path, e)),
-        }
-    }
-    Ok(())
+    crate::root::empty_dir(&root.state("unpack"))
 }
 
 #[cfg(test)]
