@@ -14,8 +14,8 @@ pub enum CertsCommand {
     /// Creates a new cluster CA and the master's client certificate.
     Init {
         /// A name for the cluster, written into the CA's common name.
-        #[arg(long, default_value = "erel")]
-        cluster: String,
+        #[arg(long = "name", default_value = "erel")]
+        cluster_name: String,
     },
     /// Creates the bundle for one host: hosts/<ID>/{ca.pem,host.pem,host.key,crl.pem}.
     Host {
@@ -39,9 +39,9 @@ pub enum CertsCommand {
 pub fn run(ctx: &Context, command: CertsCommand) -> anyhow::Result<ExitCode> {
     let dir = ctx.certs.path().display().to_string();
     match command {
-        CertsCommand::Init { cluster } => {
+        CertsCommand::Init { cluster_name } => {
             ctx.certs
-                .init(&cluster)
+                .init(&cluster_name)
                 .with_context(|| format!("erel certs init in {dir}"))?;
             println!("created the cluster CA and the master certificate in {dir}");
         }
