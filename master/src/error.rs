@@ -82,6 +82,28 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// The AMQP broker could not be reached, or refused or failed an operation.
+    #[error("AMQP {target}: {action}: {message}")]
+    Amqp {
+        /// What was at fault: the broker's URL (password hidden), a queue, an exchange.
+        target: String,
+        /// What was being done.
+        action: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A config's revision is not newer than the newest one already in the config log.
+    #[error("{origin}: revision {revision} is not newer than revision {newest}, the newest in the config log {log}")]
+    RevisionNotNewer {
+        /// The config file.
+        origin: String,
+        /// Its revision.
+        revision: u64,
+        /// The newest revision in the log.
+        newest: u64,
+        /// The config log (a queue name).
+        log: String,
+    },
 }
 
 fn cluster_message(file: &str, field: &str, message: &str) -> String {

@@ -13,6 +13,7 @@ pub mod client;
 pub mod cluster;
 pub mod digest_cache;
 pub mod error;
+pub mod rollout;
 
 pub use client::{AgentClient, HostAddr};
 pub use error::{Error, Result};

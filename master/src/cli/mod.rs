@@ -2,7 +2,7 @@
 //! an exit status (0 only when everything asked for was done). `main.rs` only calls
 //! [`main`], so the end-to-end tests can build the same program.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -10,6 +10,10 @@ use clap::{Parser, Subcommand};
 pub mod agent;
 pub mod certs;
 mod context;
+pub mod daemon;
+pub mod demo;
+pub mod deploy;
+pub mod status;
 
 pub use context::Context;
 
@@ -48,21 +52,37 @@ enum Command {
     Start(agent::StartArgs),
     /// Stops a release on an agent.
     Stop(agent::StopArgs),
+    /// Table of every host in the cluster: group, desired and running release, state.
+    Status(status::StatusArgs),
+    /// Brings the cluster's hosts to their desired versions, rolling, gated on health.
+    Deploy(deploy::DeployArgs),
+    /// The daemon: keeps the cluster converged from the cluster file.
+    Master(daemon::MasterArgs),
     /// The whole story on one machine: CA, three agents, deploy, roll, rollback.
-    Demo,
+    Demo(demo::DemoArgs),
+    /// The demo's release program: serves `beat VERSION HOST` on $BEAT_PORT.
+    #[command(hide = true)]
+    DemoBeat,
 }
 
 /// Runs one `erel` command; the exit status is 0 only when all of it was done.
 pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The daemon logs what it does; the other commands print their own results. An
+    // empty EREL_LOG counts as unset.
+    let default_filter = match cli.command {
+        Command::Master(_) => "info",
+        _ => "warn",
+    };
+    let filter = std::env::var("EREL_LOG")
+        .ok()
+        .filter(|text| !text.trim().is_empty())
+        .unwrap_or_else(|| default_filter.to_string());
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EREL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -93,9 +113,52 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Unpack(args) => agent::unpack(&ctx, cluster, args).await,
         Command::Start(args) => agent::start(&ctx, cluster, args).await,
         Command::Stop(args) => agent::stop(&ctx, cluster, args).await,
-        Command::Demo => {
-            eprintln!("erel demo: not built yet (the rolling deploy comes first)");
-            Ok(ExitCode::from(2))
+        Command::Status(args) => status::status(&ctx, &cluster_file(cluster), args).await,
+        Command::Deploy(args) => deploy::deploy(&ctx, &cluster_file(cluster), args).await,
+        Command::Master(args) => daemon::master(&ctx, &cluster_file(cluster), args).await,
+        Command::Demo(args) => demo::demo(args).await,
+        Command::DemoBeat => demo::beat().await,
+    }
+}
+
+/// The cluster file: `--cluster FILE`, else `cluster.toml`.
+fn cluster_file(given: Option<&Path>) -> PathBuf {
+    given
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(crate::cluster::DEFAULT_CLUSTER_FILE))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // Catches clashing flags (a subcommand flag with a global one's id, …) before an
+        // operator meets them as a panic.
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn typical_invocations_parse() {
+        // Parsing runs clap's typed extraction, which panics when two arguments share an
+        // id with different types: each command an operator types must get through it.
+        for line in [
+            "erel certs init",
+            "erel --certs /etc/erel/certs certs init",
+            "erel certs init --name prod",
+            "erel certs host web-1 --ip 127.0.0.1 --dns web-1.example.org",
+            "erel certs revoke master",
+            "erel ping web-1@127.0.0.1:7070 --json",
+            "erel push web-1@127.0.0.1:7070 app.tar.gz archives/app.tar.gz --mode 600",
+            "erel unpack web-1@127.0.0.1:7070 archives/app.tar.gz releases/app/1",
+            "erel start web-1@127.0.0.1:7070 app 1 --env A=B -- bin/app foreground",
+            "erel stop web-1@127.0.0.1:7070 app --grace 3",
+        ] {
+            let args = line.split_whitespace();
+            if let Err(e) = <super::Cli as clap::Parser>::try_parse_from(args) {
+                panic!("{line}: {e}");
+            }
         }
     }
 }

@@ -25,6 +25,10 @@
 //! health = { tcp = 27182, min_up_secs = 5, deadline_secs = 60 }
 //! ```
 //!
+//! `health.tcp` may also name a variable of each host's environment, as
+//! `tcp = "$BEAT_PORT"`, when hosts listen on different ports (several agents on one
+//! machine); every host of the group must then give that variable a port number.
+//!
 //! Where archives are found is the caller's choice ([`ArchiveLookup`]): beside the
 //! file for `erel deploy`, in an artifact directory for a config received over AMQP.
 
@@ -120,6 +124,24 @@ pub struct GroupPlan {
     pub health: Health,
 }
 
+/// Which port the TCP health probe connects to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TcpProbe {
+    /// The same port on every host.
+    Port(u16),
+    /// The port in this variable of each host's environment (checked for every host).
+    Variable(String),
+}
+
+impl std::fmt::Display for TcpProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TcpProbe::Port(port) => write!(f, "{port}"),
+            TcpProbe::Variable(name) => write!(f, "${name}"),
+        }
+    }
+}
+
 /// A release archive on the master's disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Archive {
@@ -135,7 +157,7 @@ pub struct Archive {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
     /// A TCP port on the host's address that must accept a connection.
-    pub tcp: Option<u16>,
+    pub tcp: Option<TcpProbe>,
     /// How long it must run without a restart.
     pub min_up: Duration,
     /// How long it has, from its start, to be healthy.
@@ -222,6 +244,18 @@ impl GroupPlan {
             argv: self.argv.clone(),
             env: env.into_iter().collect(),
             user: self.user.clone(),
+        }
+    }
+
+    /// The port the TCP health probe connects to on `host`, if the group has a probe.
+    pub fn probe_port(&self, host: &HostPlan) -> Option<u16> {
+        match self.health.tcp.as_ref()? {
+            TcpProbe::Port(port) => Some(*port),
+            TcpProbe::Variable(name) => host
+                .env
+                .get(name)
+                .or_else(|| self.env.get(name))
+                .and_then(|v| v.parse().ok()),
         }
     }
 

@@ -52,7 +52,7 @@ pub(super) struct RawGroup {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHealth {
-    pub tcp: Option<u16>,
+    pub tcp: Option<RawPort>,
     pub min_up_secs: Option<u64>,
     pub deadline_secs: Option<u64>,
 }
@@ -61,4 +61,12 @@ pub(super) struct RawHealth {
 #[derive(Debug, Deserialize)]
 pub(super) struct RawRevision {
     pub revision: u64,
+}
+
+/// A probe port: a number, or `"$VAR"` naming a variable of each host's env.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawPort {
+    Number(i64),
+    Variable(String),
 }

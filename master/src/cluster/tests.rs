@@ -88,7 +88,11 @@ fn a_valid_file_becomes_a_plan() {
     assert_eq!(web.release, "beat");
     assert_eq!(web.max_in_flight, 1);
     assert_eq!(web.canaries, 1);
-    assert_eq!(web.health.tcp, Some(27182));
+    assert_eq!(web.health.tcp, Some(TcpProbe::Port(27182)));
+    assert_eq!(
+        web.probe_port(plan.host("web-1").expect("web-1")),
+        Some(27182)
+    );
     assert_eq!(web.health.min_up, Duration::from_secs(5));
     let archive = web.archive.as_ref().expect("checked");
     assert_eq!(archive.file_name, "beat-0.2.0.tar.gz");
@@ -293,6 +297,29 @@ fn every_error_names_the_file_the_field_and_the_problem() {
         assert!(error.starts_with(FILE), "{error:?} names the file");
         assert_mentions(&error, parts);
     }
+}
+
+#[test]
+fn a_probe_port_may_come_from_each_hosts_env() {
+    let fx = Fixture::new();
+    let text = fx.text().replace("tcp = 27182", "tcp = \"$BEAT_PORT\"");
+    let plan = fx.parse(&text).expect("valid");
+    let web = &plan.groups["web"];
+    assert_eq!(
+        web.probe_port(plan.host("web-1").expect("web-1")),
+        Some(27183)
+    );
+    assert_eq!(
+        web.probe_port(plan.host("web-2").expect("web-2")),
+        Some(27182)
+    );
+
+    let text = fx.text().replace("tcp = 27182", "tcp = \"$NODE_NAME\"");
+    let error = fx.parse(&text).expect_err("not a port").to_string();
+    assert_mentions(&error, &["host[0].env.NODE_NAME", "does not set to a port"]);
+    let text = fx.text().replace("tcp = 27182", "tcp = \"port\"");
+    let error = fx.parse(&text).expect_err("not a variable").to_string();
+    assert_mentions(&error, &["group.web.health.tcp", "neither a port number"]);
 }
 
 #[test]

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use erel_proto::Sha256;
 
-use super::raw::{RawCluster, RawGroup, RawHost};
+use super::raw::{RawCluster, RawGroup, RawHost, RawPort};
 use super::{
-    Archive, ArchiveLookup, GroupPlan, Health, HostPlan, Plan, DEFAULT_DEADLINE_SECS,
+    Archive, ArchiveLookup, GroupPlan, Health, HostPlan, Plan, TcpProbe, DEFAULT_DEADLINE_SECS,
     DEFAULT_MIN_UP_SECS, DEFAULT_STOP_GRACE_SECS, MAX_STOP_GRACE_SECS,
 };
 use crate::digest_cache::sha256_file;
@@ -65,6 +65,23 @@ pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<P
                     host.addr, raw.host[first].id
                 ),
             ));
+        }
+    }
+
+    for (index, host) in hosts.iter().enumerate() {
+        let Some(group) = groups.get(&host.group) else {
+            continue;
+        };
+        if let Some(TcpProbe::Variable(name)) = &group.health.tcp {
+            if group.probe_port(host).is_none_or(|port| port == 0) {
+                return Err(fault.at(
+                    format!("host[{index}].env.{name}"),
+                    format!(
+                        "group.{}.health.tcp probes ${name}, which host '{}' does not set to a port number",
+                        group.name, host.id
+                    ),
+                ));
+            }
         }
     }
 
@@ -196,12 +213,35 @@ fn group_plan(
 fn health(fault: &Fault<'_>, name: &str, group: &RawGroup) -> Result<Health> {
     let field = |sub: &str| format!("group.{name}.health.{sub}");
     let (tcp, min_up, deadline) = match &group.health {
-        Some(h) => (h.tcp, h.min_up_secs, h.deadline_secs),
+        Some(h) => (h.tcp.as_ref(), h.min_up_secs, h.deadline_secs),
         None => (None, None, None),
     };
-    if tcp == Some(0) {
-        return Err(fault.at(field("tcp"), "port 0 cannot be probed"));
-    }
+    let tcp = match tcp {
+        None => None,
+        Some(RawPort::Number(port)) => match u16::try_from(*port) {
+            Ok(0) => return Err(fault.at(field("tcp"), "port 0 cannot be probed")),
+            Ok(port) => Some(TcpProbe::Port(port)),
+            Err(_) => return Err(fault.at(field("tcp"), format!("{port} is not a port number"))),
+        },
+        Some(RawPort::Variable(text)) => {
+            let name = text
+                .strip_prefix("${")
+                .and_then(|t| t.strip_suffix('}'))
+                .or_else(|| text.strip_prefix('$'))
+                .filter(|n| {
+                    !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                });
+            match name {
+                Some(name) => Some(TcpProbe::Variable(name.to_string())),
+                None => {
+                    return Err(fault.at(
+                        field("tcp"),
+                        format!("'{text}' is neither a port number nor \"$VARIABLE\""),
+                    ))
+                }
+            }
+        }
+    };
     let min_up = min_up.unwrap_or(DEFAULT_MIN_UP_SECS);
     let deadline = deadline.unwrap_or(DEFAULT_DEADLINE_SECS.max(min_up));
     if deadline < min_up {

@@ -4,4 +4,6 @@
 mod helper;
 
 mod agent;
+mod certs_cli;
+mod deploy;
 mod otp;

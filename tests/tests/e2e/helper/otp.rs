@@ -49,3 +49,61 @@ fn which(program: &str) -> Option<PathBuf> {
         .map(|dir| dir.join(program))
         .find(|candidate| candidate.is_file())
 }
+
+/// Like [`build_release`], but also writes `files` (paths relative to the project, for
+/// example `apps/<name>/src/<name>_app.erl`) after `rebar3 new release` and before
+/// `rebar3 as prod tar`.
+pub fn build_release_with(
+    dir: &Path,
+    name: &str,
+    vm_args_src: Option<&str>,
+    files: &[(String, String)],
+) -> PathBuf {
+    let rebar3 = which("rebar3").unwrap_or_else(|| {
+        panic!("rebar3 is not on PATH: scripts/test.sh installs it (apt-get install rebar3)")
+    });
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    let run = |args: &[&str], cwd: &Path| {
+        let out = Command::new(&rebar3)
+            .args(args)
+            .current_dir(cwd)
+            .env("HOME", &home)
+            .env("REBAR_CACHE_DIR", home.join("rebar3-cache"))
+            .output()
+            .expect("run rebar3");
+        assert!(
+            out.status.success(),
+            "rebar3 {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["new", "release", name], dir);
+    let project = dir.join(name);
+    if let Some(vm_args) = vm_args_src {
+        let config = project.join("config");
+        let _ = std::fs::remove_file(config.join("vm.args"));
+        std::fs::write(config.join("vm.args.src"), vm_args).expect("write vm.args.src");
+    }
+    if vm_args_src.is_some() {
+        // relx reads the template only when rebar.config names it as vm_args_src.
+        let config = project.join("rebar.config");
+        let text = std::fs::read_to_string(&config).expect("read rebar.config");
+        let text = text.replace(
+            "{vm_args, \"./config/vm.args\"}",
+            "{vm_args_src, \"./config/vm.args.src\"}",
+        );
+        std::fs::write(&config, text).expect("write rebar.config");
+    }
+    for (path, content) in files {
+        std::fs::write(project.join(path), content).expect("write project file");
+    }
+    run(&["as", "prod", "tar"], &project);
+    let tarball = project
+        .join("_build/prod/rel")
+        .join(name)
+        .join(format!("{name}-0.1.0.tar.gz"));
+    assert!(tarball.exists(), "{} was not built", tarball.display());
+    tarball
+}

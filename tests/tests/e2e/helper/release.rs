@@ -63,3 +63,23 @@ fn append<W: std::io::Write>(tar: &mut tar::Builder<W>, path: &str, data: &[u8],
 pub fn sha256(path: &Path) -> erel_proto::Sha256 {
     erel_master::digest_cache::sha256_file(path).expect("hash")
 }
+
+/// Like [`beat_release`], but `bin/<name>` sets `BEAT_FAIL=<mode>` first, so the release
+/// is broken on purpose (`exit`: dies at once with code 3; `silent`: never listens).
+pub fn failing_beat_release(dir: &Path, name: &str, version: &str, mode: &str) -> PathBuf {
+    let path = dir.join(format!("{name}-{version}.tar.gz"));
+    let file = std::fs::File::create(&path).expect("create tarball");
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    let script = format!(
+        "#!/bin/sh\ncd \"$(dirname \"$0\")/..\"\nBEAT_FAIL={mode} exec bin/beat-server \"$@\"\n"
+    );
+    append(&mut tar, &format!("bin/{name}"), script.as_bytes(), 0o755);
+    let server = std::fs::read(BEAT_BIN).expect("read beat server");
+    append(&mut tar, "bin/beat-server", &server, 0o755);
+    tar.into_inner()
+        .expect("finish tar")
+        .finish()
+        .expect("finish gz");
+    path
+}

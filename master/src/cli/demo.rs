@@ -1,0 +1,418 @@
+//! `erel demo`: the whole story on one machine, with nothing installed beyond this
+//! program. A temporary CA; agents on loopback, run in this process with the erel-boot
+//! library; a release built on the spot (this very program, copied into the tarball,
+//! serving `beat VERSION HOST` through the hidden `demo-beat` command); deploy v1,
+//! status, a node-at-a-time roll to v2, a v3 that fails its health check and is rolled
+//! back on the canary while the other hosts stay on v2, final status, clean up.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use erel_boot::root::Root;
+use erel_boot::server::{serve, Agent, TlsSource};
+use erel_boot::settings::{Limits, Supervision};
+use erel_boot::supervisor::Supervisor;
+use erel_certs::MasterDir;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::deploy::event_line;
+use super::status::{collect, status_table};
+use crate::cluster::Plan;
+use crate::rollout::{self, Connector, HostOutcome, RolloutOptions, RolloutReport};
+
+/// The demo's release name.
+const RELEASE: &str = "beat";
+
+/// `erel demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How many agents to start.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=20))]
+    hosts: u16,
+}
+
+/// An agent running inside this process.
+struct LocalAgent {
+    id: String,
+    addr: SocketAddr,
+    beat_port: u16,
+    supervisor: Supervisor,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// Runs the demo; exit 0 only when every step went as told.
+pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let work = tempfile::Builder::new()
+        .prefix("erel-demo-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    let dir = work.path().to_path_buf();
+    step(&format!("temporary directory {}", dir.display()));
+
+    let certs = MasterDir::new(dir.join("certs"));
+    certs.init("demo").context("creating the demo CA")?;
+    step("a new cluster CA and master certificate");
+
+    let mut agents = Vec::new();
+    let outcome = async {
+        for index in 1..=args.hosts {
+            agents.push(start_agent(&certs, &dir, &format!("demo-{index}")).await?);
+        }
+        for agent in &agents {
+            println!("    agent {} listening on {}", agent.id, agent.addr);
+        }
+        step(&format!(
+            "{} agents on loopback, each with its own root",
+            agents.len()
+        ));
+        script(&dir, &certs, &agents).await
+    }
+    .await;
+
+    // Clean up whatever happened: stop the releases, the agents, remove the files.
+    for agent in &agents {
+        let _ = agent.supervisor.stop(RELEASE, Duration::from_secs(5)).await;
+        agent.shutdown.cancel();
+    }
+    for agent in agents {
+        let _ = agent.server.await;
+        agent.supervisor.detach().await;
+    }
+    drop(work);
+    step(&format!(
+        "cleaned up: releases stopped, agents shut down, {} removed",
+        dir.display()
+    ));
+
+    let ok = outcome?;
+    println!("\ndemo finished in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The deploys and checks. `Ok(false)` when something did not go as the story says.
+async fn script(dir: &Path, certs: &MasterDir, agents: &[LocalAgent]) -> anyhow::Result<bool> {
+    let exe = std::env::current_exe().context("finding this program")?;
+    let releases = dir.join("releases");
+    std::fs::create_dir_all(&releases)?;
+    let build = {
+        let releases = releases.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<PathBuf>> {
+            Ok(vec![
+                build_release(&exe, &releases, "0.1.0", None)?,
+                build_release(&exe, &releases, "0.2.0", None)?,
+                build_release(&exe, &releases, "0.3.0", Some("exit"))?,
+            ])
+        })
+    };
+    let tarballs = build.await.context("building the releases")??;
+    step("built releases beat 0.1.0, 0.2.0 and 0.3.0 (0.3.0 is broken on purpose)");
+    for tarball in &tarballs {
+        let size = std::fs::metadata(tarball).map(|m| m.len()).unwrap_or(0);
+        println!(
+            "    {} ({:.1} MiB)",
+            tarball.display(),
+            size as f64 / 1048576.0
+        );
+    }
+
+    let connector = Connector::new(certs.client_config()?, "erel-demo");
+    let cluster = dir.join("cluster.toml");
+    let mut ok = true;
+
+    // v1
+    let plan = write_cluster(&cluster, 1, "0.1.0", agents)?;
+    step("cluster.toml, revision 1: group demo runs beat 0.1.0");
+    print!("{}", indent_block(&std::fs::read_to_string(&cluster)?));
+    step("deploy beat 0.1.0");
+    let report = deploy(&plan, &connector).await?;
+    ok &= expect(report.converged(), "every host runs 0.1.0");
+    step("status");
+    print!("{}", status_table(&plan, &collect(&plan, &connector).await));
+    ok &= expect(
+        beats(agents, "0.1.0").await,
+        "every host answers `beat 0.1.0`",
+    );
+
+    // v2
+    let plan = write_cluster(&cluster, 2, "0.2.0", agents)?;
+    step("revision 2: roll to beat 0.2.0, one node at a time (max_in_flight = 1)");
+    let report = deploy(&plan, &connector).await?;
+    ok &= expect(
+        report.converged() && report.switched() == agents.len(),
+        "every host switched to 0.2.0",
+    );
+    ok &= expect(
+        beats(agents, "0.2.0").await,
+        "every host answers `beat 0.2.0`",
+    );
+
+    step("deploy revision 2 again: nothing to do");
+    let report = deploy(&plan, &connector).await?;
+    ok &= expect(
+        report.converged() && report.switched() == 0,
+        "a repeated deploy changes nothing",
+    );
+
+    // v3, broken
+    let plan = write_cluster(&cluster, 3, "0.3.0", agents)?;
+    step("revision 3: beat 0.3.0, which dies at start: the canary fails its health check");
+    let report = deploy(&plan, &connector).await?;
+    let canary_rolled_back = report.groups.first().is_some_and(|group| {
+        group.halted.is_some()
+            && matches!(
+                group.hosts.first().map(|h| &h.outcome),
+                Some(HostOutcome::Failed {
+                    rolled_back: true,
+                    ..
+                })
+            )
+            && group.hosts[1..]
+                .iter()
+                .all(|h| h.outcome == HostOutcome::Untouched)
+    });
+    ok &= expect(
+        canary_rolled_back,
+        "the canary was rolled back to 0.2.0 and the group halted, no other host touched",
+    );
+
+    step("final status");
+    print!("{}", status_table(&plan, &collect(&plan, &connector).await));
+    ok &= expect(
+        beats(agents, "0.2.0").await,
+        "every host still answers `beat 0.2.0`",
+    );
+    Ok(ok)
+}
+
+fn step(what: &str) {
+    println!("\n==> {what}");
+}
+
+fn expect(condition: bool, what: &str) -> bool {
+    if condition {
+        println!("    ok: {what}");
+    } else {
+        println!("    NOT AS EXPECTED: {what}");
+    }
+    condition
+}
+
+fn indent_block(text: &str) -> String {
+    text.lines().map(|l| format!("    | {l}\n")).collect()
+}
+
+/// Runs one rollout, printing its events as they happen.
+async fn deploy(plan: &Plan, connector: &Connector) -> anyhow::Result<RolloutReport> {
+    let (events, mut received) = mpsc::unbounded_channel();
+    let start = Instant::now();
+    let options = RolloutOptions {
+        poll_interval: Duration::from_millis(100),
+        ..RolloutOptions::default()
+    };
+    let run = rollout::rollout(plan, connector, &options, &events);
+    tokio::pin!(run);
+    let print = |event| {
+        if let Some(line) = event_line(&event) {
+            println!("    [{:>5.2}s] {line}", start.elapsed().as_secs_f64());
+        }
+    };
+    let report = loop {
+        tokio::select! {
+            Some(event) = received.recv() => print(event),
+            report = &mut run => break report?,
+        }
+    };
+    while let Ok(event) = received.try_recv() {
+        print(event);
+    }
+    Ok(report)
+}
+
+/// Asks every host's release what it runs; true when all say `version`.
+async fn beats(agents: &[LocalAgent], version: &str) -> bool {
+    let mut all = true;
+    for agent in agents {
+        let answer = tokio::task::spawn_blocking({
+            let port = agent.beat_port;
+            move || -> std::io::Result<String> {
+                let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+                stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut text = String::new();
+                stream.read_to_string(&mut text)?;
+                Ok(text.trim().to_string())
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        match answer {
+            Ok(text) => {
+                println!("    {}:{} says: {text}", agent.id, agent.beat_port);
+                all &= text == format!("beat {version} {}", agent.id);
+            }
+            Err(e) => {
+                println!("    {}:{} does not answer: {e}", agent.id, agent.beat_port);
+                all = false;
+            }
+        }
+    }
+    all
+}
+
+/// Starts an agent for `id` in this process, on 127.0.0.1 with a fresh root.
+async fn start_agent(certs: &MasterDir, dir: &Path, id: &str) -> anyhow::Result<LocalAgent> {
+    let bundle = certs.issue_host(id, &["127.0.0.1".parse()?], &[])?;
+    let root_dir = dir.join("agents").join(id);
+    std::fs::create_dir_all(&root_dir)?;
+    let root = Root::open(&root_dir)?;
+    let supervision = Supervision {
+        restart_backoff: Duration::from_millis(100),
+        restart_backoff_max: Duration::from_millis(400),
+        stable_after: Duration::from_millis(1500),
+        crash_loop_after: 3,
+        ..Supervision::default()
+    };
+    let supervisor = Supervisor::open(root.clone(), id.to_string(), supervision.clone()).await?;
+    let tls = TlsSource::load(bundle)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let agent = Arc::new(Agent::new(
+        root,
+        id.to_string(),
+        Limits::default(),
+        supervision,
+        supervisor.clone(),
+    ));
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve(listener, agent, Arc::new(tls), shutdown.clone()));
+    let beat_port = free_port()?;
+    Ok(LocalAgent {
+        id: id.to_string(),
+        addr,
+        beat_port,
+        supervisor,
+        shutdown,
+        server,
+    })
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Writes the cluster file for `version` and loads it.
+fn write_cluster(
+    path: &Path,
+    revision: u64,
+    version: &str,
+    agents: &[LocalAgent],
+) -> anyhow::Result<Plan> {
+    let mut text = format!("revision = {revision}\n");
+    for agent in agents {
+        text.push_str(&format!(
+            "\n[[host]]\nid = \"{}\"\naddr = \"{}\"\ngroup = \"demo\"\nenv = {{ BEAT_PORT = \"{}\" }}\n",
+            agent.id, agent.addr, agent.beat_port
+        ));
+    }
+    text.push_str(&format!(
+        "\n[group.demo]\nrelease = \"{RELEASE}\"\nversion = \"{version}\"\n\
+         archive = \"releases/{RELEASE}-{version}.tar.gz\"\nargv = [\"bin/beat\"]\n\
+         max_in_flight = 1\ncanaries = 1\nstop_grace_secs = 5\n\
+         health = {{ tcp = \"$BEAT_PORT\", min_up_secs = 1, deadline_secs = 10 }}\n"
+    ));
+    std::fs::write(path, text)?;
+    Ok(Plan::load(path)?)
+}
+
+/// A self-contained release: this program as `bin/beat-server`, and `bin/beat` running
+/// its hidden `demo-beat` command. `fail` is baked in as `BEAT_FAIL`.
+fn build_release(
+    exe: &Path,
+    dir: &Path,
+    version: &str,
+    fail: Option<&str>,
+) -> anyhow::Result<PathBuf> {
+    let path = dir.join(format!("{RELEASE}-{version}.tar.gz"));
+    let file = std::fs::File::create(&path)?;
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    let fail = fail.map(|f| format!("BEAT_FAIL={f} ")).unwrap_or_default();
+    let script =
+        format!("#!/bin/sh\n{fail}exec \"$(dirname \"$0\")/beat-server\" demo-beat \"$@\"\n");
+    append(&mut tar, "bin/beat", script.as_bytes(), 0o755)?;
+    let server = std::fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
+    append(&mut tar, "bin/beat-server", &server, 0o755)?;
+    append(
+        &mut tar,
+        &format!("releases/{version}/RELEASE"),
+        format!("{RELEASE} {version}\n").as_bytes(),
+        0o644,
+    )?;
+    let mut gz = tar.into_inner()?;
+    gz.flush()?;
+    gz.finish()?;
+    Ok(path)
+}
+
+fn append<W: Write>(
+    tar: &mut tar::Builder<W>,
+    path: &str,
+    data: &[u8],
+    mode: u32,
+) -> std::io::Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_size(data.len() as u64);
+    header.set_mode(mode);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_mtime(1_700_000_000);
+    tar.append_data(&mut header, path, data)
+}
+
+/// `erel demo-beat`: serves `beat VERSION HOST` on 127.0.0.1:$BEAT_PORT until killed.
+/// `BEAT_FAIL=exit` exits at once with code 3; `BEAT_FAIL=silent` runs without listening.
+pub async fn beat() -> anyhow::Result<ExitCode> {
+    let version = std::env::var("EREL_VERSION").unwrap_or_else(|_| "unknown".into());
+    let host = std::env::var("EREL_HOST_ID").unwrap_or_else(|_| "unknown".into());
+    match std::env::var("BEAT_FAIL").as_deref() {
+        Ok("exit") => {
+            eprintln!("beat {version} on {host}: failing on purpose (BEAT_FAIL=exit)");
+            return Ok(ExitCode::from(3));
+        }
+        Ok("silent") => {
+            println!("beat {version} on {host}: running without listening (BEAT_FAIL=silent)");
+            std::future::pending::<()>().await;
+        }
+        _ => {}
+    }
+    let port: u16 = std::env::var("BEAT_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("beat {version}: cannot listen on 127.0.0.1:{port}"))?;
+    let local = listener.local_addr()?.port();
+    println!("beat {version} on {host} listening on {local}");
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        let line = format!("beat {version} {host}\n");
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = stream.write_all(line.as_bytes()).await;
+        });
+    }
+}

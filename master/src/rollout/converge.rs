@@ -1,0 +1,162 @@
+//! Keeping a cluster converged: roll out the current plan, again every `interval` so
+//! drift is repaired (an agent reinstalled blank, a release stopped by hand), and at
+//! once when a newer plan arrives. [`keep_converged`] takes plans from a watch channel,
+//! so any source can feed it; [`converge_file`] feeds it from a cluster file whose
+//! revision it watches.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{rollout, Connector, EventSink, RolloutOptions};
+use crate::cluster::Plan;
+use crate::error::Result;
+
+/// How the daemon paces itself.
+#[derive(Debug, Clone)]
+pub struct ConvergeOptions {
+    /// Time between two convergence passes when nothing changes.
+    pub interval: Duration,
+    /// How often the cluster file's modification time is looked at.
+    pub file_poll: Duration,
+}
+
+impl Default for ConvergeOptions {
+    fn default() -> Self {
+        ConvergeOptions {
+            interval: Duration::from_secs(10),
+            file_poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Rolls out the newest plan from `plans` until `cancel` fires: at once, then every
+/// `options.interval`, and at once again whenever a new plan arrives. A pass in
+/// progress when `cancel` fires is abandoned; every agent command is idempotent, so
+/// the next run completes it.
+pub async fn keep_converged(
+    mut plans: watch::Receiver<Arc<Plan>>,
+    connector: Connector,
+    rollout_options: RolloutOptions,
+    options: ConvergeOptions,
+    events: EventSink,
+    cancel: CancellationToken,
+) {
+    loop {
+        let plan = plans.borrow_and_update().clone();
+        let pass = async {
+            match rollout(&plan, &connector, &rollout_options, &events).await {
+                Ok(report) if report.converged() => {
+                    if report.switched() > 0 {
+                        info!(
+                            revision = plan.revision,
+                            switched = report.switched(),
+                            "converged"
+                        );
+                    }
+                }
+                Ok(report) => {
+                    warn!(
+                        revision = plan.revision,
+                        failed = report.failed(),
+                        "not converged; trying again in {}s",
+                        options.interval.as_secs()
+                    );
+                }
+                Err(e) => warn!(revision = plan.revision, "cannot roll out: {e}"),
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = pass => {}
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(options.interval) => {}
+            changed = plans.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The daemon on a cluster file: loads it (an invalid file at start is an error),
+/// converges, and reloads it whenever its revision grows. A newer revision that does not
+/// validate is logged and the current plan kept.
+pub async fn converge_file(
+    path: PathBuf,
+    connector: Connector,
+    rollout_options: RolloutOptions,
+    options: ConvergeOptions,
+    events: EventSink,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let plan = Plan::load(&path)?;
+    info!(file = %path.display(), revision = plan.revision, "cluster file loaded");
+    let mut revision = plan.revision;
+    let mut stamp = modified(&path);
+    let (tx, rx) = watch::channel(Arc::new(plan));
+    let converging = tokio::spawn(keep_converged(
+        rx,
+        connector,
+        rollout_options,
+        options.clone(),
+        events,
+        cancel.clone(),
+    ));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(options.file_poll) => {}
+        }
+        let now = modified(&path);
+        if now == stamp {
+            continue;
+        }
+        stamp = now;
+        if let Some(plan) = newer_plan(&path, revision) {
+            revision = plan.revision;
+            info!(file = %path.display(), revision, "newer revision loaded; converging");
+            let _ = tx.send(Arc::new(plan));
+        }
+    }
+    let _ = converging.await;
+    info!("daemon stopped");
+    Ok(())
+}
+
+fn newer_plan(path: &Path, current: u64) -> Option<Plan> {
+    match Plan::read_revision(path) {
+        Ok(revision) if revision > current => match Plan::load(path) {
+            Ok(plan) => Some(plan),
+            Err(e) => {
+                warn!("revision {revision} is not valid, keeping revision {current}: {e}");
+                None
+            }
+        },
+        Ok(revision) => {
+            if revision < current {
+                warn!(
+                    "{}: revision {revision} is older than {current}; ignored",
+                    path.display()
+                );
+            }
+            None
+        }
+        Err(e) => {
+            warn!("keeping revision {current}: {e}");
+            None
+        }
+    }
+}
+
+fn modified(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}

@@ -1,0 +1,555 @@
+//! The rollout's decisions, as pure functions of what the agents reported: what a host
+//! needs ([`assess`]), whether a freshly started release is healthy yet ([`verify`]),
+//! and which hosts of a group may switch now ([`GroupSchedule`]). No I/O here: the
+//! driver observes, these decide, the driver acts.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::time::Duration;
+
+use erel_proto::{ReleaseState, ReleaseStatus};
+
+use crate::cluster::Health;
+
+/// The version a host ran before the switch, to return to if the new one fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Previous {
+    /// The version.
+    pub version: String,
+    /// Whether it ran (or was meant to run): only then does a rollback start it again.
+    pub was_running: bool,
+}
+
+/// What a host needs to reach the desired version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assessment {
+    /// It runs the desired version, healthy: nothing to do.
+    UpToDate,
+    /// It runs the desired version, started moments ago (a deploy interrupted between
+    /// start and verification): verify it, without switching again.
+    Verify {
+        /// The running process.
+        pid: u32,
+        /// How long it has been up.
+        up: Duration,
+        /// Where to return if it fails.
+        previous: Option<Previous>,
+    },
+    /// Stage (unless present), stop, start, verify.
+    Switch {
+        /// Where to return if the new version fails.
+        previous: Option<Previous>,
+        /// The desired version is already unpacked on the host.
+        staged: bool,
+    },
+}
+
+/// Decides what a host needs, from its `Ping` status for the release (`None` when the
+/// agent does not know the release) and, when it runs the desired version and the group
+/// has a TCP probe, whether the probe answered.
+pub fn assess(
+    status: Option<&ReleaseStatus>,
+    version: &str,
+    health: &Health,
+    probe_ok: Option<bool>,
+) -> Assessment {
+    let Some(status) = status else {
+        return Assessment::Switch {
+            previous: None,
+            staged: false,
+        };
+    };
+    let staged = status.versions.iter().any(|v| v == version);
+    let current = status.version.as_deref();
+    let runs_desired =
+        current == Some(version) && status.state == ReleaseState::Running && status.desired_running;
+    if runs_desired {
+        let up = Duration::from_secs(status.up_secs.unwrap_or(0));
+        if up >= health.min_up && probe_ok != Some(false) {
+            return Assessment::UpToDate;
+        }
+        if up < health.min_up {
+            if let Some(pid) = status.pid {
+                return Assessment::Verify {
+                    pid,
+                    up,
+                    previous: newest_other(status, version, true),
+                };
+            }
+        }
+        // Up long enough but the probe fails: restart it; nothing older to return to
+        // unless an older version is present.
+        return Assessment::Switch {
+            previous: newest_other(status, version, true),
+            staged,
+        };
+    }
+    let previous = match current {
+        Some(old) if old != version => Some(Previous {
+            version: old.to_string(),
+            was_running: status.desired_running || status.state == ReleaseState::Running,
+        }),
+        // The desired version is known but not running (crashed, or stopped by hand):
+        // if it fails again, the newest other version is where to go, and only when
+        // the release was meant to run.
+        _ => newest_other(status, version, status.desired_running),
+    };
+    Assessment::Switch { previous, staged }
+}
+
+/// The newest unpacked version other than `version` (versions are listed oldest first).
+fn newest_other(status: &ReleaseStatus, version: &str, was_running: bool) -> Option<Previous> {
+    status
+        .versions
+        .iter()
+        .rev()
+        .find(|v| v.as_str() != version)
+        .map(|v| Previous {
+            version: v.clone(),
+            was_running,
+        })
+}
+
+/// What one look at a freshly started release says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Up long enough, unrestarted, and the probe (if any) answers.
+    Healthy,
+    /// Not yet; look again.
+    Wait,
+    /// It failed; why.
+    Unhealthy(String),
+}
+
+/// One observation of a release being verified.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation<'a> {
+    /// The release's status from `Ping`; `None` when the agent no longer reports it.
+    pub status: Option<&'a ReleaseStatus>,
+    /// The TCP probe's outcome, when the group has one.
+    pub probe: Option<&'a Result<(), String>>,
+    /// How long the process has been up (the longer of the agent's figure and the
+    /// master's clock since `Start` answered).
+    pub up: Duration,
+    /// Time since verification began; the deadline counts from there.
+    pub elapsed: Duration,
+}
+
+/// Judges a release started as `version` with process `pid` against `health`.
+pub fn verify(observation: &Observation<'_>, version: &str, pid: u32, health: &Health) -> Verdict {
+    let Some(status) = observation.status else {
+        return Verdict::Unhealthy("the agent no longer reports the release".to_string());
+    };
+    if status.version.as_deref() != Some(version) {
+        return Verdict::Unhealthy(format!(
+            "the agent runs version {} instead of {version}",
+            status.version.as_deref().unwrap_or("none")
+        ));
+    }
+    match &status.state {
+        ReleaseState::Running => {}
+        ReleaseState::Stopped => {
+            return Verdict::Unhealthy("it was stopped".to_string());
+        }
+        ReleaseState::Exited { code, signal } => {
+            let how = match (code, signal) {
+                (Some(code), _) => format!("exited with code {code}"),
+                (None, Some(signal)) => format!("was killed by signal {signal}"),
+                (None, None) => "exited".to_string(),
+            };
+            return Verdict::Unhealthy(how);
+        }
+        ReleaseState::CrashLooping => {
+            return Verdict::Unhealthy("it is crash-looping".to_string());
+        }
+    }
+    if status.restarts > 0 {
+        return Verdict::Unhealthy(format!(
+            "it restarted {} time(s) within min_up_secs",
+            status.restarts
+        ));
+    }
+    if let Some(now) = status.pid {
+        if now != pid {
+            return Verdict::Unhealthy(format!(
+                "its pid changed from {pid} to {now} (it restarted)"
+            ));
+        }
+    }
+    let probe_failure = match observation.probe {
+        Some(Err(why)) => Some(why.as_str()),
+        _ => None,
+    };
+    if observation.up >= health.min_up && probe_failure.is_none() {
+        return Verdict::Healthy;
+    }
+    if observation.elapsed >= health.deadline {
+        let why = match probe_failure {
+            Some(why) => format!(
+                "not healthy within {}s: the TCP probe fails: {why}",
+                health.deadline.as_secs()
+            ),
+            None => format!(
+                "not up for {}s within {}s",
+                health.min_up.as_secs(),
+                health.deadline.as_secs()
+            ),
+        };
+        return Verdict::Unhealthy(why);
+    }
+    Verdict::Wait
+}
+
+/// Which hosts of a group may switch now: the canaries first, then the rest, never more
+/// than `max_in_flight` at once, and nothing new after the first failure.
+///
+/// The canaries are the first `canaries` hosts that need a switch (a host already up to
+/// date has nothing to prove). The rest start only once every canary succeeded. Hosts
+/// are taken in order as slots free up, so the bound holds at every instant and the
+/// group never waits for the slowest host of a batch.
+#[derive(Debug, Clone)]
+pub struct GroupSchedule {
+    canaries: VecDeque<String>,
+    rest: VecDeque<String>,
+    canaries_in_flight: BTreeSet<String>,
+    in_flight: BTreeSet<String>,
+    max_in_flight: usize,
+    halted: bool,
+}
+
+impl GroupSchedule {
+    /// A schedule for `hosts` (in order) needing a switch.
+    pub fn new(hosts: Vec<String>, canaries: usize, max_in_flight: usize) -> Self {
+        let mut rest: VecDeque<String> = hosts.into();
+        let canaries: VecDeque<String> = rest.drain(..canaries.min(rest.len())).collect();
+        GroupSchedule {
+            canaries,
+            rest,
+            canaries_in_flight: BTreeSet::new(),
+            in_flight: BTreeSet::new(),
+            max_in_flight: max_in_flight.max(1),
+            halted: false,
+        }
+    }
+
+    /// The hosts to begin now; they count as in flight until [`Self::finish`].
+    pub fn begin_next(&mut self) -> Vec<String> {
+        let mut begin = Vec::new();
+        while !self.halted && self.in_flight.len() < self.max_in_flight {
+            let host = if let Some(host) = self.canaries.pop_front() {
+                self.canaries_in_flight.insert(host.clone());
+                host
+            } else if self.canaries_in_flight.is_empty() {
+                match self.rest.pop_front() {
+                    Some(host) => host,
+                    None => break,
+                }
+            } else {
+                break;
+            };
+            self.in_flight.insert(host.clone());
+            begin.push(host);
+        }
+        begin
+    }
+
+    /// Records how a host in flight ended; a failure halts the group.
+    pub fn finish(&mut self, host: &str, ok: bool) {
+        self.in_flight.remove(host);
+        self.canaries_in_flight.remove(host);
+        if !ok {
+            self.halted = true;
+        }
+    }
+
+    /// Halts the group without a host in flight failing (e.g. staging failed ahead).
+    pub fn halt(&mut self) {
+        self.halted = true;
+    }
+
+    /// Whether a failure halted the group.
+    pub fn is_halted(&self) -> bool {
+        self.halted
+    }
+
+    /// Hosts in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// True once nothing is in flight and nothing more will begin.
+    pub fn is_finished(&self) -> bool {
+        self.in_flight.is_empty()
+            && (self.halted || (self.canaries.is_empty() && self.rest.is_empty()))
+    }
+
+    /// Hosts that never began (after a halt), in order.
+    pub fn untouched(&self) -> Vec<String> {
+        self.canaries
+            .iter()
+            .chain(self.rest.iter())
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(tcp: Option<u16>) -> Health {
+        Health {
+            tcp: tcp.map(crate::cluster::TcpProbe::Port),
+            min_up: Duration::from_secs(5),
+            deadline: Duration::from_secs(30),
+        }
+    }
+
+    fn status(version: &str, state: ReleaseState, up: u64) -> ReleaseStatus {
+        ReleaseStatus {
+            name: "beat".into(),
+            versions: vec!["0.1.0".into(), "0.2.0".into()],
+            version: Some(version.into()),
+            desired_running: state == ReleaseState::Running,
+            pid: (state == ReleaseState::Running).then_some(42),
+            state,
+            restarts: 0,
+            up_secs: Some(up),
+            output_tail: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_host_running_the_desired_version_healthy_is_skipped() {
+        let s = status("0.2.0", ReleaseState::Running, 60);
+        assert_eq!(
+            assess(Some(&s), "0.2.0", &health(None), None),
+            Assessment::UpToDate
+        );
+        assert_eq!(
+            assess(Some(&s), "0.2.0", &health(Some(80)), Some(true)),
+            Assessment::UpToDate
+        );
+    }
+
+    #[test]
+    fn a_running_desired_version_whose_probe_fails_is_restarted() {
+        let s = status("0.2.0", ReleaseState::Running, 60);
+        match assess(Some(&s), "0.2.0", &health(Some(80)), Some(false)) {
+            Assessment::Switch {
+                staged: true,
+                previous,
+            } => {
+                assert_eq!(previous.map(|p| p.version), Some("0.1.0".into()));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_desired_version_started_moments_ago_is_only_verified() {
+        let s = status("0.2.0", ReleaseState::Running, 1);
+        assert_eq!(
+            assess(Some(&s), "0.2.0", &health(None), None),
+            Assessment::Verify {
+                pid: 42,
+                up: Duration::from_secs(1),
+                previous: Some(Previous {
+                    version: "0.1.0".into(),
+                    was_running: true
+                }),
+            }
+        );
+    }
+
+    #[test]
+    fn an_old_version_is_switched_and_remembered() {
+        let mut s = status("0.1.0", ReleaseState::Running, 600);
+        s.versions = vec!["0.1.0".into()];
+        assert_eq!(
+            assess(Some(&s), "0.2.0", &health(None), None),
+            Assessment::Switch {
+                previous: Some(Previous {
+                    version: "0.1.0".into(),
+                    was_running: true
+                }),
+                staged: false,
+            }
+        );
+        assert_eq!(
+            assess(None, "0.2.0", &health(None), None),
+            Assessment::Switch {
+                previous: None,
+                staged: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_release_stopped_by_hand_is_started_again() {
+        let mut s = status("0.2.0", ReleaseState::Stopped, 0);
+        s.desired_running = false;
+        match assess(Some(&s), "0.2.0", &health(None), None) {
+            Assessment::Switch {
+                staged: true,
+                previous: Some(previous),
+            } => assert!(!previous.was_running, "a rollback would only stop it"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn observe<'a>(
+        s: Option<&'a ReleaseStatus>,
+        probe: Option<&'a Result<(), String>>,
+        up: u64,
+        elapsed: u64,
+    ) -> Observation<'a> {
+        Observation {
+            status: s,
+            probe,
+            up: Duration::from_secs(up),
+            elapsed: Duration::from_secs(elapsed),
+        }
+    }
+
+    #[test]
+    fn verification_waits_for_min_up_and_the_probe() {
+        let s = status("0.2.0", ReleaseState::Running, 1);
+        let h = health(Some(80));
+        let ok = Ok(());
+        let refused = Err("connection refused".to_string());
+        assert_eq!(
+            verify(&observe(Some(&s), Some(&ok), 1, 1), "0.2.0", 42, &h),
+            Verdict::Wait
+        );
+        assert_eq!(
+            verify(&observe(Some(&s), Some(&refused), 6, 6), "0.2.0", 42, &h),
+            Verdict::Wait
+        );
+        assert_eq!(
+            verify(&observe(Some(&s), Some(&ok), 6, 6), "0.2.0", 42, &h),
+            Verdict::Healthy
+        );
+        match verify(&observe(Some(&s), Some(&refused), 30, 30), "0.2.0", 42, &h) {
+            Verdict::Unhealthy(why) => assert!(why.contains("connection refused"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn verification_fails_at_once_on_exit_restart_or_new_pid() {
+        let h = health(None);
+        let exited = status(
+            "0.2.0",
+            ReleaseState::Exited {
+                code: Some(3),
+                signal: None,
+            },
+            0,
+        );
+        match verify(&observe(Some(&exited), None, 0, 0), "0.2.0", 42, &h) {
+            Verdict::Unhealthy(why) => assert!(why.contains("code 3"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let mut restarted = status("0.2.0", ReleaseState::Running, 1);
+        restarted.restarts = 1;
+        assert!(matches!(
+            verify(&observe(Some(&restarted), None, 1, 1), "0.2.0", 42, &h),
+            Verdict::Unhealthy(_)
+        ));
+        let moved = status("0.2.0", ReleaseState::Running, 1);
+        assert!(matches!(
+            verify(&observe(Some(&moved), None, 1, 1), "0.2.0", 7, &h),
+            Verdict::Unhealthy(_)
+        ));
+        let crash = status("0.2.0", ReleaseState::CrashLooping, 0);
+        assert!(matches!(
+            verify(&observe(Some(&crash), None, 0, 0), "0.2.0", 42, &h),
+            Verdict::Unhealthy(_)
+        ));
+        assert!(matches!(
+            verify(&observe(None, None, 0, 0), "0.2.0", 42, &h),
+            Verdict::Unhealthy(_)
+        ));
+    }
+
+    fn hosts(n: usize) -> Vec<String> {
+        (1..=n).map(|i| format!("h-{i}")).collect()
+    }
+
+    #[test]
+    fn canaries_go_first_and_alone() {
+        let mut s = GroupSchedule::new(hosts(5), 1, 3);
+        assert_eq!(s.begin_next(), vec!["h-1"], "the canary goes alone");
+        assert!(
+            s.begin_next().is_empty(),
+            "nobody else while the canary is in flight"
+        );
+        s.finish("h-1", true);
+        assert_eq!(s.begin_next(), vec!["h-2", "h-3", "h-4"]);
+    }
+
+    #[test]
+    fn several_canaries_respect_max_in_flight_too() {
+        let mut s = GroupSchedule::new(hosts(5), 3, 2);
+        assert_eq!(s.begin_next(), vec!["h-1", "h-2"]);
+        s.finish("h-1", true);
+        assert_eq!(s.begin_next(), vec!["h-3"]);
+        s.finish("h-2", true);
+        assert!(
+            s.begin_next().is_empty(),
+            "h-3, a canary, is still in flight"
+        );
+        s.finish("h-3", true);
+        assert_eq!(s.begin_next(), vec!["h-4", "h-5"]);
+    }
+
+    #[test]
+    fn never_more_than_max_in_flight_and_every_host_once() {
+        for max in 1..=4 {
+            for canaries in 0..=2 {
+                let mut s = GroupSchedule::new(hosts(7), canaries, max);
+                let mut seen = Vec::new();
+                let mut in_flight: Vec<String> = Vec::new();
+                while !s.is_finished() {
+                    let begun = s.begin_next();
+                    in_flight.extend(begun.iter().cloned());
+                    seen.extend(begun);
+                    assert!(in_flight.len() <= max, "max {max}: {in_flight:?}");
+                    assert_eq!(s.in_flight(), in_flight.len());
+                    let done = in_flight.remove(0);
+                    s.finish(&done, true);
+                }
+                assert_eq!(seen, hosts(7), "max {max} canaries {canaries}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_first_failure_halts_the_group() {
+        let mut s = GroupSchedule::new(hosts(5), 1, 2);
+        assert_eq!(s.begin_next(), vec!["h-1"]);
+        s.finish("h-1", false);
+        assert!(s.is_halted());
+        assert!(s.begin_next().is_empty(), "no further host is touched");
+        assert!(s.is_finished());
+        assert_eq!(s.untouched(), vec!["h-2", "h-3", "h-4", "h-5"]);
+
+        let mut s = GroupSchedule::new(hosts(5), 1, 2);
+        s.begin_next();
+        s.finish("h-1", true);
+        assert_eq!(s.begin_next(), vec!["h-2", "h-3"]);
+        s.finish("h-2", false);
+        assert!(s.begin_next().is_empty());
+        assert!(!s.is_finished(), "h-3 is still in flight");
+        s.finish("h-3", true);
+        assert!(s.is_finished());
+        assert_eq!(s.untouched(), vec!["h-4", "h-5"]);
+    }
+
+    #[test]
+    fn an_empty_schedule_is_finished() {
+        let mut s = GroupSchedule::new(Vec::new(), 1, 1);
+        assert!(s.begin_next().is_empty());
+        assert!(s.is_finished());
+    }
+}

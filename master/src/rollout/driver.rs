@@ -1,0 +1,618 @@
+//! The rollout's I/O: the one driver that talks to agents. It observes, asks
+//! [`super::decide`] what to do, and does it. Groups roll out concurrently; within a
+//! group, hosts are pinged and staged in parallel, and switched as the
+//! [`GroupSchedule`] allows.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use erel_proto::{ErrorKind, ReleaseStatus};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinSet;
+
+use super::decide::{assess, verify, Assessment, GroupSchedule, Observation, Previous, Verdict};
+use super::session::{probe_tcp, HostSession};
+use super::{
+    emit, Connector, EventSink, GroupReport, HostOutcome, HostPhase, HostReport, RolloutEvent,
+    RolloutOptions, RolloutReport, Shared, SharedRef,
+};
+use crate::cluster::{Archive, GroupPlan, HostPlan, Plan};
+use crate::error::{Error, Result};
+
+/// How long a failed release's output is waited for when it restarted unseen.
+const OUTPUT_TAIL_WAIT: Duration = Duration::from_secs(2);
+
+/// Brings the hosts of `plan` (all groups, or `options.groups`) to their desired
+/// versions. Errors only when the plan cannot be rolled out at all (an unknown group,
+/// archives not checked); what happens to hosts is in the report.
+pub async fn rollout(
+    plan: &Plan,
+    connector: &Connector,
+    options: &RolloutOptions,
+    events: &EventSink,
+) -> Result<RolloutReport> {
+    let selected = select_groups(plan, &options.groups)?;
+    let shared: SharedRef = Arc::new(Shared {
+        connector: connector.clone(),
+        options: options.clone(),
+        events: events.clone(),
+    });
+    let mut tasks = JoinSet::new();
+    for (index, group) in selected.into_iter().enumerate() {
+        let archive = group.archive.clone().ok_or_else(|| Error::Cluster {
+            file: plan.origin.clone(),
+            field: format!("group.{}.archive", group.name),
+            message: "the archive was not checked (internal: plan loaded without archives)"
+                .to_string(),
+        })?;
+        let hosts: Vec<HostPlan> = plan.hosts_in(&group.name).into_iter().cloned().collect();
+        let group = group.clone();
+        let shared = shared.clone();
+        tasks.spawn(async move { (index, run_group(shared, group, archive, hosts).await) });
+    }
+    let mut groups = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (index, report) = joined.map_err(|e| Error::Protocol {
+            host: "-".to_string(),
+            message: format!("a rollout task failed: {e}"),
+        })?;
+        groups.push((index, report));
+    }
+    groups.sort_by_key(|(index, _)| *index);
+    Ok(RolloutReport {
+        revision: plan.revision,
+        groups: groups.into_iter().map(|(_, g)| g).collect(),
+    })
+}
+
+fn select_groups<'a>(plan: &'a Plan, wanted: &[String]) -> Result<Vec<&'a GroupPlan>> {
+    if wanted.is_empty() {
+        return Ok(plan.groups.values().collect());
+    }
+    wanted
+        .iter()
+        .map(|name| {
+            plan.groups.get(name).ok_or_else(|| Error::Cluster {
+                file: plan.origin.clone(),
+                field: format!("group.{name}"),
+                message: format!(
+                    "no such group (groups: {})",
+                    plan.groups.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            })
+        })
+        .collect()
+}
+
+/// A host's failure, before it becomes an event and an outcome.
+#[derive(Debug, Clone)]
+struct Failure {
+    phase: HostPhase,
+    reason: String,
+    output_tail: String,
+    rolled_back: bool,
+}
+
+impl Failure {
+    fn new(phase: HostPhase, reason: impl Into<String>) -> Self {
+        Failure {
+            phase,
+            reason: reason.into(),
+            output_tail: String::new(),
+            rolled_back: false,
+        }
+    }
+}
+
+/// What one group's tasks share.
+struct GroupCtx {
+    shared: SharedRef,
+    group: GroupPlan,
+    archive: Archive,
+}
+
+impl GroupCtx {
+    fn phase(&self, host: &str, phase: HostPhase) {
+        emit(
+            &self.shared.events,
+            RolloutEvent::HostPhase {
+                group: self.group.name.clone(),
+                host: host.to_string(),
+                phase,
+            },
+        );
+    }
+
+    fn failed(&self, host: &HostPlan, failure: &Failure) -> HostOutcome {
+        emit(
+            &self.shared.events,
+            RolloutEvent::HostFailed {
+                group: self.group.name.clone(),
+                host: host.id.clone(),
+                addr: host.addr.clone(),
+                phase: failure.phase,
+                reason: failure.reason.clone(),
+                output_tail: failure.output_tail.clone(),
+                rolled_back: failure.rolled_back,
+            },
+        );
+        HostOutcome::Failed {
+            phase: failure.phase,
+            reason: failure.reason.clone(),
+            output_tail: failure.output_tail.clone(),
+            rolled_back: failure.rolled_back,
+        }
+    }
+}
+
+type Staged = std::result::Result<HostSession, Failure>;
+
+async fn run_group(
+    shared: SharedRef,
+    group: GroupPlan,
+    archive: Archive,
+    hosts: Vec<HostPlan>,
+) -> GroupReport {
+    let ctx = Arc::new(GroupCtx {
+        shared,
+        group,
+        archive,
+    });
+    let events = &ctx.shared.events;
+    let name = ctx.group.name.clone();
+    emit(
+        events,
+        RolloutEvent::GroupStarted {
+            group: name.clone(),
+            release: ctx.group.release.clone(),
+            version: ctx.group.version.clone(),
+            hosts: hosts.len(),
+        },
+    );
+    let by_id: HashMap<String, HostPlan> =
+        hosts.iter().map(|h| (h.id.clone(), h.clone())).collect();
+    let mut outcomes: HashMap<String, HostOutcome> = HashMap::new();
+    let mut halted: Option<String> = None;
+
+    // 1. Ping every host.
+    let mut pings = JoinSet::new();
+    for host in &hosts {
+        let ctx = ctx.clone();
+        let host = host.clone();
+        pings.spawn(async move {
+            let outcome = inspect(&ctx, &host).await;
+            (host.id.clone(), outcome)
+        });
+    }
+    let mut inspected: HashMap<String, (HostSession, Assessment)> = HashMap::new();
+    while let Some(joined) = pings.join_next().await {
+        let Ok((id, outcome)) = joined else { continue };
+        let Some(host) = by_id.get(&id) else { continue };
+        match outcome {
+            Ok((_, Assessment::UpToDate)) => {
+                emit(
+                    events,
+                    RolloutEvent::HostSkipped {
+                        group: name.clone(),
+                        host: id.clone(),
+                        version: ctx.group.version.clone(),
+                    },
+                );
+                outcomes.insert(id, HostOutcome::UpToDate);
+            }
+            Ok((session, assessment)) => {
+                inspected.insert(id, (session, assessment));
+            }
+            Err(failure) => {
+                halted.get_or_insert_with(|| format!("{id} ({}): {}", host.addr, failure.reason));
+                let outcome = ctx.failed(host, &failure);
+                outcomes.insert(id, outcome);
+            }
+        }
+    }
+
+    if halted.is_none() {
+        halted = switch_group(&ctx, &hosts, inspected, &mut outcomes).await;
+    }
+
+    let mut untouched = Vec::new();
+    let reports: Vec<HostReport> = hosts
+        .iter()
+        .map(|host| {
+            let outcome = outcomes.remove(&host.id).unwrap_or_else(|| {
+                untouched.push(host.id.clone());
+                HostOutcome::Untouched
+            });
+            HostReport {
+                host: host.id.clone(),
+                addr: host.addr.clone(),
+                outcome,
+            }
+        })
+        .collect();
+    if let Some(reason) = &halted {
+        emit(
+            events,
+            RolloutEvent::GroupHalted {
+                group: name.clone(),
+                reason: reason.clone(),
+                untouched,
+            },
+        );
+    }
+    let count = |f: fn(&HostOutcome) -> bool| reports.iter().filter(|r| f(&r.outcome)).count();
+    emit(
+        events,
+        RolloutEvent::GroupDone {
+            group: name.clone(),
+            switched: count(|o| matches!(o, HostOutcome::Switched { .. })),
+            skipped: count(|o| matches!(o, HostOutcome::UpToDate)),
+            failed: count(|o| matches!(o, HostOutcome::Failed { .. })),
+        },
+    );
+    GroupReport {
+        group: name,
+        release: ctx.group.release.clone(),
+        version: ctx.group.version.clone(),
+        halted,
+        hosts: reports,
+    }
+}
+
+/// Stages every host needing it (ahead, bounded), then switches them as the schedule
+/// allows. Returns why the group halted, if it did.
+async fn switch_group(
+    ctx: &Arc<GroupCtx>,
+    hosts: &[HostPlan],
+    mut inspected: HashMap<String, (HostSession, Assessment)>,
+    outcomes: &mut HashMap<String, HostOutcome>,
+) -> Option<String> {
+    let order: Vec<String> = hosts
+        .iter()
+        .filter(|h| inspected.contains_key(&h.id))
+        .map(|h| h.id.clone())
+        .collect();
+    let by_id: HashMap<&str, &HostPlan> = hosts.iter().map(|h| (h.id.as_str(), h)).collect();
+
+    // 2. Stage ahead on every host, a bounded number at once.
+    let permits = Arc::new(Semaphore::new(ctx.shared.options.staging_parallel.max(1)));
+    let (failed_tx, mut staging_failures) = mpsc::unbounded_channel::<(String, Failure)>();
+    let mut staging = JoinSet::new();
+    let mut waiting: HashMap<String, (oneshot::Receiver<Staged>, Assessment)> = HashMap::new();
+    for id in &order {
+        let Some((session, assessment)) = inspected.remove(id) else {
+            continue;
+        };
+        let (tx, rx) = oneshot::channel();
+        match &assessment {
+            Assessment::Switch { staged, .. } => {
+                let staged = *staged;
+                let ctx = ctx.clone();
+                let permits = permits.clone();
+                let failed_tx = failed_tx.clone();
+                let id = id.clone();
+                staging.spawn(async move {
+                    let Ok(_permit) = permits.acquire_owned().await else {
+                        return;
+                    };
+                    let result = stage(&ctx, session, staged).await;
+                    if let Err(failure) = &result {
+                        let _ = failed_tx.send((id, failure.clone()));
+                    }
+                    let _ = tx.send(result);
+                });
+            }
+            _ => {
+                let _ = tx.send(Ok(session));
+            }
+        }
+        waiting.insert(id.clone(), (rx, assessment));
+    }
+    drop(failed_tx);
+
+    // 3. Switch, canaries first, at most max_in_flight at once.
+    let mut schedule = GroupSchedule::new(order, ctx.group.canaries, ctx.group.max_in_flight);
+    let mut begun: HashSet<String> = HashSet::new();
+    let mut switching = JoinSet::new();
+    let mut halted: Option<String> = None;
+    loop {
+        for id in schedule.begin_next() {
+            let Some((rx, assessment)) = waiting.remove(&id) else {
+                continue;
+            };
+            let Some(host) = by_id.get(id.as_str()).map(|h| (*h).clone()) else {
+                continue;
+            };
+            begun.insert(id.clone());
+            let ctx = ctx.clone();
+            switching.spawn(async move {
+                let outcome = switch_host(&ctx, &host, assessment, rx).await;
+                (host, outcome)
+            });
+        }
+        if schedule.is_finished() {
+            break;
+        }
+        tokio::select! {
+            Some(joined) = switching.join_next(), if !switching.is_empty() => {
+                let Ok((host, outcome)) = joined else {
+                    // A task that panicked: count it as failed so the group halts.
+                    schedule.halt();
+                    halted.get_or_insert_with(|| "a switch task failed".to_string());
+                    continue;
+                };
+                let result = match outcome {
+                    Ok(pid) => {
+                        emit(&ctx.shared.events, RolloutEvent::HostDone {
+                            group: ctx.group.name.clone(),
+                            host: host.id.clone(),
+                            version: ctx.group.version.clone(),
+                            pid: pid.0,
+                        });
+                        outcomes.insert(host.id.clone(), HostOutcome::Switched { from: pid.1, pid: pid.0 });
+                        true
+                    }
+                    Err(failure) => {
+                        halted.get_or_insert_with(|| format!("{} failed: {}", host.id, failure.reason));
+                        let outcome = ctx.failed(&host, &failure);
+                        outcomes.insert(host.id.clone(), outcome);
+                        false
+                    }
+                };
+                schedule.finish(&host.id, result);
+            }
+            Some((id, failure)) = staging_failures.recv() => {
+                if begun.contains(&id) {
+                    continue; // its switch task reports it
+                }
+                if let Some(host) = by_id.get(id.as_str()) {
+                    halted.get_or_insert_with(|| format!("{id} failed: {}", failure.reason));
+                    let outcome = ctx.failed(host, &failure);
+                    outcomes.insert(id.clone(), outcome);
+                    waiting.remove(&id);
+                    schedule.halt();
+                }
+            }
+            else => break,
+        }
+    }
+    staging.abort_all();
+    halted
+}
+
+/// Pings a host and decides what it needs.
+async fn inspect(
+    ctx: &GroupCtx,
+    host: &HostPlan,
+) -> std::result::Result<(HostSession, Assessment), Failure> {
+    ctx.phase(&host.id, HostPhase::Pinging);
+    let mut session = HostSession::new(host.host_addr(), ctx.shared.connector.clone());
+    let pong = session
+        .ping()
+        .await
+        .map_err(|e| Failure::new(HostPhase::Pinging, unreachable(host, &e)))?;
+    let status = release_status(&pong.releases, &ctx.group.release);
+    let runs_desired = status.is_some_and(|s| {
+        s.version.as_deref() == Some(ctx.group.version.as_str())
+            && s.state == erel_proto::ReleaseState::Running
+    });
+    let probe_ok = match (ctx.group.probe_port(host), runs_desired) {
+        (Some(port), true) => Some(
+            probe_tcp(host.probe_host(), port, ctx.shared.options.probe_timeout)
+                .await
+                .is_ok(),
+        ),
+        _ => None,
+    };
+    let assessment = assess(status, &ctx.group.version, &ctx.group.health, probe_ok);
+    Ok((session, assessment))
+}
+
+fn unreachable(host: &HostPlan, error: &Error) -> String {
+    let text = error.to_string();
+    if text.contains(&host.addr) {
+        format!("unreachable: {text}")
+    } else {
+        format!("unreachable at {}: {text}", host.addr)
+    }
+}
+
+fn release_status<'a>(releases: &'a [ReleaseStatus], name: &str) -> Option<&'a ReleaseStatus> {
+    releases.iter().find(|r| r.name == name)
+}
+
+/// Pushes (skipped when present) and unpacks the archive.
+async fn stage(ctx: &GroupCtx, mut session: HostSession, staged: bool) -> Staged {
+    let id = session.host().id.clone();
+    ctx.phase(&id, HostPhase::Staging);
+    let archive = &ctx.archive;
+    let dest = GroupPlan::archive_dest(archive);
+    let dir = ctx.group.version_dir();
+    let fail = |e: Error| Failure::new(HostPhase::Staging, e.to_string());
+    let mut done = false;
+    if staged {
+        // Already unpacked: the agent answers from its marker without the archive.
+        match session.unpack(&dest, &dir, archive.sha256).await {
+            Ok(_) => done = true,
+            Err(e) if e.agent_kind() == Some(ErrorKind::NotFound) => {}
+            Err(e) => return Err(fail(e)),
+        }
+    }
+    if !done {
+        session
+            .push(&archive.path, archive.sha256, &dest)
+            .await
+            .map_err(fail)?;
+        session
+            .unpack(&dest, &dir, archive.sha256)
+            .await
+            .map_err(fail)?;
+    }
+    ctx.phase(&id, HostPhase::Staged);
+    Ok(session)
+}
+
+/// The switch: stop old, start new, verify; roll back on failure. `Ok((pid, from))`.
+async fn switch_host(
+    ctx: &GroupCtx,
+    host: &HostPlan,
+    assessment: Assessment,
+    staged: oneshot::Receiver<Staged>,
+) -> std::result::Result<(u32, Option<String>), Failure> {
+    let mut session = match staged.await {
+        Ok(Ok(session)) => session,
+        Ok(Err(failure)) => return Err(failure),
+        Err(_) => return Err(Failure::new(HostPhase::Staging, "staging was abandoned")),
+    };
+    let group = &ctx.group;
+    let (pid, up, previous) = match assessment {
+        Assessment::UpToDate => return Err(Failure::new(HostPhase::Pinging, "nothing to switch")),
+        Assessment::Verify { pid, up, previous } => (pid, up, previous),
+        Assessment::Switch { previous, .. } => {
+            ctx.phase(&host.id, HostPhase::Stopping);
+            session
+                .stop(&group.release, group.stop_grace)
+                .await
+                .map_err(|e| Failure::new(HostPhase::Stopping, e.to_string()))?;
+            ctx.phase(&host.id, HostPhase::Starting);
+            let start = group.start_request(host, &group.version);
+            match session.start(&start).await {
+                Ok(started) => (started.pid, Duration::ZERO, previous),
+                Err(e) => {
+                    let failure = Failure::new(HostPhase::Starting, e.to_string());
+                    return Err(
+                        roll_back(ctx, host, &mut session, previous.as_ref(), failure).await,
+                    );
+                }
+            }
+        }
+    };
+    ctx.phase(&host.id, HostPhase::Verifying);
+    let from = previous.as_ref().map(|p| p.version.clone());
+    match watch_health(ctx, host, &mut session, &group.version, pid, up).await {
+        Ok(()) => Ok((pid, from)),
+        Err((reason, output_tail)) => {
+            let failure = Failure {
+                phase: HostPhase::Verifying,
+                reason,
+                output_tail,
+                rolled_back: false,
+            };
+            Err(roll_back(ctx, host, &mut session, previous.as_ref(), failure).await)
+        }
+    }
+}
+
+/// Stops the new version and, when an old one ran, starts and verifies it again.
+async fn roll_back(
+    ctx: &GroupCtx,
+    host: &HostPlan,
+    session: &mut HostSession,
+    previous: Option<&Previous>,
+    mut failure: Failure,
+) -> Failure {
+    let group = &ctx.group;
+    ctx.phase(&host.id, HostPhase::RollingBack);
+    if let Err(e) = session.stop(&group.release, group.stop_grace).await {
+        failure.reason = format!(
+            "{}; stopping it for the rollback failed: {e}",
+            failure.reason
+        );
+        return failure;
+    }
+    let Some(previous) = previous.filter(|p| p.was_running && p.version != group.version) else {
+        // Nothing ran before (or it was stopped): stopped is the previous state.
+        failure.rolled_back = true;
+        return failure;
+    };
+    let start = group.start_request(host, &previous.version);
+    let pid = match session.start(&start).await {
+        Ok(started) => started.pid,
+        Err(e) => {
+            failure.reason = format!(
+                "{}; starting {} again failed: {e}",
+                failure.reason, previous.version
+            );
+            return failure;
+        }
+    };
+    ctx.phase(&host.id, HostPhase::VerifyingOld);
+    match watch_health(ctx, host, session, &previous.version, pid, Duration::ZERO).await {
+        Ok(()) => failure.rolled_back = true,
+        Err((why, _)) => {
+            failure.reason = format!(
+                "{}; the old version {} is not healthy either: {why}",
+                failure.reason, previous.version
+            );
+        }
+    }
+    failure
+}
+
+/// Polls until `version` (process `pid`, up `already_up`) is healthy or fails; on
+/// failure, why and the release's output tail.
+async fn watch_health(
+    ctx: &GroupCtx,
+    host: &HostPlan,
+    session: &mut HostSession,
+    version: &str,
+    pid: u32,
+    already_up: Duration,
+) -> std::result::Result<(), (String, String)> {
+    let group = &ctx.group;
+    let options = &ctx.shared.options;
+    let began = Instant::now();
+    loop {
+        let pong = session.ping().await.map_err(|e| {
+            (
+                format!("lost the agent while verifying: {e}"),
+                String::new(),
+            )
+        })?;
+        let status = release_status(&pong.releases, &group.release);
+        let up = already_up + began.elapsed();
+        let probe = match group.probe_port(host) {
+            Some(port) if up >= group.health.min_up => {
+                Some(probe_tcp(host.probe_host(), port, options.probe_timeout).await)
+            }
+            _ => None,
+        };
+        let observation = Observation {
+            status,
+            probe: probe.as_ref(),
+            up,
+            elapsed: began.elapsed(),
+        };
+        match verify(&observation, version, pid, &group.health) {
+            Verdict::Healthy => return Ok(()),
+            Verdict::Wait => tokio::time::sleep(options.poll_interval).await,
+            Verdict::Unhealthy(reason) => {
+                let mut tail = status.map(|s| s.output_tail.clone()).unwrap_or_default();
+                if tail.trim().is_empty() {
+                    tail = output_tail_soon(session, &group.release, options.poll_interval).await;
+                }
+                return Err((format!("{version}: {reason}"), tail));
+            }
+        }
+    }
+}
+
+/// The agent fills a release's output tail once it has exited; one that restarted
+/// between two looks shows none while it runs again. Looks a few more times, briefly,
+/// for the output of its next exit.
+async fn output_tail_soon(session: &mut HostSession, release: &str, interval: Duration) -> String {
+    let deadline = Instant::now() + OUTPUT_TAIL_WAIT;
+    while Instant::now() < deadline {
+        tokio::time::sleep(interval.min(Duration::from_millis(100))).await;
+        let Ok(pong) = session.ping().await else {
+            break;
+        };
+        if let Some(status) = release_status(&pong.releases, release) {
+            if !status.output_tail.trim().is_empty() {
+                return status.output_tail.clone();
+            }
+        }
+    }
+    String::new()
+}

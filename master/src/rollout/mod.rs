@@ -1,0 +1,293 @@
+//! The rolling cold deploy: brings every host of a cluster to its group's desired
+//! release version, a bounded number of hosts at a time, gated on health, rolled back
+//! when the new version is not healthy.
+//!
+//! - [`decide`]: the pure decisions (what a host needs, whether a release is healthy
+//!   yet, which hosts may switch now), tested without a network.
+//! - [`driver`]: the one place that performs I/O: ping, stage, stop, start, verify,
+//!   roll back; it respects `max_in_flight` through [`decide::GroupSchedule`].
+//! - [`session`]: one host's connection, reconnected and retried on transient errors,
+//!   and the TCP health probe.
+//! - [`converge`]: the daemon loop: reload the cluster file when its revision grows and
+//!   converge again every few seconds, so drift is repaired.
+//!
+//! Per host: ping → stage (push, skipped when present; unpack into
+//! `releases/<name>/<version>`) → stop old → start new → verify (up `min_up_secs`
+//! without a restart, TCP probe if set, within `deadline_secs`) → done. On failure:
+//! stop new, start old (with the group's argv and env, see
+//! [`crate::cluster::GroupPlan::start_request`]), verify old, report the host failed
+//! with the release's own output. Staging runs ahead on every host of the group, so a
+//! host is down only between stop and start. Progress goes out as [`RolloutEvent`]s.
+
+pub mod converge;
+pub mod decide;
+pub mod driver;
+pub mod session;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use converge::{converge_file, keep_converged, ConvergeOptions};
+pub use driver::rollout;
+pub use session::Connector;
+
+/// Where progress events go: the CLI renders them, a daemon logs or publishes them.
+pub type EventSink = tokio::sync::mpsc::UnboundedSender<RolloutEvent>;
+
+/// How a rollout runs, beyond what the cluster file says.
+#[derive(Debug, Clone)]
+pub struct RolloutOptions {
+    /// Only these groups (empty: every group).
+    pub groups: Vec<String>,
+    /// How often a starting release is looked at.
+    pub poll_interval: Duration,
+    /// Hosts staged at once in each group.
+    pub staging_parallel: usize,
+    /// Time allowed for one TCP health probe.
+    pub probe_timeout: Duration,
+}
+
+impl Default for RolloutOptions {
+    fn default() -> Self {
+        RolloutOptions {
+            groups: Vec::new(),
+            poll_interval: Duration::from_millis(200),
+            staging_parallel: 8,
+            probe_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Where a host is in its rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostPhase {
+    /// Asking the agent for its state.
+    Pinging,
+    /// Pushing and unpacking the archive.
+    Staging,
+    /// Staged; waiting for its turn to switch.
+    Staged,
+    /// Stopping the old version (the host is down from here).
+    Stopping,
+    /// Starting the new version.
+    Starting,
+    /// Waiting for the new version to prove healthy.
+    Verifying,
+    /// Stopping the failed new version.
+    RollingBack,
+    /// Waiting for the restarted old version to prove healthy.
+    VerifyingOld,
+}
+
+impl fmt::Display for HostPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HostPhase::Pinging => "pinging",
+            HostPhase::Staging => "staging",
+            HostPhase::Staged => "staged",
+            HostPhase::Stopping => "stopping old",
+            HostPhase::Starting => "starting new",
+            HostPhase::Verifying => "verifying",
+            HostPhase::RollingBack => "rolling back",
+            HostPhase::VerifyingOld => "verifying old",
+        })
+    }
+}
+
+/// What happens during a rollout, as it happens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum RolloutEvent {
+    /// A group's rollout begins.
+    GroupStarted {
+        /// Group name.
+        group: String,
+        /// Release name.
+        release: String,
+        /// Desired version.
+        version: String,
+        /// Hosts in the group.
+        hosts: usize,
+    },
+    /// A host entered a phase.
+    HostPhase {
+        /// Group name.
+        group: String,
+        /// Host id.
+        host: String,
+        /// The phase.
+        phase: HostPhase,
+    },
+    /// A host runs the desired version, healthy, after a switch.
+    HostDone {
+        /// Group name.
+        group: String,
+        /// Host id.
+        host: String,
+        /// The version it runs now.
+        version: String,
+        /// The release's process id.
+        pid: u32,
+    },
+    /// A host already ran the desired version, healthy: nothing was done.
+    HostSkipped {
+        /// Group name.
+        group: String,
+        /// Host id.
+        host: String,
+        /// The version it runs.
+        version: String,
+    },
+    /// A host failed; the group halts.
+    HostFailed {
+        /// Group name.
+        group: String,
+        /// Host id.
+        host: String,
+        /// Its agent's address.
+        addr: String,
+        /// The phase that failed.
+        phase: HostPhase,
+        /// What went wrong.
+        reason: String,
+        /// The failed release's own last output, from `Ping`.
+        output_tail: String,
+        /// Whether the host was returned to its previous state.
+        rolled_back: bool,
+    },
+    /// A group stopped after a failure; the listed hosts were not touched.
+    GroupHalted {
+        /// Group name.
+        group: String,
+        /// Why.
+        reason: String,
+        /// Hosts never switched.
+        untouched: Vec<String>,
+    },
+    /// A group finished (halted or not).
+    GroupDone {
+        /// Group name.
+        group: String,
+        /// Hosts switched to the desired version.
+        switched: usize,
+        /// Hosts already on it.
+        skipped: usize,
+        /// Hosts that failed.
+        failed: usize,
+    },
+}
+
+/// How one host ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum HostOutcome {
+    /// Switched to the desired version, healthy.
+    Switched {
+        /// The version it ran before.
+        from: Option<String>,
+        /// The new process id.
+        pid: u32,
+    },
+    /// It already ran the desired version, healthy.
+    UpToDate,
+    /// It failed.
+    Failed {
+        /// The phase that failed.
+        phase: HostPhase,
+        /// What went wrong.
+        reason: String,
+        /// The failed release's own last output.
+        output_tail: String,
+        /// Whether it was returned to its previous state.
+        rolled_back: bool,
+    },
+    /// The group halted before this host's turn.
+    Untouched,
+}
+
+/// One host's line in the summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostReport {
+    /// Host id.
+    pub host: String,
+    /// Its agent's address.
+    pub addr: String,
+    /// How it ended.
+    #[serde(flatten)]
+    pub outcome: HostOutcome,
+}
+
+/// One group's summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupReport {
+    /// Group name.
+    pub group: String,
+    /// Release name.
+    pub release: String,
+    /// Desired version.
+    pub version: String,
+    /// Why the group halted, if it did.
+    pub halted: Option<String>,
+    /// Every host of the group, in file order.
+    pub hosts: Vec<HostReport>,
+}
+
+/// The summary of a rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RolloutReport {
+    /// The cluster file's revision.
+    pub revision: u64,
+    /// Every group rolled out.
+    pub groups: Vec<GroupReport>,
+}
+
+impl RolloutReport {
+    /// True when every host runs its desired version, healthy.
+    pub fn converged(&self) -> bool {
+        self.groups.iter().all(|g| {
+            g.hosts.iter().all(|h| {
+                matches!(
+                    h.outcome,
+                    HostOutcome::Switched { .. } | HostOutcome::UpToDate
+                )
+            })
+        })
+    }
+
+    /// Hosts switched in this rollout.
+    pub fn switched(&self) -> usize {
+        self.count(|o| matches!(o, HostOutcome::Switched { .. }))
+    }
+
+    /// Hosts that failed.
+    pub fn failed(&self) -> usize {
+        self.count(|o| matches!(o, HostOutcome::Failed { .. }))
+    }
+
+    fn count(&self, which: impl Fn(&HostOutcome) -> bool) -> usize {
+        self.groups
+            .iter()
+            .flat_map(|g| g.hosts.iter())
+            .filter(|h| which(&h.outcome))
+            .count()
+    }
+}
+
+/// Sends an event; a sink nobody listens to any more is not an error.
+pub(crate) fn emit(events: &EventSink, event: RolloutEvent) {
+    let _ = events.send(event);
+}
+
+/// Shared by the tasks of one rollout.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub connector: Connector,
+    pub options: RolloutOptions,
+    pub events: EventSink,
+}
+
+pub(crate) type SharedRef = Arc<Shared>;

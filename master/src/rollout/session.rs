@@ -1,0 +1,178 @@
+//! One host's connection during a rollout: opened on first use under a bounded connect
+//! timeout, and opened again when a command fails on a transient error (every agent
+//! command is safe to repeat). Also the TCP health probe.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use erel_proto::{Pong, Sha256, Start, Started, Stopped, Unpacked, Written};
+
+use crate::client::WriteSource;
+use crate::error::{Error, Result};
+use crate::{AgentClient, HostAddr};
+
+/// How long a connection (TCP, TLS and `Hello`) may take by default.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts per command, the first included, when errors are transient.
+const ATTEMPTS: u32 = 2;
+/// Pause before a retry.
+const RETRY_PAUSE: Duration = Duration::from_millis(300);
+
+/// Opens authenticated connections to agents.
+#[derive(Clone)]
+pub struct Connector {
+    /// The master's TLS client configuration.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// The name this master gives in `Hello`.
+    pub master_name: String,
+    /// The longest a connection may take to open.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("master_name", &self.master_name)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+impl Connector {
+    /// A connector with the default connect timeout.
+    pub fn new(tls: Arc<rustls::ClientConfig>, master_name: impl Into<String>) -> Self {
+        Connector {
+            tls,
+            master_name: master_name.into(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+
+    /// Connects to `host` within the connect timeout.
+    pub async fn connect(&self, host: &HostAddr) -> Result<AgentClient> {
+        tokio::time::timeout(
+            self.connect_timeout,
+            AgentClient::connect(host, self.tls.clone(), &self.master_name),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            host: host.id.clone(),
+            phase: format!(
+                "connecting to {} (no answer within {}s)",
+                host.addr,
+                self.connect_timeout.as_secs_f32()
+            ),
+        })?
+    }
+}
+
+/// A host's connection, reopened as needed.
+#[derive(Debug)]
+pub struct HostSession {
+    host: HostAddr,
+    connector: Connector,
+    client: Option<AgentClient>,
+}
+
+/// Runs `$call` with a connected client, reconnecting and retrying on transient errors.
+macro_rules! retrying {
+    ($session:ident, |$client:ident| $call:expr) => {{
+        let mut attempt = 1;
+        loop {
+            let outcome = match $session.connected().await {
+                Ok($client) => $call.await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(value) => break Ok(value),
+                Err(e) if e.is_transient() => {
+                    $session.client = None;
+                    if attempt >= ATTEMPTS {
+                        break Err(e);
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(e) => break Err(e),
+            }
+        }
+    }};
+}
+
+impl HostSession {
+    /// A session for `host`; nothing is opened yet.
+    pub fn new(host: HostAddr, connector: Connector) -> Self {
+        HostSession {
+            host,
+            connector,
+            client: None,
+        }
+    }
+
+    /// The host.
+    pub fn host(&self) -> &HostAddr {
+        &self.host
+    }
+
+    async fn connected(&mut self) -> Result<&mut AgentClient> {
+        if self.client.is_none() {
+            self.client = Some(self.connector.connect(&self.host).await?);
+        }
+        self.client.as_mut().ok_or_else(|| Error::Protocol {
+            host: self.host.id.clone(),
+            message: "no connection".to_string(),
+        })
+    }
+
+    /// `Ping`.
+    pub async fn ping(&mut self) -> Result<Pong> {
+        retrying!(self, |client| client.ping())
+    }
+
+    /// `WriteFile` of an archive whose digest is known: nothing is sent when present,
+    /// an interrupted transfer resumes.
+    pub async fn push(
+        &mut self,
+        path: &std::path::Path,
+        sha256: Sha256,
+        dest: &str,
+    ) -> Result<Written> {
+        let source = WriteSource {
+            path: path.to_path_buf(),
+            sha256: Some(sha256),
+        };
+        retrying!(self, |client| client.write_file(
+            &source,
+            dest,
+            0o644,
+            &mut |_| {}
+        ))
+    }
+
+    /// `Unpack`.
+    pub async fn unpack(&mut self, archive: &str, dest: &str, sha256: Sha256) -> Result<Unpacked> {
+        retrying!(self, |client| client.unpack(archive, dest, Some(sha256)))
+    }
+
+    /// `Start`.
+    pub async fn start(&mut self, start: &Start) -> Result<Started> {
+        retrying!(self, |client| client.start(start.clone()))
+    }
+
+    /// `Stop`.
+    pub async fn stop(&mut self, name: &str, grace: Duration) -> Result<Stopped> {
+        retrying!(self, |client| client.stop(name, grace))
+    }
+}
+
+/// Connects to `host:port` once; `Err` says why not.
+pub async fn probe_tcp(host: &str, port: u16, limit: Duration) -> std::result::Result<(), String> {
+    match tokio::time::timeout(limit, tokio::net::TcpStream::connect((host, port))).await {
+        Ok(Ok(_stream)) => Ok(()),
+        Ok(Err(e)) => Err(format!("{host}:{port}: {e}")),
+        Err(_) => Err(format!(
+            "{host}:{port}: no answer within {}s",
+            limit.as_secs_f32()
+        )),
+    }
+}

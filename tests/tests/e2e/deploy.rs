@@ -1,0 +1,861 @@
+//! The rolling cold deploy against real agents: v1 then v2, a repeated deploy that does
+//! nothing, a broken release rolled back on the canary while the other hosts keep
+//! their processes, `max_in_flight` held, a master killed mid-rollout and run again,
+//! an unreachable host reported with its address, and a real OTP release.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use erel_master::cluster::Plan;
+use erel_master::rollout::{
+    self, Connector, HostOutcome, HostPhase, RolloutEvent, RolloutOptions, RolloutReport,
+};
+use erel_proto::ReleaseState;
+
+use crate::helper::otp::build_release_with;
+use crate::helper::release::{beat_release, failing_beat_release};
+use crate::helper::{AgentProc, Pki};
+
+const RELEASE: &str = "beat";
+
+/// Agents, their beat ports, and a directory for the cluster file and archives.
+struct Fleet {
+    pki: Pki,
+    agents: Vec<AgentProc>,
+    ports: Vec<u16>,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl Fleet {
+    fn new(hosts: usize, prefix: &str) -> Self {
+        let pki = Pki::new();
+        let agents = (1..=hosts)
+            .map(|i| AgentProc::start(&pki, &format!("{prefix}-{i}"), &[]))
+            .collect();
+        let ports = (0..hosts).map(|_| free_port()).collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("releases")).expect("mkdir");
+        Fleet {
+            pki,
+            agents,
+            ports,
+            dir,
+        }
+    }
+
+    fn releases(&self) -> PathBuf {
+        self.dir.path().join("releases")
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("cluster.toml")
+    }
+
+    /// Writes the cluster file: every agent in group `web` running `version` from
+    /// `releases/<archive file name>`, with `group` lines added to the group.
+    fn write_cluster(&self, revision: u64, version: &str, archive: &Path, group: &str) -> PathBuf {
+        self.write_cluster_with(revision, version, archive, group, &[])
+    }
+
+    fn write_cluster_with(
+        &self,
+        revision: u64,
+        version: &str,
+        archive: &Path,
+        group: &str,
+        extra_hosts: &[(&str, String)],
+    ) -> PathBuf {
+        let mut text = format!("revision = {revision}\n");
+        for (agent, port) in self.agents.iter().zip(&self.ports) {
+            text.push_str(&format!(
+                "[[host]]\nid = \"{}\"\naddr = \"{}\"\ngroup = \"web\"\nenv = {{ BEAT_PORT = \"{port}\" }}\n",
+                agent.id, agent.addr
+            ));
+        }
+        for (id, addr) in extra_hosts {
+            text.push_str(&format!(
+                "[[host]]\nid = \"{id}\"\naddr = \"{addr}\"\ngroup = \"web\"\nenv = {{ BEAT_PORT = \"{}\" }}\n",
+                free_port()
+            ));
+        }
+        let name = archive.file_name().expect("file name").to_string_lossy();
+        text.push_str(&format!(
+            "[group.web]\nrelease = \"{RELEASE}\"\nversion = \"{version}\"\narchive = \"releases/{name}\"\n\
+             stop_grace_secs = 5\n{group}\n"
+        ));
+        let path = self.path();
+        std::fs::write(&path, text).expect("write cluster file");
+        path
+    }
+
+    fn connector(&self) -> Connector {
+        Connector::new(self.pki.client_config(), "test-master")
+    }
+
+    /// Runs a rollout in this process, recording every event with its time.
+    async fn rollout(&self) -> (RolloutReport, Vec<(Instant, RolloutEvent)>) {
+        let plan = Plan::load(&self.path()).expect("valid cluster file");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let options = RolloutOptions {
+            poll_interval: Duration::from_millis(100),
+            ..RolloutOptions::default()
+        };
+        let report = rollout::rollout(&plan, &self.connector(), &options, &tx)
+            .await
+            .expect("rollout runs");
+        let mut events = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            events.push((Instant::now(), event));
+        }
+        (report, events)
+    }
+
+    /// What each agent says it runs: (version, state).
+    async fn running(&self) -> Vec<(Option<String>, ReleaseState)> {
+        let mut out = Vec::new();
+        for agent in &self.agents {
+            let mut client = self.pki.connect(agent).await;
+            let pong = client.ping().await.expect("ping");
+            let status = pong
+                .releases
+                .into_iter()
+                .find(|r| r.name == RELEASE)
+                .map(|r| (r.version, r.state))
+                .unwrap_or((None, ReleaseState::Stopped));
+            out.push(status);
+        }
+        out
+    }
+
+    /// What each host's release answers on its port.
+    fn beats(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|port| {
+                use std::io::Read;
+                let mut text = String::new();
+                if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", *port)) {
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                    let _ = stream.read_to_string(&mut text);
+                }
+                text.trim().to_string()
+            })
+            .collect()
+    }
+
+    fn expect_beats(&self, version: &str) {
+        let expected: Vec<String> = self
+            .agents
+            .iter()
+            .map(|a| format!("beat {version} {}", a.id))
+            .collect();
+        assert_eq!(self.beats(), expected);
+    }
+
+    fn logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(|a| format!("--- {}\n{}", a.id, a.log()))
+            .collect()
+    }
+}
+
+const FAST_HEALTH: &str = "health = { tcp = \"$BEAT_PORT\", min_up_secs = 1, deadline_secs = 15 }";
+
+fn group(max_in_flight: usize, canaries: usize) -> String {
+    format!("max_in_flight = {max_in_flight}\ncanaries = {canaries}\n{FAST_HEALTH}")
+}
+
+/// Runs the real `erel deploy`; (success, stdout + stderr).
+fn erel_deploy(fleet: &Fleet, extra: &[&str]) -> (bool, String) {
+    let out = fleet
+        .pki
+        .erel()
+        .arg("deploy")
+        .arg("--cluster")
+        .arg(fleet.path())
+        .args(extra)
+        .output()
+        .expect("run erel deploy");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploys_v1_then_v2_and_a_repeat_does_nothing() {
+    let fleet = Fleet::new(3, "roll");
+    let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
+    let v2 = beat_release(&fleet.releases(), RELEASE, "0.2.0");
+
+    fleet.write_cluster(1, "0.1.0", &v1, &group(1, 1));
+    let (ok, out) = erel_deploy(&fleet, &["--dry-run"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("canary") && out.contains("releases/beat/0.1.0"),
+        "{out}"
+    );
+    assert!(
+        fleet.running().await.iter().all(|(v, _)| v.is_none()),
+        "dry run touches nothing"
+    );
+
+    let (ok, out) = erel_deploy(&fleet, &[]);
+    assert!(ok, "deploy v1 failed:\n{out}\n{}", fleet.logs());
+    assert!(out.contains("every host runs its desired version"), "{out}");
+    fleet.expect_beats("0.1.0");
+
+    fleet.write_cluster(2, "0.2.0", &v2, &group(1, 1));
+    let (ok, out) = erel_deploy(&fleet, &[]);
+    assert!(ok, "deploy v2 failed:\n{out}\n{}", fleet.logs());
+    assert_eq!(out.matches("switched from 0.1.0").count(), 3, "{out}");
+    fleet.expect_beats("0.2.0");
+    for (version, state) in fleet.running().await {
+        assert_eq!(version.as_deref(), Some("0.2.0"));
+        assert_eq!(state, ReleaseState::Running);
+    }
+
+    let pids: Vec<Vec<i32>> = fleet
+        .agents
+        .iter()
+        .map(|a| a.release_pids(RELEASE))
+        .collect();
+    let (ok, out) = erel_deploy(&fleet, &[]);
+    assert!(ok, "{out}");
+    assert_eq!(out.matches(": up to date, runs 0.2.0").count(), 3, "{out}");
+    assert!(out.contains("0 switched, 3 already up to date"), "{out}");
+    assert!(
+        !out.contains("stopping old"),
+        "a repeated deploy stops nothing:\n{out}"
+    );
+    let again: Vec<Vec<i32>> = fleet
+        .agents
+        .iter()
+        .map(|a| a.release_pids(RELEASE))
+        .collect();
+    assert_eq!(pids, again, "no process was replaced");
+
+    let status = fleet
+        .pki
+        .erel()
+        .args(["status", "--json", "--cluster"])
+        .arg(fleet.path())
+        .output()
+        .expect("status");
+    assert!(status.status.success());
+    let rows: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    let rows = rows.as_array().expect("array");
+    assert_eq!(rows.len(), 3);
+    for row in rows {
+        assert_eq!(row["running_version"], "0.2.0");
+        assert_eq!(row["state"], "running");
+        assert_eq!(row["converged"], true);
+    }
+
+    // A HOST argument may be an id from the cluster file.
+    let ping = fleet
+        .pki
+        .erel()
+        .args(["ping", "roll-2", "--cluster"])
+        .arg(fleet.path())
+        .output()
+        .expect("ping");
+    let text = String::from_utf8_lossy(&ping.stdout);
+    assert!(
+        ping.status.success() && text.contains("beat 0.2.0 running"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_release_is_rolled_back_on_the_canary_and_nothing_else_is_touched() {
+    let fleet = Fleet::new(3, "canary");
+    let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
+    let broken = failing_beat_release(&fleet.releases(), RELEASE, "0.2.0", "exit");
+    fleet.write_cluster(1, "0.1.0", &v1, &group(2, 1));
+    let (report, _) = fleet.rollout().await;
+    assert!(report.converged(), "{report:?}\n{}", fleet.logs());
+    let before: Vec<Vec<i32>> = fleet
+        .agents
+        .iter()
+        .map(|a| a.release_pids(RELEASE))
+        .collect();
+    assert!(before.iter().all(|p| !p.is_empty()));
+
+    fleet.write_cluster(2, "0.2.0", &broken, &group(2, 1));
+    let (report, events) = fleet.rollout().await;
+    assert!(!report.converged());
+    let group = &report.groups[0];
+    assert!(group.halted.is_some(), "{group:?}");
+    match &group.hosts[0].outcome {
+        HostOutcome::Failed {
+            reason,
+            output_tail,
+            rolled_back,
+            ..
+        } => {
+            assert!(rolled_back, "{reason}");
+            assert!(
+                reason.contains("exited with code 3") || reason.contains("restarted"),
+                "{reason}"
+            );
+            assert!(
+                output_tail.contains("failing on purpose"),
+                "the release's own output: {output_tail:?}"
+            );
+        }
+        other => panic!("the canary should fail: {other:?}"),
+    }
+    for host in &group.hosts[1..] {
+        assert_eq!(host.outcome, HostOutcome::Untouched, "{}", host.host);
+    }
+    // Only the canary was ever stopped.
+    let stopped: BTreeSet<&str> = events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            RolloutEvent::HostPhase {
+                host,
+                phase: HostPhase::Stopping,
+                ..
+            } => Some(host.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stopped, BTreeSet::from(["canary-1"]));
+    assert!(events.iter().any(|(_, e)| matches!(
+        e,
+        RolloutEvent::HostFailed {
+            rolled_back: true,
+            ..
+        }
+    )));
+
+    let after: Vec<Vec<i32>> = fleet
+        .agents
+        .iter()
+        .map(|a| a.release_pids(RELEASE))
+        .collect();
+    assert_eq!(
+        after[1..],
+        before[1..],
+        "the other hosts kept their processes"
+    );
+    assert_ne!(
+        after[0], before[0],
+        "the canary runs a restarted old version"
+    );
+    fleet.expect_beats("0.1.0");
+    for (version, state) in fleet.running().await {
+        assert_eq!(version.as_deref(), Some("0.1.0"));
+        assert_eq!(state, ReleaseState::Running);
+    }
+
+    // The CLI says the same, with the release's output, and fails.
+    let (ok, out) = erel_deploy(&fleet, &[]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("rolled back") && out.contains("failing on purpose"),
+        "{out}"
+    );
+    assert!(out.contains("not touched"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_in_flight_bounds_the_hosts_down_at_once() {
+    let fleet = Fleet::new(5, "flight");
+    let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
+    let v2 = beat_release(&fleet.releases(), RELEASE, "0.2.0");
+    fleet.write_cluster(1, "0.1.0", &v1, &group(2, 1));
+    let (report, _) = fleet.rollout().await;
+    assert!(report.converged(), "{report:?}");
+
+    // Sample, besides the events: hosts whose release is not answering.
+    let ports = fleet.ports.clone();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let most_down = Arc::new(Mutex::new(0usize));
+    let sampler = {
+        let done = done.clone();
+        let most_down = most_down.clone();
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let down = ports
+                    .iter()
+                    .filter(|p| {
+                        std::net::TcpStream::connect_timeout(
+                            &std::net::SocketAddr::from(([127, 0, 0, 1], **p)),
+                            Duration::from_millis(200),
+                        )
+                        .is_err()
+                    })
+                    .count();
+                let mut most = most_down.lock().expect("lock");
+                *most = (*most).max(down);
+                drop(most);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    fleet.write_cluster(2, "0.2.0", &v2, &group(2, 1));
+    let (report, events) = fleet.rollout().await;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    sampler.join().expect("sampler");
+    assert!(report.converged(), "{report:?}\n{}", fleet.logs());
+    assert_eq!(report.switched(), 5);
+
+    // From the events: a host is down from Stopping until HostDone.
+    let mut down: BTreeSet<String> = BTreeSet::new();
+    let mut most = 0;
+    let mut first_done: Option<String> = None;
+    let mut stopped_before_canary_done = 0;
+    for (_, event) in &events {
+        match event {
+            RolloutEvent::HostPhase {
+                host,
+                phase: HostPhase::Stopping,
+                ..
+            } => {
+                down.insert(host.clone());
+                if first_done.is_none() {
+                    stopped_before_canary_done += 1;
+                }
+            }
+            RolloutEvent::HostDone { host, .. } => {
+                down.remove(host);
+                first_done.get_or_insert_with(|| host.clone());
+            }
+            _ => {}
+        }
+        most = most.max(down.len());
+    }
+    assert_eq!(most, 2, "max_in_flight 2 is used and never exceeded");
+    assert_eq!(stopped_before_canary_done, 1, "the canary goes alone");
+    assert_eq!(first_done.as_deref(), Some("flight-1"));
+    let sampled = *most_down.lock().expect("lock");
+    assert!(sampled <= 2, "sampled {sampled} hosts down at once");
+    fleet.expect_beats("0.2.0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_mid_rollout_finishes_when_run_again() {
+    let fleet = Fleet::new(3, "killed");
+    let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
+    let v2 = beat_release(&fleet.releases(), RELEASE, "0.2.0");
+    fleet.write_cluster(1, "0.1.0", &v1, &group(1, 1));
+    let (report, _) = fleet.rollout().await;
+    assert!(report.converged(), "{report:?}");
+
+    fleet.write_cluster(2, "0.2.0", &v2, &group(1, 1));
+    let mut child = fleet
+        .pki
+        .erel()
+        .arg("deploy")
+        .arg("--cluster")
+        .arg(fleet.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn erel deploy");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut seen = String::new();
+    let mut killed = false;
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("done, runs 0.2.0") {
+            child.kill().expect("kill the master");
+            killed = true;
+            break;
+        }
+    }
+    let _ = child.wait();
+    assert!(killed, "the first host never switched:\n{seen}");
+    let running = fleet.running().await;
+    assert_eq!(running[0].0.as_deref(), Some("0.2.0"), "{running:?}");
+    assert!(
+        running[1..]
+            .iter()
+            .any(|(v, _)| v.as_deref() != Some("0.2.0")),
+        "killed before the end: {running:?}"
+    );
+
+    let (ok, out) = erel_deploy(&fleet, &[]);
+    assert!(ok, "the second run finishes:\n{out}\n{}", fleet.logs());
+    assert!(out.contains("killed-1: up to date"), "{out}");
+    fleet.expect_beats("0.2.0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_host_is_reported_with_its_address() {
+    let fleet = Fleet::new(2, "reach");
+    let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
+    let dead = format!("127.0.0.1:{}", free_port());
+    fleet.write_cluster_with(1, "0.1.0", &v1, &group(1, 1), &[("reach-9", dead.clone())]);
+    let started = Instant::now();
+    let (ok, out) = erel_deploy(&fleet, &["--connect-timeout", "2"]);
+    assert!(!ok, "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "not waited on forever"
+    );
+    assert!(out.contains("reach-9") && out.contains(&dead), "{out}");
+    assert!(out.contains("unreachable"), "{out}");
+    // The group halted before any host was switched.
+    assert!(!out.contains("stopping old"), "{out}");
+    assert!(fleet
+        .agents
+        .iter()
+        .all(|a| a.release_pids(RELEASE).is_empty()));
+}
+
+/// The OTP app's start/2 also serves TCP on `$HEALTH_PORT`, for the health probe.
+fn otp_app(name: &str) -> String {
+    format!(
+        r#"-module({name}_app).
+-behaviour(application).
+-export([start/2, stop/1]).
+
+start(_StartType, _StartArgs) ->
+    Port = list_to_integer(os:getenv("HEALTH_PORT", "0")),
+    Self = self(),
+    spawn(fun() ->
+        {{ok, Listen}} = gen_tcp:listen(Port, [binary, {{reuseaddr, true}}, {{ip, {{127,0,0,1}}}}, {{active, false}}]),
+        Self ! listening,
+        accept(Listen)
+    end),
+    receive listening -> ok after 5000 -> ok end,
+    {name}_sup:start_link().
+
+accept(Listen) ->
+    {{ok, Socket}} = gen_tcp:accept(Listen),
+    gen_tcp:send(Socket, atom_to_list(node())),
+    gen_tcp:close(Socket),
+    accept(Listen).
+
+stop(_State) ->
+    ok.
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_otp_release_rolls_out_with_a_tcp_health_check() {
+    let name = "ereldeploy";
+    let fleet = Fleet::new(3, "otp");
+    let build_dir = fleet.dir.path().join("build");
+    std::fs::create_dir(&build_dir).expect("mkdir");
+    let files = vec![(format!("apps/{name}/src/{name}_app.erl"), otp_app(name))];
+    let vm_args = "-sname ereldeploy_${EREL_HOST_ID}\n-setcookie erel_e2e\n";
+    let tarball = tokio::task::spawn_blocking({
+        let dir = build_dir.clone();
+        move || build_release_with(&dir, name, Some(vm_args), &files)
+    })
+    .await
+    .expect("build");
+    let archive = fleet.releases().join(format!("{name}-0.1.0.tar.gz"));
+    std::fs::copy(&tarball, &archive).expect("copy");
+
+    let mut text = "revision = 1\n".to_string();
+    for (agent, port) in fleet.agents.iter().zip(&fleet.ports) {
+        text.push_str(&format!(
+            "[[host]]\nid = \"{}\"\naddr = \"{}\"\ngroup = \"otp\"\nenv = {{ HEALTH_PORT = \"{port}\" }}\n",
+            agent.id, agent.addr
+        ));
+    }
+    text.push_str(&format!(
+        "[group.otp]\nrelease = \"{name}\"\nversion = \"0.1.0\"\narchive = \"releases/{name}-0.1.0.tar.gz\"\n\
+         argv = [\"bin/{name}\", \"foreground\"]\nmax_in_flight = 1\ncanaries = 1\nstop_grace_secs = 30\n\
+         health = {{ tcp = \"$HEALTH_PORT\", min_up_secs = 2, deadline_secs = 60 }}\n"
+    ));
+    std::fs::write(fleet.path(), text).expect("write cluster");
+
+    let (ok, out) = erel_deploy(&fleet, &[]);
+    assert!(ok, "OTP deploy failed:\n{out}\n{}", fleet.logs());
+    assert_eq!(out.matches("switched from nothing").count(), 3, "{out}");
+
+    // Each node answers its health port with its own, distinct node name.
+    let names: Vec<String> = fleet.beats();
+    for (agent, node) in fleet.agents.iter().zip(&names) {
+        assert!(
+            node.starts_with(&format!("ereldeploy_{}@", agent.id)),
+            "{}: {node:?}",
+            agent.id
+        );
+    }
+    let distinct: BTreeSet<&String> = names.iter().collect();
+    assert_eq!(distinct.len(), 3);
+
+    let (ok, out) = erel_deploy(&fleet, &[]);
+    assert!(
+        ok && out.matches(": up to date, runs 0.1.0").count() == 3,
+        "{out}"
+    );
+
+    for agent in &fleet.agents {
+        let mut client = fleet.pki.connect(agent).await;
+        let stopped = client
+            .stop(name, Duration::from_secs(30))
+            .await
+            .expect("stop");
+        assert!(stopped.was_running);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_converges_repairs_drift_follows_revisions_and_stops_on_sigterm() {
+    let fleet = Fleet::new(2, "daemon");
+    let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
+    let v2 = beat_release(&fleet.releases(), RELEASE, "0.2.0");
+    fleet.write_cluster(1, "0.1.0", &v1, &group(1, 1));
+    let log = Arc::new(Mutex::new(String::new()));
+    let mut child = fleet
+        .pki
+        .erel()
+        .args(["master", "--interval", "1", "--cluster"])
+        .arg(fleet.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn erel master");
+    let stderr = child.stderr.take().expect("stderr");
+    let reader = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = log.lock().expect("lock");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        })
+    };
+    let beats_are = |version: &'static str| {
+        let expected: Vec<String> = fleet
+            .agents
+            .iter()
+            .map(|a| format!("beat {version} {}", a.id))
+            .collect();
+        let fleet = &fleet;
+        move || {
+            let ok = fleet.beats() == expected;
+            async move { ok }
+        }
+    };
+    let log_text = || log.lock().expect("lock").clone();
+
+    assert!(
+        crate::helper::wait_until(Duration::from_secs(30), beats_are("0.1.0")).await,
+        "never converged to 0.1.0:\n{}",
+        log_text()
+    );
+
+    // Drift: a release stopped by hand comes back.
+    let mut client = fleet.pki.connect(&fleet.agents[0]).await;
+    client
+        .stop(RELEASE, Duration::from_secs(5))
+        .await
+        .expect("stop by hand");
+    assert!(fleet.beats()[0].is_empty(), "stopped");
+    assert!(
+        crate::helper::wait_until(Duration::from_secs(30), beats_are("0.1.0")).await,
+        "drift not repaired:\n{}",
+        log_text()
+    );
+
+    // A newer revision is picked up.
+    fleet.write_cluster(2, "0.2.0", &v2, &group(1, 1));
+    assert!(
+        crate::helper::wait_until(Duration::from_secs(30), beats_are("0.2.0")).await,
+        "revision 2 not applied:\n{}",
+        log_text()
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the daemon ignored SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = reader.join();
+    let text = log_text();
+    assert!(status.success(), "{status:?}\n{text}");
+    assert!(
+        text.contains("revision=2") || text.contains("revision 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("done, runs 0.2.0"),
+        "logs what it does:\n{text}"
+    );
+    fleet.expect_beats("0.2.0");
+}
+
+/// Runs a rollout of the current cluster file, timestamping events as they happen.
+async fn timed_rollout(fleet: &Fleet) -> (RolloutReport, Vec<(Instant, RolloutEvent)>, Duration) {
+    let plan = Plan::load(&fleet.path()).expect("valid cluster file");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let collector = tokio::spawn(async move {
+        let mut events = Vec::new();
+        while let Some(event) = rx.recv().await {
+            events.push((Instant::now(), event));
+        }
+        events
+    });
+    let options = RolloutOptions {
+        poll_interval: Duration::from_millis(50),
+        ..RolloutOptions::default()
+    };
+    let started = Instant::now();
+    let report = rollout::rollout(&plan, &fleet.connector(), &options, &tx)
+        .await
+        .expect("rollout");
+    let took = started.elapsed();
+    drop(tx);
+    (report, collector.await.expect("collector"), took)
+}
+
+/// Per host: time from `Stopping` to `HostDone`.
+fn downtimes(events: &[(Instant, RolloutEvent)]) -> Vec<Duration> {
+    let mut stopped = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for (at, event) in events {
+        match event {
+            RolloutEvent::HostPhase {
+                host,
+                phase: HostPhase::Stopping,
+                ..
+            } => {
+                stopped.insert(host.clone(), *at);
+            }
+            RolloutEvent::HostDone { host, .. } => {
+                if let Some(from) = stopped.get(host) {
+                    out.push(*at - *from);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn millis(d: &[Duration]) -> String {
+    let ms: Vec<String> = d.iter().map(|d| format!("{}", d.as_millis())).collect();
+    let mean = d.iter().map(Duration::as_secs_f64).sum::<f64>() / d.len().max(1) as f64;
+    format!("mean {:.0} ms ({} ms)", mean * 1000.0, ms.join(", "))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: cargo test --release -p erel-tests --test e2e bench_ -- --ignored --nocapture"]
+async fn bench_cold_replacement_and_rolling_deploys() {
+    // Cold replacement of one host, beat release (min_up_secs = 0: healthy as soon as it
+    // runs and its TCP port answers).
+    let fleet = Fleet::new(1, "bench");
+    let gate = "max_in_flight = 1\ncanaries = 1\nhealth = { tcp = \"$BEAT_PORT\", min_up_secs = 0, deadline_secs = 30 }";
+    let mut samples = Vec::new();
+    for round in 0..6u64 {
+        let version = format!("1.0.{round}");
+        let archive = beat_release(&fleet.releases(), RELEASE, &version);
+        fleet.write_cluster(round + 1, &version, &archive, gate);
+        let (report, events, _) = timed_rollout(&fleet).await;
+        assert!(report.converged(), "{report:?}");
+        if round > 0 {
+            samples.extend(downtimes(&events));
+        }
+    }
+    println!(
+        "BENCH cold replacement, beat release (stop -> healthy): {}",
+        millis(&samples)
+    );
+    drop(fleet);
+
+    // Cold replacement of one host, a real OTP release (the same tarball unpacked as
+    // successive versions; healthy when its TCP listener answers).
+    let name = "erelbench";
+    let fleet = Fleet::new(1, "benchotp");
+    let build_dir = fleet.dir.path().join("build");
+    std::fs::create_dir(&build_dir).expect("mkdir");
+    let files = vec![(format!("apps/{name}/src/{name}_app.erl"), otp_app(name))];
+    let vm_args = "-sname erelbench_${EREL_HOST_ID}\n-setcookie erel_bench\n";
+    let tarball = tokio::task::spawn_blocking({
+        let dir = build_dir.clone();
+        move || build_release_with(&dir, name, Some(vm_args), &files)
+    })
+    .await
+    .expect("build");
+    let archive = fleet.releases().join(format!("{name}-0.1.0.tar.gz"));
+    std::fs::copy(&tarball, &archive).expect("copy");
+    let mut samples = Vec::new();
+    for round in 0..4u64 {
+        let version = format!("0.1.{round}");
+        let mut text = format!("revision = {}\n", round + 1);
+        let agent = &fleet.agents[0];
+        text.push_str(&format!(
+            "[[host]]\nid = \"{}\"\naddr = \"{}\"\ngroup = \"otp\"\nenv = {{ HEALTH_PORT = \"{}\" }}\n",
+            agent.id, agent.addr, fleet.ports[0]
+        ));
+        text.push_str(&format!(
+            "[group.otp]\nrelease = \"{name}\"\nversion = \"{version}\"\narchive = \"releases/{name}-0.1.0.tar.gz\"\n\
+             argv = [\"bin/{name}\", \"foreground\"]\nstop_grace_secs = 30\n\
+             health = {{ tcp = \"$HEALTH_PORT\", min_up_secs = 0, deadline_secs = 60 }}\n"
+        ));
+        std::fs::write(fleet.path(), text).expect("write");
+        let (report, events, _) = timed_rollout(&fleet).await;
+        assert!(report.converged(), "{report:?}\n{}", fleet.logs());
+        if round > 0 {
+            samples.extend(downtimes(&events));
+        }
+    }
+    println!(
+        "BENCH cold replacement, OTP release (stop -> healthy): {}",
+        millis(&samples)
+    );
+    let mut client = fleet.pki.connect(&fleet.agents[0]).await;
+    let _ = client.stop(name, Duration::from_secs(30)).await;
+    drop(fleet);
+
+    // Rolling deploys across 20 agents.
+    let fleet = Fleet::new(20, "fleet");
+    let v0 = beat_release(&fleet.releases(), RELEASE, "2.0.0");
+    fleet.write_cluster(1, "2.0.0", &v0, &group(20, 1));
+    let (report, _, took) = timed_rollout(&fleet).await;
+    assert!(report.converged(), "{report:?}");
+    println!(
+        "BENCH first deploy to 20 agents (push + unpack + start, max_in_flight 20): {:.2} s",
+        took.as_secs_f64()
+    );
+    for (round, max) in [1usize, 5, 20].into_iter().enumerate() {
+        let version = format!("2.0.{}", round + 1);
+        let archive = beat_release(&fleet.releases(), RELEASE, &version);
+        fleet.write_cluster(round as u64 + 2, &version, &archive, &group(max, 1));
+        let (report, events, took) = timed_rollout(&fleet).await;
+        assert!(report.converged(), "{report:?}");
+        assert_eq!(report.switched(), 20);
+        let down = downtimes(&events);
+        let most = down.iter().max().copied().unwrap_or_default();
+        println!(
+            "BENCH rolling deploy, 20 agents, max_in_flight {max:>2}, 1 canary, min_up_secs 1: {:.2} s total; per-host downtime max {} ms",
+            took.as_secs_f64(),
+            most.as_millis()
+        );
+    }
+}
