@@ -735,3 +735,61 @@ async fn ping_json_reports_everything() {
         .expect("error text")
         .contains("127.0.0.1:1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_master_is_refused_without_restarting_the_agent_and_a_new_one_gets_in() {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let agent_pid = agent.pid();
+    let mut client = pki.connect(&agent).await;
+    client.ping().await.expect("ping before");
+
+    // Revoking rewrites crl.pem in every host bundle; the running agent picks it up for
+    // new connections.
+    pki.master.revoke("master").expect("revoke");
+    let refused = erel_master::AgentClient::connect(&agent.host(), pki.client_config(), "m")
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    let text = refused.to_string();
+    assert!(text.contains("revoked"), "{text}");
+    assert!(
+        matches!(refused, erel_master::Error::Tls { .. }),
+        "an authentication error, not an I/O one: {refused:?}"
+    );
+
+    // A new master certificate from the same CA is accepted, by the same agent process.
+    pki.master.reissue_master().expect("reissue");
+    let mut client = pki.connect(&agent).await;
+    client.ping().await.expect("ping with the new certificate");
+    assert_eq!(agent.pid(), agent_pid, "no restart was needed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_versions_and_their_archives_are_removed_beyond_the_kept_ones() {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "web-1", &["--keep-versions", "1"]);
+    let work = tempfile::tempdir().expect("tempdir");
+    for version in ["1", "2", "3"] {
+        let port = install_beat(&pki, &agent, work.path(), version).await;
+        assert!(
+            wait_until(Duration::from_secs(10), || async {
+                beat_answer(port).await.is_some()
+            })
+            .await
+        );
+    }
+    let status = release_status(&pki, &agent, "beat").await.expect("known");
+    assert_eq!(status.version.as_deref(), Some("3"));
+    assert_eq!(
+        status.versions,
+        vec!["2".to_string(), "3".to_string()],
+        "the running version and one other are kept"
+    );
+    assert!(!agent.root.join("releases/beat/1").exists());
+    assert!(
+        !agent.root.join("archives/beat-1.tar.gz").exists(),
+        "the archive version 1 came from is removed too"
+    );
+    assert!(agent.root.join("archives/beat-2.tar.gz").exists());
+}
