@@ -1,5 +1,6 @@
 //! The erel master, as a library the `erel` binary and the tests share.
 //!
+//! - [`amqp`]: configs over RabbitMQ: the config log, the AMQP daemon, leases, events.
 //! - [`cli`]: the `erel` program (`main.rs` only calls it).
 //! - [`client`]: the typed client for one agent, one method per command.
 //! - [`cluster`]: the cluster file, validated once into a [`cluster::Plan`].
@@ -8,6 +9,7 @@
 //! - [`error`]: the one error type.
 #![deny(missing_docs)]
 
+pub mod amqp;
 pub mod cli;
 pub mod client;
 pub mod cluster;

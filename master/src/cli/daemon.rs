@@ -24,10 +24,18 @@ pub struct MasterArgs {
     /// Seconds a connection to an agent may take.
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     connect_timeout: u64,
+    /// `--amqp URL --state-dir DIR --name NAME --artifacts DIR`: the AMQP config log.
+    #[command(flatten)]
+    amqp: super::amqp::AmqpMasterArgs,
 }
 
 /// Runs the daemon until SIGTERM or Ctrl-C.
 pub async fn master(ctx: &Context, cluster: &Path, args: MasterArgs) -> anyhow::Result<ExitCode> {
+    if args.amqp.url.is_some() {
+        let interval = Duration::from_secs(args.interval.max(1));
+        let connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
+        return super::amqp::master(ctx, args.amqp, interval, connect_timeout).await;
+    }
     let mut connector = Connector::new(ctx.tls()?, ctx.master_name());
     connector.connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
     let options = ConvergeOptions {

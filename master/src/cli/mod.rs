@@ -8,12 +8,15 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod agent;
+pub mod amqp;
 pub mod certs;
+pub mod config;
 mod context;
 pub mod daemon;
 pub mod demo;
 pub mod deploy;
 pub mod status;
+pub mod watch;
 
 pub use context::Context;
 
@@ -58,6 +61,11 @@ enum Command {
     Deploy(deploy::DeployArgs),
     /// The daemon: keeps the cluster converged from the cluster file.
     Master(daemon::MasterArgs),
+    /// The config log on RabbitMQ: publish, show, history, holders.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
+    /// Prints what the masters do, live, from RabbitMQ.
+    Watch(watch::WatchArgs),
     /// The whole story on one machine: CA, three agents, deploy, roll, rollback.
     Demo(demo::DemoArgs),
     /// The demo's release program: serves `beat VERSION HOST` on $BEAT_PORT.
@@ -118,6 +126,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Master(args) => daemon::master(&ctx, &cluster_file(cluster), args).await,
         Command::Demo(args) => demo::demo(args).await,
         Command::DemoBeat => demo::beat().await,
+        Command::Config(command) => config::run(command).await,
+        Command::Watch(args) => watch::watch(args).await,
     }
 }
 

@@ -26,6 +26,12 @@ pub struct StatusArgs {
     /// Seconds a connection to an agent may take.
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     connect_timeout: u64,
+    /// Also show which master holds each group, from this RabbitMQ broker (table only).
+    #[arg(long = "amqp", value_name = "URL")]
+    amqp: Option<String>,
+    /// Prefix of the queue names on the broker.
+    #[arg(long = "amqp-prefix", env = "EREL_AMQP_PREFIX", default_value = crate::amqp::DEFAULT_PREFIX, value_name = "PREFIX")]
+    amqp_prefix: String,
 }
 
 /// One host as `status` shows it.
@@ -76,6 +82,13 @@ pub async fn status(ctx: &Context, cluster: &Path, args: StatusArgs) -> anyhow::
         );
     } else {
         print!("{}", status_table(&plan, &hosts));
+        if let Some(url) = &args.amqp {
+            let groups: Vec<String> = plan.groups.keys().cloned().collect();
+            print!(
+                "\n{}",
+                super::config::holders_text(url, &args.amqp_prefix, &groups).await?
+            );
+        }
     }
     Ok(if hosts.iter().all(|h| h.converged) {
         ExitCode::SUCCESS

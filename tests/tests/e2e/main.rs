@@ -4,6 +4,7 @@
 mod helper;
 
 mod agent;
+mod amqp;
 mod certs_cli;
 mod deploy;
 mod otp;

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod amqp;
 pub mod otp;
 pub mod release;
 

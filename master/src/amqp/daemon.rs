@@ -1,0 +1,653 @@
+//! `erel master --amqp`: the daemon fed by the config log.
+//!
+//! On start it loads the config held in its state directory, then connects and reads
+//! the log from where it is ([`log`]). Each batch of deliveries is sorted newest
+//! revision first; revisions not newer than the one held are logged and ignored; the
+//! newest one that validates (archives found in the artifact directory, checked by
+//! sha256) is written atomically to the state directory, and only then are the
+//! messages acknowledged and the new plan handed to the groups. A config that fails
+//! validation is logged with its reason and never applied.
+//!
+//! Once the log is read to its end (nothing more for [`log::SETTLE`]), the daemon
+//! competes for each group of its plan ([`leadership`]) and converges the groups it
+//! holds with the rollout engine: at once, every `interval` (drift), and at once again
+//! when a newer revision arrives. Waiting for the end of the log first keeps a master
+//! that starts behind from acting on an old revision.
+//!
+//! Faults: when the connection fails (broker restarted, connection cut, broker down at
+//! start) the daemon stops acting on every group (its leases are gone with the
+//! connection), leaves the hosts as they are, reconnects with backoff, resumes the log
+//! after the last offset it saw, and competes again. Cancelling the token ends it
+//! cleanly: rollouts in progress are abandoned (every agent command is idempotent, so
+//! the next holder completes them) and the leases are handed back at once.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::future::poll_once;
+use futures_lite::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use lapin::Connection;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::events::{self, MasterEvent};
+use super::log::{self, LogEntry};
+use super::state::StateDir;
+use super::{amqp_error, leadership, Backoff, Broker};
+use crate::cluster::{ArchiveLookup, Plan};
+use crate::error::{Error, Result};
+use crate::rollout::{self, Connector, HostPhase, RolloutEvent, RolloutOptions};
+
+/// What the daemon needs.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// The broker and the names of this cluster on it.
+    pub broker: Broker,
+    /// Where the newest accepted config is kept.
+    pub state_dir: PathBuf,
+    /// This master's name, as events and holder records show it.
+    pub name: String,
+    /// Where the archives configs name are found.
+    pub artifacts: PathBuf,
+    /// How agents are reached.
+    pub connector: Connector,
+    /// How rollouts run (its `groups` is set per group here).
+    pub rollout: RolloutOptions,
+    /// Time between two convergence passes of a held group (drift repair).
+    pub interval: Duration,
+    /// Reconnection pacing.
+    pub backoff: Backoff,
+}
+
+/// The plan every group task follows.
+type Plans = watch::Receiver<Option<Arc<Plan>>>;
+
+/// Where the daemon is in the log.
+#[derive(Debug, Default)]
+struct Position {
+    /// The revision held.
+    held: Option<u64>,
+    /// The offset after the last message seen, where a new consumer resumes.
+    next_offset: Option<u64>,
+}
+
+/// Runs the daemon until `cancel` fires. Errors only when the state directory cannot be
+/// read at start; everything the broker does is retried.
+pub async fn run(options: DaemonOptions, cancel: CancellationToken) -> Result<()> {
+    let state = StateDir::new(&options.state_dir);
+    let lookup = ArchiveLookup::Artifacts(options.artifacts.clone());
+    let loaded = {
+        let (state, lookup) = (state.clone(), lookup.clone());
+        tokio::task::spawn_blocking(move || state.load(&lookup))
+            .await
+            .map_err(|e| Error::local(&options.state_dir, format!("loading failed: {e}")))??
+    };
+    let mut position = Position::default();
+    let initial = match loaded {
+        Some((held, problem)) => {
+            position.held = Some(held.revision);
+            match problem {
+                None => info!(
+                    revision = held.revision,
+                    dir = %options.state_dir.display(),
+                    "config loaded from the state directory"
+                ),
+                Some(problem) => error!(
+                    revision = held.revision,
+                    "the config in the state directory does not validate any more; \
+                     nothing is converged until a newer revision arrives: {problem}"
+                ),
+            }
+            held.plan.map(Arc::new)
+        }
+        None => {
+            info!(dir = %options.state_dir.display(), "no config held yet");
+            None
+        }
+    };
+    let (plans_tx, plans) = watch::channel(initial);
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    let daemon = Daemon {
+        options,
+        state,
+        lookup,
+        plans_tx,
+        plans,
+        events: events_tx,
+    };
+    let mut backoff = daemon.options.backoff.clone();
+    let broker_url = daemon.options.broker.display_url();
+    loop {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let outcome = daemon
+            .session(&mut position, &mut events_rx, &mut backoff, &cancel)
+            .await;
+        match outcome {
+            Ok(()) => break,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(
+                    "{e}; the hosts stay as they are; reconnecting to {broker_url} in {} ms",
+                    delay.as_millis()
+                );
+                let sleep = tokio::time::sleep(delay);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = &mut sleep => break,
+                        // Events of a master that is not connected are dropped.
+                        Some(event) = events_rx.recv() => debug!(?event, "event dropped (not connected)"),
+                    }
+                }
+            }
+        }
+    }
+    info!("daemon stopped");
+    Ok(())
+}
+
+struct Daemon {
+    options: DaemonOptions,
+    state: StateDir,
+    lookup: ArchiveLookup,
+    plans_tx: watch::Sender<Option<Arc<Plan>>>,
+    plans: Plans,
+    events: mpsc::UnboundedSender<MasterEvent>,
+}
+
+/// A group this master competes for.
+struct GroupHandle {
+    cancel: CancellationToken,
+}
+
+impl Daemon {
+    /// One connection's life. `Ok` only when cancelled.
+    async fn session(
+        &self,
+        position: &mut Position,
+        events_rx: &mut mpsc::UnboundedReceiver<MasterEvent>,
+        backoff: &mut Backoff,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let broker = &self.options.broker;
+        let names = broker.names();
+        let role = format!("master {}", self.options.name);
+        let connection = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            connection = broker.connect(&role) => Arc::new(connection?),
+        };
+        let log_queue = names.configs();
+        let log_channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| amqp_error(&log_queue, "opening a channel", e))?;
+        let event_channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| amqp_error(names.events(), "opening a channel", e))?;
+        log::declare(&log_channel, names).await?;
+        events::declare(&event_channel, names).await?;
+        let from = match position.next_offset {
+            Some(offset) => log::From::Offset(offset),
+            None => log::From::First,
+        };
+        let tag = format!("{}-{}", self.options.name, std::process::id());
+        let mut consumer = log::consume(&log_channel, names, &tag, from).await?;
+        info!(log = %log_queue, ?from, "connected; reading the config log");
+        backoff.reset();
+
+        let mut groups: HashMap<String, GroupHandle> = HashMap::new();
+        let mut tasks: JoinSet<(String, Result<()>)> = JoinSet::new();
+        let mut plans = self.plans.clone();
+        let mut caught_up = false;
+        let mut settle: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(log::SETTLE));
+        let outcome: Result<()> = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break Ok(()),
+                next = consumer.next() => {
+                    let first = match next {
+                        Some(Ok(delivery)) => delivery,
+                        Some(Err(e)) => break Err(amqp_error(&log_queue, "reading the config log", e)),
+                        None => break Err(Error::Amqp {
+                            target: log_queue.clone(),
+                            action: "reading the config log".to_string(),
+                            message: "the broker ended the consumer".to_string(),
+                        }),
+                    };
+                    let mut batch = vec![first];
+                    let mut ended = None;
+                    while batch.len() < usize::from(log::PREFETCH) {
+                        match poll_once(consumer.next()).await {
+                            Some(Some(Ok(delivery))) => batch.push(delivery),
+                            Some(Some(Err(e))) => {
+                                ended = Some(amqp_error(&log_queue, "reading the config log", e));
+                                break;
+                            }
+                            Some(None) => {
+                                ended = Some(Error::Amqp {
+                                    target: log_queue.clone(),
+                                    action: "reading the config log".to_string(),
+                                    message: "the broker ended the consumer".to_string(),
+                                });
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    if let Err(e) = self.apply_batch(&batch, position).await {
+                        break Err(e);
+                    }
+                    if let Some(last) = batch.last() {
+                        // Acknowledged only now that the revision is on disk.
+                        if let Err(e) = last.ack(BasicAckOptions { multiple: true }).await {
+                            break Err(amqp_error(&log_queue, "acknowledging", e));
+                        }
+                    }
+                    if let Some(e) = ended {
+                        break Err(e);
+                    }
+                    settle.as_mut().reset(Instant::now() + log::SETTLE);
+                }
+                _ = &mut settle, if !caught_up => {
+                    caught_up = true;
+                    info!(revision = ?position.held, "config log read to its end");
+                    self.sync_groups(&connection, &mut groups, &mut tasks);
+                }
+                changed = plans.changed() => {
+                    if changed.is_err() {
+                        break Ok(());
+                    }
+                    if caught_up {
+                        self.sync_groups(&connection, &mut groups, &mut tasks);
+                    }
+                }
+                Some(event) = events_rx.recv() => {
+                    let envelope = events::envelope(&self.options.name, event);
+                    if let Err(e) = events::publish(&event_channel, names, &envelope).await {
+                        break Err(e);
+                    }
+                }
+                Some(joined) = tasks.join_next() => match joined {
+                    Ok((group, Ok(()))) => {
+                        debug!(group, "stopped competing for the group");
+                    }
+                    Ok((group, Err(e))) => break Err(Error::Amqp {
+                        target: names.lease(&group).unwrap_or_default(),
+                        action: format!("competing for group {group}"),
+                        message: e.to_string(),
+                    }),
+                    Err(e) => break Err(Error::Amqp {
+                        target: log_queue.clone(),
+                        action: "running a group".to_string(),
+                        message: e.to_string(),
+                    }),
+                },
+            }
+        };
+        for handle in groups.values() {
+            handle.cancel.cancel();
+        }
+        while tasks.join_next().await.is_some() {}
+        // Events the groups sent while stopping.
+        while let Ok(event) = events_rx.try_recv() {
+            let envelope = events::envelope(&self.options.name, event);
+            if events::publish(&event_channel, names, &envelope)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        drop(consumer);
+        let _ = log_channel.close(200, "master stopping".into()).await;
+        let _ = event_channel.close(200, "master stopping".into()).await;
+        let _ = connection.close(200, "master stopping".into()).await;
+        outcome
+    }
+
+    /// Applies one batch of log messages (see the module docs); returns an error only
+    /// when the state directory cannot be written (then nothing is acknowledged).
+    async fn apply_batch(&self, batch: &[Delivery], position: &mut Position) -> Result<()> {
+        let log_queue = self.options.broker.names().configs();
+        let entries: Vec<LogEntry> = batch.iter().map(LogEntry::from_delivery).collect();
+        if let Some(offset) = entries.iter().filter_map(|e| e.offset).max() {
+            position.next_offset = Some(offset + 1);
+        }
+        let (newer, older) = log::newer_than(position.held, &entries);
+        for entry in &older {
+            debug!(
+                revision = ?entry.revision(),
+                offset = ?entry.offset,
+                held = ?position.held,
+                "revision not newer than the one held; ignored"
+            );
+        }
+        if !older.is_empty() {
+            info!(
+                count = older.len(),
+                held = ?position.held,
+                "ignored {} revision(s) not newer than the one held (revisions {})",
+                older.len(),
+                summarize(older.iter().filter_map(|e| e.revision()))
+            );
+        }
+        let mut accepted: Option<u64> = None;
+        for entry in newer {
+            if let Some(accepted) = accepted {
+                debug!(
+                    revision = ?entry.revision(),
+                    accepted,
+                    "superseded by a newer revision in the same batch"
+                );
+                continue;
+            }
+            let checked = {
+                let (entry, lookup, log_queue) =
+                    (entry.clone(), self.lookup.clone(), log_queue.clone());
+                tokio::task::spawn_blocking(move || entry.validate(&log_queue, &lookup))
+                    .await
+                    .map_err(|e| format!("validation failed: {e}"))
+                    .and_then(|checked| checked)
+            };
+            match checked {
+                Ok(plan) => {
+                    let revision = plan.revision;
+                    let text = entry.text().unwrap_or_default().to_string();
+                    let state = self.state.clone();
+                    tokio::task::spawn_blocking(move || state.store(&text))
+                        .await
+                        .map_err(|e| {
+                            Error::local(self.state.config_path(), format!("writing failed: {e}"))
+                        })??;
+                    info!(
+                        revision,
+                        previous = ?position.held,
+                        publisher = entry.publisher.as_deref().unwrap_or("?"),
+                        "revision accepted and written to the state directory"
+                    );
+                    position.held = Some(revision);
+                    accepted = Some(revision);
+                    let _ = self.events.send(MasterEvent::RevisionAccepted {
+                        revision,
+                        publisher: entry.publisher.clone(),
+                    });
+                    self.plans_tx.send_replace(Some(Arc::new(plan)));
+                }
+                Err(reason) => {
+                    warn!(
+                        revision = ?entry.revision(),
+                        offset = ?entry.offset,
+                        "config rejected, nothing of it applied: {reason}"
+                    );
+                    let _ = self.events.send(MasterEvent::RevisionRejected {
+                        revision: entry.revision(),
+                        reason,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Competes for exactly the groups of the current plan.
+    fn sync_groups(
+        &self,
+        connection: &Arc<Connection>,
+        groups: &mut HashMap<String, GroupHandle>,
+        tasks: &mut JoinSet<(String, Result<()>)>,
+    ) {
+        let wanted: Vec<String> = self
+            .plans
+            .borrow()
+            .as_ref()
+            .map(|plan| plan.groups.keys().cloned().collect())
+            .unwrap_or_default();
+        groups.retain(|group, handle| {
+            let keep = wanted.contains(group);
+            if !keep {
+                info!(group, "the group left the config; handing it back");
+                handle.cancel.cancel();
+            }
+            keep
+        });
+        for group in wanted {
+            if groups.contains_key(&group) {
+                continue;
+            }
+            let cancel = CancellationToken::new();
+            let task = GroupTask {
+                connection: connection.clone(),
+                options: self.options.clone(),
+                group: group.clone(),
+                plans: self.plans.clone(),
+                events: self.events.clone(),
+            };
+            let token = cancel.clone();
+            tasks.spawn(async move {
+                let group = task.group.clone();
+                (group, task.run(token).await)
+            });
+            groups.insert(group, GroupHandle { cancel });
+        }
+    }
+}
+
+/// Competes for one group and converges it while held.
+struct GroupTask {
+    connection: Arc<Connection>,
+    options: DaemonOptions,
+    group: String,
+    plans: Plans,
+    events: mpsc::UnboundedSender<MasterEvent>,
+}
+
+impl GroupTask {
+    async fn run(self, cancel: CancellationToken) -> Result<()> {
+        let (holding_tx, mut holding) = watch::channel(false);
+        let lease = tokio::spawn(leadership::hold(
+            self.connection.clone(),
+            self.options.broker.names().clone(),
+            self.group.clone(),
+            self.options.name.clone(),
+            holding_tx,
+            cancel.clone(),
+        ));
+        loop {
+            if *holding.borrow_and_update() {
+                let _ = self.events.send(MasterEvent::GroupAcquired {
+                    group: self.group.clone(),
+                });
+                self.converge_while_held(&mut holding, &cancel).await;
+                let _ = self.events.send(MasterEvent::GroupReleased {
+                    group: self.group.clone(),
+                });
+                info!(group = %self.group, "no longer acting on the group");
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                changed = holding.changed() => if changed.is_err() { break },
+            }
+        }
+        lease.await.map_err(|e| Error::Amqp {
+            target: self.group.clone(),
+            action: "holding the lease".to_string(),
+            message: e.to_string(),
+        })?
+    }
+
+    /// Converges the group until the lease is lost or `cancel` fires.
+    async fn converge_while_held(
+        &self,
+        holding: &mut watch::Receiver<bool>,
+        cancel: &CancellationToken,
+    ) {
+        let mut plans = self.plans.clone();
+        let mut applied: Option<u64> = None;
+        loop {
+            let plan = plans.borrow_and_update().clone();
+            if let Some(plan) = plan.filter(|p| p.groups.contains_key(&self.group)) {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = lost(holding) => return,
+                    _ = self.pass(&plan, &mut applied) => {}
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = lost(holding) => return,
+                _ = tokio::time::sleep(self.options.interval) => {}
+                changed = plans.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// One rollout pass of the group; events logged and forwarded.
+    async fn pass(&self, plan: &Plan, applied: &mut Option<u64>) {
+        let options = RolloutOptions {
+            groups: vec![self.group.clone()],
+            ..self.options.rollout.clone()
+        };
+        let (sink, mut received) = mpsc::unbounded_channel();
+        let run = rollout::rollout(plan, &self.options.connector, &options, &sink);
+        tokio::pin!(run);
+        let mut started = false;
+        let outcome = loop {
+            tokio::select! {
+                Some(event) = received.recv() => self.forward(plan, &event, &mut started),
+                outcome = &mut run => break outcome,
+            }
+        };
+        while let Ok(event) = received.try_recv() {
+            self.forward(plan, &event, &mut started);
+        }
+        match outcome {
+            Ok(report) if report.converged() => {
+                if *applied != Some(plan.revision) || report.switched() > 0 {
+                    info!(
+                        group = %self.group,
+                        revision = plan.revision,
+                        switched = report.switched(),
+                        "revision applied"
+                    );
+                    let _ = self.events.send(MasterEvent::RevisionApplied {
+                        group: self.group.clone(),
+                        revision: plan.revision,
+                        switched: report.switched(),
+                    });
+                }
+                *applied = Some(plan.revision);
+            }
+            Ok(report) => warn!(
+                group = %self.group,
+                revision = plan.revision,
+                failed = report.failed(),
+                "not converged; trying again in {}s",
+                self.options.interval.as_secs()
+            ),
+            Err(e) => warn!(group = %self.group, revision = plan.revision, "cannot roll out: {e}"),
+        }
+    }
+
+    fn forward(&self, plan: &Plan, event: &RolloutEvent, started: &mut bool) {
+        match event {
+            RolloutEvent::HostPhase { host, phase, .. } => {
+                if !*started && matches!(phase, HostPhase::Staging | HostPhase::Stopping) {
+                    *started = true;
+                    if let Some(group) = plan.groups.get(&self.group) {
+                        info!(group = %self.group, release = %group.release, version = %group.version, "rollout started");
+                        let _ = self.events.send(MasterEvent::RolloutStarted {
+                            group: self.group.clone(),
+                            revision: plan.revision,
+                            release: group.release.clone(),
+                            version: group.version.clone(),
+                        });
+                    }
+                }
+                debug!(group = %self.group, host, %phase, "host phase");
+            }
+            RolloutEvent::HostDone {
+                host, version, pid, ..
+            } => {
+                info!(group = %self.group, host, version, pid, "host done")
+            }
+            RolloutEvent::HostFailed {
+                host,
+                addr,
+                phase,
+                reason,
+                rolled_back,
+                ..
+            } => {
+                error!(group = %self.group, host, addr, %phase, rolled_back, "host failed: {reason}")
+            }
+            RolloutEvent::GroupHalted {
+                reason, untouched, ..
+            } => {
+                warn!(group = %self.group, ?untouched, "group halted: {reason}")
+            }
+            _ => debug!(group = %self.group, ?event, "rollout"),
+        }
+        if let Some(event) = MasterEvent::from_rollout(event) {
+            let _ = self.events.send(event);
+        }
+    }
+}
+
+/// Resolves once the lease is no longer held.
+async fn lost(holding: &mut watch::Receiver<bool>) {
+    loop {
+        if !*holding.borrow_and_update() {
+            return;
+        }
+        if holding.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `1-3, 7` for a list of revisions.
+fn summarize(revisions: impl Iterator<Item = u64>) -> String {
+    let mut sorted: Vec<u64> = revisions.collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut parts = Vec::new();
+    let mut iter = sorted.into_iter().peekable();
+    while let Some(start) = iter.next() {
+        let mut end = start;
+        while iter.peek() == Some(&(end + 1)) {
+            end += 1;
+            iter.next();
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+    }
+    parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summarize;
+
+    #[test]
+    fn revision_lists_are_summarized_as_ranges() {
+        assert_eq!(
+            summarize([3, 1, 2, 7, 7, 9, 10].into_iter()),
+            "1-3, 7, 9-10"
+        );
+        assert_eq!(summarize(std::iter::empty()), "");
+    }
+}

@@ -1,0 +1,277 @@
+//! One master per group, by RabbitMQ's **single active consumer**.
+//!
+//! Each group has a durable queue `<prefix>.lease.<group>` declared with
+//! `x-single-active-consumer: true`, holding a *token* message. Every master that wants
+//! the group consumes that queue with a prefetch of 1 and never acknowledges the token:
+//! the broker delivers to one consumer at a time, so the one that received the token
+//! (and keeps it unacknowledged) holds the group. When its connection dies (process
+//! killed, broker restarted, network cut noticed by the heartbeat) the broker requeues
+//! the token and makes the next consumer active, which receives it and takes over
+//! within a moment. A master that lets a group go closes its channel, which requeues the
+//! token the same way.
+//!
+//! Why this and not an exclusive queue used as a lock: with an exclusive queue every
+//! waiting master polls (`RESOURCE_LOCKED`, retry), and the hand-over takes as long as
+//! the polling period; with a single active consumer the broker itself queues the
+//! waiters and hands the token over at once, in the order they came.
+//!
+//! Tokens: a master that finds the lease queue empty when it declares it publishes one
+//! (an unacknowledged token is not counted, so one may be added while a holder exists).
+//! Duplicates are harmless, since everything goes to the one active consumer and a
+//! prefetch of 1 gives it only one; `x-max-length: 1` keeps at most one token waiting.
+//!
+//! Who holds what: while it holds a group, a master puts a small record (group, master,
+//! since, heartbeat time) every [`HEARTBEAT`] into `<prefix>.holder.<group>`, a queue
+//! that keeps only the latest record (`x-max-length: 1`) and only for [`HOLDER_TTL`].
+//! [`holders`] reads them without consuming them (`erel config holders`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{amqp_error, now_ms, table, Broker, Names};
+use crate::error::{Error, Result};
+
+/// How often a holder renews its holder record.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long a holder record outlives the last heartbeat.
+pub const HOLDER_TTL: Duration = Duration::from_secs(8);
+
+/// Who holds a group, as its holder last said.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolderRecord {
+    /// The group.
+    pub group: String,
+    /// The master's name (`--name`).
+    pub master: String,
+    /// When it took the group (ms since the Unix epoch).
+    pub since_ms: u64,
+    /// Its last heartbeat (ms since the Unix epoch).
+    pub heartbeat_ms: u64,
+}
+
+async fn declare_lease(channel: &Channel, queue: &str) -> Result<u32> {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            table(vec![
+                ("x-single-active-consumer", AMQPValue::Boolean(true)),
+                ("x-max-length", AMQPValue::LongLongInt(1)),
+            ]),
+        )
+        .await
+        .map_err(|e| amqp_error(queue, "declaring the lease queue", e))?;
+    Ok(declared.message_count())
+}
+
+async fn declare_holder(channel: &Channel, queue: &str) -> Result<()> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            table(vec![
+                ("x-max-length", AMQPValue::LongLongInt(1)),
+                (
+                    "x-message-ttl",
+                    AMQPValue::LongLongInt(HOLDER_TTL.as_millis() as i64),
+                ),
+            ]),
+        )
+        .await
+        .map_err(|e| amqp_error(queue, "declaring the holder record", e))?;
+    Ok(())
+}
+
+/// Competes for `group` on `connection` until `cancel` fires or the connection fails:
+/// `holding` is set to true once the token arrives, and back to false when it is lost.
+/// Returns `Ok` only when cancelled (the token is handed back); any broker problem is
+/// an error, and the group is then no longer held.
+pub(crate) async fn hold(
+    connection: Arc<Connection>,
+    names: Names,
+    group: String,
+    master: String,
+    holding: watch::Sender<bool>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let outcome = compete(&connection, &names, &group, &master, &holding, &cancel).await;
+    holding.send_replace(false);
+    outcome
+}
+
+async fn compete(
+    connection: &Connection,
+    names: &Names,
+    group: &str,
+    master: &str,
+    holding: &watch::Sender<bool>,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let lease = names.lease(group)?;
+    let holder = names.holder(group)?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| amqp_error(&lease, "opening a channel", e))?;
+    let close = |channel: Channel| async move {
+        // Closing the channel requeues the token for the next master.
+        let _ = channel.close(200, "released".into()).await;
+    };
+    channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .map_err(|e| amqp_error(&lease, "setting the prefetch", e))?;
+    if declare_lease(&channel, &lease).await? == 0 {
+        publish(
+            &channel,
+            &lease,
+            b"token",
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await?;
+    }
+    declare_holder(&channel, &holder).await?;
+    let mut consumer = channel
+        .basic_consume(
+            lease.as_str().into(),
+            format!("{master}-{}", std::process::id()).into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_error(&lease, "consuming the lease queue", e))?;
+    let token: Delivery = tokio::select! {
+        _ = cancel.cancelled() => {
+            close(channel).await;
+            return Ok(());
+        }
+        next = consumer.next() => match next {
+            Some(Ok(token)) => token,
+            Some(Err(e)) => return Err(amqp_error(&lease, "waiting for the token", e)),
+            None => return Err(lost(&lease)),
+        },
+    };
+    let since_ms = now_ms();
+    holding.send_replace(true);
+    tracing::info!(group, lease = %lease, "holding the group");
+    loop {
+        let record = HolderRecord {
+            group: group.to_string(),
+            master: master.to_string(),
+            since_ms,
+            heartbeat_ms: now_ms(),
+        };
+        let body = serde_json::to_vec(&record).map_err(|e| Error::Amqp {
+            target: holder.clone(),
+            action: "encoding the holder record".to_string(),
+            message: e.to_string(),
+        })?;
+        publish(
+            &channel,
+            &holder,
+            &body,
+            BasicProperties::default().with_content_type("application/json".into()),
+        )
+        .await?;
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                drop(token);
+                close(channel).await;
+                tracing::info!(group, "group handed back");
+                return Ok(());
+            }
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+            next = consumer.next() => match next {
+                // Only a duplicate token can come (prefetch 1 makes it unlikely); it
+                // stays unacknowledged too and goes back with the channel.
+                Some(Ok(_duplicate)) => {}
+                Some(Err(e)) => return Err(amqp_error(&lease, "holding the token", e)),
+                None => return Err(lost(&lease)),
+            },
+        }
+    }
+}
+
+fn lost(lease: &str) -> Error {
+    Error::Amqp {
+        target: lease.to_string(),
+        action: "holding the group".to_string(),
+        message: "the broker ended the consumer (queue deleted or connection lost)".to_string(),
+    }
+}
+
+async fn publish(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<()> {
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+        .map_err(|e| amqp_error(queue, "publishing", e))?;
+    Ok(())
+}
+
+/// The latest holder record of each group that has a live one.
+pub async fn holders(broker: &Broker, groups: &[String]) -> Result<Vec<HolderRecord>> {
+    let connection = broker.connect("holders reader").await?;
+    let outcome = async {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| amqp_error(broker.display_url(), "opening a channel", e))?;
+        let mut records = Vec::new();
+        for group in groups {
+            let queue = broker.names().holder(group)?;
+            declare_holder(&channel, &queue).await?;
+            let got = channel
+                .basic_get(queue.as_str().into(), BasicGetOptions::default())
+                .await
+                .map_err(|e| amqp_error(&queue, "reading the holder record", e))?;
+            if let Some(message) = got {
+                let record = serde_json::from_slice::<HolderRecord>(&message.delivery.data);
+                // Put it back for the next reader.
+                let _ = message
+                    .delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+                if let Ok(record) = record {
+                    records.push(record);
+                }
+            }
+        }
+        let _ = channel.close(200, "done".into()).await;
+        Ok(records)
+    }
+    .await;
+    let _ = connection.close(200, "done".into()).await;
+    outcome
+}

@@ -1,0 +1,501 @@
+//! The config log: a durable RabbitMQ stream, `<prefix>.configs`.
+//!
+//! Each message is one cluster file's text, as published, with headers:
+//! `erel-revision` (its revision), `erel-publisher` (who published it) and
+//! `erel-published-at-ms` (when, in milliseconds since the Unix epoch). The broker adds
+//! `x-stream-offset` to every delivery: the message's position in the log.
+//!
+//! A stream keeps its messages after they are read, so a master that starts late, or
+//! was down during publishes, reads the log from its start and reaches the newest
+//! revision even when no other master is alive. Retention is bounded by size
+//! ([`STREAM_MAX_BYTES`]); the broker only drops whole old segments, never the one the
+//! newest message is in.
+//!
+//! A stream never says "that was the last message", so a reader that wants the log as
+//! it is now (`publish`, `show`, `history`) reads from the start until nothing more has
+//! arrived for [`SETTLE`]. The daemon does not need to know: it keeps consuming.
+
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Consumer};
+use serde::Serialize;
+
+use super::{amqp_error, integer, now_ms, string, table, text_value, Broker, Names};
+use crate::cluster::{ArchiveLookup, Plan};
+use crate::error::{Error, Result};
+
+/// The largest config accepted, published or received.
+pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
+/// The stream's retention: old segments go once the log is larger than this.
+pub const STREAM_MAX_BYTES: i64 = 256 * 1024 * 1024;
+/// The stream's segment size (retention drops whole segments).
+const STREAM_SEGMENT_BYTES: i64 = 8 * 1024 * 1024;
+/// A reader that wants the log as it is now stops once nothing arrived for this long.
+pub const SETTLE: Duration = Duration::from_millis(300);
+/// ... and waits this long for the first message of a log that may be empty.
+const FIRST_MESSAGE_WAIT: Duration = Duration::from_millis(1000);
+/// Unacknowledged deliveries a log reader allows (a stream consumer must set one); it
+/// bounds a reader's memory at this many configs (each at most 1 MiB).
+pub(crate) const PREFETCH: u16 = 100;
+
+/// Header: the config's revision.
+pub const HEADER_REVISION: &str = "erel-revision";
+/// Header: who published it.
+pub const HEADER_PUBLISHER: &str = "erel-publisher";
+/// Header: when, in milliseconds since the Unix epoch.
+pub const HEADER_PUBLISHED_AT: &str = "erel-published-at-ms";
+/// Header the broker sets on stream deliveries: the message's offset in the log.
+const HEADER_OFFSET: &str = "x-stream-offset";
+
+/// One message of the config log.
+#[derive(Clone, Serialize)]
+pub struct LogEntry {
+    /// Its offset in the stream.
+    pub offset: Option<u64>,
+    /// The revision its header gives (the text's own is checked against it).
+    pub revision: Option<u64>,
+    /// Who published it.
+    pub publisher: Option<String>,
+    /// When, in milliseconds since the Unix epoch.
+    pub published_at_ms: Option<u64>,
+    /// The config text, as published.
+    #[serde(skip)]
+    pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for LogEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogEntry")
+            .field("offset", &self.offset)
+            .field("revision", &self.revision)
+            .field("publisher", &self.publisher)
+            .field("published_at_ms", &self.published_at_ms)
+            .field("bytes", &self.body.len())
+            .finish()
+    }
+}
+
+impl LogEntry {
+    pub(crate) fn from_delivery(delivery: &Delivery) -> LogEntry {
+        let headers = delivery.properties.headers().as_ref();
+        let header = |name: &str| headers.and_then(|h| h.inner().get(name));
+        LogEntry {
+            offset: header(HEADER_OFFSET).and_then(integer),
+            revision: header(HEADER_REVISION).and_then(integer),
+            publisher: header(HEADER_PUBLISHER).and_then(string),
+            published_at_ms: header(HEADER_PUBLISHED_AT).and_then(integer),
+            body: delivery.data.clone(),
+        }
+    }
+
+    /// The revision: the header's, else the one written in the text.
+    pub fn revision(&self) -> Option<u64> {
+        self.revision
+            .or_else(|| std::str::from_utf8(&self.body).ok().and_then(text_revision))
+    }
+
+    /// The text, when it is UTF-8.
+    pub fn text(&self) -> Option<&str> {
+        std::str::from_utf8(&self.body).ok()
+    }
+
+    /// Validates this entry as a config, archives found as `lookup` says: it must be
+    /// UTF-8, small enough, a valid cluster file, and carry the revision its header
+    /// announces. The error is the reason, for the log.
+    pub fn validate(&self, log: &str, lookup: &ArchiveLookup) -> std::result::Result<Plan, String> {
+        if self.body.len() > MAX_CONFIG_BYTES {
+            return Err(format!(
+                "{} bytes, more than the {MAX_CONFIG_BYTES} a config may have",
+                self.body.len()
+            ));
+        }
+        let text = self.text().ok_or("the config is not UTF-8 text")?;
+        let origin = match self.offset {
+            Some(offset) => format!("{log}@{offset}"),
+            None => log.to_string(),
+        };
+        let plan = Plan::parse(text, &origin, lookup).map_err(|e| e.to_string())?;
+        if let Some(header) = self.revision {
+            if header != plan.revision {
+                return Err(format!(
+                    "its header says revision {header} but its text says revision {}",
+                    plan.revision
+                ));
+            }
+        }
+        Ok(plan)
+    }
+}
+
+/// The revision written in a cluster file's text, without validating the rest.
+pub fn text_revision(text: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct RevisionOnly {
+        revision: u64,
+    }
+    toml::from_str::<RevisionOnly>(text)
+        .ok()
+        .map(|r| r.revision)
+}
+
+/// Declares the config log (idempotent; every party declares it the same way).
+pub(crate) async fn declare(channel: &Channel, names: &Names) -> Result<()> {
+    let queue = names.configs();
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            table(vec![
+                ("x-queue-type", text_value("stream")),
+                (
+                    "x-max-length-bytes",
+                    AMQPValue::LongLongInt(STREAM_MAX_BYTES),
+                ),
+                (
+                    "x-stream-max-segment-size-bytes",
+                    AMQPValue::LongLongInt(STREAM_SEGMENT_BYTES),
+                ),
+            ]),
+        )
+        .await
+        .map_err(|e| amqp_error(&queue, "declaring the config log", e))?;
+    Ok(())
+}
+
+/// Where a log consumer starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum From {
+    /// The first message still in the log.
+    First,
+    /// This offset (the one after the last message seen).
+    Offset(u64),
+}
+
+/// Starts consuming the config log on `channel` (prefetch set, manual acks).
+pub(crate) async fn consume(
+    channel: &Channel,
+    names: &Names,
+    tag: &str,
+    from: From,
+) -> Result<Consumer> {
+    let queue = names.configs();
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .map_err(|e| amqp_error(&queue, "setting the prefetch", e))?;
+    let offset = match from {
+        From::First => text_value("first"),
+        From::Offset(offset) => AMQPValue::LongLongInt(i64::try_from(offset).unwrap_or(i64::MAX)),
+    };
+    channel
+        .basic_consume(
+            queue.as_str().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            table(vec![("x-stream-offset", offset)]),
+        )
+        .await
+        .map_err(|e| amqp_error(&queue, "consuming the config log", e))
+}
+
+/// Every entry of the config log, oldest first, as it is now (see [`SETTLE`]).
+pub async fn read_all(broker: &Broker) -> Result<Vec<LogEntry>> {
+    let connection = broker.connect("config reader").await?;
+    let outcome = read_all_on(broker, &connection).await;
+    let _ = connection.close(200, "done".into()).await;
+    outcome
+}
+
+async fn read_all_on(broker: &Broker, connection: &lapin::Connection) -> Result<Vec<LogEntry>> {
+    let names = broker.names();
+    let queue = names.configs();
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| amqp_error(&queue, "opening a channel", e))?;
+    declare(&channel, names).await?;
+    let tag = format!("read-{}-{}", std::process::id(), now_ms());
+    let mut consumer = consume(&channel, names, &tag, From::First).await?;
+    let mut entries = Vec::new();
+    let mut unacked = 0u16;
+    loop {
+        let wait = if entries.is_empty() {
+            FIRST_MESSAGE_WAIT
+        } else {
+            SETTLE
+        };
+        let delivery = match tokio::time::timeout(wait, consumer.next()).await {
+            Err(_) | Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(amqp_error(&queue, "reading the config log", e)),
+            Ok(Some(Ok(delivery))) => delivery,
+        };
+        entries.push(LogEntry::from_delivery(&delivery));
+        unacked += 1;
+        if unacked >= PREFETCH / 2 {
+            delivery
+                .ack(BasicAckOptions { multiple: true })
+                .await
+                .map_err(|e| amqp_error(&queue, "acknowledging", e))?;
+            unacked = 0;
+        }
+    }
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    let _ = channel.close(200, "done".into()).await;
+    Ok(entries)
+}
+
+/// The entry with the highest revision in the log, if any; of duplicates, the first
+/// (the one masters accepted: a later duplicate is not newer, so they ignore it).
+pub fn newest(entries: &[LogEntry]) -> Option<&LogEntry> {
+    entries
+        .iter()
+        .filter(|e| e.revision().is_some())
+        .max_by_key(|e| (e.revision(), std::cmp::Reverse(e.offset)))
+}
+
+/// What [`publish`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Published {
+    /// The revision published.
+    pub revision: u64,
+    /// The newest revision the log held before.
+    pub previous: Option<u64>,
+}
+
+/// Publishes a validated config: refuses it unless its revision is greater than every
+/// revision in the log ([`Error::RevisionNotNewer`]), then appends it and returns once
+/// the broker has confirmed it.
+pub async fn publish(
+    broker: &Broker,
+    plan: &Plan,
+    text: &str,
+    publisher: &str,
+) -> Result<Published> {
+    let connection = broker.connect("config publisher").await?;
+    let outcome = async {
+        let entries = read_all_on(broker, &connection).await?;
+        let previous = newest(&entries).and_then(LogEntry::revision);
+        if let Some(newest) = previous {
+            if plan.revision <= newest {
+                return Err(Error::RevisionNotNewer {
+                    origin: plan.origin.clone(),
+                    revision: plan.revision,
+                    newest,
+                    log: broker.names().configs(),
+                });
+            }
+        }
+        append_on(broker, &connection, text, Some(plan.revision), publisher).await?;
+        Ok(Published {
+            revision: plan.revision,
+            previous,
+        })
+    }
+    .await;
+    let _ = connection.close(200, "done".into()).await;
+    outcome
+}
+
+/// Appends a text to the log as is, with `revision` in its header (when given), and
+/// returns once the broker has confirmed it. Nothing is checked: [`publish`] is the
+/// checked way; this one exists to put arbitrary messages in the log (tests, repairs).
+pub async fn append(
+    broker: &Broker,
+    text: &str,
+    revision: Option<u64>,
+    publisher: &str,
+) -> Result<()> {
+    let connection = broker.connect("config publisher").await?;
+    let outcome = append_on(broker, &connection, text, revision, publisher).await;
+    let _ = connection.close(200, "done".into()).await;
+    outcome
+}
+
+async fn append_on(
+    broker: &Broker,
+    connection: &lapin::Connection,
+    text: &str,
+    revision: Option<u64>,
+    publisher: &str,
+) -> Result<()> {
+    let names = broker.names();
+    let queue = names.configs();
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(Error::Amqp {
+            target: queue,
+            action: "publishing a config".to_string(),
+            message: format!(
+                "{} bytes, more than the {MAX_CONFIG_BYTES} a config may have",
+                text.len()
+            ),
+        });
+    }
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| amqp_error(&queue, "opening a channel", e))?;
+    declare(&channel, names).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| amqp_error(&queue, "enabling publisher confirms", e))?;
+    let now = now_ms();
+    let mut headers = FieldTable::default();
+    if let Some(revision) = revision {
+        headers.insert(
+            HEADER_REVISION.into(),
+            AMQPValue::LongLongInt(i64::try_from(revision).unwrap_or(i64::MAX)),
+        );
+    }
+    headers.insert(HEADER_PUBLISHER.into(), text_value(publisher));
+    headers.insert(
+        HEADER_PUBLISHED_AT.into(),
+        AMQPValue::LongLongInt(i64::try_from(now).unwrap_or(i64::MAX)),
+    );
+    let properties = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2)
+        .with_content_type("application/toml".into())
+        .with_app_id("erel".into())
+        .with_timestamp(now / 1000);
+    let confirmation = channel
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            text.as_bytes(),
+            properties,
+        )
+        .await
+        .map_err(|e| amqp_error(&queue, "publishing a config", e))?
+        .await
+        .map_err(|e| amqp_error(&queue, "waiting for the broker's confirmation", e))?;
+    let _ = channel.close(200, "done".into()).await;
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) => Err(Error::Amqp {
+            target: queue,
+            action: "publishing a config".to_string(),
+            message: format!("the broker returned it: {}", returned.reply_text),
+        }),
+        Confirmation::Nack(_) => Err(Error::Amqp {
+            target: queue,
+            action: "publishing a config".to_string(),
+            message: "the broker refused to store it (nack)".to_string(),
+        }),
+        Confirmation::NotRequested => Err(Error::Amqp {
+            target: queue,
+            action: "publishing a config".to_string(),
+            message: "the broker did not confirm it".to_string(),
+        }),
+    }
+}
+
+/// The entries of one batch that may be applied over `held`, newest revision first,
+/// and how many were ignored as not newer.
+pub(crate) fn newer_than(
+    held: Option<u64>,
+    batch: &[LogEntry],
+) -> (Vec<&LogEntry>, Vec<&LogEntry>) {
+    let (mut newer, older): (Vec<&LogEntry>, Vec<&LogEntry>) =
+        batch.iter().partition(|e| match (e.revision(), held) {
+            (Some(revision), Some(held)) => revision > held,
+            (Some(_), None) => true,
+            (None, _) => true,
+        });
+    newer.sort_by_key(|e| std::cmp::Reverse((e.revision(), e.offset)));
+    (newer, older)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(offset: u64, revision: Option<u64>, text: &str) -> LogEntry {
+        LogEntry {
+            offset: Some(offset),
+            revision,
+            publisher: Some("me".to_string()),
+            published_at_ms: Some(1),
+            body: text.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn the_revision_comes_from_the_header_else_the_text() {
+        assert_eq!(entry(0, Some(4), "revision = 3").revision(), Some(4));
+        assert_eq!(
+            entry(0, None, "revision = 3\n[group.x]\n").revision(),
+            Some(3)
+        );
+        assert_eq!(entry(0, None, "not toml at all [").revision(), None);
+    }
+
+    #[test]
+    fn newest_is_the_highest_revision_not_the_last_message() {
+        let log = vec![
+            entry(0, Some(1), ""),
+            entry(1, Some(3), ""),
+            entry(2, Some(2), ""),
+            entry(3, Some(3), "a duplicate"),
+        ];
+        assert_eq!(newest(&log).and_then(|e| e.offset), Some(1));
+        assert!(newest(&[]).is_none());
+    }
+
+    #[test]
+    fn a_batch_is_split_into_newer_first_and_ignored() {
+        let batch = vec![
+            entry(0, Some(1), ""),
+            entry(1, Some(5), ""),
+            entry(2, Some(3), ""),
+            entry(3, Some(5), ""),
+            entry(4, None, "garbage"),
+        ];
+        let (newer, older) = newer_than(Some(3), &batch);
+        let offsets: Vec<_> = newer.iter().map(|e| e.offset).collect();
+        // Unknown revision sorts last: it is tried only if nothing else validates.
+        assert_eq!(offsets, vec![Some(3), Some(1), Some(4)]);
+        assert_eq!(older.len(), 2);
+        let (newer, older) = newer_than(None, &batch);
+        assert_eq!(newer.len(), 5);
+        assert!(older.is_empty());
+    }
+
+    #[test]
+    fn a_config_whose_header_disagrees_with_its_text_is_rejected() {
+        let text = "revision = 2\n";
+        let e = entry(9, Some(3), text);
+        let reason = e
+            .validate("t.configs", &ArchiveLookup::Unchecked)
+            .expect_err("mismatch");
+        assert!(reason.contains("header says revision 3"), "{reason}");
+        let big = entry(0, Some(1), &"#".repeat(MAX_CONFIG_BYTES + 1));
+        assert!(big
+            .validate("t.configs", &ArchiveLookup::Unchecked)
+            .expect_err("too big")
+            .contains("bytes"));
+        let binary = LogEntry {
+            body: vec![0xff, 0xfe],
+            ..entry(0, Some(1), "")
+        };
+        assert!(binary
+            .validate("t.configs", &ArchiveLookup::Unchecked)
+            .is_err());
+    }
+}

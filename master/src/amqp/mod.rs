@@ -1,0 +1,394 @@
+//! Configs over RabbitMQ: the only module that speaks AMQP (lapin).
+//!
+//! - [`log`]: the config log, a durable RabbitMQ **stream** `<prefix>.configs`; each
+//!   message is a cluster file's text with its revision, publisher and time in headers.
+//!   `erel config publish|show|history` read and append to it.
+//! - [`state`]: the newest accepted revision on the master's disk, written atomically.
+//! - [`leadership`]: one master per group, by RabbitMQ's single active consumer.
+//! - [`events`]: what masters do, on the topic exchange `<prefix>.events`; `erel watch`.
+//! - [`daemon`]: `erel master --amqp`: reads the log, keeps the state directory, holds
+//!   leases, converges the groups it holds, survives broker restarts.
+//!
+//! Every name on the broker starts with a prefix (`erel` unless told otherwise), so that
+//! several clusters, or several tests, share one broker without meeting:
+//!
+//! | name | kind | what it is for |
+//! | --- | --- | --- |
+//! | `<prefix>.configs` | stream queue, durable | the config log |
+//! | `<prefix>.events` | topic exchange, durable | what masters do |
+//! | `<prefix>.lease.<group>` | classic queue, durable, single active consumer | who acts on a group |
+//! | `<prefix>.holder.<group>` | classic queue, at most one message | who holds a group, for `erel config holders` |
+//! | `<prefix>.watch.<tag>` | exclusive, auto-delete | one `erel watch` |
+//!
+//! Every queue is named here: lapin cannot re-declare server-named queues after a
+//! reconnection, and this module reconnects on its own (see [`daemon`]).
+
+pub mod daemon;
+pub mod events;
+pub mod leadership;
+pub mod log;
+pub mod state;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::uri::AMQPUri;
+use lapin::{Connection, ConnectionProperties};
+
+use crate::error::{Error, Result};
+
+/// The prefix of every name on the broker unless told otherwise.
+pub const DEFAULT_PREFIX: &str = "erel";
+/// The longest prefix accepted (names must fit AMQP's 255-byte short strings).
+pub const MAX_PREFIX_LEN: usize = 64;
+/// How long opening a connection (TCP, AMQP handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The AMQP heartbeat asked for when the URL does not say: a silently cut connection is
+/// noticed within about twice this.
+const DEFAULT_HEARTBEAT_SECS: u16 = 5;
+
+/// Where the broker is and which names this cluster uses on it.
+#[derive(Clone)]
+pub struct Broker {
+    url: String,
+    names: Names,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("url", &redact(&self.url))
+            .field("prefix", &self.names.prefix)
+            .finish()
+    }
+}
+
+impl Broker {
+    /// A broker at `url` (`amqp://user:password@host:port/vhost`) with names under
+    /// `prefix`. Refuses a prefix that is empty, too long, or holds anything but ASCII
+    /// letters, digits, `-`, `_` and `.`.
+    pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> Result<Self> {
+        let url = url.into();
+        let prefix = prefix.into();
+        if prefix.is_empty() || prefix.len() > MAX_PREFIX_LEN || !prefix.chars().all(name_char) {
+            return Err(Error::Amqp {
+                target: redact(&url),
+                action: format!("using the name prefix '{prefix}'"),
+                message: format!(
+                    "a prefix is 1 to {MAX_PREFIX_LEN} ASCII letters, digits, '-', '_' or '.'"
+                ),
+            });
+        }
+        url.parse::<AMQPUri>().map_err(|e| Error::Amqp {
+            target: redact(&url),
+            action: "parsing the URL".to_string(),
+            message: e,
+        })?;
+        Ok(Broker {
+            url,
+            names: Names { prefix },
+        })
+    }
+
+    /// The names this cluster uses on the broker.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// The URL with its password hidden, as errors and logs show it.
+    pub fn display_url(&self) -> String {
+        redact(&self.url)
+    }
+
+    /// Opens a connection; `role` names it in the broker's connection list.
+    pub(crate) async fn connect(&self, role: &str) -> Result<Connection> {
+        let mut uri: AMQPUri = self.url.parse().map_err(|e: String| Error::Amqp {
+            target: self.display_url(),
+            action: "parsing the URL".to_string(),
+            message: e,
+        })?;
+        if uri.query.heartbeat.is_none() {
+            uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+        }
+        let properties =
+            ConnectionProperties::default().with_connection_name(format!("erel {role}").into());
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, properties)).await
+        {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(e)) => Err(self.error("connecting", e)),
+            Err(_) => Err(Error::Amqp {
+                target: self.display_url(),
+                action: "connecting".to_string(),
+                message: format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+            }),
+        }
+    }
+
+    fn error(&self, action: &str, e: lapin::Error) -> Error {
+        amqp_error(self.display_url(), action, e)
+    }
+
+    /// Deletes every queue and exchange of this prefix (the config log included) that
+    /// the given groups use. For tests and for retiring a cluster; nothing of another
+    /// prefix is touched.
+    pub async fn delete_everything(&self, groups: &[String]) -> Result<()> {
+        let connection = self.connect("cleanup").await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| self.error("opening a channel", e))?;
+        let mut queues = vec![self.names.configs()];
+        for group in groups {
+            queues.push(self.names.lease(group)?);
+            queues.push(self.names.holder(group)?);
+        }
+        for queue in queues {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(|e| amqp_error(&queue, "deleting the queue", e))?;
+        }
+        let exchange = self.names.events();
+        channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .map_err(|e| amqp_error(&exchange, "deleting the exchange", e))?;
+        let _ = channel.close(200, "done".into()).await;
+        let _ = connection.close(200, "done".into()).await;
+        Ok(())
+    }
+}
+
+/// The names of one cluster's queues and exchanges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The config log: `<prefix>.configs`.
+    pub fn configs(&self) -> String {
+        format!("{}.configs", self.prefix)
+    }
+
+    /// The events exchange: `<prefix>.events`.
+    pub fn events(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
+    /// A group's lease queue: `<prefix>.lease.<group>`.
+    pub fn lease(&self, group: &str) -> Result<String> {
+        self.per_group("lease", group)
+    }
+
+    /// A group's holder record: `<prefix>.holder.<group>`.
+    pub fn holder(&self, group: &str) -> Result<String> {
+        self.per_group("holder", group)
+    }
+
+    /// One watcher's queue: `<prefix>.watch.<tag>`.
+    pub fn watch(&self, tag: &str) -> String {
+        let tag: String = tag.chars().filter(|c| name_char(*c)).take(100).collect();
+        format!("{}.watch.{tag}", self.prefix)
+    }
+
+    fn per_group(&self, kind: &str, group: &str) -> Result<String> {
+        if group.is_empty() || group.len() > 150 || !group.chars().all(name_char) {
+            return Err(Error::Amqp {
+                target: format!("{}.{kind}.{group}", self.prefix),
+                action: "naming a group's queue".to_string(),
+                message:
+                    "a group name used over AMQP is 1 to 150 ASCII letters, digits, '-', '_' or '.'"
+                        .to_string(),
+            });
+        }
+        Ok(format!("{}.{kind}.{group}", self.prefix))
+    }
+}
+
+fn name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+/// `url` with the password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// An [`Error::Amqp`] naming what was at fault (a queue, an exchange, the URL).
+pub(crate) fn amqp_error(target: impl Into<String>, action: &str, e: lapin::Error) -> Error {
+    Error::Amqp {
+        target: target.into(),
+        action: action.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Queue arguments from `(key, value)` pairs.
+pub(crate) fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in entries {
+        table.insert(ShortString::from(key), value);
+    }
+    table
+}
+
+/// A string header or argument.
+pub(crate) fn text_value(text: &str) -> AMQPValue {
+    AMQPValue::LongString(text.into())
+}
+
+/// An integer header, whatever integer type the sender chose.
+pub(crate) fn integer(value: &AMQPValue) -> Option<u64> {
+    match value {
+        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongUInt(v) => Some(u64::from(*v)),
+        AMQPValue::ShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::ShortShortInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::Timestamp(v) => Some(*v),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// A string header.
+pub(crate) fn string(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Exponential backoff between reconnection attempts, with a little jitter so that many
+/// masters do not knock on a restarted broker in step.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    /// Starts at `initial`, doubles up to `max`.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        let initial = initial.max(Duration::from_millis(10));
+        Backoff {
+            initial,
+            max: max.max(initial),
+            next: initial,
+        }
+    }
+
+    /// The delay before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let jitter_ms = u64::from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0),
+        ) % (delay.as_millis() as u64 / 4 + 1);
+        delay + Duration::from_millis(jitter_ms)
+    }
+
+    /// Back to `initial`, after a success.
+    pub fn reset(&mut self) {
+        self.next = self.initial;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new(Duration::from_millis(250), Duration::from_secs(5))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_the_prefix() {
+        let broker = Broker::new("amqp://guest:guest@127.0.0.1:5672/%2f", "t-1").expect("valid");
+        let names = broker.names();
+        assert_eq!(names.configs(), "t-1.configs");
+        assert_eq!(names.events(), "t-1.events");
+        assert_eq!(names.lease("web").expect("valid group"), "t-1.lease.web");
+        assert_eq!(names.holder("web").expect("valid group"), "t-1.holder.web");
+        assert!(names.lease("we b").is_err());
+        assert_eq!(names.watch("m 1/x"), "t-1.watch.m1x");
+    }
+
+    #[test]
+    fn bad_prefixes_and_urls_are_refused() {
+        assert!(Broker::new("amqp://127.0.0.1", "").is_err());
+        assert!(Broker::new("amqp://127.0.0.1", "a b").is_err());
+        assert!(Broker::new("amqp://127.0.0.1", "x".repeat(65)).is_err());
+        assert!(Broker::new("not a url", "erel").is_err());
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
+        let broker = Broker::new("amqp://u:pw@h/v", "erel").expect("valid");
+        assert!(!format!("{broker:?}").contains("pw"));
+    }
+
+    #[test]
+    fn integers_of_any_width_are_read() {
+        assert_eq!(integer(&AMQPValue::LongLongInt(7)), Some(7));
+        assert_eq!(integer(&AMQPValue::LongInt(-1)), None);
+        assert_eq!(integer(&text_value(" 12 ")), Some(12));
+        assert_eq!(integer(&AMQPValue::Boolean(true)), None);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        let first = backoff.next_delay();
+        assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(126));
+        let second = backoff.next_delay();
+        assert!(second >= Duration::from_millis(200));
+        let third = backoff.next_delay();
+        assert!(third >= Duration::from_millis(350) && third <= Duration::from_millis(438));
+        backoff.reset();
+        assert!(backoff.next_delay() < Duration::from_millis(130));
+    }
+}

@@ -1,0 +1,171 @@
+//! What the AMQP commands share: the broker flags, `erel master --amqp` (the daemon on
+//! the config log), signal handling and time formatting.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use super::Context;
+use crate::amqp::daemon::{self, DaemonOptions};
+use crate::amqp::{Backoff, Broker, DEFAULT_PREFIX};
+use crate::rollout::{Connector, RolloutOptions};
+
+/// `--amqp URL --amqp-prefix PREFIX`.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// The RabbitMQ broker, e.g. amqp://guest:guest@127.0.0.1:5672/%2f
+    #[arg(long = "amqp", env = "EREL_AMQP", value_name = "URL")]
+    pub url: String,
+    /// Prefix of every queue and exchange name on the broker.
+    #[arg(long = "amqp-prefix", env = "EREL_AMQP_PREFIX", default_value = DEFAULT_PREFIX, value_name = "PREFIX")]
+    pub prefix: String,
+}
+
+impl BrokerArgs {
+    /// The broker these flags name.
+    pub fn broker(&self) -> anyhow::Result<Broker> {
+        Ok(Broker::new(self.url.clone(), self.prefix.clone())?)
+    }
+}
+
+/// The flags of `erel master` that select the AMQP config log instead of a file.
+#[derive(Debug, Clone, Args)]
+pub struct AmqpMasterArgs {
+    /// Follow the config log on this broker instead of a cluster file.
+    #[arg(long = "amqp", env = "EREL_AMQP", value_name = "URL")]
+    pub url: Option<String>,
+    /// Prefix of every queue and exchange name on the broker.
+    #[arg(long = "amqp-prefix", env = "EREL_AMQP_PREFIX", default_value = DEFAULT_PREFIX, value_name = "PREFIX")]
+    pub prefix: String,
+    /// Where the newest accepted config is kept (with --amqp).
+    #[arg(long, value_name = "DIR", requires = "url")]
+    pub state_dir: Option<PathBuf>,
+    /// This master's name in events and holder records [default: erel@<host name>].
+    #[arg(long, value_name = "NAME", requires = "url")]
+    pub name: Option<String>,
+    /// Where the archives configs name are found, by file name and sha256 (with --amqp).
+    #[arg(long, value_name = "DIR", requires = "url")]
+    pub artifacts: Option<PathBuf>,
+    /// Longest wait between two reconnection attempts, in milliseconds.
+    #[arg(long, default_value_t = 5000, value_name = "MS", hide = true)]
+    pub reconnect_max_ms: u64,
+}
+
+/// Runs `erel master --amqp URL …` until SIGTERM or Ctrl-C.
+pub async fn master(
+    ctx: &Context,
+    args: AmqpMasterArgs,
+    interval: Duration,
+    connect_timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let url = args
+        .url
+        .ok_or_else(|| anyhow::anyhow!("--amqp URL is required"))?;
+    let state_dir = args
+        .state_dir
+        .ok_or_else(|| anyhow::anyhow!("--state-dir DIR is required with --amqp"))?;
+    let artifacts = args
+        .artifacts
+        .ok_or_else(|| anyhow::anyhow!("--artifacts DIR is required with --amqp"))?;
+    anyhow::ensure!(
+        artifacts.is_dir(),
+        "--artifacts {}: not a directory",
+        artifacts.display()
+    );
+    let name = args.name.unwrap_or_else(|| ctx.master_name());
+    let mut connector = Connector::new(ctx.tls()?, ctx.master_name());
+    connector.connect_timeout = connect_timeout;
+    let options = DaemonOptions {
+        broker: Broker::new(url, args.prefix)?,
+        state_dir,
+        name,
+        artifacts,
+        connector,
+        rollout: RolloutOptions::default(),
+        interval,
+        backoff: Backoff::new(
+            Duration::from_millis(250),
+            Duration::from_millis(args.reconnect_max_ms.max(250)),
+        ),
+    };
+    info!(broker = %options.broker.display_url(), name = %options.name, "master starting");
+    let cancel = cancel_on_termination();
+    daemon::run(options, cancel).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A token cancelled by SIGTERM or Ctrl-C.
+pub fn cancel_on_termination() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let signals = cancel.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                error!("cannot install the SIGTERM handler: {e}");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        info!("terminating");
+        signals.cancel();
+    });
+    cancel
+}
+
+/// `2024-05-01T12:00:00.123Z` for milliseconds since the Unix epoch.
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// Who publishes from this shell: `$USER@<host name>`.
+pub fn publisher() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".to_string());
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".to_string());
+    format!("{user}@{host}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc;
+
+    #[test]
+    fn times_print_as_utc() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc(951_825_600_123), "2000-02-29T12:00:00.123Z");
+        assert_eq!(utc(1_700_000_000_000), "2023-11-14T22:13:20.000Z");
+    }
+}

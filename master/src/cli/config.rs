@@ -1,0 +1,248 @@
+//! `erel config publish|show|history|holders`: the config log on RabbitMQ.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use super::amqp::{publisher, utc, BrokerArgs};
+use crate::amqp::leadership;
+use crate::amqp::log::{self, LogEntry};
+use crate::cluster::{ArchiveLookup, Plan};
+
+/// `erel config …`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Publishes a cluster file as a new revision of the config log.
+    Publish(PublishArgs),
+    /// Prints the newest revision in the config log.
+    Show(ShowArgs),
+    /// Lists the revisions in the config log, with time and publisher.
+    History(HistoryArgs),
+    /// Which master holds which group.
+    Holders(HoldersArgs),
+}
+
+/// `erel config publish FILE`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The cluster file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// Check archives in this artifact directory (as masters do) instead of beside FILE.
+    #[arg(long, value_name = "DIR")]
+    artifacts: Option<PathBuf>,
+    /// Who publishes, as the log records it [default: $USER@<host name>].
+    #[arg(long, value_name = "NAME")]
+    publisher: Option<String>,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+/// `erel config show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// Print the revision, its metadata and text as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+/// `erel config history`.
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Print JSON lines.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+/// `erel config holders`.
+#[derive(Debug, Args)]
+pub struct HoldersArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+/// Runs one `erel config` command.
+pub async fn run(command: ConfigCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ConfigCommand::Publish(args) => publish(args).await,
+        ConfigCommand::Show(args) => show(args).await,
+        ConfigCommand::History(args) => history(args).await,
+        ConfigCommand::Holders(args) => holders(args).await,
+    }
+}
+
+async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let broker = args.broker.broker()?;
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("{}: cannot read", args.file.display()))?;
+    // Validated exactly as `erel deploy` does (or as a master will, with --artifacts).
+    let plan = match &args.artifacts {
+        Some(dir) => Plan::load_with(&args.file, &ArchiveLookup::Artifacts(dir.clone()))?,
+        None => Plan::load(&args.file)?,
+    };
+    let publisher = args.publisher.unwrap_or_else(publisher);
+    let published = log::publish(&broker, &plan, &text, &publisher).await?;
+    match published.previous {
+        Some(previous) => println!(
+            "published revision {} to {} (previous newest: {previous}); confirmed by the broker",
+            published.revision,
+            broker.names().configs()
+        ),
+        None => println!(
+            "published revision {} to {} (the first in the log); confirmed by the broker",
+            published.revision,
+            broker.names().configs()
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// An entry as `show --json` and `history --json` print it.
+#[derive(Serialize)]
+struct EntryJson<'a> {
+    revision: Option<u64>,
+    offset: Option<u64>,
+    publisher: Option<&'a str>,
+    published_at_ms: Option<u64>,
+    published_at: Option<String>,
+    bytes: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+}
+
+fn entry_json(entry: &LogEntry, with_text: bool) -> EntryJson<'_> {
+    EntryJson {
+        revision: entry.revision(),
+        offset: entry.offset,
+        publisher: entry.publisher.as_deref(),
+        published_at_ms: entry.published_at_ms,
+        published_at: entry.published_at_ms.map(utc),
+        bytes: entry.body.len(),
+        text: if with_text { entry.text() } else { None },
+    }
+}
+
+async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let broker = args.broker.broker()?;
+    let entries = log::read_all(&broker).await?;
+    let Some(newest) = log::newest(&entries) else {
+        if args.json {
+            println!("null");
+        }
+        eprintln!("the config log {} is empty", broker.names().configs());
+        return Ok(ExitCode::FAILURE);
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&entry_json(newest, true))?
+        );
+    } else {
+        println!(
+            "# revision {} published by {} at {} (offset {})",
+            newest
+                .revision()
+                .map_or_else(|| "?".to_string(), |r| r.to_string()),
+            newest.publisher.as_deref().unwrap_or("?"),
+            newest.published_at_ms.map_or_else(|| "?".to_string(), utc),
+            newest
+                .offset
+                .map_or_else(|| "?".to_string(), |o| o.to_string()),
+        );
+        print!("{}", newest.text().unwrap_or("(not UTF-8 text)\n"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
+    let broker = args.broker.broker()?;
+    let entries = log::read_all(&broker).await?;
+    if args.json {
+        for entry in &entries {
+            println!("{}", serde_json::to_string(&entry_json(entry, false))?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<9} {:<25} {:<24} {:>7} {:>8}",
+        "REVISION", "PUBLISHED (UTC)", "PUBLISHER", "OFFSET", "BYTES"
+    );
+    for entry in &entries {
+        let show = |v: Option<u64>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
+        println!(
+            "{:<9} {:<25} {:<24} {:>7} {:>8}",
+            show(entry.revision()),
+            entry.published_at_ms.map_or_else(|| "?".to_string(), utc),
+            entry.publisher.as_deref().unwrap_or("?"),
+            show(entry.offset),
+            entry.body.len()
+        );
+    }
+    if entries.is_empty() {
+        eprintln!("the config log {} is empty", broker.names().configs());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn holders(args: HoldersArgs) -> anyhow::Result<ExitCode> {
+    let broker = args.broker.broker()?;
+    let entries = log::read_all(&broker).await?;
+    let groups: Vec<String> = log::newest(&entries)
+        .and_then(|e| e.text())
+        .and_then(|text| Plan::parse(text, "config log", &ArchiveLookup::Unchecked).ok())
+        .map(|plan| plan.groups.keys().cloned().collect())
+        .unwrap_or_default();
+    let records = leadership::holders(&broker, &groups).await?;
+    if args.json {
+        let rows: Vec<serde_json::Value> = groups
+            .iter()
+            .map(|group| {
+                let record = records.iter().find(|r| &r.group == group);
+                serde_json::json!({
+                    "group": group,
+                    "master": record.map(|r| r.master.clone()),
+                    "since_ms": record.map(|r| r.since_ms),
+                    "heartbeat_ms": record.map(|r| r.heartbeat_ms),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", holders_table(&groups, &records));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The holders table for `groups`, read from the broker at `url` (for `erel status`).
+pub async fn holders_text(url: &str, prefix: &str, groups: &[String]) -> anyhow::Result<String> {
+    let broker = crate::amqp::Broker::new(url, prefix)?;
+    let records = leadership::holders(&broker, groups).await?;
+    Ok(holders_table(groups, &records))
+}
+
+/// The `GROUP MASTER SINCE` table of [`leadership::holders`]' records.
+pub fn holders_table(groups: &[String], records: &[leadership::HolderRecord]) -> String {
+    let mut out = format!("{:<20} {:<30} {:<25}\n", "GROUP", "HELD BY", "SINCE (UTC)");
+    for group in groups {
+        match records.iter().find(|r| &r.group == group) {
+            Some(record) => out.push_str(&format!(
+                "{:<20} {:<30} {:<25}\n",
+                group,
+                record.master,
+                utc(record.since_ms)
+            )),
+            None => out.push_str(&format!("{group:<20} {:<30} {:<25}\n", "-", "-")),
+        }
+    }
+    out
+}

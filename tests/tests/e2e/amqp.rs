@@ -1,0 +1,387 @@
+//! Configs over RabbitMQ, against the real broker with real agents and real
+//! `erel master --amqp` processes: masters receive, store and converge; a late master
+//! catches up, even with every other master gone; old revisions are refused by
+//! `publish` and ignored by masters; invalid configs are rejected without harm; one
+//! master acts per group and another takes over when it is killed; `erel watch`
+//! prints what they do. Each test has its own name prefix and deletes it at the end.
+//! (The broker-restart test is its own test binary, `amqp_restart`.)
+
+use std::io::{BufRead, BufReader};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::helper::amqp::{
+    erel, logs, output_text, wait_for, watch_command, BrokerLock, Fleet, MasterProc, TestBroker,
+};
+
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(future)
+}
+
+/// Appends a text to the config log directly, bypassing `publish`'s checks.
+fn inject(broker: &TestBroker, text: &str, revision: Option<u64>) {
+    block_on(erel_master::amqp::log::append(
+        &broker.broker,
+        text,
+        revision,
+        "test-injector",
+    ))
+    .expect("append to the config log");
+}
+
+const CONVERGE: Duration = Duration::from_secs(60);
+const RECEIVE: Duration = Duration::from_secs(20);
+
+#[test]
+fn amqp_masters_store_converge_catch_up_and_refuse_old_revisions() {
+    let _lock = BrokerLock::shared();
+    let fleet = Fleet::new("amqp-cu", &["alpha", "beta"]);
+    let broker = TestBroker::new("catch-up", &["alpha", "beta"]);
+    let mut m1 = fleet.master(&broker, "m1");
+    let mut m2 = fleet.master(&broker, "m2");
+
+    // Two masters receive revision 1, write it to disk, and the groups converge.
+    let v1 = fleet.config(1, "1.0.0", "");
+    let (ok, out) = fleet.publish(&broker, &v1);
+    assert!(ok, "publish revision 1: {out}");
+    assert!(out.contains("confirmed"), "{out}");
+    assert!(
+        wait_for(RECEIVE, || m1.held_revision() == Some(1)
+            && m2.held_revision() == Some(1)),
+        "both masters hold revision 1\n{}",
+        logs(&[&m1, &m2])
+    );
+    assert_eq!(m1.held_text().as_deref(), Some(v1.as_str()));
+    assert!(
+        wait_for(CONVERGE, || fleet.all_run("1.0.0")),
+        "every host runs 1.0.0: {:?}\n{}{}",
+        fleet.beats(),
+        logs(&[&m1, &m2]),
+        fleet.agent_logs()
+    );
+    // Each group is held by exactly one of them, and `config holders` says which.
+    assert!(
+        wait_for(RECEIVE, || {
+            let out = erel(&fleet.pki, &["config", "holders", "--json"], &broker, &[]);
+            let rows: serde_json::Value =
+                serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            rows.as_array().is_some_and(|rows| {
+                rows.len() == 2
+                    && rows
+                        .iter()
+                        .all(|r| matches!(r["master"].as_str(), Some("m1") | Some("m2")))
+            })
+        }),
+        "holders listed for both groups"
+    );
+    for group in ["alpha", "beta"] {
+        let holding = [&m1, &m2].iter().filter(|m| holds(m, group)).count();
+        assert_eq!(
+            holding,
+            1,
+            "exactly one master holds {group}\n{}",
+            logs(&[&m1, &m2])
+        );
+    }
+
+    // A third master started afterwards catches up.
+    let mut m3 = fleet.master(&broker, "m3");
+    assert!(
+        wait_for(RECEIVE, || m3.held_revision() == Some(1)),
+        "the late master catches up\n{}",
+        m3.log()
+    );
+
+    // An equal or older revision is refused by publish, with both numbers.
+    let (ok, out) = fleet.publish(&broker, &fleet.config(1, "2.0.0", ""));
+    assert!(!ok, "revision 1 again must be refused: {out}");
+    assert!(
+        out.contains("revision 1 is not newer than revision 1"),
+        "{out}"
+    );
+    let (ok, out) = fleet.publish(&broker, &fleet.config(0, "2.0.0", ""));
+    assert!(
+        !ok && out.contains("revision 0 is not newer than revision 1"),
+        "{out}"
+    );
+
+    // Injected directly into the log, they are ignored by every master.
+    inject(&broker, &fleet.config(1, "2.0.0", ""), Some(1));
+    inject(&broker, &fleet.config(0, "2.0.0", ""), Some(0));
+    for m in [&m1, &m2, &m3] {
+        assert!(
+            wait_for(RECEIVE, || m.log().contains("not newer than the one held")),
+            "{} logs the ignored revisions\n{}",
+            m.name,
+            m.log()
+        );
+        assert_eq!(
+            m.held_text().as_deref(),
+            Some(v1.as_str()),
+            "{} kept revision 1",
+            m.name
+        );
+    }
+    assert!(
+        fleet.all_run("1.0.0"),
+        "nothing was applied: {:?}",
+        fleet.beats()
+    );
+
+    // `show` prints the newest revision (1, not the older ones injected last), and
+    // `history` lists all five messages.
+    let out = erel(&fleet.pki, &["config", "show", "--json"], &broker, &[]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("show --json");
+    assert_eq!(shown["revision"], 1, "{}", output_text(&out));
+    assert_eq!(shown["text"].as_str(), Some(v1.as_str()));
+    let out = erel(&fleet.pki, &["config", "history"], &broker, &[]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        text.lines().count(),
+        1 + 3,
+        "header and three messages:\n{text}"
+    );
+    assert!(text.contains("test-injector"), "{text}");
+
+    // Every master stopped (SIGTERM ends them cleanly); a publish, then a new master's
+    // start: it reaches the new revision and converges the hosts alone.
+    for m in [&mut m1, &mut m2, &mut m3] {
+        let log_before = m.log();
+        assert!(m.terminate(), "{} exits 0 on SIGTERM\n{log_before}", m.name);
+    }
+    let (ok, out) = fleet.publish(&broker, &fleet.config(2, "2.0.0", ""));
+    assert!(ok, "publish revision 2: {out}");
+    assert!(out.contains("previous newest: 1"), "{out}");
+    assert!(fleet.all_run("1.0.0"), "nobody applied it yet");
+    let m4 = fleet.master(&broker, "m4");
+    assert!(
+        wait_for(RECEIVE, || m4.held_revision() == Some(2)),
+        "the new master reaches revision 2\n{}",
+        m4.log()
+    );
+    assert!(
+        wait_for(CONVERGE, || fleet.all_run("2.0.0")),
+        "every host runs 2.0.0: {:?}\n{}",
+        fleet.beats(),
+        m4.log()
+    );
+    drop(m4);
+}
+
+/// Whether `master`'s log says it took `group`.
+fn holds(master: &MasterProc, group: &str) -> bool {
+    let plain = format!("group={group}");
+    let quoted = format!("group=\"{group}\"");
+    master.log().lines().any(|line| {
+        line.contains("holding the group")
+            && line
+                .split_whitespace()
+                .any(|word| word == plain || word == quoted)
+    })
+}
+
+#[test]
+fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
+    let _lock = BrokerLock::shared();
+    let fleet = Fleet::new("amqp-inv", &["web"]);
+    let broker = TestBroker::new("invalid", &["web"]);
+    let mut master = fleet.master(&broker, "solo");
+
+    // `erel watch` prints what the master does.
+    let mut watcher = watch_command(&fleet.pki, &broker)
+        .spawn()
+        .expect("spawn erel watch");
+    let watched = Arc::new(Mutex::new(String::new()));
+    let listening = Arc::new(Mutex::new(String::new()));
+    {
+        let stdout = watcher.stdout.take().expect("stdout");
+        let sink = watched.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut text = sink.lock().expect("lock");
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        let stderr = watcher.stderr.take().expect("stderr");
+        let sink = listening.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut text = sink.lock().expect("lock");
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+    }
+    assert!(
+        wait_for(RECEIVE, || listening
+            .lock()
+            .expect("lock")
+            .contains("watching events")),
+        "erel watch listens: {}",
+        listening.lock().expect("lock")
+    );
+
+    let v1 = fleet.config(1, "1.0.0", "");
+    let (ok, out) = fleet.publish(&broker, &v1);
+    assert!(ok, "{out}");
+    assert!(
+        wait_for(CONVERGE, || fleet.all_run("1.0.0")),
+        "the host runs 1.0.0: {:?}\n{}",
+        fleet.beats(),
+        master.log()
+    );
+
+    // Not TOML; an unknown group; an archive missing from the artifact directory; a
+    // header that disagrees with the text. All newer than 1, all rejected.
+    inject(&broker, "this is [not toml", Some(2));
+    let unknown_group = fleet
+        .config(3, "1.0.0", "")
+        .replace("group = \"web\"", "group = \"nope\"");
+    inject(&broker, &unknown_group, Some(3));
+    let missing_archive = fleet
+        .config(4, "1.0.0", "")
+        .replace("beat-1.0.0.tar.gz", "beat-9.tar.gz");
+    inject(&broker, &missing_archive, Some(4));
+    inject(&broker, &fleet.config(5, "2.0.0", ""), Some(6));
+    assert!(
+        wait_for(RECEIVE, || master.log().matches("config rejected").count()
+            >= 4),
+        "four rejections logged\n{}",
+        master.log()
+    );
+    let log = master.log();
+    assert!(log.contains("no group") || log.contains("nope"), "{log}");
+    assert!(log.contains("beat-9.tar.gz"), "{log}");
+    assert!(log.contains("header says revision 6"), "{log}");
+    assert!(master.running(), "the daemon keeps running");
+    assert_eq!(
+        master.held_text().as_deref(),
+        Some(v1.as_str()),
+        "nothing applied"
+    );
+    assert!(
+        fleet.all_run("1.0.0"),
+        "the host is untouched: {:?}",
+        fleet.beats()
+    );
+
+    // A valid newer revision is still applied.
+    let (ok, out) = fleet.publish(&broker, &fleet.config(7, "2.0.0", ""));
+    assert!(ok, "{out}");
+    assert!(
+        wait_for(CONVERGE, || fleet.all_run("2.0.0")),
+        "the host runs 2.0.0: {:?}\n{}",
+        fleet.beats(),
+        master.log()
+    );
+    assert!(
+        wait_for(RECEIVE, || {
+            let text = watched.lock().expect("lock");
+            text.contains("revision 7 accepted")
+                && text.contains("revision 4 rejected")
+                && text.contains("rollout of beat 2.0.0 started")
+                && text.contains("done, runs 2.0.0")
+                && text.contains("web: revision 7 applied")
+        }),
+        "erel watch printed the events:\n{}",
+        watched.lock().expect("lock")
+    );
+    assert!(
+        master.terminate(),
+        "clean exit on SIGTERM\n{}",
+        master.log()
+    );
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+}
+
+#[test]
+fn amqp_one_master_acts_per_group_and_another_takes_over_when_it_is_killed() {
+    let _lock = BrokerLock::shared();
+    let fleet = Fleet::new("amqp-ha", &["web", "web", "web"]);
+    let broker = TestBroker::new("takeover", &["web"]);
+    let mut a = fleet.master(&broker, "ma");
+    let mut b = fleet.master(&broker, "mb");
+    // Slow enough that the holder can be killed mid-rollout.
+    let slow = "max_in_flight = 1\ncanaries = 1";
+    let (ok, out) = fleet.publish(&broker, &fleet.config(1, "1.0.0", slow));
+    assert!(ok, "{out}");
+    assert!(
+        wait_for(CONVERGE, || fleet.all_run("1.0.0")),
+        "every host runs 1.0.0: {:?}\n{}",
+        fleet.beats(),
+        logs(&[&a, &b])
+    );
+    let holders: Vec<&MasterProc> = [&a, &b].into_iter().filter(|m| holds(m, "web")).collect();
+    assert_eq!(holders.len(), 1, "exactly one holder\n{}", logs(&[&a, &b]));
+    let a_holds = holds(&a, "web");
+    let (holder, other) = if a_holds {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    assert!(
+        !other.log().contains("rollout started") && !other.log().contains("host done"),
+        "the other master did not act\n{}",
+        other.log()
+    );
+
+    // Roll to 2.0.0; kill the holder (SIGKILL) once its first host is done.
+    let (ok, out) = fleet.publish(&broker, &fleet.config(2, "2.0.0", slow));
+    assert!(ok, "{out}");
+    assert!(
+        wait_for(CONVERGE, || holder.log().matches("host done").count() >= 4),
+        "the holder switches a first host to 2.0.0\n{}",
+        holder.log()
+    );
+    holder.kill9();
+    let switched_before = fleet.beats().iter().filter(|b| b.contains("2.0.0")).count();
+    assert!(
+        switched_before < 3,
+        "killed mid-rollout: {:?}",
+        fleet.beats()
+    );
+    assert!(
+        wait_for(Duration::from_secs(15), || holds(other, "web")),
+        "the other master takes the group over within seconds\n{}",
+        other.log()
+    );
+    assert!(
+        wait_for(CONVERGE, || fleet.all_run("2.0.0")),
+        "the new holder finishes the rollout: {:?}\n{}{}",
+        fleet.beats(),
+        other.log(),
+        fleet.agent_logs()
+    );
+    assert_eq!(other.held_revision(), Some(2));
+
+    // `erel status --amqp` shows the new holder beside the hosts.
+    let cluster = fleet.artifacts.path().join("cluster-2.toml");
+    let mut shown = String::new();
+    assert!(
+        wait_for(RECEIVE, || {
+            let out = fleet
+                .pki
+                .erel()
+                .arg("--cluster")
+                .arg(&cluster)
+                .arg("status")
+                .args(broker.flags())
+                .output()
+                .expect("run erel status");
+            shown = output_text(&out);
+            shown.lines().any(|line| {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                words.first() == Some(&"web") && words.get(1) == Some(&other.name.as_str())
+            })
+        }),
+        "erel status names the holder {}:\n{shown}",
+        other.name
+    );
+}

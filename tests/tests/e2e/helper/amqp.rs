@@ -1,0 +1,434 @@
+//! The pieces of the AMQP tests: the broker's URL, a unique name prefix per test with
+//! everything deleted at the end, a lock that keeps the broker-restart test away from
+//! the others, real `erel master --amqp` processes, and the beat release's answer.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use erel_master::amqp::Broker;
+
+use super::{AgentProc, Pki};
+
+/// The broker the tests use: `$EREL_TEST_AMQP`, else the local RabbitMQ.
+pub fn amqp_url() -> String {
+    std::env::var("EREL_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+}
+
+/// A prefix no other test (or run) uses.
+pub fn unique_prefix(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("t-{test}-{}-{nanos}", std::process::id())
+}
+
+/// A process-wide lock on the broker: shared for ordinary tests, exclusive for the test
+/// that restarts it, so a restart never happens under another test's feet.
+pub struct BrokerLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl BrokerLock {
+    fn take(exclusive: bool) -> Self {
+        let path = std::env::temp_dir().join("erel-tests-amqp-broker.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .expect("open the broker lock file");
+        let arg = if exclusive {
+            nix::fcntl::FlockArg::LockExclusive
+        } else {
+            nix::fcntl::FlockArg::LockShared
+        };
+        let lock = nix::fcntl::Flock::lock(file, arg)
+            .map_err(|(_, e)| e)
+            .expect("lock the broker lock file");
+        BrokerLock { _lock: lock }
+    }
+
+    /// For tests that only use the broker.
+    pub fn shared() -> Self {
+        Self::take(false)
+    }
+
+    /// For the test that restarts the broker.
+    pub fn exclusive() -> Self {
+        Self::take(true)
+    }
+}
+
+/// A unique prefix on the test broker; every queue and exchange of it is deleted when
+/// dropped (after the masters, which are declared later and so dropped first).
+pub struct TestBroker {
+    pub broker: Broker,
+    pub url: String,
+    pub prefix: String,
+    pub groups: Vec<String>,
+}
+
+impl TestBroker {
+    pub fn new(test: &str, groups: &[&str]) -> Self {
+        let url = amqp_url();
+        let prefix = unique_prefix(test);
+        let broker = Broker::new(url.clone(), prefix.clone()).expect("valid broker");
+        TestBroker {
+            broker,
+            url,
+            prefix,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        }
+    }
+
+    /// `--amqp URL --amqp-prefix PREFIX`.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--amqp".to_string(),
+            self.url.clone(),
+            "--amqp-prefix".to_string(),
+            self.prefix.clone(),
+        ]
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        let broker = self.broker.clone();
+        let groups = self.groups.clone();
+        // Drop may run inside the test's runtime: clean up on a thread of our own.
+        let cleaned = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                for _ in 0..20 {
+                    if broker.delete_everything(&groups).await.is_ok() {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                false
+            })
+        })
+        .join()
+        .unwrap_or(false);
+        if !cleaned && !std::thread::panicking() {
+            panic!("could not delete the queues of prefix {}", self.prefix);
+        }
+    }
+}
+
+/// A real `erel master --amqp` process.
+pub struct MasterProc {
+    pub name: String,
+    pub state_dir: PathBuf,
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+}
+
+impl MasterProc {
+    /// Starts `erel master --amqp …` named `name`, with state in `state_dir`.
+    pub fn start(
+        pki: &Pki,
+        broker: &TestBroker,
+        name: &str,
+        state_dir: &Path,
+        artifacts: &Path,
+    ) -> Self {
+        let mut command = pki.erel();
+        command
+            .arg("master")
+            .args(broker.flags())
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--name")
+            .arg(name)
+            .arg("--artifacts")
+            .arg(artifacts)
+            .arg("--interval")
+            .arg("2")
+            .arg("--reconnect-max-ms")
+            .arg("1000")
+            .env("EREL_LOG", "info,lapin=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn erel master");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().expect("log lock");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        MasterProc {
+            name: name.to_string(),
+            state_dir: state_dir.to_path_buf(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// The revision its state directory holds.
+    pub fn held_revision(&self) -> Option<u64> {
+        let text = std::fs::read_to_string(self.state_dir.join("config.toml")).ok()?;
+        erel_master::amqp::log::text_revision(&text)
+    }
+
+    /// The config text its state directory holds.
+    pub fn held_text(&self) -> Option<String> {
+        std::fs::read_to_string(self.state_dir.join("config.toml")).ok()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// SIGKILL, the real process.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait; true when it exited with status 0.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for MasterProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// What the beat release on `port` answers (`beat <version> <host>`), or "".
+pub fn beat(port: u16) -> String {
+    use std::io::Read;
+    let mut text = String::new();
+    if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = stream.read_to_string(&mut text);
+    }
+    text.trim().to_string()
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Agents with a beat port each, and an artifact directory holding the releases; the
+/// cluster files are written there too, so `publish` finds archives beside them exactly
+/// as masters find them in the artifact directory.
+pub struct Fleet {
+    pub pki: Pki,
+    pub agents: Vec<AgentProc>,
+    pub ports: Vec<u16>,
+    /// Group of each agent.
+    pub groups: Vec<String>,
+    pub artifacts: tempfile::TempDir,
+    pub states: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// One agent per entry of `groups`, named `<prefix>-<i>`.
+    pub fn new(prefix: &str, groups: &[&str]) -> Self {
+        let pki = Pki::new();
+        let agents = groups
+            .iter()
+            .enumerate()
+            .map(|(i, _)| AgentProc::start(&pki, &format!("{prefix}-{}", i + 1), &[]))
+            .collect();
+        let ports = groups.iter().map(|_| free_port()).collect();
+        let artifacts = tempfile::tempdir().expect("tempdir");
+        for version in ["1.0.0", "2.0.0", "3.0.0"] {
+            super::release::beat_release(artifacts.path(), "beat", version);
+        }
+        Fleet {
+            pki,
+            agents,
+            ports,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            artifacts,
+            states: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// A cluster file: every agent in its group, each group running `version`, with
+    /// `extra` lines in every group section.
+    pub fn config(&self, revision: u64, version: &str, extra: &str) -> String {
+        let mut text = format!("revision = {revision}\n");
+        for ((agent, port), group) in self.agents.iter().zip(&self.ports).zip(&self.groups) {
+            text.push_str(&format!(
+                "[[host]]\nid = \"{}\"\naddr = \"{}\"\ngroup = \"{group}\"\nenv = {{ BEAT_PORT = \"{port}\" }}\n",
+                agent.id, agent.addr
+            ));
+        }
+        let mut seen = Vec::new();
+        for group in &self.groups {
+            if seen.contains(group) {
+                continue;
+            }
+            seen.push(group.clone());
+            text.push_str(&format!(
+                "[group.{group}]\nrelease = \"beat\"\nversion = \"{version}\"\narchive = \"beat-{version}.tar.gz\"\n\
+                 stop_grace_secs = 2\n\
+                 health = {{ tcp = \"$BEAT_PORT\", min_up_secs = 1, deadline_secs = 15 }}\n{extra}\n"
+            ));
+        }
+        text
+    }
+
+    /// Writes a config into the artifact directory; returns its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.artifacts.path().join(name);
+        std::fs::write(&path, text).expect("write the cluster file");
+        path
+    }
+
+    /// A fresh state directory for a master.
+    pub fn state_dir(&self, name: &str) -> PathBuf {
+        self.states.path().join(name)
+    }
+
+    /// Starts a master on this fleet.
+    pub fn master(&self, broker: &TestBroker, name: &str) -> MasterProc {
+        MasterProc::start(
+            &self.pki,
+            broker,
+            name,
+            &self.state_dir(name),
+            self.artifacts.path(),
+        )
+    }
+
+    /// Runs `erel config publish` on a config text; (success, stdout + stderr).
+    pub fn publish(&self, broker: &TestBroker, text: &str) -> (bool, String) {
+        let revision = erel_master::amqp::log::text_revision(text).unwrap_or(0);
+        let path = self.write(&format!("cluster-{revision}.toml"), text);
+        let out = erel(
+            &self.pki,
+            &["config", "publish"],
+            broker,
+            &[path.to_str().expect("utf-8")],
+        );
+        (out.status.success(), output_text(&out))
+    }
+
+    /// What each agent's release answers.
+    pub fn beats(&self) -> Vec<String> {
+        self.ports.iter().map(|p| beat(*p)).collect()
+    }
+
+    /// True when every agent answers `beat <version> <id>`.
+    pub fn all_run(&self, version: &str) -> bool {
+        self.agents
+            .iter()
+            .zip(&self.ports)
+            .all(|(a, p)| beat(*p) == format!("beat {version} {}", a.id))
+    }
+
+    pub fn agent_logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(|a| format!("--- agent {}\n{}", a.id, a.log()))
+            .collect()
+    }
+}
+
+/// Runs `erel <words> --amqp … <rest>`.
+pub fn erel(pki: &Pki, words: &[&str], broker: &TestBroker, rest: &[&str]) -> Output {
+    pki.erel()
+        .args(words)
+        .args(broker.flags())
+        .args(rest)
+        .output()
+        .expect("run erel")
+}
+
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Every master's log, for failure messages.
+pub fn logs(masters: &[&MasterProc]) -> String {
+    masters
+        .iter()
+        .map(|m| format!("--- master {}\n{}", m.name, m.log()))
+        .collect()
+}
+
+/// Polls `condition` every 50 ms until it holds or `limit` passes (blocking).
+pub fn wait_for(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `Command` for `erel watch`, stdout piped.
+pub fn watch_command(pki: &Pki, broker: &TestBroker) -> Command {
+    let mut command = pki.erel();
+    command
+        .arg("watch")
+        .args(broker.flags())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
