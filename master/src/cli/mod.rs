@@ -164,6 +164,16 @@ mod tests {
             "erel unpack web-1@127.0.0.1:7070 archives/app.tar.gz releases/app/1",
             "erel start web-1@127.0.0.1:7070 app 1 --env A=B -- bin/app foreground",
             "erel stop web-1@127.0.0.1:7070 app --grace 3",
+            "erel deploy --cluster cluster.toml --group web --dry-run",
+            "erel status --cluster cluster.toml --json",
+            "erel status --amqp amqp://127.0.0.1:5672/%2f",
+            "erel master --cluster cluster.toml --interval 5",
+            "erel master --amqp amqp://127.0.0.1:5672/%2f --state-dir s --name m1 --artifacts a",
+            "erel config publish cluster.toml --amqp amqp://127.0.0.1:5672/%2f",
+            "erel config show --json --amqp amqp://127.0.0.1:5672/%2f",
+            "erel config history --amqp amqp://127.0.0.1:5672/%2f",
+            "erel watch --amqp amqp://127.0.0.1:5672/%2f",
+            "erel demo",
         ] {
             let args = line.split_whitespace();
             if let Err(e) = <super::Cli as clap::Parser>::try_parse_from(args) {
