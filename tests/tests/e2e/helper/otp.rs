@@ -7,40 +7,7 @@ use std::process::Command;
 /// `dir`, with `vm_args_src` as `config/vm.args.src` when given (relx substitutes
 /// `${VAR}` from the environment at start). Returns the tarball.
 pub fn build_release(dir: &Path, name: &str, vm_args_src: Option<&str>) -> PathBuf {
-    let rebar3 = which("rebar3").unwrap_or_else(|| {
-        panic!("rebar3 is not on PATH: scripts/test.sh installs it (apt-get install rebar3)")
-    });
-    let home = dir.join("home");
-    std::fs::create_dir_all(&home).expect("home");
-    let run = |args: &[&str], cwd: &Path| {
-        let out = Command::new(&rebar3)
-            .args(args)
-            .current_dir(cwd)
-            .env("HOME", &home)
-            .env("REBAR_CACHE_DIR", home.join("rebar3-cache"))
-            .output()
-            .expect("run rebar3");
-        assert!(
-            out.status.success(),
-            "rebar3 {args:?} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&["new", "release", name], dir);
-    let project = dir.join(name);
-    if let Some(vm_args) = vm_args_src {
-        let config = project.join("config");
-        let _ = std::fs::remove_file(config.join("vm.args"));
-        std::fs::write(config.join("vm.args.src"), vm_args).expect("write vm.args.src");
-    }
-    run(&["as", "prod", "tar"], &project);
-    let tarball = project
-        .join("_build/prod/rel")
-        .join(name)
-        .join(format!("{name}-0.1.0.tar.gz"));
-    assert!(tarball.exists(), "{} was not built", tarball.display());
-    tarball
+    build_release_with(dir, name, vm_args_src, &[])
 }
 
 fn which(program: &str) -> Option<PathBuf> {
