@@ -626,3 +626,48 @@ fn request_name(request: &Request) -> &'static str {
         Request::Stop(_) => "Stop",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use erel_proto::{ReleaseState, ReleaseStatus, MAX_FRAME, OUTPUT_TAIL_MAX};
+
+    use super::*;
+
+    #[test]
+    fn a_ping_answer_too_large_for_a_frame_keeps_the_newest_output() {
+        let tail = format!("{}END", "x".repeat(OUTPUT_TAIL_MAX - 3));
+        let releases = (0..60)
+            .map(|i| ReleaseStatus {
+                name: format!("release-{i}"),
+                versions: vec!["1".into()],
+                version: Some("1".into()),
+                desired_running: true,
+                pid: None,
+                state: ReleaseState::CrashLooping,
+                restarts: 5,
+                up_secs: None,
+                output_tail: tail.clone(),
+            })
+            .collect();
+        let mut pong = Pong {
+            host_id: "web-1".into(),
+            agent_version: "0.1.0".into(),
+            uptime_secs: 1,
+            free_disk_bytes: 1,
+            releases,
+        };
+        let before = erel_proto::encode_body(&pong).expect("encode").len();
+        assert!(
+            before > MAX_FRAME,
+            "the sample must overflow ({before} bytes)"
+        );
+        fit_in_a_frame(&mut pong);
+        let after = erel_proto::encode_body(&pong).expect("encode").len();
+        assert!(after <= MAX_FRAME, "{after} bytes");
+        assert_eq!(pong.releases.len(), 60, "every release is still reported");
+        for release in &pong.releases {
+            assert!(release.output_tail.ends_with("END"), "newest output kept");
+            assert!(release.output_tail.len() < OUTPUT_TAIL_MAX);
+        }
+    }
+}
