@@ -99,8 +99,13 @@ pub struct AgentProc {
 impl AgentProc {
     /// Starts an agent for host `id` with the fast supervision settings and `extra` flags.
     pub fn start(pki: &Pki, id: &str, extra: &[&str]) -> Self {
+        // The root is a folder inside a directory this agent owns, so that a test may
+        // look at the root's parent without seeing other tests' files.
         let root_dir = tempfile::tempdir().expect("tempdir");
-        let root = std::fs::canonicalize(root_dir.path()).expect("canonical root");
+        let root = std::fs::canonicalize(root_dir.path())
+            .expect("canonical root")
+            .join("root");
+        std::fs::create_dir(&root).expect("create root");
         let mut agent = AgentProc {
             id: id.to_string(),
             addr: "127.0.0.1:0".parse().expect("addr"),
