@@ -13,14 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_rustls::TlsConnector;
 
 use crate::helper::release::{beat_release, sha256, shell_release};
-use crate::helper::{listing, wait_until, AgentProc, Pki};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+use crate::helper::{free_port, listing, wait_until, AgentProc, Pki};
 
 fn no_progress() -> impl FnMut(Progress) + Send {
     |_| {}

@@ -18,7 +18,7 @@ use erel_proto::ReleaseState;
 
 use crate::helper::otp::build_release_with;
 use crate::helper::release::{beat_release, failing_beat_release};
-use crate::helper::{AgentProc, Pki};
+use crate::helper::{free_port, AgentProc, Pki};
 
 const RELEASE: &str = "beat";
 
@@ -28,14 +28,6 @@ struct Fleet {
     agents: Vec<AgentProc>,
     ports: Vec<u16>,
     dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 impl Fleet {

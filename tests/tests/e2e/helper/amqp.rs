@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use erel_master::amqp::Broker;
 
-use super::{terminate_child, AgentProc, Pki};
+use super::{free_port, terminate_child, AgentProc, Pki};
 
 /// The broker the tests use: `$EREL_TEST_AMQP`, else the local RabbitMQ.
 pub fn amqp_url() -> String {
@@ -236,15 +236,6 @@ pub fn beat(port: u16) -> String {
         let _ = stream.read_to_string(&mut text);
     }
     text.trim().to_string()
-}
-
-/// A free TCP port on loopback.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 /// Agents with a beat port each, and an artifact directory holding the releases; the

@@ -298,6 +298,51 @@ fn is_zombie(pid: i32) -> bool {
         .unwrap_or(true)
 }
 
+/// Ports handed out by [`free_port`] lie in this range, below Linux's default ephemeral
+/// range (`net.ipv4.ip_local_port_range`, 32768-60999), so that no outgoing connection
+/// and no `bind(0)` of another test can take one between the moment it is chosen and the
+/// moment a release binds it.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A TCP port on loopback that no other test, in this process or another, is given: for
+/// a release to bind later (the agent starts it, so no listener can be handed over).
+///
+/// A port is reserved for the rest of the process by an exclusive `flock` on a file named
+/// after it in a directory shared by every test process; the kernel drops the lock when
+/// the process exits, so a crashed run leaves nothing reserved. Panics when no port of
+/// [`TEST_PORTS`] is free.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static HELD: Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> = Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("erel-tests-ports");
+    std::fs::create_dir_all(&dir).expect("create the port reservation directory");
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    // Processes start at different places, so they rarely contend for the same files.
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = TEST_PORTS.start + offset as u16;
+        let Ok(file) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+        else {
+            continue;
+        };
+        let Ok(lock) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            HELD.lock().expect("port reservations").push(lock);
+            return port;
+        }
+    }
+    panic!("no free port left in {TEST_PORTS:?}");
+}
+
 /// Polls `condition` every 50 ms until it holds or `limit` passes.
 pub async fn wait_until<F, Fut>(limit: Duration, mut condition: F) -> bool
 where
