@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_rustls::TlsConnector;
 
 use crate::helper::release::{beat_release, sha256, shell_release};
-use crate::helper::{free_port, listing, wait_until, AgentProc, Pki};
+use crate::helper::{free_port, listing, wait_until, AgentProc, Pki, PATIENCE};
 
 fn no_progress() -> impl FnMut(Progress) + Send {
     |_| {}
@@ -77,7 +77,7 @@ async fn push_unpack_start_ping_stop() {
     let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
 
     assert!(
-        wait_until(Duration::from_secs(10), || async {
+        wait_until(PATIENCE, || async {
             beat_answer(port).await.as_deref() == Some("beat 0.1.0 web-1")
         })
         .await,
@@ -126,12 +126,7 @@ async fn starting_the_running_version_changes_nothing_and_a_new_version_replaces
     let agent = AgentProc::start(&pki, "web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            beat_answer(port).await.is_some()
-        })
-        .await
-    );
+    assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
     let pid = agent.release_pids("beat");
 
     let mut client = pki.connect(&agent).await;
@@ -150,7 +145,7 @@ async fn starting_the_running_version_changes_nothing_and_a_new_version_replaces
 
     let port2 = install_beat(&pki, &agent, work.path(), "0.2.0").await;
     assert!(
-        wait_until(Duration::from_secs(10), || async {
+        wait_until(PATIENCE, || async {
             beat_answer(port2).await.as_deref() == Some("beat 0.2.0 web-1")
         })
         .await
@@ -214,7 +209,7 @@ async fn a_repeated_push_sends_nothing_and_a_cut_push_resumes() {
     // The agent keeps what arrived, synced: everything we sent, unless the cut lost
     // some of it in flight.
     let mut last = 0;
-    let settled = wait_until(Duration::from_secs(10), || {
+    let settled = wait_until(PATIENCE, || {
         let now = staged();
         let stable = now > 0 && now == last;
         last = now;
@@ -391,12 +386,7 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
     let agent = AgentProc::start(&pki, "web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            beat_answer(port).await.is_some()
-        })
-        .await
-    );
+    assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
     let first = agent.release_pids("beat");
     assert_eq!(first.len(), 1);
     nix::sys::signal::kill(
@@ -405,7 +395,7 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
     )
     .expect("kill release");
     assert!(
-        wait_until(Duration::from_secs(10), || async {
+        wait_until(PATIENCE, || async {
             matches!(release_status(&pki, &agent, "beat").await,
                 Some(s) if s.state == ReleaseState::Running && s.restarts == 1 && s.pid.map(|p| p as i32) != Some(first[0]))
         })
@@ -413,12 +403,7 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
         "restarted after being killed\n{}",
         agent.log()
     );
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            beat_answer(port).await.is_some()
-        })
-        .await
-    );
+    assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
 
     // A release that exits at once.
     let tarball = shell_release(
@@ -455,7 +440,7 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
         .await
         .expect("start");
     assert!(
-        wait_until(Duration::from_secs(20), || async {
+        wait_until(PATIENCE, || async {
             matches!(release_status(&pki, &agent, "flop").await, Some(s) if s.state == ReleaseState::CrashLooping)
         })
         .await,
@@ -484,12 +469,7 @@ async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
     let mut agent = AgentProc::start(&pki, "web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            beat_answer(port).await.is_some()
-        })
-        .await
-    );
+    assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
     let pids = agent.release_pids("beat");
     assert_eq!(pids.len(), 1);
 
@@ -533,18 +513,10 @@ async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            agent.release_pids("beat").is_empty()
-        })
-        .await
-    );
+    assert!(wait_until(PATIENCE, || async { agent.release_pids("beat").is_empty() }).await);
     agent.restart();
     assert!(
-        wait_until(Duration::from_secs(10), || async {
-            beat_answer(port).await.is_some()
-        })
-        .await,
+        wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await,
         "started again after the agent came back\n{}",
         agent.log()
     );
@@ -703,12 +675,7 @@ async fn ping_json_reports_everything() {
     let agent = AgentProc::start(&pki, "web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            beat_answer(port).await.is_some()
-        })
-        .await
-    );
+    assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
     let out = pki
         .erel()
         .args(["ping", "--json"])
@@ -765,12 +732,7 @@ async fn old_versions_and_their_archives_are_removed_beyond_the_kept_ones() {
     let work = tempfile::tempdir().expect("tempdir");
     for version in ["1", "2", "3"] {
         let port = install_beat(&pki, &agent, work.path(), version).await;
-        assert!(
-            wait_until(Duration::from_secs(10), || async {
-                beat_answer(port).await.is_some()
-            })
-            .await
-        );
+        assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
     }
     let status = release_status(&pki, &agent, "beat").await.expect("known");
     assert_eq!(status.version.as_deref(), Some("3"));

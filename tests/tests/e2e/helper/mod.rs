@@ -72,6 +72,11 @@ impl Pki {
     }
 }
 
+/// The bound on a wait for something that must happen (a release answering, a restart,
+/// a state reached). Polls return as soon as the condition holds, so this only matters
+/// when the machine is slow or busy, and it is generous for that reason.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
 /// Supervision settings that keep the tests fast.
 pub const FAST_SUPERVISION: &[&str] = &[
     "--restart-backoff-ms",
