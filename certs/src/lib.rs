@@ -37,14 +37,18 @@
 //! it with the next CRL number.
 #![deny(missing_docs)]
 
+mod chain;
 mod error;
 mod explain;
 mod files;
+mod keys;
 pub mod layout;
 mod pki;
+mod revocation;
 mod store;
 pub mod testing;
 mod tls;
+mod verify;
 
 pub use error::{Error, Result};
 pub use explain::{explain_rustls_error, explain_tls_error};
