@@ -25,10 +25,18 @@ use rustls::{
 
 /// A refused peer certificate, explained: which certificate, which issuer, what
 /// is missing. Carried in `CertificateError::Other`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) struct PeerRefusal {
     /// The whole explanation.
     pub(crate) message: String,
+}
+
+/// rustls shows `CertificateError::Other` with `Debug` (in the agent's log line of
+/// a refused handshake, for instance), so `Debug` is the plain sentence too.
+impl std::fmt::Debug for PeerRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 impl std::fmt::Display for PeerRefusal {
