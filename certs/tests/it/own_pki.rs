@@ -529,3 +529,55 @@ fn unusable_keys_are_refused_with_the_reason() {
         ],
     );
 }
+
+/// `erel certs host` may issue from an operator's intermediate kept as ca.pem and
+/// ca.key: a PKCS#1 ca.key is refused with the command that converts it, and the
+/// converted PKCS#8 key issues bundles that shake hands with the operator's master.
+#[tokio::test]
+async fn erel_certs_issues_from_an_operators_intermediate_with_a_pkcs8_key() {
+    let site = site();
+    let master = site.master_leaf("master", KeyKind::RsaPkcs1);
+    let certs = site.master(
+        "certs",
+        &Files {
+            ca: vec![&site.pki.intermediate.cert, &site.pki.root.cert],
+            chain: vec![&master.cert],
+            key: &master.key,
+            crls: vec![site.pki.crl(&site.pki.intermediate).expect("crl")],
+        },
+    );
+    let ca_key = certs.path().join(layout::CA_KEY);
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "{out:?}");
+    };
+    let int_key = site.pki.intermediate.key.to_str().expect("utf-8");
+    let ca_key_str = ca_key.to_str().expect("utf-8");
+    openssl(&["rsa", "-traditional", "-in", int_key, "-out", ca_key_str]);
+    assert!(fs::read_to_string(&ca_key)
+        .expect("ca.key")
+        .contains("BEGIN RSA PRIVATE KEY"));
+    let text = parse_error(certs.issue_host("web-1", &[crate::helper::LOOPBACK], &[]));
+    assert_contains(&text, &["ca.key", "PKCS#1 or SEC1", "openssl pkcs8 -topk8"]);
+
+    openssl(&[
+        "pkcs8", "-topk8", "-nocrypt", "-in", int_key, "-out", ca_key_str,
+    ]);
+    let bundle = certs
+        .issue_host("web-1", &[crate::helper::LOOPBACK], &[])
+        .expect("issue from the operator's intermediate");
+    let (client_result, server_result) = attempt(
+        server_config(&bundle).expect("bundle"),
+        certs.client_config().expect("master"),
+        "web-1",
+    )
+    .await;
+    assert_eq!(client_result.expect("master side").echoed, 42);
+    assert_eq!(
+        server_result.expect("agent side").peer.as_deref(),
+        Some("erel-master")
+    );
+}
