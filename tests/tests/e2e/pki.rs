@@ -242,3 +242,42 @@ async fn an_agent_without_the_intermediates_crl_names_the_masters_certificate_an
         "{log}"
     );
 }
+
+/// A replaced bundle is validated as a whole before new connections use it: a
+/// host.pem that lost its intermediate is refused (the log names the issuer it
+/// lacks) and the agent goes on with the bundle it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_keeps_its_bundle_when_a_replacement_lacks_the_intermediate() {
+    let site = Site::new("web-1");
+    let crl = site.intermediate_crl();
+    let bundle = site.bundle("bundle", std::slice::from_ref(&crl));
+    let agent = AgentProc::start_with_bundle(bundle.clone(), "web-1");
+    let certs = site.certs("certs", &[crl]);
+    let out = erel_ping(&certs, &agent, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Replace host.pem, by rename as a copy tool would, with the leaf alone.
+    let staged = bundle.join(".host.pem.new");
+    fs::copy(&site.host.cert, &staged).expect("stage");
+    fs::rename(&staged, bundle.join(layout::HOST_PEM)).expect("replace host.pem");
+
+    let out = erel_ping(&certs, &agent, &[]);
+    assert!(
+        out.status.success(),
+        "the previous bundle still serves: {}\n{}",
+        text(&out),
+        agent.log()
+    );
+    let warned = crate::helper::wait_until(AGENT_START_LIMIT, || async {
+        agent.log().contains("keeping the previous one")
+    })
+    .await;
+    let log = agent.log();
+    assert!(warned, "{log}");
+    assert!(
+        log.contains(
+            "is issued by \"O=Example, CN=Example Intermediate CA\", which is neither in host.pem"
+        ),
+        "{log}"
+    );
+}
