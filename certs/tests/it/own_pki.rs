@@ -502,6 +502,24 @@ fn unusable_keys_are_refused_with_the_reason() {
     let text = parse_error(server_config(&site.bundle("encrypted", &files)));
     assert_contains(&text, &["host.key", "encrypted", "openssl pkey"]);
 
+    // The traditional form: SEC1 with a "Proc-Type: 4,ENCRYPTED" header.
+    let traditional = site.tmp.path().join("traditional.key");
+    let status = std::process::Command::new("openssl")
+        .args(["ec", "-aes256", "-passout", "pass:secret", "-in"])
+        .arg(&host.key)
+        .arg("-out")
+        .arg(&traditional)
+        .status()
+        .expect("openssl ec");
+    assert!(status.success());
+    assert!(fs::read_to_string(&traditional)
+        .expect("key")
+        .contains("Proc-Type: 4,ENCRYPTED"));
+    let mut files = Files::issue_input(&site, &host);
+    files.key = &traditional;
+    let text = parse_error(server_config(&site.bundle("traditional", &files)));
+    assert_contains(&text, &["host.key", "encrypted"]);
+
     let p521 = site.host("web-3", KeyKind::EcP521Pkcs8);
     let text = parse_error(server_config(
         &site.bundle("p521", &Files::issue_input(&site, &p521)),
