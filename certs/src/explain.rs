@@ -10,6 +10,8 @@ use std::error::Error as StdError;
 
 use rustls::{AlertDescription, CertificateError, Error as TlsError};
 
+use crate::verify::PeerRefusal;
+
 /// Explains an I/O error from a TLS connection if it is a TLS authentication or
 /// negotiation problem (a refused, unknown, expired or revoked certificate, a
 /// wrong host name, an incompatible TLS version); `None` for anything else, such
@@ -52,7 +54,7 @@ fn explain_alert(alert: AlertDescription) -> Option<String> {
             "the agent refused us: no client certificate was presented (the agent requires the master's certificate)".to_string()
         }
         AlertDescription::UnknownCA => format!(
-            "{refused}: unknown CA (is this master's certificate signed by the cluster CA, and is the agent's crl.pem from that CA?)"
+            "{refused}: unknown CA (is this master's certificate signed by the cluster CA, and does master.pem carry the intermediate CAs after it?)"
         ),
         AlertDescription::BadCertificate => format!("{refused}: bad certificate ({NOT_CLUSTER})"),
         AlertDescription::CertificateRevoked => format!(
@@ -67,7 +69,10 @@ fn explain_alert(alert: AlertDescription) -> Option<String> {
         AlertDescription::DecryptError => {
             format!("{refused}: a signature did not verify ({NOT_CLUSTER})")
         }
-        AlertDescription::CertificateUnknown | AlertDescription::AccessDenied => {
+        AlertDescription::CertificateUnknown => format!(
+            "{refused}: certificate not accepted (the agent's log names the reason; does the agent's crl.pem hold a CRL from the CA that issued this master's certificate? {NOT_CLUSTER})"
+        ),
+        AlertDescription::AccessDenied => {
             format!("{refused}: certificate not accepted ({NOT_CLUSTER})")
         }
         AlertDescription::ProtocolVersion => {
@@ -114,8 +119,12 @@ fn explain_peer_certificate(err: &CertificateError) -> String {
             "the peer's certificate is not issued for this use (wrong extended key usage: agents need serverAuth, the master clientAuth)".to_string()
         }
         CertificateError::UnknownRevocationStatus => {
-            "the peer's revocation status is unknown (crl.pem is not from the cluster CA)".to_string()
+            "the peer's revocation status is unknown (crl.pem holds no CRL from the CA that issued its certificate)".to_string()
         }
+        CertificateError::Other(other) => match other.0.downcast_ref::<PeerRefusal>() {
+            Some(refusal) => refusal.to_string(),
+            None => format!("the peer's certificate is not acceptable: {other}"),
+        },
         CertificateError::ExpiredRevocationList
         | CertificateError::ExpiredRevocationListContext { .. } => {
             "the certificate revocation list (crl.pem) has expired".to_string()

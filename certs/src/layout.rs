@@ -9,6 +9,11 @@
 //! <certs>/hosts/<ID>/       one bundle per host, copied to the host (0700):
 //!     ca.pem  host.pem (serverAuth)  host.key (0600)  crl.pem
 //! ```
+//!
+//! With an operator's own CA the same names hold its files: `ca.pem` may hold
+//! intermediates besides the root, `host.pem` and `master.pem` the certificate
+//! followed by its intermediates, `crl.pem` one CRL per issuing CA (see the
+//! crate's "PKI options"); `ca.key` and `hosts/` are then not needed.
 
 /// The cluster CA certificate, in the master directory and in every host bundle.
 pub const CA_PEM: &str = "ca.pem";

@@ -12,8 +12,13 @@
 //!   [`CA_VALIDITY`] and [`LEAF_VALIDITY`]).
 //! * `tls`: the rustls configurations ([`server_config`], [`client_config_from`]),
 //!   [`server_name`], [`peer_name`] and [`bundle_fingerprint`] for reloading.
+//! * `chain`: a bundle's own chain, from its certificate to a CA of `ca.pem`.
+//! * `keys`: private keys in PKCS#8, PKCS#1 or SEC1 PEM.
+//! * `revocation`: what `crl.pem` may hold, and the revocation policy.
+//! * `verify`: the peer verifiers, whose refusals name the certificate at fault.
 //! * `explain`: [`explain_tls_error`], a refused handshake as a sentence.
-//! * [`testing`]: odd certificates for other crates' negative tests.
+//! * [`testing`]: odd certificates for other crates' negative tests, and an
+//!   operator's PKI made with `openssl`.
 //! * `files`: atomic writes; keys are mode 0600 from the start.
 //!
 //! ```
@@ -32,19 +37,44 @@
 //! # }
 //! ```
 //!
+//! # PKI options
+//!
+//! The files may as well come from an operator's own CA, with intermediates:
+//!
+//! * `ca.pem`: the CAs to trust; every certificate in it is a trust anchor (the
+//!   root, and intermediates if the operator keeps them there).
+//! * `host.pem` / `master.pem`: the certificate first, then the intermediates that
+//!   issued it. [`server_config`] and [`MasterDir::client_config`] check that it
+//!   chains to `ca.pem` and send the path found, intermediates of `ca.pem` included.
+//! * `host.key` / `master.key`: PKCS#8, PKCS#1 or SEC1 PEM; RSA, ECDSA P-256/P-384
+//!   or Ed25519.
+//! * `crl.pem`: one CRL per issuing CA, each signed by a CA of the bundle.
+//!
+//! Revocation policy: only the peer's own certificate is checked, against the CRL
+//! of the CA that issued it (rustls-webpki `RevocationCheckDepth::EndEntity`); when
+//! `crl.pem` holds none from that CA the peer is refused
+//! (`UnknownStatusPolicy::Deny`), and the refusal names the certificate and that
+//! CA; nextUpdate is not enforced. Without `crl.pem` an agent checks no revocation.
+//! Every refusal when loading is an [`Error::Parse`] naming the file and the
+//! certificate at fault.
+//!
 //! Revocations are recorded only in `crl.pem` itself: [`MasterDir::revoke`] reads
 //! the current CRL (checking its signature), adds the serial number and re-signs
 //! it with the next CRL number.
 #![deny(missing_docs)]
 
+mod chain;
 mod error;
 mod explain;
 mod files;
+mod keys;
 pub mod layout;
 mod pki;
+mod revocation;
 mod store;
 pub mod testing;
 mod tls;
+mod verify;
 
 pub use error::{Error, Result};
 pub use explain::{explain_rustls_error, explain_tls_error};

@@ -91,8 +91,7 @@ impl Ca {
         })?;
         let cert_der = first_pem_der(cert_path, &cert_pem, SectionKind::Certificate)?;
         let key_pem = files::read_to_string(key_path)?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| Error::parse(key_path, format!("not a usable private key: {e}")))?;
+        let key = ca_key(key_path, &key_pem)?;
         let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key)
             .map_err(|e| Error::parse(cert_path, format!("not a usable CA certificate: {e}")))?;
         if issuer.key().subject_public_key_info() != spki_of(cert_path, &cert_der)? {
@@ -180,6 +179,39 @@ impl Ca {
             .collect();
         Ok(CrlState { number, revoked })
     }
+}
+
+/// The CA's signing key from `ca.key`: rcgen signs with a PKCS#8 key only, so a
+/// key in PKCS#1 or SEC1 (as an operator's own CA may keep it) is refused with the
+/// command that converts it.
+fn ca_key(key_path: &Path, key_pem: &str) -> Result<KeyPair> {
+    for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(key_pem.as_bytes()) {
+        let (kind, der) =
+            section.map_err(|e| Error::parse(key_path, format!("malformed PEM: {e}")))?;
+        match kind {
+            SectionKind::PrivateKey => {
+                let der = rustls::pki_types::PrivatePkcs8KeyDer::from(der);
+                return KeyPair::try_from(&rustls::pki_types::PrivateKeyDer::Pkcs8(der))
+                    .map_err(|e| {
+                        Error::parse(
+                            key_path,
+                            format!("not a usable CA key ({e}): erel signs with RSA, ECDSA P-256/P-384 or Ed25519"),
+                        )
+                    });
+            }
+            SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey => {
+                return Err(Error::parse(
+                    key_path,
+                    "the CA key is in PKCS#1 or SEC1 form; `erel certs` signs with a PKCS#8 key: convert it with `openssl pkcs8 -topk8 -nocrypt -in ca.key -out ca.key.new` and move ca.key.new to ca.key (mode 0600)",
+                ))
+            }
+            _ => {}
+        }
+    }
+    Err(Error::parse(
+        key_path,
+        "no unencrypted PKCS#8 private key (\"BEGIN PRIVATE KEY\") in this file",
+    ))
 }
 
 /// What a CRL says: its number and the certificates it lists.

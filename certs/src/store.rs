@@ -275,12 +275,18 @@ impl MasterDir {
     /// The rustls client configuration of the master: presents `master.pem` /
     /// `master.key`, trusts only `ca.pem`, and checks `crl.pem` (which must exist).
     /// See [`crate::client_config_from`].
+    ///
+    /// Works as well with an operator's own PKI in this directory (no `ca.key`
+    /// needed): `master.pem` must start with the master's certificate and chain to
+    /// `ca.pem`, through intermediates after it or in `ca.pem`; the chain found is
+    /// what the master sends. Refusals are [`Error::Parse`] naming the file and the
+    /// certificate at fault.
     pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>> {
         let crl = self.crl_pem();
         if !crl.is_file() {
             return Err(Error::Missing { path: crl });
         }
-        tls::client_config_from(
+        tls::checked_client_config(
             &self.ca_pem(),
             &self.master_pem(),
             &self.master_key(),

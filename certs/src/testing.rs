@@ -2,6 +2,10 @@
 //!
 //! Nothing in product code uses this module. Each function writes PEM files into
 //! a directory the caller owns (a temporary directory) and returns their paths.
+//! [`openssl`] makes an operator's own PKI (root, intermediate, leaves, CRLs) with
+//! the `openssl` command line.
+
+pub mod openssl;
 
 use std::path::{Path, PathBuf};
 

@@ -9,12 +9,15 @@ use std::time::SystemTime;
 use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::error::{Error, Result};
 use crate::layout::{CA_PEM, CRL_PEM, HOST_KEY, HOST_PEM, MASTER_KEY, MASTER_PEM};
+use crate::revocation::{self, Crls};
+use crate::verify::{AgentVerifier, MasterVerifier};
+use crate::{chain, keys};
 
 /// The ring crypto provider, passed explicitly so nothing depends on a
 /// process-wide default.
@@ -25,30 +28,41 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// The agent's server configuration from a host bundle directory (`ca.pem`,
 /// `host.pem`, `host.key`, and `crl.pem` when present).
 ///
-/// TLS 1.3 only. A client certificate is required, must chain to `ca.pem`, must
-/// carry the clientAuth extended key usage, and must not be listed in `crl.pem`.
-/// No session tickets and no session cache: nothing is resumed.
+/// TLS 1.3 only. A client certificate is required, must chain to a CA of `ca.pem`
+/// (through the intermediates the client sends), must carry the clientAuth
+/// extended key usage, and is checked against `crl.pem` as `revocation` describes:
+/// the client's own certificate against the CRL of the CA that issued it. No
+/// session tickets and no session cache: nothing is resumed.
+///
+/// The bundle is validated as a whole before it is used: `host.pem` must start
+/// with the host's certificate and chain to `ca.pem` (intermediates after it in
+/// `host.pem`, or in `ca.pem`); `host.key` must be its key, in PKCS#8, PKCS#1 or
+/// SEC1 PEM; every CRL must come from a CA of the bundle. Each refusal is an
+/// [`Error::Parse`] naming the file and the certificate at fault.
 pub fn server_config(bundle_dir: &Path) -> Result<Arc<ServerConfig>> {
     let provider = provider();
     let ca = bundle_dir.join(CA_PEM);
-    let roots = load_roots(&ca)?;
+    let anchors = load_certs(&ca)?;
+    let roots = load_roots(&ca, &anchors)?;
+    let cert_path = bundle_dir.join(HOST_PEM);
+    let key_path = bundle_dir.join(HOST_KEY);
+    let chain = chain::own_chain(&cert_path, &load_certs(&cert_path)?, &ca, &anchors)?;
+    let key = keys::load_key(&key_path)?;
     let crl_path = bundle_dir.join(CRL_PEM);
     let crls = if crl_path.exists() {
-        load_crls(&crl_path)?
+        revocation::load(&crl_path, &known_cas(&anchors, &chain))?
     } else {
-        Vec::new()
+        Crls::default()
     };
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .with_crls(crls)
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .with_crls(crls.ders)
+        .only_check_end_entity_revocation()
         .build()
         .map_err(|source| Error::Verifier {
             ca: ca.clone(),
             source,
         })?;
-    let cert_path = bundle_dir.join(HOST_PEM);
-    let key_path = bundle_dir.join(HOST_KEY);
-    let certs = load_certs(&cert_path)?;
-    let key = load_key(&key_path)?;
+    let verifier = Arc::new(MasterVerifier::new(inner, crls.issuers));
     let what = || {
         format!(
             "server configuration from {} and {}",
@@ -63,44 +77,78 @@ pub fn server_config(bundle_dir: &Path) -> Result<Arc<ServerConfig>> {
             source,
         })?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|source| Error::Tls {
-            what: what(),
-            source,
-        })?;
+        .with_single_cert(chain, key)
+        .map_err(|source| key_error(&cert_path, &key_path, what(), source))?;
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(NoServerSessionStorage {});
     Ok(Arc::new(config))
 }
 
-/// A client configuration from explicit files: trust only `ca_pem`, present
-/// `cert_pem` with `key_pem`, and check the server's certificate against
+/// A client configuration from explicit files: trust only the CAs of `ca_pem`,
+/// present `cert_pem` with `key_pem`, and check the server's certificate against
 /// `crl_pem` when given.
 ///
-/// TLS 1.3 only; resumption disabled. The server's certificate must carry the
-/// serverAuth extended key usage and name the [`crate::server_name`] the
-/// connection is made to. Tests use this to present odd certificates.
+/// TLS 1.3 only; resumption disabled. The server's certificate must chain to a CA
+/// of `ca_pem`, carry the serverAuth extended key usage, name the
+/// [`crate::server_name`] the connection is made to, and pass the revocation
+/// policy of `revocation` (its own certificate checked against its issuer's CRL).
+///
+/// `cert_pem` is sent as it is (the certificate, then any intermediates), without
+/// checking that it chains to `ca_pem`: tests use this to present odd
+/// certificates. [`crate::MasterDir::client_config`] checks the master's chain.
+/// The key may be PKCS#8, PKCS#1 or SEC1 PEM; CRLs must come from a CA of
+/// `ca_pem` or of `cert_pem`.
 pub fn client_config_from(
     ca_pem: &Path,
     cert_pem: &Path,
     key_pem: &Path,
     crl_pem: Option<&Path>,
 ) -> Result<Arc<ClientConfig>> {
+    let anchors = load_certs(ca_pem)?;
+    let chain = load_certs(cert_pem)?;
+    client_config(ca_pem, &anchors, chain, cert_pem, key_pem, crl_pem)
+}
+
+/// [`client_config_from`], after checking that `cert_pem` chains to `ca_pem` and
+/// sending the chain found (see `chain`).
+pub(crate) fn checked_client_config(
+    ca_pem: &Path,
+    cert_pem: &Path,
+    key_pem: &Path,
+    crl_pem: Option<&Path>,
+) -> Result<Arc<ClientConfig>> {
+    let anchors = load_certs(ca_pem)?;
+    let chain = chain::own_chain(cert_pem, &load_certs(cert_pem)?, ca_pem, &anchors)?;
+    client_config(ca_pem, &anchors, chain, cert_pem, key_pem, crl_pem)
+}
+
+fn client_config(
+    ca_pem: &Path,
+    anchors: &[CertificateDer<'static>],
+    chain: Vec<CertificateDer<'static>>,
+    cert_pem: &Path,
+    key_pem: &Path,
+    crl_pem: Option<&Path>,
+) -> Result<Arc<ClientConfig>> {
     let provider = provider();
-    let roots = load_roots(ca_pem)?;
+    let roots = load_roots(ca_pem, anchors)?;
     let crls = match crl_pem {
-        Some(path) => load_crls(path)?,
-        None => Vec::new(),
+        Some(path) => revocation::load(path, &known_cas(anchors, &chain))?,
+        None => Crls::default(),
     };
-    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .with_crls(crls)
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .with_crls(crls.ders)
+        .only_check_end_entity_revocation()
         .build()
         .map_err(|source| Error::Verifier {
             ca: ca_pem.to_path_buf(),
             source,
         })?;
-    let certs = load_certs(cert_pem)?;
-    let key = load_key(key_pem)?;
+    let verifier = Arc::new(AgentVerifier {
+        inner,
+        crl_issuers: crls.issuers,
+    });
+    let key = keys::load_key(key_pem)?;
     let what = || {
         format!(
             "client configuration from {} and {}",
@@ -114,14 +162,35 @@ pub fn client_config_from(
             what: what(),
             source,
         })?
-        .with_webpki_verifier(verifier)
-        .with_client_auth_cert(certs, key)
-        .map_err(|source| Error::Tls {
-            what: what(),
-            source,
-        })?;
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)
+        .map_err(|source| key_error(cert_pem, key_pem, what(), source))?;
     config.resumption = Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+/// The CAs a bundle knows, to authenticate CRLs: the certificates of `ca.pem` and
+/// the intermediates of its own chain.
+fn known_cas(
+    anchors: &[CertificateDer<'static>],
+    chain: &[CertificateDer<'static>],
+) -> Vec<CertificateDer<'static>> {
+    anchors
+        .iter()
+        .chain(chain.iter().skip(1))
+        .cloned()
+        .collect()
+}
+
+/// A refused certificate and key: a key that does not match gets its own message.
+fn key_error(cert: &Path, key: &Path, what: String, source: rustls::Error) -> Error {
+    match source {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            keys::mismatch(cert, key)
+        }
+        source => Error::Tls { what, source },
+    }
 }
 
 /// The rustls [`ServerName`] to connect to host `host_id` under: the id as a DNS
@@ -217,51 +286,22 @@ pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-fn load_roots(path: &Path) -> Result<RootCertStore> {
+/// The trust anchors of `ca.pem`: every certificate in it (see `chain`).
+fn load_roots(path: &Path, anchors: &[CertificateDer<'static>]) -> Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
-    for cert in load_certs(path)? {
+    for cert in anchors {
         roots
-            .add(cert)
+            .add(cert.clone())
             .map_err(|e| Error::parse(path, format!("not a usable CA certificate: {e}")))?;
     }
     Ok(roots)
 }
 
-fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
-    warn_if_exposed(path);
-    PrivateKeyDer::from_pem_file(path).map_err(|e| pem_error(path, e))
-}
-
-fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>> {
-    let crls = CertificateRevocationListDer::pem_file_iter(path)
-        .map_err(|e| pem_error(path, e))?
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(path, e))?;
-    if crls.is_empty() {
-        return Err(Error::parse(
-            path,
-            "no CRL (\"X509 CRL\" PEM section) in this file",
-        ));
-    }
-    Ok(crls)
-}
-
-fn pem_error(path: &Path, e: rustls::pki_types::pem::Error) -> Error {
+pub(crate) fn pem_error(path: &Path, e: rustls::pki_types::pem::Error) -> Error {
     use rustls::pki_types::pem::Error as PemError;
     match e {
         PemError::Io(io) => crate::files::not_found_or_io(path, io),
         PemError::NoItemsFound => Error::parse(path, "no usable PEM section of the expected kind"),
         other => Error::parse(path, format!("malformed PEM: {other}")),
-    }
-}
-
-/// Logs a warning when a private key file is readable by group or others.
-fn warn_if_exposed(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "private key is readable by group or others; it should be mode 0600");
-        }
     }
 }

@@ -129,6 +129,28 @@ impl AgentProc {
         agent
     }
 
+    /// Starts an agent for host `id` on the bundle directory `bundle` (for instance one
+    /// made from an operator's own PKI), with the fast supervision settings.
+    pub fn start_with_bundle(bundle: PathBuf, id: &str) -> Self {
+        let root_dir = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(root_dir.path())
+            .expect("canonical root")
+            .join("root");
+        std::fs::create_dir(&root).expect("create root");
+        let mut agent = AgentProc {
+            id: id.to_string(),
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            root_dir,
+            root,
+            bundle,
+            extra: FAST_SUPERVISION.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+        };
+        agent.spawn();
+        agent
+    }
+
     fn spawn(&mut self) {
         let mut child = Command::new(AGENT_BIN)
             .arg("--listen")
