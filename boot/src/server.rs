@@ -254,6 +254,8 @@ enum ConnError {
     Timeout(&'static str),
     #[error("closed after an error was reported: {0}")]
     Reported(String),
+    #[error("the transfer of {0} was taken over by a newer request for the same file")]
+    TakenOver(String),
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -409,13 +411,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 return self.reply(&Response::Error(e.to_reply())).await;
             }
         };
+        let wanted = offer.wanted();
         self.reply(&Response::WriteOffer(erel_proto::WriteOffer {
             have: offer.have,
             have_sha256: offer.have_sha256,
         }))
         .await?;
 
-        let begin: WriteBegin = self.read_transfer_frame("WriteBegin").await?;
+        let begin: WriteBegin = self
+            .read_transfer_frame("WriteBegin", &wanted, &request.path)
+            .await?;
         let req = request.clone();
         let receiver = blocking(move || write_file::begin(offer, &req, begin.offset)).await;
         let receiver = match receiver {
@@ -428,7 +433,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         };
         let remaining = request.size.saturating_sub(begin.offset);
         let received = self
-            .stream_to_disk(receiver, remaining, &request.path)
+            .stream_to_disk(receiver, remaining, &request.path, &wanted)
             .await?;
         let receiver = match received {
             Ok(receiver) => receiver,
@@ -437,20 +442,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 return Err(ConnError::Reported(e.to_string()));
             }
         };
-        let commit: WriteCommit = self.read_transfer_frame("WriteCommit").await?;
+        let commit: WriteCommit = self
+            .read_transfer_frame("WriteCommit", &wanted, &request.path)
+            .await?;
         let outcome = blocking(move || receiver.commit(commit.sha256)).await;
         info!(peer = %self.peer, name = %self.peer_name, command = "write_file", path = %request.path,
               size = request.size, offset = begin.offset, ok = outcome.is_ok(), "command");
         self.answer(outcome.map(Response::Written)).await
     }
 
+    /// Reads the next frame of a transfer of `path`; ends the transfer when a newer
+    /// request for the same file takes it over (`wanted`).
     async fn read_transfer_frame<T: serde::de::DeserializeOwned>(
         &mut self,
         what: &'static str,
+        wanted: &CancellationToken,
+        path: &str,
     ) -> std::result::Result<T, ConnError> {
-        match tokio::time::timeout(TRANSFER_STALL_TIMEOUT, read_frame::<T, _>(&mut self.stream))
-            .await
-        {
+        let read = tokio::select! {
+            _ = wanted.cancelled() => return Err(self.taken_over(path).await),
+            read = tokio::time::timeout(TRANSFER_STALL_TIMEOUT, read_frame::<T, _>(&mut self.stream)) => read,
+        };
+        match read {
             Err(_) => Err(ConnError::Timeout(what)),
             Ok(Ok(Some(frame))) => Ok(frame),
             Ok(Ok(None)) => Err(ConnError::Io(std::io::Error::new(
@@ -464,6 +477,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// A newer request for the same file took this transfer over: say so (the master,
+    /// if still there, reads it when its sending fails) and end the connection.
+    async fn taken_over(&mut self, path: &str) -> ConnError {
+        let error = Error::Busy(format!(
+            "the transfer of {path} was taken over by a newer request for the same file; \
+             the bytes received here are kept for it"
+        ));
+        info!(peer = %self.peer, name = %self.peer_name, command = "write_file", %path, "taken over by a newer request");
+        let _ = tokio::time::timeout(
+            REFUSAL_LINGER,
+            write_frame(&mut self.stream, &Response::Error(error.to_reply())),
+        )
+        .await;
+        ConnError::TakenOver(path.to_string())
+    }
+
     /// Copies `remaining` raw bytes from the socket to the staging file. The disk side
     /// runs on a blocking thread so hashing and writing overlap with receiving; memory
     /// stays at a few chunks whatever the size. The outer error ends the connection (the
@@ -473,6 +502,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         mut receiver: write_file::Receiver,
         remaining: u64,
         path: &str,
+        wanted: &CancellationToken,
     ) -> std::result::Result<Result<write_file::Receiver>, ConnError> {
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
         let writer = tokio::task::spawn_blocking(move || {
@@ -486,12 +516,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         while left > 0 {
             let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
             let mut chunk = vec![0u8; want];
-            let n = match tokio::time::timeout(
-                TRANSFER_STALL_TIMEOUT,
-                read_some(&mut self.stream, &mut chunk),
-            )
-            .await
-            {
+            let read = tokio::select! {
+                _ = wanted.cancelled() => None,
+                read = tokio::time::timeout(
+                    TRANSFER_STALL_TIMEOUT,
+                    read_some(&mut self.stream, &mut chunk),
+                ) => Some(read),
+            };
+            let Some(read) = read else {
+                read_error = Some(ConnError::TakenOver(path.to_string()));
+                break;
+            };
+            let n = match read {
                 Err(_) => {
                     read_error = Some(ConnError::Timeout("transfer bytes"));
                     break;
@@ -522,6 +558,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if let Some(e) = read_error {
             // Dropping the receiver syncs what arrived, for a later resume.
             drop(written);
+            if let ConnError::TakenOver(path) = e {
+                return Err(self.taken_over(&path).await);
+            }
             return Err(e);
         }
         Ok(written.and_then(|inner| inner))
