@@ -2,8 +2,12 @@
 //! dispatches the five commands.
 //!
 //! The accept loop only accepts and spawns. Each connection runs under named timeouts
-//! (handshake, `Hello`, idle, transfer stall), and a semaphore bounds how many are served
-//! at once. Nothing a peer sends is read before its certificate is verified.
+//! (handshake, `Hello`, idle, transfer stall). A peer first takes a place in the budget
+//! of pending handshakes (`peers`: short timeout, capped per address, the oldest
+//! dropped for a newcomer); only once its certificate is verified does it take one of
+//! the `max_connections` session permits, so peers without a certificate cannot use up
+//! the masters' room. A master beyond that limit is told so with `Busy`. Nothing a peer
+//! sends is read before its certificate is verified.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,13 +27,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
+use crate::peers::{HandshakeSlot, Handshakes};
 use crate::root::{free_disk, Root};
 use crate::settings::{Limits, Supervision};
 use crate::supervisor::Supervisor;
 use crate::{retention, unpack, write_file};
 
-/// Time allowed for the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for the master's `Hello` after the handshake.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no request for this long is closed.
@@ -142,7 +145,11 @@ pub async fn serve(
     tls: Arc<TlsSource>,
     shutdown: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(agent.limits.max_connections));
+    let sessions = Arc::new(Semaphore::new(agent.limits.max_connections));
+    let handshakes = Handshakes::new(
+        agent.limits.max_handshakes,
+        agent.limits.max_handshakes_per_address,
+    );
     let tracker = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -156,17 +163,13 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            warn!(%peer, limit = agent.limits.max_connections, "connection limit reached; closing");
-            drop(stream);
-            continue;
-        };
+        let (slot, _crowded) = handshakes.admit(peer.ip());
         let acceptor = tls.acceptor();
         let agent = agent.clone();
         let shutdown = shutdown.clone();
+        let sessions = sessions.clone();
         tracker.spawn(async move {
-            connection(stream, peer, acceptor, agent, shutdown).await;
-            drop(permit);
+            connection(stream, peer, slot, acceptor, agent, sessions, shutdown).await;
         });
     }
     tracker.close();
@@ -181,24 +184,40 @@ pub async fn serve(
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
+    slot: HandshakeSlot,
     acceptor: TlsAcceptor,
     agent: Arc<Agent>,
+    sessions: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream).into_fallible())
-        .await
-    {
-        Ok(Ok(tls)) => tls,
-        Ok(Err((e, stream))) => {
-            info!(%peer, error = %e, "TLS handshake refused");
-            linger_after_refusal(stream).await;
-            return;
+    let limit = agent.limits.handshake_timeout;
+    let handshake = async {
+        match tokio::time::timeout(limit, acceptor.accept(stream).into_fallible()).await {
+            Ok(Ok(tls)) => Some(tls),
+            Ok(Err((e, stream))) => {
+                info!(%peer, error = %e, "TLS handshake refused");
+                linger_after_refusal(stream).await;
+                None
+            }
+            Err(_) => {
+                info!(%peer, timeout_ms = limit.as_millis() as u64, "TLS handshake timed out");
+                None
+            }
         }
-        Err(_) => {
-            info!(%peer, "TLS handshake timed out");
-            return;
+    };
+    let tls = tokio::select! {
+        tls = handshake => tls,
+        () = slot.evicted() => {
+            debug!(%peer, "pending TLS handshake dropped to make room for a newer peer");
+            None
         }
+        () = shutdown.cancelled() => None,
+    };
+    // Authenticated or not, this peer no longer counts as a pending handshake.
+    drop(slot);
+    let Some(tls) = tls else {
+        return;
     };
     let peer_name = tls
         .get_ref()
@@ -212,6 +231,11 @@ async fn connection(
         peer,
         peer_name,
         agent,
+    };
+    let Ok(_permit) = sessions.try_acquire_owned() else {
+        conn.refuse_at_limit().await;
+        let _ = tokio::time::timeout(REFUSAL_LINGER, conn.stream.shutdown()).await;
+        return;
     };
     match conn.run(shutdown).await {
         Ok(()) => debug!(peer = %conn.peer, name = %conn.peer_name, "connection closed"),
@@ -259,6 +283,22 @@ enum ConnError {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// An authenticated master beyond `max_connections`: read its `Hello` (it proved
+    /// who it is) and answer `Busy`, naming the limit, so its error says why.
+    async fn refuse_at_limit(&mut self) {
+        let limit = self.agent.limits.max_connections;
+        warn!(peer = %self.peer, name = %self.peer_name, limit, "connection limit reached; refusing a master");
+        let hello = tokio::time::timeout(HELLO_TIMEOUT, read_frame_body(&mut self.stream)).await;
+        if !matches!(hello, Ok(Ok(Some(_)))) {
+            return;
+        }
+        let refusal = Error::Busy(format!(
+            "this agent is at its limit of {limit} connections from masters (setting \
+             max_connections); retry when one ends"
+        ));
+        let _ = self.reply(&Response::Error(refusal.to_reply())).await;
+    }
+
     async fn run(&mut self, shutdown: CancellationToken) -> std::result::Result<(), ConnError> {
         if !self.handshake().await? {
             return Ok(());
