@@ -358,7 +358,7 @@ impl BusyWait {
                 self.pause = (self.pause * 2).min(BUSY_RETRY_MAX);
                 return Ok(());
             }
-            if !waited.is_zero() {
+            if waited >= Duration::from_secs(1) {
                 reply.message = format!(
                     "{} (still so after retrying for {} s)",
                     reply.message,
@@ -457,5 +457,45 @@ mod tests {
             let err = bad.parse::<HostAddr>().unwrap_err().to_string();
             assert!(err.contains(bad), "{bad}: {err}");
         }
+    }
+
+    #[tokio::test]
+    async fn only_busy_is_waited_out() {
+        use erel_proto::{ErrorKind, ErrorReply};
+        let host: HostAddr = "web-1@127.0.0.1:7070".parse().expect("parse");
+        let mut wait = BusyWait::new();
+        let started = tokio::time::Instant::now();
+        wait.retry_or_fail(&host, ErrorReply::new(ErrorKind::Busy, "held"))
+            .await
+            .expect("a Busy is retried");
+        assert!(started.elapsed() >= BUSY_RETRY_FIRST, "after a pause");
+        let err = wait
+            .retry_or_fail(
+                &host,
+                ErrorReply::new(ErrorKind::NotFound, "archive not found: a"),
+            )
+            .await
+            .expect_err("anything else is reported at once");
+        assert_eq!(err.to_string(), "web-1: archive not found: a");
+
+        // Past the bound, the Busy is reported and says how long it was waited out.
+        let mut late = BusyWait {
+            started: tokio::time::Instant::now() - BUSY_WAIT,
+            pause: BUSY_RETRY_MAX,
+        };
+        let err = late
+            .retry_or_fail(
+                &host,
+                ErrorReply::new(ErrorKind::Busy, "another request is working on a"),
+            )
+            .await
+            .expect_err("bounded");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "web-1: busy: another request is working on a (still so after retrying for 60 s)"
+            ),
+            "{text}"
+        );
     }
 }

@@ -591,3 +591,79 @@ async fn a_normal_connection_end_leaves_no_error_in_the_agent_log() {
         assert!(!line.contains(" ERROR "), "{line}");
     }
 }
+
+/// A `.tar` of `entries` small files under `files/`, written to `dir`.
+fn many_files_tar(dir: &std::path::Path, entries: usize) -> std::path::PathBuf {
+    let path = dir.join("many.tar");
+    let mut builder = tar::Builder::new(std::fs::File::create(&path).expect("create"));
+    let body = vec![b'x'; 512];
+    for n in 0..entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(body.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, format!("files/{n}.txt"), body.as_slice())
+            .expect("append");
+    }
+    builder.finish().expect("finish");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpack_cut_while_it_runs_is_repeated_at_once() {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let entries = 10_000;
+    let archive = many_files_tar(work.path(), entries);
+    let digest = sha256(&archive);
+    let mut client = pki.connect(&agent).await;
+    client
+        .write_file(
+            &WriteSource {
+                path: archive.clone(),
+                sha256: Some(digest),
+            },
+            "archives/many.tar",
+            0o644,
+            &mut |_| {},
+        )
+        .await
+        .expect("push the archive");
+    // Ready before the cut, so that the repeat goes out the moment the first runs.
+    let mut repeat = pki.connect(&agent).await;
+
+    let task = tokio::spawn(async move {
+        client
+            .unpack("archives/many.tar", "releases/many/1", Some(digest))
+            .await
+    });
+    let staging = agent.root.join(".erel/unpack");
+    let running = wait_until(Duration::from_secs(120), || {
+        let busy = std::fs::read_dir(&staging).is_ok_and(|mut d| d.next().is_some());
+        async move { busy }
+    })
+    .await;
+    assert!(running, "the first unpack starts\n{}", agent.log());
+    task.abort(); // the master goes away; the agent finishes what it started
+    let _ = task.await;
+
+    let done = repeat
+        .unpack("archives/many.tar", "releases/many/1", Some(digest))
+        .await
+        .unwrap_or_else(|e| panic!("the repeated unpack fails: {e}\n{}", agent.log()));
+    assert_eq!(done.sha256, digest);
+    assert!(agent
+        .root
+        .join(format!("releases/many/1/files/{}.txt", entries - 1))
+        .is_file());
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("busy") && l.contains("releases/many/1")),
+        "the repeat arrived while the first still ran, and waited it out:\n{log}"
+    );
+    no_busy_busy(&log);
+}
