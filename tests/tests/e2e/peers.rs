@@ -667,3 +667,38 @@ async fn an_unpack_cut_while_it_runs_is_repeated_at_once() {
     );
     no_busy_busy(&log);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_cut_by_the_agent_is_explained_at_the_master() {
+    let pki = Pki::new();
+    // As an agent whose handshake room is full does: accept, read the ClientHello,
+    // close; and the same at once, before reading anything.
+    for read_first in [true, false] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            if read_first {
+                let mut hello = [0u8; 64];
+                let _ = stream.read(&mut hello).await;
+            }
+            drop(stream);
+        });
+        let host = erel_master::HostAddr {
+            id: "web-1".into(),
+            addr: addr.to_string(),
+        };
+        let err = AgentClient::connect(&host, pki.client_config(), "test-master")
+            .await
+            .expect_err("cut");
+        let text = err.to_string();
+        assert!(
+            text.contains("closed the connection during the TLS handshake")
+                && text.contains("proving who they are"),
+            "{text}"
+        );
+        server.await.expect("server");
+    }
+}
