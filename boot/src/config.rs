@@ -16,6 +16,8 @@ pub const DEFAULT_ROOT: &str = "/var/lib/erel";
 pub const DEFAULT_CERTS: &str = "/etc/erel/certs";
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7070";
+/// Longest `handshake_timeout_ms` accepted.
+pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Command-line flags. Each overrides the same setting in the config file.
 #[derive(Debug, Parser)]
@@ -45,9 +47,18 @@ pub struct Flags {
     /// Most entries one archive may hold.
     #[arg(long)]
     pub max_unpack_entries: Option<u64>,
-    /// Most connections served at once.
+    /// Most connections from masters (authenticated) served at once.
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// Most TLS handshakes in progress at once (peers not yet authenticated).
+    #[arg(long)]
+    pub max_handshakes: Option<usize>,
+    /// Most TLS handshakes in progress from one address (IPv4, or IPv6 /64).
+    #[arg(long)]
+    pub max_handshakes_per_address: Option<usize>,
+    /// Time a peer has to complete its TLS handshake, in milliseconds.
+    #[arg(long)]
+    pub handshake_timeout_ms: Option<u64>,
     /// Versions of each release kept besides the running one.
     #[arg(long)]
     pub keep_versions: Option<usize>,
@@ -80,6 +91,9 @@ struct FileSettings {
     max_unpack_bytes: Option<u64>,
     max_unpack_entries: Option<u64>,
     max_connections: Option<usize>,
+    max_handshakes: Option<usize>,
+    max_handshakes_per_address: Option<usize>,
+    handshake_timeout_ms: Option<u64>,
     keep_versions: Option<usize>,
     restart_backoff_ms: Option<u64>,
     restart_backoff_max_ms: Option<u64>,
@@ -188,11 +202,50 @@ impl Config {
                 .max_connections
                 .or(file.max_connections)
                 .unwrap_or(defaults.max_connections),
+            max_handshakes: flags
+                .max_handshakes
+                .or(file.max_handshakes)
+                .unwrap_or(defaults.max_handshakes),
+            max_handshakes_per_address: flags
+                .max_handshakes_per_address
+                .or(file.max_handshakes_per_address)
+                .unwrap_or(defaults.max_handshakes_per_address),
+            handshake_timeout: flags
+                .handshake_timeout_ms
+                .or(file.handshake_timeout_ms)
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.handshake_timeout),
         };
-        if limits.max_connections == 0 {
+        for (name, value) in [
+            ("max_connections", limits.max_connections),
+            ("max_handshakes", limits.max_handshakes),
+            (
+                "max_handshakes_per_address",
+                limits.max_handshakes_per_address,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(setting(name), "must be at least 1"));
+            }
+        }
+        if limits.max_handshakes_per_address > limits.max_handshakes {
             return Err(ConfigError::new(
-                setting("max_connections"),
-                "must be at least 1",
+                setting("max_handshakes_per_address"),
+                format!(
+                    "{} is above max_handshakes ({}): one address could take every handshake",
+                    limits.max_handshakes_per_address, limits.max_handshakes
+                ),
+            ));
+        }
+        if limits.handshake_timeout.is_zero() || limits.handshake_timeout > MAX_HANDSHAKE_TIMEOUT {
+            return Err(ConfigError::new(
+                setting("handshake_timeout_ms"),
+                format!(
+                    "{} ms is out of range: between 1 and {} ms (a TLS 1.3 handshake takes \
+                     one round trip; a long timeout only helps idle peers hold room)",
+                    limits.handshake_timeout.as_millis(),
+                    MAX_HANDSHAKE_TIMEOUT.as_millis()
+                ),
             ));
         }
         let sup = Supervision::default();
@@ -343,5 +396,50 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent-bundle/ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn peer_limits_are_read_and_checked() {
+        let certs = bundle();
+        let dir = certs.path().to_str().expect("utf8");
+        let config = Config::from_flags(flags(&[
+            "--certs",
+            dir,
+            "--max-handshakes",
+            "10",
+            "--max-handshakes-per-address",
+            "2",
+            "--handshake-timeout-ms",
+            "1500",
+        ]))
+        .expect("valid");
+        assert_eq!(config.limits.max_handshakes, 10);
+        assert_eq!(config.limits.max_handshakes_per_address, 2);
+        assert_eq!(config.limits.handshake_timeout, Duration::from_millis(1500));
+
+        for (args, names) in [
+            (&["--max-handshakes", "0"][..], "--max-handshakes"),
+            (
+                &["--max-handshakes-per-address", "0"][..],
+                "--max-handshakes-per-address",
+            ),
+            (
+                &["--max-handshakes", "4", "--max-handshakes-per-address", "5"][..],
+                "--max-handshakes-per-address",
+            ),
+            (
+                &["--handshake-timeout-ms", "0"][..],
+                "--handshake-timeout-ms",
+            ),
+            (
+                &["--handshake-timeout-ms", "600000"][..],
+                "--handshake-timeout-ms",
+            ),
+        ] {
+            let mut all = vec!["--certs", dir];
+            all.extend_from_slice(args);
+            let err = Config::from_flags(flags(&all)).unwrap_err().to_string();
+            assert!(err.contains(names), "{args:?}: {err}");
+        }
     }
 }

@@ -166,8 +166,99 @@ impl Error {
         }
     }
 
-    /// The reply sent to the master.
+    /// The reply sent to the master. The message does not repeat the kind, which the
+    /// reply carries on its own: [`Error::Busy`] shows as `busy: …` in the agent's log
+    /// and is sent as kind `Busy` with the words after `busy: `.
     pub fn to_reply(&self) -> ErrorReply {
-        ErrorReply::new(self.kind(), self.to_string())
+        let kind = self.kind();
+        let text = self.to_string();
+        let message = text
+            .strip_prefix(&format!("{kind}: "))
+            .unwrap_or(&text)
+            .to_string();
+        ErrorReply::new(kind, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_kind() -> Vec<Error> {
+        vec![
+            Error::invalid_path("../x", "escapes the root"),
+            Error::NotFound {
+                what: "archive",
+                path: "a.tgz".into(),
+            },
+            Error::Conflict {
+                path: "rel".into(),
+                reason: "holds something else".into(),
+            },
+            Error::ChecksumMismatch {
+                path: "a".into(),
+                reason: "differs".into(),
+            },
+            Error::TooLarge {
+                what: "file size".into(),
+                value: 2,
+                limit: 1,
+            },
+            Error::NoSpace {
+                what: "a".into(),
+                need: 2,
+                free: 1,
+                reserve: 0,
+            },
+            Error::unsafe_entry("e", "device file"),
+            Error::BadArchive {
+                path: "a.tgz".into(),
+                reason: "not gzip".into(),
+            },
+            Error::SpawnFailed {
+                name: "beat".into(),
+                version: "1".into(),
+                reason: "no such file".into(),
+            },
+            Error::BadRequest("mode 0o4755".into()),
+            Error::Timeout("waiting for the release to stop".into()),
+            Error::Busy("another request is working on a.bin".into()),
+            Error::io("write", "/r/a", std::io::Error::other("broken")),
+            Error::Internal("oops".into()),
+        ]
+    }
+
+    /// No reply, as the master shows it, says the same word twice in a row
+    /// (`busy: busy: …`), nor opens its message with its own kind.
+    #[test]
+    fn replies_never_repeat_their_kind() {
+        for error in every_kind() {
+            let reply = error.to_reply();
+            let shown = reply.to_string();
+            let kind = reply.kind.to_string();
+            assert!(
+                !reply.message.starts_with(&format!("{kind}: ")),
+                "{error:?}: message {:?}",
+                reply.message
+            );
+            assert!(
+                !shown.contains(&format!("{kind}: {kind}")),
+                "{error:?}: shown {shown:?}"
+            );
+            let words: Vec<&str> = shown.split_whitespace().collect();
+            for pair in words.windows(2) {
+                assert_ne!(
+                    pair[0].trim_end_matches(':'),
+                    pair[1].trim_end_matches(':'),
+                    "{error:?}: shown {shown:?}"
+                );
+            }
+        }
+        let busy = Error::Busy("another request is working on a.bin".into()).to_reply();
+        assert_eq!(busy.message, "another request is working on a.bin");
+        assert_eq!(
+            busy.to_string(),
+            "busy: another request is working on a.bin"
+        );
     }
 }

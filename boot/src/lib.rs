@@ -2,6 +2,7 @@
 //!
 //! - [`server`]: the mutual-TLS listener, the handshake and the one `match` that
 //!   dispatches the five commands.
+//! - `peers`: the separate, per-address budget of peers still in the TLS handshake.
 //! - [`write_file`], [`unpack`]: the file-system commands, safe and atomic.
 //! - [`supervisor`]: `Start`, `Stop`, restarts, crash-loop detection, adoption.
 //! - [`retention`]: old versions and archives removed.
@@ -14,6 +15,7 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+mod peers;
 pub mod retention;
 pub mod root;
 pub mod server;

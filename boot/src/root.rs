@@ -14,7 +14,7 @@
 //!   trash/                     directories being removed
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
@@ -22,6 +22,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 
@@ -311,14 +314,20 @@ pub fn free_disk(path: &Path) -> u64 {
 /// A claim on one path by one request at a time within this process, released on drop.
 ///
 /// Two transfers of the same staging file, or two unpacks into the same destination,
-/// would corrupt each other; the second is refused with [`Error::Busy`] instead.
+/// would corrupt each other; the second is refused with [`Error::Busy`] instead, or,
+/// through [`PathLock::take_over`], asks the first to let go and waits for it.
 #[derive(Debug)]
 pub struct PathLock {
     key: PathBuf,
+    /// Cancelled when a newer request asks this holder to let go.
+    wanted: CancellationToken,
 }
 
-fn held_paths() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
-    static HELD: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+/// How often [`PathLock::take_over`] looks whether the holder has let go.
+const TAKE_OVER_POLL: Duration = Duration::from_millis(20);
+
+fn held_paths() -> std::sync::MutexGuard<'static, BTreeMap<PathBuf, CancellationToken>> {
+    static HELD: Mutex<BTreeMap<PathBuf, CancellationToken>> = Mutex::new(BTreeMap::new());
     // Every operation on the set is a single insert, lookup or remove, so a panic
     // elsewhere cannot leave it inconsistent: a poisoned lock is still usable.
     HELD.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -328,18 +337,61 @@ impl PathLock {
     /// Claims `key` (an absolute path on the agent). `name` is what the master called
     /// the thing, for the error when another request holds it.
     pub fn acquire(key: PathBuf, name: &str) -> Result<PathLock> {
-        if held_paths().insert(key.clone()) {
-            Ok(PathLock { key })
-        } else {
-            Err(Error::Busy(format!(
+        Self::try_claim(&key).ok_or_else(|| {
+            Error::Busy(format!(
                 "another request is working on {name}; retry when it is done"
-            )))
+            ))
+        })
+    }
+
+    /// Claims `key` for a request that repeats one whose connection may be gone: when
+    /// another request holds it, that holder is asked to let go (see
+    /// [`PathLock::wanted`]) and this call waits up to `wait` for it. Blocking.
+    ///
+    /// Errors: [`Error::Busy`] when the holder has not let go within `wait` (it is in a
+    /// step it cannot leave, such as the final fsync and rename).
+    pub fn take_over(key: PathBuf, name: &str, wait: Duration) -> Result<PathLock> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(lock) = Self::try_claim(&key) {
+                return Ok(lock);
+            }
+            if let Some(holder) = held_paths().get(&key) {
+                holder.cancel();
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Busy(format!(
+                    "another request is working on {name} and did not let go within {} ms; \
+                     retry when it is done",
+                    wait.as_millis()
+                )));
+            }
+            std::thread::sleep(TAKE_OVER_POLL);
         }
+    }
+
+    fn try_claim(key: &Path) -> Option<PathLock> {
+        let mut held = held_paths();
+        if held.contains_key(key) {
+            return None;
+        }
+        let wanted = CancellationToken::new();
+        held.insert(key.to_path_buf(), wanted.clone());
+        Some(PathLock {
+            key: key.to_path_buf(),
+            wanted,
+        })
+    }
+
+    /// Cancelled when a newer request for the same key asks this holder to let go
+    /// ([`PathLock::take_over`]); the holder then ends its work, keeping what it did.
+    pub fn wanted(&self) -> CancellationToken {
+        self.wanted.clone()
     }
 
     /// Whether some request holds `key` now.
     pub fn is_held(key: &Path) -> bool {
-        held_paths().contains(key)
+        held_paths().contains_key(key)
     }
 }
 
@@ -432,5 +484,49 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
             .collect();
         assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn a_claim_is_exclusive_and_released_on_drop() {
+        let key = std::env::temp_dir().join(format!("erel-lock-{}", unique_name()));
+        let held = PathLock::acquire(key.clone(), "thing").expect("first claim");
+        let err = PathLock::acquire(key.clone(), "thing").unwrap_err();
+        assert!(matches!(err, Error::Busy(_)), "{err}");
+        assert!(err.to_string().contains("thing"), "{err}");
+        assert!(PathLock::is_held(&key));
+        drop(held);
+        assert!(!PathLock::is_held(&key));
+        PathLock::acquire(key, "thing").expect("free again");
+    }
+
+    #[test]
+    fn a_take_over_asks_the_holder_and_is_busy_when_it_does_not_let_go() {
+        let key = std::env::temp_dir().join(format!("erel-lock-{}", unique_name()));
+        let held = PathLock::acquire(key.clone(), "thing").expect("claim");
+        let wait = Duration::from_millis(300);
+        let started = Instant::now();
+        let err = PathLock::take_over(key.clone(), "thing", wait).unwrap_err();
+        assert!(started.elapsed() >= wait, "waited the whole bound");
+        assert!(matches!(err, Error::Busy(_)), "{err}");
+        assert!(
+            err.to_string().contains("thing") && err.to_string().contains("did not let go"),
+            "{err}"
+        );
+        assert!(
+            held.wanted().is_cancelled(),
+            "the holder was asked to let go"
+        );
+
+        // A holder that lets go when asked hands over within the bound.
+        let wanted = held.wanted();
+        let letting_go = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !wanted.is_cancelled() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            drop(held);
+        });
+        PathLock::take_over(key.clone(), "thing", Duration::from_secs(10)).expect("handed over");
+        letting_go.join().expect("join");
     }
 }

@@ -2,8 +2,12 @@
 //! dispatches the five commands.
 //!
 //! The accept loop only accepts and spawns. Each connection runs under named timeouts
-//! (handshake, `Hello`, idle, transfer stall), and a semaphore bounds how many are served
-//! at once. Nothing a peer sends is read before its certificate is verified.
+//! (handshake, `Hello`, idle, transfer stall). A peer first takes a place in the budget
+//! of pending handshakes (`peers`: short timeout, capped per address, the oldest
+//! dropped for a newcomer); only once its certificate is verified does it take one of
+//! the `max_connections` session permits, so peers without a certificate cannot use up
+//! the masters' room. A master beyond that limit is told so with `Busy`. Nothing a peer
+//! sends is read before its certificate is verified.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,13 +27,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
+use crate::peers::{HandshakeSlot, Handshakes};
 use crate::root::{free_disk, Root};
 use crate::settings::{Limits, Supervision};
 use crate::supervisor::Supervisor;
 use crate::{retention, unpack, write_file};
 
-/// Time allowed for the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for the master's `Hello` after the handshake.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no request for this long is closed.
@@ -142,7 +145,11 @@ pub async fn serve(
     tls: Arc<TlsSource>,
     shutdown: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(agent.limits.max_connections));
+    let sessions = Arc::new(Semaphore::new(agent.limits.max_connections));
+    let handshakes = Handshakes::new(
+        agent.limits.max_handshakes,
+        agent.limits.max_handshakes_per_address,
+    );
     let tracker = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -156,17 +163,13 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            warn!(%peer, limit = agent.limits.max_connections, "connection limit reached; closing");
-            drop(stream);
-            continue;
-        };
+        let (slot, _crowded) = handshakes.admit(peer.ip());
         let acceptor = tls.acceptor();
         let agent = agent.clone();
         let shutdown = shutdown.clone();
+        let sessions = sessions.clone();
         tracker.spawn(async move {
-            connection(stream, peer, acceptor, agent, shutdown).await;
-            drop(permit);
+            connection(stream, peer, slot, acceptor, agent, sessions, shutdown).await;
         });
     }
     tracker.close();
@@ -181,24 +184,40 @@ pub async fn serve(
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
+    slot: HandshakeSlot,
     acceptor: TlsAcceptor,
     agent: Arc<Agent>,
+    sessions: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream).into_fallible())
-        .await
-    {
-        Ok(Ok(tls)) => tls,
-        Ok(Err((e, stream))) => {
-            info!(%peer, error = %e, "TLS handshake refused");
-            linger_after_refusal(stream).await;
-            return;
+    let limit = agent.limits.handshake_timeout;
+    let handshake = async {
+        match tokio::time::timeout(limit, acceptor.accept(stream).into_fallible()).await {
+            Ok(Ok(tls)) => Some(tls),
+            Ok(Err((e, stream))) => {
+                info!(%peer, error = %e, "TLS handshake refused");
+                linger_after_refusal(stream).await;
+                None
+            }
+            Err(_) => {
+                info!(%peer, timeout_ms = limit.as_millis() as u64, "TLS handshake timed out");
+                None
+            }
         }
-        Err(_) => {
-            info!(%peer, "TLS handshake timed out");
-            return;
+    };
+    let tls = tokio::select! {
+        tls = handshake => tls,
+        () = slot.evicted() => {
+            debug!(%peer, "pending TLS handshake dropped to make room for a newer peer");
+            None
         }
+        () = shutdown.cancelled() => None,
+    };
+    // Authenticated or not, this peer no longer counts as a pending handshake.
+    drop(slot);
+    let Some(tls) = tls else {
+        return;
     };
     let peer_name = tls
         .get_ref()
@@ -212,6 +231,11 @@ async fn connection(
         peer,
         peer_name,
         agent,
+    };
+    let Ok(_permit) = sessions.try_acquire_owned() else {
+        conn.refuse_at_limit().await;
+        let _ = tokio::time::timeout(REFUSAL_LINGER, conn.stream.shutdown()).await;
+        return;
     };
     match conn.run(shutdown).await {
         Ok(()) => debug!(peer = %conn.peer, name = %conn.peer_name, "connection closed"),
@@ -254,9 +278,27 @@ enum ConnError {
     Timeout(&'static str),
     #[error("closed after an error was reported: {0}")]
     Reported(String),
+    #[error("the transfer of {0} was taken over by a newer request for the same file")]
+    TakenOver(String),
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// An authenticated master beyond `max_connections`: read its `Hello` (it proved
+    /// who it is) and answer `Busy`, naming the limit, so its error says why.
+    async fn refuse_at_limit(&mut self) {
+        let limit = self.agent.limits.max_connections;
+        warn!(peer = %self.peer, name = %self.peer_name, limit, "connection limit reached; refusing a master");
+        let hello = tokio::time::timeout(HELLO_TIMEOUT, read_frame_body(&mut self.stream)).await;
+        if !matches!(hello, Ok(Ok(Some(_)))) {
+            return;
+        }
+        let refusal = Error::Busy(format!(
+            "this agent is at its limit of {limit} connections from masters (setting \
+             max_connections); retry when one ends"
+        ));
+        let _ = self.reply(&Response::Error(refusal.to_reply())).await;
+    }
+
     async fn run(&mut self, shutdown: CancellationToken) -> std::result::Result<(), ConnError> {
         if !self.handshake().await? {
             return Ok(());
@@ -409,13 +451,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 return self.reply(&Response::Error(e.to_reply())).await;
             }
         };
+        let wanted = offer.wanted();
         self.reply(&Response::WriteOffer(erel_proto::WriteOffer {
             have: offer.have,
             have_sha256: offer.have_sha256,
         }))
         .await?;
 
-        let begin: WriteBegin = self.read_transfer_frame("WriteBegin").await?;
+        let begin: WriteBegin = self
+            .read_transfer_frame("WriteBegin", &wanted, &request.path)
+            .await?;
         let req = request.clone();
         let receiver = blocking(move || write_file::begin(offer, &req, begin.offset)).await;
         let receiver = match receiver {
@@ -428,7 +473,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         };
         let remaining = request.size.saturating_sub(begin.offset);
         let received = self
-            .stream_to_disk(receiver, remaining, &request.path)
+            .stream_to_disk(receiver, remaining, &request.path, &wanted)
             .await?;
         let receiver = match received {
             Ok(receiver) => receiver,
@@ -437,20 +482,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 return Err(ConnError::Reported(e.to_string()));
             }
         };
-        let commit: WriteCommit = self.read_transfer_frame("WriteCommit").await?;
+        let commit: WriteCommit = self
+            .read_transfer_frame("WriteCommit", &wanted, &request.path)
+            .await?;
         let outcome = blocking(move || receiver.commit(commit.sha256)).await;
         info!(peer = %self.peer, name = %self.peer_name, command = "write_file", path = %request.path,
               size = request.size, offset = begin.offset, ok = outcome.is_ok(), "command");
         self.answer(outcome.map(Response::Written)).await
     }
 
+    /// Reads the next frame of a transfer of `path`; ends the transfer when a newer
+    /// request for the same file takes it over (`wanted`).
     async fn read_transfer_frame<T: serde::de::DeserializeOwned>(
         &mut self,
         what: &'static str,
+        wanted: &CancellationToken,
+        path: &str,
     ) -> std::result::Result<T, ConnError> {
-        match tokio::time::timeout(TRANSFER_STALL_TIMEOUT, read_frame::<T, _>(&mut self.stream))
-            .await
-        {
+        let read = tokio::select! {
+            _ = wanted.cancelled() => return Err(self.taken_over(path).await),
+            read = tokio::time::timeout(TRANSFER_STALL_TIMEOUT, read_frame::<T, _>(&mut self.stream)) => read,
+        };
+        match read {
             Err(_) => Err(ConnError::Timeout(what)),
             Ok(Ok(Some(frame))) => Ok(frame),
             Ok(Ok(None)) => Err(ConnError::Io(std::io::Error::new(
@@ -464,6 +517,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// A newer request for the same file took this transfer over: say so (the master,
+    /// if still there, reads it when its sending fails) and end the connection.
+    async fn taken_over(&mut self, path: &str) -> ConnError {
+        let error = Error::Busy(format!(
+            "the transfer of {path} was taken over by a newer request for the same file; \
+             the bytes received here are kept for it"
+        ));
+        info!(peer = %self.peer, name = %self.peer_name, command = "write_file", %path, "taken over by a newer request");
+        let _ = tokio::time::timeout(
+            REFUSAL_LINGER,
+            write_frame(&mut self.stream, &Response::Error(error.to_reply())),
+        )
+        .await;
+        ConnError::TakenOver(path.to_string())
+    }
+
     /// Copies `remaining` raw bytes from the socket to the staging file. The disk side
     /// runs on a blocking thread so hashing and writing overlap with receiving; memory
     /// stays at a few chunks whatever the size. The outer error ends the connection (the
@@ -473,6 +542,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         mut receiver: write_file::Receiver,
         remaining: u64,
         path: &str,
+        wanted: &CancellationToken,
     ) -> std::result::Result<Result<write_file::Receiver>, ConnError> {
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
         let writer = tokio::task::spawn_blocking(move || {
@@ -486,12 +556,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         while left > 0 {
             let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
             let mut chunk = vec![0u8; want];
-            let n = match tokio::time::timeout(
-                TRANSFER_STALL_TIMEOUT,
-                read_some(&mut self.stream, &mut chunk),
-            )
-            .await
-            {
+            let read = tokio::select! {
+                _ = wanted.cancelled() => None,
+                read = tokio::time::timeout(
+                    TRANSFER_STALL_TIMEOUT,
+                    read_some(&mut self.stream, &mut chunk),
+                ) => Some(read),
+            };
+            let Some(read) = read else {
+                read_error = Some(ConnError::TakenOver(path.to_string()));
+                break;
+            };
+            let n = match read {
                 Err(_) => {
                     read_error = Some(ConnError::Timeout("transfer bytes"));
                     break;
@@ -522,6 +598,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if let Some(e) = read_error {
             // Dropping the receiver syncs what arrived, for a later resume.
             drop(written);
+            if let ConnError::TakenOver(path) = e {
+                return Err(self.taken_over(&path).await);
+            }
             return Err(e);
         }
         Ok(written.and_then(|inner| inner))

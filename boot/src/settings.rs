@@ -15,8 +15,18 @@ pub struct Limits {
     pub max_unpack_bytes: u64,
     /// Most entries one archive may hold.
     pub max_unpack_entries: u64,
-    /// Most connections served at once.
+    /// Most authenticated connections (masters) served at once. A master beyond it is
+    /// answered `Busy`, naming this limit. Peers still in the TLS handshake do not count.
     pub max_connections: usize,
+    /// Most TLS handshakes in progress at once: peers that have not yet proved who they
+    /// are. When full, the oldest pending handshake of the address with the most is
+    /// dropped for the newcomer (see `peers`).
+    pub max_handshakes: usize,
+    /// Most TLS handshakes in progress from one address (an IPv4 address or an IPv6
+    /// /64); beyond it the oldest from that address is dropped for the newcomer.
+    pub max_handshakes_per_address: usize,
+    /// Time a peer has to complete its TLS handshake, from the moment it is accepted.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -27,6 +37,9 @@ impl Default for Limits {
             max_unpack_bytes: 16 << 30,
             max_unpack_entries: 200_000,
             max_connections: 32,
+            max_handshakes: 64,
+            max_handshakes_per_address: 8,
+            handshake_timeout: Duration::from_secs(5),
         }
     }
 }

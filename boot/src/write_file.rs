@@ -15,9 +15,13 @@
 //! `sha-<digest>` when the master announced the digest, so a resume survives a change
 //! of destination, and `path-<sha256 of the path>-<size>` otherwise. A receiver
 //! dropped before its commit (a cut connection) syncs what it received, so the next
-//! offer for the same file reports those bytes. Two transfers of the same key at once
-//! are refused with [`Error::Busy`] rather than interleaved. Parts nobody resumed are
-//! removed by [`sweep_stale`] when the agent starts.
+//! offer for the same file reports those bytes. Two transfers of the same key never
+//! interleave: a new request for a key that another holds is a repeat after a cut (the
+//! protocol lets the master repeat any command at once), so it takes the staging over.
+//! The holder is asked to let go ([`Offer::wanted`]); it stops where it is, keeping its
+//! bytes, and the new request resumes from them. Only a holder that does not let go
+//! within [`TAKE_OVER_WAIT`] (it is committing) makes the new request [`Error::Busy`].
+//! Parts nobody resumed are removed by [`sweep_stale`] when the agent starts.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -44,6 +48,11 @@ pub const STALE_STAGING_AGE: Duration = Duration::from_secs(3 * 24 * 3600);
 
 /// Suffix of staging files under `.erel/staging/`.
 const PART_SUFFIX: &str = ".part";
+
+/// How long a new `WriteFile` waits for an earlier transfer of the same key to let go
+/// of its staging file before it is refused with [`Error::Busy`]. The holder lets go
+/// at once unless it is verifying, syncing or renaming the file.
+pub const TAKE_OVER_WAIT: Duration = Duration::from_secs(20);
 
 /// What the agent already holds for a `WriteFile`, and the staging to continue it.
 pub struct Offer {
@@ -130,7 +139,7 @@ pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer>
         }
     };
     let part = root.state("staging").join(format!("{key}{PART_SUFFIX}"));
-    let lock = PathLock::acquire(part.clone(), &name)?;
+    let lock = PathLock::take_over(part.clone(), &name, TAKE_OVER_WAIT)?;
     let target = Target {
         root: root.clone(),
         name,
@@ -177,6 +186,14 @@ pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer>
     })
 }
 
+impl Offer {
+    /// Cancelled when a newer request for the same file takes this transfer over; the
+    /// connection then stops receiving (the bytes it staged are kept for the newcomer).
+    pub fn wanted(&self) -> tokio_util::sync::CancellationToken {
+        self._lock.wanted()
+    }
+}
+
 /// Refuses special bits and anything that is not a permission mode.
 fn check_mode(name: &str, mode: u32) -> Result<()> {
     if mode & 0o7000 != 0 {
@@ -220,7 +237,9 @@ pub struct Receiver {
     /// Bytes received by this receiver.
     received: u64,
     present: bool,
-    _lock: PathLock,
+    /// Released before the final sync on drop, so a request taking over need not wait
+    /// for the disk.
+    lock: Option<PathLock>,
 }
 
 impl fmt::Debug for Receiver {
@@ -268,7 +287,7 @@ pub fn begin(offer: Offer, request: &WriteFile, offset: u64) -> Result<Receiver>
             total: have,
             received: 0,
             present: true,
-            _lock: lock,
+            lock: Some(lock),
         });
     }
     if present && offset != 0 {
@@ -315,11 +334,16 @@ pub fn begin(offer: Offer, request: &WriteFile, offset: u64) -> Result<Receiver>
         total: offset,
         received: 0,
         present: false,
-        _lock: lock,
+        lock: Some(lock),
     })
 }
 
 impl Receiver {
+    /// Cancelled when a newer request for the same file takes this transfer over.
+    pub fn wanted(&self) -> tokio_util::sync::CancellationToken {
+        self.lock.as_ref().map(PathLock::wanted).unwrap_or_default()
+    }
+
     /// Bytes still expected before the commit.
     pub fn remaining(&self) -> u64 {
         self.target.size - self.total
@@ -471,7 +495,11 @@ impl Receiver {
 impl Drop for Receiver {
     fn drop(&mut self) {
         // Uncommitted: keep what arrived, durably, for the next offer to resume from.
-        if let Some(file) = self.file.take() {
+        // The claim goes first: a request taking over reads the same bytes through the
+        // page cache and need not wait for them to reach the disk.
+        let file = self.file.take();
+        drop(self.lock.take());
+        if let Some(file) = file {
             let _ = file.sync_data();
         }
     }
@@ -955,27 +983,81 @@ mod tests {
         assert!(matches!(err, Error::Conflict { .. }), "{err}");
     }
 
+    /// Offers `req` on another thread; the handle yields its result.
+    fn offer_elsewhere(f: &Fixture, req: &WriteFile) -> std::thread::JoinHandle<Result<Offer>> {
+        let (root, req, limits) = (f.root.clone(), req.clone(), f.limits.clone());
+        std::thread::spawn(move || offer(&root, &req, &limits))
+    }
+
+    /// Polls `condition` every 10 ms for up to `limit`.
+    fn eventually(limit: Duration, condition: impl Fn() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if condition() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        condition()
+    }
+
     #[test]
-    fn concurrent_transfers_of_one_file_are_busy() {
+    fn a_repeated_transfer_takes_over_and_resumes() {
         let f = fixture();
         let data = content(1_000);
         let req = request("same.bin", &data, true);
         let first = offer(&f.root, &req, &f.limits).expect("offer");
-        let err = offer(&f.root, &req, &f.limits).unwrap_err();
-        assert!(matches!(err, Error::Busy(_)), "{err}");
-        assert!(err.to_string().contains("same.bin"), "{err}");
+        let first_wanted = first.wanted();
         let mut receiver = begin(first, &req, 0).expect("begin");
-        send(&mut receiver, &data[..10]);
-        let err = offer(&f.root, &req, &f.limits).unwrap_err();
-        assert!(matches!(err, Error::Busy(_)), "{err}");
-        // Other content is not held up; the same content elsewhere shares the staging.
+        send(&mut receiver, &data[..300]);
+        assert!(!receiver.wanted().is_cancelled());
+
+        // The repeat asks the holder to let go and waits for it, not a refusal.
+        let second = offer_elsewhere(&f, &req);
+        assert!(
+            eventually(TAKE_OVER_WAIT, || first_wanted.is_cancelled()),
+            "the holder is asked to let go"
+        );
+        assert!(!second.is_finished(), "the newcomer waits for the holder");
+        drop(receiver); // the holder stops, keeping its bytes
+        let second = second.join().expect("join").expect("takes over");
+        assert_eq!(second.have, 300, "resumes from what the holder received");
+        let mut receiver = begin(second, &req, 300).expect("begin");
+        send(&mut receiver, &data[300..]);
+        receiver.commit(digest(&data)).expect("commit");
+        assert_eq!(
+            fs::read(f.root.path().join("same.bin")).expect("read"),
+            data
+        );
+        assert!(staging_files(&f).is_empty());
+    }
+
+    #[test]
+    fn the_same_content_elsewhere_takes_over_too_other_content_is_not_held_up() {
+        let f = fixture();
+        let data = content(1_000);
+        let req = request("same.bin", &data, true);
+        let first = offer(&f.root, &req, &f.limits).expect("offer");
+        let wanted = first.wanted();
+        // Other content goes through while the first transfer holds its staging.
         let other = content(999);
         push(&f, &request("other.bin", &other, true), &other).expect("other push");
-        let err = offer(&f.root, &request("copy.bin", &data, true), &f.limits).unwrap_err();
-        assert!(matches!(err, Error::Busy(_)), "{err}");
-        send(&mut receiver, &data[10..]);
-        receiver.commit(digest(&data)).expect("commit");
-        assert!(offer(&f.root, &req, &f.limits).is_ok());
+        assert!(!wanted.is_cancelled());
+        // The same digest to another destination shares the staging: it takes over.
+        let copy = offer_elsewhere(&f, &request("copy.bin", &data, true));
+        assert!(eventually(TAKE_OVER_WAIT, || wanted.is_cancelled()));
+        drop(first);
+        let copy = copy.join().expect("join").expect("takes over");
+        assert_eq!(copy.have, 0);
+        // Without a digest, the key is the path and size: a repeat takes over as well.
+        let unknown = request("nodigest.bin", &data, false);
+        let held = offer(&f.root, &unknown, &f.limits).expect("offer");
+        let wanted = held.wanted();
+        let repeat = offer_elsewhere(&f, &unknown);
+        assert!(eventually(TAKE_OVER_WAIT, || wanted.is_cancelled()));
+        drop(held);
+        repeat.join().expect("join").expect("takes over");
+        drop(copy);
     }
 
     #[test]

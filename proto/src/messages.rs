@@ -390,8 +390,97 @@ impl fmt::Display for ErrorKind {
     }
 }
 
+impl ErrorReply {
+    /// Whether `message` already says the words of `kind` (`"busy: …"` for
+    /// [`ErrorKind::Busy`], `"archive not found: …"` for [`ErrorKind::NotFound`]),
+    /// compared without regard to ASCII case, as whole words. Such a message is shown as
+    /// it is, so that no text reads `busy: busy: …`; agents already in the field send
+    /// messages like that.
+    pub fn message_names_kind(kind: ErrorKind, message: &str) -> bool {
+        let kind = kind.to_string().to_ascii_lowercase();
+        let text = message.to_ascii_lowercase();
+        let boundary = |c: Option<char>| !c.is_some_and(char::is_alphanumeric);
+        text.match_indices(&kind).any(|(at, _)| {
+            boundary(text[..at].chars().next_back())
+                && boundary(text[at + kind.len()..].chars().next())
+        })
+    }
+}
+
 impl fmt::Display for ErrorReply {
+    /// `kind: message`, or the message alone when it already names the kind.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.kind, self.message)
+        if ErrorReply::message_names_kind(self.kind, &self.message) {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.kind, self.message)
+        }
+    }
+}
+
+#[cfg(test)]
+mod error_text_tests {
+    use super::*;
+
+    #[test]
+    fn an_error_reply_never_repeats_its_kind() {
+        let cases = [
+            (
+                ErrorKind::Busy,
+                "busy: another request is working on a.bin",
+                "busy: another request is working on a.bin",
+            ),
+            (
+                ErrorKind::Busy,
+                "another request is working on a.bin",
+                "busy: another request is working on a.bin",
+            ),
+            (
+                ErrorKind::BadRequest,
+                "bad request: mode 0o4755",
+                "bad request: mode 0o4755",
+            ),
+            (ErrorKind::BadRequest, "Bad Request: x", "Bad Request: x"),
+            (
+                ErrorKind::InvalidPath,
+                "invalid path '../x': escapes the root",
+                "invalid path '../x': escapes the root",
+            ),
+            (
+                ErrorKind::UnsafeArchive,
+                "unsafe archive entry 'a': device",
+                "unsafe archive entry 'a': device",
+            ),
+            (
+                ErrorKind::Internal,
+                "internal error: oops",
+                "internal error: oops",
+            ),
+            (
+                ErrorKind::NotFound,
+                "archive not found: a.tgz",
+                "archive not found: a.tgz",
+            ),
+            (ErrorKind::Busy, "the agent is busy", "the agent is busy"),
+            // A word that merely starts like the kind is not the kind.
+            (
+                ErrorKind::Busy,
+                "busybox is missing",
+                "busy: busybox is missing",
+            ),
+            (
+                ErrorKind::Timeout,
+                "timed out waiting",
+                "timeout: timed out waiting",
+            ),
+            (ErrorKind::Io, "", "i/o error: "),
+        ];
+        for (kind, message, shown) in cases {
+            assert_eq!(
+                ErrorReply::new(kind, message).to_string(),
+                shown,
+                "{kind:?} {message:?}"
+            );
+        }
     }
 }

@@ -12,6 +12,7 @@ use erel_proto::{
     read_frame, write_frame, FrameError, Hello, Ping, Pong, Request, Response, Sha256, Start,
     Started, Stop, Stopped, Unpack, Unpacked, PROTOCOL_VERSION,
 };
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -34,6 +35,17 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(120);
 pub const STOP_MARGIN: Duration = Duration::from_secs(30);
 /// A transfer making no progress for this long is abandoned.
 pub const TRANSFER_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a request the agent answers with `Busy` is retried on the same connection
+/// before the `Busy` is reported. The agent hands a file whose transfer was cut over to
+/// the next request within its own takeover bound (seconds), and a cut `Unpack` runs to
+/// its end, so a repeated command waits that out instead of failing.
+pub const BUSY_WAIT: Duration = Duration::from_secs(60);
+/// First pause before retrying a `Busy` request; it doubles up to [`BUSY_RETRY_MAX`].
+const BUSY_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Longest pause between two tries of a `Busy` request.
+const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
+/// Time allowed to send our `close_notify` when a client is closed.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// An agent to talk to: its host id (which its certificate must name) and address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -79,6 +91,11 @@ impl fmt::Display for HostAddr {
 }
 
 /// An authenticated connection to one agent.
+///
+/// The connection ends with a TLS `close_notify` alert (RFC 8446, section 6.1) on every
+/// path: [`AgentClient::close`] sends it and waits for it to leave, and dropping a client
+/// (after an error, or a panic) queues it without waiting, so the agent sees an orderly
+/// end rather than a truncated stream.
 pub struct AgentClient {
     stream: TlsStream<TcpStream>,
     host: HostAddr,
@@ -116,7 +133,7 @@ impl AgentClient {
             let stream = connector
                 .connect(server_name, tcp)
                 .await
-                .map_err(|e| io_error(host, "during the TLS handshake", e))?;
+                .map_err(|e| handshake_error(host, e))?;
             let mut client = AgentClient {
                 stream,
                 host: host.clone(),
@@ -163,6 +180,13 @@ impl AgentClient {
     /// The agent's `Hello`: its host id and software version.
     pub fn agent_hello(&self) -> &Hello {
         &self.hello
+    }
+
+    /// Ends the connection in order: sends TLS `close_notify` and shuts the socket's
+    /// sending side, within [`CLOSE_TIMEOUT`]. Dropping a client does the same without
+    /// waiting; this is for callers that can wait.
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.stream.shutdown()).await;
     }
 
     /// `Ping`: the agent's live state.
@@ -218,20 +242,21 @@ impl AgentClient {
     }
 
     /// Sends one request and reads its answer; an agent error becomes [`Error::Agent`].
+    /// A `Busy` answer is retried on this connection for up to [`BUSY_WAIT`].
     async fn call(&mut self, request: Request, limit: Duration, what: &str) -> Result<Response> {
-        let exchange = async {
-            self.send(&request).await?;
-            self.receive().await
-        };
-        let response = tokio::time::timeout(limit, exchange)
-            .await
-            .map_err(|_| timeout(&self.host, format!("waiting for the answer to {what}")))??;
-        match response {
-            Response::Error(reply) => Err(Error::Agent {
-                host: self.host.id.clone(),
-                reply,
-            }),
-            other => Ok(other),
+        let mut busy = BusyWait::new();
+        loop {
+            let exchange = async {
+                self.send(&request).await?;
+                self.receive().await
+            };
+            let response = tokio::time::timeout(limit, exchange)
+                .await
+                .map_err(|_| timeout(&self.host, format!("waiting for the answer to {what}")))??;
+            match response {
+                Response::Error(reply) => busy.retry_or_fail(&self.host, reply).await?,
+                other => return Ok(other),
+            }
         }
     }
 
@@ -245,7 +270,7 @@ impl AgentClient {
         match read_frame::<Response, _>(&mut self.stream).await {
             Ok(Some(response)) => Ok(response),
             Ok(None) => Err(self.protocol_error(
-                "the agent closed the connection (refused our certificate, or at its connection limit?)"
+                "the agent closed the connection without an answer (it may be shutting down)"
                     .to_string(),
             )),
             Err(e) => Err(self.frame_error(e)),
@@ -272,6 +297,107 @@ impl AgentClient {
             response_name(got)
         ))
     }
+}
+
+impl Drop for AgentClient {
+    fn drop(&mut self) {
+        queue_close_notify(&mut self.stream);
+    }
+}
+
+/// Sends TLS `close_notify` without waiting: the alert goes out now if the socket can
+/// take it (it is a few dozen bytes), and is dropped if it cannot, as on a broken
+/// connection. Sending it twice is harmless: rustls sends it once.
+fn queue_close_notify(stream: &mut TlsStream<TcpStream>) {
+    /// The socket's non-blocking write, as [`std::io::Write`] for rustls.
+    struct NowOrNever<'a>(&'a TcpStream);
+    impl std::io::Write for NowOrNever<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.try_write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let (tcp, tls) = stream.get_mut();
+    tls.send_close_notify();
+    while tls.wants_write() {
+        match tls.write_tls(&mut NowOrNever(tcp)) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Retries of a request the agent answered with `Busy`, bounded by [`BUSY_WAIT`].
+#[derive(Debug)]
+pub(crate) struct BusyWait {
+    started: tokio::time::Instant,
+    pause: Duration,
+}
+
+impl BusyWait {
+    pub(crate) fn new() -> Self {
+        BusyWait {
+            started: tokio::time::Instant::now(),
+            pause: BUSY_RETRY_FIRST,
+        }
+    }
+
+    /// For a `Busy` reply within [`BUSY_WAIT`], pauses and returns `Ok` (try again);
+    /// otherwise returns the reply as [`Error::Agent`], saying how long it waited.
+    pub(crate) async fn retry_or_fail(
+        &mut self,
+        host: &HostAddr,
+        mut reply: erel_proto::ErrorReply,
+    ) -> Result<()> {
+        if reply.kind == erel_proto::ErrorKind::Busy {
+            let waited = self.started.elapsed();
+            if waited + self.pause <= BUSY_WAIT {
+                tokio::time::sleep(self.pause).await;
+                self.pause = (self.pause * 2).min(BUSY_RETRY_MAX);
+                return Ok(());
+            }
+            if waited >= Duration::from_secs(1) {
+                reply.message = format!(
+                    "{} (still so after retrying for {} s)",
+                    reply.message,
+                    waited.as_secs()
+                );
+            }
+        }
+        Err(Error::Agent {
+            host: host.id.clone(),
+            reply,
+        })
+    }
+}
+
+/// A failed TLS handshake, explained. An agent that closes the connection before the
+/// handshake completes either is not an erel agent or had no room for one more peer
+/// that has not yet proved who it is (its budget of unauthenticated handshakes).
+fn handshake_error(host: &HostAddr, error: std::io::Error) -> Error {
+    use std::io::ErrorKind as Kind;
+    if erel_certs::explain_tls_error(&error).is_none()
+        && matches!(
+            error.kind(),
+            Kind::UnexpectedEof
+                | Kind::ConnectionReset
+                | Kind::ConnectionAborted
+                | Kind::BrokenPipe
+        )
+    {
+        return Error::Protocol {
+            host: host.id.clone(),
+            message: format!(
+                "the agent at {} closed the connection during the TLS handshake ({error}): its \
+                 room for connections still proving who they are may be full (its log says \
+                 so), or it is not an erel agent; retry",
+                host.addr
+            ),
+        };
+    }
+    io_error(host, "during the TLS handshake", error)
 }
 
 /// Turns an I/O error into a TLS error when it is one, else a protocol error.
@@ -331,5 +457,45 @@ mod tests {
             let err = bad.parse::<HostAddr>().unwrap_err().to_string();
             assert!(err.contains(bad), "{bad}: {err}");
         }
+    }
+
+    #[tokio::test]
+    async fn only_busy_is_waited_out() {
+        use erel_proto::{ErrorKind, ErrorReply};
+        let host: HostAddr = "web-1@127.0.0.1:7070".parse().expect("parse");
+        let mut wait = BusyWait::new();
+        let started = tokio::time::Instant::now();
+        wait.retry_or_fail(&host, ErrorReply::new(ErrorKind::Busy, "held"))
+            .await
+            .expect("a Busy is retried");
+        assert!(started.elapsed() >= BUSY_RETRY_FIRST, "after a pause");
+        let err = wait
+            .retry_or_fail(
+                &host,
+                ErrorReply::new(ErrorKind::NotFound, "archive not found: a"),
+            )
+            .await
+            .expect_err("anything else is reported at once");
+        assert_eq!(err.to_string(), "web-1: archive not found: a");
+
+        // Past the bound, the Busy is reported and says how long it was waited out.
+        let mut late = BusyWait {
+            started: tokio::time::Instant::now() - BUSY_WAIT,
+            pause: BUSY_RETRY_MAX,
+        };
+        let err = late
+            .retry_or_fail(
+                &host,
+                ErrorReply::new(ErrorKind::Busy, "another request is working on a"),
+            )
+            .await
+            .expect_err("bounded");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "web-1: busy: another request is working on a (still so after retrying for 60 s)"
+            ),
+            "{text}"
+        );
     }
 }

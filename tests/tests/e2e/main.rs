@@ -9,3 +9,4 @@ mod certs_cli;
 mod deploy;
 mod otp;
 mod pki;
+mod peers;

@@ -1,0 +1,704 @@
+//! Peers end to end: unauthenticated peers cannot keep the master out, a master beyond
+//! the agent's limit is told so, a command cut mid-way can be repeated at once, and a
+//! normal connection end leaves no error in the agent's log.
+//!
+//! Hostile peers connect from other loopback addresses (127.0.0.0/8 is all loopback on
+//! Linux) so that the per-address cap applies to them and not to the master, which
+//! connects from 127.0.0.1.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use erel_master::client::{Progress, WriteSource};
+use erel_master::AgentClient;
+use erel_proto::ErrorKind;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::helper::release::sha256;
+use crate::helper::{wait_until, AgentProc, Pki};
+
+/// A generous bound for anything the busy test machine must do "at once".
+const PROMPT: Duration = Duration::from_secs(20);
+
+/// A TCP connection to `agent` from `source` (a loopback address) that sends nothing.
+async fn idle_peer(agent: &AgentProc, source: &str) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    let from: IpAddr = source.parse().expect("source address");
+    socket
+        .bind(SocketAddr::new(from, 0))
+        .unwrap_or_else(|e| panic!("bind {source}: {e}"));
+    socket.connect(agent.addr).await.expect("connect")
+}
+
+/// A peer that starts a TLS record announcing a large ClientHello and then sends one
+/// byte of it at a time, slowly: a handshake that never completes on its own.
+async fn slow_handshaker(agent: &AgentProc, source: &str) -> tokio::task::JoinHandle<()> {
+    let mut stream = idle_peer(agent, source).await;
+    tokio::spawn(async move {
+        // Handshake record, TLS 1.0 legacy version, 512 bytes, type ClientHello.
+        if stream
+            .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .await
+            .is_err()
+        {
+            return;
+        }
+        while stream.write_all(&[0]).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+/// Whether the agent has closed `stream` (end of stream or reset), waiting at most a
+/// moment for the socket to report it.
+async fn closed_by_agent(stream: &TcpStream) -> bool {
+    if tokio::time::timeout(Duration::from_millis(50), stream.readable())
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut byte = [0u8; 1];
+    match stream.try_read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(_) => true,
+    }
+}
+
+/// Reads until the agent closes `stream`, within `limit`; false if still open.
+async fn closes_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let mut sink = [0u8; 256];
+    let drain = async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, drain).await.is_ok()
+}
+
+fn no_busy_busy(text: &str) {
+    let lower = text.to_ascii_lowercase();
+    for kind in [
+        "busy",
+        "bad request",
+        "timeout",
+        "internal error",
+        "invalid path",
+    ] {
+        assert!(
+            !lower.contains(&format!("{kind}: {kind}")),
+            "'{kind}' repeated in:\n{text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_peers_do_not_keep_the_master_out() {
+    let pki = Pki::new();
+    // Few sessions and a small handshake room, so that the crowd below is many times
+    // larger than both; a handshake timeout long enough that the master must not need
+    // the crowd to time out first.
+    let timeout = Duration::from_secs(15);
+    let agent = AgentProc::start(
+        &pki,
+        "web-1",
+        &[
+            "--max-connections",
+            "2",
+            "--max-handshakes",
+            "8",
+            "--max-handshakes-per-address",
+            "4",
+            "--handshake-timeout-ms",
+            &timeout.as_millis().to_string(),
+        ],
+    );
+    // One address opens many idle connections and trickles slow handshakes; a few
+    // other addresses each hold one idle connection.
+    let mut crowd = Vec::new();
+    for _ in 0..24 {
+        crowd.push(idle_peer(&agent, "127.0.0.2").await);
+    }
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        slow.push(slow_handshaker(&agent, "127.0.0.2").await);
+    }
+    for n in 3..10 {
+        crowd.push(idle_peer(&agent, &format!("127.0.0.{n}")).await);
+    }
+
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let mut client = AgentClient::connect(&agent.host(), pki.client_config(), "test-master")
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "attempt {attempt}: the master is kept out: {e}\n{}",
+                    agent.log()
+                )
+            });
+        client.ping().await.expect("ping");
+        assert!(
+            started.elapsed() < timeout,
+            "attempt {attempt}: the master waited {:?}, as long as idle peers may wait",
+            started.elapsed()
+        );
+        client.close().await;
+        // More of the crowd arrives between the master's visits.
+        crowd.push(idle_peer(&agent, "127.0.0.2").await);
+    }
+    let log = agent.log();
+    assert!(
+        log.contains("unauthenticated peers at the limit"),
+        "the agent says it dropped handshakes:\n{log}"
+    );
+    for task in slow {
+        task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_its_cap_of_pending_handshakes() {
+    let pki = Pki::new();
+    let cap = 3;
+    let agent = AgentProc::start(
+        &pki,
+        "web-1",
+        &[
+            "--max-handshakes",
+            "50",
+            "--max-handshakes-per-address",
+            &cap.to_string(),
+            // Long enough that no pending handshake times out during the test.
+            "--handshake-timeout-ms",
+            "60000",
+        ],
+    );
+    let mut peers = Vec::new();
+    for _ in 0..cap * 2 {
+        peers.push(idle_peer(&agent, "127.0.0.2").await);
+    }
+    let other = idle_peer(&agent, "127.0.0.3").await;
+    // The agent accepts them in order; each one beyond the cap pushes out the oldest.
+    let oldest = &peers[..cap];
+    let dropped = wait_until(PROMPT, move || async move {
+        for peer in oldest {
+            if !closed_by_agent(peer).await {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(
+        dropped,
+        "the {cap} oldest connections from one address are closed\n{}",
+        agent.log()
+    );
+    for (i, peer) in peers[cap..].iter().enumerate() {
+        assert!(!closed_by_agent(peer).await, "newer connection {i} is kept");
+    }
+    assert!(
+        !closed_by_agent(&other).await,
+        "another address is not touched"
+    );
+    // A pending handshake is still only a handshake: the master gets in.
+    let mut client = pki.connect(&agent).await;
+    client.ping().await.expect("ping");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_that_never_completes_is_cut_after_the_timeout() {
+    let pki = Pki::new();
+    let timeout = Duration::from_millis(1500);
+    let agent = AgentProc::start(
+        &pki,
+        "web-1",
+        &["--handshake-timeout-ms", &timeout.as_millis().to_string()],
+    );
+    let started = Instant::now();
+    let mut idle = idle_peer(&agent, "127.0.0.2").await;
+    assert!(
+        closes_within(&mut idle, timeout + PROMPT).await,
+        "an idle peer is cut"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= timeout,
+        "cut after {waited:?}, before the timeout"
+    );
+
+    // A peer that keeps sending, slowly, is cut just the same: the timeout is on the
+    // whole handshake, not on silence.
+    let mut stream = idle_peer(&agent, "127.0.0.2").await;
+    let started = Instant::now();
+    stream
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .expect("record header");
+    let trickle = async {
+        while stream.write_all(&[0]).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert!(
+        tokio::time::timeout(timeout + PROMPT, trickle)
+            .await
+            .is_ok(),
+        "a slow handshake is cut"
+    );
+    assert!(started.elapsed() >= timeout);
+    assert!(agent.log().contains("TLS handshake timed out"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_beyond_the_connection_limit_is_told_so() {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "web-1", &["--max-connections", "2"]);
+    let first = pki.connect(&agent).await;
+    let mut second = pki.connect(&agent).await;
+    second.ping().await.expect("ping");
+
+    let err = AgentClient::connect(&agent.host(), pki.client_config(), "test-master")
+        .await
+        .expect_err("a third master is refused");
+    assert_eq!(err.agent_kind(), Some(ErrorKind::Busy), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("limit of 2 connections") && text.contains("max_connections"),
+        "{text}"
+    );
+    no_busy_busy(&text);
+
+    // The CLI says the same.
+    let out = pki
+        .erel()
+        .arg("ping")
+        .arg(agent.host().to_string())
+        .output()
+        .expect("run erel ping");
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{shown}");
+    assert!(shown.contains("limit of 2 connections"), "{shown}");
+    no_busy_busy(&shown);
+
+    // Room again once a master leaves.
+    first.close().await;
+    let (agent_ref, pki_ref) = (&agent, &pki);
+    let back = wait_until(PROMPT, move || async move {
+        let (agent, pki) = (agent_ref, pki_ref);
+        match AgentClient::connect(&agent.host(), pki.client_config(), "test-master").await {
+            Ok(mut client) => client.ping().await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(
+        back,
+        "a master gets in when another leaves\n{}",
+        agent.log()
+    );
+}
+
+/// A file of `size` bytes that are not all alike (so a resume from the wrong place
+/// would show), written sparsely apart from a marker every MiB.
+fn big_file(dir: &std::path::Path, size: u64) -> std::path::PathBuf {
+    use std::io::{Seek, SeekFrom, Write};
+    let path = dir.join("big.bin");
+    let mut file = std::fs::File::create(&path).expect("create");
+    file.set_len(size).expect("size");
+    let mut at = 0;
+    while at < size {
+        file.seek(SeekFrom::Start(at)).expect("seek");
+        file.write_all(&at.to_le_bytes()).expect("marker");
+        at += 1 << 20;
+    }
+    path
+}
+
+fn staged_bytes(agent: &AgentProc) -> u64 {
+    std::fs::read_dir(agent.root.join(".erel/staging"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The offsets the agent logged for completed `WriteFile`s of `path`.
+fn logged_offsets(log: &str, path: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("command=\"write_file\"") || l.contains("command=write_file"))
+        .filter(|l| l.contains(path) && l.contains("ok=true"))
+        .filter_map(|l| {
+            let rest = &l[l.find("offset=")? + "offset=".len()..];
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_killed_mid_way_is_repeated_at_once_and_resumes() {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let size: u64 = 256 << 20;
+    let file = big_file(work.path(), size);
+    // The digest given up front, as a cluster file gives it: the file is read once per
+    // push, and the agent verifies the whole of it before it becomes visible.
+    let digest = sha256(&file);
+    let push = || {
+        let mut command = pki.erel();
+        command
+            .env("XDG_CACHE_HOME", work.path().join("cache"))
+            .arg("push")
+            .arg(agent.host().to_string())
+            .arg(&file)
+            .arg("data/big.bin")
+            .arg("--sha256")
+            .arg(digest.to_hex());
+        command
+    };
+    let mut child = push()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn erel push");
+    let started = wait_until(Duration::from_secs(120), || {
+        let staged = staged_bytes(&agent);
+        async move { staged >= 16 << 20 }
+    })
+    .await;
+    assert!(started, "the transfer starts\n{}", agent.log());
+    child.kill().expect("kill -9 the push");
+    let _ = child.wait();
+    let cut_at = staged_bytes(&agent);
+    assert!(cut_at < size, "cut mid-way ({cut_at} of {size})");
+
+    // The same command, at once.
+    let again = push().output().expect("run erel push again");
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        again.status.success(),
+        "the repeated push fails:\n{stderr}\nagent log:\n{}",
+        agent.log()
+    );
+    assert!(
+        stdout.contains("resumed") && stdout.contains(&digest.to_hex()),
+        "{stdout}"
+    );
+    no_busy_busy(&stderr);
+    let landed = agent.root.join("data/big.bin");
+    assert_eq!(std::fs::metadata(&landed).expect("landed").len(), size);
+    let offsets = logged_offsets(&agent.log(), "data/big.bin");
+    assert!(
+        offsets.iter().any(|&o| o > 0),
+        "the repeat resumed from staged bytes: {offsets:?}\n{}",
+        agent.log()
+    );
+    no_busy_busy(&agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_or_dropped_transfer_is_taken_over_at_once() {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let size: u64 = 64 << 20;
+    let file = big_file(work.path(), size);
+    let digest = sha256(&file);
+    let source = WriteSource {
+        path: file.clone(),
+        sha256: Some(digest),
+    };
+
+    // A master that stops sending mid-way but keeps its connection open, as a peer
+    // behind a cut network does: the agent would wait out its stall timeout for it.
+    let mut stalled = pki.connect(&agent).await;
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    let mut progress = move |p: Progress| counter.store(p.sent, Ordering::Relaxed);
+    tokio::select! {
+        result = stalled.write_file(&source, "data/a.bin", 0o644, &mut progress) => {
+            panic!("the transfer was to be stopped mid-way, it ended: {result:?}")
+        }
+        _ = wait_until(Duration::from_secs(120), || {
+            let sent = sent.load(Ordering::Relaxed);
+            async move { sent >= 8 << 20 }
+        }) => {}
+    }
+    let started = Instant::now();
+    let mut fresh = pki.connect(&agent).await;
+    let written = fresh
+        .write_file(&source, "data/a.bin", 0o644, &mut |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("the repeat is refused: {e}\n{}", agent.log()));
+    assert!(
+        started.elapsed() < erel_boot::write_file::TAKE_OVER_WAIT + PROMPT,
+        "taken over in {:?}",
+        started.elapsed()
+    );
+    assert!(written.received < size, "resumed: {written:?}");
+    assert_eq!(
+        std::fs::read(agent.root.join("data/a.bin")).expect("read"),
+        std::fs::read(&file).expect("read")
+    );
+    // The stalled master learns why its transfer ended.
+    let err = stalled
+        .ping()
+        .await
+        .expect_err("the stalled connection was ended");
+    no_busy_busy(&err.to_string());
+    drop(stalled);
+
+    // A client dropped in the middle of a transfer (its task cancelled): the repeat
+    // goes through at once too.
+    let other = work.path().join("other.bin");
+    std::fs::write(&other, vec![5u8; 32 << 20]).expect("write");
+    let other_source = WriteSource {
+        path: other.clone(),
+        sha256: None,
+    };
+    let mut dropped = pki.connect(&agent).await;
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    let task_source = other_source.clone();
+    let task = tokio::spawn(async move {
+        let mut progress = move |p: Progress| counter.store(p.sent, Ordering::Relaxed);
+        dropped
+            .write_file(&task_source, "data/b.bin", 0o644, &mut progress)
+            .await
+    });
+    wait_until(Duration::from_secs(120), || {
+        let sent = sent.load(Ordering::Relaxed);
+        async move { sent >= 4 << 20 }
+    })
+    .await;
+    task.abort();
+    let _ = task.await;
+    let mut fresh = pki.connect(&agent).await;
+    let written = fresh
+        .write_file(&other_source, "data/b.bin", 0o644, &mut |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("the repeat is refused: {e}\n{}", agent.log()));
+    assert_eq!(written.size, 32 << 20);
+    assert_eq!(
+        std::fs::read(agent.root.join("data/b.bin")).expect("read"),
+        std::fs::read(&other).expect("read")
+    );
+    no_busy_busy(&agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_normal_connection_end_leaves_no_error_in_the_agent_log() {
+    let pki = Pki::new();
+    // One session at a time: when the next master gets in, the previous connection's
+    // end has been handled (and logged, if it were to be).
+    let agent = AgentProc::start(&pki, "web-1", &["--max-connections", "1"]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let file = work.path().join("small.bin");
+    std::fs::write(&file, b"hello").expect("write");
+
+    let (agent_ref, pki_ref) = (&agent, &pki);
+    let next_master = move || async move {
+        let (agent, pki) = (agent_ref, pki_ref);
+        let mut attempts = 0;
+        loop {
+            match AgentClient::connect(&agent.host(), pki.client_config(), "test-master").await {
+                Ok(client) => return client,
+                Err(e) if e.agent_kind() == Some(ErrorKind::Busy) && attempts < 200 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("connect: {e}\n{}", agent.log()),
+            }
+        }
+    };
+
+    // Closed explicitly, dropped, and dropped after an error the agent reported.
+    let mut client = next_master().await;
+    client.ping().await.expect("ping");
+    client.close().await;
+    let mut client = next_master().await;
+    client
+        .write_file(
+            &WriteSource {
+                path: file.clone(),
+                sha256: None,
+            },
+            "data/small.bin",
+            0o644,
+            &mut |_| {},
+        )
+        .await
+        .expect("push");
+    drop(client);
+    let mut client = next_master().await;
+    let refused = client.unpack("missing.tar.gz", "releases/x/1", None).await;
+    assert_eq!(
+        refused.expect_err("no archive").agent_kind(),
+        Some(ErrorKind::NotFound)
+    );
+    drop(client);
+    // The CLI, as an operator runs it.
+    for _ in 0..2 {
+        let mut waited = 0;
+        loop {
+            let out = pki
+                .erel()
+                .arg("ping")
+                .arg(agent.host().to_string())
+                .output()
+                .expect("run erel ping");
+            if out.status.success() {
+                break;
+            }
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(
+                err.contains("limit of 1 connections") && waited < 200,
+                "{err}"
+            );
+            waited += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut last = next_master().await;
+    last.ping().await.expect("ping");
+
+    let log = agent.log();
+    assert!(log.contains("master connected"), "{log}");
+    for line in log.lines() {
+        assert!(
+            !line.contains("connection ended") && !line.contains("close_notify"),
+            "a normal end is logged as an error: {line}\n{log}"
+        );
+        assert!(!line.contains(" ERROR "), "{line}");
+    }
+}
+
+/// A `.tar` of `entries` small files under `files/`, written to `dir`.
+fn many_files_tar(dir: &std::path::Path, entries: usize) -> std::path::PathBuf {
+    let path = dir.join("many.tar");
+    let mut builder = tar::Builder::new(std::fs::File::create(&path).expect("create"));
+    let body = vec![b'x'; 512];
+    for n in 0..entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(body.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, format!("files/{n}.txt"), body.as_slice())
+            .expect("append");
+    }
+    builder.finish().expect("finish");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpack_cut_while_it_runs_is_repeated_at_once() {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let entries = 10_000;
+    let archive = many_files_tar(work.path(), entries);
+    let digest = sha256(&archive);
+    let mut client = pki.connect(&agent).await;
+    client
+        .write_file(
+            &WriteSource {
+                path: archive.clone(),
+                sha256: Some(digest),
+            },
+            "archives/many.tar",
+            0o644,
+            &mut |_| {},
+        )
+        .await
+        .expect("push the archive");
+    // Ready before the cut, so that the repeat goes out the moment the first runs.
+    let mut repeat = pki.connect(&agent).await;
+
+    let task = tokio::spawn(async move {
+        client
+            .unpack("archives/many.tar", "releases/many/1", Some(digest))
+            .await
+    });
+    let staging = agent.root.join(".erel/unpack");
+    let running = wait_until(Duration::from_secs(120), || {
+        let busy = std::fs::read_dir(&staging).is_ok_and(|mut d| d.next().is_some());
+        async move { busy }
+    })
+    .await;
+    assert!(running, "the first unpack starts\n{}", agent.log());
+    task.abort(); // the master goes away; the agent finishes what it started
+    let _ = task.await;
+
+    let done = repeat
+        .unpack("archives/many.tar", "releases/many/1", Some(digest))
+        .await
+        .unwrap_or_else(|e| panic!("the repeated unpack fails: {e}\n{}", agent.log()));
+    assert_eq!(done.sha256, digest);
+    assert!(agent
+        .root
+        .join(format!("releases/many/1/files/{}.txt", entries - 1))
+        .is_file());
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("busy") && l.contains("releases/many/1")),
+        "the repeat arrived while the first still ran, and waited it out:\n{log}"
+    );
+    no_busy_busy(&log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_cut_by_the_agent_is_explained_at_the_master() {
+    let pki = Pki::new();
+    // As an agent whose handshake room is full does: accept, read the ClientHello,
+    // close; and the same at once, before reading anything.
+    for read_first in [true, false] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            if read_first {
+                let mut hello = [0u8; 64];
+                let _ = stream.read(&mut hello).await;
+            }
+            drop(stream);
+        });
+        let host = erel_master::HostAddr {
+            id: "web-1".into(),
+            addr: addr.to_string(),
+        };
+        let err = AgentClient::connect(&host, pki.client_config(), "test-master")
+            .await
+            .expect_err("cut");
+        let text = err.to_string();
+        assert!(
+            text.contains("closed the connection during the TLS handshake")
+                && text.contains("proving who they are"),
+            "{text}"
+        );
+        server.await.expect("server");
+    }
+}
