@@ -5,6 +5,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use crate::agent_lock::AgentLock;
 use crate::config::{Config, Flags};
 use crate::root::Root;
 use crate::server::{serve, Agent, TlsSource};
@@ -59,6 +60,8 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         .with_context(|| format!("certificate bundle {}", config.certs.display()))?;
     let root = Root::open(&config.root)
         .with_context(|| format!("root directory {}", config.root.display()))?;
+    // Before anything under the root is touched: one agent per root.
+    let _agent_lock = AgentLock::acquire(&root)?;
     crate::write_file::sweep_stale(&root, crate::write_file::STALE_STAGING_AGE)
         .context("cleaning stale transfers")?;
     crate::unpack::sweep_stale(&root).context("cleaning interrupted unpacks")?;
