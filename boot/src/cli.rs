@@ -17,8 +17,13 @@ use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-/// Runs the agent until SIGTERM; the exit status says whether it started.
+/// Runs the agent until SIGTERM; the exit status says whether it started. Run as
+/// `erel-boot output-writer LOG MAX_BYTES`, it is instead the output writer of one release
+/// run (see [`run_output_writer_if_asked`]).
 pub fn main() -> ExitCode {
+    if let Some(code) = run_output_writer_if_asked() {
+        return code;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EREL_LOG")
@@ -47,6 +52,19 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// When this program was started as an output writer (first argument `output-writer`, as
+/// the supervisor starts it by default through `/proc/self/exe`), runs the writer and
+/// returns its exit status; otherwise `None`. A program that embeds the agent (such as
+/// `erel demo`) calls this first thing in its `main`.
+pub fn run_output_writer_if_asked() -> Option<ExitCode> {
+    let mut args = std::env::args_os().skip(1);
+    if args.next()? != crate::supervisor::OUTPUT_WRITER_COMMAND {
+        return None;
+    }
+    let rest: Vec<_> = args.collect();
+    Some(crate::supervisor::run_output_writer(&rest))
 }
 
 async fn run(flags: Flags) -> anyhow::Result<()> {

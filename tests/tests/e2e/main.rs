@@ -9,3 +9,4 @@ mod certs_cli;
 mod deploy;
 mod one_agent;
 mod otp;
+mod output;
