@@ -5,6 +5,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use crate::agent_lock::AgentLock;
 use crate::config::{Config, Flags};
 use crate::root::Root;
 use crate::server::{serve, Agent, TlsSource};
@@ -16,8 +17,13 @@ use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-/// Runs the agent until SIGTERM; the exit status says whether it started.
+/// Runs the agent until SIGTERM; the exit status says whether it started. Run as
+/// `erel-boot output-writer LOG MAX_BYTES`, it is instead the output writer of one release
+/// run (see [`run_output_writer_if_asked`]).
 pub fn main() -> ExitCode {
+    if let Some(code) = run_output_writer_if_asked() {
+        return code;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EREL_LOG")
@@ -48,6 +54,19 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// When this program was started as an output writer (first argument `output-writer`, as
+/// the supervisor starts it by default through `/proc/self/exe`), runs the writer and
+/// returns its exit status; otherwise `None`. A program that embeds the agent (such as
+/// `erel demo`) calls this first thing in its `main`.
+pub fn run_output_writer_if_asked() -> Option<ExitCode> {
+    let mut args = std::env::args_os().skip(1);
+    if args.next()? != crate::supervisor::OUTPUT_WRITER_COMMAND {
+        return None;
+    }
+    let rest: Vec<_> = args.collect();
+    Some(crate::supervisor::run_output_writer(&rest))
+}
+
 async fn run(flags: Flags) -> anyhow::Result<()> {
     let config = Config::from_flags(flags)?;
     let host_pem = config.certs.join("host.pem");
@@ -59,6 +78,8 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         .with_context(|| format!("certificate bundle {}", config.certs.display()))?;
     let root = Root::open(&config.root)
         .with_context(|| format!("root directory {}", config.root.display()))?;
+    // Before anything under the root is touched: one agent per root.
+    let _agent_lock = AgentLock::acquire(&root)?;
     crate::write_file::sweep_stale(&root, crate::write_file::STALE_STAGING_AGE)
         .context("cleaning stale transfers")?;
     crate::unpack::sweep_stale(&root).context("cleaning interrupted unpacks")?;

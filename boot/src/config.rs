@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::settings::{Limits, Supervision};
+use crate::settings::{Limits, Supervision, MIN_LOG_MAX_BYTES};
 
 /// Default root directory.
 pub const DEFAULT_ROOT: &str = "/var/lib/erel";
@@ -74,7 +74,8 @@ pub struct Flags {
     /// Short runs in a row after which a release is marked crash-looping.
     #[arg(long)]
     pub crash_loop_after: Option<u32>,
-    /// Largest output log per release before rotation, in bytes.
+    /// Most bytes of each release's output kept on disk, across its log and the rotated
+    /// log, at every instant [default: 4194304; at least 4096].
     #[arg(long)]
     pub log_max_bytes: Option<u64>,
 }
@@ -276,6 +277,7 @@ impl Config {
                 .log_max_bytes
                 .or(file.log_max_bytes)
                 .unwrap_or(sup.log_max_bytes),
+            output_writer: sup.output_writer,
             keep_versions: flags
                 .keep_versions
                 .or(file.keep_versions)
@@ -285,6 +287,15 @@ impl Config {
             return Err(ConfigError::new(
                 setting("crash_loop_after"),
                 "must be at least 1",
+            ));
+        }
+        if supervision.log_max_bytes < MIN_LOG_MAX_BYTES {
+            return Err(ConfigError::new(
+                setting("log_max_bytes"),
+                format!(
+                    "{} is below the minimum of {MIN_LOG_MAX_BYTES}: each of the two log files must hold the tail Ping reports",
+                    supervision.log_max_bytes
+                ),
             ));
         }
         if supervision.restart_backoff.is_zero() {
@@ -391,6 +402,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("--listen") && err.contains("nowhere"), "{err}");
+
+        let err = Config::from_flags(flags(&[
+            "--certs",
+            certs.path().to_str().expect("utf8"),
+            "--log-max-bytes",
+            "4095",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--log-max-bytes") && err.contains("4095") && err.contains("4096"),
+            "{err}"
+        );
 
         let err = Config::from_flags(flags(&["--certs", "/nonexistent-bundle"]))
             .unwrap_err()

@@ -112,6 +112,18 @@ pub enum Error {
     /// An unexpected state.
     #[error("internal error: {0}")]
     Internal(String),
+    /// Another agent serves this root: it holds the agent lock (see [`crate::agent_lock`]).
+    #[error(
+        "root {} is already served by another erel-boot ({}): one agent per root, or both would supervise the same releases; stop that agent first",
+        root.display(),
+        holder.map_or_else(|| "pid unknown".to_string(), |pid| format!("pid {pid}"))
+    )]
+    RootInUse {
+        /// The root directory.
+        root: PathBuf,
+        /// The pid of the agent holding the lock, when it can be told.
+        holder: Option<u32>,
+    },
 }
 
 /// Result with the agent's error.
@@ -163,6 +175,7 @@ impl Error {
             }
             Error::Io { .. } => ErrorKind::Io,
             Error::Internal(_) => ErrorKind::Internal,
+            Error::RootInUse { .. } => ErrorKind::Busy,
         }
     }
 

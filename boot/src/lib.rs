@@ -10,8 +10,10 @@
 //! - [`cli`]: the program itself (`main.rs` only calls it).
 //! - [`config`]: flags and `boot.toml` validated once.
 //! - [`settings`]: limits and supervision settings; [`error`]: the one error type.
+//! - [`agent_lock`]: one agent per root, held for the agent's lifetime.
 #![deny(missing_docs)]
 
+pub mod agent_lock;
 pub mod cli;
 pub mod config;
 pub mod error;

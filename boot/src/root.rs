@@ -6,6 +6,7 @@
 //! releases/<name>/<version>/   unpacked releases (Start runs from here)
 //! <anything else>              files the master writes, e.g. archives/
 //! .erel/                       the agent's own state; the master can name nothing here
+//!   agent.lock                 held by the one agent serving this root (its pid inside)
 //!   staging/                   partial WriteFile transfers
 //!   unpack/                    archives being unpacked
 //!   unpacked/                  which archive each unpacked directory came from

@@ -2,7 +2,14 @@
 //!
 //! `main` turns flags and `boot.toml` into these once; the rest of the agent only reads them.
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+use erel_proto::OUTPUT_TAIL_MAX;
+
+/// Smallest `log_max_bytes`: each of the two log files holds at least the tail `Ping`
+/// reports.
+pub const MIN_LOG_MAX_BYTES: u64 = 2 * OUTPUT_TAIL_MAX as u64;
 
 /// Bounds on what one command may make the agent write.
 #[derive(Debug, Clone)]
@@ -55,8 +62,12 @@ pub struct Supervision {
     pub stable_after: Duration,
     /// This many short runs in a row mark a release crash-looping.
     pub crash_loop_after: u32,
-    /// Largest output log per release before it is rotated.
+    /// Most bytes of a release's output kept on disk, across `<name>.log` and
+    /// `<name>.log.1` (each holds at most half), at every instant; at least
+    /// [`MIN_LOG_MAX_BYTES`]. See the supervisor's `log` module.
     pub log_max_bytes: u64,
+    /// The program that writes each release's output into its capped log.
+    pub output_writer: OutputWriter,
     /// Versions kept per release besides the running one.
     pub keep_versions: usize,
 }
@@ -69,7 +80,36 @@ impl Default for Supervision {
             stable_after: Duration::from_secs(10),
             crash_loop_after: 5,
             log_max_bytes: 4 << 20,
+            output_writer: OutputWriter::default(),
             keep_versions: 2,
+        }
+    }
+}
+
+/// The output writer command: `program args.. LOG MAX_BYTES`, with the release's output
+/// on its stdin. It copies its input into `LOG` and `LOG.1`, never more than `MAX_BYTES`
+/// together, until end of input. The default is the running program itself with
+/// `output-writer` (see [`crate::supervisor::run_output_writer`]); a program that embeds the
+/// agent must hand that subcommand to it (see [`crate::cli::run_output_writer_if_asked`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputWriter {
+    /// The program to run.
+    pub program: PathBuf,
+    /// Arguments before the log path and the cap.
+    pub args: Vec<String>,
+}
+
+impl OutputWriter {
+    /// The running program, as the kernel names it for any process (`proc(5)`): valid even
+    /// after the file on disk was replaced.
+    pub const SELF: &'static str = "/proc/self/exe";
+}
+
+impl Default for OutputWriter {
+    fn default() -> Self {
+        OutputWriter {
+            program: PathBuf::from(OutputWriter::SELF),
+            args: vec![crate::supervisor::OUTPUT_WRITER_COMMAND.to_string()],
         }
     }
 }

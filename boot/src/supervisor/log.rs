@@ -1,68 +1,508 @@
-//! Release output logs: `.erel/logs/<name>.log`, appended to by the release itself.
+//! Release output: `.erel/logs/<name>.log` and `<name>.log.1`, kept under the cap at every
+//! instant by a small writer process per run.
 //!
-//! The agent opens the log with `O_APPEND` and hands the descriptor to the child as its
-//! stdout and stderr, so output never passes through the agent and the release keeps
-//! logging when the agent is gone. The size cap is kept by copy-truncate (copy to
-//! `<name>.log.1`, truncate to zero), which is safe because the child appends.
+//! # How output flows
+//!
+//! ```text
+//! release (stdout, stderr) ──pipe──▶ output writer ──▶ <name>.log ──rename──▶ <name>.log.1
+//! ```
+//!
+//! At each start the agent makes a pipe, writes the `--- erel: starting … ---` header into
+//! it, gives its write end to the release as stdout and stderr, and starts an *output
+//! writer* on its read end: the agent's own program run as `erel-boot output-writer LOG
+//! MAX_BYTES` ([`run_output_writer`]), a small process that does one thing. The writer is in the release's process group and blocks SIGTERM, SIGINT and
+//! SIGHUP, so a stop signals the release, the writer drains whatever the release wrote to
+//! its last byte, and ends at end of input, when the release and everything that shares its
+//! output have closed it. SIGKILL of the group ends it like the rest.
+//!
+//! The writer, not the release, decides how many bytes reach the disk, so the cap holds at
+//! every instant and does not depend on how fast the release writes: `<name>.log` never
+//! holds more than half the cap; when the next bytes do not fit, the writer renames it to
+//! `<name>.log.1` (which drops the previous `.1`) and starts a new one. A line that fits is
+//! never split across the two files. So the two files together never hold more than
+//! `log_max_bytes`: there is **no slack in bytes**; the disk space they take is that plus
+//! the file system's rounding to its block size (at most one block per file). Rotation
+//! needs no free space (a rename), unlike a copy. Writers of one release (there can be two
+//! for a moment when a leftover of an earlier run still holds its output) take turns under
+//! an `flock(2)` on `<name>.log.lock`, check the size the file really has, and reopen the
+//! log when another one rotated it, so the cap holds for them together.
+//!
+//! # When the disk is full
+//!
+//! The writer never blocks the release: it always drains the pipe. When a write fails for
+//! lack of space (`ENOSPC`, `EDQUOT`) it makes room from the release's own older output,
+//! newest output first: it removes `<name>.log.1`, then cuts `<name>.log` down to its last
+//! [`OUTPUT_TAIL_MAX`] bytes, and writes again. When that is still not enough, the bytes
+//! are dropped and counted, and once writing works again a line `--- erel: N bytes of
+//! output lost: … ---` says how many. Its own troubles go to its stderr (the agent's, so
+//! the journal), once per kind of trouble.
+//!
+//! # Why not another design
+//!
+//! - *The release appending to the file itself* (the earlier design, with copy-truncate
+//!   every few seconds) bounds nothing between two checks: `yes` writes gigabytes in that
+//!   time, and the copy needs as much free space again.
+//! - *`RLIMIT_FSIZE`* kills the release with `SIGXFSZ`, or fails its writes to every file,
+//!   its data included.
+//! - *The agent reading the pipe itself* ties the release's output to the agent's life: the
+//!   pipe breaks when the agent is restarted or killed and the release dies of `SIGPIPE`,
+//!   whereas releases must run on through an agent restart. The writer outlives the agent
+//!   as the release does; the next agent adopts the release and its writer keeps going.
+//!
+//! This is the design of daemontools' `multilog`, runit's `svlogd` and s6's `s6-log`.
+//!
+//! # The tail
+//!
+//! [`output_tail`] reads the end of `<name>.log`, completed from the end of
+//! `<name>.log.1` when the log was just rotated or cut. After a release ends, the
+//! supervisor waits (bounded) for its group, the writer included, to be gone before it
+//! records the end, so the tail `Ping` reports holds the release's last words.
 
+use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use erel_proto::OUTPUT_TAIL_MAX;
+use nix::fcntl::{Flock, FlockArg, OFlag};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
 use crate::error::{Error, Result};
 use crate::root::Root;
+use crate::settings::{OutputWriter, MIN_LOG_MAX_BYTES};
 
 /// Permission bits of a new log file.
 const LOG_MODE: u32 = 0o640;
+/// The subcommand that makes the agent's program an output writer.
+pub const OUTPUT_WRITER_COMMAND: &str = "output-writer";
+/// Least time between two reports that room was made on a full disk.
+const ROOM_REPORT_EVERY: Duration = Duration::from_secs(60);
+/// Bytes read from the pipe at a time (the default pipe capacity on Linux, `pipe(7)`).
+const READ_CHUNK: usize = 64 * 1024;
 
 /// `.erel/logs/<name>.log`.
 pub(crate) fn log_path(root: &Root, name: &str) -> PathBuf {
     root.state("logs").join(format!("{name}.log"))
 }
 
-/// The rotated log beside `log`: `<name>.log.1`.
-fn rotated_path(log: &Path) -> PathBuf {
+/// `log` with `suffix` appended to its file name.
+fn beside(log: &Path, suffix: &str) -> PathBuf {
     let mut name = log.as_os_str().to_owned();
-    name.push(".1");
+    name.push(suffix);
     PathBuf::from(name)
 }
 
-/// Opens the log of a release for appending (creating it), and writes `header` as one
-/// line. The returned file is what the child gets as stdout and stderr.
-pub(crate) fn open_for_child(path: &Path, header: &str) -> Result<File> {
-    let mut file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(LOG_MODE)
-        .open(path)
-        .map_err(|e| Error::io("open log", path, e))?;
-    file.write_all(format!("{header}\n").as_bytes())
-        .map_err(|e| Error::io("write log", path, e))?;
-    Ok(file)
+/// The rotated log beside `log`: `<name>.log.1`.
+fn rotated_path(log: &Path) -> PathBuf {
+    beside(log, ".1")
 }
 
-/// Copy-truncates the log when it is larger than `max_bytes`. Returns whether it did.
-pub(crate) fn rotate_if_needed(path: &Path, max_bytes: u64) -> Result<bool> {
-    let len = match fs::metadata(path) {
-        Ok(meta) => meta.len(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(Error::io("inspect log", path, e)),
-    };
-    if len <= max_bytes {
-        return Ok(false);
+/// The lock the writers of one log take turns under: `<name>.log.lock`.
+fn lock_path(log: &Path) -> PathBuf {
+    beside(log, ".lock")
+}
+
+/// The output of one run of a release before it starts: a pipe whose write end becomes
+/// the release's stdout and stderr, and whose read end goes to its output writer.
+#[derive(Debug)]
+pub(crate) struct OutputPipe {
+    read: File,
+    write: File,
+    log: PathBuf,
+}
+
+impl OutputPipe {
+    /// Makes the pipe (both ends close-on-exec, so no other child inherits them) and
+    /// writes `header` into it as the run's first line.
+    pub(crate) fn open(log: &Path, header: &str) -> Result<OutputPipe> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| {
+            Error::io(
+                "make the output pipe for",
+                log,
+                std::io::Error::from_raw_os_error(e as i32),
+            )
+        })?;
+        let mut write = File::from(write);
+        // An empty pipe holds far more than one line: this never blocks.
+        write
+            .write_all(format!("{header}\n").as_bytes())
+            .map_err(|e| Error::io("write the header for", log, e))?;
+        Ok(OutputPipe {
+            read: File::from(read),
+            write,
+            log: log.to_path_buf(),
+        })
     }
-    let rotated = rotated_path(path);
-    fs::copy(path, &rotated).map_err(|e| Error::io("copy log to", &rotated, e))?;
-    OpenOptions::new()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_len(0))
-        .map_err(|e| Error::io("truncate log", path, e))?;
-    Ok(true)
+
+    /// Two descriptors of the write end, for the release's stdout and stderr.
+    pub(crate) fn release_stdio(&self) -> Result<(Stdio, Stdio)> {
+        let dup = || {
+            self.write
+                .try_clone()
+                .map(Stdio::from)
+                .map_err(|e| Error::io("duplicate the output pipe for", &self.log, e))
+        };
+        Ok((dup()?, dup()?))
+    }
+
+    /// Starts the output writer on the read end, in process group `pgid` (the release's),
+    /// and closes the agent's ends. The writer is not waited for here; the runtime reaps it.
+    pub(crate) fn start_writer(
+        self,
+        writer: &OutputWriter,
+        max_bytes: u64,
+        pgid: u32,
+    ) -> Result<()> {
+        let OutputPipe { read, write, log } = self;
+        drop(write);
+        let mut command = std::process::Command::new(&writer.program);
+        if writer.program == Path::new(OutputWriter::SELF) {
+            // `ps` shows the agent's name rather than `/proc/self/exe`.
+            if let Some(name) = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.file_name().map(OsString::from))
+            {
+                command.arg0(name);
+            }
+        }
+        command
+            .args(&writer.args)
+            .arg(&log)
+            .arg(max_bytes.to_string())
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::from(read))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .process_group(i32::try_from(pgid).unwrap_or(0));
+        let mut command = tokio::process::Command::from(command);
+        command.kill_on_drop(false);
+        command.spawn().map(drop).map_err(|e| {
+            Error::io(
+                "start the output writer",
+                &writer.program,
+                std::io::Error::new(e.kind(), format!("for {}: {e}", log.display())),
+            )
+        })
+    }
+}
+
+/// The output writer process: copies its stdin into the capped log until end of input.
+/// `args` are what follows `output-writer`: the log's absolute path and the cap in bytes
+/// (at least [`MIN_LOG_MAX_BYTES`]). Exit status 0 at end of input, 1 when stdin cannot
+/// be read, 2 for bad arguments.
+pub fn run_output_writer(args: &[OsString]) -> ExitCode {
+    let (log, max_bytes) = match parse_writer_args(args) {
+        Ok(parsed) => parsed,
+        Err(message) => {
+            eprintln!("erel-boot {OUTPUT_WRITER_COMMAND}: {message}");
+            eprintln!("usage: erel-boot {OUTPUT_WRITER_COMMAND} LOG MAX_BYTES (output on stdin)");
+            return ExitCode::from(2);
+        }
+    };
+    // The release's group gets these on a stop: the writer keeps draining until the
+    // release is gone. Blocked, not ignored, so nothing needs unsafe code.
+    let mut blocked = SigSet::empty();
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        blocked.add(signal);
+    }
+    if let Err(e) = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None) {
+        eprintln!("erel-boot {OUTPUT_WRITER_COMMAND}: cannot block SIGTERM: {e}");
+    }
+    let mut capped = CappedLog::new(log, max_bytes);
+    match capped.copy_from(&mut std::io::stdin().lock()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "erel-boot {OUTPUT_WRITER_COMMAND}: {}: cannot read the release's output: {e}",
+                capped.path.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_writer_args(args: &[OsString]) -> std::result::Result<(PathBuf, u64), String> {
+    let [log, max] = args else {
+        return Err(format!("expected 2 arguments, got {}", args.len()));
+    };
+    let log = PathBuf::from(log);
+    if !log.is_absolute() {
+        return Err(format!("{}: the log path must be absolute", log.display()));
+    }
+    let max: u64 = max
+        .to_str()
+        .and_then(|m| m.parse().ok())
+        .ok_or_else(|| format!("{max:?}: MAX_BYTES must be a number of bytes"))?;
+    if max < MIN_LOG_MAX_BYTES {
+        return Err(format!(
+            "MAX_BYTES {max} is below the minimum of {MIN_LOG_MAX_BYTES}"
+        ));
+    }
+    Ok((log, max))
+}
+
+/// True for the errors that mean the file system has no room for the bytes.
+fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// A release's log as one writer sees it: `<name>.log` of at most half the cap, rotated to
+/// `<name>.log.1`.
+#[derive(Debug)]
+pub(crate) struct CappedLog {
+    path: PathBuf,
+    rotated: PathBuf,
+    /// Bytes one file may hold: half the cap.
+    half: u64,
+    /// `<name>.log.lock`, taken around every write; `None` when it cannot be opened (the
+    /// writer then works alone, which is the usual case anyway).
+    lock: Option<File>,
+    /// The log as this writer opened it (`O_APPEND`); reopened when the path names
+    /// another file.
+    file: Option<File>,
+    /// Bytes dropped since the last successful write.
+    lost: u64,
+    /// Why they were dropped, and the last trouble reported on stderr.
+    trouble: Option<String>,
+    /// When making room was last reported, and how often it was done since.
+    room_reported: Option<Instant>,
+    room_unreported: u32,
+}
+
+impl CappedLog {
+    /// A writer for `path` holding at most `max_bytes` across both files.
+    pub(crate) fn new(path: PathBuf, max_bytes: u64) -> CappedLog {
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(LOG_MODE)
+            .open(lock_path(&path))
+            .ok();
+        CappedLog {
+            rotated: rotated_path(&path),
+            path,
+            half: (max_bytes / 2).max(1),
+            lock,
+            file: None,
+            lost: 0,
+            trouble: None,
+            room_reported: None,
+            room_unreported: 0,
+        }
+    }
+
+    /// Copies `input` into the log until end of input; an error only when `input` fails.
+    pub(crate) fn copy_from(&mut self, input: &mut impl Read) -> std::io::Result<()> {
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.write(&buf[..n]);
+        }
+    }
+
+    /// Writes `data` under the cap, taking turns with other writers of the same log.
+    /// Never fails: what cannot be written is counted, reported and dropped.
+    pub(crate) fn write(&mut self, data: &[u8]) {
+        let guard = self
+            .lock
+            .take()
+            .and_then(|file| Flock::lock(file, FlockArg::LockExclusive).ok());
+        self.write_locked(data);
+        // Unlocking fails only for a bad descriptor; dropping the guard unlocks too.
+        self.lock = guard.and_then(|guard| guard.unlock().ok());
+    }
+
+    fn write_locked(&mut self, data: &[u8]) {
+        if self.lost > 0 {
+            let marker = format!(
+                "--- erel: {} bytes of output lost: {} ---\n",
+                self.lost,
+                self.trouble.as_deref().unwrap_or("cannot write the log")
+            );
+            if self.append(marker.as_bytes()).is_err() {
+                self.lost += data.len() as u64;
+                return;
+            }
+            eprintln!(
+                "erel-boot {OUTPUT_WRITER_COMMAND}: {}: writing again after {} bytes lost",
+                self.path.display(),
+                self.lost
+            );
+            self.lost = 0;
+            self.trouble = None;
+        }
+        if let Err((unwritten, e)) = self.append(data) {
+            self.lost += unwritten;
+            let trouble = if is_no_space(&e) {
+                format!("no space left on the disk ({e})")
+            } else {
+                e.to_string()
+            };
+            if self.trouble.as_deref() != Some(&trouble) {
+                eprintln!(
+                    "erel-boot {OUTPUT_WRITER_COMMAND}: {}: {trouble}; dropping output until it can be written",
+                    self.path.display()
+                );
+                self.trouble = Some(trouble);
+            }
+        }
+    }
+
+    /// Appends `data`, rotating whenever the next bytes do not fit. On failure, how many
+    /// bytes of `data` were not written, and why.
+    fn append(&mut self, mut data: &[u8]) -> std::result::Result<(), (u64, std::io::Error)> {
+        let fail = |data: &[u8], e| (data.len() as u64, e);
+        // Each step that makes room frees some of our own older output; two are possible.
+        let mut room_steps = 0;
+        while !data.is_empty() {
+            let size = match self.current() {
+                Ok(size) => size,
+                Err(e) => return Err(fail(data, e)),
+            };
+            let room = usize::try_from(self.half.saturating_sub(size)).unwrap_or(usize::MAX);
+            let take = if data.len() <= room {
+                data.len()
+            } else if let Some(end) = data[..room].iter().rposition(|&b| b == b'\n') {
+                end + 1
+            } else if size > 0 {
+                // Start the line in a fresh file rather than split it.
+                if let Err(e) = self.rotate() {
+                    return Err(fail(data, e));
+                }
+                continue;
+            } else {
+                // A line longer than a whole file: split it.
+                room
+            };
+            let Some(file) = self.file.as_mut() else {
+                return Err(fail(data, std::io::Error::other("the log is not open")));
+            };
+            match write_counted(file, &data[..take]) {
+                Ok(()) => data = &data[take..],
+                Err((written, e)) => {
+                    data = &data[written..];
+                    if !is_no_space(&e) || room_steps >= 2 {
+                        return Err(fail(data, e));
+                    }
+                    room_steps += 1;
+                    match self.make_room() {
+                        Ok(done) => self.report_room(&e, done),
+                        Err(e) => return Err(fail(data, e)),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure `self.file` is the file the path names (another writer may have rotated
+    /// it, or someone removed it), and returns its size.
+    fn current(&mut self) -> std::io::Result<u64> {
+        if let Some(file) = &self.file {
+            let open = file.metadata()?;
+            match fs::metadata(&self.path) {
+                Ok(named) if named.dev() == open.dev() && named.ino() == open.ino() => {
+                    return Ok(open.len())
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(LOG_MODE)
+            .open(&self.path)?;
+        let size = file.metadata()?.len();
+        self.file = Some(file);
+        Ok(size)
+    }
+
+    /// `<name>.log` becomes `<name>.log.1` (the previous one is dropped); the next write
+    /// opens a new `<name>.log`.
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.file = None;
+        fs::rename(&self.path, &self.rotated)
+    }
+
+    /// Says on stderr that room was made, at most once per [`ROOM_REPORT_EVERY`] (a full
+    /// disk under a flood of output would otherwise flood the journal too).
+    fn report_room(&mut self, cause: &std::io::Error, done: &str) {
+        if self
+            .room_reported
+            .is_some_and(|at| at.elapsed() < ROOM_REPORT_EVERY)
+        {
+            self.room_unreported += 1;
+            return;
+        }
+        let more = match self.room_unreported {
+            0 => String::new(),
+            n => format!(" (made room {n} more times since the last report)"),
+        };
+        eprintln!(
+            "erel-boot {OUTPUT_WRITER_COMMAND}: {}: no space left on the disk ({cause}): {done} to make room for new output{more}",
+            self.path.display()
+        );
+        self.room_reported = Some(Instant::now());
+        self.room_unreported = 0;
+    }
+
+    /// Frees room for new output from this release's own older output: first
+    /// `<name>.log.1`, then all but the last [`OUTPUT_TAIL_MAX`] bytes of `<name>.log`.
+    /// Says what it did.
+    fn make_room(&mut self) -> std::io::Result<&'static str> {
+        match fs::remove_file(&self.rotated) {
+            Ok(()) => return Ok("removed the rotated log"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let Some(file) = self.file.as_mut() else {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        };
+        let size = file.metadata()?.len();
+        if size <= OUTPUT_TAIL_MAX as u64 {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        let mut tail = Vec::with_capacity(OUTPUT_TAIL_MAX);
+        let mut reader = File::open(&self.path)?;
+        reader.seek(SeekFrom::Start(size - OUTPUT_TAIL_MAX as u64))?;
+        reader.take(OUTPUT_TAIL_MAX as u64).read_to_end(&mut tail)?;
+        file.set_len(0)?;
+        // The tail fits in the blocks just freed.
+        file.write_all(&tail)?;
+        Ok("cut the log to its last bytes")
+    }
+}
+
+/// `write_all` that says how many bytes it wrote before failing.
+fn write_counted(file: &mut File, data: &[u8]) -> std::result::Result<(), (usize, std::io::Error)> {
+    let mut written = 0;
+    while written < data.len() {
+        match file.write(&data[written..]) {
+            Ok(0) => {
+                return Err((
+                    written,
+                    std::io::Error::new(std::io::ErrorKind::WriteZero, "wrote nothing"),
+                ))
+            }
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((written, e)),
+        }
+    }
+    Ok(())
 }
 
 /// The last bytes of a file, at most `max`; empty when it does not exist.
@@ -168,20 +608,162 @@ mod tests {
         assert!(tail.len() <= OUTPUT_TAIL_MAX && !tail.is_empty());
     }
 
+    fn size(path: &Path) -> u64 {
+        fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Both files, checked against the cap.
+    fn assert_capped(log: &Path, cap: u64) {
+        let (now, old) = (size(log), size(&rotated_path(log)));
+        assert!(now <= cap / 2, "{now} bytes in the log, cap {cap}");
+        assert!(old <= cap / 2, "{old} bytes in the rotated log, cap {cap}");
+    }
+
     #[test]
-    fn rotation_copies_and_truncates() {
+    fn the_cap_holds_after_every_write_of_any_size() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("app.log");
-        let mut file = open_for_child(&path, "--- header ---").expect("open");
-        file.write_all(&[b'x'; 100]).expect("write");
-        assert!(!rotate_if_needed(&path, 1000).expect("check"));
-        assert!(rotate_if_needed(&path, 50).expect("rotate"));
-        assert_eq!(fs::metadata(&path).expect("meta").len(), 0);
-        assert_eq!(fs::metadata(rotated_path(&path)).expect("meta").len(), 115);
-        // The appending writer continues at the start of the truncated file.
-        file.write_all(b"after\n").expect("write");
-        assert_eq!(fs::read(&path).expect("read"), b"after\n");
-        let tail = output_tail(&path);
-        assert!(tail.ends_with("xxxxafter\n"), "{tail:?}");
+        let log = dir.path().join("app.log");
+        let cap = MIN_LOG_MAX_BYTES * 4;
+        let mut capped = CappedLog::new(log.clone(), cap);
+        let mut last = String::new();
+        for (i, len) in [1usize, 7, 100, 4000, 65_536, 3, 20_000, 9_000, 1]
+            .iter()
+            .cycle()
+            .take(200)
+            .enumerate()
+        {
+            let line = format!("{i:05}:{}\n", "x".repeat(*len));
+            capped.write(line.as_bytes());
+            assert_capped(&log, cap);
+            last = line;
+        }
+        assert!(output_tail(&log).ends_with(&last[last.len().saturating_sub(OUTPUT_TAIL_MAX)..]));
+        assert!(rotated_path(&log).exists(), "it rotated");
+    }
+
+    #[test]
+    fn lines_that_fit_are_not_split_and_long_ones_are() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("app.log");
+        let cap = MIN_LOG_MAX_BYTES;
+        let half = (cap / 2) as usize;
+        let mut capped = CappedLog::new(log.clone(), cap);
+        let line = |c: char, n: usize| format!("{}\n", c.to_string().repeat(n - 1));
+        capped.write(line('a', half - 10).as_bytes());
+        // 20 bytes do not fit in the 10 left: the line starts a new file.
+        capped.write(line('b', 20).as_bytes());
+        assert_eq!(
+            fs::read_to_string(rotated_path(&log)).expect("rotated"),
+            line('a', half - 10)
+        );
+        assert_eq!(fs::read_to_string(&log).expect("log"), line('b', 20));
+        // Several lines in one write: cut after the last one that fits.
+        let two = format!("{}{}", line('c', half - 40), line('d', 30));
+        capped.write(two.as_bytes());
+        assert_eq!(
+            fs::read_to_string(rotated_path(&log)).expect("rotated"),
+            format!("{}{}", line('b', 20), line('c', half - 40))
+        );
+        assert_eq!(fs::read_to_string(&log).expect("log"), line('d', 30));
+        // A line longer than a file is split, and still never over the cap.
+        capped.write(line('e', half * 3).as_bytes());
+        assert_capped(&log, cap);
+        assert!(fs::read_to_string(&log).expect("log").ends_with("eee\n"));
+    }
+
+    #[test]
+    fn two_writers_keep_the_cap_together_and_never_write_into_a_removed_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("app.log");
+        let cap = MIN_LOG_MAX_BYTES * 2;
+        let mut one = CappedLog::new(log.clone(), cap);
+        let mut two = CappedLog::new(log.clone(), cap);
+        for i in 0..500 {
+            one.write(format!("one {i:04} {}\n", "1".repeat(i % 300)).as_bytes());
+            assert_capped(&log, cap);
+            two.write(format!("two {i:04} {}\n", "2".repeat(i % 200)).as_bytes());
+            assert_capped(&log, cap);
+        }
+        let text = fs::read_to_string(&log).expect("log");
+        assert!(
+            text.contains("two 0499"),
+            "the last line is in the named file"
+        );
+        // Neither holds a descriptor of a file that is no longer named.
+        for writer in [&one, &two] {
+            if let Some(file) = &writer.file {
+                assert_ne!(
+                    file.metadata().expect("fstat").nlink(),
+                    0,
+                    "writes into an unlinked file"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_removed_log_is_created_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("app.log");
+        let mut capped = CappedLog::new(log.clone(), MIN_LOG_MAX_BYTES);
+        capped.write(b"before\n");
+        fs::remove_file(&log).expect("remove");
+        capped.write(b"after\n");
+        assert_eq!(fs::read_to_string(&log).expect("log"), "after\n");
+    }
+
+    #[test]
+    fn lost_output_is_counted_and_said_once_writing_works() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let logs = dir.path().join("logs");
+        fs::create_dir(&logs).expect("mkdir");
+        let log = logs.join("app.log");
+        let mut capped = CappedLog::new(log.clone(), MIN_LOG_MAX_BYTES);
+        capped.write(b"first\n");
+        // The log's directory goes away: nothing can be written.
+        capped.file = None;
+        fs::remove_dir_all(&logs).expect("remove");
+        capped.write(b"dropped\n");
+        capped.write(b"dropped too\n");
+        assert_eq!(capped.lost, 20);
+        fs::create_dir(&logs).expect("mkdir");
+        capped.write(b"back\n");
+        let text = fs::read_to_string(&log).expect("log");
+        assert!(
+            text.starts_with("--- erel: 20 bytes of output lost: "),
+            "{text}"
+        );
+        assert!(text.ends_with(" ---\nback\n"), "{text}");
+    }
+
+    #[test]
+    fn the_tail_spans_a_rotation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("app.log");
+        let mut capped = CappedLog::new(log.clone(), MIN_LOG_MAX_BYTES);
+        capped.write(format!("{}\n", "o".repeat(1500)).as_bytes());
+        capped.write(format!("{}\n", "n".repeat(1000)).as_bytes());
+        let tail = output_tail(&log);
+        assert_eq!(tail.len(), OUTPUT_TAIL_MAX);
+        assert!(
+            tail.ends_with(&format!("o\n{}\n", "n".repeat(1000))),
+            "{tail}"
+        );
+    }
+
+    #[test]
+    fn writer_arguments_are_checked() {
+        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert!(parse_writer_args(&args(&["/x/app.log", "4096"])).is_ok());
+        assert!(parse_writer_args(&args(&["app.log", "4096"]))
+            .unwrap_err()
+            .contains("absolute"));
+        assert!(parse_writer_args(&args(&["/x/app.log", "100"]))
+            .unwrap_err()
+            .contains("minimum"));
+        assert!(parse_writer_args(&args(&["/x/app.log", "lots"]))
+            .unwrap_err()
+            .contains("number"));
+        assert!(parse_writer_args(&args(&["/x/app.log"])).is_err());
     }
 }

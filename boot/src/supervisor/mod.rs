@@ -3,7 +3,8 @@
 //!
 //! - [`record`]: the desired state and run record persisted per release;
 //! - [`process`]: `/proc` inspection, process groups, spawning;
-//! - [`log`]: the output log each release appends to, its tail and its size cap.
+//! - [`log`]: the pipe from each release to its output writer, the writer, which keeps
+//!   the log under its cap at every instant, and the log's tail.
 //!
 //! # How one release is kept
 //!
@@ -27,8 +28,9 @@
 //!
 //! # Agent restarts
 //!
-//! Releases run in their own process group with their output appended straight to a
-//! log file, so they outlive the agent. [`Supervisor::open`] reads every desired-state
+//! Releases run in their own process group, with their output piped to an output writer
+//! in that same group rather than to the agent (see [`log`]), so they outlive the agent.
+//! [`Supervisor::open`] reads every desired-state
 //! file; for a release that should run it adopts the recorded process when it is alive
 //! with the recorded start time, or else a process-group leader whose environment names
 //! this root and release (which covers an agent killed between spawn and run record),
@@ -38,6 +40,8 @@
 
 mod log;
 mod process;
+
+pub use log::{run_output_writer, OUTPUT_WRITER_COMMAND};
 mod record;
 #[cfg(test)]
 mod tests;
@@ -67,8 +71,9 @@ use record::{Desired, RunRecord};
 pub const SWITCH_GRACE: Duration = Duration::from_secs(10);
 /// How often an adopted process (not a child of this agent) is checked in `/proc`.
 const ADOPTED_POLL: Duration = Duration::from_millis(250);
-/// How often a supervision task checks the size of its release's log.
-const LOG_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How long the group of a release whose leader ended may take to empty on its own: the
+/// output writer drains the release's last output and ends then.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 /// Grace for what is left of a group after its leader ended on its own.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(5);
 /// How long a stop waits for the supervision task to reap the stopped child.
@@ -216,7 +221,7 @@ impl Supervisor {
     }
 
     /// Every known release, from live state: those with a desired state and those with a
-    /// directory under `releases/`. Also keeps each log under its size cap.
+    /// directory under `releases/`.
     pub async fn statuses(&self) -> Vec<ReleaseStatus> {
         self.inner.statuses()
     }
@@ -446,7 +451,7 @@ impl Inner {
     /// Spawns the desired version and records it as the current process. The caller holds
     /// the operation lock and owns the generation.
     fn launch(&self, release: &Release, desired: &Desired) -> Result<Step> {
-        let spawned = process::spawn(&self.root, &self.host_id, desired)?;
+        let spawned = process::spawn(&self.root, &self.host_id, desired, &self.settings)?;
         let run = RunRecord {
             pid: spawned.pid,
             pgid: i32::try_from(spawned.pid).unwrap_or(0),
@@ -518,7 +523,9 @@ impl Inner {
                         return;
                     }
                     let pgid = i32::try_from(pid).unwrap_or(0);
-                    if pgid > 1 && !process::group_members(pgid).is_empty() {
+                    // The output writer ends once it wrote the last output: wait for it,
+                    // so the tail holds the release's last words.
+                    if pgid > 1 && !process::wait_group_empty(pgid, OUTPUT_DRAIN).await {
                         warn!(release = %release.name, pid, "the group leader ended; stopping what is left of its group");
                         if let Err(e) = process::stop_group(pgid, LEFTOVER_GRACE).await {
                             warn!(release = %release.name, "{e}");
@@ -586,30 +593,23 @@ impl Inner {
         waiter: Waiter,
         token: &CancellationToken,
     ) -> Option<Exit> {
-        let log_path = log::log_path(&self.root, &release.name);
-        let mut log_check = tokio::time::interval_at(
-            tokio::time::Instant::now() + LOG_CHECK_INTERVAL,
-            LOG_CHECK_INTERVAL,
-        );
-        log_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         match waiter {
-            Waiter::Own { mut child, reaped } => loop {
+            Waiter::Own { mut child, reaped } => {
                 tokio::select! {
                     status = child.wait() => {
                         let _ = reaped.send(true);
-                        return Some(match status {
+                        Some(match status {
                             Ok(status) => Exit { code: status.code(), signal: status.signal() },
                             Err(e) => {
                                 warn!(release = %release.name, pid, "cannot wait for the process: {e}");
                                 Exit { code: None, signal: None }
                             }
-                        });
+                        })
                     }
                     // Detach: the child is left running; dropping it does not kill it.
-                    () = self.shutdown.cancelled() => return None,
-                    _ = log_check.tick() => self.check_log(&release.name, &log_path),
+                    () = self.shutdown.cancelled() => None,
                 }
-            },
+            }
             Waiter::Adopted => {
                 let mut poll = tokio::time::interval(ADOPTED_POLL);
                 poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -621,18 +621,9 @@ impl Inner {
                             }
                         }
                         () = token.cancelled() => return None,
-                        _ = log_check.tick() => self.check_log(&release.name, &log_path),
                     }
                 }
             }
-        }
-    }
-
-    fn check_log(&self, name: &str, log_path: &std::path::Path) {
-        match log::rotate_if_needed(log_path, self.settings.log_max_bytes) {
-            Ok(true) => info!(release = %name, "log rotated"),
-            Ok(false) => {}
-            Err(e) => warn!(release = %name, "cannot rotate the log: {e}"),
         }
     }
 
@@ -858,7 +849,6 @@ impl Inner {
             }
         }
         let log_path = log::log_path(&self.root, name);
-        self.check_log(name, &log_path);
         if matches!(
             status.state,
             ReleaseState::Exited { .. } | ReleaseState::CrashLooping

@@ -19,6 +19,7 @@ use tokio::process::{Child, Command};
 
 use crate::error::{Error, Result};
 use crate::root::Root;
+use crate::settings::Supervision;
 
 use super::log;
 use super::record::Desired;
@@ -196,7 +197,7 @@ fn signal_group(pgid: i32, signal: Signal) -> Result<()> {
 }
 
 /// Polls until no live member of `pgid` is left or `limit` passes; true when empty.
-async fn wait_group_empty(pgid: i32, limit: Duration) -> bool {
+pub(crate) async fn wait_group_empty(pgid: i32, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     loop {
         if group_members(pgid).is_empty() {
@@ -454,10 +455,15 @@ fn check_switch(desired: &Desired, run_as: RunAs) -> Result<RunAs> {
 }
 
 /// Spawns a release: its own process group, cwd the version directory, stdin from
-/// `/dev/null`, stdout and stderr appended to its log, the environment cleared and set by
-/// [`environment`], privileges dropped to `desired.user` when named. Not killed when the
-/// agent goes away.
-pub(crate) fn spawn(root: &Root, host_id: &str, desired: &Desired) -> Result<Spawned> {
+/// `/dev/null`, stdout and stderr a pipe to its output writer (see [`log`]), which joins
+/// its group, the environment cleared and set by [`environment`], privileges dropped to
+/// `desired.user` when named. Not killed when the agent goes away.
+pub(crate) fn spawn(
+    root: &Root,
+    host_id: &str,
+    desired: &Desired,
+    settings: &Supervision,
+) -> Result<Spawned> {
     let Prepared {
         version_dir,
         program,
@@ -472,10 +478,8 @@ pub(crate) fn spawn(root: &Root, host_id: &str, desired: &Desired) -> Result<Spa
         desired.version,
         log::utc_now()
     );
-    let log = log::open_for_child(&log_path, &header)?;
-    let err_log = log
-        .try_clone()
-        .map_err(|e| Error::io("duplicate log", &log_path, e))?;
+    let output = log::OutputPipe::open(&log_path, &header)?;
+    let (stdout, stderr) = output.release_stdio()?;
 
     let mut command = std::process::Command::new(&program);
     command
@@ -484,8 +488,8 @@ pub(crate) fn spawn(root: &Root, host_id: &str, desired: &Desired) -> Result<Spa
         .env_clear()
         .envs(env)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(err_log))
+        .stdout(stdout)
+        .stderr(stderr)
         .process_group(0);
     if let Some(run_as) = run_as.filter(|r| r.uid != nix::unistd::geteuid()) {
         drop_privileges(&mut command, run_as);
@@ -495,9 +499,17 @@ pub(crate) fn spawn(root: &Root, host_id: &str, desired: &Desired) -> Result<Spa
     let child = command
         .spawn()
         .map_err(|e| spawn_failed(desired, format!("{}: {e}", program.display())))?;
+    // The command holds descriptors of the pipe's write end: the writer sees the end of
+    // the output only once every one is closed.
+    drop(command);
     let pid = child
         .id()
         .ok_or_else(|| Error::Internal(format!("{} exited before it had a pid", desired.name)))?;
+    if let Err(error) = output.start_writer(&settings.output_writer, settings.log_max_bytes, pid) {
+        // Without its writer the release would block on a full pipe: do not leave it.
+        let _ = signal_group(i32::try_from(pid).unwrap_or(0), Signal::SIGKILL);
+        return Err(spawn_failed(desired, error.to_string()));
+    }
     // The child is not reaped before its task waits for it, so its /proc entry exists.
     let start_time = proc_stat(pid).map(|s| s.start_time).unwrap_or(0);
     Ok(Spawned {

@@ -7,6 +7,8 @@ mod agent;
 mod amqp;
 mod certs_cli;
 mod deploy;
+mod one_agent;
 mod otp;
 mod pki;
 mod peers;
+mod output;

@@ -102,7 +102,8 @@ pub struct AgentProc {
 }
 
 impl AgentProc {
-    /// Starts an agent for host `id` with the fast supervision settings and `extra` flags.
+    /// Starts an agent for host `id` with the fast supervision settings and `extra` flags
+    /// (which win over the fast settings).
     pub fn start(pki: &Pki, id: &str, extra: &[&str]) -> Self {
         // The root is a folder inside a directory this agent owns, so that a test may
         // look at the root's parent without seeing other tests' files.
@@ -111,14 +112,35 @@ impl AgentProc {
             .expect("canonical root")
             .join("root");
         std::fs::create_dir(&root).expect("create root");
+        Self::start_with(pki, id, root_dir, root, extra)
+    }
+
+    /// Starts an agent like [`AgentProc::start`], on `root`: a directory the caller made
+    /// (a file system it mounted, say) and removes after the agent is dropped.
+    pub fn start_on_root(pki: &Pki, id: &str, root: &Path, extra: &[&str]) -> Self {
+        let root_dir = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(root).expect("canonical root");
+        Self::start_with(pki, id, root_dir, root, extra)
+    }
+
+    fn start_with(
+        pki: &Pki,
+        id: &str,
+        root_dir: tempfile::TempDir,
+        root: PathBuf,
+        extra: &[&str],
+    ) -> Self {
         let mut agent = AgentProc {
             id: id.to_string(),
             addr: "127.0.0.1:0".parse().expect("addr"),
             root_dir,
             root,
             bundle: pki.bundle(id),
+            // A flag in `extra` replaces the same fast setting.
             extra: FAST_SUPERVISION
-                .iter()
+                .chunks(2)
+                .filter(|pair| !extra.contains(&pair[0]))
+                .flatten()
                 .chain(extra.iter())
                 .map(|s| s.to_string())
                 .collect(),
