@@ -618,7 +618,7 @@ impl Extraction<'_> {
             Error::unsafe_entry(name, format!("symlink to the absolute path {shown}"))
         })?;
         // Lexically first: where the link sits, then its target from there.
-        let mut depth = rel.len() - 1;
+        let mut depth = rel.len().saturating_sub(1);
         for step in &steps {
             match step {
                 Step::Up if depth == 0 => {
@@ -720,6 +720,17 @@ fn entry_path(name: &str, raw: &[u8]) -> Result<Vec<OsString>> {
     let mut out = Vec::new();
     for component in Path::new(OsStr::from_bytes(raw)).components() {
         match component {
+            Component::Normal(part) if part.len() > root::MAX_NAME_LEN => {
+                return Err(Error::unsafe_entry(
+                    name,
+                    format!(
+                        "a component of {} bytes, above the file-system limit of {} bytes \
+                         (NAME_MAX)",
+                        part.len(),
+                        root::MAX_NAME_LEN
+                    ),
+                ));
+            }
             Component::Normal(part) => out.push(part.to_os_string()),
             Component::CurDir => {}
             Component::ParentDir => {

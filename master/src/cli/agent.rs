@@ -80,8 +80,9 @@ pub struct StopArgs {
     host: String,
     /// Release name.
     name: String,
-    /// Seconds between SIGTERM and SIGKILL.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds between SIGTERM and SIGKILL (at most the agent's limit, 600).
+    #[arg(long, default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=crate::cluster::MAX_STOP_GRACE_SECS))]
     grace: u64,
 }
 

@@ -7,4 +7,5 @@ mod agent;
 mod amqp;
 mod certs_cli;
 mod deploy;
+mod inputs;
 mod otp;
