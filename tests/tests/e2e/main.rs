@@ -9,3 +9,4 @@ mod certs_cli;
 mod deploy;
 mod inputs;
 mod otp;
+mod push_content;
