@@ -52,6 +52,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
 
+use erel_proto::text::quote;
 use erel_proto::{Sha256, Unpack, Unpacked};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256 as Hasher};
@@ -70,6 +71,10 @@ const MAX_TRAILING_BYTES: u64 = 1 << 20;
 
 /// Most symlinks followed while checking where one symlink leads (as Linux does).
 const MAX_LINK_EXPANSIONS: u32 = 40;
+
+/// Longest path a system call takes, in bytes, without its terminating NUL: Linux's
+/// `PATH_MAX` (4096, `<linux/limits.h>`) less one. Also the longest symlink target.
+const MAX_SYSTEM_PATH: usize = 4095;
 
 /// Copy buffer for file content.
 const COPY_BUFFER: usize = 64 * 1024;
@@ -484,6 +489,7 @@ impl Extraction<'_> {
         };
         let mut path = self.parent_dir(name, parents)?;
         path.push(last);
+        self.fits(name, &path)?;
         match fs::symlink_metadata(&path) {
             Ok(_) => Err(Error::unsafe_entry(
                 name,
@@ -500,6 +506,7 @@ impl Extraction<'_> {
         let mut dir = self.tree.clone();
         for component in parents {
             dir.push(component);
+            self.fits(name, &dir)?;
             match fs::symlink_metadata(&dir) {
                 Ok(meta) if meta.file_type().is_symlink() => {
                     return Err(Error::unsafe_entry(
@@ -527,6 +534,22 @@ impl Extraction<'_> {
             }
         }
         Ok(dir)
+    }
+
+    /// Refuses an entry whose path on the host would be longer than the system takes
+    /// (the kernel would answer `ENAMETOOLONG`), naming the limit.
+    fn fits(&self, name: &str, path: &Path) -> Result<()> {
+        let len = path.as_os_str().len();
+        if len > MAX_SYSTEM_PATH {
+            return Err(Error::unsafe_entry(
+                name,
+                format!(
+                    "its path while unpacking would be {len} bytes, above the system's limit \
+                     of {MAX_SYSTEM_PATH} bytes (PATH_MAX)"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// A path under the tree as the archive names it, for messages.
@@ -582,6 +605,7 @@ impl Extraction<'_> {
         };
         let mut path = self.parent_dir(name, parents)?;
         path.push(last);
+        self.fits(name, &path)?;
         match fs::symlink_metadata(&path) {
             Ok(meta) if meta.is_dir() && !meta.file_type().is_symlink() => {}
             Ok(_) => {
@@ -613,7 +637,17 @@ impl Extraction<'_> {
             Some(target) if !target.is_empty() => target,
             _ => return Err(Error::unsafe_entry(name, "symlink without a target")),
         };
-        let shown = String::from_utf8_lossy(&target).into_owned();
+        if target.len() > MAX_SYSTEM_PATH {
+            return Err(Error::unsafe_entry(
+                name,
+                format!(
+                    "symlink target of {} bytes, above the system's limit of \
+                     {MAX_SYSTEM_PATH} bytes (PATH_MAX)",
+                    target.len()
+                ),
+            ));
+        }
+        let shown = quote(&String::from_utf8_lossy(&target)).into_owned();
         let steps = steps(&target).map_err(|()| {
             Error::unsafe_entry(name, format!("symlink to the absolute path {shown}"))
         })?;
@@ -642,7 +676,7 @@ impl Extraction<'_> {
             Some(target) if !target.is_empty() => target,
             _ => return Err(Error::unsafe_entry(name, "hard link without a target")),
         };
-        let shown = String::from_utf8_lossy(&target).into_owned();
+        let shown = quote(&String::from_utf8_lossy(&target)).into_owned();
         let target_rel = entry_path(&shown, &target).map_err(|e| match e {
             Error::UnsafeArchive { reason, .. } => {
                 Error::unsafe_entry(name, format!("hard link to {shown}: {reason}"))
@@ -652,6 +686,7 @@ impl Extraction<'_> {
         let mut source = self.tree.clone();
         for component in &target_rel {
             source.push(component);
+            self.fits(name, &source)?;
             match fs::symlink_metadata(&source) {
                 Ok(meta) if meta.file_type().is_symlink() => {
                     return Err(Error::unsafe_entry(

@@ -266,31 +266,40 @@ async fn long_names_argv_and_users_are_refused_in_start_and_stop() {
     );
 }
 
-/// A GNU long-name entry (`././@LongLink`, type `L`) naming `name`, then a regular file
-/// entry with `data` that the long name applies to.
-fn long_name_entry(out: &mut Vec<u8>, name: &[u8], data: &[u8]) {
+/// A GNU long-name (`L`) or long-link (`K`) record carrying `value` for the entry
+/// that follows it.
+fn gnu_long(out: &mut Vec<u8>, kind: tar::EntryType, value: &[u8]) {
     let mut long = tar::Header::new_gnu();
-    long.set_entry_type(tar::EntryType::GNULongName);
+    long.set_entry_type(kind);
     long.as_gnu_mut().expect("gnu").name[..13].copy_from_slice(b"././@LongLink");
-    long.set_size(name.len() as u64 + 1);
+    long.set_size(value.len() as u64 + 1);
     long.set_mode(0o644);
     long.set_cksum();
     out.extend_from_slice(long.as_bytes());
-    let mut padded = name.to_vec();
+    let mut padded = value.to_vec();
     padded.push(0);
     padded.resize(padded.len().div_ceil(512) * 512, 0);
     out.extend_from_slice(&padded);
+}
 
-    let mut file = tar::Header::new_gnu();
-    file.set_entry_type(tar::EntryType::Regular);
-    file.as_gnu_mut().expect("gnu").name[..5].copy_from_slice(b"short");
-    file.set_size(data.len() as u64);
-    file.set_mode(0o644);
-    file.set_cksum();
-    out.extend_from_slice(file.as_bytes());
+/// An entry of `kind` with a short stored name and `data`.
+fn plain(out: &mut Vec<u8>, kind: tar::EntryType, name: &[u8], data: &[u8]) {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.as_gnu_mut().expect("gnu").name[..name.len()].copy_from_slice(name);
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    out.extend_from_slice(header.as_bytes());
     let mut body = data.to_vec();
     body.resize(body.len().div_ceil(512) * 512, 0);
     out.extend_from_slice(&body);
+}
+
+/// A regular file named `name` (through a GNU long name) holding `data`.
+fn long_name_entry(out: &mut Vec<u8>, name: &[u8], data: &[u8]) {
+    gnu_long(out, tar::EntryType::GNULongName, name);
+    plain(out, tar::EntryType::Regular, b"short", data);
 }
 
 fn finish(mut out: Vec<u8>) -> Vec<u8> {
@@ -338,22 +347,43 @@ async fn archive_entries_with_long_or_multibyte_names_are_refused_by_kind() {
             {
                 let mut out = Vec::new();
                 let name = format!("dev/{}fifo", "éé/".repeat(1000));
-                let mut long = Vec::new();
-                long_name_entry(&mut long, name.as_bytes(), b"");
-                // Keep the long-name header, replace the file header by a fifo's.
-                long.truncate(long.len() - 512);
-                let mut fifo = tar::Header::new_gnu();
-                fifo.set_entry_type(tar::EntryType::Fifo);
-                fifo.as_gnu_mut().expect("gnu").name[..4].copy_from_slice(b"fifo");
-                fifo.set_size(0);
-                fifo.set_mode(0o644);
-                fifo.set_cksum();
-                long.extend_from_slice(fifo.as_bytes());
-                out.extend_from_slice(&long);
+                gnu_long(&mut out, tar::EntryType::GNULongName, name.as_bytes());
+                plain(&mut out, tar::EntryType::Fifo, b"fifo", b"");
                 finish(out)
             },
             ErrorKind::UnsafeArchive,
             vec!["fifos are refused".into(), "5008 bytes".into()],
+        ),
+        (
+            // Short components, but deeper than any path the system takes.
+            "deep",
+            {
+                let name = format!("{}x", "d/".repeat(2100));
+                let mut out = Vec::new();
+                long_name_entry(&mut out, name.as_bytes(), b"x");
+                finish(out)
+            },
+            ErrorKind::UnsafeArchive,
+            vec!["4201 bytes".into(), "4095 bytes (PATH_MAX)".into()],
+        ),
+        (
+            // A symlink whose target no system call takes.
+            "target",
+            {
+                let mut out = Vec::new();
+                gnu_long(
+                    &mut out,
+                    tar::EntryType::GNULongLink,
+                    "é/".repeat(2000).as_bytes(),
+                );
+                plain(&mut out, tar::EntryType::Symlink, b"link", b"");
+                finish(out)
+            },
+            ErrorKind::UnsafeArchive,
+            vec![
+                "symlink target of 6000 bytes".into(),
+                "4095 bytes (PATH_MAX)".into(),
+            ],
         ),
     ];
     for (label, bytes, kind, needles) in cases {
