@@ -100,8 +100,9 @@ impl FileStamp {
     }
 
     /// True when the file had not changed for [`RACY_WINDOW`] when this stamp was
-    /// taken, so that a later change cannot share its timestamps.
-    fn settled(&self) -> bool {
+    /// taken, so that a later change cannot share its timestamps. An unsettled stamp
+    /// that is still the same later does not prove the file unchanged.
+    pub fn is_settled(&self) -> bool {
         let ctime = UNIX_EPOCH
             .checked_add(Duration::new(
                 u64::try_from(self.ctime.0).unwrap_or(0),
@@ -188,7 +189,11 @@ impl DigestCache {
             return;
         }
         let entry = self.entry_path(&canonical);
-        let settled = if before.settled() { "settled" } else { "racy" };
+        let settled = if before.is_settled() {
+            "settled"
+        } else {
+            "racy"
+        };
         let text = format!(
             "{ENTRY_FORMAT} {} {settled} {}\n",
             before.to_text(),
@@ -269,7 +274,7 @@ mod tests {
         let deadline = std::time::Instant::now() + RACY_WINDOW * 4;
         loop {
             let stamp = FileStamp::take(path).expect("stamp");
-            if stamp.settled() {
+            if stamp.is_settled() {
                 return stamp;
             }
             assert!(
@@ -347,7 +352,7 @@ mod tests {
 
         // Just written: the entry is racy, so `get` reads the file and corrects it.
         let fresh = FileStamp::take(&file).expect("stamp");
-        assert!(!fresh.settled());
+        assert!(!fresh.is_settled());
         cache.put(&file, &fresh, wrong);
         assert_eq!(cache.get(&file), Some(real));
 
