@@ -381,7 +381,11 @@ impl Extraction<'_> {
         self.entries += 1;
         if self.entries > self.limits.max_unpack_entries {
             return Err(Error::TooLarge {
-                what: format!("entry count of {} (at '{name}')", self.archive_name),
+                what: format!(
+                    "entry count of {} (at '{}')",
+                    self.archive_name,
+                    quote(&name)
+                ),
                 value: self.entries,
                 limit: self.limits.max_unpack_entries,
             });
@@ -463,7 +467,7 @@ impl Extraction<'_> {
             match entry.read(&mut self.buffer) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.bad(format!("reading entry '{name}': {e}"))),
+                Err(e) => return Err(self.bad(format!("reading entry '{}': {e}", quote(name)))),
             }
         };
         self.consumed += n as u64;
@@ -475,7 +479,11 @@ impl Extraction<'_> {
 
     fn too_many_bytes(&self, name: &str, value: u64) -> Error {
         Error::TooLarge {
-            what: format!("unpacked size of {} (at '{name}')", self.archive_name),
+            what: format!(
+                "unpacked size of {} (at '{}')",
+                self.archive_name,
+                quote(name)
+            ),
             value,
             limit: self.limits.max_unpack_bytes,
         }
@@ -590,8 +598,9 @@ impl Extraction<'_> {
         }
         if copied != size {
             return Err(self.bad(format!(
-                "entry '{name}' is cut short: its header says {size} bytes, the archive holds \
-                 {copied}"
+                "entry '{}' is cut short: its header says {size} bytes, the archive holds \
+                 {copied}",
+                quote(name)
             )));
         }
         self.bytes += copied;
