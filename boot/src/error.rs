@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use erel_proto::text::{quote, shorten, MAX_ERROR_MESSAGE};
 use erel_proto::{ErrorKind, ErrorReply};
 
 /// Why a command failed or was refused.
@@ -139,18 +140,21 @@ impl Error {
         }
     }
 
-    /// Builds an [`Error::InvalidPath`].
+    /// Builds an [`Error::InvalidPath`]. A path longer than
+    /// [`MAX_QUOTED`](erel_proto::text::MAX_QUOTED) bytes is quoted by its start and
+    /// length (see [`erel_proto::text::quote`]).
     pub fn invalid_path(path: &str, reason: impl Into<String>) -> Self {
         Error::InvalidPath {
-            path: path.to_string(),
+            path: quote(path).into_owned(),
             reason: reason.into(),
         }
     }
 
-    /// Builds an [`Error::UnsafeArchive`].
-    pub fn unsafe_entry(entry: impl Into<String>, reason: impl Into<String>) -> Self {
+    /// Builds an [`Error::UnsafeArchive`]; a long entry name is quoted as in
+    /// [`Error::invalid_path`].
+    pub fn unsafe_entry(entry: impl AsRef<str>, reason: impl Into<String>) -> Self {
         Error::UnsafeArchive {
-            entry: entry.into(),
+            entry: quote(entry.as_ref()).into_owned(),
             reason: reason.into(),
         }
     }
@@ -181,15 +185,14 @@ impl Error {
 
     /// The reply sent to the master. The message does not repeat the kind, which the
     /// reply carries on its own: [`Error::Busy`] shows as `busy: …` in the agent's log
-    /// and is sent as kind `Busy` with the words after `busy: `.
+    /// and is sent as kind `Busy` with the words after `busy: `. It is at most
+    /// [`MAX_ERROR_MESSAGE`] bytes (shortened on a character boundary), so a refusal
+    /// that quotes long inputs still fits in one frame.
     pub fn to_reply(&self) -> ErrorReply {
         let kind = self.kind();
         let text = self.to_string();
-        let message = text
-            .strip_prefix(&format!("{kind}: "))
-            .unwrap_or(&text)
-            .to_string();
-        ErrorReply::new(kind, message)
+        let message = text.strip_prefix(&format!("{kind}: ")).unwrap_or(&text);
+        ErrorReply::new(kind, shorten(message, MAX_ERROR_MESSAGE).into_owned())
     }
 }
 

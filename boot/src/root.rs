@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use erel_proto::text::shorten;
+
 use crate::error::{Error, Result};
 
 /// Name of the agent's state directory under the root.
@@ -34,6 +36,13 @@ pub const STATE_DIR: &str = ".erel";
 
 /// Longest path the master may name, in bytes.
 pub const MAX_PATH_LEN: usize = 1024;
+
+/// Longest component of a path the master names, in bytes: Linux's `NAME_MAX`
+/// (`<linux/limits.h>`; the longest name ext4, xfs, btrfs and tmpfs accept).
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Longest release name or version, in bytes.
+pub const MAX_RELEASE_NAME_LEN: usize = 128;
 
 /// The agent's root directory.
 #[derive(Debug, Clone)]
@@ -186,12 +195,7 @@ pub fn check_relative(relative: &str) -> Result<PathBuf> {
     if relative.is_empty() {
         return Err(Error::invalid_path(relative, "empty path"));
     }
-    if relative.len() > MAX_PATH_LEN {
-        return Err(Error::invalid_path(
-            &relative[..64],
-            format!("longer than {MAX_PATH_LEN} bytes"),
-        ));
-    }
+    check_lengths(relative)?;
     if relative.contains('\0') {
         return Err(Error::invalid_path(relative, "contains a NUL byte"));
     }
@@ -222,11 +226,48 @@ pub fn check_relative(relative: &str) -> Result<PathBuf> {
     Ok(path.to_path_buf())
 }
 
+/// Checks the lengths of a path the master named, before anything else looks at it:
+/// at most [`MAX_PATH_LEN`] bytes in all and [`MAX_NAME_LEN`] bytes per component.
+/// Refused with [`Error::InvalidPath`] naming the limit.
+pub fn check_lengths(relative: &str) -> Result<()> {
+    if relative.len() > MAX_PATH_LEN {
+        return Err(Error::invalid_path(
+            relative,
+            format!(
+                "{} bytes long, above the limit of {MAX_PATH_LEN} bytes",
+                relative.len()
+            ),
+        ));
+    }
+    if let Some(long) = relative.split('/').find(|part| part.len() > MAX_NAME_LEN) {
+        return Err(Error::invalid_path(
+            relative,
+            format!(
+                "a component of {} bytes ('{}') is above the file-system limit of \
+                 {MAX_NAME_LEN} bytes (NAME_MAX)",
+                long.len(),
+                shorten(long, 64)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a release name or version: one path component of letters, digits, `.`, `_`,
-/// `-` and `+`, not starting with `.`, at most 128 bytes.
+/// `-` and `+`, not starting with `.`, at most [`MAX_RELEASE_NAME_LEN`] bytes.
+/// Refused with [`Error::InvalidPath`], naming the limit when it is the length.
 pub fn check_name(what: &str, name: &str) -> Result<()> {
+    if name.len() > MAX_RELEASE_NAME_LEN {
+        return Err(Error::invalid_path(
+            name,
+            format!(
+                "not a valid {what}: {} bytes long, above the limit of \
+                 {MAX_RELEASE_NAME_LEN} bytes",
+                name.len()
+            ),
+        ));
+    }
     let ok = !name.is_empty()
-        && name.len() <= 128
         && !name.starts_with('.')
         && name
             .bytes()
@@ -469,6 +510,72 @@ mod tests {
         assert!(check_name("release version", "0.2.0+build.1").is_ok());
         for bad in ["", ".", "..", ".hidden", "a/b", "a b", "x\0"] {
             assert!(check_name("release name", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn lengths_are_checked_before_anything_quotes_the_path() {
+        // The issue's input: byte 64 falls inside an `é`.
+        let dest = format!("a{}", "é".repeat(600));
+        let err = check_relative(&dest).unwrap_err();
+        assert!(matches!(err, Error::InvalidPath { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("1201 bytes") && text.contains("1024 bytes"),
+            "{text}"
+        );
+        assert!(text.len() < 400, "quoted short: {text}");
+        // Exactly at the limits, multi-byte: accepted.
+        let c = format!("a{}", "é".repeat(127));
+        let at_limit = format!("{c}/{c}/{c}/{}/a", "é".repeat(127));
+        assert_eq!((c.len(), at_limit.len()), (MAX_NAME_LEN, MAX_PATH_LEN));
+        check_relative(&at_limit).expect("at the limits");
+        // One byte over either limit: refused, naming it.
+        let err = check_relative(&format!("{at_limit}b")).unwrap_err();
+        assert!(err.to_string().contains("1024 bytes"), "{err}");
+        let err = check_relative(&format!("{c}é")).unwrap_err();
+        assert!(err.to_string().contains("257 bytes"), "{err}");
+        assert!(err.to_string().contains("255 bytes (NAME_MAX)"), "{err}");
+        // A NUL past the limit does not matter: the length is what is reported.
+        let err = check_relative(&format!("{}\0", "é".repeat(600))).unwrap_err();
+        assert!(err.to_string().contains("1024 bytes"), "{err}");
+    }
+
+    #[test]
+    fn long_names_are_refused_naming_the_limit() {
+        let name = "a".repeat(MAX_RELEASE_NAME_LEN);
+        check_name("release name", &name).expect("at the limit");
+        for long in [
+            format!("{name}a"),
+            "é".repeat(600),
+            format!("a{}", "é".repeat(64)),
+        ] {
+            let err = check_name("release name", &long).unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, Error::InvalidPath { .. }), "{text}");
+            assert!(text.contains("above the limit of 128 bytes"), "{text}");
+        }
+    }
+
+    #[test]
+    fn replies_fit_in_a_frame_whatever_they_quote() {
+        let huge = "é".repeat(40_000);
+        for err in [
+            Error::invalid_path(&huge, "reason"),
+            Error::unsafe_entry(&huge, "reason"),
+            Error::BadRequest(huge.clone()),
+            Error::Conflict {
+                path: huge.clone(),
+                reason: huge.clone(),
+            },
+        ] {
+            let reply = err.to_reply();
+            assert!(
+                reply.message.len() <= erel_proto::text::MAX_ERROR_MESSAGE,
+                "{}",
+                reply.message.len()
+            );
+            erel_proto::encode_frame(&erel_proto::Response::Error(reply)).expect("fits a frame");
         }
     }
 

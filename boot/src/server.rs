@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use erel_proto::text::quote;
 use erel_proto::{
     read_frame, read_frame_body, write_frame, ErrorKind, ErrorReply, FrameError, Hello, Pong,
     Request, Response, WriteBegin, WriteCommit, WriteFile, PROTOCOL_VERSION,
@@ -362,7 +363,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 ErrorKind::VersionMismatch,
                 format!(
                     "this agent speaks protocol {PROTOCOL_VERSION}; {} ({}) speaks {}",
-                    hello.name, hello.software, hello.protocol
+                    quote(&hello.name),
+                    quote(&hello.software),
+                    hello.protocol
                 ),
             );
             warn!(peer = %self.peer, name = %self.peer_name, protocol = hello.protocol, "protocol version mismatch");

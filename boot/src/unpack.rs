@@ -52,6 +52,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
 
+use erel_proto::text::quote;
 use erel_proto::{Sha256, Unpack, Unpacked};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256 as Hasher};
@@ -70,6 +71,10 @@ const MAX_TRAILING_BYTES: u64 = 1 << 20;
 
 /// Most symlinks followed while checking where one symlink leads (as Linux does).
 const MAX_LINK_EXPANSIONS: u32 = 40;
+
+/// Longest path a system call takes, in bytes, without its terminating NUL: Linux's
+/// `PATH_MAX` (4096, `<linux/limits.h>`) less one. Also the longest symlink target.
+const MAX_SYSTEM_PATH: usize = 4095;
 
 /// Copy buffer for file content.
 const COPY_BUFFER: usize = 64 * 1024;
@@ -376,7 +381,11 @@ impl Extraction<'_> {
         self.entries += 1;
         if self.entries > self.limits.max_unpack_entries {
             return Err(Error::TooLarge {
-                what: format!("entry count of {} (at '{name}')", self.archive_name),
+                what: format!(
+                    "entry count of {} (at '{}')",
+                    self.archive_name,
+                    quote(&name)
+                ),
                 value: self.entries,
                 limit: self.limits.max_unpack_entries,
             });
@@ -458,7 +467,7 @@ impl Extraction<'_> {
             match entry.read(&mut self.buffer) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.bad(format!("reading entry '{name}': {e}"))),
+                Err(e) => return Err(self.bad(format!("reading entry '{}': {e}", quote(name)))),
             }
         };
         self.consumed += n as u64;
@@ -470,7 +479,11 @@ impl Extraction<'_> {
 
     fn too_many_bytes(&self, name: &str, value: u64) -> Error {
         Error::TooLarge {
-            what: format!("unpacked size of {} (at '{name}')", self.archive_name),
+            what: format!(
+                "unpacked size of {} (at '{}')",
+                self.archive_name,
+                quote(name)
+            ),
             value,
             limit: self.limits.max_unpack_bytes,
         }
@@ -484,6 +497,7 @@ impl Extraction<'_> {
         };
         let mut path = self.parent_dir(name, parents)?;
         path.push(last);
+        self.fits(name, &path)?;
         match fs::symlink_metadata(&path) {
             Ok(_) => Err(Error::unsafe_entry(
                 name,
@@ -500,6 +514,7 @@ impl Extraction<'_> {
         let mut dir = self.tree.clone();
         for component in parents {
             dir.push(component);
+            self.fits(name, &dir)?;
             match fs::symlink_metadata(&dir) {
                 Ok(meta) if meta.file_type().is_symlink() => {
                     return Err(Error::unsafe_entry(
@@ -527,6 +542,22 @@ impl Extraction<'_> {
             }
         }
         Ok(dir)
+    }
+
+    /// Refuses an entry whose path on the host would be longer than the system takes
+    /// (the kernel would answer `ENAMETOOLONG`), naming the limit.
+    fn fits(&self, name: &str, path: &Path) -> Result<()> {
+        let len = path.as_os_str().len();
+        if len > MAX_SYSTEM_PATH {
+            return Err(Error::unsafe_entry(
+                name,
+                format!(
+                    "its path while unpacking would be {len} bytes, above the system's limit \
+                     of {MAX_SYSTEM_PATH} bytes (PATH_MAX)"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// A path under the tree as the archive names it, for messages.
@@ -567,8 +598,9 @@ impl Extraction<'_> {
         }
         if copied != size {
             return Err(self.bad(format!(
-                "entry '{name}' is cut short: its header says {size} bytes, the archive holds \
-                 {copied}"
+                "entry '{}' is cut short: its header says {size} bytes, the archive holds \
+                 {copied}",
+                quote(name)
             )));
         }
         self.bytes += copied;
@@ -582,6 +614,7 @@ impl Extraction<'_> {
         };
         let mut path = self.parent_dir(name, parents)?;
         path.push(last);
+        self.fits(name, &path)?;
         match fs::symlink_metadata(&path) {
             Ok(meta) if meta.is_dir() && !meta.file_type().is_symlink() => {}
             Ok(_) => {
@@ -613,12 +646,22 @@ impl Extraction<'_> {
             Some(target) if !target.is_empty() => target,
             _ => return Err(Error::unsafe_entry(name, "symlink without a target")),
         };
-        let shown = String::from_utf8_lossy(&target).into_owned();
+        if target.len() > MAX_SYSTEM_PATH {
+            return Err(Error::unsafe_entry(
+                name,
+                format!(
+                    "symlink target of {} bytes, above the system's limit of \
+                     {MAX_SYSTEM_PATH} bytes (PATH_MAX)",
+                    target.len()
+                ),
+            ));
+        }
+        let shown = quote(&String::from_utf8_lossy(&target)).into_owned();
         let steps = steps(&target).map_err(|()| {
             Error::unsafe_entry(name, format!("symlink to the absolute path {shown}"))
         })?;
         // Lexically first: where the link sits, then its target from there.
-        let mut depth = rel.len() - 1;
+        let mut depth = rel.len().saturating_sub(1);
         for step in &steps {
             match step {
                 Step::Up if depth == 0 => {
@@ -642,7 +685,7 @@ impl Extraction<'_> {
             Some(target) if !target.is_empty() => target,
             _ => return Err(Error::unsafe_entry(name, "hard link without a target")),
         };
-        let shown = String::from_utf8_lossy(&target).into_owned();
+        let shown = quote(&String::from_utf8_lossy(&target)).into_owned();
         let target_rel = entry_path(&shown, &target).map_err(|e| match e {
             Error::UnsafeArchive { reason, .. } => {
                 Error::unsafe_entry(name, format!("hard link to {shown}: {reason}"))
@@ -652,6 +695,7 @@ impl Extraction<'_> {
         let mut source = self.tree.clone();
         for component in &target_rel {
             source.push(component);
+            self.fits(name, &source)?;
             match fs::symlink_metadata(&source) {
                 Ok(meta) if meta.file_type().is_symlink() => {
                     return Err(Error::unsafe_entry(
@@ -720,6 +764,17 @@ fn entry_path(name: &str, raw: &[u8]) -> Result<Vec<OsString>> {
     let mut out = Vec::new();
     for component in Path::new(OsStr::from_bytes(raw)).components() {
         match component {
+            Component::Normal(part) if part.len() > root::MAX_NAME_LEN => {
+                return Err(Error::unsafe_entry(
+                    name,
+                    format!(
+                        "a component of {} bytes, above the file-system limit of {} bytes \
+                         (NAME_MAX)",
+                        part.len(),
+                        root::MAX_NAME_LEN
+                    ),
+                ));
+            }
             Component::Normal(part) => out.push(part.to_os_string()),
             Component::CurDir => {}
             Component::ParentDir => {

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
@@ -225,16 +225,29 @@ pub fn peer_name(cert: &CertificateDer<'_>) -> Option<String> {
 
 /// A cheap, comparable snapshot of the certificate files in a bundle or master
 /// directory: for each of `ca.pem`, `host.pem`, `host.key`, `master.pem`,
-/// `master.key` and `crl.pem` that exists, its path, length, modification time
-/// and inode. Files are replaced by rename, which gives them a new inode, so a
-/// replacement is noticed even when length and mtime happen to match.
+/// `master.key` and `crl.pem` that exists, its path, length, modification time,
+/// change time (ctime), inode and device. A file replaced by rename has a new inode;
+/// one rewritten in place (even with its length kept and its mtime set back, as
+/// `cp -p` or `rsync --inplace -t` do) has a new ctime, which no user can set back.
 ///
-/// Compare two snapshots with `==`; when they differ, build a new configuration
-/// ([`server_config`]) for the connections that follow.
+/// Take the snapshot *before* reading the files, and compare two snapshots with `==`;
+/// when they differ, build a new configuration ([`server_config`]) for the
+/// connections that follow.
+///
+/// File systems keep timestamps at a coarse granularity, so a file written twice
+/// within one tick may keep every stamp. A snapshot taken less than a few seconds
+/// after a change is therefore marked unsettled, and differs from the settled
+/// snapshot of the same files taken later: the files are read once more after they
+/// have been quiet for a while (as git does for "racy" index entries,
+/// `Documentation/technical/racy-git.txt`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BundleFingerprint {
     files: Vec<FileStamp>,
+    settled: bool,
 }
+
+/// How long after a change a snapshot counts as unsettled.
+const RACY_WINDOW: Duration = Duration::from_secs(3);
 
 /// One file's identity in a [`BundleFingerprint`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,7 +255,9 @@ struct FileStamp {
     path: PathBuf,
     len: u64,
     modified: Option<SystemTime>,
+    changed: (i64, i64),
     inode: u64,
+    device: u64,
 }
 
 impl BundleFingerprint {
@@ -252,13 +267,19 @@ impl BundleFingerprint {
             .iter()
             .map(|f| (f.path.as_path(), f.len, f.modified))
     }
+
+    /// False when a file had changed less than a few seconds before the snapshot was
+    /// taken (see the type's documentation).
+    pub fn is_settled(&self) -> bool {
+        self.settled
+    }
 }
 
 /// Takes a [`BundleFingerprint`] of `bundle_dir`. Missing or unreadable files
 /// are simply absent from it (so a file appearing or disappearing is a change).
 pub fn bundle_fingerprint(bundle_dir: &Path) -> BundleFingerprint {
     use std::os::unix::fs::MetadataExt;
-    let files = [CA_PEM, HOST_PEM, HOST_KEY, MASTER_PEM, MASTER_KEY, CRL_PEM]
+    let files: Vec<FileStamp> = [CA_PEM, HOST_PEM, HOST_KEY, MASTER_PEM, MASTER_KEY, CRL_PEM]
         .iter()
         .filter_map(|name| {
             let path = bundle_dir.join(name);
@@ -266,12 +287,25 @@ pub fn bundle_fingerprint(bundle_dir: &Path) -> BundleFingerprint {
             Some(FileStamp {
                 len: meta.len(),
                 modified: meta.modified().ok(),
+                changed: (meta.ctime(), meta.ctime_nsec()),
                 inode: meta.ino(),
+                device: meta.dev(),
                 path,
             })
         })
         .collect();
-    BundleFingerprint { files }
+    let now = SystemTime::now();
+    let settled = files.iter().all(|file| {
+        let changed = UNIX_EPOCH
+            .checked_add(Duration::new(
+                u64::try_from(file.changed.0).unwrap_or(0),
+                u32::try_from(file.changed.1).unwrap_or(0),
+            ))
+            .unwrap_or(UNIX_EPOCH);
+        now.duration_since(changed)
+            .is_ok_and(|age| age > RACY_WINDOW)
+    });
+    BundleFingerprint { files, settled }
 }
 
 /// Every certificate in a PEM file; at least one.

@@ -1,14 +1,130 @@
 //! A cache of local files' sha256 digests, so a file pushed once is not read twice.
 //!
-//! Entries are keyed by the file's canonical path and remembered with its size,
-//! modification time, inode and device: any change to the file misses the cache. A
-//! cache that cannot be read or written is simply not used.
+//! Entries are keyed by the file's canonical path and remembered with a [`FileStamp`]:
+//! size, modification time, change time (ctime), inode and device. Any write to the
+//! file, any `touch`, `cp` over it or rename onto it moves one of them: the ctime in
+//! particular cannot be set back by a user (see `inode(7)`), so a rebuild with the same
+//! size and a reset mtime, as reproducible builds do, still misses the cache.
+//!
+//! The stamp is taken *before* the file is read and the digest is recorded only when
+//! the file still has that stamp afterwards ([`DigestCache::put`]), so a digest is
+//! never recorded against content it was not computed from.
+//!
+//! File systems keep timestamps at a coarse granularity (a clock tick, up to seconds),
+//! so a file written twice within one tick can keep the same stamp. As `git` does for
+//! its index ("racy git", `Documentation/technical/racy-git.txt`), an entry whose file
+//! was changed within [`RACY_WINDOW`] of taking its stamp is not trusted on its own:
+//! [`DigestCache::get`] hashes such a file again (a local read, never a transfer) and
+//! records the fresh digest. A cache that cannot be read or written is simply not used.
 
+use std::fs::{File, Metadata};
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use erel_proto::Sha256;
 use sha2::Digest;
+
+/// A file changed this little before its stamp was taken may change again without its
+/// stamp moving; its cached digest is checked by reading the file.
+pub const RACY_WINDOW: Duration = Duration::from_secs(3);
+
+/// Version tag of the entry format; entries of another format are misses.
+const ENTRY_FORMAT: &str = "v2";
+
+/// One state of a file as `stat(2)` reports it, and when it was observed.
+#[derive(Debug, Clone, Copy)]
+pub struct FileStamp {
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    ino: u64,
+    dev: u64,
+    taken: SystemTime,
+}
+
+impl FileStamp {
+    /// The stamp of `meta`, observed now.
+    pub fn of(meta: &Metadata) -> Self {
+        FileStamp {
+            size: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            ino: meta.ino(),
+            dev: meta.dev(),
+            taken: SystemTime::now(),
+        }
+    }
+
+    /// The stamp of the file at `path` (following symlinks), observed now.
+    pub fn take(path: &Path) -> std::io::Result<Self> {
+        std::fs::metadata(path).map(|meta| FileStamp::of(&meta))
+    }
+
+    /// The stamp of an open file (`fstat(2)`), observed now.
+    pub fn of_file(file: &File) -> std::io::Result<Self> {
+        file.metadata().map(|meta| FileStamp::of(&meta))
+    }
+
+    /// The file's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// True when both stamps describe the same state of the same file (when they were
+    /// taken does not matter).
+    pub fn same_state(&self, other: &FileStamp) -> bool {
+        self.fields() == other.fields()
+    }
+
+    /// What differs in `later`, in words (`None` when nothing does).
+    pub fn change(&self, later: &FileStamp) -> Option<String> {
+        let mut what = Vec::new();
+        if (self.ino, self.dev) != (later.ino, later.dev) {
+            what.push("it was replaced by another file".to_string());
+        }
+        if self.size != later.size {
+            what.push(format!(
+                "its size went from {} to {} bytes",
+                self.size, later.size
+            ));
+        }
+        if self.mtime != later.mtime {
+            what.push("its modification time moved".to_string());
+        }
+        if self.ctime != later.ctime {
+            what.push("its change time (ctime) moved".to_string());
+        }
+        (!what.is_empty()).then(|| what.join(", "))
+    }
+
+    /// True when the file had not changed for [`RACY_WINDOW`] when this stamp was
+    /// taken, so that a later change cannot share its timestamps. An unsettled stamp
+    /// that is still the same later does not prove the file unchanged.
+    pub fn is_settled(&self) -> bool {
+        let ctime = UNIX_EPOCH
+            .checked_add(Duration::new(
+                u64::try_from(self.ctime.0).unwrap_or(0),
+                u32::try_from(self.ctime.1).unwrap_or(0),
+            ))
+            .unwrap_or(UNIX_EPOCH);
+        self.taken
+            .duration_since(ctime)
+            .is_ok_and(|age| age > RACY_WINDOW)
+    }
+
+    fn fields(&self) -> (u64, (i64, i64), (i64, i64), u64, u64) {
+        (self.size, self.mtime, self.ctime, self.ino, self.dev)
+    }
+
+    fn to_text(self) -> String {
+        format!(
+            "{} {} {} {} {} {} {}",
+            self.size, self.mtime.0, self.mtime.1, self.ctime.0, self.ctime.1, self.ino, self.dev
+        )
+    }
+}
 
 /// Where digests are kept.
 #[derive(Debug, Clone)]
@@ -30,57 +146,102 @@ impl DigestCache {
         Some(DigestCache::new(base.join("erel").join("digests")))
     }
 
-    /// The digest recorded for `file`, if the file has not changed since.
+    /// The digest of `file` as it is now, when the cache knows it: recorded under the
+    /// file's current stamp. An entry recorded within [`RACY_WINDOW`] of the file's last
+    /// change is confirmed by hashing the file again (blocking; the fresh digest is
+    /// returned and recorded). `None` for a file the cache does not know as it is now.
     pub fn get(&self, file: &Path) -> Option<Sha256> {
-        let (entry, stamp) = self.entry(file)?;
-        let text = std::fs::read_to_string(entry).ok()?;
-        let (recorded, hex) = text.trim().rsplit_once(' ')?;
-        if recorded != stamp {
+        let canonical = std::fs::canonicalize(file).ok()?;
+        let now = FileStamp::take(&canonical).ok()?;
+        let text = std::fs::read_to_string(self.entry_path(&canonical)).ok()?;
+        let mut words = text.split_whitespace();
+        if words.next() != Some(ENTRY_FORMAT) {
             return None;
         }
-        Sha256::from_hex(hex)
+        let fields: Vec<&str> = words.collect();
+        let [stamp @ .., settled, hex] = fields.as_slice() else {
+            return None;
+        };
+        if stamp.join(" ") != now.to_text() {
+            return None;
+        }
+        if *settled == "settled" {
+            return Sha256::from_hex(hex);
+        }
+        let (stamp, fresh) = hash_unchanged(&canonical).ok()?;
+        self.put(&canonical, &stamp, fresh);
+        Some(fresh)
     }
 
-    /// Records the digest of `file` as it is now.
-    pub fn put(&self, file: &Path, sha256: Sha256) {
-        let Some((entry, stamp)) = self.entry(file) else {
+    /// Records `sha256` as the digest of `file` in the state `before`, the stamp taken
+    /// before the file was read. Nothing is recorded when the file no longer has that
+    /// stamp: it changed while or after it was read, and the digest may be of neither
+    /// its old content nor its new one.
+    pub fn put(&self, file: &Path, before: &FileStamp, sha256: Sha256) {
+        let Ok(canonical) = std::fs::canonicalize(file) else {
             return;
         };
+        match FileStamp::take(&canonical) {
+            Ok(now) if now.same_state(before) => {}
+            _ => return,
+        }
         if std::fs::create_dir_all(&self.dir).is_err() {
             return;
         }
+        let entry = self.entry_path(&canonical);
+        let settled = if before.is_settled() {
+            "settled"
+        } else {
+            "racy"
+        };
+        let text = format!(
+            "{ENTRY_FORMAT} {} {settled} {}\n",
+            before.to_text(),
+            sha256.to_hex()
+        );
         let tmp = entry.with_extension(format!("tmp-{}", std::process::id()));
-        if std::fs::write(&tmp, format!("{stamp} {}\n", sha256.to_hex())).is_ok() {
+        if std::fs::write(&tmp, text).is_ok() {
             let _ = std::fs::rename(&tmp, &entry);
         } else {
             let _ = std::fs::remove_file(&tmp);
         }
     }
 
-    fn entry(&self, file: &Path) -> Option<(PathBuf, String)> {
-        let canonical = std::fs::canonicalize(file).ok()?;
-        let meta = std::fs::metadata(&canonical).ok()?;
-        let stamp = format!(
-            "{} {} {} {} {}",
-            meta.len(),
-            meta.mtime(),
-            meta.mtime_nsec(),
-            meta.ino(),
-            meta.dev()
-        );
+    fn entry_path(&self, canonical: &Path) -> PathBuf {
         let key = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
-        Some((self.dir.join(Sha256(key.into()).to_hex()), stamp))
+        self.dir.join(Sha256(key.into()).to_hex())
     }
 }
 
 /// Computes the sha256 of a file (blocking).
 pub fn sha256_file(path: &Path) -> std::io::Result<Sha256> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
+    let mut file = File::open(path)?;
+    hash_reader(&mut file)
+}
+
+/// The digest of `path` and the stamp it was computed under: the stamp is taken before
+/// reading and must be unchanged after, on the open file and on the path.
+fn hash_unchanged(path: &Path) -> std::io::Result<(FileStamp, Sha256)> {
+    let mut file = File::open(path)?;
+    let before = FileStamp::of_file(&file)?;
+    let sha256 = hash_reader(&mut file)?;
+    let after_file = FileStamp::of_file(&file)?;
+    let after_path = FileStamp::take(path)?;
+    if before.same_state(&after_file) && before.same_state(&after_path) {
+        Ok((before, sha256))
+    } else {
+        Err(std::io::Error::other(format!(
+            "{} changed while it was read",
+            path.display()
+        )))
+    }
+}
+
+fn hash_reader(reader: &mut impl Read) -> std::io::Result<Sha256> {
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let n = file.read(&mut buf)?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }
@@ -91,7 +252,38 @@ pub fn sha256_file(path: &Path) -> std::io::Result<Sha256> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::{FileTimes, OpenOptions};
+    use std::os::unix::fs::FileExt;
+
     use super::*;
+
+    /// Overwrites the start of `path` in place (same size, same inode) and sets its
+    /// modification time back to what it was: only the ctime can tell.
+    fn rewrite_in_place(path: &Path, bytes: &[u8]) {
+        let mtime = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        let file = OpenOptions::new().write(true).open(path).expect("open");
+        file.write_all_at(bytes, 0).expect("write");
+        file.set_times(FileTimes::new().set_modified(mtime))
+            .expect("set mtime");
+    }
+
+    /// Waits (bounded) until a change to `path` is older than [`RACY_WINDOW`].
+    fn wait_until_settled(path: &Path) -> FileStamp {
+        let deadline = std::time::Instant::now() + RACY_WINDOW * 4;
+        loop {
+            let stamp = FileStamp::take(path).expect("stamp");
+            if stamp.is_settled() {
+                return stamp;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never settled: {stamp:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 
     #[test]
     fn remembers_until_the_file_changes() {
@@ -100,10 +292,88 @@ mod tests {
         let file = dir.path().join("a.bin");
         std::fs::write(&file, b"one").expect("write");
         assert_eq!(cache.get(&file), None);
+        let stamp = FileStamp::take(&file).expect("stamp");
         let sha = sha256_file(&file).expect("hash");
-        cache.put(&file, sha);
+        cache.put(&file, &stamp, sha);
         assert_eq!(cache.get(&file), Some(sha));
         std::fs::write(&file, b"two!").expect("write");
         assert_eq!(cache.get(&file), None, "a changed file misses the cache");
+    }
+
+    #[test]
+    fn same_size_same_inode_same_mtime_is_still_a_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = DigestCache::new(dir.path().join("cache"));
+        let file = dir.path().join("app.tar");
+        std::fs::write(&file, b"old bytes").expect("write");
+        let stamp = wait_until_settled(&file);
+        let old = sha256_file(&file).expect("hash");
+        cache.put(&file, &stamp, old);
+        assert_eq!(cache.get(&file), Some(old));
+
+        rewrite_in_place(&file, b"new");
+        let after = FileStamp::take(&file).expect("stamp");
+        assert_eq!(after.size, stamp.size);
+        assert_eq!(after.mtime, stamp.mtime);
+        assert_eq!(after.ino, stamp.ino);
+        assert_eq!(
+            stamp.change(&after).as_deref(),
+            Some("its change time (ctime) moved")
+        );
+        assert_eq!(cache.get(&file), None, "the ctime tells the files apart");
+    }
+
+    #[test]
+    fn nothing_is_recorded_for_a_file_that_changed_after_its_stamp() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = DigestCache::new(dir.path().join("cache"));
+        let file = dir.path().join("app.tar");
+        std::fs::write(&file, b"old bytes").expect("write");
+        let before = FileStamp::take(&file).expect("stamp");
+        let old = sha256_file(&file).expect("hash");
+        // Rebuilt between reading and recording, same size and mtime.
+        rewrite_in_place(&file, b"new");
+        cache.put(&file, &before, old);
+        assert_ne!(
+            cache.get(&file),
+            Some(old),
+            "the old digest is never served"
+        );
+    }
+
+    #[test]
+    fn a_racy_entry_is_confirmed_by_reading_and_a_settled_one_is_trusted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = DigestCache::new(dir.path().join("cache"));
+        let file = dir.path().join("app.tar");
+        std::fs::write(&file, b"content").expect("write");
+        let real = sha256_file(&file).expect("hash");
+        let wrong = Sha256([7; 32]);
+
+        // Just written: the entry is racy, so `get` reads the file and corrects it.
+        let fresh = FileStamp::take(&file).expect("stamp");
+        assert!(!fresh.is_settled());
+        cache.put(&file, &fresh, wrong);
+        assert_eq!(cache.get(&file), Some(real));
+
+        // Settled: the entry alone answers, without reading the file (shown here by
+        // a deliberately wrong entry being served as recorded).
+        let settled = wait_until_settled(&file);
+        cache.put(&file, &settled, wrong);
+        assert_eq!(cache.get(&file), Some(wrong));
+    }
+
+    #[test]
+    fn a_replaced_file_is_a_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("app.tar");
+        std::fs::write(&file, b"one").expect("write");
+        let before = FileStamp::take(&file).expect("stamp");
+        let other = dir.path().join("app.tar.new");
+        std::fs::write(&other, b"two").expect("write");
+        std::fs::rename(&other, &file).expect("rename");
+        let after = FileStamp::take(&file).expect("stamp");
+        let change = before.change(&after).expect("a change");
+        assert!(change.contains("replaced by another file"), "{change}");
     }
 }

@@ -5,6 +5,7 @@
 //!   [`ErrorReply`] with an [`ErrorKind`] a program can act on.
 //! - [`frame`]: the codec: a 4-byte big-endian length, then a postcard body of at most
 //!   [`MAX_FRAME`] bytes.
+//! - [`text`]: bounds on what messages quote, and char-boundary-safe shortening.
 //!
 //! `PROTOCOL.md` beside this crate describes the handshake, each exchange and the
 //! append-only rule; golden byte files under `tests/golden/` freeze every variant.
@@ -12,6 +13,7 @@
 
 pub mod frame;
 pub mod messages;
+pub mod text;
 
 pub use frame::{
     decode_body, encode_body, encode_frame, read_frame, read_frame_body, write_frame, FrameError,

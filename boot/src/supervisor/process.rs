@@ -13,6 +13,7 @@ use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use erel_proto::text::quote;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::{Gid, Pid, Uid, User};
 use tokio::process::{Child, Command};
@@ -33,6 +34,9 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 const USER_HZ: u64 = 100;
 /// `PATH` given to every release.
 const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Longest user name a `Start` may name, in bytes: `LOGIN_NAME_MAX` (256, see
+/// `sysconf(3)`) less its terminating NUL.
+const MAX_USER_LEN: usize = 255;
 /// Variables the agent always sets itself; a `Start` request cannot override them.
 const EREL_VARS: [&str; 4] = ["EREL_HOST_ID", "EREL_RELEASE", "EREL_VERSION", "EREL_ROOT"];
 
@@ -272,17 +276,31 @@ fn spawn_failed(desired: &Desired, reason: impl Into<String>) -> Error {
 /// Looks up the user a release should run as (a name, or a numeric uid with a passwd
 /// entry).
 fn lookup_user(desired: &Desired, user: &str) -> Result<RunAs> {
+    if user.len() > MAX_USER_LEN {
+        return Err(spawn_failed(
+            desired,
+            format!(
+                "user name '{}' is above the limit of {MAX_USER_LEN} bytes (LOGIN_NAME_MAX)",
+                quote(user)
+            ),
+        ));
+    }
     let found = match user.parse::<u32>() {
         Ok(uid) => User::from_uid(Uid::from_raw(uid)),
         Err(_) => User::from_name(user),
     };
     let entry = match found {
         Ok(Some(entry)) => entry,
-        Ok(None) => return Err(spawn_failed(desired, format!("unknown user '{user}'"))),
+        Ok(None) => {
+            return Err(spawn_failed(
+                desired,
+                format!("unknown user '{}'", quote(user)),
+            ))
+        }
         Err(e) => {
             return Err(spawn_failed(
                 desired,
-                format!("cannot look up user '{user}': {e}"),
+                format!("cannot look up user '{}': {e}", quote(user)),
             ))
         }
     };
@@ -307,6 +325,7 @@ fn resolve_program(root: &Root, desired: &Desired) -> Result<PathBuf> {
         .argv
         .first()
         .ok_or_else(|| spawn_failed(desired, "empty argv"))?;
+    crate::root::check_lengths(program)?;
     let relative = Path::new(program);
     if relative.is_absolute() || program.is_empty() {
         return Err(Error::invalid_path(
@@ -381,7 +400,8 @@ fn environment(
     for (key, value) in &desired.env {
         if key.is_empty() || key.contains('=') || key.contains('\0') || value.contains('\0') {
             return Err(Error::BadRequest(format!(
-                "environment variable {key:?}: names must be non-empty without '=' or NUL, values without NUL"
+                "environment variable {:?}: names must be non-empty without '=' or NUL, values without NUL",
+                quote(key)
             )));
         }
         if EREL_VARS.contains(&key.as_str()) {

@@ -293,6 +293,48 @@ fn fingerprint_notices_a_replaced_file() {
 }
 
 #[test]
+fn fingerprint_notices_a_file_rewritten_in_place_with_its_length_and_mtime_kept() {
+    use std::os::unix::fs::FileExt;
+    let pki = pki("web-1");
+    let ca = pki.bundle.join(layout::CA_PEM);
+    // Freshly written files may change again within one timestamp tick: such a
+    // snapshot is unsettled, and differs from the settled one taken later.
+    let fresh = erel_certs::bundle_fingerprint(&pki.bundle);
+    assert!(!fresh.is_settled());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(12);
+    let before = loop {
+        let now = erel_certs::bundle_fingerprint(&pki.bundle);
+        if now.is_settled() {
+            break now;
+        }
+        assert!(std::time::Instant::now() < deadline, "never settled");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_ne!(fresh, before, "the files are read once more when settled");
+    assert_eq!(before, erel_certs::bundle_fingerprint(&pki.bundle));
+
+    // Same length, same mtime, same inode: only the ctime moves (`cp -p`, `rsync -t`).
+    let mtime = fs::metadata(&ca).and_then(|m| m.modified()).expect("mtime");
+    let file = fs::OpenOptions::new().write(true).open(&ca).expect("open");
+    file.write_all_at(b"-----", 0).expect("rewrite");
+    file.set_times(fs::FileTimes::new().set_modified(mtime))
+        .expect("set mtime");
+    drop(file);
+    let after = erel_certs::bundle_fingerprint(&pki.bundle);
+    assert_eq!(
+        before
+            .files()
+            .map(|(_, len, mtime)| (len, mtime))
+            .collect::<Vec<_>>(),
+        after
+            .files()
+            .map(|(_, len, mtime)| (len, mtime))
+            .collect::<Vec<_>>()
+    );
+    assert_ne!(before, after, "a file rewritten in place is a change");
+}
+
+#[test]
 fn nothing_secret_in_debug_output() {
     let pki = pki("web-1");
     let key = fs::read_to_string(pki.master.path().join(layout::CA_KEY)).expect("key");

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::client::{Progress, WriteSource};
-use crate::digest_cache::DigestCache;
+use crate::digest_cache::{DigestCache, FileStamp};
 use crate::{AgentClient, HostAddr};
 use anyhow::Context as _;
 use clap::Args;
@@ -80,8 +80,9 @@ pub struct StopArgs {
     host: String,
     /// Release name.
     name: String,
-    /// Seconds between SIGTERM and SIGKILL.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds between SIGTERM and SIGKILL (at most the agent's limit, 600).
+    #[arg(long, default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=crate::cluster::MAX_STOP_GRACE_SECS))]
     grace: u64,
 }
 
@@ -255,12 +256,25 @@ pub async fn push(
 ) -> anyhow::Result<ExitCode> {
     let host = resolve(&args.host, cluster)?;
     let cache = DigestCache::for_user();
+    // Taken before anything reads the file: a digest is recorded below only if the
+    // file is still in this state after the push.
+    let stamp = FileStamp::take(&args.file)
+        .with_context(|| format!("{}: cannot read", args.file.display()))?;
     let sha256 = match &args.sha256 {
         Some(text) => Some(
             erel_proto::Sha256::from_hex(text)
                 .with_context(|| format!("--sha256 '{text}' is not 64 hex characters"))?,
         ),
-        None => cache.as_ref().and_then(|c| c.get(&args.file)),
+        None => match cache.clone() {
+            // May hash the file again (a recently changed one): off the async threads.
+            Some(cache) => {
+                let file = args.file.clone();
+                tokio::task::spawn_blocking(move || cache.get(&file))
+                    .await
+                    .unwrap_or(None)
+            }
+            None => None,
+        },
     };
     let source = WriteSource {
         path: args.file.clone(),
@@ -291,7 +305,7 @@ pub async fn push(
     bar.finish_and_clear();
     let written = written?;
     if let Some(cache) = cache {
-        cache.put(&args.file, written.sha256);
+        cache.put(&args.file, &stamp, written.sha256);
     }
     let how = if written.received == 0 {
         "already present, nothing sent".to_string()

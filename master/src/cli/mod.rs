@@ -185,4 +185,15 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn a_grace_beyond_the_agents_limit_is_refused_naming_it() {
+        // u64::MAX seconds once overflowed the wait for the answer (a panic).
+        for grace in ["601", "18446744073709551615"] {
+            let line = format!("erel stop web-1@127.0.0.1:7070 app --grace {grace}");
+            let err = <super::Cli as clap::Parser>::try_parse_from(line.split_whitespace())
+                .expect_err("refused");
+            assert!(err.to_string().contains("0..=600"), "{err}");
+        }
+    }
 }

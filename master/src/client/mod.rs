@@ -235,7 +235,11 @@ impl AgentClient {
             name: name.to_string(),
             grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
         });
-        match self.call(request, grace + STOP_MARGIN, "Stop").await? {
+        // The agent caps the grace itself; a huge one must not overflow the wait here.
+        match self
+            .call(request, grace.saturating_add(STOP_MARGIN), "Stop")
+            .await?
+        {
             Response::Stopped(stopped) => Ok(stopped),
             other => Err(self.unexpected("Stopped", &other)),
         }

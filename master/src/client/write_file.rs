@@ -5,6 +5,12 @@
 //! holds costs nothing. When it does not, the file is hashed while it is sent and the
 //! digest goes last, in `WriteCommit`; a resume then checks the agent's staged prefix
 //! against our own first bytes before skipping them (see `proto/PROTOCOL.md`).
+//!
+//! The file is opened once and every byte sent is read from that one open file. Its
+//! [`FileStamp`] is taken when it is opened and compared again, on the open file and on
+//! its path, after the last byte is sent and before `WriteCommit`: a file written,
+//! touched or replaced meanwhile fails the push, naming the file, and the connection is
+//! closed without a commit, so the agent never makes torn or stale content visible.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -17,12 +23,15 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use super::{timeout, AgentClient, BusyWait, TRANSFER_STALL_TIMEOUT};
+use crate::digest_cache::FileStamp;
 use crate::error::{Error, Result};
 
 /// Bytes read from disk per chunk.
 const CHUNK: usize = 256 * 1024;
 /// Chunks read ahead of the socket.
 const CHUNKS_AHEAD: usize = 4;
+/// Time allowed to close a connection whose transfer is abandoned.
+const ABANDON_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What to send: a local file, and its digest when already known.
 #[derive(Debug, Clone)]
@@ -47,6 +56,10 @@ pub struct Progress {
 impl AgentClient {
     /// `WriteFile`: puts `source` at `dest` (relative to the agent's root) with `mode`.
     /// Resumes an interrupted transfer and sends nothing for a file already in place.
+    ///
+    /// Fails with [`Error::Local`] naming the file when it is written to, touched or
+    /// replaced between being opened and its last byte being sent; nothing is then
+    /// committed and this connection is closed (connect again to retry).
     pub async fn write_file(
         &mut self,
         source: &WriteSource,
@@ -55,13 +68,11 @@ impl AgentClient {
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<Written> {
         let path = source.path.clone();
-        let meta = tokio::fs::metadata(&path)
+        let opened = path.clone();
+        let (file, stamp) = tokio::task::spawn_blocking(move || open_stamped(&opened))
             .await
-            .map_err(|e| Error::local(&path, format!("cannot read: {e}")))?;
-        if !meta.is_file() {
-            return Err(Error::local(&path, "not a regular file"));
-        }
-        let size = meta.len();
+            .map_err(|e| Error::local(&path, format!("opening failed: {e}")))??;
+        let size = stamp.size();
         let request = Request::WriteFile(WriteFile {
             path: dest.to_string(),
             mode,
@@ -88,7 +99,7 @@ impl AgentClient {
                 offer.have
             )));
         }
-        let (offset, hasher) = self.resume_point(source, &offer).await?;
+        let (offset, hasher) = self.resume_point(source, &file, &offer).await?;
         self.send(&WriteBegin { offset }).await?;
         progress(Progress {
             total: size,
@@ -96,12 +107,23 @@ impl AgentClient {
             sent: 0,
         });
         let digest = match self
-            .stream_file(&path, offset, size, hasher, progress)
+            .stream_file(&path, &file, offset, size, hasher, progress)
             .await
         {
             Ok(digest) => digest,
+            Err(e @ Error::Local { .. }) => {
+                // Our side failed mid-stream: end the exchange without a commit.
+                self.abandon().await;
+                return Err(e);
+            }
             Err(e) => return Err(self.explain_cut_transfer(e).await),
         };
+        if let Err(e) = unchanged_since(&path, &file, &stamp).await {
+            // No commit: the agent keeps what it staged (a later push checks it before
+            // resuming) and makes nothing visible.
+            self.abandon().await;
+            return Err(e);
+        }
         let sha256 = match (source.sha256, digest) {
             (Some(known), _) => known,
             (None, Some(computed)) => computed,
@@ -123,6 +145,7 @@ impl AgentClient {
     async fn resume_point(
         &self,
         source: &WriteSource,
+        file: &std::fs::File,
         offer: &WriteOffer,
     ) -> Result<(u64, Option<sha2::Sha256>)> {
         if source.sha256.is_some() {
@@ -135,7 +158,10 @@ impl AgentClient {
         }
         let path = source.path.clone();
         let have = offer.have;
-        let prefix = tokio::task::spawn_blocking(move || hash_prefix(&path, have))
+        let file = file
+            .try_clone()
+            .map_err(|e| Error::local(&source.path, format!("cannot read: {e}")))?;
+        let prefix = tokio::task::spawn_blocking(move || hash_prefix(&path, file, have))
             .await
             .map_err(|e| Error::local(&source.path, format!("hashing failed: {e}")))??;
         let ours = Sha256(prefix.clone().finalize().into());
@@ -152,6 +178,7 @@ impl AgentClient {
     async fn stream_file(
         &mut self,
         path: &Path,
+        file: &std::fs::File,
         offset: u64,
         size: u64,
         hasher: Option<sha2::Sha256>,
@@ -159,8 +186,11 @@ impl AgentClient {
     ) -> Result<Option<Sha256>> {
         let (tx, mut rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(CHUNKS_AHEAD);
         let reader_path = path.to_path_buf();
+        let reader_file = file
+            .try_clone()
+            .map_err(|e| Error::local(path, format!("cannot read: {e}")))?;
         let reader = tokio::task::spawn_blocking(move || {
-            read_chunks(&reader_path, offset, size, hasher, &tx)
+            read_chunks(&reader_path, reader_file, offset, size, hasher, &tx)
         });
         let mut sent = 0u64;
         let want = size - offset;
@@ -183,10 +213,19 @@ impl AgentClient {
         if sent != want {
             return Err(Error::local(
                 path,
-                format!("file changed while sending: {sent} of {want} bytes read"),
+                format!(
+                    "the file changed while it was being sent (it shrank: {sent} of {want} \
+                     bytes read); nothing was committed on the agent"
+                ),
             ));
         }
         Ok(digest)
+    }
+
+    /// Closes the connection in the middle of a transfer, so that the agent commits
+    /// nothing; bounded, as the agent may not be reading.
+    async fn abandon(&mut self) {
+        let _ = tokio::time::timeout(ABANDON_TIMEOUT, self.stream.shutdown()).await;
     }
 
     /// After a failed send, the agent may have said why before closing: read it.
@@ -215,9 +254,49 @@ impl AgentClient {
     }
 }
 
-fn hash_prefix(path: &Path, len: u64) -> Result<sha2::Sha256> {
+/// Opens the file to send and takes its stamp from the open file (blocking).
+fn open_stamped(path: &Path) -> Result<(std::fs::File, FileStamp)> {
     let file =
-        std::fs::File::open(path).map_err(|e| Error::local(path, format!("cannot open: {e}")))?;
+        std::fs::File::open(path).map_err(|e| Error::local(path, format!("cannot read: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::local(path, format!("cannot read: {e}")))?;
+    if !meta.is_file() {
+        return Err(Error::local(path, "not a regular file"));
+    }
+    Ok((file, FileStamp::of(&meta)))
+}
+
+/// Fails when the open file or the file at `path` is not in the state `before` any more.
+async fn unchanged_since(path: &Path, file: &std::fs::File, before: &FileStamp) -> Result<()> {
+    let file = file
+        .try_clone()
+        .map_err(|e| Error::local(path, format!("cannot read: {e}")))?;
+    let checked = path.to_path_buf();
+    let (open, named) =
+        tokio::task::spawn_blocking(move || (FileStamp::of_file(&file), FileStamp::take(&checked)))
+            .await
+            .map_err(|e| Error::local(path, format!("checking failed: {e}")))?;
+    let change = match (open, named) {
+        (Ok(open), Ok(named)) => before.change(&open).or_else(|| before.change(&named)),
+        (Err(e), _) | (_, Err(e)) => Some(format!("it can no longer be read ({e})")),
+    };
+    match change {
+        None => Ok(()),
+        Some(change) => Err(Error::local(
+            path,
+            format!(
+                "the file changed while it was being sent ({change}); nothing was committed \
+                 on the agent: push it again once it is complete"
+            ),
+        )),
+    }
+}
+
+fn hash_prefix(path: &Path, mut file: std::fs::File, len: u64) -> Result<sha2::Sha256> {
+    use std::io::{Seek, SeekFrom};
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::local(path, format!("seek failed: {e}")))?;
     let mut hasher = sha2::Sha256::new();
     let mut limited = file.take(len);
     let mut buf = vec![0u8; CHUNK];
@@ -240,14 +319,13 @@ fn hash_prefix(path: &Path, len: u64) -> Result<sha2::Sha256> {
 
 fn read_chunks(
     path: &Path,
+    mut file: std::fs::File,
     offset: u64,
     size: u64,
     mut hasher: Option<sha2::Sha256>,
     tx: &mpsc::Sender<std::io::Result<Vec<u8>>>,
 ) -> Result<Option<Sha256>> {
     use std::io::{Seek, SeekFrom};
-    let mut file =
-        std::fs::File::open(path).map_err(|e| Error::local(path, format!("cannot open: {e}")))?;
     file.seek(SeekFrom::Start(offset))
         .map_err(|e| Error::local(path, format!("seek failed: {e}")))?;
     let mut left = size - offset;

@@ -377,3 +377,23 @@ fn host_arguments_resolve_through_the_cluster_file() {
         .to_string();
     assert_mentions(&error, &["web-9", "no host with this id"]);
 }
+
+#[test]
+fn syntax_errors_near_multibyte_text_point_at_a_character() {
+    let fx = Fixture::new();
+    let text = fx
+        .text()
+        .replacen("\"beat\"", "\"béat €🦀\"", 1)
+        .replace("NODE_NAME", "NÖDE");
+    let error = fx
+        .parse(&text.replacen("max_in_flight = 1", "max_in_flight = é€", 1))
+        .unwrap_err()
+        .to_string();
+    assert_mentions(&error, &["line", "column"]);
+    // Garbage at every character boundary: an error or a plan, never a panic.
+    for (at, _) in text.char_indices().step_by(7) {
+        let mut broken = text.clone();
+        broken.insert_str(at, "é\"🦀=");
+        let _ = fx.parse(&broken);
+    }
+}

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use erel_proto::text::floor_char_boundary;
 use erel_proto::Sha256;
 
 use super::raw::{RawCluster, RawGroup, RawHost, RawPort};
@@ -440,11 +441,12 @@ fn check_env(fault: &Fault<'_>, field: &str, env: &BTreeMap<String, String>) -> 
 pub(super) fn toml_error(origin: &str, text: &str, error: &toml::de::Error) -> Error {
     let (field, position) = match error.span() {
         Some(span) => {
-            let start = span.start.min(text.len());
+            // The span is in bytes and may point inside a multi-byte character.
+            let start = floor_char_boundary(text, span.start);
             let before = &text[..start];
             let line = before.matches('\n').count() + 1;
             let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-            let column = start - line_start + 1;
+            let column = text[line_start..start].chars().count() + 1;
             let line_text = text[line_start..].lines().next().unwrap_or("");
             (
                 key_at(before, line_text),

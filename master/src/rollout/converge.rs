@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use super::{rollout, Connector, EventSink, RolloutOptions};
 use crate::cluster::Plan;
+use crate::digest_cache::FileStamp;
 use crate::error::Result;
 
 /// How the daemon paces itself.
@@ -21,7 +22,7 @@ use crate::error::Result;
 pub struct ConvergeOptions {
     /// Time between two convergence passes when nothing changes.
     pub interval: Duration,
-    /// How often the cluster file's modification time is looked at.
+    /// How often the cluster file's stamp (size, times, inode) is looked at.
     pub file_poll: Duration,
 }
 
@@ -97,10 +98,11 @@ pub async fn converge_file(
     events: EventSink,
     cancel: CancellationToken,
 ) -> Result<()> {
+    // Stamped before it is read, so a change made while it is read is seen later.
+    let mut stamp = FileStamp::take(&path).ok();
     let plan = Plan::load(&path)?;
     info!(file = %path.display(), revision = plan.revision, "cluster file loaded");
     let mut revision = plan.revision;
-    let mut stamp = modified(&path);
     let (tx, rx) = watch::channel(Arc::new(plan));
     let converging = tokio::spawn(keep_converged(
         rx,
@@ -115,8 +117,8 @@ pub async fn converge_file(
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(options.file_poll) => {}
         }
-        let now = modified(&path);
-        if now == stamp {
+        let now = FileStamp::take(&path).ok();
+        if !may_have_changed(stamp.as_ref(), now.as_ref()) {
             continue;
         }
         stamp = now;
@@ -156,7 +158,64 @@ fn newer_plan(path: &Path, current: u64) -> Option<Plan> {
     }
 }
 
-fn modified(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+/// Whether the cluster file must be read again: its stamp (size, times with the
+/// ctime, inode) moved, it appeared or vanished, or the previous stamp was taken so
+/// soon after a change that a second change could have left it as it was.
+fn may_have_changed(previous: Option<&FileStamp>, now: Option<&FileStamp>) -> bool {
+    match (previous, now) {
+        (Some(previous), Some(now)) => !previous.same_state(now) || !previous.is_settled(),
+        (None, None) => false,
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::{FileTimes, OpenOptions};
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    #[test]
+    fn a_cluster_file_rewritten_with_its_size_and_mtime_kept_is_read_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cluster.toml");
+        std::fs::write(&path, "revision = 1\n").expect("write");
+        let fresh = FileStamp::take(&path).ok();
+        assert!(
+            may_have_changed(fresh.as_ref(), FileStamp::take(&path).ok().as_ref()),
+            "just written: read again until it has been quiet a while"
+        );
+        let deadline = std::time::Instant::now() + crate::digest_cache::RACY_WINDOW * 4;
+        let settled = loop {
+            let stamp = FileStamp::take(&path).expect("stamp");
+            if stamp.is_settled() {
+                break stamp;
+            }
+            assert!(std::time::Instant::now() < deadline, "never settled");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let again = FileStamp::take(&path).ok();
+        assert!(!may_have_changed(Some(&settled), again.as_ref()));
+
+        // `revision = 2`, same size, mtime set back (an editor or `cp -p`).
+        let mtime = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        let file = OpenOptions::new().write(true).open(&path).expect("open");
+        file.write_all_at(b"2", 11).expect("write");
+        file.set_times(FileTimes::new().set_modified(mtime))
+            .expect("mtime");
+        drop(file);
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            "revision = 2\n"
+        );
+        let after = FileStamp::take(&path).ok();
+        assert!(may_have_changed(Some(&settled), after.as_ref()));
+
+        std::fs::remove_file(&path).expect("remove");
+        assert!(may_have_changed(after.as_ref(), None));
+        assert!(!may_have_changed(None, None));
+    }
 }
