@@ -68,6 +68,9 @@ pub fn run_output_writer_if_asked() -> Option<ExitCode> {
 }
 
 async fn run(flags: Flags) -> anyhow::Result<()> {
+    // First of all, so that a SIGTERM that arrives while the agent starts (a service
+    // manager stopping it at once) ends it cleanly once it serves, instead of killing it.
+    let termination = termination_signals()?;
     let config = Config::from_flags(flags)?;
     let host_pem = config.certs.join("host.pem");
     let host_cert = CertificateDer::from_pem_file(&host_pem)
@@ -96,7 +99,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_termination().await;
+        wait_for_termination(termination).await;
         info!("shutting down; supervised releases keep running");
         signals.cancel();
     });
@@ -112,17 +115,18 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_termination() {
+/// SIGTERM and SIGINT, listened for from now on.
+fn termination_signals() -> anyhow::Result<[tokio::signal::unix::Signal; 2]> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!("cannot install the SIGTERM handler: {e}");
-            return std::future::pending().await;
-        }
-    };
+    let term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    Ok([term, int])
+}
+
+/// Returns when SIGTERM or SIGINT has arrived since [`termination_signals`].
+async fn wait_for_termination([mut term, mut int]: [tokio::signal::unix::Signal; 2]) {
     tokio::select! {
         _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
     }
 }

@@ -163,7 +163,11 @@ async fn after_a_clean_exit_a_new_agent_starts_on_the_root() {
         first_pid.to_string(),
         "the lock file names the agent holding it"
     );
-    assert!(agent.terminate(), "SIGTERM ends the agent cleanly");
+    assert!(
+        agent.terminate(),
+        "SIGTERM ends the agent cleanly\n{}",
+        agent.log()
+    );
     // `restart` kills nothing here (the agent is gone) and starts a new one, which must
     // come up: the lock went with the first agent.
     agent.restart();
