@@ -334,6 +334,7 @@ impl Extraction<'_> {
 
     /// Walks every entry of the archive read from `source`.
     fn run(&mut self, source: Box<dyn Read>, gzip: bool) -> Result<()> {
+        let source = self.skip_volume_label(source)?;
         let meter = Rc::new(Meter::default());
         let mut archive = tar::Archive::new(Metered {
             inner: source,
@@ -389,6 +390,28 @@ impl Extraction<'_> {
         Ok(())
     }
 
+    /// GNU tar's `--label` writes a first header of type `V` whose size field is left
+    /// empty, which the tar crate cannot read as a number. GNU tar extracts nothing for
+    /// a label, so a first block that is such a header (checksum right, size empty or
+    /// zero) is skipped; anything else is handed on untouched.
+    fn skip_volume_label(&self, mut source: Box<dyn Read>) -> Result<Box<dyn Read>> {
+        let mut first = vec![0u8; 512];
+        let mut got = 0;
+        while got < first.len() {
+            match source.read(&mut first[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.bad(format!("not readable: {e}"))),
+            }
+        }
+        first.truncate(got);
+        if got == 512 && is_volume_label(&first) {
+            return Ok(source);
+        }
+        Ok(Box::new(io::Cursor::new(first).chain(source)))
+    }
+
     fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<()> {
         let header_name = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&header_name).into_owned();
@@ -432,6 +455,9 @@ impl Extraction<'_> {
             });
         }
         let rel = entry_path(&name, &raw_name)?;
+        if let Some(reason) = refused_type(kind) {
+            return Err(Error::unsafe_entry(&name, reason));
+        }
         let mode = entry
             .header()
             .mode()
@@ -512,22 +538,9 @@ impl Extraction<'_> {
                 let path = self.new_path(&name, &rel)?;
                 self.hard_link(&name, rel, &path, target)
             }
-            EntryType::Char => Err(Error::unsafe_entry(&name, "character devices are refused")),
-            EntryType::Block => Err(Error::unsafe_entry(&name, "block devices are refused")),
-            EntryType::Fifo => Err(Error::unsafe_entry(&name, "fifos are refused")),
-            k if k.as_byte() == b'M' => Err(Error::unsafe_entry(
+            _ => Err(Error::unsafe_entry(
                 &name,
-                "entry type 'M' continues a file from another volume of a multi-volume \
-                 archive; unpack a single-volume archive",
-            )),
-            other => Err(Error::unsafe_entry(
-                &name,
-                format!(
-                    "entry type '{}' ({}) is refused: only files, directories, symlinks and \
-                     hard links are unpacked",
-                    char::from(other.as_byte()).escape_default(),
-                    describe_type(other)
-                ),
+                refused_type(kind).unwrap_or_else(|| "unsupported entry type".into()),
             )),
         }
     }
@@ -1053,6 +1066,49 @@ fn file_mode(mode: u32) -> u32 {
 /// Directory permissions: the archive's bits minus group/other write, owner `rwx`.
 fn dir_mode(mode: u32) -> u32 {
     (mode & 0o777 & !0o022) | 0o700
+}
+
+/// Whether a header block is a GNU volume label without data: type `V`, a right
+/// checksum, and a size field that is empty or zero.
+fn is_volume_label(block: &[u8]) -> bool {
+    if block.len() != 512 || block[156] != b'V' {
+        return false;
+    }
+    let header = tar::Header::from_byte_slice(block);
+    let sum: u32 = block[..148]
+        .iter()
+        .chain(&block[156..])
+        .map(|b| u32::from(*b))
+        .sum::<u32>()
+        + 8 * u32::from(b' ');
+    let size = &block[124..136];
+    header.cksum().ok() == Some(sum) && size.iter().all(|b| matches!(b, 0 | b'0' | b' '))
+}
+
+/// Why an entry of type `kind` is refused; `None` for the types that are unpacked.
+fn refused_type(kind: EntryType) -> Option<String> {
+    let reason = match kind {
+        EntryType::Regular
+        | EntryType::Continuous
+        | EntryType::GNUSparse
+        | EntryType::Directory
+        | EntryType::Symlink
+        | EntryType::Link => return None,
+        k if k.as_byte() == b'D' => return None,
+        EntryType::Char => "character devices are refused".to_string(),
+        EntryType::Block => "block devices are refused".to_string(),
+        EntryType::Fifo => "fifos are refused".to_string(),
+        k if k.as_byte() == b'M' => "entry type 'M' continues a file from another volume of a \
+                                    multi-volume archive; unpack a single-volume archive"
+            .to_string(),
+        other => format!(
+            "entry type '{}' ({}) is refused: only files, directories, symlinks and hard links \
+             are unpacked",
+            char::from(other.as_byte()).escape_default(),
+            describe_type(other)
+        ),
+    };
+    Some(reason)
 }
 
 /// What an entry type is, for messages (POSIX ustar typeflags and GNU's additions).

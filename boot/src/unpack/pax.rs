@@ -14,8 +14,9 @@
 //!   `uname`, `gname`), `comment`, `charset`, `hdrcharset`, extended attributes and ACLs
 //!   (`SCHILY.xattr.*`, `LIBARCHIVE.xattr.*`, `SCHILY.acl.*`), star's and libarchive's
 //!   inode bookkeeping (`SCHILY.dev`, `SCHILY.ino`, `SCHILY.nlink`, `SCHILY.fflags`,
-//!   `LIBARCHIVE.creationtime`) and GNU incremental listings (`GNU.dumpdir`).
-//! - **refused**, naming the keyword: multi-volume keywords (`GNU.volume.*`), and every
+//!   `LIBARCHIVE.creationtime`), GNU incremental listings (`GNU.dumpdir`) and volume
+//!   labels (`GNU.volume.label`).
+//! - **refused**, naming the keyword: multi-volume keywords (other `GNU.volume.*`), and every
 //!   other keyword, since it may change what the entry is in a way the agent would not
 //!   reproduce. In a global header (`g`), which applies to every following entry, only
 //!   ignored keywords are accepted.
@@ -104,6 +105,7 @@ const IGNORED: &[&str] = &[
     "SCHILY.fflags",
     "LIBARCHIVE.creationtime",
     "GNU.dumpdir",
+    "GNU.volume.label",
 ];
 
 const IGNORED_PREFIXES: &[&str] = &["SCHILY.xattr.", "LIBARCHIVE.xattr.", "SCHILY.acl."];
