@@ -8,3 +8,4 @@ mod amqp;
 mod certs_cli;
 mod deploy;
 mod otp;
+mod unpack_differential;
