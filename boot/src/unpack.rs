@@ -86,7 +86,8 @@ use crate::settings::Limits;
 mod pax;
 
 /// Largest long-name, long-link or PAX extended header accepted, with the header
-/// blocks and padding around one entry. These are read into memory by the tar reader.
+/// blocks and padding around one entry, and largest GNU sparse 1.0 map. These are read
+/// into memory.
 pub const MAX_EXTENDED_HEADER: u64 = 1 << 20;
 
 /// Most data accepted after the end-of-archive marker (tar pads to 10 KiB records).

@@ -8,7 +8,8 @@
 //! directories; unusual modes; unicode names; an incremental dump; a labelled archive;
 //! the volumes of a multi-volume archive) and with rebar3 (an OTP release). Where GNU
 //! tar fails, the agent must refuse; where GNU tar would guess (an unknown entry type,
-//! which it extracts as a regular file) the agent must refuse, naming the entry.
+//! which it extracts as a regular file, or a lone continuation volume, which it
+//! extracts as a fragment) the agent must refuse, naming the entry.
 //!
 //! Modes: GNU tar run as root keeps the modes stored in the archive; the agent applies
 //! its documented policy (file and directory permission bits only, no group or other
@@ -500,43 +501,47 @@ fn incremental_labelled_and_multi_volume_archives() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     write(&big.join("noise.bin"), &noise, 0o644);
-    let one = work.join("vol1.tar");
-    let two = work.join("vol2.tar");
-    gnu_tar_ok(
-        &[
-            "--format=gnu",
-            "-c",
-            "-M",
-            "-L",
-            "150",
-            "-f",
-            one.to_str().expect("utf-8"),
-            "-f",
-            two.to_str().expect("utf-8"),
-            "-C",
-            big.to_str().expect("utf-8"),
-            ".",
-        ],
-        &work,
-    );
-    bench.check(
-        "vol2.tar",
-        &two,
-        Expect::Refused {
-            kind: ErrorKind::UnsafeArchive,
-            needle: "multi-volume",
-            gnu_fails: true,
-        },
-    );
-    bench.check(
-        "vol1.tar",
-        &one,
-        Expect::Refused {
-            kind: ErrorKind::BadArchive,
-            needle: "noise.bin",
-            gnu_fails: true,
-        },
-    );
+    for format in ["gnu", "pax"] {
+        let one = work.join(format!("{format}-vol1.tar"));
+        let two = work.join(format!("{format}-vol2.tar"));
+        gnu_tar_ok(
+            &[
+                &format!("--format={format}"),
+                "-c",
+                "-M",
+                "-L",
+                "150",
+                "-f",
+                one.to_str().expect("utf-8"),
+                "-f",
+                two.to_str().expect("utf-8"),
+                "-C",
+                big.to_str().expect("utf-8"),
+                ".",
+            ],
+            &work,
+        );
+        // GNU tar fails on a lone GNU continuation, and "extracts" a lone PAX one as a
+        // fragment named GNUFileParts/noise.bin.2.
+        bench.check(
+            &format!("{format}-vol2.tar"),
+            &two,
+            Expect::Refused {
+                kind: ErrorKind::UnsafeArchive,
+                needle: "multi-volume",
+                gnu_fails: format == "gnu",
+            },
+        );
+        bench.check(
+            &format!("{format}-vol1.tar"),
+            &one,
+            Expect::Refused {
+                kind: ErrorKind::BadArchive,
+                needle: "noise.bin",
+                gnu_fails: true,
+            },
+        );
+    }
 }
 
 #[test]
