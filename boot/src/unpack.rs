@@ -2357,6 +2357,7 @@ mod tests {
                 ("GNU.sparse.minor", b"1"),
                 ("GNU.sparse.name", b"v01"),
                 ("GNU.sparse.size", b"2000"),
+                ("GNU.sparse.numblocks", b"2"),
                 ("GNU.sparse.map", b"1000,3,2000,0"),
             ])
             .entry("GNUSparseFile.7/v01", EntryType::Regular, 0o644, b"xyz", "")
@@ -2427,13 +2428,21 @@ mod tests {
         f.refuses(&tar, bad, "does not end");
         // Stored data shorter than the map needs.
         let tar = Raw::default()
-            .pax(&[("GNU.sparse.size", b"10"), ("GNU.sparse.map", b"0,10")])
+            .pax(&[
+                ("GNU.sparse.size", b"10"),
+                ("GNU.sparse.numblocks", b"1"),
+                ("GNU.sparse.map", b"0,10"),
+            ])
             .entry("s", EntryType::Regular, 0o644, b"12345", "")
             .finish();
         f.refuses(&tar, bad, "holds 5");
         // Sparse keywords on a directory; an unknown sparse version.
         let tar = Raw::default()
-            .pax(&[("GNU.sparse.size", b"10"), ("GNU.sparse.map", b"0,10")])
+            .pax(&[
+                ("GNU.sparse.size", b"10"),
+                ("GNU.sparse.numblocks", b"1"),
+                ("GNU.sparse.map", b"0,10"),
+            ])
             .entry("d/", EntryType::Directory, 0o755, b"", "")
             .finish();
         f.refuses(&tar, ErrorKind::UnsafeArchive, "on a directory entry");
@@ -2452,6 +2461,7 @@ mod tests {
         let tar = Raw::default()
             .pax(&[
                 ("GNU.sparse.size", b"2097152"),
+                ("GNU.sparse.numblocks", b"2"),
                 ("GNU.sparse.map", b"0,4,2097152,0"),
             ])
             .entry("big", EntryType::Regular, 0o644, b"abcd", "")
@@ -2464,6 +2474,7 @@ mod tests {
             raw = raw
                 .pax(&[
                     ("GNU.sparse.size", b"400000"),
+                    ("GNU.sparse.numblocks", b"1"),
                     ("GNU.sparse.map", b"400000,0"),
                 ])
                 .entry(&format!("s{i}"), EntryType::Regular, 0o644, b"", "");

@@ -266,6 +266,13 @@ fn sparse_key(sparse: &mut SparseKeys, key: &str, rest: &str, value: &[u8]) -> R
             sparse.real_size = Some(number(key, value)?);
         }
         "numblocks" => sparse.numblocks = Some(number(key, value)?),
+        // GNU tar sizes the map from GNU.sparse.numblocks and reports any region
+        // listed before it, or beyond its count, as excess.
+        "offset" | "map" if sparse.numblocks.is_none() => {
+            return Err(Refusal::Malformed(format!(
+                "{key} comes before GNU.sparse.numblocks, which says how many regions follow"
+            )));
+        }
         "offset" => {
             if sparse.pending_offset.is_some() {
                 return Err(Refusal::Malformed(
@@ -350,13 +357,12 @@ fn sparse_description(sparse: SparseKeys) -> Result<PaxSparse, Refusal> {
                     "GNU sparse file without any region in its map".into(),
                 ));
             }
-            if let Some(count) = sparse.numblocks {
-                if count != regions.len() as u64 {
-                    return Err(Refusal::Malformed(format!(
-                        "GNU.sparse.numblocks says {count} regions, the map lists {}",
-                        regions.len()
-                    )));
-                }
+            let count = sparse.numblocks.unwrap_or(0);
+            if count != regions.len() as u64 {
+                return Err(Refusal::Malformed(format!(
+                    "GNU.sparse.numblocks says {count} regions, the map lists {}",
+                    regions.len()
+                )));
             }
             MapSource::Records(regions)
         }
@@ -595,10 +601,30 @@ mod tests {
             ]),
             "format 1.1",
         );
-        malformed(local(&[("GNU.sparse.map", "0,1")]), "realsize");
         malformed(
-            local(&[("GNU.sparse.size", "4"), ("GNU.sparse.map", "0,1,2")]),
+            local(&[("GNU.sparse.numblocks", "1"), ("GNU.sparse.map", "0,1")]),
+            "realsize",
+        );
+        malformed(
+            local(&[
+                ("GNU.sparse.size", "4"),
+                ("GNU.sparse.numblocks", "2"),
+                ("GNU.sparse.map", "0,1,2"),
+            ]),
             "odd",
+        );
+        malformed(
+            local(&[("GNU.sparse.size", "4"), ("GNU.sparse.map", "0,4")]),
+            "before GNU.sparse.numblocks",
+        );
+        malformed(
+            local(&[
+                ("GNU.sparse.size", "4"),
+                ("GNU.sparse.offset", "0"),
+                ("GNU.sparse.numbytes", "4"),
+                ("GNU.sparse.numblocks", "1"),
+            ]),
+            "before GNU.sparse.numblocks",
         );
         malformed(
             local(&[
@@ -613,13 +639,18 @@ mod tests {
             "without a GNU.sparse.offset",
         );
         malformed(
-            local(&[("GNU.sparse.size", "4"), ("GNU.sparse.offset", "4")]),
+            local(&[
+                ("GNU.sparse.size", "4"),
+                ("GNU.sparse.numblocks", "1"),
+                ("GNU.sparse.offset", "4"),
+            ]),
             "no GNU.sparse.numbytes",
         );
         malformed(
             local(&[
                 ("GNU.sparse.major", "1"),
                 ("GNU.sparse.realsize", "4"),
+                ("GNU.sparse.numblocks", "1"),
                 ("GNU.sparse.map", "0,4"),
             ]),
             "1.0",

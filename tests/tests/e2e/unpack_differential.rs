@@ -684,6 +684,109 @@ fn what_gnu_tar_fails_on_or_guesses_at_is_refused() {
         },
     );
 
+    // The same keyword twice: GNU tar takes the last, the tar crate the first.
+    let twice = Raw::default()
+        .pax(&[("path", "first"), ("path", "second")])
+        .file("header", b"x")
+        .save(&work.join("twice.tar"));
+    bench.check(
+        "twice.tar",
+        &twice,
+        Expect::Refused {
+            kind: unsafe_,
+            needle: "twice",
+            gnu_fails: false,
+        },
+    );
+
+    // A global path: GNU tar gives every following entry that one name.
+    let everyone = Raw::default()
+        .push("pax_global_header", b'g', 13, "", b"13 path=same\n")
+        .file("a", b"1")
+        .file("b", b"2")
+        .save(&work.join("everyone.tar"));
+    bench.check(
+        "everyone.tar",
+        &everyone,
+        Expect::Refused {
+            kind: unsafe_,
+            needle: "every following entry",
+            gnu_fails: false,
+        },
+    );
+
+    // A long name with a NUL inside: GNU tar cuts it there.
+    let nul = Raw::default()
+        .push("././@LongLink", b'L', 6, "", b"ab\0cd\0")
+        .file("x", b"x")
+        .save(&work.join("nul.tar"));
+    bench.check(
+        "nul.tar",
+        &nul,
+        Expect::Refused {
+            kind: unsafe_,
+            needle: "NUL",
+            gnu_fails: false,
+        },
+    );
+
+    // The obsolete names list: GNU tar extracts it as a regular file.
+    let names = Raw::default()
+        .push("names", b'N', 0, "", b"")
+        .save(&work.join("names.tar"));
+    bench.check(
+        "names.tar",
+        &names,
+        Expect::Refused {
+            kind: unsafe_,
+            needle: "obsolete GNU names list",
+            gnu_fails: false,
+        },
+    );
+
+    // A hard link that claims data, a '/'-named file that holds some: GNU tar reads
+    // the data as the next header.
+    let link_data = Raw::default()
+        .file("t", b"x")
+        .push("h", b'1', 6, "t", b"hidden")
+        .save(&work.join("link-data.tar"));
+    bench.check(
+        "link-data.tar",
+        &link_data,
+        Expect::Refused {
+            kind: unsafe_,
+            needle: "holds 6 bytes",
+            gnu_fails: true,
+        },
+    );
+    let slash_data = Raw::default()
+        .file("dir/", b"data")
+        .save(&work.join("slash-data.tar"));
+    bench.check(
+        "slash-data.tar",
+        &slash_data,
+        Expect::Refused {
+            kind: unsafe_,
+            needle: "ends in '/'",
+            gnu_fails: true,
+        },
+    );
+
+    // A sparse map before its count of regions: GNU tar calls it excess.
+    let excess = Raw::default()
+        .pax(&[("GNU.sparse.size", "8"), ("GNU.sparse.map", "0,8")])
+        .file("s", b"12345678")
+        .save(&work.join("excess.tar"));
+    bench.check(
+        "excess.tar",
+        &excess,
+        Expect::Refused {
+            kind: ErrorKind::BadArchive,
+            needle: "numblocks",
+            gnu_fails: true,
+        },
+    );
+
     // A PAX size with a sign: GNU tar rejects the value, Rust's parser would take it.
     let signed = Raw::default()
         .pax(&[("size", "+2")])
