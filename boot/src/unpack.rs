@@ -25,7 +25,8 @@
 //! component or a NUL byte; a symlink that is absolute or leads outside the
 //! destination (checked lexically as each link arrives, then once more at the end by
 //! resolving every link through the links the archive created); a hard link whose
-//! target is outside or not extracted yet, or that claims data of its own; a device,
+//! target is outside or not extracted yet; a directory, symlink or hard link that
+//! claims data of its own (GNU tar would read it as the next header); a device,
 //! fifo, multi-volume continuation (`M`), obsolete names list (`N`) or any unknown type
 //! (GNU tar would extract it as a regular file); setuid or setgid bits; a write through
 //! a symlink or into a non-directory; a path that appears twice; more than
@@ -459,6 +460,23 @@ impl Extraction<'_> {
         if let Some(reason) = refused_type(kind) {
             return Err(Error::unsafe_entry(&name, reason));
         }
+        if matches!(
+            kind,
+            EntryType::Directory | EntryType::Symlink | EntryType::Link
+        ) && entry.size() != 0
+        {
+            // GNU tar reads no data after these headers whatever their size says, the
+            // tar crate skips that many bytes: the two would disagree on where the next
+            // header is, and so on what the archive holds.
+            return Err(Error::unsafe_entry(
+                &name,
+                format!(
+                    "a {} entry that says it holds {} bytes of data",
+                    describe_type(kind),
+                    entry.size()
+                ),
+            ));
+        }
         let mode = entry
             .header()
             .mode()
@@ -523,18 +541,6 @@ impl Extraction<'_> {
                 self.drain(&mut entry, &name)
             }
             EntryType::Link => {
-                if entry.size() != 0 {
-                    // GNU tar reads a hard link's size as 0 whatever its header says,
-                    // the tar crate skips that many bytes: they would disagree on where
-                    // the next header is.
-                    return Err(Error::unsafe_entry(
-                        &name,
-                        format!(
-                            "a hard link that says it holds {} bytes of data",
-                            entry.size()
-                        ),
-                    ));
-                }
                 let target = entry.link_name_bytes().map(|t| t.into_owned());
                 let path = self.new_path(&name, &rel)?;
                 self.hard_link(&name, rel, &path, target)
@@ -2649,7 +2655,23 @@ mod tests {
                 .entry("h", EntryType::Link, 0o644, b"hidden", "t")
                 .finish(),
             unsafe_,
-            "holds 6 bytes",
+            "a hard link entry that says it holds 6 bytes",
+        );
+        // Directories and symlinks that claim data: GNU tar reads it as headers.
+        let hidden = Raw::default().file("hidden", b"H").bytes;
+        f.refuses(
+            &Raw::default()
+                .entry("d/", EntryType::Directory, 0o755, &hidden, "")
+                .finish(),
+            unsafe_,
+            "a directory entry that says it holds 1024 bytes",
+        );
+        f.refuses(
+            &Raw::default()
+                .entry("s", EntryType::Symlink, 0o777, &hidden, "t")
+                .finish(),
+            unsafe_,
+            "a symlink entry that says it holds 1024 bytes",
         );
         // A file whose name ends in '/' but which holds data.
         f.refuses(
