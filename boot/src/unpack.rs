@@ -36,9 +36,11 @@
 //! sparse map that overlaps, leaves the file or does not match the stored data; PAX
 //! records that are malformed, repeated, unknown, or that tar readers resolve
 //! differently (a PAX `path` beside a GNU long name, a local header before a global
-//! one, a global header setting `path` or `size`); an extended header (long name, PAX,
-//! sparse map) above [`MAX_EXTENDED_HEADER`], so memory stays bounded; and an archive
-//! that ends without its end-of-archive marker. On any error the staging directory is
+//! one, a global header setting `path` or `size`, a ustar name prefix under a version
+//! other than "00"); an extended header (long name, PAX, sparse map) above
+//! [`MAX_EXTENDED_HEADER`], so memory stays bounded; and an archive that ends without
+//! its end-of-archive marker. A stream that is not a tar at all is refused saying what
+//! it looks like (xz, zstd, bzip2, zip...). On any error the staging directory is
 //! removed: `dest` does not exist and nothing outside the staging directory was
 //! written.
 //!
@@ -336,7 +338,7 @@ impl Extraction<'_> {
 
     /// Walks every entry of the archive read from `source`.
     fn run(&mut self, source: Box<dyn Read>, gzip: bool) -> Result<()> {
-        let source = self.skip_volume_label(source)?;
+        let (source, foreign) = self.skip_volume_label(source)?;
         let meter = Rc::new(Meter::default());
         let mut archive = tar::Archive::new(Metered {
             inner: source,
@@ -361,7 +363,12 @@ impl Extraction<'_> {
                     )));
                 }
                 Some(Err(e)) => {
-                    let reason = if self.entries == 0 {
+                    let reason = if let (0, Some(foreign)) = (self.entries, foreign) {
+                        format!(
+                            "not a readable {format}: {e}; it looks like {foreign}, and the \
+                             agent unpacks .tar and .tar.gz only"
+                        )
+                    } else if self.entries == 0 {
                         format!("not a readable {format}: {e}")
                     } else {
                         format!("after entry {}: {e}", self.entries)
@@ -395,8 +402,12 @@ impl Extraction<'_> {
     /// GNU tar's `--label` writes a first header of type `V` whose size field is left
     /// empty, which the tar crate cannot read as a number. GNU tar extracts nothing for
     /// a label, so a first block that is such a header (checksum right, size empty or
-    /// zero) is skipped; anything else is handed on untouched.
-    fn skip_volume_label(&self, mut source: Box<dyn Read>) -> Result<Box<dyn Read>> {
+    /// zero) is skipped; anything else is handed on untouched. Also says what other
+    /// format the first bytes look like, for the message if they are not a tar.
+    fn skip_volume_label(
+        &self,
+        mut source: Box<dyn Read>,
+    ) -> Result<(Box<dyn Read>, Option<&'static str>)> {
         let mut first = vec![0u8; 512];
         let mut got = 0;
         while got < first.len() {
@@ -408,10 +419,11 @@ impl Extraction<'_> {
             }
         }
         first.truncate(got);
+        let foreign = foreign_format(&first);
         if got == 512 && is_volume_label(&first) {
-            return Ok(source);
+            return Ok((source, foreign));
         }
-        Ok(Box::new(io::Cursor::new(first).chain(source)))
+        Ok((Box::new(io::Cursor::new(first).chain(source)), foreign))
     }
 
     fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<()> {
@@ -459,6 +471,19 @@ impl Extraction<'_> {
         let rel = entry_path(&name, &raw_name)?;
         if let Some(reason) = refused_type(kind) {
             return Err(Error::unsafe_entry(&name, reason));
+        }
+        let raw = entry.header().as_bytes();
+        if &raw[257..263] == b"ustar\0" && &raw[263..265] != b"00" && raw[345] != 0 {
+            // GNU tar reads the name prefix of any `ustar` header, the tar crate only
+            // of version "00": they would name the entry differently.
+            return Err(Error::unsafe_entry(
+                &name,
+                format!(
+                    "a ustar header of version '{}' with a name prefix; tar readers disagree \
+                     on whether the prefix is part of the name",
+                    String::from_utf8_lossy(&raw[263..265]).escape_default()
+                ),
+            ));
         }
         if matches!(
             kind,
@@ -1073,6 +1098,26 @@ fn file_mode(mode: u32) -> u32 {
 /// Directory permissions: the archive's bits minus group/other write, owner `rwx`.
 fn dir_mode(mode: u32) -> u32 {
     (mode & 0o777 & !0o022) | 0o700
+}
+
+/// What a stream that is not a tar looks like, from its magic bytes (as `file(1)`
+/// tells them): other compressors GNU tar would run, and other archive formats.
+fn foreign_format(first: &[u8]) -> Option<&'static str> {
+    const MAGICS: &[(&[u8], &str)] = &[
+        (b"BZh", "bzip2 data"),
+        (b"\xfd7zXZ\x00", "xz data"),
+        (b"\x28\xb5\x2f\xfd", "zstd data"),
+        (b"LZIP", "lzip data"),
+        (b"\x04\x22\x4d\x18", "lz4 data"),
+        (b"\x1f\x9d", "compress (.Z) data"),
+        (b"\x1f\x8b", "gzip data inside gzip"),
+        (b"PK\x03\x04", "a zip archive"),
+        (b"7z\xbc\xaf\x27\x1c", "a 7-zip archive"),
+    ];
+    MAGICS
+        .iter()
+        .find(|(magic, _)| first.starts_with(magic))
+        .map(|(_, what)| *what)
 }
 
 /// Whether a header block is a GNU volume label without data: type `V`, a right
@@ -2233,6 +2278,13 @@ mod tests {
         );
         f.refuses(&[0x1f, 0x8b, 1, 2, 3], ErrorKind::BadArchive, "hostile.tar");
         f.refuses(b"", ErrorKind::BadArchive, "hostile.tar");
+        // Other compressors are named.
+        let mut xz = b"\xfd7zXZ\x00".to_vec();
+        xz.resize(2048, 7);
+        f.refuses(&xz, ErrorKind::BadArchive, "xz data");
+        let mut zstd = vec![0x28, 0xb5, 0x2f, 0xfd];
+        zstd.resize(100, 1);
+        f.refuses(&gzip(&zstd), ErrorKind::BadArchive, "zstd data");
         // A tar cut at an entry boundary, without its end-of-archive marker.
         let mut cut = Raw::default().file("a", b"a").finish();
         cut.truncate(1024);
@@ -2689,6 +2741,18 @@ mod tests {
                 .finish(),
             unsafe_,
             "'top'",
+        );
+        // A ustar header of another version with a prefix.
+        let mut odd = tar::Header::new_ustar();
+        odd.set_path("dir/file").expect("path");
+        odd.as_ustar_mut().expect("ustar").prefix[..3].copy_from_slice(b"pre");
+        odd.as_mut_bytes()[263..265].copy_from_slice(b"\0\0");
+        odd.set_size(0);
+        odd.set_cksum();
+        f.refuses(
+            &Raw::default().push(&odd, b"").finish(),
+            unsafe_,
+            "name prefix",
         );
         // Extension headers that the tar crate does not fold (no ustar or GNU magic).
         let mut v7 = tar::Header::new_old();

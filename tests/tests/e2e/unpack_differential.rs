@@ -805,6 +805,29 @@ fn what_gnu_tar_fails_on_or_guesses_at_is_refused() {
         },
     );
 
+    // A ustar header of version "\0\0" with a name prefix: GNU tar extracts
+    // pre/file, the tar crate reads the name as "file".
+    let mut odd = tar::Header::new_ustar();
+    odd.set_path("file").expect("path");
+    odd.as_ustar_mut().expect("ustar").prefix[..3].copy_from_slice(b"pre");
+    odd.as_mut_bytes()[263..265].copy_from_slice(b"\0\0");
+    odd.set_mode(0o644);
+    odd.set_size(0);
+    odd.set_cksum();
+    let mut bytes = odd.as_bytes().to_vec();
+    bytes.extend([0u8; 1024]);
+    let prefix = work.join("prefix.tar");
+    fs::write(&prefix, bytes).expect("write");
+    bench.check(
+        "prefix.tar",
+        &prefix,
+        Expect::Refused {
+            kind: unsafe_,
+            needle: "name prefix",
+            gnu_fails: false,
+        },
+    );
+
     // A PAX size with a sign: GNU tar rejects the value, Rust's parser would take it.
     let signed = Raw::default()
         .pax(&[("size", "+2")])
