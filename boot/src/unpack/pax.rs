@@ -150,6 +150,16 @@ fn volume(key: &str) -> Refusal {
     ))
 }
 
+/// Why a record could not be read. The tar crate splits records at newlines, so a
+/// value holding one (legal in PAX, where each record carries its length) reads as a
+/// record whose length is wrong, like a damaged one.
+fn unreadable(e: &std::io::Error) -> String {
+    format!(
+        "PAX header: {e}: a record's length does not match it, or its value holds a newline, \
+         which the agent does not read"
+    )
+}
+
 /// A decimal number as GNU tar's `decode_num` accepts it: digits only, no sign, no
 /// spaces, within `u64`.
 pub(super) fn number(what: &str, value: &[u8]) -> Result<u64, Refusal> {
@@ -172,7 +182,8 @@ pub(super) fn number(what: &str, value: &[u8]) -> Result<u64, Refusal> {
 /// accepted, since any other one would change every entry that follows.
 pub(super) fn check_global(data: &[u8]) -> Result<(), Refusal> {
     for record in PaxExtensions::new(data) {
-        let record = record.map_err(|e| Refusal::Malformed(format!("global PAX header: {e}")))?;
+        let record =
+            record.map_err(|e| Refusal::Malformed(format!("global {}", unreadable(&e))))?;
         let key = record
             .key()
             .map_err(|_| Refusal::Malformed("global PAX header: a keyword is not UTF-8".into()))?;
@@ -217,7 +228,7 @@ pub(super) fn read_local(records: Option<PaxExtensions<'_>>) -> Result<LocalPax,
     let mut sparse = SparseKeys::default();
     let mut seen: Vec<String> = Vec::new();
     for record in records {
-        let record = record.map_err(|e| Refusal::Malformed(format!("PAX header: {e}")))?;
+        let record = record.map_err(|e| Refusal::Malformed(unreadable(&e)))?;
         let key = record
             .key()
             .map_err(|_| Refusal::Malformed("PAX header: a keyword is not UTF-8".into()))?;

@@ -21,6 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -323,6 +324,13 @@ fn basic_tree(dir: &Path) {
         "rocket".as_bytes(),
         0o640,
     );
+    // A name that is not UTF-8, and one with a newline: bytes, as the file system has.
+    write(
+        &dir.join(std::ffi::OsStr::from_bytes(b"latin-\xe9.txt")),
+        b"latin-1",
+        0o644,
+    );
+    write(&dir.join("new\nline"), b"newline", 0o644);
     for (empty, mode) in [("log", 0o755), ("var/empty", 0o750), ("private", 0o700)] {
         fs::create_dir_all(dir.join(empty)).expect("mkdir");
         set_mode(&dir.join(empty), mode);
@@ -824,6 +832,22 @@ fn what_gnu_tar_fails_on_or_guesses_at_is_refused() {
         Expect::Refused {
             kind: unsafe_,
             needle: "name prefix",
+            gnu_fails: false,
+        },
+    );
+
+    // A PAX path holding a newline: valid PAX (each record carries its length), but
+    // the tar crate splits records at newlines.
+    let newline = Raw::default()
+        .pax(&[("path", "long\nname")])
+        .file("short", b"x")
+        .save(&work.join("newline.tar"));
+    bench.check(
+        "newline.tar",
+        &newline,
+        Expect::Refused {
+            kind: ErrorKind::BadArchive,
+            needle: "holds a newline",
             gnu_fails: false,
         },
     );
