@@ -33,7 +33,8 @@
 //! [`Limits::max_unpack_entries`] entries; more than [`Limits::max_unpack_bytes`] of
 //! content (counted as it is copied, a sparse file at its expanded size, so a
 //! decompression bomb stops at the limit); an entry shorter than its header says; a
-//! sparse map that overlaps, leaves the file or does not match the stored data; PAX
+//! sparse map that overlaps, leaves the file, does not match the stored data, or (old
+//! GNU) goes on after an empty slot where GNU tar stops reading it; PAX
 //! records that are malformed, repeated, unknown, or that tar readers resolve
 //! differently (a PAX `path` beside a GNU long name, a local header before a global
 //! one, a global header setting `path` or `size`, a ustar name prefix under a version
@@ -545,6 +546,7 @@ impl Extraction<'_> {
             }
             // Old GNU sparse: the tar crate expands the map; holes stay holes.
             EntryType::GNUSparse => {
+                check_old_sparse_slots(entry.header()).map_err(|r| self.refusal(&name, r))?;
                 let path = self.new_path(&name, &rel)?;
                 self.write_file(&mut entry, &name, &path, mode, true)
             }
@@ -1135,6 +1137,30 @@ fn is_volume_label(block: &[u8]) -> bool {
         + 8 * u32::from(b' ');
     let size = &block[124..136];
     header.cksum().ok() == Some(sum) && size.iter().all(|b| matches!(b, 0 | b'0' | b' '))
+}
+
+/// Checks the four map slots of an old GNU sparse header the way GNU tar reads them
+/// (`oldgnu_get_sparse_info`): the map ends at the first slot whose size is empty, and
+/// no extension block is read after that. The tar crate skips empty slots and reads on,
+/// so a header with regions or extensions after an empty slot means two different
+/// files; it is refused. (Regions inside extension blocks are read by the tar crate
+/// alone.)
+fn check_old_sparse_slots(header: &tar::Header) -> std::result::Result<(), pax::Refusal> {
+    let Some(gnu) = header.as_gnu() else {
+        return Ok(()); // the tar crate refuses an 'S' entry without a GNU header
+    };
+    let Some(end) = gnu.sparse.iter().position(|slot| slot.numbytes[0] == 0) else {
+        return Ok(());
+    };
+    let blank =
+        |slot: &tar::GnuSparseHeader| slot.offset.iter().chain(&slot.numbytes).all(|b| *b == 0);
+    if !gnu.sparse[end..].iter().all(blank) || gnu.isextended[0] != 0 {
+        return Err(pax::Refusal::Unsupported(format!(
+            "its old GNU sparse map goes on after the empty slot {end}, where GNU tar stops \
+             reading it"
+        )));
+    }
+    Ok(())
 }
 
 /// Why an entry of type `kind` is refused; `None` for the types that are unpacked.
@@ -2694,6 +2720,61 @@ mod tests {
             fs::symlink_metadata(out.join("d/s")).expect("s").ino(),
             fs::symlink_metadata(out.join("d/s2")).expect("s2").ino()
         );
+    }
+
+    /// An old GNU sparse entry: `regions` in the header's four slots (None for a
+    /// blank slot), data `stored`, expanded size `real`.
+    fn old_sparse(regions: &[Option<(u64, u64)>], stored: &[u8], real: u64) -> Raw {
+        let mut header = tar::Header::new_gnu();
+        header.set_path("sparse.dat").expect("path");
+        header.set_entry_type(EntryType::GNUSparse);
+        header.set_mode(0o644);
+        header.set_size(stored.len() as u64);
+        let gnu = header.as_gnu_mut().expect("gnu");
+        for (slot, region) in gnu.sparse.iter_mut().zip(regions) {
+            if let Some((offset, length)) = region {
+                slot.offset[..11].copy_from_slice(format!("{offset:011o}").as_bytes());
+                slot.numbytes[..11].copy_from_slice(format!("{length:011o}").as_bytes());
+            }
+        }
+        gnu.realsize[..11].copy_from_slice(format!("{real:011o}").as_bytes());
+        header.set_cksum();
+        Raw::default().push(&header, stored)
+    }
+
+    #[test]
+    fn old_gnu_sparse_files_are_expanded_and_checked() {
+        let f = fixture();
+        // As GNU tar writes it: a last empty region at the end when the file ends in
+        // a hole.
+        let tar = old_sparse(
+            &[Some((0, 512)), Some((4096, 3)), Some((5000, 0))],
+            &{
+                let mut data = vec![b'a'; 512];
+                data.extend(b"xyz");
+                data
+            },
+            5000,
+        )
+        .finish();
+        f.put("s.tar", &tar);
+        let done = f.unpack("s.tar", "out").expect("unpack");
+        assert_eq!(done.bytes, 5000);
+        let bytes = fs::read(f.root.path().join("out/sparse.dat")).expect("read");
+        assert_eq!(bytes.len(), 5000);
+        assert_eq!(&bytes[..512], &[b'a'; 512][..]);
+        assert_eq!(&bytes[4096..4099], b"xyz");
+        assert!(bytes[512..4096].iter().all(|b| *b == 0) && bytes[4099..].iter().all(|b| *b == 0));
+        // A region after a blank slot: GNU tar stops at the blank one.
+        f.refuses(
+            &old_sparse(&[Some((0, 512)), None, Some((4096, 3))], &[b'a'; 515], 4099).finish(),
+            ErrorKind::UnsafeArchive,
+            "after the empty slot 1",
+        );
+        // The expanded size counts against the limit.
+        let mut small = fixture();
+        small.limits.max_unpack_bytes = 4096;
+        small.refuses(&tar, ErrorKind::TooLarge, "sparse.dat");
     }
 
     #[test]
