@@ -57,6 +57,8 @@ ensure_erlang_tools() {
 
 ensure_tools() {
     command -v openssl >/dev/null || apt_install openssl
+    # The differential unpack tests compare the agent with GNU tar.
+    tar --version 2>/dev/null | grep -q 'GNU tar' || apt_install tar
     command -v cargo >/dev/null || die "cargo is not on PATH"
 }
 

@@ -6,24 +6,50 @@
 //!
 //! Entries are walked one by one into a fresh staging directory
 //! `.erel/unpack/<unique>/tree/`; the tar crate's own unpacking is not used, because it
-//! skips or rewrites bad entries silently. The whole archive is refused, naming the
-//! entry, on an absolute path or a `..` component; a symlink that is absolute or leads
-//! outside the destination (checked lexically as each link arrives, then once more at
-//! the end by resolving every link through the links the archive created); a hard link
-//! whose target is outside or not extracted yet; a device, fifo or any type other than
-//! file, directory, symlink and hard link; setuid or setgid bits; a write through a
-//! symlink or into a non-directory; a path that appears twice; more than
+//! skips or rewrites bad entries silently. Every entry is either unpacked to what GNU
+//! tar extracts from it, or the whole archive is refused naming the entry and what is
+//! not supported; nothing is reinterpreted.
+//!
+//! What is unpacked: regular and contiguous (`7`) files; directories, also GNU
+//! incremental ones (`D`, whose listing only matters to incremental restores) and v7
+//! files named with a trailing `/`; symlinks; hard links to a file or symlink extracted
+//! before; sparse files, old GNU (`S`) and PAX formats 0.0, 0.1 and 1.0, expanded to
+//! their real name and size with holes kept; names and link targets from GNU long-name
+//! and long-link headers (`L`, `K`) and from PAX records. A GNU volume label (`V`) and
+//! a PAX global header (`g`) holding only metadata write nothing. PAX keywords are
+//! sorted in `pax`: `path`, `linkpath`, `size` and the GNU sparse ones are applied;
+//! times, owners, comments and extended attributes are ignored (the agent applies none
+//! of them, as GNU tar applies no xattrs by default); any other keyword is refused.
+//!
+//! The whole archive is refused, naming the entry, on an absolute path, a `..`
+//! component or a NUL byte; a symlink that is absolute or leads outside the
+//! destination (checked lexically as each link arrives, then once more at the end by
+//! resolving every link through the links the archive created); a hard link whose
+//! target is outside or not extracted yet; a directory, symlink or hard link that
+//! claims data of its own (GNU tar would read it as the next header); a device,
+//! fifo, multi-volume continuation (`M`), obsolete names list (`N`) or any unknown type
+//! (GNU tar would extract it as a regular file); setuid or setgid bits; a write through
+//! a symlink or into a non-directory; a path that appears twice; more than
 //! [`Limits::max_unpack_entries`] entries; more than [`Limits::max_unpack_bytes`] of
-//! content (counted as it is copied, so a decompression bomb stops at the limit); an
-//! entry shorter than its header says; an extended header (long name, PAX) above
+//! content (counted as it is copied, a sparse file at its expanded size, so a
+//! decompression bomb stops at the limit); an entry shorter than its header says; a
+//! sparse map that overlaps, leaves the file, does not match the stored data, or (old
+//! GNU) goes on after an empty slot where GNU tar stops reading it; PAX
+//! records that are malformed, repeated, unknown, or that tar readers resolve
+//! differently (a PAX `path` beside a GNU long name, a local header before a global
+//! one, a global header setting `path` or `size`, a ustar name prefix under a version
+//! other than "00"); an extended header (long name, PAX, sparse map) above
 //! [`MAX_EXTENDED_HEADER`], so memory stays bounded; and an archive that ends without
-//! its end-of-archive marker. On any error the staging directory is removed: `dest`
-//! does not exist and nothing outside the staging directory was written.
+//! its end-of-archive marker. A stream that is not a tar at all is refused saying what
+//! it looks like (xz, zstd, bzip2, zip...). On any error the staging directory is
+//! removed: `dest` does not exist and nothing outside the staging directory was
+//! written.
 //!
 //! Files keep their permission bits minus group/other write (executables stay
-//! executable); directories get owner `rwx` so they can always be removed. When the
-//! tree is complete it is synced (`syncfs`), and renamed onto `dest` without replacing
-//! anything (`renameat2(RENAME_NOREPLACE)` where available), and the parent is synced.
+//! executable); directories get owner `rwx` so they can always be removed. Times and
+//! owners stored in the archive are not applied. When the tree is complete it is
+//! synced (`syncfs`), and renamed onto `dest` without replacing anything
+//! (`renameat2(RENAME_NOREPLACE)` where available), and the parent is synced.
 //!
 //! # Idempotency
 //!
@@ -62,8 +88,11 @@ use crate::error::{Error, Result};
 use crate::root::{self, PathLock, Root};
 use crate::settings::Limits;
 
+mod pax;
+
 /// Largest long-name, long-link or PAX extended header accepted, with the header
-/// blocks and padding around one entry. These are read into memory by the tar reader.
+/// blocks and padding around one entry, and largest GNU sparse 1.0 map. These are read
+/// into memory.
 pub const MAX_EXTENDED_HEADER: u64 = 1 << 20;
 
 /// Most data accepted after the end-of-archive marker (tar pads to 10 KiB records).
@@ -315,6 +344,7 @@ impl Extraction<'_> {
 
     /// Walks every entry of the archive read from `source`.
     fn run(&mut self, source: Box<dyn Read>, gzip: bool) -> Result<()> {
+        let (source, foreign) = self.skip_volume_label(source)?;
         let meter = Rc::new(Meter::default());
         let mut archive = tar::Archive::new(Metered {
             inner: source,
@@ -339,7 +369,12 @@ impl Extraction<'_> {
                     )));
                 }
                 Some(Err(e)) => {
-                    let reason = if self.entries == 0 {
+                    let reason = if let (0, Some(foreign)) = (self.entries, foreign) {
+                        format!(
+                            "not a readable {format}: {e}; it looks like {foreign}, and the \
+                             agent unpacks .tar and .tar.gz only"
+                        )
+                    } else if self.entries == 0 {
                         format!("not a readable {format}: {e}")
                     } else {
                         format!("after entry {}: {e}", self.entries)
@@ -370,14 +405,67 @@ impl Extraction<'_> {
         Ok(())
     }
 
-    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<()> {
-        let raw_name = entry.path_bytes().into_owned();
-        let name = String::from_utf8_lossy(&raw_name).into_owned();
-        let kind = entry.header().entry_type();
-        if kind == EntryType::XGlobalHeader {
-            // PAX global metadata (`git archive` writes a comment): nothing to write.
-            return self.drain(&mut entry, &name);
+    /// GNU tar's `--label` writes a first header of type `V` whose size field is left
+    /// empty, which the tar crate cannot read as a number. GNU tar extracts nothing for
+    /// a label, so a first block that is such a header (checksum right, size empty or
+    /// zero) is skipped; anything else is handed on untouched. Also says what other
+    /// format the first bytes look like, for the message if they are not a tar.
+    fn skip_volume_label(
+        &self,
+        mut source: Box<dyn Read>,
+    ) -> Result<(Box<dyn Read>, Option<&'static str>)> {
+        let mut first = vec![0u8; 512];
+        let mut got = 0;
+        while got < first.len() {
+            match source.read(&mut first[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.bad(format!("not readable: {e}"))),
+            }
         }
+        first.truncate(got);
+        let foreign = foreign_format(&first);
+        if got == 512 && is_volume_label(&first) {
+            return Ok((source, foreign));
+        }
+        Ok((Box::new(io::Cursor::new(first).chain(source)), foreign))
+    }
+
+    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<()> {
+        let header_name = entry.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&header_name).into_owned();
+        let kind = entry.header().entry_type();
+        match kind {
+            // The tar crate folds these into the entry they describe when their header
+            // has ustar or GNU magic; one that reaches here has none, and readers
+            // disagree on what it applies to.
+            EntryType::GNULongName | EntryType::GNULongLink | EntryType::XHeader => {
+                return Err(Error::unsafe_entry(
+                    &shown,
+                    format!(
+                        "a {} header without ustar or GNU magic; tar readers disagree on what \
+                         it applies to",
+                        describe_type(kind)
+                    ),
+                ));
+            }
+            EntryType::XGlobalHeader => return self.global_header(&mut entry, &shown),
+            // A GNU volume label: GNU tar extracts nothing for it.
+            k if k.as_byte() == b'V' => return self.drain(&mut entry, &shown),
+            _ => {}
+        }
+        let pax = match entry.pax_extensions() {
+            Ok(records) => pax::read_local(records).map_err(|r| self.refusal(&shown, r))?,
+            Err(e) => return Err(self.bad(format!("entry '{shown}': its PAX header: {e}"))),
+        };
+        self.check_name_sources(&entry, &pax, &shown)?;
+        // GNU tar names a PAX sparse file after GNU.sparse.name, whatever else says.
+        let raw_name = match pax.sparse.as_ref().and_then(|s| s.name.clone()) {
+            Some(real) => real,
+            None => header_name,
+        };
+        let name = String::from_utf8_lossy(&raw_name).into_owned();
         self.entries += 1;
         if self.entries > self.limits.max_unpack_entries {
             return Err(Error::TooLarge {
@@ -391,6 +479,39 @@ impl Extraction<'_> {
             });
         }
         let rel = entry_path(&name, &raw_name)?;
+        if let Some(reason) = refused_type(kind) {
+            return Err(Error::unsafe_entry(&name, reason));
+        }
+        let raw = entry.header().as_bytes();
+        if &raw[257..263] == b"ustar\0" && &raw[263..265] != b"00" && raw[345] != 0 {
+            // GNU tar reads the name prefix of any `ustar` header, the tar crate only
+            // of version "00": they would name the entry differently.
+            return Err(Error::unsafe_entry(
+                &name,
+                format!(
+                    "a ustar header of version '{}' with a name prefix; tar readers disagree \
+                     on whether the prefix is part of the name",
+                    String::from_utf8_lossy(&raw[263..265]).escape_default()
+                ),
+            ));
+        }
+        if matches!(
+            kind,
+            EntryType::Directory | EntryType::Symlink | EntryType::Link
+        ) && entry.size() != 0
+        {
+            // GNU tar reads no data after these headers whatever their size says, the
+            // tar crate skips that many bytes: the two would disagree on where the next
+            // header is, and so on what the archive holds.
+            return Err(Error::unsafe_entry(
+                &name,
+                format!(
+                    "a {} entry that says it holds {} bytes of data",
+                    describe_type(kind),
+                    entry.size()
+                ),
+            ));
+        }
         let mode = entry
             .header()
             .mode()
@@ -401,18 +522,47 @@ impl Extraction<'_> {
                 format!("setuid or setgid bit in mode {mode:#o}"),
             ));
         }
-        // Old (v7) archives mark a directory as a file whose name ends in '/'.
-        let old_style_dir = raw_name.ends_with(b"/") && entry.size() == 0;
+        if pax.sparse.is_some() && !matches!(kind, EntryType::Regular | EntryType::Continuous) {
+            return Err(Error::unsafe_entry(
+                &name,
+                format!("GNU sparse keywords on a {} entry", describe_type(kind)),
+            ));
+        }
+        // Old (v7) archives, and GNU tar after them, take a file whose name ends in '/'
+        // for a directory.
+        let trailing_slash = raw_name.ends_with(b"/");
         match kind {
-            EntryType::Regular | EntryType::Continuous if old_style_dir => {
+            EntryType::Regular | EntryType::Continuous if trailing_slash => {
+                if entry.size() != 0 || pax.sparse.is_some() {
+                    return Err(Error::unsafe_entry(
+                        &name,
+                        format!(
+                            "a file entry whose name ends in '/' holds {} bytes; GNU tar would \
+                             make a directory of it and skip them",
+                            entry.size()
+                        ),
+                    ));
+                }
                 self.directory(&name, &rel, mode)?;
                 self.drain(&mut entry, &name)
             }
             EntryType::Regular | EntryType::Continuous => {
                 let path = self.new_path(&name, &rel)?;
-                self.write_file(&mut entry, &name, &path, mode)
+                match &pax.sparse {
+                    Some(sparse) => self.write_pax_sparse(&mut entry, &name, &path, mode, sparse),
+                    None => self.write_file(&mut entry, &name, &path, mode, false),
+                }
             }
-            EntryType::Directory => {
+            // Old GNU sparse: the tar crate expands the map; holes stay holes.
+            EntryType::GNUSparse => {
+                check_old_sparse_slots(entry.header()).map_err(|r| self.refusal(&name, r))?;
+                let path = self.new_path(&name, &rel)?;
+                self.write_file(&mut entry, &name, &path, mode, true)
+            }
+            // 'D' is a GNU incremental dump's directory: its data lists the directory's
+            // names, used only when extracting incrementally; GNU tar otherwise makes
+            // the directory, as here.
+            k if k == EntryType::Directory || k.as_byte() == b'D' => {
                 if rel.is_empty() {
                     // The archive's own root (`./`): that is the destination itself.
                     return self.drain(&mut entry, &name);
@@ -429,24 +579,97 @@ impl Extraction<'_> {
             EntryType::Link => {
                 let target = entry.link_name_bytes().map(|t| t.into_owned());
                 let path = self.new_path(&name, &rel)?;
-                self.hard_link(&name, &path, target)?;
-                self.drain(&mut entry, &name)
+                self.hard_link(&name, rel, &path, target)
             }
-            EntryType::Char => Err(Error::unsafe_entry(&name, "character devices are refused")),
-            EntryType::Block => Err(Error::unsafe_entry(&name, "block devices are refused")),
-            EntryType::Fifo => Err(Error::unsafe_entry(&name, "fifos are refused")),
-            EntryType::GNUSparse => {
-                Err(Error::unsafe_entry(&name, "sparse files are not supported"))
-            }
-            other => Err(Error::unsafe_entry(
+            _ => Err(Error::unsafe_entry(
                 &name,
-                format!(
-                    "entry type '{}' is refused: only files, directories, symlinks and hard \
-                     links are unpacked",
-                    char::from(other.as_byte()).escape_default()
-                ),
+                refused_type(kind).unwrap_or_else(|| "unsupported entry type".into()),
             )),
         }
+    }
+
+    /// Turns a refusal of PAX records into the agent's error for entry `name`.
+    fn refusal(&self, name: &str, refusal: pax::Refusal) -> Error {
+        match refusal {
+            pax::Refusal::Malformed(reason) => {
+                self.bad(format!("entry '{name}': {reason}", name = quote(name)))
+            }
+            pax::Refusal::Unsupported(reason) => Error::unsafe_entry(name, reason),
+        }
+    }
+
+    /// Refuses an entry whose name or link target the tar crate and GNU tar would take
+    /// from different places: a GNU long name (`L`) or long link (`K`) together with a
+    /// PAX `path` or `linkpath` (the crate prefers the GNU header, GNU tar the PAX one).
+    fn check_name_sources<R: Read>(
+        &self,
+        entry: &tar::Entry<'_, R>,
+        pax: &pax::LocalPax,
+        shown: &str,
+    ) -> Result<()> {
+        let both = |what: &str| {
+            Error::unsafe_entry(
+                shown,
+                format!(
+                    "its {what} is given both by a GNU long-{what} header and by a PAX \
+                     header, and tar readers disagree on which one counts"
+                ),
+            )
+        };
+        if let Some(path) = &pax.path {
+            if entry.path_bytes().as_ref() != path.as_slice() {
+                return Err(both("name"));
+            }
+        }
+        if let Some(link) = &pax.linkpath {
+            if entry.link_name_bytes().as_deref() != Some(link.as_slice()) {
+                return Err(both("link"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A PAX global header (`git archive` writes a comment): checked, nothing written.
+    fn global_header<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, name: &str) -> Result<()> {
+        let size = entry.size();
+        if size > MAX_EXTENDED_HEADER {
+            return Err(self.bad(format!(
+                "global PAX header '{name}' of {size} bytes is larger than \
+                 {MAX_EXTENDED_HEADER} bytes",
+                name = quote(name)
+            )));
+        }
+        let mut data = Vec::new();
+        loop {
+            let n = self.read_chunk(entry, name)?;
+            if n == 0 {
+                break;
+            }
+            data.extend_from_slice(&self.buffer[..n]);
+        }
+        pax::check_global(&data).map_err(|r| self.refusal(name, r))?;
+        // A local header, long name or long link before a global header: the tar crate
+        // spends it on the global header, GNU tar on the next entry.
+        let folded_pax = match entry.pax_extensions() {
+            Ok(Some(mut records)) => records.next().is_some(),
+            Ok(None) => false,
+            Err(e) => {
+                return Err(self.bad(format!(
+                    "global PAX header '{name}': {e}",
+                    name = quote(name)
+                )))
+            }
+        };
+        let folded_name = entry.path_bytes() != entry.header().path_bytes()
+            || entry.link_name_bytes() != entry.header().link_name_bytes();
+        if folded_pax || folded_name {
+            return Err(Error::unsafe_entry(
+                name,
+                "a PAX or GNU long-name header stands before a global header; tar readers \
+                 disagree on which entry it describes",
+            ));
+        }
+        Ok(())
     }
 
     /// Reads and discards an entry's data (non-file entries rarely carry any), counting
@@ -462,7 +685,7 @@ impl Extraction<'_> {
 
     /// Reads the next chunk of an entry into the buffer, counting it against
     /// [`Limits::max_unpack_bytes`].
-    fn read_chunk<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, name: &str) -> Result<usize> {
+    fn read_chunk(&mut self, entry: &mut impl Read, name: &str) -> Result<usize> {
         let n = loop {
             match entry.read(&mut self.buffer) {
                 Ok(n) => break n,
@@ -568,12 +791,15 @@ impl Extraction<'_> {
             .to_string()
     }
 
+    /// Writes a file entry's data. With `holes`, runs of zeros the size of the copy
+    /// buffer are left as holes (old GNU sparse files, which the tar crate expands).
     fn write_file<R: Read>(
         &mut self,
         entry: &mut tar::Entry<'_, R>,
         name: &str,
         path: &Path,
         mode: u32,
+        holes: bool,
     ) -> Result<()> {
         let size = entry.size();
         let announced = self.consumed.saturating_add(size);
@@ -592,8 +818,14 @@ impl Extraction<'_> {
             if n == 0 {
                 break;
             }
-            out.write_all(&self.buffer[..n])
-                .map_err(|e| Error::io("write", path, e))?;
+            let chunk = &self.buffer[..n];
+            if holes && chunk.iter().all(|b| *b == 0) {
+                out.seek(SeekFrom::Current(n as i64))
+                    .map_err(|e| Error::io("seek in", path, e))?;
+            } else {
+                out.write_all(chunk)
+                    .map_err(|e| Error::io("write", path, e))?;
+            }
             copied += n as u64;
         }
         if copied != size {
@@ -603,9 +835,158 @@ impl Extraction<'_> {
                 quote(name)
             )));
         }
+        if holes {
+            out.set_len(copied)
+                .map_err(|e| Error::io("set length of", path, e))?;
+        }
         self.bytes += copied;
         out.set_permissions(fs::Permissions::from_mode(file_mode(mode)))
             .map_err(|e| Error::io("set mode of", path, e))
+    }
+
+    /// Writes a GNU sparse file stored in PAX format (GNU tar manual, "Storing Sparse
+    /// Files"): the data regions land at their offsets, the rest stays a hole, and the
+    /// file gets its expanded size. The expanded size counts against
+    /// [`Limits::max_unpack_bytes`].
+    fn write_pax_sparse<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        name: &str,
+        path: &Path,
+        mode: u32,
+        sparse: &pax::PaxSparse,
+    ) -> Result<()> {
+        let stored = entry.size();
+        let early = self.consumed.saturating_add(sparse.real_size);
+        if early > self.limits.max_unpack_bytes {
+            return Err(self.too_many_bytes(name, early));
+        }
+        let (regions, map_len) = match &sparse.map {
+            pax::MapSource::Records(regions) => (regions.clone(), 0),
+            pax::MapSource::Data => self.read_sparse_map(entry, name, stored)?,
+        };
+        let after_map = stored - map_len;
+        let data = pax::check_regions(&regions, sparse.real_size, after_map)
+            .map_err(|r| self.refusal(name, r))?;
+        let hole_bytes = sparse.real_size - data;
+        let announced = self
+            .consumed
+            .saturating_add(after_map)
+            .saturating_add(hole_bytes);
+        if announced > self.limits.max_unpack_bytes {
+            return Err(self.too_many_bytes(name, announced));
+        }
+        self.consumed += hole_bytes;
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| Error::io("create", path, e))?;
+        let mut at = 0u64;
+        for region in regions.iter().filter(|r| r.length > 0) {
+            // Each region's data starts on a block boundary.
+            let start = pax::blocks(at).unwrap_or(at);
+            self.copy_exact(entry, name, start - at, None)?;
+            out.seek(SeekFrom::Start(region.offset))
+                .map_err(|e| Error::io("seek in", path, e))?;
+            self.copy_exact(entry, name, region.length, Some((&mut out, path)))?;
+            at = start + region.length;
+        }
+        self.drain(entry, name)?;
+        out.set_len(sparse.real_size)
+            .map_err(|e| Error::io("set length of", path, e))?;
+        self.bytes += sparse.real_size;
+        out.set_permissions(fs::Permissions::from_mode(file_mode(mode)))
+            .map_err(|e| Error::io("set mode of", path, e))
+    }
+
+    /// Copies exactly `len` bytes of the entry to `out`, or discards them without one.
+    fn copy_exact<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        name: &str,
+        len: u64,
+        mut out: Option<(&mut File, &Path)>,
+    ) -> Result<()> {
+        let mut part = entry.take(len);
+        let mut copied = 0u64;
+        loop {
+            let n = self.read_chunk(&mut part, name)?;
+            if n == 0 {
+                break;
+            }
+            if let Some((file, path)) = out.as_mut() {
+                file.write_all(&self.buffer[..n])
+                    .map_err(|e| Error::io("write", *path, e))?;
+            }
+            copied += n as u64;
+        }
+        if copied != len {
+            return Err(self.bad(format!(
+                "entry '{name}' is cut short: its sparse map needs {len} more bytes, the \
+                 archive holds {copied}",
+                name = quote(name)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads the map of a GNU sparse 1.0 file from the start of its data: decimal
+    /// numbers one per line, the count of regions then offset and length of each,
+    /// padded to whole blocks. Returns the regions and the bytes the map took.
+    fn read_sparse_map<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        name: &str,
+        stored: u64,
+    ) -> Result<(Vec<pax::Region>, u64)> {
+        let mut text: Vec<u8> = Vec::new();
+        let mut numbers: Vec<u64> = Vec::new();
+        let mut parsed = 0usize;
+        let mut wanted: Option<u64> = None;
+        while wanted != Some(numbers.len() as u64) {
+            if let Some(line) = text[parsed..].iter().position(|b| *b == b'\n') {
+                let value = pax::number("a sparse map number", &text[parsed..parsed + line])
+                    .map_err(|r| self.refusal(name, r))?;
+                parsed += line + 1;
+                numbers.push(value);
+                if wanted.is_none() {
+                    wanted = Some(value.saturating_mul(2).saturating_add(1));
+                }
+                continue;
+            }
+            let grown = text.len() as u64 + pax::BLOCK;
+            if grown > MAX_EXTENDED_HEADER || grown > stored {
+                return Err(self.bad(format!(
+                    "entry '{name}': its GNU sparse map does not end within {} bytes",
+                    grown.min(stored).min(MAX_EXTENDED_HEADER),
+                    name = quote(name)
+                )));
+            }
+            let from = text.len();
+            text.resize(from + pax::BLOCK as usize, 0);
+            let mut got = 0;
+            while got < pax::BLOCK as usize {
+                let n = self.read_chunk(&mut entry.take(pax::BLOCK - got as u64), name)?;
+                if n == 0 {
+                    return Err(self.bad(format!(
+                        "entry '{name}' is cut short in its sparse map",
+                        name = quote(name)
+                    )));
+                }
+                text[from + got..from + got + n].copy_from_slice(&self.buffer[..n]);
+                got += n;
+            }
+        }
+        let regions = numbers[1..]
+            .chunks(2)
+            .map(|pair| pax::Region {
+                offset: pair[0],
+                length: pair[1],
+            })
+            .collect();
+        Ok((regions, text.len() as u64))
     }
 
     fn directory(&mut self, name: &str, rel: &[OsString], mode: u32) -> Result<()> {
@@ -657,6 +1038,15 @@ impl Extraction<'_> {
             ));
         }
         let shown = quote(&String::from_utf8_lossy(&target)).into_owned();
+        if target.contains(&0) {
+            return Err(Error::unsafe_entry(
+                name,
+                format!(
+                    "symlink target {} contains a NUL byte",
+                    shown.escape_default()
+                ),
+            ));
+        }
         let steps = steps(&target).map_err(|()| {
             Error::unsafe_entry(name, format!("symlink to the absolute path {shown}"))
         })?;
@@ -680,7 +1070,16 @@ impl Extraction<'_> {
         Ok(())
     }
 
-    fn hard_link(&mut self, name: &str, path: &Path, target: Option<Vec<u8>>) -> Result<()> {
+    /// A hard link to a file or to a symlink the archive extracted before (GNU tar uses
+    /// `link(2)`, which links a symlink itself); a linked symlink is checked from its new
+    /// place like any other.
+    fn hard_link(
+        &mut self,
+        name: &str,
+        rel: Vec<OsString>,
+        path: &Path,
+        target: Option<Vec<u8>>,
+    ) -> Result<()> {
         let target = match target {
             Some(target) if !target.is_empty() => target,
             _ => return Err(Error::unsafe_entry(name, "hard link without a target")),
@@ -693,14 +1092,15 @@ impl Extraction<'_> {
             other => other,
         })?;
         let mut source = self.tree.clone();
-        for component in &target_rel {
+        for (i, component) in target_rel.iter().enumerate() {
             source.push(component);
             self.fits(name, &source)?;
+            let last = i + 1 == target_rel.len();
             match fs::symlink_metadata(&source) {
-                Ok(meta) if meta.file_type().is_symlink() => {
+                Ok(meta) if meta.file_type().is_symlink() && !last => {
                     return Err(Error::unsafe_entry(
                         name,
-                        format!("hard link to {shown} passes through or names a symlink"),
+                        format!("hard link to {shown} passes through a symlink"),
                     ));
                 }
                 Ok(_) => {}
@@ -714,13 +1114,19 @@ impl Extraction<'_> {
             }
         }
         let meta = fs::symlink_metadata(&source).map_err(|e| Error::io("inspect", &source, e))?;
-        if target_rel.is_empty() || !meta.is_file() {
+        let to_symlink = meta.file_type().is_symlink();
+        if target_rel.is_empty() || !(meta.is_file() || to_symlink) {
             return Err(Error::unsafe_entry(
                 name,
-                format!("hard link to {shown}, which is not a regular file"),
+                format!("hard link to {shown}, which is not a regular file or a symlink"),
             ));
         }
-        fs::hard_link(&source, path).map_err(|e| Error::io("create hard link", path, e))
+        // `link(2)` does not follow a symlink at its source on Linux.
+        fs::hard_link(&source, path).map_err(|e| Error::io("create hard link", path, e))?;
+        if to_symlink {
+            self.symlinks.push((name.to_string(), rel));
+        }
+        Ok(())
     }
 
     /// Resolves every symlink through the links the archive created, now that all
@@ -753,6 +1159,120 @@ fn dir_mode(mode: u32) -> u32 {
     (mode & 0o777 & !0o022) | 0o700
 }
 
+/// What a stream that is not a tar looks like, from its magic bytes (as `file(1)`
+/// tells them): other compressors GNU tar would run, and other archive formats.
+fn foreign_format(first: &[u8]) -> Option<&'static str> {
+    const MAGICS: &[(&[u8], &str)] = &[
+        (b"BZh", "bzip2 data"),
+        (b"\xfd7zXZ\x00", "xz data"),
+        (b"\x28\xb5\x2f\xfd", "zstd data"),
+        (b"LZIP", "lzip data"),
+        (b"\x04\x22\x4d\x18", "lz4 data"),
+        (b"\x1f\x9d", "compress (.Z) data"),
+        (b"\x1f\x8b", "gzip data inside gzip"),
+        (b"PK\x03\x04", "a zip archive"),
+        (b"7z\xbc\xaf\x27\x1c", "a 7-zip archive"),
+    ];
+    MAGICS
+        .iter()
+        .find(|(magic, _)| first.starts_with(magic))
+        .map(|(_, what)| *what)
+}
+
+/// Whether a header block is a GNU volume label without data: type `V`, a right
+/// checksum, and a size field that is empty or zero.
+fn is_volume_label(block: &[u8]) -> bool {
+    if block.len() != 512 || block[156] != b'V' {
+        return false;
+    }
+    let header = tar::Header::from_byte_slice(block);
+    let sum: u32 = block[..148]
+        .iter()
+        .chain(&block[156..])
+        .map(|b| u32::from(*b))
+        .sum::<u32>()
+        + 8 * u32::from(b' ');
+    let size = &block[124..136];
+    header.cksum().ok() == Some(sum) && size.iter().all(|b| matches!(b, 0 | b'0' | b' '))
+}
+
+/// Checks the four map slots of an old GNU sparse header the way GNU tar reads them
+/// (`oldgnu_get_sparse_info`): the map ends at the first slot whose size is empty, and
+/// no extension block is read after that. The tar crate skips empty slots and reads on,
+/// so a header with regions or extensions after an empty slot means two different
+/// files; it is refused. (Regions inside extension blocks are read by the tar crate
+/// alone.)
+fn check_old_sparse_slots(header: &tar::Header) -> std::result::Result<(), pax::Refusal> {
+    let Some(gnu) = header.as_gnu() else {
+        return Ok(()); // the tar crate refuses an 'S' entry without a GNU header
+    };
+    let Some(end) = gnu.sparse.iter().position(|slot| slot.numbytes[0] == 0) else {
+        return Ok(());
+    };
+    let blank =
+        |slot: &tar::GnuSparseHeader| slot.offset.iter().chain(&slot.numbytes).all(|b| *b == 0);
+    if !gnu.sparse[end..].iter().all(blank) || gnu.isextended[0] != 0 {
+        return Err(pax::Refusal::Unsupported(format!(
+            "its old GNU sparse map goes on after the empty slot {end}, where GNU tar stops \
+             reading it"
+        )));
+    }
+    Ok(())
+}
+
+/// Why an entry of type `kind` is refused; `None` for the types that are unpacked.
+fn refused_type(kind: EntryType) -> Option<String> {
+    let reason = match kind {
+        EntryType::Regular
+        | EntryType::Continuous
+        | EntryType::GNUSparse
+        | EntryType::Directory
+        | EntryType::Symlink
+        | EntryType::Link => return None,
+        k if k.as_byte() == b'D' => return None,
+        EntryType::Char => "character devices are refused".to_string(),
+        EntryType::Block => "block devices are refused".to_string(),
+        EntryType::Fifo => "fifos are refused".to_string(),
+        k if k.as_byte() == b'M' => "entry type 'M' continues a file from another volume of a \
+                                    multi-volume archive; unpack a single-volume archive"
+            .to_string(),
+        other => format!(
+            "entry type '{}' ({}) is refused: only files, directories, symlinks and hard links \
+             are unpacked",
+            char::from(other.as_byte()).escape_default(),
+            describe_type(other)
+        ),
+    };
+    Some(reason)
+}
+
+/// What an entry type is, for messages (POSIX ustar typeflags and GNU's additions).
+fn describe_type(kind: EntryType) -> &'static str {
+    match kind {
+        EntryType::Regular => "regular file",
+        EntryType::Link => "hard link",
+        EntryType::Symlink => "symlink",
+        EntryType::Char => "character device",
+        EntryType::Block => "block device",
+        EntryType::Directory => "directory",
+        EntryType::Fifo => "fifo",
+        EntryType::Continuous => "contiguous file",
+        EntryType::GNULongName => "GNU long-name",
+        EntryType::GNULongLink => "GNU long-link",
+        EntryType::GNUSparse => "GNU sparse file",
+        EntryType::XGlobalHeader => "PAX global",
+        EntryType::XHeader => "PAX extended",
+        other => match other.as_byte() {
+            b'D' => "GNU incremental directory",
+            b'M' => "GNU multi-volume continuation",
+            b'N' => "obsolete GNU names list",
+            b'V' => "GNU volume label",
+            b'A'..=b'Z' => "vendor extension",
+            _ => "unknown type",
+        },
+    }
+}
+
 /// The normal components of an entry's path; `.` components are dropped.
 fn entry_path(name: &str, raw: &[u8]) -> Result<Vec<OsString>> {
     if raw.is_empty() {
@@ -760,6 +1280,13 @@ fn entry_path(name: &str, raw: &[u8]) -> Result<Vec<OsString>> {
     }
     if raw.first() == Some(&b'/') {
         return Err(Error::unsafe_entry(name, "absolute path"));
+    }
+    if raw.contains(&0) {
+        // GNU tar stops a name at its first NUL; a file system name cannot hold one.
+        return Err(Error::unsafe_entry(
+            name.escape_default().to_string(),
+            "path contains a NUL byte",
+        ));
     }
     let mut out = Vec::new();
     for component in Path::new(OsStr::from_bytes(raw)).components() {
@@ -1720,10 +2247,31 @@ mod tests {
         );
         f.refuses(
             &Raw::default()
-                .entry("vol", EntryType::new(b'V'), 0o644, b"", "")
+                .entry("vol", EntryType::new(b'M'), 0o644, b"", "")
                 .finish(),
             unsafe_,
-            "'V'",
+            "multi-volume",
+        );
+        f.refuses(
+            &Raw::default()
+                .entry("names", EntryType::new(b'N'), 0o644, b"", "")
+                .finish(),
+            unsafe_,
+            "'N' (obsolete GNU names list)",
+        );
+        f.refuses(
+            &Raw::default()
+                .entry("vendor", EntryType::new(b'Z'), 0o644, b"abc", "")
+                .finish(),
+            unsafe_,
+            "'Z' (vendor extension)",
+        );
+        f.refuses(
+            &Raw::default()
+                .entry("odd", EntryType::new(b'9'), 0o644, b"", "")
+                .finish(),
+            unsafe_,
+            "'9' (unknown type)",
         );
     }
 
@@ -1824,6 +2372,13 @@ mod tests {
         );
         f.refuses(&[0x1f, 0x8b, 1, 2, 3], ErrorKind::BadArchive, "hostile.tar");
         f.refuses(b"", ErrorKind::BadArchive, "hostile.tar");
+        // Other compressors are named.
+        let mut xz = b"\xfd7zXZ\x00".to_vec();
+        xz.resize(2048, 7);
+        f.refuses(&xz, ErrorKind::BadArchive, "xz data");
+        let mut zstd = vec![0x28, 0xb5, 0x2f, 0xfd];
+        zstd.resize(100, 1);
+        f.refuses(&gzip(&zstd), ErrorKind::BadArchive, "zstd data");
         // A tar cut at an entry boundary, without its end-of-archive marker.
         let mut cut = Raw::default().file("a", b"a").finish();
         cut.truncate(1024);
@@ -1865,5 +2420,499 @@ mod tests {
             );
             assert_eq!(meta.permissions().mode() & 0o6000, 0, "{path:?}");
         }
+    }
+
+    impl Raw {
+        /// A PAX extended header (`x`) holding `records`.
+        fn pax(self, records: &[(&str, &[u8])]) -> Self {
+            self.pax_typed(EntryType::XHeader, records)
+        }
+
+        fn pax_typed(self, kind: EntryType, records: &[(&str, &[u8])]) -> Self {
+            let mut data = Vec::new();
+            for (key, value) in records {
+                let body = 3 + key.len() + value.len();
+                let mut len = body + 1;
+                while len.to_string().len() + body != len {
+                    len = len.to_string().len() + body;
+                }
+                data.extend(format!("{len} {key}=").into_bytes());
+                data.extend_from_slice(value);
+                data.push(b'\n');
+            }
+            let mut header = tar::Header::new_ustar();
+            header.set_entry_type(kind);
+            header.set_size(data.len() as u64);
+            header.set_path("PaxHeaders/x").expect("path");
+            header.set_cksum();
+            self.push(&header, &data)
+        }
+    }
+
+    /// A GNU sparse 1.0 entry as GNU tar writes it: map lines, padded, then each
+    /// region's data from a block boundary.
+    fn sparse_1_0(name: &str, real_size: u64, regions: &[(u64, &[u8])]) -> Raw {
+        let mut data = format!("{}\n", regions.len()).into_bytes();
+        for (offset, bytes) in regions {
+            data.extend(format!("{offset}\n{}\n", bytes.len()).into_bytes());
+        }
+        data.resize(data.len().div_ceil(512) * 512, 0);
+        for (i, (_, bytes)) in regions.iter().enumerate() {
+            data.extend_from_slice(bytes);
+            if i + 1 != regions.len() {
+                data.resize(data.len().div_ceil(512) * 512, 0);
+            }
+        }
+        let real = real_size.to_string();
+        Raw::default()
+            .pax(&[
+                ("GNU.sparse.major", b"1"),
+                ("GNU.sparse.minor", b"0"),
+                ("GNU.sparse.name", name.as_bytes()),
+                ("GNU.sparse.realsize", real.as_bytes()),
+            ])
+            .entry("./GNUSparseFile.1/x", EntryType::Regular, 0o640, &data, "")
+    }
+
+    #[test]
+    fn pax_sparse_files_are_expanded_under_their_real_name() {
+        let f = fixture();
+        let tar = sparse_1_0(
+            "data/table.dat",
+            10_000,
+            &[(3, b"abc"), (4_000, &[b'x'; 700]), (10_000, b"")],
+        )
+        .finish();
+        f.put("s.tar", &tar);
+        let done = f.unpack("s.tar", "out").expect("unpack");
+        assert_eq!((done.entries, done.bytes), (1, 10_000));
+        let out = f.root.path().join("out");
+        assert!(!out.join("GNUSparseFile.1").exists());
+        let bytes = fs::read(out.join("data/table.dat")).expect("read");
+        let mut expected = vec![0u8; 10_000];
+        expected[3..6].copy_from_slice(b"abc");
+        expected[4_000..4_700].copy_from_slice(&[b'x'; 700]);
+        assert_eq!(bytes, expected);
+        let mode = fs::metadata(out.join("data/table.dat"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o640);
+
+        // Format 0.1: the map in a record; 0.0: offset/numbytes pairs, real name.
+        let mut v00_data = vec![0u8; 514];
+        v00_data[..2].copy_from_slice(b"ab");
+        v00_data[512..].copy_from_slice(b"cd");
+        let v01 = Raw::default()
+            .pax(&[
+                ("GNU.sparse.major", b"0"),
+                ("GNU.sparse.minor", b"1"),
+                ("GNU.sparse.name", b"v01"),
+                ("GNU.sparse.size", b"2000"),
+                ("GNU.sparse.numblocks", b"2"),
+                ("GNU.sparse.map", b"1000,3,2000,0"),
+            ])
+            .entry("GNUSparseFile.7/v01", EntryType::Regular, 0o644, b"xyz", "")
+            .pax(&[
+                ("GNU.sparse.size", b"600"),
+                ("GNU.sparse.numblocks", b"2"),
+                ("GNU.sparse.offset", b"0"),
+                ("GNU.sparse.numbytes", b"2"),
+                ("GNU.sparse.offset", b"598"),
+                ("GNU.sparse.numbytes", b"2"),
+            ])
+            .entry("v00", EntryType::Regular, 0o644, &v00_data, "")
+            .finish();
+        f.put("v0.tar", &v01);
+        f.unpack("v0.tar", "v0").expect("unpack 0.x");
+        let out = f.root.path().join("v0");
+        let v01 = fs::read(out.join("v01")).expect("v01");
+        assert_eq!(v01.len(), 2000);
+        assert_eq!(&v01[1000..1003], b"xyz");
+        let v00 = fs::read(out.join("v00")).expect("v00");
+        assert_eq!(v00.len(), 600);
+        assert_eq!((&v00[..2], &v00[598..]), (&b"ab"[..], &b"cd"[..]));
+        assert!(v00[2..598].iter().all(|b| *b == 0));
+    }
+
+    fn padded(bytes: &[u8]) -> Vec<u8> {
+        let mut out = bytes.to_vec();
+        out.resize(bytes.len().div_ceil(512) * 512, 0);
+        out
+    }
+
+    #[test]
+    fn bad_pax_sparse_files_are_refused() {
+        let f = fixture();
+        let bad = ErrorKind::BadArchive;
+        // A region beyond the file's size; a map that does not reach it.
+        f.refuses(
+            &sparse_1_0("a", 100, &[(90, &[b'x'; 20])]).finish(),
+            bad,
+            "beyond the file's size",
+        );
+        f.refuses(
+            &sparse_1_0("a", 100, &[(10, b"x")]).finish(),
+            bad,
+            "not at the file's size",
+        );
+        // Overlapping regions.
+        f.refuses(
+            &sparse_1_0("a", 600, &[(0, &[b'x'; 512]), (100, &[b'y'; 500])]).finish(),
+            ErrorKind::UnsafeArchive,
+            "overlaps",
+        );
+        // A map line that is not a number, and one that never ends.
+        let tar = Raw::default()
+            .pax(&[
+                ("GNU.sparse.major", b"1"),
+                ("GNU.sparse.minor", b"0"),
+                ("GNU.sparse.name", b"a"),
+                ("GNU.sparse.realsize", b"10"),
+            ])
+            .entry("s", EntryType::Regular, 0o644, &padded(b"1\n-3\n7\n"), "")
+            .finish();
+        f.refuses(&tar, bad, "'-3'");
+        let tar = Raw::default()
+            .pax(&[("GNU.sparse.major", b"1"), ("GNU.sparse.realsize", b"10")])
+            .entry("s", EntryType::Regular, 0o644, &[b'1'; 1024], "")
+            .finish();
+        f.refuses(&tar, bad, "does not end");
+        // Stored data shorter than the map needs.
+        let tar = Raw::default()
+            .pax(&[
+                ("GNU.sparse.size", b"10"),
+                ("GNU.sparse.numblocks", b"1"),
+                ("GNU.sparse.map", b"0,10"),
+            ])
+            .entry("s", EntryType::Regular, 0o644, b"12345", "")
+            .finish();
+        f.refuses(&tar, bad, "holds 5");
+        // Sparse keywords on a directory; an unknown sparse version.
+        let tar = Raw::default()
+            .pax(&[
+                ("GNU.sparse.size", b"10"),
+                ("GNU.sparse.numblocks", b"1"),
+                ("GNU.sparse.map", b"0,10"),
+            ])
+            .entry("d/", EntryType::Directory, 0o755, b"", "")
+            .finish();
+        f.refuses(&tar, ErrorKind::UnsafeArchive, "on a directory entry");
+        let tar = Raw::default()
+            .pax(&[("GNU.sparse.major", b"2"), ("GNU.sparse.realsize", b"1")])
+            .entry("s", EntryType::Regular, 0o644, b"x", "")
+            .finish();
+        f.refuses(&tar, ErrorKind::UnsafeArchive, "format 2.0");
+    }
+
+    #[test]
+    fn sparse_expanded_size_counts_against_the_limit() {
+        let mut f = fixture();
+        f.limits.max_unpack_bytes = 1 << 20;
+        // 4 bytes stored, 2 MiB expanded.
+        let tar = Raw::default()
+            .pax(&[
+                ("GNU.sparse.size", b"2097152"),
+                ("GNU.sparse.numblocks", b"2"),
+                ("GNU.sparse.map", b"0,4,2097152,0"),
+            ])
+            .entry("big", EntryType::Regular, 0o644, b"abcd", "")
+            .finish();
+        let err = f.refuses(&tar, ErrorKind::TooLarge, "big");
+        assert!(err.to_string().contains("limit of 1048576"), "{err}");
+        // Many small sparse files, each under the limit: stops at the one crossing it.
+        let mut raw = Raw::default();
+        for i in 0..4 {
+            raw = raw
+                .pax(&[
+                    ("GNU.sparse.size", b"400000"),
+                    ("GNU.sparse.numblocks", b"1"),
+                    ("GNU.sparse.map", b"400000,0"),
+                ])
+                .entry(&format!("s{i}"), EntryType::Regular, 0o644, b"", "");
+        }
+        f.refuses(&raw.finish(), ErrorKind::TooLarge, "s2");
+    }
+
+    #[test]
+    fn pax_records_that_change_meaning_are_refused() {
+        let f = fixture();
+        let unsafe_ = ErrorKind::UnsafeArchive;
+        let file = |raw: Raw| raw.file("f", b"x").finish();
+        f.refuses(
+            &file(Raw::default().pax(&[("VENDOR.layout", b"striped")])),
+            unsafe_,
+            "'VENDOR.layout'",
+        );
+        f.refuses(
+            &file(Raw::default().pax(&[("SCHILY.realsize", b"9")])),
+            unsafe_,
+            "'SCHILY.realsize'",
+        );
+        f.refuses(
+            &file(Raw::default().pax(&[("GNU.volume.offset", b"512")])),
+            unsafe_,
+            "multi-volume",
+        );
+        f.refuses(
+            &file(Raw::default().pax(&[("path", b"a"), ("path", b"b")])),
+            unsafe_,
+            "twice",
+        );
+        f.refuses(
+            &file(Raw::default().pax(&[("size", b"+1")])),
+            ErrorKind::BadArchive,
+            "'+1'",
+        );
+        // A record whose length is wrong.
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(EntryType::XHeader);
+        header.set_size(11);
+        header.set_path("PaxHeaders/x").expect("path");
+        header.set_cksum();
+        f.refuses(
+            &file(Raw::default().push(&header, b"99 path=x\n")),
+            ErrorKind::BadArchive,
+            "malformed pax extension",
+        );
+        // A global header that would rename or resize every following entry.
+        f.refuses(
+            &file(Raw::default().pax_typed(EntryType::XGlobalHeader, &[("path", b"x")])),
+            unsafe_,
+            "every following entry",
+        );
+        f.refuses(
+            &file(Raw::default().pax_typed(EntryType::XGlobalHeader, &[("size", b"0")])),
+            unsafe_,
+            "every following entry",
+        );
+        // A local header spent on a global header, as the tar crate would.
+        f.refuses(
+            &file(
+                Raw::default()
+                    .pax(&[("path", b"renamed")])
+                    .pax_typed(EntryType::XGlobalHeader, &[("comment", b"hi")]),
+            ),
+            unsafe_,
+            "global header",
+        );
+        // Both a GNU long name and a PAX path, or long link and linkpath.
+        let long = Raw::header(b"././@LongLink", EntryType::GNULongName, 0o644, 4, b"");
+        f.refuses(
+            &file(
+                Raw::default()
+                    .pax(&[("path", b"pax")])
+                    .push(&long, b"gnu\0"),
+            ),
+            unsafe_,
+            "disagree",
+        );
+        let long = Raw::header(b"././@LongLink", EntryType::GNULongLink, 0o644, 4, b"");
+        f.refuses(
+            &Raw::default()
+                .file("t", b"x")
+                .file("u", b"x")
+                .pax(&[("linkpath", b"t")])
+                .push(&long, b"u\0")
+                .symlink("l", "")
+                .finish(),
+            unsafe_,
+            "disagree",
+        );
+        // Ignored metadata does not stop anything.
+        let tar = Raw::default()
+            .pax(&[
+                ("mtime", b"1700000000.25"),
+                ("uname", b"build"),
+                ("SCHILY.xattr.user.k", b"v"),
+            ])
+            .file("kept", b"x")
+            .finish();
+        f.put("ok.tar", &tar);
+        f.unpack("ok.tar", "ok").expect("ignored keywords");
+    }
+
+    #[test]
+    fn names_with_nul_bytes_are_refused() {
+        let f = fixture();
+        let long = Raw::header(b"././@LongLink", EntryType::GNULongName, 0o644, 9, b"");
+        f.refuses(
+            &Raw::default()
+                .push(&long, b"ab\0cd/efg")
+                .file("x", b"x")
+                .finish(),
+            ErrorKind::UnsafeArchive,
+            "NUL",
+        );
+        let long = Raw::header(b"././@LongLink", EntryType::GNULongLink, 0o644, 4, b"");
+        f.refuses(
+            &Raw::default()
+                .push(&long, b"a\0b\0")
+                .symlink("l", "")
+                .finish(),
+            ErrorKind::UnsafeArchive,
+            "NUL",
+        );
+    }
+
+    #[test]
+    fn gnu_extras_unpack_as_gnu_tar_does() {
+        let f = fixture();
+        let tar = Raw::default()
+            // A volume label: nothing is extracted for it.
+            .entry("release 1", EntryType::new(b'V'), 0o644, b"", "")
+            // An incremental dump's directory, with its listing.
+            .entry("d/", EntryType::new(b'D'), 0o750, b"Yf\0\0", "")
+            .file("d/f", b"x")
+            // A contiguous file is a regular file.
+            .entry("c", EntryType::Continuous, 0o600, b"contiguous", "")
+            // A hard link to a symlink links the symlink.
+            .symlink("d/s", "f")
+            .hard_link("d/s2", "d/s")
+            .finish();
+        f.put("g.tar", &tar);
+        let done = f.unpack("g.tar", "out").expect("unpack");
+        assert_eq!(done.entries, 5);
+        let out = f.root.path().join("out");
+        assert_eq!(fs::read_dir(&out).expect("list").count(), 2);
+        assert_eq!(
+            fs::metadata(out.join("d")).expect("d").permissions().mode() & 0o777,
+            0o750
+        );
+        assert_eq!(fs::read(out.join("c")).expect("c"), b"contiguous");
+        assert_eq!(
+            fs::read_link(out.join("d/s2")).expect("link"),
+            Path::new("f")
+        );
+        assert_eq!(
+            fs::symlink_metadata(out.join("d/s")).expect("s").ino(),
+            fs::symlink_metadata(out.join("d/s2")).expect("s2").ino()
+        );
+    }
+
+    /// An old GNU sparse entry: `regions` in the header's four slots (None for a
+    /// blank slot), data `stored`, expanded size `real`.
+    fn old_sparse(regions: &[Option<(u64, u64)>], stored: &[u8], real: u64) -> Raw {
+        let mut header = tar::Header::new_gnu();
+        header.set_path("sparse.dat").expect("path");
+        header.set_entry_type(EntryType::GNUSparse);
+        header.set_mode(0o644);
+        header.set_size(stored.len() as u64);
+        let gnu = header.as_gnu_mut().expect("gnu");
+        for (slot, region) in gnu.sparse.iter_mut().zip(regions) {
+            if let Some((offset, length)) = region {
+                slot.offset[..11].copy_from_slice(format!("{offset:011o}").as_bytes());
+                slot.numbytes[..11].copy_from_slice(format!("{length:011o}").as_bytes());
+            }
+        }
+        gnu.realsize[..11].copy_from_slice(format!("{real:011o}").as_bytes());
+        header.set_cksum();
+        Raw::default().push(&header, stored)
+    }
+
+    #[test]
+    fn old_gnu_sparse_files_are_expanded_and_checked() {
+        let f = fixture();
+        // As GNU tar writes it: a last empty region at the end when the file ends in
+        // a hole.
+        let tar = old_sparse(
+            &[Some((0, 512)), Some((4096, 3)), Some((5000, 0))],
+            &{
+                let mut data = vec![b'a'; 512];
+                data.extend(b"xyz");
+                data
+            },
+            5000,
+        )
+        .finish();
+        f.put("s.tar", &tar);
+        let done = f.unpack("s.tar", "out").expect("unpack");
+        assert_eq!(done.bytes, 5000);
+        let bytes = fs::read(f.root.path().join("out/sparse.dat")).expect("read");
+        assert_eq!(bytes.len(), 5000);
+        assert_eq!(&bytes[..512], &[b'a'; 512][..]);
+        assert_eq!(&bytes[4096..4099], b"xyz");
+        assert!(bytes[512..4096].iter().all(|b| *b == 0) && bytes[4099..].iter().all(|b| *b == 0));
+        // A region after a blank slot: GNU tar stops at the blank one.
+        f.refuses(
+            &old_sparse(&[Some((0, 512)), None, Some((4096, 3))], &[b'a'; 515], 4099).finish(),
+            ErrorKind::UnsafeArchive,
+            "after the empty slot 1",
+        );
+        // The expanded size counts against the limit.
+        let mut small = fixture();
+        small.limits.max_unpack_bytes = 4096;
+        small.refuses(&tar, ErrorKind::TooLarge, "sparse.dat");
+    }
+
+    #[test]
+    fn entries_readers_disagree_on_are_refused() {
+        let f = fixture();
+        let unsafe_ = ErrorKind::UnsafeArchive;
+        // GNU tar reads a hard link's size as 0, the tar crate skips the data.
+        f.refuses(
+            &Raw::default()
+                .file("t", b"x")
+                .entry("h", EntryType::Link, 0o644, b"hidden", "t")
+                .finish(),
+            unsafe_,
+            "a hard link entry that says it holds 6 bytes",
+        );
+        // Directories and symlinks that claim data: GNU tar reads it as headers.
+        let hidden = Raw::default().file("hidden", b"H").bytes;
+        f.refuses(
+            &Raw::default()
+                .entry("d/", EntryType::Directory, 0o755, &hidden, "")
+                .finish(),
+            unsafe_,
+            "a directory entry that says it holds 1024 bytes",
+        );
+        f.refuses(
+            &Raw::default()
+                .entry("s", EntryType::Symlink, 0o777, &hidden, "t")
+                .finish(),
+            unsafe_,
+            "a symlink entry that says it holds 1024 bytes",
+        );
+        // A file whose name ends in '/' but which holds data.
+        f.refuses(
+            &Raw::default().file("dir/", b"data").finish(),
+            unsafe_,
+            "ends in '/'",
+        );
+        // A hard-linked symlink is checked from where the link puts it.
+        f.refuses(
+            &Raw::default()
+                .dir("a/")
+                .dir("a/b/")
+                .symlink("a/b/s", "../../x")
+                .hard_link("top", "a/b/s")
+                .finish(),
+            unsafe_,
+            "'top'",
+        );
+        // A ustar header of another version with a prefix.
+        let mut odd = tar::Header::new_ustar();
+        odd.set_path("dir/file").expect("path");
+        odd.as_ustar_mut().expect("ustar").prefix[..3].copy_from_slice(b"pre");
+        odd.as_mut_bytes()[263..265].copy_from_slice(b"\0\0");
+        odd.set_size(0);
+        odd.set_cksum();
+        f.refuses(
+            &Raw::default().push(&odd, b"").finish(),
+            unsafe_,
+            "name prefix",
+        );
+        // Extension headers that the tar crate does not fold (no ustar or GNU magic).
+        let mut v7 = tar::Header::new_old();
+        v7.as_old_mut().name[..4].copy_from_slice(b"long");
+        v7.set_entry_type(EntryType::GNULongName);
+        v7.set_size(0);
+        v7.set_cksum();
+        f.refuses(
+            &Raw::default().push(&v7, b"").finish(),
+            unsafe_,
+            "without ustar or GNU magic",
+        );
     }
 }

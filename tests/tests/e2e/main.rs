@@ -14,3 +14,4 @@ mod output;
 mod peers;
 mod pki;
 mod push_content;
+mod unpack_differential;
