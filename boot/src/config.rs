@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::settings::{Limits, Supervision};
+use crate::settings::{CgroupParent, Limits, Supervision};
 
 /// Default root directory.
 pub const DEFAULT_ROOT: &str = "/var/lib/erel";
@@ -66,6 +66,10 @@ pub struct Flags {
     /// Largest output log per release before rotation, in bytes.
     #[arg(long)]
     pub log_max_bytes: Option<u64>,
+    /// Parent of the releases' cgroups: `auto` (the agent's own cgroup), an absolute
+    /// cgroup v2 path, or `none` (process groups only) [default: auto].
+    #[arg(long, value_name = "auto|none|PATH")]
+    pub cgroup_parent: Option<String>,
 }
 
 /// The settings as a `boot.toml` holds them; every key optional, unknown keys refused.
@@ -86,6 +90,7 @@ struct FileSettings {
     stable_after_ms: Option<u64>,
     crash_loop_after: Option<u32>,
     log_max_bytes: Option<u64>,
+    cgroup_parent: Option<String>,
 }
 
 /// Validated start-up settings.
@@ -195,6 +200,11 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        let cgroup_parent = match flags.cgroup_parent.or(file.cgroup_parent) {
+            Some(text) => CgroupParent::parse(&text)
+                .map_err(|message| ConfigError::new(setting("cgroup_parent"), message))?,
+            None => CgroupParent::Auto,
+        };
         let sup = Supervision::default();
         let ms = |flag: Option<u64>, file: Option<u64>, default: Duration| {
             flag.or(file).map(Duration::from_millis).unwrap_or(default)
@@ -227,6 +237,7 @@ impl Config {
                 .keep_versions
                 .or(file.keep_versions)
                 .unwrap_or(sup.keep_versions),
+            cgroup_parent,
         };
         if supervision.crash_loop_after == 0 {
             return Err(ConfigError::new(
@@ -316,6 +327,7 @@ mod tests {
             Config::from_flags(flags(&["--config", file.to_str().expect("utf8")])).expect("valid");
         assert_eq!(config.listen.port(), 7070);
         assert_eq!(config.supervision.crash_loop_after, 5);
+        assert_eq!(config.supervision.cgroup_parent, CgroupParent::Auto);
     }
 
     #[test]
@@ -338,6 +350,44 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("--listen") && err.contains("nowhere"), "{err}");
+
+        let err = Config::from_flags(flags(&[
+            "--certs",
+            certs.path().to_str().expect("utf8"),
+            "--cgroup-parent",
+            "erel.slice",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--cgroup-parent") && err.contains("absolute cgroup path"),
+            "{err}"
+        );
+        for bad in ["/a/../b", "/a/./b"] {
+            let err = Config::from_flags(flags(&[
+                "--certs",
+                certs.path().to_str().expect("utf8"),
+                "--cgroup-parent",
+                bad,
+            ]))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("'.' or '..'"), "{err}");
+        }
+        for (text, parent) in [
+            ("none", CgroupParent::None),
+            ("auto", CgroupParent::Auto),
+            ("/erel.slice", CgroupParent::Path("/erel.slice".into())),
+        ] {
+            let config = Config::from_flags(flags(&[
+                "--certs",
+                certs.path().to_str().expect("utf8"),
+                "--cgroup-parent",
+                text,
+            ]))
+            .expect("valid");
+            assert_eq!(config.supervision.cgroup_parent, parent);
+        }
 
         let err = Config::from_flags(flags(&["--certs", "/nonexistent-bundle"]))
             .unwrap_err()

@@ -72,6 +72,10 @@ pub(crate) struct RunRecord {
     pub start_time: u64,
     /// The version it runs.
     pub version: String,
+    /// The start command returned with status 0 and left processes behind (a daemon):
+    /// the release is what is left, supervised until nothing of it is left.
+    #[serde(default)]
+    pub daemonized: bool,
 }
 
 fn desired_path(root: &Root, name: &str) -> PathBuf {
@@ -192,6 +196,7 @@ mod tests {
             pgid: 42,
             start_time: 7,
             version: "1.0".into(),
+            daemonized: false,
         };
         save_run(&root, "beat", &run).expect("save run");
         let (all, damaged) = load_all_desired(&root).expect("load");

@@ -10,11 +10,12 @@ use erel_proto::{ReleaseState, ReleaseStatus, Start};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
+use super::cgroup::Containment;
 use super::process;
 use super::Supervisor;
 use crate::error::Error;
 use crate::root::Root;
-use crate::settings::Supervision;
+use crate::settings::{CgroupParent, Supervision};
 
 /// Longest a condition is waited for.
 const PATIENCE: Duration = Duration::from_secs(15);
@@ -37,6 +38,20 @@ impl Drop for Cleanup {
         for pid in processes_in(&self.root, None, false) {
             let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        // The agent's cgroup directory: kill what is left (recursively) and remove it.
+        if let Containment::Cgroup(tree) = Containment::detect(&CgroupParent::Auto, &self.root) {
+            let dir = tree.dir().to_path_buf();
+            let _ = fs::write(dir.join("cgroup.kill"), "1");
+            let deadline = Instant::now() + PATIENCE;
+            for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    while fs::remove_dir(entry.path()).is_err() && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+            let _ = fs::remove_dir(&dir);
         }
     }
 }
@@ -63,6 +78,7 @@ fn settings() -> Supervision {
         crash_loop_after: 3,
         log_max_bytes: 1 << 20,
         keep_versions: 2,
+        cgroup_parent: CgroupParent::Auto,
     }
 }
 
@@ -771,5 +787,301 @@ async fn stop_and_start_racing_restarts_never_leave_two_copies() {
     let stopped = sup.stop("app", Duration::from_secs(2)).await.expect("stop");
     assert!(!stopped.killed);
     assert!(copies(&fx.root, "app").is_empty());
+    sup.detach().await;
+}
+
+// ---- Containment: everything a release starts is the release's. ----
+
+/// The input: a helper in its own session, then the main process.
+const SETSID_HELPER: &str =
+    "setsid sh -c 'exec sleep 100000' &\necho helper-started\nexec sleep 100000";
+/// A double fork: the helper's parent exits at once, so init adopts it; then the start
+/// command returns 0.
+const DOUBLE_FORK: &str = "(sh -c 'exec sleep 100000' &)\necho daemonized\nexit 0";
+
+fn settings_with(parent: CgroupParent) -> Supervision {
+    Supervision {
+        cgroup_parent: parent,
+        ..settings()
+    }
+}
+
+/// Opens a supervisor with `parent`; `None` (test skipped, and it says so) when cgroup
+/// containment was asked for but this machine has no writable cgroup v2.
+async fn open_contained(root: &Root, parent: CgroupParent) -> Option<Supervisor> {
+    let wants_cgroup = parent != CgroupParent::None;
+    let sup = Supervisor::open(root.clone(), HOST.into(), settings_with(parent))
+        .await
+        .expect("open supervisor");
+    let mode = sup.containment();
+    if wants_cgroup && !mode.starts_with("cgroup v2") {
+        eprintln!("SKIPPED: this test needs root and a writable cgroup v2: {mode}");
+        sup.detach().await;
+        return None;
+    }
+    if !wants_cgroup {
+        assert!(mode.starts_with("fallback"), "{mode}");
+    }
+    Some(sup)
+}
+
+/// Every live process of release `name` (group leaders or not).
+fn everything(root: &Root, name: &str) -> Vec<u32> {
+    processes_in(root.path(), Some(name), false)
+}
+
+async fn stop_reaches_a_setsid_helper(parent: CgroupParent) {
+    let fx = fixture();
+    release(&fx.root, "app", "1", SETSID_HELPER);
+    let Some(sup) = open_contained(&fx.root, parent).await else {
+        return;
+    };
+    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    eventually("the helper", || everything(&fx.root, "app").len() >= 2).await;
+    let helper = everything(&fx.root, "app")
+        .into_iter()
+        .find(|&pid| pid != started.pid)
+        .expect("helper");
+    let stat = process::proc_stat(helper).expect("helper stat");
+    assert_ne!(
+        stat.session, started.pid as i32,
+        "the helper left the session"
+    );
+    assert_ne!(stat.pgrp, started.pid as i32, "the helper left the group");
+
+    let stopped = sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    assert!(stopped.was_running);
+    assert!(!alive(helper), "the setsid helper survived the stop");
+    assert!(everything(&fx.root, "app").is_empty());
+    // Starting again gives one copy of each, not two.
+    sup.start(&start_request("app", "1")).await.expect("start");
+    eventually("the new helper", || everything(&fx.root, "app").len() >= 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(everything(&fx.root, "app").len(), 2);
+    sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    assert!(everything(&fx.root, "app").is_empty());
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn stop_reaches_a_setsid_helper_in_a_cgroup() {
+    stop_reaches_a_setsid_helper(CgroupParent::Auto).await;
+}
+
+#[tokio::test]
+async fn stop_reaches_a_setsid_helper_without_cgroups() {
+    stop_reaches_a_setsid_helper(CgroupParent::None).await;
+}
+
+#[tokio::test]
+async fn a_release_runs_in_its_own_cgroup() {
+    let fx = fixture();
+    // The helper leaves the session and clears its environment: only the cgroup
+    // still knows it is the release's.
+    release(
+        &fx.root,
+        "app",
+        "1",
+        "setsid env -i sleep 100001 &\nexec sleep 100000",
+    );
+    let Some(sup) = open_contained(&fx.root, CgroupParent::Auto).await else {
+        return;
+    };
+    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    let Containment::Cgroup(tree) = &sup.inner.containment else {
+        panic!("cgroup mode expected");
+    };
+    let dir = tree.release_dir("app");
+    let bare = || {
+        tree.members("app")
+            .into_iter()
+            .find(|&pid| process::environ(pid).is_some_and(|env| env.is_empty()))
+    };
+    eventually("the helper without an environment", || bare().is_some()).await;
+    let helper = bare().expect("helper");
+    let members = tree.members("app");
+    assert!(members.contains(&started.pid), "{members:?}");
+    let own = fs::read_to_string(format!("/proc/{}/cgroup", started.pid)).expect("cgroup");
+    assert!(
+        own.contains("/erel@") && own.trim_end().ends_with("/release.app"),
+        "{own}"
+    );
+
+    let stopped = sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    assert!(stopped.was_running);
+    assert!(!alive(helper), "the helper without markers survived");
+    assert!(!dir.exists(), "the emptied cgroup is removed");
+    sup.detach().await;
+}
+
+async fn a_daemonizing_start_command_never_multiplies(parent: CgroupParent) {
+    let fx = fixture();
+    release(&fx.root, "app", "1", DOUBLE_FORK);
+    let Some(sup) = open_contained(&fx.root, parent.clone()).await else {
+        return;
+    };
+    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    let status = wait_status(&sup, "app", "the daemon to be the release", |s| {
+        s.state == ReleaseState::Running && s.pid.is_some_and(|p| p != started.pid)
+    })
+    .await;
+    let daemon = status.pid.expect("pid");
+    assert!(alive(daemon));
+    // Several backoffs later: still one daemon, never restarted.
+    tokio::time::sleep(settings().restart_backoff_max * 3).await;
+    let status = status_state_full(&sup).await;
+    assert_eq!(status.state, ReleaseState::Running);
+    assert_eq!(status.restarts, 0);
+    assert_eq!(everything(&fx.root, "app"), vec![daemon]);
+    // Starting it again changes nothing.
+    let again = sup.start(&start_request("app", "1")).await.expect("start");
+    assert!(again.already_running);
+    assert_eq!(everything(&fx.root, "app"), vec![daemon]);
+
+    // The daemon dies: the release is restarted once, and is one daemon again.
+    kill(Pid::from_raw(daemon as i32), Signal::SIGKILL).expect("kill");
+    let status = wait_status(&sup, "app", "a new daemon", |s| {
+        s.state == ReleaseState::Running
+            && s.restarts == 1
+            && s.pid.is_some_and(|p| p != daemon && alive(p))
+            && everything(&fx.root, "app") == vec![p_or_zero(s.pid)]
+    })
+    .await;
+    let second = status.pid.expect("pid");
+
+    // An agent restart adopts the daemon rather than starting another.
+    sup.detach().await;
+    let sup = open_contained(&fx.root, parent).await.expect("reopen");
+    let sup_mode = sup.containment();
+    let status = status_state_full(&sup).await;
+    assert_eq!(status.state, ReleaseState::Running, "{sup_mode}");
+    assert_eq!(status.pid, Some(second));
+    tokio::time::sleep(settings().restart_backoff_max * 3).await;
+    assert_eq!(everything(&fx.root, "app"), vec![second]);
+
+    let stopped = sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    assert!(stopped.was_running);
+    assert!(everything(&fx.root, "app").is_empty());
+    sup.detach().await;
+}
+
+fn p_or_zero(pid: Option<u32>) -> u32 {
+    pid.unwrap_or(0)
+}
+
+async fn status_state_full(sup: &Supervisor) -> ReleaseStatus {
+    status(sup, "app").await
+}
+
+#[tokio::test]
+async fn a_daemonizing_start_command_never_multiplies_in_a_cgroup() {
+    a_daemonizing_start_command_never_multiplies(CgroupParent::Auto).await;
+}
+
+#[tokio::test]
+async fn a_daemonizing_start_command_never_multiplies_without_cgroups() {
+    a_daemonizing_start_command_never_multiplies(CgroupParent::None).await;
+}
+
+#[tokio::test]
+async fn a_crash_leaves_nothing_behind_before_the_restart() {
+    let fx = fixture();
+    // The main process fails (status 3) and leaves a helper: the helper is stopped, and
+    // the restart brings exactly one helper back.
+    release(
+        &fx.root,
+        "app",
+        "1",
+        "setsid sh -c 'exec sleep 100000' &\nsleep 0.3\nexit 3",
+    );
+    let Some(sup) = open_contained(&fx.root, CgroupParent::Auto).await else {
+        return;
+    };
+    sup.start(&start_request("app", "1")).await.expect("start");
+    wait_status(&sup, "app", "a restart", |s| s.restarts >= 1).await;
+    // At any instant at most one helper runs.
+    let helpers = || {
+        everything(&fx.root, "app")
+            .into_iter()
+            .filter(|pid| {
+                fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x00100000\x00")
+            })
+            .count()
+    };
+    for _ in 0..40 {
+        let now = helpers();
+        assert!(now <= 1, "{now} helpers run at once");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    assert!(everything(&fx.root, "app").is_empty());
+    sup.detach().await;
+}
+
+async fn a_zombie_is_not_running(parent: CgroupParent) {
+    let fx = fixture();
+    // The child exits at once, and `sleep`, which replaces the shell, never reaps it.
+    release(&fx.root, "app", "1", "sleep 0 &\nexec sleep 100000");
+    let Some(sup) = open_contained(&fx.root, parent).await else {
+        return;
+    };
+    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    let zombie = || {
+        fs::read_dir("/proc")
+            .expect("proc")
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .find(|&pid| {
+                process::proc_stat(pid).is_some_and(|s| s.ppid == started.pid as i32 && s.is_gone())
+            })
+    };
+    eventually("a zombie child", || zombie().is_some()).await;
+    let zombie = zombie().expect("zombie");
+    let anchor = Some((
+        started.pid,
+        process::proc_stat(started.pid).expect("stat").start_time,
+    ));
+    let members = sup.inner.members("app", anchor);
+    assert_eq!(members, vec![started.pid], "zombie {zombie} counted");
+    // The stop ends at SIGTERM: nothing waits for the zombie, nothing is SIGKILLed.
+    let begun = Instant::now();
+    let stopped = sup
+        .stop("app", Duration::from_secs(20))
+        .await
+        .expect("stop");
+    assert!(stopped.was_running);
+    assert!(!stopped.killed);
+    assert!(begun.elapsed() < Duration::from_secs(20));
+    sup.detach().await;
+}
+
+#[tokio::test]
+async fn a_zombie_is_not_running_in_a_cgroup() {
+    a_zombie_is_not_running(CgroupParent::Auto).await;
+}
+
+#[tokio::test]
+async fn a_zombie_is_not_running_without_cgroups() {
+    a_zombie_is_not_running(CgroupParent::None).await;
+}
+
+#[tokio::test]
+async fn an_unusable_cgroup_parent_falls_back_and_says_so() {
+    let fx = fixture();
+    // A cgroup path through an interface file can never be created.
+    let sup = Supervisor::open(
+        fx.root.clone(),
+        HOST.into(),
+        settings_with(CgroupParent::Path("/cgroup.procs/erel".into())),
+    )
+    .await
+    .expect("open");
+    let mode = sup.containment();
+    assert!(mode.starts_with("fallback to process groups ("), "{mode}");
+    release(&fx.root, "app", "1", SETSID_HELPER);
+    sup.start(&start_request("app", "1")).await.expect("start");
+    eventually("the helper", || everything(&fx.root, "app").len() >= 2).await;
+    sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    assert!(everything(&fx.root, "app").is_empty());
     sup.detach().await;
 }
