@@ -6,5 +6,6 @@ mod helper;
 mod agent;
 mod amqp;
 mod certs_cli;
+mod containment;
 mod deploy;
 mod otp;
