@@ -27,11 +27,11 @@
 //!
 //! A supervision task per release waits for its process: `wait()` for a child of this
 //! agent (which also reaps it), a poll of `/proc` (pid and start time) for a process
-//! adopted after an agent restart. When the main process returns status 0 and leaves
-//! members behind, the start command daemonized (a relx `daemon`, a double fork): the
-//! members are the release, supervised until none is left. When it ends otherwise while
-//! the release should run, what is left of it is stopped, and it is restarted after a
-//! backoff that doubles
+//! adopted after an agent restart. When the main process returns status 0 soon after
+//! its start (within `DAEMONIZE_WINDOW`) and leaves members behind, the start command
+//! daemonized (a relx `daemon`, a double fork): the members are the release, supervised
+//! until none is left. When it ends otherwise while the release should run, what is
+//! left of it is stopped, and it is restarted after a backoff that doubles
 //! from `restart_backoff` up to `restart_backoff_max`, and resets after a run of at least
 //! `stable_after`. After `crash_loop_after` short runs in a row the release is
 //! crash-looping: left stopped, with `crash_looping` recorded next to `should_run` (which
@@ -87,6 +87,10 @@ const ADOPTED_POLL: Duration = Duration::from_millis(250);
 const LOG_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// Grace for what is left of a release after its main process ended on its own.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(5);
+/// A main process that returns status 0 within this time of its start and leaves
+/// processes behind has daemonized (a relx `daemon` waits for its node to boot, which
+/// may take a while); one that ran longer simply ended, and what it left is stopped.
+const DAEMONIZE_WINDOW: Duration = Duration::from_secs(120);
 /// How long a stop waits for the supervision task to reap the stopped child.
 const REAP_WAIT: Duration = Duration::from_secs(2);
 
@@ -564,18 +568,19 @@ impl Inner {
         })
     }
 
-    /// The main process of a release ended and `left` members remain: with status 0 the
-    /// start command daemonized, and the members become the release (recorded, so that
-    /// an agent restart adopts them); `None` otherwise.
+    /// The main process of a release ended after running `ran` and `left` members
+    /// remain: with status 0 within [`DAEMONIZE_WINDOW`] the start command daemonized,
+    /// and the members become the release (recorded, so that an agent restart adopts
+    /// them); `None` otherwise.
     fn daemonized(
         &self,
         release: &Release,
         generation: u64,
         anchor: (u32, u64),
-        exit: Exit,
+        (exit, ran): (Exit, Duration),
         left: &[u32],
     ) -> Option<u32> {
-        if exit.code != Some(0) || left.is_empty() {
+        if exit.code != Some(0) || ran > DAEMONIZE_WINDOW || left.is_empty() {
             return None;
         }
         let shown = oldest(left)?;
@@ -650,7 +655,13 @@ impl Inner {
                         self.members(&release.name, Some(anchor))
                     };
                     if self
-                        .daemonized(&release, generation, anchor, exit, &left)
+                        .daemonized(
+                            &release,
+                            generation,
+                            anchor,
+                            (exit, started.elapsed()),
+                            &left,
+                        )
                         .is_some()
                     {
                         step = Step::Wait {

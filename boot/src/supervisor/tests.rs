@@ -815,6 +815,13 @@ async fn open_contained(root: &Root, parent: CgroupParent) -> Option<Supervisor>
         .expect("open supervisor");
     let mode = sup.containment();
     if wants_cgroup && !mode.starts_with("cgroup v2") {
+        // Where it can run (root, cgroup v2 mounted), it must: never skipped silently.
+        let mounted = fs::read_to_string("/proc/self/mountinfo")
+            .is_ok_and(|m| m.lines().any(|l| l.contains(" - cgroup2 ")));
+        assert!(
+            !(nix::unistd::geteuid().is_root() && mounted),
+            "running as root with cgroup v2 mounted, yet: {mode}"
+        );
         eprintln!("SKIPPED: this test needs root and a writable cgroup v2: {mode}");
         sup.detach().await;
         return None;
