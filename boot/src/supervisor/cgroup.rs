@@ -183,6 +183,17 @@ impl Tree {
     pub fn remove(&self, name: &str) {
         let _ = fs::remove_dir(self.release_dir(name));
     }
+
+    /// Removes every empty release cgroup and then the agent's directory; whatever still
+    /// has members stays (`rmdir` of a populated cgroup fails with `EBUSY`).
+    pub fn remove_if_empty(&self) {
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = fs::remove_dir(entry.path());
+            }
+        }
+        let _ = fs::remove_dir(&self.dir);
+    }
 }
 
 /// Pids listed in `<dir>/cgroup.procs`; none when it cannot be read.

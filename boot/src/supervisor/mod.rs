@@ -281,6 +281,15 @@ impl Supervisor {
         out
     }
 
+    /// Removes the agent's cgroup directory when nothing runs in it any more (a release
+    /// still running keeps it, and its own cgroup). For an agent that goes away for good,
+    /// such as the demo's; a host's agent keeps its directory for its whole life.
+    pub fn remove_empty_cgroups(&self) {
+        if let Containment::Cgroup(tree) = &self.inner.containment {
+            tree.remove_if_empty();
+        }
+    }
+
     /// Stops supervising (tasks end) without touching the release processes. The
     /// supervisor refuses `Start` afterwards.
     pub async fn detach(&self) {

@@ -1092,3 +1092,52 @@ async fn an_unusable_cgroup_parent_falls_back_and_says_so() {
     assert!(everything(&fx.root, "app").is_empty());
     sup.detach().await;
 }
+
+#[tokio::test]
+async fn switching_to_cgroups_never_leaves_a_copy_outside() {
+    let fx = fixture();
+    release(&fx.root, "app", "1", SETSID_HELPER);
+    // Started by an agent without cgroups...
+    let Some(sup) = open_contained(&fx.root, CgroupParent::None).await else {
+        return;
+    };
+    sup.start(&start_request("app", "1")).await.expect("start");
+    eventually("the helper", || everything(&fx.root, "app").len() >= 2).await;
+    let outside = everything(&fx.root, "app");
+    sup.detach().await;
+    // ...then the agent restarts with cgroups: what runs outside the release's cgroup is
+    // stopped, and one copy runs inside it.
+    let Some(sup) = open_contained(&fx.root, CgroupParent::Auto).await else {
+        return;
+    };
+    assert!(
+        outside.iter().all(|&pid| !alive(pid)),
+        "{outside:?} still run"
+    );
+    let Containment::Cgroup(tree) = &sup.inner.containment else {
+        panic!("cgroup mode expected");
+    };
+    eventually("the new copy with its helper", || {
+        tree.members("app").len() == 2 && everything(&fx.root, "app").len() == 2
+    })
+    .await;
+    assert_eq!(status_state(&sup, "app").await, ReleaseState::Running);
+    sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    assert!(everything(&fx.root, "app").is_empty());
+    sup.detach().await;
+
+    // Back without cgroups: a copy started in a cgroup is found by its markers.
+    let Some(sup) = open_contained(&fx.root, CgroupParent::Auto).await else {
+        return;
+    };
+    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    eventually("the helper", || everything(&fx.root, "app").len() >= 2).await;
+    sup.detach().await;
+    let sup = open_contained(&fx.root, CgroupParent::None)
+        .await
+        .expect("fallback");
+    assert_eq!(status(&sup, "app").await.pid, Some(started.pid));
+    sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    assert!(everything(&fx.root, "app").is_empty());
+    sup.detach().await;
+}
