@@ -331,6 +331,16 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_unit_delegates_its_cgroup() {
+        let unit = include_str!("../erel-boot.service");
+        let directives: Vec<&str> = unit.lines().map(str::trim).collect();
+        // The agent creates release cgroups below the unit's: systemd must hand it over,
+        // and must not kill the releases when the agent alone restarts.
+        assert!(directives.contains(&"Delegate=yes"), "{unit}");
+        assert!(directives.contains(&"KillMode=process"), "{unit}");
+    }
+
+    #[test]
     fn errors_name_the_file_and_setting() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("boot.toml");
