@@ -594,16 +594,13 @@ impl Inner {
         }
         let shown = oldest(left)?;
         let version = {
-            let mut live = release.live();
+            let live = release.live();
             if live.generation != generation {
                 return None;
             }
-            let current = live.process.as_mut()?;
-            current.pid = shown;
-            let version = current.version.clone();
-            live.last_pid = Some(shown);
-            version
+            live.process.as_ref()?.version.clone()
         };
+        // Recorded before it shows: whoever sees the new pid may restart the agent.
         let run = RunRecord {
             pid: anchor.0,
             pgid: i32::try_from(anchor.0).unwrap_or(0),
@@ -613,6 +610,14 @@ impl Inner {
         };
         if let Err(e) = record::save_run(&self.root, &release.name, &run) {
             warn!(release = %release.name, "cannot record that the release daemonized: {e}");
+        }
+        {
+            let mut live = release.live();
+            if live.generation != generation {
+                return None;
+            }
+            live.process.as_mut()?.pid = shown;
+            live.last_pid = Some(shown);
         }
         info!(release = %release.name, pid = shown, members = left.len(), "the start command returned 0 and left processes: supervising them as the release");
         Some(shown)

@@ -929,7 +929,7 @@ async fn a_daemonizing_start_command_never_multiplies(parent: CgroupParent) {
     };
     let started = sup.start(&start_request("app", "1")).await.expect("start");
     let status = wait_status(&sup, "app", "the daemon to be the release", |s| {
-        s.state == ReleaseState::Running && s.pid.is_some_and(|p| p != started.pid)
+        s.state == ReleaseState::Running && s.pid.is_some_and(|p| p != started.pid && is_sleeper(p))
     })
     .await;
     let daemon = status.pid.expect("pid");
@@ -950,7 +950,7 @@ async fn a_daemonizing_start_command_never_multiplies(parent: CgroupParent) {
     let status = wait_status(&sup, "app", "a new daemon", |s| {
         s.state == ReleaseState::Running
             && s.restarts == 1
-            && s.pid.is_some_and(|p| p != daemon && alive(p))
+            && s.pid.is_some_and(|p| p != daemon && is_sleeper(p))
             && everything(&fx.root, "app") == vec![p_or_zero(s.pid)]
     })
     .await;
@@ -972,6 +972,12 @@ async fn a_daemonizing_start_command_never_multiplies(parent: CgroupParent) {
     sup.detach().await;
 }
 
+/// True for the `sleep 100000` the test releases leave running (not the start command
+/// that is about to leave it).
+fn is_sleeper(pid: u32) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x00100000\x00")
+}
+
 fn p_or_zero(pid: Option<u32>) -> u32 {
     pid.unwrap_or(0)
 }
@@ -991,7 +997,16 @@ async fn a_daemonizing_start_command_never_multiplies_without_cgroups() {
 }
 
 #[tokio::test]
-async fn a_crash_leaves_nothing_behind_before_the_restart() {
+async fn a_crash_leaves_nothing_behind_before_the_restart_in_a_cgroup() {
+    a_crash_leaves_nothing_behind_before_the_restart(CgroupParent::Auto).await;
+}
+
+#[tokio::test]
+async fn a_crash_leaves_nothing_behind_before_the_restart_without_cgroups() {
+    a_crash_leaves_nothing_behind_before_the_restart(CgroupParent::None).await;
+}
+
+async fn a_crash_leaves_nothing_behind_before_the_restart(parent: CgroupParent) {
     let fx = fixture();
     // The main process fails (status 3) and leaves a helper: the helper is stopped, and
     // the restart brings exactly one helper back.
@@ -1001,7 +1016,7 @@ async fn a_crash_leaves_nothing_behind_before_the_restart() {
         "1",
         "setsid sh -c 'exec sleep 100000' &\nsleep 0.3\nexit 3",
     );
-    let Some(sup) = open_contained(&fx.root, CgroupParent::Auto).await else {
+    let Some(sup) = open_contained(&fx.root, parent).await else {
         return;
     };
     sup.start(&start_request("app", "1")).await.expect("start");

@@ -108,6 +108,12 @@ fn live_pids(cgroup: &Path) -> Vec<i32> {
     pids
 }
 
+/// True for the `sleep 100000` the test releases leave running (not the start command
+/// that is about to leave it).
+fn is_sleeper(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x00100000\x00")
+}
+
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
@@ -194,7 +200,9 @@ async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &st
     assert!(
         wait_until(PATIENCE, || async {
             let s = status(pki, agent).await;
-            s.state == ReleaseState::Running && s.pid.is_some_and(|p| p != started.pid)
+            s.state == ReleaseState::Running
+                && s.pid
+                    .is_some_and(|p| p != started.pid && is_sleeper(p as i32))
         })
         .await,
         "the daemon is the release\n{}",
@@ -218,8 +226,10 @@ async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &st
             let s = status(pki, agent).await;
             s.restarts == 1
                 && s.state == ReleaseState::Running
-                && s.pid
-                    .is_some_and(|p| p as i32 != daemon && members(agent) == vec![p as i32])
+                && s.pid.is_some_and(|p| {
+                    let p = p as i32;
+                    p != daemon && is_sleeper(p) && members(agent) == vec![p]
+                })
         })
         .await,
         "restarted once\n{}",
@@ -281,7 +291,12 @@ async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
     assert!(
         wait_until(PATIENCE, || async {
             let s = status(&pki, &agent).await;
-            s.version.as_deref() == Some("2") && members(&agent).len() == 1
+            let now = members(&agent);
+            // The pid reported changes once the agent recorded the daemonization.
+            s.version.as_deref() == Some("2")
+                && now.len() == 1
+                && is_sleeper(now[0])
+                && s.pid == Some(now[0] as u32)
         })
         .await
     );
