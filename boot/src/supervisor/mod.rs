@@ -382,12 +382,18 @@ impl Inner {
             live.desired = Some(desired.clone());
             (generation, token, live.process.clone())
         };
-        if let Some(old) = old {
-            info!(release = %release.name, from = %old.version, to = %desired.version, pid = old.pid, "stopping the running version to start another");
-            if let Err(error) = self.end_process(&release, &old, SWITCH_GRACE).await {
-                release.live().task = None;
-                return Err(error);
+        let ended = match old {
+            Some(old) => {
+                info!(release = %release.name, from = %old.version, to = %desired.version, pid = old.pid, "stopping the running version to start another");
+                self.end_process(&release, &old, SWITCH_GRACE).await
             }
+            // No process is known, yet something of the release may still be ending
+            // (what a crashed main process left): one copy at a time.
+            None => self.stop_release(&release.name, None, SWITCH_GRACE).await,
+        };
+        if let Err(error) = ended {
+            release.live().task = None;
+            return Err(error);
         }
         match self.launch(&release, &desired) {
             Ok(step) => {
@@ -443,10 +449,9 @@ impl Inner {
         };
         let outcome = match &current {
             Some(current) => self.end_process(&release, current, grace).await?,
-            None => GroupStop {
-                was_running: false,
-                killed: false,
-            },
+            // Between runs: nothing may be left either (a crash's leftovers being
+            // stopped by the supervision task, a daemon found by its markers).
+            None => self.stop_release(name, None, grace).await?,
         };
         release.live().state = ReleaseState::Stopped;
         info!(release = %name, was_running = outcome.was_running, killed = outcome.killed, "stopped");
