@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::settings::{Limits, Supervision, MIN_LOG_MAX_BYTES};
+use crate::settings::{CgroupParent, Limits, Supervision, MIN_LOG_MAX_BYTES};
 
 /// Default root directory.
 pub const DEFAULT_ROOT: &str = "/var/lib/erel";
@@ -78,6 +78,10 @@ pub struct Flags {
     /// log, at every instant [default: 4194304; at least 4096].
     #[arg(long)]
     pub log_max_bytes: Option<u64>,
+    /// Parent of the releases' cgroups: `auto` (the agent's own cgroup), an absolute
+    /// cgroup v2 path, or `none` (process groups only) [default: auto].
+    #[arg(long, value_name = "auto|none|PATH")]
+    pub cgroup_parent: Option<String>,
 }
 
 /// The settings as a `boot.toml` holds them; every key optional, unknown keys refused.
@@ -101,6 +105,7 @@ struct FileSettings {
     stable_after_ms: Option<u64>,
     crash_loop_after: Option<u32>,
     log_max_bytes: Option<u64>,
+    cgroup_parent: Option<String>,
 }
 
 /// Validated start-up settings.
@@ -249,6 +254,11 @@ impl Config {
                 ),
             ));
         }
+        let cgroup_parent = match flags.cgroup_parent.or(file.cgroup_parent) {
+            Some(text) => CgroupParent::parse(&text)
+                .map_err(|message| ConfigError::new(setting("cgroup_parent"), message))?,
+            None => CgroupParent::Auto,
+        };
         let sup = Supervision::default();
         let ms = |flag: Option<u64>, file: Option<u64>, default: Duration| {
             flag.or(file).map(Duration::from_millis).unwrap_or(default)
@@ -282,6 +292,7 @@ impl Config {
                 .keep_versions
                 .or(file.keep_versions)
                 .unwrap_or(sup.keep_versions),
+            cgroup_parent,
         };
         if supervision.crash_loop_after == 0 {
             return Err(ConfigError::new(
@@ -380,6 +391,17 @@ mod tests {
             Config::from_flags(flags(&["--config", file.to_str().expect("utf8")])).expect("valid");
         assert_eq!(config.listen.port(), 7070);
         assert_eq!(config.supervision.crash_loop_after, 5);
+        assert_eq!(config.supervision.cgroup_parent, CgroupParent::Auto);
+    }
+
+    #[test]
+    fn the_shipped_unit_delegates_its_cgroup() {
+        let unit = include_str!("../erel-boot.service");
+        let directives: Vec<&str> = unit.lines().map(str::trim).collect();
+        // The agent creates release cgroups below the unit's: systemd must hand it over,
+        // and must not kill the releases when the agent alone restarts.
+        assert!(directives.contains(&"Delegate=yes"), "{unit}");
+        assert!(directives.contains(&"KillMode=process"), "{unit}");
     }
 
     #[test]
@@ -415,6 +437,44 @@ mod tests {
             err.contains("--log-max-bytes") && err.contains("4095") && err.contains("4096"),
             "{err}"
         );
+
+        let err = Config::from_flags(flags(&[
+            "--certs",
+            certs.path().to_str().expect("utf8"),
+            "--cgroup-parent",
+            "erel.slice",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--cgroup-parent") && err.contains("absolute cgroup path"),
+            "{err}"
+        );
+        for bad in ["/a/../b", "/a/./b"] {
+            let err = Config::from_flags(flags(&[
+                "--certs",
+                certs.path().to_str().expect("utf8"),
+                "--cgroup-parent",
+                bad,
+            ]))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("'.' or '..'"), "{err}");
+        }
+        for (text, parent) in [
+            ("none", CgroupParent::None),
+            ("auto", CgroupParent::Auto),
+            ("/erel.slice", CgroupParent::Path("/erel.slice".into())),
+        ] {
+            let config = Config::from_flags(flags(&[
+                "--certs",
+                certs.path().to_str().expect("utf8"),
+                "--cgroup-parent",
+                text,
+            ]))
+            .expect("valid");
+            assert_eq!(config.supervision.cgroup_parent, parent);
+        }
 
         let err = Config::from_flags(flags(&["--certs", "/nonexistent-bundle"]))
             .unwrap_err()

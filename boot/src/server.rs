@@ -638,7 +638,13 @@ async fn ping(agent: &Agent) -> Pong {
         .unwrap_or(0);
     let mut pong = Pong {
         host_id: agent.host_id.clone(),
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        // The containment mode rides in this text field (no protocol change):
+        // `0.1.0 (containment: cgroup v2 …)` or `0.1.0 (containment: fallback to …)`.
+        agent_version: format!(
+            "{} (containment: {})",
+            env!("CARGO_PKG_VERSION"),
+            agent.supervisor.containment()
+        ),
         uptime_secs: agent.started.elapsed().as_secs(),
         free_disk_bytes: free,
         releases: agent.supervisor.statuses().await,

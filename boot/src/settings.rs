@@ -70,6 +70,51 @@ pub struct Supervision {
     pub output_writer: OutputWriter,
     /// Versions kept per release besides the running one.
     pub keep_versions: usize,
+    /// Where the cgroup v2 of each running release is created.
+    pub cgroup_parent: CgroupParent,
+}
+
+/// Where the agent puts the cgroups of the releases it runs (see `supervisor::cgroup`).
+///
+/// Whatever the parent, the agent creates `<parent>/erel@<root>` (the root path escaped
+/// as `systemd-escape --path` does) and in it one cgroup per running release,
+/// `release.<name>`, so that two agents with different roots never share a cgroup.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum CgroupParent {
+    /// The cgroup the agent itself runs in (`0::` in `/proc/self/cgroup`): under systemd
+    /// with `Delegate=yes`, the unit's own cgroup, which the agent may manage.
+    #[default]
+    Auto,
+    /// A cgroup v2 path as `/proc/self/cgroup` shows them (absolute, from the hierarchy's
+    /// root, e.g. `/erel.slice`); missing components are created.
+    Path(String),
+    /// No cgroups: releases are tracked by process group, session, descendants and the
+    /// agent's environment markers (the fallback, also taken when cgroup v2 is missing or
+    /// not writable).
+    None,
+}
+
+impl CgroupParent {
+    /// Parses the setting as written in `boot.toml` or given as `--cgroup-parent`:
+    /// `auto`, `none`, or an absolute cgroup path without `.` or `..` components.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(CgroupParent::Auto),
+            "none" => Ok(CgroupParent::None),
+            path if path.starts_with('/') => {
+                if path.contains('\0') || path.contains('\n') {
+                    return Err(format!("{path:?} holds a NUL or newline"));
+                }
+                if path.split('/').any(|part| part == "." || part == "..") {
+                    return Err(format!("{path:?} holds '.' or '..'"));
+                }
+                Ok(CgroupParent::Path(path.to_string()))
+            }
+            other => Err(format!(
+                "{other:?} is not 'auto', 'none' or an absolute cgroup path such as /erel.slice"
+            )),
+        }
+    }
 }
 
 impl Default for Supervision {
@@ -82,6 +127,7 @@ impl Default for Supervision {
             log_max_bytes: 4 << 20,
             output_writer: OutputWriter::default(),
             keep_versions: 2,
+            cgroup_parent: CgroupParent::Auto,
         }
     }
 }

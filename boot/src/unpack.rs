@@ -108,6 +108,10 @@ const MAX_SYSTEM_PATH: usize = 4095;
 /// Copy buffer for file content.
 const COPY_BUFFER: usize = 64 * 1024;
 
+/// Mode of an unpacked directory's top: 0755, so that a release started as a `user`
+/// can read and run it; nothing in it is writable by anyone but root.
+const VERSION_DIR_MODE: u32 = 0o755;
+
 /// Unpacks `request.archive` into `request.dest` through a staging directory. Blocking.
 pub fn unpack(root: &Root, request: &Unpack, limits: &Limits) -> Result<Unpacked> {
     let archive_path = root.resolve(&request.archive)?;
@@ -219,6 +223,10 @@ fn stage_and_place(root: &Root, staged: Staged<'_>, limits: &Limits) -> Result<U
     extraction.run(source, gzip)?;
     extraction.check_symlinks()?;
     extraction.apply_dir_modes()?;
+    // The version directory itself: readable and searchable by a release's user, writable
+    // by the agent only (see the README on `user`).
+    fs::set_permissions(tree, fs::Permissions::from_mode(VERSION_DIR_MODE))
+        .map_err(|e| Error::io("set mode of", tree, e))?;
     sync_tree(tree)?;
 
     let meta = fs::symlink_metadata(tree).map_err(|e| Error::io("inspect", tree, e))?;

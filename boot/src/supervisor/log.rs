@@ -10,10 +10,13 @@
 //! At each start the agent makes a pipe, writes the `--- erel: starting … ---` header into
 //! it, gives its write end to the release as stdout and stderr, and starts an *output
 //! writer* on its read end: the agent's own program run as `erel-boot output-writer LOG
-//! MAX_BYTES` ([`run_output_writer`]), a small process that does one thing. The writer is in the release's process group and blocks SIGTERM, SIGINT and
-//! SIGHUP, so a stop signals the release, the writer drains whatever the release wrote to
-//! its last byte, and ends at end of input, when the release and everything that shares its
-//! output have closed it. SIGKILL of the group ends it like the rest.
+//! MAX_BYTES` ([`run_output_writer`]), a small process that does one thing. The writer
+//! starts first, in a process group of its own, outside the release's session and cgroup:
+//! it is never a member of the release, so a stop (SIGTERM to every member, then the
+//! cgroup's kill) does not reach it, and it drains whatever the release wrote to its last
+//! byte. It ends at end of input, when the release and everything that shares its output
+//! have closed it; so a stopped release leaves no writer behind. It also blocks SIGTERM,
+//! SIGINT and SIGHUP, which a terminal or a careless `kill` might send it.
 //!
 //! The writer, not the release, decides how many bytes reach the disk, so the cap holds at
 //! every instant and does not depend on how fast the release writes: `<name>.log` never
@@ -55,8 +58,9 @@
 //!
 //! [`output_tail`] reads the end of `<name>.log`, completed from the end of
 //! `<name>.log.1` when the log was just rotated or cut. After a release ends, the
-//! supervisor waits (bounded) for its group, the writer included, to be gone before it
-//! records the end, so the tail `Ping` reports holds the release's last words.
+//! supervisor waits (bounded) for its writer, whose pid the run record keeps across an
+//! agent restart, to be gone before it records the end, so the tail `Ping` reports holds
+//! the release's last words.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -138,27 +142,20 @@ impl OutputPipe {
         })
     }
 
-    /// Two descriptors of the write end, for the release's stdout and stderr.
-    pub(crate) fn release_stdio(&self) -> Result<(Stdio, Stdio)> {
-        let dup = || {
-            self.write
-                .try_clone()
-                .map(Stdio::from)
-                .map_err(|e| Error::io("duplicate the output pipe for", &self.log, e))
-        };
-        Ok((dup()?, dup()?))
-    }
-
-    /// Starts the output writer on the read end, in process group `pgid` (the release's),
-    /// and closes the agent's ends. The writer is not waited for here; the runtime reaps it.
+    /// Starts the output writer on the read end, in a process group of its own: outside
+    /// the release's session and cgroup, so it is never counted as the release, is not
+    /// reached by its stop signals or its cgroup's kill, and drains the last output of a
+    /// release that was killed. It ends at end of input, once every process that holds the
+    /// write end (the release and all it started) is gone. It is not waited for here; the
+    /// runtime reaps it while this agent runs, its new parent after an agent restart.
+    ///
+    /// Returns the write end, for the release, and the writer's pid.
     pub(crate) fn start_writer(
         self,
         writer: &OutputWriter,
         max_bytes: u64,
-        pgid: u32,
-    ) -> Result<()> {
+    ) -> Result<(ReleaseOutput, u32)> {
         let OutputPipe { read, write, log } = self;
-        drop(write);
         let mut command = std::process::Command::new(&writer.program);
         if writer.program == Path::new(OutputWriter::SELF) {
             // `ps` shows the agent's name rather than `/proc/self/exe`.
@@ -178,16 +175,45 @@ impl OutputPipe {
             .stdin(Stdio::from(read))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
-            .process_group(i32::try_from(pgid).unwrap_or(0));
+            .process_group(0);
         let mut command = tokio::process::Command::from(command);
         command.kill_on_drop(false);
-        command.spawn().map(drop).map_err(|e| {
+        let child = command.spawn().map_err(|e| {
             Error::io(
                 "start the output writer",
                 &writer.program,
                 std::io::Error::new(e.kind(), format!("for {}: {e}", log.display())),
             )
-        })
+        })?;
+        let pid = child.id().ok_or_else(|| {
+            Error::Internal(format!(
+                "the output writer for {} exited before it had a pid",
+                log.display()
+            ))
+        })?;
+        Ok((ReleaseOutput { write, log }, pid))
+    }
+}
+
+/// The write end of a run's output pipe, once its writer runs.
+#[derive(Debug)]
+pub(crate) struct ReleaseOutput {
+    write: File,
+    log: PathBuf,
+}
+
+impl ReleaseOutput {
+    /// Two descriptors of the write end, for the release's stdout and stderr. The
+    /// agent's own descriptor closes when this is dropped: the writer then sees the end
+    /// of the output once the release and what it started have closed theirs.
+    pub(crate) fn release_stdio(&self) -> Result<(Stdio, Stdio)> {
+        let dup = || {
+            self.write
+                .try_clone()
+                .map(Stdio::from)
+                .map_err(|e| Error::io("duplicate the output pipe for", &self.log, e))
+        };
+        Ok((dup()?, dup()?))
     }
 }
 
@@ -204,8 +230,9 @@ pub fn run_output_writer(args: &[OsString]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // The release's group gets these on a stop: the writer keeps draining until the
-    // release is gone. Blocked, not ignored, so nothing needs unsafe code.
+    // A terminal or a stray signal must not cut the release's output: the writer keeps
+    // draining until the release is gone. Blocked, not ignored, so nothing needs unsafe
+    // code.
     let mut blocked = SigSet::empty();
     for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         blocked.add(signal);

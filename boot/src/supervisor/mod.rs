@@ -2,7 +2,8 @@
 //! detection, output logs, and adoption of running releases after an agent restart.
 //!
 //! - [`record`]: the desired state and run record persisted per release;
-//! - [`process`]: `/proc` inspection, process groups, spawning;
+//! - [`cgroup`]: one cgroup v2 per running release (the containment);
+//! - [`process`]: `/proc` inspection, spawning, and membership without cgroups;
 //! - [`log`]: the pipe from each release to its output writer, the writer, which keeps
 //!   the log under its cap at every instant, and the log's tail.
 //!
@@ -16,10 +17,22 @@
 //! restarts) while the generation it was spawned for is still current. So a task can
 //! never restart what is being stopped or replaced.
 //!
+//! # What a release is
+//!
+//! Everything the release's process starts belongs to the release: with cgroup v2, the
+//! members of its cgroup (see [`cgroup`]); without (the fallback, said so in the
+//! start-up log and in `Ping`), its session, process group, their descendants and
+//! whatever carries its environment markers (see [`process::scan_members`]). Stop,
+//! restart, adoption and "never two copies" are about all of them: a stop succeeds only
+//! when none is left, and nothing is spawned while one is.
+//!
 //! A supervision task per release waits for its process: `wait()` for a child of this
 //! agent (which also reaps it), a poll of `/proc` (pid and start time) for a process
-//! adopted after an agent restart. When the process ends while the release should run,
-//! what is left of its group is stopped, and it is restarted after a backoff that doubles
+//! adopted after an agent restart. When the main process returns status 0 soon after
+//! its start (within `DAEMONIZE_WINDOW`) and leaves members behind, the start command
+//! daemonized (a relx `daemon`, a double fork): the members are the release, supervised
+//! until none is left. When it ends otherwise while the release should run, what is
+//! left of it is stopped, and it is restarted after a backoff that doubles
 //! from `restart_backoff` up to `restart_backoff_max`, and resets after a run of at least
 //! `stable_after`. After `crash_loop_after` short runs in a row the release is
 //! crash-looping: left stopped, with `crash_looping` recorded next to `should_run` (which
@@ -28,16 +41,20 @@
 //!
 //! # Agent restarts
 //!
-//! Releases run in their own process group, with their output piped to an output writer
-//! in that same group rather than to the agent (see [`log`]), so they outlive the agent.
+//! Releases run in their own session (and cgroup), with their output piped to an output
+//! writer rather than to the agent (see [`log`]), so they outlive the agent. The writer
+//! is not part of the release: it runs outside its session and cgroup, is never counted
+//! as a member nor signalled by a stop, and ends once the release's output is closed.
 //! [`Supervisor::open`] reads every desired-state
-//! file; for a release that should run it adopts the recorded process when it is alive
-//! with the recorded start time, or else a process-group leader whose environment names
-//! this root and release (which covers an agent killed between spawn and run record),
-//! and starts it only when neither exists. Any further copy it finds is stopped, as is a
-//! copy of another version than the desired one, and anything found running for a
-//! release that should not run: an agent restart never leaves two copies running.
+//! file; for a release that should run it adopts what runs of it: the recorded process
+//! when it is alive with the recorded start time, the members of a daemonized release,
+//! or (no run record: an agent killed between spawn and record) the oldest member. It
+//! starts the release only when nothing of it runs. What runs of another version than
+//! the desired one, what is left of a main process that died while the agent was away,
+//! processes with the release's markers outside its cgroup, and anything of a release
+//! that should not run are stopped: an agent restart never leaves two copies running.
 
+pub(crate) mod cgroup;
 mod log;
 mod process;
 
@@ -63,7 +80,8 @@ use crate::error::{Error, Result};
 use crate::root::{check_name, Root};
 use crate::settings::Supervision;
 
-use process::{Found, GroupStop};
+use cgroup::Containment;
+use process::GroupStop;
 use record::{Desired, RunRecord};
 
 /// Grace between SIGTERM and SIGKILL when the agent itself stops a copy: the running
@@ -71,11 +89,15 @@ use record::{Desired, RunRecord};
 pub const SWITCH_GRACE: Duration = Duration::from_secs(10);
 /// How often an adopted process (not a child of this agent) is checked in `/proc`.
 const ADOPTED_POLL: Duration = Duration::from_millis(250);
-/// How long the group of a release whose leader ended may take to empty on its own: the
-/// output writer drains the release's last output and ends then.
+/// How long the output writer of a release that ended may take to drain the release's
+/// last output and end, before the end of the run is recorded (and after a stop).
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
-/// Grace for what is left of a group after its leader ended on its own.
+/// Grace for what is left of a release after its main process ended on its own.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(5);
+/// A main process that returns status 0 within this time of its start and leaves
+/// processes behind has daemonized (a relx `daemon` waits for its node to boot, which
+/// may take a while); one that ran longer simply ended, and what it left is stopped.
+const DAEMONIZE_WINDOW: Duration = Duration::from_secs(120);
 /// How long a stop waits for the supervision task to reap the stopped child.
 const REAP_WAIT: Duration = Duration::from_secs(2);
 
@@ -90,6 +112,8 @@ struct Inner {
     root: Root,
     host_id: String,
     settings: Supervision,
+    /// How releases are contained: cgroup v2, or the fallback.
+    containment: Containment,
     releases: Mutex<BTreeMap<String, Arc<Release>>>,
     /// Cancelled by [`Supervisor::detach`]: every task ends, no process is signalled.
     shutdown: CancellationToken,
@@ -127,18 +151,17 @@ struct Live {
 /// The process of a release that runs now.
 #[derive(Debug, Clone)]
 struct Current {
+    /// The pid reported: the main process, or the oldest member once it daemonized.
     pid: u32,
-    start_time: u64,
+    /// The main process (pid, start time): the session and group its members share
+    /// without cgroups.
+    anchor: (u32, u64),
     version: String,
     started: Instant,
     /// Becomes true once the supervision task reaped it; `None` for an adopted process.
     reaped: Option<watch::Receiver<bool>>,
-}
-
-impl Current {
-    fn pgid(&self) -> i32 {
-        i32::try_from(self.pid).unwrap_or(0)
-    }
+    /// Its output writer (pid, start time), when known; not part of the release.
+    writer: Option<(u32, u64)>,
 }
 
 /// How a supervision task learns that its process ended.
@@ -151,16 +174,22 @@ enum Waiter {
     },
     /// A process adopted after an agent restart: polled in `/proc`.
     Adopted,
+    /// A release whose start command daemonized: polled until no member is left.
+    Members,
 }
 
 /// What a supervision task does next.
 #[derive(Debug)]
 enum Step {
-    /// Wait for the process to end.
+    /// Wait for the process (the anchor) to end, or for the members of a daemonized
+    /// release to be gone.
     Wait {
         pid: u32,
         start_time: u64,
         started: Instant,
+        /// The run's output writer (pid, start time), waited for before the end of the
+        /// run is recorded.
+        writer: Option<(u32, u64)>,
         waiter: Waiter,
     },
     /// Restart after this delay.
@@ -187,11 +216,23 @@ impl Release {
 impl Supervisor {
     /// Loads desired state, adopts releases that still run, and starts those that
     /// should run but do not.
+    ///
+    /// Containment is settled here: cgroup v2 under `settings.cgroup_parent` when it is
+    /// usable, the fallback otherwise, logged either way (a warning for the fallback).
     pub async fn open(root: Root, host_id: String, settings: Supervision) -> Result<Self> {
+        let containment = Containment::detect(&settings.cgroup_parent, root.path());
+        match &containment {
+            Containment::Cgroup(_) => info!("containment: {}", containment.describe()),
+            Containment::Fallback(_) => warn!(
+                "containment: {}; a release that leaves its session and environment can escape stop and restart",
+                containment.describe()
+            ),
+        }
         let inner = Arc::new(Inner {
             root,
             host_id,
             settings,
+            containment,
             releases: Mutex::new(BTreeMap::new()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -200,10 +241,9 @@ impl Supervisor {
         for error in damaged {
             warn!("ignoring a damaged desired-state file: {error}");
         }
-        let found = process::find_releases(inner.root.path());
         for desired in all {
             let name = desired.name.clone();
-            if let Err(error) = inner.recover(desired, &found).await {
+            if let Err(error) = inner.recover(desired).await {
                 warn!(release = %name, "recovery failed: {error}");
             }
         }
@@ -215,7 +255,14 @@ impl Supervisor {
         self.inner.start(request).await
     }
 
-    /// Stops a release: SIGTERM to its group, SIGKILL after `grace`.
+    /// How releases are contained, in one line: `cgroup v2 <dir>` or
+    /// `fallback to process groups (<why>)`. Reported in `Ping`.
+    pub fn containment(&self) -> String {
+        self.inner.containment.describe()
+    }
+
+    /// Stops a release: SIGTERM to every member, SIGKILL (`cgroup.kill`) after `grace`;
+    /// succeeds only when nothing of it is left.
     pub async fn stop(&self, name: &str, grace: Duration) -> Result<Stopped> {
         self.inner.stop(name, grace).await
     }
@@ -244,6 +291,15 @@ impl Supervisor {
             }
         }
         out
+    }
+
+    /// Removes the agent's cgroup directory when nothing runs in it any more (a release
+    /// still running keeps it, and its own cgroup). For an agent that goes away for good,
+    /// such as the demo's; a host's agent keeps its directory for its whole life.
+    pub fn remove_empty_cgroups(&self) {
+        if let Containment::Cgroup(tree) = &self.inner.containment {
+            tree.remove_if_empty();
+        }
     }
 
     /// Stops supervising (tasks end) without touching the release processes. The
@@ -338,12 +394,18 @@ impl Inner {
             live.desired = Some(desired.clone());
             (generation, token, live.process.clone())
         };
-        if let Some(old) = old {
-            info!(release = %release.name, from = %old.version, to = %desired.version, pid = old.pid, "stopping the running version to start another");
-            if let Err(error) = self.end_process(&release, &old, SWITCH_GRACE).await {
-                release.live().task = None;
-                return Err(error);
+        let ended = match old {
+            Some(old) => {
+                info!(release = %release.name, from = %old.version, to = %desired.version, pid = old.pid, "stopping the running version to start another");
+                self.end_process(&release, &old, SWITCH_GRACE).await
             }
+            // No process is known, yet something of the release may still be ending
+            // (what a crashed main process left): one copy at a time.
+            None => self.stop_release(&release.name, None, SWITCH_GRACE).await,
+        };
+        if let Err(error) = ended {
+            release.live().task = None;
+            return Err(error);
         }
         match self.launch(&release, &desired) {
             Ok(step) => {
@@ -399,10 +461,9 @@ impl Inner {
         };
         let outcome = match &current {
             Some(current) => self.end_process(&release, current, grace).await?,
-            None => GroupStop {
-                was_running: false,
-                killed: false,
-            },
+            // Between runs: nothing may be left either (a crash's leftovers being
+            // stopped by the supervision task, a daemon found by its markers).
+            None => self.stop_release(name, None, grace).await?,
         };
         release.live().state = ReleaseState::Stopped;
         info!(release = %name, was_running = outcome.was_running, killed = outcome.killed, "stopped");
@@ -412,64 +473,119 @@ impl Inner {
         })
     }
 
-    /// Stops the process group of `current` (the caller holds the operation lock and has
-    /// taken the release over), waits for the child to be reaped, and forgets it.
+    /// Stops everything of `current` (the caller holds the operation lock and has taken
+    /// the release over), waits for the child to be reaped, and forgets it.
     async fn end_process(
         &self,
         release: &Release,
         current: &Current,
         grace: Duration,
     ) -> Result<GroupStop> {
-        let pgid = current.pgid();
-        let recycled = !process::is_alive(current.pid, current.start_time)
-            && process::proc_stat(current.pid).is_some_and(|s| {
-                !s.is_gone() && s.pgrp == pgid && s.start_time != current.start_time
-            });
-        let outcome = if recycled || pgid <= 1 {
-            GroupStop {
-                was_running: false,
-                killed: false,
-            }
-        } else {
-            process::stop_group(pgid, grace).await?
-        };
+        let outcome = self
+            .stop_release(&release.name, Some(current.anchor), grace)
+            .await?;
         if let Some(mut reaped) = current.reaped.clone() {
             // Err: the task is gone (detached); the runtime reaps the orphan.
             let _ = tokio::time::timeout(REAP_WAIT, reaped.wait_for(|r| *r)).await;
         }
+        // Nothing of the release is left: its writer ends with the last output, and a
+        // stopped release leaves no writer behind.
+        wait_writer(&release.name, current.writer).await;
         if let Err(e) = record::remove_run(&self.root, &release.name) {
             warn!(release = %release.name, "cannot remove the run record: {e}");
         }
         let mut live = release.live();
-        if live.process.as_ref().is_some_and(|p| p.pid == current.pid) {
+        if live
+            .process
+            .as_ref()
+            .is_some_and(|p| p.anchor == current.anchor)
+        {
             live.process = None;
             live.last_pid = Some(current.pid);
         }
         Ok(outcome)
     }
 
+    /// Live members of release `name`: its cgroup's, or without cgroups what
+    /// [`process::scan_members`] finds from `anchor` (the main process, pid and start
+    /// time) and the release's markers.
+    fn members(&self, name: &str, anchor: Option<(u32, u64)>) -> Vec<u32> {
+        match &self.containment {
+            Containment::Cgroup(tree) => tree.members(name),
+            Containment::Fallback(_) => process::scan_members(anchor, self.root.path(), name),
+        }
+    }
+
+    /// Stops every member of release `name`: SIGTERM to each, then after `grace` the
+    /// cgroup's kill (or SIGKILL to each member); an emptied cgroup is removed.
+    async fn stop_release(
+        &self,
+        name: &str,
+        anchor: Option<(u32, u64)>,
+        grace: Duration,
+    ) -> Result<GroupStop> {
+        let what = format!("release {name}");
+        match &self.containment {
+            Containment::Cgroup(tree) => {
+                let outcome =
+                    process::stop_members(&what, || tree.members(name), || tree.kill(name), grace)
+                        .await?;
+                tree.remove(name);
+                Ok(outcome)
+            }
+            Containment::Fallback(_) => {
+                let members = || process::scan_members(anchor, self.root.path(), name);
+                let kill_all = || {
+                    process::signal_each(&members(), nix::sys::signal::Signal::SIGKILL);
+                    Ok(())
+                };
+                process::stop_members(&what, members, kill_all, grace).await
+            }
+        }
+    }
+
     /// Spawns the desired version and records it as the current process. The caller holds
-    /// the operation lock and owns the generation.
+    /// the operation lock and owns the generation. Refused while anything of the release
+    /// still runs: never two copies.
     fn launch(&self, release: &Release, desired: &Desired) -> Result<Step> {
-        let spawned = process::spawn(&self.root, &self.host_id, desired, &self.settings)?;
+        let left = self.members(&desired.name, None);
+        if !left.is_empty() {
+            return Err(Error::SpawnFailed {
+                name: desired.name.clone(),
+                version: desired.version.clone(),
+                reason: format!(
+                    "{} processes of the release still run (pids {left:?}); a second copy is never started",
+                    left.len()
+                ),
+            });
+        }
+        let cgroup = match &self.containment {
+            Containment::Cgroup(tree) => Some(tree.prepare(&desired.name)?),
+            Containment::Fallback(_) => None,
+        };
+        let spawned = process::spawn(&self.root, &self.host_id, desired, &self.settings, cgroup)?;
         let run = RunRecord {
             pid: spawned.pid,
             pgid: i32::try_from(spawned.pid).unwrap_or(0),
             start_time: spawned.start_time,
             version: desired.version.clone(),
+            daemonized: false,
+            writer_pid: spawned.writer.0,
+            writer_start_time: spawned.writer.1,
         };
         if let Err(e) = record::save_run(&self.root, &desired.name, &run) {
-            warn!(release = %desired.name, "cannot write the run record (an agent restart finds the process by its environment): {e}");
+            warn!(release = %desired.name, "cannot write the run record (an agent restart finds the process by its cgroup or environment): {e}");
         }
         let (reaped_tx, reaped_rx) = watch::channel(false);
         let started = Instant::now();
         let mut live = release.live();
         live.process = Some(Current {
             pid: spawned.pid,
-            start_time: spawned.start_time,
+            anchor: (spawned.pid, spawned.start_time),
             version: desired.version.clone(),
             started,
             reaped: Some(reaped_rx),
+            writer: Some(spawned.writer),
         });
         live.last_pid = Some(spawned.pid);
         live.state = ReleaseState::Running;
@@ -477,11 +593,61 @@ impl Inner {
             pid: spawned.pid,
             start_time: spawned.start_time,
             started,
+            writer: Some(spawned.writer),
             waiter: Waiter::Own {
                 child: Box::new(spawned.child),
                 reaped: reaped_tx,
             },
         })
+    }
+
+    /// The main process of a release ended after running `ran` and `left` members
+    /// remain: with status 0 within [`DAEMONIZE_WINDOW`] the start command daemonized,
+    /// and the members become the release (recorded, so that an agent restart adopts
+    /// them); `None` otherwise.
+    fn daemonized(
+        &self,
+        release: &Release,
+        generation: u64,
+        anchor: (u32, u64),
+        (exit, ran): (Exit, Duration),
+        left: &[u32],
+    ) -> Option<u32> {
+        if exit.code != Some(0) || ran > DAEMONIZE_WINDOW || left.is_empty() {
+            return None;
+        }
+        let shown = oldest(left)?;
+        let (version, writer) = {
+            let live = release.live();
+            if live.generation != generation {
+                return None;
+            }
+            let current = live.process.as_ref()?;
+            (current.version.clone(), current.writer.unwrap_or((0, 0)))
+        };
+        // Recorded before it shows: whoever sees the new pid may restart the agent.
+        let run = RunRecord {
+            pid: anchor.0,
+            pgid: i32::try_from(anchor.0).unwrap_or(0),
+            start_time: anchor.1,
+            version,
+            daemonized: true,
+            writer_pid: writer.0,
+            writer_start_time: writer.1,
+        };
+        if let Err(e) = record::save_run(&self.root, &release.name, &run) {
+            warn!(release = %release.name, "cannot record that the release daemonized: {e}");
+        }
+        {
+            let mut live = release.live();
+            if live.generation != generation {
+                return None;
+            }
+            live.process.as_mut()?.pid = shown;
+            live.last_pid = Some(shown);
+        }
+        info!(release = %release.name, pid = shown, members = left.len(), "the start command returned 0 and left processes: supervising them as the release");
+        Some(shown)
     }
 
     fn spawn_task(
@@ -511,8 +677,10 @@ impl Inner {
                     pid,
                     start_time,
                     started,
+                    writer,
                     waiter,
                 } => {
+                    let was_members = matches!(waiter, Waiter::Members);
                     let Some(exit) = self
                         .wait_exit(&release, pid, start_time, waiter, &token)
                         .await
@@ -522,15 +690,44 @@ impl Inner {
                     if !release.owned_by(generation) {
                         return;
                     }
-                    let pgid = i32::try_from(pid).unwrap_or(0);
-                    // The output writer ends once it wrote the last output: wait for it,
-                    // so the tail holds the release's last words.
-                    if pgid > 1 && !process::wait_group_empty(pgid, OUTPUT_DRAIN).await {
-                        warn!(release = %release.name, pid, "the group leader ended; stopping what is left of its group");
-                        if let Err(e) = process::stop_group(pgid, LEFTOVER_GRACE).await {
+                    let anchor = (pid, start_time);
+                    let left = if was_members {
+                        Vec::new()
+                    } else {
+                        self.members(&release.name, Some(anchor))
+                    };
+                    if self
+                        .daemonized(
+                            &release,
+                            generation,
+                            anchor,
+                            (exit, started.elapsed()),
+                            &left,
+                        )
+                        .is_some()
+                    {
+                        step = Step::Wait {
+                            pid,
+                            start_time,
+                            started,
+                            writer,
+                            waiter: Waiter::Members,
+                        };
+                        continue;
+                    }
+                    if !left.is_empty() {
+                        warn!(release = %release.name, pid, members = left.len(), "the main process ended; stopping what is left of the release");
+                        if let Err(e) = self
+                            .stop_release(&release.name, Some(anchor), LEFTOVER_GRACE)
+                            .await
+                        {
                             warn!(release = %release.name, "{e}");
                         }
                     }
+                    // Nothing of the release holds its output any more: the writer ends
+                    // once it wrote the last of it. Waited for, so the tail holds the
+                    // release's last words.
+                    wait_writer(&release.name, writer).await;
                     let _op = release.op.lock().await;
                     match self.record_end(&release, generation, started.elapsed(), exit) {
                         Some(delay) => Step::Backoff(delay),
@@ -610,6 +807,28 @@ impl Inner {
                     () = self.shutdown.cancelled() => None,
                 }
             }
+            Waiter::Members => {
+                let mut poll = tokio::time::interval(ADOPTED_POLL);
+                poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = poll.tick() => {
+                            let left = self.members(&release.name, Some((pid, start_time)));
+                            let Some(shown) = oldest(&left) else {
+                                return Some(Exit { code: None, signal: None });
+                            };
+                            let mut live = release.live();
+                            if let Some(current) = live.process.as_mut().filter(|c| c.anchor == (pid, start_time)) {
+                                if !left.contains(&current.pid) {
+                                    current.pid = shown;
+                                    live.last_pid = Some(shown);
+                                }
+                            }
+                        }
+                        () = token.cancelled() => return None,
+                    }
+                }
+            }
             Waiter::Adopted => {
                 let mut poll = tokio::time::interval(ADOPTED_POLL);
                 poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -686,50 +905,50 @@ impl Inner {
     }
 
     /// Brings one release recorded on disk back under supervision at agent start.
-    async fn recover(self: &Arc<Self>, desired: Desired, found: &[Found]) -> Result<()> {
+    async fn recover(self: &Arc<Self>, desired: Desired) -> Result<()> {
         let release = self.release(&desired.name);
         let _op = release.op.lock().await;
         release.live().desired = Some(desired.clone());
+        let name = desired.name.clone();
 
-        let mut copies: Vec<Found> = found
-            .iter()
-            .filter(|f| f.release == desired.name)
-            .cloned()
-            .collect();
-        let recorded = record::load_run(&self.root, &desired.name).unwrap_or_else(|e| {
-            warn!(release = %desired.name, "ignoring the run record: {e}");
+        let recorded = record::load_run(&self.root, &name).unwrap_or_else(|e| {
+            warn!(release = %name, "ignoring the run record: {e}");
             None
         });
-        if let Some(run) = recorded.as_ref() {
-            let leader = process::proc_stat(run.pid)
-                .is_some_and(|s| i32::try_from(run.pid).is_ok_and(|pid| s.pgrp == pid));
-            if leader
-                && process::is_alive(run.pid, run.start_time)
-                && !copies.iter().any(|c| c.pid == run.pid)
+        let anchor = recorded.as_ref().map(|r| (r.pid, r.start_time));
+        let members = self.members(&name, anchor);
+        self.stop_strays(&name, &members).await;
+
+        // What runs of the release, if anything: its main process (pid, start time), or
+        // its members when the start command daemonized, and its version.
+        let running = match recorded.as_ref() {
+            _ if members.is_empty() => None,
+            Some(run)
+                if process::is_alive(run.pid, run.start_time) && members.contains(&run.pid) =>
             {
-                copies.push(Found {
-                    release: desired.name.clone(),
-                    version: run.version.clone(),
-                    pid: run.pid,
-                    start_time: run.start_time,
-                });
+                Some((run.pid, run.start_time, run.version.clone(), false))
             }
-        }
-        // The copy to keep: the recorded one first, of the desired version.
-        copies.sort_by_key(|c| recorded.as_ref().is_none_or(|r| r.pid != c.pid));
-        let wanted = desired.should_run && !desired.crash_looping;
-        let keep = if wanted {
-            copies.iter().position(|c| c.version == desired.version)
-        } else {
-            None
+            Some(run) if run.daemonized => {
+                Some((run.pid, run.start_time, run.version.clone(), true))
+            }
+            Some(run) => {
+                info!(release = %name, pid = run.pid, "the main process died while the agent was away; stopping what is left of it");
+                None
+            }
+            None => oldest(&members).and_then(|pid| {
+                let stat = process::proc_stat(pid)?;
+                let version = process::environ(pid)?
+                    .into_iter()
+                    .find(|(k, _)| k == "EREL_VERSION")
+                    .map(|(_, v)| v)?;
+                Some((pid, stat.start_time, version, false))
+            }),
         };
-        let keep = keep.map(|i| copies.remove(i));
-        for extra in &copies {
-            info!(release = %desired.name, version = %extra.version, pid = extra.pid, "stopping a copy that must not run");
-            let pgid = i32::try_from(extra.pid).unwrap_or(0);
-            if pgid > 1 {
-                process::stop_group(pgid, SWITCH_GRACE).await?;
-            }
+        let wanted = desired.should_run && !desired.crash_looping;
+        let keep = running.filter(|(_, _, version, _)| wanted && *version == desired.version);
+        if keep.is_none() && !members.is_empty() {
+            info!(release = %name, members = members.len(), "stopping what runs of a release that must not run in this form");
+            self.stop_release(&name, anchor, SWITCH_GRACE).await?;
         }
 
         let (generation, token) = {
@@ -746,53 +965,73 @@ impl Inner {
             };
             if recorded.is_some() {
                 drop(live);
-                record::remove_run(&self.root, &desired.name)?;
+                record::remove_run(&self.root, &name)?;
             }
             return Ok(());
         }
-        if let Some(copy) = keep {
-            let age = process::age(copy.start_time).unwrap_or_default();
+        if let Some((pid, start_time, version, daemonized)) = keep {
+            let age = process::age(start_time).unwrap_or_default();
             let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            // The writer of the run, when the record names it (not found otherwise: it
+            // is no member of the release, and it ends on its own with its output).
+            let writer = recorded
+                .as_ref()
+                .filter(|r| r.pid == pid && r.start_time == start_time && r.writer_pid != 0)
+                .map(|r| (r.writer_pid, r.writer_start_time));
             let run = RunRecord {
-                pid: copy.pid,
-                pgid: i32::try_from(copy.pid).unwrap_or(0),
-                start_time: copy.start_time,
-                version: copy.version.clone(),
+                pid,
+                pgid: i32::try_from(pid).unwrap_or(0),
+                start_time,
+                version: version.clone(),
+                daemonized,
+                writer_pid: writer.map_or(0, |w| w.0),
+                writer_start_time: writer.map_or(0, |w| w.1),
             };
             if recorded.as_ref() != Some(&run) {
-                if let Err(e) = record::save_run(&self.root, &desired.name, &run) {
-                    warn!(release = %desired.name, "cannot write the run record: {e}");
+                if let Err(e) = record::save_run(&self.root, &name, &run) {
+                    warn!(release = %name, "cannot write the run record: {e}");
                 }
             }
+            let shown = if daemonized {
+                oldest(&members).unwrap_or(pid)
+            } else {
+                pid
+            };
             {
                 let mut live = release.live();
                 live.process = Some(Current {
-                    pid: copy.pid,
-                    start_time: copy.start_time,
-                    version: copy.version.clone(),
+                    pid: shown,
+                    anchor: (pid, start_time),
+                    version: version.clone(),
                     started,
                     reaped: None,
+                    writer,
                 });
-                live.last_pid = Some(copy.pid);
+                live.last_pid = Some(shown);
                 live.state = ReleaseState::Running;
             }
-            info!(release = %desired.name, version = %copy.version, pid = copy.pid, "adopted a running release");
+            info!(release = %name, version = %version, pid = shown, daemonized, "adopted a running release");
             let step = Step::Wait {
-                pid: copy.pid,
-                start_time: copy.start_time,
+                pid,
+                start_time,
                 started,
-                waiter: Waiter::Adopted,
+                writer,
+                waiter: if daemonized {
+                    Waiter::Members
+                } else {
+                    Waiter::Adopted
+                },
             };
             self.spawn_task(&release, generation, token, step);
             return Ok(());
         }
         let step = match self.launch(&release, &desired) {
             Ok(step) => {
-                info!(release = %desired.name, version = %desired.version, pid = step_pid(&step), "started at agent start");
+                info!(release = %name, version = %desired.version, pid = step_pid(&step), "started at agent start");
                 step
             }
             Err(error) => {
-                warn!(release = %desired.name, version = %desired.version, "start at agent start failed: {error}");
+                warn!(release = %name, version = %desired.version, "start at agent start failed: {error}");
                 let exit = Exit {
                     code: None,
                     signal: None,
@@ -805,6 +1044,38 @@ impl Inner {
         };
         self.spawn_task(&release, generation, token, step);
         Ok(())
+    }
+
+    /// With cgroups, processes carrying the release's markers outside its cgroup (left by
+    /// an agent that ran without cgroups, or under another cgroup parent) are not the
+    /// release: they are stopped, so that they never run beside it.
+    async fn stop_strays(&self, name: &str, members: &[u32]) {
+        if !matches!(self.containment, Containment::Cgroup(_)) {
+            return;
+        }
+        let strays: Vec<process::Marked> = process::marked(self.root.path(), name)
+            .into_iter()
+            .filter(|m| !members.contains(&m.pid))
+            .collect();
+        if strays.is_empty() {
+            return;
+        }
+        warn!(release = %name, pids = ?strays.iter().map(|m| m.pid).collect::<Vec<_>>(), "stopping processes of the release outside its cgroup");
+        let alive = || {
+            strays
+                .iter()
+                .filter(|m| process::is_alive(m.pid, m.start_time))
+                .map(|m| m.pid)
+                .collect::<Vec<_>>()
+        };
+        let kill_all = || {
+            process::signal_each(&alive(), nix::sys::signal::Signal::SIGKILL);
+            Ok(())
+        };
+        let what = format!("processes of release {name} outside its cgroup");
+        if let Err(e) = process::stop_members(&what, alive, kill_all, SWITCH_GRACE).await {
+            warn!(release = %name, "{e}");
+        }
     }
 
     fn statuses(&self) -> Vec<ReleaseStatus> {
@@ -872,6 +1143,35 @@ fn already_running(live: &Live, version: &str) -> Option<u32> {
         return Some(live.last_pid.unwrap_or(0));
     }
     None
+}
+
+/// Waits (up to [`OUTPUT_DRAIN`]) for the output writer of a run to write the last output
+/// and end, once nothing of the release holds its output. A writer still running then
+/// (something outside the release still holds the output, or a disk too slow) is left to
+/// end on its own, and said so.
+async fn wait_writer(name: &str, writer: Option<(u32, u64)>) {
+    let Some((pid, start_time)) = writer else {
+        return;
+    };
+    let running = || {
+        if process::is_alive(pid, start_time) {
+            vec![pid]
+        } else {
+            Vec::new()
+        }
+    };
+    if !process::wait_empty(&running, OUTPUT_DRAIN).await {
+        warn!(release = %name, writer = pid, "the output writer has not ended {}s after the release; it ends once whatever still holds the release's output closes it", OUTPUT_DRAIN.as_secs());
+    }
+}
+
+/// The oldest of `pids` (earliest start time, then lowest pid): the one reported for a
+/// release whose main process is gone.
+fn oldest(pids: &[u32]) -> Option<u32> {
+    pids.iter()
+        .filter_map(|&pid| Some((process::proc_stat(pid)?.start_time, pid)))
+        .min()
+        .map(|(_, pid)| pid)
 }
 
 fn step_pid(step: &Step) -> u32 {

@@ -1,20 +1,29 @@
-//! Processes as the kernel sees them: `/proc` inspection, process groups, spawning.
+//! Processes as the kernel sees them: `/proc` inspection, spawning as a user, and the
+//! membership of a release when there is no cgroup (the fallback).
 //!
 //! Liveness is always checked against the start time in `/proc/<pid>/stat`, so a pid the
 //! kernel recycled is never mistaken for a release. Zombies count as gone: a zombie of a
 //! process that is not ours may never be reaped (PID 1 in a container may not reap), so
-//! "nothing of the group is left" means no live, non-zombie member in `/proc`.
+//! "nothing of the release is left" means no live, non-zombie member.
+//!
+//! Every release is spawned as the leader of a new session (`setsid`). Without cgroups,
+//! its members are what [`scan_members`] finds: its session and process group, every
+//! descendant of those, and every process carrying the release's environment markers
+//! (`EREL_ROOT` and `EREL_RELEASE`), which a daemon keeps across `setsid` and double forks
+//! unless it clears its environment.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use erel_proto::text::quote;
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::{Gid, Pid, Uid, User};
 use tokio::process::{Child, Command};
 
@@ -38,13 +47,23 @@ const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 /// `sysconf(3)`) less its terminating NUL.
 const MAX_USER_LEN: usize = 255;
 /// Variables the agent always sets itself; a `Start` request cannot override them.
-const EREL_VARS: [&str; 4] = ["EREL_HOST_ID", "EREL_RELEASE", "EREL_VERSION", "EREL_ROOT"];
+const EREL_VARS: [&str; 5] = [
+    "EREL_HOST_ID",
+    "EREL_RELEASE",
+    "EREL_VERSION",
+    "EREL_ROOT",
+    "EREL_DATA",
+];
+/// The directory under the root where each release may write: `data/<name>/`.
+pub(crate) const DATA_DIR: &str = "data";
 
 /// The fields of `/proc/<pid>/stat` the supervisor uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ProcStat {
     /// One-letter state (`R`, `S`, `D`, `Z`, …).
     pub state: char,
+    /// Parent process.
+    pub ppid: i32,
     /// Process group.
     pub pgrp: i32,
     /// Session.
@@ -73,6 +92,7 @@ fn parse_stat(text: &str) -> Option<ProcStat> {
     // fields[0] is field 3 of the man page; field N is fields[N - 3].
     Some(ProcStat {
         state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
         pgrp: fields.get(2)?.parse().ok()?,
         session: fields.get(3)?.parse().ok()?,
         start_time: fields.get(19)?.parse().ok()?,
@@ -105,6 +125,7 @@ fn all_pids() -> Vec<u32> {
 }
 
 /// Live (non-zombie) members of process group `pgid`.
+#[cfg(test)]
 pub(crate) fn group_members(pgid: i32) -> Vec<u32> {
     all_pids()
         .into_iter()
@@ -127,84 +148,125 @@ pub(crate) fn environ(pid: u32) -> Option<Vec<(String, String)>> {
     )
 }
 
-/// A live process-group leader that carries a release's environment.
+/// A live process carrying the environment markers of a release under this root.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Found {
-    /// Release name (`EREL_RELEASE`).
-    pub release: String,
-    /// Version (`EREL_VERSION`).
-    pub version: String,
-    /// Its pid, which is also its process group.
+pub(crate) struct Marked {
+    /// Its pid.
     pub pid: u32,
     /// Its start time.
     pub start_time: u64,
+    /// Version (`EREL_VERSION`), when it still has one.
+    pub version: Option<String>,
 }
 
-/// Every live process-group leader started by an agent on `root`: its environment holds
-/// `EREL_ROOT=<root>` and `EREL_RELEASE`. Session leaders are left out: a release is
-/// spawned in the agent's session, so a session leader carrying the environment is a
-/// daemon the release detached (such as `epmd -daemon`), not the release itself.
-pub(crate) fn find_releases(root: &Path) -> Vec<Found> {
+/// Every live process whose environment holds `EREL_ROOT=<root>` and
+/// `EREL_RELEASE=<name>`, oldest first. The agent's own process is never one.
+pub(crate) fn marked(root: &Path, name: &str) -> Vec<Marked> {
     let root = root.to_string_lossy();
     let own = std::process::id();
-    let mut found = Vec::new();
-    for pid in all_pids() {
-        if pid == own {
-            continue;
-        }
-        let Some(stat) = proc_stat(pid) else { continue };
-        let Ok(pid_i32) = i32::try_from(pid) else {
-            continue;
-        };
-        if stat.is_gone() || stat.pgrp != pid_i32 || stat.session == pid_i32 {
-            continue;
-        }
-        let Some(env) = environ(pid) else { continue };
-        let get = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-        if get("EREL_ROOT").as_deref() != Some(&*root) {
-            continue;
-        }
-        if let (Some(release), Some(version)) = (get("EREL_RELEASE"), get("EREL_VERSION")) {
-            found.push(Found {
-                release,
-                version,
+    let mut found: Vec<Marked> = all_pids()
+        .into_iter()
+        .filter(|&pid| pid != own && pid > 1)
+        .filter_map(|pid| {
+            let stat = proc_stat(pid).filter(|s| !s.is_gone())?;
+            let env = environ(pid)?;
+            let get = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+            if get("EREL_ROOT").as_deref() != Some(&*root)
+                || get("EREL_RELEASE").as_deref() != Some(name)
+            {
+                return None;
+            }
+            Some(Marked {
                 pid,
                 start_time: stat.start_time,
-            });
-        }
-    }
+                version: get("EREL_VERSION"),
+            })
+        })
+        .collect();
+    found.sort_by_key(|m| (m.start_time, m.pid));
     found
 }
 
-/// The outcome of stopping a process group.
+/// The members of a release without cgroups: every live process in the session or
+/// process group of `anchor` (the pid and start time the release was spawned with),
+/// every process carrying the release's markers, and every descendant of those. The
+/// agent itself, its process group and PID 1 are never members. When the anchor's pid
+/// now belongs to another process (recycled), its session and group are not used.
+pub(crate) fn scan_members(anchor: Option<(u32, u64)>, root: &Path, name: &str) -> Vec<u32> {
+    let own = std::process::id();
+    let own_group = nix::unistd::getpgrp().as_raw();
+    let anchor = anchor
+        .filter(|&(pid, start_time)| proc_stat(pid).is_none_or(|s| s.start_time == start_time))
+        .and_then(|(pid, _)| i32::try_from(pid).ok())
+        .filter(|&a| a > 1);
+    let stats: BTreeMap<u32, ProcStat> = all_pids()
+        .into_iter()
+        .filter(|&pid| pid > 1 && pid != own)
+        .filter_map(|pid| Some((pid, proc_stat(pid)?)))
+        .filter(|(_, s)| !s.is_gone() && s.pgrp != own_group)
+        .collect();
+    let mut members: BTreeSet<u32> = marked(root, name)
+        .into_iter()
+        .map(|m| m.pid)
+        .filter(|pid| stats.contains_key(pid))
+        .collect();
+    if let Some(anchor) = anchor {
+        members.extend(
+            stats
+                .iter()
+                .filter(|(_, s)| s.session == anchor || s.pgrp == anchor)
+                .map(|(&pid, _)| pid),
+        );
+    }
+    // Descendants, to a fixed point (a child may be listed before its parent).
+    loop {
+        let before = members.len();
+        let children: Vec<u32> = stats
+            .iter()
+            .filter(|(pid, s)| {
+                !members.contains(pid)
+                    && u32::try_from(s.ppid).is_ok_and(|parent| members.contains(&parent))
+            })
+            .map(|(&pid, _)| pid)
+            .collect();
+        members.extend(children);
+        if members.len() == before {
+            break;
+        }
+    }
+    members.into_iter().collect()
+}
+
+/// Sends `signal` to each pid; one that is already gone is fine. PID 1, the agent and
+/// its process group are never signalled.
+pub(crate) fn signal_each(pids: &[u32], signal: Signal) {
+    let own = std::process::id();
+    let own_group = nix::unistd::getpgrp().as_raw();
+    for &pid in pids {
+        let Ok(raw) = i32::try_from(pid) else {
+            continue;
+        };
+        if raw <= 1 || pid == own || raw == own_group {
+            continue;
+        }
+        let _ = kill(Pid::from_raw(raw), signal);
+    }
+}
+
+/// The outcome of stopping a release.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct GroupStop {
-    /// Something of the group was alive.
+    /// Something of the release was alive.
     pub was_running: bool,
-    /// SIGKILL was needed.
+    /// It had to be killed after the grace.
     pub killed: bool,
 }
 
-/// Signals a process group, refusing groups that must never be signalled.
-fn signal_group(pgid: i32, signal: Signal) -> Result<()> {
-    if pgid <= 1 || pgid == nix::unistd::getpgrp().as_raw() {
-        return Err(Error::Internal(format!(
-            "refusing to signal process group {pgid}"
-        )));
-    }
-    match killpg(Pid::from_raw(pgid), signal) {
-        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-        Err(e) => Err(Error::Internal(format!(
-            "cannot send {signal} to process group {pgid}: {e}"
-        ))),
-    }
-}
-
-/// Polls until no live member of `pgid` is left or `limit` passes; true when empty.
-pub(crate) async fn wait_group_empty(pgid: i32, limit: Duration) -> bool {
+/// Polls until `members` is empty or `limit` passes; true when empty.
+pub(crate) async fn wait_empty(members: &impl Fn() -> Vec<u32>, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     loop {
-        if group_members(pgid).is_empty() {
+        if members().is_empty() {
             return true;
         }
         if Instant::now() >= deadline {
@@ -214,34 +276,48 @@ pub(crate) async fn wait_group_empty(pgid: i32, limit: Duration) -> bool {
     }
 }
 
-/// SIGTERM to the whole group, up to `grace` for every member to be gone, then SIGKILL
-/// and a wait until none is left.
-pub(crate) async fn stop_group(pgid: i32, grace: Duration) -> Result<GroupStop> {
-    if group_members(pgid).is_empty() {
+/// Stops everything `members` lists: SIGTERM to each member, up to `grace` for all of
+/// them to be gone, then `kill` (repeated while waiting, for what forked meanwhile) and
+/// up to [`KILL_WAIT`] for nothing to be left. Succeeds only when nothing is left;
+/// `what` names the release in the error.
+pub(crate) async fn stop_members(
+    what: &str,
+    members: impl Fn() -> Vec<u32>,
+    kill_all: impl Fn() -> Result<()>,
+    grace: Duration,
+) -> Result<GroupStop> {
+    let first = members();
+    if first.is_empty() {
         return Ok(GroupStop {
             was_running: false,
             killed: false,
         });
     }
-    signal_group(pgid, Signal::SIGTERM)?;
-    if wait_group_empty(pgid, grace).await {
+    signal_each(&first, Signal::SIGTERM);
+    if wait_empty(&members, grace).await {
         return Ok(GroupStop {
             was_running: true,
             killed: false,
         });
     }
-    signal_group(pgid, Signal::SIGKILL)?;
-    if wait_group_empty(pgid, KILL_WAIT).await {
-        return Ok(GroupStop {
-            was_running: true,
-            killed: true,
-        });
+    let deadline = Instant::now() + KILL_WAIT;
+    loop {
+        kill_all()?;
+        if wait_empty(&members, GROUP_POLL * 4).await {
+            return Ok(GroupStop {
+                was_running: true,
+                killed: true,
+            });
+        }
+        if Instant::now() >= deadline {
+            let left = members();
+            return Err(Error::Timeout(format!(
+                "waiting for {what} to end: {} processes (pids {left:?}) still alive {}s after SIGKILL",
+                left.len(),
+                KILL_WAIT.as_secs()
+            )));
+        }
     }
-    Err(Error::Timeout(format!(
-        "waiting for process group {pgid} to end: {} members left {}s after SIGKILL",
-        group_members(pgid).len(),
-        KILL_WAIT.as_secs()
-    )))
 }
 
 /// A release process just spawned by the agent.
@@ -253,6 +329,8 @@ pub(crate) struct Spawned {
     pub pid: u32,
     /// Its start time from `/proc`.
     pub start_time: u64,
+    /// Its output writer (pid, start time), outside the release.
+    pub writer: (u32, u64),
 }
 
 /// Who a release runs as.
@@ -366,8 +444,9 @@ fn resolve_program(root: &Root, desired: &Desired) -> Result<PathBuf> {
     Ok(full)
 }
 
-/// The environment of a release: a sane base, the request's variables, and the agent's
-/// own `EREL_*` variables, which always win.
+/// The environment of a release: a sane base, defaults for where an Erlang release
+/// writes (`RUNNER_LOG_DIR`, `ERL_CRASH_DUMP`, under its data directory), the request's
+/// variables, and the agent's own `EREL_*` variables, which always win.
 fn environment(
     root: &Root,
     host_id: &str,
@@ -375,9 +454,16 @@ fn environment(
     run_as: Option<&RunAs>,
     version_dir: &Path,
 ) -> Result<Vec<(String, String)>> {
+    let data = data_dir(root, &desired.name);
+    let data_text = data.to_string_lossy().into_owned();
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), BASE_PATH.into()),
         ("LANG".into(), "C.UTF-8".into()),
+        ("RUNNER_LOG_DIR".into(), format!("{data_text}/log")),
+        (
+            "ERL_CRASH_DUMP".into(),
+            format!("{data_text}/erl_crash.dump"),
+        ),
     ];
     let home = match run_as {
         Some(run_as) => run_as.home.to_string_lossy().into_owned(),
@@ -417,7 +503,110 @@ fn environment(
         "EREL_ROOT".into(),
         root.path().to_string_lossy().into_owned(),
     ));
+    env.push(("EREL_DATA".into(), data_text));
     Ok(env)
+}
+
+/// `root/data/<name>`: the one directory a release may write (besides its user's home
+/// and the system's temporary directories).
+pub(crate) fn data_dir(root: &Root, name: &str) -> PathBuf {
+    root.path().join(DATA_DIR).join(name)
+}
+
+/// Creates `root/data/<name>` and its `log/` when missing: owned by the release's user
+/// (or root), mode 0750. `root/data` itself belongs to the agent, mode 0755. Symlinks
+/// and non-directories in their place are refused, so nothing outside the root is
+/// ever handed to a user.
+fn ensure_data_dir(root: &Root, desired: &Desired, run_as: Option<&RunAs>) -> Result<PathBuf> {
+    let top = root.path().join(DATA_DIR);
+    let data = data_dir(root, &desired.name);
+    let owner = run_as.map(|r| (r.uid, r.gid));
+    for (dir, mode, owner) in [
+        (top.clone(), 0o755, None),
+        (data.clone(), 0o750, owner),
+        (data.join("log"), 0o750, owner),
+    ] {
+        match fs::DirBuilder::new().mode(mode).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io("create", &dir, e)),
+        }
+        let meta = fs::symlink_metadata(&dir).map_err(|e| Error::io("inspect", &dir, e))?;
+        if !meta.is_dir() {
+            return Err(spawn_failed(
+                desired,
+                format!(
+                    "{} must be a directory (the release's data directory), not a link or file",
+                    dir.strip_prefix(root.path()).unwrap_or(&dir).display()
+                ),
+            ));
+        }
+        let (uid, gid) = owner.unwrap_or((Uid::from_raw(meta.uid()), Gid::from_raw(meta.gid())));
+        if meta.uid() != uid.as_raw() || meta.gid() != gid.as_raw() {
+            std::os::unix::fs::lchown(&dir, Some(uid.as_raw()), Some(gid.as_raw()))
+                .map_err(|e| Error::io("change the owner of", &dir, e))?;
+        }
+        if meta.permissions().mode() & 0o7777 != mode {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
+                .map_err(|e| Error::io("set mode of", &dir, e))?;
+        }
+    }
+    Ok(data)
+}
+
+/// Checks that `run_as` can reach and run the program: every directory from `/` down to
+/// the program searchable by it, the program readable and executable by it. Without
+/// this a release started as a user fails later with a bare "Permission denied".
+fn check_user_access(desired: &Desired, run_as: &RunAs, program: &Path) -> Result<()> {
+    let may = |meta: &fs::Metadata, bits: u32| {
+        let mode = meta.permissions().mode();
+        if run_as.uid.is_root() {
+            return true;
+        }
+        let allowed = if meta.uid() == run_as.uid.as_raw() {
+            (mode >> 6) & 0o7
+        } else if run_as.groups.iter().any(|g| g.as_raw() == meta.gid())
+            || meta.gid() == run_as.gid.as_raw()
+        {
+            (mode >> 3) & 0o7
+        } else {
+            mode & 0o7
+        };
+        allowed & bits == bits
+    };
+    let mut ancestors: Vec<&Path> = program.ancestors().skip(1).collect();
+    ancestors.reverse();
+    for dir in ancestors {
+        let meta = fs::metadata(dir).map_err(|e| Error::io("inspect", dir, e))?;
+        if !may(&meta, 0o1) {
+            return Err(spawn_failed(
+                desired,
+                format!(
+                    "user '{}' (uid {}) cannot enter {} (mode {:o}, owner uid {}); the root and releases/ must be searchable by it",
+                    run_as.name,
+                    run_as.uid,
+                    dir.display(),
+                    meta.permissions().mode() & 0o7777,
+                    meta.uid()
+                ),
+            ));
+        }
+    }
+    let meta = fs::metadata(program).map_err(|e| Error::io("inspect", program, e))?;
+    if !may(&meta, 0o5) {
+        return Err(spawn_failed(
+            desired,
+            format!(
+                "user '{}' (uid {}) cannot read and execute {} (mode {:o}, owner uid {})",
+                run_as.name,
+                run_as.uid,
+                program.display(),
+                meta.permissions().mode() & 0o7777,
+                meta.uid()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Everything a spawn needs, checked.
@@ -430,7 +619,8 @@ struct Prepared {
 }
 
 /// Checks everything a spawn needs that can be checked without spawning: the version
-/// directory, the program, the user and the environment.
+/// directory, the program, the user (and that it can reach the program) and the
+/// environment.
 fn prepare(root: &Root, host_id: &str, desired: &Desired) -> Result<Prepared> {
     let version_dir = root.version_dir(&desired.name, &desired.version)?;
     if !version_dir.is_dir() {
@@ -444,6 +634,9 @@ fn prepare(root: &Root, host_id: &str, desired: &Desired) -> Result<Prepared> {
         Some(user) => Some(check_switch(desired, lookup_user(desired, user)?)?),
         None => None,
     };
+    if let Some(run_as) = &run_as {
+        check_user_access(desired, run_as, &program)?;
+    }
     let env = environment(root, host_id, desired, run_as.as_ref(), &version_dir)?;
     Ok(Prepared {
         version_dir,
@@ -474,15 +667,18 @@ fn check_switch(desired: &Desired, run_as: RunAs) -> Result<RunAs> {
     Ok(run_as)
 }
 
-/// Spawns a release: its own process group, cwd the version directory, stdin from
-/// `/dev/null`, stdout and stderr a pipe to its output writer (see [`log`]), which joins
-/// its group, the environment cleared and set by [`environment`], privileges dropped to
-/// `desired.user` when named. Not killed when the agent goes away.
+/// Spawns a release: a new session (so a new process group), inside `cgroup` when given
+/// (the opened `cgroup.procs` of its cgroup, joined before `exec`), cwd the version
+/// directory, stdin from `/dev/null`, stdout and stderr a pipe to its output writer (see
+/// [`log`]), started first and outside the release's session and cgroup, the environment
+/// cleared and set by [`environment`], its data directory created, and privileges dropped
+/// to `desired.user` when named. Not killed when the agent goes away.
 pub(crate) fn spawn(
     root: &Root,
     host_id: &str,
     desired: &Desired,
     settings: &Supervision,
+    cgroup: Option<fs::File>,
 ) -> Result<Spawned> {
     let Prepared {
         version_dir,
@@ -490,6 +686,7 @@ pub(crate) fn spawn(
         run_as,
         env,
     } = prepare(root, host_id, desired)?;
+    ensure_data_dir(root, desired, run_as.as_ref())?;
 
     let log_path = log::log_path(root, &desired.name);
     let header = format!(
@@ -498,8 +695,14 @@ pub(crate) fn spawn(
         desired.version,
         log::utc_now()
     );
-    let output = log::OutputPipe::open(&log_path, &header)?;
+    // The writer first: a release never runs without its writer, and a release that
+    // fails to start leaves a writer that ends at once (its pipe has no writer left).
+    let (output, writer_pid) = log::OutputPipe::open(&log_path, &header)?
+        .start_writer(&settings.output_writer, settings.log_max_bytes)
+        .map_err(|error| spawn_failed(desired, error.to_string()))?;
+    let writer_start_time = proc_stat(writer_pid).map(|s| s.start_time).unwrap_or(0);
     let (stdout, stderr) = output.release_stdio()?;
+    drop(output);
 
     let mut command = std::process::Command::new(&program);
     command
@@ -509,8 +712,8 @@ pub(crate) fn spawn(
         .envs(env)
         .stdin(Stdio::null())
         .stdout(stdout)
-        .stderr(stderr)
-        .process_group(0);
+        .stderr(stderr);
+    enter_cgroup_and_session(&mut command, cgroup.as_ref().map(|f| f.as_raw_fd()));
     if let Some(run_as) = run_as.filter(|r| r.uid != nix::unistd::geteuid()) {
         drop_privileges(&mut command, run_as);
     }
@@ -522,21 +725,44 @@ pub(crate) fn spawn(
     // The command holds descriptors of the pipe's write end: the writer sees the end of
     // the output only once every one is closed.
     drop(command);
+    drop(cgroup);
     let pid = child
         .id()
         .ok_or_else(|| Error::Internal(format!("{} exited before it had a pid", desired.name)))?;
-    if let Err(error) = output.start_writer(&settings.output_writer, settings.log_max_bytes, pid) {
-        // Without its writer the release would block on a full pipe: do not leave it.
-        let _ = signal_group(i32::try_from(pid).unwrap_or(0), Signal::SIGKILL);
-        return Err(spawn_failed(desired, error.to_string()));
-    }
     // The child is not reaped before its task waits for it, so its /proc entry exists.
     let start_time = proc_stat(pid).map(|s| s.start_time).unwrap_or(0);
     Ok(Spawned {
         child,
         pid,
         start_time,
+        writer: (writer_pid, writer_start_time),
     })
+}
+
+/// Makes the child join its cgroup (when `procs` is the open `cgroup.procs` of one) and
+/// lead a new session, before anything else runs in it.
+///
+/// Writing `0` to `cgroup.procs` moves the writing process (cgroup-v2(7)); done in the
+/// child, everything the release later forks is born in the cgroup. A failed write
+/// aborts the spawn: a release never runs outside its cgroup.
+#[allow(unsafe_code)]
+fn enter_cgroup_and_session(command: &mut std::process::Command, procs: Option<i32>) {
+    // SAFETY: the closure runs in the forked child before exec. It only makes the write
+    // and setsid system calls on a descriptor and bytes prepared before the fork (no
+    // allocation, no lock), and reports failure through the returned io::Error, which
+    // aborts the spawn. The descriptor stays open in the parent until the spawn returns.
+    unsafe {
+        command.pre_exec(move || {
+            if let Some(fd) = procs {
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            nix::unistd::setsid()?;
+            Ok(())
+        });
+    }
 }
 
 /// Makes the child drop to `run_as`: supplementary groups, then group, then user.
@@ -575,6 +801,7 @@ mod tests {
             stat,
             ProcStat {
                 state: 'S',
+                ppid: 1,
                 pgrp: 1234,
                 session: 1234,
                 start_time: 98765
@@ -587,9 +814,11 @@ mod tests {
     }
 
     #[test]
-    fn refuses_to_signal_dangerous_groups() {
-        assert!(signal_group(0, Signal::SIGTERM).is_err());
-        assert!(signal_group(1, Signal::SIGTERM).is_err());
-        assert!(signal_group(nix::unistd::getpgrp().as_raw(), Signal::SIGTERM).is_err());
+    fn never_signals_the_agent_or_pid_1() {
+        // Were any of these signalled, this test process would die of SIGTERM.
+        let own = std::process::id();
+        let group = u32::try_from(nix::unistd::getpgrp().as_raw()).expect("pgrp");
+        signal_each(&[own, group, 1, 0], Signal::SIGTERM);
+        assert!(proc_stat(own).is_some_and(|s| !s.is_gone()));
     }
 }

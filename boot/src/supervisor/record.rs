@@ -72,6 +72,18 @@ pub(crate) struct RunRecord {
     pub start_time: u64,
     /// The version it runs.
     pub version: String,
+    /// The start command returned with status 0 and left processes behind (a daemon):
+    /// the release is what is left, supervised until nothing of it is left.
+    #[serde(default)]
+    pub daemonized: bool,
+    /// The output writer of the run (pid and start time; 0 for none known), which is not
+    /// part of the release: an agent that adopts the release waits for it, bounded, after
+    /// the release ended, so the tail holds the last output.
+    #[serde(default)]
+    pub writer_pid: u32,
+    /// The writer's start time in clock ticks after boot.
+    #[serde(default)]
+    pub writer_start_time: u64,
 }
 
 fn desired_path(root: &Root, name: &str) -> PathBuf {
@@ -192,6 +204,9 @@ mod tests {
             pgid: 42,
             start_time: 7,
             version: "1.0".into(),
+            daemonized: false,
+            writer_pid: 43,
+            writer_start_time: 8,
         };
         save_run(&root, "beat", &run).expect("save run");
         let (all, damaged) = load_all_desired(&root).expect("load");

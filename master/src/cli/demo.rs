@@ -86,6 +86,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     for agent in agents {
         let _ = agent.server.await;
         agent.supervisor.detach().await;
+        agent.supervisor.remove_empty_cgroups();
     }
     drop(work);
     step(&format!(

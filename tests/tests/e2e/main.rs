@@ -6,6 +6,7 @@ mod helper;
 mod agent;
 mod amqp;
 mod certs_cli;
+mod containment;
 mod deploy;
 mod inputs;
 mod one_agent;

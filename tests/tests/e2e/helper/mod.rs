@@ -269,11 +269,39 @@ impl AgentProc {
     pub fn all_release_pids(&self) -> Vec<i32> {
         processes_with_env(&[format!("EREL_ROOT={}", self.root.display())])
     }
+
+    /// The agent's cgroup directory, as its start-up log names it (`containment: cgroup
+    /// v2 DIR`); `None` when it runs without cgroups.
+    pub fn cgroup_dir(&self) -> Option<PathBuf> {
+        let log = self.log();
+        let start = log.find("containment: cgroup v2 ")? + "containment: cgroup v2 ".len();
+        let rest = &log[start..];
+        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        Some(PathBuf::from(&rest[..end]))
+    }
+}
+
+/// Kills everything in the cgroup directory `dir` (recursively, with `cgroup.kill`) and
+/// removes it and its children.
+pub fn remove_cgroup_tree(dir: &Path) {
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            while std::fs::remove_dir(entry.path()).is_err() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 impl Drop for AgentProc {
     fn drop(&mut self) {
         self.kill9();
+        if let Some(dir) = self.cgroup_dir() {
+            remove_cgroup_tree(&dir);
+        }
         for pid in self.all_release_pids() {
             let _ = nix::sys::signal::killpg(
                 nix::unistd::Pid::from_raw(pid),

@@ -1,7 +1,11 @@
 //! Real Erlang/OTP releases, built in the test with rebar3.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest `epmd` may take to answer once started.
+const EPMD_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Builds a release `name` with `rebar3 new release` and `rebar3 as prod tar` under
 /// `dir`, with `vm_args_src` as `config/vm.args.src` when given (relx substitutes
@@ -15,6 +19,36 @@ fn which(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(program))
         .find(|candidate| candidate.is_file())
+}
+
+/// Makes sure an `epmd` runs on the host, started here (outside any release) when none
+/// does. An OTP node that finds none starts its own, which then belongs to the node's
+/// release (its cgroup) and is stopped with it, under the feet of the nodes of tests that
+/// run at the same time. Hosts run it as a system service for the same reason.
+pub fn ensure_epmd() {
+    let epmd = which("epmd").unwrap_or_else(|| {
+        panic!("epmd is not on PATH: scripts/test.sh installs Erlang/OTP (apt-get install erlang)")
+    });
+    let run = |arg: &str| {
+        Command::new(&epmd)
+            .arg(arg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    // A second `epmd -daemon` finds the port taken and leaves the first one be.
+    assert!(run("-daemon"), "{} -daemon failed", epmd.display());
+    let deadline = Instant::now() + EPMD_PATIENCE;
+    while !run("-names") {
+        assert!(
+            Instant::now() < deadline,
+            "epmd does not answer {}s after it was started",
+            EPMD_PATIENCE.as_secs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Like [`build_release`], but also writes `files` (paths relative to the project, for
@@ -67,6 +101,8 @@ pub fn build_release_with(
         std::fs::write(project.join(path), content).expect("write project file");
     }
     run(&["as", "prod", "tar"], &project);
+    // Every OTP release of the tests is built here before it starts.
+    ensure_epmd();
     let tarball = project
         .join("_build/prod/rel")
         .join(name)

@@ -1,0 +1,538 @@
+//! Everything a release starts is the release's: real agents, real release tarballs
+//! whose start scripts leave helpers behind (`setsid`, double forks, relx-style
+//! `daemon`), real cgroups, and a real unprivileged user.
+//!
+//! These tests need root and a writable cgroup v2 (the agent's default containment);
+//! where the agent reports that it fell back, a cgroup test fails rather than passing
+//! without having run. The fallback itself is tested by forcing it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use erel_master::client::{Progress, WriteSource};
+use erel_proto::{ReleaseState, ReleaseStatus, Start};
+
+use crate::helper::release::{sha256, shell_release};
+use crate::helper::{wait_until, AgentProc, Pki};
+
+/// How long a condition is waited for; generous, the machine is shared.
+const PATIENCE: Duration = Duration::from_secs(30);
+/// Longest restart delay the test agents use (`--restart-backoff-max-ms 400` in
+/// [`crate::helper::FAST_SUPERVISION`]): waiting several of these shows that nothing
+/// was restarted.
+const BACKOFF_MAX: Duration = Duration::from_millis(400);
+
+/// The issue's input: a helper in its own session, then the main process.
+const SETSID_HELPER: &str =
+    "#!/bin/sh\nsetsid sh -c 'exec sleep 100000' &\necho helper-started\nexec sleep 100000\n";
+/// A double fork: the start command returns 0 at once, its grandchild lives on.
+const DOUBLE_FORK: &str = "#!/bin/sh\n(setsid sh -c 'exec sleep 100000' &)\nexit 0\n";
+/// A relx-style start script: `daemon` detaches the node and returns, `foreground` runs it.
+const RELX_STYLE: &str = "#!/bin/sh
+case \"$1\" in
+    daemon)
+        setsid sh -c 'exec sleep 100000' </dev/null >/dev/null 2>&1 &
+        echo daemon started
+        exit 0 ;;
+    foreground) exec sleep 100000 ;;
+    *) echo \"usage: $0 daemon|foreground\"; exit 1 ;;
+esac
+";
+
+fn no_progress() -> impl FnMut(Progress) + Send {
+    |_| {}
+}
+
+/// Pushes and unpacks a shell release `app` `version` whose `bin/app` is `script`.
+async fn install(pki: &Pki, agent: &AgentProc, work: &Path, version: &str, script: &str) {
+    let tarball = shell_release(work, "app", version, script);
+    let mut client = pki.connect(agent).await;
+    let dest = format!("archives/app-{version}.tar.gz");
+    let source = WriteSource {
+        path: tarball.clone(),
+        sha256: Some(sha256(&tarball)),
+    };
+    client
+        .write_file(&source, &dest, 0o644, &mut no_progress())
+        .await
+        .expect("push");
+    client
+        .unpack(&dest, &format!("releases/app/{version}"), source.sha256)
+        .await
+        .expect("unpack");
+}
+
+fn start_request(version: &str, argv: &[&str]) -> Start {
+    Start {
+        name: "app".into(),
+        version: version.into(),
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        env: Vec::new(),
+        user: None,
+    }
+}
+
+async fn status(pki: &Pki, agent: &AgentProc) -> ReleaseStatus {
+    let mut client = pki.connect(agent).await;
+    let pong = client.ping().await.expect("ping");
+    pong.releases
+        .into_iter()
+        .find(|r| r.name == "app")
+        .expect("app is known")
+}
+
+/// Every live process of `app` under this agent: the members of its cgroup when the
+/// agent has cgroups (environment or not), else those with its environment.
+fn members(agent: &AgentProc) -> Vec<i32> {
+    match agent.cgroup_dir() {
+        Some(dir) => live_pids(&dir.join("release.app")),
+        None => agent.release_pids("app"),
+    }
+}
+
+/// Live (non-zombie) pids in a cgroup; none when it does not exist.
+fn live_pids(cgroup: &Path) -> Vec<i32> {
+    let text = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+    let mut pids: Vec<i32> = text
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().to_string()))
+                .is_some_and(|r| !r.starts_with('Z'))
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// True for the `sleep 100000` the test releases leave running (not the start command
+/// that is about to leave it).
+fn is_sleeper(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\x00100000\x00")
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().to_string()))
+        .is_some_and(|r| !r.starts_with('Z'))
+}
+
+/// An agent with cgroup containment; fails (never skips) when it fell back.
+fn cgroup_agent(pki: &Pki, id: &str) -> AgentProc {
+    let agent = AgentProc::start(pki, id, &[]);
+    assert!(
+        agent.cgroup_dir().is_some(),
+        "this test needs root and a writable cgroup v2; the agent said:\n{}",
+        agent.log()
+    );
+    agent
+}
+
+/// Runs `erel` with `args` (the host is inserted after the subcommand); returns
+/// (success, stdout, stderr).
+fn erel(pki: &Pki, agent: &AgentProc, command: &str, args: &[&str]) -> (bool, String, String) {
+    let out = pki
+        .erel()
+        .arg(command)
+        .arg(agent.host().to_string())
+        .args(args)
+        .output()
+        .expect("run erel");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_reaches_a_helper_in_its_own_session() {
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "cg-setsid");
+    let work = tempfile::tempdir().expect("tempdir");
+    install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
+    let mut client = pki.connect(&agent).await;
+    let started = client.start(start_request("1", &[])).await.expect("start");
+    assert!(
+        wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await,
+        "the helper\n{}",
+        agent.log()
+    );
+    let helper = *members(&agent)
+        .iter()
+        .find(|&&p| p != started.pid as i32)
+        .expect("helper");
+
+    let (ok, ping, _) = erel(&pki, &agent, "ping", &[]);
+    assert!(ok && ping.contains("containment: cgroup v2"), "{ping}");
+
+    let (ok, out, err) = erel(&pki, &agent, "stop", &["app", "--grace", "10"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("app stopped"), "{out}");
+    assert!(!alive(helper), "the setsid helper survived `erel stop`");
+    assert!(members(&agent).is_empty());
+    assert!(agent.release_pids("app").is_empty());
+
+    // Started again: one main process and one helper, never two copies.
+    client.start(start_request("1", &[])).await.expect("start");
+    assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
+    tokio::time::sleep(BACKOFF_MAX * 3).await;
+    assert_eq!(members(&agent).len(), 2);
+    client
+        .stop("app", Duration::from_secs(10))
+        .await
+        .expect("stop");
+    assert!(members(&agent).is_empty());
+}
+
+/// Starts `argv` of a daemonizing release and checks it runs as one copy: the daemon is
+/// the release, reported as running, never restarted while it lives, restarted once
+/// when it dies, and stopped entirely.
+async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &str, argv: &[&str]) {
+    let work = tempfile::tempdir().expect("tempdir");
+    install(pki, agent, work.path(), "1", script).await;
+    let mut client = pki.connect(agent).await;
+    let started = client.start(start_request("1", argv)).await.expect("start");
+    assert!(
+        wait_until(PATIENCE, || async {
+            let s = status(pki, agent).await;
+            s.state == ReleaseState::Running
+                && s.pid
+                    .is_some_and(|p| p != started.pid && is_sleeper(p as i32))
+        })
+        .await,
+        "the daemon is the release\n{}",
+        agent.log()
+    );
+    let daemon = status(pki, agent).await.pid.expect("pid") as i32;
+    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    let now = status(pki, agent).await;
+    assert_eq!(now.state, ReleaseState::Running);
+    assert_eq!(now.restarts, 0, "a daemonizing start was restarted");
+    assert_eq!(members(agent), vec![daemon]);
+
+    // The daemon dies: one restart, one daemon again.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the daemon");
+    assert!(
+        wait_until(PATIENCE, || async {
+            let s = status(pki, agent).await;
+            s.restarts == 1
+                && s.state == ReleaseState::Running
+                && s.pid.is_some_and(|p| {
+                    let p = p as i32;
+                    p != daemon && is_sleeper(p) && members(agent) == vec![p]
+                })
+        })
+        .await,
+        "restarted once\n{}",
+        agent.log()
+    );
+    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    assert_eq!(members(agent).len(), 1);
+    let stopped = client
+        .stop("app", Duration::from_secs(10))
+        .await
+        .expect("stop");
+    assert!(stopped.was_running);
+    assert!(members(agent).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_double_forked_daemon_is_the_release() {
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "cg-fork");
+    daemonizing_release_runs_once(&agent, &pki, DOUBLE_FORK, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relx_style_daemon_command_is_the_release() {
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "cg-relx");
+    daemonizing_release_runs_once(&agent, &pki, RELX_STYLE, &["bin/app", "daemon"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
+    let pki = Pki::new();
+    let mut agent = cgroup_agent(&pki, "cg-adopt");
+    let work = tempfile::tempdir().expect("tempdir");
+    install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
+    install(&pki, &agent, work.path(), "2", RELX_STYLE).await;
+    let mut client = pki.connect(&agent).await;
+    let started = client.start(start_request("1", &[])).await.expect("start");
+    assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
+    let before = members(&agent);
+
+    for round in 0..2 {
+        agent.kill9();
+        agent.restart();
+        tokio::time::sleep(BACKOFF_MAX * 4).await;
+        assert_eq!(members(&agent), before, "round {round}\n{}", agent.log());
+        let now = status(&pki, &agent).await;
+        assert_eq!(now.state, ReleaseState::Running);
+        assert_eq!(now.pid, Some(started.pid));
+    }
+
+    // A daemonized version survives an agent kill -9 the same way.
+    let mut client = pki.connect(&agent).await;
+    client
+        .start(start_request("2", &["bin/app", "daemon"]))
+        .await
+        .expect("start 2");
+    assert!(before.iter().all(|&p| !alive(p)), "version 1 is gone");
+    assert!(
+        wait_until(PATIENCE, || async {
+            let s = status(&pki, &agent).await;
+            let now = members(&agent);
+            // The pid reported changes once the agent recorded the daemonization.
+            s.version.as_deref() == Some("2")
+                && now.len() == 1
+                && is_sleeper(now[0])
+                && s.pid == Some(now[0] as u32)
+        })
+        .await
+    );
+    let daemon = members(&agent);
+    agent.kill9();
+    agent.restart();
+    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    assert_eq!(members(&agent), daemon, "{}", agent.log());
+    let now = status(&pki, &agent).await;
+    assert_eq!(now.state, ReleaseState::Running);
+    assert_eq!(now.pid, Some(daemon[0] as u32));
+    assert!(agent.log().contains("adopted a running release"));
+    let mut client = pki.connect(&agent).await;
+    client
+        .stop("app", Duration::from_secs(10))
+        .await
+        .expect("stop");
+    assert!(members(&agent).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_is_not_a_running_process() {
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "cg-zombie");
+    let work = tempfile::tempdir().expect("tempdir");
+    // The child exits at once, and `sleep`, which replaces the shell, never reaps it.
+    install(
+        &pki,
+        &agent,
+        work.path(),
+        "1",
+        "#!/bin/sh\nsleep 0 &\nexec sleep 100000\n",
+    )
+    .await;
+    let mut client = pki.connect(&agent).await;
+    let started = client.start(start_request("1", &[])).await.expect("start");
+    let cgroup = agent.cgroup_dir().expect("cgroup").join("release.app");
+    let zombie_seen = wait_until(PATIENCE, || async {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .any(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+                    let fields: Vec<&str> = rest.split_whitespace().collect();
+                    fields.first() == Some(&"Z")
+                        && fields.get(1) == Some(&&*started.pid.to_string())
+                })
+            })
+    })
+    .await;
+    assert!(zombie_seen, "the release has a zombie child");
+    assert_eq!(live_pids(&cgroup), vec![started.pid as i32]);
+    let status = status(&pki, &agent).await;
+    assert_eq!(status.pid, Some(started.pid));
+    // SIGTERM ends the release: nothing waits for the zombie or kills after the grace.
+    let begun = std::time::Instant::now();
+    let stopped = client
+        .stop("app", Duration::from_secs(60))
+        .await
+        .expect("stop");
+    assert!(stopped.was_running && !stopped.killed);
+    assert!(begun.elapsed() < Duration::from_secs(60));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() {
+    let pki = Pki::new();
+    // A cgroup parent below an interface file can never be created.
+    let agent = AgentProc::start(&pki, "fallback", &["--cgroup-parent", "/cgroup.procs/erel"]);
+    assert!(agent.cgroup_dir().is_none());
+    assert!(
+        agent.log().contains("fallback to process groups"),
+        "the start-up log says so:\n{}",
+        agent.log()
+    );
+    let (ok, ping, _) = erel(&pki, &agent, "ping", &[]);
+    assert!(
+        ok && ping.contains("containment: fallback to process groups"),
+        "{ping}"
+    );
+
+    let work = tempfile::tempdir().expect("tempdir");
+    install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
+    install(&pki, &agent, work.path(), "2", DOUBLE_FORK).await;
+    let mut client = pki.connect(&agent).await;
+    client.start(start_request("1", &[])).await.expect("start");
+    assert!(wait_until(PATIENCE, || async { agent.release_pids("app").len() >= 2 }).await);
+    let (ok, out, err) = erel(&pki, &agent, "stop", &["app"]);
+    assert!(ok && out.contains("app stopped"), "{out}{err}");
+    assert!(
+        agent.release_pids("app").is_empty(),
+        "found by session and environment"
+    );
+
+    // A double-forked daemon is found by its environment and runs once.
+    client
+        .start(start_request("2", &[]))
+        .await
+        .expect("start 2");
+    assert!(
+        wait_until(PATIENCE, || async {
+            status(&pki, &agent).await.state == ReleaseState::Running
+                && agent.release_pids("app").len() == 1
+        })
+        .await
+    );
+    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    assert_eq!(agent.release_pids("app").len(), 1);
+    assert_eq!(status(&pki, &agent).await.restarts, 0);
+    client
+        .stop("app", Duration::from_secs(10))
+        .await
+        .expect("stop");
+    assert!(agent.release_pids("app").is_empty());
+}
+
+/// A system user created for one test and removed when dropped.
+struct TestUser {
+    name: String,
+}
+
+impl TestUser {
+    fn create() -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "erelt{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let status = std::process::Command::new("useradd")
+            .args(["--system", "--no-create-home", "--shell", "/bin/sh"])
+            .arg(&name)
+            .status()
+            .expect("run useradd (this test needs root)");
+        assert!(status.success(), "useradd {name}");
+        TestUser { name }
+    }
+
+    fn uid(&self) -> u32 {
+        nix::unistd::User::from_name(&self.name)
+            .expect("lookup")
+            .expect("user exists")
+            .uid
+            .as_raw()
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("userdel")
+            .arg(&self.name)
+            .status();
+    }
+}
+
+fn owner_of(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("metadata").uid()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_runs_as_its_user_and_writes_only_where_allowed() {
+    let user = TestUser::create();
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "as-user");
+    let work = tempfile::tempdir().expect("tempdir");
+    let script = "#!/bin/sh
+id -u > \"$EREL_DATA/uid\"
+if touch \"$(pwd)/written\" 2>/dev/null; then echo yes; else echo no; fi > \"$EREL_DATA/version-dir-writable\"
+if touch bin/app 2>/dev/null; then echo yes; else echo no; fi > \"$EREL_DATA/program-writable\"
+mkdir -p \"$RUNNER_LOG_DIR\" && echo ok > \"$RUNNER_LOG_DIR/run.log\"
+exec sleep 100000
+";
+    install(&pki, &agent, work.path(), "1", script).await;
+    let mut request = start_request("1", &[]);
+    request.user = Some(user.name.clone());
+    let mut client = pki.connect(&agent).await;
+
+    // A root inside a 0700 directory: the user cannot reach the release, and the
+    // refusal names the directory at fault rather than "Permission denied".
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |mode: u32| {
+        std::fs::set_permissions(agent.root_dir.path(), std::fs::Permissions::from_mode(mode))
+            .expect("chmod")
+    };
+    chmod(0o700);
+    let refused = client.start(request.clone()).await.unwrap_err().to_string();
+    assert!(
+        refused.contains(&format!("user '{}'", user.name)) && refused.contains("cannot enter"),
+        "{refused}"
+    );
+    assert_eq!(status(&pki, &agent).await.state, ReleaseState::Stopped);
+
+    assert!(
+        refused.contains(&agent.root_dir.path().display().to_string()),
+        "{refused}"
+    );
+    chmod(0o755);
+    let started = client.start(request).await.expect("start as the user");
+    let data: PathBuf = agent.root.join("data/app");
+    assert!(
+        wait_until(PATIENCE, || async { data.join("log/run.log").exists() }).await,
+        "{}",
+        agent.log()
+    );
+    let read = |name: &str| {
+        std::fs::read_to_string(data.join(name))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(read("uid"), user.uid().to_string());
+    assert_eq!(read("version-dir-writable"), "no");
+    assert_eq!(read("program-writable"), "no");
+    assert!(!agent.root.join("releases/app/1/written").exists());
+    assert_eq!(owner_of(&data), user.uid());
+    assert_eq!(owner_of(&data.join("uid")), user.uid());
+    let status_text =
+        std::fs::read_to_string(format!("/proc/{}/status", started.pid)).expect("status");
+    let uid_line = status_text
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .expect("Uid line");
+    assert!(
+        uid_line
+            .split_whitespace()
+            .skip(1)
+            .all(|u| u == user.uid().to_string()),
+        "{uid_line}"
+    );
+    client
+        .stop("app", Duration::from_secs(10))
+        .await
+        .expect("stop");
+    assert!(members(&agent).is_empty());
+}
