@@ -27,7 +27,7 @@ fn which(program: &str) -> Option<PathBuf> {
 /// run at the same time. Hosts run it as a system service for the same reason.
 pub fn ensure_epmd() {
     let epmd = which("epmd").unwrap_or_else(|| {
-        panic!("epmd is not on PATH: scripts/test.sh installs Erlang/OTP (apt-get install erlang)")
+        panic!("epmd is not on PATH: scripts/test.sh installs it with Erlang/OTP (apt-get install erlang-base)")
     });
     let run = |arg: &str| {
         Command::new(&epmd)
