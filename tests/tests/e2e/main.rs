@@ -8,5 +8,5 @@ mod amqp;
 mod certs_cli;
 mod deploy;
 mod otp;
-mod pki;
 mod peers;
+mod pki;

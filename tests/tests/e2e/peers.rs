@@ -702,3 +702,41 @@ async fn a_handshake_cut_by_the_agent_is_explained_at_the_master() {
         server.await.expect("server");
     }
 }
+
+/// A replaced bundle that does not load is warned about once, not at every connection:
+/// otherwise a crowd without certificates would make the agent parse the whole bundle
+/// and write a warning for each connection it opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_bundle_is_not_reloaded_for_every_peer() {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let bundle = pki.bundle("web-1");
+    let staged = bundle.join(".crl.pem.new");
+    std::fs::write(&staged, "not a CRL\n").expect("stage");
+    std::fs::rename(&staged, bundle.join(erel_certs::layout::CRL_PEM)).expect("replace crl.pem");
+
+    let mut crowd = Vec::new();
+    for n in 0..40 {
+        crowd.push(idle_peer(&agent, &format!("127.0.0.{}", 2 + n % 20)).await);
+    }
+    let mut client = AgentClient::connect(&agent.host(), pki.client_config(), "test-master")
+        .await
+        .unwrap_or_else(|e| panic!("the previous bundle still serves: {e}\n{}", agent.log()));
+    client.ping().await.expect("ping");
+    client.close().await;
+
+    let log = agent.log();
+    let warnings = log.matches("does not load").count();
+    assert_eq!(warnings, 1, "one warning for one refused change:\n{log}");
+
+    // A change to the files is tried again: a good crl.pem back in place is used.
+    let good = pki.certs_dir().join(erel_certs::layout::CRL_PEM);
+    std::fs::copy(&good, &staged).expect("stage");
+    std::fs::rename(&staged, bundle.join(erel_certs::layout::CRL_PEM)).expect("restore");
+    let mut client = AgentClient::connect(&agent.host(), pki.client_config(), "test-master")
+        .await
+        .expect("connect");
+    client.ping().await.expect("ping");
+    client.close().await;
+    assert!(agent.log().contains("certificate bundle changed; reloaded"));
+}
