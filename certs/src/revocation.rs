@@ -8,7 +8,8 @@
 //! * Each CRL must be signed by a CA the bundle knows: a certificate in `ca.pem`,
 //!   or an intermediate in the chain of the bundle's own certificate. Its issuer
 //!   must allow CRL signing (keyUsage cRLSign, when the extension is present), and
-//!   no two CRLs may come from the same CA. Anything else is refused when the files
+//!   no two CRLs may come from the same CA, and it must be signed with an algorithm
+//!   the handshake verifies (`signatures`). Anything else is refused when the files
 //!   are loaded, naming the CRL's issuer: a CRL that cannot be authenticated
 //!   cannot be trusted to say that a certificate is *not* revoked.
 //! * Only the peer's own (end-entity) certificate is checked, against the CRL of
@@ -66,6 +67,16 @@ pub(crate) fn load(path: &Path, cas: &[CertificateDer<'static>]) -> Result<Crls>
         let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
             .map_err(|e| Error::parse(path, format!("{which} is not a valid CRL: {e}")))?;
         let issuer = name(crl.issuer());
+        if !crate::signatures::verifiable(der.as_ref()) {
+            return Err(Error::parse(
+                path,
+                format!(
+                    "{which} is signed by {issuer} with {}, which no handshake can verify ({}); have {issuer} make it again with one of those (openssl ca -gencrl -md sha256)",
+                    crate::signatures::describe(&crl.signature_algorithm),
+                    crate::signatures::ACCEPTED,
+                ),
+            ));
+        }
         let raw = crl.issuer().as_raw().to_vec();
         let Some(ca) = cas.iter().find(|ca| ca.cert.subject().as_raw() == raw) else {
             return Err(Error::parse(

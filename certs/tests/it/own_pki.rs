@@ -599,3 +599,85 @@ async fn erel_certs_issues_from_an_operators_intermediate_with_a_pkcs8_key() {
         Some("erel-master")
     );
 }
+
+/// A CA may sign with an algorithm that no handshake can verify (SHA-1, ECDSA with
+/// SHA-512). A certificate or CRL so signed is refused when loaded, naming it and the
+/// algorithm, rather than accepted and then failing every handshake, or blamed on a
+/// re-keyed CA.
+#[test]
+fn signatures_no_handshake_can_verify_are_refused_when_loaded() {
+    let site = site();
+    let host = site.host("web-1", KeyKind::EcP256Sec1);
+
+    // A leaf signed with SHA-1 by the RSA intermediate.
+    let sha1 = site
+        .pki
+        .issue_host_signed_with(
+            &site.pki.intermediate,
+            "web-2",
+            KeyKind::EcP256Sec1,
+            "-sha1",
+        )
+        .expect("sha1 leaf");
+    let text = parse_error(server_config(
+        &site.bundle("sha1-leaf", &Files::issue_input(&site, &sha1)),
+    ));
+    assert_contains(
+        &text,
+        &[
+            "host.pem",
+            "\"O=Example, CN=web-2\" is signed by \"O=Example, CN=Example Intermediate CA\"",
+            "sha1WithRSAEncryption",
+            "no handshake can verify",
+        ],
+    );
+
+    // A leaf signed with ECDSA and SHA-512 by the P-384 root (in ca.pem).
+    let sha512 = site
+        .pki
+        .issue_host_signed_with(&site.pki.root, "web-3", KeyKind::EcP256Sec1, "-sha512")
+        .expect("sha512 leaf");
+    let mut files = Files::issue_input(&site, &sha512);
+    files.chain = vec![&sha512.cert];
+    files.crls = Vec::new();
+    let text = parse_error(server_config(&site.bundle("sha512-leaf", &files)));
+    assert_contains(
+        &text,
+        &[
+            "host.pem",
+            "CN=web-3",
+            "ecdsa-with-SHA512",
+            "no handshake can verify",
+        ],
+    );
+    assert!(!text.contains("re-keyed"), "{text}");
+
+    // CRLs: SHA-1 from the RSA intermediate, SHA-512 from the ECDSA root.
+    for (name, crl) in [
+        (
+            "sha1WithRSAEncryption",
+            site.pki.crl_signed_with(&site.pki.intermediate, "sha1"),
+        ),
+        (
+            "ecdsa-with-SHA512",
+            site.pki.crl_signed_with(&site.pki.root, "sha512"),
+        ),
+    ] {
+        let mut files = Files::issue_input(&site, &host);
+        files.crls.push(crl.expect("crl"));
+        let text = parse_error(server_config(&site.bundle(&format!("crl-{name}"), &files)));
+        assert_contains(&text, &["crl.pem", "CRL #2", name, "-md sha256"]);
+
+        let master = site.master_leaf(&format!("master-{name}"), KeyKind::EcP256Pkcs8);
+        let mut files = Files::issue_input(&site, &master);
+        files.crls = vec![site
+            .pki
+            .crl_signed_with(&site.pki.intermediate, "sha1")
+            .expect("crl")];
+        let text = parse_error(
+            site.master(&format!("certs-{name}"), &files)
+                .client_config(),
+        );
+        assert_contains(&text, &["crl.pem", "CRL #1", "sha1WithRSAEncryption"]);
+    }
+}
