@@ -95,6 +95,10 @@ fn parse_error(result: Result<impl std::fmt::Debug, Error>) -> String {
     }
 }
 
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
 fn assert_contains(text: &str, parts: &[&str]) {
     for part in parts {
         assert!(text.contains(part), "{text:?} should contain {part:?}");
@@ -480,7 +484,7 @@ fn misordered_or_foreign_chains_are_refused_when_loaded() {
     assert_contains(&text, &["ends at the root", "Example Root CA", "not in"]);
 }
 
-/// Keys: encrypted, of a curve erel cannot sign with, another certificate's, or no
+/// Keys: encrypted, of a curve erel cannot sign with, RSA-PSS, another certificate's, or no
 /// key at all; each refused naming the key file and what to do.
 #[test]
 fn unusable_keys_are_refused_with_the_reason() {
@@ -528,6 +532,44 @@ fn unusable_keys_are_refused_with_the_reason() {
         &text,
         &["host.key", "PKCS#8", "cannot be used", "P-256 or P-384"],
     );
+
+    // RSA-PSS: an RSA key of a usable size, but restricted to PSS; as PKCS#8, and
+    // as the traditional form `openssl rsa -traditional` writes of it.
+    let pss = site.tmp.path().join("pss.key");
+    let pss_traditional = site.tmp.path().join("pss-traditional.key");
+    for (args, out) in [
+        (
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA-PSS",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+            ][..],
+            &pss,
+        ),
+        (
+            &["rsa", "-traditional", "-in", path_str(&pss), "-out"][..],
+            &pss_traditional,
+        ),
+    ] {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .arg(out)
+            .status()
+            .expect("openssl");
+        assert!(status.success());
+    }
+    for (name, key) in [("pss", &pss), ("pss-traditional", &pss_traditional)] {
+        let mut files = Files::issue_input(&site, &host);
+        files.key = key;
+        let text = parse_error(server_config(&site.bundle(name, &files)));
+        assert_contains(
+            &text,
+            &["host.key", "RSA-PSS key", "genpkey -algorithm RSA "],
+        );
+    }
 
     let mut files = Files::issue_input(&site, &host);
     files.key = &other.key;
