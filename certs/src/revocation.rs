@@ -82,7 +82,7 @@ pub(crate) fn load(path: &Path, cas: &[CertificateDer<'static>]) -> Result<Crls>
             return Err(Error::parse(
                 path,
                 format!(
-                    "{which} is issued by {issuer}, which is not a CA of this bundle ({}); a CRL is only trusted from a CA in ca.pem or in the chain of the bundle's own certificate",
+                    "{which} is issued by {issuer}, which is not a CA of this bundle ({}); a CRL is only trusted from a CA in ca.pem or in the chain of the bundle's own certificate: if {issuer} is an intermediate CA that issues the peers' certificates (the hosts' on the master, the masters' on an agent), add its certificate to ca.pem",
                     known(&cas)
                 ),
             ));

@@ -723,3 +723,80 @@ fn signatures_no_handshake_can_verify_are_refused_when_loaded() {
         assert_contains(&text, &["crl.pem", "CRL #1", "sha1WithRSAEncryption"]);
     }
 }
+
+/// Hosts and masters from different intermediates: each side needs the CRL of the
+/// other side's intermediate, which it can only authenticate with that intermediate
+/// in its ca.pem. With ca.pem holding the root alone the CRL is refused, saying to
+/// add the intermediate; with it, the sides shake hands and revocation applies.
+#[tokio::test]
+async fn hosts_and_masters_from_different_intermediates() {
+    let site = site();
+    let masters_ca = site
+        .pki
+        .issue_intermediate("masters", "/O=Example/CN=Example Masters CA")
+        .expect("masters intermediate");
+    let host = site.host("web-1", KeyKind::EcP256Sec1);
+    let master = site
+        .pki
+        .issue_master(&masters_ca, "master", KeyKind::Ed25519)
+        .expect("master");
+    let masters_crl = site.pki.crl(&masters_ca).expect("masters crl");
+    let hosts_crl = site.pki.crl(&site.pki.intermediate).expect("hosts crl");
+
+    let root_only = Files {
+        ca: vec![&site.pki.root.cert],
+        chain: vec![&host.cert, &site.pki.intermediate.cert],
+        key: &host.key,
+        crls: vec![masters_crl.clone()],
+    };
+    let text = parse_error(server_config(&site.bundle("root-only", &root_only)));
+    assert_contains(
+        &text,
+        &[
+            "crl.pem",
+            "Example Masters CA",
+            "add its certificate to ca.pem",
+        ],
+    );
+
+    let bundle = site.bundle(
+        "bundle",
+        &Files {
+            ca: vec![&site.pki.root.cert, &masters_ca.cert],
+            chain: vec![&host.cert, &site.pki.intermediate.cert],
+            key: &host.key,
+            crls: vec![masters_crl],
+        },
+    );
+    let certs = site.master(
+        "certs",
+        &Files {
+            ca: vec![&site.pki.root.cert, &site.pki.intermediate.cert],
+            chain: vec![&master.cert, &masters_ca.cert],
+            key: &master.key,
+            crls: vec![hosts_crl],
+        },
+    );
+    let (client_result, server_result) = attempt(
+        server_config(&bundle).expect("agent"),
+        certs.client_config().expect("master"),
+        "web-1",
+    )
+    .await;
+    assert_eq!(client_result.expect("master side").echoed, 42);
+    server_result.expect("agent side");
+
+    site.pki.revoke(&masters_ca, &master).expect("revoke");
+    fs::write(
+        bundle.join(layout::CRL_PEM),
+        site.pki.crl(&masters_ca).expect("crl"),
+    )
+    .expect("crl.pem");
+    let (client_result, _) = attempt(
+        server_config(&bundle).expect("agent"),
+        certs.client_config().expect("master"),
+        "web-1",
+    )
+    .await;
+    expect_refused(client_result, "certificate revoked");
+}
