@@ -415,6 +415,60 @@ async fn a_push_killed_mid_way_is_repeated_at_once_and_resumes() {
     no_busy_busy(&agent.log());
 }
 
+/// Two masters push the same file to the same place at once: the later takes the
+/// transfer over, and the earlier, told `busy` mid-way, goes on from the bytes the
+/// agent holds rather than failing. Both succeed and the file lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_masters_pushing_the_same_file_at_once_both_succeed() {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let size: u64 = 256 << 20;
+    let file = big_file(work.path(), size);
+    let digest = sha256(&file);
+    let push = || {
+        let mut command = pki.erel();
+        command
+            .env("XDG_CACHE_HOME", work.path().join("cache"))
+            .arg("push")
+            .arg(agent.host().to_string())
+            .arg(&file)
+            .arg("data/big.bin")
+            .arg("--sha256")
+            .arg(digest.to_hex())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        command
+    };
+    let first = push().spawn().expect("spawn the first push");
+    let started = wait_until(Duration::from_secs(120), || {
+        let staged = staged_bytes(&agent);
+        async move { staged >= 16 << 20 }
+    })
+    .await;
+    assert!(started, "the first transfer starts\n{}", agent.log());
+    let second = push().output().expect("run the second push");
+    let first = first.wait_with_output().expect("wait for the first push");
+    for (which, out) in [("first", &first), ("second", &second)] {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "the {which} push fails:\n{stderr}\nagent log:\n{}",
+            agent.log()
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&digest.to_hex()),
+            "{which}"
+        );
+        no_busy_busy(&stderr);
+    }
+    let log = agent.log();
+    assert!(log.contains("taken over by a newer request"), "{log}");
+    let landed = agent.root.join("data/big.bin");
+    assert_eq!(std::fs::metadata(&landed).expect("landed").len(), size);
+    assert_eq!(sha256(&landed), digest);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_or_dropped_transfer_is_taken_over_at_once() {
     let pki = Pki::new();
