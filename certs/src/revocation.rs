@@ -20,7 +20,10 @@
 //!   certificate, the status is unknown and the peer is refused
 //!   (`UnknownStatusPolicy::Deny`); the error names the certificate and its issuer.
 //! * A CRL's nextUpdate is not enforced (`ExpirationPolicy::Ignore`): a CRL is
-//!   replaced when something is revoked, not on a schedule.
+//!   replaced when something is revoked, not on a schedule, and an agent must not
+//!   lock every master out the day a CRL job fails. A CRL past its nextUpdate is
+//!   still used, with a warning each time it is loaded, since a CA that publishes
+//!   on a schedule may have revoked more since.
 //! * Without `crl.pem` an agent checks no revocation; the master always needs one.
 
 use std::path::Path;
@@ -110,6 +113,17 @@ pub(crate) fn load(path: &Path, cas: &[CertificateDer<'static>]) -> Result<Crls>
                     "{which} is the second CRL from {issuer}; keep only the newest CRL of each CA"
                 ),
             ));
+        }
+        if let Some(next) = crl.next_update() {
+            if next < x509_parser::time::ASN1Time::now() {
+                tracing::warn!(
+                    path = %path.display(),
+                    crl = %which,
+                    issuer = %issuer,
+                    next_update = %next,
+                    "CRL is past its nextUpdate: still used (nextUpdate is not enforced), but whatever its CA revoked since is not known here; put a fresh CRL from this CA in crl.pem"
+                );
+            }
         }
         issuers.push((raw, issuer));
     }

@@ -220,6 +220,27 @@ impl Pki {
         crate::files::read_to_string(&out)
     }
 
+    /// A CRL of `ca` as [`Pki::crl`] makes it, but issued on 1 January 2020 with a
+    /// nextUpdate a month later: long past.
+    pub fn expired_crl(&self, ca: &Authority) -> Result<String> {
+        let out = self
+            .dir
+            .join(format!("{}-expired.crl.pem", stem_of(&ca.cert)));
+        openssl(&[
+            "ca",
+            "-config",
+            path(&ca.config)?,
+            "-gencrl",
+            "-crl_lastupdate",
+            "20200101000000Z",
+            "-crl_nextupdate",
+            "20200201000000Z",
+            "-out",
+            path(&out)?,
+        ])?;
+        crate::files::read_to_string(&out)
+    }
+
     fn issue_leaf(
         &self,
         issuer: &Authority,
