@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::helper::release::sha256;
-use crate::helper::{wait_until, AgentProc, Pki};
+use crate::helper::{free_port, wait_until, AgentProc, Pki};
 
 /// A generous bound for anything the busy test machine must do "at once".
 const PROMPT: Duration = Duration::from_secs(20);
@@ -793,4 +793,27 @@ async fn a_refused_bundle_is_not_reloaded_for_every_peer() {
     client.ping().await.expect("ping");
     client.close().await;
     assert!(agent.log().contains("certificate bundle changed; reloaded"));
+}
+
+/// An error whose text already quotes its cause (here the refused connection) is
+/// shown once, not followed by that cause again.
+#[test]
+fn an_unreachable_agent_is_reported_without_repeating_the_cause() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let file = work.path().join("small.bin");
+    std::fs::write(&file, b"bytes").expect("write");
+    let out = pki
+        .erel()
+        .env("XDG_CACHE_HOME", work.path().join("cache"))
+        .arg("push")
+        .arg(format!("web-1@127.0.0.1:{}", free_port()))
+        .arg(&file)
+        .arg("data/small.bin")
+        .output()
+        .expect("run erel push");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("refused").count(), 1, "{stderr}");
+    no_busy_busy(&stderr);
 }
