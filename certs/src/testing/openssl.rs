@@ -241,6 +241,28 @@ impl Pki {
         crate::files::read_to_string(&out)
     }
 
+    /// A CRL of `ca` that says it is indirect (an issuingDistributionPoint with
+    /// indirectCRL): valid, but not a kind the TLS verifier takes.
+    pub fn indirect_crl(&self, ca: &Authority) -> Result<String> {
+        let config = self.dir.join(format!("{}-indirect.cnf", stem_of(&ca.cert)));
+        let mut text = crate::files::read_to_string(&ca.config)?;
+        // The CRL extensions' section is the last one of the file.
+        text.push_str("issuingDistributionPoint = critical, @idp\n[ idp ]\nindirectCRL = TRUE\n");
+        write(&config, &text)?;
+        let out = self
+            .dir
+            .join(format!("{}-indirect.crl.pem", stem_of(&ca.cert)));
+        openssl(&[
+            "ca",
+            "-config",
+            path(&config)?,
+            "-gencrl",
+            "-out",
+            path(&out)?,
+        ])?;
+        crate::files::read_to_string(&out)
+    }
+
     fn issue_leaf(
         &self,
         issuer: &Authority,

@@ -800,3 +800,29 @@ async fn hosts_and_masters_from_different_intermediates() {
     .await;
     expect_refused(client_result, "certificate revoked");
 }
+
+/// A CRL the verifier cannot take (here an indirect one) is blamed on crl.pem and
+/// named, not on ca.pem, on both sides.
+#[test]
+fn a_crl_of_a_kind_the_verifier_does_not_take_is_named() {
+    let site = site();
+    let host = site.host("web-1", KeyKind::EcP256Sec1);
+    let master = site.master_leaf("master", KeyKind::EcP256Pkcs8);
+    let indirect = site
+        .pki
+        .indirect_crl(&site.pki.intermediate)
+        .expect("indirect crl");
+    let mut files = Files::issue_input(&site, &host);
+    files.crls = vec![
+        site.pki.crl(&site.pki.root).expect("root crl"),
+        indirect.clone(),
+    ];
+    let text = parse_error(server_config(&site.bundle("bundle", &files)));
+    assert_contains(&text, &["crl.pem", "CRL #2", "IndirectCrl", "indirect"]);
+    assert!(!text.contains("ca.pem"), "{text}");
+
+    let mut files = Files::issue_input(&site, &master);
+    files.crls = vec![indirect];
+    let text = parse_error(site.master("certs", &files).client_config());
+    assert_contains(&text, &["crl.pem", "CRL #1", "IndirectCrl"]);
+}
