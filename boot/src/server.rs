@@ -95,7 +95,18 @@ impl Agent {
 /// a rotated CA, host certificate or CRL applies to new connections without a restart.
 pub struct TlsSource {
     dir: PathBuf,
-    current: Mutex<(erel_certs::BundleFingerprint, TlsAcceptor)>,
+    current: Mutex<Loaded>,
+}
+
+/// The bundle in use, and the last replacement that was refused.
+struct Loaded {
+    /// The files the acceptor was built from.
+    fingerprint: erel_certs::BundleFingerprint,
+    acceptor: TlsAcceptor,
+    /// The files of a replacement that did not load: not tried again (nor warned
+    /// about again) until they change, so connections, an unauthenticated flood
+    /// included, cost one look at the files' metadata each, not a parse of the bundle.
+    refused: Option<erel_certs::BundleFingerprint>,
 }
 
 impl std::fmt::Debug for TlsSource {
@@ -111,30 +122,40 @@ impl TlsSource {
         let config = erel_certs::server_config(&dir)?;
         Ok(TlsSource {
             dir,
-            current: Mutex::new((fingerprint, TlsAcceptor::from(config))),
+            current: Mutex::new(Loaded {
+                fingerprint,
+                acceptor: TlsAcceptor::from(config),
+                refused: None,
+            }),
         })
     }
 
     /// The acceptor for a new connection, reloading the bundle first if it changed. A
-    /// bundle that no longer loads (for example half-copied) keeps the previous one.
+    /// bundle that no longer loads (for example half-copied) keeps the previous one,
+    /// and is tried again (and warned about again) only once its files change again.
     pub fn acceptor(&self) -> TlsAcceptor {
         let fingerprint = erel_certs::bundle_fingerprint(&self.dir);
         let mut current = match self.current.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if current.0 != fingerprint {
+        if current.fingerprint != fingerprint && current.refused.as_ref() != Some(&fingerprint) {
             match erel_certs::server_config(&self.dir) {
                 Ok(config) => {
                     info!(dir = %self.dir.display(), "certificate bundle changed; reloaded");
-                    *current = (fingerprint, TlsAcceptor::from(config));
+                    *current = Loaded {
+                        fingerprint,
+                        acceptor: TlsAcceptor::from(config),
+                        refused: None,
+                    };
                 }
                 Err(e) => {
                     warn!(dir = %self.dir.display(), error = %e, "certificate bundle changed but does not load; keeping the previous one");
+                    current.refused = Some(fingerprint);
                 }
             }
         }
-        current.1.clone()
+        current.acceptor.clone()
     }
 }
 

@@ -128,6 +128,7 @@ pub(crate) fn own_chain(
     let mut chain = vec![leaf.der.clone()];
     let mut current = leaf;
     while chain.len() < MAX_CHAIN {
+        verifiable_signature(cert_file, current)?;
         if let Some(anchor) = roots.iter().find(|r| signed_by(&current.cert, &r.cert)) {
             // Trusted. Send the non-root CAs of ca.pem above this point along too.
             let mut top = anchor;
@@ -135,6 +136,7 @@ pub(crate) fn own_chain(
                 if chain.contains(top.der) {
                     break;
                 }
+                verifiable_signature(ca_file, top)?;
                 chain.push(top.der.clone());
                 match roots.iter().find(|r| signed_by(&top.cert, &r.cert)) {
                     Some(next) => top = next,
@@ -172,6 +174,25 @@ pub(crate) fn own_chain(
             "the chain of {} does not reach a CA of {} within {MAX_CHAIN} certificates",
             name(leaf.cert.subject()),
             short(ca_file)
+        ),
+    ))
+}
+
+/// Refuses a certificate of the path whose issuer signed it with an algorithm the
+/// handshake cannot verify (see `signatures`), naming both and the algorithm.
+fn verifiable_signature(file: &Path, cert: &Parsed<'_>) -> Result<()> {
+    if crate::signatures::verifiable(cert.der.as_ref()) {
+        return Ok(());
+    }
+    Err(Error::parse(
+        file,
+        format!(
+            "{} is signed by {} with {}, which no handshake can verify ({}); have {} sign it again with one of those",
+            name(cert.cert.subject()),
+            name(cert.cert.issuer()),
+            crate::signatures::describe(&cert.cert.signature_algorithm),
+            crate::signatures::ACCEPTED,
+            name(cert.cert.issuer()),
         ),
     ))
 }

@@ -43,6 +43,9 @@ pub(crate) fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
             "this private key is encrypted; the agent and the master start unattended, so store it unencrypted with mode 0600 (for example `openssl pkey -in KEY -out KEY.plain`)",
         ));
     }
+    if String::from_utf8_lossy(&bytes).contains("-----BEGIN RSA-PSS PRIVATE KEY-----") {
+        return Err(Error::parse(path, RSA_PSS));
+    }
     let mut keys = Vec::new();
     let mut others = Vec::new();
     for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(&bytes) {
@@ -83,12 +86,35 @@ pub(crate) fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
         .key_provider
         .load_private_key(key.clone_key())
         .map_err(|_| {
+            if is_rsa_pss(&key) {
+                return Error::parse(path, RSA_PSS);
+            }
             Error::parse(
                 path,
                 format!("a {encoding} private key that cannot be used: {ALGORITHMS}"),
             )
         })?;
     Ok(key)
+}
+
+/// An RSA key restricted to PSS (RFC 4055 id-RSASSA-PSS), which ring cannot sign
+/// with. Its size is not the problem, so the general list would mislead.
+const RSA_PSS: &str = "an RSA-PSS key (id-RSASSA-PSS, as `openssl genpkey -algorithm RSA-PSS` makes it), which erel cannot sign with; TLS 1.3 signs with PSS from a plain RSA key anyway: make one with `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048` and have the CA issue the certificate for it";
+
+/// The DER of the id-RSASSA-PSS object identifier (1.2.840.113549.1.1.10).
+const RSASSA_PSS_OID: [u8; 11] = [
+    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a,
+];
+
+/// Whether a PKCS#8 key's algorithm is id-RSASSA-PSS. The algorithm identifier
+/// follows the version within the first bytes, before any key material.
+fn is_rsa_pss(key: &PrivateKeyDer<'_>) -> bool {
+    let PrivateKeyDer::Pkcs8(pkcs8) = key else {
+        return false;
+    };
+    let head = &pkcs8.secret_pkcs8_der()[..pkcs8.secret_pkcs8_der().len().min(32)];
+    head.windows(RSASSA_PSS_OID.len())
+        .any(|window| window == RSASSA_PSS_OID)
 }
 
 /// Explains a key that rustls found not to match its certificate.

@@ -15,6 +15,7 @@
 //! * `chain`: a bundle's own chain, from its certificate to a CA of `ca.pem`.
 //! * `keys`: private keys in PKCS#8, PKCS#1 or SEC1 PEM.
 //! * `revocation`: what `crl.pem` may hold, and the revocation policy.
+//! * `signatures`: the signature algorithms a handshake verifies.
 //! * `verify`: the peer verifiers, whose refusals name the certificate at fault.
 //! * `explain`: [`explain_tls_error`], a refused handshake as a sentence.
 //! * [`testing`]: odd certificates for other crates' negative tests, and an
@@ -71,6 +72,7 @@ mod keys;
 pub mod layout;
 mod pki;
 mod revocation;
+mod signatures;
 mod store;
 pub mod testing;
 mod tls;

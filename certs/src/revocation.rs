@@ -8,7 +8,8 @@
 //! * Each CRL must be signed by a CA the bundle knows: a certificate in `ca.pem`,
 //!   or an intermediate in the chain of the bundle's own certificate. Its issuer
 //!   must allow CRL signing (keyUsage cRLSign, when the extension is present), and
-//!   no two CRLs may come from the same CA. Anything else is refused when the files
+//!   no two CRLs may come from the same CA, and it must be signed with an algorithm
+//!   the handshake verifies (`signatures`). Anything else is refused when the files
 //!   are loaded, naming the CRL's issuer: a CRL that cannot be authenticated
 //!   cannot be trusted to say that a certificate is *not* revoked.
 //! * Only the peer's own (end-entity) certificate is checked, against the CRL of
@@ -19,7 +20,10 @@
 //!   certificate, the status is unknown and the peer is refused
 //!   (`UnknownStatusPolicy::Deny`); the error names the certificate and its issuer.
 //! * A CRL's nextUpdate is not enforced (`ExpirationPolicy::Ignore`): a CRL is
-//!   replaced when something is revoked, not on a schedule.
+//!   replaced when something is revoked, not on a schedule, and an agent must not
+//!   lock every master out the day a CRL job fails. A CRL past its nextUpdate is
+//!   still used, with a warning each time it is loaded, since a CA that publishes
+//!   on a schedule may have revoked more since.
 //! * Without `crl.pem` an agent checks no revocation; the master always needs one.
 
 use std::path::Path;
@@ -66,12 +70,22 @@ pub(crate) fn load(path: &Path, cas: &[CertificateDer<'static>]) -> Result<Crls>
         let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
             .map_err(|e| Error::parse(path, format!("{which} is not a valid CRL: {e}")))?;
         let issuer = name(crl.issuer());
+        if !crate::signatures::verifiable(der.as_ref()) {
+            return Err(Error::parse(
+                path,
+                format!(
+                    "{which} is signed by {issuer} with {}, which no handshake can verify ({}); have {issuer} make it again with one of those (openssl ca -gencrl -md sha256)",
+                    crate::signatures::describe(&crl.signature_algorithm),
+                    crate::signatures::ACCEPTED,
+                ),
+            ));
+        }
         let raw = crl.issuer().as_raw().to_vec();
         let Some(ca) = cas.iter().find(|ca| ca.cert.subject().as_raw() == raw) else {
             return Err(Error::parse(
                 path,
                 format!(
-                    "{which} is issued by {issuer}, which is not a CA of this bundle ({}); a CRL is only trusted from a CA in ca.pem or in the chain of the bundle's own certificate",
+                    "{which} is issued by {issuer}, which is not a CA of this bundle ({}); a CRL is only trusted from a CA in ca.pem or in the chain of the bundle's own certificate: if {issuer} is an intermediate CA that issues the peers' certificates (the hosts' on the master, the masters' on an agent), add its certificate to ca.pem",
                     known(&cas)
                 ),
             ));
@@ -99,6 +113,17 @@ pub(crate) fn load(path: &Path, cas: &[CertificateDer<'static>]) -> Result<Crls>
                     "{which} is the second CRL from {issuer}; keep only the newest CRL of each CA"
                 ),
             ));
+        }
+        if let Some(next) = crl.next_update() {
+            if next < x509_parser::time::ASN1Time::now() {
+                tracing::warn!(
+                    path = %path.display(),
+                    crl = %which,
+                    issuer = %issuer,
+                    next_update = %next,
+                    "CRL is past its nextUpdate: still used (nextUpdate is not enforced), but whatever its CA revoked since is not known here; put a fresh CRL from this CA in crl.pem"
+                );
+            }
         }
         issuers.push((raw, issuer));
     }

@@ -54,14 +54,12 @@ pub fn server_config(bundle_dir: &Path) -> Result<Arc<ServerConfig>> {
     } else {
         Crls::default()
     };
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .with_crls(crls.ders)
+    let roots = Arc::new(roots);
+    let inner = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .with_crls(crls.ders.clone())
         .only_check_end_entity_revocation()
         .build()
-        .map_err(|source| Error::Verifier {
-            ca: ca.clone(),
-            source,
-        })?;
+        .map_err(|source| verifier_error(&ca, &crl_path, &crls, &roots, source))?;
     let verifier = Arc::new(MasterVerifier::new(inner, crls.issuers));
     let what = || {
         format!(
@@ -136,13 +134,17 @@ fn client_config(
         Some(path) => revocation::load(path, &known_cas(anchors, &chain))?,
         None => Crls::default(),
     };
-    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .with_crls(crls.ders)
+    let roots = Arc::new(roots);
+    let inner = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .with_crls(crls.ders.clone())
         .only_check_end_entity_revocation()
         .build()
-        .map_err(|source| Error::Verifier {
-            ca: ca_pem.to_path_buf(),
-            source,
+        .map_err(|source| match crl_pem {
+            Some(crl_pem) => verifier_error(ca_pem, crl_pem, &crls, &roots, source),
+            None => Error::Verifier {
+                ca: ca_pem.to_path_buf(),
+                source,
+            },
         })?;
     let verifier = Arc::new(AgentVerifier {
         inner,
@@ -181,6 +183,40 @@ fn known_cas(
         .chain(chain.iter().skip(1))
         .cloned()
         .collect()
+}
+
+/// A verifier that could not be built. A CRL it cannot take (an indirect or delta
+/// CRL, one limited to some reasons) is the CRL file's fault, not `ca.pem`'s: the
+/// error names `crl.pem` and which of its CRLs.
+fn verifier_error(
+    ca: &Path,
+    crl_path: &Path,
+    crls: &Crls,
+    roots: &Arc<RootCertStore>,
+    source: rustls::server::VerifierBuilderError,
+) -> Error {
+    let rustls::server::VerifierBuilderError::InvalidCrl(reason) = &source else {
+        return Error::Verifier {
+            ca: ca.to_path_buf(),
+            source,
+        };
+    };
+    let which = crls
+        .ders
+        .iter()
+        .position(|der| {
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .with_crls([der.clone()])
+                .build()
+                .is_err()
+        })
+        .map_or_else(|| "a CRL".to_string(), |i| format!("CRL #{}", i + 1));
+    Error::parse(
+        crl_path,
+        format!(
+            "{which} is of a kind the TLS verifier does not take ({reason:?}); erel takes complete CRLs as `openssl ca -gencrl` makes them, not indirect or delta CRLs nor CRLs limited to some reasons"
+        ),
+    )
 }
 
 /// A refused certificate and key: a key that does not match gets its own message.

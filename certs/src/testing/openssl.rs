@@ -150,6 +150,28 @@ impl Pki {
         self.issue_leaf(issuer, stem, "/O=Example/CN=erel-master", &ext, kind)
     }
 
+    /// Issues a host certificate as [`Pki::issue_host`] does, but signed with the
+    /// openssl digest `digest` (`-sha1`, `-sha512`) rather than the issuer's usual one.
+    pub fn issue_host_signed_with(
+        &self,
+        issuer: &Authority,
+        id: &str,
+        kind: KeyKind,
+        digest: &'static str,
+    ) -> Result<Leaf> {
+        let issuer = Authority {
+            digest: Some(digest),
+            ..issuer.clone()
+        };
+        self.issue_host(&issuer, id, kind)
+    }
+
+    /// Another intermediate CA under the root, with subject `subject` (`/O=…/CN=…`)
+    /// and a P-256 key (for sites where hosts and masters come from different ones).
+    pub fn issue_intermediate(&self, stem: &str, subject: &str) -> Result<Authority> {
+        issue_ca(&self.dir, &self.root, stem, subject, KeyKind::EcP256Pkcs8)
+    }
+
     /// Adds `leaf` to the revocations of `ca` (`openssl ca -revoke`); the next
     /// [`Pki::crl`] of `ca` lists it.
     pub fn revoke(&self, ca: &Authority, leaf: &Leaf) -> Result<()> {
@@ -173,6 +195,68 @@ impl Pki {
             "-gencrl",
             "-crldays",
             "30",
+            "-out",
+            path(&out)?,
+        ])?;
+        crate::files::read_to_string(&out)
+    }
+
+    /// A fresh CRL of `ca` as [`Pki::crl`] makes it, but signed with the openssl
+    /// digest `md` (`sha1`, `sha512`).
+    pub fn crl_signed_with(&self, ca: &Authority, md: &str) -> Result<String> {
+        let out = self.dir.join(format!("{}-{md}.crl.pem", stem_of(&ca.cert)));
+        openssl(&[
+            "ca",
+            "-config",
+            path(&ca.config)?,
+            "-gencrl",
+            "-crldays",
+            "30",
+            "-md",
+            md,
+            "-out",
+            path(&out)?,
+        ])?;
+        crate::files::read_to_string(&out)
+    }
+
+    /// A CRL of `ca` as [`Pki::crl`] makes it, but issued on 1 January 2020 with a
+    /// nextUpdate a month later: long past.
+    pub fn expired_crl(&self, ca: &Authority) -> Result<String> {
+        let out = self
+            .dir
+            .join(format!("{}-expired.crl.pem", stem_of(&ca.cert)));
+        openssl(&[
+            "ca",
+            "-config",
+            path(&ca.config)?,
+            "-gencrl",
+            "-crl_lastupdate",
+            "20200101000000Z",
+            "-crl_nextupdate",
+            "20200201000000Z",
+            "-out",
+            path(&out)?,
+        ])?;
+        crate::files::read_to_string(&out)
+    }
+
+    /// A CRL of `ca` that says it is indirect (an issuingDistributionPoint with
+    /// indirectCRL): valid, but not a kind the TLS verifier takes.
+    pub fn indirect_crl(&self, ca: &Authority) -> Result<String> {
+        let config = self.dir.join(format!("{}-indirect.cnf", stem_of(&ca.cert)));
+        let mut text = crate::files::read_to_string(&ca.config)?;
+        // The CRL extensions' section is the last one of the file.
+        text.push_str("issuingDistributionPoint = critical, @idp\n[ idp ]\nindirectCRL = TRUE\n");
+        write(&config, &text)?;
+        let out = self
+            .dir
+            .join(format!("{}-indirect.crl.pem", stem_of(&ca.cert)));
+        openssl(&[
+            "ca",
+            "-config",
+            path(&config)?,
+            "-gencrl",
             "-out",
             path(&out)?,
         ])?;

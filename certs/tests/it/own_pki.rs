@@ -95,6 +95,10 @@ fn parse_error(result: Result<impl std::fmt::Debug, Error>) -> String {
     }
 }
 
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
 fn assert_contains(text: &str, parts: &[&str]) {
     for part in parts {
         assert!(text.contains(part), "{text:?} should contain {part:?}");
@@ -480,7 +484,7 @@ fn misordered_or_foreign_chains_are_refused_when_loaded() {
     assert_contains(&text, &["ends at the root", "Example Root CA", "not in"]);
 }
 
-/// Keys: encrypted, of a curve erel cannot sign with, another certificate's, or no
+/// Keys: encrypted, of a curve erel cannot sign with, RSA-PSS, another certificate's, or no
 /// key at all; each refused naming the key file and what to do.
 #[test]
 fn unusable_keys_are_refused_with_the_reason() {
@@ -528,6 +532,44 @@ fn unusable_keys_are_refused_with_the_reason() {
         &text,
         &["host.key", "PKCS#8", "cannot be used", "P-256 or P-384"],
     );
+
+    // RSA-PSS: an RSA key of a usable size, but restricted to PSS; as PKCS#8, and
+    // as the traditional form `openssl rsa -traditional` writes of it.
+    let pss = site.tmp.path().join("pss.key");
+    let pss_traditional = site.tmp.path().join("pss-traditional.key");
+    for (args, out) in [
+        (
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA-PSS",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+            ][..],
+            &pss,
+        ),
+        (
+            &["rsa", "-traditional", "-in", path_str(&pss), "-out"][..],
+            &pss_traditional,
+        ),
+    ] {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .arg(out)
+            .status()
+            .expect("openssl");
+        assert!(status.success());
+    }
+    for (name, key) in [("pss", &pss), ("pss-traditional", &pss_traditional)] {
+        let mut files = Files::issue_input(&site, &host);
+        files.key = key;
+        let text = parse_error(server_config(&site.bundle(name, &files)));
+        assert_contains(
+            &text,
+            &["host.key", "RSA-PSS key", "genpkey -algorithm RSA "],
+        );
+    }
 
     let mut files = Files::issue_input(&site, &host);
     files.key = &other.key;
@@ -598,4 +640,189 @@ async fn erel_certs_issues_from_an_operators_intermediate_with_a_pkcs8_key() {
         server_result.expect("agent side").peer.as_deref(),
         Some("erel-master")
     );
+}
+
+/// A CA may sign with an algorithm that no handshake can verify (SHA-1, ECDSA with
+/// SHA-512). A certificate or CRL so signed is refused when loaded, naming it and the
+/// algorithm, rather than accepted and then failing every handshake, or blamed on a
+/// re-keyed CA.
+#[test]
+fn signatures_no_handshake_can_verify_are_refused_when_loaded() {
+    let site = site();
+    let host = site.host("web-1", KeyKind::EcP256Sec1);
+
+    // A leaf signed with SHA-1 by the RSA intermediate.
+    let sha1 = site
+        .pki
+        .issue_host_signed_with(
+            &site.pki.intermediate,
+            "web-2",
+            KeyKind::EcP256Sec1,
+            "-sha1",
+        )
+        .expect("sha1 leaf");
+    let text = parse_error(server_config(
+        &site.bundle("sha1-leaf", &Files::issue_input(&site, &sha1)),
+    ));
+    assert_contains(
+        &text,
+        &[
+            "host.pem",
+            "\"O=Example, CN=web-2\" is signed by \"O=Example, CN=Example Intermediate CA\"",
+            "sha1WithRSAEncryption",
+            "no handshake can verify",
+        ],
+    );
+
+    // A leaf signed with ECDSA and SHA-512 by the P-384 root (in ca.pem).
+    let sha512 = site
+        .pki
+        .issue_host_signed_with(&site.pki.root, "web-3", KeyKind::EcP256Sec1, "-sha512")
+        .expect("sha512 leaf");
+    let mut files = Files::issue_input(&site, &sha512);
+    files.chain = vec![&sha512.cert];
+    files.crls = Vec::new();
+    let text = parse_error(server_config(&site.bundle("sha512-leaf", &files)));
+    assert_contains(
+        &text,
+        &[
+            "host.pem",
+            "CN=web-3",
+            "ecdsa-with-SHA512",
+            "no handshake can verify",
+        ],
+    );
+    assert!(!text.contains("re-keyed"), "{text}");
+
+    // CRLs: SHA-1 from the RSA intermediate, SHA-512 from the ECDSA root.
+    for (name, crl) in [
+        (
+            "sha1WithRSAEncryption",
+            site.pki.crl_signed_with(&site.pki.intermediate, "sha1"),
+        ),
+        (
+            "ecdsa-with-SHA512",
+            site.pki.crl_signed_with(&site.pki.root, "sha512"),
+        ),
+    ] {
+        let mut files = Files::issue_input(&site, &host);
+        files.crls.push(crl.expect("crl"));
+        let text = parse_error(server_config(&site.bundle(&format!("crl-{name}"), &files)));
+        assert_contains(&text, &["crl.pem", "CRL #2", name, "-md sha256"]);
+
+        let master = site.master_leaf(&format!("master-{name}"), KeyKind::EcP256Pkcs8);
+        let mut files = Files::issue_input(&site, &master);
+        files.crls = vec![site
+            .pki
+            .crl_signed_with(&site.pki.intermediate, "sha1")
+            .expect("crl")];
+        let text = parse_error(
+            site.master(&format!("certs-{name}"), &files)
+                .client_config(),
+        );
+        assert_contains(&text, &["crl.pem", "CRL #1", "sha1WithRSAEncryption"]);
+    }
+}
+
+/// Hosts and masters from different intermediates: each side needs the CRL of the
+/// other side's intermediate, which it can only authenticate with that intermediate
+/// in its ca.pem. With ca.pem holding the root alone the CRL is refused, saying to
+/// add the intermediate; with it, the sides shake hands and revocation applies.
+#[tokio::test]
+async fn hosts_and_masters_from_different_intermediates() {
+    let site = site();
+    let masters_ca = site
+        .pki
+        .issue_intermediate("masters", "/O=Example/CN=Example Masters CA")
+        .expect("masters intermediate");
+    let host = site.host("web-1", KeyKind::EcP256Sec1);
+    let master = site
+        .pki
+        .issue_master(&masters_ca, "master", KeyKind::Ed25519)
+        .expect("master");
+    let masters_crl = site.pki.crl(&masters_ca).expect("masters crl");
+    let hosts_crl = site.pki.crl(&site.pki.intermediate).expect("hosts crl");
+
+    let root_only = Files {
+        ca: vec![&site.pki.root.cert],
+        chain: vec![&host.cert, &site.pki.intermediate.cert],
+        key: &host.key,
+        crls: vec![masters_crl.clone()],
+    };
+    let text = parse_error(server_config(&site.bundle("root-only", &root_only)));
+    assert_contains(
+        &text,
+        &[
+            "crl.pem",
+            "Example Masters CA",
+            "add its certificate to ca.pem",
+        ],
+    );
+
+    let bundle = site.bundle(
+        "bundle",
+        &Files {
+            ca: vec![&site.pki.root.cert, &masters_ca.cert],
+            chain: vec![&host.cert, &site.pki.intermediate.cert],
+            key: &host.key,
+            crls: vec![masters_crl],
+        },
+    );
+    let certs = site.master(
+        "certs",
+        &Files {
+            ca: vec![&site.pki.root.cert, &site.pki.intermediate.cert],
+            chain: vec![&master.cert, &masters_ca.cert],
+            key: &master.key,
+            crls: vec![hosts_crl],
+        },
+    );
+    let (client_result, server_result) = attempt(
+        server_config(&bundle).expect("agent"),
+        certs.client_config().expect("master"),
+        "web-1",
+    )
+    .await;
+    assert_eq!(client_result.expect("master side").echoed, 42);
+    server_result.expect("agent side");
+
+    site.pki.revoke(&masters_ca, &master).expect("revoke");
+    fs::write(
+        bundle.join(layout::CRL_PEM),
+        site.pki.crl(&masters_ca).expect("crl"),
+    )
+    .expect("crl.pem");
+    let (client_result, _) = attempt(
+        server_config(&bundle).expect("agent"),
+        certs.client_config().expect("master"),
+        "web-1",
+    )
+    .await;
+    expect_refused(client_result, "certificate revoked");
+}
+
+/// A CRL the verifier cannot take (here an indirect one) is blamed on crl.pem and
+/// named, not on ca.pem, on both sides.
+#[test]
+fn a_crl_of_a_kind_the_verifier_does_not_take_is_named() {
+    let site = site();
+    let host = site.host("web-1", KeyKind::EcP256Sec1);
+    let master = site.master_leaf("master", KeyKind::EcP256Pkcs8);
+    let indirect = site
+        .pki
+        .indirect_crl(&site.pki.intermediate)
+        .expect("indirect crl");
+    let mut files = Files::issue_input(&site, &host);
+    files.crls = vec![
+        site.pki.crl(&site.pki.root).expect("root crl"),
+        indirect.clone(),
+    ];
+    let text = parse_error(server_config(&site.bundle("bundle", &files)));
+    assert_contains(&text, &["crl.pem", "CRL #2", "IndirectCrl", "indirect"]);
+    assert!(!text.contains("ca.pem"), "{text}");
+
+    let mut files = Files::issue_input(&site, &master);
+    files.crls = vec![indirect];
+    let text = parse_error(site.master("certs", &files).client_config());
+    assert_contains(&text, &["crl.pem", "CRL #1", "IndirectCrl"]);
 }

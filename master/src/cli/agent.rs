@@ -4,12 +4,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::client::{Progress, WriteSource};
+use crate::client::{BusyWait, Progress, WriteSource};
 use crate::digest_cache::{DigestCache, FileStamp};
-use crate::{AgentClient, HostAddr};
+use crate::{AgentClient, Error, HostAddr};
 use anyhow::Context as _;
 use clap::Args;
-use erel_proto::{Pong, ReleaseState, ReleaseStatus, Start};
+use erel_proto::{ErrorKind, Pong, ReleaseState, ReleaseStatus, Start};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::Context;
@@ -280,7 +280,6 @@ pub async fn push(
         path: args.file.clone(),
         sha256,
     };
-    let mut client = connect(ctx, &host).await?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
@@ -295,13 +294,54 @@ pub async fn push(
         host.id,
         args.dest
     ));
-    let mut on_progress = |p: Progress| {
-        bar.set_length(p.total);
-        bar.set_position(p.skipped + p.sent);
+    // Another push of the same file (another master, or a repeat of a cut command)
+    // takes the agent's transfer over, and the agent then ends this connection with
+    // `Busy`; the bytes sent are kept for whichever request holds the file. Taking it
+    // back at once would only take it from a master that is sending, so this push
+    // waits about as long as the rest of the file takes at the rate it saw, then goes
+    // on from what the agent holds (nothing, when the other push finished it).
+    let mut busy: Option<BusyWait> = None;
+    let written = loop {
+        let mut seen = Progress {
+            total: 0,
+            skipped: 0,
+            sent: 0,
+        };
+        let mut on_progress = |p: Progress| {
+            seen = p;
+            bar.set_length(p.total);
+            bar.set_position(p.skipped + p.sent);
+        };
+        let started = std::time::Instant::now();
+        let attempt = match connect(ctx, &host).await {
+            Ok(mut client) => {
+                client
+                    .write_file(&source, &args.dest, args.mode, &mut on_progress)
+                    .await
+            }
+            Err(e) => {
+                bar.finish_and_clear();
+                return Err(e);
+            }
+        };
+        match attempt {
+            // Taken over before it sent anything: a plain `Busy`, waited out within
+            // its bound.
+            Err(Error::Agent { reply, .. }) if reply.kind == ErrorKind::Busy && seen.sent == 0 => {
+                let wait = busy.get_or_insert_with(BusyWait::new);
+                if let Err(e) = wait.retry_or_fail(&host, reply).await {
+                    break Err(e);
+                }
+            }
+            // Taken over, or cut, after it moved the file on (the agent's `Busy` may be
+            // lost to the reset of a connection it closed while bytes were in flight).
+            Err(e) if e.is_transient() && seen.sent > 0 => {
+                busy = None;
+                tokio::time::sleep(taken_over_pause(&seen, started.elapsed())).await;
+            }
+            other => break other,
+        }
     };
-    let written = client
-        .write_file(&source, &args.dest, args.mode, &mut on_progress)
-        .await;
     bar.finish_and_clear();
     let written = written?;
     if let Some(cache) = cache {
@@ -327,6 +367,20 @@ pub async fn push(
     );
     Ok(ExitCode::SUCCESS)
 }
+
+/// How long a push whose transfer another push took over waits before it goes on:
+/// half as long again as the rest of the file takes at the rate this push had, so
+/// the other push, sending, can finish it; within 1 s and [`TAKEN_OVER_PAUSE_MAX`].
+fn taken_over_pause(seen: &Progress, elapsed: Duration) -> Duration {
+    let done = seen.skipped + seen.sent;
+    let rest = seen.total.saturating_sub(done);
+    let rate = seen.sent as f64 / elapsed.as_secs_f64().max(0.001);
+    let estimate = Duration::from_secs_f64((1.5 * rest as f64 / rate.max(1.0)).min(3600.0));
+    estimate.clamp(Duration::from_secs(1), TAKEN_OVER_PAUSE_MAX)
+}
+
+/// The longest pause of a push whose transfer was taken over (see [`push`]).
+const TAKEN_OVER_PAUSE_MAX: Duration = Duration::from_secs(30);
 
 /// Unpacks an archive on one agent.
 pub async fn unpack(

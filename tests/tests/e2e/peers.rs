@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::helper::release::sha256;
-use crate::helper::{wait_until, AgentProc, Pki};
+use crate::helper::{free_port, wait_until, AgentProc, Pki};
 
 /// A generous bound for anything the busy test machine must do "at once".
 const PROMPT: Duration = Duration::from_secs(20);
@@ -415,6 +415,60 @@ async fn a_push_killed_mid_way_is_repeated_at_once_and_resumes() {
     no_busy_busy(&agent.log());
 }
 
+/// Two masters push the same file to the same place at once: the later takes the
+/// transfer over, and the earlier, told `busy` mid-way, goes on from the bytes the
+/// agent holds rather than failing. Both succeed and the file lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_masters_pushing_the_same_file_at_once_both_succeed() {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let size: u64 = 256 << 20;
+    let file = big_file(work.path(), size);
+    let digest = sha256(&file);
+    let push = || {
+        let mut command = pki.erel();
+        command
+            .env("XDG_CACHE_HOME", work.path().join("cache"))
+            .arg("push")
+            .arg(agent.host().to_string())
+            .arg(&file)
+            .arg("data/big.bin")
+            .arg("--sha256")
+            .arg(digest.to_hex())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        command
+    };
+    let first = push().spawn().expect("spawn the first push");
+    let started = wait_until(Duration::from_secs(120), || {
+        let staged = staged_bytes(&agent);
+        async move { staged >= 16 << 20 }
+    })
+    .await;
+    assert!(started, "the first transfer starts\n{}", agent.log());
+    let second = push().output().expect("run the second push");
+    let first = first.wait_with_output().expect("wait for the first push");
+    for (which, out) in [("first", &first), ("second", &second)] {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "the {which} push fails:\n{stderr}\nagent log:\n{}",
+            agent.log()
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&digest.to_hex()),
+            "{which}"
+        );
+        no_busy_busy(&stderr);
+    }
+    let log = agent.log();
+    assert!(log.contains("taken over by a newer request"), "{log}");
+    let landed = agent.root.join("data/big.bin");
+    assert_eq!(std::fs::metadata(&landed).expect("landed").len(), size);
+    assert_eq!(sha256(&landed), digest);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_or_dropped_transfer_is_taken_over_at_once() {
     let pki = Pki::new();
@@ -701,4 +755,65 @@ async fn a_handshake_cut_by_the_agent_is_explained_at_the_master() {
         );
         server.await.expect("server");
     }
+}
+
+/// A replaced bundle that does not load is warned about once, not at every connection:
+/// otherwise a crowd without certificates would make the agent parse the whole bundle
+/// and write a warning for each connection it opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_bundle_is_not_reloaded_for_every_peer() {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let bundle = pki.bundle("web-1");
+    let staged = bundle.join(".crl.pem.new");
+    std::fs::write(&staged, "not a CRL\n").expect("stage");
+    std::fs::rename(&staged, bundle.join(erel_certs::layout::CRL_PEM)).expect("replace crl.pem");
+
+    let mut crowd = Vec::new();
+    for n in 0..40 {
+        crowd.push(idle_peer(&agent, &format!("127.0.0.{}", 2 + n % 20)).await);
+    }
+    let mut client = AgentClient::connect(&agent.host(), pki.client_config(), "test-master")
+        .await
+        .unwrap_or_else(|e| panic!("the previous bundle still serves: {e}\n{}", agent.log()));
+    client.ping().await.expect("ping");
+    client.close().await;
+
+    let log = agent.log();
+    let warnings = log.matches("does not load").count();
+    assert_eq!(warnings, 1, "one warning for one refused change:\n{log}");
+
+    // A change to the files is tried again: a good crl.pem back in place is used.
+    let good = pki.certs_dir().join(erel_certs::layout::CRL_PEM);
+    std::fs::copy(&good, &staged).expect("stage");
+    std::fs::rename(&staged, bundle.join(erel_certs::layout::CRL_PEM)).expect("restore");
+    let mut client = AgentClient::connect(&agent.host(), pki.client_config(), "test-master")
+        .await
+        .expect("connect");
+    client.ping().await.expect("ping");
+    client.close().await;
+    assert!(agent.log().contains("certificate bundle changed; reloaded"));
+}
+
+/// An error whose text already quotes its cause (here the refused connection) is
+/// shown once, not followed by that cause again.
+#[test]
+fn an_unreachable_agent_is_reported_without_repeating_the_cause() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().expect("tempdir");
+    let file = work.path().join("small.bin");
+    std::fs::write(&file, b"bytes").expect("write");
+    let out = pki
+        .erel()
+        .env("XDG_CACHE_HOME", work.path().join("cache"))
+        .arg("push")
+        .arg(format!("web-1@127.0.0.1:{}", free_port()))
+        .arg(&file)
+        .arg("data/small.bin")
+        .output()
+        .expect("run erel push");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("refused").count(), 1, "{stderr}");
+    no_busy_busy(&stderr);
 }

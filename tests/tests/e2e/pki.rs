@@ -281,3 +281,23 @@ async fn an_agent_keeps_its_bundle_when_a_replacement_lacks_the_intermediate() {
         "{log}"
     );
 }
+
+/// A CRL past its nextUpdate is still used (revocation is not enforced by date, so a
+/// late CRL job cannot lock the masters out) but never silently: the agent says so
+/// when it loads it, naming the CA and the date.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_crl_is_used_and_warned_about() {
+    let site = Site::new("web-1");
+    let expired = site
+        .pki
+        .expired_crl(&site.pki.intermediate)
+        .expect("expired crl");
+    let agent = AgentProc::start_with_bundle(site.bundle("bundle", &[expired]), "web-1");
+    let certs = site.certs("certs", &[site.intermediate_crl()]);
+    let out = erel_ping(&certs, &agent, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let log = agent.log();
+    assert!(log.contains("past its nextUpdate"), "{log}");
+    assert!(log.contains("Example Intermediate CA"), "{log}");
+    assert!(log.contains("2020"), "{log}");
+}
