@@ -8,9 +8,9 @@
 //!
 //! Every release is spawned as the leader of a new session (`setsid`). Without cgroups,
 //! its members are what [`scan_members`] finds: its session and process group, every
-//! descendant of those, and every process carrying the release's environment markers
-//! (`EREL_ROOT` and `EREL_RELEASE`), which a daemon keeps across `setsid` and double forks
-//! unless it clears its environment.
+//! descendant of those, and every process of the release's user carrying the release's
+//! environment markers (`EREL_ROOT` and `EREL_RELEASE`), which a daemon keeps across
+//! `setsid` and double forks unless it clears its environment.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
@@ -160,8 +160,16 @@ pub(crate) struct Marked {
 }
 
 /// Every live process whose environment holds `EREL_ROOT=<root>` and
-/// `EREL_RELEASE=<name>`, oldest first. The agent's own process is never one.
+/// `EREL_RELEASE=<name>`, run by the release's user, oldest first. The agent's own
+/// process is never one.
+///
+/// Anyone can put the markers in the environment of their own processes; only the
+/// release's user (the owner of its data directory, which the agent hands over at each
+/// start), the agent's user or root can run the release. A marked process of any other
+/// user is not the release: it neither keeps the release from starting nor is
+/// signalled when the release stops.
 pub(crate) fn marked(root: &Path, name: &str) -> Vec<Marked> {
+    let owners = release_uids(root, name);
     let root = root.to_string_lossy();
     let own = std::process::id();
     let mut found: Vec<Marked> = all_pids()
@@ -169,6 +177,9 @@ pub(crate) fn marked(root: &Path, name: &str) -> Vec<Marked> {
         .filter(|&pid| pid != own && pid > 1)
         .filter_map(|pid| {
             let stat = proc_stat(pid).filter(|s| !s.is_gone())?;
+            if !real_uid(pid).is_some_and(|uid| owners.contains(&uid)) {
+                return None;
+            }
             let env = environ(pid)?;
             let get = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
             if get("EREL_ROOT").as_deref() != Some(&*root)
@@ -185,6 +196,29 @@ pub(crate) fn marked(root: &Path, name: &str) -> Vec<Marked> {
         .collect();
     found.sort_by_key(|m| (m.start_time, m.pid));
     found
+}
+
+/// The users that may run release `name` under `root`: root, the agent's user and the
+/// owner of the release's data directory (its user since the last start).
+fn release_uids(root: &Path, name: &str) -> [u32; 3] {
+    let data_owner = fs::symlink_metadata(root.join(DATA_DIR).join(name))
+        .ok()
+        .filter(|meta| meta.is_dir())
+        .map_or(0, |meta| meta.uid());
+    [0, nix::unistd::getuid().as_raw(), data_owner]
+}
+
+/// The real uid of a process, from the `Uid:` line of `/proc/<pid>/status` (the owner of
+/// `/proc/<pid>` is not it: a process that is not dumpable shows as root's there).
+fn real_uid(pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The members of a release without cgroups: every live process in the session or

@@ -416,6 +416,65 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
     assert!(agent.release_pids("app").is_empty());
 }
 
+/// Another user's process that copies a release's markers into its environment is not
+/// the release: without cgroups it neither keeps the release from starting, nor shows
+/// as its pid, nor is signalled when the release stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_users_process_with_the_markers_is_not_the_release() {
+    use std::os::unix::process::CommandExt;
+    let user = TestUser::create();
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "forged", &["--cgroup-parent", "/cgroup.procs/erel"]);
+    assert!(agent.cgroup_dir().is_none());
+    let work = tempfile::tempdir().expect("tempdir");
+    install(
+        &pki,
+        &agent,
+        work.path(),
+        "1",
+        "#!/bin/sh\nexec sleep 100000\n",
+    )
+    .await;
+    let root = std::fs::canonicalize(&agent.root).expect("root");
+    let mut forged = std::process::Command::new("sleep")
+        .arg("100001")
+        .env("EREL_ROOT", &root)
+        .env("EREL_RELEASE", "app")
+        .env("EREL_VERSION", "1")
+        .uid(user.uid())
+        .process_group(0)
+        .spawn()
+        .expect("spawn the other user's process");
+    let forged_pid = forged.id() as i32;
+    let outcome = async {
+        let mut client = pki.connect(&agent).await;
+        let started = client
+            .start(start_request("1", &[]))
+            .await
+            .map_err(|e| format!("start refused: {e}\n{}", agent.log()))?;
+        tokio::time::sleep(BACKOFF_MAX * 3).await;
+        let now = status(&pki, &agent).await;
+        if now.state != ReleaseState::Running || now.pid != Some(started.pid) {
+            return Err(format!("status {now:?}, started {}", started.pid));
+        }
+        let stopped = client
+            .stop("app", Duration::from_secs(10))
+            .await
+            .map_err(|e| format!("stop: {e}"))?;
+        if !stopped.was_running || alive(started.pid as i32) {
+            return Err(format!("the release did not stop: {stopped:?}"));
+        }
+        if !alive(forged_pid) {
+            return Err("the agent stopped another user's process".to_string());
+        }
+        Ok(())
+    }
+    .await;
+    let _ = forged.kill();
+    let _ = forged.wait();
+    outcome.unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// A system user created for one test and removed when dropped.
 struct TestUser {
     name: String,
