@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::fs;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
@@ -565,23 +565,43 @@ fn ensure_data_dir(root: &Root, desired: &Desired, run_as: Option<&RunAs>) -> Re
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(Error::io("create", &dir, e)),
         }
-        let meta = fs::symlink_metadata(&dir).map_err(|e| Error::io("inspect", &dir, e))?;
-        if !meta.is_dir() {
-            return Err(spawn_failed(
+        // Opened without following a symlink, then changed through the descriptor: the
+        // release's user owns `data/<name>/` and may swap what is in it at any moment,
+        // so a path checked first and changed after may no longer be the directory.
+        let not_a_dir = || {
+            spawn_failed(
                 desired,
                 format!(
                     "{} must be a directory (the release's data directory), not a link or file",
                     dir.strip_prefix(root.path()).unwrap_or(&dir).display()
                 ),
-            ));
+            )
+        };
+        let handle = match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&dir)
+        {
+            Ok(handle) => handle,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                return Err(not_a_dir())
+            }
+            Err(e) => return Err(Error::io("open", &dir, e)),
+        };
+        let meta = handle
+            .metadata()
+            .map_err(|e| Error::io("inspect", &dir, e))?;
+        if !meta.is_dir() {
+            return Err(not_a_dir());
         }
         let (uid, gid) = owner.unwrap_or((Uid::from_raw(meta.uid()), Gid::from_raw(meta.gid())));
         if meta.uid() != uid.as_raw() || meta.gid() != gid.as_raw() {
-            std::os::unix::fs::lchown(&dir, Some(uid.as_raw()), Some(gid.as_raw()))
+            std::os::unix::fs::fchown(&handle, Some(uid.as_raw()), Some(gid.as_raw()))
                 .map_err(|e| Error::io("change the owner of", &dir, e))?;
         }
         if meta.permissions().mode() & 0o7777 != mode {
-            fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
+            handle
+                .set_permissions(fs::Permissions::from_mode(mode))
                 .map_err(|e| Error::io("set mode of", &dir, e))?;
         }
     }
@@ -845,6 +865,64 @@ mod tests {
         assert!(!own.is_gone());
         assert!(is_alive(std::process::id(), own.start_time));
         assert!(!is_alive(std::process::id(), own.start_time + 1));
+    }
+
+    /// The data directory is the release user's: while the agent prepares it, that user
+    /// may swap `log/` for a symlink. Nothing the agent does to it may reach the target.
+    #[test]
+    fn a_data_directory_swapped_for_a_symlink_never_passes_a_change_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = Root::open(dir.path()).expect("root");
+        let victim = dir.path().join("victim");
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&victim)
+            .expect("victim");
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o700)).expect("chmod");
+        let desired = Desired {
+            name: "app".into(),
+            version: "1".into(),
+            argv: vec!["bin/app".into()],
+            env: Vec::new(),
+            user: None,
+            should_run: true,
+            crash_looping: false,
+        };
+        ensure_data_dir(&root, &desired, None).expect("first preparation");
+        let log = data_dir(&root, "app").join("log");
+        // A symlink to the victim beside `log/`, the two exchanged atomically over and
+        // over, `log/` put back to 0700 whenever it is the directory.
+        let spare = data_dir(&root, "app").join("spare");
+        std::os::unix::fs::symlink(&victim, &spare).expect("symlink");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (log, spare, stop) = (log.clone(), spare.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for path in [&log, &spare] {
+                        let is_dir = fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+                        if is_dir {
+                            let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o700));
+                        }
+                    }
+                    let _ = nix::fcntl::renameat2(
+                        nix::fcntl::AT_FDCWD,
+                        &log,
+                        nix::fcntl::AT_FDCWD,
+                        &spare,
+                        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+                    );
+                }
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let _ = ensure_data_dir(&root, &desired, None);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swapper.join().expect("swapper");
+        let mode = fs::metadata(&victim).expect("victim").permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "the agent changed the mode through a symlink");
     }
 
     #[test]
