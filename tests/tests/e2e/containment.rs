@@ -595,3 +595,129 @@ exec sleep 100000
         .expect("stop");
     assert!(members(&agent).is_empty());
 }
+
+/// Live output writers of release `app` under `agent` (each names its log).
+fn app_writers(agent: &AgentProc) -> usize {
+    let log = std::fs::canonicalize(&agent.root)
+        .expect("root")
+        .join(".erel/logs/app.log");
+    let needle = log.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| alive(pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == needle.as_bytes()))
+        })
+        .count()
+}
+
+/// A start command that fails and leaves helpers behind: the helpers are stopped before
+/// each restart, a crash loop leaves nothing running, and no output writer is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_start_command_leaves_nothing_behind_across_a_crash_loop() {
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "cg-fail");
+    let work = tempfile::tempdir().expect("tempdir");
+    let script = "#!/bin/sh\nsetsid sh -c 'exec sleep 100000' &\nnohup sleep 100000 >/dev/null 2>&1 &\necho failing\nexit 3\n";
+    install(&pki, &agent, work.path(), "1", script).await;
+    let mut client = pki.connect(&agent).await;
+    client.start(start_request("1", &[])).await.expect("start");
+    assert!(
+        wait_until(PATIENCE, || async {
+            status(&pki, &agent).await.state == ReleaseState::CrashLooping
+        })
+        .await,
+        "{}",
+        agent.log()
+    );
+    assert!(members(&agent).is_empty(), "{:?}", members(&agent));
+    assert!(
+        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
+        "writers left after a crash loop"
+    );
+}
+
+/// `start-stop-daemon --background` and a child that ends later: daemonized, the child's
+/// end is the release's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it() {
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "cg-ssd");
+    let work = tempfile::tempdir().expect("tempdir");
+    let script =
+        "#!/bin/sh\nstart-stop-daemon --start --background --exec /bin/sleep -- 100000\nexit 0\n";
+    install(&pki, &agent, work.path(), "1", script).await;
+    install(
+        &pki,
+        &agent,
+        work.path(),
+        "2",
+        "#!/bin/sh\n(sleep 1; echo child-done) &\nexit 0\n",
+    )
+    .await;
+    let mut client = pki.connect(&agent).await;
+    client.start(start_request("1", &[])).await.expect("start");
+    assert!(
+        wait_until(PATIENCE, || async {
+            let s = status(&pki, &agent).await;
+            s.state == ReleaseState::Running
+                && s.pid.is_some_and(|p| {
+                    std::fs::read(format!("/proc/{p}/cmdline"))
+                        .is_ok_and(|c| c == b"/bin/sleep\x00100000\x00")
+                })
+        })
+        .await,
+        "{}",
+        agent.log()
+    );
+    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    assert_eq!(members(&agent).len(), 1);
+    assert_eq!(status(&pki, &agent).await.restarts, 0);
+    // A switch of version stops the daemon and leaves one writer at most.
+    client
+        .start(start_request("2", &[]))
+        .await
+        .expect("start 2");
+    assert!(
+        wait_until(PATIENCE, || async {
+            status(&pki, &agent).await.state == ReleaseState::CrashLooping
+        })
+        .await,
+        "{}",
+        agent.log()
+    );
+    assert!(members(&agent).is_empty());
+    assert!(
+        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
+        "writers left"
+    );
+}
+
+/// A release that ignores SIGTERM and forks short processes without end while it is
+/// stopped (bounded: about a hundred at a time) is killed whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_storm_that_ignores_sigterm_is_stopped_whole() {
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "cg-storm");
+    let work = tempfile::tempdir().expect("tempdir");
+    let script = "#!/bin/sh\ntrap '' TERM\necho storming\nwhile :; do\n  for i in 1 2 3 4 5 6 7 8 9 10; do sh -c \"trap '' TERM; sleep 0.3\" & done\n  sleep 0.03\ndone\n";
+    install(&pki, &agent, work.path(), "1", script).await;
+    let mut client = pki.connect(&agent).await;
+    client.start(start_request("1", &[])).await.expect("start");
+    assert!(wait_until(PATIENCE, || async { members(&agent).len() > 20 }).await);
+    let begun = std::time::Instant::now();
+    let stopped = client
+        .stop("app", Duration::from_secs(1))
+        .await
+        .expect("stop");
+    assert!(stopped.was_running && stopped.killed);
+    assert!(begun.elapsed() < Duration::from_secs(15));
+    assert!(members(&agent).is_empty());
+    assert!(
+        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
+        "writers left"
+    );
+}
