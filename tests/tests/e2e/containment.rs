@@ -721,3 +721,45 @@ async fn a_fork_storm_that_ignores_sigterm_is_stopped_whole() {
         "writers left"
     );
 }
+
+/// A release running as root may make a cgroup below its own and move a helper there:
+/// the helper is still the release, stopped with it, and no second copy starts beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_helper_moved_into_a_cgroup_below_the_release_is_the_release() {
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "cg-nested");
+    let own = agent.cgroup_dir().expect("cgroup").join("release.app");
+    let work = tempfile::tempdir().expect("tempdir");
+    let script = format!(
+        "#!/bin/sh\nmkdir -p '{dir}/worker'\nsh -c 'echo $$ > \"$0/worker/cgroup.procs\" && exec sleep 100000' '{dir}' &\nexec sleep 100000\n",
+        dir = own.display()
+    );
+    install(&pki, &agent, work.path(), "1", &script).await;
+    let mut client = pki.connect(&agent).await;
+    let started = client.start(start_request("1", &[])).await.expect("start");
+    let worker = own.join("worker");
+    assert!(
+        wait_until(PATIENCE, || async { live_pids(&worker).len() == 1 }).await,
+        "the helper moved\n{}",
+        agent.log()
+    );
+    let helper = live_pids(&worker)[0];
+    assert_ne!(helper, started.pid as i32);
+    let stopped = client
+        .stop("app", Duration::from_secs(10))
+        .await
+        .expect("stop");
+    assert!(stopped.was_running);
+    let gone = !alive(helper);
+    if !gone {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(helper),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(gone, "the helper in the nested cgroup survived the stop");
+    assert!(
+        !own.exists(),
+        "the release's cgroups are removed once empty"
+    );
+}
