@@ -763,3 +763,103 @@ async fn a_helper_moved_into_a_cgroup_below_the_release_is_the_release() {
         "the release's cgroups are removed once empty"
     );
 }
+
+/// A group created for one test and removed when dropped.
+struct TestGroup {
+    name: String,
+}
+
+impl TestGroup {
+    fn create(tag: &str) -> Self {
+        let name = format!("erelg{}{tag}", std::process::id());
+        let status = std::process::Command::new("groupadd")
+            .arg("--system")
+            .arg(&name)
+            .status()
+            .expect("run groupadd (this test needs root)");
+        assert!(status.success(), "groupadd {name}");
+        TestGroup { name }
+    }
+
+    fn gid(&self) -> u32 {
+        nix::unistd::Group::from_name(&self.name)
+            .expect("lookup")
+            .expect("group exists")
+            .gid
+            .as_raw()
+    }
+}
+
+impl Drop for TestGroup {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("groupdel")
+            .arg(&self.name)
+            .status();
+    }
+}
+
+/// A user whose primary group is not named after it, with a supplementary group and no
+/// home directory, named by its numeric uid: the release runs with exactly those
+/// groups, its data directory belongs to that user and primary group, and it cannot
+/// write into another release's data directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_with_other_groups_and_no_home_named_by_uid() {
+    let primary = TestGroup::create("p");
+    let extra = TestGroup::create("s");
+    let name = format!("erelu{}", std::process::id());
+    let status = std::process::Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent/erel",
+        ])
+        .args(["--gid", &primary.name, "--groups", &extra.name])
+        .arg(&name)
+        .status()
+        .expect("useradd");
+    assert!(status.success());
+    let user = TestUser { name };
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "as-uid");
+    let work = tempfile::tempdir().expect("tempdir");
+    let other = agent.root.join("data/other");
+    std::fs::create_dir_all(&other).expect("other data");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    let script = format!(
+        "#!/bin/sh\nid -G | tr ' ' '\\n' | sort -n | tr '\\n' ' ' > \"$EREL_DATA/groups\"\necho \"$HOME\" > \"$EREL_DATA/home\"\nif touch '{}/x' 2>/dev/null; then echo yes; else echo no; fi > \"$EREL_DATA/other-writable\"\nexec sleep 100000\n",
+        other.display()
+    );
+    install(&pki, &agent, work.path(), "1", &script).await;
+    let mut request = start_request("1", &[]);
+    request.user = Some(user.uid().to_string());
+    let mut client = pki.connect(&agent).await;
+    client.start(request).await.expect("start by uid");
+    let data = agent.root.join("data/app");
+    assert!(
+        wait_until(PATIENCE, || async {
+            data.join("other-writable")
+                .metadata()
+                .is_ok_and(|m| m.len() > 0)
+        })
+        .await,
+        "{}",
+        agent.log()
+    );
+    let read = |file: &str| std::fs::read_to_string(data.join(file)).unwrap_or_default();
+    let mut want = [primary.gid(), extra.gid()];
+    want.sort_unstable();
+    let want: String = want.iter().map(|g| format!("{g} ")).collect();
+    assert_eq!(read("groups"), want);
+    assert_eq!(read("home").trim(), "/nonexistent/erel");
+    assert_eq!(read("other-writable").trim(), "no");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&data).expect("data");
+    assert_eq!((meta.uid(), meta.gid()), (user.uid(), primary.gid()));
+    client
+        .stop("app", Duration::from_secs(10))
+        .await
+        .expect("stop");
+    drop(user);
+}
