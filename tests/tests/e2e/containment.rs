@@ -863,3 +863,67 @@ async fn a_user_with_other_groups_and_no_home_named_by_uid() {
         .expect("stop");
     drop(user);
 }
+
+/// Output writers never outlive their run: after a kill -9 of the agent and adoption, a
+/// switch of version leaves only the new run's writer, and a stop after a second
+/// adoption leaves none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
+    let pki = Pki::new();
+    let mut agent = cgroup_agent(&pki, "cg-writers");
+    let work = tempfile::tempdir().expect("tempdir");
+    let ticking = "#!/bin/sh\nsetsid sh -c 'while :; do echo helper; sleep 0.2; done' &\nwhile :; do echo tick; sleep 0.2; done\n";
+    install(&pki, &agent, work.path(), "1", ticking).await;
+    install(&pki, &agent, work.path(), "2", RELX_STYLE).await;
+    let mut client = pki.connect(&agent).await;
+    client.start(start_request("1", &[])).await.expect("start");
+    assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
+    assert_eq!(app_writers(&agent), 1);
+    agent.kill9();
+    agent.restart();
+    assert!(
+        wait_until(PATIENCE, || async {
+            status(&pki, &agent).await.state == ReleaseState::Running
+        })
+        .await
+    );
+    let mut client = pki.connect(&agent).await;
+    client
+        .start(start_request("2", &["bin/app", "daemon"]))
+        .await
+        .expect("switch");
+    assert!(
+        wait_until(PATIENCE, || async {
+            let now = members(&agent);
+            now.len() == 1 && is_sleeper(now[0])
+        })
+        .await,
+        "{}",
+        agent.log()
+    );
+    // The daemon's output goes to /dev/null: its writer ended with the start command.
+    assert!(
+        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
+        "writers left after a switch: {}",
+        app_writers(&agent)
+    );
+    client
+        .start(start_request("1", &[]))
+        .await
+        .expect("switch back");
+    assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
+    agent.kill9();
+    agent.restart();
+    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    assert_eq!(app_writers(&agent), 1);
+    let mut client = pki.connect(&agent).await;
+    client
+        .stop("app", Duration::from_secs(10))
+        .await
+        .expect("stop");
+    assert!(members(&agent).is_empty());
+    assert!(
+        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
+        "writers left after stop"
+    );
+}
