@@ -697,17 +697,15 @@ async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it()
 }
 
 /// A release that ignores SIGTERM and forks short processes without end while it is
-/// stopped (bounded: about a hundred at a time) is killed whole.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fork_storm_that_ignores_sigterm_is_stopped_whole() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-storm");
+/// stopped (bounded: about a hundred at a time) is killed whole, with cgroups and in the
+/// fallback.
+async fn fork_storm_is_stopped_whole(agent: &AgentProc, pki: &Pki) {
     let work = tempfile::tempdir().expect("tempdir");
     let script = "#!/bin/sh\ntrap '' TERM\necho storming\nwhile :; do\n  for i in 1 2 3 4 5 6 7 8 9 10; do sh -c \"trap '' TERM; sleep 0.3\" & done\n  sleep 0.03\ndone\n";
-    install(&pki, &agent, work.path(), "1", script).await;
-    let mut client = pki.connect(&agent).await;
+    install(pki, agent, work.path(), "1", script).await;
+    let mut client = pki.connect(agent).await;
     client.start(start_request("1", &[])).await.expect("start");
-    assert!(wait_until(PATIENCE, || async { members(&agent).len() > 20 }).await);
+    assert!(wait_until(PATIENCE, || async { members(agent).len() > 20 }).await);
     let begun = std::time::Instant::now();
     let stopped = client
         .stop("app", Duration::from_secs(1))
@@ -715,11 +713,27 @@ async fn a_fork_storm_that_ignores_sigterm_is_stopped_whole() {
         .expect("stop");
     assert!(stopped.was_running && stopped.killed);
     assert!(begun.elapsed() < Duration::from_secs(15));
-    assert!(members(&agent).is_empty());
+    assert!(members(agent).is_empty());
+    assert!(agent.release_pids("app").is_empty());
     assert!(
-        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
+        wait_until(PATIENCE, || async { app_writers(agent) == 0 }).await,
         "writers left"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_storm_that_ignores_sigterm_is_stopped_whole() {
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "cg-storm");
+    fork_storm_is_stopped_whole(&agent, &pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_storm_that_ignores_sigterm_is_stopped_whole_without_cgroups() {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "storm-fb", &["--cgroup-parent", "/cgroup.procs/erel"]);
+    assert!(agent.cgroup_dir().is_none());
+    fork_storm_is_stopped_whole(&agent, &pki).await;
 }
 
 /// A release running as root may make a cgroup below its own and move a helper there:
