@@ -54,6 +54,8 @@ const EREL_VARS: [&str; 5] = [
     "EREL_ROOT",
     "EREL_DATA",
 ];
+/// Deepest level below a release's data directory handed over to a new user.
+const HAND_OVER_DEPTH: usize = 64;
 /// The directory under the root where each release may write: `data/<name>/`.
 pub(crate) const DATA_DIR: &str = "data";
 
@@ -548,13 +550,19 @@ pub(crate) fn data_dir(root: &Root, name: &str) -> PathBuf {
 }
 
 /// Creates `root/data/<name>` and its `log/` when missing: owned by the release's user
-/// (or root), mode 0750. `root/data` itself belongs to the agent, mode 0755. Symlinks
+/// (or the agent's, without one), mode 0750; what a previous user left in it becomes
+/// the new user's. `root/data` itself belongs to the agent, mode 0755. Symlinks
 /// and non-directories in their place are refused, so nothing outside the root is
 /// ever handed to a user.
 fn ensure_data_dir(root: &Root, desired: &Desired, run_as: Option<&RunAs>) -> Result<PathBuf> {
     let top = root.path().join(DATA_DIR);
     let data = data_dir(root, &desired.name);
-    let owner = run_as.map(|r| (r.uid, r.gid));
+    // Without a user the release runs as the agent: its data directory is the agent's,
+    // never left to a user it was handed to before.
+    let owner = Some(run_as.map_or_else(
+        || (nix::unistd::geteuid(), nix::unistd::getegid()),
+        |r| (r.uid, r.gid),
+    ));
     for (dir, mode, owner) in [
         (top.clone(), 0o755, None),
         (data.clone(), 0o750, owner),
@@ -598,6 +606,11 @@ fn ensure_data_dir(root: &Root, desired: &Desired, run_as: Option<&RunAs>) -> Re
         if meta.uid() != uid.as_raw() || meta.gid() != gid.as_raw() {
             std::os::unix::fs::fchown(&handle, Some(uid.as_raw()), Some(gid.as_raw()))
                 .map_err(|e| Error::io("change the owner of", &dir, e))?;
+            if dir == data && meta.uid() != uid.as_raw() {
+                // A new user: what the previous one left is the new one's to write.
+                hand_over(&handle, meta.uid(), (uid, gid), HAND_OVER_DEPTH)
+                    .map_err(|e| Error::io("hand over the contents of", &dir, e))?;
+            }
         }
         if meta.permissions().mode() & 0o7777 != mode {
             handle
@@ -606,6 +619,59 @@ fn ensure_data_dir(root: &Root, desired: &Desired, run_as: Option<&RunAs>) -> Re
         }
     }
     Ok(data)
+}
+
+/// Gives to `to` everything below the open directory `dir` that `from` owns, through
+/// descriptors and without following a symlink: the previous user may still run other
+/// processes and swap entries meanwhile, and what it does not own (a hard link to
+/// another user's file) is not its to give. Directories deeper than `depth` are left.
+fn hand_over(dir: &fs::File, from: u32, to: (Uid, Gid), depth: usize) -> std::io::Result<()> {
+    use nix::fcntl::{AtFlags, OFlag};
+    let gone = |e: &nix::errno::Errno| *e == nix::errno::Errno::ENOENT;
+    // The listing of the directory the descriptor holds, whatever its path is now.
+    for entry in fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))? {
+        let name = entry?.file_name();
+        let stat =
+            match nix::sys::stat::fstatat(dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(stat) => stat,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e.into()),
+            };
+        if stat.st_uid != from {
+            continue;
+        }
+        match nix::unistd::fchownat(
+            dir,
+            name.as_os_str(),
+            Some(to.0),
+            Some(to.1),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Ok(()) => {}
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        if stat.st_mode & libc::S_IFMT == libc::S_IFDIR && depth > 0 {
+            let sub = match nix::fcntl::openat(
+                dir,
+                name.as_os_str(),
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            ) {
+                Ok(sub) => sub,
+                Err(e)
+                    if gone(&e)
+                        || e == nix::errno::Errno::ELOOP
+                        || e == nix::errno::Errno::ENOTDIR =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            };
+            hand_over(&fs::File::from(sub), from, to, depth - 1)?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks that `run_as` can reach and run the program: every directory from `/` down to

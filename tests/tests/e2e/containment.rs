@@ -941,3 +941,67 @@ async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
         "writers left after stop"
     );
 }
+
+/// A release started as another user, then as none: its data directory and what the
+/// previous user left in it are the new user's to write, and with no user the agent's,
+/// so the previous user keeps no hold on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_user_hands_the_data_directory_over() {
+    let first = TestUser::create();
+    let second = TestUser::create();
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "handover");
+    let work = tempfile::tempdir().expect("tempdir");
+    let script = "#!/bin/sh
+mkdir -p \"$EREL_DATA/sub\"
+if echo \"$(id -u)\" >> \"$RUNNER_LOG_DIR/node.log\" && echo \"$(id -u)\" >> \"$EREL_DATA/sub/state\"; then
+  echo ok > \"$EREL_DATA/done-$(id -u)\"
+else
+  echo failed > \"$EREL_DATA/done-$(id -u)\"
+fi
+exec sleep 100000
+";
+    install(&pki, &agent, work.path(), "1", script).await;
+    let data: PathBuf = agent.root.join("data/app");
+    let mut client = pki.connect(&agent).await;
+    for user in [&first, &second] {
+        let mut request = start_request("1", &[]);
+        request.user = Some(user.name.clone());
+        client.start(request).await.expect("start as a user");
+        let done = data.join(format!("done-{}", user.uid()));
+        assert!(
+            wait_until(PATIENCE, || async {
+                std::fs::metadata(&done).is_ok_and(|m| m.len() > 0)
+            })
+            .await,
+            "{}",
+            agent.log()
+        );
+        assert_eq!(
+            std::fs::read_to_string(&done).expect("done").trim(),
+            "ok",
+            "user {} could not write what the previous user left",
+            user.name
+        );
+        client
+            .stop("app", Duration::from_secs(10))
+            .await
+            .expect("stop");
+    }
+    for path in ["", "log", "log/node.log", "sub", "sub/state"] {
+        assert_eq!(owner_of(&data.join(path)), second.uid(), "{path}");
+    }
+    client.start(start_request("1", &[])).await.expect("start");
+    assert!(
+        wait_until(PATIENCE, || async { data.join("done-0").exists() }).await,
+        "{}",
+        agent.log()
+    );
+    client
+        .stop("app", Duration::from_secs(10))
+        .await
+        .expect("stop");
+    for path in ["", "log", "sub/state"] {
+        assert_eq!(owner_of(&data.join(path)), 0, "{path}");
+    }
+}
