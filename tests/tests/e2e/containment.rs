@@ -641,14 +641,15 @@ async fn a_failing_start_command_leaves_nothing_behind_across_a_crash_loop() {
 }
 
 /// `start-stop-daemon --background` and a child that ends later: daemonized, the child's
-/// end is the release's end.
+/// end is the release's end. (The pid file keeps start-stop-daemon from taking another
+/// test's `sleep` for this daemon.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it() {
     let pki = Pki::new();
     let agent = cgroup_agent(&pki, "cg-ssd");
     let work = tempfile::tempdir().expect("tempdir");
     let script =
-        "#!/bin/sh\nstart-stop-daemon --start --background --exec /bin/sleep -- 100000\nexit 0\n";
+        "#!/bin/sh\nstart-stop-daemon --start --background --make-pidfile --pidfile \"$EREL_DATA/pid\" --exec /bin/sleep -- 100000\nexit 0\n";
     install(&pki, &agent, work.path(), "1", script).await;
     install(
         &pki,
