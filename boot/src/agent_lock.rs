@@ -13,6 +13,13 @@
 //! inherit it and cannot keep the next agent out after this one is gone. The file holds
 //! the holder's pid as decimal text, for the refusal message only: the lock, not the
 //! file's content, decides.
+//!
+//! The lock file alone is not enough: removed or replaced while an agent runs (by hand,
+//! by a clean-up of `.erel/`), the next agent would create a new file, lock it and run
+//! beside the first. So the agent first locks the root directory itself, which no
+//! clean-up under the root can replace, and then the file (which agents that lock only
+//! the file still see). The file is opened without following a symlink, so the pid is
+//! never written through one into another file.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -32,6 +39,7 @@ pub const AGENT_LOCK_FILE: &str = "agent.lock";
 /// (or when the process ends, however it ends).
 #[derive(Debug)]
 pub struct AgentLock {
+    _root: Flock<File>,
     _lock: Flock<File>,
     path: PathBuf,
 }
@@ -46,35 +54,31 @@ impl AgentLock {
     /// be opened, locked or written.
     pub fn acquire(root: &Root) -> Result<AgentLock> {
         let path = root.state_dir().join(AGENT_LOCK_FILE);
+        let dir = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(root.path())
+            .map_err(|e| Error::io("open the root to lock it", root.path(), e))?;
+        let root_lock = lock_or_refuse(dir, root, root.path(), &path)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
-            .map_err(|e| Error::io("open the agent lock", &path, e))?;
-        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => lock,
-            Err((mut file, Errno::EWOULDBLOCK)) => {
-                return Err(Error::RootInUse {
-                    root: root.path().to_path_buf(),
-                    holder: holder_pid(&mut file, &path),
-                })
-            }
-            Err((_, errno)) => {
-                return Err(Error::io(
-                    "lock",
-                    &path,
-                    std::io::Error::from_raw_os_error(errno as i32),
-                ))
-            }
-        };
+            .map_err(|e| Error::io("open the agent lock (a regular file, not a link)", &path, e))?;
+        let lock = lock_or_refuse(file, root, &path, &path)?;
         let pid = format!("{}\n", std::process::id());
         lock.set_len(0)
             .and_then(|()| lock.write_all_at(pid.as_bytes(), 0))
             .map_err(|e| Error::io("write the agent lock", &path, e))?;
-        Ok(AgentLock { _lock: lock, path })
+        Ok(AgentLock {
+            _root: root_lock,
+            _lock: lock,
+            path,
+        })
     }
 
     /// The lock file.
@@ -83,16 +87,41 @@ impl AgentLock {
     }
 }
 
-/// The pid of the process holding the lock on `file`: the pid it wrote, or, while it has
-/// not written it yet, the holder `/proc/locks` names for the file's inode.
-fn holder_pid(file: &mut File, path: &Path) -> Option<u32> {
-    let mut text = String::new();
-    if file.read_to_string(&mut text).is_ok() {
-        if let Ok(pid) = text.trim().parse::<u32>() {
-            return Some(pid);
-        }
+/// Takes an exclusive `flock` on `file` (opened at `locked`) without waiting; refuses
+/// with the holder's pid, read from the pid file `pid_file` or else from `/proc/locks`.
+fn lock_or_refuse(file: File, root: &Root, locked: &Path, pid_file: &Path) -> Result<Flock<File>> {
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, Errno::EWOULDBLOCK)) => Err(Error::RootInUse {
+            root: root.path().to_path_buf(),
+            holder: holder_pid(pid_file, locked),
+        }),
+        Err((_, errno)) => Err(Error::io(
+            "lock",
+            locked,
+            std::io::Error::from_raw_os_error(errno as i32),
+        )),
     }
-    let meta = std::fs::metadata(path).ok()?;
+}
+
+/// The pid of the agent holding the lock on `locked`: the pid in `pid_file`, or, while it
+/// has not written it yet (or the file was removed), the holder `/proc/locks` names for
+/// the inode of `locked`.
+fn holder_pid(pid_file: &Path, locked: &Path) -> Option<u32> {
+    let from_file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(pid_file)
+        .and_then(|mut file| {
+            let mut text = String::new();
+            file.read_to_string(&mut text).map(|_| text)
+        })
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok());
+    if from_file.is_some() {
+        return from_file;
+    }
+    let meta = std::fs::metadata(locked).ok()?;
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
     flock_holder(&locks, meta.dev(), meta.ino())
 }
@@ -173,6 +202,53 @@ mod tests {
         let _ = child.kill();
         let _ = child.wait();
         again.expect("the child holds nothing once the agent let go");
+    }
+
+    #[test]
+    fn a_removed_or_replaced_lock_file_lets_no_second_agent_in() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = Root::open(dir.path()).expect("root");
+        let first = AgentLock::acquire(&root).expect("first lock");
+        std::fs::remove_file(first.path()).expect("remove the lock file");
+        let err = AgentLock::acquire(&root).expect_err("refused after a removal");
+        assert!(
+            matches!(err, Error::RootInUse { holder: Some(pid), .. } if pid == std::process::id()),
+            "{err}"
+        );
+        std::fs::write(first.path(), "").expect("replace the lock file");
+        let err = AgentLock::acquire(&root).expect_err("refused after a replacement");
+        assert!(
+            matches!(err, Error::RootInUse { holder: Some(pid), .. } if pid == std::process::id()),
+            "{err}"
+        );
+        // The same root named through a symlink, a trailing slash or `..` is the same root.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(root.path(), &link).expect("symlink");
+        for alias in [
+            link.clone(),
+            PathBuf::from(format!("{}/", root.path().display())),
+            root.path().join(".erel").join(".."),
+        ] {
+            let other = Root::open(&alias).expect("alias root");
+            assert!(
+                matches!(AgentLock::acquire(&other), Err(Error::RootInUse { .. })),
+                "{}",
+                alias.display()
+            );
+        }
+    }
+
+    #[test]
+    fn the_pid_is_never_written_through_a_symlinked_lock_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = Root::open(dir.path()).expect("root");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep me\n").expect("victim");
+        let path = root.state_dir().join(AGENT_LOCK_FILE);
+        std::os::unix::fs::symlink(&victim, &path).expect("symlink");
+        let err = AgentLock::acquire(&root).expect_err("a symlinked lock file is refused");
+        assert!(err.to_string().contains(AGENT_LOCK_FILE), "{err}");
+        assert_eq!(std::fs::read_to_string(&victim).expect("read"), "keep me\n");
     }
 
     #[test]

@@ -13,10 +13,12 @@
 //! A release's process joins its cgroup in the forked child before `exec` (by writing
 //! `0` to `cgroup.procs`, see cgroup-v2(7) "Organizing processes"), so everything it
 //! starts, `setsid` and double forks included, is born inside. Membership is
-//! `cgroup.procs` less zombies; "empty" is `populated 0` in `cgroup.events`; the kill is
+//! `cgroup.procs` less zombies, of the release's cgroup and of any cgroup the release
+//! made below it; "empty" is `populated 0` in `cgroup.events`; the kill is
 //! a write of `1` to `cgroup.kill` (Linux 5.14), which reaches every member at once, or
-//! SIGKILL to each member on older kernels. Nothing here ever has both processes and
-//! child cgroups, so enabling controllers on these cgroups stays possible.
+//! SIGKILL to each member on older kernels. The agent never puts processes in a cgroup
+//! that has child cgroups of its making, so enabling controllers on these cgroups stays
+//! possible.
 
 use std::fs;
 use std::io::{ErrorKind, Write};
@@ -152,10 +154,13 @@ impl Tree {
             .map_err(|e| Error::io("open", &procs, e))
     }
 
-    /// Live (non-zombie) members of release `name`'s cgroup; none when it does not exist.
+    /// Live (non-zombie) members of release `name`'s cgroup and of every cgroup below it
+    /// (a release running as root may make its own and move processes there); none when
+    /// it does not exist.
     pub fn members(&self, name: &str) -> Vec<u32> {
-        read_procs(&self.release_dir(name))
-            .into_iter()
+        cgroups_below(&self.release_dir(name))
+            .iter()
+            .flat_map(|dir| read_procs(dir))
             .filter(|&pid| process::proc_stat(pid).is_some_and(|s| !s.is_gone()))
             .collect()
     }
@@ -179,9 +184,10 @@ impl Tree {
         Ok(())
     }
 
-    /// Removes the cgroup of `name` once it is empty; a busy or missing one is left.
+    /// Removes the cgroup of `name` (and the cgroups below it, deepest first) once it is
+    /// empty; a busy or missing one is left.
     pub fn remove(&self, name: &str) {
-        let _ = fs::remove_dir(self.release_dir(name));
+        remove_tree(&self.release_dir(name));
     }
 
     /// Removes every empty release cgroup and then the agent's directory; whatever still
@@ -189,10 +195,40 @@ impl Tree {
     pub fn remove_if_empty(&self) {
         for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                let _ = fs::remove_dir(entry.path());
+                remove_tree(&entry.path());
             }
         }
         let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// `dir` and every cgroup below it, parents before children; none when `dir` does not
+/// exist. Cgroup directories hold only interface files and child cgroups, and the
+/// kernel bounds their depth (`cgroup.max.depth`), so the walk ends.
+fn cgroups_below(dir: &Path) -> Vec<PathBuf> {
+    if !dir.is_dir() {
+        return Vec::new();
+    }
+    let mut found = vec![dir.to_path_buf()];
+    let mut next = 0;
+    while next < found.len() {
+        let children: Vec<PathBuf> = fs::read_dir(&found[next])
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|entry| entry.path())
+            .collect();
+        found.extend(children);
+        next += 1;
+    }
+    found
+}
+
+/// Removes the cgroup `dir` and the cgroups below it, deepest first; what is busy stays.
+fn remove_tree(dir: &Path) {
+    for cgroup in cgroups_below(dir).iter().rev() {
+        let _ = fs::remove_dir(cgroup);
     }
 }
 

@@ -8,15 +8,15 @@
 //!
 //! Every release is spawned as the leader of a new session (`setsid`). Without cgroups,
 //! its members are what [`scan_members`] finds: its session and process group, every
-//! descendant of those, and every process carrying the release's environment markers
-//! (`EREL_ROOT` and `EREL_RELEASE`), which a daemon keeps across `setsid` and double forks
-//! unless it clears its environment.
+//! descendant of those, and every process of the release's user carrying the release's
+//! environment markers (`EREL_ROOT` and `EREL_RELEASE`), which a daemon keeps across
+//! `setsid` and double forks unless it clears its environment.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::fs;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
@@ -54,6 +54,8 @@ const EREL_VARS: [&str; 5] = [
     "EREL_ROOT",
     "EREL_DATA",
 ];
+/// Deepest level below a release's data directory handed over to a new user.
+const HAND_OVER_DEPTH: usize = 64;
 /// The directory under the root where each release may write: `data/<name>/`.
 pub(crate) const DATA_DIR: &str = "data";
 
@@ -160,8 +162,16 @@ pub(crate) struct Marked {
 }
 
 /// Every live process whose environment holds `EREL_ROOT=<root>` and
-/// `EREL_RELEASE=<name>`, oldest first. The agent's own process is never one.
+/// `EREL_RELEASE=<name>`, run by the release's user, oldest first. The agent's own
+/// process is never one.
+///
+/// Anyone can put the markers in the environment of their own processes; only the
+/// release's user (the owner of its data directory, which the agent hands over at each
+/// start), the agent's user or root can run the release. A marked process of any other
+/// user is not the release: it neither keeps the release from starting nor is
+/// signalled when the release stops.
 pub(crate) fn marked(root: &Path, name: &str) -> Vec<Marked> {
+    let owners = release_uids(root, name);
     let root = root.to_string_lossy();
     let own = std::process::id();
     let mut found: Vec<Marked> = all_pids()
@@ -169,6 +179,9 @@ pub(crate) fn marked(root: &Path, name: &str) -> Vec<Marked> {
         .filter(|&pid| pid != own && pid > 1)
         .filter_map(|pid| {
             let stat = proc_stat(pid).filter(|s| !s.is_gone())?;
+            if !real_uid(pid).is_some_and(|uid| owners.contains(&uid)) {
+                return None;
+            }
             let env = environ(pid)?;
             let get = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
             if get("EREL_ROOT").as_deref() != Some(&*root)
@@ -185,6 +198,29 @@ pub(crate) fn marked(root: &Path, name: &str) -> Vec<Marked> {
         .collect();
     found.sort_by_key(|m| (m.start_time, m.pid));
     found
+}
+
+/// The users that may run release `name` under `root`: root, the agent's user and the
+/// owner of the release's data directory (its user since the last start).
+fn release_uids(root: &Path, name: &str) -> [u32; 3] {
+    let data_owner = fs::symlink_metadata(root.join(DATA_DIR).join(name))
+        .ok()
+        .filter(|meta| meta.is_dir())
+        .map_or(0, |meta| meta.uid());
+    [0, nix::unistd::getuid().as_raw(), data_owner]
+}
+
+/// The real uid of a process, from the `Uid:` line of `/proc/<pid>/status` (the owner of
+/// `/proc/<pid>` is not it: a process that is not dumpable shows as root's there).
+fn real_uid(pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The members of a release without cgroups: every live process in the session or
@@ -514,13 +550,19 @@ pub(crate) fn data_dir(root: &Root, name: &str) -> PathBuf {
 }
 
 /// Creates `root/data/<name>` and its `log/` when missing: owned by the release's user
-/// (or root), mode 0750. `root/data` itself belongs to the agent, mode 0755. Symlinks
+/// (or the agent's, without one), mode 0750; what a previous user left in it becomes
+/// the new user's. `root/data` itself belongs to the agent, mode 0755. Symlinks
 /// and non-directories in their place are refused, so nothing outside the root is
 /// ever handed to a user.
 fn ensure_data_dir(root: &Root, desired: &Desired, run_as: Option<&RunAs>) -> Result<PathBuf> {
     let top = root.path().join(DATA_DIR);
     let data = data_dir(root, &desired.name);
-    let owner = run_as.map(|r| (r.uid, r.gid));
+    // Without a user the release runs as the agent: its data directory is the agent's,
+    // never left to a user it was handed to before.
+    let owner = Some(run_as.map_or_else(
+        || (nix::unistd::geteuid(), nix::unistd::getegid()),
+        |r| (r.uid, r.gid),
+    ));
     for (dir, mode, owner) in [
         (top.clone(), 0o755, None),
         (data.clone(), 0o750, owner),
@@ -531,27 +573,105 @@ fn ensure_data_dir(root: &Root, desired: &Desired, run_as: Option<&RunAs>) -> Re
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(Error::io("create", &dir, e)),
         }
-        let meta = fs::symlink_metadata(&dir).map_err(|e| Error::io("inspect", &dir, e))?;
-        if !meta.is_dir() {
-            return Err(spawn_failed(
+        // Opened without following a symlink, then changed through the descriptor: the
+        // release's user owns `data/<name>/` and may swap what is in it at any moment,
+        // so a path checked first and changed after may no longer be the directory.
+        let not_a_dir = || {
+            spawn_failed(
                 desired,
                 format!(
                     "{} must be a directory (the release's data directory), not a link or file",
                     dir.strip_prefix(root.path()).unwrap_or(&dir).display()
                 ),
-            ));
+            )
+        };
+        let handle = match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&dir)
+        {
+            Ok(handle) => handle,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                return Err(not_a_dir())
+            }
+            Err(e) => return Err(Error::io("open", &dir, e)),
+        };
+        let meta = handle
+            .metadata()
+            .map_err(|e| Error::io("inspect", &dir, e))?;
+        if !meta.is_dir() {
+            return Err(not_a_dir());
         }
         let (uid, gid) = owner.unwrap_or((Uid::from_raw(meta.uid()), Gid::from_raw(meta.gid())));
         if meta.uid() != uid.as_raw() || meta.gid() != gid.as_raw() {
-            std::os::unix::fs::lchown(&dir, Some(uid.as_raw()), Some(gid.as_raw()))
+            std::os::unix::fs::fchown(&handle, Some(uid.as_raw()), Some(gid.as_raw()))
                 .map_err(|e| Error::io("change the owner of", &dir, e))?;
+            if dir == data && meta.uid() != uid.as_raw() {
+                // A new user: what the previous one left is the new one's to write.
+                hand_over(&handle, meta.uid(), (uid, gid), HAND_OVER_DEPTH)
+                    .map_err(|e| Error::io("hand over the contents of", &dir, e))?;
+            }
         }
         if meta.permissions().mode() & 0o7777 != mode {
-            fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
+            handle
+                .set_permissions(fs::Permissions::from_mode(mode))
                 .map_err(|e| Error::io("set mode of", &dir, e))?;
         }
     }
     Ok(data)
+}
+
+/// Gives to `to` everything below the open directory `dir` that `from` owns, through
+/// descriptors and without following a symlink: the previous user may still run other
+/// processes and swap entries meanwhile, and what it does not own (a hard link to
+/// another user's file) is not its to give. Directories deeper than `depth` are left.
+fn hand_over(dir: &fs::File, from: u32, to: (Uid, Gid), depth: usize) -> std::io::Result<()> {
+    use nix::fcntl::{AtFlags, OFlag};
+    let gone = |e: &nix::errno::Errno| *e == nix::errno::Errno::ENOENT;
+    // The listing of the directory the descriptor holds, whatever its path is now.
+    for entry in fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))? {
+        let name = entry?.file_name();
+        let stat =
+            match nix::sys::stat::fstatat(dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(stat) => stat,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e.into()),
+            };
+        if stat.st_uid != from {
+            continue;
+        }
+        match nix::unistd::fchownat(
+            dir,
+            name.as_os_str(),
+            Some(to.0),
+            Some(to.1),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Ok(()) => {}
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        if stat.st_mode & libc::S_IFMT == libc::S_IFDIR && depth > 0 {
+            let sub = match nix::fcntl::openat(
+                dir,
+                name.as_os_str(),
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            ) {
+                Ok(sub) => sub,
+                Err(e)
+                    if gone(&e)
+                        || e == nix::errno::Errno::ELOOP
+                        || e == nix::errno::Errno::ENOTDIR =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            };
+            hand_over(&fs::File::from(sub), from, to, depth - 1)?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks that `run_as` can reach and run the program: every directory from `/` down to
@@ -811,6 +931,64 @@ mod tests {
         assert!(!own.is_gone());
         assert!(is_alive(std::process::id(), own.start_time));
         assert!(!is_alive(std::process::id(), own.start_time + 1));
+    }
+
+    /// The data directory is the release user's: while the agent prepares it, that user
+    /// may swap `log/` for a symlink. Nothing the agent does to it may reach the target.
+    #[test]
+    fn a_data_directory_swapped_for_a_symlink_never_passes_a_change_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = Root::open(dir.path()).expect("root");
+        let victim = dir.path().join("victim");
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&victim)
+            .expect("victim");
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o700)).expect("chmod");
+        let desired = Desired {
+            name: "app".into(),
+            version: "1".into(),
+            argv: vec!["bin/app".into()],
+            env: Vec::new(),
+            user: None,
+            should_run: true,
+            crash_looping: false,
+        };
+        ensure_data_dir(&root, &desired, None).expect("first preparation");
+        let log = data_dir(&root, "app").join("log");
+        // A symlink to the victim beside `log/`, the two exchanged atomically over and
+        // over, `log/` put back to 0700 whenever it is the directory.
+        let spare = data_dir(&root, "app").join("spare");
+        std::os::unix::fs::symlink(&victim, &spare).expect("symlink");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (log, spare, stop) = (log.clone(), spare.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for path in [&log, &spare] {
+                        let is_dir = fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+                        if is_dir {
+                            let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o700));
+                        }
+                    }
+                    let _ = nix::fcntl::renameat2(
+                        nix::fcntl::AT_FDCWD,
+                        &log,
+                        nix::fcntl::AT_FDCWD,
+                        &spare,
+                        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+                    );
+                }
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let _ = ensure_data_dir(&root, &desired, None);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swapper.join().expect("swapper");
+        let mode = fs::metadata(&victim).expect("victim").permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "the agent changed the mode through a symlink");
     }
 
     #[test]

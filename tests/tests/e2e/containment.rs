@@ -416,6 +416,65 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
     assert!(agent.release_pids("app").is_empty());
 }
 
+/// Another user's process that copies a release's markers into its environment is not
+/// the release: without cgroups it neither keeps the release from starting, nor shows
+/// as its pid, nor is signalled when the release stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_users_process_with_the_markers_is_not_the_release() {
+    use std::os::unix::process::CommandExt;
+    let user = TestUser::create();
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "forged", &["--cgroup-parent", "/cgroup.procs/erel"]);
+    assert!(agent.cgroup_dir().is_none());
+    let work = tempfile::tempdir().expect("tempdir");
+    install(
+        &pki,
+        &agent,
+        work.path(),
+        "1",
+        "#!/bin/sh\nexec sleep 100000\n",
+    )
+    .await;
+    let root = std::fs::canonicalize(&agent.root).expect("root");
+    let mut forged = std::process::Command::new("sleep")
+        .arg("100001")
+        .env("EREL_ROOT", &root)
+        .env("EREL_RELEASE", "app")
+        .env("EREL_VERSION", "1")
+        .uid(user.uid())
+        .process_group(0)
+        .spawn()
+        .expect("spawn the other user's process");
+    let forged_pid = forged.id() as i32;
+    let outcome = async {
+        let mut client = pki.connect(&agent).await;
+        let started = client
+            .start(start_request("1", &[]))
+            .await
+            .map_err(|e| format!("start refused: {e}\n{}", agent.log()))?;
+        tokio::time::sleep(BACKOFF_MAX * 3).await;
+        let now = status(&pki, &agent).await;
+        if now.state != ReleaseState::Running || now.pid != Some(started.pid) {
+            return Err(format!("status {now:?}, started {}", started.pid));
+        }
+        let stopped = client
+            .stop("app", Duration::from_secs(10))
+            .await
+            .map_err(|e| format!("stop: {e}"))?;
+        if !stopped.was_running || alive(started.pid as i32) {
+            return Err(format!("the release did not stop: {stopped:?}"));
+        }
+        if !alive(forged_pid) {
+            return Err("the agent stopped another user's process".to_string());
+        }
+        Ok(())
+    }
+    .await;
+    let _ = forged.kill();
+    let _ = forged.wait();
+    outcome.unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// A system user created for one test and removed when dropped.
 struct TestUser {
     name: String,
@@ -535,4 +594,415 @@ exec sleep 100000
         .await
         .expect("stop");
     assert!(members(&agent).is_empty());
+}
+
+/// Live output writers of release `app` under `agent` (each names its log).
+fn app_writers(agent: &AgentProc) -> usize {
+    let log = std::fs::canonicalize(&agent.root)
+        .expect("root")
+        .join(".erel/logs/app.log");
+    let needle = log.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| alive(pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == needle.as_bytes()))
+        })
+        .count()
+}
+
+/// A start command that fails and leaves helpers behind: the helpers are stopped before
+/// each restart, a crash loop leaves nothing running, and no output writer is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_start_command_leaves_nothing_behind_across_a_crash_loop() {
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "cg-fail");
+    let work = tempfile::tempdir().expect("tempdir");
+    let script = "#!/bin/sh\nsetsid sh -c 'exec sleep 100000' &\nnohup sleep 100000 >/dev/null 2>&1 &\necho failing\nexit 3\n";
+    install(&pki, &agent, work.path(), "1", script).await;
+    let mut client = pki.connect(&agent).await;
+    client.start(start_request("1", &[])).await.expect("start");
+    assert!(
+        wait_until(PATIENCE, || async {
+            status(&pki, &agent).await.state == ReleaseState::CrashLooping
+        })
+        .await,
+        "{}",
+        agent.log()
+    );
+    assert!(members(&agent).is_empty(), "{:?}", members(&agent));
+    assert!(
+        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
+        "writers left after a crash loop"
+    );
+}
+
+/// `start-stop-daemon --background` and a child that ends later: daemonized, the child's
+/// end is the release's end. (The pid file keeps start-stop-daemon from taking another
+/// test's `sleep` for this daemon.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it() {
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "cg-ssd");
+    let work = tempfile::tempdir().expect("tempdir");
+    let script =
+        "#!/bin/sh\nstart-stop-daemon --start --background --make-pidfile --pidfile \"$EREL_DATA/pid\" --exec /bin/sleep -- 100000\nexit 0\n";
+    install(&pki, &agent, work.path(), "1", script).await;
+    install(
+        &pki,
+        &agent,
+        work.path(),
+        "2",
+        "#!/bin/sh\n(sleep 1; echo child-done) &\nexit 0\n",
+    )
+    .await;
+    let mut client = pki.connect(&agent).await;
+    client.start(start_request("1", &[])).await.expect("start");
+    assert!(
+        wait_until(PATIENCE, || async {
+            let s = status(&pki, &agent).await;
+            s.state == ReleaseState::Running
+                && s.pid.is_some_and(|p| {
+                    std::fs::read(format!("/proc/{p}/cmdline"))
+                        .is_ok_and(|c| c == b"/bin/sleep\x00100000\x00")
+                })
+        })
+        .await,
+        "{}",
+        agent.log()
+    );
+    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    assert_eq!(members(&agent).len(), 1);
+    assert_eq!(status(&pki, &agent).await.restarts, 0);
+    // A switch of version stops the daemon and leaves one writer at most.
+    client
+        .start(start_request("2", &[]))
+        .await
+        .expect("start 2");
+    assert!(
+        wait_until(PATIENCE, || async {
+            status(&pki, &agent).await.state == ReleaseState::CrashLooping
+        })
+        .await,
+        "{}",
+        agent.log()
+    );
+    assert!(members(&agent).is_empty());
+    assert!(
+        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
+        "writers left"
+    );
+}
+
+/// A release that ignores SIGTERM and forks short processes without end while it is
+/// stopped (bounded: about a hundred at a time) is killed whole, with cgroups and in the
+/// fallback.
+async fn fork_storm_is_stopped_whole(agent: &AgentProc, pki: &Pki) {
+    let work = tempfile::tempdir().expect("tempdir");
+    let script = "#!/bin/sh\ntrap '' TERM\necho storming\nwhile :; do\n  for i in 1 2 3 4 5 6 7 8 9 10; do sh -c \"trap '' TERM; sleep 0.3\" & done\n  sleep 0.03\ndone\n";
+    install(pki, agent, work.path(), "1", script).await;
+    let mut client = pki.connect(agent).await;
+    client.start(start_request("1", &[])).await.expect("start");
+    assert!(wait_until(PATIENCE, || async { members(agent).len() > 20 }).await);
+    let begun = std::time::Instant::now();
+    let stopped = client
+        .stop("app", Duration::from_secs(1))
+        .await
+        .expect("stop");
+    assert!(stopped.was_running && stopped.killed);
+    assert!(begun.elapsed() < Duration::from_secs(15));
+    assert!(members(agent).is_empty());
+    assert!(agent.release_pids("app").is_empty());
+    assert!(
+        wait_until(PATIENCE, || async { app_writers(agent) == 0 }).await,
+        "writers left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_storm_that_ignores_sigterm_is_stopped_whole() {
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "cg-storm");
+    fork_storm_is_stopped_whole(&agent, &pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_storm_that_ignores_sigterm_is_stopped_whole_without_cgroups() {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "storm-fb", &["--cgroup-parent", "/cgroup.procs/erel"]);
+    assert!(agent.cgroup_dir().is_none());
+    fork_storm_is_stopped_whole(&agent, &pki).await;
+}
+
+/// A release running as root may make a cgroup below its own and move a helper there:
+/// the helper is still the release, stopped with it, and no second copy starts beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_helper_moved_into_a_cgroup_below_the_release_is_the_release() {
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "cg-nested");
+    let own = agent.cgroup_dir().expect("cgroup").join("release.app");
+    let work = tempfile::tempdir().expect("tempdir");
+    let script = format!(
+        "#!/bin/sh\nmkdir -p '{dir}/worker'\nsh -c 'echo $$ > \"$0/worker/cgroup.procs\" && exec sleep 100000' '{dir}' &\nexec sleep 100000\n",
+        dir = own.display()
+    );
+    install(&pki, &agent, work.path(), "1", &script).await;
+    let mut client = pki.connect(&agent).await;
+    let started = client.start(start_request("1", &[])).await.expect("start");
+    let worker = own.join("worker");
+    assert!(
+        wait_until(PATIENCE, || async { live_pids(&worker).len() == 1 }).await,
+        "the helper moved\n{}",
+        agent.log()
+    );
+    let helper = live_pids(&worker)[0];
+    assert_ne!(helper, started.pid as i32);
+    let stopped = client
+        .stop("app", Duration::from_secs(10))
+        .await
+        .expect("stop");
+    assert!(stopped.was_running);
+    let gone = !alive(helper);
+    if !gone {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(helper),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(gone, "the helper in the nested cgroup survived the stop");
+    assert!(
+        !own.exists(),
+        "the release's cgroups are removed once empty"
+    );
+}
+
+/// A group created for one test and removed when dropped.
+struct TestGroup {
+    name: String,
+}
+
+impl TestGroup {
+    fn create(tag: &str) -> Self {
+        let name = format!("erelg{}{tag}", std::process::id());
+        let status = std::process::Command::new("groupadd")
+            .arg("--system")
+            .arg(&name)
+            .status()
+            .expect("run groupadd (this test needs root)");
+        assert!(status.success(), "groupadd {name}");
+        TestGroup { name }
+    }
+
+    fn gid(&self) -> u32 {
+        nix::unistd::Group::from_name(&self.name)
+            .expect("lookup")
+            .expect("group exists")
+            .gid
+            .as_raw()
+    }
+}
+
+impl Drop for TestGroup {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("groupdel")
+            .arg(&self.name)
+            .status();
+    }
+}
+
+/// A user whose primary group is not named after it, with a supplementary group and no
+/// home directory, named by its numeric uid: the release runs with exactly those
+/// groups, its data directory belongs to that user and primary group, and it cannot
+/// write into another release's data directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_with_other_groups_and_no_home_named_by_uid() {
+    let primary = TestGroup::create("p");
+    let extra = TestGroup::create("s");
+    let name = format!("erelu{}", std::process::id());
+    let status = std::process::Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent/erel",
+        ])
+        .args(["--gid", &primary.name, "--groups", &extra.name])
+        .arg(&name)
+        .status()
+        .expect("useradd");
+    assert!(status.success());
+    let user = TestUser { name };
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "as-uid");
+    let work = tempfile::tempdir().expect("tempdir");
+    let other = agent.root.join("data/other");
+    std::fs::create_dir_all(&other).expect("other data");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    let script = format!(
+        "#!/bin/sh\nid -G | tr ' ' '\\n' | sort -n | tr '\\n' ' ' > \"$EREL_DATA/groups\"\necho \"$HOME\" > \"$EREL_DATA/home\"\nif touch '{}/x' 2>/dev/null; then echo yes; else echo no; fi > \"$EREL_DATA/other-writable\"\nexec sleep 100000\n",
+        other.display()
+    );
+    install(&pki, &agent, work.path(), "1", &script).await;
+    let mut request = start_request("1", &[]);
+    request.user = Some(user.uid().to_string());
+    let mut client = pki.connect(&agent).await;
+    client.start(request).await.expect("start by uid");
+    let data = agent.root.join("data/app");
+    assert!(
+        wait_until(PATIENCE, || async {
+            data.join("other-writable")
+                .metadata()
+                .is_ok_and(|m| m.len() > 0)
+        })
+        .await,
+        "{}",
+        agent.log()
+    );
+    let read = |file: &str| std::fs::read_to_string(data.join(file)).unwrap_or_default();
+    let mut want = [primary.gid(), extra.gid()];
+    want.sort_unstable();
+    let want: String = want.iter().map(|g| format!("{g} ")).collect();
+    assert_eq!(read("groups"), want);
+    assert_eq!(read("home").trim(), "/nonexistent/erel");
+    assert_eq!(read("other-writable").trim(), "no");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&data).expect("data");
+    assert_eq!((meta.uid(), meta.gid()), (user.uid(), primary.gid()));
+    client
+        .stop("app", Duration::from_secs(10))
+        .await
+        .expect("stop");
+    drop(user);
+}
+
+/// Output writers never outlive their run: after a kill -9 of the agent and adoption, a
+/// switch of version leaves only the new run's writer, and a stop after a second
+/// adoption leaves none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
+    let pki = Pki::new();
+    let mut agent = cgroup_agent(&pki, "cg-writers");
+    let work = tempfile::tempdir().expect("tempdir");
+    let ticking = "#!/bin/sh\nsetsid sh -c 'while :; do echo helper; sleep 0.2; done' &\nwhile :; do echo tick; sleep 0.2; done\n";
+    install(&pki, &agent, work.path(), "1", ticking).await;
+    install(&pki, &agent, work.path(), "2", RELX_STYLE).await;
+    let mut client = pki.connect(&agent).await;
+    client.start(start_request("1", &[])).await.expect("start");
+    assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
+    assert_eq!(app_writers(&agent), 1);
+    agent.kill9();
+    agent.restart();
+    assert!(
+        wait_until(PATIENCE, || async {
+            status(&pki, &agent).await.state == ReleaseState::Running
+        })
+        .await
+    );
+    let mut client = pki.connect(&agent).await;
+    client
+        .start(start_request("2", &["bin/app", "daemon"]))
+        .await
+        .expect("switch");
+    assert!(
+        wait_until(PATIENCE, || async {
+            let now = members(&agent);
+            now.len() == 1 && is_sleeper(now[0])
+        })
+        .await,
+        "{}",
+        agent.log()
+    );
+    // The daemon's output goes to /dev/null: its writer ended with the start command.
+    assert!(
+        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
+        "writers left after a switch: {}",
+        app_writers(&agent)
+    );
+    client
+        .start(start_request("1", &[]))
+        .await
+        .expect("switch back");
+    assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
+    agent.kill9();
+    agent.restart();
+    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    assert_eq!(app_writers(&agent), 1);
+    let mut client = pki.connect(&agent).await;
+    client
+        .stop("app", Duration::from_secs(10))
+        .await
+        .expect("stop");
+    assert!(members(&agent).is_empty());
+    assert!(
+        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
+        "writers left after stop"
+    );
+}
+
+/// A release started as another user, then as none: its data directory and what the
+/// previous user left in it are the new user's to write, and with no user the agent's,
+/// so the previous user keeps no hold on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_user_hands_the_data_directory_over() {
+    let first = TestUser::create();
+    let second = TestUser::create();
+    let pki = Pki::new();
+    let agent = cgroup_agent(&pki, "handover");
+    let work = tempfile::tempdir().expect("tempdir");
+    let script = "#!/bin/sh
+mkdir -p \"$EREL_DATA/sub\"
+if echo \"$(id -u)\" >> \"$RUNNER_LOG_DIR/node.log\" && echo \"$(id -u)\" >> \"$EREL_DATA/sub/state\"; then
+  echo ok > \"$EREL_DATA/done-$(id -u)\"
+else
+  echo failed > \"$EREL_DATA/done-$(id -u)\"
+fi
+exec sleep 100000
+";
+    install(&pki, &agent, work.path(), "1", script).await;
+    let data: PathBuf = agent.root.join("data/app");
+    let mut client = pki.connect(&agent).await;
+    for user in [&first, &second] {
+        let mut request = start_request("1", &[]);
+        request.user = Some(user.name.clone());
+        client.start(request).await.expect("start as a user");
+        let done = data.join(format!("done-{}", user.uid()));
+        assert!(
+            wait_until(PATIENCE, || async {
+                std::fs::metadata(&done).is_ok_and(|m| m.len() > 0)
+            })
+            .await,
+            "{}",
+            agent.log()
+        );
+        assert_eq!(
+            std::fs::read_to_string(&done).expect("done").trim(),
+            "ok",
+            "user {} could not write what the previous user left",
+            user.name
+        );
+        client
+            .stop("app", Duration::from_secs(10))
+            .await
+            .expect("stop");
+    }
+    for path in ["", "log", "log/node.log", "sub", "sub/state"] {
+        assert_eq!(owner_of(&data.join(path)), second.uid(), "{path}");
+    }
+    client.start(start_request("1", &[])).await.expect("start");
+    assert!(
+        wait_until(PATIENCE, || async { data.join("done-0").exists() }).await,
+        "{}",
+        agent.log()
+    );
+    client
+        .stop("app", Duration::from_secs(10))
+        .await
+        .expect("stop");
+    for path in ["", "log", "sub/state"] {
+        assert_eq!(owner_of(&data.join(path)), 0, "{path}");
+    }
 }

@@ -282,18 +282,28 @@ impl AgentProc {
 }
 
 /// Kills everything in the cgroup directory `dir` (recursively, with `cgroup.kill`) and
-/// removes it and its children.
+/// removes it and every cgroup below it, deepest first.
 pub fn remove_cgroup_tree(dir: &Path) {
     let _ = std::fs::write(dir.join("cgroup.kill"), "1");
     let deadline = Instant::now() + Duration::from_secs(10);
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            while std::fs::remove_dir(entry.path()).is_err() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+    let mut tree = vec![dir.to_path_buf()];
+    let mut next = 0;
+    while next < tree.len() {
+        let children: Vec<PathBuf> = std::fs::read_dir(&tree[next])
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|entry| entry.path())
+            .collect();
+        tree.extend(children);
+        next += 1;
+    }
+    for cgroup in tree.iter().rev() {
+        while std::fs::remove_dir(cgroup).is_err() && cgroup.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let _ = std::fs::remove_dir(dir);
 }
 
 impl Drop for AgentProc {
