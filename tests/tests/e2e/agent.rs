@@ -33,6 +33,7 @@ async fn install_beat(pki: &Pki, agent: &AgentProc, work: &std::path::Path, vers
     let source = WriteSource {
         path: tarball.clone(),
         sha256: Some(sha256(&tarball)),
+        sha256_of: None,
     };
     client
         .write_file(&source, &dest, 0o644, &mut no_progress())
@@ -230,6 +231,7 @@ async fn a_repeated_push_sends_nothing_and_a_cut_push_resumes() {
     let source = WriteSource {
         path: file.clone(),
         sha256: Some(digest),
+        sha256_of: None,
     };
     // Until the agent has noticed the cut, the staged file is still held: Busy.
     let mut attempts = 0;
@@ -267,6 +269,7 @@ async fn a_repeated_push_sends_nothing_and_a_cut_push_resumes() {
     let unknown = WriteSource {
         path: file.clone(),
         sha256: None,
+        sha256_of: None,
     };
     let fresh = client
         .write_file(&unknown, "data/copy.bin", 0o644, &mut no_progress())
@@ -350,6 +353,7 @@ async fn hostile_archive_over_the_wire_writes_nothing() {
     let source = WriteSource {
         path: path.clone(),
         sha256: None,
+        sha256_of: None,
     };
     client
         .write_file(&source, "archives/evil.tar", 0o644, &mut no_progress())
@@ -418,6 +422,7 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
             &WriteSource {
                 path: tarball,
                 sha256: None,
+                sha256_of: None,
             },
             "archives/flop-1.tar.gz",
             0o644,

@@ -426,6 +426,7 @@ async fn a_stalled_or_dropped_transfer_is_taken_over_at_once() {
     let source = WriteSource {
         path: file.clone(),
         sha256: Some(digest),
+        sha256_of: None,
     };
 
     // A master that stops sending mid-way but keeps its connection open, as a peer
@@ -474,6 +475,7 @@ async fn a_stalled_or_dropped_transfer_is_taken_over_at_once() {
     let other_source = WriteSource {
         path: other.clone(),
         sha256: None,
+        sha256_of: None,
     };
     let mut dropped = pki.connect(&agent).await;
     let sent = Arc::new(AtomicU64::new(0));
@@ -541,6 +543,7 @@ async fn a_normal_connection_end_leaves_no_error_in_the_agent_log() {
             &WriteSource {
                 path: file.clone(),
                 sha256: None,
+                sha256_of: None,
             },
             "data/small.bin",
             0o644,
@@ -625,6 +628,7 @@ async fn an_unpack_cut_while_it_runs_is_repeated_at_once() {
             &WriteSource {
                 path: archive.clone(),
                 sha256: Some(digest),
+                sha256_of: None,
             },
             "archives/many.tar",
             0o644,
