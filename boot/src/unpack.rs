@@ -68,7 +68,7 @@
 //! which is the safe answer. When the request names the digest, a done `dest` is
 //! answered without reading the archive.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
@@ -374,6 +374,10 @@ impl Extraction<'_> {
                             "not a readable {format}: {e}; it looks like {foreign}, and the \
                              agent unpacks .tar and .tar.gz only"
                         )
+                    } else if let Some(name) = meter.last_header_name() {
+                        // A header whose checksum holds but whose fields the reader
+                        // cannot use (a size that overflows, ...): name its entry.
+                        format!("entry '{}': {e}", quote(&name))
                     } else if self.entries == 0 {
                         format!("not a readable {format}: {e}")
                     } else {
@@ -1397,15 +1401,65 @@ fn confined(tree: &Path, rel: &[OsString]) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Shared count of bytes read from the decompressed stream, with a movable limit.
-#[derive(Debug, Default)]
+/// Shared count of bytes read from the decompressed stream, with a movable limit, and
+/// the last whole block read (so a header the tar reader fails on can be named).
+#[derive(Debug)]
 struct Meter {
     read: Cell<u64>,
     limit: Cell<u64>,
     eof: Cell<bool>,
+    /// The block being read, up to the current position.
+    current: RefCell<[u8; pax::BLOCK as usize]>,
+    /// The last block read whole and the stream offset just after it.
+    last_block: RefCell<Option<([u8; pax::BLOCK as usize], u64)>>,
+}
+
+impl Default for Meter {
+    fn default() -> Self {
+        Meter {
+            read: Cell::new(0),
+            limit: Cell::new(0),
+            eof: Cell::new(false),
+            current: RefCell::new([0; pax::BLOCK as usize]),
+            last_block: RefCell::new(None),
+        }
+    }
 }
 
 impl Meter {
+    /// Notes `data`, read at stream offset `at`: only its last two blocks can matter.
+    fn record(&self, at: u64, data: &[u8]) {
+        let block = pax::BLOCK;
+        let end = at + data.len() as u64;
+        let from = at.max(end.saturating_sub(2 * block) & !(block - 1));
+        let mut current = self.current.borrow_mut();
+        for offset in from..end {
+            let in_block = usize::try_from(offset % block).unwrap_or(0);
+            current[in_block] = data[usize::try_from(offset - at).unwrap_or(0)];
+            if offset % block == block - 1 {
+                *self.last_block.borrow_mut() = Some((*current, offset + 1));
+            }
+        }
+    }
+
+    /// The name in the block just read, when it is a tar header (its checksum holds):
+    /// the entry the tar reader was reading when it failed.
+    fn last_header_name(&self) -> Option<String> {
+        let (block, end) = (*self.last_block.borrow())?;
+        if end != self.read.get() {
+            return None;
+        }
+        let header = tar::Header::from_byte_slice(&block);
+        let stored = header.cksum().ok()?;
+        let sum: u32 = block[..148]
+            .iter()
+            .chain(&[b' '; 8])
+            .chain(&block[156..])
+            .map(|b| u32::from(*b))
+            .sum();
+        (stored == sum).then(|| String::from_utf8_lossy(&header.path_bytes()).into_owned())
+    }
+
     /// Allows `more` bytes from now on.
     fn allow(&self, more: u64) {
         self.limit.set(self.read.get().saturating_add(more));
@@ -1436,6 +1490,7 @@ impl Read for Metered {
         if n == 0 {
             self.meter.eof.set(true);
         }
+        self.meter.record(self.meter.read.get(), &buf[..n]);
         self.meter.read.set(self.meter.read.get() + n as u64);
         Ok(n)
     }
@@ -2344,6 +2399,38 @@ mod tests {
         );
         let bytes = Raw::default().push(&header, &name).file("x", b"x").finish();
         f.refuses(&gzip(&bytes), ErrorKind::BadArchive, "extended header");
+    }
+
+    #[test]
+    fn a_header_size_the_reader_cannot_use_is_refused_naming_its_entry() {
+        let f = fixture();
+        // Base-256 sizes: the largest, and a negative one.
+        for size in [
+            [0x80].iter().chain(&[0xff; 11]),
+            [0xff; 12][..1].iter().chain(&[0xff; 11]),
+        ] {
+            let mut header = Raw::header(b"huge-size", EntryType::Regular, 0o644, 0, b"");
+            for (at, byte) in header.as_old_mut().size.iter_mut().zip(size) {
+                *at = *byte;
+            }
+            header.set_cksum();
+            let bytes = Raw::default().push(&header, b"").file("x", b"x").finish();
+            f.refuses(&bytes, ErrorKind::BadArchive, "entry 'huge-size'");
+            // After another entry, and gzipped.
+            let bytes = Raw::default()
+                .file("first", b"1")
+                .push(&header, b"")
+                .finish();
+            f.refuses(&gzip(&bytes), ErrorKind::BadArchive, "entry 'huge-size'");
+        }
+        // A PAX size of u64::MAX, which the reader cannot pad to a block.
+        let record = b"29 size=18446744073709551615\n";
+        let pax = Raw::header(b"pax", EntryType::XHeader, 0o644, record.len() as u64, b"");
+        let bytes = Raw::default()
+            .push(&pax, record)
+            .file("pax-size", b"x")
+            .finish();
+        f.refuses(&bytes, ErrorKind::BadArchive, "entry 'pax-size'");
     }
 
     #[test]
