@@ -869,14 +869,15 @@ impl Extraction<'_> {
             pax::MapSource::Records(regions) => (regions.clone(), 0),
             pax::MapSource::Data => self.read_sparse_map(entry, name, stored)?,
         };
+        // The map and the padding between regions are read but not unpacked: like
+        // headers, they count against the extended-header bounds, not the unpacked
+        // size, so a sparse file counts exactly its real size in every format.
+        self.consumed = self.consumed.saturating_sub(map_len);
         let after_map = stored - map_len;
         let data = pax::check_regions(&regions, sparse.real_size, after_map)
             .map_err(|r| self.refusal(name, r))?;
         let hole_bytes = sparse.real_size - data;
-        let announced = self
-            .consumed
-            .saturating_add(after_map)
-            .saturating_add(hole_bytes);
+        let announced = self.consumed.saturating_add(sparse.real_size);
         if announced > self.limits.max_unpack_bytes {
             return Err(self.too_many_bytes(name, announced));
         }
@@ -891,12 +892,14 @@ impl Extraction<'_> {
         for region in regions.iter().filter(|r| r.length > 0) {
             // Each region's data starts on a block boundary.
             let start = pax::blocks(at).unwrap_or(at);
+            self.consumed = self.consumed.saturating_sub(start - at);
             self.copy_exact(entry, name, start - at, None)?;
             out.seek(SeekFrom::Start(region.offset))
                 .map_err(|e| Error::io("seek in", path, e))?;
             self.copy_exact(entry, name, region.length, Some((&mut out, path)))?;
             at = start + region.length;
         }
+        self.consumed = self.consumed.saturating_sub(after_map.saturating_sub(at));
         self.drain(entry, name)?;
         out.set_len(sparse.real_size)
             .map_err(|e| Error::io("set length of", path, e))?;
@@ -2930,6 +2933,42 @@ mod tests {
         let mut small = fixture();
         small.limits.max_unpack_bytes = 4096;
         small.refuses(&tar, ErrorKind::TooLarge, "sparse.dat");
+    }
+
+    #[test]
+    fn a_sparse_file_of_each_format_counts_its_real_size_exactly() {
+        // Regions at unaligned offsets so that 1.0 pads between them, and a map that
+        // takes a block of its own.
+        let regions: &[(u64, &[u8])] = &[(3, b"abc"), (4_000, &[b'x'; 700]), (10_000, b"")];
+        let v10 = sparse_1_0("v10.dat", 10_000, regions).finish();
+        let mut v00_data = b"abc".to_vec();
+        v00_data.resize(512, 0);
+        v00_data.extend([b'x'; 700]);
+        let v00 = Raw::default()
+            .pax(&[
+                ("GNU.sparse.size", b"10000"),
+                ("GNU.sparse.numblocks", b"3"),
+                ("GNU.sparse.offset", b"3"),
+                ("GNU.sparse.numbytes", b"3"),
+                ("GNU.sparse.offset", b"4000"),
+                ("GNU.sparse.numbytes", b"700"),
+                ("GNU.sparse.offset", b"10000"),
+                ("GNU.sparse.numbytes", b"0"),
+            ])
+            .entry("v00.dat", EntryType::Regular, 0o644, &v00_data, "")
+            .finish();
+        for (tar, name) in [(v10, "v10.dat"), (v00, "v00.dat")] {
+            let mut at_limit = fixture();
+            at_limit.limits.max_unpack_bytes = 10_000;
+            at_limit.put("s.tar", &tar);
+            let done = at_limit
+                .unpack("s.tar", "out")
+                .unwrap_or_else(|e| panic!("{name} at the limit: {e}"));
+            assert_eq!(done.bytes, 10_000, "{name}");
+            let mut over = fixture();
+            over.limits.max_unpack_bytes = 9_999;
+            over.refuses(&tar, ErrorKind::TooLarge, name);
+        }
     }
 
     #[test]
