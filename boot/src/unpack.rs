@@ -687,6 +687,14 @@ impl Extraction<'_> {
         }
     }
 
+    /// Takes `bytes` read (or about to be read) but not unpacked off the unpacked count,
+    /// within what is left of `allowance` for the entry: reading stays bounded.
+    fn forgive(&mut self, bytes: u64, allowance: &mut u64) {
+        let forgiven = bytes.min(*allowance);
+        *allowance -= forgiven;
+        self.consumed = self.consumed.saturating_sub(forgiven);
+    }
+
     /// Reads the next chunk of an entry into the buffer, counting it against
     /// [`Limits::max_unpack_bytes`].
     fn read_chunk(&mut self, entry: &mut impl Read, name: &str) -> Result<usize> {
@@ -869,10 +877,11 @@ impl Extraction<'_> {
             pax::MapSource::Records(regions) => (regions.clone(), 0),
             pax::MapSource::Data => self.read_sparse_map(entry, name, stored)?,
         };
-        // The map and the padding between regions are read but not unpacked: like
-        // headers, they count against the extended-header bounds, not the unpacked
-        // size, so a sparse file counts exactly its real size in every format.
-        self.consumed = self.consumed.saturating_sub(map_len);
+        // The map and the padding around regions are read but not unpacked: up to the
+        // bound on an extended header, they do not count as unpacked bytes, so a sparse
+        // file counts exactly its real size in every format.
+        let mut forgivable = MAX_EXTENDED_HEADER;
+        self.forgive(map_len, &mut forgivable);
         let after_map = stored - map_len;
         let data = pax::check_regions(&regions, sparse.real_size, after_map)
             .map_err(|r| self.refusal(name, r))?;
@@ -892,14 +901,14 @@ impl Extraction<'_> {
         for region in regions.iter().filter(|r| r.length > 0) {
             // Each region's data starts on a block boundary.
             let start = pax::blocks(at).unwrap_or(at);
-            self.consumed = self.consumed.saturating_sub(start - at);
+            self.forgive(start - at, &mut forgivable);
             self.copy_exact(entry, name, start - at, None)?;
             out.seek(SeekFrom::Start(region.offset))
                 .map_err(|e| Error::io("seek in", path, e))?;
             self.copy_exact(entry, name, region.length, Some((&mut out, path)))?;
             at = start + region.length;
         }
-        self.consumed = self.consumed.saturating_sub(after_map.saturating_sub(at));
+        self.forgive(after_map.saturating_sub(at), &mut forgivable);
         self.drain(entry, name)?;
         out.set_len(sparse.real_size)
             .map_err(|e| Error::io("set length of", path, e))?;
