@@ -68,7 +68,7 @@
 //! which is the safe answer. When the request names the digest, a done `dest` is
 //! answered without reading the archive.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
@@ -382,6 +382,10 @@ impl Extraction<'_> {
                             "not a readable {format}: {e}; it looks like {foreign}, and the \
                              agent unpacks .tar and .tar.gz only"
                         )
+                    } else if let Some(name) = meter.last_header_name() {
+                        // A header whose checksum holds but whose fields the reader
+                        // cannot use (a size that overflows, ...): name its entry.
+                        format!("entry '{}': {e}", quote(&name))
                     } else if self.entries == 0 {
                         format!("not a readable {format}: {e}")
                     } else {
@@ -691,6 +695,14 @@ impl Extraction<'_> {
         }
     }
 
+    /// Takes `bytes` read (or about to be read) but not unpacked off the unpacked count,
+    /// within what is left of `allowance` for the entry: reading stays bounded.
+    fn forgive(&mut self, bytes: u64, allowance: &mut u64) {
+        let forgiven = bytes.min(*allowance);
+        *allowance -= forgiven;
+        self.consumed = self.consumed.saturating_sub(forgiven);
+    }
+
     /// Reads the next chunk of an entry into the buffer, counting it against
     /// [`Limits::max_unpack_bytes`].
     fn read_chunk(&mut self, entry: &mut impl Read, name: &str) -> Result<usize> {
@@ -873,14 +885,16 @@ impl Extraction<'_> {
             pax::MapSource::Records(regions) => (regions.clone(), 0),
             pax::MapSource::Data => self.read_sparse_map(entry, name, stored)?,
         };
+        // The map and the padding around regions are read but not unpacked: up to the
+        // bound on an extended header, they do not count as unpacked bytes, so a sparse
+        // file counts exactly its real size in every format.
+        let mut forgivable = MAX_EXTENDED_HEADER;
+        self.forgive(map_len, &mut forgivable);
         let after_map = stored - map_len;
         let data = pax::check_regions(&regions, sparse.real_size, after_map)
             .map_err(|r| self.refusal(name, r))?;
         let hole_bytes = sparse.real_size - data;
-        let announced = self
-            .consumed
-            .saturating_add(after_map)
-            .saturating_add(hole_bytes);
+        let announced = self.consumed.saturating_add(sparse.real_size);
         if announced > self.limits.max_unpack_bytes {
             return Err(self.too_many_bytes(name, announced));
         }
@@ -895,12 +909,14 @@ impl Extraction<'_> {
         for region in regions.iter().filter(|r| r.length > 0) {
             // Each region's data starts on a block boundary.
             let start = pax::blocks(at).unwrap_or(at);
+            self.forgive(start - at, &mut forgivable);
             self.copy_exact(entry, name, start - at, None)?;
             out.seek(SeekFrom::Start(region.offset))
                 .map_err(|e| Error::io("seek in", path, e))?;
             self.copy_exact(entry, name, region.length, Some((&mut out, path)))?;
             at = start + region.length;
         }
+        self.forgive(after_map.saturating_sub(at), &mut forgivable);
         self.drain(entry, name)?;
         out.set_len(sparse.real_size)
             .map_err(|e| Error::io("set length of", path, e))?;
@@ -1405,15 +1421,65 @@ fn confined(tree: &Path, rel: &[OsString]) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Shared count of bytes read from the decompressed stream, with a movable limit.
-#[derive(Debug, Default)]
+/// Shared count of bytes read from the decompressed stream, with a movable limit, and
+/// the last whole block read (so a header the tar reader fails on can be named).
+#[derive(Debug)]
 struct Meter {
     read: Cell<u64>,
     limit: Cell<u64>,
     eof: Cell<bool>,
+    /// The block being read, up to the current position.
+    current: RefCell<[u8; pax::BLOCK as usize]>,
+    /// The last block read whole and the stream offset just after it.
+    last_block: RefCell<Option<([u8; pax::BLOCK as usize], u64)>>,
+}
+
+impl Default for Meter {
+    fn default() -> Self {
+        Meter {
+            read: Cell::new(0),
+            limit: Cell::new(0),
+            eof: Cell::new(false),
+            current: RefCell::new([0; pax::BLOCK as usize]),
+            last_block: RefCell::new(None),
+        }
+    }
 }
 
 impl Meter {
+    /// Notes `data`, read at stream offset `at`: only its last two blocks can matter.
+    fn record(&self, at: u64, data: &[u8]) {
+        let block = pax::BLOCK;
+        let end = at + data.len() as u64;
+        let from = at.max(end.saturating_sub(2 * block) & !(block - 1));
+        let mut current = self.current.borrow_mut();
+        for offset in from..end {
+            let in_block = usize::try_from(offset % block).unwrap_or(0);
+            current[in_block] = data[usize::try_from(offset - at).unwrap_or(0)];
+            if offset % block == block - 1 {
+                *self.last_block.borrow_mut() = Some((*current, offset + 1));
+            }
+        }
+    }
+
+    /// The name in the block just read, when it is a tar header (its checksum holds):
+    /// the entry the tar reader was reading when it failed.
+    fn last_header_name(&self) -> Option<String> {
+        let (block, end) = (*self.last_block.borrow())?;
+        if end != self.read.get() {
+            return None;
+        }
+        let header = tar::Header::from_byte_slice(&block);
+        let stored = header.cksum().ok()?;
+        let sum: u32 = block[..148]
+            .iter()
+            .chain(&[b' '; 8])
+            .chain(&block[156..])
+            .map(|b| u32::from(*b))
+            .sum();
+        (stored == sum).then(|| String::from_utf8_lossy(&header.path_bytes()).into_owned())
+    }
+
     /// Allows `more` bytes from now on.
     fn allow(&self, more: u64) {
         self.limit.set(self.read.get().saturating_add(more));
@@ -1444,6 +1510,7 @@ impl Read for Metered {
         if n == 0 {
             self.meter.eof.set(true);
         }
+        self.meter.record(self.meter.read.get(), &buf[..n]);
         self.meter.read.set(self.meter.read.get() + n as u64);
         Ok(n)
     }
@@ -2355,6 +2422,38 @@ mod tests {
     }
 
     #[test]
+    fn a_header_size_the_reader_cannot_use_is_refused_naming_its_entry() {
+        let f = fixture();
+        // Base-256 sizes: the largest, and a negative one.
+        for size in [
+            [0x80].iter().chain(&[0xff; 11]),
+            [0xff; 12][..1].iter().chain(&[0xff; 11]),
+        ] {
+            let mut header = Raw::header(b"huge-size", EntryType::Regular, 0o644, 0, b"");
+            for (at, byte) in header.as_old_mut().size.iter_mut().zip(size) {
+                *at = *byte;
+            }
+            header.set_cksum();
+            let bytes = Raw::default().push(&header, b"").file("x", b"x").finish();
+            f.refuses(&bytes, ErrorKind::BadArchive, "entry 'huge-size'");
+            // After another entry, and gzipped.
+            let bytes = Raw::default()
+                .file("first", b"1")
+                .push(&header, b"")
+                .finish();
+            f.refuses(&gzip(&bytes), ErrorKind::BadArchive, "entry 'huge-size'");
+        }
+        // A PAX size of u64::MAX, which the reader cannot pad to a block.
+        let record = b"29 size=18446744073709551615\n";
+        let pax = Raw::header(b"pax", EntryType::XHeader, 0o644, record.len() as u64, b"");
+        let bytes = Raw::default()
+            .push(&pax, record)
+            .file("pax-size", b"x")
+            .finish();
+        f.refuses(&bytes, ErrorKind::BadArchive, "entry 'pax-size'");
+    }
+
+    #[test]
     fn refuses_truncated_and_foreign_archives() {
         let f = fixture();
         let good = release("0.1.0");
@@ -2851,6 +2950,42 @@ mod tests {
         let mut small = fixture();
         small.limits.max_unpack_bytes = 4096;
         small.refuses(&tar, ErrorKind::TooLarge, "sparse.dat");
+    }
+
+    #[test]
+    fn a_sparse_file_of_each_format_counts_its_real_size_exactly() {
+        // Regions at unaligned offsets so that 1.0 pads between them, and a map that
+        // takes a block of its own.
+        let regions: &[(u64, &[u8])] = &[(3, b"abc"), (4_000, &[b'x'; 700]), (10_000, b"")];
+        let v10 = sparse_1_0("v10.dat", 10_000, regions).finish();
+        let mut v00_data = b"abc".to_vec();
+        v00_data.resize(512, 0);
+        v00_data.extend([b'x'; 700]);
+        let v00 = Raw::default()
+            .pax(&[
+                ("GNU.sparse.size", b"10000"),
+                ("GNU.sparse.numblocks", b"3"),
+                ("GNU.sparse.offset", b"3"),
+                ("GNU.sparse.numbytes", b"3"),
+                ("GNU.sparse.offset", b"4000"),
+                ("GNU.sparse.numbytes", b"700"),
+                ("GNU.sparse.offset", b"10000"),
+                ("GNU.sparse.numbytes", b"0"),
+            ])
+            .entry("v00.dat", EntryType::Regular, 0o644, &v00_data, "")
+            .finish();
+        for (tar, name) in [(v10, "v10.dat"), (v00, "v00.dat")] {
+            let mut at_limit = fixture();
+            at_limit.limits.max_unpack_bytes = 10_000;
+            at_limit.put("s.tar", &tar);
+            let done = at_limit
+                .unpack("s.tar", "out")
+                .unwrap_or_else(|e| panic!("{name} at the limit: {e}"));
+            assert_eq!(done.bytes, 10_000, "{name}");
+            let mut over = fixture();
+            over.limits.max_unpack_bytes = 9_999;
+            over.refuses(&tar, ErrorKind::TooLarge, name);
+        }
     }
 
     #[test]

@@ -151,6 +151,13 @@ impl DigestCache {
     /// change is confirmed by hashing the file again (blocking; the fresh digest is
     /// returned and recorded). `None` for a file the cache does not know as it is now.
     pub fn get(&self, file: &Path) -> Option<Sha256> {
+        self.get_stamped(file).map(|(sha256, _)| sha256)
+    }
+
+    /// [`DigestCache::get`], with the state of the file the digest holds for: a reader
+    /// that opens the file afterwards checks that it still finds that state (see
+    /// [`crate::client::WriteSource::sha256_of`]).
+    pub fn get_stamped(&self, file: &Path) -> Option<(Sha256, FileStamp)> {
         let canonical = std::fs::canonicalize(file).ok()?;
         let now = FileStamp::take(&canonical).ok()?;
         let text = std::fs::read_to_string(self.entry_path(&canonical)).ok()?;
@@ -166,11 +173,11 @@ impl DigestCache {
             return None;
         }
         if *settled == "settled" {
-            return Sha256::from_hex(hex);
+            return Sha256::from_hex(hex).map(|sha256| (sha256, now));
         }
         let (stamp, fresh) = hash_unchanged(&canonical).ok()?;
         self.put(&canonical, &stamp, fresh);
-        Some(fresh)
+        Some((fresh, stamp))
     }
 
     /// Records `sha256` as the digest of `file` in the state `before`, the stamp taken

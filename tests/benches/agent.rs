@@ -54,10 +54,12 @@ async fn run() {
     let known = WriteSource {
         path: file_256.clone(),
         sha256: Some(erel_master::digest_cache::sha256_file(&file_256).expect("hash")),
+        sha256_of: None,
     };
     let unknown = WriteSource {
         path: file_256.clone(),
         sha256: None,
+        sha256_of: None,
     };
     for (label, source, dest) in [
         ("digest known in advance", &known, "bench/known.bin"),
@@ -119,6 +121,7 @@ async fn run() {
     let source = WriteSource {
         path: file_1g.clone(),
         sha256: None,
+        sha256_of: None,
     };
     let sampling = tokio::spawn(async move {
         let mut peak = 0;

@@ -260,25 +260,30 @@ pub async fn push(
     // file is still in this state after the push.
     let stamp = FileStamp::take(&args.file)
         .with_context(|| format!("{}: cannot read", args.file.display()))?;
-    let sha256 = match &args.sha256 {
-        Some(text) => Some(
-            erel_proto::Sha256::from_hex(text)
-                .with_context(|| format!("--sha256 '{text}' is not 64 hex characters"))?,
+    let (sha256, sha256_of) = match &args.sha256 {
+        Some(text) => (
+            Some(
+                erel_proto::Sha256::from_hex(text)
+                    .with_context(|| format!("--sha256 '{text}' is not 64 hex characters"))?,
+            ),
+            None,
         ),
         None => match cache.clone() {
             // May hash the file again (a recently changed one): off the async threads.
             Some(cache) => {
                 let file = args.file.clone();
-                tokio::task::spawn_blocking(move || cache.get(&file))
-                    .await
-                    .unwrap_or(None)
+                match tokio::task::spawn_blocking(move || cache.get_stamped(&file)).await {
+                    Ok(Some((sha256, of))) => (Some(sha256), Some(of)),
+                    _ => (None, None),
+                }
             }
-            None => None,
+            None => (None, None),
         },
     };
     let source = WriteSource {
         path: args.file.clone(),
         sha256,
+        sha256_of,
     };
     let bar = ProgressBar::new(0);
     bar.set_style(

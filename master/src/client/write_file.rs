@@ -11,6 +11,9 @@
 //! its path, after the last byte is sent and before `WriteCommit`: a file written,
 //! touched or replaced meanwhile fails the push, naming the file, and the connection is
 //! closed without a commit, so the agent never makes torn or stale content visible.
+//! A digest remembered for an earlier state of the file (`WriteSource::sha256_of`) is
+//! used only when the opened file is still in that state: a file rebuilt or replaced
+//! after the lookup is hashed as it is sent, since the agent may hold the old content.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -40,6 +43,12 @@ pub struct WriteSource {
     pub path: PathBuf,
     /// Its sha256, when known in advance.
     pub sha256: Option<Sha256>,
+    /// The state of the file `sha256` was computed from, when it was remembered for one
+    /// (a digest cache). A file found in another state when it is opened was rebuilt or
+    /// replaced since: that digest is not used and the file is hashed as it is sent.
+    /// `None` when `sha256` names the content wanted whatever the file holds (the
+    /// agent then refuses other bytes).
+    pub sha256_of: Option<FileStamp>,
 }
 
 /// How far a transfer has come.
@@ -73,6 +82,17 @@ impl AgentClient {
             .await
             .map_err(|e| Error::local(&path, format!("opening failed: {e}")))??;
         let size = stamp.size();
+        let known = match (&source.sha256, &source.sha256_of) {
+            // Remembered for another state of the file: the file is not what it was
+            // computed from, and the agent may hold exactly that older content.
+            (Some(_), Some(of)) if !of.same_state(&stamp) => None,
+            (known, _) => *known,
+        };
+        let source = &WriteSource {
+            path: source.path.clone(),
+            sha256: known,
+            sha256_of: None,
+        };
         let request = Request::WriteFile(WriteFile {
             path: dest.to_string(),
             mode,

@@ -117,12 +117,7 @@ pub async fn converge_file(
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(options.file_poll) => {}
         }
-        let now = FileStamp::take(&path).ok();
-        if !may_have_changed(stamp.as_ref(), now.as_ref()) {
-            continue;
-        }
-        stamp = now;
-        if let Some(plan) = newer_plan(&path, revision) {
+        if let Some(plan) = poll_plan(&path, &mut stamp, revision) {
             revision = plan.revision;
             info!(file = %path.display(), revision, "newer revision loaded; converging");
             let _ = tx.send(Arc::new(plan));
@@ -131,6 +126,34 @@ pub async fn converge_file(
     let _ = converging.await;
     info!("daemon stopped");
     Ok(())
+}
+
+/// One look at the cluster file: a newer revision, read whole. `stamp` is the state the
+/// file was last read in.
+///
+/// A file changed within [`crate::digest_cache::RACY_WINDOW`] may still be being
+/// written (a generator writing it in chunks, `cat >` after its truncation): a prefix
+/// of a cluster file can be a valid one that lacks hosts or groups, and applying it
+/// would stop their releases. Such a file is read once it has been quiet that long,
+/// and what was read counts only when the file did not change meanwhile.
+fn poll_plan(path: &Path, stamp: &mut Option<FileStamp>, current: u64) -> Option<Plan> {
+    let now = FileStamp::take(path).ok();
+    if !may_have_changed(stamp.as_ref(), now.as_ref()) {
+        return None;
+    }
+    if now.as_ref().is_some_and(|now| !now.is_settled()) {
+        // Looked at again at the next poll, until it settles.
+        return None;
+    }
+    let plan = newer_plan(path, current);
+    let after = FileStamp::take(path).ok();
+    match (&now, &after) {
+        (Some(now), Some(after)) if now.same_state(after) => {}
+        // Changed while it was read: read again once it settles.
+        _ => return None,
+    }
+    *stamp = now;
+    plan
 }
 
 fn newer_plan(path: &Path, current: u64) -> Option<Plan> {
@@ -175,6 +198,41 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::*;
+
+    #[test]
+    fn a_cluster_file_still_being_written_is_read_once_it_is_quiet() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cluster.toml");
+        std::fs::write(&path, "revision = 1\n").expect("write");
+        let mut stamp = FileStamp::take(&path).ok();
+        // The first part of revision 2 by a writer that has not finished: on its own
+        // a valid cluster file, with no hosts.
+        std::fs::write(&path, "revision = 2\n").expect("write");
+        assert!(
+            poll_plan(&path, &mut stamp, 1).is_none(),
+            "a file changed a moment ago is not read yet"
+        );
+        std::fs::write(dir.path().join("beat.tar.gz"), b"archive").expect("write");
+        let mut file = OpenOptions::new().append(true).open(&path).expect("open");
+        std::io::Write::write_all(
+            &mut file,
+            b"[[host]]\nid = \"web-1\"\naddr = \"127.0.0.1:7070\"\ngroup = \"web\"\n\n\
+              [group.web]\nrelease = \"beat\"\nversion = \"1\"\narchive = \"beat.tar.gz\"\n",
+        )
+        .expect("append");
+        drop(file);
+        let deadline = std::time::Instant::now() + crate::digest_cache::RACY_WINDOW * 4;
+        let plan = loop {
+            if let Some(plan) = poll_plan(&path, &mut stamp, 1) {
+                break plan;
+            }
+            assert!(std::time::Instant::now() < deadline, "never read");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(plan.revision, 2);
+        assert_eq!(plan.hosts.len(), 1, "the whole file, not its first part");
+        assert!(poll_plan(&path, &mut stamp, 2).is_none(), "read once");
+    }
 
     #[test]
     fn a_cluster_file_rewritten_with_its_size_and_mtime_kept_is_read_again() {

@@ -140,6 +140,7 @@ impl HostSession {
         let source = WriteSource {
             path: path.to_path_buf(),
             sha256: Some(sha256),
+            sha256_of: None,
         };
         retrying!(self, |client| client.write_file(
             &source,

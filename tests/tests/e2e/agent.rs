@@ -33,6 +33,7 @@ async fn install_beat(pki: &Pki, agent: &AgentProc, work: &std::path::Path, vers
     let source = WriteSource {
         path: tarball.clone(),
         sha256: Some(sha256(&tarball)),
+        sha256_of: None,
     };
     client
         .write_file(&source, &dest, 0o644, &mut no_progress())
@@ -230,6 +231,7 @@ async fn a_repeated_push_sends_nothing_and_a_cut_push_resumes() {
     let source = WriteSource {
         path: file.clone(),
         sha256: Some(digest),
+        sha256_of: None,
     };
     // Until the agent has noticed the cut, the staged file is still held: Busy.
     let mut attempts = 0;
@@ -267,6 +269,7 @@ async fn a_repeated_push_sends_nothing_and_a_cut_push_resumes() {
     let unknown = WriteSource {
         path: file.clone(),
         sha256: None,
+        sha256_of: None,
     };
     let fresh = client
         .write_file(&unknown, "data/copy.bin", 0o644, &mut no_progress())
@@ -350,6 +353,7 @@ async fn hostile_archive_over_the_wire_writes_nothing() {
     let source = WriteSource {
         path: path.clone(),
         sha256: None,
+        sha256_of: None,
     };
     client
         .write_file(&source, "archives/evil.tar", 0o644, &mut no_progress())
@@ -418,6 +422,7 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
             &WriteSource {
                 path: tarball,
                 sha256: None,
+                sha256_of: None,
             },
             "archives/flop-1.tar.gz",
             0o644,
@@ -747,4 +752,113 @@ async fn old_versions_and_their_archives_are_removed_beyond_the_kept_ones() {
         "the archive version 1 came from is removed too"
     );
     assert!(agent.root.join("archives/beat-2.tar.gz").exists());
+}
+
+/// Sends `request` after a Hello on a fresh connection and returns the agent's first
+/// answer (`None` when it closed instead).
+async fn one_request(pki: &Pki, agent: &AgentProc, request: &Request) -> Option<Response> {
+    let mut raw = raw_connection(pki, agent).await;
+    hello(&mut raw).await;
+    raw.write_all(&encode_frame(request).expect("encode"))
+        .await
+        .expect("send");
+    tokio::time::timeout(Duration::from_secs(30), read_frame::<Response, _>(&mut raw))
+        .await
+        .expect("answered in time")
+        .ok()
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_at_the_edges_of_every_field_are_answered_without_a_panic() {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let start = |name: &str, version: &str, argv: &[&str]| Start {
+        name: name.into(),
+        version: version.into(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: Vec::new(),
+        user: None,
+    };
+    let mut requests = Vec::new();
+    for size in [0, 1, u64::MAX, u64::MAX - 1, 1 << 63] {
+        for path in ["f", "", ".", "/", "a/", "a//b", "é", "\u{0}", "..", ".erel"] {
+            for mode in [0, 0o644, 0o777, 0o1000, u32::MAX] {
+                requests.push(Request::WriteFile(WriteFile {
+                    path: path.into(),
+                    mode,
+                    size,
+                    sha256: (size == 1).then_some(erel_proto::Sha256([0; 32])),
+                }));
+            }
+        }
+    }
+    for (archive, dest) in [
+        ("", ""),
+        ("a", "a"),
+        (".", "x"),
+        ("x", "."),
+        ("x", ""),
+        ("\u{0}", "x"),
+        ("releases", "releases/x"),
+        ("x", "releases/x/.."),
+    ] {
+        requests.push(Request::Unpack(erel_proto::Unpack {
+            archive: archive.into(),
+            dest: dest.into(),
+            sha256: None,
+        }));
+    }
+    for (name, version, argv) in [
+        ("", "", &[][..]),
+        ("a", "1", &[][..]),
+        ("a", "1", &[""][..]),
+        ("a", "1", &["/bin/sh"][..]),
+        ("a", "1", &["../x"][..]),
+        ("a", "1", &["\u{0}"][..]),
+        ("a", "1", &["bin/a", "\u{0}"][..]),
+        (".", ".", &["x"][..]),
+        ("..", "1", &["x"][..]),
+        ("a", "é", &["x"][..]),
+    ] {
+        requests.push(Request::Start(start(name, version, argv)));
+    }
+    for (key, value) in [
+        ("", "v"),
+        ("=", "v"),
+        ("K", "\u{0}"),
+        ("\u{0}", "v"),
+        ("K=V", ""),
+    ] {
+        let mut request = start("a", "1", &["bin/a"]);
+        request.env = vec![(key.into(), value.into())];
+        requests.push(Request::Start(request));
+    }
+    for user in ["", "root:x", "\u{0}", "4294967295", "-1", "0"] {
+        let mut request = start("a", "1", &["bin/a"]);
+        request.user = Some(user.into());
+        requests.push(Request::Start(request));
+    }
+    for (name, grace_ms) in [("", 0), ("a", u64::MAX), ("é", 1), ("\u{0}", 1), (".", 1)] {
+        requests.push(Request::Stop(erel_proto::Stop {
+            name: name.into(),
+            grace_ms,
+        }));
+    }
+    requests.push(Request::Hello(Hello {
+        protocol: u32::MAX,
+        name: "é".repeat(1000),
+        software: String::new(),
+    }));
+    for request in &requests {
+        let answer = one_request(&pki, &agent, request).await;
+        assert!(
+            !agent.log().contains("panicked"),
+            "{request:?} -> {answer:?}; agent log:\n{}",
+            agent.log()
+        );
+    }
+    let mut client = pki.connect(&agent).await;
+    client.ping().await.expect("still serving");
+    assert!(!agent.log().contains("panicked"), "{}", agent.log());
 }

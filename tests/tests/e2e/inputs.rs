@@ -37,6 +37,7 @@ async fn push(client: &mut AgentClient, file: &Path, dest: &str) -> Result<u64, 
     let source = WriteSource {
         path: file.to_path_buf(),
         sha256: None,
+        sha256_of: None,
     };
     client
         .write_file(&source, dest, 0o644, &mut no_progress())
@@ -134,6 +135,7 @@ async fn paths_over_each_limit_are_refused_in_write_file_and_unpack_and_accepted
             &WriteSource {
                 path: tarball.clone(),
                 sha256: Some(sha256(&tarball)),
+                sha256_of: None,
             },
             "archives/app-1.tar.gz",
             0o644,
@@ -177,6 +179,7 @@ async fn long_names_argv_and_users_are_refused_in_start_and_stop() {
             &WriteSource {
                 path: tarball,
                 sha256: Some(digest),
+                sha256_of: None,
             },
             "archives/app-1.tar.gz",
             0o644,

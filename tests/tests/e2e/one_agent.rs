@@ -51,6 +51,7 @@ async fn start_sleeper(pki: &Pki, agent: &AgentProc, work: &std::path::Path) {
     let source = WriteSource {
         path: tarball.clone(),
         sha256: Some(sha256(&tarball)),
+        sha256_of: None,
     };
     client
         .write_file(

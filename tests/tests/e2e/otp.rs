@@ -46,6 +46,7 @@ async fn a_rebar3_release_runs_under_the_agent() {
             &WriteSource {
                 path: tarball.clone(),
                 sha256: Some(digest),
+                sha256_of: None,
             },
             &archive,
             0o644,

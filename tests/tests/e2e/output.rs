@@ -106,6 +106,7 @@ async fn run_release(client: &mut AgentClient, work: &Path, name: &str, script: 
     let source = WriteSource {
         path: tarball.clone(),
         sha256: Some(sha256(&tarball)),
+        sha256_of: None,
     };
     client
         .write_file(&source, &dest, 0o644, &mut |_: Progress| {})
@@ -303,6 +304,7 @@ async fn yes_for_30_seconds_never_fills_a_small_root() {
     let source = WriteSource {
         path: big.clone(),
         sha256: Some(sha256(&big)),
+        sha256_of: None,
     };
     let mut client = pki.connect(&agent).await;
     client

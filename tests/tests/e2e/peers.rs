@@ -480,6 +480,7 @@ async fn a_stalled_or_dropped_transfer_is_taken_over_at_once() {
     let source = WriteSource {
         path: file.clone(),
         sha256: Some(digest),
+        sha256_of: None,
     };
 
     // A master that stops sending mid-way but keeps its connection open, as a peer
@@ -528,6 +529,7 @@ async fn a_stalled_or_dropped_transfer_is_taken_over_at_once() {
     let other_source = WriteSource {
         path: other.clone(),
         sha256: None,
+        sha256_of: None,
     };
     let mut dropped = pki.connect(&agent).await;
     let sent = Arc::new(AtomicU64::new(0));
@@ -595,6 +597,7 @@ async fn a_normal_connection_end_leaves_no_error_in_the_agent_log() {
             &WriteSource {
                 path: file.clone(),
                 sha256: None,
+                sha256_of: None,
             },
             "data/small.bin",
             0o644,
@@ -679,6 +682,7 @@ async fn an_unpack_cut_while_it_runs_is_repeated_at_once() {
             &WriteSource {
                 path: archive.clone(),
                 sha256: Some(digest),
+                sha256_of: None,
             },
             "archives/many.tar",
             0o644,

@@ -171,6 +171,7 @@ async fn push_changing_midway(
     let source = WriteSource {
         path: file.clone(),
         sha256: known.then(|| sha256(file)),
+        sha256_of: None,
     };
     let size = std::fs::metadata(file).expect("stat").len();
     let mtime = std::fs::metadata(file)
@@ -226,6 +227,7 @@ async fn a_file_changed_while_it_is_sent_fails_naming_it_and_nothing_is_committe
         let source = WriteSource {
             path: file.clone(),
             sha256: None,
+            sha256_of: None,
         };
         let deadline = Instant::now() + TRANSFER_STALL_TIMEOUT * 2;
         let written = loop {
@@ -241,6 +243,75 @@ async fn a_file_changed_while_it_is_sent_fails_naming_it_and_nothing_is_committe
         assert_eq!(
             std::fs::read(agent.root.join(&dest)).expect("read"),
             std::fs::read(&file).expect("read")
+        );
+    }
+}
+
+/// A digest remembered for the file (the cache's) and a file replaced between that
+/// lookup and the push, by a rename or by swapping the symlink it is pushed through:
+/// the agent already holds the content of the old file, and must get the new one, not
+/// be told "already present".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_replaced_after_its_digest_was_looked_up_is_sent_as_it_is_now() {
+    use erel_master::digest_cache::DigestCache;
+
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let cache = DigestCache::new(work.path().join("cache"));
+    for how in ["rename", "symlink"] {
+        let dest = format!("archives/app-{how}.tar");
+        let old = work.path().join(format!("old-{how}.tar"));
+        let new = work.path().join(format!("new-{how}.tar"));
+        std::fs::write(&old, content(7, 200_000)).expect("write");
+        std::fs::write(&new, content(8, 200_000)).expect("write");
+        let file = work.path().join(format!("app-{how}.tar"));
+        match how {
+            "rename" => std::fs::copy(&old, &file).map(drop).expect("copy"),
+            _ => std::os::unix::fs::symlink(&old, &file).expect("symlink"),
+        }
+        // Pushed once: the agent holds the old content, the cache knows its digest.
+        let stamp = erel_master::digest_cache::FileStamp::take(&file).expect("stamp");
+        let mut client = pki.connect(&agent).await;
+        let first = WriteSource {
+            path: file.clone(),
+            sha256: None,
+            sha256_of: None,
+        };
+        let written = client
+            .write_file(&first, &dest, 0o644, &mut |_| {})
+            .await
+            .expect("first push");
+        cache.put(&file, &stamp, written.sha256);
+
+        // The next push looks the digest up, then the file is replaced before it is
+        // opened.
+        let (known, of) = cache.get_stamped(&file).expect("cached");
+        assert_eq!(known, written.sha256);
+        match how {
+            "rename" => std::fs::rename(&new, &file).expect("rename"),
+            _ => {
+                let swap = work.path().join("swap");
+                std::os::unix::fs::symlink(&new, &swap).expect("symlink");
+                std::fs::rename(&swap, &file).expect("swap symlink");
+            }
+        }
+        let source = WriteSource {
+            path: file.clone(),
+            sha256: Some(known),
+            sha256_of: Some(of),
+        };
+        let mut client = pki.connect(&agent).await;
+        let written = client
+            .write_file(&source, &dest, 0o644, &mut |_| {})
+            .await
+            .expect("push of the new file");
+        assert_eq!(written.sha256, sha256(&file), "{how}");
+        assert!(written.received > 0, "{how}: sent again");
+        assert_eq!(
+            std::fs::read(agent.root.join(&dest)).expect("read"),
+            content(8, 200_000),
+            "{how}: the host holds the file as it is now"
         );
     }
 }

@@ -908,6 +908,7 @@ async fn a_pax_sparse_file_unpacks_to_its_real_name_and_bytes() {
     let source = WriteSource {
         path: tarball.clone(),
         sha256: Some(sha256(&tarball)),
+        sha256_of: None,
     };
     let mut no_progress = |_: Progress| {};
     client
@@ -978,6 +979,7 @@ async fn a_sparse_file_counts_its_expanded_size_against_the_limit() {
         let source = WriteSource {
             path: tarball.clone(),
             sha256: None,
+            sha256_of: None,
         };
         let mut no_progress = |_: Progress| {};
         client
