@@ -52,6 +52,7 @@ async fn install(pki: &Pki, agent: &AgentProc, work: &Path, version: &str, scrip
     let source = WriteSource {
         path: tarball.clone(),
         sha256: Some(sha256(&tarball)),
+        sha256_of: None,
     };
     client
         .write_file(&source, &dest, 0o644, &mut no_progress())
