@@ -47,7 +47,7 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(flags)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let text = error_text(&e);
+            let text = erel_proto::text::error_chain(e.as_ref());
             error!("{text}");
             eprintln!("erel-boot: {text}");
             ExitCode::FAILURE
@@ -129,43 +129,5 @@ async fn wait_for_termination([mut term, mut int]: [tokio::signal::unix::Signal;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
-    }
-}
-
-/// An error and its causes on one line, as `{:#}` writes them, but without a cause
-/// that an outer message already quotes (many errors show their source in their own
-/// text too), so that nothing is said twice.
-fn error_text(error: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in error.chain() {
-        let cause = cause.to_string();
-        if text.contains(&cause) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&cause);
-    }
-    text
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_cause_the_message_already_quotes_is_not_repeated() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("cannot connect to 127.0.0.1:1: {source}")]
-        struct Connect {
-            source: std::io::Error,
-        }
-        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
-        let error = anyhow::Error::new(Connect { source: io }).context("web-1");
-        assert_eq!(
-            super::error_text(&error),
-            "web-1: cannot connect to 127.0.0.1:1: Connection refused"
-        );
-        let plain = anyhow::anyhow!("inner").context("outer");
-        assert_eq!(super::error_text(&plain), "outer: inner");
     }
 }

@@ -69,6 +69,26 @@ pub fn quote(text: &str) -> Cow<'_, str> {
     ))
 }
 
+/// An error and its causes (its [`source`](std::error::Error::source) chain) on one
+/// line, joined by `: ` as anyhow's `{:#}` writes them, but without a cause whose text
+/// an outer message already holds: many errors quote their source in their own text
+/// too, and nothing should be said twice. Both programs print their final error so.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&said);
+        }
+        next = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +137,39 @@ mod tests {
         }
         assert_eq!(floor_char_boundary(text, 5), 5);
         assert_eq!(floor_char_boundary(text, 99), text.len());
+    }
+
+    #[test]
+    fn a_cause_the_message_already_quotes_is_not_repeated() {
+        #[derive(Debug)]
+        struct Connect(std::io::Error);
+        impl std::fmt::Display for Connect {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "cannot connect to 127.0.0.1:1: {}", self.0)
+            }
+        }
+        impl std::error::Error for Connect {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        #[derive(Debug)]
+        struct Context(&'static str, Connect);
+        impl std::fmt::Display for Context {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Context {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.1)
+            }
+        }
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let error = Context("web-1", Connect(io));
+        assert_eq!(
+            error_chain(&error),
+            "web-1: cannot connect to 127.0.0.1:1: Connection refused"
+        );
     }
 }

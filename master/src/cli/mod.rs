@@ -109,7 +109,7 @@ pub fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("erel: {}", error_text(&e));
+            eprintln!("erel: {}", erel_proto::text::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -142,44 +142,9 @@ fn cluster_file(given: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(crate::cluster::DEFAULT_CLUSTER_FILE))
 }
 
-/// An error and its causes on one line, as `{:#}` writes them, but without a cause
-/// that an outer message already quotes (many errors show their source in their own
-/// text too), so that nothing is said twice.
-fn error_text(error: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in error.chain() {
-        let cause = cause.to_string();
-        if text.contains(&cause) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&cause);
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
-
-    #[test]
-    fn a_cause_the_message_already_quotes_is_not_repeated() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("cannot connect to 127.0.0.1:1: {source}")]
-        struct Connect {
-            source: std::io::Error,
-        }
-        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
-        let error = anyhow::Error::new(Connect { source: io }).context("web-1");
-        assert_eq!(
-            super::error_text(&error),
-            "web-1: cannot connect to 127.0.0.1:1: Connection refused"
-        );
-        let plain = anyhow::anyhow!("inner").context("outer");
-        assert_eq!(super::error_text(&plain), "outer: inner");
-    }
 
     #[test]
     fn the_command_line_definition_is_consistent() {
