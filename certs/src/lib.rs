@@ -18,7 +18,7 @@
 //! * `signatures`: the signature algorithms a handshake verifies.
 //! * `verify`: the peer verifiers, whose refusals name the certificate at fault.
 //! * `explain`: [`explain_tls_error`], a refused handshake as a sentence.
-//! * [`testing`]: odd certificates for other crates' negative tests, and an
+//! * `testing` (feature `testing`, for tests only): odd certificates for other crates' negative tests, and an
 //!   operator's PKI made with `openssl`.
 //! * `files`: atomic writes; keys are mode 0600 from the start.
 //!
@@ -74,6 +74,7 @@ mod pki;
 mod revocation;
 mod signatures;
 mod store;
+#[cfg(feature = "testing")]
 pub mod testing;
 mod tls;
 mod verify;
