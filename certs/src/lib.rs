@@ -18,8 +18,8 @@
 //! * `signatures`: the signature algorithms a handshake verifies.
 //! * `verify`: the peer verifiers, whose refusals name the certificate at fault.
 //! * `explain`: [`explain_tls_error`], a refused handshake as a sentence.
-//! * `testing` (feature `testing`, for tests only): odd certificates for other crates' negative tests, and an
-//!   operator's PKI made with `openssl`.
+//! * `testing` (feature `testing`, for tests only): odd certificates for other
+//!   crates' negative tests, and an operator's PKI made with `openssl`.
 //! * `files`: atomic writes; keys are mode 0600 from the start.
 //!
 //! ```
