@@ -299,11 +299,20 @@ pub(crate) struct GroupStop {
 }
 
 /// Polls until `members` is empty or `limit` passes; true when empty.
+///
+/// Empty counts only when two scans [`GROUP_POLL`] apart agree: without cgroups members
+/// are found partly by their environment, which reads as empty for a moment while a
+/// process execs (`/proc/<pid>/environ` before the new image's environment is laid out),
+/// so one scan can miss a member that is still there.
 pub(crate) async fn wait_empty(members: &impl Fn() -> Vec<u32>, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     loop {
         if members().is_empty() {
-            return true;
+            tokio::time::sleep(GROUP_POLL).await;
+            if members().is_empty() {
+                return true;
+            }
+            continue;
         }
         if Instant::now() >= deadline {
             return false;
