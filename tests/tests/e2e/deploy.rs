@@ -18,7 +18,7 @@ use erel_proto::ReleaseState;
 
 use crate::helper::otp::build_release_with;
 use crate::helper::release::{beat_release, failing_beat_release};
-use crate::helper::{free_port, AgentProc, Pki};
+use crate::helper::{free_port, poll_until, AgentProc, Pki};
 
 const RELEASE: &str = "beat";
 
@@ -680,14 +680,11 @@ async fn the_daemon_converges_repairs_drift_follows_revisions_and_stops_on_sigte
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("SIGTERM");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the daemon ignored SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = poll_until(Duration::from_secs(20), || {
+        std::future::ready(child.try_wait().expect("wait"))
+    })
+    .await
+    .expect("the daemon ignored SIGTERM");
     let _ = reader.join();
     let text = log_text();
     assert!(status.success(), "{status:?}\n{text}");

@@ -3,13 +3,13 @@
 //! one starts and adopts the releases without a second copy.
 
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use erel_master::client::{Progress, WriteSource};
 use erel_proto::{ReleaseState, Start};
 
 use crate::helper::release::{sha256, shell_release};
-use crate::helper::{wait_until, AgentProc, Pki, AGENT_BIN, FAST_SUPERVISION};
+use crate::helper::{exit_within, wait_until, AgentProc, Pki, AGENT_BIN, FAST_SUPERVISION};
 
 /// How long a refused agent may take to exit (it only parses, loads and tries the lock).
 const REFUSAL_LIMIT: Duration = Duration::from_secs(30);
@@ -30,17 +30,13 @@ fn second_agent(pki: &Pki, agent: &AgentProc) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn a second erel-boot");
-    let deadline = Instant::now() + REFUSAL_LIMIT;
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "a second agent on the same root kept running:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if exit_within(&mut child, REFUSAL_LIMIT).is_none() {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("output");
+        panic!(
+            "a second agent on the same root kept running:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     child.wait_with_output().expect("output")
 }

@@ -15,7 +15,7 @@ use erel_master::AgentClient;
 use erel_proto::{ReleaseState, ReleaseStatus, Start, OUTPUT_TAIL_MAX};
 
 use crate::helper::release::{sha256, shell_release};
-use crate::helper::{wait_until, AgentProc, Pki};
+use crate::helper::{poll_until, wait_until, AgentProc, Pki};
 
 /// The cap the agents here run with (the default, said explicitly).
 const CAP: u64 = 4 << 20;
@@ -141,18 +141,12 @@ async fn crash_looping(
     name: &str,
     limit: Duration,
 ) -> Option<ReleaseStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(found) = status(pki, agent, name).await {
-            if found.state == ReleaseState::CrashLooping {
-                return Some(found);
-            }
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_until(limit, || async move {
+        status(pki, agent, name)
+            .await
+            .filter(|found| found.state == ReleaseState::CrashLooping)
+    })
+    .await
 }
 
 /// Bytes a process wrote so far (`wchar` in `/proc/<pid>/io`, see proc(5)).

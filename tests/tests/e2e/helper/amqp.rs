@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use erel_master::amqp::Broker;
 
@@ -381,20 +381,6 @@ pub fn logs(masters: &[&MasterProc]) -> String {
         .iter()
         .map(|m| format!("--- master {}\n{}", m.name, m.log()))
         .collect()
-}
-
-/// Polls `condition` every 50 ms until it holds or `limit` passes (blocking).
-pub fn wait_for(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// `Command` for `erel watch`, stdout piped.

@@ -330,16 +330,12 @@ impl Drop for AgentProc {
 pub fn terminate_child(mut child: Child, limit: Duration) -> bool {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + limit;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return status.success(),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return false;
-            }
+    match exit_within(&mut child, limit) {
+        Some(status) => status.success(),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            false
         }
     }
 }
@@ -430,22 +426,65 @@ pub fn free_port() -> u16 {
     panic!("no free port left in {TEST_PORTS:?}");
 }
 
-/// Polls `condition` every 50 ms until it holds or `limit` passes.
+/// How often a bounded wait looks again.
+const POLL_EVERY: Duration = Duration::from_millis(50);
+
+/// Polls `probe` every [`POLL_EVERY`] until it gives a value or `limit` passes; the value,
+/// or `None` when time ran out. The one bounded wait of these tests: [`wait_until`] and the
+/// blocking forms are this with a yes/no answer or without a runtime.
+pub async fn poll_until<T, F, Fut>(limit: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe().await {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// Polls `condition` until it holds or `limit` passes; whether it held.
 pub async fn wait_until<F, Fut>(limit: Duration, mut condition: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    poll_until(limit, || {
+        let holds = condition();
+        async move { holds.await.then_some(()) }
+    })
+    .await
+    .is_some()
+}
+
+/// [`poll_until`] for code without a runtime: blocks the thread between polls.
+pub fn poll_until_blocking<T>(limit: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;
     loop {
-        if condition().await {
-            return true;
+        if let Some(value) = probe() {
+            return Some(value);
         }
         if Instant::now() >= deadline {
-            return false;
+            return None;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::thread::sleep(POLL_EVERY);
     }
+}
+
+/// [`wait_until`] for code without a runtime: blocks the thread between polls.
+pub fn wait_until_blocking(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    poll_until_blocking(limit, || condition().then_some(())).is_some()
+}
+
+/// `child`'s exit status once it exits within `limit`; `None` while it still runs.
+pub fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    poll_until_blocking(limit, || child.try_wait().expect("try_wait"))
 }
 
 /// Lists every path under `dir`, relative, sorted, skipping `skip` (a top-level name).
