@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use erel_master::client::{Progress, WriteSource};
-use erel_proto::{ReleaseState, ReleaseStatus, Start};
+use erel_proto::{ReleaseState, ReleaseStatus};
 
-use crate::helper::release::{sha256, shell_release};
+use crate::helper::install::{push_and_unpack, release_status, start_request};
+use crate::helper::release::shell_release;
 use crate::helper::{wait_until, AgentProc, Pki};
 
 /// How long a condition is waited for; generous, the machine is shared.
@@ -40,46 +40,16 @@ case \"$1\" in
 esac
 ";
 
-fn no_progress() -> impl FnMut(Progress) + Send {
-    |_| {}
-}
-
 /// Pushes and unpacks a shell release `app` `version` whose `bin/app` is `script`.
 async fn install(pki: &Pki, agent: &AgentProc, work: &Path, version: &str, script: &str) {
     let tarball = shell_release(work, "app", version, script);
     let mut client = pki.connect(agent).await;
-    let dest = format!("archives/app-{version}.tar.gz");
-    let source = WriteSource {
-        path: tarball.clone(),
-        sha256: Some(sha256(&tarball)),
-        sha256_of: None,
-    };
-    client
-        .write_file(&source, &dest, 0o644, &mut no_progress())
-        .await
-        .expect("push");
-    client
-        .unpack(&dest, &format!("releases/app/{version}"), source.sha256)
-        .await
-        .expect("unpack");
-}
-
-fn start_request(version: &str, argv: &[&str]) -> Start {
-    Start {
-        name: "app".into(),
-        version: version.into(),
-        argv: argv.iter().map(|a| a.to_string()).collect(),
-        env: Vec::new(),
-        user: None,
-    }
+    push_and_unpack(&mut client, &tarball, "app", version).await;
 }
 
 async fn status(pki: &Pki, agent: &AgentProc) -> ReleaseStatus {
-    let mut client = pki.connect(agent).await;
-    let pong = client.ping().await.expect("ping");
-    pong.releases
-        .into_iter()
-        .find(|r| r.name == "app")
+    release_status(pki, agent, "app")
+        .await
         .expect("app is known")
 }
 
@@ -157,7 +127,10 @@ async fn stop_reaches_a_helper_in_its_own_session() {
     let work = tempfile::tempdir().expect("tempdir");
     install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
     let mut client = pki.connect(&agent).await;
-    let started = client.start(start_request("1", &[])).await.expect("start");
+    let started = client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(
         wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await,
         "the helper\n{}",
@@ -179,7 +152,10 @@ async fn stop_reaches_a_helper_in_its_own_session() {
     assert!(agent.release_pids("app").is_empty());
 
     // Started again: one main process and one helper, never two copies.
-    client.start(start_request("1", &[])).await.expect("start");
+    client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
     tokio::time::sleep(BACKOFF_MAX * 3).await;
     assert_eq!(members(&agent).len(), 2);
@@ -197,7 +173,10 @@ async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &st
     let work = tempfile::tempdir().expect("tempdir");
     install(pki, agent, work.path(), "1", script).await;
     let mut client = pki.connect(agent).await;
-    let started = client.start(start_request("1", argv)).await.expect("start");
+    let started = client
+        .start(start_request("app", "1", argv))
+        .await
+        .expect("start");
     assert!(
         wait_until(PATIENCE, || async {
             let s = status(pki, agent).await;
@@ -268,7 +247,10 @@ async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
     install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
     install(&pki, &agent, work.path(), "2", RELX_STYLE).await;
     let mut client = pki.connect(&agent).await;
-    let started = client.start(start_request("1", &[])).await.expect("start");
+    let started = client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
     let before = members(&agent);
 
@@ -285,7 +267,7 @@ async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
     // A daemonized version survives an agent kill -9 the same way.
     let mut client = pki.connect(&agent).await;
     client
-        .start(start_request("2", &["bin/app", "daemon"]))
+        .start(start_request("app", "2", &["bin/app", "daemon"]))
         .await
         .expect("start 2");
     assert!(before.iter().all(|&p| !alive(p)), "version 1 is gone");
@@ -333,7 +315,10 @@ async fn a_zombie_is_not_a_running_process() {
     )
     .await;
     let mut client = pki.connect(&agent).await;
-    let started = client.start(start_request("1", &[])).await.expect("start");
+    let started = client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     let cgroup = agent.cgroup_dir().expect("cgroup").join("release.app");
     let zombie_seen = wait_until(PATIENCE, || async {
         std::fs::read_dir("/proc")
@@ -386,7 +371,10 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
     install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
     install(&pki, &agent, work.path(), "2", DOUBLE_FORK).await;
     let mut client = pki.connect(&agent).await;
-    client.start(start_request("1", &[])).await.expect("start");
+    client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(wait_until(PATIENCE, || async { agent.release_pids("app").len() >= 2 }).await);
     let (ok, out, err) = erel(&pki, &agent, "stop", &["app"]);
     assert!(ok && out.contains("app stopped"), "{out}{err}");
@@ -397,7 +385,7 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
 
     // A double-forked daemon is found by its environment and runs once.
     client
-        .start(start_request("2", &[]))
+        .start(start_request("app", "2", &[]))
         .await
         .expect("start 2");
     assert!(
@@ -450,7 +438,7 @@ async fn another_users_process_with_the_markers_is_not_the_release() {
     let outcome = async {
         let mut client = pki.connect(&agent).await;
         let started = client
-            .start(start_request("1", &[]))
+            .start(start_request("app", "1", &[]))
             .await
             .map_err(|e| format!("start refused: {e}\n{}", agent.log()))?;
         tokio::time::sleep(BACKOFF_MAX * 3).await;
@@ -534,7 +522,7 @@ mkdir -p \"$RUNNER_LOG_DIR\" && echo ok > \"$RUNNER_LOG_DIR/run.log\"
 exec sleep 100000
 ";
     install(&pki, &agent, work.path(), "1", script).await;
-    let mut request = start_request("1", &[]);
+    let mut request = start_request("app", "1", &[]);
     request.user = Some(user.name.clone());
     let mut client = pki.connect(&agent).await;
 
@@ -625,7 +613,10 @@ async fn a_failing_start_command_leaves_nothing_behind_across_a_crash_loop() {
     let script = "#!/bin/sh\nsetsid sh -c 'exec sleep 100000' &\nnohup sleep 100000 >/dev/null 2>&1 &\necho failing\nexit 3\n";
     install(&pki, &agent, work.path(), "1", script).await;
     let mut client = pki.connect(&agent).await;
-    client.start(start_request("1", &[])).await.expect("start");
+    client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(
         wait_until(PATIENCE, || async {
             status(&pki, &agent).await.state == ReleaseState::CrashLooping
@@ -661,7 +652,10 @@ async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it()
     )
     .await;
     let mut client = pki.connect(&agent).await;
-    client.start(start_request("1", &[])).await.expect("start");
+    client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(
         wait_until(PATIENCE, || async {
             let s = status(&pki, &agent).await;
@@ -680,7 +674,7 @@ async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it()
     assert_eq!(status(&pki, &agent).await.restarts, 0);
     // A switch of version stops the daemon and leaves one writer at most.
     client
-        .start(start_request("2", &[]))
+        .start(start_request("app", "2", &[]))
         .await
         .expect("start 2");
     assert!(
@@ -706,7 +700,10 @@ async fn fork_storm_is_stopped_whole(agent: &AgentProc, pki: &Pki) {
     let script = "#!/bin/sh\ntrap '' TERM\necho storming\nwhile :; do\n  for i in 1 2 3 4 5 6 7 8 9 10; do sh -c \"trap '' TERM; sleep 0.3\" & done\n  sleep 0.03\ndone\n";
     install(pki, agent, work.path(), "1", script).await;
     let mut client = pki.connect(agent).await;
-    client.start(start_request("1", &[])).await.expect("start");
+    client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(wait_until(PATIENCE, || async { members(agent).len() > 20 }).await);
     let begun = std::time::Instant::now();
     let stopped = client
@@ -752,7 +749,10 @@ async fn a_helper_moved_into_a_cgroup_below_the_release_is_the_release() {
     );
     install(&pki, &agent, work.path(), "1", &script).await;
     let mut client = pki.connect(&agent).await;
-    let started = client.start(start_request("1", &[])).await.expect("start");
+    let started = client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     let worker = own.join("worker");
     assert!(
         wait_until(PATIENCE, || async { live_pids(&worker).len() == 1 }).await,
@@ -848,7 +848,7 @@ async fn a_user_with_other_groups_and_no_home_named_by_uid() {
         other.display()
     );
     install(&pki, &agent, work.path(), "1", &script).await;
-    let mut request = start_request("1", &[]);
+    let mut request = start_request("app", "1", &[]);
     request.user = Some(user.uid().to_string());
     let mut client = pki.connect(&agent).await;
     client.start(request).await.expect("start by uid");
@@ -892,7 +892,10 @@ async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
     install(&pki, &agent, work.path(), "1", ticking).await;
     install(&pki, &agent, work.path(), "2", RELX_STYLE).await;
     let mut client = pki.connect(&agent).await;
-    client.start(start_request("1", &[])).await.expect("start");
+    client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
     assert_eq!(app_writers(&agent), 1);
     agent.kill9();
@@ -905,7 +908,7 @@ async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
     );
     let mut client = pki.connect(&agent).await;
     client
-        .start(start_request("2", &["bin/app", "daemon"]))
+        .start(start_request("app", "2", &["bin/app", "daemon"]))
         .await
         .expect("switch");
     assert!(
@@ -924,7 +927,7 @@ async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
         app_writers(&agent)
     );
     client
-        .start(start_request("1", &[]))
+        .start(start_request("app", "1", &[]))
         .await
         .expect("switch back");
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
@@ -967,7 +970,7 @@ exec sleep 100000
     let data: PathBuf = agent.root.join("data/app");
     let mut client = pki.connect(&agent).await;
     for user in [&first, &second] {
-        let mut request = start_request("1", &[]);
+        let mut request = start_request("app", "1", &[]);
         request.user = Some(user.name.clone());
         client.start(request).await.expect("start as a user");
         let done = data.join(format!("done-{}", user.uid()));
@@ -993,7 +996,10 @@ exec sleep 100000
     for path in ["", "log", "log/node.log", "sub", "sub/state"] {
         assert_eq!(owner_of(&data.join(path)), second.uid(), "{path}");
     }
-    client.start(start_request("1", &[])).await.expect("start");
+    client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(
         wait_until(PATIENCE, || async { data.join("done-0").exists() }).await,
         "{}",

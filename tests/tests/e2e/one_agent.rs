@@ -5,10 +5,10 @@
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use erel_master::client::{Progress, WriteSource};
-use erel_proto::{ReleaseState, Start};
+use erel_proto::ReleaseState;
 
-use crate::helper::release::{sha256, shell_release};
+use crate::helper::install::install_and_start;
+use crate::helper::release::shell_release;
 use crate::helper::{exit_within, wait_until, AgentProc, Pki, AGENT_BIN, FAST_SUPERVISION};
 
 /// How long a refused agent may take to exit (it only parses, loads and tries the lock).
@@ -44,34 +44,7 @@ fn second_agent(pki: &Pki, agent: &AgentProc) -> Output {
 async fn start_sleeper(pki: &Pki, agent: &AgentProc, work: &std::path::Path) {
     let tarball = shell_release(work, "app", "1", "#!/bin/sh\necho up\nexec sleep 1000\n");
     let mut client = pki.connect(agent).await;
-    let source = WriteSource {
-        path: tarball.clone(),
-        sha256: Some(sha256(&tarball)),
-        sha256_of: None,
-    };
-    client
-        .write_file(
-            &source,
-            "archives/app-1.tar.gz",
-            0o644,
-            &mut |_: Progress| {},
-        )
-        .await
-        .expect("push");
-    client
-        .unpack("archives/app-1.tar.gz", "releases/app/1", source.sha256)
-        .await
-        .expect("unpack");
-    client
-        .start(Start {
-            name: "app".into(),
-            version: "1".into(),
-            argv: vec![],
-            env: vec![],
-            user: None,
-        })
-        .await
-        .expect("start");
+    install_and_start(&mut client, &tarball, "app", "1", Vec::new()).await;
 }
 
 async fn app_state(pki: &Pki, agent: &AgentProc) -> Option<(ReleaseState, Option<u32>)> {

@@ -17,6 +17,7 @@ use erel_proto::ErrorKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
+use crate::helper::install::without_digest;
 use crate::helper::release::sha256;
 use crate::helper::{free_port, wait_until, AgentProc, Pki};
 
@@ -526,11 +527,7 @@ async fn a_stalled_or_dropped_transfer_is_taken_over_at_once() {
     // goes through at once too.
     let other = work.path().join("other.bin");
     std::fs::write(&other, vec![5u8; 32 << 20]).expect("write");
-    let other_source = WriteSource {
-        path: other.clone(),
-        sha256: None,
-        sha256_of: None,
-    };
+    let other_source = without_digest(&other);
     let mut dropped = pki.connect(&agent).await;
     let sent = Arc::new(AtomicU64::new(0));
     let counter = sent.clone();
@@ -593,16 +590,7 @@ async fn a_normal_connection_end_leaves_no_error_in_the_agent_log() {
     client.close().await;
     let mut client = next_master().await;
     client
-        .write_file(
-            &WriteSource {
-                path: file.clone(),
-                sha256: None,
-                sha256_of: None,
-            },
-            "data/small.bin",
-            0o644,
-            &mut |_| {},
-        )
+        .write_file(&without_digest(&file), "data/small.bin", 0o644, &mut |_| {})
         .await
         .expect("push");
     drop(client);

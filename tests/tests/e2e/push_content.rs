@@ -12,6 +12,7 @@ use erel_master::client::{Progress, WriteSource, TRANSFER_STALL_TIMEOUT};
 use erel_master::Error;
 use erel_proto::ErrorKind;
 
+use crate::helper::install::without_digest;
 use crate::helper::release::sha256;
 use crate::helper::{AgentProc, Pki};
 
@@ -224,11 +225,7 @@ async fn a_file_changed_while_it_is_sent_fails_naming_it_and_nothing_is_committe
         // Pushed again as it is now, on a new connection: the host gets exactly it. The
         // agent may still hold the abandoned transfer until it sees the connection
         // closed (at worst its transfer stall timeout): retry while it says busy.
-        let source = WriteSource {
-            path: file.clone(),
-            sha256: None,
-            sha256_of: None,
-        };
+        let source = without_digest(&file);
         let deadline = Instant::now() + TRANSFER_STALL_TIMEOUT * 2;
         let written = loop {
             let mut client = pki.connect(&agent).await;
@@ -273,11 +270,7 @@ async fn a_file_replaced_after_its_digest_was_looked_up_is_sent_as_it_is_now() {
         // Pushed once: the agent holds the old content, the cache knows its digest.
         let stamp = erel_master::digest_cache::FileStamp::take(&file).expect("stamp");
         let mut client = pki.connect(&agent).await;
-        let first = WriteSource {
-            path: file.clone(),
-            sha256: None,
-            sha256_of: None,
-        };
+        let first = without_digest(&file);
         let written = client
             .write_file(&first, &dest, 0o644, &mut |_| {})
             .await
