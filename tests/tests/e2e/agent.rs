@@ -16,7 +16,7 @@ use crate::helper::install::{
     install_and_start, no_progress, release_status, start_request, without_digest,
 };
 use crate::helper::release::{beat_release, sha256, shell_release};
-use crate::helper::{free_port, listing, wait_until, AgentProc, Pki, PATIENCE};
+use crate::helper::{free_port, listing, wait_until, AgentProc, Pki, NO_RESTART_WITHIN, PATIENCE};
 
 /// Pushes, unpacks and starts the beat release `version`; returns the port it serves.
 async fn install_beat(pki: &Pki, agent: &AgentProc, work: &std::path::Path, version: &str) -> u16 {
@@ -416,7 +416,8 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
         status.output_tail
     );
     let restarts = status.restarts;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A restart would come within one restart delay; none comes in several.
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     let later = release_status(&pki, &agent, "flop").await.expect("known");
     assert_eq!(
         later.restarts, restarts,
@@ -449,7 +450,8 @@ async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
         Some(pids[0]),
         "adopted, not restarted"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A second copy would be started within one restart delay; none is in several.
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     assert_eq!(agent.release_pids("beat"), pids, "exactly one copy");
 
     assert!(
@@ -463,7 +465,7 @@ async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
         "SIGTERM leaves releases running"
     );
     agent.restart();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     assert_eq!(agent.release_pids("beat"), pids);
     assert_eq!(beat_answer(port).await.as_deref(), Some("beat 0.1.0 web-1"));
 
@@ -482,7 +484,7 @@ async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
         "started again after the agent came back\n{}",
         agent.log()
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     assert_eq!(agent.release_pids("beat").len(), 1);
 }
 

@@ -14,14 +14,10 @@ use erel_proto::{ReleaseState, ReleaseStatus};
 
 use crate::helper::install::{push_and_unpack, release_status, start_request};
 use crate::helper::release::shell_release;
-use crate::helper::{wait_until, AgentProc, Pki};
+use crate::helper::{wait_until, AgentProc, Pki, NO_RESTART_WITHIN, RESTART_BACKOFF_MAX};
 
 /// How long a condition is waited for; generous, the machine is shared.
 const PATIENCE: Duration = Duration::from_secs(30);
-/// Longest restart delay the test agents use (`--restart-backoff-max-ms 400` in
-/// [`crate::helper::FAST_SUPERVISION`]): waiting several of these shows that nothing
-/// was restarted.
-const BACKOFF_MAX: Duration = Duration::from_millis(400);
 
 /// The input: a helper in its own session, then the main process.
 const SETSID_HELPER: &str =
@@ -157,7 +153,7 @@ async fn stop_reaches_a_helper_in_its_own_session() {
         .await
         .expect("start");
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
-    tokio::time::sleep(BACKOFF_MAX * 3).await;
+    tokio::time::sleep(RESTART_BACKOFF_MAX * 3).await;
     assert_eq!(members(&agent).len(), 2);
     client
         .stop("app", Duration::from_secs(10))
@@ -189,7 +185,7 @@ async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &st
         agent.log()
     );
     let daemon = status(pki, agent).await.pid.expect("pid") as i32;
-    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     let now = status(pki, agent).await;
     assert_eq!(now.state, ReleaseState::Running);
     assert_eq!(now.restarts, 0, "a daemonizing start was restarted");
@@ -215,7 +211,7 @@ async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &st
         "restarted once\n{}",
         agent.log()
     );
-    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     assert_eq!(members(agent).len(), 1);
     let stopped = client
         .stop("app", Duration::from_secs(10))
@@ -257,7 +253,7 @@ async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
     for round in 0..2 {
         agent.kill9();
         agent.restart();
-        tokio::time::sleep(BACKOFF_MAX * 4).await;
+        tokio::time::sleep(NO_RESTART_WITHIN).await;
         assert_eq!(members(&agent), before, "round {round}\n{}", agent.log());
         let now = status(&pki, &agent).await;
         assert_eq!(now.state, ReleaseState::Running);
@@ -286,7 +282,7 @@ async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
     let daemon = members(&agent);
     agent.kill9();
     agent.restart();
-    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     assert_eq!(members(&agent), daemon, "{}", agent.log());
     let now = status(&pki, &agent).await;
     assert_eq!(now.state, ReleaseState::Running);
@@ -395,7 +391,7 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
         })
         .await
     );
-    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     assert_eq!(agent.release_pids("app").len(), 1);
     assert_eq!(status(&pki, &agent).await.restarts, 0);
     client
@@ -441,7 +437,7 @@ async fn another_users_process_with_the_markers_is_not_the_release() {
             .start(start_request("app", "1", &[]))
             .await
             .map_err(|e| format!("start refused: {e}\n{}", agent.log()))?;
-        tokio::time::sleep(BACKOFF_MAX * 3).await;
+        tokio::time::sleep(RESTART_BACKOFF_MAX * 3).await;
         let now = status(&pki, &agent).await;
         if now.state != ReleaseState::Running || now.pid != Some(started.pid) {
             return Err(format!("status {now:?}, started {}", started.pid));
@@ -669,7 +665,7 @@ async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it()
         "{}",
         agent.log()
     );
-    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     assert_eq!(members(&agent).len(), 1);
     assert_eq!(status(&pki, &agent).await.restarts, 0);
     // A switch of version stops the daemon and leaves one writer at most.
@@ -933,7 +929,7 @@ async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
     agent.kill9();
     agent.restart();
-    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     assert_eq!(app_writers(&agent), 1);
     let mut client = pki.connect(&agent).await;
     client

@@ -9,7 +9,7 @@ use erel_proto::ReleaseState;
 
 use crate::helper::install::install_and_start;
 use crate::helper::release::shell_release;
-use crate::helper::{exit_within, wait_until, AgentProc, Pki, AGENT_BIN, FAST_SUPERVISION};
+use crate::helper::{exit_within, fast_supervision, wait_until, AgentProc, Pki, AGENT_BIN};
 
 /// How long a refused agent may take to exit (it only parses, loads and tries the lock).
 const REFUSAL_LIMIT: Duration = Duration::from_secs(30);
@@ -24,7 +24,7 @@ fn second_agent(pki: &Pki, agent: &AgentProc) -> Output {
         .arg(&agent.root)
         .arg("--certs")
         .arg(pki.bundle(&agent.id))
-        .args(FAST_SUPERVISION)
+        .args(fast_supervision())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

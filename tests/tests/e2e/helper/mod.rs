@@ -78,17 +78,35 @@ impl Pki {
 /// when the machine is slow or busy, and it is generous for that reason.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
-/// Supervision settings that keep the tests fast.
-pub const FAST_SUPERVISION: &[&str] = &[
-    "--restart-backoff-ms",
-    "100",
-    "--restart-backoff-max-ms",
-    "400",
-    "--stable-after-ms",
-    "1500",
-    "--crash-loop-after",
-    "3",
-];
+/// The first restart delay of the test agents (`--restart-backoff-ms`).
+pub const RESTART_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest restart delay of the test agents (`--restart-backoff-max-ms`): a release
+/// the agent means to start again is started within this of its exit.
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_millis(400);
+/// How long a release must run before its crashes are forgotten (`--stable-after-ms`).
+pub const STABLE_AFTER: Duration = Duration::from_millis(1500);
+/// Quick exits in a row after which a release is crash-looping (`--crash-loop-after`).
+pub const CRASH_LOOP_AFTER: u32 = 3;
+
+/// How long a test watches to show that the agent does *not* start a release again (no
+/// restart once crash-looping, no second copy after adoption): any start the supervisor
+/// would make comes within one [`RESTART_BACKOFF_MAX`], so four of them are a margin for
+/// a busy machine, not a guess.
+pub const NO_RESTART_WITHIN: Duration = RESTART_BACKOFF_MAX.saturating_mul(4);
+
+/// Supervision settings that keep the tests fast: the flags of the durations above.
+pub fn fast_supervision() -> Vec<String> {
+    vec![
+        "--restart-backoff-ms".into(),
+        RESTART_BACKOFF.as_millis().to_string(),
+        "--restart-backoff-max-ms".into(),
+        RESTART_BACKOFF_MAX.as_millis().to_string(),
+        "--stable-after-ms".into(),
+        STABLE_AFTER.as_millis().to_string(),
+        "--crash-loop-after".into(),
+        CRASH_LOOP_AFTER.to_string(),
+    ]
+}
 
 /// A real `erel-boot` process on loopback with its own temporary root.
 pub struct AgentProc {
@@ -138,12 +156,12 @@ impl AgentProc {
             root,
             bundle: pki.bundle(id),
             // A flag in `extra` replaces the same fast setting.
-            extra: FAST_SUPERVISION
+            extra: fast_supervision()
                 .chunks(2)
-                .filter(|pair| !extra.contains(&pair[0]))
+                .filter(|pair| !extra.contains(&pair[0].as_str()))
                 .flatten()
-                .chain(extra.iter())
-                .map(|s| s.to_string())
+                .cloned()
+                .chain(extra.iter().map(|s| s.to_string()))
                 .collect(),
             child: None,
             log: Arc::new(Mutex::new(String::new())),
@@ -166,7 +184,7 @@ impl AgentProc {
             root_dir,
             root,
             bundle,
-            extra: FAST_SUPERVISION.iter().map(|s| s.to_string()).collect(),
+            extra: fast_supervision(),
             child: None,
             log: Arc::new(Mutex::new(String::new())),
         };
