@@ -11,7 +11,8 @@ mod helper;
 use std::process::Command;
 use std::time::Duration;
 
-use helper::amqp::{logs, BrokerLock, Fleet, TestBroker};
+use helper::amqp::{logs, BrokerLock, TestBroker};
+use helper::fleet::Fleet;
 use helper::wait_until_blocking;
 
 /// Starts the broker's application again even when the test fails half-way.
@@ -53,7 +54,7 @@ fn rabbitmqctl(command: &str) -> std::process::Output {
 #[test]
 fn amqp_broker_restart_masters_reconnect_and_apply_the_next_revision() {
     let _lock = BrokerLock::exclusive();
-    let fleet = Fleet::new("amqp-rs", &["web"]);
+    let fleet = Fleet::with_beat_releases("amqp-rs", &["web"]);
     let broker = TestBroker::new("restart", &["web"]);
     let m1 = fleet.master(&broker, "r1");
     let m2 = fleet.master(&broker, "r2");

@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::helper::amqp::{
-    erel, logs, output_text, watch_command, BrokerLock, Fleet, MasterProc, TestBroker,
+    erel, logs, output_text, watch_command, BrokerLock, MasterProc, TestBroker,
 };
+use crate::helper::fleet::Fleet;
 use crate::helper::wait_until_blocking;
 
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
@@ -40,7 +41,7 @@ const RECEIVE: Duration = Duration::from_secs(20);
 #[test]
 fn amqp_masters_store_converge_catch_up_and_refuse_old_revisions() {
     let _lock = BrokerLock::shared();
-    let fleet = Fleet::new("amqp-cu", &["alpha", "beta"]);
+    let fleet = Fleet::with_beat_releases("amqp-cu", &["alpha", "beta"]);
     let broker = TestBroker::new("catch-up", &["alpha", "beta"]);
     let mut m1 = fleet.master(&broker, "m1");
     let mut m2 = fleet.master(&broker, "m2");
@@ -189,7 +190,7 @@ fn holds(master: &MasterProc, group: &str) -> bool {
 #[test]
 fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
     let _lock = BrokerLock::shared();
-    let fleet = Fleet::new("amqp-inv", &["web"]);
+    let fleet = Fleet::with_beat_releases("amqp-inv", &["web"]);
     let broker = TestBroker::new("invalid", &["web"]);
     let mut master = fleet.master(&broker, "solo");
 
@@ -305,7 +306,7 @@ fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
 #[test]
 fn amqp_one_master_acts_per_group_and_another_takes_over_when_it_is_killed() {
     let _lock = BrokerLock::shared();
-    let fleet = Fleet::new("amqp-ha", &["web", "web", "web"]);
+    let fleet = Fleet::with_beat_releases("amqp-ha", &["web", "web", "web"]);
     let broker = TestBroker::new("takeover", &["web"]);
     let mut a = fleet.master(&broker, "ma");
     let mut b = fleet.master(&broker, "mb");
@@ -363,7 +364,7 @@ fn amqp_one_master_acts_per_group_and_another_takes_over_when_it_is_killed() {
     assert_eq!(other.held_revision(), Some(2));
 
     // `erel status --amqp` shows the new holder beside the hosts.
-    let cluster = fleet.artifacts.path().join("cluster-2.toml");
+    let cluster = fleet.dir.path().join("cluster-2.toml");
     let mut shown = String::new();
     assert!(
         wait_until_blocking(RECEIVE, || {

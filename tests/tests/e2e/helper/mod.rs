@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod amqp;
+pub mod fleet;
 pub mod install;
 pub mod otp;
 pub mod release;
