@@ -52,7 +52,7 @@ impl Fleet {
         extra_hosts: &[(&str, String)],
     ) -> PathBuf {
         let mut text = format!("revision = {revision}\n");
-        text.push_str(&self.hosts_toml());
+        text.push_str(&self.hosts_toml("BEAT_PORT"));
         for (id, addr) in extra_hosts {
             text.push_str(&format!(
                 "[[host]]\nid = \"{id}\"\naddr = \"{addr}\"\ngroup = \"web\"\nenv = {{ BEAT_PORT = \"{}\" }}\n",
@@ -480,30 +480,30 @@ stop(_State) ->
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_real_otp_release_rolls_out_with_a_tcp_health_check() {
-    let name = "ereldeploy";
-    let fleet = Fleet::new("otp", &["web"; 3]);
+/// Builds the OTP release `name` 0.1.0 (node `<name>_<host id>`, cookie `cookie`) into
+/// the fleet's `releases/`.
+async fn build_otp_archive(fleet: &Fleet, name: &'static str, cookie: &str) {
     let build_dir = fleet.dir.path().join("build");
     std::fs::create_dir(&build_dir).expect("mkdir");
     let files = vec![(format!("apps/{name}/src/{name}_app.erl"), otp_app(name))];
-    let vm_args = "-sname ereldeploy_${EREL_HOST_ID}\n-setcookie erel_e2e\n";
-    let tarball = tokio::task::spawn_blocking({
-        let dir = build_dir.clone();
-        move || build_release_with(&dir, name, Some(vm_args), &files)
+    let vm_args = format!("-sname {name}_${{EREL_HOST_ID}}\n-setcookie {cookie}\n");
+    let tarball = tokio::task::spawn_blocking(move || {
+        build_release_with(&build_dir, name, Some(&vm_args), &files)
     })
     .await
     .expect("build");
     let archive = fleet.releases().join(format!("{name}-0.1.0.tar.gz"));
     std::fs::copy(&tarball, &archive).expect("copy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_otp_release_rolls_out_with_a_tcp_health_check() {
+    let name = "ereldeploy";
+    let fleet = Fleet::new("otp", &["otp"; 3]);
+    build_otp_archive(&fleet, name, "erel_e2e").await;
 
     let mut text = "revision = 1\n".to_string();
-    for (agent, port) in fleet.agents.iter().zip(&fleet.ports) {
-        text.push_str(&format!(
-            "[[host]]\nid = \"{}\"\naddr = \"{}\"\ngroup = \"otp\"\nenv = {{ HEALTH_PORT = \"{port}\" }}\n",
-            agent.id, agent.addr
-        ));
-    }
+    text.push_str(&fleet.hosts_toml("HEALTH_PORT"));
     text.push_str(&format!(
         "[group.otp]\nrelease = \"{name}\"\nversion = \"0.1.0\"\narchive = \"releases/{name}-0.1.0.tar.gz\"\n\
          argv = [\"bin/{name}\", \"foreground\"]\nmax_in_flight = 1\ncanaries = 1\nstop_grace_secs = 30\n\
@@ -716,28 +716,13 @@ async fn bench_cold_replacement_and_rolling_deploys() {
     // Cold replacement of one host, a real OTP release (the same tarball unpacked as
     // successive versions; healthy when its TCP listener answers).
     let name = "erelbench";
-    let fleet = Fleet::new("benchotp", &["web"; 1]);
-    let build_dir = fleet.dir.path().join("build");
-    std::fs::create_dir(&build_dir).expect("mkdir");
-    let files = vec![(format!("apps/{name}/src/{name}_app.erl"), otp_app(name))];
-    let vm_args = "-sname erelbench_${EREL_HOST_ID}\n-setcookie erel_bench\n";
-    let tarball = tokio::task::spawn_blocking({
-        let dir = build_dir.clone();
-        move || build_release_with(&dir, name, Some(vm_args), &files)
-    })
-    .await
-    .expect("build");
-    let archive = fleet.releases().join(format!("{name}-0.1.0.tar.gz"));
-    std::fs::copy(&tarball, &archive).expect("copy");
+    let fleet = Fleet::new("benchotp", &["otp"; 1]);
+    build_otp_archive(&fleet, name, "erel_bench").await;
     let mut samples = Vec::new();
     for round in 0..4u64 {
         let version = format!("0.1.{round}");
         let mut text = format!("revision = {}\n", round + 1);
-        let agent = &fleet.agents[0];
-        text.push_str(&format!(
-            "[[host]]\nid = \"{}\"\naddr = \"{}\"\ngroup = \"otp\"\nenv = {{ HEALTH_PORT = \"{}\" }}\n",
-            agent.id, agent.addr, fleet.ports[0]
-        ));
+        text.push_str(&fleet.hosts_toml("HEALTH_PORT"));
         text.push_str(&format!(
             "[group.otp]\nrelease = \"{name}\"\nversion = \"{version}\"\narchive = \"releases/{name}-0.1.0.tar.gz\"\n\
              argv = [\"bin/{name}\", \"foreground\"]\nstop_grace_secs = 30\n\

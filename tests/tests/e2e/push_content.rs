@@ -66,19 +66,52 @@ fn stat(path: &Path) -> Stat {
     }
 }
 
-#[test]
-fn a_rebuild_with_the_same_size_inode_and_mtime_is_sent_again() {
+/// Where the pushes of the CLI tests go.
+const DEST: &str = "archives/app.tar";
+
+/// An agent, and a file `app.tar` of `len` bytes of `content(1, len)` with the mtime of a
+/// reproducible build, pushed once with `erel push` and a digest cache of its own.
+struct PushedOnce {
+    pki: Pki,
+    agent: AgentProc,
+    work: tempfile::TempDir,
+    cache: PathBuf,
+    file: PathBuf,
+}
+
+fn pushed_once(len: usize) -> PushedOnce {
     let pki = Pki::new();
     let agent = AgentProc::start(&pki, "web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let cache = work.path().join("cache");
     let file = work.path().join("app.tar");
-    let file_arg = file.to_str().expect("utf-8 path");
-    let dest = "archives/app.tar";
-    std::fs::write(&file, content(1, 300_000)).expect("write");
-    run("touch", &["-d", "@1700000000", file_arg]);
-    let text = cli_push(&pki, &agent, &cache, &file, dest);
+    std::fs::write(&file, content(1, len)).expect("write");
+    run(
+        "touch",
+        &["-d", "@1700000000", file.to_str().expect("utf-8 path")],
+    );
+    let text = cli_push(&pki, &agent, &cache, &file, DEST);
     assert!(text.contains("(sent "), "{text}");
+    PushedOnce {
+        pki,
+        agent,
+        work,
+        cache,
+        file,
+    }
+}
+
+#[test]
+fn a_rebuild_with_the_same_size_inode_and_mtime_is_sent_again() {
+    let PushedOnce {
+        pki,
+        agent,
+        work,
+        cache,
+        file,
+    } = pushed_once(300_000);
+    let file_arg = file.to_str().expect("utf-8 path");
+    let dest = DEST;
     let before = stat(&file);
 
     // Rebuilt: same size, copied over the same file, the same mtime set back.
@@ -111,16 +144,15 @@ fn a_rebuild_with_the_same_size_inode_and_mtime_is_sent_again() {
 
 #[test]
 fn a_replaced_file_and_a_file_rewritten_in_place_are_sent_again() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
-    let work = tempfile::tempdir().expect("tempdir");
-    let cache = work.path().join("cache");
-    let file = work.path().join("app.tar");
+    let PushedOnce {
+        pki,
+        agent,
+        work,
+        cache,
+        file,
+    } = pushed_once(100_000);
     let file_arg = file.to_str().expect("utf-8 path");
-    let dest = "archives/app.tar";
-    std::fs::write(&file, content(1, 100_000)).expect("write");
-    run("touch", &["-d", "@1700000000", file_arg]);
-    assert!(cli_push(&pki, &agent, &cache, &file, dest).contains("(sent "));
+    let dest = DEST;
 
     // Replaced by rename (a new inode), same size and mtime.
     let next = work.path().join("app.tar.tmp");

@@ -243,7 +243,7 @@ impl Fleet {
     /// `extra` lines in every group section.
     pub fn config(&self, revision: u64, version: &str, extra: &str) -> String {
         let mut text = format!("revision = {revision}\n");
-        text.push_str(&self.hosts_toml());
+        text.push_str(&self.hosts_toml("BEAT_PORT"));
         let mut seen = Vec::new();
         for group in &self.groups {
             if seen.contains(group) {

@@ -41,12 +41,12 @@ impl Fleet {
     }
 
     /// The `[[host]]` entries of a cluster file: every agent in its group, its port in
-    /// `BEAT_PORT`.
-    pub fn hosts_toml(&self) -> String {
+    /// the environment variable `port_var`.
+    pub fn hosts_toml(&self, port_var: &str) -> String {
         let mut text = String::new();
         for ((agent, port), group) in self.agents.iter().zip(&self.ports).zip(&self.groups) {
             text.push_str(&format!(
-                "[[host]]\nid = \"{}\"\naddr = \"{}\"\ngroup = \"{group}\"\nenv = {{ BEAT_PORT = \"{port}\" }}\n",
+                "[[host]]\nid = \"{}\"\naddr = \"{}\"\ngroup = \"{group}\"\nenv = {{ {port_var} = \"{port}\" }}\n",
                 agent.id, agent.addr
             ));
         }
