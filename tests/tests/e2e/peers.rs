@@ -353,6 +353,27 @@ fn logged_offsets(log: &str, path: &str) -> Vec<u64> {
         .collect()
 }
 
+/// `erel push` of `file` to `data/big.bin` with its digest given up front, the master's
+/// digest cache under `work/cache`.
+fn erel_push_big(
+    pki: &Pki,
+    agent: &AgentProc,
+    work: &std::path::Path,
+    file: &std::path::Path,
+    digest: &erel_proto::Sha256,
+) -> std::process::Command {
+    let mut command = pki.erel();
+    command
+        .env("XDG_CACHE_HOME", work.join("cache"))
+        .arg("push")
+        .arg(agent.host().to_string())
+        .arg(file)
+        .arg("data/big.bin")
+        .arg("--sha256")
+        .arg(digest.to_hex());
+    command
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_killed_mid_way_is_repeated_at_once_and_resumes() {
     let pki = Pki::new();
@@ -363,18 +384,7 @@ async fn a_push_killed_mid_way_is_repeated_at_once_and_resumes() {
     // The digest given up front, as a cluster file gives it: the file is read once per
     // push, and the agent verifies the whole of it before it becomes visible.
     let digest = sha256(&file);
-    let push = || {
-        let mut command = pki.erel();
-        command
-            .env("XDG_CACHE_HOME", work.path().join("cache"))
-            .arg("push")
-            .arg(agent.host().to_string())
-            .arg(&file)
-            .arg("data/big.bin")
-            .arg("--sha256")
-            .arg(digest.to_hex());
-        command
-    };
+    let push = || erel_push_big(&pki, &agent, work.path(), &file, &digest);
     let mut child = push()
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -428,15 +438,8 @@ async fn two_masters_pushing_the_same_file_at_once_both_succeed() {
     let file = big_file(work.path(), size);
     let digest = sha256(&file);
     let push = || {
-        let mut command = pki.erel();
+        let mut command = erel_push_big(&pki, &agent, work.path(), &file, &digest);
         command
-            .env("XDG_CACHE_HOME", work.path().join("cache"))
-            .arg("push")
-            .arg(agent.host().to_string())
-            .arg(&file)
-            .arg("data/big.bin")
-            .arg("--sha256")
-            .arg(digest.to_hex())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         command
