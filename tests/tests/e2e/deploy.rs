@@ -19,7 +19,7 @@ use erel_proto::ReleaseState;
 use crate::helper::fleet::Fleet;
 use crate::helper::otp::build_release_with;
 use crate::helper::release::{beat_release, failing_beat_release};
-use crate::helper::{free_port, poll_until};
+use crate::helper::{follow_stderr, free_port, poll_until};
 
 const RELEASE: &str = "beat";
 
@@ -560,22 +560,9 @@ async fn the_daemon_converges_repairs_drift_follows_revisions_and_stops_on_sigte
         .spawn()
         .expect("spawn erel master");
     let stderr = child.stderr.take().expect("stderr");
-    let reader = {
-        let log = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = log.lock().expect("lock");
-                log.push_str(&line);
-                log.push('\n');
-            }
-        })
-    };
+    let reader = follow_stderr(stderr, log.clone(), |_| {});
     let beats_are = |version: &'static str| {
-        let expected: Vec<String> = fleet
-            .agents
-            .iter()
-            .map(|a| format!("beat {version} {}", a.id))
-            .collect();
+        let expected = fleet.beats_of(version);
         let fleet = &fleet;
         move || {
             let ok = fleet.beats() == expected;

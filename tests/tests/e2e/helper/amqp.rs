@@ -2,7 +2,6 @@
 //! everything deleted at the end, a lock that keeps the broker-restart test away from
 //! the others, real `erel master --amqp` processes, and the beat release's answer.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -11,7 +10,7 @@ use std::time::Duration;
 use erel_master::amqp::Broker;
 
 use super::fleet::Fleet;
-use super::{terminate_child, Pki};
+use super::{follow_stderr, kill9_child, terminate_child, Pki};
 
 /// The broker the tests use: `$EREL_TEST_AMQP`, else the local RabbitMQ.
 pub fn amqp_url() -> String {
@@ -164,14 +163,7 @@ impl MasterProc {
         let mut child = command.spawn().expect("spawn erel master");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = sink.lock().expect("log lock");
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
+        follow_stderr(stderr, log.clone(), |_| {});
         MasterProc {
             name: name.to_string(),
             state_dir: state_dir.to_path_buf(),
@@ -207,10 +199,7 @@ impl MasterProc {
 
     /// SIGKILL, the real process.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill9_child(&mut self.child);
     }
 
     /// SIGTERM and wait; true when it exited with status 0.

@@ -209,26 +209,21 @@ impl AgentProc {
             .spawn()
             .expect("spawn erel-boot");
         let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel::<Option<SocketAddr>>();
-        let log = self.log.clone();
-        std::thread::spawn(move || {
-            let mut announced = false;
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !announced {
-                    if let Some(addr) = listen_addr(&line) {
-                        let _ = tx.send(Some(addr));
-                        announced = true;
-                    }
+        let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
+        let mut announced = false;
+        // The sender goes with the reader when the agent's stderr ends, so an agent that
+        // exits before it listens is seen at once.
+        follow_stderr(stderr, self.log.clone(), move |line| {
+            if !announced {
+                if let Some(addr) = listen_addr(line) {
+                    let _ = tx.send(addr);
+                    announced = true;
                 }
-                let mut log = log.lock().expect("log lock");
-                log.push_str(&line);
-                log.push('\n');
             }
-            let _ = tx.send(None);
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Some(addr)) => self.addr = addr,
-            _ => {
+            Ok(addr) => self.addr = addr,
+            Err(_) => {
                 let _ = child.kill();
                 panic!("agent {} did not start:\n{}", self.id, self.log());
             }
@@ -256,10 +251,7 @@ impl AgentProc {
 
     /// `kill -9` the agent (its releases keep running).
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill9_child(&mut self.child);
     }
 
     /// SIGTERM the agent and wait for it to exit; returns its exit status success.
@@ -342,6 +334,31 @@ impl Drop for AgentProc {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+    }
+}
+
+/// Copies each line of a child's `stderr` into `log` on a thread of its own, showing it
+/// to `on_line` first; the thread, and `on_line` with it, ends with the stream.
+pub fn follow_stderr(
+    stderr: impl std::io::Read + Send + 'static,
+    log: Arc<Mutex<String>>,
+    mut on_line: impl FnMut(&str) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            on_line(&line);
+            let mut log = log.lock().expect("log lock");
+            log.push_str(&line);
+            log.push('\n');
+        }
+    })
+}
+
+/// `kill -9` the child in `child`, if any, and reap it.
+pub fn kill9_child(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
