@@ -70,14 +70,9 @@ fn stat(path: &Path) -> Stat {
 const DEST: &str = "archives/app.tar";
 
 /// An agent, and a file `app.tar` of `len` bytes of `content(1, len)` with the mtime of a
-/// reproducible build, pushed once with `erel push` and a digest cache of its own.
-struct PushedOnce {
-    pki: Pki,
-    agent: AgentProc,
-    work: tempfile::TempDir,
-    cache: PathBuf,
-    file: PathBuf,
-}
+/// reproducible build, pushed once with `erel push` and a digest cache of its own:
+/// (PKI, agent, work directory, cache directory, the file).
+type PushedOnce = (Pki, AgentProc, tempfile::TempDir, PathBuf, PathBuf);
 
 fn pushed_once(len: usize) -> PushedOnce {
     let pki = Pki::new();
@@ -92,26 +87,13 @@ fn pushed_once(len: usize) -> PushedOnce {
     );
     let text = cli_push(&pki, &agent, &cache, &file, DEST);
     assert!(text.contains("(sent "), "{text}");
-    PushedOnce {
-        pki,
-        agent,
-        work,
-        cache,
-        file,
-    }
+    (pki, agent, work, cache, file)
 }
 
 #[test]
 fn a_rebuild_with_the_same_size_inode_and_mtime_is_sent_again() {
-    let PushedOnce {
-        pki,
-        agent,
-        work,
-        cache,
-        file,
-    } = pushed_once(300_000);
-    let file_arg = file.to_str().expect("utf-8 path");
-    let dest = DEST;
+    let (pki, agent, work, cache, file) = pushed_once(300_000);
+    let (file_arg, dest) = (file.to_str().expect("utf-8 path"), DEST);
     let before = stat(&file);
 
     // Rebuilt: same size, copied over the same file, the same mtime set back.
@@ -144,15 +126,8 @@ fn a_rebuild_with_the_same_size_inode_and_mtime_is_sent_again() {
 
 #[test]
 fn a_replaced_file_and_a_file_rewritten_in_place_are_sent_again() {
-    let PushedOnce {
-        pki,
-        agent,
-        work,
-        cache,
-        file,
-    } = pushed_once(100_000);
-    let file_arg = file.to_str().expect("utf-8 path");
-    let dest = DEST;
+    let (pki, agent, work, cache, file) = pushed_once(100_000);
+    let (file_arg, dest) = (file.to_str().expect("utf-8 path"), DEST);
 
     // Replaced by rename (a new inode), same size and mtime.
     let next = work.path().join("app.tar.tmp");
