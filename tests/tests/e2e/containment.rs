@@ -473,12 +473,11 @@ impl TestUser {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let status = std::process::Command::new("useradd")
-            .args(["--system", "--no-create-home", "--shell", "/bin/sh"])
-            .arg(&name)
-            .status()
-            .expect("run useradd (this test needs root)");
-        assert!(status.success(), "useradd {name}");
+        add_account(
+            "useradd",
+            &["--system", "--no-create-home", "--shell", "/bin/sh"],
+            &name,
+        );
         TestUser { name }
     }
 
@@ -493,10 +492,23 @@ impl TestUser {
 
 impl Drop for TestUser {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("userdel")
-            .arg(&self.name)
-            .status();
+        remove_account("userdel", &self.name);
     }
+}
+
+/// Runs `program` (`useradd`, `groupadd`; the test needs root) with `args` and `name`.
+fn add_account(program: &str, args: &[&str], name: &str) {
+    let status = std::process::Command::new(program)
+        .args(args)
+        .arg(name)
+        .status()
+        .unwrap_or_else(|e| panic!("run {program} (this test needs root): {e}"));
+    assert!(status.success(), "{program} {name}");
+}
+
+/// Runs `program` (`userdel`, `groupdel`) on `name`, whatever happens.
+fn remove_account(program: &str, name: &str) {
+    let _ = std::process::Command::new(program).arg(name).status();
 }
 
 fn owner_of(path: &Path) -> u32 {
@@ -784,12 +796,7 @@ struct TestGroup {
 impl TestGroup {
     fn create(tag: &str) -> Self {
         let name = format!("erelg{}{tag}", std::process::id());
-        let status = std::process::Command::new("groupadd")
-            .arg("--system")
-            .arg(&name)
-            .status()
-            .expect("run groupadd (this test needs root)");
-        assert!(status.success(), "groupadd {name}");
+        add_account("groupadd", &["--system"], &name);
         TestGroup { name }
     }
 
@@ -804,9 +811,7 @@ impl TestGroup {
 
 impl Drop for TestGroup {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("groupdel")
-            .arg(&self.name)
-            .status();
+        remove_account("groupdel", &self.name);
     }
 }
 
@@ -819,18 +824,14 @@ async fn a_user_with_other_groups_and_no_home_named_by_uid() {
     let primary = TestGroup::create("p");
     let extra = TestGroup::create("s");
     let name = format!("erelu{}", std::process::id());
-    let status = std::process::Command::new("useradd")
-        .args([
-            "--system",
-            "--no-create-home",
-            "--home-dir",
-            "/nonexistent/erel",
-        ])
-        .args(["--gid", &primary.name, "--groups", &extra.name])
-        .arg(&name)
-        .status()
-        .expect("useradd");
-    assert!(status.success());
+    let system_user = [
+        "--system",
+        "--no-create-home",
+        "--home-dir",
+        "/nonexistent/erel",
+    ];
+    let groups = ["--gid", &primary.name, "--groups", &extra.name];
+    add_account("useradd", &[&system_user[..], &groups[..]].concat(), &name);
     let user = TestUser { name };
     let pki = Pki::new();
     let agent = cgroup_agent(&pki, "as-uid");
