@@ -11,7 +11,9 @@ mod helper;
 use std::process::Command;
 use std::time::Duration;
 
-use helper::amqp::{logs, wait_for, BrokerLock, Fleet, TestBroker};
+use helper::amqp::{logs, BrokerLock, TestBroker};
+use helper::fleet::Fleet;
+use helper::wait_until_blocking;
 
 /// Starts the broker's application again even when the test fails half-way.
 struct RestartOnDrop {
@@ -52,14 +54,14 @@ fn rabbitmqctl(command: &str) -> std::process::Output {
 #[test]
 fn amqp_broker_restart_masters_reconnect_and_apply_the_next_revision() {
     let _lock = BrokerLock::exclusive();
-    let fleet = Fleet::new("amqp-rs", &["web"]);
+    let fleet = Fleet::with_beat_releases("amqp-rs", &["web"]);
     let broker = TestBroker::new("restart", &["web"]);
     let m1 = fleet.master(&broker, "r1");
     let m2 = fleet.master(&broker, "r2");
     let (ok, out) = fleet.publish(&broker, &fleet.config(1, "1.0.0", ""));
     assert!(ok, "{out}");
     assert!(
-        wait_for(Duration::from_secs(60), || fleet.all_run("1.0.0")
+        wait_until_blocking(Duration::from_secs(60), || fleet.all_run("1.0.0")
             && m1.held_revision() == Some(1)
             && m2.held_revision() == Some(1)),
         "revision 1 applied: {:?}\n{}",
@@ -71,7 +73,7 @@ fn amqp_broker_restart_masters_reconnect_and_apply_the_next_revision() {
     let mut app = RestartOnDrop { stopped: false };
     app.stop_app();
     assert!(
-        wait_for(Duration::from_secs(30), || [&m1, &m2]
+        wait_until_blocking(Duration::from_secs(30), || [&m1, &m2]
             .iter()
             .all(|m| m.log().contains("reconnecting"))),
         "both masters notice and retry\n{}",
@@ -80,7 +82,7 @@ fn amqp_broker_restart_masters_reconnect_and_apply_the_next_revision() {
     // A master that starts while the broker is down waits for it.
     let m3 = fleet.master(&broker, "r3");
     assert!(
-        wait_for(Duration::from_secs(30), || m3
+        wait_until_blocking(Duration::from_secs(30), || m3
             .log()
             .contains("reconnecting")),
         "the late master retries\n{}",
@@ -95,7 +97,7 @@ fn amqp_broker_restart_masters_reconnect_and_apply_the_next_revision() {
     let text = fleet.config(2, "2.0.0", "");
     let mut last = String::new();
     assert!(
-        wait_for(Duration::from_secs(60), || {
+        wait_until_blocking(Duration::from_secs(60), || {
             let (ok, out) = fleet.publish(&broker, &text);
             last = out;
             ok
@@ -103,14 +105,14 @@ fn amqp_broker_restart_masters_reconnect_and_apply_the_next_revision() {
         "publish after the restart: {last}"
     );
     assert!(
-        wait_for(Duration::from_secs(60), || [&m1, &m2, &m3]
+        wait_until_blocking(Duration::from_secs(60), || [&m1, &m2, &m3]
             .iter()
             .all(|m| m.held_revision() == Some(2))),
         "every master applies revision 2\n{}",
         logs(&[&m1, &m2, &m3])
     );
     assert!(
-        wait_for(Duration::from_secs(60), || fleet.all_run("2.0.0")),
+        wait_until_blocking(Duration::from_secs(60), || fleet.all_run("2.0.0")),
         "the host runs 2.0.0: {:?}\n{}",
         fleet.beats(),
         logs(&[&m1, &m2, &m3])

@@ -4,56 +4,27 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use erel_master::client::{Progress, WriteSource};
+use erel_master::client::WriteSource;
 use erel_proto::{
-    encode_frame, read_frame, ErrorKind, Hello, ReleaseState, ReleaseStatus, Request, Response,
-    Start, WriteBegin, WriteFile, PROTOCOL_VERSION,
+    encode_frame, read_frame, ErrorKind, Hello, ReleaseState, Request, Response, Start, WriteBegin,
+    WriteFile, PROTOCOL_VERSION,
 };
 use tokio::io::AsyncWriteExt;
 use tokio_rustls::TlsConnector;
 
+use crate::helper::install::{
+    install_and_start, no_progress, release_status, start_request, without_digest,
+};
 use crate::helper::release::{beat_release, sha256, shell_release};
-use crate::helper::{free_port, listing, wait_until, AgentProc, Pki, PATIENCE};
-
-fn no_progress() -> impl FnMut(Progress) + Send {
-    |_| {}
-}
-
-async fn release_status(pki: &Pki, agent: &AgentProc, name: &str) -> Option<ReleaseStatus> {
-    let mut client = pki.connect(agent).await;
-    let pong = client.ping().await.expect("ping");
-    pong.releases.into_iter().find(|r| r.name == name)
-}
+use crate::helper::{free_port, listing, wait_until, AgentProc, Pki, NO_RESTART_WITHIN, PATIENCE};
 
 /// Pushes, unpacks and starts the beat release `version`; returns the port it serves.
 async fn install_beat(pki: &Pki, agent: &AgentProc, work: &std::path::Path, version: &str) -> u16 {
     let tarball = beat_release(work, "beat", version);
     let mut client = pki.connect(agent).await;
-    let dest = format!("archives/beat-{version}.tar.gz");
-    let source = WriteSource {
-        path: tarball.clone(),
-        sha256: Some(sha256(&tarball)),
-        sha256_of: None,
-    };
-    client
-        .write_file(&source, &dest, 0o644, &mut no_progress())
-        .await
-        .expect("push");
-    client
-        .unpack(&dest, &format!("releases/beat/{version}"), source.sha256)
-        .await
-        .expect("unpack");
     let port = free_port();
-    client
-        .start(Start {
-            name: "beat".into(),
-            version: version.into(),
-            argv: vec![],
-            env: vec![("BEAT_PORT".into(), port.to_string())],
-            user: None,
-        })
-        .await
-        .expect("start");
+    let env = vec![("BEAT_PORT".into(), port.to_string())];
+    install_and_start(&mut client, &tarball, "beat", version, env).await;
     port
 }
 
@@ -266,11 +237,7 @@ async fn a_repeated_push_sends_nothing_and_a_cut_push_resumes() {
 
     // Without a digest in advance, the master hashes as it sends and still resumes
     // nothing twice: a second push of the same bytes to a new path goes through whole.
-    let unknown = WriteSource {
-        path: file.clone(),
-        sha256: None,
-        sha256_of: None,
-    };
+    let unknown = without_digest(&file);
     let fresh = client
         .write_file(&unknown, "data/copy.bin", 0o644, &mut no_progress())
         .await
@@ -350,13 +317,13 @@ async fn hostile_archive_over_the_wire_writes_nothing() {
 
     let before = listing(agent.root.parent().expect("parent"), "");
     let mut client = pki.connect(&agent).await;
-    let source = WriteSource {
-        path: path.clone(),
-        sha256: None,
-        sha256_of: None,
-    };
     client
-        .write_file(&source, "archives/evil.tar", 0o644, &mut no_progress())
+        .write_file(
+            &without_digest(&path),
+            "archives/evil.tar",
+            0o644,
+            &mut no_progress(),
+        )
         .await
         .expect("push");
     let err = client
@@ -419,11 +386,7 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
     let mut client = pki.connect(&agent).await;
     client
         .write_file(
-            &WriteSource {
-                path: tarball,
-                sha256: None,
-                sha256_of: None,
-            },
+            &without_digest(&tarball),
             "archives/flop-1.tar.gz",
             0o644,
             &mut no_progress(),
@@ -435,13 +398,7 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
         .await
         .expect("unpack");
     client
-        .start(Start {
-            name: "flop".into(),
-            version: "1".into(),
-            argv: vec![],
-            env: vec![],
-            user: None,
-        })
+        .start(start_request("flop", "1", &[]))
         .await
         .expect("start");
     assert!(
@@ -459,7 +416,8 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
         status.output_tail
     );
     let restarts = status.restarts;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A restart would come within one restart delay; none comes in several.
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     let later = release_status(&pki, &agent, "flop").await.expect("known");
     assert_eq!(
         later.restarts, restarts,
@@ -492,7 +450,8 @@ async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
         Some(pids[0]),
         "adopted, not restarted"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A second copy would be started within one restart delay; none is in several.
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     assert_eq!(agent.release_pids("beat"), pids, "exactly one copy");
 
     assert!(
@@ -506,7 +465,7 @@ async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
         "SIGTERM leaves releases running"
     );
     agent.restart();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     assert_eq!(agent.release_pids("beat"), pids);
     assert_eq!(beat_answer(port).await.as_deref(), Some("beat 0.1.0 web-1"));
 
@@ -525,7 +484,7 @@ async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
         "started again after the agent came back\n{}",
         agent.log()
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     assert_eq!(agent.release_pids("beat").len(), 1);
 }
 

@@ -11,8 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::helper::amqp::{
-    erel, logs, output_text, wait_for, watch_command, BrokerLock, Fleet, MasterProc, TestBroker,
+    erel, logs, output_text, watch_command, BrokerLock, MasterProc, TestBroker,
 };
+use crate::helper::fleet::Fleet;
+use crate::helper::wait_until_blocking;
 
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
@@ -39,7 +41,7 @@ const RECEIVE: Duration = Duration::from_secs(20);
 #[test]
 fn amqp_masters_store_converge_catch_up_and_refuse_old_revisions() {
     let _lock = BrokerLock::shared();
-    let fleet = Fleet::new("amqp-cu", &["alpha", "beta"]);
+    let fleet = Fleet::with_beat_releases("amqp-cu", &["alpha", "beta"]);
     let broker = TestBroker::new("catch-up", &["alpha", "beta"]);
     let mut m1 = fleet.master(&broker, "m1");
     let mut m2 = fleet.master(&broker, "m2");
@@ -50,14 +52,14 @@ fn amqp_masters_store_converge_catch_up_and_refuse_old_revisions() {
     assert!(ok, "publish revision 1: {out}");
     assert!(out.contains("confirmed"), "{out}");
     assert!(
-        wait_for(RECEIVE, || m1.held_revision() == Some(1)
+        wait_until_blocking(RECEIVE, || m1.held_revision() == Some(1)
             && m2.held_revision() == Some(1)),
         "both masters hold revision 1\n{}",
         logs(&[&m1, &m2])
     );
     assert_eq!(m1.held_text().as_deref(), Some(v1.as_str()));
     assert!(
-        wait_for(CONVERGE, || fleet.all_run("1.0.0")),
+        wait_until_blocking(CONVERGE, || fleet.all_run("1.0.0")),
         "every host runs 1.0.0: {:?}\n{}{}",
         fleet.beats(),
         logs(&[&m1, &m2]),
@@ -65,7 +67,7 @@ fn amqp_masters_store_converge_catch_up_and_refuse_old_revisions() {
     );
     // Each group is held by exactly one of them, and `config holders` says which.
     assert!(
-        wait_for(RECEIVE, || {
+        wait_until_blocking(RECEIVE, || {
             let out = erel(&fleet.pki, &["config", "holders", "--json"], &broker, &[]);
             let rows: serde_json::Value =
                 serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
@@ -91,7 +93,7 @@ fn amqp_masters_store_converge_catch_up_and_refuse_old_revisions() {
     // A third master started afterwards catches up.
     let mut m3 = fleet.master(&broker, "m3");
     assert!(
-        wait_for(RECEIVE, || m3.held_revision() == Some(1)),
+        wait_until_blocking(RECEIVE, || m3.held_revision() == Some(1)),
         "the late master catches up\n{}",
         m3.log()
     );
@@ -114,7 +116,7 @@ fn amqp_masters_store_converge_catch_up_and_refuse_old_revisions() {
     inject(&broker, &fleet.config(0, "2.0.0", ""), Some(0));
     for m in [&m1, &m2, &m3] {
         assert!(
-            wait_for(RECEIVE, || m.log().contains("not newer than the one held")),
+            wait_until_blocking(RECEIVE, || m.log().contains("not newer than the one held")),
             "{} logs the ignored revisions\n{}",
             m.name,
             m.log()
@@ -160,12 +162,12 @@ fn amqp_masters_store_converge_catch_up_and_refuse_old_revisions() {
     assert!(fleet.all_run("1.0.0"), "nobody applied it yet");
     let m4 = fleet.master(&broker, "m4");
     assert!(
-        wait_for(RECEIVE, || m4.held_revision() == Some(2)),
+        wait_until_blocking(RECEIVE, || m4.held_revision() == Some(2)),
         "the new master reaches revision 2\n{}",
         m4.log()
     );
     assert!(
-        wait_for(CONVERGE, || fleet.all_run("2.0.0")),
+        wait_until_blocking(CONVERGE, || fleet.all_run("2.0.0")),
         "every host runs 2.0.0: {:?}\n{}",
         fleet.beats(),
         m4.log()
@@ -188,7 +190,7 @@ fn holds(master: &MasterProc, group: &str) -> bool {
 #[test]
 fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
     let _lock = BrokerLock::shared();
-    let fleet = Fleet::new("amqp-inv", &["web"]);
+    let fleet = Fleet::with_beat_releases("amqp-inv", &["web"]);
     let broker = TestBroker::new("invalid", &["web"]);
     let mut master = fleet.master(&broker, "solo");
 
@@ -219,7 +221,7 @@ fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
         });
     }
     assert!(
-        wait_for(RECEIVE, || listening
+        wait_until_blocking(RECEIVE, || listening
             .lock()
             .expect("lock")
             .contains("watching events")),
@@ -231,7 +233,7 @@ fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
     let (ok, out) = fleet.publish(&broker, &v1);
     assert!(ok, "{out}");
     assert!(
-        wait_for(CONVERGE, || fleet.all_run("1.0.0")),
+        wait_until_blocking(CONVERGE, || fleet.all_run("1.0.0")),
         "the host runs 1.0.0: {:?}\n{}",
         fleet.beats(),
         master.log()
@@ -250,7 +252,7 @@ fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
     inject(&broker, &missing_archive, Some(4));
     inject(&broker, &fleet.config(5, "2.0.0", ""), Some(6));
     assert!(
-        wait_for(RECEIVE, || master.log().matches("config rejected").count()
+        wait_until_blocking(RECEIVE, || master.log().matches("config rejected").count()
             >= 4),
         "four rejections logged\n{}",
         master.log()
@@ -275,13 +277,13 @@ fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
     let (ok, out) = fleet.publish(&broker, &fleet.config(7, "2.0.0", ""));
     assert!(ok, "{out}");
     assert!(
-        wait_for(CONVERGE, || fleet.all_run("2.0.0")),
+        wait_until_blocking(CONVERGE, || fleet.all_run("2.0.0")),
         "the host runs 2.0.0: {:?}\n{}",
         fleet.beats(),
         master.log()
     );
     assert!(
-        wait_for(RECEIVE, || {
+        wait_until_blocking(RECEIVE, || {
             let text = watched.lock().expect("lock");
             text.contains("revision 7 accepted")
                 && text.contains("revision 4 rejected")
@@ -304,7 +306,7 @@ fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
 #[test]
 fn amqp_one_master_acts_per_group_and_another_takes_over_when_it_is_killed() {
     let _lock = BrokerLock::shared();
-    let fleet = Fleet::new("amqp-ha", &["web", "web", "web"]);
+    let fleet = Fleet::with_beat_releases("amqp-ha", &["web", "web", "web"]);
     let broker = TestBroker::new("takeover", &["web"]);
     let mut a = fleet.master(&broker, "ma");
     let mut b = fleet.master(&broker, "mb");
@@ -313,7 +315,7 @@ fn amqp_one_master_acts_per_group_and_another_takes_over_when_it_is_killed() {
     let (ok, out) = fleet.publish(&broker, &fleet.config(1, "1.0.0", slow));
     assert!(ok, "{out}");
     assert!(
-        wait_for(CONVERGE, || fleet.all_run("1.0.0")),
+        wait_until_blocking(CONVERGE, || fleet.all_run("1.0.0")),
         "every host runs 1.0.0: {:?}\n{}",
         fleet.beats(),
         logs(&[&a, &b])
@@ -336,7 +338,7 @@ fn amqp_one_master_acts_per_group_and_another_takes_over_when_it_is_killed() {
     let (ok, out) = fleet.publish(&broker, &fleet.config(2, "2.0.0", slow));
     assert!(ok, "{out}");
     assert!(
-        wait_for(CONVERGE, || holder.log().matches("host done").count() >= 4),
+        wait_until_blocking(CONVERGE, || holder.log().matches("host done").count() >= 4),
         "the holder switches a first host to 2.0.0\n{}",
         holder.log()
     );
@@ -348,12 +350,12 @@ fn amqp_one_master_acts_per_group_and_another_takes_over_when_it_is_killed() {
         fleet.beats()
     );
     assert!(
-        wait_for(Duration::from_secs(15), || holds(other, "web")),
+        wait_until_blocking(Duration::from_secs(15), || holds(other, "web")),
         "the other master takes the group over within seconds\n{}",
         other.log()
     );
     assert!(
-        wait_for(CONVERGE, || fleet.all_run("2.0.0")),
+        wait_until_blocking(CONVERGE, || fleet.all_run("2.0.0")),
         "the new holder finishes the rollout: {:?}\n{}{}",
         fleet.beats(),
         other.log(),
@@ -362,10 +364,10 @@ fn amqp_one_master_acts_per_group_and_another_takes_over_when_it_is_killed() {
     assert_eq!(other.held_revision(), Some(2));
 
     // `erel status --amqp` shows the new holder beside the hosts.
-    let cluster = fleet.artifacts.path().join("cluster-2.toml");
+    let cluster = fleet.dir.path().join("cluster-2.toml");
     let mut shown = String::new();
     assert!(
-        wait_for(RECEIVE, || {
+        wait_until_blocking(RECEIVE, || {
             let out = fleet
                 .pki
                 .erel()

@@ -10,18 +10,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use erel_master::client::{Progress, WriteSource};
-use erel_proto::{ReleaseState, ReleaseStatus, Start};
+use erel_proto::{ReleaseState, ReleaseStatus};
 
-use crate::helper::release::{sha256, shell_release};
-use crate::helper::{wait_until, AgentProc, Pki};
+use crate::helper::install::{push_and_unpack, release_status, start_request};
+use crate::helper::release::shell_release;
+use crate::helper::{wait_until, AgentProc, Pki, NO_RESTART_WITHIN, RESTART_BACKOFF_MAX};
 
 /// How long a condition is waited for; generous, the machine is shared.
 const PATIENCE: Duration = Duration::from_secs(30);
-/// Longest restart delay the test agents use (`--restart-backoff-max-ms 400` in
-/// [`crate::helper::FAST_SUPERVISION`]): waiting several of these shows that nothing
-/// was restarted.
-const BACKOFF_MAX: Duration = Duration::from_millis(400);
 
 /// The issue's input: a helper in its own session, then the main process.
 const SETSID_HELPER: &str =
@@ -40,46 +36,16 @@ case \"$1\" in
 esac
 ";
 
-fn no_progress() -> impl FnMut(Progress) + Send {
-    |_| {}
-}
-
 /// Pushes and unpacks a shell release `app` `version` whose `bin/app` is `script`.
 async fn install(pki: &Pki, agent: &AgentProc, work: &Path, version: &str, script: &str) {
     let tarball = shell_release(work, "app", version, script);
     let mut client = pki.connect(agent).await;
-    let dest = format!("archives/app-{version}.tar.gz");
-    let source = WriteSource {
-        path: tarball.clone(),
-        sha256: Some(sha256(&tarball)),
-        sha256_of: None,
-    };
-    client
-        .write_file(&source, &dest, 0o644, &mut no_progress())
-        .await
-        .expect("push");
-    client
-        .unpack(&dest, &format!("releases/app/{version}"), source.sha256)
-        .await
-        .expect("unpack");
-}
-
-fn start_request(version: &str, argv: &[&str]) -> Start {
-    Start {
-        name: "app".into(),
-        version: version.into(),
-        argv: argv.iter().map(|a| a.to_string()).collect(),
-        env: Vec::new(),
-        user: None,
-    }
+    push_and_unpack(&mut client, &tarball, "app", version).await;
 }
 
 async fn status(pki: &Pki, agent: &AgentProc) -> ReleaseStatus {
-    let mut client = pki.connect(agent).await;
-    let pong = client.ping().await.expect("ping");
-    pong.releases
-        .into_iter()
-        .find(|r| r.name == "app")
+    release_status(pki, agent, "app")
+        .await
         .expect("app is known")
 }
 
@@ -157,7 +123,10 @@ async fn stop_reaches_a_helper_in_its_own_session() {
     let work = tempfile::tempdir().expect("tempdir");
     install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
     let mut client = pki.connect(&agent).await;
-    let started = client.start(start_request("1", &[])).await.expect("start");
+    let started = client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     // Found inside the wait, as a process in the middle of an exec can be missed by a
     // scan that follows it.
     let helper = std::sync::Mutex::new(None);
@@ -186,9 +155,12 @@ async fn stop_reaches_a_helper_in_its_own_session() {
     assert!(agent.release_pids("app").is_empty());
 
     // Started again: one main process and one helper, never two copies.
-    client.start(start_request("1", &[])).await.expect("start");
+    client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
-    tokio::time::sleep(BACKOFF_MAX * 3).await;
+    tokio::time::sleep(RESTART_BACKOFF_MAX * 3).await;
     assert_eq!(members(&agent).len(), 2);
     client
         .stop("app", Duration::from_secs(10))
@@ -204,7 +176,10 @@ async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &st
     let work = tempfile::tempdir().expect("tempdir");
     install(pki, agent, work.path(), "1", script).await;
     let mut client = pki.connect(agent).await;
-    let started = client.start(start_request("1", argv)).await.expect("start");
+    let started = client
+        .start(start_request("app", "1", argv))
+        .await
+        .expect("start");
     assert!(
         wait_until(PATIENCE, || async {
             let s = status(pki, agent).await;
@@ -217,7 +192,7 @@ async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &st
         agent.log()
     );
     let daemon = status(pki, agent).await.pid.expect("pid") as i32;
-    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     let now = status(pki, agent).await;
     assert_eq!(now.state, ReleaseState::Running);
     assert_eq!(now.restarts, 0, "a daemonizing start was restarted");
@@ -243,7 +218,7 @@ async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &st
         "restarted once\n{}",
         agent.log()
     );
-    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     assert_eq!(members(agent).len(), 1);
     let stopped = client
         .stop("app", Duration::from_secs(10))
@@ -275,14 +250,17 @@ async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
     install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
     install(&pki, &agent, work.path(), "2", RELX_STYLE).await;
     let mut client = pki.connect(&agent).await;
-    let started = client.start(start_request("1", &[])).await.expect("start");
+    let started = client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
     let before = members(&agent);
 
     for round in 0..2 {
         agent.kill9();
         agent.restart();
-        tokio::time::sleep(BACKOFF_MAX * 4).await;
+        tokio::time::sleep(NO_RESTART_WITHIN).await;
         assert_eq!(members(&agent), before, "round {round}\n{}", agent.log());
         let now = status(&pki, &agent).await;
         assert_eq!(now.state, ReleaseState::Running);
@@ -292,7 +270,7 @@ async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
     // A daemonized version survives an agent kill -9 the same way.
     let mut client = pki.connect(&agent).await;
     client
-        .start(start_request("2", &["bin/app", "daemon"]))
+        .start(start_request("app", "2", &["bin/app", "daemon"]))
         .await
         .expect("start 2");
     assert!(before.iter().all(|&p| !alive(p)), "version 1 is gone");
@@ -311,7 +289,7 @@ async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
     let daemon = members(&agent);
     agent.kill9();
     agent.restart();
-    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     assert_eq!(members(&agent), daemon, "{}", agent.log());
     let now = status(&pki, &agent).await;
     assert_eq!(now.state, ReleaseState::Running);
@@ -340,7 +318,10 @@ async fn a_zombie_is_not_a_running_process() {
     )
     .await;
     let mut client = pki.connect(&agent).await;
-    let started = client.start(start_request("1", &[])).await.expect("start");
+    let started = client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     let cgroup = agent.cgroup_dir().expect("cgroup").join("release.app");
     let zombie_seen = wait_until(PATIENCE, || async {
         std::fs::read_dir("/proc")
@@ -393,7 +374,10 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
     install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
     install(&pki, &agent, work.path(), "2", DOUBLE_FORK).await;
     let mut client = pki.connect(&agent).await;
-    client.start(start_request("1", &[])).await.expect("start");
+    client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(wait_until(PATIENCE, || async { agent.release_pids("app").len() >= 2 }).await);
     let (ok, out, err) = erel(&pki, &agent, "stop", &["app"]);
     assert!(ok && out.contains("app stopped"), "{out}{err}");
@@ -404,7 +388,7 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
 
     // A double-forked daemon is found by its environment and runs once.
     client
-        .start(start_request("2", &[]))
+        .start(start_request("app", "2", &[]))
         .await
         .expect("start 2");
     assert!(
@@ -414,7 +398,7 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
         })
         .await
     );
-    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     assert_eq!(agent.release_pids("app").len(), 1);
     assert_eq!(status(&pki, &agent).await.restarts, 0);
     client
@@ -457,10 +441,10 @@ async fn another_users_process_with_the_markers_is_not_the_release() {
     let outcome = async {
         let mut client = pki.connect(&agent).await;
         let started = client
-            .start(start_request("1", &[]))
+            .start(start_request("app", "1", &[]))
             .await
             .map_err(|e| format!("start refused: {e}\n{}", agent.log()))?;
-        tokio::time::sleep(BACKOFF_MAX * 3).await;
+        tokio::time::sleep(RESTART_BACKOFF_MAX * 3).await;
         let now = status(&pki, &agent).await;
         if now.state != ReleaseState::Running || now.pid != Some(started.pid) {
             return Err(format!("status {now:?}, started {}", started.pid));
@@ -496,12 +480,11 @@ impl TestUser {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let status = std::process::Command::new("useradd")
-            .args(["--system", "--no-create-home", "--shell", "/bin/sh"])
-            .arg(&name)
-            .status()
-            .expect("run useradd (this test needs root)");
-        assert!(status.success(), "useradd {name}");
+        add_account(
+            "useradd",
+            &["--system", "--no-create-home", "--shell", "/bin/sh"],
+            &name,
+        );
         TestUser { name }
     }
 
@@ -516,10 +499,23 @@ impl TestUser {
 
 impl Drop for TestUser {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("userdel")
-            .arg(&self.name)
-            .status();
+        remove_account("userdel", &self.name);
     }
+}
+
+/// Runs `program` (`useradd`, `groupadd`; the test needs root) with `args` and `name`.
+fn add_account(program: &str, args: &[&str], name: &str) {
+    let status = std::process::Command::new(program)
+        .args(args)
+        .arg(name)
+        .status()
+        .unwrap_or_else(|e| panic!("run {program} (this test needs root): {e}"));
+    assert!(status.success(), "{program} {name}");
+}
+
+/// Runs `program` (`userdel`, `groupdel`) on `name`, whatever happens.
+fn remove_account(program: &str, name: &str) {
+    let _ = std::process::Command::new(program).arg(name).status();
 }
 
 fn owner_of(path: &Path) -> u32 {
@@ -541,7 +537,7 @@ mkdir -p \"$RUNNER_LOG_DIR\" && echo ok > \"$RUNNER_LOG_DIR/run.log\"
 exec sleep 100000
 ";
     install(&pki, &agent, work.path(), "1", script).await;
-    let mut request = start_request("1", &[]);
+    let mut request = start_request("app", "1", &[]);
     request.user = Some(user.name.clone());
     let mut client = pki.connect(&agent).await;
 
@@ -632,7 +628,10 @@ async fn a_failing_start_command_leaves_nothing_behind_across_a_crash_loop() {
     let script = "#!/bin/sh\nsetsid sh -c 'exec sleep 100000' &\nnohup sleep 100000 >/dev/null 2>&1 &\necho failing\nexit 3\n";
     install(&pki, &agent, work.path(), "1", script).await;
     let mut client = pki.connect(&agent).await;
-    client.start(start_request("1", &[])).await.expect("start");
+    client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(
         wait_until(PATIENCE, || async {
             status(&pki, &agent).await.state == ReleaseState::CrashLooping
@@ -668,7 +667,10 @@ async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it()
     )
     .await;
     let mut client = pki.connect(&agent).await;
-    client.start(start_request("1", &[])).await.expect("start");
+    client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(
         wait_until(PATIENCE, || async {
             let s = status(&pki, &agent).await;
@@ -682,12 +684,12 @@ async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it()
         "{}",
         agent.log()
     );
-    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     assert_eq!(members(&agent).len(), 1);
     assert_eq!(status(&pki, &agent).await.restarts, 0);
     // A switch of version stops the daemon and leaves one writer at most.
     client
-        .start(start_request("2", &[]))
+        .start(start_request("app", "2", &[]))
         .await
         .expect("start 2");
     assert!(
@@ -713,7 +715,10 @@ async fn fork_storm_is_stopped_whole(agent: &AgentProc, pki: &Pki) {
     let script = "#!/bin/sh\ntrap '' TERM\necho storming\nwhile :; do\n  for i in 1 2 3 4 5 6 7 8 9 10; do sh -c \"trap '' TERM; sleep 0.3\" & done\n  sleep 0.03\ndone\n";
     install(pki, agent, work.path(), "1", script).await;
     let mut client = pki.connect(agent).await;
-    client.start(start_request("1", &[])).await.expect("start");
+    client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(wait_until(PATIENCE, || async { members(agent).len() > 20 }).await);
     let begun = std::time::Instant::now();
     let stopped = client
@@ -759,7 +764,10 @@ async fn a_helper_moved_into_a_cgroup_below_the_release_is_the_release() {
     );
     install(&pki, &agent, work.path(), "1", &script).await;
     let mut client = pki.connect(&agent).await;
-    let started = client.start(start_request("1", &[])).await.expect("start");
+    let started = client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     let worker = own.join("worker");
     assert!(
         wait_until(PATIENCE, || async { live_pids(&worker).len() == 1 }).await,
@@ -795,12 +803,7 @@ struct TestGroup {
 impl TestGroup {
     fn create(tag: &str) -> Self {
         let name = format!("erelg{}{tag}", std::process::id());
-        let status = std::process::Command::new("groupadd")
-            .arg("--system")
-            .arg(&name)
-            .status()
-            .expect("run groupadd (this test needs root)");
-        assert!(status.success(), "groupadd {name}");
+        add_account("groupadd", &["--system"], &name);
         TestGroup { name }
     }
 
@@ -815,9 +818,7 @@ impl TestGroup {
 
 impl Drop for TestGroup {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("groupdel")
-            .arg(&self.name)
-            .status();
+        remove_account("groupdel", &self.name);
     }
 }
 
@@ -830,18 +831,14 @@ async fn a_user_with_other_groups_and_no_home_named_by_uid() {
     let primary = TestGroup::create("p");
     let extra = TestGroup::create("s");
     let name = format!("erelu{}", std::process::id());
-    let status = std::process::Command::new("useradd")
-        .args([
-            "--system",
-            "--no-create-home",
-            "--home-dir",
-            "/nonexistent/erel",
-        ])
-        .args(["--gid", &primary.name, "--groups", &extra.name])
-        .arg(&name)
-        .status()
-        .expect("useradd");
-    assert!(status.success());
+    let system_user = [
+        "--system",
+        "--no-create-home",
+        "--home-dir",
+        "/nonexistent/erel",
+    ];
+    let groups = ["--gid", &primary.name, "--groups", &extra.name];
+    add_account("useradd", &[&system_user[..], &groups[..]].concat(), &name);
     let user = TestUser { name };
     let pki = Pki::new();
     let agent = cgroup_agent(&pki, "as-uid");
@@ -855,7 +852,7 @@ async fn a_user_with_other_groups_and_no_home_named_by_uid() {
         other.display()
     );
     install(&pki, &agent, work.path(), "1", &script).await;
-    let mut request = start_request("1", &[]);
+    let mut request = start_request("app", "1", &[]);
     request.user = Some(user.uid().to_string());
     let mut client = pki.connect(&agent).await;
     client.start(request).await.expect("start by uid");
@@ -899,7 +896,10 @@ async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
     install(&pki, &agent, work.path(), "1", ticking).await;
     install(&pki, &agent, work.path(), "2", RELX_STYLE).await;
     let mut client = pki.connect(&agent).await;
-    client.start(start_request("1", &[])).await.expect("start");
+    client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
     assert_eq!(app_writers(&agent), 1);
     agent.kill9();
@@ -912,7 +912,7 @@ async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
     );
     let mut client = pki.connect(&agent).await;
     client
-        .start(start_request("2", &["bin/app", "daemon"]))
+        .start(start_request("app", "2", &["bin/app", "daemon"]))
         .await
         .expect("switch");
     assert!(
@@ -931,13 +931,13 @@ async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
         app_writers(&agent)
     );
     client
-        .start(start_request("1", &[]))
+        .start(start_request("app", "1", &[]))
         .await
         .expect("switch back");
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
     agent.kill9();
     agent.restart();
-    tokio::time::sleep(BACKOFF_MAX * 4).await;
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
     assert_eq!(app_writers(&agent), 1);
     let mut client = pki.connect(&agent).await;
     client
@@ -974,7 +974,7 @@ exec sleep 100000
     let data: PathBuf = agent.root.join("data/app");
     let mut client = pki.connect(&agent).await;
     for user in [&first, &second] {
-        let mut request = start_request("1", &[]);
+        let mut request = start_request("app", "1", &[]);
         request.user = Some(user.name.clone());
         client.start(request).await.expect("start as a user");
         let done = data.join(format!("done-{}", user.uid()));
@@ -1000,7 +1000,10 @@ exec sleep 100000
     for path in ["", "log", "log/node.log", "sub", "sub/state"] {
         assert_eq!(owner_of(&data.join(path)), second.uid(), "{path}");
     }
-    client.start(start_request("1", &[])).await.expect("start");
+    client
+        .start(start_request("app", "1", &[]))
+        .await
+        .expect("start");
     assert!(
         wait_until(PATIENCE, || async { data.join("done-0").exists() }).await,
         "{}",

@@ -16,39 +16,21 @@ use erel_master::rollout::{
 };
 use erel_proto::ReleaseState;
 
+use crate::helper::fleet::Fleet;
 use crate::helper::otp::build_release_with;
 use crate::helper::release::{beat_release, failing_beat_release};
-use crate::helper::{free_port, AgentProc, Pki};
+use crate::helper::{follow_stderr, free_port, poll_until};
 
 const RELEASE: &str = "beat";
 
-/// Agents, their beat ports, and a directory for the cluster file and archives.
-struct Fleet {
-    pki: Pki,
-    agents: Vec<AgentProc>,
-    ports: Vec<u16>,
-    dir: tempfile::TempDir,
-}
-
+/// What the deploy tests do with a fleet: a cluster file at `cluster.toml` naming archives
+/// under `releases/`, and rollouts run in this process.
 impl Fleet {
-    fn new(hosts: usize, prefix: &str) -> Self {
-        let pki = Pki::new();
-        let agents = (1..=hosts)
-            .map(|i| AgentProc::start(&pki, &format!("{prefix}-{i}"), &[]))
-            .collect();
-        let ports = (0..hosts).map(|_| free_port()).collect();
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir(dir.path().join("releases")).expect("mkdir");
-        Fleet {
-            pki,
-            agents,
-            ports,
-            dir,
-        }
-    }
-
+    /// Where the archives go (made on first use).
     fn releases(&self) -> PathBuf {
-        self.dir.path().join("releases")
+        let releases = self.dir.path().join("releases");
+        std::fs::create_dir_all(&releases).expect("mkdir");
+        releases
     }
 
     fn path(&self) -> PathBuf {
@@ -70,12 +52,7 @@ impl Fleet {
         extra_hosts: &[(&str, String)],
     ) -> PathBuf {
         let mut text = format!("revision = {revision}\n");
-        for (agent, port) in self.agents.iter().zip(&self.ports) {
-            text.push_str(&format!(
-                "[[host]]\nid = \"{}\"\naddr = \"{}\"\ngroup = \"web\"\nenv = {{ BEAT_PORT = \"{port}\" }}\n",
-                agent.id, agent.addr
-            ));
-        }
+        text.push_str(&self.hosts_toml("BEAT_PORT"));
         for (id, addr) in extra_hosts {
             text.push_str(&format!(
                 "[[host]]\nid = \"{id}\"\naddr = \"{addr}\"\ngroup = \"web\"\nenv = {{ BEAT_PORT = \"{}\" }}\n",
@@ -113,55 +90,6 @@ impl Fleet {
         }
         (report, events)
     }
-
-    /// What each agent says it runs: (version, state).
-    async fn running(&self) -> Vec<(Option<String>, ReleaseState)> {
-        let mut out = Vec::new();
-        for agent in &self.agents {
-            let mut client = self.pki.connect(agent).await;
-            let pong = client.ping().await.expect("ping");
-            let status = pong
-                .releases
-                .into_iter()
-                .find(|r| r.name == RELEASE)
-                .map(|r| (r.version, r.state))
-                .unwrap_or((None, ReleaseState::Stopped));
-            out.push(status);
-        }
-        out
-    }
-
-    /// What each host's release answers on its port.
-    fn beats(&self) -> Vec<String> {
-        self.ports
-            .iter()
-            .map(|port| {
-                use std::io::Read;
-                let mut text = String::new();
-                if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", *port)) {
-                    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-                    let _ = stream.read_to_string(&mut text);
-                }
-                text.trim().to_string()
-            })
-            .collect()
-    }
-
-    fn expect_beats(&self, version: &str) {
-        let expected: Vec<String> = self
-            .agents
-            .iter()
-            .map(|a| format!("beat {version} {}", a.id))
-            .collect();
-        assert_eq!(self.beats(), expected);
-    }
-
-    fn logs(&self) -> String {
-        self.agents
-            .iter()
-            .map(|a| format!("--- {}\n{}", a.id, a.log()))
-            .collect()
-    }
 }
 
 const FAST_HEALTH: &str = "health = { tcp = \"$BEAT_PORT\", min_up_secs = 1, deadline_secs = 15 }";
@@ -191,7 +119,7 @@ fn erel_deploy(fleet: &Fleet, extra: &[&str]) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploys_v1_then_v2_and_a_repeat_does_nothing() {
-    let fleet = Fleet::new(3, "roll");
+    let fleet = Fleet::new("roll", &["web"; 3]);
     let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
     let v2 = beat_release(&fleet.releases(), RELEASE, "0.2.0");
 
@@ -203,21 +131,25 @@ async fn deploys_v1_then_v2_and_a_repeat_does_nothing() {
         "{out}"
     );
     assert!(
-        fleet.running().await.iter().all(|(v, _)| v.is_none()),
+        fleet
+            .running(RELEASE)
+            .await
+            .iter()
+            .all(|(v, _)| v.is_none()),
         "dry run touches nothing"
     );
 
     let (ok, out) = erel_deploy(&fleet, &[]);
-    assert!(ok, "deploy v1 failed:\n{out}\n{}", fleet.logs());
+    assert!(ok, "deploy v1 failed:\n{out}\n{}", fleet.agent_logs());
     assert!(out.contains("every host runs its desired version"), "{out}");
     fleet.expect_beats("0.1.0");
 
     fleet.write_cluster(2, "0.2.0", &v2, &group(1, 1));
     let (ok, out) = erel_deploy(&fleet, &[]);
-    assert!(ok, "deploy v2 failed:\n{out}\n{}", fleet.logs());
+    assert!(ok, "deploy v2 failed:\n{out}\n{}", fleet.agent_logs());
     assert_eq!(out.matches("switched from 0.1.0").count(), 3, "{out}");
     fleet.expect_beats("0.2.0");
-    for (version, state) in fleet.running().await {
+    for (version, state) in fleet.running(RELEASE).await {
         assert_eq!(version.as_deref(), Some("0.2.0"));
         assert_eq!(state, ReleaseState::Running);
     }
@@ -276,12 +208,12 @@ async fn deploys_v1_then_v2_and_a_repeat_does_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_release_is_rolled_back_on_the_canary_and_nothing_else_is_touched() {
-    let fleet = Fleet::new(3, "canary");
+    let fleet = Fleet::new("canary", &["web"; 3]);
     let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
     let broken = failing_beat_release(&fleet.releases(), RELEASE, "0.2.0", "exit");
     fleet.write_cluster(1, "0.1.0", &v1, &group(2, 1));
     let (report, _) = fleet.rollout().await;
-    assert!(report.converged(), "{report:?}\n{}", fleet.logs());
+    assert!(report.converged(), "{report:?}\n{}", fleet.agent_logs());
     let before: Vec<Vec<i32>> = fleet
         .agents
         .iter()
@@ -352,7 +284,7 @@ async fn a_broken_release_is_rolled_back_on_the_canary_and_nothing_else_is_touch
         "the canary runs a restarted old version"
     );
     fleet.expect_beats("0.1.0");
-    for (version, state) in fleet.running().await {
+    for (version, state) in fleet.running(RELEASE).await {
         assert_eq!(version.as_deref(), Some("0.1.0"));
         assert_eq!(state, ReleaseState::Running);
     }
@@ -369,7 +301,7 @@ async fn a_broken_release_is_rolled_back_on_the_canary_and_nothing_else_is_touch
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_in_flight_bounds_the_hosts_down_at_once() {
-    let fleet = Fleet::new(5, "flight");
+    let fleet = Fleet::new("flight", &["web"; 5]);
     let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
     let v2 = beat_release(&fleet.releases(), RELEASE, "0.2.0");
     fleet.write_cluster(1, "0.1.0", &v1, &group(2, 1));
@@ -406,7 +338,7 @@ async fn max_in_flight_bounds_the_hosts_down_at_once() {
     let (report, events) = fleet.rollout().await;
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     sampler.join().expect("sampler");
-    assert!(report.converged(), "{report:?}\n{}", fleet.logs());
+    assert!(report.converged(), "{report:?}\n{}", fleet.agent_logs());
     assert_eq!(report.switched(), 5);
 
     // From the events: a host is down from Stopping until HostDone.
@@ -444,7 +376,7 @@ async fn max_in_flight_bounds_the_hosts_down_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_mid_rollout_finishes_when_run_again() {
-    let fleet = Fleet::new(3, "killed");
+    let fleet = Fleet::new("killed", &["web"; 3]);
     let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
     let v2 = beat_release(&fleet.releases(), RELEASE, "0.2.0");
     fleet.write_cluster(1, "0.1.0", &v1, &group(1, 1));
@@ -476,7 +408,7 @@ async fn a_master_killed_mid_rollout_finishes_when_run_again() {
     }
     let _ = child.wait();
     assert!(killed, "the first host never switched:\n{seen}");
-    let running = fleet.running().await;
+    let running = fleet.running(RELEASE).await;
     assert_eq!(running[0].0.as_deref(), Some("0.2.0"), "{running:?}");
     assert!(
         running[1..]
@@ -486,14 +418,18 @@ async fn a_master_killed_mid_rollout_finishes_when_run_again() {
     );
 
     let (ok, out) = erel_deploy(&fleet, &[]);
-    assert!(ok, "the second run finishes:\n{out}\n{}", fleet.logs());
+    assert!(
+        ok,
+        "the second run finishes:\n{out}\n{}",
+        fleet.agent_logs()
+    );
     assert!(out.contains("killed-1: up to date"), "{out}");
     fleet.expect_beats("0.2.0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_host_is_reported_with_its_address() {
-    let fleet = Fleet::new(2, "reach");
+    let fleet = Fleet::new("reach", &["web"; 2]);
     let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
     let dead = format!("127.0.0.1:{}", free_port());
     fleet.write_cluster_with(1, "0.1.0", &v1, &group(1, 1), &[("reach-9", dead.clone())]);
@@ -544,30 +480,30 @@ stop(_State) ->
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_real_otp_release_rolls_out_with_a_tcp_health_check() {
-    let name = "ereldeploy";
-    let fleet = Fleet::new(3, "otp");
+/// Builds the OTP release `name` 0.1.0 (node `<name>_<host id>`, cookie `cookie`) into
+/// the fleet's `releases/`.
+async fn build_otp_archive(fleet: &Fleet, name: &'static str, cookie: &str) {
     let build_dir = fleet.dir.path().join("build");
     std::fs::create_dir(&build_dir).expect("mkdir");
     let files = vec![(format!("apps/{name}/src/{name}_app.erl"), otp_app(name))];
-    let vm_args = "-sname ereldeploy_${EREL_HOST_ID}\n-setcookie erel_e2e\n";
-    let tarball = tokio::task::spawn_blocking({
-        let dir = build_dir.clone();
-        move || build_release_with(&dir, name, Some(vm_args), &files)
+    let vm_args = format!("-sname {name}_${{EREL_HOST_ID}}\n-setcookie {cookie}\n");
+    let tarball = tokio::task::spawn_blocking(move || {
+        build_release_with(&build_dir, name, Some(&vm_args), &files)
     })
     .await
     .expect("build");
     let archive = fleet.releases().join(format!("{name}-0.1.0.tar.gz"));
     std::fs::copy(&tarball, &archive).expect("copy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_otp_release_rolls_out_with_a_tcp_health_check() {
+    let name = "ereldeploy";
+    let fleet = Fleet::new("otp", &["otp"; 3]);
+    build_otp_archive(&fleet, name, "erel_e2e").await;
 
     let mut text = "revision = 1\n".to_string();
-    for (agent, port) in fleet.agents.iter().zip(&fleet.ports) {
-        text.push_str(&format!(
-            "[[host]]\nid = \"{}\"\naddr = \"{}\"\ngroup = \"otp\"\nenv = {{ HEALTH_PORT = \"{port}\" }}\n",
-            agent.id, agent.addr
-        ));
-    }
+    text.push_str(&fleet.hosts_toml("HEALTH_PORT"));
     text.push_str(&format!(
         "[group.otp]\nrelease = \"{name}\"\nversion = \"0.1.0\"\narchive = \"releases/{name}-0.1.0.tar.gz\"\n\
          argv = [\"bin/{name}\", \"foreground\"]\nmax_in_flight = 1\ncanaries = 1\nstop_grace_secs = 30\n\
@@ -576,7 +512,7 @@ async fn a_real_otp_release_rolls_out_with_a_tcp_health_check() {
     std::fs::write(fleet.path(), text).expect("write cluster");
 
     let (ok, out) = erel_deploy(&fleet, &[]);
-    assert!(ok, "OTP deploy failed:\n{out}\n{}", fleet.logs());
+    assert!(ok, "OTP deploy failed:\n{out}\n{}", fleet.agent_logs());
     assert_eq!(out.matches("switched from nothing").count(), 3, "{out}");
 
     // Each node answers its health port with its own, distinct node name.
@@ -609,7 +545,7 @@ async fn a_real_otp_release_rolls_out_with_a_tcp_health_check() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_converges_repairs_drift_follows_revisions_and_stops_on_sigterm() {
-    let fleet = Fleet::new(2, "daemon");
+    let fleet = Fleet::new("daemon", &["web"; 2]);
     let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
     let v2 = beat_release(&fleet.releases(), RELEASE, "0.2.0");
     fleet.write_cluster(1, "0.1.0", &v1, &group(1, 1));
@@ -624,22 +560,9 @@ async fn the_daemon_converges_repairs_drift_follows_revisions_and_stops_on_sigte
         .spawn()
         .expect("spawn erel master");
     let stderr = child.stderr.take().expect("stderr");
-    let reader = {
-        let log = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = log.lock().expect("lock");
-                log.push_str(&line);
-                log.push('\n');
-            }
-        })
-    };
+    let reader = follow_stderr(stderr, log.clone(), |_| {});
     let beats_are = |version: &'static str| {
-        let expected: Vec<String> = fleet
-            .agents
-            .iter()
-            .map(|a| format!("beat {version} {}", a.id))
-            .collect();
+        let expected = fleet.beats_of(version);
         let fleet = &fleet;
         move || {
             let ok = fleet.beats() == expected;
@@ -680,14 +603,11 @@ async fn the_daemon_converges_repairs_drift_follows_revisions_and_stops_on_sigte
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("SIGTERM");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the daemon ignored SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = poll_until(Duration::from_secs(20), || {
+        std::future::ready(child.try_wait().expect("wait"))
+    })
+    .await
+    .expect("the daemon ignored SIGTERM");
     let _ = reader.join();
     let text = log_text();
     assert!(status.success(), "{status:?}\n{text}");
@@ -761,7 +681,7 @@ fn millis(d: &[Duration]) -> String {
 async fn bench_cold_replacement_and_rolling_deploys() {
     // Cold replacement of one host, beat release (min_up_secs = 0: healthy as soon as it
     // runs and its TCP port answers).
-    let fleet = Fleet::new(1, "bench");
+    let fleet = Fleet::new("bench", &["web"; 1]);
     let gate = "max_in_flight = 1\ncanaries = 1\nhealth = { tcp = \"$BEAT_PORT\", min_up_secs = 0, deadline_secs = 30 }";
     let mut samples = Vec::new();
     for round in 0..6u64 {
@@ -783,28 +703,13 @@ async fn bench_cold_replacement_and_rolling_deploys() {
     // Cold replacement of one host, a real OTP release (the same tarball unpacked as
     // successive versions; healthy when its TCP listener answers).
     let name = "erelbench";
-    let fleet = Fleet::new(1, "benchotp");
-    let build_dir = fleet.dir.path().join("build");
-    std::fs::create_dir(&build_dir).expect("mkdir");
-    let files = vec![(format!("apps/{name}/src/{name}_app.erl"), otp_app(name))];
-    let vm_args = "-sname erelbench_${EREL_HOST_ID}\n-setcookie erel_bench\n";
-    let tarball = tokio::task::spawn_blocking({
-        let dir = build_dir.clone();
-        move || build_release_with(&dir, name, Some(vm_args), &files)
-    })
-    .await
-    .expect("build");
-    let archive = fleet.releases().join(format!("{name}-0.1.0.tar.gz"));
-    std::fs::copy(&tarball, &archive).expect("copy");
+    let fleet = Fleet::new("benchotp", &["otp"; 1]);
+    build_otp_archive(&fleet, name, "erel_bench").await;
     let mut samples = Vec::new();
     for round in 0..4u64 {
         let version = format!("0.1.{round}");
         let mut text = format!("revision = {}\n", round + 1);
-        let agent = &fleet.agents[0];
-        text.push_str(&format!(
-            "[[host]]\nid = \"{}\"\naddr = \"{}\"\ngroup = \"otp\"\nenv = {{ HEALTH_PORT = \"{}\" }}\n",
-            agent.id, agent.addr, fleet.ports[0]
-        ));
+        text.push_str(&fleet.hosts_toml("HEALTH_PORT"));
         text.push_str(&format!(
             "[group.otp]\nrelease = \"{name}\"\nversion = \"{version}\"\narchive = \"releases/{name}-0.1.0.tar.gz\"\n\
              argv = [\"bin/{name}\", \"foreground\"]\nstop_grace_secs = 30\n\
@@ -812,7 +717,7 @@ async fn bench_cold_replacement_and_rolling_deploys() {
         ));
         std::fs::write(fleet.path(), text).expect("write");
         let (report, events, _) = timed_rollout(&fleet).await;
-        assert!(report.converged(), "{report:?}\n{}", fleet.logs());
+        assert!(report.converged(), "{report:?}\n{}", fleet.agent_logs());
         if round > 0 {
             samples.extend(downtimes(&events));
         }
@@ -826,7 +731,7 @@ async fn bench_cold_replacement_and_rolling_deploys() {
     drop(fleet);
 
     // Rolling deploys across 20 agents.
-    let fleet = Fleet::new(20, "fleet");
+    let fleet = Fleet::new("fleet", &["web"; 20]);
     let v0 = beat_release(&fleet.releases(), RELEASE, "2.0.0");
     fleet.write_cluster(1, "2.0.0", &v0, &group(20, 1));
     let (report, _, took) = timed_rollout(&fleet).await;

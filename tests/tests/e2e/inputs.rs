@@ -5,16 +5,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use erel_master::client::{Progress, WriteSource};
+use erel_master::client::WriteSource;
 use erel_master::{AgentClient, Error};
-use erel_proto::{ErrorKind, Start};
+use erel_proto::ErrorKind;
 
+use crate::helper::install::{no_progress, start_request, with_digest, without_digest};
 use crate::helper::release::{sha256, shell_release};
 use crate::helper::{AgentProc, Pki};
-
-fn no_progress() -> impl FnMut(Progress) + Send {
-    |_| {}
-}
 
 /// `a` followed by `n` copies of `é` (two bytes each).
 fn a_and_e(n: usize) -> String {
@@ -34,25 +31,10 @@ fn assert_refused(err: &Error, kind: ErrorKind, needles: &[&str]) {
 }
 
 async fn push(client: &mut AgentClient, file: &Path, dest: &str) -> Result<u64, Error> {
-    let source = WriteSource {
-        path: file.to_path_buf(),
-        sha256: None,
-        sha256_of: None,
-    };
     client
-        .write_file(&source, dest, 0o644, &mut no_progress())
+        .write_file(&without_digest(file), dest, 0o644, &mut no_progress())
         .await
         .map(|written| written.size)
-}
-
-fn start(name: &str, version: &str) -> Start {
-    Start {
-        name: name.into(),
-        version: version.into(),
-        argv: vec![],
-        env: vec![],
-        user: None,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,11 +114,7 @@ async fn paths_over_each_limit_are_refused_in_write_file_and_unpack_and_accepted
     let tarball = shell_release(work.path(), "app", "1", "#!/bin/sh\nsleep 60\n");
     client
         .write_file(
-            &WriteSource {
-                path: tarball.clone(),
-                sha256: Some(sha256(&tarball)),
-                sha256_of: None,
-            },
+            &with_digest(&tarball),
             "archives/app-1.tar.gz",
             0o644,
             &mut no_progress(),
@@ -193,42 +171,48 @@ async fn long_names_argv_and_users_are_refused_in_start_and_stop() {
         .expect("unpack");
 
     // Release name and version: 128 bytes at most.
-    let err = client.start(start(&a_and_e(600), "1")).await.unwrap_err();
+    let err = client
+        .start(start_request(&a_and_e(600), "1", &[]))
+        .await
+        .unwrap_err();
     assert_refused(
         &err,
         ErrorKind::InvalidPath,
         &["release name", "1201 bytes", "128 bytes"],
     );
-    let err = client.start(start("app", &a_and_e(600))).await.unwrap_err();
+    let err = client
+        .start(start_request("app", &a_and_e(600), &[]))
+        .await
+        .unwrap_err();
     assert_refused(
         &err,
         ErrorKind::InvalidPath,
         &["release version", "1201 bytes", "128 bytes"],
     );
     let err = client
-        .start(start(&"a".repeat(129), "1"))
+        .start(start_request(&"a".repeat(129), "1", &[]))
         .await
         .unwrap_err();
     assert_refused(&err, ErrorKind::InvalidPath, &["129 bytes", "128 bytes"]);
     // Multi-byte within the length limit is refused for its characters, not cut.
     let err = client
-        .start(start("app", &"é".repeat(64)))
+        .start(start_request("app", &"é".repeat(64), &[]))
         .await
         .unwrap_err();
     assert_refused(&err, ErrorKind::InvalidPath, &["letters, digits"]);
 
     // The program is a path under the version directory.
-    let mut long_program = start("app", "1");
+    let mut long_program = start_request("app", "1", &[]);
     long_program.argv = vec![format!("bin/{}", a_and_e(600)), "x".into()];
     let err = client.start(long_program).await.unwrap_err();
     assert_refused(&err, ErrorKind::InvalidPath, &["1205 bytes", "1024 bytes"]);
-    let mut long_component = start("app", "1");
+    let mut long_component = start_request("app", "1", &[]);
     long_component.argv = vec![format!("bin/{}", a_and_e(300))];
     let err = client.start(long_component).await.unwrap_err();
     assert_refused(&err, ErrorKind::InvalidPath, &["601 bytes", "255 bytes"]);
 
     // A user name longer than any system allows.
-    let mut long_user = start("app", "1");
+    let mut long_user = start_request("app", "1", &[]);
     long_user.user = Some(a_and_e(600));
     let err = client.start(long_user).await.unwrap_err();
     assert_refused(
@@ -236,13 +220,13 @@ async fn long_names_argv_and_users_are_refused_in_start_and_stop() {
         ErrorKind::SpawnFailed,
         &["user name", "1201 bytes", "255 bytes"],
     );
-    let mut unknown_user = start("app", "1");
+    let mut unknown_user = start_request("app", "1", &[]);
     unknown_user.user = Some("é".repeat(100));
     let err = client.start(unknown_user).await.unwrap_err();
     assert_refused(&err, ErrorKind::SpawnFailed, &["unknown user"]);
 
     // An environment name that cannot be one, quoted short.
-    let mut bad_env = start("app", "1");
+    let mut bad_env = start_request("app", "1", &[]);
     bad_env.env = vec![(format!("{}=", "é".repeat(20_000)), "v".into())];
     let err = client.start(bad_env).await.unwrap_err();
     assert_refused(&err, ErrorKind::BadRequest, &["environment variable"]);

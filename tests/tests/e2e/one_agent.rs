@@ -3,13 +3,13 @@
 //! one starts and adopts the releases without a second copy.
 
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use erel_master::client::{Progress, WriteSource};
-use erel_proto::{ReleaseState, Start};
+use erel_proto::ReleaseState;
 
-use crate::helper::release::{sha256, shell_release};
-use crate::helper::{wait_until, AgentProc, Pki, AGENT_BIN, FAST_SUPERVISION};
+use crate::helper::install::install_and_start;
+use crate::helper::release::shell_release;
+use crate::helper::{exit_within, fast_supervision, wait_until, AgentProc, Pki, AGENT_BIN};
 
 /// How long a refused agent may take to exit (it only parses, loads and tries the lock).
 const REFUSAL_LIMIT: Duration = Duration::from_secs(30);
@@ -24,23 +24,19 @@ fn second_agent(pki: &Pki, agent: &AgentProc) -> Output {
         .arg(&agent.root)
         .arg("--certs")
         .arg(pki.bundle(&agent.id))
-        .args(FAST_SUPERVISION)
+        .args(fast_supervision())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn a second erel-boot");
-    let deadline = Instant::now() + REFUSAL_LIMIT;
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "a second agent on the same root kept running:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if exit_within(&mut child, REFUSAL_LIMIT).is_none() {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("output");
+        panic!(
+            "a second agent on the same root kept running:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     child.wait_with_output().expect("output")
 }
@@ -48,34 +44,7 @@ fn second_agent(pki: &Pki, agent: &AgentProc) -> Output {
 async fn start_sleeper(pki: &Pki, agent: &AgentProc, work: &std::path::Path) {
     let tarball = shell_release(work, "app", "1", "#!/bin/sh\necho up\nexec sleep 1000\n");
     let mut client = pki.connect(agent).await;
-    let source = WriteSource {
-        path: tarball.clone(),
-        sha256: Some(sha256(&tarball)),
-        sha256_of: None,
-    };
-    client
-        .write_file(
-            &source,
-            "archives/app-1.tar.gz",
-            0o644,
-            &mut |_: Progress| {},
-        )
-        .await
-        .expect("push");
-    client
-        .unpack("archives/app-1.tar.gz", "releases/app/1", source.sha256)
-        .await
-        .expect("unpack");
-    client
-        .start(Start {
-            name: "app".into(),
-            version: "1".into(),
-            argv: vec![],
-            env: vec![],
-            user: None,
-        })
-        .await
-        .expect("start");
+    install_and_start(&mut client, &tarball, "app", "1", Vec::new()).await;
 }
 
 async fn app_state(pki: &Pki, agent: &AgentProc) -> Option<(ReleaseState, Option<u32>)> {

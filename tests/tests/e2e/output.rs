@@ -10,12 +10,12 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use erel_master::client::{Progress, WriteSource};
 use erel_master::AgentClient;
-use erel_proto::{ReleaseState, ReleaseStatus, Start, OUTPUT_TAIL_MAX};
+use erel_proto::{ReleaseState, ReleaseStatus, OUTPUT_TAIL_MAX};
 
-use crate::helper::release::{sha256, shell_release};
-use crate::helper::{wait_until, AgentProc, Pki};
+use crate::helper::install::{install_and_start, no_progress, release_status, with_digest};
+use crate::helper::release::shell_release;
+use crate::helper::{poll_until, wait_until, AgentProc, Pki};
 
 /// The cap the agents here run with (the default, said explicitly).
 const CAP: u64 = 4 << 20;
@@ -102,36 +102,7 @@ fn log_bytes(root: &Path, name: &str) -> (u64, u64) {
 /// Pushes, unpacks and starts a shell release `name` 1 running `script`.
 async fn run_release(client: &mut AgentClient, work: &Path, name: &str, script: &str) {
     let tarball = shell_release(work, name, "1", script);
-    let dest = format!("archives/{name}-1.tar.gz");
-    let source = WriteSource {
-        path: tarball.clone(),
-        sha256: Some(sha256(&tarball)),
-        sha256_of: None,
-    };
-    client
-        .write_file(&source, &dest, 0o644, &mut |_: Progress| {})
-        .await
-        .expect("push");
-    client
-        .unpack(&dest, &format!("releases/{name}/1"), source.sha256)
-        .await
-        .expect("unpack");
-    client
-        .start(Start {
-            name: name.into(),
-            version: "1".into(),
-            argv: vec![],
-            env: vec![],
-            user: None,
-        })
-        .await
-        .expect("start");
-}
-
-async fn status(pki: &Pki, agent: &AgentProc, name: &str) -> Option<ReleaseStatus> {
-    let mut client = pki.connect(agent).await;
-    let pong = client.ping().await.ok()?;
-    pong.releases.into_iter().find(|r| r.name == name)
+    install_and_start(client, &tarball, name, "1", Vec::new()).await;
 }
 
 /// Polls (bounded by `limit`) until `name` is crash-looping; its status then.
@@ -141,18 +112,12 @@ async fn crash_looping(
     name: &str,
     limit: Duration,
 ) -> Option<ReleaseStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(found) = status(pki, agent, name).await {
-            if found.state == ReleaseState::CrashLooping {
-                return Some(found);
-            }
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_until(limit, || async move {
+        release_status(pki, agent, name)
+            .await
+            .filter(|found| found.state == ReleaseState::CrashLooping)
+    })
+    .await
 }
 
 /// Bytes a process wrote so far (`wchar` in `/proc/<pid>/io`, see proc(5)).
@@ -258,7 +223,9 @@ async fn yes_for_30_seconds_never_fills_a_small_root() {
         peak_log > CAP / 2,
         "the logs did fill up to the cap: {peak_log}"
     );
-    let flood = status(&pki, &agent, "flood").await.expect("flood status");
+    let flood = release_status(&pki, &agent, "flood")
+        .await
+        .expect("flood status");
     assert_eq!(
         flood.state,
         ReleaseState::Running,
@@ -301,14 +268,14 @@ async fn yes_for_30_seconds_never_fills_a_small_root() {
     // The next push is not refused for lack of space.
     let big = work.path().join("big.bin");
     std::fs::write(&big, vec![7u8; 8 << 20]).expect("write big");
-    let source = WriteSource {
-        path: big.clone(),
-        sha256: Some(sha256(&big)),
-        sha256_of: None,
-    };
     let mut client = pki.connect(&agent).await;
     client
-        .write_file(&source, "archives/big.bin", 0o644, &mut |_: Progress| {})
+        .write_file(
+            &with_digest(&big),
+            "archives/big.bin",
+            0o644,
+            &mut no_progress(),
+        )
         .await
         .expect("an 8 MiB push fits beside two capped logs");
 
@@ -425,7 +392,7 @@ async fn output_keeps_flowing_while_the_agent_is_down_and_the_writer_ends_with_t
         "the release logs\n{}",
         agent.log()
     );
-    let pid = status(&pki, &agent, "ticker")
+    let pid = release_status(&pki, &agent, "ticker")
         .await
         .and_then(|s| s.pid)
         .expect("pid");
@@ -440,7 +407,9 @@ async fn output_keeps_flowing_while_the_agent_is_down_and_the_writer_ends_with_t
         ticks(&log)
     );
     agent.restart();
-    let adopted = status(&pki, &agent, "ticker").await.expect("status");
+    let adopted = release_status(&pki, &agent, "ticker")
+        .await
+        .expect("status");
     assert_eq!(
         (adopted.state, adopted.pid),
         (ReleaseState::Running, Some(pid)),

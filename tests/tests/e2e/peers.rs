@@ -17,6 +17,7 @@ use erel_proto::ErrorKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
+use crate::helper::install::without_digest;
 use crate::helper::release::sha256;
 use crate::helper::{free_port, wait_until, AgentProc, Pki};
 
@@ -352,6 +353,27 @@ fn logged_offsets(log: &str, path: &str) -> Vec<u64> {
         .collect()
 }
 
+/// `erel push` of `file` to `data/big.bin` with its digest given up front, the master's
+/// digest cache under `work/cache`.
+fn erel_push_big(
+    pki: &Pki,
+    agent: &AgentProc,
+    work: &std::path::Path,
+    file: &std::path::Path,
+    digest: &erel_proto::Sha256,
+) -> std::process::Command {
+    let mut command = pki.erel();
+    command
+        .env("XDG_CACHE_HOME", work.join("cache"))
+        .arg("push")
+        .arg(agent.host().to_string())
+        .arg(file)
+        .arg("data/big.bin")
+        .arg("--sha256")
+        .arg(digest.to_hex());
+    command
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_killed_mid_way_is_repeated_at_once_and_resumes() {
     let pki = Pki::new();
@@ -362,18 +384,7 @@ async fn a_push_killed_mid_way_is_repeated_at_once_and_resumes() {
     // The digest given up front, as a cluster file gives it: the file is read once per
     // push, and the agent verifies the whole of it before it becomes visible.
     let digest = sha256(&file);
-    let push = || {
-        let mut command = pki.erel();
-        command
-            .env("XDG_CACHE_HOME", work.path().join("cache"))
-            .arg("push")
-            .arg(agent.host().to_string())
-            .arg(&file)
-            .arg("data/big.bin")
-            .arg("--sha256")
-            .arg(digest.to_hex());
-        command
-    };
+    let push = || erel_push_big(&pki, &agent, work.path(), &file, &digest);
     let mut child = push()
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -427,15 +438,8 @@ async fn two_masters_pushing_the_same_file_at_once_both_succeed() {
     let file = big_file(work.path(), size);
     let digest = sha256(&file);
     let push = || {
-        let mut command = pki.erel();
+        let mut command = erel_push_big(&pki, &agent, work.path(), &file, &digest);
         command
-            .env("XDG_CACHE_HOME", work.path().join("cache"))
-            .arg("push")
-            .arg(agent.host().to_string())
-            .arg(&file)
-            .arg("data/big.bin")
-            .arg("--sha256")
-            .arg(digest.to_hex())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         command
@@ -526,11 +530,7 @@ async fn a_stalled_or_dropped_transfer_is_taken_over_at_once() {
     // goes through at once too.
     let other = work.path().join("other.bin");
     std::fs::write(&other, vec![5u8; 32 << 20]).expect("write");
-    let other_source = WriteSource {
-        path: other.clone(),
-        sha256: None,
-        sha256_of: None,
-    };
+    let other_source = without_digest(&other);
     let mut dropped = pki.connect(&agent).await;
     let sent = Arc::new(AtomicU64::new(0));
     let counter = sent.clone();
@@ -593,16 +593,7 @@ async fn a_normal_connection_end_leaves_no_error_in_the_agent_log() {
     client.close().await;
     let mut client = next_master().await;
     client
-        .write_file(
-            &WriteSource {
-                path: file.clone(),
-                sha256: None,
-                sha256_of: None,
-            },
-            "data/small.bin",
-            0o644,
-            &mut |_| {},
-        )
+        .write_file(&without_digest(&file), "data/small.bin", 0o644, &mut |_| {})
         .await
         .expect("push");
     drop(client);

@@ -7,12 +7,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use erel_certs::layout;
 use erel_certs::testing::openssl::{concat, KeyKind, Leaf, Pki};
 
-use crate::helper::{AgentProc, AGENT_BIN, MASTER_BIN};
+use crate::helper::{exit_within, AgentProc, AGENT_BIN, MASTER_BIN};
 
 /// How long an agent may take to refuse a bundle and exit: the same bound the
 /// helper gives an agent to start.
@@ -191,16 +191,9 @@ fn an_agent_refuses_to_start_on_a_crl_from_a_foreign_ca() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn erel-boot");
-    let deadline = Instant::now() + AGENT_START_LIMIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!("the agent did not refuse its bundle within {AGENT_START_LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let Some(status) = exit_within(&mut child, AGENT_START_LIMIT) else {
+        let _ = child.kill();
+        panic!("the agent did not refuse its bundle within {AGENT_START_LIMIT:?}");
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)

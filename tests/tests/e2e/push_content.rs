@@ -12,6 +12,7 @@ use erel_master::client::{Progress, WriteSource, TRANSFER_STALL_TIMEOUT};
 use erel_master::Error;
 use erel_proto::ErrorKind;
 
+use crate::helper::install::without_digest;
 use crate::helper::release::sha256;
 use crate::helper::{AgentProc, Pki};
 
@@ -65,19 +66,34 @@ fn stat(path: &Path) -> Stat {
     }
 }
 
-#[test]
-fn a_rebuild_with_the_same_size_inode_and_mtime_is_sent_again() {
+/// Where the pushes of the CLI tests go.
+const DEST: &str = "archives/app.tar";
+
+/// An agent, and a file `app.tar` of `len` bytes of `content(1, len)` with the mtime of a
+/// reproducible build, pushed once with `erel push` and a digest cache of its own:
+/// (PKI, agent, work directory, cache directory, the file).
+type PushedOnce = (Pki, AgentProc, tempfile::TempDir, PathBuf, PathBuf);
+
+fn pushed_once(len: usize) -> PushedOnce {
     let pki = Pki::new();
     let agent = AgentProc::start(&pki, "web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let cache = work.path().join("cache");
     let file = work.path().join("app.tar");
-    let file_arg = file.to_str().expect("utf-8 path");
-    let dest = "archives/app.tar";
-    std::fs::write(&file, content(1, 300_000)).expect("write");
-    run("touch", &["-d", "@1700000000", file_arg]);
-    let text = cli_push(&pki, &agent, &cache, &file, dest);
+    std::fs::write(&file, content(1, len)).expect("write");
+    run(
+        "touch",
+        &["-d", "@1700000000", file.to_str().expect("utf-8 path")],
+    );
+    let text = cli_push(&pki, &agent, &cache, &file, DEST);
     assert!(text.contains("(sent "), "{text}");
+    (pki, agent, work, cache, file)
+}
+
+#[test]
+fn a_rebuild_with_the_same_size_inode_and_mtime_is_sent_again() {
+    let (pki, agent, work, cache, file) = pushed_once(300_000);
+    let (file_arg, dest) = (file.to_str().expect("utf-8 path"), DEST);
     let before = stat(&file);
 
     // Rebuilt: same size, copied over the same file, the same mtime set back.
@@ -110,16 +126,8 @@ fn a_rebuild_with_the_same_size_inode_and_mtime_is_sent_again() {
 
 #[test]
 fn a_replaced_file_and_a_file_rewritten_in_place_are_sent_again() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
-    let work = tempfile::tempdir().expect("tempdir");
-    let cache = work.path().join("cache");
-    let file = work.path().join("app.tar");
-    let file_arg = file.to_str().expect("utf-8 path");
-    let dest = "archives/app.tar";
-    std::fs::write(&file, content(1, 100_000)).expect("write");
-    run("touch", &["-d", "@1700000000", file_arg]);
-    assert!(cli_push(&pki, &agent, &cache, &file, dest).contains("(sent "));
+    let (pki, agent, work, cache, file) = pushed_once(100_000);
+    let (file_arg, dest) = (file.to_str().expect("utf-8 path"), DEST);
 
     // Replaced by rename (a new inode), same size and mtime.
     let next = work.path().join("app.tar.tmp");
@@ -224,11 +232,7 @@ async fn a_file_changed_while_it_is_sent_fails_naming_it_and_nothing_is_committe
         // Pushed again as it is now, on a new connection: the host gets exactly it. The
         // agent may still hold the abandoned transfer until it sees the connection
         // closed (at worst its transfer stall timeout): retry while it says busy.
-        let source = WriteSource {
-            path: file.clone(),
-            sha256: None,
-            sha256_of: None,
-        };
+        let source = without_digest(&file);
         let deadline = Instant::now() + TRANSFER_STALL_TIMEOUT * 2;
         let written = loop {
             let mut client = pki.connect(&agent).await;
@@ -273,11 +277,7 @@ async fn a_file_replaced_after_its_digest_was_looked_up_is_sent_as_it_is_now() {
         // Pushed once: the agent holds the old content, the cache knows its digest.
         let stamp = erel_master::digest_cache::FileStamp::take(&file).expect("stamp");
         let mut client = pki.connect(&agent).await;
-        let first = WriteSource {
-            path: file.clone(),
-            sha256: None,
-            sha256_of: None,
-        };
+        let first = without_digest(&file);
         let written = client
             .write_file(&first, &dest, 0o644, &mut |_| {})
             .await

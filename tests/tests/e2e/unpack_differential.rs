@@ -28,12 +28,12 @@ use std::process::Command;
 
 use erel_boot::root::Root;
 use erel_boot::settings::Limits;
-use erel_master::client::{Progress, WriteSource};
+use erel_master::client::Progress;
 use erel_proto::{ErrorKind, Unpack};
 use sha2::{Digest, Sha256};
 
+use crate::helper::install::{with_digest, without_digest};
 use crate::helper::otp::build_release;
-use crate::helper::release::sha256;
 use crate::helper::{AgentProc, Pki};
 
 /// One thing found in an unpacked tree.
@@ -905,11 +905,7 @@ async fn a_pax_sparse_file_unpacks_to_its_real_name_and_bytes() {
     let pki = Pki::new();
     let agent = AgentProc::start(&pki, "sparse-1", &[]);
     let mut client = pki.connect(&agent).await;
-    let source = WriteSource {
-        path: tarball.clone(),
-        sha256: Some(sha256(&tarball)),
-        sha256_of: None,
-    };
+    let source = with_digest(&tarball);
     let mut no_progress = |_: Progress| {};
     client
         .write_file(&source, "archives/sparse.tar.gz", 0o644, &mut no_progress)
@@ -976,11 +972,7 @@ async fn a_sparse_file_counts_its_expanded_size_against_the_limit() {
         );
         assert!(fs::metadata(&tarball).expect("meta").len() < 64 << 10);
         let dest = format!("archives/{format}.tar.gz");
-        let source = WriteSource {
-            path: tarball.clone(),
-            sha256: None,
-            sha256_of: None,
-        };
+        let source = without_digest(&tarball);
         let mut no_progress = |_: Progress| {};
         client
             .write_file(&source, &dest, 0o644, &mut no_progress)

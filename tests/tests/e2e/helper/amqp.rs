@@ -2,15 +2,15 @@
 //! everything deleted at the end, a lock that keeps the broker-restart test away from
 //! the others, real `erel master --amqp` processes, and the beat release's answer.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use erel_master::amqp::Broker;
 
-use super::{free_port, terminate_child, AgentProc, Pki};
+use super::fleet::Fleet;
+use super::{follow_stderr, kill9_child, terminate_child, Pki};
 
 /// The broker the tests use: `$EREL_TEST_AMQP`, else the local RabbitMQ.
 pub fn amqp_url() -> String {
@@ -163,14 +163,7 @@ impl MasterProc {
         let mut child = command.spawn().expect("spawn erel master");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = sink.lock().expect("log lock");
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
+        follow_stderr(stderr, log.clone(), |_| {});
         MasterProc {
             name: name.to_string(),
             state_dir: state_dir.to_path_buf(),
@@ -206,10 +199,7 @@ impl MasterProc {
 
     /// SIGKILL, the real process.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill9_child(&mut self.child);
     }
 
     /// SIGTERM and wait; true when it exited with status 0.
@@ -227,64 +217,22 @@ impl Drop for MasterProc {
     }
 }
 
-/// What the beat release on `port` answers (`beat <version> <host>`), or "".
-pub fn beat(port: u16) -> String {
-    use std::io::Read;
-    let mut text = String::new();
-    if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = stream.read_to_string(&mut text);
-    }
-    text.trim().to_string()
-}
-
-/// Agents with a beat port each, and an artifact directory holding the releases; the
-/// cluster files are written there too, so `publish` finds archives beside them exactly
-/// as masters find them in the artifact directory.
-pub struct Fleet {
-    pub pki: Pki,
-    pub agents: Vec<AgentProc>,
-    pub ports: Vec<u16>,
-    /// Group of each agent.
-    pub groups: Vec<String>,
-    pub artifacts: tempfile::TempDir,
-    pub states: tempfile::TempDir,
-}
-
 impl Fleet {
-    /// One agent per entry of `groups`, named `<prefix>-<i>`.
-    pub fn new(prefix: &str, groups: &[&str]) -> Self {
-        let pki = Pki::new();
-        let agents = groups
-            .iter()
-            .enumerate()
-            .map(|(i, _)| AgentProc::start(&pki, &format!("{prefix}-{}", i + 1), &[]))
-            .collect();
-        let ports = groups.iter().map(|_| free_port()).collect();
-        let artifacts = tempfile::tempdir().expect("tempdir");
+    /// [`Fleet::new`] with the beat release 1.0.0, 2.0.0 and 3.0.0 in its directory, as
+    /// masters find archives in their artifact directory.
+    pub fn with_beat_releases(prefix: &str, groups: &[&str]) -> Self {
+        let fleet = Fleet::new(prefix, groups);
         for version in ["1.0.0", "2.0.0", "3.0.0"] {
-            super::release::beat_release(artifacts.path(), "beat", version);
+            super::release::beat_release(fleet.dir.path(), "beat", version);
         }
-        Fleet {
-            pki,
-            agents,
-            ports,
-            groups: groups.iter().map(|g| g.to_string()).collect(),
-            artifacts,
-            states: tempfile::tempdir().expect("tempdir"),
-        }
+        fleet
     }
 
     /// A cluster file: every agent in its group, each group running `version`, with
     /// `extra` lines in every group section.
     pub fn config(&self, revision: u64, version: &str, extra: &str) -> String {
         let mut text = format!("revision = {revision}\n");
-        for ((agent, port), group) in self.agents.iter().zip(&self.ports).zip(&self.groups) {
-            text.push_str(&format!(
-                "[[host]]\nid = \"{}\"\naddr = \"{}\"\ngroup = \"{group}\"\nenv = {{ BEAT_PORT = \"{port}\" }}\n",
-                agent.id, agent.addr
-            ));
-        }
+        text.push_str(&self.hosts_toml("BEAT_PORT"));
         let mut seen = Vec::new();
         for group in &self.groups {
             if seen.contains(group) {
@@ -302,14 +250,9 @@ impl Fleet {
 
     /// Writes a config into the artifact directory; returns its path.
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.artifacts.path().join(name);
+        let path = self.dir.path().join(name);
         std::fs::write(&path, text).expect("write the cluster file");
         path
-    }
-
-    /// A fresh state directory for a master.
-    pub fn state_dir(&self, name: &str) -> PathBuf {
-        self.states.path().join(name)
     }
 
     /// Starts a master on this fleet.
@@ -319,7 +262,7 @@ impl Fleet {
             broker,
             name,
             &self.state_dir(name),
-            self.artifacts.path(),
+            self.dir.path(),
         )
     }
 
@@ -334,26 +277,6 @@ impl Fleet {
             &[path.to_str().expect("utf-8")],
         );
         (out.status.success(), output_text(&out))
-    }
-
-    /// What each agent's release answers.
-    pub fn beats(&self) -> Vec<String> {
-        self.ports.iter().map(|p| beat(*p)).collect()
-    }
-
-    /// True when every agent answers `beat <version> <id>`.
-    pub fn all_run(&self, version: &str) -> bool {
-        self.agents
-            .iter()
-            .zip(&self.ports)
-            .all(|(a, p)| beat(*p) == format!("beat {version} {}", a.id))
-    }
-
-    pub fn agent_logs(&self) -> String {
-        self.agents
-            .iter()
-            .map(|a| format!("--- agent {}\n{}", a.id, a.log()))
-            .collect()
     }
 }
 
@@ -381,20 +304,6 @@ pub fn logs(masters: &[&MasterProc]) -> String {
         .iter()
         .map(|m| format!("--- master {}\n{}", m.name, m.log()))
         .collect()
-}
-
-/// Polls `condition` every 50 ms until it holds or `limit` passes (blocking).
-pub fn wait_for(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// `Command` for `erel watch`, stdout piped.

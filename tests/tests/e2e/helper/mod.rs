@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod amqp;
+pub mod fleet;
+pub mod install;
 pub mod otp;
 pub mod release;
 
@@ -77,17 +79,35 @@ impl Pki {
 /// when the machine is slow or busy, and it is generous for that reason.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
-/// Supervision settings that keep the tests fast.
-pub const FAST_SUPERVISION: &[&str] = &[
-    "--restart-backoff-ms",
-    "100",
-    "--restart-backoff-max-ms",
-    "400",
-    "--stable-after-ms",
-    "1500",
-    "--crash-loop-after",
-    "3",
-];
+/// The first restart delay of the test agents (`--restart-backoff-ms`).
+pub const RESTART_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest restart delay of the test agents (`--restart-backoff-max-ms`): a release
+/// the agent means to start again is started within this of its exit.
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_millis(400);
+/// How long a release must run before its crashes are forgotten (`--stable-after-ms`).
+pub const STABLE_AFTER: Duration = Duration::from_millis(1500);
+/// Quick exits in a row after which a release is crash-looping (`--crash-loop-after`).
+pub const CRASH_LOOP_AFTER: u32 = 3;
+
+/// How long a test watches to show that the agent does *not* start a release again (no
+/// restart once crash-looping, no second copy after adoption): any start the supervisor
+/// would make comes within one [`RESTART_BACKOFF_MAX`], so four of them are a margin for
+/// a busy machine, not a guess.
+pub const NO_RESTART_WITHIN: Duration = RESTART_BACKOFF_MAX.saturating_mul(4);
+
+/// Supervision settings that keep the tests fast: the flags of the durations above.
+pub fn fast_supervision() -> Vec<String> {
+    vec![
+        "--restart-backoff-ms".into(),
+        RESTART_BACKOFF.as_millis().to_string(),
+        "--restart-backoff-max-ms".into(),
+        RESTART_BACKOFF_MAX.as_millis().to_string(),
+        "--stable-after-ms".into(),
+        STABLE_AFTER.as_millis().to_string(),
+        "--crash-loop-after".into(),
+        CRASH_LOOP_AFTER.to_string(),
+    ]
+}
 
 /// A real `erel-boot` process on loopback with its own temporary root.
 pub struct AgentProc {
@@ -137,12 +157,12 @@ impl AgentProc {
             root,
             bundle: pki.bundle(id),
             // A flag in `extra` replaces the same fast setting.
-            extra: FAST_SUPERVISION
+            extra: fast_supervision()
                 .chunks(2)
-                .filter(|pair| !extra.contains(&pair[0]))
+                .filter(|pair| !extra.contains(&pair[0].as_str()))
                 .flatten()
-                .chain(extra.iter())
-                .map(|s| s.to_string())
+                .cloned()
+                .chain(extra.iter().map(|s| s.to_string()))
                 .collect(),
             child: None,
             log: Arc::new(Mutex::new(String::new())),
@@ -165,7 +185,7 @@ impl AgentProc {
             root_dir,
             root,
             bundle,
-            extra: FAST_SUPERVISION.iter().map(|s| s.to_string()).collect(),
+            extra: fast_supervision(),
             child: None,
             log: Arc::new(Mutex::new(String::new())),
         };
@@ -189,26 +209,21 @@ impl AgentProc {
             .spawn()
             .expect("spawn erel-boot");
         let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel::<Option<SocketAddr>>();
-        let log = self.log.clone();
-        std::thread::spawn(move || {
-            let mut announced = false;
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !announced {
-                    if let Some(addr) = listen_addr(&line) {
-                        let _ = tx.send(Some(addr));
-                        announced = true;
-                    }
+        let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
+        let mut announced = false;
+        // The sender goes with the reader when the agent's stderr ends, so an agent that
+        // exits before it listens is seen at once.
+        follow_stderr(stderr, self.log.clone(), move |line| {
+            if !announced {
+                if let Some(addr) = listen_addr(line) {
+                    let _ = tx.send(addr);
+                    announced = true;
                 }
-                let mut log = log.lock().expect("log lock");
-                log.push_str(&line);
-                log.push('\n');
             }
-            let _ = tx.send(None);
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Some(addr)) => self.addr = addr,
-            _ => {
+            Ok(addr) => self.addr = addr,
+            Err(_) => {
                 let _ = child.kill();
                 panic!("agent {} did not start:\n{}", self.id, self.log());
             }
@@ -236,10 +251,7 @@ impl AgentProc {
 
     /// `kill -9` the agent (its releases keep running).
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill9_child(&mut self.child);
     }
 
     /// SIGTERM the agent and wait for it to exit; returns its exit status success.
@@ -325,21 +337,42 @@ impl Drop for AgentProc {
     }
 }
 
+/// Copies each line of a child's `stderr` into `log` on a thread of its own, showing it
+/// to `on_line` first; the thread, and `on_line` with it, ends with the stream.
+pub fn follow_stderr(
+    stderr: impl std::io::Read + Send + 'static,
+    log: Arc<Mutex<String>>,
+    mut on_line: impl FnMut(&str) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            on_line(&line);
+            let mut log = log.lock().expect("log lock");
+            log.push_str(&line);
+            log.push('\n');
+        }
+    })
+}
+
+/// `kill -9` the child in `child`, if any, and reap it.
+pub fn kill9_child(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// SIGTERM `child` and wait up to `limit` for it to exit; true when it exited with status
 /// 0. A child still running after `limit` is killed and counts as a failure.
 pub fn terminate_child(mut child: Child, limit: Duration) -> bool {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + limit;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return status.success(),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return false;
-            }
+    match exit_within(&mut child, limit) {
+        Some(status) => status.success(),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            false
         }
     }
 }
@@ -430,22 +463,65 @@ pub fn free_port() -> u16 {
     panic!("no free port left in {TEST_PORTS:?}");
 }
 
-/// Polls `condition` every 50 ms until it holds or `limit` passes.
+/// How often a bounded wait looks again.
+const POLL_EVERY: Duration = Duration::from_millis(50);
+
+/// Polls `probe` every [`POLL_EVERY`] until it gives a value or `limit` passes; the value,
+/// or `None` when time ran out. The one bounded wait of these tests: [`wait_until`] and the
+/// blocking forms are this with a yes/no answer or without a runtime.
+pub async fn poll_until<T, F, Fut>(limit: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe().await {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// Polls `condition` until it holds or `limit` passes; whether it held.
 pub async fn wait_until<F, Fut>(limit: Duration, mut condition: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    poll_until(limit, || {
+        let holds = condition();
+        async move { holds.await.then_some(()) }
+    })
+    .await
+    .is_some()
+}
+
+/// [`poll_until`] for code without a runtime: blocks the thread between polls.
+pub fn poll_until_blocking<T>(limit: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;
     loop {
-        if condition().await {
-            return true;
+        if let Some(value) = probe() {
+            return Some(value);
         }
         if Instant::now() >= deadline {
-            return false;
+            return None;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::thread::sleep(POLL_EVERY);
     }
+}
+
+/// [`wait_until`] for code without a runtime: blocks the thread between polls.
+pub fn wait_until_blocking(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    poll_until_blocking(limit, || condition().then_some(())).is_some()
+}
+
+/// `child`'s exit status once it exits within `limit`; `None` while it still runs.
+pub fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    poll_until_blocking(limit, || child.try_wait().expect("try_wait"))
 }
 
 /// Lists every path under `dir`, relative, sorted, skipping `skip` (a top-level name).
