@@ -116,11 +116,5 @@ pub fn validate_host_id(id: &str) -> Result<()> {
     } else {
         None
     };
-    match reason {
-        Some(reason) => Err(Error::InvalidName {
-            name: id.to_string(),
-            reason,
-        }),
-        None => Ok(()),
-    }
+    Error::name_check(id, reason)
 }

@@ -49,10 +49,7 @@ pub(crate) struct Ca {
 
 impl fmt::Debug for Ca {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Ca")
-            .field("issuer", &self.issuer)
-            .field("key", &"[secret key elided]")
-            .finish()
+        debug_without_key(f, "Ca", ("issuer", &self.issuer), "key")
     }
 }
 
@@ -274,11 +271,21 @@ pub(crate) struct Issued {
 
 impl fmt::Debug for Issued {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Issued")
-            .field("cert_pem", &self.cert_pem)
-            .field("key_pem", &"[secret key elided]")
-            .finish()
+        debug_without_key(f, "Issued", ("cert_pem", &self.cert_pem), "key_pem")
     }
+}
+
+/// `Debug` for a holder of a private key: its public part shown, the key elided.
+fn debug_without_key(
+    f: &mut fmt::Formatter<'_>,
+    name: &str,
+    (field, value): (&str, &dyn fmt::Debug),
+    key_field: &str,
+) -> fmt::Result {
+    f.debug_struct(name)
+        .field(field, value)
+        .field(key_field, &"[secret key elided]")
+        .finish()
 }
 
 /// The serial number of the certificate in the PEM file at `path`.

@@ -107,18 +107,7 @@ impl MasterDir {
             PUBLIC_MODE,
             Existing::Refuse,
         )?;
-        files::write_atomic(
-            &self.master_key(),
-            master.key_pem.as_bytes(),
-            KEY_MODE,
-            Existing::Replace,
-        )?;
-        files::write_atomic(
-            &self.master_pem(),
-            master.cert_pem.as_bytes(),
-            PUBLIC_MODE,
-            Existing::Replace,
-        )?;
+        self.write_master(&master)?;
         files::write_atomic(
             &self.crl_pem(),
             crl.as_bytes(),
@@ -137,6 +126,14 @@ impl MasterDir {
             MASTER_COMMON_NAME,
             ExtendedKeyUsagePurpose::ClientAuth,
         ))?;
+        self.write_master(&master)?;
+        info!(dir = %self.path.display(), "issued a new master certificate");
+        Ok(())
+    }
+
+    /// Writes the master's certificate and key, replacing any old ones: the key
+    /// first, so that a new certificate is never paired with an old key.
+    fn write_master(&self, master: &crate::pki::Issued) -> Result<()> {
         files::write_atomic(
             &self.master_key(),
             master.key_pem.as_bytes(),
@@ -148,9 +145,7 @@ impl MasterDir {
             master.cert_pem.as_bytes(),
             PUBLIC_MODE,
             Existing::Replace,
-        )?;
-        info!(dir = %self.path.display(), "issued a new master certificate");
-        Ok(())
+        )
     }
 
     /// Writes the bundle for host `id` under `hosts/<id>/`: `ca.pem`, `host.pem`,
@@ -336,13 +331,7 @@ fn validate_cluster_name(name: &str) -> Result<()> {
     } else {
         None
     };
-    match reason {
-        Some(reason) => Err(Error::InvalidName {
-            name: name.to_string(),
-            reason,
-        }),
-        None => Ok(()),
-    }
+    Error::name_check(name, reason)
 }
 
 /// Writes a complete bundle into the new directory `dir`.

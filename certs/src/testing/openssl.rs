@@ -187,58 +187,30 @@ impl Pki {
 
     /// A fresh CRL of `ca` (`openssl ca -gencrl`), PEM, valid 30 days.
     pub fn crl(&self, ca: &Authority) -> Result<String> {
-        let out = self.dir.join(format!("{}.crl.pem", stem_of(&ca.cert)));
-        openssl(&[
-            "ca",
-            "-config",
-            path(&ca.config)?,
-            "-gencrl",
-            "-crldays",
-            "30",
-            "-out",
-            path(&out)?,
-        ])?;
-        crate::files::read_to_string(&out)
+        self.gencrl(ca, &ca.config, "", &["-crldays", "30"])
     }
 
     /// A fresh CRL of `ca` as [`Pki::crl`] makes it, but signed with the openssl
     /// digest `md` (`sha1`, `sha512`).
     pub fn crl_signed_with(&self, ca: &Authority, md: &str) -> Result<String> {
-        let out = self.dir.join(format!("{}-{md}.crl.pem", stem_of(&ca.cert)));
-        openssl(&[
-            "ca",
-            "-config",
-            path(&ca.config)?,
-            "-gencrl",
-            "-crldays",
-            "30",
-            "-md",
-            md,
-            "-out",
-            path(&out)?,
-        ])?;
-        crate::files::read_to_string(&out)
+        self.gencrl(
+            ca,
+            &ca.config,
+            &format!("-{md}"),
+            &["-crldays", "30", "-md", md],
+        )
     }
 
     /// A CRL of `ca` as [`Pki::crl`] makes it, but issued on 1 January 2020 with a
     /// nextUpdate a month later: long past.
     pub fn expired_crl(&self, ca: &Authority) -> Result<String> {
-        let out = self
-            .dir
-            .join(format!("{}-expired.crl.pem", stem_of(&ca.cert)));
-        openssl(&[
-            "ca",
-            "-config",
-            path(&ca.config)?,
-            "-gencrl",
+        let dates = [
             "-crl_lastupdate",
             "20200101000000Z",
             "-crl_nextupdate",
             "20200201000000Z",
-            "-out",
-            path(&out)?,
-        ])?;
-        crate::files::read_to_string(&out)
+        ];
+        self.gencrl(ca, &ca.config, "-expired", &dates)
     }
 
     /// A CRL of `ca` that says it is indirect (an issuingDistributionPoint with
@@ -249,17 +221,25 @@ impl Pki {
         // The CRL extensions' section is the last one of the file.
         text.push_str("issuingDistributionPoint = critical, @idp\n[ idp ]\nindirectCRL = TRUE\n");
         write(&config, &text)?;
+        self.gencrl(ca, &config, "-indirect", &[])
+    }
+
+    /// `openssl ca -gencrl` for `ca` with its configuration `config` and the
+    /// options `extra`, into `<ca's stem><suffix>.crl.pem`; returns the PEM.
+    fn gencrl(
+        &self,
+        ca: &Authority,
+        config: &Path,
+        suffix: &str,
+        extra: &[&str],
+    ) -> Result<String> {
         let out = self
             .dir
-            .join(format!("{}-indirect.crl.pem", stem_of(&ca.cert)));
-        openssl(&[
-            "ca",
-            "-config",
-            path(&config)?,
-            "-gencrl",
-            "-out",
-            path(&out)?,
-        ])?;
+            .join(format!("{}{suffix}.crl.pem", stem_of(&ca.cert)));
+        let mut args = vec!["ca", "-config", path(config)?, "-gencrl"];
+        args.extend_from_slice(extra);
+        args.extend(["-out", path(&out)?]);
+        openssl(&args)?;
         crate::files::read_to_string(&out)
     }
 
