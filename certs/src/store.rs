@@ -17,7 +17,8 @@ use crate::layout::{
     MASTER_NAME, MASTER_PEM,
 };
 use crate::pki::{Ca, LeafSpec};
-use crate::{tls, validate_host_id};
+use crate::tls::{self, SentChain};
+use crate::validate_host_id;
 
 /// The longest cluster name accepted, so the CA's common name fits in 64 characters.
 const MAX_CLUSTER_NAME: usize = 48;
@@ -281,12 +282,8 @@ impl MasterDir {
         if !crl.is_file() {
             return Err(Error::Missing { path: crl });
         }
-        tls::checked_client_config(
-            &self.ca_pem(),
-            &self.master_pem(),
-            &self.master_key(),
-            Some(&crl),
-        )
+        let files = [&self.ca_pem(), &self.master_pem(), &self.master_key()];
+        tls::client_config(files.map(PathBuf::as_path), Some(&crl), SentChain::Checked)
     }
 
     fn load_ca(&self) -> Result<Ca> {
@@ -337,25 +334,16 @@ fn validate_cluster_name(name: &str) -> Result<()> {
 /// Writes a complete bundle into the new directory `dir`.
 fn write_bundle(dir: &Path, ca: &Ca, host: &crate::pki::Issued, crl: &[u8]) -> Result<()> {
     files::create_dir_private(dir)?;
-    files::write_atomic(
-        &dir.join(CA_PEM),
-        ca.cert_pem.as_bytes(),
-        PUBLIC_MODE,
-        Existing::Refuse,
-    )?;
-    files::write_atomic(
-        &dir.join(HOST_KEY),
-        host.key_pem.as_bytes(),
-        KEY_MODE,
-        Existing::Refuse,
-    )?;
-    files::write_atomic(
-        &dir.join(HOST_PEM),
-        host.cert_pem.as_bytes(),
-        PUBLIC_MODE,
-        Existing::Refuse,
-    )?;
-    files::write_atomic(&dir.join(CRL_PEM), crl, PUBLIC_MODE, Existing::Refuse)
+    let contents = [
+        (CA_PEM, ca.cert_pem.as_bytes(), PUBLIC_MODE),
+        (HOST_KEY, host.key_pem.as_bytes(), KEY_MODE),
+        (HOST_PEM, host.cert_pem.as_bytes(), PUBLIC_MODE),
+        (CRL_PEM, crl, PUBLIC_MODE),
+    ];
+    for (name, bytes, mode) in contents {
+        files::write_atomic(&dir.join(name), bytes, mode, Existing::Refuse)?;
+    }
+    Ok(())
 }
 
 /// Moves the finished bundle `staging` to `dest`, replacing any old bundle.

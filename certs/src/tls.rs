@@ -94,32 +94,32 @@ pub fn client_config_from(
     key_pem: &Path,
     crl_pem: Option<&Path>,
 ) -> Result<Arc<ClientConfig>> {
-    let anchors = load_certs(ca_pem)?;
-    let chain = load_certs(cert_pem)?;
-    client_config(ca_pem, &anchors, chain, cert_pem, key_pem, crl_pem)
+    client_config([ca_pem, cert_pem, key_pem], crl_pem, SentChain::AsItIs)
 }
 
-/// [`client_config_from`], after checking that `cert_pem` chains to `ca_pem` and
-/// sending the chain found (see `chain`).
-pub(crate) fn checked_client_config(
-    ca_pem: &Path,
-    cert_pem: &Path,
-    key_pem: &Path,
-    crl_pem: Option<&Path>,
-) -> Result<Arc<ClientConfig>> {
-    let anchors = load_certs(ca_pem)?;
-    let chain = chain::own_chain(cert_pem, &load_certs(cert_pem)?, ca_pem, &anchors)?;
-    client_config(ca_pem, &anchors, chain, cert_pem, key_pem, crl_pem)
+/// What a client configuration sends of `cert_pem`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SentChain {
+    /// The file as it is, unchecked (see [`client_config_from`]).
+    AsItIs,
+    /// The chain found from its first certificate to `ca.pem`, which must exist
+    /// (see `chain`).
+    Checked,
 }
 
-fn client_config(
-    ca_pem: &Path,
-    anchors: &[CertificateDer<'static>],
-    chain: Vec<CertificateDer<'static>>,
-    cert_pem: &Path,
-    key_pem: &Path,
+/// [`client_config_from`] from `[ca_pem, cert_pem, key_pem]`, sending `sent` of
+/// `cert_pem`.
+pub(crate) fn client_config(
+    [ca_pem, cert_pem, key_pem]: [&Path; 3],
     crl_pem: Option<&Path>,
+    sent: SentChain,
 ) -> Result<Arc<ClientConfig>> {
+    let anchors = load_certs(ca_pem)?;
+    let mut chain = load_certs(cert_pem)?;
+    if sent == SentChain::Checked {
+        chain = chain::own_chain(cert_pem, &chain, ca_pem, &anchors)?;
+    }
+    let anchors = anchors.as_slice();
     let provider = provider();
     let roots = Arc::new(load_roots(ca_pem, anchors)?);
     let crls = load_crls(anchors, &chain, crl_pem)?;

@@ -33,33 +33,22 @@ pub enum KeyKind {
 }
 
 impl KeyKind {
-    fn openssl_args(self) -> &'static [&'static str] {
+    fn openssl_args(self) -> Vec<&'static str> {
+        let genpkey = |algorithm, options: &[&'static str]| {
+            let mut args = vec!["genpkey", "-algorithm", algorithm];
+            for option in options {
+                args.extend(["-pkeyopt", option]);
+            }
+            args
+        };
         match self {
-            KeyKind::RsaPkcs1 => &["genrsa", "-traditional", "2048"],
-            KeyKind::RsaPkcs8 => &[
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-            ],
-            KeyKind::EcP256Sec1 => &["ecparam", "-name", "prime256v1", "-genkey"],
-            KeyKind::EcP256Pkcs8 => &[
-                "genpkey",
-                "-algorithm",
-                "EC",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ],
-            KeyKind::EcP384Sec1 => &["ecparam", "-name", "secp384r1", "-genkey"],
-            KeyKind::Ed25519 => &["genpkey", "-algorithm", "ed25519"],
-            KeyKind::EcP521Pkcs8 => &[
-                "genpkey",
-                "-algorithm",
-                "EC",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-521",
-            ],
+            KeyKind::RsaPkcs1 => vec!["genrsa", "-traditional", "2048"],
+            KeyKind::RsaPkcs8 => genpkey("RSA", &["rsa_keygen_bits:2048"]),
+            KeyKind::EcP256Sec1 => vec!["ecparam", "-name", "prime256v1", "-genkey"],
+            KeyKind::EcP256Pkcs8 => genpkey("EC", &["ec_paramgen_curve:P-256"]),
+            KeyKind::EcP384Sec1 => vec!["ecparam", "-name", "secp384r1", "-genkey"],
+            KeyKind::Ed25519 => genpkey("ed25519", &[]),
+            KeyKind::EcP521Pkcs8 => genpkey("EC", &["ec_paramgen_curve:P-521"]),
         }
     }
 
@@ -423,7 +412,7 @@ fn sign(
 }
 
 fn generate_key(out: &Path, kind: KeyKind) -> Result<()> {
-    let mut args: Vec<&str> = kind.openssl_args().to_vec();
+    let mut args = kind.openssl_args();
     if kind == KeyKind::RsaPkcs1 {
         // genrsa takes the size last.
         let bits = args.pop().unwrap_or("2048");
