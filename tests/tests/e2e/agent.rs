@@ -277,9 +277,7 @@ async fn the_cli_push_uses_the_digest_cache_and_shows_what_it_sent() {
     assert!(text.contains("already present, nothing sent"), "{text}");
 
     let refused = pki
-        .erel()
-        .arg("push")
-        .arg(agent.host().to_string())
+        .erel_at("push", &agent)
         .arg(&file)
         .arg("../escape.tar.gz")
         .output()
@@ -601,9 +599,7 @@ async fn a_master_from_another_cluster_is_refused_with_a_clear_error() {
     let agent = AgentProc::start(&pki, "web-1", &[]);
     let other = Pki::new();
     let out = other
-        .erel()
-        .arg("ping")
-        .arg(agent.host().to_string())
+        .erel_at("ping", &agent)
         .output()
         .expect("run erel ping");
     assert!(!out.status.success());
@@ -618,12 +614,7 @@ async fn a_master_from_another_cluster_is_refused_with_a_clear_error() {
     let mut buf = Vec::new();
     let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = tcp.read_to_end(&mut buf);
-    let ok = pki
-        .erel()
-        .arg("ping")
-        .arg(agent.host().to_string())
-        .output()
-        .expect("run erel ping");
+    let ok = pki.erel_at("ping", &agent).output().expect("run erel ping");
     assert!(
         ok.status.success(),
         "{}",

@@ -10,11 +10,9 @@ use std::io::{BufRead, BufReader};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::helper::amqp::{
-    erel, logs, output_text, watch_command, BrokerLock, MasterProc, TestBroker,
-};
+use crate::helper::amqp::{erel, logs, watch_command, BrokerLock, MasterProc, TestBroker};
 use crate::helper::fleet::Fleet;
-use crate::helper::wait_until_blocking;
+use crate::helper::{output_text, wait_until_blocking};
 
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use crate::helper::MASTER_BIN;
+use crate::helper::{output_text, MASTER_BIN};
 
 fn erel(certs: &Path, args: &[&str]) -> Output {
     Command::new(MASTER_BIN)
@@ -21,22 +21,14 @@ fn openssl(args: &[&str]) -> Output {
         .expect("openssl is installed by scripts/test.sh")
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 #[test]
 fn certs_init_and_host_make_certificates_openssl_accepts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = dir.path().join("certs");
     let init = erel(&certs, &["certs", "init"]);
-    assert!(init.status.success(), "{}", text(&init));
+    assert!(init.status.success(), "{}", output_text(&init));
     let host = erel(&certs, &["certs", "host", "web-1", "--ip", "127.0.0.1"]);
-    assert!(host.status.success(), "{}", text(&host));
+    assert!(host.status.success(), "{}", output_text(&host));
 
     let ca = certs.join("ca.pem");
     let host_pem = certs.join("hosts/web-1/host.pem");
@@ -48,10 +40,10 @@ fn certs_init_and_host_make_certificates_openssl_accepts() {
             ca.to_str().expect("utf8"),
             cert.to_str().expect("utf8"),
         ]);
-        assert!(verify.status.success(), "{}", text(&verify));
+        assert!(verify.status.success(), "{}", output_text(&verify));
         assert!(String::from_utf8_lossy(&verify.stdout).contains(": OK"));
     }
-    let host_text = text(&openssl(&[
+    let host_text = output_text(&openssl(&[
         "x509",
         "-noout",
         "-text",
@@ -69,7 +61,7 @@ fn certs_init_and_host_make_certificates_openssl_accepts() {
     assert!(host_text.contains("DNS:web-1"), "{host_text}");
     assert!(host_text.contains("IP Address:127.0.0.1"), "{host_text}");
     assert!(host_text.contains("Digital Signature"), "{host_text}");
-    let master_text = text(&openssl(&[
+    let master_text = output_text(&openssl(&[
         "x509",
         "-noout",
         "-text",
@@ -84,7 +76,7 @@ fn certs_init_and_host_make_certificates_openssl_accepts() {
         !master_text.contains("TLS Web Server Authentication"),
         "{master_text}"
     );
-    let ca_text = text(&openssl(&[
+    let ca_text = output_text(&openssl(&[
         "x509",
         "-noout",
         "-text",
@@ -106,7 +98,7 @@ fn certs_init_and_host_make_certificates_openssl_accepts() {
 
     // Revocation shows in openssl's CRL check.
     let revoke = erel(&certs, &["certs", "revoke", "web-1"]);
-    assert!(revoke.status.success(), "{}", text(&revoke));
+    assert!(revoke.status.success(), "{}", output_text(&revoke));
     let crl = certs.join("crl.pem");
     let checked = openssl(&[
         "verify",
@@ -118,7 +110,11 @@ fn certs_init_and_host_make_certificates_openssl_accepts() {
         host_pem.to_str().expect("utf8"),
     ]);
     assert!(!checked.status.success());
-    assert!(text(&checked).contains("revoked"), "{}", text(&checked));
+    assert!(
+        output_text(&checked).contains("revoked"),
+        "{}",
+        output_text(&checked)
+    );
 }
 
 #[test]
@@ -127,24 +123,32 @@ fn certs_errors_name_the_file_and_never_overwrite_a_ca() {
     let certs = dir.path().join("certs");
     let no_ca = erel(&certs, &["certs", "host", "web-1"]);
     assert!(!no_ca.status.success());
-    assert!(text(&no_ca).contains("ca.pem"), "{}", text(&no_ca));
+    assert!(
+        output_text(&no_ca).contains("ca.pem"),
+        "{}",
+        output_text(&no_ca)
+    );
 
     assert!(erel(&certs, &["certs", "init"]).status.success());
     let before = std::fs::read(certs.join("ca.pem")).expect("ca");
     let again = erel(&certs, &["certs", "init"]);
     assert!(!again.status.success());
     assert!(
-        text(&again).contains("ca.pem") || text(&again).contains("ca.key"),
+        output_text(&again).contains("ca.pem") || output_text(&again).contains("ca.key"),
         "{}",
-        text(&again)
+        output_text(&again)
     );
     assert_eq!(std::fs::read(certs.join("ca.pem")).expect("ca"), before);
 
     let unknown = erel(&certs, &["certs", "revoke", "web-9"]);
     assert!(!unknown.status.success());
-    assert!(text(&unknown).contains("web-9"), "{}", text(&unknown));
+    assert!(
+        output_text(&unknown).contains("web-9"),
+        "{}",
+        output_text(&unknown)
+    );
 
     let bad = erel(&certs, &["certs", "host", "Web_1"]);
     assert!(!bad.status.success());
-    assert!(text(&bad).contains("Web_1"), "{}", text(&bad));
+    assert!(output_text(&bad).contains("Web_1"), "{}", output_text(&bad));
 }

@@ -103,9 +103,7 @@ fn cgroup_agent(pki: &Pki, id: &str) -> AgentProc {
 /// (success, stdout, stderr).
 fn erel(pki: &Pki, agent: &AgentProc, command: &str, args: &[&str]) -> (bool, String, String) {
     let out = pki
-        .erel()
-        .arg(command)
-        .arg(agent.host().to_string())
+        .erel_at(command, agent)
         .args(args)
         .output()
         .expect("run erel");

@@ -19,7 +19,7 @@ use erel_proto::ReleaseState;
 use crate::helper::fleet::Fleet;
 use crate::helper::otp::build_release_with;
 use crate::helper::release::{beat_release, failing_beat_release};
-use crate::helper::{follow_stderr, free_port, poll_until};
+use crate::helper::{follow_stderr, free_port, output_text, poll_until};
 
 const RELEASE: &str = "beat";
 
@@ -109,11 +109,7 @@ fn erel_deploy(fleet: &Fleet, extra: &[&str]) -> (bool, String) {
         .args(extra)
         .output()
         .expect("run erel deploy");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     (out.status.success(), text)
 }
 

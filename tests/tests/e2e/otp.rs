@@ -8,7 +8,7 @@ use erel_proto::{ReleaseState, Start};
 
 use crate::helper::otp::build_release;
 use crate::helper::release::sha256;
-use crate::helper::{wait_until, AgentProc, Pki};
+use crate::helper::{output_text, wait_until, AgentProc, Pki};
 
 fn release_ping(agent: &AgentProc, name: &str) -> (bool, String) {
     let dir = agent.root.join(format!("releases/{name}/0.1.0"));
@@ -17,11 +17,7 @@ fn release_ping(agent: &AgentProc, name: &str) -> (bool, String) {
         .current_dir(&dir)
         .output()
         .expect("run bin/<name> ping");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     (out.status.success() && text.contains("pong"), text)
 }
 

@@ -19,7 +19,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::helper::install::without_digest;
 use crate::helper::release::sha256;
-use crate::helper::{free_port, wait_until, AgentProc, Pki};
+use crate::helper::{free_port, output_text, wait_until, AgentProc, Pki};
 
 /// A generous bound for anything the busy test machine must do "at once".
 const PROMPT: Duration = Duration::from_secs(20);
@@ -280,17 +280,8 @@ async fn a_master_beyond_the_connection_limit_is_told_so() {
     no_busy_busy(&text);
 
     // The CLI says the same.
-    let out = pki
-        .erel()
-        .arg("ping")
-        .arg(agent.host().to_string())
-        .output()
-        .expect("run erel ping");
-    let shown = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = pki.erel_at("ping", &agent).output().expect("run erel ping");
+    let shown = output_text(&out);
     assert!(!out.status.success(), "{shown}");
     assert!(shown.contains("limit of 2 connections"), "{shown}");
     no_busy_busy(&shown);
@@ -608,12 +599,7 @@ async fn a_normal_connection_end_leaves_no_error_in_the_agent_log() {
     for _ in 0..2 {
         let mut waited = 0;
         loop {
-            let out = pki
-                .erel()
-                .arg("ping")
-                .arg(agent.host().to_string())
-                .output()
-                .expect("run erel ping");
+            let out = pki.erel_at("ping", &agent).output().expect("run erel ping");
             if out.status.success() {
                 break;
             }

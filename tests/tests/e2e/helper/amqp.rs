@@ -10,7 +10,7 @@ use std::time::Duration;
 use erel_master::amqp::Broker;
 
 use super::fleet::Fleet;
-use super::{follow_stderr, kill9_child, terminate_child, Pki};
+use super::{follow_stderr, kill9_child, output_text, terminate_child, Pki};
 
 /// The broker the tests use: `$EREL_TEST_AMQP`, else the local RabbitMQ.
 pub fn amqp_url() -> String {
@@ -288,14 +288,6 @@ pub fn erel(pki: &Pki, words: &[&str], broker: &TestBroker, rest: &[&str]) -> Ou
         .args(rest)
         .output()
         .expect("run erel")
-}
-
-pub fn output_text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Every master's log, for failure messages.

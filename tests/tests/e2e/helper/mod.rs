@@ -13,7 +13,7 @@ pub mod release;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,12 +66,28 @@ impl Pki {
             .unwrap_or_else(|e| panic!("connect to {}: {e}\nagent log:\n{}", agent.id, agent.log()))
     }
 
+    /// `erel <command> <agent's HOST>` with this PKI's certificate directory.
+    pub fn erel_at(&self, command: &str, agent: &AgentProc) -> Command {
+        let mut erel = self.erel();
+        erel.arg(command).arg(agent.host().to_string());
+        erel
+    }
+
     /// The `erel` command with this PKI's certificate directory.
     pub fn erel(&self) -> Command {
         let mut command = Command::new(MASTER_BIN);
         command.arg("--certs").arg(self.certs_dir());
         command
     }
+}
+
+/// What a finished command printed: its stdout, then its stderr.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// The bound on a wait for something that must happen (a release answering, a restart,
