@@ -16,7 +16,9 @@ use crate::helper::install::{
     install_and_start, no_progress, release_status, start_request, without_digest,
 };
 use crate::helper::release::{beat_release, sha256, shell_release};
-use crate::helper::{free_port, listing, wait_until, AgentProc, Pki, NO_RESTART_WITHIN, PATIENCE};
+use crate::helper::{
+    free_port, listing, outlast_any_restart, retry_while_busy, wait_until, AgentProc, Pki, PATIENCE,
+};
 
 /// Pushes, unpacks and starts the beat release `version`; returns the port it serves.
 async fn install_beat(pki: &Pki, agent: &AgentProc, work: &std::path::Path, version: &str) -> u16 {
@@ -198,26 +200,24 @@ async fn a_repeated_push_sends_nothing_and_a_cut_push_resumes() {
         "nothing half-done is visible"
     );
 
-    let mut client = pki.connect(&agent).await;
+    let client = pki.connect(&agent).await;
     let source = WriteSource {
         path: file.clone(),
         sha256: Some(digest),
         sha256_of: None,
     };
     // Until the agent has noticed the cut, the staged file is still held: Busy.
-    let mut attempts = 0;
-    let written = loop {
-        match client
-            .write_file(&source, "data/blob.bin", 0o600, &mut no_progress())
+    let shared = tokio::sync::Mutex::new(client);
+    let (client, source_ref) = (&shared, &source);
+    let written = retry_while_busy(Duration::from_secs(10), || async move {
+        let mut client = client.lock().await;
+        client
+            .write_file(source_ref, "data/blob.bin", 0o600, &mut no_progress())
             .await
-        {
-            Err(e) if e.agent_kind() == Some(ErrorKind::Busy) && attempts < 100 => {
-                attempts += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            other => break other.expect("resume"),
-        }
-    };
+    })
+    .await
+    .expect("resume");
+    let mut client = shared.into_inner();
     assert_eq!(written.size, size as u64);
     assert_eq!(
         written.received,
@@ -415,7 +415,7 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
     );
     let restarts = status.restarts;
     // A restart would come within one restart delay; none comes in several.
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     let later = release_status(&pki, &agent, "flop").await.expect("known");
     assert_eq!(
         later.restarts, restarts,
@@ -449,7 +449,7 @@ async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
         "adopted, not restarted"
     );
     // A second copy would be started within one restart delay; none is in several.
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     assert_eq!(agent.release_pids("beat"), pids, "exactly one copy");
 
     assert!(
@@ -463,7 +463,7 @@ async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
         "SIGTERM leaves releases running"
     );
     agent.restart();
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     assert_eq!(agent.release_pids("beat"), pids);
     assert_eq!(beat_answer(port).await.as_deref(), Some("beat 0.1.0 web-1"));
 
@@ -482,7 +482,7 @@ async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
         "started again after the agent came back\n{}",
         agent.log()
     );
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     assert_eq!(agent.release_pids("beat").len(), 1);
 }
 

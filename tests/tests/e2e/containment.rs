@@ -14,7 +14,7 @@ use erel_proto::{ReleaseState, ReleaseStatus};
 
 use crate::helper::install::{push_and_unpack, release_status, start_request};
 use crate::helper::release::shell_release;
-use crate::helper::{wait_until, AgentProc, Pki, NO_RESTART_WITHIN, RESTART_BACKOFF_MAX};
+use crate::helper::{outlast_any_restart, wait_until, AgentProc, Pki};
 
 /// How long a condition is waited for; generous, the machine is shared.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -158,7 +158,8 @@ async fn stop_reaches_a_helper_in_its_own_session() {
         .await
         .expect("start");
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
-    tokio::time::sleep(RESTART_BACKOFF_MAX * 3).await;
+    // A second copy would come from a restart, within one restart delay.
+    outlast_any_restart().await;
     assert_eq!(members(&agent).len(), 2);
     client
         .stop("app", Duration::from_secs(10))
@@ -190,7 +191,7 @@ async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &st
         agent.log()
     );
     let daemon = status(pki, agent).await.pid.expect("pid") as i32;
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     let now = status(pki, agent).await;
     assert_eq!(now.state, ReleaseState::Running);
     assert_eq!(now.restarts, 0, "a daemonizing start was restarted");
@@ -216,7 +217,7 @@ async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &st
         "restarted once\n{}",
         agent.log()
     );
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     assert_eq!(members(agent).len(), 1);
     let stopped = client
         .stop("app", Duration::from_secs(10))
@@ -258,7 +259,7 @@ async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
     for round in 0..2 {
         agent.kill9();
         agent.restart();
-        tokio::time::sleep(NO_RESTART_WITHIN).await;
+        outlast_any_restart().await;
         assert_eq!(members(&agent), before, "round {round}\n{}", agent.log());
         let now = status(&pki, &agent).await;
         assert_eq!(now.state, ReleaseState::Running);
@@ -287,7 +288,7 @@ async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
     let daemon = members(&agent);
     agent.kill9();
     agent.restart();
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     assert_eq!(members(&agent), daemon, "{}", agent.log());
     let now = status(&pki, &agent).await;
     assert_eq!(now.state, ReleaseState::Running);
@@ -396,7 +397,7 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
         })
         .await
     );
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     assert_eq!(agent.release_pids("app").len(), 1);
     assert_eq!(status(&pki, &agent).await.restarts, 0);
     client
@@ -442,7 +443,8 @@ async fn another_users_process_with_the_markers_is_not_the_release() {
             .start(start_request("app", "1", &[]))
             .await
             .map_err(|e| format!("start refused: {e}\n{}", agent.log()))?;
-        tokio::time::sleep(RESTART_BACKOFF_MAX * 3).await;
+        // A release taken for dead would be restarted within one restart delay.
+        outlast_any_restart().await;
         let now = status(&pki, &agent).await;
         if now.state != ReleaseState::Running || now.pid != Some(started.pid) {
             return Err(format!("status {now:?}, started {}", started.pid));
@@ -682,7 +684,7 @@ async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it()
         "{}",
         agent.log()
     );
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     assert_eq!(members(&agent).len(), 1);
     assert_eq!(status(&pki, &agent).await.restarts, 0);
     // A switch of version stops the daemon and leaves one writer at most.
@@ -935,7 +937,7 @@ async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
     agent.kill9();
     agent.restart();
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     assert_eq!(app_writers(&agent), 1);
     let mut client = pki.connect(&agent).await;
     client

@@ -9,7 +9,9 @@ use erel_proto::ReleaseState;
 
 use crate::helper::install::install_and_start;
 use crate::helper::release::shell_release;
-use crate::helper::{exit_within, fast_supervision, wait_until, AgentProc, Pki, AGENT_BIN};
+use crate::helper::{
+    exit_within, fast_supervision, outlast_any_restart, wait_until, AgentProc, Pki, AGENT_BIN,
+};
 
 /// How long a refused agent may take to exit (it only parses, loads and tries the lock).
 const REFUSAL_LIMIT: Duration = Duration::from_secs(30);
@@ -91,8 +93,10 @@ async fn a_second_agent_on_the_same_root_refuses_naming_the_first() {
         "the refused agent never served:\n{stderr}"
     );
 
-    // Nothing changed: one copy of the release, still served by the first agent.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing changed: one copy of the release, still served by the first agent. A
+    // second copy would be a start by a supervisor, which comes within one restart
+    // delay.
+    outlast_any_restart().await;
     let pids = agent.release_pids("app");
     assert_eq!(pids.len(), 1, "one copy of the release: {pids:?}");
     let (state, pid) = app_state(&pki, &agent).await.expect("first agent answers");

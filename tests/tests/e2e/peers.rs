@@ -19,7 +19,9 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::helper::install::without_digest;
 use crate::helper::release::sha256;
-use crate::helper::{free_port, output_text, wait_until, AgentProc, Pki};
+use crate::helper::{
+    free_port, output_text, poll_until, retry_while_busy, wait_until, AgentProc, Pki,
+};
 
 /// A generous bound for anything the busy test machine must do "at once".
 const PROMPT: Duration = Duration::from_secs(20);
@@ -565,17 +567,11 @@ async fn a_normal_connection_end_leaves_no_error_in_the_agent_log() {
     let (agent_ref, pki_ref) = (&agent, &pki);
     let next_master = move || async move {
         let (agent, pki) = (agent_ref, pki_ref);
-        let mut attempts = 0;
-        loop {
-            match AgentClient::connect(&agent.host(), pki.client_config(), "test-master").await {
-                Ok(client) => return client,
-                Err(e) if e.agent_kind() == Some(ErrorKind::Busy) && attempts < 200 => {
-                    attempts += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("connect: {e}\n{}", agent.log()),
-            }
-        }
+        retry_while_busy(Duration::from_secs(20), || async {
+            AgentClient::connect(&agent.host(), pki.client_config(), "test-master").await
+        })
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}\n{}", agent.log()))
     };
 
     // Closed explicitly, dropped, and dropped after an error the agent reported.
@@ -597,20 +593,15 @@ async fn a_normal_connection_end_leaves_no_error_in_the_agent_log() {
     drop(client);
     // The CLI, as an operator runs it.
     for _ in 0..2 {
-        let mut waited = 0;
-        loop {
+        let pinged = poll_until(Duration::from_secs(20), || async {
             let out = pki.erel_at("ping", &agent).output().expect("run erel ping");
-            if out.status.success() {
-                break;
-            }
             let err = String::from_utf8_lossy(&out.stderr).into_owned();
-            assert!(
-                err.contains("limit of 1 connections") && waited < 200,
-                "{err}"
-            );
-            waited += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            let busy = err.contains("limit of 1 connections");
+            assert!(out.status.success() || busy, "{err}");
+            out.status.success().then_some(())
+        })
+        .await;
+        assert!(pinged.is_some(), "erel ping still refused as busy");
     }
     let mut last = next_master().await;
     last.ping().await.expect("ping");

@@ -6,15 +6,13 @@ use std::fs::{FileTimes, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use erel_master::client::{Progress, WriteSource, TRANSFER_STALL_TIMEOUT};
 use erel_master::Error;
-use erel_proto::ErrorKind;
 
 use crate::helper::install::without_digest;
 use crate::helper::release::sha256;
-use crate::helper::{AgentProc, Pki};
+use crate::helper::{retry_while_busy, AgentProc, Pki};
 
 /// `len` bytes of a pattern that differs with `seed`.
 fn content(seed: u8, len: usize) -> Vec<u8> {
@@ -233,16 +231,15 @@ async fn a_file_changed_while_it_is_sent_fails_naming_it_and_nothing_is_committe
         // agent may still hold the abandoned transfer until it sees the connection
         // closed (at worst its transfer stall timeout): retry while it says busy.
         let source = without_digest(&file);
-        let deadline = Instant::now() + TRANSFER_STALL_TIMEOUT * 2;
-        let written = loop {
-            let mut client = pki.connect(&agent).await;
-            match client.write_file(&source, &dest, 0o644, &mut |_| {}).await {
-                Err(e) if e.agent_kind() == Some(ErrorKind::Busy) && Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                other => break other.expect("push again"),
-            }
-        };
+        let (pki_ref, agent_ref, source_ref, dest_ref) = (&pki, &agent, &source, &dest);
+        let written = retry_while_busy(TRANSFER_STALL_TIMEOUT * 2, || async move {
+            let mut client = pki_ref.connect(agent_ref).await;
+            client
+                .write_file(source_ref, dest_ref, 0o644, &mut |_| {})
+                .await
+        })
+        .await
+        .expect("push again");
         assert_eq!(written.sha256, sha256(&file));
         assert_eq!(
             std::fs::read(agent.root.join(&dest)).expect("read"),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use erel_master::amqp::Broker;
 
 use super::fleet::Fleet;
-use super::{follow_stderr, kill9_child, output_text, terminate_child, Pki};
+use super::{follow_stderr, kill9_child, output_text, terminate_child, wait_until, Pki};
 
 /// The broker the tests use: `$EREL_TEST_AMQP`, else the local RabbitMQ.
 pub fn amqp_url() -> String {
@@ -107,15 +107,9 @@ impl Drop for TestBroker {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            runtime.block_on(async {
-                for _ in 0..20 {
-                    if broker.delete_everything(&groups).await.is_ok() {
-                        return true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                false
-            })
+            runtime.block_on(wait_until(Duration::from_secs(10), || async {
+                broker.delete_everything(&groups).await.is_ok()
+            }))
         })
         .join()
         .unwrap_or(false);

@@ -111,6 +111,12 @@ pub const CRASH_LOOP_AFTER: u32 = 3;
 /// a busy machine, not a guess.
 pub const NO_RESTART_WITHIN: Duration = RESTART_BACKOFF_MAX.saturating_mul(4);
 
+/// Watches for [`NO_RESTART_WITHIN`]: long enough that any start the agent would make
+/// (a restart, a second copy) has come, so that its absence afterwards shows it will not.
+pub async fn outlast_any_restart() {
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
+}
+
 /// Supervision settings that keep the tests fast: the flags of the durations above.
 pub fn fast_supervision() -> Vec<String> {
     vec![
@@ -313,25 +319,19 @@ impl AgentProc {
 /// removes it and every cgroup below it, deepest first.
 pub fn remove_cgroup_tree(dir: &Path) {
     let _ = std::fs::write(dir.join("cgroup.kill"), "1");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut tree = vec![dir.to_path_buf()];
-    let mut next = 0;
-    while next < tree.len() {
-        let children: Vec<PathBuf> = std::fs::read_dir(&tree[next])
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
-            .map(|entry| entry.path())
-            .collect();
-        tree.extend(children);
-        next += 1;
-    }
-    for cgroup in tree.iter().rev() {
-        while std::fs::remove_dir(cgroup).is_err() && cgroup.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+    remove_cgroups_deepest_first(dir, Instant::now() + Duration::from_secs(10));
+}
+
+/// Removes the cgroups below `dir`, then `dir`, each as soon as its killed members
+/// are gone, waiting for that until `deadline` at the latest.
+fn remove_cgroups_deepest_first(dir: &Path, deadline: Instant) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroups_deepest_first(&entry.path(), deadline);
         }
     }
+    let left = deadline.saturating_duration_since(Instant::now());
+    wait_until_blocking(left, || std::fs::remove_dir(dir).is_ok() || !dir.exists());
 }
 
 impl Drop for AgentProc {
@@ -533,6 +533,30 @@ pub fn poll_until_blocking<T>(limit: Duration, mut probe: impl FnMut() -> Option
 /// [`wait_until`] for code without a runtime: blocks the thread between polls.
 pub fn wait_until_blocking(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
     poll_until_blocking(limit, || condition().then_some(())).is_some()
+}
+
+/// Runs `attempt` again while the agent answers `Busy` (it still holds what a cut
+/// connection held, or has no connection to spare), for at most `limit`; the first
+/// other outcome. Panics when the agent is still busy after `limit`.
+pub async fn retry_while_busy<T, F, Fut>(
+    limit: Duration,
+    mut attempt: F,
+) -> Result<T, erel_master::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, erel_master::Error>>,
+{
+    poll_until(limit, || {
+        let outcome = attempt();
+        async move {
+            match outcome.await {
+                Err(e) if e.agent_kind() == Some(erel_proto::ErrorKind::Busy) => None,
+                other => Some(other),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("the agent still answers Busy after {limit:?}"))
 }
 
 /// `child`'s exit status once it exits within `limit`; `None` while it still runs.
