@@ -4,6 +4,25 @@
 
 #![allow(dead_code)]
 
+/// Gives a type holding a [`Followed`] as its `process` the methods of that process.
+macro_rules! process_type {
+    ($type:ty) => {
+        impl std::ops::Deref for $type {
+            type Target = $crate::helper::Followed;
+
+            fn deref(&self) -> &Self::Target {
+                &self.process
+            }
+        }
+
+        impl std::ops::DerefMut for $type {
+            fn deref_mut(&mut self) -> &mut Self::Target {
+                &mut self.process
+            }
+        }
+    };
+}
+
 pub mod amqp;
 pub mod fleet;
 pub mod install;
@@ -139,8 +158,7 @@ pub struct AgentProc {
     pub root: PathBuf,
     bundle: PathBuf,
     extra: Vec<String>,
-    child: Option<Child>,
-    log: Arc<Mutex<String>>,
+    process: Followed,
 }
 
 impl AgentProc {
@@ -186,8 +204,7 @@ impl AgentProc {
                 .cloned()
                 .chain(extra.iter().map(|s| s.to_string()))
                 .collect(),
-            child: None,
-            log: Arc::new(Mutex::new(String::new())),
+            process: Followed::default(),
         };
         agent.spawn();
         agent
@@ -208,8 +225,7 @@ impl AgentProc {
             root,
             bundle,
             extra: fast_supervision(),
-            child: None,
-            log: Arc::new(Mutex::new(String::new())),
+            process: Followed::default(),
         };
         agent.spawn();
         agent
@@ -235,7 +251,7 @@ impl AgentProc {
         let mut announced = false;
         // The sender goes with the reader when the agent's stderr ends, so an agent that
         // exits before it listens is seen at once.
-        follow_stderr(stderr, self.log.clone(), move |line| {
+        follow_stderr(stderr, self.process.log.clone(), move |line| {
             if !announced {
                 if let Some(addr) = listen_addr(line) {
                     let _ = tx.send(addr);
@@ -250,7 +266,7 @@ impl AgentProc {
                 panic!("agent {} did not start:\n{}", self.id, self.log());
             }
         }
-        self.child = Some(child);
+        self.process.child = Some(child);
     }
 
     /// `ID@ADDR:PORT` of this agent.
@@ -261,27 +277,10 @@ impl AgentProc {
         }
     }
 
-    /// What the agent logged so far.
-    pub fn log(&self) -> String {
-        self.log.lock().expect("log lock").clone()
-    }
-
-    /// The agent's process id.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// `kill -9` the agent (its releases keep running).
-    pub fn kill9(&mut self) {
-        kill9_child(&mut self.child);
-    }
-
     /// SIGTERM the agent and wait for it to exit; returns its exit status success.
+    /// (`kill9` leaves its releases running.)
     pub fn terminate(&mut self) -> bool {
-        let Some(child) = self.child.take() else {
-            return false;
-        };
-        terminate_child(child, Duration::from_secs(40))
+        self.process.terminate_within(Duration::from_secs(40))
     }
 
     /// Starts the agent again on the same root and port.
@@ -334,6 +333,8 @@ fn remove_cgroups_deepest_first(dir: &Path, deadline: Instant) {
     wait_until_blocking(left, || std::fs::remove_dir(dir).is_ok() || !dir.exists());
 }
 
+process_type!(AgentProc);
+
 impl Drop for AgentProc {
     fn drop(&mut self) {
         self.kill9();
@@ -370,17 +371,64 @@ pub fn follow_stderr(
     })
 }
 
-/// `kill -9` the child in `child`, if any, and reap it.
-pub fn kill9_child(child: &mut Option<Child>) {
-    if let Some(mut child) = child.take() {
-        let _ = child.kill();
-        let _ = child.wait();
+/// A process a test started, with what it writes to stderr collected as it comes,
+/// across restarts. [`AgentProc`] and the AMQP tests' `MasterProc` are one each.
+#[derive(Default)]
+pub struct Followed {
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Followed {
+    /// Runs `command` with its stderr piped and followed.
+    pub fn spawn(command: &mut Command, what: &str) -> Self {
+        let mut child = command
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        let process = Followed::default();
+        let stderr = child.stderr.take().expect("stderr");
+        follow_stderr(stderr, process.log.clone(), |_| {});
+        Followed {
+            child: Some(child),
+            ..process
+        }
+    }
+
+    /// What the process logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// Its process id, while it has one.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// `kill -9` the process, if any, and reap it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM the process and wait up to `limit` for it to exit; true when it exited
+    /// with status 0. One still running after `limit` is killed and counts as a failure.
+    pub fn terminate_within(&mut self, limit: Duration) -> bool {
+        let Some(child) = self.child.take() else {
+            return false;
+        };
+        terminate_child(child, limit)
     }
 }
 
-/// SIGTERM `child` and wait up to `limit` for it to exit; true when it exited with status
-/// 0. A child still running after `limit` is killed and counts as a failure.
-pub fn terminate_child(mut child: Child, limit: Duration) -> bool {
+fn terminate_child(mut child: Child, limit: Duration) -> bool {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     match exit_within(&mut child, limit) {
