@@ -219,12 +219,9 @@ async fn an_agent_without_the_intermediates_crl_names_the_masters_certificate_an
         "{said}"
     );
     // The agent's log line says which certificate and which issuer.
-    let logged = crate::helper::wait_until(AGENT_START_LIMIT, || async {
-        agent.log().contains("Example Intermediate CA")
-    })
-    .await;
-    let log = agent.log();
-    assert!(logged, "{log}");
+    let log = agent
+        .log_showing("Example Intermediate CA", AGENT_START_LIMIT)
+        .await;
     assert!(
         log.contains("master's certificate \"O=Example, CN=erel-master\"")
             && log.contains("agent's crl.pem holds no CRL from its issuer"),
@@ -257,12 +254,9 @@ async fn an_agent_keeps_its_bundle_when_a_replacement_lacks_the_intermediate() {
         output_text(&out),
         agent.log()
     );
-    let warned = crate::helper::wait_until(AGENT_START_LIMIT, || async {
-        agent.log().contains("keeping the previous one")
-    })
-    .await;
-    let log = agent.log();
-    assert!(warned, "{log}");
+    let log = agent
+        .log_showing("keeping the previous one", AGENT_START_LIMIT)
+        .await;
     assert!(
         log.contains(
             "is issued by \"O=Example, CN=Example Intermediate CA\", which is neither in host.pem"

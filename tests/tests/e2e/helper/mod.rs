@@ -400,6 +400,15 @@ impl Followed {
         self.log.lock().expect("log lock").clone()
     }
 
+    /// The log once `needle` shows in it, waiting up to `limit`; panics with the log
+    /// when it does not show.
+    pub async fn log_showing(&self, needle: &str, limit: Duration) -> String {
+        let shown = wait_until(limit, || async { self.log().contains(needle) }).await;
+        let log = self.log();
+        assert!(shown, "{needle:?} not logged within {limit:?}:\n{log}");
+        log
+    }
+
     /// Its process id, while it has one.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
