@@ -17,7 +17,8 @@ use crate::helper::install::{
 };
 use crate::helper::release::{beat_release, sha256, shell_release};
 use crate::helper::{
-    free_port, listing, outlast_any_restart, retry_while_busy, wait_until, AgentProc, Pki, PATIENCE,
+    free_port, listing, outlast_any_restart, pki_and_agent, retry_while_busy, wait_until,
+    AgentProc, Pki, PATIENCE,
 };
 
 /// Pushes, unpacks and starts the beat release `version`; returns the port it serves.
@@ -45,8 +46,7 @@ async fn beat_answer(port: u16) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_unpack_start_ping_stop() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
 
@@ -96,8 +96,7 @@ async fn push_unpack_start_ping_stop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starting_the_running_version_changes_nothing_and_a_new_version_replaces_it() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
     assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
@@ -130,8 +129,7 @@ async fn starting_the_running_version_changes_nothing_and_a_new_version_replaces
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_push_sends_nothing_and_a_cut_push_resumes() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let file = work.path().join("blob.bin");
     let size: usize = 8 * 1024 * 1024;
@@ -248,8 +246,7 @@ async fn a_repeated_push_sends_nothing_and_a_cut_push_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_push_uses_the_digest_cache_and_shows_what_it_sent() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let file = work.path().join("app.tar.gz");
     std::fs::write(&file, vec![7u8; 300_000]).expect("write");
@@ -292,8 +289,7 @@ async fn the_cli_push_uses_the_digest_cache_and_shows_what_it_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_archive_over_the_wire_writes_nothing() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     // A tarball with an entry that climbs out of the destination, written by hand
     // because the tar builder refuses such paths.
@@ -351,8 +347,7 @@ async fn hostile_archive_over_the_wire_writes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
     assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
@@ -426,8 +421,7 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
-    let pki = Pki::new();
-    let mut agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, mut agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
     assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
@@ -530,8 +524,7 @@ async fn expect_error_then_close(raw: &mut RawTls) -> erel_proto::ErrorReply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_get_an_error_and_the_agent_keeps_serving() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
 
     // Garbage after the handshake.
     let mut raw = raw_connection(&pki, &agent).await;
@@ -595,8 +588,7 @@ async fn bad_frames_get_an_error_and_the_agent_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_from_another_cluster_is_refused_with_a_clear_error() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let other = Pki::new();
     let out = other
         .erel_at("ping", &agent)
@@ -626,8 +618,7 @@ async fn a_master_from_another_cluster_is_refused_with_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_json_reports_everything() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
     assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
@@ -653,8 +644,7 @@ async fn ping_json_reports_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_master_is_refused_without_restarting_the_agent_and_a_new_one_gets_in() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let agent_pid = agent.pid();
     let mut client = pki.connect(&agent).await;
     client.ping().await.expect("ping before");
@@ -682,8 +672,7 @@ async fn a_revoked_master_is_refused_without_restarting_the_agent_and_a_new_one_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_versions_and_their_archives_are_removed_beyond_the_kept_ones() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &["--keep-versions", "1"]);
+    let (pki, agent) = pki_and_agent("web-1", &["--keep-versions", "1"]);
     let work = tempfile::tempdir().expect("tempdir");
     for version in ["1", "2", "3"] {
         let port = install_beat(&pki, &agent, work.path(), version).await;
@@ -721,8 +710,7 @@ async fn one_request(pki: &Pki, agent: &AgentProc, request: &Request) -> Option<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_at_the_edges_of_every_field_are_answered_without_a_panic() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let start = |name: &str, version: &str, argv: &[&str]| Start {
         name: name.into(),
         version: version.into(),

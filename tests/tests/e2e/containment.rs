@@ -14,7 +14,7 @@ use erel_proto::{ReleaseState, ReleaseStatus};
 
 use crate::helper::install::{push_and_unpack, release_status, start_request};
 use crate::helper::release::shell_release;
-use crate::helper::{outlast_any_restart, wait_until, AgentProc, Pki};
+use crate::helper::{outlast_any_restart, pki_and_agent, wait_until, AgentProc, Pki};
 
 /// How long a condition is waited for; generous, the machine is shared.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -414,8 +414,7 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
 async fn another_users_process_with_the_markers_is_not_the_release() {
     use std::os::unix::process::CommandExt;
     let user = TestUser::create();
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "forged", &["--cgroup-parent", "/cgroup.procs/erel"]);
+    let (pki, agent) = pki_and_agent("forged", &["--cgroup-parent", "/cgroup.procs/erel"]);
     assert!(agent.cgroup_dir().is_none());
     let work = tempfile::tempdir().expect("tempdir");
     install(
@@ -744,8 +743,7 @@ async fn a_fork_storm_that_ignores_sigterm_is_stopped_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_storm_that_ignores_sigterm_is_stopped_whole_without_cgroups() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "storm-fb", &["--cgroup-parent", "/cgroup.procs/erel"]);
+    let (pki, agent) = pki_and_agent("storm-fb", &["--cgroup-parent", "/cgroup.procs/erel"]);
     assert!(agent.cgroup_dir().is_none());
     fork_storm_is_stopped_whole(&agent, &pki).await;
 }

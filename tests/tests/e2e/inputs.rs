@@ -10,8 +10,8 @@ use erel_master::{AgentClient, Error};
 use erel_proto::ErrorKind;
 
 use crate::helper::install::{no_progress, start_request, with_digest, without_digest};
+use crate::helper::pki_and_agent;
 use crate::helper::release::{sha256, shell_release};
-use crate::helper::{AgentProc, Pki};
 
 /// `a` followed by `n` copies of `é` (two bytes each).
 fn a_and_e(n: usize) -> String {
@@ -39,8 +39,7 @@ async fn push(client: &mut AgentClient, file: &Path, dest: &str) -> Result<u64, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_of_a_and_600_e_is_an_invalid_path_naming_the_1024_byte_limit() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let file = work.path().join("app.tar");
     std::fs::write(&file, b"some bytes").expect("write");
@@ -80,8 +79,7 @@ async fn a_destination_of_a_and_600_e_is_an_invalid_path_naming_the_1024_byte_li
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paths_over_each_limit_are_refused_in_write_file_and_unpack_and_accepted_at_it() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let file = work.path().join("app.tar");
     std::fs::write(&file, b"some bytes").expect("write");
@@ -146,8 +144,7 @@ async fn paths_over_each_limit_are_refused_in_write_file_and_unpack_and_accepted
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_names_argv_and_users_are_refused_in_start_and_stop() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let mut client = pki.connect(&agent).await;
     let tarball = shell_release(work.path(), "app", "1", "#!/bin/sh\nsleep 60\n");
@@ -296,8 +293,7 @@ fn finish(mut out: Vec<u8>) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archive_entries_with_long_or_multibyte_names_are_refused_by_kind() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let mut client = pki.connect(&agent).await;
 

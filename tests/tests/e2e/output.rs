@@ -15,7 +15,7 @@ use erel_proto::{ReleaseState, ReleaseStatus, OUTPUT_TAIL_MAX};
 
 use crate::helper::install::{install_and_start, no_progress, release_status, with_digest};
 use crate::helper::release::shell_release;
-use crate::helper::{poll_until, wait_until, AgentProc, Pki};
+use crate::helper::{pki_and_agent, poll_until, wait_until, AgentProc, Pki};
 
 /// The cap the agents here run with (the default, said explicitly).
 const CAP: u64 = 4 << 20;
@@ -383,8 +383,7 @@ fn ticks(log: &Path) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_keeps_flowing_while_the_agent_is_down_and_the_writer_ends_with_the_release() {
-    let pki = Pki::new();
-    let mut agent = AgentProc::start(&pki, "out-3", &[]);
+    let (pki, mut agent) = pki_and_agent("out-3", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let mut client = pki.connect(&agent).await;
     run_release(

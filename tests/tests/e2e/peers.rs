@@ -20,7 +20,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::helper::install::without_digest;
 use crate::helper::release::sha256;
 use crate::helper::{
-    free_port, output_text, poll_until, retry_while_busy, wait_until, AgentProc, Pki,
+    free_port, output_text, pki_and_agent, poll_until, retry_while_busy, wait_until, AgentProc, Pki,
 };
 
 /// A generous bound for anything the busy test machine must do "at once".
@@ -264,8 +264,7 @@ async fn a_handshake_that_never_completes_is_cut_after_the_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_beyond_the_connection_limit_is_told_so() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &["--max-connections", "2"]);
+    let (pki, agent) = pki_and_agent("web-1", &["--max-connections", "2"]);
     let first = pki.connect(&agent).await;
     let mut second = pki.connect(&agent).await;
     second.ping().await.expect("ping");
@@ -369,8 +368,7 @@ fn erel_push_big(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_killed_mid_way_is_repeated_at_once_and_resumes() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let size: u64 = 256 << 20;
     let file = big_file(work.path(), size);
@@ -424,8 +422,7 @@ async fn a_push_killed_mid_way_is_repeated_at_once_and_resumes() {
 /// agent holds rather than failing. Both succeed and the file lands once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_masters_pushing_the_same_file_at_once_both_succeed() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let size: u64 = 256 << 20;
     let file = big_file(work.path(), size);
@@ -468,8 +465,7 @@ async fn two_masters_pushing_the_same_file_at_once_both_succeed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_or_dropped_transfer_is_taken_over_at_once() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let size: u64 = 64 << 20;
     let file = big_file(work.path(), size);
@@ -638,8 +634,7 @@ fn many_files_tar(dir: &std::path::Path, entries: usize) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unpack_cut_while_it_runs_is_repeated_at_once() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let entries = 10_000;
     let archive = many_files_tar(work.path(), entries);
@@ -734,8 +729,7 @@ async fn a_handshake_cut_by_the_agent_is_explained_at_the_master() {
 /// and write a warning for each connection it opens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_bundle_is_not_reloaded_for_every_peer() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let bundle = pki.bundle("web-1");
     let staged = bundle.join(".crl.pem.new");
     std::fs::write(&staged, "not a CRL\n").expect("stage");

@@ -12,7 +12,7 @@ use erel_master::Error;
 
 use crate::helper::install::without_digest;
 use crate::helper::release::sha256;
-use crate::helper::{retry_while_busy, AgentProc, Pki};
+use crate::helper::{pki_and_agent, retry_while_busy, AgentProc, Pki};
 
 /// `len` bytes of a pattern that differs with `seed`.
 fn content(seed: u8, len: usize) -> Vec<u8> {
@@ -73,8 +73,7 @@ const DEST: &str = "archives/app.tar";
 type PushedOnce = (Pki, AgentProc, tempfile::TempDir, PathBuf, PathBuf);
 
 fn pushed_once(len: usize) -> PushedOnce {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let cache = work.path().join("cache");
     let file = work.path().join("app.tar");
@@ -206,8 +205,7 @@ async fn push_changing_midway(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_changed_while_it_is_sent_fails_naming_it_and_nothing_is_committed() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     // Many chunks, so the change lands while the file is being sent.
     let len = 16 * 1024 * 1024;
@@ -256,8 +254,7 @@ async fn a_file_changed_while_it_is_sent_fails_naming_it_and_nothing_is_committe
 async fn a_file_replaced_after_its_digest_was_looked_up_is_sent_as_it_is_now() {
     use erel_master::digest_cache::DigestCache;
 
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let cache = DigestCache::new(work.path().join("cache"));
     for how in ["rename", "symlink"] {

@@ -150,6 +150,14 @@ pub fn fast_supervision() -> Vec<String> {
     ]
 }
 
+/// A fresh PKI and agent `id` on it, started with `extra` flags as
+/// [`AgentProc::start`] does. (Bound in this order, the agent is dropped first.)
+pub fn pki_and_agent(id: &str, extra: &[&str]) -> (Pki, AgentProc) {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, id, extra);
+    (pki, agent)
+}
+
 /// A real `erel-boot` process on loopback with its own temporary root.
 pub struct AgentProc {
     pub id: String,
