@@ -31,6 +31,18 @@ async fn install_beat(pki: &Pki, agent: &AgentProc, work: &std::path::Path, vers
     port
 }
 
+/// [`install_beat`], then waits until the release answers on its port.
+async fn beat_answering(
+    pki: &Pki,
+    agent: &AgentProc,
+    work: &std::path::Path,
+    version: &str,
+) -> u16 {
+    let port = install_beat(pki, agent, work, version).await;
+    assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
+    port
+}
+
 async fn beat_answer(port: u16) -> Option<String> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -98,8 +110,7 @@ async fn push_unpack_start_ping_stop() {
 async fn starting_the_running_version_changes_nothing_and_a_new_version_replaces_it() {
     let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
-    let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
-    assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
+    let port = beat_answering(&pki, &agent, work.path(), "0.1.0").await;
     let pid = agent.release_pids("beat");
 
     let mut client = pki.connect(&agent).await;
@@ -349,8 +360,7 @@ async fn hostile_archive_over_the_wire_writes_nothing() {
 async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() {
     let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
-    let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
-    assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
+    let port = beat_answering(&pki, &agent, work.path(), "0.1.0").await;
     let first = agent.release_pids("beat");
     assert_eq!(first.len(), 1);
     nix::sys::signal::kill(
@@ -423,8 +433,7 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
 async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
     let (pki, mut agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
-    let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
-    assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
+    let port = beat_answering(&pki, &agent, work.path(), "0.1.0").await;
     let pids = agent.release_pids("beat");
     assert_eq!(pids.len(), 1);
 
@@ -620,8 +629,7 @@ async fn a_master_from_another_cluster_is_refused_with_a_clear_error() {
 async fn ping_json_reports_everything() {
     let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
-    let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
-    assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
+    beat_answering(&pki, &agent, work.path(), "0.1.0").await;
     let out = pki
         .erel()
         .args(["ping", "--json"])
@@ -675,8 +683,7 @@ async fn old_versions_and_their_archives_are_removed_beyond_the_kept_ones() {
     let (pki, agent) = pki_and_agent("web-1", &["--keep-versions", "1"]);
     let work = tempfile::tempdir().expect("tempdir");
     for version in ["1", "2", "3"] {
-        let port = install_beat(&pki, &agent, work.path(), version).await;
-        assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
+        beat_answering(&pki, &agent, work.path(), version).await;
     }
     let status = release_status(&pki, &agent, "beat").await.expect("known");
     assert_eq!(status.version.as_deref(), Some("3"));
