@@ -27,16 +27,16 @@ use crate::error::{Error, Result};
 use crate::files;
 
 /// How long the cluster CA is valid: 20 years.
-pub const CA_VALIDITY: Duration = Duration::days(20 * 365 + 5);
+pub(crate) const CA_VALIDITY: Duration = Duration::days(20 * 365 + 5);
 /// How long master and host certificates are valid: 5 years.
-pub const LEAF_VALIDITY: Duration = Duration::days(5 * 365 + 1);
+pub(crate) const LEAF_VALIDITY: Duration = Duration::days(5 * 365 + 1);
 /// How long a CRL claims to be current (its nextUpdate): as long as the CA.
 ///
 /// The CRL is only re-signed when something is revoked, and rustls does not
 /// enforce nextUpdate by default, so this mostly keeps `openssl verify -crl_check` happy.
-pub const CRL_VALIDITY: Duration = CA_VALIDITY;
+pub(crate) const CRL_VALIDITY: Duration = CA_VALIDITY;
 /// Certificates start to be valid this long before they are made, to tolerate clock skew.
-pub const BACKDATE: Duration = Duration::hours(1);
+pub(crate) const BACKDATE: Duration = Duration::hours(1);
 
 /// A CA able to sign certificates and CRLs.
 pub(crate) struct Ca {

@@ -249,7 +249,7 @@ impl MasterDir {
     }
 
     /// Copies `crl.pem` into every host bundle under `hosts/`.
-    pub fn refresh_bundle_crls(&self) -> Result<()> {
+    fn refresh_bundle_crls(&self) -> Result<()> {
         let crl = files::read(&self.crl_pem())?;
         for dir in self.host_dirs()? {
             files::write_atomic(&dir.join(CRL_PEM), &crl, PUBLIC_MODE, Existing::Replace)?;

@@ -5,7 +5,7 @@
 //! which certificate or which CA. These wrappers leave every decision to
 //! [`WebPkiServerVerifier`] and [`rustls::server::WebPkiClientVerifier`] and only replace those two
 //! errors with a [`PeerRefusal`] that names the peer's certificate and the issuer
-//! it lacks (a CRL from it, or its certificate). [`crate::explain_rustls_error`]
+//! it lacks (a CRL from it, or its certificate). `explain::explain_rustls_error`
 //! shows that text.
 //!
 //! On the agent's side only the revocation error is replaced: a replaced error is
