@@ -10,14 +10,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use erel_proto::{ReleaseState, ReleaseStatus};
+use erel_master::AgentClient;
+use erel_proto::{ReleaseState, ReleaseStatus, Started, Stopped};
 
 use crate::helper::install::{push_and_unpack, release_status, start_request};
 use crate::helper::release::shell_release;
-use crate::helper::{outlast_any_restart, pki_and_agent, wait_until, AgentProc, Pki};
-
-/// How long a condition is waited for; generous, the machine is shared.
-const PATIENCE: Duration = Duration::from_secs(30);
+use crate::helper::{outlast_any_restart, pki_and_agent, wait_until, AgentProc, Pki, PATIENCE};
 
 /// The issue's input: a helper in its own session, then the main process.
 const SETSID_HELPER: &str =
@@ -41,6 +39,19 @@ async fn install(pki: &Pki, agent: &AgentProc, work: &Path, version: &str, scrip
     let tarball = shell_release(work, "app", version, script);
     let mut client = pki.connect(agent).await;
     push_and_unpack(&mut client, &tarball, "app", version).await;
+}
+
+/// Starts version `version` of `app` with `argv`, which must succeed.
+async fn start_app(client: &mut AgentClient, version: &str, argv: &[&str]) -> Started {
+    let request = start_request("app", version, argv);
+    let started = client.start(request).await;
+    started.unwrap_or_else(|e| panic!("start app {version}: {e}"))
+}
+
+/// Stops `app` with a grace of ten seconds, which must succeed.
+async fn stop_app(client: &mut AgentClient) -> Stopped {
+    let stopped = client.stop("app", Duration::from_secs(10)).await;
+    stopped.unwrap_or_else(|e| panic!("stop app: {e}"))
 }
 
 async fn status(pki: &Pki, agent: &AgentProc) -> ReleaseStatus {
@@ -89,14 +100,14 @@ fn alive(pid: i32) -> bool {
 }
 
 /// An agent with cgroup containment; fails (never skips) when it fell back.
-fn cgroup_agent(pki: &Pki, id: &str) -> AgentProc {
-    let agent = AgentProc::start(pki, id, &[]);
+fn cgroup_agent(id: &str) -> (Pki, AgentProc) {
+    let (pki, agent) = pki_and_agent(id, &[]);
     assert!(
         agent.cgroup_dir().is_some(),
         "this test needs root and a writable cgroup v2; the agent said:\n{}",
         agent.log()
     );
-    agent
+    (pki, agent)
 }
 
 /// Runs `erel` with `args` (the host is inserted after the subcommand); returns
@@ -116,15 +127,11 @@ fn erel(pki: &Pki, agent: &AgentProc, command: &str, args: &[&str]) -> (bool, St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_reaches_a_helper_in_its_own_session() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-setsid");
+    let (pki, agent) = cgroup_agent("cg-setsid");
     let work = tempfile::tempdir().expect("tempdir");
     install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
     let mut client = pki.connect(&agent).await;
-    let started = client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    let started = start_app(&mut client, "1", &[]).await;
     // Found inside the wait, as a process in the middle of an exec can be missed by a
     // scan that follows it.
     let helper = std::sync::Mutex::new(None);
@@ -153,18 +160,12 @@ async fn stop_reaches_a_helper_in_its_own_session() {
     assert!(agent.release_pids("app").is_empty());
 
     // Started again: one main process and one helper, never two copies.
-    client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
     // A second copy would come from a restart, within one restart delay.
     outlast_any_restart().await;
     assert_eq!(members(&agent).len(), 2);
-    client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    stop_app(&mut client).await;
     assert!(members(&agent).is_empty());
 }
 
@@ -175,10 +176,7 @@ async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &st
     let work = tempfile::tempdir().expect("tempdir");
     install(pki, agent, work.path(), "1", script).await;
     let mut client = pki.connect(agent).await;
-    let started = client
-        .start(start_request("app", "1", argv))
-        .await
-        .expect("start");
+    let started = start_app(&mut client, "1", argv).await;
     assert!(
         wait_until(PATIENCE, || async {
             let s = status(pki, agent).await;
@@ -219,40 +217,31 @@ async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &st
     );
     outlast_any_restart().await;
     assert_eq!(members(agent).len(), 1);
-    let stopped = client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    let stopped = stop_app(&mut client).await;
     assert!(stopped.was_running);
     assert!(members(agent).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_double_forked_daemon_is_the_release() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-fork");
+    let (pki, agent) = cgroup_agent("cg-fork");
     daemonizing_release_runs_once(&agent, &pki, DOUBLE_FORK, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relx_style_daemon_command_is_the_release() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-relx");
+    let (pki, agent) = cgroup_agent("cg-relx");
     daemonizing_release_runs_once(&agent, &pki, RELX_STYLE, &["bin/app", "daemon"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
-    let pki = Pki::new();
-    let mut agent = cgroup_agent(&pki, "cg-adopt");
+    let (pki, mut agent) = cgroup_agent("cg-adopt");
     let work = tempfile::tempdir().expect("tempdir");
     install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
     install(&pki, &agent, work.path(), "2", RELX_STYLE).await;
     let mut client = pki.connect(&agent).await;
-    let started = client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    let started = start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
     let before = members(&agent);
 
@@ -268,10 +257,7 @@ async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
 
     // A daemonized version survives an agent kill -9 the same way.
     let mut client = pki.connect(&agent).await;
-    client
-        .start(start_request("app", "2", &["bin/app", "daemon"]))
-        .await
-        .expect("start 2");
+    start_app(&mut client, "2", &["bin/app", "daemon"]).await;
     assert!(before.iter().all(|&p| !alive(p)), "version 1 is gone");
     assert!(
         wait_until(PATIENCE, || async {
@@ -295,17 +281,13 @@ async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
     assert_eq!(now.pid, Some(daemon[0] as u32));
     assert!(agent.log().contains("adopted a running release"));
     let mut client = pki.connect(&agent).await;
-    client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    stop_app(&mut client).await;
     assert!(members(&agent).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_is_not_a_running_process() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-zombie");
+    let (pki, agent) = cgroup_agent("cg-zombie");
     let work = tempfile::tempdir().expect("tempdir");
     // The child exits at once, and `sleep`, which replaces the shell, never reaps it.
     install(
@@ -317,10 +299,7 @@ async fn a_zombie_is_not_a_running_process() {
     )
     .await;
     let mut client = pki.connect(&agent).await;
-    let started = client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    let started = start_app(&mut client, "1", &[]).await;
     let cgroup = agent.cgroup_dir().expect("cgroup").join("release.app");
     let zombie_seen = wait_until(PATIENCE, || async {
         std::fs::read_dir("/proc")
@@ -373,10 +352,7 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
     install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
     install(&pki, &agent, work.path(), "2", DOUBLE_FORK).await;
     let mut client = pki.connect(&agent).await;
-    client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { agent.release_pids("app").len() >= 2 }).await);
     let (ok, out, err) = erel(&pki, &agent, "stop", &["app"]);
     assert!(ok && out.contains("app stopped"), "{out}{err}");
@@ -386,10 +362,7 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
     );
 
     // A double-forked daemon is found by its environment and runs once.
-    client
-        .start(start_request("app", "2", &[]))
-        .await
-        .expect("start 2");
+    start_app(&mut client, "2", &[]).await;
     assert!(
         wait_until(PATIENCE, || async {
             status(&pki, &agent).await.state == ReleaseState::Running
@@ -400,10 +373,7 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
     outlast_any_restart().await;
     assert_eq!(agent.release_pids("app").len(), 1);
     assert_eq!(status(&pki, &agent).await.restarts, 0);
-    client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    stop_app(&mut client).await;
     assert!(agent.release_pids("app").is_empty());
 }
 
@@ -413,7 +383,7 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_users_process_with_the_markers_is_not_the_release() {
     use std::os::unix::process::CommandExt;
-    let user = TestUser::create();
+    let user = TestAccount::user();
     let (pki, agent) = pki_and_agent("forged", &["--cgroup-parent", "/cgroup.procs/erel"]);
     assert!(agent.cgroup_dir().is_none());
     let work = tempfile::tempdir().expect("tempdir");
@@ -466,55 +436,65 @@ async fn another_users_process_with_the_markers_is_not_the_release() {
     outcome.unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// A system user created for one test and removed when dropped.
-struct TestUser {
+/// A system user or group created for one test and removed when dropped.
+struct TestAccount {
     name: String,
+    /// `userdel` or `groupdel`.
+    remove_with: &'static str,
 }
 
-impl TestUser {
-    fn create() -> Self {
+impl TestAccount {
+    /// A system user without a home, named after this process and a counter.
+    fn user() -> Self {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "erelt{}x{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        add_account(
-            "useradd",
-            &["--system", "--no-create-home", "--shell", "/bin/sh"],
-            &name,
-        );
-        TestUser { name }
+        let serial = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("erelt{}x{serial}", std::process::id());
+        let args = ["--system", "--no-create-home", "--shell", "/bin/sh"];
+        Self::add("useradd", &args, name)
     }
 
+    /// A system group named after this process and `tag`.
+    fn group(tag: &str) -> Self {
+        let name = format!("erelg{}{tag}", std::process::id());
+        Self::add("groupadd", &["--system"], name)
+    }
+
+    /// Runs `program` (`useradd`, `groupadd`; the test needs root) with `args` and
+    /// `name`; the account is removed when dropped.
+    fn add(program: &'static str, args: &[&str], name: String) -> Self {
+        let status = std::process::Command::new(program)
+            .args(args)
+            .arg(&name)
+            .status()
+            .unwrap_or_else(|e| panic!("run {program} (this test needs root): {e}"));
+        assert!(status.success(), "{program} {name}");
+        let remove_with = if program == "groupadd" {
+            "groupdel"
+        } else {
+            "userdel"
+        };
+        TestAccount { name, remove_with }
+    }
+
+    /// The user's uid.
     fn uid(&self) -> u32 {
-        nix::unistd::User::from_name(&self.name)
-            .expect("lookup")
-            .expect("user exists")
-            .uid
-            .as_raw()
+        let user = nix::unistd::User::from_name(&self.name).expect("lookup");
+        user.expect("user exists").uid.as_raw()
+    }
+
+    /// The group's gid.
+    fn gid(&self) -> u32 {
+        let group = nix::unistd::Group::from_name(&self.name).expect("lookup");
+        group.expect("group exists").gid.as_raw()
     }
 }
 
-impl Drop for TestUser {
+impl Drop for TestAccount {
     fn drop(&mut self) {
-        remove_account("userdel", &self.name);
+        let _ = std::process::Command::new(self.remove_with)
+            .arg(&self.name)
+            .status();
     }
-}
-
-/// Runs `program` (`useradd`, `groupadd`; the test needs root) with `args` and `name`.
-fn add_account(program: &str, args: &[&str], name: &str) {
-    let status = std::process::Command::new(program)
-        .args(args)
-        .arg(name)
-        .status()
-        .unwrap_or_else(|e| panic!("run {program} (this test needs root): {e}"));
-    assert!(status.success(), "{program} {name}");
-}
-
-/// Runs `program` (`userdel`, `groupdel`) on `name`, whatever happens.
-fn remove_account(program: &str, name: &str) {
-    let _ = std::process::Command::new(program).arg(name).status();
 }
 
 fn owner_of(path: &Path) -> u32 {
@@ -524,9 +504,8 @@ fn owner_of(path: &Path) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_runs_as_its_user_and_writes_only_where_allowed() {
-    let user = TestUser::create();
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "as-user");
+    let user = TestAccount::user();
+    let (pki, agent) = cgroup_agent("as-user");
     let work = tempfile::tempdir().expect("tempdir");
     let script = "#!/bin/sh
 id -u > \"$EREL_DATA/uid\"
@@ -592,10 +571,7 @@ exec sleep 100000
             .all(|u| u == user.uid().to_string()),
         "{uid_line}"
     );
-    client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    stop_app(&mut client).await;
     assert!(members(&agent).is_empty());
 }
 
@@ -621,16 +597,12 @@ fn app_writers(agent: &AgentProc) -> usize {
 /// each restart, a crash loop leaves nothing running, and no output writer is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_start_command_leaves_nothing_behind_across_a_crash_loop() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-fail");
+    let (pki, agent) = cgroup_agent("cg-fail");
     let work = tempfile::tempdir().expect("tempdir");
     let script = "#!/bin/sh\nsetsid sh -c 'exec sleep 100000' &\nnohup sleep 100000 >/dev/null 2>&1 &\necho failing\nexit 3\n";
     install(&pki, &agent, work.path(), "1", script).await;
     let mut client = pki.connect(&agent).await;
-    client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    start_app(&mut client, "1", &[]).await;
     assert!(
         wait_until(PATIENCE, || async {
             status(&pki, &agent).await.state == ReleaseState::CrashLooping
@@ -651,8 +623,7 @@ async fn a_failing_start_command_leaves_nothing_behind_across_a_crash_loop() {
 /// test's `sleep` for this daemon.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-ssd");
+    let (pki, agent) = cgroup_agent("cg-ssd");
     let work = tempfile::tempdir().expect("tempdir");
     let script =
         "#!/bin/sh\nstart-stop-daemon --start --background --make-pidfile --pidfile \"$EREL_DATA/pid\" --exec /bin/sleep -- 100000\nexit 0\n";
@@ -666,10 +637,7 @@ async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it()
     )
     .await;
     let mut client = pki.connect(&agent).await;
-    client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    start_app(&mut client, "1", &[]).await;
     assert!(
         wait_until(PATIENCE, || async {
             let s = status(&pki, &agent).await;
@@ -687,10 +655,7 @@ async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it()
     assert_eq!(members(&agent).len(), 1);
     assert_eq!(status(&pki, &agent).await.restarts, 0);
     // A switch of version stops the daemon and leaves one writer at most.
-    client
-        .start(start_request("app", "2", &[]))
-        .await
-        .expect("start 2");
+    start_app(&mut client, "2", &[]).await;
     assert!(
         wait_until(PATIENCE, || async {
             status(&pki, &agent).await.state == ReleaseState::CrashLooping
@@ -714,10 +679,7 @@ async fn fork_storm_is_stopped_whole(agent: &AgentProc, pki: &Pki) {
     let script = "#!/bin/sh\ntrap '' TERM\necho storming\nwhile :; do\n  for i in 1 2 3 4 5 6 7 8 9 10; do sh -c \"trap '' TERM; sleep 0.3\" & done\n  sleep 0.03\ndone\n";
     install(pki, agent, work.path(), "1", script).await;
     let mut client = pki.connect(agent).await;
-    client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { members(agent).len() > 20 }).await);
     let begun = std::time::Instant::now();
     let stopped = client
@@ -736,8 +698,7 @@ async fn fork_storm_is_stopped_whole(agent: &AgentProc, pki: &Pki) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_storm_that_ignores_sigterm_is_stopped_whole() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-storm");
+    let (pki, agent) = cgroup_agent("cg-storm");
     fork_storm_is_stopped_whole(&agent, &pki).await;
 }
 
@@ -752,8 +713,7 @@ async fn a_fork_storm_that_ignores_sigterm_is_stopped_whole_without_cgroups() {
 /// the helper is still the release, stopped with it, and no second copy starts beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_helper_moved_into_a_cgroup_below_the_release_is_the_release() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-nested");
+    let (pki, agent) = cgroup_agent("cg-nested");
     let own = agent.cgroup_dir().expect("cgroup").join("release.app");
     let work = tempfile::tempdir().expect("tempdir");
     let script = format!(
@@ -762,10 +722,7 @@ async fn a_helper_moved_into_a_cgroup_below_the_release_is_the_release() {
     );
     install(&pki, &agent, work.path(), "1", &script).await;
     let mut client = pki.connect(&agent).await;
-    let started = client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    let started = start_app(&mut client, "1", &[]).await;
     let worker = own.join("worker");
     assert!(
         wait_until(PATIENCE, || async { live_pids(&worker).len() == 1 }).await,
@@ -774,10 +731,7 @@ async fn a_helper_moved_into_a_cgroup_below_the_release_is_the_release() {
     );
     let helper = live_pids(&worker)[0];
     assert_ne!(helper, started.pid as i32);
-    let stopped = client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    let stopped = stop_app(&mut client).await;
     assert!(stopped.was_running);
     let gone = !alive(helper);
     if !gone {
@@ -793,41 +747,14 @@ async fn a_helper_moved_into_a_cgroup_below_the_release_is_the_release() {
     );
 }
 
-/// A group created for one test and removed when dropped.
-struct TestGroup {
-    name: String,
-}
-
-impl TestGroup {
-    fn create(tag: &str) -> Self {
-        let name = format!("erelg{}{tag}", std::process::id());
-        add_account("groupadd", &["--system"], &name);
-        TestGroup { name }
-    }
-
-    fn gid(&self) -> u32 {
-        nix::unistd::Group::from_name(&self.name)
-            .expect("lookup")
-            .expect("group exists")
-            .gid
-            .as_raw()
-    }
-}
-
-impl Drop for TestGroup {
-    fn drop(&mut self) {
-        remove_account("groupdel", &self.name);
-    }
-}
-
 /// A user whose primary group is not named after it, with a supplementary group and no
 /// home directory, named by its numeric uid: the release runs with exactly those
 /// groups, its data directory belongs to that user and primary group, and it cannot
 /// write into another release's data directory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_with_other_groups_and_no_home_named_by_uid() {
-    let primary = TestGroup::create("p");
-    let extra = TestGroup::create("s");
+    let primary = TestAccount::group("p");
+    let extra = TestAccount::group("s");
     let name = format!("erelu{}", std::process::id());
     let system_user = [
         "--system",
@@ -836,10 +763,8 @@ async fn a_user_with_other_groups_and_no_home_named_by_uid() {
         "/nonexistent/erel",
     ];
     let groups = ["--gid", &primary.name, "--groups", &extra.name];
-    add_account("useradd", &[&system_user[..], &groups[..]].concat(), &name);
-    let user = TestUser { name };
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "as-uid");
+    let user = TestAccount::add("useradd", &[&system_user[..], &groups[..]].concat(), name);
+    let (pki, agent) = cgroup_agent("as-uid");
     let work = tempfile::tempdir().expect("tempdir");
     let other = agent.root.join("data/other");
     std::fs::create_dir_all(&other).expect("other data");
@@ -875,10 +800,7 @@ async fn a_user_with_other_groups_and_no_home_named_by_uid() {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(&data).expect("data");
     assert_eq!((meta.uid(), meta.gid()), (user.uid(), primary.gid()));
-    client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    stop_app(&mut client).await;
     drop(user);
 }
 
@@ -887,17 +809,13 @@ async fn a_user_with_other_groups_and_no_home_named_by_uid() {
 /// adoption leaves none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
-    let pki = Pki::new();
-    let mut agent = cgroup_agent(&pki, "cg-writers");
+    let (pki, mut agent) = cgroup_agent("cg-writers");
     let work = tempfile::tempdir().expect("tempdir");
     let ticking = "#!/bin/sh\nsetsid sh -c 'while :; do echo helper; sleep 0.2; done' &\nwhile :; do echo tick; sleep 0.2; done\n";
     install(&pki, &agent, work.path(), "1", ticking).await;
     install(&pki, &agent, work.path(), "2", RELX_STYLE).await;
     let mut client = pki.connect(&agent).await;
-    client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
     assert_eq!(app_writers(&agent), 1);
     agent.kill9();
@@ -909,10 +827,7 @@ async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
         .await
     );
     let mut client = pki.connect(&agent).await;
-    client
-        .start(start_request("app", "2", &["bin/app", "daemon"]))
-        .await
-        .expect("switch");
+    start_app(&mut client, "2", &["bin/app", "daemon"]).await;
     assert!(
         wait_until(PATIENCE, || async {
             let now = members(&agent);
@@ -928,20 +843,14 @@ async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
         "writers left after a switch: {}",
         app_writers(&agent)
     );
-    client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("switch back");
+    start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
     agent.kill9();
     agent.restart();
     outlast_any_restart().await;
     assert_eq!(app_writers(&agent), 1);
     let mut client = pki.connect(&agent).await;
-    client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    stop_app(&mut client).await;
     assert!(members(&agent).is_empty());
     assert!(
         wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
@@ -954,10 +863,9 @@ async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
 /// so the previous user keeps no hold on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_of_user_hands_the_data_directory_over() {
-    let first = TestUser::create();
-    let second = TestUser::create();
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "handover");
+    let first = TestAccount::user();
+    let second = TestAccount::user();
+    let (pki, agent) = cgroup_agent("handover");
     let work = tempfile::tempdir().expect("tempdir");
     let script = "#!/bin/sh
 mkdir -p \"$EREL_DATA/sub\"
@@ -990,27 +898,18 @@ exec sleep 100000
             "user {} could not write what the previous user left",
             user.name
         );
-        client
-            .stop("app", Duration::from_secs(10))
-            .await
-            .expect("stop");
+        stop_app(&mut client).await;
     }
     for path in ["", "log", "log/node.log", "sub", "sub/state"] {
         assert_eq!(owner_of(&data.join(path)), second.uid(), "{path}");
     }
-    client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    start_app(&mut client, "1", &[]).await;
     assert!(
         wait_until(PATIENCE, || async { data.join("done-0").exists() }).await,
         "{}",
         agent.log()
     );
-    client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    stop_app(&mut client).await;
     for path in ["", "log", "sub/state"] {
         assert_eq!(owner_of(&data.join(path)), 0, "{path}");
     }
