@@ -34,9 +34,20 @@ case \"$1\" in
 esac
 ";
 
+/// A [`cgroup_agent`] `id` running version 1 of `app` whose `bin/app` is `script`,
+/// and the client that started it.
+async fn cgroup_app(id: &str, script: &str) -> (Pki, AgentProc, AgentClient, Started) {
+    let (pki, agent) = cgroup_agent(id);
+    install(&pki, &agent, "1", script).await;
+    let mut client = pki.connect(&agent).await;
+    let started = start_app(&mut client, "1", &[]).await;
+    (pki, agent, client, started)
+}
+
 /// Pushes and unpacks a shell release `app` `version` whose `bin/app` is `script`.
-async fn install(pki: &Pki, agent: &AgentProc, work: &Path, version: &str, script: &str) {
-    let tarball = shell_release(work, "app", version, script);
+async fn install(pki: &Pki, agent: &AgentProc, version: &str, script: &str) {
+    let work = tempfile::tempdir().expect("tempdir");
+    let tarball = shell_release(work.path(), "app", version, script);
     let mut client = pki.connect(agent).await;
     push_and_unpack(&mut client, &tarball, "app", version).await;
 }
@@ -52,6 +63,20 @@ async fn start_app(client: &mut AgentClient, version: &str, argv: &[&str]) -> St
 async fn stop_app(client: &mut AgentClient) -> Stopped {
     let stopped = client.stop("app", Duration::from_secs(10)).await;
     stopped.unwrap_or_else(|e| panic!("stop app: {e}"))
+}
+
+/// Waits until `app` is in `state`; panics with the agent's log when it is not.
+async fn assert_reaches(pki: &Pki, agent: &AgentProc, state: ReleaseState) {
+    let reached = wait_until(PATIENCE, || async {
+        status(pki, agent).await.state == state
+    });
+    assert!(reached.await, "{state:?} not reached:\n{}", agent.log());
+}
+
+/// Waits until no output writer of `app` is left; panics, saying `when`, when one is.
+async fn assert_no_writers_left(agent: &AgentProc, when: &str) {
+    let gone = wait_until(PATIENCE, || async { app_writers(agent) == 0 }).await;
+    assert!(gone, "{} writers left {when}", app_writers(agent));
 }
 
 async fn status(pki: &Pki, agent: &AgentProc) -> ReleaseStatus {
@@ -128,8 +153,7 @@ fn erel(pki: &Pki, agent: &AgentProc, command: &str, args: &[&str]) -> (bool, St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_reaches_a_helper_in_its_own_session() {
     let (pki, agent) = cgroup_agent("cg-setsid");
-    let work = tempfile::tempdir().expect("tempdir");
-    install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
+    install(&pki, &agent, "1", SETSID_HELPER).await;
     let mut client = pki.connect(&agent).await;
     let started = start_app(&mut client, "1", &[]).await;
     // Found inside the wait, as a process in the middle of an exec can be missed by a
@@ -173,8 +197,7 @@ async fn stop_reaches_a_helper_in_its_own_session() {
 /// the release, reported as running, never restarted while it lives, restarted once
 /// when it dies, and stopped entirely.
 async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &str, argv: &[&str]) {
-    let work = tempfile::tempdir().expect("tempdir");
-    install(pki, agent, work.path(), "1", script).await;
+    install(pki, agent, "1", script).await;
     let mut client = pki.connect(agent).await;
     let started = start_app(&mut client, "1", argv).await;
     assert!(
@@ -237,16 +260,14 @@ async fn a_relx_style_daemon_command_is_the_release() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
     let (pki, mut agent) = cgroup_agent("cg-adopt");
-    let work = tempfile::tempdir().expect("tempdir");
-    install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
-    install(&pki, &agent, work.path(), "2", RELX_STYLE).await;
+    install(&pki, &agent, "1", SETSID_HELPER).await;
+    install(&pki, &agent, "2", RELX_STYLE).await;
     let mut client = pki.connect(&agent).await;
     let started = start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
     let before = members(&agent);
 
     for round in 0..2 {
-        agent.kill9();
         agent.restart();
         outlast_any_restart().await;
         assert_eq!(members(&agent), before, "round {round}\n{}", agent.log());
@@ -272,7 +293,6 @@ async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
         .await
     );
     let daemon = members(&agent);
-    agent.kill9();
     agent.restart();
     outlast_any_restart().await;
     assert_eq!(members(&agent), daemon, "{}", agent.log());
@@ -287,19 +307,9 @@ async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_is_not_a_running_process() {
-    let (pki, agent) = cgroup_agent("cg-zombie");
-    let work = tempfile::tempdir().expect("tempdir");
     // The child exits at once, and `sleep`, which replaces the shell, never reaps it.
-    install(
-        &pki,
-        &agent,
-        work.path(),
-        "1",
-        "#!/bin/sh\nsleep 0 &\nexec sleep 100000\n",
-    )
-    .await;
-    let mut client = pki.connect(&agent).await;
-    let started = start_app(&mut client, "1", &[]).await;
+    let script = "#!/bin/sh\nsleep 0 &\nexec sleep 100000\n";
+    let (pki, agent, mut client, started) = cgroup_app("cg-zombie", script).await;
     let cgroup = agent.cgroup_dir().expect("cgroup").join("release.app");
     let zombie_seen = wait_until(PATIENCE, || async {
         std::fs::read_dir("/proc")
@@ -348,9 +358,8 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
         "{ping}"
     );
 
-    let work = tempfile::tempdir().expect("tempdir");
-    install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
-    install(&pki, &agent, work.path(), "2", DOUBLE_FORK).await;
+    install(&pki, &agent, "1", SETSID_HELPER).await;
+    install(&pki, &agent, "2", DOUBLE_FORK).await;
     let mut client = pki.connect(&agent).await;
     start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { agent.release_pids("app").len() >= 2 }).await);
@@ -386,15 +395,7 @@ async fn another_users_process_with_the_markers_is_not_the_release() {
     let user = TestAccount::user();
     let (pki, agent) = pki_and_agent("forged", &["--cgroup-parent", "/cgroup.procs/erel"]);
     assert!(agent.cgroup_dir().is_none());
-    let work = tempfile::tempdir().expect("tempdir");
-    install(
-        &pki,
-        &agent,
-        work.path(),
-        "1",
-        "#!/bin/sh\nexec sleep 100000\n",
-    )
-    .await;
+    install(&pki, &agent, "1", "#!/bin/sh\nexec sleep 100000\n").await;
     let root = std::fs::canonicalize(&agent.root).expect("root");
     let mut forged = std::process::Command::new("sleep")
         .arg("100001")
@@ -506,7 +507,6 @@ fn owner_of(path: &Path) -> u32 {
 async fn a_release_runs_as_its_user_and_writes_only_where_allowed() {
     let user = TestAccount::user();
     let (pki, agent) = cgroup_agent("as-user");
-    let work = tempfile::tempdir().expect("tempdir");
     let script = "#!/bin/sh
 id -u > \"$EREL_DATA/uid\"
 if touch \"$(pwd)/written\" 2>/dev/null; then echo yes; else echo no; fi > \"$EREL_DATA/version-dir-writable\"
@@ -514,7 +514,7 @@ if touch bin/app 2>/dev/null; then echo yes; else echo no; fi > \"$EREL_DATA/pro
 mkdir -p \"$RUNNER_LOG_DIR\" && echo ok > \"$RUNNER_LOG_DIR/run.log\"
 exec sleep 100000
 ";
-    install(&pki, &agent, work.path(), "1", script).await;
+    install(&pki, &agent, "1", script).await;
     let mut request = start_request("app", "1", &[]);
     request.user = Some(user.name.clone());
     let mut client = pki.connect(&agent).await;
@@ -597,25 +597,11 @@ fn app_writers(agent: &AgentProc) -> usize {
 /// each restart, a crash loop leaves nothing running, and no output writer is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_start_command_leaves_nothing_behind_across_a_crash_loop() {
-    let (pki, agent) = cgroup_agent("cg-fail");
-    let work = tempfile::tempdir().expect("tempdir");
     let script = "#!/bin/sh\nsetsid sh -c 'exec sleep 100000' &\nnohup sleep 100000 >/dev/null 2>&1 &\necho failing\nexit 3\n";
-    install(&pki, &agent, work.path(), "1", script).await;
-    let mut client = pki.connect(&agent).await;
-    start_app(&mut client, "1", &[]).await;
-    assert!(
-        wait_until(PATIENCE, || async {
-            status(&pki, &agent).await.state == ReleaseState::CrashLooping
-        })
-        .await,
-        "{}",
-        agent.log()
-    );
+    let (pki, agent, _client, _) = cgroup_app("cg-fail", script).await;
+    assert_reaches(&pki, &agent, ReleaseState::CrashLooping).await;
     assert!(members(&agent).is_empty(), "{:?}", members(&agent));
-    assert!(
-        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
-        "writers left after a crash loop"
-    );
+    assert_no_writers_left(&agent, "after a crash loop").await;
 }
 
 /// `start-stop-daemon --background` and a child that ends later: daemonized, the child's
@@ -624,18 +610,11 @@ async fn a_failing_start_command_leaves_nothing_behind_across_a_crash_loop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it() {
     let (pki, agent) = cgroup_agent("cg-ssd");
-    let work = tempfile::tempdir().expect("tempdir");
     let script =
         "#!/bin/sh\nstart-stop-daemon --start --background --make-pidfile --pidfile \"$EREL_DATA/pid\" --exec /bin/sleep -- 100000\nexit 0\n";
-    install(&pki, &agent, work.path(), "1", script).await;
-    install(
-        &pki,
-        &agent,
-        work.path(),
-        "2",
-        "#!/bin/sh\n(sleep 1; echo child-done) &\nexit 0\n",
-    )
-    .await;
+    install(&pki, &agent, "1", script).await;
+    let script = "#!/bin/sh\n(sleep 1; echo child-done) &\nexit 0\n";
+    install(&pki, &agent, "2", script).await;
     let mut client = pki.connect(&agent).await;
     start_app(&mut client, "1", &[]).await;
     assert!(
@@ -656,28 +635,17 @@ async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it()
     assert_eq!(status(&pki, &agent).await.restarts, 0);
     // A switch of version stops the daemon and leaves one writer at most.
     start_app(&mut client, "2", &[]).await;
-    assert!(
-        wait_until(PATIENCE, || async {
-            status(&pki, &agent).await.state == ReleaseState::CrashLooping
-        })
-        .await,
-        "{}",
-        agent.log()
-    );
+    assert_reaches(&pki, &agent, ReleaseState::CrashLooping).await;
     assert!(members(&agent).is_empty());
-    assert!(
-        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
-        "writers left"
-    );
+    assert_no_writers_left(&agent, "").await;
 }
 
 /// A release that ignores SIGTERM and forks short processes without end while it is
 /// stopped (bounded: about a hundred at a time) is killed whole, with cgroups and in the
 /// fallback.
 async fn fork_storm_is_stopped_whole(agent: &AgentProc, pki: &Pki) {
-    let work = tempfile::tempdir().expect("tempdir");
     let script = "#!/bin/sh\ntrap '' TERM\necho storming\nwhile :; do\n  for i in 1 2 3 4 5 6 7 8 9 10; do sh -c \"trap '' TERM; sleep 0.3\" & done\n  sleep 0.03\ndone\n";
-    install(pki, agent, work.path(), "1", script).await;
+    install(pki, agent, "1", script).await;
     let mut client = pki.connect(agent).await;
     start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { members(agent).len() > 20 }).await);
@@ -715,12 +683,11 @@ async fn a_fork_storm_that_ignores_sigterm_is_stopped_whole_without_cgroups() {
 async fn a_helper_moved_into_a_cgroup_below_the_release_is_the_release() {
     let (pki, agent) = cgroup_agent("cg-nested");
     let own = agent.cgroup_dir().expect("cgroup").join("release.app");
-    let work = tempfile::tempdir().expect("tempdir");
     let script = format!(
         "#!/bin/sh\nmkdir -p '{dir}/worker'\nsh -c 'echo $$ > \"$0/worker/cgroup.procs\" && exec sleep 100000' '{dir}' &\nexec sleep 100000\n",
         dir = own.display()
     );
-    install(&pki, &agent, work.path(), "1", &script).await;
+    install(&pki, &agent, "1", &script).await;
     let mut client = pki.connect(&agent).await;
     let started = start_app(&mut client, "1", &[]).await;
     let worker = own.join("worker");
@@ -765,7 +732,6 @@ async fn a_user_with_other_groups_and_no_home_named_by_uid() {
     let groups = ["--gid", &primary.name, "--groups", &extra.name];
     let user = TestAccount::add("useradd", &[&system_user[..], &groups[..]].concat(), name);
     let (pki, agent) = cgroup_agent("as-uid");
-    let work = tempfile::tempdir().expect("tempdir");
     let other = agent.root.join("data/other");
     std::fs::create_dir_all(&other).expect("other data");
     use std::os::unix::fs::PermissionsExt;
@@ -774,7 +740,7 @@ async fn a_user_with_other_groups_and_no_home_named_by_uid() {
         "#!/bin/sh\nid -G | tr ' ' '\\n' | sort -n | tr '\\n' ' ' > \"$EREL_DATA/groups\"\necho \"$HOME\" > \"$EREL_DATA/home\"\nif touch '{}/x' 2>/dev/null; then echo yes; else echo no; fi > \"$EREL_DATA/other-writable\"\nexec sleep 100000\n",
         other.display()
     );
-    install(&pki, &agent, work.path(), "1", &script).await;
+    install(&pki, &agent, "1", &script).await;
     let mut request = start_request("app", "1", &[]);
     request.user = Some(user.uid().to_string());
     let mut client = pki.connect(&agent).await;
@@ -810,15 +776,13 @@ async fn a_user_with_other_groups_and_no_home_named_by_uid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
     let (pki, mut agent) = cgroup_agent("cg-writers");
-    let work = tempfile::tempdir().expect("tempdir");
     let ticking = "#!/bin/sh\nsetsid sh -c 'while :; do echo helper; sleep 0.2; done' &\nwhile :; do echo tick; sleep 0.2; done\n";
-    install(&pki, &agent, work.path(), "1", ticking).await;
-    install(&pki, &agent, work.path(), "2", RELX_STYLE).await;
+    install(&pki, &agent, "1", ticking).await;
+    install(&pki, &agent, "2", RELX_STYLE).await;
     let mut client = pki.connect(&agent).await;
     start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
     assert_eq!(app_writers(&agent), 1);
-    agent.kill9();
     agent.restart();
     assert!(
         wait_until(PATIENCE, || async {
@@ -838,24 +802,16 @@ async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
         agent.log()
     );
     // The daemon's output goes to /dev/null: its writer ended with the start command.
-    assert!(
-        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
-        "writers left after a switch: {}",
-        app_writers(&agent)
-    );
+    assert_no_writers_left(&agent, "after a switch: {}").await;
     start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
-    agent.kill9();
     agent.restart();
     outlast_any_restart().await;
     assert_eq!(app_writers(&agent), 1);
     let mut client = pki.connect(&agent).await;
     stop_app(&mut client).await;
     assert!(members(&agent).is_empty());
-    assert!(
-        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
-        "writers left after stop"
-    );
+    assert_no_writers_left(&agent, "after stop").await;
 }
 
 /// A release started as another user, then as none: its data directory and what the
@@ -866,7 +822,6 @@ async fn a_change_of_user_hands_the_data_directory_over() {
     let first = TestAccount::user();
     let second = TestAccount::user();
     let (pki, agent) = cgroup_agent("handover");
-    let work = tempfile::tempdir().expect("tempdir");
     let script = "#!/bin/sh
 mkdir -p \"$EREL_DATA/sub\"
 if echo \"$(id -u)\" >> \"$RUNNER_LOG_DIR/node.log\" && echo \"$(id -u)\" >> \"$EREL_DATA/sub/state\"; then
@@ -876,7 +831,7 @@ else
 fi
 exec sleep 100000
 ";
-    install(&pki, &agent, work.path(), "1", script).await;
+    install(&pki, &agent, "1", script).await;
     let data: PathBuf = agent.root.join("data/app");
     let mut client = pki.connect(&agent).await;
     for user in [&first, &second] {

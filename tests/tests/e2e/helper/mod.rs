@@ -291,7 +291,7 @@ impl AgentProc {
         self.process.terminate_within(Duration::from_secs(40))
     }
 
-    /// Starts the agent again on the same root and port.
+    /// `kill -9` the agent and start it again on the same root and port.
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
