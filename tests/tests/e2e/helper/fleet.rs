@@ -98,6 +98,11 @@ impl Fleet {
         self.states.path().join(name)
     }
 
+    /// The pids of release `name` on each host, in host order.
+    pub fn release_pids(&self, name: &str) -> Vec<Vec<i32>> {
+        self.agents.iter().map(|a| a.release_pids(name)).collect()
+    }
+
     /// Every agent's log, for failure messages.
     pub fn agent_logs(&self) -> String {
         self.agents
