@@ -22,8 +22,9 @@ use crate::helper::{
 };
 
 /// Pushes, unpacks and starts the beat release `version`; returns the port it serves.
-async fn install_beat(pki: &Pki, agent: &AgentProc, work: &std::path::Path, version: &str) -> u16 {
-    let tarball = beat_release(work, "beat", version);
+async fn install_beat(pki: &Pki, agent: &AgentProc, version: &str) -> u16 {
+    let work = tempfile::tempdir().expect("tempdir");
+    let tarball = beat_release(work.path(), "beat", version);
     let mut client = pki.connect(agent).await;
     let port = free_port();
     let env = vec![("BEAT_PORT".into(), port.to_string())];
@@ -32,13 +33,8 @@ async fn install_beat(pki: &Pki, agent: &AgentProc, work: &std::path::Path, vers
 }
 
 /// [`install_beat`], then waits until the release answers on its port.
-async fn beat_answering(
-    pki: &Pki,
-    agent: &AgentProc,
-    work: &std::path::Path,
-    version: &str,
-) -> u16 {
-    let port = install_beat(pki, agent, work, version).await;
+async fn beat_answering(pki: &Pki, agent: &AgentProc, version: &str) -> u16 {
+    let port = install_beat(pki, agent, version).await;
     assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
     port
 }
@@ -59,8 +55,7 @@ async fn beat_answer(port: u16) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_unpack_start_ping_stop() {
     let (pki, agent) = pki_and_agent("web-1", &[]);
-    let work = tempfile::tempdir().expect("tempdir");
-    let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
+    let port = install_beat(&pki, &agent, "0.1.0").await;
 
     assert!(
         wait_until(PATIENCE, || async {
@@ -109,8 +104,7 @@ async fn push_unpack_start_ping_stop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starting_the_running_version_changes_nothing_and_a_new_version_replaces_it() {
     let (pki, agent) = pki_and_agent("web-1", &[]);
-    let work = tempfile::tempdir().expect("tempdir");
-    let port = beat_answering(&pki, &agent, work.path(), "0.1.0").await;
+    let port = beat_answering(&pki, &agent, "0.1.0").await;
     let pid = agent.release_pids("beat");
 
     let mut client = pki.connect(&agent).await;
@@ -127,7 +121,7 @@ async fn starting_the_running_version_changes_nothing_and_a_new_version_replaces
     assert!(again.already_running);
     assert_eq!(agent.release_pids("beat"), pid, "same process");
 
-    let port2 = install_beat(&pki, &agent, work.path(), "0.2.0").await;
+    let port2 = install_beat(&pki, &agent, "0.2.0").await;
     assert!(
         wait_until(PATIENCE, || async {
             beat_answer(port2).await.as_deref() == Some("beat 0.2.0 web-1")
@@ -360,7 +354,7 @@ async fn hostile_archive_over_the_wire_writes_nothing() {
 async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() {
     let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
-    let port = beat_answering(&pki, &agent, work.path(), "0.1.0").await;
+    let port = beat_answering(&pki, &agent, "0.1.0").await;
     let first = agent.release_pids("beat");
     assert_eq!(first.len(), 1);
     nix::sys::signal::kill(
@@ -432,8 +426,7 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
     let (pki, mut agent) = pki_and_agent("web-1", &[]);
-    let work = tempfile::tempdir().expect("tempdir");
-    let port = beat_answering(&pki, &agent, work.path(), "0.1.0").await;
+    let port = beat_answering(&pki, &agent, "0.1.0").await;
     let pids = agent.release_pids("beat");
     assert_eq!(pids.len(), 1);
 
@@ -628,8 +621,7 @@ async fn a_master_from_another_cluster_is_refused_with_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_json_reports_everything() {
     let (pki, agent) = pki_and_agent("web-1", &[]);
-    let work = tempfile::tempdir().expect("tempdir");
-    beat_answering(&pki, &agent, work.path(), "0.1.0").await;
+    beat_answering(&pki, &agent, "0.1.0").await;
     let out = pki
         .erel()
         .args(["ping", "--json"])
@@ -681,9 +673,8 @@ async fn a_revoked_master_is_refused_without_restarting_the_agent_and_a_new_one_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_versions_and_their_archives_are_removed_beyond_the_kept_ones() {
     let (pki, agent) = pki_and_agent("web-1", &["--keep-versions", "1"]);
-    let work = tempfile::tempdir().expect("tempdir");
     for version in ["1", "2", "3"] {
-        beat_answering(&pki, &agent, work.path(), version).await;
+        beat_answering(&pki, &agent, version).await;
     }
     let status = release_status(&pki, &agent, "beat").await.expect("known");
     assert_eq!(status.version.as_deref(), Some("3"));
