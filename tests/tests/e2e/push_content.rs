@@ -12,7 +12,7 @@ use erel_master::Error;
 
 use crate::helper::install::without_digest;
 use crate::helper::release::sha256;
-use crate::helper::{pki_and_agent, retry_while_busy, AgentProc, Pki};
+use crate::helper::{output_text, pki_and_agent, retry_while_busy, AgentProc, Pki};
 
 /// `len` bytes of a pattern that differs with `seed`.
 fn content(seed: u8, len: usize) -> Vec<u8> {
@@ -32,21 +32,12 @@ fn run(program: &str, args: &[&str]) {
 
 /// `erel push` with a digest cache of its own; returns what it printed.
 fn cli_push(pki: &Pki, agent: &AgentProc, cache: &Path, file: &Path, dest: &str) -> String {
-    let out = pki
-        .erel()
-        .env("XDG_CACHE_HOME", cache)
-        .arg("push")
-        .arg(agent.host().to_string())
-        .arg(file)
-        .arg(dest)
-        .output()
-        .expect("run erel push");
-    assert!(
-        out.status.success(),
-        "push failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let mut push = pki.erel_at("push", agent);
+    let out = push.env("XDG_CACHE_HOME", cache).arg(file).arg(dest);
+    let out = out.output().expect("run erel push");
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "push failed: {}", output_text(&out));
+    printed
 }
 
 struct Stat {
