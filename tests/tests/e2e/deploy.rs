@@ -19,7 +19,7 @@ use erel_proto::ReleaseState;
 use crate::helper::fleet::Fleet;
 use crate::helper::otp::build_release_with;
 use crate::helper::release::{beat_release, failing_beat_release};
-use crate::helper::{follow_stderr, free_port, output_text, poll_until};
+use crate::helper::{follow_lines, free_port, output_text, poll_until};
 
 const RELEASE: &str = "beat";
 
@@ -522,7 +522,7 @@ async fn the_daemon_converges_repairs_drift_follows_revisions_and_stops_on_sigte
         .spawn()
         .expect("spawn erel master");
     let stderr = child.stderr.take().expect("stderr");
-    let reader = follow_stderr(stderr, log.clone(), |_| {});
+    let reader = follow_lines(stderr, log.clone(), |_| {});
     let beats_are = |version: &'static str| {
         let expected = fleet.beats_of(version);
         let fleet = &fleet;

@@ -259,7 +259,7 @@ impl AgentProc {
         let mut announced = false;
         // The sender goes with the reader when the agent's stderr ends, so an agent that
         // exits before it listens is seen at once.
-        follow_stderr(stderr, self.process.log.clone(), move |line| {
+        follow_lines(stderr, self.process.log.clone(), move |line| {
             if !announced {
                 if let Some(addr) = listen_addr(line) {
                     let _ = tx.send(addr);
@@ -362,9 +362,10 @@ impl Drop for AgentProc {
     }
 }
 
-/// Copies each line of a child's `stderr` into `log` on a thread of its own, showing it
-/// to `on_line` first; the thread, and `on_line` with it, ends with the stream.
-pub fn follow_stderr(
+/// Copies each line of a child's output (`stderr`, or its stdout) into `log` on a thread
+/// of its own, showing it to `on_line` first; the thread, and `on_line` with it, ends
+/// with the stream.
+pub fn follow_lines(
     stderr: impl std::io::Read + Send + 'static,
     log: Arc<Mutex<String>>,
     mut on_line: impl FnMut(&str) + Send + 'static,
@@ -396,7 +397,7 @@ impl Followed {
             .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
         let process = Followed::default();
         let stderr = child.stderr.take().expect("stderr");
-        follow_stderr(stderr, process.log.clone(), |_| {});
+        follow_lines(stderr, process.log.clone(), |_| {});
         Followed {
             child: Some(child),
             ..process
