@@ -102,8 +102,8 @@ pub fn client_config_from(
 pub(crate) enum SentChain {
     /// The file as it is, unchecked (see [`client_config_from`]).
     AsItIs,
-    /// The chain found from its first certificate to `ca.pem`, which must exist
-    /// (see `chain`).
+    /// The chain from its first certificate to a CA of `ca.pem`; refused when there
+    /// is none (see `chain`).
     Checked,
 }
 
