@@ -573,14 +573,10 @@ async fn the_daemon_converges_repairs_drift_follows_revisions_and_stops_on_sigte
     let _ = reader.join();
     let text = log_text();
     assert!(status.success(), "{status:?}\n{text}");
-    assert!(
-        text.contains("revision=2") || text.contains("revision 2"),
-        "{text}"
-    );
-    assert!(
-        text.contains("done, runs 0.2.0"),
-        "logs what it does:\n{text}"
-    );
+    let names_the_revision = text.contains("revision=2") || text.contains("revision 2");
+    assert!(names_the_revision, "{text}");
+    let done = text.contains("done, runs 0.2.0");
+    assert!(done, "logs what it does:\n{text}");
     fleet.expect_beats("0.2.0");
 }
 
