@@ -121,6 +121,17 @@ impl Error {
         }
     }
 
+    /// [`Error::InvalidName`] for `name` when a check found a `reason` to refuse it.
+    pub(crate) fn name_check(name: &str, reason: Option<String>) -> Result<()> {
+        match reason {
+            Some(reason) => Err(Error::InvalidName {
+                name: name.to_string(),
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// An rcgen error while making `what`.
     pub(crate) fn rcgen(what: impl Into<String>, source: rcgen::Error) -> Self {
         Error::Rcgen {

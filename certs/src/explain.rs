@@ -28,7 +28,7 @@ pub fn explain_tls_error(err: &std::io::Error) -> Option<String> {
 }
 
 /// Explains a [`rustls::Error`] as [`explain_tls_error`] does.
-pub fn explain_rustls_error(err: &TlsError) -> Option<String> {
+pub(crate) fn explain_rustls_error(err: &TlsError) -> Option<String> {
     match err {
         TlsError::AlertReceived(alert) => explain_alert(*alert),
         TlsError::InvalidCertificate(cert) => Some(explain_peer_certificate(cert)),

@@ -26,12 +26,12 @@ pub const MASTER_KEY: &str = "master.key";
 /// The certificate revocation list, in the master directory and in every host bundle.
 pub const CRL_PEM: &str = "crl.pem";
 /// The directory holding one bundle per host.
-pub const HOSTS_DIR: &str = "hosts";
+pub(crate) const HOSTS_DIR: &str = "hosts";
 /// A host's server certificate, in its bundle.
 pub const HOST_PEM: &str = "host.pem";
 /// A host's private key, in its bundle.
 pub const HOST_KEY: &str = "host.key";
 /// The name [`crate::MasterDir::revoke`] takes for the master's own certificate.
-pub const MASTER_NAME: &str = "master";
+pub(crate) const MASTER_NAME: &str = "master";
 /// Common name of the master's client certificate.
-pub const MASTER_COMMON_NAME: &str = "erel-master";
+pub(crate) const MASTER_COMMON_NAME: &str = "erel-master";

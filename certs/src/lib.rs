@@ -9,7 +9,7 @@
 //! * [`layout`]: the file names of the directory and of a host bundle.
 //! * `store`: [`MasterDir`] — `init`, `issue_host`, `revoke`, the master's client config.
 //! * `pki`: key, certificate and CRL generation with rcgen (validity in
-//!   [`CA_VALIDITY`] and [`LEAF_VALIDITY`]).
+//!   `CA_VALIDITY` and `LEAF_VALIDITY`: 20 and 5 years).
 //! * `tls`: the rustls configurations ([`server_config`], [`client_config_from`]),
 //!   [`server_name`], [`peer_name`] and [`bundle_fingerprint`] for reloading.
 //! * `chain`: a bundle's own chain, from its certificate to a CA of `ca.pem`.
@@ -80,8 +80,7 @@ mod tls;
 mod verify;
 
 pub use error::{Error, Result};
-pub use explain::{explain_rustls_error, explain_tls_error};
-pub use pki::{CA_VALIDITY, LEAF_VALIDITY};
+pub use explain::explain_tls_error;
 pub use store::MasterDir;
 pub use tls::{
     bundle_fingerprint, client_config_from, peer_name, provider, server_config, server_name,
@@ -89,7 +88,7 @@ pub use tls::{
 };
 
 /// The longest host id: one DNS label.
-pub const MAX_HOST_ID_LEN: usize = 63;
+const MAX_HOST_ID_LEN: usize = 63;
 
 /// Checks a host id: 1 to 63 characters of lowercase letters, digits and `-`,
 /// neither starting nor ending with `-`, and not all digits. Such an id is a
@@ -116,11 +115,5 @@ pub fn validate_host_id(id: &str) -> Result<()> {
     } else {
         None
     };
-    match reason {
-        Some(reason) => Err(Error::InvalidName {
-            name: id.to_string(),
-            reason,
-        }),
-        None => Ok(()),
-    }
+    Error::name_check(id, reason)
 }

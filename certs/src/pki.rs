@@ -27,16 +27,16 @@ use crate::error::{Error, Result};
 use crate::files;
 
 /// How long the cluster CA is valid: 20 years.
-pub const CA_VALIDITY: Duration = Duration::days(20 * 365 + 5);
+pub(crate) const CA_VALIDITY: Duration = Duration::days(20 * 365 + 5);
 /// How long master and host certificates are valid: 5 years.
-pub const LEAF_VALIDITY: Duration = Duration::days(5 * 365 + 1);
+pub(crate) const LEAF_VALIDITY: Duration = Duration::days(5 * 365 + 1);
 /// How long a CRL claims to be current (its nextUpdate): as long as the CA.
 ///
 /// The CRL is only re-signed when something is revoked, and rustls does not
 /// enforce nextUpdate by default, so this mostly keeps `openssl verify -crl_check` happy.
-pub const CRL_VALIDITY: Duration = CA_VALIDITY;
+pub(crate) const CRL_VALIDITY: Duration = CA_VALIDITY;
 /// Certificates start to be valid this long before they are made, to tolerate clock skew.
-pub const BACKDATE: Duration = Duration::hours(1);
+pub(crate) const BACKDATE: Duration = Duration::hours(1);
 
 /// A CA able to sign certificates and CRLs.
 pub(crate) struct Ca {
@@ -49,10 +49,7 @@ pub(crate) struct Ca {
 
 impl fmt::Debug for Ca {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Ca")
-            .field("issuer", &self.issuer)
-            .field("key", &"[secret key elided]")
-            .finish()
+        debug_without_key(f, "Ca", ("issuer", &self.issuer), "key")
     }
 }
 
@@ -274,11 +271,21 @@ pub(crate) struct Issued {
 
 impl fmt::Debug for Issued {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Issued")
-            .field("cert_pem", &self.cert_pem)
-            .field("key_pem", &"[secret key elided]")
-            .finish()
+        debug_without_key(f, "Issued", ("cert_pem", &self.cert_pem), "key_pem")
     }
+}
+
+/// `Debug` for a holder of a private key: its public part shown, the key elided.
+fn debug_without_key(
+    f: &mut fmt::Formatter<'_>,
+    name: &str,
+    (field, value): (&str, &dyn fmt::Debug),
+    key_field: &str,
+) -> fmt::Result {
+    f.debug_struct(name)
+        .field(field, value)
+        .field(key_field, &"[secret key elided]")
+        .finish()
 }
 
 /// The serial number of the certificate in the PEM file at `path`.

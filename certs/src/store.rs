@@ -17,7 +17,8 @@ use crate::layout::{
     MASTER_NAME, MASTER_PEM,
 };
 use crate::pki::{Ca, LeafSpec};
-use crate::{tls, validate_host_id};
+use crate::tls::{self, SentChain};
+use crate::validate_host_id;
 
 /// The longest cluster name accepted, so the CA's common name fits in 64 characters.
 const MAX_CLUSTER_NAME: usize = 48;
@@ -107,18 +108,7 @@ impl MasterDir {
             PUBLIC_MODE,
             Existing::Refuse,
         )?;
-        files::write_atomic(
-            &self.master_key(),
-            master.key_pem.as_bytes(),
-            KEY_MODE,
-            Existing::Replace,
-        )?;
-        files::write_atomic(
-            &self.master_pem(),
-            master.cert_pem.as_bytes(),
-            PUBLIC_MODE,
-            Existing::Replace,
-        )?;
+        self.write_master(&master)?;
         files::write_atomic(
             &self.crl_pem(),
             crl.as_bytes(),
@@ -137,6 +127,14 @@ impl MasterDir {
             MASTER_COMMON_NAME,
             ExtendedKeyUsagePurpose::ClientAuth,
         ))?;
+        self.write_master(&master)?;
+        info!(dir = %self.path.display(), "issued a new master certificate");
+        Ok(())
+    }
+
+    /// Writes the master's certificate and key, replacing any old ones: the key
+    /// first, so that a new certificate is never paired with an old key.
+    fn write_master(&self, master: &crate::pki::Issued) -> Result<()> {
         files::write_atomic(
             &self.master_key(),
             master.key_pem.as_bytes(),
@@ -148,9 +146,7 @@ impl MasterDir {
             master.cert_pem.as_bytes(),
             PUBLIC_MODE,
             Existing::Replace,
-        )?;
-        info!(dir = %self.path.display(), "issued a new master certificate");
-        Ok(())
+        )
     }
 
     /// Writes the bundle for host `id` under `hosts/<id>/`: `ca.pem`, `host.pem`,
@@ -253,7 +249,7 @@ impl MasterDir {
     }
 
     /// Copies `crl.pem` into every host bundle under `hosts/`.
-    pub fn refresh_bundle_crls(&self) -> Result<()> {
+    fn refresh_bundle_crls(&self) -> Result<()> {
         let crl = files::read(&self.crl_pem())?;
         for dir in self.host_dirs()? {
             files::write_atomic(&dir.join(CRL_PEM), &crl, PUBLIC_MODE, Existing::Replace)?;
@@ -286,12 +282,8 @@ impl MasterDir {
         if !crl.is_file() {
             return Err(Error::Missing { path: crl });
         }
-        tls::checked_client_config(
-            &self.ca_pem(),
-            &self.master_pem(),
-            &self.master_key(),
-            Some(&crl),
-        )
+        let files = [&self.ca_pem(), &self.master_pem(), &self.master_key()];
+        tls::client_config(files.map(PathBuf::as_path), Some(&crl), SentChain::Checked)
     }
 
     fn load_ca(&self) -> Result<Ca> {
@@ -336,37 +328,22 @@ fn validate_cluster_name(name: &str) -> Result<()> {
     } else {
         None
     };
-    match reason {
-        Some(reason) => Err(Error::InvalidName {
-            name: name.to_string(),
-            reason,
-        }),
-        None => Ok(()),
-    }
+    Error::name_check(name, reason)
 }
 
 /// Writes a complete bundle into the new directory `dir`.
 fn write_bundle(dir: &Path, ca: &Ca, host: &crate::pki::Issued, crl: &[u8]) -> Result<()> {
     files::create_dir_private(dir)?;
-    files::write_atomic(
-        &dir.join(CA_PEM),
-        ca.cert_pem.as_bytes(),
-        PUBLIC_MODE,
-        Existing::Refuse,
-    )?;
-    files::write_atomic(
-        &dir.join(HOST_KEY),
-        host.key_pem.as_bytes(),
-        KEY_MODE,
-        Existing::Refuse,
-    )?;
-    files::write_atomic(
-        &dir.join(HOST_PEM),
-        host.cert_pem.as_bytes(),
-        PUBLIC_MODE,
-        Existing::Refuse,
-    )?;
-    files::write_atomic(&dir.join(CRL_PEM), crl, PUBLIC_MODE, Existing::Refuse)
+    let contents = [
+        (CA_PEM, ca.cert_pem.as_bytes(), PUBLIC_MODE),
+        (HOST_KEY, host.key_pem.as_bytes(), KEY_MODE),
+        (HOST_PEM, host.cert_pem.as_bytes(), PUBLIC_MODE),
+        (CRL_PEM, crl, PUBLIC_MODE),
+    ];
+    for (name, bytes, mode) in contents {
+        files::write_atomic(&dir.join(name), bytes, mode, Existing::Refuse)?;
+    }
+    Ok(())
 }
 
 /// Moves the finished bundle `staging` to `dest`, replacing any old bundle.

@@ -11,7 +11,10 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{
+    ClientConfig, ConfigBuilder, ConfigSide, RootCertStore, ServerConfig, WantsVerifier,
+    WantsVersions,
+};
 
 use crate::error::{Error, Result};
 use crate::layout::{CA_PEM, CRL_PEM, HOST_KEY, HOST_PEM, MASTER_KEY, MASTER_PEM};
@@ -49,34 +52,23 @@ pub fn server_config(bundle_dir: &Path) -> Result<Arc<ServerConfig>> {
     let chain = chain::own_chain(&cert_path, &load_certs(&cert_path)?, &ca, &anchors)?;
     let key = keys::load_key(&key_path)?;
     let crl_path = bundle_dir.join(CRL_PEM);
-    let crls = if crl_path.exists() {
-        revocation::load(&crl_path, &known_cas(&anchors, &chain))?
-    } else {
-        Crls::default()
-    };
+    let crl_path = crl_path.exists().then_some(crl_path.as_path());
+    let crls = load_crls(&anchors, &chain, crl_path)?;
     let roots = Arc::new(roots);
     let inner = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
         .with_crls(crls.ders.clone())
         .only_check_end_entity_revocation()
         .build()
-        .map_err(|source| verifier_error(&ca, &crl_path, &crls, &roots, source))?;
-    let verifier = Arc::new(MasterVerifier::new(inner, crls.issuers));
-    let what = || {
-        format!(
-            "server configuration from {} and {}",
-            cert_path.display(),
-            key_path.display()
-        )
-    };
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|source| Error::Tls {
-            what: what(),
-            source,
-        })?
+        .map_err(|source| verifier_error(&ca, crl_path, &crls, &roots, source))?;
+    let verifier = Arc::new(MasterVerifier {
+        inner,
+        crl_issuers: crls.issuers,
+    });
+    let what = config_what("server", &cert_path, &key_path);
+    let mut config = tls13_only(ServerConfig::builder_with_provider(provider), &what)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|source| key_error(&cert_path, &key_path, what(), source))?;
+        .map_err(|source| key_error(&cert_path, &key_path, what, source))?;
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(NoServerSessionStorage {});
     Ok(Arc::new(config))
@@ -102,74 +94,88 @@ pub fn client_config_from(
     key_pem: &Path,
     crl_pem: Option<&Path>,
 ) -> Result<Arc<ClientConfig>> {
-    let anchors = load_certs(ca_pem)?;
-    let chain = load_certs(cert_pem)?;
-    client_config(ca_pem, &anchors, chain, cert_pem, key_pem, crl_pem)
+    client_config([ca_pem, cert_pem, key_pem], crl_pem, SentChain::AsItIs)
 }
 
-/// [`client_config_from`], after checking that `cert_pem` chains to `ca_pem` and
-/// sending the chain found (see `chain`).
-pub(crate) fn checked_client_config(
-    ca_pem: &Path,
-    cert_pem: &Path,
-    key_pem: &Path,
-    crl_pem: Option<&Path>,
-) -> Result<Arc<ClientConfig>> {
-    let anchors = load_certs(ca_pem)?;
-    let chain = chain::own_chain(cert_pem, &load_certs(cert_pem)?, ca_pem, &anchors)?;
-    client_config(ca_pem, &anchors, chain, cert_pem, key_pem, crl_pem)
+/// What a client configuration sends of `cert_pem`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SentChain {
+    /// The file as it is, unchecked (see [`client_config_from`]).
+    AsItIs,
+    /// The chain from its first certificate to a CA of `ca.pem`; refused when there
+    /// is none (see `chain`).
+    Checked,
 }
 
-fn client_config(
-    ca_pem: &Path,
-    anchors: &[CertificateDer<'static>],
-    chain: Vec<CertificateDer<'static>>,
-    cert_pem: &Path,
-    key_pem: &Path,
+/// [`client_config_from`] from `[ca_pem, cert_pem, key_pem]`, sending `sent` of
+/// `cert_pem`.
+pub(crate) fn client_config(
+    [ca_pem, cert_pem, key_pem]: [&Path; 3],
     crl_pem: Option<&Path>,
+    sent: SentChain,
 ) -> Result<Arc<ClientConfig>> {
+    let anchors = load_certs(ca_pem)?;
+    let mut chain = load_certs(cert_pem)?;
+    if sent == SentChain::Checked {
+        chain = chain::own_chain(cert_pem, &chain, ca_pem, &anchors)?;
+    }
+    let anchors = anchors.as_slice();
     let provider = provider();
-    let roots = load_roots(ca_pem, anchors)?;
-    let crls = match crl_pem {
-        Some(path) => revocation::load(path, &known_cas(anchors, &chain))?,
-        None => Crls::default(),
-    };
-    let roots = Arc::new(roots);
+    let roots = Arc::new(load_roots(ca_pem, anchors)?);
+    let crls = load_crls(anchors, &chain, crl_pem)?;
     let inner = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
         .with_crls(crls.ders.clone())
         .only_check_end_entity_revocation()
         .build()
-        .map_err(|source| match crl_pem {
-            Some(crl_pem) => verifier_error(ca_pem, crl_pem, &crls, &roots, source),
-            None => Error::Verifier {
-                ca: ca_pem.to_path_buf(),
-                source,
-            },
-        })?;
+        .map_err(|source| verifier_error(ca_pem, crl_pem, &crls, &roots, source))?;
     let verifier = Arc::new(AgentVerifier {
         inner,
         crl_issuers: crls.issuers,
     });
     let key = keys::load_key(key_pem)?;
-    let what = || {
-        format!(
-            "client configuration from {} and {}",
-            cert_pem.display(),
-            key_pem.display()
-        )
-    };
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|source| Error::Tls {
-            what: what(),
-            source,
-        })?
+    let what = config_what("client", cert_pem, key_pem);
+    let mut config = tls13_only(ClientConfig::builder_with_provider(provider), &what)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, key)
-        .map_err(|source| key_error(cert_pem, key_pem, what(), source))?;
+        .map_err(|source| key_error(cert_pem, key_pem, what, source))?;
     config.resumption = Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+/// The CRLs of `crl_path` when there is one, each authenticated by a CA the
+/// bundle knows.
+fn load_crls(
+    anchors: &[CertificateDer<'static>],
+    chain: &[CertificateDer<'static>],
+    crl_path: Option<&Path>,
+) -> Result<Crls> {
+    match crl_path {
+        Some(path) => revocation::load(path, &known_cas(anchors, chain)),
+        None => Ok(Crls::default()),
+    }
+}
+
+/// How a configuration is named in errors: which side, from which files.
+fn config_what(side: &str, cert: &Path, key: &Path) -> String {
+    format!(
+        "{side} configuration from {} and {}",
+        cert.display(),
+        key.display()
+    )
+}
+
+/// A configuration builder limited to TLS 1.3.
+fn tls13_only<S: ConfigSide>(
+    builder: ConfigBuilder<S, WantsVersions>,
+    what: &str,
+) -> Result<ConfigBuilder<S, WantsVerifier>> {
+    builder
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| Error::Tls {
+            what: what.to_string(),
+            source,
+        })
 }
 
 /// The CAs a bundle knows, to authenticate CRLs: the certificates of `ca.pem` and
@@ -190,12 +196,14 @@ fn known_cas(
 /// error names `crl.pem` and which of its CRLs.
 fn verifier_error(
     ca: &Path,
-    crl_path: &Path,
+    crl_path: Option<&Path>,
     crls: &Crls,
     roots: &Arc<RootCertStore>,
     source: rustls::server::VerifierBuilderError,
 ) -> Error {
-    let rustls::server::VerifierBuilderError::InvalidCrl(reason) = &source else {
+    let (rustls::server::VerifierBuilderError::InvalidCrl(reason), Some(crl_path)) =
+        (&source, crl_path)
+    else {
         return Error::Verifier {
             ca: ca.to_path_buf(),
             source,

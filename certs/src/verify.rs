@@ -5,7 +5,7 @@
 //! which certificate or which CA. These wrappers leave every decision to
 //! [`WebPkiServerVerifier`] and [`rustls::server::WebPkiClientVerifier`] and only replace those two
 //! errors with a [`PeerRefusal`] that names the peer's certificate and the issuer
-//! it lacks (a CRL from it, or its certificate). [`crate::explain_rustls_error`]
+//! it lacks (a CRL from it, or its certificate). `explain::explain_rustls_error`
 //! shows that text.
 //!
 //! On the agent's side only the revocation error is replaced: a replaced error is
@@ -53,6 +53,56 @@ fn refusal(message: String) -> TlsError {
     }))))
 }
 
+/// Replaces the two errors rustls reports without naming a certificate by a
+/// [`PeerRefusal`] that does. `peer` is what the refused certificate belongs to,
+/// `own` the side that refuses it. Without `intermediates` (the agent's side)
+/// "unknown issuer" stays as it is, with its `unknown_ca` alert.
+fn explain(
+    error: TlsError,
+    end_entity: &CertificateDer<'_>,
+    intermediates: Option<&[CertificateDer<'_>]>,
+    crl_issuers: &[String],
+    (peer, own): (&str, &str),
+) -> TlsError {
+    match (error, intermediates) {
+        (TlsError::InvalidCertificate(CertificateError::UnknownRevocationStatus), _) => refusal(
+            crate::revocation::describe_unknown_status(end_entity, crl_issuers, peer, own),
+        ),
+        (TlsError::InvalidCertificate(CertificateError::UnknownIssuer), Some(intermediates)) => {
+            refusal(crate::chain::describe_unknown_issuer(
+                end_entity,
+                intermediates,
+                peer,
+                own,
+            ))
+        }
+        (other, _) => other,
+    }
+}
+
+/// The signature checks both verifiers leave to the one they wrap, unchanged.
+macro_rules! delegate_signature_checks {
+    () => {
+        delegate_signature_checks!(verify_tls12_signature, verify_tls13_signature);
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.inner.supported_verify_schemes()
+        }
+    };
+    ($($check:ident),+) => {
+        $(
+            fn $check(
+                &self,
+                message: &[u8],
+                cert: &CertificateDer<'_>,
+                dss: &DigitallySignedStruct,
+            ) -> Result<HandshakeSignatureValid, TlsError> {
+                self.inner.$check(message, cert, dss)
+            }
+        )+
+    };
+}
+
 /// The master's verifier of agents.
 #[derive(Debug)]
 pub(crate) struct AgentVerifier {
@@ -72,48 +122,13 @@ impl ServerCertVerifier for AgentVerifier {
     ) -> Result<ServerCertVerified, TlsError> {
         self.inner
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-            .map_err(|e| match e {
-                TlsError::InvalidCertificate(CertificateError::UnknownRevocationStatus) => {
-                    refusal(crate::revocation::describe_unknown_status(
-                        end_entity,
-                        &self.crl_issuers,
-                        "agent",
-                        "master",
-                    ))
-                }
-                TlsError::InvalidCertificate(CertificateError::UnknownIssuer) => {
-                    refusal(crate::chain::describe_unknown_issuer(
-                        end_entity,
-                        intermediates,
-                        "agent",
-                        "master",
-                    ))
-                }
-                other => other,
+            .map_err(|e| {
+                let sides = ("agent", "master");
+                explain(e, end_entity, Some(intermediates), &self.crl_issuers, sides)
             })
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    delegate_signature_checks!();
 }
 
 /// The agent's verifier of masters.
@@ -122,13 +137,6 @@ pub(crate) struct MasterVerifier {
     pub(crate) inner: Arc<dyn ClientCertVerifier>,
     /// Issuers of the CRLs the agent holds.
     pub(crate) crl_issuers: Vec<String>,
-}
-
-impl MasterVerifier {
-    /// Wraps the verifier `WebPkiClientVerifier` built.
-    pub(crate) fn new(inner: Arc<dyn ClientCertVerifier>, crl_issuers: Vec<String>) -> Self {
-        MasterVerifier { inner, crl_issuers }
-    }
 }
 
 impl ClientCertVerifier for MasterVerifier {
@@ -152,38 +160,8 @@ impl ClientCertVerifier for MasterVerifier {
     ) -> Result<ClientCertVerified, TlsError> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)
-            .map_err(|e| match e {
-                TlsError::InvalidCertificate(CertificateError::UnknownRevocationStatus) => {
-                    refusal(crate::revocation::describe_unknown_status(
-                        end_entity,
-                        &self.crl_issuers,
-                        "master",
-                        "agent",
-                    ))
-                }
-                other => other,
-            })
+            .map_err(|e| explain(e, end_entity, None, &self.crl_issuers, ("master", "agent")))
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    delegate_signature_checks!();
 }

@@ -396,7 +396,7 @@ impl ErrorReply {
     /// compared without regard to ASCII case, as whole words. Such a message is shown as
     /// it is, so that no text reads `busy: busy: …`; agents already in the field send
     /// messages like that.
-    pub fn message_names_kind(kind: ErrorKind, message: &str) -> bool {
+    fn message_names_kind(kind: ErrorKind, message: &str) -> bool {
         let kind = kind.to_string().to_ascii_lowercase();
         let text = message.to_ascii_lowercase();
         let boundary = |c: Option<char>| !c.is_some_and(char::is_alphanumeric);

@@ -3,6 +3,9 @@
 use erel_proto::*;
 use proptest::prelude::*;
 
+mod common;
+use common::ALL_ERROR_KINDS;
+
 fn arb_digest() -> impl Strategy<Value = Sha256> {
     any::<[u8; 32]>().prop_map(Sha256)
 }
@@ -59,23 +62,7 @@ fn arb_status() -> impl Strategy<Value = ReleaseStatus> {
 }
 
 fn arb_kind() -> impl Strategy<Value = ErrorKind> {
-    prop::sample::select(vec![
-        ErrorKind::BadRequest,
-        ErrorKind::VersionMismatch,
-        ErrorKind::InvalidPath,
-        ErrorKind::NotFound,
-        ErrorKind::Conflict,
-        ErrorKind::ChecksumMismatch,
-        ErrorKind::TooLarge,
-        ErrorKind::NoSpace,
-        ErrorKind::UnsafeArchive,
-        ErrorKind::BadArchive,
-        ErrorKind::SpawnFailed,
-        ErrorKind::Timeout,
-        ErrorKind::Busy,
-        ErrorKind::Io,
-        ErrorKind::Internal,
-    ])
+    prop::sample::select(ALL_ERROR_KINDS.to_vec())
 }
 
 fn arb_request() -> impl Strategy<Value = Request> {
@@ -182,21 +169,26 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .block_on(future)
 }
 
+/// `message` framed and read back: what was decoded, and how many bytes of the
+/// frame were left over.
+fn read_back<T: serde::Serialize + serde::de::DeserializeOwned>(message: &T) -> (Option<T>, usize) {
+    let frame = encode_frame(message).expect("encode");
+    let mut reader = &frame[..];
+    let decoded = block_on(read_frame(&mut reader)).expect("decode");
+    (decoded, reader.len())
+}
+
 proptest! {
     #[test]
     fn requests_round_trip(request in arb_request()) {
-        let frame = encode_frame(&request).expect("encode");
-        let mut reader = &frame[..];
-        let decoded: Option<Request> = block_on(read_frame(&mut reader)).expect("decode");
+        let (decoded, left_over) = read_back(&request);
         prop_assert_eq!(decoded, Some(request));
-        prop_assert!(reader.is_empty());
+        prop_assert_eq!(left_over, 0);
     }
 
     #[test]
     fn responses_round_trip(response in arb_response()) {
-        let frame = encode_frame(&response).expect("encode");
-        let mut reader = &frame[..];
-        let decoded: Option<Response> = block_on(read_frame(&mut reader)).expect("decode");
+        let (decoded, _) = read_back(&response);
         prop_assert_eq!(decoded, Some(response));
     }
 

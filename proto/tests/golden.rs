@@ -10,6 +10,9 @@ use std::path::PathBuf;
 
 use erel_proto::*;
 
+mod common;
+use common::ALL_ERROR_KINDS;
+
 fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
 }
@@ -72,24 +75,6 @@ fn error_kind_name(kind: ErrorKind) -> &'static str {
         ErrorKind::Internal => "error_kind_internal",
     }
 }
-
-const ALL_ERROR_KINDS: [ErrorKind; 15] = [
-    ErrorKind::BadRequest,
-    ErrorKind::VersionMismatch,
-    ErrorKind::InvalidPath,
-    ErrorKind::NotFound,
-    ErrorKind::Conflict,
-    ErrorKind::ChecksumMismatch,
-    ErrorKind::TooLarge,
-    ErrorKind::NoSpace,
-    ErrorKind::UnsafeArchive,
-    ErrorKind::BadArchive,
-    ErrorKind::SpawnFailed,
-    ErrorKind::Timeout,
-    ErrorKind::Busy,
-    ErrorKind::Io,
-    ErrorKind::Internal,
-];
 
 fn sample_status(state: ReleaseState) -> ReleaseStatus {
     ReleaseStatus {

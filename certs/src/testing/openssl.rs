@@ -33,33 +33,22 @@ pub enum KeyKind {
 }
 
 impl KeyKind {
-    fn openssl_args(self) -> &'static [&'static str] {
+    fn openssl_args(self) -> Vec<&'static str> {
+        let genpkey = |algorithm, options: &[&'static str]| {
+            let mut args = vec!["genpkey", "-algorithm", algorithm];
+            for option in options {
+                args.extend(["-pkeyopt", option]);
+            }
+            args
+        };
         match self {
-            KeyKind::RsaPkcs1 => &["genrsa", "-traditional", "2048"],
-            KeyKind::RsaPkcs8 => &[
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-            ],
-            KeyKind::EcP256Sec1 => &["ecparam", "-name", "prime256v1", "-genkey"],
-            KeyKind::EcP256Pkcs8 => &[
-                "genpkey",
-                "-algorithm",
-                "EC",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ],
-            KeyKind::EcP384Sec1 => &["ecparam", "-name", "secp384r1", "-genkey"],
-            KeyKind::Ed25519 => &["genpkey", "-algorithm", "ed25519"],
-            KeyKind::EcP521Pkcs8 => &[
-                "genpkey",
-                "-algorithm",
-                "EC",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-521",
-            ],
+            KeyKind::RsaPkcs1 => vec!["genrsa", "-traditional", "2048"],
+            KeyKind::RsaPkcs8 => genpkey("RSA", &["rsa_keygen_bits:2048"]),
+            KeyKind::EcP256Sec1 => vec!["ecparam", "-name", "prime256v1", "-genkey"],
+            KeyKind::EcP256Pkcs8 => genpkey("EC", &["ec_paramgen_curve:P-256"]),
+            KeyKind::EcP384Sec1 => vec!["ecparam", "-name", "secp384r1", "-genkey"],
+            KeyKind::Ed25519 => genpkey("ed25519", &[]),
+            KeyKind::EcP521Pkcs8 => genpkey("EC", &["ec_paramgen_curve:P-521"]),
         }
     }
 
@@ -187,58 +176,30 @@ impl Pki {
 
     /// A fresh CRL of `ca` (`openssl ca -gencrl`), PEM, valid 30 days.
     pub fn crl(&self, ca: &Authority) -> Result<String> {
-        let out = self.dir.join(format!("{}.crl.pem", stem_of(&ca.cert)));
-        openssl(&[
-            "ca",
-            "-config",
-            path(&ca.config)?,
-            "-gencrl",
-            "-crldays",
-            "30",
-            "-out",
-            path(&out)?,
-        ])?;
-        crate::files::read_to_string(&out)
+        self.gencrl(ca, &ca.config, "", &["-crldays", "30"])
     }
 
     /// A fresh CRL of `ca` as [`Pki::crl`] makes it, but signed with the openssl
     /// digest `md` (`sha1`, `sha512`).
     pub fn crl_signed_with(&self, ca: &Authority, md: &str) -> Result<String> {
-        let out = self.dir.join(format!("{}-{md}.crl.pem", stem_of(&ca.cert)));
-        openssl(&[
-            "ca",
-            "-config",
-            path(&ca.config)?,
-            "-gencrl",
-            "-crldays",
-            "30",
-            "-md",
-            md,
-            "-out",
-            path(&out)?,
-        ])?;
-        crate::files::read_to_string(&out)
+        self.gencrl(
+            ca,
+            &ca.config,
+            &format!("-{md}"),
+            &["-crldays", "30", "-md", md],
+        )
     }
 
     /// A CRL of `ca` as [`Pki::crl`] makes it, but issued on 1 January 2020 with a
     /// nextUpdate a month later: long past.
     pub fn expired_crl(&self, ca: &Authority) -> Result<String> {
-        let out = self
-            .dir
-            .join(format!("{}-expired.crl.pem", stem_of(&ca.cert)));
-        openssl(&[
-            "ca",
-            "-config",
-            path(&ca.config)?,
-            "-gencrl",
+        let dates = [
             "-crl_lastupdate",
             "20200101000000Z",
             "-crl_nextupdate",
             "20200201000000Z",
-            "-out",
-            path(&out)?,
-        ])?;
-        crate::files::read_to_string(&out)
+        ];
+        self.gencrl(ca, &ca.config, "-expired", &dates)
     }
 
     /// A CRL of `ca` that says it is indirect (an issuingDistributionPoint with
@@ -249,17 +210,25 @@ impl Pki {
         // The CRL extensions' section is the last one of the file.
         text.push_str("issuingDistributionPoint = critical, @idp\n[ idp ]\nindirectCRL = TRUE\n");
         write(&config, &text)?;
+        self.gencrl(ca, &config, "-indirect", &[])
+    }
+
+    /// `openssl ca -gencrl` for `ca` with its configuration `config` and the
+    /// options `extra`, into `<ca's stem><suffix>.crl.pem`; returns the PEM.
+    fn gencrl(
+        &self,
+        ca: &Authority,
+        config: &Path,
+        suffix: &str,
+        extra: &[&str],
+    ) -> Result<String> {
         let out = self
             .dir
-            .join(format!("{}-indirect.crl.pem", stem_of(&ca.cert)));
-        openssl(&[
-            "ca",
-            "-config",
-            path(&config)?,
-            "-gencrl",
-            "-out",
-            path(&out)?,
-        ])?;
+            .join(format!("{}{suffix}.crl.pem", stem_of(&ca.cert)));
+        let mut args = vec!["ca", "-config", path(config)?, "-gencrl"];
+        args.extend_from_slice(extra);
+        args.extend(["-out", path(&out)?]);
+        openssl(&args)?;
         crate::files::read_to_string(&out)
     }
 
@@ -443,7 +412,7 @@ fn sign(
 }
 
 fn generate_key(out: &Path, kind: KeyKind) -> Result<()> {
-    let mut args: Vec<&str> = kind.openssl_args().to_vec();
+    let mut args = kind.openssl_args();
     if kind == KeyKind::RsaPkcs1 {
         // genrsa takes the size last.
         let bits = args.pop().unwrap_or("2048");

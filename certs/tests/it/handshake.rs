@@ -1,14 +1,27 @@
 //! Real mutual-TLS handshakes over 127.0.0.1, one good and many refused.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use erel_certs::{
     bundle_fingerprint, client_config_from, explain_tls_error, layout, server_config, testing,
+    MasterDir,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
-use crate::helper::{attempt, expect_refused, pki};
+use crate::helper::{
+    attempt, attempt_between, expect_exchanged, expect_refused, expect_server_refused, pki,
+    Outcome, Pki,
+};
+
+/// [`attempt`] by a master presenting the certificate `odd` (which trusts the
+/// CA it names) to the agent on `pki`'s bundle.
+async fn attempt_presenting(pki: &Pki, odd: &testing::CertFiles) -> Outcome {
+    let server = server_config(&pki.bundle).expect("server config");
+    let client = client_config_from(&odd.ca, &odd.cert, &odd.key, None).expect("client");
+    attempt(server, client, "web-1").await
+}
 
 #[tokio::test]
 async fn master_and_agent_complete_a_mutual_tls_exchange() {
@@ -16,13 +29,7 @@ async fn master_and_agent_complete_a_mutual_tls_exchange() {
     let server = server_config(&pki.bundle).expect("server config");
     let client = pki.master.client_config().expect("client config");
 
-    let (client_result, server_result) = attempt(server, client, "web-1").await;
-
-    let exchanged = client_result.expect("client exchange");
-    assert_eq!(exchanged.echoed, 42);
-    assert_eq!(exchanged.peer.as_deref(), Some("web-1"));
-    let served = server_result.expect("server exchange");
-    assert_eq!(served.peer.as_deref(), Some("erel-master"));
+    expect_exchanged(attempt(server, client, "web-1").await, "web-1");
 }
 
 #[tokio::test]
@@ -42,12 +49,7 @@ async fn client_without_certificate_is_refused() {
     let (client_result, server_result) = attempt(server, Arc::new(client), "web-1").await;
 
     expect_refused(client_result, "no client certificate");
-    let server_err = server_result.expect_err("server must refuse");
-    let explained = explain_tls_error(&server_err).expect("server side explained");
-    assert!(
-        explained.contains("presented no certificate"),
-        "{explained}"
-    );
+    expect_server_refused(server_result, "presented no certificate");
 }
 
 #[tokio::test]
@@ -66,12 +68,7 @@ async fn client_certificate_from_another_ca_is_refused() {
         explained.contains("signed by the cluster CA"),
         "{explained}"
     );
-    let server_err = server_result.expect_err("server must refuse");
-    let explained = explain_tls_error(&server_err).expect("server side explained");
-    assert!(
-        explained.contains("not signed by the cluster CA"),
-        "{explained}"
-    );
+    expect_server_refused(server_result, "not signed by the cluster CA");
 }
 
 #[tokio::test]
@@ -90,31 +87,28 @@ async fn agent_with_another_host_id_is_refused_by_the_master() {
     );
 }
 
-#[tokio::test]
-async fn expired_client_certificate_is_refused() {
+/// A master presenting a certificate `make` writes (from the cluster CA, but one
+/// no real master has) is refused by the agent, and the master hears `expected`.
+async fn odd_client_is_refused(
+    make: fn(&MasterDir, &Path) -> erel_certs::Result<testing::CertFiles>,
+    expected: &str,
+) {
     let pki = pki("web-1");
-    let server = server_config(&pki.bundle).expect("server config");
-    let expired = testing::expired_client(&pki.master, &pki.scratch("expired")).expect("cert");
-    let client =
-        client_config_from(&expired.ca, &expired.cert, &expired.key, None).expect("client");
+    let odd = make(&pki.master, &pki.scratch("odd")).expect("cert");
+    let (client_result, server_result) = attempt_presenting(&pki, &odd).await;
 
-    let (client_result, server_result) = attempt(server, client, "web-1").await;
-
-    expect_refused(client_result, "certificate expired");
+    expect_refused(client_result, expected);
     assert!(server_result.is_err());
 }
 
 #[tokio::test]
+async fn expired_client_certificate_is_refused() {
+    odd_client_is_refused(testing::expired_client, "certificate expired").await;
+}
+
+#[tokio::test]
 async fn client_certificate_without_client_auth_is_refused() {
-    let pki = pki("web-1");
-    let server = server_config(&pki.bundle).expect("server config");
-    let odd = testing::client_without_client_auth(&pki.master, &pki.scratch("odd")).expect("cert");
-    let client = client_config_from(&odd.ca, &odd.cert, &odd.key, None).expect("client");
-
-    let (client_result, server_result) = attempt(server, client, "web-1").await;
-
-    expect_refused(client_result, "clientAuth");
-    assert!(server_result.is_err());
+    odd_client_is_refused(testing::client_without_client_auth, "clientAuth").await;
 }
 
 #[tokio::test]
@@ -128,20 +122,14 @@ async fn revoked_master_certificate_is_refused_after_reload() {
         "the bundle's crl.pem changed; a server must notice"
     );
 
-    let server = server_config(&pki.bundle).expect("reloaded server config");
-    let client = pki.master.client_config().expect("client config");
-    let (client_result, server_result) = attempt(server, client, "web-1").await;
+    let (client_result, server_result) = attempt_between(&pki.bundle, &pki.master).await;
 
     expect_refused(client_result, "certificate revoked");
-    let server_err = server_result.expect_err("server must refuse");
-    let explained = explain_tls_error(&server_err).expect("server side explained");
-    assert!(explained.contains("revoked"), "{explained}");
+    expect_server_refused(server_result, "revoked");
 
     // A new master certificate gets in again.
     pki.master.reissue_master().expect("reissue master");
-    let server = server_config(&pki.bundle).expect("server config");
-    let client = pki.master.client_config().expect("client config");
-    let (client_result, _) = attempt(server, client, "web-1").await;
+    let (client_result, _) = attempt_between(&pki.bundle, &pki.master).await;
     assert_eq!(client_result.expect("new master certificate").echoed, 42);
 }
 
@@ -162,9 +150,7 @@ async fn revoked_host_certificate_is_refused_by_the_master() {
         .master
         .issue_host("web-1", &[crate::helper::LOOPBACK], &[])
         .expect("re-issue");
-    let server = server_config(&bundle).expect("server config");
-    let client = pki.master.client_config().expect("client config");
-    let (client_result, _) = attempt(server, client, "web-1").await;
+    let (client_result, _) = attempt_between(&bundle, &pki.master).await;
     assert_eq!(client_result.expect("re-issued host").echoed, 42);
 }
 
@@ -172,10 +158,8 @@ async fn revoked_host_certificate_is_refused_by_the_master() {
 async fn agent_certificate_from_another_ca_is_refused_by_the_master() {
     let pki = pki("web-1");
     let foreign = testing::foreign_host_bundle("web-1", &pki.scratch("foreign")).expect("bundle");
-    let server = server_config(foreign.cert.parent().expect("dir")).expect("server config");
-    let client = pki.master.client_config().expect("client config");
-
-    let (client_result, _) = attempt(server, client, "web-1").await;
+    let (client_result, _) =
+        attempt_between(foreign.cert.parent().expect("dir"), &pki.master).await;
 
     expect_refused(client_result, "not signed by the cluster CA");
 }
@@ -185,10 +169,7 @@ async fn expired_agent_certificate_is_refused_by_the_master() {
     let pki = pki("web-1");
     let dir = pki.scratch("expired-host");
     testing::expired_host_bundle(&pki.master, "web-1", &dir).expect("bundle");
-    let server = server_config(&dir).expect("server config");
-    let client = pki.master.client_config().expect("client config");
-
-    let (client_result, _) = attempt(server, client, "web-1").await;
+    let (client_result, _) = attempt_between(&dir, &pki.master).await;
 
     expect_refused(client_result, "expired");
 }
@@ -197,10 +178,7 @@ async fn expired_agent_certificate_is_refused_by_the_master() {
 async fn agent_without_crl_still_verifies_clients() {
     let pki = pki("web-1");
     std::fs::remove_file(pki.bundle.join(layout::CRL_PEM)).expect("remove crl");
-    let server = server_config(&pki.bundle).expect("server config without crl");
-    let client = pki.master.client_config().expect("client config");
-
-    let (client_result, _) = attempt(server, client, "web-1").await;
+    let (client_result, _) = attempt_between(&pki.bundle, &pki.master).await;
     assert_eq!(client_result.expect("exchange").echoed, 42);
 
     let foreign = testing::foreign_client(&pki.scratch("foreign")).expect("foreign cert");

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +48,19 @@ impl Pki {
     }
 }
 
+/// Calls `probe` every 200 ms until it gives a value or `limit` passes; the value, or
+/// `None` when time ran out. The one bounded wait of these tests.
+pub fn poll_until<T>(limit: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Some(value) = probe() {
+            return Some(value);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    probe()
+}
+
 /// What the server saw of one connection.
 #[derive(Debug)]
 pub struct Served {
@@ -90,6 +103,9 @@ pub async fn echo_once(config: Arc<ServerConfig>) -> (SocketAddr, JoinHandle<io:
     (addr, handle)
 }
 
+/// What each side of one attempt got: the master's side, then the agent's.
+pub type Outcome = (io::Result<Exchanged>, io::Result<Served>);
+
 /// What the client saw of a successful exchange.
 #[derive(Debug)]
 pub struct Exchanged {
@@ -131,7 +147,7 @@ pub async fn attempt(
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
     host_id: &str,
-) -> (io::Result<Exchanged>, io::Result<Served>) {
+) -> Outcome {
     let (addr, handle) = echo_once(server).await;
     let client_result = exchange(client, addr, host_id).await;
     let server_result = tokio::time::timeout(PHASE_TIMEOUT, handle)
@@ -139,6 +155,41 @@ pub async fn attempt(
         .expect("server finished in time")
         .expect("server task did not panic");
     (client_result, server_result)
+}
+
+/// [`attempt`] between an agent on `bundle` and the master of `master`, which
+/// expects host `web-1`.
+pub async fn attempt_between(bundle: &Path, master: &MasterDir) -> Outcome {
+    let server = erel_certs::server_config(bundle).expect("agent loads its bundle");
+    let client = master.client_config().expect("master loads its directory");
+    attempt(server, client, "web-1").await
+}
+
+/// Expects a complete exchange, whoever the sides are.
+pub fn expect_echoed((client_result, server_result): Outcome) {
+    assert_eq!(client_result.expect("master side").echoed, 42);
+    server_result.expect("agent side");
+}
+
+/// Expects a complete exchange in which each side names the other: the agent
+/// `host_id`, the master `erel-master`.
+pub fn expect_exchanged(results: Outcome, host_id: &str) {
+    let (client_result, server_result) = results;
+    let exchanged = client_result.expect("master side");
+    assert_eq!(exchanged.echoed, 42);
+    assert_eq!(exchanged.peer.as_deref(), Some(host_id));
+    let served = server_result.expect("agent side");
+    assert_eq!(served.peer.as_deref(), Some("erel-master"));
+}
+
+/// Expects the server to fail too, with an explanation containing `expected`.
+/// Returns the explanation.
+pub fn expect_server_refused(result: io::Result<Served>, expected: &str) -> String {
+    let err = result.expect_err("the agent must refuse");
+    let explained = erel_certs::explain_tls_error(&err)
+        .unwrap_or_else(|| panic!("not explained as a TLS problem: {err:?}"));
+    assert!(explained.contains(expected), "{explained}");
+    explained
 }
 
 /// Expects the client to fail, with an explanation containing `expected`.
@@ -162,15 +213,9 @@ pub fn expect_refused(result: io::Result<Exchanged>, expected: &str) -> String {
 /// a socket with unread data in it.
 async fn linger(mut tcp: TcpStream) {
     let _ = tcp.shutdown().await;
-    let mut sink = [0u8; 1024];
-    let drain = async {
-        while let Ok(n) = tcp.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
+    let mut sink = tokio::io::sink();
+    let _ =
+        tokio::time::timeout(Duration::from_secs(2), tokio::io::copy(&mut tcp, &mut sink)).await;
 }
 
 async fn timeout<T, E: Into<io::Error>>(

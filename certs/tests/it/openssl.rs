@@ -27,6 +27,16 @@ fn text(out: &Output) -> String {
     )
 }
 
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+/// `openssl verify` of `leaf` against the CAs of `ca` and the CRLs of `crl`.
+fn verify_with_crl(ca: &Path, crl: &Path, leaf: &Path) -> Option<Output> {
+    let (ca, crl, leaf) = (path_str(ca), path_str(crl), path_str(leaf));
+    openssl(&["verify", "-crl_check", "-CAfile", ca, "-CRLfile", crl, leaf])
+}
+
 fn x509_text(path: &Path) -> Option<String> {
     let out = openssl(&["x509", "-in", path.to_str()?, "-noout", "-text"])?;
     assert!(out.status.success(), "{}", text(&out));
@@ -55,54 +65,51 @@ fn openssl_verifies_the_chain_and_sees_the_right_extensions() {
             return;
         };
         assert!(out.status.success(), "{}", text(&out));
-        let out = openssl(&[
-            "verify",
-            "-crl_check",
-            "-CAfile",
-            ca,
-            "-CRLfile",
-            crl.to_str().expect("utf-8"),
-            leaf.to_str().expect("utf-8"),
-        ])
-        .expect("openssl");
+        let out = verify_with_crl(&pki.master.ca_pem(), &crl, leaf).expect("openssl");
         assert!(out.status.success(), "with CRL: {}", text(&out));
     }
 
     let Some(ca_text) = x509_text(&pki.master.ca_pem()) else {
         return;
     };
-    assert!(ca_text.contains("CA:TRUE"), "{ca_text}");
-    assert!(ca_text.contains("Certificate Sign, CRL Sign"), "{ca_text}");
-    assert!(ca_text.contains("Digital Signature"), "{ca_text}");
-    assert!(ca_text.contains("test erel CA"), "{ca_text}");
+    let ca_says = [
+        "CA:TRUE",
+        "Certificate Sign, CRL Sign",
+        "Digital Signature",
+        "test erel CA",
+    ];
+    assert_says(&ca_text, &ca_says, &[]);
 
+    let host_says = [
+        "TLS Web Server Authentication",
+        "Digital Signature",
+        "CA:FALSE",
+        "DNS:web-2",
+        "DNS:web-2.example.org",
+        "IP Address:10.0.0.12",
+        "CN = web-2",
+        "prime256v1",
+    ];
     let host_text = x509_text(&host).expect("openssl");
-    assert!(
-        host_text.contains("TLS Web Server Authentication"),
-        "{host_text}"
-    );
-    assert!(
-        !host_text.contains("TLS Web Client Authentication"),
-        "{host_text}"
-    );
-    assert!(host_text.contains("Digital Signature"), "{host_text}");
-    assert!(host_text.contains("CA:FALSE"), "{host_text}");
-    assert!(host_text.contains("DNS:web-2"), "{host_text}");
-    assert!(host_text.contains("DNS:web-2.example.org"), "{host_text}");
-    assert!(host_text.contains("IP Address:10.0.0.12"), "{host_text}");
-    assert!(host_text.contains("CN = web-2"), "{host_text}");
-    assert!(host_text.contains("prime256v1"), "{host_text}");
+    assert_says(&host_text, &host_says, &["TLS Web Client Authentication"]);
 
+    let master_says = ["TLS Web Client Authentication", "CN = erel-master"];
     let master_text = x509_text(&master).expect("openssl");
-    assert!(
-        master_text.contains("TLS Web Client Authentication"),
-        "{master_text}"
+    assert_says(
+        &master_text,
+        &master_says,
+        &["TLS Web Server Authentication"],
     );
-    assert!(
-        !master_text.contains("TLS Web Server Authentication"),
-        "{master_text}"
-    );
-    assert!(master_text.contains("CN = erel-master"), "{master_text}");
+}
+
+/// Expects `text` to contain each of `has` and none of `lacks`.
+fn assert_says(text: &str, has: &[&str], lacks: &[&str]) {
+    for part in has {
+        assert!(text.contains(part), "{part:?} missing from {text}");
+    }
+    for part in lacks {
+        assert!(!text.contains(part), "{part:?} should not be in {text}");
+    }
 }
 
 #[test]
@@ -112,15 +119,7 @@ fn openssl_sees_a_revoked_certificate_in_the_crl() {
     let ca = pki.master.ca_pem();
     let host = pki.bundle.join(layout::HOST_PEM);
     let crl = pki.bundle.join(layout::CRL_PEM);
-    let Some(out) = openssl(&[
-        "verify",
-        "-crl_check",
-        "-CAfile",
-        ca.to_str().expect("utf-8"),
-        "-CRLfile",
-        crl.to_str().expect("utf-8"),
-        host.to_str().expect("utf-8"),
-    ]) else {
+    let Some(out) = verify_with_crl(&ca, &crl, &host) else {
         return;
     };
     assert!(!out.status.success(), "{}", text(&out));
@@ -134,19 +133,15 @@ async fn tls12_client_is_refused() {
     let (addr, handle) = crate::helper::echo_once(server).await;
     let bundle = pki.bundle.clone();
     let master = pki.master.clone();
+    let ca = bundle.join(layout::CA_PEM);
+    let (cert, key) = (master.master_pem(), master.master_key());
     let client = tokio::task::spawn_blocking(move || {
-        openssl(&[
-            "s_client",
-            "-connect",
-            &addr.to_string(),
-            "-tls1_2",
-            "-CAfile",
-            bundle.join(layout::CA_PEM).to_str().expect("utf-8"),
-            "-cert",
-            master.master_pem().to_str().expect("utf-8"),
-            "-key",
-            master.master_key().to_str().expect("utf-8"),
-        ])
+        let mut args = vec!["s_client", "-tls1_2"];
+        let connect = addr.to_string();
+        args.extend(["-connect", &connect]);
+        args.extend(["-CAfile", path_str(&ca), "-cert", path_str(&cert)]);
+        args.extend(["-key", path_str(&key)]);
+        openssl(&args)
     })
     .await
     .expect("join");

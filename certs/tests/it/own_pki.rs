@@ -12,7 +12,10 @@ use erel_certs::{explain_tls_error, layout, server_config, Error, MasterDir};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::helper::{attempt, expect_refused};
+use crate::helper::{
+    attempt, attempt_between, expect_echoed, expect_exchanged, expect_refused,
+    expect_server_refused, Outcome,
+};
 
 /// A scratch directory with an "Example" root and intermediate.
 struct Site {
@@ -49,6 +52,16 @@ impl<'a> Files<'a> {
         }
     }
 
+    /// `ca.pem` = the intermediate then the root, the leaf alone, the
+    /// intermediate's CRL.
+    fn intermediate_in_ca_pem(site: &'a Site, leaf: &'a Leaf) -> Self {
+        Files {
+            ca: vec![&site.pki.intermediate.cert, &site.pki.root.cert],
+            chain: vec![&leaf.cert],
+            ..Files::issue_input(site, leaf)
+        }
+    }
+
     fn write(&self, dir: &Path, cert_name: &str, key_name: &str) {
         fs::create_dir_all(dir).expect("mkdir");
         fs::write(dir.join(layout::CA_PEM), concat(&self.ca).expect("ca")).expect("ca.pem");
@@ -73,6 +86,23 @@ impl Site {
         let dir = self.tmp.path().join(name);
         files.write(&dir, layout::MASTER_PEM, layout::MASTER_KEY);
         MasterDir::new(dir)
+    }
+
+    /// Why the agent refuses the bundle `files` written under `name`.
+    fn bundle_refusal(&self, name: &str, files: &Files<'_>) -> String {
+        parse_error(server_config(&self.bundle(name, files)))
+    }
+
+    /// Why the master refuses the directory `files` written under `name`.
+    fn master_refusal(&self, name: &str, files: &Files<'_>) -> String {
+        parse_error(self.master(name, files).client_config())
+    }
+
+    /// Host `web-1` (EC, SEC1) and a master with a key of `master_kind`, both
+    /// issued by the intermediate.
+    fn host_and_master(&self, master_kind: KeyKind) -> (Leaf, Leaf) {
+        let host = self.host("web-1", KeyKind::EcP256Sec1);
+        (host, self.master_leaf("master", master_kind))
     }
 
     fn host(&self, id: &str, kind: KeyKind) -> Leaf {
@@ -110,8 +140,7 @@ fn assert_contains(text: &str, parts: &[&str]) {
 #[tokio::test]
 async fn intermediate_issued_pkcs1_master_and_sec1_host_shake_hands() {
     let site = site();
-    let host = site.host("web-1", KeyKind::EcP256Sec1);
-    let master = site.master_leaf("master", KeyKind::RsaPkcs1);
+    let (host, master) = site.host_and_master(KeyKind::RsaPkcs1);
     assert!(fs::read_to_string(&master.key)
         .expect("key")
         .contains("BEGIN RSA PRIVATE KEY"));
@@ -121,15 +150,7 @@ async fn intermediate_issued_pkcs1_master_and_sec1_host_shake_hands() {
     let bundle = site.bundle("bundle", &Files::issue_input(&site, &host));
     let certs = site.master("certs", &Files::issue_input(&site, &master));
 
-    let server = server_config(&bundle).expect("agent loads the bundle");
-    let client = certs.client_config().expect("master loads its directory");
-    let (client_result, server_result) = attempt(server, client, "web-1").await;
-
-    let exchanged = client_result.expect("master side");
-    assert_eq!(exchanged.echoed, 42);
-    assert_eq!(exchanged.peer.as_deref(), Some("web-1"));
-    let served = server_result.expect("agent side");
-    assert_eq!(served.peer.as_deref(), Some("erel-master"));
+    expect_exchanged(attempt_between(&bundle, &certs).await, "web-1");
 }
 
 /// Every key encoding and algorithm erel signs with, on both sides at once.
@@ -167,8 +188,7 @@ async fn every_supported_key_encoding_works_on_both_sides() {
 #[tokio::test]
 async fn intermediates_in_ca_pem_are_used_and_sent_along() {
     let site = site();
-    let host = site.host("web-1", KeyKind::EcP256Sec1);
-    let master = site.master_leaf("master", KeyKind::RsaPkcs1);
+    let (host, master) = site.host_and_master(KeyKind::RsaPkcs1);
     let crl = site.pki.crl(&site.pki.intermediate).expect("crl");
     // The agent: root and intermediate in ca.pem, host.pem only the leaf.
     let bundle = site.bundle(
@@ -190,39 +210,20 @@ async fn intermediates_in_ca_pem_are_used_and_sent_along() {
             crls: vec![crl],
         },
     );
-    let server = server_config(&bundle).expect("bundle with intermediates in ca.pem");
-    let client = certs.client_config().expect("master");
-    let (client_result, server_result) = attempt(server, client, "web-1").await;
-    assert_eq!(client_result.expect("master side").echoed, 42);
-    server_result.expect("agent side");
+    expect_echoed(attempt_between(&bundle, &certs).await);
 
     // The other way round: the master keeps the intermediate in ca.pem and sends
     // only its leaf; the agent, trusting the root alone, still gets the chain.
-    let certs = site.master(
-        "certs-2",
-        &Files {
-            ca: vec![&site.pki.intermediate.cert, &site.pki.root.cert],
-            chain: vec![&master.cert],
-            key: &master.key,
-            crls: vec![site.pki.crl(&site.pki.intermediate).expect("crl")],
-        },
-    );
+    let certs = site.master("certs-2", &Files::intermediate_in_ca_pem(&site, &master));
     let bundle = site.bundle("bundle-2", &Files::issue_input(&site, &host));
-    let server = server_config(&bundle).expect("bundle");
-    let client = certs
-        .client_config()
-        .expect("master with intermediates in ca.pem");
-    let (client_result, server_result) = attempt(server, client, "web-1").await;
-    assert_eq!(client_result.expect("master side").echoed, 42);
-    server_result.expect("agent side");
+    expect_echoed(attempt_between(&bundle, &certs).await);
 }
 
 /// crl.pem with one CRL per CA (root and intermediate) is fine; two from one CA is not.
 #[tokio::test]
 async fn crl_pem_holds_one_crl_per_issuing_ca() {
     let site = site();
-    let host = site.host("web-1", KeyKind::EcP256Sec1);
-    let master = site.master_leaf("master", KeyKind::RsaPkcs8);
+    let (host, master) = site.host_and_master(KeyKind::RsaPkcs8);
     let root_crl = site.pki.crl(&site.pki.root).expect("root crl");
     let int_crl = site.pki.crl(&site.pki.intermediate).expect("int crl");
     let mut files = Files::issue_input(&site, &host);
@@ -231,12 +232,7 @@ async fn crl_pem_holds_one_crl_per_issuing_ca() {
     let mut files = Files::issue_input(&site, &master);
     files.crls = vec![int_crl.clone(), root_crl];
     let certs = site.master("certs", &files);
-    let (client_result, _) = attempt(
-        server_config(&bundle).expect("two CRLs"),
-        certs.client_config().expect("two CRLs"),
-        "web-1",
-    )
-    .await;
+    let (client_result, _) = attempt_between(&bundle, &certs).await;
     assert_eq!(client_result.expect("exchange").echoed, 42);
 
     let mut files = Files::issue_input(&site, &host);
@@ -249,47 +245,40 @@ async fn crl_pem_holds_one_crl_per_issuing_ca() {
     );
 }
 
+/// A handshake between a host and a master of the intermediate, after the
+/// intermediate revoked the host's certificate (`revoke_host`) or the master's,
+/// once the revoked side's own files were written.
+async fn attempt_after_revoking(revoke_host: bool) -> Outcome {
+    let site = site();
+    let (host, master) = site.host_and_master(KeyKind::RsaPkcs1);
+    let write_bundle = || site.bundle("bundle", &Files::issue_input(&site, &host));
+    let write_certs = || site.master("certs", &Files::issue_input(&site, &master));
+    let (revoked, bundle, certs) = if revoke_host {
+        (&host, write_bundle(), None)
+    } else {
+        (&master, PathBuf::new(), Some(write_certs()))
+    };
+    site.pki
+        .revoke(&site.pki.intermediate, revoked)
+        .expect("openssl ca -revoke");
+    let (bundle, certs) = match certs {
+        None => (bundle, write_certs()),
+        Some(certs) => (write_bundle(), certs),
+    };
+    attempt_between(&bundle, &certs).await
+}
+
 #[tokio::test]
 async fn host_revoked_by_the_intermediate_crl_is_refused_by_the_master() {
-    let site = site();
-    let host = site.host("web-1", KeyKind::EcP256Sec1);
-    let master = site.master_leaf("master", KeyKind::RsaPkcs1);
-    let bundle = site.bundle("bundle", &Files::issue_input(&site, &host));
-    site.pki
-        .revoke(&site.pki.intermediate, &host)
-        .expect("openssl ca -revoke");
-    let certs = site.master("certs", &Files::issue_input(&site, &master));
-
-    let (client_result, _) = attempt(
-        server_config(&bundle).expect("bundle"),
-        certs.client_config().expect("master"),
-        "web-1",
-    )
-    .await;
+    let (client_result, _) = attempt_after_revoking(true).await;
     expect_refused(client_result, "revoked");
 }
 
 #[tokio::test]
 async fn master_revoked_by_the_intermediate_crl_is_refused_by_the_agent() {
-    let site = site();
-    let host = site.host("web-1", KeyKind::EcP256Sec1);
-    let master = site.master_leaf("master", KeyKind::RsaPkcs1);
-    let certs = site.master("certs", &Files::issue_input(&site, &master));
-    site.pki
-        .revoke(&site.pki.intermediate, &master)
-        .expect("openssl ca -revoke");
-    let bundle = site.bundle("bundle", &Files::issue_input(&site, &host));
-
-    let (client_result, server_result) = attempt(
-        server_config(&bundle).expect("bundle"),
-        certs.client_config().expect("master"),
-        "web-1",
-    )
-    .await;
+    let (client_result, server_result) = attempt_after_revoking(false).await;
     expect_refused(client_result, "certificate revoked");
-    let explained =
-        explain_tls_error(&server_result.expect_err("agent refuses")).expect("explained");
-    assert!(explained.contains("revoked"), "{explained}");
+    expect_server_refused(server_result, "revoked");
 }
 
 /// crl.pem holds only the root's CRL: the intermediate's leaves have no CRL to be
@@ -297,8 +286,7 @@ async fn master_revoked_by_the_intermediate_crl_is_refused_by_the_agent() {
 #[tokio::test]
 async fn a_missing_crl_for_the_issuer_is_named_on_both_sides() {
     let site = site();
-    let host = site.host("web-1", KeyKind::EcP256Sec1);
-    let master = site.master_leaf("master", KeyKind::RsaPkcs1);
+    let (host, master) = site.host_and_master(KeyKind::RsaPkcs1);
     let root_crl = site.pki.crl(&site.pki.root).expect("root crl");
 
     // The master lacks the intermediate's CRL: it cannot vouch for the agent.
@@ -306,12 +294,7 @@ async fn a_missing_crl_for_the_issuer_is_named_on_both_sides() {
     let mut files = Files::issue_input(&site, &master);
     files.crls = vec![root_crl.clone()];
     let certs = site.master("certs", &files);
-    let (client_result, _) = attempt(
-        server_config(&bundle).expect("bundle"),
-        certs.client_config().expect("master"),
-        "web-1",
-    )
-    .await;
+    let (client_result, _) = attempt_between(&bundle, &certs).await;
     let explained = expect_refused(client_result, "revocation status");
     assert_contains(
         &explained,
@@ -328,12 +311,7 @@ async fn a_missing_crl_for_the_issuer_is_named_on_both_sides() {
     files.crls = vec![root_crl];
     let bundle = site.bundle("bundle-2", &files);
     let certs = site.master("certs-2", &Files::issue_input(&site, &master));
-    let (client_result, server_result) = attempt(
-        server_config(&bundle).expect("bundle"),
-        certs.client_config().expect("master"),
-        "web-1",
-    )
-    .await;
+    let (client_result, server_result) = attempt_between(&bundle, &certs).await;
     let on_master = expect_refused(client_result, "crl.pem");
     assert!(on_master.contains("agent refused"), "{on_master}");
     let server_err = server_result.expect_err("agent refuses");
@@ -357,14 +335,13 @@ async fn a_missing_crl_for_the_issuer_is_named_on_both_sides() {
 #[test]
 fn a_crl_from_a_foreign_ca_is_refused_when_loaded() {
     let site = site();
-    let host = site.host("web-1", KeyKind::EcP256Sec1);
-    let master = site.master_leaf("master", KeyKind::RsaPkcs1);
+    let (host, master) = site.host_and_master(KeyKind::RsaPkcs1);
     let foreign = Pki::new(&site.tmp.path().join("foreign"), "Foreign").expect("foreign PKI");
     let foreign_crl = foreign.crl(&foreign.intermediate).expect("foreign crl");
 
     let mut files = Files::issue_input(&site, &host);
     files.crls = vec![foreign_crl.clone()];
-    let text = parse_error(server_config(&site.bundle("bundle", &files)));
+    let text = site.bundle_refusal("bundle", &files);
     assert_contains(
         &text,
         &[
@@ -379,14 +356,14 @@ fn a_crl_from_a_foreign_ca_is_refused_when_loaded() {
         site.pki.crl(&site.pki.intermediate).expect("crl"),
         foreign_crl,
     ];
-    let text = parse_error(site.master("certs", &files).client_config());
+    let text = site.master_refusal("certs", &files);
     assert_contains(&text, &["CRL #2", "Foreign Intermediate CA"]);
 
     // Same names, other keys: a look-alike PKI's intermediate CRL.
     let twin = Pki::new(&site.tmp.path().join("twin"), "Example").expect("twin PKI");
     let mut files = Files::issue_input(&site, &host);
     files.crls = vec![twin.crl(&twin.intermediate).expect("twin crl")];
-    let text = parse_error(server_config(&site.bundle("bundle-twin", &files)));
+    let text = site.bundle_refusal("bundle-twin", &files);
     assert_contains(
         &text,
         &["Example Intermediate CA", "signature does not verify"],
@@ -399,12 +376,11 @@ fn a_crl_from_a_foreign_ca_is_refused_when_loaded() {
 #[tokio::test]
 async fn a_leaf_without_its_intermediate_is_refused_with_a_clear_message() {
     let site = site();
-    let host = site.host("web-1", KeyKind::EcP256Sec1);
-    let master = site.master_leaf("master", KeyKind::RsaPkcs1);
+    let (host, master) = site.host_and_master(KeyKind::RsaPkcs1);
 
     let mut files = Files::issue_input(&site, &host);
     files.chain = vec![&host.cert];
-    let text = parse_error(server_config(&site.bundle("bundle", &files)));
+    let text = site.bundle_refusal("bundle", &files);
     assert_contains(
         &text,
         &[
@@ -417,7 +393,7 @@ async fn a_leaf_without_its_intermediate_is_refused_with_a_clear_message() {
     );
     let mut files = Files::issue_input(&site, &master);
     files.chain = vec![&master.cert];
-    let text = parse_error(site.master("certs", &files).client_config());
+    let text = site.master_refusal("certs", &files);
     assert_contains(
         &text,
         &["master.pem", "CN=erel-master", "Example Intermediate CA"],
@@ -460,7 +436,7 @@ fn misordered_or_foreign_chains_are_refused_when_loaded() {
 
     let mut files = Files::issue_input(&site, &host);
     files.chain = vec![&site.pki.intermediate.cert, &host.cert];
-    let text = parse_error(server_config(&site.bundle("first-is-ca", &files)));
+    let text = site.bundle_refusal("first-is-ca", &files);
     assert_contains(
         &text,
         &["host.pem", "first certificate", "is a CA certificate"],
@@ -468,7 +444,7 @@ fn misordered_or_foreign_chains_are_refused_when_loaded() {
 
     let mut files = Files::issue_input(&site, &host);
     files.chain = vec![&host.cert, &other.cert, &site.pki.intermediate.cert];
-    let text = parse_error(server_config(&site.bundle("two-leaves", &files)));
+    let text = site.bundle_refusal("two-leaves", &files);
     assert_contains(
         &text,
         &["certificate #2", "CN=web-2", "not a CA certificate"],
@@ -480,7 +456,7 @@ fn misordered_or_foreign_chains_are_refused_when_loaded() {
     files.ca = vec![&foreign.root.cert];
     files.chain = vec![&host.cert, &site.pki.intermediate.cert, &site.pki.root.cert];
     files.crls = Vec::new();
-    let text = parse_error(server_config(&site.bundle("foreign-root", &files)));
+    let text = site.bundle_refusal("foreign-root", &files);
     assert_contains(&text, &["ends at the root", "Example Root CA", "not in"]);
 }
 
@@ -491,103 +467,95 @@ fn unusable_keys_are_refused_with_the_reason() {
     let site = site();
     let host = site.host("web-1", KeyKind::EcP256Sec1);
     let other = site.host("web-2", KeyKind::EcP256Pkcs8);
-
-    let encrypted = site.tmp.path().join("encrypted.key");
-    let status = std::process::Command::new("openssl")
-        .args(["pkey", "-aes256", "-passout", "pass:secret", "-in"])
-        .arg(&host.key)
-        .arg("-out")
-        .arg(&encrypted)
-        .status()
-        .expect("openssl pkey");
-    assert!(status.success());
-    let mut files = Files::issue_input(&site, &host);
-    files.key = &encrypted;
-    let text = parse_error(server_config(&site.bundle("encrypted", &files)));
-    assert_contains(&text, &["host.key", "encrypted", "openssl pkey"]);
-
+    let p521 = site.host("web-3", KeyKind::EcP521Pkcs8);
+    let key = |name: &str| site.tmp.path().join(format!("{name}.key"));
+    let (encrypted, traditional) = (key("encrypted"), key("traditional"));
+    let (pss, pss_traditional) = (key("pss"), key("pss-traditional"));
+    let host_key = path_str(&host.key);
+    let encrypt = [
+        "-aes256",
+        "-passout",
+        "pass:secret",
+        "-in",
+        host_key,
+        "-out",
+    ];
+    run_openssl(&[&["pkey"][..], &encrypt, &[path_str(&encrypted)]].concat());
     // The traditional form: SEC1 with a "Proc-Type: 4,ENCRYPTED" header.
-    let traditional = site.tmp.path().join("traditional.key");
-    let status = std::process::Command::new("openssl")
-        .args(["ec", "-aes256", "-passout", "pass:secret", "-in"])
-        .arg(&host.key)
-        .arg("-out")
-        .arg(&traditional)
-        .status()
-        .expect("openssl ec");
-    assert!(status.success());
+    run_openssl(&[&["ec"][..], &encrypt, &[path_str(&traditional)]].concat());
     assert!(fs::read_to_string(&traditional)
         .expect("key")
         .contains("Proc-Type: 4,ENCRYPTED"));
-    let mut files = Files::issue_input(&site, &host);
-    files.key = &traditional;
-    let text = parse_error(server_config(&site.bundle("traditional", &files)));
-    assert_contains(&text, &["host.key", "encrypted"]);
-
-    let p521 = site.host("web-3", KeyKind::EcP521Pkcs8);
-    let text = parse_error(server_config(
-        &site.bundle("p521", &Files::issue_input(&site, &p521)),
-    ));
-    assert_contains(
-        &text,
-        &["host.key", "PKCS#8", "cannot be used", "P-256 or P-384"],
-    );
-
     // RSA-PSS: an RSA key of a usable size, but restricted to PSS; as PKCS#8, and
     // as the traditional form `openssl rsa -traditional` writes of it.
-    let pss = site.tmp.path().join("pss.key");
-    let pss_traditional = site.tmp.path().join("pss-traditional.key");
-    for (args, out) in [
+    let pss_options = "rsa_keygen_bits:2048";
+    let pss_str = path_str(&pss);
+    run_openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA-PSS",
+        "-pkeyopt",
+        pss_options,
+        "-out",
+        pss_str,
+    ]);
+    let pss_traditional_str = path_str(&pss_traditional);
+    run_openssl(&[
+        "rsa",
+        "-traditional",
+        "-in",
+        pss_str,
+        "-out",
+        pss_traditional_str,
+    ]);
+
+    let pss_says: &[&str] = &["host.key", "RSA-PSS key", "genpkey -algorithm RSA "];
+    let cases: [(&str, &Path, &[&str]); 7] = [
         (
+            "encrypted",
+            &encrypted,
+            &["host.key", "encrypted", "openssl pkey"],
+        ),
+        ("traditional", &traditional, &["host.key", "encrypted"]),
+        (
+            "p521",
+            &p521.key,
+            &["host.key", "PKCS#8", "cannot be used", "P-256 or P-384"],
+        ),
+        ("pss", &pss, pss_says),
+        ("pss-traditional", &pss_traditional, pss_says),
+        (
+            "mismatch",
+            &other.key,
+            &["host.key", "does not belong", "host.pem"],
+        ),
+        (
+            "no-key",
+            &host.cert,
             &[
-                "genpkey",
-                "-algorithm",
-                "RSA-PSS",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-                "-out",
-            ][..],
-            &pss,
+                "host.key",
+                "no private key",
+                "a certificate",
+                "BEGIN RSA PRIVATE KEY",
+            ],
         ),
-        (
-            &["rsa", "-traditional", "-in", path_str(&pss), "-out"][..],
-            &pss_traditional,
-        ),
-    ] {
-        let status = std::process::Command::new("openssl")
-            .args(args)
-            .arg(out)
-            .status()
-            .expect("openssl");
-        assert!(status.success());
-    }
-    for (name, key) in [("pss", &pss), ("pss-traditional", &pss_traditional)] {
-        let mut files = Files::issue_input(&site, &host);
+    ];
+    for (name, key, says) in cases {
+        // The P-521 key comes with its own certificate; the others pair with web-1's.
+        let leaf = if name == "p521" { &p521 } else { &host };
+        let mut files = Files::issue_input(&site, leaf);
         files.key = key;
-        let text = parse_error(server_config(&site.bundle(name, &files)));
-        assert_contains(
-            &text,
-            &["host.key", "RSA-PSS key", "genpkey -algorithm RSA "],
-        );
+        assert_contains(&site.bundle_refusal(name, &files), says);
     }
+}
 
-    let mut files = Files::issue_input(&site, &host);
-    files.key = &other.key;
-    let text = parse_error(server_config(&site.bundle("mismatch", &files)));
-    assert_contains(&text, &["host.key", "does not belong", "host.pem"]);
-
-    let mut files = Files::issue_input(&site, &host);
-    files.key = &host.cert;
-    let text = parse_error(server_config(&site.bundle("no-key", &files)));
-    assert_contains(
-        &text,
-        &[
-            "host.key",
-            "no private key",
-            "a certificate",
-            "BEGIN RSA PRIVATE KEY",
-        ],
-    );
+/// Runs the openssl command line, which must succeed.
+fn run_openssl(args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "{out:?}");
 }
 
 /// `erel certs host` may issue from an operator's intermediate kept as ca.pem and
@@ -597,23 +565,9 @@ fn unusable_keys_are_refused_with_the_reason() {
 async fn erel_certs_issues_from_an_operators_intermediate_with_a_pkcs8_key() {
     let site = site();
     let master = site.master_leaf("master", KeyKind::RsaPkcs1);
-    let certs = site.master(
-        "certs",
-        &Files {
-            ca: vec![&site.pki.intermediate.cert, &site.pki.root.cert],
-            chain: vec![&master.cert],
-            key: &master.key,
-            crls: vec![site.pki.crl(&site.pki.intermediate).expect("crl")],
-        },
-    );
+    let certs = site.master("certs", &Files::intermediate_in_ca_pem(&site, &master));
     let ca_key = certs.path().join(layout::CA_KEY);
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .output()
-            .expect("openssl");
-        assert!(out.status.success(), "{out:?}");
-    };
+    let openssl = run_openssl;
     let int_key = site.pki.intermediate.key.to_str().expect("utf-8");
     let ca_key_str = ca_key.to_str().expect("utf-8");
     openssl(&["rsa", "-traditional", "-in", int_key, "-out", ca_key_str]);
@@ -629,12 +583,7 @@ async fn erel_certs_issues_from_an_operators_intermediate_with_a_pkcs8_key() {
     let bundle = certs
         .issue_host("web-1", &[crate::helper::LOOPBACK], &[])
         .expect("issue from the operator's intermediate");
-    let (client_result, server_result) = attempt(
-        server_config(&bundle).expect("bundle"),
-        certs.client_config().expect("master"),
-        "web-1",
-    )
-    .await;
+    let (client_result, server_result) = attempt_between(&bundle, &certs).await;
     assert_eq!(client_result.expect("master side").echoed, 42);
     assert_eq!(
         server_result.expect("agent side").peer.as_deref(),
@@ -682,7 +631,7 @@ fn signatures_no_handshake_can_verify_are_refused_when_loaded() {
     let mut files = Files::issue_input(&site, &sha512);
     files.chain = vec![&sha512.cert];
     files.crls = Vec::new();
-    let text = parse_error(server_config(&site.bundle("sha512-leaf", &files)));
+    let text = site.bundle_refusal("sha512-leaf", &files);
     assert_contains(
         &text,
         &[
@@ -707,7 +656,7 @@ fn signatures_no_handshake_can_verify_are_refused_when_loaded() {
     ] {
         let mut files = Files::issue_input(&site, &host);
         files.crls.push(crl.expect("crl"));
-        let text = parse_error(server_config(&site.bundle(&format!("crl-{name}"), &files)));
+        let text = site.bundle_refusal(&format!("crl-{name}"), &files);
         assert_contains(&text, &["crl.pem", "CRL #2", name, "-md sha256"]);
 
         let master = site.master_leaf(&format!("master-{name}"), KeyKind::EcP256Pkcs8);
@@ -777,14 +726,7 @@ async fn hosts_and_masters_from_different_intermediates() {
             crls: vec![hosts_crl],
         },
     );
-    let (client_result, server_result) = attempt(
-        server_config(&bundle).expect("agent"),
-        certs.client_config().expect("master"),
-        "web-1",
-    )
-    .await;
-    assert_eq!(client_result.expect("master side").echoed, 42);
-    server_result.expect("agent side");
+    expect_echoed(attempt_between(&bundle, &certs).await);
 
     site.pki.revoke(&masters_ca, &master).expect("revoke");
     fs::write(
@@ -792,12 +734,7 @@ async fn hosts_and_masters_from_different_intermediates() {
         site.pki.crl(&masters_ca).expect("crl"),
     )
     .expect("crl.pem");
-    let (client_result, _) = attempt(
-        server_config(&bundle).expect("agent"),
-        certs.client_config().expect("master"),
-        "web-1",
-    )
-    .await;
+    let (client_result, _) = attempt_between(&bundle, &certs).await;
     expect_refused(client_result, "certificate revoked");
 }
 
@@ -806,8 +743,7 @@ async fn hosts_and_masters_from_different_intermediates() {
 #[test]
 fn a_crl_of_a_kind_the_verifier_does_not_take_is_named() {
     let site = site();
-    let host = site.host("web-1", KeyKind::EcP256Sec1);
-    let master = site.master_leaf("master", KeyKind::EcP256Pkcs8);
+    let (host, master) = site.host_and_master(KeyKind::EcP256Pkcs8);
     let indirect = site
         .pki
         .indirect_crl(&site.pki.intermediate)
@@ -817,12 +753,12 @@ fn a_crl_of_a_kind_the_verifier_does_not_take_is_named() {
         site.pki.crl(&site.pki.root).expect("root crl"),
         indirect.clone(),
     ];
-    let text = parse_error(server_config(&site.bundle("bundle", &files)));
+    let text = site.bundle_refusal("bundle", &files);
     assert_contains(&text, &["crl.pem", "CRL #2", "IndirectCrl", "indirect"]);
     assert!(!text.contains("ca.pem"), "{text}");
 
     let mut files = Files::issue_input(&site, &master);
     files.crls = vec![indirect];
-    let text = parse_error(site.master("certs", &files).client_config());
+    let text = site.master_refusal("certs", &files);
     assert_contains(&text, &["crl.pem", "CRL #1", "IndirectCrl"]);
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use erel_certs::{layout, validate_host_id, Error, MasterDir};
 
-use crate::helper::{pki, LOOPBACK};
+use crate::helper::{pki, poll_until, LOOPBACK};
 
 fn mode(path: &Path) -> u32 {
     fs::metadata(path).expect("metadata").permissions().mode() & 0o777
@@ -301,15 +301,10 @@ fn fingerprint_notices_a_file_rewritten_in_place_with_its_length_and_mtime_kept(
     // snapshot is unsettled, and differs from the settled one taken later.
     let fresh = erel_certs::bundle_fingerprint(&pki.bundle);
     assert!(!fresh.is_settled());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(12);
-    let before = loop {
-        let now = erel_certs::bundle_fingerprint(&pki.bundle);
-        if now.is_settled() {
-            break now;
-        }
-        assert!(std::time::Instant::now() < deadline, "never settled");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    let before = poll_until(std::time::Duration::from_secs(12), || {
+        Some(erel_certs::bundle_fingerprint(&pki.bundle)).filter(|now| now.is_settled())
+    })
+    .expect("never settled");
     assert_ne!(fresh, before, "the files are read once more when settled");
     assert_eq!(before, erel_certs::bundle_fingerprint(&pki.bundle));
 

@@ -16,15 +16,26 @@ use crate::helper::install::{
     install_and_start, no_progress, release_status, start_request, without_digest,
 };
 use crate::helper::release::{beat_release, sha256, shell_release};
-use crate::helper::{free_port, listing, wait_until, AgentProc, Pki, NO_RESTART_WITHIN, PATIENCE};
+use crate::helper::{
+    free_port, listing, outlast_any_restart, pki_and_agent, retry_while_busy, wait_until,
+    AgentProc, Pki, PATIENCE,
+};
 
 /// Pushes, unpacks and starts the beat release `version`; returns the port it serves.
-async fn install_beat(pki: &Pki, agent: &AgentProc, work: &std::path::Path, version: &str) -> u16 {
-    let tarball = beat_release(work, "beat", version);
+async fn install_beat(pki: &Pki, agent: &AgentProc, version: &str) -> u16 {
+    let work = tempfile::tempdir().expect("tempdir");
+    let tarball = beat_release(work.path(), "beat", version);
     let mut client = pki.connect(agent).await;
     let port = free_port();
     let env = vec![("BEAT_PORT".into(), port.to_string())];
     install_and_start(&mut client, &tarball, "beat", version, env).await;
+    port
+}
+
+/// [`install_beat`], then waits until the release answers on its port.
+async fn beat_answering(pki: &Pki, agent: &AgentProc, version: &str) -> u16 {
+    let port = install_beat(pki, agent, version).await;
+    assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
     port
 }
 
@@ -43,10 +54,8 @@ async fn beat_answer(port: u16) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_unpack_start_ping_stop() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
-    let work = tempfile::tempdir().expect("tempdir");
-    let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
+    let (pki, agent) = pki_and_agent("web-1", &[]);
+    let port = install_beat(&pki, &agent, "0.1.0").await;
 
     assert!(
         wait_until(PATIENCE, || async {
@@ -94,11 +103,8 @@ async fn push_unpack_start_ping_stop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starting_the_running_version_changes_nothing_and_a_new_version_replaces_it() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
-    let work = tempfile::tempdir().expect("tempdir");
-    let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
-    assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
+    let port = beat_answering(&pki, &agent, "0.1.0").await;
     let pid = agent.release_pids("beat");
 
     let mut client = pki.connect(&agent).await;
@@ -115,7 +121,7 @@ async fn starting_the_running_version_changes_nothing_and_a_new_version_replaces
     assert!(again.already_running);
     assert_eq!(agent.release_pids("beat"), pid, "same process");
 
-    let port2 = install_beat(&pki, &agent, work.path(), "0.2.0").await;
+    let port2 = install_beat(&pki, &agent, "0.2.0").await;
     assert!(
         wait_until(PATIENCE, || async {
             beat_answer(port2).await.as_deref() == Some("beat 0.2.0 web-1")
@@ -128,8 +134,7 @@ async fn starting_the_running_version_changes_nothing_and_a_new_version_replaces
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_push_sends_nothing_and_a_cut_push_resumes() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let file = work.path().join("blob.bin");
     let size: usize = 8 * 1024 * 1024;
@@ -198,26 +203,24 @@ async fn a_repeated_push_sends_nothing_and_a_cut_push_resumes() {
         "nothing half-done is visible"
     );
 
-    let mut client = pki.connect(&agent).await;
+    let client = pki.connect(&agent).await;
     let source = WriteSource {
         path: file.clone(),
         sha256: Some(digest),
         sha256_of: None,
     };
     // Until the agent has noticed the cut, the staged file is still held: Busy.
-    let mut attempts = 0;
-    let written = loop {
-        match client
-            .write_file(&source, "data/blob.bin", 0o600, &mut no_progress())
+    let shared = tokio::sync::Mutex::new(client);
+    let (client, source_ref) = (&shared, &source);
+    let written = retry_while_busy(Duration::from_secs(10), || async move {
+        let mut client = client.lock().await;
+        client
+            .write_file(source_ref, "data/blob.bin", 0o600, &mut no_progress())
             .await
-        {
-            Err(e) if e.agent_kind() == Some(ErrorKind::Busy) && attempts < 100 => {
-                attempts += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            other => break other.expect("resume"),
-        }
-    };
+    })
+    .await
+    .expect("resume");
+    let mut client = shared.into_inner();
     assert_eq!(written.size, size as u64);
     assert_eq!(
         written.received,
@@ -248,8 +251,7 @@ async fn a_repeated_push_sends_nothing_and_a_cut_push_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_push_uses_the_digest_cache_and_shows_what_it_sent() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let file = work.path().join("app.tar.gz");
     std::fs::write(&file, vec![7u8; 300_000]).expect("write");
@@ -277,9 +279,7 @@ async fn the_cli_push_uses_the_digest_cache_and_shows_what_it_sent() {
     assert!(text.contains("already present, nothing sent"), "{text}");
 
     let refused = pki
-        .erel()
-        .arg("push")
-        .arg(agent.host().to_string())
+        .erel_at("push", &agent)
         .arg(&file)
         .arg("../escape.tar.gz")
         .output()
@@ -294,8 +294,7 @@ async fn the_cli_push_uses_the_digest_cache_and_shows_what_it_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_archive_over_the_wire_writes_nothing() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     // A tarball with an entry that climbs out of the destination, written by hand
     // because the tar builder refuses such paths.
@@ -353,11 +352,9 @@ async fn hostile_archive_over_the_wire_writes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
-    let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
-    assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
+    let port = beat_answering(&pki, &agent, "0.1.0").await;
     let first = agent.release_pids("beat");
     assert_eq!(first.len(), 1);
     nix::sys::signal::kill(
@@ -417,7 +414,7 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
     );
     let restarts = status.restarts;
     // A restart would come within one restart delay; none comes in several.
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     let later = release_status(&pki, &agent, "flop").await.expect("known");
     assert_eq!(
         later.restarts, restarts,
@@ -428,11 +425,8 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
-    let pki = Pki::new();
-    let mut agent = AgentProc::start(&pki, "web-1", &[]);
-    let work = tempfile::tempdir().expect("tempdir");
-    let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
-    assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
+    let (pki, mut agent) = pki_and_agent("web-1", &[]);
+    let port = beat_answering(&pki, &agent, "0.1.0").await;
     let pids = agent.release_pids("beat");
     assert_eq!(pids.len(), 1);
 
@@ -451,7 +445,7 @@ async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
         "adopted, not restarted"
     );
     // A second copy would be started within one restart delay; none is in several.
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     assert_eq!(agent.release_pids("beat"), pids, "exactly one copy");
 
     assert!(
@@ -465,7 +459,7 @@ async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
         "SIGTERM leaves releases running"
     );
     agent.restart();
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     assert_eq!(agent.release_pids("beat"), pids);
     assert_eq!(beat_answer(port).await.as_deref(), Some("beat 0.1.0 web-1"));
 
@@ -484,7 +478,7 @@ async fn agent_kill9_or_sigterm_and_restart_leaves_exactly_one_copy() {
         "started again after the agent came back\n{}",
         agent.log()
     );
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     assert_eq!(agent.release_pids("beat").len(), 1);
 }
 
@@ -532,8 +526,7 @@ async fn expect_error_then_close(raw: &mut RawTls) -> erel_proto::ErrorReply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_get_an_error_and_the_agent_keeps_serving() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
 
     // Garbage after the handshake.
     let mut raw = raw_connection(&pki, &agent).await;
@@ -597,13 +590,10 @@ async fn bad_frames_get_an_error_and_the_agent_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_from_another_cluster_is_refused_with_a_clear_error() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let other = Pki::new();
     let out = other
-        .erel()
-        .arg("ping")
-        .arg(agent.host().to_string())
+        .erel_at("ping", &agent)
         .output()
         .expect("run erel ping");
     assert!(!out.status.success());
@@ -618,12 +608,7 @@ async fn a_master_from_another_cluster_is_refused_with_a_clear_error() {
     let mut buf = Vec::new();
     let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = tcp.read_to_end(&mut buf);
-    let ok = pki
-        .erel()
-        .arg("ping")
-        .arg(agent.host().to_string())
-        .output()
-        .expect("run erel ping");
+    let ok = pki.erel_at("ping", &agent).output().expect("run erel ping");
     assert!(
         ok.status.success(),
         "{}",
@@ -635,11 +620,8 @@ async fn a_master_from_another_cluster_is_refused_with_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_json_reports_everything() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
-    let work = tempfile::tempdir().expect("tempdir");
-    let port = install_beat(&pki, &agent, work.path(), "0.1.0").await;
-    assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
+    beat_answering(&pki, &agent, "0.1.0").await;
     let out = pki
         .erel()
         .args(["ping", "--json"])
@@ -662,8 +644,7 @@ async fn ping_json_reports_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_master_is_refused_without_restarting_the_agent_and_a_new_one_gets_in() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let agent_pid = agent.pid();
     let mut client = pki.connect(&agent).await;
     client.ping().await.expect("ping before");
@@ -691,12 +672,9 @@ async fn a_revoked_master_is_refused_without_restarting_the_agent_and_a_new_one_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_versions_and_their_archives_are_removed_beyond_the_kept_ones() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &["--keep-versions", "1"]);
-    let work = tempfile::tempdir().expect("tempdir");
+    let (pki, agent) = pki_and_agent("web-1", &["--keep-versions", "1"]);
     for version in ["1", "2", "3"] {
-        let port = install_beat(&pki, &agent, work.path(), version).await;
-        assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
+        beat_answering(&pki, &agent, version).await;
     }
     let status = release_status(&pki, &agent, "beat").await.expect("known");
     assert_eq!(status.version.as_deref(), Some("3"));
@@ -730,8 +708,7 @@ async fn one_request(pki: &Pki, agent: &AgentProc, request: &Request) -> Option<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_at_the_edges_of_every_field_are_answered_without_a_panic() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let start = |name: &str, version: &str, argv: &[&str]| Start {
         name: name.into(),
         version: version.into(),

@@ -6,15 +6,12 @@
 //! prints what they do. Each test has its own name prefix and deletes it at the end.
 //! (The broker-restart test is its own test binary, `amqp_restart`.)
 
-use std::io::{BufRead, BufReader};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::helper::amqp::{
-    erel, logs, output_text, watch_command, BrokerLock, MasterProc, TestBroker,
-};
+use crate::helper::amqp::{erel, logs, watch_command, BrokerLock, MasterProc, TestBroker};
 use crate::helper::fleet::Fleet;
-use crate::helper::wait_until_blocking;
+use crate::helper::{follow_lines, output_text, wait_until_blocking};
 
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
@@ -58,13 +55,9 @@ fn amqp_masters_store_converge_catch_up_and_refuse_old_revisions() {
         logs(&[&m1, &m2])
     );
     assert_eq!(m1.held_text().as_deref(), Some(v1.as_str()));
-    assert!(
-        wait_until_blocking(CONVERGE, || fleet.all_run("1.0.0")),
-        "every host runs 1.0.0: {:?}\n{}{}",
-        fleet.beats(),
-        logs(&[&m1, &m2]),
-        fleet.agent_logs()
-    );
+    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || {
+        format!("{}{}", logs(&[&m1, &m2]), fleet.agent_logs())
+    });
     // Each group is held by exactly one of them, and `config holders` says which.
     assert!(
         wait_until_blocking(RECEIVE, || {
@@ -166,12 +159,7 @@ fn amqp_masters_store_converge_catch_up_and_refuse_old_revisions() {
         "the new master reaches revision 2\n{}",
         m4.log()
     );
-    assert!(
-        wait_until_blocking(CONVERGE, || fleet.all_run("2.0.0")),
-        "every host runs 2.0.0: {:?}\n{}",
-        fleet.beats(),
-        m4.log()
-    );
+    fleet.wait_all_run("2.0.0", CONVERGE, "every host runs 2.0.0", || m4.log());
     drop(m4);
 }
 
@@ -200,26 +188,10 @@ fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
         .expect("spawn erel watch");
     let watched = Arc::new(Mutex::new(String::new()));
     let listening = Arc::new(Mutex::new(String::new()));
-    {
-        let stdout = watcher.stdout.take().expect("stdout");
-        let sink = watched.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let mut text = sink.lock().expect("lock");
-                text.push_str(&line);
-                text.push('\n');
-            }
-        });
-        let stderr = watcher.stderr.take().expect("stderr");
-        let sink = listening.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut text = sink.lock().expect("lock");
-                text.push_str(&line);
-                text.push('\n');
-            }
-        });
-    }
+    let stdout = watcher.stdout.take().expect("stdout");
+    follow_lines(stdout, watched.clone(), |_| {});
+    let stderr = watcher.stderr.take().expect("stderr");
+    follow_lines(stderr, listening.clone(), |_| {});
     assert!(
         wait_until_blocking(RECEIVE, || listening
             .lock()
@@ -232,12 +204,7 @@ fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
     let v1 = fleet.config(1, "1.0.0", "");
     let (ok, out) = fleet.publish(&broker, &v1);
     assert!(ok, "{out}");
-    assert!(
-        wait_until_blocking(CONVERGE, || fleet.all_run("1.0.0")),
-        "the host runs 1.0.0: {:?}\n{}",
-        fleet.beats(),
-        master.log()
-    );
+    fleet.wait_all_run("1.0.0", CONVERGE, "the host runs 1.0.0", || master.log());
 
     // Not TOML; an unknown group; an archive missing from the artifact directory; a
     // header that disagrees with the text. All newer than 1, all rejected.
@@ -276,12 +243,7 @@ fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
     // A valid newer revision is still applied.
     let (ok, out) = fleet.publish(&broker, &fleet.config(7, "2.0.0", ""));
     assert!(ok, "{out}");
-    assert!(
-        wait_until_blocking(CONVERGE, || fleet.all_run("2.0.0")),
-        "the host runs 2.0.0: {:?}\n{}",
-        fleet.beats(),
-        master.log()
-    );
+    fleet.wait_all_run("2.0.0", CONVERGE, "the host runs 2.0.0", || master.log());
     assert!(
         wait_until_blocking(RECEIVE, || {
             let text = watched.lock().expect("lock");
@@ -314,12 +276,9 @@ fn amqp_one_master_acts_per_group_and_another_takes_over_when_it_is_killed() {
     let slow = "max_in_flight = 1\ncanaries = 1";
     let (ok, out) = fleet.publish(&broker, &fleet.config(1, "1.0.0", slow));
     assert!(ok, "{out}");
-    assert!(
-        wait_until_blocking(CONVERGE, || fleet.all_run("1.0.0")),
-        "every host runs 1.0.0: {:?}\n{}",
-        fleet.beats(),
+    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || {
         logs(&[&a, &b])
-    );
+    });
     let holders: Vec<&MasterProc> = [&a, &b].into_iter().filter(|m| holds(m, "web")).collect();
     assert_eq!(holders.len(), 1, "exactly one holder\n{}", logs(&[&a, &b]));
     let a_holds = holds(&a, "web");
@@ -354,12 +313,11 @@ fn amqp_one_master_acts_per_group_and_another_takes_over_when_it_is_killed() {
         "the other master takes the group over within seconds\n{}",
         other.log()
     );
-    assert!(
-        wait_until_blocking(CONVERGE, || fleet.all_run("2.0.0")),
-        "the new holder finishes the rollout: {:?}\n{}{}",
-        fleet.beats(),
-        other.log(),
-        fleet.agent_logs()
+    fleet.wait_all_run(
+        "2.0.0",
+        CONVERGE,
+        "the new holder finishes the rollout",
+        || format!("{}{}", other.log(), fleet.agent_logs()),
     );
     assert_eq!(other.held_revision(), Some(2));
 

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use crate::helper::MASTER_BIN;
+use crate::helper::{output_text, MASTER_BIN};
 
 fn erel(certs: &Path, args: &[&str]) -> Output {
     Command::new(MASTER_BIN)
@@ -21,12 +21,8 @@ fn openssl(args: &[&str]) -> Output {
         .expect("openssl is installed by scripts/test.sh")
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("utf8")
 }
 
 #[test]
@@ -34,65 +30,49 @@ fn certs_init_and_host_make_certificates_openssl_accepts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = dir.path().join("certs");
     let init = erel(&certs, &["certs", "init"]);
-    assert!(init.status.success(), "{}", text(&init));
+    assert!(init.status.success(), "{}", output_text(&init));
     let host = erel(&certs, &["certs", "host", "web-1", "--ip", "127.0.0.1"]);
-    assert!(host.status.success(), "{}", text(&host));
+    assert!(host.status.success(), "{}", output_text(&host));
 
     let ca = certs.join("ca.pem");
     let host_pem = certs.join("hosts/web-1/host.pem");
     let master_pem = certs.join("master.pem");
+    let ca_str = path_str(&ca);
     for cert in [&host_pem, &master_pem] {
-        let verify = openssl(&[
-            "verify",
-            "-CAfile",
-            ca.to_str().expect("utf8"),
-            cert.to_str().expect("utf8"),
-        ]);
-        assert!(verify.status.success(), "{}", text(&verify));
+        let verify = openssl(&["verify", "-CAfile", ca_str, path_str(cert)]);
+        assert!(verify.status.success(), "{}", output_text(&verify));
         assert!(String::from_utf8_lossy(&verify.stdout).contains(": OK"));
     }
-    let host_text = text(&openssl(&[
-        "x509",
-        "-noout",
-        "-text",
-        "-in",
-        host_pem.to_str().expect("utf8"),
-    ]));
-    assert!(
-        host_text.contains("TLS Web Server Authentication"),
-        "{host_text}"
-    );
-    assert!(
-        !host_text.contains("TLS Web Client Authentication"),
-        "{host_text}"
-    );
-    assert!(host_text.contains("DNS:web-1"), "{host_text}");
-    assert!(host_text.contains("IP Address:127.0.0.1"), "{host_text}");
-    assert!(host_text.contains("Digital Signature"), "{host_text}");
-    let master_text = text(&openssl(&[
-        "x509",
-        "-noout",
-        "-text",
-        "-in",
-        master_pem.to_str().expect("utf8"),
-    ]));
-    assert!(
-        master_text.contains("TLS Web Client Authentication"),
-        "{master_text}"
-    );
-    assert!(
-        !master_text.contains("TLS Web Server Authentication"),
-        "{master_text}"
-    );
-    let ca_text = text(&openssl(&[
-        "x509",
-        "-noout",
-        "-text",
-        "-in",
-        ca.to_str().expect("utf8"),
-    ]));
-    assert!(ca_text.contains("CA:TRUE"), "{ca_text}");
-    assert!(ca_text.contains("Certificate Sign"), "{ca_text}");
+    let host_says = [
+        "TLS Web Server Authentication",
+        "DNS:web-1",
+        "IP Address:127.0.0.1",
+        "Digital Signature",
+    ];
+    let shown: [(&Path, &[&str], &[&str]); 3] = [
+        (&host_pem, &host_says, &["TLS Web Client Authentication"]),
+        (
+            &master_pem,
+            &["TLS Web Client Authentication"],
+            &["TLS Web Server Authentication"],
+        ),
+        (&ca, &["CA:TRUE", "Certificate Sign"], &[]),
+    ];
+    for (cert, has, lacks) in shown {
+        let text = output_text(&openssl(&[
+            "x509",
+            "-noout",
+            "-text",
+            "-in",
+            path_str(cert),
+        ]));
+        for part in has {
+            assert!(text.contains(part), "{part:?} missing from {text}");
+        }
+        for part in lacks {
+            assert!(!text.contains(part), "{part:?} should not be in {text}");
+        }
+    }
 
     use std::os::unix::fs::PermissionsExt;
     for key in [
@@ -106,45 +86,49 @@ fn certs_init_and_host_make_certificates_openssl_accepts() {
 
     // Revocation shows in openssl's CRL check.
     let revoke = erel(&certs, &["certs", "revoke", "web-1"]);
-    assert!(revoke.status.success(), "{}", text(&revoke));
+    assert!(revoke.status.success(), "{}", output_text(&revoke));
     let crl = certs.join("crl.pem");
+    let (crl, host_pem) = (path_str(&crl), path_str(&host_pem));
     let checked = openssl(&[
         "verify",
         "-crl_check",
         "-CAfile",
-        ca.to_str().expect("utf8"),
+        ca_str,
         "-CRLfile",
-        crl.to_str().expect("utf8"),
-        host_pem.to_str().expect("utf8"),
+        crl,
+        host_pem,
     ]);
     assert!(!checked.status.success());
-    assert!(text(&checked).contains("revoked"), "{}", text(&checked));
+    assert!(
+        output_text(&checked).contains("revoked"),
+        "{}",
+        output_text(&checked)
+    );
 }
 
 #[test]
 fn certs_errors_name_the_file_and_never_overwrite_a_ca() {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = dir.path().join("certs");
-    let no_ca = erel(&certs, &["certs", "host", "web-1"]);
-    assert!(!no_ca.status.success());
-    assert!(text(&no_ca).contains("ca.pem"), "{}", text(&no_ca));
+    let said = refused(&certs, &["certs", "host", "web-1"]);
+    assert!(said.contains("ca.pem"), "{said}");
 
     assert!(erel(&certs, &["certs", "init"]).status.success());
     let before = std::fs::read(certs.join("ca.pem")).expect("ca");
-    let again = erel(&certs, &["certs", "init"]);
-    assert!(!again.status.success());
-    assert!(
-        text(&again).contains("ca.pem") || text(&again).contains("ca.key"),
-        "{}",
-        text(&again)
-    );
+    let said = refused(&certs, &["certs", "init"]);
+    assert!(said.contains("ca.pem") || said.contains("ca.key"), "{said}");
     assert_eq!(std::fs::read(certs.join("ca.pem")).expect("ca"), before);
 
-    let unknown = erel(&certs, &["certs", "revoke", "web-9"]);
-    assert!(!unknown.status.success());
-    assert!(text(&unknown).contains("web-9"), "{}", text(&unknown));
+    let said = refused(&certs, &["certs", "revoke", "web-9"]);
+    assert!(said.contains("web-9"), "{said}");
 
-    let bad = erel(&certs, &["certs", "host", "Web_1"]);
-    assert!(!bad.status.success());
-    assert!(text(&bad).contains("Web_1"), "{}", text(&bad));
+    let said = refused(&certs, &["certs", "host", "Web_1"]);
+    assert!(said.contains("Web_1"), "{said}");
+}
+
+/// Runs `erel` with `args`, which must fail; returns what it printed.
+fn refused(certs: &Path, args: &[&str]) -> String {
+    let out = erel(certs, args);
+    assert!(!out.status.success(), "{}", output_text(&out));
+    output_text(&out)
 }

@@ -10,14 +10,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use erel_proto::{ReleaseState, ReleaseStatus};
+use erel_master::AgentClient;
+use erel_proto::{ReleaseState, ReleaseStatus, Started, Stopped};
 
 use crate::helper::install::{push_and_unpack, release_status, start_request};
 use crate::helper::release::shell_release;
-use crate::helper::{wait_until, AgentProc, Pki, NO_RESTART_WITHIN, RESTART_BACKOFF_MAX};
-
-/// How long a condition is waited for; generous, the machine is shared.
-const PATIENCE: Duration = Duration::from_secs(30);
+use crate::helper::{outlast_any_restart, pki_and_agent, wait_until, AgentProc, Pki, PATIENCE};
 
 /// The issue's input: a helper in its own session, then the main process.
 const SETSID_HELPER: &str =
@@ -36,11 +34,49 @@ case \"$1\" in
 esac
 ";
 
+/// A [`cgroup_agent`] `id` running version 1 of `app` whose `bin/app` is `script`,
+/// and the client that started it.
+async fn cgroup_app(id: &str, script: &str) -> (Pki, AgentProc, AgentClient, Started) {
+    let (pki, agent) = cgroup_agent(id);
+    install(&pki, &agent, "1", script).await;
+    let mut client = pki.connect(&agent).await;
+    let started = start_app(&mut client, "1", &[]).await;
+    (pki, agent, client, started)
+}
+
 /// Pushes and unpacks a shell release `app` `version` whose `bin/app` is `script`.
-async fn install(pki: &Pki, agent: &AgentProc, work: &Path, version: &str, script: &str) {
-    let tarball = shell_release(work, "app", version, script);
+async fn install(pki: &Pki, agent: &AgentProc, version: &str, script: &str) {
+    let work = tempfile::tempdir().expect("tempdir");
+    let tarball = shell_release(work.path(), "app", version, script);
     let mut client = pki.connect(agent).await;
     push_and_unpack(&mut client, &tarball, "app", version).await;
+}
+
+/// Starts version `version` of `app` with `argv`, which must succeed.
+async fn start_app(client: &mut AgentClient, version: &str, argv: &[&str]) -> Started {
+    let request = start_request("app", version, argv);
+    let started = client.start(request).await;
+    started.unwrap_or_else(|e| panic!("start app {version}: {e}"))
+}
+
+/// Stops `app` with a grace of ten seconds, which must succeed.
+async fn stop_app(client: &mut AgentClient) -> Stopped {
+    let stopped = client.stop("app", Duration::from_secs(10)).await;
+    stopped.unwrap_or_else(|e| panic!("stop app: {e}"))
+}
+
+/// Waits until `app` is in `state`; panics with the agent's log when it is not.
+async fn assert_reaches(pki: &Pki, agent: &AgentProc, state: ReleaseState) {
+    let reached = wait_until(PATIENCE, || async {
+        status(pki, agent).await.state == state
+    });
+    assert!(reached.await, "{state:?} not reached:\n{}", agent.log());
+}
+
+/// Waits until no output writer of `app` is left; panics, saying `when`, when one is.
+async fn assert_no_writers_left(agent: &AgentProc, when: &str) {
+    let gone = wait_until(PATIENCE, || async { app_writers(agent) == 0 }).await;
+    assert!(gone, "{} writers left {when}", app_writers(agent));
 }
 
 async fn status(pki: &Pki, agent: &AgentProc) -> ReleaseStatus {
@@ -89,23 +125,21 @@ fn alive(pid: i32) -> bool {
 }
 
 /// An agent with cgroup containment; fails (never skips) when it fell back.
-fn cgroup_agent(pki: &Pki, id: &str) -> AgentProc {
-    let agent = AgentProc::start(pki, id, &[]);
+fn cgroup_agent(id: &str) -> (Pki, AgentProc) {
+    let (pki, agent) = pki_and_agent(id, &[]);
     assert!(
         agent.cgroup_dir().is_some(),
         "this test needs root and a writable cgroup v2; the agent said:\n{}",
         agent.log()
     );
-    agent
+    (pki, agent)
 }
 
 /// Runs `erel` with `args` (the host is inserted after the subcommand); returns
 /// (success, stdout, stderr).
 fn erel(pki: &Pki, agent: &AgentProc, command: &str, args: &[&str]) -> (bool, String, String) {
     let out = pki
-        .erel()
-        .arg(command)
-        .arg(agent.host().to_string())
+        .erel_at(command, agent)
         .args(args)
         .output()
         .expect("run erel");
@@ -118,15 +152,10 @@ fn erel(pki: &Pki, agent: &AgentProc, command: &str, args: &[&str]) -> (bool, St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_reaches_a_helper_in_its_own_session() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-setsid");
-    let work = tempfile::tempdir().expect("tempdir");
-    install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
+    let (pki, agent) = cgroup_agent("cg-setsid");
+    install(&pki, &agent, "1", SETSID_HELPER).await;
     let mut client = pki.connect(&agent).await;
-    let started = client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    let started = start_app(&mut client, "1", &[]).await;
     // Found inside the wait, as a process in the middle of an exec can be missed by a
     // scan that follows it.
     let helper = std::sync::Mutex::new(None);
@@ -155,17 +184,12 @@ async fn stop_reaches_a_helper_in_its_own_session() {
     assert!(agent.release_pids("app").is_empty());
 
     // Started again: one main process and one helper, never two copies.
-    client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
-    tokio::time::sleep(RESTART_BACKOFF_MAX * 3).await;
+    // A second copy would come from a restart, within one restart delay.
+    outlast_any_restart().await;
     assert_eq!(members(&agent).len(), 2);
-    client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    stop_app(&mut client).await;
     assert!(members(&agent).is_empty());
 }
 
@@ -173,13 +197,9 @@ async fn stop_reaches_a_helper_in_its_own_session() {
 /// the release, reported as running, never restarted while it lives, restarted once
 /// when it dies, and stopped entirely.
 async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &str, argv: &[&str]) {
-    let work = tempfile::tempdir().expect("tempdir");
-    install(pki, agent, work.path(), "1", script).await;
+    install(pki, agent, "1", script).await;
     let mut client = pki.connect(agent).await;
-    let started = client
-        .start(start_request("app", "1", argv))
-        .await
-        .expect("start");
+    let started = start_app(&mut client, "1", argv).await;
     assert!(
         wait_until(PATIENCE, || async {
             let s = status(pki, agent).await;
@@ -192,7 +212,7 @@ async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &st
         agent.log()
     );
     let daemon = status(pki, agent).await.pid.expect("pid") as i32;
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     let now = status(pki, agent).await;
     assert_eq!(now.state, ReleaseState::Running);
     assert_eq!(now.restarts, 0, "a daemonizing start was restarted");
@@ -218,49 +238,38 @@ async fn daemonizing_release_runs_once(agent: &AgentProc, pki: &Pki, script: &st
         "restarted once\n{}",
         agent.log()
     );
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     assert_eq!(members(agent).len(), 1);
-    let stopped = client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    let stopped = stop_app(&mut client).await;
     assert!(stopped.was_running);
     assert!(members(agent).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_double_forked_daemon_is_the_release() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-fork");
+    let (pki, agent) = cgroup_agent("cg-fork");
     daemonizing_release_runs_once(&agent, &pki, DOUBLE_FORK, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relx_style_daemon_command_is_the_release() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-relx");
+    let (pki, agent) = cgroup_agent("cg-relx");
     daemonizing_release_runs_once(&agent, &pki, RELX_STYLE, &["bin/app", "daemon"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
-    let pki = Pki::new();
-    let mut agent = cgroup_agent(&pki, "cg-adopt");
-    let work = tempfile::tempdir().expect("tempdir");
-    install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
-    install(&pki, &agent, work.path(), "2", RELX_STYLE).await;
+    let (pki, mut agent) = cgroup_agent("cg-adopt");
+    install(&pki, &agent, "1", SETSID_HELPER).await;
+    install(&pki, &agent, "2", RELX_STYLE).await;
     let mut client = pki.connect(&agent).await;
-    let started = client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    let started = start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
     let before = members(&agent);
 
     for round in 0..2 {
-        agent.kill9();
         agent.restart();
-        tokio::time::sleep(NO_RESTART_WITHIN).await;
+        outlast_any_restart().await;
         assert_eq!(members(&agent), before, "round {round}\n{}", agent.log());
         let now = status(&pki, &agent).await;
         assert_eq!(now.state, ReleaseState::Running);
@@ -269,10 +278,7 @@ async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
 
     // A daemonized version survives an agent kill -9 the same way.
     let mut client = pki.connect(&agent).await;
-    client
-        .start(start_request("app", "2", &["bin/app", "daemon"]))
-        .await
-        .expect("start 2");
+    start_app(&mut client, "2", &["bin/app", "daemon"]).await;
     assert!(before.iter().all(|&p| !alive(p)), "version 1 is gone");
     assert!(
         wait_until(PATIENCE, || async {
@@ -287,41 +293,23 @@ async fn kill_9_of_the_agent_then_adoption_never_makes_two_copies() {
         .await
     );
     let daemon = members(&agent);
-    agent.kill9();
     agent.restart();
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     assert_eq!(members(&agent), daemon, "{}", agent.log());
     let now = status(&pki, &agent).await;
     assert_eq!(now.state, ReleaseState::Running);
     assert_eq!(now.pid, Some(daemon[0] as u32));
     assert!(agent.log().contains("adopted a running release"));
     let mut client = pki.connect(&agent).await;
-    client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    stop_app(&mut client).await;
     assert!(members(&agent).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_is_not_a_running_process() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-zombie");
-    let work = tempfile::tempdir().expect("tempdir");
     // The child exits at once, and `sleep`, which replaces the shell, never reaps it.
-    install(
-        &pki,
-        &agent,
-        work.path(),
-        "1",
-        "#!/bin/sh\nsleep 0 &\nexec sleep 100000\n",
-    )
-    .await;
-    let mut client = pki.connect(&agent).await;
-    let started = client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    let script = "#!/bin/sh\nsleep 0 &\nexec sleep 100000\n";
+    let (pki, agent, mut client, started) = cgroup_app("cg-zombie", script).await;
     let cgroup = agent.cgroup_dir().expect("cgroup").join("release.app");
     let zombie_seen = wait_until(PATIENCE, || async {
         std::fs::read_dir("/proc")
@@ -370,14 +358,10 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
         "{ping}"
     );
 
-    let work = tempfile::tempdir().expect("tempdir");
-    install(&pki, &agent, work.path(), "1", SETSID_HELPER).await;
-    install(&pki, &agent, work.path(), "2", DOUBLE_FORK).await;
+    install(&pki, &agent, "1", SETSID_HELPER).await;
+    install(&pki, &agent, "2", DOUBLE_FORK).await;
     let mut client = pki.connect(&agent).await;
-    client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { agent.release_pids("app").len() >= 2 }).await);
     let (ok, out, err) = erel(&pki, &agent, "stop", &["app"]);
     assert!(ok && out.contains("app stopped"), "{out}{err}");
@@ -387,10 +371,7 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
     );
 
     // A double-forked daemon is found by its environment and runs once.
-    client
-        .start(start_request("app", "2", &[]))
-        .await
-        .expect("start 2");
+    start_app(&mut client, "2", &[]).await;
     assert!(
         wait_until(PATIENCE, || async {
             status(&pki, &agent).await.state == ReleaseState::Running
@@ -398,13 +379,10 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
         })
         .await
     );
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     assert_eq!(agent.release_pids("app").len(), 1);
     assert_eq!(status(&pki, &agent).await.restarts, 0);
-    client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    stop_app(&mut client).await;
     assert!(agent.release_pids("app").is_empty());
 }
 
@@ -414,19 +392,10 @@ async fn without_a_usable_cgroup_the_agent_falls_back_and_still_stops_helpers() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_users_process_with_the_markers_is_not_the_release() {
     use std::os::unix::process::CommandExt;
-    let user = TestUser::create();
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "forged", &["--cgroup-parent", "/cgroup.procs/erel"]);
+    let user = TestAccount::user();
+    let (pki, agent) = pki_and_agent("forged", &["--cgroup-parent", "/cgroup.procs/erel"]);
     assert!(agent.cgroup_dir().is_none());
-    let work = tempfile::tempdir().expect("tempdir");
-    install(
-        &pki,
-        &agent,
-        work.path(),
-        "1",
-        "#!/bin/sh\nexec sleep 100000\n",
-    )
-    .await;
+    install(&pki, &agent, "1", "#!/bin/sh\nexec sleep 100000\n").await;
     let root = std::fs::canonicalize(&agent.root).expect("root");
     let mut forged = std::process::Command::new("sleep")
         .arg("100001")
@@ -444,7 +413,8 @@ async fn another_users_process_with_the_markers_is_not_the_release() {
             .start(start_request("app", "1", &[]))
             .await
             .map_err(|e| format!("start refused: {e}\n{}", agent.log()))?;
-        tokio::time::sleep(RESTART_BACKOFF_MAX * 3).await;
+        // A release taken for dead would be restarted within one restart delay.
+        outlast_any_restart().await;
         let now = status(&pki, &agent).await;
         if now.state != ReleaseState::Running || now.pid != Some(started.pid) {
             return Err(format!("status {now:?}, started {}", started.pid));
@@ -467,55 +437,65 @@ async fn another_users_process_with_the_markers_is_not_the_release() {
     outcome.unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// A system user created for one test and removed when dropped.
-struct TestUser {
+/// A system user or group created for one test and removed when dropped.
+struct TestAccount {
     name: String,
+    /// `userdel` or `groupdel`.
+    remove_with: &'static str,
 }
 
-impl TestUser {
-    fn create() -> Self {
+impl TestAccount {
+    /// A system user without a home, named after this process and a counter.
+    fn user() -> Self {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "erelt{}x{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        add_account(
-            "useradd",
-            &["--system", "--no-create-home", "--shell", "/bin/sh"],
-            &name,
-        );
-        TestUser { name }
+        let serial = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("erelt{}x{serial}", std::process::id());
+        let args = ["--system", "--no-create-home", "--shell", "/bin/sh"];
+        Self::add("useradd", &args, name)
     }
 
+    /// A system group named after this process and `tag`.
+    fn group(tag: &str) -> Self {
+        let name = format!("erelg{}{tag}", std::process::id());
+        Self::add("groupadd", &["--system"], name)
+    }
+
+    /// Runs `program` (`useradd`, `groupadd`; the test needs root) with `args` and
+    /// `name`; the account is removed when dropped.
+    fn add(program: &'static str, args: &[&str], name: String) -> Self {
+        let status = std::process::Command::new(program)
+            .args(args)
+            .arg(&name)
+            .status()
+            .unwrap_or_else(|e| panic!("run {program} (this test needs root): {e}"));
+        assert!(status.success(), "{program} {name}");
+        let remove_with = if program == "groupadd" {
+            "groupdel"
+        } else {
+            "userdel"
+        };
+        TestAccount { name, remove_with }
+    }
+
+    /// The user's uid.
     fn uid(&self) -> u32 {
-        nix::unistd::User::from_name(&self.name)
-            .expect("lookup")
-            .expect("user exists")
-            .uid
-            .as_raw()
+        let user = nix::unistd::User::from_name(&self.name).expect("lookup");
+        user.expect("user exists").uid.as_raw()
+    }
+
+    /// The group's gid.
+    fn gid(&self) -> u32 {
+        let group = nix::unistd::Group::from_name(&self.name).expect("lookup");
+        group.expect("group exists").gid.as_raw()
     }
 }
 
-impl Drop for TestUser {
+impl Drop for TestAccount {
     fn drop(&mut self) {
-        remove_account("userdel", &self.name);
+        let _ = std::process::Command::new(self.remove_with)
+            .arg(&self.name)
+            .status();
     }
-}
-
-/// Runs `program` (`useradd`, `groupadd`; the test needs root) with `args` and `name`.
-fn add_account(program: &str, args: &[&str], name: &str) {
-    let status = std::process::Command::new(program)
-        .args(args)
-        .arg(name)
-        .status()
-        .unwrap_or_else(|e| panic!("run {program} (this test needs root): {e}"));
-    assert!(status.success(), "{program} {name}");
-}
-
-/// Runs `program` (`userdel`, `groupdel`) on `name`, whatever happens.
-fn remove_account(program: &str, name: &str) {
-    let _ = std::process::Command::new(program).arg(name).status();
 }
 
 fn owner_of(path: &Path) -> u32 {
@@ -525,10 +505,8 @@ fn owner_of(path: &Path) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_runs_as_its_user_and_writes_only_where_allowed() {
-    let user = TestUser::create();
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "as-user");
-    let work = tempfile::tempdir().expect("tempdir");
+    let user = TestAccount::user();
+    let (pki, agent) = cgroup_agent("as-user");
     let script = "#!/bin/sh
 id -u > \"$EREL_DATA/uid\"
 if touch \"$(pwd)/written\" 2>/dev/null; then echo yes; else echo no; fi > \"$EREL_DATA/version-dir-writable\"
@@ -536,7 +514,7 @@ if touch bin/app 2>/dev/null; then echo yes; else echo no; fi > \"$EREL_DATA/pro
 mkdir -p \"$RUNNER_LOG_DIR\" && echo ok > \"$RUNNER_LOG_DIR/run.log\"
 exec sleep 100000
 ";
-    install(&pki, &agent, work.path(), "1", script).await;
+    install(&pki, &agent, "1", script).await;
     let mut request = start_request("app", "1", &[]);
     request.user = Some(user.name.clone());
     let mut client = pki.connect(&agent).await;
@@ -593,10 +571,7 @@ exec sleep 100000
             .all(|u| u == user.uid().to_string()),
         "{uid_line}"
     );
-    client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    stop_app(&mut client).await;
     assert!(members(&agent).is_empty());
 }
 
@@ -622,29 +597,11 @@ fn app_writers(agent: &AgentProc) -> usize {
 /// each restart, a crash loop leaves nothing running, and no output writer is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_start_command_leaves_nothing_behind_across_a_crash_loop() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-fail");
-    let work = tempfile::tempdir().expect("tempdir");
     let script = "#!/bin/sh\nsetsid sh -c 'exec sleep 100000' &\nnohup sleep 100000 >/dev/null 2>&1 &\necho failing\nexit 3\n";
-    install(&pki, &agent, work.path(), "1", script).await;
-    let mut client = pki.connect(&agent).await;
-    client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
-    assert!(
-        wait_until(PATIENCE, || async {
-            status(&pki, &agent).await.state == ReleaseState::CrashLooping
-        })
-        .await,
-        "{}",
-        agent.log()
-    );
+    let (pki, agent, _client, _) = cgroup_app("cg-fail", script).await;
+    assert_reaches(&pki, &agent, ReleaseState::CrashLooping).await;
     assert!(members(&agent).is_empty(), "{:?}", members(&agent));
-    assert!(
-        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
-        "writers left after a crash loop"
-    );
+    assert_no_writers_left(&agent, "after a crash loop").await;
 }
 
 /// `start-stop-daemon --background` and a child that ends later: daemonized, the child's
@@ -652,25 +609,14 @@ async fn a_failing_start_command_leaves_nothing_behind_across_a_crash_loop() {
 /// test's `sleep` for this daemon.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-ssd");
-    let work = tempfile::tempdir().expect("tempdir");
+    let (pki, agent) = cgroup_agent("cg-ssd");
     let script =
         "#!/bin/sh\nstart-stop-daemon --start --background --make-pidfile --pidfile \"$EREL_DATA/pid\" --exec /bin/sleep -- 100000\nexit 0\n";
-    install(&pki, &agent, work.path(), "1", script).await;
-    install(
-        &pki,
-        &agent,
-        work.path(),
-        "2",
-        "#!/bin/sh\n(sleep 1; echo child-done) &\nexit 0\n",
-    )
-    .await;
+    install(&pki, &agent, "1", script).await;
+    let script = "#!/bin/sh\n(sleep 1; echo child-done) &\nexit 0\n";
+    install(&pki, &agent, "2", script).await;
     let mut client = pki.connect(&agent).await;
-    client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    start_app(&mut client, "1", &[]).await;
     assert!(
         wait_until(PATIENCE, || async {
             let s = status(&pki, &agent).await;
@@ -684,41 +630,24 @@ async fn start_stop_daemon_background_is_the_release_and_a_short_child_ends_it()
         "{}",
         agent.log()
     );
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     assert_eq!(members(&agent).len(), 1);
     assert_eq!(status(&pki, &agent).await.restarts, 0);
     // A switch of version stops the daemon and leaves one writer at most.
-    client
-        .start(start_request("app", "2", &[]))
-        .await
-        .expect("start 2");
-    assert!(
-        wait_until(PATIENCE, || async {
-            status(&pki, &agent).await.state == ReleaseState::CrashLooping
-        })
-        .await,
-        "{}",
-        agent.log()
-    );
+    start_app(&mut client, "2", &[]).await;
+    assert_reaches(&pki, &agent, ReleaseState::CrashLooping).await;
     assert!(members(&agent).is_empty());
-    assert!(
-        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
-        "writers left"
-    );
+    assert_no_writers_left(&agent, "").await;
 }
 
 /// A release that ignores SIGTERM and forks short processes without end while it is
 /// stopped (bounded: about a hundred at a time) is killed whole, with cgroups and in the
 /// fallback.
 async fn fork_storm_is_stopped_whole(agent: &AgentProc, pki: &Pki) {
-    let work = tempfile::tempdir().expect("tempdir");
     let script = "#!/bin/sh\ntrap '' TERM\necho storming\nwhile :; do\n  for i in 1 2 3 4 5 6 7 8 9 10; do sh -c \"trap '' TERM; sleep 0.3\" & done\n  sleep 0.03\ndone\n";
-    install(pki, agent, work.path(), "1", script).await;
+    install(pki, agent, "1", script).await;
     let mut client = pki.connect(agent).await;
-    client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { members(agent).len() > 20 }).await);
     let begun = std::time::Instant::now();
     let stopped = client
@@ -737,15 +666,13 @@ async fn fork_storm_is_stopped_whole(agent: &AgentProc, pki: &Pki) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_storm_that_ignores_sigterm_is_stopped_whole() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-storm");
+    let (pki, agent) = cgroup_agent("cg-storm");
     fork_storm_is_stopped_whole(&agent, &pki).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_storm_that_ignores_sigterm_is_stopped_whole_without_cgroups() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "storm-fb", &["--cgroup-parent", "/cgroup.procs/erel"]);
+    let (pki, agent) = pki_and_agent("storm-fb", &["--cgroup-parent", "/cgroup.procs/erel"]);
     assert!(agent.cgroup_dir().is_none());
     fork_storm_is_stopped_whole(&agent, &pki).await;
 }
@@ -754,20 +681,15 @@ async fn a_fork_storm_that_ignores_sigterm_is_stopped_whole_without_cgroups() {
 /// the helper is still the release, stopped with it, and no second copy starts beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_helper_moved_into_a_cgroup_below_the_release_is_the_release() {
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "cg-nested");
+    let (pki, agent) = cgroup_agent("cg-nested");
     let own = agent.cgroup_dir().expect("cgroup").join("release.app");
-    let work = tempfile::tempdir().expect("tempdir");
     let script = format!(
         "#!/bin/sh\nmkdir -p '{dir}/worker'\nsh -c 'echo $$ > \"$0/worker/cgroup.procs\" && exec sleep 100000' '{dir}' &\nexec sleep 100000\n",
         dir = own.display()
     );
-    install(&pki, &agent, work.path(), "1", &script).await;
+    install(&pki, &agent, "1", &script).await;
     let mut client = pki.connect(&agent).await;
-    let started = client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    let started = start_app(&mut client, "1", &[]).await;
     let worker = own.join("worker");
     assert!(
         wait_until(PATIENCE, || async { live_pids(&worker).len() == 1 }).await,
@@ -776,10 +698,7 @@ async fn a_helper_moved_into_a_cgroup_below_the_release_is_the_release() {
     );
     let helper = live_pids(&worker)[0];
     assert_ne!(helper, started.pid as i32);
-    let stopped = client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    let stopped = stop_app(&mut client).await;
     assert!(stopped.was_running);
     let gone = !alive(helper);
     if !gone {
@@ -795,41 +714,14 @@ async fn a_helper_moved_into_a_cgroup_below_the_release_is_the_release() {
     );
 }
 
-/// A group created for one test and removed when dropped.
-struct TestGroup {
-    name: String,
-}
-
-impl TestGroup {
-    fn create(tag: &str) -> Self {
-        let name = format!("erelg{}{tag}", std::process::id());
-        add_account("groupadd", &["--system"], &name);
-        TestGroup { name }
-    }
-
-    fn gid(&self) -> u32 {
-        nix::unistd::Group::from_name(&self.name)
-            .expect("lookup")
-            .expect("group exists")
-            .gid
-            .as_raw()
-    }
-}
-
-impl Drop for TestGroup {
-    fn drop(&mut self) {
-        remove_account("groupdel", &self.name);
-    }
-}
-
 /// A user whose primary group is not named after it, with a supplementary group and no
 /// home directory, named by its numeric uid: the release runs with exactly those
 /// groups, its data directory belongs to that user and primary group, and it cannot
 /// write into another release's data directory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_with_other_groups_and_no_home_named_by_uid() {
-    let primary = TestGroup::create("p");
-    let extra = TestGroup::create("s");
+    let primary = TestAccount::group("p");
+    let extra = TestAccount::group("s");
     let name = format!("erelu{}", std::process::id());
     let system_user = [
         "--system",
@@ -838,11 +730,8 @@ async fn a_user_with_other_groups_and_no_home_named_by_uid() {
         "/nonexistent/erel",
     ];
     let groups = ["--gid", &primary.name, "--groups", &extra.name];
-    add_account("useradd", &[&system_user[..], &groups[..]].concat(), &name);
-    let user = TestUser { name };
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "as-uid");
-    let work = tempfile::tempdir().expect("tempdir");
+    let user = TestAccount::add("useradd", &[&system_user[..], &groups[..]].concat(), name);
+    let (pki, agent) = cgroup_agent("as-uid");
     let other = agent.root.join("data/other");
     std::fs::create_dir_all(&other).expect("other data");
     use std::os::unix::fs::PermissionsExt;
@@ -851,7 +740,7 @@ async fn a_user_with_other_groups_and_no_home_named_by_uid() {
         "#!/bin/sh\nid -G | tr ' ' '\\n' | sort -n | tr '\\n' ' ' > \"$EREL_DATA/groups\"\necho \"$HOME\" > \"$EREL_DATA/home\"\nif touch '{}/x' 2>/dev/null; then echo yes; else echo no; fi > \"$EREL_DATA/other-writable\"\nexec sleep 100000\n",
         other.display()
     );
-    install(&pki, &agent, work.path(), "1", &script).await;
+    install(&pki, &agent, "1", &script).await;
     let mut request = start_request("app", "1", &[]);
     request.user = Some(user.uid().to_string());
     let mut client = pki.connect(&agent).await;
@@ -877,10 +766,7 @@ async fn a_user_with_other_groups_and_no_home_named_by_uid() {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(&data).expect("data");
     assert_eq!((meta.uid(), meta.gid()), (user.uid(), primary.gid()));
-    client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    stop_app(&mut client).await;
     drop(user);
 }
 
@@ -889,20 +775,14 @@ async fn a_user_with_other_groups_and_no_home_named_by_uid() {
 /// adoption leaves none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
-    let pki = Pki::new();
-    let mut agent = cgroup_agent(&pki, "cg-writers");
-    let work = tempfile::tempdir().expect("tempdir");
+    let (pki, mut agent) = cgroup_agent("cg-writers");
     let ticking = "#!/bin/sh\nsetsid sh -c 'while :; do echo helper; sleep 0.2; done' &\nwhile :; do echo tick; sleep 0.2; done\n";
-    install(&pki, &agent, work.path(), "1", ticking).await;
-    install(&pki, &agent, work.path(), "2", RELX_STYLE).await;
+    install(&pki, &agent, "1", ticking).await;
+    install(&pki, &agent, "2", RELX_STYLE).await;
     let mut client = pki.connect(&agent).await;
-    client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
     assert_eq!(app_writers(&agent), 1);
-    agent.kill9();
     agent.restart();
     assert!(
         wait_until(PATIENCE, || async {
@@ -911,10 +791,7 @@ async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
         .await
     );
     let mut client = pki.connect(&agent).await;
-    client
-        .start(start_request("app", "2", &["bin/app", "daemon"]))
-        .await
-        .expect("switch");
+    start_app(&mut client, "2", &["bin/app", "daemon"]).await;
     assert!(
         wait_until(PATIENCE, || async {
             let now = members(&agent);
@@ -925,30 +802,16 @@ async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
         agent.log()
     );
     // The daemon's output goes to /dev/null: its writer ended with the start command.
-    assert!(
-        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
-        "writers left after a switch: {}",
-        app_writers(&agent)
-    );
-    client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("switch back");
+    assert_no_writers_left(&agent, "after a switch: {}").await;
+    start_app(&mut client, "1", &[]).await;
     assert!(wait_until(PATIENCE, || async { members(&agent).len() >= 2 }).await);
-    agent.kill9();
     agent.restart();
-    tokio::time::sleep(NO_RESTART_WITHIN).await;
+    outlast_any_restart().await;
     assert_eq!(app_writers(&agent), 1);
     let mut client = pki.connect(&agent).await;
-    client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    stop_app(&mut client).await;
     assert!(members(&agent).is_empty());
-    assert!(
-        wait_until(PATIENCE, || async { app_writers(&agent) == 0 }).await,
-        "writers left after stop"
-    );
+    assert_no_writers_left(&agent, "after stop").await;
 }
 
 /// A release started as another user, then as none: its data directory and what the
@@ -956,11 +819,9 @@ async fn writers_end_with_their_runs_across_adoption_and_a_switch() {
 /// so the previous user keeps no hold on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_of_user_hands_the_data_directory_over() {
-    let first = TestUser::create();
-    let second = TestUser::create();
-    let pki = Pki::new();
-    let agent = cgroup_agent(&pki, "handover");
-    let work = tempfile::tempdir().expect("tempdir");
+    let first = TestAccount::user();
+    let second = TestAccount::user();
+    let (pki, agent) = cgroup_agent("handover");
     let script = "#!/bin/sh
 mkdir -p \"$EREL_DATA/sub\"
 if echo \"$(id -u)\" >> \"$RUNNER_LOG_DIR/node.log\" && echo \"$(id -u)\" >> \"$EREL_DATA/sub/state\"; then
@@ -970,7 +831,7 @@ else
 fi
 exec sleep 100000
 ";
-    install(&pki, &agent, work.path(), "1", script).await;
+    install(&pki, &agent, "1", script).await;
     let data: PathBuf = agent.root.join("data/app");
     let mut client = pki.connect(&agent).await;
     for user in [&first, &second] {
@@ -992,27 +853,18 @@ exec sleep 100000
             "user {} could not write what the previous user left",
             user.name
         );
-        client
-            .stop("app", Duration::from_secs(10))
-            .await
-            .expect("stop");
+        stop_app(&mut client).await;
     }
     for path in ["", "log", "log/node.log", "sub", "sub/state"] {
         assert_eq!(owner_of(&data.join(path)), second.uid(), "{path}");
     }
-    client
-        .start(start_request("app", "1", &[]))
-        .await
-        .expect("start");
+    start_app(&mut client, "1", &[]).await;
     assert!(
         wait_until(PATIENCE, || async { data.join("done-0").exists() }).await,
         "{}",
         agent.log()
     );
-    client
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    stop_app(&mut client).await;
     for path in ["", "log", "sub/state"] {
         assert_eq!(owner_of(&data.join(path)), 0, "{path}");
     }

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use erel_proto::ReleaseState;
 use crate::helper::fleet::Fleet;
 use crate::helper::otp::build_release_with;
 use crate::helper::release::{beat_release, failing_beat_release};
-use crate::helper::{follow_stderr, free_port, poll_until};
+use crate::helper::{follow_lines, free_port, output_text, poll_until};
 
 const RELEASE: &str = "beat";
 
@@ -35,6 +35,13 @@ impl Fleet {
 
     fn path(&self) -> PathBuf {
         self.dir.path().join("cluster.toml")
+    }
+
+    /// `erel <words> --cluster <this fleet's cluster file>`.
+    fn erel(&self, words: &[&str]) -> Command {
+        let mut erel = self.pki.erel();
+        erel.args(words).arg("--cluster").arg(self.path());
+        erel
     }
 
     /// Writes the cluster file: every agent in group `web` running `version` from
@@ -101,29 +108,17 @@ fn group(max_in_flight: usize, canaries: usize) -> String {
 /// Runs the real `erel deploy`; (success, stdout + stderr).
 fn erel_deploy(fleet: &Fleet, extra: &[&str]) -> (bool, String) {
     let out = fleet
-        .pki
-        .erel()
-        .arg("deploy")
-        .arg("--cluster")
-        .arg(fleet.path())
+        .erel(&["deploy"])
         .args(extra)
         .output()
         .expect("run erel deploy");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     (out.status.success(), text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploys_v1_then_v2_and_a_repeat_does_nothing() {
-    let fleet = Fleet::new("roll", &["web"; 3]);
-    let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
-    let v2 = beat_release(&fleet.releases(), RELEASE, "0.2.0");
-
-    fleet.write_cluster(1, "0.1.0", &v1, &group(1, 1));
+    let (fleet, v2) = fleet_with_v1_v2("roll", 3, &group(1, 1));
     let (ok, out) = erel_deploy(&fleet, &["--dry-run"]);
     assert!(ok, "{out}");
     assert!(
@@ -154,11 +149,7 @@ async fn deploys_v1_then_v2_and_a_repeat_does_nothing() {
         assert_eq!(state, ReleaseState::Running);
     }
 
-    let pids: Vec<Vec<i32>> = fleet
-        .agents
-        .iter()
-        .map(|a| a.release_pids(RELEASE))
-        .collect();
+    let pids: Vec<Vec<i32>> = fleet.release_pids(RELEASE);
     let (ok, out) = erel_deploy(&fleet, &[]);
     assert!(ok, "{out}");
     assert_eq!(out.matches(": up to date, runs 0.2.0").count(), 3, "{out}");
@@ -167,20 +158,10 @@ async fn deploys_v1_then_v2_and_a_repeat_does_nothing() {
         !out.contains("stopping old"),
         "a repeated deploy stops nothing:\n{out}"
     );
-    let again: Vec<Vec<i32>> = fleet
-        .agents
-        .iter()
-        .map(|a| a.release_pids(RELEASE))
-        .collect();
+    let again: Vec<Vec<i32>> = fleet.release_pids(RELEASE);
     assert_eq!(pids, again, "no process was replaced");
 
-    let status = fleet
-        .pki
-        .erel()
-        .args(["status", "--json", "--cluster"])
-        .arg(fleet.path())
-        .output()
-        .expect("status");
+    let status = fleet.erel(&["status", "--json"]).output().expect("status");
     assert!(status.status.success());
     let rows: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
     let rows = rows.as_array().expect("array");
@@ -192,13 +173,7 @@ async fn deploys_v1_then_v2_and_a_repeat_does_nothing() {
     }
 
     // A HOST argument may be an id from the cluster file.
-    let ping = fleet
-        .pki
-        .erel()
-        .args(["ping", "roll-2", "--cluster"])
-        .arg(fleet.path())
-        .output()
-        .expect("ping");
+    let ping = fleet.erel(&["ping", "roll-2"]).output().expect("ping");
     let text = String::from_utf8_lossy(&ping.stdout);
     assert!(
         ping.status.success() && text.contains("beat 0.2.0 running"),
@@ -214,11 +189,7 @@ async fn a_broken_release_is_rolled_back_on_the_canary_and_nothing_else_is_touch
     fleet.write_cluster(1, "0.1.0", &v1, &group(2, 1));
     let (report, _) = fleet.rollout().await;
     assert!(report.converged(), "{report:?}\n{}", fleet.agent_logs());
-    let before: Vec<Vec<i32>> = fleet
-        .agents
-        .iter()
-        .map(|a| a.release_pids(RELEASE))
-        .collect();
+    let before: Vec<Vec<i32>> = fleet.release_pids(RELEASE);
     assert!(before.iter().all(|p| !p.is_empty()));
 
     fleet.write_cluster(2, "0.2.0", &broken, &group(2, 1));
@@ -269,11 +240,7 @@ async fn a_broken_release_is_rolled_back_on_the_canary_and_nothing_else_is_touch
         }
     )));
 
-    let after: Vec<Vec<i32>> = fleet
-        .agents
-        .iter()
-        .map(|a| a.release_pids(RELEASE))
-        .collect();
+    let after: Vec<Vec<i32>> = fleet.release_pids(RELEASE);
     assert_eq!(
         after[1..],
         before[1..],
@@ -299,12 +266,20 @@ async fn a_broken_release_is_rolled_back_on_the_canary_and_nothing_else_is_touch
     assert!(out.contains("not touched"), "{out}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_in_flight_bounds_the_hosts_down_at_once() {
-    let fleet = Fleet::new("flight", &["web"; 5]);
+/// A fleet `name` of `hosts` web hosts with the beat release 0.1.0 and 0.2.0 in
+/// its directory and a cluster file (revision 1) that runs 0.1.0 under `gate`; and
+/// the 0.2.0 archive.
+fn fleet_with_v1_v2(name: &str, hosts: usize, gate: &str) -> (Fleet, PathBuf) {
+    let fleet = Fleet::new(name, &vec!["web"; hosts]);
     let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
     let v2 = beat_release(&fleet.releases(), RELEASE, "0.2.0");
-    fleet.write_cluster(1, "0.1.0", &v1, &group(2, 1));
+    fleet.write_cluster(1, "0.1.0", &v1, gate);
+    (fleet, v2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_in_flight_bounds_the_hosts_down_at_once() {
+    let (fleet, v2) = fleet_with_v1_v2("flight", 5, &group(2, 1));
     let (report, _) = fleet.rollout().await;
     assert!(report.converged(), "{report:?}");
 
@@ -376,20 +351,13 @@ async fn max_in_flight_bounds_the_hosts_down_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_mid_rollout_finishes_when_run_again() {
-    let fleet = Fleet::new("killed", &["web"; 3]);
-    let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
-    let v2 = beat_release(&fleet.releases(), RELEASE, "0.2.0");
-    fleet.write_cluster(1, "0.1.0", &v1, &group(1, 1));
+    let (fleet, v2) = fleet_with_v1_v2("killed", 3, &group(1, 1));
     let (report, _) = fleet.rollout().await;
     assert!(report.converged(), "{report:?}");
 
     fleet.write_cluster(2, "0.2.0", &v2, &group(1, 1));
     let mut child = fleet
-        .pki
-        .erel()
-        .arg("deploy")
-        .arg("--cluster")
-        .arg(fleet.path())
+        .erel(&["deploy"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -545,22 +513,16 @@ async fn a_real_otp_release_rolls_out_with_a_tcp_health_check() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_converges_repairs_drift_follows_revisions_and_stops_on_sigterm() {
-    let fleet = Fleet::new("daemon", &["web"; 2]);
-    let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
-    let v2 = beat_release(&fleet.releases(), RELEASE, "0.2.0");
-    fleet.write_cluster(1, "0.1.0", &v1, &group(1, 1));
+    let (fleet, v2) = fleet_with_v1_v2("daemon", 2, &group(1, 1));
     let log = Arc::new(Mutex::new(String::new()));
     let mut child = fleet
-        .pki
-        .erel()
-        .args(["master", "--interval", "1", "--cluster"])
-        .arg(fleet.path())
+        .erel(&["master", "--interval", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn erel master");
     let stderr = child.stderr.take().expect("stderr");
-    let reader = follow_stderr(stderr, log.clone(), |_| {});
+    let reader = follow_lines(stderr, log.clone(), |_| {});
     let beats_are = |version: &'static str| {
         let expected = fleet.beats_of(version);
         let fleet = &fleet;
@@ -611,14 +573,10 @@ async fn the_daemon_converges_repairs_drift_follows_revisions_and_stops_on_sigte
     let _ = reader.join();
     let text = log_text();
     assert!(status.success(), "{status:?}\n{text}");
-    assert!(
-        text.contains("revision=2") || text.contains("revision 2"),
-        "{text}"
-    );
-    assert!(
-        text.contains("done, runs 0.2.0"),
-        "logs what it does:\n{text}"
-    );
+    let names_the_revision = text.contains("revision=2") || text.contains("revision 2");
+    assert!(names_the_revision, "{text}");
+    let done = text.contains("done, runs 0.2.0");
+    assert!(done, "logs what it does:\n{text}");
     fleet.expect_beats("0.2.0");
 }
 

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use erel_master::client::WriteSource;
 use erel_master::{AgentClient, Error};
-use erel_proto::ErrorKind;
+use erel_proto::{ErrorKind, Start};
 
 use crate::helper::install::{no_progress, start_request, with_digest, without_digest};
+use crate::helper::pki_and_agent;
 use crate::helper::release::{sha256, shell_release};
-use crate::helper::{AgentProc, Pki};
 
 /// `a` followed by `n` copies of `é` (two bytes each).
 fn a_and_e(n: usize) -> String {
@@ -30,6 +30,14 @@ fn assert_refused(err: &Error, kind: ErrorKind, needles: &[&str]) {
     assert!(text.len() < 1024, "{} bytes: {text}", text.len());
 }
 
+/// A small file to push, `app.tar`, in a new temporary directory.
+fn some_bytes() -> (tempfile::TempDir, std::path::PathBuf) {
+    let work = tempfile::tempdir().expect("tempdir");
+    let file = work.path().join("app.tar");
+    std::fs::write(&file, b"some bytes").expect("write");
+    (work, file)
+}
+
 async fn push(client: &mut AgentClient, file: &Path, dest: &str) -> Result<u64, Error> {
     client
         .write_file(&without_digest(file), dest, 0o644, &mut no_progress())
@@ -39,11 +47,8 @@ async fn push(client: &mut AgentClient, file: &Path, dest: &str) -> Result<u64, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_of_a_and_600_e_is_an_invalid_path_naming_the_1024_byte_limit() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
-    let work = tempfile::tempdir().expect("tempdir");
-    let file = work.path().join("app.tar");
-    std::fs::write(&file, b"some bytes").expect("write");
+    let (pki, agent) = pki_and_agent("web-1", &[]);
+    let (work, file) = some_bytes();
     let dest = a_and_e(600);
     assert_eq!(dest.len(), 1201);
 
@@ -80,11 +85,8 @@ async fn a_destination_of_a_and_600_e_is_an_invalid_path_naming_the_1024_byte_li
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paths_over_each_limit_are_refused_in_write_file_and_unpack_and_accepted_at_it() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
-    let work = tempfile::tempdir().expect("tempdir");
-    let file = work.path().join("app.tar");
-    std::fs::write(&file, b"some bytes").expect("write");
+    let (pki, agent) = pki_and_agent("web-1", &[]);
+    let (work, file) = some_bytes();
     let mut client = pki.connect(&agent).await;
 
     // Over the whole-path limit, with a character across byte 1024 and across byte 64.
@@ -146,8 +148,7 @@ async fn paths_over_each_limit_are_refused_in_write_file_and_unpack_and_accepted
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_names_argv_and_users_are_refused_in_start_and_stop() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let mut client = pki.connect(&agent).await;
     let tarball = shell_release(work.path(), "app", "1", "#!/bin/sh\nsleep 60\n");
@@ -170,66 +171,78 @@ async fn long_names_argv_and_users_are_refused_in_start_and_stop() {
         .await
         .expect("unpack");
 
-    // Release name and version: 128 bytes at most.
-    let err = client
-        .start(start_request(&a_and_e(600), "1", &[]))
-        .await
-        .unwrap_err();
-    assert_refused(
-        &err,
-        ErrorKind::InvalidPath,
-        &["release name", "1201 bytes", "128 bytes"],
-    );
-    let err = client
-        .start(start_request("app", &a_and_e(600), &[]))
-        .await
-        .unwrap_err();
-    assert_refused(
-        &err,
-        ErrorKind::InvalidPath,
-        &["release version", "1201 bytes", "128 bytes"],
-    );
-    let err = client
-        .start(start_request(&"a".repeat(129), "1", &[]))
-        .await
-        .unwrap_err();
-    assert_refused(&err, ErrorKind::InvalidPath, &["129 bytes", "128 bytes"]);
-    // Multi-byte within the length limit is refused for its characters, not cut.
-    let err = client
-        .start(start_request("app", &"é".repeat(64), &[]))
-        .await
-        .unwrap_err();
-    assert_refused(&err, ErrorKind::InvalidPath, &["letters, digits"]);
-
-    // The program is a path under the version directory.
-    let mut long_program = start_request("app", "1", &[]);
-    long_program.argv = vec![format!("bin/{}", a_and_e(600)), "x".into()];
-    let err = client.start(long_program).await.unwrap_err();
-    assert_refused(&err, ErrorKind::InvalidPath, &["1205 bytes", "1024 bytes"]);
-    let mut long_component = start_request("app", "1", &[]);
-    long_component.argv = vec![format!("bin/{}", a_and_e(300))];
-    let err = client.start(long_component).await.unwrap_err();
-    assert_refused(&err, ErrorKind::InvalidPath, &["601 bytes", "255 bytes"]);
-
-    // A user name longer than any system allows.
-    let mut long_user = start_request("app", "1", &[]);
-    long_user.user = Some(a_and_e(600));
-    let err = client.start(long_user).await.unwrap_err();
-    assert_refused(
-        &err,
-        ErrorKind::SpawnFailed,
-        &["user name", "1201 bytes", "255 bytes"],
-    );
-    let mut unknown_user = start_request("app", "1", &[]);
-    unknown_user.user = Some("é".repeat(100));
-    let err = client.start(unknown_user).await.unwrap_err();
-    assert_refused(&err, ErrorKind::SpawnFailed, &["unknown user"]);
-
-    // An environment name that cannot be one, quoted short.
-    let mut bad_env = start_request("app", "1", &[]);
-    bad_env.env = vec![(format!("{}=", "é".repeat(20_000)), "v".into())];
-    let err = client.start(bad_env).await.unwrap_err();
-    assert_refused(&err, ErrorKind::BadRequest, &["environment variable"]);
+    let app = || start_request("app", "1", &[]);
+    let refused: Vec<(Start, ErrorKind, &[&str])> = vec![
+        // Release name and version: 128 bytes at most.
+        (
+            start_request(&a_and_e(600), "1", &[]),
+            ErrorKind::InvalidPath,
+            &["release name", "1201 bytes", "128 bytes"],
+        ),
+        (
+            start_request("app", &a_and_e(600), &[]),
+            ErrorKind::InvalidPath,
+            &["release version", "1201 bytes", "128 bytes"],
+        ),
+        (
+            start_request(&"a".repeat(129), "1", &[]),
+            ErrorKind::InvalidPath,
+            &["129 bytes", "128 bytes"],
+        ),
+        // Multi-byte within the length limit is refused for its characters, not cut.
+        (
+            start_request("app", &"é".repeat(64), &[]),
+            ErrorKind::InvalidPath,
+            &["letters, digits"],
+        ),
+        // The program is a path under the version directory.
+        (
+            Start {
+                argv: vec![format!("bin/{}", a_and_e(600)), "x".into()],
+                ..app()
+            },
+            ErrorKind::InvalidPath,
+            &["1205 bytes", "1024 bytes"],
+        ),
+        (
+            Start {
+                argv: vec![format!("bin/{}", a_and_e(300))],
+                ..app()
+            },
+            ErrorKind::InvalidPath,
+            &["601 bytes", "255 bytes"],
+        ),
+        // A user name longer than any system allows.
+        (
+            Start {
+                user: Some(a_and_e(600)),
+                ..app()
+            },
+            ErrorKind::SpawnFailed,
+            &["user name", "1201 bytes", "255 bytes"],
+        ),
+        (
+            Start {
+                user: Some("é".repeat(100)),
+                ..app()
+            },
+            ErrorKind::SpawnFailed,
+            &["unknown user"],
+        ),
+        // An environment name that cannot be one, quoted short.
+        (
+            Start {
+                env: vec![(format!("{}=", "é".repeat(20_000)), "v".into())],
+                ..app()
+            },
+            ErrorKind::BadRequest,
+            &["environment variable"],
+        ),
+    ];
+    for (request, kind, needles) in refused {
+        let err = client.start(request).await.unwrap_err();
+        assert_refused(&err, kind, needles);
+    }
 
     // Nothing of the above was recorded or started.
     assert!(agent.release_pids("app").is_empty());
@@ -289,6 +302,13 @@ fn long_name_entry(out: &mut Vec<u8>, name: &[u8], data: &[u8]) {
     plain(out, tar::EntryType::Regular, b"short", data);
 }
 
+/// An archive of one regular file named `name` (through a GNU long name).
+fn long_named_file(name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    long_name_entry(&mut out, name, b"x");
+    finish(out)
+}
+
 fn finish(mut out: Vec<u8>) -> Vec<u8> {
     out.extend_from_slice(&[0u8; 1024]);
     out
@@ -296,8 +316,7 @@ fn finish(mut out: Vec<u8>) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archive_entries_with_long_or_multibyte_names_are_refused_by_kind() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let mut client = pki.connect(&agent).await;
 
@@ -309,9 +328,7 @@ async fn archive_entries_with_long_or_multibyte_names_are_refused_by_kind() {
             {
                 let mut name = "é/".repeat(70_000).into_bytes();
                 name.extend_from_slice(b"../../x");
-                let mut out = Vec::new();
-                long_name_entry(&mut out, &name, b"x");
-                finish(out)
+                long_named_file(&name)
             },
             ErrorKind::UnsafeArchive,
             vec!["'..'".into(), "210007 bytes".into()],
@@ -319,12 +336,7 @@ async fn archive_entries_with_long_or_multibyte_names_are_refused_by_kind() {
         (
             // A component over NAME_MAX: refused by name, not an I/O error.
             "component",
-            {
-                let name = format!("dir/{}", a_and_e(200));
-                let mut out = Vec::new();
-                long_name_entry(&mut out, name.as_bytes(), b"x");
-                finish(out)
-            },
+            long_named_file(format!("dir/{}", a_and_e(200)).as_bytes()),
             ErrorKind::UnsafeArchive,
             vec!["401 bytes".into(), "255 bytes".into()],
         ),
@@ -344,12 +356,7 @@ async fn archive_entries_with_long_or_multibyte_names_are_refused_by_kind() {
         (
             // Short components, but deeper than any path the system takes.
             "deep",
-            {
-                let name = format!("{}x", "d/".repeat(2100));
-                let mut out = Vec::new();
-                long_name_entry(&mut out, name.as_bytes(), b"x");
-                finish(out)
-            },
+            long_named_file(format!("{}x", "d/".repeat(2100)).as_bytes()),
             ErrorKind::UnsafeArchive,
             vec!["4201 bytes".into(), "4095 bytes (PATH_MAX)".into()],
         ),

@@ -9,7 +9,10 @@ use erel_proto::ReleaseState;
 
 use crate::helper::install::install_and_start;
 use crate::helper::release::shell_release;
-use crate::helper::{exit_within, fast_supervision, wait_until, AgentProc, Pki, AGENT_BIN};
+use crate::helper::{
+    exit_within, fast_supervision, outlast_any_restart, pki_and_agent, wait_until, AgentProc, Pki,
+    AGENT_BIN,
+};
 
 /// How long a refused agent may take to exit (it only parses, loads and tries the lock).
 const REFUSAL_LIMIT: Duration = Duration::from_secs(30);
@@ -58,8 +61,7 @@ async fn app_state(pki: &Pki, agent: &AgentProc) -> Option<(ReleaseState, Option
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_agent_on_the_same_root_refuses_naming_the_first() {
-    let pki = Pki::new();
-    let mut agent = AgentProc::start(&pki, "lock-1", &[]);
+    let (pki, mut agent) = pki_and_agent("lock-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     start_sleeper(&pki, &agent, work.path()).await;
     assert!(
@@ -91,8 +93,10 @@ async fn a_second_agent_on_the_same_root_refuses_naming_the_first() {
         "the refused agent never served:\n{stderr}"
     );
 
-    // Nothing changed: one copy of the release, still served by the first agent.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing changed: one copy of the release, still served by the first agent. A
+    // second copy would be a start by a supervisor, which comes within one restart
+    // delay.
+    outlast_any_restart().await;
     let pids = agent.release_pids("app");
     assert_eq!(pids.len(), 1, "one copy of the release: {pids:?}");
     let (state, pid) = app_state(&pki, &agent).await.expect("first agent answers");
@@ -122,8 +126,7 @@ async fn a_second_agent_on_the_same_root_refuses_naming_the_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_clean_exit_a_new_agent_starts_on_the_root() {
-    let pki = Pki::new();
-    let mut agent = AgentProc::start(&pki, "lock-2", &[]);
+    let (pki, mut agent) = pki_and_agent("lock-2", &[]);
     let lock_file = agent.root.join(".erel").join("agent.lock");
     let first_pid = agent.pid().expect("pid");
     assert_eq!(

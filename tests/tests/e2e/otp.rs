@@ -8,7 +8,7 @@ use erel_proto::{ReleaseState, Start};
 
 use crate::helper::otp::build_release;
 use crate::helper::release::sha256;
-use crate::helper::{wait_until, AgentProc, Pki};
+use crate::helper::{output_text, pki_and_agent, wait_until, AgentProc};
 
 fn release_ping(agent: &AgentProc, name: &str) -> (bool, String) {
     let dir = agent.root.join(format!("releases/{name}/0.1.0"));
@@ -17,11 +17,7 @@ fn release_ping(agent: &AgentProc, name: &str) -> (bool, String) {
         .current_dir(&dir)
         .output()
         .expect("run bin/<name> ping");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     (out.status.success() && text.contains("pong"), text)
 }
 
@@ -36,8 +32,7 @@ async fn a_rebar3_release_runs_under_the_agent() {
     .await
     .expect("build");
 
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "otp-1", &[]);
+    let (pki, agent) = pki_and_agent("otp-1", &[]);
     let mut client = pki.connect(&agent).await;
     let digest = sha256(&tarball);
     let archive = format!("archives/{name}-0.1.0.tar.gz");

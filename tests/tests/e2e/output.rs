@@ -15,7 +15,7 @@ use erel_proto::{ReleaseState, ReleaseStatus, OUTPUT_TAIL_MAX};
 
 use crate::helper::install::{install_and_start, no_progress, release_status, with_digest};
 use crate::helper::release::shell_release;
-use crate::helper::{poll_until, wait_until, AgentProc, Pki};
+use crate::helper::{pki_and_agent, poll_until, wait_until, AgentProc, Pki};
 
 /// The cap the agents here run with (the default, said explicitly).
 const CAP: u64 = 4 << 20;
@@ -79,11 +79,14 @@ impl Drop for Tmpfs {
     }
 }
 
-/// True when the test can run; otherwise says why on stderr.
-fn can_mount(test: &str) -> bool {
+/// True when the test can run; otherwise says why on stderr, naming the test (the
+/// harness names each test's thread after it).
+fn can_mount() -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
+    let current = std::thread::current();
+    let test = current.name().unwrap_or("this test");
     eprintln!("SKIPPED {test}: mounting a tmpfs root needs root; run the tests as root");
     false
 }
@@ -149,16 +152,26 @@ fn agent_flags(cap: u64) -> Vec<String> {
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn yes_for_30_seconds_never_fills_a_small_root() {
-    if !can_mount("yes_for_30_seconds_never_fills_a_small_root") {
-        return;
+/// A tmpfs of `size`, a PKI and agent `id` on the tmpfs with [`agent_flags`] for
+/// [`CAP`]; `None` when the test cannot mount. (Bound in this order, they are dropped
+/// agent first, tmpfs last.)
+fn agent_on_tmpfs(size: &str, id: &str) -> Option<(Tmpfs, Pki, AgentProc)> {
+    if !can_mount() {
+        return None;
     }
-    let tmpfs = Tmpfs::mount("64m");
+    let tmpfs = Tmpfs::mount(size);
     let pki = Pki::new();
     let flags = agent_flags(CAP);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let agent = AgentProc::start_on_root(&pki, "out-1", &tmpfs.path, &flags);
+    let agent = AgentProc::start_on_root(&pki, id, &tmpfs.path, &flags);
+    Some((tmpfs, pki, agent))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yes_for_30_seconds_never_fills_a_small_root() {
+    let Some((tmpfs, pki, agent)) = agent_on_tmpfs("64m", "out-1") else {
+        return;
+    };
     let work = tempfile::tempdir().expect("tempdir");
     let (total, free_before) = tmpfs.space();
     let used_before = total - free_before;
@@ -290,16 +303,11 @@ async fn yes_for_30_seconds_never_fills_a_small_root() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nearly_full_root_keeps_the_newest_output_and_the_last_words() {
-    if !can_mount("a_nearly_full_root_keeps_the_newest_output_and_the_last_words") {
+    let Some((tmpfs, pki, agent)) = agent_on_tmpfs("32m", "out-2") else {
         return;
-    }
-    let tmpfs = Tmpfs::mount("32m");
-    let pki = Pki::new();
-    let flags = agent_flags(CAP);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let agent = AgentProc::start_on_root(&pki, "out-2", &tmpfs.path, &flags);
-    let work = tempfile::tempdir().expect("tempdir");
+    };
     let mut client = pki.connect(&agent).await;
+    let work = tempfile::tempdir().expect("tempdir");
     // 3 MB of numbered lines, then last words and a crash. The release is written so
     // it only starts writing once the disk is full (it waits for a file the test makes).
     let script = "#!/bin/sh\n\
@@ -375,8 +383,7 @@ fn ticks(log: &Path) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_keeps_flowing_while_the_agent_is_down_and_the_writer_ends_with_the_release() {
-    let pki = Pki::new();
-    let mut agent = AgentProc::start(&pki, "out-3", &[]);
+    let (pki, mut agent) = pki_and_agent("out-3", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let mut client = pki.connect(&agent).await;
     run_release(

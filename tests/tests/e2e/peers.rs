@@ -19,7 +19,9 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::helper::install::without_digest;
 use crate::helper::release::sha256;
-use crate::helper::{free_port, wait_until, AgentProc, Pki};
+use crate::helper::{
+    free_port, output_text, pki_and_agent, poll_until, retry_while_busy, wait_until, AgentProc, Pki,
+};
 
 /// A generous bound for anything the busy test machine must do "at once".
 const PROMPT: Duration = Duration::from_secs(20);
@@ -103,13 +105,11 @@ fn no_busy_busy(text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slow_peers_do_not_keep_the_master_out() {
-    let pki = Pki::new();
     // Few sessions and a small handshake room, so that the crowd below is many times
     // larger than both; a handshake timeout long enough that the master must not need
     // the crowd to time out first.
     let timeout = Duration::from_secs(15);
-    let agent = AgentProc::start(
-        &pki,
+    let (pki, agent) = pki_and_agent(
         "web-1",
         &[
             "--max-connections",
@@ -168,10 +168,8 @@ async fn idle_and_slow_peers_do_not_keep_the_master_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_holds_at_most_its_cap_of_pending_handshakes() {
-    let pki = Pki::new();
     let cap = 3;
-    let agent = AgentProc::start(
-        &pki,
+    let (pki, agent) = pki_and_agent(
         "web-1",
         &[
             "--max-handshakes",
@@ -218,10 +216,8 @@ async fn one_address_holds_at_most_its_cap_of_pending_handshakes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_that_never_completes_is_cut_after_the_timeout() {
-    let pki = Pki::new();
     let timeout = Duration::from_millis(1500);
-    let agent = AgentProc::start(
-        &pki,
+    let (_pki, agent) = pki_and_agent(
         "web-1",
         &["--handshake-timeout-ms", &timeout.as_millis().to_string()],
     );
@@ -262,8 +258,7 @@ async fn a_handshake_that_never_completes_is_cut_after_the_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_beyond_the_connection_limit_is_told_so() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &["--max-connections", "2"]);
+    let (pki, agent) = pki_and_agent("web-1", &["--max-connections", "2"]);
     let first = pki.connect(&agent).await;
     let mut second = pki.connect(&agent).await;
     second.ping().await.expect("ping");
@@ -280,17 +275,8 @@ async fn a_master_beyond_the_connection_limit_is_told_so() {
     no_busy_busy(&text);
 
     // The CLI says the same.
-    let out = pki
-        .erel()
-        .arg("ping")
-        .arg(agent.host().to_string())
-        .output()
-        .expect("run erel ping");
-    let shown = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = pki.erel_at("ping", &agent).output().expect("run erel ping");
+    let shown = output_text(&out);
     assert!(!out.status.success(), "{shown}");
     assert!(shown.contains("limit of 2 connections"), "{shown}");
     no_busy_busy(&shown);
@@ -313,11 +299,26 @@ async fn a_master_beyond_the_connection_limit_is_told_so() {
     );
 }
 
+/// The stdout of the `which` `erel push` that ended with `out`, which must have
+/// succeeded without saying "busy" twice.
+fn pushed(agent: &AgentProc, which: &str, out: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the {which} push fails:\n{stderr}\nagent log:\n{}",
+        agent.log()
+    );
+    no_busy_busy(&stderr);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A file of `size` bytes that are not all alike (so a resume from the wrong place
-/// would show), written sparsely apart from a marker every MiB.
-fn big_file(dir: &std::path::Path, size: u64) -> std::path::PathBuf {
+/// would show), written sparsely apart from a marker every MiB, in a new temporary
+/// directory; with its digest.
+fn big_file(size: u64) -> (tempfile::TempDir, std::path::PathBuf, erel_proto::Sha256) {
     use std::io::{Seek, SeekFrom, Write};
-    let path = dir.join("big.bin");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("big.bin");
     let mut file = std::fs::File::create(&path).expect("create");
     file.set_len(size).expect("size");
     let mut at = 0;
@@ -326,7 +327,9 @@ fn big_file(dir: &std::path::Path, size: u64) -> std::path::PathBuf {
         file.write_all(&at.to_le_bytes()).expect("marker");
         at += 1 << 20;
     }
-    path
+    drop(file);
+    let digest = sha256(&path);
+    (dir, path, digest)
 }
 
 fn staged_bytes(agent: &AgentProc) -> u64 {
@@ -376,14 +379,11 @@ fn erel_push_big(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_killed_mid_way_is_repeated_at_once_and_resumes() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
-    let work = tempfile::tempdir().expect("tempdir");
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let size: u64 = 256 << 20;
-    let file = big_file(work.path(), size);
     // The digest given up front, as a cluster file gives it: the file is read once per
     // push, and the agent verifies the whole of it before it becomes visible.
-    let digest = sha256(&file);
+    let (work, file, digest) = big_file(size);
     let push = || erel_push_big(&pki, &agent, work.path(), &file, &digest);
     let mut child = push()
         .stdout(std::process::Stdio::null())
@@ -403,18 +403,11 @@ async fn a_push_killed_mid_way_is_repeated_at_once_and_resumes() {
 
     // The same command, at once.
     let again = push().output().expect("run erel push again");
-    let stdout = String::from_utf8_lossy(&again.stdout);
-    let stderr = String::from_utf8_lossy(&again.stderr);
-    assert!(
-        again.status.success(),
-        "the repeated push fails:\n{stderr}\nagent log:\n{}",
-        agent.log()
-    );
+    let stdout = pushed(&agent, "repeated", &again);
     assert!(
         stdout.contains("resumed") && stdout.contains(&digest.to_hex()),
         "{stdout}"
     );
-    no_busy_busy(&stderr);
     let landed = agent.root.join("data/big.bin");
     assert_eq!(std::fs::metadata(&landed).expect("landed").len(), size);
     let offsets = logged_offsets(&agent.log(), "data/big.bin");
@@ -431,12 +424,9 @@ async fn a_push_killed_mid_way_is_repeated_at_once_and_resumes() {
 /// agent holds rather than failing. Both succeed and the file lands once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_masters_pushing_the_same_file_at_once_both_succeed() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
-    let work = tempfile::tempdir().expect("tempdir");
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let size: u64 = 256 << 20;
-    let file = big_file(work.path(), size);
-    let digest = sha256(&file);
+    let (work, file, digest) = big_file(size);
     let push = || {
         let mut command = erel_push_big(&pki, &agent, work.path(), &file, &digest);
         command
@@ -454,17 +444,8 @@ async fn two_masters_pushing_the_same_file_at_once_both_succeed() {
     let second = push().output().expect("run the second push");
     let first = first.wait_with_output().expect("wait for the first push");
     for (which, out) in [("first", &first), ("second", &second)] {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "the {which} push fails:\n{stderr}\nagent log:\n{}",
-            agent.log()
-        );
-        assert!(
-            String::from_utf8_lossy(&out.stdout).contains(&digest.to_hex()),
-            "{which}"
-        );
-        no_busy_busy(&stderr);
+        let stdout = pushed(&agent, which, out);
+        assert!(stdout.contains(&digest.to_hex()), "{which}");
     }
     let log = agent.log();
     assert!(log.contains("taken over by a newer request"), "{log}");
@@ -475,12 +456,9 @@ async fn two_masters_pushing_the_same_file_at_once_both_succeed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_or_dropped_transfer_is_taken_over_at_once() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
-    let work = tempfile::tempdir().expect("tempdir");
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let size: u64 = 64 << 20;
-    let file = big_file(work.path(), size);
-    let digest = sha256(&file);
+    let (work, file, digest) = big_file(size);
     let source = WriteSource {
         path: file.clone(),
         sha256: Some(digest),
@@ -563,10 +541,9 @@ async fn a_stalled_or_dropped_transfer_is_taken_over_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_normal_connection_end_leaves_no_error_in_the_agent_log() {
-    let pki = Pki::new();
     // One session at a time: when the next master gets in, the previous connection's
     // end has been handled (and logged, if it were to be).
-    let agent = AgentProc::start(&pki, "web-1", &["--max-connections", "1"]);
+    let (pki, agent) = pki_and_agent("web-1", &["--max-connections", "1"]);
     let work = tempfile::tempdir().expect("tempdir");
     let file = work.path().join("small.bin");
     std::fs::write(&file, b"hello").expect("write");
@@ -574,17 +551,11 @@ async fn a_normal_connection_end_leaves_no_error_in_the_agent_log() {
     let (agent_ref, pki_ref) = (&agent, &pki);
     let next_master = move || async move {
         let (agent, pki) = (agent_ref, pki_ref);
-        let mut attempts = 0;
-        loop {
-            match AgentClient::connect(&agent.host(), pki.client_config(), "test-master").await {
-                Ok(client) => return client,
-                Err(e) if e.agent_kind() == Some(ErrorKind::Busy) && attempts < 200 => {
-                    attempts += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("connect: {e}\n{}", agent.log()),
-            }
-        }
+        retry_while_busy(Duration::from_secs(20), || async {
+            AgentClient::connect(&agent.host(), pki.client_config(), "test-master").await
+        })
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}\n{}", agent.log()))
     };
 
     // Closed explicitly, dropped, and dropped after an error the agent reported.
@@ -606,25 +577,15 @@ async fn a_normal_connection_end_leaves_no_error_in_the_agent_log() {
     drop(client);
     // The CLI, as an operator runs it.
     for _ in 0..2 {
-        let mut waited = 0;
-        loop {
-            let out = pki
-                .erel()
-                .arg("ping")
-                .arg(agent.host().to_string())
-                .output()
-                .expect("run erel ping");
-            if out.status.success() {
-                break;
-            }
+        let pinged = poll_until(Duration::from_secs(20), || async {
+            let out = pki.erel_at("ping", &agent).output().expect("run erel ping");
             let err = String::from_utf8_lossy(&out.stderr).into_owned();
-            assert!(
-                err.contains("limit of 1 connections") && waited < 200,
-                "{err}"
-            );
-            waited += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            let busy = err.contains("limit of 1 connections");
+            assert!(out.status.success() || busy, "{err}");
+            out.status.success().then_some(())
+        })
+        .await;
+        assert!(pinged.is_some(), "erel ping still refused as busy");
     }
     let mut last = next_master().await;
     last.ping().await.expect("ping");
@@ -661,8 +622,7 @@ fn many_files_tar(dir: &std::path::Path, entries: usize) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unpack_cut_while_it_runs_is_repeated_at_once() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let entries = 10_000;
     let archive = many_files_tar(work.path(), entries);
@@ -757,8 +717,7 @@ async fn a_handshake_cut_by_the_agent_is_explained_at_the_master() {
 /// and write a warning for each connection it opens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_bundle_is_not_reloaded_for_every_peer() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let bundle = pki.bundle("web-1");
     let staged = bundle.join(".crl.pem.new");
     std::fs::write(&staged, "not a CRL\n").expect("stage");

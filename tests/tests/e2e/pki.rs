@@ -12,7 +12,7 @@ use std::time::Duration;
 use erel_certs::layout;
 use erel_certs::testing::openssl::{concat, KeyKind, Leaf, Pki};
 
-use crate::helper::{exit_within, AgentProc, AGENT_BIN, MASTER_BIN};
+use crate::helper::{exit_within, output_text, AgentProc, AGENT_BIN, MASTER_BIN};
 
 /// How long an agent may take to refuse a bundle and exit: the same bound the
 /// helper gives an agent to start.
@@ -95,14 +95,6 @@ fn erel_ping(certs: &Path, agent: &AgentProc, args: &[&str]) -> Output {
         .expect("run erel ping")
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_on_an_operators_own_pki_answers_the_master() {
     let site = Site::new("web-1");
@@ -115,7 +107,7 @@ async fn an_agent_on_an_operators_own_pki_answers_the_master() {
     assert!(
         out.status.success(),
         "{}\nagent log:\n{}",
-        text(&out),
+        output_text(&out),
         agent.log()
     );
     let pong: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
@@ -146,8 +138,12 @@ async fn a_host_revoked_by_the_intermediate_is_refused_by_the_master() {
     let certs = site.certs("certs", &[site.intermediate_crl()]);
 
     let out = erel_ping(&certs, &agent, &[]);
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("revoked"), "{}", text(&out));
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("revoked"),
+        "{}",
+        output_text(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,8 +155,8 @@ async fn a_master_without_the_intermediates_crl_names_the_certificate_and_its_is
     let certs = site.certs("certs", &[root_crl]);
 
     let out = erel_ping(&certs, &agent, &[]);
-    assert!(!out.status.success(), "{}", text(&out));
-    let said = text(&out);
+    assert!(!out.status.success(), "{}", output_text(&out));
+    let said = output_text(&out);
     for part in [
         "revocation status",
         "CN=web-1",
@@ -216,19 +212,16 @@ async fn an_agent_without_the_intermediates_crl_names_the_masters_certificate_an
     let certs = site.certs("certs", &[site.intermediate_crl()]);
 
     let out = erel_ping(&certs, &agent, &[]);
-    assert!(!out.status.success(), "{}", text(&out));
-    let said = text(&out);
+    assert!(!out.status.success(), "{}", output_text(&out));
+    let said = output_text(&out);
     assert!(
         said.contains("agent refused our certificate") && said.contains("crl.pem"),
         "{said}"
     );
     // The agent's log line says which certificate and which issuer.
-    let logged = crate::helper::wait_until(AGENT_START_LIMIT, || async {
-        agent.log().contains("Example Intermediate CA")
-    })
-    .await;
-    let log = agent.log();
-    assert!(logged, "{log}");
+    let log = agent
+        .log_showing("Example Intermediate CA", AGENT_START_LIMIT)
+        .await;
     assert!(
         log.contains("master's certificate \"O=Example, CN=erel-master\"")
             && log.contains("agent's crl.pem holds no CRL from its issuer"),
@@ -247,7 +240,7 @@ async fn an_agent_keeps_its_bundle_when_a_replacement_lacks_the_intermediate() {
     let agent = AgentProc::start_with_bundle(bundle.clone(), "web-1");
     let certs = site.certs("certs", &[crl]);
     let out = erel_ping(&certs, &agent, &[]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 
     // Replace host.pem, by rename as a copy tool would, with the leaf alone.
     let staged = bundle.join(".host.pem.new");
@@ -258,15 +251,12 @@ async fn an_agent_keeps_its_bundle_when_a_replacement_lacks_the_intermediate() {
     assert!(
         out.status.success(),
         "the previous bundle still serves: {}\n{}",
-        text(&out),
+        output_text(&out),
         agent.log()
     );
-    let warned = crate::helper::wait_until(AGENT_START_LIMIT, || async {
-        agent.log().contains("keeping the previous one")
-    })
-    .await;
-    let log = agent.log();
-    assert!(warned, "{log}");
+    let log = agent
+        .log_showing("keeping the previous one", AGENT_START_LIMIT)
+        .await;
     assert!(
         log.contains(
             "is issued by \"O=Example, CN=Example Intermediate CA\", which is neither in host.pem"
@@ -288,7 +278,7 @@ async fn an_expired_crl_is_used_and_warned_about() {
     let agent = AgentProc::start_with_bundle(site.bundle("bundle", &[expired]), "web-1");
     let certs = site.certs("certs", &[site.intermediate_crl()]);
     let out = erel_ping(&certs, &agent, &[]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let log = agent.log();
     assert!(log.contains("past its nextUpdate"), "{log}");
     assert!(log.contains("Example Intermediate CA"), "{log}");

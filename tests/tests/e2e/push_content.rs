@@ -6,15 +6,13 @@ use std::fs::{FileTimes, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use erel_master::client::{Progress, WriteSource, TRANSFER_STALL_TIMEOUT};
 use erel_master::Error;
-use erel_proto::ErrorKind;
 
 use crate::helper::install::without_digest;
 use crate::helper::release::sha256;
-use crate::helper::{AgentProc, Pki};
+use crate::helper::{output_text, pki_and_agent, retry_while_busy, AgentProc, Pki};
 
 /// `len` bytes of a pattern that differs with `seed`.
 fn content(seed: u8, len: usize) -> Vec<u8> {
@@ -34,21 +32,12 @@ fn run(program: &str, args: &[&str]) {
 
 /// `erel push` with a digest cache of its own; returns what it printed.
 fn cli_push(pki: &Pki, agent: &AgentProc, cache: &Path, file: &Path, dest: &str) -> String {
-    let out = pki
-        .erel()
-        .env("XDG_CACHE_HOME", cache)
-        .arg("push")
-        .arg(agent.host().to_string())
-        .arg(file)
-        .arg(dest)
-        .output()
-        .expect("run erel push");
-    assert!(
-        out.status.success(),
-        "push failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let mut push = pki.erel_at("push", agent);
+    let out = push.env("XDG_CACHE_HOME", cache).arg(file).arg(dest);
+    let out = out.output().expect("run erel push");
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "push failed: {}", output_text(&out));
+    printed
 }
 
 struct Stat {
@@ -75,8 +64,7 @@ const DEST: &str = "archives/app.tar";
 type PushedOnce = (Pki, AgentProc, tempfile::TempDir, PathBuf, PathBuf);
 
 fn pushed_once(len: usize) -> PushedOnce {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let cache = work.path().join("cache");
     let file = work.path().join("app.tar");
@@ -208,8 +196,7 @@ async fn push_changing_midway(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_changed_while_it_is_sent_fails_naming_it_and_nothing_is_committed() {
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     // Many chunks, so the change lands while the file is being sent.
     let len = 16 * 1024 * 1024;
@@ -233,16 +220,15 @@ async fn a_file_changed_while_it_is_sent_fails_naming_it_and_nothing_is_committe
         // agent may still hold the abandoned transfer until it sees the connection
         // closed (at worst its transfer stall timeout): retry while it says busy.
         let source = without_digest(&file);
-        let deadline = Instant::now() + TRANSFER_STALL_TIMEOUT * 2;
-        let written = loop {
-            let mut client = pki.connect(&agent).await;
-            match client.write_file(&source, &dest, 0o644, &mut |_| {}).await {
-                Err(e) if e.agent_kind() == Some(ErrorKind::Busy) && Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                other => break other.expect("push again"),
-            }
-        };
+        let (pki_ref, agent_ref, source_ref, dest_ref) = (&pki, &agent, &source, &dest);
+        let written = retry_while_busy(TRANSFER_STALL_TIMEOUT * 2, || async move {
+            let mut client = pki_ref.connect(agent_ref).await;
+            client
+                .write_file(source_ref, dest_ref, 0o644, &mut |_| {})
+                .await
+        })
+        .await
+        .expect("push again");
         assert_eq!(written.sha256, sha256(&file));
         assert_eq!(
             std::fs::read(agent.root.join(&dest)).expect("read"),
@@ -259,8 +245,7 @@ async fn a_file_changed_while_it_is_sent_fails_naming_it_and_nothing_is_committe
 async fn a_file_replaced_after_its_digest_was_looked_up_is_sent_as_it_is_now() {
     use erel_master::digest_cache::DigestCache;
 
-    let pki = Pki::new();
-    let agent = AgentProc::start(&pki, "web-1", &[]);
+    let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
     let cache = DigestCache::new(work.path().join("cache"));
     for how in ["rename", "symlink"] {

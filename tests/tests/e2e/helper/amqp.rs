@@ -3,14 +3,13 @@
 //! the others, real `erel master --amqp` processes, and the beat release's answer.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use erel_master::amqp::Broker;
 
 use super::fleet::Fleet;
-use super::{follow_stderr, kill9_child, terminate_child, Pki};
+use super::{output_text, wait_until, Followed, Pki};
 
 /// The broker the tests use: `$EREL_TEST_AMQP`, else the local RabbitMQ.
 pub fn amqp_url() -> String {
@@ -107,15 +106,9 @@ impl Drop for TestBroker {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            runtime.block_on(async {
-                for _ in 0..20 {
-                    if broker.delete_everything(&groups).await.is_ok() {
-                        return true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                false
-            })
+            runtime.block_on(wait_until(Duration::from_secs(10), || async {
+                broker.delete_everything(&groups).await.is_ok()
+            }))
         })
         .join()
         .unwrap_or(false);
@@ -129,8 +122,7 @@ impl Drop for TestBroker {
 pub struct MasterProc {
     pub name: String,
     pub state_dir: PathBuf,
-    child: Option<Child>,
-    log: Arc<Mutex<String>>,
+    process: Followed,
 }
 
 impl MasterProc {
@@ -158,23 +150,12 @@ impl MasterProc {
             .arg("1000")
             .env("EREL_LOG", "info,lapin=warn")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().expect("spawn erel master");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        follow_stderr(stderr, log.clone(), |_| {});
+            .stdout(Stdio::null());
         MasterProc {
             name: name.to_string(),
             state_dir: state_dir.to_path_buf(),
-            child: Some(child),
-            log,
+            process: Followed::spawn(&mut command, "erel master"),
         }
-    }
-
-    /// What it logged so far.
-    pub fn log(&self) -> String {
-        self.log.lock().expect("log lock").clone()
     }
 
     /// The revision its state directory holds.
@@ -188,28 +169,13 @@ impl MasterProc {
         std::fs::read_to_string(self.state_dir.join("config.toml")).ok()
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// True while the process runs.
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
-    /// SIGKILL, the real process.
-    pub fn kill9(&mut self) {
-        kill9_child(&mut self.child);
-    }
-
     /// SIGTERM and wait; true when it exited with status 0.
     pub fn terminate(&mut self) -> bool {
-        let Some(child) = self.child.take() else {
-            return false;
-        };
-        terminate_child(child, Duration::from_secs(20))
+        self.process.terminate_within(Duration::from_secs(20))
     }
 }
+
+process_type!(MasterProc);
 
 impl Drop for MasterProc {
     fn drop(&mut self) {
@@ -288,14 +254,6 @@ pub fn erel(pki: &Pki, words: &[&str], broker: &TestBroker, rest: &[&str]) -> Ou
         .args(rest)
         .output()
         .expect("run erel")
-}
-
-pub fn output_text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Every master's log, for failure messages.

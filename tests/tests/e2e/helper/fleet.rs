@@ -98,6 +98,24 @@ impl Fleet {
         self.states.path().join(name)
     }
 
+    /// Waits up to `limit` until every host runs `version`; panics saying `what`, with
+    /// the beats and `logs()`, when they do not.
+    pub fn wait_all_run(
+        &self,
+        version: &str,
+        limit: Duration,
+        what: &str,
+        logs: impl FnOnce() -> String,
+    ) {
+        let all = super::wait_until_blocking(limit, || self.all_run(version));
+        assert!(all, "{what}: {:?}\n{}", self.beats(), logs());
+    }
+
+    /// The pids of release `name` on each host, in host order.
+    pub fn release_pids(&self, name: &str) -> Vec<Vec<i32>> {
+        self.agents.iter().map(|a| a.release_pids(name)).collect()
+    }
+
     /// Every agent's log, for failure messages.
     pub fn agent_logs(&self) -> String {
         self.agents

@@ -4,6 +4,25 @@
 
 #![allow(dead_code)]
 
+/// Gives a type holding a [`Followed`] as its `process` the methods of that process.
+macro_rules! process_type {
+    ($type:ty) => {
+        impl std::ops::Deref for $type {
+            type Target = $crate::helper::Followed;
+
+            fn deref(&self) -> &Self::Target {
+                &self.process
+            }
+        }
+
+        impl std::ops::DerefMut for $type {
+            fn deref_mut(&mut self) -> &mut Self::Target {
+                &mut self.process
+            }
+        }
+    };
+}
+
 pub mod amqp;
 pub mod fleet;
 pub mod install;
@@ -13,7 +32,7 @@ pub mod release;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,12 +85,28 @@ impl Pki {
             .unwrap_or_else(|e| panic!("connect to {}: {e}\nagent log:\n{}", agent.id, agent.log()))
     }
 
+    /// `erel <command> <agent's HOST>` with this PKI's certificate directory.
+    pub fn erel_at(&self, command: &str, agent: &AgentProc) -> Command {
+        let mut erel = self.erel();
+        erel.arg(command).arg(agent.host().to_string());
+        erel
+    }
+
     /// The `erel` command with this PKI's certificate directory.
     pub fn erel(&self) -> Command {
         let mut command = Command::new(MASTER_BIN);
         command.arg("--certs").arg(self.certs_dir());
         command
     }
+}
+
+/// What a finished command printed: its stdout, then its stderr.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// The bound on a wait for something that must happen (a release answering, a restart,
@@ -95,6 +130,12 @@ pub const CRASH_LOOP_AFTER: u32 = 3;
 /// a busy machine, not a guess.
 pub const NO_RESTART_WITHIN: Duration = RESTART_BACKOFF_MAX.saturating_mul(4);
 
+/// Watches for [`NO_RESTART_WITHIN`]: long enough that any start the agent would make
+/// (a restart, a second copy) has come, so that its absence afterwards shows it will not.
+pub async fn outlast_any_restart() {
+    tokio::time::sleep(NO_RESTART_WITHIN).await;
+}
+
 /// Supervision settings that keep the tests fast: the flags of the durations above.
 pub fn fast_supervision() -> Vec<String> {
     vec![
@@ -109,6 +150,14 @@ pub fn fast_supervision() -> Vec<String> {
     ]
 }
 
+/// A fresh PKI and agent `id` on it, started with `extra` flags as
+/// [`AgentProc::start`] does. (Bound in this order, the agent is dropped first.)
+pub fn pki_and_agent(id: &str, extra: &[&str]) -> (Pki, AgentProc) {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, id, extra);
+    (pki, agent)
+}
+
 /// A real `erel-boot` process on loopback with its own temporary root.
 pub struct AgentProc {
     pub id: String,
@@ -117,8 +166,7 @@ pub struct AgentProc {
     pub root: PathBuf,
     bundle: PathBuf,
     extra: Vec<String>,
-    child: Option<Child>,
-    log: Arc<Mutex<String>>,
+    process: Followed,
 }
 
 impl AgentProc {
@@ -164,8 +212,7 @@ impl AgentProc {
                 .cloned()
                 .chain(extra.iter().map(|s| s.to_string()))
                 .collect(),
-            child: None,
-            log: Arc::new(Mutex::new(String::new())),
+            process: Followed::default(),
         };
         agent.spawn();
         agent
@@ -186,8 +233,7 @@ impl AgentProc {
             root,
             bundle,
             extra: fast_supervision(),
-            child: None,
-            log: Arc::new(Mutex::new(String::new())),
+            process: Followed::default(),
         };
         agent.spawn();
         agent
@@ -213,7 +259,7 @@ impl AgentProc {
         let mut announced = false;
         // The sender goes with the reader when the agent's stderr ends, so an agent that
         // exits before it listens is seen at once.
-        follow_stderr(stderr, self.log.clone(), move |line| {
+        follow_lines(stderr, self.process.log.clone(), move |line| {
             if !announced {
                 if let Some(addr) = listen_addr(line) {
                     let _ = tx.send(addr);
@@ -228,7 +274,7 @@ impl AgentProc {
                 panic!("agent {} did not start:\n{}", self.id, self.log());
             }
         }
-        self.child = Some(child);
+        self.process.child = Some(child);
     }
 
     /// `ID@ADDR:PORT` of this agent.
@@ -239,30 +285,13 @@ impl AgentProc {
         }
     }
 
-    /// What the agent logged so far.
-    pub fn log(&self) -> String {
-        self.log.lock().expect("log lock").clone()
-    }
-
-    /// The agent's process id.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// `kill -9` the agent (its releases keep running).
-    pub fn kill9(&mut self) {
-        kill9_child(&mut self.child);
-    }
-
     /// SIGTERM the agent and wait for it to exit; returns its exit status success.
+    /// (`kill9` leaves its releases running.)
     pub fn terminate(&mut self) -> bool {
-        let Some(child) = self.child.take() else {
-            return false;
-        };
-        terminate_child(child, Duration::from_secs(40))
+        self.process.terminate_within(Duration::from_secs(40))
     }
 
-    /// Starts the agent again on the same root and port.
+    /// `kill -9` the agent and start it again on the same root and port.
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
@@ -297,26 +326,22 @@ impl AgentProc {
 /// removes it and every cgroup below it, deepest first.
 pub fn remove_cgroup_tree(dir: &Path) {
     let _ = std::fs::write(dir.join("cgroup.kill"), "1");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut tree = vec![dir.to_path_buf()];
-    let mut next = 0;
-    while next < tree.len() {
-        let children: Vec<PathBuf> = std::fs::read_dir(&tree[next])
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
-            .map(|entry| entry.path())
-            .collect();
-        tree.extend(children);
-        next += 1;
-    }
-    for cgroup in tree.iter().rev() {
-        while std::fs::remove_dir(cgroup).is_err() && cgroup.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+    remove_cgroups_deepest_first(dir, Instant::now() + Duration::from_secs(10));
+}
+
+/// Removes the cgroups below `dir`, then `dir`, each as soon as its killed members
+/// are gone, waiting for that until `deadline` at the latest.
+fn remove_cgroups_deepest_first(dir: &Path, deadline: Instant) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroups_deepest_first(&entry.path(), deadline);
         }
     }
+    let left = deadline.saturating_duration_since(Instant::now());
+    wait_until_blocking(left, || std::fs::remove_dir(dir).is_ok() || !dir.exists());
 }
+
+process_type!(AgentProc);
 
 impl Drop for AgentProc {
     fn drop(&mut self) {
@@ -337,9 +362,10 @@ impl Drop for AgentProc {
     }
 }
 
-/// Copies each line of a child's `stderr` into `log` on a thread of its own, showing it
-/// to `on_line` first; the thread, and `on_line` with it, ends with the stream.
-pub fn follow_stderr(
+/// Copies each line of a child's output (`stderr`, or its stdout) into `log` on a thread
+/// of its own, showing it to `on_line` first; the thread, and `on_line` with it, ends
+/// with the stream.
+pub fn follow_lines(
     stderr: impl std::io::Read + Send + 'static,
     log: Arc<Mutex<String>>,
     mut on_line: impl FnMut(&str) + Send + 'static,
@@ -354,17 +380,73 @@ pub fn follow_stderr(
     })
 }
 
-/// `kill -9` the child in `child`, if any, and reap it.
-pub fn kill9_child(child: &mut Option<Child>) {
-    if let Some(mut child) = child.take() {
-        let _ = child.kill();
-        let _ = child.wait();
+/// A process a test started, with what it writes to stderr collected as it comes,
+/// across restarts. [`AgentProc`] and the AMQP tests' `MasterProc` are one each.
+#[derive(Default)]
+pub struct Followed {
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Followed {
+    /// Runs `command` with its stderr piped and followed.
+    pub fn spawn(command: &mut Command, what: &str) -> Self {
+        let mut child = command
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        let process = Followed::default();
+        let stderr = child.stderr.take().expect("stderr");
+        follow_lines(stderr, process.log.clone(), |_| {});
+        Followed {
+            child: Some(child),
+            ..process
+        }
+    }
+
+    /// What the process logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// The log once `needle` shows in it, waiting up to `limit`; panics with the log
+    /// when it does not show.
+    pub async fn log_showing(&self, needle: &str, limit: Duration) -> String {
+        let shown = wait_until(limit, || async { self.log().contains(needle) }).await;
+        let log = self.log();
+        assert!(shown, "{needle:?} not logged within {limit:?}:\n{log}");
+        log
+    }
+
+    /// Its process id, while it has one.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// `kill -9` the process, if any, and reap it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM the process and wait up to `limit` for it to exit; true when it exited
+    /// with status 0. One still running after `limit` is killed and counts as a failure.
+    pub fn terminate_within(&mut self, limit: Duration) -> bool {
+        let Some(child) = self.child.take() else {
+            return false;
+        };
+        terminate_child(child, limit)
     }
 }
 
-/// SIGTERM `child` and wait up to `limit` for it to exit; true when it exited with status
-/// 0. A child still running after `limit` is killed and counts as a failure.
-pub fn terminate_child(mut child: Child, limit: Duration) -> bool {
+fn terminate_child(mut child: Child, limit: Duration) -> bool {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     match exit_within(&mut child, limit) {
@@ -517,6 +599,30 @@ pub fn poll_until_blocking<T>(limit: Duration, mut probe: impl FnMut() -> Option
 /// [`wait_until`] for code without a runtime: blocks the thread between polls.
 pub fn wait_until_blocking(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
     poll_until_blocking(limit, || condition().then_some(())).is_some()
+}
+
+/// Runs `attempt` again while the agent answers `Busy` (it still holds what a cut
+/// connection held, or has no connection to spare), for at most `limit`; the first
+/// other outcome. Panics when the agent is still busy after `limit`.
+pub async fn retry_while_busy<T, F, Fut>(
+    limit: Duration,
+    mut attempt: F,
+) -> Result<T, erel_master::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, erel_master::Error>>,
+{
+    poll_until(limit, || {
+        let outcome = attempt();
+        async move {
+            match outcome.await {
+                Err(e) if e.agent_kind() == Some(erel_proto::ErrorKind::Busy) => None,
+                other => Some(other),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("the agent still answers Busy after {limit:?}"))
 }
 
 /// `child`'s exit status once it exits within `limit`; `None` while it still runs.

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Longest `epmd` may take to answer once started.
 const EPMD_PATIENCE: Duration = Duration::from_secs(10);
@@ -40,15 +40,11 @@ pub fn ensure_epmd() {
     };
     // A second `epmd -daemon` finds the port taken and leaves the first one be.
     assert!(run("-daemon"), "{} -daemon failed", epmd.display());
-    let deadline = Instant::now() + EPMD_PATIENCE;
-    while !run("-names") {
-        assert!(
-            Instant::now() < deadline,
-            "epmd does not answer {}s after it was started",
-            EPMD_PATIENCE.as_secs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        super::wait_until_blocking(EPMD_PATIENCE, || run("-names")),
+        "epmd does not answer {}s after it was started",
+        EPMD_PATIENCE.as_secs()
+    );
 }
 
 /// Like [`build_release`], but also writes `files` (paths relative to the project, for
