@@ -5,7 +5,7 @@
 //! status, a node-at-a-time roll to v2, a v3 that fails its health check and is rolled
 //! back on the canary while the other hosts stay on v2, final status, clean up.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 use super::deploy::event_line;
 use super::status::{collect, status_table};
 use crate::cluster::Plan;
+use crate::error::Result;
+use crate::release::BeatRelease;
 use crate::rollout::{self, Connector, HostOutcome, RolloutOptions, RolloutReport};
 
 /// The demo's release name.
@@ -112,9 +114,9 @@ async fn script(dir: &Path, certs: &MasterDir, agents: &[LocalAgent]) -> anyhow:
         let releases = releases.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<PathBuf>> {
             Ok(vec![
-                build_release(&exe, &releases, "0.1.0", None)?,
-                build_release(&exe, &releases, "0.2.0", None)?,
-                build_release(&exe, &releases, "0.3.0", Some("exit"))?,
+                beat_release(&exe, &releases, "0.1.0", None)?,
+                beat_release(&exe, &releases, "0.2.0", None)?,
+                beat_release(&exe, &releases, "0.3.0", Some("exit"))?,
             ])
         })
     };
@@ -315,6 +317,18 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// This program as the beat release's server, running its hidden `demo-beat` command.
+fn beat_release(exe: &Path, dir: &Path, version: &str, fail: Option<&str>) -> Result<PathBuf> {
+    let release = BeatRelease {
+        name: RELEASE,
+        version,
+        server: exe,
+        server_args: &["demo-beat"],
+        fail,
+    };
+    release.write(dir)
+}
+
 /// Writes the cluster file for `version` and loads it.
 fn write_cluster(
     path: &Path,
@@ -337,50 +351,6 @@ fn write_cluster(
     ));
     std::fs::write(path, text)?;
     Ok(Plan::load(path)?)
-}
-
-/// A self-contained release: this program as `bin/beat-server`, and `bin/beat` running
-/// its hidden `demo-beat` command. `fail` is baked in as `BEAT_FAIL`.
-fn build_release(
-    exe: &Path,
-    dir: &Path,
-    version: &str,
-    fail: Option<&str>,
-) -> anyhow::Result<PathBuf> {
-    let path = dir.join(format!("{RELEASE}-{version}.tar.gz"));
-    let file = std::fs::File::create(&path)?;
-    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
-    let mut tar = tar::Builder::new(gz);
-    let fail = fail.map(|f| format!("BEAT_FAIL={f} ")).unwrap_or_default();
-    let script =
-        format!("#!/bin/sh\n{fail}exec \"$(dirname \"$0\")/beat-server\" demo-beat \"$@\"\n");
-    append(&mut tar, "bin/beat", script.as_bytes(), 0o755)?;
-    let server = std::fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
-    append(&mut tar, "bin/beat-server", &server, 0o755)?;
-    append(
-        &mut tar,
-        &format!("releases/{version}/RELEASE"),
-        format!("{RELEASE} {version}\n").as_bytes(),
-        0o644,
-    )?;
-    let mut gz = tar.into_inner()?;
-    gz.flush()?;
-    gz.finish()?;
-    Ok(path)
-}
-
-fn append<W: Write>(
-    tar: &mut tar::Builder<W>,
-    path: &str,
-    data: &[u8],
-    mode: u32,
-) -> std::io::Result<()> {
-    let mut header = tar::Header::new_gnu();
-    header.set_size(data.len() as u64);
-    header.set_mode(mode);
-    header.set_entry_type(tar::EntryType::Regular);
-    header.set_mtime(1_700_000_000);
-    tar.append_data(&mut header, path, data)
 }
 
 /// `erel demo-beat`: serves `beat VERSION HOST` on 127.0.0.1:$BEAT_PORT until killed.
