@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use erel_master::amqp::daemon::{self, DaemonOptions};
 use erel_master::amqp::events::{self, MasterEvent};
 use erel_master::amqp::{log, Backoff, Broker};
-use erel_master::rollout::{Connector, RolloutOptions};
+use erel_master::client::Connector;
+use erel_master::rollout::RolloutOptions;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 

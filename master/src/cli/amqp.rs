@@ -12,7 +12,8 @@ use tracing::{error, info};
 use super::Context;
 use crate::amqp::daemon::{self, DaemonOptions};
 use crate::amqp::{Backoff, Broker, DEFAULT_PREFIX};
-use crate::rollout::{Connector, RolloutOptions};
+use crate::client::Connector;
+use crate::rollout::RolloutOptions;
 
 /// `--amqp URL --amqp-prefix PREFIX`.
 #[derive(Debug, Clone, Args)]
@@ -77,8 +78,8 @@ pub async fn master(
         artifacts.display()
     );
     let name = args.name.unwrap_or_else(|| ctx.master_name());
-    let mut connector = Connector::new(ctx.tls()?, ctx.master_name());
-    connector.connect_timeout = connect_timeout;
+    let connector =
+        Connector::new(ctx.tls()?, ctx.master_name()).with_connect_timeout(connect_timeout);
     let options = DaemonOptions {
         broker: Broker::new(url, args.prefix)?,
         state_dir,

@@ -19,15 +19,15 @@ use erel_boot::server::{serve, Agent, TlsSource};
 use erel_boot::settings::{Limits, Supervision};
 use erel_boot::supervisor::Supervisor;
 use erel_certs::MasterDir;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::deploy::event_line;
 use super::status::{collect, status_table};
+use crate::client::Connector;
 use crate::cluster::Plan;
 use crate::error::Result;
 use crate::release::BeatRelease;
-use crate::rollout::{self, Connector, HostOutcome, RolloutOptions, RolloutReport};
+use crate::rollout::{self, HostOutcome, RolloutOptions, RolloutReport};
 
 /// The demo's release name.
 const RELEASE: &str = "beat";
@@ -219,29 +219,17 @@ fn indent_block(text: &str) -> String {
 
 /// Runs one rollout, printing its events as they happen.
 async fn deploy(plan: &Plan, connector: &Connector) -> anyhow::Result<RolloutReport> {
-    let (events, mut received) = mpsc::unbounded_channel();
     let start = Instant::now();
     let options = RolloutOptions {
         poll_interval: Duration::from_millis(100),
         ..RolloutOptions::default()
     };
-    let run = rollout::rollout(plan, connector, &options, &events);
-    tokio::pin!(run);
-    let print = |event| {
-        if let Some(line) = event_line(&event) {
+    let print = |event: &_| {
+        if let Some(line) = event_line(event) {
             println!("    [{:>5.2}s] {line}", start.elapsed().as_secs_f64());
         }
     };
-    let report = loop {
-        tokio::select! {
-            Some(event) = received.recv() => print(event),
-            report = &mut run => break report?,
-        }
-    };
-    while let Ok(event) = received.try_recv() {
-        print(event);
-    }
-    Ok(report)
+    Ok(rollout::run(plan, connector, &options, print).await?)
 }
 
 /// Asks every host's release what it runs; true when all say `version`.

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tokio::sync::mpsc;
 
 use super::Context;
+use crate::client::Connector;
 use crate::cluster::{GroupPlan, Plan};
-use crate::rollout::{self, Connector, HostOutcome, RolloutEvent, RolloutOptions, RolloutReport};
+use crate::rollout::{self, HostOutcome, RolloutEvent, RolloutOptions, RolloutReport};
 
 /// `erel deploy`.
 #[derive(Debug, Args)]
@@ -49,13 +49,12 @@ pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> anyhow::
         print!("{}", describe_plan(&plan, &args.groups));
         return Ok(ExitCode::SUCCESS);
     }
-    let mut connector = Connector::new(ctx.tls()?, ctx.master_name());
-    connector.connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
+    let connector = Connector::new(ctx.tls()?, ctx.master_name())
+        .with_connect_timeout(Duration::from_secs(args.connect_timeout.max(1)));
     let options = RolloutOptions {
         groups: args.groups.clone(),
         ..RolloutOptions::default()
     };
-    let (events, mut received) = mpsc::unbounded_channel();
     let mut view = if args.json {
         View::Json
     } else if std::io::stderr().is_terminal() {
@@ -63,17 +62,7 @@ pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> anyhow::
     } else {
         View::Lines(Instant::now())
     };
-    let run = rollout::rollout(&plan, &connector, &options, &events);
-    tokio::pin!(run);
-    let report = loop {
-        tokio::select! {
-            Some(event) = received.recv() => view.show(&event),
-            report = &mut run => break report?,
-        }
-    };
-    while let Ok(event) = received.try_recv() {
-        view.show(&event);
-    }
+    let report = rollout::run(&plan, &connector, &options, |event| view.show(event)).await?;
     view.finish();
     if args.json {
         println!(

@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use super::deploy::{indent, table};
 use super::Context;
+use crate::client::Connector;
 use crate::cluster::{ArchiveLookup, Plan};
-use crate::rollout::Connector;
 
 /// `erel status`.
 #[derive(Debug, Args)]
@@ -72,8 +72,8 @@ pub struct HostStatus {
 /// Runs `erel status`.
 pub async fn status(ctx: &Context, cluster: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
     let plan = Plan::load_with(cluster, &ArchiveLookup::Unchecked)?;
-    let mut connector = Connector::new(ctx.tls()?, ctx.master_name());
-    connector.connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
+    let connector = Connector::new(ctx.tls()?, ctx.master_name())
+        .with_connect_timeout(Duration::from_secs(args.connect_timeout.max(1)));
     let hosts = collect(&plan, &connector).await;
     if args.json {
         println!(

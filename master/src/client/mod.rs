@@ -1,6 +1,7 @@
 //! The master's typed client for one agent: connect, handshake, and one method per
 //! command. Every phase runs under a named timeout, and every failure names the host.
 
+mod session;
 mod write_file;
 
 use std::fmt;
@@ -19,6 +20,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::error::{Error, Result};
 
+pub use session::{Connector, HostSession, DEFAULT_CONNECT_TIMEOUT};
 pub use write_file::{Progress, WriteSource};
 
 /// Time allowed to open the TCP connection.
@@ -46,6 +48,35 @@ const BUSY_RETRY_FIRST: Duration = Duration::from_millis(100);
 const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Time allowed to send our `close_notify` when a client is closed.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long each phase of opening a connection may take; one timeout per phase, none
+/// wrapped around another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhaseTimeouts {
+    /// Opening the TCP connection.
+    pub connect: Duration,
+    /// The TLS handshake and the `Hello` exchange.
+    pub handshake: Duration,
+}
+
+impl PhaseTimeouts {
+    /// `limit` for each phase.
+    pub fn both(limit: Duration) -> Self {
+        PhaseTimeouts {
+            connect: limit,
+            handshake: limit,
+        }
+    }
+}
+
+impl Default for PhaseTimeouts {
+    fn default() -> Self {
+        PhaseTimeouts {
+            connect: CONNECT_TIMEOUT,
+            handshake: HANDSHAKE_TIMEOUT,
+        }
+    }
+}
 
 /// An agent to talk to: its host id (which its certificate must name) and address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -112,15 +143,35 @@ impl fmt::Debug for AgentClient {
 }
 
 impl AgentClient {
-    /// Connects, verifies the agent's certificate names `host.id`, and exchanges `Hello`.
+    /// Connects, verifies the agent's certificate names `host.id`, and exchanges `Hello`,
+    /// within [`CONNECT_TIMEOUT`] and [`HANDSHAKE_TIMEOUT`].
     pub async fn connect(
         host: &HostAddr,
         tls: Arc<rustls::ClientConfig>,
         master_name: &str,
     ) -> Result<Self> {
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&host.addr))
+        Self::connect_within(host, tls, master_name, PhaseTimeouts::default()).await
+    }
+
+    /// [`Self::connect`], each phase within its own timeout.
+    pub async fn connect_within(
+        host: &HostAddr,
+        tls: Arc<rustls::ClientConfig>,
+        master_name: &str,
+        timeouts: PhaseTimeouts,
+    ) -> Result<Self> {
+        let tcp = tokio::time::timeout(timeouts.connect, TcpStream::connect(&host.addr))
             .await
-            .map_err(|_| timeout(host, format!("connecting to {}", host.addr)))?
+            .map_err(|_| {
+                timeout(
+                    host,
+                    format!(
+                        "connecting to {} (no answer within {}s)",
+                        host.addr,
+                        timeouts.connect.as_secs_f32()
+                    ),
+                )
+            })?
             .map_err(|source| Error::Connect {
                 host: host.id.clone(),
                 addr: host.addr.clone(),
@@ -167,7 +218,7 @@ impl AgentClient {
                 other => Err(client.unexpected("Hello", &other)),
             }
         };
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        tokio::time::timeout(timeouts.handshake, handshake)
             .await
             .map_err(|_| timeout(host, "during the TLS handshake and Hello".to_string()))?
     }

@@ -15,21 +15,20 @@ use super::decide::{
     assess, verify, wants_probe, Action, Assessment, GroupSchedule, HostFailure, HostSwitch,
     Observation, Observed, Verdict,
 };
-use super::session::{probe_tcp, HostSession};
+use super::health::probe_tcp;
 use super::{
-    emit, Connector, EventSink, GroupReport, HostOutcome, HostPhase, HostReport, RolloutEvent,
-    RolloutOptions, RolloutReport, Shared, SharedRef,
+    emit, EventSink, GroupReport, HostOutcome, HostPhase, HostReport, RolloutEvent, RolloutOptions,
+    RolloutReport, Shared, SharedRef,
 };
+use crate::client::{Connector, HostSession};
 use crate::cluster::{Archive, GroupPlan, HostPlan, Plan};
 use crate::error::{Error, Result};
 
 /// How long a failed release's output is waited for when it restarted unseen.
 const OUTPUT_TAIL_WAIT: Duration = Duration::from_secs(2);
 
-/// Brings the hosts of `plan` (all groups, or `options.groups`) to their desired
-/// versions. Errors only when the plan cannot be rolled out at all (an unknown group,
-/// archives not checked); what happens to hosts is in the report.
-pub async fn rollout(
+/// Brings the hosts of `plan` to their desired versions; see [`super::run`].
+pub(crate) async fn rollout(
     plan: &Plan,
     connector: &Connector,
     options: &RolloutOptions,

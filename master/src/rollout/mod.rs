@@ -4,12 +4,14 @@
 //!
 //! - [`decide`]: the pure decisions (what a host needs, whether a release is healthy
 //!   yet, which hosts may switch now), tested without a network.
-//! - [`driver`]: the one place that performs I/O: ping, stage, stop, start, verify,
+//! - `driver`: the one place that performs I/O: ping, stage, stop, start, verify,
 //!   roll back; it respects `max_in_flight` through [`decide::GroupSchedule`].
-//! - [`session`]: one host's connection, reconnected and retried on transient errors,
-//!   and the TCP health probe.
-//! - [`converge`]: the daemon loop: reload the cluster file when its revision grows and
-//!   converge again every few seconds, so drift is repaired.
+//! - `health`: the TCP health probe.
+//! - [`run`] (`runner`): one rollout, its events handed to a callback as they happen;
+//!   `deploy`, `demo` and both daemons run rollouts through it.
+//! - [`converge`]: the daemons' one loop: converge again every few seconds, so drift is
+//!   repaired, and at once when a newer plan arrives (from the cluster file, or from the
+//!   AMQP config log).
 //!
 //! Per host: ping → stage (push, skipped when present; unpack into
 //! `releases/<name>/<version>`) → stop old → start new → verify (up `min_up_secs`
@@ -21,8 +23,9 @@
 
 pub mod converge;
 pub mod decide;
-pub mod driver;
-pub mod session;
+mod driver;
+mod health;
+mod runner;
 
 use std::fmt;
 use std::sync::Arc;
@@ -31,11 +34,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use converge::{converge_file, keep_converged, ConvergeOptions};
-pub use driver::rollout;
-pub use session::Connector;
+pub use runner::run;
 
-/// Where progress events go: the CLI renders them, a daemon logs or publishes them.
-pub type EventSink = tokio::sync::mpsc::UnboundedSender<RolloutEvent>;
+use crate::client::Connector;
+
+/// Where the driver's events go; [`run`] hands them to its caller's callback.
+pub(crate) type EventSink = tokio::sync::mpsc::UnboundedSender<RolloutEvent>;
 
 /// How a rollout runs, beyond what the cluster file says.
 #[derive(Debug, Clone)]
