@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::client::{BusyWait, Progress, WriteSource};
 use crate::digest_cache::{DigestCache, FileStamp};
+use crate::error::ResultExt as _;
 use crate::{AgentClient, Error, HostAddr};
-use anyhow::Context as _;
 use clap::Args;
 use erel_proto::{ErrorKind, Pong, ReleaseState, ReleaseStatus, Start};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -109,13 +109,13 @@ fn parse_env(text: &str) -> Result<(String, String), String> {
 
 /// Resolves a `HOST` argument: `ID@ADDR:PORT`, or an id from the cluster file (the
 /// one given with `--cluster`, else `cluster.toml` when it exists).
-pub fn resolve(text: &str, cluster: Option<&Path>) -> anyhow::Result<HostAddr> {
-    Ok(crate::cluster::resolve_host(text, cluster)?)
+pub fn resolve(text: &str, cluster: Option<&Path>) -> crate::Result<HostAddr> {
+    crate::cluster::resolve_host(text, cluster)
 }
 
-async fn connect(ctx: &Context, host: &HostAddr) -> anyhow::Result<AgentClient> {
+async fn connect(ctx: &Context, host: &HostAddr) -> crate::Result<AgentClient> {
     let tls = ctx.tls()?;
-    Ok(AgentClient::connect(host, tls, &ctx.master_name()).await?)
+    AgentClient::connect(host, tls, &ctx.master_name()).await
 }
 
 /// One host's answer to `ping`, as `--json` prints it.
@@ -133,12 +133,12 @@ pub async fn ping(
     ctx: &Context,
     cluster: Option<&Path>,
     args: PingArgs,
-) -> anyhow::Result<ExitCode> {
+) -> crate::Result<ExitCode> {
     let hosts = args
         .hosts
         .iter()
         .map(|text| resolve(text, cluster))
-        .collect::<anyhow::Result<Vec<HostAddr>>>()?;
+        .collect::<crate::Result<Vec<HostAddr>>>()?;
     let tls = ctx.tls()?;
     let name = ctx.master_name();
     let mut tasks = tokio::task::JoinSet::new();
@@ -178,7 +178,10 @@ pub async fn ping(
     reports.sort_by_key(|(index, _)| *index);
     let reports: Vec<PingReport> = reports.into_iter().map(|(_, r)| r).collect();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&reports).context("encoding the answers")?
+        );
     } else {
         for report in &reports {
             println!("{}", ping_line(report));
@@ -253,7 +256,7 @@ pub async fn push(
     ctx: &Context,
     cluster: Option<&Path>,
     args: PushArgs,
-) -> anyhow::Result<ExitCode> {
+) -> crate::Result<ExitCode> {
     let host = resolve(&args.host, cluster)?;
     let cache = DigestCache::for_user();
     // Taken before anything reads the file: a digest is recorded below only if the
@@ -262,10 +265,9 @@ pub async fn push(
         .with_context(|| format!("{}: cannot read", args.file.display()))?;
     let (sha256, sha256_of) = match &args.sha256 {
         Some(text) => (
-            Some(
-                erel_proto::Sha256::from_hex(text)
-                    .with_context(|| format!("--sha256 '{text}' is not 64 hex characters"))?,
-            ),
+            Some(erel_proto::Sha256::from_hex(text).ok_or_else(|| {
+                Error::Usage(format!("--sha256 '{text}' is not 64 hex characters"))
+            })?),
             None,
         ),
         None => match cache.clone() {
@@ -392,7 +394,7 @@ pub async fn unpack(
     ctx: &Context,
     cluster: Option<&Path>,
     args: UnpackArgs,
-) -> anyhow::Result<ExitCode> {
+) -> crate::Result<ExitCode> {
     let host = resolve(&args.host, cluster)?;
     let mut client = connect(ctx, &host).await?;
     let done = client.unpack(&args.archive, &args.dest, None).await?;
@@ -419,7 +421,7 @@ pub async fn start(
     ctx: &Context,
     cluster: Option<&Path>,
     args: StartArgs,
-) -> anyhow::Result<ExitCode> {
+) -> crate::Result<ExitCode> {
     let host = resolve(&args.host, cluster)?;
     let mut client = connect(ctx, &host).await?;
     let started = client
@@ -448,7 +450,7 @@ pub async fn stop(
     ctx: &Context,
     cluster: Option<&Path>,
     args: StopArgs,
-) -> anyhow::Result<ExitCode> {
+) -> crate::Result<ExitCode> {
     let host = resolve(&args.host, cluster)?;
     let mut client = connect(ctx, &host).await?;
     let stopped = client

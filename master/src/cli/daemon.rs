@@ -30,7 +30,7 @@ pub struct MasterArgs {
 }
 
 /// Runs the daemon until SIGTERM or Ctrl-C.
-pub async fn master(ctx: &Context, cluster: &Path, args: MasterArgs) -> anyhow::Result<ExitCode> {
+pub async fn master(ctx: &Context, cluster: &Path, args: MasterArgs) -> crate::Result<ExitCode> {
     if args.amqp.url.is_some() {
         let interval = Duration::from_secs(args.interval.max(1));
         let connect_timeout = Duration::from_secs(args.connect_timeout.max(1));

@@ -12,7 +12,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use clap::Args;
 use erel_boot::root::Root;
 use erel_boot::server::{serve, Agent, TlsSource};
@@ -25,9 +24,12 @@ use super::deploy::event_line;
 use super::status::{collect, status_table};
 use crate::client::Connector;
 use crate::cluster::Plan;
-use crate::error::Result;
+use crate::error::{Error, Result, ResultExt as _};
 use crate::release::BeatRelease;
 use crate::rollout::{self, HostOutcome, RolloutOptions, RolloutReport};
+
+/// Any error of the in-process agent's pieces.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The demo's release name.
 const RELEASE: &str = "beat";
@@ -51,7 +53,7 @@ struct LocalAgent {
 }
 
 /// Runs the demo; exit 0 only when every step went as told.
-pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+pub async fn demo(args: DemoArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let work = tempfile::Builder::new()
         .prefix("erel-demo-")
@@ -67,7 +69,14 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut agents = Vec::new();
     let outcome = async {
         for index in 1..=args.hosts {
-            agents.push(start_agent(&certs, &dir, &format!("demo-{index}")).await?);
+            let id = format!("demo-{index}");
+            let agent = start_agent(&certs, &dir, &id)
+                .await
+                .map_err(|source| Error::Context {
+                    what: format!("starting agent {id}"),
+                    source,
+                })?;
+            agents.push(agent);
         }
         for agent in &agents {
             println!("    agent {} listening on {}", agent.id, agent.addr);
@@ -106,13 +115,13 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The deploys and checks. `Ok(false)` when something did not go as the story says.
-async fn script(dir: &Path, certs: &MasterDir, agents: &[LocalAgent]) -> anyhow::Result<bool> {
+async fn script(dir: &Path, certs: &MasterDir, agents: &[LocalAgent]) -> Result<bool> {
     let exe = std::env::current_exe().context("finding this program")?;
     let releases = dir.join("releases");
-    std::fs::create_dir_all(&releases)?;
+    std::fs::create_dir_all(&releases).map_err(|e| Error::local(&releases, e))?;
     let build = {
         let releases = releases.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<PathBuf>> {
+        tokio::task::spawn_blocking(move || -> Result<Vec<PathBuf>> {
             Ok(vec![
                 beat_release(&exe, &releases, "0.1.0", None)?,
                 beat_release(&exe, &releases, "0.2.0", None)?,
@@ -138,7 +147,8 @@ async fn script(dir: &Path, certs: &MasterDir, agents: &[LocalAgent]) -> anyhow:
     // v1
     let plan = write_cluster(&cluster, 1, "0.1.0", agents)?;
     step("cluster.toml, revision 1: group demo runs beat 0.1.0");
-    print!("{}", indent_block(&std::fs::read_to_string(&cluster)?));
+    let text = std::fs::read_to_string(&cluster).map_err(|e| Error::local(&cluster, e))?;
+    print!("{}", indent_block(&text));
     step("deploy beat 0.1.0");
     let report = deploy(&plan, &connector).await?;
     ok &= expect(report.converged(), "every host runs 0.1.0");
@@ -218,7 +228,7 @@ fn indent_block(text: &str) -> String {
 }
 
 /// Runs one rollout, printing its events as they happen.
-async fn deploy(plan: &Plan, connector: &Connector) -> anyhow::Result<RolloutReport> {
+async fn deploy(plan: &Plan, connector: &Connector) -> Result<RolloutReport> {
     let start = Instant::now();
     let options = RolloutOptions {
         poll_interval: Duration::from_millis(100),
@@ -229,7 +239,7 @@ async fn deploy(plan: &Plan, connector: &Connector) -> anyhow::Result<RolloutRep
             println!("    [{:>5.2}s] {line}", start.elapsed().as_secs_f64());
         }
     };
-    Ok(rollout::run(plan, connector, &options, print).await?)
+    rollout::run(plan, connector, &options, print).await
 }
 
 /// Asks every host's release what it runs; true when all say `version`.
@@ -264,7 +274,11 @@ async fn beats(agents: &[LocalAgent], version: &str) -> bool {
 }
 
 /// Starts an agent for `id` in this process, on 127.0.0.1 with a fresh root.
-async fn start_agent(certs: &MasterDir, dir: &Path, id: &str) -> anyhow::Result<LocalAgent> {
+async fn start_agent(
+    certs: &MasterDir,
+    dir: &Path,
+    id: &str,
+) -> std::result::Result<LocalAgent, BoxError> {
     let bundle = certs.issue_host(id, &["127.0.0.1".parse()?], &[])?;
     let root_dir = dir.join("agents").join(id);
     std::fs::create_dir_all(&root_dir)?;
@@ -300,7 +314,7 @@ async fn start_agent(certs: &MasterDir, dir: &Path, id: &str) -> anyhow::Result<
     })
 }
 
-fn free_port() -> anyhow::Result<u16> {
+fn free_port() -> std::io::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
@@ -318,12 +332,7 @@ fn beat_release(exe: &Path, dir: &Path, version: &str, fail: Option<&str>) -> Re
 }
 
 /// Writes the cluster file for `version` and loads it.
-fn write_cluster(
-    path: &Path,
-    revision: u64,
-    version: &str,
-    agents: &[LocalAgent],
-) -> anyhow::Result<Plan> {
+fn write_cluster(path: &Path, revision: u64, version: &str, agents: &[LocalAgent]) -> Result<Plan> {
     let mut text = format!("revision = {revision}\n");
     for agent in agents {
         text.push_str(&format!(
@@ -337,13 +346,13 @@ fn write_cluster(
          max_in_flight = 1\ncanaries = 1\nstop_grace_secs = 5\n\
          health = {{ tcp = \"$BEAT_PORT\", min_up_secs = 1, deadline_secs = 10 }}\n"
     ));
-    std::fs::write(path, text)?;
-    Ok(Plan::load(path)?)
+    std::fs::write(path, text).map_err(|e| Error::local(path, e))?;
+    Plan::load(path)
 }
 
 /// `erel demo-beat`: serves `beat VERSION HOST` on 127.0.0.1:$BEAT_PORT until killed.
 /// `BEAT_FAIL=exit` exits at once with code 3; `BEAT_FAIL=silent` runs without listening.
-pub async fn beat() -> anyhow::Result<ExitCode> {
+pub async fn beat() -> Result<ExitCode> {
     let version = std::env::var("EREL_VERSION").unwrap_or_else(|_| "unknown".into());
     let host = std::env::var("EREL_HOST_ID").unwrap_or_else(|_| "unknown".into());
     match std::env::var("BEAT_FAIL").as_deref() {
@@ -364,14 +373,18 @@ pub async fn beat() -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .with_context(|| format!("beat {version}: cannot listen on 127.0.0.1:{port}"))?;
-    let local = listener.local_addr()?.port();
+    let local = port_of(&listener)?;
     println!("beat {version} on {host} listening on {local}");
     loop {
-        let (mut stream, _) = listener.accept().await?;
+        let (mut stream, _) = listener.accept().await.context("accepting")?;
         let line = format!("beat {version} {host}\n");
         tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
             let _ = stream.write_all(line.as_bytes()).await;
         });
     }
+}
+
+fn port_of(listener: &tokio::net::TcpListener) -> Result<u16> {
+    Ok(listener.local_addr().context("the beat's address")?.port())
 }

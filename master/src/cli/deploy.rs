@@ -8,13 +8,14 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+use crate::error::ResultExt as _;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::Context;
 use crate::client::Connector;
 use crate::cluster::{GroupPlan, Plan};
+use crate::error::Error;
 use crate::rollout::{self, HostOutcome, RolloutEvent, RolloutOptions, RolloutReport};
 
 /// `erel deploy`.
@@ -35,15 +36,16 @@ pub struct DeployArgs {
 }
 
 /// Runs `erel deploy`.
-pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
+pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::Result<ExitCode> {
     let plan = Plan::load(cluster)?;
     for group in &args.groups {
-        anyhow::ensure!(
-            plan.groups.contains_key(group),
-            "{}: no group '{group}' (groups: {})",
-            cluster.display(),
-            plan.groups.keys().cloned().collect::<Vec<_>>().join(", ")
-        );
+        if !plan.groups.contains_key(group) {
+            return Err(Error::Usage(format!(
+                "{}: no group '{group}' (groups: {})",
+                cluster.display(),
+                plan.groups.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
     }
     if args.dry_run {
         print!("{}", describe_plan(&plan, &args.groups));

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use crate::error::ResultExt as _;
 use clap::Args;
 use erel_proto::{ReleaseState, ReleaseStatus};
 use serde::Serialize;
@@ -70,7 +70,7 @@ pub struct HostStatus {
 }
 
 /// Runs `erel status`.
-pub async fn status(ctx: &Context, cluster: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
+pub async fn status(ctx: &Context, cluster: &Path, args: StatusArgs) -> crate::Result<ExitCode> {
     let plan = Plan::load_with(cluster, &ArchiveLookup::Unchecked)?;
     let connector = Connector::new(ctx.tls()?, ctx.master_name())
         .with_connect_timeout(Duration::from_secs(args.connect_timeout.max(1)));
