@@ -41,7 +41,7 @@ use tracing::{debug, error, info, warn};
 use super::events::{self, MasterEvent};
 use super::log::{self, LogEntry};
 use super::state::StateDir;
-use super::{amqp_error, leadership, Backoff, Broker};
+use super::{amqp_error, leadership, open_channel, Backoff, Broker};
 use crate::client::Connector;
 use crate::cluster::{ArchiveLookup, Plan};
 use crate::error::{Error, Result};
@@ -190,14 +190,8 @@ impl Daemon {
             connection = broker.connect(&role) => Arc::new(connection?),
         };
         let log_queue = names.configs();
-        let log_channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| amqp_error(&log_queue, "opening a channel", e))?;
-        let event_channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| amqp_error(names.events(), "opening a channel", e))?;
+        let log_channel = open_channel(&connection, &log_queue).await?;
+        let event_channel = open_channel(&connection, &names.events()).await?;
         log::declare(&log_channel, names).await?;
         events::declare(&event_channel, names).await?;
         let from = match position.next_offset {

@@ -27,7 +27,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Consumer};
 use serde::Serialize;
 
-use super::{amqp_error, integer, now_ms, string, table, text_value, Broker, Names};
+use super::{amqp_error, integer, now_ms, open_channel, string, table, text_value, Broker, Names};
 use crate::cluster::{ArchiveLookup, Plan};
 use crate::error::{Error, Result};
 
@@ -219,10 +219,7 @@ pub async fn read_all(broker: &Broker) -> Result<Vec<LogEntry>> {
 async fn read_all_on(broker: &Broker, connection: &lapin::Connection) -> Result<Vec<LogEntry>> {
     let names = broker.names();
     let queue = names.configs();
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| amqp_error(&queue, "opening a channel", e))?;
+    let channel = open_channel(connection, &queue).await?;
     declare(&channel, names).await?;
     let tag = format!("read-{}-{}", std::process::id(), now_ms());
     let mut consumer = consume(&channel, names, &tag, From::First).await?;
@@ -342,10 +339,7 @@ async fn append_on(
             ),
         });
     }
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| amqp_error(&queue, "opening a channel", e))?;
+    let channel = open_channel(connection, &queue).await?;
     declare(&channel, names).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())

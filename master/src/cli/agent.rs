@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::client::{BusyWait, Progress, WriteSource};
 use crate::digest_cache::{DigestCache, FileStamp};
-use crate::error::ResultExt as _;
+use crate::error::{Result, ResultExt as _};
 use crate::{AgentClient, Error, HostAddr};
 use clap::Args;
 use erel_proto::{ErrorKind, Pong, ReleaseState, ReleaseStatus, Start};
@@ -86,7 +86,7 @@ pub struct StopArgs {
     grace: u64,
 }
 
-fn parse_mode(text: &str) -> Result<u32, String> {
+fn parse_mode(text: &str) -> std::result::Result<u32, String> {
     let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8)
         .map_err(|_| format!("'{text}' is not an octal mode such as 644 or 755"))?;
     if mode > 0o777 {
@@ -97,7 +97,7 @@ fn parse_mode(text: &str) -> Result<u32, String> {
     Ok(mode)
 }
 
-fn parse_env(text: &str) -> Result<(String, String), String> {
+fn parse_env(text: &str) -> std::result::Result<(String, String), String> {
     let (key, value) = text
         .split_once('=')
         .ok_or_else(|| format!("'{text}' is not K=V"))?;
@@ -109,13 +109,24 @@ fn parse_env(text: &str) -> Result<(String, String), String> {
 
 /// Resolves a `HOST` argument: `ID@ADDR:PORT`, or an id from the cluster file (the
 /// one given with `--cluster`, else `cluster.toml` when it exists).
-pub fn resolve(text: &str, cluster: Option<&Path>) -> crate::Result<HostAddr> {
+pub fn resolve(text: &str, cluster: Option<&Path>) -> Result<HostAddr> {
     crate::cluster::resolve_host(text, cluster)
 }
 
-async fn connect(ctx: &Context, host: &HostAddr) -> crate::Result<AgentClient> {
+async fn connect(ctx: &Context, host: &HostAddr) -> Result<AgentClient> {
     let tls = ctx.tls()?;
     AgentClient::connect(host, tls, &ctx.master_name()).await
+}
+
+/// Resolves a `HOST` argument and connects to it.
+async fn open(
+    ctx: &Context,
+    cluster: Option<&Path>,
+    text: &str,
+) -> Result<(HostAddr, AgentClient)> {
+    let host = resolve(text, cluster)?;
+    let client = connect(ctx, &host).await?;
+    Ok((host, client))
 }
 
 /// One host's answer to `ping`, as `--json` prints it.
@@ -129,16 +140,12 @@ struct PingReport {
 }
 
 /// Pings every host at once and prints one line each.
-pub async fn ping(
-    ctx: &Context,
-    cluster: Option<&Path>,
-    args: PingArgs,
-) -> crate::Result<ExitCode> {
+pub async fn ping(ctx: &Context, cluster: Option<&Path>, args: PingArgs) -> Result<ExitCode> {
     let hosts = args
         .hosts
         .iter()
         .map(|text| resolve(text, cluster))
-        .collect::<crate::Result<Vec<HostAddr>>>()?;
+        .collect::<Result<Vec<HostAddr>>>()?;
     let tls = ctx.tls()?;
     let name = ctx.master_name();
     let mut tasks = tokio::task::JoinSet::new();
@@ -252,11 +259,7 @@ fn human_bytes(bytes: u64) -> String {
 }
 
 /// Pushes one file with a progress bar.
-pub async fn push(
-    ctx: &Context,
-    cluster: Option<&Path>,
-    args: PushArgs,
-) -> crate::Result<ExitCode> {
+pub async fn push(ctx: &Context, cluster: Option<&Path>, args: PushArgs) -> Result<ExitCode> {
     let host = resolve(&args.host, cluster)?;
     let cache = DigestCache::for_user();
     // Taken before anything reads the file: a digest is recorded below only if the
@@ -390,13 +393,8 @@ fn taken_over_pause(seen: &Progress, elapsed: Duration) -> Duration {
 const TAKEN_OVER_PAUSE_MAX: Duration = Duration::from_secs(30);
 
 /// Unpacks an archive on one agent.
-pub async fn unpack(
-    ctx: &Context,
-    cluster: Option<&Path>,
-    args: UnpackArgs,
-) -> crate::Result<ExitCode> {
-    let host = resolve(&args.host, cluster)?;
-    let mut client = connect(ctx, &host).await?;
+pub async fn unpack(ctx: &Context, cluster: Option<&Path>, args: UnpackArgs) -> Result<ExitCode> {
+    let (host, mut client) = open(ctx, cluster, &args.host).await?;
     let done = client.unpack(&args.archive, &args.dest, None).await?;
     if done.already {
         println!(
@@ -417,13 +415,8 @@ pub async fn unpack(
 }
 
 /// Starts a release on one agent.
-pub async fn start(
-    ctx: &Context,
-    cluster: Option<&Path>,
-    args: StartArgs,
-) -> crate::Result<ExitCode> {
-    let host = resolve(&args.host, cluster)?;
-    let mut client = connect(ctx, &host).await?;
+pub async fn start(ctx: &Context, cluster: Option<&Path>, args: StartArgs) -> Result<ExitCode> {
+    let (host, mut client) = open(ctx, cluster, &args.host).await?;
     let started = client
         .start(Start {
             name: args.name.clone(),
@@ -446,13 +439,8 @@ pub async fn start(
 }
 
 /// Stops a release on one agent.
-pub async fn stop(
-    ctx: &Context,
-    cluster: Option<&Path>,
-    args: StopArgs,
-) -> crate::Result<ExitCode> {
-    let host = resolve(&args.host, cluster)?;
-    let mut client = connect(ctx, &host).await?;
+pub async fn stop(ctx: &Context, cluster: Option<&Path>, args: StopArgs) -> Result<ExitCode> {
+    let (host, mut client) = open(ctx, cluster, &args.host).await?;
     let stopped = client
         .stop(&args.name, Duration::from_secs(args.grace))
         .await?;

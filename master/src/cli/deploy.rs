@@ -230,11 +230,7 @@ pub fn event_line(event: &RolloutEvent) -> Option<String> {
             output_tail,
             rolled_back,
         } => {
-            let rolled = if *rolled_back {
-                "rolled back"
-            } else {
-                "NOT rolled back"
-            };
+            let rolled = rollout::rollback_words(*rolled_back);
             let mut line =
                 format!("{group}/{host} ({addr}): FAILED while {phase}, {rolled}: {reason}");
             if !output_tail.trim().is_empty() {

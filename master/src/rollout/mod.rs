@@ -185,6 +185,15 @@ pub enum RolloutEvent {
     },
 }
 
+/// Whether a failed host was returned to its previous state, in the words reports use.
+pub fn rollback_words(rolled_back: bool) -> &'static str {
+    if rolled_back {
+        "rolled back"
+    } else {
+        "NOT rolled back"
+    }
+}
+
 /// How one host ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
