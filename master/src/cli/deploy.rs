@@ -144,27 +144,22 @@ impl Bars {
     }
 
     fn show(&mut self, event: &RolloutEvent) {
-        match event {
+        let (group, host, last) = match event {
             RolloutEvent::HostPhase { group, host, phase } => {
                 self.bar(group, host).set_message(phase.to_string());
+                return;
             }
             RolloutEvent::HostDone {
                 group,
                 host,
                 version,
                 pid,
-            } => {
-                let bar = self.bar(group, host);
-                bar.finish_with_message(format!("done: runs {version} (pid {pid})"));
-            }
+            } => (group, host, format!("done: runs {version} (pid {pid})")),
             RolloutEvent::HostSkipped {
                 group,
                 host,
                 version,
-            } => {
-                let bar = self.bar(group, host);
-                bar.finish_with_message(format!("up to date: runs {version}"));
-            }
+            } => (group, host, format!("up to date: runs {version}")),
             RolloutEvent::HostFailed {
                 group,
                 host,
@@ -173,8 +168,7 @@ impl Bars {
                 ..
             } => {
                 let rolled = if *rolled_back { ", rolled back" } else { "" };
-                let bar = self.bar(group, host);
-                bar.finish_with_message(format!("FAILED{rolled}: {reason}"));
+                (group, host, format!("FAILED{rolled}: {reason}"))
             }
             RolloutEvent::GroupHalted {
                 group,
@@ -185,9 +179,11 @@ impl Bars {
                     let bar = self.bar(group, host);
                     bar.finish_with_message(format!("not touched: group halted ({reason})"));
                 }
+                return;
             }
-            RolloutEvent::GroupStarted { .. } | RolloutEvent::GroupDone { .. } => {}
-        }
+            RolloutEvent::GroupStarted { .. } | RolloutEvent::GroupDone { .. } => return,
+        };
+        self.bar(group, host).finish_with_message(last);
     }
 
     fn finish(&mut self) {

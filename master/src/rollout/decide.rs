@@ -508,12 +508,9 @@ impl HostSwitch {
                 // Nothing ran before (or it was stopped): stopped is the previous state.
                 None => self.finish(|failure| failure.rolled_back = true),
             },
-            (Step::StopNew, Observed::Failed { reason, .. }) => self.finish(|failure| {
-                failure.reason = format!(
-                    "{}; stopping it for the rollback failed: {reason}",
-                    failure.reason
-                )
-            }),
+            (Step::StopNew, Observed::Failed { reason, .. }) => {
+                self.rollback_failed(|_| "stopping it for the rollback failed".into(), reason)
+            }
             (Step::StartOld, Observed::Started(pid)) => {
                 self.step = Step::VerifyOld;
                 Action::Verify {
@@ -523,24 +520,13 @@ impl HostSwitch {
                 }
             }
             (Step::StartOld, Observed::Failed { reason, .. }) => {
-                let version = self.to_restart().unwrap_or_default();
-                self.finish(|failure| {
-                    failure.reason = format!(
-                        "{}; starting {version} again failed: {reason}",
-                        failure.reason
-                    )
-                })
+                self.rollback_failed(|old| format!("starting {old} again failed"), reason)
             }
             (Step::VerifyOld, Observed::Ok) => self.finish(|failure| failure.rolled_back = true),
-            (Step::VerifyOld, Observed::Failed { reason, .. }) => {
-                let version = self.to_restart().unwrap_or_default();
-                self.finish(|failure| {
-                    failure.reason = format!(
-                        "{}; the old version {version} is not healthy either: {reason}",
-                        failure.reason
-                    )
-                })
-            }
+            (Step::VerifyOld, Observed::Failed { reason, .. }) => self.rollback_failed(
+                |old| format!("the old version {old} is not healthy either"),
+                reason,
+            ),
             (Step::StopOld, Observed::Failed { reason, .. }) => {
                 self.step = Step::Finished;
                 Action::Fail(HostFailure::new(HostPhase::Stopping, reason))
@@ -562,6 +548,13 @@ impl HostSwitch {
             .as_ref()
             .filter(|p| p.was_running && p.version != self.desired)
             .map(|p| p.version.clone())
+    }
+
+    /// The rollback itself failed: `what` (given the version to return to) and why,
+    /// after the original failure.
+    fn rollback_failed(&mut self, what: impl FnOnce(&str) -> String, reason: String) -> Action {
+        let what = what(&self.to_restart().unwrap_or_default());
+        self.finish(|failure| failure.reason = format!("{}; {what}: {reason}", failure.reason))
     }
 
     fn finish(&mut self, change: impl FnOnce(&mut HostFailure)) -> Action {
