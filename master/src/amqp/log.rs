@@ -430,6 +430,18 @@ mod tests {
         }
     }
 
+    /// Entries at offsets 0, 1, … with these revision headers; one without a header
+    /// holds text that is not a config.
+    fn entries(revisions: &[Option<u64>]) -> Vec<LogEntry> {
+        (0..)
+            .zip(revisions)
+            .map(|(offset, revision)| match revision {
+                Some(_) => entry(offset, *revision, ""),
+                None => entry(offset, None, "garbage"),
+            })
+            .collect()
+    }
+
     #[test]
     fn the_revision_comes_from_the_header_else_the_text() {
         assert_eq!(entry(0, Some(4), "revision = 3").revision(), Some(4));
@@ -442,25 +454,14 @@ mod tests {
 
     #[test]
     fn newest_is_the_highest_revision_not_the_last_message() {
-        let log = vec![
-            entry(0, Some(1), ""),
-            entry(1, Some(3), ""),
-            entry(2, Some(2), ""),
-            entry(3, Some(3), "a duplicate"),
-        ];
+        let log = entries(&[Some(1), Some(3), Some(2), Some(3)]);
         assert_eq!(newest(&log).and_then(|e| e.offset), Some(1));
         assert!(newest(&[]).is_none());
     }
 
     #[test]
     fn a_batch_is_split_into_newer_first_and_ignored() {
-        let batch = vec![
-            entry(0, Some(1), ""),
-            entry(1, Some(5), ""),
-            entry(2, Some(3), ""),
-            entry(3, Some(5), ""),
-            entry(4, None, "garbage"),
-        ];
+        let batch = entries(&[Some(1), Some(5), Some(3), Some(5), None]);
         let (newer, older) = newer_than(Some(3), &batch);
         let offsets: Vec<_> = newer.iter().map(|e| e.offset).collect();
         // Unknown revision sorts last: it is tried only if nothing else validates.

@@ -217,7 +217,7 @@ fn name_char(c: char) -> bool {
 }
 
 /// `url` with the password replaced by `***`.
-pub fn redact(url: &str) -> String {
+fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };

@@ -109,7 +109,7 @@ fn parse_env(text: &str) -> std::result::Result<(String, String), String> {
 
 /// Resolves a `HOST` argument: `ID@ADDR:PORT`, or an id from the cluster file (the
 /// one given with `--cluster`, else `cluster.toml` when it exists).
-pub fn resolve(text: &str, cluster: Option<&Path>) -> Result<HostAddr> {
+fn resolve(text: &str, cluster: Option<&Path>) -> Result<HostAddr> {
     crate::cluster::resolve_host(text, cluster)
 }
 
@@ -229,7 +229,7 @@ fn ping_line(report: &PingReport) -> String {
 }
 
 /// A release in a few words: `beat 0.2.0 running pid 42 restarts 0`.
-pub fn release_summary(release: &ReleaseStatus) -> String {
+fn release_summary(release: &ReleaseStatus) -> String {
     let version = release.version.as_deref().unwrap_or("-");
     let state = match &release.state {
         ReleaseState::Running => format!("running pid {}", release.pid.unwrap_or(0)),

@@ -238,7 +238,7 @@ pub async fn holders_text(url: &str, prefix: &str, groups: &[String]) -> crate::
 }
 
 /// The `GROUP MASTER SINCE` table of [`leadership::holders`]' records.
-pub fn holders_table(groups: &[String], records: &[leadership::HolderRecord]) -> String {
+fn holders_table(groups: &[String], records: &[leadership::HolderRecord]) -> String {
     let mut out = format!("{:<20} {:<30} {:<25}\n", "GROUP", "HELD BY", "SINCE (UTC)");
     for group in groups {
         match records.iter().find(|r| &r.group == group) {

@@ -267,7 +267,7 @@ pub fn indent(text: &str, prefix: &str) -> String {
 }
 
 /// The final table: one row per host.
-pub fn summary_table(report: &RolloutReport) -> String {
+fn summary_table(report: &RolloutReport) -> String {
     let mut rows = vec![[
         "HOST".to_string(),
         "GROUP".to_string(),
@@ -358,7 +358,7 @@ pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
 }
 
 /// What `--dry-run` prints: per group, what goes where and in which order.
-pub fn describe_plan(plan: &Plan, only: &[String]) -> String {
+fn describe_plan(plan: &Plan, only: &[String]) -> String {
     let mut out = format!("{} (revision {})\n", plan.origin, plan.revision);
     for group in plan.groups.values() {
         if !only.is_empty() && !only.contains(&group.name) {

@@ -228,11 +228,6 @@ impl AgentClient {
         &self.host
     }
 
-    /// The agent's `Hello`: its host id and software version.
-    pub fn agent_hello(&self) -> &Hello {
-        &self.hello
-    }
-
     /// Ends the connection in order: sends TLS `close_notify` and shuts the socket's
     /// sending side, within [`CLOSE_TIMEOUT`]. Dropping a client does the same without
     /// waiting; this is for callers that can wait.
