@@ -27,14 +27,6 @@ pub use write_file::{Progress, WriteSource};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for the TLS handshake and the `Hello` exchange.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed for a `Ping` answer.
-pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
-/// Time allowed for an `Unpack` answer (large archives on slow disks).
-pub const UNPACK_TIMEOUT: Duration = Duration::from_secs(600);
-/// Time allowed for a `Start` answer (it may first stop another version).
-pub const START_TIMEOUT: Duration = Duration::from_secs(120);
-/// Time allowed for a `Stop` answer beyond its grace period.
-pub const STOP_MARGIN: Duration = Duration::from_secs(30);
 /// A transfer making no progress for this long is abandoned.
 pub const TRANSFER_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a request the agent answers with `Busy` is retried on the same connection
@@ -48,6 +40,23 @@ const BUSY_RETRY_FIRST: Duration = Duration::from_millis(100);
 const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Time allowed to send our `close_notify` when a client is closed.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Time allowed for the answer to `request`, once it is sent. A `WriteFile` is bounded
+/// by [`TRANSFER_STALL_TIMEOUT`] per step instead, and `Hello` by the handshake's.
+fn answer_timeout(request: &Request) -> Duration {
+    match request {
+        Request::Ping(_) => Duration::from_secs(15),
+        // Large archives on slow disks.
+        Request::Unpack(_) => Duration::from_secs(600),
+        // It may first stop another version.
+        Request::Start(_) => Duration::from_secs(120),
+        // The agent caps the grace itself; a huge one must not overflow the wait here.
+        Request::Stop(stop) => {
+            Duration::from_millis(stop.grace_ms).saturating_add(Duration::from_secs(30))
+        }
+        Request::Hello(_) | Request::WriteFile(_) => TRANSFER_STALL_TIMEOUT,
+    }
+}
 
 /// How long each phase of opening a connection may take; one timeout per phase, none
 /// wrapped around another.
@@ -237,10 +246,7 @@ impl AgentClient {
 
     /// `Ping`: the agent's live state.
     pub async fn ping(&mut self) -> Result<Pong> {
-        match self
-            .call(Request::Ping(Ping {}), PING_TIMEOUT, "Ping")
-            .await?
-        {
+        match self.call(Request::Ping(Ping {}), "Ping").await? {
             Response::Pong(pong) => Ok(pong),
             other => Err(self.unexpected("Pong", &other)),
         }
@@ -258,7 +264,7 @@ impl AgentClient {
             dest: dest.to_string(),
             sha256,
         });
-        match self.call(request, UNPACK_TIMEOUT, "Unpack").await? {
+        match self.call(request, "Unpack").await? {
             Response::Unpacked(done) => Ok(done),
             other => Err(self.unexpected("Unpacked", &other)),
         }
@@ -266,10 +272,7 @@ impl AgentClient {
 
     /// `Start`: runs a release version, supervised.
     pub async fn start(&mut self, start: Start) -> Result<Started> {
-        match self
-            .call(Request::Start(start), START_TIMEOUT, "Start")
-            .await?
-        {
+        match self.call(Request::Start(start), "Start").await? {
             Response::Started(started) => Ok(started),
             other => Err(self.unexpected("Started", &other)),
         }
@@ -281,11 +284,7 @@ impl AgentClient {
             name: name.to_string(),
             grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
         });
-        // The agent caps the grace itself; a huge one must not overflow the wait here.
-        match self
-            .call(request, grace.saturating_add(STOP_MARGIN), "Stop")
-            .await?
-        {
+        match self.call(request, "Stop").await? {
             Response::Stopped(stopped) => Ok(stopped),
             other => Err(self.unexpected("Stopped", &other)),
         }
@@ -293,7 +292,8 @@ impl AgentClient {
 
     /// Sends one request and reads its answer; an agent error becomes [`Error::Agent`].
     /// A `Busy` answer is retried on this connection for up to [`BUSY_WAIT`].
-    async fn call(&mut self, request: Request, limit: Duration, what: &str) -> Result<Response> {
+    async fn call(&mut self, request: Request, what: &str) -> Result<Response> {
+        let limit = answer_timeout(&request);
         let mut busy = BusyWait::new();
         loop {
             let exchange = async {
