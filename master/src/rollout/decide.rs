@@ -303,6 +303,12 @@ pub fn wants_probe(status: Option<&ReleaseStatus>, version: &str) -> bool {
         .is_some_and(|s| s.version.as_deref() == Some(version) && s.state == ReleaseState::Running)
 }
 
+/// Whether a release up for `up` is probed now: not before `min_up`, when a verdict
+/// could not be reached anyway.
+pub fn probe_due(up: Duration, health: &Health) -> bool {
+    up >= health.min_up
+}
+
 /// How a host failed: the one failure type of a host's rollout, before it becomes an
 /// event and an outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -709,6 +715,13 @@ mod tests {
             Verdict::Unhealthy(why) => assert!(why.contains("connection refused"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_probe_waits_for_min_up() {
+        let h = health(Some(80));
+        assert!(!probe_due(Duration::from_secs(4), &h));
+        assert!(probe_due(Duration::from_secs(5), &h));
     }
 
     #[test]

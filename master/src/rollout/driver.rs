@@ -12,13 +12,13 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 
 use super::decide::{
-    assess, verify, wants_probe, Action, Assessment, GroupSchedule, HostFailure, HostSwitch,
-    Observation, Observed, Verdict,
+    assess, probe_due, verify, wants_probe, Action, Assessment, GroupSchedule, HostFailure,
+    HostSwitch, Observation, Observed, Verdict,
 };
 use super::health::probe_tcp;
 use super::{
-    emit, EventSink, GroupReport, HostOutcome, HostPhase, HostReport, RolloutEvent, RolloutOptions,
-    RolloutReport, Shared, SharedRef,
+    count, emit, EventSink, GroupReport, HostOutcome, HostPhase, HostReport, RolloutEvent,
+    RolloutOptions, RolloutReport, Shared, SharedRef,
 };
 use crate::client::{Connector, HostSession};
 use crate::cluster::{Archive, GroupPlan, HostPlan, Plan};
@@ -218,14 +218,13 @@ async fn run_group(
             },
         );
     }
-    let count = |f: fn(&HostOutcome) -> bool| reports.iter().filter(|r| f(&r.outcome)).count();
     emit(
         events,
         RolloutEvent::GroupDone {
             group: name.clone(),
-            switched: count(|o| matches!(o, HostOutcome::Switched { .. })),
-            skipped: count(|o| matches!(o, HostOutcome::UpToDate)),
-            failed: count(|o| matches!(o, HostOutcome::Failed { .. })),
+            switched: count(&reports, HostOutcome::is_switched),
+            skipped: count(&reports, |o| *o == HostOutcome::UpToDate),
+            failed: count(&reports, HostOutcome::is_failed),
         },
     );
     GroupReport {
@@ -499,7 +498,7 @@ async fn watch_health(
         let status = release_status(&pong.releases, &group.release);
         let up = already_up + began.elapsed();
         let probe = match group.probe_port(host) {
-            Some(port) if up >= group.health.min_up => {
+            Some(port) if probe_due(up, &group.health) => {
                 Some(probe_tcp(host.probe_host(), port, options.probe_timeout).await)
             }
             _ => None,

@@ -261,33 +261,40 @@ pub struct RolloutReport {
 impl RolloutReport {
     /// True when every host runs its desired version, healthy.
     pub fn converged(&self) -> bool {
-        self.groups.iter().all(|g| {
-            g.hosts.iter().all(|h| {
-                matches!(
-                    h.outcome,
-                    HostOutcome::Switched { .. } | HostOutcome::UpToDate
-                )
-            })
-        })
+        self.hosts()
+            .all(|h| h.outcome.is_switched() || h.outcome == HostOutcome::UpToDate)
     }
 
     /// Hosts switched in this rollout.
     pub fn switched(&self) -> usize {
-        self.count(|o| matches!(o, HostOutcome::Switched { .. }))
+        self.hosts().filter(|h| h.outcome.is_switched()).count()
     }
 
     /// Hosts that failed.
     pub fn failed(&self) -> usize {
-        self.count(|o| matches!(o, HostOutcome::Failed { .. }))
+        self.hosts().filter(|h| h.outcome.is_failed()).count()
     }
 
-    fn count(&self, which: impl Fn(&HostOutcome) -> bool) -> usize {
-        self.groups
-            .iter()
-            .flat_map(|g| g.hosts.iter())
-            .filter(|h| which(&h.outcome))
-            .count()
+    fn hosts(&self) -> impl Iterator<Item = &HostReport> {
+        self.groups.iter().flat_map(|g| g.hosts.iter())
     }
+}
+
+impl HostOutcome {
+    /// Switched to the desired version.
+    pub fn is_switched(&self) -> bool {
+        matches!(self, HostOutcome::Switched { .. })
+    }
+
+    /// Failed.
+    pub fn is_failed(&self) -> bool {
+        matches!(self, HostOutcome::Failed { .. })
+    }
+}
+
+/// How many of `reports` ended as `which` says.
+pub(crate) fn count(reports: &[HostReport], which: impl Fn(&HostOutcome) -> bool) -> usize {
+    reports.iter().filter(|r| which(&r.outcome)).count()
 }
 
 /// Sends an event; a sink nobody listens to any more is not an error.
