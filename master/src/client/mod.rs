@@ -1,5 +1,9 @@
 //! The master's typed client for one agent: connect, handshake, and one method per
-//! command. Every phase runs under a named timeout, and every failure names the host.
+//! command. Every phase runs under its own timeout (connect, handshake, each answer; a
+//! transfer's stall), none wrapped around another, and every failure names the host.
+//! `session` holds the [`Connector`] rollouts and daemons open connections with, and
+//! the [`HostSession`] that reconnects and retries on transient errors; `write_file`
+//! the resumable transfer.
 
 mod session;
 mod write_file;

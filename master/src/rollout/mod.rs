@@ -2,8 +2,9 @@
 //! release version, a bounded number of hosts at a time, gated on health, rolled back
 //! when the new version is not healthy.
 //!
-//! - [`decide`]: the pure decisions (what a host needs, whether a release is healthy
-//!   yet, which hosts may switch now), tested without a network.
+//! - [`decide`]: the pure decisions (what a host needs, the per-host switch as a state
+//!   machine, whether a release is healthy yet, which hosts may switch now), tested
+//!   without a network.
 //! - `driver`: the one place that performs I/O: ping, stage, stop, start, verify,
 //!   roll back; it respects `max_in_flight` through [`decide::GroupSchedule`].
 //! - `health`: the TCP health probe.
