@@ -5,17 +5,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use erel_proto::{ErrorKind, ReleaseStatus};
+use erel_proto::ErrorKind;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 
 use super::decide::{
-    assess, probe_due, verify, wants_probe, Action, Assessment, GroupSchedule, HostFailure,
-    HostSwitch, Observation, Observed, Verdict,
+    assess, wants_probe, Action, Assessment, GroupSchedule, HostFailure, HostSwitch, Observed,
 };
-use super::health::probe_tcp;
+use super::health::{probe_tcp, release_status, watch_health};
 use super::{
     count, emit, EventSink, GroupReport, HostOutcome, HostPhase, HostReport, RolloutEvent,
     RolloutOptions, RolloutReport, Shared, SharedRef,
@@ -23,9 +21,6 @@ use super::{
 use crate::client::{Connector, HostSession};
 use crate::cluster::{Archive, GroupPlan, HostPlan, Plan};
 use crate::error::{Error, Result};
-
-/// How long a failed release's output is waited for when it restarted unseen.
-const OUTPUT_TAIL_WAIT: Duration = Duration::from_secs(2);
 
 /// Brings the hosts of `plan` to their desired versions; see [`super::run`].
 pub(crate) async fn rollout(
@@ -393,10 +388,6 @@ fn unreachable(host: &HostPlan, error: &Error) -> String {
     }
 }
 
-fn release_status<'a>(releases: &'a [ReleaseStatus], name: &str) -> Option<&'a ReleaseStatus> {
-    releases.iter().find(|r| r.name == name)
-}
-
 /// Pushes (skipped when present) and unpacks the archive.
 async fn stage(ctx: &GroupCtx, mut session: HostSession, staged: bool) -> Staged {
     let id = session.host().id.clone();
@@ -470,77 +461,18 @@ async fn switch_host(
                 }
             }
             Action::Verify { version, pid, up } => {
-                watch_health(ctx, host, &mut session, &version, pid, up).await
+                watch_health(
+                    &ctx.group,
+                    &ctx.shared.options,
+                    host,
+                    &mut session,
+                    &version,
+                    pid,
+                    up,
+                )
+                .await
             }
         };
         action = machine.next(observed);
     }
-}
-
-/// Polls until `version` (process `pid`, up `already_up`) is healthy or fails; on
-/// failure, why and the release's output tail.
-async fn watch_health(
-    ctx: &GroupCtx,
-    host: &HostPlan,
-    session: &mut HostSession,
-    version: &str,
-    pid: u32,
-    already_up: Duration,
-) -> Observed {
-    let group = &ctx.group;
-    let options = &ctx.shared.options;
-    let began = Instant::now();
-    loop {
-        let pong = match session.ping().await {
-            Ok(pong) => pong,
-            Err(e) => return Observed::failed(format!("lost the agent while verifying: {e}")),
-        };
-        let status = release_status(&pong.releases, &group.release);
-        let up = already_up + began.elapsed();
-        let probe = match group.probe_port(host) {
-            Some(port) if probe_due(up, &group.health) => {
-                Some(probe_tcp(host.probe_host(), port, options.probe_timeout).await)
-            }
-            _ => None,
-        };
-        let observation = Observation {
-            status,
-            probe: probe.as_ref(),
-            up,
-            elapsed: began.elapsed(),
-        };
-        match verify(&observation, version, pid, &group.health) {
-            Verdict::Healthy => return Observed::Ok,
-            Verdict::Wait => tokio::time::sleep(options.poll_interval).await,
-            Verdict::Unhealthy(reason) => {
-                let mut tail = status.map(|s| s.output_tail.clone()).unwrap_or_default();
-                if tail.trim().is_empty() {
-                    tail = output_tail_soon(session, &group.release, options.poll_interval).await;
-                }
-                return Observed::Failed {
-                    reason: format!("{version}: {reason}"),
-                    output_tail: tail,
-                };
-            }
-        }
-    }
-}
-
-/// The agent fills a release's output tail once it has exited; one that restarted
-/// between two looks shows none while it runs again. Looks a few more times, briefly,
-/// for the output of its next exit.
-async fn output_tail_soon(session: &mut HostSession, release: &str, interval: Duration) -> String {
-    let deadline = Instant::now() + OUTPUT_TAIL_WAIT;
-    while Instant::now() < deadline {
-        tokio::time::sleep(interval.min(Duration::from_millis(100))).await;
-        let Ok(pong) = session.ping().await else {
-            break;
-        };
-        if let Some(status) = release_status(&pong.releases, release) {
-            if !status.output_tail.trim().is_empty() {
-                return status.output_tail.clone();
-            }
-        }
-    }
-    String::new()
 }

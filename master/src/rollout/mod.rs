@@ -7,7 +7,8 @@
 //!   without a network.
 //! - `driver`: the one place that performs I/O: ping, stage, stop, start, verify,
 //!   roll back; it respects `max_in_flight` through [`decide::GroupSchedule`].
-//! - `health`: the TCP health probe.
+//! - `health`: watching a started release until a verdict, with its evidence, and the
+//!   TCP probe.
 //! - [`run`] (`runner`): one rollout, its events handed to a callback as they happen;
 //!   `deploy`, `demo` and both daemons run rollouts through it.
 //! - [`converge`]: the daemons' one loop: converge again every few seconds, so drift is
