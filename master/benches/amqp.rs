@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use erel_master::amqp::daemon::{self, DaemonOptions};
 use erel_master::amqp::events::{self, MasterEvent};
 use erel_master::amqp::{log, Backoff, Broker};
-use erel_master::rollout::{Connector, RolloutOptions};
+use erel_master::client::Connector;
+use erel_master::release::{write_tarball, ReleaseFile};
+use erel_master::rollout::RolloutOptions;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -46,16 +48,8 @@ fn setup() -> Result<Setup, Error> {
     let dir = tempfile::tempdir()?;
     let artifacts = dir.path().join("artifacts");
     std::fs::create_dir_all(&artifacts)?;
-    let file = std::fs::File::create(artifacts.join("beat-1.tar.gz"))?;
-    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
-        file,
-        flate2::Compression::fast(),
-    ));
-    let mut header = tar::Header::new_gnu();
-    header.set_size(3);
-    header.set_mode(0o755);
-    tar.append_data(&mut header, "bin/beat", &b"#!\n"[..])?;
-    tar.into_inner()?.finish()?;
+    let script = ReleaseFile::start_script("beat", "#!\n");
+    write_tarball(&artifacts, "beat", "1", &[script])?;
     let certs = erel_certs::MasterDir::new(dir.path().join("certs"));
     certs.init("bench")?;
     let connector = Connector::new(certs.client_config()?, "bench");

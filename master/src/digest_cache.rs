@@ -292,12 +292,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn remembers_until_the_file_changes() {
+    /// A cache in a temporary directory and a file `name` beside it holding `bytes`.
+    fn cache_and_file(name: &str, bytes: &[u8]) -> (tempfile::TempDir, DigestCache, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = DigestCache::new(dir.path().join("cache"));
-        let file = dir.path().join("a.bin");
-        std::fs::write(&file, b"one").expect("write");
+        let file = dir.path().join(name);
+        std::fs::write(&file, bytes).expect("write");
+        (dir, cache, file)
+    }
+
+    #[test]
+    fn remembers_until_the_file_changes() {
+        let (_dir, cache, file) = cache_and_file("a.bin", b"one");
         assert_eq!(cache.get(&file), None);
         let stamp = FileStamp::take(&file).expect("stamp");
         let sha = sha256_file(&file).expect("hash");
@@ -309,10 +315,7 @@ mod tests {
 
     #[test]
     fn same_size_same_inode_same_mtime_is_still_a_change() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cache = DigestCache::new(dir.path().join("cache"));
-        let file = dir.path().join("app.tar");
-        std::fs::write(&file, b"old bytes").expect("write");
+        let (_dir, cache, file) = cache_and_file("app.tar", b"old bytes");
         let stamp = wait_until_settled(&file);
         let old = sha256_file(&file).expect("hash");
         cache.put(&file, &stamp, old);
@@ -332,10 +335,7 @@ mod tests {
 
     #[test]
     fn nothing_is_recorded_for_a_file_that_changed_after_its_stamp() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cache = DigestCache::new(dir.path().join("cache"));
-        let file = dir.path().join("app.tar");
-        std::fs::write(&file, b"old bytes").expect("write");
+        let (_dir, cache, file) = cache_and_file("app.tar", b"old bytes");
         let before = FileStamp::take(&file).expect("stamp");
         let old = sha256_file(&file).expect("hash");
         // Rebuilt between reading and recording, same size and mtime.
@@ -350,10 +350,7 @@ mod tests {
 
     #[test]
     fn a_racy_entry_is_confirmed_by_reading_and_a_settled_one_is_trusted() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cache = DigestCache::new(dir.path().join("cache"));
-        let file = dir.path().join("app.tar");
-        std::fs::write(&file, b"content").expect("write");
+        let (_dir, cache, file) = cache_and_file("app.tar", b"content");
         let real = sha256_file(&file).expect("hash");
         let wrong = Sha256([7; 32]);
 

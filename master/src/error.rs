@@ -92,6 +92,18 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// The command line asks for something that cannot be done.
+    #[error("{0}")]
+    Usage(String),
+    /// An operation failed: what was being done, and the cause (printed after it).
+    #[error("{what}")]
+    Context {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A config's revision is not newer than the newest one already in the config log.
     #[error("{origin}: revision {revision} is not newer than revision {newest}, the newest in the config log {log}")]
     RevisionNotNewer {
@@ -140,6 +152,33 @@ impl Error {
             path: path.into(),
             message: message.to_string(),
         }
+    }
+}
+
+/// Adds what was being done to an error, as [`Error::Context`].
+pub trait ResultExt<T> {
+    /// The error, after `what`.
+    fn context(self, what: impl Into<String>) -> Result<T>;
+    /// The error, after the text `what` makes (only on failure).
+    fn with_context<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T>;
+}
+
+impl<T, E> ResultExt<T> for std::result::Result<T, E>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn context(self, what: impl Into<String>) -> Result<T> {
+        self.map_err(|e| Error::Context {
+            what: what.into(),
+            source: Box::new(e),
+        })
+    }
+
+    fn with_context<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T> {
+        self.map_err(|e| Error::Context {
+            what: what().into(),
+            source: Box::new(e),
+        })
     }
 }
 

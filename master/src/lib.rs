@@ -5,6 +5,7 @@
 //! - [`client`]: the typed client for one agent, one method per command.
 //! - [`cluster`]: the cluster file, validated once into a [`cluster::Plan`].
 //! - [`rollout`]: the rolling cold deploy: pure decisions, one I/O driver, the daemon loop.
+//! - [`release`]: release tarballs built on the spot (the demo's beat release).
 //! - [`digest_cache`]: remembered sha256 digests of local files.
 //! - [`error`]: the one error type.
 #![deny(missing_docs)]
@@ -15,6 +16,7 @@ pub mod client;
 pub mod cluster;
 pub mod digest_cache;
 pub mod error;
+pub mod release;
 pub mod rollout;
 
 pub use client::{AgentClient, HostAddr};

@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_lite::future::poll_once;
@@ -41,10 +41,12 @@ use tracing::{debug, error, info, warn};
 use super::events::{self, MasterEvent};
 use super::log::{self, LogEntry};
 use super::state::StateDir;
-use super::{amqp_error, leadership, Backoff, Broker};
+use super::{amqp_error, leadership, open_channel, Backoff, Broker};
+use crate::client::Connector;
 use crate::cluster::{ArchiveLookup, Plan};
 use crate::error::{Error, Result};
-use crate::rollout::{self, Connector, HostPhase, RolloutEvent, RolloutOptions};
+use crate::rollout::converge::converge_pass;
+use crate::rollout::{keep_converged, HostPhase, RolloutEvent, RolloutOptions};
 
 /// What the daemon needs.
 #[derive(Debug, Clone)]
@@ -188,14 +190,8 @@ impl Daemon {
             connection = broker.connect(&role) => Arc::new(connection?),
         };
         let log_queue = names.configs();
-        let log_channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| amqp_error(&log_queue, "opening a channel", e))?;
-        let event_channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| amqp_error(names.events(), "opening a channel", e))?;
+        let log_channel = open_channel(&connection, &log_queue).await?;
+        let event_channel = open_channel(&connection, &names.events()).await?;
         log::declare(&log_channel, names).await?;
         events::declare(&event_channel, names).await?;
         let from = match position.next_offset {
@@ -492,71 +488,56 @@ impl GroupTask {
         holding: &mut watch::Receiver<bool>,
         cancel: &CancellationToken,
     ) {
-        let mut plans = self.plans.clone();
-        let mut applied: Option<u64> = None;
-        loop {
-            let plan = plans.borrow_and_update().clone();
-            if let Some(plan) = plan.filter(|p| p.groups.contains_key(&self.group)) {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = lost(holding) => return,
-                    _ = self.pass(&plan, &mut applied) => {}
-                }
-            }
+        let stop = async {
             tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = lost(holding) => return,
-                _ = tokio::time::sleep(self.options.interval) => {}
-                changed = plans.changed() => if changed.is_err() { return },
+                _ = cancel.cancelled() => {}
+                _ = lost(holding) => {}
             }
-        }
+        };
+        let applied = &Mutex::new(None);
+        keep_converged(
+            self.plans.clone(),
+            self.options.interval,
+            stop,
+            move |plan| async move {
+                if plan.groups.contains_key(&self.group) {
+                    self.pass(&plan, applied).await;
+                }
+            },
+        )
+        .await;
     }
 
-    /// One rollout pass of the group; events logged and forwarded.
-    async fn pass(&self, plan: &Plan, applied: &mut Option<u64>) {
+    /// One rollout pass of the group; events logged and forwarded. `applied` is the
+    /// revision last seen converged.
+    async fn pass(&self, plan: &Plan, applied: &Mutex<Option<u64>>) {
         let options = RolloutOptions {
             groups: vec![self.group.clone()],
             ..self.options.rollout.clone()
         };
-        let (sink, mut received) = mpsc::unbounded_channel();
-        let run = rollout::rollout(plan, &self.options.connector, &options, &sink);
-        tokio::pin!(run);
         let mut started = false;
-        let outcome = loop {
-            tokio::select! {
-                Some(event) = received.recv() => self.forward(plan, &event, &mut started),
-                outcome = &mut run => break outcome,
-            }
+        let forward = |event: &RolloutEvent| self.forward(plan, event, &mut started);
+        let connector = &self.options.connector;
+        let Some(report) =
+            converge_pass(plan, connector, &options, self.options.interval, forward).await
+        else {
+            return;
         };
-        while let Ok(event) = received.try_recv() {
-            self.forward(plan, &event, &mut started);
-        }
-        match outcome {
-            Ok(report) if report.converged() => {
-                if *applied != Some(plan.revision) || report.switched() > 0 {
-                    info!(
-                        group = %self.group,
-                        revision = plan.revision,
-                        switched = report.switched(),
-                        "revision applied"
-                    );
-                    let _ = self.events.send(MasterEvent::RevisionApplied {
-                        group: self.group.clone(),
-                        revision: plan.revision,
-                        switched: report.switched(),
-                    });
-                }
-                *applied = Some(plan.revision);
-            }
-            Ok(report) => warn!(
+        let mut applied = applied.lock().unwrap_or_else(|e| e.into_inner());
+        if *applied != Some(plan.revision) || report.switched() > 0 {
+            info!(
                 group = %self.group,
                 revision = plan.revision,
-                failed = report.failed(),
-                "not converged; trying again in {}s",
-                self.options.interval.as_secs()
-            ),
-            Err(e) => warn!(group = %self.group, revision = plan.revision, "cannot roll out: {e}"),
+                switched = report.switched(),
+                "revision applied"
+            );
+            let _ = self.events.send(MasterEvent::RevisionApplied {
+                group: self.group.clone(),
+                revision: plan.revision,
+                switched: report.switched(),
+            });
         }
+        *applied = Some(plan.revision);
     }
 
     fn forward(&self, plan: &Plan, event: &RolloutEvent, started: &mut bool) {

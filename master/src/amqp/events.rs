@@ -18,7 +18,7 @@ use lapin::{BasicProperties, Channel, ExchangeKind};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{amqp_error, now_ms, Backoff, Broker, Names};
+use super::{amqp_error, now_ms, open_channel, Backoff, Broker, Names};
 use crate::error::{Error, Result};
 use crate::rollout::RolloutEvent;
 
@@ -189,11 +189,7 @@ impl std::fmt::Display for Envelope {
                 reason,
                 rolled_back,
             } => {
-                let rolled = if *rolled_back {
-                    "rolled back"
-                } else {
-                    "NOT rolled back"
-                };
+                let rolled = crate::rollout::rollback_words(*rolled_back);
                 write!(f, "{group}/{host}: FAILED, {rolled}: {reason}")
             }
             MasterEvent::RevisionApplied {
@@ -280,10 +276,7 @@ pub async fn watch(
     loop {
         let outcome = async {
             let connection = broker.connect("watch").await?;
-            let channel = connection
-                .create_channel()
-                .await
-                .map_err(|e| amqp_error(&queue, "opening a channel", e))?;
+            let channel = open_channel(&connection, &queue).await?;
             declare(&channel, names).await?;
             channel
                 .queue_declare(

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{amqp_error, now_ms, table, Broker, Names};
+use super::{amqp_error, now_ms, open_channel, table, Broker, Names};
 use crate::error::{Error, Result};
 
 /// How often a holder renews its holder record.
@@ -61,7 +61,36 @@ pub struct HolderRecord {
     pub heartbeat_ms: u64,
 }
 
+/// The lease queue: one token, one active consumer (the holder). Returns how many
+/// messages it holds.
 async fn declare_lease(channel: &Channel, queue: &str) -> Result<u32> {
+    let args = vec![
+        ("x-single-active-consumer", AMQPValue::Boolean(true)),
+        ("x-max-length", AMQPValue::LongLongInt(1)),
+    ];
+    declare_durable(channel, queue, args, "declaring the lease queue").await
+}
+
+/// The holder record: the newest holder only, forgotten after [`HOLDER_TTL`].
+async fn declare_holder(channel: &Channel, queue: &str) -> Result<()> {
+    let args = vec![
+        ("x-max-length", AMQPValue::LongLongInt(1)),
+        (
+            "x-message-ttl",
+            AMQPValue::LongLongInt(HOLDER_TTL.as_millis() as i64),
+        ),
+    ];
+    declare_durable(channel, queue, args, "declaring the holder record").await?;
+    Ok(())
+}
+
+/// Declares a durable queue with `args`; returns how many messages it holds.
+async fn declare_durable(
+    channel: &Channel,
+    queue: &str,
+    args: Vec<(&str, AMQPValue)>,
+    action: &str,
+) -> Result<u32> {
     let declared = channel
         .queue_declare(
             queue.into(),
@@ -69,35 +98,11 @@ async fn declare_lease(channel: &Channel, queue: &str) -> Result<u32> {
                 durable: true,
                 ..QueueDeclareOptions::default()
             },
-            table(vec![
-                ("x-single-active-consumer", AMQPValue::Boolean(true)),
-                ("x-max-length", AMQPValue::LongLongInt(1)),
-            ]),
+            table(args),
         )
         .await
-        .map_err(|e| amqp_error(queue, "declaring the lease queue", e))?;
+        .map_err(|e| amqp_error(queue, action, e))?;
     Ok(declared.message_count())
-}
-
-async fn declare_holder(channel: &Channel, queue: &str) -> Result<()> {
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            table(vec![
-                ("x-max-length", AMQPValue::LongLongInt(1)),
-                (
-                    "x-message-ttl",
-                    AMQPValue::LongLongInt(HOLDER_TTL.as_millis() as i64),
-                ),
-            ]),
-        )
-        .await
-        .map_err(|e| amqp_error(queue, "declaring the holder record", e))?;
-    Ok(())
 }
 
 /// Competes for `group` on `connection` until `cancel` fires or the connection fails:
@@ -127,10 +132,7 @@ async fn compete(
 ) -> Result<()> {
     let lease = names.lease(group)?;
     let holder = names.holder(group)?;
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| amqp_error(&lease, "opening a channel", e))?;
+    let channel = open_channel(connection, &lease).await?;
     let close = |channel: Channel| async move {
         // Closing the channel requeues the token for the next master.
         let _ = channel.close(200, "released".into()).await;
@@ -241,10 +243,7 @@ async fn publish(
 pub async fn holders(broker: &Broker, groups: &[String]) -> Result<Vec<HolderRecord>> {
     let connection = broker.connect("holders reader").await?;
     let outcome = async {
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| amqp_error(broker.display_url(), "opening a channel", e))?;
+        let channel = open_channel(&connection, &broker.display_url()).await?;
         let mut records = Vec::new();
         for group in groups {
             let queue = broker.names().holder(group)?;

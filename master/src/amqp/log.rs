@@ -27,7 +27,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Consumer};
 use serde::Serialize;
 
-use super::{amqp_error, integer, now_ms, string, table, text_value, Broker, Names};
+use super::{amqp_error, integer, now_ms, open_channel, string, table, text_value, Broker, Names};
 use crate::cluster::{ArchiveLookup, Plan};
 use crate::error::{Error, Result};
 
@@ -219,10 +219,7 @@ pub async fn read_all(broker: &Broker) -> Result<Vec<LogEntry>> {
 async fn read_all_on(broker: &Broker, connection: &lapin::Connection) -> Result<Vec<LogEntry>> {
     let names = broker.names();
     let queue = names.configs();
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| amqp_error(&queue, "opening a channel", e))?;
+    let channel = open_channel(connection, &queue).await?;
     declare(&channel, names).await?;
     let tag = format!("read-{}-{}", std::process::id(), now_ms());
     let mut consumer = consume(&channel, names, &tag, From::First).await?;
@@ -342,10 +339,7 @@ async fn append_on(
             ),
         });
     }
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| amqp_error(&queue, "opening a channel", e))?;
+    let channel = open_channel(connection, &queue).await?;
     declare(&channel, names).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -436,6 +430,18 @@ mod tests {
         }
     }
 
+    /// Entries at offsets 0, 1, … with these revision headers; one without a header
+    /// holds text that is not a config.
+    fn entries(revisions: &[Option<u64>]) -> Vec<LogEntry> {
+        (0..)
+            .zip(revisions)
+            .map(|(offset, revision)| match revision {
+                Some(_) => entry(offset, *revision, ""),
+                None => entry(offset, None, "garbage"),
+            })
+            .collect()
+    }
+
     #[test]
     fn the_revision_comes_from_the_header_else_the_text() {
         assert_eq!(entry(0, Some(4), "revision = 3").revision(), Some(4));
@@ -448,25 +454,14 @@ mod tests {
 
     #[test]
     fn newest_is_the_highest_revision_not_the_last_message() {
-        let log = vec![
-            entry(0, Some(1), ""),
-            entry(1, Some(3), ""),
-            entry(2, Some(2), ""),
-            entry(3, Some(3), "a duplicate"),
-        ];
+        let log = entries(&[Some(1), Some(3), Some(2), Some(3)]);
         assert_eq!(newest(&log).and_then(|e| e.offset), Some(1));
         assert!(newest(&[]).is_none());
     }
 
     #[test]
     fn a_batch_is_split_into_newer_first_and_ignored() {
-        let batch = vec![
-            entry(0, Some(1), ""),
-            entry(1, Some(5), ""),
-            entry(2, Some(3), ""),
-            entry(3, Some(5), ""),
-            entry(4, None, "garbage"),
-        ];
+        let batch = entries(&[Some(1), Some(5), Some(3), Some(5), None]);
         let (newer, older) = newer_than(Some(3), &batch);
         let offsets: Vec<_> = newer.iter().map(|e| e.offset).collect();
         // Unknown revision sorts last: it is tried only if nothing else validates.

@@ -217,7 +217,7 @@ fn name_char(c: char) -> bool {
 }
 
 /// `url` with the password replaced by `***`.
-pub fn redact(url: &str) -> String {
+fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -244,6 +244,17 @@ pub(crate) fn amqp_error(target: impl Into<String>, action: &str, e: lapin::Erro
 }
 
 /// Queue arguments from `(key, value)` pairs.
+/// Opens a channel on `connection`; a failure names `target`.
+pub(crate) async fn open_channel(
+    connection: &lapin::Connection,
+    target: &str,
+) -> Result<lapin::Channel> {
+    connection
+        .create_channel()
+        .await
+        .map_err(|e| amqp_error(target, "opening a channel", e))
+}
+
 pub(crate) fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
     let mut table = FieldTable::default();
     for (key, value) in entries {

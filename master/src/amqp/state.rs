@@ -81,7 +81,7 @@ impl StateDir {
 }
 
 /// Writes `dir/name` through a temporary file: write, fsync, rename, fsync the directory.
-pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::local(dir, format!("cannot create the directory: {e}")))?;
     let target = dir.join(name);

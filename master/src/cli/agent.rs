@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::client::{BusyWait, Progress, WriteSource};
 use crate::digest_cache::{DigestCache, FileStamp};
+use crate::error::{Result, ResultExt as _};
 use crate::{AgentClient, Error, HostAddr};
-use anyhow::Context as _;
 use clap::Args;
 use erel_proto::{ErrorKind, Pong, ReleaseState, ReleaseStatus, Start};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -86,7 +86,7 @@ pub struct StopArgs {
     grace: u64,
 }
 
-fn parse_mode(text: &str) -> Result<u32, String> {
+fn parse_mode(text: &str) -> std::result::Result<u32, String> {
     let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8)
         .map_err(|_| format!("'{text}' is not an octal mode such as 644 or 755"))?;
     if mode > 0o777 {
@@ -97,7 +97,7 @@ fn parse_mode(text: &str) -> Result<u32, String> {
     Ok(mode)
 }
 
-fn parse_env(text: &str) -> Result<(String, String), String> {
+fn parse_env(text: &str) -> std::result::Result<(String, String), String> {
     let (key, value) = text
         .split_once('=')
         .ok_or_else(|| format!("'{text}' is not K=V"))?;
@@ -109,13 +109,24 @@ fn parse_env(text: &str) -> Result<(String, String), String> {
 
 /// Resolves a `HOST` argument: `ID@ADDR:PORT`, or an id from the cluster file (the
 /// one given with `--cluster`, else `cluster.toml` when it exists).
-pub fn resolve(text: &str, cluster: Option<&Path>) -> anyhow::Result<HostAddr> {
-    Ok(crate::cluster::resolve_host(text, cluster)?)
+fn resolve(text: &str, cluster: Option<&Path>) -> Result<HostAddr> {
+    crate::cluster::resolve_host(text, cluster)
 }
 
-async fn connect(ctx: &Context, host: &HostAddr) -> anyhow::Result<AgentClient> {
+async fn connect(ctx: &Context, host: &HostAddr) -> Result<AgentClient> {
     let tls = ctx.tls()?;
-    Ok(AgentClient::connect(host, tls, &ctx.master_name()).await?)
+    AgentClient::connect(host, tls, &ctx.master_name()).await
+}
+
+/// Resolves a `HOST` argument and connects to it.
+async fn open(
+    ctx: &Context,
+    cluster: Option<&Path>,
+    text: &str,
+) -> Result<(HostAddr, AgentClient)> {
+    let host = resolve(text, cluster)?;
+    let client = connect(ctx, &host).await?;
+    Ok((host, client))
 }
 
 /// One host's answer to `ping`, as `--json` prints it.
@@ -129,16 +140,12 @@ struct PingReport {
 }
 
 /// Pings every host at once and prints one line each.
-pub async fn ping(
-    ctx: &Context,
-    cluster: Option<&Path>,
-    args: PingArgs,
-) -> anyhow::Result<ExitCode> {
+pub async fn ping(ctx: &Context, cluster: Option<&Path>, args: PingArgs) -> Result<ExitCode> {
     let hosts = args
         .hosts
         .iter()
         .map(|text| resolve(text, cluster))
-        .collect::<anyhow::Result<Vec<HostAddr>>>()?;
+        .collect::<Result<Vec<HostAddr>>>()?;
     let tls = ctx.tls()?;
     let name = ctx.master_name();
     let mut tasks = tokio::task::JoinSet::new();
@@ -178,7 +185,10 @@ pub async fn ping(
     reports.sort_by_key(|(index, _)| *index);
     let reports: Vec<PingReport> = reports.into_iter().map(|(_, r)| r).collect();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&reports).context("encoding the answers")?
+        );
     } else {
         for report in &reports {
             println!("{}", ping_line(report));
@@ -219,7 +229,7 @@ fn ping_line(report: &PingReport) -> String {
 }
 
 /// A release in a few words: `beat 0.2.0 running pid 42 restarts 0`.
-pub fn release_summary(release: &ReleaseStatus) -> String {
+fn release_summary(release: &ReleaseStatus) -> String {
     let version = release.version.as_deref().unwrap_or("-");
     let state = match &release.state {
         ReleaseState::Running => format!("running pid {}", release.pid.unwrap_or(0)),
@@ -249,11 +259,7 @@ fn human_bytes(bytes: u64) -> String {
 }
 
 /// Pushes one file with a progress bar.
-pub async fn push(
-    ctx: &Context,
-    cluster: Option<&Path>,
-    args: PushArgs,
-) -> anyhow::Result<ExitCode> {
+pub async fn push(ctx: &Context, cluster: Option<&Path>, args: PushArgs) -> Result<ExitCode> {
     let host = resolve(&args.host, cluster)?;
     let cache = DigestCache::for_user();
     // Taken before anything reads the file: a digest is recorded below only if the
@@ -262,10 +268,9 @@ pub async fn push(
         .with_context(|| format!("{}: cannot read", args.file.display()))?;
     let (sha256, sha256_of) = match &args.sha256 {
         Some(text) => (
-            Some(
-                erel_proto::Sha256::from_hex(text)
-                    .with_context(|| format!("--sha256 '{text}' is not 64 hex characters"))?,
-            ),
+            Some(erel_proto::Sha256::from_hex(text).ok_or_else(|| {
+                Error::Usage(format!("--sha256 '{text}' is not 64 hex characters"))
+            })?),
             None,
         ),
         None => match cache.clone() {
@@ -388,13 +393,8 @@ fn taken_over_pause(seen: &Progress, elapsed: Duration) -> Duration {
 const TAKEN_OVER_PAUSE_MAX: Duration = Duration::from_secs(30);
 
 /// Unpacks an archive on one agent.
-pub async fn unpack(
-    ctx: &Context,
-    cluster: Option<&Path>,
-    args: UnpackArgs,
-) -> anyhow::Result<ExitCode> {
-    let host = resolve(&args.host, cluster)?;
-    let mut client = connect(ctx, &host).await?;
+pub async fn unpack(ctx: &Context, cluster: Option<&Path>, args: UnpackArgs) -> Result<ExitCode> {
+    let (host, mut client) = open(ctx, cluster, &args.host).await?;
     let done = client.unpack(&args.archive, &args.dest, None).await?;
     if done.already {
         println!(
@@ -415,13 +415,8 @@ pub async fn unpack(
 }
 
 /// Starts a release on one agent.
-pub async fn start(
-    ctx: &Context,
-    cluster: Option<&Path>,
-    args: StartArgs,
-) -> anyhow::Result<ExitCode> {
-    let host = resolve(&args.host, cluster)?;
-    let mut client = connect(ctx, &host).await?;
+pub async fn start(ctx: &Context, cluster: Option<&Path>, args: StartArgs) -> Result<ExitCode> {
+    let (host, mut client) = open(ctx, cluster, &args.host).await?;
     let started = client
         .start(Start {
             name: args.name.clone(),
@@ -444,13 +439,8 @@ pub async fn start(
 }
 
 /// Stops a release on one agent.
-pub async fn stop(
-    ctx: &Context,
-    cluster: Option<&Path>,
-    args: StopArgs,
-) -> anyhow::Result<ExitCode> {
-    let host = resolve(&args.host, cluster)?;
-    let mut client = connect(ctx, &host).await?;
+pub async fn stop(ctx: &Context, cluster: Option<&Path>, args: StopArgs) -> Result<ExitCode> {
+    let (host, mut client) = open(ctx, cluster, &args.host).await?;
     let stopped = client
         .stop(&args.name, Duration::from_secs(args.grace))
         .await?;

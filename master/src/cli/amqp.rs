@@ -12,7 +12,9 @@ use tracing::{error, info};
 use super::Context;
 use crate::amqp::daemon::{self, DaemonOptions};
 use crate::amqp::{Backoff, Broker, DEFAULT_PREFIX};
-use crate::rollout::{Connector, RolloutOptions};
+use crate::client::Connector;
+use crate::error::Error;
+use crate::rollout::RolloutOptions;
 
 /// `--amqp URL --amqp-prefix PREFIX`.
 #[derive(Debug, Clone, Args)]
@@ -27,8 +29,8 @@ pub struct BrokerArgs {
 
 impl BrokerArgs {
     /// The broker these flags name.
-    pub fn broker(&self) -> anyhow::Result<Broker> {
-        Ok(Broker::new(self.url.clone(), self.prefix.clone())?)
+    pub fn broker(&self) -> crate::Result<Broker> {
+        Broker::new(self.url.clone(), self.prefix.clone())
     }
 }
 
@@ -61,24 +63,25 @@ pub async fn master(
     args: AmqpMasterArgs,
     interval: Duration,
     connect_timeout: Duration,
-) -> anyhow::Result<ExitCode> {
+) -> crate::Result<ExitCode> {
     let url = args
         .url
-        .ok_or_else(|| anyhow::anyhow!("--amqp URL is required"))?;
+        .ok_or_else(|| Error::Usage("--amqp URL is required".to_string()))?;
     let state_dir = args
         .state_dir
-        .ok_or_else(|| anyhow::anyhow!("--state-dir DIR is required with --amqp"))?;
+        .ok_or_else(|| Error::Usage("--state-dir DIR is required with --amqp".to_string()))?;
     let artifacts = args
         .artifacts
-        .ok_or_else(|| anyhow::anyhow!("--artifacts DIR is required with --amqp"))?;
-    anyhow::ensure!(
-        artifacts.is_dir(),
-        "--artifacts {}: not a directory",
-        artifacts.display()
-    );
+        .ok_or_else(|| Error::Usage("--artifacts DIR is required with --amqp".to_string()))?;
+    if !artifacts.is_dir() {
+        return Err(Error::Usage(format!(
+            "--artifacts {}: not a directory",
+            artifacts.display()
+        )));
+    }
     let name = args.name.unwrap_or_else(|| ctx.master_name());
-    let mut connector = Connector::new(ctx.tls()?, ctx.master_name());
-    connector.connect_timeout = connect_timeout;
+    let connector =
+        Connector::new(ctx.tls()?, ctx.master_name()).with_connect_timeout(connect_timeout);
     let options = DaemonOptions {
         broker: Broker::new(url, args.prefix)?,
         state_dir,

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
+use crate::error::ResultExt as _;
 use clap::Subcommand;
 
 use super::Context;
@@ -36,7 +36,7 @@ pub enum CertsCommand {
 }
 
 /// Runs a certificate command.
-pub fn run(ctx: &Context, command: CertsCommand) -> anyhow::Result<ExitCode> {
+pub fn run(ctx: &Context, command: CertsCommand) -> crate::Result<ExitCode> {
     let dir = ctx.certs.path().display().to_string();
     match command {
         CertsCommand::Init { cluster_name } => {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
+use crate::error::ResultExt as _;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
@@ -72,7 +72,7 @@ pub struct HoldersArgs {
 }
 
 /// Runs one `erel config` command.
-pub async fn run(command: ConfigCommand) -> anyhow::Result<ExitCode> {
+pub async fn run(command: ConfigCommand) -> crate::Result<ExitCode> {
     match command {
         ConfigCommand::Publish(args) => publish(args).await,
         ConfigCommand::Show(args) => show(args).await,
@@ -81,7 +81,7 @@ pub async fn run(command: ConfigCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
+async fn publish(args: PublishArgs) -> crate::Result<ExitCode> {
     let broker = args.broker.broker()?;
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("{}: cannot read", args.file.display()))?;
@@ -132,7 +132,7 @@ fn entry_json(entry: &LogEntry, with_text: bool) -> EntryJson<'_> {
     }
 }
 
-async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
+async fn show(args: ShowArgs) -> crate::Result<ExitCode> {
     let broker = args.broker.broker()?;
     let entries = log::read_all(&broker).await?;
     let Some(newest) = log::newest(&entries) else {
@@ -145,7 +145,8 @@ async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&entry_json(newest, true))?
+            serde_json::to_string_pretty(&entry_json(newest, true))
+                .context("encoding the config")?
         );
     } else {
         println!(
@@ -164,12 +165,15 @@ async fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
+async fn history(args: HistoryArgs) -> crate::Result<ExitCode> {
     let broker = args.broker.broker()?;
     let entries = log::read_all(&broker).await?;
     if args.json {
         for entry in &entries {
-            println!("{}", serde_json::to_string(&entry_json(entry, false))?);
+            println!(
+                "{}",
+                serde_json::to_string(&entry_json(entry, false)).context("encoding the config")?
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -194,7 +198,7 @@ async fn history(args: HistoryArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn holders(args: HoldersArgs) -> anyhow::Result<ExitCode> {
+async fn holders(args: HoldersArgs) -> crate::Result<ExitCode> {
     let broker = args.broker.broker()?;
     let entries = log::read_all(&broker).await?;
     let groups: Vec<String> = log::newest(&entries)
@@ -216,7 +220,10 @@ async fn holders(args: HoldersArgs) -> anyhow::Result<ExitCode> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).context("encoding the holders")?
+        );
     } else {
         print!("{}", holders_table(&groups, &records));
     }
@@ -224,14 +231,14 @@ async fn holders(args: HoldersArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The holders table for `groups`, read from the broker at `url` (for `erel status`).
-pub async fn holders_text(url: &str, prefix: &str, groups: &[String]) -> anyhow::Result<String> {
+pub async fn holders_text(url: &str, prefix: &str, groups: &[String]) -> crate::Result<String> {
     let broker = crate::amqp::Broker::new(url, prefix)?;
     let records = leadership::holders(&broker, groups).await?;
     Ok(holders_table(groups, &records))
 }
 
 /// The `GROUP MASTER SINCE` table of [`leadership::holders`]' records.
-pub fn holders_table(groups: &[String], records: &[leadership::HolderRecord]) -> String {
+fn holders_table(groups: &[String], records: &[leadership::HolderRecord]) -> String {
     let mut out = format!("{:<20} {:<30} {:<25}\n", "GROUP", "HELD BY", "SINCE (UTC)");
     for group in groups {
         match records.iter().find(|r| &r.group == group) {

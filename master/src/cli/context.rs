@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context as _;
+use crate::error::ResultExt as _;
 use erel_certs::MasterDir;
 
 /// What every command may need.
@@ -22,7 +22,7 @@ impl Context {
     }
 
     /// The TLS client configuration, from the certificate directory.
-    pub fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    pub fn tls(&self) -> crate::Result<Arc<rustls::ClientConfig>> {
         self.certs.client_config().with_context(|| {
             format!(
                 "loading the master's certificates from {} (run `erel certs init` first?)",

@@ -7,13 +7,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::deploy::event_line;
 use super::Context;
-use crate::rollout::{converge_file, Connector, ConvergeOptions, RolloutEvent, RolloutOptions};
+use crate::client::Connector;
+use crate::rollout::{converge_file, ConvergeOptions, RolloutEvent};
 
 /// `erel master`.
 #[derive(Debug, Args)]
@@ -30,14 +30,14 @@ pub struct MasterArgs {
 }
 
 /// Runs the daemon until SIGTERM or Ctrl-C.
-pub async fn master(ctx: &Context, cluster: &Path, args: MasterArgs) -> anyhow::Result<ExitCode> {
+pub async fn master(ctx: &Context, cluster: &Path, args: MasterArgs) -> crate::Result<ExitCode> {
     if args.amqp.url.is_some() {
         let interval = Duration::from_secs(args.interval.max(1));
         let connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
         return super::amqp::master(ctx, args.amqp, interval, connect_timeout).await;
     }
-    let mut connector = Connector::new(ctx.tls()?, ctx.master_name());
-    connector.connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
+    let connector = Connector::new(ctx.tls()?, ctx.master_name())
+        .with_connect_timeout(Duration::from_secs(args.connect_timeout.max(1)));
     let options = ConvergeOptions {
         interval: Duration::from_secs(args.interval.max(1)),
         ..ConvergeOptions::default()
@@ -49,23 +49,7 @@ pub async fn master(ctx: &Context, cluster: &Path, args: MasterArgs) -> anyhow::
         info!("terminating");
         signals.cancel();
     });
-    let (events, mut received) = mpsc::unbounded_channel();
-    let logger = tokio::spawn(async move {
-        while let Some(event) = received.recv().await {
-            log_event(&event);
-        }
-    });
-    let outcome = converge_file(
-        cluster.to_path_buf(),
-        connector,
-        RolloutOptions::default(),
-        options,
-        events,
-        cancel,
-    )
-    .await;
-    let _ = logger.await;
-    outcome?;
+    converge_file(cluster.to_path_buf(), connector, options, log_event, cancel).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -5,27 +5,31 @@
 //! status, a node-at-a-time roll to v2, a v3 that fails its health check and is rolled
 //! back on the canary while the other hosts stay on v2, final status, clean up.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use clap::Args;
 use erel_boot::root::Root;
 use erel_boot::server::{serve, Agent, TlsSource};
 use erel_boot::settings::{Limits, Supervision};
 use erel_boot::supervisor::Supervisor;
 use erel_certs::MasterDir;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::deploy::event_line;
 use super::status::{collect, status_table};
+use crate::client::Connector;
 use crate::cluster::Plan;
-use crate::rollout::{self, Connector, HostOutcome, RolloutOptions, RolloutReport};
+use crate::error::{Error, Result, ResultExt as _};
+use crate::release::BeatRelease;
+use crate::rollout::{self, HostOutcome, RolloutOptions, RolloutReport};
+
+/// Any error of the in-process agent's pieces.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The demo's release name.
 const RELEASE: &str = "beat";
@@ -49,7 +53,7 @@ struct LocalAgent {
 }
 
 /// Runs the demo; exit 0 only when every step went as told.
-pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+pub async fn demo(args: DemoArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let work = tempfile::Builder::new()
         .prefix("erel-demo-")
@@ -65,7 +69,14 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut agents = Vec::new();
     let outcome = async {
         for index in 1..=args.hosts {
-            agents.push(start_agent(&certs, &dir, &format!("demo-{index}")).await?);
+            let id = format!("demo-{index}");
+            let agent = start_agent(&certs, &dir, &id)
+                .await
+                .map_err(|source| Error::Context {
+                    what: format!("starting agent {id}"),
+                    source,
+                })?;
+            agents.push(agent);
         }
         for agent in &agents {
             println!("    agent {} listening on {}", agent.id, agent.addr);
@@ -104,17 +115,17 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The deploys and checks. `Ok(false)` when something did not go as the story says.
-async fn script(dir: &Path, certs: &MasterDir, agents: &[LocalAgent]) -> anyhow::Result<bool> {
+async fn script(dir: &Path, certs: &MasterDir, agents: &[LocalAgent]) -> Result<bool> {
     let exe = std::env::current_exe().context("finding this program")?;
     let releases = dir.join("releases");
-    std::fs::create_dir_all(&releases)?;
+    std::fs::create_dir_all(&releases).map_err(|e| Error::local(&releases, e))?;
     let build = {
         let releases = releases.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<PathBuf>> {
+        tokio::task::spawn_blocking(move || -> Result<Vec<PathBuf>> {
             Ok(vec![
-                build_release(&exe, &releases, "0.1.0", None)?,
-                build_release(&exe, &releases, "0.2.0", None)?,
-                build_release(&exe, &releases, "0.3.0", Some("exit"))?,
+                beat_release(&exe, &releases, "0.1.0", None)?,
+                beat_release(&exe, &releases, "0.2.0", None)?,
+                beat_release(&exe, &releases, "0.3.0", Some("exit"))?,
             ])
         })
     };
@@ -136,7 +147,8 @@ async fn script(dir: &Path, certs: &MasterDir, agents: &[LocalAgent]) -> anyhow:
     // v1
     let plan = write_cluster(&cluster, 1, "0.1.0", agents)?;
     step("cluster.toml, revision 1: group demo runs beat 0.1.0");
-    print!("{}", indent_block(&std::fs::read_to_string(&cluster)?));
+    let text = std::fs::read_to_string(&cluster).map_err(|e| Error::local(&cluster, e))?;
+    print!("{}", indent_block(&text));
     step("deploy beat 0.1.0");
     let report = deploy(&plan, &connector).await?;
     ok &= expect(report.converged(), "every host runs 0.1.0");
@@ -216,30 +228,18 @@ fn indent_block(text: &str) -> String {
 }
 
 /// Runs one rollout, printing its events as they happen.
-async fn deploy(plan: &Plan, connector: &Connector) -> anyhow::Result<RolloutReport> {
-    let (events, mut received) = mpsc::unbounded_channel();
+async fn deploy(plan: &Plan, connector: &Connector) -> Result<RolloutReport> {
     let start = Instant::now();
     let options = RolloutOptions {
         poll_interval: Duration::from_millis(100),
         ..RolloutOptions::default()
     };
-    let run = rollout::rollout(plan, connector, &options, &events);
-    tokio::pin!(run);
-    let print = |event| {
-        if let Some(line) = event_line(&event) {
+    let print = |event: &_| {
+        if let Some(line) = event_line(event) {
             println!("    [{:>5.2}s] {line}", start.elapsed().as_secs_f64());
         }
     };
-    let report = loop {
-        tokio::select! {
-            Some(event) = received.recv() => print(event),
-            report = &mut run => break report?,
-        }
-    };
-    while let Ok(event) = received.try_recv() {
-        print(event);
-    }
-    Ok(report)
+    rollout::run(plan, connector, &options, print).await
 }
 
 /// Asks every host's release what it runs; true when all say `version`.
@@ -274,7 +274,11 @@ async fn beats(agents: &[LocalAgent], version: &str) -> bool {
 }
 
 /// Starts an agent for `id` in this process, on 127.0.0.1 with a fresh root.
-async fn start_agent(certs: &MasterDir, dir: &Path, id: &str) -> anyhow::Result<LocalAgent> {
+async fn start_agent(
+    certs: &MasterDir,
+    dir: &Path,
+    id: &str,
+) -> std::result::Result<LocalAgent, BoxError> {
     let bundle = certs.issue_host(id, &["127.0.0.1".parse()?], &[])?;
     let root_dir = dir.join("agents").join(id);
     std::fs::create_dir_all(&root_dir)?;
@@ -310,18 +314,25 @@ async fn start_agent(certs: &MasterDir, dir: &Path, id: &str) -> anyhow::Result<
     })
 }
 
-fn free_port() -> anyhow::Result<u16> {
+fn free_port() -> std::io::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
 
+/// This program as the beat release's server, running its hidden `demo-beat` command.
+fn beat_release(exe: &Path, dir: &Path, version: &str, fail: Option<&str>) -> Result<PathBuf> {
+    let release = BeatRelease {
+        name: RELEASE,
+        version,
+        server: exe,
+        server_args: &["demo-beat"],
+        fail,
+    };
+    release.write(dir)
+}
+
 /// Writes the cluster file for `version` and loads it.
-fn write_cluster(
-    path: &Path,
-    revision: u64,
-    version: &str,
-    agents: &[LocalAgent],
-) -> anyhow::Result<Plan> {
+fn write_cluster(path: &Path, revision: u64, version: &str, agents: &[LocalAgent]) -> Result<Plan> {
     let mut text = format!("revision = {revision}\n");
     for agent in agents {
         text.push_str(&format!(
@@ -335,57 +346,13 @@ fn write_cluster(
          max_in_flight = 1\ncanaries = 1\nstop_grace_secs = 5\n\
          health = {{ tcp = \"$BEAT_PORT\", min_up_secs = 1, deadline_secs = 10 }}\n"
     ));
-    std::fs::write(path, text)?;
-    Ok(Plan::load(path)?)
-}
-
-/// A self-contained release: this program as `bin/beat-server`, and `bin/beat` running
-/// its hidden `demo-beat` command. `fail` is baked in as `BEAT_FAIL`.
-fn build_release(
-    exe: &Path,
-    dir: &Path,
-    version: &str,
-    fail: Option<&str>,
-) -> anyhow::Result<PathBuf> {
-    let path = dir.join(format!("{RELEASE}-{version}.tar.gz"));
-    let file = std::fs::File::create(&path)?;
-    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
-    let mut tar = tar::Builder::new(gz);
-    let fail = fail.map(|f| format!("BEAT_FAIL={f} ")).unwrap_or_default();
-    let script =
-        format!("#!/bin/sh\n{fail}exec \"$(dirname \"$0\")/beat-server\" demo-beat \"$@\"\n");
-    append(&mut tar, "bin/beat", script.as_bytes(), 0o755)?;
-    let server = std::fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
-    append(&mut tar, "bin/beat-server", &server, 0o755)?;
-    append(
-        &mut tar,
-        &format!("releases/{version}/RELEASE"),
-        format!("{RELEASE} {version}\n").as_bytes(),
-        0o644,
-    )?;
-    let mut gz = tar.into_inner()?;
-    gz.flush()?;
-    gz.finish()?;
-    Ok(path)
-}
-
-fn append<W: Write>(
-    tar: &mut tar::Builder<W>,
-    path: &str,
-    data: &[u8],
-    mode: u32,
-) -> std::io::Result<()> {
-    let mut header = tar::Header::new_gnu();
-    header.set_size(data.len() as u64);
-    header.set_mode(mode);
-    header.set_entry_type(tar::EntryType::Regular);
-    header.set_mtime(1_700_000_000);
-    tar.append_data(&mut header, path, data)
+    std::fs::write(path, text).map_err(|e| Error::local(path, e))?;
+    Plan::load(path)
 }
 
 /// `erel demo-beat`: serves `beat VERSION HOST` on 127.0.0.1:$BEAT_PORT until killed.
 /// `BEAT_FAIL=exit` exits at once with code 3; `BEAT_FAIL=silent` runs without listening.
-pub async fn beat() -> anyhow::Result<ExitCode> {
+pub async fn beat() -> Result<ExitCode> {
     let version = std::env::var("EREL_VERSION").unwrap_or_else(|_| "unknown".into());
     let host = std::env::var("EREL_HOST_ID").unwrap_or_else(|_| "unknown".into());
     match std::env::var("BEAT_FAIL").as_deref() {
@@ -406,14 +373,18 @@ pub async fn beat() -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .with_context(|| format!("beat {version}: cannot listen on 127.0.0.1:{port}"))?;
-    let local = listener.local_addr()?.port();
+    let local = port_of(&listener)?;
     println!("beat {version} on {host} listening on {local}");
     loop {
-        let (mut stream, _) = listener.accept().await?;
+        let (mut stream, _) = listener.accept().await.context("accepting")?;
         let line = format!("beat {version} {host}\n");
         tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
             let _ = stream.write_all(line.as_bytes()).await;
         });
     }
+}
+
+fn port_of(listener: &tokio::net::TcpListener) -> Result<u16> {
+    Ok(listener.local_addr().context("the beat's address")?.port())
 }

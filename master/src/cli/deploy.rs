@@ -8,14 +8,15 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+use crate::error::ResultExt as _;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tokio::sync::mpsc;
 
 use super::Context;
+use crate::client::Connector;
 use crate::cluster::{GroupPlan, Plan};
-use crate::rollout::{self, Connector, HostOutcome, RolloutEvent, RolloutOptions, RolloutReport};
+use crate::error::Error;
+use crate::rollout::{self, HostOutcome, RolloutEvent, RolloutOptions, RolloutReport};
 
 /// `erel deploy`.
 #[derive(Debug, Args)]
@@ -35,27 +36,27 @@ pub struct DeployArgs {
 }
 
 /// Runs `erel deploy`.
-pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> anyhow::Result<ExitCode> {
+pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::Result<ExitCode> {
     let plan = Plan::load(cluster)?;
     for group in &args.groups {
-        anyhow::ensure!(
-            plan.groups.contains_key(group),
-            "{}: no group '{group}' (groups: {})",
-            cluster.display(),
-            plan.groups.keys().cloned().collect::<Vec<_>>().join(", ")
-        );
+        if !plan.groups.contains_key(group) {
+            return Err(Error::Usage(format!(
+                "{}: no group '{group}' (groups: {})",
+                cluster.display(),
+                plan.groups.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
     }
     if args.dry_run {
         print!("{}", describe_plan(&plan, &args.groups));
         return Ok(ExitCode::SUCCESS);
     }
-    let mut connector = Connector::new(ctx.tls()?, ctx.master_name());
-    connector.connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
+    let connector = Connector::new(ctx.tls()?, ctx.master_name())
+        .with_connect_timeout(Duration::from_secs(args.connect_timeout.max(1)));
     let options = RolloutOptions {
         groups: args.groups.clone(),
         ..RolloutOptions::default()
     };
-    let (events, mut received) = mpsc::unbounded_channel();
     let mut view = if args.json {
         View::Json
     } else if std::io::stderr().is_terminal() {
@@ -63,17 +64,7 @@ pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> anyhow::
     } else {
         View::Lines(Instant::now())
     };
-    let run = rollout::rollout(&plan, &connector, &options, &events);
-    tokio::pin!(run);
-    let report = loop {
-        tokio::select! {
-            Some(event) = received.recv() => view.show(&event),
-            report = &mut run => break report?,
-        }
-    };
-    while let Ok(event) = received.try_recv() {
-        view.show(&event);
-    }
+    let report = rollout::run(&plan, &connector, &options, |event| view.show(event)).await?;
     view.finish();
     if args.json {
         println!(
@@ -153,27 +144,22 @@ impl Bars {
     }
 
     fn show(&mut self, event: &RolloutEvent) {
-        match event {
+        let (group, host, last) = match event {
             RolloutEvent::HostPhase { group, host, phase } => {
                 self.bar(group, host).set_message(phase.to_string());
+                return;
             }
             RolloutEvent::HostDone {
                 group,
                 host,
                 version,
                 pid,
-            } => {
-                let bar = self.bar(group, host);
-                bar.finish_with_message(format!("done: runs {version} (pid {pid})"));
-            }
+            } => (group, host, format!("done: runs {version} (pid {pid})")),
             RolloutEvent::HostSkipped {
                 group,
                 host,
                 version,
-            } => {
-                let bar = self.bar(group, host);
-                bar.finish_with_message(format!("up to date: runs {version}"));
-            }
+            } => (group, host, format!("up to date: runs {version}")),
             RolloutEvent::HostFailed {
                 group,
                 host,
@@ -182,8 +168,7 @@ impl Bars {
                 ..
             } => {
                 let rolled = if *rolled_back { ", rolled back" } else { "" };
-                let bar = self.bar(group, host);
-                bar.finish_with_message(format!("FAILED{rolled}: {reason}"));
+                (group, host, format!("FAILED{rolled}: {reason}"))
             }
             RolloutEvent::GroupHalted {
                 group,
@@ -194,9 +179,11 @@ impl Bars {
                     let bar = self.bar(group, host);
                     bar.finish_with_message(format!("not touched: group halted ({reason})"));
                 }
+                return;
             }
-            RolloutEvent::GroupStarted { .. } | RolloutEvent::GroupDone { .. } => {}
-        }
+            RolloutEvent::GroupStarted { .. } | RolloutEvent::GroupDone { .. } => return,
+        };
+        self.bar(group, host).finish_with_message(last);
     }
 
     fn finish(&mut self) {
@@ -239,11 +226,7 @@ pub fn event_line(event: &RolloutEvent) -> Option<String> {
             output_tail,
             rolled_back,
         } => {
-            let rolled = if *rolled_back {
-                "rolled back"
-            } else {
-                "NOT rolled back"
-            };
+            let rolled = rollout::rollback_words(*rolled_back);
             let mut line =
                 format!("{group}/{host} ({addr}): FAILED while {phase}, {rolled}: {reason}");
             if !output_tail.trim().is_empty() {
@@ -284,7 +267,7 @@ pub fn indent(text: &str, prefix: &str) -> String {
 }
 
 /// The final table: one row per host.
-pub fn summary_table(report: &RolloutReport) -> String {
+fn summary_table(report: &RolloutReport) -> String {
     let mut rows = vec![[
         "HOST".to_string(),
         "GROUP".to_string(),
@@ -375,7 +358,7 @@ pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
 }
 
 /// What `--dry-run` prints: per group, what goes where and in which order.
-pub fn describe_plan(plan: &Plan, only: &[String]) -> String {
+fn describe_plan(plan: &Plan, only: &[String]) -> String {
     let mut out = format!("{} (revision {})\n", plan.origin, plan.revision);
     for group in plan.groups.values() {
         if !only.is_empty() && !only.contains(&group.name) {

@@ -109,13 +109,13 @@ pub fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("erel: {}", erel_proto::text::error_chain(e.as_ref()));
+            eprintln!("erel: {}", erel_proto::text::error_chain(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn run(cli: Cli) -> crate::Result<ExitCode> {
     let ctx = Context::new(cli.certs);
     let cluster = cli.cluster.as_deref();
     match cli.command {

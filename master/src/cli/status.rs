@@ -7,15 +7,15 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use crate::error::ResultExt as _;
 use clap::Args;
 use erel_proto::{ReleaseState, ReleaseStatus};
 use serde::Serialize;
 
 use super::deploy::{indent, table};
 use super::Context;
+use crate::client::Connector;
 use crate::cluster::{ArchiveLookup, Plan};
-use crate::rollout::Connector;
 
 /// `erel status`.
 #[derive(Debug, Args)]
@@ -70,10 +70,10 @@ pub struct HostStatus {
 }
 
 /// Runs `erel status`.
-pub async fn status(ctx: &Context, cluster: &Path, args: StatusArgs) -> anyhow::Result<ExitCode> {
+pub async fn status(ctx: &Context, cluster: &Path, args: StatusArgs) -> crate::Result<ExitCode> {
     let plan = Plan::load_with(cluster, &ArchiveLookup::Unchecked)?;
-    let mut connector = Connector::new(ctx.tls()?, ctx.master_name());
-    connector.connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
+    let connector = Connector::new(ctx.tls()?, ctx.master_name())
+        .with_connect_timeout(Duration::from_secs(args.connect_timeout.max(1)));
     let hosts = collect(&plan, &connector).await;
     if args.json {
         println!(

@@ -18,7 +18,7 @@ pub struct WatchArgs {
 }
 
 /// Prints events until SIGTERM or Ctrl-C.
-pub async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
+pub async fn watch(args: WatchArgs) -> crate::Result<ExitCode> {
     let broker = args.broker.broker()?;
     let tag = format!("{}-{}", super::amqp::publisher(), std::process::id());
     let json = args.json;

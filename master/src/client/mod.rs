@@ -1,6 +1,11 @@
 //! The master's typed client for one agent: connect, handshake, and one method per
-//! command. Every phase runs under a named timeout, and every failure names the host.
+//! command. Every phase runs under its own timeout (connect, handshake, each answer; a
+//! transfer's stall), none wrapped around another, and every failure names the host.
+//! `session` holds the [`Connector`] rollouts and daemons open connections with, and
+//! the [`HostSession`] that reconnects and retries on transient errors; `write_file`
+//! the resumable transfer.
 
+mod session;
 mod write_file;
 
 use std::fmt;
@@ -19,20 +24,13 @@ use tokio_rustls::TlsConnector;
 
 use crate::error::{Error, Result};
 
+pub use session::{Connector, HostSession, DEFAULT_CONNECT_TIMEOUT};
 pub use write_file::{Progress, WriteSource};
 
 /// Time allowed to open the TCP connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for the TLS handshake and the `Hello` exchange.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed for a `Ping` answer.
-pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
-/// Time allowed for an `Unpack` answer (large archives on slow disks).
-pub const UNPACK_TIMEOUT: Duration = Duration::from_secs(600);
-/// Time allowed for a `Start` answer (it may first stop another version).
-pub const START_TIMEOUT: Duration = Duration::from_secs(120);
-/// Time allowed for a `Stop` answer beyond its grace period.
-pub const STOP_MARGIN: Duration = Duration::from_secs(30);
 /// A transfer making no progress for this long is abandoned.
 pub const TRANSFER_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a request the agent answers with `Busy` is retried on the same connection
@@ -46,6 +44,52 @@ const BUSY_RETRY_FIRST: Duration = Duration::from_millis(100);
 const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Time allowed to send our `close_notify` when a client is closed.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Time allowed for the answer to `request`, once it is sent. A `WriteFile` is bounded
+/// by [`TRANSFER_STALL_TIMEOUT`] per step instead, and `Hello` by the handshake's.
+fn answer_timeout(request: &Request) -> Duration {
+    match request {
+        Request::Ping(_) => Duration::from_secs(15),
+        // Large archives on slow disks.
+        Request::Unpack(_) => Duration::from_secs(600),
+        // It may first stop another version.
+        Request::Start(_) => Duration::from_secs(120),
+        // The agent caps the grace itself; a huge one must not overflow the wait here.
+        Request::Stop(stop) => {
+            Duration::from_millis(stop.grace_ms).saturating_add(Duration::from_secs(30))
+        }
+        Request::Hello(_) | Request::WriteFile(_) => TRANSFER_STALL_TIMEOUT,
+    }
+}
+
+/// How long each phase of opening a connection may take; one timeout per phase, none
+/// wrapped around another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhaseTimeouts {
+    /// Opening the TCP connection.
+    pub connect: Duration,
+    /// The TLS handshake and the `Hello` exchange.
+    pub handshake: Duration,
+}
+
+impl PhaseTimeouts {
+    /// `limit` for each phase.
+    pub fn both(limit: Duration) -> Self {
+        PhaseTimeouts {
+            connect: limit,
+            handshake: limit,
+        }
+    }
+}
+
+impl Default for PhaseTimeouts {
+    fn default() -> Self {
+        PhaseTimeouts {
+            connect: CONNECT_TIMEOUT,
+            handshake: HANDSHAKE_TIMEOUT,
+        }
+    }
+}
 
 /// An agent to talk to: its host id (which its certificate must name) and address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -112,15 +156,35 @@ impl fmt::Debug for AgentClient {
 }
 
 impl AgentClient {
-    /// Connects, verifies the agent's certificate names `host.id`, and exchanges `Hello`.
+    /// Connects, verifies the agent's certificate names `host.id`, and exchanges `Hello`,
+    /// within [`CONNECT_TIMEOUT`] and [`HANDSHAKE_TIMEOUT`].
     pub async fn connect(
         host: &HostAddr,
         tls: Arc<rustls::ClientConfig>,
         master_name: &str,
     ) -> Result<Self> {
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&host.addr))
+        Self::connect_within(host, tls, master_name, PhaseTimeouts::default()).await
+    }
+
+    /// [`Self::connect`], each phase within its own timeout.
+    pub async fn connect_within(
+        host: &HostAddr,
+        tls: Arc<rustls::ClientConfig>,
+        master_name: &str,
+        timeouts: PhaseTimeouts,
+    ) -> Result<Self> {
+        let tcp = tokio::time::timeout(timeouts.connect, TcpStream::connect(&host.addr))
             .await
-            .map_err(|_| timeout(host, format!("connecting to {}", host.addr)))?
+            .map_err(|_| {
+                timeout(
+                    host,
+                    format!(
+                        "connecting to {} (no answer within {}s)",
+                        host.addr,
+                        timeouts.connect.as_secs_f32()
+                    ),
+                )
+            })?
             .map_err(|source| Error::Connect {
                 host: host.id.clone(),
                 addr: host.addr.clone(),
@@ -167,7 +231,7 @@ impl AgentClient {
                 other => Err(client.unexpected("Hello", &other)),
             }
         };
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        tokio::time::timeout(timeouts.handshake, handshake)
             .await
             .map_err(|_| timeout(host, "during the TLS handshake and Hello".to_string()))?
     }
@@ -175,11 +239,6 @@ impl AgentClient {
     /// The host this client talks to.
     pub fn host(&self) -> &HostAddr {
         &self.host
-    }
-
-    /// The agent's `Hello`: its host id and software version.
-    pub fn agent_hello(&self) -> &Hello {
-        &self.hello
     }
 
     /// Ends the connection in order: sends TLS `close_notify` and shuts the socket's
@@ -191,10 +250,7 @@ impl AgentClient {
 
     /// `Ping`: the agent's live state.
     pub async fn ping(&mut self) -> Result<Pong> {
-        match self
-            .call(Request::Ping(Ping {}), PING_TIMEOUT, "Ping")
-            .await?
-        {
+        match self.call(Request::Ping(Ping {}), "Ping").await? {
             Response::Pong(pong) => Ok(pong),
             other => Err(self.unexpected("Pong", &other)),
         }
@@ -212,7 +268,7 @@ impl AgentClient {
             dest: dest.to_string(),
             sha256,
         });
-        match self.call(request, UNPACK_TIMEOUT, "Unpack").await? {
+        match self.call(request, "Unpack").await? {
             Response::Unpacked(done) => Ok(done),
             other => Err(self.unexpected("Unpacked", &other)),
         }
@@ -220,10 +276,7 @@ impl AgentClient {
 
     /// `Start`: runs a release version, supervised.
     pub async fn start(&mut self, start: Start) -> Result<Started> {
-        match self
-            .call(Request::Start(start), START_TIMEOUT, "Start")
-            .await?
-        {
+        match self.call(Request::Start(start), "Start").await? {
             Response::Started(started) => Ok(started),
             other => Err(self.unexpected("Started", &other)),
         }
@@ -235,11 +288,7 @@ impl AgentClient {
             name: name.to_string(),
             grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
         });
-        // The agent caps the grace itself; a huge one must not overflow the wait here.
-        match self
-            .call(request, grace.saturating_add(STOP_MARGIN), "Stop")
-            .await?
-        {
+        match self.call(request, "Stop").await? {
             Response::Stopped(stopped) => Ok(stopped),
             other => Err(self.unexpected("Stopped", &other)),
         }
@@ -247,7 +296,8 @@ impl AgentClient {
 
     /// Sends one request and reads its answer; an agent error becomes [`Error::Agent`].
     /// A `Busy` answer is retried on this connection for up to [`BUSY_WAIT`].
-    async fn call(&mut self, request: Request, limit: Duration, what: &str) -> Result<Response> {
+    async fn call(&mut self, request: Request, what: &str) -> Result<Response> {
+        let limit = answer_timeout(&request);
         let mut busy = BusyWait::new();
         loop {
             let exchange = async {

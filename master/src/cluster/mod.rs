@@ -1,6 +1,6 @@
 //! The cluster file: which hosts form which group, and which release and version each
-//! group runs. Parsed into raw structs ([`raw`]), then validated once into a [`Plan`]
-//! ([`validate`]); every error names the file, the field and what is wrong.
+//! group runs. Parsed into raw structs (`raw`), then validated once into a [`Plan`]
+//! (`validate`); every error names the file, the field and what is wrong.
 //!
 //! ```toml
 //! revision = 7

@@ -1,9 +1,11 @@
 //! Keeping a cluster converged: roll out the current plan, again every `interval` so
 //! drift is repaired (an agent reinstalled blank, a release stopped by hand), and at
-//! once when a newer plan arrives. [`keep_converged`] takes plans from a watch channel,
-//! so any source can feed it; [`converge_file`] feeds it from a cluster file whose
-//! revision it watches.
+//! once when a newer plan arrives. [`keep_converged`] is the one loop of both daemons:
+//! it takes plans from a watch channel, so any source can feed it; [`converge_file`]
+//! feeds it from a cluster file whose revision it watches, the AMQP daemon from the
+//! config log.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +14,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{rollout, Connector, EventSink, RolloutOptions};
+use super::{run, RolloutEvent, RolloutOptions, RolloutReport};
+use crate::client::Connector;
 use crate::cluster::Plan;
 use crate::digest_cache::FileStamp;
 use crate::error::Result;
@@ -35,67 +38,73 @@ impl Default for ConvergeOptions {
     }
 }
 
-/// Rolls out the newest plan from `plans` until `cancel` fires: at once, then every
-/// `options.interval`, and at once again whenever a new plan arrives. A pass in
-/// progress when `cancel` fires is abandoned; every agent command is idempotent, so
-/// the next run completes it.
-pub async fn keep_converged(
-    mut plans: watch::Receiver<Arc<Plan>>,
-    connector: Connector,
-    rollout_options: RolloutOptions,
-    options: ConvergeOptions,
-    events: EventSink,
-    cancel: CancellationToken,
-) {
+/// The daemons' one loop: runs `pass` on the newest plan from `plans` until `stop`
+/// resolves: at once, then every `interval` (drift), and at once again whenever a new
+/// plan arrives. No plan yet: it waits for one. A pass in progress when `stop` resolves
+/// is abandoned; every agent command is idempotent, so the next run completes it.
+pub async fn keep_converged<F, Fut>(
+    mut plans: watch::Receiver<Option<Arc<Plan>>>,
+    interval: Duration,
+    stop: impl Future<Output = ()>,
+    mut pass: F,
+) where
+    F: FnMut(Arc<Plan>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    tokio::pin!(stop);
     loop {
         let plan = plans.borrow_and_update().clone();
-        let pass = async {
-            match rollout(&plan, &connector, &rollout_options, &events).await {
-                Ok(report) if report.converged() => {
-                    if report.switched() > 0 {
-                        info!(
-                            revision = plan.revision,
-                            switched = report.switched(),
-                            "converged"
-                        );
-                    }
-                }
-                Ok(report) => {
-                    warn!(
-                        revision = plan.revision,
-                        failed = report.failed(),
-                        "not converged; trying again in {}s",
-                        options.interval.as_secs()
-                    );
-                }
-                Err(e) => warn!(revision = plan.revision, "cannot roll out: {e}"),
+        if let Some(plan) = plan {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = pass(plan) => {}
             }
-        };
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = pass => {}
         }
         tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(options.interval) => {}
-            changed = plans.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-            }
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(interval) => {}
+            changed = plans.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// One convergence pass of a daemon: rolls `plan` out (the groups `options` names),
+/// handing events to `on_event`, and logs a pass that did not converge. The report when
+/// every host converged.
+pub async fn converge_pass(
+    plan: &Plan,
+    connector: &Connector,
+    options: &RolloutOptions,
+    retry_in: Duration,
+    on_event: impl FnMut(&RolloutEvent),
+) -> Option<RolloutReport> {
+    match run(plan, connector, options, on_event).await {
+        Ok(report) if report.converged() => Some(report),
+        Ok(report) => {
+            warn!(
+                groups = ?options.groups,
+                revision = plan.revision,
+                failed = report.failed(),
+                "not converged; trying again in {}s",
+                retry_in.as_secs()
+            );
+            None
+        }
+        Err(e) => {
+            warn!(groups = ?options.groups, revision = plan.revision, "cannot roll out: {e}");
+            None
         }
     }
 }
 
 /// The daemon on a cluster file: loads it (an invalid file at start is an error),
 /// converges, and reloads it whenever its revision grows. A newer revision that does not
-/// validate is logged and the current plan kept.
+/// validate is logged and the current plan kept. Events go to `on_event`.
 pub async fn converge_file(
     path: PathBuf,
     connector: Connector,
-    rollout_options: RolloutOptions,
     options: ConvergeOptions,
-    events: EventSink,
+    on_event: impl Fn(&RolloutEvent) + Send + Sync + 'static,
     cancel: CancellationToken,
 ) -> Result<()> {
     // Stamped before it is read, so a change made while it is read is seen later.
@@ -103,15 +112,25 @@ pub async fn converge_file(
     let plan = Plan::load(&path)?;
     info!(file = %path.display(), revision = plan.revision, "cluster file loaded");
     let mut revision = plan.revision;
-    let (tx, rx) = watch::channel(Arc::new(plan));
-    let converging = tokio::spawn(keep_converged(
-        rx,
-        connector,
-        rollout_options,
-        options.clone(),
-        events,
-        cancel.clone(),
-    ));
+    let (tx, rx) = watch::channel(Some(Arc::new(plan)));
+    let interval = options.interval;
+    let stop = cancel.clone().cancelled_owned();
+    let on_event = Arc::new(on_event);
+    let converging = tokio::spawn(keep_converged(rx, interval, stop, move |plan| {
+        let (connector, on_event) = (connector.clone(), on_event.clone());
+        async move {
+            let options = RolloutOptions::default();
+            let report =
+                converge_pass(&plan, &connector, &options, interval, |e| on_event(e)).await;
+            if let Some(report) = report.filter(|r| r.switched() > 0) {
+                info!(
+                    revision = plan.revision,
+                    switched = report.switched(),
+                    "converged"
+                );
+            }
+        }
+    }));
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -120,7 +139,7 @@ pub async fn converge_file(
         if let Some(plan) = poll_plan(&path, &mut stamp, revision) {
             revision = plan.revision;
             info!(file = %path.display(), revision, "newer revision loaded; converging");
-            let _ = tx.send(Arc::new(plan));
+            let _ = tx.send(Some(Arc::new(plan)));
         }
     }
     let _ = converging.await;

@@ -1,13 +1,17 @@
 //! The rollout's decisions, as pure functions of what the agents reported: what a host
-//! needs ([`assess`]), whether a freshly started release is healthy yet ([`verify`]),
-//! and which hosts of a group may switch now ([`GroupSchedule`]). No I/O here: the
-//! driver observes, these decide, the driver acts.
+//! needs ([`assess`]), the per-host switch as a state machine ([`HostSwitch`]: each
+//! observation gives the next action, rollback included), whether a freshly started
+//! release is healthy yet ([`verify`], which owns the verification deadline), and which
+//! hosts of a group may switch now ([`GroupSchedule`]). No I/O here: the driver
+//! observes, these decide, the driver acts. The other phases are bounded by the agent
+//! client's own timeouts (connect, handshake, request).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
 use erel_proto::{ReleaseState, ReleaseStatus};
 
+use super::{HostOutcome, HostPhase};
 use crate::cluster::Health;
 
 /// The version a host ran before the switch, to return to if the new one fails.
@@ -292,6 +296,284 @@ impl GroupSchedule {
     }
 }
 
+/// Whether a host's release must answer its TCP probe before it counts as up to date:
+/// only a release that runs the desired version is probed.
+pub fn wants_probe(status: Option<&ReleaseStatus>, version: &str) -> bool {
+    status
+        .is_some_and(|s| s.version.as_deref() == Some(version) && s.state == ReleaseState::Running)
+}
+
+/// Whether a release up for `up` is probed now: not before `min_up`, when a verdict
+/// could not be reached anyway.
+pub fn probe_due(up: Duration, health: &Health) -> bool {
+    up >= health.min_up
+}
+
+/// How a host failed: the one failure type of a host's rollout, before it becomes an
+/// event and an outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFailure {
+    /// The phase that failed.
+    pub phase: HostPhase,
+    /// What went wrong.
+    pub reason: String,
+    /// The failed release's own last output.
+    pub output_tail: String,
+    /// Whether the host was returned to its previous state.
+    pub rolled_back: bool,
+}
+
+impl HostFailure {
+    /// A failure in `phase`, without output, not rolled back.
+    pub fn new(phase: HostPhase, reason: impl Into<String>) -> Self {
+        HostFailure {
+            phase,
+            reason: reason.into(),
+            output_tail: String::new(),
+            rolled_back: false,
+        }
+    }
+
+    /// The host's outcome in the report.
+    pub fn outcome(&self) -> HostOutcome {
+        HostOutcome::Failed {
+            phase: self.phase,
+            reason: self.reason.clone(),
+            output_tail: self.output_tail.clone(),
+            rolled_back: self.rolled_back,
+        }
+    }
+}
+
+/// What the driver is to do next for a host being switched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Stop the release (the old version, or the failed new one in a rollback).
+    Stop,
+    /// Start `version`.
+    Start(String),
+    /// Watch `version` (process `pid`, already up for `up`) until it proves healthy or
+    /// fails; the deadline is [`Health::deadline`], see [`verify`].
+    Verify {
+        /// The version.
+        version: String,
+        /// Its process.
+        pid: u32,
+        /// How long it has been up already.
+        up: Duration,
+    },
+    /// The host runs the desired version, healthy.
+    Done {
+        /// The new process.
+        pid: u32,
+        /// The version it ran before.
+        from: Option<String>,
+    },
+    /// The host failed, rolled back or not; the machine is finished.
+    Fail(HostFailure),
+}
+
+/// What performing the last [`Action`] gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    /// It succeeded (stopped, or proved healthy).
+    Ok,
+    /// The release started as this process.
+    Started(u32),
+    /// It failed: why, and the release's own output when there is some.
+    Failed {
+        /// Why.
+        reason: String,
+        /// The release's output tail.
+        output_tail: String,
+    },
+}
+
+impl Observed {
+    /// A failure without output.
+    pub fn failed(reason: impl std::fmt::Display) -> Self {
+        Observed::Failed {
+            reason: reason.to_string(),
+            output_tail: String::new(),
+        }
+    }
+}
+
+/// Where a switching host is; finer than [`HostPhase`], which a rollback spans twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    StopOld,
+    StartNew,
+    VerifyNew,
+    StopNew,
+    StartOld,
+    VerifyOld,
+    Finished,
+}
+
+/// One host's switch as a state machine: stop old → start new → verify, and on a
+/// failure stop new → start old → verify old. Each [`Observed`] gives the next
+/// [`Action`]; no I/O here, the driver performs the actions.
+#[derive(Debug, Clone)]
+pub struct HostSwitch {
+    step: Step,
+    desired: String,
+    previous: Option<Previous>,
+    pid: u32,
+    failure: Option<HostFailure>,
+}
+
+impl HostSwitch {
+    /// The machine for a host assessed as `assessment`, and its first action.
+    pub fn begin(assessment: Assessment, desired: &str) -> (Self, Action) {
+        let mut machine = HostSwitch {
+            step: Step::StopOld,
+            desired: desired.to_string(),
+            previous: None,
+            pid: 0,
+            failure: None,
+        };
+        let action = match assessment {
+            Assessment::UpToDate => {
+                machine.step = Step::Finished;
+                Action::Fail(HostFailure::new(HostPhase::Pinging, "nothing to switch"))
+            }
+            Assessment::Verify { pid, up, previous } => {
+                machine.previous = previous;
+                machine.pid = pid;
+                machine.step = Step::VerifyNew;
+                Action::Verify {
+                    version: machine.desired.clone(),
+                    pid,
+                    up,
+                }
+            }
+            Assessment::Switch { previous, .. } => {
+                machine.previous = previous;
+                Action::Stop
+            }
+        };
+        (machine, action)
+    }
+
+    /// The phase the host is in, as events report it.
+    pub fn phase(&self) -> HostPhase {
+        match self.step {
+            Step::StopOld => HostPhase::Stopping,
+            Step::StartNew => HostPhase::Starting,
+            Step::VerifyNew | Step::Finished => HostPhase::Verifying,
+            Step::StopNew | Step::StartOld => HostPhase::RollingBack,
+            Step::VerifyOld => HostPhase::VerifyingOld,
+        }
+    }
+
+    /// The next action, given what the last one gave.
+    pub fn next(&mut self, observed: Observed) -> Action {
+        let step = self.step;
+        match (step, observed) {
+            (Step::StopOld, Observed::Ok) => {
+                self.step = Step::StartNew;
+                Action::Start(self.desired.clone())
+            }
+            (Step::StartNew, Observed::Started(pid)) => {
+                self.pid = pid;
+                self.step = Step::VerifyNew;
+                Action::Verify {
+                    version: self.desired.clone(),
+                    pid,
+                    up: Duration::ZERO,
+                }
+            }
+            (Step::VerifyNew, Observed::Ok) => {
+                self.step = Step::Finished;
+                Action::Done {
+                    pid: self.pid,
+                    from: self.previous.as_ref().map(|p| p.version.clone()),
+                }
+            }
+            (
+                Step::StartNew | Step::VerifyNew,
+                Observed::Failed {
+                    reason,
+                    output_tail,
+                },
+            ) => {
+                let phase = self.phase();
+                self.failure = Some(HostFailure {
+                    output_tail,
+                    ..HostFailure::new(phase, reason)
+                });
+                self.step = Step::StopNew;
+                Action::Stop
+            }
+            (Step::StopNew, Observed::Ok) => match self.to_restart() {
+                Some(version) => {
+                    self.step = Step::StartOld;
+                    Action::Start(version)
+                }
+                // Nothing ran before (or it was stopped): stopped is the previous state.
+                None => self.finish(|failure| failure.rolled_back = true),
+            },
+            (Step::StopNew, Observed::Failed { reason, .. }) => {
+                self.rollback_failed(|_| "stopping it for the rollback failed".into(), reason)
+            }
+            (Step::StartOld, Observed::Started(pid)) => {
+                self.step = Step::VerifyOld;
+                Action::Verify {
+                    version: self.to_restart().unwrap_or_default(),
+                    pid,
+                    up: Duration::ZERO,
+                }
+            }
+            (Step::StartOld, Observed::Failed { reason, .. }) => {
+                self.rollback_failed(|old| format!("starting {old} again failed"), reason)
+            }
+            (Step::VerifyOld, Observed::Ok) => self.finish(|failure| failure.rolled_back = true),
+            (Step::VerifyOld, Observed::Failed { reason, .. }) => self.rollback_failed(
+                |old| format!("the old version {old} is not healthy either"),
+                reason,
+            ),
+            (Step::StopOld, Observed::Failed { reason, .. }) => {
+                self.step = Step::Finished;
+                Action::Fail(HostFailure::new(HostPhase::Stopping, reason))
+            }
+            (_, observed) => {
+                let phase = self.phase();
+                self.step = Step::Finished;
+                Action::Fail(HostFailure::new(
+                    phase,
+                    format!("unexpected {observed:?} while {phase}"),
+                ))
+            }
+        }
+    }
+
+    /// The version a rollback starts again: the previous one, when it ran.
+    fn to_restart(&self) -> Option<String> {
+        self.previous
+            .as_ref()
+            .filter(|p| p.was_running && p.version != self.desired)
+            .map(|p| p.version.clone())
+    }
+
+    /// The rollback itself failed: `what` (given the version to return to) and why,
+    /// after the original failure.
+    fn rollback_failed(&mut self, what: impl FnOnce(&str) -> String, reason: String) -> Action {
+        let what = what(&self.to_restart().unwrap_or_default());
+        self.finish(|failure| failure.reason = format!("{}; {what}: {reason}", failure.reason))
+    }
+
+    fn finish(&mut self, change: impl FnOnce(&mut HostFailure)) -> Action {
+        self.step = Step::Finished;
+        let mut failure = self
+            .failure
+            .take()
+            .unwrap_or_else(|| HostFailure::new(HostPhase::RollingBack, "rollback"));
+        change(&mut failure);
+        Action::Fail(failure)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,6 +718,13 @@ mod tests {
     }
 
     #[test]
+    fn the_probe_waits_for_min_up() {
+        let h = health(Some(80));
+        assert!(!probe_due(Duration::from_secs(4), &h));
+        assert!(probe_due(Duration::from_secs(5), &h));
+    }
+
+    #[test]
     fn verification_fails_at_once_on_exit_restart_or_new_pid() {
         let h = health(None);
         let exited = status(
@@ -551,5 +840,137 @@ mod tests {
         let mut s = GroupSchedule::new(Vec::new(), 1, 1);
         assert!(s.begin_next().is_empty());
         assert!(s.is_finished());
+    }
+
+    fn switch(previous: Option<(&str, bool)>) -> (HostSwitch, Action) {
+        let previous = previous.map(|(version, was_running)| Previous {
+            version: version.into(),
+            was_running,
+        });
+        HostSwitch::begin(
+            Assessment::Switch {
+                previous,
+                staged: true,
+            },
+            "0.2.0",
+        )
+    }
+
+    #[test]
+    fn a_switch_stops_starts_verifies_and_is_done() {
+        let (mut m, first) = switch(Some(("0.1.0", true)));
+        assert_eq!(first, Action::Stop);
+        assert_eq!(m.phase(), HostPhase::Stopping);
+        assert_eq!(m.next(Observed::Ok), Action::Start("0.2.0".into()));
+        assert_eq!(m.phase(), HostPhase::Starting);
+        assert_eq!(
+            m.next(Observed::Started(7)),
+            Action::Verify {
+                version: "0.2.0".into(),
+                pid: 7,
+                up: Duration::ZERO
+            }
+        );
+        assert_eq!(m.phase(), HostPhase::Verifying);
+        assert_eq!(
+            m.next(Observed::Ok),
+            Action::Done {
+                pid: 7,
+                from: Some("0.1.0".into())
+            }
+        );
+    }
+
+    #[test]
+    fn an_unhealthy_new_version_is_rolled_back_to_the_old_one() {
+        let (mut m, _) = switch(Some(("0.1.0", true)));
+        m.next(Observed::Ok);
+        m.next(Observed::Started(7));
+        let unhealthy = Observed::Failed {
+            reason: "0.2.0: exited with code 3".into(),
+            output_tail: "boom".into(),
+        };
+        assert_eq!(m.next(unhealthy), Action::Stop);
+        assert_eq!(m.phase(), HostPhase::RollingBack);
+        assert_eq!(m.next(Observed::Ok), Action::Start("0.1.0".into()));
+        assert_eq!(m.phase(), HostPhase::RollingBack);
+        assert!(matches!(
+            m.next(Observed::Started(8)),
+            Action::Verify { pid: 8, .. }
+        ));
+        assert_eq!(m.phase(), HostPhase::VerifyingOld);
+        match m.next(Observed::Ok) {
+            Action::Fail(failure) => {
+                assert_eq!(failure.phase, HostPhase::Verifying);
+                assert!(failure.rolled_back);
+                assert_eq!(failure.output_tail, "boom");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_rollback_starts_nothing_that_did_not_run_and_says_what_failed() {
+        let (mut m, _) = switch(Some(("0.1.0", false)));
+        m.next(Observed::Ok);
+        assert_eq!(m.next(Observed::failed("refused")), Action::Stop);
+        match m.next(Observed::Ok) {
+            Action::Fail(failure) => {
+                assert_eq!(failure.phase, HostPhase::Starting);
+                assert!(failure.rolled_back, "stopped is the previous state");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let (mut m, _) = switch(Some(("0.1.0", true)));
+        m.next(Observed::Ok);
+        m.next(Observed::failed("refused"));
+        m.next(Observed::Ok);
+        match m.next(Observed::failed("disk full")) {
+            Action::Fail(failure) => {
+                assert!(!failure.rolled_back);
+                assert_eq!(
+                    failure.reason,
+                    "refused; starting 0.1.0 again failed: disk full"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let (mut m, _) = switch(None);
+        match m.next(Observed::failed("gone")) {
+            Action::Fail(failure) => {
+                assert_eq!(failure.phase, HostPhase::Stopping);
+                assert!(!failure.rolled_back, "a failed stop is not rolled back");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_host_started_moments_ago_is_only_verified() {
+        let (mut m, first) = HostSwitch::begin(
+            Assessment::Verify {
+                pid: 42,
+                up: Duration::from_secs(1),
+                previous: None,
+            },
+            "0.2.0",
+        );
+        assert_eq!(
+            first,
+            Action::Verify {
+                version: "0.2.0".into(),
+                pid: 42,
+                up: Duration::from_secs(1)
+            }
+        );
+        assert_eq!(
+            m.next(Observed::Ok),
+            Action::Done {
+                pid: 42,
+                from: None
+            }
+        );
     }
 }

@@ -5,28 +5,25 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use erel_proto::{ErrorKind, ReleaseStatus};
+use erel_proto::ErrorKind;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 
-use super::decide::{assess, verify, Assessment, GroupSchedule, Observation, Previous, Verdict};
-use super::session::{probe_tcp, HostSession};
+use super::decide::{
+    assess, wants_probe, Action, Assessment, GroupSchedule, HostFailure, HostSwitch, Observed,
+};
+use super::health::{probe_tcp, release_status, watch_health};
 use super::{
-    emit, Connector, EventSink, GroupReport, HostOutcome, HostPhase, HostReport, RolloutEvent,
+    count, emit, EventSink, GroupReport, HostOutcome, HostPhase, HostReport, RolloutEvent,
     RolloutOptions, RolloutReport, Shared, SharedRef,
 };
+use crate::client::{Connector, HostSession};
 use crate::cluster::{Archive, GroupPlan, HostPlan, Plan};
 use crate::error::{Error, Result};
 
-/// How long a failed release's output is waited for when it restarted unseen.
-const OUTPUT_TAIL_WAIT: Duration = Duration::from_secs(2);
-
-/// Brings the hosts of `plan` (all groups, or `options.groups`) to their desired
-/// versions. Errors only when the plan cannot be rolled out at all (an unknown group,
-/// archives not checked); what happens to hosts is in the report.
-pub async fn rollout(
+/// Brings the hosts of `plan` to their desired versions; see [`super::run`].
+pub(crate) async fn rollout(
     plan: &Plan,
     connector: &Connector,
     options: &RolloutOptions,
@@ -85,26 +82,6 @@ fn select_groups<'a>(plan: &'a Plan, wanted: &[String]) -> Result<Vec<&'a GroupP
         .collect()
 }
 
-/// A host's failure, before it becomes an event and an outcome.
-#[derive(Debug, Clone)]
-struct Failure {
-    phase: HostPhase,
-    reason: String,
-    output_tail: String,
-    rolled_back: bool,
-}
-
-impl Failure {
-    fn new(phase: HostPhase, reason: impl Into<String>) -> Self {
-        Failure {
-            phase,
-            reason: reason.into(),
-            output_tail: String::new(),
-            rolled_back: false,
-        }
-    }
-}
-
 /// What one group's tasks share.
 struct GroupCtx {
     shared: SharedRef,
@@ -124,7 +101,7 @@ impl GroupCtx {
         );
     }
 
-    fn failed(&self, host: &HostPlan, failure: &Failure) -> HostOutcome {
+    fn failed(&self, host: &HostPlan, failure: &HostFailure) -> HostOutcome {
         emit(
             &self.shared.events,
             RolloutEvent::HostFailed {
@@ -137,16 +114,11 @@ impl GroupCtx {
                 rolled_back: failure.rolled_back,
             },
         );
-        HostOutcome::Failed {
-            phase: failure.phase,
-            reason: failure.reason.clone(),
-            output_tail: failure.output_tail.clone(),
-            rolled_back: failure.rolled_back,
-        }
+        failure.outcome()
     }
 }
 
-type Staged = std::result::Result<HostSession, Failure>;
+type Staged = std::result::Result<HostSession, HostFailure>;
 
 async fn run_group(
     shared: SharedRef,
@@ -241,14 +213,13 @@ async fn run_group(
             },
         );
     }
-    let count = |f: fn(&HostOutcome) -> bool| reports.iter().filter(|r| f(&r.outcome)).count();
     emit(
         events,
         RolloutEvent::GroupDone {
             group: name.clone(),
-            switched: count(|o| matches!(o, HostOutcome::Switched { .. })),
-            skipped: count(|o| matches!(o, HostOutcome::UpToDate)),
-            failed: count(|o| matches!(o, HostOutcome::Failed { .. })),
+            switched: count(&reports, HostOutcome::is_switched),
+            skipped: count(&reports, |o| *o == HostOutcome::UpToDate),
+            failed: count(&reports, HostOutcome::is_failed),
         },
     );
     GroupReport {
@@ -277,7 +248,7 @@ async fn switch_group(
 
     // 2. Stage ahead on every host, a bounded number at once.
     let permits = Arc::new(Semaphore::new(ctx.shared.options.staging_parallel.max(1)));
-    let (failed_tx, mut staging_failures) = mpsc::unbounded_channel::<(String, Failure)>();
+    let (failed_tx, mut staging_failures) = mpsc::unbounded_channel::<(String, HostFailure)>();
     let mut staging = JoinSet::new();
     let mut waiting: HashMap<String, (oneshot::Receiver<Staged>, Assessment)> = HashMap::new();
     for id in &order {
@@ -385,19 +356,18 @@ async fn switch_group(
 async fn inspect(
     ctx: &GroupCtx,
     host: &HostPlan,
-) -> std::result::Result<(HostSession, Assessment), Failure> {
+) -> std::result::Result<(HostSession, Assessment), HostFailure> {
     ctx.phase(&host.id, HostPhase::Pinging);
     let mut session = HostSession::new(host.host_addr(), ctx.shared.connector.clone());
     let pong = session
         .ping()
         .await
-        .map_err(|e| Failure::new(HostPhase::Pinging, unreachable(host, &e)))?;
+        .map_err(|e| HostFailure::new(HostPhase::Pinging, unreachable(host, &e)))?;
     let status = release_status(&pong.releases, &ctx.group.release);
-    let runs_desired = status.is_some_and(|s| {
-        s.version.as_deref() == Some(ctx.group.version.as_str())
-            && s.state == erel_proto::ReleaseState::Running
-    });
-    let probe_ok = match (ctx.group.probe_port(host), runs_desired) {
+    let probe_ok = match (
+        ctx.group.probe_port(host),
+        wants_probe(status, &ctx.group.version),
+    ) {
         (Some(port), true) => Some(
             probe_tcp(host.probe_host(), port, ctx.shared.options.probe_timeout)
                 .await
@@ -418,10 +388,6 @@ fn unreachable(host: &HostPlan, error: &Error) -> String {
     }
 }
 
-fn release_status<'a>(releases: &'a [ReleaseStatus], name: &str) -> Option<&'a ReleaseStatus> {
-    releases.iter().find(|r| r.name == name)
-}
-
 /// Pushes (skipped when present) and unpacks the archive.
 async fn stage(ctx: &GroupCtx, mut session: HostSession, staged: bool) -> Staged {
     let id = session.host().id.clone();
@@ -429,7 +395,7 @@ async fn stage(ctx: &GroupCtx, mut session: HostSession, staged: bool) -> Staged
     let archive = &ctx.archive;
     let dest = GroupPlan::archive_dest(archive);
     let dir = ctx.group.version_dir();
-    let fail = |e: Error| Failure::new(HostPhase::Staging, e.to_string());
+    let fail = |e: Error| HostFailure::new(HostPhase::Staging, e.to_string());
     let mut done = false;
     if staged {
         // Already unpacked: the agent answers from its marker without the archive.
@@ -453,166 +419,60 @@ async fn stage(ctx: &GroupCtx, mut session: HostSession, staged: bool) -> Staged
     Ok(session)
 }
 
-/// The switch: stop old, start new, verify; roll back on failure. `Ok((pid, from))`.
+/// The switch, as [`HostSwitch`] decides it: stop old, start new, verify; roll back on
+/// failure. `Ok((pid, from))`.
 async fn switch_host(
     ctx: &GroupCtx,
     host: &HostPlan,
     assessment: Assessment,
     staged: oneshot::Receiver<Staged>,
-) -> std::result::Result<(u32, Option<String>), Failure> {
+) -> std::result::Result<(u32, Option<String>), HostFailure> {
     let mut session = match staged.await {
         Ok(Ok(session)) => session,
         Ok(Err(failure)) => return Err(failure),
-        Err(_) => return Err(Failure::new(HostPhase::Staging, "staging was abandoned")),
+        Err(_) => {
+            return Err(HostFailure::new(
+                HostPhase::Staging,
+                "staging was abandoned",
+            ))
+        }
     };
     let group = &ctx.group;
-    let (pid, up, previous) = match assessment {
-        Assessment::UpToDate => return Err(Failure::new(HostPhase::Pinging, "nothing to switch")),
-        Assessment::Verify { pid, up, previous } => (pid, up, previous),
-        Assessment::Switch { previous, .. } => {
-            ctx.phase(&host.id, HostPhase::Stopping);
-            session
-                .stop(&group.release, group.stop_grace)
-                .await
-                .map_err(|e| Failure::new(HostPhase::Stopping, e.to_string()))?;
-            ctx.phase(&host.id, HostPhase::Starting);
-            let start = group.start_request(host, &group.version);
-            match session.start(&start).await {
-                Ok(started) => (started.pid, Duration::ZERO, previous),
-                Err(e) => {
-                    let failure = Failure::new(HostPhase::Starting, e.to_string());
-                    return Err(
-                        roll_back(ctx, host, &mut session, previous.as_ref(), failure).await,
-                    );
-                }
-            }
-        }
-    };
-    ctx.phase(&host.id, HostPhase::Verifying);
-    let from = previous.as_ref().map(|p| p.version.clone());
-    match watch_health(ctx, host, &mut session, &group.version, pid, up).await {
-        Ok(()) => Ok((pid, from)),
-        Err((reason, output_tail)) => {
-            let failure = Failure {
-                phase: HostPhase::Verifying,
-                reason,
-                output_tail,
-                rolled_back: false,
-            };
-            Err(roll_back(ctx, host, &mut session, previous.as_ref(), failure).await)
-        }
-    }
-}
-
-/// Stops the new version and, when an old one ran, starts and verifies it again.
-async fn roll_back(
-    ctx: &GroupCtx,
-    host: &HostPlan,
-    session: &mut HostSession,
-    previous: Option<&Previous>,
-    mut failure: Failure,
-) -> Failure {
-    let group = &ctx.group;
-    ctx.phase(&host.id, HostPhase::RollingBack);
-    if let Err(e) = session.stop(&group.release, group.stop_grace).await {
-        failure.reason = format!(
-            "{}; stopping it for the rollback failed: {e}",
-            failure.reason
-        );
-        return failure;
-    }
-    let Some(previous) = previous.filter(|p| p.was_running && p.version != group.version) else {
-        // Nothing ran before (or it was stopped): stopped is the previous state.
-        failure.rolled_back = true;
-        return failure;
-    };
-    let start = group.start_request(host, &previous.version);
-    let pid = match session.start(&start).await {
-        Ok(started) => started.pid,
-        Err(e) => {
-            failure.reason = format!(
-                "{}; starting {} again failed: {e}",
-                failure.reason, previous.version
-            );
-            return failure;
-        }
-    };
-    ctx.phase(&host.id, HostPhase::VerifyingOld);
-    match watch_health(ctx, host, session, &previous.version, pid, Duration::ZERO).await {
-        Ok(()) => failure.rolled_back = true,
-        Err((why, _)) => {
-            failure.reason = format!(
-                "{}; the old version {} is not healthy either: {why}",
-                failure.reason, previous.version
-            );
-        }
-    }
-    failure
-}
-
-/// Polls until `version` (process `pid`, up `already_up`) is healthy or fails; on
-/// failure, why and the release's output tail.
-async fn watch_health(
-    ctx: &GroupCtx,
-    host: &HostPlan,
-    session: &mut HostSession,
-    version: &str,
-    pid: u32,
-    already_up: Duration,
-) -> std::result::Result<(), (String, String)> {
-    let group = &ctx.group;
-    let options = &ctx.shared.options;
-    let began = Instant::now();
+    let (mut machine, mut action) = HostSwitch::begin(assessment, &group.version);
+    let mut reported = None;
     loop {
-        let pong = session.ping().await.map_err(|e| {
-            (
-                format!("lost the agent while verifying: {e}"),
-                String::new(),
-            )
-        })?;
-        let status = release_status(&pong.releases, &group.release);
-        let up = already_up + began.elapsed();
-        let probe = match group.probe_port(host) {
-            Some(port) if up >= group.health.min_up => {
-                Some(probe_tcp(host.probe_host(), port, options.probe_timeout).await)
-            }
-            _ => None,
-        };
-        let observation = Observation {
-            status,
-            probe: probe.as_ref(),
-            up,
-            elapsed: began.elapsed(),
-        };
-        match verify(&observation, version, pid, &group.health) {
-            Verdict::Healthy => return Ok(()),
-            Verdict::Wait => tokio::time::sleep(options.poll_interval).await,
-            Verdict::Unhealthy(reason) => {
-                let mut tail = status.map(|s| s.output_tail.clone()).unwrap_or_default();
-                if tail.trim().is_empty() {
-                    tail = output_tail_soon(session, &group.release, options.poll_interval).await;
+        if !matches!(action, Action::Done { .. } | Action::Fail(_))
+            && reported != Some(machine.phase())
+        {
+            reported = Some(machine.phase());
+            ctx.phase(&host.id, machine.phase());
+        }
+        let observed = match action {
+            Action::Done { pid, from } => return Ok((pid, from)),
+            Action::Fail(failure) => return Err(failure),
+            Action::Stop => match session.stop(&group.release, group.stop_grace).await {
+                Ok(_) => Observed::Ok,
+                Err(e) => Observed::failed(e),
+            },
+            Action::Start(version) => {
+                match session.start(&group.start_request(host, &version)).await {
+                    Ok(started) => Observed::Started(started.pid),
+                    Err(e) => Observed::failed(e),
                 }
-                return Err((format!("{version}: {reason}"), tail));
             }
-        }
-    }
-}
-
-/// The agent fills a release's output tail once it has exited; one that restarted
-/// between two looks shows none while it runs again. Looks a few more times, briefly,
-/// for the output of its next exit.
-async fn output_tail_soon(session: &mut HostSession, release: &str, interval: Duration) -> String {
-    let deadline = Instant::now() + OUTPUT_TAIL_WAIT;
-    while Instant::now() < deadline {
-        tokio::time::sleep(interval.min(Duration::from_millis(100))).await;
-        let Ok(pong) = session.ping().await else {
-            break;
+            Action::Verify { version, pid, up } => {
+                watch_health(
+                    &ctx.group,
+                    &ctx.shared.options,
+                    host,
+                    &mut session,
+                    &version,
+                    pid,
+                    up,
+                )
+                .await
+            }
         };
-        if let Some(status) = release_status(&pong.releases, release) {
-            if !status.output_tail.trim().is_empty() {
-                return status.output_tail.clone();
-            }
-        }
+        action = machine.next(observed);
     }
-    String::new()
 }

@@ -2,14 +2,18 @@
 //! release version, a bounded number of hosts at a time, gated on health, rolled back
 //! when the new version is not healthy.
 //!
-//! - [`decide`]: the pure decisions (what a host needs, whether a release is healthy
-//!   yet, which hosts may switch now), tested without a network.
-//! - [`driver`]: the one place that performs I/O: ping, stage, stop, start, verify,
+//! - [`decide`]: the pure decisions (what a host needs, the per-host switch as a state
+//!   machine, whether a release is healthy yet, which hosts may switch now), tested
+//!   without a network.
+//! - `driver`: the one place that performs I/O: ping, stage, stop, start, verify,
 //!   roll back; it respects `max_in_flight` through [`decide::GroupSchedule`].
-//! - [`session`]: one host's connection, reconnected and retried on transient errors,
-//!   and the TCP health probe.
-//! - [`converge`]: the daemon loop: reload the cluster file when its revision grows and
-//!   converge again every few seconds, so drift is repaired.
+//! - `health`: watching a started release until a verdict, with its evidence, and the
+//!   TCP probe.
+//! - [`run`] (`runner`): one rollout, its events handed to a callback as they happen;
+//!   `deploy`, `demo` and both daemons run rollouts through it.
+//! - [`converge`]: the daemons' one loop: converge again every few seconds, so drift is
+//!   repaired, and at once when a newer plan arrives (from the cluster file, or from the
+//!   AMQP config log).
 //!
 //! Per host: ping → stage (push, skipped when present; unpack into
 //! `releases/<name>/<version>`) → stop old → start new → verify (up `min_up_secs`
@@ -21,8 +25,9 @@
 
 pub mod converge;
 pub mod decide;
-pub mod driver;
-pub mod session;
+mod driver;
+mod health;
+mod runner;
 
 use std::fmt;
 use std::sync::Arc;
@@ -31,11 +36,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use converge::{converge_file, keep_converged, ConvergeOptions};
-pub use driver::rollout;
-pub use session::Connector;
+pub use runner::run;
 
-/// Where progress events go: the CLI renders them, a daemon logs or publishes them.
-pub type EventSink = tokio::sync::mpsc::UnboundedSender<RolloutEvent>;
+use crate::client::Connector;
+
+/// Where the driver's events go; [`run`] hands them to its caller's callback.
+pub(crate) type EventSink = tokio::sync::mpsc::UnboundedSender<RolloutEvent>;
 
 /// How a rollout runs, beyond what the cluster file says.
 #[derive(Debug, Clone)]
@@ -181,6 +187,15 @@ pub enum RolloutEvent {
     },
 }
 
+/// Whether a failed host was returned to its previous state, in the words reports use.
+pub fn rollback_words(rolled_back: bool) -> &'static str {
+    if rolled_back {
+        "rolled back"
+    } else {
+        "NOT rolled back"
+    }
+}
+
 /// How one host ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
@@ -248,33 +263,40 @@ pub struct RolloutReport {
 impl RolloutReport {
     /// True when every host runs its desired version, healthy.
     pub fn converged(&self) -> bool {
-        self.groups.iter().all(|g| {
-            g.hosts.iter().all(|h| {
-                matches!(
-                    h.outcome,
-                    HostOutcome::Switched { .. } | HostOutcome::UpToDate
-                )
-            })
-        })
+        self.hosts()
+            .all(|h| h.outcome.is_switched() || h.outcome == HostOutcome::UpToDate)
     }
 
     /// Hosts switched in this rollout.
     pub fn switched(&self) -> usize {
-        self.count(|o| matches!(o, HostOutcome::Switched { .. }))
+        self.hosts().filter(|h| h.outcome.is_switched()).count()
     }
 
     /// Hosts that failed.
     pub fn failed(&self) -> usize {
-        self.count(|o| matches!(o, HostOutcome::Failed { .. }))
+        self.hosts().filter(|h| h.outcome.is_failed()).count()
     }
 
-    fn count(&self, which: impl Fn(&HostOutcome) -> bool) -> usize {
-        self.groups
-            .iter()
-            .flat_map(|g| g.hosts.iter())
-            .filter(|h| which(&h.outcome))
-            .count()
+    fn hosts(&self) -> impl Iterator<Item = &HostReport> {
+        self.groups.iter().flat_map(|g| g.hosts.iter())
     }
+}
+
+impl HostOutcome {
+    /// Switched to the desired version.
+    pub fn is_switched(&self) -> bool {
+        matches!(self, HostOutcome::Switched { .. })
+    }
+
+    /// Failed.
+    pub fn is_failed(&self) -> bool {
+        matches!(self, HostOutcome::Failed { .. })
+    }
+}
+
+/// How many of `reports` ended as `which` says.
+pub(crate) fn count(reports: &[HostReport], which: impl Fn(&HostOutcome) -> bool) -> usize {
+    reports.iter().filter(|r| which(&r.outcome)).count()
 }
 
 /// Sends an event; a sink nobody listens to any more is not an error.

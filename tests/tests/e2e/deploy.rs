@@ -10,9 +10,10 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use erel_master::client::Connector;
 use erel_master::cluster::Plan;
 use erel_master::rollout::{
-    self, Connector, HostOutcome, HostPhase, RolloutEvent, RolloutOptions, RolloutReport,
+    self, HostOutcome, HostPhase, RolloutEvent, RolloutOptions, RolloutReport,
 };
 use erel_proto::ReleaseState;
 
@@ -83,18 +84,16 @@ impl Fleet {
     /// Runs a rollout in this process, recording every event with its time.
     async fn rollout(&self) -> (RolloutReport, Vec<(Instant, RolloutEvent)>) {
         let plan = Plan::load(&self.path()).expect("valid cluster file");
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let options = RolloutOptions {
             poll_interval: Duration::from_millis(100),
             ..RolloutOptions::default()
         };
-        let report = rollout::rollout(&plan, &self.connector(), &options, &tx)
-            .await
-            .expect("rollout runs");
         let mut events = Vec::new();
-        while let Ok(event) = rx.try_recv() {
-            events.push((Instant::now(), event));
-        }
+        let report = rollout::run(&plan, &self.connector(), &options, |event| {
+            events.push((Instant::now(), event.clone()))
+        })
+        .await
+        .expect("rollout runs");
         (report, events)
     }
 }
@@ -583,25 +582,19 @@ async fn the_daemon_converges_repairs_drift_follows_revisions_and_stops_on_sigte
 /// Runs a rollout of the current cluster file, timestamping events as they happen.
 async fn timed_rollout(fleet: &Fleet) -> (RolloutReport, Vec<(Instant, RolloutEvent)>, Duration) {
     let plan = Plan::load(&fleet.path()).expect("valid cluster file");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let collector = tokio::spawn(async move {
-        let mut events = Vec::new();
-        while let Some(event) = rx.recv().await {
-            events.push((Instant::now(), event));
-        }
-        events
-    });
+    let mut events = Vec::new();
     let options = RolloutOptions {
         poll_interval: Duration::from_millis(50),
         ..RolloutOptions::default()
     };
     let started = Instant::now();
-    let report = rollout::rollout(&plan, &fleet.connector(), &options, &tx)
-        .await
-        .expect("rollout");
+    let report = rollout::run(&plan, &fleet.connector(), &options, |event| {
+        events.push((Instant::now(), event.clone()))
+    })
+    .await
+    .expect("rollout");
     let took = started.elapsed();
-    drop(tx);
-    (report, collector.await.expect("collector"), took)
+    (report, events, took)
 }
 
 /// Per host: time from `Stopping` to `HostDone`.

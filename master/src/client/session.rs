@@ -1,17 +1,18 @@
-//! One host's connection during a rollout: opened on first use under a bounded connect
-//! timeout, and opened again when a command fails on a transient error (every agent
-//! command is safe to repeat). Also the TCP health probe.
+//! Connections as a rollout or a daemon opens them: a [`Connector`] holds what every
+//! connection needs (TLS, this master's name, a timeout per phase), and a
+//! [`HostSession`] is one host's connection, opened on first use and opened again when
+//! a command fails on a transient error (every agent command is safe to repeat).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use erel_proto::{Pong, Sha256, Start, Started, Stopped, Unpacked, Written};
 
-use crate::client::WriteSource;
+use super::{AgentClient, HostAddr, PhaseTimeouts, WriteSource};
 use crate::error::{Error, Result};
-use crate::{AgentClient, HostAddr};
 
-/// How long a connection (TCP, TLS and `Hello`) may take by default.
+/// How long each phase of opening a connection (TCP; TLS and `Hello`) may take by
+/// default in a rollout, where an unreachable host must not hold up its group.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts per command, the first included, when errors are transient.
 const ATTEMPTS: u32 = 2;
@@ -25,44 +26,38 @@ pub struct Connector {
     pub tls: Arc<rustls::ClientConfig>,
     /// The name this master gives in `Hello`.
     pub master_name: String,
-    /// The longest a connection may take to open.
-    pub connect_timeout: Duration,
+    /// How long each phase of opening a connection may take.
+    pub timeouts: PhaseTimeouts,
 }
 
 impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connector")
             .field("master_name", &self.master_name)
-            .field("connect_timeout", &self.connect_timeout)
+            .field("timeouts", &self.timeouts)
             .finish()
     }
 }
 
 impl Connector {
-    /// A connector with the default connect timeout.
+    /// A connector with [`DEFAULT_CONNECT_TIMEOUT`] for each phase of a connection.
     pub fn new(tls: Arc<rustls::ClientConfig>, master_name: impl Into<String>) -> Self {
         Connector {
             tls,
             master_name: master_name.into(),
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            timeouts: PhaseTimeouts::both(DEFAULT_CONNECT_TIMEOUT),
         }
     }
 
-    /// Connects to `host` within the connect timeout.
+    /// The same, with `limit` for each phase of opening a connection.
+    pub fn with_connect_timeout(mut self, limit: Duration) -> Self {
+        self.timeouts = PhaseTimeouts::both(limit);
+        self
+    }
+
+    /// Connects to `host`, each phase within its timeout.
     pub async fn connect(&self, host: &HostAddr) -> Result<AgentClient> {
-        tokio::time::timeout(
-            self.connect_timeout,
-            AgentClient::connect(host, self.tls.clone(), &self.master_name),
-        )
-        .await
-        .map_err(|_| Error::Timeout {
-            host: host.id.clone(),
-            phase: format!(
-                "connecting to {} (no answer within {}s)",
-                host.addr,
-                self.connect_timeout.as_secs_f32()
-            ),
-        })?
+        AgentClient::connect_within(host, self.tls.clone(), &self.master_name, self.timeouts).await
     }
 }
 
@@ -163,17 +158,5 @@ impl HostSession {
     /// `Stop`.
     pub async fn stop(&mut self, name: &str, grace: Duration) -> Result<Stopped> {
         retrying!(self, |client| client.stop(name, grace))
-    }
-}
-
-/// Connects to `host:port` once; `Err` says why not.
-pub async fn probe_tcp(host: &str, port: u16, limit: Duration) -> std::result::Result<(), String> {
-    match tokio::time::timeout(limit, tokio::net::TcpStream::connect((host, port))).await {
-        Ok(Ok(_stream)) => Ok(()),
-        Ok(Err(e)) => Err(format!("{host}:{port}: {e}")),
-        Err(_) => Err(format!(
-            "{host}:{port}: no answer within {}s",
-            limit.as_secs_f32()
-        )),
     }
 }
