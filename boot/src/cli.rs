@@ -5,9 +5,9 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use crate::agent_lock::AgentLock;
 use crate::config::{Config, Flags};
-use crate::root::Root;
+use crate::fs::AgentLock;
+use crate::fs::Root;
 use crate::server::{serve, Agent, TlsSource};
 use crate::supervisor::Supervisor;
 use anyhow::Context;

@@ -113,7 +113,7 @@ pub enum Error {
     /// An unexpected state.
     #[error("internal error: {0}")]
     Internal(String),
-    /// Another agent serves this root: it holds the agent lock (see [`crate::agent_lock`]).
+    /// Another agent serves this root: it holds the agent lock (see [`crate::fs::AgentLock`]).
     #[error(
         "root {} is already served by another erel-boot ({}): one agent per root, or both would supervise the same releases; stop that agent first",
         root.display(),
@@ -276,5 +276,27 @@ mod tests {
             busy.to_string(),
             "busy: another request is working on a.bin"
         );
+    }
+
+    #[test]
+    fn replies_fit_in_a_frame_whatever_they_quote() {
+        let huge = "é".repeat(40_000);
+        for err in [
+            Error::invalid_path(&huge, "reason"),
+            Error::unsafe_entry(&huge, "reason"),
+            Error::BadRequest(huge.clone()),
+            Error::Conflict {
+                path: huge.clone(),
+                reason: huge.clone(),
+            },
+        ] {
+            let reply = err.to_reply();
+            assert!(
+                reply.message.len() <= erel_proto::text::MAX_ERROR_MESSAGE,
+                "{}",
+                reply.message.len()
+            );
+            erel_proto::encode_frame(&erel_proto::Response::Error(reply)).expect("fits a frame");
+        }
     }
 }

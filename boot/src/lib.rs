@@ -6,20 +6,21 @@
 //! - [`write_file`], [`unpack`]: the file-system commands, safe and atomic.
 //! - [`supervisor`]: `Start`, `Stop`, restarts, crash-loop detection, adoption.
 //! - [`retention`]: old versions and archives removed.
-//! - [`root`]: the root directory and the rules for every path the master names.
+//! - [`fs`]: the root directory, the rules for every path the master names, the
+//!   release layout, durable writes and the agent's lock (one agent per root).
+//! - [`digest`]: sha256 of a file or of its first bytes.
 //! - [`cli`]: the program itself (`main.rs` only calls it).
 //! - [`config`]: flags and `boot.toml` validated once.
 //! - [`settings`]: limits and supervision settings; [`error`]: the one error type.
-//! - [`agent_lock`]: one agent per root, held for the agent's lifetime.
 #![deny(missing_docs)]
 
-pub mod agent_lock;
 pub mod cli;
 pub mod config;
+pub mod digest;
 pub mod error;
+pub mod fs;
 mod peers;
 pub mod retention;
-pub mod root;
 pub mod server;
 pub mod settings;
 pub mod supervisor;

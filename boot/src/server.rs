@@ -28,8 +28,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
+use crate::fs::{free_disk, Root};
 use crate::peers::{HandshakeSlot, Handshakes};
-use crate::root::{free_disk, Root};
 use crate::settings::{Limits, Supervision};
 use crate::supervisor::Supervisor;
 use crate::{retention, unpack, write_file};

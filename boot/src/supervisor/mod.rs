@@ -77,7 +77,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
-use crate::root::{check_name, Root};
+use crate::fs::{check_name, Root};
 use crate::settings::Supervision;
 
 use cgroup::Containment;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
-use erel_boot::root::Root;
+use erel_boot::fs::Root;
 use erel_boot::server::{serve, Agent, TlsSource};
 use erel_boot::settings::{Limits, Supervision};
 use erel_boot::supervisor::Supervisor;
