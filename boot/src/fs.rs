@@ -40,6 +40,7 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use tokio_util::sync::CancellationToken;
 
+use erel_proto::rules::{self, RELEASES_DIR};
 use erel_proto::text::shorten;
 
 use crate::error::{Error, Result};
@@ -53,9 +54,6 @@ pub const MAX_PATH_LEN: usize = 1024;
 /// Longest component of a path the master names, in bytes: Linux's `NAME_MAX`
 /// (`<linux/limits.h>`; the longest name ext4, xfs, btrfs and tmpfs accept).
 pub const MAX_NAME_LEN: usize = 255;
-
-/// Longest release name or version, in bytes.
-pub const MAX_RELEASE_NAME_LEN: usize = 128;
 
 /// The lock file, under the state directory.
 const AGENT_LOCK_FILE: &str = "agent.lock";
@@ -98,18 +96,19 @@ impl Root {
     /// `root/releases/<name>`, after checking `name`.
     pub fn release_dir(&self, name: &str) -> Result<PathBuf> {
         check_name("release name", name)?;
-        Ok(self.dir.join("releases").join(name))
+        Ok(self.dir.join(RELEASES_DIR).join(name))
     }
 
-    /// `root/releases/<name>/<version>`, after checking both.
+    /// `root/releases/<name>/<version>` ([`rules::version_dir`]), after checking both.
     pub fn version_dir(&self, name: &str, version: &str) -> Result<PathBuf> {
         check_name("release version", version)?;
-        Ok(self.release_dir(name)?.join(version))
+        check_name("release name", name)?;
+        Ok(self.dir.join(rules::version_dir(name, version)))
     }
 
     /// Names of the releases with a directory under `releases/`, sorted.
     pub fn release_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = subdirectories(&self.dir.join("releases"))
+        let mut names: Vec<String> = subdirectories(&self.dir.join(RELEASES_DIR))
             .into_iter()
             .map(|(_, name)| name)
             .filter(|name| check_name("release name", name).is_ok())
@@ -287,33 +286,11 @@ pub fn check_lengths(relative: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks a release name or version: one path component of letters, digits, `.`, `_`,
-/// `-` and `+`, not starting with `.`, at most [`MAX_RELEASE_NAME_LEN`] bytes.
-/// Refused with [`Error::InvalidPath`], naming the limit when it is the length.
+/// Checks a release name or version against the protocol's rule
+/// ([`erel_proto::rules::check_release_name`]); refused with [`Error::InvalidPath`].
 pub fn check_name(what: &str, name: &str) -> Result<()> {
-    if name.len() > MAX_RELEASE_NAME_LEN {
-        return Err(Error::invalid_path(
-            name,
-            format!(
-                "not a valid {what}: {} bytes long, above the limit of \
-                 {MAX_RELEASE_NAME_LEN} bytes",
-                name.len()
-            ),
-        ));
-    }
-    let ok = !name.is_empty()
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid_path(
-            name,
-            format!("not a valid {what}: use letters, digits, '.', '_', '-', '+'; no leading '.'"),
-        ))
-    }
+    rules::check_release_name(name)
+        .map_err(|fault| Error::invalid_path(name, format!("not a valid {what}: {fault}")))
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync
@@ -692,7 +669,7 @@ mod tests {
 
     #[test]
     fn long_names_are_refused_naming_the_limit() {
-        let name = "a".repeat(MAX_RELEASE_NAME_LEN);
+        let name = "a".repeat(rules::MAX_RELEASE_NAME_LEN);
         check_name("release name", &name).expect("at the limit");
         for long in [
             format!("{name}a"),
