@@ -125,6 +125,15 @@ pub enum Error {
         /// The pid of the agent holding the lock, when it can be told.
         holder: Option<u32>,
     },
+    /// The agent could not start: what it was setting up, and why.
+    #[error("{what}")]
+    Startup {
+        /// What the agent was setting up.
+        what: String,
+        /// Why it failed, when another error says.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 }
 
 /// Result with the agent's error.
@@ -137,6 +146,17 @@ impl Error {
             op,
             path: path.into(),
             source,
+        }
+    }
+
+    /// Builds an [`Error::Startup`] for `what`, caused by `source`.
+    pub fn startup(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::Startup {
+            what: what.into(),
+            source: Some(source.into()),
         }
     }
 
@@ -178,7 +198,7 @@ impl Error {
                 ErrorKind::NoSpace
             }
             Error::Io { .. } => ErrorKind::Io,
-            Error::Internal(_) => ErrorKind::Internal,
+            Error::Internal(_) | Error::Startup { .. } => ErrorKind::Internal,
             Error::RootInUse { .. } => ErrorKind::Busy,
         }
     }

@@ -26,7 +26,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use erel_boot::fs::Root;
+use erel_boot::root::Root;
 use erel_boot::settings::Limits;
 use erel_master::client::Progress;
 use erel_proto::{ErrorKind, Unpack};
