@@ -20,6 +20,7 @@ mod digest;
 mod error;
 mod fs;
 mod peers;
+mod ping;
 mod retention;
 mod server;
 mod settings;
