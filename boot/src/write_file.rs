@@ -23,7 +23,6 @@
 //! within [`TAKE_OVER_WAIT`] (it is committing) makes the new request [`Error::Busy`].
 //! Parts nobody resumed are removed by [`sweep_stale`] when the agent starts.
 
-use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -71,6 +70,7 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 pub const TAKE_OVER_WAIT: Duration = Duration::from_secs(20);
 
 /// What the agent already holds for a `WriteFile`, and the staging to continue it.
+#[derive(Debug)]
 pub struct Offer {
     /// Bytes already held (`size` when the destination already has this content).
     pub have: u64,
@@ -98,17 +98,6 @@ struct Target {
     mode: u32,
     size: u64,
     expected: Option<Sha256>,
-}
-
-impl fmt::Debug for Offer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Offer")
-            .field("have", &self.have)
-            .field("have_sha256", &self.have_sha256)
-            .field("target", &self.target)
-            .field("present", &self.present)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Checks a `WriteFile` and finds what is already there. Blocking.
@@ -244,6 +233,7 @@ fn staged_prefix(target: &Target) -> Result<(u64, Hasher)> {
 }
 
 /// An open staging file receiving the raw bytes of a transfer.
+#[derive(Debug)]
 pub struct Receiver {
     target: Target,
     /// `None` when nothing is to be received (content already in place) or after commit.
@@ -257,17 +247,6 @@ pub struct Receiver {
     /// Released before the final sync on drop, so a request taking over need not wait
     /// for the disk.
     lock: Option<PathLock>,
-}
-
-impl fmt::Debug for Receiver {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Receiver")
-            .field("target", &self.target)
-            .field("total", &self.total)
-            .field("received", &self.received)
-            .field("present", &self.present)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Starts receiving at `offset` (at most `offer.have`; 0 discards what was staged). Blocking.
@@ -727,9 +706,19 @@ mod tests {
         limits: Limits,
     }
 
+    impl Fixture {
+        fn offer(&self, req: &WriteFile) -> Result<Offer> {
+            offer(&self.root, req, &self.limits)
+        }
+
+        /// A transfer of `req` begun from nothing.
+        fn receiver(&self, req: &WriteFile) -> Receiver {
+            begin(self.offer(req).expect("offer"), req, 0).expect("begin")
+        }
+    }
+
     fn fixture() -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = Root::open(&dir.path().join("root")).expect("open root");
+        let (dir, root) = crate::fs::temp_root();
         let limits = Limits {
             max_file_bytes: 16 << 20,
             disk_reserve_bytes: 0,
@@ -824,14 +813,14 @@ mod tests {
         let data = content(300_000);
         let half = 123_457usize;
         let req = request("archives/a.tar.gz", &data, true);
-        let first = offer(&f.root, &req, &f.limits).expect("offer");
+        let first = f.offer(&req).expect("offer");
         assert_eq!(first.have, 0);
         let mut receiver = begin(first, &req, 0).expect("begin");
         send(&mut receiver, &data[..half]);
         drop(receiver); // the connection is cut
 
         assert!(!f.root.path().join("archives/a.tar.gz").exists());
-        let second = offer(&f.root, &req, &f.limits).expect("offer again");
+        let second = f.offer(&req).expect("offer again");
         assert_eq!(second.have, half as u64);
         assert_eq!(second.have_sha256, digest(&data[..half]));
         let mut receiver = begin(second, &req, half as u64).expect("resume");
@@ -851,8 +840,7 @@ mod tests {
         let f = fixture();
         let data = content(50_000);
         let req = request("one/a.bin", &data, true);
-        let mut receiver =
-            begin(offer(&f.root, &req, &f.limits).expect("offer"), &req, 0).expect("begin");
+        let mut receiver = f.receiver(&req);
         send(&mut receiver, &data[..20_000]);
         drop(receiver);
         let other = request("two/b.bin", &data, true);
@@ -866,8 +854,7 @@ mod tests {
         let data = content(200_000);
         let half = 70_001usize;
         let req = request("data/file.bin", &data, false);
-        let mut receiver =
-            begin(offer(&f.root, &req, &f.limits).expect("offer"), &req, 0).expect("begin");
+        let mut receiver = f.receiver(&req);
         send(&mut receiver, &data[..half]);
         drop(receiver);
         assert_eq!(staging_files(&f).len(), 1);
@@ -875,9 +862,9 @@ mod tests {
 
         // Another size is another staging key: nothing to resume.
         let shorter = request("data/file.bin", &data[..1000], false);
-        assert_eq!(offer(&f.root, &shorter, &f.limits).expect("offer").have, 0);
+        assert_eq!(f.offer(&shorter).expect("offer").have, 0);
 
-        let second = offer(&f.root, &req, &f.limits).expect("offer again");
+        let second = f.offer(&req).expect("offer again");
         assert_eq!(second.have, half as u64);
         // The master compares this with the digest of its own first `have` bytes.
         assert_eq!(second.have_sha256, digest(&data[..half]));
@@ -898,17 +885,12 @@ mod tests {
         let mut new = old.clone();
         new[10] ^= 0xff; // the file changed between attempts
         let req_old = request("f.bin", &old, false);
-        let mut receiver = begin(
-            offer(&f.root, &req_old, &f.limits).expect("offer"),
-            &req_old,
-            0,
-        )
-        .expect("begin");
+        let mut receiver = f.receiver(&req_old);
         send(&mut receiver, &old[..5_000]);
         drop(receiver);
 
         let req = request("f.bin", &new, false);
-        let again = offer(&f.root, &req, &f.limits).expect("offer");
+        let again = f.offer(&req).expect("offer");
         assert_eq!(again.have, 5_000);
         assert_ne!(again.have_sha256, digest(&new[..5_000]));
         let mut receiver = begin(again, &req, 0).expect("restart");
@@ -931,7 +913,7 @@ mod tests {
             mode: 0o600,
             ..req.clone()
         };
-        let offer = offer(&f.root, &again, &f.limits).expect("offer");
+        let offer = f.offer(&again).expect("offer");
         assert_eq!(offer.have, data.len() as u64);
         assert_eq!(offer.have_sha256, digest(&data));
         let receiver = begin(offer, &again, data.len() as u64).expect("begin");
@@ -954,8 +936,7 @@ mod tests {
         let f = fixture();
         let data = content(40_000);
         let req = request("bad.bin", &data, false);
-        let mut receiver =
-            begin(offer(&f.root, &req, &f.limits).expect("offer"), &req, 0).expect("begin");
+        let mut receiver = f.receiver(&req);
         send(&mut receiver, &data);
         let wrong = digest(b"something else");
         let err = receiver.commit(wrong).unwrap_err();
@@ -967,7 +948,7 @@ mod tests {
         assert!(!f.root.path().join("bad.bin").exists());
         assert!(staging_files(&f).is_empty(), "the part must be removed");
         // A retry starts clean.
-        assert_eq!(offer(&f.root, &req, &f.limits).expect("offer").have, 0);
+        assert_eq!(f.offer(&req).expect("offer").have, 0);
     }
 
     #[test]
@@ -978,8 +959,7 @@ mod tests {
             sha256: Some(digest(b"announced")),
             ..request("x.bin", &data, false)
         };
-        let mut receiver =
-            begin(offer(&f.root, &req, &f.limits).expect("offer"), &req, 0).expect("begin");
+        let mut receiver = f.receiver(&req);
         send(&mut receiver, &data);
         let err = receiver.commit(digest(&data)).unwrap_err();
         assert!(matches!(err, Error::ChecksumMismatch { .. }), "{err}");
@@ -996,8 +976,7 @@ mod tests {
         let f = fixture();
         let data = content(1_000);
         let req = request("short.bin", &data, false);
-        let mut receiver =
-            begin(offer(&f.root, &req, &f.limits).expect("offer"), &req, 0).expect("begin");
+        let mut receiver = f.receiver(&req);
         send(&mut receiver, &data[..600]);
         let err = receiver.write(&content(401)).unwrap_err();
         assert!(matches!(err, Error::BadRequest(_)), "{err}");
@@ -1010,7 +989,7 @@ mod tests {
         );
         assert!(!f.root.path().join("short.bin").exists());
         // What arrived is kept for a resume.
-        assert_eq!(offer(&f.root, &req, &f.limits).expect("offer").have, 600);
+        assert_eq!(f.offer(&req).expect("offer").have, 600);
     }
 
     #[test]
@@ -1018,7 +997,7 @@ mod tests {
         let f = fixture();
         let data = content(1_000);
         let req = request("o.bin", &data, false);
-        let offer = offer(&f.root, &req, &f.limits).expect("offer");
+        let offer = f.offer(&req).expect("offer");
         let err = begin(offer, &req, 1).unwrap_err();
         assert!(matches!(err, Error::BadRequest(_)), "{err}");
         assert!(err.to_string().contains("offset 1"), "{err}");
@@ -1033,7 +1012,7 @@ mod tests {
             size: f.limits.max_file_bytes + 1,
             sha256: None,
         };
-        let err = offer(&f.root, &req, &f.limits).unwrap_err();
+        let err = f.offer(&req).unwrap_err();
         assert!(matches!(err, Error::TooLarge { .. }), "{err}");
         assert!(err.to_string().contains("big.bin"), "{err}");
     }
@@ -1042,7 +1021,7 @@ mod tests {
     fn no_space_is_refused() {
         let mut f = fixture();
         f.limits.disk_reserve_bytes = u64::MAX;
-        let err = offer(&f.root, &request("x.bin", b"abc", false), &f.limits).unwrap_err();
+        let err = f.offer(&request("x.bin", b"abc", false)).unwrap_err();
         assert!(matches!(err, Error::NoSpace { .. }), "{err}");
     }
 
@@ -1054,7 +1033,7 @@ mod tests {
                 mode,
                 ..request("bin/tool", b"#!/bin/sh\n", false)
             };
-            let err = offer(&f.root, &req, &f.limits).unwrap_err();
+            let err = f.offer(&req).unwrap_err();
             assert!(matches!(err, Error::BadRequest(_)), "{mode:o}: {err}");
             assert!(err.to_string().contains(&format!("{mode:#o}")), "{err}");
         }
@@ -1069,7 +1048,7 @@ mod tests {
             "../x",
             "/etc/x",
         ] {
-            let err = offer(&f.root, &request(path, b"x", false), &f.limits).unwrap_err();
+            let err = f.offer(&request(path, b"x", false)).unwrap_err();
             assert!(matches!(err, Error::InvalidPath { .. }), "{path}: {err}");
         }
     }
@@ -1079,7 +1058,7 @@ mod tests {
         let f = fixture();
         let outside = tempfile::tempdir().expect("tempdir");
         std::os::unix::fs::symlink(outside.path(), f.root.path().join("link")).expect("symlink");
-        let err = offer(&f.root, &request("link/file", b"x", false), &f.limits).unwrap_err();
+        let err = f.offer(&request("link/file", b"x", false)).unwrap_err();
         assert!(matches!(err, Error::InvalidPath { .. }), "{err}");
         assert!(fs::read_dir(outside.path()).expect("list").next().is_none());
     }
@@ -1090,8 +1069,7 @@ mod tests {
         let outside = tempfile::tempdir().expect("tempdir");
         let data = content(100);
         let req = request("later/deeper/file", &data, false);
-        let mut receiver =
-            begin(offer(&f.root, &req, &f.limits).expect("offer"), &req, 0).expect("begin");
+        let mut receiver = f.receiver(&req);
         send(&mut receiver, &data);
         std::os::unix::fs::symlink(outside.path(), f.root.path().join("later")).expect("symlink");
         let err = receiver.commit(digest(&data)).unwrap_err();
@@ -1103,7 +1081,7 @@ mod tests {
     fn directory_destination_is_a_conflict() {
         let f = fixture();
         fs::create_dir_all(f.root.path().join("releases/beat")).expect("mkdir");
-        let err = offer(&f.root, &request("releases/beat", b"x", false), &f.limits).unwrap_err();
+        let err = f.offer(&request("releases/beat", b"x", false)).unwrap_err();
         assert!(matches!(err, Error::Conflict { .. }), "{err}");
     }
 
@@ -1130,7 +1108,7 @@ mod tests {
         let f = fixture();
         let data = content(1_000);
         let req = request("same.bin", &data, true);
-        let first = offer(&f.root, &req, &f.limits).expect("offer");
+        let first = f.offer(&req).expect("offer");
         let first_wanted = first.wanted();
         let mut receiver = begin(first, &req, 0).expect("begin");
         send(&mut receiver, &data[..300]);
@@ -1161,7 +1139,7 @@ mod tests {
         let f = fixture();
         let data = content(1_000);
         let req = request("same.bin", &data, true);
-        let first = offer(&f.root, &req, &f.limits).expect("offer");
+        let first = f.offer(&req).expect("offer");
         let wanted = first.wanted();
         // Other content goes through while the first transfer holds its staging.
         let other = content(999);
@@ -1175,7 +1153,7 @@ mod tests {
         assert_eq!(copy.have, 0);
         // Without a digest, the key is the path and size: a repeat takes over as well.
         let unknown = request("nodigest.bin", &data, false);
-        let held = offer(&f.root, &unknown, &f.limits).expect("offer");
+        let held = f.offer(&unknown).expect("offer");
         let wanted = held.wanted();
         let repeat = offer_elsewhere(&f, &unknown);
         assert!(eventually(TAKE_OVER_WAIT, || wanted.is_cancelled()));
@@ -1189,16 +1167,11 @@ mod tests {
         let f = fixture();
         let data = content(1_000);
         let held_req = request("held.bin", &data, false);
-        let held = offer(&f.root, &held_req, &f.limits).expect("offer");
+        let held = f.offer(&held_req).expect("offer");
         let mut receiver = begin(held, &held_req, 0).expect("begin");
         send(&mut receiver, &data[..10]);
         let stale_req = request("stale.bin", &data, false);
-        let mut stale = begin(
-            offer(&f.root, &stale_req, &f.limits).expect("offer"),
-            &stale_req,
-            0,
-        )
-        .expect("begin");
+        let mut stale = f.receiver(&stale_req);
         send(&mut stale, &data[..10]);
         drop(stale);
 
