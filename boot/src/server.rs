@@ -392,19 +392,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Err(Error::BadRequest("Hello was already exchanged".into())),
             ),
             Request::Ping(_) => (String::new(), Ok(Response::Pong(ping::ping(&agent).await))),
-            Request::WriteFile(request) => (
-                request.path.clone(),
-                write_file::transfer(self, request).await?,
-            ),
+            Request::WriteFile(request) => write_file::transfer(self, request).await?,
             Request::Unpack(request) => unpack(&agent, request).await,
             Request::Start(request) => start(&agent, request).await,
             Request::Stop(request) => stop(&agent, request).await,
         };
         let (peer, name) = (self.peer, &self.peer_name);
         match &outcome {
-            Err(error) => info!(%peer, %name, %command, %subject, %error, "refused"),
-            Ok(_) if subject.is_empty() => debug!(%peer, %name, %command, "command"),
-            Ok(_) => info!(%peer, %name, %command, %subject, "command"),
+            Err(error) => info!(%peer, %name, %command, %subject, ok = false, %error, "command"),
+            Ok(_) if subject.is_empty() => debug!(%peer, %name, %command, ok = true, "command"),
+            Ok(_) => info!(%peer, %name, %command, %subject, ok = true, "command"),
         }
         let response = outcome.unwrap_or_else(|e| Response::Error(e.to_reply()));
         self.reply(&response).await
