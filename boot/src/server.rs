@@ -35,18 +35,18 @@ use crate::supervisor::Supervisor;
 use crate::{ping, retention, unpack, write_file};
 
 /// Time allowed for the master's `Hello` after the handshake.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no request for this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Time allowed to write one answer.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest grace a `Stop` may ask for.
-pub const MAX_STOP_GRACE: Duration = Duration::from_secs(600);
+const MAX_STOP_GRACE: Duration = Duration::from_secs(600);
 /// How long shutdown waits for connections in progress.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a refused connection is drained before it is closed.
-pub const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+pub(crate) const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
 /// Everything a connection needs to execute commands.
 #[derive(Debug)]

@@ -13,6 +13,11 @@ impl Fixture {
         offer(&self.root, req, &self.limits)
     }
 
+    /// What landed at `path` under the root.
+    fn read(&self, path: &str) -> Vec<u8> {
+        fs::read(self.root.path().join(path)).expect("read")
+    }
+
     /// A transfer of `req` begun from nothing.
     fn receiver(&self, req: &WriteFile) -> Receiver {
         begin(self.offer(req).expect("offer"), 0).expect("begin")
@@ -106,7 +111,7 @@ fn empty_file_transfers() {
     let req = request("empty", b"", true);
     let written = push(&f, &req, b"").expect("push");
     assert_eq!(written.received, 0);
-    assert_eq!(fs::read(f.root.path().join("empty")).expect("read"), b"");
+    assert_eq!(f.read("empty"), b"");
 }
 
 #[test]
@@ -130,10 +135,7 @@ fn cut_transfer_resumes_where_it_stopped() {
     send(&mut receiver, &data[half..]);
     let written = receiver.commit(digest(&data)).expect("commit");
     assert_eq!(written.received, (data.len() - half) as u64);
-    assert_eq!(
-        fs::read(f.root.path().join("archives/a.tar.gz")).expect("read"),
-        data
-    );
+    assert_eq!(f.read("archives/a.tar.gz"), data);
     assert!(staging_files(&f).is_empty());
 }
 
@@ -174,10 +176,7 @@ fn unknown_digest_resumes_by_path_and_size() {
     send(&mut receiver, &data[half..]);
     let written = receiver.commit(digest(&data)).expect("commit");
     assert_eq!(written.received, (data.len() - half) as u64);
-    assert_eq!(
-        fs::read(f.root.path().join("data/file.bin")).expect("read"),
-        data
-    );
+    assert_eq!(f.read("data/file.bin"), data);
 }
 
 #[test]
@@ -199,7 +198,7 @@ fn offset_zero_discards_what_was_staged() {
     send(&mut receiver, &new);
     let written = receiver.commit(digest(&new)).expect("commit");
     assert_eq!(written.received, new.len() as u64);
-    assert_eq!(fs::read(f.root.path().join("f.bin")).expect("read"), new);
+    assert_eq!(f.read("f.bin"), new);
 }
 
 #[test]
@@ -429,10 +428,7 @@ fn a_repeated_transfer_takes_over_and_resumes() {
     let mut receiver = begin(second, 300).expect("begin");
     send(&mut receiver, &data[300..]);
     receiver.commit(digest(&data)).expect("commit");
-    assert_eq!(
-        fs::read(f.root.path().join("same.bin")).expect("read"),
-        data
-    );
+    assert_eq!(f.read("same.bin"), data);
     assert!(staging_files(&f).is_empty());
 }
 
