@@ -17,7 +17,7 @@ use tracing::info;
 
 use super::{begin, offer, Receiver};
 use crate::error::{Error, Result};
-use crate::server::{blocking, ConnError, Connection, REFUSAL_LINGER};
+use crate::server::{blocking, ConnError, ConnResult, Connection, REFUSAL_LINGER};
 
 /// A transfer that makes no progress for this long is abandoned (its bytes are kept).
 const TRANSFER_STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,7 +35,7 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 pub(crate) async fn transfer<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     request: WriteFile,
-) -> std::result::Result<(String, Result<Response>), ConnError> {
+) -> ConnResult<(String, Result<Response>)> {
     let (agent, req) = (conn.agent.clone(), request.clone());
     let offer = match blocking(move || offer(&agent.root, &req, &agent.limits)).await {
         Ok(offer) => offer,
@@ -69,7 +69,7 @@ async fn read_transfer_frame<T: DeserializeOwned, S: AsyncRead + AsyncWrite + Un
     what: &'static str,
     wanted: &CancellationToken,
     path: &str,
-) -> std::result::Result<T, ConnError> {
+) -> ConnResult<T> {
     let read = tokio::select! {
         _ = wanted.cancelled() => return Err(taken_over(conn, path).await),
         read = tokio::time::timeout(TRANSFER_STALL_TIMEOUT, read_frame::<T, _>(&mut conn.stream)) => read,
@@ -114,7 +114,7 @@ async fn stream_to_disk<S: AsyncRead + AsyncWrite + Unpin>(
     remaining: u64,
     path: &str,
     wanted: &CancellationToken,
-) -> std::result::Result<Result<Receiver>, ConnError> {
+) -> ConnResult<Result<Receiver>> {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
     let writer = tokio::task::spawn_blocking(move || {
         while let Some(chunk) = rx.blocking_recv() {
