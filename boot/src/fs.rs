@@ -131,6 +131,17 @@ impl Root {
         found.into_iter().map(|(_, version)| version).collect()
     }
 
+    /// `path` (under the root) relative to the root, as a string: the key of what the
+    /// agent records per path. Rebuilt from components, so `a//b` and `a/b` are one key.
+    pub fn relative(&self, path: &Path) -> String {
+        let inside = path.strip_prefix(&self.dir).unwrap_or(path);
+        inside
+            .components()
+            .collect::<PathBuf>()
+            .to_string_lossy()
+            .into_owned()
+    }
+
     /// Resolves a path the master named, relative to the root.
     ///
     /// Refused: empty, too long, absolute, any `..` or `.` component, NUL bytes, anything

@@ -124,7 +124,7 @@ pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer>
     let key = match request.sha256 {
         Some(digest) => format!("sha-{}", digest.to_hex()),
         None => {
-            let relative = crate::unpack::relative(root, &dest);
+            let relative = root.relative(&dest);
             let path_digest = digest::of_bytes(relative.as_bytes());
             format!("path-{}-{}", path_digest.to_hex(), request.size)
         }
