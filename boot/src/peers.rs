@@ -65,12 +65,13 @@ pub(crate) enum Crowding {
     Total,
 }
 
+#[derive(Debug)]
 struct Pending {
     id: u64,
     evict: CancellationToken,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct State {
     next_id: u64,
     total: usize,
@@ -85,15 +86,6 @@ pub(crate) struct Handshakes {
     max_total: usize,
     max_per_address: usize,
     state: Mutex<State>,
-}
-
-impl std::fmt::Debug for State {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("State")
-            .field("total", &self.total)
-            .field("addresses", &self.by_address.len())
-            .finish_non_exhaustive()
-    }
 }
 
 impl Handshakes {
