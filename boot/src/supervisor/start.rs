@@ -1,0 +1,170 @@
+//! `Start`: run a version of a release, replacing the version that runs, and the
+//! launch that every start and restart goes through.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use erel_proto::{ReleaseState, Start, Started};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+use crate::root::check_name;
+
+use super::cgroup::Containment;
+use super::record::{self, Desired, RunRecord};
+use super::{spawn, step_pid, Current, Inner, Live, Release, Step, Waiter, SWITCH_GRACE};
+
+impl Inner {
+    pub(super) async fn start(self: &Arc<Self>, request: &Start) -> Result<Started> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::Busy("the agent is shutting down".into()));
+        }
+        check_name("release name", &request.name)?;
+        check_name("release version", &request.version)?;
+        let argv = if request.argv.is_empty() {
+            vec![format!("bin/{}", request.name), "foreground".to_string()]
+        } else {
+            request.argv.clone()
+        };
+        let desired = Desired {
+            name: request.name.clone(),
+            version: request.version.clone(),
+            argv,
+            env: request.env.clone(),
+            user: request.user.clone(),
+            should_run: true,
+            crash_looping: false,
+        };
+        let release = self.release(&request.name);
+        let _op = release.op.lock().await;
+
+        if let Some(pid) = already_running(&release.live(), &request.version) {
+            return Ok(Started {
+                pid,
+                already_running: true,
+            });
+        }
+        spawn::preflight(&self.root, &self.host_id, &desired)?;
+        record::save_desired(&self.root, &desired)?;
+        let (generation, token, old) = {
+            let mut live = release.live();
+            let (generation, token) = self.take_over(&mut live);
+            live.desired = Some(desired.clone());
+            (generation, token, live.process.clone())
+        };
+        let ended = match old {
+            Some(old) => {
+                info!(release = %release.name, from = %old.version, to = %desired.version, pid = old.pid, "stopping the running version to start another");
+                self.end_process(&release, &old, SWITCH_GRACE).await
+            }
+            // No process is known, yet something of the release may still be ending
+            // (what a crashed main process left): one copy at a time.
+            None => self.stop_release(&release.name, None, SWITCH_GRACE).await,
+        };
+        if let Err(error) = ended {
+            release.live().task = None;
+            return Err(error);
+        }
+        match self.launch(&release, &desired) {
+            Ok(step) => {
+                let pid = step_pid(&step);
+                {
+                    let mut live = release.live();
+                    live.restarts = 0;
+                    live.short_runs = 0;
+                }
+                info!(release = %release.name, version = %desired.version, pid, "started");
+                self.spawn_task(&release, generation, token, step);
+                Ok(Started {
+                    pid,
+                    already_running: false,
+                })
+            }
+            Err(error) => {
+                let mut stopped = desired.clone();
+                stopped.should_run = false;
+                if let Err(e) = record::save_desired(&self.root, &stopped) {
+                    warn!(release = %release.name, "cannot record that it should not run: {e}");
+                }
+                let mut live = release.live();
+                live.desired = Some(stopped);
+                live.state = ReleaseState::Stopped;
+                live.task = None;
+                Err(error)
+            }
+        }
+    }
+
+    /// Spawns the desired version and records it as the current process. The caller holds
+    /// the operation lock and owns the generation. Refused while anything of the release
+    /// still runs: never two copies.
+    pub(super) fn launch(&self, release: &Release, desired: &Desired) -> Result<Step> {
+        let left = self.members(&desired.name, None);
+        if !left.is_empty() {
+            return Err(Error::SpawnFailed {
+                name: desired.name.clone(),
+                version: desired.version.clone(),
+                reason: format!(
+                    "{} processes of the release still run (pids {left:?}); a second copy is never started",
+                    left.len()
+                ),
+            });
+        }
+        let cgroup = match &self.containment {
+            Containment::Cgroup(tree) => Some(tree.prepare(&desired.name)?),
+            Containment::Fallback(_) => None,
+        };
+        let spawned = spawn::spawn(&self.root, &self.host_id, desired, &self.settings, cgroup)?;
+        let run = RunRecord {
+            pid: spawned.pid,
+            pgid: i32::try_from(spawned.pid).unwrap_or(0),
+            start_time: spawned.start_time,
+            version: desired.version.clone(),
+            daemonized: false,
+            writer_pid: spawned.writer.0,
+            writer_start_time: spawned.writer.1,
+        };
+        if let Err(e) = record::save_run(&self.root, &desired.name, &run) {
+            warn!(release = %desired.name, "cannot write the run record (an agent restart finds the process by its cgroup or environment): {e}");
+        }
+        let (reaped_tx, reaped_rx) = watch::channel(false);
+        let started = Instant::now();
+        let mut live = release.live();
+        live.process = Some(Current {
+            pid: spawned.pid,
+            anchor: (spawned.pid, spawned.start_time),
+            version: desired.version.clone(),
+            started,
+            reaped: Some(reaped_rx),
+            writer: Some(spawned.writer),
+        });
+        live.last_pid = Some(spawned.pid);
+        live.state = ReleaseState::Running;
+        Ok(Step::Wait {
+            pid: spawned.pid,
+            start_time: spawned.start_time,
+            started,
+            writer: Some(spawned.writer),
+            waiter: Waiter::Own {
+                child: Box::new(spawned.child),
+                reaped: reaped_tx,
+            },
+        })
+    }
+}
+
+/// The pid to answer when `version` of the release already runs or waits for a restart.
+fn already_running(live: &Live, version: &str) -> Option<u32> {
+    let desired = live.desired.as_ref()?;
+    if !desired.should_run || desired.crash_looping || desired.version != version {
+        return None;
+    }
+    if let Some(current) = live.process.as_ref().filter(|p| p.version == version) {
+        return Some(current.pid);
+    }
+    if matches!(live.state, ReleaseState::Exited { .. }) && live.task.is_some() {
+        return Some(live.last_pid.unwrap_or(0));
+    }
+    None
+}
