@@ -13,9 +13,24 @@ use crate::error::Result;
 use super::cgroup::Containment;
 use super::process;
 use super::record::{self, Desired, RunRecord};
-use super::{oldest, step_pid, Current, Exit, Inner, Step, Waiter, SWITCH_GRACE};
+use super::{Current, Exit, Inner, Release, Step, Waiter, DAEMONIZE_WINDOW, SWITCH_GRACE};
 
 impl Inner {
+    /// Reads every desired-state file and recovers each release (see [`Inner::recover`]).
+    pub(super) async fn recover_all(self: &Arc<Self>) -> Result<()> {
+        let (all, damaged) = record::load_all_desired(&self.root)?;
+        for error in damaged {
+            warn!("ignoring a damaged desired-state file: {error}");
+        }
+        for desired in all {
+            let name = desired.name.clone();
+            if let Err(error) = self.recover(desired).await {
+                warn!(release = %name, "recovery failed: {error}");
+            }
+        }
+        Ok(())
+    }
+
     /// Brings one release recorded on disk back under supervision at agent start.
     pub(super) async fn recover(self: &Arc<Self>, desired: Desired) -> Result<()> {
         let release = self.release(&desired.name);
@@ -82,23 +97,16 @@ impl Inner {
             return Ok(());
         }
         if let Some((pid, start_time, version, daemonized)) = keep {
+            let anchor = (pid, start_time);
             let age = process::age(start_time).unwrap_or_default();
             let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
             // The writer of the run, when the record names it (not found otherwise: it
             // is no member of the release, and it ends on its own with its output).
             let writer = recorded
                 .as_ref()
-                .filter(|r| r.pid == pid && r.start_time == start_time && r.writer_pid != 0)
+                .filter(|r| (r.pid, r.start_time) == anchor && r.writer_pid != 0)
                 .map(|r| (r.writer_pid, r.writer_start_time));
-            let run = RunRecord {
-                pid,
-                pgid: i32::try_from(pid).unwrap_or(0),
-                start_time,
-                version: version.clone(),
-                daemonized,
-                writer_pid: writer.map_or(0, |w| w.0),
-                writer_start_time: writer.map_or(0, |w| w.1),
-            };
+            let run = RunRecord::new(anchor, &version, daemonized, writer);
             if recorded.as_ref() != Some(&run) {
                 if let Err(e) = record::save_run(&self.root, &name, &run) {
                     warn!(release = %name, "cannot write the run record: {e}");
@@ -109,53 +117,103 @@ impl Inner {
             } else {
                 pid
             };
-            {
-                let mut live = release.live();
-                live.process = Some(Current {
-                    pid: shown,
-                    anchor: (pid, start_time),
-                    version: version.clone(),
-                    started,
-                    reaped: None,
-                    writer,
-                });
-                live.last_pid = Some(shown);
-                live.state = ReleaseState::Running;
-            }
             info!(release = %name, version = %version, pid = shown, daemonized, "adopted a running release");
+            release.live().run(Current {
+                pid: shown,
+                anchor,
+                version,
+                started,
+                reaped: None,
+                writer,
+            });
+            let waiter = if daemonized {
+                Waiter::Members
+            } else {
+                Waiter::Adopted
+            };
             let step = Step::Wait {
-                pid,
-                start_time,
+                anchor,
                 started,
                 writer,
-                waiter: if daemonized {
-                    Waiter::Members
-                } else {
-                    Waiter::Adopted
-                },
+                waiter,
             };
             self.spawn_task(&release, generation, token, step);
             return Ok(());
         }
-        let step = match self.launch(&release, &desired) {
-            Ok(step) => {
-                info!(release = %name, version = %desired.version, pid = step_pid(&step), "started at agent start");
-                step
+        if let Some(step) = self.relaunch(&release, generation, &desired, "start at agent start") {
+            if let Step::Wait { .. } = step {
+                info!(release = %name, version = %desired.version, pid = step.pid(), "started at agent start");
             }
-            Err(error) => {
-                warn!(release = %name, version = %desired.version, "start at agent start failed: {error}");
-                let exit = Exit {
-                    code: None,
-                    signal: None,
-                };
-                match self.record_end(&release, generation, Duration::ZERO, exit) {
-                    Some(delay) => Step::Backoff(delay),
-                    None => return Ok(()),
+            self.spawn_task(&release, generation, token, step);
+        }
+        Ok(())
+    }
+
+    /// The main process of a release ended after running `ran` and `left` members
+    /// remain: with status 0 within [`DAEMONIZE_WINDOW`] the start command daemonized,
+    /// and the members become the release (recorded, so that an agent restart adopts
+    /// them). True when it did.
+    pub(super) fn daemonized(
+        &self,
+        release: &Release,
+        generation: u64,
+        exit: Exit,
+        ran: Duration,
+        left: &[u32],
+    ) -> bool {
+        if exit.code != Some(0) || ran > DAEMONIZE_WINDOW {
+            return false;
+        }
+        let Some(shown) = oldest(left) else {
+            return false;
+        };
+        let run = {
+            let live = release.live();
+            match live
+                .process
+                .as_ref()
+                .filter(|_| live.generation == generation)
+            {
+                Some(current) => {
+                    RunRecord::new(current.anchor, &current.version, true, current.writer)
                 }
+                None => return false,
             }
         };
-        self.spawn_task(&release, generation, token, step);
-        Ok(())
+        // Recorded before it shows: whoever sees the new pid may restart the agent.
+        if let Err(e) = record::save_run(&self.root, &release.name, &run) {
+            warn!(release = %release.name, "cannot record that the release daemonized: {e}");
+        }
+        {
+            let mut live = release.live();
+            if live.generation != generation {
+                return false;
+            }
+            let Some(current) = live.process.as_mut() else {
+                return false;
+            };
+            current.pid = shown;
+            live.last_pid = Some(shown);
+        }
+        info!(release = %release.name, pid = shown, members = left.len(), "the start command returned 0 and left processes: supervising them as the release");
+        true
+    }
+
+    /// For a daemonized release: true while members are left; the pid shown moves to the
+    /// oldest of them when the one shown is gone.
+    pub(super) fn follow_members(&self, release: &Release, anchor: (u32, u64)) -> bool {
+        let left = self.members(&release.name, Some(anchor));
+        let Some(shown) = oldest(&left) else {
+            return false;
+        };
+        let mut live = release.live();
+        if let Some(current) = live.process.as_mut().filter(|c| c.anchor == anchor) {
+            if !left.contains(&current.pid) {
+                current.pid = shown;
+                live.last_pid = Some(shown);
+            }
+        }
+        true
     }
 
     /// With cgroups, processes carrying the release's markers outside its cgroup (left by
@@ -174,20 +232,24 @@ impl Inner {
         }
         warn!(release = %name, pids = ?strays.iter().map(|m| m.pid).collect::<Vec<_>>(), "stopping processes of the release outside its cgroup");
         let alive = || {
-            strays
+            let alive = strays
                 .iter()
-                .filter(|m| process::is_alive(m.pid, m.start_time))
-                .map(|m| m.pid)
-                .collect::<Vec<_>>()
-        };
-        let kill_all = || {
-            process::signal_each(&alive(), nix::sys::signal::Signal::SIGKILL);
-            Ok(())
+                .filter(|m| process::is_alive(m.pid, m.start_time));
+            alive.map(|m| m.pid).collect::<Vec<_>>()
         };
         let what = format!("processes of release {name} outside its cgroup");
-        if let Err(e) = process::stop_members(&what, alive, kill_all, SWITCH_GRACE).await {
+        if let Err(e) = process::stop_members(&what, alive, process::kill_each, SWITCH_GRACE).await
+        {
             warn!(release = %name, "{e}");
         }
     }
 }
 
+/// The oldest of `pids` (earliest start time, then lowest pid): the one reported for a
+/// release whose main process is gone.
+fn oldest(pids: &[u32]) -> Option<u32> {
+    pids.iter()
+        .filter_map(|&pid| Some((process::proc_stat(pid)?.start_time, pid)))
+        .min()
+        .map(|(_, pid)| pid)
+}

@@ -85,7 +85,7 @@ use crate::root::Root;
 use crate::settings::Supervision;
 
 use cgroup::Containment;
-use record::{Desired, RunRecord};
+use record::Desired;
 use stop::wait_writer;
 
 /// Grace between SIGTERM and SIGKILL when the agent itself stops a copy: the running
@@ -188,8 +188,8 @@ enum Step {
     /// Wait for the process (the anchor) to end, or for the members of a daemonized
     /// release to be gone.
     Wait {
-        pid: u32,
-        start_time: u64,
+        /// The main process (pid, start time).
+        anchor: (u32, u64),
         started: Instant,
         /// The run's output writer (pid, start time), waited for before the end of the
         /// run is recorded.
@@ -241,16 +241,7 @@ impl Supervisor {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
-        let (all, damaged) = record::load_all_desired(&inner.root)?;
-        for error in damaged {
-            warn!("ignoring a damaged desired-state file: {error}");
-        }
-        for desired in all {
-            let name = desired.name.clone();
-            if let Err(error) = inner.recover(desired).await {
-                warn!(release = %name, "recovery failed: {error}");
-            }
-        }
+        inner.recover_all().await?;
         Ok(Supervisor { inner })
     }
 
@@ -280,21 +271,7 @@ impl Supervisor {
     /// For retention: each release with the version that runs or should run (both while
     /// one version replaces another).
     pub fn running_versions(&self) -> Vec<(String, String)> {
-        let releases: Vec<Arc<Release>> = self.inner.registered();
-        let mut out = Vec::new();
-        for release in releases {
-            let live = release.live();
-            if let Some(desired) = live.desired.as_ref().filter(|d| d.should_run) {
-                out.push((release.name.clone(), desired.version.clone()));
-            }
-            if let Some(current) = &live.process {
-                let pair = (release.name.clone(), current.version.clone());
-                if !out.contains(&pair) {
-                    out.push(pair);
-                }
-            }
-        }
-        out
+        self.inner.running_versions()
     }
 
     /// Removes the agent's cgroup directory when nothing runs in it any more (a release
@@ -316,36 +293,38 @@ impl Supervisor {
 }
 
 impl Inner {
+    fn registry(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Release>>> {
+        self.releases.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn registered(&self) -> Vec<Arc<Release>> {
-        let releases = self.releases.lock().unwrap_or_else(PoisonError::into_inner);
-        releases.values().cloned().collect()
+        self.registry().values().cloned().collect()
     }
 
     fn find(&self, name: &str) -> Option<Arc<Release>> {
-        let releases = self.releases.lock().unwrap_or_else(PoisonError::into_inner);
-        releases.get(name).cloned()
+        self.registry().get(name).cloned()
     }
 
     fn release(&self, name: &str) -> Arc<Release> {
-        let mut releases = self.releases.lock().unwrap_or_else(PoisonError::into_inner);
-        releases
-            .entry(name.to_string())
-            .or_insert_with(|| {
-                Arc::new(Release {
-                    name: name.to_string(),
-                    op: tokio::sync::Mutex::new(()),
-                    live: Mutex::new(Live {
-                        desired: None,
-                        process: None,
-                        state: ReleaseState::Stopped,
-                        restarts: 0,
-                        short_runs: 0,
-                        generation: 0,
-                        task: None,
-                        last_pid: None,
-                    }),
-                })
+        let new = || {
+            Arc::new(Release {
+                name: name.to_string(),
+                op: tokio::sync::Mutex::new(()),
+                live: Mutex::new(Live {
+                    desired: None,
+                    process: None,
+                    state: ReleaseState::Stopped,
+                    restarts: 0,
+                    short_runs: 0,
+                    generation: 0,
+                    task: None,
+                    last_pid: None,
+                }),
             })
+        };
+        self.registry()
+            .entry(name.to_string())
+            .or_insert_with(new)
             .clone()
     }
 
@@ -361,55 +340,14 @@ impl Inner {
         (live.generation, token)
     }
 
-
-
-    /// The main process of a release ended after running `ran` and `left` members
-    /// remain: with status 0 within [`DAEMONIZE_WINDOW`] the start command daemonized,
-    /// and the members become the release (recorded, so that an agent restart adopts
-    /// them); `None` otherwise.
-    fn daemonized(
-        &self,
-        release: &Release,
-        generation: u64,
-        anchor: (u32, u64),
-        (exit, ran): (Exit, Duration),
-        left: &[u32],
-    ) -> Option<u32> {
-        if exit.code != Some(0) || ran > DAEMONIZE_WINDOW || left.is_empty() {
-            return None;
+    /// Live members of release `name`: its cgroup's, or without cgroups what
+    /// [`process::scan_members`] finds from `anchor` (the main process, pid and start
+    /// time) and the release's markers.
+    fn members(&self, name: &str, anchor: Option<(u32, u64)>) -> Vec<u32> {
+        match &self.containment {
+            Containment::Cgroup(tree) => tree.members(name),
+            Containment::Fallback(_) => process::scan_members(anchor, self.root.path(), name),
         }
-        let shown = oldest(left)?;
-        let (version, writer) = {
-            let live = release.live();
-            if live.generation != generation {
-                return None;
-            }
-            let current = live.process.as_ref()?;
-            (current.version.clone(), current.writer.unwrap_or((0, 0)))
-        };
-        // Recorded before it shows: whoever sees the new pid may restart the agent.
-        let run = RunRecord {
-            pid: anchor.0,
-            pgid: i32::try_from(anchor.0).unwrap_or(0),
-            start_time: anchor.1,
-            version,
-            daemonized: true,
-            writer_pid: writer.0,
-            writer_start_time: writer.1,
-        };
-        if let Err(e) = record::save_run(&self.root, &release.name, &run) {
-            warn!(release = %release.name, "cannot record that the release daemonized: {e}");
-        }
-        {
-            let mut live = release.live();
-            if live.generation != generation {
-                return None;
-            }
-            live.process.as_mut()?.pid = shown;
-            live.last_pid = Some(shown);
-        }
-        info!(release = %release.name, pid = shown, members = left.len(), "the start command returned 0 and left processes: supervising them as the release");
-        Some(shown)
     }
 
     fn spawn_task(
@@ -419,8 +357,7 @@ impl Inner {
         token: CancellationToken,
         step: Step,
     ) {
-        let inner = Arc::clone(self);
-        let release = Arc::clone(release);
+        let (inner, release) = (Arc::clone(self), Arc::clone(release));
         self.tasks
             .spawn(async move { inner.supervise(release, generation, token, step).await });
     }
@@ -436,41 +373,26 @@ impl Inner {
         loop {
             step = match step {
                 Step::Wait {
-                    pid,
-                    start_time,
+                    anchor,
                     started,
                     writer,
                     waiter,
                 } => {
                     let was_members = matches!(waiter, Waiter::Members);
-                    let Some(exit) = self
-                        .wait_exit(&release, pid, start_time, waiter, &token)
-                        .await
-                    else {
+                    let Some(exit) = self.wait_exit(&release, anchor, waiter, &token).await else {
                         return;
                     };
                     if !release.owned_by(generation) {
                         return;
                     }
-                    let anchor = (pid, start_time);
                     let left = if was_members {
                         Vec::new()
                     } else {
                         self.members(&release.name, Some(anchor))
                     };
-                    if self
-                        .daemonized(
-                            &release,
-                            generation,
-                            anchor,
-                            (exit, started.elapsed()),
-                            &left,
-                        )
-                        .is_some()
-                    {
+                    if self.daemonized(&release, generation, exit, started.elapsed(), &left) {
                         step = Step::Wait {
-                            pid,
-                            start_time,
+                            anchor,
                             started,
                             writer,
                             waiter: Waiter::Members,
@@ -478,7 +400,7 @@ impl Inner {
                         continue;
                     }
                     if !left.is_empty() {
-                        warn!(release = %release.name, pid, members = left.len(), "the main process ended; stopping what is left of the release");
+                        warn!(release = %release.name, pid = anchor.0, members = left.len(), "the main process ended; stopping what is left of the release");
                         if let Err(e) = self
                             .stop_release(&release.name, Some(anchor), LEFTOVER_GRACE)
                             .await
@@ -515,30 +437,42 @@ impl Inner {
                             _ => return,
                         }
                     };
-                    match self.launch(&release, &desired) {
-                        Ok(next) => {
-                            let restarts = {
-                                let mut live = release.live();
-                                live.restarts += 1;
-                                live.restarts
-                            };
-                            info!(release = %release.name, version = %desired.version, pid = step_pid(&next), restarts, "restarted");
-                            next
-                        }
-                        Err(error) => {
-                            warn!(release = %release.name, version = %desired.version, "restart failed: {error}");
-                            let exit = Exit {
-                                code: None,
-                                signal: None,
-                            };
-                            match self.record_end(&release, generation, Duration::ZERO, exit) {
-                                Some(delay) => Step::Backoff(delay),
-                                None => return,
-                            }
-                        }
+                    let Some(next) = self.relaunch(&release, generation, &desired, "restart")
+                    else {
+                        return;
+                    };
+                    if let Step::Wait { .. } = &next {
+                        let restarts = {
+                            let mut live = release.live();
+                            live.restarts += 1;
+                            live.restarts
+                        };
+                        info!(release = %release.name, version = %desired.version, pid = next.pid(), restarts, "restarted");
                     }
+                    next
                 }
             };
+        }
+    }
+
+    /// Launches the desired version once more (a restart, or the start at agent start,
+    /// which `what` names); a launch that fails counts as a run that ended at once.
+    /// `None` when the release is left stopped.
+    fn relaunch(
+        &self,
+        release: &Release,
+        generation: u64,
+        desired: &Desired,
+        what: &str,
+    ) -> Option<Step> {
+        match self.launch(release, desired) {
+            Ok(step) => Some(step),
+            Err(error) => {
+                warn!(release = %release.name, version = %desired.version, "{what} failed: {error}");
+                let delay =
+                    self.record_end(release, generation, Duration::ZERO, Exit::default())?;
+                Some(Step::Backoff(delay))
+            }
         }
     }
 
@@ -547,63 +481,45 @@ impl Inner {
     async fn wait_exit(
         &self,
         release: &Release,
-        pid: u32,
-        start_time: u64,
+        anchor: (u32, u64),
         waiter: Waiter,
         token: &CancellationToken,
     ) -> Option<Exit> {
-        match waiter {
+        let members = match waiter {
             Waiter::Own { mut child, reaped } => {
-                tokio::select! {
+                return tokio::select! {
                     status = child.wait() => {
                         let _ = reaped.send(true);
                         Some(match status {
                             Ok(status) => Exit { code: status.code(), signal: status.signal() },
                             Err(e) => {
-                                warn!(release = %release.name, pid, "cannot wait for the process: {e}");
-                                Exit { code: None, signal: None }
+                                warn!(release = %release.name, pid = anchor.0, "cannot wait for the process: {e}");
+                                Exit::default()
                             }
                         })
                     }
                     // Detach: the child is left running; dropping it does not kill it.
                     () = self.shutdown.cancelled() => None,
-                }
+                };
             }
-            Waiter::Members => {
-                let mut poll = tokio::time::interval(ADOPTED_POLL);
-                poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = poll.tick() => {
-                            let left = self.members(&release.name, Some((pid, start_time)));
-                            let Some(shown) = oldest(&left) else {
-                                return Some(Exit { code: None, signal: None });
-                            };
-                            let mut live = release.live();
-                            if let Some(current) = live.process.as_mut().filter(|c| c.anchor == (pid, start_time)) {
-                                if !left.contains(&current.pid) {
-                                    current.pid = shown;
-                                    live.last_pid = Some(shown);
-                                }
-                            }
-                        }
-                        () = token.cancelled() => return None,
+            Waiter::Members => true,
+            Waiter::Adopted => false,
+        };
+        let mut poll = tokio::time::interval(ADOPTED_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = poll.tick() => {
+                    let gone = if members {
+                        !self.follow_members(release, anchor)
+                    } else {
+                        !process::is_alive(anchor.0, anchor.1)
+                    };
+                    if gone {
+                        return Some(Exit::default());
                     }
                 }
-            }
-            Waiter::Adopted => {
-                let mut poll = tokio::time::interval(ADOPTED_POLL);
-                poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = poll.tick() => {
-                            if !process::is_alive(pid, start_time) {
-                                return Some(Exit { code: None, signal: None });
-                            }
-                        }
-                        () = token.cancelled() => return None,
-                    }
-                }
+                () = token.cancelled() => return None,
             }
         }
     }
@@ -618,17 +534,17 @@ impl Inner {
         exit: Exit,
     ) -> Option<Duration> {
         let settings = &self.settings;
-        let (crashed, desired, delay, pid) = {
+        let (crashed, delay, pid) = {
             let mut live = release.live();
             if live.generation != generation {
                 return None;
             }
             let pid = live.process.take().map(|p| p.pid);
-            if ran >= settings.stable_after {
-                live.short_runs = 0;
+            live.short_runs = if ran >= settings.stable_after {
+                0
             } else {
-                live.short_runs += 1;
-            }
+                live.short_runs + 1
+            };
             if !live.desired.as_ref().is_some_and(|d| d.should_run) {
                 live.state = ReleaseState::Stopped;
                 return None;
@@ -639,13 +555,13 @@ impl Inner {
                 if let Some(desired) = live.desired.as_mut() {
                     desired.crash_looping = true;
                 }
-                (true, live.desired.clone(), Duration::ZERO, pid)
+                (live.desired.clone(), Duration::ZERO, pid)
             } else {
                 live.state = ReleaseState::Exited {
                     code: exit.code,
                     signal: exit.signal,
                 };
-                (false, None, backoff(settings, live.short_runs), pid)
+                (None, backoff(settings, live.short_runs), pid)
             }
         };
         if pid.is_some() {
@@ -653,11 +569,9 @@ impl Inner {
                 warn!(release = %release.name, "cannot remove the run record: {e}");
             }
         }
-        if crashed {
-            if let Some(desired) = desired {
-                if let Err(e) = record::save_desired(&self.root, &desired) {
-                    warn!(release = %release.name, "cannot record the crash loop: {e}");
-                }
+        if let Some(desired) = crashed {
+            if let Err(e) = record::save_desired(&self.root, &desired) {
+                warn!(release = %release.name, "cannot record the crash loop: {e}");
             }
             warn!(release = %release.name, ?pid, code = ?exit.code, signal = ?exit.signal, runs = settings.crash_loop_after, "crash-looping: left stopped until the next start");
             return None;
@@ -665,24 +579,24 @@ impl Inner {
         info!(release = %release.name, ?pid, code = ?exit.code, signal = ?exit.signal, delay_ms = delay.as_millis() as u64, "exited; restarting after backoff");
         Some(delay)
     }
-
-
 }
 
-
-/// The oldest of `pids` (earliest start time, then lowest pid): the one reported for a
-/// release whose main process is gone.
-fn oldest(pids: &[u32]) -> Option<u32> {
-    pids.iter()
-        .filter_map(|&pid| Some((process::proc_stat(pid)?.start_time, pid)))
-        .min()
-        .map(|(_, pid)| pid)
+impl Step {
+    /// The pid of the process waited for; 0 during a backoff.
+    fn pid(&self) -> u32 {
+        match self {
+            Step::Wait { anchor, .. } => anchor.0,
+            Step::Backoff(_) => 0,
+        }
+    }
 }
 
-fn step_pid(step: &Step) -> u32 {
-    match step {
-        Step::Wait { pid, .. } => *pid,
-        Step::Backoff(_) => 0,
+impl Live {
+    /// Makes `current` the process that runs.
+    fn run(&mut self, current: Current) {
+        self.last_pid = Some(current.pid);
+        self.process = Some(current);
+        self.state = ReleaseState::Running;
     }
 }
 
@@ -694,4 +608,3 @@ fn backoff(settings: &Supervision, short_runs: u32) -> Duration {
         .saturating_mul(1u32 << doublings)
         .min(settings.restart_backoff_max)
 }
-

@@ -18,6 +18,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use erel_proto::Stopped;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -263,15 +264,6 @@ pub(crate) fn signal_each(pids: &[u32], signal: Signal) {
     }
 }
 
-/// The outcome of stopping a release.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct GroupStop {
-    /// Something of the release was alive.
-    pub was_running: bool,
-    /// It had to be killed after the grace.
-    pub killed: bool,
-}
-
 /// Polls until `members` is empty or `limit` passes; true when empty.
 ///
 /// Empty counts only when two scans [`GROUP_POLL`] apart agree: without cgroups members
@@ -295,35 +287,41 @@ pub(crate) async fn wait_empty(members: &impl Fn() -> Vec<u32>, limit: Duration)
     }
 }
 
+/// SIGKILL to each of `pids` (see [`signal_each`]).
+pub(crate) fn kill_each(pids: &[u32]) -> Result<()> {
+    signal_each(pids, Signal::SIGKILL);
+    Ok(())
+}
+
 /// Stops everything `members` lists: SIGTERM to each member, up to `grace` for all of
-/// them to be gone, then `kill` (repeated while waiting, for what forked meanwhile) and
-/// up to [`KILL_WAIT`] for nothing to be left. Succeeds only when nothing is left;
-/// `what` names the release in the error.
+/// them to be gone, then `kill` of what is left (repeated while waiting, for what forked
+/// meanwhile) and up to [`KILL_WAIT`] for nothing to be left. Succeeds only when nothing
+/// is left; `what` names the release in the error.
 pub(crate) async fn stop_members(
     what: &str,
     members: impl Fn() -> Vec<u32>,
-    kill_all: impl Fn() -> Result<()>,
+    kill: impl Fn(&[u32]) -> Result<()>,
     grace: Duration,
-) -> Result<GroupStop> {
+) -> Result<Stopped> {
     let first = members();
     if first.is_empty() {
-        return Ok(GroupStop {
+        return Ok(Stopped {
             was_running: false,
             killed: false,
         });
     }
     signal_each(&first, Signal::SIGTERM);
     if wait_empty(&members, grace).await {
-        return Ok(GroupStop {
+        return Ok(Stopped {
             was_running: true,
             killed: false,
         });
     }
     let deadline = Instant::now() + KILL_WAIT;
     loop {
-        kill_all()?;
+        kill(&members())?;
         if wait_empty(&members, GROUP_POLL * 4).await {
-            return Ok(GroupStop {
+            return Ok(Stopped {
                 was_running: true,
                 killed: true,
             });

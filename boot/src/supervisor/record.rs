@@ -86,6 +86,27 @@ pub(crate) struct RunRecord {
     pub writer_start_time: u64,
 }
 
+impl RunRecord {
+    /// The record of a run whose main process is `anchor` (pid, start time).
+    pub(crate) fn new(
+        anchor: (u32, u64),
+        version: &str,
+        daemonized: bool,
+        writer: Option<(u32, u64)>,
+    ) -> RunRecord {
+        let (writer_pid, writer_start_time) = writer.unwrap_or((0, 0));
+        RunRecord {
+            pid: anchor.0,
+            pgid: i32::try_from(anchor.0).unwrap_or(0),
+            start_time: anchor.1,
+            version: version.to_string(),
+            daemonized,
+            writer_pid,
+            writer_start_time,
+        }
+    }
+}
+
 fn desired_path(root: &Root, name: &str) -> PathBuf {
     root.state("releases")
         .join(format!("{name}{DESIRED_SUFFIX}"))

@@ -655,5 +655,4 @@ mod tests {
         let mode = fs::metadata(&victim).expect("victim").permissions().mode() & 0o7777;
         assert_eq!(mode, 0o700, "the agent changed the mode through a symlink");
     }
-
 }

@@ -13,7 +13,7 @@ use crate::root::check_name;
 
 use super::cgroup::Containment;
 use super::record::{self, Desired, RunRecord};
-use super::{spawn, step_pid, Current, Inner, Live, Release, Step, Waiter, SWITCH_GRACE};
+use super::{spawn, Current, Inner, Live, Release, Step, Waiter, SWITCH_GRACE};
 
 impl Inner {
     pub(super) async fn start(self: &Arc<Self>, request: &Start) -> Result<Started> {
@@ -68,7 +68,7 @@ impl Inner {
         }
         match self.launch(&release, &desired) {
             Ok(step) => {
-                let pid = step_pid(&step);
+                let pid = step.pid();
                 {
                     let mut live = release.live();
                     live.restarts = 0;
@@ -116,40 +116,32 @@ impl Inner {
             Containment::Fallback(_) => None,
         };
         let spawned = spawn::spawn(&self.root, &self.host_id, desired, &self.settings, cgroup)?;
-        let run = RunRecord {
-            pid: spawned.pid,
-            pgid: i32::try_from(spawned.pid).unwrap_or(0),
-            start_time: spawned.start_time,
-            version: desired.version.clone(),
-            daemonized: false,
-            writer_pid: spawned.writer.0,
-            writer_start_time: spawned.writer.1,
-        };
+        let anchor = (spawned.pid, spawned.start_time);
+        let writer = Some(spawned.writer);
+        let run = RunRecord::new(anchor, &desired.version, false, writer);
         if let Err(e) = record::save_run(&self.root, &desired.name, &run) {
             warn!(release = %desired.name, "cannot write the run record (an agent restart finds the process by its cgroup or environment): {e}");
         }
         let (reaped_tx, reaped_rx) = watch::channel(false);
         let started = Instant::now();
-        let mut live = release.live();
-        live.process = Some(Current {
+        release.live().run(Current {
             pid: spawned.pid,
-            anchor: (spawned.pid, spawned.start_time),
+            anchor,
             version: desired.version.clone(),
             started,
             reaped: Some(reaped_rx),
-            writer: Some(spawned.writer),
+            writer,
         });
-        live.last_pid = Some(spawned.pid);
-        live.state = ReleaseState::Running;
+        let child = Box::new(spawned.child);
+        let waiter = Waiter::Own {
+            child,
+            reaped: reaped_tx,
+        };
         Ok(Step::Wait {
-            pid: spawned.pid,
-            start_time: spawned.start_time,
+            anchor,
             started,
-            writer: Some(spawned.writer),
-            waiter: Waiter::Own {
-                child: Box::new(spawned.child),
-                reaped: reaped_tx,
-            },
+            writer,
+            waiter,
         })
     }
 }

@@ -10,6 +10,25 @@ use crate::root::{check_name, Root};
 use super::{log, Inner};
 
 impl Inner {
+    /// Each release with the version that runs or should run.
+    pub(super) fn running_versions(&self) -> Vec<(String, String)> {
+        let releases = self.registered();
+        let mut out = Vec::new();
+        for release in releases {
+            let live = release.live();
+            if let Some(desired) = live.desired.as_ref().filter(|d| d.should_run) {
+                out.push((release.name.clone(), desired.version.clone()));
+            }
+            if let Some(current) = &live.process {
+                let pair = (release.name.clone(), current.version.clone());
+                if !out.contains(&pair) {
+                    out.push(pair);
+                }
+            }
+        }
+        out
+    }
+
     pub(super) fn statuses(&self) -> Vec<ReleaseStatus> {
         let mut names: BTreeSet<String> = list_release_names(&self.root).into_iter().collect();
         // A name only tried with a refused Start is not a release.

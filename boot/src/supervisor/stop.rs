@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::root::check_name;
 
 use super::cgroup::Containment;
-use super::process::{self, GroupStop};
+use super::process;
 use super::record;
 use super::{Current, Inner, Release, OUTPUT_DRAIN, REAP_WAIT};
 
@@ -46,10 +46,7 @@ impl Inner {
         };
         release.live().state = ReleaseState::Stopped;
         info!(release = %name, was_running = outcome.was_running, killed = outcome.killed, "stopped");
-        Ok(Stopped {
-            was_running: outcome.was_running,
-            killed: outcome.killed,
-        })
+        Ok(outcome)
     }
 
     /// Stops everything of `current` (the caller holds the operation lock and has taken
@@ -59,7 +56,7 @@ impl Inner {
         release: &Release,
         current: &Current,
         grace: Duration,
-    ) -> Result<GroupStop> {
+    ) -> Result<Stopped> {
         let outcome = self
             .stop_release(&release.name, Some(current.anchor), grace)
             .await?;
@@ -85,16 +82,6 @@ impl Inner {
         Ok(outcome)
     }
 
-    /// Live members of release `name`: its cgroup's, or without cgroups what
-    /// [`process::scan_members`] finds from `anchor` (the main process, pid and start
-    /// time) and the release's markers.
-    pub(super) fn members(&self, name: &str, anchor: Option<(u32, u64)>) -> Vec<u32> {
-        match &self.containment {
-            Containment::Cgroup(tree) => tree.members(name),
-            Containment::Fallback(_) => process::scan_members(anchor, self.root.path(), name),
-        }
-    }
-
     /// Stops every member of release `name`: SIGTERM to each, then after `grace` the
     /// cgroup's kill (or SIGKILL to each member); an emptied cgroup is removed.
     pub(super) async fn stop_release(
@@ -102,23 +89,19 @@ impl Inner {
         name: &str,
         anchor: Option<(u32, u64)>,
         grace: Duration,
-    ) -> Result<GroupStop> {
+    ) -> Result<Stopped> {
         let what = format!("release {name}");
         match &self.containment {
             Containment::Cgroup(tree) => {
                 let outcome =
-                    process::stop_members(&what, || tree.members(name), || tree.kill(name), grace)
+                    process::stop_members(&what, || tree.members(name), |_| tree.kill(name), grace)
                         .await?;
                 tree.remove(name);
                 Ok(outcome)
             }
             Containment::Fallback(_) => {
                 let members = || process::scan_members(anchor, self.root.path(), name);
-                let kill_all = || {
-                    process::signal_each(&members(), nix::sys::signal::Signal::SIGKILL);
-                    Ok(())
-                };
-                process::stop_members(&what, members, kill_all, grace).await
+                process::stop_members(&what, members, process::kill_each, grace).await
             }
         }
     }
@@ -132,13 +115,7 @@ pub(super) async fn wait_writer(name: &str, writer: Option<(u32, u64)>) {
     let Some((pid, start_time)) = writer else {
         return;
     };
-    let running = || {
-        if process::is_alive(pid, start_time) {
-            vec![pid]
-        } else {
-            Vec::new()
-        }
-    };
+    let running = || Vec::from_iter(Some(pid).filter(|_| process::is_alive(pid, start_time)));
     if !process::wait_empty(&running, OUTPUT_DRAIN).await {
         warn!(release = %name, writer = pid, "the output writer has not ended {}s after the release; it ends once whatever still holds the release's output closes it", OUTPUT_DRAIN.as_secs());
     }
