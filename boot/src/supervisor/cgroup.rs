@@ -206,21 +206,18 @@ impl Tree {
 /// exist. Cgroup directories hold only interface files and child cgroups, and the
 /// kernel bounds their depth (`cgroup.max.depth`), so the walk ends.
 fn cgroups_below(dir: &Path) -> Vec<PathBuf> {
-    if !dir.is_dir() {
-        return Vec::new();
-    }
-    let mut found = vec![dir.to_path_buf()];
-    let mut next = 0;
-    while next < found.len() {
-        let children: Vec<PathBuf> = fs::read_dir(&found[next])
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
-            .map(|entry| entry.path())
-            .collect();
-        found.extend(children);
-        next += 1;
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(cgroup) = todo.pop() {
+        if cgroup.is_dir() {
+            let entries = fs::read_dir(&cgroup).into_iter().flatten().flatten();
+            todo.extend(
+                entries
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+            found.push(cgroup);
+        }
     }
     found
 }

@@ -635,6 +635,14 @@ mod tests {
         assert!(tail.len() <= OUTPUT_TAIL_MAX && !tail.is_empty());
     }
 
+    /// A writer for `app.log` in a new temporary directory.
+    fn temp_log(cap: u64) -> (tempfile::TempDir, PathBuf, CappedLog) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("app.log");
+        let capped = CappedLog::new(log.clone(), cap);
+        (dir, log, capped)
+    }
+
     fn size(path: &Path) -> u64 {
         fs::metadata(path).map(|m| m.len()).unwrap_or(0)
     }
@@ -648,10 +656,8 @@ mod tests {
 
     #[test]
     fn the_cap_holds_after_every_write_of_any_size() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("app.log");
         let cap = MIN_LOG_MAX_BYTES * 4;
-        let mut capped = CappedLog::new(log.clone(), cap);
+        let (_dir, log, mut capped) = temp_log(cap);
         let mut last = String::new();
         for (i, len) in [1usize, 7, 100, 4000, 65_536, 3, 20_000, 9_000, 1]
             .iter()
@@ -670,11 +676,9 @@ mod tests {
 
     #[test]
     fn lines_that_fit_are_not_split_and_long_ones_are() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("app.log");
         let cap = MIN_LOG_MAX_BYTES;
         let half = (cap / 2) as usize;
-        let mut capped = CappedLog::new(log.clone(), cap);
+        let (_dir, log, mut capped) = temp_log(cap);
         let line = |c: char, n: usize| format!("{}\n", c.to_string().repeat(n - 1));
         capped.write(line('a', half - 10).as_bytes());
         // 20 bytes do not fit in the 10 left: the line starts a new file.
@@ -700,10 +704,8 @@ mod tests {
 
     #[test]
     fn two_writers_keep_the_cap_together_and_never_write_into_a_removed_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("app.log");
         let cap = MIN_LOG_MAX_BYTES * 2;
-        let mut one = CappedLog::new(log.clone(), cap);
+        let (_dir, log, mut one) = temp_log(cap);
         let mut two = CappedLog::new(log.clone(), cap);
         for i in 0..500 {
             one.write(format!("one {i:04} {}\n", "1".repeat(i % 300)).as_bytes());
@@ -730,9 +732,7 @@ mod tests {
 
     #[test]
     fn a_removed_log_is_created_again() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("app.log");
-        let mut capped = CappedLog::new(log.clone(), MIN_LOG_MAX_BYTES);
+        let (_dir, log, mut capped) = temp_log(MIN_LOG_MAX_BYTES);
         capped.write(b"before\n");
         fs::remove_file(&log).expect("remove");
         capped.write(b"after\n");
@@ -765,9 +765,7 @@ mod tests {
 
     #[test]
     fn the_tail_spans_a_rotation() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("app.log");
-        let mut capped = CappedLog::new(log.clone(), MIN_LOG_MAX_BYTES);
+        let (_dir, log, mut capped) = temp_log(MIN_LOG_MAX_BYTES);
         capped.write(format!("{}\n", "o".repeat(1500)).as_bytes());
         capped.write(format!("{}\n", "n".repeat(1000)).as_bytes());
         let tail = output_tail(&log);

@@ -196,23 +196,34 @@ pub(crate) fn load_all_desired(root: &Root) -> Result<(Vec<Desired>, Vec<Error>)
     Ok((found, damaged))
 }
 
+/// A temporary root, and what a plain `Start` of `name` `version` asks for.
+#[cfg(test)]
+pub(crate) fn test_root_and_desired(
+    name: &str,
+    version: &str,
+) -> (tempfile::TempDir, Root, Desired) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = Root::open(dir.path()).expect("root");
+    let desired = Desired {
+        name: name.into(),
+        version: version.into(),
+        argv: vec![format!("bin/{name}"), "foreground".into()],
+        env: Vec::new(),
+        user: None,
+        should_run: true,
+        crash_looping: false,
+    };
+    (dir, root, desired)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn desired_and_run_records_round_trip() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = Root::open(dir.path()).expect("root");
-        let desired = Desired {
-            name: "beat".into(),
-            version: "1.0".into(),
-            argv: vec!["bin/beat".into(), "foreground".into()],
-            env: vec![("A".into(), "b".into())],
-            user: None,
-            should_run: true,
-            crash_looping: false,
-        };
+        let (_dir, root, mut desired) = test_root_and_desired("beat", "1.0");
+        desired.env = vec![("A".into(), "b".into())];
         save_desired(&root, &desired).expect("save");
         // A release whose name ends like a suffix does not collide.
         let other = Desired {

@@ -53,14 +53,11 @@ pub(crate) struct Spawned {
     pub writer: (u32, u64),
 }
 
-/// Who a release runs as.
+/// Who a release runs as: the user's passwd entry and the groups it is in.
 #[derive(Debug, Clone)]
 struct RunAs {
-    uid: Uid,
-    gid: Gid,
+    user: User,
     groups: Vec<Gid>,
-    name: String,
-    home: PathBuf,
 }
 
 fn spawn_failed(desired: &Desired, reason: impl Into<String>) -> Error {
@@ -73,46 +70,29 @@ fn spawn_failed(desired: &Desired, reason: impl Into<String>) -> Error {
 
 /// Looks up the user a release should run as (a name, or a numeric uid with a passwd
 /// entry).
-fn lookup_user(desired: &Desired, user: &str) -> Result<RunAs> {
-    if user.len() > MAX_USER_LEN {
-        return Err(spawn_failed(
-            desired,
-            format!(
-                "user name '{}' is above the limit of {MAX_USER_LEN} bytes (LOGIN_NAME_MAX)",
-                quote(user)
-            ),
-        ));
+fn lookup_user(desired: &Desired, name: &str) -> Result<RunAs> {
+    let failed = |why: String| Err(spawn_failed(desired, why));
+    if name.len() > MAX_USER_LEN {
+        let why = format!(
+            "user name '{}' is above the limit of {MAX_USER_LEN} bytes (LOGIN_NAME_MAX)",
+            quote(name)
+        );
+        return failed(why);
     }
-    let found = match user.parse::<u32>() {
+    let found = match name.parse::<u32>() {
         Ok(uid) => User::from_uid(Uid::from_raw(uid)),
-        Err(_) => User::from_name(user),
+        Err(_) => User::from_name(name),
     };
-    let entry = match found {
-        Ok(Some(entry)) => entry,
-        Ok(None) => {
-            return Err(spawn_failed(
-                desired,
-                format!("unknown user '{}'", quote(user)),
-            ))
-        }
-        Err(e) => {
-            return Err(spawn_failed(
-                desired,
-                format!("cannot look up user '{}': {e}", quote(user)),
-            ))
-        }
+    let user = match found {
+        Ok(Some(user)) => user,
+        Ok(None) => return failed(format!("unknown user '{}'", quote(name))),
+        Err(e) => return failed(format!("cannot look up user '{}': {e}", quote(name))),
     };
-    let groups = CString::new(entry.name.clone())
+    let groups = CString::new(user.name.clone())
         .ok()
-        .and_then(|name| nix::unistd::getgrouplist(&name, entry.gid).ok())
-        .unwrap_or_else(|| vec![entry.gid]);
-    Ok(RunAs {
-        uid: entry.uid,
-        gid: entry.gid,
-        groups,
-        name: entry.name,
-        home: entry.dir,
-    })
+        .and_then(|name| nix::unistd::getgrouplist(&name, user.gid).ok())
+        .unwrap_or_else(|| vec![user.gid]);
+    Ok(RunAs { user, groups })
 }
 
 /// Checks `argv[0]` and returns the program's full path: relative to the version
@@ -186,12 +166,12 @@ fn environment(
         ),
     ];
     let home = match run_as {
-        Some(run_as) => run_as.home.to_string_lossy().into_owned(),
+        Some(run_as) => run_as.user.dir.to_string_lossy().into_owned(),
         None => std::env::var("HOME").unwrap_or_else(|_| version_dir.to_string_lossy().into()),
     };
     env.push(("HOME".into(), home));
     let user = match run_as {
-        Some(run_as) => Some(run_as.name.clone()),
+        Some(run_as) => Some(run_as.user.name.clone()),
         None => std::env::var("USER").ok().or_else(|| {
             User::from_uid(nix::unistd::geteuid())
                 .ok()
@@ -216,14 +196,20 @@ fn environment(
         env.retain(|(k, _)| k != key);
         env.push((key.clone(), value.clone()));
     }
-    env.push(("EREL_HOST_ID".into(), host_id.into()));
-    env.push(("EREL_RELEASE".into(), desired.name.clone()));
-    env.push(("EREL_VERSION".into(), desired.version.clone()));
-    env.push((
-        "EREL_ROOT".into(),
-        root.path().to_string_lossy().into_owned(),
-    ));
-    env.push(("EREL_DATA".into(), data_text));
+    let root_text = root.path().to_string_lossy().into_owned();
+    let values = [
+        host_id,
+        &desired.name,
+        &desired.version,
+        &root_text,
+        &data_text,
+    ];
+    env.extend(
+        EREL_VARS
+            .iter()
+            .zip(values)
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
     Ok(env)
 }
 
@@ -245,7 +231,7 @@ fn ensure_data_dir(root: &Root, desired: &Desired, run_as: Option<&RunAs>) -> Re
     // never left to a user it was handed to before.
     let owner = Some(run_as.map_or_else(
         || (nix::unistd::geteuid(), nix::unistd::getegid()),
-        |r| (r.uid, r.gid),
+        |r| (r.user.uid, r.user.gid),
     ));
     for (dir, mode, owner) in [
         (top.clone(), 0o755, None),
@@ -310,52 +296,43 @@ fn ensure_data_dir(root: &Root, desired: &Desired, run_as: Option<&RunAs>) -> Re
 /// processes and swap entries meanwhile, and what it does not own (a hard link to
 /// another user's file) is not its to give. Directories deeper than `depth` are left.
 fn hand_over(dir: &fs::File, from: u32, to: (Uid, Gid), depth: usize) -> std::io::Result<()> {
+    use nix::errno::Errno::{ELOOP, ENOENT, ENOTDIR};
     use nix::fcntl::{AtFlags, OFlag};
-    let gone = |e: &nix::errno::Errno| *e == nix::errno::Errno::ENOENT;
+    let nofollow = AtFlags::AT_SYMLINK_NOFOLLOW;
     // The listing of the directory the descriptor holds, whatever its path is now.
     for entry in fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))? {
         let name = entry?.file_name();
-        let stat =
-            match nix::sys::stat::fstatat(dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
-                Ok(stat) => stat,
-                Err(e) if gone(&e) => continue,
-                Err(e) => return Err(e.into()),
-            };
+        let name = name.as_os_str();
+        // An entry that went away meanwhile is skipped.
+        let Some(stat) = unless(nix::sys::stat::fstatat(dir, name, nofollow), &[ENOENT])? else {
+            continue;
+        };
+        // What `from` does not own is not its to give.
         if stat.st_uid != from {
             continue;
         }
-        match nix::unistd::fchownat(
-            dir,
-            name.as_os_str(),
-            Some(to.0),
-            Some(to.1),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        ) {
-            Ok(()) => {}
-            Err(e) if gone(&e) => continue,
-            Err(e) => return Err(e.into()),
+        let chown = nix::unistd::fchownat(dir, name, Some(to.0), Some(to.1), nofollow);
+        if unless(chown, &[ENOENT])?.is_none() {
+            continue;
         }
         if stat.st_mode & libc::S_IFMT == libc::S_IFDIR && depth > 0 {
-            let sub = match nix::fcntl::openat(
-                dir,
-                name.as_os_str(),
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                nix::sys::stat::Mode::empty(),
-            ) {
-                Ok(sub) => sub,
-                Err(e)
-                    if gone(&e)
-                        || e == nix::errno::Errno::ELOOP
-                        || e == nix::errno::Errno::ENOTDIR =>
-                {
-                    continue
-                }
-                Err(e) => return Err(e.into()),
-            };
-            hand_over(&fs::File::from(sub), from, to, depth - 1)?;
+            let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            let sub = nix::fcntl::openat(dir, name, flags, nix::sys::stat::Mode::empty());
+            if let Some(sub) = unless(sub, &[ENOENT, ELOOP, ENOTDIR])? {
+                hand_over(&fs::File::from(sub), from, to, depth - 1)?;
+            }
         }
     }
     Ok(())
+}
+
+/// `Ok(None)` for an error in `skip`.
+fn unless<T>(result: nix::Result<T>, skip: &[nix::errno::Errno]) -> std::io::Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(e) if skip.contains(&e) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Checks that `run_as` can reach and run the program: every directory from `/` down to
@@ -364,13 +341,13 @@ fn hand_over(dir: &fs::File, from: u32, to: (Uid, Gid), depth: usize) -> std::io
 fn check_user_access(desired: &Desired, run_as: &RunAs, program: &Path) -> Result<()> {
     let may = |meta: &fs::Metadata, bits: u32| {
         let mode = meta.permissions().mode();
-        if run_as.uid.is_root() {
+        if run_as.user.uid.is_root() {
             return true;
         }
-        let allowed = if meta.uid() == run_as.uid.as_raw() {
+        let allowed = if meta.uid() == run_as.user.uid.as_raw() {
             (mode >> 6) & 0o7
         } else if run_as.groups.iter().any(|g| g.as_raw() == meta.gid())
-            || meta.gid() == run_as.gid.as_raw()
+            || meta.gid() == run_as.user.gid.as_raw()
         {
             (mode >> 3) & 0o7
         } else {
@@ -378,37 +355,22 @@ fn check_user_access(desired: &Desired, run_as: &RunAs, program: &Path) -> Resul
         };
         allowed & bits == bits
     };
-    let mut ancestors: Vec<&Path> = program.ancestors().skip(1).collect();
-    ancestors.reverse();
-    for dir in ancestors {
-        let meta = fs::metadata(dir).map_err(|e| Error::io("inspect", dir, e))?;
-        if !may(&meta, 0o1) {
-            return Err(spawn_failed(
-                desired,
-                format!(
-                    "user '{}' (uid {}) cannot enter {} (mode {:o}, owner uid {}); the root and releases/ must be searchable by it",
-                    run_as.name,
-                    run_as.uid,
-                    dir.display(),
-                    meta.permissions().mode() & 0o7777,
-                    meta.uid()
-                ),
-            ));
+    // Every directory from `/` down, then the program itself.
+    let mut checks: Vec<(&Path, u32)> = program.ancestors().map(|dir| (dir, 0o1)).collect();
+    checks[0].1 = 0o5;
+    checks.reverse();
+    for (path, bits) in checks {
+        let meta = fs::metadata(path).map_err(|e| Error::io("inspect", path, e))?;
+        if !may(&meta, bits) {
+            let (what, hint) = match bits {
+                0o1 => ("enter", "; the root and releases/ must be searchable by it"),
+                _ => ("read and execute", ""),
+            };
+            let (name, uid) = (&run_as.user.name, run_as.user.uid);
+            let (mode, owner) = (meta.permissions().mode() & 0o7777, meta.uid());
+            let why = format!("user '{name}' (uid {uid}) cannot {what} {} (mode {mode:o}, owner uid {owner}){hint}", path.display());
+            return Err(spawn_failed(desired, why));
         }
-    }
-    let meta = fs::metadata(program).map_err(|e| Error::io("inspect", program, e))?;
-    if !may(&meta, 0o5) {
-        return Err(spawn_failed(
-            desired,
-            format!(
-                "user '{}' (uid {}) cannot read and execute {} (mode {:o}, owner uid {})",
-                run_as.name,
-                run_as.uid,
-                program.display(),
-                meta.permissions().mode() & 0o7777,
-                meta.uid()
-            ),
-        ));
     }
     Ok(())
 }
@@ -459,14 +421,13 @@ pub(crate) fn preflight(root: &Root, host_id: &str, desired: &Desired) -> Result
 /// Refuses a switch of user the agent is not privileged for.
 fn check_switch(desired: &Desired, run_as: RunAs) -> Result<RunAs> {
     let euid = nix::unistd::geteuid();
-    if run_as.uid != euid && !euid.is_root() {
-        return Err(spawn_failed(
-            desired,
-            format!(
-                "the agent runs as uid {euid} and cannot switch to user '{}' (uid {})",
-                run_as.name, run_as.uid
-            ),
-        ));
+    let RunAs { user, .. } = &run_as;
+    if user.uid != euid && !euid.is_root() {
+        let why = format!(
+            "the agent runs as uid {euid} and cannot switch to user '{}' (uid {})",
+            user.name, user.uid
+        );
+        return Err(spawn_failed(desired, why));
     }
     Ok(run_as)
 }
@@ -517,10 +478,12 @@ pub(crate) fn spawn(
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr);
-    enter_cgroup_and_session(&mut command, cgroup.as_ref().map(|f| f.as_raw_fd()));
-    if let Some(run_as) = run_as.filter(|r| r.uid != nix::unistd::geteuid()) {
-        drop_privileges(&mut command, run_as);
-    }
+    let procs = cgroup.as_ref().map(|f| f.as_raw_fd());
+    pre_exec(
+        &mut command,
+        procs,
+        run_as.filter(|r| r.user.uid != nix::unistd::geteuid()),
+    );
     let mut command = Command::from(command);
     command.kill_on_drop(false);
     let child = command
@@ -543,51 +506,37 @@ pub(crate) fn spawn(
     })
 }
 
-/// Makes the child join its cgroup (when `procs` is the open `cgroup.procs` of one) and
-/// lead a new session, before anything else runs in it.
+/// Makes the child, before anything else runs in it, join its cgroup (when `procs` is
+/// the open `cgroup.procs` of one), lead a new session, and drop to `run_as` when given:
+/// supplementary groups, then group, then user.
 ///
 /// Writing `0` to `cgroup.procs` moves the writing process (cgroup-v2(7)); done in the
 /// child, everything the release later forks is born in the cgroup. A failed write
-/// aborts the spawn: a release never runs outside its cgroup.
+/// aborts the spawn: a release never runs outside its cgroup. std's `CommandExt::uid`
+/// and `gid` clear the supplementary groups and offer no stable way to set them, and a
+/// release often needs its user's groups (to read a key, say), so those three calls are
+/// made here too.
 #[allow(unsafe_code)]
-fn enter_cgroup_and_session(command: &mut std::process::Command, procs: Option<i32>) {
-    // SAFETY: the closure runs in the forked child before exec. It only makes the write
-    // and setsid system calls on a descriptor and bytes prepared before the fork (no
-    // allocation, no lock), and reports failure through the returned io::Error, which
-    // aborts the spawn. The descriptor stays open in the parent until the spawn returns.
+fn pre_exec(command: &mut std::process::Command, procs: Option<i32>, run_as: Option<RunAs>) {
+    let ids = run_as.map(|r| (r.groups, r.user.gid, r.user.uid));
+    // SAFETY: the closure runs in the forked child before exec. It only makes the write,
+    // setsid, setgroups, setgid and setuid system calls on a descriptor and data prepared
+    // before the fork (no allocation, no lock, nothing that is not async-signal-safe),
+    // and reports failure through the returned io::Error, which aborts the spawn. The
+    // descriptor stays open in the parent until the spawn returns.
     unsafe {
         command.pre_exec(move || {
             if let Some(fd) = procs {
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                if written != 1 {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
             nix::unistd::setsid()?;
-            Ok(())
-        });
-    }
-}
-
-/// Makes the child drop to `run_as`: supplementary groups, then group, then user.
-///
-/// std's `CommandExt::uid`/`gid` clear the supplementary groups and offer no stable way to
-/// set them, and a release often needs its user's groups (to read a key, say), so the
-/// three calls are made in the child with `pre_exec`.
-#[allow(unsafe_code)]
-fn drop_privileges(command: &mut std::process::Command, run_as: RunAs) {
-    let RunAs {
-        uid, gid, groups, ..
-    } = run_as;
-    // SAFETY: the closure runs in the forked child before exec. It only makes the
-    // setgroups, setgid and setuid system calls on data prepared before the fork (no
-    // allocation, no lock, nothing that is not async-signal-safe), and reports failure
-    // through the returned io::Error, which aborts the spawn.
-    unsafe {
-        command.pre_exec(move || {
-            nix::unistd::setgroups(&groups)?;
-            nix::unistd::setgid(gid)?;
-            nix::unistd::setuid(uid)?;
+            if let Some((groups, gid, uid)) = &ids {
+                nix::unistd::setgroups(groups)?;
+                nix::unistd::setgid(*gid)?;
+                nix::unistd::setuid(*uid)?;
+            }
             Ok(())
         });
     }
@@ -602,23 +551,13 @@ mod tests {
     /// may swap `log/` for a symlink. Nothing the agent does to it may reach the target.
     #[test]
     fn a_data_directory_swapped_for_a_symlink_never_passes_a_change_on() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = Root::open(dir.path()).expect("root");
+        let (dir, root, desired) = super::super::record::test_root_and_desired("app", "1");
         let victim = dir.path().join("victim");
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&victim)
             .expect("victim");
         fs::set_permissions(&victim, fs::Permissions::from_mode(0o700)).expect("chmod");
-        let desired = Desired {
-            name: "app".into(),
-            version: "1".into(),
-            argv: vec!["bin/app".into()],
-            env: Vec::new(),
-            user: None,
-            should_run: true,
-            crash_looping: false,
-        };
         ensure_data_dir(&root, &desired, None).expect("first preparation");
         let log = data_dir(&root, "app").join("log");
         // A symlink to the victim beside `log/`, the two exchanged atomically over and
