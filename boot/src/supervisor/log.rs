@@ -115,7 +115,10 @@ fn lock_path(log: &Path) -> PathBuf {
 #[derive(Debug)]
 pub(crate) struct OutputPipe {
     read: File,
-    write: File,
+    /// Two descriptors of the write end, for the release's stdout and stderr. The agent
+    /// keeps none: the writer sees the end of the output once the release and what it
+    /// started have closed theirs.
+    stdio: (Stdio, Stdio),
     log: PathBuf,
 }
 
@@ -123,22 +126,23 @@ impl OutputPipe {
     /// Makes the pipe (both ends close-on-exec, so no other child inherits them) and
     /// writes `header` into it as the run's first line.
     pub(crate) fn open(log: &Path, header: &str) -> Result<OutputPipe> {
-        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| {
-            Error::io(
-                "make the output pipe for",
-                log,
-                std::io::Error::from_raw_os_error(e as i32),
-            )
-        })?;
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+            .map_err(|e| Error::io("make the output pipe for", log, e.into()))?;
         let mut write = File::from(write);
         // An empty pipe holds far more than one line: this never blocks.
         write
             .write_all(format!("{header}\n").as_bytes())
             .map_err(|e| Error::io("write the header for", log, e))?;
+        let dup = || {
+            let copy = write.try_clone().map(Stdio::from);
+            copy.map_err(|e| Error::io("duplicate the output pipe for", log, e))
+        };
+        let stdio = (dup()?, dup()?);
+        let log = log.to_path_buf();
         Ok(OutputPipe {
             read: File::from(read),
-            write,
-            log: log.to_path_buf(),
+            stdio,
+            log,
         })
     }
 
@@ -149,13 +153,13 @@ impl OutputPipe {
     /// write end (the release and all it started) is gone. It is not waited for here; the
     /// runtime reaps it while this agent runs, its new parent after an agent restart.
     ///
-    /// Returns the write end, for the release, and the writer's pid.
+    /// Returns the release's stdout and stderr, and the writer's pid.
     pub(crate) fn start_writer(
         self,
         writer: &OutputWriter,
         max_bytes: u64,
-    ) -> Result<(ReleaseOutput, u32)> {
-        let OutputPipe { read, write, log } = self;
+    ) -> Result<((Stdio, Stdio), u32)> {
+        let OutputPipe { read, stdio, log } = self;
         let mut command = std::process::Command::new(&writer.program);
         if writer.program == Path::new(OutputWriter::SELF) {
             // `ps` shows the agent's name rather than `/proc/self/exe`.
@@ -179,41 +183,16 @@ impl OutputPipe {
         let mut command = tokio::process::Command::from(command);
         command.kill_on_drop(false);
         let child = command.spawn().map_err(|e| {
-            Error::io(
-                "start the output writer",
-                &writer.program,
-                std::io::Error::new(e.kind(), format!("for {}: {e}", log.display())),
-            )
+            let e = std::io::Error::new(e.kind(), format!("for {}: {e}", log.display()));
+            Error::io("start the output writer", &writer.program, e)
         })?;
         let pid = child.id().ok_or_else(|| {
+            let log = log.display();
             Error::Internal(format!(
-                "the output writer for {} exited before it had a pid",
-                log.display()
+                "the output writer for {log} exited before it had a pid"
             ))
         })?;
-        Ok((ReleaseOutput { write, log }, pid))
-    }
-}
-
-/// The write end of a run's output pipe, once its writer runs.
-#[derive(Debug)]
-pub(crate) struct ReleaseOutput {
-    write: File,
-    log: PathBuf,
-}
-
-impl ReleaseOutput {
-    /// Two descriptors of the write end, for the release's stdout and stderr. The
-    /// agent's own descriptor closes when this is dropped: the writer then sees the end
-    /// of the output once the release and what it started have closed theirs.
-    pub(crate) fn release_stdio(&self) -> Result<(Stdio, Stdio)> {
-        let dup = || {
-            self.write
-                .try_clone()
-                .map(Stdio::from)
-                .map_err(|e| Error::io("duplicate the output pipe for", &self.log, e))
-        };
-        Ok((dup()?, dup()?))
+        Ok((stdio, pid))
     }
 }
 

@@ -196,28 +196,9 @@ pub(crate) fn load_all_desired(root: &Root) -> Result<(Vec<Desired>, Vec<Error>)
     Ok((found, damaged))
 }
 
-/// A temporary root, and what a plain `Start` of `name` `version` asks for.
-#[cfg(test)]
-pub(crate) fn test_root_and_desired(
-    name: &str,
-    version: &str,
-) -> (tempfile::TempDir, Root, Desired) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = Root::open(dir.path()).expect("root");
-    let desired = Desired {
-        name: name.into(),
-        version: version.into(),
-        argv: vec![format!("bin/{name}"), "foreground".into()],
-        env: Vec::new(),
-        user: None,
-        should_run: true,
-        crash_looping: false,
-    };
-    (dir, root, desired)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::tests::test_root_and_desired;
     use super::*;
 
     #[test]

@@ -462,12 +462,10 @@ pub(crate) fn spawn(
     );
     // The writer first: a release never runs without its writer, and a release that
     // fails to start leaves a writer that ends at once (its pipe has no writer left).
-    let (output, writer_pid) = log::OutputPipe::open(&log_path, &header)?
+    let ((stdout, stderr), writer_pid) = log::OutputPipe::open(&log_path, &header)?
         .start_writer(&settings.output_writer, settings.log_max_bytes)
         .map_err(|error| spawn_failed(desired, error.to_string()))?;
     let writer_start_time = proc_stat(writer_pid).map(|s| s.start_time).unwrap_or(0);
-    let (stdout, stderr) = output.release_stdio()?;
-    drop(output);
 
     let mut command = std::process::Command::new(&program);
     command
@@ -551,7 +549,7 @@ mod tests {
     /// may swap `log/` for a symlink. Nothing the agent does to it may reach the target.
     #[test]
     fn a_data_directory_swapped_for_a_symlink_never_passes_a_change_on() {
-        let (dir, root, desired) = super::super::record::test_root_and_desired("app", "1");
+        let (dir, root, desired) = super::super::tests::test_root_and_desired("app", "1");
         let victim = dir.path().join("victim");
         fs::DirBuilder::new()
             .mode(0o700)

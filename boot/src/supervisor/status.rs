@@ -12,18 +12,21 @@ use super::{log, Inner};
 impl Inner {
     /// Each release with the version that runs or should run.
     pub(super) fn running_versions(&self) -> Vec<(String, String)> {
-        let releases = self.registered();
         let mut out = Vec::new();
-        for release in releases {
+        for release in self.registered() {
             let live = release.live();
-            if let Some(desired) = live.desired.as_ref().filter(|d| d.should_run) {
-                out.push((release.name.clone(), desired.version.clone()));
-            }
-            if let Some(current) = &live.process {
-                let pair = (release.name.clone(), current.version.clone());
-                if !out.contains(&pair) {
-                    out.push(pair);
-                }
+            let desired = live
+                .desired
+                .as_ref()
+                .filter(|d| d.should_run)
+                .map(|d| &d.version);
+            let running = live
+                .process
+                .as_ref()
+                .map(|p| &p.version)
+                .filter(|&v| Some(v) != desired);
+            for version in desired.into_iter().chain(running) {
+                out.push((release.name.clone(), version.clone()));
             }
         }
         out
@@ -40,42 +43,31 @@ impl Inner {
     }
 
     fn status(&self, name: &str) -> ReleaseStatus {
-        let versions = list_versions(&self.root, name);
+        let release = self.find(name);
+        let guard = release.as_ref().map(|r| r.live());
+        let live = guard.as_deref();
+        let current = live.and_then(|l| l.process.as_ref());
+        let desired = live.and_then(|l| l.desired.as_ref());
         let mut status = ReleaseStatus {
             name: name.to_string(),
-            versions,
-            version: None,
-            desired_running: false,
-            pid: None,
-            state: ReleaseState::Stopped,
-            restarts: 0,
-            up_secs: None,
+            versions: list_versions(&self.root, name),
+            version: current
+                .map(|p| &p.version)
+                .or(desired.map(|d| &d.version))
+                .cloned(),
+            desired_running: desired.is_some_and(|d| d.should_run),
+            pid: current.map(|p| p.pid),
+            state: live.map_or(ReleaseState::Stopped, |l| l.state.clone()),
+            restarts: live.map_or(0, |l| l.restarts),
+            up_secs: current.map(|p| p.started.elapsed().as_secs()),
             output_tail: String::new(),
         };
-        let Some(release) = self.find(name) else {
-            return status;
-        };
-        {
-            let live = release.live();
-            status.version = live
-                .process
-                .as_ref()
-                .map(|p| p.version.clone())
-                .or_else(|| live.desired.as_ref().map(|d| d.version.clone()));
-            status.desired_running = live.desired.as_ref().is_some_and(|d| d.should_run);
-            status.state = live.state.clone();
-            status.restarts = live.restarts;
-            if let Some(current) = &live.process {
-                status.pid = Some(current.pid);
-                status.up_secs = Some(current.started.elapsed().as_secs());
-            }
-        }
-        let log_path = log::log_path(&self.root, name);
+        drop(guard);
         if matches!(
             status.state,
             ReleaseState::Exited { .. } | ReleaseState::CrashLooping
         ) {
-            status.output_tail = log::output_tail(&log_path);
+            status.output_tail = log::output_tail(&log::log_path(&self.root, name));
         }
         status
     }

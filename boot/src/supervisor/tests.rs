@@ -12,6 +12,7 @@ use nix::unistd::Pid;
 
 use super::cgroup::Containment;
 use super::process;
+use super::record::Desired;
 use super::Supervisor;
 use crate::error::Error;
 use crate::root::Root;
@@ -68,6 +69,25 @@ fn fixture() -> Fixture {
         root,
         _dir: dir,
     }
+}
+
+/// A temporary root, and what a plain `Start` of `name` `version` asks for.
+pub(super) fn test_root_and_desired(
+    name: &str,
+    version: &str,
+) -> (tempfile::TempDir, Root, Desired) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = Root::open(dir.path()).expect("root");
+    let desired = Desired {
+        name: name.into(),
+        version: version.into(),
+        argv: vec![format!("bin/{name}"), "foreground".into()],
+        env: Vec::new(),
+        user: None,
+        should_run: true,
+        crash_looping: false,
+    };
+    (dir, root, desired)
 }
 
 fn settings() -> Supervision {
