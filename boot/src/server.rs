@@ -28,8 +28,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
+use crate::fs::{free_disk, Root};
 use crate::peers::{HandshakeSlot, Handshakes};
-use crate::root::{free_disk, Root};
 use crate::settings::{Limits, Supervision};
 use crate::supervisor::Supervisor;
 use crate::{retention, unpack, write_file};
@@ -369,10 +369,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Ok(other) => {
                 let reply = ErrorReply::new(
                     ErrorKind::BadRequest,
-                    format!(
-                        "the first frame must be Hello, got {}",
-                        request_name(&other)
-                    ),
+                    format!("the first frame must be Hello, got {}", other.name()),
                 );
                 self.reply(&Response::Error(reply)).await?;
                 return Ok(false);
@@ -723,17 +720,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(job)
         .await
         .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
-}
-
-fn request_name(request: &Request) -> &'static str {
-    match request {
-        Request::Hello(_) => "Hello",
-        Request::Ping(_) => "Ping",
-        Request::WriteFile(_) => "WriteFile",
-        Request::Unpack(_) => "Unpack",
-        Request::Start(_) => "Start",
-        Request::Stop(_) => "Stop",
-    }
 }
 
 #[cfg(test)]

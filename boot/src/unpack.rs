@@ -85,7 +85,7 @@ use sha2::{Digest, Sha256 as Hasher};
 use tar::EntryType;
 
 use crate::error::{Error, Result};
-use crate::root::{self, PathLock, Root};
+use crate::fs::{self as root, PathLock, Root};
 use crate::settings::Limits;
 
 mod pax;
@@ -1693,7 +1693,7 @@ fn describe_existing(root: &Root, dest: &Path, dest_rel: &str) -> Result<Option<
 /// Removes staging directories left by an unpack interrupted by a crash. Run at startup,
 /// before any request is served.
 pub fn sweep_stale(root: &Root) -> Result<()> {
-    crate::root::empty_dir(&root.state("unpack"))
+    crate::fs::empty_dir(&root.state("unpack"))
 }
 
 #[cfg(test)]

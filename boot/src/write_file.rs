@@ -25,20 +25,18 @@
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use erel_proto::{Sha256, WriteFile, Written};
 use sha2::{Digest, Sha256 as Hasher};
 
+use crate::digest;
 use crate::error::{Error, Result};
-use crate::root::{self, PathLock, Root};
+use crate::fs::{free_disk, remove_if_present, rename_durably, PathLock, Root};
 use crate::settings::Limits;
-
-/// Size of the buffer used to hash files already on disk.
-const HASH_BUFFER: usize = 64 * 1024;
 
 /// Mode of staging files: only the agent reads what is not verified yet.
 const PART_MODE: u32 = 0o600;
@@ -134,7 +132,7 @@ pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer>
         Some(digest) => format!("sha-{}", digest.to_hex()),
         None => {
             let relative = crate::unpack::relative(root, &dest);
-            let path_digest = digest_of(relative.as_bytes());
+            let path_digest = digest::of_bytes(relative.as_bytes());
             format!("path-{}-{}", path_digest.to_hex(), request.size)
         }
     };
@@ -151,9 +149,9 @@ pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer>
     };
 
     if let (Some(expected), Some(len)) = (request.sha256, existing) {
-        if len == request.size && hash_whole(&target.dest)? == expected {
+        if len == request.size && digest::of_file(&target.dest)? == expected {
             // Bytes staged by an earlier attempt are not needed any more.
-            remove_part(&target.part)?;
+            remove_if_present(&target.part)?;
             return Ok(Offer {
                 have: request.size,
                 have_sha256: expected,
@@ -167,7 +165,7 @@ pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer>
 
     let (have, hasher) = staged_prefix(&target)?;
     let need = target.size - have;
-    let free = root::free_disk(&root.state("staging"));
+    let free = free_disk(&root.state("staging"));
     if free.saturating_sub(limits.disk_reserve_bytes) < need {
         return Err(Error::NoSpace {
             what: target.name.clone(),
@@ -178,7 +176,7 @@ pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer>
     }
     Ok(Offer {
         have,
-        have_sha256: Sha256(hasher.clone().finalize().into()),
+        have_sha256: digest::finish(hasher.clone()),
         target,
         hasher,
         present: false,
@@ -215,14 +213,15 @@ fn staged_prefix(target: &Target) -> Result<(u64, Hasher)> {
     let len = match fs::symlink_metadata(&target.part) {
         Ok(meta) if meta.is_file() && meta.len() <= target.size => meta.len(),
         Ok(_) => {
-            remove_part(&target.part)?;
+            remove_if_present(&target.part)?;
             return Ok((0, Hasher::new()));
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, Hasher::new())),
         Err(e) => return Err(Error::io("inspect", &target.part, e)),
     };
     let mut file = File::open(&target.part).map_err(|e| Error::io("open", &target.part, e))?;
-    let hasher = hash_prefix(&mut file, len).map_err(|e| Error::io("read", &target.part, e))?;
+    let hasher =
+        digest::of_prefix(&mut file, len).map_err(|e| Error::io("read", &target.part, e))?;
     Ok((len, hasher))
 }
 
@@ -323,7 +322,7 @@ pub fn begin(offer: Offer, request: &WriteFile, offset: u64) -> Result<Receiver>
             .map_err(|e| Error::io("truncate", &target.part, e))?;
         file.seek(SeekFrom::Start(0))
             .map_err(|e| Error::io("seek", &target.part, e))?;
-        hash_prefix(&mut file, offset).map_err(|e| Error::io("read", &target.part, e))?
+        digest::of_prefix(&mut file, offset).map_err(|e| Error::io("read", &target.part, e))?
     };
     file.seek(SeekFrom::Start(offset))
         .map_err(|e| Error::io("seek", &target.part, e))?;
@@ -339,11 +338,6 @@ pub fn begin(offer: Offer, request: &WriteFile, offset: u64) -> Result<Receiver>
 }
 
 impl Receiver {
-    /// Cancelled when a newer request for the same file takes this transfer over.
-    pub fn wanted(&self) -> tokio_util::sync::CancellationToken {
-        self.lock.as_ref().map(PathLock::wanted).unwrap_or_default()
-    }
-
     /// Bytes still expected before the commit.
     pub fn remaining(&self) -> u64 {
         self.target.size - self.total
@@ -393,7 +387,7 @@ impl Receiver {
                 ),
             });
         }
-        let actual = Sha256(self.hasher.clone().finalize().into());
+        let actual = digest::finish(self.hasher.clone());
         let mismatch = if actual != sha256 {
             Some(format!(
                 "content has sha256 {actual}, the commit names {sha256}"
@@ -408,7 +402,7 @@ impl Receiver {
         };
         if let Some(reason) = mismatch {
             self.file = None;
-            remove_part(&self.target.part)?;
+            remove_if_present(&self.target.part)?;
             return Err(Error::ChecksumMismatch {
                 path: self.target.name.clone(),
                 reason,
@@ -434,10 +428,7 @@ impl Receiver {
                 reason: "became a directory during the transfer".into(),
             });
         }
-        fs::rename(part, &dest).map_err(|e| Error::io("rename into place", &dest, e))?;
-        if let Some(parent) = dest.parent() {
-            root::sync_dir(parent)?;
-        }
+        rename_durably(part, &dest)?;
         Ok(Written {
             sha256: actual,
             size,
@@ -538,59 +529,6 @@ pub fn sweep_stale(root: &Root, older_than: Duration) -> Result<usize> {
     Ok(removed)
 }
 
-fn remove_part(part: &Path) -> Result<()> {
-    match fs::remove_file(part) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove", part, e)),
-    }
-}
-
-fn digest_of(bytes: &[u8]) -> Sha256 {
-    Sha256(Hasher::digest(bytes).into())
-}
-
-/// The digest of a whole file, read once with a fixed buffer.
-fn hash_whole(path: &Path) -> Result<Sha256> {
-    let mut file = File::open(path).map_err(|e| Error::io("open", path, e))?;
-    let mut hasher = Hasher::new();
-    let mut buffer = vec![0u8; HASH_BUFFER];
-    loop {
-        let n = match file.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error::io("read", path, e)),
-        };
-        hasher.update(&buffer[..n]);
-    }
-    Ok(Sha256(hasher.finalize().into()))
-}
-
-/// Hashes the first `len` bytes of `file` from its current position.
-fn hash_prefix(file: &mut File, len: u64) -> io::Result<Hasher> {
-    let mut hasher = Hasher::new();
-    let mut buffer = vec![0u8; HASH_BUFFER];
-    let mut left = len;
-    while left > 0 {
-        let want = usize::try_from(left.min(HASH_BUFFER as u64)).unwrap_or(HASH_BUFFER);
-        let n = match file.read(&mut buffer[..want]) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("staging file ended {left} bytes early"),
-                ));
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buffer[..n]);
-        left -= n as u64;
-    }
-    Ok(hasher)
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::MetadataExt;
@@ -632,7 +570,7 @@ mod tests {
     }
 
     fn digest(bytes: &[u8]) -> Sha256 {
-        digest_of(bytes)
+        digest::of_bytes(bytes)
     }
 
     fn request(path: &str, data: &[u8], known: bool) -> WriteFile {
@@ -1010,7 +948,7 @@ mod tests {
         let first_wanted = first.wanted();
         let mut receiver = begin(first, &req, 0).expect("begin");
         send(&mut receiver, &data[..300]);
-        assert!(!receiver.wanted().is_cancelled());
+        assert!(!first_wanted.is_cancelled());
 
         // The repeat asks the holder to let go and waits for it, not a refusal.
         let second = offer_elsewhere(&f, &req);

@@ -25,8 +25,6 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 use crate::error::{Error, Result};
 use crate::settings::CgroupParent;
 
@@ -319,8 +317,8 @@ pub(crate) fn agent_dir_name(root: &Path) -> String {
         escaped.push('-');
     }
     if escaped.len() > MAX_ESCAPED {
-        let digest = Sha256::digest(text.as_bytes());
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        // The first 16 bytes of the digest, in hex.
+        let hex = &crate::digest::of_bytes(text.as_bytes()).to_hex()[..32];
         return format!("{AGENT_PREFIX}{hex}");
     }
     format!("{AGENT_PREFIX}{escaped}")

@@ -81,7 +81,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::error::Result;
-use crate::root::Root;
+use crate::fs::Root;
 use crate::settings::Supervision;
 
 use cgroup::Containment;
@@ -266,12 +266,6 @@ impl Supervisor {
     /// directory under `releases/`.
     pub async fn statuses(&self) -> Vec<ReleaseStatus> {
         self.inner.statuses()
-    }
-
-    /// For retention: each release with the version that runs or should run (both while
-    /// one version replaces another).
-    pub fn running_versions(&self) -> Vec<(String, String)> {
-        self.inner.running_versions()
     }
 
     /// Removes the agent's cgroup directory when nothing runs in it any more (a release

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::root::{self, Root};
+use crate::fs::{check_name, remove_if_present, write_atomic, Root};
 
 /// Suffix of a desired-state file.
 const DESIRED_SUFFIX: &str = ".json";
@@ -119,7 +119,7 @@ fn run_path(root: &Root, name: &str) -> PathBuf {
 fn save<T: Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(value)
         .map_err(|e| Error::Internal(format!("encode {}: {e}", path.display())))?;
-    root::write_atomic(path, &bytes, RECORD_MODE)
+    write_atomic(path, &bytes, RECORD_MODE)
 }
 
 fn load<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> Result<Option<T>> {
@@ -153,12 +153,7 @@ pub(crate) fn load_run(root: &Root, name: &str) -> Result<Option<RunRecord>> {
 
 /// Removes the run record of `name`; a missing record is fine.
 pub(crate) fn remove_run(root: &Root, name: &str) -> Result<()> {
-    let path = run_path(root, name);
-    match fs::remove_file(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove", &path, e)),
-    }
+    remove_if_present(&run_path(root, name))
 }
 
 /// Every desired-state file under the root. A file that cannot be read is reported in
@@ -178,7 +173,7 @@ pub(crate) fn load_all_desired(root: &Root) -> Result<(Vec<Desired>, Vec<Error>)
         let Some(name) = file_name.strip_suffix(DESIRED_SUFFIX) else {
             continue;
         };
-        if root::check_name("release name", name).is_err() {
+        if check_name("release name", name).is_err() {
             continue; // temporary files of write_atomic start with '.'
         }
         match load::<Desired>(&entry.path()) {

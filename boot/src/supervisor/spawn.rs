@@ -10,12 +10,13 @@ use std::os::unix::process::CommandExt as _;
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
 
+use erel_proto::rules;
 use erel_proto::text::quote;
 use nix::unistd::{Gid, Uid, User};
 use tokio::process::{Child, Command};
 
 use crate::error::{Error, Result};
-use crate::root::Root;
+use crate::fs::Root;
 use crate::settings::Supervision;
 
 use super::log;
@@ -103,7 +104,7 @@ fn resolve_program(root: &Root, desired: &Desired) -> Result<PathBuf> {
         .argv
         .first()
         .ok_or_else(|| spawn_failed(desired, "empty argv"))?;
-    crate::root::check_lengths(program)?;
+    crate::fs::check_lengths(program)?;
     let relative = Path::new(program);
     if relative.is_absolute() || program.is_empty() {
         return Err(Error::invalid_path(
@@ -117,7 +118,10 @@ fn resolve_program(root: &Root, desired: &Desired) -> Result<PathBuf> {
     {
         return Err(Error::invalid_path(program, "contains '..'"));
     }
-    let shown = format!("releases/{}/{}/{}", desired.name, desired.version, program);
+    let shown = format!(
+        "{}/{program}",
+        rules::version_dir(&desired.name, &desired.version)
+    );
     let full = version_dir.join(relative);
     let real = fs::canonicalize(&full).map_err(|_| Error::NotFound {
         what: "program",
@@ -392,7 +396,7 @@ fn prepare(root: &Root, host_id: &str, desired: &Desired) -> Result<Prepared> {
     if !version_dir.is_dir() {
         return Err(Error::NotFound {
             what: "release version",
-            path: format!("releases/{}/{}", desired.name, desired.version),
+            path: rules::version_dir(&desired.name, &desired.version),
         });
     }
     let program = resolve_program(root, desired)?;

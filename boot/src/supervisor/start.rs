@@ -4,12 +4,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use erel_proto::rules::default_argv;
 use erel_proto::{ReleaseState, Start, Started};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
-use crate::root::check_name;
+use crate::fs::check_name;
 
 use super::cgroup::Containment;
 use super::record::{self, Desired, RunRecord};
@@ -22,10 +23,9 @@ impl Inner {
         }
         check_name("release name", &request.name)?;
         check_name("release version", &request.version)?;
-        let argv = if request.argv.is_empty() {
-            vec![format!("bin/{}", request.name), "foreground".to_string()]
-        } else {
-            request.argv.clone()
+        let argv = match request.argv.is_empty() {
+            true => default_argv(&request.name),
+            false => request.argv.clone(),
         };
         let desired = Desired {
             name: request.name.clone(),

@@ -8,7 +8,7 @@ use erel_proto::{ReleaseState, Stopped};
 use tracing::{info, warn};
 
 use crate::error::Result;
-use crate::root::check_name;
+use crate::fs::check_name;
 
 use super::cgroup::Containment;
 use super::process;

@@ -15,7 +15,7 @@ use super::process;
 use super::record::Desired;
 use super::Supervisor;
 use crate::error::Error;
-use crate::root::Root;
+use crate::fs::Root;
 use crate::settings::{CgroupParent, OutputWriter, Supervision};
 
 /// Longest a condition is waited for.
@@ -149,6 +149,30 @@ fn start_request(name: &str, version: &str) -> Start {
         argv: Vec::new(),
         env: Vec::new(),
         user: None,
+    }
+}
+
+impl Supervisor {
+    /// Each release with the version that runs or should run.
+    fn running_versions(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for release in self.inner.registered() {
+            let live = release.live();
+            let desired = live
+                .desired
+                .as_ref()
+                .filter(|d| d.should_run)
+                .map(|d| &d.version);
+            let running = live
+                .process
+                .as_ref()
+                .map(|p| &p.version)
+                .filter(|&v| Some(v) != desired);
+            for version in desired.into_iter().chain(running) {
+                out.push((release.name.clone(), version.clone()));
+            }
+        }
+        out
     }
 }
 
