@@ -46,107 +46,75 @@ impl Inner {
         let members = self.members(&name, anchor);
         self.stop_strays(&name, &members).await;
 
-        // What runs of the release, if anything: its main process (pid, start time), or
-        // its members when the start command daemonized, and its version.
-        let running = match recorded.as_ref() {
-            _ if members.is_empty() => None,
-            Some(run)
-                if process::is_alive(run.pid, run.start_time) && members.contains(&run.pid) =>
-            {
-                Some((run.pid, run.start_time, run.version.clone(), false))
-            }
-            Some(run) if run.daemonized => {
-                Some((run.pid, run.start_time, run.version.clone(), true))
-            }
-            Some(run) => {
-                info!(release = %name, pid = run.pid, "the main process died while the agent was away; stopping what is left of it");
-                None
-            }
-            None => oldest(&members).and_then(|pid| {
-                let stat = process::proc_stat(pid)?;
-                let version = process::environ(pid)?
-                    .into_iter()
-                    .find(|(k, _)| k == "EREL_VERSION")
-                    .map(|(_, v)| v)?;
-                Some((pid, stat.start_time, version, false))
-            }),
-        };
         let wanted = desired.should_run && !desired.crash_looping;
-        let keep = running.filter(|(_, _, version, _)| wanted && *version == desired.version);
+        let keep = what_runs(&name, recorded.as_ref(), &members)
+            .filter(|run| wanted && run.version == desired.version);
         if keep.is_none() && !members.is_empty() {
             info!(release = %name, members = members.len(), "stopping what runs of a release that must not run in this form");
             self.stop_release(&name, anchor, SWITCH_GRACE).await?;
         }
 
-        let (generation, token) = {
-            let mut live = release.live();
-            self.take_over(&mut live)
-        };
+        let (generation, token) = self.take_over(&mut release.live());
         if !wanted {
-            let mut live = release.live();
-            live.task = None;
-            live.state = if desired.should_run {
-                ReleaseState::CrashLooping
-            } else {
-                ReleaseState::Stopped
-            };
+            {
+                let mut live = release.live();
+                live.task = None;
+                live.state = match desired.should_run {
+                    true => ReleaseState::CrashLooping,
+                    false => ReleaseState::Stopped,
+                };
+            }
             if recorded.is_some() {
-                drop(live);
                 record::remove_run(&self.root, &name)?;
             }
             return Ok(());
         }
-        if let Some((pid, start_time, version, daemonized)) = keep {
-            let anchor = (pid, start_time);
-            let age = process::age(start_time).unwrap_or_default();
-            let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-            // The writer of the run, when the record names it (not found otherwise: it
-            // is no member of the release, and it ends on its own with its output).
-            let writer = recorded
-                .as_ref()
-                .filter(|r| (r.pid, r.start_time) == anchor && r.writer_pid != 0)
-                .map(|r| (r.writer_pid, r.writer_start_time));
-            let run = RunRecord::new(anchor, &version, daemonized, writer);
+        if let Some(run) = keep {
             if recorded.as_ref() != Some(&run) {
                 if let Err(e) = record::save_run(&self.root, &name, &run) {
                     warn!(release = %name, "cannot write the run record: {e}");
                 }
             }
-            let shown = if daemonized {
-                oldest(&members).unwrap_or(pid)
-            } else {
-                pid
-            };
-            info!(release = %name, version = %version, pid = shown, daemonized, "adopted a running release");
-            release.live().run(Current {
-                pid: shown,
-                anchor,
-                version,
-                started,
-                reaped: None,
-                writer,
-            });
-            let waiter = if daemonized {
-                Waiter::Members
-            } else {
-                Waiter::Adopted
-            };
-            let step = Step::Wait {
-                anchor,
-                started,
-                writer,
-                waiter,
-            };
+            let step = self.adopt(&release, run, &members);
             self.spawn_task(&release, generation, token, step);
-            return Ok(());
-        }
-        if let Some(step) = self.relaunch(&release, generation, &desired, "start at agent start") {
+        } else if let Some(step) =
+            self.relaunch(&release, generation, &desired, "start at agent start")
+        {
             if let Step::Wait { .. } = step {
                 info!(release = %name, version = %desired.version, pid = step.pid(), "started at agent start");
             }
             self.spawn_task(&release, generation, token, step);
         }
         Ok(())
+    }
+
+    /// Makes `run` the release's current process, and says how to wait for its end.
+    fn adopt(&self, release: &Release, run: RunRecord, members: &[u32]) -> Step {
+        let anchor = (run.pid, run.start_time);
+        let age = process::age(run.start_time).unwrap_or_default();
+        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let writer = (run.writer_pid != 0).then_some((run.writer_pid, run.writer_start_time));
+        let (shown, waiter) = match run.daemonized {
+            true => (oldest(members).unwrap_or(run.pid), Waiter::Members),
+            false => (run.pid, Waiter::Adopted),
+        };
+        let (name, version, daemonized) = (&release.name, run.version, run.daemonized);
+        info!(release = %name, version = %version, pid = shown, daemonized, "adopted a running release");
+        let current = Current {
+            pid: shown,
+            anchor,
+            version,
+            started,
+            reaped: None,
+            writer,
+        };
+        release.live().run(current);
+        Step::Wait {
+            anchor,
+            started,
+            writer,
+            waiter,
+        }
     }
 
     /// The main process of a release ended after running `ran` and `left` members
@@ -223,20 +191,20 @@ impl Inner {
         if !matches!(self.containment, Containment::Cgroup(_)) {
             return;
         }
-        let strays: Vec<process::Marked> = process::marked(self.root.path(), name)
+        let strays: Vec<(u32, u64)> = process::marked(self.root.path(), name)
             .into_iter()
-            .filter(|m| !members.contains(&m.pid))
+            .filter(|(pid, _)| !members.contains(pid))
             .collect();
-        if strays.is_empty() {
-            return;
-        }
-        warn!(release = %name, pids = ?strays.iter().map(|m| m.pid).collect::<Vec<_>>(), "stopping processes of the release outside its cgroup");
         let alive = || {
             let alive = strays
                 .iter()
-                .filter(|m| process::is_alive(m.pid, m.start_time));
-            alive.map(|m| m.pid).collect::<Vec<_>>()
+                .filter(|&&(pid, start)| process::is_alive(pid, start));
+            alive.map(|&(pid, _)| pid).collect::<Vec<_>>()
         };
+        if strays.is_empty() {
+            return;
+        }
+        warn!(release = %name, pids = ?strays.iter().map(|s| s.0).collect::<Vec<_>>(), "stopping processes of the release outside its cgroup");
         let what = format!("processes of release {name} outside its cgroup");
         if let Err(e) = process::stop_members(&what, alive, process::kill_each, SWITCH_GRACE).await
         {
@@ -252,4 +220,39 @@ fn oldest(pids: &[u32]) -> Option<u32> {
         .filter_map(|&pid| Some((process::proc_stat(pid)?.start_time, pid)))
         .min()
         .map(|(_, pid)| pid)
+}
+
+/// What runs of release `name`, as the run record to keep, when anything of it runs
+/// (`members`): the recorded main process while it lives; the members of a release whose
+/// start command daemonized; without a record (an agent killed between spawn and
+/// record), the oldest member. The writer is the recorded one, when the record names it
+/// (not found otherwise: it is no member of the release, and it ends on its own with its
+/// output).
+fn what_runs(name: &str, recorded: Option<&RunRecord>, members: &[u32]) -> Option<RunRecord> {
+    let recorded_as = |run: &RunRecord, daemonized| {
+        let writer = (run.writer_pid != 0).then_some((run.writer_pid, run.writer_start_time));
+        RunRecord::new((run.pid, run.start_time), &run.version, daemonized, writer)
+    };
+    match recorded {
+        _ if members.is_empty() => None,
+        Some(run) if process::is_alive(run.pid, run.start_time) && members.contains(&run.pid) => {
+            Some(recorded_as(run, false))
+        }
+        Some(run) if run.daemonized => Some(recorded_as(run, true)),
+        Some(run) => {
+            info!(release = %name, pid = run.pid, "the main process died while the agent was away; stopping what is left of it");
+            None
+        }
+        None => oldest(members).and_then(|pid| {
+            let stat = process::proc_stat(pid)?;
+            let env = process::environ(pid)?;
+            let version = env.into_iter().find(|(k, _)| k == "EREL_VERSION")?.1;
+            Some(RunRecord::new(
+                (pid, stat.start_time),
+                &version,
+                false,
+                None,
+            ))
+        }),
+    }
 }

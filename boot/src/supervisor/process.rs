@@ -125,31 +125,20 @@ pub(crate) fn environ(pid: u32) -> Option<Vec<(String, String)>> {
     )
 }
 
-/// A live process carrying the environment markers of a release under this root.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Marked {
-    /// Its pid.
-    pub pid: u32,
-    /// Its start time.
-    pub start_time: u64,
-    /// Version (`EREL_VERSION`), when it still has one.
-    pub version: Option<String>,
-}
-
 /// Every live process whose environment holds `EREL_ROOT=<root>` and
-/// `EREL_RELEASE=<name>`, run by the release's user, oldest first. The agent's own
-/// process is never one.
+/// `EREL_RELEASE=<name>`, run by the release's user, as (pid, start time), oldest
+/// first. The agent's own process is never one.
 ///
 /// Anyone can put the markers in the environment of their own processes; only the
 /// release's user (the owner of its data directory, which the agent hands over at each
 /// start), the agent's user or root can run the release. A marked process of any other
 /// user is not the release: it neither keeps the release from starting nor is
 /// signalled when the release stops.
-pub(crate) fn marked(root: &Path, name: &str) -> Vec<Marked> {
+pub(crate) fn marked(root: &Path, name: &str) -> Vec<(u32, u64)> {
     let owners = release_uids(root, name);
     let root = root.to_string_lossy();
     let own = std::process::id();
-    let mut found: Vec<Marked> = all_pids()
+    let mut found: Vec<(u64, u32)> = all_pids()
         .into_iter()
         .filter(|&pid| pid != own && pid > 1)
         .filter_map(|pid| {
@@ -158,21 +147,15 @@ pub(crate) fn marked(root: &Path, name: &str) -> Vec<Marked> {
                 return None;
             }
             let env = environ(pid)?;
-            let get = |key: &str| env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-            if get("EREL_ROOT").as_deref() != Some(&*root)
-                || get("EREL_RELEASE").as_deref() != Some(name)
-            {
-                return None;
-            }
-            Some(Marked {
-                pid,
-                start_time: stat.start_time,
-                version: get("EREL_VERSION"),
-            })
+            let has = |key: &str, value: &str| env.iter().any(|(k, v)| k == key && v == value);
+            (has("EREL_ROOT", &root) && has("EREL_RELEASE", name)).then_some((stat.start_time, pid))
         })
         .collect();
-    found.sort_by_key(|m| (m.start_time, m.pid));
+    found.sort();
     found
+        .into_iter()
+        .map(|(start_time, pid)| (pid, start_time))
+        .collect()
 }
 
 /// The users that may run release `name` under `root`: root, the agent's user and the
@@ -218,7 +201,7 @@ pub(crate) fn scan_members(anchor: Option<(u32, u64)>, root: &Path, name: &str) 
         .collect();
     let mut members: BTreeSet<u32> = marked(root, name)
         .into_iter()
-        .map(|m| m.pid)
+        .map(|(pid, _)| pid)
         .filter(|pid| stats.contains_key(pid))
         .collect();
     if let Some(anchor) = anchor {
