@@ -69,7 +69,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use erel_proto::OUTPUT_TAIL_MAX;
 use nix::fcntl::{Flock, FlockArg, OFlag};
@@ -562,33 +562,15 @@ fn tail_text(bytes: &[u8], max: usize) -> String {
 
 /// The current time as `YYYY-MM-DDTHH:MM:SSZ`, for log lines.
 pub(crate) fn utc_now() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
+    utc(time::OffsetDateTime::now_utc())
 }
 
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+/// `time` as `YYYY-MM-DDTHH:MM:SSZ`.
+fn utc(time: time::OffsetDateTime) -> String {
+    let (date, month) = (time.date(), u8::from(time.month()));
+    let (year, day) = (date.year(), date.day());
+    let (hour, minute, second) = time.to_hms();
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
 }
 
 #[cfg(test)]
@@ -597,9 +579,10 @@ mod tests {
 
     #[test]
     fn dates_are_civil() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        let day = |days: i64| utc(time::OffsetDateTime::UNIX_EPOCH + time::Duration::days(days));
+        assert_eq!(day(0), "1970-01-01T00:00:00Z");
+        assert_eq!(day(19_723), "2024-01-01T00:00:00Z");
+        assert_eq!(day(19_782), "2024-02-29T00:00:00Z");
         assert_eq!(utc_now().len(), "2024-01-01T00:00:00Z".len());
     }
 
