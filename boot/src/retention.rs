@@ -10,10 +10,33 @@
 //! trash is removed by [`sweep_trash`].
 
 use std::fs;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::fs::{remove_if_present, sync_dir, unique_name, PathLock, Root};
+use crate::server::{blocking, Agent};
 use crate::unpack::{self, Marker};
+
+/// After a successful start, removes versions of that release beyond the kept ones.
+pub(crate) async fn prune_after_start(agent: &Arc<Agent>, name: &str) {
+    let keep: Vec<String> = agent
+        .supervisor
+        .statuses()
+        .await
+        .into_iter()
+        .filter(|status| status.name == name)
+        .filter_map(|status| status.version)
+        .collect();
+    let agent = agent.clone();
+    let name = name.to_string();
+    let keep_newest = agent.supervision.keep_versions;
+    let outcome = blocking(move || prune(&agent.root, &name, &keep, keep_newest)).await;
+    match outcome {
+        Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "removed old versions"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not remove old versions"),
+    }
+}
 
 /// Removes versions of release `name` beyond the `keep_newest` newest (by modification
 /// time) that are not in `keep`, with the archives they were unpacked from when nothing
@@ -110,11 +133,7 @@ mod tests {
     use super::*;
     use crate::settings::Limits;
 
-    fn root() -> (tempfile::TempDir, Root) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = Root::open(&dir.path().join("root")).expect("open root");
-        (dir, root)
-    }
+    use crate::fs::temp_root as root;
 
     fn tar_with(version: &str) -> Vec<u8> {
         let mut builder = tar::Builder::new(Vec::new());
