@@ -76,8 +76,7 @@ pub(super) fn test_root_and_desired(
     name: &str,
     version: &str,
 ) -> (tempfile::TempDir, Root, Desired) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = Root::open(dir.path()).expect("root");
+    let (dir, root) = crate::fs::temp_root();
     let desired = Desired {
         name: name.into(),
         version: version.into(),
