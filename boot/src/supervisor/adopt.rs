@@ -1,6 +1,7 @@
-//! Recovery at agent start: what the previous agent left running is adopted when it is
-//! what should run, and stopped otherwise; a release that should run and does not is
-//! started.
+//! Adoption: at agent start, what the previous agent left running is adopted when it is
+//! what should run, and stopped otherwise (a release that should run and does not is
+//! started); while running, the members a daemonizing start command left behind become
+//! the release.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,11 +1,19 @@
 //! Supervision of release processes: start, stop, restart with backoff, crash-loop
 //! detection, output logs, and adoption of running releases after an agent restart.
 //!
-//! - [`record`]: the desired state and run record persisted per release;
+//! This file holds the desired state of each release and the supervision task that
+//! restarts it with backoff and finds it crash-looping. Beside it:
+//!
+//! - [`start`] and [`stop`]: the two commands;
+//! - [`adopt`]: what an earlier agent left running, and what a daemonizing start
+//!   command left behind, taken over as the release;
+//! - [`status`]: what `Ping` reports of each release;
+//! - [`spawn`]: the checks a start passes and the spawn as the release's user;
 //! - [`cgroup`]: one cgroup v2 per running release (the containment);
-//! - [`process`]: `/proc` inspection, spawning, and membership without cgroups;
+//! - [`process`]: `/proc` inspection, signals, and membership without cgroups;
 //! - [`log`]: the pipe from each release to its output writer, the writer, which keeps
-//!   the log under its cap at every instant, and the log's tail.
+//!   the log under its cap at every instant, and the log's tail;
+//! - [`record`]: the desired state and run record persisted per release.
 //!
 //! # How one release is kept
 //!
