@@ -81,7 +81,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use erel_proto::{ReleaseState, ReleaseStatus, Start, Started, Stopped};
+use erel_proto::ReleaseState;
 use tokio::process::Child;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -253,27 +253,10 @@ impl Supervisor {
         Ok(Supervisor { inner })
     }
 
-    /// Starts a release version (see the protocol's `Start`).
-    pub async fn start(&self, request: &Start) -> Result<Started> {
-        self.inner.start(request).await
-    }
-
     /// How releases are contained, in one line: `cgroup v2 <dir>` or
     /// `fallback to process groups (<why>)`. Reported in `Ping`.
     pub fn containment(&self) -> String {
         self.inner.containment.describe()
-    }
-
-    /// Stops a release: SIGTERM to every member, SIGKILL (`cgroup.kill`) after `grace`;
-    /// succeeds only when nothing of it is left.
-    pub async fn stop(&self, name: &str, grace: Duration) -> Result<Stopped> {
-        self.inner.stop(name, grace).await
-    }
-
-    /// Every known release, from live state: those with a desired state and those with a
-    /// directory under `releases/`.
-    pub async fn statuses(&self) -> Vec<ReleaseStatus> {
-        self.inner.statuses()
     }
 
     /// Removes the agent's cgroup directory when nothing runs in it any more (a release

@@ -1,7 +1,6 @@
 //! `Start`: run a version of a release, replacing the version that runs, and the
 //! launch that every start and restart goes through.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use erel_proto::rules::default_argv;
@@ -14,11 +13,13 @@ use crate::fs::check_name;
 
 use super::cgroup::Containment;
 use super::record::{self, Desired, RunRecord};
-use super::{spawn, Current, Inner, Live, Release, Step, Waiter, SWITCH_GRACE};
+use super::{spawn, Current, Inner, Live, Release, Step, Supervisor, Waiter, SWITCH_GRACE};
 
-impl Inner {
-    pub(super) async fn start(self: &Arc<Self>, request: &Start) -> Result<Started> {
-        if self.shutdown.is_cancelled() {
+impl Supervisor {
+    /// Starts a release version (see the protocol's `Start`).
+    pub async fn start(&self, request: &Start) -> Result<Started> {
+        let inner = &self.inner;
+        if inner.shutdown.is_cancelled() {
             return Err(Error::Busy("the agent is shutting down".into()));
         }
         check_name("release name", &request.name)?;
@@ -36,7 +37,7 @@ impl Inner {
             should_run: true,
             crash_looping: false,
         };
-        let release = self.release(&request.name);
+        let release = inner.release(&request.name);
         let _op = release.op.lock().await;
 
         if let Some(pid) = already_running(&release.live(), &request.version) {
@@ -45,28 +46,28 @@ impl Inner {
                 already_running: true,
             });
         }
-        spawn::preflight(&self.root, &self.host_id, &desired)?;
-        record::save_desired(&self.root, &desired)?;
+        spawn::preflight(&inner.root, &inner.host_id, &desired)?;
+        record::save_desired(&inner.root, &desired)?;
         let (generation, token, old) = {
             let mut live = release.live();
-            let (generation, token) = self.take_over(&mut live);
+            let (generation, token) = inner.take_over(&mut live);
             live.desired = Some(desired.clone());
             (generation, token, live.process.clone())
         };
         let ended = match old {
             Some(old) => {
                 info!(release = %release.name, from = %old.version, to = %desired.version, pid = old.pid, "stopping the running version to start another");
-                self.end_process(&release, &old, SWITCH_GRACE).await
+                inner.end_process(&release, &old, SWITCH_GRACE).await
             }
             // No process is known, yet something of the release may still be ending
             // (what a crashed main process left): one copy at a time.
-            None => self.stop_release(&release.name, None, SWITCH_GRACE).await,
+            None => inner.stop_release(&release.name, None, SWITCH_GRACE).await,
         };
         if let Err(error) = ended {
             release.live().task = None;
             return Err(error);
         }
-        match self.launch(&release, &desired) {
+        match inner.launch(&release, &desired) {
             Ok(step) => {
                 let pid = step.pid();
                 {
@@ -75,7 +76,7 @@ impl Inner {
                     live.short_runs = 0;
                 }
                 info!(release = %release.name, version = %desired.version, pid, "started");
-                self.spawn_task(&release, generation, token, step);
+                inner.spawn_task(&release, generation, token, step);
                 Ok(Started {
                     pid,
                     already_running: false,
@@ -84,7 +85,7 @@ impl Inner {
             Err(error) => {
                 let mut stopped = desired.clone();
                 stopped.should_run = false;
-                if let Err(e) = record::save_desired(&self.root, &stopped) {
+                if let Err(e) = record::save_desired(&inner.root, &stopped) {
                     warn!(release = %release.name, "cannot record that it should not run: {e}");
                 }
                 let mut live = release.live();
@@ -95,7 +96,9 @@ impl Inner {
             }
         }
     }
+}
 
+impl Inner {
     /// Spawns the desired version and records it as the current process. The caller holds
     /// the operation lock and owns the generation. Refused while anything of the release
     /// still runs: never two copies.

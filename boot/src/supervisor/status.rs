@@ -4,19 +4,24 @@ use std::collections::BTreeSet;
 
 use erel_proto::{ReleaseState, ReleaseStatus};
 
-use super::{log, Inner};
+use super::{log, Inner, Supervisor};
 
-impl Inner {
-    pub(super) fn statuses(&self) -> Vec<ReleaseStatus> {
-        let mut names: BTreeSet<String> = self.root.release_names().into_iter().collect();
+impl Supervisor {
+    /// Every known release, from live state: those with a desired state and those with a
+    /// directory under `releases/`.
+    pub async fn statuses(&self) -> Vec<ReleaseStatus> {
+        let inner = &self.inner;
+        let mut names: BTreeSet<String> = inner.root.release_names().into_iter().collect();
         // A name only tried with a refused Start is not a release.
-        names.extend(self.registered().into_iter().filter_map(|r| {
+        names.extend(inner.registered().into_iter().filter_map(|r| {
             let live = r.live();
             (live.desired.is_some() || live.process.is_some()).then(|| r.name.clone())
         }));
-        names.into_iter().map(|name| self.status(&name)).collect()
+        names.into_iter().map(|name| inner.status(&name)).collect()
     }
+}
 
+impl Inner {
     fn status(&self, name: &str) -> ReleaseStatus {
         let release = self.find(name);
         let guard = release.as_ref().map(|r| r.live());

@@ -1,7 +1,6 @@
 //! `Stop`: end everything of a release, SIGTERM first and the kill after a grace, and
 //! succeed only when nothing of it is left.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use erel_proto::{ReleaseState, Stopped};
@@ -13,12 +12,15 @@ use crate::fs::check_name;
 use super::cgroup::Containment;
 use super::process;
 use super::record;
-use super::{Current, Inner, Release, OUTPUT_DRAIN, REAP_WAIT};
+use super::{Current, Inner, Release, Supervisor, OUTPUT_DRAIN, REAP_WAIT};
 
-impl Inner {
-    pub(super) async fn stop(self: &Arc<Self>, name: &str, grace: Duration) -> Result<Stopped> {
+impl Supervisor {
+    /// Stops a release: SIGTERM to every member, SIGKILL (`cgroup.kill`) after `grace`;
+    /// succeeds only when nothing of it is left.
+    pub async fn stop(&self, name: &str, grace: Duration) -> Result<Stopped> {
+        let inner = &self.inner;
         check_name("release name", name)?;
-        let Some(release) = self.find(name) else {
+        let Some(release) = inner.find(name) else {
             return Ok(Stopped {
                 was_running: false,
                 killed: false,
@@ -29,26 +31,28 @@ impl Inner {
         if let Some(mut desired) = desired.filter(|d| d.should_run || d.crash_looping) {
             desired.should_run = false;
             desired.crash_looping = false;
-            record::save_desired(&self.root, &desired)?;
+            record::save_desired(&inner.root, &desired)?;
             release.live().desired = Some(desired);
         }
         let current = {
             let mut live = release.live();
-            self.take_over(&mut live);
+            inner.take_over(&mut live);
             live.task = None;
             live.process.clone()
         };
         let outcome = match &current {
-            Some(current) => self.end_process(&release, current, grace).await?,
+            Some(current) => inner.end_process(&release, current, grace).await?,
             // Between runs: nothing may be left either (a crash's leftovers being
             // stopped by the supervision task, a daemon found by its markers).
-            None => self.stop_release(name, None, grace).await?,
+            None => inner.stop_release(name, None, grace).await?,
         };
         release.live().state = ReleaseState::Stopped;
         info!(release = %name, was_running = outcome.was_running, killed = outcome.killed, "stopped");
         Ok(outcome)
     }
+}
 
+impl Inner {
     /// Stops everything of `current` (the caller holds the operation lock and has taken
     /// the release over), waits for the child to be reaped, and forgets it.
     pub(super) async fn end_process(
