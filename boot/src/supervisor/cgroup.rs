@@ -169,14 +169,14 @@ impl Tree {
         let dir = self.release_dir(name);
         if self.has_kill {
             let path = dir.join("cgroup.kill");
-            let mut file = match fs::OpenOptions::new().write(true).open(&path) {
-                Ok(file) => file,
-                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(Error::io("open", &path, e)),
+            // A cgroup already gone has nothing left to kill.
+            return match fs::OpenOptions::new().write(true).open(&path) {
+                Ok(mut file) => file
+                    .write_all(b"1")
+                    .map_err(|e| Error::io("write 1 to", &path, e)),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(Error::io("open", &path, e)),
             };
-            return file
-                .write_all(b"1")
-                .map_err(|e| Error::io("write 1 to", &path, e));
         }
         process::signal_each(&self.members(name), nix::sys::signal::Signal::SIGKILL);
         Ok(())

@@ -212,10 +212,7 @@ pub fn run_output_writer(args: &[OsString]) -> ExitCode {
     // A terminal or a stray signal must not cut the release's output: the writer keeps
     // draining until the release is gone. Blocked, not ignored, so nothing needs unsafe
     // code.
-    let mut blocked = SigSet::empty();
-    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        blocked.add(signal);
-    }
+    let blocked = SigSet::from_iter([Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP]);
     if let Err(e) = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None) {
         eprintln!("erel-boot {OUTPUT_WRITER_COMMAND}: cannot block SIGTERM: {e}");
     }
