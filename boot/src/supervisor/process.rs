@@ -212,20 +212,13 @@ pub(crate) fn scan_members(anchor: Option<(u32, u64)>, root: &Path, name: &str) 
                 .map(|(&pid, _)| pid),
         );
     }
-    // Descendants, to a fixed point (a child may be listed before its parent).
-    loop {
-        let before = members.len();
-        let children: Vec<u32> = stats
-            .iter()
-            .filter(|(pid, s)| {
-                !members.contains(pid)
-                    && u32::try_from(s.ppid).is_ok_and(|parent| members.contains(&parent))
-            })
-            .map(|(&pid, _)| pid)
-            .collect();
-        members.extend(children);
-        if members.len() == before {
-            break;
+    // Descendants, parent by parent.
+    let mut todo: Vec<u32> = members.iter().copied().collect();
+    while let Some(parent) = todo.pop() {
+        for (&pid, stat) in &stats {
+            if u32::try_from(stat.ppid) == Ok(parent) && members.insert(pid) {
+                todo.push(pid);
+            }
         }
     }
     members.into_iter().collect()
