@@ -993,12 +993,15 @@ async fn stop_reaches_a_setsid_helper(parent: CgroupParent) {
     let started = start(&sup, "1").await;
     // Found inside the wait: a process is briefly invisible to the environment scan
     // while it execs (its new environment is not laid out yet), so a second scan right
-    // after the wait may miss the helper.
+    // after the wait may miss the helper. And found once it has left the session: it is
+    // `setsid` in the release's session for a moment before it calls setsid(2).
     let mut helper = None;
-    eventually("the helper", || {
+    let outside =
+        |pid: u32| process::proc_stat(pid).is_some_and(|s| s.session != started.pid as i32);
+    eventually("the helper in its own session", || {
         helper = everything(&fx.root, "app")
             .into_iter()
-            .find(|&pid| pid != started.pid);
+            .find(|&pid| pid != started.pid && outside(pid));
         helper.is_some()
     })
     .await;
