@@ -25,8 +25,6 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 use crate::error::{Error, Result};
 use crate::settings::CgroupParent;
 
@@ -171,14 +169,14 @@ impl Tree {
         let dir = self.release_dir(name);
         if self.has_kill {
             let path = dir.join("cgroup.kill");
-            let mut file = match fs::OpenOptions::new().write(true).open(&path) {
-                Ok(file) => file,
-                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(Error::io("open", &path, e)),
+            // A cgroup already gone has nothing left to kill.
+            return match fs::OpenOptions::new().write(true).open(&path) {
+                Ok(mut file) => file
+                    .write_all(b"1")
+                    .map_err(|e| Error::io("write 1 to", &path, e)),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(Error::io("open", &path, e)),
             };
-            return file
-                .write_all(b"1")
-                .map_err(|e| Error::io("write 1 to", &path, e));
         }
         process::signal_each(&self.members(name), nix::sys::signal::Signal::SIGKILL);
         Ok(())
@@ -206,21 +204,18 @@ impl Tree {
 /// exist. Cgroup directories hold only interface files and child cgroups, and the
 /// kernel bounds their depth (`cgroup.max.depth`), so the walk ends.
 fn cgroups_below(dir: &Path) -> Vec<PathBuf> {
-    if !dir.is_dir() {
-        return Vec::new();
-    }
-    let mut found = vec![dir.to_path_buf()];
-    let mut next = 0;
-    while next < found.len() {
-        let children: Vec<PathBuf> = fs::read_dir(&found[next])
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
-            .map(|entry| entry.path())
-            .collect();
-        found.extend(children);
-        next += 1;
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(cgroup) = todo.pop() {
+        if cgroup.is_dir() {
+            let entries = fs::read_dir(&cgroup).into_iter().flatten().flatten();
+            todo.extend(
+                entries
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+            found.push(cgroup);
+        }
     }
     found
 }
@@ -322,8 +317,8 @@ pub(crate) fn agent_dir_name(root: &Path) -> String {
         escaped.push('-');
     }
     if escaped.len() > MAX_ESCAPED {
-        let digest = Sha256::digest(text.as_bytes());
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        // The first 16 bytes of the digest, in hex.
+        let hex = &crate::digest::of_bytes(text.as_bytes()).to_hex()[..32];
         return format!("{AGENT_PREFIX}{hex}");
     }
     format!("{AGENT_PREFIX}{escaped}")

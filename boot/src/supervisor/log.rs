@@ -69,7 +69,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use erel_proto::OUTPUT_TAIL_MAX;
 use nix::fcntl::{Flock, FlockArg, OFlag};
@@ -115,7 +115,10 @@ fn lock_path(log: &Path) -> PathBuf {
 #[derive(Debug)]
 pub(crate) struct OutputPipe {
     read: File,
-    write: File,
+    /// Two descriptors of the write end, for the release's stdout and stderr. The agent
+    /// keeps none: the writer sees the end of the output once the release and what it
+    /// started have closed theirs.
+    stdio: (Stdio, Stdio),
     log: PathBuf,
 }
 
@@ -123,22 +126,23 @@ impl OutputPipe {
     /// Makes the pipe (both ends close-on-exec, so no other child inherits them) and
     /// writes `header` into it as the run's first line.
     pub(crate) fn open(log: &Path, header: &str) -> Result<OutputPipe> {
-        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| {
-            Error::io(
-                "make the output pipe for",
-                log,
-                std::io::Error::from_raw_os_error(e as i32),
-            )
-        })?;
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+            .map_err(|e| Error::io("make the output pipe for", log, e.into()))?;
         let mut write = File::from(write);
         // An empty pipe holds far more than one line: this never blocks.
         write
             .write_all(format!("{header}\n").as_bytes())
             .map_err(|e| Error::io("write the header for", log, e))?;
+        let dup = || {
+            let copy = write.try_clone().map(Stdio::from);
+            copy.map_err(|e| Error::io("duplicate the output pipe for", log, e))
+        };
+        let stdio = (dup()?, dup()?);
+        let log = log.to_path_buf();
         Ok(OutputPipe {
             read: File::from(read),
-            write,
-            log: log.to_path_buf(),
+            stdio,
+            log,
         })
     }
 
@@ -149,13 +153,13 @@ impl OutputPipe {
     /// write end (the release and all it started) is gone. It is not waited for here; the
     /// runtime reaps it while this agent runs, its new parent after an agent restart.
     ///
-    /// Returns the write end, for the release, and the writer's pid.
+    /// Returns the release's stdout and stderr, and the writer's pid.
     pub(crate) fn start_writer(
         self,
         writer: &OutputWriter,
         max_bytes: u64,
-    ) -> Result<(ReleaseOutput, u32)> {
-        let OutputPipe { read, write, log } = self;
+    ) -> Result<((Stdio, Stdio), u32)> {
+        let OutputPipe { read, stdio, log } = self;
         let mut command = std::process::Command::new(&writer.program);
         if writer.program == Path::new(OutputWriter::SELF) {
             // `ps` shows the agent's name rather than `/proc/self/exe`.
@@ -179,41 +183,16 @@ impl OutputPipe {
         let mut command = tokio::process::Command::from(command);
         command.kill_on_drop(false);
         let child = command.spawn().map_err(|e| {
-            Error::io(
-                "start the output writer",
-                &writer.program,
-                std::io::Error::new(e.kind(), format!("for {}: {e}", log.display())),
-            )
+            let e = std::io::Error::new(e.kind(), format!("for {}: {e}", log.display()));
+            Error::io("start the output writer", &writer.program, e)
         })?;
         let pid = child.id().ok_or_else(|| {
+            let log = log.display();
             Error::Internal(format!(
-                "the output writer for {} exited before it had a pid",
-                log.display()
+                "the output writer for {log} exited before it had a pid"
             ))
         })?;
-        Ok((ReleaseOutput { write, log }, pid))
-    }
-}
-
-/// The write end of a run's output pipe, once its writer runs.
-#[derive(Debug)]
-pub(crate) struct ReleaseOutput {
-    write: File,
-    log: PathBuf,
-}
-
-impl ReleaseOutput {
-    /// Two descriptors of the write end, for the release's stdout and stderr. The
-    /// agent's own descriptor closes when this is dropped: the writer then sees the end
-    /// of the output once the release and what it started have closed theirs.
-    pub(crate) fn release_stdio(&self) -> Result<(Stdio, Stdio)> {
-        let dup = || {
-            self.write
-                .try_clone()
-                .map(Stdio::from)
-                .map_err(|e| Error::io("duplicate the output pipe for", &self.log, e))
-        };
-        Ok((dup()?, dup()?))
+        Ok((stdio, pid))
     }
 }
 
@@ -233,10 +212,7 @@ pub fn run_output_writer(args: &[OsString]) -> ExitCode {
     // A terminal or a stray signal must not cut the release's output: the writer keeps
     // draining until the release is gone. Blocked, not ignored, so nothing needs unsafe
     // code.
-    let mut blocked = SigSet::empty();
-    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        blocked.add(signal);
-    }
+    let blocked = SigSet::from_iter([Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP]);
     if let Err(e) = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None) {
         eprintln!("erel-boot {OUTPUT_WRITER_COMMAND}: cannot block SIGTERM: {e}");
     }
@@ -583,33 +559,15 @@ fn tail_text(bytes: &[u8], max: usize) -> String {
 
 /// The current time as `YYYY-MM-DDTHH:MM:SSZ`, for log lines.
 pub(crate) fn utc_now() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
+    utc(time::OffsetDateTime::now_utc())
 }
 
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+/// `time` as `YYYY-MM-DDTHH:MM:SSZ`.
+fn utc(time: time::OffsetDateTime) -> String {
+    let (date, month) = (time.date(), u8::from(time.month()));
+    let (year, day) = (date.year(), date.day());
+    let (hour, minute, second) = time.to_hms();
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
 }
 
 #[cfg(test)]
@@ -618,9 +576,10 @@ mod tests {
 
     #[test]
     fn dates_are_civil() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        let day = |days: i64| utc(time::OffsetDateTime::UNIX_EPOCH + time::Duration::days(days));
+        assert_eq!(day(0), "1970-01-01T00:00:00Z");
+        assert_eq!(day(19_723), "2024-01-01T00:00:00Z");
+        assert_eq!(day(19_782), "2024-02-29T00:00:00Z");
         assert_eq!(utc_now().len(), "2024-01-01T00:00:00Z".len());
     }
 
@@ -633,6 +592,14 @@ mod tests {
         let invalid = vec![0xffu8; 3000];
         let tail = tail_text(&invalid, OUTPUT_TAIL_MAX);
         assert!(tail.len() <= OUTPUT_TAIL_MAX && !tail.is_empty());
+    }
+
+    /// A writer for `app.log` in a new temporary directory.
+    fn temp_log(cap: u64) -> (tempfile::TempDir, PathBuf, CappedLog) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("app.log");
+        let capped = CappedLog::new(log.clone(), cap);
+        (dir, log, capped)
     }
 
     fn size(path: &Path) -> u64 {
@@ -648,10 +615,8 @@ mod tests {
 
     #[test]
     fn the_cap_holds_after_every_write_of_any_size() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("app.log");
         let cap = MIN_LOG_MAX_BYTES * 4;
-        let mut capped = CappedLog::new(log.clone(), cap);
+        let (_dir, log, mut capped) = temp_log(cap);
         let mut last = String::new();
         for (i, len) in [1usize, 7, 100, 4000, 65_536, 3, 20_000, 9_000, 1]
             .iter()
@@ -670,11 +635,9 @@ mod tests {
 
     #[test]
     fn lines_that_fit_are_not_split_and_long_ones_are() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("app.log");
         let cap = MIN_LOG_MAX_BYTES;
         let half = (cap / 2) as usize;
-        let mut capped = CappedLog::new(log.clone(), cap);
+        let (_dir, log, mut capped) = temp_log(cap);
         let line = |c: char, n: usize| format!("{}\n", c.to_string().repeat(n - 1));
         capped.write(line('a', half - 10).as_bytes());
         // 20 bytes do not fit in the 10 left: the line starts a new file.
@@ -700,10 +663,8 @@ mod tests {
 
     #[test]
     fn two_writers_keep_the_cap_together_and_never_write_into_a_removed_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("app.log");
         let cap = MIN_LOG_MAX_BYTES * 2;
-        let mut one = CappedLog::new(log.clone(), cap);
+        let (_dir, log, mut one) = temp_log(cap);
         let mut two = CappedLog::new(log.clone(), cap);
         for i in 0..500 {
             one.write(format!("one {i:04} {}\n", "1".repeat(i % 300)).as_bytes());
@@ -730,9 +691,7 @@ mod tests {
 
     #[test]
     fn a_removed_log_is_created_again() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("app.log");
-        let mut capped = CappedLog::new(log.clone(), MIN_LOG_MAX_BYTES);
+        let (_dir, log, mut capped) = temp_log(MIN_LOG_MAX_BYTES);
         capped.write(b"before\n");
         fs::remove_file(&log).expect("remove");
         capped.write(b"after\n");
@@ -765,9 +724,7 @@ mod tests {
 
     #[test]
     fn the_tail_spans_a_rotation() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("app.log");
-        let mut capped = CappedLog::new(log.clone(), MIN_LOG_MAX_BYTES);
+        let (_dir, log, mut capped) = temp_log(MIN_LOG_MAX_BYTES);
         capped.write(format!("{}\n", "o".repeat(1500)).as_bytes());
         capped.write(format!("{}\n", "n".repeat(1000)).as_bytes());
         let tail = output_tail(&log);

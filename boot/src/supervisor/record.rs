@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fs::{self as root, Root};
+use crate::fs::{check_name, remove_if_present, write_atomic, Root};
 
 /// Suffix of a desired-state file.
 const DESIRED_SUFFIX: &str = ".json";
@@ -86,6 +86,27 @@ pub(crate) struct RunRecord {
     pub writer_start_time: u64,
 }
 
+impl RunRecord {
+    /// The record of a run whose main process is `anchor` (pid, start time).
+    pub(crate) fn new(
+        anchor: (u32, u64),
+        version: &str,
+        daemonized: bool,
+        writer: Option<(u32, u64)>,
+    ) -> RunRecord {
+        let (writer_pid, writer_start_time) = writer.unwrap_or((0, 0));
+        RunRecord {
+            pid: anchor.0,
+            pgid: i32::try_from(anchor.0).unwrap_or(0),
+            start_time: anchor.1,
+            version: version.to_string(),
+            daemonized,
+            writer_pid,
+            writer_start_time,
+        }
+    }
+}
+
 fn desired_path(root: &Root, name: &str) -> PathBuf {
     root.state("releases")
         .join(format!("{name}{DESIRED_SUFFIX}"))
@@ -98,7 +119,7 @@ fn run_path(root: &Root, name: &str) -> PathBuf {
 fn save<T: Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(value)
         .map_err(|e| Error::Internal(format!("encode {}: {e}", path.display())))?;
-    root::write_atomic(path, &bytes, RECORD_MODE)
+    write_atomic(path, &bytes, RECORD_MODE)
 }
 
 fn load<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> Result<Option<T>> {
@@ -132,12 +153,7 @@ pub(crate) fn load_run(root: &Root, name: &str) -> Result<Option<RunRecord>> {
 
 /// Removes the run record of `name`; a missing record is fine.
 pub(crate) fn remove_run(root: &Root, name: &str) -> Result<()> {
-    let path = run_path(root, name);
-    match fs::remove_file(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove", &path, e)),
-    }
+    remove_if_present(&run_path(root, name))
 }
 
 /// Every desired-state file under the root. A file that cannot be read is reported in
@@ -157,7 +173,7 @@ pub(crate) fn load_all_desired(root: &Root) -> Result<(Vec<Desired>, Vec<Error>)
         let Some(name) = file_name.strip_suffix(DESIRED_SUFFIX) else {
             continue;
         };
-        if root::check_name("release name", name).is_err() {
+        if check_name("release name", name).is_err() {
             continue; // temporary files of write_atomic start with '.'
         }
         match load::<Desired>(&entry.path()) {
@@ -177,21 +193,13 @@ pub(crate) fn load_all_desired(root: &Root) -> Result<(Vec<Desired>, Vec<Error>)
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::test_root_and_desired;
     use super::*;
 
     #[test]
     fn desired_and_run_records_round_trip() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = Root::open(dir.path()).expect("root");
-        let desired = Desired {
-            name: "beat".into(),
-            version: "1.0".into(),
-            argv: vec!["bin/beat".into(), "foreground".into()],
-            env: vec![("A".into(), "b".into())],
-            user: None,
-            should_run: true,
-            crash_looping: false,
-        };
+        let (_dir, root, mut desired) = test_root_and_desired("beat", "1.0");
+        desired.env = vec![("A".into(), "b".into())];
         save_desired(&root, &desired).expect("save");
         // A release whose name ends like a suffix does not collide.
         let other = Desired {

@@ -6,12 +6,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use erel_proto::{ReleaseState, ReleaseStatus, Start};
+use erel_proto::{ReleaseState, ReleaseStatus, Start, Started, Stopped};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
 use super::cgroup::Containment;
 use super::process;
+use super::record::Desired;
 use super::Supervisor;
 use crate::error::Error;
 use crate::fs::Root;
@@ -68,6 +69,24 @@ fn fixture() -> Fixture {
         root,
         _dir: dir,
     }
+}
+
+/// A temporary root, and what a plain `Start` of `name` `version` asks for.
+pub(super) fn test_root_and_desired(
+    name: &str,
+    version: &str,
+) -> (tempfile::TempDir, Root, Desired) {
+    let (dir, root) = crate::fs::temp_root();
+    let desired = Desired {
+        name: name.into(),
+        version: version.into(),
+        argv: vec![format!("bin/{name}"), "foreground".into()],
+        env: Vec::new(),
+        user: None,
+        should_run: true,
+        crash_looping: false,
+    };
+    (dir, root, desired)
 }
 
 fn settings() -> Supervision {
@@ -132,10 +151,157 @@ fn start_request(name: &str, version: &str) -> Start {
     }
 }
 
-async fn open(root: &Root) -> Supervisor {
-    Supervisor::open(root.clone(), HOST.into(), settings())
+impl Supervisor {
+    /// Each release with the version that runs or should run.
+    fn running_versions(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for release in self.inner.registered() {
+            let live = release.live();
+            let desired = live
+                .desired
+                .as_ref()
+                .filter(|d| d.should_run)
+                .map(|d| &d.version);
+            let running = live
+                .process
+                .as_ref()
+                .map(|p| &p.version)
+                .filter(|&v| Some(v) != desired);
+            for version in desired.into_iter().chain(running) {
+                out.push((release.name.clone(), version.clone()));
+            }
+        }
+        out
+    }
+}
+
+/// A fixture with release `app` version 1 running `body`.
+fn fixture_with(body: &str) -> Fixture {
+    let fx = fixture();
+    fx.version("1", body);
+    fx
+}
+
+/// A [`SLEEPER`] left running by an agent that was restarted (see
+/// [`Fixture::start_and_detach`]).
+async fn left_running() -> (Fixture, Started) {
+    let fx = fixture_with(SLEEPER);
+    let started = fx.start_and_detach().await;
+    (fx, started)
+}
+
+/// A fixture with versions 1 and 2 of release `app`, both [`SLEEPER`]s.
+fn two_versions() -> Fixture {
+    let fx = fixture_with(SLEEPER);
+    fx.version("2", SLEEPER);
+    fx
+}
+
+impl Fixture {
+    /// Writes version `version` of release `app` running `body`.
+    fn version(&self, version: &str, body: &str) {
+        release(&self.root, "app", version, body);
+    }
+
+    async fn open(&self) -> Supervisor {
+        self.open_with(settings()).await
+    }
+
+    async fn open_with(&self, settings: Supervision) -> Supervisor {
+        Supervisor::open(self.root.clone(), HOST.into(), settings)
+            .await
+            .expect("open supervisor")
+    }
+
+    /// Opens a supervisor with `parent`; `None` (test skipped, and it says so) when
+    /// cgroup containment was asked for but this machine has no writable cgroup v2.
+    async fn contained(&self, parent: CgroupParent) -> Option<Supervisor> {
+        let wants_cgroup = parent != CgroupParent::None;
+        let sup = self.open_with(settings_with(parent)).await;
+        let mode = sup.containment();
+        if wants_cgroup && !mode.starts_with("cgroup v2") {
+            // Where it can run (root, cgroup v2 mounted), it must: never skipped silently.
+            let mounted = fs::read_to_string("/proc/self/mountinfo")
+                .is_ok_and(|m| m.lines().any(|l| l.contains(" - cgroup2 ")));
+            assert!(
+                !(nix::unistd::geteuid().is_root() && mounted),
+                "running as root with cgroup v2 mounted, yet: {mode}"
+            );
+            eprintln!("SKIPPED: this test needs root and a writable cgroup v2: {mode}");
+            sup.detach().await;
+            return None;
+        }
+        if !wants_cgroup {
+            assert!(mode.starts_with("fallback"), "{mode}");
+        }
+        Some(sup)
+    }
+}
+
+impl Fixture {
+    /// Starts version 1 of `app` under a supervisor that then detaches, as an agent
+    /// that is restarted leaves it.
+    async fn start_and_detach(&self) -> Started {
+        let sup = self.open().await;
+        let started = start(&sup, "1").await;
+        sup.detach().await;
+        started
+    }
+
+    /// Changes the desired state on disk behind the supervisor's back.
+    fn edit_desired(&self, from: &str, to: &str) {
+        let path = self.root.state("releases").join("app.json");
+        let desired = fs::read_to_string(&path).expect("desired");
+        fs::write(&path, desired.replace(from, to)).expect("write");
+    }
+}
+
+/// Release `app` version 1 running `body`, started by a supervisor with the test settings.
+async fn running(body: &str) -> (Fixture, Supervisor, Started) {
+    let fx = fixture_with(body);
+    let sup = fx.open().await;
+    let started = start(&sup, "1").await;
+    (fx, sup, started)
+}
+
+impl Fixture {
+    /// Waits for `text` in the output log of `app`.
+    async fn wait_output(&self, text: &str) {
+        eventually(&format!("{text:?} in the log"), || {
+            log_text(&self.root, "app").contains(text)
+        })
+        .await;
+    }
+}
+
+/// The pid of `app`, asserted to run as the one copy there is.
+async fn one_copy_running(fx: &Fixture, sup: &Supervisor) -> u32 {
+    let status = status(sup, "app").await;
+    assert_eq!(status.state, ReleaseState::Running);
+    let pid = status.pid.expect("pid");
+    assert_eq!(copies(&fx.root, "app"), vec![pid]);
+    pid
+}
+
+/// Kills `pid` of `app` and waits for the restart: one copy again, under a new pid.
+async fn kill_and_see_it_restarted(fx: &Fixture, sup: &Supervisor, pid: u32) {
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill");
+    let status = wait_status(sup, "app", "a restart", |s| {
+        s.state == ReleaseState::Running && s.pid.is_some_and(|p| p != pid)
+    })
+    .await;
+    assert_eq!(status.restarts, 1);
+    assert_eq!(copies(&fx.root, "app"), vec![status.pid.expect("pid")]);
+}
+
+async fn start(sup: &Supervisor, version: &str) -> Started {
+    sup.start(&start_request("app", version))
         .await
-        .expect("open supervisor")
+        .expect("start")
+}
+
+async fn stop(sup: &Supervisor, grace: Duration) -> Stopped {
+    sup.stop("app", grace).await.expect("stop")
 }
 
 /// Live (non-zombie) processes, or only group leaders, carrying `EREL_ROOT=<root>` (and
@@ -219,14 +385,8 @@ fn log_text(root: &Root, name: &str) -> String {
 
 #[tokio::test]
 async fn start_runs_in_its_own_group_with_env_and_log() {
-    let fx = fixture();
-    release(
-        &fx.root,
-        "app",
-        "1",
-        "env > \"$EREL_ROOT/app.env\"\npwd > \"$EREL_ROOT/app.pwd\"\necho started $EREL_VERSION\nexec sleep 1000",
-    );
-    let sup = open(&fx.root).await;
+    let fx = fixture_with("env > \"$EREL_ROOT/app.env\"\npwd > \"$EREL_ROOT/app.pwd\"\necho started $EREL_VERSION\nexec sleep 1000");
+    let sup = fx.open().await;
     let mut request = start_request("app", "1");
     request.env = vec![
         ("FOO".into(), "bar".into()),
@@ -245,10 +405,7 @@ async fn start_runs_in_its_own_group_with_env_and_log() {
     assert_eq!(stat.pgrp, started.pid as i32, "own process group");
 
     // The script echoes after writing both files.
-    eventually("output in the log", || {
-        log_text(&fx.root, "app").contains("started 1")
-    })
-    .await;
+    fx.wait_output("started 1").await;
     let env_file = fx.root.path().join("app.env");
     let env = fs::read_to_string(&env_file).expect("env");
     let root_text = fx.root.path().display().to_string();
@@ -290,27 +447,17 @@ async fn start_runs_in_its_own_group_with_env_and_log() {
 
 #[tokio::test]
 async fn a_killed_release_is_restarted() {
-    let fx = fixture();
-    release(&fx.root, "app", "1", SLEEPER);
-    let sup = open(&fx.root).await;
-    let first = sup.start(&start_request("app", "1")).await.expect("start");
-    kill(Pid::from_raw(first.pid as i32), Signal::SIGKILL).expect("kill");
-    let status = wait_status(&sup, "app", "a restart", |s| {
-        s.state == ReleaseState::Running && s.pid.is_some_and(|p| p != first.pid)
-    })
-    .await;
-    assert_eq!(status.restarts, 1);
-    assert_eq!(copies(&fx.root, "app"), vec![status.pid.expect("pid")]);
-    sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    let (fx, sup, first) = running(SLEEPER).await;
+    kill_and_see_it_restarted(&fx, &sup, first.pid).await;
+    stop(&sup, Duration::from_secs(5)).await;
     sup.detach().await;
 }
 
 #[tokio::test]
 async fn a_release_that_keeps_dying_crash_loops() {
-    let fx = fixture();
-    release(&fx.root, "app", "1", "echo boom $EREL_VERSION\nexit 3");
-    let sup = open(&fx.root).await;
-    sup.start(&start_request("app", "1")).await.expect("start");
+    let fx = fixture_with("echo boom $EREL_VERSION\nexit 3");
+    let sup = fx.open().await;
+    start(&sup, "1").await;
     let status = wait_status(&sup, "app", "crash-looping", |s| {
         s.state == ReleaseState::CrashLooping
     })
@@ -329,13 +476,13 @@ async fn a_release_that_keeps_dying_crash_loops() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(runs(&fx.root), 3);
     sup.detach().await;
-    let sup = open(&fx.root).await;
+    let sup = fx.open().await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(status_state(&sup, "app").await, ReleaseState::CrashLooping);
     assert_eq!(runs(&fx.root), 3);
 
     // The next Start begins afresh.
-    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    let started = start(&sup, "1").await;
     assert!(!started.already_running);
     wait_status(&sup, "app", "crash-looping again", |s| {
         s.state == ReleaseState::CrashLooping
@@ -351,15 +498,12 @@ async fn status_state(sup: &Supervisor, name: &str) -> ReleaseState {
 
 #[tokio::test]
 async fn an_exited_release_reports_its_exit_while_waiting_to_restart() {
-    let fx = fixture();
-    release(&fx.root, "app", "1", "echo bye\nexit 7");
+    let fx = fixture_with("echo bye\nexit 7");
     let mut slow = settings();
     slow.restart_backoff = Duration::from_secs(30);
     slow.restart_backoff_max = Duration::from_secs(30);
-    let sup = Supervisor::open(fx.root.clone(), HOST.into(), slow)
-        .await
-        .expect("open");
-    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    let sup = fx.open_with(slow).await;
+    let started = start(&sup, "1").await;
     let status = wait_status(&sup, "app", "exited", |s| {
         matches!(s.state, ReleaseState::Exited { .. })
     })
@@ -373,11 +517,11 @@ async fn an_exited_release_reports_its_exit_while_waiting_to_restart() {
     );
     assert!(status.output_tail.contains("bye"));
     // Starting it again during the backoff changes nothing.
-    let again = sup.start(&start_request("app", "1")).await.expect("start");
+    let again = start(&sup, "1").await;
     assert!(again.already_running);
     assert_eq!(again.pid, started.pid);
     // Stopping it ends the backoff: it is not running.
-    let stopped = sup.stop("app", Duration::from_secs(1)).await.expect("stop");
+    let stopped = stop(&sup, Duration::from_secs(1)).await;
     assert!(!stopped.was_running);
     assert_eq!(status_state(&sup, "app").await, ReleaseState::Stopped);
     sup.detach().await;
@@ -385,23 +529,10 @@ async fn an_exited_release_reports_its_exit_while_waiting_to_restart() {
 
 #[tokio::test]
 async fn stop_terminates_gracefully() {
-    let fx = fixture();
-    release(
-        &fx.root,
-        "app",
-        "1",
-        "trap 'echo got term; exit 0' TERM\necho ready\nsleep 1000 &\nwait",
-    );
-    let sup = open(&fx.root).await;
-    let started = sup.start(&start_request("app", "1")).await.expect("start");
-    eventually("the trap to be set", || {
-        log_text(&fx.root, "app").contains("ready")
-    })
-    .await;
-    let stopped = sup
-        .stop("app", Duration::from_secs(10))
-        .await
-        .expect("stop");
+    let (fx, sup, started) =
+        running("trap 'echo got term; exit 0' TERM\necho ready\nsleep 1000 &\nwait").await;
+    fx.wait_output("ready").await;
+    let stopped = stop(&sup, Duration::from_secs(10)).await;
     assert!(stopped.was_running);
     assert!(!stopped.killed);
     assert!(process::group_members(started.pid as i32).is_empty());
@@ -432,24 +563,10 @@ async fn stop_terminates_gracefully() {
 
 #[tokio::test]
 async fn stop_kills_what_ignores_sigterm() {
-    let fx = fixture();
-    release(
-        &fx.root,
-        "app",
-        "1",
-        "trap '' TERM\necho ready\nsleep 1000 &\nwait",
-    );
-    let sup = open(&fx.root).await;
-    let started = sup.start(&start_request("app", "1")).await.expect("start");
-    eventually("the trap to be set", || {
-        log_text(&fx.root, "app").contains("ready")
-    })
-    .await;
+    let (fx, sup, started) = running("trap '' TERM\necho ready\nsleep 1000 &\nwait").await;
+    fx.wait_output("ready").await;
     let begun = Instant::now();
-    let stopped = sup
-        .stop("app", Duration::from_millis(300))
-        .await
-        .expect("stop");
+    let stopped = stop(&sup, Duration::from_millis(300)).await;
     assert!(begun.elapsed() >= Duration::from_millis(300));
     assert!(stopped.was_running);
     assert!(stopped.killed);
@@ -460,19 +577,12 @@ async fn stop_kills_what_ignores_sigterm() {
 
 #[tokio::test]
 async fn stop_leaves_nothing_of_the_group() {
-    let fx = fixture();
     // A grandchild, reparented away from the release, still in its process group.
-    release(
-        &fx.root,
-        "app",
-        "1",
-        "(sh -c 'exec sleep 1001' &)\necho forked\nexec sleep 1000",
-    );
-    let sup = open(&fx.root).await;
-    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    let (_fx, sup, started) =
+        running("(sh -c 'exec sleep 1001' &)\necho forked\nexec sleep 1000").await;
     let pgid = started.pid as i32;
     eventually("the grandchild", || process::group_members(pgid).len() >= 2).await;
-    let stopped = sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    let stopped = stop(&sup, Duration::from_secs(5)).await;
     assert!(stopped.was_running);
     assert!(process::group_members(pgid).is_empty());
     sup.detach().await;
@@ -480,18 +590,10 @@ async fn stop_leaves_nothing_of_the_group() {
 
 #[tokio::test]
 async fn starting_another_version_replaces_the_running_one() {
-    let fx = fixture();
-    release(&fx.root, "app", "1", SLEEPER);
-    release(&fx.root, "app", "2", SLEEPER);
-    let sup = open(&fx.root).await;
-    let one = sup
-        .start(&start_request("app", "1"))
-        .await
-        .expect("start 1");
-    let two = sup
-        .start(&start_request("app", "2"))
-        .await
-        .expect("start 2");
+    let fx = two_versions();
+    let sup = fx.open().await;
+    let one = start(&sup, "1").await;
+    let two = start(&sup, "2").await;
     assert!(!two.already_running);
     assert_ne!(one.pid, two.pid);
     assert!(!alive(one.pid));
@@ -509,55 +611,34 @@ async fn starting_another_version_replaces_the_running_one() {
 
 #[tokio::test]
 async fn an_agent_restart_adopts_the_running_release() {
-    let fx = fixture();
-    release(&fx.root, "app", "1", SLEEPER);
-    let sup = open(&fx.root).await;
-    let started = sup.start(&start_request("app", "1")).await.expect("start");
-    sup.detach().await;
-    drop(sup);
+    let (fx, started) = left_running().await;
     assert!(alive(started.pid), "detach must not stop releases");
 
-    let sup = open(&fx.root).await;
-    let status = status(&sup, "app").await;
-    assert_eq!(status.state, ReleaseState::Running);
-    assert_eq!(status.pid, Some(started.pid));
-    assert_eq!(copies(&fx.root, "app"), vec![started.pid]);
-    let again = sup.start(&start_request("app", "1")).await.expect("start");
+    let sup = fx.open().await;
+    assert_eq!(one_copy_running(&fx, &sup).await, started.pid);
+    let again = start(&sup, "1").await;
     assert!(again.already_running);
     assert_eq!(again.pid, started.pid);
 
     // An adopted process that dies is noticed and restarted.
-    kill(Pid::from_raw(started.pid as i32), Signal::SIGKILL).expect("kill");
-    let status = wait_status(&sup, "app", "a restart", |s| {
-        s.state == ReleaseState::Running && s.pid.is_some_and(|p| p != started.pid)
-    })
-    .await;
-    assert_eq!(status.restarts, 1);
-    assert_eq!(copies(&fx.root, "app"), vec![status.pid.expect("pid")]);
+    kill_and_see_it_restarted(&fx, &sup, started.pid).await;
     sup.detach().await;
 }
 
 #[tokio::test]
 async fn an_agent_restart_without_run_record_finds_the_release_by_environment() {
-    let fx = fixture();
-    release(&fx.root, "app", "1", SLEEPER);
-    let sup = open(&fx.root).await;
-    let started = sup.start(&start_request("app", "1")).await.expect("start");
-    sup.detach().await;
+    let (fx, started) = left_running().await;
     fs::remove_file(fx.root.state("releases").join("app.run")).expect("remove run record");
 
-    let sup = open(&fx.root).await;
-    let status = status(&sup, "app").await;
-    assert_eq!(status.state, ReleaseState::Running);
-    assert_eq!(status.pid, Some(started.pid));
-    assert_eq!(copies(&fx.root, "app"), vec![started.pid]);
+    let sup = fx.open().await;
+    assert_eq!(one_copy_running(&fx, &sup).await, started.pid);
     assert!(
         fx.root.state("releases").join("app.run").exists(),
         "record rewritten"
     );
 
     // Stopping the adopted process works too.
-    let stopped = sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    let stopped = stop(&sup, Duration::from_secs(5)).await;
     assert!(stopped.was_running);
     assert!(!stopped.killed);
     assert!(copies(&fx.root, "app").is_empty());
@@ -567,20 +648,12 @@ async fn an_agent_restart_without_run_record_finds_the_release_by_environment() 
 
 #[tokio::test]
 async fn an_agent_restart_starts_a_dead_release_once() {
-    let fx = fixture();
-    release(&fx.root, "app", "1", SLEEPER);
-    let sup = open(&fx.root).await;
-    let started = sup.start(&start_request("app", "1")).await.expect("start");
-    sup.detach().await;
+    let (fx, started) = left_running().await;
     kill(Pid::from_raw(started.pid as i32), Signal::SIGKILL).expect("kill");
     eventually("the process to die", || !alive(started.pid)).await;
 
-    let sup = open(&fx.root).await;
-    let status = status(&sup, "app").await;
-    assert_eq!(status.state, ReleaseState::Running);
-    let pid = status.pid.expect("pid");
-    assert_ne!(pid, started.pid);
-    assert_eq!(copies(&fx.root, "app"), vec![pid]);
+    let sup = fx.open().await;
+    assert_ne!(one_copy_running(&fx, &sup).await, started.pid);
     assert_eq!(
         log_text(&fx.root, "app")
             .matches("--- erel: starting")
@@ -592,46 +665,25 @@ async fn an_agent_restart_starts_a_dead_release_once() {
 
 #[tokio::test]
 async fn an_agent_restart_replaces_a_copy_of_the_wrong_version() {
-    let fx = fixture();
-    release(&fx.root, "app", "1", SLEEPER);
-    release(&fx.root, "app", "2", SLEEPER);
-    let sup = open(&fx.root).await;
-    let one = sup.start(&start_request("app", "1")).await.expect("start");
-    sup.detach().await;
+    let fx = two_versions();
+    let one = fx.start_and_detach().await;
     // As if the agent died right after recording that version 2 should run.
-    let desired_path = fx.root.state("releases").join("app.json");
-    let desired = fs::read_to_string(&desired_path).expect("desired");
-    fs::write(
-        &desired_path,
-        desired.replace("\"version\": \"1\"", "\"version\": \"2\""),
-    )
-    .expect("write");
+    fx.edit_desired("\"version\": \"1\"", "\"version\": \"2\"");
 
-    let sup = open(&fx.root).await;
+    let sup = fx.open().await;
+    assert!(!alive(one.pid));
     let status = status(&sup, "app").await;
     assert_eq!(status.version.as_deref(), Some("2"));
-    let pid = status.pid.expect("pid");
-    assert!(!alive(one.pid));
-    assert_eq!(copies(&fx.root, "app"), vec![pid]);
+    assert_eq!(copies(&fx.root, "app"), vec![status.pid.expect("pid")]);
     sup.detach().await;
 }
 
 #[tokio::test]
 async fn an_agent_restart_stops_what_should_not_run() {
-    let fx = fixture();
-    release(&fx.root, "app", "1", SLEEPER);
-    let sup = open(&fx.root).await;
-    let one = sup.start(&start_request("app", "1")).await.expect("start");
-    sup.detach().await;
+    let (fx, one) = left_running().await;
     // As if the agent died between recording the stop and signalling.
-    let desired_path = fx.root.state("releases").join("app.json");
-    let desired = fs::read_to_string(&desired_path).expect("desired");
-    fs::write(
-        &desired_path,
-        desired.replace("\"should_run\": true", "\"should_run\": false"),
-    )
-    .expect("write");
-    let sup = open(&fx.root).await;
+    fx.edit_desired("\"should_run\": true", "\"should_run\": false");
+    let sup = fx.open().await;
     assert!(!alive(one.pid));
     assert_eq!(status_state(&sup, "app").await, ReleaseState::Stopped);
     sup.detach().await;
@@ -645,9 +697,8 @@ async fn a_release_runs_as_the_named_user() {
     let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
         return;
     };
-    let fx = fixture();
-    release(&fx.root, "app", "1", SLEEPER);
-    let sup = open(&fx.root).await;
+    let fx = fixture_with(SLEEPER);
+    let sup = fx.open().await;
     let mut request = start_request("app", "1");
     request.user = Some("nobody".into());
     let started = sup.start(&request).await.expect("start as nobody");
@@ -687,11 +738,10 @@ async fn a_release_runs_as_the_named_user() {
 
 #[tokio::test]
 async fn bad_start_requests_are_refused_without_recording_anything() {
-    let fx = fixture();
-    release(&fx.root, "app", "1", SLEEPER);
+    let fx = fixture_with(SLEEPER);
     let plain = fx.root.path().join("releases/app/1/bin/plain");
     fs::write(&plain, "#!/bin/sh\n").expect("write");
-    let sup = open(&fx.root).await;
+    let sup = fx.open().await;
 
     let err = sup.start(&start_request("app", "9")).await.unwrap_err();
     assert!(matches!(err, Error::NotFound { .. }), "{err}");
@@ -733,13 +783,13 @@ async fn bad_start_requests_are_refused_without_recording_anything() {
 #[tokio::test]
 async fn statuses_list_versions_oldest_first() {
     let fx = fixture();
-    release(&fx.root, "app", "2", SLEEPER);
+    fx.version("2", SLEEPER);
     let old = fs::File::open(fx.root.path().join("releases/app/2")).expect("open");
     old.set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000))
         .expect("set mtime");
-    release(&fx.root, "app", "10", SLEEPER);
+    fx.version("10", SLEEPER);
     release(&fx.root, "other", "1", SLEEPER);
-    let sup = open(&fx.root).await;
+    let sup = fx.open().await;
     let all = sup.statuses().await;
     let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, vec!["app", "other"]);
@@ -751,19 +801,11 @@ async fn statuses_list_versions_oldest_first() {
 
 #[tokio::test]
 async fn the_tail_holds_the_last_words_of_a_crash() {
-    let fx = fixture();
-    release(
-        &fx.root,
-        "app",
-        "1",
-        "i=0\nwhile [ $i -lt 2000 ]; do echo line-$i-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; i=$((i+1)); done\necho last-words >&2\nexit 7",
-    );
+    let fx = fixture_with("i=0\nwhile [ $i -lt 2000 ]; do echo line-$i-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; i=$((i+1)); done\necho last-words >&2\nexit 7");
     let mut once = settings();
     once.crash_loop_after = 1;
-    let sup = Supervisor::open(fx.root.clone(), HOST.into(), once)
-        .await
-        .expect("open");
-    sup.start(&start_request("app", "1")).await.expect("start");
+    let sup = fx.open_with(once).await;
+    start(&sup, "1").await;
     let status = wait_status(&sup, "app", "crash-looping", |s| {
         s.state == ReleaseState::CrashLooping
     })
@@ -795,12 +837,11 @@ fn writer_of(root: &Root, name: &str) -> (u32, u64) {
 /// as a member nor reported as its pid, kept running through an agent restart, and gone
 /// once a stop (before or after the restart) left nothing of the release.
 async fn the_output_writer_is_no_member_and_leaves_with_the_release(parent: CgroupParent) {
-    let fx = fixture();
-    release(&fx.root, "app", "1", SLEEPER);
-    let Some(sup) = open_contained(&fx.root, parent.clone()).await else {
+    let fx = fixture_with(SLEEPER);
+    let Some(sup) = fx.contained(parent.clone()).await else {
         return;
     };
-    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    let started = start(&sup, "1").await;
     let (writer, writer_start) = writer_of(&fx.root, "app");
     assert!(process::is_alive(writer, writer_start), "the writer runs");
     let stat = process::proc_stat(writer).expect("writer stat");
@@ -821,10 +862,7 @@ async fn the_output_writer_is_no_member_and_leaves_with_the_release(parent: Cgro
             "the writer is outside the cgroup"
         );
     }
-    eventually("output in the log", || {
-        log_text(&fx.root, "app").contains("started 1")
-    })
-    .await;
+    fx.wait_output("started 1").await;
     let anchor = (
         started.pid,
         process::proc_stat(started.pid).expect("stat").start_time,
@@ -837,20 +875,14 @@ async fn the_output_writer_is_no_member_and_leaves_with_the_release(parent: Cgro
     );
 
     // Stopped by this agent: the writer drains and ends with the release.
-    let stopped = sup.stop("app", Duration::from_secs(5)).await.expect("stop");
-    assert!(stopped.was_running && !stopped.killed, "{stopped:?}");
-    assert!(everything(&fx.root, "app").is_empty());
-    assert!(
-        !process::is_alive(writer, writer_start),
-        "no writer left behind"
-    );
+    stop_leaves_no_writer(&fx, &sup, (writer, writer_start), "no writer left behind").await;
 
     // Adopted by the next agent: the writer is neither the release nor a second copy,
     // keeps running with it, and leaves with it.
-    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    let started = start(&sup, "1").await;
     let (writer, writer_start) = writer_of(&fx.root, "app");
     sup.detach().await;
-    let sup = open_contained(&fx.root, parent).await.expect("reopen");
+    let sup = fx.contained(parent).await.expect("reopen");
     let adopted = status(&sup, "app").await;
     assert_eq!(adopted.state, ReleaseState::Running, "{adopted:?}");
     assert_eq!(adopted.pid, Some(started.pid), "{adopted:?}");
@@ -859,35 +891,30 @@ async fn the_output_writer_is_no_member_and_leaves_with_the_release(parent: Cgro
         "the adopted release's writer runs"
     );
     assert_eq!(writer_of(&fx.root, "app"), (writer, writer_start));
-    let stopped = sup.stop("app", Duration::from_secs(5)).await.expect("stop");
-    assert!(stopped.was_running && !stopped.killed, "{stopped:?}");
-    assert!(everything(&fx.root, "app").is_empty());
-    assert!(
-        !process::is_alive(writer, writer_start),
-        "no writer left behind after adoption"
-    );
+    stop_leaves_no_writer(
+        &fx,
+        &sup,
+        (writer, writer_start),
+        "no writer left behind after adoption",
+    )
+    .await;
     sup.detach().await;
 }
 
-#[tokio::test]
-async fn the_output_writer_is_no_member_and_leaves_with_the_release_in_a_cgroup() {
-    the_output_writer_is_no_member_and_leaves_with_the_release(CgroupParent::Auto).await;
-}
-
-#[tokio::test]
-async fn the_output_writer_is_no_member_and_leaves_with_the_release_without_cgroups() {
-    the_output_writer_is_no_member_and_leaves_with_the_release(CgroupParent::None).await;
+/// Stops `app` gracefully and checks that nothing of it is left, nor its `writer`.
+async fn stop_leaves_no_writer(fx: &Fixture, sup: &Supervisor, writer: (u32, u64), what: &str) {
+    let stopped = stop(sup, Duration::from_secs(5)).await;
+    assert!(stopped.was_running && !stopped.killed, "{stopped:?}");
+    assert!(everything(&fx.root, "app").is_empty());
+    assert!(!process::is_alive(writer.0, writer.1), "{what}");
 }
 
 #[tokio::test]
 async fn a_writer_that_cannot_start_refuses_the_start() {
-    let fx = fixture();
-    release(&fx.root, "app", "1", SLEEPER);
+    let fx = fixture_with(SLEEPER);
     let mut broken = settings();
     broken.output_writer.program = fx.root.path().join("no-such-writer");
-    let sup = Supervisor::open(fx.root.clone(), HOST.into(), broken)
-        .await
-        .expect("open");
+    let sup = fx.open_with(broken).await;
     let err = sup
         .start(&start_request("app", "1"))
         .await
@@ -907,20 +934,17 @@ async fn a_writer_that_cannot_start_refuses_the_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stop_and_start_racing_restarts_never_leave_two_copies() {
-    let fx = fixture();
-    release(&fx.root, "app", "1", "sleep 0.05\nexit 1");
-    release(&fx.root, "app", "2", SLEEPER);
+    let fx = fixture_with("sleep 0.05\nexit 1");
+    fx.version("2", SLEEPER);
     let mut patient = settings();
     patient.restart_backoff = Duration::from_millis(10);
     patient.restart_backoff_max = Duration::from_millis(20);
     patient.crash_loop_after = 1000;
-    let sup = Supervisor::open(fx.root.clone(), HOST.into(), patient)
-        .await
-        .expect("open");
+    let sup = fx.open_with(patient).await;
     for round in 0..8u64 {
-        sup.start(&start_request("app", "1")).await.expect("start");
+        start(&sup, "1").await;
         tokio::time::sleep(Duration::from_millis(15 * round)).await;
-        sup.stop("app", Duration::from_secs(2)).await.expect("stop");
+        stop(&sup, Duration::from_secs(2)).await;
         assert!(copies(&fx.root, "app").is_empty(), "round {round}");
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -934,7 +958,7 @@ async fn stop_and_start_racing_restarts_never_leave_two_copies() {
     b.expect("start 1");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(copies(&fx.root, "app").len() <= 1);
-    let stopped = sup.stop("app", Duration::from_secs(2)).await.expect("stop");
+    let stopped = stop(&sup, Duration::from_secs(2)).await;
     assert!(!stopped.killed);
     assert!(copies(&fx.root, "app").is_empty());
     sup.detach().await;
@@ -956,52 +980,28 @@ fn settings_with(parent: CgroupParent) -> Supervision {
     }
 }
 
-/// Opens a supervisor with `parent`; `None` (test skipped, and it says so) when cgroup
-/// containment was asked for but this machine has no writable cgroup v2.
-async fn open_contained(root: &Root, parent: CgroupParent) -> Option<Supervisor> {
-    let wants_cgroup = parent != CgroupParent::None;
-    let sup = Supervisor::open(root.clone(), HOST.into(), settings_with(parent))
-        .await
-        .expect("open supervisor");
-    let mode = sup.containment();
-    if wants_cgroup && !mode.starts_with("cgroup v2") {
-        // Where it can run (root, cgroup v2 mounted), it must: never skipped silently.
-        let mounted = fs::read_to_string("/proc/self/mountinfo")
-            .is_ok_and(|m| m.lines().any(|l| l.contains(" - cgroup2 ")));
-        assert!(
-            !(nix::unistd::geteuid().is_root() && mounted),
-            "running as root with cgroup v2 mounted, yet: {mode}"
-        );
-        eprintln!("SKIPPED: this test needs root and a writable cgroup v2: {mode}");
-        sup.detach().await;
-        return None;
-    }
-    if !wants_cgroup {
-        assert!(mode.starts_with("fallback"), "{mode}");
-    }
-    Some(sup)
-}
-
 /// Every live process of release `name` (group leaders or not).
 fn everything(root: &Root, name: &str) -> Vec<u32> {
     processes_in(root.path(), Some(name), false)
 }
 
 async fn stop_reaches_a_setsid_helper(parent: CgroupParent) {
-    let fx = fixture();
-    release(&fx.root, "app", "1", SETSID_HELPER);
-    let Some(sup) = open_contained(&fx.root, parent).await else {
+    let fx = fixture_with(SETSID_HELPER);
+    let Some(sup) = fx.contained(parent).await else {
         return;
     };
-    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    let started = start(&sup, "1").await;
     // Found inside the wait: a process is briefly invisible to the environment scan
     // while it execs (its new environment is not laid out yet), so a second scan right
-    // after the wait may miss the helper.
+    // after the wait may miss the helper. And found once it has left the session: it is
+    // `setsid` in the release's session for a moment before it calls setsid(2).
     let mut helper = None;
-    eventually("the helper", || {
+    let outside =
+        |pid: u32| process::proc_stat(pid).is_some_and(|s| s.session != started.pid as i32);
+    eventually("the helper in its own session", || {
         helper = everything(&fx.root, "app")
             .into_iter()
-            .find(|&pid| pid != started.pid);
+            .find(|&pid| pid != started.pid && outside(pid));
         helper.is_some()
     })
     .await;
@@ -1013,47 +1013,31 @@ async fn stop_reaches_a_setsid_helper(parent: CgroupParent) {
     );
     assert_ne!(stat.pgrp, started.pid as i32, "the helper left the group");
 
-    let stopped = sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    let stopped = stop(&sup, Duration::from_secs(5)).await;
     assert!(stopped.was_running);
     assert!(!alive(helper), "the setsid helper survived the stop");
     assert!(everything(&fx.root, "app").is_empty());
     // Starting again gives one copy of each, not two.
-    sup.start(&start_request("app", "1")).await.expect("start");
+    start(&sup, "1").await;
     eventually("the new helper", || everything(&fx.root, "app").len() >= 2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // At most two: a copy in the middle of an exec may be missed by the scan, never added.
     let now = everything(&fx.root, "app");
     assert!(now.len() <= 2, "one copy of each: {now:?}");
-    sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    stop(&sup, Duration::from_secs(5)).await;
     assert!(everything(&fx.root, "app").is_empty());
     sup.detach().await;
 }
 
 #[tokio::test]
-async fn stop_reaches_a_setsid_helper_in_a_cgroup() {
-    stop_reaches_a_setsid_helper(CgroupParent::Auto).await;
-}
-
-#[tokio::test]
-async fn stop_reaches_a_setsid_helper_without_cgroups() {
-    stop_reaches_a_setsid_helper(CgroupParent::None).await;
-}
-
-#[tokio::test]
 async fn a_release_runs_in_its_own_cgroup() {
-    let fx = fixture();
     // The helper leaves the session and clears its environment: only the cgroup
     // still knows it is the release's.
-    release(
-        &fx.root,
-        "app",
-        "1",
-        "setsid env -i sleep 100001 &\nexec sleep 100000",
-    );
-    let Some(sup) = open_contained(&fx.root, CgroupParent::Auto).await else {
+    let fx = fixture_with("setsid env -i sleep 100001 &\nexec sleep 100000");
+    let Some(sup) = fx.contained(CgroupParent::Auto).await else {
         return;
     };
-    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    let started = start(&sup, "1").await;
     let Containment::Cgroup(tree) = &sup.inner.containment else {
         panic!("cgroup mode expected");
     };
@@ -1079,7 +1063,7 @@ async fn a_release_runs_in_its_own_cgroup() {
         "{own}"
     );
 
-    let stopped = sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    let stopped = stop(&sup, Duration::from_secs(5)).await;
     assert!(stopped.was_running);
     assert!(!alive(helper), "the helper without markers survived");
     assert!(!dir.exists(), "the emptied cgroup is removed");
@@ -1087,12 +1071,11 @@ async fn a_release_runs_in_its_own_cgroup() {
 }
 
 async fn a_daemonizing_start_command_never_multiplies(parent: CgroupParent) {
-    let fx = fixture();
-    release(&fx.root, "app", "1", DOUBLE_FORK);
-    let Some(sup) = open_contained(&fx.root, parent.clone()).await else {
+    let fx = fixture_with(DOUBLE_FORK);
+    let Some(sup) = fx.contained(parent.clone()).await else {
         return;
     };
-    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    let started = start(&sup, "1").await;
     let status = wait_status(&sup, "app", "the daemon to be the release", |s| {
         s.state == ReleaseState::Running && s.pid.is_some_and(|p| p != started.pid && is_sleeper(p))
     })
@@ -1106,7 +1089,7 @@ async fn a_daemonizing_start_command_never_multiplies(parent: CgroupParent) {
     assert_eq!(status.restarts, 0);
     assert_eq!(everything(&fx.root, "app"), vec![daemon]);
     // Starting it again changes nothing.
-    let again = sup.start(&start_request("app", "1")).await.expect("start");
+    let again = start(&sup, "1").await;
     assert!(again.already_running);
     assert_eq!(everything(&fx.root, "app"), vec![daemon]);
 
@@ -1123,7 +1106,7 @@ async fn a_daemonizing_start_command_never_multiplies(parent: CgroupParent) {
 
     // An agent restart adopts the daemon rather than starting another.
     sup.detach().await;
-    let sup = open_contained(&fx.root, parent).await.expect("reopen");
+    let sup = fx.contained(parent).await.expect("reopen");
     let sup_mode = sup.containment();
     let status = status_state_full(&sup).await;
     assert_eq!(status.state, ReleaseState::Running, "{sup_mode}");
@@ -1131,7 +1114,7 @@ async fn a_daemonizing_start_command_never_multiplies(parent: CgroupParent) {
     tokio::time::sleep(settings().restart_backoff_max * 3).await;
     assert_eq!(everything(&fx.root, "app"), vec![second]);
 
-    let stopped = sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    let stopped = stop(&sup, Duration::from_secs(5)).await;
     assert!(stopped.was_running);
     assert!(everything(&fx.root, "app").is_empty());
     sup.detach().await;
@@ -1151,40 +1134,14 @@ async fn status_state_full(sup: &Supervisor) -> ReleaseStatus {
     status(sup, "app").await
 }
 
-#[tokio::test]
-async fn a_daemonizing_start_command_never_multiplies_in_a_cgroup() {
-    a_daemonizing_start_command_never_multiplies(CgroupParent::Auto).await;
-}
-
-#[tokio::test]
-async fn a_daemonizing_start_command_never_multiplies_without_cgroups() {
-    a_daemonizing_start_command_never_multiplies(CgroupParent::None).await;
-}
-
-#[tokio::test]
-async fn a_crash_leaves_nothing_behind_before_the_restart_in_a_cgroup() {
-    a_crash_leaves_nothing_behind_before_the_restart(CgroupParent::Auto).await;
-}
-
-#[tokio::test]
-async fn a_crash_leaves_nothing_behind_before_the_restart_without_cgroups() {
-    a_crash_leaves_nothing_behind_before_the_restart(CgroupParent::None).await;
-}
-
 async fn a_crash_leaves_nothing_behind_before_the_restart(parent: CgroupParent) {
-    let fx = fixture();
     // The main process fails (status 3) and leaves a helper: the helper is stopped, and
     // the restart brings exactly one helper back.
-    release(
-        &fx.root,
-        "app",
-        "1",
-        "setsid sh -c 'exec sleep 100000' &\nsleep 0.3\nexit 3",
-    );
-    let Some(sup) = open_contained(&fx.root, parent).await else {
+    let fx = fixture_with("setsid sh -c 'exec sleep 100000' &\nsleep 0.3\nexit 3");
+    let Some(sup) = fx.contained(parent).await else {
         return;
     };
-    sup.start(&start_request("app", "1")).await.expect("start");
+    start(&sup, "1").await;
     wait_status(&sup, "app", "a restart", |s| s.restarts >= 1).await;
     // At any instant at most one helper runs.
     let helpers = || {
@@ -1200,19 +1157,18 @@ async fn a_crash_leaves_nothing_behind_before_the_restart(parent: CgroupParent) 
         assert!(now <= 1, "{now} helpers run at once");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    stop(&sup, Duration::from_secs(5)).await;
     assert!(everything(&fx.root, "app").is_empty());
     sup.detach().await;
 }
 
 async fn a_zombie_is_not_running(parent: CgroupParent) {
-    let fx = fixture();
     // The child exits at once, and `sleep`, which replaces the shell, never reaps it.
-    release(&fx.root, "app", "1", "sleep 0 &\nexec sleep 100000");
-    let Some(sup) = open_contained(&fx.root, parent).await else {
+    let fx = fixture_with("sleep 0 &\nexec sleep 100000");
+    let Some(sup) = fx.contained(parent).await else {
         return;
     };
-    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    let started = start(&sup, "1").await;
     let zombie = || {
         fs::read_dir("/proc")
             .expect("proc")
@@ -1232,10 +1188,7 @@ async fn a_zombie_is_not_running(parent: CgroupParent) {
     assert_eq!(members, vec![started.pid], "zombie {zombie} counted");
     // The stop ends at SIGTERM: nothing waits for the zombie, nothing is SIGKILLed.
     let begun = Instant::now();
-    let stopped = sup
-        .stop("app", Duration::from_secs(20))
-        .await
-        .expect("stop");
+    let stopped = stop(&sup, Duration::from_secs(20)).await;
     assert!(stopped.was_running);
     assert!(!stopped.killed);
     assert!(begun.elapsed() < Duration::from_secs(20));
@@ -1243,51 +1196,38 @@ async fn a_zombie_is_not_running(parent: CgroupParent) {
 }
 
 #[tokio::test]
-async fn a_zombie_is_not_running_in_a_cgroup() {
-    a_zombie_is_not_running(CgroupParent::Auto).await;
-}
-
-#[tokio::test]
-async fn a_zombie_is_not_running_without_cgroups() {
-    a_zombie_is_not_running(CgroupParent::None).await;
-}
-
-#[tokio::test]
 async fn an_unusable_cgroup_parent_falls_back_and_says_so() {
     let fx = fixture();
     // A cgroup path through an interface file can never be created.
-    let sup = Supervisor::open(
-        fx.root.clone(),
-        HOST.into(),
-        settings_with(CgroupParent::Path("/cgroup.procs/erel".into())),
-    )
-    .await
-    .expect("open");
+    let sup = fx
+        .open_with(settings_with(CgroupParent::Path(
+            "/cgroup.procs/erel".into(),
+        )))
+        .await;
     let mode = sup.containment();
     assert!(mode.starts_with("fallback to process groups ("), "{mode}");
-    release(&fx.root, "app", "1", SETSID_HELPER);
-    sup.start(&start_request("app", "1")).await.expect("start");
+    fx.version("1", SETSID_HELPER);
+    start(&sup, "1").await;
     eventually("the helper", || everything(&fx.root, "app").len() >= 2).await;
-    sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    stop(&sup, Duration::from_secs(5)).await;
     assert!(everything(&fx.root, "app").is_empty());
     sup.detach().await;
 }
 
 #[tokio::test]
 async fn switching_to_cgroups_never_leaves_a_copy_outside() {
-    let fx = fixture();
-    release(&fx.root, "app", "1", SETSID_HELPER);
+    let fx = fixture_with(SETSID_HELPER);
     // Started by an agent without cgroups...
-    let Some(sup) = open_contained(&fx.root, CgroupParent::None).await else {
+    let Some(sup) = fx.contained(CgroupParent::None).await else {
         return;
     };
-    sup.start(&start_request("app", "1")).await.expect("start");
+    start(&sup, "1").await;
     eventually("the helper", || everything(&fx.root, "app").len() >= 2).await;
     let outside = everything(&fx.root, "app");
     sup.detach().await;
     // ...then the agent restarts with cgroups: what runs outside the release's cgroup is
     // stopped, and one copy runs inside it.
-    let Some(sup) = open_contained(&fx.root, CgroupParent::Auto).await else {
+    let Some(sup) = fx.contained(CgroupParent::Auto).await else {
         return;
     };
     assert!(
@@ -1302,22 +1242,48 @@ async fn switching_to_cgroups_never_leaves_a_copy_outside() {
     })
     .await;
     assert_eq!(status_state(&sup, "app").await, ReleaseState::Running);
-    sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    stop(&sup, Duration::from_secs(5)).await;
     assert!(everything(&fx.root, "app").is_empty());
     sup.detach().await;
 
     // Back without cgroups: a copy started in a cgroup is found by its markers.
-    let Some(sup) = open_contained(&fx.root, CgroupParent::Auto).await else {
+    let Some(sup) = fx.contained(CgroupParent::Auto).await else {
         return;
     };
-    let started = sup.start(&start_request("app", "1")).await.expect("start");
+    let started = start(&sup, "1").await;
     eventually("the helper", || everything(&fx.root, "app").len() >= 2).await;
     sup.detach().await;
-    let sup = open_contained(&fx.root, CgroupParent::None)
-        .await
-        .expect("fallback");
+    let sup = fx.contained(CgroupParent::None).await.expect("fallback");
     assert_eq!(status(&sup, "app").await.pid, Some(started.pid));
-    sup.stop("app", Duration::from_secs(5)).await.expect("stop");
+    stop(&sup, Duration::from_secs(5)).await;
     assert!(everything(&fx.root, "app").is_empty());
     sup.detach().await;
 }
+
+/// Each containment test runs twice, as `<test>::in_a_cgroup` and
+/// `<test>::without_cgroups`.
+macro_rules! with_and_without_cgroups {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            use super::CgroupParent;
+
+            #[tokio::test]
+            async fn in_a_cgroup() {
+                super::$test(CgroupParent::Auto).await;
+            }
+
+            #[tokio::test]
+            async fn without_cgroups() {
+                super::$test(CgroupParent::None).await;
+            }
+        }
+    )*};
+}
+
+with_and_without_cgroups!(
+    the_output_writer_is_no_member_and_leaves_with_the_release,
+    stop_reaches_a_setsid_helper,
+    a_daemonizing_start_command_never_multiplies,
+    a_crash_leaves_nothing_behind_before_the_restart,
+    a_zombie_is_not_running,
+);

@@ -1,0 +1,126 @@
+//! `Stop`: end everything of a release, SIGTERM first and the kill after a grace, and
+//! succeed only when nothing of it is left.
+
+use std::time::Duration;
+
+use erel_proto::{ReleaseState, Stopped};
+use tracing::{info, warn};
+
+use crate::error::Result;
+use crate::fs::check_name;
+
+use super::cgroup::Containment;
+use super::process;
+use super::record;
+use super::{Current, Inner, Release, Supervisor, OUTPUT_DRAIN, REAP_WAIT};
+
+impl Supervisor {
+    /// Stops a release: SIGTERM to every member, SIGKILL (`cgroup.kill`) after `grace`;
+    /// succeeds only when nothing of it is left.
+    pub async fn stop(&self, name: &str, grace: Duration) -> Result<Stopped> {
+        let inner = &self.inner;
+        check_name("release name", name)?;
+        let Some(release) = inner.find(name) else {
+            return Ok(Stopped {
+                was_running: false,
+                killed: false,
+            });
+        };
+        let _op = release.op.lock().await;
+        let desired = release.live().desired.clone();
+        if let Some(mut desired) = desired.filter(|d| d.should_run || d.crash_looping) {
+            desired.should_run = false;
+            desired.crash_looping = false;
+            record::save_desired(&inner.root, &desired)?;
+            release.live().desired = Some(desired);
+        }
+        let current = {
+            let mut live = release.live();
+            inner.take_over(&mut live);
+            live.task = None;
+            live.process.clone()
+        };
+        let outcome = match &current {
+            Some(current) => inner.end_process(&release, current, grace).await?,
+            // Between runs: nothing may be left either (a crash's leftovers being
+            // stopped by the supervision task, a daemon found by its markers).
+            None => inner.stop_release(name, None, grace).await?,
+        };
+        release.live().state = ReleaseState::Stopped;
+        info!(release = %name, was_running = outcome.was_running, killed = outcome.killed, "stopped");
+        Ok(outcome)
+    }
+}
+
+impl Inner {
+    /// Stops everything of `current` (the caller holds the operation lock and has taken
+    /// the release over), waits for the child to be reaped, and forgets it.
+    pub(super) async fn end_process(
+        &self,
+        release: &Release,
+        current: &Current,
+        grace: Duration,
+    ) -> Result<Stopped> {
+        let outcome = self
+            .stop_release(&release.name, Some(current.anchor), grace)
+            .await?;
+        if let Some(mut reaped) = current.reaped.clone() {
+            // Err: the task is gone (detached); the runtime reaps the orphan.
+            let _ = tokio::time::timeout(REAP_WAIT, reaped.wait_for(|r| *r)).await;
+        }
+        // Nothing of the release is left: its writer ends with the last output, and a
+        // stopped release leaves no writer behind.
+        wait_writer(&release.name, current.writer).await;
+        if let Err(e) = record::remove_run(&self.root, &release.name) {
+            warn!(release = %release.name, "cannot remove the run record: {e}");
+        }
+        let mut live = release.live();
+        if live
+            .process
+            .as_ref()
+            .is_some_and(|p| p.anchor == current.anchor)
+        {
+            live.process = None;
+            live.last_pid = Some(current.pid);
+        }
+        Ok(outcome)
+    }
+
+    /// Stops every member of release `name`: SIGTERM to each, then after `grace` the
+    /// cgroup's kill (or SIGKILL to each member); an emptied cgroup is removed.
+    pub(super) async fn stop_release(
+        &self,
+        name: &str,
+        anchor: Option<(u32, u64)>,
+        grace: Duration,
+    ) -> Result<Stopped> {
+        let what = format!("release {name}");
+        match &self.containment {
+            Containment::Cgroup(tree) => {
+                let outcome =
+                    process::stop_members(&what, || tree.members(name), |_| tree.kill(name), grace)
+                        .await?;
+                tree.remove(name);
+                Ok(outcome)
+            }
+            Containment::Fallback(_) => {
+                let members = || process::scan_members(anchor, self.root.path(), name);
+                process::stop_members(&what, members, process::kill_each, grace).await
+            }
+        }
+    }
+}
+
+/// Waits (up to [`OUTPUT_DRAIN`]) for the output writer of a run to write the last output
+/// and end, once nothing of the release holds its output. A writer still running then
+/// (something outside the release still holds the output, or a disk too slow) is left to
+/// end on its own, and said so.
+pub(super) async fn wait_writer(name: &str, writer: Option<(u32, u64)>) {
+    let Some((pid, start_time)) = writer else {
+        return;
+    };
+    let running = || Vec::from_iter(Some(pid).filter(|_| process::is_alive(pid, start_time)));
+    if !process::wait_empty(&running, OUTPUT_DRAIN).await {
+        warn!(release = %name, writer = pid, "the output writer has not ended {}s after the release; it ends once whatever still holds the release's output closes it", OUTPUT_DRAIN.as_secs());
+    }
+}
