@@ -23,6 +23,8 @@
 
 use tar::PaxExtensions;
 
+use super::sparse::{regions, Region};
+
 /// Why records were not accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Refusal {
@@ -65,15 +67,6 @@ pub(super) enum MapSource {
     Records(Vec<Region>),
     /// Format 1.0: at the start of the entry's data, as decimal lines.
     Data,
-}
-
-/// One data region of a sparse file: `length` bytes at byte `offset`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Region {
-    /// Offset in the expanded file, bytes.
-    pub(super) offset: u64,
-    /// Length, bytes.
-    pub(super) length: u64,
 }
 
 /// What the agent does with a keyword.
@@ -318,15 +311,7 @@ fn sparse_key(sparse: &mut SparseKeys, key: &str, rest: &str, value: &[u8]) -> R
                         .into(),
                 ));
             }
-            sparse.map = Some(
-                numbers
-                    .chunks(2)
-                    .map(|pair| Region {
-                        offset: pair[0],
-                        length: pair[1],
-                    })
-                    .collect(),
-            );
+            sparse.map = Some(regions(&numbers));
         }
         _ => unreachable!("classify only passes the keys in SPARSE_KEYS"),
     }
@@ -390,71 +375,6 @@ fn sparse_description(sparse: SparseKeys) -> Result<PaxSparse, Refusal> {
         real_size,
         map,
     })
-}
-
-/// Size of a tar block: data regions of sparse files start on block boundaries.
-pub(super) const BLOCK: u64 = 512;
-
-/// `n` rounded up to a whole number of blocks.
-pub(super) fn blocks(n: u64) -> Option<u64> {
-    n.checked_add(BLOCK - 1).map(|n| n & !(BLOCK - 1))
-}
-
-/// Checks a sparse map against the file's expanded size and the bytes stored for it
-/// after the map (`stored`), the way GNU tar lays them out (`sparse_extract_region`):
-/// regions in increasing order, not overlapping, inside the file, the last one ending
-/// at its size (a file that ends in a hole has a last region of length 0 there); each
-/// region's data starts on a block boundary. Returns the bytes of data to copy.
-pub(super) fn check_regions(
-    regions: &[Region],
-    real_size: u64,
-    stored: u64,
-) -> Result<u64, Refusal> {
-    let mut end = 0u64;
-    let mut needed = 0u64;
-    let mut data = 0u64;
-    let overflow = || Refusal::Malformed("sparse map offsets overflow".into());
-    for (i, region) in regions.iter().enumerate() {
-        if region.offset < end {
-            return Err(Refusal::Unsupported(format!(
-                "sparse map region {i} at offset {} overlaps or precedes the one before it",
-                region.offset
-            )));
-        }
-        if region.length == 0 && i + 1 != regions.len() {
-            return Err(Refusal::Malformed(format!(
-                "sparse map region {i} is empty and not the last one"
-            )));
-        }
-        end = region
-            .offset
-            .checked_add(region.length)
-            .ok_or_else(overflow)?;
-        if end > real_size {
-            return Err(Refusal::Malformed(format!(
-                "sparse map region {i} ends at {end}, beyond the file's size of {real_size}"
-            )));
-        }
-        // Each region's data starts on a block boundary of the stored data (an empty
-        // region reads nothing).
-        if region.length > 0 {
-            needed = blocks(needed).ok_or_else(overflow)?;
-            needed = needed.checked_add(region.length).ok_or_else(overflow)?;
-        }
-        data += region.length;
-    }
-    if end != real_size {
-        return Err(Refusal::Malformed(format!(
-            "sparse map ends at {end}, not at the file's size of {real_size}"
-        )));
-    }
-    let padded = blocks(needed).ok_or_else(overflow)?;
-    if stored < needed || stored > padded {
-        return Err(Refusal::Malformed(format!(
-            "sparse map needs {needed} bytes of stored data, the entry holds {stored}"
-        )));
-    }
-    Ok(data)
 }
 
 #[cfg(test)]
@@ -666,24 +586,5 @@ mod tests {
             ]),
             "1.0",
         );
-    }
-
-    #[test]
-    fn sparse_regions_are_checked_against_sizes() {
-        let r = |offset, length| Region { offset, length };
-        assert_eq!(check_regions(&[r(0, 512), r(4096, 0)], 4096, 512), Ok(512));
-        // Each region's data starts on a block boundary.
-        assert_eq!(check_regions(&[r(0, 10), r(100, 10)], 110, 522), Ok(20));
-        assert_eq!(check_regions(&[r(0, 10), r(100, 10)], 110, 1024), Ok(20));
-        assert!(check_regions(&[r(0, 10), r(100, 10)], 110, 20).is_err());
-        assert!(check_regions(&[r(0, 10), r(100, 10)], 110, 1025).is_err());
-        // Overlapping, out of order, outside, not reaching the end, empty in the middle.
-        assert!(check_regions(&[r(0, 512), r(100, 10)], 110, 1024).is_err());
-        assert!(check_regions(&[r(0, 10)], 5, 10).is_err());
-        assert!(check_regions(&[r(0, 10)], 50, 10).is_err());
-        assert!(check_regions(&[r(0, 0), r(10, 0)], 10, 0).is_err());
-        assert!(check_regions(&[r(u64::MAX, 2)], u64::MAX, 0).is_err());
-        // A last empty region needs no padding before it.
-        assert_eq!(check_regions(&[r(0, 3), r(100, 0)], 100, 3), Ok(3));
     }
 }
