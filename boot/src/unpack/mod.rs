@@ -43,6 +43,8 @@ mod sparse;
 mod stream;
 
 #[cfg(test)]
+mod differential;
+#[cfg(test)]
 mod tests;
 
 pub(crate) use marker::{marker_matches, marker_path, read_marker, Marker};

@@ -382,16 +382,8 @@ mod tests {
     use super::*;
 
     fn records(pairs: &[(&str, &str)]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (key, value) in pairs {
-            let body = format!(" {key}={value}\n");
-            let mut len = body.len();
-            while len.to_string().len() + body.len() != len {
-                len = len.to_string().len() + body.len();
-            }
-            out.extend(format!("{len}{body}").into_bytes());
-        }
-        out
+        let pairs: Vec<(&str, &[u8])> = pairs.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+        crate::unpack::tests::pax_records(&pairs)
     }
 
     fn local(pairs: &[(&str, &str)]) -> Result<LocalPax, Refusal> {

@@ -98,12 +98,18 @@ impl Fixture {
 
 /// A tar written header by header, so that it can say what no tool would write.
 #[derive(Default)]
-struct Raw {
-    bytes: Vec<u8>,
+pub(super) struct Raw {
+    pub(super) bytes: Vec<u8>,
 }
 
 impl Raw {
-    fn header(name: &[u8], kind: EntryType, mode: u32, size: u64, link: &[u8]) -> tar::Header {
+    pub(super) fn header(
+        name: &[u8],
+        kind: EntryType,
+        mode: u32,
+        size: u64,
+        link: &[u8],
+    ) -> tar::Header {
         let mut header = tar::Header::new_gnu();
         let old = header.as_old_mut();
         old.name[..name.len()].copy_from_slice(name);
@@ -116,7 +122,7 @@ impl Raw {
         header
     }
 
-    fn push(mut self, header: &tar::Header, data: &[u8]) -> Self {
+    pub(super) fn push(mut self, header: &tar::Header, data: &[u8]) -> Self {
         self.bytes.extend_from_slice(header.as_bytes());
         self.bytes.extend_from_slice(data);
         let pad = (512 - data.len() % 512) % 512;
@@ -124,7 +130,14 @@ impl Raw {
         self
     }
 
-    fn entry(self, name: &str, kind: EntryType, mode: u32, data: &[u8], link: &str) -> Self {
+    pub(super) fn entry(
+        self,
+        name: &str,
+        kind: EntryType,
+        mode: u32,
+        data: &[u8],
+        link: &str,
+    ) -> Self {
         let header = Self::header(
             name.as_bytes(),
             kind,
@@ -135,23 +148,23 @@ impl Raw {
         self.push(&header, data)
     }
 
-    fn file(self, name: &str, data: &[u8]) -> Self {
+    pub(super) fn file(self, name: &str, data: &[u8]) -> Self {
         self.entry(name, EntryType::Regular, 0o644, data, "")
     }
 
-    fn dir(self, name: &str) -> Self {
+    pub(super) fn dir(self, name: &str) -> Self {
         self.entry(name, EntryType::Directory, 0o755, b"", "")
     }
 
-    fn symlink(self, name: &str, target: &str) -> Self {
+    pub(super) fn symlink(self, name: &str, target: &str) -> Self {
         self.entry(name, EntryType::Symlink, 0o777, b"", target)
     }
 
-    fn hard_link(self, name: &str, target: &str) -> Self {
+    pub(super) fn hard_link(self, name: &str, target: &str) -> Self {
         self.entry(name, EntryType::Link, 0o644, b"", target)
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    pub(super) fn finish(mut self) -> Vec<u8> {
         self.bytes.extend([0u8; 1024]);
         self.bytes
     }
@@ -319,31 +332,13 @@ fn plain_tar_and_dot_prefixed_paths_unpack() {
 
 #[test]
 fn pax_paths_and_global_headers_are_understood() {
-    fn record(key: &str, value: &str) -> Vec<u8> {
-        // "<length> key=value\n", the length counting its own digits.
-        let body = format!(" {key}={value}\n");
-        let mut len = body.len();
-        while len.to_string().len() + body.len() != len {
-            len = len.to_string().len() + body.len();
-        }
-        format!("{len}{body}").into_bytes()
-    }
     let long = format!("{LONG_DIR}/{}", "n".repeat(120));
-    let global = record("comment", "git archive says hello");
-    let local = record("path", &long);
-    let mut pax = tar::Header::new_ustar();
-    pax.set_entry_type(EntryType::XHeader);
-    pax.set_size(local.len() as u64);
-    pax.set_path("PaxHeaders/x").expect("path");
-    pax.set_cksum();
-    let mut pax_global = tar::Header::new_ustar();
-    pax_global.set_entry_type(EntryType::XGlobalHeader);
-    pax_global.set_size(global.len() as u64);
-    pax_global.set_path("pax_global_header").expect("path");
-    pax_global.set_cksum();
     let tar = Raw::default()
-        .push(&pax_global, &global)
-        .push(&pax, &local)
+        .pax_typed(
+            EntryType::XGlobalHeader,
+            &[("comment", b"git archive says hello")],
+        )
+        .pax(&[("path", long.as_bytes())])
         .file("truncated-name", b"pax")
         .finish();
     f_unpack_ok(&tar, |dest, done| {
@@ -834,22 +829,12 @@ fn special_file_types_never_reach_disk() {
 
 impl Raw {
     /// A PAX extended header (`x`) holding `records`.
-    fn pax(self, records: &[(&str, &[u8])]) -> Self {
+    pub(super) fn pax(self, records: &[(&str, &[u8])]) -> Self {
         self.pax_typed(EntryType::XHeader, records)
     }
 
-    fn pax_typed(self, kind: EntryType, records: &[(&str, &[u8])]) -> Self {
-        let mut data = Vec::new();
-        for (key, value) in records {
-            let body = 3 + key.len() + value.len();
-            let mut len = body + 1;
-            while len.to_string().len() + body != len {
-                len = len.to_string().len() + body;
-            }
-            data.extend(format!("{len} {key}=").into_bytes());
-            data.extend_from_slice(value);
-            data.push(b'\n');
-        }
+    pub(super) fn pax_typed(self, kind: EntryType, records: &[(&str, &[u8])]) -> Self {
+        let data = pax_records(records);
         let mut header = tar::Header::new_ustar();
         header.set_entry_type(kind);
         header.set_size(data.len() as u64);
@@ -857,6 +842,22 @@ impl Raw {
         header.set_cksum();
         self.push(&header, &data)
     }
+}
+
+/// PAX records `"<length> key=value\n"`, the length counting its own digits.
+pub(super) fn pax_records(records: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for (key, value) in records {
+        let body = 3 + key.len() + value.len();
+        let mut len = body + 1;
+        while len.to_string().len() + body != len {
+            len = len.to_string().len() + body;
+        }
+        data.extend(format!("{len} {key}=").into_bytes());
+        data.extend_from_slice(value);
+        data.push(b'\n');
+    }
+    data
 }
 
 /// A GNU sparse 1.0 entry as GNU tar writes it: map lines, padded, then each

@@ -15,4 +15,3 @@ mod output;
 mod peers;
 mod pki;
 mod push_content;
-mod unpack_differential;
