@@ -27,7 +27,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use erel_proto::{ErrorKind, Unpack};
+use erel_proto::{ErrorKind, Unpack, Unpacked};
 use sha2::{Digest, Sha256};
 use tar::EntryType;
 
@@ -167,20 +167,38 @@ impl Bench {
         path
     }
 
-    /// Unpacks `archive` with the agent and with GNU tar and checks `expect`.
-    #[track_caller]
-    fn check(&self, case: &str, archive: &Path, expect: Expect) {
-        let stored = format!("archives/{case}");
+    /// A directory `work/name` filled by `parts`.
+    fn tree(&self, name: &str, parts: &[fn(&Path)]) -> PathBuf {
+        let dir = self.work(name);
+        parts.iter().for_each(|part| part(&dir));
+        dir
+    }
+
+    /// Unpacks `archive` (copied into the root) with the agent into `dest`.
+    fn unpack(
+        &self,
+        archive: &Path,
+        dest: &str,
+        limits: &Limits,
+    ) -> crate::error::Result<Unpacked> {
+        let name = archive.file_name().expect("name").to_string_lossy();
+        let stored = format!("archives/{name}");
         let in_root = self.root.path().join(&stored);
         fs::create_dir_all(in_root.parent().expect("parent")).expect("mkdir");
         fs::copy(archive, &in_root).expect("copy archive");
-        let dest = format!("out/{case}");
         let request = Unpack {
             archive: stored,
-            dest: dest.clone(),
+            dest: dest.to_string(),
             sha256: None,
         };
-        let agent = super::unpack(&self.root, &request, &Limits::default());
+        super::unpack(&self.root, &request, limits)
+    }
+
+    /// Unpacks `archive` with the agent and with GNU tar and checks `expect`.
+    #[track_caller]
+    fn check(&self, case: &str, archive: &Path, expect: Expect) {
+        let dest = format!("out/{case}");
+        let agent = self.unpack(archive, &dest, &Limits::default());
         let gnu_dir = self.work(&format!("gnu-{case}"));
         let args = [
             "-xf".as_ref(),
@@ -356,19 +374,12 @@ fn archive(work: &Path, name: &str, args: &[&str], tree: &Path) -> PathBuf {
 fn gnu_tar_formats_unpack_as_gnu_tar_unpacks_them() {
     let bench = Bench::new();
     let work = bench.work("corpus");
-    let short = work.join("short");
-    basic_tree(&short);
-    let medium = work.join("medium");
-    basic_tree(&medium);
-    medium_names(&medium);
+    let short = bench.tree("corpus/short", &[basic_tree]);
     // ustar cannot mark files sparse (GNU tar refuses --sparse there): they are
     // stored whole.
-    sparse_files(&medium);
-    let full = work.join("full");
-    basic_tree(&full);
-    medium_names(&full);
-    long_names(&full);
-    sparse_files(&full);
+    let medium = bench.tree("corpus/medium", &[basic_tree, medium_names, sparse_files]);
+    let parts: [fn(&Path); 4] = [basic_tree, medium_names, long_names, sparse_files];
+    let full = bench.tree("corpus/full", &parts);
 
     let cases: &[(&str, &[&str], &Path)] = &[
         ("gnu.tar", &["--format=gnu", "-c"], &full),
@@ -416,10 +427,8 @@ fn gnu_tar_formats_unpack_as_gnu_tar_unpacks_them() {
 #[test]
 fn incremental_labelled_and_multi_volume_archives() {
     let bench = Bench::new();
+    let tree = bench.tree("special/tree", &[basic_tree, sparse_files]);
     let work = bench.work("special");
-    let tree = work.join("tree");
-    basic_tree(&tree);
-    sparse_files(&tree);
 
     // An incremental dump: directories are GNU 'D' entries listing their names.
     let snapshot = work.join("snapshot");
@@ -506,24 +515,10 @@ fn what_gnu_tar_fails_on_or_guesses_at_is_refused() {
     let bench = Bench::new();
     let (unsafe_, bad) = (ErrorKind::UnsafeArchive, ErrorKind::BadArchive);
     let raw = Raw::default;
-    let long_name = |data: &[u8]| {
-        Raw::header(
-            b"././@LongLink",
-            EntryType::GNULongName,
-            0o644,
-            data.len() as u64,
-            b"",
-        )
-    };
-    let global = |data: &[u8]| {
-        Raw::header(
-            b"pax_global_header",
-            EntryType::XGlobalHeader,
-            0o644,
-            data.len() as u64,
-            b"",
-        )
-    };
+    let extension =
+        |name: &[u8], kind, data: &[u8]| Raw::header(name, kind, 0o644, data.len() as u64, b"");
+    let long_name = |data| extension(b"././@LongLink", EntryType::GNULongName, data);
+    let global = |data| extension(b"pax_global_header", EntryType::XGlobalHeader, data);
     // A hard link to an entry that comes later.
     let ahead = raw().hard_link("link", "later").file("later", b"x");
     bench.refuses("ahead.tar", ahead, unsafe_, "not extracted before", true);
@@ -648,29 +643,16 @@ fn what_gnu_tar_fails_on_or_guesses_at_is_refused() {
 #[test]
 fn a_pax_sparse_file_unpacks_to_its_real_name_and_bytes() {
     let bench = Bench::new();
+    let table = bench.work("sparse/tree/data").join("table.dat");
+    let mib = 1u64 << 20;
+    let parts: &[(u64, &[u8])] = &[(mib, &[b'x'; 5000]), (3 * mib, &[b'y'; 100])];
+    sparse_file(&table, 4 * mib, parts);
     let work = bench.work("sparse");
-    let tree = work.join("tree");
-    sparse_files(&tree);
-    let tarball = work.join("sparse.tar.gz");
-    let args = ["--format=pax", "--sparse", "-czf"].map(OsStr::new);
-    let args = [
-        &args[..],
-        &[
-            tarball.as_os_str(),
-            "-C".as_ref(),
-            tree.as_os_str(),
-            "data/table.dat".as_ref(),
-        ],
-    ]
-    .concat();
-    gnu_tar_ok(&args, &work);
-    fs::copy(&tarball, bench.root.path().join("sparse.tar.gz")).expect("copy");
-    let request = Unpack {
-        archive: "sparse.tar.gz".into(),
-        dest: "releases/sparse/1".into(),
-        sha256: None,
-    };
-    let done = super::unpack(&bench.root, &request, &Limits::default()).expect("unpack");
+    let flags = ["--format=pax", "--sparse", "-cz"];
+    let tarball = archive(&work, "sparse.tar.gz", &flags, &work.join("tree"));
+    let done = bench
+        .unpack(&tarball, "releases/sparse/1", &Limits::default())
+        .expect("unpack");
     let mib = 1u64 << 20;
     assert_eq!(
         done.bytes,
@@ -684,7 +666,7 @@ fn a_pax_sparse_file_unpacks_to_its_real_name_and_bytes() {
         .collect();
     assert_eq!(names, vec!["table.dat".to_string()], "{names:?}");
     let unpacked = out.join("table.dat");
-    let original = fs::read(tree.join("data/table.dat")).expect("read");
+    let original = fs::read(&table).expect("read");
     assert_eq!(
         fs::read(&unpacked).expect("read"),
         original,
@@ -702,32 +684,24 @@ fn a_pax_sparse_file_unpacks_to_its_real_name_and_bytes() {
 #[test]
 fn a_sparse_file_counts_its_expanded_size_against_the_limit() {
     let bench = Bench::new();
-    let work = bench.work("huge");
+    let tree = bench.work("huge/tree");
     // 64 MiB of holes around one byte: a few hundred bytes gzipped.
-    sparse_file(&work.join("huge.dat"), 64 << 20, &[(1 << 20, b"!")]);
+    sparse_file(&tree.join("huge.dat"), 64 << 20, &[(1 << 20, b"!")]);
     let limits = Limits {
         max_unpack_bytes: 32 << 20,
         ..Limits::default()
     };
     for format in ["pax", "gnu"] {
-        let tarball = bench.root.path().join(format!("{format}.tar.gz"));
-        let format_flag = format!("--format={format}");
-        let args = [
-            format_flag.as_str(),
-            "--sparse",
-            "-czf",
-            tarball.to_str().expect("utf-8"),
-            "huge.dat",
-        ];
-        gnu_tar_ok(&args, &work);
+        let flags = [&format!("--format={format}"), "--sparse", "-cz"];
+        let tarball = archive(
+            &bench.work("huge"),
+            &format!("{format}.tar.gz"),
+            &flags,
+            &tree,
+        );
         assert!(fs::metadata(&tarball).expect("meta").len() < 64 << 10);
         let dest = format!("releases/huge/{format}");
-        let request = Unpack {
-            archive: format!("{format}.tar.gz"),
-            dest: dest.clone(),
-            sha256: None,
-        };
-        let err = super::unpack(&bench.root, &request, &limits).unwrap_err();
+        let err = bench.unpack(&tarball, &dest, &limits).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::TooLarge, "{err}");
         assert!(err.to_string().contains("huge.dat"), "{err}");
         assert!(!bench.root.path().join(dest).exists());

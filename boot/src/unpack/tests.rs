@@ -12,22 +12,24 @@ use tar::EntryType;
 use super::*;
 
 struct Fixture {
-    dir: tempfile::TempDir,
     root: Root,
     limits: Limits,
+    dir: tempfile::TempDir,
 }
 
 /// The root is a subdirectory of the temporary directory, so that anything written
 /// beside it (an escape) shows up in [`Fixture::snapshot`].
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
-    let root = Root::open(&dir.path().join("root")).expect("open root");
-    let limits = Limits {
-        max_unpack_bytes: 10 << 20,
-        max_unpack_entries: 1_000,
-        ..Limits::default()
-    };
-    Fixture { dir, root, limits }
+    Fixture {
+        root: Root::open(&dir.path().join("root")).expect("open root"),
+        limits: Limits {
+            max_unpack_bytes: 10 << 20,
+            max_unpack_entries: 1_000,
+            ..Limits::default()
+        },
+        dir,
+    }
 }
 
 impl Fixture {
@@ -35,6 +37,19 @@ impl Fixture {
         let path = self.root.path().join(name);
         fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
         fs::write(path, bytes).expect("write archive");
+    }
+
+    /// Puts [`release`] `version` at `name`; returns its bytes.
+    fn put_release(&self, name: &str, version: &str) -> Vec<u8> {
+        let archive = release(version);
+        self.put(name, &archive);
+        archive
+    }
+
+    /// Unpacks [`release`] 0.1.0, put at `a.tar.gz`, into `rel`.
+    fn unpack_release(&self) -> Unpacked {
+        self.put_release("a.tar.gz", "0.1.0");
+        self.unpack("a.tar.gz", "rel").expect("unpack")
     }
 
     fn request(&self, archive: &str, dest: &str) -> Unpack {
@@ -93,6 +108,12 @@ impl Fixture {
         assert_eq!(before, self.snapshot(), "something was written: {err}");
         assert!(self.staging_is_empty());
         err
+    }
+
+    /// [`Fixture::refuses`] for an archive the agent finds unsafe.
+    #[track_caller]
+    fn refuses_unsafe(&self, raw: Raw, needle: &str) {
+        self.refuses(&raw.finish(), ErrorKind::UnsafeArchive, needle);
     }
 }
 
@@ -221,35 +242,35 @@ fn release(version: &str) -> Vec<u8> {
     builder
         .append_data(&mut dir, "log", io::empty())
         .expect("dir");
-    let mut link = tar::Header::new_gnu();
-    link.set_entry_type(EntryType::Symlink);
-    link.set_mode(0o777);
-    link.set_size(0);
-    builder
-        .append_link(&mut link, "lib/current", format!("beat-{version}"))
-        .expect("symlink");
-    let mut link = tar::Header::new_gnu();
-    link.set_entry_type(EntryType::Symlink);
-    link.set_mode(0o777);
-    link.set_size(0);
-    builder
-        .append_link(&mut link, "bin/erl", "../erts-14.2/bin/beam.smp")
-        .expect("symlink");
-    let mut hard = tar::Header::new_gnu();
-    hard.set_entry_type(EntryType::Link);
-    hard.set_mode(0o755);
-    hard.set_size(0);
-    builder
-        .append_link(&mut hard, "bin/beat-copy", "bin/beat")
-        .expect("hard link");
+    let links = [
+        (
+            EntryType::Symlink,
+            0o777,
+            "lib/current",
+            format!("beat-{version}"),
+        ),
+        (
+            EntryType::Symlink,
+            0o777,
+            "bin/erl",
+            "../erts-14.2/bin/beam.smp".into(),
+        ),
+        (EntryType::Link, 0o755, "bin/beat-copy", "bin/beat".into()),
+    ];
+    for (kind, mode, path, target) in links {
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(kind);
+        link.set_mode(mode);
+        link.set_size(0);
+        builder.append_link(&mut link, path, target).expect("link");
+    }
     gzip(&builder.into_inner().expect("tar"))
 }
 
 #[test]
 fn unpacks_a_release_with_links_and_long_names() {
     let f = fixture();
-    let archive = release("0.1.0");
-    f.put("archives/beat-0.1.0.tar.gz", &archive);
+    let archive = f.put_release("archives/beat-0.1.0.tar.gz", "0.1.0");
     let done = f
         .unpack("archives/beat-0.1.0.tar.gz", "releases/beat/0.1.0")
         .expect("unpack");
@@ -286,14 +307,11 @@ fn unpacks_a_release_with_links_and_long_names() {
 #[test]
 fn unpacking_again_is_already_done() {
     let f = fixture();
-    let archive = release("0.1.0");
-    f.put("archives/a.tar.gz", &archive);
-    let first = f
-        .unpack("archives/a.tar.gz", "releases/beat/0.1.0")
-        .expect("unpack");
-    let again = f
-        .unpack("archives/a.tar.gz", "releases/beat/0.1.0")
-        .expect("again");
+    let archive = f.put_release("archives/a.tar.gz", "0.1.0");
+    let [first, again] = ["unpack", "again"].map(|what| {
+        f.unpack("archives/a.tar.gz", "releases/beat/0.1.0")
+            .expect(what)
+    });
     assert!(again.already);
     assert_eq!((again.entries, again.bytes), (first.entries, first.bytes));
 
@@ -357,8 +375,8 @@ fn f_unpack_ok(bytes: &[u8], check: impl FnOnce(&Path, &Unpacked)) {
 #[test]
 fn dest_holding_something_else_is_a_conflict() {
     let f = fixture();
-    f.put("a.tar.gz", &release("0.1.0"));
-    f.put("b.tar.gz", &release("0.2.0"));
+    f.put_release("a.tar.gz", "0.1.0");
+    f.put_release("b.tar.gz", "0.2.0");
     fs::create_dir_all(f.root.path().join("releases/beat/0.0.9")).expect("mkdir");
     fs::write(f.root.path().join("releases/beat/0.0.9/x"), b"x").expect("write");
     let err = f.unpack("a.tar.gz", "releases/beat/0.0.9").unwrap_err();
@@ -380,8 +398,7 @@ fn dest_holding_something_else_is_a_conflict() {
 #[test]
 fn replaced_dest_is_not_taken_for_done() {
     let f = fixture();
-    f.put("a.tar.gz", &release("0.1.0"));
-    f.unpack("a.tar.gz", "rel").expect("unpack");
+    f.unpack_release();
     let dest = f.root.path().join("rel");
     fs::remove_dir_all(&dest).expect("rm");
     fs::create_dir(&dest).expect("mkdir");
@@ -393,8 +410,7 @@ fn replaced_dest_is_not_taken_for_done() {
 fn marker_without_dest_is_ignored() {
     // A crash after the marker was written and before the rename.
     let f = fixture();
-    f.put("a.tar.gz", &release("0.1.0"));
-    f.unpack("a.tar.gz", "rel").expect("unpack");
+    f.unpack_release();
     fs::remove_dir_all(f.root.path().join("rel")).expect("rm");
     let again = f.unpack("a.tar.gz", "rel").expect("unpack again");
     assert!(!again.already);
@@ -405,7 +421,7 @@ fn marker_without_dest_is_ignored() {
 #[test]
 fn wrong_digest_and_missing_archive_are_refused() {
     let f = fixture();
-    f.put("a.tar.gz", &release("0.1.0"));
+    f.put_release("a.tar.gz", "0.1.0");
     let request = Unpack {
         sha256: Some(sha(b"other")),
         ..f.request("a.tar.gz", "rel")
@@ -428,75 +444,38 @@ fn wrong_digest_and_missing_archive_are_refused() {
 #[test]
 fn refuses_escaping_paths() {
     let f = fixture();
-    let unsafe_ = ErrorKind::UnsafeArchive;
-    f.refuses(
-        &Raw::default()
-            .file("ok", b"x")
-            .file("../escape", b"x")
-            .finish(),
-        unsafe_,
+    f.refuses_unsafe(
+        Raw::default().file("ok", b"x").file("../escape", b"x"),
         "../escape",
     );
-    f.refuses(
-        &Raw::default().file("a/../../x", b"x").finish(),
-        unsafe_,
-        "a/../../x",
-    );
+    f.refuses_unsafe(Raw::default().file("a/../../x", b"x"), "a/../../x");
     let absolute = f.dir.path().join("abs");
     let absolute = absolute.to_str().expect("utf-8");
-    f.refuses(
-        &Raw::default().file(absolute, b"x").finish(),
-        unsafe_,
-        absolute,
-    );
+    f.refuses_unsafe(Raw::default().file(absolute, b"x"), absolute);
     assert!(!Path::new(absolute).exists());
 }
 
 #[test]
 fn refuses_escaping_symlinks() {
     let f = fixture();
-    let unsafe_ = ErrorKind::UnsafeArchive;
-    f.refuses(
-        &Raw::default().symlink("x", "../../..").finish(),
-        unsafe_,
-        "'x'",
-    );
-    f.refuses(
-        &Raw::default().symlink("d/x", "../..").finish(),
-        unsafe_,
-        "d/x",
-    );
-    f.refuses(
-        &Raw::default().symlink("etc", "/etc").finish(),
-        unsafe_,
-        "absolute",
-    );
+    f.refuses_unsafe(Raw::default().symlink("x", "../../.."), "'x'");
+    f.refuses_unsafe(Raw::default().symlink("d/x", "../.."), "d/x");
+    f.refuses_unsafe(Raw::default().symlink("etc", "/etc"), "absolute");
     // Through another link, in either order.
-    f.refuses(
-        &Raw::default()
-            .symlink("s", ".")
-            .symlink("e", "s/..")
-            .finish(),
-        unsafe_,
-        "'e'",
-    );
-    f.refuses(
-        &Raw::default()
+    f.refuses_unsafe(Raw::default().symlink("s", ".").symlink("e", "s/.."), "'e'");
+    f.refuses_unsafe(
+        Raw::default()
             .symlink("e", "s/../x")
             .dir("d/")
             .symlink("s", "d/..")
-            .symlink("d/u", "..")
-            .finish(),
-        unsafe_,
+            .symlink("d/u", ".."),
         "outside",
     );
-    f.refuses(
-        &Raw::default()
+    f.refuses_unsafe(
+        Raw::default()
             .symlink("a", "b")
             .symlink("b", "a")
-            .symlink("c", "a/..")
-            .finish(),
-        unsafe_,
+            .symlink("c", "a/.."),
         "loop",
     );
 }
@@ -504,38 +483,16 @@ fn refuses_escaping_symlinks() {
 #[test]
 fn refuses_writing_through_symlinks() {
     let f = fixture();
-    let unsafe_ = ErrorKind::UnsafeArchive;
-    f.refuses(
-        &Raw::default()
-            .dir("d/")
-            .symlink("a", "d")
-            .file("a/x", b"x")
-            .finish(),
-        unsafe_,
+    f.refuses_unsafe(
+        Raw::default().dir("d/").symlink("a", "d").file("a/x", b"x"),
         "a/x",
     );
-    f.refuses(
-        &Raw::default()
-            .symlink("a", "/tmp")
-            .file("a/x", b"x")
-            .finish(),
-        unsafe_,
-        "'a'",
-    );
+    f.refuses_unsafe(Raw::default().symlink("a", "/tmp").file("a/x", b"x"), "'a'");
     // Replacing a link by a file, or a file by a link.
-    f.refuses(
-        &Raw::default().symlink("a", "b").file("a", b"x").finish(),
-        unsafe_,
-        "twice",
-    );
-    f.refuses(
-        &Raw::default().file("a", b"x").symlink("a", "b").finish(),
-        unsafe_,
-        "twice",
-    );
-    f.refuses(
-        &Raw::default().file("a", b"x").file("a/b", b"x").finish(),
-        unsafe_,
+    f.refuses_unsafe(Raw::default().symlink("a", "b").file("a", b"x"), "twice");
+    f.refuses_unsafe(Raw::default().file("a", b"x").symlink("a", "b"), "twice");
+    f.refuses_unsafe(
+        Raw::default().file("a", b"x").file("a/b", b"x"),
         "not a directory",
     );
 }
@@ -543,109 +500,41 @@ fn refuses_writing_through_symlinks() {
 #[test]
 fn refuses_hard_links_outside_or_ahead() {
     let f = fixture();
-    let unsafe_ = ErrorKind::UnsafeArchive;
-    f.refuses(
-        &Raw::default().hard_link("p", "/etc/passwd").finish(),
-        unsafe_,
-        "'p'",
-    );
-    f.refuses(
-        &Raw::default().hard_link("p", "../outside").finish(),
-        unsafe_,
-        "../outside",
-    );
-    f.refuses(
-        &Raw::default()
-            .hard_link("p", "later")
-            .file("later", b"x")
-            .finish(),
-        unsafe_,
+    f.refuses_unsafe(Raw::default().hard_link("p", "/etc/passwd"), "'p'");
+    f.refuses_unsafe(Raw::default().hard_link("p", "../outside"), "../outside");
+    f.refuses_unsafe(
+        Raw::default().hard_link("p", "later").file("later", b"x"),
         "not extracted",
     );
-    f.refuses(
-        &Raw::default()
+    f.refuses_unsafe(
+        Raw::default()
             .dir("d/")
             .symlink("s", "d")
             .file("d/f", b"x")
-            .hard_link("p", "s/f")
-            .finish(),
-        unsafe_,
+            .hard_link("p", "s/f"),
         "symlink",
     );
-    f.refuses(
-        &Raw::default().dir("d/").hard_link("p", "d").finish(),
-        unsafe_,
-        "regular file",
-    );
+    f.refuses_unsafe(Raw::default().dir("d/").hard_link("p", "d"), "regular file");
 }
 
 #[test]
 fn refuses_devices_fifos_and_special_bits() {
     let f = fixture();
-    let unsafe_ = ErrorKind::UnsafeArchive;
-    f.refuses(
-        &Raw::default()
-            .entry("dev/null", EntryType::Char, 0o666, b"", "")
-            .finish(),
-        unsafe_,
-        "character device",
-    );
-    f.refuses(
-        &Raw::default()
-            .entry("sda", EntryType::Block, 0o660, b"", "")
-            .finish(),
-        unsafe_,
-        "block device",
-    );
-    f.refuses(
-        &Raw::default()
-            .entry("pipe", EntryType::Fifo, 0o644, b"", "")
-            .finish(),
-        unsafe_,
-        "fifo",
-    );
-    f.refuses(
-        &Raw::default()
-            .entry("bin/su", EntryType::Regular, 0o4755, b"x", "")
-            .finish(),
-        unsafe_,
-        "setuid",
-    );
-    f.refuses(
-        &Raw::default()
-            .entry("bin/sg", EntryType::Regular, 0o2755, b"x", "")
-            .finish(),
-        unsafe_,
-        "bin/sg",
-    );
-    f.refuses(
-        &Raw::default()
-            .entry("vol", EntryType::new(b'M'), 0o644, b"", "")
-            .finish(),
-        unsafe_,
-        "multi-volume",
-    );
-    f.refuses(
-        &Raw::default()
-            .entry("names", EntryType::new(b'N'), 0o644, b"", "")
-            .finish(),
-        unsafe_,
-        "'N' (obsolete GNU names list)",
-    );
-    f.refuses(
-        &Raw::default()
-            .entry("vendor", EntryType::new(b'Z'), 0o644, b"abc", "")
-            .finish(),
-        unsafe_,
-        "'Z' (vendor extension)",
-    );
-    f.refuses(
-        &Raw::default()
-            .entry("odd", EntryType::new(b'9'), 0o644, b"", "")
-            .finish(),
-        unsafe_,
-        "'9' (unknown type)",
-    );
+    let cases: &[(&str, u8, u32, &[u8], &str)] = &[
+        ("dev/null", b'3', 0o666, b"", "character device"),
+        ("sda", b'4', 0o660, b"", "block device"),
+        ("pipe", b'6', 0o644, b"", "fifo"),
+        ("bin/su", b'0', 0o4755, b"x", "setuid"),
+        ("bin/sg", b'0', 0o2755, b"x", "bin/sg"),
+        ("vol", b'M', 0o644, b"", "multi-volume"),
+        ("names", b'N', 0o644, b"", "'N' (obsolete GNU names list)"),
+        ("vendor", b'Z', 0o644, b"abc", "'Z' (vendor extension)"),
+        ("odd", b'9', 0o644, b"", "'9' (unknown type)"),
+    ];
+    for (name, kind, mode, data, needle) in cases {
+        let raw = Raw::default().entry(name, EntryType::new(*kind), *mode, data, "");
+        f.refuses_unsafe(raw, needle);
+    }
 }
 
 #[test]
@@ -795,7 +684,7 @@ fn concurrent_unpacks_into_one_dest_are_busy() {
     let f = fixture();
     let dest = f.root.resolve("rel").expect("resolve");
     let _held = PathLock::acquire(dest, "rel").expect("lock");
-    f.put("a.tar.gz", &release("0.1.0"));
+    f.put_release("a.tar.gz", "0.1.0");
     let err = f.unpack("a.tar.gz", "rel").unwrap_err();
     assert!(matches!(err, Error::Busy(_)), "{err}");
 }
@@ -814,8 +703,7 @@ fn sweep_removes_interrupted_unpacks() {
 fn special_file_types_never_reach_disk() {
     // Belt and braces for the refusals above: nothing under the root is special.
     let f = fixture();
-    f.put("a.tar.gz", &release("0.1.0"));
-    f.unpack("a.tar.gz", "rel").expect("unpack");
+    f.unpack_release();
     for (path, _) in f.snapshot() {
         let meta = fs::symlink_metadata(&path).expect("meta");
         let t = meta.file_type();
@@ -968,53 +856,48 @@ fn bad_pax_sparse_files_are_refused() {
         "not at the file's size",
     );
     // Overlapping regions.
-    f.refuses(
-        &sparse_1_0("a", 600, &[(0, &[b'x'; 512]), (100, &[b'y'; 500])]).finish(),
-        ErrorKind::UnsafeArchive,
+    f.refuses_unsafe(
+        sparse_1_0("a", 600, &[(0, &[b'x'; 512]), (100, &[b'y'; 500])]),
         "overlaps",
     );
-    // A map line that is not a number, and one that never ends.
-    let tar = Raw::default()
-        .pax(&[
-            ("GNU.sparse.major", b"1"),
-            ("GNU.sparse.minor", b"0"),
-            ("GNU.sparse.name", b"a"),
-            ("GNU.sparse.realsize", b"10"),
-        ])
-        .entry("s", EntryType::Regular, 0o644, &padded(b"1\n-3\n7\n"), "")
-        .finish();
-    f.refuses(&tar, bad, "'-3'");
-    let tar = Raw::default()
-        .pax(&[("GNU.sparse.major", b"1"), ("GNU.sparse.realsize", b"10")])
-        .entry("s", EntryType::Regular, 0o644, &[b'1'; 1024], "")
-        .finish();
-    f.refuses(&tar, bad, "does not end");
-    // Stored data shorter than the map needs.
-    let tar = Raw::default()
-        .pax(&[
-            ("GNU.sparse.size", b"10"),
-            ("GNU.sparse.numblocks", b"1"),
-            ("GNU.sparse.map", b"0,10"),
-        ])
-        .entry("s", EntryType::Regular, 0o644, b"12345", "")
-        .finish();
-    f.refuses(&tar, bad, "holds 5");
-    // Sparse keywords on a directory; an unknown sparse version.
-    let tar = Raw::default()
-        .pax(&[
-            ("GNU.sparse.size", b"10"),
-            ("GNU.sparse.numblocks", b"1"),
-            ("GNU.sparse.map", b"0,10"),
-        ])
-        .entry("d/", EntryType::Directory, 0o755, b"", "")
-        .finish();
-    f.refuses(&tar, ErrorKind::UnsafeArchive, "on a directory entry");
-    let tar = Raw::default()
-        .pax(&[("GNU.sparse.major", b"2"), ("GNU.sparse.realsize", b"1")])
-        .entry("s", EntryType::Regular, 0o644, b"x", "")
-        .finish();
-    f.refuses(&tar, ErrorKind::UnsafeArchive, "format 2.0");
+    let v1: Records = &[
+        ("GNU.sparse.major", b"1"),
+        ("GNU.sparse.minor", b"0"),
+        ("GNU.sparse.name", b"a"),
+        ("GNU.sparse.realsize", b"10"),
+    ];
+    let short_v1: Records = &[("GNU.sparse.major", b"1"), ("GNU.sparse.realsize", b"10")];
+    let map: Records = &[
+        ("GNU.sparse.size", b"10"),
+        ("GNU.sparse.numblocks", b"1"),
+        ("GNU.sparse.map", b"0,10"),
+    ];
+    let v2: Records = &[("GNU.sparse.major", b"2"), ("GNU.sparse.realsize", b"1")];
+    let unsafe_ = ErrorKind::UnsafeArchive;
+    let cases: [(Records, &str, &[u8], ErrorKind, &str); 5] = [
+        // A map line that is not a number, and one that never ends.
+        (v1, "s", &padded(b"1\n-3\n7\n"), bad, "'-3'"),
+        (short_v1, "s", &[b'1'; 1024], bad, "does not end"),
+        // Stored data shorter than the map needs.
+        (map, "s", b"12345", bad, "holds 5"),
+        // Sparse keywords on a directory; an unknown sparse version.
+        (map, "d/", b"", unsafe_, "on a directory entry"),
+        (v2, "s", b"x", unsafe_, "format 2.0"),
+    ];
+    for (records, name, data, kind, needle) in cases {
+        let entry_type = match name.ends_with('/') {
+            true => EntryType::Directory,
+            false => EntryType::Regular,
+        };
+        let raw = Raw::default()
+            .pax(records)
+            .entry(name, entry_type, 0o755, data, "");
+        f.refuses(&raw.finish(), kind, needle);
+    }
 }
+
+/// PAX records for [`Raw::pax`].
+type Records<'a> = &'a [(&'a str, &'a [u8])];
 
 #[test]
 fn sparse_expanded_size_counts_against_the_limit() {
@@ -1049,85 +932,82 @@ fn sparse_expanded_size_counts_against_the_limit() {
 fn pax_records_that_change_meaning_are_refused() {
     let f = fixture();
     let unsafe_ = ErrorKind::UnsafeArchive;
-    let file = |raw: Raw| raw.file("f", b"x").finish();
-    f.refuses(
-        &file(Raw::default().pax(&[("VENDOR.layout", b"striped")])),
-        unsafe_,
-        "'VENDOR.layout'",
-    );
-    f.refuses(
-        &file(Raw::default().pax(&[("SCHILY.realsize", b"9")])),
-        unsafe_,
-        "'SCHILY.realsize'",
-    );
-    f.refuses(
-        &file(Raw::default().pax(&[("GNU.volume.offset", b"512")])),
-        unsafe_,
-        "multi-volume",
-    );
-    f.refuses(
-        &file(Raw::default().pax(&[("path", b"a"), ("path", b"b")])),
-        unsafe_,
-        "twice",
-    );
-    f.refuses(
-        &file(Raw::default().pax(&[("size", b"+1")])),
-        ErrorKind::BadArchive,
-        "'+1'",
-    );
+    let bad = ErrorKind::BadArchive;
+    let raw = Raw::default;
     // A record whose length is wrong.
-    let mut header = tar::Header::new_ustar();
-    header.set_entry_type(EntryType::XHeader);
-    header.set_size(11);
-    header.set_path("PaxHeaders/x").expect("path");
-    header.set_cksum();
-    f.refuses(
-        &file(Raw::default().push(&header, b"99 path=x\n")),
-        ErrorKind::BadArchive,
-        "malformed pax extension",
-    );
-    // A global header that would rename or resize every following entry.
-    f.refuses(
-        &file(Raw::default().pax_typed(EntryType::XGlobalHeader, &[("path", b"x")])),
-        unsafe_,
-        "every following entry",
-    );
-    f.refuses(
-        &file(Raw::default().pax_typed(EntryType::XGlobalHeader, &[("size", b"0")])),
-        unsafe_,
-        "every following entry",
-    );
-    // A local header spent on a global header, as the tar crate would.
-    f.refuses(
-        &file(
-            Raw::default()
-                .pax(&[("path", b"renamed")])
-                .pax_typed(EntryType::XGlobalHeader, &[("comment", b"hi")]),
+    let mut wrong_length = tar::Header::new_ustar();
+    wrong_length.set_entry_type(EntryType::XHeader);
+    wrong_length.set_size(11);
+    wrong_length.set_path("PaxHeaders/x").expect("path");
+    wrong_length.set_cksum();
+    let global = EntryType::XGlobalHeader;
+    let cases = [
+        (
+            raw().pax(&[("VENDOR.layout", b"striped")]),
+            unsafe_,
+            "'VENDOR.layout'",
         ),
-        unsafe_,
-        "global header",
-    );
+        (
+            raw().pax(&[("SCHILY.realsize", b"9")]),
+            unsafe_,
+            "'SCHILY.realsize'",
+        ),
+        (
+            raw().pax(&[("GNU.volume.offset", b"512")]),
+            unsafe_,
+            "multi-volume",
+        ),
+        (
+            raw().pax(&[("path", b"a"), ("path", b"b")]),
+            unsafe_,
+            "twice",
+        ),
+        (raw().pax(&[("size", b"+1")]), bad, "'+1'"),
+        (
+            raw().push(&wrong_length, b"99 path=x\n"),
+            bad,
+            "malformed pax extension",
+        ),
+        // A global header that would rename or resize every following entry.
+        (
+            raw().pax_typed(global, &[("path", b"x")]),
+            unsafe_,
+            "every following entry",
+        ),
+        (
+            raw().pax_typed(global, &[("size", b"0")]),
+            unsafe_,
+            "every following entry",
+        ),
+        // A local header spent on a global header, as the tar crate would.
+        (
+            raw()
+                .pax(&[("path", b"renamed")])
+                .pax_typed(global, &[("comment", b"hi")]),
+            unsafe_,
+            "global header",
+        ),
+    ];
+    for (raw, kind, needle) in cases {
+        f.refuses(&raw.file("f", b"x").finish(), kind, needle);
+    }
     // Both a GNU long name and a PAX path, or long link and linkpath.
     let long = Raw::header(b"././@LongLink", EntryType::GNULongName, 0o644, 4, b"");
-    f.refuses(
-        &file(
-            Raw::default()
-                .pax(&[("path", b"pax")])
-                .push(&long, b"gnu\0"),
-        ),
-        unsafe_,
+    f.refuses_unsafe(
+        raw()
+            .pax(&[("path", b"pax")])
+            .push(&long, b"gnu\0")
+            .file("f", b"x"),
         "disagree",
     );
     let long = Raw::header(b"././@LongLink", EntryType::GNULongLink, 0o644, 4, b"");
-    f.refuses(
-        &Raw::default()
+    f.refuses_unsafe(
+        Raw::default()
             .file("t", b"x")
             .file("u", b"x")
             .pax(&[("linkpath", b"t")])
             .push(&long, b"u\0")
-            .symlink("l", "")
-            .finish(),
-        unsafe_,
+            .symlink("l", ""),
         "disagree",
     );
     // Ignored metadata does not stop anything.
@@ -1147,21 +1027,13 @@ fn pax_records_that_change_meaning_are_refused() {
 fn names_with_nul_bytes_are_refused() {
     let f = fixture();
     let long = Raw::header(b"././@LongLink", EntryType::GNULongName, 0o644, 9, b"");
-    f.refuses(
-        &Raw::default()
-            .push(&long, b"ab\0cd/efg")
-            .file("x", b"x")
-            .finish(),
-        ErrorKind::UnsafeArchive,
+    f.refuses_unsafe(
+        Raw::default().push(&long, b"ab\0cd/efg").file("x", b"x"),
         "NUL",
     );
     let long = Raw::header(b"././@LongLink", EntryType::GNULongLink, 0o644, 4, b"");
-    f.refuses(
-        &Raw::default()
-            .push(&long, b"a\0b\0")
-            .symlink("l", "")
-            .finish(),
-        ErrorKind::UnsafeArchive,
+    f.refuses_unsafe(
+        Raw::default().push(&long, b"a\0b\0").symlink("l", ""),
         "NUL",
     );
 }
@@ -1245,9 +1117,8 @@ fn old_gnu_sparse_files_are_expanded_and_checked() {
     assert_eq!(&bytes[4096..4099], b"xyz");
     assert!(bytes[512..4096].iter().all(|b| *b == 0) && bytes[4099..].iter().all(|b| *b == 0));
     // A region after a blank slot: GNU tar stops at the blank one.
-    f.refuses(
-        &old_sparse(&[Some((0, 512)), None, Some((4096, 3))], &[b'a'; 515], 4099).finish(),
-        ErrorKind::UnsafeArchive,
+    f.refuses_unsafe(
+        old_sparse(&[Some((0, 512)), None, Some((4096, 3))], &[b'a'; 515], 4099),
         "after the empty slot 1",
     );
     // The expanded size counts against the limit.
@@ -1295,47 +1166,32 @@ fn a_sparse_file_of_each_format_counts_its_real_size_exactly() {
 #[test]
 fn entries_readers_disagree_on_are_refused() {
     let f = fixture();
-    let unsafe_ = ErrorKind::UnsafeArchive;
     // GNU tar reads a hard link's size as 0, the tar crate skips the data.
-    f.refuses(
-        &Raw::default()
+    f.refuses_unsafe(
+        Raw::default()
             .file("t", b"x")
-            .entry("h", EntryType::Link, 0o644, b"hidden", "t")
-            .finish(),
-        unsafe_,
+            .entry("h", EntryType::Link, 0o644, b"hidden", "t"),
         "a hard link entry that says it holds 6 bytes",
     );
     // Directories and symlinks that claim data: GNU tar reads it as headers.
     let hidden = Raw::default().file("hidden", b"H").bytes;
-    f.refuses(
-        &Raw::default()
-            .entry("d/", EntryType::Directory, 0o755, &hidden, "")
-            .finish(),
-        unsafe_,
+    f.refuses_unsafe(
+        Raw::default().entry("d/", EntryType::Directory, 0o755, &hidden, ""),
         "a directory entry that says it holds 1024 bytes",
     );
-    f.refuses(
-        &Raw::default()
-            .entry("s", EntryType::Symlink, 0o777, &hidden, "t")
-            .finish(),
-        unsafe_,
+    f.refuses_unsafe(
+        Raw::default().entry("s", EntryType::Symlink, 0o777, &hidden, "t"),
         "a symlink entry that says it holds 1024 bytes",
     );
     // A file whose name ends in '/' but which holds data.
-    f.refuses(
-        &Raw::default().file("dir/", b"data").finish(),
-        unsafe_,
-        "ends in '/'",
-    );
+    f.refuses_unsafe(Raw::default().file("dir/", b"data"), "ends in '/'");
     // A hard-linked symlink is checked from where the link puts it.
-    f.refuses(
-        &Raw::default()
+    f.refuses_unsafe(
+        Raw::default()
             .dir("a/")
             .dir("a/b/")
             .symlink("a/b/s", "../../x")
-            .hard_link("top", "a/b/s")
-            .finish(),
-        unsafe_,
+            .hard_link("top", "a/b/s"),
         "'top'",
     );
     // A ustar header of another version with a prefix.
@@ -1345,20 +1201,12 @@ fn entries_readers_disagree_on_are_refused() {
     odd.as_mut_bytes()[263..265].copy_from_slice(b"\0\0");
     odd.set_size(0);
     odd.set_cksum();
-    f.refuses(
-        &Raw::default().push(&odd, b"").finish(),
-        unsafe_,
-        "name prefix",
-    );
+    f.refuses_unsafe(Raw::default().push(&odd, b""), "name prefix");
     // Extension headers that the tar crate does not fold (no ustar or GNU magic).
     let mut v7 = tar::Header::new_old();
     v7.as_old_mut().name[..4].copy_from_slice(b"long");
     v7.set_entry_type(EntryType::GNULongName);
     v7.set_size(0);
     v7.set_cksum();
-    f.refuses(
-        &Raw::default().push(&v7, b"").finish(),
-        unsafe_,
-        "without ustar or GNU magic",
-    );
+    f.refuses_unsafe(Raw::default().push(&v7, b""), "without ustar or GNU magic");
 }
