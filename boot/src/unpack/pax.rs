@@ -34,6 +34,16 @@ pub(super) enum Refusal {
     Unsupported(String),
 }
 
+/// Refuses records that cannot be read.
+pub(super) fn malformed<T>(reason: impl Into<String>) -> Result<T, Refusal> {
+    Err(Refusal::Malformed(reason.into()))
+}
+
+/// Refuses records that ask for what the agent does not do.
+pub(super) fn unsupported<T>(reason: impl Into<String>) -> Result<T, Refusal> {
+    Err(Refusal::Unsupported(reason.into()))
+}
+
 /// What the PAX records of one entry say, as far as the agent applies them.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(super) struct LocalPax {
@@ -81,50 +91,26 @@ enum Keyword<'a> {
     Unknown,
 }
 
-const IGNORED: &[&str] = &[
-    "atime",
-    "ctime",
-    "mtime",
-    "uid",
-    "gid",
-    "uname",
-    "gname",
-    "comment",
-    "charset",
-    "hdrcharset",
-    "SCHILY.dev",
-    "SCHILY.ino",
-    "SCHILY.nlink",
-    "SCHILY.fflags",
-    "LIBARCHIVE.creationtime",
-    "GNU.dumpdir",
-    "GNU.volume.label",
-];
+/// Keywords whose metadata the agent does not apply, separated by spaces.
+const IGNORED: &str = "atime ctime mtime uid gid uname gname comment charset hdrcharset \
+                       SCHILY.dev SCHILY.ino SCHILY.nlink SCHILY.fflags \
+                       LIBARCHIVE.creationtime GNU.dumpdir GNU.volume.label";
 
 const IGNORED_PREFIXES: &[&str] = &["SCHILY.xattr.", "LIBARCHIVE.xattr.", "SCHILY.acl."];
 
-const SPARSE_KEYS: &[&str] = &[
-    "name",
-    "major",
-    "minor",
-    "realsize",
-    "size",
-    "numblocks",
-    "offset",
-    "numbytes",
-    "map",
-];
+/// The understood `GNU.sparse.*` keywords, separated by spaces.
+const SPARSE_KEYS: &str = "name major minor realsize size numblocks offset numbytes map";
 
 fn classify(key: &str) -> Keyword<'_> {
     match key {
         "path" => Keyword::Path,
         "linkpath" => Keyword::LinkPath,
         "size" => Keyword::Size,
-        _ if IGNORED.contains(&key) => Keyword::Ignored,
+        _ if IGNORED.split_whitespace().any(|k| k == key) => Keyword::Ignored,
         _ if IGNORED_PREFIXES.iter().any(|p| key.starts_with(p)) => Keyword::Ignored,
         _ if key.starts_with("GNU.volume.") => Keyword::Volume,
         _ => match key.strip_prefix("GNU.sparse.") {
-            Some(rest) if SPARSE_KEYS.contains(&rest) => Keyword::Sparse(rest),
+            Some(rest) if SPARSE_KEYS.split(' ').any(|k| k == rest) => Keyword::Sparse(rest),
             _ => Keyword::Unknown,
         },
     }
@@ -263,9 +249,7 @@ fn sparse_key(sparse: &mut SparseKeys, key: &str, rest: &str, value: &[u8]) -> R
         "minor" => sparse.minor = Some(number(key, value)?),
         "realsize" | "size" => {
             if sparse.real_size.is_some() {
-                return Err(Refusal::Unsupported(
-                    "both GNU.sparse.size and GNU.sparse.realsize are set".into(),
-                ));
+                return unsupported("both GNU.sparse.size and GNU.sparse.realsize are set");
             }
             sparse.real_size = Some(number(key, value)?);
         }
@@ -273,23 +257,19 @@ fn sparse_key(sparse: &mut SparseKeys, key: &str, rest: &str, value: &[u8]) -> R
         // GNU tar sizes the map from GNU.sparse.numblocks and reports any region
         // listed before it, or beyond its count, as excess.
         "offset" | "map" if sparse.numblocks.is_none() => {
-            return Err(Refusal::Malformed(format!(
+            return malformed(format!(
                 "{key} comes before GNU.sparse.numblocks, which says how many regions follow"
-            )));
+            ));
         }
         "offset" => {
             if sparse.pending_offset.is_some() {
-                return Err(Refusal::Malformed(
-                    "GNU.sparse.offset without its GNU.sparse.numbytes".into(),
-                ));
+                return malformed("GNU.sparse.offset without its GNU.sparse.numbytes");
             }
             sparse.pending_offset = Some(number(key, value)?);
         }
         "numbytes" => {
             let Some(offset) = sparse.pending_offset.take() else {
-                return Err(Refusal::Malformed(
-                    "GNU.sparse.numbytes without a GNU.sparse.offset before it".into(),
-                ));
+                return malformed("GNU.sparse.numbytes without a GNU.sparse.offset before it");
             };
             sparse.pairs.push(Region {
                 offset,
@@ -321,53 +301,44 @@ fn sparse_key(sparse: &mut SparseKeys, key: &str, rest: &str, value: &[u8]) -> R
 /// Turns the sparse keywords into one of the three GNU formats, or refuses.
 fn sparse_description(sparse: SparseKeys) -> Result<PaxSparse, Refusal> {
     if sparse.pending_offset.is_some() {
-        return Err(Refusal::Malformed(
-            "the last GNU.sparse.offset has no GNU.sparse.numbytes".into(),
-        ));
+        return malformed("the last GNU.sparse.offset has no GNU.sparse.numbytes");
     }
     let Some(real_size) = sparse.real_size else {
-        return Err(Refusal::Malformed(
-            "GNU sparse keywords without GNU.sparse.realsize or GNU.sparse.size".into(),
-        ));
+        return malformed("GNU sparse keywords without GNU.sparse.realsize or GNU.sparse.size");
     };
     let in_records = !sparse.pairs.is_empty() || sparse.map.is_some();
     let map = match (sparse.major, sparse.minor) {
         (Some(1), None | Some(0)) => {
             if in_records || sparse.numblocks.is_some() {
-                return Err(Refusal::Malformed(
-                    "GNU sparse format 1.0 keeps its map in the data, yet the header lists one"
-                        .into(),
-                ));
+                return malformed(
+                    "GNU sparse format 1.0 keeps its map in the data, yet the header lists one",
+                );
             }
             MapSource::Data
         }
         (None | Some(0), None | Some(0) | Some(1)) => {
             if !sparse.pairs.is_empty() && sparse.map.is_some() {
-                return Err(Refusal::Unsupported(
-                    "both GNU.sparse.map and GNU.sparse.offset/numbytes are set".into(),
-                ));
+                return unsupported("both GNU.sparse.map and GNU.sparse.offset/numbytes are set");
             }
             let regions = sparse.map.unwrap_or(sparse.pairs);
             if regions.is_empty() {
-                return Err(Refusal::Malformed(
-                    "GNU sparse file without any region in its map".into(),
-                ));
+                return malformed("GNU sparse file without any region in its map");
             }
             let count = sparse.numblocks.unwrap_or(0);
             if count != regions.len() as u64 {
-                return Err(Refusal::Malformed(format!(
+                return malformed(format!(
                     "GNU.sparse.numblocks says {count} regions, the map lists {}",
                     regions.len()
-                )));
+                ));
             }
             MapSource::Records(regions)
         }
         (major, minor) => {
-            return Err(Refusal::Unsupported(format!(
+            return unsupported(format!(
                 "GNU sparse format {}.{} is not supported (0.0, 0.1 and 1.0 are)",
                 major.unwrap_or(0),
                 minor.unwrap_or(0)
-            )));
+            ));
         }
     };
     Ok(PaxSparse {

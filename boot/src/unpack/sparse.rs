@@ -13,7 +13,7 @@ use std::path::Path;
 use erel_proto::text::quote;
 
 use super::entries::{create_file, Extraction, MAX_EXTENDED_HEADER};
-use super::pax::{self, MapSource, PaxSparse, Refusal};
+use super::pax::{self, malformed, unsupported, MapSource, PaxSparse, Refusal};
 use super::stream::BLOCK;
 use crate::error::{Error, Result};
 
@@ -174,10 +174,10 @@ pub(super) fn check_old_slots(header: &tar::Header) -> std::result::Result<(), R
     let blank =
         |slot: &tar::GnuSparseHeader| slot.offset.iter().chain(&slot.numbytes).all(|b| *b == 0);
     if !gnu.sparse[end..].iter().all(blank) || gnu.isextended[0] != 0 {
-        return Err(Refusal::Unsupported(format!(
+        return unsupported(format!(
             "its old GNU sparse map goes on after the empty slot {end}, where GNU tar stops \
              reading it"
-        )));
+        ));
     }
     Ok(())
 }
@@ -200,14 +200,13 @@ fn check_regions(
     let mut end = 0u64;
     let mut needed = 0u64;
     let mut data = 0u64;
-    let malformed = |reason: String| Err(Refusal::Malformed(reason));
     let overflow = || Refusal::Malformed("sparse map offsets overflow".into());
     for (i, region) in regions.iter().enumerate() {
         if region.offset < end {
-            return Err(Refusal::Unsupported(format!(
+            return unsupported(format!(
                 "sparse map region {i} at offset {} overlaps or precedes the one before it",
                 region.offset
-            )));
+            ));
         }
         if region.length == 0 && i + 1 != regions.len() {
             return malformed(format!(
