@@ -1,20 +1,14 @@
-//! The `erel-boot` program: parses settings, binds, installs signal handlers and runs
-//! the server. `main.rs` only calls [`main`], so the end-to-end tests can build the
-//! same program.
+//! The `erel-boot` program: parses flags or `boot.toml`, sets up logging, binds,
+//! installs signal handlers and calls [`crate::run`]. `main.rs` only calls [`main`], so
+//! the end-to-end tests can build the same program.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use crate::agent_lock::AgentLock;
-use crate::config::{Config, Flags};
-use crate::root::Root;
-use crate::server::{serve, Agent, TlsSource};
-use crate::supervisor::Supervisor;
 use anyhow::Context;
 use clap::Parser;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Flags};
 use tracing::{error, info};
 
 /// Runs the agent until SIGTERM; the exit status says whether it started. Run as
@@ -73,30 +67,9 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     // manager stopping it at once) ends it cleanly once it serves, instead of killing it.
     let termination = termination_signals()?;
     let config = Config::from_flags(flags)?;
-    let host_pem = config.certs.join("host.pem");
-    let host_cert = CertificateDer::from_pem_file(&host_pem)
-        .with_context(|| format!("{}: not a PEM certificate", host_pem.display()))?;
-    let host_id = erel_certs::peer_name(&host_cert)
-        .with_context(|| format!("{}: names no host id", host_pem.display()))?;
-    let tls = TlsSource::load(config.certs.clone())
-        .with_context(|| format!("certificate bundle {}", config.certs.display()))?;
-    let root = Root::open(&config.root)
-        .with_context(|| format!("root directory {}", config.root.display()))?;
-    // Before anything under the root is touched: one agent per root.
-    let _agent_lock = AgentLock::acquire(&root)?;
-    crate::write_file::sweep_stale(&root, crate::write_file::STALE_STAGING_AGE)
-        .context("cleaning stale transfers")?;
-    crate::unpack::sweep_stale(&root).context("cleaning interrupted unpacks")?;
-    crate::retention::sweep_trash(&root).context("removing versions left in the trash")?;
-    let supervisor = Supervisor::open(root.clone(), host_id.clone(), config.supervision.clone())
-        .await
-        .context("starting the release supervisor")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let local = listener.local_addr().context("listening address")?;
-    info!(%host_id, listen = %local, root = %root.path().display(), "erel-boot {} serving", env!("CARGO_PKG_VERSION"));
-
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -104,15 +77,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         info!("shutting down; supervised releases keep running");
         signals.cancel();
     });
-    let agent = Arc::new(Agent::new(
-        root,
-        host_id,
-        config.limits,
-        config.supervision,
-        supervisor.clone(),
-    ));
-    serve(listener, agent, Arc::new(tls), shutdown).await;
-    supervisor.detach().await;
+    crate::run(config, listener, shutdown).await?;
     Ok(())
 }
 

@@ -121,6 +121,9 @@ pub struct Config {
     pub limits: Limits,
     /// Supervision settings.
     pub supervision: Supervision,
+    /// Whether the agent goes away for good when [`crate::run`] returns (as `erel demo`'s
+    /// agents do): its empty cgroups are then removed. A host's agent keeps them.
+    pub remove_cgroups_on_exit: bool,
 }
 
 /// A start-up setting is wrong.
@@ -142,7 +145,7 @@ impl ConfigError {
 
 impl Config {
     /// Merges flags over the config file and validates the result.
-    pub fn from_flags(flags: Flags) -> Result<Self, ConfigError> {
+    pub(crate) fn from_flags(flags: Flags) -> Result<Self, ConfigError> {
         let (file, origin) = match &flags.config {
             Some(path) => (read_file(path)?, path.display().to_string()),
             None => (FileSettings::default(), "flags".to_string()),
@@ -327,6 +330,7 @@ impl Config {
             certs,
             limits,
             supervision,
+            remove_cgroups_on_exit: false,
         })
     }
 }

@@ -113,7 +113,7 @@ pub enum Error {
     /// An unexpected state.
     #[error("internal error: {0}")]
     Internal(String),
-    /// Another agent serves this root: it holds the agent lock (see [`crate::agent_lock`]).
+    /// Another agent serves this root: it holds the agent lock (see [`crate::fs::AgentLock`]).
     #[error(
         "root {} is already served by another erel-boot ({}): one agent per root, or both would supervise the same releases; stop that agent first",
         root.display(),
@@ -124,6 +124,15 @@ pub enum Error {
         root: PathBuf,
         /// The pid of the agent holding the lock, when it can be told.
         holder: Option<u32>,
+    },
+    /// The agent could not start: what it was setting up, and why.
+    #[error("{what}")]
+    Startup {
+        /// What the agent was setting up.
+        what: String,
+        /// Why it failed, when another error says.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 }
 
@@ -137,6 +146,17 @@ impl Error {
             op,
             path: path.into(),
             source,
+        }
+    }
+
+    /// Builds an [`Error::Startup`] for `what`, caused by `source`.
+    pub fn startup(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::Startup {
+            what: what.into(),
+            source: Some(source.into()),
         }
     }
 
@@ -178,7 +198,7 @@ impl Error {
                 ErrorKind::NoSpace
             }
             Error::Io { .. } => ErrorKind::Io,
-            Error::Internal(_) => ErrorKind::Internal,
+            Error::Internal(_) | Error::Startup { .. } => ErrorKind::Internal,
             Error::RootInUse { .. } => ErrorKind::Busy,
         }
     }
@@ -276,5 +296,27 @@ mod tests {
             busy.to_string(),
             "busy: another request is working on a.bin"
         );
+    }
+
+    #[test]
+    fn replies_fit_in_a_frame_whatever_they_quote() {
+        let huge = "é".repeat(40_000);
+        for err in [
+            Error::invalid_path(&huge, "reason"),
+            Error::unsafe_entry(&huge, "reason"),
+            Error::BadRequest(huge.clone()),
+            Error::Conflict {
+                path: huge.clone(),
+                reason: huge.clone(),
+            },
+        ] {
+            let reply = err.to_reply();
+            assert!(
+                reply.message.len() <= erel_proto::text::MAX_ERROR_MESSAGE,
+                "{}",
+                reply.message.len()
+            );
+            erel_proto::encode_frame(&erel_proto::Response::Error(reply)).expect("fits a frame");
+        }
     }
 }

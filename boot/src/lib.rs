@@ -1,29 +1,110 @@
 //! The erel boot agent: installed once per host, never changed.
 //!
-//! - [`server`]: the mutual-TLS listener, the handshake and the one `match` that
-//!   dispatches the five commands.
-//! - `peers`: the separate, per-address budget of peers still in the TLS handshake.
-//! - [`write_file`], [`unpack`]: the file-system commands, safe and atomic.
-//! - [`supervisor`]: `Start`, `Stop`, restarts, crash-loop detection, adoption.
-//! - [`retention`]: old versions and archives removed.
-//! - [`root`]: the root directory and the rules for every path the master names.
-//! - [`cli`]: the program itself (`main.rs` only calls it).
-//! - [`config`]: flags and `boot.toml` validated once.
-//! - [`settings`]: limits and supervision settings; [`error`]: the one error type.
-//! - [`agent_lock`]: one agent per root, held for the agent's lifetime.
+//! One public function, [`run`]: given its [`Config`], a bound listener and a shutdown
+//! token, the agent serves the five commands until the token is cancelled. The modules
+//! behind it:
+//!
+//! - `server`: the mutual-TLS listener, the `Hello` handshake, the one exhaustive
+//!   dispatch; `peers`: the budget of peers still in the TLS handshake.
+//! - one module per command: `ping`, `write_file`, `unpack`, and `supervisor` (`Start`,
+//!   `Stop`, restarts, crash-loop detection, adoption); `retention` removes old versions.
+//! - `fs`: the root, the rules for every path the master names, the release layout,
+//!   durable writes and the agent's lock; `digest`: sha256 of a file or its first bytes.
+//! - `config`: flags and `boot.toml` validated once; `settings`: limits and supervision;
+//!   `error`: the one error type; `cli`: the program (parse, bind, signals, [`run`]).
 #![deny(missing_docs)]
 
-pub mod agent_lock;
-pub mod cli;
-pub mod config;
-pub mod error;
+mod cli;
+mod config;
+mod digest;
+mod error;
+mod fs;
 mod peers;
-pub mod retention;
-pub mod root;
-pub mod server;
-pub mod settings;
-pub mod supervisor;
-pub mod unpack;
-pub mod write_file;
+mod ping;
+mod retention;
+mod server;
+mod settings;
+mod supervisor;
+mod unpack;
+mod write_file;
 
-pub use error::{Error, Result};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use config::Config;
+pub use error::Error;
+pub use settings::{CgroupParent, Limits, OutputWriter, Supervision};
+
+/// The `erel-boot` program. Exported only because the end-to-end tests build the same
+/// program under another name and cannot reach a binary target's `main`.
+pub use cli::main;
+
+/// Runs the output writer when this process was started as one. Exported only because the
+/// output writer is the running program re-run through `/proc/self/exe`: a program that
+/// embeds the agent (such as `erel demo`) must call it first in its `main`.
+pub use cli::run_output_writer_if_asked;
+
+/// Runs the agent: takes the root's lock, clears what a crash left (stale transfers,
+/// interrupted unpacks, the trash), starts the supervisor (adopting releases still
+/// running), then serves `listener` until `shutdown` is cancelled. On shutdown it waits
+/// for connections in progress, a bounded while, and detaches from the releases, which
+/// keep running.
+///
+/// # Errors
+///
+/// [`Error::Startup`] when the certificate bundle, the root, its lock or the supervisor
+/// cannot be set up; the agent has then served nothing.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let host_id = host_id(&config.certs)?;
+    let tls = server::TlsSource::load(config.certs.clone())
+        .map_err(|e| Error::startup(format!("certificate bundle {}", config.certs.display()), e))?;
+    let root = fs::Root::open(&config.root)
+        .map_err(|e| Error::startup(format!("root directory {}", config.root.display()), e))?;
+    // Before anything under the root is touched: one agent per root.
+    let _agent_lock = fs::AgentLock::acquire(&root)?;
+    write_file::sweep_stale(&root, write_file::STALE_STAGING_AGE)
+        .map_err(|e| Error::startup("cleaning stale transfers", e))?;
+    unpack::sweep_stale(&root).map_err(|e| Error::startup("cleaning interrupted unpacks", e))?;
+    retention::sweep_trash(&root)
+        .map_err(|e| Error::startup("removing versions left in the trash", e))?;
+    let supervisor =
+        supervisor::Supervisor::open(root.clone(), host_id.clone(), config.supervision.clone())
+            .await
+            .map_err(|e| Error::startup("starting the release supervisor", e))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::startup("listening address", e))?;
+    info!(%host_id, listen = %local, root = %root.path().display(), "erel-boot {} serving", env!("CARGO_PKG_VERSION"));
+    let agent = Arc::new(server::Agent::new(
+        root,
+        host_id,
+        config.limits,
+        config.supervision,
+        supervisor.clone(),
+    ));
+    server::serve(listener, agent, Arc::new(tls), shutdown).await;
+    supervisor.detach().await;
+    if config.remove_cgroups_on_exit {
+        supervisor.remove_empty_cgroups();
+    }
+    Ok(())
+}
+
+/// The host id the bundle's `host.pem` names.
+fn host_id(certs: &std::path::Path) -> Result<String, Error> {
+    use rustls::pki_types::pem::PemObject;
+    let host_pem = certs.join("host.pem");
+    let cert = rustls::pki_types::CertificateDer::from_pem_file(&host_pem)
+        .map_err(|e| Error::startup(format!("{}: not a PEM certificate", host_pem.display()), e))?;
+    erel_certs::peer_name(&cert).ok_or_else(|| Error::Startup {
+        what: format!("{}: names no host id", host_pem.display()),
+        source: None,
+    })
+}

@@ -1,5 +1,6 @@
-//! `erel-boot`, the boot agent. Everything lives in the library's `cli` module.
+//! `erel-boot`, the boot agent. The program lives in the library (see `erel_boot::main`),
+//! so that the end-to-end tests can build the same program.
 
 fn main() -> std::process::ExitCode {
-    erel_boot::cli::main()
+    erel_boot::main()
 }

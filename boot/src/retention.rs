@@ -10,22 +10,39 @@
 //! trash is removed by [`sweep_trash`].
 
 use std::fs;
-use std::io;
-use std::path::Path;
-use std::time::SystemTime;
-
-use erel_proto::Sha256;
-use sha2::{Digest, Sha256 as Hasher};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::root::{self, PathLock, Root};
+use crate::fs::{remove_if_present, sync_dir, unique_name, PathLock, Root};
+use crate::server::{blocking, Agent};
 use crate::unpack::{self, Marker};
+
+/// After a successful start, removes versions of that release beyond the kept ones.
+pub(crate) async fn prune_after_start(agent: &Arc<Agent>, name: &str) {
+    let keep: Vec<String> = agent
+        .supervisor
+        .statuses()
+        .await
+        .into_iter()
+        .filter(|status| status.name == name)
+        .filter_map(|status| status.version)
+        .collect();
+    let agent = agent.clone();
+    let name = name.to_string();
+    let keep_newest = agent.supervision.keep_versions;
+    let outcome = blocking(move || prune(&agent.root, &name, &keep, keep_newest)).await;
+    match outcome {
+        Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "removed old versions"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not remove old versions"),
+    }
+}
 
 /// Removes versions of release `name` beyond the `keep_newest` newest (by modification
 /// time) that are not in `keep`, with the archives they were unpacked from when nothing
 /// else refers to them. Returns the versions removed, sorted. Blocking.
 pub fn prune(root: &Root, name: &str, keep: &[String], keep_newest: usize) -> Result<Vec<String>> {
-    let all = versions(root, name);
+    let all = root.versions(name);
     let others: Vec<&String> = all.iter().filter(|v| !keep.contains(v)).collect();
     let doomed = &others[..others.len().saturating_sub(keep_newest)];
     let trash = root.state("trash");
@@ -37,7 +54,7 @@ pub fn prune(root: &Root, name: &str, keep: &[String], keep_newest: usize) -> Re
         let Ok(_lock) = PathLock::acquire(dir.clone(), version) else {
             continue;
         };
-        let grave = trash.join(root::unique_name());
+        let grave = trash.join(unique_name());
         fs::rename(&dir, &grave).map_err(|e| Error::io("move to trash", &dir, e))?;
         let marker_file = unpack::marker_path(root, &format!("releases/{name}/{version}"));
         if let Some(marker) = unpack::read_marker(&marker_file) {
@@ -52,7 +69,7 @@ pub fn prune(root: &Root, name: &str, keep: &[String], keep_newest: usize) -> Re
     }
     if !removed.is_empty() {
         if let Some(parent) = root.release_dir(name).ok().filter(|d| d.exists()) {
-            root::sync_dir(&parent)?;
+            sync_dir(&parent)?;
         }
     }
     let still_named: Vec<String> = all_markers(root)
@@ -78,26 +95,11 @@ fn remove_archive(root: &Root, marker: &Marker) -> Result<()> {
         Ok(meta) if meta.is_file() => {}
         _ => return Ok(()),
     }
-    if digest_of_file(&path)?.to_hex() != marker.sha256 {
+    if crate::digest::of_file(&path)?.to_hex() != marker.sha256 {
         // Replaced by other content since: someone may still need it.
         return Ok(());
     }
     remove_if_present(&path)
-}
-
-fn digest_of_file(path: &Path) -> Result<Sha256> {
-    let mut file = fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
-    let mut hasher = Hasher::new();
-    io::copy(&mut file, &mut hasher).map_err(|e| Error::io("read", path, e))?;
-    Ok(Sha256(hasher.finalize().into()))
-}
-
-fn remove_if_present(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove", path, e)),
-    }
 }
 
 /// Every readable unpack marker whose directory still exists as unpacked.
@@ -117,52 +119,9 @@ fn all_markers(root: &Root) -> Vec<Marker> {
         .collect()
 }
 
-/// Versions of release `name` present on disk, oldest first by modification time
-/// (then by name). Empty for an unknown or invalid name.
-pub fn versions(root: &Root, name: &str) -> Vec<String> {
-    let Ok(dir) = root.release_dir(name) else {
-        return Vec::new();
-    };
-    let mut found: Vec<(SystemTime, String)> = subdirectories(&dir)
-        .into_iter()
-        .filter(|(_, version)| root::check_name("release version", version).is_ok())
-        .collect();
-    found.sort();
-    found.into_iter().map(|(_, version)| version).collect()
-}
-
-/// Names of the releases with a directory under `releases/`, sorted.
-pub fn release_names(root: &Root) -> Vec<String> {
-    let mut names: Vec<String> = subdirectories(&root.path().join("releases"))
-        .into_iter()
-        .map(|(_, name)| name)
-        .filter(|name| root::check_name("release name", name).is_ok())
-        .collect();
-    names.sort();
-    names
-}
-
-/// Real directories (not symlinks) directly under `dir`, with their modification time.
-fn subdirectories(dir: &Path) -> Vec<(SystemTime, String)> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|entry| entry.ok())
-        .filter_map(|entry| {
-            let meta = fs::symlink_metadata(entry.path()).ok()?;
-            if !meta.is_dir() {
-                return None;
-            }
-            let name = entry.file_name().into_string().ok()?;
-            Some((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), name))
-        })
-        .collect()
-}
-
 /// Empties `.erel/trash/`: what a prune interrupted by a crash left there. Run at startup.
 pub fn sweep_trash(root: &Root) -> Result<()> {
-    crate::root::empty_dir(&root.state("trash"))
+    crate::fs::empty_dir(&root.state("trash"))
 }
 
 #[cfg(test)]
@@ -219,14 +178,14 @@ mod tests {
         install(&root, "0.4.0", "archives/beat-0.4.0.tar", 200);
         install(&root, "0.5.0", "archives/beat-0.5.0.tar", 100);
         assert_eq!(
-            versions(&root, "beat"),
+            root.versions("beat"),
             ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0"]
         );
-        assert_eq!(release_names(&root), ["beat"]);
+        assert_eq!(root.release_names(), ["beat"]);
 
         let removed = prune(&root, "beat", &["0.2.0".to_string()], 2).expect("prune");
         assert_eq!(removed, ["0.1.0", "0.3.0"]);
-        assert_eq!(versions(&root, "beat"), ["0.2.0", "0.4.0", "0.5.0"]);
+        assert_eq!(root.versions("beat"), ["0.2.0", "0.4.0", "0.5.0"]);
         for gone in ["0.1.0", "0.3.0"] {
             assert!(!root
                 .path()
@@ -255,7 +214,7 @@ mod tests {
             prune(&root, "beat", &["0.5.0".to_string()], 0).expect("prune"),
             ["0.2.0", "0.4.0"]
         );
-        assert_eq!(versions(&root, "beat"), ["0.5.0"]);
+        assert_eq!(root.versions("beat"), ["0.5.0"]);
     }
 
     #[test]
@@ -285,14 +244,14 @@ mod tests {
     #[test]
     fn unknown_release_and_stray_files_are_ignored() {
         let (_dir, root) = root();
-        assert!(versions(&root, "nothing").is_empty());
-        assert!(versions(&root, "../etc").is_empty());
+        assert!(root.versions("nothing").is_empty());
+        assert!(root.versions("../etc").is_empty());
         assert!(prune(&root, "nothing", &[], 0).expect("prune").is_empty());
         fs::create_dir_all(root.path().join("releases/beat")).expect("mkdir");
         fs::write(root.path().join("releases/beat/notes.txt"), b"x").expect("write");
         fs::write(root.path().join("releases/file"), b"x").expect("write");
-        assert!(versions(&root, "beat").is_empty());
-        assert_eq!(release_names(&root), ["beat"]);
+        assert!(root.versions("beat").is_empty());
+        assert_eq!(root.release_names(), ["beat"]);
     }
 
     #[test]

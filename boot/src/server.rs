@@ -16,30 +16,28 @@ use std::time::{Duration, Instant};
 
 use erel_proto::text::quote;
 use erel_proto::{
-    read_frame, read_frame_body, write_frame, ErrorKind, ErrorReply, FrameError, Hello, Pong,
-    Request, Response, WriteBegin, WriteCommit, WriteFile, PROTOCOL_VERSION,
+    read_frame_body, write_frame, ErrorKind, ErrorReply, FrameError, Hello, Request, Response,
+    Start, Stop, Unpack, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
+use crate::fs::Root;
 use crate::peers::{HandshakeSlot, Handshakes};
-use crate::root::{free_disk, Root};
 use crate::settings::{Limits, Supervision};
 use crate::supervisor::Supervisor;
-use crate::{retention, unpack, write_file};
+use crate::{ping, retention, unpack, write_file};
 
 /// Time allowed for the master's `Hello` after the handshake.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no request for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-/// A transfer that makes no progress for this long is abandoned (its bytes are kept).
-pub const TRANSFER_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time allowed to write one answer.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest grace a `Stop` may ask for.
@@ -49,11 +47,6 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a refused connection is drained before it is closed.
 pub const REFUSAL_LINGER: Duration = Duration::from_secs(2);
-
-/// Size of one chunk of a transfer's raw bytes.
-const CHUNK: usize = 256 * 1024;
-/// Chunks in flight between the socket and the disk writer.
-const CHUNKS_IN_FLIGHT: usize = 4;
 
 /// Everything a connection needs to execute commands.
 #[derive(Debug)]
@@ -68,7 +61,7 @@ pub struct Agent {
     pub supervision: Supervision,
     /// The release supervisor.
     pub supervisor: Supervisor,
-    started: Instant,
+    pub(crate) started: Instant,
 }
 
 impl Agent {
@@ -282,16 +275,17 @@ async fn linger_after_refusal(mut stream: TcpStream) {
     let _ = tokio::time::timeout(REFUSAL_LINGER, drain).await;
 }
 
-struct Connection<S> {
-    stream: S,
-    peer: SocketAddr,
-    peer_name: String,
-    agent: Arc<Agent>,
+/// One authenticated master's connection.
+pub(crate) struct Connection<S> {
+    pub(crate) stream: S,
+    pub(crate) peer: SocketAddr,
+    pub(crate) peer_name: String,
+    pub(crate) agent: Arc<Agent>,
 }
 
 /// How a connection ends when it must.
 #[derive(Debug, thiserror::Error)]
-enum ConnError {
+pub(crate) enum ConnError {
     #[error("{0}")]
     Frame(#[from] FrameError),
     #[error("{0}")]
@@ -344,7 +338,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Answers a frame that could not be read or decoded, then ends the connection.
-    async fn refuse_frame(&mut self, error: FrameError) -> std::result::Result<(), ConnError> {
+    pub(crate) async fn refuse_frame(
+        &mut self,
+        error: FrameError,
+    ) -> std::result::Result<(), ConnError> {
         if matches!(error, FrameError::Io(_) | FrameError::Truncated { .. }) {
             return Err(error.into());
         }
@@ -369,10 +366,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Ok(other) => {
                 let reply = ErrorReply::new(
                     ErrorKind::BadRequest,
-                    format!(
-                        "the first frame must be Hello, got {}",
-                        request_name(&other)
-                    ),
+                    format!("the first frame must be Hello, got {}", other.name()),
                 );
                 self.reply(&Response::Error(reply)).await?;
                 return Ok(false);
@@ -403,380 +397,105 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Ok(true)
     }
 
-    async fn reply(&mut self, response: &Response) -> std::result::Result<(), ConnError> {
+    pub(crate) async fn reply(
+        &mut self,
+        response: &Response,
+    ) -> std::result::Result<(), ConnError> {
         tokio::time::timeout(REPLY_TIMEOUT, write_frame(&mut self.stream, response))
             .await
             .map_err(|_| ConnError::Timeout("the master to read our reply"))??;
         Ok(())
     }
 
-    /// The one dispatch: every request variant is named, with no catch-all.
+    /// The one dispatch: every request variant is named, with no catch-all. Each
+    /// command's outcome is logged here, once.
     async fn dispatch(&mut self, request: Request) -> std::result::Result<(), ConnError> {
         let agent = self.agent.clone();
-        let (command, outcome) = match request {
+        let command = snake_case(request.name());
+        let (subject, outcome) = match request {
             Request::Hello(_) => (
-                "hello",
+                String::new(),
                 Err(Error::BadRequest("Hello was already exchanged".into())),
             ),
-            Request::Ping(_) => ("ping", Ok(Response::Pong(ping(&agent).await))),
-            Request::WriteFile(write) => {
-                // The transfer answers for itself: it has several frames.
-                return self.write_file(write).await;
-            }
-            Request::Unpack(request) => {
-                let what = format!("{} -> {}", request.archive, request.dest);
-                let outcome = blocking(move || {
-                    unpack::unpack(&agent.root, &request, &agent.limits).map(Response::Unpacked)
-                })
-                .await;
-                info!(peer = %self.peer, name = %self.peer_name, command = "unpack", %what, ok = outcome.is_ok(), "command");
-                return self.answer(outcome).await;
-            }
-            Request::Start(request) => {
-                let what = format!("{} {}", request.name, request.version);
-                let outcome = agent.supervisor.start(&request).await;
-                if outcome.is_ok() {
-                    prune_old_versions(&agent, &request.name).await;
-                }
-                info!(peer = %self.peer, name = %self.peer_name, command = "start", release = %what, ok = outcome.is_ok(), "command");
-                return self.answer(outcome.map(Response::Started)).await;
-            }
-            Request::Stop(request) => {
-                let grace = Duration::from_millis(request.grace_ms).min(MAX_STOP_GRACE);
-                let outcome = agent.supervisor.stop(&request.name, grace).await;
-                info!(peer = %self.peer, name = %self.peer_name, command = "stop", release = %request.name, ok = outcome.is_ok(), "command");
-                return self.answer(outcome.map(Response::Stopped)).await;
-            }
+            Request::Ping(_) => (String::new(), Ok(Response::Pong(ping::ping(&agent).await))),
+            Request::WriteFile(request) => (
+                request.path.clone(),
+                write_file::transfer(self, request).await?,
+            ),
+            Request::Unpack(request) => unpack(&agent, request).await,
+            Request::Start(request) => start(&agent, request).await,
+            Request::Stop(request) => stop(&agent, request).await,
         };
-        debug!(peer = %self.peer, name = %self.peer_name, command, ok = outcome.is_ok(), "command");
-        self.answer(outcome).await
-    }
-
-    async fn answer(&mut self, outcome: Result<Response>) -> std::result::Result<(), ConnError> {
-        let response = match outcome {
-            Ok(response) => response,
-            Err(e) => {
-                info!(peer = %self.peer, name = %self.peer_name, error = %e, "refused");
-                Response::Error(e.to_reply())
-            }
-        };
+        let (peer, name) = (self.peer, &self.peer_name);
+        match &outcome {
+            Err(error) => info!(%peer, %name, %command, %subject, %error, "refused"),
+            Ok(_) if subject.is_empty() => debug!(%peer, %name, %command, "command"),
+            Ok(_) => info!(%peer, %name, %command, %subject, "command"),
+        }
+        let response = outcome.unwrap_or_else(|e| Response::Error(e.to_reply()));
         self.reply(&response).await
     }
 
-    /// A `WriteFile` transfer: offer, begin, raw bytes, commit (see PROTOCOL.md).
-    async fn write_file(&mut self, request: WriteFile) -> std::result::Result<(), ConnError> {
-        let agent = self.agent.clone();
-        let req = request.clone();
-        let offer = blocking(move || write_file::offer(&agent.root, &req, &agent.limits)).await;
-        let offer = match offer {
-            Ok(offer) => offer,
-            Err(e) => {
-                info!(peer = %self.peer, name = %self.peer_name, command = "write_file", path = %request.path, error = %e, "refused");
-                return self.reply(&Response::Error(e.to_reply())).await;
-            }
-        };
-        let wanted = offer.wanted();
-        self.reply(&Response::WriteOffer(erel_proto::WriteOffer {
-            have: offer.have,
-            have_sha256: offer.have_sha256,
-        }))
-        .await?;
-
-        let begin: WriteBegin = self
-            .read_transfer_frame("WriteBegin", &wanted, &request.path)
-            .await?;
-        let req = request.clone();
-        let receiver = blocking(move || write_file::begin(offer, &req, begin.offset)).await;
-        let receiver = match receiver {
-            Ok(receiver) => receiver,
-            Err(e) => {
-                // The master is about to stream raw bytes: report and close.
-                self.reply(&Response::Error(e.to_reply())).await?;
-                return Err(ConnError::Reported(e.to_string()));
-            }
-        };
-        let remaining = request.size.saturating_sub(begin.offset);
-        let received = self
-            .stream_to_disk(receiver, remaining, &request.path, &wanted)
-            .await?;
-        let receiver = match received {
-            Ok(receiver) => receiver,
-            Err(e) => {
-                self.reply(&Response::Error(e.to_reply())).await?;
-                return Err(ConnError::Reported(e.to_string()));
-            }
-        };
-        let commit: WriteCommit = self
-            .read_transfer_frame("WriteCommit", &wanted, &request.path)
-            .await?;
-        let outcome = blocking(move || receiver.commit(commit.sha256)).await;
-        info!(peer = %self.peer, name = %self.peer_name, command = "write_file", path = %request.path,
-              size = request.size, offset = begin.offset, ok = outcome.is_ok(), "command");
-        self.answer(outcome.map(Response::Written)).await
-    }
-
-    /// Reads the next frame of a transfer of `path`; ends the transfer when a newer
-    /// request for the same file takes it over (`wanted`).
-    async fn read_transfer_frame<T: serde::de::DeserializeOwned>(
+    /// Passes a result on; an error is reported to the master and ends the connection.
+    pub(crate) async fn reported<T>(
         &mut self,
-        what: &'static str,
-        wanted: &CancellationToken,
-        path: &str,
+        outcome: Result<T>,
     ) -> std::result::Result<T, ConnError> {
-        let read = tokio::select! {
-            _ = wanted.cancelled() => return Err(self.taken_over(path).await),
-            read = tokio::time::timeout(TRANSFER_STALL_TIMEOUT, read_frame::<T, _>(&mut self.stream)) => read,
-        };
-        match read {
-            Err(_) => Err(ConnError::Timeout(what)),
-            Ok(Ok(Some(frame))) => Ok(frame),
-            Ok(Ok(None)) => Err(ConnError::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("connection closed before {what}"),
-            ))),
-            Ok(Err(e)) => {
-                self.refuse_frame(e).await?;
-                Err(ConnError::Timeout(what))
-            }
-        }
-    }
-
-    /// A newer request for the same file took this transfer over: say so (the master,
-    /// if still there, reads it when its sending fails) and end the connection.
-    async fn taken_over(&mut self, path: &str) -> ConnError {
-        let error = Error::Busy(format!(
-            "the transfer of {path} was taken over by a newer request for the same file; \
-             the bytes received here are kept for it"
-        ));
-        info!(peer = %self.peer, name = %self.peer_name, command = "write_file", %path, "taken over by a newer request");
-        let _ = tokio::time::timeout(
-            REFUSAL_LINGER,
-            write_frame(&mut self.stream, &Response::Error(error.to_reply())),
-        )
-        .await;
-        ConnError::TakenOver(path.to_string())
-    }
-
-    /// Copies `remaining` raw bytes from the socket to the staging file. The disk side
-    /// runs on a blocking thread so hashing and writing overlap with receiving; memory
-    /// stays at a few chunks whatever the size. The outer error ends the connection (the
-    /// staged bytes are kept for a resume); the inner one is reported to the master.
-    async fn stream_to_disk(
-        &mut self,
-        mut receiver: write_file::Receiver,
-        remaining: u64,
-        path: &str,
-        wanted: &CancellationToken,
-    ) -> std::result::Result<Result<write_file::Receiver>, ConnError> {
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
-        let writer = tokio::task::spawn_blocking(move || {
-            while let Some(chunk) = rx.blocking_recv() {
-                receiver.write(&chunk)?;
-            }
-            Ok(receiver)
-        });
-        let mut left = remaining;
-        let mut read_error = None;
-        while left > 0 {
-            let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
-            let mut chunk = vec![0u8; want];
-            let read = tokio::select! {
-                _ = wanted.cancelled() => None,
-                read = tokio::time::timeout(
-                    TRANSFER_STALL_TIMEOUT,
-                    read_some(&mut self.stream, &mut chunk),
-                ) => Some(read),
-            };
-            let Some(read) = read else {
-                read_error = Some(ConnError::TakenOver(path.to_string()));
-                break;
-            };
-            let n = match read {
-                Err(_) => {
-                    read_error = Some(ConnError::Timeout("transfer bytes"));
-                    break;
-                }
-                Ok(Err(e)) => {
-                    read_error = Some(ConnError::Io(e));
-                    break;
-                }
-                Ok(Ok(0)) => {
-                    read_error = Some(ConnError::Io(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("connection closed with {left} bytes of {path} still to come"),
-                    )));
-                    break;
-                }
-                Ok(Ok(n)) => n,
-            };
-            chunk.truncate(n);
-            left -= n as u64;
-            if tx.send(chunk).await.is_err() {
-                break; // the writer failed; its error is reported below
-            }
-        }
-        drop(tx);
-        let written = writer
-            .await
-            .map_err(|e| Error::Internal(format!("transfer writer panicked: {e}")));
-        if let Some(e) = read_error {
-            // Dropping the receiver syncs what arrived, for a later resume.
-            drop(written);
-            if let ConnError::TakenOver(path) = e {
-                return Err(self.taken_over(&path).await);
-            }
-            return Err(e);
-        }
-        Ok(written.and_then(|inner| inner))
-    }
-}
-
-/// Reads as many bytes as are available, filling up to all of `buf` when they arrive.
-async fn read_some<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let n = match stream.read(&mut buf[filled..]).await {
-            Ok(n) => n,
-            // Keep what arrived: the next read reports the error.
-            Err(_) if filled > 0 => break,
-            Err(e) => return Err(e),
-        };
-        if n == 0 {
-            break;
-        }
-        filled += n;
-        if filled >= buf.len() / 2 {
-            break;
-        }
-    }
-    Ok(filled)
-}
-
-async fn ping(agent: &Agent) -> Pong {
-    let root = agent.root.path().to_path_buf();
-    let free = tokio::task::spawn_blocking(move || free_disk(&root))
-        .await
-        .unwrap_or(0);
-    let mut pong = Pong {
-        host_id: agent.host_id.clone(),
-        // The containment mode rides in this text field (no protocol change):
-        // `0.1.0 (containment: cgroup v2 …)` or `0.1.0 (containment: fallback to …)`.
-        agent_version: format!(
-            "{} (containment: {})",
-            env!("CARGO_PKG_VERSION"),
-            agent.supervisor.containment()
-        ),
-        uptime_secs: agent.started.elapsed().as_secs(),
-        free_disk_bytes: free,
-        releases: agent.supervisor.statuses().await,
-    };
-    fit_in_a_frame(&mut pong);
-    pong
-}
-
-/// Many crashed releases with long output tails could exceed the frame limit: shorten
-/// the tails (newest output kept) until the answer fits.
-fn fit_in_a_frame(pong: &mut Pong) {
-    let mut limit = erel_proto::OUTPUT_TAIL_MAX;
-    while erel_proto::encode_body(&*pong).map_or(true, |body| body.len() > erel_proto::MAX_FRAME) {
-        if limit == 0 {
-            pong.releases.truncate(pong.releases.len() / 2);
-            continue;
-        }
-        limit /= 2;
-        for release in &mut pong.releases {
-            if release.output_tail.len() > limit {
-                let mut cut = release.output_tail.len() - limit;
-                while !release.output_tail.is_char_boundary(cut) {
-                    cut += 1;
-                }
-                release.output_tail.drain(..cut);
+        match outcome {
+            Ok(value) => Ok(value),
+            Err(e) => {
+                self.reply(&Response::Error(e.to_reply())).await?;
+                Err(ConnError::Reported(e.to_string()))
             }
         }
     }
 }
 
-/// After a successful start, removes versions of that release beyond the kept ones.
-async fn prune_old_versions(agent: &Arc<Agent>, name: &str) {
-    let keep: Vec<String> = agent
-        .supervisor
-        .statuses()
-        .await
-        .into_iter()
-        .filter(|status| status.name == name)
-        .filter_map(|status| status.version)
-        .collect();
+/// `Unpack`, on a blocking thread.
+async fn unpack(agent: &Arc<Agent>, request: Unpack) -> (String, Result<Response>) {
+    let subject = format!("{} -> {}", request.archive, request.dest);
     let agent = agent.clone();
-    let name = name.to_string();
-    let keep_newest = agent.supervision.keep_versions;
-    let outcome = blocking(move || retention::prune(&agent.root, &name, &keep, keep_newest)).await;
-    match outcome {
-        Ok(removed) if !removed.is_empty() => info!(?removed, "removed old versions"),
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "could not remove old versions"),
-    }
+    let outcome = blocking(move || {
+        unpack::unpack(&agent.root, &request, &agent.limits).map(Response::Unpacked)
+    })
+    .await;
+    (subject, outcome)
 }
 
-async fn blocking<T: Send + 'static>(
+/// `Start`; once started, versions of that release beyond the kept ones are removed.
+async fn start(agent: &Arc<Agent>, request: Start) -> (String, Result<Response>) {
+    let subject = format!("{} {}", request.name, request.version);
+    let outcome = agent.supervisor.start(&request).await;
+    if outcome.is_ok() {
+        retention::prune_after_start(agent, &request.name).await;
+    }
+    (subject, outcome.map(Response::Started))
+}
+
+/// `Stop`, with the grace capped at [`MAX_STOP_GRACE`].
+async fn stop(agent: &Agent, request: Stop) -> (String, Result<Response>) {
+    let grace = Duration::from_millis(request.grace_ms).min(MAX_STOP_GRACE);
+    let outcome = agent.supervisor.stop(&request.name, grace).await;
+    (request.name, outcome.map(Response::Stopped))
+}
+
+/// `WriteFile` as `write_file`: how commands are named in the log.
+fn snake_case(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.chars() {
+        if c.is_ascii_uppercase() && !out.is_empty() {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+/// Runs blocking file or archive work off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
     job: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     tokio::task::spawn_blocking(job)
         .await
         .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
-}
-
-fn request_name(request: &Request) -> &'static str {
-    match request {
-        Request::Hello(_) => "Hello",
-        Request::Ping(_) => "Ping",
-        Request::WriteFile(_) => "WriteFile",
-        Request::Unpack(_) => "Unpack",
-        Request::Start(_) => "Start",
-        Request::Stop(_) => "Stop",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use erel_proto::{ReleaseState, ReleaseStatus, MAX_FRAME, OUTPUT_TAIL_MAX};
-
-    use super::*;
-
-    #[test]
-    fn a_ping_answer_too_large_for_a_frame_keeps_the_newest_output() {
-        let tail = format!("{}END", "x".repeat(OUTPUT_TAIL_MAX - 3));
-        let releases = (0..60)
-            .map(|i| ReleaseStatus {
-                name: format!("release-{i}"),
-                versions: vec!["1".into()],
-                version: Some("1".into()),
-                desired_running: true,
-                pid: None,
-                state: ReleaseState::CrashLooping,
-                restarts: 5,
-                up_secs: None,
-                output_tail: tail.clone(),
-            })
-            .collect();
-        let mut pong = Pong {
-            host_id: "web-1".into(),
-            agent_version: "0.1.0".into(),
-            uptime_secs: 1,
-            free_disk_bytes: 1,
-            releases,
-        };
-        let before = erel_proto::encode_body(&pong).expect("encode").len();
-        assert!(
-            before > MAX_FRAME,
-            "the sample must overflow ({before} bytes)"
-        );
-        fit_in_a_frame(&mut pong);
-        let after = erel_proto::encode_body(&pong).expect("encode").len();
-        assert!(after <= MAX_FRAME, "{after} bytes");
-        assert_eq!(pong.releases.len(), 60, "every release is still reported");
-        for release in &pong.releases {
-            assert!(release.output_tail.ends_with("END"), "newest output kept");
-            assert!(release.output_tail.len() < OUTPUT_TAIL_MAX);
-        }
-    }
 }

@@ -1,6 +1,6 @@
 //! `WriteFile`: resumable, verified, atomic file transfers into the root.
 //!
-//! A transfer runs in three blocking steps that the server drives:
+//! [`transfer`] runs a transfer on a connection in three blocking steps:
 //!
 //! 1. [`offer`] checks the request (path, mode, size, free disk) and reports what the
 //!    agent already holds: `size` when the destination already has the announced
@@ -25,20 +25,27 @@
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use erel_proto::{Sha256, WriteFile, Written};
+use erel_proto::{
+    read_frame, write_frame, Response, Sha256, WriteBegin, WriteCommit, WriteFile, WriteOffer,
+    Written,
+};
+use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256 as Hasher};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
 
+use crate::digest;
 use crate::error::{Error, Result};
-use crate::root::{self, PathLock, Root};
+use crate::fs::{free_disk, remove_if_present, rename_durably, PathLock, Root};
+use crate::server::{blocking, ConnError, Connection, REFUSAL_LINGER};
 use crate::settings::Limits;
-
-/// Size of the buffer used to hash files already on disk.
-const HASH_BUFFER: usize = 64 * 1024;
 
 /// Mode of staging files: only the agent reads what is not verified yet.
 const PART_MODE: u32 = 0o600;
@@ -48,6 +55,15 @@ pub const STALE_STAGING_AGE: Duration = Duration::from_secs(3 * 24 * 3600);
 
 /// Suffix of staging files under `.erel/staging/`.
 const PART_SUFFIX: &str = ".part";
+
+/// A transfer that makes no progress for this long is abandoned (its bytes are kept).
+const TRANSFER_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Size of one chunk of a transfer's raw bytes.
+const CHUNK: usize = 256 * 1024;
+
+/// Chunks in flight between the socket and the disk writer.
+const CHUNKS_IN_FLIGHT: usize = 4;
 
 /// How long a new `WriteFile` waits for an earlier transfer of the same key to let go
 /// of its staging file before it is refused with [`Error::Busy`]. The holder lets go
@@ -134,7 +150,7 @@ pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer>
         Some(digest) => format!("sha-{}", digest.to_hex()),
         None => {
             let relative = crate::unpack::relative(root, &dest);
-            let path_digest = digest_of(relative.as_bytes());
+            let path_digest = digest::of_bytes(relative.as_bytes());
             format!("path-{}-{}", path_digest.to_hex(), request.size)
         }
     };
@@ -151,9 +167,9 @@ pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer>
     };
 
     if let (Some(expected), Some(len)) = (request.sha256, existing) {
-        if len == request.size && hash_whole(&target.dest)? == expected {
+        if len == request.size && digest::of_file(&target.dest)? == expected {
             // Bytes staged by an earlier attempt are not needed any more.
-            remove_part(&target.part)?;
+            remove_if_present(&target.part)?;
             return Ok(Offer {
                 have: request.size,
                 have_sha256: expected,
@@ -167,7 +183,7 @@ pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer>
 
     let (have, hasher) = staged_prefix(&target)?;
     let need = target.size - have;
-    let free = root::free_disk(&root.state("staging"));
+    let free = free_disk(&root.state("staging"));
     if free.saturating_sub(limits.disk_reserve_bytes) < need {
         return Err(Error::NoSpace {
             what: target.name.clone(),
@@ -178,7 +194,7 @@ pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer>
     }
     Ok(Offer {
         have,
-        have_sha256: Sha256(hasher.clone().finalize().into()),
+        have_sha256: digest::finish(hasher.clone()),
         target,
         hasher,
         present: false,
@@ -215,14 +231,15 @@ fn staged_prefix(target: &Target) -> Result<(u64, Hasher)> {
     let len = match fs::symlink_metadata(&target.part) {
         Ok(meta) if meta.is_file() && meta.len() <= target.size => meta.len(),
         Ok(_) => {
-            remove_part(&target.part)?;
+            remove_if_present(&target.part)?;
             return Ok((0, Hasher::new()));
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, Hasher::new())),
         Err(e) => return Err(Error::io("inspect", &target.part, e)),
     };
     let mut file = File::open(&target.part).map_err(|e| Error::io("open", &target.part, e))?;
-    let hasher = hash_prefix(&mut file, len).map_err(|e| Error::io("read", &target.part, e))?;
+    let hasher =
+        digest::of_prefix(&mut file, len).map_err(|e| Error::io("read", &target.part, e))?;
     Ok((len, hasher))
 }
 
@@ -323,7 +340,7 @@ pub fn begin(offer: Offer, request: &WriteFile, offset: u64) -> Result<Receiver>
             .map_err(|e| Error::io("truncate", &target.part, e))?;
         file.seek(SeekFrom::Start(0))
             .map_err(|e| Error::io("seek", &target.part, e))?;
-        hash_prefix(&mut file, offset).map_err(|e| Error::io("read", &target.part, e))?
+        digest::of_prefix(&mut file, offset).map_err(|e| Error::io("read", &target.part, e))?
     };
     file.seek(SeekFrom::Start(offset))
         .map_err(|e| Error::io("seek", &target.part, e))?;
@@ -339,11 +356,6 @@ pub fn begin(offer: Offer, request: &WriteFile, offset: u64) -> Result<Receiver>
 }
 
 impl Receiver {
-    /// Cancelled when a newer request for the same file takes this transfer over.
-    pub fn wanted(&self) -> tokio_util::sync::CancellationToken {
-        self.lock.as_ref().map(PathLock::wanted).unwrap_or_default()
-    }
-
     /// Bytes still expected before the commit.
     pub fn remaining(&self) -> u64 {
         self.target.size - self.total
@@ -393,7 +405,7 @@ impl Receiver {
                 ),
             });
         }
-        let actual = Sha256(self.hasher.clone().finalize().into());
+        let actual = digest::finish(self.hasher.clone());
         let mismatch = if actual != sha256 {
             Some(format!(
                 "content has sha256 {actual}, the commit names {sha256}"
@@ -408,7 +420,7 @@ impl Receiver {
         };
         if let Some(reason) = mismatch {
             self.file = None;
-            remove_part(&self.target.part)?;
+            remove_if_present(&self.target.part)?;
             return Err(Error::ChecksumMismatch {
                 path: self.target.name.clone(),
                 reason,
@@ -434,10 +446,7 @@ impl Receiver {
                 reason: "became a directory during the transfer".into(),
             });
         }
-        fs::rename(part, &dest).map_err(|e| Error::io("rename into place", &dest, e))?;
-        if let Some(parent) = dest.parent() {
-            root::sync_dir(parent)?;
-        }
+        rename_durably(part, &dest)?;
         Ok(Written {
             sha256: actual,
             size,
@@ -538,57 +547,172 @@ pub fn sweep_stale(root: &Root, older_than: Duration) -> Result<usize> {
     Ok(removed)
 }
 
-fn remove_part(part: &Path) -> Result<()> {
-    match fs::remove_file(part) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove", part, e)),
+/// A `WriteFile` on a connection: offer, begin, raw bytes, commit (see PROTOCOL.md).
+/// Returns the answer to the commit (or the refusal of the offer); an error ends the
+/// connection, after telling the master why when it can still hear it.
+pub(crate) async fn transfer<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    request: WriteFile,
+) -> std::result::Result<Result<Response>, ConnError> {
+    let (agent, req) = (conn.agent.clone(), request.clone());
+    let offer = match blocking(move || offer(&agent.root, &req, &agent.limits)).await {
+        Ok(offer) => offer,
+        Err(e) => return Ok(Err(e)),
+    };
+    let wanted = offer.wanted();
+    let answer = Response::WriteOffer(WriteOffer {
+        have: offer.have,
+        have_sha256: offer.have_sha256,
+    });
+    conn.reply(&answer).await?;
+    let path = &request.path;
+    let WriteBegin { offset } = read_transfer_frame(conn, "WriteBegin", &wanted, path).await?;
+    let req = request.clone();
+    let receiver = blocking(move || begin(offer, &req, offset)).await;
+    // The master is about to stream raw bytes: a refusal is reported and ends the
+    // connection.
+    let receiver = conn.reported(receiver).await?;
+    let remaining = request.size.saturating_sub(offset);
+    let received = stream_to_disk(conn, receiver, remaining, path, &wanted).await?;
+    let receiver = conn.reported(received).await?;
+    let WriteCommit { sha256 } = read_transfer_frame(conn, "WriteCommit", &wanted, path).await?;
+    Ok(blocking(move || receiver.commit(sha256))
+        .await
+        .map(Response::Written))
+}
+
+/// Reads the next frame of a transfer of `path`; ends the transfer when a newer request
+/// for the same file takes it over (`wanted`).
+async fn read_transfer_frame<T: DeserializeOwned, S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    what: &'static str,
+    wanted: &CancellationToken,
+    path: &str,
+) -> std::result::Result<T, ConnError> {
+    let read = tokio::select! {
+        _ = wanted.cancelled() => return Err(taken_over(conn, path).await),
+        read = tokio::time::timeout(TRANSFER_STALL_TIMEOUT, read_frame::<T, _>(&mut conn.stream)) => read,
+    };
+    match read {
+        Err(_) => Err(ConnError::Timeout(what)),
+        Ok(Ok(Some(frame))) => Ok(frame),
+        Ok(Ok(None)) => Err(ConnError::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("connection closed before {what}"),
+        ))),
+        Ok(Err(e)) => {
+            conn.refuse_frame(e).await?;
+            Err(ConnError::Timeout(what))
+        }
     }
 }
 
-fn digest_of(bytes: &[u8]) -> Sha256 {
-    Sha256(Hasher::digest(bytes).into())
+/// A newer request for the same file took this transfer over: say so (the master, if
+/// still there, reads it when its sending fails) and end the connection.
+async fn taken_over<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    path: &str,
+) -> ConnError {
+    let error = Error::Busy(format!(
+        "the transfer of {path} was taken over by a newer request for the same file; \
+         the bytes received here are kept for it"
+    ));
+    info!(peer = %conn.peer, name = %conn.peer_name, command = "write_file", %path, "taken over by a newer request");
+    let reply = Response::Error(error.to_reply());
+    let _ = tokio::time::timeout(REFUSAL_LINGER, write_frame(&mut conn.stream, &reply)).await;
+    ConnError::TakenOver(path.to_string())
 }
 
-/// The digest of a whole file, read once with a fixed buffer.
-fn hash_whole(path: &Path) -> Result<Sha256> {
-    let mut file = File::open(path).map_err(|e| Error::io("open", path, e))?;
-    let mut hasher = Hasher::new();
-    let mut buffer = vec![0u8; HASH_BUFFER];
-    loop {
-        let n = match file.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error::io("read", path, e)),
-        };
-        hasher.update(&buffer[..n]);
-    }
-    Ok(Sha256(hasher.finalize().into()))
-}
-
-/// Hashes the first `len` bytes of `file` from its current position.
-fn hash_prefix(file: &mut File, len: u64) -> io::Result<Hasher> {
-    let mut hasher = Hasher::new();
-    let mut buffer = vec![0u8; HASH_BUFFER];
-    let mut left = len;
+/// Copies `remaining` raw bytes from the socket to the staging file. The disk side runs
+/// on a blocking thread so hashing and writing overlap with receiving; memory stays at a
+/// few chunks whatever the size. The outer error ends the connection (the staged bytes
+/// are kept for a resume); the inner one is reported to the master.
+async fn stream_to_disk<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    mut receiver: Receiver,
+    remaining: u64,
+    path: &str,
+    wanted: &CancellationToken,
+) -> std::result::Result<Result<Receiver>, ConnError> {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+    let writer = tokio::task::spawn_blocking(move || {
+        while let Some(chunk) = rx.blocking_recv() {
+            receiver.write(&chunk)?;
+        }
+        Ok(receiver)
+    });
+    let mut left = remaining;
+    let mut read_error = None;
     while left > 0 {
-        let want = usize::try_from(left.min(HASH_BUFFER as u64)).unwrap_or(HASH_BUFFER);
-        let n = match file.read(&mut buffer[..want]) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("staging file ended {left} bytes early"),
-                ));
+        let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
+        let mut chunk = vec![0u8; want];
+        let read = tokio::select! {
+            _ = wanted.cancelled() => None,
+            read = tokio::time::timeout(TRANSFER_STALL_TIMEOUT, read_some(&mut conn.stream, &mut chunk)) => Some(read),
+        };
+        let n = match read {
+            None => {
+                read_error = Some(ConnError::TakenOver(path.to_string()));
+                break;
             }
+            Some(Err(_)) => {
+                read_error = Some(ConnError::Timeout("transfer bytes"));
+                break;
+            }
+            Some(Ok(Err(e))) => {
+                read_error = Some(ConnError::Io(e));
+                break;
+            }
+            Some(Ok(Ok(0))) => {
+                read_error = Some(ConnError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("connection closed with {left} bytes of {path} still to come"),
+                )));
+                break;
+            }
+            Some(Ok(Ok(n))) => n,
+        };
+        chunk.truncate(n);
+        left -= n as u64;
+        if tx.send(chunk).await.is_err() {
+            break; // the writer failed; its error is reported below
+        }
+    }
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| Error::Internal(format!("transfer writer panicked: {e}")));
+    let Some(error) = read_error else {
+        return Ok(written.and_then(|inner| inner));
+    };
+    // Dropping the receiver syncs what arrived, for a later resume, and lets a request
+    // taking over have the staging at once.
+    drop(written);
+    match error {
+        ConnError::TakenOver(path) => Err(taken_over(conn, &path).await),
+        error => Err(error),
+    }
+}
+
+/// Reads as many bytes as are available, filling up to all of `buf` when they arrive.
+async fn read_some<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = match stream.read(&mut buf[filled..]).await {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // Keep what arrived: the next read reports the error.
+            Err(_) if filled > 0 => break,
             Err(e) => return Err(e),
         };
-        hasher.update(&buffer[..n]);
-        left -= n as u64;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+        if filled >= buf.len() / 2 {
+            break;
+        }
     }
-    Ok(hasher)
+    Ok(filled)
 }
 
 #[cfg(test)]
@@ -632,7 +756,7 @@ mod tests {
     }
 
     fn digest(bytes: &[u8]) -> Sha256 {
-        digest_of(bytes)
+        digest::of_bytes(bytes)
     }
 
     fn request(path: &str, data: &[u8], known: bool) -> WriteFile {
@@ -1010,7 +1134,7 @@ mod tests {
         let first_wanted = first.wanted();
         let mut receiver = begin(first, &req, 0).expect("begin");
         send(&mut receiver, &data[..300]);
-        assert!(!receiver.wanted().is_cancelled());
+        assert!(!first_wanted.is_cancelled());
 
         // The repeat asks the holder to let go and waits for it, not a refusal.
         let second = offer_elsewhere(&f, &req);

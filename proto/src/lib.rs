@@ -5,6 +5,8 @@
 //!   [`ErrorReply`] with an [`ErrorKind`] a program can act on.
 //! - [`frame`]: the codec: a 4-byte big-endian length, then a postcard body of at most
 //!   [`MAX_FRAME`] bytes.
+//! - [`rules`]: what both sides agree on beyond the bytes: the release-name rule, the
+//!   release layout (`releases/<name>/<version>`), the default argv, message names.
 //! - [`text`]: bounds on what messages quote, and char-boundary-safe shortening.
 //!
 //! `PROTOCOL.md` beside this crate describes the handshake, each exchange and the
@@ -13,6 +15,7 @@
 
 pub mod frame;
 pub mod messages;
+pub mod rules;
 pub mod text;
 
 pub use frame::{

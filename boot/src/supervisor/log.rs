@@ -76,7 +76,7 @@ use nix::fcntl::{Flock, FlockArg, OFlag};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
 use crate::error::{Error, Result};
-use crate::root::Root;
+use crate::fs::Root;
 use crate::settings::{OutputWriter, MIN_LOG_MAX_BYTES};
 
 /// Permission bits of a new log file.

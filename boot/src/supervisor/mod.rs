@@ -64,7 +64,6 @@ mod record;
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -77,7 +76,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
-use crate::root::{check_name, Root};
+use crate::fs::{check_name, Root};
 use crate::settings::Supervision;
 
 use cgroup::Containment;
@@ -275,6 +274,7 @@ impl Supervisor {
 
     /// For retention: each release with the version that runs or should run (both while
     /// one version replaces another).
+    #[cfg(test)]
     pub fn running_versions(&self) -> Vec<(String, String)> {
         let releases: Vec<Arc<Release>> = self.inner.registered();
         let mut out = Vec::new();
@@ -1079,7 +1079,7 @@ impl Inner {
     }
 
     fn statuses(&self) -> Vec<ReleaseStatus> {
-        let mut names: BTreeSet<String> = list_release_names(&self.root).into_iter().collect();
+        let mut names: BTreeSet<String> = self.root.release_names().into_iter().collect();
         // A name only tried with a refused Start is not a release.
         names.extend(self.registered().into_iter().filter_map(|r| {
             let live = r.live();
@@ -1089,7 +1089,7 @@ impl Inner {
     }
 
     fn status(&self, name: &str) -> ReleaseStatus {
-        let versions = list_versions(&self.root, name);
+        let versions = self.root.versions(name);
         let mut status = ReleaseStatus {
             name: name.to_string(),
             versions,
@@ -1188,40 +1188,4 @@ fn backoff(settings: &Supervision, short_runs: u32) -> Duration {
         .restart_backoff
         .saturating_mul(1u32 << doublings)
         .min(settings.restart_backoff_max)
-}
-
-/// Release names with a directory under `root/releases/`.
-fn list_release_names(root: &Root) -> Vec<String> {
-    let dir = root.path().join("releases");
-    let Ok(entries) = fs::read_dir(&dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|name| check_name("release name", name).is_ok())
-        .collect()
-}
-
-/// Versions unpacked under `root/releases/<name>/`, oldest first by modification time.
-fn list_versions(root: &Root, name: &str) -> Vec<String> {
-    let Ok(dir) = root.release_dir(name) else {
-        return Vec::new();
-    };
-    let Ok(entries) = fs::read_dir(&dir) else {
-        return Vec::new();
-    };
-    let mut versions: Vec<(std::time::SystemTime, String)> = entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            check_name("release version", &name).ok()?;
-            let mtime = e.metadata().and_then(|m| m.modified()).ok()?;
-            Some((mtime, name))
-        })
-        .collect();
-    versions.sort();
-    versions.into_iter().map(|(_, name)| name).collect()
 }

@@ -28,7 +28,7 @@ use nix::unistd::{Gid, Pid, Uid, User};
 use tokio::process::{Child, Command};
 
 use crate::error::{Error, Result};
-use crate::root::Root;
+use crate::fs::Root;
 use crate::settings::Supervision;
 
 use super::log;
@@ -448,7 +448,7 @@ fn resolve_program(root: &Root, desired: &Desired) -> Result<PathBuf> {
         .argv
         .first()
         .ok_or_else(|| spawn_failed(desired, "empty argv"))?;
-    crate::root::check_lengths(program)?;
+    crate::fs::check_lengths(program)?;
     let relative = Path::new(program);
     if relative.is_absolute() || program.is_empty() {
         return Err(Error::invalid_path(

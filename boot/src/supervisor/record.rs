@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::root::{self, Root};
+use crate::fs::{self as root, Root};
 
 /// Suffix of a desired-state file.
 const DESIRED_SUFFIX: &str = ".json";

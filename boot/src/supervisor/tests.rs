@@ -14,7 +14,7 @@ use super::cgroup::Containment;
 use super::process;
 use super::Supervisor;
 use crate::error::Error;
-use crate::root::Root;
+use crate::fs::Root;
 use crate::settings::{CgroupParent, OutputWriter, Supervision};
 
 /// Longest a condition is waited for.

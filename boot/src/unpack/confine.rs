@@ -19,7 +19,7 @@ use std::path::{Component, Path, PathBuf};
 use erel_proto::text::quote;
 
 use crate::error::{Error, Result};
-use crate::root::MAX_NAME_LEN;
+use crate::fs::MAX_NAME_LEN;
 
 /// Most symlinks followed while checking where one symlink leads (as Linux does).
 const MAX_LINK_EXPANSIONS: u32 = 40;

@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 use tar::EntryType;
 
 use super::tests::Raw;
-use crate::root::Root;
+use crate::fs::Root;
 use crate::settings::Limits;
 
 /// One thing found in an unpacked tree.

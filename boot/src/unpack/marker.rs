@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 
 use erel_proto::{Sha256, Unpacked};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256 as Hasher};
 
+use crate::digest;
 use crate::error::{Error, Result};
-use crate::root::{self, Root};
+use crate::fs::{write_atomic, Root};
 
 /// What the agent records about a directory it unpacked.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,7 +48,7 @@ impl Marker {
         let path = marker_path(root, &self.dest);
         let json = serde_json::to_vec_pretty(&self)
             .map_err(|e| Error::Internal(format!("cannot encode unpack marker: {e}")))?;
-        root::write_atomic(&path, &json, 0o600)?;
+        write_atomic(&path, &json, 0o600)?;
         Ok(path)
     }
 
@@ -73,7 +73,7 @@ fn birth(meta: &fs::Metadata) -> Option<u128> {
 
 /// Where the marker for `dest_rel` (relative to the root) lives.
 pub(crate) fn marker_path(root: &Root, dest_rel: &str) -> PathBuf {
-    let key = Sha256(Hasher::digest(dest_rel.as_bytes()).into());
+    let key = digest::of_bytes(dest_rel.as_bytes());
     root.state("unpacked")
         .join(format!("{}.json", key.to_hex()))
 }

@@ -29,10 +29,10 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use erel_proto::{Sha256, Unpack, Unpacked};
-use sha2::{Digest, Sha256 as Hasher};
 
+use crate::digest;
 use crate::error::{Error, Result};
-use crate::root::{self, PathLock, Root};
+use crate::fs::{empty_dir, sync_dir, unique_name, PathLock, Root};
 use crate::settings::Limits;
 
 mod confine;
@@ -69,7 +69,7 @@ pub fn unpack(root: &Root, request: &Unpack, limits: &Limits) -> Result<Unpacked
     }
 
     let mut file = open_archive(&archive_path, &request.archive)?;
-    let sha256 = hash_file(&mut file, &archive_path)?;
+    let sha256 = digest::of_open_file(&mut file, &archive_path)?;
     if let Some(expected) = request.sha256.filter(|expected| *expected != sha256) {
         return Err(Error::ChecksumMismatch {
             path: request.archive.clone(),
@@ -81,7 +81,7 @@ pub fn unpack(root: &Root, request: &Unpack, limits: &Limits) -> Result<Unpacked
     }
     check_free(root, &dest, &dest_rel, &request.dest)?;
 
-    let staging = root.state("unpack").join(root::unique_name());
+    let staging = root.state("unpack").join(unique_name());
     let tree = staging.join("tree");
     let outcome = make_dir(&staging).and_then(|()| {
         let (entries, bytes) = entries::extract(file, &request.archive, &tree, limits)?;
@@ -176,7 +176,7 @@ fn place(root: &Root, tree: &Path, dest: &Path, dest_name: &str) -> Result<()> {
         }
         Err(e) => return Err(Error::io("rename into place", dest, e)),
     }
-    root::sync_dir(dest.parent().unwrap_or(root.path()))
+    sync_dir(dest.parent().unwrap_or(root.path()))
 }
 
 /// Renames without replacing an existing `to`.
@@ -230,13 +230,6 @@ fn open_archive(path: &Path, name: &str) -> Result<File> {
     })
 }
 
-/// The digest of the whole file, read once; leaves the position at the end.
-fn hash_file(file: &mut File, path: &Path) -> Result<Sha256> {
-    let mut hasher = Hasher::new();
-    io::copy(file, &mut hasher).map_err(|e| Error::io("read", path, e))?;
-    Ok(Sha256(hasher.finalize().into()))
-}
-
 /// The path relative to the root, as a string (the key of markers).
 pub(crate) fn relative(root: &Root, path: &Path) -> String {
     // Rebuilt from components, so `a//b` and `a/b` are one key.
@@ -251,5 +244,5 @@ pub(crate) fn relative(root: &Root, path: &Path) -> String {
 /// Removes staging directories left by an unpack interrupted by a crash. Run at startup,
 /// before any request is served.
 pub fn sweep_stale(root: &Root) -> Result<()> {
-    root::empty_dir(&root.state("unpack"))
+    empty_dir(&root.state("unpack"))
 }

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use erel_proto::ErrorKind;
 use flate2::write::GzEncoder;
 use flate2::Compression;
-use sha2::Digest;
 use tar::EntryType;
 
 use super::*;
@@ -198,7 +197,7 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 }
 
 fn sha(bytes: &[u8]) -> Sha256 {
-    Sha256(Hasher::digest(bytes).into())
+    crate::digest::of_bytes(bytes)
 }
 
 const LONG_DIR: &str = "lib/a_rather_long_application_name_as_real_releases_have-10.2.3/\

@@ -9,15 +9,11 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
-use erel_boot::root::Root;
-use erel_boot::server::{serve, Agent, TlsSource};
-use erel_boot::settings::{Limits, Supervision};
-use erel_boot::supervisor::Supervisor;
+use erel_boot::{Config, Limits, Supervision};
 use erel_certs::MasterDir;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +22,7 @@ use super::deploy::event_line;
 use super::status::{collect, status_table};
 use crate::cluster::Plan;
 use crate::rollout::{self, Connector, HostOutcome, RolloutOptions, RolloutReport};
+use crate::{AgentClient, HostAddr};
 
 /// The demo's release name.
 const RELEASE: &str = "beat";
@@ -43,9 +40,8 @@ struct LocalAgent {
     id: String,
     addr: SocketAddr,
     beat_port: u16,
-    supervisor: Supervisor,
     shutdown: CancellationToken,
-    server: tokio::task::JoinHandle<()>,
+    server: tokio::task::JoinHandle<Result<(), erel_boot::Error>>,
 }
 
 /// Runs the demo; exit 0 only when every step went as told.
@@ -80,13 +76,13 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     // Clean up whatever happened: stop the releases, the agents, remove the files.
     for agent in &agents {
-        let _ = agent.supervisor.stop(RELEASE, Duration::from_secs(5)).await;
+        stop_release(&certs, agent).await;
         agent.shutdown.cancel();
     }
     for agent in agents {
-        let _ = agent.server.await;
-        agent.supervisor.detach().await;
-        agent.supervisor.remove_empty_cgroups();
+        if let Ok(Err(e)) = agent.server.await {
+            println!("    agent {} failed: {e}", agent.id);
+        }
     }
     drop(work);
     step(&format!(
@@ -275,39 +271,47 @@ async fn beats(agents: &[LocalAgent], version: &str) -> bool {
 
 /// Starts an agent for `id` in this process, on 127.0.0.1 with a fresh root.
 async fn start_agent(certs: &MasterDir, dir: &Path, id: &str) -> anyhow::Result<LocalAgent> {
-    let bundle = certs.issue_host(id, &["127.0.0.1".parse()?], &[])?;
-    let root_dir = dir.join("agents").join(id);
-    std::fs::create_dir_all(&root_dir)?;
-    let root = Root::open(&root_dir)?;
-    let supervision = Supervision {
-        restart_backoff: Duration::from_millis(100),
-        restart_backoff_max: Duration::from_millis(400),
-        stable_after: Duration::from_millis(1500),
-        crash_loop_after: 3,
-        ..Supervision::default()
-    };
-    let supervisor = Supervisor::open(root.clone(), id.to_string(), supervision.clone()).await?;
-    let tls = TlsSource::load(bundle)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let agent = Arc::new(Agent::new(
-        root,
-        id.to_string(),
-        Limits::default(),
-        supervision,
-        supervisor.clone(),
-    ));
+    let config = Config {
+        listen: addr,
+        root: dir.join("agents").join(id),
+        certs: certs.issue_host(id, &["127.0.0.1".parse()?], &[])?,
+        limits: Limits::default(),
+        supervision: Supervision {
+            restart_backoff: Duration::from_millis(100),
+            restart_backoff_max: Duration::from_millis(400),
+            stable_after: Duration::from_millis(1500),
+            crash_loop_after: 3,
+            ..Supervision::default()
+        },
+        remove_cgroups_on_exit: true,
+    };
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(serve(listener, agent, Arc::new(tls), shutdown.clone()));
-    let beat_port = free_port()?;
+    let server = tokio::spawn(erel_boot::run(config, listener, shutdown.clone()));
     Ok(LocalAgent {
         id: id.to_string(),
         addr,
-        beat_port,
-        supervisor,
+        beat_port: free_port()?,
         shutdown,
         server,
     })
+}
+
+/// Stops the demo's release on `agent`, as any master does; what fails is left to the
+/// agent's shutdown and the removal of the temporary directory.
+async fn stop_release(certs: &MasterDir, agent: &LocalAgent) {
+    let host = HostAddr {
+        id: agent.id.clone(),
+        addr: agent.addr.to_string(),
+    };
+    let Ok(tls) = certs.client_config() else {
+        return;
+    };
+    if let Ok(mut client) = AgentClient::connect(&host, tls, "erel-demo").await {
+        let _ = client.stop(RELEASE, Duration::from_secs(5)).await;
+        client.close().await;
+    }
 }
 
 fn free_port() -> anyhow::Result<u16> {

@@ -402,7 +402,7 @@ fn describe_group(plan: &Plan, group: &GroupPlan) -> String {
         ));
     }
     let argv = if group.argv.is_empty() {
-        format!("bin/{} foreground", group.release)
+        erel_proto::rules::default_argv(&group.release).join(" ")
     } else {
         group.argv.join(" ")
     };

@@ -76,7 +76,7 @@ enum Command {
 /// Runs one `erel` command; the exit status is 0 only when all of it was done.
 pub fn main() -> ExitCode {
     // `erel demo` runs agents in this process; their output writers are this program.
-    if let Some(code) = erel_boot::cli::run_output_writer_if_asked() {
+    if let Some(code) = erel_boot::run_output_writer_if_asked() {
         return code;
     }
     let cli = Cli::parse();

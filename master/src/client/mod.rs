@@ -296,10 +296,7 @@ impl AgentClient {
     }
 
     fn unexpected(&self, wanted: &str, got: &Response) -> Error {
-        self.protocol_error(format!(
-            "expected {wanted}, the agent sent {}",
-            response_name(got)
-        ))
+        self.protocol_error(format!("expected {wanted}, the agent sent {}", got.name()))
     }
 }
 
@@ -423,19 +420,6 @@ fn timeout(host: &HostAddr, phase: String) -> Error {
     Error::Timeout {
         host: host.id.clone(),
         phase,
-    }
-}
-
-fn response_name(response: &Response) -> &'static str {
-    match response {
-        Response::Hello(_) => "Hello",
-        Response::Pong(_) => "Pong",
-        Response::WriteOffer(_) => "WriteOffer",
-        Response::Written(_) => "Written",
-        Response::Unpacked(_) => "Unpacked",
-        Response::Started(_) => "Started",
-        Response::Stopped(_) => "Stopped",
-        Response::Error(_) => "Error",
     }
 }
 

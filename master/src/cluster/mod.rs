@@ -266,7 +266,7 @@ impl GroupPlan {
 
     /// Where the version is unpacked on an agent: `releases/<name>/<version>`.
     pub fn version_dir(&self) -> String {
-        format!("releases/{}/{}", self.release, self.version)
+        erel_proto::rules::version_dir(&self.release, &self.version)
     }
 }
 

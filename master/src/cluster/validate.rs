@@ -391,23 +391,14 @@ fn find_by_sha256(dirs: &[PathBuf], expected: Sha256) -> Option<PathBuf> {
     None
 }
 
-/// The agent's rule for release names and versions: one path component of letters,
-/// digits, `.`, `_`, `-` and `+`, not starting with `.`, at most 128 bytes.
+/// The agent's rule for release names and versions ([`erel_proto::rules`]).
 fn check_name(fault: &Fault<'_>, field: &str, what: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'));
-    if ok {
-        Ok(())
-    } else {
-        Err(fault.at(
+    erel_proto::rules::check_release_name(name).map_err(|_| {
+        fault.at(
             field,
             format!("'{name}' is not a valid {what}: use letters, digits, '.', '_', '-', '+'; no leading '.'"),
-        ))
-    }
+        )
+    })
 }
 
 fn is_group_name(name: &str) -> bool {

@@ -473,6 +473,10 @@ async fn two_masters_pushing_the_same_file_at_once_both_succeed() {
     assert_eq!(sha256(&landed), digest);
 }
 
+/// How long the agent lets a transfer's holder take to let go of its staging file before
+/// a repeat is refused (the agent's `write_file::TAKE_OVER_WAIT`).
+const TAKE_OVER_WAIT: Duration = Duration::from_secs(20);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_or_dropped_transfer_is_taken_over_at_once() {
     let pki = Pki::new();
@@ -509,7 +513,7 @@ async fn a_stalled_or_dropped_transfer_is_taken_over_at_once() {
         .await
         .unwrap_or_else(|e| panic!("the repeat is refused: {e}\n{}", agent.log()));
     assert!(
-        started.elapsed() < erel_boot::write_file::TAKE_OVER_WAIT + PROMPT,
+        started.elapsed() < TAKE_OVER_WAIT + PROMPT,
         "taken over in {:?}",
         started.elapsed()
     );

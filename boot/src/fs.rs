@@ -1,4 +1,6 @@
-//! The agent's root directory and the rules for every path the master names.
+//! The agent's root directory: the rules for every path the master names, the release
+//! layout and its listing, durable writes, free space, and the locks that keep two
+//! requests (or two agents) from working on the same thing.
 //!
 //! Layout under the root:
 //!
@@ -14,19 +16,31 @@
 //!   logs/                      release output
 //!   trash/                     directories being removed
 //! ```
+//!
+//! One agent per root: an exclusive `flock(2)` ([`AgentLock`]), held for the agent's whole
+//! lifetime. Two agents on one root would both adopt the same releases and both restart
+//! them when they die. The kernel drops a `flock` when the holder's descriptor closes,
+//! `kill -9` and crashes included, so a dead agent never leaves a stale lock; descriptors
+//! are close-on-exec, so releases do not inherit it. The root directory itself is locked
+//! first (no clean-up under the root can replace it), then `.erel/agent.lock` (which older
+//! agents lock), opened without following a symlink; the file holds the holder's pid, for
+//! the refusal message only.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use tokio_util::sync::CancellationToken;
 
+use erel_proto::rules::{self, RELEASES_DIR};
 use erel_proto::text::shorten;
 
 use crate::error::{Error, Result};
@@ -41,8 +55,8 @@ pub const MAX_PATH_LEN: usize = 1024;
 /// (`<linux/limits.h>`; the longest name ext4, xfs, btrfs and tmpfs accept).
 pub const MAX_NAME_LEN: usize = 255;
 
-/// Longest release name or version, in bytes.
-pub const MAX_RELEASE_NAME_LEN: usize = 128;
+/// The lock file, under the state directory.
+const AGENT_LOCK_FILE: &str = "agent.lock";
 
 /// The agent's root directory.
 #[derive(Debug, Clone)]
@@ -58,7 +72,7 @@ impl Root {
         let dir = fs::canonicalize(dir).map_err(|e| Error::io("resolve root", dir, e))?;
         let root = Root { dir };
         for sub in ["staging", "unpack", "unpacked", "releases", "logs", "trash"] {
-            let path = root.state_dir().join(sub);
+            let path = root.state(sub);
             fs::create_dir_all(&path).map_err(|e| Error::io("create", &path, e))?;
         }
         Ok(root)
@@ -82,13 +96,39 @@ impl Root {
     /// `root/releases/<name>`, after checking `name`.
     pub fn release_dir(&self, name: &str) -> Result<PathBuf> {
         check_name("release name", name)?;
-        Ok(self.dir.join("releases").join(name))
+        Ok(self.dir.join(RELEASES_DIR).join(name))
     }
 
-    /// `root/releases/<name>/<version>`, after checking both.
+    /// `root/releases/<name>/<version>` ([`rules::version_dir`]), after checking both.
     pub fn version_dir(&self, name: &str, version: &str) -> Result<PathBuf> {
         check_name("release version", version)?;
-        Ok(self.release_dir(name)?.join(version))
+        check_name("release name", name)?;
+        Ok(self.dir.join(rules::version_dir(name, version)))
+    }
+
+    /// Names of the releases with a directory under `releases/`, sorted.
+    pub fn release_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = subdirectories(&self.dir.join(RELEASES_DIR))
+            .into_iter()
+            .map(|(_, name)| name)
+            .filter(|name| check_name("release name", name).is_ok())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Versions of release `name` present on disk, oldest first by modification time
+    /// (then by name). Empty for an unknown or invalid name.
+    pub fn versions(&self, name: &str) -> Vec<String> {
+        let Ok(dir) = self.release_dir(name) else {
+            return Vec::new();
+        };
+        let mut found: Vec<(SystemTime, String)> = subdirectories(&dir)
+            .into_iter()
+            .filter(|(_, version)| check_name("release version", version).is_ok())
+            .collect();
+        found.sort();
+        found.into_iter().map(|(_, version)| version).collect()
     }
 
     /// Resolves a path the master named, relative to the root.
@@ -98,14 +138,12 @@ impl Root {
     /// that is a symlink. Nothing is created.
     pub fn resolve(&self, relative: &str) -> Result<PathBuf> {
         let rel = check_relative(relative)?;
-        let first = rel.components().next();
-        if first == Some(Component::Normal(OsStr::new(STATE_DIR))) {
+        if rel.components().next() == Some(Component::Normal(OsStr::new(STATE_DIR))) {
             return Err(Error::invalid_path(
                 relative,
                 "names the agent's own state directory",
             ));
         }
-        let full = self.dir.join(&rel);
         // Walk every prefix below the root: none may be a symlink, and every existing
         // ancestor must be a directory.
         let mut current = self.dir.clone();
@@ -113,36 +151,37 @@ impl Root {
         for (i, component) in components.iter().enumerate() {
             current.push(component);
             match fs::symlink_metadata(&current) {
-                Ok(meta) if meta.file_type().is_symlink() => {
-                    return Err(Error::invalid_path(
-                        relative,
-                        format!(
-                            "passes through the symlink {}",
-                            current
-                                .strip_prefix(&self.dir)
-                                .unwrap_or(&current)
-                                .display()
-                        ),
-                    ));
-                }
-                Ok(meta) if i + 1 < components.len() && !meta.is_dir() => {
-                    return Err(Error::invalid_path(
-                        relative,
-                        format!(
-                            "{} is not a directory",
-                            current
-                                .strip_prefix(&self.dir)
-                                .unwrap_or(&current)
-                                .display()
-                        ),
-                    ));
-                }
-                Ok(_) => {}
+                Ok(meta) => self.check_step(relative, &current, &meta, i + 1 < components.len())?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                 Err(e) => return Err(Error::io("inspect", &current, e)),
             }
         }
-        Ok(full)
+        Ok(self.dir.join(&rel))
+    }
+
+    /// Refuses `current`, a step of the path `relative`, when it is a symlink, or when
+    /// it is not a directory and more is to come below it.
+    fn check_step(
+        &self,
+        relative: &str,
+        current: &Path,
+        meta: &fs::Metadata,
+        below: bool,
+    ) -> Result<()> {
+        let shown = current.strip_prefix(&self.dir).unwrap_or(current).display();
+        if meta.file_type().is_symlink() {
+            return Err(Error::invalid_path(
+                relative,
+                format!("passes through the symlink {shown}"),
+            ));
+        }
+        if below && !meta.is_dir() {
+            return Err(Error::invalid_path(
+                relative,
+                format!("{shown} is not a directory"),
+            ));
+        }
+        Ok(())
     }
 
     /// Creates the missing parent directories of a path the master named, one
@@ -164,30 +203,29 @@ impl Root {
             // `mkdir` does not follow a symlink in the last component: check what is there.
             let meta =
                 fs::symlink_metadata(&current).map_err(|e| Error::io("inspect", &current, e))?;
-            let shown = current
-                .strip_prefix(&self.dir)
-                .unwrap_or(&current)
-                .display();
-            if meta.file_type().is_symlink() {
-                return Err(Error::invalid_path(
-                    relative,
-                    format!("passes through the symlink {shown}"),
-                ));
-            }
-            if !meta.is_dir() {
-                return Err(Error::invalid_path(
-                    relative,
-                    format!("{shown} is not a directory"),
-                ));
-            }
+            self.check_step(relative, &current, &meta, true)?;
             if created {
-                if let Some(parent) = current.parent() {
-                    sync_dir(parent)?;
-                }
+                sync_parent(&current)?;
             }
         }
         self.resolve(relative)
     }
+}
+
+/// Real directories (not symlinks) directly under `dir`, with their modification time.
+fn subdirectories(dir: &Path) -> Vec<(SystemTime, String)> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| {
+            let meta = fs::symlink_metadata(entry.path()).ok()?;
+            let name = entry.file_name().into_string().ok()?;
+            let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            meta.is_dir().then_some((modified, name))
+        })
+        .collect()
 }
 
 /// Checks a path the master named: relative, normal components only, bounded.
@@ -207,18 +245,13 @@ pub fn check_relative(relative: &str) -> Result<PathBuf> {
         ));
     }
     for component in path.components() {
-        match component {
-            Component::Normal(_) => {}
-            Component::ParentDir => {
-                return Err(Error::invalid_path(relative, "contains '..'"));
-            }
-            Component::CurDir => {
-                return Err(Error::invalid_path(relative, "contains '.'"));
-            }
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(Error::invalid_path(relative, "is absolute"));
-            }
-        }
+        let reason = match component {
+            Component::Normal(_) => continue,
+            Component::ParentDir => "contains '..'",
+            Component::CurDir => "contains '.'",
+            Component::RootDir | Component::Prefix(_) => "is absolute",
+        };
+        return Err(Error::invalid_path(relative, reason));
     }
     if relative.split('/').any(|part| part == ".") {
         return Err(Error::invalid_path(relative, "contains '.'"));
@@ -253,49 +286,19 @@ pub fn check_lengths(relative: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks a release name or version: one path component of letters, digits, `.`, `_`,
-/// `-` and `+`, not starting with `.`, at most [`MAX_RELEASE_NAME_LEN`] bytes.
-/// Refused with [`Error::InvalidPath`], naming the limit when it is the length.
+/// Checks a release name or version against the protocol's rule
+/// ([`erel_proto::rules::check_release_name`]); refused with [`Error::InvalidPath`].
 pub fn check_name(what: &str, name: &str) -> Result<()> {
-    if name.len() > MAX_RELEASE_NAME_LEN {
-        return Err(Error::invalid_path(
-            name,
-            format!(
-                "not a valid {what}: {} bytes long, above the limit of \
-                 {MAX_RELEASE_NAME_LEN} bytes",
-                name.len()
-            ),
-        ));
-    }
-    let ok = !name.is_empty()
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid_path(
-            name,
-            format!("not a valid {what}: use letters, digits, '.', '_', '-', '+'; no leading '.'"),
-        ))
-    }
+    rules::check_release_name(name)
+        .map_err(|fault| Error::invalid_path(name, format!("not a valid {what}: {fault}")))
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync
 /// of the directory. Readers see the old content or the new, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| Error::Internal(format!("{} has no parent", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let mut file = fs::OpenOptions::new()
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let mut file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
@@ -306,8 +309,37 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         .map_err(|e| Error::io("write", &tmp, e))?;
     file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
     drop(file);
-    fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
-    sync_dir(dir)
+    rename_durably(&tmp, path)
+}
+
+/// Renames `from` (already synced) to `to` and fsyncs `to`'s directory, so the rename
+/// survives a crash.
+pub fn rename_durably(from: &Path, to: &Path) -> Result<()> {
+    fs::rename(from, to).map_err(|e| Error::io("rename into place", to, e))?;
+    sync_parent(to)
+}
+
+/// Fsyncs the directory holding `path`.
+fn sync_parent(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
+    }
+}
+
+/// Fsyncs a directory so a rename inside it survives a crash.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("fsync directory", dir, e))
+}
+
+/// Removes a file; one already gone is not an error.
+pub fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", path, e)),
+        _ => Ok(()),
+    }
 }
 
 /// Removes everything inside `dir` (not `dir` itself): files, and directories whole.
@@ -315,28 +347,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 pub fn empty_dir(dir: &Path) -> Result<()> {
     let entries = fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
     for entry in entries {
-        let entry = entry.map_err(|e| Error::io("list", dir, e))?;
-        let path = entry.path();
-        let is_dir = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
-        let removed = if is_dir {
-            fs::remove_dir_all(&path)
+        let path = entry.map_err(|e| Error::io("list", dir, e))?.path();
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            match fs::remove_dir_all(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io("remove", &path, e))
+                }
+                _ => {}
+            }
         } else {
-            fs::remove_file(&path)
-        };
-        match removed {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove", &path, e)),
+            remove_if_present(&path)?;
         }
     }
     Ok(())
-}
-
-/// Fsyncs a directory so a rename inside it survives a crash.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("fsync directory", dir, e))
 }
 
 /// Free bytes for an unprivileged writer on the file system holding `path`.
@@ -345,9 +368,7 @@ pub fn free_disk(path: &Path) -> u64 {
         // The field types differ between platforms; on some the conversion is a no-op.
         #[allow(clippy::useless_conversion)]
         Ok(stat) => {
-            let blocks = u64::from(stat.blocks_available());
-            let size = u64::from(stat.fragment_size());
-            blocks.saturating_mul(size)
+            u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size()))
         }
         Err(_) => 0,
     }
@@ -455,6 +476,111 @@ pub fn unique_name() -> String {
     format!("{}-{nanos}-{n}", std::process::id())
 }
 
+/// The lock that makes this process the one agent serving a root; released when dropped
+/// (or when the process ends, however it ends).
+#[derive(Debug)]
+pub struct AgentLock {
+    _root: Flock<File>,
+    _lock: Flock<File>,
+}
+
+impl AgentLock {
+    /// Takes the lock of `root` without waiting, and writes this process's pid into it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RootInUse`] when another live process holds it (its pid, read from the
+    /// file or else from `/proc/locks`, is in the error); [`Error::Io`] when the file cannot
+    /// be opened, locked or written.
+    pub fn acquire(root: &Root) -> Result<AgentLock> {
+        let path = root.state_dir().join(AGENT_LOCK_FILE);
+        let dir = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(root.path())
+            .map_err(|e| Error::io("open the root to lock it", root.path(), e))?;
+        let root_lock = lock_or_refuse(dir, root, root.path(), &path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| Error::io("open the agent lock (a regular file, not a link)", &path, e))?;
+        let lock = lock_or_refuse(file, root, &path, &path)?;
+        let pid = format!("{}\n", std::process::id());
+        lock.set_len(0)
+            .and_then(|()| lock.write_all_at(pid.as_bytes(), 0))
+            .map_err(|e| Error::io("write the agent lock", &path, e))?;
+        Ok(AgentLock {
+            _root: root_lock,
+            _lock: lock,
+        })
+    }
+}
+
+/// Takes an exclusive `flock` on `file` (opened at `locked`) without waiting; refuses
+/// with the holder's pid, read from the pid file `pid_file` or else from `/proc/locks`.
+fn lock_or_refuse(file: File, root: &Root, locked: &Path, pid_file: &Path) -> Result<Flock<File>> {
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, Errno::EWOULDBLOCK)) => Err(Error::RootInUse {
+            root: root.path().to_path_buf(),
+            holder: holder_pid(pid_file, locked),
+        }),
+        Err((_, errno)) => Err(Error::io(
+            "lock",
+            locked,
+            std::io::Error::from_raw_os_error(errno as i32),
+        )),
+    }
+}
+
+/// The pid of the agent holding the lock on `locked`: the pid in `pid_file`, or, while it
+/// has not written it yet (or the file was removed), the holder `/proc/locks` names for
+/// the inode of `locked`.
+fn holder_pid(pid_file: &Path, locked: &Path) -> Option<u32> {
+    let from_file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(pid_file)
+        .and_then(|mut file| {
+            let mut text = String::new();
+            file.read_to_string(&mut text).map(|_| text)
+        })
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok());
+    if from_file.is_some() {
+        return from_file;
+    }
+    let meta = fs::metadata(locked).ok()?;
+    let locks = fs::read_to_string("/proc/locks").ok()?;
+    flock_holder(&locks, meta.dev(), meta.ino())
+}
+
+/// Finds the pid holding a `FLOCK` on inode `ino` of device `dev` in the text of
+/// `/proc/locks` (see `proc(5)`: `id: FLOCK ADVISORY WRITE pid major:minor:inode start
+/// end`, major and minor in hexadecimal).
+fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<u32> {
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // A lock others wait for is shown with "->" before its id; skip those.
+        if fields.get(1) != Some(&"FLOCK") {
+            return None;
+        }
+        let mut id = fields.get(5)?.split(':');
+        let maj = u32::from_str_radix(id.next()?, 16).ok()?;
+        let min = u32::from_str_radix(id.next()?, 16).ok()?;
+        let inode: u64 = id.next()?.parse().ok()?;
+        (maj == major && min == minor && inode == ino)
+            .then(|| fields.get(4)?.parse().ok())
+            .flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,7 +669,7 @@ mod tests {
 
     #[test]
     fn long_names_are_refused_naming_the_limit() {
-        let name = "a".repeat(MAX_RELEASE_NAME_LEN);
+        let name = "a".repeat(rules::MAX_RELEASE_NAME_LEN);
         check_name("release name", &name).expect("at the limit");
         for long in [
             format!("{name}a"),
@@ -554,28 +680,6 @@ mod tests {
             let text = err.to_string();
             assert!(matches!(err, Error::InvalidPath { .. }), "{text}");
             assert!(text.contains("above the limit of 128 bytes"), "{text}");
-        }
-    }
-
-    #[test]
-    fn replies_fit_in_a_frame_whatever_they_quote() {
-        let huge = "é".repeat(40_000);
-        for err in [
-            Error::invalid_path(&huge, "reason"),
-            Error::unsafe_entry(&huge, "reason"),
-            Error::BadRequest(huge.clone()),
-            Error::Conflict {
-                path: huge.clone(),
-                reason: huge.clone(),
-            },
-        ] {
-            let reply = err.to_reply();
-            assert!(
-                reply.message.len() <= erel_proto::text::MAX_ERROR_MESSAGE,
-                "{}",
-                reply.message.len()
-            );
-            erel_proto::encode_frame(&erel_proto::Response::Error(reply)).expect("fits a frame");
         }
     }
 
@@ -636,5 +740,120 @@ mod tests {
         });
         PathLock::take_over(key.clone(), "thing", Duration::from_secs(10)).expect("handed over");
         letting_go.join().expect("join");
+    }
+
+    fn lock_file(root: &Root) -> PathBuf {
+        root.state_dir().join(AGENT_LOCK_FILE)
+    }
+
+    #[test]
+    fn a_second_lock_is_refused_naming_the_holder_until_the_first_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = Root::open(dir.path()).expect("root");
+        let first = AgentLock::acquire(&root).expect("first lock");
+        // flock locks belong to an open file description: a second open in the same
+        // process conflicts just as another process would.
+        let err = AgentLock::acquire(&root).expect_err("second lock");
+        let text = err.to_string();
+        assert!(
+            matches!(err, Error::RootInUse { holder: Some(pid), .. } if pid == std::process::id()),
+            "{text}"
+        );
+        assert!(text.contains(&std::process::id().to_string()), "{text}");
+        assert!(text.contains(&root.path().display().to_string()), "{text}");
+        drop(first);
+        let _again = AgentLock::acquire(&root).expect("lock after release");
+        assert_eq!(
+            std::fs::read_to_string(lock_file(&root)).expect("read"),
+            format!("{}\n", std::process::id())
+        );
+    }
+
+    #[test]
+    fn the_holder_is_found_in_proc_locks_when_the_file_is_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = Root::open(dir.path()).expect("root");
+        let lock = AgentLock::acquire(&root).expect("lock");
+        // As if the holder had locked but not yet written its pid.
+        lock._lock.set_len(0).expect("truncate");
+        let err = AgentLock::acquire(&root).expect_err("refused");
+        assert!(
+            matches!(err, Error::RootInUse { holder: Some(pid), .. } if pid == std::process::id()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_child_process_does_not_inherit_the_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = Root::open(dir.path()).expect("root");
+        let lock = AgentLock::acquire(&root).expect("lock");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        drop(lock);
+        let again = AgentLock::acquire(&root);
+        let _ = child.kill();
+        let _ = child.wait();
+        again.expect("the child holds nothing once the agent let go");
+    }
+
+    #[test]
+    fn a_removed_or_replaced_lock_file_lets_no_second_agent_in() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = Root::open(dir.path()).expect("root");
+        let _first = AgentLock::acquire(&root).expect("first lock");
+        std::fs::remove_file(lock_file(&root)).expect("remove the lock file");
+        let err = AgentLock::acquire(&root).expect_err("refused after a removal");
+        assert!(
+            matches!(err, Error::RootInUse { holder: Some(pid), .. } if pid == std::process::id()),
+            "{err}"
+        );
+        std::fs::write(lock_file(&root), "").expect("replace the lock file");
+        let err = AgentLock::acquire(&root).expect_err("refused after a replacement");
+        assert!(
+            matches!(err, Error::RootInUse { holder: Some(pid), .. } if pid == std::process::id()),
+            "{err}"
+        );
+        // The same root named through a symlink, a trailing slash or `..` is the same root.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(root.path(), &link).expect("symlink");
+        for alias in [
+            link.clone(),
+            PathBuf::from(format!("{}/", root.path().display())),
+            root.path().join(".erel").join(".."),
+        ] {
+            let other = Root::open(&alias).expect("alias root");
+            assert!(
+                matches!(AgentLock::acquire(&other), Err(Error::RootInUse { .. })),
+                "{}",
+                alias.display()
+            );
+        }
+    }
+
+    #[test]
+    fn the_pid_is_never_written_through_a_symlinked_lock_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = Root::open(dir.path()).expect("root");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep me\n").expect("victim");
+        let path = lock_file(&root);
+        std::os::unix::fs::symlink(&victim, &path).expect("symlink");
+        let err = AgentLock::acquire(&root).expect_err("a symlinked lock file is refused");
+        assert!(err.to_string().contains(AGENT_LOCK_FILE), "{err}");
+        assert_eq!(std::fs::read_to_string(&victim).expect("read"), "keep me\n");
+    }
+
+    #[test]
+    fn proc_locks_lines_are_parsed() {
+        let text = "1: POSIX  ADVISORY  WRITE 77 08:01:42 0 EOF\n\
+                    2: FLOCK  ADVISORY  WRITE 4242 00:2c:1234 0 EOF\n\
+                    2: -> FLOCK  ADVISORY  WRITE 4343 00:2c:1234 0 EOF\n";
+        let dev = libc::makedev(0, 0x2c);
+        assert_eq!(flock_holder(text, dev, 1234), Some(4242));
+        assert_eq!(flock_holder(text, dev, 42), None);
+        assert_eq!(flock_holder(text, libc::makedev(8, 1), 42), None);
     }
 }
