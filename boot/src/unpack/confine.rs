@@ -112,21 +112,15 @@ impl Tree {
         for component in parents {
             path.push(component);
             match self.inspect(name, &path)? {
-                Some(meta) if meta.file_type().is_symlink() => {
-                    return Err(Error::unsafe_entry(
-                        name,
-                        format!(
-                            "its parent {} is a symlink; writing through links is refused",
-                            self.display(&path)
-                        ),
-                    ));
-                }
                 Some(meta) if meta.is_dir() => {}
-                Some(_) => {
-                    return Err(Error::unsafe_entry(
-                        name,
-                        format!("its parent {} is not a directory", self.display(&path)),
-                    ));
+                Some(meta) => {
+                    let what = match meta.file_type().is_symlink() {
+                        true => "a symlink; writing through links is refused",
+                        false => "not a directory",
+                    };
+                    let shown = path.strip_prefix(&self.path).unwrap_or(&path).display();
+                    let reason = format!("its parent {shown} is {what}");
+                    return Err(Error::unsafe_entry(name, reason));
                 }
                 None => fs::DirBuilder::new()
                     .mode(0o755)
@@ -168,12 +162,6 @@ impl Tree {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io("inspect", path, e)),
         }
-    }
-
-    /// A path under the tree as the archive names it, for messages.
-    fn display(&self, path: &Path) -> String {
-        let shown = path.strip_prefix(&self.path).unwrap_or(path);
-        shown.display().to_string()
     }
 
     /// Checks a symlink's target lexically, from where the link sits, and notes the

@@ -105,13 +105,8 @@ impl Extraction<'_> {
 
     /// Walks every entry of the archive.
     fn run(&mut self, stream: stream::Stream) -> Result<()> {
-        let stream::Stream {
-            reader,
-            meter,
-            format,
-            foreign,
-        } = stream;
-        let mut archive = tar::Archive::new(reader);
+        let (meter, format, foreign) = (stream.meter, stream.format, stream.foreign);
+        let mut archive = tar::Archive::new(stream.reader);
         let mut entries = archive
             .entries()
             .map_err(|e| self.bad(format!("not a readable {format}: {e}")))?;

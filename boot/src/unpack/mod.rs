@@ -200,18 +200,8 @@ fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
 
 /// Makes everything written under `tree` durable.
 fn sync_tree(tree: &Path) -> Result<()> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        let dir = File::open(tree).map_err(|e| Error::io("open", tree, e))?;
-        nix::unistd::syncfs(&dir)
-            .map_err(|errno| Error::io("sync file system of", tree, io::Error::from(errno)))
-    }
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    {
-        let _ = tree;
-        nix::unistd::sync();
-        Ok(())
-    }
+    let dir = File::open(tree).map_err(|e| Error::io("open", tree, e))?;
+    nix::unistd::syncfs(&dir).map_err(|errno| Error::io("sync file system of", tree, errno.into()))
 }
 
 /// Opens the archive: it must exist and be a regular file.
