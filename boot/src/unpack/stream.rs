@@ -114,44 +114,35 @@ fn is_volume_label(block: &[u8]) -> bool {
 }
 
 /// Shared count of bytes read from the decompressed stream, with a movable limit, and
-/// the last whole block read (so a header the tar reader fails on can be named).
+/// the last bytes read (so a header the tar reader fails on can be named).
 #[derive(Debug, Default)]
 pub(super) struct Meter {
     read: Cell<u64>,
     limit: Cell<u64>,
     /// Whether the stream ended.
     pub(super) eof: Cell<bool>,
-    /// The block being read, up to the current position.
-    current: RefCell<Vec<u8>>,
-    /// The last block read whole, when it ended at the current position.
-    last_block: RefCell<Option<Vec<u8>>>,
+    /// The last block's worth of bytes read.
+    tail: RefCell<Vec<u8>>,
 }
 
 impl Meter {
-    /// Notes `data`, just read: only its last two blocks can matter.
+    /// Notes `data`, just read.
     fn record(&self, data: &[u8]) {
-        let end = self.read.get() + data.len() as u64;
-        let from = data.len().saturating_sub(2 * BLOCK as usize);
-        let mut at = end - (data.len() - from) as u64;
-        let mut current = self.current.borrow_mut();
-        let mut last = self.last_block.borrow_mut();
-        for byte in &data[from..] {
-            if at % BLOCK == 0 {
-                current.clear();
-            }
-            current.push(*byte);
-            at += 1;
-            let whole = at % BLOCK == 0 && current.len() == BLOCK as usize;
-            *last = whole.then(|| current.clone());
-        }
-        self.read.set(end);
+        let mut tail = self.tail.borrow_mut();
+        tail.extend_from_slice(&data[data.len().saturating_sub(BLOCK as usize)..]);
+        let excess = tail.len().saturating_sub(BLOCK as usize);
+        tail.drain(..excess);
+        self.read.set(self.read.get() + data.len() as u64);
     }
 
-    /// The name in the block just read, when it is a tar header (its checksum holds):
-    /// the entry the tar reader was reading when it failed.
+    /// The name in the block just read whole, when it is a tar header (its checksum
+    /// holds): the entry the tar reader was reading when it failed.
     pub(super) fn last_header_name(&self) -> Option<String> {
-        let last = self.last_block.borrow();
-        let header = header(last.as_deref()?)?;
+        if self.read.get() % BLOCK != 0 {
+            return None;
+        }
+        let tail = self.tail.borrow();
+        let header = header(&tail)?;
         Some(String::from_utf8_lossy(&header.path_bytes()).into_owned())
     }
 
