@@ -491,21 +491,20 @@ fn incremental_labelled_and_multi_volume_archives() {
 fn an_otp_release_built_by_rebar3_unpacks_as_gnu_tar_unpacks_it() {
     let bench = Bench::new();
     let work = bench.work("otp");
-    let home = work.join("home");
-    let rebar3 = |args: &[&str], cwd: &Path| {
-        let out = Command::new("rebar3")
-            .args(args)
-            .current_dir(cwd)
-            .env("HOME", &home)
-            .env("REBAR_CACHE_DIR", home.join("rebar3-cache"))
-            .output()
-            .expect("rebar3 must be on PATH: scripts/test.sh installs it");
-        let (stdout, stderr) = (out.stdout.escape_ascii(), out.stderr.escape_ascii());
-        assert!(out.status.success(), "rebar3 {args:?}: {stdout}\n{stderr}");
-    };
-    fs::create_dir_all(&home).expect("home");
-    rebar3(&["new", "release", "difftest"], &work);
-    rebar3(&["as", "prod", "tar"], &work.join("difftest"));
+    // rebar3 keeps its cache under HOME: a fresh one per run.
+    let home = bench.work("otp/home");
+    let build = "rebar3 new release difftest && cd difftest && rebar3 as prod tar";
+    let out = Command::new("sh")
+        .args(["-c", build])
+        .current_dir(&work)
+        .env("HOME", &home)
+        .output()
+        .expect("run sh");
+    let (stdout, stderr) = (out.stdout.escape_ascii(), out.stderr.escape_ascii());
+    assert!(
+        out.status.success(),
+        "{build} failed (scripts/test.sh installs rebar3): {stdout}\n{stderr}"
+    );
     let tarball = work.join("difftest/_build/prod/rel/difftest/difftest-0.1.0.tar.gz");
     bench.check("difftest-0.1.0.tar.gz", &tarball, Expect::Same);
 }
