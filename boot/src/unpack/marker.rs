@@ -42,23 +42,24 @@ pub(crate) struct Marker {
 
 impl Marker {
     /// Records `tree`, about to become `dest`, and writes the marker durably.
-    pub(super) fn write(mut self, root: &Root, tree: &Path) -> Result<PathBuf> {
+    pub(super) fn write(&mut self, root: &Root, tree: &Path) -> Result<PathBuf> {
         let meta = fs::symlink_metadata(tree).map_err(|e| Error::io("inspect", tree, e))?;
         (self.dev, self.ino, self.born) = (meta.dev(), meta.ino(), birth(&meta));
         let path = marker_path(root, &self.dest);
-        let json = serde_json::to_vec_pretty(&self)
+        let json = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::Internal(format!("cannot encode unpack marker: {e}")))?;
         write_atomic(&path, &json, 0o600)?;
         Ok(path)
     }
 
-    /// The answer to an `Unpack` this marker shows done.
-    pub(super) fn done(&self, sha256: Sha256) -> Unpacked {
+    /// The answer to an `Unpack` of the archive with digest `sha256` into this marker's
+    /// destination; `already` when it was done before.
+    pub(super) fn unpacked(&self, sha256: Sha256, already: bool) -> Unpacked {
         Unpacked {
             sha256,
             entries: self.entries,
             bytes: self.bytes,
-            already: true,
+            already,
         }
     }
 }

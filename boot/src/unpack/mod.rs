@@ -62,7 +62,7 @@ pub fn unpack(root: &Root, request: &Unpack, limits: &Limits) -> Result<Unpacked
     let done = |sha256: Sha256| {
         marker::current(root, &dest, &dest_rel)
             .filter(|marker| marker.sha256 == sha256.to_hex())
-            .map(|marker| marker.done(sha256))
+            .map(|marker| marker.unpacked(sha256, true))
     };
     if let Some(done) = request.sha256.and_then(done) {
         return Ok(done);
@@ -83,14 +83,15 @@ pub fn unpack(root: &Root, request: &Unpack, limits: &Limits) -> Result<Unpacked
 
     let staging = root.state("unpack").join(unique_name());
     let tree = staging.join("tree");
-    let outcome = make_dir(&staging).and_then(|()| {
+    make_dir(&staging)?;
+    let outcome = (|| {
         let (entries, bytes) = entries::extract(file, &request.archive, &tree, limits)?;
         // The version directory itself: readable and searchable by a release's user,
         // writable by the agent only (see the README on `user`).
         fs::set_permissions(&tree, fs::Permissions::from_mode(VERSION_DIR_MODE))
             .map_err(|e| Error::io("set mode of", &tree, e))?;
         sync_tree(&tree)?;
-        let marker = Marker {
+        let mut marker = Marker {
             dest: dest_rel.clone(),
             archive: relative(root, &archive_path),
             sha256: sha256.to_hex(),
@@ -105,13 +106,8 @@ pub fn unpack(root: &Root, request: &Unpack, limits: &Limits) -> Result<Unpacked
             // The marker names an inode that is not at `dest`; remove it anyway.
             let _ = fs::remove_file(&marker_file);
         })?;
-        Ok(Unpacked {
-            sha256,
-            entries,
-            bytes,
-            already: false,
-        })
-    });
+        Ok(marker.unpacked(sha256, false))
+    })();
     // On success the tree was renamed away and this removes an empty directory; on
     // failure it removes everything that was written.
     if let Err(e) = fs::remove_dir_all(&staging) {
