@@ -19,12 +19,15 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:7070";
 /// Longest `handshake_timeout_ms` accepted.
 pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Command-line flags. Each overrides the same setting in the config file.
-#[derive(Debug, Parser)]
+/// Command-line flags, and the same settings as a `boot.toml` holds them (every key
+/// optional, unknown keys refused). Each flag overrides the same setting in the file.
+#[derive(Debug, Default, Parser, Deserialize)]
 #[command(name = "erel-boot", version, about = "The erel boot agent")]
+#[serde(deny_unknown_fields)]
 pub struct Flags {
     /// A TOML file with the settings below (flags win over the file).
     #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Address and port to listen on [default: 0.0.0.0:7070].
     #[arg(long, value_name = "ADDR:PORT")]
@@ -84,30 +87,6 @@ pub struct Flags {
     pub cgroup_parent: Option<String>,
 }
 
-/// The settings as a `boot.toml` holds them; every key optional, unknown keys refused.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileSettings {
-    listen: Option<String>,
-    root: Option<PathBuf>,
-    certs: Option<PathBuf>,
-    max_file_bytes: Option<u64>,
-    disk_reserve_bytes: Option<u64>,
-    max_unpack_bytes: Option<u64>,
-    max_unpack_entries: Option<u64>,
-    max_connections: Option<usize>,
-    max_handshakes: Option<usize>,
-    max_handshakes_per_address: Option<usize>,
-    handshake_timeout_ms: Option<u64>,
-    keep_versions: Option<usize>,
-    restart_backoff_ms: Option<u64>,
-    restart_backoff_max_ms: Option<u64>,
-    stable_after_ms: Option<u64>,
-    crash_loop_after: Option<u32>,
-    log_max_bytes: Option<u64>,
-    cgroup_parent: Option<String>,
-}
-
 /// Validated start-up settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -143,186 +122,132 @@ impl ConfigError {
     }
 }
 
+/// Fills each setting not given as a flag from the file.
+macro_rules! fill_from {
+    ($flags:ident, $file:ident: $($field:ident),*) => {
+        $( $flags.$field = $flags.$field.take().or($file.$field); )*
+    };
+}
+
 impl Config {
     /// Merges flags over the config file and validates the result.
-    pub(crate) fn from_flags(flags: Flags) -> Result<Self, ConfigError> {
+    pub(crate) fn from_flags(mut flags: Flags) -> Result<Self, ConfigError> {
         let (file, origin) = match &flags.config {
             Some(path) => (read_file(path)?, path.display().to_string()),
-            None => (FileSettings::default(), "flags".to_string()),
+            None => (Flags::default(), "flags".to_string()),
         };
-        let setting = |name: &str| {
-            if flags.config.is_some() {
-                format!(
-                    "{origin}: setting '{name}' (or --{})",
-                    name.replace('_', "-")
-                )
+        fill_from!(flags, file: listen, root, certs, max_file_bytes, disk_reserve_bytes,
+            max_unpack_bytes, max_unpack_entries, max_connections, max_handshakes,
+            max_handshakes_per_address, handshake_timeout_ms, keep_versions, restart_backoff_ms,
+            restart_backoff_max_ms, stable_after_ms, crash_loop_after, log_max_bytes,
+            cgroup_parent);
+        let in_file = flags.config.is_some();
+        let refuse = |name: &str, message: String| {
+            let flag = format!("--{}", name.replace('_', "-"));
+            let origin = if in_file {
+                format!("{origin}: setting '{name}' (or {flag})")
             } else {
-                format!("--{}", name.replace('_', "-"))
-            }
+                flag
+            };
+            Err(ConfigError { origin, message })
         };
-        let listen_text = flags
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-        let listen: SocketAddr = listen_text.parse().map_err(|e| {
-            ConfigError::new(
-                setting("listen"),
-                format!("'{listen_text}' is not ADDR:PORT: {e}"),
-            )
-        })?;
-        let root = flags
-            .root
-            .or(file.root)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
-        let certs = flags
-            .certs
-            .or(file.certs)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_CERTS));
+        let listen_text = flags.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = match listen_text.parse() {
+            Ok(listen) => listen,
+            Err(e) => return refuse("listen", format!("'{listen_text}' is not ADDR:PORT: {e}")),
+        };
+        let root = flags.root.unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+        let certs = flags.certs.unwrap_or_else(|| PathBuf::from(DEFAULT_CERTS));
         for name in ["ca.pem", "host.pem", "host.key"] {
             if !certs.join(name).is_file() {
-                return Err(ConfigError::new(
-                    setting("certs"),
-                    format!(
-                        "{} is missing: the bundle needs ca.pem, host.pem and host.key (from `erel certs host`)",
-                        certs.join(name).display()
-                    ),
+                let missing = certs.join(name);
+                return refuse("certs", format!(
+                    "{} is missing: the bundle needs ca.pem, host.pem and host.key (from `erel certs host`)",
+                    missing.display()
                 ));
             }
         }
-        let defaults = Limits::default();
+        let ms =
+            |value: Option<u64>, default: Duration| value.map_or(default, Duration::from_millis);
+        let d = Limits::default();
         let limits = Limits {
-            max_file_bytes: flags
-                .max_file_bytes
-                .or(file.max_file_bytes)
-                .unwrap_or(defaults.max_file_bytes),
-            disk_reserve_bytes: flags
-                .disk_reserve_bytes
-                .or(file.disk_reserve_bytes)
-                .unwrap_or(defaults.disk_reserve_bytes),
-            max_unpack_bytes: flags
-                .max_unpack_bytes
-                .or(file.max_unpack_bytes)
-                .unwrap_or(defaults.max_unpack_bytes),
-            max_unpack_entries: flags
-                .max_unpack_entries
-                .or(file.max_unpack_entries)
-                .unwrap_or(defaults.max_unpack_entries),
-            max_connections: flags
-                .max_connections
-                .or(file.max_connections)
-                .unwrap_or(defaults.max_connections),
-            max_handshakes: flags
-                .max_handshakes
-                .or(file.max_handshakes)
-                .unwrap_or(defaults.max_handshakes),
+            max_file_bytes: flags.max_file_bytes.unwrap_or(d.max_file_bytes),
+            disk_reserve_bytes: flags.disk_reserve_bytes.unwrap_or(d.disk_reserve_bytes),
+            max_unpack_bytes: flags.max_unpack_bytes.unwrap_or(d.max_unpack_bytes),
+            max_unpack_entries: flags.max_unpack_entries.unwrap_or(d.max_unpack_entries),
+            max_connections: flags.max_connections.unwrap_or(d.max_connections),
+            max_handshakes: flags.max_handshakes.unwrap_or(d.max_handshakes),
             max_handshakes_per_address: flags
                 .max_handshakes_per_address
-                .or(file.max_handshakes_per_address)
-                .unwrap_or(defaults.max_handshakes_per_address),
-            handshake_timeout: flags
-                .handshake_timeout_ms
-                .or(file.handshake_timeout_ms)
-                .map(Duration::from_millis)
-                .unwrap_or(defaults.handshake_timeout),
+                .unwrap_or(d.max_handshakes_per_address),
+            handshake_timeout: ms(flags.handshake_timeout_ms, d.handshake_timeout),
         };
-        for (name, value) in [
-            ("max_connections", limits.max_connections),
-            ("max_handshakes", limits.max_handshakes),
+        let cgroup_parent = match flags.cgroup_parent {
+            Some(text) => match CgroupParent::parse(&text) {
+                Ok(parent) => parent,
+                Err(message) => return refuse("cgroup_parent", message),
+            },
+            None => CgroupParent::Auto,
+        };
+        let d = Supervision::default();
+        let supervision = Supervision {
+            restart_backoff: ms(flags.restart_backoff_ms, d.restart_backoff),
+            restart_backoff_max: ms(flags.restart_backoff_max_ms, d.restart_backoff_max),
+            stable_after: ms(flags.stable_after_ms, d.stable_after),
+            crash_loop_after: flags.crash_loop_after.unwrap_or(d.crash_loop_after),
+            log_max_bytes: flags.log_max_bytes.unwrap_or(d.log_max_bytes),
+            output_writer: d.output_writer,
+            keep_versions: flags.keep_versions.unwrap_or(d.keep_versions),
+            cgroup_parent,
+        };
+        let at_least_one = [
+            ("max_connections", limits.max_connections == 0),
+            ("max_handshakes", limits.max_handshakes == 0),
             (
                 "max_handshakes_per_address",
-                limits.max_handshakes_per_address,
+                limits.max_handshakes_per_address == 0,
             ),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::new(setting(name), "must be at least 1"));
-            }
+        ];
+        if let Some((name, _)) = at_least_one.into_iter().find(|(_, zero)| *zero) {
+            return refuse(name, "must be at least 1".into());
         }
         if limits.max_handshakes_per_address > limits.max_handshakes {
-            return Err(ConfigError::new(
-                setting("max_handshakes_per_address"),
+            return refuse(
+                "max_handshakes_per_address",
                 format!(
                     "{} is above max_handshakes ({}): one address could take every handshake",
                     limits.max_handshakes_per_address, limits.max_handshakes
                 ),
-            ));
+            );
         }
         if limits.handshake_timeout.is_zero() || limits.handshake_timeout > MAX_HANDSHAKE_TIMEOUT {
-            return Err(ConfigError::new(
-                setting("handshake_timeout_ms"),
+            return refuse(
+                "handshake_timeout_ms",
                 format!(
                     "{} ms is out of range: between 1 and {} ms (a TLS 1.3 handshake takes \
-                     one round trip; a long timeout only helps idle peers hold room)",
+                 one round trip; a long timeout only helps idle peers hold room)",
                     limits.handshake_timeout.as_millis(),
                     MAX_HANDSHAKE_TIMEOUT.as_millis()
                 ),
-            ));
+            );
         }
-        let cgroup_parent = match flags.cgroup_parent.or(file.cgroup_parent) {
-            Some(text) => CgroupParent::parse(&text)
-                .map_err(|message| ConfigError::new(setting("cgroup_parent"), message))?,
-            None => CgroupParent::Auto,
-        };
-        let sup = Supervision::default();
-        let ms = |flag: Option<u64>, file: Option<u64>, default: Duration| {
-            flag.or(file).map(Duration::from_millis).unwrap_or(default)
-        };
-        let supervision = Supervision {
-            restart_backoff: ms(
-                flags.restart_backoff_ms,
-                file.restart_backoff_ms,
-                sup.restart_backoff,
-            ),
-            restart_backoff_max: ms(
-                flags.restart_backoff_max_ms,
-                file.restart_backoff_max_ms,
-                sup.restart_backoff_max,
-            ),
-            stable_after: ms(
-                flags.stable_after_ms,
-                file.stable_after_ms,
-                sup.stable_after,
-            ),
-            crash_loop_after: flags
-                .crash_loop_after
-                .or(file.crash_loop_after)
-                .unwrap_or(sup.crash_loop_after),
-            log_max_bytes: flags
-                .log_max_bytes
-                .or(file.log_max_bytes)
-                .unwrap_or(sup.log_max_bytes),
-            output_writer: sup.output_writer,
-            keep_versions: flags
-                .keep_versions
-                .or(file.keep_versions)
-                .unwrap_or(sup.keep_versions),
-            cgroup_parent,
-        };
         if supervision.crash_loop_after == 0 {
-            return Err(ConfigError::new(
-                setting("crash_loop_after"),
-                "must be at least 1",
-            ));
+            return refuse("crash_loop_after", "must be at least 1".into());
         }
         if supervision.log_max_bytes < MIN_LOG_MAX_BYTES {
-            return Err(ConfigError::new(
-                setting("log_max_bytes"),
-                format!(
-                    "{} is below the minimum of {MIN_LOG_MAX_BYTES}: each of the two log files must hold the tail Ping reports",
-                    supervision.log_max_bytes
-                ),
+            return refuse("log_max_bytes", format!(
+                "{} is below the minimum of {MIN_LOG_MAX_BYTES}: each of the two log files must hold the tail Ping reports",
+                supervision.log_max_bytes
             ));
         }
         if supervision.restart_backoff.is_zero() {
-            return Err(ConfigError::new(
-                setting("restart_backoff_ms"),
-                "must be at least 1",
-            ));
+            return refuse("restart_backoff_ms", "must be at least 1".into());
         }
         if supervision.restart_backoff_max < supervision.restart_backoff {
-            return Err(ConfigError::new(
-                setting("restart_backoff_max_ms"),
-                "must not be below restart_backoff_ms",
-            ));
+            return refuse(
+                "restart_backoff_max_ms",
+                "must not be below restart_backoff_ms".into(),
+            );
         }
         Ok(Config {
             listen,
@@ -335,7 +260,7 @@ impl Config {
     }
 }
 
-fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
+fn read_file(path: &Path) -> Result<Flags, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
     toml::from_str(&text)

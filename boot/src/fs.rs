@@ -581,14 +581,21 @@ fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<u32> {
     })
 }
 
+/// A fresh root, `root/` in a new temporary directory (so that anything written beside
+/// the root shows up there), for tests.
+#[cfg(test)]
+pub(crate) fn temp_root() -> (tempfile::TempDir, Root) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = Root::open(&dir.path().join("root")).expect("open root");
+    (dir, root)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn root() -> (tempfile::TempDir, Root) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = Root::open(dir.path()).expect("open root");
-        (dir, root)
+        temp_root()
     }
 
     #[test]
@@ -748,8 +755,7 @@ mod tests {
 
     #[test]
     fn a_second_lock_is_refused_naming_the_holder_until_the_first_is_dropped() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = Root::open(dir.path()).expect("root");
+        let (_dir, root) = root();
         let first = AgentLock::acquire(&root).expect("first lock");
         // flock locks belong to an open file description: a second open in the same
         // process conflicts just as another process would.
@@ -771,8 +777,7 @@ mod tests {
 
     #[test]
     fn the_holder_is_found_in_proc_locks_when_the_file_is_empty() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = Root::open(dir.path()).expect("root");
+        let (_dir, root) = root();
         let lock = AgentLock::acquire(&root).expect("lock");
         // As if the holder had locked but not yet written its pid.
         lock._lock.set_len(0).expect("truncate");
@@ -785,8 +790,7 @@ mod tests {
 
     #[test]
     fn a_child_process_does_not_inherit_the_lock() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = Root::open(dir.path()).expect("root");
+        let (_dir, root) = root();
         let lock = AgentLock::acquire(&root).expect("lock");
         let mut child = std::process::Command::new("sleep")
             .arg("30")
@@ -801,8 +805,7 @@ mod tests {
 
     #[test]
     fn a_removed_or_replaced_lock_file_lets_no_second_agent_in() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = Root::open(dir.path()).expect("root");
+        let (dir, root) = root();
         let _first = AgentLock::acquire(&root).expect("first lock");
         std::fs::remove_file(lock_file(&root)).expect("remove the lock file");
         let err = AgentLock::acquire(&root).expect_err("refused after a removal");
@@ -835,8 +838,7 @@ mod tests {
 
     #[test]
     fn the_pid_is_never_written_through_a_symlinked_lock_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = Root::open(dir.path()).expect("root");
+        let (dir, root) = root();
         let victim = dir.path().join("victim");
         std::fs::write(&victim, "keep me\n").expect("victim");
         let path = lock_file(&root);

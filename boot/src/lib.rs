@@ -82,13 +82,14 @@ pub async fn run(
         .local_addr()
         .map_err(|e| Error::startup("listening address", e))?;
     info!(%host_id, listen = %local, root = %root.path().display(), "erel-boot {} serving", env!("CARGO_PKG_VERSION"));
-    let agent = Arc::new(server::Agent::new(
+    let agent = Arc::new(server::Agent {
         root,
         host_id,
-        config.limits,
-        config.supervision,
-        supervisor.clone(),
-    ));
+        limits: config.limits,
+        supervision: config.supervision,
+        supervisor: supervisor.clone(),
+        started: std::time::Instant::now(),
+    });
     server::serve(listener, agent, Arc::new(tls), shutdown).await;
     supervisor.detach().await;
     if config.remove_cgroups_on_exit {

@@ -133,11 +133,7 @@ mod tests {
     use super::*;
     use crate::settings::Limits;
 
-    fn root() -> (tempfile::TempDir, Root) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = Root::open(&dir.path().join("root")).expect("open root");
-        (dir, root)
-    }
+    use crate::fs::temp_root as root;
 
     fn tar_with(version: &str) -> Vec<u8> {
         let mut builder = tar::Builder::new(Vec::new());

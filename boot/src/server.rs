@@ -52,36 +52,16 @@ pub const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Agent {
     /// The root directory.
-    pub root: Root,
+    pub(crate) root: Root,
     /// This host's id, as its certificate names it.
-    pub host_id: String,
+    pub(crate) host_id: String,
     /// Limits on what a command may write.
-    pub limits: Limits,
+    pub(crate) limits: Limits,
     /// Supervision settings (for retention).
-    pub supervision: Supervision,
+    pub(crate) supervision: Supervision,
     /// The release supervisor.
-    pub supervisor: Supervisor,
+    pub(crate) supervisor: Supervisor,
     pub(crate) started: Instant,
-}
-
-impl Agent {
-    /// Builds the agent's shared state.
-    pub fn new(
-        root: Root,
-        host_id: String,
-        limits: Limits,
-        supervision: Supervision,
-        supervisor: Supervisor,
-    ) -> Self {
-        Agent {
-            root,
-            host_id,
-            limits,
-            supervision,
-            supervisor,
-            started: Instant::now(),
-        }
-    }
 }
 
 /// The TLS configuration, reloaded from the bundle directory when its files change, so
@@ -100,12 +80,6 @@ struct Loaded {
     /// about again) until they change, so connections, an unauthenticated flood
     /// included, cost one look at the files' metadata each, not a parse of the bundle.
     refused: Option<erel_certs::BundleFingerprint>,
-}
-
-impl std::fmt::Debug for TlsSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsSource").field("dir", &self.dir).finish()
-    }
 }
 
 impl TlsSource {

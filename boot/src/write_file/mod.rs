@@ -1,0 +1,506 @@
+//! `WriteFile`: resumable, verified, atomic file transfers into the root.
+//!
+//! [`transfer`] runs a transfer on a connection in three blocking steps:
+//!
+//! 1. [`offer`] checks the request (path, mode, size, free disk) and reports what the
+//!    agent already holds: `size` when the destination already has the announced
+//!    content, otherwise the bytes staged by an earlier, interrupted attempt.
+//! 2. [`begin`] opens the staging file at the offset the master chose, and
+//!    [`Receiver::write`] appends the raw bytes as they arrive, hashing them on the way
+//!    (memory stays flat whatever the file size).
+//! 3. [`Receiver::commit`] checks size and digest, fsyncs, applies the mode and renames
+//!    the file into place, then fsyncs the directory. Nothing unverified is ever visible.
+//!
+//! Staged bytes live in `.erel/staging/<key>.part` (mode 0600). The key is
+//! `sha-<digest>` when the master announced the digest, so a resume survives a change
+//! of destination, and `path-<sha256 of the path>-<size>` otherwise. A receiver
+//! dropped before its commit (a cut connection) syncs what it received, so the next
+//! offer for the same file reports those bytes. Two transfers of the same key never
+//! interleave: a new request for a key that another holds is a repeat after a cut (the
+//! protocol lets the master repeat any command at once), so it takes the staging over.
+//! The holder is asked to let go ([`Offer::wanted`]); it stops where it is, keeping its
+//! bytes, and the new request resumes from them. Only a holder that does not let go
+//! within [`TAKE_OVER_WAIT`] (it is committing) makes the new request [`Error::Busy`].
+//! Parts nobody resumed are removed by [`sweep_stale`] when the agent starts.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use erel_proto::{Sha256, WriteFile, Written};
+use sha2::{Digest, Sha256 as Hasher};
+
+use crate::digest;
+use crate::error::{Error, Result};
+use crate::fs::{free_disk, remove_if_present, rename_durably, PathLock, Root};
+use crate::settings::Limits;
+
+mod transfer;
+
+pub(crate) use transfer::transfer;
+
+/// Mode of staging files: only the agent reads what is not verified yet.
+const PART_MODE: u32 = 0o600;
+
+/// Staged bytes nobody resumed for this long are removed by [`sweep_stale`] at startup.
+pub const STALE_STAGING_AGE: Duration = Duration::from_secs(3 * 24 * 3600);
+
+/// Suffix of staging files under `.erel/staging/`.
+const PART_SUFFIX: &str = ".part";
+
+/// How long a new `WriteFile` waits for an earlier transfer of the same key to let go
+/// of its staging file before it is refused with [`Error::Busy`]. The holder lets go
+/// at once unless it is verifying, syncing or renaming the file.
+pub const TAKE_OVER_WAIT: Duration = Duration::from_secs(20);
+
+/// What the agent already holds for a `WriteFile`, and the staging to continue it.
+#[derive(Debug)]
+pub struct Offer {
+    /// Bytes already held (`size` when the destination already has this content).
+    pub have: u64,
+    /// Digest of those bytes.
+    pub have_sha256: Sha256,
+    target: Target,
+    /// Hasher state after the `have` staged bytes, so resuming need not re-read them.
+    hasher: Hasher,
+    /// The destination already holds exactly the announced content.
+    present: bool,
+    _lock: PathLock,
+}
+
+/// Everything about a transfer that does not change once the request is checked.
+#[derive(Debug, Clone)]
+struct Target {
+    /// The root the destination was resolved under.
+    root: Root,
+    /// The path as the master named it, for messages.
+    name: String,
+    /// The destination, absolute.
+    dest: PathBuf,
+    /// The staging file, absolute.
+    part: PathBuf,
+    mode: u32,
+    size: u64,
+    expected: Option<Sha256>,
+}
+
+/// Checks a `WriteFile` and finds what is already there. Blocking.
+///
+/// Refuses a path [`Root::resolve`] refuses, a mode with setuid, setgid or sticky bits
+/// or above `0o777`, a size above [`Limits::max_file_bytes`], a destination that is a
+/// directory or not a regular file, and a transfer that would eat into
+/// [`Limits::disk_reserve_bytes`].
+pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer> {
+    let dest = root.resolve(&request.path)?;
+    let name = request.path.clone();
+    check_mode(&name, request.mode)?;
+    if request.size > limits.max_file_bytes {
+        return Err(Error::TooLarge {
+            what: format!("file size for {name}"),
+            value: request.size,
+            limit: limits.max_file_bytes,
+        });
+    }
+    let existing = match fs::symlink_metadata(&dest) {
+        Ok(meta) if meta.is_dir() => {
+            return Err(Error::Conflict {
+                path: name,
+                reason: "is a directory; a file cannot replace it".into(),
+            });
+        }
+        Ok(meta) if !meta.is_file() => {
+            return Err(Error::Conflict {
+                path: name,
+                reason: "exists and is not a regular file".into(),
+            });
+        }
+        Ok(meta) => Some(meta.len()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io("inspect", &dest, e)),
+    };
+
+    let key = match request.sha256 {
+        Some(digest) => format!("sha-{}", digest.to_hex()),
+        None => {
+            let relative = crate::unpack::relative(root, &dest);
+            let path_digest = digest::of_bytes(relative.as_bytes());
+            format!("path-{}-{}", path_digest.to_hex(), request.size)
+        }
+    };
+    let part = root.state("staging").join(format!("{key}{PART_SUFFIX}"));
+    let lock = PathLock::take_over(part.clone(), &name, TAKE_OVER_WAIT)?;
+    let target = Target {
+        root: root.clone(),
+        name,
+        dest,
+        part,
+        mode: request.mode,
+        size: request.size,
+        expected: request.sha256,
+    };
+
+    if let (Some(expected), Some(len)) = (request.sha256, existing) {
+        if len == request.size && digest::of_file(&target.dest)? == expected {
+            // Bytes staged by an earlier attempt are not needed any more.
+            remove_if_present(&target.part)?;
+            return Ok(Offer {
+                have: request.size,
+                have_sha256: expected,
+                target,
+                hasher: Hasher::new(),
+                present: true,
+                _lock: lock,
+            });
+        }
+    }
+
+    let (have, hasher) = staged_prefix(&target)?;
+    let need = target.size - have;
+    let free = free_disk(&root.state("staging"));
+    if free.saturating_sub(limits.disk_reserve_bytes) < need {
+        return Err(Error::NoSpace {
+            what: target.name.clone(),
+            need,
+            free,
+            reserve: limits.disk_reserve_bytes,
+        });
+    }
+    Ok(Offer {
+        have,
+        have_sha256: digest::finish(hasher.clone()),
+        target,
+        hasher,
+        present: false,
+        _lock: lock,
+    })
+}
+
+impl Offer {
+    /// Cancelled when a newer request for the same file takes this transfer over; the
+    /// connection then stops receiving (the bytes it staged are kept for the newcomer).
+    pub fn wanted(&self) -> tokio_util::sync::CancellationToken {
+        self._lock.wanted()
+    }
+}
+
+/// Refuses special bits and anything that is not a permission mode.
+fn check_mode(name: &str, mode: u32) -> Result<()> {
+    if mode & 0o7000 != 0 {
+        return Err(Error::BadRequest(format!(
+            "mode {mode:#o} for {name}: setuid, setgid and sticky bits are refused"
+        )));
+    }
+    if mode > 0o777 {
+        return Err(Error::BadRequest(format!(
+            "mode {mode:#o} for {name} is not a permission mode (at most 0o777)"
+        )));
+    }
+    Ok(())
+}
+
+/// The bytes staged for `target` and their hasher; discards a staging file longer than
+/// the announced size or that is not a regular file.
+fn staged_prefix(target: &Target) -> Result<(u64, Hasher)> {
+    let len = match fs::symlink_metadata(&target.part) {
+        Ok(meta) if meta.is_file() && meta.len() <= target.size => meta.len(),
+        Ok(_) => {
+            remove_if_present(&target.part)?;
+            return Ok((0, Hasher::new()));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, Hasher::new())),
+        Err(e) => return Err(Error::io("inspect", &target.part, e)),
+    };
+    let mut file = File::open(&target.part).map_err(|e| Error::io("open", &target.part, e))?;
+    let hasher =
+        digest::of_prefix(&mut file, len).map_err(|e| Error::io("read", &target.part, e))?;
+    Ok((len, hasher))
+}
+
+/// An open staging file receiving the raw bytes of a transfer.
+#[derive(Debug)]
+pub struct Receiver {
+    target: Target,
+    /// `None` when nothing is to be received (content already in place) or after commit.
+    file: Option<File>,
+    hasher: Hasher,
+    /// Bytes in the staging file, including those held before this connection.
+    total: u64,
+    /// Bytes received by this receiver.
+    received: u64,
+    present: bool,
+    /// Released before the final sync on drop, so a request taking over need not wait
+    /// for the disk.
+    lock: Option<PathLock>,
+}
+
+/// Starts receiving at `offset` (at most `offer.have`; 0 discards what was staged). Blocking.
+pub fn begin(offer: Offer, offset: u64) -> Result<Receiver> {
+    let Offer {
+        have,
+        target,
+        hasher,
+        present,
+        _lock: lock,
+        ..
+    } = offer;
+    if offset > have {
+        return Err(Error::BadRequest(format!(
+            "WriteBegin offset {offset} for {} is beyond the {have} bytes the agent holds",
+            target.name
+        )));
+    }
+    if present && offset == have {
+        return Ok(Receiver {
+            target,
+            file: None,
+            hasher,
+            total: have,
+            received: 0,
+            present: true,
+            lock: Some(lock),
+        });
+    }
+    if present && offset != 0 {
+        return Err(Error::BadRequest(format!(
+            "WriteBegin offset {offset} for {}: the file is already in place; resend from 0 or \
+             not at all (offset {have})",
+            target.name
+        )));
+    }
+
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(PART_MODE)
+        .open(&target.part)
+        .map_err(|e| Error::io("open", &target.part, e))?;
+    let hasher = if offset == have && !present {
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("inspect", &target.part, e))?
+            .len();
+        if len != have {
+            return Err(Error::Internal(format!(
+                "staging file {} changed size from {have} to {len} while locked",
+                target.part.display()
+            )));
+        }
+        hasher
+    } else {
+        file.set_len(offset)
+            .map_err(|e| Error::io("truncate", &target.part, e))?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| Error::io("seek", &target.part, e))?;
+        digest::of_prefix(&mut file, offset).map_err(|e| Error::io("read", &target.part, e))?
+    };
+    file.seek(SeekFrom::Start(offset))
+        .map_err(|e| Error::io("seek", &target.part, e))?;
+    Ok(Receiver {
+        target,
+        file: Some(file),
+        hasher,
+        total: offset,
+        received: 0,
+        present: false,
+        lock: Some(lock),
+    })
+}
+
+impl Receiver {
+    /// Bytes still expected before the commit.
+    pub fn remaining(&self) -> u64 {
+        self.target.size - self.total
+    }
+
+    /// Appends a chunk and hashes it. Blocking.
+    pub fn write(&mut self, chunk: &[u8]) -> Result<()> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let len = chunk.len() as u64;
+        if len > self.remaining() {
+            return Err(Error::BadRequest(format!(
+                "more than the announced {} bytes sent for {}",
+                self.target.size, self.target.name
+            )));
+        }
+        let Some(file) = self.file.as_mut() else {
+            return Err(Error::Internal(format!(
+                "no staging file open for {}",
+                self.target.name
+            )));
+        };
+        file.write_all(chunk)
+            .map_err(|e| Error::io("write", &self.target.part, e))?;
+        self.hasher.update(chunk);
+        self.total += len;
+        self.received += len;
+        Ok(())
+    }
+
+    /// Verifies size and digest, fsyncs, renames into place, applies the mode. Blocking.
+    ///
+    /// A digest that does not match discards the staged bytes, so a retry starts clean.
+    /// A size that does not match keeps them: they are what arrived.
+    pub fn commit(mut self, sha256: Sha256) -> Result<Written> {
+        if self.present {
+            return self.commit_present(sha256);
+        }
+        let size = self.target.size;
+        if self.total != size {
+            return Err(Error::ChecksumMismatch {
+                path: self.target.name.clone(),
+                reason: format!(
+                    "expected {size} bytes, received {} before the commit",
+                    self.total
+                ),
+            });
+        }
+        let actual = digest::finish(self.hasher.clone());
+        let mismatch = if actual != sha256 {
+            Some(format!(
+                "content has sha256 {actual}, the commit names {sha256}"
+            ))
+        } else {
+            match self.target.expected {
+                Some(expected) if expected != sha256 => Some(format!(
+                    "the commit names sha256 {sha256}, the request announced {expected}"
+                )),
+                _ => None,
+            }
+        };
+        if let Some(reason) = mismatch {
+            self.file = None;
+            remove_if_present(&self.target.part)?;
+            return Err(Error::ChecksumMismatch {
+                path: self.target.name.clone(),
+                reason,
+            });
+        }
+
+        let Some(file) = self.file.take() else {
+            return Err(Error::Internal(format!(
+                "no staging file open for {}",
+                self.target.name
+            )));
+        };
+        let part = &self.target.part;
+        file.set_permissions(fs::Permissions::from_mode(self.target.mode))
+            .map_err(|e| Error::io("set mode of", part, e))?;
+        file.sync_all().map_err(|e| Error::io("fsync", part, e))?;
+        drop(file);
+
+        let dest = self.place_parent()?;
+        if fs::symlink_metadata(&dest).is_ok_and(|meta| meta.is_dir()) {
+            return Err(Error::Conflict {
+                path: self.target.name.clone(),
+                reason: "became a directory during the transfer".into(),
+            });
+        }
+        rename_durably(part, &dest)?;
+        Ok(Written {
+            sha256: actual,
+            size,
+            received: self.received,
+        })
+    }
+
+    /// The content is already in place: check the digest, fix the mode, write nothing.
+    fn commit_present(self, sha256: Sha256) -> Result<Written> {
+        let expected = self.target.expected.unwrap_or(sha256);
+        if sha256 != expected {
+            return Err(Error::ChecksumMismatch {
+                path: self.target.name.clone(),
+                reason: format!(
+                    "the commit names sha256 {sha256}, the request announced {expected}"
+                ),
+            });
+        }
+        let dest = &self.target.dest;
+        let meta = fs::symlink_metadata(dest).map_err(|e| Error::io("inspect", dest, e))?;
+        if !meta.is_file() {
+            return Err(Error::Conflict {
+                path: self.target.name.clone(),
+                reason: "stopped being a regular file during the transfer".into(),
+            });
+        }
+        if meta.permissions().mode() & 0o7777 != self.target.mode {
+            fs::set_permissions(dest, fs::Permissions::from_mode(self.target.mode))
+                .map_err(|e| Error::io("set mode of", dest, e))?;
+        }
+        Ok(Written {
+            sha256,
+            size: self.target.size,
+            received: 0,
+        })
+    }
+
+    /// Creates the destination's parent directories and checks again that no part of
+    /// the path became a symlink meanwhile. Returns the destination.
+    fn place_parent(&self) -> Result<PathBuf> {
+        let dest = &self.target.dest;
+        let again = self.target.root.create_parents(&self.target.name)?;
+        if &again != dest {
+            return Err(Error::Internal(format!(
+                "{} resolved to {} then {}",
+                self.target.name,
+                dest.display(),
+                again.display()
+            )));
+        }
+        Ok(again)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        // Uncommitted: keep what arrived, durably, for the next offer to resume from.
+        // The claim goes first: a request taking over reads the same bytes through the
+        // page cache and need not wait for them to reach the disk.
+        let file = self.file.take();
+        drop(self.lock.take());
+        if let Some(file) = file {
+            let _ = file.sync_data();
+        }
+    }
+}
+
+/// Removes staging files not touched for `older_than`, and any that is not a regular
+/// file. Files held by a running transfer are left alone. Returns how many were removed.
+pub fn sweep_stale(root: &Root, older_than: Duration) -> Result<usize> {
+    let staging = root.state("staging");
+    let now = SystemTime::now();
+    let entries = fs::read_dir(&staging).map_err(|e| Error::io("list", &staging, e))?;
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("list", &staging, e))?;
+        let path = entry.path();
+        if PathLock::is_held(&path) {
+            continue;
+        }
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let age = meta
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .unwrap_or(Duration::ZERO);
+        if meta.is_dir() {
+            // Nothing the agent writes here is a directory.
+            fs::remove_dir_all(&path).map_err(|e| Error::io("remove", &path, e))?;
+            removed += 1;
+        } else if !meta.is_file() || age >= older_than {
+            fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,196 @@
+//! The socket side of a `WriteFile`: the offer answered, `WriteBegin` read, the raw bytes
+//! copied from the socket to the staging file (hashed on the way, a few chunks in
+//! memory), `WriteCommit` read; a newer request for the same file takes the transfer
+//! over at any point.
+
+use std::io;
+use std::time::Duration;
+
+use erel_proto::{
+    read_frame, write_frame, Response, WriteBegin, WriteCommit, WriteFile, WriteOffer,
+};
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::{begin, offer, Receiver};
+use crate::error::{Error, Result};
+use crate::server::{blocking, ConnError, Connection, REFUSAL_LINGER};
+
+/// A transfer that makes no progress for this long is abandoned (its bytes are kept).
+const TRANSFER_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Size of one chunk of a transfer's raw bytes.
+const CHUNK: usize = 256 * 1024;
+
+/// Chunks in flight between the socket and the disk writer.
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// A `WriteFile` on a connection: offer, begin, raw bytes, commit (see PROTOCOL.md).
+/// Returns the answer to the commit (or the refusal of the offer); an error ends the
+/// connection, after telling the master why when it can still hear it.
+pub(crate) async fn transfer<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    request: WriteFile,
+) -> std::result::Result<Result<Response>, ConnError> {
+    let (agent, req) = (conn.agent.clone(), request.clone());
+    let offer = match blocking(move || offer(&agent.root, &req, &agent.limits)).await {
+        Ok(offer) => offer,
+        Err(e) => return Ok(Err(e)),
+    };
+    let wanted = offer.wanted();
+    let answer = Response::WriteOffer(WriteOffer {
+        have: offer.have,
+        have_sha256: offer.have_sha256,
+    });
+    conn.reply(&answer).await?;
+    let path = &request.path;
+    let WriteBegin { offset } = read_transfer_frame(conn, "WriteBegin", &wanted, path).await?;
+    let receiver = blocking(move || begin(offer, offset)).await;
+    // The master is about to stream raw bytes: a refusal is reported and ends the
+    // connection.
+    let receiver = conn.reported(receiver).await?;
+    let remaining = request.size.saturating_sub(offset);
+    let received = stream_to_disk(conn, receiver, remaining, path, &wanted).await?;
+    let receiver = conn.reported(received).await?;
+    let WriteCommit { sha256 } = read_transfer_frame(conn, "WriteCommit", &wanted, path).await?;
+    Ok(blocking(move || receiver.commit(sha256))
+        .await
+        .map(Response::Written))
+}
+
+/// Reads the next frame of a transfer of `path`; ends the transfer when a newer request
+/// for the same file takes it over (`wanted`).
+async fn read_transfer_frame<T: DeserializeOwned, S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    what: &'static str,
+    wanted: &CancellationToken,
+    path: &str,
+) -> std::result::Result<T, ConnError> {
+    let read = tokio::select! {
+        _ = wanted.cancelled() => return Err(taken_over(conn, path).await),
+        read = tokio::time::timeout(TRANSFER_STALL_TIMEOUT, read_frame::<T, _>(&mut conn.stream)) => read,
+    };
+    match read {
+        Err(_) => Err(ConnError::Timeout(what)),
+        Ok(Ok(Some(frame))) => Ok(frame),
+        Ok(Ok(None)) => Err(ConnError::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("connection closed before {what}"),
+        ))),
+        Ok(Err(e)) => {
+            conn.refuse_frame(e).await?;
+            Err(ConnError::Timeout(what))
+        }
+    }
+}
+
+/// A newer request for the same file took this transfer over: say so (the master, if
+/// still there, reads it when its sending fails) and end the connection.
+async fn taken_over<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    path: &str,
+) -> ConnError {
+    let error = Error::Busy(format!(
+        "the transfer of {path} was taken over by a newer request for the same file; \
+         the bytes received here are kept for it"
+    ));
+    info!(peer = %conn.peer, name = %conn.peer_name, command = "write_file", %path, "taken over by a newer request");
+    let reply = Response::Error(error.to_reply());
+    let _ = tokio::time::timeout(REFUSAL_LINGER, write_frame(&mut conn.stream, &reply)).await;
+    ConnError::TakenOver(path.to_string())
+}
+
+/// Copies `remaining` raw bytes from the socket to the staging file. The disk side runs
+/// on a blocking thread so hashing and writing overlap with receiving; memory stays at a
+/// few chunks whatever the size. The outer error ends the connection (the staged bytes
+/// are kept for a resume); the inner one is reported to the master.
+async fn stream_to_disk<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    mut receiver: Receiver,
+    remaining: u64,
+    path: &str,
+    wanted: &CancellationToken,
+) -> std::result::Result<Result<Receiver>, ConnError> {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+    let writer = tokio::task::spawn_blocking(move || {
+        while let Some(chunk) = rx.blocking_recv() {
+            receiver.write(&chunk)?;
+        }
+        Ok(receiver)
+    });
+    let mut left = remaining;
+    let mut read_error = None;
+    while left > 0 {
+        let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
+        let mut chunk = vec![0u8; want];
+        let read = tokio::select! {
+            _ = wanted.cancelled() => None,
+            read = tokio::time::timeout(TRANSFER_STALL_TIMEOUT, read_some(&mut conn.stream, &mut chunk)) => Some(read),
+        };
+        let n = match read {
+            None => {
+                read_error = Some(ConnError::TakenOver(path.to_string()));
+                break;
+            }
+            Some(Err(_)) => {
+                read_error = Some(ConnError::Timeout("transfer bytes"));
+                break;
+            }
+            Some(Ok(Err(e))) => {
+                read_error = Some(ConnError::Io(e));
+                break;
+            }
+            Some(Ok(Ok(0))) => {
+                read_error = Some(ConnError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("connection closed with {left} bytes of {path} still to come"),
+                )));
+                break;
+            }
+            Some(Ok(Ok(n))) => n,
+        };
+        chunk.truncate(n);
+        left -= n as u64;
+        if tx.send(chunk).await.is_err() {
+            break; // the writer failed; its error is reported below
+        }
+    }
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| Error::Internal(format!("transfer writer panicked: {e}")));
+    let Some(error) = read_error else {
+        return Ok(written.and_then(|inner| inner));
+    };
+    // Dropping the receiver syncs what arrived, for a later resume, and lets a request
+    // taking over have the staging at once.
+    drop(written);
+    match error {
+        ConnError::TakenOver(path) => Err(taken_over(conn, &path).await),
+        error => Err(error),
+    }
+}
+
+/// Reads as many bytes as are available, filling up to all of `buf` when they arrive.
+async fn read_some<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = match stream.read(&mut buf[filled..]).await {
+            Ok(n) => n,
+            // Keep what arrived: the next read reports the error.
+            Err(_) if filled > 0 => break,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            break;
+        }
+        filled += n;
+        if filled >= buf.len() / 2 {
+            break;
+        }
+    }
+    Ok(filled)
+}
