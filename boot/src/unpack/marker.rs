@@ -28,19 +28,39 @@ pub(crate) struct Marker {
     /// The archive's sha256, hex.
     pub(crate) sha256: String,
     /// Entries unpacked.
-    pub(crate) entries: u64,
+    entries: u64,
     /// Bytes of file content unpacked.
-    pub(crate) bytes: u64,
+    bytes: u64,
     /// Device of the unpacked tree.
-    pub(crate) dev: u64,
+    dev: u64,
     /// Inode of the unpacked tree: the same at `dest` after the rename.
-    pub(crate) ino: u64,
+    ino: u64,
     /// Birth time of the unpacked tree in nanoseconds since the epoch, where the file
     /// system records one: tells the tree from a later directory reusing its inode.
-    pub(crate) born: Option<u128>,
+    born: Option<u128>,
 }
 
 impl Marker {
+    /// What was unpacked into `dest` from `archive` with digest `sha256`.
+    pub(super) fn new(
+        dest: &str,
+        archive: String,
+        sha256: Sha256,
+        entries: u64,
+        bytes: u64,
+    ) -> Self {
+        Marker {
+            dest: dest.to_string(),
+            archive,
+            sha256: sha256.to_hex(),
+            entries,
+            bytes,
+            dev: 0,
+            ino: 0,
+            born: None,
+        }
+    }
+
     /// Records `tree`, about to become `dest`, and writes the marker durably.
     pub(super) fn write(&mut self, root: &Root, tree: &Path) -> Result<PathBuf> {
         let meta = fs::symlink_metadata(tree).map_err(|e| Error::io("inspect", tree, e))?;

@@ -91,16 +91,8 @@ pub fn unpack(root: &Root, request: &Unpack, limits: &Limits) -> Result<Unpacked
         fs::set_permissions(&tree, fs::Permissions::from_mode(VERSION_DIR_MODE))
             .map_err(|e| Error::io("set mode of", &tree, e))?;
         sync_tree(&tree)?;
-        let mut marker = Marker {
-            dest: dest_rel.clone(),
-            archive: relative(root, &archive_path),
-            sha256: sha256.to_hex(),
-            entries,
-            bytes,
-            dev: 0,
-            ino: 0,
-            born: None,
-        };
+        let archive = relative(root, &archive_path);
+        let mut marker = Marker::new(&dest_rel, archive, sha256, entries, bytes);
         let marker_file = marker.write(root, &tree)?;
         place(root, &tree, &dest, &request.dest).inspect_err(|_| {
             // The marker names an inode that is not at `dest`; remove it anyway.

@@ -1209,3 +1209,23 @@ fn entries_readers_disagree_on_are_refused() {
     v7.set_cksum();
     f.refuses_unsafe(Raw::default().push(&v7, b""), "without ustar or GNU magic");
 }
+
+#[test]
+fn a_marker_reads_back_as_written() {
+    // The marker's fields, as agents have written them.
+    let f = fixture();
+    let json = br#"{"dest": "rel", "archive": "a.tar.gz", "sha256": "ab", "entries": 9,
+        "bytes": 3066, "dev": 2049, "ino": 1234, "born": 1700000000123456789}"#;
+    let path = f.root.state("unpacked").join("old.json");
+    fs::write(&path, json).expect("write");
+    let marker = read_marker(&path).expect("read");
+    assert_eq!(
+        (marker.dest.as_str(), marker.archive.as_str()),
+        ("rel", "a.tar.gz")
+    );
+    let done = marker.unpacked(sha(b""), true);
+    assert_eq!((done.entries, done.bytes), (9, 3066));
+    let again: serde_json::Value = serde_json::to_value(&marker).expect("encode");
+    let written: serde_json::Value = serde_json::from_slice(json).expect("decode");
+    assert_eq!(again, written);
+}
