@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
 
 use crate::config::{Config, Flags};
-use tracing::{error, info};
 
 /// Runs the agent until SIGTERM; the exit status says whether it started. Run as
 /// `erel-boot output-writer LOG MAX_BYTES`, it is instead the output writer of one release

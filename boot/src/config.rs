@@ -283,6 +283,18 @@ mod tests {
         Flags::parse_from(std::iter::once("erel-boot").chain(args.iter().copied()))
     }
 
+    /// The configuration from `args` after `--certs certs`.
+    fn with_certs(certs: &tempfile::TempDir, args: &[&str]) -> Result<Config, ConfigError> {
+        let mut all = vec!["--certs", certs.path().to_str().expect("utf8")];
+        all.extend_from_slice(args);
+        Config::from_flags(flags(&all))
+    }
+
+    /// The refusal of the configuration from `args` after `--certs certs`.
+    fn refusal(certs: &tempfile::TempDir, args: &[&str]) -> String {
+        with_certs(certs, args).unwrap_err().to_string()
+    }
+
     #[test]
     fn file_settings_apply_and_flags_win() {
         let certs = bundle();
@@ -344,50 +356,22 @@ mod tests {
         assert!(err.contains("boot.toml") && err.contains("listne"), "{err}");
 
         let certs = bundle();
-        let err = Config::from_flags(flags(&[
-            "--certs",
-            certs.path().to_str().expect("utf8"),
-            "--listen",
-            "nowhere",
-        ]))
-        .unwrap_err()
-        .to_string();
+        let err = refusal(&certs, &["--listen", "nowhere"]);
         assert!(err.contains("--listen") && err.contains("nowhere"), "{err}");
 
-        let err = Config::from_flags(flags(&[
-            "--certs",
-            certs.path().to_str().expect("utf8"),
-            "--log-max-bytes",
-            "4095",
-        ]))
-        .unwrap_err()
-        .to_string();
+        let err = refusal(&certs, &["--log-max-bytes", "4095"]);
         assert!(
             err.contains("--log-max-bytes") && err.contains("4095") && err.contains("4096"),
             "{err}"
         );
 
-        let err = Config::from_flags(flags(&[
-            "--certs",
-            certs.path().to_str().expect("utf8"),
-            "--cgroup-parent",
-            "erel.slice",
-        ]))
-        .unwrap_err()
-        .to_string();
+        let err = refusal(&certs, &["--cgroup-parent", "erel.slice"]);
         assert!(
             err.contains("--cgroup-parent") && err.contains("absolute cgroup path"),
             "{err}"
         );
         for bad in ["/a/../b", "/a/./b"] {
-            let err = Config::from_flags(flags(&[
-                "--certs",
-                certs.path().to_str().expect("utf8"),
-                "--cgroup-parent",
-                bad,
-            ]))
-            .unwrap_err()
-            .to_string();
+            let err = refusal(&certs, &["--cgroup-parent", bad]);
             assert!(err.contains("'.' or '..'"), "{err}");
         }
         for (text, parent) in [
@@ -395,13 +379,7 @@ mod tests {
             ("auto", CgroupParent::Auto),
             ("/erel.slice", CgroupParent::Path("/erel.slice".into())),
         ] {
-            let config = Config::from_flags(flags(&[
-                "--certs",
-                certs.path().to_str().expect("utf8"),
-                "--cgroup-parent",
-                text,
-            ]))
-            .expect("valid");
+            let config = with_certs(&certs, &["--cgroup-parent", text]).expect("valid");
             assert_eq!(config.supervision.cgroup_parent, parent);
         }
 

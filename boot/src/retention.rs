@@ -168,10 +168,14 @@ mod tests {
     #[test]
     fn keeps_the_running_and_the_newest_and_removes_the_rest() {
         let (_dir, root) = root();
-        install(&root, "0.1.0", "archives/beat-0.1.0.tar", 500);
-        install(&root, "0.2.0", "archives/beat-0.2.0.tar", 400);
-        install(&root, "0.3.0", "archives/beat-0.3.0.tar", 300);
-        install(&root, "0.4.0", "archives/beat-0.4.0.tar", 200);
+        for (version, age) in [
+            ("0.1.0", 500),
+            ("0.2.0", 400),
+            ("0.3.0", 300),
+            ("0.4.0", 200),
+        ] {
+            install(&root, version, &format!("archives/beat-{version}.tar"), age);
+        }
         install(&root, "0.5.0", "archives/beat-0.5.0.tar", 100);
         assert_eq!(
             root.versions("beat"),
@@ -216,9 +220,13 @@ mod tests {
     #[test]
     fn an_archive_still_in_use_is_kept() {
         let (_dir, root) = root();
-        install(&root, "a", "archives/shared.tar", 300);
-        install(&root, "b", "archives/shared.tar", 200);
-        install(&root, "c", "archives/other.tar", 100);
+        for (version, archive, age) in [
+            ("a", "shared", 300),
+            ("b", "shared", 200),
+            ("c", "other", 100),
+        ] {
+            install(&root, version, &format!("archives/{archive}.tar"), age);
+        }
         let removed = prune(&root, "beat", &["c".to_string()], 1).expect("prune");
         assert_eq!(removed, ["a"]);
         assert!(root.path().join("archives/shared.tar").exists());

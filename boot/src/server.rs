@@ -35,18 +35,18 @@ use crate::supervisor::Supervisor;
 use crate::{ping, retention, unpack, write_file};
 
 /// Time allowed for the master's `Hello` after the handshake.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no request for this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Time allowed to write one answer.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest grace a `Stop` may ask for.
-pub const MAX_STOP_GRACE: Duration = Duration::from_secs(600);
+const MAX_STOP_GRACE: Duration = Duration::from_secs(600);
 /// How long shutdown waits for connections in progress.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a refused connection is drained before it is closed.
-pub const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+pub(crate) const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
 /// Everything a connection needs to execute commands.
 #[derive(Debug)]
@@ -257,6 +257,9 @@ pub(crate) struct Connection<S> {
     pub(crate) agent: Arc<Agent>,
 }
 
+/// What a step of a connection returns: an error ends the connection.
+pub(crate) type ConnResult<T = ()> = std::result::Result<T, ConnError>;
+
 /// How a connection ends when it must.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ConnError {
@@ -289,7 +292,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let _ = self.reply(&Response::Error(refusal.to_reply())).await;
     }
 
-    async fn run(&mut self, shutdown: CancellationToken) -> std::result::Result<(), ConnError> {
+    async fn run(&mut self, shutdown: CancellationToken) -> ConnResult {
         if !self.handshake().await? {
             return Ok(());
         }
@@ -312,10 +315,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Answers a frame that could not be read or decoded, then ends the connection.
-    pub(crate) async fn refuse_frame(
-        &mut self,
-        error: FrameError,
-    ) -> std::result::Result<(), ConnError> {
+    pub(crate) async fn refuse_frame(&mut self, error: FrameError) -> ConnResult {
         if matches!(error, FrameError::Io(_) | FrameError::Truncated { .. }) {
             return Err(error.into());
         }
@@ -326,7 +326,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Reads the master's `Hello` and answers with ours. False when refused.
-    async fn handshake(&mut self) -> std::result::Result<bool, ConnError> {
+    async fn handshake(&mut self) -> ConnResult<bool> {
         let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame_body(&mut self.stream))
             .await
             .map_err(|_| ConnError::Timeout("Hello"))?;
@@ -371,10 +371,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Ok(true)
     }
 
-    pub(crate) async fn reply(
-        &mut self,
-        response: &Response,
-    ) -> std::result::Result<(), ConnError> {
+    pub(crate) async fn reply(&mut self, response: &Response) -> ConnResult {
         tokio::time::timeout(REPLY_TIMEOUT, write_frame(&mut self.stream, response))
             .await
             .map_err(|_| ConnError::Timeout("the master to read our reply"))??;
@@ -383,7 +380,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// The one dispatch: every request variant is named, with no catch-all. Each
     /// command's outcome is logged here, once.
-    async fn dispatch(&mut self, request: Request) -> std::result::Result<(), ConnError> {
+    async fn dispatch(&mut self, request: Request) -> ConnResult {
         let agent = self.agent.clone();
         let command = snake_case(request.name());
         let (subject, outcome) = match request {
@@ -392,29 +389,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Err(Error::BadRequest("Hello was already exchanged".into())),
             ),
             Request::Ping(_) => (String::new(), Ok(Response::Pong(ping::ping(&agent).await))),
-            Request::WriteFile(request) => (
-                request.path.clone(),
-                write_file::transfer(self, request).await?,
-            ),
+            Request::WriteFile(request) => write_file::transfer(self, request).await?,
             Request::Unpack(request) => unpack(&agent, request).await,
             Request::Start(request) => start(&agent, request).await,
             Request::Stop(request) => stop(&agent, request).await,
         };
         let (peer, name) = (self.peer, &self.peer_name);
         match &outcome {
-            Err(error) => info!(%peer, %name, %command, %subject, %error, "refused"),
-            Ok(_) if subject.is_empty() => debug!(%peer, %name, %command, "command"),
-            Ok(_) => info!(%peer, %name, %command, %subject, "command"),
+            Err(error) => info!(%peer, %name, %command, %subject, ok = false, %error, "command"),
+            Ok(_) if subject.is_empty() => debug!(%peer, %name, %command, ok = true, "command"),
+            Ok(_) => info!(%peer, %name, %command, %subject, ok = true, "command"),
         }
         let response = outcome.unwrap_or_else(|e| Response::Error(e.to_reply()));
         self.reply(&response).await
     }
 
     /// Passes a result on; an error is reported to the master and ends the connection.
-    pub(crate) async fn reported<T>(
-        &mut self,
-        outcome: Result<T>,
-    ) -> std::result::Result<T, ConnError> {
+    pub(crate) async fn reported<T>(&mut self, outcome: Result<T>) -> ConnResult<T> {
         match outcome {
             Ok(value) => Ok(value),
             Err(e) => {

@@ -364,7 +364,7 @@ impl Inner {
         check_name("release name", &request.name)?;
         check_name("release version", &request.version)?;
         let argv = if request.argv.is_empty() {
-            vec![format!("bin/{}", request.name), "foreground".to_string()]
+            erel_proto::rules::default_argv(&request.name)
         } else {
             request.argv.clone()
         };

@@ -13,6 +13,25 @@ impl Fixture {
         offer(&self.root, req, &self.limits)
     }
 
+    /// A transfer of `data` to `path` begun from nothing, its first `upto` bytes sent.
+    fn sent(&self, path: &str, data: &[u8], known: bool, upto: usize) -> (WriteFile, Receiver) {
+        let req = request(path, data, known);
+        let mut receiver = self.receiver(&req);
+        send(&mut receiver, &data[..upto]);
+        (req, receiver)
+    }
+
+    /// Asserts that `data` landed at `path` and nothing stays staged.
+    fn assert_landed(&self, path: &str, data: &[u8]) {
+        assert_eq!(self.read(path), data);
+        assert!(staging_files(self).is_empty(), "{:?}", staging_files(self));
+    }
+
+    /// What landed at `path` under the root.
+    fn read(&self, path: &str) -> Vec<u8> {
+        fs::read(self.root.path().join(path)).expect("read")
+    }
+
     /// A transfer of `req` begun from nothing.
     fn receiver(&self, req: &WriteFile) -> Receiver {
         begin(self.offer(req).expect("offer"), 0).expect("begin")
@@ -106,7 +125,7 @@ fn empty_file_transfers() {
     let req = request("empty", b"", true);
     let written = push(&f, &req, b"").expect("push");
     assert_eq!(written.received, 0);
-    assert_eq!(fs::read(f.root.path().join("empty")).expect("read"), b"");
+    assert_eq!(f.read("empty"), b"");
 }
 
 #[test]
@@ -130,20 +149,14 @@ fn cut_transfer_resumes_where_it_stopped() {
     send(&mut receiver, &data[half..]);
     let written = receiver.commit(digest(&data)).expect("commit");
     assert_eq!(written.received, (data.len() - half) as u64);
-    assert_eq!(
-        fs::read(f.root.path().join("archives/a.tar.gz")).expect("read"),
-        data
-    );
-    assert!(staging_files(&f).is_empty());
+    f.assert_landed("archives/a.tar.gz", &data);
 }
 
 #[test]
 fn digest_keyed_resume_survives_a_new_destination() {
     let f = fixture();
     let data = content(50_000);
-    let req = request("one/a.bin", &data, true);
-    let mut receiver = f.receiver(&req);
-    send(&mut receiver, &data[..20_000]);
+    let (_, receiver) = f.sent("one/a.bin", &data, true, 20_000);
     drop(receiver);
     let other = request("two/b.bin", &data, true);
     let written = push(&f, &other, &data).expect("push");
@@ -155,9 +168,7 @@ fn unknown_digest_resumes_by_path_and_size() {
     let f = fixture();
     let data = content(200_000);
     let half = 70_001usize;
-    let req = request("data/file.bin", &data, false);
-    let mut receiver = f.receiver(&req);
-    send(&mut receiver, &data[..half]);
+    let (req, receiver) = f.sent("data/file.bin", &data, false, half);
     drop(receiver);
     assert_eq!(staging_files(&f).len(), 1);
     assert!(staging_files(&f)[0].starts_with("path-"));
@@ -174,10 +185,7 @@ fn unknown_digest_resumes_by_path_and_size() {
     send(&mut receiver, &data[half..]);
     let written = receiver.commit(digest(&data)).expect("commit");
     assert_eq!(written.received, (data.len() - half) as u64);
-    assert_eq!(
-        fs::read(f.root.path().join("data/file.bin")).expect("read"),
-        data
-    );
+    assert_eq!(f.read("data/file.bin"), data);
 }
 
 #[test]
@@ -199,7 +207,7 @@ fn offset_zero_discards_what_was_staged() {
     send(&mut receiver, &new);
     let written = receiver.commit(digest(&new)).expect("commit");
     assert_eq!(written.received, new.len() as u64);
-    assert_eq!(fs::read(f.root.path().join("f.bin")).expect("read"), new);
+    assert_eq!(f.read("f.bin"), new);
 }
 
 #[test]
@@ -277,9 +285,7 @@ fn content_other_than_announced_is_refused() {
 fn short_or_long_transfers_are_refused() {
     let f = fixture();
     let data = content(1_000);
-    let req = request("short.bin", &data, false);
-    let mut receiver = f.receiver(&req);
-    send(&mut receiver, &data[..600]);
+    let (req, mut receiver) = f.sent("short.bin", &data, false, 600);
     let err = receiver.write(&content(401)).unwrap_err();
     assert!(matches!(err, Error::BadRequest(_)), "{err}");
     let err = receiver.commit(digest(&data)).unwrap_err();
@@ -429,11 +435,7 @@ fn a_repeated_transfer_takes_over_and_resumes() {
     let mut receiver = begin(second, 300).expect("begin");
     send(&mut receiver, &data[300..]);
     receiver.commit(digest(&data)).expect("commit");
-    assert_eq!(
-        fs::read(f.root.path().join("same.bin")).expect("read"),
-        data
-    );
-    assert!(staging_files(&f).is_empty());
+    f.assert_landed("same.bin", &data);
 }
 
 #[test]

@@ -17,7 +17,7 @@ use tracing::info;
 
 use super::{begin, offer, Receiver};
 use crate::error::{Error, Result};
-use crate::server::{blocking, ConnError, Connection, REFUSAL_LINGER};
+use crate::server::{blocking, ConnError, ConnResult, Connection, REFUSAL_LINGER};
 
 /// A transfer that makes no progress for this long is abandoned (its bytes are kept).
 const TRANSFER_STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -29,16 +29,17 @@ const CHUNK: usize = 256 * 1024;
 const CHUNKS_IN_FLIGHT: usize = 4;
 
 /// A `WriteFile` on a connection: offer, begin, raw bytes, commit (see PROTOCOL.md).
-/// Returns the answer to the commit (or the refusal of the offer); an error ends the
+/// Returns what was written (path, size and the offset the master began at, for the
+/// log) and the answer to the commit, or the refusal of the offer; an error ends the
 /// connection, after telling the master why when it can still hear it.
 pub(crate) async fn transfer<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     request: WriteFile,
-) -> std::result::Result<Result<Response>, ConnError> {
+) -> ConnResult<(String, Result<Response>)> {
     let (agent, req) = (conn.agent.clone(), request.clone());
     let offer = match blocking(move || offer(&agent.root, &req, &agent.limits)).await {
         Ok(offer) => offer,
-        Err(e) => return Ok(Err(e)),
+        Err(e) => return Ok((request.path, Err(e))),
     };
     let wanted = offer.wanted();
     let answer = Response::WriteOffer(WriteOffer {
@@ -56,9 +57,9 @@ pub(crate) async fn transfer<S: AsyncRead + AsyncWrite + Unpin>(
     let received = stream_to_disk(conn, receiver, remaining, path, &wanted).await?;
     let receiver = conn.reported(received).await?;
     let WriteCommit { sha256 } = read_transfer_frame(conn, "WriteCommit", &wanted, path).await?;
-    Ok(blocking(move || receiver.commit(sha256))
-        .await
-        .map(Response::Written))
+    let written = blocking(move || receiver.commit(sha256)).await;
+    let subject = format!("{path} size={} offset={offset}", request.size);
+    Ok((subject, written.map(Response::Written)))
 }
 
 /// Reads the next frame of a transfer of `path`; ends the transfer when a newer request
@@ -68,7 +69,7 @@ async fn read_transfer_frame<T: DeserializeOwned, S: AsyncRead + AsyncWrite + Un
     what: &'static str,
     wanted: &CancellationToken,
     path: &str,
-) -> std::result::Result<T, ConnError> {
+) -> ConnResult<T> {
     let read = tokio::select! {
         _ = wanted.cancelled() => return Err(taken_over(conn, path).await),
         read = tokio::time::timeout(TRANSFER_STALL_TIMEOUT, read_frame::<T, _>(&mut conn.stream)) => read,
@@ -113,7 +114,7 @@ async fn stream_to_disk<S: AsyncRead + AsyncWrite + Unpin>(
     remaining: u64,
     path: &str,
     wanted: &CancellationToken,
-) -> std::result::Result<Result<Receiver>, ConnError> {
+) -> ConnResult<Result<Receiver>> {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
     let writer = tokio::task::spawn_blocking(move || {
         while let Some(chunk) = rx.blocking_recv() {
