@@ -23,6 +23,8 @@
 
 use tar::PaxExtensions;
 
+use super::sparse::{regions, Region};
+
 /// Why records were not accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Refusal {
@@ -30,6 +32,16 @@ pub(super) enum Refusal {
     Malformed(String),
     /// The records are readable but ask for something the agent does not do.
     Unsupported(String),
+}
+
+/// Refuses records that cannot be read.
+pub(super) fn malformed<T>(reason: impl Into<String>) -> Result<T, Refusal> {
+    Err(Refusal::Malformed(reason.into()))
+}
+
+/// Refuses records that ask for what the agent does not do.
+pub(super) fn unsupported<T>(reason: impl Into<String>) -> Result<T, Refusal> {
+    Err(Refusal::Unsupported(reason.into()))
 }
 
 /// What the PAX records of one entry say, as far as the agent applies them.
@@ -67,15 +79,6 @@ pub(super) enum MapSource {
     Data,
 }
 
-/// One data region of a sparse file: `length` bytes at byte `offset`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Region {
-    /// Offset in the expanded file, bytes.
-    pub(super) offset: u64,
-    /// Length, bytes.
-    pub(super) length: u64,
-}
-
 /// What the agent does with a keyword.
 enum Keyword<'a> {
     Path,
@@ -88,50 +91,26 @@ enum Keyword<'a> {
     Unknown,
 }
 
-const IGNORED: &[&str] = &[
-    "atime",
-    "ctime",
-    "mtime",
-    "uid",
-    "gid",
-    "uname",
-    "gname",
-    "comment",
-    "charset",
-    "hdrcharset",
-    "SCHILY.dev",
-    "SCHILY.ino",
-    "SCHILY.nlink",
-    "SCHILY.fflags",
-    "LIBARCHIVE.creationtime",
-    "GNU.dumpdir",
-    "GNU.volume.label",
-];
+/// Keywords whose metadata the agent does not apply, separated by spaces.
+const IGNORED: &str = "atime ctime mtime uid gid uname gname comment charset hdrcharset \
+                       SCHILY.dev SCHILY.ino SCHILY.nlink SCHILY.fflags \
+                       LIBARCHIVE.creationtime GNU.dumpdir GNU.volume.label";
 
 const IGNORED_PREFIXES: &[&str] = &["SCHILY.xattr.", "LIBARCHIVE.xattr.", "SCHILY.acl."];
 
-const SPARSE_KEYS: &[&str] = &[
-    "name",
-    "major",
-    "minor",
-    "realsize",
-    "size",
-    "numblocks",
-    "offset",
-    "numbytes",
-    "map",
-];
+/// The understood `GNU.sparse.*` keywords, separated by spaces.
+const SPARSE_KEYS: &str = "name major minor realsize size numblocks offset numbytes map";
 
 fn classify(key: &str) -> Keyword<'_> {
     match key {
         "path" => Keyword::Path,
         "linkpath" => Keyword::LinkPath,
         "size" => Keyword::Size,
-        _ if IGNORED.contains(&key) => Keyword::Ignored,
+        _ if IGNORED.split_whitespace().any(|k| k == key) => Keyword::Ignored,
         _ if IGNORED_PREFIXES.iter().any(|p| key.starts_with(p)) => Keyword::Ignored,
         _ if key.starts_with("GNU.volume.") => Keyword::Volume,
         _ => match key.strip_prefix("GNU.sparse.") {
-            Some(rest) if SPARSE_KEYS.contains(&rest) => Keyword::Sparse(rest),
+            Some(rest) if SPARSE_KEYS.split(' ').any(|k| k == rest) => Keyword::Sparse(rest),
             _ => Keyword::Unknown,
         },
     }
@@ -270,9 +249,7 @@ fn sparse_key(sparse: &mut SparseKeys, key: &str, rest: &str, value: &[u8]) -> R
         "minor" => sparse.minor = Some(number(key, value)?),
         "realsize" | "size" => {
             if sparse.real_size.is_some() {
-                return Err(Refusal::Unsupported(
-                    "both GNU.sparse.size and GNU.sparse.realsize are set".into(),
-                ));
+                return unsupported("both GNU.sparse.size and GNU.sparse.realsize are set");
             }
             sparse.real_size = Some(number(key, value)?);
         }
@@ -280,23 +257,19 @@ fn sparse_key(sparse: &mut SparseKeys, key: &str, rest: &str, value: &[u8]) -> R
         // GNU tar sizes the map from GNU.sparse.numblocks and reports any region
         // listed before it, or beyond its count, as excess.
         "offset" | "map" if sparse.numblocks.is_none() => {
-            return Err(Refusal::Malformed(format!(
+            return malformed(format!(
                 "{key} comes before GNU.sparse.numblocks, which says how many regions follow"
-            )));
+            ));
         }
         "offset" => {
             if sparse.pending_offset.is_some() {
-                return Err(Refusal::Malformed(
-                    "GNU.sparse.offset without its GNU.sparse.numbytes".into(),
-                ));
+                return malformed("GNU.sparse.offset without its GNU.sparse.numbytes");
             }
             sparse.pending_offset = Some(number(key, value)?);
         }
         "numbytes" => {
             let Some(offset) = sparse.pending_offset.take() else {
-                return Err(Refusal::Malformed(
-                    "GNU.sparse.numbytes without a GNU.sparse.offset before it".into(),
-                ));
+                return malformed("GNU.sparse.numbytes without a GNU.sparse.offset before it");
             };
             sparse.pairs.push(Region {
                 offset,
@@ -318,15 +291,7 @@ fn sparse_key(sparse: &mut SparseKeys, key: &str, rest: &str, value: &[u8]) -> R
                         .into(),
                 ));
             }
-            sparse.map = Some(
-                numbers
-                    .chunks(2)
-                    .map(|pair| Region {
-                        offset: pair[0],
-                        length: pair[1],
-                    })
-                    .collect(),
-            );
+            sparse.map = Some(regions(&numbers));
         }
         _ => unreachable!("classify only passes the keys in SPARSE_KEYS"),
     }
@@ -336,53 +301,44 @@ fn sparse_key(sparse: &mut SparseKeys, key: &str, rest: &str, value: &[u8]) -> R
 /// Turns the sparse keywords into one of the three GNU formats, or refuses.
 fn sparse_description(sparse: SparseKeys) -> Result<PaxSparse, Refusal> {
     if sparse.pending_offset.is_some() {
-        return Err(Refusal::Malformed(
-            "the last GNU.sparse.offset has no GNU.sparse.numbytes".into(),
-        ));
+        return malformed("the last GNU.sparse.offset has no GNU.sparse.numbytes");
     }
     let Some(real_size) = sparse.real_size else {
-        return Err(Refusal::Malformed(
-            "GNU sparse keywords without GNU.sparse.realsize or GNU.sparse.size".into(),
-        ));
+        return malformed("GNU sparse keywords without GNU.sparse.realsize or GNU.sparse.size");
     };
     let in_records = !sparse.pairs.is_empty() || sparse.map.is_some();
     let map = match (sparse.major, sparse.minor) {
         (Some(1), None | Some(0)) => {
             if in_records || sparse.numblocks.is_some() {
-                return Err(Refusal::Malformed(
-                    "GNU sparse format 1.0 keeps its map in the data, yet the header lists one"
-                        .into(),
-                ));
+                return malformed(
+                    "GNU sparse format 1.0 keeps its map in the data, yet the header lists one",
+                );
             }
             MapSource::Data
         }
         (None | Some(0), None | Some(0) | Some(1)) => {
             if !sparse.pairs.is_empty() && sparse.map.is_some() {
-                return Err(Refusal::Unsupported(
-                    "both GNU.sparse.map and GNU.sparse.offset/numbytes are set".into(),
-                ));
+                return unsupported("both GNU.sparse.map and GNU.sparse.offset/numbytes are set");
             }
             let regions = sparse.map.unwrap_or(sparse.pairs);
             if regions.is_empty() {
-                return Err(Refusal::Malformed(
-                    "GNU sparse file without any region in its map".into(),
-                ));
+                return malformed("GNU sparse file without any region in its map");
             }
             let count = sparse.numblocks.unwrap_or(0);
             if count != regions.len() as u64 {
-                return Err(Refusal::Malformed(format!(
+                return malformed(format!(
                     "GNU.sparse.numblocks says {count} regions, the map lists {}",
                     regions.len()
-                )));
+                ));
             }
             MapSource::Records(regions)
         }
         (major, minor) => {
-            return Err(Refusal::Unsupported(format!(
+            return unsupported(format!(
                 "GNU sparse format {}.{} is not supported (0.0, 0.1 and 1.0 are)",
                 major.unwrap_or(0),
                 minor.unwrap_or(0)
-            )));
+            ));
         }
     };
     Ok(PaxSparse {
@@ -392,86 +348,13 @@ fn sparse_description(sparse: SparseKeys) -> Result<PaxSparse, Refusal> {
     })
 }
 
-/// Size of a tar block: data regions of sparse files start on block boundaries.
-pub(super) const BLOCK: u64 = 512;
-
-/// `n` rounded up to a whole number of blocks.
-pub(super) fn blocks(n: u64) -> Option<u64> {
-    n.checked_add(BLOCK - 1).map(|n| n & !(BLOCK - 1))
-}
-
-/// Checks a sparse map against the file's expanded size and the bytes stored for it
-/// after the map (`stored`), the way GNU tar lays them out (`sparse_extract_region`):
-/// regions in increasing order, not overlapping, inside the file, the last one ending
-/// at its size (a file that ends in a hole has a last region of length 0 there); each
-/// region's data starts on a block boundary. Returns the bytes of data to copy.
-pub(super) fn check_regions(
-    regions: &[Region],
-    real_size: u64,
-    stored: u64,
-) -> Result<u64, Refusal> {
-    let mut end = 0u64;
-    let mut needed = 0u64;
-    let mut data = 0u64;
-    let overflow = || Refusal::Malformed("sparse map offsets overflow".into());
-    for (i, region) in regions.iter().enumerate() {
-        if region.offset < end {
-            return Err(Refusal::Unsupported(format!(
-                "sparse map region {i} at offset {} overlaps or precedes the one before it",
-                region.offset
-            )));
-        }
-        if region.length == 0 && i + 1 != regions.len() {
-            return Err(Refusal::Malformed(format!(
-                "sparse map region {i} is empty and not the last one"
-            )));
-        }
-        end = region
-            .offset
-            .checked_add(region.length)
-            .ok_or_else(overflow)?;
-        if end > real_size {
-            return Err(Refusal::Malformed(format!(
-                "sparse map region {i} ends at {end}, beyond the file's size of {real_size}"
-            )));
-        }
-        // Each region's data starts on a block boundary of the stored data (an empty
-        // region reads nothing).
-        if region.length > 0 {
-            needed = blocks(needed).ok_or_else(overflow)?;
-            needed = needed.checked_add(region.length).ok_or_else(overflow)?;
-        }
-        data += region.length;
-    }
-    if end != real_size {
-        return Err(Refusal::Malformed(format!(
-            "sparse map ends at {end}, not at the file's size of {real_size}"
-        )));
-    }
-    let padded = blocks(needed).ok_or_else(overflow)?;
-    if stored < needed || stored > padded {
-        return Err(Refusal::Malformed(format!(
-            "sparse map needs {needed} bytes of stored data, the entry holds {stored}"
-        )));
-    }
-    Ok(data)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn records(pairs: &[(&str, &str)]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (key, value) in pairs {
-            let body = format!(" {key}={value}\n");
-            let mut len = body.len();
-            while len.to_string().len() + body.len() != len {
-                len = len.to_string().len() + body.len();
-            }
-            out.extend(format!("{len}{body}").into_bytes());
-        }
-        out
+        let pairs: Vec<(&str, &[u8])> = pairs.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+        crate::unpack::tests::pax_records(&pairs)
     }
 
     fn local(pairs: &[(&str, &str)]) -> Result<LocalPax, Refusal> {
@@ -666,24 +549,5 @@ mod tests {
             ]),
             "1.0",
         );
-    }
-
-    #[test]
-    fn sparse_regions_are_checked_against_sizes() {
-        let r = |offset, length| Region { offset, length };
-        assert_eq!(check_regions(&[r(0, 512), r(4096, 0)], 4096, 512), Ok(512));
-        // Each region's data starts on a block boundary.
-        assert_eq!(check_regions(&[r(0, 10), r(100, 10)], 110, 522), Ok(20));
-        assert_eq!(check_regions(&[r(0, 10), r(100, 10)], 110, 1024), Ok(20));
-        assert!(check_regions(&[r(0, 10), r(100, 10)], 110, 20).is_err());
-        assert!(check_regions(&[r(0, 10), r(100, 10)], 110, 1025).is_err());
-        // Overlapping, out of order, outside, not reaching the end, empty in the middle.
-        assert!(check_regions(&[r(0, 512), r(100, 10)], 110, 1024).is_err());
-        assert!(check_regions(&[r(0, 10)], 5, 10).is_err());
-        assert!(check_regions(&[r(0, 10)], 50, 10).is_err());
-        assert!(check_regions(&[r(0, 0), r(10, 0)], 10, 0).is_err());
-        assert!(check_regions(&[r(u64::MAX, 2)], u64::MAX, 0).is_err());
-        // A last empty region needs no padding before it.
-        assert_eq!(check_regions(&[r(0, 3), r(100, 0)], 100, 3), Ok(3));
     }
 }

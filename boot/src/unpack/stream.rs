@@ -1,0 +1,182 @@
+//! The archive's byte stream: gzip or plain tar (told by the first bytes, `1f 8b`), what
+//! a stream that is not a tar looks like, a GNU volume label the tar crate cannot read,
+//! and a meter that bounds what is read and remembers the last header block.
+
+use std::cell::{Cell, RefCell};
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::rc::Rc;
+
+use crate::error::{Error, Result};
+
+/// Size of a tar block.
+pub(super) const BLOCK: u64 = 512;
+
+/// The archive opened for reading.
+pub(super) struct Stream {
+    /// The tar bytes, decompressed, counted by `meter`.
+    pub(super) reader: Metered,
+    pub(super) meter: Rc<Meter>,
+    /// `tar` or `tar.gz`, for messages.
+    pub(super) format: &'static str,
+    /// What the first bytes look like when they are another format, for messages.
+    pub(super) foreign: Option<&'static str>,
+}
+
+/// Reads the archive from its start; skips a leading GNU volume label.
+pub(super) fn open(mut file: File, name: &str) -> Result<Stream> {
+    let mut magic = Vec::with_capacity(2);
+    let read_magic = file
+        .seek(SeekFrom::Start(0))
+        .and_then(|_| file.by_ref().take(2).read_to_end(&mut magic))
+        .and_then(|_| file.seek(SeekFrom::Start(0)));
+    read_magic.map_err(|e| Error::io("read", name, e))?;
+    let gzip = magic == [0x1f, 0x8b];
+    let mut source: Box<dyn Read> = if gzip {
+        Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file)))
+    } else {
+        Box::new(BufReader::new(file))
+    };
+    // GNU tar's `--label` writes a first header of type `V` whose size field is left
+    // empty, which the tar crate cannot read as a number. GNU tar extracts nothing for a
+    // label, so a first block that is such a header is skipped.
+    let mut first = Vec::with_capacity(BLOCK as usize);
+    source
+        .by_ref()
+        .take(BLOCK)
+        .read_to_end(&mut first)
+        .map_err(|e| Error::BadArchive {
+            path: name.to_string(),
+            reason: format!("not readable: {e}"),
+        })?;
+    let foreign = foreign_format(&first);
+    if !is_volume_label(&first) {
+        source = Box::new(io::Cursor::new(first).chain(source));
+    }
+    let meter = Rc::new(Meter::default());
+    Ok(Stream {
+        reader: Metered {
+            inner: source,
+            meter: meter.clone(),
+        },
+        meter,
+        format: if gzip { "tar.gz" } else { "tar" },
+        foreign,
+    })
+}
+
+/// What a stream that is not a tar looks like, from its magic bytes (as `file(1)`
+/// tells them): other compressors GNU tar would run, and other archive formats.
+fn foreign_format(first: &[u8]) -> Option<&'static str> {
+    const MAGICS: &[(&[u8], &str)] = &[
+        (b"BZh", "bzip2 data"),
+        (b"\xfd7zXZ\x00", "xz data"),
+        (b"\x28\xb5\x2f\xfd", "zstd data"),
+        (b"LZIP", "lzip data"),
+        (b"\x04\x22\x4d\x18", "lz4 data"),
+        (b"\x1f\x9d", "compress (.Z) data"),
+        (b"\x1f\x8b", "gzip data inside gzip"),
+        (b"PK\x03\x04", "a zip archive"),
+        (b"7z\xbc\xaf\x27\x1c", "a 7-zip archive"),
+    ];
+    MAGICS
+        .iter()
+        .find(|(magic, _)| first.starts_with(magic))
+        .map(|(_, what)| *what)
+}
+
+/// The header in a block whose checksum holds.
+fn header(block: &[u8]) -> Option<&tar::Header> {
+    if block.len() != BLOCK as usize {
+        return None;
+    }
+    let header = tar::Header::from_byte_slice(block);
+    let blank_sum: u32 = block[..148]
+        .iter()
+        .chain(&[b' '; 8])
+        .chain(&block[156..])
+        .map(|b| u32::from(*b))
+        .sum();
+    (header.cksum().ok() == Some(blank_sum)).then_some(header)
+}
+
+/// Whether a block is a GNU volume label without data: type `V`, a right checksum,
+/// and a size field that is empty or zero.
+fn is_volume_label(block: &[u8]) -> bool {
+    header(block).is_some_and(|header| {
+        header.entry_type().as_byte() == b'V'
+            && header
+                .as_old()
+                .size
+                .iter()
+                .all(|b| matches!(b, 0 | b'0' | b' '))
+    })
+}
+
+/// Shared count of bytes read from the decompressed stream, with a movable limit, and
+/// the last bytes read (so a header the tar reader fails on can be named).
+#[derive(Debug, Default)]
+pub(super) struct Meter {
+    read: Cell<u64>,
+    limit: Cell<u64>,
+    /// Whether the stream ended.
+    pub(super) eof: Cell<bool>,
+    /// The last block's worth of bytes read.
+    tail: RefCell<Vec<u8>>,
+}
+
+impl Meter {
+    /// Notes `data`, just read.
+    fn record(&self, data: &[u8]) {
+        let mut tail = self.tail.borrow_mut();
+        tail.extend_from_slice(&data[data.len().saturating_sub(BLOCK as usize)..]);
+        let excess = tail.len().saturating_sub(BLOCK as usize);
+        tail.drain(..excess);
+        self.read.set(self.read.get() + data.len() as u64);
+    }
+
+    /// The name in the block just read whole, when it is a tar header (its checksum
+    /// holds): the entry the tar reader was reading when it failed.
+    pub(super) fn last_header_name(&self) -> Option<String> {
+        if self.read.get() % BLOCK != 0 {
+            return None;
+        }
+        let tail = self.tail.borrow();
+        let header = header(&tail)?;
+        Some(String::from_utf8_lossy(&header.path_bytes()).into_owned())
+    }
+
+    /// Allows `more` bytes from now on.
+    pub(super) fn allow(&self, more: u64) {
+        self.limit.set(self.read.get().saturating_add(more));
+    }
+
+    pub(super) fn exhausted(&self) -> bool {
+        self.read.get() >= self.limit.get()
+    }
+}
+
+/// The archive stream, counted by a [`Meter`] and cut off at its limit.
+pub(super) struct Metered {
+    inner: Box<dyn Read>,
+    meter: Rc<Meter>,
+}
+
+impl Read for Metered {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let room = self.meter.limit.get().saturating_sub(self.meter.read.get());
+        if room == 0 {
+            return Err(io::Error::other("size limit reached"));
+        }
+        let want = usize::try_from(room).unwrap_or(usize::MAX).min(buf.len());
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            self.meter.eof.set(true);
+        }
+        self.meter.record(&buf[..n]);
+        Ok(n)
+    }
+}
