@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const MAX_FRAME: usize = 64 * 1024;
 
 /// Bytes in the length prefix.
-pub const LENGTH_PREFIX: usize = 4;
+const LENGTH_PREFIX: usize = 4;
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]

@@ -20,6 +20,6 @@ pub mod text;
 
 pub use frame::{
     decode_body, encode_body, encode_frame, read_frame, read_frame_body, write_frame, FrameError,
-    LENGTH_PREFIX, MAX_FRAME,
+    MAX_FRAME,
 };
 pub use messages::*;
