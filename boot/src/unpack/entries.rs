@@ -54,7 +54,7 @@ pub(super) const MAX_EXTENDED_HEADER: u64 = 1 << 20;
 const MAX_TRAILING_BYTES: u64 = 1 << 20;
 
 /// Copy buffer for file content.
-const COPY_BUFFER: usize = 64 * 1024;
+const COPY_BUFFER: u64 = 64 * 1024;
 
 /// Unpacks the archive in `file` into a new directory `tree`; returns the entries and
 /// bytes of content unpacked.
@@ -71,7 +71,7 @@ pub(super) fn extract(file: File, name: &str, tree: &Path, limits: &Limits) -> R
         // The version directory itself: readable and searchable by a release's user,
         // writable by the agent only (see the README on `user`).
         dirs: vec![(tree.to_path_buf(), 0o755)],
-        buffer: vec![0u8; COPY_BUFFER],
+        buffer: Vec::with_capacity(COPY_BUFFER as usize),
     };
     extraction.run(stream)?;
     extraction.tree.check_symlinks()?;
@@ -334,13 +334,9 @@ impl Extraction<'_> {
     /// Reads the next chunk of an entry into the buffer, counting it against
     /// [`Limits::max_unpack_bytes`].
     pub(super) fn read_chunk(&mut self, entry: &mut impl Read, name: &str) -> Result<usize> {
-        let n = loop {
-            match entry.read(&mut self.buffer) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.bad(format!("reading entry '{}': {e}", quote(name)))),
-            }
-        };
+        self.buffer.clear();
+        let read = entry.take(COPY_BUFFER).read_to_end(&mut self.buffer);
+        let n = read.map_err(|e| self.bad(format!("reading entry '{}': {e}", quote(name))))?;
         self.consumed += n as u64;
         self.announce(name, 0)?;
         Ok(n)
@@ -461,18 +457,15 @@ fn check_name_sources<R: Read>(
     pax: &pax::LocalPax,
     shown: &str,
 ) -> Result<()> {
-    let path_differs = pax
-        .path
-        .as_ref()
-        .is_some_and(|path| entry.path_bytes().as_ref() != path.as_slice());
-    let link_differs = pax
-        .linkpath
-        .as_ref()
-        .is_some_and(|link| entry.link_name_bytes().as_deref() != Some(link.as_slice()));
-    let what = match (path_differs, link_differs) {
-        (true, _) => "name",
-        (_, true) => "link",
-        _ => return Ok(()),
+    let differs = |pax: &Option<Vec<u8>>, header: Option<&[u8]>| {
+        pax.as_deref().is_some_and(|pax| header != Some(pax))
+    };
+    let what = if differs(&pax.path, Some(&entry.path_bytes())) {
+        "name"
+    } else if differs(&pax.linkpath, entry.link_name_bytes().as_deref()) {
+        "link"
+    } else {
+        return Ok(());
     };
     Err(Error::unsafe_entry(
         shown,

@@ -135,17 +135,11 @@ fn check_free(root: &Root, dest: &Path, dest_rel: &str, dest_name: &str) -> Resu
     })
 }
 
-/// Creates `dest`'s parents, checks the path again and renames `tree` onto `dest`
-/// without replacing anything, then syncs the parent directory.
+/// Creates `dest`'s parents (refusing, as [`Root::resolve`] does, a symlink that
+/// appeared on the way) and renames `tree` onto `dest` without replacing anything, then
+/// syncs the parent directory.
 fn place(root: &Root, tree: &Path, dest: &Path, dest_name: &str) -> Result<()> {
-    let again = root.create_parents(dest_name)?;
-    if again != dest {
-        return Err(Error::Internal(format!(
-            "{dest_name} resolved to {} then {}",
-            dest.display(),
-            again.display()
-        )));
-    }
+    root.create_parents(dest_name)?;
     match rename_no_replace(tree, dest) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists || dest.exists() => {

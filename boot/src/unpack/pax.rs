@@ -193,7 +193,6 @@ struct SparseKeys {
     pending_offset: Option<u64>,
     /// `GNU.sparse.map` (format 0.1).
     map: Option<Vec<Region>>,
-    any: bool,
 }
 
 /// Reads the records of an entry's own extended header (`x`).
@@ -202,7 +201,7 @@ pub(super) fn read_local(records: Option<PaxExtensions<'_>>) -> Result<LocalPax,
     let Some(records) = records else {
         return Ok(out);
     };
-    let mut sparse = SparseKeys::default();
+    let mut sparse: Option<SparseKeys> = None;
     let mut seen = HashSet::new();
     for record in records {
         let record = record.map_err(|e| Refusal::Malformed(unreadable(&e)))?;
@@ -227,17 +226,16 @@ pub(super) fn read_local(records: Option<PaxExtensions<'_>>) -> Result<LocalPax,
             Keyword::Ignored => {}
             Keyword::Volume => return Err(volume(key)),
             Keyword::Unknown => return Err(unknown(key, "PAX")),
-            Keyword::Sparse(rest) => sparse_key(&mut sparse, key, rest, value)?,
+            Keyword::Sparse(rest) => {
+                sparse_key(sparse.get_or_insert_default(), key, rest, value)?;
+            }
         }
     }
-    if sparse.any {
-        out.sparse = Some(sparse_description(sparse)?);
-    }
+    out.sparse = sparse.map(sparse_description).transpose()?;
     Ok(out)
 }
 
 fn sparse_key(sparse: &mut SparseKeys, key: &str, rest: &str, value: &[u8]) -> Result<(), Refusal> {
-    sparse.any = true;
     match rest {
         "name" => sparse.name = Some(value.to_vec()),
         "major" => sparse.major = Some(number(key, value)?),
