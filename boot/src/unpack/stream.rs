@@ -38,14 +38,10 @@ pub(super) fn open(file: File, name: &str) -> Result<Stream> {
     // empty, which the tar crate cannot read as a number. GNU tar extracts nothing for a
     // label, so a first block that is such a header is skipped.
     let mut first = Vec::with_capacity(BLOCK as usize);
-    source
-        .by_ref()
-        .take(BLOCK)
-        .read_to_end(&mut first)
-        .map_err(|e| Error::BadArchive {
-            path: name.to_string(),
-            reason: format!("not readable: {e}"),
-        })?;
+    if let Err(e) = source.by_ref().take(BLOCK).read_to_end(&mut first) {
+        let (path, reason) = (name.to_string(), format!("not readable: {e}"));
+        return Err(Error::BadArchive { path, reason });
+    }
     let foreign = foreign_format(&first);
     if !is_volume_label(&first) {
         source = Box::new(io::Cursor::new(first).chain(source));
