@@ -303,9 +303,7 @@ impl Tree {
                 fs::read_link(&here).map_err(|e| format!("cannot read {}: {e}", here.display()))?;
             let more = steps(next.as_os_str().as_bytes())
                 .ok_or_else(|| format!("symlink to {shown} passes a link to an absolute path"))?;
-            for step in more.into_iter().rev() {
-                queue.push_front(step);
-            }
+            queue = more.into_iter().chain(queue).collect();
         }
         Ok(())
     }

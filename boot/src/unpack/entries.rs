@@ -54,7 +54,7 @@ pub(super) const MAX_EXTENDED_HEADER: u64 = 1 << 20;
 const MAX_TRAILING_BYTES: u64 = 1 << 20;
 
 /// Copy buffer for file content.
-const COPY_BUFFER: usize = 64 * 1024;
+const COPY_BUFFER: u64 = 64 * 1024;
 
 /// Unpacks the archive in `file` into a new directory `tree`; returns the entries and
 /// bytes of content unpacked.
@@ -68,8 +68,10 @@ pub(super) fn extract(file: File, name: &str, tree: &Path, limits: &Limits) -> R
         entries: 0,
         bytes: 0,
         consumed: 0,
-        dirs: Vec::new(),
-        buffer: vec![0u8; COPY_BUFFER],
+        // The version directory itself: readable and searchable by a release's user,
+        // writable by the agent only (see the README on `user`).
+        dirs: vec![(tree.to_path_buf(), 0o755)],
+        buffer: Vec::with_capacity(COPY_BUFFER as usize),
     };
     extraction.run(stream)?;
     extraction.tree.check_symlinks()?;
@@ -192,23 +194,12 @@ impl Extraction<'_> {
         };
         check_name_sources(&entry, &pax, &shown)?;
         // GNU tar names a PAX sparse file after GNU.sparse.name, whatever else says.
-        let raw_name = match pax.sparse.as_ref().and_then(|s| s.name.clone()) {
-            Some(real) => real,
-            None => header_name,
-        };
+        let sparse_name = pax.sparse.as_ref().and_then(|s| s.name.clone());
+        let raw_name = sparse_name.unwrap_or(header_name);
         let name = String::from_utf8_lossy(&raw_name).into_owned();
         self.entries += 1;
-        if self.entries > self.limits.max_unpack_entries {
-            return Err(Error::TooLarge {
-                what: format!(
-                    "entry count of {} (at '{}')",
-                    self.archive_name,
-                    quote(&name)
-                ),
-                value: self.entries,
-                limit: self.limits.max_unpack_entries,
-            });
-        }
+        let limit = self.limits.max_unpack_entries;
+        self.within("entry count", &name, self.entries, limit)?;
         let rel = entry_path(&name, &raw_name)?;
         let refuse = |reason: String| Err(Error::unsafe_entry(&name, reason));
         if let Some(reason) = refused_type(kind) {
@@ -225,11 +216,8 @@ impl Extraction<'_> {
             ));
         }
         let size = entry.size();
-        let data_free = matches!(
-            kind,
-            EntryType::Directory | EntryType::Symlink | EntryType::Link
-        );
-        if data_free && size != 0 {
+        // A hard link, symlink or directory.
+        if matches!(kind.as_byte(), b'1' | b'2' | b'5') && size != 0 {
             // GNU tar reads no data after these headers whatever their size says, the
             // tar crate skips that many bytes: the two would disagree on where the next
             // header is, and so on what the archive holds.
@@ -250,53 +238,46 @@ impl Extraction<'_> {
             let what = describe_type(kind);
             return refuse(format!("GNU sparse keywords on a {what} entry"));
         }
-        let link = entry.link_name_bytes().map(|t| t.into_owned());
         // Old (v7) archives, and GNU tar after them, take a file whose name ends in '/'
         // for a directory.
-        if file && raw_name.ends_with(b"/") {
-            if size != 0 || pax.sparse.is_some() {
-                return refuse(format!(
-                    "a file entry whose name ends in '/' holds {size} bytes; GNU tar would \
-                     make a directory of it and skip them"
-                ));
-            }
+        let v7_directory = file && raw_name.ends_with(b"/");
+        if v7_directory && (size != 0 || pax.sparse.is_some()) {
+            return refuse(format!(
+                "a file entry whose name ends in '/' holds {size} bytes; GNU tar would \
+                 make a directory of it and skip them"
+            ));
+        }
+        // 'D' is a GNU incremental dump's directory: its data lists the directory's
+        // names, used only when extracting incrementally; GNU tar otherwise makes the
+        // directory, as here.
+        if v7_directory || matches!(kind.as_byte(), b'5' | b'D') {
             self.directory(&name, &rel, mode)?;
             return self.drain(&mut entry, &name);
         }
+        if kind == EntryType::GNUSparse {
+            sparse::check_old_slots(entry.header()).map_err(|r| self.refusal(&name, r))?;
+        }
+        let path = self.tree.new_path(&name, &rel)?;
+        let link = entry.link_name_bytes().map(|t| t.into_owned());
         match kind {
-            _ if file => {
-                let path = self.tree.new_path(&name, &rel)?;
-                match &pax.sparse {
-                    Some(sparse) => self.write_pax_sparse(&mut entry, &name, &path, mode, sparse),
-                    None => self.write_file(&mut entry, &name, &path, mode, false),
-                }
-            }
-            // Old GNU sparse: the tar crate expands the map; holes stay holes.
-            EntryType::GNUSparse => {
-                sparse::check_old_slots(entry.header()).map_err(|r| self.refusal(&name, r))?;
-                let path = self.tree.new_path(&name, &rel)?;
-                self.write_file(&mut entry, &name, &path, mode, true)
-            }
             EntryType::Symlink => {
-                let path = self.tree.new_path(&name, &rel)?;
                 let target = self.tree.symlink(&name, &rel, link)?;
                 std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &path)
                     .map_err(|e| Error::io("create symlink", &path, e))?;
                 self.drain(&mut entry, &name)
             }
             EntryType::Link => {
-                let path = self.tree.new_path(&name, &rel)?;
                 let source = self.tree.link_source(&name, &rel, link)?;
                 // `link(2)` does not follow a symlink at its source on Linux.
                 fs::hard_link(&source, &path).map_err(|e| Error::io("create hard link", &path, e))
             }
-            // A directory, or 'D', a GNU incremental dump's directory: its data lists the
-            // directory's names, used only when extracting incrementally; GNU tar
-            // otherwise makes the directory, as here.
-            _ => {
-                self.directory(&name, &rel, mode)?;
-                self.drain(&mut entry, &name)
-            }
+            _ => match &pax.sparse {
+                Some(sparse) => self.write_pax_sparse(&mut entry, &name, &path, mode, sparse),
+                // Old GNU sparse (`S`): the tar crate expands the map; holes stay holes.
+                None => {
+                    self.write_file(&mut entry, &name, &path, mode, kind == EntryType::GNUSparse)
+                }
+            },
         }
     }
 
@@ -327,13 +308,10 @@ impl Extraction<'_> {
         pax::check_global(&data).map_err(|r| self.refusal(name, r))?;
         // A local header, long name or long link before a global header: the tar crate
         // spends it on the global header, GNU tar on the next entry.
-        let folded_pax = match entry.pax_extensions() {
-            Ok(records) => records.is_some_and(|mut r| r.next().is_some()),
-            Err(e) => {
-                let name = quote(name);
-                return Err(self.bad(format!("global PAX header '{name}': {e}")));
-            }
-        };
+        let records = entry
+            .pax_extensions()
+            .map_err(|e| self.bad(format!("global PAX header '{}': {e}", quote(name))))?;
+        let folded_pax = records.is_some_and(|mut r| r.next().is_some());
         let folded_name = entry.path_bytes() != entry.header().path_bytes()
             || entry.link_name_bytes() != entry.header().link_name_bytes();
         if folded_pax || folded_name {
@@ -356,13 +334,9 @@ impl Extraction<'_> {
     /// Reads the next chunk of an entry into the buffer, counting it against
     /// [`Limits::max_unpack_bytes`].
     pub(super) fn read_chunk(&mut self, entry: &mut impl Read, name: &str) -> Result<usize> {
-        let n = loop {
-            match entry.read(&mut self.buffer) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.bad(format!("reading entry '{}': {e}", quote(name)))),
-            }
-        };
+        self.buffer.clear();
+        let read = entry.take(COPY_BUFFER).read_to_end(&mut self.buffer);
+        let n = read.map_err(|e| self.bad(format!("reading entry '{}': {e}", quote(name))))?;
         self.consumed += n as u64;
         self.announce(name, 0)?;
         Ok(n)
@@ -372,18 +346,17 @@ impl Extraction<'_> {
     /// [`Limits::max_unpack_bytes`].
     pub(super) fn announce(&self, name: &str, more: u64) -> Result<()> {
         let value = self.consumed.saturating_add(more);
-        if value <= self.limits.max_unpack_bytes {
+        self.within("unpacked size", name, value, self.limits.max_unpack_bytes)
+    }
+
+    /// Refuses `value` (the archive's `what`, counted up to entry `name`) above `limit`.
+    fn within(&self, what: &str, name: &str, value: u64, limit: u64) -> Result<()> {
+        if value <= limit {
             return Ok(());
         }
-        Err(Error::TooLarge {
-            what: format!(
-                "unpacked size of {} (at '{}')",
-                self.archive_name,
-                quote(name)
-            ),
-            value,
-            limit: self.limits.max_unpack_bytes,
-        })
+        let (archive, name) = (self.archive_name, quote(name));
+        let what = format!("{what} of {archive} (at '{name}')");
+        Err(Error::TooLarge { what, value, limit })
     }
 
     /// Writes a file entry's data. With `holes`, runs of zeros the size of the copy
@@ -484,18 +457,15 @@ fn check_name_sources<R: Read>(
     pax: &pax::LocalPax,
     shown: &str,
 ) -> Result<()> {
-    let path_differs = pax
-        .path
-        .as_ref()
-        .is_some_and(|path| entry.path_bytes().as_ref() != path.as_slice());
-    let link_differs = pax
-        .linkpath
-        .as_ref()
-        .is_some_and(|link| entry.link_name_bytes().as_deref() != Some(link.as_slice()));
-    let what = match (path_differs, link_differs) {
-        (true, _) => "name",
-        (_, true) => "link",
-        _ => return Ok(()),
+    let differs = |pax: &Option<Vec<u8>>, header: Option<&[u8]>| {
+        pax.as_deref().is_some_and(|pax| header != Some(pax))
+    };
+    let what = if differs(&pax.path, Some(&entry.path_bytes())) {
+        "name"
+    } else if differs(&pax.linkpath, entry.link_name_bytes().as_deref()) {
+        "link"
+    } else {
+        return Ok(());
     };
     Err(Error::unsafe_entry(
         shown,

@@ -41,30 +41,30 @@ pub(crate) struct Marker {
 }
 
 impl Marker {
-    /// What was unpacked into `dest` from `archive` with digest `sha256`.
-    pub(super) fn new(
+    /// What was unpacked into `tree`, about to become `dest`, from `archive` with
+    /// digest `sha256`: its entries and bytes, and the tree's identity.
+    pub(super) fn of_tree(
+        tree: &Path,
         dest: &str,
         archive: String,
         sha256: Sha256,
-        entries: u64,
-        bytes: u64,
-    ) -> Self {
-        Marker {
+        (entries, bytes): (u64, u64),
+    ) -> Result<Self> {
+        let meta = fs::symlink_metadata(tree).map_err(|e| Error::io("inspect", tree, e))?;
+        Ok(Marker {
             dest: dest.to_string(),
             archive,
             sha256: sha256.to_hex(),
             entries,
             bytes,
-            dev: 0,
-            ino: 0,
-            born: None,
-        }
+            dev: meta.dev(),
+            ino: meta.ino(),
+            born: birth(&meta),
+        })
     }
 
-    /// Records `tree`, about to become `dest`, and writes the marker durably.
-    pub(super) fn write(&mut self, root: &Root, tree: &Path) -> Result<PathBuf> {
-        let meta = fs::symlink_metadata(tree).map_err(|e| Error::io("inspect", tree, e))?;
-        (self.dev, self.ino, self.born) = (meta.dev(), meta.ino(), birth(&meta));
+    /// Writes the marker durably; returns its path.
+    pub(super) fn write(&self, root: &Root) -> Result<PathBuf> {
         let path = marker_path(root, &self.dest);
         let json = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::Internal(format!("cannot encode unpack marker: {e}")))?;

@@ -25,7 +25,7 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use erel_proto::{Sha256, Unpack, Unpacked};
@@ -48,10 +48,6 @@ mod differential;
 mod tests;
 
 pub(crate) use marker::{marker_matches, marker_path, read_marker, Marker};
-
-/// Mode of an unpacked directory's top: 0755, so that a release started as a `user`
-/// can read and run it; nothing in it is writable by anyone but root.
-const VERSION_DIR_MODE: u32 = 0o755;
 
 /// Unpacks `request.archive` into `request.dest` through a staging directory. Blocking.
 pub fn unpack(root: &Root, request: &Unpack, limits: &Limits) -> Result<Unpacked> {
@@ -85,15 +81,11 @@ pub fn unpack(root: &Root, request: &Unpack, limits: &Limits) -> Result<Unpacked
     let tree = staging.join("tree");
     make_dir(&staging)?;
     let outcome = (|| {
-        let (entries, bytes) = entries::extract(file, &request.archive, &tree, limits)?;
-        // The version directory itself: readable and searchable by a release's user,
-        // writable by the agent only (see the README on `user`).
-        fs::set_permissions(&tree, fs::Permissions::from_mode(VERSION_DIR_MODE))
-            .map_err(|e| Error::io("set mode of", &tree, e))?;
+        let counts = entries::extract(file, &request.archive, &tree, limits)?;
         sync_tree(&tree)?;
         let archive = relative(root, &archive_path);
-        let mut marker = Marker::new(&dest_rel, archive, sha256, entries, bytes);
-        let marker_file = marker.write(root, &tree)?;
+        let marker = Marker::of_tree(&tree, &dest_rel, archive, sha256, counts)?;
+        let marker_file = marker.write(root)?;
         place(root, &tree, &dest, &request.dest).inspect_err(|_| {
             // The marker names an inode that is not at `dest`; remove it anyway.
             let _ = fs::remove_file(&marker_file);
@@ -143,17 +135,11 @@ fn check_free(root: &Root, dest: &Path, dest_rel: &str, dest_name: &str) -> Resu
     })
 }
 
-/// Creates `dest`'s parents, checks the path again and renames `tree` onto `dest`
-/// without replacing anything, then syncs the parent directory.
+/// Creates `dest`'s parents (refusing, as [`Root::resolve`] does, a symlink that
+/// appeared on the way) and renames `tree` onto `dest` without replacing anything, then
+/// syncs the parent directory.
 fn place(root: &Root, tree: &Path, dest: &Path, dest_name: &str) -> Result<()> {
-    let again = root.create_parents(dest_name)?;
-    if again != dest {
-        return Err(Error::Internal(format!(
-            "{dest_name} resolved to {} then {}",
-            dest.display(),
-            again.display()
-        )));
-    }
+    root.create_parents(dest_name)?;
     match rename_no_replace(tree, dest) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists || dest.exists() => {

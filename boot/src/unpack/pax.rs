@@ -21,6 +21,8 @@
 //!   reproduce. In a global header (`g`), which applies to every following entry, only
 //!   ignored keywords are accepted.
 
+use std::collections::HashSet;
+
 use tar::PaxExtensions;
 
 use super::sparse::{regions, Region};
@@ -142,19 +144,15 @@ fn unreadable(e: &std::io::Error) -> String {
 /// A decimal number as GNU tar's `decode_num` accepts it: digits only, no sign, no
 /// spaces, within `u64`.
 pub(super) fn number(what: &str, value: &[u8]) -> Result<u64, Refusal> {
-    let bad = || {
+    let digits = std::str::from_utf8(value)
+        .ok()
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
+    digits.and_then(|s| s.parse().ok()).ok_or_else(|| {
         Refusal::Malformed(format!(
             "{what} is '{}', not a decimal number",
             String::from_utf8_lossy(value).escape_default()
         ))
-    };
-    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
-        return Err(bad());
-    }
-    std::str::from_utf8(value)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(bad)
+    })
 }
 
 /// Reads the records of a global header (`g`): only keywords the agent ignores are
@@ -195,7 +193,6 @@ struct SparseKeys {
     pending_offset: Option<u64>,
     /// `GNU.sparse.map` (format 0.1).
     map: Option<Vec<Region>>,
-    any: bool,
 }
 
 /// Reads the records of an entry's own extended header (`x`).
@@ -204,8 +201,8 @@ pub(super) fn read_local(records: Option<PaxExtensions<'_>>) -> Result<LocalPax,
     let Some(records) = records else {
         return Ok(out);
     };
-    let mut sparse = SparseKeys::default();
-    let mut seen: Vec<String> = Vec::new();
+    let mut sparse: Option<SparseKeys> = None;
+    let mut seen = HashSet::new();
     for record in records {
         let record = record.map_err(|e| Refusal::Malformed(unreadable(&e)))?;
         let key = record
@@ -217,13 +214,10 @@ pub(super) fn read_local(records: Option<PaxExtensions<'_>>) -> Result<LocalPax,
             kind,
             Keyword::Ignored | Keyword::Sparse("offset") | Keyword::Sparse("numbytes")
         );
-        if !repeatable {
-            if seen.iter().any(|k| k == key) {
-                return Err(Refusal::Unsupported(format!(
-                    "PAX keyword '{key}' appears twice; readers disagree on which one counts"
-                )));
-            }
-            seen.push(key.to_string());
+        if !repeatable && !seen.insert(key) {
+            return unsupported(format!(
+                "PAX keyword '{key}' appears twice; readers disagree on which one counts"
+            ));
         }
         match kind {
             Keyword::Path => out.path = Some(value.to_vec()),
@@ -232,17 +226,16 @@ pub(super) fn read_local(records: Option<PaxExtensions<'_>>) -> Result<LocalPax,
             Keyword::Ignored => {}
             Keyword::Volume => return Err(volume(key)),
             Keyword::Unknown => return Err(unknown(key, "PAX")),
-            Keyword::Sparse(rest) => sparse_key(&mut sparse, key, rest, value)?,
+            Keyword::Sparse(rest) => {
+                sparse_key(sparse.get_or_insert_default(), key, rest, value)?;
+            }
         }
     }
-    if sparse.any {
-        out.sparse = Some(sparse_description(sparse)?);
-    }
+    out.sparse = sparse.map(sparse_description).transpose()?;
     Ok(out)
 }
 
 fn sparse_key(sparse: &mut SparseKeys, key: &str, rest: &str, value: &[u8]) -> Result<(), Refusal> {
-    sparse.any = true;
     match rest {
         "name" => sparse.name = Some(value.to_vec()),
         "major" => sparse.major = Some(number(key, value)?),
@@ -286,10 +279,9 @@ fn sparse_key(sparse: &mut SparseKeys, key: &str, rest: &str, value: &[u8]) -> R
                     .collect::<Result<Vec<_>, _>>()?
             };
             if numbers.len() % 2 != 0 {
-                return Err(Refusal::Malformed(
-                    "GNU.sparse.map holds an odd count of numbers; it lists offset,size pairs"
-                        .into(),
-                ));
+                return malformed(
+                    "GNU.sparse.map holds an odd count of numbers; it lists offset,size pairs",
+                );
             }
             sparse.map = Some(regions(&numbers));
         }

@@ -4,7 +4,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::rc::Rc;
 
 use crate::error::{Error, Result};
@@ -24,31 +24,24 @@ pub(super) struct Stream {
 }
 
 /// Reads the archive from its start; skips a leading GNU volume label.
-pub(super) fn open(mut file: File, name: &str) -> Result<Stream> {
-    let mut magic = Vec::with_capacity(2);
-    let read_magic = file
-        .seek(SeekFrom::Start(0))
-        .and_then(|_| file.by_ref().take(2).read_to_end(&mut magic))
-        .and_then(|_| file.seek(SeekFrom::Start(0)));
-    read_magic.map_err(|e| Error::io("read", name, e))?;
-    let gzip = magic == [0x1f, 0x8b];
-    let mut source: Box<dyn Read> = if gzip {
-        Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file)))
-    } else {
-        Box::new(BufReader::new(file))
+pub(super) fn open(file: File, name: &str) -> Result<Stream> {
+    let mut file = BufReader::new(file);
+    let magic = file.seek(SeekFrom::Start(0)).and_then(|_| file.fill_buf());
+    let gzip = magic
+        .map_err(|e| Error::io("read", name, e))?
+        .starts_with(&[0x1f, 0x8b]);
+    let mut source: Box<dyn Read> = match gzip {
+        true => Box::new(flate2::read::MultiGzDecoder::new(file)),
+        false => Box::new(file),
     };
     // GNU tar's `--label` writes a first header of type `V` whose size field is left
     // empty, which the tar crate cannot read as a number. GNU tar extracts nothing for a
     // label, so a first block that is such a header is skipped.
     let mut first = Vec::with_capacity(BLOCK as usize);
-    source
-        .by_ref()
-        .take(BLOCK)
-        .read_to_end(&mut first)
-        .map_err(|e| Error::BadArchive {
-            path: name.to_string(),
-            reason: format!("not readable: {e}"),
-        })?;
+    if let Err(e) = source.by_ref().take(BLOCK).read_to_end(&mut first) {
+        let (path, reason) = (name.to_string(), format!("not readable: {e}"));
+        return Err(Error::BadArchive { path, reason });
+    }
     let foreign = foreign_format(&first);
     if !is_volume_label(&first) {
         source = Box::new(io::Cursor::new(first).chain(source));
@@ -91,13 +84,9 @@ fn header(block: &[u8]) -> Option<&tar::Header> {
         return None;
     }
     let header = tar::Header::from_byte_slice(block);
-    let blank_sum: u32 = block[..148]
-        .iter()
-        .chain(&[b' '; 8])
-        .chain(&block[156..])
-        .map(|b| u32::from(*b))
-        .sum();
-    (header.cksum().ok() == Some(blank_sum)).then_some(header)
+    let mut summed = header.clone();
+    summed.set_cksum();
+    (header.cksum().ok() == summed.cksum().ok()).then_some(header)
 }
 
 /// Whether a block is a GNU volume label without data: type `V`, a right checksum,
