@@ -10,8 +10,9 @@
 //! * `store`: [`MasterDir`] — `init`, `issue_host`, `revoke`, the master's client config.
 //! * `pki`: key, certificate and CRL generation with rcgen (validity in
 //!   `CA_VALIDITY` and `LEAF_VALIDITY`: 20 and 5 years).
-//! * `tls`: the rustls configurations ([`server_config`], [`client_config_from`]),
-//!   [`server_name`], [`peer_name`] and [`bundle_fingerprint`] for reloading.
+//! * `tls`: the rustls configurations ([`server_config`], the master's through
+//!   [`MasterDir::client_config`]), [`server_name`], [`peer_name`] and
+//!   [`bundle_fingerprint`] for reloading.
 //! * `chain`: a bundle's own chain, from its certificate to a CA of `ca.pem`.
 //! * `keys`: private keys in PKCS#8, PKCS#1 or SEC1 PEM.
 //! * `revocation`: what `crl.pem` may hold, and the revocation policy.
@@ -19,7 +20,10 @@
 //! * `verify`: the peer verifiers, whose refusals name the certificate at fault.
 //! * `explain`: [`explain_tls_error`], a refused handshake as a sentence.
 //! * `testing` (feature `testing`, for tests only): odd certificates for other
-//!   crates' negative tests, and an operator's PKI made with `openssl`.
+//!   crates' negative tests, and an operator's PKI made with `openssl`. The feature
+//!   also makes public what only tests use: `client_config_from` (a client
+//!   configuration from explicit files), `provider`, `MasterDir::reissue_master` and
+//!   `MasterDir::host_ids`.
 //! * `files`: atomic writes; keys are mode 0600 from the start.
 //!
 //! ```
@@ -82,10 +86,9 @@ mod verify;
 pub use error::{Error, Result};
 pub use explain::explain_tls_error;
 pub use store::MasterDir;
-pub use tls::{
-    bundle_fingerprint, client_config_from, peer_name, provider, server_config, server_name,
-    BundleFingerprint,
-};
+pub use tls::{bundle_fingerprint, peer_name, server_config, server_name, BundleFingerprint};
+#[cfg(feature = "testing")]
+pub use tls::{client_config_from, provider};
 
 /// The longest host id: one DNS label.
 const MAX_HOST_ID_LEN: usize = 63;

@@ -120,7 +120,9 @@ impl MasterDir {
     }
 
     /// Issues a new master client certificate (`master.pem`, `master.key`), for
-    /// instance after `revoke("master")`. The old one is not revoked by this.
+    /// instance after `revoke("master")`. The old one is not revoked by this. For
+    /// tests only (feature `testing`): no command reissues the master's certificate.
+    #[cfg(feature = "testing")]
     pub fn reissue_master(&self) -> Result<()> {
         let ca = self.load_ca()?;
         let master = ca.issue(&LeafSpec::new(
@@ -257,7 +259,9 @@ impl MasterDir {
         Ok(())
     }
 
-    /// The ids of every host with a bundle under `hosts/`, sorted.
+    /// The ids of every host with a bundle under `hosts/`, sorted. For tests only
+    /// (feature `testing`).
+    #[cfg(feature = "testing")]
     pub fn host_ids(&self) -> Result<Vec<String>> {
         let mut ids: Vec<String> = self
             .host_dirs()?
@@ -270,7 +274,8 @@ impl MasterDir {
 
     /// The rustls client configuration of the master: presents `master.pem` /
     /// `master.key`, trusts only `ca.pem`, and checks `crl.pem` (which must exist).
-    /// See [`crate::client_config_from`].
+    /// The server's certificate must chain to `ca.pem`, carry the serverAuth extended
+    /// key usage and name the [`crate::server_name`] the connection is made to.
     ///
     /// Works as well with an operator's own PKI in this directory (no `ca.key`
     /// needed): `master.pem` must start with the master's certificate and chain to

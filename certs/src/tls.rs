@@ -23,7 +23,8 @@ use crate::verify::{AgentVerifier, MasterVerifier};
 use crate::{chain, keys};
 
 /// The ring crypto provider, passed explicitly so nothing depends on a
-/// process-wide default.
+/// process-wide default. Public with the `testing` feature, for tests that build their
+/// own rustls configurations.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -85,9 +86,11 @@ pub fn server_config(bundle_dir: &Path) -> Result<Arc<ServerConfig>> {
 ///
 /// `cert_pem` is sent as it is (the certificate, then any intermediates), without
 /// checking that it chains to `ca_pem`: tests use this to present odd
-/// certificates. [`crate::MasterDir::client_config`] checks the master's chain.
+/// certificates, so it exists only with the `testing` feature.
+/// [`crate::MasterDir::client_config`] checks the master's chain.
 /// The key may be PKCS#8, PKCS#1 or SEC1 PEM; CRLs must come from a CA of
 /// `ca_pem` or of `cert_pem`.
+#[cfg(feature = "testing")]
 pub fn client_config_from(
     ca_pem: &Path,
     cert_pem: &Path,
@@ -100,15 +103,16 @@ pub fn client_config_from(
 /// What a client configuration sends of `cert_pem`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SentChain {
-    /// The file as it is, unchecked (see [`client_config_from`]).
+    /// The file as it is, unchecked (for tests' odd certificates).
+    #[cfg(feature = "testing")]
     AsItIs,
     /// The chain from its first certificate to a CA of `ca.pem`; refused when there
     /// is none (see `chain`).
     Checked,
 }
 
-/// [`client_config_from`] from `[ca_pem, cert_pem, key_pem]`, sending `sent` of
-/// `cert_pem`.
+/// A client configuration from `[ca_pem, cert_pem, key_pem]` and `crl_pem`, sending
+/// `sent` of `cert_pem`.
 pub(crate) fn client_config(
     [ca_pem, cert_pem, key_pem]: [&Path; 3],
     crl_pem: Option<&Path>,

@@ -48,15 +48,18 @@ impl Pki {
     }
 }
 
-/// Calls `probe` every 200 ms until it gives a value or `limit` passes; the value, or
-/// `None` when time ran out. The one bounded wait of these tests.
+/// How often [`poll_until`] looks again.
+const POLL_EVERY: Duration = Duration::from_millis(200);
+
+/// Calls `probe` every [`POLL_EVERY`] until it gives a value or `limit` passes; the
+/// value, or `None` when time ran out. The one bounded wait of these tests.
 pub fn poll_until<T>(limit: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = std::time::Instant::now() + limit;
     while std::time::Instant::now() < deadline {
         if let Some(value) = probe() {
             return Some(value);
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(POLL_EVERY);
     }
     probe()
 }

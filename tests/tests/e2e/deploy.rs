@@ -282,7 +282,13 @@ async fn max_in_flight_bounds_the_hosts_down_at_once() {
     let (report, _) = fleet.rollout().await;
     assert!(report.converged(), "{report:?}");
 
-    // Sample, besides the events: hosts whose release is not answering.
+    // Sample, besides the events: hosts whose release is not answering. A sample, not a
+    // wait: the events are the check, and the sampler can only under-count, so its
+    // period sets how likely it is to catch a third host down, not whether the test
+    // passes. A connect on loopback is answered or refused at once; the probe's bound
+    // only covers a port that does neither.
+    const SAMPLE_EVERY: Duration = Duration::from_millis(10);
+    const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
     let ports = fleet.ports.clone();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let most_down = Arc::new(Mutex::new(0usize));
@@ -296,7 +302,7 @@ async fn max_in_flight_bounds_the_hosts_down_at_once() {
                     .filter(|p| {
                         std::net::TcpStream::connect_timeout(
                             &std::net::SocketAddr::from(([127, 0, 0, 1], **p)),
-                            Duration::from_millis(200),
+                            PROBE_TIMEOUT,
                         )
                         .is_err()
                     })
@@ -304,7 +310,7 @@ async fn max_in_flight_bounds_the_hosts_down_at_once() {
                 let mut most = most_down.lock().expect("lock");
                 *most = (*most).max(down);
                 drop(most);
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(SAMPLE_EVERY);
             }
         })
     };

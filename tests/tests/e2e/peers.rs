@@ -55,10 +55,16 @@ async fn slow_handshaker(agent: &AgentProc, source: &str) -> tokio::task::JoinHa
     })
 }
 
-/// Whether the agent has closed `stream` (end of stream or reset), waiting at most a
-/// moment for the socket to report it.
+/// How long a close the agent has already made takes to show on a loopback socket. No
+/// agent setting governs it: the "still open" checks that use it come after the oldest
+/// peers were seen dropped, and the agent drops one as each newcomer arrives, so a close
+/// it made in that step is already sent; only loopback delivery and a wake-up remain.
+const CLOSE_SHOWS_WITHIN: Duration = Duration::from_millis(50);
+
+/// Whether the agent has closed `stream` (end of stream or reset), waiting at most
+/// [`CLOSE_SHOWS_WITHIN`] for the socket to report it.
 async fn closed_by_agent(stream: &TcpStream) -> bool {
-    if tokio::time::timeout(Duration::from_millis(50), stream.readable())
+    if tokio::time::timeout(CLOSE_SHOWS_WITHIN, stream.readable())
         .await
         .is_err()
     {

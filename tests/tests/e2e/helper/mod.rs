@@ -114,6 +114,12 @@ pub fn output_text(out: &Output) -> String {
 /// when the machine is slow or busy, and it is generous for that reason.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
+/// How long the agent waits, once told to stop, for connections in progress (its fixed
+/// drain bound, not a flag).
+const AGENT_DRAIN: Duration = Duration::from_secs(30);
+/// The bound on an agent's exit after SIGTERM: its drain, then a margin to close down.
+const AGENT_EXIT: Duration = AGENT_DRAIN.saturating_add(Duration::from_secs(10));
+
 /// The first restart delay of the test agents (`--restart-backoff-ms`).
 pub const RESTART_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest restart delay of the test agents (`--restart-backoff-max-ms`): a release
@@ -267,7 +273,7 @@ impl AgentProc {
                 }
             }
         });
-        match rx.recv_timeout(Duration::from_secs(30)) {
+        match rx.recv_timeout(PATIENCE) {
             Ok(addr) => self.addr = addr,
             Err(_) => {
                 let _ = child.kill();
@@ -288,7 +294,7 @@ impl AgentProc {
     /// SIGTERM the agent and wait for it to exit; returns its exit status success.
     /// (`kill9` leaves its releases running.)
     pub fn terminate(&mut self) -> bool {
-        self.process.terminate_within(Duration::from_secs(40))
+        self.process.terminate_within(AGENT_EXIT)
     }
 
     /// `kill -9` the agent and start it again on the same root and port.
@@ -326,7 +332,7 @@ impl AgentProc {
 /// removes it and every cgroup below it, deepest first.
 pub fn remove_cgroup_tree(dir: &Path) {
     let _ = std::fs::write(dir.join("cgroup.kill"), "1");
-    remove_cgroups_deepest_first(dir, Instant::now() + Duration::from_secs(10));
+    remove_cgroups_deepest_first(dir, Instant::now() + PATIENCE);
 }
 
 /// Removes the cgroups below `dir`, then `dir`, each as soon as its killed members
