@@ -91,10 +91,9 @@ impl Inner {
 
     /// Makes `run` the release's current process, and says how to wait for its end.
     fn adopt(&self, release: &Release, run: RunRecord, members: &[u32]) -> Step {
-        let anchor = (run.pid, run.start_time);
+        let (anchor, writer) = (run.anchor(), run.writer());
         let age = process::age(run.start_time).unwrap_or_default();
         let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-        let writer = (run.writer_pid != 0).then_some((run.writer_pid, run.writer_start_time));
         let (shown, waiter) = match run.daemonized {
             true => (oldest(members).unwrap_or(run.pid), Waiter::Members),
             false => (run.pid, Waiter::Adopted),
@@ -192,19 +191,17 @@ impl Inner {
         if !matches!(self.containment, Containment::Cgroup(_)) {
             return;
         }
-        let strays: Vec<(u32, u64)> = process::marked(self.root.path(), name)
-            .into_iter()
-            .filter(|(pid, _)| !members.contains(pid))
-            .collect();
+        let mut strays = process::marked(self.root.path(), name);
+        strays.retain(|(pid, _)| !members.contains(pid));
+        if strays.is_empty() {
+            return;
+        }
         let alive = || {
             let alive = strays
                 .iter()
                 .filter(|&&(pid, start)| process::is_alive(pid, start));
             alive.map(|&(pid, _)| pid).collect::<Vec<_>>()
         };
-        if strays.is_empty() {
-            return;
-        }
         warn!(release = %name, pids = ?strays.iter().map(|s| s.0).collect::<Vec<_>>(), "stopping processes of the release outside its cgroup");
         let what = format!("processes of release {name} outside its cgroup");
         if let Err(e) = process::stop_members(&what, alive, process::kill_each, SWITCH_GRACE).await
@@ -230,16 +227,13 @@ fn oldest(pids: &[u32]) -> Option<u32> {
 /// (not found otherwise: it is no member of the release, and it ends on its own with its
 /// output).
 fn what_runs(name: &str, recorded: Option<&RunRecord>, members: &[u32]) -> Option<RunRecord> {
-    let recorded_as = |run: &RunRecord, daemonized| {
-        let writer = (run.writer_pid != 0).then_some((run.writer_pid, run.writer_start_time));
-        RunRecord::new((run.pid, run.start_time), &run.version, daemonized, writer)
-    };
     match recorded {
         _ if members.is_empty() => None,
         Some(run) if process::is_alive(run.pid, run.start_time) && members.contains(&run.pid) => {
-            Some(recorded_as(run, false))
+            let (anchor, writer) = (run.anchor(), run.writer());
+            Some(RunRecord::new(anchor, &run.version, false, writer))
         }
-        Some(run) if run.daemonized => Some(recorded_as(run, true)),
+        Some(run) if run.daemonized => Some(run.clone()),
         Some(run) => {
             info!(release = %name, pid = run.pid, "the main process died while the agent was away; stopping what is left of it");
             None

@@ -99,7 +99,8 @@ impl Tree {
         let dir = v2_mounts(mountinfo)
             .into_iter()
             .find_map(|(mount_root, mount_point)| {
-                let rest = strip_cgroup_prefix(&parent, &mount_root)?;
+                // Component by component: `/nsother` is not below `/ns`.
+                let rest = Path::new(&parent).strip_prefix(mount_root).ok()?;
                 Some(mount_point.join(rest))
             })
             .ok_or_else(|| {
@@ -139,11 +140,7 @@ impl Tree {
     /// child to join (the file is close-on-exec: the release never sees it).
     pub fn prepare(&self, name: &str) -> Result<fs::File> {
         let dir = self.release_dir(name);
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::io("create cgroup", &dir, e)),
-        }
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create cgroup", &dir, e))?;
         let procs = dir.join("cgroup.procs");
         fs::OpenOptions::new()
             .write(true)
@@ -263,20 +260,6 @@ fn v2_mounts(mountinfo: &str) -> Vec<(String, PathBuf)> {
             Some((root, PathBuf::from(point)))
         })
         .collect()
-}
-
-/// The part of cgroup `path` below a mount whose root is `mount_root`, relative.
-fn strip_cgroup_prefix(path: &str, mount_root: &str) -> Option<PathBuf> {
-    let rest = if mount_root == "/" {
-        path.trim_start_matches('/')
-    } else {
-        let rest = path.strip_prefix(mount_root)?;
-        if !rest.is_empty() && !rest.starts_with('/') {
-            return None;
-        }
-        rest.trim_start_matches('/')
-    };
-    Some(PathBuf::from(rest))
 }
 
 fn unescape_octal(field: &str) -> String {

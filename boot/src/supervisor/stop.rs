@@ -21,10 +21,7 @@ impl Supervisor {
         let inner = &self.inner;
         check_name("release name", name)?;
         let Some(release) = inner.find(name) else {
-            return Ok(Stopped {
-                was_running: false,
-                killed: false,
-            });
+            return Ok(process::NOTHING_RAN);
         };
         let _op = release.op.lock().await;
         let desired = release.live().desired.clone();
