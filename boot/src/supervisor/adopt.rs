@@ -14,7 +14,8 @@ use crate::error::Result;
 use super::cgroup::Containment;
 use super::process;
 use super::record::{self, Desired, RunRecord};
-use super::{Current, Exit, Inner, Release, Step, Waiter, DAEMONIZE_WINDOW, SWITCH_GRACE};
+use super::{log_failure, Exit, Inner, Release, Run, Step, Waiter};
+use super::{DAEMONIZE_WINDOW, SWITCH_GRACE};
 
 impl Inner {
     /// Reads every desired-state file and recovers each release (see [`Inner::recover`]).
@@ -72,16 +73,15 @@ impl Inner {
         }
         if let Some(run) = keep {
             if recorded.as_ref() != Some(&run) {
-                if let Err(e) = record::save_run(&self.root, &name, &run) {
-                    warn!(release = %name, "cannot write the run record: {e}");
-                }
+                let saved = record::save_run(&self.root, &name, &run);
+                log_failure(&name, "cannot write the run record", saved);
             }
             let step = self.adopt(&release, run, &members);
             self.spawn_task(&release, generation, token, step);
         } else if let Some(step) =
             self.relaunch(&release, generation, &desired, "start at agent start")
         {
-            if let Step::Wait { .. } = step {
+            if let Step::Wait(..) = step {
                 info!(release = %name, version = %desired.version, pid = step.pid(), "started at agent start");
             }
             self.spawn_task(&release, generation, token, step);
@@ -90,31 +90,21 @@ impl Inner {
     }
 
     /// Makes `run` the release's current process, and says how to wait for its end.
-    fn adopt(&self, release: &Release, run: RunRecord, members: &[u32]) -> Step {
-        let (anchor, writer) = (run.anchor(), run.writer());
-        let age = process::age(run.start_time).unwrap_or_default();
-        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-        let (shown, waiter) = match run.daemonized {
-            true => (oldest(members).unwrap_or(run.pid), Waiter::Members),
-            false => (run.pid, Waiter::Adopted),
+    fn adopt(&self, release: &Release, record: RunRecord, members: &[u32]) -> Step {
+        let age = process::age(record.start_time).unwrap_or_default();
+        let run = Run {
+            anchor: record.anchor(),
+            started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+            writer: record.writer(),
         };
-        let (name, version, daemonized) = (&release.name, run.version, run.daemonized);
+        let (shown, waiter) = match record.daemonized {
+            true => (oldest(members).unwrap_or(record.pid), Waiter::Members),
+            false => (record.pid, Waiter::Adopted),
+        };
+        let (name, version, daemonized) = (&release.name, &record.version, record.daemonized);
         info!(release = %name, version = %version, pid = shown, daemonized, "adopted a running release");
-        let current = Current {
-            pid: shown,
-            anchor,
-            version,
-            started,
-            reaped: None,
-            writer,
-        };
-        release.live().run(current);
-        Step::Wait {
-            anchor,
-            started,
-            writer,
-            waiter,
-        }
+        release.live().run(shown, version, run, None);
+        Step::Wait(run, waiter)
     }
 
     /// The main process of a release ended after running `ran` and `left` members
@@ -137,21 +127,27 @@ impl Inner {
         };
         let run = {
             let live = release.live();
-            match live
+            let current = live
                 .process
                 .as_ref()
-                .filter(|_| live.generation == generation)
-            {
-                Some(current) => {
-                    RunRecord::new(current.anchor, &current.version, true, current.writer)
-                }
-                None => return false,
-            }
+                .filter(|_| live.generation == generation);
+            let Some(current) = current else {
+                return false;
+            };
+            RunRecord::new(
+                current.run.anchor,
+                &current.version,
+                true,
+                current.run.writer,
+            )
         };
         // Recorded before it shows: whoever sees the new pid may restart the agent.
-        if let Err(e) = record::save_run(&self.root, &release.name, &run) {
-            warn!(release = %release.name, "cannot record that the release daemonized: {e}");
-        }
+        let saved = record::save_run(&self.root, &release.name, &run);
+        log_failure(
+            &release.name,
+            "cannot record that the release daemonized",
+            saved,
+        );
         {
             let mut live = release.live();
             if live.generation != generation {
@@ -175,7 +171,7 @@ impl Inner {
             return false;
         };
         let mut live = release.live();
-        if let Some(current) = live.process.as_mut().filter(|c| c.anchor == anchor) {
+        if let Some(current) = live.process.as_mut().filter(|c| c.run.anchor == anchor) {
             if !left.contains(&current.pid) {
                 current.pid = shown;
                 live.last_pid = Some(shown);
@@ -204,10 +200,8 @@ impl Inner {
         };
         warn!(release = %name, pids = ?strays.iter().map(|s| s.0).collect::<Vec<_>>(), "stopping processes of the release outside its cgroup");
         let what = format!("processes of release {name} outside its cgroup");
-        if let Err(e) = process::stop_members(&what, alive, process::kill_each, SWITCH_GRACE).await
-        {
-            warn!(release = %name, "{e}");
-        }
+        let stopped = process::stop_members(&what, alive, process::kill_each, SWITCH_GRACE);
+        log_failure(name, "cannot stop them", stopped.await);
     }
 }
 

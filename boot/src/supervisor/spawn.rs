@@ -46,10 +46,8 @@ pub(crate) const DATA_DIR: &str = "data";
 pub(crate) struct Spawned {
     /// The child, to be waited for (and so reaped) by its supervision task.
     pub child: Child,
-    /// Its pid, also its process group.
-    pub pid: u32,
-    /// Its start time from `/proc`.
-    pub start_time: u64,
+    /// Its pid (also its process group and session) and start time from `/proc`.
+    pub anchor: (u32, u64),
     /// Its output writer (pid, start time), outside the release.
     pub writer: (u32, u64),
 }
@@ -61,7 +59,8 @@ struct RunAs {
     groups: Vec<Gid>,
 }
 
-fn spawn_failed(desired: &Desired, reason: impl Into<String>) -> Error {
+/// The refusal of a start that cannot spawn `desired`, and why.
+pub(super) fn spawn_failed(desired: &Desired, reason: impl Into<String>) -> Error {
     Error::SpawnFailed {
         name: desired.name.clone(),
         version: desired.version.clone(),
@@ -502,8 +501,7 @@ pub(crate) fn spawn(
     let start_time = proc_stat(pid).map(|s| s.start_time).unwrap_or(0);
     Ok(Spawned {
         child,
-        pid,
-        start_time,
+        anchor: (pid, start_time),
         writer: (writer_pid, writer_start_time),
     })
 }
