@@ -110,90 +110,72 @@ fn lock_path(log: &Path) -> PathBuf {
     beside(log, ".lock")
 }
 
-/// The output of one run of a release before it starts: a pipe whose write end becomes
-/// the release's stdout and stderr, and whose read end goes to its output writer.
-#[derive(Debug)]
-pub(crate) struct OutputPipe {
-    read: File,
-    /// Two descriptors of the write end, for the release's stdout and stderr. The agent
-    /// keeps none: the writer sees the end of the output once the release and what it
-    /// started have closed theirs.
-    stdio: (Stdio, Stdio),
-    log: PathBuf,
+/// The output of one run of a release before it starts: a pipe (both ends close-on-exec,
+/// so no other child inherits them) holding `header` as the run's first line. Returns its
+/// read end, for the output writer, and two descriptors of its write end, for the
+/// release's stdout and stderr. The agent keeps none: the writer sees the end of the
+/// output once the release and what it started have closed theirs.
+pub(crate) fn output_pipe(log: &Path, header: &str) -> Result<(File, (Stdio, Stdio))> {
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| Error::io("make the output pipe for", log, e.into()))?;
+    let mut write = File::from(write);
+    // An empty pipe holds far more than one line: this never blocks.
+    write
+        .write_all(format!("{header}\n").as_bytes())
+        .map_err(|e| Error::io("write the header for", log, e))?;
+    let dup = || {
+        let copy = write.try_clone().map(Stdio::from);
+        copy.map_err(|e| Error::io("duplicate the output pipe for", log, e))
+    };
+    Ok((File::from(read), (dup()?, dup()?)))
 }
 
-impl OutputPipe {
-    /// Makes the pipe (both ends close-on-exec, so no other child inherits them) and
-    /// writes `header` into it as the run's first line.
-    pub(crate) fn open(log: &Path, header: &str) -> Result<OutputPipe> {
-        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
-            .map_err(|e| Error::io("make the output pipe for", log, e.into()))?;
-        let mut write = File::from(write);
-        // An empty pipe holds far more than one line: this never blocks.
-        write
-            .write_all(format!("{header}\n").as_bytes())
-            .map_err(|e| Error::io("write the header for", log, e))?;
-        let dup = || {
-            let copy = write.try_clone().map(Stdio::from);
-            copy.map_err(|e| Error::io("duplicate the output pipe for", log, e))
-        };
-        let stdio = (dup()?, dup()?);
-        let log = log.to_path_buf();
-        Ok(OutputPipe {
-            read: File::from(read),
-            stdio,
-            log,
-        })
-    }
-
-    /// Starts the output writer on the read end, in a process group of its own: outside
-    /// the release's session and cgroup, so it is never counted as the release, is not
-    /// reached by its stop signals or its cgroup's kill, and drains the last output of a
-    /// release that was killed. It ends at end of input, once every process that holds the
-    /// write end (the release and all it started) is gone. It is not waited for here; the
-    /// runtime reaps it while this agent runs, its new parent after an agent restart.
-    ///
-    /// Returns the release's stdout and stderr, and the writer's pid.
-    pub(crate) fn start_writer(
-        self,
-        writer: &OutputWriter,
-        max_bytes: u64,
-    ) -> Result<((Stdio, Stdio), u32)> {
-        let OutputPipe { read, stdio, log } = self;
-        let mut command = std::process::Command::new(&writer.program);
-        if writer.program == Path::new(OutputWriter::SELF) {
-            // `ps` shows the agent's name rather than `/proc/self/exe`.
-            if let Some(name) = std::env::current_exe()
-                .ok()
-                .and_then(|p| p.file_name().map(OsString::from))
-            {
-                command.arg0(name);
-            }
+/// Starts the output writer on `read`, the read end of the [`output_pipe`], in a process
+/// group of its own: outside the release's session and cgroup, so it is never counted as
+/// the release, is not reached by its stop signals or its cgroup's kill, and drains the
+/// last output of a release that was killed. It ends at end of input, once every process
+/// that holds the write end (the release and all it started) is gone. It is not waited
+/// for here; the runtime reaps it while this agent runs, its new parent after an agent
+/// restart. Returns its pid.
+pub(crate) fn start_writer(
+    read: File,
+    log: &Path,
+    writer: &OutputWriter,
+    max_bytes: u64,
+) -> Result<u32> {
+    let mut command = std::process::Command::new(&writer.program);
+    if writer.program == Path::new(OutputWriter::SELF) {
+        // `ps` shows the agent's name rather than `/proc/self/exe`.
+        if let Some(name) = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_name().map(OsString::from))
+        {
+            command.arg0(name);
         }
-        command
-            .args(&writer.args)
-            .arg(&log)
-            .arg(max_bytes.to_string())
-            .env_clear()
-            .current_dir("/")
-            .stdin(Stdio::from(read))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .process_group(0);
-        let mut command = tokio::process::Command::from(command);
-        command.kill_on_drop(false);
-        let child = command.spawn().map_err(|e| {
-            let e = std::io::Error::new(e.kind(), format!("for {}: {e}", log.display()));
-            Error::io("start the output writer", &writer.program, e)
-        })?;
-        let pid = child.id().ok_or_else(|| {
-            let log = log.display();
-            Error::Internal(format!(
-                "the output writer for {log} exited before it had a pid"
-            ))
-        })?;
-        Ok((stdio, pid))
     }
+    command
+        .args(&writer.args)
+        .arg(log)
+        .arg(max_bytes.to_string())
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::from(read))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .process_group(0);
+    let mut command = tokio::process::Command::from(command);
+    command.kill_on_drop(false);
+    let child = command.spawn().map_err(|e| {
+        let e = std::io::Error::new(e.kind(), format!("for {}: {e}", log.display()));
+        Error::io("start the output writer", &writer.program, e)
+    })?;
+    let pid = child.id().ok_or_else(|| {
+        let log = log.display();
+        Error::Internal(format!(
+            "the output writer for {log} exited before it had a pid"
+        ))
+    })?;
+    Ok(pid)
 }
 
 /// The output writer process: copies its stdin into the capped log until end of input.
