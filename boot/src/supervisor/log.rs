@@ -105,11 +105,6 @@ fn rotated_path(log: &Path) -> PathBuf {
     beside(log, ".1")
 }
 
-/// The lock the writers of one log take turns under: `<name>.log.lock`.
-fn lock_path(log: &Path) -> PathBuf {
-    beside(log, ".lock")
-}
-
 /// The output of one run of a release before it starts: a pipe (both ends close-on-exec,
 /// so no other child inherits them) holding `header` as the run's first line. Returns its
 /// read end, for the output writer, and two descriptors of its write end, for the
@@ -267,7 +262,7 @@ impl CappedLog {
             .truncate(false)
             .write(true)
             .mode(LOG_MODE)
-            .open(lock_path(&path))
+            .open(beside(&path, ".lock"))
             .ok();
         CappedLog {
             rotated: rotated_path(&path),
@@ -460,10 +455,7 @@ impl CappedLog {
         if size <= OUTPUT_TAIL_MAX as u64 {
             return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        let mut tail = Vec::with_capacity(OUTPUT_TAIL_MAX);
-        let mut reader = File::open(&self.path)?;
-        reader.seek(SeekFrom::Start(size - OUTPUT_TAIL_MAX as u64))?;
-        reader.take(OUTPUT_TAIL_MAX as u64).read_to_end(&mut tail)?;
+        let tail = tail_of(&self.path, OUTPUT_TAIL_MAX)?;
         file.set_len(0)?;
         // The tail fits in the blocks just freed.
         file.write_all(&tail)?;
@@ -490,32 +482,24 @@ fn write_counted(file: &mut File, data: &[u8]) -> std::result::Result<(), (usize
     Ok(())
 }
 
-/// The last bytes of a file, at most `max`; empty when it does not exist.
-fn read_tail(path: &Path, max: usize) -> Vec<u8> {
-    let Ok(mut file) = File::open(path) else {
-        return Vec::new();
-    };
-    let Ok(len) = file.metadata().map(|m| m.len()) else {
-        return Vec::new();
-    };
-    let start = len.saturating_sub(max as u64);
-    if file.seek(SeekFrom::Start(start)).is_err() {
-        return Vec::new();
-    }
+/// The last bytes of a file, at most `max`.
+fn tail_of(path: &Path, max: usize) -> std::io::Result<Vec<u8>> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(max as u64)))?;
     let mut bytes = Vec::with_capacity(max.min(len as usize));
-    if file.take(max as u64).read_to_end(&mut bytes).is_err() {
-        return Vec::new();
-    }
-    bytes
+    file.take(max as u64).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// The last [`OUTPUT_TAIL_MAX`] bytes of a release's output, as lossy UTF-8 cut at a
 /// character boundary. When the log was just rotated, its end is taken from the rotated
 /// copy.
 pub(crate) fn output_tail(path: &Path) -> String {
-    let mut bytes = read_tail(path, OUTPUT_TAIL_MAX);
+    let mut bytes = tail_of(path, OUTPUT_TAIL_MAX).unwrap_or_default();
     if bytes.len() < OUTPUT_TAIL_MAX {
-        let mut older = read_tail(&rotated_path(path), OUTPUT_TAIL_MAX - bytes.len());
+        let older = tail_of(&rotated_path(path), OUTPUT_TAIL_MAX - bytes.len());
+        let mut older = older.unwrap_or_default();
         older.extend_from_slice(&bytes);
         bytes = older;
     }

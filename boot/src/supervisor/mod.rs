@@ -395,30 +395,21 @@ impl Inner {
                         () = token.cancelled() => return,
                     }
                     let _op = release.op.lock().await;
-                    let desired = {
-                        let live = release.live();
-                        match &live.desired {
-                            Some(d)
-                                if live.generation == generation
-                                    && d.should_run
-                                    && !d.crash_looping =>
-                            {
-                                d.clone()
-                            }
-                            _ => return,
-                        }
+                    // Under the operation lock: neither the desired state nor the
+                    // generation changes until the relaunch is done.
+                    let desired = release.live().desired.clone();
+                    let wanted = desired.filter(|d| d.should_run && !d.crash_looping);
+                    let Some(desired) = wanted.filter(|_| release.owned_by(generation)) else {
+                        return;
                     };
                     let Some(next) = self.relaunch(&release, generation, &desired, "restart")
                     else {
                         return;
                     };
                     if let Step::Wait(..) = &next {
-                        let restarts = {
-                            let mut live = release.live();
-                            live.restarts += 1;
-                            live.restarts
-                        };
-                        info!(release = %release.name, version = %desired.version, pid = next.pid(), restarts, "restarted");
+                        let mut live = release.live();
+                        live.restarts += 1;
+                        info!(release = %release.name, version = %desired.version, pid = next.pid(), restarts = live.restarts, "restarted");
                     }
                     next
                 }
