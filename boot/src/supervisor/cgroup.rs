@@ -21,7 +21,7 @@
 //! possible.
 
 use std::fs;
-use std::io::{ErrorKind, Write};
+use std::io::ErrorKind;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -167,12 +167,9 @@ impl Tree {
         if self.has_kill {
             let path = dir.join("cgroup.kill");
             // A cgroup already gone has nothing left to kill.
-            return match fs::OpenOptions::new().write(true).open(&path) {
-                Ok(mut file) => file
-                    .write_all(b"1")
-                    .map_err(|e| Error::io("write 1 to", &path, e)),
-                Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(Error::io("open", &path, e)),
+            return match fs::write(&path, "1") {
+                Err(e) if e.kind() != ErrorKind::NotFound => Err(Error::io("write 1 to", &path, e)),
+                _ => Ok(()),
             };
         }
         process::signal_each(&self.members(name), nix::sys::signal::Signal::SIGKILL);
@@ -263,20 +260,18 @@ fn v2_mounts(mountinfo: &str) -> Vec<(String, PathBuf)> {
 }
 
 fn unescape_octal(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            let digits = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
-            if let Ok(value) = u8::from_str_radix(digits, 8) {
-                out.push(value);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
+    let mut out = Vec::with_capacity(field.len());
+    let mut rest = field.as_bytes();
+    while let Some((&byte, after)) = rest.split_first() {
+        // `\ooo`: three octal digits after the backslash.
+        let digits = after.get(..3).and_then(|d| std::str::from_utf8(d).ok());
+        let code = digits.and_then(|d| u8::from_str_radix(d, 8).ok());
+        let (value, used) = match code {
+            Some(value) if byte == b'\\' => (value, 4),
+            _ => (byte, 1),
+        };
+        out.push(value);
+        rest = &rest[used..];
     }
     String::from_utf8_lossy(&out).into_owned()
 }

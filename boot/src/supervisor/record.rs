@@ -130,13 +130,9 @@ fn save<T: Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
 
 fn load<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> Result<Option<T>> {
     match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            Error::io(
-                "decode",
-                path,
-                std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-            )
-        }),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::io("decode", path, e.into())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io("read", path, e)),
     }
