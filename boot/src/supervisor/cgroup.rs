@@ -185,10 +185,8 @@ impl Tree {
     /// Removes every empty release cgroup and then the agent's directory; whatever still
     /// has members stays (`rmdir` of a populated cgroup fails with `EBUSY`).
     pub fn remove_if_empty(&self) {
-        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_tree(&entry.path());
-            }
+        for cgroup in child_cgroups(&self.dir) {
+            remove_tree(&cgroup);
         }
         let _ = fs::remove_dir(&self.dir);
     }
@@ -202,16 +200,18 @@ fn cgroups_below(dir: &Path) -> Vec<PathBuf> {
     let mut todo = vec![dir.to_path_buf()];
     while let Some(cgroup) = todo.pop() {
         if cgroup.is_dir() {
-            let entries = fs::read_dir(&cgroup).into_iter().flatten().flatten();
-            todo.extend(
-                entries
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
+            todo.extend(child_cgroups(&cgroup));
             found.push(cgroup);
         }
     }
     found
+}
+
+/// The cgroups right below `dir`: its subdirectories.
+fn child_cgroups(dir: &Path) -> impl Iterator<Item = PathBuf> {
+    let entries = fs::read_dir(dir).into_iter().flatten().flatten();
+    let dirs = entries.filter(|e| e.file_type().is_ok_and(|t| t.is_dir()));
+    dirs.map(|e| e.path())
 }
 
 /// Removes the cgroup `dir` and the cgroups below it, deepest first; what is busy stays.

@@ -98,12 +98,9 @@ pub(crate) fn age(start_time: u64) -> Option<Duration> {
 
 /// The pids of every process in `/proc`.
 pub(crate) fn all_pids() -> Vec<u32> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
+    let entries = fs::read_dir("/proc").into_iter().flatten().flatten();
     entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect()
 }
 
