@@ -22,7 +22,6 @@
 
 use std::fs;
 use std::io::ErrorKind;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -137,16 +136,13 @@ impl Tree {
     }
 
     /// Creates the cgroup of `name` when missing and opens its `cgroup.procs` for the
-    /// child to join (the file is close-on-exec: the release never sees it).
+    /// child to join (close-on-exec, as std opens every file: the release never sees it).
     pub fn prepare(&self, name: &str) -> Result<fs::File> {
         let dir = self.release_dir(name);
         fs::create_dir_all(&dir).map_err(|e| Error::io("create cgroup", &dir, e))?;
         let procs = dir.join("cgroup.procs");
-        fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&procs)
-            .map_err(|e| Error::io("open", &procs, e))
+        let file = fs::OpenOptions::new().write(true).open(&procs);
+        file.map_err(|e| Error::io("open", &procs, e))
     }
 
     /// Live (non-zombie) members of release `name`'s cgroup and of every cgroup below it

@@ -139,14 +139,11 @@ pub(crate) fn start_writer(
     max_bytes: u64,
 ) -> Result<u32> {
     let mut command = std::process::Command::new(&writer.program);
-    if writer.program == Path::new(OutputWriter::SELF) {
-        // `ps` shows the agent's name rather than `/proc/self/exe`.
-        if let Some(name) = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.file_name().map(OsString::from))
-        {
-            command.arg0(name);
-        }
+    // `ps` shows the agent's name rather than `/proc/self/exe`.
+    let own = writer.program == Path::new(OutputWriter::SELF);
+    let exe = own.then(std::env::current_exe).and_then(|exe| exe.ok());
+    if let Some(name) = exe.as_deref().and_then(Path::file_name) {
+        command.arg0(name);
     }
     command
         .args(&writer.args)
