@@ -169,20 +169,19 @@ pub(crate) fn load_all_desired(root: &Root) -> Result<(Vec<Desired>, Vec<Error>)
     for entry in entries {
         let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
         let file_name = entry.file_name();
-        let Some(file_name) = file_name.to_str() else {
+        let name = file_name
+            .to_str()
+            .and_then(|n| n.strip_suffix(DESIRED_SUFFIX));
+        // Temporary files of write_atomic start with '.': no release name.
+        let Some(name) = name.filter(|name| check_name("release name", name).is_ok()) else {
             continue;
         };
-        let Some(name) = file_name.strip_suffix(DESIRED_SUFFIX) else {
-            continue;
-        };
-        if check_name("release name", name).is_err() {
-            continue; // temporary files of write_atomic start with '.'
-        }
-        match load::<Desired>(&entry.path()) {
+        let path = entry.path();
+        match load::<Desired>(&path) {
             Ok(Some(desired)) if desired.name == name => found.push(desired),
             Ok(Some(desired)) => damaged.push(Error::Internal(format!(
                 "{} names the release '{}'",
-                entry.path().display(),
+                path.display(),
                 desired.name
             ))),
             Ok(None) => {}
