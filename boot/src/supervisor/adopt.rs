@@ -14,7 +14,8 @@ use crate::error::Result;
 use super::cgroup::Containment;
 use super::process;
 use super::record::{self, Desired, RunRecord};
-use super::{Current, Exit, Inner, Release, Step, Waiter, DAEMONIZE_WINDOW, SWITCH_GRACE};
+use super::{log_failure, Exit, Inner, Release, Run, Step, Waiter};
+use super::{DAEMONIZE_WINDOW, SWITCH_GRACE};
 
 impl Inner {
     /// Reads every desired-state file and recovers each release (see [`Inner::recover`]).
@@ -72,16 +73,15 @@ impl Inner {
         }
         if let Some(run) = keep {
             if recorded.as_ref() != Some(&run) {
-                if let Err(e) = record::save_run(&self.root, &name, &run) {
-                    warn!(release = %name, "cannot write the run record: {e}");
-                }
+                let saved = record::save_run(&self.root, &name, &run);
+                log_failure(&name, "cannot write the run record", saved);
             }
             let step = self.adopt(&release, run, &members);
             self.spawn_task(&release, generation, token, step);
         } else if let Some(step) =
             self.relaunch(&release, generation, &desired, "start at agent start")
         {
-            if let Step::Wait { .. } = step {
+            if let Step::Wait(..) = step {
                 info!(release = %name, version = %desired.version, pid = step.pid(), "started at agent start");
             }
             self.spawn_task(&release, generation, token, step);
@@ -90,32 +90,21 @@ impl Inner {
     }
 
     /// Makes `run` the release's current process, and says how to wait for its end.
-    fn adopt(&self, release: &Release, run: RunRecord, members: &[u32]) -> Step {
-        let anchor = (run.pid, run.start_time);
-        let age = process::age(run.start_time).unwrap_or_default();
-        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-        let writer = (run.writer_pid != 0).then_some((run.writer_pid, run.writer_start_time));
-        let (shown, waiter) = match run.daemonized {
-            true => (oldest(members).unwrap_or(run.pid), Waiter::Members),
-            false => (run.pid, Waiter::Adopted),
+    fn adopt(&self, release: &Release, record: RunRecord, members: &[u32]) -> Step {
+        let age = process::age(record.start_time).unwrap_or_default();
+        let run = Run {
+            anchor: record.anchor(),
+            started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+            writer: record.writer(),
         };
-        let (name, version, daemonized) = (&release.name, run.version, run.daemonized);
+        let (shown, waiter) = match record.daemonized {
+            true => (oldest(members).unwrap_or(record.pid), Waiter::Members),
+            false => (record.pid, Waiter::Adopted),
+        };
+        let (name, version, daemonized) = (&release.name, &record.version, record.daemonized);
         info!(release = %name, version = %version, pid = shown, daemonized, "adopted a running release");
-        let current = Current {
-            pid: shown,
-            anchor,
-            version,
-            started,
-            reaped: None,
-            writer,
-        };
-        release.live().run(current);
-        Step::Wait {
-            anchor,
-            started,
-            writer,
-            waiter,
-        }
+        release.live().run(shown, version, run, None);
+        Step::Wait(run, waiter)
     }
 
     /// The main process of a release ended after running `ran` and `left` members
@@ -138,21 +127,27 @@ impl Inner {
         };
         let run = {
             let live = release.live();
-            match live
+            let current = live
                 .process
                 .as_ref()
-                .filter(|_| live.generation == generation)
-            {
-                Some(current) => {
-                    RunRecord::new(current.anchor, &current.version, true, current.writer)
-                }
-                None => return false,
-            }
+                .filter(|_| live.generation == generation);
+            let Some(current) = current else {
+                return false;
+            };
+            RunRecord::new(
+                current.run.anchor,
+                &current.version,
+                true,
+                current.run.writer,
+            )
         };
         // Recorded before it shows: whoever sees the new pid may restart the agent.
-        if let Err(e) = record::save_run(&self.root, &release.name, &run) {
-            warn!(release = %release.name, "cannot record that the release daemonized: {e}");
-        }
+        let saved = record::save_run(&self.root, &release.name, &run);
+        log_failure(
+            &release.name,
+            "cannot record that the release daemonized",
+            saved,
+        );
         {
             let mut live = release.live();
             if live.generation != generation {
@@ -176,7 +171,7 @@ impl Inner {
             return false;
         };
         let mut live = release.live();
-        if let Some(current) = live.process.as_mut().filter(|c| c.anchor == anchor) {
+        if let Some(current) = live.process.as_mut().filter(|c| c.run.anchor == anchor) {
             if !left.contains(&current.pid) {
                 current.pid = shown;
                 live.last_pid = Some(shown);
@@ -192,25 +187,21 @@ impl Inner {
         if !matches!(self.containment, Containment::Cgroup(_)) {
             return;
         }
-        let strays: Vec<(u32, u64)> = process::marked(self.root.path(), name)
-            .into_iter()
-            .filter(|(pid, _)| !members.contains(pid))
-            .collect();
+        let mut strays = process::marked(self.root.path(), name);
+        strays.retain(|(pid, _)| !members.contains(pid));
+        if strays.is_empty() {
+            return;
+        }
         let alive = || {
             let alive = strays
                 .iter()
                 .filter(|&&(pid, start)| process::is_alive(pid, start));
             alive.map(|&(pid, _)| pid).collect::<Vec<_>>()
         };
-        if strays.is_empty() {
-            return;
-        }
         warn!(release = %name, pids = ?strays.iter().map(|s| s.0).collect::<Vec<_>>(), "stopping processes of the release outside its cgroup");
         let what = format!("processes of release {name} outside its cgroup");
-        if let Err(e) = process::stop_members(&what, alive, process::kill_each, SWITCH_GRACE).await
-        {
-            warn!(release = %name, "{e}");
-        }
+        let stopped = process::stop_members(&what, alive, process::kill_each, SWITCH_GRACE);
+        log_failure(name, "cannot stop them", stopped.await);
     }
 }
 
@@ -230,16 +221,13 @@ fn oldest(pids: &[u32]) -> Option<u32> {
 /// (not found otherwise: it is no member of the release, and it ends on its own with its
 /// output).
 fn what_runs(name: &str, recorded: Option<&RunRecord>, members: &[u32]) -> Option<RunRecord> {
-    let recorded_as = |run: &RunRecord, daemonized| {
-        let writer = (run.writer_pid != 0).then_some((run.writer_pid, run.writer_start_time));
-        RunRecord::new((run.pid, run.start_time), &run.version, daemonized, writer)
-    };
     match recorded {
         _ if members.is_empty() => None,
         Some(run) if process::is_alive(run.pid, run.start_time) && members.contains(&run.pid) => {
-            Some(recorded_as(run, false))
+            let (anchor, writer) = (run.anchor(), run.writer());
+            Some(RunRecord::new(anchor, &run.version, false, writer))
         }
-        Some(run) if run.daemonized => Some(recorded_as(run, true)),
+        Some(run) if run.daemonized => Some(run.clone()),
         Some(run) => {
             info!(release = %name, pid = run.pid, "the main process died while the agent was away; stopping what is left of it");
             None

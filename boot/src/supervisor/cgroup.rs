@@ -21,8 +21,7 @@
 //! possible.
 
 use std::fs;
-use std::io::{ErrorKind, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -99,7 +98,8 @@ impl Tree {
         let dir = v2_mounts(mountinfo)
             .into_iter()
             .find_map(|(mount_root, mount_point)| {
-                let rest = strip_cgroup_prefix(&parent, &mount_root)?;
+                // Component by component: `/nsother` is not below `/ns`.
+                let rest = Path::new(&parent).strip_prefix(mount_root).ok()?;
                 Some(mount_point.join(rest))
             })
             .ok_or_else(|| {
@@ -136,20 +136,13 @@ impl Tree {
     }
 
     /// Creates the cgroup of `name` when missing and opens its `cgroup.procs` for the
-    /// child to join (the file is close-on-exec: the release never sees it).
+    /// child to join (close-on-exec, as std opens every file: the release never sees it).
     pub fn prepare(&self, name: &str) -> Result<fs::File> {
         let dir = self.release_dir(name);
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::io("create cgroup", &dir, e)),
-        }
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create cgroup", &dir, e))?;
         let procs = dir.join("cgroup.procs");
-        fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&procs)
-            .map_err(|e| Error::io("open", &procs, e))
+        let file = fs::OpenOptions::new().write(true).open(&procs);
+        file.map_err(|e| Error::io("open", &procs, e))
     }
 
     /// Live (non-zombie) members of release `name`'s cgroup and of every cgroup below it
@@ -170,12 +163,9 @@ impl Tree {
         if self.has_kill {
             let path = dir.join("cgroup.kill");
             // A cgroup already gone has nothing left to kill.
-            return match fs::OpenOptions::new().write(true).open(&path) {
-                Ok(mut file) => file
-                    .write_all(b"1")
-                    .map_err(|e| Error::io("write 1 to", &path, e)),
-                Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(Error::io("open", &path, e)),
+            return match fs::write(&path, "1") {
+                Err(e) if e.kind() != ErrorKind::NotFound => Err(Error::io("write 1 to", &path, e)),
+                _ => Ok(()),
             };
         }
         process::signal_each(&self.members(name), nix::sys::signal::Signal::SIGKILL);
@@ -191,10 +181,8 @@ impl Tree {
     /// Removes every empty release cgroup and then the agent's directory; whatever still
     /// has members stays (`rmdir` of a populated cgroup fails with `EBUSY`).
     pub fn remove_if_empty(&self) {
-        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_tree(&entry.path());
-            }
+        for cgroup in child_cgroups(&self.dir) {
+            remove_tree(&cgroup);
         }
         let _ = fs::remove_dir(&self.dir);
     }
@@ -208,16 +196,18 @@ fn cgroups_below(dir: &Path) -> Vec<PathBuf> {
     let mut todo = vec![dir.to_path_buf()];
     while let Some(cgroup) = todo.pop() {
         if cgroup.is_dir() {
-            let entries = fs::read_dir(&cgroup).into_iter().flatten().flatten();
-            todo.extend(
-                entries
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
+            todo.extend(child_cgroups(&cgroup));
             found.push(cgroup);
         }
     }
     found
+}
+
+/// The cgroups right below `dir`: its subdirectories.
+fn child_cgroups(dir: &Path) -> impl Iterator<Item = PathBuf> {
+    let entries = fs::read_dir(dir).into_iter().flatten().flatten();
+    let dirs = entries.filter(|e| e.file_type().is_ok_and(|t| t.is_dir()));
+    dirs.map(|e| e.path())
 }
 
 /// Removes the cgroup `dir` and the cgroups below it, deepest first; what is busy stays.
@@ -265,35 +255,19 @@ fn v2_mounts(mountinfo: &str) -> Vec<(String, PathBuf)> {
         .collect()
 }
 
-/// The part of cgroup `path` below a mount whose root is `mount_root`, relative.
-fn strip_cgroup_prefix(path: &str, mount_root: &str) -> Option<PathBuf> {
-    let rest = if mount_root == "/" {
-        path.trim_start_matches('/')
-    } else {
-        let rest = path.strip_prefix(mount_root)?;
-        if !rest.is_empty() && !rest.starts_with('/') {
-            return None;
-        }
-        rest.trim_start_matches('/')
-    };
-    Some(PathBuf::from(rest))
-}
-
 fn unescape_octal(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            let digits = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
-            if let Ok(value) = u8::from_str_radix(digits, 8) {
-                out.push(value);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
+    let mut out = Vec::with_capacity(field.len());
+    let mut rest = field.as_bytes();
+    while let Some((&byte, after)) = rest.split_first() {
+        // `\ooo`: three octal digits after the backslash.
+        let digits = after.get(..3).and_then(|d| std::str::from_utf8(d).ok());
+        let code = digits.and_then(|d| u8::from_str_radix(d, 8).ok());
+        let (value, used) = match code {
+            Some(value) if byte == b'\\' => (value, 4),
+            _ => (byte, 1),
+        };
+        out.push(value);
+        rest = &rest[used..];
     }
     String::from_utf8_lossy(&out).into_owned()
 }

@@ -105,95 +105,69 @@ fn rotated_path(log: &Path) -> PathBuf {
     beside(log, ".1")
 }
 
-/// The lock the writers of one log take turns under: `<name>.log.lock`.
-fn lock_path(log: &Path) -> PathBuf {
-    beside(log, ".lock")
+/// The output of one run of a release before it starts: a pipe (both ends close-on-exec,
+/// so no other child inherits them) holding `header` as the run's first line. Returns its
+/// read end, for the output writer, and two descriptors of its write end, for the
+/// release's stdout and stderr. The agent keeps none: the writer sees the end of the
+/// output once the release and what it started have closed theirs.
+pub(crate) fn output_pipe(log: &Path, header: &str) -> Result<(File, (Stdio, Stdio))> {
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| Error::io("make the output pipe for", log, e.into()))?;
+    let mut write = File::from(write);
+    // An empty pipe holds far more than one line: this never blocks.
+    write
+        .write_all(format!("{header}\n").as_bytes())
+        .map_err(|e| Error::io("write the header for", log, e))?;
+    let dup = || {
+        let copy = write.try_clone().map(Stdio::from);
+        copy.map_err(|e| Error::io("duplicate the output pipe for", log, e))
+    };
+    Ok((File::from(read), (dup()?, dup()?)))
 }
 
-/// The output of one run of a release before it starts: a pipe whose write end becomes
-/// the release's stdout and stderr, and whose read end goes to its output writer.
-#[derive(Debug)]
-pub(crate) struct OutputPipe {
+/// Starts the output writer on `read`, the read end of the [`output_pipe`], in a process
+/// group of its own: outside the release's session and cgroup, so it is never counted as
+/// the release, is not reached by its stop signals or its cgroup's kill, and drains the
+/// last output of a release that was killed. It ends at end of input, once every process
+/// that holds the write end (the release and all it started) is gone. It is not waited
+/// for here; the runtime reaps it while this agent runs, its new parent after an agent
+/// restart. Returns its pid.
+pub(crate) fn start_writer(
     read: File,
-    /// Two descriptors of the write end, for the release's stdout and stderr. The agent
-    /// keeps none: the writer sees the end of the output once the release and what it
-    /// started have closed theirs.
-    stdio: (Stdio, Stdio),
-    log: PathBuf,
-}
-
-impl OutputPipe {
-    /// Makes the pipe (both ends close-on-exec, so no other child inherits them) and
-    /// writes `header` into it as the run's first line.
-    pub(crate) fn open(log: &Path, header: &str) -> Result<OutputPipe> {
-        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
-            .map_err(|e| Error::io("make the output pipe for", log, e.into()))?;
-        let mut write = File::from(write);
-        // An empty pipe holds far more than one line: this never blocks.
-        write
-            .write_all(format!("{header}\n").as_bytes())
-            .map_err(|e| Error::io("write the header for", log, e))?;
-        let dup = || {
-            let copy = write.try_clone().map(Stdio::from);
-            copy.map_err(|e| Error::io("duplicate the output pipe for", log, e))
-        };
-        let stdio = (dup()?, dup()?);
-        let log = log.to_path_buf();
-        Ok(OutputPipe {
-            read: File::from(read),
-            stdio,
-            log,
-        })
+    log: &Path,
+    writer: &OutputWriter,
+    max_bytes: u64,
+) -> Result<u32> {
+    let mut command = std::process::Command::new(&writer.program);
+    // `ps` shows the agent's name rather than `/proc/self/exe`.
+    let own = writer.program == Path::new(OutputWriter::SELF);
+    let exe = own.then(std::env::current_exe).and_then(|exe| exe.ok());
+    if let Some(name) = exe.as_deref().and_then(Path::file_name) {
+        command.arg0(name);
     }
-
-    /// Starts the output writer on the read end, in a process group of its own: outside
-    /// the release's session and cgroup, so it is never counted as the release, is not
-    /// reached by its stop signals or its cgroup's kill, and drains the last output of a
-    /// release that was killed. It ends at end of input, once every process that holds the
-    /// write end (the release and all it started) is gone. It is not waited for here; the
-    /// runtime reaps it while this agent runs, its new parent after an agent restart.
-    ///
-    /// Returns the release's stdout and stderr, and the writer's pid.
-    pub(crate) fn start_writer(
-        self,
-        writer: &OutputWriter,
-        max_bytes: u64,
-    ) -> Result<((Stdio, Stdio), u32)> {
-        let OutputPipe { read, stdio, log } = self;
-        let mut command = std::process::Command::new(&writer.program);
-        if writer.program == Path::new(OutputWriter::SELF) {
-            // `ps` shows the agent's name rather than `/proc/self/exe`.
-            if let Some(name) = std::env::current_exe()
-                .ok()
-                .and_then(|p| p.file_name().map(OsString::from))
-            {
-                command.arg0(name);
-            }
-        }
-        command
-            .args(&writer.args)
-            .arg(&log)
-            .arg(max_bytes.to_string())
-            .env_clear()
-            .current_dir("/")
-            .stdin(Stdio::from(read))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .process_group(0);
-        let mut command = tokio::process::Command::from(command);
-        command.kill_on_drop(false);
-        let child = command.spawn().map_err(|e| {
-            let e = std::io::Error::new(e.kind(), format!("for {}: {e}", log.display()));
-            Error::io("start the output writer", &writer.program, e)
-        })?;
-        let pid = child.id().ok_or_else(|| {
-            let log = log.display();
-            Error::Internal(format!(
-                "the output writer for {log} exited before it had a pid"
-            ))
-        })?;
-        Ok((stdio, pid))
-    }
+    command
+        .args(&writer.args)
+        .arg(log)
+        .arg(max_bytes.to_string())
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::from(read))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .process_group(0);
+    let mut command = tokio::process::Command::from(command);
+    command.kill_on_drop(false);
+    let child = command.spawn().map_err(|e| {
+        let e = std::io::Error::new(e.kind(), format!("for {}: {e}", log.display()));
+        Error::io("start the output writer", &writer.program, e)
+    })?;
+    let pid = child.id().ok_or_else(|| {
+        let log = log.display();
+        Error::Internal(format!(
+            "the output writer for {log} exited before it had a pid"
+        ))
+    })?;
+    Ok(pid)
 }
 
 /// The output writer process: copies its stdin into the capped log until end of input.
@@ -285,7 +259,7 @@ impl CappedLog {
             .truncate(false)
             .write(true)
             .mode(LOG_MODE)
-            .open(lock_path(&path))
+            .open(beside(&path, ".lock"))
             .ok();
         CappedLog {
             rotated: rotated_path(&path),
@@ -478,10 +452,7 @@ impl CappedLog {
         if size <= OUTPUT_TAIL_MAX as u64 {
             return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        let mut tail = Vec::with_capacity(OUTPUT_TAIL_MAX);
-        let mut reader = File::open(&self.path)?;
-        reader.seek(SeekFrom::Start(size - OUTPUT_TAIL_MAX as u64))?;
-        reader.take(OUTPUT_TAIL_MAX as u64).read_to_end(&mut tail)?;
+        let tail = tail_of(&self.path, OUTPUT_TAIL_MAX)?;
         file.set_len(0)?;
         // The tail fits in the blocks just freed.
         file.write_all(&tail)?;
@@ -508,32 +479,24 @@ fn write_counted(file: &mut File, data: &[u8]) -> std::result::Result<(), (usize
     Ok(())
 }
 
-/// The last bytes of a file, at most `max`; empty when it does not exist.
-fn read_tail(path: &Path, max: usize) -> Vec<u8> {
-    let Ok(mut file) = File::open(path) else {
-        return Vec::new();
-    };
-    let Ok(len) = file.metadata().map(|m| m.len()) else {
-        return Vec::new();
-    };
-    let start = len.saturating_sub(max as u64);
-    if file.seek(SeekFrom::Start(start)).is_err() {
-        return Vec::new();
-    }
+/// The last bytes of a file, at most `max`.
+fn tail_of(path: &Path, max: usize) -> std::io::Result<Vec<u8>> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(max as u64)))?;
     let mut bytes = Vec::with_capacity(max.min(len as usize));
-    if file.take(max as u64).read_to_end(&mut bytes).is_err() {
-        return Vec::new();
-    }
-    bytes
+    file.take(max as u64).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// The last [`OUTPUT_TAIL_MAX`] bytes of a release's output, as lossy UTF-8 cut at a
 /// character boundary. When the log was just rotated, its end is taken from the rotated
 /// copy.
 pub(crate) fn output_tail(path: &Path) -> String {
-    let mut bytes = read_tail(path, OUTPUT_TAIL_MAX);
+    let mut bytes = tail_of(path, OUTPUT_TAIL_MAX).unwrap_or_default();
     if bytes.len() < OUTPUT_TAIL_MAX {
-        let mut older = read_tail(&rotated_path(path), OUTPUT_TAIL_MAX - bytes.len());
+        let older = tail_of(&rotated_path(path), OUTPUT_TAIL_MAX - bytes.len());
+        let mut older = older.unwrap_or_default();
         older.extend_from_slice(&bytes);
         bytes = older;
     }

@@ -165,29 +165,33 @@ struct Live {
 struct Current {
     /// The pid reported: the main process, or the oldest member once it daemonized.
     pid: u32,
-    /// The main process (pid, start time): the session and group its members share
-    /// without cgroups.
-    anchor: (u32, u64),
     version: String,
-    started: Instant,
+    run: Run,
     /// Becomes true once the supervision task reaped it; `None` for an adopted process.
     reaped: Option<watch::Receiver<bool>>,
-    /// Its output writer (pid, start time), when known; not part of the release.
-    writer: Option<(u32, u64)>,
 }
 
 /// How a supervision task learns that its process ended.
 #[derive(Debug)]
 enum Waiter {
-    /// A child of this agent: waited for, and so reaped.
-    Own {
-        child: Box<Child>,
-        reaped: watch::Sender<bool>,
-    },
+    /// A child of this agent: waited for, and so reaped (said on the channel).
+    Own(Box<Child>, watch::Sender<bool>),
     /// A process adopted after an agent restart: polled in `/proc`.
     Adopted,
     /// A release whose start command daemonized: polled until no member is left.
     Members,
+}
+
+/// One run of a release.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    /// The main process (pid, start time): the session and group its members share
+    /// without cgroups.
+    anchor: (u32, u64),
+    started: Instant,
+    /// The run's output writer (pid, start time), when known; not part of the release.
+    /// Waited for before the end of the run is recorded.
+    writer: Option<(u32, u64)>,
 }
 
 /// What a supervision task does next.
@@ -195,15 +199,7 @@ enum Waiter {
 enum Step {
     /// Wait for the process (the anchor) to end, or for the members of a daemonized
     /// release to be gone.
-    Wait {
-        /// The main process (pid, start time).
-        anchor: (u32, u64),
-        started: Instant,
-        /// The run's output writer (pid, start time), waited for before the end of the
-        /// run is recorded.
-        writer: Option<(u32, u64)>,
-        waiter: Waiter,
-    },
+    Wait(Run, Waiter),
     /// Restart after this delay.
     Backoff(Duration),
 }
@@ -357,12 +353,10 @@ impl Inner {
     ) {
         loop {
             step = match step {
-                Step::Wait {
-                    anchor,
-                    started,
-                    writer,
-                    waiter,
-                } => {
+                Step::Wait(run, waiter) => {
+                    let Run {
+                        anchor, started, ..
+                    } = run;
                     let was_members = matches!(waiter, Waiter::Members);
                     let Some(exit) = self.wait_exit(&release, anchor, waiter, &token).await else {
                         return;
@@ -376,27 +370,19 @@ impl Inner {
                         self.members(&release.name, Some(anchor))
                     };
                     if self.daemonized(&release, generation, exit, started.elapsed(), &left) {
-                        step = Step::Wait {
-                            anchor,
-                            started,
-                            writer,
-                            waiter: Waiter::Members,
-                        };
+                        step = Step::Wait(run, Waiter::Members);
                         continue;
                     }
                     if !left.is_empty() {
                         warn!(release = %release.name, pid = anchor.0, members = left.len(), "the main process ended; stopping what is left of the release");
-                        if let Err(e) = self
-                            .stop_release(&release.name, Some(anchor), LEFTOVER_GRACE)
-                            .await
-                        {
-                            warn!(release = %release.name, "{e}");
-                        }
+                        let stopped =
+                            self.stop_release(&release.name, Some(anchor), LEFTOVER_GRACE);
+                        log_failure(&release.name, "cannot stop what is left", stopped.await);
                     }
                     // Nothing of the release holds its output any more: the writer ends
                     // once it wrote the last of it. Waited for, so the tail holds the
                     // release's last words.
-                    wait_writer(&release.name, writer).await;
+                    wait_writer(&release.name, run.writer).await;
                     let _op = release.op.lock().await;
                     match self.record_end(&release, generation, started.elapsed(), exit) {
                         Some(delay) => Step::Backoff(delay),
@@ -409,30 +395,21 @@ impl Inner {
                         () = token.cancelled() => return,
                     }
                     let _op = release.op.lock().await;
-                    let desired = {
-                        let live = release.live();
-                        match &live.desired {
-                            Some(d)
-                                if live.generation == generation
-                                    && d.should_run
-                                    && !d.crash_looping =>
-                            {
-                                d.clone()
-                            }
-                            _ => return,
-                        }
+                    // Under the operation lock: neither the desired state nor the
+                    // generation changes until the relaunch is done.
+                    let desired = release.live().desired.clone();
+                    let wanted = desired.filter(|d| d.should_run && !d.crash_looping);
+                    let Some(desired) = wanted.filter(|_| release.owned_by(generation)) else {
+                        return;
                     };
                     let Some(next) = self.relaunch(&release, generation, &desired, "restart")
                     else {
                         return;
                     };
-                    if let Step::Wait { .. } = &next {
-                        let restarts = {
-                            let mut live = release.live();
-                            live.restarts += 1;
-                            live.restarts
-                        };
-                        info!(release = %release.name, version = %desired.version, pid = next.pid(), restarts, "restarted");
+                    if let Step::Wait(..) = &next {
+                        let mut live = release.live();
+                        live.restarts += 1;
+                        info!(release = %release.name, version = %desired.version, pid = next.pid(), restarts = live.restarts, "restarted");
                     }
                     next
                 }
@@ -471,7 +448,7 @@ impl Inner {
         token: &CancellationToken,
     ) -> Option<Exit> {
         let members = match waiter {
-            Waiter::Own { mut child, reaped } => {
+            Waiter::Own(mut child, reaped) => {
                 return tokio::select! {
                     status = child.wait() => {
                         let _ = reaped.send(true);
@@ -550,14 +527,12 @@ impl Inner {
             }
         };
         if pid.is_some() {
-            if let Err(e) = record::remove_run(&self.root, &release.name) {
-                warn!(release = %release.name, "cannot remove the run record: {e}");
-            }
+            let removed = record::remove_run(&self.root, &release.name);
+            log_failure(&release.name, "cannot remove the run record", removed);
         }
         if let Some(desired) = crashed {
-            if let Err(e) = record::save_desired(&self.root, &desired) {
-                warn!(release = %release.name, "cannot record the crash loop: {e}");
-            }
+            let saved = record::save_desired(&self.root, &desired);
+            log_failure(&release.name, "cannot record the crash loop", saved);
             warn!(release = %release.name, ?pid, code = ?exit.code, signal = ?exit.signal, runs = settings.crash_loop_after, "crash-looping: left stopped until the next start");
             return None;
         }
@@ -570,18 +545,32 @@ impl Step {
     /// The pid of the process waited for; 0 during a backoff.
     fn pid(&self) -> u32 {
         match self {
-            Step::Wait { anchor, .. } => anchor.0,
+            Step::Wait(run, _) => run.anchor.0,
             Step::Backoff(_) => 0,
         }
     }
 }
 
 impl Live {
-    /// Makes `current` the process that runs.
-    fn run(&mut self, current: Current) {
-        self.last_pid = Some(current.pid);
-        self.process = Some(current);
+    /// Makes `run` of `version`, shown as `pid`, what runs now.
+    fn run(&mut self, pid: u32, version: &str, run: Run, reaped: Option<watch::Receiver<bool>>) {
+        let version = version.to_string();
+        self.last_pid = Some(pid);
+        self.process = Some(Current {
+            pid,
+            version,
+            run,
+            reaped,
+        });
         self.state = ReleaseState::Running;
+    }
+}
+
+/// Logs the failure of something a supervisor carries on without, such as a record that
+/// could not be written.
+fn log_failure<T>(release: &str, what: &str, result: Result<T>) {
+    if let Err(e) = result {
+        warn!(release = %release, "{what}: {e}");
     }
 }
 

@@ -34,6 +34,12 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 /// Clock ticks per second in `/proc` (`USER_HZ`, 100 on every Linux ABI).
 const USER_HZ: u64 = 100;
 
+/// The outcome of a stop that found nothing running.
+pub(crate) const NOTHING_RAN: Stopped = Stopped {
+    was_running: false,
+    killed: false,
+};
+
 /// The fields of `/proc/<pid>/stat` the supervisor uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ProcStat {
@@ -91,22 +97,10 @@ pub(crate) fn age(start_time: u64) -> Option<Duration> {
 }
 
 /// The pids of every process in `/proc`.
-fn all_pids() -> Vec<u32> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
+pub(crate) fn all_pids() -> Vec<u32> {
+    let entries = fs::read_dir("/proc").into_iter().flatten().flatten();
     entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
-        .collect()
-}
-
-/// Live (non-zombie) members of process group `pgid`.
-#[cfg(test)]
-pub(crate) fn group_members(pgid: i32) -> Vec<u32> {
-    all_pids()
-        .into_iter()
-        .filter(|&pid| proc_stat(pid).is_some_and(|s| s.pgrp == pgid && !s.is_gone()))
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect()
 }
 
@@ -138,7 +132,7 @@ pub(crate) fn marked(root: &Path, name: &str) -> Vec<(u32, u64)> {
     let owners = release_uids(root, name);
     let root = root.to_string_lossy();
     let own = std::process::id();
-    let mut found: Vec<(u64, u32)> = all_pids()
+    let mut found: Vec<(u32, u64)> = all_pids()
         .into_iter()
         .filter(|&pid| pid != own && pid > 1)
         .filter_map(|pid| {
@@ -148,14 +142,11 @@ pub(crate) fn marked(root: &Path, name: &str) -> Vec<(u32, u64)> {
             }
             let env = environ(pid)?;
             let has = |key: &str, value: &str| env.iter().any(|(k, v)| k == key && v == value);
-            (has("EREL_ROOT", &root) && has("EREL_RELEASE", name)).then_some((stat.start_time, pid))
+            (has("EREL_ROOT", &root) && has("EREL_RELEASE", name)).then_some((pid, stat.start_time))
         })
         .collect();
-    found.sort();
+    found.sort_by_key(|&(pid, start_time)| (start_time, pid));
     found
-        .into_iter()
-        .map(|(start_time, pid)| (pid, start_time))
-        .collect()
 }
 
 /// The users that may run release `name` under `root`: root, the agent's user and the
@@ -229,14 +220,10 @@ pub(crate) fn scan_members(anchor: Option<(u32, u64)>, root: &Path, name: &str) 
 pub(crate) fn signal_each(pids: &[u32], signal: Signal) {
     let own = std::process::id();
     let own_group = nix::unistd::getpgrp().as_raw();
-    for &pid in pids {
-        let Ok(raw) = i32::try_from(pid) else {
-            continue;
-        };
-        if raw <= 1 || pid == own || raw == own_group {
-            continue;
+    for raw in pids.iter().filter_map(|&pid| i32::try_from(pid).ok()) {
+        if raw > 1 && raw as u32 != own && raw != own_group {
+            let _ = kill(Pid::from_raw(raw), signal);
         }
-        let _ = kill(Pid::from_raw(raw), signal);
     }
 }
 
@@ -281,26 +268,23 @@ pub(crate) async fn stop_members(
 ) -> Result<Stopped> {
     let first = members();
     if first.is_empty() {
-        return Ok(Stopped {
-            was_running: false,
-            killed: false,
-        });
+        return Ok(NOTHING_RAN);
     }
+    let stopped = |killed| {
+        Ok(Stopped {
+            was_running: true,
+            killed,
+        })
+    };
     signal_each(&first, Signal::SIGTERM);
     if wait_empty(&members, grace).await {
-        return Ok(Stopped {
-            was_running: true,
-            killed: false,
-        });
+        return stopped(false);
     }
     let deadline = Instant::now() + KILL_WAIT;
     loop {
         kill(&members())?;
         if wait_empty(&members, GROUP_POLL * 4).await {
-            return Ok(Stopped {
-                was_running: true,
-                killed: true,
-            });
+            return stopped(true);
         }
         if Instant::now() >= deadline {
             let left = members();

@@ -105,15 +105,21 @@ impl RunRecord {
             writer_start_time,
         }
     }
+
+    /// The main process: (pid, start time).
+    pub(crate) fn anchor(&self) -> (u32, u64) {
+        (self.pid, self.start_time)
+    }
+
+    /// The output writer (pid, start time), when one is known.
+    pub(crate) fn writer(&self) -> Option<(u32, u64)> {
+        (self.writer_pid != 0).then_some((self.writer_pid, self.writer_start_time))
+    }
 }
 
-fn desired_path(root: &Root, name: &str) -> PathBuf {
-    root.state("releases")
-        .join(format!("{name}{DESIRED_SUFFIX}"))
-}
-
-fn run_path(root: &Root, name: &str) -> PathBuf {
-    root.state("releases").join(format!("{name}{RUN_SUFFIX}"))
+/// The record of release `name` with `suffix`: one of the two suffixes above.
+fn path(root: &Root, name: &str, suffix: &str) -> PathBuf {
+    root.state("releases").join(format!("{name}{suffix}"))
 }
 
 fn save<T: Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
@@ -124,13 +130,9 @@ fn save<T: Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
 
 fn load<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> Result<Option<T>> {
     match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            Error::io(
-                "decode",
-                path,
-                std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-            )
-        }),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::io("decode", path, e.into())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io("read", path, e)),
     }
@@ -138,22 +140,22 @@ fn load<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> Result<Option<T
 
 /// Records the desired state of `desired.name`, atomically.
 pub(crate) fn save_desired(root: &Root, desired: &Desired) -> Result<()> {
-    save(&desired_path(root, &desired.name), desired)
+    save(&path(root, &desired.name, DESIRED_SUFFIX), desired)
 }
 
 /// Records the process just spawned for `name`, atomically.
 pub(crate) fn save_run(root: &Root, name: &str, run: &RunRecord) -> Result<()> {
-    save(&run_path(root, name), run)
+    save(&path(root, name, RUN_SUFFIX), run)
 }
 
 /// The run record of `name`, if any.
 pub(crate) fn load_run(root: &Root, name: &str) -> Result<Option<RunRecord>> {
-    load(&run_path(root, name))
+    load(&path(root, name, RUN_SUFFIX))
 }
 
 /// Removes the run record of `name`; a missing record is fine.
 pub(crate) fn remove_run(root: &Root, name: &str) -> Result<()> {
-    remove_if_present(&run_path(root, name))
+    remove_if_present(&path(root, name, RUN_SUFFIX))
 }
 
 /// Every desired-state file under the root. A file that cannot be read is reported in
@@ -167,20 +169,19 @@ pub(crate) fn load_all_desired(root: &Root) -> Result<(Vec<Desired>, Vec<Error>)
     for entry in entries {
         let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
         let file_name = entry.file_name();
-        let Some(file_name) = file_name.to_str() else {
+        let name = file_name
+            .to_str()
+            .and_then(|n| n.strip_suffix(DESIRED_SUFFIX));
+        // Temporary files of write_atomic start with '.': no release name.
+        let Some(name) = name.filter(|name| check_name("release name", name).is_ok()) else {
             continue;
         };
-        let Some(name) = file_name.strip_suffix(DESIRED_SUFFIX) else {
-            continue;
-        };
-        if check_name("release name", name).is_err() {
-            continue; // temporary files of write_atomic start with '.'
-        }
-        match load::<Desired>(&entry.path()) {
+        let path = entry.path();
+        match load::<Desired>(&path) {
             Ok(Some(desired)) if desired.name == name => found.push(desired),
             Ok(Some(desired)) => damaged.push(Error::Internal(format!(
                 "{} names the release '{}'",
-                entry.path().display(),
+                path.display(),
                 desired.name
             ))),
             Ok(None) => {}

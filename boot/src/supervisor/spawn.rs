@@ -5,7 +5,7 @@
 use std::ffi::CString;
 use std::fs;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
@@ -46,10 +46,8 @@ pub(crate) const DATA_DIR: &str = "data";
 pub(crate) struct Spawned {
     /// The child, to be waited for (and so reaped) by its supervision task.
     pub child: Child,
-    /// Its pid, also its process group.
-    pub pid: u32,
-    /// Its start time from `/proc`.
-    pub start_time: u64,
+    /// Its pid (also its process group and session) and start time from `/proc`.
+    pub anchor: (u32, u64),
     /// Its output writer (pid, start time), outside the release.
     pub writer: (u32, u64),
 }
@@ -61,7 +59,8 @@ struct RunAs {
     groups: Vec<Gid>,
 }
 
-fn spawn_failed(desired: &Desired, reason: impl Into<String>) -> Error {
+/// The refusal of a start that cannot spawn `desired`, and why.
+pub(super) fn spawn_failed(desired: &Desired, reason: impl Into<String>) -> Error {
     Error::SpawnFailed {
         name: desired.name.clone(),
         version: desired.version.clone(),
@@ -158,31 +157,27 @@ fn environment(
     run_as: Option<&RunAs>,
     version_dir: &Path,
 ) -> Result<Vec<(String, String)>> {
-    let data = data_dir(root, &desired.name);
-    let data_text = data.to_string_lossy().into_owned();
+    let data = data_dir(root, &desired.name).to_string_lossy().into_owned();
+    let (home, user) = match run_as {
+        Some(run_as) => (
+            run_as.user.dir.to_string_lossy().into(),
+            Some(run_as.user.name.clone()),
+        ),
+        None => (
+            std::env::var("HOME").unwrap_or_else(|_| version_dir.to_string_lossy().into()),
+            std::env::var("USER").ok().or_else(|| {
+                let user = User::from_uid(nix::unistd::geteuid()).ok().flatten();
+                user.map(|u| u.name)
+            }),
+        ),
+    };
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), BASE_PATH.into()),
         ("LANG".into(), "C.UTF-8".into()),
-        ("RUNNER_LOG_DIR".into(), format!("{data_text}/log")),
-        (
-            "ERL_CRASH_DUMP".into(),
-            format!("{data_text}/erl_crash.dump"),
-        ),
+        ("RUNNER_LOG_DIR".into(), format!("{data}/log")),
+        ("ERL_CRASH_DUMP".into(), format!("{data}/erl_crash.dump")),
+        ("HOME".into(), home),
     ];
-    let home = match run_as {
-        Some(run_as) => run_as.user.dir.to_string_lossy().into_owned(),
-        None => std::env::var("HOME").unwrap_or_else(|_| version_dir.to_string_lossy().into()),
-    };
-    env.push(("HOME".into(), home));
-    let user = match run_as {
-        Some(run_as) => Some(run_as.user.name.clone()),
-        None => std::env::var("USER").ok().or_else(|| {
-            User::from_uid(nix::unistd::geteuid())
-                .ok()
-                .flatten()
-                .map(|u| u.name)
-        }),
-    };
     if let Some(user) = user {
         env.push(("USER".into(), user.clone()));
         env.push(("LOGNAME".into(), user));
@@ -201,13 +196,7 @@ fn environment(
         env.push((key.clone(), value.clone()));
     }
     let root_text = root.path().to_string_lossy().into_owned();
-    let values = [
-        host_id,
-        &desired.name,
-        &desired.version,
-        &root_text,
-        &data_text,
-    ];
+    let values = [host_id, &desired.name, &desired.version, &root_text, &data];
     env.extend(
         EREL_VARS
             .iter()
@@ -242,23 +231,16 @@ fn ensure_data_dir(root: &Root, desired: &Desired, run_as: Option<&RunAs>) -> Re
         (data.clone(), 0o750, owner),
         (data.join("log"), 0o750, owner),
     ] {
-        match fs::DirBuilder::new().mode(mode).create(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::io("create", &dir, e)),
-        }
+        let made = nix::unistd::mkdir(&dir, nix::sys::stat::Mode::from_bits_truncate(mode));
+        unless(made, &[nix::errno::Errno::EEXIST]).map_err(|e| Error::io("create", &dir, e))?;
         // Opened without following a symlink, then changed through the descriptor: the
         // release's user owns `data/<name>/` and may swap what is in it at any moment,
         // so a path checked first and changed after may no longer be the directory.
-        let not_a_dir = || {
-            spawn_failed(
-                desired,
-                format!(
-                    "{} must be a directory (the release's data directory), not a link or file",
-                    dir.strip_prefix(root.path()).unwrap_or(&dir).display()
-                ),
-            )
-        };
+        let shown = dir.strip_prefix(root.path()).unwrap_or(&dir).display();
+        let why = format!(
+            "{shown} must be a directory (the release's data directory), not a link or file"
+        );
+        let not_a_dir = || spawn_failed(desired, why.clone());
         let handle = match fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
@@ -458,16 +440,13 @@ pub(crate) fn spawn(
     ensure_data_dir(root, desired, run_as.as_ref())?;
 
     let log_path = log::log_path(root, &desired.name);
-    let header = format!(
-        "--- erel: starting {} {} at {} ---",
-        desired.name,
-        desired.version,
-        log::utc_now()
-    );
+    let (name, version, now) = (&desired.name, &desired.version, log::utc_now());
+    let header = format!("--- erel: starting {name} {version} at {now} ---");
     // The writer first: a release never runs without its writer, and a release that
     // fails to start leaves a writer that ends at once (its pipe has no writer left).
-    let ((stdout, stderr), writer_pid) = log::OutputPipe::open(&log_path, &header)?
-        .start_writer(&settings.output_writer, settings.log_max_bytes)
+    let (read, (stdout, stderr)) = log::output_pipe(&log_path, &header)?;
+    let writer = &settings.output_writer;
+    let writer_pid = log::start_writer(read, &log_path, writer, settings.log_max_bytes)
         .map_err(|error| spawn_failed(desired, error.to_string()))?;
     let writer_start_time = proc_stat(writer_pid).map(|s| s.start_time).unwrap_or(0);
 
@@ -481,11 +460,8 @@ pub(crate) fn spawn(
         .stdout(stdout)
         .stderr(stderr);
     let procs = cgroup.as_ref().map(|f| f.as_raw_fd());
-    pre_exec(
-        &mut command,
-        procs,
-        run_as.filter(|r| r.user.uid != nix::unistd::geteuid()),
-    );
+    let run_as = run_as.filter(|r| r.user.uid != nix::unistd::geteuid());
+    pre_exec(&mut command, procs, run_as);
     let mut command = Command::from(command);
     command.kill_on_drop(false);
     let child = command
@@ -502,8 +478,7 @@ pub(crate) fn spawn(
     let start_time = proc_stat(pid).map(|s| s.start_time).unwrap_or(0);
     Ok(Spawned {
         child,
-        pid,
-        start_time,
+        anchor: (pid, start_time),
         writer: (writer_pid, writer_start_time),
     })
 }
@@ -547,6 +522,7 @@ fn pre_exec(command: &mut std::process::Command, procs: Option<i32>, run_as: Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::DirBuilderExt;
     use std::time::{Duration, Instant};
 
     /// The data directory is the release user's: while the agent prepares it, that user

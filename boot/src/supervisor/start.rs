@@ -6,14 +6,15 @@ use std::time::Instant;
 use erel_proto::rules::default_argv;
 use erel_proto::{ReleaseState, Start, Started};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::error::{Error, Result};
 use crate::fs::check_name;
 
 use super::cgroup::Containment;
 use super::record::{self, Desired, RunRecord};
-use super::{spawn, Current, Inner, Live, Release, Step, Supervisor, Waiter, SWITCH_GRACE};
+use super::SWITCH_GRACE;
+use super::{log_failure, spawn, Inner, Live, Release, Run, Step, Supervisor, Waiter};
 
 impl Supervisor {
     /// Starts a release version (see the protocol's `Start`).
@@ -85,9 +86,8 @@ impl Supervisor {
             Err(error) => {
                 let mut stopped = desired.clone();
                 stopped.should_run = false;
-                if let Err(e) = record::save_desired(&inner.root, &stopped) {
-                    warn!(release = %release.name, "cannot record that it should not run: {e}");
-                }
+                let saved = record::save_desired(&inner.root, &stopped);
+                log_failure(&release.name, "cannot record that it should not run", saved);
                 let mut live = release.live();
                 live.desired = Some(stopped);
                 live.state = ReleaseState::Stopped;
@@ -105,47 +105,30 @@ impl Inner {
     pub(super) fn launch(&self, release: &Release, desired: &Desired) -> Result<Step> {
         let left = self.members(&desired.name, None);
         if !left.is_empty() {
-            return Err(Error::SpawnFailed {
-                name: desired.name.clone(),
-                version: desired.version.clone(),
-                reason: format!(
-                    "{} processes of the release still run (pids {left:?}); a second copy is never started",
-                    left.len()
-                ),
-            });
+            let n = left.len();
+            let why = format!("{n} processes of the release still run (pids {left:?}); a second copy is never started");
+            return Err(spawn::spawn_failed(desired, why));
         }
         let cgroup = match &self.containment {
             Containment::Cgroup(tree) => Some(tree.prepare(&desired.name)?),
             Containment::Fallback(_) => None,
         };
         let spawned = spawn::spawn(&self.root, &self.host_id, desired, &self.settings, cgroup)?;
-        let anchor = (spawned.pid, spawned.start_time);
-        let writer = Some(spawned.writer);
-        let run = RunRecord::new(anchor, &desired.version, false, writer);
-        if let Err(e) = record::save_run(&self.root, &desired.name, &run) {
-            warn!(release = %desired.name, "cannot write the run record (an agent restart finds the process by its cgroup or environment): {e}");
-        }
-        let (reaped_tx, reaped_rx) = watch::channel(false);
-        let started = Instant::now();
-        release.live().run(Current {
-            pid: spawned.pid,
-            anchor,
-            version: desired.version.clone(),
-            started,
-            reaped: Some(reaped_rx),
-            writer,
-        });
-        let child = Box::new(spawned.child);
-        let waiter = Waiter::Own {
-            child,
-            reaped: reaped_tx,
+        let run = Run {
+            anchor: spawned.anchor,
+            started: Instant::now(),
+            writer: Some(spawned.writer),
         };
-        Ok(Step::Wait {
-            anchor,
-            started,
-            writer,
-            waiter,
-        })
+        let record = RunRecord::new(run.anchor, &desired.version, false, run.writer);
+        let saved = record::save_run(&self.root, &desired.name, &record);
+        let what = "cannot write the run record (an agent restart finds the process by its cgroup or environment)";
+        log_failure(&desired.name, what, saved);
+        let (reaped_tx, reaped_rx) = watch::channel(false);
+        release
+            .live()
+            .run(run.anchor.0, &desired.version, run, Some(reaped_rx));
+        let waiter = Waiter::Own(Box::new(spawned.child), reaped_tx);
+        Ok(Step::Wait(run, waiter))
     }
 }
 

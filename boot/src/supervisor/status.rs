@@ -39,7 +39,7 @@ impl Inner {
             pid: current.map(|p| p.pid),
             state: live.map_or(ReleaseState::Stopped, |l| l.state.clone()),
             restarts: live.map_or(0, |l| l.restarts),
-            up_secs: current.map(|p| p.started.elapsed().as_secs()),
+            up_secs: current.map(|p| p.run.started.elapsed().as_secs()),
             output_tail: String::new(),
         };
         drop(guard);

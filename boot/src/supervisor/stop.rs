@@ -12,7 +12,7 @@ use crate::fs::check_name;
 use super::cgroup::Containment;
 use super::process;
 use super::record;
-use super::{Current, Inner, Release, Supervisor, OUTPUT_DRAIN, REAP_WAIT};
+use super::{log_failure, Current, Inner, Release, Supervisor, OUTPUT_DRAIN, REAP_WAIT};
 
 impl Supervisor {
     /// Stops a release: SIGTERM to every member, SIGKILL (`cgroup.kill`) after `grace`;
@@ -21,10 +21,7 @@ impl Supervisor {
         let inner = &self.inner;
         check_name("release name", name)?;
         let Some(release) = inner.find(name) else {
-            return Ok(Stopped {
-                was_running: false,
-                killed: false,
-            });
+            return Ok(process::NOTHING_RAN);
         };
         let _op = release.op.lock().await;
         let desired = release.live().desired.clone();
@@ -62,7 +59,7 @@ impl Inner {
         grace: Duration,
     ) -> Result<Stopped> {
         let outcome = self
-            .stop_release(&release.name, Some(current.anchor), grace)
+            .stop_release(&release.name, Some(current.run.anchor), grace)
             .await?;
         if let Some(mut reaped) = current.reaped.clone() {
             // Err: the task is gone (detached); the runtime reaps the orphan.
@@ -70,15 +67,14 @@ impl Inner {
         }
         // Nothing of the release is left: its writer ends with the last output, and a
         // stopped release leaves no writer behind.
-        wait_writer(&release.name, current.writer).await;
-        if let Err(e) = record::remove_run(&self.root, &release.name) {
-            warn!(release = %release.name, "cannot remove the run record: {e}");
-        }
+        wait_writer(&release.name, current.run.writer).await;
+        let removed = record::remove_run(&self.root, &release.name);
+        log_failure(&release.name, "cannot remove the run record", removed);
         let mut live = release.live();
         if live
             .process
             .as_ref()
-            .is_some_and(|p| p.anchor == current.anchor)
+            .is_some_and(|p| p.run.anchor == current.run.anchor)
         {
             live.process = None;
             live.last_pid = Some(current.pid);

@@ -379,6 +379,14 @@ fn alive(pid: u32) -> bool {
     process::proc_stat(pid).is_some_and(|s| !s.is_gone())
 }
 
+/// Live (non-zombie) members of process group `pgid`.
+fn group_members(pgid: i32) -> Vec<u32> {
+    process::all_pids()
+        .into_iter()
+        .filter(|&pid| process::proc_stat(pid).is_some_and(|s| s.pgrp == pgid && !s.is_gone()))
+        .collect()
+}
+
 fn log_text(root: &Root, name: &str) -> String {
     fs::read_to_string(root.state("logs").join(format!("{name}.log"))).unwrap_or_default()
 }
@@ -535,7 +543,7 @@ async fn stop_terminates_gracefully() {
     let stopped = stop(&sup, Duration::from_secs(10)).await;
     assert!(stopped.was_running);
     assert!(!stopped.killed);
-    assert!(process::group_members(started.pid as i32).is_empty());
+    assert!(group_members(started.pid as i32).is_empty());
     assert!(log_text(&fx.root, "app").contains("got term"));
     let status = status(&sup, "app").await;
     assert_eq!(status.state, ReleaseState::Stopped);
@@ -570,7 +578,7 @@ async fn stop_kills_what_ignores_sigterm() {
     assert!(begun.elapsed() >= Duration::from_millis(300));
     assert!(stopped.was_running);
     assert!(stopped.killed);
-    assert!(process::group_members(started.pid as i32).is_empty());
+    assert!(group_members(started.pid as i32).is_empty());
     assert!(copies(&fx.root, "app").is_empty());
     sup.detach().await;
 }
@@ -581,10 +589,10 @@ async fn stop_leaves_nothing_of_the_group() {
     let (_fx, sup, started) =
         running("(sh -c 'exec sleep 1001' &)\necho forked\nexec sleep 1000").await;
     let pgid = started.pid as i32;
-    eventually("the grandchild", || process::group_members(pgid).len() >= 2).await;
+    eventually("the grandchild", || group_members(pgid).len() >= 2).await;
     let stopped = stop(&sup, Duration::from_secs(5)).await;
     assert!(stopped.was_running);
-    assert!(process::group_members(pgid).is_empty());
+    assert!(group_members(pgid).is_empty());
     sup.detach().await;
 }
 
@@ -642,7 +650,7 @@ async fn an_agent_restart_without_run_record_finds_the_release_by_environment() 
     assert!(stopped.was_running);
     assert!(!stopped.killed);
     assert!(copies(&fx.root, "app").is_empty());
-    assert!(process::group_members(started.pid as i32).is_empty());
+    assert!(group_members(started.pid as i32).is_empty());
     sup.detach().await;
 }
 
