@@ -537,8 +537,9 @@ async fn an_exited_release_reports_its_exit_while_waiting_to_restart() {
 
 #[tokio::test]
 async fn stop_terminates_gracefully() {
+    // `ready` comes after the fork, so the stop sees every member it must signal.
     let (fx, sup, started) =
-        running("trap 'echo got term; exit 0' TERM\necho ready\nsleep 1000 &\nwait").await;
+        running("trap 'echo got term; exit 0' TERM\nsleep 1000 &\necho ready\nwait").await;
     fx.wait_output("ready").await;
     let stopped = stop(&sup, Duration::from_secs(10)).await;
     assert!(stopped.was_running);
