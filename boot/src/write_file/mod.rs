@@ -105,16 +105,10 @@ pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer>
     }
     let existing = match fs::symlink_metadata(&dest) {
         Ok(meta) if meta.is_dir() => {
-            return Err(Error::Conflict {
-                path: name,
-                reason: "is a directory; a file cannot replace it".into(),
-            });
+            return Err(conflict(&name, "is a directory; a file cannot replace it"))
         }
         Ok(meta) if !meta.is_file() => {
-            return Err(Error::Conflict {
-                path: name,
-                reason: "exists and is not a regular file".into(),
-            });
+            return Err(conflict(&name, "exists and is not a regular file"))
         }
         Ok(meta) => Some(meta.len()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -183,6 +177,30 @@ impl Offer {
     pub fn wanted(&self) -> tokio_util::sync::CancellationToken {
         self._lock.wanted()
     }
+}
+
+impl Target {
+    /// The refusal of content or a size other than announced.
+    fn mismatch(&self, reason: String) -> Error {
+        let path = self.name.clone();
+        Error::ChecksumMismatch { path, reason }
+    }
+
+    /// Refuses a commit naming another digest than the request announced.
+    fn check_announced(&self, sha256: Sha256) -> Result<()> {
+        match self.expected {
+            Some(expected) if expected != sha256 => Err(self.mismatch(format!(
+                "the commit names sha256 {sha256}, the request announced {expected}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The refusal of a destination that holds something a file cannot replace.
+fn conflict(name: &str, reason: &str) -> Error {
+    let (path, reason) = (name.to_string(), reason.to_string());
+    Error::Conflict { path, reason }
 }
 
 /// Refuses special bits and anything that is not a permission mode.
@@ -352,34 +370,21 @@ impl Receiver {
         }
         let size = self.target.size;
         if self.total != size {
-            return Err(Error::ChecksumMismatch {
-                path: self.target.name.clone(),
-                reason: format!(
-                    "expected {size} bytes, received {} before the commit",
-                    self.total
-                ),
-            });
+            let received = self.total;
+            let reason = format!("expected {size} bytes, received {received} before the commit");
+            return Err(self.target.mismatch(reason));
         }
         let actual = digest::finish(self.hasher.clone());
-        let mismatch = if actual != sha256 {
-            Some(format!(
-                "content has sha256 {actual}, the commit names {sha256}"
-            ))
+        let verdict = if actual != sha256 {
+            let reason = format!("content has sha256 {actual}, the commit names {sha256}");
+            Err(self.target.mismatch(reason))
         } else {
-            match self.target.expected {
-                Some(expected) if expected != sha256 => Some(format!(
-                    "the commit names sha256 {sha256}, the request announced {expected}"
-                )),
-                _ => None,
-            }
+            self.target.check_announced(sha256)
         };
-        if let Some(reason) = mismatch {
+        if let Err(refusal) = verdict {
             self.file = None;
             remove_if_present(&self.target.part)?;
-            return Err(Error::ChecksumMismatch {
-                path: self.target.name.clone(),
-                reason,
-            });
+            return Err(refusal);
         }
 
         let Some(file) = self.file.take() else {
@@ -396,10 +401,8 @@ impl Receiver {
 
         let dest = self.place_parent()?;
         if fs::symlink_metadata(&dest).is_ok_and(|meta| meta.is_dir()) {
-            return Err(Error::Conflict {
-                path: self.target.name.clone(),
-                reason: "became a directory during the transfer".into(),
-            });
+            let reason = "became a directory during the transfer";
+            return Err(conflict(&self.target.name, reason));
         }
         rename_durably(part, &dest)?;
         Ok(Written {
@@ -411,22 +414,12 @@ impl Receiver {
 
     /// The content is already in place: check the digest, fix the mode, write nothing.
     fn commit_present(self, sha256: Sha256) -> Result<Written> {
-        let expected = self.target.expected.unwrap_or(sha256);
-        if sha256 != expected {
-            return Err(Error::ChecksumMismatch {
-                path: self.target.name.clone(),
-                reason: format!(
-                    "the commit names sha256 {sha256}, the request announced {expected}"
-                ),
-            });
-        }
+        self.target.check_announced(sha256)?;
         let dest = &self.target.dest;
         let meta = fs::symlink_metadata(dest).map_err(|e| Error::io("inspect", dest, e))?;
         if !meta.is_file() {
-            return Err(Error::Conflict {
-                path: self.target.name.clone(),
-                reason: "stopped being a regular file during the transfer".into(),
-            });
+            let reason = "stopped being a regular file during the transfer";
+            return Err(conflict(&self.target.name, reason));
         }
         if meta.permissions().mode() & 0o7777 != self.target.mode {
             fs::set_permissions(dest, fs::Permissions::from_mode(self.target.mode))
