@@ -247,7 +247,6 @@ pub struct Receiver {
     total: u64,
     /// Bytes received by this receiver.
     received: u64,
-    present: bool,
     /// Released before the final sync on drop, so a request taking over need not wait
     /// for the disk.
     lock: Option<PathLock>,
@@ -276,7 +275,6 @@ pub fn begin(offer: Offer, offset: u64) -> Result<Receiver> {
             hasher,
             total: have,
             received: 0,
-            present: true,
             lock: Some(lock),
         });
     }
@@ -296,7 +294,8 @@ pub fn begin(offer: Offer, offset: u64) -> Result<Receiver> {
         .mode(PART_MODE)
         .open(&target.part)
         .map_err(|e| Error::io("open", &target.part, e))?;
-    let hasher = if offset == have && !present {
+    // Content in place was answered above, so this is a resume of staged bytes.
+    let hasher = if offset == have {
         let len = file
             .metadata()
             .map_err(|e| Error::io("inspect", &target.part, e))?
@@ -323,7 +322,6 @@ pub fn begin(offer: Offer, offset: u64) -> Result<Receiver> {
         hasher,
         total: offset,
         received: 0,
-        present: false,
         lock: Some(lock),
     })
 }
@@ -365,7 +363,7 @@ impl Receiver {
     /// A digest that does not match discards the staged bytes, so a retry starts clean.
     /// A size that does not match keeps them: they are what arrived.
     pub fn commit(mut self, sha256: Sha256) -> Result<Written> {
-        if self.present {
+        if self.file.is_none() {
             return self.commit_present(sha256);
         }
         let size = self.target.size;
