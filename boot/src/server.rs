@@ -19,7 +19,7 @@ use erel_proto::{
     read_frame_body, write_frame, ErrorKind, ErrorReply, FrameError, Hello, Request, Response,
     Start, Stop, Unpack, PROTOCOL_VERSION,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -224,15 +224,8 @@ async fn connection(
 /// swallow the alert telling the master why it was refused.
 async fn linger_after_refusal(mut stream: TcpStream) {
     let _ = stream.shutdown().await;
-    let mut sink = [0u8; 4096];
-    let drain = async {
-        while let Ok(n) = stream.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(REFUSAL_LINGER, drain).await;
+    let mut sink = tokio::io::sink();
+    let _ = tokio::time::timeout(REFUSAL_LINGER, tokio::io::copy(&mut stream, &mut sink)).await;
 }
 
 /// One authenticated master's connection.

@@ -468,8 +468,7 @@ pub fn sweep_stale(root: &Root, older_than: Duration) -> Result<usize> {
     let entries = fs::read_dir(&staging).map_err(|e| Error::io("list", &staging, e))?;
     let mut removed = 0;
     for entry in entries {
-        let entry = entry.map_err(|e| Error::io("list", &staging, e))?;
-        let path = entry.path();
+        let path = entry.map_err(|e| Error::io("list", &staging, e))?.path();
         if PathLock::is_held(&path) {
             continue;
         }
