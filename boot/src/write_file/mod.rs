@@ -397,7 +397,10 @@ impl Receiver {
         file.sync_all().map_err(|e| Error::io("fsync", part, e))?;
         drop(file);
 
-        let dest = self.place_parent()?;
+        // Creates the destination's parents and checks again that no step of the path
+        // became a symlink meanwhile. The path it returns is `root/<name>` as in the
+        // offer: both come from the same root and the same checked name.
+        let dest = self.target.root.create_parents(&self.target.name)?;
         if fs::symlink_metadata(&dest).is_ok_and(|meta| meta.is_dir()) {
             let reason = "became a directory during the transfer";
             return Err(conflict(&self.target.name, reason));
@@ -428,22 +431,6 @@ impl Receiver {
             size: self.target.size,
             received: 0,
         })
-    }
-
-    /// Creates the destination's parent directories and checks again that no part of
-    /// the path became a symlink meanwhile. Returns the destination.
-    fn place_parent(&self) -> Result<PathBuf> {
-        let dest = &self.target.dest;
-        let again = self.target.root.create_parents(&self.target.name)?;
-        if &again != dest {
-            return Err(Error::Internal(format!(
-                "{} resolved to {} then {}",
-                self.target.name,
-                dest.display(),
-                again.display()
-            )));
-        }
-        Ok(again)
     }
 }
 
