@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -27,18 +28,13 @@ pub fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let flags = Flags::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let outcome = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            error!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(flags)) {
+        .context("cannot start the runtime")
+        .and_then(|runtime| runtime.block_on(run(flags)));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let text = erel_proto::text::error_chain(e.as_ref());
@@ -65,7 +61,8 @@ pub fn run_output_writer_if_asked() -> Option<ExitCode> {
 async fn run(flags: Flags) -> anyhow::Result<()> {
     // First of all, so that a SIGTERM that arrives while the agent starts (a service
     // manager stopping it at once) ends it cleanly once it serves, instead of killing it.
-    let termination = termination_signals()?;
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     let config = Config::from_flags(flags)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -73,26 +70,13 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_termination(termination).await;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
         info!("shutting down; supervised releases keep running");
         signals.cancel();
     });
     crate::run(config, listener, shutdown).await?;
     Ok(())
-}
-
-/// SIGTERM and SIGINT, listened for from now on.
-fn termination_signals() -> anyhow::Result<[tokio::signal::unix::Signal; 2]> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    Ok([term, int])
-}
-
-/// Returns when SIGTERM or SIGINT has arrived since [`termination_signals`].
-async fn wait_for_termination([mut term, mut int]: [tokio::signal::unix::Signal; 2]) {
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

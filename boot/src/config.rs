@@ -113,15 +113,6 @@ pub struct ConfigError {
     message: String,
 }
 
-impl ConfigError {
-    fn new(origin: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError {
-            origin: origin.into(),
-            message: message.into(),
-        }
-    }
-}
-
 /// Fills each setting not given as a flag from the file.
 macro_rules! fill_from {
     ($flags:ident, $file:ident: $($field:ident),*) => {
@@ -158,14 +149,12 @@ impl Config {
         };
         let root = flags.root.unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
         let certs = flags.certs.unwrap_or_else(|| PathBuf::from(DEFAULT_CERTS));
-        for name in ["ca.pem", "host.pem", "host.key"] {
-            if !certs.join(name).is_file() {
-                let missing = certs.join(name);
-                return refuse("certs", format!(
-                    "{} is missing: the bundle needs ca.pem, host.pem and host.key (from `erel certs host`)",
-                    missing.display()
-                ));
-            }
+        let needed = ["ca.pem", "host.pem", "host.key"].map(|name| certs.join(name));
+        if let Some(missing) = needed.iter().find(|path| !path.is_file()) {
+            return refuse("certs", format!(
+                "{} is missing: the bundle needs ca.pem, host.pem and host.key (from `erel certs host`)",
+                missing.display()
+            ));
         }
         let ms =
             |value: Option<u64>, default: Duration| value.map_or(default, Duration::from_millis);
@@ -261,10 +250,12 @@ impl Config {
 }
 
 fn read_file(path: &Path) -> Result<Flags, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
-    toml::from_str(&text)
-        .map_err(|e| ConfigError::new(path.display().to_string(), e.to_string().trim().to_string()))
+    let refuse = |message: String| ConfigError {
+        origin: path.display().to_string(),
+        message: message.trim().to_string(),
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| refuse(format!("cannot read: {e}")))?;
+    toml::from_str(&text).map_err(|e| refuse(e.to_string()))
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,14 +83,10 @@ impl Root {
         &self.dir
     }
 
-    /// `root/.erel`.
-    pub fn state_dir(&self) -> PathBuf {
-        self.dir.join(STATE_DIR)
-    }
-
-    /// A directory inside the state directory, e.g. `state("staging")`.
+    /// A directory or file inside the state directory `root/.erel`, e.g.
+    /// `state("staging")`.
     pub fn state(&self, sub: &str) -> PathBuf {
-        self.state_dir().join(sub)
+        self.dir.join(STATE_DIR).join(sub)
     }
 
     /// `root/releases/<name>`, after checking `name`.
@@ -108,11 +104,8 @@ impl Root {
 
     /// Names of the releases with a directory under `releases/`, sorted.
     pub fn release_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = subdirectories(&self.dir.join(RELEASES_DIR))
-            .into_iter()
-            .map(|(_, name)| name)
-            .filter(|name| check_name("release name", name).is_ok())
-            .collect();
+        let found = named_subdirectories(&self.dir.join(RELEASES_DIR), "release name");
+        let mut names: Vec<String> = found.into_iter().map(|(_, name)| name).collect();
         names.sort();
         names
     }
@@ -123,10 +116,7 @@ impl Root {
         let Ok(dir) = self.release_dir(name) else {
             return Vec::new();
         };
-        let mut found: Vec<(SystemTime, String)> = subdirectories(&dir)
-            .into_iter()
-            .filter(|(_, version)| check_name("release version", version).is_ok())
-            .collect();
+        let mut found = named_subdirectories(&dir, "release version");
         found.sort();
         found.into_iter().map(|(_, version)| version).collect()
     }
@@ -223,8 +213,9 @@ impl Root {
     }
 }
 
-/// Real directories (not symlinks) directly under `dir`, with their modification time.
-fn subdirectories(dir: &Path) -> Vec<(SystemTime, String)> {
+/// Real directories (not symlinks) directly under `dir` whose names are valid as `what`
+/// ([`check_name`]), with their modification time.
+fn named_subdirectories(dir: &Path, what: &str) -> Vec<(SystemTime, String)> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -233,6 +224,7 @@ fn subdirectories(dir: &Path) -> Vec<(SystemTime, String)> {
         .filter_map(|entry| {
             let meta = fs::symlink_metadata(entry.path()).ok()?;
             let name = entry.file_name().into_string().ok()?;
+            check_name(what, &name).ok()?;
             let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
             meta.is_dir().then_some((modified, name))
         })
@@ -255,16 +247,12 @@ pub fn check_relative(relative: &str) -> Result<PathBuf> {
             "absolute paths are refused; name a path relative to the agent's root",
         ));
     }
-    for component in path.components() {
-        let reason = match component {
-            Component::Normal(_) => continue,
-            Component::ParentDir => "contains '..'",
-            Component::CurDir => "contains '.'",
-            Component::RootDir | Component::Prefix(_) => "is absolute",
-        };
-        return Err(Error::invalid_path(relative, reason));
+    // By the text, not `Path::components`, which hides a `.` in the middle.
+    let has = |step: &str| relative.split('/').any(|part| part == step);
+    if has("..") {
+        return Err(Error::invalid_path(relative, "contains '..'"));
     }
-    if relative.split('/').any(|part| part == ".") {
+    if has(".") {
         return Err(Error::invalid_path(relative, "contains '.'"));
     }
     Ok(path.to_path_buf())
@@ -347,7 +335,12 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 
 /// Removes a file; one already gone is not an error.
 pub fn remove_if_present(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
+    unless_gone(path, fs::remove_file(path))
+}
+
+/// The outcome of removing `path`; that it was already gone is not an error.
+fn unless_gone(path: &Path, removed: std::io::Result<()>) -> Result<()> {
+    match removed {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("remove", path, e)),
         _ => Ok(()),
     }
@@ -359,16 +352,12 @@ pub fn empty_dir(dir: &Path) -> Result<()> {
     let entries = fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
     for entry in entries {
         let path = entry.map_err(|e| Error::io("list", dir, e))?.path();
-        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
-            match fs::remove_dir_all(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(Error::io("remove", &path, e))
-                }
-                _ => {}
-            }
+        let removed = if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            fs::remove_dir_all(&path)
         } else {
-            remove_if_present(&path)?;
-        }
+            fs::remove_file(&path)
+        };
+        unless_gone(&path, removed)?;
     }
     Ok(())
 }
@@ -504,7 +493,7 @@ impl AgentLock {
     /// file or else from `/proc/locks`, is in the error); [`Error::Io`] when the file cannot
     /// be opened, locked or written.
     pub fn acquire(root: &Root) -> Result<AgentLock> {
-        let path = root.state_dir().join(AGENT_LOCK_FILE);
+        let path = root.state(AGENT_LOCK_FILE);
         let dir = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
@@ -541,11 +530,7 @@ fn lock_or_refuse(file: File, root: &Root, locked: &Path, pid_file: &Path) -> Re
             root: root.path().to_path_buf(),
             holder: holder_pid(pid_file, locked),
         }),
-        Err((_, errno)) => Err(Error::io(
-            "lock",
-            locked,
-            std::io::Error::from_raw_os_error(errno as i32),
-        )),
+        Err((_, errno)) => Err(Error::io("lock", locked, errno.into())),
     }
 }
 
@@ -557,18 +542,14 @@ fn holder_pid(pid_file: &Path, locked: &Path) -> Option<u32> {
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(pid_file)
-        .and_then(|mut file| {
-            let mut text = String::new();
-            file.read_to_string(&mut text).map(|_| text)
-        })
+        .and_then(std::io::read_to_string)
         .ok()
         .and_then(|text| text.trim().parse::<u32>().ok());
-    if from_file.is_some() {
-        return from_file;
-    }
-    let meta = fs::metadata(locked).ok()?;
-    let locks = fs::read_to_string("/proc/locks").ok()?;
-    flock_holder(&locks, meta.dev(), meta.ino())
+    from_file.or_else(|| {
+        let meta = fs::metadata(locked).ok()?;
+        let locks = fs::read_to_string("/proc/locks").ok()?;
+        flock_holder(&locks, meta.dev(), meta.ino())
+    })
 }
 
 /// Finds the pid holding a `FLOCK` on inode `ino` of device `dev` in the text of
@@ -761,7 +742,7 @@ mod tests {
     }
 
     fn lock_file(root: &Root) -> PathBuf {
-        root.state_dir().join(AGENT_LOCK_FILE)
+        root.state(AGENT_LOCK_FILE)
     }
 
     #[test]

@@ -128,18 +128,9 @@ impl Handshakes {
             None
         };
         if let Some((victim, why)) = crowded {
-            if let Some(queue) = state.by_address.get_mut(&victim) {
-                if let Some(oldest) = queue.pop_front() {
-                    oldest.evict.cancel();
-                    state.total -= 1;
-                }
-                if state
-                    .by_address
-                    .get(&victim)
-                    .is_some_and(VecDeque::is_empty)
-                {
-                    state.by_address.remove(&victim);
-                }
+            let oldest = state.by_address.get(&victim).and_then(VecDeque::front);
+            if let Some(dropped) = oldest.map(|p| p.id).and_then(|id| state.remove(victim, id)) {
+                dropped.evict.cancel();
             }
             state.dropped_unreported += 1;
             let due = state
@@ -192,20 +183,19 @@ impl Handshakes {
             .map_or(0, VecDeque::len);
         (state.total, own)
     }
+}
 
-    fn release(&self, address: AddressKey, id: u64) {
-        let mut state = self.state();
-        let Some(queue) = state.by_address.get_mut(&address) else {
-            return;
-        };
-        let Some(at) = queue.iter().position(|p| p.id == id) else {
-            return; // already dropped for a newcomer
-        };
-        queue.remove(at);
+impl State {
+    /// Takes pending handshake `id` of `address` out of the budget; `None` when it had
+    /// already been dropped for a newcomer.
+    fn remove(&mut self, address: AddressKey, id: u64) -> Option<Pending> {
+        let queue = self.by_address.get_mut(&address)?;
+        let pending = queue.remove(queue.iter().position(|p| p.id == id)?)?;
         if queue.is_empty() {
-            state.by_address.remove(&address);
+            self.by_address.remove(&address);
         }
-        state.total -= 1;
+        self.total -= 1;
+        Some(pending)
     }
 }
 
@@ -234,7 +224,7 @@ impl HandshakeSlot {
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        self.budget.release(self.address, self.id);
+        self.budget.state().remove(self.address, self.id);
     }
 }
 

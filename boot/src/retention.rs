@@ -12,6 +12,8 @@
 use std::fs;
 use std::sync::Arc;
 
+use erel_proto::rules;
+
 use crate::error::{Error, Result};
 use crate::fs::{remove_if_present, sync_dir, unique_name, PathLock, Root};
 use crate::server::{blocking, Agent};
@@ -56,7 +58,7 @@ pub fn prune(root: &Root, name: &str, keep: &[String], keep_newest: usize) -> Re
         };
         let grave = trash.join(unique_name());
         fs::rename(&dir, &grave).map_err(|e| Error::io("move to trash", &dir, e))?;
-        let marker_file = unpack::marker_path(root, &format!("releases/{name}/{version}"));
+        let marker_file = unpack::marker_path(root, &rules::version_dir(name, version));
         if let Some(marker) = unpack::read_marker(&marker_file) {
             archives.push(marker);
         }
@@ -72,15 +74,12 @@ pub fn prune(root: &Root, name: &str, keep: &[String], keep_newest: usize) -> Re
             sync_dir(&parent)?;
         }
     }
-    let still_named: Vec<String> = all_markers(root)
-        .into_iter()
-        .map(|marker| marker.archive)
-        .collect();
-    for marker in archives {
-        if still_named.contains(&marker.archive) {
-            continue;
-        }
-        remove_archive(root, &marker)?;
+    let still_named: Vec<String> = all_markers(root).into_iter().map(|m| m.archive).collect();
+    for marker in archives
+        .iter()
+        .filter(|m| !still_named.contains(&m.archive))
+    {
+        remove_archive(root, marker)?;
     }
     removed.sort();
     Ok(removed)
@@ -91,12 +90,10 @@ fn remove_archive(root: &Root, marker: &Marker) -> Result<()> {
     let Ok(path) = root.resolve(&marker.archive) else {
         return Ok(());
     };
-    match fs::symlink_metadata(&path) {
-        Ok(meta) if meta.is_file() => {}
-        _ => return Ok(()),
-    }
-    if crate::digest::of_file(&path)?.to_hex() != marker.sha256 {
+    if !fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_file())
         // Replaced by other content since: someone may still need it.
+        || crate::digest::of_file(&path)?.to_hex() != marker.sha256
+    {
         return Ok(());
     }
     remove_if_present(&path)

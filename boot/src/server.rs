@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use erel_proto::text::quote;
@@ -19,7 +19,7 @@ use erel_proto::{
     read_frame_body, write_frame, ErrorKind, ErrorReply, FrameError, Hello, Request, Response,
     Start, Stop, Unpack, PROTOCOL_VERSION,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -71,30 +71,23 @@ pub struct TlsSource {
     current: Mutex<Loaded>,
 }
 
-/// The bundle in use, and the last replacement that was refused.
+/// The acceptor in use, and the bundle files last tried.
 struct Loaded {
-    /// The files the acceptor was built from.
-    fingerprint: erel_certs::BundleFingerprint,
     acceptor: TlsAcceptor,
-    /// The files of a replacement that did not load: not tried again (nor warned
-    /// about again) until they change, so connections, an unauthenticated flood
-    /// included, cost one look at the files' metadata each, not a parse of the bundle.
-    refused: Option<erel_certs::BundleFingerprint>,
+    /// The files last tried, whether they loaded or not: a replacement that did not
+    /// load is not tried again (nor warned about again) until the files change, so
+    /// connections, an unauthenticated flood included, cost one look at the files'
+    /// metadata each, not a parse of the bundle.
+    tried: erel_certs::BundleFingerprint,
 }
 
 impl TlsSource {
     /// Loads the bundle in `dir` (`ca.pem`, `host.pem`, `host.key`, optional `crl.pem`).
     pub fn load(dir: PathBuf) -> std::result::Result<Self, erel_certs::Error> {
-        let fingerprint = erel_certs::bundle_fingerprint(&dir);
-        let config = erel_certs::server_config(&dir)?;
-        Ok(TlsSource {
-            dir,
-            current: Mutex::new(Loaded {
-                fingerprint,
-                acceptor: TlsAcceptor::from(config),
-                refused: None,
-            }),
-        })
+        let tried = erel_certs::bundle_fingerprint(&dir);
+        let acceptor = TlsAcceptor::from(erel_certs::server_config(&dir)?);
+        let current = Mutex::new(Loaded { acceptor, tried });
+        Ok(TlsSource { dir, current })
     }
 
     /// The acceptor for a new connection, reloading the bundle first if it changed. A
@@ -102,23 +95,16 @@ impl TlsSource {
     /// and is tried again (and warned about again) only once its files change again.
     pub fn acceptor(&self) -> TlsAcceptor {
         let fingerprint = erel_certs::bundle_fingerprint(&self.dir);
-        let mut current = match self.current.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if current.fingerprint != fingerprint && current.refused.as_ref() != Some(&fingerprint) {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.tried != fingerprint {
+            current.tried = fingerprint;
             match erel_certs::server_config(&self.dir) {
                 Ok(config) => {
                     info!(dir = %self.dir.display(), "certificate bundle changed; reloaded");
-                    *current = Loaded {
-                        fingerprint,
-                        acceptor: TlsAcceptor::from(config),
-                        refused: None,
-                    };
+                    current.acceptor = TlsAcceptor::from(config);
                 }
                 Err(e) => {
                     warn!(dir = %self.dir.display(), error = %e, "certificate bundle changed but does not load; keeping the previous one");
-                    current.refused = Some(fingerprint);
                 }
             }
         }
@@ -238,15 +224,8 @@ async fn connection(
 /// swallow the alert telling the master why it was refused.
 async fn linger_after_refusal(mut stream: TcpStream) {
     let _ = stream.shutdown().await;
-    let mut sink = [0u8; 4096];
-    let drain = async {
-        while let Ok(n) = stream.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(REFUSAL_LINGER, drain).await;
+    let mut sink = tokio::io::sink();
+    let _ = tokio::time::timeout(REFUSAL_LINGER, tokio::io::copy(&mut stream, &mut sink)).await;
 }
 
 /// One authenticated master's connection.
@@ -320,8 +299,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return Err(error.into());
         }
         warn!(peer = %self.peer, name = %self.peer_name, %error, "undecodable frame");
-        let reply = ErrorReply::new(ErrorKind::BadRequest, error.to_string());
-        self.reply(&Response::Error(reply)).await?;
+        self.reply_error(ErrorKind::BadRequest, error.to_string())
+            .await?;
         Err(ConnError::Reported(error.to_string()))
     }
 
@@ -338,27 +317,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let hello = match erel_proto::decode_body::<Request>(&body) {
             Ok(Request::Hello(hello)) => hello,
             Ok(other) => {
-                let reply = ErrorReply::new(
-                    ErrorKind::BadRequest,
-                    format!("the first frame must be Hello, got {}", other.name()),
-                );
-                self.reply(&Response::Error(reply)).await?;
+                let message = format!("the first frame must be Hello, got {}", other.name());
+                self.reply_error(ErrorKind::BadRequest, message).await?;
                 return Ok(false);
             }
             Err(e) => return self.refuse_frame(e).await.map(|()| false),
         };
         if hello.protocol != PROTOCOL_VERSION {
-            let reply = ErrorReply::new(
-                ErrorKind::VersionMismatch,
-                format!(
-                    "this agent speaks protocol {PROTOCOL_VERSION}; {} ({}) speaks {}",
-                    quote(&hello.name),
-                    quote(&hello.software),
-                    hello.protocol
-                ),
+            let message = format!(
+                "this agent speaks protocol {PROTOCOL_VERSION}; {} ({}) speaks {}",
+                quote(&hello.name),
+                quote(&hello.software),
+                hello.protocol
             );
             warn!(peer = %self.peer, name = %self.peer_name, protocol = hello.protocol, "protocol version mismatch");
-            self.reply(&Response::Error(reply)).await?;
+            self.reply_error(ErrorKind::VersionMismatch, message)
+                .await?;
             return Ok(false);
         }
         info!(peer = %self.peer, name = %self.peer_name, master = %hello.name, software = %hello.software, "master connected");
@@ -369,6 +343,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         };
         self.reply(&Response::Hello(ours)).await?;
         Ok(true)
+    }
+
+    /// Answers with an error of `kind`.
+    async fn reply_error(&mut self, kind: ErrorKind, message: String) -> ConnResult {
+        self.reply(&Response::Error(ErrorReply::new(kind, message)))
+            .await
     }
 
     pub(crate) async fn reply(&mut self, response: &Response) -> ConnResult {

@@ -26,7 +26,7 @@
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use erel_proto::{Sha256, Unpack, Unpacked};
 
@@ -53,7 +53,7 @@ pub(crate) use marker::{marker_matches, marker_path, read_marker, Marker};
 pub fn unpack(root: &Root, request: &Unpack, limits: &Limits) -> Result<Unpacked> {
     let archive_path = root.resolve(&request.archive)?;
     let dest = root.resolve(&request.dest)?;
-    let dest_rel = relative(root, &dest);
+    let dest_rel = root.relative(&dest);
     let _lock = PathLock::acquire(dest.clone(), &request.dest)?;
     let done = |sha256: Sha256| {
         marker::current(root, &dest, &dest_rel)
@@ -83,7 +83,7 @@ pub fn unpack(root: &Root, request: &Unpack, limits: &Limits) -> Result<Unpacked
     let outcome = (|| {
         let counts = entries::extract(file, &request.archive, &tree, limits)?;
         sync_tree(&tree)?;
-        let archive = relative(root, &archive_path);
+        let archive = root.relative(&archive_path);
         let marker = Marker::of_tree(&tree, &dest_rel, archive, sha256, counts)?;
         let marker_file = marker.write(root)?;
         place(root, &tree, &dest, &request.dest).inspect_err(|_| {
@@ -192,17 +192,6 @@ fn open_archive(path: &Path, name: &str) -> Result<File> {
         what,
         path: name.to_string(),
     })
-}
-
-/// The path relative to the root, as a string (the key of markers).
-pub(crate) fn relative(root: &Root, path: &Path) -> String {
-    // Rebuilt from components, so `a//b` and `a/b` are one key.
-    path.strip_prefix(root.path())
-        .unwrap_or(path)
-        .components()
-        .collect::<PathBuf>()
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// Removes staging directories left by an unpack interrupted by a crash. Run at startup,

@@ -105,16 +105,10 @@ pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer>
     }
     let existing = match fs::symlink_metadata(&dest) {
         Ok(meta) if meta.is_dir() => {
-            return Err(Error::Conflict {
-                path: name,
-                reason: "is a directory; a file cannot replace it".into(),
-            });
+            return Err(conflict(&name, "is a directory; a file cannot replace it"))
         }
         Ok(meta) if !meta.is_file() => {
-            return Err(Error::Conflict {
-                path: name,
-                reason: "exists and is not a regular file".into(),
-            });
+            return Err(conflict(&name, "exists and is not a regular file"))
         }
         Ok(meta) => Some(meta.len()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -185,6 +179,30 @@ impl Offer {
     }
 }
 
+impl Target {
+    /// The refusal of content or a size other than announced.
+    fn mismatch(&self, reason: String) -> Error {
+        let path = self.name.clone();
+        Error::ChecksumMismatch { path, reason }
+    }
+
+    /// Refuses a commit naming another digest than the request announced.
+    fn check_announced(&self, sha256: Sha256) -> Result<()> {
+        match self.expected {
+            Some(expected) if expected != sha256 => Err(self.mismatch(format!(
+                "the commit names sha256 {sha256}, the request announced {expected}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The refusal of a destination that holds something a file cannot replace.
+fn conflict(name: &str, reason: &str) -> Error {
+    let (path, reason) = (name.to_string(), reason.to_string());
+    Error::Conflict { path, reason }
+}
+
 /// Refuses special bits and anything that is not a permission mode.
 fn check_mode(name: &str, mode: u32) -> Result<()> {
     if mode & 0o7000 != 0 {
@@ -229,7 +247,6 @@ pub struct Receiver {
     total: u64,
     /// Bytes received by this receiver.
     received: u64,
-    present: bool,
     /// Released before the final sync on drop, so a request taking over need not wait
     /// for the disk.
     lock: Option<PathLock>,
@@ -258,7 +275,6 @@ pub fn begin(offer: Offer, offset: u64) -> Result<Receiver> {
             hasher,
             total: have,
             received: 0,
-            present: true,
             lock: Some(lock),
         });
     }
@@ -278,7 +294,8 @@ pub fn begin(offer: Offer, offset: u64) -> Result<Receiver> {
         .mode(PART_MODE)
         .open(&target.part)
         .map_err(|e| Error::io("open", &target.part, e))?;
-    let hasher = if offset == have && !present {
+    // Content in place was answered above, so this is a resume of staged bytes.
+    let hasher = if offset == have {
         let len = file
             .metadata()
             .map_err(|e| Error::io("inspect", &target.part, e))?
@@ -305,7 +322,6 @@ pub fn begin(offer: Offer, offset: u64) -> Result<Receiver> {
         hasher,
         total: offset,
         received: 0,
-        present: false,
         lock: Some(lock),
     })
 }
@@ -347,39 +363,26 @@ impl Receiver {
     /// A digest that does not match discards the staged bytes, so a retry starts clean.
     /// A size that does not match keeps them: they are what arrived.
     pub fn commit(mut self, sha256: Sha256) -> Result<Written> {
-        if self.present {
+        if self.file.is_none() {
             return self.commit_present(sha256);
         }
         let size = self.target.size;
         if self.total != size {
-            return Err(Error::ChecksumMismatch {
-                path: self.target.name.clone(),
-                reason: format!(
-                    "expected {size} bytes, received {} before the commit",
-                    self.total
-                ),
-            });
+            let received = self.total;
+            let reason = format!("expected {size} bytes, received {received} before the commit");
+            return Err(self.target.mismatch(reason));
         }
         let actual = digest::finish(self.hasher.clone());
-        let mismatch = if actual != sha256 {
-            Some(format!(
-                "content has sha256 {actual}, the commit names {sha256}"
-            ))
+        let verdict = if actual != sha256 {
+            let reason = format!("content has sha256 {actual}, the commit names {sha256}");
+            Err(self.target.mismatch(reason))
         } else {
-            match self.target.expected {
-                Some(expected) if expected != sha256 => Some(format!(
-                    "the commit names sha256 {sha256}, the request announced {expected}"
-                )),
-                _ => None,
-            }
+            self.target.check_announced(sha256)
         };
-        if let Some(reason) = mismatch {
+        if let Err(refusal) = verdict {
             self.file = None;
             remove_if_present(&self.target.part)?;
-            return Err(Error::ChecksumMismatch {
-                path: self.target.name.clone(),
-                reason,
-            });
+            return Err(refusal);
         }
 
         let Some(file) = self.file.take() else {
@@ -394,12 +397,13 @@ impl Receiver {
         file.sync_all().map_err(|e| Error::io("fsync", part, e))?;
         drop(file);
 
-        let dest = self.place_parent()?;
+        // Creates the destination's parents and checks again that no step of the path
+        // became a symlink meanwhile. The path it returns is `root/<name>` as in the
+        // offer: both come from the same root and the same checked name.
+        let dest = self.target.root.create_parents(&self.target.name)?;
         if fs::symlink_metadata(&dest).is_ok_and(|meta| meta.is_dir()) {
-            return Err(Error::Conflict {
-                path: self.target.name.clone(),
-                reason: "became a directory during the transfer".into(),
-            });
+            let reason = "became a directory during the transfer";
+            return Err(conflict(&self.target.name, reason));
         }
         rename_durably(part, &dest)?;
         Ok(Written {
@@ -411,22 +415,12 @@ impl Receiver {
 
     /// The content is already in place: check the digest, fix the mode, write nothing.
     fn commit_present(self, sha256: Sha256) -> Result<Written> {
-        let expected = self.target.expected.unwrap_or(sha256);
-        if sha256 != expected {
-            return Err(Error::ChecksumMismatch {
-                path: self.target.name.clone(),
-                reason: format!(
-                    "the commit names sha256 {sha256}, the request announced {expected}"
-                ),
-            });
-        }
+        self.target.check_announced(sha256)?;
         let dest = &self.target.dest;
         let meta = fs::symlink_metadata(dest).map_err(|e| Error::io("inspect", dest, e))?;
         if !meta.is_file() {
-            return Err(Error::Conflict {
-                path: self.target.name.clone(),
-                reason: "stopped being a regular file during the transfer".into(),
-            });
+            let reason = "stopped being a regular file during the transfer";
+            return Err(conflict(&self.target.name, reason));
         }
         if meta.permissions().mode() & 0o7777 != self.target.mode {
             fs::set_permissions(dest, fs::Permissions::from_mode(self.target.mode))
@@ -437,22 +431,6 @@ impl Receiver {
             size: self.target.size,
             received: 0,
         })
-    }
-
-    /// Creates the destination's parent directories and checks again that no part of
-    /// the path became a symlink meanwhile. Returns the destination.
-    fn place_parent(&self) -> Result<PathBuf> {
-        let dest = &self.target.dest;
-        let again = self.target.root.create_parents(&self.target.name)?;
-        if &again != dest {
-            return Err(Error::Internal(format!(
-                "{} resolved to {} then {}",
-                self.target.name,
-                dest.display(),
-                again.display()
-            )));
-        }
-        Ok(again)
     }
 }
 
@@ -477,8 +455,7 @@ pub fn sweep_stale(root: &Root, older_than: Duration) -> Result<usize> {
     let entries = fs::read_dir(&staging).map_err(|e| Error::io("list", &staging, e))?;
     let mut removed = 0;
     for entry in entries {
-        let entry = entry.map_err(|e| Error::io("list", &staging, e))?;
-        let path = entry.path();
+        let path = entry.map_err(|e| Error::io("list", &staging, e))?.path();
         if PathLock::is_held(&path) {
             continue;
         }

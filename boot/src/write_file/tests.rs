@@ -302,10 +302,7 @@ fn short_or_long_transfers_are_refused() {
 
 #[test]
 fn offset_beyond_what_is_held_is_refused() {
-    let f = fixture();
-    let data = content(1_000);
-    let req = request("o.bin", &data, false);
-    let offer = f.offer(&req).expect("offer");
+    let (_f, _, _, offer) = offered("o.bin", false);
     let err = begin(offer, 1).unwrap_err();
     assert!(matches!(err, Error::BadRequest(_)), "{err}");
     assert!(err.to_string().contains("offset 1"), "{err}");
@@ -411,12 +408,19 @@ fn eventually(limit: Duration, condition: impl Fn() -> bool) -> bool {
     condition()
 }
 
-#[test]
-fn a_repeated_transfer_takes_over_and_resumes() {
+/// A fresh fixture holding one offer of 1,000 bytes to `path`: the content, the
+/// request and the offer.
+fn offered(path: &str, known: bool) -> (Fixture, Vec<u8>, WriteFile, Offer) {
     let f = fixture();
     let data = content(1_000);
-    let req = request("same.bin", &data, true);
-    let first = f.offer(&req).expect("offer");
+    let req = request(path, &data, known);
+    let offer = f.offer(&req).expect("offer");
+    (f, data, req, offer)
+}
+
+#[test]
+fn a_repeated_transfer_takes_over_and_resumes() {
+    let (f, data, req, first) = offered("same.bin", true);
     let first_wanted = first.wanted();
     let mut receiver = begin(first, 0).expect("begin");
     send(&mut receiver, &data[..300]);
@@ -440,10 +444,7 @@ fn a_repeated_transfer_takes_over_and_resumes() {
 
 #[test]
 fn the_same_content_elsewhere_takes_over_too_other_content_is_not_held_up() {
-    let f = fixture();
-    let data = content(1_000);
-    let req = request("same.bin", &data, true);
-    let first = f.offer(&req).expect("offer");
+    let (f, data, _, first) = offered("same.bin", true);
     let wanted = first.wanted();
     // Other content goes through while the first transfer holds its staging.
     let other = content(999);
@@ -468,10 +469,7 @@ fn the_same_content_elsewhere_takes_over_too_other_content_is_not_held_up() {
 
 #[test]
 fn sweep_removes_stale_parts_only() {
-    let f = fixture();
-    let data = content(1_000);
-    let held_req = request("held.bin", &data, false);
-    let held = f.offer(&held_req).expect("offer");
+    let (f, data, _, held) = offered("held.bin", false);
     let mut receiver = begin(held, 0).expect("begin");
     send(&mut receiver, &data[..10]);
     let stale_req = request("stale.bin", &data, false);

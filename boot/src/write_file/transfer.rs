@@ -128,30 +128,23 @@ async fn stream_to_disk<S: AsyncRead + AsyncWrite + Unpin>(
         let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
         let mut chunk = vec![0u8; want];
         let read = tokio::select! {
-            _ = wanted.cancelled() => None,
-            read = tokio::time::timeout(TRANSFER_STALL_TIMEOUT, read_some(&mut conn.stream, &mut chunk)) => Some(read),
-        };
-        let n = match read {
-            None => {
-                read_error = Some(ConnError::TakenOver(path.to_string()));
-                break;
-            }
-            Some(Err(_)) => {
-                read_error = Some(ConnError::Timeout("transfer bytes"));
-                break;
-            }
-            Some(Ok(Err(e))) => {
-                read_error = Some(ConnError::Io(e));
-                break;
-            }
-            Some(Ok(Ok(0))) => {
-                read_error = Some(ConnError::Io(io::Error::new(
+            _ = wanted.cancelled() => Err(ConnError::TakenOver(path.to_string())),
+            read = tokio::time::timeout(TRANSFER_STALL_TIMEOUT, read_some(&mut conn.stream, &mut chunk)) => match read {
+                Err(_) => Err(ConnError::Timeout("transfer bytes")),
+                Ok(Err(e)) => Err(ConnError::Io(e)),
+                Ok(Ok(0)) => Err(ConnError::Io(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!("connection closed with {left} bytes of {path} still to come"),
-                )));
+                ))),
+                Ok(Ok(n)) => Ok(n),
+            },
+        };
+        let n = match read {
+            Ok(n) => n,
+            Err(error) => {
+                read_error = Some(error);
                 break;
             }
-            Some(Ok(Ok(n))) => n,
         };
         chunk.truncate(n);
         left -= n as u64;
