@@ -4,13 +4,13 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::config::{Config, Flags};
+use crate::error::Error;
 
 /// Runs the agent until SIGTERM; the exit status says whether it started. Run as
 /// `erel-boot output-writer LOG MAX_BYTES`, it is instead the output writer of one release
@@ -32,12 +32,12 @@ pub fn main() -> ExitCode {
         .worker_threads(2)
         .enable_all()
         .build()
-        .context("cannot start the runtime")
+        .map_err(|e| Error::startup("cannot start the runtime", e))
         .and_then(|runtime| runtime.block_on(run(flags)));
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let text = erel_proto::text::error_chain(e.as_ref());
+            let text = erel_proto::text::error_chain(&e);
             error!("{text}");
             eprintln!("erel-boot: {text}");
             ExitCode::FAILURE
@@ -58,15 +58,20 @@ pub fn run_output_writer_if_asked() -> Option<ExitCode> {
     Some(crate::supervisor::run_output_writer(&rest))
 }
 
-async fn run(flags: Flags) -> anyhow::Result<()> {
+async fn run(flags: Flags) -> Result<(), Error> {
     // First of all, so that a SIGTERM that arrives while the agent starts (a service
     // manager stopping it at once) ends it cleanly once it serves, instead of killing it.
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    let config = Config::from_flags(flags)?;
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Error::startup("cannot install the SIGTERM handler", e))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| Error::startup("cannot install the SIGINT handler", e))?;
+    let config = Config::from_flags(flags).map_err(|e| Error::Startup {
+        what: e.to_string(),
+        source: None,
+    })?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+        .map_err(|e| Error::startup(format!("cannot listen on {}", config.listen), e))?;
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -77,6 +82,5 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         info!("shutting down; supervised releases keep running");
         signals.cancel();
     });
-    crate::run(config, listener, shutdown).await?;
-    Ok(())
+    crate::run(config, listener, shutdown).await
 }

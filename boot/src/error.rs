@@ -141,7 +141,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// Builds an [`Error::Io`] for `op` on `path`.
-    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             op,
             path: path.into(),
@@ -150,7 +150,7 @@ impl Error {
     }
 
     /// Builds an [`Error::Startup`] for `what`, caused by `source`.
-    pub fn startup(
+    pub(crate) fn startup(
         what: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
@@ -163,7 +163,7 @@ impl Error {
     /// Builds an [`Error::InvalidPath`]. A path longer than
     /// [`MAX_QUOTED`](erel_proto::text::MAX_QUOTED) bytes is quoted by its start and
     /// length (see [`erel_proto::text::quote`]).
-    pub fn invalid_path(path: &str, reason: impl Into<String>) -> Self {
+    pub(crate) fn invalid_path(path: &str, reason: impl Into<String>) -> Self {
         Error::InvalidPath {
             path: quote(path).into_owned(),
             reason: reason.into(),
@@ -172,7 +172,7 @@ impl Error {
 
     /// Builds an [`Error::UnsafeArchive`]; a long entry name is quoted as in
     /// [`Error::invalid_path`].
-    pub fn unsafe_entry(entry: impl AsRef<str>, reason: impl Into<String>) -> Self {
+    pub(crate) fn unsafe_entry(entry: impl AsRef<str>, reason: impl Into<String>) -> Self {
         Error::UnsafeArchive {
             entry: quote(entry.as_ref()).into_owned(),
             reason: reason.into(),
@@ -180,7 +180,7 @@ impl Error {
     }
 
     /// The protocol kind this error is reported as.
-    pub fn kind(&self) -> ErrorKind {
+    pub(crate) fn kind(&self) -> ErrorKind {
         match self {
             Error::InvalidPath { .. } => ErrorKind::InvalidPath,
             Error::NotFound { .. } => ErrorKind::NotFound,
@@ -208,7 +208,7 @@ impl Error {
     /// and is sent as kind `Busy` with the words after `busy: `. It is at most
     /// [`MAX_ERROR_MESSAGE`] bytes (shortened on a character boundary), so a refusal
     /// that quotes long inputs still fits in one frame.
-    pub fn to_reply(&self) -> ErrorReply {
+    pub(crate) fn to_reply(&self) -> ErrorReply {
         let kind = self.kind();
         let text = self.to_string();
         let message = text.strip_prefix(&format!("{kind}: ")).unwrap_or(&text);

@@ -280,28 +280,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 _ = shutdown.cancelled() => return Ok(()),
                 read = tokio::time::timeout(IDLE_TIMEOUT, read_frame_body(&mut self.stream)) => match read {
                     Err(_) => return Err(ConnError::Timeout("the next request")),
-                    Ok(Err(e)) => return self.refuse_frame(e).await,
+                    Ok(Err(e)) => return Err(self.refuse_frame(e).await),
                     Ok(Ok(None)) => return Ok(()),
                     Ok(Ok(Some(body))) => body,
                 },
             };
             let request = match erel_proto::decode_body::<Request>(&body) {
                 Ok(request) => request,
-                Err(e) => return self.refuse_frame(e).await,
+                Err(e) => return Err(self.refuse_frame(e).await),
             };
             self.dispatch(request).await?;
         }
     }
 
-    /// Answers a frame that could not be read or decoded, then ends the connection.
-    pub(crate) async fn refuse_frame(&mut self, error: FrameError) -> ConnResult {
+    /// Answers a frame that could not be read or decoded; returns the error that ends the
+    /// connection.
+    pub(crate) async fn refuse_frame(&mut self, error: FrameError) -> ConnError {
         if matches!(error, FrameError::Io(_) | FrameError::Truncated { .. }) {
-            return Err(error.into());
+            return error.into();
         }
         warn!(peer = %self.peer, name = %self.peer_name, %error, "undecodable frame");
-        self.reply_error(ErrorKind::BadRequest, error.to_string())
-            .await?;
-        Err(ConnError::Reported(error.to_string()))
+        match self
+            .reply_error(ErrorKind::BadRequest, error.to_string())
+            .await
+        {
+            Ok(()) => ConnError::Reported(error.to_string()),
+            Err(cut) => cut,
+        }
     }
 
     /// Reads the master's `Hello` and answers with ours. False when refused.
@@ -312,7 +317,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let body = match first {
             Ok(Some(body)) => body,
             Ok(None) => return Ok(false),
-            Err(e) => return self.refuse_frame(e).await.map(|()| false),
+            Err(e) => return Err(self.refuse_frame(e).await),
         };
         let hello = match erel_proto::decode_body::<Request>(&body) {
             Ok(Request::Hello(hello)) => hello,
@@ -321,7 +326,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 self.reply_error(ErrorKind::BadRequest, message).await?;
                 return Ok(false);
             }
-            Err(e) => return self.refuse_frame(e).await.map(|()| false),
+            Err(e) => return Err(self.refuse_frame(e).await),
         };
         if hello.protocol != PROTOCOL_VERSION {
             let message = format!(
@@ -364,23 +369,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let agent = self.agent.clone();
         let command = snake_case(request.name());
         let (subject, outcome) = match request {
-            Request::Hello(_) => (
-                String::new(),
-                Err(Error::BadRequest("Hello was already exchanged".into())),
-            ),
-            Request::Ping(_) => (String::new(), Ok(Response::Pong(ping::ping(&agent).await))),
-            Request::WriteFile(request) => write_file::transfer(self, request).await?,
+            Request::Hello(_) => hello_again(),
+            Request::Ping(_) => ping(&agent).await,
+            Request::WriteFile(request) => write_file::transfer(self, request).await,
             Request::Unpack(request) => unpack(&agent, request).await,
             Request::Start(request) => start(&agent, request).await,
             Request::Stop(request) => stop(&agent, request).await,
         };
         let (peer, name) = (self.peer, &self.peer_name);
         match &outcome {
+            Ok(Err(error)) => {
+                info!(%peer, %name, %command, %subject, ok = false, %error, "command")
+            }
+            // The connection ends instead of an answer (cut, stalled, taken over, or a
+            // refusal already sent).
             Err(error) => info!(%peer, %name, %command, %subject, ok = false, %error, "command"),
-            Ok(_) if subject.is_empty() => debug!(%peer, %name, %command, ok = true, "command"),
-            Ok(_) => info!(%peer, %name, %command, %subject, ok = true, "command"),
+            Ok(Ok(_)) if subject.is_empty() => debug!(%peer, %name, %command, ok = true, "command"),
+            Ok(Ok(_)) => info!(%peer, %name, %command, %subject, ok = true, "command"),
         }
-        let response = outcome.unwrap_or_else(|e| Response::Error(e.to_reply()));
+        let response = outcome?.unwrap_or_else(|e| Response::Error(e.to_reply()));
         self.reply(&response).await
     }
 
@@ -396,32 +403,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 }
 
+/// What a command came to: its subject for the log, and its answer, or the error that
+/// ends the connection instead.
+pub(crate) type Outcome = (String, ConnResult<Result<Response>>);
+
+/// A second `Hello` on a connection.
+fn hello_again() -> Outcome {
+    let refused = Error::BadRequest("Hello was already exchanged".into());
+    (String::new(), Ok(Err(refused)))
+}
+
+/// `Ping`.
+async fn ping(agent: &Agent) -> Outcome {
+    (
+        String::new(),
+        Ok(Ok(Response::Pong(ping::ping(agent).await))),
+    )
+}
+
 /// `Unpack`, on a blocking thread.
-async fn unpack(agent: &Arc<Agent>, request: Unpack) -> (String, Result<Response>) {
+async fn unpack(agent: &Arc<Agent>, request: Unpack) -> Outcome {
     let subject = format!("{} -> {}", request.archive, request.dest);
     let agent = agent.clone();
     let outcome = blocking(move || {
         unpack::unpack(&agent.root, &request, &agent.limits).map(Response::Unpacked)
     })
     .await;
-    (subject, outcome)
+    (subject, Ok(outcome))
 }
 
 /// `Start`; once started, versions of that release beyond the kept ones are removed.
-async fn start(agent: &Arc<Agent>, request: Start) -> (String, Result<Response>) {
-    let subject = format!("{} {}", request.name, request.version);
+async fn start(agent: &Arc<Agent>, request: Start) -> Outcome {
+    let mut subject = format!("{} {}", request.name, request.version);
     let outcome = agent.supervisor.start(&request).await;
-    if outcome.is_ok() {
+    if let Ok(started) = &outcome {
+        subject += &format!(" pid={}", started.pid);
         retention::prune_after_start(agent, &request.name).await;
     }
-    (subject, outcome.map(Response::Started))
+    (subject, Ok(outcome.map(Response::Started)))
 }
 
 /// `Stop`, with the grace capped at [`MAX_STOP_GRACE`].
-async fn stop(agent: &Agent, request: Stop) -> (String, Result<Response>) {
+async fn stop(agent: &Agent, request: Stop) -> Outcome {
     let grace = Duration::from_millis(request.grace_ms).min(MAX_STOP_GRACE);
     let outcome = agent.supervisor.stop(&request.name, grace).await;
-    (request.name, outcome.map(Response::Stopped))
+    let subject = match &outcome {
+        Ok(stopped) => format!(
+            "{} was_running={} killed={}",
+            request.name, stopped.was_running, stopped.killed
+        ),
+        Err(_) => request.name,
+    };
+    (subject, Ok(outcome.map(Response::Stopped)))
 }
 
 /// `WriteFile` as `write_file`: how commands are named in the log.

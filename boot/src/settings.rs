@@ -97,7 +97,7 @@ pub enum CgroupParent {
 impl CgroupParent {
     /// Parses the setting as written in `boot.toml` or given as `--cgroup-parent`:
     /// `auto`, `none`, or an absolute cgroup path without `.` or `..` components.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         match text {
             "auto" => Ok(CgroupParent::Auto),
             "none" => Ok(CgroupParent::None),
@@ -148,7 +148,7 @@ pub struct OutputWriter {
 impl OutputWriter {
     /// The running program, as the kernel names it for any process (`proc(5)`): valid even
     /// after the file on disk was replaced.
-    pub const SELF: &'static str = "/proc/self/exe";
+    pub(crate) const SELF: &'static str = "/proc/self/exe";
 }
 
 impl Default for OutputWriter {

@@ -76,7 +76,6 @@ impl Supervisor {
                     live.restarts = 0;
                     live.short_runs = 0;
                 }
-                info!(release = %release.name, version = %desired.version, pid, "started");
                 inner.spawn_task(&release, generation, token, step);
                 Ok(Started {
                     pid,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use erel_proto::{ReleaseState, Stopped};
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::error::Result;
 use crate::fs::check_name;
@@ -44,7 +44,6 @@ impl Supervisor {
             None => inner.stop_release(name, None, grace).await?,
         };
         release.live().state = ReleaseState::Stopped;
-        info!(release = %name, was_running = outcome.was_running, killed = outcome.killed, "stopped");
         Ok(outcome)
     }
 }

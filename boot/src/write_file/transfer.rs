@@ -13,11 +13,10 @@ use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
 use super::{begin, offer, Receiver};
 use crate::error::{Error, Result};
-use crate::server::{blocking, ConnError, ConnResult, Connection, REFUSAL_LINGER};
+use crate::server::{blocking, ConnError, ConnResult, Connection, Outcome, REFUSAL_LINGER};
 
 /// A transfer that makes no progress for this long is abandoned (its bytes are kept).
 const TRANSFER_STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,11 +34,22 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 pub(crate) async fn transfer<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     request: WriteFile,
-) -> ConnResult<(String, Result<Response>)> {
+) -> Outcome {
+    let mut subject = format!("{} size={}", request.path, request.size);
+    let outcome = receive(conn, request, &mut subject).await;
+    (subject, outcome)
+}
+
+/// The transfer itself; `subject` gains the offset once the master has chosen it.
+async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    request: WriteFile,
+    subject: &mut String,
+) -> ConnResult<Result<Response>> {
     let (agent, req) = (conn.agent.clone(), request.clone());
     let offer = match blocking(move || offer(&agent.root, &req, &agent.limits)).await {
         Ok(offer) => offer,
-        Err(e) => return Ok((request.path, Err(e))),
+        Err(e) => return Ok(Err(e)),
     };
     let wanted = offer.wanted();
     let answer = Response::WriteOffer(WriteOffer {
@@ -49,6 +59,7 @@ pub(crate) async fn transfer<S: AsyncRead + AsyncWrite + Unpin>(
     conn.reply(&answer).await?;
     let path = &request.path;
     let WriteBegin { offset } = read_transfer_frame(conn, "WriteBegin", &wanted, path).await?;
+    *subject += &format!(" offset={offset}");
     let receiver = blocking(move || begin(offer, offset)).await;
     // The master is about to stream raw bytes: a refusal is reported and ends the
     // connection.
@@ -58,8 +69,7 @@ pub(crate) async fn transfer<S: AsyncRead + AsyncWrite + Unpin>(
     let receiver = conn.reported(received).await?;
     let WriteCommit { sha256 } = read_transfer_frame(conn, "WriteCommit", &wanted, path).await?;
     let written = blocking(move || receiver.commit(sha256)).await;
-    let subject = format!("{path} size={} offset={offset}", request.size);
-    Ok((subject, written.map(Response::Written)))
+    Ok(written.map(Response::Written))
 }
 
 /// Reads the next frame of a transfer of `path`; ends the transfer when a newer request
@@ -81,10 +91,7 @@ async fn read_transfer_frame<T: DeserializeOwned, S: AsyncRead + AsyncWrite + Un
             io::ErrorKind::UnexpectedEof,
             format!("connection closed before {what}"),
         ))),
-        Ok(Err(e)) => {
-            conn.refuse_frame(e).await?;
-            Err(ConnError::Timeout(what))
-        }
+        Ok(Err(e)) => Err(conn.refuse_frame(e).await),
     }
 }
 
@@ -98,7 +105,6 @@ async fn taken_over<S: AsyncRead + AsyncWrite + Unpin>(
         "the transfer of {path} was taken over by a newer request for the same file; \
          the bytes received here are kept for it"
     ));
-    info!(peer = %conn.peer, name = %conn.peer_name, command = "write_file", %path, "taken over by a newer request");
     let reply = Response::Error(error.to_reply());
     let _ = tokio::time::timeout(REFUSAL_LINGER, write_frame(&mut conn.stream, &reply)).await;
     ConnError::TakenOver(path.to_string())
