@@ -480,12 +480,13 @@ async fn a_release_that_keeps_dying_crash_loops() {
     assert_eq!(status.pid, None);
     let runs = |root: &Root| log_text(root, "app").matches("boom 1").count();
     assert_eq!(runs(&fx.root), 3);
-    // No further restarts, also not after an agent restart.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // No further restarts, also not after an agent restart: a restart would come within
+    // the longest backoff, so twice that shows none is coming.
+    tokio::time::sleep(settings().restart_backoff_max * 2).await;
     assert_eq!(runs(&fx.root), 3);
     sup.detach().await;
     let sup = fx.open().await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(settings().restart_backoff_max * 2).await;
     assert_eq!(status_state(&sup, "app").await, ReleaseState::CrashLooping);
     assert_eq!(runs(&fx.root), 3);
 
@@ -949,6 +950,7 @@ async fn stop_and_start_racing_restarts_never_leave_two_copies() {
     patient.restart_backoff = Duration::from_millis(10);
     patient.restart_backoff_max = Duration::from_millis(20);
     patient.crash_loop_after = 1000;
+    let longest_backoff = patient.restart_backoff_max;
     let sup = fx.open_with(patient).await;
     for round in 0..8u64 {
         start(&sup, "1").await;
@@ -956,7 +958,8 @@ async fn stop_and_start_racing_restarts_never_leave_two_copies() {
         stop(&sup, Duration::from_secs(2)).await;
         assert!(copies(&fx.root, "app").is_empty(), "round {round}");
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A restart would come within the longest backoff (20 ms): five times that shows none.
+    tokio::time::sleep(longest_backoff * 5).await;
     assert!(copies(&fx.root, "app").is_empty(), "restarted after stop");
     assert_eq!(status_state(&sup, "app").await, ReleaseState::Stopped);
 
@@ -965,7 +968,8 @@ async fn stop_and_start_racing_restarts_never_leave_two_copies() {
     let (a, b) = tokio::join!(sup.start(&two), sup.start(&one));
     a.expect("start 2");
     b.expect("start 1");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The loser's copy, had it been left, would be running by the longest backoff.
+    tokio::time::sleep(longest_backoff * 5).await;
     assert!(copies(&fx.root, "app").len() <= 1);
     let stopped = stop(&sup, Duration::from_secs(2)).await;
     assert!(!stopped.killed);
@@ -1029,7 +1033,8 @@ async fn stop_reaches_a_setsid_helper(parent: CgroupParent) {
     // Starting again gives one copy of each, not two.
     start(&sup, "1").await;
     eventually("the new helper", || everything(&fx.root, "app").len() >= 2).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A second copy would come from a restart, within the longest backoff.
+    tokio::time::sleep(settings().restart_backoff_max * 3 / 2).await;
     // At most two: a copy in the middle of an exec may be missed by the scan, never added.
     let now = everything(&fx.root, "app");
     assert!(now.len() <= 2, "one copy of each: {now:?}");
