@@ -74,7 +74,10 @@ pub fn prune(root: &Root, name: &str, keep: &[String], keep_newest: usize) -> Re
             sync_dir(&parent)?;
         }
     }
-    let still_named: Vec<String> = all_markers(root).into_iter().map(|m| m.archive).collect();
+    let still_named: Vec<String> = unpack::markers_in_use(root)
+        .into_iter()
+        .map(|m| m.archive)
+        .collect();
     for marker in archives
         .iter()
         .filter(|m| !still_named.contains(&m.archive))
@@ -97,23 +100,6 @@ fn remove_archive(root: &Root, marker: &Marker) -> Result<()> {
         return Ok(());
     }
     remove_if_present(&path)
-}
-
-/// Every readable unpack marker whose directory still exists as unpacked.
-fn all_markers(root: &Root) -> Vec<Marker> {
-    let dir = root.state("unpacked");
-    let Ok(entries) = fs::read_dir(&dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|entry| entry.ok())
-        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".json"))
-        .filter_map(|entry| unpack::read_marker(&entry.path()))
-        .filter(|marker| {
-            root.resolve(&marker.dest)
-                .is_ok_and(|dest| unpack::marker_matches(marker, &dest))
-        })
-        .collect()
 }
 
 /// Empties `.erel/trash/`: what a prune interrupted by a crash left there. Run at startup.

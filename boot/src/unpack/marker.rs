@@ -92,11 +92,31 @@ fn birth(meta: &fs::Metadata) -> Option<u128> {
         .map(|d| d.as_nanos())
 }
 
+/// The directory of the markers, one `<sha256 of dest>.json` each.
+fn markers_dir(root: &Root) -> PathBuf {
+    root.state("unpacked")
+}
+
 /// Where the marker for `dest_rel` (relative to the root) lives.
 pub(crate) fn marker_path(root: &Root, dest_rel: &str) -> PathBuf {
     let key = digest::of_bytes(dest_rel.as_bytes());
-    root.state("unpacked")
-        .join(format!("{}.json", key.to_hex()))
+    markers_dir(root).join(format!("{}.json", key.to_hex()))
+}
+
+/// Every readable marker whose directory is still there as it was unpacked.
+pub(crate) fn markers_in_use(root: &Root) -> Vec<Marker> {
+    let Ok(entries) = fs::read_dir(markers_dir(root)) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".json"))
+        .filter_map(|entry| read_marker(&entry.path()))
+        .filter(|marker| {
+            root.resolve(&marker.dest)
+                .is_ok_and(|dest| marker_matches(marker, &dest))
+        })
+        .collect()
 }
 
 /// Reads a marker; `None` when missing or unreadable.

@@ -47,7 +47,7 @@ mod differential;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use marker::{marker_matches, marker_path, read_marker, Marker};
+pub(crate) use marker::{marker_path, markers_in_use, read_marker, Marker};
 
 /// Unpacks `request.archive` into `request.dest` through a staging directory. Blocking.
 pub fn unpack(root: &Root, request: &Unpack, limits: &Limits) -> Result<Unpacked> {
