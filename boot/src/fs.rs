@@ -55,8 +55,49 @@ pub const MAX_PATH_LEN: usize = 1024;
 /// (`<linux/limits.h>`; the longest name ext4, xfs, btrfs and tmpfs accept).
 pub const MAX_NAME_LEN: usize = 255;
 
-/// The lock file, under the state directory.
-const AGENT_LOCK_FILE: &str = "agent.lock";
+/// What lives in the agent's state directory `root/.erel`, one directory per job, plus
+/// the agent's lock file `agent.lock`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum State {
+    /// `staging/`: `WriteFile` transfers not yet committed (`<key>.part`).
+    Staging,
+    /// `unpack/`: `Unpack`'s trees before they are renamed into place.
+    Unpack,
+    /// `unpacked/`: what was unpacked from which archive (one marker per destination).
+    Unpacked,
+    /// `releases/`: each release's desired state and current run.
+    Releases,
+    /// `logs/`: each release's output.
+    Logs,
+    /// `trash/`: versions on their way out (removed at start-up if a prune was cut).
+    Trash,
+    /// `agent.lock`: one agent per root.
+    AgentLock,
+}
+
+impl State {
+    /// The directories, created when the root is opened.
+    const DIRS: [State; 6] = [
+        State::Staging,
+        State::Unpack,
+        State::Unpacked,
+        State::Releases,
+        State::Logs,
+        State::Trash,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            State::Staging => "staging",
+            State::Unpack => "unpack",
+            State::Unpacked => "unpacked",
+            State::Releases => "releases",
+            State::Logs => "logs",
+            State::Trash => "trash",
+            State::AgentLock => "agent.lock",
+        }
+    }
+}
 
 /// The agent's root directory.
 #[derive(Debug, Clone)]
@@ -71,7 +112,7 @@ impl Root {
         fs::create_dir_all(dir).map_err(|e| Error::io("create root", dir, e))?;
         let dir = fs::canonicalize(dir).map_err(|e| Error::io("resolve root", dir, e))?;
         let root = Root { dir };
-        for sub in ["staging", "unpack", "unpacked", "releases", "logs", "trash"] {
+        for sub in State::DIRS {
             let path = root.state(sub);
             fs::create_dir_all(&path).map_err(|e| Error::io("create", &path, e))?;
         }
@@ -83,10 +124,9 @@ impl Root {
         &self.dir
     }
 
-    /// A directory or file inside the state directory `root/.erel`, e.g.
-    /// `state("staging")`.
-    pub fn state(&self, sub: &str) -> PathBuf {
-        self.dir.join(STATE_DIR).join(sub)
+    /// A directory or file inside the state directory `root/.erel`.
+    pub(crate) fn state(&self, sub: State) -> PathBuf {
+        self.dir.join(STATE_DIR).join(sub.name())
     }
 
     /// `root/releases/<name>`, after checking `name`.
@@ -493,7 +533,7 @@ impl AgentLock {
     /// file or else from `/proc/locks`, is in the error); [`Error::Io`] when the file cannot
     /// be opened, locked or written.
     pub fn acquire(root: &Root) -> Result<AgentLock> {
-        let path = root.state(AGENT_LOCK_FILE);
+        let path = root.state(State::AgentLock);
         let dir = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
@@ -685,11 +725,11 @@ mod tests {
     #[test]
     fn atomic_write_replaces_content() {
         let (_dir, root) = root();
-        let path = root.state("releases").join("beat.json");
+        let path = root.state(State::Releases).join("beat.json");
         write_atomic(&path, b"one", 0o600).expect("write");
         write_atomic(&path, b"two", 0o600).expect("write");
         assert_eq!(fs::read(&path).expect("read"), b"two");
-        let leftovers: Vec<_> = fs::read_dir(root.state("releases"))
+        let leftovers: Vec<_> = fs::read_dir(root.state(State::Releases))
             .expect("list")
             .filter_map(|e| e.ok())
             .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
@@ -742,7 +782,7 @@ mod tests {
     }
 
     fn lock_file(root: &Root) -> PathBuf {
-        root.state(AGENT_LOCK_FILE)
+        root.state(State::AgentLock)
     }
 
     #[test]
@@ -836,7 +876,7 @@ mod tests {
         let path = lock_file(&root);
         std::os::unix::fs::symlink(&victim, &path).expect("symlink");
         let err = AgentLock::acquire(&root).expect_err("a symlinked lock file is refused");
-        assert!(err.to_string().contains(AGENT_LOCK_FILE), "{err}");
+        assert!(err.to_string().contains("agent.lock"), "{err}");
         assert_eq!(std::fs::read_to_string(&victim).expect("read"), "keep me\n");
     }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use erel_proto::rules;
 
 use crate::error::{Error, Result};
-use crate::fs::{remove_if_present, sync_dir, unique_name, PathLock, Root};
+use crate::fs::{remove_if_present, sync_dir, unique_name, PathLock, Root, State};
 use crate::server::{blocking, Agent};
 use crate::unpack::{self, Marker};
 
@@ -47,7 +47,7 @@ pub fn prune(root: &Root, name: &str, keep: &[String], keep_newest: usize) -> Re
     let all = root.versions(name);
     let others: Vec<&String> = all.iter().filter(|v| !keep.contains(v)).collect();
     let doomed = &others[..others.len().saturating_sub(keep_newest)];
-    let trash = root.state("trash");
+    let trash = root.state(State::Trash);
     let mut removed = Vec::new();
     let mut archives: Vec<Marker> = Vec::new();
     for version in doomed {
@@ -104,7 +104,7 @@ fn remove_archive(root: &Root, marker: &Marker) -> Result<()> {
 
 /// Empties `.erel/trash/`: what a prune interrupted by a crash left there. Run at startup.
 pub fn sweep_trash(root: &Root) -> Result<()> {
-    crate::fs::empty_dir(&root.state("trash"))
+    crate::fs::empty_dir(&root.state(State::Trash))
 }
 
 #[cfg(test)]
@@ -183,7 +183,7 @@ mod tests {
                 .join(format!("archives/beat-{kept}.tar"))
                 .exists());
         }
-        assert!(fs::read_dir(root.state("trash"))
+        assert!(fs::read_dir(root.state(State::Trash))
             .expect("list")
             .next()
             .is_none());
@@ -244,10 +244,10 @@ mod tests {
     #[test]
     fn sweep_empties_the_trash() {
         let (_dir, root) = root();
-        fs::create_dir_all(root.state("trash").join("x/y")).expect("mkdir");
-        fs::write(root.state("trash").join("x/y/z"), b"z").expect("write");
+        fs::create_dir_all(root.state(State::Trash).join("x/y")).expect("mkdir");
+        fs::write(root.state(State::Trash).join("x/y/z"), b"z").expect("write");
         sweep_trash(&root).expect("sweep");
-        assert!(fs::read_dir(root.state("trash"))
+        assert!(fs::read_dir(root.state(State::Trash))
             .expect("list")
             .next()
             .is_none());

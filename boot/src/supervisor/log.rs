@@ -76,7 +76,7 @@ use nix::fcntl::{Flock, FlockArg, OFlag};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
 use crate::error::{Error, Result};
-use crate::fs::Root;
+use crate::fs::{Root, State};
 use crate::settings::{OutputWriter, MIN_LOG_MAX_BYTES};
 
 /// Permission bits of a new log file.
@@ -90,7 +90,7 @@ const READ_CHUNK: usize = 64 * 1024;
 
 /// `.erel/logs/<name>.log`.
 pub(crate) fn log_path(root: &Root, name: &str) -> PathBuf {
-    root.state("logs").join(format!("{name}.log"))
+    root.state(State::Logs).join(format!("{name}.log"))
 }
 
 /// `log` with `suffix` appended to its file name.

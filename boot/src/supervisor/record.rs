@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fs::{check_name, remove_if_present, write_atomic, Root};
+use crate::fs::{check_name, remove_if_present, write_atomic, Root, State};
 
 /// Suffix of a desired-state file.
 const DESIRED_SUFFIX: &str = ".json";
@@ -119,7 +119,7 @@ impl RunRecord {
 
 /// The record of release `name` with `suffix`: one of the two suffixes above.
 fn path(root: &Root, name: &str, suffix: &str) -> PathBuf {
-    root.state("releases").join(format!("{name}{suffix}"))
+    root.state(State::Releases).join(format!("{name}{suffix}"))
 }
 
 fn save<T: Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
@@ -162,7 +162,7 @@ pub(crate) fn remove_run(root: &Root, name: &str) -> Result<()> {
 /// the second list (path and error) and otherwise skipped, so one damaged file does not
 /// stop the agent from supervising the others.
 pub(crate) fn load_all_desired(root: &Root) -> Result<(Vec<Desired>, Vec<Error>)> {
-    let dir = root.state("releases");
+    let dir = root.state(State::Releases);
     let entries = fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
     let mut found = Vec::new();
     let mut damaged = Vec::new();

@@ -15,7 +15,7 @@ use super::process;
 use super::record::Desired;
 use super::Supervisor;
 use crate::error::Error;
-use crate::fs::Root;
+use crate::fs::{Root, State};
 use crate::settings::{CgroupParent, OutputWriter, Supervision};
 
 /// Longest a condition is waited for.
@@ -250,7 +250,7 @@ impl Fixture {
 
     /// Changes the desired state on disk behind the supervisor's back.
     fn edit_desired(&self, from: &str, to: &str) {
-        let path = self.root.state("releases").join("app.json");
+        let path = self.root.state(State::Releases).join("app.json");
         let desired = fs::read_to_string(&path).expect("desired");
         fs::write(&path, desired.replace(from, to)).expect("write");
     }
@@ -388,7 +388,7 @@ fn group_members(pgid: i32) -> Vec<u32> {
 }
 
 fn log_text(root: &Root, name: &str) -> String {
-    fs::read_to_string(root.state("logs").join(format!("{name}.log"))).unwrap_or_default()
+    fs::read_to_string(root.state(State::Logs).join(format!("{name}.log"))).unwrap_or_default()
 }
 
 #[tokio::test]
@@ -445,10 +445,11 @@ async fn start_runs_in_its_own_group_with_env_and_log() {
     );
 
     // Desired state and run record are on disk.
-    let desired = fs::read_to_string(fx.root.state("releases").join("app.json")).expect("desired");
+    let desired =
+        fs::read_to_string(fx.root.state(State::Releases).join("app.json")).expect("desired");
     assert!(desired.contains("\"should_run\": true"), "{desired}");
     assert!(desired.contains("bin/app"), "{desired}");
-    let run = fs::read_to_string(fx.root.state("releases").join("app.run")).expect("run");
+    let run = fs::read_to_string(fx.root.state(State::Releases).join("app.run")).expect("run");
     assert!(run.contains(&format!("\"pid\": {}", started.pid)), "{run}");
     sup.detach().await;
 }
@@ -551,9 +552,10 @@ async fn stop_terminates_gracefully() {
     assert_eq!(status.state, ReleaseState::Stopped);
     assert!(!status.desired_running);
     assert_eq!(status.pid, None);
-    let desired = fs::read_to_string(fx.root.state("releases").join("app.json")).expect("desired");
+    let desired =
+        fs::read_to_string(fx.root.state(State::Releases).join("app.json")).expect("desired");
     assert!(desired.contains("\"should_run\": false"), "{desired}");
-    assert!(!fx.root.state("releases").join("app.run").exists());
+    assert!(!fx.root.state(State::Releases).join("app.run").exists());
     // Our child was reaped: no zombie left behind.
     assert!(process::proc_stat(started.pid).is_none());
     // Idempotent, also for a release never heard of.
@@ -638,12 +640,12 @@ async fn an_agent_restart_adopts_the_running_release() {
 #[tokio::test]
 async fn an_agent_restart_without_run_record_finds_the_release_by_environment() {
     let (fx, started) = left_running().await;
-    fs::remove_file(fx.root.state("releases").join("app.run")).expect("remove run record");
+    fs::remove_file(fx.root.state(State::Releases).join("app.run")).expect("remove run record");
 
     let sup = fx.open().await;
     assert_eq!(one_copy_running(&fx, &sup).await, started.pid);
     assert!(
-        fx.root.state("releases").join("app.run").exists(),
+        fx.root.state(State::Releases).join("app.run").exists(),
         "record rewritten"
     );
 
@@ -782,7 +784,7 @@ async fn bad_start_requests_are_refused_without_recording_anything() {
     let err = sup.start(&start_request("../x", "1")).await.unwrap_err();
     assert!(matches!(err, Error::InvalidPath { .. }), "{err}");
 
-    assert!(!fx.root.state("releases").join("app.json").exists());
+    assert!(!fx.root.state(State::Releases).join("app.json").exists());
     assert!(copies(&fx.root, "app").is_empty());
     let status = status(&sup, "app").await;
     assert_eq!(status.state, ReleaseState::Stopped);

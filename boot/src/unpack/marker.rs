@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest;
 use crate::error::{Error, Result};
-use crate::fs::{write_atomic, Root};
+use crate::fs::{write_atomic, Root, State};
 
 /// What the agent records about a directory it unpacked.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,7 +94,7 @@ fn birth(meta: &fs::Metadata) -> Option<u128> {
 
 /// The directory of the markers, one `<sha256 of dest>.json` each.
 fn markers_dir(root: &Root) -> PathBuf {
-    root.state("unpacked")
+    root.state(State::Unpacked)
 }
 
 /// Where the marker for `dest_rel` (relative to the root) lives.

@@ -32,7 +32,7 @@ use erel_proto::{Sha256, Unpack, Unpacked};
 
 use crate::digest;
 use crate::error::{Error, Result};
-use crate::fs::{empty_dir, sync_dir, unique_name, PathLock, Root};
+use crate::fs::{empty_dir, sync_dir, unique_name, PathLock, Root, State};
 use crate::settings::Limits;
 
 mod confine;
@@ -77,7 +77,7 @@ pub fn unpack(root: &Root, request: &Unpack, limits: &Limits) -> Result<Unpacked
     }
     check_free(root, &dest, &dest_rel, &request.dest)?;
 
-    let staging = root.state("unpack").join(unique_name());
+    let staging = root.state(State::Unpack).join(unique_name());
     let tree = staging.join("tree");
     make_dir(&staging)?;
     let outcome = (|| {
@@ -197,5 +197,5 @@ fn open_archive(path: &Path, name: &str) -> Result<File> {
 /// Removes staging directories left by an unpack interrupted by a crash. Run at startup,
 /// before any request is served.
 pub fn sweep_stale(root: &Root) -> Result<()> {
-    empty_dir(&root.state("unpack"))
+    empty_dir(&root.state(State::Unpack))
 }

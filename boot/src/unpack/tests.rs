@@ -87,7 +87,7 @@ impl Fixture {
     }
 
     fn staging_is_empty(&self) -> bool {
-        fs::read_dir(self.root.state("unpack"))
+        fs::read_dir(self.root.state(State::Unpack))
             .expect("list")
             .next()
             .is_none()
@@ -692,7 +692,7 @@ fn concurrent_unpacks_into_one_dest_are_busy() {
 #[test]
 fn sweep_removes_interrupted_unpacks() {
     let f = fixture();
-    let left = f.root.state("unpack").join("123-456-0/tree/bin");
+    let left = f.root.state(State::Unpack).join("123-456-0/tree/bin");
     fs::create_dir_all(&left).expect("mkdir");
     fs::write(left.join("x"), b"x").expect("write");
     sweep_stale(&f.root).expect("sweep");
@@ -1217,7 +1217,7 @@ fn a_marker_reads_back_as_written() {
     let f = fixture();
     let json = br#"{"dest": "rel", "archive": "a.tar.gz", "sha256": "ab", "entries": 9,
         "bytes": 3066, "dev": 2049, "ino": 1234, "born": 1700000000123456789}"#;
-    let path = f.root.state("unpacked").join("old.json");
+    let path = f.root.state(State::Unpacked).join("old.json");
     fs::write(&path, json).expect("write");
     let marker = read_marker(&path).expect("read");
     assert_eq!(

@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256 as Hasher};
 
 use crate::digest;
 use crate::error::{Error, Result};
-use crate::fs::{free_disk, remove_if_present, rename_durably, PathLock, Root};
+use crate::fs::{free_disk, remove_if_present, rename_durably, PathLock, Root, State};
 use crate::settings::Limits;
 
 mod transfer;
@@ -123,7 +123,9 @@ pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer>
             format!("path-{}-{}", path_digest.to_hex(), request.size)
         }
     };
-    let part = root.state("staging").join(format!("{key}{PART_SUFFIX}"));
+    let part = root
+        .state(State::Staging)
+        .join(format!("{key}{PART_SUFFIX}"));
     let lock = PathLock::take_over(part.clone(), &name, TAKE_OVER_WAIT)?;
     let target = Target {
         root: root.clone(),
@@ -152,7 +154,7 @@ pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer>
 
     let (have, hasher) = staged_prefix(&target)?;
     let need = target.size - have;
-    let free = free_disk(&root.state("staging"));
+    let free = free_disk(&root.state(State::Staging));
     if free.saturating_sub(limits.disk_reserve_bytes) < need {
         return Err(Error::NoSpace {
             what: target.name.clone(),
@@ -450,7 +452,7 @@ impl Drop for Receiver {
 /// Removes staging files not touched for `older_than`, and any that is not a regular
 /// file. Files held by a running transfer are left alone. Returns how many were removed.
 pub fn sweep_stale(root: &Root, older_than: Duration) -> Result<usize> {
-    let staging = root.state("staging");
+    let staging = root.state(State::Staging);
     let now = SystemTime::now();
     let entries = fs::read_dir(&staging).map_err(|e| Error::io("list", &staging, e))?;
     let mut removed = 0;

@@ -95,7 +95,7 @@ fn push(f: &Fixture, req: &WriteFile, data: &[u8]) -> Result<Written> {
 }
 
 fn staging_files(f: &Fixture) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(f.root.state("staging"))
+    let mut names: Vec<String> = fs::read_dir(f.root.state(State::Staging))
         .expect("list staging")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
