@@ -22,7 +22,7 @@ use crate::client::Connector;
 use crate::cluster::Plan;
 use crate::error::{Error, Result, ResultExt as _};
 use crate::release::BeatRelease;
-use crate::rollout::{self, HostOutcome, RolloutOptions, RolloutReport};
+use crate::rollout::{self, HostFailure, HostOutcome, RolloutOptions, RolloutReport};
 use crate::{AgentClient, HostAddr};
 
 /// Any error of the in-process agent's pieces.
@@ -183,10 +183,10 @@ async fn script(dir: &Path, certs: &MasterDir, agents: &[LocalAgent]) -> Result<
         group.halted.is_some()
             && matches!(
                 group.hosts.first().map(|h| &h.outcome),
-                Some(HostOutcome::Failed {
+                Some(HostOutcome::Failed(HostFailure {
                     rolled_back: true,
                     ..
-                })
+                }))
             )
             && group.hosts[1..]
                 .iter()

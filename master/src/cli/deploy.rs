@@ -16,7 +16,7 @@ use super::Context;
 use crate::client::Connector;
 use crate::cluster::{GroupPlan, Plan};
 use crate::error::Error;
-use crate::rollout::{self, HostOutcome, RolloutEvent, RolloutOptions, RolloutReport};
+use crate::rollout::{self, HostFailure, HostOutcome, RolloutEvent, RolloutOptions, RolloutReport};
 
 /// `erel deploy`.
 #[derive(Debug, Args)]
@@ -163,8 +163,12 @@ impl Bars {
             RolloutEvent::HostFailed {
                 group,
                 host,
-                reason,
-                rolled_back,
+                failure:
+                    HostFailure {
+                        reason,
+                        rolled_back,
+                        ..
+                    },
                 ..
             } => {
                 let rolled = if *rolled_back { ", rolled back" } else { "" };
@@ -221,10 +225,13 @@ pub fn event_line(event: &RolloutEvent) -> Option<String> {
             group,
             host,
             addr,
-            phase,
-            reason,
-            output_tail,
-            rolled_back,
+            failure:
+                HostFailure {
+                    phase,
+                    reason,
+                    output_tail,
+                    rolled_back,
+                },
         } => {
             let rolled = rollout::rollback_words(*rolled_back);
             let mut line =
@@ -284,12 +291,12 @@ fn summary_table(report: &RolloutReport) -> String {
                     from.as_deref().unwrap_or("nothing")
                 ),
                 HostOutcome::UpToDate => "up to date".to_string(),
-                HostOutcome::Failed {
+                HostOutcome::Failed(HostFailure {
                     phase,
                     reason,
                     output_tail,
                     rolled_back,
-                } => {
+                }) => {
                     if !output_tail.trim().is_empty() {
                         tails.push((host.host.clone(), output_tail.clone()));
                     }

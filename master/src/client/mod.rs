@@ -23,6 +23,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::error::{Error, Result};
+use crate::rollout::decide::answer_budget;
 
 pub use session::{Connector, HostSession, DEFAULT_CONNECT_TIMEOUT};
 pub use write_file::{Progress, WriteSource};
@@ -44,23 +45,6 @@ const BUSY_RETRY_FIRST: Duration = Duration::from_millis(100);
 const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Time allowed to send our `close_notify` when a client is closed.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Time allowed for the answer to `request`, once it is sent. A `WriteFile` is bounded
-/// by [`TRANSFER_STALL_TIMEOUT`] per step instead, and `Hello` by the handshake's.
-fn answer_timeout(request: &Request) -> Duration {
-    match request {
-        Request::Ping(_) => Duration::from_secs(15),
-        // Large archives on slow disks.
-        Request::Unpack(_) => Duration::from_secs(600),
-        // It may first stop another version.
-        Request::Start(_) => Duration::from_secs(120),
-        // The agent caps the grace itself; a huge one must not overflow the wait here.
-        Request::Stop(stop) => {
-            Duration::from_millis(stop.grace_ms).saturating_add(Duration::from_secs(30))
-        }
-        Request::Hello(_) | Request::WriteFile(_) => TRANSFER_STALL_TIMEOUT,
-    }
-}
 
 /// How long each phase of opening a connection may take; one timeout per phase, none
 /// wrapped around another.
@@ -250,10 +234,7 @@ impl AgentClient {
 
     /// `Ping`: the agent's live state.
     pub async fn ping(&mut self) -> Result<Pong> {
-        match self.call(Request::Ping(Ping {}), "Ping").await? {
-            Response::Pong(pong) => Ok(pong),
-            other => Err(self.unexpected("Pong", &other)),
-        }
+        self.command(Request::Ping(Ping {})).await
     }
 
     /// `Unpack`: unpacks `archive` into `dest` on the agent.
@@ -263,41 +244,34 @@ impl AgentClient {
         dest: &str,
         sha256: Option<Sha256>,
     ) -> Result<Unpacked> {
-        let request = Request::Unpack(Unpack {
-            archive: archive.to_string(),
-            dest: dest.to_string(),
-            sha256,
-        });
-        match self.call(request, "Unpack").await? {
-            Response::Unpacked(done) => Ok(done),
-            other => Err(self.unexpected("Unpacked", &other)),
-        }
+        self.command(unpack_request(archive, dest, sha256)).await
     }
 
     /// `Start`: runs a release version, supervised.
     pub async fn start(&mut self, start: Start) -> Result<Started> {
-        match self.call(Request::Start(start), "Start").await? {
-            Response::Started(started) => Ok(started),
-            other => Err(self.unexpected("Started", &other)),
-        }
+        self.command(Request::Start(start)).await
     }
 
     /// `Stop`: SIGTERM to the release's group, SIGKILL after `grace`.
     pub async fn stop(&mut self, name: &str, grace: Duration) -> Result<Stopped> {
-        let request = Request::Stop(Stop {
-            name: name.to_string(),
-            grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
-        });
-        match self.call(request, "Stop").await? {
-            Response::Stopped(stopped) => Ok(stopped),
-            other => Err(self.unexpected("Stopped", &other)),
-        }
+        self.command(stop_request(name, grace)).await
     }
 
-    /// Sends one request and reads its answer; an agent error becomes [`Error::Agent`].
-    /// A `Busy` answer is retried on this connection for up to [`BUSY_WAIT`].
-    async fn call(&mut self, request: Request, what: &str) -> Result<Response> {
-        let limit = answer_timeout(&request);
+    /// One command with the bound [`answer_budget`] gives its answer.
+    async fn command<A: Answer>(&mut self, request: Request) -> Result<A> {
+        let limit = answer_budget(&request);
+        self.exchange(request, limit).await
+    }
+
+    /// Sends `request` and reads its answer, of type `A`, within `limit`; an agent error
+    /// becomes [`Error::Agent`]. A `Busy` answer is retried on this connection for up to
+    /// [`BUSY_WAIT`].
+    pub(crate) async fn exchange<A: Answer>(
+        &mut self,
+        request: Request,
+        limit: Duration,
+    ) -> Result<A> {
+        let what = request.name();
         let mut busy = BusyWait::new();
         loop {
             let exchange = async {
@@ -309,7 +283,10 @@ impl AgentClient {
                 .map_err(|_| timeout(&self.host, format!("waiting for the answer to {what}")))??;
             match response {
                 Response::Error(reply) => busy.retry_or_fail(&self.host, reply).await?,
-                other => return Ok(other),
+                other => {
+                    return A::from_response(other)
+                        .map_err(|other| self.unexpected(A::NAME, &other))
+                }
             }
         }
     }
@@ -422,6 +399,47 @@ impl BusyWait {
             reply,
         })
     }
+}
+
+/// The answer a command expects, picked out of a [`Response`].
+pub(crate) trait Answer: Sized {
+    /// The answer's name, for an error when another one came.
+    const NAME: &'static str;
+    /// The answer, or the response as it came when it is another one.
+    fn from_response(response: Response) -> std::result::Result<Self, Response>;
+}
+
+macro_rules! answer {
+    ($($variant:ident),*) => {$(
+        impl Answer for $variant {
+            const NAME: &'static str = stringify!($variant);
+            fn from_response(response: Response) -> std::result::Result<Self, Response> {
+                match response {
+                    Response::$variant(answer) => Ok(answer),
+                    other => Err(other),
+                }
+            }
+        }
+    )*};
+}
+
+answer!(Pong, Unpacked, Started, Stopped);
+
+/// The `Unpack` request for `archive` into `dest`.
+pub(crate) fn unpack_request(archive: &str, dest: &str, sha256: Option<Sha256>) -> Request {
+    Request::Unpack(Unpack {
+        archive: archive.to_string(),
+        dest: dest.to_string(),
+        sha256,
+    })
+}
+
+/// The `Stop` request for release `name` with `grace`.
+pub(crate) fn stop_request(name: &str, grace: Duration) -> Request {
+    Request::Stop(Stop {
+        name: name.to_string(),
+        grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+    })
 }
 
 /// A failed TLS handshake, explained. An agent that closes the connection before the

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use erel_proto::{Pong, Sha256, Start, Started, Stopped, Unpacked, Written};
+use erel_proto::{Ping, Pong, Request, Sha256, Start, Started, Stopped, Unpacked, Written};
 
-use super::{AgentClient, HostAddr, PhaseTimeouts, WriteSource};
+use super::{stop_request, unpack_request, AgentClient, HostAddr, PhaseTimeouts, WriteSource};
 use crate::error::{Error, Result};
 
 /// How long each phase of opening a connection (TCP; TLS and `Hello`) may take by
@@ -119,9 +119,10 @@ impl HostSession {
         })
     }
 
-    /// `Ping`.
-    pub async fn ping(&mut self) -> Result<Pong> {
-        retrying!(self, |client| client.ping())
+    /// `Ping`, answered within `limit`.
+    pub async fn ping(&mut self, limit: Duration) -> Result<Pong> {
+        retrying!(self, |client| client
+            .exchange(Request::Ping(Ping {}), limit))
     }
 
     /// `WriteFile` of an archive whose digest is known: nothing is sent when present,
@@ -145,18 +146,27 @@ impl HostSession {
         ))
     }
 
-    /// `Unpack`.
-    pub async fn unpack(&mut self, archive: &str, dest: &str, sha256: Sha256) -> Result<Unpacked> {
-        retrying!(self, |client| client.unpack(archive, dest, Some(sha256)))
+    /// `Unpack`, answered within `limit`.
+    pub async fn unpack(
+        &mut self,
+        archive: &str,
+        dest: &str,
+        sha256: Sha256,
+        limit: Duration,
+    ) -> Result<Unpacked> {
+        let request = unpack_request(archive, dest, Some(sha256));
+        retrying!(self, |client| client.exchange(request.clone(), limit))
     }
 
-    /// `Start`.
-    pub async fn start(&mut self, start: &Start) -> Result<Started> {
-        retrying!(self, |client| client.start(start.clone()))
+    /// `Start`, answered within `limit`.
+    pub async fn start(&mut self, start: &Start, limit: Duration) -> Result<Started> {
+        retrying!(self, |client| client
+            .exchange(Request::Start(start.clone()), limit))
     }
 
-    /// `Stop`.
-    pub async fn stop(&mut self, name: &str, grace: Duration) -> Result<Stopped> {
-        retrying!(self, |client| client.stop(name, grace))
+    /// `Stop`, answered within `limit`.
+    pub async fn stop(&mut self, name: &str, grace: Duration, limit: Duration) -> Result<Stopped> {
+        let request = stop_request(name, grace);
+        retrying!(self, |client| client.exchange(request.clone(), limit))
     }
 }

@@ -1,18 +1,64 @@
 //! The rollout's decisions, as pure functions of what the agents reported: what a host
-//! needs ([`assess`]), the per-host switch as a state machine ([`HostSwitch`]: each
-//! observation gives the next action, rollback included), whether a freshly started
-//! release is healthy yet ([`verify`], which owns the verification deadline), and which
-//! hosts of a group may switch now ([`GroupSchedule`]). No I/O here: the driver
-//! observes, these decide, the driver acts. The other phases are bounded by the agent
-//! client's own timeouts (connect, handshake, request).
+//! needs ([`assess`]), staging as a small state machine ([`Staging`]: unpack what is
+//! there, push what is missing), the per-host switch as a state machine ([`HostSwitch`]:
+//! each observation gives the next action, rollback included), whether a freshly started
+//! release is healthy yet ([`verify`]), how long each phase may take ([`phase_budget`],
+//! [`Health::deadline`] for verification), when a failed command is tried again
+//! ([`retry_after`]), and which hosts of a group may switch now, halting at the first
+//! failure ([`GroupSchedule`]). No I/O here: the driver observes, these decide, the
+//! driver acts.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
-use erel_proto::{ReleaseState, ReleaseStatus};
+use erel_proto::{ReleaseState, ReleaseStatus, Request};
 
-use super::{HostOutcome, HostPhase};
-use crate::cluster::Health;
+use super::{HostFailure, HostPhase};
+use crate::client::TRANSFER_STALL_TIMEOUT;
+use crate::cluster::{GroupPlan, Health};
+
+/// How long an agent may take to answer `Ping` (a look, in every phase that looks).
+const PING_BUDGET: Duration = Duration::from_secs(15);
+/// How long an agent may take to unpack an archive: large archives on slow disks.
+const UNPACK_BUDGET: Duration = Duration::from_secs(600);
+/// How long an agent may take to start a release: it may first stop another version.
+const START_BUDGET: Duration = Duration::from_secs(120);
+/// How long beyond the stop grace an agent may take to answer `Stop`.
+const STOP_MARGIN: Duration = Duration::from_secs(30);
+/// How long a failed release's output is waited for when it restarted unseen.
+const OUTPUT_TAIL_WAIT: Duration = Duration::from_secs(2);
+
+/// How long the agent may take to answer the command a host's `phase` sends, once sent:
+/// one bound per phase, none wrapped around another. Staging's bound is `Unpack`'s; its
+/// `WriteFile` is bounded per step by the transfer's stall timeout instead. The rollback
+/// sends `Stop` and `Start`, so the driver asks for [`HostPhase::Stopping`] and
+/// [`HostPhase::Starting`] as it sends them; verification as a whole is bounded by
+/// [`Health::deadline`] (see [`verify`]), each look in it by `Ping`'s bound.
+pub(crate) fn phase_budget(phase: HostPhase, group: &GroupPlan) -> Duration {
+    match phase {
+        HostPhase::Pinging | HostPhase::Verifying | HostPhase::VerifyingOld => PING_BUDGET,
+        HostPhase::Staging | HostPhase::Staged => UNPACK_BUDGET,
+        HostPhase::Starting => START_BUDGET,
+        HostPhase::Stopping | HostPhase::RollingBack => stop_budget(group.stop_grace),
+    }
+}
+
+/// How long the agent may take to answer `request`, once sent, outside a rollout (an
+/// operator's single command): the same bounds as [`phase_budget`].
+pub(crate) fn answer_budget(request: &Request) -> Duration {
+    match request {
+        Request::Ping(_) => PING_BUDGET,
+        Request::Unpack(_) => UNPACK_BUDGET,
+        Request::Start(_) => START_BUDGET,
+        Request::Stop(stop) => stop_budget(Duration::from_millis(stop.grace_ms)),
+        Request::Hello(_) | Request::WriteFile(_) => TRANSFER_STALL_TIMEOUT,
+    }
+}
+
+/// The agent caps the grace itself; a huge one must not overflow the wait here.
+fn stop_budget(grace: Duration) -> Duration {
+    grace.saturating_add(STOP_MARGIN)
+}
 
 /// The version a host ran before the switch, to return to if the new one fails.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,11 +168,16 @@ pub enum Verdict {
     Wait,
     /// It failed; why.
     Unhealthy(String),
+    /// The agent could not be asked (why): the host fails at once, with no output to
+    /// wait for.
+    Lost(String),
 }
 
 /// One observation of a release being verified.
 #[derive(Debug, Clone, Copy)]
 pub struct Observation<'a> {
+    /// Why the agent could not be asked, when `Ping` failed.
+    pub lost: Option<&'a str>,
     /// The release's status from `Ping`; `None` when the agent no longer reports it.
     pub status: Option<&'a ReleaseStatus>,
     /// The TCP probe's outcome, when the group has one.
@@ -140,6 +191,9 @@ pub struct Observation<'a> {
 
 /// Judges a release started as `version` with process `pid` against `health`.
 pub fn verify(observation: &Observation<'_>, version: &str, pid: u32, health: &Health) -> Verdict {
+    if let Some(why) = observation.lost {
+        return Verdict::Lost(format!("lost the agent while verifying: {why}"));
+    }
     let Some(status) = observation.status else {
         return Verdict::Unhealthy("the agent no longer reports the release".to_string());
     };
@@ -261,12 +315,18 @@ impl GroupSchedule {
         self.in_flight.remove(host);
         self.canaries_in_flight.remove(host);
         if !ok {
-            self.halted = true;
+            self.fail(host);
         }
     }
 
-    /// Halts the group without a host in flight failing (e.g. staging failed ahead).
-    pub fn halt(&mut self) {
+    /// Records that `host` failed in any phase (its ping, its staging ahead of its
+    /// turn, its switch): the failure budget is spent, so the group halts, and the
+    /// host itself is never begun.
+    pub fn fail(&mut self, host: &str) {
+        self.in_flight.remove(host);
+        self.canaries_in_flight.remove(host);
+        self.canaries.retain(|h| h != host);
+        self.rest.retain(|h| h != host);
         self.halted = true;
     }
 
@@ -296,6 +356,17 @@ impl GroupSchedule {
     }
 }
 
+/// How long to look again for the output of a release found unhealthy, when the look
+/// that failed it showed none: the agent fills a release's output tail once it has
+/// exited, and one that restarted between two looks shows none while it runs again.
+pub fn output_tail_wait(observation: &Observation<'_>) -> Option<Duration> {
+    let tail = observation.status.map(|s| s.output_tail.as_str());
+    tail.unwrap_or_default()
+        .trim()
+        .is_empty()
+        .then_some(OUTPUT_TAIL_WAIT)
+}
+
 /// Whether a host's release must answer its TCP probe before it counts as up to date:
 /// only a release that runs the desired version is probed.
 pub fn wants_probe(status: Option<&ReleaseStatus>, version: &str) -> bool {
@@ -309,39 +380,63 @@ pub fn probe_due(up: Duration, health: &Health) -> bool {
     up >= health.min_up
 }
 
-/// How a host failed: the one failure type of a host's rollout, before it becomes an
-/// event and an outcome.
+/// What the driver is to do next for a host being staged.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostFailure {
-    /// The phase that failed.
-    pub phase: HostPhase,
-    /// What went wrong.
-    pub reason: String,
-    /// The failed release's own last output.
-    pub output_tail: String,
-    /// Whether the host was returned to its previous state.
-    pub rolled_back: bool,
+pub enum StageAction {
+    /// Send the archive (`WriteFile`; nothing is sent when the agent has it).
+    Push,
+    /// Unpack the archive into the version's directory.
+    Unpack,
+    /// The version is unpacked on the host.
+    Staged,
+    /// Staging failed.
+    Fail(HostFailure),
 }
 
-impl HostFailure {
-    /// A failure in `phase`, without output, not rolled back.
-    pub fn new(phase: HostPhase, reason: impl Into<String>) -> Self {
-        HostFailure {
-            phase,
-            reason: reason.into(),
-            output_tail: String::new(),
-            rolled_back: false,
-        }
+/// Staging one host: a version already unpacked is confirmed by `Unpack` alone (the
+/// agent answers from its marker, without the archive); one the agent lacks the archive
+/// for ([`Observed::Missing`]) is pushed, then unpacked.
+#[derive(Debug, Clone)]
+pub struct Staging {
+    pushed: bool,
+    last: StageAction,
+}
+
+impl Staging {
+    /// Staging for a host whose assessment says whether the version is `staged`, and
+    /// its first action.
+    pub fn begin(staged: bool) -> (Self, StageAction) {
+        let first = if staged {
+            StageAction::Unpack
+        } else {
+            StageAction::Push
+        };
+        let machine = Staging {
+            pushed: !staged,
+            last: first.clone(),
+        };
+        (machine, first)
     }
 
-    /// The host's outcome in the report.
-    pub fn outcome(&self) -> HostOutcome {
-        HostOutcome::Failed {
-            phase: self.phase,
-            reason: self.reason.clone(),
-            output_tail: self.output_tail.clone(),
-            rolled_back: self.rolled_back,
-        }
+    /// The next action, given what the last one gave.
+    pub fn next(&mut self, observed: Observed) -> StageAction {
+        let next = match (&self.last, observed) {
+            (StageAction::Push, Observed::Ok) => StageAction::Unpack,
+            (StageAction::Unpack, Observed::Ok) => StageAction::Staged,
+            (StageAction::Unpack, Observed::Missing(_)) if !self.pushed => {
+                self.pushed = true;
+                StageAction::Push
+            }
+            (_, Observed::Missing(reason) | Observed::Failed { reason, .. }) => {
+                StageAction::Fail(HostFailure::new(HostPhase::Staging, reason))
+            }
+            (last, observed) => StageAction::Fail(HostFailure::new(
+                HostPhase::Staging,
+                format!("unexpected {observed:?} after {last:?}"),
+            )),
+        };
+        self.last = next.clone();
+        next
     }
 }
 
@@ -376,8 +471,10 @@ pub enum Action {
 /// What performing the last [`Action`] gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Observed {
-    /// It succeeded (stopped, or proved healthy).
+    /// It succeeded (stopped, pushed, unpacked, or proved healthy).
     Ok,
+    /// The agent lacks what the command needs (the archive to unpack): why.
+    Missing(String),
     /// The release started as this process.
     Started(u32),
     /// It failed: why, and the release's own output when there is some.
@@ -686,6 +783,7 @@ mod tests {
         elapsed: u64,
     ) -> Observation<'a> {
         Observation {
+            lost: None,
             status: s,
             probe,
             up: Duration::from_secs(up),
@@ -715,6 +813,70 @@ mod tests {
             Verdict::Unhealthy(why) => assert!(why.contains("connection refused"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_lost_agent_fails_verification_at_once_without_waiting_for_output() {
+        let h = health(None);
+        let mut lost = observe(None, None, 0, 0);
+        lost.lost = Some("connection refused");
+        assert_eq!(
+            verify(&lost, "0.2.0", 42, &h),
+            Verdict::Lost("lost the agent while verifying: connection refused".into())
+        );
+        let mut s = status("0.2.0", ReleaseState::CrashLooping, 0);
+        assert_eq!(
+            output_tail_wait(&observe(Some(&s), None, 0, 0)),
+            Some(OUTPUT_TAIL_WAIT)
+        );
+        s.output_tail = "boom".into();
+        assert_eq!(output_tail_wait(&observe(Some(&s), None, 0, 0)), None);
+    }
+
+    #[test]
+    fn staging_unpacks_what_is_there_and_pushes_what_is_missing() {
+        let (mut m, first) = Staging::begin(true);
+        assert_eq!(first, StageAction::Unpack);
+        assert_eq!(m.next(Observed::Ok), StageAction::Staged);
+
+        let (mut m, _) = Staging::begin(true);
+        assert_eq!(m.next(Observed::Missing("gone".into())), StageAction::Push);
+        assert_eq!(m.next(Observed::Ok), StageAction::Unpack);
+        assert_eq!(
+            m.next(Observed::Missing("gone again".into())),
+            StageAction::Fail(HostFailure::new(HostPhase::Staging, "gone again")),
+            "a pushed archive that is missing fails"
+        );
+
+        let (mut m, first) = Staging::begin(false);
+        assert_eq!(first, StageAction::Push);
+        assert_eq!(
+            m.next(Observed::failed("disk full")),
+            StageAction::Fail(HostFailure::new(HostPhase::Staging, "disk full"))
+        );
+    }
+
+    #[test]
+    fn a_host_failing_before_its_turn_halts_the_group_and_never_begins() {
+        let mut s = GroupSchedule::new(hosts(3), 1, 2);
+        s.fail("h-2");
+        assert!(s.begin_next().is_empty(), "the group halted");
+        assert!(s.is_finished());
+        assert_eq!(s.untouched(), vec!["h-1", "h-3"]);
+    }
+
+    #[test]
+    fn each_phase_has_its_own_budget() {
+        let request = Request::Stop(erel_proto::Stop {
+            name: "beat".into(),
+            grace_ms: u64::MAX,
+        });
+        assert!(
+            answer_budget(&request) > Duration::from_secs(u64::MAX / 1000),
+            "no overflow"
+        );
+        let ping = Request::Ping(erel_proto::Ping {});
+        assert_eq!(answer_budget(&ping), PING_BUDGET);
     }
 
     #[test]
