@@ -14,16 +14,17 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use erel_boot::{Config, Limits, Supervision};
 use erel_certs::MasterDir;
+use erel_proto::Stopped;
 use tokio_util::sync::CancellationToken;
 
 use super::deploy::event_line;
 use super::status::{collect, status_table};
-use crate::client::Connector;
+use crate::client::{stop_request, Connector, HostSession};
 use crate::cluster::Plan;
 use crate::error::{Error, Result, ResultExt as _};
 use crate::release::BeatRelease;
 use crate::rollout::{self, HostFailure, HostOutcome, RolloutOptions, RolloutReport};
-use crate::{AgentClient, HostAddr};
+use crate::HostAddr;
 
 /// Any error of the in-process agent's pieces.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -312,10 +313,9 @@ async fn stop_release(certs: &MasterDir, agent: &LocalAgent) {
     let Ok(tls) = certs.client_config() else {
         return;
     };
-    if let Ok(mut client) = AgentClient::connect(&host, tls, "erel-demo").await {
-        let _ = client.stop(RELEASE, Duration::from_secs(5)).await;
-        client.close().await;
-    }
+    let mut session = HostSession::new(host, Connector::new(tls, "erel-demo"));
+    let request = stop_request(RELEASE, Duration::from_secs(5));
+    let _ = session.command::<Stopped>(request).await;
 }
 
 fn free_port() -> std::io::Result<u16> {

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use crate::error::ResultExt as _;
 use clap::Args;
-use erel_proto::{ReleaseState, ReleaseStatus};
+use erel_proto::{Ping, Pong, ReleaseState, ReleaseStatus, Request};
 use serde::Serialize;
 
 use super::deploy::{indent, table};
 use super::Context;
-use crate::client::Connector;
+use crate::client::{Connector, HostSession};
 use crate::cluster::{ArchiveLookup, Plan};
 
 /// `erel status`.
@@ -104,10 +104,8 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
         let connector = connector.clone();
         let addr = host.host_addr();
         tasks.spawn(async move {
-            let answer = match connector.connect(&addr).await {
-                Ok(mut client) => client.ping().await,
-                Err(e) => Err(e),
-            };
+            let mut session = HostSession::new(addr, connector);
+            let answer = session.command::<Pong>(Request::Ping(Ping {})).await;
             (index, answer)
         });
     }

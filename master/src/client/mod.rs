@@ -1,9 +1,10 @@
-//! The master's typed client for one agent: connect, handshake, and one method per
-//! command. Every phase runs under its own timeout (connect, handshake, each answer; a
-//! transfer's stall), none wrapped around another, and every failure names the host.
-//! `session` holds the [`Connector`] rollouts and daemons open connections with, and
-//! the [`HostSession`] that reconnects and retries on transient errors; `write_file`
-//! the resumable transfer.
+//! The master's typed client for one agent: connect, handshake, and one exchange per
+//! command. Every phase runs under its own timeout (connect, handshake, each answer,
+//! whose bound [`crate::rollout::decide`] gives; a transfer's stall), none wrapped around
+//! another, and every failure names the host. An exchange is tried once: `session`
+//! holds the [`Connector`], the one way to open connections, and the [`HostSession`]
+//! that tries a command again as the one retry policy says; `write_file` the resumable
+//! transfer.
 
 mod session;
 mod write_file;
@@ -34,15 +35,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A transfer making no progress for this long is abandoned.
 pub const TRANSFER_STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a request the agent answers with `Busy` is retried on the same connection
-/// before the `Busy` is reported. The agent hands a file whose transfer was cut over to
-/// the next request within its own takeover bound (seconds), and a cut `Unpack` runs to
-/// its end, so a repeated command waits that out instead of failing.
-pub const BUSY_WAIT: Duration = Duration::from_secs(60);
-/// First pause before retrying a `Busy` request; it doubles up to [`BUSY_RETRY_MAX`].
-const BUSY_RETRY_FIRST: Duration = Duration::from_millis(100);
-/// Longest pause between two tries of a `Busy` request.
-const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Time allowed to send our `close_notify` when a client is closed.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -264,30 +256,27 @@ impl AgentClient {
     }
 
     /// Sends `request` and reads its answer, of type `A`, within `limit`; an agent error
-    /// becomes [`Error::Agent`]. A `Busy` answer is retried on this connection for up to
-    /// [`BUSY_WAIT`].
+    /// (`Busy` included) becomes [`Error::Agent`]. Nothing is retried here: a rollout's
+    /// [`HostSession`] retries as [`crate::rollout::decide::RetryPolicy`] says.
     pub(crate) async fn exchange<A: Answer>(
         &mut self,
         request: Request,
         limit: Duration,
     ) -> Result<A> {
         let what = request.name();
-        let mut busy = BusyWait::new();
-        loop {
-            let exchange = async {
-                self.send(&request).await?;
-                self.receive().await
-            };
-            let response = tokio::time::timeout(limit, exchange)
-                .await
-                .map_err(|_| timeout(&self.host, format!("waiting for the answer to {what}")))??;
-            match response {
-                Response::Error(reply) => busy.retry_or_fail(&self.host, reply).await?,
-                other => {
-                    return A::from_response(other)
-                        .map_err(|other| self.unexpected(A::NAME, &other))
-                }
-            }
+        let exchange = async {
+            self.send(&request).await?;
+            self.receive().await
+        };
+        let response = tokio::time::timeout(limit, exchange)
+            .await
+            .map_err(|_| timeout(&self.host, format!("waiting for the answer to {what}")))??;
+        match response {
+            Response::Error(reply) => Err(Error::Agent {
+                host: self.host.id.clone(),
+                reply,
+            }),
+            other => A::from_response(other).map_err(|other| self.unexpected(A::NAME, &other)),
         }
     }
 
@@ -357,47 +346,21 @@ fn queue_close_notify(stream: &mut TlsStream<TcpStream>) {
     }
 }
 
-/// Retries of a request the agent answered with `Busy`, bounded by [`BUSY_WAIT`].
-#[derive(Debug)]
-pub(crate) struct BusyWait {
-    started: tokio::time::Instant,
-    pause: Duration,
-}
-
-impl BusyWait {
-    pub(crate) fn new() -> Self {
-        BusyWait {
-            started: tokio::time::Instant::now(),
-            pause: BUSY_RETRY_FIRST,
+/// The error a retried command ends with: a `Busy` waited out for a second or more
+/// says for how long.
+pub(crate) fn gave_up(error: Error, waited: Duration) -> Error {
+    match error {
+        Error::Agent { host, mut reply }
+            if reply.kind == erel_proto::ErrorKind::Busy && waited >= Duration::from_secs(1) =>
+        {
+            reply.message = format!(
+                "{} (still so after retrying for {} s)",
+                reply.message,
+                waited.as_secs()
+            );
+            Error::Agent { host, reply }
         }
-    }
-
-    /// For a `Busy` reply within [`BUSY_WAIT`], pauses and returns `Ok` (try again);
-    /// otherwise returns the reply as [`Error::Agent`], saying how long it waited.
-    pub(crate) async fn retry_or_fail(
-        &mut self,
-        host: &HostAddr,
-        mut reply: erel_proto::ErrorReply,
-    ) -> Result<()> {
-        if reply.kind == erel_proto::ErrorKind::Busy {
-            let waited = self.started.elapsed();
-            if waited + self.pause <= BUSY_WAIT {
-                tokio::time::sleep(self.pause).await;
-                self.pause = (self.pause * 2).min(BUSY_RETRY_MAX);
-                return Ok(());
-            }
-            if waited >= Duration::from_secs(1) {
-                reply.message = format!(
-                    "{} (still so after retrying for {} s)",
-                    reply.message,
-                    waited.as_secs()
-                );
-            }
-        }
-        Err(Error::Agent {
-            host: host.id.clone(),
-            reply,
-        })
+        other => other,
     }
 }
 
@@ -515,37 +478,22 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn only_busy_is_waited_out() {
+    #[test]
+    fn a_busy_waited_out_says_for_how_long() {
         use erel_proto::{ErrorKind, ErrorReply};
-        let host: HostAddr = "web-1@127.0.0.1:7070".parse().expect("parse");
-        let mut wait = BusyWait::new();
-        let started = tokio::time::Instant::now();
-        wait.retry_or_fail(&host, ErrorReply::new(ErrorKind::Busy, "held"))
-            .await
-            .expect("a Busy is retried");
-        assert!(started.elapsed() >= BUSY_RETRY_FIRST, "after a pause");
-        let err = wait
-            .retry_or_fail(
-                &host,
-                ErrorReply::new(ErrorKind::NotFound, "archive not found: a"),
-            )
-            .await
-            .expect_err("anything else is reported at once");
-        assert_eq!(err.to_string(), "web-1: archive not found: a");
-
-        // Past the bound, the Busy is reported and says how long it was waited out.
-        let mut late = BusyWait {
-            started: tokio::time::Instant::now() - BUSY_WAIT,
-            pause: BUSY_RETRY_MAX,
+        let agent = |kind, message: &str| Error::Agent {
+            host: "web-1".into(),
+            reply: ErrorReply::new(kind, message),
         };
-        let err = late
-            .retry_or_fail(
-                &host,
-                ErrorReply::new(ErrorKind::Busy, "another request is working on a"),
-            )
-            .await
-            .expect_err("bounded");
+        let err = gave_up(
+            agent(ErrorKind::NotFound, "archive not found: a"),
+            Duration::from_secs(60),
+        );
+        assert_eq!(err.to_string(), "web-1: archive not found: a");
+        let err = gave_up(
+            agent(ErrorKind::Busy, "another request is working on a"),
+            Duration::from_secs(60),
+        );
         let text = err.to_string();
         assert!(
             text.starts_with(

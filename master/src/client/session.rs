@@ -1,24 +1,23 @@
-//! Connections as a rollout or a daemon opens them: a [`Connector`] holds what every
-//! connection needs (TLS, this master's name, a timeout per phase), and a
-//! [`HostSession`] is one host's connection, opened on first use and opened again when
-//! a command fails on a transient error (every agent command is safe to repeat).
+//! Connections as the master opens them: a [`Connector`] holds what every connection
+//! needs (TLS, this master's name, a timeout per phase), and a [`HostSession`] is one
+//! host's connection, opened on first use, whose commands are tried again as
+//! [`RetryPolicy`] says (every agent command is safe to repeat).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use erel_proto::{Ping, Pong, Request, Sha256, Start, Started, Stopped, Unpacked, Written};
 
-use super::{stop_request, unpack_request, AgentClient, HostAddr, PhaseTimeouts, WriteSource};
+use super::{
+    gave_up, stop_request, unpack_request, AgentClient, Answer, HostAddr, PhaseTimeouts,
+    WriteSource,
+};
 use crate::error::{Error, Result};
+use crate::rollout::decide::{answer_budget, Retry, RetryPolicy};
 
 /// How long each phase of opening a connection (TCP; TLS and `Hello`) may take by
 /// default in a rollout, where an unreachable host must not hold up its group.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Attempts per command, the first included, when errors are transient.
-const ATTEMPTS: u32 = 2;
-/// Pause before a retry.
-const RETRY_PAUSE: Duration = Duration::from_millis(300);
-
 /// Opens authenticated connections to agents.
 #[derive(Clone)]
 pub struct Connector {
@@ -69,26 +68,33 @@ pub struct HostSession {
     client: Option<AgentClient>,
 }
 
-/// Runs `$call` with a connected client, reconnecting and retrying on transient errors.
+/// Runs `$call` with a connected client, tried again as [`RetryPolicy`] says: on the
+/// same connection while the agent is busy, on a new one after a connection problem.
 macro_rules! retrying {
     ($session:ident, |$client:ident| $call:expr) => {{
-        let mut attempt = 1;
+        let began = tokio::time::Instant::now();
+        let mut policy = RetryPolicy::new();
         loop {
             let outcome = match $session.connected().await {
                 Ok($client) => $call.await,
                 Err(e) => Err(e),
             };
-            match outcome {
+            let error = match outcome {
                 Ok(value) => break Ok(value),
-                Err(e) if e.is_transient() => {
+                Err(error) => error,
+            };
+            match policy.after(&error, began.elapsed()) {
+                Retry::Again(pause) => tokio::time::sleep(pause).await,
+                Retry::Reconnect(pause) => {
                     $session.client = None;
-                    if attempt >= ATTEMPTS {
-                        break Err(e);
-                    }
-                    attempt += 1;
-                    tokio::time::sleep(RETRY_PAUSE).await;
+                    tokio::time::sleep(pause).await;
                 }
-                Err(e) => break Err(e),
+                Retry::GiveUp => {
+                    if error.is_transient() {
+                        $session.client = None;
+                    }
+                    break Err(gave_up(error, began.elapsed()));
+                }
             }
         }
     }};
@@ -117,6 +123,13 @@ impl HostSession {
             host: self.host.id.clone(),
             message: "no connection".to_string(),
         })
+    }
+
+    /// One command, answered within the bound it has outside a rollout
+    /// ([`answer_budget`]).
+    pub(crate) async fn command<A: Answer>(&mut self, request: Request) -> Result<A> {
+        let limit = answer_budget(&request);
+        retrying!(self, |client| client.exchange(request.clone(), limit))
     }
 
     /// `Ping`, answered within `limit`.

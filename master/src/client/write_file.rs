@@ -25,7 +25,7 @@ use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use super::{timeout, AgentClient, BusyWait, TRANSFER_STALL_TIMEOUT};
+use super::{timeout, AgentClient, TRANSFER_STALL_TIMEOUT};
 use crate::digest_cache::FileStamp;
 use crate::error::{Error, Result};
 
@@ -100,18 +100,21 @@ impl AgentClient {
             sha256: source.sha256,
         });
         // A transfer of the same file cut a moment ago may still hold the agent's
-        // staging: the agent hands it over within a bounded time, and we wait for that.
-        let mut busy = BusyWait::new();
-        let offer = loop {
-            self.send(&request).await?;
-            match self
-                .receive_with(TRANSFER_STALL_TIMEOUT, "WriteOffer")
-                .await?
-            {
-                Response::WriteOffer(offer) => break offer,
-                Response::Error(reply) => busy.retry_or_fail(&self.host, reply).await?,
-                other => return Err(self.unexpected("WriteOffer", &other)),
+        // staging: the agent answers `Busy` and hands it over within a bounded time; the
+        // caller's retry policy waits that out.
+        self.send(&request).await?;
+        let offer = match self
+            .receive_with(TRANSFER_STALL_TIMEOUT, "WriteOffer")
+            .await?
+        {
+            Response::WriteOffer(offer) => offer,
+            Response::Error(reply) => {
+                return Err(Error::Agent {
+                    host: self.host.id.clone(),
+                    reply,
+                })
             }
+            other => return Err(self.unexpected("WriteOffer", &other)),
         };
         if offer.have > size {
             return Err(self.protocol_error(format!(

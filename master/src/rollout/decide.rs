@@ -4,18 +4,19 @@
 //! each observation gives the next action, rollback included), whether a freshly started
 //! release is healthy yet ([`verify`]), how long each phase may take ([`phase_budget`],
 //! [`Health::deadline`] for verification), when a failed command is tried again
-//! ([`retry_after`]), and which hosts of a group may switch now, halting at the first
+//! ([`RetryPolicy`]), and which hosts of a group may switch now, halting at the first
 //! failure ([`GroupSchedule`]). No I/O here: the driver observes, these decide, the
 //! driver acts.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
-use erel_proto::{ReleaseState, ReleaseStatus, Request};
+use erel_proto::{ErrorKind, ReleaseState, ReleaseStatus, Request};
 
 use super::{HostFailure, HostPhase};
 use crate::client::TRANSFER_STALL_TIMEOUT;
 use crate::cluster::{GroupPlan, Health};
+use crate::error::Error;
 
 /// How long an agent may take to answer `Ping` (a look, in every phase that looks).
 const PING_BUDGET: Duration = Duration::from_secs(15);
@@ -255,6 +256,66 @@ pub fn verify(observation: &Observation<'_>, version: &str, pid: u32, health: &H
         return Verdict::Unhealthy(why);
     }
     Verdict::Wait
+}
+
+/// How long an agent answering `Busy` (it still holds what a cut connection held: a
+/// file's staging, an `Unpack` running to its end) is asked again: it hands over within
+/// its own takeover bound (seconds), so a repeated command waits that out.
+pub(crate) const BUSY_WAIT: Duration = Duration::from_secs(60);
+/// First pause before asking a busy agent again; it doubles up to [`BUSY_PAUSE_MAX`].
+const BUSY_PAUSE_FIRST: Duration = Duration::from_millis(100);
+/// Longest pause between two tries of a `Busy` command.
+const BUSY_PAUSE_MAX: Duration = Duration::from_secs(2);
+/// Connections opened again for one command after a connection problem.
+const RECONNECTS: u32 = 1;
+/// Pause before opening a connection again.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(300);
+
+/// What to do after a command failed; every agent command is safe to repeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// Ask again on the same connection after the pause (the agent was busy).
+    Again(Duration),
+    /// Open a new connection and ask again after the pause (the connection failed).
+    Reconnect(Duration),
+    /// Report the error.
+    GiveUp,
+}
+
+/// The one retry policy of the master's commands: a `Busy` agent is asked again, with
+/// growing pauses, for up to [`BUSY_WAIT`]; a failed connection is opened again once;
+/// anything else is reported at once.
+#[derive(Debug, Clone)]
+pub(crate) struct RetryPolicy {
+    reconnects: u32,
+    busy_pause: Duration,
+}
+
+impl RetryPolicy {
+    /// The policy for one command, before its first try.
+    pub(crate) fn new() -> Self {
+        RetryPolicy {
+            reconnects: 0,
+            busy_pause: BUSY_PAUSE_FIRST,
+        }
+    }
+
+    /// What to do after `error`, `waited` after the first try began.
+    pub(crate) fn after(&mut self, error: &Error, waited: Duration) -> Retry {
+        if error.agent_kind() == Some(ErrorKind::Busy) {
+            if waited + self.busy_pause > BUSY_WAIT {
+                return Retry::GiveUp;
+            }
+            let pause = self.busy_pause;
+            self.busy_pause = (pause * 2).min(BUSY_PAUSE_MAX);
+            return Retry::Again(pause);
+        }
+        if error.is_transient() && self.reconnects < RECONNECTS {
+            self.reconnects += 1;
+            return Retry::Reconnect(RECONNECT_PAUSE);
+        }
+        Retry::GiveUp
+    }
 }
 
 /// Which hosts of a group may switch now: the canaries first, then the rest, never more
@@ -877,6 +938,42 @@ mod tests {
         );
         let ping = Request::Ping(erel_proto::Ping {});
         assert_eq!(answer_budget(&ping), PING_BUDGET);
+    }
+
+    #[test]
+    fn busy_is_waited_out_a_broken_connection_reopened_once_anything_else_reported() {
+        use erel_proto::ErrorReply;
+        let agent = |kind| Error::Agent {
+            host: "web-1".into(),
+            reply: ErrorReply::new(kind, "held"),
+        };
+        let mut policy = RetryPolicy::new();
+        assert_eq!(
+            policy.after(&agent(ErrorKind::Busy), Duration::ZERO),
+            Retry::Again(BUSY_PAUSE_FIRST)
+        );
+        assert_eq!(
+            policy.after(&agent(ErrorKind::Busy), Duration::ZERO),
+            Retry::Again(BUSY_PAUSE_FIRST * 2)
+        );
+        assert_eq!(
+            policy.after(&agent(ErrorKind::Busy), BUSY_WAIT),
+            Retry::GiveUp,
+            "bounded"
+        );
+        assert_eq!(
+            policy.after(&agent(ErrorKind::NotFound), Duration::ZERO),
+            Retry::GiveUp
+        );
+        let lost = Error::Protocol {
+            host: "web-1".into(),
+            message: "reset".into(),
+        };
+        assert_eq!(
+            policy.after(&lost, Duration::ZERO),
+            Retry::Reconnect(RECONNECT_PAUSE)
+        );
+        assert_eq!(policy.after(&lost, Duration::ZERO), Retry::GiveUp, "once");
     }
 
     #[test]
