@@ -30,7 +30,9 @@ pub struct DeployArgs {
     /// Print events as JSON lines, then the summary as JSON.
     #[arg(long)]
     json: bool,
-    /// Seconds a connection to an agent may take before the host counts as unreachable.
+    /// Seconds each phase of opening a connection to an agent may take before the host
+    /// counts as unreachable: the TCP connection, then the TLS handshake with `Hello`
+    /// (each phase gets the full time).
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     connect_timeout: u64,
 }

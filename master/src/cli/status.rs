@@ -23,7 +23,8 @@ pub struct StatusArgs {
     /// Print everything as JSON.
     #[arg(long)]
     json: bool,
-    /// Seconds a connection to an agent may take.
+    /// Seconds each phase of opening a connection to an agent may take: the TCP
+    /// connection, then the TLS handshake with `Hello` (each phase gets the full time).
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     connect_timeout: u64,
     /// Also show which master holds each group, from this RabbitMQ broker (table only).

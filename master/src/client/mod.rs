@@ -29,10 +29,6 @@ use crate::rollout::decide::answer_budget;
 pub use session::{Connector, HostSession, DEFAULT_CONNECT_TIMEOUT};
 pub use write_file::{Progress, WriteSource};
 
-/// Time allowed to open the TCP connection.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed for the TLS handshake and the `Hello` exchange.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A transfer making no progress for this long is abandoned.
 pub const TRANSFER_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time allowed to send our `close_notify` when a client is closed.
@@ -54,15 +50,6 @@ impl PhaseTimeouts {
         PhaseTimeouts {
             connect: limit,
             handshake: limit,
-        }
-    }
-}
-
-impl Default for PhaseTimeouts {
-    fn default() -> Self {
-        PhaseTimeouts {
-            connect: CONNECT_TIMEOUT,
-            handshake: HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -133,17 +120,8 @@ impl fmt::Debug for AgentClient {
 
 impl AgentClient {
     /// Connects, verifies the agent's certificate names `host.id`, and exchanges `Hello`,
-    /// within [`CONNECT_TIMEOUT`] and [`HANDSHAKE_TIMEOUT`].
-    pub async fn connect(
-        host: &HostAddr,
-        tls: Arc<rustls::ClientConfig>,
-        master_name: &str,
-    ) -> Result<Self> {
-        Self::connect_within(host, tls, master_name, PhaseTimeouts::default()).await
-    }
-
-    /// [`Self::connect`], each phase within its own timeout.
-    pub async fn connect_within(
+    /// each phase within its own timeout; [`Connector::connect`] is the way in.
+    pub(crate) async fn connect_within(
         host: &HostAddr,
         tls: Arc<rustls::ClientConfig>,
         master_name: &str,

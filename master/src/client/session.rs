@@ -16,7 +16,8 @@ use crate::error::{Error, Result};
 use crate::rollout::decide::{answer_budget, Retry, RetryPolicy};
 
 /// How long each phase of opening a connection (TCP; TLS and `Hello`) may take by
-/// default in a rollout, where an unreachable host must not hold up its group.
+/// default: the one default, for a rollout, where an unreachable host must not hold up
+/// its group, and for every other command alike.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Opens authenticated connections to agents.
 #[derive(Clone)]
