@@ -85,14 +85,14 @@ pub struct StopArgs {
     name: String,
     /// Seconds between SIGTERM and SIGKILL (at most the agent's limit, 600).
     #[arg(long, default_value_t = 10,
-          value_parser = clap::value_parser!(u64).range(0..=crate::cluster::MAX_STOP_GRACE_SECS))]
+          value_parser = clap::value_parser!(u64).range(0..=erel_proto::rules::MAX_STOP_GRACE.as_secs()))]
     grace: u64,
 }
 
 fn parse_mode(text: &str) -> std::result::Result<u32, String> {
     let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8)
         .map_err(|_| format!("'{text}' is not an octal mode such as 644 or 755"))?;
-    if mode > 0o777 {
+    if erel_proto::rules::check_file_mode(mode).is_err() {
         return Err(format!(
             "mode {text} has bits above 0777 (setuid, setgid and sticky are refused)"
         ));

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use erel_proto::{
-    read_frame, write_frame, FrameError, Hello, Ping, Pong, Request, Response, Sha256, Start,
-    Started, Stop, Stopped, Unpack, Unpacked, PROTOCOL_VERSION,
+    read_frame, rules, write_frame, FrameError, Hello, Ping, Pong, Request, Response, Sha256,
+    Start, Started, Stop, Stopped, Unpack, Unpacked, PROTOCOL_VERSION,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -166,7 +166,8 @@ impl AgentClient {
                 name: master_name.to_string(),
                 software: format!("erel {}", env!("CARGO_PKG_VERSION")),
             };
-            client.send(&Request::Hello(ours)).await?;
+            let request = Request::Hello(ours);
+            client.send(&request).await?;
             match client.receive().await? {
                 Response::Hello(theirs) => {
                     if theirs.protocol != PROTOCOL_VERSION {
@@ -182,7 +183,7 @@ impl AgentClient {
                     host: host.id.clone(),
                     reply,
                 }),
-                other => Err(client.unexpected("Hello", &other)),
+                other => Err(client.unexpected(rules::answer_name(&request), &other)),
             }
         };
         tokio::time::timeout(timeouts.handshake, handshake)
@@ -254,7 +255,8 @@ impl AgentClient {
                 host: self.host.id.clone(),
                 reply,
             }),
-            other => A::from_response(other).map_err(|other| self.unexpected(A::NAME, &other)),
+            other => A::from_response(other)
+                .map_err(|other| self.unexpected(rules::answer_name(&request), &other)),
         }
     }
 
@@ -344,8 +346,6 @@ pub(crate) fn gave_up(error: Error, waited: Duration) -> Error {
 
 /// The answer a command expects, picked out of a [`Response`].
 pub(crate) trait Answer: Sized {
-    /// The answer's name, for an error when another one came.
-    const NAME: &'static str;
     /// The answer, or the response as it came when it is another one.
     fn from_response(response: Response) -> std::result::Result<Self, Response>;
 }
@@ -353,7 +353,6 @@ pub(crate) trait Answer: Sized {
 macro_rules! answer {
     ($($variant:ident),*) => {$(
         impl Answer for $variant {
-            const NAME: &'static str = stringify!($variant);
             fn from_response(response: Response) -> std::result::Result<Self, Response> {
                 match response {
                     Response::$variant(answer) => Ok(answer),

@@ -19,7 +19,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use erel_proto::{
-    Request, Response, Sha256, WriteBegin, WriteCommit, WriteFile, WriteOffer, Written,
+    rules, Request, Response, Sha256, WriteBegin, WriteCommit, WriteFile, WriteOffer, Written,
 };
 use sha2::Digest;
 use tokio::io::AsyncWriteExt;
@@ -104,7 +104,7 @@ impl AgentClient {
         // caller's retry policy waits that out.
         self.send(&request).await?;
         let offer = match self
-            .receive_with(TRANSFER_STALL_TIMEOUT, "WriteOffer")
+            .receive_with(TRANSFER_STALL_TIMEOUT, rules::answer_name(&request))
             .await?
         {
             Response::WriteOffer(offer) => offer,
@@ -114,7 +114,7 @@ impl AgentClient {
                     reply,
                 })
             }
-            other => return Err(self.unexpected("WriteOffer", &other)),
+            other => return Err(self.unexpected(rules::answer_name(&request), &other)),
         };
         if offer.have > size {
             return Err(self.protocol_error(format!(

@@ -52,8 +52,6 @@ pub const DEFAULT_MIN_UP_SECS: u64 = 5;
 pub const DEFAULT_DEADLINE_SECS: u64 = 60;
 /// Seconds between SIGTERM and SIGKILL when the group says nothing.
 pub const DEFAULT_STOP_GRACE_SECS: u64 = 10;
-/// The longest stop grace the agent accepts.
-pub const MAX_STOP_GRACE_SECS: u64 = 600;
 
 /// Where the archives a cluster file names are found and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
