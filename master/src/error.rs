@@ -156,7 +156,7 @@ impl Error {
 }
 
 /// Adds what was being done to an error, as [`Error::Context`].
-pub trait ResultExt<T> {
+pub(crate) trait ResultExt<T> {
     /// The error, after `what`.
     fn context(self, what: impl Into<String>) -> Result<T>;
     /// The error, after the text `what` makes (only on failure).

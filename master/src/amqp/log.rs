@@ -109,7 +109,11 @@ impl LogEntry {
     /// Validates this entry as a config, archives found as `lookup` says: it must be
     /// UTF-8, small enough, a valid cluster file, and carry the revision its header
     /// announces. The error is the reason, for the log.
-    pub fn validate(&self, log: &str, lookup: &ArchiveLookup) -> std::result::Result<Plan, String> {
+    pub(crate) fn validate(
+        &self,
+        log: &str,
+        lookup: &ArchiveLookup,
+    ) -> std::result::Result<Plan, String> {
         if self.body.len() > MAX_CONFIG_BYTES {
             return Err(format!(
                 "{} bytes, more than the {MAX_CONFIG_BYTES} a config may have",

@@ -26,7 +26,8 @@ use tokio_rustls::TlsConnector;
 use crate::error::{Error, Result};
 use crate::rollout::decide::answer_budget;
 
-pub use session::{Connector, HostSession, DEFAULT_CONNECT_TIMEOUT};
+pub use session::Connector;
+pub(crate) use session::HostSession;
 pub use write_file::{Progress, WriteSource};
 
 /// A transfer making no progress for this long is abandoned.
@@ -37,16 +38,16 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long each phase of opening a connection may take; one timeout per phase, none
 /// wrapped around another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PhaseTimeouts {
+pub(crate) struct PhaseTimeouts {
     /// Opening the TCP connection.
-    pub connect: Duration,
+    pub(crate) connect: Duration,
     /// The TLS handshake and the `Hello` exchange.
-    pub handshake: Duration,
+    pub(crate) handshake: Duration,
 }
 
 impl PhaseTimeouts {
     /// `limit` for each phase.
-    pub fn both(limit: Duration) -> Self {
+    pub(crate) fn both(limit: Duration) -> Self {
         PhaseTimeouts {
             connect: limit,
             handshake: limit,

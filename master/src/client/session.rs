@@ -18,16 +18,16 @@ use crate::rollout::decide::{answer_budget, Retry, RetryPolicy};
 /// How long each phase of opening a connection (TCP; TLS and `Hello`) may take by
 /// default: the one default, for a rollout, where an unreachable host must not hold up
 /// its group, and for every other command alike.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Opens authenticated connections to agents.
 #[derive(Clone)]
 pub struct Connector {
     /// The master's TLS client configuration.
-    pub tls: Arc<rustls::ClientConfig>,
+    pub(crate) tls: Arc<rustls::ClientConfig>,
     /// The name this master gives in `Hello`.
-    pub master_name: String,
+    pub(crate) master_name: String,
     /// How long each phase of opening a connection may take.
-    pub timeouts: PhaseTimeouts,
+    pub(crate) timeouts: PhaseTimeouts,
 }
 
 impl std::fmt::Debug for Connector {
@@ -63,7 +63,7 @@ impl Connector {
 
 /// A host's connection, reopened as needed.
 #[derive(Debug)]
-pub struct HostSession {
+pub(crate) struct HostSession {
     host: HostAddr,
     connector: Connector,
     client: Option<AgentClient>,

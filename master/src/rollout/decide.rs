@@ -392,11 +392,13 @@ impl GroupSchedule {
     }
 
     /// Whether a failure halted the group.
+    #[cfg(test)]
     pub fn is_halted(&self) -> bool {
         self.halted
     }
 
     /// Hosts in flight now.
+    #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
     }
@@ -408,6 +410,7 @@ impl GroupSchedule {
     }
 
     /// Hosts that never began (after a halt), in order.
+    #[cfg(test)]
     pub fn untouched(&self) -> Vec<String> {
         self.canaries
             .iter()

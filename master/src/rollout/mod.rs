@@ -23,8 +23,8 @@
 //! with the release's own output. Staging runs ahead on every host of the group, so a
 //! host is down only between stop and start. Progress goes out as [`RolloutEvent`]s.
 
-pub mod converge;
-pub mod decide;
+pub(crate) mod converge;
+pub(crate) mod decide;
 mod driver;
 mod health;
 mod runner;
@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use converge::{converge_file, keep_converged, ConvergeOptions};
+pub(crate) use converge::{converge_file, keep_converged, ConvergeOptions};
 pub use runner::run;
 
 use crate::client::Connector;
@@ -183,7 +183,7 @@ pub enum RolloutEvent {
 }
 
 /// Whether a failed host was returned to its previous state, in the words reports use.
-pub fn rollback_words(rolled_back: bool) -> &'static str {
+pub(crate) fn rollback_words(rolled_back: bool) -> &'static str {
     if rolled_back {
         "rolled back"
     } else {
