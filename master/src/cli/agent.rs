@@ -252,8 +252,7 @@ pub async fn push(ctx: &Context, cluster: Option<&Path>, args: PushArgs) -> Resu
     let cache = DigestCache::for_user();
     // Taken before anything reads the file: a digest is recorded below only if the
     // file is still in this state after the push.
-    let stamp = FileStamp::take(&args.file)
-        .with_context(|| format!("{}: cannot read", args.file.display()))?;
+    let stamp = FileStamp::take(&args.file)?;
     let (sha256, sha256_of) = match &args.sha256 {
         Some(text) => (
             Some(erel_proto::Sha256::from_hex(text).ok_or_else(|| {

@@ -297,7 +297,9 @@ async fn unchanged_since(path: &Path, file: &std::fs::File, before: &FileStamp) 
         .map_err(|e| Error::local(path, format!("cannot read: {e}")))?;
     let checked = path.to_path_buf();
     let (open, named) =
-        tokio::task::spawn_blocking(move || (FileStamp::of_file(&file), FileStamp::take(&checked)))
+        tokio::task::spawn_blocking(move || {
+            (FileStamp::of_file(&file, &checked), FileStamp::take(&checked))
+        })
             .await
             .map_err(|e| Error::local(path, format!("checking failed: {e}")))?;
     let change = match (open, named) {

@@ -318,12 +318,7 @@ fn archive(
                     format!("{} is not a regular file", path.display()),
                 ));
             }
-            let actual = sha256_file(&path).map_err(|e| {
-                fault.at(
-                    &archive_field,
-                    format!("{}: cannot read: {e}", path.display()),
-                )
-            })?;
+            let actual = sha256_file(&path).map_err(|e| fault.at(&archive_field, e.to_string()))?;
             if let Some(expected) = expected {
                 if expected != actual {
                     return Err(fault.at(
