@@ -354,7 +354,7 @@ impl Daemon {
                 tokio::task::spawn_blocking(move || entry.validate(&log_queue, &lookup))
                     .await
                     .map_err(|e| format!("validation failed: {e}"))
-                    .and_then(|checked| checked)
+                    .and_then(|checked| checked.map_err(|e| e.to_string()))
             };
             match checked {
                 Ok(plan) => {

@@ -296,12 +296,14 @@ async fn unchanged_since(path: &Path, file: &std::fs::File, before: &FileStamp) 
         .try_clone()
         .map_err(|e| Error::local(path, format!("cannot read: {e}")))?;
     let checked = path.to_path_buf();
-    let (open, named) =
-        tokio::task::spawn_blocking(move || {
-            (FileStamp::of_file(&file, &checked), FileStamp::take(&checked))
-        })
-            .await
-            .map_err(|e| Error::local(path, format!("checking failed: {e}")))?;
+    let (open, named) = tokio::task::spawn_blocking(move || {
+        (
+            FileStamp::of_file(&file, &checked),
+            FileStamp::take(&checked),
+        )
+    })
+    .await
+    .map_err(|e| Error::local(path, format!("checking failed: {e}")))?;
     let change = match (open, named) {
         (Ok(open), Ok(named)) => before.change(&open).or_else(|| before.change(&named)),
         (Err(e), _) | (_, Err(e)) => Some(format!("it can no longer be read ({e})")),

@@ -182,7 +182,7 @@ pub struct Observation<'a> {
     /// The release's status from `Ping`; `None` when the agent no longer reports it.
     pub status: Option<&'a ReleaseStatus>,
     /// The TCP probe's outcome, when the group has one.
-    pub probe: Option<&'a Result<(), String>>,
+    pub probe: Option<&'a Result<(), Error>>,
     /// How long the process has been up (the longer of the agent's figure and the
     /// master's clock since `Start` answered).
     pub up: Duration,
@@ -235,7 +235,7 @@ pub fn verify(observation: &Observation<'_>, version: &str, pid: u32, health: &H
         }
     }
     let probe_failure = match observation.probe {
-        Some(Err(why)) => Some(why.as_str()),
+        Some(Err(why)) => Some(why),
         _ => None,
     };
     if observation.up >= health.min_up && probe_failure.is_none() {
@@ -842,7 +842,7 @@ mod tests {
 
     fn observe<'a>(
         s: Option<&'a ReleaseStatus>,
-        probe: Option<&'a Result<(), String>>,
+        probe: Option<&'a Result<(), Error>>,
         up: u64,
         elapsed: u64,
     ) -> Observation<'a> {
@@ -860,7 +860,10 @@ mod tests {
         let s = status("0.2.0", ReleaseState::Running, 1);
         let h = health(Some(80));
         let ok = Ok(());
-        let refused = Err("connection refused".to_string());
+        let refused = Err(Error::Probe {
+            target: "127.0.0.1:80".into(),
+            message: "connection refused".into(),
+        });
         assert_eq!(
             verify(&observe(Some(&s), Some(&ok), 1, 1), "0.2.0", 42, &h),
             Verdict::Wait

@@ -12,20 +12,18 @@ use super::decide::{
 use super::{HostPhase, RolloutOptions};
 use crate::client::HostSession;
 use crate::cluster::{GroupPlan, HostPlan};
+use crate::error::{Error, Result};
 
 /// Connects to `host:port` once; `Err` says why not.
-pub(crate) async fn probe_tcp(
-    host: &str,
-    port: u16,
-    limit: Duration,
-) -> std::result::Result<(), String> {
+pub(crate) async fn probe_tcp(host: &str, port: u16, limit: Duration) -> Result<()> {
+    let failed = |message: String| Error::Probe {
+        target: format!("{host}:{port}"),
+        message,
+    };
     match tokio::time::timeout(limit, tokio::net::TcpStream::connect((host, port))).await {
         Ok(Ok(_stream)) => Ok(()),
-        Ok(Err(e)) => Err(format!("{host}:{port}: {e}")),
-        Err(_) => Err(format!(
-            "{host}:{port}: no answer within {}s",
-            limit.as_secs_f32()
-        )),
+        Ok(Err(e)) => Err(failed(e.to_string())),
+        Err(_) => Err(failed(format!("no answer within {}s", limit.as_secs_f32()))),
     }
 }
 
