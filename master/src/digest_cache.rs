@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use erel_proto::Sha256;
 use sha2::Digest;
 
+use crate::durable;
 use crate::error::{Error, Result};
 
 /// A file changed this little before its stamp was taken may change again without its
@@ -198,10 +199,7 @@ impl DigestCache {
             Ok(now) if now.same_state(before) => {}
             _ => return,
         }
-        if std::fs::create_dir_all(&self.dir).is_err() {
-            return;
-        }
-        let entry = self.entry_path(&canonical);
+        let entry = self.entry_name(&canonical);
         let settled = if before.is_settled() {
             "settled"
         } else {
@@ -212,17 +210,18 @@ impl DigestCache {
             before.to_text(),
             sha256.to_hex()
         );
-        let tmp = entry.with_extension(format!("tmp-{}", std::process::id()));
-        if std::fs::write(&tmp, text).is_ok() {
-            let _ = std::fs::rename(&tmp, &entry);
-        } else {
-            let _ = std::fs::remove_file(&tmp);
-        }
+        // A cache: an entry that cannot be written is only a digest computed again.
+        let _ = durable::write(&self.dir, &entry, text.as_bytes());
     }
 
     fn entry_path(&self, canonical: &Path) -> PathBuf {
+        self.dir.join(self.entry_name(canonical))
+    }
+
+    /// The entry's file name: the hex sha256 of the file's canonical path.
+    fn entry_name(&self, canonical: &Path) -> String {
         let key = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
-        self.dir.join(Sha256(key.into()).to_hex())
+        Sha256(key.into()).to_hex()
     }
 }
 
