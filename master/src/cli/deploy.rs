@@ -386,10 +386,10 @@ fn describe_group(plan: &Plan, group: &GroupPlan) -> String {
     );
     if let Some(archive) = &group.archive {
         out.push_str(&format!(
-            "  archive   {} (sha256 {})\n            -> archives/{}, unpacked into {}\n",
+            "  archive   {} (sha256 {})\n            -> {}, unpacked into {}\n",
             archive.path.display(),
             archive.sha256,
-            archive.file_name,
+            GroupPlan::archive_dest(archive),
             group.version_dir()
         ));
     }
