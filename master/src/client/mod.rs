@@ -24,7 +24,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::error::{Error, Result};
-use crate::rollout::decide::answer_budget;
+use crate::rollout::decide::{answer_budget, Retry, RetryPolicy};
 
 pub use session::Connector;
 pub(crate) use session::HostSession;
@@ -229,10 +229,24 @@ impl AgentClient {
         self.command(stop_request(name, grace)).await
     }
 
-    /// One command with the bound [`answer_budget`] gives its answer.
+    /// One command with the bound [`answer_budget`] gives its answer, asked again on
+    /// this connection while the agent is busy, as [`RetryPolicy`] says (a client alone
+    /// cannot reconnect; a [`HostSession`] does, with the same policy, around
+    /// [`Self::exchange`] and not around this).
     async fn command<A: Answer>(&mut self, request: Request) -> Result<A> {
         let limit = answer_budget(&request);
-        self.exchange(request, limit).await
+        let began = tokio::time::Instant::now();
+        let mut policy = RetryPolicy::new();
+        loop {
+            let error = match self.exchange(request.clone(), limit).await {
+                Ok(answer) => return Ok(answer),
+                Err(error) => error,
+            };
+            match policy.after(&error, began.elapsed()) {
+                Retry::Again(pause) => tokio::time::sleep(pause).await,
+                Retry::Reconnect(_) | Retry::GiveUp => return Err(gave_up(error, began.elapsed())),
+            }
+        }
     }
 
     /// Sends `request` and reads its answer, of type `A`, within `limit`; an agent error
