@@ -325,8 +325,8 @@ pub async fn push(ctx: &Context, cluster: Option<&Path>, args: PushArgs) -> Resu
             // Taken over before it sent anything: a plain `Busy`, waited out within
             // its bound.
             Err(e) if e.agent_kind() == Some(ErrorKind::Busy) && seen.sent == 0 => {
-                let (policy, began) =
-                    busy.get_or_insert_with(|| (RetryPolicy::new(), std::time::Instant::now()));
+                let (policy, began) = busy
+                    .get_or_insert_with(|| (RetryPolicy::for_push(), std::time::Instant::now()));
                 match policy.after(&e, began.elapsed()) {
                     Retry::Again(pause) | Retry::Reconnect(pause) => {
                         tokio::time::sleep(pause).await

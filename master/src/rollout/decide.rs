@@ -262,6 +262,8 @@ pub fn verify(observation: &Observation<'_>, version: &str, pid: u32, health: &H
 /// file's staging, an `Unpack` running to its end) is asked again: it hands over within
 /// its own takeover bound (seconds), so a repeated command waits that out.
 pub(crate) const BUSY_WAIT: Duration = Duration::from_secs(60);
+/// How long a push asks again an agent busy with another push of the same file.
+pub(crate) const PUSH_BUSY_WAIT: Duration = Duration::from_secs(180);
 /// First pause before asking a busy agent again; it doubles up to [`BUSY_PAUSE_MAX`].
 const BUSY_PAUSE_FIRST: Duration = Duration::from_millis(100);
 /// Longest pause between two tries of a `Busy` command.
@@ -289,6 +291,7 @@ pub(crate) enum Retry {
 pub(crate) struct RetryPolicy {
     reconnects: u32,
     busy_pause: Duration,
+    busy_wait: Duration,
 }
 
 impl RetryPolicy {
@@ -297,13 +300,24 @@ impl RetryPolicy {
         RetryPolicy {
             reconnects: 0,
             busy_pause: BUSY_PAUSE_FIRST,
+            busy_wait: BUSY_WAIT,
+        }
+    }
+
+    /// The policy of a push that waits for another master's push of the same file:
+    /// that one may run for several takeovers, so a busy agent is asked again for up
+    /// to [`PUSH_BUSY_WAIT`].
+    pub(crate) fn for_push() -> Self {
+        RetryPolicy {
+            busy_wait: PUSH_BUSY_WAIT,
+            ..RetryPolicy::new()
         }
     }
 
     /// What to do after `error`, `waited` after the first try began.
     pub(crate) fn after(&mut self, error: &Error, waited: Duration) -> Retry {
         if error.agent_kind() == Some(ErrorKind::Busy) {
-            if waited + self.busy_pause > BUSY_WAIT {
+            if waited + self.busy_pause > self.busy_wait {
                 return Retry::GiveUp;
             }
             let pause = self.busy_pause;
