@@ -26,6 +26,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use erel_proto::Sha256;
 use sha2::Digest;
 
+use crate::durable;
+use crate::error::{Error, Result};
+
 /// A file changed this little before its stamp was taken may change again without its
 /// stamp moving; its cached digest is checked by reading the file.
 pub const RACY_WINDOW: Duration = Duration::from_secs(3);
@@ -58,13 +61,17 @@ impl FileStamp {
     }
 
     /// The stamp of the file at `path` (following symlinks), observed now.
-    pub fn take(path: &Path) -> std::io::Result<Self> {
-        std::fs::metadata(path).map(|meta| FileStamp::of(&meta))
+    pub fn take(path: &Path) -> Result<Self> {
+        std::fs::metadata(path)
+            .map(|meta| FileStamp::of(&meta))
+            .map_err(|e| cannot_read(path, e))
     }
 
-    /// The stamp of an open file (`fstat(2)`), observed now.
-    pub fn of_file(file: &File) -> std::io::Result<Self> {
-        file.metadata().map(|meta| FileStamp::of(&meta))
+    /// The stamp of an open file (`fstat(2)`) at `path`, observed now.
+    pub(crate) fn of_file(file: &File, path: &Path) -> Result<Self> {
+        file.metadata()
+            .map(|meta| FileStamp::of(&meta))
+            .map_err(|e| cannot_read(path, e))
     }
 
     /// The file's size in bytes.
@@ -192,10 +199,7 @@ impl DigestCache {
             Ok(now) if now.same_state(before) => {}
             _ => return,
         }
-        if std::fs::create_dir_all(&self.dir).is_err() {
-            return;
-        }
-        let entry = self.entry_path(&canonical);
+        let entry = self.entry_name(&canonical);
         let settled = if before.is_settled() {
             "settled"
         } else {
@@ -206,41 +210,44 @@ impl DigestCache {
             before.to_text(),
             sha256.to_hex()
         );
-        let tmp = entry.with_extension(format!("tmp-{}", std::process::id()));
-        if std::fs::write(&tmp, text).is_ok() {
-            let _ = std::fs::rename(&tmp, &entry);
-        } else {
-            let _ = std::fs::remove_file(&tmp);
-        }
+        // A cache: an entry that cannot be written is only a digest computed again.
+        let _ = durable::write(&self.dir, &entry, text.as_bytes());
     }
 
     fn entry_path(&self, canonical: &Path) -> PathBuf {
+        self.dir.join(self.entry_name(canonical))
+    }
+
+    /// The entry's file name: the hex sha256 of the file's canonical path.
+    fn entry_name(&self, canonical: &Path) -> String {
         let key = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
-        self.dir.join(Sha256(key.into()).to_hex())
+        Sha256(key.into()).to_hex()
     }
 }
 
 /// Computes the sha256 of a file (blocking).
-pub fn sha256_file(path: &Path) -> std::io::Result<Sha256> {
-    let mut file = File::open(path)?;
-    hash_reader(&mut file)
+pub fn sha256_file(path: &Path) -> Result<Sha256> {
+    let mut file = File::open(path).map_err(|e| cannot_read(path, e))?;
+    hash_reader(&mut file).map_err(|e| cannot_read(path, e))
+}
+
+/// A local file that could not be read, and why.
+fn cannot_read(path: &Path, error: std::io::Error) -> Error {
+    Error::local(path, format!("cannot read: {error}"))
 }
 
 /// The digest of `path` and the stamp it was computed under: the stamp is taken before
 /// reading and must be unchanged after, on the open file and on the path.
-fn hash_unchanged(path: &Path) -> std::io::Result<(FileStamp, Sha256)> {
-    let mut file = File::open(path)?;
-    let before = FileStamp::of_file(&file)?;
-    let sha256 = hash_reader(&mut file)?;
-    let after_file = FileStamp::of_file(&file)?;
+fn hash_unchanged(path: &Path) -> Result<(FileStamp, Sha256)> {
+    let mut file = File::open(path).map_err(|e| cannot_read(path, e))?;
+    let before = FileStamp::of_file(&file, path)?;
+    let sha256 = hash_reader(&mut file).map_err(|e| cannot_read(path, e))?;
+    let after_file = FileStamp::of_file(&file, path)?;
     let after_path = FileStamp::take(path)?;
     if before.same_state(&after_file) && before.same_state(&after_path) {
         Ok((before, sha256))
     } else {
-        Err(std::io::Error::other(format!(
-            "{} changed while it was read",
-            path.display()
-        )))
+        Err(Error::local(path, "changed while it was read"))
     }
 }
 

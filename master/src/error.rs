@@ -92,6 +92,17 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// A release's TCP health probe got no connection.
+    #[error("{target}: {message}")]
+    Probe {
+        /// `HOST:PORT` probed.
+        target: String,
+        /// Why it failed.
+        message: String,
+    },
+    /// A config from the config log is refused, and why (the reason the log records).
+    #[error("{0}")]
+    ConfigRefused(String),
     /// The command line asks for something that cannot be done.
     #[error("{0}")]
     Usage(String),
@@ -156,7 +167,7 @@ impl Error {
 }
 
 /// Adds what was being done to an error, as [`Error::Context`].
-pub trait ResultExt<T> {
+pub(crate) trait ResultExt<T> {
     /// The error, after `what`.
     fn context(self, what: impl Into<String>) -> Result<T>;
     /// The error, after the text `what` makes (only on failure).

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod digest_cache;
+mod durable;
 pub mod error;
 pub mod release;
 pub mod rollout;

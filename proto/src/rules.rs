@@ -1,8 +1,11 @@
 //! What both sides must agree on beyond the bytes of a frame: which release names the
 //! agent accepts, where a release version lives under the agent's root, what a `Start`
-//! without an argv runs, and what each message is called in logs and errors.
+//! without an argv runs, which file modes a `WriteFile` may ask for, how long a `Stop`
+//! may wait, and what each message (and each request's answer) is called in logs and
+//! errors.
 
 use std::fmt;
+use std::time::Duration;
 
 use crate::messages::{Request, Response};
 
@@ -62,6 +65,53 @@ pub fn default_argv(name: &str) -> Vec<String> {
     vec![format!("bin/{name}"), "foreground".to_string()]
 }
 
+/// The longest grace between SIGTERM and SIGKILL the agent grants a `Stop`; a longer
+/// one is cut to this.
+pub const MAX_STOP_GRACE: Duration = Duration::from_secs(600);
+
+/// Why a file mode is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeFault {
+    /// It has the setuid, setgid or sticky bit.
+    SpecialBits,
+    /// It has bits above those (beyond `0o7777`), so it is no permission mode at all.
+    NotPermission,
+}
+
+impl fmt::Display for ModeFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ModeFault::SpecialBits => "setuid, setgid and sticky bits are refused",
+            ModeFault::NotPermission => "not a permission mode (at most 0o777)",
+        })
+    }
+}
+
+/// The rule for a written file's mode: permission bits only, at most `0o777`; setuid,
+/// setgid and sticky are refused.
+pub fn check_file_mode(mode: u32) -> Result<(), ModeFault> {
+    if mode & 0o7000 != 0 {
+        return Err(ModeFault::SpecialBits);
+    }
+    if mode > 0o777 {
+        return Err(ModeFault::NotPermission);
+    }
+    Ok(())
+}
+
+/// The name of the answer the agent gives `request` when it goes ahead: `Pong` for
+/// `Ping`, `WriteOffer` for `WriteFile` (its first answer), and so on.
+pub fn answer_name(request: &Request) -> &'static str {
+    match request {
+        Request::Hello(_) => "Hello",
+        Request::Ping(_) => "Pong",
+        Request::WriteFile(_) => "WriteOffer",
+        Request::Unpack(_) => "Unpacked",
+        Request::Start(_) => "Started",
+        Request::Stop(_) => "Stopped",
+    }
+}
+
 impl Request {
     /// The variant's name, for logs and errors.
     pub fn name(&self) -> &'static str {
@@ -114,5 +164,22 @@ mod tests {
         );
         assert_eq!(version_dir("beat", "0.2.0"), "releases/beat/0.2.0");
         assert_eq!(default_argv("beat"), ["bin/beat", "foreground"]);
+    }
+
+    #[test]
+    fn file_modes_are_permission_bits_only() {
+        for good in [0, 0o600, 0o644, 0o755, 0o777] {
+            assert_eq!(check_file_mode(good), Ok(()), "{good:o}");
+        }
+        for special in [0o4755, 0o2755, 0o1777] {
+            assert_eq!(check_file_mode(special), Err(ModeFault::SpecialBits));
+        }
+        assert_eq!(check_file_mode(0o10000), Err(ModeFault::NotPermission));
+    }
+
+    #[test]
+    fn each_request_names_its_answer() {
+        let ping = Request::Ping(crate::Ping {});
+        assert_eq!(answer_name(&ping), "Pong");
     }
 }

@@ -46,7 +46,7 @@ use crate::client::Connector;
 use crate::cluster::{ArchiveLookup, Plan};
 use crate::error::{Error, Result};
 use crate::rollout::converge::converge_pass;
-use crate::rollout::{keep_converged, HostPhase, RolloutEvent, RolloutOptions};
+use crate::rollout::{keep_converged, HostFailure, HostPhase, RolloutEvent, RolloutOptions};
 
 /// What the daemon needs.
 #[derive(Debug, Clone)]
@@ -354,7 +354,7 @@ impl Daemon {
                 tokio::task::spawn_blocking(move || entry.validate(&log_queue, &lookup))
                     .await
                     .map_err(|e| format!("validation failed: {e}"))
-                    .and_then(|checked| checked)
+                    .and_then(|checked| checked.map_err(|e| e.to_string()))
             };
             match checked {
                 Ok(plan) => {
@@ -565,11 +565,15 @@ impl GroupTask {
             RolloutEvent::HostFailed {
                 host,
                 addr,
-                phase,
-                reason,
-                rolled_back,
+                failure,
                 ..
             } => {
+                let HostFailure {
+                    phase,
+                    reason,
+                    rolled_back,
+                    ..
+                } = failure;
                 error!(group = %self.group, host, addr, %phase, rolled_back, "host failed: {reason}")
             }
             RolloutEvent::GroupHalted {

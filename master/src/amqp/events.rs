@@ -137,14 +137,13 @@ impl MasterEvent {
             RolloutEvent::HostFailed {
                 group,
                 host,
-                reason,
-                rolled_back,
+                failure,
                 ..
             } => Some(MasterEvent::HostFailed {
                 group: group.clone(),
                 host: host.clone(),
-                reason: reason.clone(),
-                rolled_back: *rolled_back,
+                reason: failure.reason.clone(),
+                rolled_back: failure.rolled_back,
             }),
             _ => None,
         }

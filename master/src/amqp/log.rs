@@ -108,26 +108,28 @@ impl LogEntry {
 
     /// Validates this entry as a config, archives found as `lookup` says: it must be
     /// UTF-8, small enough, a valid cluster file, and carry the revision its header
-    /// announces. The error is the reason, for the log.
-    pub fn validate(&self, log: &str, lookup: &ArchiveLookup) -> std::result::Result<Plan, String> {
+    /// announces. The error's text is the reason, for the log.
+    pub(crate) fn validate(&self, log: &str, lookup: &ArchiveLookup) -> Result<Plan> {
         if self.body.len() > MAX_CONFIG_BYTES {
-            return Err(format!(
+            return Err(Error::ConfigRefused(format!(
                 "{} bytes, more than the {MAX_CONFIG_BYTES} a config may have",
                 self.body.len()
-            ));
+            )));
         }
-        let text = self.text().ok_or("the config is not UTF-8 text")?;
+        let text = self
+            .text()
+            .ok_or_else(|| Error::ConfigRefused("the config is not UTF-8 text".into()))?;
         let origin = match self.offset {
             Some(offset) => format!("{log}@{offset}"),
             None => log.to_string(),
         };
-        let plan = Plan::parse(text, &origin, lookup).map_err(|e| e.to_string())?;
+        let plan = Plan::parse(text, &origin, lookup)?;
         if let Some(header) = self.revision {
             if header != plan.revision {
-                return Err(format!(
+                return Err(Error::ConfigRefused(format!(
                     "its header says revision {header} but its text says revision {}",
                     plan.revision
-                ));
+                )));
             }
         }
         Ok(plan)
@@ -478,12 +480,14 @@ mod tests {
         let e = entry(9, Some(3), text);
         let reason = e
             .validate("t.configs", &ArchiveLookup::Unchecked)
-            .expect_err("mismatch");
+            .expect_err("mismatch")
+            .to_string();
         assert!(reason.contains("header says revision 3"), "{reason}");
         let big = entry(0, Some(1), &"#".repeat(MAX_CONFIG_BYTES + 1));
         assert!(big
             .validate("t.configs", &ArchiveLookup::Unchecked)
             .expect_err("too big")
+            .to_string()
             .contains("bytes"));
         let binary = LogEntry {
             body: vec![0xff, 0xfe],

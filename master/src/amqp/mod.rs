@@ -25,9 +25,9 @@
 
 pub mod daemon;
 pub mod events;
-pub mod leadership;
+pub(crate) mod leadership;
 pub mod log;
-pub mod state;
+pub(crate) mod state;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

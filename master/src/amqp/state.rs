@@ -3,10 +3,10 @@
 //! and the directory fsynced, so a crash at any instant leaves the old revision or the
 //! new one, never a mix. The revision is the one written in the text.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::cluster::{ArchiveLookup, Plan};
+use crate::durable;
 use crate::error::{Error, Result};
 
 /// The file holding the newest accepted config.
@@ -76,31 +76,8 @@ impl StateDir {
 
     /// Writes `text` as the config held, atomically.
     pub fn store(&self, text: &str) -> Result<()> {
-        write_atomically(&self.dir, CONFIG_FILE, text.as_bytes())
+        durable::write(&self.dir, CONFIG_FILE, text.as_bytes())
     }
-}
-
-/// Writes `dir/name` through a temporary file: write, fsync, rename, fsync the directory.
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::local(dir, format!("cannot create the directory: {e}")))?;
-    let target = dir.join(name);
-    let mut staging = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| Error::local(dir, format!("cannot create a temporary file: {e}")))?;
-    staging
-        .write_all(bytes)
-        .and_then(|()| staging.as_file().sync_all())
-        .map_err(|e| Error::local(staging.path(), format!("cannot write: {e}")))?;
-    staging
-        .persist(&target)
-        .map_err(|e| Error::local(&target, format!("cannot rename into place: {}", e.error)))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::local(dir, format!("cannot sync the directory: {e}")))?;
-    Ok(())
 }
 
 #[cfg(test)]

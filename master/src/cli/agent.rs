@@ -4,12 +4,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::client::{BusyWait, Progress, WriteSource};
+use crate::client::{gave_up, stop_request, unpack_request, HostSession, Progress, WriteSource};
 use crate::digest_cache::{DigestCache, FileStamp};
 use crate::error::{Result, ResultExt as _};
-use crate::{AgentClient, Error, HostAddr};
+use crate::rollout::decide::{Retry, RetryPolicy};
+use crate::{Error, HostAddr};
 use clap::Args;
-use erel_proto::{ErrorKind, Pong, ReleaseState, ReleaseStatus, Start};
+use erel_proto::{
+    ErrorKind, Ping, Pong, ReleaseState, ReleaseStatus, Request, Start, Started, Stopped, Unpacked,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::Context;
@@ -82,14 +85,14 @@ pub struct StopArgs {
     name: String,
     /// Seconds between SIGTERM and SIGKILL (at most the agent's limit, 600).
     #[arg(long, default_value_t = 10,
-          value_parser = clap::value_parser!(u64).range(0..=crate::cluster::MAX_STOP_GRACE_SECS))]
+          value_parser = clap::value_parser!(u64).range(0..=erel_proto::rules::MAX_STOP_GRACE.as_secs()))]
     grace: u64,
 }
 
 fn parse_mode(text: &str) -> std::result::Result<u32, String> {
     let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8)
         .map_err(|_| format!("'{text}' is not an octal mode such as 644 or 755"))?;
-    if mode > 0o777 {
+    if erel_proto::rules::check_file_mode(mode).is_err() {
         return Err(format!(
             "mode {text} has bits above 0777 (setuid, setgid and sticky are refused)"
         ));
@@ -113,20 +116,11 @@ fn resolve(text: &str, cluster: Option<&Path>) -> Result<HostAddr> {
     crate::cluster::resolve_host(text, cluster)
 }
 
-async fn connect(ctx: &Context, host: &HostAddr) -> Result<AgentClient> {
-    let tls = ctx.tls()?;
-    AgentClient::connect(host, tls, &ctx.master_name()).await
-}
-
-/// Resolves a `HOST` argument and connects to it.
-async fn open(
-    ctx: &Context,
-    cluster: Option<&Path>,
-    text: &str,
-) -> Result<(HostAddr, AgentClient)> {
+/// Resolves a `HOST` argument and opens a session with it.
+fn open(ctx: &Context, cluster: Option<&Path>, text: &str) -> Result<(HostAddr, HostSession)> {
     let host = resolve(text, cluster)?;
-    let client = connect(ctx, &host).await?;
-    Ok((host, client))
+    let session = HostSession::new(host.clone(), ctx.connector()?);
+    Ok((host, session))
 }
 
 /// One host's answer to `ping`, as `--json` prints it.
@@ -146,18 +140,12 @@ pub async fn ping(ctx: &Context, cluster: Option<&Path>, args: PingArgs) -> Resu
         .iter()
         .map(|text| resolve(text, cluster))
         .collect::<Result<Vec<HostAddr>>>()?;
-    let tls = ctx.tls()?;
-    let name = ctx.master_name();
+    let connector = ctx.connector()?;
     let mut tasks = tokio::task::JoinSet::new();
     for (index, host) in hosts.into_iter().enumerate() {
-        let tls = tls.clone();
-        let name = name.clone();
+        let mut session = HostSession::new(host.clone(), connector.clone());
         tasks.spawn(async move {
-            let outcome = async {
-                let mut client = AgentClient::connect(&host, tls, &name).await?;
-                client.ping().await
-            }
-            .await;
+            let outcome = session.command::<Pong>(Request::Ping(Ping {})).await;
             (index, host, outcome)
         });
     }
@@ -264,8 +252,7 @@ pub async fn push(ctx: &Context, cluster: Option<&Path>, args: PushArgs) -> Resu
     let cache = DigestCache::for_user();
     // Taken before anything reads the file: a digest is recorded below only if the
     // file is still in this state after the push.
-    let stamp = FileStamp::take(&args.file)
-        .with_context(|| format!("{}: cannot read", args.file.display()))?;
+    let stamp = FileStamp::take(&args.file)?;
     let (sha256, sha256_of) = match &args.sha256 {
         Some(text) => (
             Some(erel_proto::Sha256::from_hex(text).ok_or_else(|| {
@@ -310,7 +297,7 @@ pub async fn push(ctx: &Context, cluster: Option<&Path>, args: PushArgs) -> Resu
     // back at once would only take it from a master that is sending, so this push
     // waits about as long as the rest of the file takes at the rate it saw, then goes
     // on from what the agent holds (nothing, when the other push finished it).
-    let mut busy: Option<BusyWait> = None;
+    let mut busy: Option<(RetryPolicy, std::time::Instant)> = None;
     let written = loop {
         let mut seen = Progress {
             total: 0,
@@ -323,7 +310,7 @@ pub async fn push(ctx: &Context, cluster: Option<&Path>, args: PushArgs) -> Resu
             bar.set_position(p.skipped + p.sent);
         };
         let started = std::time::Instant::now();
-        let attempt = match connect(ctx, &host).await {
+        let attempt = match ctx.connector()?.connect(&host).await {
             Ok(mut client) => {
                 client
                     .write_file(&source, &args.dest, args.mode, &mut on_progress)
@@ -337,10 +324,14 @@ pub async fn push(ctx: &Context, cluster: Option<&Path>, args: PushArgs) -> Resu
         match attempt {
             // Taken over before it sent anything: a plain `Busy`, waited out within
             // its bound.
-            Err(Error::Agent { reply, .. }) if reply.kind == ErrorKind::Busy && seen.sent == 0 => {
-                let wait = busy.get_or_insert_with(BusyWait::new);
-                if let Err(e) = wait.retry_or_fail(&host, reply).await {
-                    break Err(e);
+            Err(e) if e.agent_kind() == Some(ErrorKind::Busy) && seen.sent == 0 => {
+                let (policy, began) = busy
+                    .get_or_insert_with(|| (RetryPolicy::for_push(), std::time::Instant::now()));
+                match policy.after(&e, began.elapsed()) {
+                    Retry::Again(pause) | Retry::Reconnect(pause) => {
+                        tokio::time::sleep(pause).await
+                    }
+                    Retry::GiveUp => break Err(gave_up(e, began.elapsed())),
                 }
             }
             // Taken over, or cut, after it moved the file on (the agent's `Busy` may be
@@ -394,8 +385,9 @@ const TAKEN_OVER_PAUSE_MAX: Duration = Duration::from_secs(30);
 
 /// Unpacks an archive on one agent.
 pub async fn unpack(ctx: &Context, cluster: Option<&Path>, args: UnpackArgs) -> Result<ExitCode> {
-    let (host, mut client) = open(ctx, cluster, &args.host).await?;
-    let done = client.unpack(&args.archive, &args.dest, None).await?;
+    let (host, mut session) = open(ctx, cluster, &args.host)?;
+    let request = unpack_request(&args.archive, &args.dest, None);
+    let done: Unpacked = session.command(request).await?;
     if done.already {
         println!(
             "{}:{} already unpacked from {} (sha256 {})",
@@ -416,15 +408,15 @@ pub async fn unpack(ctx: &Context, cluster: Option<&Path>, args: UnpackArgs) -> 
 
 /// Starts a release on one agent.
 pub async fn start(ctx: &Context, cluster: Option<&Path>, args: StartArgs) -> Result<ExitCode> {
-    let (host, mut client) = open(ctx, cluster, &args.host).await?;
-    let started = client
-        .start(Start {
+    let (host, mut session) = open(ctx, cluster, &args.host)?;
+    let started: Started = session
+        .command(Request::Start(Start {
             name: args.name.clone(),
             version: args.version.clone(),
             argv: args.argv,
             env: args.env,
             user: args.user,
-        })
+        }))
         .await?;
     let how = if started.already_running {
         "already running"
@@ -440,10 +432,9 @@ pub async fn start(ctx: &Context, cluster: Option<&Path>, args: StartArgs) -> Re
 
 /// Stops a release on one agent.
 pub async fn stop(ctx: &Context, cluster: Option<&Path>, args: StopArgs) -> Result<ExitCode> {
-    let (host, mut client) = open(ctx, cluster, &args.host).await?;
-    let stopped = client
-        .stop(&args.name, Duration::from_secs(args.grace))
-        .await?;
+    let (host, mut session) = open(ctx, cluster, &args.host)?;
+    let request = stop_request(&args.name, Duration::from_secs(args.grace));
+    let stopped: Stopped = session.command(request).await?;
     let how = match (stopped.was_running, stopped.killed) {
         (false, _) => "was not running",
         (true, false) => "stopped",

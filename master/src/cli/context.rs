@@ -6,6 +6,8 @@ use std::sync::Arc;
 use crate::error::ResultExt as _;
 use erel_certs::MasterDir;
 
+use crate::client::Connector;
+
 /// What every command may need.
 #[derive(Debug)]
 pub struct Context {
@@ -32,6 +34,11 @@ impl Context {
     }
 
     /// The name this master gives in `Hello`: `erel@` and the machine's host name.
+    pub fn connector(&self) -> crate::Result<Connector> {
+        Ok(Connector::new(self.tls()?, self.master_name()))
+    }
+
+    /// The name this master gives in `Hello`.
     pub fn master_name(&self) -> String {
         master_name()
     }

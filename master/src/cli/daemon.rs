@@ -21,7 +21,8 @@ pub struct MasterArgs {
     /// Seconds between two convergence passes (drift is repaired within this).
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     interval: u64,
-    /// Seconds a connection to an agent may take.
+    /// Seconds each phase of opening a connection to an agent may take: the TCP
+    /// connection, then the TLS handshake with `Hello` (each phase gets the full time).
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     connect_timeout: u64,
     /// `--amqp URL --state-dir DIR --name NAME --artifacts DIR`: the AMQP config log.

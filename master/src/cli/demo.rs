@@ -14,19 +14,17 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use erel_boot::{Config, Limits, Supervision};
 use erel_certs::MasterDir;
+use erel_proto::Stopped;
 use tokio_util::sync::CancellationToken;
 
 use super::deploy::event_line;
 use super::status::{collect, status_table};
-use crate::client::Connector;
+use crate::client::{stop_request, Connector, HostSession};
 use crate::cluster::Plan;
 use crate::error::{Error, Result, ResultExt as _};
 use crate::release::BeatRelease;
-use crate::rollout::{self, HostOutcome, RolloutOptions, RolloutReport};
-use crate::{AgentClient, HostAddr};
-
-/// Any error of the in-process agent's pieces.
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::rollout::{self, HostFailure, HostOutcome, RolloutOptions, RolloutReport};
+use crate::HostAddr;
 
 /// The demo's release name.
 const RELEASE: &str = "beat";
@@ -44,6 +42,10 @@ struct LocalAgent {
     id: String,
     addr: SocketAddr,
     beat_port: u16,
+    /// Holds `beat_port` for this agent's beat while the demo runs: bound with
+    /// `SO_REUSEPORT` and never listening, so the beat (which binds the same way) can
+    /// listen there and nobody else can take the port.
+    _beat_port_held: tokio::net::TcpSocket,
     shutdown: CancellationToken,
     server: tokio::task::JoinHandle<std::result::Result<(), erel_boot::Error>>,
 }
@@ -66,12 +68,7 @@ pub async fn demo(args: DemoArgs) -> Result<ExitCode> {
     let outcome = async {
         for index in 1..=args.hosts {
             let id = format!("demo-{index}");
-            let agent = start_agent(&certs, &dir, &id)
-                .await
-                .map_err(|source| Error::Context {
-                    what: format!("starting agent {id}"),
-                    source,
-                })?;
+            let agent = start_agent(&certs, &dir, &id).await?;
             agents.push(agent);
         }
         for agent in &agents {
@@ -183,10 +180,10 @@ async fn script(dir: &Path, certs: &MasterDir, agents: &[LocalAgent]) -> Result<
         group.halted.is_some()
             && matches!(
                 group.hosts.first().map(|h| &h.outcome),
-                Some(HostOutcome::Failed {
+                Some(HostOutcome::Failed(HostFailure {
                     rolled_back: true,
                     ..
-                })
+                }))
             )
             && group.hosts[1..]
                 .iter()
@@ -270,17 +267,17 @@ async fn beats(agents: &[LocalAgent], version: &str) -> bool {
 }
 
 /// Starts an agent for `id` in this process, on 127.0.0.1 with a fresh root.
-async fn start_agent(
-    certs: &MasterDir,
-    dir: &Path,
-    id: &str,
-) -> std::result::Result<LocalAgent, BoxError> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
+async fn start_agent(certs: &MasterDir, dir: &Path, id: &str) -> Result<LocalAgent> {
+    let what = || format!("starting agent {id}");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .with_context(what)?;
+    let addr = listener.local_addr().with_context(what)?;
+    let loopback = std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST);
     let config = Config {
         listen: addr,
         root: dir.join("agents").join(id),
-        certs: certs.issue_host(id, &["127.0.0.1".parse()?], &[])?,
+        certs: certs.issue_host(id, &[loopback], &[]).with_context(what)?,
         limits: Limits::default(),
         supervision: Supervision {
             restart_backoff: Duration::from_millis(100),
@@ -292,11 +289,13 @@ async fn start_agent(
         remove_cgroups_on_exit: true,
     };
     let shutdown = CancellationToken::new();
+    let (held, beat_port) = hold_port().with_context(what)?;
     let server = tokio::spawn(erel_boot::run(config, listener, shutdown.clone()));
     Ok(LocalAgent {
         id: id.to_string(),
         addr,
-        beat_port: free_port()?,
+        beat_port,
+        _beat_port_held: held,
         shutdown,
         server,
     })
@@ -312,15 +311,25 @@ async fn stop_release(certs: &MasterDir, agent: &LocalAgent) {
     let Ok(tls) = certs.client_config() else {
         return;
     };
-    if let Ok(mut client) = AgentClient::connect(&host, tls, "erel-demo").await {
-        let _ = client.stop(RELEASE, Duration::from_secs(5)).await;
-        client.close().await;
-    }
+    let mut session = HostSession::new(host, Connector::new(tls, "erel-demo"));
+    let request = stop_request(RELEASE, Duration::from_secs(5));
+    let _ = session.command::<Stopped>(request).await;
 }
 
-fn free_port() -> std::io::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+/// A port on 127.0.0.1 for a beat, and the socket that holds it (see
+/// [`LocalAgent`]): bound with `SO_REUSEPORT`, not listening.
+fn hold_port() -> std::io::Result<(tokio::net::TcpSocket, u16)> {
+    let socket = reusable_socket()?;
+    socket.bind((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
+    let port = socket.local_addr()?.port();
+    Ok((socket, port))
+}
+
+/// A TCP socket that may share its port with others of this user that say so too.
+fn reusable_socket() -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseport(true)?;
+    Ok(socket)
 }
 
 /// This program as the beat release's server, running its hidden `demo-beat` command.
@@ -374,8 +383,13 @@ pub async fn beat() -> Result<ExitCode> {
         .ok()
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
+    // The demo holds the port with SO_REUSEPORT while it runs; binding the same way
+    // shares it with that holder, which never listens.
+    let listener = reusable_socket()
+        .and_then(|socket| {
+            socket.bind((std::net::Ipv4Addr::LOCALHOST, port).into())?;
+            socket.listen(128)
+        })
         .with_context(|| format!("beat {version}: cannot listen on 127.0.0.1:{port}"))?;
     let local = port_of(&listener)?;
     println!("beat {version} on {host} listening on {local}");

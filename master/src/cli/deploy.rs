@@ -16,7 +16,7 @@ use super::Context;
 use crate::client::Connector;
 use crate::cluster::{GroupPlan, Plan};
 use crate::error::Error;
-use crate::rollout::{self, HostOutcome, RolloutEvent, RolloutOptions, RolloutReport};
+use crate::rollout::{self, HostFailure, HostOutcome, RolloutEvent, RolloutOptions, RolloutReport};
 
 /// `erel deploy`.
 #[derive(Debug, Args)]
@@ -30,7 +30,9 @@ pub struct DeployArgs {
     /// Print events as JSON lines, then the summary as JSON.
     #[arg(long)]
     json: bool,
-    /// Seconds a connection to an agent may take before the host counts as unreachable.
+    /// Seconds each phase of opening a connection to an agent may take before the host
+    /// counts as unreachable: the TCP connection, then the TLS handshake with `Hello`
+    /// (each phase gets the full time).
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     connect_timeout: u64,
 }
@@ -163,8 +165,12 @@ impl Bars {
             RolloutEvent::HostFailed {
                 group,
                 host,
-                reason,
-                rolled_back,
+                failure:
+                    HostFailure {
+                        reason,
+                        rolled_back,
+                        ..
+                    },
                 ..
             } => {
                 let rolled = if *rolled_back { ", rolled back" } else { "" };
@@ -221,10 +227,13 @@ pub fn event_line(event: &RolloutEvent) -> Option<String> {
             group,
             host,
             addr,
-            phase,
-            reason,
-            output_tail,
-            rolled_back,
+            failure:
+                HostFailure {
+                    phase,
+                    reason,
+                    output_tail,
+                    rolled_back,
+                },
         } => {
             let rolled = rollout::rollback_words(*rolled_back);
             let mut line =
@@ -284,12 +293,12 @@ fn summary_table(report: &RolloutReport) -> String {
                     from.as_deref().unwrap_or("nothing")
                 ),
                 HostOutcome::UpToDate => "up to date".to_string(),
-                HostOutcome::Failed {
+                HostOutcome::Failed(HostFailure {
                     phase,
                     reason,
                     output_tail,
                     rolled_back,
-                } => {
+                }) => {
                     if !output_tail.trim().is_empty() {
                         tails.push((host.host.clone(), output_tail.clone()));
                     }
@@ -377,10 +386,10 @@ fn describe_group(plan: &Plan, group: &GroupPlan) -> String {
     );
     if let Some(archive) = &group.archive {
         out.push_str(&format!(
-            "  archive   {} (sha256 {})\n            -> archives/{}, unpacked into {}\n",
+            "  archive   {} (sha256 {})\n            -> {}, unpacked into {}\n",
             archive.path.display(),
             archive.sha256,
-            archive.file_name,
+            GroupPlan::archive_dest(archive),
             group.version_dir()
         ));
     }

@@ -7,18 +7,18 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub mod agent;
-pub mod amqp;
-pub mod certs;
-pub mod config;
+mod agent;
+mod amqp;
+mod certs;
+mod config;
 mod context;
-pub mod daemon;
-pub mod demo;
-pub mod deploy;
-pub mod status;
-pub mod watch;
+mod daemon;
+mod demo;
+mod deploy;
+mod status;
+mod watch;
 
-pub use context::Context;
+pub(crate) use context::Context;
 
 /// Drives erel boot agents: certificates, agent commands, deploys, configs.
 #[derive(Debug, Parser)]

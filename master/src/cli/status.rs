@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use crate::error::ResultExt as _;
 use clap::Args;
-use erel_proto::{ReleaseState, ReleaseStatus};
+use erel_proto::{Ping, Pong, ReleaseState, ReleaseStatus, Request};
 use serde::Serialize;
 
 use super::deploy::{indent, table};
 use super::Context;
-use crate::client::Connector;
+use crate::client::{Connector, HostSession};
 use crate::cluster::{ArchiveLookup, Plan};
 
 /// `erel status`.
@@ -23,7 +23,8 @@ pub struct StatusArgs {
     /// Print everything as JSON.
     #[arg(long)]
     json: bool,
-    /// Seconds a connection to an agent may take.
+    /// Seconds each phase of opening a connection to an agent may take: the TCP
+    /// connection, then the TLS handshake with `Hello` (each phase gets the full time).
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     connect_timeout: u64,
     /// Also show which master holds each group, from this RabbitMQ broker (table only).
@@ -104,10 +105,8 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
         let connector = connector.clone();
         let addr = host.host_addr();
         tasks.spawn(async move {
-            let answer = match connector.connect(&addr).await {
-                Ok(mut client) => client.ping().await,
-                Err(e) => Err(e),
-            };
+            let mut session = HostSession::new(addr, connector);
+            let answer = session.command::<Pong>(Request::Ping(Ping {})).await;
             (index, answer)
         });
     }

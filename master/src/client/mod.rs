@@ -1,9 +1,10 @@
-//! The master's typed client for one agent: connect, handshake, and one method per
-//! command. Every phase runs under its own timeout (connect, handshake, each answer; a
-//! transfer's stall), none wrapped around another, and every failure names the host.
-//! `session` holds the [`Connector`] rollouts and daemons open connections with, and
-//! the [`HostSession`] that reconnects and retries on transient errors; `write_file`
-//! the resumable transfer.
+//! The master's typed client for one agent: connect, handshake, and one exchange per
+//! command. Every phase runs under its own timeout (connect, handshake, each answer,
+//! whose bound [`crate::rollout::decide`] gives; a transfer's stall), none wrapped around
+//! another, and every failure names the host. An exchange is tried once: `session`
+//! holds the [`Connector`], the one way to open connections, and the [`HostSession`]
+//! that tries a command again as the one retry policy says; `write_file` the resumable
+//! transfer.
 
 mod session;
 mod write_file;
@@ -14,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use erel_proto::{
-    read_frame, write_frame, FrameError, Hello, Ping, Pong, Request, Response, Sha256, Start,
-    Started, Stop, Stopped, Unpack, Unpacked, PROTOCOL_VERSION,
+    read_frame, rules, write_frame, FrameError, Hello, Ping, Pong, Request, Response, Sha256,
+    Start, Started, Stop, Stopped, Unpack, Unpacked, PROTOCOL_VERSION,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -23,70 +24,33 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::error::{Error, Result};
+use crate::rollout::decide::{answer_budget, Retry, RetryPolicy};
 
-pub use session::{Connector, HostSession, DEFAULT_CONNECT_TIMEOUT};
+pub use session::Connector;
+pub(crate) use session::HostSession;
 pub use write_file::{Progress, WriteSource};
 
-/// Time allowed to open the TCP connection.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed for the TLS handshake and the `Hello` exchange.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A transfer making no progress for this long is abandoned.
 pub const TRANSFER_STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a request the agent answers with `Busy` is retried on the same connection
-/// before the `Busy` is reported. The agent hands a file whose transfer was cut over to
-/// the next request within its own takeover bound (seconds), and a cut `Unpack` runs to
-/// its end, so a repeated command waits that out instead of failing.
-pub const BUSY_WAIT: Duration = Duration::from_secs(60);
-/// First pause before retrying a `Busy` request; it doubles up to [`BUSY_RETRY_MAX`].
-const BUSY_RETRY_FIRST: Duration = Duration::from_millis(100);
-/// Longest pause between two tries of a `Busy` request.
-const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Time allowed to send our `close_notify` when a client is closed.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Time allowed for the answer to `request`, once it is sent. A `WriteFile` is bounded
-/// by [`TRANSFER_STALL_TIMEOUT`] per step instead, and `Hello` by the handshake's.
-fn answer_timeout(request: &Request) -> Duration {
-    match request {
-        Request::Ping(_) => Duration::from_secs(15),
-        // Large archives on slow disks.
-        Request::Unpack(_) => Duration::from_secs(600),
-        // It may first stop another version.
-        Request::Start(_) => Duration::from_secs(120),
-        // The agent caps the grace itself; a huge one must not overflow the wait here.
-        Request::Stop(stop) => {
-            Duration::from_millis(stop.grace_ms).saturating_add(Duration::from_secs(30))
-        }
-        Request::Hello(_) | Request::WriteFile(_) => TRANSFER_STALL_TIMEOUT,
-    }
-}
 
 /// How long each phase of opening a connection may take; one timeout per phase, none
 /// wrapped around another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PhaseTimeouts {
+pub(crate) struct PhaseTimeouts {
     /// Opening the TCP connection.
-    pub connect: Duration,
+    pub(crate) connect: Duration,
     /// The TLS handshake and the `Hello` exchange.
-    pub handshake: Duration,
+    pub(crate) handshake: Duration,
 }
 
 impl PhaseTimeouts {
     /// `limit` for each phase.
-    pub fn both(limit: Duration) -> Self {
+    pub(crate) fn both(limit: Duration) -> Self {
         PhaseTimeouts {
             connect: limit,
             handshake: limit,
-        }
-    }
-}
-
-impl Default for PhaseTimeouts {
-    fn default() -> Self {
-        PhaseTimeouts {
-            connect: CONNECT_TIMEOUT,
-            handshake: HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -157,17 +121,8 @@ impl fmt::Debug for AgentClient {
 
 impl AgentClient {
     /// Connects, verifies the agent's certificate names `host.id`, and exchanges `Hello`,
-    /// within [`CONNECT_TIMEOUT`] and [`HANDSHAKE_TIMEOUT`].
-    pub async fn connect(
-        host: &HostAddr,
-        tls: Arc<rustls::ClientConfig>,
-        master_name: &str,
-    ) -> Result<Self> {
-        Self::connect_within(host, tls, master_name, PhaseTimeouts::default()).await
-    }
-
-    /// [`Self::connect`], each phase within its own timeout.
-    pub async fn connect_within(
+    /// each phase within its own timeout; [`Connector::connect`] is the way in.
+    pub(crate) async fn connect_within(
         host: &HostAddr,
         tls: Arc<rustls::ClientConfig>,
         master_name: &str,
@@ -212,7 +167,8 @@ impl AgentClient {
                 name: master_name.to_string(),
                 software: format!("erel {}", env!("CARGO_PKG_VERSION")),
             };
-            client.send(&Request::Hello(ours)).await?;
+            let request = Request::Hello(ours);
+            client.send(&request).await?;
             match client.receive().await? {
                 Response::Hello(theirs) => {
                     if theirs.protocol != PROTOCOL_VERSION {
@@ -228,7 +184,7 @@ impl AgentClient {
                     host: host.id.clone(),
                     reply,
                 }),
-                other => Err(client.unexpected("Hello", &other)),
+                other => Err(client.unexpected(rules::answer_name(&request), &other)),
             }
         };
         tokio::time::timeout(timeouts.handshake, handshake)
@@ -250,10 +206,7 @@ impl AgentClient {
 
     /// `Ping`: the agent's live state.
     pub async fn ping(&mut self) -> Result<Pong> {
-        match self.call(Request::Ping(Ping {}), "Ping").await? {
-            Response::Pong(pong) => Ok(pong),
-            other => Err(self.unexpected("Pong", &other)),
-        }
+        self.command(Request::Ping(Ping {})).await
     }
 
     /// `Unpack`: unpacks `archive` into `dest` on the agent.
@@ -263,54 +216,62 @@ impl AgentClient {
         dest: &str,
         sha256: Option<Sha256>,
     ) -> Result<Unpacked> {
-        let request = Request::Unpack(Unpack {
-            archive: archive.to_string(),
-            dest: dest.to_string(),
-            sha256,
-        });
-        match self.call(request, "Unpack").await? {
-            Response::Unpacked(done) => Ok(done),
-            other => Err(self.unexpected("Unpacked", &other)),
-        }
+        self.command(unpack_request(archive, dest, sha256)).await
     }
 
     /// `Start`: runs a release version, supervised.
     pub async fn start(&mut self, start: Start) -> Result<Started> {
-        match self.call(Request::Start(start), "Start").await? {
-            Response::Started(started) => Ok(started),
-            other => Err(self.unexpected("Started", &other)),
-        }
+        self.command(Request::Start(start)).await
     }
 
     /// `Stop`: SIGTERM to the release's group, SIGKILL after `grace`.
     pub async fn stop(&mut self, name: &str, grace: Duration) -> Result<Stopped> {
-        let request = Request::Stop(Stop {
-            name: name.to_string(),
-            grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
-        });
-        match self.call(request, "Stop").await? {
-            Response::Stopped(stopped) => Ok(stopped),
-            other => Err(self.unexpected("Stopped", &other)),
+        self.command(stop_request(name, grace)).await
+    }
+
+    /// One command with the bound [`answer_budget`] gives its answer, asked again on
+    /// this connection while the agent is busy, as [`RetryPolicy`] says (a client alone
+    /// cannot reconnect; a [`HostSession`] does, with the same policy, around
+    /// [`Self::exchange`] and not around this).
+    async fn command<A: Answer>(&mut self, request: Request) -> Result<A> {
+        let limit = answer_budget(&request);
+        let began = tokio::time::Instant::now();
+        let mut policy = RetryPolicy::new();
+        loop {
+            let error = match self.exchange(request.clone(), limit).await {
+                Ok(answer) => return Ok(answer),
+                Err(error) => error,
+            };
+            match policy.after(&error, began.elapsed()) {
+                Retry::Again(pause) => tokio::time::sleep(pause).await,
+                Retry::Reconnect(_) | Retry::GiveUp => return Err(gave_up(error, began.elapsed())),
+            }
         }
     }
 
-    /// Sends one request and reads its answer; an agent error becomes [`Error::Agent`].
-    /// A `Busy` answer is retried on this connection for up to [`BUSY_WAIT`].
-    async fn call(&mut self, request: Request, what: &str) -> Result<Response> {
-        let limit = answer_timeout(&request);
-        let mut busy = BusyWait::new();
-        loop {
-            let exchange = async {
-                self.send(&request).await?;
-                self.receive().await
-            };
-            let response = tokio::time::timeout(limit, exchange)
-                .await
-                .map_err(|_| timeout(&self.host, format!("waiting for the answer to {what}")))??;
-            match response {
-                Response::Error(reply) => busy.retry_or_fail(&self.host, reply).await?,
-                other => return Ok(other),
-            }
+    /// Sends `request` and reads its answer, of type `A`, within `limit`; an agent error
+    /// (`Busy` included) becomes [`Error::Agent`]. Nothing is retried here: a rollout's
+    /// [`HostSession`] retries as [`crate::rollout::decide::RetryPolicy`] says.
+    pub(crate) async fn exchange<A: Answer>(
+        &mut self,
+        request: Request,
+        limit: Duration,
+    ) -> Result<A> {
+        let what = request.name();
+        let exchange = async {
+            self.send(&request).await?;
+            self.receive().await
+        };
+        let response = tokio::time::timeout(limit, exchange)
+            .await
+            .map_err(|_| timeout(&self.host, format!("waiting for the answer to {what}")))??;
+        match response {
+            Response::Error(reply) => Err(Error::Agent {
+                host: self.host.id.clone(),
+                reply,
+            }),
+            other => A::from_response(other)
+                .map_err(|other| self.unexpected(rules::answer_name(&request), &other)),
         }
     }
 
@@ -380,48 +341,60 @@ fn queue_close_notify(stream: &mut TlsStream<TcpStream>) {
     }
 }
 
-/// Retries of a request the agent answered with `Busy`, bounded by [`BUSY_WAIT`].
-#[derive(Debug)]
-pub(crate) struct BusyWait {
-    started: tokio::time::Instant,
-    pause: Duration,
+/// The error a retried command ends with: a `Busy` waited out for a second or more
+/// says for how long.
+pub(crate) fn gave_up(error: Error, waited: Duration) -> Error {
+    match error {
+        Error::Agent { host, mut reply }
+            if reply.kind == erel_proto::ErrorKind::Busy && waited >= Duration::from_secs(1) =>
+        {
+            reply.message = format!(
+                "{} (still so after retrying for {} s)",
+                reply.message,
+                waited.as_secs()
+            );
+            Error::Agent { host, reply }
+        }
+        other => other,
+    }
 }
 
-impl BusyWait {
-    pub(crate) fn new() -> Self {
-        BusyWait {
-            started: tokio::time::Instant::now(),
-            pause: BUSY_RETRY_FIRST,
-        }
-    }
+/// The answer a command expects, picked out of a [`Response`].
+pub(crate) trait Answer: Sized {
+    /// The answer, or the response as it came when it is another one.
+    fn from_response(response: Response) -> std::result::Result<Self, Response>;
+}
 
-    /// For a `Busy` reply within [`BUSY_WAIT`], pauses and returns `Ok` (try again);
-    /// otherwise returns the reply as [`Error::Agent`], saying how long it waited.
-    pub(crate) async fn retry_or_fail(
-        &mut self,
-        host: &HostAddr,
-        mut reply: erel_proto::ErrorReply,
-    ) -> Result<()> {
-        if reply.kind == erel_proto::ErrorKind::Busy {
-            let waited = self.started.elapsed();
-            if waited + self.pause <= BUSY_WAIT {
-                tokio::time::sleep(self.pause).await;
-                self.pause = (self.pause * 2).min(BUSY_RETRY_MAX);
-                return Ok(());
-            }
-            if waited >= Duration::from_secs(1) {
-                reply.message = format!(
-                    "{} (still so after retrying for {} s)",
-                    reply.message,
-                    waited.as_secs()
-                );
+macro_rules! answer {
+    ($($variant:ident),*) => {$(
+        impl Answer for $variant {
+            fn from_response(response: Response) -> std::result::Result<Self, Response> {
+                match response {
+                    Response::$variant(answer) => Ok(answer),
+                    other => Err(other),
+                }
             }
         }
-        Err(Error::Agent {
-            host: host.id.clone(),
-            reply,
-        })
-    }
+    )*};
+}
+
+answer!(Pong, Unpacked, Started, Stopped);
+
+/// The `Unpack` request for `archive` into `dest`.
+pub(crate) fn unpack_request(archive: &str, dest: &str, sha256: Option<Sha256>) -> Request {
+    Request::Unpack(Unpack {
+        archive: archive.to_string(),
+        dest: dest.to_string(),
+        sha256,
+    })
+}
+
+/// The `Stop` request for release `name` with `grace`.
+pub(crate) fn stop_request(name: &str, grace: Duration) -> Request {
+    Request::Stop(Stop {
+        name: name.to_string(),
+        grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+    })
 }
 
 /// A failed TLS handshake, explained. An agent that closes the connection before the
@@ -497,37 +470,22 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn only_busy_is_waited_out() {
+    #[test]
+    fn a_busy_waited_out_says_for_how_long() {
         use erel_proto::{ErrorKind, ErrorReply};
-        let host: HostAddr = "web-1@127.0.0.1:7070".parse().expect("parse");
-        let mut wait = BusyWait::new();
-        let started = tokio::time::Instant::now();
-        wait.retry_or_fail(&host, ErrorReply::new(ErrorKind::Busy, "held"))
-            .await
-            .expect("a Busy is retried");
-        assert!(started.elapsed() >= BUSY_RETRY_FIRST, "after a pause");
-        let err = wait
-            .retry_or_fail(
-                &host,
-                ErrorReply::new(ErrorKind::NotFound, "archive not found: a"),
-            )
-            .await
-            .expect_err("anything else is reported at once");
-        assert_eq!(err.to_string(), "web-1: archive not found: a");
-
-        // Past the bound, the Busy is reported and says how long it was waited out.
-        let mut late = BusyWait {
-            started: tokio::time::Instant::now() - BUSY_WAIT,
-            pause: BUSY_RETRY_MAX,
+        let agent = |kind, message: &str| Error::Agent {
+            host: "web-1".into(),
+            reply: ErrorReply::new(kind, message),
         };
-        let err = late
-            .retry_or_fail(
-                &host,
-                ErrorReply::new(ErrorKind::Busy, "another request is working on a"),
-            )
-            .await
-            .expect_err("bounded");
+        let err = gave_up(
+            agent(ErrorKind::NotFound, "archive not found: a"),
+            Duration::from_secs(60),
+        );
+        assert_eq!(err.to_string(), "web-1: archive not found: a");
+        let err = gave_up(
+            agent(ErrorKind::Busy, "another request is working on a"),
+            Duration::from_secs(60),
+        );
         let text = err.to_string();
         assert!(
             text.starts_with(

@@ -1,33 +1,33 @@
-//! Connections as a rollout or a daemon opens them: a [`Connector`] holds what every
-//! connection needs (TLS, this master's name, a timeout per phase), and a
-//! [`HostSession`] is one host's connection, opened on first use and opened again when
-//! a command fails on a transient error (every agent command is safe to repeat).
+//! Connections as the master opens them: a [`Connector`] holds what every connection
+//! needs (TLS, this master's name, a timeout per phase), and a [`HostSession`] is one
+//! host's connection, opened on first use, whose commands are tried again as
+//! [`RetryPolicy`] says (every agent command is safe to repeat).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use erel_proto::{Pong, Sha256, Start, Started, Stopped, Unpacked, Written};
+use erel_proto::{Ping, Pong, Request, Sha256, Start, Started, Stopped, Unpacked, Written};
 
-use super::{AgentClient, HostAddr, PhaseTimeouts, WriteSource};
+use super::{
+    gave_up, stop_request, unpack_request, AgentClient, Answer, HostAddr, PhaseTimeouts,
+    WriteSource,
+};
 use crate::error::{Error, Result};
+use crate::rollout::decide::{answer_budget, Retry, RetryPolicy};
 
 /// How long each phase of opening a connection (TCP; TLS and `Hello`) may take by
-/// default in a rollout, where an unreachable host must not hold up its group.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Attempts per command, the first included, when errors are transient.
-const ATTEMPTS: u32 = 2;
-/// Pause before a retry.
-const RETRY_PAUSE: Duration = Duration::from_millis(300);
-
+/// default: the one default, for a rollout, where an unreachable host must not hold up
+/// its group, and for every other command alike.
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Opens authenticated connections to agents.
 #[derive(Clone)]
 pub struct Connector {
     /// The master's TLS client configuration.
-    pub tls: Arc<rustls::ClientConfig>,
+    pub(crate) tls: Arc<rustls::ClientConfig>,
     /// The name this master gives in `Hello`.
-    pub master_name: String,
+    pub(crate) master_name: String,
     /// How long each phase of opening a connection may take.
-    pub timeouts: PhaseTimeouts,
+    pub(crate) timeouts: PhaseTimeouts,
 }
 
 impl std::fmt::Debug for Connector {
@@ -63,32 +63,39 @@ impl Connector {
 
 /// A host's connection, reopened as needed.
 #[derive(Debug)]
-pub struct HostSession {
+pub(crate) struct HostSession {
     host: HostAddr,
     connector: Connector,
     client: Option<AgentClient>,
 }
 
-/// Runs `$call` with a connected client, reconnecting and retrying on transient errors.
+/// Runs `$call` with a connected client, tried again as [`RetryPolicy`] says: on the
+/// same connection while the agent is busy, on a new one after a connection problem.
 macro_rules! retrying {
     ($session:ident, |$client:ident| $call:expr) => {{
-        let mut attempt = 1;
+        let began = tokio::time::Instant::now();
+        let mut policy = RetryPolicy::new();
         loop {
             let outcome = match $session.connected().await {
                 Ok($client) => $call.await,
                 Err(e) => Err(e),
             };
-            match outcome {
+            let error = match outcome {
                 Ok(value) => break Ok(value),
-                Err(e) if e.is_transient() => {
+                Err(error) => error,
+            };
+            match policy.after(&error, began.elapsed()) {
+                Retry::Again(pause) => tokio::time::sleep(pause).await,
+                Retry::Reconnect(pause) => {
                     $session.client = None;
-                    if attempt >= ATTEMPTS {
-                        break Err(e);
-                    }
-                    attempt += 1;
-                    tokio::time::sleep(RETRY_PAUSE).await;
+                    tokio::time::sleep(pause).await;
                 }
-                Err(e) => break Err(e),
+                Retry::GiveUp => {
+                    if error.is_transient() {
+                        $session.client = None;
+                    }
+                    break Err(gave_up(error, began.elapsed()));
+                }
             }
         }
     }};
@@ -119,9 +126,17 @@ impl HostSession {
         })
     }
 
-    /// `Ping`.
-    pub async fn ping(&mut self) -> Result<Pong> {
-        retrying!(self, |client| client.ping())
+    /// One command, answered within the bound it has outside a rollout
+    /// ([`answer_budget`]).
+    pub(crate) async fn command<A: Answer>(&mut self, request: Request) -> Result<A> {
+        let limit = answer_budget(&request);
+        retrying!(self, |client| client.exchange(request.clone(), limit))
+    }
+
+    /// `Ping`, answered within `limit`.
+    pub async fn ping(&mut self, limit: Duration) -> Result<Pong> {
+        retrying!(self, |client| client
+            .exchange(Request::Ping(Ping {}), limit))
     }
 
     /// `WriteFile` of an archive whose digest is known: nothing is sent when present,
@@ -145,18 +160,27 @@ impl HostSession {
         ))
     }
 
-    /// `Unpack`.
-    pub async fn unpack(&mut self, archive: &str, dest: &str, sha256: Sha256) -> Result<Unpacked> {
-        retrying!(self, |client| client.unpack(archive, dest, Some(sha256)))
+    /// `Unpack`, answered within `limit`.
+    pub async fn unpack(
+        &mut self,
+        archive: &str,
+        dest: &str,
+        sha256: Sha256,
+        limit: Duration,
+    ) -> Result<Unpacked> {
+        let request = unpack_request(archive, dest, Some(sha256));
+        retrying!(self, |client| client.exchange(request.clone(), limit))
     }
 
-    /// `Start`.
-    pub async fn start(&mut self, start: &Start) -> Result<Started> {
-        retrying!(self, |client| client.start(start.clone()))
+    /// `Start`, answered within `limit`.
+    pub async fn start(&mut self, start: &Start, limit: Duration) -> Result<Started> {
+        retrying!(self, |client| client
+            .exchange(Request::Start(start.clone()), limit))
     }
 
-    /// `Stop`.
-    pub async fn stop(&mut self, name: &str, grace: Duration) -> Result<Stopped> {
-        retrying!(self, |client| client.stop(name, grace))
+    /// `Stop`, answered within `limit`.
+    pub async fn stop(&mut self, name: &str, grace: Duration, limit: Duration) -> Result<Stopped> {
+        let request = stop_request(name, grace);
+        retrying!(self, |client| client.exchange(request.clone(), limit))
     }
 }

@@ -19,13 +19,13 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use erel_proto::{
-    Request, Response, Sha256, WriteBegin, WriteCommit, WriteFile, WriteOffer, Written,
+    rules, Request, Response, Sha256, WriteBegin, WriteCommit, WriteFile, WriteOffer, Written,
 };
 use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use super::{timeout, AgentClient, BusyWait, TRANSFER_STALL_TIMEOUT};
+use super::{timeout, AgentClient, TRANSFER_STALL_TIMEOUT};
 use crate::digest_cache::FileStamp;
 use crate::error::{Error, Result};
 
@@ -100,18 +100,21 @@ impl AgentClient {
             sha256: source.sha256,
         });
         // A transfer of the same file cut a moment ago may still hold the agent's
-        // staging: the agent hands it over within a bounded time, and we wait for that.
-        let mut busy = BusyWait::new();
-        let offer = loop {
-            self.send(&request).await?;
-            match self
-                .receive_with(TRANSFER_STALL_TIMEOUT, "WriteOffer")
-                .await?
-            {
-                Response::WriteOffer(offer) => break offer,
-                Response::Error(reply) => busy.retry_or_fail(&self.host, reply).await?,
-                other => return Err(self.unexpected("WriteOffer", &other)),
+        // staging: the agent answers `Busy` and hands it over within a bounded time; the
+        // caller's retry policy waits that out.
+        self.send(&request).await?;
+        let offer = match self
+            .receive_with(TRANSFER_STALL_TIMEOUT, rules::answer_name(&request))
+            .await?
+        {
+            Response::WriteOffer(offer) => offer,
+            Response::Error(reply) => {
+                return Err(Error::Agent {
+                    host: self.host.id.clone(),
+                    reply,
+                })
             }
+            other => return Err(self.unexpected(rules::answer_name(&request), &other)),
         };
         if offer.have > size {
             return Err(self.protocol_error(format!(
@@ -293,10 +296,14 @@ async fn unchanged_since(path: &Path, file: &std::fs::File, before: &FileStamp) 
         .try_clone()
         .map_err(|e| Error::local(path, format!("cannot read: {e}")))?;
     let checked = path.to_path_buf();
-    let (open, named) =
-        tokio::task::spawn_blocking(move || (FileStamp::of_file(&file), FileStamp::take(&checked)))
-            .await
-            .map_err(|e| Error::local(path, format!("checking failed: {e}")))?;
+    let (open, named) = tokio::task::spawn_blocking(move || {
+        (
+            FileStamp::of_file(&file, &checked),
+            FileStamp::take(&checked),
+        )
+    })
+    .await
+    .map_err(|e| Error::local(path, format!("checking failed: {e}")))?;
     let change = match (open, named) {
         (Ok(open), Ok(named)) => before.change(&open).or_else(|| before.change(&named)),
         (Err(e), _) | (_, Err(e)) => Some(format!("it can no longer be read ({e})")),

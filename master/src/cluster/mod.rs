@@ -45,19 +45,17 @@ use crate::error::{Error, Result};
 use crate::HostAddr;
 
 /// The file `--cluster` defaults to.
-pub const DEFAULT_CLUSTER_FILE: &str = "cluster.toml";
+pub(crate) const DEFAULT_CLUSTER_FILE: &str = "cluster.toml";
 /// Seconds a release must stay up when the group says nothing.
-pub const DEFAULT_MIN_UP_SECS: u64 = 5;
+pub(crate) const DEFAULT_MIN_UP_SECS: u64 = 5;
 /// Seconds a release has to become healthy when the group says nothing.
-pub const DEFAULT_DEADLINE_SECS: u64 = 60;
+pub(crate) const DEFAULT_DEADLINE_SECS: u64 = 60;
 /// Seconds between SIGTERM and SIGKILL when the group says nothing.
-pub const DEFAULT_STOP_GRACE_SECS: u64 = 10;
-/// The longest stop grace the agent accepts.
-pub const MAX_STOP_GRACE_SECS: u64 = 600;
+pub(crate) const DEFAULT_STOP_GRACE_SECS: u64 = 10;
 
 /// Where the archives a cluster file names are found and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ArchiveLookup {
+pub(crate) enum ArchiveLookup {
     /// `archive` is relative to this directory (the cluster file's); a group naming only
     /// `sha256` is matched against the `.tar.gz`/`.tgz`/`.tar` files in this directory
     /// and its `artifacts/` subdirectory.
@@ -74,59 +72,59 @@ pub enum ArchiveLookup {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     /// Where it came from, as errors name it.
-    pub origin: String,
+    pub(crate) origin: String,
     /// The revision; a daemon applies only a larger one.
-    pub revision: u64,
+    pub(crate) revision: u64,
     /// Every host, in file order.
-    pub hosts: Vec<HostPlan>,
+    pub(crate) hosts: Vec<HostPlan>,
     /// Every group by name.
-    pub groups: BTreeMap<String, GroupPlan>,
+    pub(crate) groups: BTreeMap<String, GroupPlan>,
 }
 
 /// One host of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostPlan {
+pub(crate) struct HostPlan {
     /// Host id, as its certificate names it.
-    pub id: String,
+    pub(crate) id: String,
     /// `ADDR:PORT` of its agent.
-    pub addr: String,
+    pub(crate) addr: String,
     /// The group it belongs to.
-    pub group: String,
+    pub(crate) group: String,
     /// Host-only environment, merged over the group's.
-    pub env: BTreeMap<String, String>,
+    pub(crate) env: BTreeMap<String, String>,
 }
 
 /// What a group of hosts runs and how it is rolled out.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupPlan {
+pub(crate) struct GroupPlan {
     /// Group name.
-    pub name: String,
+    pub(crate) name: String,
     /// Release name.
-    pub release: String,
+    pub(crate) release: String,
     /// Desired version.
-    pub version: String,
+    pub(crate) version: String,
     /// The archive, checked; `None` only with [`ArchiveLookup::Unchecked`].
-    pub archive: Option<Archive>,
+    pub(crate) archive: Option<Archive>,
     /// The command, relative to the version directory; empty means the agent's default
     /// `bin/<release> foreground`.
-    pub argv: Vec<String>,
+    pub(crate) argv: Vec<String>,
     /// Environment for every host of the group.
-    pub env: BTreeMap<String, String>,
+    pub(crate) env: BTreeMap<String, String>,
     /// Run as this user on the hosts.
-    pub user: Option<String>,
+    pub(crate) user: Option<String>,
     /// Most hosts switching at once (at least 1).
-    pub max_in_flight: usize,
+    pub(crate) max_in_flight: usize,
     /// Hosts that switch first, alone, before the rest.
-    pub canaries: usize,
+    pub(crate) canaries: usize,
     /// Grace between SIGTERM and SIGKILL when stopping the release.
-    pub stop_grace: Duration,
+    pub(crate) stop_grace: Duration,
     /// The health gate.
-    pub health: Health,
+    pub(crate) health: Health,
 }
 
 /// Which port the TCP health probe connects to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TcpProbe {
+pub(crate) enum TcpProbe {
     /// The same port on every host.
     Port(u16),
     /// The port in this variable of each host's environment (checked for every host).
@@ -144,24 +142,24 @@ impl std::fmt::Display for TcpProbe {
 
 /// A release archive on the master's disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Archive {
+pub(crate) struct Archive {
     /// The local file.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Its file name, used for `archives/<file name>` on the agents.
-    pub file_name: String,
+    pub(crate) file_name: String,
     /// Its sha256, checked.
-    pub sha256: Sha256,
+    pub(crate) sha256: Sha256,
 }
 
 /// When a freshly started release counts as healthy.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Health {
+pub(crate) struct Health {
     /// A TCP port on the host's address that must accept a connection.
-    pub tcp: Option<TcpProbe>,
+    pub(crate) tcp: Option<TcpProbe>,
     /// How long it must run without a restart.
-    pub min_up: Duration,
+    pub(crate) min_up: Duration,
     /// How long it has, from its start, to be healthy.
-    pub deadline: Duration,
+    pub(crate) deadline: Duration,
 }
 
 impl Plan {
@@ -171,19 +169,19 @@ impl Plan {
     }
 
     /// Loads and validates `path`, finding archives as `lookup` says.
-    pub fn load_with(path: &Path, lookup: &ArchiveLookup) -> Result<Plan> {
+    pub(crate) fn load_with(path: &Path, lookup: &ArchiveLookup) -> Result<Plan> {
         let text = read(path)?;
         Plan::parse(&text, &path.display().to_string(), lookup)
     }
 
     /// Validates a cluster file's text. `origin` names it in errors (a path, or where a
     /// config received over the wire came from).
-    pub fn parse(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<Plan> {
+    pub(crate) fn parse(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<Plan> {
         validate::plan(text, origin, lookup)
     }
 
     /// Reads only the revision of a cluster file, without validating the rest.
-    pub fn read_revision(path: &Path) -> Result<u64> {
+    pub(crate) fn read_revision(path: &Path) -> Result<u64> {
         let text = read(path)?;
         let origin = path.display().to_string();
         toml::from_str::<raw::RawRevision>(&text)
@@ -192,24 +190,24 @@ impl Plan {
     }
 
     /// The host with this id.
-    pub fn host(&self, id: &str) -> Option<&HostPlan> {
+    pub(crate) fn host(&self, id: &str) -> Option<&HostPlan> {
         self.hosts.iter().find(|h| h.id == id)
     }
 
     /// The hosts of `group`, in file order.
-    pub fn hosts_in(&self, group: &str) -> Vec<&HostPlan> {
+    pub(crate) fn hosts_in(&self, group: &str) -> Vec<&HostPlan> {
         self.hosts.iter().filter(|h| h.group == group).collect()
     }
 
     /// The group a host belongs to.
-    pub fn group_of(&self, host: &HostPlan) -> Option<&GroupPlan> {
+    pub(crate) fn group_of(&self, host: &HostPlan) -> Option<&GroupPlan> {
         self.groups.get(&host.group)
     }
 }
 
 impl HostPlan {
     /// Its id and address, for a client.
-    pub fn host_addr(&self) -> HostAddr {
+    pub(crate) fn host_addr(&self) -> HostAddr {
         HostAddr {
             id: self.id.clone(),
             addr: self.addr.clone(),
@@ -218,7 +216,7 @@ impl HostPlan {
 
     /// The address without its port (and without the brackets of an IPv6 address):
     /// where health probes connect.
-    pub fn probe_host(&self) -> &str {
+    pub(crate) fn probe_host(&self) -> &str {
         let host = self
             .addr
             .rsplit_once(':')
@@ -235,7 +233,7 @@ impl GroupPlan {
     /// A rollback starts the previous version with this same argv and env: the agent
     /// needs them to start anything, the master keeps no history of what an old version
     /// was started with, and a release's command line rarely changes between versions.
-    pub fn start_request(&self, host: &HostPlan, version: &str) -> Start {
+    pub(crate) fn start_request(&self, host: &HostPlan, version: &str) -> Start {
         let mut env = self.env.clone();
         env.extend(host.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         Start {
@@ -248,7 +246,7 @@ impl GroupPlan {
     }
 
     /// The port the TCP health probe connects to on `host`, if the group has a probe.
-    pub fn probe_port(&self, host: &HostPlan) -> Option<u16> {
+    pub(crate) fn probe_port(&self, host: &HostPlan) -> Option<u16> {
         match self.health.tcp.as_ref()? {
             TcpProbe::Port(port) => Some(*port),
             TcpProbe::Variable(name) => host
@@ -260,19 +258,19 @@ impl GroupPlan {
     }
 
     /// Where the archive goes on an agent: `archives/<file name>`.
-    pub fn archive_dest(archive: &Archive) -> String {
+    pub(crate) fn archive_dest(archive: &Archive) -> String {
         format!("archives/{}", archive.file_name)
     }
 
     /// Where the version is unpacked on an agent: `releases/<name>/<version>`.
-    pub fn version_dir(&self) -> String {
+    pub(crate) fn version_dir(&self) -> String {
         erel_proto::rules::version_dir(&self.release, &self.version)
     }
 }
 
 /// Resolves a `HOST` argument: `ID@ADDR:PORT`, or an id found in the cluster file.
 /// `cluster` is the file given with `--cluster`, else `cluster.toml` when it exists.
-pub fn resolve_host(text: &str, cluster: Option<&Path>) -> Result<HostAddr> {
+pub(crate) fn resolve_host(text: &str, cluster: Option<&Path>) -> Result<HostAddr> {
     if text.contains('@') {
         return text.parse();
     }

@@ -10,7 +10,7 @@ use erel_proto::Sha256;
 use super::raw::{RawCluster, RawGroup, RawHost, RawPort};
 use super::{
     Archive, ArchiveLookup, GroupPlan, Health, HostPlan, Plan, TcpProbe, DEFAULT_DEADLINE_SECS,
-    DEFAULT_MIN_UP_SECS, DEFAULT_STOP_GRACE_SECS, MAX_STOP_GRACE_SECS,
+    DEFAULT_MIN_UP_SECS, DEFAULT_STOP_GRACE_SECS,
 };
 use crate::digest_cache::sha256_file;
 use crate::error::{Error, Result};
@@ -171,10 +171,11 @@ fn group_plan(
     };
 
     let stop_grace_secs = group.stop_grace_secs.unwrap_or(DEFAULT_STOP_GRACE_SECS);
-    if stop_grace_secs > MAX_STOP_GRACE_SECS {
+    let limit = erel_proto::rules::MAX_STOP_GRACE.as_secs();
+    if stop_grace_secs > limit {
         return Err(fault.at(
             field("stop_grace_secs"),
-            format!("{stop_grace_secs} is above the agent's limit of {MAX_STOP_GRACE_SECS}"),
+            format!("{stop_grace_secs} is above the agent's limit of {limit}"),
         ));
     }
 
@@ -317,12 +318,7 @@ fn archive(
                     format!("{} is not a regular file", path.display()),
                 ));
             }
-            let actual = sha256_file(&path).map_err(|e| {
-                fault.at(
-                    &archive_field,
-                    format!("{}: cannot read: {e}", path.display()),
-                )
-            })?;
+            let actual = sha256_file(&path).map_err(|e| fault.at(&archive_field, e.to_string()))?;
             if let Some(expected) = expected {
                 if expected != actual {
                     return Err(fault.at(

@@ -1,18 +1,65 @@
 //! The rollout's decisions, as pure functions of what the agents reported: what a host
-//! needs ([`assess`]), the per-host switch as a state machine ([`HostSwitch`]: each
-//! observation gives the next action, rollback included), whether a freshly started
-//! release is healthy yet ([`verify`], which owns the verification deadline), and which
-//! hosts of a group may switch now ([`GroupSchedule`]). No I/O here: the driver
-//! observes, these decide, the driver acts. The other phases are bounded by the agent
-//! client's own timeouts (connect, handshake, request).
+//! needs ([`assess`]), staging as a small state machine ([`Staging`]: unpack what is
+//! there, push what is missing), the per-host switch as a state machine ([`HostSwitch`]:
+//! each observation gives the next action, rollback included), whether a freshly started
+//! release is healthy yet ([`verify`]), how long each phase may take ([`phase_budget`],
+//! [`Health::deadline`] for verification), when a failed command is tried again
+//! ([`RetryPolicy`]), and which hosts of a group may switch now, halting at the first
+//! failure ([`GroupSchedule`]). No I/O here: the driver observes, these decide, the
+//! driver acts.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
-use erel_proto::{ReleaseState, ReleaseStatus};
+use erel_proto::{ErrorKind, ReleaseState, ReleaseStatus, Request};
 
-use super::{HostOutcome, HostPhase};
-use crate::cluster::Health;
+use super::{HostFailure, HostPhase};
+use crate::client::TRANSFER_STALL_TIMEOUT;
+use crate::cluster::{GroupPlan, Health};
+use crate::error::Error;
+
+/// How long an agent may take to answer `Ping` (a look, in every phase that looks).
+const PING_BUDGET: Duration = Duration::from_secs(15);
+/// How long an agent may take to unpack an archive: large archives on slow disks.
+const UNPACK_BUDGET: Duration = Duration::from_secs(600);
+/// How long an agent may take to start a release: it may first stop another version.
+const START_BUDGET: Duration = Duration::from_secs(120);
+/// How long beyond the stop grace an agent may take to answer `Stop`.
+const STOP_MARGIN: Duration = Duration::from_secs(30);
+/// How long a failed release's output is waited for when it restarted unseen.
+const OUTPUT_TAIL_WAIT: Duration = Duration::from_secs(2);
+
+/// How long the agent may take to answer the command a host's `phase` sends, once sent:
+/// one bound per phase, none wrapped around another. Staging's bound is `Unpack`'s; its
+/// `WriteFile` is bounded per step by the transfer's stall timeout instead. The rollback
+/// sends `Stop` and `Start`, so the driver asks for [`HostPhase::Stopping`] and
+/// [`HostPhase::Starting`] as it sends them; verification as a whole is bounded by
+/// [`Health::deadline`] (see [`verify`]), each look in it by `Ping`'s bound.
+pub(crate) fn phase_budget(phase: HostPhase, group: &GroupPlan) -> Duration {
+    match phase {
+        HostPhase::Pinging | HostPhase::Verifying | HostPhase::VerifyingOld => PING_BUDGET,
+        HostPhase::Staging | HostPhase::Staged => UNPACK_BUDGET,
+        HostPhase::Starting => START_BUDGET,
+        HostPhase::Stopping | HostPhase::RollingBack => stop_budget(group.stop_grace),
+    }
+}
+
+/// How long the agent may take to answer `request`, once sent, outside a rollout (an
+/// operator's single command): the same bounds as [`phase_budget`].
+pub(crate) fn answer_budget(request: &Request) -> Duration {
+    match request {
+        Request::Ping(_) => PING_BUDGET,
+        Request::Unpack(_) => UNPACK_BUDGET,
+        Request::Start(_) => START_BUDGET,
+        Request::Stop(stop) => stop_budget(Duration::from_millis(stop.grace_ms)),
+        Request::Hello(_) | Request::WriteFile(_) => TRANSFER_STALL_TIMEOUT,
+    }
+}
+
+/// The agent caps the grace itself; a huge one must not overflow the wait here.
+fn stop_budget(grace: Duration) -> Duration {
+    grace.saturating_add(STOP_MARGIN)
+}
 
 /// The version a host ran before the switch, to return to if the new one fails.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,15 +169,20 @@ pub enum Verdict {
     Wait,
     /// It failed; why.
     Unhealthy(String),
+    /// The agent could not be asked (why): the host fails at once, with no output to
+    /// wait for.
+    Lost(String),
 }
 
 /// One observation of a release being verified.
 #[derive(Debug, Clone, Copy)]
 pub struct Observation<'a> {
+    /// Why the agent could not be asked, when `Ping` failed.
+    pub lost: Option<&'a str>,
     /// The release's status from `Ping`; `None` when the agent no longer reports it.
     pub status: Option<&'a ReleaseStatus>,
     /// The TCP probe's outcome, when the group has one.
-    pub probe: Option<&'a Result<(), String>>,
+    pub probe: Option<&'a Result<(), Error>>,
     /// How long the process has been up (the longer of the agent's figure and the
     /// master's clock since `Start` answered).
     pub up: Duration,
@@ -140,6 +192,9 @@ pub struct Observation<'a> {
 
 /// Judges a release started as `version` with process `pid` against `health`.
 pub fn verify(observation: &Observation<'_>, version: &str, pid: u32, health: &Health) -> Verdict {
+    if let Some(why) = observation.lost {
+        return Verdict::Lost(format!("lost the agent while verifying: {why}"));
+    }
     let Some(status) = observation.status else {
         return Verdict::Unhealthy("the agent no longer reports the release".to_string());
     };
@@ -180,7 +235,7 @@ pub fn verify(observation: &Observation<'_>, version: &str, pid: u32, health: &H
         }
     }
     let probe_failure = match observation.probe {
-        Some(Err(why)) => Some(why.as_str()),
+        Some(Err(why)) => Some(why),
         _ => None,
     };
     if observation.up >= health.min_up && probe_failure.is_none() {
@@ -201,6 +256,80 @@ pub fn verify(observation: &Observation<'_>, version: &str, pid: u32, health: &H
         return Verdict::Unhealthy(why);
     }
     Verdict::Wait
+}
+
+/// How long an agent answering `Busy` (it still holds what a cut connection held: a
+/// file's staging, an `Unpack` running to its end) is asked again: it hands over within
+/// its own takeover bound (seconds), so a repeated command waits that out.
+pub(crate) const BUSY_WAIT: Duration = Duration::from_secs(60);
+/// How long a push asks again an agent busy with another push of the same file.
+pub(crate) const PUSH_BUSY_WAIT: Duration = Duration::from_secs(180);
+/// First pause before asking a busy agent again; it doubles up to [`BUSY_PAUSE_MAX`].
+const BUSY_PAUSE_FIRST: Duration = Duration::from_millis(100);
+/// Longest pause between two tries of a `Busy` command.
+const BUSY_PAUSE_MAX: Duration = Duration::from_secs(2);
+/// Connections opened again for one command after a connection problem.
+const RECONNECTS: u32 = 1;
+/// Pause before opening a connection again.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(300);
+
+/// What to do after a command failed; every agent command is safe to repeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// Ask again on the same connection after the pause (the agent was busy).
+    Again(Duration),
+    /// Open a new connection and ask again after the pause (the connection failed).
+    Reconnect(Duration),
+    /// Report the error.
+    GiveUp,
+}
+
+/// The one retry policy of the master's commands: a `Busy` agent is asked again, with
+/// growing pauses, for up to [`BUSY_WAIT`]; a failed connection is opened again once;
+/// anything else is reported at once.
+#[derive(Debug, Clone)]
+pub(crate) struct RetryPolicy {
+    reconnects: u32,
+    busy_pause: Duration,
+    busy_wait: Duration,
+}
+
+impl RetryPolicy {
+    /// The policy for one command, before its first try.
+    pub(crate) fn new() -> Self {
+        RetryPolicy {
+            reconnects: 0,
+            busy_pause: BUSY_PAUSE_FIRST,
+            busy_wait: BUSY_WAIT,
+        }
+    }
+
+    /// The policy of a push that waits for another master's push of the same file:
+    /// that one may run for several takeovers, so a busy agent is asked again for up
+    /// to [`PUSH_BUSY_WAIT`].
+    pub(crate) fn for_push() -> Self {
+        RetryPolicy {
+            busy_wait: PUSH_BUSY_WAIT,
+            ..RetryPolicy::new()
+        }
+    }
+
+    /// What to do after `error`, `waited` after the first try began.
+    pub(crate) fn after(&mut self, error: &Error, waited: Duration) -> Retry {
+        if error.agent_kind() == Some(ErrorKind::Busy) {
+            if waited + self.busy_pause > self.busy_wait {
+                return Retry::GiveUp;
+            }
+            let pause = self.busy_pause;
+            self.busy_pause = (pause * 2).min(BUSY_PAUSE_MAX);
+            return Retry::Again(pause);
+        }
+        if error.is_transient() && self.reconnects < RECONNECTS {
+            self.reconnects += 1;
+            return Retry::Reconnect(RECONNECT_PAUSE);
+        }
+        Retry::GiveUp
+    }
 }
 
 /// Which hosts of a group may switch now: the canaries first, then the rest, never more
@@ -261,21 +390,29 @@ impl GroupSchedule {
         self.in_flight.remove(host);
         self.canaries_in_flight.remove(host);
         if !ok {
-            self.halted = true;
+            self.fail(host);
         }
     }
 
-    /// Halts the group without a host in flight failing (e.g. staging failed ahead).
-    pub fn halt(&mut self) {
+    /// Records that `host` failed in any phase (its ping, its staging ahead of its
+    /// turn, its switch): the failure budget is spent, so the group halts, and the
+    /// host itself is never begun.
+    pub fn fail(&mut self, host: &str) {
+        self.in_flight.remove(host);
+        self.canaries_in_flight.remove(host);
+        self.canaries.retain(|h| h != host);
+        self.rest.retain(|h| h != host);
         self.halted = true;
     }
 
     /// Whether a failure halted the group.
+    #[cfg(test)]
     pub fn is_halted(&self) -> bool {
         self.halted
     }
 
     /// Hosts in flight now.
+    #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
     }
@@ -287,6 +424,7 @@ impl GroupSchedule {
     }
 
     /// Hosts that never began (after a halt), in order.
+    #[cfg(test)]
     pub fn untouched(&self) -> Vec<String> {
         self.canaries
             .iter()
@@ -294,6 +432,17 @@ impl GroupSchedule {
             .cloned()
             .collect()
     }
+}
+
+/// How long to look again for the output of a release found unhealthy, when the look
+/// that failed it showed none: the agent fills a release's output tail once it has
+/// exited, and one that restarted between two looks shows none while it runs again.
+pub fn output_tail_wait(observation: &Observation<'_>) -> Option<Duration> {
+    let tail = observation.status.map(|s| s.output_tail.as_str());
+    tail.unwrap_or_default()
+        .trim()
+        .is_empty()
+        .then_some(OUTPUT_TAIL_WAIT)
 }
 
 /// Whether a host's release must answer its TCP probe before it counts as up to date:
@@ -309,39 +458,63 @@ pub fn probe_due(up: Duration, health: &Health) -> bool {
     up >= health.min_up
 }
 
-/// How a host failed: the one failure type of a host's rollout, before it becomes an
-/// event and an outcome.
+/// What the driver is to do next for a host being staged.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostFailure {
-    /// The phase that failed.
-    pub phase: HostPhase,
-    /// What went wrong.
-    pub reason: String,
-    /// The failed release's own last output.
-    pub output_tail: String,
-    /// Whether the host was returned to its previous state.
-    pub rolled_back: bool,
+pub enum StageAction {
+    /// Send the archive (`WriteFile`; nothing is sent when the agent has it).
+    Push,
+    /// Unpack the archive into the version's directory.
+    Unpack,
+    /// The version is unpacked on the host.
+    Staged,
+    /// Staging failed.
+    Fail(HostFailure),
 }
 
-impl HostFailure {
-    /// A failure in `phase`, without output, not rolled back.
-    pub fn new(phase: HostPhase, reason: impl Into<String>) -> Self {
-        HostFailure {
-            phase,
-            reason: reason.into(),
-            output_tail: String::new(),
-            rolled_back: false,
-        }
+/// Staging one host: a version already unpacked is confirmed by `Unpack` alone (the
+/// agent answers from its marker, without the archive); one the agent lacks the archive
+/// for ([`Observed::Missing`]) is pushed, then unpacked.
+#[derive(Debug, Clone)]
+pub struct Staging {
+    pushed: bool,
+    last: StageAction,
+}
+
+impl Staging {
+    /// Staging for a host whose assessment says whether the version is `staged`, and
+    /// its first action.
+    pub fn begin(staged: bool) -> (Self, StageAction) {
+        let first = if staged {
+            StageAction::Unpack
+        } else {
+            StageAction::Push
+        };
+        let machine = Staging {
+            pushed: !staged,
+            last: first.clone(),
+        };
+        (machine, first)
     }
 
-    /// The host's outcome in the report.
-    pub fn outcome(&self) -> HostOutcome {
-        HostOutcome::Failed {
-            phase: self.phase,
-            reason: self.reason.clone(),
-            output_tail: self.output_tail.clone(),
-            rolled_back: self.rolled_back,
-        }
+    /// The next action, given what the last one gave.
+    pub fn next(&mut self, observed: Observed) -> StageAction {
+        let next = match (&self.last, observed) {
+            (StageAction::Push, Observed::Ok) => StageAction::Unpack,
+            (StageAction::Unpack, Observed::Ok) => StageAction::Staged,
+            (StageAction::Unpack, Observed::Missing(_)) if !self.pushed => {
+                self.pushed = true;
+                StageAction::Push
+            }
+            (_, Observed::Missing(reason) | Observed::Failed { reason, .. }) => {
+                StageAction::Fail(HostFailure::new(HostPhase::Staging, reason))
+            }
+            (last, observed) => StageAction::Fail(HostFailure::new(
+                HostPhase::Staging,
+                format!("unexpected {observed:?} after {last:?}"),
+            )),
+        };
+        self.last = next.clone();
+        next
     }
 }
 
@@ -376,8 +549,10 @@ pub enum Action {
 /// What performing the last [`Action`] gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Observed {
-    /// It succeeded (stopped, or proved healthy).
+    /// It succeeded (stopped, pushed, unpacked, or proved healthy).
     Ok,
+    /// The agent lacks what the command needs (the archive to unpack): why.
+    Missing(String),
     /// The release started as this process.
     Started(u32),
     /// It failed: why, and the release's own output when there is some.
@@ -681,11 +856,12 @@ mod tests {
 
     fn observe<'a>(
         s: Option<&'a ReleaseStatus>,
-        probe: Option<&'a Result<(), String>>,
+        probe: Option<&'a Result<(), Error>>,
         up: u64,
         elapsed: u64,
     ) -> Observation<'a> {
         Observation {
+            lost: None,
             status: s,
             probe,
             up: Duration::from_secs(up),
@@ -698,7 +874,10 @@ mod tests {
         let s = status("0.2.0", ReleaseState::Running, 1);
         let h = health(Some(80));
         let ok = Ok(());
-        let refused = Err("connection refused".to_string());
+        let refused = Err(Error::Probe {
+            target: "127.0.0.1:80".into(),
+            message: "connection refused".into(),
+        });
         assert_eq!(
             verify(&observe(Some(&s), Some(&ok), 1, 1), "0.2.0", 42, &h),
             Verdict::Wait
@@ -715,6 +894,106 @@ mod tests {
             Verdict::Unhealthy(why) => assert!(why.contains("connection refused"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_lost_agent_fails_verification_at_once_without_waiting_for_output() {
+        let h = health(None);
+        let mut lost = observe(None, None, 0, 0);
+        lost.lost = Some("connection refused");
+        assert_eq!(
+            verify(&lost, "0.2.0", 42, &h),
+            Verdict::Lost("lost the agent while verifying: connection refused".into())
+        );
+        let mut s = status("0.2.0", ReleaseState::CrashLooping, 0);
+        assert_eq!(
+            output_tail_wait(&observe(Some(&s), None, 0, 0)),
+            Some(OUTPUT_TAIL_WAIT)
+        );
+        s.output_tail = "boom".into();
+        assert_eq!(output_tail_wait(&observe(Some(&s), None, 0, 0)), None);
+    }
+
+    #[test]
+    fn staging_unpacks_what_is_there_and_pushes_what_is_missing() {
+        let (mut m, first) = Staging::begin(true);
+        assert_eq!(first, StageAction::Unpack);
+        assert_eq!(m.next(Observed::Ok), StageAction::Staged);
+
+        let (mut m, _) = Staging::begin(true);
+        assert_eq!(m.next(Observed::Missing("gone".into())), StageAction::Push);
+        assert_eq!(m.next(Observed::Ok), StageAction::Unpack);
+        assert_eq!(
+            m.next(Observed::Missing("gone again".into())),
+            StageAction::Fail(HostFailure::new(HostPhase::Staging, "gone again")),
+            "a pushed archive that is missing fails"
+        );
+
+        let (mut m, first) = Staging::begin(false);
+        assert_eq!(first, StageAction::Push);
+        assert_eq!(
+            m.next(Observed::failed("disk full")),
+            StageAction::Fail(HostFailure::new(HostPhase::Staging, "disk full"))
+        );
+    }
+
+    #[test]
+    fn a_host_failing_before_its_turn_halts_the_group_and_never_begins() {
+        let mut s = GroupSchedule::new(hosts(3), 1, 2);
+        s.fail("h-2");
+        assert!(s.begin_next().is_empty(), "the group halted");
+        assert!(s.is_finished());
+        assert_eq!(s.untouched(), vec!["h-1", "h-3"]);
+    }
+
+    #[test]
+    fn each_phase_has_its_own_budget() {
+        let request = Request::Stop(erel_proto::Stop {
+            name: "beat".into(),
+            grace_ms: u64::MAX,
+        });
+        assert!(
+            answer_budget(&request) > Duration::from_secs(u64::MAX / 1000),
+            "no overflow"
+        );
+        let ping = Request::Ping(erel_proto::Ping {});
+        assert_eq!(answer_budget(&ping), PING_BUDGET);
+    }
+
+    #[test]
+    fn busy_is_waited_out_a_broken_connection_reopened_once_anything_else_reported() {
+        use erel_proto::ErrorReply;
+        let agent = |kind| Error::Agent {
+            host: "web-1".into(),
+            reply: ErrorReply::new(kind, "held"),
+        };
+        let mut policy = RetryPolicy::new();
+        assert_eq!(
+            policy.after(&agent(ErrorKind::Busy), Duration::ZERO),
+            Retry::Again(BUSY_PAUSE_FIRST)
+        );
+        assert_eq!(
+            policy.after(&agent(ErrorKind::Busy), Duration::ZERO),
+            Retry::Again(BUSY_PAUSE_FIRST * 2)
+        );
+        assert_eq!(
+            policy.after(&agent(ErrorKind::Busy), BUSY_WAIT),
+            Retry::GiveUp,
+            "bounded"
+        );
+        assert_eq!(
+            policy.after(&agent(ErrorKind::NotFound), Duration::ZERO),
+            Retry::GiveUp
+        );
+        let lost = Error::Protocol {
+            host: "web-1".into(),
+            message: "reset".into(),
+        };
+        assert_eq!(
+            policy.after(&lost, Duration::ZERO),
+            Retry::Reconnect(RECONNECT_PAUSE)
+        );
+        assert_eq!(policy.after(&lost, Duration::ZERO), Retry::GiveUp, "once");
     }
 
     #[test]

@@ -11,12 +11,13 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 
 use super::decide::{
-    assess, wants_probe, Action, Assessment, GroupSchedule, HostFailure, HostSwitch, Observed,
+    assess, phase_budget, wants_probe, Action, Assessment, GroupSchedule, HostSwitch, Observed,
+    StageAction, Staging,
 };
 use super::health::{probe_tcp, release_status, watch_health};
 use super::{
-    count, emit, EventSink, GroupReport, HostOutcome, HostPhase, HostReport, RolloutEvent,
-    RolloutOptions, RolloutReport, Shared, SharedRef,
+    count, emit, EventSink, GroupReport, HostFailure, HostOutcome, HostPhase, HostReport,
+    RolloutEvent, RolloutOptions, RolloutReport, Shared, SharedRef,
 };
 use crate::client::{Connector, HostSession};
 use crate::cluster::{Archive, GroupPlan, HostPlan, Plan};
@@ -108,13 +109,10 @@ impl GroupCtx {
                 group: self.group.name.clone(),
                 host: host.id.clone(),
                 addr: host.addr.clone(),
-                phase: failure.phase,
-                reason: failure.reason.clone(),
-                output_tail: failure.output_tail.clone(),
-                rolled_back: failure.rolled_back,
+                failure: failure.clone(),
             },
         );
-        failure.outcome()
+        HostOutcome::Failed(failure.clone())
     }
 }
 
@@ -158,6 +156,7 @@ async fn run_group(
         });
     }
     let mut inspected: HashMap<String, (HostSession, Assessment)> = HashMap::new();
+    let mut unreachable = Vec::new();
     while let Some(joined) = pings.join_next().await {
         let Ok((id, outcome)) = joined else { continue };
         let Some(host) = by_id.get(&id) else { continue };
@@ -179,13 +178,25 @@ async fn run_group(
             Err(failure) => {
                 halted.get_or_insert_with(|| format!("{id} ({}): {}", host.addr, failure.reason));
                 let outcome = ctx.failed(host, &failure);
-                outcomes.insert(id, outcome);
+                outcomes.insert(id.clone(), outcome);
+                unreachable.push(id);
             }
         }
     }
 
-    if halted.is_none() {
-        halted = switch_group(&ctx, &hosts, inspected, &mut outcomes).await;
+    // 2. and 3. Stage and switch, as the schedule allows.
+    let order: Vec<String> = hosts
+        .iter()
+        .filter(|h| inspected.contains_key(&h.id))
+        .map(|h| h.id.clone())
+        .collect();
+    let mut schedule =
+        GroupSchedule::new(order.clone(), ctx.group.canaries, ctx.group.max_in_flight);
+    for id in &unreachable {
+        schedule.fail(id);
+    }
+    if !schedule.is_finished() {
+        halted = switch_group(&ctx, &hosts, order, inspected, schedule, &mut outcomes).await;
     }
 
     let mut untouched = Vec::new();
@@ -236,14 +247,11 @@ async fn run_group(
 async fn switch_group(
     ctx: &Arc<GroupCtx>,
     hosts: &[HostPlan],
+    order: Vec<String>,
     mut inspected: HashMap<String, (HostSession, Assessment)>,
+    mut schedule: GroupSchedule,
     outcomes: &mut HashMap<String, HostOutcome>,
 ) -> Option<String> {
-    let order: Vec<String> = hosts
-        .iter()
-        .filter(|h| inspected.contains_key(&h.id))
-        .map(|h| h.id.clone())
-        .collect();
     let by_id: HashMap<&str, &HostPlan> = hosts.iter().map(|h| (h.id.as_str(), h)).collect();
 
     // 2. Stage ahead on every host, a bounded number at once.
@@ -283,7 +291,7 @@ async fn switch_group(
     drop(failed_tx);
 
     // 3. Switch, canaries first, at most max_in_flight at once.
-    let mut schedule = GroupSchedule::new(order, ctx.group.canaries, ctx.group.max_in_flight);
+    let mut tasks: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut begun: HashSet<String> = HashSet::new();
     let mut switching = JoinSet::new();
     let mut halted: Option<String> = None;
@@ -297,21 +305,27 @@ async fn switch_group(
             };
             begun.insert(id.clone());
             let ctx = ctx.clone();
-            switching.spawn(async move {
+            let task = switching.spawn(async move {
                 let outcome = switch_host(&ctx, &host, assessment, rx).await;
                 (host, outcome)
             });
+            tasks.insert(task.id(), id);
         }
         if schedule.is_finished() {
             break;
         }
         tokio::select! {
             Some(joined) = switching.join_next(), if !switching.is_empty() => {
-                let Ok((host, outcome)) = joined else {
-                    // A task that panicked: count it as failed so the group halts.
-                    schedule.halt();
-                    halted.get_or_insert_with(|| "a switch task failed".to_string());
-                    continue;
+                let (host, outcome) = match joined {
+                    Ok(done) => done,
+                    Err(e) => {
+                        // A task that panicked: its host failed, so the group halts.
+                        if let Some(id) = tasks.get(&e.id()) {
+                            schedule.fail(id);
+                        }
+                        halted.get_or_insert_with(|| "a switch task failed".to_string());
+                        continue;
+                    }
                 };
                 let result = match outcome {
                     Ok(pid) => {
@@ -342,7 +356,7 @@ async fn switch_group(
                     let outcome = ctx.failed(host, &failure);
                     outcomes.insert(id.clone(), outcome);
                     waiting.remove(&id);
-                    schedule.halt();
+                    schedule.fail(&id);
                 }
             }
             else => break,
@@ -360,7 +374,7 @@ async fn inspect(
     ctx.phase(&host.id, HostPhase::Pinging);
     let mut session = HostSession::new(host.host_addr(), ctx.shared.connector.clone());
     let pong = session
-        .ping()
+        .ping(phase_budget(HostPhase::Pinging, &ctx.group))
         .await
         .map_err(|e| HostFailure::new(HostPhase::Pinging, unreachable(host, &e)))?;
     let status = release_status(&pong.releases, &ctx.group.release);
@@ -388,35 +402,40 @@ fn unreachable(host: &HostPlan, error: &Error) -> String {
     }
 }
 
-/// Pushes (skipped when present) and unpacks the archive.
+/// Pushes (skipped when present) and unpacks the archive, as [`Staging`] decides.
 async fn stage(ctx: &GroupCtx, mut session: HostSession, staged: bool) -> Staged {
     let id = session.host().id.clone();
     ctx.phase(&id, HostPhase::Staging);
     let archive = &ctx.archive;
     let dest = GroupPlan::archive_dest(archive);
     let dir = ctx.group.version_dir();
-    let fail = |e: Error| HostFailure::new(HostPhase::Staging, e.to_string());
-    let mut done = false;
-    if staged {
-        // Already unpacked: the agent answers from its marker without the archive.
-        match session.unpack(&dest, &dir, archive.sha256).await {
-            Ok(_) => done = true,
-            Err(e) if e.agent_kind() == Some(ErrorKind::NotFound) => {}
-            Err(e) => return Err(fail(e)),
-        }
-    }
-    if !done {
-        session
-            .push(&archive.path, archive.sha256, &dest)
-            .await
-            .map_err(fail)?;
-        session
-            .unpack(&dest, &dir, archive.sha256)
-            .await
-            .map_err(fail)?;
+    let limit = phase_budget(HostPhase::Staging, &ctx.group);
+    let (mut staging, mut action) = Staging::begin(staged);
+    loop {
+        let observed = match action {
+            StageAction::Staged => break,
+            StageAction::Fail(failure) => return Err(failure),
+            StageAction::Push => {
+                let pushed = session.push(&archive.path, archive.sha256, &dest).await;
+                observe(pushed)
+            }
+            StageAction::Unpack => {
+                observe(session.unpack(&dest, &dir, archive.sha256, limit).await)
+            }
+        };
+        action = staging.next(observed);
     }
     ctx.phase(&id, HostPhase::Staged);
     Ok(session)
+}
+
+/// What a staging command's outcome is to [`Staging`].
+fn observe<T>(outcome: Result<T>) -> Observed {
+    match outcome {
+        Ok(_) => Observed::Ok,
+        Err(e) if e.agent_kind() == Some(ErrorKind::NotFound) => Observed::Missing(e.to_string()),
+        Err(e) => Observed::failed(e),
+    }
 }
 
 /// The switch, as [`HostSwitch`] decides it: stop old, start new, verify; roll back on
@@ -450,12 +469,19 @@ async fn switch_host(
         let observed = match action {
             Action::Done { pid, from } => return Ok((pid, from)),
             Action::Fail(failure) => return Err(failure),
-            Action::Stop => match session.stop(&group.release, group.stop_grace).await {
-                Ok(_) => Observed::Ok,
-                Err(e) => Observed::failed(e),
-            },
+            Action::Stop => {
+                let limit = phase_budget(HostPhase::Stopping, group);
+                match session.stop(&group.release, group.stop_grace, limit).await {
+                    Ok(_) => Observed::Ok,
+                    Err(e) => Observed::failed(e),
+                }
+            }
             Action::Start(version) => {
-                match session.start(&group.start_request(host, &version)).await {
+                let start = group.start_request(host, &version);
+                match session
+                    .start(&start, phase_budget(HostPhase::Starting, group))
+                    .await
+                {
                     Ok(started) => Observed::Started(started.pid),
                     Err(e) => Observed::failed(e),
                 }

@@ -6,27 +6,24 @@ use std::time::{Duration, Instant};
 
 use erel_proto::ReleaseStatus;
 
-use super::decide::{probe_due, verify, Observation, Observed, Verdict};
-use super::RolloutOptions;
+use super::decide::{
+    output_tail_wait, phase_budget, probe_due, verify, Observation, Observed, Verdict,
+};
+use super::{HostPhase, RolloutOptions};
 use crate::client::HostSession;
 use crate::cluster::{GroupPlan, HostPlan};
-
-/// How long a failed release's output is waited for when it restarted unseen.
-const OUTPUT_TAIL_WAIT: Duration = Duration::from_secs(2);
+use crate::error::{Error, Result};
 
 /// Connects to `host:port` once; `Err` says why not.
-pub(crate) async fn probe_tcp(
-    host: &str,
-    port: u16,
-    limit: Duration,
-) -> std::result::Result<(), String> {
+pub(crate) async fn probe_tcp(host: &str, port: u16, limit: Duration) -> Result<()> {
+    let failed = |message: String| Error::Probe {
+        target: format!("{host}:{port}"),
+        message,
+    };
     match tokio::time::timeout(limit, tokio::net::TcpStream::connect((host, port))).await {
         Ok(Ok(_stream)) => Ok(()),
-        Ok(Err(e)) => Err(format!("{host}:{port}: {e}")),
-        Err(_) => Err(format!(
-            "{host}:{port}: no answer within {}s",
-            limit.as_secs_f32()
-        )),
+        Ok(Err(e)) => Err(failed(e.to_string())),
+        Err(_) => Err(failed(format!("no answer within {}s", limit.as_secs_f32()))),
     }
 }
 
@@ -42,20 +39,23 @@ pub(super) async fn watch_health(
     already_up: Duration,
 ) -> Observed {
     let began = Instant::now();
+    let look = phase_budget(HostPhase::Verifying, group);
     loop {
-        let pong = match session.ping().await {
-            Ok(pong) => pong,
-            Err(e) => return Observed::failed(format!("lost the agent while verifying: {e}")),
-        };
-        let status = release_status(&pong.releases, &group.release);
+        let pong = session.ping(look).await;
+        let lost = pong.as_ref().err().map(ToString::to_string);
+        let status = pong
+            .as_ref()
+            .ok()
+            .and_then(|pong| release_status(&pong.releases, &group.release));
         let up = already_up + began.elapsed();
         let probe = match group.probe_port(host) {
-            Some(port) if probe_due(up, &group.health) => {
+            Some(port) if lost.is_none() && probe_due(up, &group.health) => {
                 Some(probe_tcp(host.probe_host(), port, options.probe_timeout).await)
             }
             _ => None,
         };
         let observation = Observation {
+            lost: lost.as_deref(),
             status,
             probe: probe.as_ref(),
             up,
@@ -64,11 +64,15 @@ pub(super) async fn watch_health(
         match verify(&observation, version, pid, &group.health) {
             Verdict::Healthy => return Observed::Ok,
             Verdict::Wait => tokio::time::sleep(options.poll_interval).await,
+            Verdict::Lost(reason) => return Observed::failed(reason),
             Verdict::Unhealthy(reason) => {
-                let mut tail = status.map(|s| s.output_tail.clone()).unwrap_or_default();
-                if tail.trim().is_empty() {
-                    tail = output_tail_soon(session, &group.release, options.poll_interval).await;
-                }
+                let tail = match output_tail_wait(&observation) {
+                    Some(wait) => {
+                        let interval = options.poll_interval;
+                        output_tail_soon(session, &group.release, interval, wait, look).await
+                    }
+                    None => status.map(|s| s.output_tail.clone()).unwrap_or_default(),
+                };
                 return Observed::Failed {
                     reason: format!("{version}: {reason}"),
                     output_tail: tail,
@@ -78,14 +82,19 @@ pub(super) async fn watch_health(
     }
 }
 
-/// The agent fills a release's output tail once it has exited; one that restarted
-/// between two looks shows none while it runs again. Looks a few more times, briefly,
-/// for the output of its next exit.
-async fn output_tail_soon(session: &mut HostSession, release: &str, interval: Duration) -> String {
-    let deadline = Instant::now() + OUTPUT_TAIL_WAIT;
+/// Looks a few more times, briefly, for the output of a release's next exit, for at
+/// most `wait` (see [`output_tail_wait`]).
+async fn output_tail_soon(
+    session: &mut HostSession,
+    release: &str,
+    interval: Duration,
+    wait: Duration,
+    look: Duration,
+) -> String {
+    let deadline = Instant::now() + wait;
     while Instant::now() < deadline {
         tokio::time::sleep(interval.min(Duration::from_millis(100))).await;
-        let Ok(pong) = session.ping().await else {
+        let Ok(pong) = session.ping(look).await else {
             break;
         };
         if let Some(status) = release_status(&pong.releases, release) {

@@ -23,8 +23,8 @@
 //! with the release's own output. Staging runs ahead on every host of the group, so a
 //! host is down only between stop and start. Progress goes out as [`RolloutEvent`]s.
 
-pub mod converge;
-pub mod decide;
+pub(crate) mod converge;
+pub(crate) mod decide;
 mod driver;
 mod health;
 mod runner;
@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use converge::{converge_file, keep_converged, ConvergeOptions};
+pub(crate) use converge::{converge_file, keep_converged, ConvergeOptions};
 pub use runner::run;
 
 use crate::client::Connector;
@@ -156,14 +156,9 @@ pub enum RolloutEvent {
         host: String,
         /// Its agent's address.
         addr: String,
-        /// The phase that failed.
-        phase: HostPhase,
-        /// What went wrong.
-        reason: String,
-        /// The failed release's own last output, from `Ping`.
-        output_tail: String,
-        /// Whether the host was returned to its previous state.
-        rolled_back: bool,
+        /// How it failed.
+        #[serde(flatten)]
+        failure: HostFailure,
     },
     /// A group stopped after a failure; the listed hosts were not touched.
     GroupHalted {
@@ -188,11 +183,37 @@ pub enum RolloutEvent {
 }
 
 /// Whether a failed host was returned to its previous state, in the words reports use.
-pub fn rollback_words(rolled_back: bool) -> &'static str {
+pub(crate) fn rollback_words(rolled_back: bool) -> &'static str {
     if rolled_back {
         "rolled back"
     } else {
         "NOT rolled back"
+    }
+}
+
+/// How a host failed: the one failure type of a host's rollout, in its event and in
+/// its outcome alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostFailure {
+    /// The phase that failed.
+    pub phase: HostPhase,
+    /// What went wrong.
+    pub reason: String,
+    /// The failed release's own last output, from `Ping`.
+    pub output_tail: String,
+    /// Whether the host was returned to its previous state.
+    pub rolled_back: bool,
+}
+
+impl HostFailure {
+    /// A failure in `phase`, without output, not rolled back.
+    pub fn new(phase: HostPhase, reason: impl Into<String>) -> Self {
+        HostFailure {
+            phase,
+            reason: reason.into(),
+            output_tail: String::new(),
+            rolled_back: false,
+        }
     }
 }
 
@@ -210,16 +231,7 @@ pub enum HostOutcome {
     /// It already ran the desired version, healthy.
     UpToDate,
     /// It failed.
-    Failed {
-        /// The phase that failed.
-        phase: HostPhase,
-        /// What went wrong.
-        reason: String,
-        /// The failed release's own last output.
-        output_tail: String,
-        /// Whether it was returned to its previous state.
-        rolled_back: bool,
-    },
+    Failed(HostFailure),
     /// The group halted before this host's turn.
     Untouched,
 }
@@ -290,7 +302,7 @@ impl HostOutcome {
 
     /// Failed.
     pub fn is_failed(&self) -> bool {
-        matches!(self, HostOutcome::Failed { .. })
+        matches!(self, HostOutcome::Failed(_))
     }
 }
 
@@ -313,3 +325,37 @@ pub(crate) struct Shared {
 }
 
 pub(crate) type SharedRef = Arc<Shared>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_reads_the_same_in_its_event_and_its_outcome() {
+        let failure = HostFailure {
+            phase: HostPhase::Verifying,
+            reason: "0.2.0: exited with code 3".into(),
+            output_tail: "boom".into(),
+            rolled_back: true,
+        };
+        let event = RolloutEvent::HostFailed {
+            group: "web".into(),
+            host: "web-1".into(),
+            addr: "127.0.0.1:1".into(),
+            failure: failure.clone(),
+        };
+        assert_eq!(
+            serde_json::to_string(&event).unwrap(),
+            r#"{"event":"host_failed","group":"web","host":"web-1","addr":"127.0.0.1:1","phase":"verifying","reason":"0.2.0: exited with code 3","output_tail":"boom","rolled_back":true}"#
+        );
+        let report = HostReport {
+            host: "web-1".into(),
+            addr: "127.0.0.1:1".into(),
+            outcome: HostOutcome::Failed(failure),
+        };
+        assert_eq!(
+            serde_json::to_string(&report).unwrap(),
+            r#"{"host":"web-1","addr":"127.0.0.1:1","outcome":"failed","phase":"verifying","reason":"0.2.0: exited with code 3","output_tail":"boom","rolled_back":true}"#
+        );
+    }
+}

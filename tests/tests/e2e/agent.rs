@@ -652,7 +652,8 @@ async fn a_revoked_master_is_refused_without_restarting_the_agent_and_a_new_one_
     // Revoking rewrites crl.pem in every host bundle; the running agent picks it up for
     // new connections.
     pki.master.revoke("master").expect("revoke");
-    let refused = erel_master::AgentClient::connect(&agent.host(), pki.client_config(), "m")
+    let refused = erel_master::client::Connector::new(pki.client_config(), "m")
+        .connect(&agent.host())
         .await
         .map(|_| ())
         .unwrap_err();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use erel_master::client::Connector;
 use erel_master::cluster::Plan;
 use erel_master::rollout::{
-    self, HostOutcome, HostPhase, RolloutEvent, RolloutOptions, RolloutReport,
+    self, HostFailure, HostOutcome, HostPhase, RolloutEvent, RolloutOptions, RolloutReport,
 };
 use erel_proto::ReleaseState;
 
@@ -197,12 +197,12 @@ async fn a_broken_release_is_rolled_back_on_the_canary_and_nothing_else_is_touch
     let group = &report.groups[0];
     assert!(group.halted.is_some(), "{group:?}");
     match &group.hosts[0].outcome {
-        HostOutcome::Failed {
+        HostOutcome::Failed(HostFailure {
             reason,
             output_tail,
             rolled_back,
             ..
-        } => {
+        }) => {
             assert!(rolled_back, "{reason}");
             assert!(
                 reason.contains("exited with code 3") || reason.contains("restarted"),
@@ -234,7 +234,10 @@ async fn a_broken_release_is_rolled_back_on_the_canary_and_nothing_else_is_touch
     assert!(events.iter().any(|(_, e)| matches!(
         e,
         RolloutEvent::HostFailed {
-            rolled_back: true,
+            failure: HostFailure {
+                rolled_back: true,
+                ..
+            },
             ..
         }
     )));

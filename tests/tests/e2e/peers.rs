@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use erel_master::client::Connector;
 use erel_master::client::{Progress, WriteSource};
-use erel_master::AgentClient;
 use erel_proto::ErrorKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -144,7 +144,8 @@ async fn idle_and_slow_peers_do_not_keep_the_master_out() {
 
     for attempt in 0..3 {
         let started = Instant::now();
-        let mut client = AgentClient::connect(&agent.host(), pki.client_config(), "test-master")
+        let mut client = Connector::new(pki.client_config(), "test-master")
+            .connect(&agent.host())
             .await
             .unwrap_or_else(|e| {
                 panic!(
@@ -269,7 +270,8 @@ async fn a_master_beyond_the_connection_limit_is_told_so() {
     let mut second = pki.connect(&agent).await;
     second.ping().await.expect("ping");
 
-    let err = AgentClient::connect(&agent.host(), pki.client_config(), "test-master")
+    let err = Connector::new(pki.client_config(), "test-master")
+        .connect(&agent.host())
         .await
         .expect_err("a third master is refused");
     assert_eq!(err.agent_kind(), Some(ErrorKind::Busy), "{err}");
@@ -292,7 +294,10 @@ async fn a_master_beyond_the_connection_limit_is_told_so() {
     let (agent_ref, pki_ref) = (&agent, &pki);
     let back = wait_until(PROMPT, move || async move {
         let (agent, pki) = (agent_ref, pki_ref);
-        match AgentClient::connect(&agent.host(), pki.client_config(), "test-master").await {
+        match Connector::new(pki.client_config(), "test-master")
+            .connect(&agent.host())
+            .await
+        {
             Ok(mut client) => client.ping().await.is_ok(),
             Err(_) => false,
         }
@@ -562,7 +567,9 @@ async fn a_normal_connection_end_leaves_no_error_in_the_agent_log() {
     let next_master = move || async move {
         let (agent, pki) = (agent_ref, pki_ref);
         retry_while_busy(Duration::from_secs(20), || async {
-            AgentClient::connect(&agent.host(), pki.client_config(), "test-master").await
+            Connector::new(pki.client_config(), "test-master")
+                .connect(&agent.host())
+                .await
         })
         .await
         .unwrap_or_else(|e| panic!("connect: {e}\n{}", agent.log()))
@@ -709,7 +716,8 @@ async fn a_handshake_cut_by_the_agent_is_explained_at_the_master() {
             id: "web-1".into(),
             addr: addr.to_string(),
         };
-        let err = AgentClient::connect(&host, pki.client_config(), "test-master")
+        let err = Connector::new(pki.client_config(), "test-master")
+            .connect(&host)
             .await
             .expect_err("cut");
         let text = err.to_string();
@@ -737,7 +745,8 @@ async fn a_refused_bundle_is_not_reloaded_for_every_peer() {
     for n in 0..40 {
         crowd.push(idle_peer(&agent, &format!("127.0.0.{}", 2 + n % 20)).await);
     }
-    let mut client = AgentClient::connect(&agent.host(), pki.client_config(), "test-master")
+    let mut client = Connector::new(pki.client_config(), "test-master")
+        .connect(&agent.host())
         .await
         .unwrap_or_else(|e| panic!("the previous bundle still serves: {e}\n{}", agent.log()));
     client.ping().await.expect("ping");
@@ -751,7 +760,8 @@ async fn a_refused_bundle_is_not_reloaded_for_every_peer() {
     let good = pki.certs_dir().join(erel_certs::layout::CRL_PEM);
     std::fs::copy(&good, &staged).expect("stage");
     std::fs::rename(&staged, bundle.join(erel_certs::layout::CRL_PEM)).expect("restore");
-    let mut client = AgentClient::connect(&agent.host(), pki.client_config(), "test-master")
+    let mut client = Connector::new(pki.client_config(), "test-master")
+        .connect(&agent.host())
         .await
         .expect("connect");
     client.ping().await.expect("ping");

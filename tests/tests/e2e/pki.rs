@@ -120,7 +120,8 @@ async fn an_agent_on_an_operators_own_pki_answers_the_master() {
     let config = erel_certs::MasterDir::new(&certs)
         .client_config()
         .expect("client config");
-    let mut client = erel_master::AgentClient::connect(&agent.host(), config, "pki-test")
+    let mut client = erel_master::client::Connector::new(config, "pki-test")
+        .connect(&agent.host())
         .await
         .expect("connect");
     let pong = client.ping().await.expect("ping");

@@ -43,7 +43,11 @@ pub async fn push_and_unpack(client: &mut AgentClient, tarball: &Path, name: &st
         .await
         .expect("push");
     client
-        .unpack(&dest, &format!("releases/{name}/{version}"), source.sha256)
+        .unpack(
+            &dest,
+            &erel_proto::rules::version_dir(name, version),
+            source.sha256,
+        )
         .await
         .expect("unpack");
 }

@@ -80,7 +80,8 @@ impl Pki {
 
     /// A connected client for an agent.
     pub async fn connect(&self, agent: &AgentProc) -> AgentClient {
-        AgentClient::connect(&agent.host(), self.client_config(), "test-master")
+        erel_master::client::Connector::new(self.client_config(), "test-master")
+            .connect(&agent.host())
             .await
             .unwrap_or_else(|e| panic!("connect to {}: {e}\nagent log:\n{}", agent.id, agent.log()))
     }
