@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use erel_proto::rules;
 use erel_proto::text::quote;
 use erel_proto::{
     read_frame_body, write_frame, ErrorKind, ErrorReply, FrameError, Hello, Request, Response,
@@ -40,8 +41,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Time allowed to write one answer.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest grace a `Stop` may ask for.
-const MAX_STOP_GRACE: Duration = Duration::from_secs(600);
 /// How long shutdown waits for connections in progress.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -443,9 +442,9 @@ async fn start(agent: &Arc<Agent>, request: Start) -> Outcome {
     (subject, Ok(outcome.map(Response::Started)))
 }
 
-/// `Stop`, with the grace capped at [`MAX_STOP_GRACE`].
+/// `Stop`, with the grace capped at [`rules::MAX_STOP_GRACE`].
 async fn stop(agent: &Agent, request: Stop) -> Outcome {
-    let grace = Duration::from_millis(request.grace_ms).min(MAX_STOP_GRACE);
+    let grace = Duration::from_millis(request.grace_ms).min(rules::MAX_STOP_GRACE);
     let outcome = agent.supervisor.stop(&request.name, grace).await;
     let subject = match &outcome {
         Ok(stopped) => format!(

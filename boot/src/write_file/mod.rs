@@ -29,6 +29,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use erel_proto::rules;
 use erel_proto::{Sha256, WriteFile, Written};
 use sha2::{Digest, Sha256 as Hasher};
 
@@ -205,19 +206,10 @@ fn conflict(name: &str, reason: &str) -> Error {
     Error::Conflict { path, reason }
 }
 
-/// Refuses special bits and anything that is not a permission mode.
+/// Refuses a mode the protocol's rule refuses ([`rules::check_file_mode`]).
 fn check_mode(name: &str, mode: u32) -> Result<()> {
-    if mode & 0o7000 != 0 {
-        return Err(Error::BadRequest(format!(
-            "mode {mode:#o} for {name}: setuid, setgid and sticky bits are refused"
-        )));
-    }
-    if mode > 0o777 {
-        return Err(Error::BadRequest(format!(
-            "mode {mode:#o} for {name} is not a permission mode (at most 0o777)"
-        )));
-    }
-    Ok(())
+    rules::check_file_mode(mode)
+        .map_err(|fault| Error::BadRequest(format!("mode {mode:#o} for {name}: {fault}")))
 }
 
 /// The bytes staged for `target` and their hasher; discards a staging file longer than
