@@ -205,6 +205,7 @@ async fn connection(
         peer,
         peer_name,
         agent,
+        ended_by_command: false,
     };
     let Ok(_permit) = sessions.try_acquire_owned() else {
         conn.refuse_at_limit().await;
@@ -213,6 +214,9 @@ async fn connection(
     };
     match conn.run(shutdown).await {
         Ok(()) => debug!(peer = %conn.peer, name = %conn.peer_name, "connection closed"),
+        Err(e) if conn.ended_by_command => {
+            debug!(peer = %conn.peer, error = %e, "connection ended")
+        }
         Err(e) => info!(peer = %conn.peer, name = %conn.peer_name, error = %e, "connection ended"),
     }
     let _ = conn.stream.shutdown().await;
@@ -233,6 +237,8 @@ pub(crate) struct Connection<S> {
     pub(crate) peer: SocketAddr,
     pub(crate) peer_name: String,
     pub(crate) agent: Arc<Agent>,
+    /// A command's log line already said why the connection ends.
+    ended_by_command: bool,
 }
 
 /// What a step of a connection returns: an error ends the connection.
@@ -382,7 +388,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             // The connection ends instead of an answer (cut, stalled, taken over, or a
             // refusal already sent).
-            Err(error) => info!(%peer, %name, %command, %subject, ok = false, %error, "command"),
+            Err(error) => {
+                info!(%peer, %name, %command, %subject, ok = false, %error, "command");
+                self.ended_by_command = true;
+            }
             Ok(Ok(_)) if subject.is_empty() => debug!(%peer, %name, %command, ok = true, "command"),
             Ok(Ok(_)) => info!(%peer, %name, %command, %subject, ok = true, "command"),
         }

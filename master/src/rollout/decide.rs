@@ -30,7 +30,9 @@ const STOP_MARGIN: Duration = Duration::from_secs(30);
 const OUTPUT_TAIL_WAIT: Duration = Duration::from_secs(2);
 
 /// How long the agent may take to answer the command a host's `phase` sends, once sent:
-/// one bound per phase, none wrapped around another. Staging's bound is `Unpack`'s; its
+/// one bound per phase, none wrapped around another. The bound is per attempt: a command
+/// whose connection broke is sent once more on a new one ([`RetryPolicy`]), so a phase
+/// may take up to twice its bound. Staging's bound is `Unpack`'s; its
 /// `WriteFile` is bounded per step by the transfer's stall timeout instead. The rollback
 /// sends `Stop` and `Start`, so the driver asks for [`HostPhase::Stopping`] and
 /// [`HostPhase::Starting`] as it sends them; verification as a whole is bounded by

@@ -147,18 +147,33 @@ async fn run_group(
 
     // 1. Ping every host.
     let mut pings = JoinSet::new();
+    let mut ping_tasks = HashMap::new();
     for host in &hosts {
         let ctx = ctx.clone();
         let host = host.clone();
-        pings.spawn(async move {
+        let id = host.id.clone();
+        let task = pings.spawn(async move {
             let outcome = inspect(&ctx, &host).await;
             (host.id.clone(), outcome)
         });
+        ping_tasks.insert(task.id(), id);
     }
     let mut inspected: HashMap<String, (HostSession, Assessment)> = HashMap::new();
     let mut unreachable = Vec::new();
     while let Some(joined) = pings.join_next().await {
-        let Ok((id, outcome)) = joined else { continue };
+        let (id, outcome) = match joined {
+            Ok(done) => done,
+            // A task that panicked: its host failed in its first phase, like one that
+            // did not answer.
+            Err(e) => {
+                let Some(id) = ping_tasks.get(&e.id()) else {
+                    continue;
+                };
+                let failure =
+                    HostFailure::new(HostPhase::Pinging, format!("inspection failed: {e}"));
+                (id.clone(), Err(failure))
+            }
+        };
         let Some(host) = by_id.get(&id) else { continue };
         match outcome {
             Ok((_, Assessment::UpToDate)) => {
