@@ -8,6 +8,7 @@ use erel_proto::{ErrorKind, ErrorReply};
 
 /// Why a command failed or was refused.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A path named by the master is not acceptable.
     #[error("invalid path '{path}': {reason}")]

@@ -33,7 +33,7 @@ pub struct DeployArgs {
     /// Seconds each phase of opening a connection to an agent may take before the host
     /// counts as unreachable: the TCP connection, then the TLS handshake with `Hello`
     /// (each phase gets the full time).
-    #[arg(long, default_value_t = 5, value_name = "SECS")]
+    #[arg(long, default_value_t = crate::client::DEFAULT_CONNECT_TIMEOUT.as_secs(), value_name = "SECS")]
     connect_timeout: u64,
 }
 

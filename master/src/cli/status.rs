@@ -25,7 +25,7 @@ pub struct StatusArgs {
     json: bool,
     /// Seconds each phase of opening a connection to an agent may take: the TCP
     /// connection, then the TLS handshake with `Hello` (each phase gets the full time).
-    #[arg(long, default_value_t = 5, value_name = "SECS")]
+    #[arg(long, default_value_t = crate::client::DEFAULT_CONNECT_TIMEOUT.as_secs(), value_name = "SECS")]
     connect_timeout: u64,
     /// Also show which master holds each group, from this RabbitMQ broker (table only).
     #[arg(long = "amqp", value_name = "URL")]

@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::rollout::decide::{answer_budget, Retry, RetryPolicy};
 
 pub use session::Connector;
-pub(crate) use session::HostSession;
+pub(crate) use session::{HostSession, DEFAULT_CONNECT_TIMEOUT};
 pub use write_file::{Progress, WriteSource};
 
 /// A transfer making no progress for this long is abandoned.

@@ -72,9 +72,12 @@ pub(crate) struct HostSession {
 /// Runs `$call` with a connected client, tried again as [`RetryPolicy`] says: on the
 /// same connection while the agent is busy, on a new one after a connection problem.
 macro_rules! retrying {
-    ($session:ident, |$client:ident| $call:expr) => {{
+    ($session:ident, |$client:ident| $call:expr) => {
+        retrying!($session, RetryPolicy::new(), |$client| $call)
+    };
+    ($session:ident, $policy:expr, |$client:ident| $call:expr) => {{
         let began = tokio::time::Instant::now();
-        let mut policy = RetryPolicy::new();
+        let mut policy = $policy;
         loop {
             let outcome = match $session.connected().await {
                 Ok($client) => $call.await,
@@ -152,7 +155,8 @@ impl HostSession {
             sha256: Some(sha256),
             sha256_of: None,
         };
-        retrying!(self, |client| client.write_file(
+        // Another master may be pushing the same file: as patient as `erel push`.
+        retrying!(self, RetryPolicy::for_push(), |client| client.write_file(
             &source,
             dest,
             0o644,

@@ -1,4 +1,4 @@
-//! The rollout's I/O: the one driver that talks to agents. It observes, asks
+//! The rollout's I/O, with `health` for verification. It observes, asks
 //! [`super::decide`] what to do, and does it. Groups roll out concurrently; within a
 //! group, hosts are pinged and staged in parallel, and switched as the
 //! [`GroupSchedule`] allows.

@@ -5,10 +5,10 @@
 //! - [`decide`]: the pure decisions (what a host needs, the per-host switch as a state
 //!   machine, whether a release is healthy yet, which hosts may switch now), tested
 //!   without a network.
-//! - `driver`: the one place that performs I/O: ping, stage, stop, start, verify,
-//!   roll back; it respects `max_in_flight` through [`decide::GroupSchedule`].
-//! - `health`: watching a started release until a verdict, with its evidence, and the
-//!   TCP probe.
+//! - `driver`: performs what decide asks: ping, stage, stop, start, roll back; it
+//!   respects `max_in_flight` through [`decide::GroupSchedule`].
+//! - `health`: the I/O of verification: watching a started release (pings, the TCP
+//!   probe) until decide gives a verdict, with its evidence.
 //! - [`run`] (`runner`): one rollout, its events handed to a callback as they happen;
 //!   `deploy`, `demo` and both daemons run rollouts through it.
 //! - [`converge`]: the daemons' one loop: converge again every few seconds, so drift is
