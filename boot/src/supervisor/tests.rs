@@ -539,13 +539,23 @@ async fn an_exited_release_reports_its_exit_while_waiting_to_restart() {
 
 #[tokio::test]
 async fn stop_terminates_gracefully() {
-    // `ready` comes after the fork, so the stop sees every member it must signal.
-    let (fx, sup, started) =
-        running("trap 'echo got term; exit 0' TERM\nsleep 1000 &\necho ready\nwait").await;
+    // `ready` comes after the fork, so the stop sees every member it must signal. The
+    // shell waits in short foreground sleeps rather than in `wait`: a signal that lands
+    // just before dash blocks in `wait` runs its trap only once the child ends.
+    let (fx, sup, started) = running(
+        "trap 'echo got term; exit 0' TERM\nsleep 1000 &\necho ready\nwhile :; do sleep 0.1; done",
+    )
+    .await;
     fx.wait_output("ready").await;
+    let began = std::time::Instant::now();
     let stopped = stop(&sup, Duration::from_secs(10)).await;
     assert!(stopped.was_running);
-    assert!(!stopped.killed);
+    assert!(
+        !stopped.killed,
+        "killed after {:?}; log: {}",
+        began.elapsed(),
+        log_text(&fx.root, "app")
+    );
     assert!(group_members(started.pid as i32).is_empty());
     assert!(log_text(&fx.root, "app").contains("got term"));
     let status = status(&sup, "app").await;
