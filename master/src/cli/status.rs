@@ -1,7 +1,8 @@
-//! `erel status [--cluster FILE] [--json]`: every host of the cluster with its group,
-//! address, reachability, desired and running release, state, uptime, restarts, and
-//! the output of a crashed release. Exit 0 only when every host is reachable and runs
-//! its desired version.
+//! `erel status [--cluster FILE] [--json]`: one row per host and group (a host in two
+//! groups has two rows, a waiting host one row in state `waiting`) with its address,
+//! reachability, desired and running release, state, uptime, restarts, and the output
+//! of a crashed release. Exit 0 only when every host is reachable and runs the desired
+//! version of each of its groups.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -35,13 +36,14 @@ pub struct StatusArgs {
     amqp_prefix: String,
 }
 
-/// One host as `status` shows it.
+/// One host × group as `status` shows it; a waiting host (in no group) has one row
+/// with no group, release or desired version.
 #[derive(Debug, Clone, Serialize)]
 pub struct HostStatus {
     /// Host id.
     pub host: String,
-    /// Its group.
-    pub group: String,
+    /// The group of this row; `None` for a waiting host.
+    pub group: Option<String>,
     /// Its agent's address.
     pub addr: String,
     /// Whether the agent answered.
@@ -49,9 +51,9 @@ pub struct HostStatus {
     /// Why not, when it did not.
     pub error: Option<String>,
     /// The group's release.
-    pub release: String,
+    pub release: Option<String>,
     /// The group's desired version.
-    pub desired_version: String,
+    pub desired_version: Option<String>,
     /// The version the agent runs or last ran.
     pub running_version: Option<String>,
     /// Its state, in words.
@@ -66,7 +68,7 @@ pub struct HostStatus {
     pub versions: Vec<String>,
     /// The release's last output, after a crash.
     pub output_tail: String,
-    /// Runs the desired version now.
+    /// Runs the desired version now (a waiting host: answers).
     pub converged: bool,
 }
 
@@ -120,17 +122,15 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
     let mut out = Vec::new();
     for (index, answer) in answers {
         let host = &plan.hosts[index];
-        let Some(group) = plan.group_of(host) else {
-            continue;
-        };
-        let mut row = HostStatus {
+        let groups = plan.groups_of(host);
+        let base = HostStatus {
             host: host.id.clone(),
-            group: host.group.clone(),
+            group: None,
             addr: host.addr.clone(),
             reachable: false,
             error: None,
-            release: group.release.clone(),
-            desired_version: group.version.clone(),
+            release: None,
+            desired_version: None,
             running_version: None,
             state: "unreachable".to_string(),
             pid: None,
@@ -140,17 +140,38 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
             output_tail: String::new(),
             converged: false,
         };
-        match answer {
-            Err(e) => row.error = Some(e.to_string()),
-            Ok(pong) => {
-                row.reachable = true;
-                match pong.releases.iter().find(|r| r.name == group.release) {
-                    None => row.state = "not installed".to_string(),
-                    Some(release) => fill(&mut row, release),
+        if groups.is_empty() {
+            let mut row = base;
+            match answer {
+                Err(e) => row.error = Some(e.to_string()),
+                Ok(_) => {
+                    row.reachable = true;
+                    row.state = "waiting".to_string();
+                    row.converged = true;
                 }
             }
+            out.push(row);
+            continue;
         }
-        out.push(row);
+        for group in groups {
+            let mut row = HostStatus {
+                group: Some(group.name.clone()),
+                release: Some(group.release.clone()),
+                desired_version: Some(group.version.clone()),
+                ..base.clone()
+            };
+            match &answer {
+                Err(e) => row.error = Some(e.to_string()),
+                Ok(pong) => {
+                    row.reachable = true;
+                    match pong.releases.iter().find(|r| r.name == group.release) {
+                        None => row.state = "not installed".to_string(),
+                        Some(release) => fill(&mut row, release),
+                    }
+                }
+            }
+            out.push(row);
+        }
     }
     out
 }
@@ -176,7 +197,8 @@ fn fill(row: &mut HostStatus, release: &ReleaseStatus) {
         ReleaseState::CrashLooping => "crash-looping".to_string(),
     };
     row.converged = release.state == ReleaseState::Running
-        && release.version.as_deref() == Some(row.desired_version.as_str());
+        && release.version.is_some()
+        && release.version == row.desired_version;
 }
 
 /// The status as a table, with crash output below it.
@@ -196,10 +218,13 @@ pub fn status_table(plan: &Plan, hosts: &[HostStatus]) -> String {
     for h in hosts {
         rows.push([
             h.host.clone(),
-            h.group.clone(),
+            h.group.clone().unwrap_or_else(|| "-".to_string()),
             h.addr.clone(),
             if h.reachable { "yes" } else { "NO" }.to_string(),
-            format!("{} {}", h.release, h.desired_version),
+            match (&h.release, &h.desired_version) {
+                (Some(release), Some(version)) => format!("{release} {version}"),
+                _ => "-".to_string(),
+            },
             h.running_version.clone().unwrap_or_else(|| "-".to_string()),
             if h.reachable && !h.converged && h.state == "running" {
                 "running (old)".to_string()
@@ -214,9 +239,13 @@ pub fn status_table(plan: &Plan, hosts: &[HostStatus]) -> String {
     }
     let mut out = format!("{} (revision {})\n", plan.origin, plan.revision);
     out.push_str(&table(&rows));
+    let mut named_errors: Vec<&str> = Vec::new();
     for h in hosts {
         if let Some(error) = &h.error {
-            out.push_str(&format!("{}: {error}\n", h.host));
+            if !named_errors.contains(&h.host.as_str()) {
+                named_errors.push(&h.host);
+                out.push_str(&format!("{}: {error}\n", h.host));
+            }
         }
         if !h.output_tail.trim().is_empty() && h.state != "running" {
             out.push_str(&format!("{}: the release's last output:\n", h.host));
@@ -224,11 +253,16 @@ pub fn status_table(plan: &Plan, hosts: &[HostStatus]) -> String {
             out.push('\n');
         }
     }
-    let converged = hosts.iter().filter(|h| h.converged).count();
+    let groups: Vec<&HostStatus> = hosts.iter().filter(|h| h.group.is_some()).collect();
+    let converged = groups.iter().filter(|h| h.converged).count();
     out.push_str(&format!(
-        "{converged} of {} host(s) run their desired version\n",
-        hosts.len()
+        "{converged} of {} host/group pair(s) run their desired version\n",
+        groups.len()
     ));
+    let waiting = hosts.iter().filter(|h| h.group.is_none()).count();
+    if waiting > 0 {
+        out.push_str(&format!("{waiting} host(s) waiting in no group\n"));
+    }
     out
 }
 

@@ -397,3 +397,130 @@ fn syntax_errors_near_multibyte_text_point_at_a_character() {
         let _ = fx.parse(&broken);
     }
 }
+
+/// Two groups, `web` (release beat) and `metrics` (release probe); `HOSTS` is spliced
+/// in as the `[[host]]` tables.
+fn groups_text(hosts: &str) -> String {
+    format!(
+        r#"
+revision = 3
+{hosts}
+[group.web]
+release = "beat"
+version = "0.2.0"
+archive = "beat.tar.gz"
+
+[group.metrics]
+release = "probe"
+version = "1.0.0"
+archive = "probe.tar.gz"
+"#
+    )
+}
+
+fn parse_unchecked(text: &str) -> Result<Plan> {
+    Plan::parse(text, FILE, &ArchiveLookup::Unchecked)
+}
+
+#[test]
+fn a_host_may_belong_to_several_groups_and_a_host_in_none_waits() {
+    let text = groups_text(
+        r#"
+[[host]]
+id = "both-1"
+addr = "10.0.0.1:7070"
+groups = ["web", "metrics"]
+
+[[host]]
+id = "web-1"
+addr = "10.0.0.2:7070"
+group = "web"
+
+[[host]]
+id = "spare-1"
+addr = "10.0.0.3:7070"
+"#,
+    );
+    let plan = parse_unchecked(&text).expect("valid");
+    let ids = |group: &str| -> Vec<String> {
+        plan.hosts_in(group).iter().map(|h| h.id.clone()).collect()
+    };
+    assert_eq!(ids("web"), ["both-1", "web-1"]);
+    assert_eq!(ids("metrics"), ["both-1"]);
+    let both = plan.host("both-1").expect("both-1");
+    assert_eq!(both.groups, ["web", "metrics"]);
+    let releases: Vec<&str> = plan
+        .groups_of(both)
+        .iter()
+        .map(|g| g.release.as_str())
+        .collect();
+    assert_eq!(releases, ["beat", "probe"]);
+    let spare = plan.host("spare-1").expect("spare-1");
+    assert!(spare.groups.is_empty(), "waiting");
+    assert!(plan.groups_of(spare).is_empty());
+    assert_eq!(plan.groups["metrics"].canaries, 1);
+}
+
+#[test]
+fn group_membership_refusals_name_the_host_and_the_groups() {
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "id = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroup = \"web\"\ngroups = [\"metrics\"]",
+            &["host[0]", "'a-1'", "both `group` and `groups`"],
+        ),
+        (
+            "id = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroups = [\"web\", \"metrics\", \"web\"]",
+            &["host[0].groups[2]", "'a-1'", "group 'web' twice"],
+        ),
+        (
+            "id = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroups = [\"web\", \"db\"]",
+            &["host[0].groups[1]", "unknown group 'db'", "metrics, web"],
+        ),
+    ];
+    for (host, parts) in cases {
+        let text = groups_text(&format!(
+            "[[host]]\n{host}\n[[host]]\nid = \"b-1\"\naddr = \"10.0.0.2:1\"\ngroups = [\"web\", \"metrics\"]\n"
+        ));
+        let error = parse_unchecked(&text).expect_err(host).to_string();
+        assert!(error.starts_with(FILE), "{error:?} names the file");
+        assert_mentions(&error, parts);
+    }
+}
+
+#[test]
+fn two_groups_of_one_host_may_not_run_the_same_release() {
+    let text = groups_text(
+        "[[host]]\nid = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroups = [\"web\", \"metrics\"]\n",
+    )
+    .replace("release = \"probe\"", "release = \"beat\"");
+    let error = parse_unchecked(&text)
+        .expect_err("same release")
+        .to_string();
+    assert_mentions(
+        &error,
+        &[
+            FILE,
+            "host[0].groups[1]",
+            "groups 'web' and 'metrics'",
+            "release 'beat'",
+            "host 'a-1'",
+        ],
+    );
+    // On different hosts, two groups may run the same release.
+    let text = groups_text(
+        "[[host]]\nid = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroup = \"web\"\n\
+         [[host]]\nid = \"b-1\"\naddr = \"10.0.0.2:1\"\ngroup = \"metrics\"\n",
+    )
+    .replace("release = \"probe\"", "release = \"beat\"");
+    parse_unchecked(&text).expect("one release per host");
+}
+
+#[test]
+fn a_group_no_host_names_is_refused() {
+    let text = groups_text("[[host]]\nid = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroup = \"web\"\n");
+    let error = parse_unchecked(&text).expect_err("empty group").to_string();
+    assert_mentions(
+        &error,
+        &[FILE, "group.metrics", "no host names group 'metrics'"],
+    );
+}
