@@ -34,9 +34,13 @@
 //! `tcp = "$BEAT_PORT"`, when hosts listen on different ports (several agents on one
 //! machine); every host of the group must then give that variable a port number.
 //!
+//! When the archive is opened, its `releases/<version>/` directories (the relx layout)
+//! must include the group's `version`; an archive with no such directory is not checked.
+//!
 //! Where archives are found is the caller's choice ([`ArchiveLookup`]): beside the
 //! file for `erel deploy`, in an artifact directory for a config received over AMQP.
 
+mod contents;
 mod raw;
 mod validate;
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use erel_proto::text::floor_char_boundary;
 use erel_proto::Sha256;
 
+use super::contents::{release_versions, MAX_ENTRIES};
 use super::raw::{RawCluster, RawGroup, RawHost, RawPort};
 use super::{
     Archive, ArchiveLookup, GroupPlan, Health, HostPlan, Plan, TcpProbe, DEFAULT_DEADLINE_SECS,
@@ -410,11 +411,40 @@ fn archive(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     check_name(fault, &archive_field, "archive file name", &file_name)?;
+    check_version(fault, name, group, &path)?;
     Ok(Some(Archive {
         path,
         file_name,
         sha256,
     }))
+}
+
+/// Refuses a `version` the archive's `releases/<version>/` directories do not include.
+/// An archive without any (not the relx layout) says nothing and passes; so does one
+/// this listing cannot read: the agent's unpacker is the authority on what it accepts
+/// and refuses such an archive itself, naming the entry.
+fn check_version(fault: &Fault<'_>, name: &str, group: &RawGroup, path: &Path) -> Result<()> {
+    let Ok(versions) = release_versions(path) else {
+        return Ok(());
+    };
+    if versions.found.is_empty() || versions.found.contains(&group.version) {
+        return Ok(());
+    }
+    let among = if versions.truncated {
+        format!(" among its first {MAX_ENTRIES} entries")
+    } else {
+        String::new()
+    };
+    Err(fault.at(
+        format!("group.{name}.version"),
+        format!(
+            "group '{name}' gives version '{}' but {} holds releases/{}/{among} (version(s) found: {})",
+            group.version,
+            path.display(),
+            versions.found.join("/, releases/"),
+            versions.found.join(", ")
+        ),
+    ))
 }
 
 /// The first archive-like regular file in `dirs` whose content has this digest.
