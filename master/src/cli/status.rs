@@ -1,7 +1,8 @@
 //! `erel status [--cluster FILE] [--json]`: one row per host and group (a host in two
 //! groups has two rows, a waiting host one row in state `waiting`) with its address,
-//! reachability, desired and running release, state, uptime, restarts, and the output
-//! of a crashed release. Exit 0 only when every host is reachable and runs the desired
+//! reachability, desired and running release, state, uptime, restarts, the group's
+//! TCP probe run now, and the output of a crashed release. Whether argv and env match
+//! the group's is shown as `unknown` (see [`HostStatus::argv_env`]). Exit 0 only when every host is reachable and runs the desired
 //! version of each of its groups.
 
 use std::path::Path;
@@ -70,7 +71,21 @@ pub struct HostStatus {
     pub output_tail: String,
     /// Runs the desired version now (a waiting host: answers).
     pub converged: bool,
+    /// The group's TCP health probe, run by `status` itself: `ok`, `failed: <why>`, or
+    /// `-` when the group has no probe (or the row has no group).
+    pub probe: String,
+    /// Whether the release runs with the group's argv and env: always `unknown`. An
+    /// agent's answer to `Ping` carries no argv or env, the wire format is frozen, and
+    /// a record kept by one master would be wrong as soon as another master, a daemon
+    /// or `erel start` started the release with other settings.
+    pub argv_env: String,
 }
+
+/// Time one status TCP probe may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What [`HostStatus::argv_env`] says.
+const ARGV_ENV_UNKNOWN: &str = "unknown";
 
 /// Runs `erel status`.
 pub async fn status(ctx: &Context, cluster: &Path, args: StatusArgs) -> crate::Result<ExitCode> {
@@ -120,6 +135,7 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
     }
     answers.sort_by_key(|(index, _)| *index);
     let mut out = Vec::new();
+    let mut probes = tokio::task::JoinSet::new();
     for (index, answer) in answers {
         let host = &plan.hosts[index];
         let groups = plan.groups_of(host);
@@ -139,6 +155,8 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
             versions: Vec::new(),
             output_tail: String::new(),
             converged: false,
+            probe: "-".to_string(),
+            argv_env: "-".to_string(),
         };
         if groups.is_empty() {
             let mut row = base;
@@ -158,8 +176,14 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
                 group: Some(group.name.clone()),
                 release: Some(group.release.clone()),
                 desired_version: Some(group.version.clone()),
+                argv_env: ARGV_ENV_UNKNOWN.to_string(),
                 ..base.clone()
             };
+            if let Some(port) = group.probe_port(host) {
+                let target = host.probe_host().to_string();
+                let row = out.len();
+                probes.spawn(async move { (row, probe_tcp(&target, port).await) });
+            }
             match &answer {
                 Err(e) => row.error = Some(e.to_string()),
                 Ok(pong) => {
@@ -173,7 +197,25 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
             out.push(row);
         }
     }
+    while let Some(joined) = probes.join_next().await {
+        if let Ok((row, result)) = joined {
+            out[row].probe = result;
+        }
+    }
     out
+}
+
+/// Connects once to `host:port` within [`PROBE_TIMEOUT`]: `ok` or `failed: <why>`.
+async fn probe_tcp(host: &str, port: u16) -> String {
+    let connect = tokio::net::TcpStream::connect((host, port));
+    match tokio::time::timeout(PROBE_TIMEOUT, connect).await {
+        Ok(Ok(_stream)) => "ok".to_string(),
+        Ok(Err(e)) => format!("failed: {host}:{port}: {e}"),
+        Err(_) => format!(
+            "failed: {host}:{port}: no answer within {}s",
+            PROBE_TIMEOUT.as_secs()
+        ),
+    }
 }
 
 fn fill(row: &mut HostStatus, release: &ReleaseStatus) {
@@ -213,6 +255,7 @@ pub fn status_table(plan: &Plan, hosts: &[HostStatus]) -> String {
         "STATE",
         "UP",
         "RESTARTS",
+        "PROBE",
     ]
     .map(String::from)];
     for h in hosts {
@@ -235,6 +278,7 @@ pub fn status_table(plan: &Plan, hosts: &[HostStatus]) -> String {
                 .map(human_duration)
                 .unwrap_or_else(|| "-".to_string()),
             h.restarts.to_string(),
+            h.probe.clone(),
         ]);
     }
     let mut out = format!("{} (revision {})\n", plan.origin, plan.revision);
@@ -252,6 +296,9 @@ pub fn status_table(plan: &Plan, hosts: &[HostStatus]) -> String {
             out.push_str(&indent(h.output_tail.trim_end(), "  "));
             out.push('\n');
         }
+    }
+    if hosts.iter().any(|h| h.argv_env == ARGV_ENV_UNKNOWN) {
+        out.push_str("argv/env: unknown (agents do not report what a release was started with)\n");
     }
     let groups: Vec<&HostStatus> = hosts.iter().filter(|h| h.group.is_some()).collect();
     let converged = groups.iter().filter(|h| h.converged).count();

@@ -212,6 +212,14 @@ impl Plan {
             .collect()
     }
 
+    /// The group of `host` whose release is `release`, if any (validation allows at
+    /// most one).
+    pub(crate) fn group_running(&self, host: &HostPlan, release: &str) -> Option<&GroupPlan> {
+        self.groups_of(host)
+            .into_iter()
+            .find(|g| g.release == release)
+    }
+
     /// The groups a host belongs to, in the host's order; empty for a waiting host.
     pub(crate) fn groups_of(&self, host: &HostPlan) -> Vec<&GroupPlan> {
         host.groups
@@ -287,8 +295,17 @@ impl GroupPlan {
 /// Resolves a `HOST` argument: `ID@ADDR:PORT`, or an id found in the cluster file.
 /// `cluster` is the file given with `--cluster`, else `cluster.toml` when it exists.
 pub(crate) fn resolve_host(text: &str, cluster: Option<&Path>) -> Result<HostAddr> {
+    resolve_host_in(text, cluster).map(|(host, _)| host)
+}
+
+/// Like [`resolve_host`], with the cluster file's plan (archives unchecked) when the
+/// host was found in it; `None` for an `ID@ADDR:PORT` argument, which names no group.
+pub(crate) fn resolve_host_in(
+    text: &str,
+    cluster: Option<&Path>,
+) -> Result<(HostAddr, Option<Plan>)> {
     if text.contains('@') {
-        return text.parse();
+        return Ok((text.parse()?, None));
     }
     let path = match cluster {
         Some(path) => path.to_path_buf(),
@@ -306,12 +323,14 @@ pub(crate) fn resolve_host(text: &str, cluster: Option<&Path>) -> Result<HostAdd
         }
     };
     let plan = Plan::load_with(&path, &ArchiveLookup::Unchecked)?;
-    plan.host(text)
+    let host = plan
+        .host(text)
         .map(HostPlan::host_addr)
         .ok_or_else(|| Error::InvalidHost {
             text: text.to_string(),
             reason: format!("no host with this id in {}", path.display()),
-        })
+        })?;
+    Ok((host, Some(plan)))
 }
 
 fn read(path: &Path) -> Result<String> {
