@@ -657,3 +657,131 @@ pub async fn restart(ctx: &Context, cluster: Option<&Path>, args: RestartArgs) -
     println!("{}", send_start(&target.host, &mut session, request).await?);
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{ArchiveLookup, Plan};
+
+    const CLUSTER: &str = r#"
+revision = 1
+
+[[host]]
+id = "web-1"
+addr = "127.0.0.1:7070"
+groups = ["web", "metrics"]
+env = { PORT = "8081" }
+
+[group.web]
+release = "pong"
+version = "0.2.0"
+archive = "pong.tar.gz"
+argv = ["bin/pong", "foreground"]
+env = { PORT = "8080", MODE = "prod" }
+user = "pong"
+stop_grace_secs = 30
+
+[group.metrics]
+release = "probe"
+version = "1.0.0"
+archive = "probe.tar.gz"
+"#;
+
+    fn target(release: &str) -> Target {
+        let plan = Plan::parse(CLUSTER, "cluster.toml", &ArchiveLookup::Unchecked).expect("valid");
+        let host = plan.host("web-1").expect("web-1");
+        Target {
+            host: host.host_addr(),
+            group: plan
+                .group_running(host, release)
+                .map(|g| (host.clone(), g.clone())),
+            no_group: None,
+        }
+    }
+
+    fn flags(env: &[(&str, &str)], user: Option<&str>, argv: &[&str]) -> StartSettings {
+        StartSettings {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            user: user.map(str::to_string),
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_group_running_the_release_gives_argv_env_user_and_grace() {
+        let web = target("pong");
+        let (start, notes) = web.start_request("pong", "0.1.0", flags(&[], None, &[]));
+        assert_eq!(start.version, "0.1.0");
+        assert_eq!(start.argv, ["bin/pong", "foreground"]);
+        assert_eq!(
+            start.env,
+            [
+                ("MODE".to_string(), "prod".to_string()),
+                ("PORT".to_string(), "8081".to_string())
+            ],
+            "the host's env wins over the group's"
+        );
+        assert_eq!(start.user.as_deref(), Some("pong"));
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(web.stop_grace(None), Duration::from_secs(30));
+        assert_eq!(web.stop_grace(Some(2)), Duration::from_secs(2));
+
+        // The other group of the same host, for its own release.
+        let metrics = target("probe");
+        assert_eq!(
+            metrics.stop_grace(None),
+            Duration::from_secs(crate::cluster::DEFAULT_STOP_GRACE_SECS)
+        );
+        let (start, _) = metrics.start_request("probe", "1.0.0", flags(&[], None, &[]));
+        assert!(start.argv.is_empty() && start.user.is_none());
+        assert_eq!(start.env, [("PORT".to_string(), "8081".to_string())]);
+    }
+
+    #[test]
+    fn flags_override_the_group_and_say_so() {
+        let web = target("pong");
+        let (start, notes) = web.start_request(
+            "pong",
+            "0.2.0",
+            flags(
+                &[("MODE", "debug"), ("EXTRA", "1")],
+                Some("root"),
+                &["bin/pong", "console"],
+            ),
+        );
+        assert_eq!(start.argv, ["bin/pong", "console"]);
+        assert!(start
+            .env
+            .contains(&("MODE".to_string(), "debug".to_string())));
+        assert!(start.env.contains(&("EXTRA".to_string(), "1".to_string())));
+        assert!(start
+            .env
+            .contains(&("PORT".to_string(), "8081".to_string())));
+        assert_eq!(start.user.as_deref(), Some("root"));
+        let said = notes.join("\n");
+        assert!(
+            said.contains("argv from the command line, not group 'web'"),
+            "{said}"
+        );
+        assert!(said.contains("overrides group 'web''s MODE"), "{said}");
+        assert!(
+            !said.contains("EXTRA"),
+            "an added variable overrides nothing: {said}"
+        );
+        assert!(
+            said.contains("user 'root' from the command line, not group 'web''s pong"),
+            "{said}"
+        );
+
+        // No group: the flags alone, nothing to say.
+        let none = target("other");
+        let (start, notes) =
+            none.start_request("other", "1", flags(&[("A", "b")], None, &["bin/x"]));
+        assert_eq!(start.argv, ["bin/x"]);
+        assert_eq!(start.env, [("A".to_string(), "b".to_string())]);
+        assert!(notes.is_empty());
+    }
+}

@@ -321,3 +321,76 @@ fn human_duration(secs: u64) -> String {
         s => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        let text = "revision = 4\n\
+            [[host]]\nid = \"a-1\"\naddr = \"127.0.0.1:1\"\ngroups = [\"web\", \"metrics\"]\n\
+            [[host]]\nid = \"b-1\"\naddr = \"127.0.0.1:2\"\n\
+            [group.web]\nrelease = \"pong\"\nversion = \"2\"\narchive = \"p.tar.gz\"\n\
+            health = { tcp = 1 }\n\
+            [group.metrics]\nrelease = \"probe\"\nversion = \"1\"\narchive = \"q.tar.gz\"\n";
+        Plan::parse(text, "cluster.toml", &ArchiveLookup::Unchecked).expect("valid")
+    }
+
+    fn row(host: &str, group: Option<&str>) -> HostStatus {
+        HostStatus {
+            host: host.to_string(),
+            group: group.map(str::to_string),
+            addr: "127.0.0.1:1".to_string(),
+            reachable: true,
+            error: None,
+            release: group.map(|_| "pong".to_string()),
+            desired_version: group.map(|_| "2".to_string()),
+            running_version: None,
+            state: "waiting".to_string(),
+            pid: None,
+            up_secs: None,
+            restarts: 0,
+            versions: Vec::new(),
+            output_tail: String::new(),
+            converged: true,
+            probe: "-".to_string(),
+            argv_env: "-".to_string(),
+        }
+    }
+
+    #[test]
+    fn the_table_has_a_row_per_host_and_group_and_counts_waiting_hosts_apart() {
+        let mut web = row("a-1", Some("web"));
+        web.state = "running".to_string();
+        web.running_version = Some("2".to_string());
+        web.probe = "ok".to_string();
+        web.argv_env = ARGV_ENV_UNKNOWN.to_string();
+        let mut metrics = row("a-1", Some("metrics"));
+        metrics.state = "not installed".to_string();
+        metrics.converged = false;
+        metrics.probe = "failed: 127.0.0.1:1: refused".to_string();
+        metrics.argv_env = ARGV_ENV_UNKNOWN.to_string();
+        let waiting = row("b-1", None);
+        let table = status_table(&plan(), &[web, metrics, waiting]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("cluster.toml (revision 4)"), "{table}");
+        assert!(lines[1].contains("PROBE"), "{table}");
+        let words = |line: &str| {
+            line.split_whitespace()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(words(lines[2])[..2], ["a-1", "web"], "{table}");
+        assert!(lines[2].ends_with("ok"), "{table}");
+        assert_eq!(words(lines[3])[..2], ["a-1", "metrics"], "{table}");
+        assert!(
+            lines[3].ends_with("failed: 127.0.0.1:1: refused"),
+            "{table}"
+        );
+        assert_eq!(words(lines[4])[..2], ["b-1", "-"], "{table}");
+        assert!(lines[4].contains("waiting"), "{table}");
+        assert!(table.contains("argv/env: unknown"), "{table}");
+        assert!(table.contains("1 of 2 host/group pair(s)"), "{table}");
+        assert!(table.contains("1 host(s) waiting in no group"), "{table}");
+    }
+}
