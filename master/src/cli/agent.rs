@@ -643,8 +643,14 @@ pub async fn restart(ctx: &Context, cluster: Option<&Path>, args: RestartArgs) -
         }
     };
     let (request, notes) = target.start_request(&args.name, &version, args.settings);
-    if let Some(line) = target.describe() {
-        println!("{line}");
+    match target.describe() {
+        Some(line) => println!("{line}"),
+        // The agent does not say what a release was started with: a restart without a
+        // group starts it with exactly what is given here.
+        None => println!(
+            "{}: no cluster group: {} {version} is started with the command line's argv, env and user only",
+            target.host.id, args.name
+        ),
     }
     for note in notes {
         println!("{}: {note}", target.host.id);

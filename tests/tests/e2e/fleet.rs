@@ -331,4 +331,15 @@ async fn host_commands_take_the_groups_settings() {
     let direct = site.agents[0].host().to_string();
     let (ok, out) = site.erel(&["stop", &direct, ENV_RELEASE]);
     assert!(ok && !out.contains("group"), "{out}");
+    std::fs::remove_file(site.env_file("cmd-1")).expect("remove");
+    let (ok, out) = site.erel(&["restart", &direct, ENV_RELEASE, "--env", &path]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "no cluster group: envdump {ENV_VERSION} is started with the command line's"
+        )) && out.contains("envdump was not running"),
+        "the version last run, and a warning: {out}"
+    );
+    let env = site.env_of("cmd-1");
+    assert!(!env.contains("FROM_GROUP"), "no group settings: {env}");
 }
