@@ -540,6 +540,15 @@ fn two_groups_of_one_host_may_not_run_the_same_release() {
 }
 
 #[test]
+fn a_misspelt_group_is_reported_rather_than_the_group_it_leaves_empty() {
+    let text = groups_text(
+        "[[host]]\nid = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroups = [\"web\", \"metric\"]\n",
+    );
+    let error = parse_unchecked(&text).expect_err("misspelt").to_string();
+    assert_mentions(&error, &["host[0].groups[1]", "unknown group 'metric'"]);
+}
+
+#[test]
 fn a_group_no_host_names_is_refused() {
     let text = groups_text("[[host]]\nid = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroup = \"web\"\n");
     let error = parse_unchecked(&text).expect_err("empty group").to_string();

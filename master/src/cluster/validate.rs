@@ -43,7 +43,7 @@ pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<P
         .host
         .iter()
         .enumerate()
-        .map(|(index, host)| memberships(&fault, index, host))
+        .map(|(index, host)| memberships(&fault, index, host, &raw.group))
         .collect::<Result<Vec<_>>>()?;
 
     let mut groups = BTreeMap::new();
@@ -106,8 +106,31 @@ pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<P
 }
 
 /// The groups a host names, each with the field that names it: `group = "g"` or
-/// `groups = [...]` (not both, no group twice); neither is a waiting host.
-fn memberships(fault: &Fault<'_>, index: usize, host: &RawHost) -> Result<Vec<(String, String)>> {
+/// `groups = [...]` (not both, no group twice, each defined in the file); neither is a
+/// waiting host. Checked before the groups, so that a misspelt name is reported as
+/// such rather than as the group it leaves empty.
+fn memberships(
+    fault: &Fault<'_>,
+    index: usize,
+    host: &RawHost,
+    defined: &BTreeMap<String, RawGroup>,
+) -> Result<Vec<(String, String)>> {
+    let named = named_groups(fault, index, host)?;
+    for (at, name) in &named {
+        if !defined.contains_key(name) {
+            let known: Vec<&str> = defined.keys().map(String::as_str).collect();
+            let known = if known.is_empty() {
+                "the file defines no [group.NAME]".to_string()
+            } else {
+                format!("groups: {}", known.join(", "))
+            };
+            return Err(fault.at(at, format!("unknown group '{name}' ({known})")));
+        }
+    }
+    Ok(named)
+}
+
+fn named_groups(fault: &Fault<'_>, index: usize, host: &RawHost) -> Result<Vec<(String, String)>> {
     match (&host.group, &host.groups) {
         (Some(_), Some(_)) => Err(fault.at(
             format!("host[{index}]"),
@@ -155,13 +178,8 @@ fn host_plan(
     let mut releases: Vec<(&str, &GroupPlan)> = Vec::new();
     for (at, name) in member_of {
         let Some(group) = groups.get(name) else {
-            let known: Vec<&str> = groups.keys().map(String::as_str).collect();
-            let known = if known.is_empty() {
-                "the file defines no [group.NAME]".to_string()
-            } else {
-                format!("groups: {}", known.join(", "))
-            };
-            return Err(fault.at(at, format!("unknown group '{name}' ({known})")));
+            // `memberships` checked every name against the file's groups.
+            continue;
         };
         if let Some((_, other)) = releases.iter().find(|(_, g)| g.release == group.release) {
             return Err(fault.at(
