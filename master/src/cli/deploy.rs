@@ -375,6 +375,20 @@ fn describe_plan(plan: &Plan, only: &[String]) -> String {
         }
         out.push_str(&describe_group(plan, group));
     }
+    let waiting: Vec<&str> = plan
+        .hosts
+        .iter()
+        .filter(|h| h.groups.is_empty())
+        .map(|h| h.id.as_str())
+        .collect();
+    if !waiting.is_empty() {
+        out.push_str(&format!(
+            "
+waiting (in no group, nothing deployed): {}
+",
+            waiting.join(", ")
+        ));
+    }
     out
 }
 

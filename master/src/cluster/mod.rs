@@ -8,7 +8,7 @@
 //! [[host]]
 //! id = "web-1"
 //! addr = "10.0.0.11:7070"
-//! group = "web"
+//! group = "web"                   # or groups = ["web", "metrics"]; neither: waiting
 //! env = { BEAT_PORT = "27182" }   # optional, merged over the group's env
 //!
 //! [group.web]
@@ -20,18 +20,27 @@
 //! env = { NODE_NAME = "beat" }
 //! user = "beat"                            # optional
 //! max_in_flight = 1                        # default 1
-//! canaries = 1                             # default 1 (0 when the group has no hosts)
+//! canaries = 1                             # default 1
 //! stop_grace_secs = 10                     # default 10
 //! health = { tcp = 27182, min_up_secs = 5, deadline_secs = 60 }
 //! ```
+//!
+//! A host may belong to several groups (`groups = [...]`), each running its own
+//! release on it; two groups of one host may not name the same release. A host in no
+//! group is waiting: known and pinged, but nothing is deployed to it. A group that no
+//! host names is refused.
 //!
 //! `health.tcp` may also name a variable of each host's environment, as
 //! `tcp = "$BEAT_PORT"`, when hosts listen on different ports (several agents on one
 //! machine); every host of the group must then give that variable a port number.
 //!
+//! When the archive is opened, its `releases/<version>/` directories (the relx layout)
+//! must include the group's `version`; an archive with no such directory is not checked.
+//!
 //! Where archives are found is the caller's choice ([`ArchiveLookup`]): beside the
 //! file for `erel deploy`, in an artifact directory for a config received over AMQP.
 
+mod contents;
 mod raw;
 mod validate;
 
@@ -88,8 +97,9 @@ pub(crate) struct HostPlan {
     pub(crate) id: String,
     /// `ADDR:PORT` of its agent.
     pub(crate) addr: String,
-    /// The group it belongs to.
-    pub(crate) group: String,
+    /// The groups it belongs to, in file order; each runs its own release. Empty: the
+    /// host is waiting (pinged by `status`, nothing deployed to it).
+    pub(crate) groups: Vec<String>,
     /// Host-only environment, merged over the group's.
     pub(crate) env: BTreeMap<String, String>,
 }
@@ -194,14 +204,28 @@ impl Plan {
         self.hosts.iter().find(|h| h.id == id)
     }
 
-    /// The hosts of `group`, in file order.
+    /// The hosts that are members of `group`, in file order.
     pub(crate) fn hosts_in(&self, group: &str) -> Vec<&HostPlan> {
-        self.hosts.iter().filter(|h| h.group == group).collect()
+        self.hosts
+            .iter()
+            .filter(|h| h.groups.iter().any(|g| g == group))
+            .collect()
     }
 
-    /// The group a host belongs to.
-    pub(crate) fn group_of(&self, host: &HostPlan) -> Option<&GroupPlan> {
-        self.groups.get(&host.group)
+    /// The group of `host` whose release is `release`, if any (validation allows at
+    /// most one).
+    pub(crate) fn group_running(&self, host: &HostPlan, release: &str) -> Option<&GroupPlan> {
+        self.groups_of(host)
+            .into_iter()
+            .find(|g| g.release == release)
+    }
+
+    /// The groups a host belongs to, in the host's order; empty for a waiting host.
+    pub(crate) fn groups_of(&self, host: &HostPlan) -> Vec<&GroupPlan> {
+        host.groups
+            .iter()
+            .filter_map(|name| self.groups.get(name))
+            .collect()
     }
 }
 
@@ -271,8 +295,17 @@ impl GroupPlan {
 /// Resolves a `HOST` argument: `ID@ADDR:PORT`, or an id found in the cluster file.
 /// `cluster` is the file given with `--cluster`, else `cluster.toml` when it exists.
 pub(crate) fn resolve_host(text: &str, cluster: Option<&Path>) -> Result<HostAddr> {
+    resolve_host_in(text, cluster).map(|(host, _)| host)
+}
+
+/// Like [`resolve_host`], with the cluster file's plan (archives unchecked) when the
+/// host was found in it; `None` for an `ID@ADDR:PORT` argument, which names no group.
+pub(crate) fn resolve_host_in(
+    text: &str,
+    cluster: Option<&Path>,
+) -> Result<(HostAddr, Option<Plan>)> {
     if text.contains('@') {
-        return text.parse();
+        return Ok((text.parse()?, None));
     }
     let path = match cluster {
         Some(path) => path.to_path_buf(),
@@ -290,12 +323,14 @@ pub(crate) fn resolve_host(text: &str, cluster: Option<&Path>) -> Result<HostAdd
         }
     };
     let plan = Plan::load_with(&path, &ArchiveLookup::Unchecked)?;
-    plan.host(text)
+    let host = plan
+        .host(text)
         .map(HostPlan::host_addr)
         .ok_or_else(|| Error::InvalidHost {
             text: text.to_string(),
             reason: format!("no host with this id in {}", path.display()),
-        })
+        })?;
+    Ok((host, Some(plan)))
 }
 
 fn read(path: &Path) -> Result<String> {

@@ -23,7 +23,10 @@ pub(super) struct RawCluster {
 pub(super) struct RawHost {
     pub id: String,
     pub addr: String,
-    pub group: String,
+    /// The one group of this host; `groups` names several. Neither: the host waits.
+    pub group: Option<String>,
+    /// The groups of this host, each running its own release.
+    pub groups: Option<Vec<String>>,
     /// Variables for this host only, merged over the group's `env`.
     #[serde(default)]
     pub env: BTreeMap<String, String>,

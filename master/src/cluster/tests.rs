@@ -17,7 +17,7 @@ impl Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(dir.path().join("releases")).expect("mkdir");
         let archive = dir.path().join("releases/beat-0.2.0.tar.gz");
-        std::fs::write(&archive, b"not really a tarball").expect("write");
+        write_archive(&archive, &["bin/beat", "releases/0.2.0/start.boot"], true);
         let sha256 = sha256_file(&archive).expect("hash");
         Fixture { dir, sha256 }
     }
@@ -70,6 +70,30 @@ health = {{ tcp = 27182, min_up_secs = 5, deadline_secs = 60 }}
             Err(e) => e.to_string(),
         }
     }
+}
+
+/// A tar (gzipped when `gzip`) holding an empty file at each of `paths`.
+fn write_archive(path: &Path, paths: &[&str], gzip: bool) {
+    let mut builder = tar::Builder::new(Vec::new());
+    for name in paths {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(0);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, name, std::io::empty())
+            .expect("append");
+    }
+    let tar = builder.into_inner().expect("finish");
+    let bytes = if gzip {
+        use std::io::Write as _;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(&tar).expect("gzip");
+        encoder.finish().expect("gzip")
+    } else {
+        tar
+    };
+    std::fs::write(path, bytes).expect("write");
 }
 
 fn assert_mentions(error: &str, parts: &[&str]) {
@@ -130,7 +154,7 @@ fn defaults_apply_when_fields_are_left_out() {
     .expect("copy");
     let text = format!(
         "revision = 1\n[[host]]\nid = \"a-1\"\naddr = \"127.0.0.1:1\"\ngroup = \"g\"\n\
-         [group.g]\nrelease = \"beat\"\nversion = \"1\"\nsha256 = \"{}\"\n",
+         [group.g]\nrelease = \"beat\"\nversion = \"0.2.0\"\nsha256 = \"{}\"\n",
         fx.sha256
     );
     let plan = fx.parse(&text).expect("valid");
@@ -396,4 +420,204 @@ fn syntax_errors_near_multibyte_text_point_at_a_character() {
         broken.insert_str(at, "é\"🦀=");
         let _ = fx.parse(&broken);
     }
+}
+
+/// Two groups, `web` (release beat) and `metrics` (release probe); `HOSTS` is spliced
+/// in as the `[[host]]` tables.
+fn groups_text(hosts: &str) -> String {
+    format!(
+        r#"
+revision = 3
+{hosts}
+[group.web]
+release = "beat"
+version = "0.2.0"
+archive = "beat.tar.gz"
+
+[group.metrics]
+release = "probe"
+version = "1.0.0"
+archive = "probe.tar.gz"
+"#
+    )
+}
+
+fn parse_unchecked(text: &str) -> Result<Plan> {
+    Plan::parse(text, FILE, &ArchiveLookup::Unchecked)
+}
+
+#[test]
+fn a_host_may_belong_to_several_groups_and_a_host_in_none_waits() {
+    let text = groups_text(
+        r#"
+[[host]]
+id = "both-1"
+addr = "10.0.0.1:7070"
+groups = ["web", "metrics"]
+
+[[host]]
+id = "web-1"
+addr = "10.0.0.2:7070"
+group = "web"
+
+[[host]]
+id = "spare-1"
+addr = "10.0.0.3:7070"
+"#,
+    );
+    let plan = parse_unchecked(&text).expect("valid");
+    let ids = |group: &str| -> Vec<String> {
+        plan.hosts_in(group).iter().map(|h| h.id.clone()).collect()
+    };
+    assert_eq!(ids("web"), ["both-1", "web-1"]);
+    assert_eq!(ids("metrics"), ["both-1"]);
+    let both = plan.host("both-1").expect("both-1");
+    assert_eq!(both.groups, ["web", "metrics"]);
+    let releases: Vec<&str> = plan
+        .groups_of(both)
+        .iter()
+        .map(|g| g.release.as_str())
+        .collect();
+    assert_eq!(releases, ["beat", "probe"]);
+    let spare = plan.host("spare-1").expect("spare-1");
+    assert!(spare.groups.is_empty(), "waiting");
+    assert!(plan.groups_of(spare).is_empty());
+    assert_eq!(plan.groups["metrics"].canaries, 1);
+}
+
+#[test]
+fn group_membership_refusals_name_the_host_and_the_groups() {
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "id = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroup = \"web\"\ngroups = [\"metrics\"]",
+            &["host[0]", "'a-1'", "both `group` and `groups`"],
+        ),
+        (
+            "id = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroups = [\"web\", \"metrics\", \"web\"]",
+            &["host[0].groups[2]", "'a-1'", "group 'web' twice"],
+        ),
+        (
+            "id = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroups = [\"web\", \"db\"]",
+            &["host[0].groups[1]", "unknown group 'db'", "metrics, web"],
+        ),
+    ];
+    for (host, parts) in cases {
+        let text = groups_text(&format!(
+            "[[host]]\n{host}\n[[host]]\nid = \"b-1\"\naddr = \"10.0.0.2:1\"\ngroups = [\"web\", \"metrics\"]\n"
+        ));
+        let error = parse_unchecked(&text).expect_err(host).to_string();
+        assert!(error.starts_with(FILE), "{error:?} names the file");
+        assert_mentions(&error, parts);
+    }
+}
+
+#[test]
+fn two_groups_of_one_host_may_not_run_the_same_release() {
+    let text = groups_text(
+        "[[host]]\nid = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroups = [\"web\", \"metrics\"]\n",
+    )
+    .replace("release = \"probe\"", "release = \"beat\"");
+    let error = parse_unchecked(&text)
+        .expect_err("same release")
+        .to_string();
+    assert_mentions(
+        &error,
+        &[
+            FILE,
+            "host[0].groups[1]",
+            "groups 'web' and 'metrics'",
+            "release 'beat'",
+            "host 'a-1'",
+        ],
+    );
+    // On different hosts, two groups may run the same release.
+    let text = groups_text(
+        "[[host]]\nid = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroup = \"web\"\n\
+         [[host]]\nid = \"b-1\"\naddr = \"10.0.0.2:1\"\ngroup = \"metrics\"\n",
+    )
+    .replace("release = \"probe\"", "release = \"beat\"");
+    parse_unchecked(&text).expect("one release per host");
+}
+
+#[test]
+fn a_misspelt_group_is_reported_rather_than_the_group_it_leaves_empty() {
+    let text = groups_text(
+        "[[host]]\nid = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroups = [\"web\", \"metric\"]\n",
+    );
+    let error = parse_unchecked(&text).expect_err("misspelt").to_string();
+    assert_mentions(&error, &["host[0].groups[1]", "unknown group 'metric'"]);
+}
+
+#[test]
+fn a_group_no_host_names_is_refused() {
+    let text = groups_text("[[host]]\nid = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroup = \"web\"\n");
+    let error = parse_unchecked(&text).expect_err("empty group").to_string();
+    assert_mentions(
+        &error,
+        &[FILE, "group.metrics", "no host names group 'metrics'"],
+    );
+}
+
+#[test]
+fn a_version_the_archive_does_not_hold_is_refused() {
+    let fx = Fixture::new();
+    let error = fx.error_with("version = \"0.2.0\"", "version = \"0.3.0\"");
+    assert_mentions(
+        &error,
+        &[
+            FILE,
+            "group.web.version",
+            "group 'web'",
+            "'0.3.0'",
+            "beat-0.2.0.tar.gz",
+            "version(s) found: 0.2.0",
+        ],
+    );
+    // Not checked without archives.
+    let text = fx
+        .text()
+        .replacen("version = \"0.2.0\"", "version = \"0.3.0\"", 1);
+    Plan::parse(&text, FILE, &ArchiveLookup::Unchecked).expect("unchecked");
+}
+
+#[test]
+fn release_versions_are_the_directories_under_releases() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("otp.tar");
+    write_archive(
+        &path,
+        &[
+            "./releases/RELEASES",
+            "./releases/start_erl.data",
+            "./releases/0.1.0/vm.args",
+            "./releases/0.2.0/sys.config",
+            "./releases/0.2.0/start.boot",
+            "./lib/app-0.2.0/ebin/app.app",
+        ],
+        false,
+    );
+    let versions = contents::release_versions(&path).expect("readable");
+    assert_eq!(versions.found, ["0.1.0", "0.2.0"]);
+    assert!(!versions.truncated);
+
+    // No releases/ directory: nothing to compare, the version passes.
+    let fx = Fixture::new();
+    write_archive(
+        &fx.dir.path().join("releases/beat-0.2.0.tar.gz"),
+        &["bin/beat"],
+        true,
+    );
+    let text = fx
+        .text()
+        .replace(&format!("sha256 = \"{}\"\n", fx.sha256), "")
+        .replacen("version = \"0.2.0\"", "version = \"9\"", 1);
+    fx.parse(&text).expect("not the relx layout");
+
+    // Not a tar stream at all: left to the agent's unpacker, which names the fault.
+    std::fs::write(fx.dir.path().join("releases/beat-0.2.0.tar.gz"), b"garbage").expect("write");
+    assert!(contents::release_versions(&fx.dir.path().join("releases/beat-0.2.0.tar.gz")).is_err());
+    let text = fx
+        .text()
+        .replace(&format!("sha256 = \"{}\"\n", fx.sha256), "");
+    fx.parse(&text).expect("not listed here");
 }

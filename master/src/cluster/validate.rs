@@ -7,6 +7,7 @@ use std::time::Duration;
 use erel_proto::text::floor_char_boundary;
 use erel_proto::Sha256;
 
+use super::contents::{release_versions, MAX_ENTRIES};
 use super::raw::{RawCluster, RawGroup, RawHost, RawPort};
 use super::{
     Archive, ArchiveLookup, GroupPlan, Health, HostPlan, Plan, TcpProbe, DEFAULT_DEADLINE_SECS,
@@ -38,9 +39,19 @@ pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<P
     let raw: RawCluster = toml::from_str(text).map_err(|e| toml_error(origin, text, &e))?;
     let fault = Fault { origin };
 
+    let memberships = raw
+        .host
+        .iter()
+        .enumerate()
+        .map(|(index, host)| memberships(&fault, index, host, &raw.group))
+        .collect::<Result<Vec<_>>>()?;
+
     let mut groups = BTreeMap::new();
     for (name, group) in &raw.group {
-        let hosts = raw.host.iter().filter(|h| &h.group == name).count();
+        let hosts = memberships
+            .iter()
+            .filter(|m| m.iter().any(|(_, g)| g == name))
+            .count();
         groups.insert(
             name.clone(),
             group_plan(&fault, name, group, hosts, lookup)?,
@@ -50,8 +61,8 @@ pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<P
     let mut hosts = Vec::with_capacity(raw.host.len());
     let mut ids: HashMap<&str, usize> = HashMap::new();
     let mut addrs: HashMap<&str, usize> = HashMap::new();
-    for (index, host) in raw.host.iter().enumerate() {
-        hosts.push(host_plan(&fault, index, host, &groups)?);
+    for (index, (host, member_of)) in raw.host.iter().zip(&memberships).enumerate() {
+        hosts.push(host_plan(&fault, index, host, member_of, &groups)?);
         if let Some(first) = ids.insert(host.id.as_str(), index) {
             return Err(fault.at(
                 format!("host[{index}].id"),
@@ -70,10 +81,10 @@ pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<P
     }
 
     for (index, host) in hosts.iter().enumerate() {
-        let Some(group) = groups.get(&host.group) else {
-            continue;
-        };
-        if let Some(TcpProbe::Variable(name)) = &group.health.tcp {
+        for group in host.groups.iter().filter_map(|g| groups.get(g)) {
+            let Some(TcpProbe::Variable(name)) = &group.health.tcp else {
+                continue;
+            };
             if group.probe_port(host).is_none_or(|port| port == 0) {
                 return Err(fault.at(
                     format!("host[{index}].env.{name}"),
@@ -94,10 +105,63 @@ pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<P
     })
 }
 
+/// The groups a host names, each with the field that names it: `group = "g"` or
+/// `groups = [...]` (not both, no group twice, each defined in the file); neither is a
+/// waiting host. Checked before the groups, so that a misspelt name is reported as
+/// such rather than as the group it leaves empty.
+fn memberships(
+    fault: &Fault<'_>,
+    index: usize,
+    host: &RawHost,
+    defined: &BTreeMap<String, RawGroup>,
+) -> Result<Vec<(String, String)>> {
+    let named = named_groups(fault, index, host)?;
+    for (at, name) in &named {
+        if !defined.contains_key(name) {
+            let known: Vec<&str> = defined.keys().map(String::as_str).collect();
+            let known = if known.is_empty() {
+                "the file defines no [group.NAME]".to_string()
+            } else {
+                format!("groups: {}", known.join(", "))
+            };
+            return Err(fault.at(at, format!("unknown group '{name}' ({known})")));
+        }
+    }
+    Ok(named)
+}
+
+fn named_groups(fault: &Fault<'_>, index: usize, host: &RawHost) -> Result<Vec<(String, String)>> {
+    match (&host.group, &host.groups) {
+        (Some(_), Some(_)) => Err(fault.at(
+            format!("host[{index}]"),
+            format!(
+                "host '{}' sets both `group` and `groups`: use `groups = [...]` alone for several",
+                host.id
+            ),
+        )),
+        (Some(group), None) => Ok(vec![(format!("host[{index}].group"), group.clone())]),
+        (None, None) => Ok(Vec::new()),
+        (None, Some(names)) => {
+            let mut out: Vec<(String, String)> = Vec::with_capacity(names.len());
+            for (at, name) in names.iter().enumerate() {
+                if out.iter().any(|(_, seen)| seen == name) {
+                    return Err(fault.at(
+                        format!("host[{index}].groups[{at}]"),
+                        format!("host '{}' names group '{name}' twice", host.id),
+                    ));
+                }
+                out.push((format!("host[{index}].groups[{at}]"), name.clone()));
+            }
+            Ok(out)
+        }
+    }
+}
+
 fn host_plan(
     fault: &Fault<'_>,
     index: usize,
     host: &RawHost,
+    member_of: &[(String, String)],
     groups: &BTreeMap<String, GroupPlan>,
 ) -> Result<HostPlan> {
     let field = |name: &str| format!("host[{index}].{name}");
@@ -111,23 +175,28 @@ fn host_plan(
             }
             other => fault.at(field("addr"), other.to_string()),
         })?;
-    if !groups.contains_key(&host.group) {
-        let known: Vec<&str> = groups.keys().map(String::as_str).collect();
-        let known = if known.is_empty() {
-            "the file defines no [group.NAME]".to_string()
-        } else {
-            format!("groups: {}", known.join(", "))
+    let mut releases: Vec<(&str, &GroupPlan)> = Vec::new();
+    for (at, name) in member_of {
+        let Some(group) = groups.get(name) else {
+            // `memberships` checked every name against the file's groups.
+            continue;
         };
-        return Err(fault.at(
-            field("group"),
-            format!("unknown group '{}' ({known})", host.group),
-        ));
+        if let Some((_, other)) = releases.iter().find(|(_, g)| g.release == group.release) {
+            return Err(fault.at(
+                at,
+                format!(
+                    "groups '{}' and '{name}' both run release '{}' on host '{}': a host runs one version of a release",
+                    other.name, group.release, host.id
+                ),
+            ));
+        }
+        releases.push((at, group));
     }
     check_env(fault, &field("env"), &host.env)?;
     Ok(HostPlan {
         id: host.id.clone(),
         addr: host.addr.clone(),
-        group: host.group.clone(),
+        groups: member_of.iter().map(|(_, name)| name.clone()).collect(),
         env: host.env.clone(),
     })
 }
@@ -144,6 +213,12 @@ fn group_plan(
         return Err(fault.at(
             format!("group.{name}"),
             "not a valid group name: use letters, digits, '-' and '_'",
+        ));
+    }
+    if hosts == 0 {
+        return Err(fault.at(
+            format!("group.{name}"),
+            format!("no host names group '{name}': add it to a host's `group`/`groups`, or remove the group"),
         ));
     }
     check_name(fault, &field("release"), "release name", &group.release)?;
@@ -167,7 +242,7 @@ fn group_plan(
             }
             canaries
         }
-        None => hosts.min(1),
+        None => 1,
     };
 
     let stop_grace_secs = group.stop_grace_secs.unwrap_or(DEFAULT_STOP_GRACE_SECS);
@@ -354,11 +429,40 @@ fn archive(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     check_name(fault, &archive_field, "archive file name", &file_name)?;
+    check_version(fault, name, group, &path)?;
     Ok(Some(Archive {
         path,
         file_name,
         sha256,
     }))
+}
+
+/// Refuses a `version` the archive's `releases/<version>/` directories do not include.
+/// An archive without any (not the relx layout) says nothing and passes; so does one
+/// this listing cannot read: the agent's unpacker is the authority on what it accepts
+/// and refuses such an archive itself, naming the entry.
+fn check_version(fault: &Fault<'_>, name: &str, group: &RawGroup, path: &Path) -> Result<()> {
+    let Ok(versions) = release_versions(path) else {
+        return Ok(());
+    };
+    if versions.found.is_empty() || versions.found.contains(&group.version) {
+        return Ok(());
+    }
+    let among = if versions.truncated {
+        format!(" among its first {MAX_ENTRIES} entries")
+    } else {
+        String::new()
+    };
+    Err(fault.at(
+        format!("group.{name}.version"),
+        format!(
+            "group '{name}' gives version '{}' but {} holds releases/{}/{among} (version(s) found: {})",
+            group.version,
+            path.display(),
+            versions.found.join("/, releases/"),
+            versions.found.join(", ")
+        ),
+    ))
 }
 
 /// The first archive-like regular file in `dirs` whose content has this digest.
