@@ -36,6 +36,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub(crate) use converge::{converge_file, keep_converged, ConvergeOptions};
+pub use decide::{Evidence, ProbeAnswer, VerdictKind};
 pub use runner::run;
 
 use crate::client::Connector;
@@ -128,6 +129,31 @@ pub enum RolloutEvent {
         /// The phase.
         phase: HostPhase,
     },
+    /// Verification reached a verdict on a started release (the new version, or the
+    /// old one restarted by a rollback), on this evidence.
+    HostVerdict {
+        /// Group name.
+        group: String,
+        /// Host id.
+        host: String,
+        /// The version judged.
+        version: String,
+        /// Healthy, unhealthy, or not healthy by the deadline.
+        verdict: VerdictKind,
+        /// What the verdict rests on.
+        evidence: Evidence,
+    },
+    /// A running release was asked to drain before its stop; the stop follows
+    /// whatever the answer.
+    HostDrain {
+        /// Group name.
+        group: String,
+        /// Host id.
+        host: String,
+        /// What was asked and answered.
+        #[serde(flatten)]
+        outcome: DrainOutcome,
+    },
     /// A host runs the desired version, healthy, after a switch.
     HostDone {
         /// Group name.
@@ -214,6 +240,43 @@ impl HostFailure {
             output_tail: String::new(),
             rolled_back: false,
         }
+    }
+}
+
+/// The drain request sent before a running release's stop, and its answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DrainOutcome {
+    /// The version that was running, when the agent said.
+    pub version: Option<String>,
+    /// The request: `POST http://HOST:PORT/PATH`.
+    pub request: String,
+    /// Whether it answered with a 2xx status (drained) within the timeout.
+    pub drained: bool,
+    /// What it answered: `HTTP 200 OK`, or why there was no answer (`connection
+    /// refused`, `no answer within 10s`).
+    pub answer: String,
+    /// How long it took, in milliseconds.
+    pub took_ms: u64,
+    /// The drain timeout, in seconds.
+    pub timeout_secs: u64,
+}
+
+impl fmt::Display for DrainOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = if self.drained {
+            "drained"
+        } else {
+            "NOT drained"
+        };
+        write!(
+            f,
+            "{what}: {} answered {} in {}ms",
+            self.request, self.answer, self.took_ms
+        )?;
+        if !self.drained {
+            write!(f, " (timeout {}s); stopping it anyway", self.timeout_secs)?;
+        }
+        Ok(())
     }
 }
 
