@@ -231,9 +231,13 @@ pub(super) async fn drain_before_stop(
     let target = host.probe_host();
     let began = Instant::now();
     let outcome = http_request(Method::POST, target, port, &drain.path, drain.timeout).await;
-    let (drained, answer) = match outcome {
-        Ok(status) => (status.is_success(), format!("HTTP {status}")),
-        Err(why) => (false, why),
+    let (drained, status, answer) = match outcome {
+        Ok(status) => (
+            status.is_success(),
+            Some(status.as_u16()),
+            format!("HTTP {status}"),
+        ),
+        Err(why) => (false, None, why),
     };
     emit(
         events,
@@ -244,6 +248,7 @@ pub(super) async fn drain_before_stop(
                 version: (!version.is_empty()).then_some(version),
                 request: format!("POST http://{}{}", authority(target, port), drain.path),
                 drained,
+                status,
                 answer,
                 took_ms: millis(began.elapsed()),
                 timeout_secs: drain.timeout.as_secs(),

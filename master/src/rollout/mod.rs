@@ -252,6 +252,8 @@ pub struct DrainOutcome {
     pub request: String,
     /// Whether it answered with a 2xx status (drained) within the timeout.
     pub drained: bool,
+    /// The HTTP status it answered, if it answered.
+    pub status: Option<u16>,
     /// What it answered: `HTTP 200 OK`, or why there was no answer (`connection
     /// refused`, `no answer within 10s`).
     pub answer: String,
@@ -268,9 +270,14 @@ impl fmt::Display for DrainOutcome {
         } else {
             "NOT drained"
         };
+        let verb = if self.status.is_some() {
+            "answered"
+        } else {
+            "got no answer:"
+        };
         write!(
             f,
-            "{what}: {} answered {} in {}ms",
+            "{what}: {} {verb} {} in {}ms",
             self.request, self.answer, self.took_ms
         )?;
         if !self.drained {

@@ -8,6 +8,7 @@ mod amqp;
 mod certs_cli;
 mod containment;
 mod deploy;
+mod health;
 mod inputs;
 mod one_agent;
 mod otp;
