@@ -8,7 +8,8 @@
 //! - `driver`: performs what decide asks: ping, stage, stop, start, roll back; it
 //!   respects `max_in_flight` through [`decide::GroupSchedule`].
 //! - `health`: the I/O of verification: watching a started release (pings, the TCP
-//!   probe) until decide gives a verdict, with its evidence.
+//!   and HTTP probes) until decide gives a verdict, with its evidence; the drain
+//!   request before a stop.
 //! - [`run`] (`runner`): one rollout, its events handed to a callback as they happen;
 //!   `deploy`, `demo` and both daemons run rollouts through it.
 //! - [`converge`]: the daemons' one loop: converge again every few seconds, so drift is
@@ -16,8 +17,10 @@
 //!   AMQP config log).
 //!
 //! Per host: ping → stage (push, skipped when present; unpack into
-//! `releases/<name>/<version>`) → stop old → start new → verify (up `min_up_secs`
-//! without a restart, TCP probe if set, within `deadline_secs`) → done. On failure:
+//! `releases/<name>/<version>`) → drain old (if the group says) → stop old → start
+//! new → verify (up `min_up_secs` without a restart, every TCP/HTTP probe passing
+//! `passes` looks in a row, within `deadline_secs`; each verdict sent as a
+//! [`RolloutEvent::HostVerdict`] with its [`Evidence`]) → done. On failure:
 //! stop new, start old (with the group's argv and env, see
 //! [`crate::cluster::GroupPlan::start_request`]), verify old, report the host failed
 //! with the release's own output. Staging runs ahead on every host of the group, so a
