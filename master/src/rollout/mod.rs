@@ -404,6 +404,51 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_drain_says_whether_the_stop_proceeds_without_it() {
+        let mut outcome = DrainOutcome {
+            version: Some("0.1.0".into()),
+            request: "POST http://10.0.0.11:8080/drain".into(),
+            drained: true,
+            status: Some(200),
+            answer: "HTTP 200 OK".into(),
+            took_ms: 12,
+            timeout_secs: 10,
+        };
+        assert_eq!(
+            outcome.to_string(),
+            "drained: POST http://10.0.0.11:8080/drain answered HTTP 200 OK in 12ms"
+        );
+        outcome.drained = false;
+        outcome.status = Some(503);
+        outcome.answer = "HTTP 503 Service Unavailable".into();
+        assert_eq!(
+            outcome.to_string(),
+            "NOT drained: POST http://10.0.0.11:8080/drain answered HTTP 503 Service Unavailable \
+             in 12ms (timeout 10s); stopping it anyway"
+        );
+        outcome.status = None;
+        outcome.answer = "Connection refused (os error 111)".into();
+        let text = outcome.to_string();
+        assert!(
+            text.contains("got no answer: Connection refused")
+                && text.ends_with("stopping it anyway"),
+            "{text}"
+        );
+        let event = RolloutEvent::HostDrain {
+            group: "web".into(),
+            host: "web-1".into(),
+            outcome,
+        };
+        let json = serde_json::to_string(&event).unwrap();
+        assert!(
+            json.starts_with(
+                r#"{"event":"host_drain","group":"web","host":"web-1","version":"0.1.0","#
+            ),
+            "{json}"
+        );
+    }
+
+    #[test]
     fn a_failure_reads_the_same_in_its_event_and_its_outcome() {
         let failure = HostFailure {
             phase: HostPhase::Verifying,

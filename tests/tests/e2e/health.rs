@@ -225,14 +225,17 @@ async fn an_http_500_is_rolled_back_and_the_evidence_names_the_status() {
         ..SERVES
     };
     let v2 = http_release(site.fleet.dir.path(), "0.2.0", broken);
-    // A short deadline: 0.2.0 answers 500 for as long as it runs.
-    let health =
-        "health = { http = \"$HTTP_PORT\", path = \"/health\", min_up_secs = 1, deadline_secs = 3 }";
-    site.write(1, "0.1.0", &v1, health);
+    // A short deadline, as 0.2.0 answers 500 for as long as it runs; it also bounds
+    // the old version's verification after the rollback, so it leaves that room.
+    const DEADLINE_SECS: u64 = 6;
+    let health = format!(
+        "health = {{ http = \"$HTTP_PORT\", path = \"/health\", min_up_secs = 1, deadline_secs = {DEADLINE_SECS} }}"
+    );
+    site.write(1, "0.1.0", &v1, &health);
     let (ok, out) = site.deploy();
     assert!(ok, "{out}\n{}", site.logs());
 
-    site.write(2, "0.2.0", &v2, health);
+    site.write(2, "0.2.0", &v2, &health);
     let (ok, out) = site.deploy();
     assert!(!ok, "0.2.0 must fail:\n{out}");
     let probe = format!("http GET 127.0.0.1:{}/health", site.port());
@@ -244,7 +247,7 @@ async fn an_http_500_is_rolled_back_and_the_evidence_names_the_status() {
     );
     assert!(
         out.contains(&format!(
-            "not healthy within 3s: {probe} answered HTTP 500 Internal Server Error"
+            "not healthy within {DEADLINE_SECS}s: {probe} answered HTTP 500 Internal Server Error"
         )) && out.contains("rolled back"),
         "the failure names the status:\n{out}"
     );
