@@ -80,11 +80,8 @@ pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<P
             ("drain.http", group.drain.as_ref().map(|d| &d.port)),
         ];
         for (key, port) in ports {
-            if let Some(TcpProbe::Variable(name)) = port {
-                if group
-                    .port_on(port.unwrap_or(&TcpProbe::Port(0)), host)
-                    .is_none_or(|p| p == 0)
-                {
+            if let Some(spec @ TcpProbe::Variable(name)) = port {
+                if group.port_on(spec, host).is_none_or(|p| p == 0) {
                     return Err(fault.at(
                         format!("host[{index}].env.{name}"),
                         format!(
