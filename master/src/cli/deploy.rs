@@ -187,6 +187,22 @@ impl Bars {
                 }
                 return;
             }
+            RolloutEvent::HostVerdict { group, host, .. } => {
+                // The evidence stays on screen, above the bars.
+                if let Some(line) = event_line(event) {
+                    let _ = self.multi.println(line);
+                }
+                self.bar(group, host);
+                return;
+            }
+            RolloutEvent::HostDrain {
+                group,
+                host,
+                outcome,
+            } => {
+                self.bar(group, host).set_message(outcome.to_string());
+                return;
+            }
             RolloutEvent::GroupStarted { .. } | RolloutEvent::GroupDone { .. } => return,
         };
         self.bar(group, host).finish_with_message(last);
@@ -212,6 +228,18 @@ pub fn event_line(event: &RolloutEvent) -> Option<String> {
             hosts,
         } => format!("group {group}: rolling {release} {version} to {hosts} host(s)"),
         RolloutEvent::HostPhase { group, host, phase } => format!("{group}/{host}: {phase}"),
+        RolloutEvent::HostVerdict {
+            group,
+            host,
+            version,
+            verdict,
+            evidence,
+        } => format!("{group}/{host}: {version} {verdict}: {evidence}"),
+        RolloutEvent::HostDrain {
+            group,
+            host,
+            outcome,
+        } => format!("{group}/{host}: {outcome}"),
         RolloutEvent::HostDone {
             group,
             host,

@@ -23,6 +23,9 @@
 //! canaries = 1                             # default 1
 //! stop_grace_secs = 10                     # default 10
 //! health = { tcp = 27182, min_up_secs = 5, deadline_secs = 60 }
+//! # or an HTTP probe, 3 consecutive passes of every probe:
+//! # health = { http = 8080, path = "/health", passes = 3, min_up_secs = 5 }
+//! drain = { http = 8080, path = "/drain", timeout_secs = 10 }  # optional
 //! ```
 //!
 //! A host may belong to several groups (`groups = [...]`), each running its own
@@ -30,9 +33,10 @@
 //! group is waiting: known and pinged, but nothing is deployed to it. A group that no
 //! host names is refused.
 //!
-//! `health.tcp` may also name a variable of each host's environment, as
-//! `tcp = "$BEAT_PORT"`, when hosts listen on different ports (several agents on one
-//! machine); every host of the group must then give that variable a port number.
+//! `health.tcp`, `health.http` and `drain.http` may also name a variable of each
+//! host's environment, as `tcp = "$BEAT_PORT"`, when hosts listen on different ports
+//! (several agents on one machine); every host of the group must then give that
+//! variable a port number.
 //!
 //! When the archive is opened, its `releases/<version>/` directories (the relx layout)
 //! must include the group's `version`; an archive with no such directory is not checked.
@@ -59,6 +63,14 @@ pub(crate) const DEFAULT_CLUSTER_FILE: &str = "cluster.toml";
 pub(crate) const DEFAULT_MIN_UP_SECS: u64 = 5;
 /// Seconds a release has to become healthy when the group says nothing.
 pub(crate) const DEFAULT_DEADLINE_SECS: u64 = 60;
+/// Consecutive passes of every probe a release needs when the group says nothing.
+pub(crate) const DEFAULT_PASSES: u32 = 1;
+/// The HTTP health probe's path when the group says nothing.
+pub(crate) const DEFAULT_HEALTH_PATH: &str = "/health";
+/// The drain request's path when the group says nothing.
+pub(crate) const DEFAULT_DRAIN_PATH: &str = "/drain";
+/// Seconds the drain request may take when the group says nothing.
+pub(crate) const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 10;
 /// Seconds between SIGTERM and SIGKILL when the group says nothing.
 pub(crate) const DEFAULT_STOP_GRACE_SECS: u64 = 10;
 
@@ -130,9 +142,11 @@ pub(crate) struct GroupPlan {
     pub(crate) stop_grace: Duration,
     /// The health gate.
     pub(crate) health: Health,
+    /// The request that drains a running release before it is stopped, if any.
+    pub(crate) drain: Option<Drain>,
 }
 
-/// Which port the TCP health probe connects to.
+/// Which port a probe (TCP or HTTP) or the drain request connects to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum TcpProbe {
     /// The same port on every host.
@@ -166,10 +180,45 @@ pub(crate) struct Archive {
 pub(crate) struct Health {
     /// A TCP port on the host's address that must accept a connection.
     pub(crate) tcp: Option<TcpProbe>,
+    /// An HTTP path on the host's address that must answer `GET` with a 2xx status.
+    pub(crate) http: Option<HttpProbe>,
+    /// Consecutive looks at which every configured probe must pass (at least 1); a
+    /// failure resets the count. Meaningless without a probe.
+    pub(crate) passes: u32,
     /// How long it must run without a restart.
     pub(crate) min_up: Duration,
     /// How long it has, from its start, to be healthy.
     pub(crate) deadline: Duration,
+}
+
+impl Health {
+    /// Whether any probe (TCP or HTTP) is configured.
+    pub(crate) fn has_probe(&self) -> bool {
+        self.tcp.is_some() || self.http.is_some()
+    }
+}
+
+/// `health.http`: plain HTTP/1.1 `GET http://HOST:PORT/PATH`, passed by a 2xx status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HttpProbe {
+    /// The port, on the host's address.
+    pub(crate) port: TcpProbe,
+    /// The absolute path requested (with its query, if any).
+    pub(crate) path: String,
+}
+
+/// `drain`: before a running release is stopped, plain HTTP/1.1
+/// `POST http://HOST:PORT/PATH` (POST: draining changes the release's state), answered
+/// by a 2xx status once the release has drained. The stop proceeds after `timeout`, or
+/// after any other answer, and says so in an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Drain {
+    /// The port, on the host's address.
+    pub(crate) port: TcpProbe,
+    /// The absolute path requested.
+    pub(crate) path: String,
+    /// How long the request (connect, send, answer) may take.
+    pub(crate) timeout: Duration,
 }
 
 impl Plan {
@@ -271,7 +320,22 @@ impl GroupPlan {
 
     /// The port the TCP health probe connects to on `host`, if the group has a probe.
     pub(crate) fn probe_port(&self, host: &HostPlan) -> Option<u16> {
-        match self.health.tcp.as_ref()? {
+        self.port_on(self.health.tcp.as_ref()?, host)
+    }
+
+    /// The port the HTTP health probe connects to on `host`, if the group has one.
+    pub(crate) fn http_port(&self, host: &HostPlan) -> Option<u16> {
+        self.port_on(&self.health.http.as_ref()?.port, host)
+    }
+
+    /// The port the drain request goes to on `host`, if the group drains.
+    pub(crate) fn drain_port(&self, host: &HostPlan) -> Option<u16> {
+        self.port_on(&self.drain.as_ref()?.port, host)
+    }
+
+    /// `port` on `host`: the number, or the host's (else the group's) variable.
+    pub(crate) fn port_on(&self, port: &TcpProbe, host: &HostPlan) -> Option<u16> {
+        match port {
             TcpProbe::Port(port) => Some(*port),
             TcpProbe::Variable(name) => host
                 .env

@@ -49,15 +49,28 @@ pub(super) struct RawGroup {
     pub canaries: Option<u32>,
     pub stop_grace_secs: Option<u64>,
     pub health: Option<RawHealth>,
+    pub drain: Option<RawDrain>,
 }
 
-/// `health = { tcp, min_up_secs, deadline_secs }`.
+/// `health = { http, path, passes, tcp, min_up_secs, deadline_secs }`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHealth {
+    pub http: Option<RawPort>,
+    pub path: Option<String>,
+    pub passes: Option<i64>,
     pub tcp: Option<RawPort>,
     pub min_up_secs: Option<u64>,
     pub deadline_secs: Option<u64>,
+}
+
+/// `drain = { http, path, timeout_secs }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDrain {
+    pub http: RawPort,
+    pub path: Option<String>,
+    pub timeout_secs: Option<u64>,
 }
 
 /// Only the revision, for a cheap look at a file that may have changed.

@@ -621,3 +621,124 @@ fn release_versions_are_the_directories_under_releases() {
         .replace(&format!("sha256 = \"{}\"\n", fx.sha256), "");
     fx.parse(&text).expect("not listed here");
 }
+
+#[test]
+fn http_probes_passes_and_drain_are_read_with_their_defaults() {
+    let fx = Fixture::new();
+    let text = fx.text().replace(
+        "health = { tcp = 27182, min_up_secs = 5, deadline_secs = 60 }",
+        "health = { http = \"$BEAT_PORT\", passes = 3, min_up_secs = 5 }\n\
+         drain = { http = 9000, path = \"/admin/drain?now=1\", timeout_secs = 4 }",
+    );
+    let plan = fx.parse(&text).expect("valid");
+    let web = &plan.groups["web"];
+    assert_eq!(web.health.tcp, None);
+    assert_eq!(
+        web.health.http,
+        Some(HttpProbe {
+            port: TcpProbe::Variable("BEAT_PORT".into()),
+            path: DEFAULT_HEALTH_PATH.into(),
+        })
+    );
+    assert_eq!(web.health.passes, 3);
+    assert_eq!(
+        web.http_port(plan.host("web-1").expect("web-1")),
+        Some(27183)
+    );
+    assert_eq!(
+        web.drain,
+        Some(Drain {
+            port: TcpProbe::Port(9000),
+            path: "/admin/drain?now=1".into(),
+            timeout: Duration::from_secs(4),
+        })
+    );
+    assert_eq!(
+        web.drain_port(plan.host("web-2").expect("web-2")),
+        Some(9000)
+    );
+
+    let text = fx
+        .text()
+        .replace("min_up_secs = 5,", "min_up_secs = 5, http = 8080,")
+        .replace("canaries = 1", "canaries = 1\ndrain = { http = 8080 }");
+    let plan = fx.parse(&text).expect("valid");
+    let web = &plan.groups["web"];
+    assert_eq!(web.health.passes, DEFAULT_PASSES, "one pass by default");
+    assert!(web.health.tcp.is_some() && web.health.http.is_some());
+    let drain = web.drain.as_ref().expect("drain");
+    assert_eq!(drain.path, DEFAULT_DRAIN_PATH);
+    assert_eq!(
+        drain.timeout,
+        Duration::from_secs(DEFAULT_DRAIN_TIMEOUT_SECS)
+    );
+}
+
+#[test]
+fn wrong_health_and_drain_keys_are_refused_by_name() {
+    let fx = Fixture::new();
+    let health = "health = { tcp = 27182, min_up_secs = 5, deadline_secs = 60 }";
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "health = { http = 70000 }",
+            &["group.web.health.http", "70000 is not a port number"],
+        ),
+        (
+            "health = { http = 8080, path = \"health\" }",
+            &[
+                "group.web.health.path",
+                "'health' is not an absolute request path",
+            ],
+        ),
+        (
+            "health = { http = 8080, path = \"/a b\" }",
+            &["group.web.health.path", "/a b"],
+        ),
+        (
+            "health = { path = \"/health\" }",
+            &["group.web.health.path", "without health.http"],
+        ),
+        (
+            "health = { http = 8080, passes = 0 }",
+            &["group.web.health.passes", "0 is not a count of at least 1"],
+        ),
+        (
+            "health = { min_up_secs = 1, passes = 2 }",
+            &["group.web.health.passes", "no health.http or health.tcp"],
+        ),
+        (
+            "health = { http = 8080, pases = 2 }",
+            &["group.web.health", "unknown field `pases`"],
+        ),
+        ("drain = { http = 0 }", &["group.web.drain.http", "port 0"]),
+        (
+            "drain = { path = \"/drain\" }",
+            &["group.web.drain", "http"],
+        ),
+        (
+            "drain = { http = 8080, timeout_secs = 0 }",
+            &["group.web.drain.timeout_secs", "at least 1"],
+        ),
+        (
+            "drain = { http = 8080, path = \"drain\" }",
+            &["group.web.drain.path", "not an absolute request path"],
+        ),
+        (
+            "drain = { http = \"$NODE_NAME\" }",
+            &[
+                "host[0].env.NODE_NAME",
+                "group.web.drain.http",
+                "does not set to a port",
+            ],
+        ),
+        (
+            "health = { http = \"$NODE_NAME\" }",
+            &["host[0].env.NODE_NAME", "group.web.health.http"],
+        ),
+    ];
+    for (to, parts) in cases {
+        let error = fx.error_with(health, to);
+        assert!(error.starts_with(FILE), "{error:?} names the file");
+        assert_mentions(&error, parts);
+    }
+}

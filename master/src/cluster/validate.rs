@@ -10,8 +10,9 @@ use erel_proto::Sha256;
 use super::contents::{release_versions, MAX_ENTRIES};
 use super::raw::{RawCluster, RawGroup, RawHost, RawPort};
 use super::{
-    Archive, ArchiveLookup, GroupPlan, Health, HostPlan, Plan, TcpProbe, DEFAULT_DEADLINE_SECS,
-    DEFAULT_MIN_UP_SECS, DEFAULT_STOP_GRACE_SECS,
+    Archive, ArchiveLookup, Drain, GroupPlan, Health, HostPlan, HttpProbe, Plan, TcpProbe,
+    DEFAULT_DEADLINE_SECS, DEFAULT_DRAIN_PATH, DEFAULT_DRAIN_TIMEOUT_SECS, DEFAULT_HEALTH_PATH,
+    DEFAULT_MIN_UP_SECS, DEFAULT_PASSES, DEFAULT_STOP_GRACE_SECS,
 };
 use crate::digest_cache::sha256_file;
 use crate::error::{Error, Result};
@@ -82,17 +83,23 @@ pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<P
 
     for (index, host) in hosts.iter().enumerate() {
         for group in host.groups.iter().filter_map(|g| groups.get(g)) {
-            let Some(TcpProbe::Variable(name)) = &group.health.tcp else {
-                continue;
-            };
-            if group.probe_port(host).is_none_or(|port| port == 0) {
-                return Err(fault.at(
-                    format!("host[{index}].env.{name}"),
-                    format!(
-                        "group.{}.health.tcp probes ${name}, which host '{}' does not set to a port number",
-                        group.name, host.id
-                    ),
-                ));
+            let ports = [
+                ("health.tcp", group.health.tcp.as_ref()),
+                ("health.http", group.health.http.as_ref().map(|h| &h.port)),
+                ("drain.http", group.drain.as_ref().map(|d| &d.port)),
+            ];
+            for (key, port) in ports {
+                if let Some(spec @ TcpProbe::Variable(name)) = port {
+                    if group.port_on(spec, host).is_none_or(|p| p == 0) {
+                        return Err(fault.at(
+                            format!("host[{index}].env.{name}"),
+                            format!(
+                                "group.{}.{key} uses ${name}, which host '{}' does not set to a port number",
+                                group.name, host.id
+                            ),
+                        ));
+                    }
+                }
             }
         }
     }
@@ -255,6 +262,7 @@ fn group_plan(
     }
 
     let health = health(fault, name, group)?;
+    let drain = drain(fault, name, group)?;
 
     if let Some(first) = group.argv.first() {
         if first.is_empty() || first.starts_with('/') || first.split('/').any(|c| c == "..") {
@@ -284,43 +292,62 @@ fn group_plan(
         canaries,
         stop_grace: Duration::from_secs(stop_grace_secs),
         health,
+        drain,
     })
 }
 
 fn health(fault: &Fault<'_>, name: &str, group: &RawGroup) -> Result<Health> {
     let field = |sub: &str| format!("group.{name}.health.{sub}");
-    let (tcp, min_up, deadline) = match &group.health {
-        Some(h) => (h.tcp.as_ref(), h.min_up_secs, h.deadline_secs),
-        None => (None, None, None),
+    let Some(raw) = &group.health else {
+        return Ok(Health {
+            tcp: None,
+            http: None,
+            passes: DEFAULT_PASSES,
+            min_up: Duration::from_secs(DEFAULT_MIN_UP_SECS),
+            deadline: Duration::from_secs(DEFAULT_DEADLINE_SECS),
+        });
     };
-    let tcp = match tcp {
+    let tcp = match &raw.tcp {
         None => None,
-        Some(RawPort::Number(port)) => match u16::try_from(*port) {
-            Ok(0) => return Err(fault.at(field("tcp"), "port 0 cannot be probed")),
-            Ok(port) => Some(TcpProbe::Port(port)),
-            Err(_) => return Err(fault.at(field("tcp"), format!("{port} is not a port number"))),
-        },
-        Some(RawPort::Variable(text)) => {
-            let name = text
-                .strip_prefix("${")
-                .and_then(|t| t.strip_suffix('}'))
-                .or_else(|| text.strip_prefix('$'))
-                .filter(|n| {
-                    !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                });
-            match name {
-                Some(name) => Some(TcpProbe::Variable(name.to_string())),
-                None => {
-                    return Err(fault.at(
-                        field("tcp"),
-                        format!("'{text}' is neither a port number nor \"$VARIABLE\""),
-                    ))
-                }
-            }
-        }
+        Some(port) => Some(port_spec(fault, &field("tcp"), port)?),
     };
-    let min_up = min_up.unwrap_or(DEFAULT_MIN_UP_SECS);
-    let deadline = deadline.unwrap_or(DEFAULT_DEADLINE_SECS.max(min_up));
+    let http = match &raw.http {
+        None => {
+            if raw.path.is_some() {
+                return Err(fault.at(
+                    field("path"),
+                    "is set without health.http, the port it is requested on",
+                ));
+            }
+            None
+        }
+        Some(port) => Some(HttpProbe {
+            port: port_spec(fault, &field("http"), port)?,
+            path: http_path(
+                fault,
+                &field("path"),
+                raw.path.as_deref(),
+                DEFAULT_HEALTH_PATH,
+            )?,
+        }),
+    };
+    let passes = match raw.passes {
+        None => DEFAULT_PASSES,
+        Some(_) if tcp.is_none() && http.is_none() => {
+            return Err(fault.at(
+                field("passes"),
+                "counts probe passes, but the group has no health.http or health.tcp probe",
+            ));
+        }
+        Some(n) => match u32::try_from(n) {
+            Ok(n) if n >= 1 => n,
+            _ => return Err(fault.at(field("passes"), format!("{n} is not a count of at least 1"))),
+        },
+    };
+    let min_up = raw.min_up_secs.unwrap_or(DEFAULT_MIN_UP_SECS);
+    let deadline = raw
+        .deadline_secs
+        .unwrap_or(DEFAULT_DEADLINE_SECS.max(min_up));
     if deadline < min_up {
         return Err(fault.at(
             field("deadline_secs"),
@@ -332,9 +359,73 @@ fn health(fault: &Fault<'_>, name: &str, group: &RawGroup) -> Result<Health> {
     }
     Ok(Health {
         tcp,
+        http,
+        passes,
         min_up: Duration::from_secs(min_up),
         deadline: Duration::from_secs(deadline),
     })
+}
+
+fn drain(fault: &Fault<'_>, name: &str, group: &RawGroup) -> Result<Option<Drain>> {
+    let field = |sub: &str| format!("group.{name}.drain.{sub}");
+    let Some(raw) = &group.drain else {
+        return Ok(None);
+    };
+    let timeout = raw.timeout_secs.unwrap_or(DEFAULT_DRAIN_TIMEOUT_SECS);
+    if timeout == 0 {
+        return Err(fault.at(field("timeout_secs"), "must be at least 1"));
+    }
+    Ok(Some(Drain {
+        port: port_spec(fault, &field("http"), &raw.http)?,
+        path: http_path(
+            fault,
+            &field("path"),
+            raw.path.as_deref(),
+            DEFAULT_DRAIN_PATH,
+        )?,
+        timeout: Duration::from_secs(timeout),
+    }))
+}
+
+/// A port number, or `"$VAR"` / `"${VAR}"` naming a variable of each host's env.
+fn port_spec(fault: &Fault<'_>, field: &str, port: &RawPort) -> Result<TcpProbe> {
+    match port {
+        RawPort::Number(port) => match u16::try_from(*port) {
+            Ok(0) => Err(fault.at(field, "port 0 cannot be connected to")),
+            Ok(port) => Ok(TcpProbe::Port(port)),
+            Err(_) => Err(fault.at(field, format!("{port} is not a port number"))),
+        },
+        RawPort::Variable(text) => {
+            let name = text
+                .strip_prefix("${")
+                .and_then(|t| t.strip_suffix('}'))
+                .or_else(|| text.strip_prefix('$'))
+                .filter(|n| {
+                    !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                });
+            match name {
+                Some(name) => Ok(TcpProbe::Variable(name.to_string())),
+                None => Err(fault.at(
+                    field,
+                    format!("'{text}' is neither a port number nor \"$VARIABLE\""),
+                )),
+            }
+        }
+    }
+}
+
+/// An HTTP request path: absolute (`/...`), printable ASCII without spaces or a
+/// fragment (RFC 9112 section 3.2.1, origin-form).
+fn http_path(fault: &Fault<'_>, field: &str, path: Option<&str>, default: &str) -> Result<String> {
+    let path = path.unwrap_or(default);
+    let printable = path.bytes().all(|b| b.is_ascii_graphic());
+    if !path.starts_with('/') || !printable || path.contains('#') {
+        return Err(fault.at(
+            field,
+            format!("'{path}' is not an absolute request path (like \"/health\", printable ASCII, no spaces or '#')"),
+        ));
+    }
+    Ok(path.to_string())
 }
 
 fn archive(

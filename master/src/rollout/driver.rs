@@ -14,7 +14,7 @@ use super::decide::{
     assess, phase_budget, wants_probe, Action, Assessment, GroupSchedule, HostSwitch, Observed,
     StageAction, Staging,
 };
-use super::health::{probe_tcp, release_status, watch_health};
+use super::health::{drain_before_stop, probe_all, release_status, watch_health};
 use super::{
     count, emit, EventSink, GroupReport, HostFailure, HostOutcome, HostPhase, HostReport,
     RolloutEvent, RolloutOptions, RolloutReport, Shared, SharedRef,
@@ -393,16 +393,11 @@ async fn inspect(
         .await
         .map_err(|e| HostFailure::new(HostPhase::Pinging, unreachable(host, &e)))?;
     let status = release_status(&pong.releases, &ctx.group.release);
-    let probe_ok = match (
-        ctx.group.probe_port(host),
-        wants_probe(status, &ctx.group.version),
-    ) {
-        (Some(port), true) => Some(
-            probe_tcp(host.probe_host(), port, ctx.shared.options.probe_timeout)
-                .await
-                .is_ok(),
-        ),
-        _ => None,
+    let probe_ok = if wants_probe(status, &ctx.group.version) {
+        let answers = probe_all(&ctx.group, host, ctx.shared.options.probe_timeout).await;
+        (!answers.is_empty()).then(|| answers.iter().all(|a| a.passed))
+    } else {
+        None
     };
     let assessment = assess(status, &ctx.group.version, &ctx.group.health, probe_ok);
     Ok((session, assessment))
@@ -485,6 +480,9 @@ async fn switch_host(
             Action::Done { pid, from } => return Ok((pid, from)),
             Action::Fail(failure) => return Err(failure),
             Action::Stop => {
+                if machine.phase() == HostPhase::Stopping {
+                    drain_before_stop(group, &ctx.shared.events, host, &mut session).await;
+                }
                 let limit = phase_budget(HostPhase::Stopping, group);
                 match session.stop(&group.release, group.stop_grace, limit).await {
                     Ok(_) => Observed::Ok,
@@ -505,6 +503,7 @@ async fn switch_host(
                 watch_health(
                     &ctx.group,
                     &ctx.shared.options,
+                    &ctx.shared.events,
                     host,
                     &mut session,
                     &version,

@@ -9,6 +9,7 @@ mod certs_cli;
 mod containment;
 mod deploy;
 mod fleet;
+mod health;
 mod inputs;
 mod one_agent;
 mod otp;
