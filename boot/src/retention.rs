@@ -46,7 +46,12 @@ pub(crate) async fn prune_after_start(agent: &Arc<Agent>, name: &str) {
 /// Removes versions of release `name` beyond the `keep_newest` newest (by modification
 /// time) that are not in `keep`, with the archives they were unpacked from when nothing
 /// else refers to them. Returns the versions removed, sorted. Blocking.
-pub(crate) fn prune(root: &Root, name: &str, keep: &[String], keep_newest: usize) -> Result<Vec<String>> {
+pub(crate) fn prune(
+    root: &Root,
+    name: &str,
+    keep: &[String],
+    keep_newest: usize,
+) -> Result<Vec<String>> {
     let all = root.versions(name);
     let others: Vec<&String> = all.iter().filter(|v| !keep.contains(v)).collect();
     let doomed = &others[..others.len().saturating_sub(keep_newest)];

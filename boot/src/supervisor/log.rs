@@ -722,9 +722,15 @@ mod tests {
         }
         capped.write(format!("{}\n", "n".repeat(1000)).as_bytes());
         let tail = output_tail(&log);
-        assert!(tail.len() > OUTPUT_TAIL_MAX - 60, "the tail is full but for a line");
+        assert!(
+            tail.len() > OUTPUT_TAIL_MAX - 60,
+            "the tail is full but for a line"
+        );
         assert!(tail.len() <= OUTPUT_TAIL_MAX);
-        assert!(tail.starts_with("old line "), "from the start of a line: {tail}");
+        assert!(
+            tail.starts_with("old line "),
+            "from the start of a line: {tail}"
+        );
         assert!(
             tail.ends_with(&format!("o\n{}\n", "n".repeat(1000))),
             "{tail}"

@@ -55,6 +55,8 @@ enum Command {
     Start(agent::StartArgs),
     /// Stops a release on an agent.
     Stop(agent::StopArgs),
+    /// Prints a release's recent output on an agent; `--follow` keeps printing what is new.
+    Logs(agent::LogsArgs),
     /// Table of every host in the cluster: group, desired and running release, state.
     Status(status::StatusArgs),
     /// Brings the cluster's hosts to their desired versions, rolling, gated on health.
@@ -125,6 +127,7 @@ async fn run(cli: Cli) -> crate::Result<ExitCode> {
         Command::Unpack(args) => agent::unpack(&ctx, cluster, args).await,
         Command::Start(args) => agent::start(&ctx, cluster, args).await,
         Command::Stop(args) => agent::stop(&ctx, cluster, args).await,
+        Command::Logs(args) => agent::logs(&ctx, cluster, args).await,
         Command::Status(args) => status::status(&ctx, &cluster_file(cluster), args).await,
         Command::Deploy(args) => deploy::deploy(&ctx, &cluster_file(cluster), args).await,
         Command::Master(args) => daemon::master(&ctx, &cluster_file(cluster), args).await,
