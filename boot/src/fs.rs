@@ -771,10 +771,7 @@ mod tests {
         // A holder that lets go when asked hands over within the bound.
         let wanted = held.wanted();
         let letting_go = std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !wanted.is_cancelled() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            crate::wait::until_blocking(Duration::from_secs(10), || wanted.is_cancelled());
             drop(held);
         });
         PathLock::take_over(key.clone(), "thing", Duration::from_secs(10)).expect("handed over");

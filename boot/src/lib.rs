@@ -27,6 +27,8 @@ mod server;
 mod settings;
 mod supervisor;
 mod unpack;
+#[cfg(test)]
+mod wait;
 mod write_file;
 
 use std::sync::Arc;
