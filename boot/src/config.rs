@@ -11,80 +11,80 @@ use serde::Deserialize;
 use crate::settings::{CgroupParent, Limits, Supervision, MIN_LOG_MAX_BYTES};
 
 /// Default root directory.
-pub const DEFAULT_ROOT: &str = "/var/lib/erel";
+pub(crate) const DEFAULT_ROOT: &str = "/var/lib/erel";
 /// Default certificate bundle directory.
-pub const DEFAULT_CERTS: &str = "/etc/erel/certs";
+pub(crate) const DEFAULT_CERTS: &str = "/etc/erel/certs";
 /// Default listen address.
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:7070";
+pub(crate) const DEFAULT_LISTEN: &str = "0.0.0.0:7070";
 /// Longest `handshake_timeout_ms` accepted.
-pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Command-line flags, and the same settings as a `boot.toml` holds them (every key
 /// optional, unknown keys refused). Each flag overrides the same setting in the file.
 #[derive(Debug, Default, Parser, Deserialize)]
 #[command(name = "erel-boot", version, about = "The erel boot agent")]
 #[serde(deny_unknown_fields)]
-pub struct Flags {
+pub(crate) struct Flags {
     /// A TOML file with the settings below (flags win over the file).
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Address and port to listen on [default: 0.0.0.0:7070].
     #[arg(long, value_name = "ADDR:PORT")]
-    pub listen: Option<String>,
+    pub(crate) listen: Option<String>,
     /// Root directory for releases and the agent's state [default: /var/lib/erel].
     #[arg(long, value_name = "DIR")]
-    pub root: Option<PathBuf>,
+    pub(crate) root: Option<PathBuf>,
     /// Host certificate bundle: ca.pem, host.pem, host.key, crl.pem [default: /etc/erel/certs].
     #[arg(long, value_name = "DIR")]
-    pub certs: Option<PathBuf>,
+    pub(crate) certs: Option<PathBuf>,
     /// Largest file a master may write, in bytes.
     #[arg(long)]
-    pub max_file_bytes: Option<u64>,
+    pub(crate) max_file_bytes: Option<u64>,
     /// Free disk the agent never writes into, in bytes.
     #[arg(long)]
-    pub disk_reserve_bytes: Option<u64>,
+    pub(crate) disk_reserve_bytes: Option<u64>,
     /// Most bytes one archive may unpack to.
     #[arg(long)]
-    pub max_unpack_bytes: Option<u64>,
+    pub(crate) max_unpack_bytes: Option<u64>,
     /// Most entries one archive may hold.
     #[arg(long)]
-    pub max_unpack_entries: Option<u64>,
+    pub(crate) max_unpack_entries: Option<u64>,
     /// Most connections from masters (authenticated) served at once.
     #[arg(long)]
-    pub max_connections: Option<usize>,
+    pub(crate) max_connections: Option<usize>,
     /// Most TLS handshakes in progress at once (peers not yet authenticated).
     #[arg(long)]
-    pub max_handshakes: Option<usize>,
+    pub(crate) max_handshakes: Option<usize>,
     /// Most TLS handshakes in progress from one address (IPv4, or IPv6 /64).
     #[arg(long)]
-    pub max_handshakes_per_address: Option<usize>,
+    pub(crate) max_handshakes_per_address: Option<usize>,
     /// Time a peer has to complete its TLS handshake, in milliseconds.
     #[arg(long)]
-    pub handshake_timeout_ms: Option<u64>,
+    pub(crate) handshake_timeout_ms: Option<u64>,
     /// Versions of each release kept besides the running one.
     #[arg(long)]
-    pub keep_versions: Option<usize>,
+    pub(crate) keep_versions: Option<usize>,
     /// First restart delay for a release that died, in milliseconds.
     #[arg(long)]
-    pub restart_backoff_ms: Option<u64>,
+    pub(crate) restart_backoff_ms: Option<u64>,
     /// Longest restart delay, in milliseconds.
     #[arg(long)]
-    pub restart_backoff_max_ms: Option<u64>,
+    pub(crate) restart_backoff_max_ms: Option<u64>,
     /// A run shorter than this (milliseconds) counts towards crash-looping.
     #[arg(long)]
-    pub stable_after_ms: Option<u64>,
+    pub(crate) stable_after_ms: Option<u64>,
     /// Short runs in a row after which a release is marked crash-looping.
     #[arg(long)]
-    pub crash_loop_after: Option<u32>,
+    pub(crate) crash_loop_after: Option<u32>,
     /// Most bytes of each release's output kept on disk, across its log and the rotated
     /// log, at every instant [default: 4194304; at least 4096].
     #[arg(long)]
-    pub log_max_bytes: Option<u64>,
+    pub(crate) log_max_bytes: Option<u64>,
     /// Parent of the releases' cgroups: `auto` (the agent's own cgroup), an absolute
     /// cgroup v2 path, or `none` (process groups only) [default: auto].
     #[arg(long, value_name = "auto|none|PATH")]
-    pub cgroup_parent: Option<String>,
+    pub(crate) cgroup_parent: Option<String>,
 }
 
 /// Validated start-up settings.
@@ -108,7 +108,7 @@ pub struct Config {
 /// A start-up setting is wrong.
 #[derive(Debug, thiserror::Error)]
 #[error("{origin}: {message}")]
-pub struct ConfigError {
+pub(crate) struct ConfigError {
     origin: String,
     message: String,
 }

@@ -14,23 +14,23 @@ use crate::error::{Error, Result};
 const BUFFER: usize = 64 * 1024;
 
 /// The digest of a byte string.
-pub fn of_bytes(bytes: &[u8]) -> Sha256 {
+pub(crate) fn of_bytes(bytes: &[u8]) -> Sha256 {
     Sha256(Hasher::digest(bytes).into())
 }
 
 /// The digest a hasher has reached.
-pub fn finish(hasher: Hasher) -> Sha256 {
+pub(crate) fn finish(hasher: Hasher) -> Sha256 {
     Sha256(hasher.finalize().into())
 }
 
 /// The digest of the whole file at `path`.
-pub fn of_file(path: &Path) -> Result<Sha256> {
+pub(crate) fn of_file(path: &Path) -> Result<Sha256> {
     let mut file = File::open(path).map_err(|e| Error::io("open", path, e))?;
     of_open_file(&mut file, path)
 }
 
 /// The digest of what is left to read in `file` (opened at `path`, for messages).
-pub fn of_open_file(file: &mut File, path: &Path) -> Result<Sha256> {
+pub(crate) fn of_open_file(file: &mut File, path: &Path) -> Result<Sha256> {
     let mut hasher = Hasher::new();
     io::copy(&mut io::BufReader::with_capacity(BUFFER, file), &mut hasher)
         .map_err(|e| Error::io("read", path, e))?;
@@ -39,7 +39,7 @@ pub fn of_open_file(file: &mut File, path: &Path) -> Result<Sha256> {
 
 /// Hashes the next `len` bytes of `file`, from its current position (which it leaves
 /// anywhere); a file that ends before is an `UnexpectedEof` error.
-pub fn of_prefix(file: &mut File, len: u64) -> io::Result<Hasher> {
+pub(crate) fn of_prefix(file: &mut File, len: u64) -> io::Result<Hasher> {
     let mut hasher = Hasher::new();
     let copied = io::copy(
         &mut io::BufReader::with_capacity(BUFFER, file).take(len),

@@ -138,7 +138,7 @@ pub enum Error {
 }
 
 /// Result with the agent's error.
-pub type Result<T> = std::result::Result<T, Error>;
+pub(crate) type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// Builds an [`Error::Io`] for `op` on `path`.

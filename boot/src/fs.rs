@@ -46,14 +46,14 @@ use erel_proto::text::shorten;
 use crate::error::{Error, Result};
 
 /// Name of the agent's state directory under the root.
-pub const STATE_DIR: &str = ".erel";
+pub(crate) const STATE_DIR: &str = ".erel";
 
 /// Longest path the master may name, in bytes.
-pub const MAX_PATH_LEN: usize = 1024;
+pub(crate) const MAX_PATH_LEN: usize = 1024;
 
 /// Longest component of a path the master names, in bytes: Linux's `NAME_MAX`
 /// (`<linux/limits.h>`; the longest name ext4, xfs, btrfs and tmpfs accept).
-pub const MAX_NAME_LEN: usize = 255;
+pub(crate) const MAX_NAME_LEN: usize = 255;
 
 /// What lives in the agent's state directory `root/.erel`, one directory per job, plus
 /// the agent's lock file `agent.lock`.
@@ -101,14 +101,14 @@ impl State {
 
 /// The agent's root directory.
 #[derive(Debug, Clone)]
-pub struct Root {
+pub(crate) struct Root {
     dir: PathBuf,
 }
 
 impl Root {
     /// Opens (creating when missing) the root and its state directories. The root is
     /// canonicalized, so later checks compare real paths.
-    pub fn open(dir: &Path) -> Result<Self> {
+    pub(crate) fn open(dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir).map_err(|e| Error::io("create root", dir, e))?;
         let dir = fs::canonicalize(dir).map_err(|e| Error::io("resolve root", dir, e))?;
         let root = Root { dir };
@@ -120,7 +120,7 @@ impl Root {
     }
 
     /// The root directory, canonical.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.dir
     }
 
@@ -130,20 +130,20 @@ impl Root {
     }
 
     /// `root/releases/<name>`, after checking `name`.
-    pub fn release_dir(&self, name: &str) -> Result<PathBuf> {
+    pub(crate) fn release_dir(&self, name: &str) -> Result<PathBuf> {
         check_name("release name", name)?;
         Ok(self.dir.join(RELEASES_DIR).join(name))
     }
 
     /// `root/releases/<name>/<version>` ([`rules::version_dir`]), after checking both.
-    pub fn version_dir(&self, name: &str, version: &str) -> Result<PathBuf> {
+    pub(crate) fn version_dir(&self, name: &str, version: &str) -> Result<PathBuf> {
         check_name("release version", version)?;
         check_name("release name", name)?;
         Ok(self.dir.join(rules::version_dir(name, version)))
     }
 
     /// Names of the releases with a directory under `releases/`, sorted.
-    pub fn release_names(&self) -> Vec<String> {
+    pub(crate) fn release_names(&self) -> Vec<String> {
         let found = named_subdirectories(&self.dir.join(RELEASES_DIR), "release name");
         let mut names: Vec<String> = found.into_iter().map(|(_, name)| name).collect();
         names.sort();
@@ -152,7 +152,7 @@ impl Root {
 
     /// Versions of release `name` present on disk, oldest first by modification time
     /// (then by name). Empty for an unknown or invalid name.
-    pub fn versions(&self, name: &str) -> Vec<String> {
+    pub(crate) fn versions(&self, name: &str) -> Vec<String> {
         let Ok(dir) = self.release_dir(name) else {
             return Vec::new();
         };
@@ -163,7 +163,7 @@ impl Root {
 
     /// `path` (under the root) relative to the root, as a string: the key of what the
     /// agent records per path. Rebuilt from components, so `a//b` and `a/b` are one key.
-    pub fn relative(&self, path: &Path) -> String {
+    pub(crate) fn relative(&self, path: &Path) -> String {
         let inside = path.strip_prefix(&self.dir).unwrap_or(path);
         inside
             .components()
@@ -177,7 +177,7 @@ impl Root {
     /// Refused: empty, too long, absolute, any `..` or `.` component, NUL bytes, anything
     /// inside the agent's state directory, and any existing ancestor (or the path itself)
     /// that is a symlink. Nothing is created.
-    pub fn resolve(&self, relative: &str) -> Result<PathBuf> {
+    pub(crate) fn resolve(&self, relative: &str) -> Result<PathBuf> {
         let rel = check_relative(relative)?;
         if rel.components().next() == Some(Component::Normal(OsStr::new(STATE_DIR))) {
             return Err(Error::invalid_path(
@@ -229,7 +229,7 @@ impl Root {
     /// component at a time, never through a symlink (each new directory's parent is
     /// synced, so it survives a crash); then resolves the path as [`Root::resolve`]
     /// does. Nothing is created outside the root even if a symlink appears meanwhile.
-    pub fn create_parents(&self, relative: &str) -> Result<PathBuf> {
+    pub(crate) fn create_parents(&self, relative: &str) -> Result<PathBuf> {
         let rel = check_relative(relative)?;
         self.resolve(relative)?;
         let components: Vec<_> = rel.components().collect();
@@ -272,7 +272,7 @@ fn named_subdirectories(dir: &Path, what: &str) -> Vec<(SystemTime, String)> {
 }
 
 /// Checks a path the master named: relative, normal components only, bounded.
-pub fn check_relative(relative: &str) -> Result<PathBuf> {
+pub(crate) fn check_relative(relative: &str) -> Result<PathBuf> {
     if relative.is_empty() {
         return Err(Error::invalid_path(relative, "empty path"));
     }
@@ -301,7 +301,7 @@ pub fn check_relative(relative: &str) -> Result<PathBuf> {
 /// Checks the lengths of a path the master named, before anything else looks at it:
 /// at most [`MAX_PATH_LEN`] bytes in all and [`MAX_NAME_LEN`] bytes per component.
 /// Refused with [`Error::InvalidPath`] naming the limit.
-pub fn check_lengths(relative: &str) -> Result<()> {
+pub(crate) fn check_lengths(relative: &str) -> Result<()> {
     if relative.len() > MAX_PATH_LEN {
         return Err(Error::invalid_path(
             relative,
@@ -327,14 +327,14 @@ pub fn check_lengths(relative: &str) -> Result<()> {
 
 /// Checks a release name or version against the protocol's rule
 /// ([`erel_proto::rules::check_release_name`]); refused with [`Error::InvalidPath`].
-pub fn check_name(what: &str, name: &str) -> Result<()> {
+pub(crate) fn check_name(what: &str, name: &str) -> Result<()> {
     rules::check_release_name(name)
         .map_err(|fault| Error::invalid_path(name, format!("not a valid {what}: {fault}")))
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync
 /// of the directory. Readers see the old content or the new, never a mix.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let mut file = OpenOptions::new()
@@ -353,7 +353,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 
 /// Renames `from` (already synced) to `to` and fsyncs `to`'s directory, so the rename
 /// survives a crash.
-pub fn rename_durably(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn rename_durably(from: &Path, to: &Path) -> Result<()> {
     fs::rename(from, to).map_err(|e| Error::io("rename into place", to, e))?;
     sync_parent(to)
 }
@@ -367,14 +367,14 @@ fn sync_parent(path: &Path) -> Result<()> {
 }
 
 /// Fsyncs a directory so a rename inside it survives a crash.
-pub fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io("fsync directory", dir, e))
 }
 
 /// Removes a file; one already gone is not an error.
-pub fn remove_if_present(path: &Path) -> Result<()> {
+pub(crate) fn remove_if_present(path: &Path) -> Result<()> {
     unless_gone(path, fs::remove_file(path))
 }
 
@@ -388,7 +388,7 @@ fn unless_gone(path: &Path, removed: std::io::Result<()>) -> Result<()> {
 
 /// Removes everything inside `dir` (not `dir` itself): files, and directories whole.
 /// Used at start-up on staging and trash directories a crash may have left full.
-pub fn empty_dir(dir: &Path) -> Result<()> {
+pub(crate) fn empty_dir(dir: &Path) -> Result<()> {
     let entries = fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
     for entry in entries {
         let path = entry.map_err(|e| Error::io("list", dir, e))?.path();
@@ -403,7 +403,7 @@ pub fn empty_dir(dir: &Path) -> Result<()> {
 }
 
 /// Free bytes for an unprivileged writer on the file system holding `path`.
-pub fn free_disk(path: &Path) -> u64 {
+pub(crate) fn free_disk(path: &Path) -> u64 {
     match nix::sys::statvfs::statvfs(path) {
         // The field types differ between platforms; on some the conversion is a no-op.
         #[allow(clippy::useless_conversion)]
@@ -420,7 +420,7 @@ pub fn free_disk(path: &Path) -> u64 {
 /// would corrupt each other; the second is refused with [`Error::Busy`] instead, or,
 /// through [`PathLock::take_over`], asks the first to let go and waits for it.
 #[derive(Debug)]
-pub struct PathLock {
+pub(crate) struct PathLock {
     key: PathBuf,
     /// Cancelled when a newer request asks this holder to let go.
     wanted: CancellationToken,
@@ -439,7 +439,7 @@ fn held_paths() -> std::sync::MutexGuard<'static, BTreeMap<PathBuf, Cancellation
 impl PathLock {
     /// Claims `key` (an absolute path on the agent). `name` is what the master called
     /// the thing, for the error when another request holds it.
-    pub fn acquire(key: PathBuf, name: &str) -> Result<PathLock> {
+    pub(crate) fn acquire(key: PathBuf, name: &str) -> Result<PathLock> {
         Self::try_claim(&key).ok_or_else(|| {
             Error::Busy(format!(
                 "another request is working on {name}; retry when it is done"
@@ -453,7 +453,7 @@ impl PathLock {
     ///
     /// Errors: [`Error::Busy`] when the holder has not let go within `wait` (it is in a
     /// step it cannot leave, such as the final fsync and rename).
-    pub fn take_over(key: PathBuf, name: &str, wait: Duration) -> Result<PathLock> {
+    pub(crate) fn take_over(key: PathBuf, name: &str, wait: Duration) -> Result<PathLock> {
         let deadline = Instant::now() + wait;
         loop {
             if let Some(lock) = Self::try_claim(&key) {
@@ -488,12 +488,12 @@ impl PathLock {
 
     /// Cancelled when a newer request for the same key asks this holder to let go
     /// ([`PathLock::take_over`]); the holder then ends its work, keeping what it did.
-    pub fn wanted(&self) -> CancellationToken {
+    pub(crate) fn wanted(&self) -> CancellationToken {
         self.wanted.clone()
     }
 
     /// Whether some request holds `key` now.
-    pub fn is_held(key: &Path) -> bool {
+    pub(crate) fn is_held(key: &Path) -> bool {
         held_paths().contains_key(key)
     }
 }
@@ -506,7 +506,7 @@ impl Drop for PathLock {
 
 /// A name no other call in this process, nor an earlier run of the agent, has used:
 /// process id, nanoseconds since the epoch and a counter.
-pub fn unique_name() -> String {
+pub(crate) fn unique_name() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -519,7 +519,7 @@ pub fn unique_name() -> String {
 /// The lock that makes this process the one agent serving a root; released when dropped
 /// (or when the process ends, however it ends).
 #[derive(Debug)]
-pub struct AgentLock {
+pub(crate) struct AgentLock {
     _root: Flock<File>,
     _lock: Flock<File>,
 }
@@ -532,7 +532,7 @@ impl AgentLock {
     /// [`Error::RootInUse`] when another live process holds it (its pid, read from the
     /// file or else from `/proc/locks`, is in the error); [`Error::Io`] when the file cannot
     /// be opened, locked or written.
-    pub fn acquire(root: &Root) -> Result<AgentLock> {
+    pub(crate) fn acquire(root: &Root) -> Result<AgentLock> {
         let path = root.state(State::AgentLock);
         let dir = OpenOptions::new()
             .read(true)
@@ -771,10 +771,7 @@ mod tests {
         // A holder that lets go when asked hands over within the bound.
         let wanted = held.wanted();
         let letting_go = std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !wanted.is_cancelled() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            crate::wait::until_blocking(Duration::from_secs(10), || wanted.is_cancelled());
             drop(held);
         });
         PathLock::take_over(key.clone(), "thing", Duration::from_secs(10)).expect("handed over");

@@ -13,6 +13,7 @@
 //! - `config`: flags and `boot.toml` validated once; `settings`: limits and supervision;
 //!   `error`: the one error type; `cli`: the program (parse, bind, signals, [`run`]).
 #![deny(missing_docs)]
+#![warn(unreachable_pub)]
 
 mod cli;
 mod config;
@@ -26,6 +27,8 @@ mod server;
 mod settings;
 mod supervisor;
 mod unpack;
+#[cfg(test)]
+mod wait;
 mod write_file;
 
 use std::sync::Arc;

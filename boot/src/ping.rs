@@ -2,7 +2,7 @@
 //! uptime, free disk, and every release's status — in one answer that always fits in a
 //! frame.
 
-use erel_proto::Pong;
+use erel_proto::{Pong, ReleaseState};
 
 use crate::fs::free_disk;
 use crate::server::Agent;
@@ -30,31 +30,52 @@ pub(crate) async fn ping(agent: &Agent) -> Pong {
     pong
 }
 
-/// Many crashed releases with long output tails could exceed the frame limit: shorten
-/// the tails (newest output kept) until the answer fits.
+/// Many releases with long output tails could exceed the frame limit: shorten the tails
+/// (newest output kept, from the start of a line) until the answer fits, running
+/// releases' first, since an ended release's last words are what explains it; as a last
+/// resort, report fewer releases.
 fn fit_in_a_frame(pong: &mut Pong) {
-    let mut limit = erel_proto::OUTPUT_TAIL_MAX;
-    while erel_proto::encode_body(&*pong).map_or(true, |body| body.len() > erel_proto::MAX_FRAME) {
-        if limit == 0 {
-            pong.releases.truncate(pong.releases.len() / 2);
-            continue;
-        }
-        limit /= 2;
-        for release in &mut pong.releases {
-            if release.output_tail.len() > limit {
-                let mut cut = release.output_tail.len() - limit;
-                while !release.output_tail.is_char_boundary(cut) {
-                    cut += 1;
-                }
-                release.output_tail.drain(..cut);
+    let too_large = |pong: &Pong| {
+        erel_proto::encode_body(pong).map_or(true, |body| body.len() > erel_proto::MAX_FRAME)
+    };
+    for running_only in [true, false] {
+        let mut limit = erel_proto::OUTPUT_TAIL_MAX;
+        while limit > 0 && too_large(pong) {
+            limit /= 2;
+            let shortened = pong
+                .releases
+                .iter_mut()
+                .filter(|r| !running_only || r.state == ReleaseState::Running);
+            for release in shortened {
+                keep_last(&mut release.output_tail, limit);
             }
         }
     }
+    while !pong.releases.is_empty() && too_large(pong) {
+        pong.releases.truncate(pong.releases.len() / 2);
+    }
+}
+
+/// Keeps at most the last `max` bytes of `text`: from the start of a line when one
+/// starts within them (the byte before them tells), else from a character boundary.
+fn keep_last(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    let window = text.len() - max - 1;
+    let mut cut = match text.as_bytes()[window..].iter().position(|&b| b == b'\n') {
+        Some(newline) => window + newline + 1,
+        None => window + 1,
+    };
+    while !text.is_char_boundary(cut) {
+        cut += 1;
+    }
+    text.drain(..cut);
 }
 
 #[cfg(test)]
 mod tests {
-    use erel_proto::{ReleaseState, ReleaseStatus, MAX_FRAME, OUTPUT_TAIL_MAX};
+    use erel_proto::{ReleaseStatus, MAX_FRAME, OUTPUT_TAIL_MAX};
 
     use super::*;
 
@@ -93,6 +114,47 @@ mod tests {
         for release in &pong.releases {
             assert!(release.output_tail.ends_with("END"), "newest output kept");
             assert!(release.output_tail.len() < OUTPUT_TAIL_MAX);
+        }
+    }
+
+    #[test]
+    fn running_releases_tails_give_way_before_an_ended_ones_last_words() {
+        let lines: String = (0..300).map(|i| format!("line {i:03}\n")).collect();
+        let tail = lines[lines.len() - OUTPUT_TAIL_MAX..].to_string();
+        let release = |i: usize, state: ReleaseState| ReleaseStatus {
+            name: format!("release-{i}"),
+            versions: vec!["1".into()],
+            version: Some("1".into()),
+            desired_running: true,
+            pid: None,
+            state,
+            restarts: 0,
+            up_secs: None,
+            output_tail: tail.clone(),
+        };
+        let mut releases: Vec<_> = (0..40).map(|i| release(i, ReleaseState::Running)).collect();
+        releases.push(release(40, ReleaseState::CrashLooping));
+        let mut pong = Pong {
+            host_id: "web-1".into(),
+            agent_version: "0.1.0".into(),
+            uptime_secs: 1,
+            free_disk_bytes: 1,
+            releases,
+        };
+        fit_in_a_frame(&mut pong);
+        assert!(erel_proto::encode_body(&pong).expect("encode").len() <= MAX_FRAME);
+        let crashed = pong.releases.last().expect("still reported");
+        assert_eq!(
+            crashed.output_tail, tail,
+            "the crashed release's tail is whole"
+        );
+        for running in &pong.releases[..40] {
+            assert!(running.output_tail.len() < tail.len());
+            assert!(
+                running.output_tail.starts_with("line "),
+                "from a line's start"
+            );
+            assert!(running.output_tail.ends_with("line 299\n"));
         }
     }
 }

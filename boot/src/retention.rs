@@ -30,20 +30,28 @@ pub(crate) async fn prune_after_start(agent: &Arc<Agent>, name: &str) {
         .filter_map(|status| status.version)
         .collect();
     let agent = agent.clone();
-    let name = name.to_string();
+    let release = name.to_string();
     let keep_newest = agent.supervision.keep_versions;
-    let outcome = blocking(move || prune(&agent.root, &name, &keep, keep_newest)).await;
+    let outcome = blocking(move || prune(&agent.root, &release, &keep, keep_newest)).await;
     match outcome {
-        Ok(removed) if !removed.is_empty() => tracing::info!(?removed, "removed old versions"),
+        Ok(removed) if !removed.is_empty() => {
+            let removed = crate::supervisor::comma_separated(&removed);
+            tracing::info!(release = %name, %removed, "removed old versions")
+        }
         Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "could not remove old versions"),
+        Err(e) => tracing::warn!(release = %name, error = %e, "could not remove old versions"),
     }
 }
 
 /// Removes versions of release `name` beyond the `keep_newest` newest (by modification
 /// time) that are not in `keep`, with the archives they were unpacked from when nothing
 /// else refers to them. Returns the versions removed, sorted. Blocking.
-pub fn prune(root: &Root, name: &str, keep: &[String], keep_newest: usize) -> Result<Vec<String>> {
+pub(crate) fn prune(
+    root: &Root,
+    name: &str,
+    keep: &[String],
+    keep_newest: usize,
+) -> Result<Vec<String>> {
     let all = root.versions(name);
     let others: Vec<&String> = all.iter().filter(|v| !keep.contains(v)).collect();
     let doomed = &others[..others.len().saturating_sub(keep_newest)];
@@ -103,7 +111,7 @@ fn remove_archive(root: &Root, marker: &Marker) -> Result<()> {
 }
 
 /// Empties `.erel/trash/`: what a prune interrupted by a crash left there. Run at startup.
-pub fn sweep_trash(root: &Root) -> Result<()> {
+pub(crate) fn sweep_trash(root: &Root) -> Result<()> {
     crate::fs::empty_dir(&root.state(State::Trash))
 }
 

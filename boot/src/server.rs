@@ -49,7 +49,7 @@ pub(crate) const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
 /// Everything a connection needs to execute commands.
 #[derive(Debug)]
-pub struct Agent {
+pub(crate) struct Agent {
     /// The root directory.
     pub(crate) root: Root,
     /// This host's id, as its certificate names it.
@@ -65,7 +65,7 @@ pub struct Agent {
 
 /// The TLS configuration, reloaded from the bundle directory when its files change, so
 /// a rotated CA, host certificate or CRL applies to new connections without a restart.
-pub struct TlsSource {
+pub(crate) struct TlsSource {
     dir: PathBuf,
     current: Mutex<Loaded>,
 }
@@ -82,7 +82,7 @@ struct Loaded {
 
 impl TlsSource {
     /// Loads the bundle in `dir` (`ca.pem`, `host.pem`, `host.key`, optional `crl.pem`).
-    pub fn load(dir: PathBuf) -> std::result::Result<Self, erel_certs::Error> {
+    pub(crate) fn load(dir: PathBuf) -> std::result::Result<Self, erel_certs::Error> {
         let tried = erel_certs::bundle_fingerprint(&dir);
         let acceptor = TlsAcceptor::from(erel_certs::server_config(&dir)?);
         let current = Mutex::new(Loaded { acceptor, tried });
@@ -92,7 +92,7 @@ impl TlsSource {
     /// The acceptor for a new connection, reloading the bundle first if it changed. A
     /// bundle that no longer loads (for example half-copied) keeps the previous one,
     /// and is tried again (and warned about again) only once its files change again.
-    pub fn acceptor(&self) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         let fingerprint = erel_certs::bundle_fingerprint(&self.dir);
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         if current.tried != fingerprint {
@@ -113,7 +113,7 @@ impl TlsSource {
 
 /// Serves connections from `listener` until `shutdown` is cancelled, then waits up to
 /// [`DRAIN_TIMEOUT`] for connections in progress. Releases are left running.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     agent: Arc<Agent>,
     tls: Arc<TlsSource>,
@@ -170,7 +170,7 @@ async fn connection(
         match tokio::time::timeout(limit, acceptor.accept(stream).into_fallible()).await {
             Ok(Ok(tls)) => Some(tls),
             Ok(Err((e, stream))) => {
-                info!(%peer, error = %e, "TLS handshake refused");
+                warn!(%peer, error = %e, "TLS handshake refused");
                 linger_after_refusal(stream).await;
                 None
             }
@@ -384,12 +384,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let (peer, name) = (self.peer, &self.peer_name);
         match &outcome {
             Ok(Err(error)) => {
-                info!(%peer, %name, %command, %subject, ok = false, %error, "command")
+                warn!(%peer, %name, %command, %subject, ok = false, %error, "command")
             }
             // The connection ends instead of an answer (cut, stalled, taken over, or a
             // refusal already sent).
             Err(error) => {
-                info!(%peer, %name, %command, %subject, ok = false, %error, "command");
+                warn!(%peer, %name, %command, %subject, ok = false, %error, "command");
                 self.ended_by_command = true;
             }
             Ok(Ok(_)) if subject.is_empty() => debug!(%peer, %name, %command, ok = true, "command"),

@@ -9,7 +9,7 @@ use erel_proto::OUTPUT_TAIL_MAX;
 
 /// Smallest `log_max_bytes`: each of the two log files holds at least the tail `Ping`
 /// reports.
-pub const MIN_LOG_MAX_BYTES: u64 = 2 * OUTPUT_TAIL_MAX as u64;
+pub(crate) const MIN_LOG_MAX_BYTES: u64 = 2 * OUTPUT_TAIL_MAX as u64;
 
 /// Bounds on what one command may make the agent write.
 #[derive(Debug, Clone)]

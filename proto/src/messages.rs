@@ -156,8 +156,9 @@ pub struct ReleaseStatus {
     pub restarts: u32,
     /// Seconds the current process has been running, while it runs.
     pub up_secs: Option<u64>,
-    /// The last bytes of its output (lossy UTF-8, at most [`OUTPUT_TAIL_MAX`] bytes),
-    /// filled when it has exited, crashed or crash-loops.
+    /// The last bytes of its output (lossy UTF-8, at most [`OUTPUT_TAIL_MAX`] bytes, from
+    /// the start of a line), in every state: recent output while it runs, its last words
+    /// once it has exited, crashed or crash-loops.
     pub output_tail: String,
 }
 

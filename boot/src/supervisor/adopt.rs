@@ -198,7 +198,7 @@ impl Inner {
                 .filter(|&&(pid, start)| process::is_alive(pid, start));
             alive.map(|&(pid, _)| pid).collect::<Vec<_>>()
         };
-        warn!(release = %name, pids = ?strays.iter().map(|s| s.0).collect::<Vec<_>>(), "stopping processes of the release outside its cgroup");
+        warn!(release = %name, pids = %super::comma_separated(strays.iter().map(|s| s.0)), "stopping processes of the release outside its cgroup");
         let what = format!("processes of release {name} outside its cgroup");
         let stopped = process::stop_members(&what, alive, process::kill_each, SWITCH_GRACE);
         log_failure(name, "cannot stop them", stopped.await);

@@ -50,7 +50,7 @@ pub(crate) enum Containment {
 impl Containment {
     /// Finds out how releases under `root` are contained, creating the agent's cgroup
     /// directory when cgroup v2 is usable.
-    pub fn detect(setting: &CgroupParent, root: &Path) -> Containment {
+    pub(super) fn detect(setting: &CgroupParent, root: &Path) -> Containment {
         if *setting == CgroupParent::None {
             return Containment::Fallback("cgroups disabled by cgroup_parent = \"none\"".into());
         }
@@ -64,7 +64,7 @@ impl Containment {
 
     /// One line for the start-up log and `Ping`: `cgroup v2 <dir>` or
     /// `fallback to process groups (<why>)`.
-    pub fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         match self {
             Containment::Cgroup(tree) => format!("cgroup v2 {}", tree.dir.display()),
             Containment::Fallback(why) => format!("fallback to process groups ({why})"),
@@ -126,18 +126,18 @@ impl Tree {
 
     /// The agent's directory (`<parent>/erel@<root>`).
     #[cfg(test)]
-    pub fn dir(&self) -> &Path {
+    pub(super) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// The cgroup of release `name`.
-    pub fn release_dir(&self, name: &str) -> PathBuf {
+    pub(super) fn release_dir(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{RELEASE_PREFIX}{name}"))
     }
 
     /// Creates the cgroup of `name` when missing and opens its `cgroup.procs` for the
     /// child to join (close-on-exec, as std opens every file: the release never sees it).
-    pub fn prepare(&self, name: &str) -> Result<fs::File> {
+    pub(super) fn prepare(&self, name: &str) -> Result<fs::File> {
         let dir = self.release_dir(name);
         fs::create_dir_all(&dir).map_err(|e| Error::io("create cgroup", &dir, e))?;
         let procs = dir.join("cgroup.procs");
@@ -148,7 +148,7 @@ impl Tree {
     /// Live (non-zombie) members of release `name`'s cgroup and of every cgroup below it
     /// (a release running as root may make its own and move processes there); none when
     /// it does not exist.
-    pub fn members(&self, name: &str) -> Vec<u32> {
+    pub(super) fn members(&self, name: &str) -> Vec<u32> {
         cgroups_below(&self.release_dir(name))
             .iter()
             .flat_map(|dir| read_procs(dir))
@@ -158,7 +158,7 @@ impl Tree {
 
     /// Kills every member of release `name` at once (`cgroup.kill`), or each member with
     /// SIGKILL where the kernel has no `cgroup.kill`.
-    pub fn kill(&self, name: &str) -> Result<()> {
+    pub(super) fn kill(&self, name: &str) -> Result<()> {
         let dir = self.release_dir(name);
         if self.has_kill {
             let path = dir.join("cgroup.kill");
@@ -174,13 +174,13 @@ impl Tree {
 
     /// Removes the cgroup of `name` (and the cgroups below it, deepest first) once it is
     /// empty; a busy or missing one is left.
-    pub fn remove(&self, name: &str) {
+    pub(super) fn remove(&self, name: &str) {
         remove_tree(&self.release_dir(name));
     }
 
     /// Removes every empty release cgroup and then the agent's directory; whatever still
     /// has members stays (`rmdir` of a populated cgroup fails with `EBUSY`).
-    pub fn remove_if_empty(&self) {
+    pub(super) fn remove_if_empty(&self) {
         for cgroup in child_cgroups(&self.dir) {
             remove_tree(&cgroup);
         }

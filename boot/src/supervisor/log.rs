@@ -82,7 +82,7 @@ use crate::settings::{OutputWriter, MIN_LOG_MAX_BYTES};
 /// Permission bits of a new log file.
 const LOG_MODE: u32 = 0o640;
 /// The subcommand that makes the agent's program an output writer.
-pub const OUTPUT_WRITER_COMMAND: &str = "output-writer";
+pub(crate) const OUTPUT_WRITER_COMMAND: &str = "output-writer";
 /// Least time between two reports that room was made on a full disk.
 const ROOM_REPORT_EVERY: Duration = Duration::from_secs(60);
 /// Bytes read from the pipe at a time (the default pipe capacity on Linux, `pipe(7)`).
@@ -174,7 +174,7 @@ pub(crate) fn start_writer(
 /// `args` are what follows `output-writer`: the log's absolute path and the cap in bytes
 /// (at least [`MIN_LOG_MAX_BYTES`]). Exit status 0 at end of input, 1 when stdin cannot
 /// be read, 2 for bad arguments.
-pub fn run_output_writer(args: &[OsString]) -> ExitCode {
+pub(crate) fn run_output_writer(args: &[OsString]) -> ExitCode {
     let (log, max_bytes) = match parse_writer_args(args) {
         Ok(parsed) => parsed,
         Err(message) => {
@@ -489,18 +489,34 @@ fn tail_of(path: &Path, max: usize) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// The last [`OUTPUT_TAIL_MAX`] bytes of a release's output, as lossy UTF-8 cut at a
-/// character boundary. When the log was just rotated, its end is taken from the rotated
-/// copy.
+/// The last [`OUTPUT_TAIL_MAX`] bytes of a release's output, as lossy UTF-8, starting at
+/// the start of a line (at a character boundary when one line fills the tail). When the
+/// log was just rotated, its end is taken from the rotated copy.
 pub(crate) fn output_tail(path: &Path) -> String {
-    let mut bytes = tail_of(path, OUTPUT_TAIL_MAX).unwrap_or_default();
-    if bytes.len() < OUTPUT_TAIL_MAX {
-        let older = tail_of(&rotated_path(path), OUTPUT_TAIL_MAX - bytes.len());
+    // One byte more than the tail holds, to tell whether it starts at a line.
+    let want = OUTPUT_TAIL_MAX + 1;
+    let mut bytes = tail_of(path, want).unwrap_or_default();
+    if bytes.len() < want {
+        let older = tail_of(&rotated_path(path), want - bytes.len());
         let mut older = older.unwrap_or_default();
         older.extend_from_slice(&bytes);
         bytes = older;
     }
-    tail_text(&bytes, OUTPUT_TAIL_MAX)
+    tail_text(from_a_line(&bytes, OUTPUT_TAIL_MAX), OUTPUT_TAIL_MAX)
+}
+
+/// The end of `bytes` of at most `max` bytes that starts a line: what follows the first
+/// newline within the last `max + 1` bytes (the byte before the window tells whether the
+/// window starts a line). When no newline is there (one long line), the last `max` bytes.
+fn from_a_line(bytes: &[u8], max: usize) -> &[u8] {
+    if bytes.len() <= max {
+        return bytes;
+    }
+    let window = &bytes[bytes.len() - max - 1..];
+    match window.iter().position(|&b| b == b'\n') {
+        Some(newline) => &window[newline + 1..],
+        None => &window[1..],
+    }
 }
 
 /// Lossy UTF-8 of the end of `bytes`, at most `max` bytes long, starting at a character.
@@ -544,6 +560,18 @@ mod tests {
         assert_eq!(day(19_723), "2024-01-01T00:00:00Z");
         assert_eq!(day(19_782), "2024-02-29T00:00:00Z");
         assert_eq!(utc_now().len(), "2024-01-01T00:00:00Z".len());
+    }
+
+    #[test]
+    fn tail_starts_at_a_line() {
+        // The byte before the window ends a line: the window is kept whole.
+        assert_eq!(from_a_line(b"ab\ncd\nef\n", 6), b"cd\nef\n");
+        // The window starts mid-line: its partial first line is dropped.
+        assert_eq!(from_a_line(b"abcd\nef\n", 6), b"ef\n");
+        // Shorter than the tail: all of it (the start of the output starts a line).
+        assert_eq!(from_a_line(b"cd\nef", 6), b"cd\nef");
+        // One line longer than the tail: its end.
+        assert_eq!(from_a_line(b"abcdefghij", 4), b"ghij");
     }
 
     #[test]
@@ -688,10 +716,21 @@ mod tests {
     #[test]
     fn the_tail_spans_a_rotation() {
         let (_dir, log, mut capped) = temp_log(MIN_LOG_MAX_BYTES);
-        capped.write(format!("{}\n", "o".repeat(1500)).as_bytes());
+        // 25 lines of 60 bytes, then one that does not fit beside them: a rotation.
+        for i in 0..25 {
+            capped.write(format!("old line {i:02} {}\n", "o".repeat(47)).as_bytes());
+        }
         capped.write(format!("{}\n", "n".repeat(1000)).as_bytes());
         let tail = output_tail(&log);
-        assert_eq!(tail.len(), OUTPUT_TAIL_MAX);
+        assert!(
+            tail.len() > OUTPUT_TAIL_MAX - 60,
+            "the tail is full but for a line"
+        );
+        assert!(tail.len() <= OUTPUT_TAIL_MAX);
+        assert!(
+            tail.starts_with("old line "),
+            "from the start of a line: {tail}"
+        );
         assert!(
             tail.ends_with(&format!("o\n{}\n", "n".repeat(1000))),
             "{tail}"

@@ -74,7 +74,7 @@ mod stop;
 #[cfg(test)]
 mod tests;
 
-pub use log::{run_output_writer, OUTPUT_WRITER_COMMAND};
+pub(crate) use log::{run_output_writer, OUTPUT_WRITER_COMMAND};
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
@@ -98,7 +98,7 @@ use stop::wait_writer;
 
 /// Grace between SIGTERM and SIGKILL when the agent itself stops a copy: the running
 /// version when another is started, or a copy found at recovery that must not run.
-pub const SWITCH_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const SWITCH_GRACE: Duration = Duration::from_secs(10);
 /// How often an adopted process (not a child of this agent) is checked in `/proc`.
 const ADOPTED_POLL: Duration = Duration::from_millis(250);
 /// How long the output writer of a release that ended may take to drain the release's
@@ -115,7 +115,7 @@ const REAP_WAIT: Duration = Duration::from_secs(2);
 
 /// The supervisor of every release on this host. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     inner: Arc<Inner>,
 }
 
@@ -227,7 +227,7 @@ impl Supervisor {
     ///
     /// Containment is settled here: cgroup v2 under `settings.cgroup_parent` when it is
     /// usable, the fallback otherwise, logged either way (a warning for the fallback).
-    pub async fn open(root: Root, host_id: String, settings: Supervision) -> Result<Self> {
+    pub(crate) async fn open(root: Root, host_id: String, settings: Supervision) -> Result<Self> {
         let containment = Containment::detect(&settings.cgroup_parent, root.path());
         match &containment {
             Containment::Cgroup(_) => info!("containment: {}", containment.describe()),
@@ -251,14 +251,14 @@ impl Supervisor {
 
     /// How releases are contained, in one line: `cgroup v2 <dir>` or
     /// `fallback to process groups (<why>)`. Reported in `Ping`.
-    pub fn containment(&self) -> String {
+    pub(crate) fn containment(&self) -> String {
         self.inner.containment.describe()
     }
 
     /// Removes the agent's cgroup directory when nothing runs in it any more (a release
     /// still running keeps it, and its own cgroup). For an agent that goes away for good,
     /// such as the demo's; a host's agent keeps its directory for its whole life.
-    pub fn remove_empty_cgroups(&self) {
+    pub(crate) fn remove_empty_cgroups(&self) {
         if let Containment::Cgroup(tree) = &self.inner.containment {
             tree.remove_if_empty();
         }
@@ -266,7 +266,7 @@ impl Supervisor {
 
     /// Stops supervising (tasks end) without touching the release processes. The
     /// supervisor refuses `Start` afterwards.
-    pub async fn detach(&self) {
+    pub(crate) async fn detach(&self) {
         self.inner.shutdown.cancel();
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
@@ -533,10 +533,10 @@ impl Inner {
         if let Some(desired) = crashed {
             let saved = record::save_desired(&self.root, &desired);
             log_failure(&release.name, "cannot record the crash loop", saved);
-            warn!(release = %release.name, ?pid, code = ?exit.code, signal = ?exit.signal, runs = settings.crash_loop_after, "crash-looping: left stopped until the next start");
+            warn!(release = %release.name, pid, code = exit.code, signal = exit.signal, runs = settings.crash_loop_after, "crash-looping: left stopped until the next start");
             return None;
         }
-        info!(release = %release.name, ?pid, code = ?exit.code, signal = ?exit.signal, delay_ms = delay.as_millis() as u64, "exited; restarting after backoff");
+        info!(release = %release.name, pid, code = exit.code, signal = exit.signal, delay_ms = delay.as_millis() as u64, "exited; restarting after backoff");
         Some(delay)
     }
 }
@@ -572,6 +572,12 @@ fn log_failure<T>(release: &str, what: &str, result: Result<T>) {
     if let Err(e) = result {
         warn!(release = %release, "{what}: {e}");
     }
+}
+
+/// `items` as one plain log or message value: `18439,18440`.
+pub(crate) fn comma_separated<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    let items: Vec<String> = items.into_iter().map(|item| item.to_string()).collect();
+    items.join(",")
 }
 
 /// The delay before the restart that follows `short_runs` short runs in a row.

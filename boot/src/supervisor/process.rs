@@ -44,20 +44,20 @@ pub(crate) const NOTHING_RAN: Stopped = Stopped {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ProcStat {
     /// One-letter state (`R`, `S`, `D`, `Z`, …).
-    pub state: char,
+    pub(crate) state: char,
     /// Parent process.
-    pub ppid: i32,
+    pub(crate) ppid: i32,
     /// Process group.
-    pub pgrp: i32,
+    pub(crate) pgrp: i32,
     /// Session.
-    pub session: i32,
+    pub(crate) session: i32,
     /// Start time in clock ticks after boot.
-    pub start_time: u64,
+    pub(crate) start_time: u64,
 }
 
 impl ProcStat {
     /// True for a zombie or a dead task.
-    pub fn is_gone(&self) -> bool {
+    pub(super) fn is_gone(&self) -> bool {
         matches!(self.state, 'Z' | 'X' | 'x')
     }
 }

@@ -27,21 +27,21 @@ const RECORD_MODE: u32 = 0o600;
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Desired {
     /// Release name.
-    pub name: String,
+    pub(crate) name: String,
     /// Version to run.
-    pub version: String,
+    pub(crate) version: String,
     /// Program (relative to the version directory) and arguments; never empty here.
-    pub argv: Vec<String>,
+    pub(crate) argv: Vec<String>,
     /// Extra environment from the `Start` request.
-    pub env: Vec<(String, String)>,
+    pub(crate) env: Vec<(String, String)>,
     /// User to run as, when one was named.
-    pub user: Option<String>,
+    pub(crate) user: Option<String>,
     /// Whether the release should run.
-    pub should_run: bool,
+    pub(crate) should_run: bool,
     /// Set when the release crash-looped: it stays stopped, even across an agent restart,
     /// until the next `Start`. `should_run` stays true so the intent is not lost.
     #[serde(default)]
-    pub crash_looping: bool,
+    pub(crate) crash_looping: bool,
 }
 
 /// Environment values may be secrets: `Debug` shows their names only.
@@ -64,26 +64,26 @@ impl std::fmt::Debug for Desired {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct RunRecord {
     /// Process id of the group leader.
-    pub pid: u32,
+    pub(crate) pid: u32,
     /// Its process group (equal to `pid`: the leader made its own group).
-    pub pgid: i32,
+    pub(crate) pgid: i32,
     /// Its start time in clock ticks after boot (`/proc/<pid>/stat` field 22), so that a
     /// recycled pid is not mistaken for it.
-    pub start_time: u64,
+    pub(crate) start_time: u64,
     /// The version it runs.
-    pub version: String,
+    pub(crate) version: String,
     /// The start command returned with status 0 and left processes behind (a daemon):
     /// the release is what is left, supervised until nothing of it is left.
     #[serde(default)]
-    pub daemonized: bool,
+    pub(crate) daemonized: bool,
     /// The output writer of the run (pid and start time; 0 for none known), which is not
     /// part of the release: an agent that adopts the release waits for it, bounded, after
     /// the release ended, so the tail holds the last output.
     #[serde(default)]
-    pub writer_pid: u32,
+    pub(crate) writer_pid: u32,
     /// The writer's start time in clock ticks after boot.
     #[serde(default)]
-    pub writer_start_time: u64,
+    pub(crate) writer_start_time: u64,
 }
 
 impl RunRecord {

@@ -45,11 +45,11 @@ pub(crate) const DATA_DIR: &str = "data";
 #[derive(Debug)]
 pub(crate) struct Spawned {
     /// The child, to be waited for (and so reaped) by its supervision task.
-    pub child: Child,
+    pub(crate) child: Child,
     /// Its pid (also its process group and session) and start time from `/proc`.
-    pub anchor: (u32, u64),
+    pub(crate) anchor: (u32, u64),
     /// Its output writer (pid, start time), outside the release.
-    pub writer: (u32, u64),
+    pub(crate) writer: (u32, u64),
 }
 
 /// Who a release runs as: the user's passwd entry and the groups it is in.

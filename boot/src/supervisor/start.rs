@@ -18,7 +18,7 @@ use super::{log_failure, spawn, Inner, Live, Release, Run, Step, Supervisor, Wai
 
 impl Supervisor {
     /// Starts a release version (see the protocol's `Start`).
-    pub async fn start(&self, request: &Start) -> Result<Started> {
+    pub(crate) async fn start(&self, request: &Start) -> Result<Started> {
         let inner = &self.inner;
         if inner.shutdown.is_cancelled() {
             return Err(Error::Busy("the agent is shutting down".into()));
@@ -105,7 +105,8 @@ impl Inner {
         let left = self.members(&desired.name, None);
         if !left.is_empty() {
             let n = left.len();
-            let why = format!("{n} processes of the release still run (pids {left:?}); a second copy is never started");
+            let pids = super::comma_separated(&left);
+            let why = format!("{n} processes of the release still run (pids {pids}); a second copy is never started");
             return Err(spawn::spawn_failed(desired, why));
         }
         let cgroup = match &self.containment {

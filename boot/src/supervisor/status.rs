@@ -9,7 +9,7 @@ use super::{log, Inner, Supervisor};
 impl Supervisor {
     /// Every known release, from live state: those with a desired state and those with a
     /// directory under `releases/`.
-    pub async fn statuses(&self) -> Vec<ReleaseStatus> {
+    pub(crate) async fn statuses(&self) -> Vec<ReleaseStatus> {
         let inner = &self.inner;
         let mut names: BTreeSet<String> = inner.root.release_names().into_iter().collect();
         // A name only tried with a refused Start is not a release.
@@ -43,12 +43,9 @@ impl Inner {
             output_tail: String::new(),
         };
         drop(guard);
-        if matches!(
-            status.state,
-            ReleaseState::Exited { .. } | ReleaseState::CrashLooping
-        ) {
-            status.output_tail = log::output_tail(&log::log_path(&self.root, name));
-        }
+        // Every state: a running release's recent output (what `erel logs` shows), an
+        // ended one's last words.
+        status.output_tail = log::output_tail(&log::log_path(&self.root, name));
         status
     }
 }

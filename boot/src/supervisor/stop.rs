@@ -17,7 +17,7 @@ use super::{log_failure, Current, Inner, Release, Supervisor, OUTPUT_DRAIN, REAP
 impl Supervisor {
     /// Stops a release: SIGTERM to every member, SIGKILL (`cgroup.kill`) after `grace`;
     /// succeeds only when nothing of it is left.
-    pub async fn stop(&self, name: &str, grace: Duration) -> Result<Stopped> {
+    pub(crate) async fn stop(&self, name: &str, grace: Duration) -> Result<Stopped> {
         let inner = &self.inner;
         check_name("release name", name)?;
         let Some(release) = inner.find(name) else {

@@ -17,6 +17,7 @@ use super::Supervisor;
 use crate::error::Error;
 use crate::fs::{Root, State};
 use crate::settings::{CgroupParent, OutputWriter, Supervision};
+use crate::wait;
 
 /// Longest a condition is waited for.
 const PATIENCE: Duration = Duration::from_secs(15);
@@ -44,12 +45,9 @@ impl Drop for Cleanup {
         if let Containment::Cgroup(tree) = Containment::detect(&CgroupParent::Auto, &self.root) {
             let dir = tree.dir().to_path_buf();
             let _ = fs::write(dir.join("cgroup.kill"), "1");
-            let deadline = Instant::now() + PATIENCE;
             for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
                 if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    while fs::remove_dir(entry.path()).is_err() && Instant::now() < deadline {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
+                    wait::until_blocking(PATIENCE, || fs::remove_dir(entry.path()).is_ok());
                 }
             }
             let _ = fs::remove_dir(&dir);
@@ -340,11 +338,8 @@ fn copies(root: &Root, name: &str) -> Vec<u32> {
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let held = wait::poll(PATIENCE, || std::future::ready(check().then_some(()))).await;
+    assert!(held.is_some(), "timed out waiting for {what}");
 }
 
 async fn status(sup: &Supervisor, name: &str) -> ReleaseStatus {
@@ -361,18 +356,13 @@ async fn wait_status(
     what: &str,
     check: impl Fn(&ReleaseStatus) -> bool,
 ) -> ReleaseStatus {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let current = status(sup, name).await;
-        if check(&current) {
-            return current;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; last status {current:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let check = &check;
+    let reached = wait::poll(PATIENCE, || async move {
+        Some(status(sup, name).await).filter(|current| check(current))
+    })
+    .await;
+    let last = status(sup, name).await;
+    reached.unwrap_or_else(|| panic!("timed out waiting for {what}; last status {last:?}"))
 }
 
 fn alive(pid: u32) -> bool {

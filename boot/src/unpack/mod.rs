@@ -50,7 +50,7 @@ mod tests;
 pub(crate) use marker::{marker_path, markers_in_use, read_marker, Marker};
 
 /// Unpacks `request.archive` into `request.dest` through a staging directory. Blocking.
-pub fn unpack(root: &Root, request: &Unpack, limits: &Limits) -> Result<Unpacked> {
+pub(crate) fn unpack(root: &Root, request: &Unpack, limits: &Limits) -> Result<Unpacked> {
     let archive_path = root.resolve(&request.archive)?;
     let dest = root.resolve(&request.dest)?;
     let dest_rel = root.relative(&dest);
@@ -196,6 +196,6 @@ fn open_archive(path: &Path, name: &str) -> Result<File> {
 
 /// Removes staging directories left by an unpack interrupted by a crash. Run at startup,
 /// before any request is served.
-pub fn sweep_stale(root: &Root) -> Result<()> {
+pub(crate) fn sweep_stale(root: &Root) -> Result<()> {
     empty_dir(&root.state(State::Unpack))
 }

@@ -46,7 +46,7 @@ pub(crate) use transfer::transfer;
 const PART_MODE: u32 = 0o600;
 
 /// Staged bytes nobody resumed for this long are removed by [`sweep_stale`] at startup.
-pub const STALE_STAGING_AGE: Duration = Duration::from_secs(3 * 24 * 3600);
+pub(crate) const STALE_STAGING_AGE: Duration = Duration::from_secs(3 * 24 * 3600);
 
 /// Suffix of staging files under `.erel/staging/`.
 const PART_SUFFIX: &str = ".part";
@@ -54,15 +54,15 @@ const PART_SUFFIX: &str = ".part";
 /// How long a new `WriteFile` waits for an earlier transfer of the same key to let go
 /// of its staging file before it is refused with [`Error::Busy`]. The holder lets go
 /// at once unless it is verifying, syncing or renaming the file.
-pub const TAKE_OVER_WAIT: Duration = Duration::from_secs(20);
+pub(crate) const TAKE_OVER_WAIT: Duration = Duration::from_secs(20);
 
 /// What the agent already holds for a `WriteFile`, and the staging to continue it.
 #[derive(Debug)]
-pub struct Offer {
+pub(crate) struct Offer {
     /// Bytes already held (`size` when the destination already has this content).
-    pub have: u64,
+    pub(crate) have: u64,
     /// Digest of those bytes.
-    pub have_sha256: Sha256,
+    pub(crate) have_sha256: Sha256,
     target: Target,
     /// Hasher state after the `have` staged bytes, so resuming need not re-read them.
     hasher: Hasher,
@@ -93,7 +93,7 @@ struct Target {
 /// or above `0o777`, a size above [`Limits::max_file_bytes`], a destination that is a
 /// directory or not a regular file, and a transfer that would eat into
 /// [`Limits::disk_reserve_bytes`].
-pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer> {
+pub(crate) fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer> {
     let dest = root.resolve(&request.path)?;
     let name = request.path.clone();
     check_mode(&name, request.mode)?;
@@ -177,7 +177,7 @@ pub fn offer(root: &Root, request: &WriteFile, limits: &Limits) -> Result<Offer>
 impl Offer {
     /// Cancelled when a newer request for the same file takes this transfer over; the
     /// connection then stops receiving (the bytes it staged are kept for the newcomer).
-    pub fn wanted(&self) -> tokio_util::sync::CancellationToken {
+    pub(crate) fn wanted(&self) -> tokio_util::sync::CancellationToken {
         self._lock.wanted()
     }
 }
@@ -232,7 +232,7 @@ fn staged_prefix(target: &Target) -> Result<(u64, Hasher)> {
 
 /// An open staging file receiving the raw bytes of a transfer.
 #[derive(Debug)]
-pub struct Receiver {
+pub(crate) struct Receiver {
     target: Target,
     /// `None` when nothing is to be received (content already in place) or after commit.
     file: Option<File>,
@@ -247,7 +247,7 @@ pub struct Receiver {
 }
 
 /// Starts receiving at `offset` (at most `offer.have`; 0 discards what was staged). Blocking.
-pub fn begin(offer: Offer, offset: u64) -> Result<Receiver> {
+pub(crate) fn begin(offer: Offer, offset: u64) -> Result<Receiver> {
     let Offer {
         have,
         target,
@@ -322,12 +322,12 @@ pub fn begin(offer: Offer, offset: u64) -> Result<Receiver> {
 
 impl Receiver {
     /// Bytes still expected before the commit.
-    pub fn remaining(&self) -> u64 {
+    pub(crate) fn remaining(&self) -> u64 {
         self.target.size - self.total
     }
 
     /// Appends a chunk and hashes it. Blocking.
-    pub fn write(&mut self, chunk: &[u8]) -> Result<()> {
+    pub(crate) fn write(&mut self, chunk: &[u8]) -> Result<()> {
         if chunk.is_empty() {
             return Ok(());
         }
@@ -356,7 +356,7 @@ impl Receiver {
     ///
     /// A digest that does not match discards the staged bytes, so a retry starts clean.
     /// A size that does not match keeps them: they are what arrived.
-    pub fn commit(mut self, sha256: Sha256) -> Result<Written> {
+    pub(crate) fn commit(mut self, sha256: Sha256) -> Result<Written> {
         if self.file.is_none() {
             return self.commit_present(sha256);
         }
@@ -443,7 +443,7 @@ impl Drop for Receiver {
 
 /// Removes staging files not touched for `older_than`, and any that is not a regular
 /// file. Files held by a running transfer are left alone. Returns how many were removed.
-pub fn sweep_stale(root: &Root, older_than: Duration) -> Result<usize> {
+pub(crate) fn sweep_stale(root: &Root, older_than: Duration) -> Result<usize> {
     let staging = root.state(State::Staging);
     let now = SystemTime::now();
     let entries = fs::read_dir(&staging).map_err(|e| Error::io("list", &staging, e))?;

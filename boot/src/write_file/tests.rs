@@ -396,18 +396,6 @@ fn offer_elsewhere(f: &Fixture, req: &WriteFile) -> std::thread::JoinHandle<Resu
     std::thread::spawn(move || offer(&root, &req, &limits))
 }
 
-/// Polls `condition` every 10 ms for up to `limit`.
-fn eventually(limit: Duration, condition: impl Fn() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + limit;
-    while std::time::Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    condition()
-}
-
 /// A fresh fixture holding one offer of 1,000 bytes to `path`: the content, the
 /// request and the offer.
 fn offered(path: &str, known: bool) -> (Fixture, Vec<u8>, WriteFile, Offer) {
@@ -429,7 +417,7 @@ fn a_repeated_transfer_takes_over_and_resumes() {
     // The repeat asks the holder to let go and waits for it, not a refusal.
     let second = offer_elsewhere(&f, &req);
     assert!(
-        eventually(TAKE_OVER_WAIT, || first_wanted.is_cancelled()),
+        crate::wait::until_blocking(TAKE_OVER_WAIT, || first_wanted.is_cancelled()),
         "the holder is asked to let go"
     );
     assert!(!second.is_finished(), "the newcomer waits for the holder");
@@ -452,7 +440,7 @@ fn the_same_content_elsewhere_takes_over_too_other_content_is_not_held_up() {
     assert!(!wanted.is_cancelled());
     // The same digest to another destination shares the staging: it takes over.
     let copy = offer_elsewhere(&f, &request("copy.bin", &data, true));
-    assert!(eventually(TAKE_OVER_WAIT, || wanted.is_cancelled()));
+    assert!(crate::wait::until_blocking(TAKE_OVER_WAIT, || wanted.is_cancelled()));
     drop(first);
     let copy = copy.join().expect("join").expect("takes over");
     assert_eq!(copy.have, 0);
@@ -461,7 +449,7 @@ fn the_same_content_elsewhere_takes_over_too_other_content_is_not_held_up() {
     let held = f.offer(&unknown).expect("offer");
     let wanted = held.wanted();
     let repeat = offer_elsewhere(&f, &unknown);
-    assert!(eventually(TAKE_OVER_WAIT, || wanted.is_cancelled()));
+    assert!(crate::wait::until_blocking(TAKE_OVER_WAIT, || wanted.is_cancelled()));
     drop(held);
     repeat.join().expect("join").expect("takes over");
     drop(copy);

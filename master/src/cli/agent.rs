@@ -1,4 +1,6 @@
-//! The low-level agent commands: `ping`, `push`, `unpack`, `start`, `stop`, `restart`.
+//! The low-level agent commands: `ping`, `push`, `unpack`, `start`, `stop`, `restart`,
+//! and `logs`
+//! (a release's output, from `Ping`'s output tail).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -118,6 +120,18 @@ pub struct RestartArgs {
     grace: Option<u64>,
     #[command(flatten)]
     settings: StartSettings,
+}
+
+/// `erel logs HOST NAME [--follow]`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The agent, as ID@ADDR:PORT or a host id from the cluster file.
+    host: String,
+    /// Release name.
+    name: String,
+    /// Keep printing new output, asking the agent every second, until interrupted.
+    #[arg(long, short)]
+    follow: bool,
 }
 
 fn parse_mode(text: &str) -> std::result::Result<u32, String> {
@@ -664,6 +678,101 @@ pub async fn restart(ctx: &Context, cluster: Option<&Path>, args: RestartArgs) -
     Ok(ExitCode::SUCCESS)
 }
 
+/// How often `erel logs --follow` asks the agent for the release's output.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Printed by `erel logs --follow` where more output came between two looks than the
+/// output tail holds, so some of it was never seen.
+pub const OUTPUT_SKIPPED: &str = "[… output skipped …]";
+
+/// Prints release `NAME`'s recent output on one agent: the output tail its `Ping`
+/// reports (at most [`erel_proto::OUTPUT_TAIL_MAX`] bytes, from the start of a line).
+/// With `--follow`, asks again every [`FOLLOW_INTERVAL`] on the same connection and
+/// prints only what is new (see [`new_output`]) until interrupted.
+///
+/// # Errors
+///
+/// The host cannot be resolved or reached, or it has no release `NAME` (the error names
+/// the host, the release, and the releases the host has).
+pub async fn logs(ctx: &Context, cluster: Option<&Path>, args: LogsArgs) -> Result<ExitCode> {
+    use std::io::Write as _;
+    let (host, mut session) = open(ctx, cluster, &args.host)?;
+    let mut shown = output_tail(&mut session, &host, &args.name).await?;
+    let mut out = std::io::stdout();
+    let mut print = |text: &str| -> Result<()> {
+        out.write_all(text.as_bytes())
+            .and_then(|()| out.flush())
+            .context("writing to standard output")
+    };
+    print(&shown)?;
+    if !args.follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        tokio::time::sleep(FOLLOW_INTERVAL).await;
+        let tail = output_tail(&mut session, &host, &args.name).await?;
+        match new_output(&shown, &tail) {
+            NewOutput::Continues(new) => print(new)?,
+            NewOutput::Skipped(new) => {
+                let gap = if shown.is_empty() || shown.ends_with('\n') {
+                    ""
+                } else {
+                    "\n"
+                };
+                print(&format!("{gap}{OUTPUT_SKIPPED}\n{new}"))?;
+            }
+        }
+        shown = tail;
+    }
+}
+
+/// Release `name`'s output tail as `host`'s `Ping` reports it.
+async fn output_tail(session: &mut HostSession, host: &HostAddr, name: &str) -> Result<String> {
+    let pong: Pong = session.command(Request::Ping(Ping {})).await?;
+    if let Some(release) = pong.releases.iter().find(|r| r.name == name) {
+        return Ok(release.output_tail.clone());
+    }
+    let known: Vec<&str> = pong.releases.iter().map(|r| r.name.as_str()).collect();
+    let has = if known.is_empty() {
+        "it has no releases".to_string()
+    } else {
+        format!("its releases: {}", known.join(", "))
+    };
+    Err(Error::Usage(format!(
+        "host {} ({}) has no release {name}; {has}",
+        host.id, host.addr
+    )))
+}
+
+/// What a new look at an output tail shows beyond the previous one.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NewOutput<'a> {
+    /// The new tail continues the previous one: this is what follows it (may be empty).
+    Continues(&'a str),
+    /// The two tails do not overlap: more output came than a tail holds, and what came
+    /// between them is lost to this view. The whole new tail.
+    Skipped(&'a str),
+}
+
+/// Compares two looks at a release's output tail, a sliding window over one stream of
+/// output: the longest end of `old` that starts `new` is output seen twice, and what
+/// follows it in `new` is new. No overlap means more than a tail's worth arrived between
+/// the looks ([`NewOutput::Skipped`]), unless `old` was empty. The tail carries no
+/// offsets, so output that repeats itself exactly (the same line over a whole tail) can
+/// show as nothing new.
+pub fn new_output<'a>(old: &str, new: &'a str) -> NewOutput<'a> {
+    let longest = old.len().min(new.len());
+    let overlap = (0..=longest)
+        .rev()
+        .filter(|&n| new.is_char_boundary(n) && old.is_char_boundary(old.len() - n))
+        .find(|&n| old.ends_with(&new[..n]));
+    match overlap {
+        Some(0) | None if !old.is_empty() && !new.is_empty() => NewOutput::Skipped(new),
+        Some(n) => NewOutput::Continues(&new[n..]),
+        None => NewOutput::Continues(new),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -789,5 +898,30 @@ archive = "probe.tar.gz"
         assert_eq!(start.argv, ["bin/x"]);
         assert_eq!(start.env, [("A".to_string(), "b".to_string())]);
         assert!(notes.is_empty());
+    }
+
+    #[test]
+    fn output_that_grew_shows_only_what_is_new() {
+        assert_eq!(new_output("", "a\n"), NewOutput::Continues("a\n"));
+        assert_eq!(new_output("a\n", "a\nb\n"), NewOutput::Continues("b\n"));
+        assert_eq!(new_output("a\nb\n", "a\nb\n"), NewOutput::Continues(""));
+        // The window slid: its start dropped out, its end grew.
+        assert_eq!(
+            new_output("a\nb\nc\n", "b\nc\nd\n"),
+            NewOutput::Continues("d\n")
+        );
+        // A line finished between the looks.
+        assert_eq!(new_output("a\nb", "a\nbc\n"), NewOutput::Continues("c\n"));
+    }
+
+    #[test]
+    fn a_tail_with_nothing_in_common_says_output_was_skipped() {
+        assert_eq!(new_output("a\nb\n", "x\ny\n"), NewOutput::Skipped("x\ny\n"));
+        assert_eq!(new_output("a\n", ""), NewOutput::Continues(""));
+    }
+
+    #[test]
+    fn overlaps_are_found_at_character_boundaries() {
+        assert_eq!(new_output("é\nà", "àb"), NewOutput::Continues("b"));
     }
 }

@@ -74,7 +74,9 @@ pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::R
             serde_json::to_string_pretty(&report).context("encoding the report")?
         );
     } else {
-        print!("{}", summary_table(&report));
+        // Printed lines already showed each failed release's output with its failure.
+        let tails_shown = matches!(view, View::Lines(_));
+        print!("{}", summary_table(&report, tails_shown));
     }
     Ok(if report.converged() {
         ExitCode::SUCCESS
@@ -303,8 +305,9 @@ pub fn indent(text: &str, prefix: &str) -> String {
         .join("\n")
 }
 
-/// The final table: one row per host.
-fn summary_table(report: &RolloutReport) -> String {
+/// The final table: one row per host, then each failed release's output unless
+/// `tails_shown` (the printed event lines showed it).
+fn summary_table(report: &RolloutReport, tails_shown: bool) -> String {
     let mut rows = vec![[
         "HOST".to_string(),
         "GROUP".to_string(),
@@ -327,7 +330,7 @@ fn summary_table(report: &RolloutReport) -> String {
                     output_tail,
                     rolled_back,
                 }) => {
-                    if !output_tail.trim().is_empty() {
+                    if !tails_shown && !output_tail.trim().is_empty() {
                         tails.push((host.host.clone(), output_tail.clone()));
                     }
                     let rolled = if *rolled_back {
@@ -472,4 +475,45 @@ fn describe_group(plan: &Plan, group: &GroupPlan) -> String {
         out.push_str("  (no hosts)\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::{GroupReport, HostPhase, HostReport};
+
+    #[test]
+    fn a_failed_release_output_is_shown_once() {
+        let failure = HostFailure {
+            output_tail: "config missing\n".into(),
+            ..HostFailure::new(HostPhase::Verifying, "exited with code 3")
+        };
+        let report = RolloutReport {
+            revision: 1,
+            groups: vec![GroupReport {
+                group: "web".into(),
+                release: "beat".into(),
+                version: "0.2.0".into(),
+                halted: None,
+                hosts: vec![HostReport {
+                    host: "web-1".into(),
+                    addr: "127.0.0.1:1".into(),
+                    outcome: HostOutcome::Failed(failure.clone()),
+                }],
+            }],
+        };
+        let event = RolloutEvent::HostFailed {
+            group: "web".into(),
+            host: "web-1".into(),
+            addr: "127.0.0.1:1".into(),
+            failure,
+        };
+        let line = event_line(&event).expect("a line");
+        // Printed event lines, then the table: the output once, with the failure.
+        let printed = format!("{line}\n{}", summary_table(&report, true));
+        assert_eq!(printed.matches("config missing").count(), 1, "{printed}");
+        // Live bars show no event lines: the table shows the output.
+        let table = summary_table(&report, false);
+        assert_eq!(table.matches("config missing").count(), 1, "{table}");
+    }
 }

@@ -57,6 +57,8 @@ enum Command {
     Stop(agent::StopArgs),
     /// Stops a release on an agent and starts it again.
     Restart(agent::RestartArgs),
+    /// Prints a release's recent output on an agent; `--follow` keeps printing what is new.
+    Logs(agent::LogsArgs),
     /// Table of every host in the cluster: group, desired and running release, state.
     Status(status::StatusArgs),
     /// Brings the cluster's hosts to their desired versions, rolling, gated on health.
@@ -128,6 +130,7 @@ async fn run(cli: Cli) -> crate::Result<ExitCode> {
         Command::Start(args) => agent::start(&ctx, cluster, args).await,
         Command::Stop(args) => agent::stop(&ctx, cluster, args).await,
         Command::Restart(args) => agent::restart(&ctx, cluster, args).await,
+        Command::Logs(args) => agent::logs(&ctx, cluster, args).await,
         Command::Status(args) => status::status(&ctx, &cluster_file(cluster), args).await,
         Command::Deploy(args) => deploy::deploy(&ctx, &cluster_file(cluster), args).await,
         Command::Master(args) => daemon::master(&ctx, &cluster_file(cluster), args).await,

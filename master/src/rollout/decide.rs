@@ -599,8 +599,7 @@ impl GroupSchedule {
 }
 
 /// How long to look again for the output of a release found unhealthy, when the look
-/// that failed it showed none: the agent fills a release's output tail once it has
-/// exited, and one that restarted between two looks shows none while it runs again.
+/// that failed it showed none: a release that has not written anything yet.
 pub fn output_tail_wait(observation: &Observation<'_>) -> Option<Duration> {
     let tail = observation.status.map(|s| s.output_tail.as_str());
     tail.unwrap_or_default()

@@ -11,6 +11,7 @@ mod deploy;
 mod fleet;
 mod health;
 mod inputs;
+mod logs;
 mod one_agent;
 mod otp;
 mod output;
