@@ -148,7 +148,7 @@ async fn revoked_host_certificate_is_refused_by_the_master() {
     // Re-issuing gives a new serial, which is not revoked.
     let bundle = pki
         .master
-        .issue_host("web-1", &[crate::helper::LOOPBACK], &[])
+        .replace_host("web-1", &[crate::helper::LOOPBACK], &[])
         .expect("re-issue");
     let (client_result, _) = attempt_between(&bundle, &pki.master).await;
     assert_eq!(client_result.expect("re-issued host").echoed, 42);

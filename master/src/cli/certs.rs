@@ -27,6 +27,10 @@ pub enum CertsCommand {
         /// A DNS name the certificate also names (repeatable).
         #[arg(long = "dns")]
         dns: Vec<String>,
+        /// Replace an existing bundle of ID with a new key and certificate (without
+        /// it, an existing host key is never overwritten).
+        #[arg(long)]
+        force: bool,
     },
     /// Adds a host's (or the master's, as "master") certificate to the CRL.
     Revoke {
@@ -45,11 +49,18 @@ pub fn run(ctx: &Context, command: CertsCommand) -> crate::Result<ExitCode> {
                 .with_context(|| format!("erel certs init in {dir}"))?;
             println!("created the cluster CA and the master certificate in {dir}");
         }
-        CertsCommand::Host { id, ips, dns } => {
-            let bundle = ctx
-                .certs
-                .issue_host(&id, &ips, &dns)
-                .with_context(|| format!("erel certs host {id}"))?;
+        CertsCommand::Host {
+            id,
+            ips,
+            dns,
+            force,
+        } => {
+            let issued = if force {
+                ctx.certs.replace_host(&id, &ips, &dns)
+            } else {
+                ctx.certs.issue_host(&id, &ips, &dns)
+            };
+            let bundle = issued.with_context(|| format!("erel certs host {id}"))?;
             println!(
                 "wrote the bundle for {id} to {} (copy it to the host's --certs directory)",
                 bundle.display()
