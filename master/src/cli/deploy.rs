@@ -165,16 +165,12 @@ impl Bars {
             RolloutEvent::HostFailed {
                 group,
                 host,
-                failure:
-                    HostFailure {
-                        reason,
-                        rolled_back,
-                        ..
-                    },
+                failure,
                 ..
             } => {
-                let rolled = if *rolled_back { ", rolled back" } else { "" };
-                (group, host, format!("FAILED{rolled}: {reason}"))
+                let rolled = failure.rollback_words();
+                let reason = &failure.reason;
+                (group, host, format!("FAILED, {rolled}: {reason}"))
             }
             RolloutEvent::GroupHalted {
                 group,
@@ -227,15 +223,15 @@ pub fn event_line(event: &RolloutEvent) -> Option<String> {
             group,
             host,
             addr,
-            failure:
-                HostFailure {
-                    phase,
-                    reason,
-                    output_tail,
-                    rolled_back,
-                },
+            failure,
         } => {
-            let rolled = rollout::rollback_words(*rolled_back);
+            let rolled = failure.rollback_words();
+            let HostFailure {
+                phase,
+                reason,
+                output_tail,
+                ..
+            } = failure;
             let mut line =
                 format!("{group}/{host} ({addr}): FAILED while {phase}, {rolled}: {reason}");
             if !output_tail.trim().is_empty() {
@@ -293,20 +289,17 @@ fn summary_table(report: &RolloutReport) -> String {
                     from.as_deref().unwrap_or("nothing")
                 ),
                 HostOutcome::UpToDate => "up to date".to_string(),
-                HostOutcome::Failed(HostFailure {
-                    phase,
-                    reason,
-                    output_tail,
-                    rolled_back,
-                }) => {
+                HostOutcome::Failed(failure) => {
+                    let HostFailure {
+                        phase,
+                        reason,
+                        output_tail,
+                        ..
+                    } = failure;
                     if !output_tail.trim().is_empty() {
                         tails.push((host.host.clone(), output_tail.clone()));
                     }
-                    let rolled = if *rolled_back {
-                        "rolled back"
-                    } else {
-                        "not rolled back"
-                    };
+                    let rolled = failure.rollback_words();
                     format!("FAILED while {phase} ({rolled}): {reason}")
                 }
                 HostOutcome::Untouched => "not touched (group halted)".to_string(),

@@ -9,6 +9,7 @@ mod certs_cli;
 mod containment;
 mod deploy;
 mod inputs;
+mod manners;
 mod one_agent;
 mod otp;
 mod output;

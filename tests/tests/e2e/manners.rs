@@ -1,0 +1,133 @@
+//! How `erel` speaks to its operator: one message per failure with nothing from the
+//! libraries before it, words that say what happened to a host, JSON where a table or
+//! plan is printed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::helper::release::beat_release;
+use crate::helper::{free_port, output_text, Pki, MASTER_BIN};
+
+/// `erel` with `args`, with no `EREL_LOG` from the environment: the defaults are
+/// under test.
+fn erel(args: &[&str]) -> Output {
+    Command::new(MASTER_BIN)
+        .args(args)
+        .env_remove("EREL_LOG")
+        .output()
+        .expect("run erel")
+}
+
+fn stderr_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The command failed and said so once, on one line of stderr starting `erel: ` and
+/// holding `needle`; no library's log line came before it.
+fn failed_once(out: &Output, needle: &str) -> String {
+    assert!(!out.status.success(), "{}", output_text(out));
+    let lines = stderr_lines(out);
+    assert_eq!(lines.len(), 1, "one message, said once: {lines:#?}");
+    let line = &lines[0];
+    assert!(line.starts_with("erel: "), "{line}");
+    assert!(line.contains(needle), "{needle:?} missing: {line}");
+    for noise in ["ERROR", "WARN", "lapin"] {
+        assert!(!line.contains(noise), "{noise} in {line}");
+    }
+    line.clone()
+}
+
+#[test]
+fn a_refused_amqp_login_prints_erels_message_alone() {
+    let url = crate::helper::amqp::amqp_url().replacen("guest:guest@", "guest:WRONG@", 1);
+    assert!(url.contains("WRONG"), "{url}");
+    let out = erel(&["config", "show", "--amqp", &url]);
+    let said = failed_once(&out, "ACCESS_REFUSED");
+    assert!(!said.contains("WRONG"), "the password is hidden: {said}");
+
+    // EREL_LOG still turns the libraries' logs on.
+    let loud = Command::new(MASTER_BIN)
+        .args(["config", "show", "--amqp", &url])
+        .env("EREL_LOG", "lapin=error")
+        .output()
+        .expect("run erel");
+    assert!(!loud.status.success());
+    assert!(
+        String::from_utf8_lossy(&loud.stderr).contains("lapin"),
+        "{}",
+        output_text(&loud)
+    );
+}
+
+#[test]
+fn start_up_errors_are_printed_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing_certs = dir.path().join("no-certs");
+    let missing_certs = missing_certs.to_str().expect("utf8");
+    let out = erel(&["--certs", missing_certs, "ping", "web-1@127.0.0.1:1"]);
+    failed_once(&out, "no-certs");
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "revision = [\n").expect("write");
+    let bad = bad.to_str().expect("utf8");
+    let pki = Pki::new();
+    for command in [
+        &["status"][..],
+        &["deploy"],
+        &["deploy", "--dry-run"],
+        &["master"],
+    ] {
+        let out = erel_with(&pki, Path::new(bad), command);
+        failed_once(&out, "bad.toml");
+    }
+
+    let out = erel(&["config", "show", "--amqp", "not a url"]);
+    failed_once(&out, "not a url");
+}
+
+/// A PKI, a beat archive and a cluster file naming one host at `addr`.
+fn one_host_cluster(pki: &Pki, id: &str, addr: &str) -> PathBuf {
+    let dir = pki.dir.path();
+    let releases = dir.join("releases");
+    std::fs::create_dir_all(&releases).expect("mkdir");
+    let archive = beat_release(&releases, "beat", "0.1.0");
+    let name = archive.file_name().expect("name").to_string_lossy();
+    let text = format!(
+        "revision = 1\n[[host]]\nid = \"{id}\"\naddr = \"{addr}\"\ngroup = \"web\"\n\
+         [group.web]\nrelease = \"beat\"\nversion = \"0.1.0\"\narchive = \"releases/{name}\"\n\
+         health = {{ min_up_secs = 1, deadline_secs = 15 }}\n"
+    );
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text).expect("write cluster");
+    path
+}
+
+fn erel_with(pki: &Pki, cluster: &Path, args: &[&str]) -> Output {
+    pki.erel()
+        .args(args)
+        .arg("--cluster")
+        .arg(cluster)
+        .env_remove("EREL_LOG")
+        .output()
+        .expect("run erel")
+}
+
+#[test]
+fn a_host_that_failed_before_its_switch_is_not_said_to_be_not_rolled_back() {
+    let pki = Pki::new();
+    let dead = format!("127.0.0.1:{}", free_port());
+    let cluster = one_host_cluster(&pki, "gone-1", &dead);
+    let out = erel_with(&pki, &cluster, &["deploy", "--connect-timeout", "2"]);
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("gone-1") && text.contains(&dead), "{text}");
+    assert!(
+        text.contains("its running release was not touched"),
+        "{text}"
+    );
+    assert!(!text.to_lowercase().contains("not rolled back"), "{text}");
+}
