@@ -17,6 +17,8 @@ use crate::client::Connector;
 use crate::cluster::{GroupPlan, Plan};
 use crate::error::Error;
 use crate::rollout::{self, HostFailure, HostOutcome, RolloutEvent, RolloutOptions, RolloutReport};
+use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// `erel deploy`.
 #[derive(Debug, Args)]
@@ -27,7 +29,8 @@ pub struct DeployArgs {
     /// Print the plan and touch nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Print events as JSON lines, then the summary as JSON.
+    /// Print events as JSON lines, then the summary as JSON; with `--dry-run`, the plan
+    /// as one JSON object.
     #[arg(long)]
     json: bool,
     /// Seconds each phase of opening a connection to an agent may take before the host
@@ -50,7 +53,15 @@ pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::R
         }
     }
     if args.dry_run {
-        print!("{}", describe_plan(&plan, &args.groups));
+        if args.json {
+            let json = plan_json(&plan, &args.groups);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json).context("encoding the plan")?
+            );
+        } else {
+            print!("{}", describe_plan(&plan, &args.groups));
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let connector = Connector::new(ctx.tls()?, ctx.master_name())
@@ -423,4 +434,107 @@ fn describe_group(plan: &Plan, group: &GroupPlan) -> String {
         out.push_str("  (no hosts)\n");
     }
     out
+}
+
+/// What `--dry-run --json` prints: the plan `describe_plan` puts in words.
+#[derive(Debug, Serialize)]
+struct PlanJson {
+    /// The cluster file.
+    cluster: String,
+    revision: u64,
+    groups: Vec<GroupJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct GroupJson {
+    group: String,
+    release: String,
+    version: String,
+    /// `None` when the archive is not checked.
+    archive: Option<ArchiveJson>,
+    /// The command, relative to the version directory (the default filled in).
+    argv: Vec<String>,
+    /// `releases/<name>/<version>` on each host.
+    version_dir: String,
+    canaries: usize,
+    max_in_flight: usize,
+    health: HealthJson,
+    /// In the order they switch: canaries first.
+    hosts: Vec<PlannedHostJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct ArchiveJson {
+    /// The local file.
+    path: String,
+    sha256: String,
+    /// Where it is pushed on each host, relative to the agent's root.
+    dest: String,
+}
+
+#[derive(Debug, Serialize)]
+struct HealthJson {
+    /// The TCP probe's port, or `$VARIABLE` naming it in each host's environment.
+    tcp: Option<String>,
+    min_up_secs: u64,
+    deadline_secs: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct PlannedHostJson {
+    /// 1 for the first host to switch.
+    order: usize,
+    host: String,
+    addr: String,
+    canary: bool,
+    /// The host's own environment (merged over the group's when it starts).
+    env: BTreeMap<String, String>,
+}
+
+fn plan_json(plan: &Plan, only: &[String]) -> PlanJson {
+    let groups = plan
+        .groups
+        .values()
+        .filter(|group| only.is_empty() || only.contains(&group.name))
+        .map(|group| GroupJson {
+            group: group.name.clone(),
+            release: group.release.clone(),
+            version: group.version.clone(),
+            archive: group.archive.as_ref().map(|archive| ArchiveJson {
+                path: archive.path.display().to_string(),
+                sha256: archive.sha256.to_string(),
+                dest: GroupPlan::archive_dest(archive),
+            }),
+            argv: if group.argv.is_empty() {
+                erel_proto::rules::default_argv(&group.release)
+            } else {
+                group.argv.clone()
+            },
+            version_dir: group.version_dir(),
+            canaries: group.canaries,
+            max_in_flight: group.max_in_flight,
+            health: HealthJson {
+                tcp: group.health.tcp.as_ref().map(ToString::to_string),
+                min_up_secs: group.health.min_up.as_secs(),
+                deadline_secs: group.health.deadline.as_secs(),
+            },
+            hosts: plan
+                .hosts_in(&group.name)
+                .iter()
+                .enumerate()
+                .map(|(index, host)| PlannedHostJson {
+                    order: index + 1,
+                    host: host.id.clone(),
+                    addr: host.addr.clone(),
+                    canary: index < group.canaries,
+                    env: host.env.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    PlanJson {
+        cluster: plan.origin.clone(),
+        revision: plan.revision,
+        groups,
+    }
 }

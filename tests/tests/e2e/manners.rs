@@ -131,3 +131,69 @@ fn a_host_that_failed_before_its_switch_is_not_said_to_be_not_rolled_back() {
     );
     assert!(!text.to_lowercase().contains("not rolled back"), "{text}");
 }
+
+#[test]
+fn deploy_dry_run_json_is_the_plan_and_touches_nothing() {
+    let pki = Pki::new();
+    let dead = format!("127.0.0.1:{}", free_port());
+    let cluster = one_host_cluster(&pki, "plan-1", &dead);
+    let out = erel_with(&pki, &cluster, &["deploy", "--dry-run", "--json"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", output_text(&out)));
+    assert_eq!(plan["revision"], 1);
+    let group = &plan["groups"][0];
+    assert_eq!(group["group"], "web");
+    assert_eq!(group["release"], "beat");
+    assert_eq!(group["version"], "0.1.0");
+    assert_eq!(group["version_dir"], "releases/beat/0.1.0");
+    assert_eq!(group["argv"], serde_json::json!(["bin/beat", "foreground"]));
+    assert_eq!(group["health"]["min_up_secs"], 1);
+    assert_eq!(group["health"]["deadline_secs"], 15);
+    let sha = group["archive"]["sha256"].as_str().expect("sha256");
+    assert_eq!(sha.len(), 64, "{sha}");
+    assert!(group["archive"]["dest"]
+        .as_str()
+        .is_some_and(|d| d.starts_with("archives/beat-0.1.0")));
+    let host = &group["hosts"][0];
+    assert_eq!(host["host"], "plan-1");
+    assert_eq!(host["addr"], dead.as_str());
+    assert_eq!(host["order"], 1);
+    assert_eq!(host["canary"], true);
+}
+
+#[test]
+fn status_json_with_amqp_includes_the_holders() {
+    let pki = Pki::new();
+    let dead = format!("127.0.0.1:{}", free_port());
+    let cluster = one_host_cluster(&pki, "held-1", &dead);
+    let prefix = crate::helper::amqp::unique_prefix("manners-status");
+    let url = crate::helper::amqp::amqp_url();
+    let out = erel_with(
+        &pki,
+        &cluster,
+        &[
+            "status",
+            "--json",
+            "--connect-timeout",
+            "2",
+            "--amqp",
+            &url,
+            "--amqp-prefix",
+            &prefix,
+        ],
+    );
+    // The host is unreachable, so not converged: exit 1, with the JSON all the same.
+    assert!(!out.status.success(), "{}", output_text(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", output_text(&out)));
+    assert_eq!(status["hosts"][0]["host"], "held-1");
+    assert_eq!(status["hosts"][0]["reachable"], false);
+    let holders = status["holders"].as_array().expect("holders");
+    assert_eq!(holders.len(), 1, "{holders:?}");
+    assert_eq!(holders[0]["group"], "web");
+    assert!(
+        holders[0]["master"].is_null(),
+        "no master holds it: {holders:?}"
+    );
+}
