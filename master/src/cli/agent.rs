@@ -221,13 +221,7 @@ fn release_summary(release: &ReleaseStatus) -> String {
     let version = release.version.as_deref().unwrap_or("-");
     let state = match &release.state {
         ReleaseState::Running => format!("running pid {}", release.pid.unwrap_or(0)),
-        ReleaseState::Stopped => "stopped".to_string(),
-        ReleaseState::Exited { code, signal } => match (code, signal) {
-            (Some(code), _) => format!("exited with code {code}"),
-            (None, Some(signal)) => format!("killed by signal {signal}"),
-            (None, None) => "exited".to_string(),
-        },
-        ReleaseState::CrashLooping => "crash-looping".to_string(),
+        _ => super::state_words(release),
     };
     format!(
         "{} {version} {state} restarts {}",

@@ -129,6 +129,23 @@ async fn run(cli: Cli) -> crate::Result<ExitCode> {
     }
 }
 
+/// A release's state in the words every command uses (`status`, `ping`, `deploy`):
+/// `running`, `stopped`, `exited with code N`, `killed by signal N`, `exited`,
+/// `crash-looping`.
+pub(crate) fn state_words(release: &erel_proto::ReleaseStatus) -> String {
+    use erel_proto::ReleaseState;
+    match &release.state {
+        ReleaseState::Running => "running".to_string(),
+        ReleaseState::Stopped => "stopped".to_string(),
+        ReleaseState::Exited { code, signal } => match (code, signal) {
+            (Some(code), _) => format!("exited with code {code}"),
+            (None, Some(signal)) => format!("killed by signal {signal}"),
+            (None, None) => "exited".to_string(),
+        },
+        ReleaseState::CrashLooping => "crash-looping".to_string(),
+    }
+}
+
 /// erel's own crates: the only log targets a command other than the daemon shows by
 /// default.
 const EREL_TARGETS: [&str; 4] = ["erel_master", "erel_certs", "erel_boot", "erel_proto"];

@@ -172,19 +172,7 @@ fn fill(row: &mut HostStatus, release: &ReleaseStatus) {
     row.restarts = release.restarts;
     row.versions = release.versions.clone();
     row.output_tail = release.output_tail.clone();
-    row.state = match &release.state {
-        ReleaseState::Running => "running".to_string(),
-        ReleaseState::Stopped => "stopped".to_string(),
-        ReleaseState::Exited {
-            code: Some(code), ..
-        } => format!("exited ({code})"),
-        ReleaseState::Exited {
-            signal: Some(signal),
-            ..
-        } => format!("killed (signal {signal})"),
-        ReleaseState::Exited { .. } => "exited".to_string(),
-        ReleaseState::CrashLooping => "crash-looping".to_string(),
-    };
+    row.state = super::state_words(release);
     row.converged = release.state == ReleaseState::Running
         && release.version.as_deref() == Some(row.desired_version.as_str());
 }

@@ -197,3 +197,110 @@ fn status_json_with_amqp_includes_the_holders() {
         "no master holds it: {holders:?}"
     );
 }
+
+/// `erel deploy` of a beat release on a fleet of `hosts` agents whose health gate
+/// holds each host in `verifying` for `min_up_secs`; the deploy runs with its stdout
+/// followed into the returned log.
+fn slow_deploy(
+    fleet: &crate::helper::fleet::Fleet,
+    min_up_secs: u64,
+    json: bool,
+) -> (
+    std::process::Child,
+    std::sync::Arc<std::sync::Mutex<String>>,
+) {
+    let releases = fleet.dir.path().join("releases");
+    std::fs::create_dir_all(&releases).expect("mkdir");
+    let archive = beat_release(&releases, "beat", "0.1.0");
+    let name = archive.file_name().expect("name").to_string_lossy();
+    let mut text = format!("revision = 1\n{}", fleet.hosts_toml("BEAT_PORT"));
+    text.push_str(&format!(
+        "[group.web]\nrelease = \"beat\"\nversion = \"0.1.0\"\narchive = \"releases/{name}\"\n\
+         max_in_flight = 1\ncanaries = 1\nstop_grace_secs = 5\n\
+         health = {{ tcp = \"$BEAT_PORT\", min_up_secs = {min_up_secs}, deadline_secs = {} }}\n",
+        min_up_secs * 2
+    ));
+    let cluster = fleet.dir.path().join("cluster.toml");
+    std::fs::write(&cluster, text).expect("write cluster");
+    let mut command = fleet.pki.erel();
+    command.arg("deploy").arg("--cluster").arg(&cluster);
+    if json {
+        command.arg("--json");
+    }
+    let mut child = command
+        .env_remove("EREL_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn erel deploy");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    crate::helper::follow_lines(child.stdout.take().expect("stdout"), log.clone(), |_| {});
+    crate::helper::follow_lines(child.stderr.take().expect("stderr"), log.clone(), |_| {});
+    (child, log)
+}
+
+/// Sends SIGINT to `child` once `needle` shows in `log`; returns its exit status and
+/// everything it printed.
+fn interrupt_when(
+    child: &mut std::process::Child,
+    log: &std::sync::Arc<std::sync::Mutex<String>>,
+    needle: &str,
+) -> (std::process::ExitStatus, String) {
+    let text = || log.lock().expect("log").clone();
+    let shown =
+        crate::helper::wait_until_blocking(crate::helper::PATIENCE, || text().contains(needle));
+    assert!(shown, "{needle:?} never printed:\n{}", text());
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let status = crate::helper::exit_within(child, crate::helper::PATIENCE)
+        .unwrap_or_else(|| panic!("erel deploy did not end after SIGINT:\n{}", text()));
+    // The output threads end with the pipes; give them the same bound.
+    crate::helper::wait_until_blocking(crate::helper::PATIENCE, || {
+        let t = text();
+        t.contains("untouched") || t.contains("\"untouched\"")
+    });
+    (status, text())
+}
+
+#[test]
+fn ctrl_c_during_a_deploy_says_what_was_done_in_flight_and_untouched() {
+    // min_up_secs holds the canary in `verifying` long enough to be interrupted there.
+    let fleet = crate::helper::fleet::Fleet::new("intr", &["web"; 2]);
+    let (mut child, log) = slow_deploy(&fleet, 30, false);
+    let (status, text) = interrupt_when(&mut child, &log, "web/intr-1: verifying");
+
+    assert_eq!(status.code(), Some(130), "exit status of Ctrl-C: {text}");
+    assert!(text.contains("INTERRUPTED"), "{text}");
+    assert!(
+        text.contains("IN FLIGHT  web/intr-1: was verifying when interrupted; now 0.1.0 running"),
+        "the canary's state, asked of its agent: {text}"
+    );
+    assert!(text.contains("health was NOT verified"), "{text}");
+    assert!(
+        text.contains("untouched  web/intr-2: its running release was not touched"),
+        "{text}"
+    );
+    assert!(text.contains("0 done, 1 in flight, 1 untouched"), "{text}");
+    // The second host really was not touched.
+    assert!(fleet.agents[1].release_pids("beat").is_empty(), "{text}");
+}
+
+#[test]
+fn ctrl_c_during_a_json_deploy_prints_the_summary_as_json() {
+    let fleet = crate::helper::fleet::Fleet::new("intj", &["web"; 2]);
+    let (mut child, log) = slow_deploy(&fleet, 30, true);
+    let (status, text) = interrupt_when(&mut child, &log, "\"phase\":\"verifying\"");
+    assert_eq!(status.code(), Some(130), "{text}");
+    let start = text
+        .find("{\n")
+        .unwrap_or_else(|| panic!("no summary: {text}"));
+    let summary: serde_json::Value =
+        serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("{e}: {}", &text[start..]));
+    assert_eq!(summary["interrupted"], true);
+    assert_eq!(summary["in_flight"][0]["host"], "intj-1");
+    assert_eq!(summary["in_flight"][0]["phase"], "verifying");
+    assert_eq!(summary["in_flight"][0]["now_version"], "0.1.0");
+    assert_eq!(summary["in_flight"][0]["now_state"], "running");
+    assert_eq!(summary["untouched"][0]["host"], "intj-2");
+    assert!(summary["done"].as_array().is_some_and(Vec::is_empty));
+}
