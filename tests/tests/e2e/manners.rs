@@ -304,3 +304,115 @@ fn ctrl_c_during_a_json_deploy_prints_the_summary_as_json() {
     assert_eq!(summary["untouched"][0]["host"], "intj-2");
     assert!(summary["done"].as_array().is_some_and(Vec::is_empty));
 }
+
+/// `GET path` on `addr`: (status line, body), or `None` when nothing answers.
+fn http_get(addr: &str, path: &str) -> Option<(String, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_string(), body.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_serves_prometheus_metrics_of_its_fleet() {
+    let fleet = crate::helper::fleet::Fleet::new("metr", &["web"; 2]);
+    let releases = fleet.dir.path().join("releases");
+    std::fs::create_dir_all(&releases).expect("mkdir");
+    let archive = beat_release(&releases, "beat", "0.1.0");
+    let name = archive.file_name().expect("name").to_string_lossy();
+    let mut text = format!("revision = 4\n{}", fleet.hosts_toml("BEAT_PORT"));
+    text.push_str(&format!(
+        "[group.web]\nrelease = \"beat\"\nversion = \"0.1.0\"\narchive = \"releases/{name}\"\n\
+         max_in_flight = 2\ncanaries = 0\n\
+         health = {{ tcp = \"$BEAT_PORT\", min_up_secs = 1, deadline_secs = 30 }}\n"
+    ));
+    let cluster = fleet.dir.path().join("cluster.toml");
+    std::fs::write(&cluster, text).expect("write cluster");
+
+    let mut command = fleet.pki.erel();
+    command
+        .args([
+            "master",
+            "--interval",
+            "1",
+            "--metrics",
+            "127.0.0.1:0",
+            "--cluster",
+        ])
+        .arg(&cluster)
+        .env_remove("EREL_LOG");
+    let mut master = crate::helper::Followed::spawn(&mut command, "erel master");
+    let log = master
+        .log_showing("metrics on ", crate::helper::PATIENCE)
+        .await;
+    let addr = log
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics on "))
+        .expect("address")
+        .trim()
+        .to_string();
+
+    let converged = crate::helper::poll_until(crate::helper::PATIENCE, || {
+        let addr = addr.clone();
+        async move {
+            let (status, body) = http_get(&addr, "/metrics")?;
+            let done = body.contains("erel_hosts{state=\"converged\"} 2\n");
+            done.then_some((status, body))
+        }
+    })
+    .await;
+    let (status, body) = converged.unwrap_or_else(|| {
+        panic!(
+            "never converged in the metrics: {:?}\n{}",
+            http_get(&addr, "/metrics"),
+            master.log()
+        )
+    });
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    for line in [
+        "erel_revision 4\n",
+        "erel_hosts{state=\"failed\"} 0\n",
+        "erel_hosts{state=\"in_flight\"} 0\n",
+        "erel_rollouts_total{group=\"web\"} 1\n",
+        "erel_host_failures_total{group=\"web\"} 0\n",
+        "# TYPE erel_config_age_seconds gauge\n",
+    ] {
+        assert!(body.contains(line), "{line:?} missing:\n{body}");
+    }
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    fleet.expect_beats("0.1.0");
+
+    let (status, _) = http_get(&addr, "/other").expect("an answer");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    assert!(
+        master.terminate_within(crate::helper::PATIENCE),
+        "{}",
+        master.log()
+    );
+}
+
+#[test]
+fn metrics_with_amqp_are_refused_naming_the_flag() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = pki
+        .erel()
+        .args(["master", "--metrics", "127.0.0.1:0", "--amqp"])
+        .arg(crate::helper::amqp::amqp_url())
+        .arg("--state-dir")
+        .arg(dir.path())
+        .arg("--artifacts")
+        .arg(dir.path())
+        .arg("--name")
+        .arg("m1")
+        .env_remove("EREL_LOG")
+        .output()
+        .expect("run erel");
+    failed_once(&out, "--metrics 127.0.0.1:0");
+}
