@@ -416,3 +416,44 @@ fn metrics_with_amqp_are_refused_naming_the_flag() {
         .expect("run erel");
     failed_once(&out, "--metrics 127.0.0.1:0");
 }
+
+#[test]
+fn an_archive_entry_name_reaches_the_operator_escaped() {
+    let (pki, agent) = crate::helper::pki_and_agent("esc-1", &[]);
+    let work = tempfile::tempdir().expect("tempdir");
+    // One regular file whose name leaves the root and carries a terminal escape
+    // (set the window title) and a bell.
+    let name = b"../\x1b]0;owned\x07evil";
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.as_gnu_mut().expect("gnu").name[..name.len()].copy_from_slice(name);
+    header.set_size(1);
+    header.set_mode(0o644);
+    header.set_cksum();
+    let mut bytes = header.as_bytes().to_vec();
+    let mut body = b"x".to_vec();
+    body.resize(512, 0);
+    bytes.extend_from_slice(&body);
+    bytes.extend_from_slice(&[0u8; 1024]);
+    let archive = work.path().join("evil.tar");
+    std::fs::write(&archive, &bytes).expect("write archive");
+
+    let pushed = pki
+        .erel_at("push", &agent)
+        .arg(&archive)
+        .arg("archives/evil.tar")
+        .env_remove("EREL_LOG")
+        .output()
+        .expect("run erel push");
+    assert!(pushed.status.success(), "{}", output_text(&pushed));
+    let out = pki
+        .erel_at("unpack", &agent)
+        .args(["archives/evil.tar", "releases/evil/1"])
+        .env_remove("EREL_LOG")
+        .output()
+        .expect("run erel unpack");
+    let said = failed_once(&out, "esc-1");
+    assert!(!said.chars().any(char::is_control), "{said:?}");
+    assert!(said.contains("\\u{1b}]0;owned\\u{7}evil"), "{said}");
+    assert!(!agent.root.join("releases/evil/1").exists());
+}
