@@ -29,7 +29,7 @@ pub struct MasterArgs {
     #[arg(long, default_value_t = crate::client::DEFAULT_CONNECT_TIMEOUT.as_secs(), value_name = "SECS")]
     connect_timeout: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free port; the
-    /// address bound is printed on stderr as `metrics on ADDR`). With a cluster file.
+    /// address bound is printed on stderr as `metrics on ADDR`).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
     /// `--amqp URL --state-dir DIR --name NAME --artifacts DIR`: the AMQP config log.
@@ -40,15 +40,9 @@ pub struct MasterArgs {
 /// Runs the daemon until SIGTERM or Ctrl-C.
 pub async fn master(ctx: &Context, cluster: &Path, args: MasterArgs) -> crate::Result<ExitCode> {
     if args.amqp.url.is_some() {
-        if let Some(addr) = args.metrics {
-            return Err(crate::error::Error::Usage(format!(
-                "--metrics {addr}: metrics are served by the daemon on a cluster file \
-                 (erel master --cluster FILE), not yet with --amqp"
-            )));
-        }
         let interval = Duration::from_secs(args.interval.max(1));
         let connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
-        return super::amqp::master(ctx, args.amqp, interval, connect_timeout).await;
+        return super::amqp::master(ctx, args.amqp, interval, connect_timeout, args.metrics).await;
     }
     let connector = Connector::new(ctx.tls()?, ctx.master_name())
         .with_connect_timeout(Duration::from_secs(args.connect_timeout.max(1)));
@@ -80,7 +74,7 @@ pub async fn master(ctx: &Context, cluster: &Path, args: MasterArgs) -> crate::R
 
 /// Binds `addr`, says `metrics on ADDR` on stderr (the address bound, for port 0), and
 /// serves the metrics until `cancel`.
-async fn serve_metrics(
+pub(crate) async fn serve_metrics(
     addr: std::net::SocketAddr,
     cancel: &CancellationToken,
 ) -> crate::Result<Arc<Metrics>> {

@@ -397,24 +397,109 @@ async fn the_daemon_serves_prometheus_metrics_of_its_fleet() {
     );
 }
 
-#[test]
-fn metrics_with_amqp_are_refused_naming_the_flag() {
-    let pki = Pki::new();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = pki
+/// Starts `erel master` with `args` and `--metrics 127.0.0.1:0`; returns it and the
+/// address it serves metrics on.
+async fn master_with_metrics(
+    pki: &Pki,
+    args: &[&std::ffi::OsStr],
+) -> (crate::helper::Followed, String) {
+    let mut command = pki.erel();
+    command
+        .args(["master", "--interval", "1", "--metrics", "127.0.0.1:0"])
+        .args(args)
+        .env_remove("EREL_LOG");
+    let master = crate::helper::Followed::spawn(&mut command, "erel master");
+    let log = master
+        .log_showing("metrics on ", crate::helper::PATIENCE)
+        .await;
+    let addr = log
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics on "))
+        .expect("address")
+        .trim()
+        .to_string();
+    (master, addr)
+}
+
+/// The metrics once they hold every one of `lines`; panics with them and `log` if
+/// they never do.
+async fn metrics_showing(addr: &str, lines: &[&str], log: impl Fn() -> String) -> String {
+    let found = crate::helper::poll_until(crate::helper::PATIENCE, || async {
+        let (status, body) = http_get(addr, "/metrics")?;
+        (status == "HTTP/1.1 200 OK" && lines.iter().all(|l| body.contains(l))).then_some(body)
+    })
+    .await;
+    found.unwrap_or_else(|| {
+        panic!(
+            "metrics never showed {lines:?}: {:?}\n{}",
+            http_get(addr, "/metrics"),
+            log()
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_amqp_daemon_serves_metrics_of_the_revision_it_holds() {
+    let _lock = crate::helper::amqp::BrokerLock::shared();
+    let broker = crate::helper::amqp::TestBroker::new("manners-metrics", &["web"]);
+    let fleet = crate::helper::fleet::Fleet::new("amet", &["web"]);
+    let artifacts = fleet.dir.path().join("artifacts");
+    std::fs::create_dir_all(&artifacts).expect("mkdir");
+    let archive = beat_release(&artifacts, "beat", "0.1.0");
+    let name = archive.file_name().expect("name").to_string_lossy();
+    let mut text = format!("revision = 3\n{}", fleet.hosts_toml("BEAT_PORT"));
+    text.push_str(&format!(
+        "[group.web]\nrelease = \"beat\"\nversion = \"0.1.0\"\narchive = \"{name}\"\n\
+         health = {{ tcp = \"$BEAT_PORT\", min_up_secs = 1, deadline_secs = 30 }}\n"
+    ));
+    let config = artifacts.join("cluster.toml");
+    std::fs::write(&config, text).expect("write config");
+    let published = fleet
+        .pki
         .erel()
-        .args(["master", "--metrics", "127.0.0.1:0", "--amqp"])
-        .arg(crate::helper::amqp::amqp_url())
-        .arg("--state-dir")
-        .arg(dir.path())
-        .arg("--artifacts")
-        .arg(dir.path())
-        .arg("--name")
-        .arg("m1")
-        .env_remove("EREL_LOG")
+        .args(["config", "publish"])
+        .arg(&config)
+        .args(broker.flags())
         .output()
-        .expect("run erel");
-    failed_once(&out, "--metrics 127.0.0.1:0");
+        .expect("run erel config publish");
+    assert!(published.status.success(), "{}", output_text(&published));
+
+    let state = fleet.state_dir("m1");
+    let flags: Vec<std::ffi::OsString> = broker
+        .flags()
+        .into_iter()
+        .map(Into::into)
+        .chain([
+            "--state-dir".into(),
+            state.into_os_string(),
+            "--artifacts".into(),
+            artifacts.into_os_string(),
+            "--name".into(),
+            "m1".into(),
+        ])
+        .collect();
+    let flags: Vec<&std::ffi::OsStr> = flags.iter().map(|f| f.as_os_str()).collect();
+    let (mut master, addr) = master_with_metrics(&fleet.pki, &flags).await;
+    let body = metrics_showing(
+        &addr,
+        &[
+            "erel_revision 3\n",
+            "erel_hosts{state=\"converged\"} 1\n",
+            "erel_rollouts_total{group=\"web\"} 1\n",
+        ],
+        || master.log(),
+    )
+    .await;
+    assert!(
+        body.contains("erel_host_failures_total{group=\"web\"} 0\n"),
+        "{body}"
+    );
+    fleet.expect_beats("0.1.0");
+    assert!(
+        master.terminate_within(crate::helper::PATIENCE),
+        "{}",
+        master.log()
+    );
 }
 
 #[test]
