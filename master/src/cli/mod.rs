@@ -237,6 +237,44 @@ mod tests {
     }
 
     #[test]
+    fn release_states_have_one_spelling() {
+        use erel_proto::{ReleaseState, ReleaseStatus};
+        let status = |state| ReleaseStatus {
+            name: "beat".into(),
+            versions: vec![],
+            version: None,
+            desired_running: true,
+            pid: None,
+            state,
+            restarts: 0,
+            up_secs: None,
+            output_tail: String::new(),
+        };
+        let cases = [
+            (ReleaseState::Running, "running"),
+            (ReleaseState::Stopped, "stopped"),
+            (
+                ReleaseState::Exited {
+                    code: Some(3),
+                    signal: None,
+                },
+                "exited with code 3",
+            ),
+            (
+                ReleaseState::Exited {
+                    code: None,
+                    signal: Some(9),
+                },
+                "killed by signal 9",
+            ),
+            (ReleaseState::CrashLooping, "crash-looping"),
+        ];
+        for (state, words) in cases {
+            assert_eq!(super::state_words(&status(state)), words);
+        }
+    }
+
+    #[test]
     fn a_grace_beyond_the_agents_limit_is_refused_naming_it() {
         // u64::MAX seconds once overflowed the wait for the answer (a panic).
         for grace in ["601", "18446744073709551615"] {
