@@ -751,6 +751,8 @@ async fn interrupted(
         in_flight: Vec::new(),
         untouched: Vec::new(),
     };
+    // Hosts in flight are asked at once, each within INTERRUPTED_PING.
+    let mut asking = tokio::task::JoinSet::new();
     for group in plan.groups.values() {
         if !only.is_empty() && !only.contains(&group.name) {
             continue;
@@ -768,16 +770,19 @@ async fn interrupted(
             let phase = progress.phases.get(&key).copied();
             match phase {
                 Some(phase) if phase.changes_host() => {
-                    let (now_version, now_state, error) =
-                        now_running(connector, host.host_addr(), &group.release).await;
+                    let (connector, addr) = (connector.clone(), host.host_addr());
+                    let (index, release) = (summary.in_flight.len(), group.release.clone());
+                    asking.spawn(
+                        async move { (index, now_running(&connector, addr, &release).await) },
+                    );
                     summary.in_flight.push(InFlightHost {
                         group: group.name.clone(),
                         host: host.id.clone(),
                         phase,
                         desired_version: group.version.clone(),
-                        now_version,
-                        now_state,
-                        error,
+                        now_version: None,
+                        now_state: "unknown".to_string(),
+                        error: None,
                     });
                 }
                 _ => summary.untouched.push(UntouchedHost {
@@ -786,6 +791,14 @@ async fn interrupted(
                     phase,
                 }),
             }
+        }
+    }
+    while let Some(answered) = asking.join_next().await {
+        let Ok((index, (now_version, now_state, error))) = answered else {
+            continue;
+        };
+        if let Some(host) = summary.in_flight.get_mut(index) {
+            (host.now_version, host.now_state, host.error) = (now_version, now_state, error);
         }
     }
     summary
