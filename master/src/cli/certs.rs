@@ -46,7 +46,7 @@ pub fn run(ctx: &Context, command: CertsCommand) -> crate::Result<ExitCode> {
         CertsCommand::Init { cluster_name } => {
             ctx.certs
                 .init(&cluster_name)
-                .with_context(|| format!("erel certs init in {dir}"))?;
+                .with_context(|| format!("certs init in {dir}"))?;
             println!("created the cluster CA and the master certificate in {dir}");
         }
         CertsCommand::Host {
@@ -60,7 +60,7 @@ pub fn run(ctx: &Context, command: CertsCommand) -> crate::Result<ExitCode> {
             } else {
                 ctx.certs.issue_host(&id, &ips, &dns)
             };
-            let bundle = issued.with_context(|| format!("erel certs host {id}"))?;
+            let bundle = issued.with_context(|| format!("certs host {id}"))?;
             println!(
                 "wrote the bundle for {id} to {} (copy it to the host's --certs directory)",
                 bundle.display()
@@ -69,7 +69,7 @@ pub fn run(ctx: &Context, command: CertsCommand) -> crate::Result<ExitCode> {
         CertsCommand::Revoke { name } => {
             ctx.certs
                 .revoke(&name)
-                .with_context(|| format!("erel certs revoke {name}"))?;
+                .with_context(|| format!("certs revoke {name}"))?;
             println!(
                 "revoked {name}: {dir}/crl.pem and every host bundle's crl.pem updated; copy them to the agents"
             );

@@ -148,6 +148,10 @@ fn certs_host_never_overwrites_a_host_key_without_force() {
     let said = refused(&certs, &["certs", "host", "web-1", "--ip", "127.0.0.1"]);
     assert!(said.contains(path_str(&key)), "names the key file: {said}");
     assert!(said.contains("--force"), "says how to replace it: {said}");
+    assert!(
+        said.starts_with("erel: certs host web-1: ") && said.trim_end().lines().count() == 1,
+        "one line, the program named once: {said}"
+    );
     assert_eq!(std::fs::read(&key).expect("host.key"), key_before);
     assert_eq!(std::fs::read(&pem).expect("host.pem"), pem_before);
 
