@@ -9,10 +9,19 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A file that is never overwritten (the cluster CA) is already there.
-    #[error("{path} already exists; refusing to overwrite an existing cluster CA (move the directory away to start a new cluster)")]
+    /// A CA or key file that is never overwritten silently is already there.
+    #[error("{path} already exists; refusing to overwrite an existing cluster CA or key (move the directory away to start a new cluster)")]
     AlreadyExists {
         /// The file that exists.
+        path: PathBuf,
+    },
+
+    /// A host already has a bundle (with its private key), and replacing it was not asked for.
+    #[error("{path} already exists: host {id} already has a key and certificate; refusing to overwrite them (pass --force to replace the bundle with a new key; the old certificate stays valid until `erel certs revoke {id}`)")]
+    BundleExists {
+        /// The host id.
+        id: String,
+        /// The existing key file (`hosts/<id>/host.key`) or bundle directory.
         path: PathBuf,
     },
 

@@ -98,7 +98,7 @@ fn explain_peer_certificate(err: &CertificateError) -> String {
             } else {
                 format!(
                     "the agent's certificate does not name host '{expected}' (it names {})",
-                    presented.join(", ")
+                    certificate_names(presented)
                 )
             }
         }
@@ -133,5 +133,67 @@ fn explain_peer_certificate(err: &CertificateError) -> String {
             "the peer's certificate has a bad signature (not signed by the cluster CA?)".to_string()
         }
         other => format!("the peer's certificate is not acceptable: {other}"),
+    }
+}
+
+/// The subject alternative names a certificate presents, as openssl and operators
+/// write them: `DNS:web-1, IP:127.0.0.1` (RFC 5280 section 4.2.1.6 GeneralName kinds:
+/// `DNS:`, `IP:`, `URI:`; others as given).
+///
+/// `presented` is what rustls reports in
+/// [`CertificateError::NotValidForNameContext`]: webpki's `Debug` text of each
+/// name, `DnsName("web-1")` or `IpAddress(127.0.0.1)`.
+pub fn certificate_names(presented: &[String]) -> String {
+    presented
+        .iter()
+        .map(|name| certificate_name(name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn certificate_name(presented: &str) -> String {
+    let kinds = [
+        ("DnsName(", "DNS:"),
+        ("IpAddress(", "IP:"),
+        ("UniformResourceIdentifier(", "URI:"),
+    ];
+    for (debug, prefix) in kinds {
+        if let Some(inner) = presented
+            .strip_prefix(debug)
+            .and_then(|rest| rest.strip_suffix(')'))
+        {
+            let inner = inner
+                .strip_prefix('"')
+                .and_then(|i| i.strip_suffix('"'))
+                .unwrap_or(inner);
+            return format!("{prefix}{}", inner.escape_debug());
+        }
+    }
+    presented.escape_debug().to_string()
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::certificate_names;
+
+    #[test]
+    fn names_read_as_openssl_writes_them() {
+        let presented = [
+            "DnsName(\"web-1\")".to_string(),
+            "IpAddress(127.0.0.1)".to_string(),
+            "IpAddress(::1)".to_string(),
+            "UniformResourceIdentifier(\"spiffe://x\")".to_string(),
+            "DirectoryName".to_string(),
+        ];
+        assert_eq!(
+            certificate_names(&presented),
+            "DNS:web-1, IP:127.0.0.1, IP:::1, URI:spiffe://x, DirectoryName"
+        );
+    }
+
+    #[test]
+    fn control_characters_in_a_name_are_escaped() {
+        let presented = ["DnsName(\"evil\nline\")".to_string()];
+        assert_eq!(certificate_names(&presented), "DNS:evil\\nline");
     }
 }

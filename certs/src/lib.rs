@@ -84,7 +84,7 @@ mod tls;
 mod verify;
 
 pub use error::{Error, Result};
-pub use explain::explain_tls_error;
+pub use explain::{certificate_names, explain_tls_error};
 pub use store::MasterDir;
 pub use tls::{bundle_fingerprint, peer_name, server_config, server_name, BundleFingerprint};
 #[cfg(feature = "testing")]

@@ -74,13 +74,19 @@ impl MasterDir {
     /// years), a master client certificate (common name `erel-master`, clientAuth,
     /// valid 5 years) and an empty CRL. The directory is created (0700) if needed.
     ///
-    /// Refuses with [`Error::AlreadyExists`] naming the file if `ca.pem` or `ca.key`
-    /// already exists: an existing CA is never overwritten, and nothing is written.
-    /// Should init be interrupted after writing `ca.key`, the next init refuses too;
-    /// remove the directory and start again.
+    /// Refuses with [`Error::AlreadyExists`] naming the file if `ca.pem`, `ca.key`,
+    /// `master.pem` or `master.key` already exists: an existing CA or key is never
+    /// overwritten, and nothing is written. Should init be interrupted after writing
+    /// `ca.key`, the next init refuses too; remove the directory and start again.
     pub fn init(&self, cluster_name: &str) -> Result<()> {
         validate_cluster_name(cluster_name)?;
-        for existing in [self.ca_pem(), self.path.join(CA_KEY)] {
+        let existing_files = [
+            self.ca_pem(),
+            self.path.join(CA_KEY),
+            self.master_key(),
+            self.master_pem(),
+        ];
+        for existing in existing_files {
             if existing.symlink_metadata().is_ok() {
                 return Err(Error::AlreadyExists { path: existing });
             }
@@ -108,7 +114,19 @@ impl MasterDir {
             PUBLIC_MODE,
             Existing::Refuse,
         )?;
-        self.write_master(&master)?;
+        // Refuse rather than replace: a master key that appeared meanwhile stays.
+        files::write_atomic(
+            &self.master_key(),
+            master.key_pem.as_bytes(),
+            KEY_MODE,
+            Existing::Refuse,
+        )?;
+        files::write_atomic(
+            &self.master_pem(),
+            master.cert_pem.as_bytes(),
+            PUBLIC_MODE,
+            Existing::Refuse,
+        )?;
         files::write_atomic(
             &self.crl_pem(),
             crl.as_bytes(),
@@ -136,6 +154,7 @@ impl MasterDir {
 
     /// Writes the master's certificate and key, replacing any old ones: the key
     /// first, so that a new certificate is never paired with an old key.
+    #[cfg(feature = "testing")]
     fn write_master(&self, master: &crate::pki::Issued) -> Result<()> {
         files::write_atomic(
             &self.master_key(),
@@ -159,13 +178,31 @@ impl MasterDir {
     /// it is valid 5 years. `id` must pass [`validate_host_id`] and must not be
     /// `master` (that name is reserved for [`MasterDir::revoke`]).
     ///
-    /// Issuing for an id that already has a bundle replaces the whole bundle with a
-    /// new key and certificate. The old certificate stays valid until it expires
-    /// unless it is revoked first (`revoke(id)`, then `issue_host(id, ..)`).
-    /// The new bundle is built in a staging directory and swapped in by rename.
+    /// Refuses with [`Error::BundleExists`] naming `hosts/<id>/host.key` (or the
+    /// directory) when `id` already has a bundle: a host key is never overwritten
+    /// unless asked for with [`MasterDir::replace_host`]. Nothing is written then.
+    /// The new bundle is built in a staging directory and moved in by rename.
     ///
     /// Fails with [`Error::MissingCa`] naming `ca.pem` when there is no CA yet.
     pub fn issue_host(&self, id: &str, ips: &[IpAddr], dns: &[String]) -> Result<PathBuf> {
+        self.write_host(id, ips, dns, Existing::Refuse)
+    }
+
+    /// As [`MasterDir::issue_host`] (`erel certs host ID --force`), but an existing
+    /// bundle of `id` is replaced as a whole by one with a new key and certificate.
+    /// The old certificate stays valid until it expires unless it is revoked first
+    /// (`revoke(id)`, then `replace_host(id, ..)`).
+    pub fn replace_host(&self, id: &str, ips: &[IpAddr], dns: &[String]) -> Result<PathBuf> {
+        self.write_host(id, ips, dns, Existing::Replace)
+    }
+
+    fn write_host(
+        &self,
+        id: &str,
+        ips: &[IpAddr],
+        dns: &[String],
+        existing: Existing,
+    ) -> Result<PathBuf> {
         validate_host_id(id)?;
         if id == MASTER_NAME {
             return Err(Error::InvalidName {
@@ -181,6 +218,9 @@ impl MasterDir {
                 }
             })?;
         }
+        if existing == Existing::Refuse {
+            self.refuse_existing_bundle(id)?;
+        }
         let ca = self.load_ca()?;
         let crl = files::read(&self.crl_pem())?;
         let mut spec = LeafSpec::new(id, ExtendedKeyUsagePurpose::ServerAuth);
@@ -194,14 +234,37 @@ impl MasterDir {
         files::create_dir_private(&hosts)?;
         let dest = self.host_dir(id);
         let staging = files::staging_name(&dest, "staging");
-        let written =
-            write_bundle(&staging, &ca, &host, &crl).and_then(|()| swap_in(&staging, &dest));
+        let written = write_bundle(&staging, &ca, &host, &crl).and_then(|()| {
+            if existing == Existing::Refuse {
+                // Checked again: a bundle written meanwhile is kept too.
+                self.refuse_existing_bundle(id)?;
+            }
+            swap_in(&staging, &dest)
+        });
         if written.is_err() {
             let _ = fs::remove_dir_all(&staging);
         }
         written?;
         info!(host = id, dir = %dest.display(), "issued host certificate bundle");
         Ok(dest)
+    }
+
+    /// [`Error::BundleExists`] when `hosts/<id>/` exists, naming its key when it has one.
+    fn refuse_existing_bundle(&self, id: &str) -> Result<()> {
+        let dir = self.host_dir(id);
+        if dir.symlink_metadata().is_err() {
+            return Ok(());
+        }
+        let key = dir.join(HOST_KEY);
+        let path = if key.symlink_metadata().is_ok() {
+            key
+        } else {
+            dir
+        };
+        Err(Error::BundleExists {
+            id: id.to_string(),
+            path,
+        })
     }
 
     /// Adds the certificate of `name` to the CRL: a host id with a bundle under

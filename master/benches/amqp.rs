@@ -82,6 +82,7 @@ fn start_master(
         rollout: RolloutOptions::default(),
         interval: Duration::from_secs(30),
         backoff: Backoff::default(),
+        metrics: None,
     };
     let cancel = cancel.clone();
     tokio::spawn(async move {

@@ -52,8 +52,11 @@ pub enum Error {
         /// What happened.
         message: String,
     },
-    /// The agent refused or failed the request.
-    #[error("{host}: {reply}")]
+    /// The agent refused or failed the request. Its message is printed with control
+    /// characters escaped and at most [`MAX_AGENT_TEXT`] bytes of it, so that what an
+    /// archive or a release named (an entry name, a path) cannot drive the terminal or
+    /// flood the output.
+    #[error("{host}: {}", agent_text(reply))]
     Agent {
         /// Host id.
         host: String,
@@ -119,6 +122,34 @@ pub enum Error {
         /// The config log (a queue name).
         log: String,
     },
+}
+
+/// The longest part of an agent's refusal the master prints, in bytes.
+pub const MAX_AGENT_TEXT: usize = 2048;
+
+/// An agent's refusal as the master prints it: control characters escaped as Rust
+/// writes them (`\u{1b}`, `\n`), then shortened to [`MAX_AGENT_TEXT`] bytes with its
+/// full length said ([`erel_proto::text::shorten`]).
+fn agent_text(reply: &ErrorReply) -> String {
+    let text = reply.to_string();
+    let escaped: String = text
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect();
+    if escaped.len() <= MAX_AGENT_TEXT {
+        return escaped;
+    }
+    format!(
+        "{} ({} bytes)",
+        erel_proto::text::shorten(&escaped, MAX_AGENT_TEXT),
+        escaped.len()
+    )
 }
 
 fn cluster_message(file: &str, field: &str, message: &str) -> String {
@@ -187,3 +218,33 @@ where
 
 /// Result with the master's error.
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(message: &str) -> Error {
+        Error::Agent {
+            host: "web-1".to_string(),
+            reply: ErrorReply {
+                kind: ErrorKind::UnsafeArchive,
+                message: message.to_string(),
+            },
+        }
+    }
+
+    #[test]
+    fn an_agents_refusal_is_printed_escaped() {
+        let text = refusal("entry '../\u{1b}]0;x\u{7}evil\nline' leaves the root").to_string();
+        assert!(!text.chars().any(char::is_control), "{text:?}");
+        assert!(text.contains("\\u{1b}]0;x\\u{7}evil\\nline"), "{text}");
+        assert!(text.starts_with("web-1: "), "{text}");
+    }
+
+    #[test]
+    fn an_agents_long_refusal_is_bounded_and_says_its_length() {
+        let text = refusal(&"é".repeat(4000)).to_string();
+        assert!(text.len() < MAX_AGENT_TEXT + 100, "{}", text.len());
+        assert!(text.contains("bytes)"), "{text}");
+    }
+}

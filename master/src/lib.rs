@@ -8,6 +8,7 @@
 //! - [`release`]: release tarballs built on the spot (the demo's beat release).
 //! - [`digest_cache`]: remembered sha256 digests of local files.
 //! - [`error`]: the one error type.
+//! - [`metrics`]: the daemon's Prometheus metrics and the endpoint that serves them.
 #![deny(missing_docs)]
 
 pub mod amqp;
@@ -17,6 +18,7 @@ pub mod cluster;
 pub mod digest_cache;
 mod durable;
 pub mod error;
+pub mod metrics;
 pub mod release;
 pub mod rollout;
 

@@ -185,7 +185,7 @@ fn reissuing_a_host_replaces_its_bundle() {
     let key_before = fs::read(pki.bundle.join(layout::HOST_KEY)).expect("host.key");
     let again = pki
         .master
-        .issue_host("web-1", &[LOOPBACK], &["web-1.example.org".to_string()])
+        .replace_host("web-1", &[LOOPBACK], &["web-1.example.org".to_string()])
         .expect("re-issue");
     assert_eq!(again, pki.bundle);
     assert_ne!(
@@ -201,6 +201,55 @@ fn reissuing_a_host_replaces_its_bundle() {
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(hosts, vec!["web-1".to_string()], "no leftovers");
+}
+
+#[test]
+fn issuing_for_a_host_with_a_bundle_refuses_and_keeps_its_key() {
+    let pki = pki("web-1");
+    let key_before = fs::read(pki.bundle.join(layout::HOST_KEY)).expect("host.key");
+    let cert_before = fs::read(pki.bundle.join(layout::HOST_PEM)).expect("host.pem");
+    let err = pki
+        .master
+        .issue_host("web-1", &[LOOPBACK], &[])
+        .expect_err("refused");
+    match &err {
+        Error::BundleExists { id, path } => {
+            assert_eq!(id, "web-1");
+            assert_eq!(path, &pki.bundle.join(layout::HOST_KEY));
+        }
+        other => panic!("expected BundleExists, got {other:?}"),
+    }
+    assert!(err.to_string().contains("--force"), "{err}");
+    assert_eq!(
+        fs::read(pki.bundle.join(layout::HOST_KEY)).expect("key"),
+        key_before
+    );
+    assert_eq!(
+        fs::read(pki.bundle.join(layout::HOST_PEM)).expect("pem"),
+        cert_before
+    );
+    let hosts = fs::read_dir(pki.master.path().join("hosts"))
+        .expect("hosts")
+        .count();
+    assert_eq!(hosts, 1, "no staging leftovers");
+}
+
+#[test]
+fn init_never_overwrites_a_master_key_left_without_a_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let master = MasterDir::new(dir.path().join("certs"));
+    fs::create_dir_all(master.path()).expect("dir");
+    fs::write(master.master_key(), b"an operator's key").expect("key");
+    let err = master.init("prod").expect_err("refused");
+    assert!(
+        matches!(&err, Error::AlreadyExists { path } if path == &master.master_key()),
+        "{err:?}"
+    );
+    assert_eq!(
+        fs::read(master.master_key()).expect("key"),
+        b"an operator's key"
+    );
+    assert!(!master.ca_pem().exists(), "nothing written");
 }
 
 #[test]
@@ -287,7 +336,7 @@ fn fingerprint_notices_a_replaced_file() {
     assert_eq!(before, erel_certs::bundle_fingerprint(&pki.bundle));
     assert_eq!(before.files().count(), 4);
     pki.master
-        .issue_host("web-1", &[LOOPBACK], &[])
+        .replace_host("web-1", &[LOOPBACK], &[])
         .expect("re-issue");
     assert_ne!(before, erel_certs::bundle_fingerprint(&pki.bundle));
 }

@@ -67,6 +67,8 @@ pub struct DaemonOptions {
     pub interval: Duration,
     /// Reconnection pacing.
     pub backoff: Backoff,
+    /// Told the revision held and every rollout event (`erel master --metrics`).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// The plan every group task follows.
@@ -96,6 +98,9 @@ pub async fn run(options: DaemonOptions, cancel: CancellationToken) -> Result<()
     let initial = match loaded {
         Some((held, problem)) => {
             position.held = Some(held.revision);
+            if let Some(metrics) = &options.metrics {
+                metrics.set_revision(held.revision);
+            }
             match problem {
                 None => info!(
                     revision = held.revision,
@@ -374,6 +379,9 @@ impl Daemon {
                     );
                     position.held = Some(revision);
                     accepted = Some(revision);
+                    if let Some(metrics) = &self.options.metrics {
+                        metrics.set_revision(revision);
+                    }
                     let _ = self.events.send(MasterEvent::RevisionAccepted {
                         revision,
                         publisher: entry.publisher.clone(),
@@ -541,6 +549,9 @@ impl GroupTask {
     }
 
     fn forward(&self, plan: &Plan, event: &RolloutEvent, started: &mut bool) {
+        if let Some(metrics) = &self.options.metrics {
+            metrics.record(event);
+        }
         match event {
             RolloutEvent::HostPhase { host, phase, .. } => {
                 if !*started && matches!(phase, HostPhase::Staging | HostPhase::Stopping) {

@@ -92,6 +92,10 @@ pub enum MasterEvent {
         reason: String,
         /// Whether the host was returned to its previous state.
         rolled_back: bool,
+        /// Whether the failure came after the host's running release was touched
+        /// (absent from older masters' events: assumed so).
+        #[serde(default = "touched_by_default")]
+        host_changed: bool,
     },
     /// A revision is applied to a group: every host runs the desired version.
     RevisionApplied {
@@ -144,10 +148,15 @@ impl MasterEvent {
                 host: host.clone(),
                 reason: failure.reason.clone(),
                 rolled_back: failure.rolled_back,
+                host_changed: failure.phase.changes_host(),
             }),
             _ => None,
         }
     }
+}
+
+fn touched_by_default() -> bool {
+    true
 }
 
 impl std::fmt::Display for Envelope {
@@ -187,8 +196,9 @@ impl std::fmt::Display for Envelope {
                 host,
                 reason,
                 rolled_back,
+                host_changed,
             } => {
-                let rolled = crate::rollout::rollback_words(*rolled_back);
+                let rolled = crate::rollout::rollback_words(*rolled_back, *host_changed);
                 write!(f, "{group}/{host}: FAILED, {rolled}: {reason}")
             }
             MasterEvent::RevisionApplied {
@@ -365,6 +375,7 @@ mod tests {
                 host: "web-1".to_string(),
                 reason: "no answer on port 1".to_string(),
                 rolled_back: true,
+                host_changed: true,
             },
         );
         let json = serde_json::to_string(&envelope).expect("encode");

@@ -175,7 +175,38 @@ struct PingReport {
     addr: String,
     reachable: bool,
     error: Option<String>,
+    /// Everything `Ping` returned, each release's `state` in the words every command
+    /// uses ([`super::state_words`]), with `exit_code` / `exit_signal` beside it when
+    /// it exited.
+    #[serde(serialize_with = "serialize_pong")]
     agent: Option<Pong>,
+}
+
+fn serialize_pong<S: serde::Serializer>(
+    pong: &Option<Pong>,
+    to: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    use serde::Serialize as _;
+    pong.as_ref().map(pong_json).serialize(to)
+}
+
+/// A `Pong` as `ping --json` prints it (see [`PingReport::agent`]).
+fn pong_json(pong: &Pong) -> serde_json::Value {
+    let mut json = serde_json::to_value(pong).unwrap_or(serde_json::Value::Null);
+    let Some(releases) = json.get_mut("releases").and_then(|r| r.as_array_mut()) else {
+        return json;
+    };
+    for (json, release) in releases.iter_mut().zip(&pong.releases) {
+        let Some(fields) = json.as_object_mut() else {
+            continue;
+        };
+        fields.insert("state".into(), super::state_words(release).into());
+        if let ReleaseState::Exited { code, signal } = &release.state {
+            fields.insert("exit_code".into(), serde_json::json!(code));
+            fields.insert("exit_signal".into(), serde_json::json!(signal));
+        }
+    }
+    json
 }
 
 /// Pings every host at once and prints one line each.
@@ -266,13 +297,7 @@ fn release_summary(release: &ReleaseStatus) -> String {
     let version = release.version.as_deref().unwrap_or("-");
     let state = match &release.state {
         ReleaseState::Running => format!("running pid {}", release.pid.unwrap_or(0)),
-        ReleaseState::Stopped => "stopped".to_string(),
-        ReleaseState::Exited { code, signal } => match (code, signal) {
-            (Some(code), _) => format!("exited with code {code}"),
-            (None, Some(signal)) => format!("killed by signal {signal}"),
-            (None, None) => "exited".to_string(),
-        },
-        ReleaseState::CrashLooping => "crash-looping".to_string(),
+        _ => super::state_words(release),
     };
     format!(
         "{} {version} {state} restarts {}",

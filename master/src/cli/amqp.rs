@@ -57,12 +57,14 @@ pub struct AmqpMasterArgs {
     pub reconnect_max_ms: u64,
 }
 
-/// Runs `erel master --amqp URL …` until SIGTERM or Ctrl-C.
+/// Runs `erel master --amqp URL …` until SIGTERM or Ctrl-C, serving Prometheus metrics
+/// at `metrics` when given.
 pub async fn master(
     ctx: &Context,
     args: AmqpMasterArgs,
     interval: Duration,
     connect_timeout: Duration,
+    metrics: Option<std::net::SocketAddr>,
 ) -> crate::Result<ExitCode> {
     let url = args
         .url
@@ -82,6 +84,11 @@ pub async fn master(
     let name = args.name.unwrap_or_else(|| ctx.master_name());
     let connector =
         Connector::new(ctx.tls()?, ctx.master_name()).with_connect_timeout(connect_timeout);
+    let cancel = cancel_on_termination();
+    let metrics = match metrics {
+        Some(addr) => Some(super::daemon::serve_metrics(addr, &cancel).await?),
+        None => None,
+    };
     let options = DaemonOptions {
         broker: Broker::new(url, args.prefix)?,
         state_dir,
@@ -94,9 +101,9 @@ pub async fn master(
             Duration::from_millis(250),
             Duration::from_millis(args.reconnect_max_ms.max(250)),
         ),
+        metrics,
     };
     info!(broker = %options.broker.display_url(), name = %options.name, "master starting");
-    let cancel = cancel_on_termination();
     daemon::run(options, cancel).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -27,6 +27,10 @@ pub enum CertsCommand {
         /// A DNS name the certificate also names (repeatable).
         #[arg(long = "dns")]
         dns: Vec<String>,
+        /// Replace an existing bundle of ID with a new key and certificate (without
+        /// it, an existing host key is never overwritten).
+        #[arg(long)]
+        force: bool,
     },
     /// Adds a host's (or the master's, as "master") certificate to the CRL.
     Revoke {
@@ -42,14 +46,21 @@ pub fn run(ctx: &Context, command: CertsCommand) -> crate::Result<ExitCode> {
         CertsCommand::Init { cluster_name } => {
             ctx.certs
                 .init(&cluster_name)
-                .with_context(|| format!("erel certs init in {dir}"))?;
+                .with_context(|| format!("certs init in {dir}"))?;
             println!("created the cluster CA and the master certificate in {dir}");
         }
-        CertsCommand::Host { id, ips, dns } => {
-            let bundle = ctx
-                .certs
-                .issue_host(&id, &ips, &dns)
-                .with_context(|| format!("erel certs host {id}"))?;
+        CertsCommand::Host {
+            id,
+            ips,
+            dns,
+            force,
+        } => {
+            let issued = if force {
+                ctx.certs.replace_host(&id, &ips, &dns)
+            } else {
+                ctx.certs.issue_host(&id, &ips, &dns)
+            };
+            let bundle = issued.with_context(|| format!("certs host {id}"))?;
             println!(
                 "wrote the bundle for {id} to {} (copy it to the host's --certs directory)",
                 bundle.display()
@@ -58,7 +69,7 @@ pub fn run(ctx: &Context, command: CertsCommand) -> crate::Result<ExitCode> {
         CertsCommand::Revoke { name } => {
             ctx.certs
                 .revoke(&name)
-                .with_context(|| format!("erel certs revoke {name}"))?;
+                .with_context(|| format!("certs revoke {name}"))?;
             println!(
                 "revoked {name}: {dir}/crl.pem and every host bundle's crl.pem updated; copy them to the agents"
             );

@@ -208,18 +208,7 @@ async fn holders(args: HoldersArgs) -> crate::Result<ExitCode> {
         .unwrap_or_default();
     let records = leadership::holders(&broker, &groups).await?;
     if args.json {
-        let rows: Vec<serde_json::Value> = groups
-            .iter()
-            .map(|group| {
-                let record = records.iter().find(|r| &r.group == group);
-                serde_json::json!({
-                    "group": group,
-                    "master": record.map(|r| r.master.clone()),
-                    "since_ms": record.map(|r| r.since_ms),
-                    "heartbeat_ms": record.map(|r| r.heartbeat_ms),
-                })
-            })
-            .collect();
+        let rows = holder_rows(&groups, &records);
         println!(
             "{}",
             serde_json::to_string_pretty(&rows).context("encoding the holders")?
@@ -235,6 +224,35 @@ pub async fn holders_text(url: &str, prefix: &str, groups: &[String]) -> crate::
     let broker = crate::amqp::Broker::new(url, prefix)?;
     let records = leadership::holders(&broker, groups).await?;
     Ok(holders_table(groups, &records))
+}
+
+/// The holders of `groups`, read from the broker at `url`, as `config holders --json`
+/// prints them (for `erel status --json`).
+pub async fn holders_json(
+    url: &str,
+    prefix: &str,
+    groups: &[String],
+) -> crate::Result<Vec<serde_json::Value>> {
+    let broker = crate::amqp::Broker::new(url, prefix)?;
+    let records = leadership::holders(&broker, groups).await?;
+    Ok(holder_rows(groups, &records))
+}
+
+/// One JSON object per group: `group`, and `master`, `since_ms`, `heartbeat_ms` (each
+/// `null` when no master holds it; times in milliseconds since the Unix epoch).
+fn holder_rows(groups: &[String], records: &[leadership::HolderRecord]) -> Vec<serde_json::Value> {
+    groups
+        .iter()
+        .map(|group| {
+            let record = records.iter().find(|r| &r.group == group);
+            serde_json::json!({
+                "group": group,
+                "master": record.map(|r| r.master.clone()),
+                "since_ms": record.map(|r| r.since_ms),
+                "heartbeat_ms": record.map(|r| r.heartbeat_ms),
+            })
+        })
+        .collect()
 }
 
 /// The `GROUP MASTER SINCE` table of [`leadership::holders`]' records.

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -13,6 +14,8 @@ use tracing::{error, info, warn};
 use super::deploy::event_line;
 use super::Context;
 use crate::client::Connector;
+use crate::error::ResultExt as _;
+use crate::metrics::Metrics;
 use crate::rollout::{converge_file, ConvergeOptions, RolloutEvent};
 
 /// `erel master`.
@@ -25,6 +28,10 @@ pub struct MasterArgs {
     /// connection, then the TLS handshake with `Hello` (each phase gets the full time).
     #[arg(long, default_value_t = crate::client::DEFAULT_CONNECT_TIMEOUT.as_secs(), value_name = "SECS")]
     connect_timeout: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free port; the
+    /// address bound is printed on stderr as `metrics on ADDR`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// `--amqp URL --state-dir DIR --name NAME --artifacts DIR`: the AMQP config log.
     #[command(flatten)]
     amqp: super::amqp::AmqpMasterArgs,
@@ -35,23 +42,55 @@ pub async fn master(ctx: &Context, cluster: &Path, args: MasterArgs) -> crate::R
     if args.amqp.url.is_some() {
         let interval = Duration::from_secs(args.interval.max(1));
         let connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
-        return super::amqp::master(ctx, args.amqp, interval, connect_timeout).await;
+        return super::amqp::master(ctx, args.amqp, interval, connect_timeout, args.metrics).await;
     }
     let connector = Connector::new(ctx.tls()?, ctx.master_name())
         .with_connect_timeout(Duration::from_secs(args.connect_timeout.max(1)));
+    let cancel = CancellationToken::new();
+    let metrics = match args.metrics {
+        Some(addr) => Some(serve_metrics(addr, &cancel).await?),
+        None => None,
+    };
     let options = ConvergeOptions {
         interval: Duration::from_secs(args.interval.max(1)),
+        metrics: metrics.clone(),
         ..ConvergeOptions::default()
     };
-    let cancel = CancellationToken::new();
     let signals = cancel.clone();
     tokio::spawn(async move {
         wait_for_termination().await;
         info!("terminating");
         signals.cancel();
     });
-    converge_file(cluster.to_path_buf(), connector, options, log_event, cancel).await?;
+    let on_event = move |event: &RolloutEvent| {
+        if let Some(metrics) = &metrics {
+            metrics.record(event);
+        }
+        log_event(event);
+    };
+    converge_file(cluster.to_path_buf(), connector, options, on_event, cancel).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Binds `addr`, says `metrics on ADDR` on stderr (the address bound, for port 0), and
+/// serves the metrics until `cancel`.
+pub(crate) async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    cancel: &CancellationToken,
+) -> crate::Result<Arc<Metrics>> {
+    let what = || format!("--metrics {addr}: binding");
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(what)?;
+    let bound = listener.local_addr().with_context(what)?;
+    eprintln!("metrics on {bound}");
+    let metrics = Arc::new(Metrics::new());
+    tokio::spawn(crate::metrics::serve(
+        listener,
+        metrics.clone(),
+        cancel.clone(),
+    ));
+    Ok(metrics)
 }
 
 /// Logs what changes; the quiet events of a pass with nothing to do stay at debug.

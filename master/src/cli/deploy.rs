@@ -16,7 +16,11 @@ use super::Context;
 use crate::client::Connector;
 use crate::cluster::{GroupPlan, Plan};
 use crate::error::Error;
-use crate::rollout::{self, HostFailure, HostOutcome, RolloutEvent, RolloutOptions, RolloutReport};
+use crate::rollout::{
+    HostFailure, HostOutcome, HostPhase, RolloutEvent, RolloutOptions, RolloutReport,
+};
+use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// `erel deploy`.
 #[derive(Debug, Args)]
@@ -27,7 +31,8 @@ pub struct DeployArgs {
     /// Print the plan and touch nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Print events as JSON lines, then the summary as JSON.
+    /// Print events as JSON lines, then the summary as JSON; with `--dry-run`, the plan
+    /// as one JSON object.
     #[arg(long)]
     json: bool,
     /// Seconds each phase of opening a connection to an agent may take before the host
@@ -50,7 +55,15 @@ pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::R
         }
     }
     if args.dry_run {
-        print!("{}", describe_plan(&plan, &args.groups));
+        if args.json {
+            let json = plan_json(&plan, &args.groups);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json).context("encoding the plan")?
+            );
+        } else {
+            print!("{}", describe_plan(&plan, &args.groups));
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let connector = Connector::new(ctx.tls()?, ctx.master_name())
@@ -66,8 +79,36 @@ pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::R
     } else {
         View::Lines(Instant::now())
     };
-    let report = rollout::run(&plan, &connector, &options, |event| view.show(event)).await?;
+    let mut interrupt = Interrupt::install()?;
+    let mut progress = Progress::default();
+    let rollout = Box::pin(crate::rollout::run(&plan, &connector, &options, |event| {
+        progress.record(event);
+        view.show(event)
+    }));
+    let outcome = tokio::select! {
+        report = rollout => Some(report),
+        signal = interrupt.received() => {
+            // Dropping the rollout aborts its tasks at their next await point; a
+            // request an agent already received still completes there, so what each
+            // host was left running is asked below rather than guessed.
+            tracing::debug!(signal, "deploy interrupted");
+            None
+        }
+    };
     view.finish();
+    let Some(report) = outcome else {
+        let summary = interrupted(&plan, &args.groups, &progress, &connector).await;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&summary).context("encoding the summary")?
+            );
+        } else {
+            print!("{}", summary.text());
+        }
+        return Ok(ExitCode::from(INTERRUPTED_EXIT));
+    };
+    let report = report?;
     if args.json {
         println!(
             "{}",
@@ -167,16 +208,12 @@ impl Bars {
             RolloutEvent::HostFailed {
                 group,
                 host,
-                failure:
-                    HostFailure {
-                        reason,
-                        rolled_back,
-                        ..
-                    },
+                failure,
                 ..
             } => {
-                let rolled = if *rolled_back { ", rolled back" } else { "" };
-                (group, host, format!("FAILED{rolled}: {reason}"))
+                let rolled = failure.rollback_words();
+                let reason = &failure.reason;
+                (group, host, format!("FAILED, {rolled}: {reason}"))
             }
             RolloutEvent::GroupHalted {
                 group,
@@ -257,15 +294,15 @@ pub fn event_line(event: &RolloutEvent) -> Option<String> {
             group,
             host,
             addr,
-            failure:
-                HostFailure {
-                    phase,
-                    reason,
-                    output_tail,
-                    rolled_back,
-                },
+            failure,
         } => {
-            let rolled = rollout::rollback_words(*rolled_back);
+            let rolled = failure.rollback_words();
+            let HostFailure {
+                phase,
+                reason,
+                output_tail,
+                ..
+            } = failure;
             let mut line =
                 format!("{group}/{host} ({addr}): FAILED while {phase}, {rolled}: {reason}");
             if !output_tail.trim().is_empty() {
@@ -324,20 +361,17 @@ fn summary_table(report: &RolloutReport, tails_shown: bool) -> String {
                     from.as_deref().unwrap_or("nothing")
                 ),
                 HostOutcome::UpToDate => "up to date".to_string(),
-                HostOutcome::Failed(HostFailure {
-                    phase,
-                    reason,
-                    output_tail,
-                    rolled_back,
-                }) => {
+                HostOutcome::Failed(failure) => {
+                    let HostFailure {
+                        phase,
+                        reason,
+                        output_tail,
+                        ..
+                    } = failure;
                     if !tails_shown && !output_tail.trim().is_empty() {
                         tails.push((host.host.clone(), output_tail.clone()));
                     }
-                    let rolled = if *rolled_back {
-                        "rolled back"
-                    } else {
-                        "not rolled back"
-                    };
+                    let rolled = failure.rollback_words();
                     format!("FAILED while {phase} ({rolled}): {reason}")
                 }
                 HostOutcome::Untouched => "not touched (group halted)".to_string(),
@@ -475,6 +509,458 @@ fn describe_group(plan: &Plan, group: &GroupPlan) -> String {
         out.push_str("  (no hosts)\n");
     }
     out
+}
+
+/// What `--dry-run --json` prints: the plan `describe_plan` puts in words.
+#[derive(Debug, Serialize)]
+struct PlanJson {
+    /// The cluster file.
+    cluster: String,
+    revision: u64,
+    groups: Vec<GroupJson>,
+    /// Hosts in no group: pinged, nothing deployed.
+    waiting: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct GroupJson {
+    group: String,
+    release: String,
+    version: String,
+    /// `None` when the archive is not checked.
+    archive: Option<ArchiveJson>,
+    /// The command, relative to the version directory (the default filled in).
+    argv: Vec<String>,
+    /// `releases/<name>/<version>` on each host.
+    version_dir: String,
+    canaries: usize,
+    max_in_flight: usize,
+    health: HealthJson,
+    /// The drain request sent before a running release is stopped, if any.
+    drain: Option<DrainJson>,
+    /// In the order they switch: canaries first.
+    hosts: Vec<PlannedHostJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct ArchiveJson {
+    /// The local file.
+    path: String,
+    sha256: String,
+    /// Where it is pushed on each host, relative to the agent's root.
+    dest: String,
+}
+
+#[derive(Debug, Serialize)]
+struct HealthJson {
+    /// The TCP probe's port, or `$VARIABLE` naming it in each host's environment.
+    tcp: Option<String>,
+    /// The HTTP probe's port (or `$VARIABLE`), if any.
+    http: Option<String>,
+    /// The HTTP probe's request path, if there is an HTTP probe.
+    path: Option<String>,
+    /// Consecutive passes of every probe needed.
+    passes: u32,
+    min_up_secs: u64,
+    deadline_secs: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct DrainJson {
+    /// The drain request's port, or `$VARIABLE` naming it.
+    http: String,
+    path: String,
+    timeout_secs: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct PlannedHostJson {
+    /// 1 for the first host to switch.
+    order: usize,
+    host: String,
+    addr: String,
+    canary: bool,
+    /// The host's own environment (merged over the group's when it starts).
+    env: BTreeMap<String, String>,
+}
+
+fn plan_json(plan: &Plan, only: &[String]) -> PlanJson {
+    let groups = plan
+        .groups
+        .values()
+        .filter(|group| only.is_empty() || only.contains(&group.name))
+        .map(|group| GroupJson {
+            group: group.name.clone(),
+            release: group.release.clone(),
+            version: group.version.clone(),
+            archive: group.archive.as_ref().map(|archive| ArchiveJson {
+                path: archive.path.display().to_string(),
+                sha256: archive.sha256.to_string(),
+                dest: GroupPlan::archive_dest(archive),
+            }),
+            argv: if group.argv.is_empty() {
+                erel_proto::rules::default_argv(&group.release)
+            } else {
+                group.argv.clone()
+            },
+            version_dir: group.version_dir(),
+            drain: group.drain.as_ref().map(|d| DrainJson {
+                http: d.port.to_string(),
+                path: d.path.clone(),
+                timeout_secs: d.timeout.as_secs(),
+            }),
+            canaries: group.canaries,
+            max_in_flight: group.max_in_flight,
+            health: HealthJson {
+                tcp: group.health.tcp.as_ref().map(ToString::to_string),
+                http: group.health.http.as_ref().map(|h| h.port.to_string()),
+                path: group.health.http.as_ref().map(|h| h.path.clone()),
+                passes: group.health.passes,
+                min_up_secs: group.health.min_up.as_secs(),
+                deadline_secs: group.health.deadline.as_secs(),
+            },
+            hosts: plan
+                .hosts_in(&group.name)
+                .iter()
+                .enumerate()
+                .map(|(index, host)| PlannedHostJson {
+                    order: index + 1,
+                    host: host.id.clone(),
+                    addr: host.addr.clone(),
+                    canary: index < group.canaries,
+                    env: host.env.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    PlanJson {
+        cluster: plan.origin.clone(),
+        revision: plan.revision,
+        groups,
+        waiting: plan
+            .hosts
+            .iter()
+            .filter(|h| h.groups.is_empty())
+            .map(|h| h.id.clone())
+            .collect(),
+    }
+}
+
+/// The exit status of a deploy stopped by SIGINT or SIGTERM: 128 + SIGINT, as shells
+/// report a command ended by Ctrl-C.
+const INTERRUPTED_EXIT: u8 = 130;
+
+/// How long a host in flight at an interruption gets to say what it runs now.
+const INTERRUPTED_PING: Duration = Duration::from_secs(5);
+
+/// SIGINT (Ctrl-C) and SIGTERM, caught for the duration of a deploy.
+struct Interrupt {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Interrupt {
+    fn install() -> crate::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let what = "installing the SIGINT and SIGTERM handlers";
+        Ok(Interrupt {
+            int: signal(SignalKind::interrupt()).context(what)?,
+            term: signal(SignalKind::terminate()).context(what)?,
+        })
+    }
+
+    /// The name of the first signal received.
+    async fn received(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+}
+
+/// What the deploy has seen of each host, from its events, keyed by (group, host).
+#[derive(Default)]
+struct Progress {
+    /// The last phase of each host not finished yet.
+    phases: HashMap<(String, String), HostPhase>,
+    /// Hosts finished: what happened, in the summary's words.
+    finished: HashMap<(String, String), Finished>,
+}
+
+/// How a host finished.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+enum Finished {
+    /// Switched to the desired version, healthy.
+    Switched {
+        /// The version it runs.
+        version: String,
+    },
+    /// Already ran the desired version.
+    UpToDate {
+        /// The version it runs.
+        version: String,
+    },
+    /// Failed.
+    Failed {
+        /// The failure in words: phase, rollback, reason.
+        reason: String,
+    },
+}
+
+impl Progress {
+    fn record(&mut self, event: &RolloutEvent) {
+        let key = |group: &str, host: &str| (group.to_string(), host.to_string());
+        match event {
+            RolloutEvent::HostPhase { group, host, phase } => {
+                self.phases.insert(key(group, host), *phase);
+            }
+            RolloutEvent::HostDone {
+                group,
+                host,
+                version,
+                ..
+            } => self.finish(
+                key(group, host),
+                Finished::Switched {
+                    version: version.clone(),
+                },
+            ),
+            RolloutEvent::HostSkipped {
+                group,
+                host,
+                version,
+            } => self.finish(
+                key(group, host),
+                Finished::UpToDate {
+                    version: version.clone(),
+                },
+            ),
+            RolloutEvent::HostFailed {
+                group,
+                host,
+                failure,
+                ..
+            } => self.finish(
+                key(group, host),
+                Finished::Failed {
+                    reason: format!(
+                        "FAILED while {}, {}: {}",
+                        failure.phase,
+                        failure.rollback_words(),
+                        failure.reason
+                    ),
+                },
+            ),
+            RolloutEvent::GroupStarted { .. }
+            | RolloutEvent::GroupHalted { .. }
+            | RolloutEvent::GroupDone { .. }
+            | RolloutEvent::HostVerdict { .. }
+            | RolloutEvent::HostDrain { .. } => {}
+        }
+    }
+
+    fn finish(&mut self, key: (String, String), finished: Finished) {
+        self.phases.remove(&key);
+        self.finished.insert(key, finished);
+    }
+}
+
+/// What an interrupted deploy did and did not do, as it prints it.
+#[derive(Debug, Serialize)]
+struct InterruptedSummary {
+    /// Always true: tells this object from a finished deploy's report.
+    interrupted: bool,
+    /// The cluster file's revision.
+    revision: u64,
+    /// Hosts that finished: switched, up to date or failed.
+    done: Vec<DoneHost>,
+    /// Hosts whose switch had begun (their old version possibly stopped), with what
+    /// they run now.
+    in_flight: Vec<InFlightHost>,
+    /// Hosts whose running release was not touched (some may have the new version
+    /// staged beside it).
+    untouched: Vec<UntouchedHost>,
+}
+
+#[derive(Debug, Serialize)]
+struct DoneHost {
+    group: String,
+    host: String,
+    #[serde(flatten)]
+    finished: Finished,
+}
+
+#[derive(Debug, Serialize)]
+struct InFlightHost {
+    group: String,
+    host: String,
+    /// The phase it was in when the deploy stopped.
+    phase: HostPhase,
+    /// The desired version.
+    desired_version: String,
+    /// The version of the group's release the agent reports now (running or last run).
+    now_version: Option<String>,
+    /// Its state now, in the words `status` uses; `unknown` when the agent did not answer.
+    now_state: String,
+    /// Why the agent could not be asked, when it could not.
+    error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct UntouchedHost {
+    group: String,
+    host: String,
+    /// The last phase reached (pinging, staging, staged), if any.
+    phase: Option<HostPhase>,
+}
+
+/// Sorts the hosts of the groups rolled out by what `progress` says of them, and asks
+/// each host in flight what it runs now.
+async fn interrupted(
+    plan: &Plan,
+    only: &[String],
+    progress: &Progress,
+    connector: &Connector,
+) -> InterruptedSummary {
+    let mut summary = InterruptedSummary {
+        interrupted: true,
+        revision: plan.revision,
+        done: Vec::new(),
+        in_flight: Vec::new(),
+        untouched: Vec::new(),
+    };
+    // Hosts in flight are asked at once, each within INTERRUPTED_PING.
+    let mut asking = tokio::task::JoinSet::new();
+    for group in plan.groups.values() {
+        if !only.is_empty() && !only.contains(&group.name) {
+            continue;
+        }
+        for host in plan.hosts_in(&group.name) {
+            let key = (group.name.clone(), host.id.clone());
+            if let Some(finished) = progress.finished.get(&key) {
+                summary.done.push(DoneHost {
+                    group: group.name.clone(),
+                    host: host.id.clone(),
+                    finished: finished.clone(),
+                });
+                continue;
+            }
+            let phase = progress.phases.get(&key).copied();
+            match phase {
+                Some(phase) if phase.changes_host() => {
+                    let (connector, addr) = (connector.clone(), host.host_addr());
+                    let (index, release) = (summary.in_flight.len(), group.release.clone());
+                    asking.spawn(
+                        async move { (index, now_running(&connector, addr, &release).await) },
+                    );
+                    summary.in_flight.push(InFlightHost {
+                        group: group.name.clone(),
+                        host: host.id.clone(),
+                        phase,
+                        desired_version: group.version.clone(),
+                        now_version: None,
+                        now_state: "unknown".to_string(),
+                        error: None,
+                    });
+                }
+                _ => summary.untouched.push(UntouchedHost {
+                    group: group.name.clone(),
+                    host: host.id.clone(),
+                    phase,
+                }),
+            }
+        }
+    }
+    while let Some(answered) = asking.join_next().await {
+        let Ok((index, (now_version, now_state, error))) = answered else {
+            continue;
+        };
+        if let Some(host) = summary.in_flight.get_mut(index) {
+            (host.now_version, host.now_state, host.error) = (now_version, now_state, error);
+        }
+    }
+    summary
+}
+
+/// The version and state of `release` on `host` now: (version, state words, error).
+async fn now_running(
+    connector: &Connector,
+    host: crate::client::HostAddr,
+    release: &str,
+) -> (Option<String>, String, Option<String>) {
+    let asked = tokio::time::timeout(INTERRUPTED_PING, async {
+        let mut client = connector.connect(&host).await?;
+        client.ping().await
+    })
+    .await;
+    match asked {
+        Ok(Ok(pong)) => match pong.releases.iter().find(|r| r.name == release) {
+            Some(status) => (status.version.clone(), super::state_words(status), None),
+            None => (None, "not installed".to_string(), None),
+        },
+        Ok(Err(e)) => (None, "unknown".to_string(), Some(e.to_string())),
+        Err(_) => (
+            None,
+            "unknown".to_string(),
+            Some(format!("no answer within {}s", INTERRUPTED_PING.as_secs())),
+        ),
+    }
+}
+
+impl InterruptedSummary {
+    fn text(&self) -> String {
+        let mut out = format!(
+            "INTERRUPTED: the deploy of revision {} stopped before it finished\n",
+            self.revision
+        );
+        for host in &self.done {
+            let what = match &host.finished {
+                Finished::Switched { version } => format!("done, runs {version}"),
+                Finished::UpToDate { version } => format!("up to date, runs {version}"),
+                Finished::Failed { reason } => reason.clone(),
+            };
+            out.push_str(&format!(
+                "  done       {}/{}: {what}\n",
+                host.group, host.host
+            ));
+        }
+        for host in &self.in_flight {
+            let now = match (&host.now_version, &host.error) {
+                (_, Some(error)) => format!("what it runs now is unknown ({error})"),
+                (Some(version), None) => format!("now {version} {}", host.now_state),
+                (None, None) => format!("now {}", host.now_state),
+            };
+            let verdict = if host.now_version.as_deref() == Some(host.desired_version.as_str())
+                && host.now_state.starts_with("running")
+            {
+                "switched, but its health was NOT verified"
+            } else {
+                "left HALF-SWITCHED: deploy again, or roll it back"
+            };
+            out.push_str(&format!(
+                "  IN FLIGHT  {}/{}: was {} when interrupted; {now}: {verdict}\n",
+                host.group, host.host, host.phase
+            ));
+        }
+        for host in &self.untouched {
+            let staged = match host.phase {
+                Some(HostPhase::Staged) => " (the new version is staged beside it)",
+                _ => "",
+            };
+            out.push_str(&format!(
+                "  untouched  {}/{}: its running release was not touched{staged}\n",
+                host.group, host.host
+            ));
+        }
+        out.push_str(&format!(
+            "{} done, {} in flight, {} untouched\n",
+            self.done.len(),
+            self.in_flight.len(),
+            self.untouched.len()
+        ));
+        out
+    }
 }
 
 #[cfg(test)]

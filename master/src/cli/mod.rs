@@ -84,16 +84,10 @@ pub fn main() -> ExitCode {
         return code;
     }
     let cli = Cli::parse();
-    // The daemon logs what it does; the other commands print their own results. An
-    // empty EREL_LOG counts as unset.
-    let default_filter = match cli.command {
-        Command::Master(_) => "info",
-        _ => "warn",
-    };
-    let filter = std::env::var("EREL_LOG")
-        .ok()
-        .filter(|text| !text.trim().is_empty())
-        .unwrap_or_else(|| default_filter.to_string());
+    let filter = log_filter(
+        matches!(cli.command, Command::Master(_)),
+        std::env::var("EREL_LOG").ok(),
+    );
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
@@ -139,6 +133,46 @@ async fn run(cli: Cli) -> crate::Result<ExitCode> {
         Command::Config(command) => config::run(command).await,
         Command::Watch(args) => watch::watch(args).await,
     }
+}
+
+/// A release's state in the words every command uses (`status`, `ping`, `deploy`):
+/// `running`, `stopped`, `exited with code N`, `killed by signal N`, `exited`,
+/// `crash-looping`.
+pub(crate) fn state_words(release: &erel_proto::ReleaseStatus) -> String {
+    use erel_proto::ReleaseState;
+    match &release.state {
+        ReleaseState::Running => "running".to_string(),
+        ReleaseState::Stopped => "stopped".to_string(),
+        ReleaseState::Exited { code, signal } => match (code, signal) {
+            (Some(code), _) => format!("exited with code {code}"),
+            (None, Some(signal)) => format!("killed by signal {signal}"),
+            (None, None) => "exited".to_string(),
+        },
+        ReleaseState::CrashLooping => "crash-looping".to_string(),
+    }
+}
+
+/// erel's own crates: the only log targets a command other than the daemon shows by
+/// default.
+const EREL_TARGETS: [&str; 4] = ["erel_master", "erel_certs", "erel_boot", "erel_proto"];
+
+/// The `tracing` filter (`EnvFilter` directives): `EREL_LOG` when set and not empty.
+/// Else, for the daemon, which logs what it does: erel's own `info` and other crates'
+/// warnings, lapin's excepted (the daemon reports a lost broker itself, once per
+/// attempt). Else erel's own warnings only: the other commands print their own results
+/// and errors, and a library's log line (lapin's ERROR on a refused login) would only
+/// come before erel's message.
+fn log_filter(daemon: bool, erel_log: Option<String>) -> String {
+    if let Some(given) = erel_log.filter(|text| !text.trim().is_empty()) {
+        return given;
+    }
+    let (others, own) = if daemon {
+        ("warn,lapin=off", "info")
+    } else {
+        ("off", "warn")
+    };
+    let own: Vec<String> = EREL_TARGETS.iter().map(|t| format!("{t}={own}")).collect();
+    format!("{others},{}", own.join(","))
 }
 
 /// The cluster file: `--cluster FILE`, else `cluster.toml`.
@@ -189,6 +223,60 @@ mod tests {
             if let Err(e) = <super::Cli as clap::Parser>::try_parse_from(args) {
                 panic!("{line}: {e}");
             }
+        }
+    }
+
+    #[test]
+    fn library_logs_are_off_by_default_except_in_the_daemon_and_erel_log_wins() {
+        let quiet = super::log_filter(false, None);
+        assert!(quiet.starts_with("off,"), "{quiet}");
+        assert!(quiet.contains("erel_master=warn"), "{quiet}");
+        tracing_subscriber::EnvFilter::try_new(&quiet).expect("a valid filter");
+        assert_eq!(super::log_filter(false, Some(" ".into())), quiet);
+        let daemon = super::log_filter(true, None);
+        assert!(daemon.starts_with("warn,"), "{daemon}");
+        assert!(daemon.contains("erel_master=info"), "{daemon}");
+        assert_eq!(
+            super::log_filter(false, Some("lapin=debug".into())),
+            "lapin=debug"
+        );
+    }
+
+    #[test]
+    fn release_states_have_one_spelling() {
+        use erel_proto::{ReleaseState, ReleaseStatus};
+        let status = |state| ReleaseStatus {
+            name: "beat".into(),
+            versions: vec![],
+            version: None,
+            desired_running: true,
+            pid: None,
+            state,
+            restarts: 0,
+            up_secs: None,
+            output_tail: String::new(),
+        };
+        let cases = [
+            (ReleaseState::Running, "running"),
+            (ReleaseState::Stopped, "stopped"),
+            (
+                ReleaseState::Exited {
+                    code: Some(3),
+                    signal: None,
+                },
+                "exited with code 3",
+            ),
+            (
+                ReleaseState::Exited {
+                    code: None,
+                    signal: Some(9),
+                },
+                "killed by signal 9",
+            ),
+            (ReleaseState::CrashLooping, "crash-looping"),
+        ];
+        for (state, words) in cases {
+            assert_eq!(super::state_words(&status(state)), words);
         }
     }
 

@@ -29,7 +29,8 @@ pub struct StatusArgs {
     /// connection, then the TLS handshake with `Hello` (each phase gets the full time).
     #[arg(long, default_value_t = crate::client::DEFAULT_CONNECT_TIMEOUT.as_secs(), value_name = "SECS")]
     connect_timeout: u64,
-    /// Also show which master holds each group, from this RabbitMQ broker (table only).
+    /// Also show which master holds each group, from this RabbitMQ broker (with
+    /// `--json`, the output becomes `{"hosts": [..], "holders": [..]}`).
     #[arg(long = "amqp", value_name = "URL")]
     amqp: Option<String>,
     /// Prefix of the queue names on the broker.
@@ -94,10 +95,19 @@ pub async fn status(ctx: &Context, cluster: &Path, args: StatusArgs) -> crate::R
         .with_connect_timeout(Duration::from_secs(args.connect_timeout.max(1)));
     let hosts = collect(&plan, &connector).await;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&hosts).context("encoding the status")?
-        );
+        // With --amqp: {"hosts": [...], "holders": [...]}; else the hosts alone.
+        let json = match &args.amqp {
+            Some(url) => {
+                let groups: Vec<String> = plan.groups.keys().cloned().collect();
+                let holders = super::config::holders_json(url, &args.amqp_prefix, &groups).await?;
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "hosts": hosts,
+                    "holders": holders,
+                }))
+            }
+            None => serde_json::to_string_pretty(&hosts),
+        };
+        println!("{}", json.context("encoding the status")?);
     } else {
         print!("{}", status_table(&plan, &hosts));
         if let Some(url) = &args.amqp {
@@ -225,19 +235,7 @@ fn fill(row: &mut HostStatus, release: &ReleaseStatus) {
     row.restarts = release.restarts;
     row.versions = release.versions.clone();
     row.output_tail = release.output_tail.clone();
-    row.state = match &release.state {
-        ReleaseState::Running => "running".to_string(),
-        ReleaseState::Stopped => "stopped".to_string(),
-        ReleaseState::Exited {
-            code: Some(code), ..
-        } => format!("exited ({code})"),
-        ReleaseState::Exited {
-            signal: Some(signal),
-            ..
-        } => format!("killed (signal {signal})"),
-        ReleaseState::Exited { .. } => "exited".to_string(),
-        ReleaseState::CrashLooping => "crash-looping".to_string(),
-    };
+    row.state = super::state_words(release);
     row.converged = release.state == ReleaseState::Running
         && release.version.is_some()
         && release.version == row.desired_version;

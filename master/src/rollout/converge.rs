@@ -27,6 +27,8 @@ pub struct ConvergeOptions {
     pub interval: Duration,
     /// How often the cluster file's stamp (size, times, inode) is looked at.
     pub file_poll: Duration,
+    /// Told the revision of each pass (`erel master --metrics`).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Default for ConvergeOptions {
@@ -34,6 +36,7 @@ impl Default for ConvergeOptions {
         ConvergeOptions {
             interval: Duration::from_secs(10),
             file_poll: Duration::from_secs(1),
+            metrics: None,
         }
     }
 }
@@ -116,8 +119,12 @@ pub async fn converge_file(
     let interval = options.interval;
     let stop = cancel.clone().cancelled_owned();
     let on_event = Arc::new(on_event);
+    let metrics = options.metrics.clone();
     let converging = tokio::spawn(keep_converged(rx, interval, stop, move |plan| {
         let (connector, on_event) = (connector.clone(), on_event.clone());
+        if let Some(metrics) = &metrics {
+            metrics.set_revision(plan.revision);
+        }
         async move {
             let options = RolloutOptions::default();
             let report =

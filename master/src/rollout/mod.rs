@@ -211,12 +211,28 @@ pub enum RolloutEvent {
     },
 }
 
-/// Whether a failed host was returned to its previous state, in the words reports use.
-pub(crate) fn rollback_words(rolled_back: bool) -> &'static str {
+/// Whether a failed host was returned to its previous state, in the words reports use:
+/// "NOT rolled back" only when the failure came after the host's running release was
+/// touched (`host_changed`, see [`HostPhase::changes_host`]).
+pub(crate) fn rollback_words(rolled_back: bool, host_changed: bool) -> &'static str {
     if rolled_back {
         "rolled back"
-    } else {
+    } else if host_changed {
         "NOT rolled back"
+    } else {
+        "its running release was not touched"
+    }
+}
+
+impl HostPhase {
+    /// Whether a failure in this phase may have changed what runs on the host: from
+    /// stopping the old version on. Pinging and staging leave the running release
+    /// as it was (staging only adds files beside it).
+    pub fn changes_host(self) -> bool {
+        !matches!(
+            self,
+            HostPhase::Pinging | HostPhase::Staging | HostPhase::Staged
+        )
     }
 }
 
@@ -235,6 +251,12 @@ pub struct HostFailure {
 }
 
 impl HostFailure {
+    /// Whether the host was returned to its previous state, in the words reports use
+    /// (see [`HostPhase::changes_host`]).
+    pub fn rollback_words(&self) -> &'static str {
+        rollback_words(self.rolled_back, self.phase.changes_host())
+    }
+
     /// A failure in `phase`, without output, not rolled back.
     pub fn new(phase: HostPhase, reason: impl Into<String>) -> Self {
         HostFailure {

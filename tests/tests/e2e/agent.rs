@@ -634,7 +634,7 @@ async fn ping_json_reports_everything() {
     assert_eq!(reports[0]["reachable"], true);
     assert_eq!(reports[0]["agent"]["host_id"], "web-1");
     assert_eq!(reports[0]["agent"]["releases"][0]["name"], "beat");
-    assert_eq!(reports[0]["agent"]["releases"][0]["state"], "Running");
+    assert_eq!(reports[0]["agent"]["releases"][0]["state"], "running");
     assert_eq!(reports[1]["reachable"], false);
     assert!(reports[1]["error"]
         .as_str()

@@ -132,3 +132,51 @@ fn refused(certs: &Path, args: &[&str]) -> String {
     assert!(!out.status.success(), "{}", output_text(&out));
     output_text(&out)
 }
+
+#[test]
+fn certs_host_never_overwrites_a_host_key_without_force() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    assert!(erel(&certs, &["certs", "init"]).status.success());
+    let first = erel(&certs, &["certs", "host", "web-1", "--ip", "127.0.0.1"]);
+    assert!(first.status.success(), "{}", output_text(&first));
+    let key = certs.join("hosts/web-1/host.key");
+    let pem = certs.join("hosts/web-1/host.pem");
+    let key_before = std::fs::read(&key).expect("host.key");
+    let pem_before = std::fs::read(&pem).expect("host.pem");
+
+    let said = refused(&certs, &["certs", "host", "web-1", "--ip", "127.0.0.1"]);
+    assert!(said.contains(path_str(&key)), "names the key file: {said}");
+    assert!(said.contains("--force"), "says how to replace it: {said}");
+    assert!(
+        said.starts_with("erel: certs host web-1: ") && said.trim_end().lines().count() == 1,
+        "one line, the program named once: {said}"
+    );
+    assert_eq!(std::fs::read(&key).expect("host.key"), key_before);
+    assert_eq!(std::fs::read(&pem).expect("host.pem"), pem_before);
+
+    let forced = erel(
+        &certs,
+        &["certs", "host", "web-1", "--ip", "127.0.0.1", "--force"],
+    );
+    assert!(forced.status.success(), "{}", output_text(&forced));
+    assert_ne!(std::fs::read(&key).expect("host.key"), key_before);
+    let verify = openssl(&[
+        "verify",
+        "-CAfile",
+        path_str(&certs.join("ca.pem")),
+        path_str(&pem),
+    ]);
+    assert!(verify.status.success(), "{}", output_text(&verify));
+
+    // `certs init` on a directory holding only a master key leaves that key alone.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).expect("dir");
+    std::fs::write(other.join("master.key"), b"kept").expect("key");
+    let said = refused(&other, &["certs", "init"]);
+    assert!(said.contains("master.key"), "{said}");
+    assert_eq!(
+        std::fs::read(other.join("master.key")).expect("key"),
+        b"kept"
+    );
+}

@@ -12,6 +12,7 @@ mod fleet;
 mod health;
 mod inputs;
 mod logs;
+mod manners;
 mod one_agent;
 mod otp;
 mod output;

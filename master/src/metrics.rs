@@ -1,0 +1,354 @@
+//! Prometheus metrics of the daemon (`erel master --metrics ADDR`), in the OpenMetrics
+//! text format (encoded by the `prometheus-client` crate), served over plain HTTP/1.1
+//! at `GET /metrics`.
+//!
+//! | metric | type | labels | what |
+//! | --- | --- | --- | --- |
+//! | `erel_revision` | gauge | | the cluster revision in force |
+//! | `erel_config_age_seconds` | gauge | | seconds since that revision was taken in |
+//! | `erel_hosts` | gauge | `state` | hosts by state: `converged`, `in_flight`, `pending`, `failed` |
+//! | `erel_rollouts_total` | counter | `group` | rollouts that switched or failed a host |
+//! | `erel_host_failures_total` | counter | `group` | hosts that failed a rollout |
+//!
+//! The daemon feeds [`Metrics`] from its rollout events ([`Metrics::record`]) and from
+//! the revision it applies ([`Metrics::set_revision`]); [`serve`] answers scrapes.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::rollout::RolloutEvent;
+
+/// The `Content-Type` of the OpenMetrics text format, as its specification names it.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The longest request head read from a scraper, in bytes.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+
+/// Time a scraper has to send its request head and read the answer.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Label sets: `[("state", "converged")]`, `[("group", "web")]`.
+type Labels = Vec<(String, String)>;
+
+/// The host states `erel_hosts` counts.
+const HOST_STATES: [&str; 4] = ["converged", "in_flight", "pending", "failed"];
+
+/// The daemon's metrics; shared between the daemon's event callback and [`serve`].
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    revision: Gauge,
+    config_age: Gauge<f64, AtomicU64>,
+    hosts: Family<Labels, Gauge>,
+    rollouts: Family<Labels, Counter>,
+    host_failures: Family<Labels, Counter>,
+    state: Mutex<State>,
+}
+
+/// What the gauges are computed from.
+#[derive(Debug, Default)]
+struct State {
+    /// The revision in force and when it was taken in.
+    revision: Option<(u64, Instant)>,
+    /// Each host's state, by (group, host).
+    hosts: HashMap<(String, String), &'static str>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Empty metrics, registered under the names in the module's table.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let revision = Gauge::default();
+        let config_age = Gauge::<f64, AtomicU64>::default();
+        let hosts = Family::<Labels, Gauge>::default();
+        let rollouts = Family::<Labels, Counter>::default();
+        let host_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "erel_revision",
+            "The cluster revision in force",
+            revision.clone(),
+        );
+        registry.register(
+            "erel_config_age_seconds",
+            "Seconds since the revision in force was taken in",
+            config_age.clone(),
+        );
+        registry.register(
+            "erel_hosts",
+            "Hosts by state (converged, in_flight, pending, failed)",
+            hosts.clone(),
+        );
+        registry.register(
+            "erel_rollouts",
+            "Rollouts of a group that switched or failed at least one host",
+            rollouts.clone(),
+        );
+        registry.register(
+            "erel_host_failures",
+            "Hosts of a group that failed a rollout",
+            host_failures.clone(),
+        );
+        for state in HOST_STATES {
+            hosts.get_or_create(&state_labels(state)).set(0);
+        }
+        Metrics {
+            registry,
+            revision,
+            config_age,
+            hosts,
+            rollouts,
+            host_failures,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// The revision in force; the config age restarts when it changes.
+    pub fn set_revision(&self, revision: u64) {
+        let mut state = self.lock();
+        if state.revision.map(|(r, _)| r) != Some(revision) {
+            state.revision = Some((revision, Instant::now()));
+        }
+        self.revision
+            .set(i64::try_from(revision).unwrap_or(i64::MAX));
+    }
+
+    /// Takes in one rollout event.
+    pub fn record(&self, event: &RolloutEvent) {
+        let host_state = match event {
+            RolloutEvent::HostPhase { group, host, phase } => {
+                let state = if phase.changes_host() {
+                    "in_flight"
+                } else {
+                    "pending"
+                };
+                Some((group, host, state))
+            }
+            RolloutEvent::HostDone { group, host, .. }
+            | RolloutEvent::HostSkipped { group, host, .. } => Some((group, host, "converged")),
+            RolloutEvent::HostFailed { group, host, .. } => {
+                self.host_failures.get_or_create(&group_labels(group)).inc();
+                Some((group, host, "failed"))
+            }
+            RolloutEvent::GroupDone {
+                group,
+                switched,
+                failed,
+                ..
+            } => {
+                if switched + failed > 0 {
+                    self.rollouts.get_or_create(&group_labels(group)).inc();
+                }
+                None
+            }
+            RolloutEvent::GroupStarted { group, .. } => {
+                // Make the group's counters visible (at 0) from its first rollout on.
+                let _ = self.rollouts.get_or_create(&group_labels(group));
+                let _ = self.host_failures.get_or_create(&group_labels(group));
+                None
+            }
+            RolloutEvent::GroupHalted { .. }
+            | RolloutEvent::HostVerdict { .. }
+            | RolloutEvent::HostDrain { .. } => None,
+        };
+        if let Some((group, host, host_state)) = host_state {
+            let mut state = self.lock();
+            state
+                .hosts
+                .insert((group.clone(), host.clone()), host_state);
+            for name in HOST_STATES {
+                let count = state.hosts.values().filter(|s| **s == name).count();
+                self.hosts
+                    .get_or_create(&state_labels(name))
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
+    /// The metrics in the OpenMetrics text format, ending with `# EOF`.
+    pub fn encode(&self) -> String {
+        if let Some((_, since)) = self.lock().revision {
+            self.config_age.set(since.elapsed().as_secs_f64());
+        }
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn state_labels(state: &str) -> Labels {
+    vec![("state".to_string(), state.to_string())]
+}
+
+fn group_labels(group: &str) -> Labels {
+    vec![("group".to_string(), group.to_string())]
+}
+
+/// Answers scrapes on `listener` until `cancel`: `GET /metrics` gets the metrics (200),
+/// any other path 404, any other method 405; one request per connection (HTTP/1.1
+/// with `Connection: close`, RFC 9112). A request head longer than 8 KiB, or one not
+/// sent within 10 seconds, is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cancel: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = cancel.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(SCRAPE_TIMEOUT, answer(stream, &metrics)).await;
+                });
+            }
+            Err(e) => {
+                tracing::warn!("metrics: accepting a connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Reads one request head and answers it.
+async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() >= MAX_REQUEST_HEAD {
+            return Ok(());
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+    let mut words = line.split(|b| *b == b' ');
+    let (method, target) = (words.next(), words.next());
+    let path = target.map(|t| t.split(|b| *b == b'?').next().unwrap_or_default());
+    let (status, content_type, body) = match (method, path) {
+        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", CONTENT_TYPE, metrics.encode()),
+        (Some(b"GET"), _) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "erel serves only /metrics\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "only GET /metrics\n".to_string(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::HostPhase;
+
+    fn phase(host: &str, phase: HostPhase) -> RolloutEvent {
+        RolloutEvent::HostPhase {
+            group: "web".into(),
+            host: host.into(),
+            phase,
+        }
+    }
+
+    #[test]
+    fn events_become_hosts_by_state_rollouts_and_failures() {
+        let metrics = Metrics::new();
+        metrics.set_revision(7);
+        metrics.record(&phase("web-1", HostPhase::Verifying));
+        metrics.record(&phase("web-2", HostPhase::Staged));
+        let text = metrics.encode();
+        assert!(text.contains("erel_revision 7\n"), "{text}");
+        assert!(
+            text.contains("erel_hosts{state=\"in_flight\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("erel_hosts{state=\"pending\"} 1\n"), "{text}");
+        assert!(text.contains("erel_config_age_seconds "), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+
+        metrics.record(&RolloutEvent::HostDone {
+            group: "web".into(),
+            host: "web-1".into(),
+            version: "0.2.0".into(),
+            pid: 1,
+        });
+        metrics.record(&RolloutEvent::HostFailed {
+            group: "web".into(),
+            host: "web-2".into(),
+            addr: "127.0.0.1:1".into(),
+            failure: crate::rollout::HostFailure::new(HostPhase::Verifying, "boom"),
+        });
+        metrics.record(&RolloutEvent::GroupDone {
+            group: "web".into(),
+            switched: 1,
+            skipped: 0,
+            failed: 1,
+        });
+        let text = metrics.encode();
+        assert!(
+            text.contains("erel_hosts{state=\"converged\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("erel_hosts{state=\"failed\"} 1\n"), "{text}");
+        assert!(
+            text.contains("erel_hosts{state=\"in_flight\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("erel_rollouts_total{group=\"web\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("erel_host_failures_total{group=\"web\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_pass_that_changes_nothing_is_not_a_rollout() {
+        let metrics = Metrics::new();
+        metrics.record(&RolloutEvent::GroupDone {
+            group: "web".into(),
+            switched: 0,
+            skipped: 3,
+            failed: 0,
+        });
+        assert!(!metrics
+            .encode()
+            .contains("erel_rollouts_total{group=\"web\"} 1"));
+    }
+}
