@@ -93,6 +93,27 @@ pub enum MasterEvent {
         /// Whether the host was returned to its previous state.
         rolled_back: bool,
     },
+    /// A group's rollout failed after a switch: the group stays halted at the revision
+    /// until a newer one arrives or an operator asks for a retry.
+    GroupHalted {
+        /// The group.
+        group: String,
+        /// The revision not tried again.
+        revision: u64,
+        /// The first host that failed.
+        host: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A halted group is tried again on an operator's request.
+    GroupRetried {
+        /// The group.
+        group: String,
+        /// The revision tried again.
+        revision: u64,
+        /// Who asked.
+        by: String,
+    },
     /// A revision is applied to a group: every host runs the desired version.
     RevisionApplied {
         /// The group.
@@ -116,6 +137,8 @@ impl MasterEvent {
             MasterEvent::HostDone { group, .. } => ("host_done", Some(group)),
             MasterEvent::HostFailed { group, .. } => ("host_failed", Some(group)),
             MasterEvent::RevisionApplied { group, .. } => ("revision_applied", Some(group)),
+            MasterEvent::GroupHalted { group, .. } => ("group_halted", Some(group)),
+            MasterEvent::GroupRetried { group, .. } => ("group_retried", Some(group)),
         };
         format!("{kind}.{}", group.map_or("-", String::as_str))
     }
@@ -191,6 +214,24 @@ impl std::fmt::Display for Envelope {
                 let rolled = crate::rollout::rollback_words(*rolled_back);
                 write!(f, "{group}/{host}: FAILED, {rolled}: {reason}")
             }
+            MasterEvent::GroupHalted {
+                group,
+                revision,
+                host,
+                reason,
+            } => write!(
+                f,
+                "{group}: HALTED at revision {revision} ({host}: {reason}); not tried again \
+                 until a newer revision or `erel config retry --group {group}`"
+            ),
+            MasterEvent::GroupRetried {
+                group,
+                revision,
+                by,
+            } => write!(
+                f,
+                "{group}: revision {revision} tried again (asked by {by})"
+            ),
             MasterEvent::RevisionApplied {
                 group,
                 revision,

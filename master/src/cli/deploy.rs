@@ -35,6 +35,9 @@ pub struct DeployArgs {
     /// (each phase gets the full time).
     #[arg(long, default_value_t = crate::client::DEFAULT_CONNECT_TIMEOUT.as_secs(), value_name = "SECS")]
     connect_timeout: u64,
+    /// `--take-over`, and where the daemons' leases are (`--amqp`).
+    #[command(flatten)]
+    hold: super::daemon::HoldArgs,
 }
 
 /// Runs `erel deploy`.
@@ -66,7 +69,15 @@ pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::R
     } else {
         View::Lines(Instant::now())
     };
-    let report = rollout::run(&plan, &connector, &options, |event| view.show(event)).await?;
+    let groups: Vec<String> = if args.groups.is_empty() {
+        plan.groups.keys().cloned().collect()
+    } else {
+        args.groups.clone()
+    };
+    let hold = super::daemon::ensure_not_held(cluster, &groups, &args.hold).await?;
+    let report = rollout::run(&plan, &connector, &options, |event| view.show(event)).await;
+    hold.release().await;
+    let report = report?;
     view.finish();
     if args.json {
         println!(
