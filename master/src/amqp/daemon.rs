@@ -460,12 +460,15 @@ struct GroupTask {
 impl GroupTask {
     async fn run(self, cancel: CancellationToken) -> Result<()> {
         let (holding_tx, mut holding) = watch::channel(false);
+        // A deploy's hand-over request is followed between passes only.
+        let (busy_tx, busy) = watch::channel(false);
         let lease = tokio::spawn(leadership::hold(
             self.connection.clone(),
             self.options.broker.names().clone(),
             self.group.clone(),
             self.options.name.clone(),
             holding_tx,
+            Some(busy),
             cancel.clone(),
         ));
         loop {
@@ -473,7 +476,8 @@ impl GroupTask {
                 let _ = self.events.send(MasterEvent::GroupAcquired {
                     group: self.group.clone(),
                 });
-                self.converge_while_held(&mut holding, &cancel).await;
+                self.converge_while_held(&mut holding, &busy_tx, &cancel)
+                    .await;
                 let _ = self.events.send(MasterEvent::GroupReleased {
                     group: self.group.clone(),
                 });
@@ -495,6 +499,7 @@ impl GroupTask {
     async fn converge_while_held(
         &self,
         holding: &mut watch::Receiver<bool>,
+        busy: &watch::Sender<bool>,
         cancel: &CancellationToken,
     ) {
         let stop = async {
@@ -510,12 +515,15 @@ impl GroupTask {
             self.options.interval,
             stop,
             move |plan| async move {
+                busy.send_replace(true);
                 if plan.groups.contains_key(&self.group) && !self.halted(&plan, halted).await {
                     self.pass(&plan, applied, halted).await;
                 }
+                busy.send_replace(false);
             },
         )
         .await;
+        busy.send_replace(false);
     }
 
     /// Whether the group is halted at `plan`'s revision: the halt this master knows,

@@ -28,8 +28,10 @@
 //! Hand-over: `erel deploy` takes the same lease for the groups it rolls out
 //! ([`take`]), so it never switches hosts while a master does. With `--take-over` it
 //! first leaves a hand-over request ([`super::control`]); the holder, at its next
-//! heartbeat, gives the token back, and every master that receives it while the
-//! request is live passes it on, until the deploy has it. The masters compete again
+//! heartbeat once its pass in progress has ended, gives the token back, and every
+//! master that receives it while the request is live passes it on, until the deploy
+//! has it. A command holding a lease never hands it over: a second deploy waits for
+//! the first to end. The masters compete again
 //! once the request is gone; the deploy hands the token back when it ends, and the
 //! next master converges from the state the deploy left.
 
@@ -117,6 +119,10 @@ async fn declare_durable(
 /// Competes for `group` on `connection` until `cancel` fires or the connection fails:
 /// `holding` is set to true once the token arrives, and back to false when it is lost
 /// or handed over to a deploy (then it competes again once the request is gone).
+///
+/// `handover`: `Some(busy)` for a master, which hands the group over on request once
+/// `busy` (a pass in progress) is false; `None` for a command (`erel deploy`), which
+/// keeps the lease until it is done.
 /// Returns `Ok` only when cancelled (the token is handed back); any broker problem is
 /// an error, and the group is then no longer held.
 pub(crate) async fn hold(
@@ -125,10 +131,20 @@ pub(crate) async fn hold(
     group: String,
     master: String,
     holding: watch::Sender<bool>,
+    handover: Option<watch::Receiver<bool>>,
     cancel: CancellationToken,
 ) -> Result<()> {
     let outcome = loop {
-        match compete(&connection, &names, &group, &master, &holding, &cancel).await {
+        let round = compete(
+            &connection,
+            &names,
+            &group,
+            &master,
+            &holding,
+            handover.as_ref(),
+            &cancel,
+        );
+        match round.await {
             Ok(Competed::Cancelled) => break Ok(()),
             Ok(Competed::HandedOver(request)) => {
                 holding.send_replace(false);
@@ -183,12 +199,30 @@ async fn wait_for_handover(
 /// How often a master that handed a group over looks whether the request is gone.
 const HANDOVER_POLL: Duration = Duration::from_millis(500);
 
+/// A hand-over request this master must follow now: only a master's (`handover` is
+/// `Some`), and only between passes.
+async fn must_hand_over(
+    channel: &Channel,
+    names: &Names,
+    group: &str,
+    master: &str,
+    handover: Option<&watch::Receiver<bool>>,
+) -> Result<Option<HandoverRequest>> {
+    match handover {
+        Some(busy) if !*busy.borrow() => {
+            control::pending_handover(channel, names, group, master).await
+        }
+        _ => Ok(None),
+    }
+}
+
 async fn compete(
     connection: &Connection,
     names: &Names,
     group: &str,
     master: &str,
     holding: &watch::Sender<bool>,
+    handover: Option<&watch::Receiver<bool>>,
     cancel: &CancellationToken,
 ) -> Result<Competed> {
     let lease = names.lease(group)?;
@@ -232,7 +266,7 @@ async fn compete(
             None => return Err(lost(&lease)),
         },
     };
-    if let Some(request) = control::pending_handover(&channel, names, group, master).await? {
+    if let Some(request) = must_hand_over(&channel, names, group, master, handover).await? {
         drop(token);
         close(channel).await;
         return Ok(Competed::HandedOver(request));
@@ -275,7 +309,7 @@ async fn compete(
                 None => return Err(lost(&lease)),
             },
         }
-        if let Some(request) = control::pending_handover(&channel, names, group, master).await? {
+        if let Some(request) = must_hand_over(&channel, names, group, master, handover).await? {
             drop(token);
             close(channel).await;
             return Ok(Competed::HandedOver(request));
@@ -353,6 +387,7 @@ pub async fn take(
         group.to_string(),
         requester.to_string(),
         holding_tx,
+        None,
         cancel.clone(),
     ));
     let got = tokio::time::timeout(wait, holding.wait_for(|held| *held)).await;

@@ -179,9 +179,17 @@ fn daemon_holds_its_cluster_file_and_a_deploy_runs_only_with_take_over() {
     let fleet = Fleet::with_beat_releases("hold", &["web", "web"]);
     let cluster = write_cluster(&fleet, 1, "1.0.0");
     let mut daemon = FileDaemon::start(&fleet, &cluster);
-    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || {
+    // Its rollout has ended (verification included), so that a release stopped below
+    // is drift, not a failure of that rollout.
+    assert!(
+        wait_until_blocking(CONVERGE, || daemon
+            .0
+            .log()
+            .contains(" converged revision=1")),
+        "{}",
         daemon.0.log()
-    });
+    );
+    fleet.expect_beats("1.0.0");
     let pid = daemon.0.pid().expect("running");
 
     // A second daemon on the same file refuses to start, naming the first.
@@ -339,16 +347,25 @@ fn amqp_deploy_is_refused_naming_the_holder_unless_it_takes_the_group_over() {
     let _lock = BrokerLock::shared();
     let fleet = Fleet::with_beat_releases("amqp-hold", &["web"]);
     let broker = TestBroker::new("hold", &["web"]);
-    let master = fleet.master(&broker, "m1");
+    // Two masters: the holder hands the lease over, the one waiting in line passes it
+    // on while the request is live.
+    let m1 = fleet.master(&broker, "m1");
+    let m2 = fleet.master(&broker, "m2");
     let text = fleet.config(1, "1.0.0", ONE_AT_A_TIME);
     let (ok, out) = fleet.publish(&broker, &text);
     assert!(ok, "{out}");
-    fleet.wait_all_run("1.0.0", CONVERGE, "the host runs 1.0.0", || master.log());
-    assert!(
-        wait_until_blocking(NOTICE, || master.log().contains("holding the group")),
-        "{}",
-        master.log()
-    );
+    fleet.wait_all_run("1.0.0", CONVERGE, "the host runs 1.0.0", || {
+        logs(&[&m1, &m2])
+    });
+    // The holder's rollout has ended (its verification is over), so that stopping the
+    // release below is drift, not a failure of that rollout.
+    let holder = crate::helper::poll_until_blocking(CONVERGE, || {
+        [&m1, &m2]
+            .into_iter()
+            .find(|m| m.log().contains("revision applied"))
+            .map(|m| m.name.clone())
+    })
+    .unwrap_or_else(|| panic!("a master holds web\n{}", logs(&[&m1, &m2])));
     let cluster = fleet.dir.path().join("cluster-1.toml");
 
     let deploy = |extra: &[&str]| {
@@ -367,28 +384,36 @@ fn amqp_deploy_is_refused_naming_the_holder_unless_it_takes_the_group_over() {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "{}", output_text(&out));
     assert!(
-        stderr.contains("group web is held by master m1 since"),
+        stderr.contains(&format!("group web is held by master {holder} since")),
         "{stderr}"
     );
+    assert!(stderr.contains("--take-over"), "{stderr}");
 
+    // Drift the deploy repairs: it really acts while it holds the group.
+    stop_by_hand(&fleet, 0);
     let out = deploy(&["--take-over", "--take-over-wait", "60"]);
     let text = output_text(&out);
-    assert!(out.status.success(), "{text}\n{}", master.log());
+    assert!(out.status.success(), "{text}\n{}", logs(&[&m1, &m2]));
     assert!(
-        text.contains("took over group web from master m1"),
+        text.contains(&format!("took over group web from master {holder}")),
         "{text}"
     );
-    assert!(
-        master.log().contains("group handed over on request"),
-        "{}",
-        master.log()
-    );
-    // The master holds the group again once the deploy has ended.
-    assert!(
-        wait_until_blocking(NOTICE, || master.log().matches("holding the group").count()
-            >= 2),
-        "{}",
-        logs(&[&master])
-    );
     assert!(fleet.all_run("1.0.0"), "{:?}", fleet.beats());
+    let handed =
+        |m: &crate::helper::amqp::MasterProc| m.log().contains("group handed over on request");
+    assert!(handed(&m1) || handed(&m2), "{}", logs(&[&m1, &m2]));
+    // A master holds the group again once the deploy has ended, and repairs drift.
+    assert!(
+        wait_until_blocking(NOTICE, || {
+            m1.log().matches("holding the group").count()
+                + m2.log().matches("holding the group").count()
+                >= 2
+        }),
+        "{}",
+        logs(&[&m1, &m2])
+    );
+    stop_by_hand(&fleet, 0);
+    fleet.wait_all_run("1.0.0", CONVERGE, "a master repairs drift again", || {
+        logs(&[&m1, &m2])
+    });
 }
