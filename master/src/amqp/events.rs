@@ -420,4 +420,26 @@ mod tests {
         };
         assert_eq!(accepted.routing_key(), "revision_accepted.-");
     }
+
+    #[test]
+    fn a_halt_is_an_event_that_says_how_to_retry() {
+        let halted = envelope(
+            "m1",
+            MasterEvent::GroupHalted {
+                group: "web".to_string(),
+                revision: 2,
+                host: "web-1".to_string(),
+                reason: "2.0.0: exited with code 3, rolled back".to_string(),
+            },
+        );
+        assert_eq!(halted.event.routing_key(), "group_halted.web");
+        let json = serde_json::to_string(&halted).expect("encode");
+        assert!(json.contains("\"event\":\"group_halted\""), "{json}");
+        let text = halted.to_string();
+        assert!(
+            text.contains("web: HALTED at revision 2 (web-1: 2.0.0: exited with code 3")
+                && text.contains("erel config retry --group web"),
+            "{text}"
+        );
+    }
 }

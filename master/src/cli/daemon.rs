@@ -167,8 +167,9 @@ impl Hold {
     }
 }
 
-/// Makes sure no daemon acts on `groups` of `cluster` while the calling command does,
-/// and holds them for it until [`Hold::release`].
+/// Makes sure no daemon acts on `groups` of `cluster` while the calling command
+/// (`command`, e.g. `erel deploy`, as holder records and lock files name it) does, and
+/// holds them for it until [`Hold::release`].
 ///
 /// File mode: the daemon keeping the file (its lock, [`crate::rollout::hold`]) makes
 /// this a refusal naming it, unless `--take-over`; either way the command then holds
@@ -185,11 +186,12 @@ impl Hold {
 pub async fn ensure_not_held(
     cluster: &Path,
     groups: &[String],
+    command: &str,
     args: &HoldArgs,
 ) -> crate::Result<Hold> {
     let wait = Duration::from_secs(args.take_over_wait.max(1));
     let me = format!(
-        "erel deploy by {} (pid {})",
+        "{command} by {} (pid {})",
         super::amqp::publisher(),
         std::process::id()
     );

@@ -74,7 +74,7 @@ pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::R
     } else {
         args.groups.clone()
     };
-    let hold = super::daemon::ensure_not_held(cluster, &groups, &args.hold).await?;
+    let hold = super::daemon::ensure_not_held(cluster, &groups, "erel deploy", &args.hold).await?;
     let report = rollout::run(&plan, &connector, &options, |event| view.show(event)).await;
     hold.release().await;
     let report = report?;
