@@ -149,6 +149,9 @@ pub struct HoldArgs {
 pub enum Hold {
     /// The rollout lock beside the cluster file (file mode).
     File(HeldLock),
+    /// Nothing: no daemon ever kept the cluster file, and its directory has no room
+    /// for the lock (a read-only directory).
+    Unlocked,
     /// The groups' leases (AMQP mode).
     Amqp(Vec<TakenLease>),
 }
@@ -158,6 +161,7 @@ impl Hold {
     pub async fn release(self) {
         match self {
             Hold::File(lock) => drop(lock),
+            Hold::Unlocked => {}
             Hold::Amqp(leases) => {
                 for lease in leases {
                     lease.release().await;
@@ -215,7 +219,17 @@ pub async fn ensure_not_held(
             }
             eprintln!("taking over from the daemon {busy}: waiting for its pass in progress");
         }
-        let lock = hold::wait_rollout_lock(cluster, &me, wait).await?;
+        let lock = match hold::wait_rollout_lock(cluster, &me, wait).await {
+            Ok(lock) => lock,
+            Err(e @ Error::Local { .. }) if daemon.is_none() => {
+                eprintln!(
+                    "warning: {e}; going on without the rollout lock (no daemon keeps this \
+                     cluster file)"
+                );
+                return Ok(Hold::Unlocked);
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(busy) = daemon {
             eprintln!(
                 "took over group(s) {} from the daemon {busy}; it resumes when this command ends",

@@ -151,12 +151,16 @@ pub fn daemon_lock(cluster: &Path, master: &str) -> Result<HeldLock> {
     })
 }
 
-/// The daemon that keeps `cluster`, if one runs.
+/// The daemon that keeps `cluster`, if one runs. Creates nothing.
 ///
 /// # Errors
 ///
 /// [`Error::Local`] when the lock file cannot be used.
 pub fn daemon_holder(cluster: &Path) -> Result<Option<Busy>> {
+    if !state_dir(cluster).join(DAEMON_LOCK).exists() {
+        // No daemon ever ran on this file: a daemon makes it before it starts.
+        return Ok(None);
+    }
     Ok(try_lock(cluster, DAEMON_LOCK, None)?.err())
 }
 
