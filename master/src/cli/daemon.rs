@@ -208,6 +208,7 @@ pub async fn ensure_not_held(
                     Error::local(cluster, format!("checking the daemon lock failed: {e}"))
                 })??
         };
+        let daemon = daemon.map(|busy| holder_words(&busy));
         if let Some(busy) = &daemon {
             if !args.take_over {
                 return Err(Error::Usage(format!(
@@ -276,4 +277,18 @@ pub async fn ensure_not_held(
         });
     }
     Ok(Hold::Amqp(leases))
+}
+
+/// `erel@web-1 (pid 812) since 2024-05-01T12:00:00.000Z (lock …/daemon.lock)`.
+fn holder_words(busy: &hold::Busy) -> String {
+    match &busy.holder {
+        Some(holder) => format!(
+            "{} (pid {}) since {} (lock {})",
+            holder.master,
+            holder.pid,
+            utc(holder.since_ms),
+            busy.path.display()
+        ),
+        None => busy.to_string(),
+    }
 }

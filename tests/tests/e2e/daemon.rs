@@ -210,6 +210,7 @@ fn daemon_holds_its_cluster_file_and_a_deploy_runs_only_with_take_over() {
         stderr.contains("are held by the daemon erel@") && stderr.contains(&format!("pid {pid}")),
         "{stderr}"
     );
+    assert!(stderr.contains(") since 20"), "since when: {stderr}");
     assert!(stderr.contains("--take-over"), "{stderr}");
 
     // With --take-over it runs (here: a host stopped by hand is started again) and
