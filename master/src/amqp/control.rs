@@ -236,13 +236,27 @@ pub(crate) async fn request_handover(
     .await
 }
 
-/// Removes the group's hand-over request (it was granted, or given up).
-pub(crate) async fn clear_handover(channel: &Channel, names: &Names, group: &str) -> Result<()> {
+/// Ends the group's hand-over request (it was granted, or given up): the queue is
+/// purged and a request that is no longer live (`until_ms` 0) is left in it, so that a
+/// reader that held the old request unacknowledged during the purge, and puts it back,
+/// still reads the newest message as over.
+pub(crate) async fn clear_handover(
+    channel: &Channel,
+    names: &Names,
+    group: &str,
+    requester: &str,
+) -> Result<()> {
     let queue = names.handover(group)?;
     declare(channel, &queue, false).await?;
     channel
         .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
         .await
         .map_err(|e| amqp_error(&queue, "removing the hand-over request", e))?;
-    Ok(())
+    let over = HandoverRequest {
+        group: group.to_string(),
+        requester: requester.to_string(),
+        until_ms: 0,
+    };
+    let body = encode(&queue, &over)?;
+    publish(channel, &queue, &body, BasicProperties::default()).await
 }

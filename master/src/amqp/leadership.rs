@@ -391,7 +391,7 @@ pub async fn take(
         cancel.clone(),
     ));
     let got = tokio::time::timeout(wait, holding.wait_for(|held| *held)).await;
-    let _ = control::clear_handover(&channel, &names, group).await;
+    let _ = control::clear_handover(&channel, &names, group, requester).await;
     let _ = channel.close(200, "done".into()).await;
     let taken = TakenLease {
         from: from.clone(),

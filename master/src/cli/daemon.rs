@@ -199,50 +199,72 @@ pub async fn ensure_not_held(
         super::amqp::publisher(),
         std::process::id()
     );
-    let Some(url) = &args.amqp else {
-        let daemon = {
-            let path = cluster.to_path_buf();
-            tokio::task::spawn_blocking(move || hold::daemon_holder(&path))
-                .await
-                .map_err(|e| {
-                    Error::local(cluster, format!("checking the daemon lock failed: {e}"))
-                })??
-        };
-        let daemon = daemon.map(|busy| holder_words(&busy));
-        if let Some(busy) = &daemon {
-            if !args.take_over {
-                return Err(Error::Usage(format!(
-                    "{}: group(s) {} are held by the daemon {busy}; `--take-over` hands them \
-                     over to this command",
-                    cluster.display(),
-                    groups.join(", ")
-                )));
-            }
-            eprintln!("taking over from the daemon {busy}: waiting for its pass in progress");
+    match &args.amqp {
+        None => hold_file(cluster, groups, &me, args.take_over, wait).await,
+        Some(url) => {
+            let broker = Broker::new(url.clone(), args.amqp_prefix.clone())?;
+            hold_amqp(&broker, groups, &me, args.take_over, wait).await
         }
-        let lock = match hold::wait_rollout_lock(cluster, &me, wait).await {
-            Ok(lock) => lock,
-            Err(e @ Error::Local { .. }) if daemon.is_none() => {
-                eprintln!(
-                    "warning: {e}; going on without the rollout lock (no daemon keeps this \
-                     cluster file)"
-                );
-                return Ok(Hold::Unlocked);
-            }
-            Err(e) => return Err(e),
-        };
-        if let Some(busy) = daemon {
-            eprintln!(
-                "took over group(s) {} from the daemon {busy}; it resumes when this command ends",
-                groups.join(", ")
-            );
-        }
-        return Ok(Hold::File(lock));
+    }
+}
+
+/// [`ensure_not_held`] beside a cluster file.
+async fn hold_file(
+    cluster: &Path,
+    groups: &[String],
+    me: &str,
+    take_over: bool,
+    wait: Duration,
+) -> crate::Result<Hold> {
+    let daemon = {
+        let path = cluster.to_path_buf();
+        tokio::task::spawn_blocking(move || hold::daemon_holder(&path))
+            .await
+            .map_err(|e| Error::local(cluster, format!("checking the daemon lock failed: {e}")))??
     };
-    let broker = Broker::new(url.clone(), args.amqp_prefix.clone())?;
+    let daemon = daemon.map(|busy| holder_words(&busy));
+    if let Some(busy) = &daemon {
+        if !take_over {
+            return Err(Error::Usage(format!(
+                "{}: group(s) {} are held by the daemon {busy}; `--take-over` hands them \
+                     over to this command",
+                cluster.display(),
+                groups.join(", ")
+            )));
+        }
+        eprintln!("taking over from the daemon {busy}: waiting for its pass in progress");
+    }
+    let lock = match hold::wait_rollout_lock(cluster, me, wait).await {
+        Ok(lock) => lock,
+        Err(e @ Error::Local { .. }) if daemon.is_none() => {
+            eprintln!(
+                "warning: {e}; going on without the rollout lock (no daemon keeps this \
+                     cluster file)"
+            );
+            return Ok(Hold::Unlocked);
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(busy) = daemon {
+        eprintln!(
+            "took over group(s) {} from the daemon {busy}; it resumes when this command ends",
+            groups.join(", ")
+        );
+    }
+    Ok(Hold::File(lock))
+}
+
+/// [`ensure_not_held`] on the masters' broker.
+async fn hold_amqp(
+    broker: &Broker,
+    groups: &[String],
+    me: &str,
+    take_over: bool,
+    wait: Duration,
+) -> crate::Result<Hold> {
     let mut leases = Vec::new();
     for group in groups {
-        let refused = match leadership::take(&broker, group, &me, args.take_over, wait).await {
+        let refused = match leadership::take(broker, group, me, take_over, wait).await {
             Ok(Ok(lease)) => {
                 if let Some(from) = &lease.from {
                     eprintln!(
