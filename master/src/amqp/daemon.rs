@@ -14,6 +14,13 @@
 //! when a newer revision arrives. Waiting for the end of the log first keeps a master
 //! that starts behind from acting on an old revision.
 //!
+//! A group whose rollout failed after a switch is halted at that revision
+//! ([`crate::rollout::halt`]): the holder records the halt in the group's halt record
+//! ([`control`]), publishes a `group_halted` event, and neither rolls the revision out
+//! again nor repairs the group's drift until a newer revision arrives or a retry
+//! record (`erel config retry --group G`) is read, before each pass. A master that
+//! takes the group over reads the same record, so the halt outlives its maker.
+//!
 //! Faults: when the connection fails (broker restarted, connection cut, broker down at
 //! start) the daemon stops acting on every group (its leases are gone with the
 //! connection), leaves the hosts as they are, reconnects with backoff, resumes the log
@@ -38,6 +45,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::control::{self, HaltRecord};
 use super::events::{self, MasterEvent};
 use super::log::{self, LogEntry};
 use super::state::StateDir;
@@ -46,6 +54,7 @@ use crate::client::Connector;
 use crate::cluster::{ArchiveLookup, Plan};
 use crate::error::{Error, Result};
 use crate::rollout::converge::converge_pass;
+use crate::rollout::halt::{self, Halt};
 use crate::rollout::{keep_converged, HostFailure, HostPhase, RolloutEvent, RolloutOptions};
 
 /// What the daemon needs.
@@ -459,12 +468,15 @@ struct GroupTask {
 impl GroupTask {
     async fn run(self, cancel: CancellationToken) -> Result<()> {
         let (holding_tx, mut holding) = watch::channel(false);
+        // A deploy's hand-over request is followed between passes only.
+        let (busy_tx, busy) = watch::channel(false);
         let lease = tokio::spawn(leadership::hold(
             self.connection.clone(),
             self.options.broker.names().clone(),
             self.group.clone(),
             self.options.name.clone(),
             holding_tx,
+            Some(busy),
             cancel.clone(),
         ));
         loop {
@@ -472,7 +484,8 @@ impl GroupTask {
                 let _ = self.events.send(MasterEvent::GroupAcquired {
                     group: self.group.clone(),
                 });
-                self.converge_while_held(&mut holding, &cancel).await;
+                self.converge_while_held(&mut holding, &busy_tx, &cancel)
+                    .await;
                 let _ = self.events.send(MasterEvent::GroupReleased {
                     group: self.group.clone(),
                 });
@@ -494,6 +507,7 @@ impl GroupTask {
     async fn converge_while_held(
         &self,
         holding: &mut watch::Receiver<bool>,
+        busy: &watch::Sender<bool>,
         cancel: &CancellationToken,
     ) {
         let stop = async {
@@ -503,22 +517,123 @@ impl GroupTask {
             }
         };
         let applied = &Mutex::new(None);
+        let halted = &Mutex::new(None);
         keep_converged(
             self.plans.clone(),
             self.options.interval,
             stop,
             move |plan| async move {
-                if plan.groups.contains_key(&self.group) {
-                    self.pass(&plan, applied).await;
+                busy.send_replace(true);
+                if plan.groups.contains_key(&self.group) && !self.halted(&plan, halted).await {
+                    self.pass(&plan, applied, halted).await;
                 }
+                busy.send_replace(false);
             },
         )
         .await;
+        busy.send_replace(false);
+    }
+
+    /// Whether the group is halted at `plan`'s revision: the halt this master knows,
+    /// brought up to date with the group's halt record (a halt made by an earlier
+    /// holder, a retry asked for). A record that cannot be read leaves what is known.
+    async fn halted(&self, plan: &Plan, halted: &Mutex<Option<Halt>>) -> bool {
+        let names = self.options.broker.names();
+        let record = match self.halt_channel().await {
+            Ok(channel) => {
+                let record = control::read_halt(&channel, names, &self.group).await;
+                let _ = channel.close(200, "done".into()).await;
+                record
+            }
+            Err(e) => Err(e),
+        };
+        let mut halted = halted.lock().unwrap_or_else(|e| e.into_inner());
+        match record {
+            // A halt at an older revision is over: a newer one is being applied.
+            Ok(Some(HaltRecord::Halted(recorded))) if recorded.revision >= plan.revision => {
+                if halted
+                    .as_ref()
+                    .is_none_or(|known| known.since_ms < recorded.since_ms)
+                {
+                    *halted = Some(recorded);
+                }
+            }
+            Ok(Some(HaltRecord::Retry { by, at_ms, .. })) => {
+                if let Some(known) = halted.take_if(|known| known.since_ms <= at_ms) {
+                    info!(group = %self.group, revision = known.revision, by, "retry asked for; the halted revision is tried again");
+                    let _ = self.events.send(MasterEvent::GroupRetried {
+                        group: self.group.clone(),
+                        revision: known.revision,
+                        by,
+                    });
+                }
+            }
+            Ok(Some(HaltRecord::Halted(_)) | None) => {}
+            Err(e) => warn!(group = %self.group, "cannot read the halt record: {e}"),
+        }
+        if let Some(known) = halted.take_if(|known| known.revision < plan.revision) {
+            info!(
+                group = %self.group,
+                "revision {} is newer than the halted revision {}; the group is rolled out again",
+                plan.revision,
+                known.revision
+            );
+        }
+        match halted.as_ref() {
+            Some(known) => {
+                debug!(group = %self.group, "not rolled out: {known}");
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn halt_channel(&self) -> Result<lapin::Channel> {
+        open_channel(
+            &self.connection,
+            &self.options.broker.names().halt(&self.group)?,
+        )
+        .await
+    }
+
+    /// Halts the group: remembered, written to the halt record, published, logged.
+    async fn halt(&self, recorded: Halt, halted: &Mutex<Option<Halt>>) {
+        error!(
+            group = %self.group,
+            revision = recorded.revision,
+            "{recorded}; not tried again until a newer revision or `erel config retry --group {}`",
+            self.group
+        );
+        let _ = self.events.send(MasterEvent::GroupHalted {
+            group: self.group.clone(),
+            revision: recorded.revision,
+            host: recorded.host.clone(),
+            reason: recorded.reason.clone(),
+        });
+        *halted.lock().unwrap_or_else(|e| e.into_inner()) = Some(recorded.clone());
+        let written = match self.halt_channel().await {
+            Ok(channel) => {
+                let record = HaltRecord::Halted(recorded);
+                let written = control::write_halt(
+                    &channel,
+                    self.options.broker.names(),
+                    &self.group,
+                    &record,
+                )
+                .await;
+                let _ = channel.close(200, "done".into()).await;
+                written
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            warn!(group = %self.group, "the halt is known to this master only: {e}");
+        }
     }
 
     /// One rollout pass of the group; events logged and forwarded. `applied` is the
-    /// revision last seen converged.
-    async fn pass(&self, plan: &Plan, applied: &Mutex<Option<u64>>) {
+    /// revision last seen converged; a failure after a switch halts the group.
+    async fn pass(&self, plan: &Plan, applied: &Mutex<Option<u64>>, halted: &Mutex<Option<Halt>>) {
         let options = RolloutOptions {
             groups: vec![self.group.clone()],
             ..self.options.rollout.clone()
@@ -531,6 +646,16 @@ impl GroupTask {
         else {
             return;
         };
+        if let Some(recorded) = halt::halts_of(&report, super::now_ms())
+            .into_iter()
+            .find(|h| h.group == self.group)
+        {
+            self.halt(recorded, halted).await;
+            return;
+        }
+        if !report.converged() {
+            return;
+        }
         let mut applied = applied.lock().unwrap_or_else(|e| e.into_inner());
         if *applied != Some(plan.revision) || report.switched() > 0 {
             info!(

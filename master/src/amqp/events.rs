@@ -97,6 +97,27 @@ pub enum MasterEvent {
         #[serde(default = "touched_by_default")]
         host_changed: bool,
     },
+    /// A group's rollout failed after a switch: the group stays halted at the revision
+    /// until a newer one arrives or an operator asks for a retry.
+    GroupHalted {
+        /// The group.
+        group: String,
+        /// The revision not tried again.
+        revision: u64,
+        /// The first host that failed.
+        host: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A halted group is tried again on an operator's request.
+    GroupRetried {
+        /// The group.
+        group: String,
+        /// The revision tried again.
+        revision: u64,
+        /// Who asked.
+        by: String,
+    },
     /// A revision is applied to a group: every host runs the desired version.
     RevisionApplied {
         /// The group.
@@ -120,6 +141,8 @@ impl MasterEvent {
             MasterEvent::HostDone { group, .. } => ("host_done", Some(group)),
             MasterEvent::HostFailed { group, .. } => ("host_failed", Some(group)),
             MasterEvent::RevisionApplied { group, .. } => ("revision_applied", Some(group)),
+            MasterEvent::GroupHalted { group, .. } => ("group_halted", Some(group)),
+            MasterEvent::GroupRetried { group, .. } => ("group_retried", Some(group)),
         };
         format!("{kind}.{}", group.map_or("-", String::as_str))
     }
@@ -201,6 +224,24 @@ impl std::fmt::Display for Envelope {
                 let rolled = crate::rollout::rollback_words(*rolled_back, *host_changed);
                 write!(f, "{group}/{host}: FAILED, {rolled}: {reason}")
             }
+            MasterEvent::GroupHalted {
+                group,
+                revision,
+                host,
+                reason,
+            } => write!(
+                f,
+                "{group}: HALTED at revision {revision} ({host}: {reason}); not tried again \
+                 until a newer revision or `erel config retry --group {group}`"
+            ),
+            MasterEvent::GroupRetried {
+                group,
+                revision,
+                by,
+            } => write!(
+                f,
+                "{group}: revision {revision} tried again (asked by {by})"
+            ),
             MasterEvent::RevisionApplied {
                 group,
                 revision,
@@ -389,5 +430,27 @@ mod tests {
             publisher: None,
         };
         assert_eq!(accepted.routing_key(), "revision_accepted.-");
+    }
+
+    #[test]
+    fn a_halt_is_an_event_that_says_how_to_retry() {
+        let halted = envelope(
+            "m1",
+            MasterEvent::GroupHalted {
+                group: "web".to_string(),
+                revision: 2,
+                host: "web-1".to_string(),
+                reason: "2.0.0: exited with code 3, rolled back".to_string(),
+            },
+        );
+        assert_eq!(halted.event.routing_key(), "group_halted.web");
+        let json = serde_json::to_string(&halted).expect("encode");
+        assert!(json.contains("\"event\":\"group_halted\""), "{json}");
+        let text = halted.to_string();
+        assert!(
+            text.contains("web: HALTED at revision 2 (web-1: 2.0.0: exited with code 3")
+                && text.contains("erel config retry --group web"),
+            "{text}"
+        );
     }
 }

@@ -24,6 +24,16 @@
 //! since, heartbeat time) every [`HEARTBEAT`] into `<prefix>.holder.<group>`, a queue
 //! that keeps only the latest record (`x-max-length: 1`) and only for [`HOLDER_TTL`].
 //! [`holders`] reads them without consuming them (`erel config holders`).
+//!
+//! Hand-over: `erel deploy` takes the same lease for the groups it rolls out
+//! ([`take`]), so it never switches hosts while a master does. With `--take-over` it
+//! first leaves a hand-over request ([`super::control`]); the holder, at its next
+//! heartbeat once its pass in progress has ended, gives the token back, and every
+//! master that receives it while the request is live passes it on, until the deploy
+//! has it. A command holding a lease never hands it over: a second deploy waits for
+//! the first to end. The masters compete again
+//! once the request is gone; the deploy hands the token back when it ends, and the
+//! next master converges from the state the deploy left.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +50,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::control::{self, HandoverRequest};
 use super::{amqp_error, now_ms, open_channel, table, Broker, Names};
 use crate::error::{Error, Result};
 
@@ -106,7 +117,12 @@ async fn declare_durable(
 }
 
 /// Competes for `group` on `connection` until `cancel` fires or the connection fails:
-/// `holding` is set to true once the token arrives, and back to false when it is lost.
+/// `holding` is set to true once the token arrives, and back to false when it is lost
+/// or handed over to a deploy (then it competes again once the request is gone).
+///
+/// `handover`: `Some(busy)` for a master, which hands the group over on request once
+/// `busy` (a pass in progress) is false; `None` for a command (`erel deploy`), which
+/// keeps the lease until it is done.
 /// Returns `Ok` only when cancelled (the token is handed back); any broker problem is
 /// an error, and the group is then no longer held.
 pub(crate) async fn hold(
@@ -115,11 +131,89 @@ pub(crate) async fn hold(
     group: String,
     master: String,
     holding: watch::Sender<bool>,
+    handover: Option<watch::Receiver<bool>>,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let outcome = compete(&connection, &names, &group, &master, &holding, &cancel).await;
+    let outcome = loop {
+        let round = compete(
+            &connection,
+            &names,
+            &group,
+            &master,
+            &holding,
+            handover.as_ref(),
+            &cancel,
+        );
+        match round.await {
+            Ok(Competed::Cancelled) => break Ok(()),
+            Ok(Competed::HandedOver(request)) => {
+                holding.send_replace(false);
+                tracing::info!(group, to = %request.requester, "group handed over on request");
+                if let Err(e) =
+                    wait_for_handover(&connection, &names, &group, &master, &cancel).await
+                {
+                    break Err(e);
+                }
+                if cancel.is_cancelled() {
+                    break Ok(());
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
     holding.send_replace(false);
     outcome
+}
+
+/// How one round of competing ended.
+enum Competed {
+    Cancelled,
+    HandedOver(HandoverRequest),
+}
+
+/// Waits until no live hand-over request for `group` is left.
+async fn wait_for_handover(
+    connection: &Connection,
+    names: &Names,
+    group: &str,
+    master: &str,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let queue = names.handover(group)?;
+    let channel = open_channel(connection, &queue).await?;
+    let outcome = loop {
+        match control::pending_handover(&channel, names, group, master).await {
+            Ok(Some(_)) => {}
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break Ok(()),
+            _ = tokio::time::sleep(HANDOVER_POLL) => {}
+        }
+    };
+    let _ = channel.close(200, "done".into()).await;
+    outcome
+}
+
+/// How often a master that handed a group over looks whether the request is gone.
+const HANDOVER_POLL: Duration = Duration::from_millis(500);
+
+/// A hand-over request this master must follow now: only a master's (`handover` is
+/// `Some`), and only between passes.
+async fn must_hand_over(
+    channel: &Channel,
+    names: &Names,
+    group: &str,
+    master: &str,
+    handover: Option<&watch::Receiver<bool>>,
+) -> Result<Option<HandoverRequest>> {
+    match handover {
+        Some(busy) if !*busy.borrow() => {
+            control::pending_handover(channel, names, group, master).await
+        }
+        _ => Ok(None),
+    }
 }
 
 async fn compete(
@@ -128,8 +222,9 @@ async fn compete(
     group: &str,
     master: &str,
     holding: &watch::Sender<bool>,
+    handover: Option<&watch::Receiver<bool>>,
     cancel: &CancellationToken,
-) -> Result<()> {
+) -> Result<Competed> {
     let lease = names.lease(group)?;
     let holder = names.holder(group)?;
     let channel = open_channel(connection, &lease).await?;
@@ -163,7 +258,7 @@ async fn compete(
     let token: Delivery = tokio::select! {
         _ = cancel.cancelled() => {
             close(channel).await;
-            return Ok(());
+            return Ok(Competed::Cancelled);
         }
         next = consumer.next() => match next {
             Some(Ok(token)) => token,
@@ -171,6 +266,11 @@ async fn compete(
             None => return Err(lost(&lease)),
         },
     };
+    if let Some(request) = must_hand_over(&channel, names, group, master, handover).await? {
+        drop(token);
+        close(channel).await;
+        return Ok(Competed::HandedOver(request));
+    }
     let since_ms = now_ms();
     holding.send_replace(true);
     tracing::info!(group, lease = %lease, "holding the group");
@@ -198,7 +298,7 @@ async fn compete(
                 drop(token);
                 close(channel).await;
                 tracing::info!(group, "group handed back");
-                return Ok(());
+                return Ok(Competed::Cancelled);
             }
             _ = tokio::time::sleep(HEARTBEAT) => {}
             next = consumer.next() => match next {
@@ -208,6 +308,112 @@ async fn compete(
                 Some(Err(e)) => return Err(amqp_error(&lease, "holding the token", e)),
                 None => return Err(lost(&lease)),
             },
+        }
+        if let Some(request) = must_hand_over(&channel, names, group, master, handover).await? {
+            drop(token);
+            close(channel).await;
+            return Ok(Competed::HandedOver(request));
+        }
+    }
+}
+
+/// A group's lease held by a command (`erel deploy`), until [`TakenLease::release`].
+pub struct TakenLease {
+    /// The master that held it when the command asked, if one did.
+    pub from: Option<HolderRecord>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<Result<()>>,
+    connection: Arc<Connection>,
+}
+
+impl TakenLease {
+    /// Hands the lease back to the masters.
+    pub async fn release(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
+/// Why [`take`] did not take a lease.
+#[derive(Debug)]
+pub enum TakeRefused {
+    /// A master holds the group and no take-over was asked for.
+    Held(HolderRecord),
+    /// The holder did not hand the group over within the wait.
+    NotHandedOver {
+        /// Who held it, when known.
+        from: Option<HolderRecord>,
+    },
+}
+
+/// Takes `group`'s lease as `requester` for a command that acts on the group. When a
+/// master holds it: refused with [`TakeRefused::Held`], unless `take_over`, which asks
+/// the holder to hand it over and waits up to `wait` for the token.
+///
+/// # Errors
+///
+/// [`Error::Amqp`] for any broker problem.
+pub async fn take(
+    broker: &Broker,
+    group: &str,
+    requester: &str,
+    take_over: bool,
+    wait: Duration,
+) -> Result<std::result::Result<TakenLease, TakeRefused>> {
+    let from = holders(broker, &[group.to_string()])
+        .await?
+        .into_iter()
+        .next();
+    if let (Some(record), false) = (&from, take_over) {
+        return Ok(Err(TakeRefused::Held(record.clone())));
+    }
+    let connection = Arc::new(broker.connect(&format!("lease for {requester}")).await?);
+    let names = broker.names().clone();
+    let channel = open_channel(&connection, &names.handover(group)?).await?;
+    if from.is_some() {
+        let request = HandoverRequest {
+            group: group.to_string(),
+            requester: requester.to_string(),
+            until_ms: now_ms() + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX / 2),
+        };
+        control::request_handover(&channel, &names, &request).await?;
+    }
+    let (holding_tx, mut holding) = watch::channel(false);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(hold(
+        connection.clone(),
+        names.clone(),
+        group.to_string(),
+        requester.to_string(),
+        holding_tx,
+        None,
+        cancel.clone(),
+    ));
+    let got = tokio::time::timeout(wait, holding.wait_for(|held| *held)).await;
+    let _ = control::clear_handover(&channel, &names, group, requester).await;
+    let _ = channel.close(200, "done".into()).await;
+    let taken = TakenLease {
+        from: from.clone(),
+        cancel,
+        task,
+        connection,
+    };
+    match got {
+        Ok(Ok(_)) => Ok(Ok(taken)),
+        Ok(Err(_)) => {
+            // The holding task ended: a broker problem.
+            taken.cancel.cancel();
+            let outcome = taken.task.await;
+            let _ = taken.connection.close(200, "done".into()).await;
+            match outcome {
+                Ok(Err(e)) => Err(e),
+                _ => Err(lost(&names.lease(group)?)),
+            }
+        }
+        Err(_) => {
+            taken.release().await;
+            Ok(Err(TakeRefused::NotHandedOver { from }))
         }
     }
 }

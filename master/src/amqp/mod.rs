@@ -4,7 +4,9 @@
 //!   message is a cluster file's text with its revision, publisher and time in headers.
 //!   `erel config publish|show|history` read and append to it.
 //! - [`state`]: the newest accepted revision on the master's disk, written atomically.
-//! - [`leadership`]: one master per group, by RabbitMQ's single active consumer.
+//! - [`leadership`]: one master per group, by RabbitMQ's single active consumer;
+//!   `erel deploy` takes the same lease ([`leadership::take`]).
+//! - [`control`]: per-group halt records (and retries), hand-over requests.
 //! - [`events`]: what masters do, on the topic exchange `<prefix>.events`; `erel watch`.
 //! - [`daemon`]: `erel master --amqp`: reads the log, keeps the state directory, holds
 //!   leases, converges the groups it holds, survives broker restarts.
@@ -18,11 +20,14 @@
 //! | `<prefix>.events` | topic exchange, durable | what masters do |
 //! | `<prefix>.lease.<group>` | classic queue, durable, single active consumer | who acts on a group |
 //! | `<prefix>.holder.<group>` | classic queue, at most one message | who holds a group, for `erel config holders` |
+//! | `<prefix>.halt.<group>` | classic queue, durable, at most one message | the group's halt (or retry) record |
+//! | `<prefix>.handover.<group>` | classic queue, at most one message | a deploy's request to take the group over |
 //! | `<prefix>.watch.<tag>` | exclusive, auto-delete | one `erel watch` |
 //!
 //! Every queue is named here: lapin cannot re-declare server-named queues after a
 //! reconnection, and this module reconnects on its own (see [`daemon`]).
 
+pub mod control;
 pub mod daemon;
 pub mod events;
 pub(crate) mod leadership;
@@ -142,6 +147,8 @@ impl Broker {
         for group in groups {
             queues.push(self.names.lease(group)?);
             queues.push(self.names.holder(group)?);
+            queues.push(self.names.halt(group)?);
+            queues.push(self.names.handover(group)?);
         }
         for queue in queues {
             channel
@@ -190,6 +197,16 @@ impl Names {
     /// A group's holder record: `<prefix>.holder.<group>`.
     pub fn holder(&self, group: &str) -> Result<String> {
         self.per_group("holder", group)
+    }
+
+    /// A group's halt record: `<prefix>.halt.<group>`.
+    pub fn halt(&self, group: &str) -> Result<String> {
+        self.per_group("halt", group)
+    }
+
+    /// A group's hand-over requests: `<prefix>.handover.<group>`.
+    pub fn handover(&self, group: &str) -> Result<String> {
+        self.per_group("handover", group)
     }
 
     /// One watcher's queue: `<prefix>.watch.<tag>`.

@@ -1,4 +1,5 @@
-//! `erel config publish|show|history|holders`: the config log on RabbitMQ.
+//! `erel config publish|show|history|holders|retry`: the config log on RabbitMQ, who
+//! holds which group, and the retry of a halted group.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,8 +9,8 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::amqp::{publisher, utc, BrokerArgs};
-use crate::amqp::leadership;
 use crate::amqp::log::{self, LogEntry};
+use crate::amqp::{control, leadership};
 use crate::cluster::{ArchiveLookup, Plan};
 
 /// `erel config …`.
@@ -21,8 +22,21 @@ pub enum ConfigCommand {
     Show(ShowArgs),
     /// Lists the revisions in the config log, with time and publisher.
     History(HistoryArgs),
-    /// Which master holds which group.
+    /// Which master holds which group, and which groups are halted.
     Holders(HoldersArgs),
+    /// Tries a halted group's revision again (the master holding it does so at its
+    /// next pass).
+    Retry(RetryArgs),
+}
+
+/// `erel config retry --group G`.
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    /// The halted group.
+    #[arg(long, value_name = "G")]
+    group: String,
+    #[command(flatten)]
+    broker: BrokerArgs,
 }
 
 /// `erel config publish FILE`.
@@ -78,7 +92,28 @@ pub async fn run(command: ConfigCommand) -> crate::Result<ExitCode> {
         ConfigCommand::Show(args) => show(args).await,
         ConfigCommand::History(args) => history(args).await,
         ConfigCommand::Holders(args) => holders(args).await,
+        ConfigCommand::Retry(args) => retry(args).await,
     }
+}
+
+async fn retry(args: RetryArgs) -> crate::Result<ExitCode> {
+    let broker = args.broker.broker()?;
+    let ended = control::retry(&broker, &args.group, &publisher()).await?;
+    match ended {
+        Some(halt) => println!(
+            "retry of group {} written to {}: the master holding it tries revision {} again \
+             at its next pass (it was {halt})",
+            args.group,
+            broker.names().halt(&args.group)?,
+            halt.revision
+        ),
+        None => println!(
+            "retry of group {} written to {}; no halt was recorded for it",
+            args.group,
+            broker.names().halt(&args.group)?
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn publish(args: PublishArgs) -> crate::Result<ExitCode> {
@@ -207,23 +242,51 @@ async fn holders(args: HoldersArgs) -> crate::Result<ExitCode> {
         .map(|plan| plan.groups.keys().cloned().collect())
         .unwrap_or_default();
     let records = leadership::holders(&broker, &groups).await?;
+    let halts = control::halts(&broker, &groups).await?;
     if args.json {
-        let rows = holder_rows(&groups, &records);
+        let rows = holder_rows(&groups, &records, &halts);
         println!(
             "{}",
             serde_json::to_string_pretty(&rows).context("encoding the holders")?
         );
     } else {
         print!("{}", holders_table(&groups, &records));
+        print!("{}", halts_text(&halts, 0));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// The holders table for `groups`, read from the broker at `url` (for `erel status`).
-pub async fn holders_text(url: &str, prefix: &str, groups: &[String]) -> crate::Result<String> {
+/// The holders table for `groups`, read from the broker at `url`, and the groups
+/// halted at `revision` or later (for `erel status`).
+pub async fn holders_text(
+    url: &str,
+    prefix: &str,
+    groups: &[String],
+    revision: u64,
+) -> crate::Result<String> {
     let broker = crate::amqp::Broker::new(url, prefix)?;
     let records = leadership::holders(&broker, groups).await?;
-    Ok(holders_table(groups, &records))
+    let halts = control::halts(&broker, groups).await?;
+    Ok(format!(
+        "{}{}",
+        holders_table(groups, &records),
+        halts_text(&halts, revision)
+    ))
+}
+
+/// One line per halt at `revision` or later, with the reason and how to retry.
+fn halts_text(halts: &[crate::rollout::halt::Halt], revision: u64) -> String {
+    halts
+        .iter()
+        .filter(|halt| halt.revision >= revision)
+        .map(|halt| {
+            format!(
+                "HALTED: {halt} (since {}); `erel config retry --group {}` tries it again\n",
+                utc(halt.since_ms),
+                halt.group
+            )
+        })
+        .collect()
 }
 
 /// The holders of `groups`, read from the broker at `url`, as `config holders --json`
@@ -235,12 +298,18 @@ pub async fn holders_json(
 ) -> crate::Result<Vec<serde_json::Value>> {
     let broker = crate::amqp::Broker::new(url, prefix)?;
     let records = leadership::holders(&broker, groups).await?;
-    Ok(holder_rows(groups, &records))
+    let halts = control::halts(&broker, groups).await?;
+    Ok(holder_rows(groups, &records, &halts))
 }
 
 /// One JSON object per group: `group`, and `master`, `since_ms`, `heartbeat_ms` (each
-/// `null` when no master holds it; times in milliseconds since the Unix epoch).
-fn holder_rows(groups: &[String], records: &[leadership::HolderRecord]) -> Vec<serde_json::Value> {
+/// `null` when no master holds it; times in milliseconds since the Unix epoch), and
+/// `halted`: the group's halt record, `null` when it is not halted.
+fn holder_rows(
+    groups: &[String],
+    records: &[leadership::HolderRecord],
+    halts: &[crate::rollout::halt::Halt],
+) -> Vec<serde_json::Value> {
     groups
         .iter()
         .map(|group| {
@@ -250,6 +319,7 @@ fn holder_rows(groups: &[String], records: &[leadership::HolderRecord]) -> Vec<s
                 "master": record.map(|r| r.master.clone()),
                 "since_ms": record.map(|r| r.since_ms),
                 "heartbeat_ms": record.map(|r| r.heartbeat_ms),
+                "halted": halts.iter().find(|h| &h.group == group),
             })
         })
         .collect()

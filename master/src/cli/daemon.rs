@@ -1,6 +1,12 @@
 //! `erel master --cluster FILE [--interval SECS]`: the daemon on a local cluster file.
 //! It converges the cluster, re-converges drift every `--interval` seconds, reloads the
-//! file when its revision grows, logs what it does, and ends cleanly on SIGTERM.
+//! file when its revision grows, logs what it does, and ends cleanly on SIGTERM. A
+//! group whose rollout failed after a switch stays halted at that revision until the
+//! file has a newer one ([`crate::rollout::halt`]).
+//!
+//! Also what manual commands call before they act on groups a daemon may hold:
+//! [`ensure_not_held`], with the flags [`HoldArgs`]; and the halted groups for
+//! `erel status` ([`halted_text`]).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -11,11 +17,17 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::amqp::utc;
 use super::deploy::event_line;
 use super::Context;
+use crate::amqp::leadership::{self, TakeRefused, TakenLease};
+use crate::amqp::{Broker, DEFAULT_PREFIX};
 use crate::client::Connector;
+use crate::error::Error;
 use crate::error::ResultExt as _;
 use crate::metrics::Metrics;
+use crate::rollout::halt;
+use crate::rollout::hold::{self, HeldLock};
 use crate::rollout::{converge_file, ConvergeOptions, RolloutEvent};
 
 /// `erel master`.
@@ -54,6 +66,7 @@ pub async fn master(ctx: &Context, cluster: &Path, args: MasterArgs) -> crate::R
     let options = ConvergeOptions {
         interval: Duration::from_secs(args.interval.max(1)),
         metrics: metrics.clone(),
+        master: ctx.master_name(),
         ..ConvergeOptions::default()
     };
     let signals = cancel.clone();
@@ -128,5 +141,217 @@ async fn wait_for_termination() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// What `erel status` prints about the groups the file daemon holds halted at
+/// `revision` (the cluster file's) or later: one line per group with the reason and
+/// how to retry; empty when none is.
+pub fn halted_text(cluster: &Path, revision: u64) -> String {
+    match halt::load(cluster) {
+        Ok(halts) => halts
+            .iter()
+            .filter(|halted| halted.revision >= revision)
+            .map(|halted| {
+                format!(
+                    "HALTED: {halted} (since {}); the daemon tries it again once the \
+                     cluster file has a newer revision\n",
+                    utc(halted.since_ms)
+                )
+            })
+            .collect(),
+        Err(e) => format!("halted groups unknown: {e}\n"),
+    }
+}
+
+/// The flags of commands that act on groups a daemon may hold (`erel deploy`, the
+/// group lifecycle commands).
+#[derive(Debug, Clone, Args)]
+pub struct HoldArgs {
+    /// Take the groups over from the daemon that holds them, for this command only:
+    /// wait for its pass in progress to end (file mode) or for it to hand the group's
+    /// lease over (AMQP), then act; the daemon resumes afterwards.
+    #[arg(long)]
+    take_over: bool,
+    /// Seconds `--take-over` waits for the holder before it gives up.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    take_over_wait: u64,
+    /// The RabbitMQ broker of the masters (AMQP mode): the groups' leases are checked
+    /// and taken there instead of the daemon lock beside the cluster file.
+    #[arg(long = "amqp", env = "EREL_AMQP", value_name = "URL")]
+    amqp: Option<String>,
+    /// Prefix of every queue and exchange name on the broker.
+    #[arg(long = "amqp-prefix", env = "EREL_AMQP_PREFIX", default_value = DEFAULT_PREFIX, value_name = "PREFIX")]
+    amqp_prefix: String,
+}
+
+/// What a command holds while it acts on groups; [`Hold::release`] hands it back.
+#[must_use = "the hold ends when released"]
+pub enum Hold {
+    /// The rollout lock beside the cluster file (file mode).
+    File(HeldLock),
+    /// Nothing: no daemon ever kept the cluster file, and its directory has no room
+    /// for the lock (a read-only directory).
+    Unlocked,
+    /// The groups' leases (AMQP mode).
+    Amqp(Vec<TakenLease>),
+}
+
+impl Hold {
+    /// Hands back what was held: the daemons act again.
+    pub async fn release(self) {
+        match self {
+            Hold::File(lock) => drop(lock),
+            Hold::Unlocked => {}
+            Hold::Amqp(leases) => {
+                for lease in leases {
+                    lease.release().await;
+                }
+            }
+        }
+    }
+}
+
+/// Makes sure no daemon acts on `groups` of `cluster` while the calling command
+/// (`command`, e.g. `erel deploy`, as holder records and lock files name it) does, and
+/// holds them for it until [`Hold::release`].
+///
+/// File mode: the daemon keeping the file (its lock, [`crate::rollout::hold`]) makes
+/// this a refusal naming it, unless `--take-over`; either way the command then holds
+/// the rollout lock, waiting (bounded) for a pass in progress to end. AMQP mode
+/// (`--amqp`): each group's lease is taken as the daemons take it; a group a master
+/// holds is refused naming the master and since when, unless `--take-over`, which asks
+/// it to hand the lease over and waits (bounded). What was taken over, and from whom,
+/// is said on stderr.
+///
+/// # Errors
+///
+/// [`Error::Usage`] naming the holder (and the group, in AMQP mode) for a refusal or a
+/// hand-over that did not come within `--take-over-wait`; broker and lock file errors.
+pub async fn ensure_not_held(
+    cluster: &Path,
+    groups: &[String],
+    command: &str,
+    args: &HoldArgs,
+) -> crate::Result<Hold> {
+    let wait = Duration::from_secs(args.take_over_wait.max(1));
+    let me = format!(
+        "{command} by {} (pid {})",
+        super::amqp::publisher(),
+        std::process::id()
+    );
+    match &args.amqp {
+        None => hold_file(cluster, groups, &me, args.take_over, wait).await,
+        Some(url) => {
+            let broker = Broker::new(url.clone(), args.amqp_prefix.clone())?;
+            hold_amqp(&broker, groups, &me, args.take_over, wait).await
+        }
+    }
+}
+
+/// [`ensure_not_held`] beside a cluster file.
+async fn hold_file(
+    cluster: &Path,
+    groups: &[String],
+    me: &str,
+    take_over: bool,
+    wait: Duration,
+) -> crate::Result<Hold> {
+    let daemon = {
+        let path = cluster.to_path_buf();
+        tokio::task::spawn_blocking(move || hold::daemon_holder(&path))
+            .await
+            .map_err(|e| Error::local(cluster, format!("checking the daemon lock failed: {e}")))??
+    };
+    let daemon = daemon.map(|busy| holder_words(&busy));
+    if let Some(busy) = &daemon {
+        if !take_over {
+            return Err(Error::Usage(format!(
+                "{}: group(s) {} are held by the daemon {busy}; `--take-over` hands them \
+                     over to this command",
+                cluster.display(),
+                groups.join(", ")
+            )));
+        }
+        eprintln!("taking over from the daemon {busy}: waiting for its pass in progress");
+    }
+    let lock = match hold::wait_rollout_lock(cluster, me, wait).await {
+        Ok(lock) => lock,
+        Err(e @ Error::Local { .. }) if daemon.is_none() => {
+            eprintln!(
+                "warning: {e}; going on without the rollout lock (no daemon keeps this \
+                     cluster file)"
+            );
+            return Ok(Hold::Unlocked);
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(busy) = daemon {
+        eprintln!(
+            "took over group(s) {} from the daemon {busy}; it resumes when this command ends",
+            groups.join(", ")
+        );
+    }
+    Ok(Hold::File(lock))
+}
+
+/// [`ensure_not_held`] on the masters' broker.
+async fn hold_amqp(
+    broker: &Broker,
+    groups: &[String],
+    me: &str,
+    take_over: bool,
+    wait: Duration,
+) -> crate::Result<Hold> {
+    let mut leases = Vec::new();
+    for group in groups {
+        let refused = match leadership::take(broker, group, me, take_over, wait).await {
+            Ok(Ok(lease)) => {
+                if let Some(from) = &lease.from {
+                    eprintln!(
+                        "took over group {group} from master {} (holding it since {}); it \
+                         competes again when this command ends",
+                        from.master,
+                        utc(from.since_ms)
+                    );
+                }
+                leases.push(lease);
+                continue;
+            }
+            Ok(Err(refused)) => Ok(refused),
+            Err(e) => Err(e),
+        };
+        for lease in leases {
+            lease.release().await;
+        }
+        return Err(match refused? {
+            TakeRefused::Held(record) => Error::Usage(format!(
+                "group {group} is held by master {} since {} ({}); `--take-over` \
+                         hands it over to this command",
+                record.master,
+                utc(record.since_ms),
+                broker.names().lease(group)?
+            )),
+            TakeRefused::NotHandedOver { from } => Error::Usage(format!(
+                "group {group}: master {} did not hand it over within {} s",
+                from.map_or_else(|| "?".to_string(), |r| r.master),
+                wait.as_secs()
+            )),
+        });
+    }
+    Ok(Hold::Amqp(leases))
+}
+
+/// `erel@web-1 (pid 812) since 2024-05-01T12:00:00.000Z (lock …/daemon.lock)`.
+fn holder_words(busy: &hold::Busy) -> String {
+    match &busy.holder {
+        Some(holder) => format!(
+            "{} (pid {}) since {} (lock {})",
+            holder.master,
+            holder.pid,
+            utc(holder.since_ms),
+            busy.path.display()
+        ),
+        None => busy.to_string(),
     }
 }

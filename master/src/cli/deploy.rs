@@ -40,6 +40,9 @@ pub struct DeployArgs {
     /// (each phase gets the full time).
     #[arg(long, default_value_t = crate::client::DEFAULT_CONNECT_TIMEOUT.as_secs(), value_name = "SECS")]
     connect_timeout: u64,
+    /// `--take-over`, and where the daemons' leases are (`--amqp`).
+    #[command(flatten)]
+    hold: super::daemon::HoldArgs,
 }
 
 /// Runs `erel deploy`.
@@ -79,6 +82,12 @@ pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::R
     } else {
         View::Lines(Instant::now())
     };
+    let groups: Vec<String> = if args.groups.is_empty() {
+        plan.groups.keys().cloned().collect()
+    } else {
+        args.groups.clone()
+    };
+    let hold = super::daemon::ensure_not_held(cluster, &groups, "erel deploy", &args.hold).await?;
     let mut interrupt = Interrupt::install()?;
     let mut progress = Progress::default();
     let rollout = Box::pin(crate::rollout::run(&plan, &connector, &options, |event| {
@@ -95,6 +104,7 @@ pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::R
             None
         }
     };
+    hold.release().await;
     view.finish();
     let Some(report) = outcome else {
         let summary = interrupted(&plan, &args.groups, &progress, &connector).await;

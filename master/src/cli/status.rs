@@ -110,11 +110,12 @@ pub async fn status(ctx: &Context, cluster: &Path, args: StatusArgs) -> crate::R
         println!("{}", json.context("encoding the status")?);
     } else {
         print!("{}", status_table(&plan, &hosts));
+        print!("{}", super::daemon::halted_text(cluster, plan.revision));
         if let Some(url) = &args.amqp {
             let groups: Vec<String> = plan.groups.keys().cloned().collect();
             print!(
                 "\n{}",
-                super::config::holders_text(url, &args.amqp_prefix, &groups).await?
+                super::config::holders_text(url, &args.amqp_prefix, &groups, plan.revision).await?
             );
         }
     }

@@ -4,16 +4,23 @@
 //! it takes plans from a watch channel, so any source can feed it; [`converge_file`]
 //! feeds it from a cluster file whose revision it watches, the AMQP daemon from the
 //! config log.
+//!
+//! A group whose rollout failed after a switch is halted at that revision
+//! ([`super::halt`]): it is not rolled out again, drift repair included, until a newer
+//! revision arrives or an operator asks for a retry. The file daemon holds its cluster
+//! file ([`super::hold`]) and skips a pass while `erel deploy` rolls out.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
+use super::halt::{self, Halts};
+use super::hold;
 use super::{run, RolloutEvent, RolloutOptions, RolloutReport};
 use crate::client::Connector;
 use crate::cluster::Plan;
@@ -29,6 +36,8 @@ pub struct ConvergeOptions {
     pub file_poll: Duration,
     /// Told the revision of each pass (`erel master --metrics`).
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// This master's name, as its lock beside the cluster file shows it.
+    pub master: String,
 }
 
 impl Default for ConvergeOptions {
@@ -37,6 +46,7 @@ impl Default for ConvergeOptions {
             interval: Duration::from_secs(10),
             file_poll: Duration::from_secs(1),
             metrics: None,
+            master: "erel".to_string(),
         }
     }
 }
@@ -72,8 +82,8 @@ pub async fn keep_converged<F, Fut>(
 }
 
 /// One convergence pass of a daemon: rolls `plan` out (the groups `options` names),
-/// handing events to `on_event`, and logs a pass that did not converge. The report when
-/// every host converged.
+/// handing events to `on_event`, and logs a pass that did not converge. The report,
+/// converged or not; `None` when the rollout could not run at all.
 pub async fn converge_pass(
     plan: &Plan,
     connector: &Connector,
@@ -88,10 +98,10 @@ pub async fn converge_pass(
                 groups = ?options.groups,
                 revision = plan.revision,
                 failed = report.failed(),
-                "not converged; trying again in {}s",
+                "not converged; looking again in {}s",
                 retry_in.as_secs()
             );
-            None
+            Some(report)
         }
         Err(e) => {
             warn!(groups = ?options.groups, revision = plan.revision, "cannot roll out: {e}");
@@ -100,9 +110,11 @@ pub async fn converge_pass(
     }
 }
 
-/// The daemon on a cluster file: loads it (an invalid file at start is an error),
-/// converges, and reloads it whenever its revision grows. A newer revision that does not
-/// validate is logged and the current plan kept. Events go to `on_event`.
+/// The daemon on a cluster file: takes the file's daemon lock (a second daemon on the
+/// same file is refused, naming the first), loads the file (an invalid file at start is
+/// an error) and the halted groups kept beside it, converges, and reloads the file
+/// whenever its revision grows. A newer revision that does not validate is logged and
+/// the current plan kept. Events go to `on_event`; halts are logged as errors.
 pub async fn converge_file(
     path: PathBuf,
     connector: Connector,
@@ -110,6 +122,8 @@ pub async fn converge_file(
     on_event: impl Fn(&RolloutEvent) + Send + Sync + 'static,
     cancel: CancellationToken,
 ) -> Result<()> {
+    let _daemon_lock = hold::daemon_lock(&path, &options.master)?;
+    let halts = Arc::new(Mutex::new(halt::load(&path)?));
     // Stamped before it is read, so a change made while it is read is seen later.
     let mut stamp = FileStamp::take(&path).ok();
     let plan = Plan::load(&path)?;
@@ -120,23 +134,19 @@ pub async fn converge_file(
     let stop = cancel.clone().cancelled_owned();
     let on_event = Arc::new(on_event);
     let metrics = options.metrics.clone();
+    let file = FilePass {
+        path: path.clone(),
+        master: options.master.clone(),
+        connector,
+        interval,
+        halts,
+    };
     let converging = tokio::spawn(keep_converged(rx, interval, stop, move |plan| {
-        let (connector, on_event) = (connector.clone(), on_event.clone());
+        let (file, on_event) = (file.clone(), on_event.clone());
         if let Some(metrics) = &metrics {
             metrics.set_revision(plan.revision);
         }
-        async move {
-            let options = RolloutOptions::default();
-            let report =
-                converge_pass(&plan, &connector, &options, interval, |e| on_event(e)).await;
-            if let Some(report) = report.filter(|r| r.switched() > 0) {
-                info!(
-                    revision = plan.revision,
-                    switched = report.switched(),
-                    "converged"
-                );
-            }
-        }
+        async move { file.pass(&plan, |e| on_event(e)).await }
     }));
     loop {
         tokio::select! {
@@ -152,6 +162,99 @@ pub async fn converge_file(
     let _ = converging.await;
     info!("daemon stopped");
     Ok(())
+}
+
+/// What one pass of the file daemon needs.
+#[derive(Clone)]
+struct FilePass {
+    path: PathBuf,
+    master: String,
+    connector: Connector,
+    interval: Duration,
+    halts: Arc<Mutex<Halts>>,
+}
+
+impl FilePass {
+    /// One pass: skipped while a deploy holds the rollout lock; halted groups left
+    /// alone; a group that fails after a switch halted and the halt written beside the
+    /// cluster file.
+    async fn pass(&self, plan: &Plan, on_event: impl FnMut(&RolloutEvent)) {
+        let (path, master) = (self.path.clone(), self.master.clone());
+        let _lock =
+            match tokio::task::spawn_blocking(move || hold::try_rollout_lock(&path, &master)).await
+            {
+                Ok(Ok(Ok(lock))) => lock,
+                Ok(Ok(Err(busy))) => {
+                    info!("a rollout by {busy} is in progress; this pass is skipped");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    warn!("this pass is skipped: {e}");
+                    return;
+                }
+                Err(e) => {
+                    warn!("this pass is skipped: {e}");
+                    return;
+                }
+            };
+        let mut halts = self.halts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let before = halts.clone();
+        for ended in halts.end_older_than(plan.revision) {
+            info!(
+                group = %ended.group,
+                revision = plan.revision,
+                "revision {} is newer than the halted revision {}; the group is rolled out again",
+                plan.revision,
+                ended.revision
+            );
+        }
+        let mut groups = Vec::new();
+        for group in plan.groups.keys() {
+            match halts.blocking(group, plan.revision) {
+                Some(halted) => debug!(group, "not rolled out: {halted}"),
+                None => groups.push(group.clone()),
+            }
+        }
+        if !groups.is_empty() {
+            let options = RolloutOptions {
+                // Every group (the default) unless some are halted.
+                groups: if groups.len() == plan.groups.len() {
+                    Vec::new()
+                } else {
+                    groups
+                },
+                ..RolloutOptions::default()
+            };
+            let report =
+                converge_pass(plan, &self.connector, &options, self.interval, on_event).await;
+            if let Some(report) = report {
+                for halted in halt::halts_of(&report, crate::amqp::now_ms()) {
+                    error!(
+                        group = %halted.group,
+                        revision = halted.revision,
+                        "{halted}; not tried again until the cluster file has a newer revision"
+                    );
+                    halts.insert(halted);
+                }
+                if report.converged() && report.switched() > 0 {
+                    info!(
+                        revision = plan.revision,
+                        switched = report.switched(),
+                        "converged"
+                    );
+                }
+            }
+        }
+        if halts != before {
+            let (path, kept) = (self.path.clone(), halts.clone());
+            match tokio::task::spawn_blocking(move || halt::store(&path, &kept)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!("the halted groups are kept in memory only: {e}"),
+                Err(e) => error!("the halted groups are kept in memory only: {e}"),
+            }
+            *self.halts.lock().unwrap_or_else(|e| e.into_inner()) = halts;
+        }
+    }
 }
 
 /// One look at the cluster file: a newer revision, read whole. `stamp` is the state the

@@ -29,7 +29,9 @@
 pub(crate) mod converge;
 pub(crate) mod decide;
 mod driver;
+pub mod halt;
 mod health;
+pub mod hold;
 mod runner;
 
 use std::fmt;

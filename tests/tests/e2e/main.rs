@@ -7,6 +7,7 @@ mod agent;
 mod amqp;
 mod certs_cli;
 mod containment;
+mod daemon;
 mod deploy;
 mod fleet;
 mod health;

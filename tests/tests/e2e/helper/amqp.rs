@@ -118,6 +118,9 @@ impl Drop for TestBroker {
     }
 }
 
+/// The `--interval` of the masters [`MasterProc::start`] starts.
+pub const MASTER_INTERVAL: Duration = Duration::from_secs(2);
+
 /// A real `erel master --amqp` process.
 pub struct MasterProc {
     pub name: String,
@@ -145,7 +148,7 @@ impl MasterProc {
             .arg("--artifacts")
             .arg(artifacts)
             .arg("--interval")
-            .arg("2")
+            .arg(MASTER_INTERVAL.as_secs().to_string())
             .arg("--reconnect-max-ms")
             .arg("1000")
             .env("EREL_LOG", "info,lapin=warn")

@@ -1,0 +1,262 @@
+//! Per-group records beside the lease: halts with their retries, and hand-over
+//! requests.
+//!
+//! - `<prefix>.halt.<group>` (durable, `x-max-length: 1`): the group's latest halt
+//!   state, [`HaltRecord`]. The master that halts a group at a revision
+//!   ([`crate::rollout::halt`]) writes `halted`; `erel config retry --group G` writes
+//!   `retry`, which ends that halt; whichever master holds the group next reads it,
+//!   so a halt outlives the master that made it. Readers take the messages without
+//!   acknowledging them and put them back (`basic.nack` with requeue), so the record
+//!   stays for every reader; the newest message read wins.
+//! - `<prefix>.handover.<group>` (`x-max-length: 1`, each message expiring at its
+//!   deadline): a [`HandoverRequest`] from `erel deploy --take-over`. A master that
+//!   holds the group, or receives its token, while a live request from someone else
+//!   is there gives the token back and waits until the request is gone (taken, or
+//!   expired) before it competes again ([`super::leadership`]).
+
+use lapin::options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions, QueuePurgeOptions};
+use lapin::types::AMQPValue;
+use lapin::{BasicProperties, Channel};
+use serde::{Deserialize, Serialize};
+
+use super::{amqp_error, now_ms, open_channel, table, Broker, Names};
+use crate::error::{Error, Result};
+use crate::rollout::halt::Halt;
+
+/// Messages read at most from one record queue (it keeps one; a requeued one may
+/// briefly sit beside a newer one).
+const MAX_READ: usize = 8;
+
+/// A group's latest halt state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum HaltRecord {
+    /// The group is halted at a revision.
+    Halted(Halt),
+    /// An operator asked to try the halted revision again.
+    Retry {
+        /// The group.
+        group: String,
+        /// Who asked (`$USER@<host name>`).
+        by: String,
+        /// When, in milliseconds since the Unix epoch.
+        at_ms: u64,
+    },
+}
+
+/// A request to hand a group over, from `erel deploy --take-over`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoverRequest {
+    /// The group.
+    pub group: String,
+    /// Who asks: the name it will hold the lease under.
+    pub requester: String,
+    /// Until when it waits, in milliseconds since the Unix epoch.
+    pub until_ms: u64,
+}
+
+async fn declare(channel: &Channel, queue: &str, durable: bool) -> Result<()> {
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                durable,
+                ..Default::default()
+            },
+            table(vec![("x-max-length", AMQPValue::LongLongInt(1))]),
+        )
+        .await
+        .map_err(|e| amqp_error(queue, "declaring the queue", e))?;
+    Ok(())
+}
+
+/// The newest message of `queue`, left in it for the next reader.
+async fn peek(channel: &Channel, queue: &str) -> Result<Option<Vec<u8>>> {
+    let mut newest = None;
+    let mut last = None;
+    for _ in 0..MAX_READ {
+        let got = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .map_err(|e| amqp_error(queue, "reading the record", e))?;
+        let Some(message) = got else { break };
+        newest = Some(message.delivery.data.clone());
+        last = Some(message.delivery);
+    }
+    if let Some(delivery) = last {
+        delivery
+            .nack(BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            })
+            .await
+            .map_err(|e| amqp_error(queue, "putting the record back", e))?;
+    }
+    Ok(newest)
+}
+
+async fn publish(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<()> {
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties.with_content_type("application/json".into()),
+        )
+        .await
+        .map_err(|e| amqp_error(queue, "publishing the record", e))?
+        .await
+        .map_err(|e| amqp_error(queue, "publishing the record", e))?;
+    Ok(())
+}
+
+fn encode(queue: &str, value: &impl Serialize) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| Error::Amqp {
+        target: queue.to_string(),
+        action: "encoding the record".to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// The group's latest halt record, if any.
+pub(crate) async fn read_halt(
+    channel: &Channel,
+    names: &Names,
+    group: &str,
+) -> Result<Option<HaltRecord>> {
+    let queue = names.halt(group)?;
+    declare(channel, &queue, true).await?;
+    Ok(peek(channel, &queue)
+        .await?
+        .and_then(|body| serde_json::from_slice(&body).ok()))
+}
+
+/// Writes the group's halt record (persistent).
+pub(crate) async fn write_halt(
+    channel: &Channel,
+    names: &Names,
+    group: &str,
+    record: &HaltRecord,
+) -> Result<()> {
+    let queue = names.halt(group)?;
+    declare(channel, &queue, true).await?;
+    let body = encode(&queue, record)?;
+    publish(
+        channel,
+        &queue,
+        &body,
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+}
+
+/// `erel config retry --group G`: writes a retry record; the halt it ends, when the
+/// group was halted.
+pub async fn retry(broker: &Broker, group: &str, by: &str) -> Result<Option<Halt>> {
+    let connection = broker.connect("retry").await?;
+    let outcome = async {
+        let channel = open_channel(&connection, &broker.names().halt(group)?).await?;
+        let current = read_halt(&channel, broker.names(), group).await?;
+        let record = HaltRecord::Retry {
+            group: group.to_string(),
+            by: by.to_string(),
+            at_ms: now_ms(),
+        };
+        write_halt(&channel, broker.names(), group, &record).await?;
+        let _ = channel.close(200, "done".into()).await;
+        Ok(match current {
+            Some(HaltRecord::Halted(halt)) => Some(halt),
+            _ => None,
+        })
+    }
+    .await;
+    let _ = connection.close(200, "done".into()).await;
+    outcome
+}
+
+/// The halts recorded for `groups` (for `erel status` and `erel config holders`).
+pub async fn halts(broker: &Broker, groups: &[String]) -> Result<Vec<Halt>> {
+    let connection = broker.connect("halts reader").await?;
+    let outcome = async {
+        let channel = open_channel(&connection, &broker.display_url()).await?;
+        let mut halts = Vec::new();
+        for group in groups {
+            if let Some(HaltRecord::Halted(halt)) =
+                read_halt(&channel, broker.names(), group).await?
+            {
+                halts.push(halt);
+            }
+        }
+        let _ = channel.close(200, "done".into()).await;
+        Ok(halts)
+    }
+    .await;
+    let _ = connection.close(200, "done".into()).await;
+    outcome
+}
+
+/// A live hand-over request for `group` from someone other than `me`.
+pub(crate) async fn pending_handover(
+    channel: &Channel,
+    names: &Names,
+    group: &str,
+    me: &str,
+) -> Result<Option<HandoverRequest>> {
+    let queue = names.handover(group)?;
+    declare(channel, &queue, false).await?;
+    Ok(peek(channel, &queue)
+        .await?
+        .and_then(|body| serde_json::from_slice::<HandoverRequest>(&body).ok())
+        .filter(|request| request.requester != me && request.until_ms > now_ms()))
+}
+
+/// Asks the holder of the request's group to hand it over; the message expires at the
+/// request's deadline.
+pub(crate) async fn request_handover(
+    channel: &Channel,
+    names: &Names,
+    request: &HandoverRequest,
+) -> Result<()> {
+    let queue = names.handover(&request.group)?;
+    declare(channel, &queue, false).await?;
+    let body = encode(&queue, request)?;
+    let ttl = request.until_ms.saturating_sub(now_ms()).max(1);
+    publish(
+        channel,
+        &queue,
+        &body,
+        BasicProperties::default().with_expiration(ttl.to_string().into()),
+    )
+    .await
+}
+
+/// Ends the group's hand-over request (it was granted, or given up): the queue is
+/// purged and a request that is no longer live (`until_ms` 0) is left in it, so that a
+/// reader that held the old request unacknowledged during the purge, and puts it back,
+/// still reads the newest message as over.
+pub(crate) async fn clear_handover(
+    channel: &Channel,
+    names: &Names,
+    group: &str,
+    requester: &str,
+) -> Result<()> {
+    let queue = names.handover(group)?;
+    declare(channel, &queue, false).await?;
+    channel
+        .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+        .await
+        .map_err(|e| amqp_error(&queue, "removing the hand-over request", e))?;
+    let over = HandoverRequest {
+        group: group.to_string(),
+        requester: requester.to_string(),
+        until_ms: 0,
+    };
+    let body = encode(&queue, &over)?;
+    publish(channel, &queue, &body, BasicProperties::default()).await
+}

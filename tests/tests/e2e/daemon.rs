@@ -1,0 +1,435 @@
+//! The daemons against real agents (and the real broker in AMQP mode): a revision whose
+//! release crashes at boot is tried once, the group stays halted at it (shown by
+//! `erel status`, published as an event), and a newer revision or a retry ends the
+//! halt; a manual `erel deploy` on groups a daemon holds is refused naming it, and runs
+//! with `--take-over`, after which the daemon acts again.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::helper::amqp::{erel, logs, watch_command, BrokerLock, TestBroker, MASTER_INTERVAL};
+use crate::helper::fleet::Fleet;
+use crate::helper::release::failing_beat_release;
+use crate::helper::{follow_lines, output_text, wait_until_blocking, Followed};
+
+/// The file daemon's `--interval`.
+const FILE_INTERVAL: Duration = Duration::from_secs(1);
+/// Bound for a rollout of a few hosts, on a busy machine.
+const CONVERGE: Duration = Duration::from_secs(90);
+/// Bound for a master to notice something (a file revision, a broker record).
+const NOTICE: Duration = Duration::from_secs(30);
+/// One canary, one host at a time: a failure touches one host only.
+const ONE_AT_A_TIME: &str = "max_in_flight = 1\ncanaries = 1";
+
+/// How many times any agent of `fleet` was asked to start `beat <version>`, from
+/// the one line each agent logs per command.
+fn starts_of(fleet: &Fleet, version: &str) -> usize {
+    let subject = format!("beat {version}");
+    fleet
+        .agents
+        .iter()
+        .map(|agent| {
+            agent
+                .log()
+                .lines()
+                .filter(|line| line.contains("command=start") && line.contains(&subject))
+                .count()
+        })
+        .sum()
+}
+
+/// The file daemon: `erel master --cluster FILE --interval 1`, killed when dropped.
+struct FileDaemon(Followed);
+
+impl FileDaemon {
+    fn start(fleet: &Fleet, cluster: &Path) -> Self {
+        let mut command = fleet.pki.erel();
+        command
+            .arg("--cluster")
+            .arg(cluster)
+            .arg("master")
+            .arg("--interval")
+            .arg(FILE_INTERVAL.as_secs().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        FileDaemon(Followed::spawn(&mut command, "erel master --cluster"))
+    }
+}
+
+impl Drop for FileDaemon {
+    fn drop(&mut self) {
+        self.0.kill9();
+    }
+}
+
+/// `erel --cluster FILE <words>`.
+fn erel_on(fleet: &Fleet, cluster: &Path, words: &[&str]) -> Output {
+    fleet
+        .pki
+        .erel()
+        .arg("--cluster")
+        .arg(cluster)
+        .args(words)
+        .output()
+        .expect("run erel")
+}
+
+/// Stops the beat release on agent `index`, as an operator would by hand.
+fn stop_by_hand(fleet: &Fleet, index: usize) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let mut client = fleet.pki.connect(&fleet.agents[index]).await;
+            client
+                .stop("beat", Duration::from_secs(5))
+                .await
+                .expect("stop by hand");
+        });
+    assert!(fleet.beats()[index].is_empty(), "stopped");
+}
+
+/// A fleet of two `web` hosts with beat 1.0.0, 2.0.0, 3.0.0 and a broken 2.5.0 (its
+/// start script exits with code 3 at once) in its directory.
+fn fleet_with_a_broken_release(name: &str) -> Fleet {
+    let fleet = Fleet::with_beat_releases(name, &["web", "web"]);
+    failing_beat_release(fleet.dir.path(), "beat", "2.5.0", "exit");
+    fleet
+}
+
+/// Writes the cluster file `cluster.toml` at `revision` running `version`.
+fn write_cluster(fleet: &Fleet, revision: u64, version: &str) -> PathBuf {
+    fleet.write(
+        "cluster.toml",
+        &fleet.config(revision, version, ONE_AT_A_TIME),
+    )
+}
+
+#[test]
+fn daemon_tries_a_broken_revision_once_halts_the_group_and_applies_a_newer_one() {
+    let fleet = fleet_with_a_broken_release("halt");
+    let cluster = write_cluster(&fleet, 1, "1.0.0");
+    let daemon = FileDaemon::start(&fleet, &cluster);
+    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || {
+        daemon.0.log()
+    });
+
+    write_cluster(&fleet, 2, "2.5.0");
+    assert!(
+        wait_until_blocking(CONVERGE, || daemon.0.log().contains("halted at revision 2")),
+        "the failed rollout halts the group\n{}",
+        daemon.0.log()
+    );
+    assert_eq!(starts_of(&fleet, "2.5.0"), 1, "{}", fleet.agent_logs());
+    // Passes keep coming every interval; none of them tries 2.5.0 again. Four
+    // intervals, plus the time one pass takes to ping the hosts on a busy machine.
+    let passes = FILE_INTERVAL * 4 + Duration::from_secs(2);
+    std::thread::sleep(passes);
+    assert_eq!(
+        starts_of(&fleet, "2.5.0"),
+        1,
+        "tried once over {passes:?}\n{}\n{}",
+        daemon.0.log(),
+        fleet.agent_logs()
+    );
+    assert!(fleet.all_run("1.0.0"), "rolled back: {:?}", fleet.beats());
+
+    // `erel status` shows the halt with its reason; so does the state file.
+    let out = erel_on(&fleet, &cluster, &["status"]);
+    let text = output_text(&out);
+    assert!(
+        text.contains("HALTED: group web halted at revision 2 (beat 2.5.0)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("exited with code 3") || text.contains("restarted"),
+        "the reason: {text}"
+    );
+    assert!(
+        text.contains("rolled back"),
+        "whether it was rolled back: {text}"
+    );
+    let state = std::fs::read_to_string(fleet.dir.path().join(".erel-state/halted.json"))
+        .expect("the halt is kept beside the cluster file");
+    assert!(state.contains("\"revision\": 2"), "{state}");
+
+    // A newer revision ends the halt and is rolled out.
+    write_cluster(&fleet, 3, "3.0.0");
+    fleet.wait_all_run("3.0.0", CONVERGE, "revision 3 is rolled out", || {
+        daemon.0.log()
+    });
+    assert!(
+        daemon
+            .0
+            .log()
+            .contains("newer than the halted revision 2; the group is rolled out again"),
+        "{}",
+        daemon.0.log()
+    );
+    let text = output_text(&erel_on(&fleet, &cluster, &["status"]));
+    assert!(!text.contains("HALTED"), "{text}");
+    assert_eq!(starts_of(&fleet, "2.5.0"), 1);
+}
+
+#[test]
+fn daemon_holds_its_cluster_file_and_a_deploy_runs_only_with_take_over() {
+    let fleet = Fleet::with_beat_releases("hold", &["web", "web"]);
+    let cluster = write_cluster(&fleet, 1, "1.0.0");
+    let mut daemon = FileDaemon::start(&fleet, &cluster);
+    // Its rollout has ended (verification included), so that a release stopped below
+    // is drift, not a failure of that rollout.
+    assert!(
+        wait_until_blocking(CONVERGE, || daemon
+            .0
+            .log()
+            .contains(" converged revision=1")),
+        "{}",
+        daemon.0.log()
+    );
+    fleet.expect_beats("1.0.0");
+    let pid = daemon.0.pid().expect("running");
+
+    // A second daemon on the same file refuses to start, naming the first.
+    let second = erel_on(&fleet, &cluster, &["master", "--interval", "1"]);
+    let text = output_text(&second);
+    assert!(!second.status.success(), "{text}");
+    assert!(
+        text.contains("another daemon already keeps this cluster")
+            && text.contains(&format!("pid {pid}")),
+        "{text}"
+    );
+
+    // A deploy is refused, naming the daemon (its master name and pid).
+    let out = erel_on(&fleet, &cluster, &["deploy"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(
+        stderr.contains("are held by the daemon erel@") && stderr.contains(&format!("pid {pid}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains(") since 20"), "since when: {stderr}");
+    assert!(stderr.contains("--take-over"), "{stderr}");
+
+    // With --take-over it runs (here: a host stopped by hand is started again) and
+    // says whom it took the cluster from.
+    stop_by_hand(&fleet, 0);
+    let out = erel_on(&fleet, &cluster, &["deploy", "--take-over"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("took over group(s) web from the daemon erel@")
+            && text.contains(&format!("pid {pid}")),
+        "{text}"
+    );
+    assert!(fleet.all_run("1.0.0"), "{:?}", fleet.beats());
+
+    // The daemon acts again afterwards: drift is repaired.
+    stop_by_hand(&fleet, 1);
+    fleet.wait_all_run("1.0.0", CONVERGE, "the daemon repairs drift again", || {
+        daemon.0.log()
+    });
+    assert!(daemon.0.running(), "{}", daemon.0.log());
+}
+
+#[test]
+fn amqp_daemon_tries_a_broken_revision_once_even_after_a_take_over_and_again_on_retry() {
+    let _lock = BrokerLock::shared();
+    let fleet = fleet_with_a_broken_release("amqp-halt");
+    let broker = TestBroker::new("halt", &["web"]);
+    let master = fleet.master(&broker, "m1");
+
+    let mut watcher = watch_command(&fleet.pki, &broker)
+        .spawn()
+        .expect("spawn erel watch");
+    let watched = Arc::new(Mutex::new(String::new()));
+    let listening = Arc::new(Mutex::new(String::new()));
+    follow_lines(
+        watcher.stdout.take().expect("stdout"),
+        watched.clone(),
+        |_| {},
+    );
+    follow_lines(
+        watcher.stderr.take().expect("stderr"),
+        listening.clone(),
+        |_| {},
+    );
+    assert!(
+        wait_until_blocking(NOTICE, || listening
+            .lock()
+            .expect("lock")
+            .contains("watching events")),
+        "erel watch listens"
+    );
+
+    let (ok, out) = fleet.publish(&broker, &fleet.config(1, "1.0.0", ONE_AT_A_TIME));
+    assert!(ok, "{out}");
+    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || master.log());
+
+    let (ok, out) = fleet.publish(&broker, &fleet.config(2, "2.5.0", ONE_AT_A_TIME));
+    assert!(ok, "{out}");
+    assert!(
+        wait_until_blocking(CONVERGE, || master.log().contains("halted at revision 2")),
+        "the failed rollout halts the group\n{}",
+        master.log()
+    );
+    let passes = MASTER_INTERVAL * 4 + Duration::from_secs(2);
+    std::thread::sleep(passes);
+    assert_eq!(
+        starts_of(&fleet, "2.5.0"),
+        1,
+        "tried once over {passes:?}\n{}\n{}",
+        master.log(),
+        fleet.agent_logs()
+    );
+    assert!(
+        wait_until_blocking(NOTICE, || watched
+            .lock()
+            .expect("lock")
+            .contains("web: HALTED at revision 2")),
+        "the halt is an event:\n{}",
+        watched.lock().expect("lock")
+    );
+
+    // `erel status --amqp` shows it, with the reason and how to retry.
+    let cluster = fleet.dir.path().join("cluster-2.toml");
+    let out = fleet
+        .pki
+        .erel()
+        .arg("--cluster")
+        .arg(&cluster)
+        .arg("status")
+        .args(broker.flags())
+        .output()
+        .expect("run erel status");
+    let text = output_text(&out);
+    assert!(
+        text.contains("HALTED: group web halted at revision 2 (beat 2.5.0)")
+            && text.contains("erel config retry --group web"),
+        "{text}"
+    );
+
+    // The halt outlives its master: the next holder reads it and does not try the
+    // revision again either.
+    let mut first = master;
+    first.kill9();
+    let master = fleet.master(&broker, "m2");
+    assert!(
+        wait_until_blocking(NOTICE, || master.log().contains("holding the group")),
+        "m2 takes the group over\n{}",
+        master.log()
+    );
+    std::thread::sleep(passes);
+    assert_eq!(
+        starts_of(&fleet, "2.5.0"),
+        1,
+        "the new holder kept the halt over {passes:?}\n{}\n{}",
+        master.log(),
+        fleet.agent_logs()
+    );
+
+    // A retry tries it once more, and it halts again.
+    let out = erel(
+        &fleet.pki,
+        &["config", "retry", "--group", "web"],
+        &broker,
+        &[],
+    );
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("tries revision 2 again"), "{text}");
+    assert!(
+        wait_until_blocking(CONVERGE, || master.log().contains("halted at revision 2")),
+        "retried and halted again\n{}",
+        master.log()
+    );
+    assert_eq!(starts_of(&fleet, "2.5.0"), 2, "{}", fleet.agent_logs());
+    assert!(master.log().contains("retry asked for"), "{}", master.log());
+
+    // A newer revision is rolled out.
+    let (ok, out) = fleet.publish(&broker, &fleet.config(3, "3.0.0", ONE_AT_A_TIME));
+    assert!(ok, "{out}");
+    fleet.wait_all_run("3.0.0", CONVERGE, "revision 3 is rolled out", || {
+        master.log()
+    });
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+}
+
+#[test]
+fn amqp_deploy_is_refused_naming_the_holder_unless_it_takes_the_group_over() {
+    let _lock = BrokerLock::shared();
+    let fleet = Fleet::with_beat_releases("amqp-hold", &["web"]);
+    let broker = TestBroker::new("hold", &["web"]);
+    // Two masters: the holder hands the lease over, the one waiting in line passes it
+    // on while the request is live.
+    let m1 = fleet.master(&broker, "m1");
+    let m2 = fleet.master(&broker, "m2");
+    let text = fleet.config(1, "1.0.0", ONE_AT_A_TIME);
+    let (ok, out) = fleet.publish(&broker, &text);
+    assert!(ok, "{out}");
+    fleet.wait_all_run("1.0.0", CONVERGE, "the host runs 1.0.0", || {
+        logs(&[&m1, &m2])
+    });
+    // The holder's rollout has ended (its verification is over), so that stopping the
+    // release below is drift, not a failure of that rollout.
+    let holder = crate::helper::poll_until_blocking(CONVERGE, || {
+        [&m1, &m2]
+            .into_iter()
+            .find(|m| m.log().contains("revision applied"))
+            .map(|m| m.name.clone())
+    })
+    .unwrap_or_else(|| panic!("a master holds web\n{}", logs(&[&m1, &m2])));
+    let cluster = fleet.dir.path().join("cluster-1.toml");
+
+    let deploy = |extra: &[&str]| {
+        fleet
+            .pki
+            .erel()
+            .arg("--cluster")
+            .arg(&cluster)
+            .arg("deploy")
+            .args(broker.flags())
+            .args(extra)
+            .output()
+            .expect("run erel deploy")
+    };
+    let out = deploy(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(
+        stderr.contains(&format!("group web is held by master {holder} since")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--take-over"), "{stderr}");
+
+    // Drift the deploy repairs: it really acts while it holds the group.
+    stop_by_hand(&fleet, 0);
+    let out = deploy(&["--take-over", "--take-over-wait", "60"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}\n{}", logs(&[&m1, &m2]));
+    assert!(
+        text.contains(&format!("took over group web from master {holder}")),
+        "{text}"
+    );
+    assert!(fleet.all_run("1.0.0"), "{:?}", fleet.beats());
+    let handed =
+        |m: &crate::helper::amqp::MasterProc| m.log().contains("group handed over on request");
+    assert!(handed(&m1) || handed(&m2), "{}", logs(&[&m1, &m2]));
+    // A master holds the group again once the deploy has ended, and repairs drift.
+    assert!(
+        wait_until_blocking(NOTICE, || {
+            m1.log().matches("holding the group").count()
+                + m2.log().matches("holding the group").count()
+                >= 2
+        }),
+        "{}",
+        logs(&[&m1, &m2])
+    );
+    stop_by_hand(&fleet, 0);
+    fleet.wait_all_run("1.0.0", CONVERGE, "a master repairs drift again", || {
+        logs(&[&m1, &m2])
+    });
+}
