@@ -80,13 +80,13 @@ pub struct StartArgs {
 #[derive(Debug, Args)]
 pub struct StopArgs {
     /// The agent, as ID@ADDR:PORT or a host id from the cluster file.
-    host: String,
+    pub(super) host: String,
     /// Release name.
-    name: String,
+    pub(super) name: String,
     /// Seconds between SIGTERM and SIGKILL (at most the agent's limit, 600).
     #[arg(long, default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(0..=erel_proto::rules::MAX_STOP_GRACE.as_secs()))]
-    grace: u64,
+    pub(super) grace: u64,
 }
 
 fn parse_mode(text: &str) -> std::result::Result<u32, String> {

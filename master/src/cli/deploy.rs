@@ -1,6 +1,7 @@
-//! `erel deploy [--cluster FILE] [--group G].. [--dry-run] [--json]`: the rolling cold
-//! deploy, with a live line per host and a summary table. Exit 0 only when every host
-//! runs its desired version, healthy.
+//! `erel deploy [--cluster FILE] [--group G].. [--hosts ID,..] [--exclude ID,..]
+//! [--dry-run] [--json]`: the rolling cold deploy, with a live line per host and a
+//! summary table. Exit 0 only when every selected host runs its desired version,
+//! healthy (or has its release stopped, where the config says so).
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -14,7 +15,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::Context;
 use crate::client::Connector;
-use crate::cluster::{GroupPlan, Plan};
+use crate::cluster::{GroupPlan, GroupState, Plan};
 use crate::error::Error;
 use crate::rollout::{self, HostFailure, HostOutcome, RolloutEvent, RolloutOptions, RolloutReport};
 
@@ -24,6 +25,8 @@ pub struct DeployArgs {
     /// Only this group (repeatable; default: every group).
     #[arg(long = "group", value_name = "G")]
     groups: Vec<String>,
+    #[command(flatten)]
+    selection: HostSelection,
     /// Print the plan and touch nothing.
     #[arg(long)]
     dry_run: bool,
@@ -37,10 +40,21 @@ pub struct DeployArgs {
     connect_timeout: u64,
 }
 
-/// Runs `erel deploy`.
-pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::Result<ExitCode> {
-    let plan = Plan::load(cluster)?;
-    for group in &args.groups {
+/// `--hosts ID,ID` and `--exclude ID,ID`: which hosts of the selected groups a group
+/// command touches.
+#[derive(Debug, Args, Default)]
+pub struct HostSelection {
+    /// Only these hosts of the selected groups (comma-separated ids; repeatable).
+    #[arg(long, value_name = "ID,..", value_delimiter = ',')]
+    pub hosts: Vec<String>,
+    /// Never these hosts (comma-separated ids; repeatable).
+    #[arg(long, value_name = "ID,..", value_delimiter = ',')]
+    pub exclude: Vec<String>,
+}
+
+/// Refuses a `--group` the plan does not define, naming the groups it does.
+pub(super) fn check_groups(plan: &Plan, cluster: &Path, groups: &[String]) -> crate::Result<()> {
+    for group in groups {
         if !plan.groups.contains_key(group) {
             return Err(Error::Usage(format!(
                 "{}: no group '{group}' (groups: {})",
@@ -49,26 +63,57 @@ pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::R
             )));
         }
     }
-    if args.dry_run {
-        print!("{}", describe_plan(&plan, &args.groups));
-        return Ok(ExitCode::SUCCESS);
-    }
-    let connector = Connector::new(ctx.tls()?, ctx.master_name())
-        .with_connect_timeout(Duration::from_secs(args.connect_timeout.max(1)));
+    Ok(())
+}
+
+/// Runs `erel deploy`.
+pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::Result<ExitCode> {
+    let plan = Plan::load(cluster)?;
+    check_groups(&plan, cluster, &args.groups)?;
     let options = RolloutOptions {
         groups: args.groups.clone(),
+        hosts: args.selection.hosts.clone(),
+        exclude: args.selection.exclude.clone(),
         ..RolloutOptions::default()
     };
-    let mut view = if args.json {
+    rollout::check_selection(&plan, &options)?;
+    let connector = |ctx: &Context| -> crate::Result<Connector> {
+        Ok(Connector::new(ctx.tls()?, ctx.master_name())
+            .with_connect_timeout(Duration::from_secs(args.connect_timeout.max(1))))
+    };
+    if args.dry_run {
+        // Hosts that left a group are found by asking them; without certificates or
+        // agents the plan is still printed, saying what could not be checked.
+        let stops = match connector(ctx) {
+            Ok(connector) => rollout::planned_stops(&plan, &connector, &options)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        print!("{}", describe_plan(&plan, &options, &stops));
+        return Ok(ExitCode::SUCCESS);
+    }
+    run_and_report(&plan, &connector(ctx)?, &options, args.json).await
+}
+
+/// Runs one rollout of `plan` as `options` say, showing its progress and its summary;
+/// the exit status `erel deploy`, `restart`, `stop` and `rollback` give.
+pub(super) async fn run_and_report(
+    plan: &Plan,
+    connector: &Connector,
+    options: &RolloutOptions,
+    json: bool,
+) -> crate::Result<ExitCode> {
+    let mut view = if json {
         View::Json
     } else if std::io::stderr().is_terminal() {
         View::Bars(Bars::new())
     } else {
         View::Lines(Instant::now())
     };
-    let report = rollout::run(&plan, &connector, &options, |event| view.show(event)).await?;
+    let report = rollout::run(plan, connector, options, |event| view.show(event)).await?;
     view.finish();
-    if args.json {
+    if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&report).context("encoding the report")?
@@ -162,6 +207,12 @@ impl Bars {
                 host,
                 version,
             } => (group, host, format!("up to date: runs {version}")),
+            RolloutEvent::HostStopped {
+                group,
+                host,
+                release,
+                why,
+            } => (group, host, format!("stopped {release}: {why}")),
             RolloutEvent::HostFailed {
                 group,
                 host,
@@ -223,6 +274,12 @@ pub fn event_line(event: &RolloutEvent) -> Option<String> {
             host,
             version,
         } => format!("{group}/{host}: up to date, runs {version}"),
+        RolloutEvent::HostStopped {
+            group,
+            host,
+            release,
+            why,
+        } => format!("{group}/{host}: stopped {release} ({why})"),
         RolloutEvent::HostFailed {
             group,
             host,
@@ -287,11 +344,25 @@ fn summary_table(report: &RolloutReport) -> String {
     let mut tails = Vec::new();
     for group in &report.groups {
         for host in &group.hosts {
+            let mut version = format!("{} {}", group.release, group.version);
             let result = match &host.outcome {
-                HostOutcome::Switched { from, pid } => format!(
-                    "switched from {} (pid {pid})",
-                    from.as_deref().unwrap_or("nothing")
-                ),
+                HostOutcome::Switched {
+                    from,
+                    version: now,
+                    pid,
+                } => {
+                    version = format!("{} {now}", group.release);
+                    match from.as_deref() {
+                        Some(from) if from == now => format!("restarted (pid {pid})"),
+                        from => {
+                            format!("switched from {} (pid {pid})", from.unwrap_or("nothing"))
+                        }
+                    }
+                }
+                HostOutcome::Stopped { why } => {
+                    version = format!("{} (stopped)", group.release);
+                    format!("stopped: {why}")
+                }
                 HostOutcome::UpToDate => "up to date".to_string(),
                 HostOutcome::Failed(HostFailure {
                     phase,
@@ -315,7 +386,7 @@ fn summary_table(report: &RolloutReport) -> String {
                 host.host.clone(),
                 group.group.clone(),
                 host.addr.clone(),
-                format!("{} {}", group.release, group.version),
+                version,
                 result,
             ]);
         }
@@ -366,20 +437,57 @@ pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
     out
 }
 
-/// What `--dry-run` prints: per group, what goes where and in which order.
-fn describe_plan(plan: &Plan, only: &[String]) -> String {
+/// What `--dry-run` prints: per group, what goes where and in which order, and what
+/// is stopped (`stops`: hosts that left each group, or why they could not be found).
+fn describe_plan(
+    plan: &Plan,
+    options: &RolloutOptions,
+    stops: &Result<HashMap<String, Vec<String>>, String>,
+) -> String {
     let mut out = format!("{} (revision {})\n", plan.origin, plan.revision);
     for group in plan.groups.values() {
-        if !only.is_empty() && !only.contains(&group.name) {
+        if !options.groups.is_empty() && !options.groups.contains(&group.name) {
             continue;
         }
-        out.push_str(&describe_group(plan, group));
+        out.push_str(&describe_group(plan, group, options));
+        match stops {
+            Ok(stops) => {
+                for host in stops.get(&group.name).into_iter().flatten() {
+                    out.push_str(&format!(
+                        "  stop      {} on {host}: the host left the group\n",
+                        group.release
+                    ));
+                }
+            }
+            Err(why) => out.push_str(&format!(
+                "  (hosts that left the group, whose {} is stopped, not checked: {why})\n",
+                group.release
+            )),
+        }
     }
     out
 }
 
-fn describe_group(plan: &Plan, group: &GroupPlan) -> String {
-    let hosts = plan.hosts_in(&group.name);
+fn describe_group(plan: &Plan, group: &GroupPlan, options: &RolloutOptions) -> String {
+    let hosts: Vec<_> = plan
+        .hosts_in(&group.name)
+        .into_iter()
+        .filter(|h| options.hosts.is_empty() || options.hosts.contains(&h.id))
+        .filter(|h| !options.exclude.contains(&h.id))
+        .collect();
+    if group.state == GroupState::Stopped {
+        let mut out = format!(
+            "\ngroup {}: {} stopped (state = \"stopped\"), at most {} host(s) at once\n",
+            group.name, group.release, group.max_in_flight
+        );
+        for host in &hosts {
+            out.push_str(&format!(
+                "  stop      {} on {}: the group is stopped\n",
+                group.release, host.id
+            ));
+        }
+        return out;
+    }
     let mut out = format!(
         "\ngroup {}: {} {}\n",
         group.name, group.release, group.version
@@ -410,8 +518,12 @@ fn describe_group(plan: &Plan, group: &GroupPlan) -> String {
         group.health.min_up.as_secs(),
         group.health.deadline.as_secs()
     ));
+    let budget = match group.max_failed {
+        0 => "the first failure halts the group".to_string(),
+        n => format!("up to {n} host(s) may fail or be unreachable before the group halts"),
+    };
     out.push_str(&format!(
-        "  rollout   {} canary host(s) first, then at most {} at once; the first failure halts the group\n",
+        "  rollout   {} canary host(s) first, then at most {} at once; {budget}\n",
         group.canaries, group.max_in_flight
     ));
     for (index, host) in hosts.iter().enumerate() {

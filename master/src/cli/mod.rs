@@ -15,6 +15,7 @@ mod context;
 mod daemon;
 mod demo;
 mod deploy;
+mod lifecycle;
 mod status;
 mod watch;
 
@@ -53,8 +54,12 @@ enum Command {
     Unpack(agent::UnpackArgs),
     /// Starts a release version on an agent.
     Start(agent::StartArgs),
-    /// Stops a release on an agent.
-    Stop(agent::StopArgs),
+    /// Stops a release on an agent, or on the hosts of a group (--group).
+    Stop(lifecycle::StopArgs),
+    /// A rolling cold restart of a group's version, gated on health.
+    Restart(lifecycle::RestartArgs),
+    /// Takes a group's hosts back to the newest other version present on each.
+    Rollback(lifecycle::RollbackArgs),
     /// Table of every host in the cluster: group, desired and running release, state.
     Status(status::StatusArgs),
     /// Brings the cluster's hosts to their desired versions, rolling, gated on health.
@@ -124,7 +129,9 @@ async fn run(cli: Cli) -> crate::Result<ExitCode> {
         Command::Push(args) => agent::push(&ctx, cluster, args).await,
         Command::Unpack(args) => agent::unpack(&ctx, cluster, args).await,
         Command::Start(args) => agent::start(&ctx, cluster, args).await,
-        Command::Stop(args) => agent::stop(&ctx, cluster, args).await,
+        Command::Stop(args) => lifecycle::stop(&ctx, cluster, args).await,
+        Command::Restart(args) => lifecycle::restart(&ctx, &cluster_file(cluster), args).await,
+        Command::Rollback(args) => lifecycle::rollback(&ctx, &cluster_file(cluster), args).await,
         Command::Status(args) => status::status(&ctx, &cluster_file(cluster), args).await,
         Command::Deploy(args) => deploy::deploy(&ctx, &cluster_file(cluster), args).await,
         Command::Master(args) => daemon::master(&ctx, &cluster_file(cluster), args).await,
@@ -169,6 +176,10 @@ mod tests {
             "erel start web-1@127.0.0.1:7070 app 1 --env A=B -- bin/app foreground",
             "erel stop web-1@127.0.0.1:7070 app --grace 3",
             "erel deploy --cluster cluster.toml --group web --dry-run",
+            "erel deploy --group web --hosts web-1,web-2 --exclude web-3",
+            "erel restart --group web --hosts web-1",
+            "erel stop --group web --exclude web-2,web-3 --json",
+            "erel rollback --group web --group api",
             "erel status --cluster cluster.toml --json",
             "erel status --amqp amqp://127.0.0.1:5672/%2f",
             "erel master --cluster cluster.toml --interval 5",
@@ -184,6 +195,22 @@ mod tests {
                 panic!("{line}: {e}");
             }
         }
+    }
+
+    #[test]
+    fn stop_takes_a_host_and_a_release_or_a_group_not_both() {
+        let parse =
+            |line: &str| <super::Cli as clap::Parser>::try_parse_from(line.split_whitespace());
+        assert!(parse("erel stop").is_err(), "nothing to stop");
+        assert!(
+            parse("erel stop web-1@127.0.0.1:7070").is_err(),
+            "no release"
+        );
+        assert!(parse("erel stop web-1@127.0.0.1:7070 app --group web").is_err());
+        assert!(
+            parse("erel stop --group web --grace 3").is_err(),
+            "a group has its grace"
+        );
     }
 
     #[test]

@@ -22,6 +22,9 @@
 //! max_in_flight = 1                        # default 1
 //! canaries = 1                             # default 1 (0 when the group has no hosts)
 //! stop_grace_secs = 10                     # default 10
+//! max_failed = 0                           # default 0: hosts that may fail or be
+//!                                          # unreachable before the rollout halts
+//! state = "running"                        # default; "stopped" stops it everywhere
 //! health = { tcp = 27182, min_up_secs = 5, deadline_secs = 60 }
 //! ```
 //!
@@ -120,6 +123,19 @@ pub(crate) struct GroupPlan {
     pub(crate) stop_grace: Duration,
     /// The health gate.
     pub(crate) health: Health,
+    /// Hosts that may fail or be unreachable before the group's rollout halts.
+    pub(crate) max_failed: usize,
+    /// Whether the group's release runs or is stopped on its hosts.
+    pub(crate) state: GroupState,
+}
+
+/// `state = "running" | "stopped"`: what the group's release does on its hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GroupState {
+    /// The release runs its version on every host of the group (the default).
+    Running,
+    /// The release is stopped on every host of the group; the group may have no hosts.
+    Stopped,
 }
 
 /// Which port the TCP health probe connects to.

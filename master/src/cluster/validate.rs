@@ -9,8 +9,8 @@ use erel_proto::Sha256;
 
 use super::raw::{RawCluster, RawGroup, RawHost, RawPort};
 use super::{
-    Archive, ArchiveLookup, GroupPlan, Health, HostPlan, Plan, TcpProbe, DEFAULT_DEADLINE_SECS,
-    DEFAULT_MIN_UP_SECS, DEFAULT_STOP_GRACE_SECS,
+    Archive, ArchiveLookup, GroupPlan, GroupState, Health, HostPlan, Plan, TcpProbe,
+    DEFAULT_DEADLINE_SECS, DEFAULT_MIN_UP_SECS, DEFAULT_STOP_GRACE_SECS,
 };
 use crate::digest_cache::sha256_file;
 use crate::error::{Error, Result};
@@ -156,7 +156,20 @@ fn group_plan(
             "must be at least 1 (it is the number of hosts switched at once)",
         ));
     }
+    let max_failed = usize::try_from(group.max_failed.unwrap_or(0)).unwrap_or(usize::MAX);
+    let state = match group.state.as_deref() {
+        None | Some("running") => GroupState::Running,
+        Some("stopped") => GroupState::Stopped,
+        Some(other) => {
+            return Err(fault.at(
+                field("state"),
+                format!("'{other}' is not a state: use \"running\" or \"stopped\""),
+            ))
+        }
+    };
     let canaries = match group.canaries {
+        // A stopped group switches nothing: its canaries do not count.
+        Some(_) if state == GroupState::Stopped => 0,
         Some(canaries) => {
             let canaries = usize::try_from(canaries).unwrap_or(usize::MAX);
             if canaries > hosts {
@@ -209,6 +222,8 @@ fn group_plan(
         canaries,
         stop_grace: Duration::from_secs(stop_grace_secs),
         health,
+        max_failed,
+        state,
     })
 }
 

@@ -36,6 +36,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub(crate) use converge::{converge_file, keep_converged, ConvergeOptions};
+pub(crate) use driver::{check_selection, planned_stops};
 pub use runner::run;
 
 use crate::client::Connector;
@@ -43,11 +44,38 @@ use crate::client::Connector;
 /// Where the driver's events go; [`run`] hands them to its caller's callback.
 pub(crate) type EventSink = tokio::sync::mpsc::UnboundedSender<RolloutEvent>;
 
+/// What a rollout does to each selected host of a group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    /// Bring it to the group's desired state: its version running, healthy (or its
+    /// release stopped, for a group with `state = "stopped"`); and stop the release on
+    /// hosts that left the group (see [`run`]).
+    #[default]
+    Deploy,
+    /// A rolling cold restart of the group's version: canaries, `max_in_flight`, the
+    /// health gate; a host that fails is started once more with the same version.
+    Restart,
+    /// Stop the group's release, at most `max_in_flight` hosts at once, each with the
+    /// group's `stop_grace_secs`.
+    Stop,
+    /// Back to the previous version at once: the newest other version present on each
+    /// host, at most `max_in_flight` hosts at once, no canary phase, the health gate.
+    Rollback,
+}
+
 /// How a rollout runs, beyond what the cluster file says.
 #[derive(Debug, Clone)]
 pub struct RolloutOptions {
     /// Only these groups (empty: every group).
     pub groups: Vec<String>,
+    /// Only these hosts of the selected groups (empty: every host). An id the cluster
+    /// file does not name, or that no selected group holds, is refused.
+    pub hosts: Vec<String>,
+    /// Never these hosts (checked like `hosts`).
+    pub exclude: Vec<String>,
+    /// What is done to each host.
+    pub operation: Operation,
     /// How often a starting release is looked at.
     pub poll_interval: Duration,
     /// Hosts staged at once in each group.
@@ -60,6 +88,9 @@ impl Default for RolloutOptions {
     fn default() -> Self {
         RolloutOptions {
             groups: Vec::new(),
+            hosts: Vec::new(),
+            exclude: Vec::new(),
+            operation: Operation::Deploy,
             poll_interval: Duration::from_millis(200),
             staging_parallel: 8,
             probe_timeout: Duration::from_secs(1),
@@ -139,6 +170,18 @@ pub enum RolloutEvent {
         /// The release's process id.
         pid: u32,
     },
+    /// The release was stopped on a host: its group is stopped (`state = "stopped"` or
+    /// `erel stop`), or the host left the group.
+    HostStopped {
+        /// Group name.
+        group: String,
+        /// Host id.
+        host: String,
+        /// Release name.
+        release: String,
+        /// Why it was stopped.
+        why: StopReason,
+    },
     /// A host already ran the desired version, healthy: nothing was done.
     HostSkipped {
         /// Group name.
@@ -217,16 +260,46 @@ impl HostFailure {
     }
 }
 
+/// Why a release was stopped on a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The group is marked `state = "stopped"`.
+    GroupStopped,
+    /// An operator asked for it (`erel stop --group`).
+    Asked,
+    /// The host runs a release some group names, but no group of the host does any more.
+    LeftGroup,
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StopReason::GroupStopped => "the group is stopped",
+            StopReason::Asked => "stop asked",
+            StopReason::LeftGroup => "the host left the group",
+        })
+    }
+}
+
 /// How one host ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum HostOutcome {
-    /// Switched to the desired version, healthy.
+    /// Switched to a version (the desired one; for a rollback, the previous one),
+    /// healthy.
     Switched {
         /// The version it ran before.
         from: Option<String>,
+        /// The version it runs now.
+        version: String,
         /// The new process id.
         pid: u32,
+    },
+    /// The release was stopped, as asked.
+    Stopped {
+        /// Why.
+        why: StopReason,
     },
     /// It already ran the desired version, healthy.
     UpToDate,
@@ -275,8 +348,11 @@ pub struct RolloutReport {
 impl RolloutReport {
     /// True when every host runs its desired version, healthy.
     pub fn converged(&self) -> bool {
-        self.hosts()
-            .all(|h| h.outcome.is_switched() || h.outcome == HostOutcome::UpToDate)
+        self.hosts().all(|h| {
+            h.outcome.is_switched()
+                || h.outcome == HostOutcome::UpToDate
+                || matches!(h.outcome, HostOutcome::Stopped { .. })
+        })
     }
 
     /// Hosts switched in this rollout.
