@@ -22,6 +22,12 @@
 //! [`crate::cluster::GroupPlan::start_request`]), verify old, report the host failed
 //! with the release's own output. Staging runs ahead on every host of the group, so a
 //! host is down only between stop and start. Progress goes out as [`RolloutEvent`]s.
+//!
+//! The same rollout restarts, stops or rolls back a group ([`Operation`]), on the hosts
+//! `--hosts`/`--exclude` select. A deploy also stops the release of a group marked
+//! `state = "stopped"`, and the release a host still runs after it left a group (found
+//! by pinging the cluster's hosts; releases no group names are never touched). Hosts
+//! that fail or do not answer spend the group's `max_failed` before it halts.
 
 pub(crate) mod converge;
 pub(crate) mod decide;

@@ -9,6 +9,7 @@ mod certs_cli;
 mod containment;
 mod deploy;
 mod inputs;
+mod lifecycle;
 mod one_agent;
 mod otp;
 mod output;
