@@ -405,3 +405,33 @@ async fn the_daemon_stops_what_leaves_the_config() {
         daemon.0.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_that_fails_on_the_canary_halts_and_touches_no_other_host() {
+    let fleet = fleet("rfail", 3);
+    deploy_all(&fleet, 1, "0.1.0");
+    let before = fleet.release_pids(RELEASE);
+
+    // The group's environment now makes the release exit at once: the canary's restart
+    // fails, and so does starting the same version once more.
+    write_cluster(&fleet, 2, "0.1.0", "env = { BEAT_FAIL = \"exit\" }", "");
+    let (ok, out) = erel(&fleet, &["restart", "--group", "web"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("rfail-1") && out.contains("failing on purpose"),
+        "{out}"
+    );
+    assert!(
+        out.contains("the old version 0.1.0 is not healthy either"),
+        "the report says the same version was started once more: {out}"
+    );
+    assert!(
+        out.contains("HALTED") && out.contains("not touched"),
+        "{out}"
+    );
+    assert_eq!(
+        answers(&fleet)[1..],
+        [runs(&fleet, 1, "0.1.0"), runs(&fleet, 2, "0.1.0")]
+    );
+    assert_eq!(fleet.release_pids(RELEASE)[1..], before[1..], "untouched");
+}
