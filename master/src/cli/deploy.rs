@@ -318,9 +318,16 @@ pub fn event_line(event: &RolloutEvent) -> Option<String> {
             switched,
             skipped,
             failed,
-        } => format!(
-            "group {group}: {switched} switched, {skipped} already up to date, {failed} failed"
-        ),
+            stopped,
+        } => {
+            let stopped = match stopped {
+                0 => String::new(),
+                n => format!(", {n} stopped"),
+            };
+            format!(
+                "group {group}: {switched} switched, {skipped} already up to date, {failed} failed{stopped}"
+            )
+        }
     })
 }
 
@@ -397,7 +404,13 @@ fn summary_table(report: &RolloutReport) -> String {
         out.push_str(&indent(tail.trim_end(), "  "));
         out.push('\n');
     }
-    let verdict = if report.converged() {
+    let verdict = if report.converged() && report.stopped() > 0 {
+        format!(
+            "revision {}: every host runs its desired version or has its release stopped ({} stopped)\n",
+            report.revision,
+            report.stopped()
+        )
+    } else if report.converged() {
         format!(
             "revision {}: every host runs its desired version\n",
             report.revision

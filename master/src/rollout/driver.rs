@@ -405,6 +405,7 @@ async fn run_group(
             switched: count(&reports, HostOutcome::is_switched),
             skipped: count(&reports, |o| *o == HostOutcome::UpToDate),
             failed: count(&reports, HostOutcome::is_failed),
+            stopped: count(&reports, HostOutcome::is_stopped),
         },
     );
     GroupReport {
@@ -568,10 +569,10 @@ async fn stop_hosts(
                 (host, why, Err(failure))
             }
         };
-        let ok = match outcome {
+        match outcome {
             Ok(()) => {
                 outcomes.insert(host.id.clone(), HostOutcome::Stopped { why });
-                true
+                schedule.finish(&host.id, true);
             }
             Err(failure) => {
                 let reason = format!("{} ({}): {}", host.id, host.addr, failure.reason);
@@ -580,10 +581,8 @@ async fn stop_hosts(
                 if schedule.finish(&host.id, false) {
                     halted.get_or_insert_with(|| halt_reason(&reason, &schedule));
                 }
-                continue;
             }
-        };
-        schedule.finish(&host.id, ok);
+        }
     }
     (halted, failed)
 }

@@ -228,6 +228,8 @@ pub enum RolloutEvent {
         skipped: usize,
         /// Hosts that failed.
         failed: usize,
+        /// Hosts whose release was stopped (a stopped group, a host that left it).
+        stopped: usize,
     },
 }
 
@@ -355,15 +357,18 @@ impl RolloutReport {
     /// True when every host runs its desired version, healthy.
     pub fn converged(&self) -> bool {
         self.hosts().all(|h| {
-            h.outcome.is_switched()
-                || h.outcome == HostOutcome::UpToDate
-                || matches!(h.outcome, HostOutcome::Stopped { .. })
+            h.outcome.is_switched() || h.outcome == HostOutcome::UpToDate || h.outcome.is_stopped()
         })
     }
 
     /// Hosts switched in this rollout.
     pub fn switched(&self) -> usize {
         self.hosts().filter(|h| h.outcome.is_switched()).count()
+    }
+
+    /// Hosts whose release was stopped.
+    pub fn stopped(&self) -> usize {
+        self.hosts().filter(|h| h.outcome.is_stopped()).count()
     }
 
     /// Hosts that failed.
@@ -380,6 +385,11 @@ impl HostOutcome {
     /// Switched to the desired version.
     pub fn is_switched(&self) -> bool {
         matches!(self, HostOutcome::Switched { .. })
+    }
+
+    /// Its release was stopped.
+    pub fn is_stopped(&self) -> bool {
+        matches!(self, HostOutcome::Stopped { .. })
     }
 
     /// Failed.

@@ -257,7 +257,14 @@ async fn releases_that_leave_the_config_are_stopped_and_others_are_never_touched
     );
     let (ok, out) = erel(&fleet, &["deploy"]);
     assert!(ok, "{out}\n{}", fleet.agent_logs());
+    assert!(out.contains("2 stopped"), "{out}");
     assert_eq!(answers(&fleet), vec![""; 3]);
+    for command in ["restart", "rollback"] {
+        let (ok, out) = erel(&fleet, &[command, "--group", "web"]);
+        assert!(!ok, "{out}");
+        assert!(out.contains("group web is stopped"), "{command}: {out}");
+    }
+    assert_eq!(answers(&fleet), vec![""; 3], "nothing started");
 
     let stray_status = release_status(&fleet.pki, &fleet.agents[0], "stray")
         .await
