@@ -1,11 +1,12 @@
 //! The rollout's decisions, as pure functions of what the agents reported: what a host
-//! needs ([`assess`]), staging as a small state machine ([`Staging`]: unpack what is
+//! needs ([`assess`]; for a restart [`assess_restart`], for a rollback
+//! [`rollback_target`]), staging as a small state machine ([`Staging`]: unpack what is
 //! there, push what is missing), the per-host switch as a state machine ([`HostSwitch`]:
 //! each observation gives the next action, rollback included), whether a freshly started
 //! release is healthy yet ([`verify`]), how long each phase may take ([`phase_budget`],
 //! [`Health::deadline`] for verification), when a failed command is tried again
-//! ([`RetryPolicy`]), and which hosts of a group may switch now, halting at the first
-//! failure ([`GroupSchedule`]). No I/O here: the driver observes, these decide, the
+//! ([`RetryPolicy`]), and which hosts of a group may switch now, halting once the
+//! failures spend the group's budget, `max_failed` ([`GroupSchedule`]). No I/O here: the driver observes, these decide, the
 //! driver acts.
 
 use std::collections::{BTreeSet, VecDeque};

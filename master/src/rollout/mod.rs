@@ -197,7 +197,7 @@ pub enum RolloutEvent {
         /// The version it runs.
         version: String,
     },
-    /// A host failed; the group halts.
+    /// A host failed; the group halts when its failure budget (`max_failed`) is spent.
     HostFailed {
         /// Group name.
         group: String,
