@@ -92,14 +92,6 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
-    /// A release's TCP health probe got no connection.
-    #[error("{target}: {message}")]
-    Probe {
-        /// `HOST:PORT` probed.
-        target: String,
-        /// Why it failed.
-        message: String,
-    },
     /// A config from the config log is refused, and why (the reason the log records).
     #[error("{0}")]
     ConfigRefused(String),

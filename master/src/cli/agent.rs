@@ -1,10 +1,11 @@
-//! The low-level agent commands: `ping`, `push`, `unpack`, `start`, `stop`.
+//! The low-level agent commands: `ping`, `push`, `unpack`, `start`, `stop`, `restart`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::client::{gave_up, stop_request, unpack_request, HostSession, Progress, WriteSource};
+use crate::cluster::{GroupPlan, HostPlan};
 use crate::digest_cache::{DigestCache, FileStamp};
 use crate::error::{Result, ResultExt as _};
 use crate::rollout::decide::{Retry, RetryPolicy};
@@ -56,7 +57,11 @@ pub struct UnpackArgs {
     dest: String,
 }
 
-/// `erel start HOST NAME VERSION [--env K=V].. [-- ARGV..]`.
+/// `erel start HOST NAME VERSION [--env K=V].. [--user U] [-- ARGV..]`.
+///
+/// For a host id of the cluster file, the group of that host whose release is NAME
+/// gives the argv, the env (the group's, the host's merged over it) and the user; the
+/// flags given here override them, and the command says which it overrode.
 #[derive(Debug, Args)]
 pub struct StartArgs {
     /// The agent, as ID@ADDR:PORT or a host id from the cluster file.
@@ -65,13 +70,21 @@ pub struct StartArgs {
     name: String,
     /// Release version (a directory under releases/NAME/ on the agent).
     version: String,
-    /// An environment variable for the release (repeatable).
+    #[command(flatten)]
+    settings: StartSettings,
+}
+
+/// What a `Start` carries beyond name and version, as given on the command line.
+#[derive(Debug, Args)]
+pub struct StartSettings {
+    /// An environment variable for the release (repeatable; merged over the group's).
     #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
     env: Vec<(String, String)>,
-    /// Run as this user on the agent.
+    /// Run as this user on the agent [default: the group's user, if any].
     #[arg(long)]
     user: Option<String>,
-    /// The command, relative to the version directory [default: bin/NAME foreground].
+    /// The command, relative to the version directory [default: the group's argv, else
+    /// bin/NAME foreground].
     #[arg(last = true)]
     argv: Vec<String>,
 }
@@ -83,10 +96,47 @@ pub struct StopArgs {
     pub(super) host: String,
     /// Release name.
     pub(super) name: String,
-    /// Seconds between SIGTERM and SIGKILL (at most the agent's limit, 600).
-    #[arg(long, default_value_t = 10,
-          value_parser = clap::value_parser!(u64).range(0..=erel_proto::rules::MAX_STOP_GRACE.as_secs()))]
-    pub(super) grace: u64,
+    /// Seconds between SIGTERM and SIGKILL (at most the agent's limit, 600)
+    /// [default: the group's stop_grace_secs, else 10].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=erel_proto::rules::MAX_STOP_GRACE.as_secs()))]
+    pub(super) grace: Option<u64>,
+}
+
+/// `erel restart HOST NAME [VERSION] [--grace SECS] [--env K=V].. [--user U] [-- ARGV..]`:
+/// stop, then start with the settings `erel start` would use.
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    /// The agent, as ID@ADDR:PORT or a host id from the cluster file.
+    pub(super) host: String,
+    /// Release name.
+    pub(super) name: String,
+    /// Version to start [default: the version the agent runs or last ran, else the
+    /// group's].
+    pub(super) version: Option<String>,
+    /// Seconds between SIGTERM and SIGKILL [default: the group's stop_grace_secs, else 10].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=erel_proto::rules::MAX_STOP_GRACE.as_secs()))]
+    pub(super) grace: Option<u64>,
+    #[command(flatten)]
+    pub(super) settings: StartSettings,
+}
+
+impl StartSettings {
+    /// The settings given, as the command line spells them (`--env K=V`, `--user U`,
+    /// `-- ARGV..`); empty when none was.
+    pub(super) fn given(&self) -> Vec<String> {
+        let mut given: Vec<String> = self
+            .env
+            .iter()
+            .map(|(key, value)| format!("--env {key}={value}"))
+            .collect();
+        if let Some(user) = &self.user {
+            given.push(format!("--user {user}"));
+        }
+        if !self.argv.is_empty() {
+            given.push(format!("-- {}", self.argv.join(" ")));
+        }
+        given
+    }
 }
 
 fn parse_mode(text: &str) -> std::result::Result<u32, String> {
@@ -406,40 +456,357 @@ pub async fn unpack(ctx: &Context, cluster: Option<&Path>, args: UnpackArgs) -> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// Starts a release on one agent.
-pub async fn start(ctx: &Context, cluster: Option<&Path>, args: StartArgs) -> Result<ExitCode> {
-    let (host, mut session) = open(ctx, cluster, &args.host)?;
-    let started: Started = session
-        .command(Request::Start(Start {
-            name: args.name.clone(),
-            version: args.version.clone(),
-            argv: args.argv,
-            env: args.env,
-            user: args.user,
-        }))
-        .await?;
+/// A host argument resolved, with the group of that host running the release, when
+/// the host came from the cluster file and one of its groups runs it.
+struct Target {
+    host: HostAddr,
+    group: Option<(HostPlan, GroupPlan)>,
+    /// Why no group applies, when the host came from the cluster file.
+    no_group: Option<String>,
+}
+
+impl Target {
+    fn resolve(text: &str, cluster: Option<&Path>, release: &str) -> Result<Target> {
+        let (host, plan) = crate::cluster::resolve_host_in(text, cluster)?;
+        let Some(plan) = plan else {
+            return Ok(Target {
+                host,
+                group: None,
+                no_group: None,
+            });
+        };
+        let Some(member) = plan.host(&host.id) else {
+            return Ok(Target {
+                host,
+                group: None,
+                no_group: None,
+            });
+        };
+        match plan.group_running(member, release) {
+            Some(group) => Ok(Target {
+                group: Some((member.clone(), group.clone())),
+                host,
+                no_group: None,
+            }),
+            None => Ok(Target {
+                no_group: Some(format!(
+                    "{}: no group of this host runs '{release}' in {}; only the command line's settings apply",
+                    host.id, plan.origin
+                )),
+                host,
+                group: None,
+            }),
+        }
+    }
+
+    /// The grace of a stop: `--grace`, else the group's, else the default.
+    fn stop_grace(&self, flag: Option<u64>) -> Duration {
+        match (flag, &self.group) {
+            (Some(secs), _) => Duration::from_secs(secs),
+            (None, Some((_, group))) => group.stop_grace,
+            (None, None) => Duration::from_secs(crate::cluster::DEFAULT_STOP_GRACE_SECS),
+        }
+    }
+
+    /// The `Start` for `version`, and a line for each setting the flags overrode.
+    fn start_request(
+        &self,
+        name: &str,
+        version: &str,
+        flags: StartSettings,
+    ) -> (Start, Vec<String>) {
+        let Some((host, group)) = &self.group else {
+            return (
+                Start {
+                    name: name.to_string(),
+                    version: version.to_string(),
+                    argv: flags.argv,
+                    env: flags.env,
+                    user: flags.user,
+                },
+                Vec::new(),
+            );
+        };
+        let mut start = group.start_request(host, version);
+        let mut notes = Vec::new();
+        let whose = format!("group '{}'", group.name);
+        if !flags.argv.is_empty() {
+            notes.push(format!(
+                "argv from the command line, not {whose}'s: {}",
+                flags.argv.join(" ")
+            ));
+            start.argv = flags.argv;
+        }
+        if !flags.env.is_empty() {
+            let mut env: std::collections::BTreeMap<String, String> =
+                start.env.into_iter().collect();
+            let mut overridden = Vec::new();
+            for (key, value) in flags.env {
+                if env.insert(key.clone(), value).is_some() {
+                    overridden.push(key);
+                }
+            }
+            if !overridden.is_empty() {
+                notes.push(format!(
+                    "env from the command line overrides {whose}'s {}",
+                    overridden.join(", ")
+                ));
+            }
+            start.env = env.into_iter().collect();
+        }
+        if let Some(user) = flags.user {
+            notes.push(format!(
+                "user '{user}' from the command line, not {whose}'s {}",
+                start.user.as_deref().unwrap_or("(none)")
+            ));
+            start.user = Some(user);
+        }
+        (start, notes)
+    }
+
+    fn describe(&self) -> Option<String> {
+        match &self.group {
+            Some((_, group)) => Some(format!(
+                "{}: settings of group '{}' (release {}, stop_grace_secs {})",
+                self.host.id,
+                group.name,
+                group.release,
+                group.stop_grace.as_secs()
+            )),
+            None => self.no_group.clone(),
+        }
+    }
+}
+
+/// Sends `start`; the line saying what happened.
+async fn send_start(host: &HostAddr, session: &mut HostSession, start: Start) -> Result<String> {
+    let (name, version) = (start.name.clone(), start.version.clone());
+    let started: Started = session.command(Request::Start(start)).await?;
     let how = if started.already_running {
         "already running"
     } else {
         "started"
     };
-    println!(
-        "{}: {} {} {how}, pid {}",
-        host.id, args.name, args.version, started.pid
-    );
+    Ok(format!(
+        "{}: {name} {version} {how}, pid {}",
+        host.id, started.pid
+    ))
+}
+
+/// Sends a stop; the line saying what happened.
+async fn send_stop(
+    host: &HostAddr,
+    session: &mut HostSession,
+    name: &str,
+    grace: Duration,
+) -> Result<String> {
+    let stopped: Stopped = session.command(stop_request(name, grace)).await?;
+    let how = match (stopped.was_running, stopped.killed) {
+        (false, _) => "was not running".to_string(),
+        (true, false) => "stopped".to_string(),
+        (true, true) => format!("killed after the grace period of {}s", grace.as_secs()),
+    };
+    Ok(format!("{}: {name} {how}", host.id))
+}
+
+/// Starts a release on one agent.
+pub async fn start(ctx: &Context, cluster: Option<&Path>, args: StartArgs) -> Result<ExitCode> {
+    let target = Target::resolve(&args.host, cluster, &args.name)?;
+    let (request, notes) = target.start_request(&args.name, &args.version, args.settings);
+    if let Some(line) = target.describe() {
+        println!("{line}");
+    }
+    for note in notes {
+        println!("{}: {note}", target.host.id);
+    }
+    let mut session = HostSession::new(target.host.clone(), ctx.connector()?);
+    println!("{}", send_start(&target.host, &mut session, request).await?);
     Ok(ExitCode::SUCCESS)
 }
 
 /// Stops a release on one agent.
 pub async fn stop(ctx: &Context, cluster: Option<&Path>, args: StopArgs) -> Result<ExitCode> {
-    let (host, mut session) = open(ctx, cluster, &args.host)?;
-    let request = stop_request(&args.name, Duration::from_secs(args.grace));
-    let stopped: Stopped = session.command(request).await?;
-    let how = match (stopped.was_running, stopped.killed) {
-        (false, _) => "was not running",
-        (true, false) => "stopped",
-        (true, true) => "killed after the grace period",
-    };
-    println!("{}: {} {how}", host.id, args.name);
+    let target = Target::resolve(&args.host, cluster, &args.name)?;
+    let grace = target.stop_grace(args.grace);
+    if let Some(line) = target.describe() {
+        println!("{line}");
+    }
+    let mut session = HostSession::new(target.host.clone(), ctx.connector()?);
+    println!(
+        "{}",
+        send_stop(&target.host, &mut session, &args.name, grace).await?
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Stops a release on one agent, then starts it again with the settings `start` uses.
+pub async fn restart(ctx: &Context, cluster: Option<&Path>, args: RestartArgs) -> Result<ExitCode> {
+    let target = Target::resolve(&args.host, cluster, &args.name)?;
+    let mut session = HostSession::new(target.host.clone(), ctx.connector()?);
+    let version = match args.version {
+        Some(version) => version,
+        None => {
+            let pong: Pong = session.command(Request::Ping(Ping {})).await?;
+            let ran = pong
+                .releases
+                .into_iter()
+                .find(|r| r.name == args.name)
+                .and_then(|r| r.version);
+            let desired = target.group.as_ref().map(|(_, g)| g.version.clone());
+            ran.or(desired).ok_or_else(|| {
+                Error::Usage(format!(
+                    "{}: '{}' has never run there and no group of the host runs it: give VERSION",
+                    target.host.id, args.name
+                ))
+            })?
+        }
+    };
+    let (request, notes) = target.start_request(&args.name, &version, args.settings);
+    match target.describe() {
+        Some(line) => println!("{line}"),
+        // The agent does not say what a release was started with: a restart without a
+        // group starts it with exactly what is given here.
+        None => println!(
+            "{}: no cluster group: {} {version} is started with the command line's argv, env and user only",
+            target.host.id, args.name
+        ),
+    }
+    for note in notes {
+        println!("{}: {note}", target.host.id);
+    }
+    let grace = target.stop_grace(args.grace);
+    println!(
+        "{}",
+        send_stop(&target.host, &mut session, &args.name, grace).await?
+    );
+    println!("{}", send_start(&target.host, &mut session, request).await?);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{ArchiveLookup, Plan};
+
+    const CLUSTER: &str = r#"
+revision = 1
+
+[[host]]
+id = "web-1"
+addr = "127.0.0.1:7070"
+groups = ["web", "metrics"]
+env = { PORT = "8081" }
+
+[group.web]
+release = "pong"
+version = "0.2.0"
+archive = "pong.tar.gz"
+argv = ["bin/pong", "foreground"]
+env = { PORT = "8080", MODE = "prod" }
+user = "pong"
+stop_grace_secs = 30
+
+[group.metrics]
+release = "probe"
+version = "1.0.0"
+archive = "probe.tar.gz"
+"#;
+
+    fn target(release: &str) -> Target {
+        let plan = Plan::parse(CLUSTER, "cluster.toml", &ArchiveLookup::Unchecked).expect("valid");
+        let host = plan.host("web-1").expect("web-1");
+        Target {
+            host: host.host_addr(),
+            group: plan
+                .group_running(host, release)
+                .map(|g| (host.clone(), g.clone())),
+            no_group: None,
+        }
+    }
+
+    fn flags(env: &[(&str, &str)], user: Option<&str>, argv: &[&str]) -> StartSettings {
+        StartSettings {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            user: user.map(str::to_string),
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_group_running_the_release_gives_argv_env_user_and_grace() {
+        let web = target("pong");
+        let (start, notes) = web.start_request("pong", "0.1.0", flags(&[], None, &[]));
+        assert_eq!(start.version, "0.1.0");
+        assert_eq!(start.argv, ["bin/pong", "foreground"]);
+        assert_eq!(
+            start.env,
+            [
+                ("MODE".to_string(), "prod".to_string()),
+                ("PORT".to_string(), "8081".to_string())
+            ],
+            "the host's env wins over the group's"
+        );
+        assert_eq!(start.user.as_deref(), Some("pong"));
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(web.stop_grace(None), Duration::from_secs(30));
+        assert_eq!(web.stop_grace(Some(2)), Duration::from_secs(2));
+
+        // The other group of the same host, for its own release.
+        let metrics = target("probe");
+        assert_eq!(
+            metrics.stop_grace(None),
+            Duration::from_secs(crate::cluster::DEFAULT_STOP_GRACE_SECS)
+        );
+        let (start, _) = metrics.start_request("probe", "1.0.0", flags(&[], None, &[]));
+        assert!(start.argv.is_empty() && start.user.is_none());
+        assert_eq!(start.env, [("PORT".to_string(), "8081".to_string())]);
+    }
+
+    #[test]
+    fn flags_override_the_group_and_say_so() {
+        let web = target("pong");
+        let (start, notes) = web.start_request(
+            "pong",
+            "0.2.0",
+            flags(
+                &[("MODE", "debug"), ("EXTRA", "1")],
+                Some("root"),
+                &["bin/pong", "console"],
+            ),
+        );
+        assert_eq!(start.argv, ["bin/pong", "console"]);
+        assert!(start
+            .env
+            .contains(&("MODE".to_string(), "debug".to_string())));
+        assert!(start.env.contains(&("EXTRA".to_string(), "1".to_string())));
+        assert!(start
+            .env
+            .contains(&("PORT".to_string(), "8081".to_string())));
+        assert_eq!(start.user.as_deref(), Some("root"));
+        let said = notes.join("\n");
+        assert!(
+            said.contains("argv from the command line, not group 'web'"),
+            "{said}"
+        );
+        assert!(said.contains("overrides group 'web''s MODE"), "{said}");
+        assert!(
+            !said.contains("EXTRA"),
+            "an added variable overrides nothing: {said}"
+        );
+        assert!(
+            said.contains("user 'root' from the command line, not group 'web''s pong"),
+            "{said}"
+        );
+
+        // No group: the flags alone, nothing to say.
+        let none = target("other");
+        let (start, notes) =
+            none.start_request("other", "1", flags(&[("A", "b")], None, &["bin/x"]));
+        assert_eq!(start.argv, ["bin/x"]);
+        assert_eq!(start.env, [("A".to_string(), "b".to_string())]);
+        assert!(notes.is_empty());
+    }
 }

@@ -62,7 +62,10 @@ fn log_event(event: &RolloutEvent) {
     match event {
         RolloutEvent::HostFailed { .. } => error!("{line}"),
         RolloutEvent::GroupHalted { .. } => warn!("{line}"),
-        RolloutEvent::HostDone { .. } | RolloutEvent::HostStopped { .. } => info!("{line}"),
+        RolloutEvent::HostDone { .. }
+        | RolloutEvent::HostVerdict { .. }
+        | RolloutEvent::HostDrain { .. }
+        | RolloutEvent::HostStopped { .. } => info!("{line}"),
         RolloutEvent::HostPhase { phase, .. }
             if !matches!(
                 phase,

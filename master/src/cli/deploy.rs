@@ -238,6 +238,22 @@ impl Bars {
                 }
                 return;
             }
+            RolloutEvent::HostVerdict { group, host, .. } => {
+                // The evidence stays on screen, above the bars.
+                if let Some(line) = event_line(event) {
+                    let _ = self.multi.println(line);
+                }
+                self.bar(group, host);
+                return;
+            }
+            RolloutEvent::HostDrain {
+                group,
+                host,
+                outcome,
+            } => {
+                self.bar(group, host).set_message(outcome.to_string());
+                return;
+            }
             RolloutEvent::GroupStarted { .. } | RolloutEvent::GroupDone { .. } => return,
         };
         self.bar(group, host).finish_with_message(last);
@@ -263,6 +279,18 @@ pub fn event_line(event: &RolloutEvent) -> Option<String> {
             hosts,
         } => format!("group {group}: rolling {release} {version} to {hosts} host(s)"),
         RolloutEvent::HostPhase { group, host, phase } => format!("{group}/{host}: {phase}"),
+        RolloutEvent::HostVerdict {
+            group,
+            host,
+            version,
+            verdict,
+            evidence,
+        } => format!("{group}/{host}: {version} {verdict}: {evidence}"),
+        RolloutEvent::HostDrain {
+            group,
+            host,
+            outcome,
+        } => format!("{group}/{host}: {outcome}"),
         RolloutEvent::HostDone {
             group,
             host,
@@ -477,6 +505,20 @@ fn describe_plan(
                 group.release
             )),
         }
+    }
+    let waiting: Vec<&str> = plan
+        .hosts
+        .iter()
+        .filter(|h| h.groups.is_empty())
+        .map(|h| h.id.as_str())
+        .collect();
+    if !waiting.is_empty() {
+        out.push_str(&format!(
+            "
+waiting (in no group, nothing deployed): {}
+",
+            waiting.join(", ")
+        ));
     }
     out
 }

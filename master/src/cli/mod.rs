@@ -54,9 +54,10 @@ enum Command {
     Unpack(agent::UnpackArgs),
     /// Starts a release version on an agent.
     Start(agent::StartArgs),
-    /// Stops a release on an agent, or on the hosts of a group (--group).
+    /// Stops a release on an agent (HOST NAME), or on the hosts of a group (--group).
     Stop(lifecycle::StopArgs),
-    /// A rolling cold restart of a group's version, gated on health.
+    /// Stops a release on an agent and starts it again (HOST NAME), or a rolling cold
+    /// restart of a group's version, gated on health (--group).
     Restart(lifecycle::RestartArgs),
     /// Takes a group's hosts back to the newest other version present on each.
     Rollback(lifecycle::RollbackArgs),
@@ -130,7 +131,7 @@ async fn run(cli: Cli) -> crate::Result<ExitCode> {
         Command::Unpack(args) => agent::unpack(&ctx, cluster, args).await,
         Command::Start(args) => agent::start(&ctx, cluster, args).await,
         Command::Stop(args) => lifecycle::stop(&ctx, cluster, args).await,
-        Command::Restart(args) => lifecycle::restart(&ctx, &cluster_file(cluster), args).await,
+        Command::Restart(args) => lifecycle::restart(&ctx, cluster, args).await,
         Command::Rollback(args) => lifecycle::rollback(&ctx, &cluster_file(cluster), args).await,
         Command::Status(args) => status::status(&ctx, &cluster_file(cluster), args).await,
         Command::Deploy(args) => deploy::deploy(&ctx, &cluster_file(cluster), args).await,
@@ -175,6 +176,8 @@ mod tests {
             "erel unpack web-1@127.0.0.1:7070 archives/app.tar.gz releases/app/1",
             "erel start web-1@127.0.0.1:7070 app 1 --env A=B -- bin/app foreground",
             "erel stop web-1@127.0.0.1:7070 app --grace 3",
+            "erel restart web-1 app",
+            "erel restart web-1@127.0.0.1:7070 app 2 --grace 3 --env A=B --user app -- bin/app foreground",
             "erel deploy --cluster cluster.toml --group web --dry-run",
             "erel deploy --group web --hosts web-1,web-2 --exclude web-3",
             "erel restart --group web --hosts web-1",
@@ -195,22 +198,6 @@ mod tests {
                 panic!("{line}: {e}");
             }
         }
-    }
-
-    #[test]
-    fn stop_takes_a_host_and_a_release_or_a_group_not_both() {
-        let parse =
-            |line: &str| <super::Cli as clap::Parser>::try_parse_from(line.split_whitespace());
-        assert!(parse("erel stop").is_err(), "nothing to stop");
-        assert!(
-            parse("erel stop web-1@127.0.0.1:7070").is_err(),
-            "no release"
-        );
-        assert!(parse("erel stop web-1@127.0.0.1:7070 app --group web").is_err());
-        assert!(
-            parse("erel stop --group web --grace 3").is_err(),
-            "a group has its grace"
-        );
     }
 
     #[test]

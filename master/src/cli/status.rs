@@ -1,7 +1,9 @@
-//! `erel status [--cluster FILE] [--json]`: every host of the cluster with its group,
-//! address, reachability, desired and running release, state, uptime, restarts, and
-//! the output of a crashed release. Exit 0 only when every host is reachable and runs
-//! its desired version.
+//! `erel status [--cluster FILE] [--json]`: one row per host and group (a host in two
+//! groups has two rows, a waiting host one row in state `waiting`) with its address,
+//! reachability, desired and running release, state, uptime, restarts, the group's
+//! TCP probe run now, and the output of a crashed release. Whether argv and env match
+//! the group's is shown as `unknown` (see [`HostStatus::argv_env`]). Exit 0 only when every host is reachable and runs the desired
+//! version of each of its groups.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -35,13 +37,14 @@ pub struct StatusArgs {
     amqp_prefix: String,
 }
 
-/// One host as `status` shows it.
+/// One host × group as `status` shows it; a waiting host (in no group) has one row
+/// with no group, release or desired version.
 #[derive(Debug, Clone, Serialize)]
 pub struct HostStatus {
     /// Host id.
     pub host: String,
-    /// Its group.
-    pub group: String,
+    /// The group of this row; `None` for a waiting host.
+    pub group: Option<String>,
     /// Its agent's address.
     pub addr: String,
     /// Whether the agent answered.
@@ -49,9 +52,9 @@ pub struct HostStatus {
     /// Why not, when it did not.
     pub error: Option<String>,
     /// The group's release.
-    pub release: String,
+    pub release: Option<String>,
     /// The group's desired version.
-    pub desired_version: String,
+    pub desired_version: Option<String>,
     /// The version the agent runs or last ran.
     pub running_version: Option<String>,
     /// Its state, in words.
@@ -66,9 +69,23 @@ pub struct HostStatus {
     pub versions: Vec<String>,
     /// The release's last output, after a crash.
     pub output_tail: String,
-    /// Runs the desired version now.
+    /// Runs the desired version now (a waiting host: answers).
     pub converged: bool,
+    /// The group's TCP health probe, run by `status` itself: `ok`, `failed: <why>`, or
+    /// `-` when the group has no probe (or the row has no group).
+    pub probe: String,
+    /// Whether the release runs with the group's argv and env: always `unknown`. An
+    /// agent's answer to `Ping` carries no argv or env, the wire format is frozen, and
+    /// a record kept by one master would be wrong as soon as another master, a daemon
+    /// or `erel start` started the release with other settings.
+    pub argv_env: String,
 }
+
+/// Time one status TCP probe may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What [`HostStatus::argv_env`] says.
+const ARGV_ENV_UNKNOWN: &str = "unknown";
 
 /// Runs `erel status`.
 pub async fn status(ctx: &Context, cluster: &Path, args: StatusArgs) -> crate::Result<ExitCode> {
@@ -118,19 +135,18 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
     }
     answers.sort_by_key(|(index, _)| *index);
     let mut out = Vec::new();
+    let mut probes = tokio::task::JoinSet::new();
     for (index, answer) in answers {
         let host = &plan.hosts[index];
-        let Some(group) = plan.group_of(host) else {
-            continue;
-        };
-        let mut row = HostStatus {
+        let groups = plan.groups_of(host);
+        let base = HostStatus {
             host: host.id.clone(),
-            group: host.group.clone(),
+            group: None,
             addr: host.addr.clone(),
             reachable: false,
             error: None,
-            release: group.release.clone(),
-            desired_version: group.version.clone(),
+            release: None,
+            desired_version: None,
             running_version: None,
             state: "unreachable".to_string(),
             pid: None,
@@ -139,20 +155,67 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
             versions: Vec::new(),
             output_tail: String::new(),
             converged: false,
+            probe: "-".to_string(),
+            argv_env: "-".to_string(),
         };
-        match answer {
-            Err(e) => row.error = Some(e.to_string()),
-            Ok(pong) => {
-                row.reachable = true;
-                match pong.releases.iter().find(|r| r.name == group.release) {
-                    None => row.state = "not installed".to_string(),
-                    Some(release) => fill(&mut row, release),
+        if groups.is_empty() {
+            let mut row = base;
+            match answer {
+                Err(e) => row.error = Some(e.to_string()),
+                Ok(_) => {
+                    row.reachable = true;
+                    row.state = "waiting".to_string();
+                    row.converged = true;
                 }
             }
+            out.push(row);
+            continue;
         }
-        out.push(row);
+        for group in groups {
+            let mut row = HostStatus {
+                group: Some(group.name.clone()),
+                release: Some(group.release.clone()),
+                desired_version: Some(group.version.clone()),
+                argv_env: ARGV_ENV_UNKNOWN.to_string(),
+                ..base.clone()
+            };
+            if let Some(port) = group.probe_port(host) {
+                let target = host.probe_host().to_string();
+                let row = out.len();
+                probes.spawn(async move { (row, probe_tcp(&target, port).await) });
+            }
+            match &answer {
+                Err(e) => row.error = Some(e.to_string()),
+                Ok(pong) => {
+                    row.reachable = true;
+                    match pong.releases.iter().find(|r| r.name == group.release) {
+                        None => row.state = "not installed".to_string(),
+                        Some(release) => fill(&mut row, release),
+                    }
+                }
+            }
+            out.push(row);
+        }
+    }
+    while let Some(joined) = probes.join_next().await {
+        if let Ok((row, result)) = joined {
+            out[row].probe = result;
+        }
     }
     out
+}
+
+/// Connects once to `host:port` within [`PROBE_TIMEOUT`]: `ok` or `failed: <why>`.
+async fn probe_tcp(host: &str, port: u16) -> String {
+    let connect = tokio::net::TcpStream::connect((host, port));
+    match tokio::time::timeout(PROBE_TIMEOUT, connect).await {
+        Ok(Ok(_stream)) => "ok".to_string(),
+        Ok(Err(e)) => format!("failed: {host}:{port}: {e}"),
+        Err(_) => format!(
+            "failed: {host}:{port}: no answer within {}s",
+            PROBE_TIMEOUT.as_secs()
+        ),
+    }
 }
 
 fn fill(row: &mut HostStatus, release: &ReleaseStatus) {
@@ -176,7 +239,8 @@ fn fill(row: &mut HostStatus, release: &ReleaseStatus) {
         ReleaseState::CrashLooping => "crash-looping".to_string(),
     };
     row.converged = release.state == ReleaseState::Running
-        && release.version.as_deref() == Some(row.desired_version.as_str());
+        && release.version.is_some()
+        && release.version == row.desired_version;
 }
 
 /// The status as a table, with crash output below it.
@@ -191,15 +255,19 @@ pub fn status_table(plan: &Plan, hosts: &[HostStatus]) -> String {
         "STATE",
         "UP",
         "RESTARTS",
+        "PROBE",
     ]
     .map(String::from)];
     for h in hosts {
         rows.push([
             h.host.clone(),
-            h.group.clone(),
+            h.group.clone().unwrap_or_else(|| "-".to_string()),
             h.addr.clone(),
             if h.reachable { "yes" } else { "NO" }.to_string(),
-            format!("{} {}", h.release, h.desired_version),
+            match (&h.release, &h.desired_version) {
+                (Some(release), Some(version)) => format!("{release} {version}"),
+                _ => "-".to_string(),
+            },
             h.running_version.clone().unwrap_or_else(|| "-".to_string()),
             if h.reachable && !h.converged && h.state == "running" {
                 "running (old)".to_string()
@@ -210,13 +278,18 @@ pub fn status_table(plan: &Plan, hosts: &[HostStatus]) -> String {
                 .map(human_duration)
                 .unwrap_or_else(|| "-".to_string()),
             h.restarts.to_string(),
+            h.probe.clone(),
         ]);
     }
     let mut out = format!("{} (revision {})\n", plan.origin, plan.revision);
     out.push_str(&table(&rows));
+    let mut named_errors: Vec<&str> = Vec::new();
     for h in hosts {
         if let Some(error) = &h.error {
-            out.push_str(&format!("{}: {error}\n", h.host));
+            if !named_errors.contains(&h.host.as_str()) {
+                named_errors.push(&h.host);
+                out.push_str(&format!("{}: {error}\n", h.host));
+            }
         }
         if !h.output_tail.trim().is_empty() && h.state != "running" {
             out.push_str(&format!("{}: the release's last output:\n", h.host));
@@ -224,11 +297,19 @@ pub fn status_table(plan: &Plan, hosts: &[HostStatus]) -> String {
             out.push('\n');
         }
     }
-    let converged = hosts.iter().filter(|h| h.converged).count();
+    if hosts.iter().any(|h| h.argv_env == ARGV_ENV_UNKNOWN) {
+        out.push_str("argv/env: unknown (agents do not report what a release was started with)\n");
+    }
+    let groups: Vec<&HostStatus> = hosts.iter().filter(|h| h.group.is_some()).collect();
+    let converged = groups.iter().filter(|h| h.converged).count();
     out.push_str(&format!(
-        "{converged} of {} host(s) run their desired version\n",
-        hosts.len()
+        "{converged} of {} host/group pair(s) run their desired version\n",
+        groups.len()
     ));
+    let waiting = hosts.iter().filter(|h| h.group.is_none()).count();
+    if waiting > 0 {
+        out.push_str(&format!("{waiting} host(s) waiting in no group\n"));
+    }
     out
 }
 
@@ -238,5 +319,78 @@ fn human_duration(secs: u64) -> String {
         s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
         s if s < 86400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
         s => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Plan {
+        let text = "revision = 4\n\
+            [[host]]\nid = \"a-1\"\naddr = \"127.0.0.1:1\"\ngroups = [\"web\", \"metrics\"]\n\
+            [[host]]\nid = \"b-1\"\naddr = \"127.0.0.1:2\"\n\
+            [group.web]\nrelease = \"pong\"\nversion = \"2\"\narchive = \"p.tar.gz\"\n\
+            health = { tcp = 1 }\n\
+            [group.metrics]\nrelease = \"probe\"\nversion = \"1\"\narchive = \"q.tar.gz\"\n";
+        Plan::parse(text, "cluster.toml", &ArchiveLookup::Unchecked).expect("valid")
+    }
+
+    fn row(host: &str, group: Option<&str>) -> HostStatus {
+        HostStatus {
+            host: host.to_string(),
+            group: group.map(str::to_string),
+            addr: "127.0.0.1:1".to_string(),
+            reachable: true,
+            error: None,
+            release: group.map(|_| "pong".to_string()),
+            desired_version: group.map(|_| "2".to_string()),
+            running_version: None,
+            state: "waiting".to_string(),
+            pid: None,
+            up_secs: None,
+            restarts: 0,
+            versions: Vec::new(),
+            output_tail: String::new(),
+            converged: true,
+            probe: "-".to_string(),
+            argv_env: "-".to_string(),
+        }
+    }
+
+    #[test]
+    fn the_table_has_a_row_per_host_and_group_and_counts_waiting_hosts_apart() {
+        let mut web = row("a-1", Some("web"));
+        web.state = "running".to_string();
+        web.running_version = Some("2".to_string());
+        web.probe = "ok".to_string();
+        web.argv_env = ARGV_ENV_UNKNOWN.to_string();
+        let mut metrics = row("a-1", Some("metrics"));
+        metrics.state = "not installed".to_string();
+        metrics.converged = false;
+        metrics.probe = "failed: 127.0.0.1:1: refused".to_string();
+        metrics.argv_env = ARGV_ENV_UNKNOWN.to_string();
+        let waiting = row("b-1", None);
+        let table = status_table(&plan(), &[web, metrics, waiting]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("cluster.toml (revision 4)"), "{table}");
+        assert!(lines[1].contains("PROBE"), "{table}");
+        let words = |line: &str| {
+            line.split_whitespace()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(words(lines[2])[..2], ["a-1", "web"], "{table}");
+        assert!(lines[2].ends_with("ok"), "{table}");
+        assert_eq!(words(lines[3])[..2], ["a-1", "metrics"], "{table}");
+        assert!(
+            lines[3].ends_with("failed: 127.0.0.1:1: refused"),
+            "{table}"
+        );
+        assert_eq!(words(lines[4])[..2], ["b-1", "-"], "{table}");
+        assert!(lines[4].contains("waiting"), "{table}");
+        assert!(table.contains("argv/env: unknown"), "{table}");
+        assert!(table.contains("1 of 2 host/group pair(s)"), "{table}");
+        assert!(table.contains("1 host(s) waiting in no group"), "{table}");
     }
 }

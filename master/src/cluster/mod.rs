@@ -8,7 +8,7 @@
 //! [[host]]
 //! id = "web-1"
 //! addr = "10.0.0.11:7070"
-//! group = "web"
+//! group = "web"                   # or groups = ["web", "metrics"]; neither: waiting
 //! env = { BEAT_PORT = "27182" }   # optional, merged over the group's env
 //!
 //! [group.web]
@@ -20,21 +20,34 @@
 //! env = { NODE_NAME = "beat" }
 //! user = "beat"                            # optional
 //! max_in_flight = 1                        # default 1
-//! canaries = 1                             # default 1 (0 when the group has no hosts)
+//! canaries = 1                             # default 1 (0 for a stopped group)
 //! stop_grace_secs = 10                     # default 10
 //! max_failed = 0                           # default 0: hosts that may fail or be
 //!                                          # unreachable before the rollout halts
 //! state = "running"                        # default; "stopped" stops it everywhere
 //! health = { tcp = 27182, min_up_secs = 5, deadline_secs = 60 }
+//! # or an HTTP probe, 3 consecutive passes of every probe:
+//! # health = { http = 8080, path = "/health", passes = 3, min_up_secs = 5 }
+//! drain = { http = 8080, path = "/drain", timeout_secs = 10 }  # optional
 //! ```
 //!
-//! `health.tcp` may also name a variable of each host's environment, as
-//! `tcp = "$BEAT_PORT"`, when hosts listen on different ports (several agents on one
-//! machine); every host of the group must then give that variable a port number.
+//! A host may belong to several groups (`groups = [...]`), each running its own
+//! release on it; two groups of one host may not name the same release. A host in no
+//! group is waiting: known and pinged, but nothing is deployed to it. A group that no
+//! host names is refused, unless it is `state = "stopped"`.
+//!
+//! `health.tcp`, `health.http` and `drain.http` may also name a variable of each
+//! host's environment, as `tcp = "$BEAT_PORT"`, when hosts listen on different ports
+//! (several agents on one machine); every host of the group must then give that
+//! variable a port number.
+//!
+//! When the archive is opened, its `releases/<version>/` directories (the relx layout)
+//! must include the group's `version`; an archive with no such directory is not checked.
 //!
 //! Where archives are found is the caller's choice ([`ArchiveLookup`]): beside the
 //! file for `erel deploy`, in an artifact directory for a config received over AMQP.
 
+mod contents;
 mod raw;
 mod validate;
 
@@ -53,6 +66,14 @@ pub(crate) const DEFAULT_CLUSTER_FILE: &str = "cluster.toml";
 pub(crate) const DEFAULT_MIN_UP_SECS: u64 = 5;
 /// Seconds a release has to become healthy when the group says nothing.
 pub(crate) const DEFAULT_DEADLINE_SECS: u64 = 60;
+/// Consecutive passes of every probe a release needs when the group says nothing.
+pub(crate) const DEFAULT_PASSES: u32 = 1;
+/// The HTTP health probe's path when the group says nothing.
+pub(crate) const DEFAULT_HEALTH_PATH: &str = "/health";
+/// The drain request's path when the group says nothing.
+pub(crate) const DEFAULT_DRAIN_PATH: &str = "/drain";
+/// Seconds the drain request may take when the group says nothing.
+pub(crate) const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 10;
 /// Seconds between SIGTERM and SIGKILL when the group says nothing.
 pub(crate) const DEFAULT_STOP_GRACE_SECS: u64 = 10;
 
@@ -91,8 +112,9 @@ pub(crate) struct HostPlan {
     pub(crate) id: String,
     /// `ADDR:PORT` of its agent.
     pub(crate) addr: String,
-    /// The group it belongs to.
-    pub(crate) group: String,
+    /// The groups it belongs to, in file order; each runs its own release. Empty: the
+    /// host is waiting (pinged by `status`, nothing deployed to it).
+    pub(crate) groups: Vec<String>,
     /// Host-only environment, merged over the group's.
     pub(crate) env: BTreeMap<String, String>,
 }
@@ -127,6 +149,8 @@ pub(crate) struct GroupPlan {
     pub(crate) max_failed: usize,
     /// Whether the group's release runs or is stopped on its hosts.
     pub(crate) state: GroupState,
+    /// The request that drains a running release before it is stopped, if any.
+    pub(crate) drain: Option<Drain>,
 }
 
 /// `state = "running" | "stopped"`: what the group's release does on its hosts.
@@ -138,7 +162,7 @@ pub(crate) enum GroupState {
     Stopped,
 }
 
-/// Which port the TCP health probe connects to.
+/// Which port a probe (TCP or HTTP) or the drain request connects to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum TcpProbe {
     /// The same port on every host.
@@ -172,10 +196,45 @@ pub(crate) struct Archive {
 pub(crate) struct Health {
     /// A TCP port on the host's address that must accept a connection.
     pub(crate) tcp: Option<TcpProbe>,
+    /// An HTTP path on the host's address that must answer `GET` with a 2xx status.
+    pub(crate) http: Option<HttpProbe>,
+    /// Consecutive looks at which every configured probe must pass (at least 1); a
+    /// failure resets the count. Meaningless without a probe.
+    pub(crate) passes: u32,
     /// How long it must run without a restart.
     pub(crate) min_up: Duration,
     /// How long it has, from its start, to be healthy.
     pub(crate) deadline: Duration,
+}
+
+impl Health {
+    /// Whether any probe (TCP or HTTP) is configured.
+    pub(crate) fn has_probe(&self) -> bool {
+        self.tcp.is_some() || self.http.is_some()
+    }
+}
+
+/// `health.http`: plain HTTP/1.1 `GET http://HOST:PORT/PATH`, passed by a 2xx status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HttpProbe {
+    /// The port, on the host's address.
+    pub(crate) port: TcpProbe,
+    /// The absolute path requested (with its query, if any).
+    pub(crate) path: String,
+}
+
+/// `drain`: before a running release is stopped, plain HTTP/1.1
+/// `POST http://HOST:PORT/PATH` (POST: draining changes the release's state), answered
+/// by a 2xx status once the release has drained. The stop proceeds after `timeout`, or
+/// after any other answer, and says so in an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Drain {
+    /// The port, on the host's address.
+    pub(crate) port: TcpProbe,
+    /// The absolute path requested.
+    pub(crate) path: String,
+    /// How long the request (connect, send, answer) may take.
+    pub(crate) timeout: Duration,
 }
 
 impl Plan {
@@ -210,14 +269,28 @@ impl Plan {
         self.hosts.iter().find(|h| h.id == id)
     }
 
-    /// The hosts of `group`, in file order.
+    /// The hosts that are members of `group`, in file order.
     pub(crate) fn hosts_in(&self, group: &str) -> Vec<&HostPlan> {
-        self.hosts.iter().filter(|h| h.group == group).collect()
+        self.hosts
+            .iter()
+            .filter(|h| h.groups.iter().any(|g| g == group))
+            .collect()
     }
 
-    /// The group a host belongs to.
-    pub(crate) fn group_of(&self, host: &HostPlan) -> Option<&GroupPlan> {
-        self.groups.get(&host.group)
+    /// The group of `host` whose release is `release`, if any (validation allows at
+    /// most one).
+    pub(crate) fn group_running(&self, host: &HostPlan, release: &str) -> Option<&GroupPlan> {
+        self.groups_of(host)
+            .into_iter()
+            .find(|g| g.release == release)
+    }
+
+    /// The groups a host belongs to, in the host's order; empty for a waiting host.
+    pub(crate) fn groups_of(&self, host: &HostPlan) -> Vec<&GroupPlan> {
+        host.groups
+            .iter()
+            .filter_map(|name| self.groups.get(name))
+            .collect()
     }
 }
 
@@ -263,7 +336,22 @@ impl GroupPlan {
 
     /// The port the TCP health probe connects to on `host`, if the group has a probe.
     pub(crate) fn probe_port(&self, host: &HostPlan) -> Option<u16> {
-        match self.health.tcp.as_ref()? {
+        self.port_on(self.health.tcp.as_ref()?, host)
+    }
+
+    /// The port the HTTP health probe connects to on `host`, if the group has one.
+    pub(crate) fn http_port(&self, host: &HostPlan) -> Option<u16> {
+        self.port_on(&self.health.http.as_ref()?.port, host)
+    }
+
+    /// The port the drain request goes to on `host`, if the group drains.
+    pub(crate) fn drain_port(&self, host: &HostPlan) -> Option<u16> {
+        self.port_on(&self.drain.as_ref()?.port, host)
+    }
+
+    /// `port` on `host`: the number, or the host's (else the group's) variable.
+    pub(crate) fn port_on(&self, port: &TcpProbe, host: &HostPlan) -> Option<u16> {
+        match port {
             TcpProbe::Port(port) => Some(*port),
             TcpProbe::Variable(name) => host
                 .env
@@ -287,8 +375,17 @@ impl GroupPlan {
 /// Resolves a `HOST` argument: `ID@ADDR:PORT`, or an id found in the cluster file.
 /// `cluster` is the file given with `--cluster`, else `cluster.toml` when it exists.
 pub(crate) fn resolve_host(text: &str, cluster: Option<&Path>) -> Result<HostAddr> {
+    resolve_host_in(text, cluster).map(|(host, _)| host)
+}
+
+/// Like [`resolve_host`], with the cluster file's plan (archives unchecked) when the
+/// host was found in it; `None` for an `ID@ADDR:PORT` argument, which names no group.
+pub(crate) fn resolve_host_in(
+    text: &str,
+    cluster: Option<&Path>,
+) -> Result<(HostAddr, Option<Plan>)> {
     if text.contains('@') {
-        return text.parse();
+        return Ok((text.parse()?, None));
     }
     let path = match cluster {
         Some(path) => path.to_path_buf(),
@@ -306,12 +403,14 @@ pub(crate) fn resolve_host(text: &str, cluster: Option<&Path>) -> Result<HostAdd
         }
     };
     let plan = Plan::load_with(&path, &ArchiveLookup::Unchecked)?;
-    plan.host(text)
+    let host = plan
+        .host(text)
         .map(HostPlan::host_addr)
         .ok_or_else(|| Error::InvalidHost {
             text: text.to_string(),
             reason: format!("no host with this id in {}", path.display()),
-        })
+        })?;
+    Ok((host, Some(plan)))
 }
 
 fn read(path: &Path) -> Result<String> {

@@ -23,7 +23,10 @@ pub(super) struct RawCluster {
 pub(super) struct RawHost {
     pub id: String,
     pub addr: String,
-    pub group: String,
+    /// The one group of this host; `groups` names several. Neither: the host waits.
+    pub group: Option<String>,
+    /// The groups of this host, each running its own release.
+    pub groups: Option<Vec<String>>,
     /// Variables for this host only, merged over the group's `env`.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -48,15 +51,28 @@ pub(super) struct RawGroup {
     pub health: Option<RawHealth>,
     pub max_failed: Option<u32>,
     pub state: Option<String>,
+    pub drain: Option<RawDrain>,
 }
 
-/// `health = { tcp, min_up_secs, deadline_secs }`.
+/// `health = { http, path, passes, tcp, min_up_secs, deadline_secs }`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHealth {
+    pub http: Option<RawPort>,
+    pub path: Option<String>,
+    pub passes: Option<i64>,
     pub tcp: Option<RawPort>,
     pub min_up_secs: Option<u64>,
     pub deadline_secs: Option<u64>,
+}
+
+/// `drain = { http, path, timeout_secs }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDrain {
+    pub http: RawPort,
+    pub path: Option<String>,
+    pub timeout_secs: Option<u64>,
 }
 
 /// Only the revision, for a cheap look at a file that may have changed.

@@ -17,7 +17,7 @@ impl Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(dir.path().join("releases")).expect("mkdir");
         let archive = dir.path().join("releases/beat-0.2.0.tar.gz");
-        std::fs::write(&archive, b"not really a tarball").expect("write");
+        write_archive(&archive, &["bin/beat", "releases/0.2.0/start.boot"], true);
         let sha256 = sha256_file(&archive).expect("hash");
         Fixture { dir, sha256 }
     }
@@ -70,6 +70,30 @@ health = {{ tcp = 27182, min_up_secs = 5, deadline_secs = 60 }}
             Err(e) => e.to_string(),
         }
     }
+}
+
+/// A tar (gzipped when `gzip`) holding an empty file at each of `paths`.
+fn write_archive(path: &Path, paths: &[&str], gzip: bool) {
+    let mut builder = tar::Builder::new(Vec::new());
+    for name in paths {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(0);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, name, std::io::empty())
+            .expect("append");
+    }
+    let tar = builder.into_inner().expect("finish");
+    let bytes = if gzip {
+        use std::io::Write as _;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(&tar).expect("gzip");
+        encoder.finish().expect("gzip")
+    } else {
+        tar
+    };
+    std::fs::write(path, bytes).expect("write");
 }
 
 fn assert_mentions(error: &str, parts: &[&str]) {
@@ -130,7 +154,7 @@ fn defaults_apply_when_fields_are_left_out() {
     .expect("copy");
     let text = format!(
         "revision = 1\n[[host]]\nid = \"a-1\"\naddr = \"127.0.0.1:1\"\ngroup = \"g\"\n\
-         [group.g]\nrelease = \"beat\"\nversion = \"1\"\nsha256 = \"{}\"\n",
+         [group.g]\nrelease = \"beat\"\nversion = \"0.2.0\"\nsha256 = \"{}\"\n",
         fx.sha256
     );
     let plan = fx.parse(&text).expect("valid");
@@ -416,7 +440,7 @@ fn max_failed_and_state_are_read_and_a_stopped_group_may_have_no_hosts() {
     // Every host moved elsewhere: the stopped group keeps no host.
     let text = text.replace("group = \"web\"", "group = \"api\"").replace(
         "[group.web]",
-        "[group.api]\nrelease = \"api\"\nversion = \"1\"\narchive = \"releases/beat-0.2.0.tar.gz\"\n\n[group.web]",
+        "[group.api]\nrelease = \"api\"\nversion = \"0.2.0\"\narchive = \"releases/beat-0.2.0.tar.gz\"\n\n[group.web]",
     );
     let plan = fx
         .parse(&text)
@@ -425,4 +449,336 @@ fn max_failed_and_state_are_read_and_a_stopped_group_may_have_no_hosts() {
 
     let error = fx.error_with("canaries = 1\n", "canaries = 1\nstate = \"paused\"\n");
     assert_mentions(&error, &[FILE, "group.web.state", "'paused'", "stopped"]);
+}
+
+/// Two groups, `web` (release beat) and `metrics` (release probe); `HOSTS` is spliced
+/// in as the `[[host]]` tables.
+fn groups_text(hosts: &str) -> String {
+    format!(
+        r#"
+revision = 3
+{hosts}
+[group.web]
+release = "beat"
+version = "0.2.0"
+archive = "beat.tar.gz"
+
+[group.metrics]
+release = "probe"
+version = "1.0.0"
+archive = "probe.tar.gz"
+"#
+    )
+}
+
+fn parse_unchecked(text: &str) -> Result<Plan> {
+    Plan::parse(text, FILE, &ArchiveLookup::Unchecked)
+}
+
+#[test]
+fn a_host_may_belong_to_several_groups_and_a_host_in_none_waits() {
+    let text = groups_text(
+        r#"
+[[host]]
+id = "both-1"
+addr = "10.0.0.1:7070"
+groups = ["web", "metrics"]
+
+[[host]]
+id = "web-1"
+addr = "10.0.0.2:7070"
+group = "web"
+
+[[host]]
+id = "spare-1"
+addr = "10.0.0.3:7070"
+"#,
+    );
+    let plan = parse_unchecked(&text).expect("valid");
+    let ids = |group: &str| -> Vec<String> {
+        plan.hosts_in(group).iter().map(|h| h.id.clone()).collect()
+    };
+    assert_eq!(ids("web"), ["both-1", "web-1"]);
+    assert_eq!(ids("metrics"), ["both-1"]);
+    let both = plan.host("both-1").expect("both-1");
+    assert_eq!(both.groups, ["web", "metrics"]);
+    let releases: Vec<&str> = plan
+        .groups_of(both)
+        .iter()
+        .map(|g| g.release.as_str())
+        .collect();
+    assert_eq!(releases, ["beat", "probe"]);
+    let spare = plan.host("spare-1").expect("spare-1");
+    assert!(spare.groups.is_empty(), "waiting");
+    assert!(plan.groups_of(spare).is_empty());
+    assert_eq!(plan.groups["metrics"].canaries, 1);
+}
+
+#[test]
+fn group_membership_refusals_name_the_host_and_the_groups() {
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "id = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroup = \"web\"\ngroups = [\"metrics\"]",
+            &["host[0]", "'a-1'", "both `group` and `groups`"],
+        ),
+        (
+            "id = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroups = [\"web\", \"metrics\", \"web\"]",
+            &["host[0].groups[2]", "'a-1'", "group 'web' twice"],
+        ),
+        (
+            "id = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroups = [\"web\", \"db\"]",
+            &["host[0].groups[1]", "unknown group 'db'", "metrics, web"],
+        ),
+    ];
+    for (host, parts) in cases {
+        let text = groups_text(&format!(
+            "[[host]]\n{host}\n[[host]]\nid = \"b-1\"\naddr = \"10.0.0.2:1\"\ngroups = [\"web\", \"metrics\"]\n"
+        ));
+        let error = parse_unchecked(&text).expect_err(host).to_string();
+        assert!(error.starts_with(FILE), "{error:?} names the file");
+        assert_mentions(&error, parts);
+    }
+}
+
+#[test]
+fn two_groups_of_one_host_may_not_run_the_same_release() {
+    let text = groups_text(
+        "[[host]]\nid = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroups = [\"web\", \"metrics\"]\n",
+    )
+    .replace("release = \"probe\"", "release = \"beat\"");
+    let error = parse_unchecked(&text)
+        .expect_err("same release")
+        .to_string();
+    assert_mentions(
+        &error,
+        &[
+            FILE,
+            "host[0].groups[1]",
+            "groups 'web' and 'metrics'",
+            "release 'beat'",
+            "host 'a-1'",
+        ],
+    );
+    // On different hosts, two groups may run the same release.
+    let text = groups_text(
+        "[[host]]\nid = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroup = \"web\"\n\
+         [[host]]\nid = \"b-1\"\naddr = \"10.0.0.2:1\"\ngroup = \"metrics\"\n",
+    )
+    .replace("release = \"probe\"", "release = \"beat\"");
+    parse_unchecked(&text).expect("one release per host");
+}
+
+#[test]
+fn a_misspelt_group_is_reported_rather_than_the_group_it_leaves_empty() {
+    let text = groups_text(
+        "[[host]]\nid = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroups = [\"web\", \"metric\"]\n",
+    );
+    let error = parse_unchecked(&text).expect_err("misspelt").to_string();
+    assert_mentions(&error, &["host[0].groups[1]", "unknown group 'metric'"]);
+}
+
+#[test]
+fn a_group_no_host_names_is_refused() {
+    let text = groups_text("[[host]]\nid = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroup = \"web\"\n");
+    let error = parse_unchecked(&text).expect_err("empty group").to_string();
+    assert_mentions(
+        &error,
+        &[FILE, "group.metrics", "no host names group 'metrics'"],
+    );
+    // A stopped group may keep no host: its release is stopped wherever it still runs.
+    let text = text.replace(
+        "[group.metrics]\n",
+        "[group.metrics]\nstate = \"stopped\"\n",
+    );
+    let plan = parse_unchecked(&text).expect("a stopped group without hosts");
+    assert!(plan.hosts_in("metrics").is_empty());
+    assert_eq!(
+        plan.groups["metrics"].canaries, 0,
+        "nothing to switch first"
+    );
+}
+
+#[test]
+fn a_version_the_archive_does_not_hold_is_refused() {
+    let fx = Fixture::new();
+    let error = fx.error_with("version = \"0.2.0\"", "version = \"0.3.0\"");
+    assert_mentions(
+        &error,
+        &[
+            FILE,
+            "group.web.version",
+            "group 'web'",
+            "'0.3.0'",
+            "beat-0.2.0.tar.gz",
+            "version(s) found: 0.2.0",
+        ],
+    );
+    // Not checked without archives.
+    let text = fx
+        .text()
+        .replacen("version = \"0.2.0\"", "version = \"0.3.0\"", 1);
+    Plan::parse(&text, FILE, &ArchiveLookup::Unchecked).expect("unchecked");
+}
+
+#[test]
+fn release_versions_are_the_directories_under_releases() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("otp.tar");
+    write_archive(
+        &path,
+        &[
+            "./releases/RELEASES",
+            "./releases/start_erl.data",
+            "./releases/0.1.0/vm.args",
+            "./releases/0.2.0/sys.config",
+            "./releases/0.2.0/start.boot",
+            "./lib/app-0.2.0/ebin/app.app",
+        ],
+        false,
+    );
+    let versions = contents::release_versions(&path).expect("readable");
+    assert_eq!(versions.found, ["0.1.0", "0.2.0"]);
+    assert!(!versions.truncated);
+
+    // No releases/ directory: nothing to compare, the version passes.
+    let fx = Fixture::new();
+    write_archive(
+        &fx.dir.path().join("releases/beat-0.2.0.tar.gz"),
+        &["bin/beat"],
+        true,
+    );
+    let text = fx
+        .text()
+        .replace(&format!("sha256 = \"{}\"\n", fx.sha256), "")
+        .replacen("version = \"0.2.0\"", "version = \"9\"", 1);
+    fx.parse(&text).expect("not the relx layout");
+
+    // Not a tar stream at all: left to the agent's unpacker, which names the fault.
+    std::fs::write(fx.dir.path().join("releases/beat-0.2.0.tar.gz"), b"garbage").expect("write");
+    assert!(contents::release_versions(&fx.dir.path().join("releases/beat-0.2.0.tar.gz")).is_err());
+    let text = fx
+        .text()
+        .replace(&format!("sha256 = \"{}\"\n", fx.sha256), "");
+    fx.parse(&text).expect("not listed here");
+}
+
+#[test]
+fn http_probes_passes_and_drain_are_read_with_their_defaults() {
+    let fx = Fixture::new();
+    let text = fx.text().replace(
+        "health = { tcp = 27182, min_up_secs = 5, deadline_secs = 60 }",
+        "health = { http = \"$BEAT_PORT\", passes = 3, min_up_secs = 5 }\n\
+         drain = { http = 9000, path = \"/admin/drain?now=1\", timeout_secs = 4 }",
+    );
+    let plan = fx.parse(&text).expect("valid");
+    let web = &plan.groups["web"];
+    assert_eq!(web.health.tcp, None);
+    assert_eq!(
+        web.health.http,
+        Some(HttpProbe {
+            port: TcpProbe::Variable("BEAT_PORT".into()),
+            path: DEFAULT_HEALTH_PATH.into(),
+        })
+    );
+    assert_eq!(web.health.passes, 3);
+    assert_eq!(
+        web.http_port(plan.host("web-1").expect("web-1")),
+        Some(27183)
+    );
+    assert_eq!(
+        web.drain,
+        Some(Drain {
+            port: TcpProbe::Port(9000),
+            path: "/admin/drain?now=1".into(),
+            timeout: Duration::from_secs(4),
+        })
+    );
+    assert_eq!(
+        web.drain_port(plan.host("web-2").expect("web-2")),
+        Some(9000)
+    );
+
+    let text = fx
+        .text()
+        .replace("min_up_secs = 5,", "min_up_secs = 5, http = 8080,")
+        .replace("canaries = 1", "canaries = 1\ndrain = { http = 8080 }");
+    let plan = fx.parse(&text).expect("valid");
+    let web = &plan.groups["web"];
+    assert_eq!(web.health.passes, DEFAULT_PASSES, "one pass by default");
+    assert!(web.health.tcp.is_some() && web.health.http.is_some());
+    let drain = web.drain.as_ref().expect("drain");
+    assert_eq!(drain.path, DEFAULT_DRAIN_PATH);
+    assert_eq!(
+        drain.timeout,
+        Duration::from_secs(DEFAULT_DRAIN_TIMEOUT_SECS)
+    );
+}
+
+#[test]
+fn wrong_health_and_drain_keys_are_refused_by_name() {
+    let fx = Fixture::new();
+    let health = "health = { tcp = 27182, min_up_secs = 5, deadline_secs = 60 }";
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "health = { http = 70000 }",
+            &["group.web.health.http", "70000 is not a port number"],
+        ),
+        (
+            "health = { http = 8080, path = \"health\" }",
+            &[
+                "group.web.health.path",
+                "'health' is not an absolute request path",
+            ],
+        ),
+        (
+            "health = { http = 8080, path = \"/a b\" }",
+            &["group.web.health.path", "/a b"],
+        ),
+        (
+            "health = { path = \"/health\" }",
+            &["group.web.health.path", "without health.http"],
+        ),
+        (
+            "health = { http = 8080, passes = 0 }",
+            &["group.web.health.passes", "0 is not a count of at least 1"],
+        ),
+        (
+            "health = { min_up_secs = 1, passes = 2 }",
+            &["group.web.health.passes", "no health.http or health.tcp"],
+        ),
+        (
+            "health = { http = 8080, pases = 2 }",
+            &["group.web.health", "unknown field `pases`"],
+        ),
+        ("drain = { http = 0 }", &["group.web.drain.http", "port 0"]),
+        (
+            "drain = { path = \"/drain\" }",
+            &["group.web.drain", "http"],
+        ),
+        (
+            "drain = { http = 8080, timeout_secs = 0 }",
+            &["group.web.drain.timeout_secs", "at least 1"],
+        ),
+        (
+            "drain = { http = 8080, path = \"drain\" }",
+            &["group.web.drain.path", "not an absolute request path"],
+        ),
+        (
+            "drain = { http = \"$NODE_NAME\" }",
+            &[
+                "host[0].env.NODE_NAME",
+                "group.web.drain.http",
+                "does not set to a port",
+            ],
+        ),
+        (
+            "health = { http = \"$NODE_NAME\" }",
+            &["host[0].env.NODE_NAME", "group.web.health.http"],
+        ),
+    ];
+    for (to, parts) in cases {
+        let error = fx.error_with(health, to);
+        assert!(error.starts_with(FILE), "{error:?} names the file");
+        assert_mentions(&error, parts);
+    }
 }

@@ -7,10 +7,12 @@ use std::time::Duration;
 use erel_proto::text::floor_char_boundary;
 use erel_proto::Sha256;
 
+use super::contents::{release_versions, MAX_ENTRIES};
 use super::raw::{RawCluster, RawGroup, RawHost, RawPort};
 use super::{
-    Archive, ArchiveLookup, GroupPlan, GroupState, Health, HostPlan, Plan, TcpProbe,
-    DEFAULT_DEADLINE_SECS, DEFAULT_MIN_UP_SECS, DEFAULT_STOP_GRACE_SECS,
+    Archive, ArchiveLookup, Drain, GroupPlan, GroupState, Health, HostPlan, HttpProbe, Plan,
+    TcpProbe, DEFAULT_DEADLINE_SECS, DEFAULT_DRAIN_PATH, DEFAULT_DRAIN_TIMEOUT_SECS,
+    DEFAULT_HEALTH_PATH, DEFAULT_MIN_UP_SECS, DEFAULT_PASSES, DEFAULT_STOP_GRACE_SECS,
 };
 use crate::digest_cache::sha256_file;
 use crate::error::{Error, Result};
@@ -38,9 +40,19 @@ pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<P
     let raw: RawCluster = toml::from_str(text).map_err(|e| toml_error(origin, text, &e))?;
     let fault = Fault { origin };
 
+    let memberships = raw
+        .host
+        .iter()
+        .enumerate()
+        .map(|(index, host)| memberships(&fault, index, host, &raw.group))
+        .collect::<Result<Vec<_>>>()?;
+
     let mut groups = BTreeMap::new();
     for (name, group) in &raw.group {
-        let hosts = raw.host.iter().filter(|h| &h.group == name).count();
+        let hosts = memberships
+            .iter()
+            .filter(|m| m.iter().any(|(_, g)| g == name))
+            .count();
         groups.insert(
             name.clone(),
             group_plan(&fault, name, group, hosts, lookup)?,
@@ -50,8 +62,8 @@ pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<P
     let mut hosts = Vec::with_capacity(raw.host.len());
     let mut ids: HashMap<&str, usize> = HashMap::new();
     let mut addrs: HashMap<&str, usize> = HashMap::new();
-    for (index, host) in raw.host.iter().enumerate() {
-        hosts.push(host_plan(&fault, index, host, &groups)?);
+    for (index, (host, member_of)) in raw.host.iter().zip(&memberships).enumerate() {
+        hosts.push(host_plan(&fault, index, host, member_of, &groups)?);
         if let Some(first) = ids.insert(host.id.as_str(), index) {
             return Err(fault.at(
                 format!("host[{index}].id"),
@@ -70,18 +82,24 @@ pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<P
     }
 
     for (index, host) in hosts.iter().enumerate() {
-        let Some(group) = groups.get(&host.group) else {
-            continue;
-        };
-        if let Some(TcpProbe::Variable(name)) = &group.health.tcp {
-            if group.probe_port(host).is_none_or(|port| port == 0) {
-                return Err(fault.at(
-                    format!("host[{index}].env.{name}"),
-                    format!(
-                        "group.{}.health.tcp probes ${name}, which host '{}' does not set to a port number",
-                        group.name, host.id
-                    ),
-                ));
+        for group in host.groups.iter().filter_map(|g| groups.get(g)) {
+            let ports = [
+                ("health.tcp", group.health.tcp.as_ref()),
+                ("health.http", group.health.http.as_ref().map(|h| &h.port)),
+                ("drain.http", group.drain.as_ref().map(|d| &d.port)),
+            ];
+            for (key, port) in ports {
+                if let Some(spec @ TcpProbe::Variable(name)) = port {
+                    if group.port_on(spec, host).is_none_or(|p| p == 0) {
+                        return Err(fault.at(
+                            format!("host[{index}].env.{name}"),
+                            format!(
+                                "group.{}.{key} uses ${name}, which host '{}' does not set to a port number",
+                                group.name, host.id
+                            ),
+                        ));
+                    }
+                }
             }
         }
     }
@@ -94,10 +112,63 @@ pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<P
     })
 }
 
+/// The groups a host names, each with the field that names it: `group = "g"` or
+/// `groups = [...]` (not both, no group twice, each defined in the file); neither is a
+/// waiting host. Checked before the groups, so that a misspelt name is reported as
+/// such rather than as the group it leaves empty.
+fn memberships(
+    fault: &Fault<'_>,
+    index: usize,
+    host: &RawHost,
+    defined: &BTreeMap<String, RawGroup>,
+) -> Result<Vec<(String, String)>> {
+    let named = named_groups(fault, index, host)?;
+    for (at, name) in &named {
+        if !defined.contains_key(name) {
+            let known: Vec<&str> = defined.keys().map(String::as_str).collect();
+            let known = if known.is_empty() {
+                "the file defines no [group.NAME]".to_string()
+            } else {
+                format!("groups: {}", known.join(", "))
+            };
+            return Err(fault.at(at, format!("unknown group '{name}' ({known})")));
+        }
+    }
+    Ok(named)
+}
+
+fn named_groups(fault: &Fault<'_>, index: usize, host: &RawHost) -> Result<Vec<(String, String)>> {
+    match (&host.group, &host.groups) {
+        (Some(_), Some(_)) => Err(fault.at(
+            format!("host[{index}]"),
+            format!(
+                "host '{}' sets both `group` and `groups`: use `groups = [...]` alone for several",
+                host.id
+            ),
+        )),
+        (Some(group), None) => Ok(vec![(format!("host[{index}].group"), group.clone())]),
+        (None, None) => Ok(Vec::new()),
+        (None, Some(names)) => {
+            let mut out: Vec<(String, String)> = Vec::with_capacity(names.len());
+            for (at, name) in names.iter().enumerate() {
+                if out.iter().any(|(_, seen)| seen == name) {
+                    return Err(fault.at(
+                        format!("host[{index}].groups[{at}]"),
+                        format!("host '{}' names group '{name}' twice", host.id),
+                    ));
+                }
+                out.push((format!("host[{index}].groups[{at}]"), name.clone()));
+            }
+            Ok(out)
+        }
+    }
+}
+
 fn host_plan(
     fault: &Fault<'_>,
     index: usize,
     host: &RawHost,
+    member_of: &[(String, String)],
     groups: &BTreeMap<String, GroupPlan>,
 ) -> Result<HostPlan> {
     let field = |name: &str| format!("host[{index}].{name}");
@@ -111,23 +182,28 @@ fn host_plan(
             }
             other => fault.at(field("addr"), other.to_string()),
         })?;
-    if !groups.contains_key(&host.group) {
-        let known: Vec<&str> = groups.keys().map(String::as_str).collect();
-        let known = if known.is_empty() {
-            "the file defines no [group.NAME]".to_string()
-        } else {
-            format!("groups: {}", known.join(", "))
+    let mut releases: Vec<(&str, &GroupPlan)> = Vec::new();
+    for (at, name) in member_of {
+        let Some(group) = groups.get(name) else {
+            // `memberships` checked every name against the file's groups.
+            continue;
         };
-        return Err(fault.at(
-            field("group"),
-            format!("unknown group '{}' ({known})", host.group),
-        ));
+        if let Some((_, other)) = releases.iter().find(|(_, g)| g.release == group.release) {
+            return Err(fault.at(
+                at,
+                format!(
+                    "groups '{}' and '{name}' both run release '{}' on host '{}': a host runs one version of a release",
+                    other.name, group.release, host.id
+                ),
+            ));
+        }
+        releases.push((at, group));
     }
     check_env(fault, &field("env"), &host.env)?;
     Ok(HostPlan {
         id: host.id.clone(),
         addr: host.addr.clone(),
-        group: host.group.clone(),
+        groups: member_of.iter().map(|(_, name)| name.clone()).collect(),
         env: host.env.clone(),
     })
 }
@@ -167,6 +243,14 @@ fn group_plan(
             ))
         }
     };
+    // A running group with no host is a mistake (a misspelt or forgotten member); a
+    // stopped one may keep no host: its release is stopped wherever it still runs.
+    if hosts == 0 && state == GroupState::Running {
+        return Err(fault.at(
+            format!("group.{name}"),
+            format!("no host names group '{name}': add it to a host's `group`/`groups`, mark it `state = \"stopped\"`, or remove the group"),
+        ));
+    }
     let canaries = match group.canaries {
         // A stopped group switches nothing: its canaries do not count.
         Some(_) if state == GroupState::Stopped => 0,
@@ -180,7 +264,8 @@ fn group_plan(
             }
             canaries
         }
-        None => hosts.min(1),
+        None if state == GroupState::Stopped => 0,
+        None => 1,
     };
 
     let stop_grace_secs = group.stop_grace_secs.unwrap_or(DEFAULT_STOP_GRACE_SECS);
@@ -193,6 +278,7 @@ fn group_plan(
     }
 
     let health = health(fault, name, group)?;
+    let drain = drain(fault, name, group)?;
 
     if let Some(first) = group.argv.first() {
         if first.is_empty() || first.starts_with('/') || first.split('/').any(|c| c == "..") {
@@ -224,43 +310,62 @@ fn group_plan(
         health,
         max_failed,
         state,
+        drain,
     })
 }
 
 fn health(fault: &Fault<'_>, name: &str, group: &RawGroup) -> Result<Health> {
     let field = |sub: &str| format!("group.{name}.health.{sub}");
-    let (tcp, min_up, deadline) = match &group.health {
-        Some(h) => (h.tcp.as_ref(), h.min_up_secs, h.deadline_secs),
-        None => (None, None, None),
+    let Some(raw) = &group.health else {
+        return Ok(Health {
+            tcp: None,
+            http: None,
+            passes: DEFAULT_PASSES,
+            min_up: Duration::from_secs(DEFAULT_MIN_UP_SECS),
+            deadline: Duration::from_secs(DEFAULT_DEADLINE_SECS),
+        });
     };
-    let tcp = match tcp {
+    let tcp = match &raw.tcp {
         None => None,
-        Some(RawPort::Number(port)) => match u16::try_from(*port) {
-            Ok(0) => return Err(fault.at(field("tcp"), "port 0 cannot be probed")),
-            Ok(port) => Some(TcpProbe::Port(port)),
-            Err(_) => return Err(fault.at(field("tcp"), format!("{port} is not a port number"))),
-        },
-        Some(RawPort::Variable(text)) => {
-            let name = text
-                .strip_prefix("${")
-                .and_then(|t| t.strip_suffix('}'))
-                .or_else(|| text.strip_prefix('$'))
-                .filter(|n| {
-                    !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                });
-            match name {
-                Some(name) => Some(TcpProbe::Variable(name.to_string())),
-                None => {
-                    return Err(fault.at(
-                        field("tcp"),
-                        format!("'{text}' is neither a port number nor \"$VARIABLE\""),
-                    ))
-                }
-            }
-        }
+        Some(port) => Some(port_spec(fault, &field("tcp"), port)?),
     };
-    let min_up = min_up.unwrap_or(DEFAULT_MIN_UP_SECS);
-    let deadline = deadline.unwrap_or(DEFAULT_DEADLINE_SECS.max(min_up));
+    let http = match &raw.http {
+        None => {
+            if raw.path.is_some() {
+                return Err(fault.at(
+                    field("path"),
+                    "is set without health.http, the port it is requested on",
+                ));
+            }
+            None
+        }
+        Some(port) => Some(HttpProbe {
+            port: port_spec(fault, &field("http"), port)?,
+            path: http_path(
+                fault,
+                &field("path"),
+                raw.path.as_deref(),
+                DEFAULT_HEALTH_PATH,
+            )?,
+        }),
+    };
+    let passes = match raw.passes {
+        None => DEFAULT_PASSES,
+        Some(_) if tcp.is_none() && http.is_none() => {
+            return Err(fault.at(
+                field("passes"),
+                "counts probe passes, but the group has no health.http or health.tcp probe",
+            ));
+        }
+        Some(n) => match u32::try_from(n) {
+            Ok(n) if n >= 1 => n,
+            _ => return Err(fault.at(field("passes"), format!("{n} is not a count of at least 1"))),
+        },
+    };
+    let min_up = raw.min_up_secs.unwrap_or(DEFAULT_MIN_UP_SECS);
+    let deadline = raw
+        .deadline_secs
+        .unwrap_or(DEFAULT_DEADLINE_SECS.max(min_up));
     if deadline < min_up {
         return Err(fault.at(
             field("deadline_secs"),
@@ -272,9 +377,73 @@ fn health(fault: &Fault<'_>, name: &str, group: &RawGroup) -> Result<Health> {
     }
     Ok(Health {
         tcp,
+        http,
+        passes,
         min_up: Duration::from_secs(min_up),
         deadline: Duration::from_secs(deadline),
     })
+}
+
+fn drain(fault: &Fault<'_>, name: &str, group: &RawGroup) -> Result<Option<Drain>> {
+    let field = |sub: &str| format!("group.{name}.drain.{sub}");
+    let Some(raw) = &group.drain else {
+        return Ok(None);
+    };
+    let timeout = raw.timeout_secs.unwrap_or(DEFAULT_DRAIN_TIMEOUT_SECS);
+    if timeout == 0 {
+        return Err(fault.at(field("timeout_secs"), "must be at least 1"));
+    }
+    Ok(Some(Drain {
+        port: port_spec(fault, &field("http"), &raw.http)?,
+        path: http_path(
+            fault,
+            &field("path"),
+            raw.path.as_deref(),
+            DEFAULT_DRAIN_PATH,
+        )?,
+        timeout: Duration::from_secs(timeout),
+    }))
+}
+
+/// A port number, or `"$VAR"` / `"${VAR}"` naming a variable of each host's env.
+fn port_spec(fault: &Fault<'_>, field: &str, port: &RawPort) -> Result<TcpProbe> {
+    match port {
+        RawPort::Number(port) => match u16::try_from(*port) {
+            Ok(0) => Err(fault.at(field, "port 0 cannot be connected to")),
+            Ok(port) => Ok(TcpProbe::Port(port)),
+            Err(_) => Err(fault.at(field, format!("{port} is not a port number"))),
+        },
+        RawPort::Variable(text) => {
+            let name = text
+                .strip_prefix("${")
+                .and_then(|t| t.strip_suffix('}'))
+                .or_else(|| text.strip_prefix('$'))
+                .filter(|n| {
+                    !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                });
+            match name {
+                Some(name) => Ok(TcpProbe::Variable(name.to_string())),
+                None => Err(fault.at(
+                    field,
+                    format!("'{text}' is neither a port number nor \"$VARIABLE\""),
+                )),
+            }
+        }
+    }
+}
+
+/// An HTTP request path: absolute (`/...`), printable ASCII without spaces or a
+/// fragment (RFC 9112 section 3.2.1, origin-form).
+fn http_path(fault: &Fault<'_>, field: &str, path: Option<&str>, default: &str) -> Result<String> {
+    let path = path.unwrap_or(default);
+    let printable = path.bytes().all(|b| b.is_ascii_graphic());
+    if !path.starts_with('/') || !printable || path.contains('#') {
+        return Err(fault.at(
+            field,
+            format!("'{path}' is not an absolute request path (like \"/health\", printable ASCII, no spaces or '#')"),
+        ));
+    }
+    Ok(path.to_string())
 }
 
 fn archive(
@@ -369,11 +538,40 @@ fn archive(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     check_name(fault, &archive_field, "archive file name", &file_name)?;
+    check_version(fault, name, group, &path)?;
     Ok(Some(Archive {
         path,
         file_name,
         sha256,
     }))
+}
+
+/// Refuses a `version` the archive's `releases/<version>/` directories do not include.
+/// An archive without any (not the relx layout) says nothing and passes; so does one
+/// this listing cannot read: the agent's unpacker is the authority on what it accepts
+/// and refuses such an archive itself, naming the entry.
+fn check_version(fault: &Fault<'_>, name: &str, group: &RawGroup, path: &Path) -> Result<()> {
+    let Ok(versions) = release_versions(path) else {
+        return Ok(());
+    };
+    if versions.found.is_empty() || versions.found.contains(&group.version) {
+        return Ok(());
+    }
+    let among = if versions.truncated {
+        format!(" among its first {MAX_ENTRIES} entries")
+    } else {
+        String::new()
+    };
+    Err(fault.at(
+        format!("group.{name}.version"),
+        format!(
+            "group '{name}' gives version '{}' but {} holds releases/{}/{among} (version(s) found: {})",
+            group.version,
+            path.display(),
+            versions.found.join("/, releases/"),
+            versions.found.join(", ")
+        ),
+    ))
 }
 
 /// The first archive-like regular file in `dirs` whose content has this digest.

@@ -13,6 +13,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
 use erel_proto::{ErrorKind, ReleaseState, ReleaseStatus, Request};
+use serde::Serialize;
 
 use super::{HostFailure, HostPhase};
 use crate::client::TRANSFER_STALL_TIMEOUT;
@@ -219,18 +220,156 @@ fn newest_other(status: &ReleaseStatus, version: &str, was_running: bool) -> Opt
         })
 }
 
+/// What one probe answered at one look.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProbeAnswer {
+    /// What was probed: `tcp HOST:PORT`, or `http GET HOST:PORT/PATH`.
+    pub probe: String,
+    /// Whether it passed: a connection accepted (TCP), a 2xx status (HTTP).
+    pub passed: bool,
+    /// What it answered: `connected`, `HTTP 200 OK`, or why there was no answer
+    /// (`connection refused`, `no answer within 1s`).
+    pub answer: String,
+    /// How long it took, in milliseconds.
+    pub took_ms: u64,
+}
+
+impl std::fmt::Display for ProbeAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let passed = if self.passed { "pass" } else { "FAIL" };
+        write!(
+            f,
+            "{} {passed}: {} in {}ms",
+            self.probe, self.answer, self.took_ms
+        )
+    }
+}
+
+/// What a verdict rests on, so that a false pass or a false failure can be seen
+/// afterwards: the probes' last answers, the consecutive passes counted, and the
+/// agent's own figures.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Evidence {
+    /// The last answer of each configured probe (empty when none was due yet).
+    pub probes: Vec<ProbeAnswer>,
+    /// Consecutive looks at which every configured probe passed.
+    pub passes: u32,
+    /// Consecutive passes needed (`health.passes`; 0 without a probe).
+    pub passes_needed: u32,
+    /// Seconds the process has been up, as the agent reports it.
+    pub up_secs: Option<u64>,
+    /// Restarts the agent counted since the start.
+    pub restarts: u32,
+    /// The process the agent reports.
+    pub pid: Option<u32>,
+    /// Milliseconds since verification began.
+    pub elapsed_ms: u64,
+}
+
+impl std::fmt::Display for Evidence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for answer in &self.probes {
+            write!(f, "{answer}; ")?;
+        }
+        if self.passes_needed > 0 {
+            write!(
+                f,
+                "{}/{} consecutive passes; ",
+                self.passes, self.passes_needed
+            )?;
+        }
+        match self.up_secs {
+            Some(up) => write!(f, "agent: up {up}s")?,
+            None => write!(f, "agent: not up")?,
+        }
+        write!(f, ", {} restart(s)", self.restarts)?;
+        if let Some(pid) = self.pid {
+            write!(f, ", pid {pid}")?;
+        }
+        write!(f, "; after {:.1}s", self.elapsed_ms as f64 / 1000.0)
+    }
+}
+
+/// Which verdict verification reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerdictKind {
+    /// Up long enough, unrestarted, every probe passed often enough.
+    Healthy,
+    /// It failed before the deadline (exited, restarted, another version runs).
+    Unhealthy,
+    /// It was not healthy when the deadline came.
+    Deadline,
+}
+
+impl std::fmt::Display for VerdictKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VerdictKind::Healthy => "healthy",
+            VerdictKind::Unhealthy => "UNHEALTHY",
+            VerdictKind::Deadline => "NOT HEALTHY BY THE DEADLINE",
+        })
+    }
+}
+
 /// What one look at a freshly started release says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Up long enough, unrestarted, and the probe (if any) answers.
-    Healthy,
+    /// Up long enough, unrestarted, and every probe (if any) passed `passes` times in a
+    /// row; on what evidence.
+    Healthy(Evidence),
     /// Not yet; look again.
     Wait,
-    /// It failed; why.
-    Unhealthy(String),
+    /// It failed before the deadline: why, on what evidence.
+    Unhealthy {
+        /// Why.
+        reason: String,
+        /// What the verdict rests on.
+        evidence: Evidence,
+    },
+    /// It was not healthy within `health.deadline_secs`: why, on what evidence.
+    Deadline {
+        /// Why (the failing probe's answer, the passes short, or the time not up).
+        reason: String,
+        /// What the verdict rests on.
+        evidence: Evidence,
+    },
     /// The agent could not be asked (why): the host fails at once, with no output to
     /// wait for.
     Lost(String),
+}
+
+impl Verdict {
+    /// The verdict reached, with its evidence; `None` for [`Verdict::Wait`] and
+    /// [`Verdict::Lost`] (no verdict on the release itself).
+    pub fn evidence(&self) -> Option<(VerdictKind, &Evidence)> {
+        match self {
+            Verdict::Healthy(evidence) => Some((VerdictKind::Healthy, evidence)),
+            Verdict::Unhealthy { evidence, .. } => Some((VerdictKind::Unhealthy, evidence)),
+            Verdict::Deadline { evidence, .. } => Some((VerdictKind::Deadline, evidence)),
+            Verdict::Wait | Verdict::Lost(_) => None,
+        }
+    }
+}
+
+/// Consecutive looks at which every configured probe passed: a look with a failing
+/// probe resets the count to 0; a look at which no probe was due leaves it as it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassCount(u32);
+
+impl PassCount {
+    /// Counts one look's probe answers; the count after it.
+    pub fn record(&mut self, answers: &[ProbeAnswer]) -> u32 {
+        if answers.is_empty() {
+            return self.0;
+        }
+        if answers.iter().all(|a| a.passed) {
+            self.0 = self.0.saturating_add(1);
+        } else {
+            self.0 = 0;
+        }
+        self.0
+    }
 }
 
 /// One observation of a release being verified.
@@ -240,8 +379,10 @@ pub struct Observation<'a> {
     pub lost: Option<&'a str>,
     /// The release's status from `Ping`; `None` when the agent no longer reports it.
     pub status: Option<&'a ReleaseStatus>,
-    /// The TCP probe's outcome, when the group has one.
-    pub probe: Option<&'a Result<(), Error>>,
+    /// What each configured probe answered at this look (empty when none was due).
+    pub probes: &'a [ProbeAnswer],
+    /// Consecutive passes so far, this look included ([`PassCount`]).
+    pub passes: u32,
     /// How long the process has been up (the longer of the agent's figure and the
     /// master's clock since `Start` answered).
     pub up: Duration,
@@ -249,16 +390,39 @@ pub struct Observation<'a> {
     pub elapsed: Duration,
 }
 
-/// Judges a release started as `version` with process `pid` against `health`.
+impl Observation<'_> {
+    /// The evidence this look gives, against `health`.
+    pub fn evidence(&self, health: &Health) -> Evidence {
+        Evidence {
+            probes: self.probes.to_vec(),
+            passes: self.passes,
+            passes_needed: if health.has_probe() { health.passes } else { 0 },
+            up_secs: self.status.and_then(|s| s.up_secs),
+            restarts: self.status.map_or(0, |s| s.restarts),
+            pid: self.status.and_then(|s| s.pid),
+            elapsed_ms: u64::try_from(self.elapsed.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// Judges a release started as `version` with process `pid` against `health`: it
+/// fails at once when it exits, restarts or another version runs; it is healthy once
+/// up `min_up` and (with a probe) every probe passed `passes` looks in a row; it fails
+/// when the deadline comes first. Every verdict carries its [`Evidence`].
 pub fn verify(observation: &Observation<'_>, version: &str, pid: u32, health: &Health) -> Verdict {
     if let Some(why) = observation.lost {
         return Verdict::Lost(format!("lost the agent while verifying: {why}"));
     }
+    let evidence = observation.evidence(health);
+    let unhealthy = |reason: String| Verdict::Unhealthy {
+        reason,
+        evidence: evidence.clone(),
+    };
     let Some(status) = observation.status else {
-        return Verdict::Unhealthy("the agent no longer reports the release".to_string());
+        return unhealthy("the agent no longer reports the release".to_string());
     };
     if status.version.as_deref() != Some(version) {
-        return Verdict::Unhealthy(format!(
+        return unhealthy(format!(
             "the agent runs version {} instead of {version}",
             status.version.as_deref().unwrap_or("none")
         ));
@@ -266,7 +430,7 @@ pub fn verify(observation: &Observation<'_>, version: &str, pid: u32, health: &H
     match &status.state {
         ReleaseState::Running => {}
         ReleaseState::Stopped => {
-            return Verdict::Unhealthy("it was stopped".to_string());
+            return unhealthy("it was stopped".to_string());
         }
         ReleaseState::Exited { code, signal } => {
             let how = match (code, signal) {
@@ -274,45 +438,43 @@ pub fn verify(observation: &Observation<'_>, version: &str, pid: u32, health: &H
                 (None, Some(signal)) => format!("was killed by signal {signal}"),
                 (None, None) => "exited".to_string(),
             };
-            return Verdict::Unhealthy(how);
+            return unhealthy(how);
         }
         ReleaseState::CrashLooping => {
-            return Verdict::Unhealthy("it is crash-looping".to_string());
+            return unhealthy("it is crash-looping".to_string());
         }
     }
     if status.restarts > 0 {
-        return Verdict::Unhealthy(format!(
+        return unhealthy(format!(
             "it restarted {} time(s) within min_up_secs",
             status.restarts
         ));
     }
     if let Some(now) = status.pid {
         if now != pid {
-            return Verdict::Unhealthy(format!(
+            return unhealthy(format!(
                 "its pid changed from {pid} to {now} (it restarted)"
             ));
         }
     }
-    let probe_failure = match observation.probe {
-        Some(Err(why)) => Some(why),
-        _ => None,
-    };
-    if observation.up >= health.min_up && probe_failure.is_none() {
-        return Verdict::Healthy;
+    let passed = !health.has_probe() || observation.passes >= health.passes;
+    if observation.up >= health.min_up && passed {
+        return Verdict::Healthy(evidence);
     }
     if observation.elapsed >= health.deadline {
-        let why = match probe_failure {
-            Some(why) => format!(
-                "not healthy within {}s: the TCP probe fails: {why}",
-                health.deadline.as_secs()
+        let within = health.deadline.as_secs();
+        let reason = match observation.probes.iter().find(|a| !a.passed) {
+            Some(failing) => format!(
+                "not healthy within {within}s: {} answered {}",
+                failing.probe, failing.answer
             ),
-            None => format!(
-                "not up for {}s within {}s",
-                health.min_up.as_secs(),
-                health.deadline.as_secs()
+            None if observation.up >= health.min_up => format!(
+                "not healthy within {within}s: {} of {} consecutive passes",
+                observation.passes, health.passes
             ),
+            None => format!("not up for {}s within {within}s", health.min_up.as_secs()),
         };
-        return Verdict::Unhealthy(why);
+        return Verdict::Deadline { reason, evidence };
     }
     Verdict::Wait
 }
@@ -888,6 +1050,8 @@ mod tests {
     fn health(tcp: Option<u16>) -> Health {
         Health {
             tcp: tcp.map(crate::cluster::TcpProbe::Port),
+            http: None,
+            passes: 1,
             min_up: Duration::from_secs(5),
             deadline: Duration::from_secs(30),
         }
@@ -986,18 +1150,29 @@ mod tests {
         }
     }
 
+    /// One look; its passes are this look's alone (1 when every probe passed).
     fn observe<'a>(
         s: Option<&'a ReleaseStatus>,
-        probe: Option<&'a Result<(), Error>>,
+        probes: &'a [ProbeAnswer],
         up: u64,
         elapsed: u64,
     ) -> Observation<'a> {
         Observation {
             lost: None,
             status: s,
-            probe,
+            probes,
+            passes: PassCount::default().record(probes),
             up: Duration::from_secs(up),
             elapsed: Duration::from_secs(elapsed),
+        }
+    }
+
+    fn answer(probe: &str, passed: bool, answer: &str) -> ProbeAnswer {
+        ProbeAnswer {
+            probe: probe.into(),
+            passed,
+            answer: answer.into(),
+            took_ms: 3,
         }
     }
 
@@ -1005,25 +1180,131 @@ mod tests {
     fn verification_waits_for_min_up_and_the_probe() {
         let s = status("0.2.0", ReleaseState::Running, 1);
         let h = health(Some(80));
-        let ok = Ok(());
-        let refused = Err(Error::Probe {
-            target: "127.0.0.1:80".into(),
-            message: "connection refused".into(),
+        let ok = [answer("tcp 127.0.0.1:80", true, "connected")];
+        let refused = [answer("tcp 127.0.0.1:80", false, "connection refused")];
+        assert_eq!(
+            verify(&observe(Some(&s), &ok, 1, 1), "0.2.0", 42, &h),
+            Verdict::Wait
+        );
+        assert_eq!(
+            verify(&observe(Some(&s), &refused, 6, 6), "0.2.0", 42, &h),
+            Verdict::Wait
+        );
+        match verify(&observe(Some(&s), &ok, 6, 6), "0.2.0", 42, &h) {
+            Verdict::Healthy(evidence) => {
+                assert_eq!(evidence.probes.to_vec(), ok.to_vec());
+                assert_eq!((evidence.passes, evidence.passes_needed), (1, 1));
+                assert_eq!(evidence.up_secs, Some(1), "the agent's own figure");
+            }
+            other => panic!("{other:?}"),
+        }
+        match verify(&observe(Some(&s), &refused, 30, 30), "0.2.0", 42, &h) {
+            Verdict::Deadline { reason, evidence } => {
+                assert!(
+                    reason.contains("tcp 127.0.0.1:80 answered connection refused"),
+                    "{reason}"
+                );
+                assert_eq!(evidence.probes.to_vec(), refused.to_vec());
+                assert_eq!(evidence.passes, 0);
+                assert_eq!(evidence.elapsed_ms, 30_000);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn passes_count_consecutive_looks_and_a_failure_resets_them() {
+        let tcp_ok = answer("tcp 127.0.0.1:80", true, "connected");
+        let http_ok = answer("http GET 127.0.0.1:80/health", true, "HTTP 200 OK");
+        let http_500 = answer(
+            "http GET 127.0.0.1:80/health",
+            false,
+            "HTTP 500 Internal Server Error",
+        );
+        let mut count = PassCount::default();
+        assert_eq!(count.record(&[tcp_ok.clone(), http_ok.clone()]), 1);
+        assert_eq!(count.record(&[]), 1, "a look without probes leaves it");
+        assert_eq!(count.record(&[tcp_ok.clone(), http_ok.clone()]), 2);
+        assert_eq!(
+            count.record(&[tcp_ok.clone(), http_500.clone()]),
+            0,
+            "one failing probe of two resets it"
+        );
+        assert_eq!(count.record(&[tcp_ok.clone(), http_ok.clone()]), 1);
+    }
+
+    #[test]
+    fn three_passes_are_needed_when_the_group_says_three() {
+        let s = status("0.2.0", ReleaseState::Running, 9);
+        let mut h = health(None);
+        h.http = Some(crate::cluster::HttpProbe {
+            port: crate::cluster::TcpProbe::Port(80),
+            path: "/health".into(),
         });
+        h.passes = 3;
+        let ok = [answer("http GET 127.0.0.1:80/health", true, "HTTP 200 OK")];
+        let failing = [answer(
+            "http GET 127.0.0.1:80/health",
+            false,
+            "HTTP 500 Internal Server Error",
+        )];
+        let mut count = PassCount::default();
+        let mut look = |answers: &[ProbeAnswer], elapsed: u64| {
+            let observation = Observation {
+                passes: count.record(answers),
+                ..observe(Some(&s), answers, 9, elapsed)
+            };
+            verify(&observation, "0.2.0", 42, &h)
+        };
+        assert_eq!(look(&ok, 5), Verdict::Wait, "1 of 3");
+        assert_eq!(look(&ok, 6), Verdict::Wait, "2 of 3");
         assert_eq!(
-            verify(&observe(Some(&s), Some(&ok), 1, 1), "0.2.0", 42, &h),
-            Verdict::Wait
+            look(&failing, 7),
+            Verdict::Wait,
+            "reset, before the deadline"
         );
-        assert_eq!(
-            verify(&observe(Some(&s), Some(&refused), 6, 6), "0.2.0", 42, &h),
-            Verdict::Wait
-        );
-        assert_eq!(
-            verify(&observe(Some(&s), Some(&ok), 6, 6), "0.2.0", 42, &h),
-            Verdict::Healthy
-        );
-        match verify(&observe(Some(&s), Some(&refused), 30, 30), "0.2.0", 42, &h) {
-            Verdict::Unhealthy(why) => assert!(why.contains("connection refused"), "{why}"),
+        assert_eq!(look(&ok, 8), Verdict::Wait, "1 of 3 again");
+        assert_eq!(look(&ok, 9), Verdict::Wait, "2 of 3 again");
+        match look(&ok, 10) {
+            Verdict::Healthy(evidence) => {
+                assert_eq!((evidence.passes, evidence.passes_needed), (3, 3));
+                let text = evidence.to_string();
+                assert!(
+                    text.contains("http GET 127.0.0.1:80/health pass: HTTP 200 OK in 3ms")
+                        && text.contains("3/3 consecutive passes")
+                        && text.contains("up 9s, 0 restart(s), pid 42"),
+                    "{text}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let mut count = PassCount::default();
+        let mut look = |answers: &[ProbeAnswer], elapsed: u64| {
+            let observation = Observation {
+                passes: count.record(answers),
+                ..observe(Some(&s), answers, 9, elapsed)
+            };
+            verify(&observation, "0.2.0", 42, &h)
+        };
+        assert_eq!(look(&ok, 28), Verdict::Wait);
+        match look(&failing, 30) {
+            Verdict::Deadline { reason, evidence } => {
+                assert!(reason.contains("answered HTTP 500"), "{reason}");
+                assert_eq!(evidence.passes, 0);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut count = PassCount::default();
+        count.record(&ok);
+        let observation = Observation {
+            passes: count.record(&ok),
+            ..observe(Some(&s), &ok, 9, 30)
+        };
+        match verify(&observation, "0.2.0", 42, &h) {
+            Verdict::Deadline { reason, .. } => {
+                assert!(reason.contains("2 of 3 consecutive passes"), "{reason}")
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -1031,7 +1312,7 @@ mod tests {
     #[test]
     fn a_lost_agent_fails_verification_at_once_without_waiting_for_output() {
         let h = health(None);
-        let mut lost = observe(None, None, 0, 0);
+        let mut lost = observe(None, &[], 0, 0);
         lost.lost = Some("connection refused");
         assert_eq!(
             verify(&lost, "0.2.0", 42, &h),
@@ -1039,11 +1320,11 @@ mod tests {
         );
         let mut s = status("0.2.0", ReleaseState::CrashLooping, 0);
         assert_eq!(
-            output_tail_wait(&observe(Some(&s), None, 0, 0)),
+            output_tail_wait(&observe(Some(&s), &[], 0, 0)),
             Some(OUTPUT_TAIL_WAIT)
         );
         s.output_tail = "boom".into();
-        assert_eq!(output_tail_wait(&observe(Some(&s), None, 0, 0)), None);
+        assert_eq!(output_tail_wait(&observe(Some(&s), &[], 0, 0)), None);
     }
 
     #[test]
@@ -1146,29 +1427,32 @@ mod tests {
             },
             0,
         );
-        match verify(&observe(Some(&exited), None, 0, 0), "0.2.0", 42, &h) {
-            Verdict::Unhealthy(why) => assert!(why.contains("code 3"), "{why}"),
+        match verify(&observe(Some(&exited), &[], 0, 0), "0.2.0", 42, &h) {
+            Verdict::Unhealthy { reason, evidence } => {
+                assert!(reason.contains("code 3"), "{reason}");
+                assert_eq!(evidence.passes_needed, 0, "no probe");
+            }
             other => panic!("{other:?}"),
         }
         let mut restarted = status("0.2.0", ReleaseState::Running, 1);
         restarted.restarts = 1;
         assert!(matches!(
-            verify(&observe(Some(&restarted), None, 1, 1), "0.2.0", 42, &h),
-            Verdict::Unhealthy(_)
+            verify(&observe(Some(&restarted), &[], 1, 1), "0.2.0", 42, &h),
+            Verdict::Unhealthy { .. }
         ));
         let moved = status("0.2.0", ReleaseState::Running, 1);
         assert!(matches!(
-            verify(&observe(Some(&moved), None, 1, 1), "0.2.0", 7, &h),
-            Verdict::Unhealthy(_)
+            verify(&observe(Some(&moved), &[], 1, 1), "0.2.0", 7, &h),
+            Verdict::Unhealthy { .. }
         ));
         let crash = status("0.2.0", ReleaseState::CrashLooping, 0);
         assert!(matches!(
-            verify(&observe(Some(&crash), None, 0, 0), "0.2.0", 42, &h),
-            Verdict::Unhealthy(_)
+            verify(&observe(Some(&crash), &[], 0, 0), "0.2.0", 42, &h),
+            Verdict::Unhealthy { .. }
         ));
         assert!(matches!(
-            verify(&observe(None, None, 0, 0), "0.2.0", 42, &h),
-            Verdict::Unhealthy(_)
+            verify(&observe(None, &[], 0, 0), "0.2.0", 42, &h),
+            Verdict::Unhealthy { .. }
         ));
     }
 

@@ -14,7 +14,7 @@ use super::decide::{
     assess, assess_restart, halt_reason, phase_budget, rollback_target, wants_probe, Action,
     Assessment, GroupSchedule, HostSwitch, Observed, StageAction, Staging,
 };
-use super::health::{probe_tcp, release_status, watch_health};
+use super::health::{drain_before_stop, probe_all, release_status, watch_health};
 use super::{
     count, emit, EventSink, GroupReport, HostFailure, HostOutcome, HostPhase, HostReport,
     Operation, RolloutEvent, RolloutOptions, RolloutReport, Shared, SharedRef, StopReason,
@@ -195,9 +195,9 @@ fn select_hosts(
 
 /// The releases the groups of `host` run.
 fn releases_of<'a>(plan: &'a Plan, host: &HostPlan) -> BTreeSet<&'a str> {
-    plan.group_of(host)
-        .map(|g| g.release.as_str())
+    plan.groups_of(host)
         .into_iter()
+        .map(|g| g.release.as_str())
         .collect()
 }
 
@@ -240,19 +240,11 @@ async fn left_hosts(
         let Ok((host, Ok(pong))) = joined else {
             continue;
         };
-        let own = releases_of(plan, &host);
-        for status in &pong.releases {
-            let runs = status.desired_running || status.state == erel_proto::ReleaseState::Running;
-            if !runs || own.contains(status.name.as_str()) {
-                continue;
-            }
-            // The first selected group naming the release answers for it.
-            if let Some(group) = groups.iter().find(|g| g.release == status.name) {
-                found
-                    .entry(group.name.clone())
-                    .or_default()
-                    .insert(host.id.clone());
-            }
+        for group in left_groups(plan, &host, groups, &pong.releases) {
+            found
+                .entry(group.name.clone())
+                .or_default()
+                .insert(host.id.clone());
         }
     }
     found
@@ -266,6 +258,26 @@ async fn left_hosts(
                 .collect();
             (group, hosts)
         })
+        .collect()
+}
+
+/// The selected groups whose release `host` runs (or is meant to run, per `releases`,
+/// its agent's answer) while none of the host's own groups names that release: the
+/// host left them. A waiting host (in no group) has left every group whose release it
+/// runs. For a release several selected groups name, the first in `groups` answers
+/// (its `stop_grace_secs` and drain apply to the stop).
+fn left_groups<'a>(
+    plan: &Plan,
+    host: &HostPlan,
+    groups: &[&'a GroupPlan],
+    releases: &[erel_proto::ReleaseStatus],
+) -> Vec<&'a GroupPlan> {
+    let own = releases_of(plan, host);
+    releases
+        .iter()
+        .filter(|s| s.desired_running || s.state == erel_proto::ReleaseState::Running)
+        .filter(|s| !own.contains(s.name.as_str()))
+        .filter_map(|s| groups.iter().copied().find(|g| g.release == s.name))
         .collect()
 }
 
@@ -607,6 +619,7 @@ async fn stop_host(
         return Ok(());
     }
     ctx.phase(&host.id, HostPhase::Stopping);
+    drain_before_stop(group, &ctx.shared.events, host, &mut session).await;
     let limit = phase_budget(HostPhase::Stopping, group);
     session
         .stop(&group.release, group.stop_grace, limit)
@@ -779,16 +792,11 @@ async fn inspect(ctx: &GroupCtx, host: &HostPlan) -> std::result::Result<Inspect
         }
         Operation::Deploy | Operation::Stop => {}
     }
-    let probe_ok = match (
-        ctx.group.probe_port(host),
-        wants_probe(status, &ctx.group.version),
-    ) {
-        (Some(port), true) => Some(
-            probe_tcp(host.probe_host(), port, ctx.shared.options.probe_timeout)
-                .await
-                .is_ok(),
-        ),
-        _ => None,
+    let probe_ok = if wants_probe(status, &ctx.group.version) {
+        let answers = probe_all(&ctx.group, host, ctx.shared.options.probe_timeout).await;
+        (!answers.is_empty()).then(|| answers.iter().all(|a| a.passed))
+    } else {
+        None
     };
     let assessment = assess(status, &version, &ctx.group.health, probe_ok);
     Ok((session, assessment, version))
@@ -880,6 +888,9 @@ async fn switch_host(
             Action::Done { pid, from } => return Ok((pid, from)),
             Action::Fail(failure) => return Err(failure),
             Action::Stop => {
+                if machine.phase() == HostPhase::Stopping {
+                    drain_before_stop(group, &ctx.shared.events, host, &mut session).await;
+                }
                 let limit = phase_budget(HostPhase::Stopping, group);
                 match session.stop(&group.release, group.stop_grace, limit).await {
                     Ok(_) => Observed::Ok,
@@ -900,6 +911,7 @@ async fn switch_host(
                 watch_health(
                     &ctx.group,
                     &ctx.shared.options,
+                    &ctx.shared.events,
                     host,
                     &mut session,
                     &version,
@@ -910,5 +922,112 @@ async fn switch_host(
             }
         };
         action = machine.next(observed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use erel_proto::{ReleaseState, ReleaseStatus};
+
+    use super::*;
+    use crate::cluster::ArchiveLookup;
+
+    const CLUSTER: &str = r#"
+revision = 1
+
+[[host]]
+id = "both-1"
+addr = "127.0.0.1:7001"
+groups = ["web", "metrics"]
+
+[[host]]
+id = "web-1"
+addr = "127.0.0.1:7002"
+group = "web"
+
+[[host]]
+id = "spare-1"
+addr = "127.0.0.1:7003"
+
+[group.web]
+release = "beat"
+version = "0.2.0"
+archive = "beat.tar.gz"
+
+[group.metrics]
+release = "probe"
+version = "1.0.0"
+archive = "probe.tar.gz"
+
+[group.old]
+release = "legacy"
+version = "1"
+archive = "legacy.tar.gz"
+state = "stopped"
+"#;
+
+    fn status(name: &str, state: ReleaseState, desired_running: bool) -> ReleaseStatus {
+        ReleaseStatus {
+            name: name.into(),
+            versions: vec!["1".into()],
+            version: Some("1".into()),
+            desired_running,
+            pid: (state == ReleaseState::Running).then_some(42),
+            state,
+            restarts: 0,
+            up_secs: Some(1),
+            output_tail: String::new(),
+        }
+    }
+
+    fn running(name: &str) -> ReleaseStatus {
+        status(name, ReleaseState::Running, true)
+    }
+
+    fn left(plan: &Plan, host: &str, releases: &[ReleaseStatus]) -> Vec<String> {
+        let groups: Vec<&GroupPlan> = plan.groups.values().collect();
+        let host = plan.host(host).expect("host");
+        left_groups(plan, host, &groups, releases)
+            .into_iter()
+            .map(|g| g.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_host_left_a_group_when_none_of_its_groups_names_the_release_it_runs() {
+        let plan = Plan::parse(CLUSTER, "cluster.toml", &ArchiveLookup::Unchecked).expect("valid");
+        // Its own groups' releases stay, whatever else runs beside them.
+        assert!(left(&plan, "both-1", &[running("beat"), running("probe")]).is_empty());
+        // web-1 is not in metrics: the probe it runs left that group.
+        assert_eq!(
+            left(&plan, "web-1", &[running("beat"), running("probe")]),
+            ["metrics"]
+        );
+        // A release meant to run (restart pending) counts; one stopped already does not.
+        let exited = ReleaseState::Exited {
+            code: Some(1),
+            signal: None,
+        };
+        assert_eq!(
+            left(&plan, "web-1", &[status("probe", exited, true)]),
+            ["metrics"]
+        );
+        assert!(left(
+            &plan,
+            "web-1",
+            &[status("probe", ReleaseState::Stopped, false)]
+        )
+        .is_empty());
+        // A waiting host has left every group whose release it runs, a stopped group's too.
+        assert_eq!(
+            left(
+                &plan,
+                "spare-1",
+                &[running("beat"), running("probe"), running("legacy")]
+            ),
+            ["web", "metrics", "old"]
+        );
+        // A release no group names was not put there by the file: never touched.
+        assert!(left(&plan, "spare-1", &[running("by-hand")]).is_empty());
     }
 }

@@ -8,7 +8,8 @@
 //! - `driver`: performs what decide asks: ping, stage, stop, start, roll back; it
 //!   respects `max_in_flight` through [`decide::GroupSchedule`].
 //! - `health`: the I/O of verification: watching a started release (pings, the TCP
-//!   probe) until decide gives a verdict, with its evidence.
+//!   and HTTP probes) until decide gives a verdict, with its evidence; the drain
+//!   request before a stop.
 //! - [`run`] (`runner`): one rollout, its events handed to a callback as they happen;
 //!   `deploy`, `demo` and both daemons run rollouts through it.
 //! - [`converge`]: the daemons' one loop: converge again every few seconds, so drift is
@@ -16,8 +17,10 @@
 //!   AMQP config log).
 //!
 //! Per host: ping → stage (push, skipped when present; unpack into
-//! `releases/<name>/<version>`) → stop old → start new → verify (up `min_up_secs`
-//! without a restart, TCP probe if set, within `deadline_secs`) → done. On failure:
+//! `releases/<name>/<version>`) → drain old (if the group says) → stop old → start
+//! new → verify (up `min_up_secs` without a restart, every TCP/HTTP probe passing
+//! `passes` looks in a row, within `deadline_secs`; each verdict sent as a
+//! [`RolloutEvent::HostVerdict`] with its [`Evidence`]) → done. On failure:
 //! stop new, start old (with the group's argv and env, see
 //! [`crate::cluster::GroupPlan::start_request`]), verify old, report the host failed
 //! with the release's own output. Staging runs ahead on every host of the group, so a
@@ -42,6 +45,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub(crate) use converge::{converge_file, keep_converged, ConvergeOptions};
+pub use decide::{Evidence, ProbeAnswer, VerdictKind};
 pub(crate) use driver::{check_selection, planned_stops};
 pub use runner::run;
 
@@ -165,6 +169,31 @@ pub enum RolloutEvent {
         /// The phase.
         phase: HostPhase,
     },
+    /// Verification reached a verdict on a started release (the new version, or the
+    /// old one restarted by a rollback), on this evidence.
+    HostVerdict {
+        /// Group name.
+        group: String,
+        /// Host id.
+        host: String,
+        /// The version judged.
+        version: String,
+        /// Healthy, unhealthy, or not healthy by the deadline.
+        verdict: VerdictKind,
+        /// What the verdict rests on.
+        evidence: Evidence,
+    },
+    /// A running release was asked to drain before its stop; the stop follows
+    /// whatever the answer.
+    HostDrain {
+        /// Group name.
+        group: String,
+        /// Host id.
+        host: String,
+        /// What was asked and answered.
+        #[serde(flatten)]
+        outcome: DrainOutcome,
+    },
     /// A host runs the desired version, healthy, after a switch.
     HostDone {
         /// Group name.
@@ -287,6 +316,50 @@ impl fmt::Display for StopReason {
             StopReason::Asked => "stop asked",
             StopReason::LeftGroup => "the host left the group",
         })
+    }
+}
+
+/// The drain request sent before a running release's stop, and its answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DrainOutcome {
+    /// The version that was running, when the agent said.
+    pub version: Option<String>,
+    /// The request: `POST http://HOST:PORT/PATH`.
+    pub request: String,
+    /// Whether it answered with a 2xx status (drained) within the timeout.
+    pub drained: bool,
+    /// The HTTP status it answered, if it answered.
+    pub status: Option<u16>,
+    /// What it answered: `HTTP 200 OK`, or why there was no answer (`connection
+    /// refused`, `no answer within 10s`).
+    pub answer: String,
+    /// How long it took, in milliseconds.
+    pub took_ms: u64,
+    /// The drain timeout, in seconds.
+    pub timeout_secs: u64,
+}
+
+impl fmt::Display for DrainOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = if self.drained {
+            "drained"
+        } else {
+            "NOT drained"
+        };
+        let verb = if self.status.is_some() {
+            "answered"
+        } else {
+            "got no answer:"
+        };
+        write!(
+            f,
+            "{what}: {} {verb} {} in {}ms",
+            self.request, self.answer, self.took_ms
+        )?;
+        if !self.drained {
+            write!(f, " (timeout {}s); stopping it anyway", self.timeout_secs)?;
+        }
+        Ok(())
     }
 }
 
@@ -421,6 +494,51 @@ pub(crate) type SharedRef = Arc<Shared>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drain_says_whether_the_stop_proceeds_without_it() {
+        let mut outcome = DrainOutcome {
+            version: Some("0.1.0".into()),
+            request: "POST http://10.0.0.11:8080/drain".into(),
+            drained: true,
+            status: Some(200),
+            answer: "HTTP 200 OK".into(),
+            took_ms: 12,
+            timeout_secs: 10,
+        };
+        assert_eq!(
+            outcome.to_string(),
+            "drained: POST http://10.0.0.11:8080/drain answered HTTP 200 OK in 12ms"
+        );
+        outcome.drained = false;
+        outcome.status = Some(503);
+        outcome.answer = "HTTP 503 Service Unavailable".into();
+        assert_eq!(
+            outcome.to_string(),
+            "NOT drained: POST http://10.0.0.11:8080/drain answered HTTP 503 Service Unavailable \
+             in 12ms (timeout 10s); stopping it anyway"
+        );
+        outcome.status = None;
+        outcome.answer = "Connection refused (os error 111)".into();
+        let text = outcome.to_string();
+        assert!(
+            text.contains("got no answer: Connection refused")
+                && text.ends_with("stopping it anyway"),
+            "{text}"
+        );
+        let event = RolloutEvent::HostDrain {
+            group: "web".into(),
+            host: "web-1".into(),
+            outcome,
+        };
+        let json = serde_json::to_string(&event).unwrap();
+        assert!(
+            json.starts_with(
+                r#"{"event":"host_drain","group":"web","host":"web-1","version":"0.1.0","#
+            ),
+            "{json}"
+        );
+    }
 
     #[test]
     fn a_failure_reads_the_same_in_its_event_and_its_outcome() {

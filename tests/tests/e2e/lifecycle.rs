@@ -209,7 +209,7 @@ async fn releases_that_leave_the_config_are_stopped_and_others_are_never_touched
         1,
     );
     assert_ne!(hosts, moved, "leave-3 moved");
-    let spare = "[group.spare]\nrelease = \"other\"\nversion = \"1\"\n\
+    let spare = "[group.spare]\nrelease = \"other\"\nversion = \"0.1.0\"\n\
                  archive = \"releases/beat-0.1.0.tar.gz\"\nstate = \"stopped\"\n";
     let text = format!(
         "revision = 2\n{moved}\n{spare}\n[group.web]\nrelease = \"{RELEASE}\"\nversion = \"0.1.0\"\n\
@@ -364,22 +364,20 @@ async fn the_daemon_stops_what_leaves_the_config() {
     let all_run = wait_until(PATIENCE, || async { fleet.all_run("0.1.0") }).await;
     assert!(all_run, "{:?}\n{}", answers(&fleet), daemon.0.log());
 
-    // dstop-2 moves to a stopped group: the daemon stops its beat, and keeps dstop-1's.
-    let hosts = fleet.hosts_toml("BEAT_PORT").replacen(
+    // dstop-2 leaves every group (it waits): the daemon stops its beat, and keeps
+    // dstop-1's.
+    let hosts = fleet.hosts_toml("BEAT_PORT");
+    let waiting = hosts.replacen(
         &format!(
-            "id = \"dstop-2\"\naddr = \"{}\"\ngroup = \"web\"",
+            "id = \"dstop-2\"\naddr = \"{}\"\ngroup = \"web\"\n",
             fleet.agents[1].addr
         ),
-        &format!(
-            "id = \"dstop-2\"\naddr = \"{}\"\ngroup = \"spare\"",
-            fleet.agents[1].addr
-        ),
+        &format!("id = \"dstop-2\"\naddr = \"{}\"\n", fleet.agents[1].addr),
         1,
     );
+    assert_ne!(hosts, waiting, "dstop-2 waits");
     let text = format!(
-        "revision = 2\n{hosts}\n[group.spare]\nrelease = \"other\"\nversion = \"1\"\n\
-         archive = \"releases/beat-0.1.0.tar.gz\"\nstate = \"stopped\"\n\n\
-         [group.web]\nrelease = \"{RELEASE}\"\nversion = \"0.1.0\"\n\
+        "revision = 2\n{waiting}\n[group.web]\nrelease = \"{RELEASE}\"\nversion = \"0.1.0\"\n\
          archive = \"releases/beat-0.1.0.tar.gz\"\n{GATE}\n"
     );
     std::fs::write(cluster_path(&fleet), &text).expect("write");

@@ -8,6 +8,8 @@ mod amqp;
 mod certs_cli;
 mod containment;
 mod deploy;
+mod fleet;
+mod health;
 mod inputs;
 mod lifecycle;
 mod one_agent;

@@ -1,0 +1,73 @@
+//! What a release archive says its version is: the `releases/<version>/` directories
+//! of the relx layout (the layout `rebar3 release`, `mix release` and erel's own
+//! release builder write). Only entry names are read, never file contents.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::{Component, Path};
+
+/// Entries read at most; an archive with more is judged by its first ones.
+pub(super) const MAX_ENTRIES: usize = 200_000;
+
+/// The versions an archive holds, sorted, without duplicates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Versions {
+    /// Each `<version>` of a `releases/<version>/` directory.
+    pub(super) found: Vec<String>,
+    /// Whether [`MAX_ENTRIES`] stopped the listing before the end.
+    pub(super) truncated: bool,
+}
+
+/// Lists the `releases/<version>/` directories of the `.tar.gz` or `.tar` at `path`
+/// (gzip is told by its magic bytes `1f 8b`, as the agent does). A leading `./` is
+/// ignored. Files directly under `releases/` (`RELEASES`, `start_erl.data`) are not
+/// versions.
+///
+/// # Errors
+/// The archive cannot be opened, or is not a readable tar stream.
+pub(super) fn release_versions(path: &Path) -> io::Result<Versions> {
+    let mut file = BufReader::new(File::open(path)?);
+    let mut magic = [0u8; 2];
+    let read = read_up_to(&mut file, &mut magic)?;
+    let head = io::Cursor::new(magic[..read].to_vec());
+    let stream: Box<dyn Read> = if magic[..read] == [0x1f, 0x8b] {
+        Box::new(flate2::read::GzDecoder::new(head.chain(file)))
+    } else {
+        Box::new(head.chain(file))
+    };
+    let mut archive = tar::Archive::new(stream);
+    let mut found = Vec::new();
+    let mut truncated = false;
+    for (count, entry) in archive.entries()?.enumerate() {
+        if count == MAX_ENTRIES {
+            truncated = true;
+            break;
+        }
+        let entry = entry?;
+        let is_dir = entry.header().entry_type().is_dir();
+        let path = entry.path()?;
+        let mut parts = path
+            .components()
+            .filter(|c| !matches!(c, Component::CurDir))
+            .map(|c| c.as_os_str().to_string_lossy().into_owned());
+        let (Some(top), Some(version)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if top == "releases" && (is_dir || parts.next().is_some()) && !found.contains(&version) {
+            found.push(version);
+        }
+    }
+    found.sort();
+    Ok(Versions { found, truncated })
+}
+
+fn read_up_to(source: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match source.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}

@@ -1,0 +1,345 @@
+//! The cluster file's shape against real agents: a host in two groups runs both
+//! releases, a host in no group waits until a later revision names it, the host
+//! commands (`start`, `stop`, `restart`) take a group's settings, and `status` shows
+//! one row per host and group with the group's probe run now.
+
+use std::path::PathBuf;
+
+use erel_proto::ReleaseState;
+
+use crate::helper::release::{beat_release, shell_release};
+use crate::helper::{free_port, output_text, wait_until_blocking, AgentProc, Pki, PATIENCE};
+
+/// The release that writes its environment to `$ENV_DIR/<release>-<host>.env`, then
+/// sleeps.
+const ENV_RELEASE: &str = "envdump";
+const ENV_VERSION: &str = "1.0.0";
+const BEAT_VERSION: &str = "0.1.0";
+
+/// Agents, a directory holding the cluster file and its archives, and the directory the
+/// env release writes to.
+struct Site {
+    pki: Pki,
+    agents: Vec<AgentProc>,
+    /// The port of the beat release on each agent.
+    ports: Vec<u16>,
+    dir: tempfile::TempDir,
+    env_dir: tempfile::TempDir,
+}
+
+impl Site {
+    /// One agent per id; the env release and the beat release are built beside the
+    /// cluster file.
+    fn new(ids: &[&str]) -> Site {
+        let pki = Pki::new();
+        let agents = ids
+            .iter()
+            .map(|id| AgentProc::start(&pki, id, &[]))
+            .collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = "#!/bin/sh\nout=\"$ENV_DIR/$EREL_RELEASE-$EREL_HOST_ID.env\"\n\
+                      env > \"$out.tmp\" && mv \"$out.tmp\" \"$out\"\nexec sleep 1000\n";
+        shell_release(dir.path(), ENV_RELEASE, ENV_VERSION, script);
+        beat_release(dir.path(), "beat", BEAT_VERSION);
+        Site {
+            pki,
+            agents,
+            ports: ids.iter().map(|_| free_port()).collect(),
+            dir,
+            env_dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn cluster(&self) -> PathBuf {
+        self.dir.path().join("cluster.toml")
+    }
+
+    /// Writes the cluster file: agent `i` with `memberships[i]` (a `group`/`groups`
+    /// line, or "" for none) and its beat port in `BEAT_PORT`, then the groups `web`
+    /// (beat, probed on `$BEAT_PORT`) and `env` (the env release) when some host
+    /// names them.
+    fn write(&self, revision: u64, memberships: &[&str]) {
+        let mut text = format!("revision = {revision}\n");
+        for ((agent, port), member) in self.agents.iter().zip(&self.ports).zip(memberships) {
+            text.push_str(&format!(
+                "[[host]]\nid = \"{}\"\naddr = \"{}\"\n{member}\nenv = {{ BEAT_PORT = \"{port}\", FROM_HOST = \"host {}\" }}\n",
+                agent.id, agent.addr, agent.id
+            ));
+        }
+        let named = |group: &str| {
+            memberships
+                .iter()
+                .any(|m| m.contains(&format!("\"{group}\"")))
+        };
+        if named("web") {
+            text.push_str(&format!(
+                "[group.web]\nrelease = \"beat\"\nversion = \"{BEAT_VERSION}\"\narchive = \"beat-{BEAT_VERSION}.tar.gz\"\n\
+                 stop_grace_secs = 2\nhealth = {{ tcp = \"$BEAT_PORT\", min_up_secs = 1, deadline_secs = 30 }}\n"
+            ));
+        }
+        if named("env") {
+            text.push_str(&format!(
+                "[group.env]\nrelease = \"{ENV_RELEASE}\"\nversion = \"{ENV_VERSION}\"\narchive = \"{ENV_RELEASE}-{ENV_VERSION}.tar.gz\"\n\
+                 stop_grace_secs = 7\nenv = {{ ENV_DIR = \"{}\", FROM_GROUP = \"group env\" }}\n\
+                 health = {{ min_up_secs = 1, deadline_secs = 30 }}\n",
+                self.env_dir.path().display()
+            ));
+        }
+        std::fs::write(self.cluster(), text).expect("write the cluster file");
+    }
+
+    /// `erel --cluster <file> <words>`; (success, stdout + stderr).
+    fn erel(&self, words: &[&str]) -> (bool, String) {
+        let out = self
+            .pki
+            .erel()
+            .arg("--cluster")
+            .arg(self.cluster())
+            .args(words)
+            .output()
+            .expect("run erel");
+        (out.status.success(), output_text(&out))
+    }
+
+    fn deploy(&self) -> String {
+        let (ok, out) = self.erel(&["deploy"]);
+        assert!(ok, "erel deploy failed:\n{out}\n{}", self.logs());
+        out
+    }
+
+    /// `erel status --json`: (success, rows).
+    fn status(&self) -> (bool, Vec<serde_json::Value>) {
+        let out = self
+            .pki
+            .erel()
+            .arg("--cluster")
+            .arg(self.cluster())
+            .args(["status", "--json"])
+            .output()
+            .expect("run erel status");
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status --json: {e}\n{}", output_text(&out)));
+        let rows = rows.as_array().expect("an array").clone();
+        (out.status.success(), rows)
+    }
+
+    /// What the env release on `host` wrote, once it has.
+    fn env_of(&self, host: &str) -> String {
+        let path = self.env_file(host);
+        assert!(
+            wait_until_blocking(PATIENCE, || path.exists()),
+            "{} was never written\n{}",
+            path.display(),
+            self.logs()
+        );
+        std::fs::read_to_string(&path).expect("read the env file")
+    }
+
+    fn env_file(&self, host: &str) -> PathBuf {
+        self.env_dir
+            .path()
+            .join(format!("{ENV_RELEASE}-{host}.env"))
+    }
+
+    /// (release name, version, state) of every release `agent` reports.
+    async fn releases(&self, agent: usize) -> Vec<(String, Option<String>, ReleaseState)> {
+        let mut client = self.pki.connect(&self.agents[agent]).await;
+        let pong = client.ping().await.expect("ping");
+        let mut out: Vec<_> = pong
+            .releases
+            .into_iter()
+            .map(|r| (r.name, r.version, r.state))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(|a| format!("--- agent {}\n{}", a.id, a.log()))
+            .collect()
+    }
+}
+
+fn running(name: &str, version: &str) -> (String, Option<String>, ReleaseState) {
+    (
+        name.to_string(),
+        Some(version.to_string()),
+        ReleaseState::Running,
+    )
+}
+
+/// The status row of `host` and `group` (`None`: the waiting row).
+fn row<'a>(
+    rows: &'a [serde_json::Value],
+    host: &str,
+    group: Option<&str>,
+) -> &'a serde_json::Value {
+    rows.iter()
+        .find(|r| r["host"] == host && r["group"].as_str() == group)
+        .unwrap_or_else(|| panic!("no row for {host} {group:?} in {rows:#?}"))
+}
+
+fn has_line(env: &str, line: &str) -> bool {
+    env.lines().any(|l| l == line)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_host_in_two_groups_runs_both_releases() {
+    let site = Site::new(&["multi-1", "multi-2"]);
+    site.write(1, &["groups = [\"web\", \"env\"]", "group = \"web\""]);
+    site.deploy();
+
+    assert_eq!(
+        site.releases(0).await,
+        [
+            running("beat", BEAT_VERSION),
+            running(ENV_RELEASE, ENV_VERSION)
+        ],
+        "the host in two groups runs both releases"
+    );
+    assert_eq!(site.releases(1).await, [running("beat", BEAT_VERSION)]);
+    let env = site.env_of("multi-1");
+    assert!(has_line(&env, "FROM_GROUP=group env"), "{env}");
+    assert!(has_line(&env, "FROM_HOST=host multi-1"), "{env}");
+    assert!(
+        !site.env_file("multi-2").exists(),
+        "multi-2 is not in group env"
+    );
+
+    let (ok, rows) = site.status();
+    assert!(ok, "{rows:#?}");
+    assert_eq!(rows.len(), 3, "one row per host and group: {rows:#?}");
+    for (host, group, probe) in [
+        ("multi-1", "web", "ok"),
+        ("multi-1", "env", "-"),
+        ("multi-2", "web", "ok"),
+    ] {
+        let r = row(&rows, host, Some(group));
+        assert_eq!(r["state"], "running", "{r:#}");
+        assert_eq!(r["converged"], true, "{r:#}");
+        assert_eq!(r["probe"], probe, "{r:#}");
+        assert_eq!(r["argv_env"], "unknown", "{r:#}");
+    }
+
+    // The probe is run by status itself: a stopped beat fails it, naming the port.
+    let (ok, out) = site.erel(&["stop", "multi-2", "beat"]);
+    assert!(ok, "{out}");
+    let (ok, rows) = site.status();
+    assert!(!ok, "a stopped release is not converged");
+    let r = row(&rows, "multi-2", Some("web"));
+    let probe = r["probe"].as_str().expect("probe");
+    assert!(
+        probe.starts_with("failed: ") && probe.contains(&site.ports[1].to_string()),
+        "{r:#}"
+    );
+    assert_eq!(r["state"], "stopped");
+    assert_eq!(row(&rows, "multi-1", Some("web"))["probe"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_host_is_left_alone_until_a_revision_names_it() {
+    let site = Site::new(&["wait-1", "wait-2"]);
+    site.write(1, &["group = \"env\"", ""]);
+    let (ok, out) = site.erel(&["deploy", "--dry-run"]);
+    assert!(
+        ok && out.contains("waiting (in no group, nothing deployed): wait-2"),
+        "{out}"
+    );
+    site.deploy();
+    site.env_of("wait-1");
+    assert_eq!(
+        site.releases(1).await,
+        [],
+        "nothing deployed to the waiting host"
+    );
+
+    let (ok, rows) = site.status();
+    assert!(ok, "a waiting host that answers is fine: {rows:#?}");
+    let waiting = row(&rows, "wait-2", None);
+    assert_eq!(waiting["state"], "waiting", "{waiting:#}");
+    assert_eq!(waiting["reachable"], true);
+    assert_eq!(waiting["desired_version"], serde_json::Value::Null);
+    let (_, table) = site.erel(&["status"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("wait-2") && l.contains("waiting")),
+        "{table}"
+    );
+
+    site.write(2, &["group = \"env\"", "groups = [\"env\"]"]);
+    site.deploy();
+    assert_eq!(site.releases(1).await, [running(ENV_RELEASE, ENV_VERSION)]);
+    let env = site.env_of("wait-2");
+    assert!(has_line(&env, "FROM_HOST=host wait-2"), "{env}");
+    let (ok, rows) = site.status();
+    assert!(ok, "{rows:#?}");
+    assert_eq!(row(&rows, "wait-2", Some("env"))["converged"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_commands_take_the_groups_settings() {
+    let site = Site::new(&["cmd-1"]);
+    site.write(1, &["group = \"env\""]);
+    site.deploy();
+    site.env_of("cmd-1");
+
+    let (ok, out) = site.erel(&["stop", "cmd-1", ENV_RELEASE]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("group 'env'") && out.contains("stop_grace_secs 7"),
+        "the group's grace: {out}"
+    );
+    assert!(out.contains("cmd-1: envdump stopped"), "{out}");
+    std::fs::remove_file(site.env_file("cmd-1")).expect("remove");
+
+    // The group's env, with the host's merged over it, reaches the release.
+    let (ok, out) = site.erel(&["start", "cmd-1", ENV_RELEASE, ENV_VERSION]);
+    assert!(ok, "{out}");
+    let env = site.env_of("cmd-1");
+    assert!(has_line(&env, "FROM_GROUP=group env"), "{env}");
+    assert!(has_line(&env, "FROM_HOST=host cmd-1"), "{env}");
+    let path = format!("ENV_DIR={}", site.env_dir.path().display());
+    assert!(has_line(&env, &path), "{env}");
+    std::fs::remove_file(site.env_file("cmd-1")).expect("remove");
+
+    // restart: the running version, the group's settings, a flag overriding one and
+    // saying so.
+    let (ok, out) = site.erel(&["restart", "cmd-1", ENV_RELEASE, "--env", "FROM_GROUP=flag"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("overrides group 'env''s FROM_GROUP"),
+        "the override is said: {out}"
+    );
+    assert!(out.contains("cmd-1: envdump stopped"), "{out}");
+    assert!(
+        out.contains(&format!("envdump {ENV_VERSION} started")),
+        "{out}"
+    );
+    let env = site.env_of("cmd-1");
+    assert!(has_line(&env, "FROM_GROUP=flag"), "{env}");
+    assert!(has_line(&env, "FROM_HOST=host cmd-1"), "{env}");
+
+    // A release no group of the host runs: said, then the agent's refusal.
+    let (ok, out) = site.erel(&["start", "cmd-1", "nosuch", "1"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("no group of this host runs 'nosuch'"), "{out}");
+
+    // ID@ADDR:PORT names no group: the command line alone, as before.
+    let direct = site.agents[0].host().to_string();
+    let (ok, out) = site.erel(&["stop", &direct, ENV_RELEASE]);
+    assert!(ok && !out.contains("group"), "{out}");
+    std::fs::remove_file(site.env_file("cmd-1")).expect("remove");
+    let (ok, out) = site.erel(&["restart", &direct, ENV_RELEASE, "--env", &path]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "no cluster group: envdump {ENV_VERSION} is started with the command line's"
+        )) && out.contains("envdump was not running"),
+        "the version last run, and a warning: {out}"
+    );
+    let env = site.env_of("cmd-1");
+    assert!(!env.contains("FROM_GROUP"), "no group settings: {env}");
+}
