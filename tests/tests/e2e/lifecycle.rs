@@ -1,6 +1,7 @@
 //! A group's lifecycle against real agents: a failure budget that lets a group go on
 //! past a dead host, host selection, releases stopped when they leave the config, and
-//! `erel restart`, `erel stop` and `erel rollback` on a group.
+//! `erel restart`, `erel stop` and `erel rollback` on a group, beside their one-host
+//! forms.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -439,4 +440,89 @@ async fn a_restart_that_fails_on_the_canary_halts_and_touches_no_other_host() {
         [runs(&fleet, 1, "0.1.0"), runs(&fleet, 2, "0.1.0")]
     );
     assert_eq!(fleet.release_pids(RELEASE)[1..], before[1..], "untouched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_host_and_group_forms_both_act_and_a_mix_of_them_is_refused() {
+    let fleet = fleet("forms", 2);
+    deploy_all(&fleet, 1, "0.2.0");
+    let before = fleet.release_pids(RELEASE);
+
+    // Mixing the forms, or giving neither, is refused before any host is touched.
+    let refusals: &[(&[&str], &[&str])] = &[
+        (
+            &["restart", "forms-1", RELEASE, "--group", "web"],
+            &[
+                "erel restart",
+                "not both",
+                "'forms-1' 'beat'",
+                "--group web",
+            ],
+        ),
+        (
+            &["restart", "--group", "web", "--env", "A=B"],
+            &["not both", "--env A=B", "--group web"],
+        ),
+        (
+            &["stop", "forms-1", RELEASE, "--exclude", "forms-2"],
+            &["erel stop", "not both", "--exclude forms-2"],
+        ),
+        (
+            &["stop", "--group", "web", "--grace", "3"],
+            &["not both", "--grace 3", "--group web"],
+        ),
+        (&["stop"], &["erel stop HOST NAME", "erel stop --group G"]),
+        (&["restart", "forms-1"], &["NAME is missing"]),
+    ];
+    for (words, parts) in refusals {
+        let (ok, out) = erel(&fleet, words);
+        assert!(!ok, "{words:?}: {out}");
+        for part in *parts {
+            assert!(out.contains(part), "{words:?}: {out:?} lacks {part:?}");
+        }
+    }
+    assert_eq!(fleet.release_pids(RELEASE), before, "nothing was touched");
+
+    // One host, with its group's settings: only that host's release restarts.
+    let (ok, out) = erel(&fleet, &["restart", "forms-1", RELEASE]);
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    assert!(
+        out.contains("group 'web'") && out.contains("forms-1: beat stopped"),
+        "{out}"
+    );
+    assert!(out.contains("beat 0.2.0 started"), "{out}");
+    let answered = wait_until(PATIENCE, || async { fleet.all_run("0.2.0") }).await;
+    assert!(answered, "{:?}\n{}", answers(&fleet), fleet.agent_logs());
+    let after_host = fleet.release_pids(RELEASE);
+    assert!(
+        before[0].iter().all(|pid| !after_host[0].contains(pid)),
+        "forms-1 restarted: {before:?} -> {after_host:?}"
+    );
+    assert_eq!(after_host[1], before[1], "forms-2 untouched");
+
+    // The group form, narrowed to the other host: a rolling restart gated on health.
+    let (ok, out) = erel(&fleet, &["restart", "--group", "web", "--hosts", "forms-2"]);
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    assert!(out.contains("restarted (pid"), "{out}");
+    fleet.expect_beats("0.2.0");
+    let after_group = fleet.release_pids(RELEASE);
+    assert_eq!(after_group[0], after_host[0], "forms-1 untouched");
+    assert!(
+        after_host[1]
+            .iter()
+            .all(|pid| !after_group[1].contains(pid)),
+        "forms-2 restarted: {after_host:?} -> {after_group:?}"
+    );
+
+    // One host's stop takes the group's stop_grace_secs.
+    let (ok, out) = erel(&fleet, &["stop", "forms-2", RELEASE]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("stop_grace_secs 5"),
+        "the group's grace: {out}"
+    );
+    assert_eq!(
+        answers(&fleet),
+        vec![runs(&fleet, 0, "0.2.0"), String::new()]
+    );
 }
