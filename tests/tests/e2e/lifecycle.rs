@@ -260,6 +260,13 @@ async fn releases_that_leave_the_config_are_stopped_and_others_are_never_touched
     assert!(ok, "{out}\n{}", fleet.agent_logs());
     assert!(out.contains("2 stopped"), "{out}");
     assert_eq!(answers(&fleet), vec![""; 3]);
+    // Status counts a stopped group's host as it should be once its release is stopped.
+    let (ok, out) = erel(&fleet, &["status"]);
+    assert!(ok, "every host is as its group asks: {out}");
+    assert!(
+        out.contains("beat stopped") && out.contains("other stopped"),
+        "{out}"
+    );
     for command in ["restart", "rollback"] {
         let (ok, out) = erel(&fleet, &[command, "--group", "web"]);
         assert!(!ok, "{out}");
