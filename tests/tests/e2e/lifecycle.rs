@@ -452,7 +452,8 @@ async fn a_restart_that_fails_on_the_canary_halts_and_touches_no_other_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_host_and_group_forms_both_act_and_a_mix_of_them_is_refused() {
     let fleet = fleet("forms", 2);
-    deploy_all(&fleet, 1, "0.2.0");
+    deploy_all(&fleet, 1, "0.1.0");
+    deploy_all(&fleet, 2, "0.2.0");
     let before = fleet.release_pids(RELEASE);
 
     // Mixing the forms, or giving neither, is refused before any host is touched.
@@ -521,6 +522,17 @@ async fn one_host_and_group_forms_both_act_and_a_mix_of_them_is_refused() {
         "forms-2 restarted: {after_host:?} -> {after_group:?}"
     );
 
+    // A one-host rollback: the older version, still unpacked there, with the group's
+    // settings.
+    let (ok, out) = erel(&fleet, &["restart", "forms-1", RELEASE, "0.1.0"]);
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    assert!(out.contains("beat 0.1.0 started"), "{out}");
+    let rolled_back = wait_until(PATIENCE, || async {
+        answers(&fleet) == vec![runs(&fleet, 0, "0.1.0"), runs(&fleet, 1, "0.2.0")]
+    })
+    .await;
+    assert!(rolled_back, "{:?}\n{}", answers(&fleet), fleet.agent_logs());
+
     // One host's stop takes the group's stop_grace_secs.
     let (ok, out) = erel(&fleet, &["stop", "forms-2", RELEASE]);
     assert!(ok, "{out}");
@@ -530,6 +542,6 @@ async fn one_host_and_group_forms_both_act_and_a_mix_of_them_is_refused() {
     );
     assert_eq!(
         answers(&fleet),
-        vec![runs(&fleet, 0, "0.2.0"), String::new()]
+        vec![runs(&fleet, 0, "0.1.0"), String::new()]
     );
 }
