@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::rollout::RolloutEvent;
+use crate::rollout::{RolloutEvent, StopReason};
 
 /// The `Content-Type` of the OpenMetrics text format, as its specification names it.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -42,7 +42,7 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 type Labels = Vec<(String, String)>;
 
 /// The host states `erel_hosts` counts.
-const HOST_STATES: [&str; 4] = ["converged", "in_flight", "pending", "failed"];
+const HOST_STATES: [&str; 5] = ["converged", "in_flight", "pending", "failed", "stopped"];
 
 /// The daemon's metrics; shared between the daemon's event callback and [`serve`].
 #[derive(Debug)]
@@ -92,7 +92,7 @@ impl Metrics {
         );
         registry.register(
             "erel_hosts",
-            "Hosts by state (converged, in_flight, pending, failed)",
+            "Hosts by state (converged, in_flight, pending, failed, stopped)",
             hosts.clone(),
         );
         registry.register(
@@ -150,9 +150,10 @@ impl Metrics {
                 group,
                 switched,
                 failed,
+                stopped,
                 ..
             } => {
-                if switched + failed > 0 {
+                if switched + failed + stopped > 0 {
                     self.rollouts.get_or_create(&group_labels(group)).inc();
                 }
                 None
@@ -163,15 +164,26 @@ impl Metrics {
                 let _ = self.host_failures.get_or_create(&group_labels(group));
                 None
             }
+            // A host that left a group is no longer one of its hosts.
+            RolloutEvent::HostStopped {
+                group,
+                host,
+                why: StopReason::LeftGroup,
+                ..
+            } => Some((group, host, "")),
+            RolloutEvent::HostStopped { group, host, .. } => Some((group, host, "stopped")),
             RolloutEvent::GroupHalted { .. }
             | RolloutEvent::HostVerdict { .. }
             | RolloutEvent::HostDrain { .. } => None,
         };
         if let Some((group, host, host_state)) = host_state {
             let mut state = self.lock();
-            state
-                .hosts
-                .insert((group.clone(), host.clone()), host_state);
+            let key = (group.clone(), host.clone());
+            if host_state.is_empty() {
+                state.hosts.remove(&key);
+            } else {
+                state.hosts.insert(key, host_state);
+            }
             for name in HOST_STATES {
                 let count = state.hosts.values().filter(|s| **s == name).count();
                 self.hosts
@@ -317,6 +329,7 @@ mod tests {
             switched: 1,
             skipped: 0,
             failed: 1,
+            stopped: 0,
         });
         let text = metrics.encode();
         assert!(
@@ -346,6 +359,7 @@ mod tests {
             switched: 0,
             skipped: 3,
             failed: 0,
+            stopped: 0,
         });
         assert!(!metrics
             .encode()

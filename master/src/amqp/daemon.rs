@@ -717,6 +717,23 @@ impl GroupTask {
             } => {
                 warn!(group = %self.group, ?untouched, "group halted: {reason}")
             }
+            RolloutEvent::HostStopped {
+                host, release, why, ..
+            } => {
+                info!(group = %self.group, host, release, %why, "release stopped ({why})")
+            }
+            RolloutEvent::HostVerdict {
+                host,
+                version,
+                verdict,
+                evidence,
+                ..
+            } => {
+                info!(group = %self.group, host, version, %verdict, "{version} {verdict}: {evidence}")
+            }
+            RolloutEvent::HostDrain { host, outcome, .. } => {
+                info!(group = %self.group, host, drained = outcome.drained, "{outcome}")
+            }
             _ => debug!(group = %self.group, ?event, "rollout"),
         }
         if let Some(event) = MasterEvent::from_rollout(event) {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::client::{gave_up, stop_request, unpack_request, HostSession, Progress, WriteSource};
-use crate::cluster::{GroupPlan, HostPlan};
+use crate::cluster::{GroupPlan, GroupState, HostPlan};
 use crate::digest_cache::{DigestCache, FileStamp};
 use crate::error::{Result, ResultExt as _};
 use crate::rollout::decide::{Retry, RetryPolicy};
@@ -95,13 +95,13 @@ pub struct StartSettings {
 #[derive(Debug, Args)]
 pub struct StopArgs {
     /// The agent, as ID@ADDR:PORT or a host id from the cluster file.
-    host: String,
+    pub(super) host: String,
     /// Release name.
-    name: String,
+    pub(super) name: String,
     /// Seconds between SIGTERM and SIGKILL (at most the agent's limit, 600)
     /// [default: the group's stop_grace_secs, else 10].
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=erel_proto::rules::MAX_STOP_GRACE.as_secs()))]
-    grace: Option<u64>,
+    pub(super) grace: Option<u64>,
 }
 
 /// `erel restart HOST NAME [VERSION] [--grace SECS] [--env K=V].. [--user U] [-- ARGV..]`:
@@ -109,17 +109,36 @@ pub struct StopArgs {
 #[derive(Debug, Args)]
 pub struct RestartArgs {
     /// The agent, as ID@ADDR:PORT or a host id from the cluster file.
-    host: String,
+    pub(super) host: String,
     /// Release name.
-    name: String,
+    pub(super) name: String,
     /// Version to start [default: the version the agent runs or last ran, else the
     /// group's].
-    version: Option<String>,
+    pub(super) version: Option<String>,
     /// Seconds between SIGTERM and SIGKILL [default: the group's stop_grace_secs, else 10].
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=erel_proto::rules::MAX_STOP_GRACE.as_secs()))]
-    grace: Option<u64>,
+    pub(super) grace: Option<u64>,
     #[command(flatten)]
-    settings: StartSettings,
+    pub(super) settings: StartSettings,
+}
+
+impl StartSettings {
+    /// The settings given, as the command line spells them (`--env K=V`, `--user U`,
+    /// `-- ARGV..`); empty when none was.
+    pub(super) fn given(&self) -> Vec<String> {
+        let mut given: Vec<String> = self
+            .env
+            .iter()
+            .map(|(key, value)| format!("--env {key}={value}"))
+            .collect();
+        if let Some(user) = &self.user {
+            given.push(format!("--user {user}"));
+        }
+        if !self.argv.is_empty() {
+            given.push(format!("-- {}", self.argv.join(" ")));
+        }
+        given
+    }
 }
 
 /// `erel logs HOST NAME [--follow]`.
@@ -584,6 +603,18 @@ impl Target {
         (start, notes)
     }
 
+    /// A warning when the group running the release is marked `state = "stopped"`:
+    /// starting it by hand lasts only until the next deploy or daemon pass.
+    fn stopped_group_warning(&self, name: &str) -> Option<String> {
+        let (_, group) = self.group.as_ref()?;
+        (group.state == GroupState::Stopped).then(|| {
+            format!(
+                "{}: group '{}' is marked state = \"stopped\": the next deploy, or a daemon's pass, stops {name} again",
+                self.host.id, group.name
+            )
+        })
+    }
+
     fn describe(&self) -> Option<String> {
         match &self.group {
             Some((_, group)) => Some(format!(
@@ -639,6 +670,9 @@ pub async fn start(ctx: &Context, cluster: Option<&Path>, args: StartArgs) -> Re
     for note in notes {
         println!("{}: {note}", target.host.id);
     }
+    if let Some(line) = target.stopped_group_warning(&args.name) {
+        println!("{line}");
+    }
     let mut session = HostSession::new(target.host.clone(), ctx.connector()?);
     println!("{}", send_start(&target.host, &mut session, request).await?);
     Ok(ExitCode::SUCCESS)
@@ -693,6 +727,9 @@ pub async fn restart(ctx: &Context, cluster: Option<&Path>, args: RestartArgs) -
     }
     for note in notes {
         println!("{}: {note}", target.host.id);
+    }
+    if let Some(line) = target.stopped_group_warning(&args.name) {
+        println!("{line}");
     }
     let grace = target.stop_grace(args.grace);
     println!(
@@ -878,6 +915,28 @@ archive = "probe.tar.gz"
         let (start, _) = metrics.start_request("probe", "1.0.0", flags(&[], None, &[]));
         assert!(start.argv.is_empty() && start.user.is_none());
         assert_eq!(start.env, [("PORT".to_string(), "8081".to_string())]);
+    }
+
+    #[test]
+    fn starting_the_release_of_a_stopped_group_warns_that_it_will_be_stopped_again() {
+        assert_eq!(target("pong").stopped_group_warning("pong"), None);
+        let text = CLUSTER.replace(
+            "stop_grace_secs = 30\n",
+            "stop_grace_secs = 30\nstate = \"stopped\"\n",
+        );
+        let plan = Plan::parse(&text, "cluster.toml", &ArchiveLookup::Unchecked).expect("valid");
+        let host = plan.host("web-1").expect("web-1");
+        let web = Target {
+            host: host.host_addr(),
+            group: Some((host.clone(), plan.groups["web"].clone())),
+            no_group: None,
+        };
+        let warning = web.stopped_group_warning("pong").expect("warned");
+        assert!(
+            warning.starts_with("web-1: group 'web' is marked state = \"stopped\"")
+                && warning.ends_with("stops pong again"),
+            "{warning}"
+        );
     }
 
     #[test]

@@ -116,7 +116,8 @@ fn log_event(event: &RolloutEvent) {
         RolloutEvent::GroupHalted { .. } => warn!("{line}"),
         RolloutEvent::HostDone { .. }
         | RolloutEvent::HostVerdict { .. }
-        | RolloutEvent::HostDrain { .. } => info!("{line}"),
+        | RolloutEvent::HostDrain { .. }
+        | RolloutEvent::HostStopped { .. } => info!("{line}"),
         RolloutEvent::HostPhase { phase, .. }
             if !matches!(
                 phase,

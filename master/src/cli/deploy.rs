@@ -1,6 +1,7 @@
-//! `erel deploy [--cluster FILE] [--group G].. [--dry-run] [--json]`: the rolling cold
-//! deploy, with a live line per host and a summary table. Exit 0 only when every host
-//! runs its desired version, healthy.
+//! `erel deploy [--cluster FILE] [--group G].. [--hosts ID,..] [--exclude ID,..]
+//! [--dry-run] [--json]`: the rolling cold deploy, with a live line per host and a
+//! summary table. Exit 0 only when every selected host runs its desired version,
+//! healthy (or has its release stopped, where the config says so).
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -14,10 +15,10 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::Context;
 use crate::client::Connector;
-use crate::cluster::{GroupPlan, Plan};
+use crate::cluster::{GroupPlan, GroupState, Plan};
 use crate::error::Error;
 use crate::rollout::{
-    HostFailure, HostOutcome, HostPhase, RolloutEvent, RolloutOptions, RolloutReport,
+    self, HostFailure, HostOutcome, HostPhase, RolloutEvent, RolloutOptions, RolloutReport,
 };
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -28,6 +29,8 @@ pub struct DeployArgs {
     /// Only this group (repeatable; default: every group).
     #[arg(long = "group", value_name = "G")]
     groups: Vec<String>,
+    #[command(flatten)]
+    selection: HostSelection,
     /// Print the plan and touch nothing.
     #[arg(long)]
     dry_run: bool,
@@ -45,10 +48,21 @@ pub struct DeployArgs {
     hold: super::daemon::HoldArgs,
 }
 
-/// Runs `erel deploy`.
-pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::Result<ExitCode> {
-    let plan = Plan::load(cluster)?;
-    for group in &args.groups {
+/// `--hosts ID,ID` and `--exclude ID,ID`: which hosts of the selected groups a group
+/// command touches.
+#[derive(Debug, Args, Default)]
+pub struct HostSelection {
+    /// Only these hosts of the selected groups (comma-separated ids; repeatable).
+    #[arg(long, value_name = "ID,..", value_delimiter = ',')]
+    pub hosts: Vec<String>,
+    /// Never these hosts (comma-separated ids; repeatable).
+    #[arg(long, value_name = "ID,..", value_delimiter = ',')]
+    pub exclude: Vec<String>,
+}
+
+/// Refuses a `--group` the plan does not define, naming the groups it does.
+pub(super) fn check_groups(plan: &Plan, cluster: &Path, groups: &[String]) -> crate::Result<()> {
+    for group in groups {
         if !plan.groups.contains_key(group) {
             return Err(Error::Usage(format!(
                 "{}: no group '{group}' (groups: {})",
@@ -57,7 +71,33 @@ pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::R
             )));
         }
     }
+    Ok(())
+}
+
+/// Runs `erel deploy`.
+pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::Result<ExitCode> {
+    let plan = Plan::load(cluster)?;
+    check_groups(&plan, cluster, &args.groups)?;
+    let options = RolloutOptions {
+        groups: args.groups.clone(),
+        hosts: args.selection.hosts.clone(),
+        exclude: args.selection.exclude.clone(),
+        ..RolloutOptions::default()
+    };
+    rollout::check_selection(&plan, &options)?;
+    let connector = |ctx: &Context| -> crate::Result<Connector> {
+        Ok(Connector::new(ctx.tls()?, ctx.master_name())
+            .with_connect_timeout(Duration::from_secs(args.connect_timeout.max(1))))
+    };
     if args.dry_run {
+        // Hosts that left a group are found by asking them; without certificates or
+        // agents the plan is still printed, saying what could not be checked.
+        let stops = match connector(ctx) {
+            Ok(connector) => rollout::planned_stops(&plan, &connector, &options)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
         if args.json {
             let json = plan_json(&plan, &args.groups);
             println!(
@@ -65,32 +105,58 @@ pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::R
                 serde_json::to_string_pretty(&json).context("encoding the plan")?
             );
         } else {
-            print!("{}", describe_plan(&plan, &args.groups));
+            print!("{}", describe_plan(&plan, &options, &stops));
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let connector = Connector::new(ctx.tls()?, ctx.master_name())
-        .with_connect_timeout(Duration::from_secs(args.connect_timeout.max(1)));
-    let options = RolloutOptions {
-        groups: args.groups.clone(),
-        ..RolloutOptions::default()
+    let command = Command {
+        cluster,
+        name: "erel deploy",
+        hold: &args.hold,
+        json: args.json,
     };
-    let mut view = if args.json {
+    run_and_report(&plan, &connector(ctx)?, &options, command).await
+}
+
+/// The command a rollout runs for: where its cluster file is, how it is named to a
+/// daemon that holds the groups, whether it may take them over, how it prints.
+pub(super) struct Command<'a> {
+    /// The cluster file (a file-mode daemon's lock lies beside it).
+    pub(super) cluster: &'a Path,
+    /// `erel deploy`, `erel restart`, …, as a holder's refusal names it.
+    pub(super) name: &'a str,
+    /// `--take-over` and the daemons' broker.
+    pub(super) hold: &'a super::daemon::HoldArgs,
+    /// Events and the summary as JSON.
+    pub(super) json: bool,
+}
+
+/// Runs one rollout of `plan` as `options` say, showing its progress and its summary;
+/// the exit status `erel deploy`, `restart`, `stop` and `rollback` give.
+pub(super) async fn run_and_report(
+    plan: &Plan,
+    connector: &Connector,
+    options: &RolloutOptions,
+    command: Command<'_>,
+) -> crate::Result<ExitCode> {
+    let json = command.json;
+    let mut view = if json {
         View::Json
     } else if std::io::stderr().is_terminal() {
         View::Bars(Bars::new())
     } else {
         View::Lines(Instant::now())
     };
-    let groups: Vec<String> = if args.groups.is_empty() {
+    let groups: Vec<String> = if options.groups.is_empty() {
         plan.groups.keys().cloned().collect()
     } else {
-        args.groups.clone()
+        options.groups.clone()
     };
-    let hold = super::daemon::ensure_not_held(cluster, &groups, "erel deploy", &args.hold).await?;
+    let hold = super::daemon::ensure_not_held(command.cluster, &groups, command.name, command.hold)
+        .await?;
     let mut interrupt = Interrupt::install()?;
     let mut progress = Progress::default();
-    let rollout = Box::pin(crate::rollout::run(&plan, &connector, &options, |event| {
+    let rollout = Box::pin(rollout::run(plan, connector, options, |event| {
         progress.record(event);
         view.show(event)
     }));
@@ -100,15 +166,15 @@ pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::R
             // Dropping the rollout aborts its tasks at their next await point; a
             // request an agent already received still completes there, so what each
             // host was left running is asked below rather than guessed.
-            tracing::debug!(signal, "deploy interrupted");
+            tracing::debug!(signal, "rollout interrupted");
             None
         }
     };
     hold.release().await;
     view.finish();
     let Some(report) = outcome else {
-        let summary = interrupted(&plan, &args.groups, &progress, &connector).await;
-        if args.json {
+        let summary = interrupted(plan, &options.groups, &progress, connector).await;
+        if json {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&summary).context("encoding the summary")?
@@ -119,7 +185,7 @@ pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::R
         return Ok(ExitCode::from(INTERRUPTED_EXIT));
     };
     let report = report?;
-    if args.json {
+    if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&report).context("encoding the report")?
@@ -215,6 +281,12 @@ impl Bars {
                 host,
                 version,
             } => (group, host, format!("up to date: runs {version}")),
+            RolloutEvent::HostStopped {
+                group,
+                host,
+                release,
+                why,
+            } => (group, host, format!("stopped {release}: {why}")),
             RolloutEvent::HostFailed {
                 group,
                 host,
@@ -300,6 +372,12 @@ pub fn event_line(event: &RolloutEvent) -> Option<String> {
             host,
             version,
         } => format!("{group}/{host}: up to date, runs {version}"),
+        RolloutEvent::HostStopped {
+            group,
+            host,
+            release,
+            why,
+        } => format!("{group}/{host}: stopped {release} ({why})"),
         RolloutEvent::HostFailed {
             group,
             host,
@@ -338,9 +416,16 @@ pub fn event_line(event: &RolloutEvent) -> Option<String> {
             switched,
             skipped,
             failed,
-        } => format!(
-            "group {group}: {switched} switched, {skipped} already up to date, {failed} failed"
-        ),
+            stopped,
+        } => {
+            let stopped = match stopped {
+                0 => String::new(),
+                n => format!(", {n} stopped"),
+            };
+            format!(
+                "group {group}: {switched} switched, {skipped} already up to date, {failed} failed{stopped}"
+            )
+        }
     })
 }
 
@@ -365,11 +450,25 @@ fn summary_table(report: &RolloutReport, tails_shown: bool) -> String {
     let mut tails = Vec::new();
     for group in &report.groups {
         for host in &group.hosts {
+            let mut version = format!("{} {}", group.release, group.version);
             let result = match &host.outcome {
-                HostOutcome::Switched { from, pid } => format!(
-                    "switched from {} (pid {pid})",
-                    from.as_deref().unwrap_or("nothing")
-                ),
+                HostOutcome::Switched {
+                    from,
+                    version: now,
+                    pid,
+                } => {
+                    version = format!("{} {now}", group.release);
+                    match from.as_deref() {
+                        Some(from) if from == now => format!("restarted (pid {pid})"),
+                        from => {
+                            format!("switched from {} (pid {pid})", from.unwrap_or("nothing"))
+                        }
+                    }
+                }
+                HostOutcome::Stopped { why } => {
+                    version = format!("{} (stopped)", group.release);
+                    format!("stopped: {why}")
+                }
                 HostOutcome::UpToDate => "up to date".to_string(),
                 HostOutcome::Failed(failure) => {
                     let HostFailure {
@@ -390,7 +489,7 @@ fn summary_table(report: &RolloutReport, tails_shown: bool) -> String {
                 host.host.clone(),
                 group.group.clone(),
                 host.addr.clone(),
-                format!("{} {}", group.release, group.version),
+                version,
                 result,
             ]);
         }
@@ -401,7 +500,13 @@ fn summary_table(report: &RolloutReport, tails_shown: bool) -> String {
         out.push_str(&indent(tail.trim_end(), "  "));
         out.push('\n');
     }
-    let verdict = if report.converged() {
+    let verdict = if report.converged() && report.stopped() > 0 {
+        format!(
+            "revision {}: every host runs its desired version or has its release stopped ({} stopped)\n",
+            report.revision,
+            report.stopped()
+        )
+    } else if report.converged() {
         format!(
             "revision {}: every host runs its desired version\n",
             report.revision
@@ -441,14 +546,33 @@ pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
     out
 }
 
-/// What `--dry-run` prints: per group, what goes where and in which order.
-fn describe_plan(plan: &Plan, only: &[String]) -> String {
+/// What `--dry-run` prints: per group, what goes where and in which order, and what
+/// is stopped (`stops`: hosts that left each group, or why they could not be found).
+fn describe_plan(
+    plan: &Plan,
+    options: &RolloutOptions,
+    stops: &Result<HashMap<String, Vec<String>>, String>,
+) -> String {
     let mut out = format!("{} (revision {})\n", plan.origin, plan.revision);
     for group in plan.groups.values() {
-        if !only.is_empty() && !only.contains(&group.name) {
+        if !options.groups.is_empty() && !options.groups.contains(&group.name) {
             continue;
         }
-        out.push_str(&describe_group(plan, group));
+        out.push_str(&describe_group(plan, group, options));
+        match stops {
+            Ok(stops) => {
+                for host in stops.get(&group.name).into_iter().flatten() {
+                    out.push_str(&format!(
+                        "  stop      {} on {host}: the host left the group\n",
+                        group.release
+                    ));
+                }
+            }
+            Err(why) => out.push_str(&format!(
+                "  (hosts that left the group, whose {} is stopped, not checked: {why})\n",
+                group.release
+            )),
+        }
     }
     let waiting: Vec<&str> = plan
         .hosts
@@ -467,8 +591,26 @@ waiting (in no group, nothing deployed): {}
     out
 }
 
-fn describe_group(plan: &Plan, group: &GroupPlan) -> String {
-    let hosts = plan.hosts_in(&group.name);
+fn describe_group(plan: &Plan, group: &GroupPlan, options: &RolloutOptions) -> String {
+    let hosts: Vec<_> = plan
+        .hosts_in(&group.name)
+        .into_iter()
+        .filter(|h| options.hosts.is_empty() || options.hosts.contains(&h.id))
+        .filter(|h| !options.exclude.contains(&h.id))
+        .collect();
+    if group.state == GroupState::Stopped {
+        let mut out = format!(
+            "\ngroup {}: {} stopped (state = \"stopped\"), at most {} host(s) at once\n",
+            group.name, group.release, group.max_in_flight
+        );
+        for host in &hosts {
+            out.push_str(&format!(
+                "  stop      {} on {}: the group is stopped\n",
+                group.release, host.id
+            ));
+        }
+        return out;
+    }
     let mut out = format!(
         "\ngroup {}: {} {}\n",
         group.name, group.release, group.version
@@ -499,8 +641,12 @@ fn describe_group(plan: &Plan, group: &GroupPlan) -> String {
         group.health.min_up.as_secs(),
         group.health.deadline.as_secs()
     ));
+    let budget = match group.max_failed {
+        0 => "the first failure halts the group".to_string(),
+        n => format!("up to {n} host(s) may fail or be unreachable before the group halts"),
+    };
     out.push_str(&format!(
-        "  rollout   {} canary host(s) first, then at most {} at once; the first failure halts the group\n",
+        "  rollout   {} canary host(s) first, then at most {} at once; {budget}\n",
         group.canaries, group.max_in_flight
     ));
     for (index, host) in hosts.iter().enumerate() {
@@ -716,6 +862,11 @@ enum Finished {
         /// The failure in words: phase, rollback, reason.
         reason: String,
     },
+    /// Its release was stopped.
+    Stopped {
+        /// Why, in words.
+        why: String,
+    },
 }
 
 impl Progress {
@@ -744,6 +895,14 @@ impl Progress {
                 key(group, host),
                 Finished::UpToDate {
                     version: version.clone(),
+                },
+            ),
+            RolloutEvent::HostStopped {
+                group, host, why, ..
+            } => self.finish(
+                key(group, host),
+                Finished::Stopped {
+                    why: why.to_string(),
                 },
             ),
             RolloutEvent::HostFailed {
@@ -929,6 +1088,7 @@ impl InterruptedSummary {
                 Finished::Switched { version } => format!("done, runs {version}"),
                 Finished::UpToDate { version } => format!("up to date, runs {version}"),
                 Finished::Failed { reason } => reason.clone(),
+                Finished::Stopped { why } => format!("stopped: {why}"),
             };
             out.push_str(&format!(
                 "  done       {}/{}: {what}\n",

@@ -15,6 +15,7 @@ mod context;
 mod daemon;
 mod demo;
 mod deploy;
+mod lifecycle;
 mod status;
 mod watch;
 
@@ -53,10 +54,13 @@ enum Command {
     Unpack(agent::UnpackArgs),
     /// Starts a release version on an agent.
     Start(agent::StartArgs),
-    /// Stops a release on an agent.
-    Stop(agent::StopArgs),
-    /// Stops a release on an agent and starts it again.
-    Restart(agent::RestartArgs),
+    /// Stops a release on an agent (HOST NAME), or on the hosts of a group (--group).
+    Stop(lifecycle::StopArgs),
+    /// Stops a release on an agent and starts it again (HOST NAME), or a rolling cold
+    /// restart of a group's version, gated on health (--group).
+    Restart(lifecycle::RestartArgs),
+    /// Takes a group's hosts back to the newest other version present on each.
+    Rollback(lifecycle::RollbackArgs),
     /// Prints a release's recent output on an agent; `--follow` keeps printing what is new.
     Logs(agent::LogsArgs),
     /// Table of every host in the cluster: group, desired and running release, state.
@@ -122,8 +126,9 @@ async fn run(cli: Cli) -> crate::Result<ExitCode> {
         Command::Push(args) => agent::push(&ctx, cluster, args).await,
         Command::Unpack(args) => agent::unpack(&ctx, cluster, args).await,
         Command::Start(args) => agent::start(&ctx, cluster, args).await,
-        Command::Stop(args) => agent::stop(&ctx, cluster, args).await,
-        Command::Restart(args) => agent::restart(&ctx, cluster, args).await,
+        Command::Stop(args) => lifecycle::stop(&ctx, cluster, args).await,
+        Command::Restart(args) => lifecycle::restart(&ctx, cluster, args).await,
+        Command::Rollback(args) => lifecycle::rollback(&ctx, &cluster_file(cluster), args).await,
         Command::Logs(args) => agent::logs(&ctx, cluster, args).await,
         Command::Status(args) => status::status(&ctx, &cluster_file(cluster), args).await,
         Command::Deploy(args) => deploy::deploy(&ctx, &cluster_file(cluster), args).await,
@@ -208,7 +213,13 @@ mod tests {
             "erel unpack web-1@127.0.0.1:7070 archives/app.tar.gz releases/app/1",
             "erel start web-1@127.0.0.1:7070 app 1 --env A=B -- bin/app foreground",
             "erel stop web-1@127.0.0.1:7070 app --grace 3",
+            "erel restart web-1 app",
+            "erel restart web-1@127.0.0.1:7070 app 2 --grace 3 --env A=B --user app -- bin/app foreground",
             "erel deploy --cluster cluster.toml --group web --dry-run",
+            "erel deploy --group web --hosts web-1,web-2 --exclude web-3",
+            "erel restart --group web --hosts web-1",
+            "erel stop --group web --exclude web-2,web-3 --json",
+            "erel rollback --group web --group api",
             "erel status --cluster cluster.toml --json",
             "erel status --amqp amqp://127.0.0.1:5672/%2f",
             "erel master --cluster cluster.toml --interval 5",

@@ -2,8 +2,9 @@
 //! groups has two rows, a waiting host one row in state `waiting`) with its address,
 //! reachability, desired and running release, state, uptime, restarts, the group's
 //! TCP probe run now, and the output of a crashed release. Whether argv and env match
-//! the group's is shown as `unknown` (see [`HostStatus::argv_env`]). Exit 0 only when every host is reachable and runs the desired
-//! version of each of its groups.
+//! the group's is shown as `unknown` (see [`HostStatus::argv_env`]). Exit 0 only when
+//! every host is reachable and runs the desired version of each of its groups (for a
+//! group marked `state = "stopped"`: does not run its release).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -17,7 +18,7 @@ use serde::Serialize;
 use super::deploy::{indent, table};
 use super::Context;
 use crate::client::{Connector, HostSession};
-use crate::cluster::{ArchiveLookup, Plan};
+use crate::cluster::{ArchiveLookup, GroupState, Plan};
 
 /// `erel status`.
 #[derive(Debug, Args)]
@@ -54,8 +55,10 @@ pub struct HostStatus {
     pub error: Option<String>,
     /// The group's release.
     pub release: Option<String>,
-    /// The group's desired version.
+    /// The group's desired version; `None` for a waiting host and for a stopped group.
     pub desired_version: Option<String>,
+    /// The group's `state`: `running` or `stopped`; `-` for a waiting host.
+    pub desired_state: String,
     /// The version the agent runs or last ran.
     pub running_version: Option<String>,
     /// Its state, in words.
@@ -70,7 +73,8 @@ pub struct HostStatus {
     pub versions: Vec<String>,
     /// The release's last output, after a crash.
     pub output_tail: String,
-    /// Runs the desired version now (a waiting host: answers).
+    /// Runs the desired version now; for a stopped group, does not run the release (a
+    /// waiting host: answers).
     pub converged: bool,
     /// The group's TCP health probe, run by `status` itself: `ok`, `failed: <why>`, or
     /// `-` when the group has no probe (or the row has no group).
@@ -158,6 +162,7 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
             error: None,
             release: None,
             desired_version: None,
+            desired_state: "-".to_string(),
             running_version: None,
             state: "unreachable".to_string(),
             pid: None,
@@ -183,14 +188,17 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
             continue;
         }
         for group in groups {
+            let stopped = group.state == GroupState::Stopped;
             let mut row = HostStatus {
                 group: Some(group.name.clone()),
                 release: Some(group.release.clone()),
-                desired_version: Some(group.version.clone()),
+                desired_version: (!stopped).then(|| group.version.clone()),
+                desired_state: if stopped { "stopped" } else { "running" }.to_string(),
                 argv_env: ARGV_ENV_UNKNOWN.to_string(),
                 ..base.clone()
             };
-            if let Some(port) = group.probe_port(host) {
+            // A stopped group's release is not meant to answer: nothing to probe.
+            if let Some(port) = group.probe_port(host).filter(|_| !stopped) {
                 let target = host.probe_host().to_string();
                 let row = out.len();
                 probes.spawn(async move { (row, probe_tcp(&target, port).await) });
@@ -200,7 +208,10 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
                 Ok(pong) => {
                     row.reachable = true;
                     match pong.releases.iter().find(|r| r.name == group.release) {
-                        None => row.state = "not installed".to_string(),
+                        None => {
+                            row.state = "not installed".to_string();
+                            row.converged = stopped;
+                        }
                         Some(release) => fill(&mut row, release),
                     }
                 }
@@ -237,9 +248,13 @@ fn fill(row: &mut HostStatus, release: &ReleaseStatus) {
     row.versions = release.versions.clone();
     row.output_tail = release.output_tail.clone();
     row.state = super::state_words(release);
-    row.converged = release.state == ReleaseState::Running
-        && release.version.is_some()
-        && release.version == row.desired_version;
+    row.converged = if row.desired_state == "stopped" {
+        release.state != ReleaseState::Running && !release.desired_running
+    } else {
+        release.state == ReleaseState::Running
+            && release.version.is_some()
+            && release.version == row.desired_version
+    };
 }
 
 /// The status as a table, with crash output below it.
@@ -265,13 +280,18 @@ pub fn status_table(plan: &Plan, hosts: &[HostStatus]) -> String {
             if h.reachable { "yes" } else { "NO" }.to_string(),
             match (&h.release, &h.desired_version) {
                 (Some(release), Some(version)) => format!("{release} {version}"),
+                (Some(release), None) if h.desired_state == "stopped" => {
+                    format!("{release} stopped")
+                }
                 _ => "-".to_string(),
             },
             h.running_version.clone().unwrap_or_else(|| "-".to_string()),
-            if h.reachable && !h.converged && h.state == "running" {
-                "running (old)".to_string()
-            } else {
-                h.state.clone()
+            match (h.reachable && !h.converged, h.state.as_str()) {
+                (true, "running") if h.desired_state == "stopped" => {
+                    "running (to stop)".to_string()
+                }
+                (true, "running") => "running (old)".to_string(),
+                _ => h.state.clone(),
             },
             h.up_secs
                 .map(human_duration)
@@ -301,8 +321,13 @@ pub fn status_table(plan: &Plan, hosts: &[HostStatus]) -> String {
     }
     let groups: Vec<&HostStatus> = hosts.iter().filter(|h| h.group.is_some()).collect();
     let converged = groups.iter().filter(|h| h.converged).count();
+    let stopped = if groups.iter().any(|h| h.desired_state == "stopped") {
+        " (or, in a stopped group, do not run it)"
+    } else {
+        ""
+    };
     out.push_str(&format!(
-        "{converged} of {} host/group pair(s) run their desired version\n",
+        "{converged} of {} host/group pair(s) run their desired version{stopped}\n",
         groups.len()
     ));
     let waiting = hosts.iter().filter(|h| h.group.is_none()).count();
@@ -344,6 +369,7 @@ mod tests {
             error: None,
             release: group.map(|_| "pong".to_string()),
             desired_version: group.map(|_| "2".to_string()),
+            desired_state: group.map_or("-", |_| "running").to_string(),
             running_version: None,
             state: "waiting".to_string(),
             pid: None,
@@ -391,5 +417,51 @@ mod tests {
         assert!(table.contains("argv/env: unknown"), "{table}");
         assert!(table.contains("1 of 2 host/group pair(s)"), "{table}");
         assert!(table.contains("1 host(s) waiting in no group"), "{table}");
+    }
+
+    fn release(state: ReleaseState, desired_running: bool) -> ReleaseStatus {
+        ReleaseStatus {
+            name: "pong".into(),
+            versions: vec!["2".into()],
+            version: Some("2".into()),
+            desired_running,
+            pid: (state == ReleaseState::Running).then_some(42),
+            state,
+            restarts: 0,
+            up_secs: Some(5),
+            output_tail: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_stopped_groups_row_is_converged_when_its_release_does_not_run() {
+        let stopped = |state, desired_running| {
+            let mut row = row("a-1", Some("web"));
+            row.desired_version = None;
+            row.desired_state = "stopped".to_string();
+            fill(&mut row, &release(state, desired_running));
+            row
+        };
+        assert!(stopped(ReleaseState::Stopped, false).converged);
+        let running = stopped(ReleaseState::Running, true);
+        assert!(!running.converged);
+        let pending = ReleaseState::Exited {
+            code: Some(1),
+            signal: None,
+        };
+        assert!(!stopped(pending, true).converged, "a restart is pending");
+        // A running group wants its version running.
+        let mut web = row("a-1", Some("web"));
+        fill(&mut web, &release(ReleaseState::Stopped, false));
+        assert!(!web.converged);
+
+        let table = status_table(&plan(), &[running]);
+        let line = table.lines().nth(2).expect("the row");
+        assert!(line.contains("pong stopped"), "{table}");
+        assert!(line.contains("running (to stop)"), "{table}");
+        assert!(
+            table.contains("0 of 1 host/group pair(s) run their desired version (or, in a stopped group, do not run it)"),
+            "{table}"
+        );
     }
 }

@@ -20,8 +20,11 @@
 //! env = { NODE_NAME = "beat" }
 //! user = "beat"                            # optional
 //! max_in_flight = 1                        # default 1
-//! canaries = 1                             # default 1
+//! canaries = 1                             # default 1 (0 for a stopped group)
 //! stop_grace_secs = 10                     # default 10
+//! max_failed = 0                           # default 0: hosts that may fail or be
+//!                                          # unreachable before the rollout halts
+//! state = "running"                        # default; "stopped" stops it everywhere
 //! health = { tcp = 27182, min_up_secs = 5, deadline_secs = 60 }
 //! # or an HTTP probe, 3 consecutive passes of every probe:
 //! # health = { http = 8080, path = "/health", passes = 3, min_up_secs = 5 }
@@ -31,7 +34,7 @@
 //! A host may belong to several groups (`groups = [...]`), each running its own
 //! release on it; two groups of one host may not name the same release. A host in no
 //! group is waiting: known and pinged, but nothing is deployed to it. A group that no
-//! host names is refused.
+//! host names is refused, unless it is `state = "stopped"`.
 //!
 //! `health.tcp`, `health.http` and `drain.http` may also name a variable of each
 //! host's environment, as `tcp = "$BEAT_PORT"`, when hosts listen on different ports
@@ -142,8 +145,21 @@ pub(crate) struct GroupPlan {
     pub(crate) stop_grace: Duration,
     /// The health gate.
     pub(crate) health: Health,
+    /// Hosts that may fail or be unreachable before the group's rollout halts.
+    pub(crate) max_failed: usize,
+    /// Whether the group's release runs or is stopped on its hosts.
+    pub(crate) state: GroupState,
     /// The request that drains a running release before it is stopped, if any.
     pub(crate) drain: Option<Drain>,
+}
+
+/// `state = "running" | "stopped"`: what the group's release does on its hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GroupState {
+    /// The release runs its version on every host of the group (the default).
+    Running,
+    /// The release is stopped on every host of the group; the group may have no hosts.
+    Stopped,
 }
 
 /// Which port a probe (TCP or HTTP) or the drain request connects to.

@@ -49,6 +49,8 @@ pub(super) struct RawGroup {
     pub canaries: Option<u32>,
     pub stop_grace_secs: Option<u64>,
     pub health: Option<RawHealth>,
+    pub max_failed: Option<u32>,
+    pub state: Option<String>,
     pub drain: Option<RawDrain>,
 }
 

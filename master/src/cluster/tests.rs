@@ -422,6 +422,35 @@ fn syntax_errors_near_multibyte_text_point_at_a_character() {
     }
 }
 
+#[test]
+fn max_failed_and_state_are_read_and_a_stopped_group_may_have_no_hosts() {
+    let fx = Fixture::new();
+    let plan = fx.parse(&fx.text()).expect("valid");
+    assert_eq!(plan.groups["web"].max_failed, 0, "default");
+    assert_eq!(plan.groups["web"].state, GroupState::Running, "default");
+
+    let text = fx.text().replace(
+        "canaries = 1\n",
+        "canaries = 1\nmax_failed = 2\nstate = \"stopped\"\n",
+    );
+    let plan = fx.parse(&text).expect("valid");
+    assert_eq!(plan.groups["web"].max_failed, 2);
+    assert_eq!(plan.groups["web"].state, GroupState::Stopped);
+
+    // Every host moved elsewhere: the stopped group keeps no host.
+    let text = text.replace("group = \"web\"", "group = \"api\"").replace(
+        "[group.web]",
+        "[group.api]\nrelease = \"api\"\nversion = \"0.2.0\"\narchive = \"releases/beat-0.2.0.tar.gz\"\n\n[group.web]",
+    );
+    let plan = fx
+        .parse(&text)
+        .expect("a stopped group without hosts is valid");
+    assert!(plan.hosts_in("web").is_empty());
+
+    let error = fx.error_with("canaries = 1\n", "canaries = 1\nstate = \"paused\"\n");
+    assert_mentions(&error, &[FILE, "group.web.state", "'paused'", "stopped"]);
+}
+
 /// Two groups, `web` (release beat) and `metrics` (release probe); `HOSTS` is spliced
 /// in as the `[[host]]` tables.
 fn groups_text(hosts: &str) -> String {
@@ -555,6 +584,17 @@ fn a_group_no_host_names_is_refused() {
     assert_mentions(
         &error,
         &[FILE, "group.metrics", "no host names group 'metrics'"],
+    );
+    // A stopped group may keep no host: its release is stopped wherever it still runs.
+    let text = text.replace(
+        "[group.metrics]\n",
+        "[group.metrics]\nstate = \"stopped\"\n",
+    );
+    let plan = parse_unchecked(&text).expect("a stopped group without hosts");
+    assert!(plan.hosts_in("metrics").is_empty());
+    assert_eq!(
+        plan.groups["metrics"].canaries, 0,
+        "nothing to switch first"
     );
 }
 

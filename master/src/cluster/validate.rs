@@ -10,9 +10,9 @@ use erel_proto::Sha256;
 use super::contents::{release_versions, MAX_ENTRIES};
 use super::raw::{RawCluster, RawGroup, RawHost, RawPort};
 use super::{
-    Archive, ArchiveLookup, Drain, GroupPlan, Health, HostPlan, HttpProbe, Plan, TcpProbe,
-    DEFAULT_DEADLINE_SECS, DEFAULT_DRAIN_PATH, DEFAULT_DRAIN_TIMEOUT_SECS, DEFAULT_HEALTH_PATH,
-    DEFAULT_MIN_UP_SECS, DEFAULT_PASSES, DEFAULT_STOP_GRACE_SECS,
+    Archive, ArchiveLookup, Drain, GroupPlan, GroupState, Health, HostPlan, HttpProbe, Plan,
+    TcpProbe, DEFAULT_DEADLINE_SECS, DEFAULT_DRAIN_PATH, DEFAULT_DRAIN_TIMEOUT_SECS,
+    DEFAULT_HEALTH_PATH, DEFAULT_MIN_UP_SECS, DEFAULT_PASSES, DEFAULT_STOP_GRACE_SECS,
 };
 use crate::digest_cache::sha256_file;
 use crate::error::{Error, Result};
@@ -222,12 +222,6 @@ fn group_plan(
             "not a valid group name: use letters, digits, '-' and '_'",
         ));
     }
-    if hosts == 0 {
-        return Err(fault.at(
-            format!("group.{name}"),
-            format!("no host names group '{name}': add it to a host's `group`/`groups`, or remove the group"),
-        ));
-    }
     check_name(fault, &field("release"), "release name", &group.release)?;
     check_name(fault, &field("version"), "version", &group.version)?;
 
@@ -238,7 +232,28 @@ fn group_plan(
             "must be at least 1 (it is the number of hosts switched at once)",
         ));
     }
+    let max_failed = usize::try_from(group.max_failed.unwrap_or(0)).unwrap_or(usize::MAX);
+    let state = match group.state.as_deref() {
+        None | Some("running") => GroupState::Running,
+        Some("stopped") => GroupState::Stopped,
+        Some(other) => {
+            return Err(fault.at(
+                field("state"),
+                format!("'{other}' is not a state: use \"running\" or \"stopped\""),
+            ))
+        }
+    };
+    // A running group with no host is a mistake (a misspelt or forgotten member); a
+    // stopped one may keep no host: its release is stopped wherever it still runs.
+    if hosts == 0 && state == GroupState::Running {
+        return Err(fault.at(
+            format!("group.{name}"),
+            format!("no host names group '{name}': add it to a host's `group`/`groups`, mark it `state = \"stopped\"`, or remove the group"),
+        ));
+    }
     let canaries = match group.canaries {
+        // A stopped group switches nothing: its canaries do not count.
+        Some(_) if state == GroupState::Stopped => 0,
         Some(canaries) => {
             let canaries = usize::try_from(canaries).unwrap_or(usize::MAX);
             if canaries > hosts {
@@ -249,6 +264,7 @@ fn group_plan(
             }
             canaries
         }
+        None if state == GroupState::Stopped => 0,
         None => 1,
     };
 
@@ -292,6 +308,8 @@ fn group_plan(
         canaries,
         stop_grace: Duration::from_secs(stop_grace_secs),
         health,
+        max_failed,
+        state,
         drain,
     })
 }

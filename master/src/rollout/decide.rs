@@ -1,11 +1,12 @@
 //! The rollout's decisions, as pure functions of what the agents reported: what a host
-//! needs ([`assess`]), staging as a small state machine ([`Staging`]: unpack what is
+//! needs ([`assess`]; for a restart [`assess_restart`], for a rollback
+//! [`rollback_target`]), staging as a small state machine ([`Staging`]: unpack what is
 //! there, push what is missing), the per-host switch as a state machine ([`HostSwitch`]:
 //! each observation gives the next action, rollback included), whether a freshly started
 //! release is healthy yet ([`verify`]), how long each phase may take ([`phase_budget`],
 //! [`Health::deadline`] for verification), when a failed command is tried again
-//! ([`RetryPolicy`]), and which hosts of a group may switch now, halting at the first
-//! failure ([`GroupSchedule`]). No I/O here: the driver observes, these decide, the
+//! ([`RetryPolicy`]), and which hosts of a group may switch now, halting once the
+//! failures spend the group's budget, `max_failed` ([`GroupSchedule`]). No I/O here: the driver observes, these decide, the
 //! driver acts.
 
 use std::collections::{BTreeSet, VecDeque};
@@ -20,7 +21,7 @@ use crate::cluster::{GroupPlan, Health};
 use crate::error::Error;
 
 /// How long an agent may take to answer `Ping` (a look, in every phase that looks).
-const PING_BUDGET: Duration = Duration::from_secs(15);
+pub(crate) const PING_BUDGET: Duration = Duration::from_secs(15);
 /// How long an agent may take to unpack an archive: large archives on slow disks.
 const UNPACK_BUDGET: Duration = Duration::from_secs(600);
 /// How long an agent may take to start a release: it may first stop another version.
@@ -148,6 +149,62 @@ pub fn assess(
         _ => newest_other(status, version, status.desired_running),
     };
     Assessment::Switch { previous, staged }
+}
+
+/// What a host needs for a rolling restart of `version` (the group's): stop and start
+/// it again whatever it runs now, staged first when the host lacks it. The version the
+/// host ran is where a failed restart returns, which for a host that ran `version` is
+/// `version` itself: started once more.
+pub fn assess_restart(status: Option<&ReleaseStatus>, version: &str) -> Assessment {
+    let Some(status) = status else {
+        return Assessment::Switch {
+            previous: None,
+            staged: false,
+        };
+    };
+    Assessment::Switch {
+        previous: status.version.as_ref().map(|current| Previous {
+            version: current.clone(),
+            was_running: status.desired_running || status.state == ReleaseState::Running,
+        }),
+        staged: status.versions.iter().any(|v| v == version),
+    }
+}
+
+/// Where `erel rollback` takes a host: the newest version of `release` present on the
+/// host other than the one it runs (or ran last), found in its `Ping` status (versions
+/// are listed oldest first, in the order they were unpacked), and the assessment that
+/// switches to it, with the current version as the way back. `Err` says why there is
+/// nothing to go back to.
+pub fn rollback_target(
+    status: Option<&ReleaseStatus>,
+    release: &str,
+) -> Result<(String, Assessment), String> {
+    let Some(status) = status else {
+        return Err(format!("the agent knows no release {release}"));
+    };
+    let Some(current) = status.version.as_deref() else {
+        return Err(format!(
+            "{release} never ran here: nothing to roll back from"
+        ));
+    };
+    let Some(target) = status.versions.iter().rev().find(|v| v.as_str() != current) else {
+        return Err(format!(
+            "no version of {release} other than {current} is present (present: {})",
+            status.versions.join(", ")
+        ));
+    };
+    let previous = Previous {
+        version: current.to_string(),
+        was_running: status.desired_running || status.state == ReleaseState::Running,
+    };
+    Ok((
+        target.clone(),
+        Assessment::Switch {
+            previous: Some(previous),
+            staged: true,
+        },
+    ))
 }
 
 /// The newest unpacked version other than `version` (versions are listed oldest first).
@@ -497,12 +554,17 @@ impl RetryPolicy {
 }
 
 /// Which hosts of a group may switch now: the canaries first, then the rest, never more
-/// than `max_in_flight` at once, and nothing new after the first failure.
+/// than `max_in_flight` at once, and nothing new once more hosts failed than the
+/// group's failure budget (`max_failed`) allows.
 ///
 /// The canaries are the first `canaries` hosts that need a switch (a host already up to
-/// date has nothing to prove). The rest start only once every canary succeeded. Hosts
-/// are taken in order as slots free up, so the bound holds at every instant and the
-/// group never waits for the slowest host of a batch.
+/// date has nothing to prove). The rest start only once every canary succeeded: a
+/// canary proves the version, so its failure halts the group whatever the budget says.
+/// Any other host that fails, in any phase (its ping, its staging ahead of its turn, its
+/// switch), spends one unit of the budget; the group goes on with the others while the
+/// failures are at most `max_failed`, and halts at the one beyond. Hosts are taken in
+/// order as slots free up, so the bound holds at every instant and the group never
+/// waits for the slowest host of a batch.
 #[derive(Debug, Clone)]
 pub struct GroupSchedule {
     canaries: VecDeque<String>,
@@ -510,11 +572,13 @@ pub struct GroupSchedule {
     canaries_in_flight: BTreeSet<String>,
     in_flight: BTreeSet<String>,
     max_in_flight: usize,
+    max_failed: usize,
+    failed: usize,
     halted: bool,
 }
 
 impl GroupSchedule {
-    /// A schedule for `hosts` (in order) needing a switch.
+    /// A schedule for `hosts` (in order) needing a switch, halting at the first failure.
     pub fn new(hosts: Vec<String>, canaries: usize, max_in_flight: usize) -> Self {
         let mut rest: VecDeque<String> = hosts.into();
         let canaries: VecDeque<String> = rest.drain(..canaries.min(rest.len())).collect();
@@ -524,8 +588,16 @@ impl GroupSchedule {
             canaries_in_flight: BTreeSet::new(),
             in_flight: BTreeSet::new(),
             max_in_flight: max_in_flight.max(1),
+            max_failed: 0,
+            failed: 0,
             halted: false,
         }
+    }
+
+    /// The same schedule, halting only once more than `max_failed` hosts failed.
+    pub fn with_max_failed(mut self, max_failed: usize) -> Self {
+        self.max_failed = max_failed;
+        self
     }
 
     /// The hosts to begin now; they count as in flight until [`Self::finish`].
@@ -549,27 +621,50 @@ impl GroupSchedule {
         begin
     }
 
-    /// Records how a host in flight ended; a failure halts the group.
-    pub fn finish(&mut self, host: &str, ok: bool) {
+    /// Records how a host in flight ended. A failed canary halts the group; another
+    /// failed host spends the failure budget. True when the group halted just now.
+    pub fn finish(&mut self, host: &str, ok: bool) -> bool {
+        let canary = self.canaries_in_flight.remove(host);
         self.in_flight.remove(host);
-        self.canaries_in_flight.remove(host);
-        if !ok {
-            self.fail(host);
+        if ok {
+            return false;
         }
+        if canary && !self.halted {
+            self.failed += 1;
+            self.halted = true;
+            return true;
+        }
+        self.fail(host)
     }
 
-    /// Records that `host` failed in any phase (its ping, its staging ahead of its
-    /// turn, its switch): the failure budget is spent, so the group halts, and the
-    /// host itself is never begun.
-    pub fn fail(&mut self, host: &str) {
+    /// Records that `host` failed outside a canary's switch (its ping, its staging
+    /// ahead of its turn, a switch after the canaries): the host is never begun again,
+    /// and the group halts once the failures exceed the budget. True when the group
+    /// halted just now.
+    pub fn fail(&mut self, host: &str) -> bool {
         self.in_flight.remove(host);
         self.canaries_in_flight.remove(host);
         self.canaries.retain(|h| h != host);
         self.rest.retain(|h| h != host);
-        self.halted = true;
+        self.failed += 1;
+        if !self.halted && self.failed > self.max_failed {
+            self.halted = true;
+            return true;
+        }
+        false
     }
 
-    /// Whether a failure halted the group.
+    /// Hosts failed so far.
+    pub fn failed(&self) -> usize {
+        self.failed
+    }
+
+    /// The failure budget: hosts that may fail before the group halts.
+    pub fn max_failed(&self) -> usize {
+        self.max_failed
+    }
+
+    /// Whether failures halted the group.
     #[cfg(test)]
     pub fn is_halted(&self) -> bool {
         self.halted
@@ -595,6 +690,19 @@ impl GroupSchedule {
             .chain(self.rest.iter())
             .cloned()
             .collect()
+    }
+}
+
+/// Why a group halted, in the words of reports: the failure that spent the budget.
+pub fn halt_reason(failure: &str, schedule: &GroupSchedule) -> String {
+    if schedule.max_failed() == 0 {
+        failure.to_string()
+    } else {
+        format!(
+            "{failure} ({} host(s) failed, max_failed = {})",
+            schedule.failed(),
+            schedule.max_failed()
+        )
     }
 }
 
@@ -759,6 +867,7 @@ pub struct HostSwitch {
     previous: Option<Previous>,
     pid: u32,
     failure: Option<HostFailure>,
+    restart: bool,
 }
 
 impl HostSwitch {
@@ -770,6 +879,7 @@ impl HostSwitch {
             previous: None,
             pid: 0,
             failure: None,
+            restart: false,
         };
         let action = match assessment {
             Assessment::UpToDate => {
@@ -791,6 +901,15 @@ impl HostSwitch {
                 Action::Stop
             }
         };
+        (machine, action)
+    }
+
+    /// The machine for a rolling restart of `version` (see [`assess_restart`]): like
+    /// [`Self::begin`], but a failed restart of a host that ran `version` is rolled back
+    /// by starting `version` once more, and its failure says so.
+    pub fn begin_restart(assessment: Assessment, version: &str) -> (Self, Action) {
+        let (mut machine, action) = HostSwitch::begin(assessment, version);
+        machine.restart = true;
         (machine, action)
     }
 
@@ -866,7 +985,18 @@ impl HostSwitch {
             (Step::StartOld, Observed::Failed { reason, .. }) => {
                 self.rollback_failed(|old| format!("starting {old} again failed"), reason)
             }
-            (Step::VerifyOld, Observed::Ok) => self.finish(|failure| failure.rolled_back = true),
+            (Step::VerifyOld, Observed::Ok) => {
+                let same = self.to_restart().filter(|old| *old == self.desired);
+                self.finish(|failure| {
+                    failure.rolled_back = true;
+                    if let Some(version) = same {
+                        failure.reason = format!(
+                            "{}; rolled back by restarting {version} once more",
+                            failure.reason
+                        );
+                    }
+                })
+            }
             (Step::VerifyOld, Observed::Failed { reason, .. }) => self.rollback_failed(
                 |old| format!("the old version {old} is not healthy either"),
                 reason,
@@ -890,7 +1020,7 @@ impl HostSwitch {
     fn to_restart(&self) -> Option<String> {
         self.previous
             .as_ref()
-            .filter(|p| p.was_running && p.version != self.desired)
+            .filter(|p| p.was_running && (self.restart || p.version != self.desired))
             .map(|p| p.version.clone())
     }
 
@@ -1397,6 +1527,121 @@ mod tests {
         s.finish("h-3", true);
         assert!(s.is_finished());
         assert_eq!(s.untouched(), vec!["h-4", "h-5"]);
+    }
+
+    #[test]
+    fn with_budget_left_the_group_goes_on_and_halts_at_the_failure_beyond_it() {
+        // Two hosts unreachable before any switch, max_failed 2: the rest go on.
+        let mut s = GroupSchedule::new(hosts(6), 1, 2).with_max_failed(2);
+        assert!(!s.fail("h-5"), "one failure, budget 2");
+        assert!(!s.fail("h-6"), "two failures, budget 2");
+        assert_eq!(s.begin_next(), vec!["h-1"]);
+        assert!(!s.finish("h-1", true));
+        assert_eq!(s.begin_next(), vec!["h-2", "h-3"]);
+        // A third failure is one beyond the budget: halt, h-4 is never begun.
+        assert!(s.finish("h-2", false), "halted now");
+        assert!(s.is_halted());
+        assert!(s.begin_next().is_empty());
+        assert!(!s.finish("h-3", true));
+        assert!(s.is_finished());
+        assert_eq!(s.untouched(), vec!["h-4"]);
+        assert_eq!(s.failed(), 3);
+        assert_eq!(
+            halt_reason("h-2 failed: boom", &s),
+            "h-2 failed: boom (3 host(s) failed, max_failed = 2)"
+        );
+    }
+
+    #[test]
+    fn a_failed_host_within_the_budget_is_reported_and_the_rest_switch() {
+        let mut s = GroupSchedule::new(hosts(3), 0, 1).with_max_failed(1);
+        assert_eq!(s.begin_next(), vec!["h-1"]);
+        assert!(!s.finish("h-1", false), "within the budget");
+        assert_eq!(s.begin_next(), vec!["h-2"]);
+        s.finish("h-2", true);
+        assert_eq!(s.begin_next(), vec!["h-3"]);
+        s.finish("h-3", true);
+        assert!(s.is_finished() && !s.is_halted());
+    }
+
+    #[test]
+    fn a_failed_canary_halts_whatever_the_budget() {
+        let mut s = GroupSchedule::new(hosts(4), 1, 2).with_max_failed(3);
+        assert_eq!(s.begin_next(), vec!["h-1"]);
+        assert!(s.finish("h-1", false), "the canary proves the version");
+        assert!(s.begin_next().is_empty());
+        assert_eq!(s.untouched(), vec!["h-2", "h-3", "h-4"]);
+        assert_eq!(
+            halt_reason("h-1 failed", &s),
+            "h-1 failed (1 host(s) failed, max_failed = 3)"
+        );
+    }
+
+    #[test]
+    fn a_restart_returns_to_what_ran_which_may_be_the_same_version() {
+        let s = status("0.2.0", ReleaseState::Running, 600);
+        let assessment = assess_restart(Some(&s), "0.2.0");
+        assert_eq!(
+            assessment,
+            Assessment::Switch {
+                previous: Some(Previous {
+                    version: "0.2.0".into(),
+                    was_running: true
+                }),
+                staged: true
+            }
+        );
+        let (mut m, first) = HostSwitch::begin_restart(assessment, "0.2.0");
+        assert_eq!(first, Action::Stop, "cold: stopped first");
+        assert_eq!(m.next(Observed::Ok), Action::Start("0.2.0".into()));
+        m.next(Observed::Started(7));
+        assert_eq!(m.next(Observed::failed("not up")), Action::Stop);
+        assert_eq!(
+            m.next(Observed::Ok),
+            Action::Start("0.2.0".into()),
+            "rolled back = started once more"
+        );
+        m.next(Observed::Started(8));
+        match m.next(Observed::Ok) {
+            Action::Fail(failure) => {
+                assert!(failure.rolled_back);
+                assert_eq!(
+                    failure.reason,
+                    "not up; rolled back by restarting 0.2.0 once more"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            assess_restart(None, "0.2.0"),
+            Assessment::Switch {
+                previous: None,
+                staged: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_rollback_goes_to_the_newest_other_version_present() {
+        let mut s = status("0.2.0", ReleaseState::Running, 600);
+        s.versions = vec!["0.1.0".into(), "0.3.0".into(), "0.2.0".into()];
+        let (target, assessment) = rollback_target(Some(&s), "beat").expect("a target");
+        assert_eq!(
+            target, "0.3.0",
+            "the newest unpacked other than the running one"
+        );
+        let (mut m, first) = HostSwitch::begin(assessment, &target);
+        assert_eq!(first, Action::Stop);
+        assert_eq!(m.next(Observed::Ok), Action::Start("0.3.0".into()));
+
+        s.versions = vec!["0.2.0".into()];
+        let why = rollback_target(Some(&s), "beat").expect_err("nothing else");
+        assert!(
+            why.contains("other than 0.2.0") && why.contains("present: 0.2.0"),
+            "{why}"
+        );
+        let why = rollback_target(None, "beat").expect_err("unknown");
+        assert!(why.contains("no release beat"), "{why}");
     }
 
     #[test]

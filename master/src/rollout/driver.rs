@@ -3,7 +3,7 @@
 //! group, hosts are pinged and staged in parallel, and switched as the
 //! [`GroupSchedule`] allows.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use erel_proto::ErrorKind;
@@ -11,16 +11,16 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 
 use super::decide::{
-    assess, phase_budget, wants_probe, Action, Assessment, GroupSchedule, HostSwitch, Observed,
-    StageAction, Staging,
+    assess, assess_restart, halt_reason, phase_budget, rollback_target, wants_probe, Action,
+    Assessment, GroupSchedule, HostSwitch, Observed, StageAction, Staging,
 };
 use super::health::{drain_before_stop, probe_all, release_status, watch_health};
 use super::{
     count, emit, EventSink, GroupReport, HostFailure, HostOutcome, HostPhase, HostReport,
-    RolloutEvent, RolloutOptions, RolloutReport, Shared, SharedRef,
+    Operation, RolloutEvent, RolloutOptions, RolloutReport, Shared, SharedRef, StopReason,
 };
 use crate::client::{Connector, HostSession};
-use crate::cluster::{Archive, GroupPlan, HostPlan, Plan};
+use crate::cluster::{Archive, GroupPlan, GroupState, HostPlan, Plan};
 use crate::error::{Error, Result};
 
 /// Brings the hosts of `plan` to their desired versions; see [`super::run`].
@@ -31,23 +31,51 @@ pub(crate) async fn rollout(
     events: &EventSink,
 ) -> Result<RolloutReport> {
     let selected = select_groups(plan, &options.groups)?;
+    let chosen = select_hosts(plan, &selected, options)?;
     let shared: SharedRef = Arc::new(Shared {
         connector: connector.clone(),
         options: options.clone(),
         events: events.clone(),
     });
+    for group in &selected {
+        let starts = matches!(options.operation, Operation::Restart | Operation::Rollback);
+        if starts && group.state == GroupState::Stopped {
+            return Err(Error::Usage(format!(
+                "{}: group {} is stopped (state = \"stopped\"): a {} would start it; \
+                 set state = \"running\" and deploy instead",
+                plan.origin,
+                group.name,
+                operation_name(options.operation)
+            )));
+        }
+    }
+    let mut left = match options.operation {
+        Operation::Deploy => left_hosts(&shared, plan, &selected, &chosen).await,
+        _ => HashMap::new(),
+    };
     let mut tasks = JoinSet::new();
     for (index, group) in selected.into_iter().enumerate() {
-        let archive = group.archive.clone().ok_or_else(|| Error::Cluster {
-            file: plan.origin.clone(),
-            field: format!("group.{}.archive", group.name),
-            message: "the archive was not checked (internal: plan loaded without archives)"
-                .to_string(),
-        })?;
-        let hosts: Vec<HostPlan> = plan.hosts_in(&group.name).into_iter().cloned().collect();
+        let needs_archive = group.state == GroupState::Running
+            && matches!(options.operation, Operation::Deploy | Operation::Restart);
+        if needs_archive && group.archive.is_none() {
+            return Err(Error::Cluster {
+                file: plan.origin.clone(),
+                field: format!("group.{}.archive", group.name),
+                message: "the archive was not checked (internal: plan loaded without archives)"
+                    .to_string(),
+            });
+        }
+        let archive = group.archive.clone();
+        let hosts: Vec<HostPlan> = plan
+            .hosts_in(&group.name)
+            .into_iter()
+            .filter(|h| chosen.contains(&h.id))
+            .cloned()
+            .collect();
+        let left = left.remove(&group.name).unwrap_or_default();
         let group = group.clone();
         let shared = shared.clone();
-        tasks.spawn(async move { (index, run_group(shared, group, archive, hosts).await) });
+        tasks.spawn(async move { (index, run_group(shared, group, archive, hosts, left).await) });
     }
     let mut groups = Vec::new();
     while let Some(joined) = tasks.join_next().await {
@@ -62,6 +90,34 @@ pub(crate) async fn rollout(
         revision: plan.revision,
         groups: groups.into_iter().map(|(_, g)| g).collect(),
     })
+}
+
+/// What a deploy of `plan` would stop on hosts that left a group, touching nothing:
+/// group name → host ids, in file order. Pings the hosts as [`rollout`] does.
+pub(crate) async fn planned_stops(
+    plan: &Plan,
+    connector: &Connector,
+    options: &RolloutOptions,
+) -> Result<HashMap<String, Vec<String>>> {
+    let selected = select_groups(plan, &options.groups)?;
+    let chosen = select_hosts(plan, &selected, options)?;
+    let (events, _) = mpsc::unbounded_channel();
+    let shared: SharedRef = Arc::new(Shared {
+        connector: connector.clone(),
+        options: options.clone(),
+        events,
+    });
+    let left = left_hosts(&shared, plan, &selected, &chosen).await;
+    Ok(left
+        .into_iter()
+        .map(|(group, hosts)| (group, hosts.into_iter().map(|h| h.id).collect()))
+        .collect())
+}
+
+/// Checks `--group`, `--hosts` and `--exclude` against `plan` without touching a host.
+pub(crate) fn check_selection(plan: &Plan, options: &RolloutOptions) -> Result<()> {
+    let selected = select_groups(plan, &options.groups)?;
+    select_hosts(plan, &selected, options).map(|_| ())
 }
 
 fn select_groups<'a>(plan: &'a Plan, wanted: &[String]) -> Result<Vec<&'a GroupPlan>> {
@@ -83,11 +139,164 @@ fn select_groups<'a>(plan: &'a Plan, wanted: &[String]) -> Result<Vec<&'a GroupP
         .collect()
 }
 
+/// The hosts a rollout may touch: `--hosts` (default all) minus `--exclude`. Every id
+/// named must be a host of the cluster file, and of a selected group.
+fn select_hosts(
+    plan: &Plan,
+    groups: &[&GroupPlan],
+    options: &RolloutOptions,
+) -> Result<HashSet<String>> {
+    let members: BTreeSet<&str> = groups
+        .iter()
+        .flat_map(|g| plan.hosts_in(&g.name))
+        .map(|h| h.id.as_str())
+        .collect();
+    let group_names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
+    for (flag, ids) in [("--hosts", &options.hosts), ("--exclude", &options.exclude)] {
+        let unknown: Vec<&str> = ids
+            .iter()
+            .filter(|id| plan.host(id).is_none())
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            return Err(Error::Usage(format!(
+                "{}: {flag}: no host {} in the cluster file (hosts: {})",
+                plan.origin,
+                unknown.join(", "),
+                plan.hosts
+                    .iter()
+                    .map(|h| h.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let outside: Vec<&str> = ids
+            .iter()
+            .filter(|id| !members.contains(id.as_str()))
+            .map(String::as_str)
+            .collect();
+        if !outside.is_empty() {
+            return Err(Error::Usage(format!(
+                "{}: {flag}: {} not in group(s) {}",
+                plan.origin,
+                outside.join(", "),
+                group_names.join(", ")
+            )));
+        }
+    }
+    Ok(plan
+        .hosts
+        .iter()
+        .filter(|h| options.hosts.is_empty() || options.hosts.contains(&h.id))
+        .filter(|h| !options.exclude.contains(&h.id))
+        .map(|h| h.id.clone())
+        .collect())
+}
+
+/// The releases the groups of `host` run.
+fn releases_of<'a>(plan: &'a Plan, host: &HostPlan) -> BTreeSet<&'a str> {
+    plan.groups_of(host)
+        .into_iter()
+        .map(|g| g.release.as_str())
+        .collect()
+}
+
+/// Hosts that run (or are meant to run) a release a selected group names, while no
+/// group of the host names that release any more: they left the group. Found by
+/// pinging every host of the cluster that may run such a release (all of them unless
+/// `--hosts` narrows it, minus `--exclude`); by group, in file order. Only releases
+/// some group of the plan names are considered: a release no group names was not put
+/// there by erel's config (or was taken out of it with its group), so it is never
+/// touched. A host that does not answer is left alone here: its own group reports it.
+async fn left_hosts(
+    shared: &SharedRef,
+    plan: &Plan,
+    groups: &[&GroupPlan],
+    chosen: &HashSet<String>,
+) -> HashMap<String, Vec<HostPlan>> {
+    let options = &shared.options;
+    let candidates: Vec<HostPlan> = plan
+        .hosts
+        .iter()
+        .filter(|h| options.hosts.is_empty() || chosen.contains(&h.id))
+        .filter(|h| !options.exclude.contains(&h.id))
+        .filter(|h| {
+            let own = releases_of(plan, h);
+            groups.iter().any(|g| !own.contains(g.release.as_str()))
+        })
+        .cloned()
+        .collect();
+    let mut pings = JoinSet::new();
+    for host in candidates {
+        let connector = shared.connector.clone();
+        pings.spawn(async move {
+            let mut session = HostSession::new(host.host_addr(), connector);
+            let pong = session.ping(super::decide::PING_BUDGET).await;
+            (host, pong)
+        });
+    }
+    let mut found: HashMap<String, BTreeSet<String>> = HashMap::new();
+    while let Some(joined) = pings.join_next().await {
+        let Ok((host, Ok(pong))) = joined else {
+            continue;
+        };
+        for group in left_groups(plan, &host, groups, &pong.releases) {
+            found
+                .entry(group.name.clone())
+                .or_default()
+                .insert(host.id.clone());
+        }
+    }
+    found
+        .into_iter()
+        .map(|(group, ids)| {
+            let hosts = plan
+                .hosts
+                .iter()
+                .filter(|h| ids.contains(&h.id))
+                .cloned()
+                .collect();
+            (group, hosts)
+        })
+        .collect()
+}
+
+/// The selected groups whose release `host` runs (or is meant to run, per `releases`,
+/// its agent's answer) while none of the host's own groups names that release: the
+/// host left them. A waiting host (in no group) has left every group whose release it
+/// runs. For a release several selected groups name, the first in `groups` answers
+/// (its `stop_grace_secs` and drain apply to the stop).
+fn left_groups<'a>(
+    plan: &Plan,
+    host: &HostPlan,
+    groups: &[&'a GroupPlan],
+    releases: &[erel_proto::ReleaseStatus],
+) -> Vec<&'a GroupPlan> {
+    let own = releases_of(plan, host);
+    releases
+        .iter()
+        .filter(|s| s.desired_running || s.state == erel_proto::ReleaseState::Running)
+        .filter(|s| !own.contains(s.name.as_str()))
+        .filter_map(|s| groups.iter().copied().find(|g| g.release == s.name))
+        .collect()
+}
+
+/// The operation as commands name it.
+fn operation_name(operation: Operation) -> &'static str {
+    match operation {
+        Operation::Deploy => "deploy",
+        Operation::Restart => "restart",
+        Operation::Stop => "stop",
+        Operation::Rollback => "rollback",
+    }
+}
+
 /// What one group's tasks share.
 struct GroupCtx {
     shared: SharedRef,
     group: GroupPlan,
-    archive: Archive,
+    /// The group's archive; `None` when the operation stages nothing.
+    archive: Option<Archive>,
 }
 
 impl GroupCtx {
@@ -118,11 +327,15 @@ impl GroupCtx {
 
 type Staged = std::result::Result<HostSession, HostFailure>;
 
+/// What a host was found to need: its session, the assessment, the version to go to.
+type Inspected = (HostSession, Assessment, String);
+
 async fn run_group(
     shared: SharedRef,
     group: GroupPlan,
-    archive: Archive,
+    archive: Option<Archive>,
     hosts: Vec<HostPlan>,
+    left: Vec<HostPlan>,
 ) -> GroupReport {
     let ctx = Arc::new(GroupCtx {
         shared,
@@ -131,6 +344,7 @@ async fn run_group(
     });
     let events = &ctx.shared.events;
     let name = ctx.group.name.clone();
+    let operation = ctx.shared.options.operation;
     emit(
         events,
         RolloutEvent::GroupStarted {
@@ -140,83 +354,40 @@ async fn run_group(
             hosts: hosts.len(),
         },
     );
-    let by_id: HashMap<String, HostPlan> =
-        hosts.iter().map(|h| (h.id.clone(), h.clone())).collect();
     let mut outcomes: HashMap<String, HostOutcome> = HashMap::new();
     let mut halted: Option<String> = None;
-
-    // 1. Ping every host.
-    let mut pings = JoinSet::new();
-    let mut ping_tasks = HashMap::new();
-    for host in &hosts {
-        let ctx = ctx.clone();
-        let host = host.clone();
-        let id = host.id.clone();
-        let task = pings.spawn(async move {
-            let outcome = inspect(&ctx, &host).await;
-            (host.id.clone(), outcome)
-        });
-        ping_tasks.insert(task.id(), id);
-    }
-    let mut inspected: HashMap<String, (HostSession, Assessment)> = HashMap::new();
-    let mut unreachable = Vec::new();
-    while let Some(joined) = pings.join_next().await {
-        let (id, outcome) = match joined {
-            Ok(done) => done,
-            // A task that panicked: its host failed in its first phase, like one that
-            // did not answer.
-            Err(e) => {
-                let Some(id) = ping_tasks.get(&e.id()) else {
-                    continue;
-                };
-                let failure =
-                    HostFailure::new(HostPhase::Pinging, format!("inspection failed: {e}"));
-                (id.clone(), Err(failure))
-            }
-        };
-        let Some(host) = by_id.get(&id) else { continue };
-        match outcome {
-            Ok((_, Assessment::UpToDate)) => {
-                emit(
-                    events,
-                    RolloutEvent::HostSkipped {
-                        group: name.clone(),
-                        host: id.clone(),
-                        version: ctx.group.version.clone(),
-                    },
-                );
-                outcomes.insert(id, HostOutcome::UpToDate);
-            }
-            Ok((session, assessment)) => {
-                inspected.insert(id, (session, assessment));
-            }
-            Err(failure) => {
-                halted.get_or_insert_with(|| format!("{id} ({}): {}", host.addr, failure.reason));
-                let outcome = ctx.failed(host, &failure);
-                outcomes.insert(id.clone(), outcome);
-                unreachable.push(id);
-            }
+    let group_stop = match operation {
+        Operation::Stop => Some(StopReason::Asked),
+        Operation::Deploy if ctx.group.state == GroupState::Stopped => {
+            Some(StopReason::GroupStopped)
         }
+        _ => None,
+    };
+
+    // Releases of hosts that left the group are stopped first; with the whole group
+    // being stopped, every host is.
+    let mut to_stop: Vec<(HostPlan, StopReason)> = left
+        .iter()
+        .map(|h| (h.clone(), StopReason::LeftGroup))
+        .collect();
+    if let Some(why) = group_stop {
+        to_stop.extend(hosts.iter().map(|h| (h.clone(), why)));
+    }
+    let mut stop_failures = Vec::new();
+    if !to_stop.is_empty() {
+        let (reason, failed) = stop_hosts(&ctx, to_stop, &mut outcomes).await;
+        halted = reason;
+        stop_failures = failed;
     }
 
-    // 2. and 3. Stage and switch, as the schedule allows.
-    let order: Vec<String> = hosts
-        .iter()
-        .filter(|h| inspected.contains_key(&h.id))
-        .map(|h| h.id.clone())
-        .collect();
-    let mut schedule =
-        GroupSchedule::new(order.clone(), ctx.group.canaries, ctx.group.max_in_flight);
-    for id in &unreachable {
-        schedule.fail(id);
-    }
-    if !schedule.is_finished() {
-        halted = switch_group(&ctx, &hosts, order, inspected, schedule, &mut outcomes).await;
+    if group_stop.is_none() && halted.is_none() {
+        halted = roll_hosts(&ctx, &hosts, stop_failures, &mut outcomes).await;
     }
 
     let mut untouched = Vec::new();
-    let reports: Vec<HostReport> = hosts
+    let reports: Vec<HostReport> = left
         .iter()
+        .chain(hosts.iter().filter(|h| !left.iter().any(|l| l.id == h.id)))
         .map(|host| {
             let outcome = outcomes.remove(&host.id).unwrap_or_else(|| {
                 untouched.push(host.id.clone());
@@ -246,6 +417,7 @@ async fn run_group(
             switched: count(&reports, HostOutcome::is_switched),
             skipped: count(&reports, |o| *o == HostOutcome::UpToDate),
             failed: count(&reports, HostOutcome::is_failed),
+            stopped: count(&reports, HostOutcome::is_stopped),
         },
     );
     GroupReport {
@@ -257,13 +429,221 @@ async fn run_group(
     }
 }
 
+/// Pings the group's hosts, then stages and switches those that need it as the
+/// schedule allows; `failed_before` are hosts whose failures (stopping what they ran
+/// after leaving the group) already spent the budget. Returns why the group halted.
+async fn roll_hosts(
+    ctx: &Arc<GroupCtx>,
+    hosts: &[HostPlan],
+    failed_before: Vec<String>,
+    outcomes: &mut HashMap<String, HostOutcome>,
+) -> Option<String> {
+    let events = &ctx.shared.events;
+    let name = &ctx.group.name;
+    let by_id: HashMap<String, HostPlan> =
+        hosts.iter().map(|h| (h.id.clone(), h.clone())).collect();
+
+    // 1. Ping every host.
+    let mut pings = JoinSet::new();
+    let mut ping_tasks = HashMap::new();
+    for host in hosts {
+        let ctx = ctx.clone();
+        let host = host.clone();
+        let id = host.id.clone();
+        let task = pings.spawn(async move {
+            let outcome = inspect(&ctx, &host).await;
+            (host.id.clone(), outcome)
+        });
+        ping_tasks.insert(task.id(), id);
+    }
+    let mut inspected: HashMap<String, Inspected> = HashMap::new();
+    let mut unreachable = Vec::new();
+    while let Some(joined) = pings.join_next().await {
+        let (id, outcome) = match joined {
+            Ok(done) => done,
+            // A task that panicked: its host failed in its first phase, like one that
+            // did not answer.
+            Err(e) => {
+                let Some(id) = ping_tasks.get(&e.id()) else {
+                    continue;
+                };
+                let failure =
+                    HostFailure::new(HostPhase::Pinging, format!("inspection failed: {e}"));
+                (id.clone(), Err(failure))
+            }
+        };
+        let Some(host) = by_id.get(&id) else { continue };
+        match outcome {
+            Ok((_, Assessment::UpToDate, version)) => {
+                emit(
+                    events,
+                    RolloutEvent::HostSkipped {
+                        group: name.clone(),
+                        host: id.clone(),
+                        version,
+                    },
+                );
+                outcomes.insert(id, HostOutcome::UpToDate);
+            }
+            Ok(found) => {
+                inspected.insert(id, found);
+            }
+            Err(failure) => {
+                let reason = format!("{id} ({}): {}", host.addr, failure.reason);
+                let outcome = ctx.failed(host, &failure);
+                outcomes.insert(id.clone(), outcome);
+                unreachable.push((id, reason));
+            }
+        }
+    }
+
+    // 2. and 3. Stage and switch, as the schedule allows.
+    let order: Vec<String> = hosts
+        .iter()
+        .filter(|h| inspected.contains_key(&h.id))
+        .map(|h| h.id.clone())
+        .collect();
+    let canaries = match ctx.shared.options.operation {
+        Operation::Rollback => 0,
+        _ => ctx.group.canaries,
+    };
+    let mut schedule = GroupSchedule::new(order.clone(), canaries, ctx.group.max_in_flight)
+        .with_max_failed(ctx.group.max_failed);
+    let mut halted = None;
+    for id in failed_before {
+        if schedule.fail(&id) {
+            halted.get_or_insert_with(|| {
+                halt_reason(&format!("stopping the release on {id} failed"), &schedule)
+            });
+        }
+    }
+    for (id, reason) in unreachable {
+        if schedule.fail(&id) {
+            halted.get_or_insert_with(|| halt_reason(&reason, &schedule));
+        }
+    }
+    if !schedule.is_finished() {
+        if let Some(reason) = switch_group(ctx, hosts, order, inspected, schedule, outcomes).await {
+            halted.get_or_insert(reason);
+        }
+    }
+    halted
+}
+
+/// Stops the group's release on `hosts`, at most `max_in_flight` at once, halting
+/// once more than `max_failed` of them failed. Returns why it halted, if it did, and
+/// the hosts that failed.
+async fn stop_hosts(
+    ctx: &Arc<GroupCtx>,
+    hosts: Vec<(HostPlan, StopReason)>,
+    outcomes: &mut HashMap<String, HostOutcome>,
+) -> (Option<String>, Vec<String>) {
+    let order: Vec<String> = hosts.iter().map(|(h, _)| h.id.clone()).collect();
+    let by_id: HashMap<String, (HostPlan, StopReason)> = hosts
+        .into_iter()
+        .map(|(h, why)| (h.id.clone(), (h, why)))
+        .collect();
+    let mut schedule =
+        GroupSchedule::new(order, 0, ctx.group.max_in_flight).with_max_failed(ctx.group.max_failed);
+    let mut stopping = JoinSet::new();
+    let mut tasks: HashMap<tokio::task::Id, String> = HashMap::new();
+    let mut halted = None;
+    let mut failed = Vec::new();
+    loop {
+        for id in schedule.begin_next() {
+            let Some((host, why)) = by_id.get(&id).cloned() else {
+                continue;
+            };
+            let ctx = ctx.clone();
+            let task = stopping.spawn(async move {
+                let outcome = stop_host(&ctx, &host, why).await;
+                (host, why, outcome)
+            });
+            tasks.insert(task.id(), id);
+        }
+        if schedule.is_finished() {
+            break;
+        }
+        let Some(joined) = stopping.join_next().await else {
+            break;
+        };
+        let (host, why, outcome) = match joined {
+            Ok(done) => done,
+            Err(e) => {
+                let Some(id) = tasks.get(&e.id()).cloned() else {
+                    continue;
+                };
+                let Some((host, why)) = by_id.get(&id).cloned() else {
+                    continue;
+                };
+                let failure =
+                    HostFailure::new(HostPhase::Stopping, format!("the stop failed: {e}"));
+                (host, why, Err(failure))
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                outcomes.insert(host.id.clone(), HostOutcome::Stopped { why });
+                schedule.finish(&host.id, true);
+            }
+            Err(failure) => {
+                let reason = format!("{} ({}): {}", host.id, host.addr, failure.reason);
+                outcomes.insert(host.id.clone(), ctx.failed(&host, &failure));
+                failed.push(host.id.clone());
+                if schedule.finish(&host.id, false) {
+                    halted.get_or_insert_with(|| halt_reason(&reason, &schedule));
+                }
+            }
+        }
+    }
+    (halted, failed)
+}
+
+/// Stops the group's release on one host, unless it is stopped already (the agent
+/// neither runs it nor means to).
+async fn stop_host(
+    ctx: &GroupCtx,
+    host: &HostPlan,
+    why: StopReason,
+) -> std::result::Result<(), HostFailure> {
+    let group = &ctx.group;
+    ctx.phase(&host.id, HostPhase::Pinging);
+    let mut session = HostSession::new(host.host_addr(), ctx.shared.connector.clone());
+    let pong = session
+        .ping(phase_budget(HostPhase::Pinging, group))
+        .await
+        .map_err(|e| HostFailure::new(HostPhase::Pinging, unreachable(host, &e)))?;
+    let runs = release_status(&pong.releases, &group.release)
+        .is_some_and(|s| s.desired_running || s.state == erel_proto::ReleaseState::Running);
+    if !runs {
+        return Ok(());
+    }
+    ctx.phase(&host.id, HostPhase::Stopping);
+    drain_before_stop(group, &ctx.shared.events, host, &mut session).await;
+    let limit = phase_budget(HostPhase::Stopping, group);
+    session
+        .stop(&group.release, group.stop_grace, limit)
+        .await
+        .map_err(|e| HostFailure::new(HostPhase::Stopping, e.to_string()))?;
+    emit(
+        &ctx.shared.events,
+        RolloutEvent::HostStopped {
+            group: group.name.clone(),
+            host: host.id.clone(),
+            release: group.release.clone(),
+            why,
+        },
+    );
+    Ok(())
+}
+
 /// Stages every host needing it (ahead, bounded), then switches them as the schedule
 /// allows. Returns why the group halted, if it did.
 async fn switch_group(
     ctx: &Arc<GroupCtx>,
     hosts: &[HostPlan],
     order: Vec<String>,
-    mut inspected: HashMap<String, (HostSession, Assessment)>,
+    mut inspected: HashMap<String, Inspected>,
     mut schedule: GroupSchedule,
     outcomes: &mut HashMap<String, HostOutcome>,
 ) -> Option<String> {
@@ -273,14 +653,17 @@ async fn switch_group(
     let permits = Arc::new(Semaphore::new(ctx.shared.options.staging_parallel.max(1)));
     let (failed_tx, mut staging_failures) = mpsc::unbounded_channel::<(String, HostFailure)>();
     let mut staging = JoinSet::new();
-    let mut waiting: HashMap<String, (oneshot::Receiver<Staged>, Assessment)> = HashMap::new();
+    let mut waiting: HashMap<String, (oneshot::Receiver<Staged>, Assessment, String)> =
+        HashMap::new();
+    // A rollback goes to a version already on the host: nothing to stage.
+    let stages = ctx.shared.options.operation != Operation::Rollback;
     for id in &order {
-        let Some((session, assessment)) = inspected.remove(id) else {
+        let Some((session, assessment, version)) = inspected.remove(id) else {
             continue;
         };
         let (tx, rx) = oneshot::channel();
         match &assessment {
-            Assessment::Switch { staged, .. } => {
+            Assessment::Switch { staged, .. } if stages => {
                 let staged = *staged;
                 let ctx = ctx.clone();
                 let permits = permits.clone();
@@ -301,7 +684,7 @@ async fn switch_group(
                 let _ = tx.send(Ok(session));
             }
         }
-        waiting.insert(id.clone(), (rx, assessment));
+        waiting.insert(id.clone(), (rx, assessment, version));
     }
     drop(failed_tx);
 
@@ -312,7 +695,7 @@ async fn switch_group(
     let mut halted: Option<String> = None;
     loop {
         for id in schedule.begin_next() {
-            let Some((rx, assessment)) = waiting.remove(&id) else {
+            let Some((rx, assessment, version)) = waiting.remove(&id) else {
                 continue;
             };
             let Some(host) = by_id.get(id.as_str()).map(|h| (*h).clone()) else {
@@ -321,8 +704,8 @@ async fn switch_group(
             begun.insert(id.clone());
             let ctx = ctx.clone();
             let task = switching.spawn(async move {
-                let outcome = switch_host(&ctx, &host, assessment, rx).await;
-                (host, outcome)
+                let outcome = switch_host(&ctx, &host, assessment, &version, rx).await;
+                (host, version, outcome)
             });
             tasks.insert(task.id(), id);
         }
@@ -331,47 +714,55 @@ async fn switch_group(
         }
         tokio::select! {
             Some(joined) = switching.join_next(), if !switching.is_empty() => {
-                let (host, outcome) = match joined {
+                let (host, version, outcome) = match joined {
                     Ok(done) => done,
                     Err(e) => {
-                        // A task that panicked: its host failed, so the group halts.
+                        // A task that panicked: its host failed.
                         if let Some(id) = tasks.get(&e.id()) {
-                            schedule.fail(id);
+                            if schedule.finish(id, false) {
+                                halted.get_or_insert_with(|| {
+                                    halt_reason(&format!("the switch task of {id} failed"), &schedule)
+                                });
+                            }
                         }
-                        halted.get_or_insert_with(|| "a switch task failed".to_string());
                         continue;
                     }
                 };
-                let result = match outcome {
-                    Ok(pid) => {
+                match outcome {
+                    Ok((pid, from)) => {
                         emit(&ctx.shared.events, RolloutEvent::HostDone {
                             group: ctx.group.name.clone(),
                             host: host.id.clone(),
-                            version: ctx.group.version.clone(),
-                            pid: pid.0,
+                            version: version.clone(),
+                            pid,
                         });
-                        outcomes.insert(host.id.clone(), HostOutcome::Switched { from: pid.1, pid: pid.0 });
-                        true
+                        outcomes.insert(host.id.clone(), HostOutcome::Switched { from, version, pid });
+                        schedule.finish(&host.id, true);
                     }
                     Err(failure) => {
-                        halted.get_or_insert_with(|| format!("{} failed: {}", host.id, failure.reason));
                         let outcome = ctx.failed(&host, &failure);
                         outcomes.insert(host.id.clone(), outcome);
-                        false
+                        if schedule.finish(&host.id, false) {
+                            halted.get_or_insert_with(|| {
+                                halt_reason(&format!("{} failed: {}", host.id, failure.reason), &schedule)
+                            });
+                        }
                     }
-                };
-                schedule.finish(&host.id, result);
+                }
             }
             Some((id, failure)) = staging_failures.recv() => {
                 if begun.contains(&id) {
                     continue; // its switch task reports it
                 }
                 if let Some(host) = by_id.get(id.as_str()) {
-                    halted.get_or_insert_with(|| format!("{id} failed: {}", failure.reason));
                     let outcome = ctx.failed(host, &failure);
                     outcomes.insert(id.clone(), outcome);
                     waiting.remove(&id);
-                    schedule.fail(&id);
+                    if schedule.fail(&id) {
+                        halted.get_or_insert_with(|| {
+                            halt_reason(&format!("{id} failed: {}", failure.reason), &schedule)
+                        });
+                    }
                 }
             }
             else => break,
@@ -382,10 +773,7 @@ async fn switch_group(
 }
 
 /// Pings a host and decides what it needs.
-async fn inspect(
-    ctx: &GroupCtx,
-    host: &HostPlan,
-) -> std::result::Result<(HostSession, Assessment), HostFailure> {
+async fn inspect(ctx: &GroupCtx, host: &HostPlan) -> std::result::Result<Inspected, HostFailure> {
     ctx.phase(&host.id, HostPhase::Pinging);
     let mut session = HostSession::new(host.host_addr(), ctx.shared.connector.clone());
     let pong = session
@@ -393,14 +781,25 @@ async fn inspect(
         .await
         .map_err(|e| HostFailure::new(HostPhase::Pinging, unreachable(host, &e)))?;
     let status = release_status(&pong.releases, &ctx.group.release);
+    let version = ctx.group.version.clone();
+    match ctx.shared.options.operation {
+        Operation::Restart => return Ok((session, assess_restart(status, &version), version)),
+        Operation::Rollback => {
+            return match rollback_target(status, &ctx.group.release) {
+                Ok((target, assessment)) => Ok((session, assessment, target)),
+                Err(why) => Err(HostFailure::new(HostPhase::Pinging, why)),
+            }
+        }
+        Operation::Deploy | Operation::Stop => {}
+    }
     let probe_ok = if wants_probe(status, &ctx.group.version) {
         let answers = probe_all(&ctx.group, host, ctx.shared.options.probe_timeout).await;
         (!answers.is_empty()).then(|| answers.iter().all(|a| a.passed))
     } else {
         None
     };
-    let assessment = assess(status, &ctx.group.version, &ctx.group.health, probe_ok);
-    Ok((session, assessment))
+    let assessment = assess(status, &version, &ctx.group.health, probe_ok);
+    Ok((session, assessment, version))
 }
 
 fn unreachable(host: &HostPlan, error: &Error) -> String {
@@ -416,7 +815,12 @@ fn unreachable(host: &HostPlan, error: &Error) -> String {
 async fn stage(ctx: &GroupCtx, mut session: HostSession, staged: bool) -> Staged {
     let id = session.host().id.clone();
     ctx.phase(&id, HostPhase::Staging);
-    let archive = &ctx.archive;
+    let Some(archive) = &ctx.archive else {
+        return Err(HostFailure::new(
+            HostPhase::Staging,
+            "the group's archive was not loaded",
+        ));
+    };
     let dest = GroupPlan::archive_dest(archive);
     let dir = ctx.group.version_dir();
     let limit = phase_budget(HostPhase::Staging, &ctx.group);
@@ -454,6 +858,7 @@ async fn switch_host(
     ctx: &GroupCtx,
     host: &HostPlan,
     assessment: Assessment,
+    version: &str,
     staged: oneshot::Receiver<Staged>,
 ) -> std::result::Result<(u32, Option<String>), HostFailure> {
     let mut session = match staged.await {
@@ -467,7 +872,10 @@ async fn switch_host(
         }
     };
     let group = &ctx.group;
-    let (mut machine, mut action) = HostSwitch::begin(assessment, &group.version);
+    let (mut machine, mut action) = match ctx.shared.options.operation {
+        Operation::Restart => HostSwitch::begin_restart(assessment, version),
+        _ => HostSwitch::begin(assessment, version),
+    };
     let mut reported = None;
     loop {
         if !matches!(action, Action::Done { .. } | Action::Fail(_))
@@ -514,5 +922,112 @@ async fn switch_host(
             }
         };
         action = machine.next(observed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use erel_proto::{ReleaseState, ReleaseStatus};
+
+    use super::*;
+    use crate::cluster::ArchiveLookup;
+
+    const CLUSTER: &str = r#"
+revision = 1
+
+[[host]]
+id = "both-1"
+addr = "127.0.0.1:7001"
+groups = ["web", "metrics"]
+
+[[host]]
+id = "web-1"
+addr = "127.0.0.1:7002"
+group = "web"
+
+[[host]]
+id = "spare-1"
+addr = "127.0.0.1:7003"
+
+[group.web]
+release = "beat"
+version = "0.2.0"
+archive = "beat.tar.gz"
+
+[group.metrics]
+release = "probe"
+version = "1.0.0"
+archive = "probe.tar.gz"
+
+[group.old]
+release = "legacy"
+version = "1"
+archive = "legacy.tar.gz"
+state = "stopped"
+"#;
+
+    fn status(name: &str, state: ReleaseState, desired_running: bool) -> ReleaseStatus {
+        ReleaseStatus {
+            name: name.into(),
+            versions: vec!["1".into()],
+            version: Some("1".into()),
+            desired_running,
+            pid: (state == ReleaseState::Running).then_some(42),
+            state,
+            restarts: 0,
+            up_secs: Some(1),
+            output_tail: String::new(),
+        }
+    }
+
+    fn running(name: &str) -> ReleaseStatus {
+        status(name, ReleaseState::Running, true)
+    }
+
+    fn left(plan: &Plan, host: &str, releases: &[ReleaseStatus]) -> Vec<String> {
+        let groups: Vec<&GroupPlan> = plan.groups.values().collect();
+        let host = plan.host(host).expect("host");
+        left_groups(plan, host, &groups, releases)
+            .into_iter()
+            .map(|g| g.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_host_left_a_group_when_none_of_its_groups_names_the_release_it_runs() {
+        let plan = Plan::parse(CLUSTER, "cluster.toml", &ArchiveLookup::Unchecked).expect("valid");
+        // Its own groups' releases stay, whatever else runs beside them.
+        assert!(left(&plan, "both-1", &[running("beat"), running("probe")]).is_empty());
+        // web-1 is not in metrics: the probe it runs left that group.
+        assert_eq!(
+            left(&plan, "web-1", &[running("beat"), running("probe")]),
+            ["metrics"]
+        );
+        // A release meant to run (restart pending) counts; one stopped already does not.
+        let exited = ReleaseState::Exited {
+            code: Some(1),
+            signal: None,
+        };
+        assert_eq!(
+            left(&plan, "web-1", &[status("probe", exited, true)]),
+            ["metrics"]
+        );
+        assert!(left(
+            &plan,
+            "web-1",
+            &[status("probe", ReleaseState::Stopped, false)]
+        )
+        .is_empty());
+        // A waiting host has left every group whose release it runs, a stopped group's too.
+        assert_eq!(
+            left(
+                &plan,
+                "spare-1",
+                &[running("beat"), running("probe"), running("legacy")]
+            ),
+            ["web", "metrics", "old"]
+        );
+        // A release no group names was not put there by the file: never touched.
+        assert!(left(&plan, "spare-1", &[running("by-hand")]).is_empty());
     }
 }

@@ -25,6 +25,12 @@
 //! [`crate::cluster::GroupPlan::start_request`]), verify old, report the host failed
 //! with the release's own output. Staging runs ahead on every host of the group, so a
 //! host is down only between stop and start. Progress goes out as [`RolloutEvent`]s.
+//!
+//! The same rollout restarts, stops or rolls back a group ([`Operation`]), on the hosts
+//! `--hosts`/`--exclude` select. A deploy also stops the release of a group marked
+//! `state = "stopped"`, and the release a host still runs after it left a group (found
+//! by pinging the cluster's hosts; releases no group names are never touched). Hosts
+//! that fail or do not answer spend the group's `max_failed` before it halts.
 
 pub(crate) mod converge;
 pub(crate) mod decide;
@@ -42,6 +48,7 @@ use serde::Serialize;
 
 pub(crate) use converge::{converge_file, keep_converged, ConvergeOptions};
 pub use decide::{Evidence, ProbeAnswer, VerdictKind};
+pub(crate) use driver::{check_selection, planned_stops};
 pub use runner::run;
 
 use crate::client::Connector;
@@ -49,11 +56,38 @@ use crate::client::Connector;
 /// Where the driver's events go; [`run`] hands them to its caller's callback.
 pub(crate) type EventSink = tokio::sync::mpsc::UnboundedSender<RolloutEvent>;
 
+/// What a rollout does to each selected host of a group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    /// Bring it to the group's desired state: its version running, healthy (or its
+    /// release stopped, for a group with `state = "stopped"`); and stop the release on
+    /// hosts that left the group (see [`run`]).
+    #[default]
+    Deploy,
+    /// A rolling cold restart of the group's version: canaries, `max_in_flight`, the
+    /// health gate; a host that fails is started once more with the same version.
+    Restart,
+    /// Stop the group's release, at most `max_in_flight` hosts at once, each with the
+    /// group's `stop_grace_secs`.
+    Stop,
+    /// Back to the previous version at once: the newest other version present on each
+    /// host, at most `max_in_flight` hosts at once, no canary phase, the health gate.
+    Rollback,
+}
+
 /// How a rollout runs, beyond what the cluster file says.
 #[derive(Debug, Clone)]
 pub struct RolloutOptions {
     /// Only these groups (empty: every group).
     pub groups: Vec<String>,
+    /// Only these hosts of the selected groups (empty: every host). An id the cluster
+    /// file does not name, or that no selected group holds, is refused.
+    pub hosts: Vec<String>,
+    /// Never these hosts (checked like `hosts`).
+    pub exclude: Vec<String>,
+    /// What is done to each host.
+    pub operation: Operation,
     /// How often a starting release is looked at.
     pub poll_interval: Duration,
     /// Hosts staged at once in each group.
@@ -66,6 +100,9 @@ impl Default for RolloutOptions {
     fn default() -> Self {
         RolloutOptions {
             groups: Vec::new(),
+            hosts: Vec::new(),
+            exclude: Vec::new(),
+            operation: Operation::Deploy,
             poll_interval: Duration::from_millis(200),
             staging_parallel: 8,
             probe_timeout: Duration::from_secs(1),
@@ -170,6 +207,18 @@ pub enum RolloutEvent {
         /// The release's process id.
         pid: u32,
     },
+    /// The release was stopped on a host: its group is stopped (`state = "stopped"` or
+    /// `erel stop`), or the host left the group.
+    HostStopped {
+        /// Group name.
+        group: String,
+        /// Host id.
+        host: String,
+        /// Release name.
+        release: String,
+        /// Why it was stopped.
+        why: StopReason,
+    },
     /// A host already ran the desired version, healthy: nothing was done.
     HostSkipped {
         /// Group name.
@@ -179,7 +228,7 @@ pub enum RolloutEvent {
         /// The version it runs.
         version: String,
     },
-    /// A host failed; the group halts.
+    /// A host failed; the group halts when its failure budget (`max_failed`) is spent.
     HostFailed {
         /// Group name.
         group: String,
@@ -210,6 +259,8 @@ pub enum RolloutEvent {
         skipped: usize,
         /// Hosts that failed.
         failed: usize,
+        /// Hosts whose release was stopped (a stopped group, a host that left it).
+        stopped: usize,
     },
 }
 
@@ -270,6 +321,28 @@ impl HostFailure {
     }
 }
 
+/// Why a release was stopped on a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The group is marked `state = "stopped"`.
+    GroupStopped,
+    /// An operator asked for it (`erel stop --group`).
+    Asked,
+    /// The host runs a release some group names, but no group of the host does any more.
+    LeftGroup,
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StopReason::GroupStopped => "the group is stopped",
+            StopReason::Asked => "stop asked",
+            StopReason::LeftGroup => "the host left the group",
+        })
+    }
+}
+
 /// The drain request sent before a running release's stop, and its answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DrainOutcome {
@@ -318,12 +391,20 @@ impl fmt::Display for DrainOutcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum HostOutcome {
-    /// Switched to the desired version, healthy.
+    /// Switched to a version (the desired one; for a rollback, the previous one),
+    /// healthy.
     Switched {
         /// The version it ran before.
         from: Option<String>,
+        /// The version it runs now.
+        version: String,
         /// The new process id.
         pid: u32,
+    },
+    /// The release was stopped, as asked.
+    Stopped {
+        /// Why.
+        why: StopReason,
     },
     /// It already ran the desired version, healthy.
     UpToDate,
@@ -372,13 +453,19 @@ pub struct RolloutReport {
 impl RolloutReport {
     /// True when every host runs its desired version, healthy.
     pub fn converged(&self) -> bool {
-        self.hosts()
-            .all(|h| h.outcome.is_switched() || h.outcome == HostOutcome::UpToDate)
+        self.hosts().all(|h| {
+            h.outcome.is_switched() || h.outcome == HostOutcome::UpToDate || h.outcome.is_stopped()
+        })
     }
 
     /// Hosts switched in this rollout.
     pub fn switched(&self) -> usize {
         self.hosts().filter(|h| h.outcome.is_switched()).count()
+    }
+
+    /// Hosts whose release was stopped.
+    pub fn stopped(&self) -> usize {
+        self.hosts().filter(|h| h.outcome.is_stopped()).count()
     }
 
     /// Hosts that failed.
@@ -395,6 +482,11 @@ impl HostOutcome {
     /// Switched to the desired version.
     pub fn is_switched(&self) -> bool {
         matches!(self, HostOutcome::Switched { .. })
+    }
+
+    /// Its release was stopped.
+    pub fn is_stopped(&self) -> bool {
+        matches!(self, HostOutcome::Stopped { .. })
     }
 
     /// Failed.

@@ -2,8 +2,8 @@
 //! `erel master --amqp` processes: masters receive, store and converge; a late master
 //! catches up, even with every other master gone; old revisions are refused by
 //! `publish` and ignored by masters; invalid configs are rejected without harm; one
-//! master acts per group and another takes over when it is killed; `erel watch`
-//! prints what they do. Each test has its own name prefix and deletes it at the end.
+//! master acts per group and another takes over when it is killed; a group marked
+//! stopped is stopped, each stop logged; `erel watch` prints what they do. Each test has its own name prefix and deletes it at the end.
 //! (The broker-restart test is its own test binary, `amqp_restart`.)
 
 use std::sync::{Arc, Mutex};
@@ -343,5 +343,44 @@ fn amqp_one_master_acts_per_group_and_another_takes_over_when_it_is_killed() {
         }),
         "erel status names the holder {}:\n{shown}",
         other.name
+    );
+}
+
+#[test]
+fn amqp_a_group_marked_stopped_is_stopped_and_the_master_logs_each_stop() {
+    let _lock = BrokerLock::shared();
+    let fleet = Fleet::with_beat_releases("amqp-st", &["web", "web"]);
+    let broker = TestBroker::new("stopped", &["web"]);
+    let mut master = fleet.master(&broker, "solo");
+
+    let (ok, out) = fleet.publish(&broker, &fleet.config(1, "1.0.0", ""));
+    assert!(ok, "{out}");
+    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || master.log());
+
+    let (ok, out) = fleet.publish(&broker, &fleet.config(2, "1.0.0", "state = \"stopped\""));
+    assert!(ok, "{out}");
+    assert!(
+        wait_until_blocking(CONVERGE, || fleet.beats().iter().all(String::is_empty)),
+        "every host stopped: {:?}\n{}",
+        fleet.beats(),
+        master.log()
+    );
+    // The port closes before the agent answers the stop: wait for the lines.
+    for agent in &fleet.agents {
+        assert!(
+            wait_until_blocking(RECEIVE, || master.log().lines().any(|line| {
+                line.contains("INFO")
+                    && line.contains("release stopped (the group is stopped)")
+                    && line.contains(&format!("host=\"{}\"", agent.id))
+            })),
+            "the stop of {} is logged at info\n{}",
+            agent.id,
+            master.log()
+        );
+    }
+    assert!(
+        master.terminate(),
+        "clean exit on SIGTERM\n{}",
+        master.log()
     );
 }
