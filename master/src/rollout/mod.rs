@@ -40,6 +40,7 @@ use serde::Serialize;
 
 pub(crate) use converge::{converge_file, keep_converged, ConvergeOptions};
 pub use decide::{Evidence, ProbeAnswer, VerdictKind};
+pub(crate) use health::probe_all;
 pub use runner::run;
 
 use crate::client::Connector;
@@ -56,7 +57,8 @@ pub struct RolloutOptions {
     pub poll_interval: Duration,
     /// Hosts staged at once in each group.
     pub staging_parallel: usize,
-    /// Time allowed for one TCP health probe.
+    /// Time allowed for one health probe (a TCP connect, or an HTTP `GET` up to its
+    /// status line).
     pub probe_timeout: Duration,
 }
 
@@ -66,10 +68,14 @@ impl Default for RolloutOptions {
             groups: Vec::new(),
             poll_interval: Duration::from_millis(200),
             staging_parallel: 8,
-            probe_timeout: Duration::from_secs(1),
+            probe_timeout: DEFAULT_PROBE_TIMEOUT,
         }
     }
 }
+
+/// Time one health probe may take unless [`RolloutOptions::probe_timeout`] says
+/// otherwise; `erel status` gives its one look at each probe the same time.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Where a host is in its rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
