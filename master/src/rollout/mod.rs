@@ -99,17 +99,19 @@ pub enum HostPhase {
     VerifyingOld,
 }
 
+/// The phase as its JSON spells it (`stopping`, `rolling_back`), so that a deploy's
+/// text and its `--json` name a phase the same way.
 impl fmt::Display for HostPhase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             HostPhase::Pinging => "pinging",
             HostPhase::Staging => "staging",
             HostPhase::Staged => "staged",
-            HostPhase::Stopping => "stopping old",
-            HostPhase::Starting => "starting new",
+            HostPhase::Stopping => "stopping",
+            HostPhase::Starting => "starting",
             HostPhase::Verifying => "verifying",
-            HostPhase::RollingBack => "rolling back",
-            HostPhase::VerifyingOld => "verifying old",
+            HostPhase::RollingBack => "rolling_back",
+            HostPhase::VerifyingOld => "verifying_old",
         })
     }
 }
@@ -430,6 +432,25 @@ pub(crate) type SharedRef = Arc<Shared>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_phase_reads_the_same_as_text_and_as_json() {
+        let phases = [
+            HostPhase::Pinging,
+            HostPhase::Staging,
+            HostPhase::Staged,
+            HostPhase::Stopping,
+            HostPhase::Starting,
+            HostPhase::Verifying,
+            HostPhase::RollingBack,
+            HostPhase::VerifyingOld,
+        ];
+        for phase in phases {
+            let json = serde_json::to_value(phase).expect("encode");
+            assert_eq!(json.as_str(), Some(phase.to_string().as_str()), "{phase:?}");
+        }
+        assert_eq!(HostPhase::RollingBack.to_string(), "rolling_back");
+    }
 
     #[test]
     fn a_drain_says_whether_the_stop_proceeds_without_it() {
