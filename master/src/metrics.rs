@@ -1,6 +1,6 @@
 //! Prometheus metrics of the daemon (`erel master --metrics ADDR`), in the OpenMetrics
 //! text format (encoded by the `prometheus-client` crate), served over plain HTTP/1.1
-//! at `GET /metrics`.
+//! (RFC 9112, through `hyper`'s server connection) at `GET /metrics`.
 //!
 //! | metric | type | labels | what |
 //! | --- | --- | --- | --- |
@@ -18,12 +18,17 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{header, Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +37,7 @@ use crate::rollout::{RolloutEvent, StopReason};
 /// The `Content-Type` of the OpenMetrics text format, as its specification names it.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The longest request head read from a scraper, in bytes.
+/// The longest request head read from a scraper, in bytes (the least `hyper` allows).
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
 /// Time a scraper has to send its request head and read the answer.
@@ -220,9 +225,10 @@ fn group_labels(group: &str) -> Labels {
 }
 
 /// Answers scrapes on `listener` until `cancel`: `GET /metrics` gets the metrics (200),
-/// any other path 404, any other method 405; one request per connection (HTTP/1.1
-/// with `Connection: close`, RFC 9112). A request head longer than 8 KiB, or one not
-/// sent within 10 seconds, is dropped.
+/// any other path 404, any other method 405 (with `Allow: GET`, RFC 9110 section
+/// 15.5.6); one request per connection (HTTP/1.1 with `Connection: close`, RFC 9112).
+/// A request head longer than 8 KiB, or a scrape not done within 10 seconds, is
+/// dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cancel: CancellationToken) {
     loop {
         let accepted = tokio::select! {
@@ -233,7 +239,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cancel: Cancell
             Ok((stream, _)) => {
                 let metrics = metrics.clone();
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(SCRAPE_TIMEOUT, answer(stream, &metrics)).await;
+                    let _ = tokio::time::timeout(SCRAPE_TIMEOUT, answer(stream, metrics)).await;
                 });
             }
             Err(e) => {
@@ -244,43 +250,51 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cancel: Cancell
     }
 }
 
-/// Reads one request head and answers it.
-async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() >= MAX_REQUEST_HEAD {
-            return Ok(());
-        }
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
+/// Serves one connection: one request, one response.
+async fn answer(stream: TcpStream, metrics: Arc<Metrics>) {
+    let service = service_fn(move |request: Request<Incoming>| {
+        let response = respond(&request, &metrics);
+        async move { Ok::<_, std::convert::Infallible>(response) }
+    });
+    let served = http1::Builder::new()
+        .keep_alive(false)
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .timer(TokioTimer::new())
+        .header_read_timeout(SCRAPE_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!("metrics: a scrape's connection ended early: {e}");
     }
-    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
-    let mut words = line.split(|b| *b == b' ');
-    let (method, target) = (words.next(), words.next());
-    let path = target.map(|t| t.split(|b| *b == b'?').next().unwrap_or_default());
-    let (status, content_type, body) = match (method, path) {
-        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", CONTENT_TYPE, metrics.encode()),
-        (Some(b"GET"), _) => (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
+}
+
+/// The answer to one request (its body is not read).
+fn respond(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => (StatusCode::OK, CONTENT_TYPE, metrics.encode()),
+        (&Method::GET, _) => (
+            StatusCode::NOT_FOUND,
+            TEXT,
             "erel serves only /metrics\n".to_string(),
         ),
         _ => (
-            "405 Method Not Allowed",
-            "text/plain; charset=utf-8",
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
             "only GET /metrics\n".to_string(),
         ),
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
     );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(header::ALLOW, header::HeaderValue::from_static("GET"));
+    }
+    response
 }
 
 #[cfg(test)]
@@ -364,5 +378,64 @@ mod tests {
         assert!(!metrics
             .encode()
             .contains("erel_rollouts_total{group=\"web\"} 1"));
+    }
+
+    /// Sends `request` as it stands to `addr` and reads until the server closes: the
+    /// status line, the head (lower-cased) and the body.
+    async fn exchange(addr: std::net::SocketAddr, request: &str) -> (String, String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut text = String::new();
+        let read = stream.read_to_string(&mut text);
+        tokio::time::timeout(SCRAPE_TIMEOUT, read)
+            .await
+            .expect("the server closes the connection after its answer")
+            .expect("read");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+        let status = head.lines().next().unwrap_or_default().to_string();
+        (status, head.to_ascii_lowercase(), body.to_string())
+    }
+
+    #[tokio::test]
+    async fn get_metrics_is_answered_other_paths_are_404_other_methods_405() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_revision(9);
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, metrics, cancel.clone()));
+
+        let (status, head, body) =
+            exchange(addr, "GET /metrics HTTP/1.1\r\nHost: erel\r\n\r\n").await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(
+            head.contains(&format!("content-type: {CONTENT_TYPE}")),
+            "{head}"
+        );
+        assert!(head.contains("connection: close"), "{head}");
+        assert!(body.contains("erel_revision 9\n"), "{body}");
+        assert!(body.ends_with("# EOF\n"), "{body}");
+
+        let (status, _, body) = exchange(addr, "GET /other HTTP/1.1\r\nHost: erel\r\n\r\n").await;
+        assert_eq!(status, "HTTP/1.1 404 Not Found");
+        assert_eq!(body, "erel serves only /metrics\n");
+
+        let post = "POST /metrics HTTP/1.1\r\nHost: erel\r\nContent-Length: 0\r\n\r\n";
+        let (status, head, _) = exchange(addr, post).await;
+        assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
+        assert!(head.contains("allow: get"), "{head}");
+
+        let (status, _, _) = exchange(addr, "NOT HTTP AT ALL\r\n\r\n").await;
+        assert_eq!(
+            status, "HTTP/1.1 400 Bad Request",
+            "hyper refuses a broken head"
+        );
+
+        cancel.cancel();
+        tokio::time::timeout(SCRAPE_TIMEOUT, server)
+            .await
+            .expect("serve returns once cancelled")
+            .expect("serve does not panic");
     }
 }

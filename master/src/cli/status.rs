@@ -1,10 +1,11 @@
 //! `erel status [--cluster FILE] [--json]`: one row per host and group (a host in two
 //! groups has two rows, a waiting host one row in state `waiting`) with its address,
 //! reachability, desired and running release, state, uptime, restarts, the group's
-//! TCP probe run now, and the output of a crashed release. Whether argv and env match
-//! the group's is shown as `unknown` (see [`HostStatus::argv_env`]). Exit 0 only when
-//! every host is reachable and runs the desired version of each of its groups (for a
-//! group marked `state = "stopped"`: does not run its release).
+//! health probes (TCP and HTTP) looked at once now through the rollout's own probe
+//! code, and the output of a crashed release. Whether argv and env match the group's is
+//! shown as `unknown` (see [`HostStatus::argv_env`]). Exit 0 only when every host is
+//! reachable and runs the desired version of each of its groups (for a group marked
+//! `state = "stopped"`: does not run its release).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -19,6 +20,7 @@ use super::deploy::{indent, table};
 use super::Context;
 use crate::client::{Connector, HostSession};
 use crate::cluster::{ArchiveLookup, GroupState, Plan};
+use crate::rollout::{probe_all, ProbeAnswer, DEFAULT_PROBE_TIMEOUT};
 
 /// `erel status`.
 #[derive(Debug, Args)]
@@ -76,18 +78,21 @@ pub struct HostStatus {
     /// Runs the desired version now; for a stopped group, does not run the release (a
     /// waiting host: answers).
     pub converged: bool,
-    /// The group's TCP health probe, run by `status` itself: `ok`, `failed: <why>`, or
-    /// `-` when the group has no probe (or the row has no group).
+    /// The group's health probes in a few words: `ok` when every one passed, else
+    /// each failed one as `failed: <probe>: <answer>` (for example `failed: http GET
+    /// 127.0.0.1:8080/health: HTTP 500 Internal Server Error`), joined by `; `; `-`
+    /// when the group has no probe (or the row has no group).
     pub probe: String,
+    /// Each configured probe's answer at the one look `status` took (TCP first, then
+    /// HTTP), each within [`DEFAULT_PROBE_TIMEOUT`], as a rollout's verification
+    /// looks; empty when the group has no probe.
+    pub probes: Vec<ProbeAnswer>,
     /// Whether the release runs with the group's argv and env: always `unknown`. An
     /// agent's answer to `Ping` carries no argv or env, the wire format is frozen, and
     /// a record kept by one master would be wrong as soon as another master, a daemon
     /// or `erel start` started the release with other settings.
     pub argv_env: String,
 }
-
-/// Time one status TCP probe may take.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What [`HostStatus::argv_env`] says.
 const ARGV_ENV_UNKNOWN: &str = "unknown";
@@ -172,6 +177,7 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
             output_tail: String::new(),
             converged: false,
             probe: "-".to_string(),
+            probes: Vec::new(),
             argv_env: "-".to_string(),
         };
         if groups.is_empty() {
@@ -198,10 +204,12 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
                 ..base.clone()
             };
             // A stopped group's release is not meant to answer: nothing to probe.
-            if let Some(port) = group.probe_port(host).filter(|_| !stopped) {
-                let target = host.probe_host().to_string();
-                let row = out.len();
-                probes.spawn(async move { (row, probe_tcp(&target, port).await) });
+            if !stopped && (group.probe_port(host).is_some() || group.http_port(host).is_some()) {
+                let (group, host, row) = (group.clone(), host.clone(), out.len());
+                probes.spawn(async move {
+                    let answers = probe_all(&group, &host, DEFAULT_PROBE_TIMEOUT).await;
+                    (row, answers)
+                });
             }
             match &answer {
                 Err(e) => row.error = Some(e.to_string()),
@@ -220,23 +228,28 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
         }
     }
     while let Some(joined) = probes.join_next().await {
-        if let Ok((row, result)) = joined {
-            out[row].probe = result;
+        if let Ok((row, answers)) = joined {
+            out[row].probe = probe_words(&answers);
+            out[row].probes = answers;
         }
     }
     out
 }
 
-/// Connects once to `host:port` within [`PROBE_TIMEOUT`]: `ok` or `failed: <why>`.
-async fn probe_tcp(host: &str, port: u16) -> String {
-    let connect = tokio::net::TcpStream::connect((host, port));
-    match tokio::time::timeout(PROBE_TIMEOUT, connect).await {
-        Ok(Ok(_stream)) => "ok".to_string(),
-        Ok(Err(e)) => format!("failed: {host}:{port}: {e}"),
-        Err(_) => format!(
-            "failed: {host}:{port}: no answer within {}s",
-            PROBE_TIMEOUT.as_secs()
-        ),
+/// [`HostStatus::probe`] from the answers: `-`, `ok`, or every failure with its probe.
+fn probe_words(answers: &[ProbeAnswer]) -> String {
+    if answers.is_empty() {
+        return "-".to_string();
+    }
+    let failed: Vec<String> = answers
+        .iter()
+        .filter(|a| !a.passed)
+        .map(|a| format!("failed: {}: {}", a.probe, a.answer))
+        .collect();
+    if failed.is_empty() {
+        "ok".to_string()
+    } else {
+        failed.join("; ")
     }
 }
 
@@ -379,6 +392,7 @@ mod tests {
             output_tail: String::new(),
             converged: true,
             probe: "-".to_string(),
+            probes: Vec::new(),
             argv_env: "-".to_string(),
         }
     }
@@ -433,6 +447,15 @@ mod tests {
         }
     }
 
+    fn answer(probe: &str, passed: bool, answer: &str) -> ProbeAnswer {
+        ProbeAnswer {
+            probe: probe.to_string(),
+            passed,
+            answer: answer.to_string(),
+            took_ms: 3,
+        }
+    }
+
     #[test]
     fn a_stopped_groups_row_is_converged_when_its_release_does_not_run() {
         let stopped = |state, desired_running| {
@@ -462,6 +485,32 @@ mod tests {
         assert!(
             table.contains("0 of 1 host/group pair(s) run their desired version (or, in a stopped group, do not run it)"),
             "{table}"
+        );
+    }
+
+    #[test]
+    fn the_probe_words_name_each_failed_probe_and_its_answer() {
+        assert_eq!(probe_words(&[]), "-");
+        let tcp_ok = answer("tcp 127.0.0.1:80", true, "connected");
+        let http_500 = answer(
+            "http GET 127.0.0.1:80/health",
+            false,
+            "HTTP 500 Internal Server Error",
+        );
+        assert_eq!(probe_words(std::slice::from_ref(&tcp_ok)), "ok");
+        assert_eq!(
+            probe_words(&[tcp_ok, http_500.clone()]),
+            "failed: http GET 127.0.0.1:80/health: HTTP 500 Internal Server Error"
+        );
+        let tcp_refused = answer(
+            "tcp 127.0.0.1:81",
+            false,
+            "Connection refused (os error 111)",
+        );
+        assert_eq!(
+            probe_words(&[tcp_refused, http_500]),
+            "failed: tcp 127.0.0.1:81: Connection refused (os error 111); \
+             failed: http GET 127.0.0.1:80/health: HTTP 500 Internal Server Error"
         );
     }
 }

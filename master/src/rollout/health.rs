@@ -114,9 +114,10 @@ pub(crate) async fn probe_http(host: &str, port: u16, path: &str, limit: Duratio
     }
 }
 
-/// Every probe `group` configures, once, on `host`: TCP first, then HTTP. Empty when
-/// the group has none.
-pub(super) async fn probe_all(
+/// Every probe `group` configures, once, on `host`, each within `limit`: TCP first,
+/// then HTTP. Empty when the group has none. A rollout's verification and `erel status`
+/// both look through here.
+pub(crate) async fn probe_all(
     group: &GroupPlan,
     host: &HostPlan,
     limit: Duration,

@@ -49,6 +49,7 @@ use serde::Serialize;
 pub(crate) use converge::{converge_file, keep_converged, ConvergeOptions};
 pub use decide::{Evidence, ProbeAnswer, VerdictKind};
 pub(crate) use driver::{check_selection, planned_stops};
+pub(crate) use health::probe_all;
 pub use runner::run;
 
 use crate::client::Connector;
@@ -92,7 +93,8 @@ pub struct RolloutOptions {
     pub poll_interval: Duration,
     /// Hosts staged at once in each group.
     pub staging_parallel: usize,
-    /// Time allowed for one TCP health probe.
+    /// Time allowed for one health probe (a TCP connect, or an HTTP `GET` up to its
+    /// status line).
     pub probe_timeout: Duration,
 }
 
@@ -105,10 +107,14 @@ impl Default for RolloutOptions {
             operation: Operation::Deploy,
             poll_interval: Duration::from_millis(200),
             staging_parallel: 8,
-            probe_timeout: Duration::from_secs(1),
+            probe_timeout: DEFAULT_PROBE_TIMEOUT,
         }
     }
 }
+
+/// Time one health probe may take unless [`RolloutOptions::probe_timeout`] says
+/// otherwise; `erel status` gives its one look at each probe the same time.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Where a host is in its rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -132,17 +138,19 @@ pub enum HostPhase {
     VerifyingOld,
 }
 
+/// The phase as its JSON spells it (`stopping`, `rolling_back`), so that a deploy's
+/// text and its `--json` name a phase the same way.
 impl fmt::Display for HostPhase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             HostPhase::Pinging => "pinging",
             HostPhase::Staging => "staging",
             HostPhase::Staged => "staged",
-            HostPhase::Stopping => "stopping old",
-            HostPhase::Starting => "starting new",
+            HostPhase::Stopping => "stopping",
+            HostPhase::Starting => "starting",
             HostPhase::Verifying => "verifying",
-            HostPhase::RollingBack => "rolling back",
-            HostPhase::VerifyingOld => "verifying old",
+            HostPhase::RollingBack => "rolling_back",
+            HostPhase::VerifyingOld => "verifying_old",
         })
     }
 }
@@ -518,6 +526,25 @@ pub(crate) type SharedRef = Arc<Shared>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_phase_reads_the_same_as_text_and_as_json() {
+        let phases = [
+            HostPhase::Pinging,
+            HostPhase::Staging,
+            HostPhase::Staged,
+            HostPhase::Stopping,
+            HostPhase::Starting,
+            HostPhase::Verifying,
+            HostPhase::RollingBack,
+            HostPhase::VerifyingOld,
+        ];
+        for phase in phases {
+            let json = serde_json::to_value(phase).expect("encode");
+            assert_eq!(json.as_str(), Some(phase.to_string().as_str()), "{phase:?}");
+        }
+        assert_eq!(HostPhase::RollingBack.to_string(), "rolling_back");
+    }
 
     #[test]
     fn a_drain_says_whether_the_stop_proceeds_without_it() {

@@ -18,7 +18,7 @@ use erel_master::rollout::{
 use erel_proto::ReleaseState;
 
 use crate::helper::fleet::Fleet;
-use crate::helper::otp::build_release_with;
+use crate::helper::otp::build_release_version;
 use crate::helper::release::{beat_release, failing_beat_release};
 use crate::helper::{follow_lines, free_port, output_text, poll_until};
 
@@ -142,6 +142,11 @@ async fn deploys_v1_then_v2_and_a_repeat_does_nothing() {
     let (ok, out) = erel_deploy(&fleet, &[]);
     assert!(ok, "deploy v2 failed:\n{out}\n{}", fleet.agent_logs());
     assert_eq!(out.matches("switched from 0.1.0").count(), 3, "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.ends_with(": stopping")).count(),
+        3,
+        "each switch stops the old version:\n{out}"
+    );
     fleet.expect_beats("0.2.0");
     for (version, state) in fleet.running(RELEASE).await {
         assert_eq!(version.as_deref(), Some("0.2.0"));
@@ -154,7 +159,7 @@ async fn deploys_v1_then_v2_and_a_repeat_does_nothing() {
     assert_eq!(out.matches(": up to date, runs 0.2.0").count(), 3, "{out}");
     assert!(out.contains("0 switched, 3 already up to date"), "{out}");
     assert!(
-        !out.contains("stopping old"),
+        !out.lines().any(|l| l.ends_with(": stopping")),
         "a repeated deploy stops nothing:\n{out}"
     );
     let again: Vec<Vec<i32>> = fleet.release_pids(RELEASE);
@@ -419,7 +424,7 @@ async fn an_unreachable_host_is_reported_with_its_address() {
     assert!(out.contains("reach-9") && out.contains(&dead), "{out}");
     assert!(out.contains("unreachable"), "{out}");
     // The group halted before any host was switched.
-    assert!(!out.contains("stopping old"), "{out}");
+    assert!(!out.lines().any(|l| l.ends_with(": stopping")), "{out}");
     assert!(fleet
         .agents
         .iter()
@@ -456,19 +461,20 @@ stop(_State) ->
     )
 }
 
-/// Builds the OTP release `name` 0.1.0 (node `<name>_<host id>`, cookie `cookie`) into
-/// the fleet's `releases/`.
-async fn build_otp_archive(fleet: &Fleet, name: &'static str, cookie: &str) {
-    let build_dir = fleet.dir.path().join("build");
+/// Builds the OTP release `name` `version` (node `<name>_<host id>`, cookie `cookie`)
+/// into the fleet's `releases/<name>-<version>.tar.gz`.
+async fn build_otp_archive(fleet: &Fleet, name: &'static str, version: &str, cookie: &str) {
+    let build_dir = fleet.dir.path().join(format!("build-{version}"));
     std::fs::create_dir(&build_dir).expect("mkdir");
     let files = vec![(format!("apps/{name}/src/{name}_app.erl"), otp_app(name))];
     let vm_args = format!("-sname {name}_${{EREL_HOST_ID}}\n-setcookie {cookie}\n");
+    let owned = version.to_string();
     let tarball = tokio::task::spawn_blocking(move || {
-        build_release_with(&build_dir, name, Some(&vm_args), &files)
+        build_release_version(&build_dir, name, &owned, Some(&vm_args), &files)
     })
     .await
     .expect("build");
-    let archive = fleet.releases().join(format!("{name}-0.1.0.tar.gz"));
+    let archive = fleet.releases().join(format!("{name}-{version}.tar.gz"));
     std::fs::copy(&tarball, &archive).expect("copy");
 }
 
@@ -476,7 +482,7 @@ async fn build_otp_archive(fleet: &Fleet, name: &'static str, cookie: &str) {
 async fn a_real_otp_release_rolls_out_with_a_tcp_health_check() {
     let name = "ereldeploy";
     let fleet = Fleet::new("otp", &["otp"; 3]);
-    build_otp_archive(&fleet, name, "erel_e2e").await;
+    build_otp_archive(&fleet, name, "0.1.0", "erel_e2e").await;
 
     let mut text = "revision = 1\n".to_string();
     text.push_str(&fleet.hosts_toml("HEALTH_PORT"));
@@ -660,18 +666,20 @@ async fn bench_cold_replacement_and_rolling_deploys() {
     );
     drop(fleet);
 
-    // Cold replacement of one host, a real OTP release (the same tarball unpacked as
-    // successive versions; healthy when its TCP listener answers).
+    // Cold replacement of one host, a real OTP release (one rebar3 release per
+    // version, each built before the rounds; healthy when its TCP listener answers).
     let name = "erelbench";
     let fleet = Fleet::new("benchotp", &["otp"; 1]);
-    build_otp_archive(&fleet, name, "erel_bench").await;
+    let versions: Vec<String> = (0..4u64).map(|round| format!("0.1.{round}")).collect();
+    for version in &versions {
+        build_otp_archive(&fleet, name, version, "erel_bench").await;
+    }
     let mut samples = Vec::new();
-    for round in 0..4u64 {
-        let version = format!("0.1.{round}");
+    for (round, version) in (0u64..).zip(&versions) {
         let mut text = format!("revision = {}\n", round + 1);
         text.push_str(&fleet.hosts_toml("HEALTH_PORT"));
         text.push_str(&format!(
-            "[group.otp]\nrelease = \"{name}\"\nversion = \"{version}\"\narchive = \"releases/{name}-0.1.0.tar.gz\"\n\
+            "[group.otp]\nrelease = \"{name}\"\nversion = \"{version}\"\narchive = \"releases/{name}-{version}.tar.gz\"\n\
              argv = [\"bin/{name}\", \"foreground\"]\nstop_grace_secs = 30\n\
              health = {{ tcp = \"$HEALTH_PORT\", min_up_secs = 0, deadline_secs = 60 }}\n"
         ));

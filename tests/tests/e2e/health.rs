@@ -2,7 +2,8 @@
 //! running a release that serves HTTP: a 2xx makes it healthy and the deploy output
 //! shows on what evidence; a 500 is rolled back and the evidence names the status;
 //! `passes = 3` needs three passes in a row; a running release is asked to drain before
-//! its stop; a drain that never answers is given up after its timeout.
+//! its stop; a drain that never answers is given up after its timeout. `erel status`
+//! looks at the same HTTP probe once and shows its answer, a 500 included.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,7 +14,7 @@ use erel_master::release::{write_tarball, ReleaseFile};
 use erel_master::rollout::{self, RolloutEvent, RolloutOptions, RolloutReport, VerdictKind};
 
 use crate::helper::fleet::Fleet;
-use crate::helper::output_text;
+use crate::helper::{output_text, poll_until_blocking, PATIENCE};
 
 const RELEASE: &str = "web";
 
@@ -154,6 +155,35 @@ impl Site {
         (out.status.success(), output_text(&out))
     }
 
+    /// Runs the real `erel <words> --cluster <file>`; (success, stdout + stderr).
+    fn erel(&self, words: &[&str]) -> (bool, String) {
+        let out = self
+            .fleet
+            .pki
+            .erel()
+            .args(words)
+            .arg("--cluster")
+            .arg(self.cluster())
+            .output()
+            .expect("run erel");
+        (out.status.success(), output_text(&out))
+    }
+
+    /// `erel status --json`: the row of the one host.
+    fn status_row(&self) -> serde_json::Value {
+        let out = self
+            .fleet
+            .pki
+            .erel()
+            .args(["status", "--json", "--cluster"])
+            .arg(self.cluster())
+            .output()
+            .expect("run erel status");
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status --json: {e}\n{}", output_text(&out)));
+        rows[0].clone()
+    }
+
     /// Runs a rollout in this process; its report and every event.
     async fn rollout(&self) -> (RolloutReport, Vec<RolloutEvent>) {
         let plan = Plan::load(&self.cluster()).expect("valid cluster file");
@@ -214,6 +244,14 @@ async fn an_http_2xx_is_healthy_and_the_deploy_output_shows_the_evidence() {
         "the release saw the probe: {}",
         site.logs()
     );
+
+    // `erel status` looks at the same probe once, and carries its answer.
+    let row = site.status_row();
+    assert_eq!(row["probe"], "ok", "{row:#}");
+    assert_eq!(row["probes"].as_array().map(Vec::len), Some(1), "{row:#}");
+    assert_eq!(row["probes"][0]["probe"], probe, "{row:#}");
+    assert_eq!(row["probes"][0]["passed"], true, "{row:#}");
+    assert_eq!(row["probes"][0]["answer"], "HTTP 200 OK", "{row:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,6 +295,33 @@ async fn an_http_500_is_rolled_back_and_the_evidence_names_the_status() {
     );
     let running = site.fleet.running(RELEASE).await;
     assert_eq!(running[0].0.as_deref(), Some("0.1.0"), "{}", site.logs());
+
+    // Started by hand, 0.2.0 runs and answers 500: `erel status` shows the probe's
+    // failure with its answer, once the server listens (before, the answer is a
+    // refused connection).
+    let (ok, out) = site.erel(&["stop", "h500-1", RELEASE]);
+    assert!(ok, "{out}");
+    let (ok, out) = site.erel(&["start", "h500-1", RELEASE, "0.2.0"]);
+    assert!(ok, "{out}\n{}", site.logs());
+    let row = poll_until_blocking(PATIENCE, || {
+        let row = site.status_row();
+        let answered = row["probes"][0]["answer"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("HTTP "));
+        answered.then_some(row)
+    })
+    .unwrap_or_else(|| panic!("status never saw 0.2.0 answer\n{}", site.logs()));
+    let failed = format!("failed: {probe}: HTTP 500 Internal Server Error");
+    assert_eq!(row["probe"], failed.as_str(), "{row:#}");
+    assert_eq!(row["probes"][0]["passed"], false, "{row:#}");
+    assert_eq!(row["running_version"], "0.2.0", "{row:#}");
+    let (_, table) = site.erel(&["status"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("h500-1") && l.ends_with(&failed)),
+        "the table shows the failure:\n{table}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

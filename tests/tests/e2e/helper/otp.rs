@@ -47,12 +47,28 @@ pub fn ensure_epmd() {
     );
 }
 
+/// The version `rebar3 new release` gives a release.
+const TEMPLATE_VERSION: &str = "0.1.0";
+
 /// Like [`build_release`], but also writes `files` (paths relative to the project, for
 /// example `apps/<name>/src/<name>_app.erl`) after `rebar3 new release` and before
 /// `rebar3 as prod tar`.
 pub fn build_release_with(
     dir: &Path,
     name: &str,
+    vm_args_src: Option<&str>,
+    files: &[(String, String)],
+) -> PathBuf {
+    build_release_version(dir, name, TEMPLATE_VERSION, vm_args_src, files)
+}
+
+/// Like [`build_release_with`], but the release is `version` (relx's release version in
+/// `rebar.config`, so the tarball holds `releases/<version>/` and is named
+/// `<name>-<version>.tar.gz`); the application keeps the template's version.
+pub fn build_release_version(
+    dir: &Path,
+    name: &str,
+    version: &str,
     vm_args_src: Option<&str>,
     files: &[(String, String)],
 ) -> PathBuf {
@@ -93,6 +109,17 @@ pub fn build_release_with(
         );
         std::fs::write(&config, text).expect("write rebar.config");
     }
+    if version != TEMPLATE_VERSION {
+        let config = project.join("rebar.config");
+        let text = std::fs::read_to_string(&config).expect("read rebar.config");
+        let template = format!("{{release, {{{name}, \"{TEMPLATE_VERSION}\"}}");
+        assert!(
+            text.contains(&template),
+            "rebar.config has no {template}:\n{text}"
+        );
+        let text = text.replace(&template, &format!("{{release, {{{name}, \"{version}\"}}"));
+        std::fs::write(&config, text).expect("write rebar.config");
+    }
     for (path, content) in files {
         std::fs::write(project.join(path), content).expect("write project file");
     }
@@ -102,7 +129,7 @@ pub fn build_release_with(
     let tarball = project
         .join("_build/prod/rel")
         .join(name)
-        .join(format!("{name}-0.1.0.tar.gz"));
+        .join(format!("{name}-{version}.tar.gz"));
     assert!(tarball.exists(), "{} was not built", tarball.display());
     tarball
 }
