@@ -2,7 +2,8 @@
 //! release crashes at boot is tried once, the group stays halted at it (shown by
 //! `erel status`, published as an event), and a newer revision or a retry ends the
 //! halt; a manual `erel deploy` on groups a daemon holds is refused naming it, and runs
-//! with `--take-over`, after which the daemon acts again.
+//! with `--take-over`, after which the daemon acts again. A revision with `restarted_at`
+//! restarts each host once, by the file daemon and by `erel deploy` alike.
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -172,6 +173,163 @@ fn daemon_tries_a_broken_revision_once_halts_the_group_and_applies_a_newer_one()
     let text = output_text(&erel_on(&fleet, &cluster, &["status"]));
     assert!(!text.contains("HALTED"), "{text}");
     assert_eq!(starts_of(&fleet, "2.5.0"), 1);
+}
+
+/// How long every host's release must have run before `restarted_at` is written: the
+/// master takes a release's start as its clock less the agent's up time in whole
+/// seconds, up to a second late, so a release started within a second of the instant
+/// could count as started after it.
+const UP_BEFORE_RESTART: u64 = 2;
+
+/// The beat release's up time on each host, in seconds, as its agent reports it.
+fn up_secs(fleet: &Fleet) -> Vec<Option<u64>> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let mut up = Vec::new();
+            for agent in &fleet.agents {
+                let mut client = fleet.pki.connect(agent).await;
+                let pong = client.ping().await.expect("ping");
+                up.push(
+                    pong.releases
+                        .into_iter()
+                        .find(|r| r.name == "beat")
+                        .and_then(|r| r.up_secs),
+                );
+            }
+            up
+        })
+}
+
+/// Waits until every host's release has run [`UP_BEFORE_RESTART`] seconds; its pids.
+fn pids_of_settled_releases(fleet: &Fleet) -> Vec<Vec<i32>> {
+    assert!(
+        wait_until_blocking(NOTICE, || up_secs(fleet)
+            .iter()
+            .all(|up| up.is_some_and(|up| up >= UP_BEFORE_RESTART))),
+        "every release runs: {:?}",
+        up_secs(fleet)
+    );
+    let pids = fleet.release_pids("beat");
+    assert!(pids.iter().all(|p| !p.is_empty()), "{pids:?}");
+    pids
+}
+
+/// The cluster file at `revision` running 1.0.0, with `restarted_at` = now (UTC).
+fn write_restarted_now(fleet: &Fleet, revision: u64) -> PathBuf {
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("format now");
+    let extra = format!("{ONE_AT_A_TIME}\nrestarted_at = \"{now}\"");
+    fleet.write("cluster.toml", &fleet.config(revision, "1.0.0", &extra))
+}
+
+/// True when every host runs a release whose pids all differ from `before`'s.
+fn all_restarted(fleet: &Fleet, before: &[Vec<i32>]) -> bool {
+    let now = fleet.release_pids("beat");
+    fleet.all_run("1.0.0")
+        && now.len() == before.len()
+        && now
+            .iter()
+            .zip(before)
+            .all(|(now, before)| !now.is_empty() && now.iter().all(|p| !before.contains(p)))
+}
+
+#[test]
+fn daemon_restarts_each_host_once_for_a_revision_with_restarted_at() {
+    let fleet = Fleet::with_beat_releases("restarted-at", &["web", "web"]);
+    let cluster = write_cluster(&fleet, 1, "1.0.0");
+    let daemon = FileDaemon::start(&fleet, &cluster);
+    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || {
+        daemon.0.log()
+    });
+    let before = pids_of_settled_releases(&fleet);
+    let starts = starts_of(&fleet, "1.0.0");
+
+    write_restarted_now(&fleet, 2);
+    assert!(
+        wait_until_blocking(CONVERGE, || all_restarted(&fleet, &before)
+            && daemon.0.log().contains(" converged revision=2")),
+        "every host is restarted: {before:?} -> {:?}\n{}\n{}",
+        fleet.release_pids("beat"),
+        daemon.0.log(),
+        fleet.agent_logs()
+    );
+    let after = fleet.release_pids("beat");
+    assert_eq!(
+        starts_of(&fleet, "1.0.0"),
+        starts + 2,
+        "{}",
+        fleet.agent_logs()
+    );
+
+    // Passes keep coming every interval; each finds the releases started after the
+    // instant. Four intervals, plus the time one pass takes on a busy machine.
+    let passes = FILE_INTERVAL * 4 + Duration::from_secs(2);
+    std::thread::sleep(passes);
+    assert_eq!(
+        fleet.release_pids("beat"),
+        after,
+        "restarted once over {passes:?}\n{}",
+        daemon.0.log()
+    );
+    assert_eq!(
+        starts_of(&fleet, "1.0.0"),
+        starts + 2,
+        "{}",
+        fleet.agent_logs()
+    );
+    assert_eq!(
+        daemon.0.log().matches(" converged revision=2").count(),
+        1,
+        "one pass switched hosts at revision 2\n{}",
+        daemon.0.log()
+    );
+}
+
+#[test]
+fn deploy_restarts_each_host_once_for_restarted_at() {
+    let fleet = Fleet::with_beat_releases("deploy-restarted-at", &["web", "web"]);
+    let cluster = write_cluster(&fleet, 1, "1.0.0");
+    let out = erel_on(&fleet, &cluster, &["deploy"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let before = pids_of_settled_releases(&fleet);
+    let starts = starts_of(&fleet, "1.0.0");
+
+    write_restarted_now(&fleet, 2);
+    let out = erel_on(&fleet, &cluster, &["deploy"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        all_restarted(&fleet, &before),
+        "{before:?} -> {:?}\n{text}",
+        fleet.release_pids("beat")
+    );
+    assert_eq!(
+        starts_of(&fleet, "1.0.0"),
+        starts + 2,
+        "{}",
+        fleet.agent_logs()
+    );
+
+    // Deployed again, the same file restarts nothing: each release started after it.
+    let after = fleet.release_pids("beat");
+    let out = erel_on(&fleet, &cluster, &["deploy"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("group web: 0 switched, 2 already up to date"),
+        "{text}"
+    );
+    assert_eq!(fleet.release_pids("beat"), after, "{text}");
+    assert_eq!(
+        starts_of(&fleet, "1.0.0"),
+        starts + 2,
+        "{}",
+        fleet.agent_logs()
+    );
 }
 
 #[test]
