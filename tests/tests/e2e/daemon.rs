@@ -153,6 +153,27 @@ fn daemon_tries_a_broken_revision_once_halts_the_group_and_applies_a_newer_one()
         text.contains("rolled back"),
         "whether it was rolled back: {text}"
     );
+    // `erel status --json` gives each row of the group the halt record.
+    let out = erel_on(&fleet, &cluster, &["status", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", output_text(&out)));
+    let rows = rows.as_array().expect("an array of hosts");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for row in rows {
+        let halted = &row["halted"];
+        assert_eq!(halted["revision"], 2, "{row}");
+        assert_eq!(halted["version"], "2.5.0", "{row}");
+        assert!(
+            halted["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("rolled back")),
+            "{row}"
+        );
+        assert!(
+            halted["since_ms"].as_u64().is_some_and(|ms| ms > 0),
+            "{row}"
+        );
+    }
     let state = std::fs::read_to_string(fleet.dir.path().join(".erel-state/halted.json"))
         .expect("the halt is kept beside the cluster file");
     assert!(state.contains("\"revision\": 2"), "{state}");
@@ -172,6 +193,13 @@ fn daemon_tries_a_broken_revision_once_halts_the_group_and_applies_a_newer_one()
     );
     let text = output_text(&erel_on(&fleet, &cluster, &["status"]));
     assert!(!text.contains("HALTED"), "{text}");
+    let out = erel_on(&fleet, &cluster, &["status", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        rows.as_array()
+            .is_some_and(|rows| rows.iter().all(|row| row["halted"].is_null())),
+        "{rows}"
+    );
     assert_eq!(starts_of(&fleet, "2.5.0"), 1);
 }
 
@@ -467,6 +495,24 @@ fn amqp_daemon_tries_a_broken_revision_once_even_after_a_take_over_and_again_on_
         text.contains("HALTED: group web halted at revision 2 (beat 2.5.0)")
             && text.contains("erel config retry --group web"),
         "{text}"
+    );
+    // With --json, each host row of the group carries the halt the broker keeps.
+    let out = fleet
+        .pki
+        .erel()
+        .arg("--cluster")
+        .arg(&cluster)
+        .args(["status", "--json"])
+        .args(broker.flags())
+        .output()
+        .expect("run erel status --json");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", output_text(&out)));
+    assert!(
+        status["hosts"].as_array().is_some_and(
+            |rows| rows.len() == 2 && rows.iter().all(|row| row["halted"]["revision"] == 2)
+        ),
+        "{status}"
     );
 
     // The halt outlives its master: the next holder reads it and does not try the
