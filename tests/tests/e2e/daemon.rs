@@ -3,7 +3,7 @@
 //! `erel status`, published as an event), and a newer revision or a retry ends the
 //! halt; a manual `erel deploy` on groups a daemon holds is refused naming it, and runs
 //! with `--take-over`, after which the daemon acts again. A revision with `restarted_at`
-//! restarts each host once, by the file daemon and by `erel deploy` alike.
+//! restarts each host once, by both daemons and by `erel deploy` alike.
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -245,13 +245,18 @@ fn pids_of_settled_releases(fleet: &Fleet) -> Vec<Vec<i32>> {
     pids
 }
 
-/// The cluster file at `revision` running 1.0.0, with `restarted_at` = now (UTC).
-fn write_restarted_now(fleet: &Fleet, revision: u64) -> PathBuf {
+/// A cluster text at `revision` running 1.0.0, with `restarted_at` = now (UTC).
+fn restarted_now(fleet: &Fleet, revision: u64) -> String {
     let now = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .expect("format now");
     let extra = format!("{ONE_AT_A_TIME}\nrestarted_at = \"{now}\"");
-    fleet.write("cluster.toml", &fleet.config(revision, "1.0.0", &extra))
+    fleet.config(revision, "1.0.0", &extra)
+}
+
+/// The cluster file at `revision` running 1.0.0, with `restarted_at` = now (UTC).
+fn write_restarted_now(fleet: &Fleet, revision: u64) -> PathBuf {
+    fleet.write("cluster.toml", &restarted_now(fleet, revision))
 }
 
 /// True when every host runs a release whose pids all differ from `before`'s.
@@ -315,6 +320,60 @@ fn daemon_restarts_each_host_once_for_a_revision_with_restarted_at() {
         "one pass switched hosts at revision 2\n{}",
         daemon.0.log()
     );
+}
+
+#[test]
+fn amqp_daemon_restarts_each_host_once_for_a_revision_with_restarted_at() {
+    let _lock = BrokerLock::shared();
+    let fleet = Fleet::with_beat_releases("amqp-restarted-at", &["web", "web"]);
+    let broker = TestBroker::new("restarted-at", &["web"]);
+    let master = fleet.master(&broker, "m1");
+    let (ok, out) = fleet.publish(&broker, &fleet.config(1, "1.0.0", ONE_AT_A_TIME));
+    assert!(ok, "{out}");
+    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || master.log());
+    let before = pids_of_settled_releases(&fleet);
+    let starts = starts_of(&fleet, "1.0.0");
+
+    let (ok, out) = fleet.publish(&broker, &restarted_now(&fleet, 2));
+    assert!(ok, "{out}");
+    let applied = |log: &str| {
+        log.lines()
+            .filter(|line| line.contains("revision applied") && line.contains("revision=2"))
+            .count()
+    };
+    assert!(
+        wait_until_blocking(CONVERGE, || all_restarted(&fleet, &before)
+            && applied(&master.log()) > 0),
+        "every host is restarted: {before:?} -> {:?}\n{}\n{}",
+        fleet.release_pids("beat"),
+        master.log(),
+        fleet.agent_logs()
+    );
+    let after = fleet.release_pids("beat");
+    assert_eq!(
+        starts_of(&fleet, "1.0.0"),
+        starts + 2,
+        "{}",
+        fleet.agent_logs()
+    );
+
+    // Passes keep coming every interval; each finds the releases started after the
+    // instant. Four intervals, plus the time one pass takes on a busy machine.
+    let passes = MASTER_INTERVAL * 4 + Duration::from_secs(2);
+    std::thread::sleep(passes);
+    assert_eq!(
+        fleet.release_pids("beat"),
+        after,
+        "restarted once over {passes:?}\n{}",
+        master.log()
+    );
+    assert_eq!(
+        starts_of(&fleet, "1.0.0"),
+        starts + 2,
+        "{}",
+        fleet.agent_logs()
+    );
+    assert_eq!(applied(&master.log()), 1, "{}", master.log());
 }
 
 #[test]
