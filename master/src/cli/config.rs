@@ -290,16 +290,17 @@ fn halts_text(halts: &[crate::rollout::halt::Halt], revision: u64) -> String {
 }
 
 /// The holders of `groups`, read from the broker at `url`, as `config holders --json`
-/// prints them (for `erel status --json`).
+/// prints them, and the halts of those groups the broker keeps (for `erel status
+/// --json`).
 pub async fn holders_json(
     url: &str,
     prefix: &str,
     groups: &[String],
-) -> crate::Result<Vec<serde_json::Value>> {
+) -> crate::Result<(Vec<serde_json::Value>, Vec<crate::rollout::halt::Halt>)> {
     let broker = crate::amqp::Broker::new(url, prefix)?;
     let records = leadership::holders(&broker, groups).await?;
     let halts = control::halts(&broker, groups).await?;
-    Ok(holder_rows(groups, &records, &halts))
+    Ok((holder_rows(groups, &records, &halts), halts))
 }
 
 /// One JSON object per group: `group`, and `master`, `since_ms`, `heartbeat_ms` (each

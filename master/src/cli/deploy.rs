@@ -649,6 +649,11 @@ fn describe_group(plan: &Plan, group: &GroupPlan, options: &RolloutOptions) -> S
         "  rollout   {} canary host(s) first, then at most {} at once; {budget}\n",
         group.canaries, group.max_in_flight
     ));
+    if let Some(at) = group.restarted_at.as_ref().map(rfc3339) {
+        out.push_str(&format!(
+            "  restart   hosts whose release has run since before {at} (restarted_at)\n"
+        ));
+    }
     for (index, host) in hosts.iter().enumerate() {
         let role = if index < group.canaries { "canary" } else { "" };
         let env: Vec<String> = host.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -665,6 +670,12 @@ fn describe_group(plan: &Plan, group: &GroupPlan, options: &RolloutOptions) -> S
         out.push_str("  (no hosts)\n");
     }
     out
+}
+
+/// An instant as RFC 3339 text.
+fn rfc3339(at: &time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| at.to_string())
 }
 
 /// What `--dry-run --json` prints: the plan `describe_plan` puts in words.
@@ -694,6 +705,9 @@ struct GroupJson {
     health: HealthJson,
     /// The drain request sent before a running release is stopped, if any.
     drain: Option<DrainJson>,
+    /// `restarted_at` (RFC 3339, UTC): hosts whose release has run since before it are
+    /// restarted; `null` when the group does not say.
+    restarted_at: Option<String>,
     /// In the order they switch: canaries first.
     hosts: Vec<PlannedHostJson>,
 }
@@ -765,6 +779,7 @@ fn plan_json(plan: &Plan, only: &[String]) -> PlanJson {
                 path: d.path.clone(),
                 timeout_secs: d.timeout.as_secs(),
             }),
+            restarted_at: group.restarted_at.as_ref().map(rfc3339),
             canaries: group.canaries,
             max_in_flight: group.max_in_flight,
             health: HealthJson {
@@ -1171,5 +1186,40 @@ mod tests {
         // Live bars show no event lines: the table shows the output.
         let table = summary_table(&report, false);
         assert_eq!(table.matches("config missing").count(), 1, "{table}");
+    }
+
+    #[test]
+    fn the_dry_run_names_restarted_at_in_words_and_json() {
+        let text =
+            "revision = 2\n[[host]]\nid = \"a-1\"\naddr = \"127.0.0.1:1\"\ngroup = \"web\"\n\
+            [group.web]\nrelease = \"pong\"\nversion = \"2\"\narchive = \"p.tar.gz\"\n\
+            restarted_at = \"2026-11-29T13:00:00+01:00\"\n";
+        let plan = Plan::parse(
+            text,
+            "cluster.toml",
+            &crate::cluster::ArchiveLookup::Unchecked,
+        )
+        .expect("valid");
+        let words = describe_group(&plan, &plan.groups["web"], &RolloutOptions::default());
+        assert!(
+            words.contains(
+                "restart   hosts whose release has run since before 2026-11-29T12:00:00Z"
+            ),
+            "{words}"
+        );
+        let json = serde_json::to_value(plan_json(&plan, &[])).expect("json");
+        assert_eq!(json["groups"][0]["restarted_at"], "2026-11-29T12:00:00Z");
+
+        let plain = text.replace("restarted_at = \"2026-11-29T13:00:00+01:00\"\n", "");
+        let plan = Plan::parse(
+            &plain,
+            "cluster.toml",
+            &crate::cluster::ArchiveLookup::Unchecked,
+        )
+        .expect("valid");
+        let words = describe_group(&plan, &plan.groups["web"], &RolloutOptions::default());
+        assert!(!words.contains("restart "), "{words}");
+        let json = serde_json::to_value(plan_json(&plan, &[])).expect("json");
+        assert!(json["groups"][0]["restarted_at"].is_null(), "{json}");
     }
 }

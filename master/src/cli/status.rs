@@ -3,7 +3,8 @@
 //! reachability, desired and running release, state, uptime, restarts, the group's
 //! health probes (TCP and HTTP) looked at once now through the rollout's own probe
 //! code, and the output of a crashed release. Whether argv and env match the group's is
-//! shown as `unknown` (see [`HostStatus::argv_env`]). Exit 0 only when every host is
+//! shown as `unknown` (see [`HostStatus::argv_env`]). A row of a halted group carries
+//! the halt ([`HostStatus::halted`]). Exit 0 only when every host is
 //! reachable and runs the desired version of each of its groups (for a group marked
 //! `state = "stopped"`: does not run its release).
 
@@ -20,6 +21,7 @@ use super::deploy::{indent, table};
 use super::Context;
 use crate::client::{Connector, HostSession};
 use crate::cluster::{ArchiveLookup, GroupState, Plan};
+use crate::rollout::halt::{self, Halt};
 use crate::rollout::{probe_all, ProbeAnswer, DEFAULT_PROBE_TIMEOUT};
 
 /// `erel status`.
@@ -92,6 +94,13 @@ pub struct HostStatus {
     /// a record kept by one master would be wrong as soon as another master, a daemon
     /// or `erel start` started the release with other settings.
     pub argv_env: String,
+    /// The halt that keeps the row's group from being rolled out at the file's revision
+    /// (see [`crate::rollout::halt`]): `group`, `revision`, `release`, `version`,
+    /// `host` (the first that failed), `reason`, `since_ms` (milliseconds since the
+    /// Unix epoch); `null` when the group is not halted, and for a waiting host. Read
+    /// from the file daemon's state beside the cluster file and, with `--amqp`, from
+    /// the broker.
+    pub halted: Option<Halt>,
 }
 
 /// What [`HostStatus::argv_env`] says.
@@ -102,19 +111,32 @@ pub async fn status(ctx: &Context, cluster: &Path, args: StatusArgs) -> crate::R
     let plan = Plan::load_with(cluster, &ArchiveLookup::Unchecked)?;
     let connector = Connector::new(ctx.tls()?, ctx.master_name())
         .with_connect_timeout(Duration::from_secs(args.connect_timeout.max(1)));
-    let hosts = collect(&plan, &connector).await;
+    let mut hosts = collect(&plan, &connector).await;
     if args.json {
+        let mut halts: Vec<Halt> = match halt::load(cluster) {
+            Ok(halts) => halts.iter().cloned().collect(),
+            Err(e) => {
+                eprintln!("halted groups unknown: {e}");
+                Vec::new()
+            }
+        };
         // With --amqp: {"hosts": [...], "holders": [...]}; else the hosts alone.
         let json = match &args.amqp {
             Some(url) => {
                 let groups: Vec<String> = plan.groups.keys().cloned().collect();
-                let holders = super::config::holders_json(url, &args.amqp_prefix, &groups).await?;
+                let (holders, broker_halts) =
+                    super::config::holders_json(url, &args.amqp_prefix, &groups).await?;
+                halts.extend(broker_halts);
+                mark_halted(&mut hosts, &halts, plan.revision);
                 serde_json::to_string_pretty(&serde_json::json!({
                     "hosts": hosts,
                     "holders": holders,
                 }))
             }
-            None => serde_json::to_string_pretty(&hosts),
+            None => {
+                mark_halted(&mut hosts, &halts, plan.revision);
+                serde_json::to_string_pretty(&hosts)
+            }
         };
         println!("{}", json.context("encoding the status")?);
     } else {
@@ -133,6 +155,19 @@ pub async fn status(ctx: &Context, cluster: &Path, args: StatusArgs) -> crate::R
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Sets [`HostStatus::halted`] on each row of a group that one of `halts` keeps from
+/// being rolled out at `revision` (halted at it or later); the first such halt wins.
+fn mark_halted(hosts: &mut [HostStatus], halts: &[Halt], revision: u64) {
+    for row in hosts {
+        row.halted = row.group.as_ref().and_then(|group| {
+            halts
+                .iter()
+                .find(|h| &h.group == group && h.revision >= revision)
+                .cloned()
+        });
+    }
 }
 
 /// Pings every host of `plan` at once.
@@ -179,6 +214,7 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
             probe: "-".to_string(),
             probes: Vec::new(),
             argv_env: "-".to_string(),
+            halted: None,
         };
         if groups.is_empty() {
             let mut row = base;
@@ -394,6 +430,7 @@ mod tests {
             probe: "-".to_string(),
             probes: Vec::new(),
             argv_env: "-".to_string(),
+            halted: None,
         }
     }
 
@@ -486,6 +523,42 @@ mod tests {
             table.contains("0 of 1 host/group pair(s) run their desired version (or, in a stopped group, do not run it)"),
             "{table}"
         );
+    }
+
+    fn halt(group: &str, revision: u64) -> Halt {
+        Halt {
+            group: group.to_string(),
+            revision,
+            release: "pong".to_string(),
+            version: "3".to_string(),
+            host: "a-1".to_string(),
+            reason: "exited with code 3, rolled back".to_string(),
+            since_ms: 1_000,
+        }
+    }
+
+    #[test]
+    fn rows_of_a_halted_group_carry_the_halt_and_others_null() {
+        let mut hosts = vec![
+            row("a-1", Some("web")),
+            row("a-1", Some("metrics")),
+            row("b-1", None),
+        ];
+        let halts = [halt("web", 4), halt("metrics", 3)];
+        mark_halted(&mut hosts, &halts, 4);
+        assert_eq!(hosts[0].halted, Some(halt("web", 4)));
+        assert_eq!(hosts[1].halted, None, "halted at an older revision: over");
+        assert_eq!(hosts[2].halted, None, "a waiting host has no group");
+
+        let json = serde_json::to_value(&hosts).expect("json");
+        assert_eq!(json[0]["halted"]["revision"], 4);
+        assert_eq!(
+            json[0]["halted"]["reason"],
+            "exited with code 3, rolled back"
+        );
+        assert_eq!(json[0]["halted"]["since_ms"], 1_000);
+        assert!(json[1]["halted"].is_null(), "{json}");
+        assert!(json[2]["halted"].is_null(), "{json}");
     }
 
     #[test]

@@ -29,7 +29,18 @@
 //! # or an HTTP probe, 3 consecutive passes of every probe:
 //! # health = { http = 8080, path = "/health", passes = 3, min_up_secs = 5 }
 //! drain = { http = 8080, path = "/drain", timeout_secs = 10 }  # optional
+//! restarted_at = "2026-11-29T12:00:00Z"   # optional: restart what runs since before
 //! ```
+//!
+//! `restarted_at` (RFC 3339) asks for a rolling cold restart, as `kubectl rollout
+//! restart` does with its `restartedAt` annotation: every host whose release has run
+//! since before that instant is restarted once (canaries, `max_in_flight`, the health
+//! gate), by `erel deploy` and by the daemons. A release's start is the master's clock
+//! less the agent's up time, so no state is kept and host clocks do not matter. An
+//! instant more than [`RESTARTED_AT_MAX_AHEAD`] ahead of the master's clock is refused:
+//! it would be a restart scheduled for later, which the daemons would carry out at an
+//! unforeseen moment; an instant slightly ahead (clocks of the writer and the master
+//! apart) takes effect once the master's clock reaches it.
 //!
 //! A host may belong to several groups (`groups = [...]`), each running its own
 //! release on it; two groups of one host may not name the same release. A host in no
@@ -76,6 +87,9 @@ pub(crate) const DEFAULT_DRAIN_PATH: &str = "/drain";
 pub(crate) const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 10;
 /// Seconds between SIGTERM and SIGKILL when the group says nothing.
 pub(crate) const DEFAULT_STOP_GRACE_SECS: u64 = 10;
+/// How far ahead of the master's clock `restarted_at` may be: the clocks of whoever
+/// wrote the file and of the master may differ by this much.
+pub(crate) const RESTARTED_AT_MAX_AHEAD: Duration = Duration::from_secs(5 * 60);
 
 /// Where the archives a cluster file names are found and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +165,10 @@ pub(crate) struct GroupPlan {
     pub(crate) state: GroupState,
     /// The request that drains a running release before it is stopped, if any.
     pub(crate) drain: Option<Drain>,
+    /// `restarted_at`: every host whose release has run since before this instant (UTC)
+    /// is given a rolling cold restart, once the instant has come (see
+    /// [`crate::rollout::decide::restart_due`]).
+    pub(crate) restarted_at: Option<time::OffsetDateTime>,
 }
 
 /// `state = "running" | "stopped"`: what the group's release does on its hosts.

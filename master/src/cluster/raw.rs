@@ -52,6 +52,8 @@ pub(super) struct RawGroup {
     pub max_failed: Option<u32>,
     pub state: Option<String>,
     pub drain: Option<RawDrain>,
+    /// An RFC 3339 instant: releases running since before it are restarted.
+    pub restarted_at: Option<String>,
 }
 
 /// `health = { http, path, passes, tcp, min_up_secs, deadline_secs }`.

@@ -782,3 +782,68 @@ fn wrong_health_and_drain_keys_are_refused_by_name() {
         assert_mentions(&error, parts);
     }
 }
+
+#[test]
+fn restarted_at_is_an_rfc3339_instant_not_far_ahead_of_the_clock() {
+    let fx = Fixture::new();
+    let plan = fx.parse(&fx.text()).expect("valid");
+    assert_eq!(plan.groups["web"].restarted_at, None, "default: no restart");
+
+    let text = fx.text().replace(
+        "canaries = 1\n",
+        "canaries = 1\nrestarted_at = \"2026-11-29T13:00:00+01:00\"\n",
+    );
+    let plan = fx.parse(&text).expect("valid");
+    let at = plan.groups["web"].restarted_at.expect("read");
+    assert_eq!(at.offset(), time::UtcOffset::UTC, "kept in UTC");
+    assert_eq!(at.unix_timestamp(), 1_795_953_600, "2026-11-29T12:00:00Z");
+
+    let error = fx.error_with(
+        "canaries = 1\n",
+        "canaries = 1\nrestarted_at = \"2026-11-29 noon\"\n",
+    );
+    assert_mentions(
+        &error,
+        &[
+            FILE,
+            "group.web.restarted_at",
+            "'2026-11-29 noon'",
+            "RFC 3339",
+        ],
+    );
+    let error = fx.error_with(
+        "canaries = 1\n",
+        "canaries = 1\nrestarted_at = \"2999-01-01T00:00:00Z\"\n",
+    );
+    assert_mentions(
+        &error,
+        &[
+            FILE,
+            "group.web.restarted_at",
+            "'2999-01-01T00:00:00Z'",
+            "ahead",
+        ],
+    );
+}
+
+#[test]
+fn restarted_at_may_be_a_few_minutes_ahead_for_clocks_apart_and_no_more() {
+    let now = time::OffsetDateTime::from_unix_timestamp(1_795_953_600).expect("an instant");
+    let ahead = |secs: u64| {
+        let at = now + Duration::from_secs(secs);
+        let text = at
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("format");
+        validate::restarted_at(&text, now)
+    };
+    let limit = RESTARTED_AT_MAX_AHEAD.as_secs();
+    assert!(ahead(0).is_ok(), "now");
+    assert!(ahead(limit).is_ok(), "at the limit");
+    let why = ahead(limit + 1).expect_err("beyond the limit");
+    assert!(
+        why.contains("more than 5 minutes ahead") && why.contains("2026-11-29T12:00:00Z"),
+        "{why}"
+    );
+    let past = validate::restarted_at("2020-01-01T00:00:00Z", now).expect("the past is fine");
+    assert!(past < now);
+}

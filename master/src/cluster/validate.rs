@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use erel_proto::text::floor_char_boundary;
 use erel_proto::Sha256;
+use time::format_description::well_known::Rfc3339;
+use time::{OffsetDateTime, UtcOffset};
 
 use super::contents::{release_versions, MAX_ENTRIES};
 use super::raw::{RawCluster, RawGroup, RawHost, RawPort};
@@ -13,6 +15,7 @@ use super::{
     Archive, ArchiveLookup, Drain, GroupPlan, GroupState, Health, HostPlan, HttpProbe, Plan,
     TcpProbe, DEFAULT_DEADLINE_SECS, DEFAULT_DRAIN_PATH, DEFAULT_DRAIN_TIMEOUT_SECS,
     DEFAULT_HEALTH_PATH, DEFAULT_MIN_UP_SECS, DEFAULT_PASSES, DEFAULT_STOP_GRACE_SECS,
+    RESTARTED_AT_MAX_AHEAD,
 };
 use crate::digest_cache::sha256_file;
 use crate::error::{Error, Result};
@@ -295,6 +298,14 @@ fn group_plan(
         }
     }
 
+    let restarted_at = match &group.restarted_at {
+        None => None,
+        Some(text) => Some(
+            restarted_at(text, OffsetDateTime::now_utc())
+                .map_err(|why| fault.at(field("restarted_at"), why))?,
+        ),
+    };
+
     let archive = archive(fault, name, group, lookup)?;
     Ok(GroupPlan {
         name: name.to_string(),
@@ -311,7 +322,30 @@ fn group_plan(
         max_failed,
         state,
         drain,
+        restarted_at,
     })
+}
+
+/// `restarted_at`: an RFC 3339 instant (RFC 3339 section 5.6, as `time`'s `Rfc3339`
+/// reads it, any offset), kept in UTC, at most [`RESTARTED_AT_MAX_AHEAD`] ahead of
+/// `now`. `Err` says what is wrong with `text`.
+pub(super) fn restarted_at(
+    text: &str,
+    now: OffsetDateTime,
+) -> std::result::Result<OffsetDateTime, String> {
+    let at = OffsetDateTime::parse(text, &Rfc3339).map_err(|e| {
+        format!("'{text}' is not an RFC 3339 instant such as \"2026-11-29T12:00:00Z\": {e}")
+    })?;
+    let at = at.to_offset(UtcOffset::UTC);
+    if at - now > RESTARTED_AT_MAX_AHEAD {
+        let now = now.format(&Rfc3339).unwrap_or_else(|_| now.to_string());
+        return Err(format!(
+            "'{text}' is more than {} minutes ahead of this master's clock ({now}): \
+             write the instant the restart is asked at, such as the time of writing",
+            RESTARTED_AT_MAX_AHEAD.as_secs() / 60
+        ));
+    }
+    Ok(at)
 }
 
 fn health(fault: &Fault<'_>, name: &str, group: &RawGroup) -> Result<Health> {

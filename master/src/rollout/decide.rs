@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use erel_proto::{ErrorKind, ReleaseState, ReleaseStatus, Request};
 use serde::Serialize;
+use time::OffsetDateTime;
 
 use super::{HostFailure, HostPhase};
 use crate::client::TRANSFER_STALL_TIMEOUT;
@@ -168,6 +169,50 @@ pub fn assess_restart(status: Option<&ReleaseStatus>, version: &str) -> Assessme
             was_running: status.desired_running || status.state == ReleaseState::Running,
         }),
         staged: status.versions.iter().any(|v| v == version),
+    }
+}
+
+/// Whether the group's `restarted_at` asks for a restart of the release whose `Ping`
+/// status is `status` (see [`assess_restart`] for the restart itself): it runs `version`,
+/// the agent reports how long it has been up (`up_secs`), and it started before
+/// `restarted_at`, its start being the master's `now` (when the agent answered) less
+/// that up time, so host clocks play no part. Nothing is due before `now` reaches
+/// `restarted_at`: a host restarted before that instant would otherwise be restarted
+/// again at every pass until then. Modelled on `kubectl rollout restart`, which sets a
+/// `restartedAt` annotation; here the start of each release is compared with it, so no
+/// state is kept and every master decides alike.
+pub fn restart_due(
+    status: Option<&ReleaseStatus>,
+    version: &str,
+    restarted_at: OffsetDateTime,
+    now: OffsetDateTime,
+) -> bool {
+    let Some(status) = status else {
+        return false;
+    };
+    let runs_desired = status.version.as_deref() == Some(version)
+        && status.state == ReleaseState::Running
+        && status.desired_running;
+    let Some(up_secs) = status.up_secs.filter(|_| runs_desired) else {
+        return false;
+    };
+    if now < restarted_at {
+        return false;
+    }
+    let up = time::Duration::seconds(i64::try_from(up_secs).unwrap_or(i64::MAX));
+    now.checked_sub(up)
+        .is_none_or(|started| started < restarted_at)
+}
+
+impl Assessment {
+    /// Whether this switch starts `version` again on a host that ran it (a restart in
+    /// place, [`assess_restart`]): a failed one returns by starting `version` once more
+    /// ([`HostSwitch::begin_restart`]).
+    pub fn restarts_in_place(&self, version: &str) -> bool {
+        matches!(
+            self,
+            Assessment::Switch { previous: Some(p), .. } if p.version == version && p.was_running
+        )
     }
 }
 
@@ -1619,6 +1664,57 @@ mod tests {
                 staged: false
             }
         );
+    }
+
+    /// An instant `secs` seconds after a fixed one (2026-11-29T12:00:00Z).
+    fn at(secs: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_795_953_600 + secs).expect("an instant")
+    }
+
+    #[test]
+    fn restarted_at_restarts_a_release_started_before_it_and_nothing_else() {
+        let restarted_at = at(0);
+        // Up 600s at +60s: started at -540s, before the instant: due.
+        let before = status("0.2.0", ReleaseState::Running, 600);
+        assert!(restart_due(Some(&before), "0.2.0", restarted_at, at(60)));
+        // Up 30s at +60s: started at +30s, after it: up to date.
+        let after = status("0.2.0", ReleaseState::Running, 30);
+        assert!(!restart_due(Some(&after), "0.2.0", restarted_at, at(60)));
+        // Started exactly at the instant: up to date (restarted at it, not before).
+        let exactly = status("0.2.0", ReleaseState::Running, 60);
+        assert!(!restart_due(Some(&exactly), "0.2.0", restarted_at, at(60)));
+        // No up time reported: nothing runs to be restarted.
+        let mut no_up = status("0.2.0", ReleaseState::Running, 0);
+        no_up.up_secs = None;
+        assert!(!restart_due(Some(&no_up), "0.2.0", restarted_at, at(60)));
+        // Not the group's version, not running, not known: a deploy starts it anyway.
+        assert!(!restart_due(Some(&before), "0.3.0", restarted_at, at(60)));
+        let exited = status(
+            "0.2.0",
+            ReleaseState::Exited {
+                code: Some(1),
+                signal: None,
+            },
+            600,
+        );
+        assert!(!restart_due(Some(&exited), "0.2.0", restarted_at, at(60)));
+        assert!(!restart_due(None, "0.2.0", restarted_at, at(60)));
+        // The instant has not come on this master's clock: not yet, or a host restarted
+        // now would be due again at every pass until then.
+        assert!(!restart_due(Some(&before), "0.2.0", restarted_at, at(-1)));
+        // An up time beyond any clock still counts as started before.
+        let ancient = status("0.2.0", ReleaseState::Running, u64::MAX);
+        assert!(restart_due(Some(&ancient), "0.2.0", restarted_at, at(60)));
+    }
+
+    #[test]
+    fn only_a_switch_back_to_the_same_version_is_a_restart_in_place() {
+        let s = status("0.2.0", ReleaseState::Running, 600);
+        assert!(assess_restart(Some(&s), "0.2.0").restarts_in_place("0.2.0"));
+        let older = status("0.1.0", ReleaseState::Running, 600);
+        assert!(!assess(Some(&older), "0.2.0", &health(None), None).restarts_in_place("0.2.0"));
+        assert!(!assess_restart(None, "0.2.0").restarts_in_place("0.2.0"));
+        assert!(!Assessment::UpToDate.restarts_in_place("0.2.0"));
     }
 
     #[test]

@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 
 use super::decide::{
-    assess, assess_restart, halt_reason, phase_budget, rollback_target, wants_probe, Action,
-    Assessment, GroupSchedule, HostSwitch, Observed, StageAction, Staging,
+    assess, assess_restart, halt_reason, phase_budget, restart_due, rollback_target, wants_probe,
+    Action, Assessment, GroupSchedule, HostSwitch, Observed, StageAction, Staging,
 };
 use super::health::{drain_before_stop, probe_all, release_status, watch_health};
 use super::{
@@ -780,6 +780,7 @@ async fn inspect(ctx: &GroupCtx, host: &HostPlan) -> std::result::Result<Inspect
         .ping(phase_budget(HostPhase::Pinging, &ctx.group))
         .await
         .map_err(|e| HostFailure::new(HostPhase::Pinging, unreachable(host, &e)))?;
+    let answered_at = time::OffsetDateTime::now_utc();
     let status = release_status(&pong.releases, &ctx.group.release);
     let version = ctx.group.version.clone();
     match ctx.shared.options.operation {
@@ -799,6 +800,14 @@ async fn inspect(ctx: &GroupCtx, host: &HostPlan) -> std::result::Result<Inspect
         None
     };
     let assessment = assess(status, &version, &ctx.group.health, probe_ok);
+    let restart = assessment == Assessment::UpToDate
+        && ctx
+            .group
+            .restarted_at
+            .is_some_and(|at| restart_due(status, &version, at, answered_at));
+    if restart {
+        return Ok((session, assess_restart(status, &version), version));
+    }
     Ok((session, assessment, version))
 }
 
@@ -872,9 +881,12 @@ async fn switch_host(
         }
     };
     let group = &ctx.group;
-    let (mut machine, mut action) = match ctx.shared.options.operation {
-        Operation::Restart => HostSwitch::begin_restart(assessment, version),
-        _ => HostSwitch::begin(assessment, version),
+    let restart =
+        ctx.shared.options.operation == Operation::Restart || assessment.restarts_in_place(version);
+    let (mut machine, mut action) = if restart {
+        HostSwitch::begin_restart(assessment, version)
+    } else {
+        HostSwitch::begin(assessment, version)
     };
     let mut reported = None;
     loop {

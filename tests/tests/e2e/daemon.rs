@@ -2,7 +2,8 @@
 //! release crashes at boot is tried once, the group stays halted at it (shown by
 //! `erel status`, published as an event), and a newer revision or a retry ends the
 //! halt; a manual `erel deploy` on groups a daemon holds is refused naming it, and runs
-//! with `--take-over`, after which the daemon acts again.
+//! with `--take-over`, after which the daemon acts again. A revision with `restarted_at`
+//! restarts each host once, by both daemons and by `erel deploy` alike.
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -152,6 +153,27 @@ fn daemon_tries_a_broken_revision_once_halts_the_group_and_applies_a_newer_one()
         text.contains("rolled back"),
         "whether it was rolled back: {text}"
     );
+    // `erel status --json` gives each row of the group the halt record.
+    let out = erel_on(&fleet, &cluster, &["status", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", output_text(&out)));
+    let rows = rows.as_array().expect("an array of hosts");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for row in rows {
+        let halted = &row["halted"];
+        assert_eq!(halted["revision"], 2, "{row}");
+        assert_eq!(halted["version"], "2.5.0", "{row}");
+        assert!(
+            halted["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("rolled back")),
+            "{row}"
+        );
+        assert!(
+            halted["since_ms"].as_u64().is_some_and(|ms| ms > 0),
+            "{row}"
+        );
+    }
     let state = std::fs::read_to_string(fleet.dir.path().join(".erel-state/halted.json"))
         .expect("the halt is kept beside the cluster file");
     assert!(state.contains("\"revision\": 2"), "{state}");
@@ -171,7 +193,230 @@ fn daemon_tries_a_broken_revision_once_halts_the_group_and_applies_a_newer_one()
     );
     let text = output_text(&erel_on(&fleet, &cluster, &["status"]));
     assert!(!text.contains("HALTED"), "{text}");
+    let out = erel_on(&fleet, &cluster, &["status", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        rows.as_array()
+            .is_some_and(|rows| rows.iter().all(|row| row["halted"].is_null())),
+        "{rows}"
+    );
     assert_eq!(starts_of(&fleet, "2.5.0"), 1);
+}
+
+/// How long every host's release must have run before `restarted_at` is written: the
+/// master takes a release's start as its clock less the agent's up time in whole
+/// seconds, up to a second late, so a release started within a second of the instant
+/// could count as started after it.
+const UP_BEFORE_RESTART: u64 = 2;
+
+/// The beat release's up time on each host, in seconds, as its agent reports it.
+fn up_secs(fleet: &Fleet) -> Vec<Option<u64>> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let mut up = Vec::new();
+            for agent in &fleet.agents {
+                let mut client = fleet.pki.connect(agent).await;
+                let pong = client.ping().await.expect("ping");
+                up.push(
+                    pong.releases
+                        .into_iter()
+                        .find(|r| r.name == "beat")
+                        .and_then(|r| r.up_secs),
+                );
+            }
+            up
+        })
+}
+
+/// Waits until every host's release has run [`UP_BEFORE_RESTART`] seconds; its pids.
+fn pids_of_settled_releases(fleet: &Fleet) -> Vec<Vec<i32>> {
+    assert!(
+        wait_until_blocking(NOTICE, || up_secs(fleet)
+            .iter()
+            .all(|up| up.is_some_and(|up| up >= UP_BEFORE_RESTART))),
+        "every release runs: {:?}",
+        up_secs(fleet)
+    );
+    let pids = fleet.release_pids("beat");
+    assert!(pids.iter().all(|p| !p.is_empty()), "{pids:?}");
+    pids
+}
+
+/// A cluster text at `revision` running 1.0.0, with `restarted_at` = now (UTC).
+fn restarted_now(fleet: &Fleet, revision: u64) -> String {
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("format now");
+    let extra = format!("{ONE_AT_A_TIME}\nrestarted_at = \"{now}\"");
+    fleet.config(revision, "1.0.0", &extra)
+}
+
+/// The cluster file at `revision` running 1.0.0, with `restarted_at` = now (UTC).
+fn write_restarted_now(fleet: &Fleet, revision: u64) -> PathBuf {
+    fleet.write("cluster.toml", &restarted_now(fleet, revision))
+}
+
+/// True when every host runs a release whose pids all differ from `before`'s.
+fn all_restarted(fleet: &Fleet, before: &[Vec<i32>]) -> bool {
+    let now = fleet.release_pids("beat");
+    fleet.all_run("1.0.0")
+        && now.len() == before.len()
+        && now
+            .iter()
+            .zip(before)
+            .all(|(now, before)| !now.is_empty() && now.iter().all(|p| !before.contains(p)))
+}
+
+#[test]
+fn daemon_restarts_each_host_once_for_a_revision_with_restarted_at() {
+    let fleet = Fleet::with_beat_releases("restarted-at", &["web", "web"]);
+    let cluster = write_cluster(&fleet, 1, "1.0.0");
+    let daemon = FileDaemon::start(&fleet, &cluster);
+    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || {
+        daemon.0.log()
+    });
+    let before = pids_of_settled_releases(&fleet);
+    let starts = starts_of(&fleet, "1.0.0");
+
+    write_restarted_now(&fleet, 2);
+    assert!(
+        wait_until_blocking(CONVERGE, || all_restarted(&fleet, &before)
+            && daemon.0.log().contains(" converged revision=2")),
+        "every host is restarted: {before:?} -> {:?}\n{}\n{}",
+        fleet.release_pids("beat"),
+        daemon.0.log(),
+        fleet.agent_logs()
+    );
+    let after = fleet.release_pids("beat");
+    assert_eq!(
+        starts_of(&fleet, "1.0.0"),
+        starts + 2,
+        "{}",
+        fleet.agent_logs()
+    );
+
+    // Passes keep coming every interval; each finds the releases started after the
+    // instant. Four intervals, plus the time one pass takes on a busy machine.
+    let passes = FILE_INTERVAL * 4 + Duration::from_secs(2);
+    std::thread::sleep(passes);
+    assert_eq!(
+        fleet.release_pids("beat"),
+        after,
+        "restarted once over {passes:?}\n{}",
+        daemon.0.log()
+    );
+    assert_eq!(
+        starts_of(&fleet, "1.0.0"),
+        starts + 2,
+        "{}",
+        fleet.agent_logs()
+    );
+    assert_eq!(
+        daemon.0.log().matches(" converged revision=2").count(),
+        1,
+        "one pass switched hosts at revision 2\n{}",
+        daemon.0.log()
+    );
+}
+
+#[test]
+fn amqp_daemon_restarts_each_host_once_for_a_revision_with_restarted_at() {
+    let _lock = BrokerLock::shared();
+    let fleet = Fleet::with_beat_releases("amqp-restarted-at", &["web", "web"]);
+    let broker = TestBroker::new("restarted-at", &["web"]);
+    let master = fleet.master(&broker, "m1");
+    let (ok, out) = fleet.publish(&broker, &fleet.config(1, "1.0.0", ONE_AT_A_TIME));
+    assert!(ok, "{out}");
+    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || master.log());
+    let before = pids_of_settled_releases(&fleet);
+    let starts = starts_of(&fleet, "1.0.0");
+
+    let (ok, out) = fleet.publish(&broker, &restarted_now(&fleet, 2));
+    assert!(ok, "{out}");
+    let applied = |log: &str| {
+        log.lines()
+            .filter(|line| line.contains("revision applied") && line.contains("revision=2"))
+            .count()
+    };
+    assert!(
+        wait_until_blocking(CONVERGE, || all_restarted(&fleet, &before)
+            && applied(&master.log()) > 0),
+        "every host is restarted: {before:?} -> {:?}\n{}\n{}",
+        fleet.release_pids("beat"),
+        master.log(),
+        fleet.agent_logs()
+    );
+    let after = fleet.release_pids("beat");
+    assert_eq!(
+        starts_of(&fleet, "1.0.0"),
+        starts + 2,
+        "{}",
+        fleet.agent_logs()
+    );
+
+    // Passes keep coming every interval; each finds the releases started after the
+    // instant. Four intervals, plus the time one pass takes on a busy machine.
+    let passes = MASTER_INTERVAL * 4 + Duration::from_secs(2);
+    std::thread::sleep(passes);
+    assert_eq!(
+        fleet.release_pids("beat"),
+        after,
+        "restarted once over {passes:?}\n{}",
+        master.log()
+    );
+    assert_eq!(
+        starts_of(&fleet, "1.0.0"),
+        starts + 2,
+        "{}",
+        fleet.agent_logs()
+    );
+    assert_eq!(applied(&master.log()), 1, "{}", master.log());
+}
+
+#[test]
+fn deploy_restarts_each_host_once_for_restarted_at() {
+    let fleet = Fleet::with_beat_releases("deploy-restarted-at", &["web", "web"]);
+    let cluster = write_cluster(&fleet, 1, "1.0.0");
+    let out = erel_on(&fleet, &cluster, &["deploy"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let before = pids_of_settled_releases(&fleet);
+    let starts = starts_of(&fleet, "1.0.0");
+
+    write_restarted_now(&fleet, 2);
+    let out = erel_on(&fleet, &cluster, &["deploy"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        all_restarted(&fleet, &before),
+        "{before:?} -> {:?}\n{text}",
+        fleet.release_pids("beat")
+    );
+    assert_eq!(
+        starts_of(&fleet, "1.0.0"),
+        starts + 2,
+        "{}",
+        fleet.agent_logs()
+    );
+
+    // Deployed again, the same file restarts nothing: each release started after it.
+    let after = fleet.release_pids("beat");
+    let out = erel_on(&fleet, &cluster, &["deploy"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("group web: 0 switched, 2 already up to date"),
+        "{text}"
+    );
+    assert_eq!(fleet.release_pids("beat"), after, "{text}");
+    assert_eq!(
+        starts_of(&fleet, "1.0.0"),
+        starts + 2,
+        "{}",
+        fleet.agent_logs()
+    );
 }
 
 #[test]
@@ -309,6 +554,24 @@ fn amqp_daemon_tries_a_broken_revision_once_even_after_a_take_over_and_again_on_
         text.contains("HALTED: group web halted at revision 2 (beat 2.5.0)")
             && text.contains("erel config retry --group web"),
         "{text}"
+    );
+    // With --json, each host row of the group carries the halt the broker keeps.
+    let out = fleet
+        .pki
+        .erel()
+        .arg("--cluster")
+        .arg(&cluster)
+        .args(["status", "--json"])
+        .args(broker.flags())
+        .output()
+        .expect("run erel status --json");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", output_text(&out)));
+    assert!(
+        status["hosts"].as_array().is_some_and(
+            |rows| rows.len() == 2 && rows.iter().all(|row| row["halted"]["revision"] == 2)
+        ),
+        "{status}"
     );
 
     // The halt outlives its master: the next holder reads it and does not try the
