@@ -10,6 +10,7 @@
 //! - [`error`]: the one error type.
 //! - [`metrics`]: the daemon's Prometheus metrics and the endpoint that serves them.
 #![deny(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod amqp;
 pub mod cli;

@@ -67,7 +67,7 @@ fn stop_budget(grace: Duration) -> Duration {
 
 /// The version a host ran before the switch, to return to if the new one fails.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Previous {
+pub(crate) struct Previous {
     /// The version.
     pub version: String,
     /// Whether it ran (or was meant to run): only then does a rollback start it again.
@@ -76,7 +76,7 @@ pub struct Previous {
 
 /// What a host needs to reach the desired version.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Assessment {
+pub(crate) enum Assessment {
     /// It runs the desired version, healthy: nothing to do.
     UpToDate,
     /// It runs the desired version, started moments ago (a deploy interrupted between
@@ -101,7 +101,7 @@ pub enum Assessment {
 /// Decides what a host needs, from its `Ping` status for the release (`None` when the
 /// agent does not know the release) and, when it runs the desired version and the group
 /// has a TCP probe, whether the probe answered.
-pub fn assess(
+pub(crate) fn assess(
     status: Option<&ReleaseStatus>,
     version: &str,
     health: &Health,
@@ -155,7 +155,7 @@ pub fn assess(
 /// it again whatever it runs now, staged first when the host lacks it. The version the
 /// host ran is where a failed restart returns, which for a host that ran `version` is
 /// `version` itself: started once more.
-pub fn assess_restart(status: Option<&ReleaseStatus>, version: &str) -> Assessment {
+pub(crate) fn assess_restart(status: Option<&ReleaseStatus>, version: &str) -> Assessment {
     let Some(status) = status else {
         return Assessment::Switch {
             previous: None,
@@ -176,7 +176,7 @@ pub fn assess_restart(status: Option<&ReleaseStatus>, version: &str) -> Assessme
 /// are listed oldest first, in the order they were unpacked), and the assessment that
 /// switches to it, with the current version as the way back. `Err` says why there is
 /// nothing to go back to.
-pub fn rollback_target(
+pub(crate) fn rollback_target(
     status: Option<&ReleaseStatus>,
     release: &str,
 ) -> Result<(String, Assessment), String> {
@@ -314,7 +314,7 @@ impl std::fmt::Display for VerdictKind {
 
 /// What one look at a freshly started release says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Up long enough, unrestarted, and every probe (if any) passed `passes` times in a
     /// row; on what evidence.
     Healthy(Evidence),
@@ -342,7 +342,7 @@ pub enum Verdict {
 impl Verdict {
     /// The verdict reached, with its evidence; `None` for [`Verdict::Wait`] and
     /// [`Verdict::Lost`] (no verdict on the release itself).
-    pub fn evidence(&self) -> Option<(VerdictKind, &Evidence)> {
+    pub(crate) fn evidence(&self) -> Option<(VerdictKind, &Evidence)> {
         match self {
             Verdict::Healthy(evidence) => Some((VerdictKind::Healthy, evidence)),
             Verdict::Unhealthy { evidence, .. } => Some((VerdictKind::Unhealthy, evidence)),
@@ -355,11 +355,11 @@ impl Verdict {
 /// Consecutive looks at which every configured probe passed: a look with a failing
 /// probe resets the count to 0; a look at which no probe was due leaves it as it is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PassCount(u32);
+pub(crate) struct PassCount(u32);
 
 impl PassCount {
     /// Counts one look's probe answers; the count after it.
-    pub fn record(&mut self, answers: &[ProbeAnswer]) -> u32 {
+    pub(crate) fn record(&mut self, answers: &[ProbeAnswer]) -> u32 {
         if answers.is_empty() {
             return self.0;
         }
@@ -374,7 +374,7 @@ impl PassCount {
 
 /// One observation of a release being verified.
 #[derive(Debug, Clone, Copy)]
-pub struct Observation<'a> {
+pub(crate) struct Observation<'a> {
     /// Why the agent could not be asked, when `Ping` failed.
     pub lost: Option<&'a str>,
     /// The release's status from `Ping`; `None` when the agent no longer reports it.
@@ -392,7 +392,7 @@ pub struct Observation<'a> {
 
 impl Observation<'_> {
     /// The evidence this look gives, against `health`.
-    pub fn evidence(&self, health: &Health) -> Evidence {
+    pub(crate) fn evidence(&self, health: &Health) -> Evidence {
         Evidence {
             probes: self.probes.to_vec(),
             passes: self.passes,
@@ -409,7 +409,12 @@ impl Observation<'_> {
 /// fails at once when it exits, restarts or another version runs; it is healthy once
 /// up `min_up` and (with a probe) every probe passed `passes` looks in a row; it fails
 /// when the deadline comes first. Every verdict carries its [`Evidence`].
-pub fn verify(observation: &Observation<'_>, version: &str, pid: u32, health: &Health) -> Verdict {
+pub(crate) fn verify(
+    observation: &Observation<'_>,
+    version: &str,
+    pid: u32,
+    health: &Health,
+) -> Verdict {
     if let Some(why) = observation.lost {
         return Verdict::Lost(format!("lost the agent while verifying: {why}"));
     }
@@ -566,7 +571,7 @@ impl RetryPolicy {
 /// order as slots free up, so the bound holds at every instant and the group never
 /// waits for the slowest host of a batch.
 #[derive(Debug, Clone)]
-pub struct GroupSchedule {
+pub(crate) struct GroupSchedule {
     canaries: VecDeque<String>,
     rest: VecDeque<String>,
     canaries_in_flight: BTreeSet<String>,
@@ -579,7 +584,7 @@ pub struct GroupSchedule {
 
 impl GroupSchedule {
     /// A schedule for `hosts` (in order) needing a switch, halting at the first failure.
-    pub fn new(hosts: Vec<String>, canaries: usize, max_in_flight: usize) -> Self {
+    pub(crate) fn new(hosts: Vec<String>, canaries: usize, max_in_flight: usize) -> Self {
         let mut rest: VecDeque<String> = hosts.into();
         let canaries: VecDeque<String> = rest.drain(..canaries.min(rest.len())).collect();
         GroupSchedule {
@@ -595,13 +600,13 @@ impl GroupSchedule {
     }
 
     /// The same schedule, halting only once more than `max_failed` hosts failed.
-    pub fn with_max_failed(mut self, max_failed: usize) -> Self {
+    pub(crate) fn with_max_failed(mut self, max_failed: usize) -> Self {
         self.max_failed = max_failed;
         self
     }
 
     /// The hosts to begin now; they count as in flight until [`Self::finish`].
-    pub fn begin_next(&mut self) -> Vec<String> {
+    pub(crate) fn begin_next(&mut self) -> Vec<String> {
         let mut begin = Vec::new();
         while !self.halted && self.in_flight.len() < self.max_in_flight {
             let host = if let Some(host) = self.canaries.pop_front() {
@@ -623,7 +628,7 @@ impl GroupSchedule {
 
     /// Records how a host in flight ended. A failed canary halts the group; another
     /// failed host spends the failure budget. True when the group halted just now.
-    pub fn finish(&mut self, host: &str, ok: bool) -> bool {
+    pub(crate) fn finish(&mut self, host: &str, ok: bool) -> bool {
         let canary = self.canaries_in_flight.remove(host);
         self.in_flight.remove(host);
         if ok {
@@ -641,7 +646,7 @@ impl GroupSchedule {
     /// ahead of its turn, a switch after the canaries): the host is never begun again,
     /// and the group halts once the failures exceed the budget. True when the group
     /// halted just now.
-    pub fn fail(&mut self, host: &str) -> bool {
+    pub(crate) fn fail(&mut self, host: &str) -> bool {
         self.in_flight.remove(host);
         self.canaries_in_flight.remove(host);
         self.canaries.retain(|h| h != host);
@@ -655,36 +660,36 @@ impl GroupSchedule {
     }
 
     /// Hosts failed so far.
-    pub fn failed(&self) -> usize {
+    pub(crate) fn failed(&self) -> usize {
         self.failed
     }
 
     /// The failure budget: hosts that may fail before the group halts.
-    pub fn max_failed(&self) -> usize {
+    pub(crate) fn max_failed(&self) -> usize {
         self.max_failed
     }
 
     /// Whether failures halted the group.
     #[cfg(test)]
-    pub fn is_halted(&self) -> bool {
+    pub(crate) fn is_halted(&self) -> bool {
         self.halted
     }
 
     /// Hosts in flight now.
     #[cfg(test)]
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.len()
     }
 
     /// True once nothing is in flight and nothing more will begin.
-    pub fn is_finished(&self) -> bool {
+    pub(crate) fn is_finished(&self) -> bool {
         self.in_flight.is_empty()
             && (self.halted || (self.canaries.is_empty() && self.rest.is_empty()))
     }
 
     /// Hosts that never began (after a halt), in order.
     #[cfg(test)]
-    pub fn untouched(&self) -> Vec<String> {
+    pub(crate) fn untouched(&self) -> Vec<String> {
         self.canaries
             .iter()
             .chain(self.rest.iter())
@@ -694,7 +699,7 @@ impl GroupSchedule {
 }
 
 /// Why a group halted, in the words of reports: the failure that spent the budget.
-pub fn halt_reason(failure: &str, schedule: &GroupSchedule) -> String {
+pub(crate) fn halt_reason(failure: &str, schedule: &GroupSchedule) -> String {
     if schedule.max_failed() == 0 {
         failure.to_string()
     } else {
@@ -708,7 +713,7 @@ pub fn halt_reason(failure: &str, schedule: &GroupSchedule) -> String {
 
 /// How long to look again for the output of a release found unhealthy, when the look
 /// that failed it showed none: a release that has not written anything yet.
-pub fn output_tail_wait(observation: &Observation<'_>) -> Option<Duration> {
+pub(crate) fn output_tail_wait(observation: &Observation<'_>) -> Option<Duration> {
     let tail = observation.status.map(|s| s.output_tail.as_str());
     tail.unwrap_or_default()
         .trim()
@@ -718,20 +723,20 @@ pub fn output_tail_wait(observation: &Observation<'_>) -> Option<Duration> {
 
 /// Whether a host's release must answer its TCP probe before it counts as up to date:
 /// only a release that runs the desired version is probed.
-pub fn wants_probe(status: Option<&ReleaseStatus>, version: &str) -> bool {
+pub(crate) fn wants_probe(status: Option<&ReleaseStatus>, version: &str) -> bool {
     status
         .is_some_and(|s| s.version.as_deref() == Some(version) && s.state == ReleaseState::Running)
 }
 
 /// Whether a release up for `up` is probed now: not before `min_up`, when a verdict
 /// could not be reached anyway.
-pub fn probe_due(up: Duration, health: &Health) -> bool {
+pub(crate) fn probe_due(up: Duration, health: &Health) -> bool {
     up >= health.min_up
 }
 
 /// What the driver is to do next for a host being staged.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StageAction {
+pub(crate) enum StageAction {
     /// Send the archive (`WriteFile`; nothing is sent when the agent has it).
     Push,
     /// Unpack the archive into the version's directory.
@@ -746,7 +751,7 @@ pub enum StageAction {
 /// agent answers from its marker, without the archive); one the agent lacks the archive
 /// for ([`Observed::Missing`]) is pushed, then unpacked.
 #[derive(Debug, Clone)]
-pub struct Staging {
+pub(crate) struct Staging {
     pushed: bool,
     last: StageAction,
 }
@@ -754,7 +759,7 @@ pub struct Staging {
 impl Staging {
     /// Staging for a host whose assessment says whether the version is `staged`, and
     /// its first action.
-    pub fn begin(staged: bool) -> (Self, StageAction) {
+    pub(crate) fn begin(staged: bool) -> (Self, StageAction) {
         let first = if staged {
             StageAction::Unpack
         } else {
@@ -768,7 +773,7 @@ impl Staging {
     }
 
     /// The next action, given what the last one gave.
-    pub fn next(&mut self, observed: Observed) -> StageAction {
+    pub(crate) fn next(&mut self, observed: Observed) -> StageAction {
         let next = match (&self.last, observed) {
             (StageAction::Push, Observed::Ok) => StageAction::Unpack,
             (StageAction::Unpack, Observed::Ok) => StageAction::Staged,
@@ -791,7 +796,7 @@ impl Staging {
 
 /// What the driver is to do next for a host being switched.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Stop the release (the old version, or the failed new one in a rollback).
     Stop,
     /// Start `version`.
@@ -819,7 +824,7 @@ pub enum Action {
 
 /// What performing the last [`Action`] gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Observed {
+pub(crate) enum Observed {
     /// It succeeded (stopped, pushed, unpacked, or proved healthy).
     Ok,
     /// The agent lacks what the command needs (the archive to unpack): why.
@@ -837,7 +842,7 @@ pub enum Observed {
 
 impl Observed {
     /// A failure without output.
-    pub fn failed(reason: impl std::fmt::Display) -> Self {
+    pub(crate) fn failed(reason: impl std::fmt::Display) -> Self {
         Observed::Failed {
             reason: reason.to_string(),
             output_tail: String::new(),
@@ -861,7 +866,7 @@ enum Step {
 /// failure stop new → start old → verify old. Each [`Observed`] gives the next
 /// [`Action`]; no I/O here, the driver performs the actions.
 #[derive(Debug, Clone)]
-pub struct HostSwitch {
+pub(crate) struct HostSwitch {
     step: Step,
     desired: String,
     previous: Option<Previous>,
@@ -872,7 +877,7 @@ pub struct HostSwitch {
 
 impl HostSwitch {
     /// The machine for a host assessed as `assessment`, and its first action.
-    pub fn begin(assessment: Assessment, desired: &str) -> (Self, Action) {
+    pub(crate) fn begin(assessment: Assessment, desired: &str) -> (Self, Action) {
         let mut machine = HostSwitch {
             step: Step::StopOld,
             desired: desired.to_string(),
@@ -907,14 +912,14 @@ impl HostSwitch {
     /// The machine for a rolling restart of `version` (see [`assess_restart`]): like
     /// [`Self::begin`], but a failed restart of a host that ran `version` is rolled back
     /// by starting `version` once more, and its failure says so.
-    pub fn begin_restart(assessment: Assessment, version: &str) -> (Self, Action) {
+    pub(crate) fn begin_restart(assessment: Assessment, version: &str) -> (Self, Action) {
         let (mut machine, action) = HostSwitch::begin(assessment, version);
         machine.restart = true;
         (machine, action)
     }
 
     /// The phase the host is in, as events report it.
-    pub fn phase(&self) -> HostPhase {
+    pub(crate) fn phase(&self) -> HostPhase {
         match self.step {
             Step::StopOld => HostPhase::Stopping,
             Step::StartNew => HostPhase::Starting,
@@ -925,7 +930,7 @@ impl HostSwitch {
     }
 
     /// The next action, given what the last one gave.
-    pub fn next(&mut self, observed: Observed) -> Action {
+    pub(crate) fn next(&mut self, observed: Observed) -> Action {
         let step = self.step;
         match (step, observed) {
             (Step::StopOld, Observed::Ok) => {
