@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::client::retry::{Retry, RetryPolicy};
 use crate::client::{gave_up, stop_request, unpack_request, HostSession, Progress, WriteSource};
 use crate::cluster::{GroupPlan, GroupState, HostPlan};
 use crate::digest_cache::{DigestCache, FileStamp};
 use crate::error::{Result, ResultExt as _};
-use crate::rollout::decide::{Retry, RetryPolicy};
 use crate::{Error, HostAddr};
 use clap::Args;
 use erel_proto::{

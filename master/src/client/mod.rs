@@ -1,11 +1,13 @@
 //! The master's typed client for one agent: connect, handshake, and one exchange per
 //! command. Every phase runs under its own timeout (connect, handshake, each answer,
-//! whose bound [`crate::rollout::decide`] gives; a transfer's stall), none wrapped around
-//! another, and every failure names the host. An exchange is tried once: `session`
-//! holds the [`Connector`], the one way to open connections, and the [`HostSession`]
-//! that tries a command again as the one retry policy says; `write_file` the resumable
-//! transfer.
+//! whose bound `budget` gives; a transfer's stall), none wrapped around another, and
+//! every failure names the host. An exchange is tried once: `retry` says when a
+//! failed command is tried again, `session` holds the [`Connector`], the one way to
+//! open connections, and the [`HostSession`] that tries a command again as that policy
+//! says; `write_file` the resumable transfer.
 
+pub(crate) mod budget;
+pub(crate) mod retry;
 mod session;
 mod write_file;
 
@@ -24,8 +26,10 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::error::{Error, Result};
-use crate::rollout::decide::{answer_budget, Retry, RetryPolicy};
+use budget::answer_budget;
+use retry::{Retry, RetryPolicy};
 
+pub(crate) use retry::gave_up;
 pub use session::Connector;
 pub(crate) use session::{HostSession, DEFAULT_CONNECT_TIMEOUT};
 pub use write_file::{Progress, WriteSource};
@@ -251,7 +255,7 @@ impl AgentClient {
 
     /// Sends `request` and reads its answer, of type `A`, within `limit`; an agent error
     /// (`Busy` included) becomes [`Error::Agent`]. Nothing is retried here: a rollout's
-    /// [`HostSession`] retries as [`crate::rollout::decide::RetryPolicy`] says.
+    /// [`HostSession`] retries as [`RetryPolicy`] says.
     pub(crate) async fn exchange<A: Answer>(
         &mut self,
         request: Request,
@@ -338,24 +342,6 @@ fn queue_close_notify(stream: &mut TlsStream<TcpStream>) {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
-    }
-}
-
-/// The error a retried command ends with: a `Busy` waited out for a second or more
-/// says for how long.
-pub(crate) fn gave_up(error: Error, waited: Duration) -> Error {
-    match error {
-        Error::Agent { host, mut reply }
-            if reply.kind == erel_proto::ErrorKind::Busy && waited >= Duration::from_secs(1) =>
-        {
-            reply.message = format!(
-                "{} (still so after retrying for {} s)",
-                reply.message,
-                waited.as_secs()
-            );
-            Error::Agent { host, reply }
-        }
-        other => other,
     }
 }
 
@@ -468,30 +454,5 @@ mod tests {
             let err = bad.parse::<HostAddr>().unwrap_err().to_string();
             assert!(err.contains(bad), "{bad}: {err}");
         }
-    }
-
-    #[test]
-    fn a_busy_waited_out_says_for_how_long() {
-        use erel_proto::{ErrorKind, ErrorReply};
-        let agent = |kind, message: &str| Error::Agent {
-            host: "web-1".into(),
-            reply: ErrorReply::new(kind, message),
-        };
-        let err = gave_up(
-            agent(ErrorKind::NotFound, "archive not found: a"),
-            Duration::from_secs(60),
-        );
-        assert_eq!(err.to_string(), "web-1: archive not found: a");
-        let err = gave_up(
-            agent(ErrorKind::Busy, "another request is working on a"),
-            Duration::from_secs(60),
-        );
-        let text = err.to_string();
-        assert!(
-            text.starts_with(
-                "web-1: busy: another request is working on a (still so after retrying for 60 s)"
-            ),
-            "{text}"
-        );
     }
 }

@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use erel_proto::{Ping, Pong, Request, Sha256, Start, Started, Stopped, Unpacked, Written};
 
+use super::budget::answer_budget;
+use super::retry::{Retry, RetryPolicy};
 use super::{
     gave_up, stop_request, unpack_request, AgentClient, Answer, HostAddr, PhaseTimeouts,
     WriteSource,
 };
 use crate::error::{Error, Result};
-use crate::rollout::decide::{answer_budget, Retry, RetryPolicy};
 
 /// How long each phase of opening a connection (TCP; TLS and `Hello`) may take by
 /// default: the one default, for a rollout, where an unreachable host must not hold up

@@ -4,36 +4,28 @@
 //! there, push what is missing), the per-host switch as a state machine ([`HostSwitch`]:
 //! each observation gives the next action, rollback included), whether a freshly started
 //! release is healthy yet ([`verify`]), how long each phase may take ([`phase_budget`],
-//! [`Health::deadline`] for verification), when a failed command is tried again
-//! ([`RetryPolicy`]), and which hosts of a group may switch now, halting once the
-//! failures spend the group's budget, `max_failed` ([`GroupSchedule`]). No I/O here: the driver observes, these decide, the
-//! driver acts.
+//! [`Health::deadline`] for verification), and which hosts of a group may switch now,
+//! halting once the failures spend the group's budget, `max_failed`
+//! ([`GroupSchedule`]). No I/O here: the driver observes, these decide, the driver acts.
+//! When a failed command is tried again is the client's
+//! ([`crate::client::retry::RetryPolicy`]).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
-use erel_proto::{ErrorKind, ReleaseState, ReleaseStatus, Request};
+use erel_proto::{ReleaseState, ReleaseStatus};
 use serde::Serialize;
 
 use super::{HostFailure, HostPhase};
-use crate::client::TRANSFER_STALL_TIMEOUT;
+use crate::client::budget::{stop_budget, PING_BUDGET, START_BUDGET, UNPACK_BUDGET};
 use crate::cluster::{GroupPlan, Health};
-use crate::error::Error;
 
-/// How long an agent may take to answer `Ping` (a look, in every phase that looks).
-pub(crate) const PING_BUDGET: Duration = Duration::from_secs(15);
-/// How long an agent may take to unpack an archive: large archives on slow disks.
-const UNPACK_BUDGET: Duration = Duration::from_secs(600);
-/// How long an agent may take to start a release: it may first stop another version.
-const START_BUDGET: Duration = Duration::from_secs(120);
-/// How long beyond the stop grace an agent may take to answer `Stop`.
-const STOP_MARGIN: Duration = Duration::from_secs(30);
 /// How long a failed release's output is waited for when it restarted unseen.
 const OUTPUT_TAIL_WAIT: Duration = Duration::from_secs(2);
 
 /// How long the agent may take to answer the command a host's `phase` sends, once sent:
 /// one bound per phase, none wrapped around another. The bound is per attempt: a command
-/// whose connection broke is sent once more on a new one ([`RetryPolicy`]), so a phase
+/// whose connection broke is sent once more on a new one ([`crate::client::retry::RetryPolicy`]), so a phase
 /// may take up to twice its bound. Staging's bound is `Unpack`'s; its
 /// `WriteFile` is bounded per step by the transfer's stall timeout instead. The rollback
 /// sends `Stop` and `Start`, so the driver asks for [`HostPhase::Stopping`] and
@@ -46,23 +38,6 @@ pub(crate) fn phase_budget(phase: HostPhase, group: &GroupPlan) -> Duration {
         HostPhase::Starting => START_BUDGET,
         HostPhase::Stopping | HostPhase::RollingBack => stop_budget(group.stop_grace),
     }
-}
-
-/// How long the agent may take to answer `request`, once sent, outside a rollout (an
-/// operator's single command): the same bounds as [`phase_budget`].
-pub(crate) fn answer_budget(request: &Request) -> Duration {
-    match request {
-        Request::Ping(_) => PING_BUDGET,
-        Request::Unpack(_) => UNPACK_BUDGET,
-        Request::Start(_) => START_BUDGET,
-        Request::Stop(stop) => stop_budget(Duration::from_millis(stop.grace_ms)),
-        Request::Hello(_) | Request::WriteFile(_) => TRANSFER_STALL_TIMEOUT,
-    }
-}
-
-/// The agent caps the grace itself; a huge one must not overflow the wait here.
-fn stop_budget(grace: Duration) -> Duration {
-    grace.saturating_add(STOP_MARGIN)
 }
 
 /// The version a host ran before the switch, to return to if the new one fails.
@@ -482,80 +457,6 @@ pub(crate) fn verify(
         return Verdict::Deadline { reason, evidence };
     }
     Verdict::Wait
-}
-
-/// How long an agent answering `Busy` (it still holds what a cut connection held: a
-/// file's staging, an `Unpack` running to its end) is asked again: it hands over within
-/// its own takeover bound (seconds), so a repeated command waits that out.
-pub(crate) const BUSY_WAIT: Duration = Duration::from_secs(60);
-/// How long a push asks again an agent busy with another push of the same file.
-pub(crate) const PUSH_BUSY_WAIT: Duration = Duration::from_secs(180);
-/// First pause before asking a busy agent again; it doubles up to [`BUSY_PAUSE_MAX`].
-const BUSY_PAUSE_FIRST: Duration = Duration::from_millis(100);
-/// Longest pause between two tries of a `Busy` command.
-const BUSY_PAUSE_MAX: Duration = Duration::from_secs(2);
-/// Connections opened again for one command after a connection problem.
-const RECONNECTS: u32 = 1;
-/// Pause before opening a connection again.
-const RECONNECT_PAUSE: Duration = Duration::from_millis(300);
-
-/// What to do after a command failed; every agent command is safe to repeat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Retry {
-    /// Ask again on the same connection after the pause (the agent was busy).
-    Again(Duration),
-    /// Open a new connection and ask again after the pause (the connection failed).
-    Reconnect(Duration),
-    /// Report the error.
-    GiveUp,
-}
-
-/// The one retry policy of the master's commands: a `Busy` agent is asked again, with
-/// growing pauses, for up to [`BUSY_WAIT`]; a failed connection is opened again once;
-/// anything else is reported at once.
-#[derive(Debug, Clone)]
-pub(crate) struct RetryPolicy {
-    reconnects: u32,
-    busy_pause: Duration,
-    busy_wait: Duration,
-}
-
-impl RetryPolicy {
-    /// The policy for one command, before its first try.
-    pub(crate) fn new() -> Self {
-        RetryPolicy {
-            reconnects: 0,
-            busy_pause: BUSY_PAUSE_FIRST,
-            busy_wait: BUSY_WAIT,
-        }
-    }
-
-    /// The policy of a push that waits for another master's push of the same file:
-    /// that one may run for several takeovers, so a busy agent is asked again for up
-    /// to [`PUSH_BUSY_WAIT`].
-    pub(crate) fn for_push() -> Self {
-        RetryPolicy {
-            busy_wait: PUSH_BUSY_WAIT,
-            ..RetryPolicy::new()
-        }
-    }
-
-    /// What to do after `error`, `waited` after the first try began.
-    pub(crate) fn after(&mut self, error: &Error, waited: Duration) -> Retry {
-        if error.agent_kind() == Some(ErrorKind::Busy) {
-            if waited + self.busy_pause > self.busy_wait {
-                return Retry::GiveUp;
-            }
-            let pause = self.busy_pause;
-            self.busy_pause = (pause * 2).min(BUSY_PAUSE_MAX);
-            return Retry::Again(pause);
-        }
-        if error.is_transient() && self.reconnects < RECONNECTS {
-            self.reconnects += 1;
-            return Retry::Reconnect(RECONNECT_PAUSE);
-        }
-        Retry::GiveUp
-    }
 }
 
 /// Which hosts of a group may switch now: the canaries first, then the rest, never more
@@ -1361,56 +1262,6 @@ mod tests {
         assert!(s.begin_next().is_empty(), "the group halted");
         assert!(s.is_finished());
         assert_eq!(s.untouched(), vec!["h-1", "h-3"]);
-    }
-
-    #[test]
-    fn each_phase_has_its_own_budget() {
-        let request = Request::Stop(erel_proto::Stop {
-            name: "beat".into(),
-            grace_ms: u64::MAX,
-        });
-        assert!(
-            answer_budget(&request) > Duration::from_secs(u64::MAX / 1000),
-            "no overflow"
-        );
-        let ping = Request::Ping(erel_proto::Ping {});
-        assert_eq!(answer_budget(&ping), PING_BUDGET);
-    }
-
-    #[test]
-    fn busy_is_waited_out_a_broken_connection_reopened_once_anything_else_reported() {
-        use erel_proto::ErrorReply;
-        let agent = |kind| Error::Agent {
-            host: "web-1".into(),
-            reply: ErrorReply::new(kind, "held"),
-        };
-        let mut policy = RetryPolicy::new();
-        assert_eq!(
-            policy.after(&agent(ErrorKind::Busy), Duration::ZERO),
-            Retry::Again(BUSY_PAUSE_FIRST)
-        );
-        assert_eq!(
-            policy.after(&agent(ErrorKind::Busy), Duration::ZERO),
-            Retry::Again(BUSY_PAUSE_FIRST * 2)
-        );
-        assert_eq!(
-            policy.after(&agent(ErrorKind::Busy), BUSY_WAIT),
-            Retry::GiveUp,
-            "bounded"
-        );
-        assert_eq!(
-            policy.after(&agent(ErrorKind::NotFound), Duration::ZERO),
-            Retry::GiveUp
-        );
-        let lost = Error::Protocol {
-            host: "web-1".into(),
-            message: "reset".into(),
-        };
-        assert_eq!(
-            policy.after(&lost, Duration::ZERO),
-            Retry::Reconnect(RECONNECT_PAUSE)
-        );
-        assert_eq!(policy.after(&lost, Duration::ZERO), Retry::GiveUp, "once");
     }
 
     #[test]

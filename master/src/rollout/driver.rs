@@ -231,7 +231,7 @@ async fn left_hosts(
         let connector = shared.connector.clone();
         pings.spawn(async move {
             let mut session = HostSession::new(host.host_addr(), connector);
-            let pong = session.ping(super::decide::PING_BUDGET).await;
+            let pong = session.ping(crate::client::budget::PING_BUDGET).await;
             (host, pong)
         });
     }
