@@ -471,6 +471,10 @@ pub(crate) fn verify(
 /// failures are at most `max_failed`, and halts at the one beyond. Hosts are taken in
 /// order as slots free up, so the bound holds at every instant and the group never
 /// waits for the slowest host of a batch.
+///
+/// The schedule also words why the group halted ([`Self::halt_reason`]): the failure
+/// that spent the budget, as [`HostFault`] words it, with the count against
+/// `max_failed` when the group had a budget.
 #[derive(Debug, Clone)]
 pub(crate) struct GroupSchedule {
     canaries: VecDeque<String>,
@@ -480,7 +484,7 @@ pub(crate) struct GroupSchedule {
     max_in_flight: usize,
     max_failed: usize,
     failed: usize,
-    halted: bool,
+    halt_reason: Option<String>,
 }
 
 impl GroupSchedule {
@@ -496,7 +500,7 @@ impl GroupSchedule {
             max_in_flight: max_in_flight.max(1),
             max_failed: 0,
             failed: 0,
-            halted: false,
+            halt_reason: None,
         }
     }
 
@@ -509,7 +513,7 @@ impl GroupSchedule {
     /// The hosts to begin now; they count as in flight until [`Self::finish`].
     pub(crate) fn begin_next(&mut self) -> Vec<String> {
         let mut begin = Vec::new();
-        while !self.halted && self.in_flight.len() < self.max_in_flight {
+        while self.halt_reason.is_none() && self.in_flight.len() < self.max_in_flight {
             let host = if let Some(host) = self.canaries.pop_front() {
                 self.canaries_in_flight.insert(host.clone());
                 host
@@ -527,53 +531,68 @@ impl GroupSchedule {
         begin
     }
 
-    /// Records how a host in flight ended. A failed canary halts the group; another
-    /// failed host spends the failure budget. True when the group halted just now.
-    pub(crate) fn finish(&mut self, host: &str, ok: bool) -> bool {
+    /// Records how a host in flight ended: `Ok` when it succeeded, else how it failed.
+    /// A failed canary halts the group; another failed host spends the failure budget.
+    /// True when the group halted just now.
+    pub(crate) fn finish(&mut self, host: &str, outcome: Result<(), HostFault<'_>>) -> bool {
         let canary = self.canaries_in_flight.remove(host);
         self.in_flight.remove(host);
-        if ok {
+        let Err(fault) = outcome else {
             return false;
-        }
-        if canary && !self.halted {
+        };
+        if canary && self.halt_reason.is_none() {
             self.failed += 1;
-            self.halted = true;
+            self.halt(host, fault);
             return true;
         }
-        self.fail(host)
+        self.fail(host, fault)
     }
 
     /// Records that `host` failed outside a canary's switch (its ping, its staging
     /// ahead of its turn, a switch after the canaries): the host is never begun again,
     /// and the group halts once the failures exceed the budget. True when the group
     /// halted just now.
-    pub(crate) fn fail(&mut self, host: &str) -> bool {
+    pub(crate) fn fail(&mut self, host: &str, fault: HostFault<'_>) -> bool {
         self.in_flight.remove(host);
         self.canaries_in_flight.remove(host);
         self.canaries.retain(|h| h != host);
         self.rest.retain(|h| h != host);
         self.failed += 1;
-        if !self.halted && self.failed > self.max_failed {
-            self.halted = true;
+        if self.halt_reason.is_none() && self.failed > self.max_failed {
+            self.halt(host, fault);
             return true;
         }
         false
     }
 
-    /// Hosts failed so far.
-    pub(crate) fn failed(&self) -> usize {
-        self.failed
+    /// Halts the group because of `host`'s `fault`, the failure that spent the budget.
+    fn halt(&mut self, host: &str, fault: HostFault<'_>) {
+        let failure = fault.words(host);
+        self.halt_reason = Some(if self.max_failed == 0 {
+            failure
+        } else {
+            format!(
+                "{failure} ({} host(s) failed, max_failed = {})",
+                self.failed, self.max_failed
+            )
+        });
     }
 
-    /// The failure budget: hosts that may fail before the group halts.
-    pub(crate) fn max_failed(&self) -> usize {
-        self.max_failed
+    /// Why the group halted, in the words of reports, or `None` while it has not.
+    pub(crate) fn halt_reason(&self) -> Option<&str> {
+        self.halt_reason.as_deref()
+    }
+
+    /// Hosts failed so far.
+    #[cfg(test)]
+    pub(crate) fn failed(&self) -> usize {
+        self.failed
     }
 
     /// Whether failures halted the group.
     #[cfg(test)]
     pub(crate) fn is_halted(&self) -> bool {
-        self.halted
+        self.halt_reason.is_some()
     }
 
     /// Hosts in flight now.
@@ -585,7 +604,7 @@ impl GroupSchedule {
     /// True once nothing is in flight and nothing more will begin.
     pub(crate) fn is_finished(&self) -> bool {
         self.in_flight.is_empty()
-            && (self.halted || (self.canaries.is_empty() && self.rest.is_empty()))
+            && (self.halt_reason.is_some() || (self.canaries.is_empty() && self.rest.is_empty()))
     }
 
     /// Hosts that never began (after a halt), in order.
@@ -599,16 +618,49 @@ impl GroupSchedule {
     }
 }
 
-/// Why a group halted, in the words of reports: the failure that spent the budget.
-pub(crate) fn halt_reason(failure: &str, schedule: &GroupSchedule) -> String {
-    if schedule.max_failed() == 0 {
-        failure.to_string()
-    } else {
-        format!(
-            "{failure} ({} host(s) failed, max_failed = {})",
-            schedule.failed(),
-            schedule.max_failed()
-        )
+/// How a host failed, as a [`GroupSchedule`] records it; the schedule words the one
+/// that halts the group with the host's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HostFault<'a> {
+    /// Its ping failed, asked at `addr`: `web-1 (ADDR): REASON`.
+    Inspection {
+        /// The host's address, `host:port`.
+        addr: &'a str,
+        /// What went wrong.
+        reason: &'a str,
+    },
+    /// Stopping the group's release on it failed (a stop of the group, or of a host
+    /// that left it), asked at `addr`: `web-1 (ADDR): REASON`.
+    Stop {
+        /// The host's address, `host:port`.
+        addr: &'a str,
+        /// What went wrong.
+        reason: &'a str,
+    },
+    /// Stopping the release it ran before it left the group failed, which spends the
+    /// budget of the rollout that follows: `stopping the release on web-1 failed`.
+    StopBeforeRollout,
+    /// The task switching it ended without an outcome (it panicked):
+    /// `the switch task of web-1 failed`.
+    SwitchTask,
+    /// Its staging or its switch failed: `web-1 failed: REASON`.
+    Switch {
+        /// What went wrong.
+        reason: &'a str,
+    },
+}
+
+impl HostFault<'_> {
+    /// The failure of `host`, in the words of reports.
+    fn words(&self, host: &str) -> String {
+        match self {
+            HostFault::Inspection { addr, reason } | HostFault::Stop { addr, reason } => {
+                format!("{host} ({addr}): {reason}")
+            }
+            HostFault::StopBeforeRollout => format!("stopping the release on {host} failed"),
+            HostFault::SwitchTask => format!("the switch task of {host} failed"),
+            HostFault::Switch { reason } => format!("{host} failed: {reason}"),
+        }
     }
 }
 
@@ -1258,7 +1310,7 @@ mod tests {
     #[test]
     fn a_host_failing_before_its_turn_halts_the_group_and_never_begins() {
         let mut s = GroupSchedule::new(hosts(3), 1, 2);
-        s.fail("h-2");
+        s.fail("h-2", BOOM);
         assert!(s.begin_next().is_empty(), "the group halted");
         assert!(s.is_finished());
         assert_eq!(s.untouched(), vec!["h-1", "h-3"]);
@@ -1311,6 +1363,9 @@ mod tests {
         ));
     }
 
+    /// A host's switch failing, for schedules.
+    const BOOM: HostFault<'static> = HostFault::Switch { reason: "boom" };
+
     fn hosts(n: usize) -> Vec<String> {
         (1..=n).map(|i| format!("h-{i}")).collect()
     }
@@ -1323,7 +1378,7 @@ mod tests {
             s.begin_next().is_empty(),
             "nobody else while the canary is in flight"
         );
-        s.finish("h-1", true);
+        s.finish("h-1", Ok(()));
         assert_eq!(s.begin_next(), vec!["h-2", "h-3", "h-4"]);
     }
 
@@ -1331,14 +1386,14 @@ mod tests {
     fn several_canaries_respect_max_in_flight_too() {
         let mut s = GroupSchedule::new(hosts(5), 3, 2);
         assert_eq!(s.begin_next(), vec!["h-1", "h-2"]);
-        s.finish("h-1", true);
+        s.finish("h-1", Ok(()));
         assert_eq!(s.begin_next(), vec!["h-3"]);
-        s.finish("h-2", true);
+        s.finish("h-2", Ok(()));
         assert!(
             s.begin_next().is_empty(),
             "h-3, a canary, is still in flight"
         );
-        s.finish("h-3", true);
+        s.finish("h-3", Ok(()));
         assert_eq!(s.begin_next(), vec!["h-4", "h-5"]);
     }
 
@@ -1356,7 +1411,7 @@ mod tests {
                     assert!(in_flight.len() <= max, "max {max}: {in_flight:?}");
                     assert_eq!(s.in_flight(), in_flight.len());
                     let done = in_flight.remove(0);
-                    s.finish(&done, true);
+                    s.finish(&done, Ok(()));
                 }
                 assert_eq!(seen, hosts(7), "max {max} canaries {canaries}");
             }
@@ -1367,7 +1422,7 @@ mod tests {
     fn the_first_failure_halts_the_group() {
         let mut s = GroupSchedule::new(hosts(5), 1, 2);
         assert_eq!(s.begin_next(), vec!["h-1"]);
-        s.finish("h-1", false);
+        s.finish("h-1", Err(BOOM));
         assert!(s.is_halted());
         assert!(s.begin_next().is_empty(), "no further host is touched");
         assert!(s.is_finished());
@@ -1375,12 +1430,12 @@ mod tests {
 
         let mut s = GroupSchedule::new(hosts(5), 1, 2);
         s.begin_next();
-        s.finish("h-1", true);
+        s.finish("h-1", Ok(()));
         assert_eq!(s.begin_next(), vec!["h-2", "h-3"]);
-        s.finish("h-2", false);
+        s.finish("h-2", Err(BOOM));
         assert!(s.begin_next().is_empty());
         assert!(!s.is_finished(), "h-3 is still in flight");
-        s.finish("h-3", true);
+        s.finish("h-3", Ok(()));
         assert!(s.is_finished());
         assert_eq!(s.untouched(), vec!["h-4", "h-5"]);
     }
@@ -1389,22 +1444,22 @@ mod tests {
     fn with_budget_left_the_group_goes_on_and_halts_at_the_failure_beyond_it() {
         // Two hosts unreachable before any switch, max_failed 2: the rest go on.
         let mut s = GroupSchedule::new(hosts(6), 1, 2).with_max_failed(2);
-        assert!(!s.fail("h-5"), "one failure, budget 2");
-        assert!(!s.fail("h-6"), "two failures, budget 2");
+        assert!(!s.fail("h-5", BOOM), "one failure, budget 2");
+        assert!(!s.fail("h-6", BOOM), "two failures, budget 2");
         assert_eq!(s.begin_next(), vec!["h-1"]);
-        assert!(!s.finish("h-1", true));
+        assert!(!s.finish("h-1", Ok(())));
         assert_eq!(s.begin_next(), vec!["h-2", "h-3"]);
         // A third failure is one beyond the budget: halt, h-4 is never begun.
-        assert!(s.finish("h-2", false), "halted now");
+        assert!(s.finish("h-2", Err(BOOM)), "halted now");
         assert!(s.is_halted());
         assert!(s.begin_next().is_empty());
-        assert!(!s.finish("h-3", true));
+        assert!(!s.finish("h-3", Ok(())));
         assert!(s.is_finished());
         assert_eq!(s.untouched(), vec!["h-4"]);
         assert_eq!(s.failed(), 3);
         assert_eq!(
-            halt_reason("h-2 failed: boom", &s),
-            "h-2 failed: boom (3 host(s) failed, max_failed = 2)"
+            s.halt_reason(),
+            Some("h-2 failed: boom (3 host(s) failed, max_failed = 2)")
         );
     }
 
@@ -1412,24 +1467,69 @@ mod tests {
     fn a_failed_host_within_the_budget_is_reported_and_the_rest_switch() {
         let mut s = GroupSchedule::new(hosts(3), 0, 1).with_max_failed(1);
         assert_eq!(s.begin_next(), vec!["h-1"]);
-        assert!(!s.finish("h-1", false), "within the budget");
+        assert!(!s.finish("h-1", Err(BOOM)), "within the budget");
         assert_eq!(s.begin_next(), vec!["h-2"]);
-        s.finish("h-2", true);
+        s.finish("h-2", Ok(()));
         assert_eq!(s.begin_next(), vec!["h-3"]);
-        s.finish("h-3", true);
+        s.finish("h-3", Ok(()));
         assert!(s.is_finished() && !s.is_halted());
+    }
+
+    #[test]
+    fn the_schedule_words_the_failure_that_halts_the_group() {
+        let faults = [
+            (
+                HostFault::Inspection {
+                    addr: "127.0.0.1:7070",
+                    reason: "connection refused",
+                },
+                "h-1 (127.0.0.1:7070): connection refused",
+            ),
+            (
+                HostFault::Stop {
+                    addr: "127.0.0.1:7070",
+                    reason: "timed out",
+                },
+                "h-1 (127.0.0.1:7070): timed out",
+            ),
+            (
+                HostFault::StopBeforeRollout,
+                "stopping the release on h-1 failed",
+            ),
+            (HostFault::SwitchTask, "the switch task of h-1 failed"),
+            (BOOM, "h-1 failed: boom"),
+        ];
+        for (fault, words) in faults {
+            // Without a budget, the first failure halts, in its own words.
+            let mut s = GroupSchedule::new(hosts(3), 0, 1);
+            assert_eq!(s.halt_reason(), None);
+            assert!(s.fail("h-1", fault), "{words}");
+            assert_eq!(s.halt_reason(), Some(words));
+            // A later failure does not change why the group halted.
+            assert!(!s.fail("h-2", BOOM));
+            assert_eq!(s.halt_reason(), Some(words));
+        }
+        // A failure within the budget halts nothing and has no words.
+        let mut s = GroupSchedule::new(hosts(3), 0, 1).with_max_failed(1);
+        assert!(!s.fail("h-1", HostFault::SwitchTask));
+        assert_eq!(s.halt_reason(), None);
+        assert!(s.fail("h-2", HostFault::StopBeforeRollout));
+        assert_eq!(
+            s.halt_reason(),
+            Some("stopping the release on h-2 failed (2 host(s) failed, max_failed = 1)")
+        );
     }
 
     #[test]
     fn a_failed_canary_halts_whatever_the_budget() {
         let mut s = GroupSchedule::new(hosts(4), 1, 2).with_max_failed(3);
         assert_eq!(s.begin_next(), vec!["h-1"]);
-        assert!(s.finish("h-1", false), "the canary proves the version");
+        assert!(s.finish("h-1", Err(BOOM)), "the canary proves the version");
         assert!(s.begin_next().is_empty());
         assert_eq!(s.untouched(), vec!["h-2", "h-3", "h-4"]);
         assert_eq!(
-            halt_reason("h-1 failed", &s),
-            "h-1 failed (1 host(s) failed, max_failed = 3)"
+            s.halt_reason(),
+            Some("h-1 failed: boom (1 host(s) failed, max_failed = 3)")
         );
     }
 
