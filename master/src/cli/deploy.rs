@@ -1064,7 +1064,9 @@ async fn now_running(
 ) -> (Option<String>, String, Option<String>) {
     let asked = tokio::time::timeout(INTERRUPTED_PING, async {
         let mut client = connector.connect(&host).await?;
-        client.ping().await
+        client
+            .command::<erel_proto::Pong>(erel_proto::Request::Ping(erel_proto::Ping {}))
+            .await
     })
     .await;
     match asked {

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use erel_proto::{
-    read_frame, rules, write_frame, FrameError, Hello, Ping, Pong, Request, Response, Sha256,
-    Start, Started, Stop, Stopped, Unpack, Unpacked, PROTOCOL_VERSION,
+    read_frame, rules, write_frame, FrameError, Hello, Pong, Request, Response, Sha256, Started,
+    Stop, Stopped, Unpack, Unpacked, PROTOCOL_VERSION,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -208,36 +208,23 @@ impl AgentClient {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.stream.shutdown()).await;
     }
 
-    /// `Ping`: the agent's live state.
-    pub async fn ping(&mut self) -> Result<Pong> {
-        self.command(Request::Ping(Ping {})).await
-    }
-
-    /// `Unpack`: unpacks `archive` into `dest` on the agent.
-    pub async fn unpack(
-        &mut self,
-        archive: &str,
-        dest: &str,
-        sha256: Option<Sha256>,
-    ) -> Result<Unpacked> {
-        self.command(unpack_request(archive, dest, sha256)).await
-    }
-
-    /// `Start`: runs a release version, supervised.
-    pub async fn start(&mut self, start: Start) -> Result<Started> {
-        self.command(Request::Start(start)).await
-    }
-
-    /// `Stop`: SIGTERM to the release's group, SIGKILL after `grace`.
-    pub async fn stop(&mut self, name: &str, grace: Duration) -> Result<Stopped> {
-        self.command(stop_request(name, grace)).await
-    }
-
-    /// One command with the bound [`answer_budget`] gives its answer, asked again on
-    /// this connection while the agent is busy, as [`RetryPolicy`] says (a client alone
-    /// cannot reconnect; a [`HostSession`] does, with the same policy, around
-    /// [`Self::exchange`] and not around this).
-    async fn command<A: Answer>(&mut self, request: Request) -> Result<A> {
+    /// One command, `Ping`, `Unpack`, `Start` or `Stop`, and its answer of type `A`
+    /// ([`Pong`], [`Unpacked`], [`Started`], [`Stopped`]), within the bound that command
+    /// has outside a rollout (`budget::answer_budget`: 15 s for `Ping`, 600 s for
+    /// `Unpack`, 120 s for `Start`, the grace plus 30 s for `Stop`). A `Busy` agent is
+    /// asked again on this connection, with growing pauses, for up to 60 s (the one retry
+    /// policy, `retry::RetryPolicy`); a client alone cannot reconnect, a host's session
+    /// does, with the same policy, around [`Self::exchange`] and not around this.
+    /// Requests: `Request::Ping(Ping {})`, [`unpack_request`], `Request::Start(..)`,
+    /// [`stop_request`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Agent`] with the agent's refusal (a `Busy` still so after the retries
+    /// says for how long), [`Error::Timeout`] naming the command when no answer came
+    /// within its bound, [`Error::Protocol`] for an answer of another type, and the
+    /// connection's I/O and frame errors.
+    pub async fn command<A: Answer>(&mut self, request: Request) -> Result<A> {
         let limit = answer_budget(&request);
         let began = tokio::time::Instant::now();
         let mut policy = RetryPolicy::new();
@@ -345,8 +332,9 @@ fn queue_close_notify(stream: &mut TlsStream<TcpStream>) {
     }
 }
 
-/// The answer a command expects, picked out of a [`Response`].
-pub(crate) trait Answer: Sized {
+/// The answer a command expects, picked out of a [`Response`]: [`Pong`] for `Ping`,
+/// [`Unpacked`] for `Unpack`, [`Started`] for `Start`, [`Stopped`] for `Stop`.
+pub trait Answer: Sized {
     /// The answer, or the response as it came when it is another one.
     fn from_response(response: Response) -> std::result::Result<Self, Response>;
 }
@@ -366,8 +354,9 @@ macro_rules! answer {
 
 answer!(Pong, Unpacked, Started, Stopped);
 
-/// The `Unpack` request for `archive` into `dest`.
-pub(crate) fn unpack_request(archive: &str, dest: &str, sha256: Option<Sha256>) -> Request {
+/// The `Unpack` request for `archive` into `dest` (both relative to the agent's
+/// root), checked against `sha256` when given.
+pub fn unpack_request(archive: &str, dest: &str, sha256: Option<Sha256>) -> Request {
     Request::Unpack(Unpack {
         archive: archive.to_string(),
         dest: dest.to_string(),
@@ -375,8 +364,9 @@ pub(crate) fn unpack_request(archive: &str, dest: &str, sha256: Option<Sha256>) 
     })
 }
 
-/// The `Stop` request for release `name` with `grace`.
-pub(crate) fn stop_request(name: &str, grace: Duration) -> Request {
+/// The `Stop` request for release `name` with `grace`: SIGTERM to the release's
+/// process group, SIGKILL after `grace` (in milliseconds on the wire, saturating).
+pub fn stop_request(name: &str, grace: Duration) -> Request {
     Request::Stop(Stop {
         name: name.to_string(),
         grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
