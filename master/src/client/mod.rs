@@ -214,7 +214,7 @@ impl AgentClient {
     /// `Unpack`, 120 s for `Start`, the grace plus 30 s for `Stop`). A `Busy` agent is
     /// asked again on this connection, with growing pauses, for up to 60 s (the one retry
     /// policy, `retry::RetryPolicy`); a client alone cannot reconnect, a host's session
-    /// does, with the same policy, around [`Self::exchange`] and not around this.
+    /// does, with the same policy, around the single exchange and not around this.
     /// Requests: `Request::Ping(Ping {})`, [`unpack_request`], `Request::Start(..)`,
     /// [`stop_request`].
     ///
