@@ -29,6 +29,9 @@ use sha2::Digest;
 use crate::durable;
 use crate::error::{Error, Result};
 
+/// Bytes read at a time when a local file is hashed.
+const HASH_READ: usize = 256 * 1024;
+
 /// A file changed this little before its stamp was taken may change again without its
 /// stamp moving; its cached digest is checked by reading the file.
 pub const RACY_WINDOW: Duration = Duration::from_secs(3);
@@ -228,7 +231,7 @@ impl DigestCache {
 /// Computes the sha256 of a file (blocking).
 pub fn sha256_file(path: &Path) -> Result<Sha256> {
     let mut file = File::open(path).map_err(|e| cannot_read(path, e))?;
-    hash_reader(&mut file).map_err(|e| cannot_read(path, e))
+    hash_all(&mut file).map_err(|e| cannot_read(path, e))
 }
 
 /// A local file that could not be read, and why.
@@ -241,7 +244,7 @@ fn cannot_read(path: &Path, error: std::io::Error) -> Error {
 fn hash_unchanged(path: &Path) -> Result<(FileStamp, Sha256)> {
     let mut file = File::open(path).map_err(|e| cannot_read(path, e))?;
     let before = FileStamp::of_file(&file, path)?;
-    let sha256 = hash_reader(&mut file).map_err(|e| cannot_read(path, e))?;
+    let sha256 = hash_all(&mut file).map_err(|e| cannot_read(path, e))?;
     let after_file = FileStamp::of_file(&file, path)?;
     let after_path = FileStamp::take(path)?;
     if before.same_state(&after_file) && before.same_state(&after_path) {
@@ -251,17 +254,34 @@ fn hash_unchanged(path: &Path) -> Result<(FileStamp, Sha256)> {
     }
 }
 
-fn hash_reader(reader: &mut impl Read) -> std::io::Result<Sha256> {
+/// The sha256 of everything `reader` gives, to its end (blocking).
+fn hash_all(reader: &mut impl Read) -> std::io::Result<Sha256> {
     let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
+    hash_into(&mut hasher, reader)?;
     Ok(Sha256(hasher.finalize().into()))
+}
+
+/// Reads `reader` to its end into `hasher`, [`HASH_READ`] bytes at a time (blocking):
+/// the one loop that reads a local file to hash it, whole or a prefix (a [`Read::take`]
+/// of it). Returns how many bytes were hashed; a read interrupted by a signal is made
+/// again.
+///
+/// # Errors
+///
+/// The first read error other than [`std::io::ErrorKind::Interrupted`].
+pub(crate) fn hash_into(hasher: &mut sha2::Sha256, reader: &mut impl Read) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; HASH_READ];
+    let mut hashed = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Ok(hashed),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        hashed += n as u64;
+    }
 }
 
 #[cfg(test)]
@@ -270,6 +290,29 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::*;
+
+    #[test]
+    fn a_whole_file_and_a_prefix_are_hashed_by_the_same_reader() {
+        // More than one read's worth, not a multiple of it.
+        let bytes: Vec<u8> = (0..HASH_READ * 2 + 7).map(|i| (i % 251) as u8).collect();
+        let sha = |b: &[u8]| Sha256(sha2::Sha256::digest(b).into());
+
+        assert_eq!(hash_all(&mut bytes.as_slice()).expect("hash"), sha(&bytes));
+
+        let len = HASH_READ as u64 + 3;
+        let mut hasher = sha2::Sha256::new();
+        let hashed = hash_into(&mut hasher, &mut bytes.as_slice().take(len)).expect("hash");
+        assert_eq!(hashed, len);
+        assert_eq!(
+            Sha256(hasher.finalize().into()),
+            sha(&bytes[..HASH_READ + 3])
+        );
+
+        // A reader shorter than the prefix asked for says how much it gave.
+        let mut hasher = sha2::Sha256::new();
+        let hashed = hash_into(&mut hasher, &mut bytes[..10].take(len)).expect("hash");
+        assert_eq!(hashed, 10);
+    }
 
     /// Overwrites the start of `path` in place (same size, same inode) and sets its
     /// modification time back to what it was: only the ctime can tell.

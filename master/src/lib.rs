@@ -2,7 +2,8 @@
 //!
 //! - [`amqp`]: configs over RabbitMQ: the config log, the AMQP daemon, leases, events.
 //! - [`cli`]: the `erel` program (`main.rs` only calls it).
-//! - [`client`]: the typed client for one agent, one method per command.
+//! - [`client`]: the client for one agent: each command with its typed answer, the
+//!   resumable `WriteFile`, the one retry policy.
 //! - [`cluster`]: the cluster file, validated once into a [`cluster::Plan`].
 //! - [`rollout`]: the rolling cold deploy: pure decisions, one I/O driver, the daemon loop.
 //! - [`release`]: release tarballs built on the spot (the demo's beat release).
@@ -10,6 +11,7 @@
 //! - [`error`]: the one error type.
 //! - [`metrics`]: the daemon's Prometheus metrics and the endpoint that serves them.
 #![deny(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod amqp;
 pub mod cli;

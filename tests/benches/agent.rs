@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use erel_master::client::WriteSource;
-use helper::{AgentProc, Pki, AGENT_BIN};
+use helper::{AgentCommands, AgentProc, Pki, AGENT_BIN};
 
 const MIB: u64 = 1024 * 1024;
 

@@ -55,13 +55,13 @@ use super::{amqp_error, now_ms, open_channel, table, Broker, Names};
 use crate::error::{Error, Result};
 
 /// How often a holder renews its holder record.
-pub const HEARTBEAT: Duration = Duration::from_secs(2);
+pub(crate) const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How long a holder record outlives the last heartbeat.
-pub const HOLDER_TTL: Duration = Duration::from_secs(8);
+pub(crate) const HOLDER_TTL: Duration = Duration::from_secs(8);
 
 /// Who holds a group, as its holder last said.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HolderRecord {
+pub(crate) struct HolderRecord {
     /// The group.
     pub group: String,
     /// The master's name (`--name`).
@@ -318,7 +318,7 @@ async fn compete(
 }
 
 /// A group's lease held by a command (`erel deploy`), until [`TakenLease::release`].
-pub struct TakenLease {
+pub(crate) struct TakenLease {
     /// The master that held it when the command asked, if one did.
     pub from: Option<HolderRecord>,
     cancel: CancellationToken,
@@ -328,7 +328,7 @@ pub struct TakenLease {
 
 impl TakenLease {
     /// Hands the lease back to the masters.
-    pub async fn release(self) {
+    pub(crate) async fn release(self) {
         self.cancel.cancel();
         let _ = self.task.await;
         let _ = self.connection.close(200, "done".into()).await;
@@ -337,7 +337,7 @@ impl TakenLease {
 
 /// Why [`take`] did not take a lease.
 #[derive(Debug)]
-pub enum TakeRefused {
+pub(crate) enum TakeRefused {
     /// A master holds the group and no take-over was asked for.
     Held(HolderRecord),
     /// The holder did not hand the group over within the wait.
@@ -354,7 +354,7 @@ pub enum TakeRefused {
 /// # Errors
 ///
 /// [`Error::Amqp`] for any broker problem.
-pub async fn take(
+pub(crate) async fn take(
     broker: &Broker,
     group: &str,
     requester: &str,
@@ -446,7 +446,7 @@ async fn publish(
 }
 
 /// The latest holder record of each group that has a live one.
-pub async fn holders(broker: &Broker, groups: &[String]) -> Result<Vec<HolderRecord>> {
+pub(crate) async fn holders(broker: &Broker, groups: &[String]) -> Result<Vec<HolderRecord>> {
     let connection = broker.connect("holders reader").await?;
     let outcome = async {
         let channel = open_channel(&connection, &broker.display_url()).await?;

@@ -10,11 +10,11 @@ use crate::durable;
 use crate::error::{Error, Result};
 
 /// The file holding the newest accepted config.
-pub const CONFIG_FILE: &str = "config.toml";
+pub(crate) const CONFIG_FILE: &str = "config.toml";
 
 /// What the state directory holds.
 #[derive(Debug, Clone)]
-pub struct Held {
+pub(crate) struct Held {
     /// The revision held: nothing older or equal is applied.
     pub revision: u64,
     /// The validated plan, unless it no longer validates (an archive removed from the
@@ -25,25 +25,25 @@ pub struct Held {
 
 /// A master's state directory.
 #[derive(Debug, Clone)]
-pub struct StateDir {
+pub(crate) struct StateDir {
     dir: PathBuf,
 }
 
 impl StateDir {
     /// The state directory `dir` (created on first write).
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(dir: impl Into<PathBuf>) -> Self {
         StateDir { dir: dir.into() }
     }
 
     /// Where the config is kept.
-    pub fn config_path(&self) -> PathBuf {
+    pub(crate) fn config_path(&self) -> PathBuf {
         self.dir.join(CONFIG_FILE)
     }
 
     /// The config held, if any. A file that cannot be read as a revision is an error;
     /// one whose revision reads but whose plan does not validate is held without a plan
     /// (the reason is returned beside it).
-    pub fn load(&self, lookup: &ArchiveLookup) -> Result<Option<(Held, Option<String>)>> {
+    pub(crate) fn load(&self, lookup: &ArchiveLookup) -> Result<Option<(Held, Option<String>)>> {
         let path = self.config_path();
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
@@ -75,7 +75,7 @@ impl StateDir {
     }
 
     /// Writes `text` as the config held, atomically.
-    pub fn store(&self, text: &str) -> Result<()> {
+    pub(crate) fn store(&self, text: &str) -> Result<()> {
         durable::write(&self.dir, CONFIG_FILE, text.as_bytes())
     }
 }

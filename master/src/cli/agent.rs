@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::client::retry::{Retry, RetryPolicy};
 use crate::client::{gave_up, stop_request, unpack_request, HostSession, Progress, WriteSource};
 use crate::cluster::{GroupPlan, GroupState, HostPlan};
 use crate::digest_cache::{DigestCache, FileStamp};
 use crate::error::{Result, ResultExt as _};
-use crate::rollout::decide::{Retry, RetryPolicy};
 use crate::{Error, HostAddr};
 use clap::Args;
 use erel_proto::{
@@ -22,7 +22,7 @@ use super::Context;
 
 /// `erel ping HOST.. [--json]`.
 #[derive(Debug, Args)]
-pub struct PingArgs {
+pub(super) struct PingArgs {
     /// Agents as ID@ADDR:PORT, or host ids from the cluster file.
     #[arg(required = true)]
     hosts: Vec<String>,
@@ -33,7 +33,7 @@ pub struct PingArgs {
 
 /// `erel push HOST FILE DEST [--mode M]`.
 #[derive(Debug, Args)]
-pub struct PushArgs {
+pub(super) struct PushArgs {
     /// The agent, as ID@ADDR:PORT or a host id from the cluster file.
     host: String,
     /// The local file.
@@ -50,7 +50,7 @@ pub struct PushArgs {
 
 /// `erel unpack HOST ARCHIVE DEST`.
 #[derive(Debug, Args)]
-pub struct UnpackArgs {
+pub(super) struct UnpackArgs {
     /// The agent, as ID@ADDR:PORT or a host id from the cluster file.
     host: String,
     /// The archive on the agent, relative to its root.
@@ -65,7 +65,7 @@ pub struct UnpackArgs {
 /// gives the argv, the env (the group's, the host's merged over it) and the user; the
 /// flags given here override them, and the command says which it overrode.
 #[derive(Debug, Args)]
-pub struct StartArgs {
+pub(super) struct StartArgs {
     /// The agent, as ID@ADDR:PORT or a host id from the cluster file.
     host: String,
     /// Release name.
@@ -78,7 +78,7 @@ pub struct StartArgs {
 
 /// What a `Start` carries beyond name and version, as given on the command line.
 #[derive(Debug, Args)]
-pub struct StartSettings {
+pub(super) struct StartSettings {
     /// An environment variable for the release (repeatable; merged over the group's).
     #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -93,7 +93,7 @@ pub struct StartSettings {
 
 /// `erel stop HOST NAME [--grace SECS]`.
 #[derive(Debug, Args)]
-pub struct StopArgs {
+pub(super) struct StopArgs {
     /// The agent, as ID@ADDR:PORT or a host id from the cluster file.
     pub(super) host: String,
     /// Release name.
@@ -107,7 +107,7 @@ pub struct StopArgs {
 /// `erel restart HOST NAME [VERSION] [--grace SECS] [--env K=V].. [--user U] [-- ARGV..]`:
 /// stop, then start with the settings `erel start` would use.
 #[derive(Debug, Args)]
-pub struct RestartArgs {
+pub(super) struct RestartArgs {
     /// The agent, as ID@ADDR:PORT or a host id from the cluster file.
     pub(super) host: String,
     /// Release name.
@@ -143,7 +143,7 @@ impl StartSettings {
 
 /// `erel logs HOST NAME [--follow]`.
 #[derive(Debug, Args)]
-pub struct LogsArgs {
+pub(super) struct LogsArgs {
     /// The agent, as ID@ADDR:PORT or a host id from the cluster file.
     host: String,
     /// Release name.
@@ -229,7 +229,11 @@ fn pong_json(pong: &Pong) -> serde_json::Value {
 }
 
 /// Pings every host at once and prints one line each.
-pub async fn ping(ctx: &Context, cluster: Option<&Path>, args: PingArgs) -> Result<ExitCode> {
+pub(super) async fn ping(
+    ctx: &Context,
+    cluster: Option<&Path>,
+    args: PingArgs,
+) -> Result<ExitCode> {
     let hosts = args
         .hosts
         .iter()
@@ -336,7 +340,11 @@ fn human_bytes(bytes: u64) -> String {
 }
 
 /// Pushes one file with a progress bar.
-pub async fn push(ctx: &Context, cluster: Option<&Path>, args: PushArgs) -> Result<ExitCode> {
+pub(super) async fn push(
+    ctx: &Context,
+    cluster: Option<&Path>,
+    args: PushArgs,
+) -> Result<ExitCode> {
     let host = resolve(&args.host, cluster)?;
     let cache = DigestCache::for_user();
     // Taken before anything reads the file: a digest is recorded below only if the
@@ -473,7 +481,11 @@ fn taken_over_pause(seen: &Progress, elapsed: Duration) -> Duration {
 const TAKEN_OVER_PAUSE_MAX: Duration = Duration::from_secs(30);
 
 /// Unpacks an archive on one agent.
-pub async fn unpack(ctx: &Context, cluster: Option<&Path>, args: UnpackArgs) -> Result<ExitCode> {
+pub(super) async fn unpack(
+    ctx: &Context,
+    cluster: Option<&Path>,
+    args: UnpackArgs,
+) -> Result<ExitCode> {
     let (host, mut session) = open(ctx, cluster, &args.host)?;
     let request = unpack_request(&args.archive, &args.dest, None);
     let done: Unpacked = session.command(request).await?;
@@ -661,7 +673,11 @@ async fn send_stop(
 }
 
 /// Starts a release on one agent.
-pub async fn start(ctx: &Context, cluster: Option<&Path>, args: StartArgs) -> Result<ExitCode> {
+pub(super) async fn start(
+    ctx: &Context,
+    cluster: Option<&Path>,
+    args: StartArgs,
+) -> Result<ExitCode> {
     let target = Target::resolve(&args.host, cluster, &args.name)?;
     let (request, notes) = target.start_request(&args.name, &args.version, args.settings);
     if let Some(line) = target.describe() {
@@ -679,7 +695,11 @@ pub async fn start(ctx: &Context, cluster: Option<&Path>, args: StartArgs) -> Re
 }
 
 /// Stops a release on one agent.
-pub async fn stop(ctx: &Context, cluster: Option<&Path>, args: StopArgs) -> Result<ExitCode> {
+pub(super) async fn stop(
+    ctx: &Context,
+    cluster: Option<&Path>,
+    args: StopArgs,
+) -> Result<ExitCode> {
     let target = Target::resolve(&args.host, cluster, &args.name)?;
     let grace = target.stop_grace(args.grace);
     if let Some(line) = target.describe() {
@@ -694,7 +714,11 @@ pub async fn stop(ctx: &Context, cluster: Option<&Path>, args: StopArgs) -> Resu
 }
 
 /// Stops a release on one agent, then starts it again with the settings `start` uses.
-pub async fn restart(ctx: &Context, cluster: Option<&Path>, args: RestartArgs) -> Result<ExitCode> {
+pub(super) async fn restart(
+    ctx: &Context,
+    cluster: Option<&Path>,
+    args: RestartArgs,
+) -> Result<ExitCode> {
     let target = Target::resolve(&args.host, cluster, &args.name)?;
     let mut session = HostSession::new(target.host.clone(), ctx.connector()?);
     let version = match args.version {
@@ -741,11 +765,11 @@ pub async fn restart(ctx: &Context, cluster: Option<&Path>, args: RestartArgs) -
 }
 
 /// How often `erel logs --follow` asks the agent for the release's output.
-pub const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
+pub(super) const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Printed by `erel logs --follow` where more output came between two looks than the
 /// output tail holds, so some of it was never seen.
-pub const OUTPUT_SKIPPED: &str = "[… output skipped …]";
+pub(super) const OUTPUT_SKIPPED: &str = "[… output skipped …]";
 
 /// Prints release `NAME`'s recent output on one agent: the output tail its `Ping`
 /// reports (at most [`erel_proto::OUTPUT_TAIL_MAX`] bytes, from the start of a line).
@@ -756,7 +780,11 @@ pub const OUTPUT_SKIPPED: &str = "[… output skipped …]";
 ///
 /// The host cannot be resolved or reached, or it has no release `NAME` (the error names
 /// the host, the release, and the releases the host has).
-pub async fn logs(ctx: &Context, cluster: Option<&Path>, args: LogsArgs) -> Result<ExitCode> {
+pub(super) async fn logs(
+    ctx: &Context,
+    cluster: Option<&Path>,
+    args: LogsArgs,
+) -> Result<ExitCode> {
     use std::io::Write as _;
     let (host, mut session) = open(ctx, cluster, &args.host)?;
     let mut shown = output_tail(&mut session, &host, &args.name).await?;
@@ -808,7 +836,7 @@ async fn output_tail(session: &mut HostSession, host: &HostAddr, name: &str) -> 
 
 /// What a new look at an output tail shows beyond the previous one.
 #[derive(Debug, PartialEq, Eq)]
-pub enum NewOutput<'a> {
+pub(super) enum NewOutput<'a> {
     /// The new tail continues the previous one: this is what follows it (may be empty).
     Continues(&'a str),
     /// The two tails do not overlap: more output came than a tail holds, and what came
@@ -822,7 +850,7 @@ pub enum NewOutput<'a> {
 /// the looks ([`NewOutput::Skipped`]), unless `old` was empty. The tail carries no
 /// offsets, so output that repeats itself exactly (the same line over a whole tail) can
 /// show as nothing new.
-pub fn new_output<'a>(old: &str, new: &'a str) -> NewOutput<'a> {
+pub(super) fn new_output<'a>(old: &str, new: &'a str) -> NewOutput<'a> {
     let longest = old.len().min(new.len());
     let overlap = (0..=longest)
         .rev()

@@ -18,7 +18,7 @@ use crate::rollout::RolloutOptions;
 
 /// `--amqp URL --amqp-prefix PREFIX`.
 #[derive(Debug, Clone, Args)]
-pub struct BrokerArgs {
+pub(super) struct BrokerArgs {
     /// The RabbitMQ broker, e.g. amqp://guest:guest@127.0.0.1:5672/%2f
     #[arg(long = "amqp", env = "EREL_AMQP", value_name = "URL")]
     pub url: String,
@@ -29,14 +29,14 @@ pub struct BrokerArgs {
 
 impl BrokerArgs {
     /// The broker these flags name.
-    pub fn broker(&self) -> crate::Result<Broker> {
+    pub(super) fn broker(&self) -> crate::Result<Broker> {
         Broker::new(self.url.clone(), self.prefix.clone())
     }
 }
 
 /// The flags of `erel master` that select the AMQP config log instead of a file.
 #[derive(Debug, Clone, Args)]
-pub struct AmqpMasterArgs {
+pub(super) struct AmqpMasterArgs {
     /// Follow the config log on this broker instead of a cluster file.
     #[arg(long = "amqp", env = "EREL_AMQP", value_name = "URL")]
     pub url: Option<String>,
@@ -59,7 +59,7 @@ pub struct AmqpMasterArgs {
 
 /// Runs `erel master --amqp URL …` until SIGTERM or Ctrl-C, serving Prometheus metrics
 /// at `metrics` when given.
-pub async fn master(
+pub(super) async fn master(
     ctx: &Context,
     args: AmqpMasterArgs,
     interval: Duration,
@@ -109,7 +109,7 @@ pub async fn master(
 }
 
 /// A token cancelled by SIGTERM or Ctrl-C.
-pub fn cancel_on_termination() -> CancellationToken {
+pub(super) fn cancel_on_termination() -> CancellationToken {
     let cancel = CancellationToken::new();
     let signals = cancel.clone();
     tokio::spawn(async move {
@@ -133,7 +133,7 @@ pub fn cancel_on_termination() -> CancellationToken {
 }
 
 /// `2024-05-01T12:00:00.123Z` for milliseconds since the Unix epoch.
-pub fn utc(ms: u64) -> String {
+pub(super) fn utc(ms: u64) -> String {
     let secs = ms / 1000;
     let days = secs / 86_400;
     let rem = secs % 86_400;
@@ -157,7 +157,7 @@ pub fn utc(ms: u64) -> String {
 }
 
 /// Who publishes from this shell: `$USER@<host name>`.
-pub fn publisher() -> String {
+pub(super) fn publisher() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".to_string());

@@ -10,7 +10,7 @@ use super::Context;
 
 /// Certificate commands.
 #[derive(Debug, Subcommand)]
-pub enum CertsCommand {
+pub(super) enum CertsCommand {
     /// Creates a new cluster CA and the master's client certificate.
     Init {
         /// A name for the cluster, written into the CA's common name.
@@ -40,7 +40,7 @@ pub enum CertsCommand {
 }
 
 /// Runs a certificate command.
-pub fn run(ctx: &Context, command: CertsCommand) -> crate::Result<ExitCode> {
+pub(super) fn run(ctx: &Context, command: CertsCommand) -> crate::Result<ExitCode> {
     let dir = ctx.certs.path().display().to_string();
     match command {
         CertsCommand::Init { cluster_name } => {

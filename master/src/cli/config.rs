@@ -15,7 +15,7 @@ use crate::cluster::{ArchiveLookup, Plan};
 
 /// `erel config …`.
 #[derive(Debug, Subcommand)]
-pub enum ConfigCommand {
+pub(super) enum ConfigCommand {
     /// Publishes a cluster file as a new revision of the config log.
     Publish(PublishArgs),
     /// Prints the newest revision in the config log.
@@ -31,7 +31,7 @@ pub enum ConfigCommand {
 
 /// `erel config retry --group G`.
 #[derive(Debug, Args)]
-pub struct RetryArgs {
+pub(super) struct RetryArgs {
     /// The halted group.
     #[arg(long, value_name = "G")]
     group: String,
@@ -41,7 +41,7 @@ pub struct RetryArgs {
 
 /// `erel config publish FILE`.
 #[derive(Debug, Args)]
-pub struct PublishArgs {
+pub(super) struct PublishArgs {
     /// The cluster file.
     #[arg(value_name = "FILE")]
     file: PathBuf,
@@ -57,7 +57,7 @@ pub struct PublishArgs {
 
 /// `erel config show`.
 #[derive(Debug, Args)]
-pub struct ShowArgs {
+pub(super) struct ShowArgs {
     /// Print the revision, its metadata and text as JSON.
     #[arg(long)]
     json: bool,
@@ -67,7 +67,7 @@ pub struct ShowArgs {
 
 /// `erel config history`.
 #[derive(Debug, Args)]
-pub struct HistoryArgs {
+pub(super) struct HistoryArgs {
     /// Print JSON lines.
     #[arg(long)]
     json: bool,
@@ -77,7 +77,7 @@ pub struct HistoryArgs {
 
 /// `erel config holders`.
 #[derive(Debug, Args)]
-pub struct HoldersArgs {
+pub(super) struct HoldersArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -86,7 +86,7 @@ pub struct HoldersArgs {
 }
 
 /// Runs one `erel config` command.
-pub async fn run(command: ConfigCommand) -> crate::Result<ExitCode> {
+pub(super) async fn run(command: ConfigCommand) -> crate::Result<ExitCode> {
     match command {
         ConfigCommand::Publish(args) => publish(args).await,
         ConfigCommand::Show(args) => show(args).await,
@@ -258,7 +258,7 @@ async fn holders(args: HoldersArgs) -> crate::Result<ExitCode> {
 
 /// The holders table for `groups`, read from the broker at `url`, and the groups
 /// halted at `revision` or later (for `erel status`).
-pub async fn holders_text(
+pub(super) async fn holders_text(
     url: &str,
     prefix: &str,
     groups: &[String],
@@ -292,7 +292,7 @@ fn halts_text(halts: &[crate::rollout::halt::Halt], revision: u64) -> String {
 /// The holders of `groups`, read from the broker at `url`, as `config holders --json`
 /// prints them, and the halts of those groups the broker keeps (for `erel status
 /// --json`).
-pub async fn holders_json(
+pub(super) async fn holders_json(
     url: &str,
     prefix: &str,
     groups: &[String],

@@ -10,21 +10,21 @@ use crate::client::Connector;
 
 /// What every command may need.
 #[derive(Debug)]
-pub struct Context {
+pub(crate) struct Context {
     /// The master's certificate directory.
     pub certs: MasterDir,
 }
 
 impl Context {
     /// Builds the context for a certificate directory.
-    pub fn new(certs: PathBuf) -> Self {
+    pub(crate) fn new(certs: PathBuf) -> Self {
         Context {
             certs: MasterDir::new(certs),
         }
     }
 
     /// The TLS client configuration, from the certificate directory.
-    pub fn tls(&self) -> crate::Result<Arc<rustls::ClientConfig>> {
+    pub(crate) fn tls(&self) -> crate::Result<Arc<rustls::ClientConfig>> {
         self.certs.client_config().with_context(|| {
             format!(
                 "loading the master's certificates from {} (run `erel certs init` first?)",
@@ -34,18 +34,18 @@ impl Context {
     }
 
     /// The name this master gives in `Hello`: `erel@` and the machine's host name.
-    pub fn connector(&self) -> crate::Result<Connector> {
+    pub(crate) fn connector(&self) -> crate::Result<Connector> {
         Ok(Connector::new(self.tls()?, self.master_name()))
     }
 
     /// The name this master gives in `Hello`.
-    pub fn master_name(&self) -> String {
+    pub(crate) fn master_name(&self) -> String {
         master_name()
     }
 }
 
 /// `erel@<host name>`, the name a master gives in `Hello`.
-pub fn master_name() -> String {
+pub(super) fn master_name() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|name| name.into_string().ok())

@@ -32,7 +32,7 @@ use crate::rollout::{converge_file, ConvergeOptions, RolloutEvent};
 
 /// `erel master`.
 #[derive(Debug, Args)]
-pub struct MasterArgs {
+pub(super) struct MasterArgs {
     /// Seconds between two convergence passes (drift is repaired within this).
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     interval: u64,
@@ -50,7 +50,11 @@ pub struct MasterArgs {
 }
 
 /// Runs the daemon until SIGTERM or Ctrl-C.
-pub async fn master(ctx: &Context, cluster: &Path, args: MasterArgs) -> crate::Result<ExitCode> {
+pub(super) async fn master(
+    ctx: &Context,
+    cluster: &Path,
+    args: MasterArgs,
+) -> crate::Result<ExitCode> {
     if args.amqp.url.is_some() {
         let interval = Duration::from_secs(args.interval.max(1));
         let connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
@@ -148,7 +152,7 @@ async fn wait_for_termination() {
 /// What `erel status` prints about the groups the file daemon holds halted at
 /// `revision` (the cluster file's) or later: one line per group with the reason and
 /// how to retry; empty when none is.
-pub fn halted_text(cluster: &Path, revision: u64) -> String {
+pub(super) fn halted_text(cluster: &Path, revision: u64) -> String {
     match halt::load(cluster) {
         Ok(halts) => halts
             .iter()
@@ -168,7 +172,7 @@ pub fn halted_text(cluster: &Path, revision: u64) -> String {
 /// The flags of commands that act on groups a daemon may hold (`erel deploy`, the
 /// group lifecycle commands).
 #[derive(Debug, Clone, Args)]
-pub struct HoldArgs {
+pub(super) struct HoldArgs {
     /// Take the groups over from the daemon that holds them, for this command only:
     /// wait for its pass in progress to end (file mode) or for it to hand the group's
     /// lease over (AMQP), then act; the daemon resumes afterwards.
@@ -188,7 +192,7 @@ pub struct HoldArgs {
 
 /// What a command holds while it acts on groups; [`Hold::release`] hands it back.
 #[must_use = "the hold ends when released"]
-pub enum Hold {
+pub(super) enum Hold {
     /// The rollout lock beside the cluster file (file mode).
     File(HeldLock),
     /// Nothing: no daemon ever kept the cluster file, and its directory has no room
@@ -200,7 +204,7 @@ pub enum Hold {
 
 impl Hold {
     /// Hands back what was held: the daemons act again.
-    pub async fn release(self) {
+    pub(super) async fn release(self) {
         match self {
             Hold::File(lock) => drop(lock),
             Hold::Unlocked => {}
@@ -229,7 +233,7 @@ impl Hold {
 ///
 /// [`Error::Usage`] naming the holder (and the group, in AMQP mode) for a refusal or a
 /// hand-over that did not come within `--take-over-wait`; broker and lock file errors.
-pub async fn ensure_not_held(
+pub(super) async fn ensure_not_held(
     cluster: &Path,
     groups: &[String],
     command: &str,

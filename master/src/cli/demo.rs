@@ -31,7 +31,7 @@ const RELEASE: &str = "beat";
 
 /// `erel demo`.
 #[derive(Debug, Args)]
-pub struct DemoArgs {
+pub(super) struct DemoArgs {
     /// How many agents to start.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=20))]
     hosts: u16,
@@ -51,7 +51,7 @@ struct LocalAgent {
 }
 
 /// Runs the demo; exit 0 only when every step went as told.
-pub async fn demo(args: DemoArgs) -> Result<ExitCode> {
+pub(super) async fn demo(args: DemoArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let work = tempfile::Builder::new()
         .prefix("erel-demo-")
@@ -365,7 +365,7 @@ fn write_cluster(path: &Path, revision: u64, version: &str, agents: &[LocalAgent
 
 /// `erel demo-beat`: serves `beat VERSION HOST` on 127.0.0.1:$BEAT_PORT until killed.
 /// `BEAT_FAIL=exit` exits at once with code 3; `BEAT_FAIL=silent` runs without listening.
-pub async fn beat() -> Result<ExitCode> {
+pub(super) async fn beat() -> Result<ExitCode> {
     let version = std::env::var("EREL_VERSION").unwrap_or_else(|_| "unknown".into());
     let host = std::env::var("EREL_HOST_ID").unwrap_or_else(|_| "unknown".into());
     match std::env::var("BEAT_FAIL").as_deref() {

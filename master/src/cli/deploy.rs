@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 
 /// `erel deploy`.
 #[derive(Debug, Args)]
-pub struct DeployArgs {
+pub(super) struct DeployArgs {
     /// Only this group (repeatable; default: every group).
     #[arg(long = "group", value_name = "G")]
     groups: Vec<String>,
@@ -51,7 +51,7 @@ pub struct DeployArgs {
 /// `--hosts ID,ID` and `--exclude ID,ID`: which hosts of the selected groups a group
 /// command touches.
 #[derive(Debug, Args, Default)]
-pub struct HostSelection {
+pub(super) struct HostSelection {
     /// Only these hosts of the selected groups (comma-separated ids; repeatable).
     #[arg(long, value_name = "ID,..", value_delimiter = ',')]
     pub hosts: Vec<String>,
@@ -75,7 +75,11 @@ pub(super) fn check_groups(plan: &Plan, cluster: &Path, groups: &[String]) -> cr
 }
 
 /// Runs `erel deploy`.
-pub async fn deploy(ctx: &Context, cluster: &Path, args: DeployArgs) -> crate::Result<ExitCode> {
+pub(super) async fn deploy(
+    ctx: &Context,
+    cluster: &Path,
+    args: DeployArgs,
+) -> crate::Result<ExitCode> {
     let plan = Plan::load(cluster)?;
     check_groups(&plan, cluster, &args.groups)?;
     let options = RolloutOptions {
@@ -340,7 +344,7 @@ impl Bars {
 
 /// One event as a line of text, for logs and plain output; `None` for events not
 /// worth a line of their own.
-pub fn event_line(event: &RolloutEvent) -> Option<String> {
+pub(super) fn event_line(event: &RolloutEvent) -> Option<String> {
     Some(match event {
         RolloutEvent::GroupStarted {
             group,
@@ -430,7 +434,7 @@ pub fn event_line(event: &RolloutEvent) -> Option<String> {
 }
 
 /// `text` with `prefix` before each line.
-pub fn indent(text: &str, prefix: &str) -> String {
+pub(super) fn indent(text: &str, prefix: &str) -> String {
     text.lines()
         .map(|l| format!("{prefix}{l}"))
         .collect::<Vec<_>>()
@@ -523,7 +527,7 @@ fn summary_table(report: &RolloutReport, tails_shown: bool) -> String {
 }
 
 /// Left-aligned columns; the last column is not padded.
-pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
+pub(super) fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0usize; N];
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -1075,7 +1079,9 @@ async fn now_running(
 ) -> (Option<String>, String, Option<String>) {
     let asked = tokio::time::timeout(INTERRUPTED_PING, async {
         let mut client = connector.connect(&host).await?;
-        client.ping().await
+        client
+            .command::<erel_proto::Pong>(erel_proto::Request::Ping(erel_proto::Ping {}))
+            .await
     })
     .await;
     match asked {

@@ -34,7 +34,7 @@ use crate::rollout::{Operation, RolloutOptions};
 
 /// What every group form takes.
 #[derive(Debug, Args)]
-pub struct GroupArgs {
+pub(super) struct GroupArgs {
     /// The group (repeatable).
     #[arg(long = "group", value_name = "G")]
     groups: Vec<String>,
@@ -75,7 +75,7 @@ impl GroupArgs {
 /// `erel restart HOST NAME [VERSION] [--grace SECS] [--env K=V].. [--user U] [-- ARGV..]`,
 /// or `erel restart --group G [--hosts ID,..] [--exclude ID,..]`.
 #[derive(Debug, Args)]
-pub struct RestartArgs {
+pub(super) struct RestartArgs {
     /// The agent, as ID@ADDR:PORT or a host id from the cluster file (one-host form).
     host: Option<String>,
     /// Release name (one-host form).
@@ -95,7 +95,7 @@ pub struct RestartArgs {
 
 /// `erel rollback --group G [--hosts ID,..] [--exclude ID,..]`.
 #[derive(Debug, Args)]
-pub struct RollbackArgs {
+pub(super) struct RollbackArgs {
     #[command(flatten)]
     group: GroupArgs,
 }
@@ -103,7 +103,7 @@ pub struct RollbackArgs {
 /// `erel stop HOST NAME [--grace SECS]`, or `erel stop --group G [--hosts ..]
 /// [--exclude ..]`.
 #[derive(Debug, Args)]
-pub struct StopArgs {
+pub(super) struct StopArgs {
     /// The agent, as ID@ADDR:PORT or a host id from the cluster file (one-host form).
     host: Option<String>,
     /// Release name (one-host form).
@@ -193,7 +193,7 @@ impl RestartArgs {
 
 /// Runs `erel restart`: one host's release (stop, then start with its group's
 /// settings), or a rolling cold restart of the selected hosts of groups.
-pub async fn restart(
+pub(super) async fn restart(
     ctx: &Context,
     cluster: Option<&Path>,
     args: RestartArgs,
@@ -220,7 +220,7 @@ pub async fn restart(
 }
 
 /// Runs `erel rollback --group`.
-pub async fn rollback(
+pub(super) async fn rollback(
     ctx: &Context,
     cluster: &Path,
     args: RollbackArgs,
@@ -231,7 +231,7 @@ pub async fn rollback(
 }
 
 /// Runs `erel stop`: one host's release, or every selected host of groups.
-pub async fn stop(
+pub(super) async fn stop(
     ctx: &Context,
     cluster: Option<&Path>,
     args: StopArgs,

@@ -26,7 +26,7 @@ use crate::rollout::{probe_all, ProbeAnswer, DEFAULT_PROBE_TIMEOUT};
 
 /// `erel status`.
 #[derive(Debug, Args)]
-pub struct StatusArgs {
+pub(super) struct StatusArgs {
     /// Print everything as JSON.
     #[arg(long)]
     json: bool,
@@ -46,7 +46,7 @@ pub struct StatusArgs {
 /// One host × group as `status` shows it; a waiting host (in no group) has one row
 /// with no group, release or desired version.
 #[derive(Debug, Clone, Serialize)]
-pub struct HostStatus {
+pub(super) struct HostStatus {
     /// Host id.
     pub host: String,
     /// The group of this row; `None` for a waiting host.
@@ -107,7 +107,11 @@ pub struct HostStatus {
 const ARGV_ENV_UNKNOWN: &str = "unknown";
 
 /// Runs `erel status`.
-pub async fn status(ctx: &Context, cluster: &Path, args: StatusArgs) -> crate::Result<ExitCode> {
+pub(super) async fn status(
+    ctx: &Context,
+    cluster: &Path,
+    args: StatusArgs,
+) -> crate::Result<ExitCode> {
     let plan = Plan::load_with(cluster, &ArchiveLookup::Unchecked)?;
     let connector = Connector::new(ctx.tls()?, ctx.master_name())
         .with_connect_timeout(Duration::from_secs(args.connect_timeout.max(1)));
@@ -171,7 +175,7 @@ fn mark_halted(hosts: &mut [HostStatus], halts: &[Halt], revision: u64) {
 }
 
 /// Pings every host of `plan` at once.
-pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
+pub(super) async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
     let mut tasks = tokio::task::JoinSet::new();
     for (index, host) in plan.hosts.iter().enumerate() {
         let connector = connector.clone();
@@ -307,7 +311,7 @@ fn fill(row: &mut HostStatus, release: &ReleaseStatus) {
 }
 
 /// The status as a table, with crash output below it.
-pub fn status_table(plan: &Plan, hosts: &[HostStatus]) -> String {
+pub(super) fn status_table(plan: &Plan, hosts: &[HostStatus]) -> String {
     let mut rows = vec![[
         "HOST",
         "GROUP",

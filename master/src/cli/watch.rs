@@ -9,7 +9,7 @@ use crate::amqp::events::{self, WatchNotice};
 
 /// `erel watch`.
 #[derive(Debug, Args)]
-pub struct WatchArgs {
+pub(super) struct WatchArgs {
     /// Print each event as a JSON line.
     #[arg(long)]
     json: bool,
@@ -18,7 +18,7 @@ pub struct WatchArgs {
 }
 
 /// Prints events until SIGTERM or Ctrl-C.
-pub async fn watch(args: WatchArgs) -> crate::Result<ExitCode> {
+pub(super) async fn watch(args: WatchArgs) -> crate::Result<ExitCode> {
     let broker = args.broker.broker()?;
     let tag = format!("{}-{}", super::amqp::publisher(), std::process::id());
     let json = args.json;

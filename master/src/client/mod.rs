@@ -1,11 +1,13 @@
 //! The master's typed client for one agent: connect, handshake, and one exchange per
 //! command. Every phase runs under its own timeout (connect, handshake, each answer,
-//! whose bound [`crate::rollout::decide`] gives; a transfer's stall), none wrapped around
-//! another, and every failure names the host. An exchange is tried once: `session`
-//! holds the [`Connector`], the one way to open connections, and the [`HostSession`]
-//! that tries a command again as the one retry policy says; `write_file` the resumable
-//! transfer.
+//! whose bound `budget` gives; a transfer's stall), none wrapped around another, and
+//! every failure names the host. An exchange is tried once: `retry` says when a
+//! failed command is tried again, `session` holds the [`Connector`], the one way to
+//! open connections, and the [`HostSession`] that tries a command again as that policy
+//! says; `write_file` the resumable transfer.
 
+pub(crate) mod budget;
+pub(crate) mod retry;
 mod session;
 mod write_file;
 
@@ -15,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use erel_proto::{
-    read_frame, rules, write_frame, FrameError, Hello, Ping, Pong, Request, Response, Sha256,
-    Start, Started, Stop, Stopped, Unpack, Unpacked, PROTOCOL_VERSION,
+    read_frame, rules, write_frame, FrameError, Hello, Pong, Request, Response, Sha256, Started,
+    Stop, Stopped, Unpack, Unpacked, PROTOCOL_VERSION,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -24,8 +26,10 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::error::{Error, Result};
-use crate::rollout::decide::{answer_budget, Retry, RetryPolicy};
+use budget::answer_budget;
+use retry::{Retry, RetryPolicy};
 
+pub(crate) use retry::gave_up;
 pub use session::Connector;
 pub(crate) use session::{HostSession, DEFAULT_CONNECT_TIMEOUT};
 pub use write_file::{Progress, WriteSource};
@@ -204,36 +208,23 @@ impl AgentClient {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.stream.shutdown()).await;
     }
 
-    /// `Ping`: the agent's live state.
-    pub async fn ping(&mut self) -> Result<Pong> {
-        self.command(Request::Ping(Ping {})).await
-    }
-
-    /// `Unpack`: unpacks `archive` into `dest` on the agent.
-    pub async fn unpack(
-        &mut self,
-        archive: &str,
-        dest: &str,
-        sha256: Option<Sha256>,
-    ) -> Result<Unpacked> {
-        self.command(unpack_request(archive, dest, sha256)).await
-    }
-
-    /// `Start`: runs a release version, supervised.
-    pub async fn start(&mut self, start: Start) -> Result<Started> {
-        self.command(Request::Start(start)).await
-    }
-
-    /// `Stop`: SIGTERM to the release's group, SIGKILL after `grace`.
-    pub async fn stop(&mut self, name: &str, grace: Duration) -> Result<Stopped> {
-        self.command(stop_request(name, grace)).await
-    }
-
-    /// One command with the bound [`answer_budget`] gives its answer, asked again on
-    /// this connection while the agent is busy, as [`RetryPolicy`] says (a client alone
-    /// cannot reconnect; a [`HostSession`] does, with the same policy, around
-    /// [`Self::exchange`] and not around this).
-    async fn command<A: Answer>(&mut self, request: Request) -> Result<A> {
+    /// One command, `Ping`, `Unpack`, `Start` or `Stop`, and its answer of type `A`
+    /// ([`Pong`], [`Unpacked`], [`Started`], [`Stopped`]), within the bound that command
+    /// has outside a rollout (`budget::answer_budget`: 15 s for `Ping`, 600 s for
+    /// `Unpack`, 120 s for `Start`, the grace plus 30 s for `Stop`). A `Busy` agent is
+    /// asked again on this connection, with growing pauses, for up to 60 s (the one retry
+    /// policy, `retry::RetryPolicy`); a client alone cannot reconnect, a host's session
+    /// does, with the same policy, around the single exchange and not around this.
+    /// Requests: `Request::Ping(Ping {})`, [`unpack_request`], `Request::Start(..)`,
+    /// [`stop_request`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Agent`] with the agent's refusal (a `Busy` still so after the retries
+    /// says for how long), [`Error::Timeout`] naming the command when no answer came
+    /// within its bound, [`Error::Protocol`] for an answer of another type, and the
+    /// connection's I/O and frame errors.
+    pub async fn command<A: Answer>(&mut self, request: Request) -> Result<A> {
         let limit = answer_budget(&request);
         let began = tokio::time::Instant::now();
         let mut policy = RetryPolicy::new();
@@ -251,7 +242,7 @@ impl AgentClient {
 
     /// Sends `request` and reads its answer, of type `A`, within `limit`; an agent error
     /// (`Busy` included) becomes [`Error::Agent`]. Nothing is retried here: a rollout's
-    /// [`HostSession`] retries as [`crate::rollout::decide::RetryPolicy`] says.
+    /// [`HostSession`] retries as [`RetryPolicy`] says.
     pub(crate) async fn exchange<A: Answer>(
         &mut self,
         request: Request,
@@ -341,26 +332,9 @@ fn queue_close_notify(stream: &mut TlsStream<TcpStream>) {
     }
 }
 
-/// The error a retried command ends with: a `Busy` waited out for a second or more
-/// says for how long.
-pub(crate) fn gave_up(error: Error, waited: Duration) -> Error {
-    match error {
-        Error::Agent { host, mut reply }
-            if reply.kind == erel_proto::ErrorKind::Busy && waited >= Duration::from_secs(1) =>
-        {
-            reply.message = format!(
-                "{} (still so after retrying for {} s)",
-                reply.message,
-                waited.as_secs()
-            );
-            Error::Agent { host, reply }
-        }
-        other => other,
-    }
-}
-
-/// The answer a command expects, picked out of a [`Response`].
-pub(crate) trait Answer: Sized {
+/// The answer a command expects, picked out of a [`Response`]: [`Pong`] for `Ping`,
+/// [`Unpacked`] for `Unpack`, [`Started`] for `Start`, [`Stopped`] for `Stop`.
+pub trait Answer: Sized {
     /// The answer, or the response as it came when it is another one.
     fn from_response(response: Response) -> std::result::Result<Self, Response>;
 }
@@ -380,8 +354,9 @@ macro_rules! answer {
 
 answer!(Pong, Unpacked, Started, Stopped);
 
-/// The `Unpack` request for `archive` into `dest`.
-pub(crate) fn unpack_request(archive: &str, dest: &str, sha256: Option<Sha256>) -> Request {
+/// The `Unpack` request for `archive` into `dest` (both relative to the agent's
+/// root), checked against `sha256` when given.
+pub fn unpack_request(archive: &str, dest: &str, sha256: Option<Sha256>) -> Request {
     Request::Unpack(Unpack {
         archive: archive.to_string(),
         dest: dest.to_string(),
@@ -389,8 +364,9 @@ pub(crate) fn unpack_request(archive: &str, dest: &str, sha256: Option<Sha256>) 
     })
 }
 
-/// The `Stop` request for release `name` with `grace`.
-pub(crate) fn stop_request(name: &str, grace: Duration) -> Request {
+/// The `Stop` request for release `name` with `grace`: SIGTERM to the release's
+/// process group, SIGKILL after `grace` (in milliseconds on the wire, saturating).
+pub fn stop_request(name: &str, grace: Duration) -> Request {
     Request::Stop(Stop {
         name: name.to_string(),
         grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
@@ -468,30 +444,5 @@ mod tests {
             let err = bad.parse::<HostAddr>().unwrap_err().to_string();
             assert!(err.contains(bad), "{bad}: {err}");
         }
-    }
-
-    #[test]
-    fn a_busy_waited_out_says_for_how_long() {
-        use erel_proto::{ErrorKind, ErrorReply};
-        let agent = |kind, message: &str| Error::Agent {
-            host: "web-1".into(),
-            reply: ErrorReply::new(kind, message),
-        };
-        let err = gave_up(
-            agent(ErrorKind::NotFound, "archive not found: a"),
-            Duration::from_secs(60),
-        );
-        assert_eq!(err.to_string(), "web-1: archive not found: a");
-        let err = gave_up(
-            agent(ErrorKind::Busy, "another request is working on a"),
-            Duration::from_secs(60),
-        );
-        let text = err.to_string();
-        assert!(
-            text.starts_with(
-                "web-1: busy: another request is working on a (still so after retrying for 60 s)"
-            ),
-            "{text}"
-        );
     }
 }

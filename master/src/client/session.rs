@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use erel_proto::{Ping, Pong, Request, Sha256, Start, Started, Stopped, Unpacked, Written};
 
+use super::budget::answer_budget;
+use super::retry::{Retry, RetryPolicy};
 use super::{
     gave_up, stop_request, unpack_request, AgentClient, Answer, HostAddr, PhaseTimeouts,
     WriteSource,
 };
 use crate::error::{Error, Result};
-use crate::rollout::decide::{answer_budget, Retry, RetryPolicy};
 
 /// How long each phase of opening a connection (TCP; TLS and `Hello`) may take by
 /// default: the one default, for a rollout, where an unreachable host must not hold up
@@ -106,7 +107,7 @@ macro_rules! retrying {
 
 impl HostSession {
     /// A session for `host`; nothing is opened yet.
-    pub fn new(host: HostAddr, connector: Connector) -> Self {
+    pub(crate) fn new(host: HostAddr, connector: Connector) -> Self {
         HostSession {
             host,
             connector,
@@ -115,7 +116,7 @@ impl HostSession {
     }
 
     /// The host.
-    pub fn host(&self) -> &HostAddr {
+    pub(crate) fn host(&self) -> &HostAddr {
         &self.host
     }
 
@@ -137,14 +138,14 @@ impl HostSession {
     }
 
     /// `Ping`, answered within `limit`.
-    pub async fn ping(&mut self, limit: Duration) -> Result<Pong> {
+    pub(crate) async fn ping(&mut self, limit: Duration) -> Result<Pong> {
         retrying!(self, |client| client
             .exchange(Request::Ping(Ping {}), limit))
     }
 
     /// `WriteFile` of an archive whose digest is known: nothing is sent when present,
     /// an interrupted transfer resumes.
-    pub async fn push(
+    pub(crate) async fn push(
         &mut self,
         path: &std::path::Path,
         sha256: Sha256,
@@ -165,7 +166,7 @@ impl HostSession {
     }
 
     /// `Unpack`, answered within `limit`.
-    pub async fn unpack(
+    pub(crate) async fn unpack(
         &mut self,
         archive: &str,
         dest: &str,
@@ -177,13 +178,18 @@ impl HostSession {
     }
 
     /// `Start`, answered within `limit`.
-    pub async fn start(&mut self, start: &Start, limit: Duration) -> Result<Started> {
+    pub(crate) async fn start(&mut self, start: &Start, limit: Duration) -> Result<Started> {
         retrying!(self, |client| client
             .exchange(Request::Start(start.clone()), limit))
     }
 
     /// `Stop`, answered within `limit`.
-    pub async fn stop(&mut self, name: &str, grace: Duration, limit: Duration) -> Result<Stopped> {
+    pub(crate) async fn stop(
+        &mut self,
+        name: &str,
+        grace: Duration,
+        limit: Duration,
+    ) -> Result<Stopped> {
         let request = stop_request(name, grace);
         retrying!(self, |client| client.exchange(request.clone(), limit))
     }

@@ -26,7 +26,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use super::{timeout, AgentClient, TRANSFER_STALL_TIMEOUT};
-use crate::digest_cache::FileStamp;
+use crate::digest_cache::{hash_into, FileStamp};
 use crate::error::{Error, Result};
 
 /// Bytes read from disk per chunk.
@@ -325,19 +325,8 @@ fn hash_prefix(path: &Path, mut file: std::fs::File, len: u64) -> Result<sha2::S
     file.seek(SeekFrom::Start(0))
         .map_err(|e| Error::local(path, format!("seek failed: {e}")))?;
     let mut hasher = sha2::Sha256::new();
-    let mut limited = file.take(len);
-    let mut buf = vec![0u8; CHUNK];
-    let mut seen = 0u64;
-    loop {
-        let n = limited
-            .read(&mut buf)
-            .map_err(|e| Error::local(path, format!("read failed: {e}")))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        seen += n as u64;
-    }
+    let seen = hash_into(&mut hasher, &mut file.take(len))
+        .map_err(|e| Error::local(path, format!("read failed: {e}")))?;
     if seen != len {
         return Err(Error::local(path, "file shrank while reading"));
     }

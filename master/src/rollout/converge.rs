@@ -29,7 +29,7 @@ use crate::error::Result;
 
 /// How the daemon paces itself.
 #[derive(Debug, Clone)]
-pub struct ConvergeOptions {
+pub(crate) struct ConvergeOptions {
     /// Time between two convergence passes when nothing changes.
     pub interval: Duration,
     /// How often the cluster file's stamp (size, times, inode) is looked at.
@@ -55,7 +55,7 @@ impl Default for ConvergeOptions {
 /// resolves: at once, then every `interval` (drift), and at once again whenever a new
 /// plan arrives. No plan yet: it waits for one. A pass in progress when `stop` resolves
 /// is abandoned; every agent command is idempotent, so the next run completes it.
-pub async fn keep_converged<F, Fut>(
+pub(crate) async fn keep_converged<F, Fut>(
     mut plans: watch::Receiver<Option<Arc<Plan>>>,
     interval: Duration,
     stop: impl Future<Output = ()>,
@@ -84,7 +84,7 @@ pub async fn keep_converged<F, Fut>(
 /// One convergence pass of a daemon: rolls `plan` out (the groups `options` names),
 /// handing events to `on_event`, and logs a pass that did not converge. The report,
 /// converged or not; `None` when the rollout could not run at all.
-pub async fn converge_pass(
+pub(crate) async fn converge_pass(
     plan: &Plan,
     connector: &Connector,
     options: &RolloutOptions,
@@ -115,7 +115,7 @@ pub async fn converge_pass(
 /// an error) and the halted groups kept beside it, converges, and reloads the file
 /// whenever its revision grows. A newer revision that does not validate is logged and
 /// the current plan kept. Events go to `on_event`; halts are logged as errors.
-pub async fn converge_file(
+pub(crate) async fn converge_file(
     path: PathBuf,
     connector: Connector,
     options: ConvergeOptions,

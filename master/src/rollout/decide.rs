@@ -4,37 +4,29 @@
 //! there, push what is missing), the per-host switch as a state machine ([`HostSwitch`]:
 //! each observation gives the next action, rollback included), whether a freshly started
 //! release is healthy yet ([`verify`]), how long each phase may take ([`phase_budget`],
-//! [`Health::deadline`] for verification), when a failed command is tried again
-//! ([`RetryPolicy`]), and which hosts of a group may switch now, halting once the
-//! failures spend the group's budget, `max_failed` ([`GroupSchedule`]). No I/O here: the driver observes, these decide, the
-//! driver acts.
+//! [`Health::deadline`] for verification), and which hosts of a group may switch now,
+//! halting once the failures spend the group's budget, `max_failed`
+//! ([`GroupSchedule`]). No I/O here: the driver observes, these decide, the driver acts.
+//! When a failed command is tried again is the client's
+//! ([`crate::client::retry::RetryPolicy`]).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
-use erel_proto::{ErrorKind, ReleaseState, ReleaseStatus, Request};
+use erel_proto::{ReleaseState, ReleaseStatus};
 use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::{HostFailure, HostPhase};
-use crate::client::TRANSFER_STALL_TIMEOUT;
+use crate::client::budget::{stop_budget, PING_BUDGET, START_BUDGET, UNPACK_BUDGET};
 use crate::cluster::{GroupPlan, Health};
-use crate::error::Error;
 
-/// How long an agent may take to answer `Ping` (a look, in every phase that looks).
-pub(crate) const PING_BUDGET: Duration = Duration::from_secs(15);
-/// How long an agent may take to unpack an archive: large archives on slow disks.
-const UNPACK_BUDGET: Duration = Duration::from_secs(600);
-/// How long an agent may take to start a release: it may first stop another version.
-const START_BUDGET: Duration = Duration::from_secs(120);
-/// How long beyond the stop grace an agent may take to answer `Stop`.
-const STOP_MARGIN: Duration = Duration::from_secs(30);
 /// How long a failed release's output is waited for when it restarted unseen.
 const OUTPUT_TAIL_WAIT: Duration = Duration::from_secs(2);
 
 /// How long the agent may take to answer the command a host's `phase` sends, once sent:
 /// one bound per phase, none wrapped around another. The bound is per attempt: a command
-/// whose connection broke is sent once more on a new one ([`RetryPolicy`]), so a phase
+/// whose connection broke is sent once more on a new one ([`crate::client::retry::RetryPolicy`]), so a phase
 /// may take up to twice its bound. Staging's bound is `Unpack`'s; its
 /// `WriteFile` is bounded per step by the transfer's stall timeout instead. The rollback
 /// sends `Stop` and `Start`, so the driver asks for [`HostPhase::Stopping`] and
@@ -49,26 +41,9 @@ pub(crate) fn phase_budget(phase: HostPhase, group: &GroupPlan) -> Duration {
     }
 }
 
-/// How long the agent may take to answer `request`, once sent, outside a rollout (an
-/// operator's single command): the same bounds as [`phase_budget`].
-pub(crate) fn answer_budget(request: &Request) -> Duration {
-    match request {
-        Request::Ping(_) => PING_BUDGET,
-        Request::Unpack(_) => UNPACK_BUDGET,
-        Request::Start(_) => START_BUDGET,
-        Request::Stop(stop) => stop_budget(Duration::from_millis(stop.grace_ms)),
-        Request::Hello(_) | Request::WriteFile(_) => TRANSFER_STALL_TIMEOUT,
-    }
-}
-
-/// The agent caps the grace itself; a huge one must not overflow the wait here.
-fn stop_budget(grace: Duration) -> Duration {
-    grace.saturating_add(STOP_MARGIN)
-}
-
 /// The version a host ran before the switch, to return to if the new one fails.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Previous {
+pub(crate) struct Previous {
     /// The version.
     pub version: String,
     /// Whether it ran (or was meant to run): only then does a rollback start it again.
@@ -77,7 +52,7 @@ pub struct Previous {
 
 /// What a host needs to reach the desired version.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Assessment {
+pub(crate) enum Assessment {
     /// It runs the desired version, healthy: nothing to do.
     UpToDate,
     /// It runs the desired version, started moments ago (a deploy interrupted between
@@ -102,7 +77,7 @@ pub enum Assessment {
 /// Decides what a host needs, from its `Ping` status for the release (`None` when the
 /// agent does not know the release) and, when it runs the desired version and the group
 /// has a TCP probe, whether the probe answered.
-pub fn assess(
+pub(crate) fn assess(
     status: Option<&ReleaseStatus>,
     version: &str,
     health: &Health,
@@ -156,7 +131,7 @@ pub fn assess(
 /// it again whatever it runs now, staged first when the host lacks it. The version the
 /// host ran is where a failed restart returns, which for a host that ran `version` is
 /// `version` itself: started once more.
-pub fn assess_restart(status: Option<&ReleaseStatus>, version: &str) -> Assessment {
+pub(crate) fn assess_restart(status: Option<&ReleaseStatus>, version: &str) -> Assessment {
     let Some(status) = status else {
         return Assessment::Switch {
             previous: None,
@@ -181,7 +156,7 @@ pub fn assess_restart(status: Option<&ReleaseStatus>, version: &str) -> Assessme
 /// again at every pass until then. Modelled on `kubectl rollout restart`, which sets a
 /// `restartedAt` annotation; here the start of each release is compared with it, so no
 /// state is kept and every master decides alike.
-pub fn restart_due(
+pub(crate) fn restart_due(
     status: Option<&ReleaseStatus>,
     version: &str,
     restarted_at: OffsetDateTime,
@@ -208,7 +183,7 @@ impl Assessment {
     /// Whether this switch starts `version` again on a host that ran it (a restart in
     /// place, [`assess_restart`]): a failed one returns by starting `version` once more
     /// ([`HostSwitch::begin_restart`]).
-    pub fn restarts_in_place(&self, version: &str) -> bool {
+    pub(crate) fn restarts_in_place(&self, version: &str) -> bool {
         matches!(
             self,
             Assessment::Switch { previous: Some(p), .. } if p.version == version && p.was_running
@@ -221,7 +196,7 @@ impl Assessment {
 /// are listed oldest first, in the order they were unpacked), and the assessment that
 /// switches to it, with the current version as the way back. `Err` says why there is
 /// nothing to go back to.
-pub fn rollback_target(
+pub(crate) fn rollback_target(
     status: Option<&ReleaseStatus>,
     release: &str,
 ) -> Result<(String, Assessment), String> {
@@ -359,7 +334,7 @@ impl std::fmt::Display for VerdictKind {
 
 /// What one look at a freshly started release says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Up long enough, unrestarted, and every probe (if any) passed `passes` times in a
     /// row; on what evidence.
     Healthy(Evidence),
@@ -387,7 +362,7 @@ pub enum Verdict {
 impl Verdict {
     /// The verdict reached, with its evidence; `None` for [`Verdict::Wait`] and
     /// [`Verdict::Lost`] (no verdict on the release itself).
-    pub fn evidence(&self) -> Option<(VerdictKind, &Evidence)> {
+    pub(crate) fn evidence(&self) -> Option<(VerdictKind, &Evidence)> {
         match self {
             Verdict::Healthy(evidence) => Some((VerdictKind::Healthy, evidence)),
             Verdict::Unhealthy { evidence, .. } => Some((VerdictKind::Unhealthy, evidence)),
@@ -400,11 +375,11 @@ impl Verdict {
 /// Consecutive looks at which every configured probe passed: a look with a failing
 /// probe resets the count to 0; a look at which no probe was due leaves it as it is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PassCount(u32);
+pub(crate) struct PassCount(u32);
 
 impl PassCount {
     /// Counts one look's probe answers; the count after it.
-    pub fn record(&mut self, answers: &[ProbeAnswer]) -> u32 {
+    pub(crate) fn record(&mut self, answers: &[ProbeAnswer]) -> u32 {
         if answers.is_empty() {
             return self.0;
         }
@@ -419,7 +394,7 @@ impl PassCount {
 
 /// One observation of a release being verified.
 #[derive(Debug, Clone, Copy)]
-pub struct Observation<'a> {
+pub(crate) struct Observation<'a> {
     /// Why the agent could not be asked, when `Ping` failed.
     pub lost: Option<&'a str>,
     /// The release's status from `Ping`; `None` when the agent no longer reports it.
@@ -437,7 +412,7 @@ pub struct Observation<'a> {
 
 impl Observation<'_> {
     /// The evidence this look gives, against `health`.
-    pub fn evidence(&self, health: &Health) -> Evidence {
+    pub(crate) fn evidence(&self, health: &Health) -> Evidence {
         Evidence {
             probes: self.probes.to_vec(),
             passes: self.passes,
@@ -454,7 +429,12 @@ impl Observation<'_> {
 /// fails at once when it exits, restarts or another version runs; it is healthy once
 /// up `min_up` and (with a probe) every probe passed `passes` looks in a row; it fails
 /// when the deadline comes first. Every verdict carries its [`Evidence`].
-pub fn verify(observation: &Observation<'_>, version: &str, pid: u32, health: &Health) -> Verdict {
+pub(crate) fn verify(
+    observation: &Observation<'_>,
+    version: &str,
+    pid: u32,
+    health: &Health,
+) -> Verdict {
     if let Some(why) = observation.lost {
         return Verdict::Lost(format!("lost the agent while verifying: {why}"));
     }
@@ -524,80 +504,6 @@ pub fn verify(observation: &Observation<'_>, version: &str, pid: u32, health: &H
     Verdict::Wait
 }
 
-/// How long an agent answering `Busy` (it still holds what a cut connection held: a
-/// file's staging, an `Unpack` running to its end) is asked again: it hands over within
-/// its own takeover bound (seconds), so a repeated command waits that out.
-pub(crate) const BUSY_WAIT: Duration = Duration::from_secs(60);
-/// How long a push asks again an agent busy with another push of the same file.
-pub(crate) const PUSH_BUSY_WAIT: Duration = Duration::from_secs(180);
-/// First pause before asking a busy agent again; it doubles up to [`BUSY_PAUSE_MAX`].
-const BUSY_PAUSE_FIRST: Duration = Duration::from_millis(100);
-/// Longest pause between two tries of a `Busy` command.
-const BUSY_PAUSE_MAX: Duration = Duration::from_secs(2);
-/// Connections opened again for one command after a connection problem.
-const RECONNECTS: u32 = 1;
-/// Pause before opening a connection again.
-const RECONNECT_PAUSE: Duration = Duration::from_millis(300);
-
-/// What to do after a command failed; every agent command is safe to repeat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Retry {
-    /// Ask again on the same connection after the pause (the agent was busy).
-    Again(Duration),
-    /// Open a new connection and ask again after the pause (the connection failed).
-    Reconnect(Duration),
-    /// Report the error.
-    GiveUp,
-}
-
-/// The one retry policy of the master's commands: a `Busy` agent is asked again, with
-/// growing pauses, for up to [`BUSY_WAIT`]; a failed connection is opened again once;
-/// anything else is reported at once.
-#[derive(Debug, Clone)]
-pub(crate) struct RetryPolicy {
-    reconnects: u32,
-    busy_pause: Duration,
-    busy_wait: Duration,
-}
-
-impl RetryPolicy {
-    /// The policy for one command, before its first try.
-    pub(crate) fn new() -> Self {
-        RetryPolicy {
-            reconnects: 0,
-            busy_pause: BUSY_PAUSE_FIRST,
-            busy_wait: BUSY_WAIT,
-        }
-    }
-
-    /// The policy of a push that waits for another master's push of the same file:
-    /// that one may run for several takeovers, so a busy agent is asked again for up
-    /// to [`PUSH_BUSY_WAIT`].
-    pub(crate) fn for_push() -> Self {
-        RetryPolicy {
-            busy_wait: PUSH_BUSY_WAIT,
-            ..RetryPolicy::new()
-        }
-    }
-
-    /// What to do after `error`, `waited` after the first try began.
-    pub(crate) fn after(&mut self, error: &Error, waited: Duration) -> Retry {
-        if error.agent_kind() == Some(ErrorKind::Busy) {
-            if waited + self.busy_pause > self.busy_wait {
-                return Retry::GiveUp;
-            }
-            let pause = self.busy_pause;
-            self.busy_pause = (pause * 2).min(BUSY_PAUSE_MAX);
-            return Retry::Again(pause);
-        }
-        if error.is_transient() && self.reconnects < RECONNECTS {
-            self.reconnects += 1;
-            return Retry::Reconnect(RECONNECT_PAUSE);
-        }
-        Retry::GiveUp
-    }
-}
-
 /// Which hosts of a group may switch now: the canaries first, then the rest, never more
 /// than `max_in_flight` at once, and nothing new once more hosts failed than the
 /// group's failure budget (`max_failed`) allows.
@@ -610,8 +516,12 @@ impl RetryPolicy {
 /// failures are at most `max_failed`, and halts at the one beyond. Hosts are taken in
 /// order as slots free up, so the bound holds at every instant and the group never
 /// waits for the slowest host of a batch.
+///
+/// The schedule also words why the group halted ([`Self::halt_reason`]): the failure
+/// that spent the budget, as [`HostFault`] words it, with the count against
+/// `max_failed` when the group had a budget.
 #[derive(Debug, Clone)]
-pub struct GroupSchedule {
+pub(crate) struct GroupSchedule {
     canaries: VecDeque<String>,
     rest: VecDeque<String>,
     canaries_in_flight: BTreeSet<String>,
@@ -619,12 +529,12 @@ pub struct GroupSchedule {
     max_in_flight: usize,
     max_failed: usize,
     failed: usize,
-    halted: bool,
+    halt_reason: Option<String>,
 }
 
 impl GroupSchedule {
     /// A schedule for `hosts` (in order) needing a switch, halting at the first failure.
-    pub fn new(hosts: Vec<String>, canaries: usize, max_in_flight: usize) -> Self {
+    pub(crate) fn new(hosts: Vec<String>, canaries: usize, max_in_flight: usize) -> Self {
         let mut rest: VecDeque<String> = hosts.into();
         let canaries: VecDeque<String> = rest.drain(..canaries.min(rest.len())).collect();
         GroupSchedule {
@@ -635,20 +545,20 @@ impl GroupSchedule {
             max_in_flight: max_in_flight.max(1),
             max_failed: 0,
             failed: 0,
-            halted: false,
+            halt_reason: None,
         }
     }
 
     /// The same schedule, halting only once more than `max_failed` hosts failed.
-    pub fn with_max_failed(mut self, max_failed: usize) -> Self {
+    pub(crate) fn with_max_failed(mut self, max_failed: usize) -> Self {
         self.max_failed = max_failed;
         self
     }
 
     /// The hosts to begin now; they count as in flight until [`Self::finish`].
-    pub fn begin_next(&mut self) -> Vec<String> {
+    pub(crate) fn begin_next(&mut self) -> Vec<String> {
         let mut begin = Vec::new();
-        while !self.halted && self.in_flight.len() < self.max_in_flight {
+        while self.halt_reason.is_none() && self.in_flight.len() < self.max_in_flight {
             let host = if let Some(host) = self.canaries.pop_front() {
                 self.canaries_in_flight.insert(host.clone());
                 host
@@ -666,70 +576,85 @@ impl GroupSchedule {
         begin
     }
 
-    /// Records how a host in flight ended. A failed canary halts the group; another
-    /// failed host spends the failure budget. True when the group halted just now.
-    pub fn finish(&mut self, host: &str, ok: bool) -> bool {
+    /// Records how a host in flight ended: `Ok` when it succeeded, else how it failed.
+    /// A failed canary halts the group; another failed host spends the failure budget.
+    /// True when the group halted just now.
+    pub(crate) fn finish(&mut self, host: &str, outcome: Result<(), HostFault<'_>>) -> bool {
         let canary = self.canaries_in_flight.remove(host);
         self.in_flight.remove(host);
-        if ok {
+        let Err(fault) = outcome else {
             return false;
-        }
-        if canary && !self.halted {
+        };
+        if canary && self.halt_reason.is_none() {
             self.failed += 1;
-            self.halted = true;
+            self.halt(host, fault);
             return true;
         }
-        self.fail(host)
+        self.fail(host, fault)
     }
 
     /// Records that `host` failed outside a canary's switch (its ping, its staging
     /// ahead of its turn, a switch after the canaries): the host is never begun again,
     /// and the group halts once the failures exceed the budget. True when the group
     /// halted just now.
-    pub fn fail(&mut self, host: &str) -> bool {
+    pub(crate) fn fail(&mut self, host: &str, fault: HostFault<'_>) -> bool {
         self.in_flight.remove(host);
         self.canaries_in_flight.remove(host);
         self.canaries.retain(|h| h != host);
         self.rest.retain(|h| h != host);
         self.failed += 1;
-        if !self.halted && self.failed > self.max_failed {
-            self.halted = true;
+        if self.halt_reason.is_none() && self.failed > self.max_failed {
+            self.halt(host, fault);
             return true;
         }
         false
     }
 
-    /// Hosts failed so far.
-    pub fn failed(&self) -> usize {
-        self.failed
+    /// Halts the group because of `host`'s `fault`, the failure that spent the budget.
+    fn halt(&mut self, host: &str, fault: HostFault<'_>) {
+        let failure = fault.words(host);
+        self.halt_reason = Some(if self.max_failed == 0 {
+            failure
+        } else {
+            format!(
+                "{failure} ({} host(s) failed, max_failed = {})",
+                self.failed, self.max_failed
+            )
+        });
     }
 
-    /// The failure budget: hosts that may fail before the group halts.
-    pub fn max_failed(&self) -> usize {
-        self.max_failed
+    /// Why the group halted, in the words of reports, or `None` while it has not.
+    pub(crate) fn halt_reason(&self) -> Option<&str> {
+        self.halt_reason.as_deref()
+    }
+
+    /// Hosts failed so far.
+    #[cfg(test)]
+    pub(crate) fn failed(&self) -> usize {
+        self.failed
     }
 
     /// Whether failures halted the group.
     #[cfg(test)]
-    pub fn is_halted(&self) -> bool {
-        self.halted
+    pub(crate) fn is_halted(&self) -> bool {
+        self.halt_reason.is_some()
     }
 
     /// Hosts in flight now.
     #[cfg(test)]
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.len()
     }
 
     /// True once nothing is in flight and nothing more will begin.
-    pub fn is_finished(&self) -> bool {
+    pub(crate) fn is_finished(&self) -> bool {
         self.in_flight.is_empty()
-            && (self.halted || (self.canaries.is_empty() && self.rest.is_empty()))
+            && (self.halt_reason.is_some() || (self.canaries.is_empty() && self.rest.is_empty()))
     }
 
     /// Hosts that never began (after a halt), in order.
     #[cfg(test)]
-    pub fn untouched(&self) -> Vec<String> {
+    pub(crate) fn untouched(&self) -> Vec<String> {
         self.canaries
             .iter()
             .chain(self.rest.iter())
@@ -738,22 +663,55 @@ impl GroupSchedule {
     }
 }
 
-/// Why a group halted, in the words of reports: the failure that spent the budget.
-pub fn halt_reason(failure: &str, schedule: &GroupSchedule) -> String {
-    if schedule.max_failed() == 0 {
-        failure.to_string()
-    } else {
-        format!(
-            "{failure} ({} host(s) failed, max_failed = {})",
-            schedule.failed(),
-            schedule.max_failed()
-        )
+/// How a host failed, as a [`GroupSchedule`] records it; the schedule words the one
+/// that halts the group with the host's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HostFault<'a> {
+    /// Its ping failed, asked at `addr`: `web-1 (ADDR): REASON`.
+    Inspection {
+        /// The host's address, `host:port`.
+        addr: &'a str,
+        /// What went wrong.
+        reason: &'a str,
+    },
+    /// Stopping the group's release on it failed (a stop of the group, or of a host
+    /// that left it), asked at `addr`: `web-1 (ADDR): REASON`.
+    Stop {
+        /// The host's address, `host:port`.
+        addr: &'a str,
+        /// What went wrong.
+        reason: &'a str,
+    },
+    /// Stopping the release it ran before it left the group failed, which spends the
+    /// budget of the rollout that follows: `stopping the release on web-1 failed`.
+    StopBeforeRollout,
+    /// The task switching it ended without an outcome (it panicked):
+    /// `the switch task of web-1 failed`.
+    SwitchTask,
+    /// Its staging or its switch failed: `web-1 failed: REASON`.
+    Switch {
+        /// What went wrong.
+        reason: &'a str,
+    },
+}
+
+impl HostFault<'_> {
+    /// The failure of `host`, in the words of reports.
+    fn words(&self, host: &str) -> String {
+        match self {
+            HostFault::Inspection { addr, reason } | HostFault::Stop { addr, reason } => {
+                format!("{host} ({addr}): {reason}")
+            }
+            HostFault::StopBeforeRollout => format!("stopping the release on {host} failed"),
+            HostFault::SwitchTask => format!("the switch task of {host} failed"),
+            HostFault::Switch { reason } => format!("{host} failed: {reason}"),
+        }
     }
 }
 
 /// How long to look again for the output of a release found unhealthy, when the look
 /// that failed it showed none: a release that has not written anything yet.
-pub fn output_tail_wait(observation: &Observation<'_>) -> Option<Duration> {
+pub(crate) fn output_tail_wait(observation: &Observation<'_>) -> Option<Duration> {
     let tail = observation.status.map(|s| s.output_tail.as_str());
     tail.unwrap_or_default()
         .trim()
@@ -763,20 +721,20 @@ pub fn output_tail_wait(observation: &Observation<'_>) -> Option<Duration> {
 
 /// Whether a host's release must answer its TCP probe before it counts as up to date:
 /// only a release that runs the desired version is probed.
-pub fn wants_probe(status: Option<&ReleaseStatus>, version: &str) -> bool {
+pub(crate) fn wants_probe(status: Option<&ReleaseStatus>, version: &str) -> bool {
     status
         .is_some_and(|s| s.version.as_deref() == Some(version) && s.state == ReleaseState::Running)
 }
 
 /// Whether a release up for `up` is probed now: not before `min_up`, when a verdict
 /// could not be reached anyway.
-pub fn probe_due(up: Duration, health: &Health) -> bool {
+pub(crate) fn probe_due(up: Duration, health: &Health) -> bool {
     up >= health.min_up
 }
 
 /// What the driver is to do next for a host being staged.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StageAction {
+pub(crate) enum StageAction {
     /// Send the archive (`WriteFile`; nothing is sent when the agent has it).
     Push,
     /// Unpack the archive into the version's directory.
@@ -791,7 +749,7 @@ pub enum StageAction {
 /// agent answers from its marker, without the archive); one the agent lacks the archive
 /// for ([`Observed::Missing`]) is pushed, then unpacked.
 #[derive(Debug, Clone)]
-pub struct Staging {
+pub(crate) struct Staging {
     pushed: bool,
     last: StageAction,
 }
@@ -799,7 +757,7 @@ pub struct Staging {
 impl Staging {
     /// Staging for a host whose assessment says whether the version is `staged`, and
     /// its first action.
-    pub fn begin(staged: bool) -> (Self, StageAction) {
+    pub(crate) fn begin(staged: bool) -> (Self, StageAction) {
         let first = if staged {
             StageAction::Unpack
         } else {
@@ -813,7 +771,7 @@ impl Staging {
     }
 
     /// The next action, given what the last one gave.
-    pub fn next(&mut self, observed: Observed) -> StageAction {
+    pub(crate) fn next(&mut self, observed: Observed) -> StageAction {
         let next = match (&self.last, observed) {
             (StageAction::Push, Observed::Ok) => StageAction::Unpack,
             (StageAction::Unpack, Observed::Ok) => StageAction::Staged,
@@ -836,7 +794,7 @@ impl Staging {
 
 /// What the driver is to do next for a host being switched.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Stop the release (the old version, or the failed new one in a rollback).
     Stop,
     /// Start `version`.
@@ -864,7 +822,7 @@ pub enum Action {
 
 /// What performing the last [`Action`] gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Observed {
+pub(crate) enum Observed {
     /// It succeeded (stopped, pushed, unpacked, or proved healthy).
     Ok,
     /// The agent lacks what the command needs (the archive to unpack): why.
@@ -882,7 +840,7 @@ pub enum Observed {
 
 impl Observed {
     /// A failure without output.
-    pub fn failed(reason: impl std::fmt::Display) -> Self {
+    pub(crate) fn failed(reason: impl std::fmt::Display) -> Self {
         Observed::Failed {
             reason: reason.to_string(),
             output_tail: String::new(),
@@ -906,7 +864,7 @@ enum Step {
 /// failure stop new → start old → verify old. Each [`Observed`] gives the next
 /// [`Action`]; no I/O here, the driver performs the actions.
 #[derive(Debug, Clone)]
-pub struct HostSwitch {
+pub(crate) struct HostSwitch {
     step: Step,
     desired: String,
     previous: Option<Previous>,
@@ -917,7 +875,7 @@ pub struct HostSwitch {
 
 impl HostSwitch {
     /// The machine for a host assessed as `assessment`, and its first action.
-    pub fn begin(assessment: Assessment, desired: &str) -> (Self, Action) {
+    pub(crate) fn begin(assessment: Assessment, desired: &str) -> (Self, Action) {
         let mut machine = HostSwitch {
             step: Step::StopOld,
             desired: desired.to_string(),
@@ -952,14 +910,14 @@ impl HostSwitch {
     /// The machine for a rolling restart of `version` (see [`assess_restart`]): like
     /// [`Self::begin`], but a failed restart of a host that ran `version` is rolled back
     /// by starting `version` once more, and its failure says so.
-    pub fn begin_restart(assessment: Assessment, version: &str) -> (Self, Action) {
+    pub(crate) fn begin_restart(assessment: Assessment, version: &str) -> (Self, Action) {
         let (mut machine, action) = HostSwitch::begin(assessment, version);
         machine.restart = true;
         (machine, action)
     }
 
     /// The phase the host is in, as events report it.
-    pub fn phase(&self) -> HostPhase {
+    pub(crate) fn phase(&self) -> HostPhase {
         match self.step {
             Step::StopOld => HostPhase::Stopping,
             Step::StartNew => HostPhase::Starting,
@@ -970,7 +928,7 @@ impl HostSwitch {
     }
 
     /// The next action, given what the last one gave.
-    pub fn next(&mut self, observed: Observed) -> Action {
+    pub(crate) fn next(&mut self, observed: Observed) -> Action {
         let step = self.step;
         match (step, observed) {
             (Step::StopOld, Observed::Ok) => {
@@ -1397,60 +1355,10 @@ mod tests {
     #[test]
     fn a_host_failing_before_its_turn_halts_the_group_and_never_begins() {
         let mut s = GroupSchedule::new(hosts(3), 1, 2);
-        s.fail("h-2");
+        s.fail("h-2", BOOM);
         assert!(s.begin_next().is_empty(), "the group halted");
         assert!(s.is_finished());
         assert_eq!(s.untouched(), vec!["h-1", "h-3"]);
-    }
-
-    #[test]
-    fn each_phase_has_its_own_budget() {
-        let request = Request::Stop(erel_proto::Stop {
-            name: "beat".into(),
-            grace_ms: u64::MAX,
-        });
-        assert!(
-            answer_budget(&request) > Duration::from_secs(u64::MAX / 1000),
-            "no overflow"
-        );
-        let ping = Request::Ping(erel_proto::Ping {});
-        assert_eq!(answer_budget(&ping), PING_BUDGET);
-    }
-
-    #[test]
-    fn busy_is_waited_out_a_broken_connection_reopened_once_anything_else_reported() {
-        use erel_proto::ErrorReply;
-        let agent = |kind| Error::Agent {
-            host: "web-1".into(),
-            reply: ErrorReply::new(kind, "held"),
-        };
-        let mut policy = RetryPolicy::new();
-        assert_eq!(
-            policy.after(&agent(ErrorKind::Busy), Duration::ZERO),
-            Retry::Again(BUSY_PAUSE_FIRST)
-        );
-        assert_eq!(
-            policy.after(&agent(ErrorKind::Busy), Duration::ZERO),
-            Retry::Again(BUSY_PAUSE_FIRST * 2)
-        );
-        assert_eq!(
-            policy.after(&agent(ErrorKind::Busy), BUSY_WAIT),
-            Retry::GiveUp,
-            "bounded"
-        );
-        assert_eq!(
-            policy.after(&agent(ErrorKind::NotFound), Duration::ZERO),
-            Retry::GiveUp
-        );
-        let lost = Error::Protocol {
-            host: "web-1".into(),
-            message: "reset".into(),
-        };
-        assert_eq!(
-            policy.after(&lost, Duration::ZERO),
-            Retry::Reconnect(RECONNECT_PAUSE)
-        );
-        assert_eq!(policy.after(&lost, Duration::ZERO), Retry::GiveUp, "once");
     }
 
     #[test]
@@ -1500,6 +1408,9 @@ mod tests {
         ));
     }
 
+    /// A host's switch failing, for schedules.
+    const BOOM: HostFault<'static> = HostFault::Switch { reason: "boom" };
+
     fn hosts(n: usize) -> Vec<String> {
         (1..=n).map(|i| format!("h-{i}")).collect()
     }
@@ -1512,7 +1423,7 @@ mod tests {
             s.begin_next().is_empty(),
             "nobody else while the canary is in flight"
         );
-        s.finish("h-1", true);
+        s.finish("h-1", Ok(()));
         assert_eq!(s.begin_next(), vec!["h-2", "h-3", "h-4"]);
     }
 
@@ -1520,14 +1431,14 @@ mod tests {
     fn several_canaries_respect_max_in_flight_too() {
         let mut s = GroupSchedule::new(hosts(5), 3, 2);
         assert_eq!(s.begin_next(), vec!["h-1", "h-2"]);
-        s.finish("h-1", true);
+        s.finish("h-1", Ok(()));
         assert_eq!(s.begin_next(), vec!["h-3"]);
-        s.finish("h-2", true);
+        s.finish("h-2", Ok(()));
         assert!(
             s.begin_next().is_empty(),
             "h-3, a canary, is still in flight"
         );
-        s.finish("h-3", true);
+        s.finish("h-3", Ok(()));
         assert_eq!(s.begin_next(), vec!["h-4", "h-5"]);
     }
 
@@ -1545,7 +1456,7 @@ mod tests {
                     assert!(in_flight.len() <= max, "max {max}: {in_flight:?}");
                     assert_eq!(s.in_flight(), in_flight.len());
                     let done = in_flight.remove(0);
-                    s.finish(&done, true);
+                    s.finish(&done, Ok(()));
                 }
                 assert_eq!(seen, hosts(7), "max {max} canaries {canaries}");
             }
@@ -1556,7 +1467,7 @@ mod tests {
     fn the_first_failure_halts_the_group() {
         let mut s = GroupSchedule::new(hosts(5), 1, 2);
         assert_eq!(s.begin_next(), vec!["h-1"]);
-        s.finish("h-1", false);
+        s.finish("h-1", Err(BOOM));
         assert!(s.is_halted());
         assert!(s.begin_next().is_empty(), "no further host is touched");
         assert!(s.is_finished());
@@ -1564,12 +1475,12 @@ mod tests {
 
         let mut s = GroupSchedule::new(hosts(5), 1, 2);
         s.begin_next();
-        s.finish("h-1", true);
+        s.finish("h-1", Ok(()));
         assert_eq!(s.begin_next(), vec!["h-2", "h-3"]);
-        s.finish("h-2", false);
+        s.finish("h-2", Err(BOOM));
         assert!(s.begin_next().is_empty());
         assert!(!s.is_finished(), "h-3 is still in flight");
-        s.finish("h-3", true);
+        s.finish("h-3", Ok(()));
         assert!(s.is_finished());
         assert_eq!(s.untouched(), vec!["h-4", "h-5"]);
     }
@@ -1578,22 +1489,22 @@ mod tests {
     fn with_budget_left_the_group_goes_on_and_halts_at_the_failure_beyond_it() {
         // Two hosts unreachable before any switch, max_failed 2: the rest go on.
         let mut s = GroupSchedule::new(hosts(6), 1, 2).with_max_failed(2);
-        assert!(!s.fail("h-5"), "one failure, budget 2");
-        assert!(!s.fail("h-6"), "two failures, budget 2");
+        assert!(!s.fail("h-5", BOOM), "one failure, budget 2");
+        assert!(!s.fail("h-6", BOOM), "two failures, budget 2");
         assert_eq!(s.begin_next(), vec!["h-1"]);
-        assert!(!s.finish("h-1", true));
+        assert!(!s.finish("h-1", Ok(())));
         assert_eq!(s.begin_next(), vec!["h-2", "h-3"]);
         // A third failure is one beyond the budget: halt, h-4 is never begun.
-        assert!(s.finish("h-2", false), "halted now");
+        assert!(s.finish("h-2", Err(BOOM)), "halted now");
         assert!(s.is_halted());
         assert!(s.begin_next().is_empty());
-        assert!(!s.finish("h-3", true));
+        assert!(!s.finish("h-3", Ok(())));
         assert!(s.is_finished());
         assert_eq!(s.untouched(), vec!["h-4"]);
         assert_eq!(s.failed(), 3);
         assert_eq!(
-            halt_reason("h-2 failed: boom", &s),
-            "h-2 failed: boom (3 host(s) failed, max_failed = 2)"
+            s.halt_reason(),
+            Some("h-2 failed: boom (3 host(s) failed, max_failed = 2)")
         );
     }
 
@@ -1601,24 +1512,69 @@ mod tests {
     fn a_failed_host_within_the_budget_is_reported_and_the_rest_switch() {
         let mut s = GroupSchedule::new(hosts(3), 0, 1).with_max_failed(1);
         assert_eq!(s.begin_next(), vec!["h-1"]);
-        assert!(!s.finish("h-1", false), "within the budget");
+        assert!(!s.finish("h-1", Err(BOOM)), "within the budget");
         assert_eq!(s.begin_next(), vec!["h-2"]);
-        s.finish("h-2", true);
+        s.finish("h-2", Ok(()));
         assert_eq!(s.begin_next(), vec!["h-3"]);
-        s.finish("h-3", true);
+        s.finish("h-3", Ok(()));
         assert!(s.is_finished() && !s.is_halted());
+    }
+
+    #[test]
+    fn the_schedule_words_the_failure_that_halts_the_group() {
+        let faults = [
+            (
+                HostFault::Inspection {
+                    addr: "127.0.0.1:7070",
+                    reason: "connection refused",
+                },
+                "h-1 (127.0.0.1:7070): connection refused",
+            ),
+            (
+                HostFault::Stop {
+                    addr: "127.0.0.1:7070",
+                    reason: "timed out",
+                },
+                "h-1 (127.0.0.1:7070): timed out",
+            ),
+            (
+                HostFault::StopBeforeRollout,
+                "stopping the release on h-1 failed",
+            ),
+            (HostFault::SwitchTask, "the switch task of h-1 failed"),
+            (BOOM, "h-1 failed: boom"),
+        ];
+        for (fault, words) in faults {
+            // Without a budget, the first failure halts, in its own words.
+            let mut s = GroupSchedule::new(hosts(3), 0, 1);
+            assert_eq!(s.halt_reason(), None);
+            assert!(s.fail("h-1", fault), "{words}");
+            assert_eq!(s.halt_reason(), Some(words));
+            // A later failure does not change why the group halted.
+            assert!(!s.fail("h-2", BOOM));
+            assert_eq!(s.halt_reason(), Some(words));
+        }
+        // A failure within the budget halts nothing and has no words.
+        let mut s = GroupSchedule::new(hosts(3), 0, 1).with_max_failed(1);
+        assert!(!s.fail("h-1", HostFault::SwitchTask));
+        assert_eq!(s.halt_reason(), None);
+        assert!(s.fail("h-2", HostFault::StopBeforeRollout));
+        assert_eq!(
+            s.halt_reason(),
+            Some("stopping the release on h-2 failed (2 host(s) failed, max_failed = 1)")
+        );
     }
 
     #[test]
     fn a_failed_canary_halts_whatever_the_budget() {
         let mut s = GroupSchedule::new(hosts(4), 1, 2).with_max_failed(3);
         assert_eq!(s.begin_next(), vec!["h-1"]);
-        assert!(s.finish("h-1", false), "the canary proves the version");
+        assert!(s.finish("h-1", Err(BOOM)), "the canary proves the version");
         assert!(s.begin_next().is_empty());
         assert_eq!(s.untouched(), vec!["h-2", "h-3", "h-4"]);
         assert_eq!(
-            halt_reason("h-1 failed", &s),
-            "h-1 failed (1 host(s) failed, max_failed = 3)"
+            s.halt_reason(),
+            Some("h-1 failed: boom (1 host(s) failed, max_failed = 3)")
         );
     }
 

@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 
 use super::decide::{
-    assess, assess_restart, halt_reason, phase_budget, restart_due, rollback_target, wants_probe,
-    Action, Assessment, GroupSchedule, HostSwitch, Observed, StageAction, Staging,
+    assess, assess_restart, phase_budget, restart_due, rollback_target, wants_probe, Action,
+    Assessment, GroupSchedule, HostFault, HostSwitch, Observed, StageAction, Staging,
 };
 use super::health::{drain_before_stop, probe_all, release_status, watch_health};
 use super::{
@@ -231,7 +231,7 @@ async fn left_hosts(
         let connector = shared.connector.clone();
         pings.spawn(async move {
             let mut session = HostSession::new(host.host_addr(), connector);
-            let pong = session.ping(super::decide::PING_BUDGET).await;
+            let pong = session.ping(crate::client::budget::PING_BUDGET).await;
             (host, pong)
         });
     }
@@ -489,10 +489,9 @@ async fn roll_hosts(
                 inspected.insert(id, found);
             }
             Err(failure) => {
-                let reason = format!("{id} ({}): {}", host.addr, failure.reason);
                 let outcome = ctx.failed(host, &failure);
                 outcomes.insert(id.clone(), outcome);
-                unreachable.push((id, reason));
+                unreachable.push((id, host.addr.clone(), failure.reason));
             }
         }
     }
@@ -509,25 +508,22 @@ async fn roll_hosts(
     };
     let mut schedule = GroupSchedule::new(order.clone(), canaries, ctx.group.max_in_flight)
         .with_max_failed(ctx.group.max_failed);
-    let mut halted = None;
     for id in failed_before {
-        if schedule.fail(&id) {
-            halted.get_or_insert_with(|| {
-                halt_reason(&format!("stopping the release on {id} failed"), &schedule)
-            });
-        }
+        schedule.fail(&id, HostFault::StopBeforeRollout);
     }
-    for (id, reason) in unreachable {
-        if schedule.fail(&id) {
-            halted.get_or_insert_with(|| halt_reason(&reason, &schedule));
-        }
+    for (id, addr, reason) in unreachable {
+        schedule.fail(
+            &id,
+            HostFault::Inspection {
+                addr: &addr,
+                reason: &reason,
+            },
+        );
     }
     if !schedule.is_finished() {
-        if let Some(reason) = switch_group(ctx, hosts, order, inspected, schedule, outcomes).await {
-            halted.get_or_insert(reason);
-        }
+        schedule = switch_group(ctx, hosts, order, inspected, schedule, outcomes).await;
     }
-    halted
+    schedule.halt_reason().map(str::to_owned)
 }
 
 /// Stops the group's release on `hosts`, at most `max_in_flight` at once, halting
@@ -547,7 +543,6 @@ async fn stop_hosts(
         GroupSchedule::new(order, 0, ctx.group.max_in_flight).with_max_failed(ctx.group.max_failed);
     let mut stopping = JoinSet::new();
     let mut tasks: HashMap<tokio::task::Id, String> = HashMap::new();
-    let mut halted = None;
     let mut failed = Vec::new();
     loop {
         for id in schedule.begin_next() {
@@ -584,19 +579,20 @@ async fn stop_hosts(
         match outcome {
             Ok(()) => {
                 outcomes.insert(host.id.clone(), HostOutcome::Stopped { why });
-                schedule.finish(&host.id, true);
+                schedule.finish(&host.id, Ok(()));
             }
             Err(failure) => {
-                let reason = format!("{} ({}): {}", host.id, host.addr, failure.reason);
                 outcomes.insert(host.id.clone(), ctx.failed(&host, &failure));
                 failed.push(host.id.clone());
-                if schedule.finish(&host.id, false) {
-                    halted.get_or_insert_with(|| halt_reason(&reason, &schedule));
-                }
+                let fault = HostFault::Stop {
+                    addr: &host.addr,
+                    reason: &failure.reason,
+                };
+                schedule.finish(&host.id, Err(fault));
             }
         }
     }
-    (halted, failed)
+    (schedule.halt_reason().map(str::to_owned), failed)
 }
 
 /// Stops the group's release on one host, unless it is stopped already (the agent
@@ -638,7 +634,7 @@ async fn stop_host(
 }
 
 /// Stages every host needing it (ahead, bounded), then switches them as the schedule
-/// allows. Returns why the group halted, if it did.
+/// allows. Returns the schedule, which knows why the group halted, if it did.
 async fn switch_group(
     ctx: &Arc<GroupCtx>,
     hosts: &[HostPlan],
@@ -646,7 +642,7 @@ async fn switch_group(
     mut inspected: HashMap<String, Inspected>,
     mut schedule: GroupSchedule,
     outcomes: &mut HashMap<String, HostOutcome>,
-) -> Option<String> {
+) -> GroupSchedule {
     let by_id: HashMap<&str, &HostPlan> = hosts.iter().map(|h| (h.id.as_str(), h)).collect();
 
     // 2. Stage ahead on every host, a bounded number at once.
@@ -692,7 +688,6 @@ async fn switch_group(
     let mut tasks: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut begun: HashSet<String> = HashSet::new();
     let mut switching = JoinSet::new();
-    let mut halted: Option<String> = None;
     loop {
         for id in schedule.begin_next() {
             let Some((rx, assessment, version)) = waiting.remove(&id) else {
@@ -719,11 +714,7 @@ async fn switch_group(
                     Err(e) => {
                         // A task that panicked: its host failed.
                         if let Some(id) = tasks.get(&e.id()) {
-                            if schedule.finish(id, false) {
-                                halted.get_or_insert_with(|| {
-                                    halt_reason(&format!("the switch task of {id} failed"), &schedule)
-                                });
-                            }
+                            schedule.finish(id, Err(HostFault::SwitchTask));
                         }
                         continue;
                     }
@@ -737,16 +728,12 @@ async fn switch_group(
                             pid,
                         });
                         outcomes.insert(host.id.clone(), HostOutcome::Switched { from, version, pid });
-                        schedule.finish(&host.id, true);
+                        schedule.finish(&host.id, Ok(()));
                     }
                     Err(failure) => {
                         let outcome = ctx.failed(&host, &failure);
                         outcomes.insert(host.id.clone(), outcome);
-                        if schedule.finish(&host.id, false) {
-                            halted.get_or_insert_with(|| {
-                                halt_reason(&format!("{} failed: {}", host.id, failure.reason), &schedule)
-                            });
-                        }
+                        schedule.finish(&host.id, Err(HostFault::Switch { reason: &failure.reason }));
                     }
                 }
             }
@@ -758,18 +745,14 @@ async fn switch_group(
                     let outcome = ctx.failed(host, &failure);
                     outcomes.insert(id.clone(), outcome);
                     waiting.remove(&id);
-                    if schedule.fail(&id) {
-                        halted.get_or_insert_with(|| {
-                            halt_reason(&format!("{id} failed: {}", failure.reason), &schedule)
-                        });
-                    }
+                    schedule.fail(&id, HostFault::Switch { reason: &failure.reason });
                 }
             }
             else => break,
         }
     }
     staging.abort_all();
-    halted
+    schedule
 }
 
 /// Pings a host and decides what it needs.

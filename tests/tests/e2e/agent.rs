@@ -16,6 +16,7 @@ use crate::helper::install::{
     install_and_start, no_progress, release_status, start_request, without_digest,
 };
 use crate::helper::release::{beat_release, sha256, shell_release};
+use crate::helper::AgentCommands;
 use crate::helper::{
     free_port, listing, outlast_any_restart, pki_and_agent, retry_while_busy, wait_until,
     AgentProc, Pki, PATIENCE,

@@ -15,6 +15,7 @@ use erel_proto::{ReleaseState, ReleaseStatus, Started, Stopped};
 
 use crate::helper::install::{push_and_unpack, release_status, start_request};
 use crate::helper::release::shell_release;
+use crate::helper::AgentCommands;
 use crate::helper::{outlast_any_restart, pki_and_agent, wait_until, AgentProc, Pki, PATIENCE};
 
 /// The input: a helper in its own session, then the main process.

@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::helper::amqp::{erel, logs, watch_command, BrokerLock, TestBroker, MASTER_INTERVAL};
 use crate::helper::fleet::Fleet;
 use crate::helper::release::failing_beat_release;
+use crate::helper::AgentCommands;
 use crate::helper::{follow_lines, output_text, wait_until_blocking, Followed};
 
 /// The file daemon's `--interval`.

@@ -20,6 +20,7 @@ use erel_proto::ReleaseState;
 use crate::helper::fleet::Fleet;
 use crate::helper::otp::build_release_version;
 use crate::helper::release::{beat_release, failing_beat_release};
+use crate::helper::AgentCommands;
 use crate::helper::{follow_lines, free_port, output_text, poll_until};
 
 const RELEASE: &str = "beat";

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use erel_proto::ReleaseState;
 
 use crate::helper::release::{beat_release, shell_release};
+use crate::helper::AgentCommands;
 use crate::helper::{free_port, output_text, wait_until_blocking, AgentProc, Pki, PATIENCE};
 
 /// The release that writes its environment to `$ENV_DIR/<release>-<host>.env`, then

@@ -12,6 +12,7 @@ use erel_proto::{ErrorKind, Start};
 use crate::helper::install::{no_progress, start_request, with_digest, without_digest};
 use crate::helper::pki_and_agent;
 use crate::helper::release::{sha256, shell_release};
+use crate::helper::AgentCommands;
 
 /// `a` followed by `n` copies of `é` (two bytes each).
 fn a_and_e(n: usize) -> String {

@@ -9,6 +9,7 @@ use erel_proto::ReleaseState;
 
 use crate::helper::install::{install_and_start, push_and_unpack, release_status, start_request};
 use crate::helper::release::shell_release;
+use crate::helper::AgentCommands;
 use crate::helper::{follow_lines, output_text, pki_and_agent, wait_until, Pki, PATIENCE};
 
 /// A release that prints two lines, then a third once `$TRIGGER` exists, then waits.

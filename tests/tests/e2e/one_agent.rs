@@ -9,6 +9,7 @@ use erel_proto::ReleaseState;
 
 use crate::helper::install::install_and_start;
 use crate::helper::release::shell_release;
+use crate::helper::AgentCommands;
 use crate::helper::{
     exit_within, fast_supervision, outlast_any_restart, pki_and_agent, wait_until, AgentProc, Pki,
     AGENT_BIN,

@@ -8,6 +8,7 @@ use erel_proto::{ReleaseState, Start};
 
 use crate::helper::otp::build_release;
 use crate::helper::release::sha256;
+use crate::helper::AgentCommands;
 use crate::helper::{output_text, pki_and_agent, wait_until, AgentProc};
 
 fn release_ping(agent: &AgentProc, name: &str) -> (bool, String) {

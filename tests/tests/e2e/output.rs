@@ -15,6 +15,7 @@ use erel_proto::{ReleaseState, ReleaseStatus, OUTPUT_TAIL_MAX};
 
 use crate::helper::install::{install_and_start, no_progress, release_status, with_digest};
 use crate::helper::release::shell_release;
+use crate::helper::AgentCommands;
 use crate::helper::{pki_and_agent, poll_until, wait_until, AgentProc, Pki};
 
 /// The cap the agents here run with (the default, said explicitly).

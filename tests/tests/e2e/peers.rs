@@ -19,6 +19,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::helper::install::without_digest;
 use crate::helper::release::sha256;
+use crate::helper::AgentCommands;
 use crate::helper::{
     free_port, output_text, pki_and_agent, poll_until, retry_while_busy, wait_until, AgentProc, Pki,
 };

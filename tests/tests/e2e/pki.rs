@@ -12,6 +12,7 @@ use std::time::Duration;
 use erel_certs::layout;
 use erel_certs::testing::openssl::{concat, KeyKind, Leaf, Pki};
 
+use crate::helper::AgentCommands;
 use crate::helper::{exit_within, output_text, AgentProc, AGENT_BIN, MASTER_BIN};
 
 /// How long an agent may take to refuse a bundle and exit: the same bound the

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use erel_proto::ReleaseState;
 
+use super::AgentCommands;
 use super::{free_port, AgentProc, Pki};
 
 /// Agents with a release port each, in groups, and the directories a master works in.

@@ -8,6 +8,7 @@ use erel_master::AgentClient;
 use erel_proto::{ReleaseStatus, Start};
 
 use super::release::sha256;
+use super::AgentCommands;
 use super::{AgentProc, Pki};
 
 /// A progress callback for pushes whose progress no test looks at.

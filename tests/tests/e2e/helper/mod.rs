@@ -24,10 +24,13 @@ macro_rules! process_type {
 }
 
 pub mod amqp;
+pub mod commands;
 pub mod fleet;
 pub mod install;
 pub mod otp;
 pub mod release;
+
+pub use commands::AgentCommands;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
