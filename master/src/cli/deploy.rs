@@ -280,7 +280,11 @@ impl Bars {
                 group,
                 host,
                 version,
-            } => (group, host, format!("up to date: runs {version}")),
+                why,
+            } => match why {
+                Some(why) => (group, host, format!("left as it is: {why}")),
+                None => (group, host, format!("up to date: runs {version}")),
+            },
             RolloutEvent::HostStopped {
                 group,
                 host,
@@ -371,7 +375,11 @@ pub fn event_line(event: &RolloutEvent) -> Option<String> {
             group,
             host,
             version,
-        } => format!("{group}/{host}: up to date, runs {version}"),
+            why,
+        } => match why {
+            Some(why) => format!("{group}/{host}: left as it is: {why}"),
+            None => format!("{group}/{host}: up to date, runs {version}"),
+        },
         RolloutEvent::HostStopped {
             group,
             host,
@@ -470,6 +478,7 @@ fn summary_table(report: &RolloutReport, tails_shown: bool) -> String {
                     format!("stopped: {why}")
                 }
                 HostOutcome::UpToDate => "up to date".to_string(),
+                HostOutcome::Left { why } => format!("left as it is: {why}"),
                 HostOutcome::Failed(failure) => {
                     let HostFailure {
                         phase,
@@ -891,6 +900,7 @@ impl Progress {
                 group,
                 host,
                 version,
+                ..
             } => self.finish(
                 key(group, host),
                 Finished::UpToDate {

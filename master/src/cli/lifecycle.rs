@@ -5,9 +5,9 @@
 //!
 //! | command | what each selected host of the group gets |
 //! | --- | --- |
-//! | `restart` | a rolling cold restart of the group's version: canaries first, then at most `max_in_flight` at once, gated on health; a host that fails is started once more with the same version, and the report says so |
+//! | `restart` | a rolling cold restart of the version the host runs (never the group's configured version): canaries first, then at most `max_in_flight` at once, gated on health; a host that fails is started once more with the same version, and the report says so; a host where the release is not running is left as it is, and the report says so |
 //! | `stop` | its release stopped, at most `max_in_flight` hosts at once, each with the group's `stop_grace_secs` |
-//! | `rollback` | the newest other version present on the host, at once (no canary phase), at most `max_in_flight` at once, gated on health |
+//! | `rollback` | a host that runs the group's version goes to the newest version unpacked before it (or to `--to VERSION`, which every selected host must have), at once (no canary phase), at most `max_in_flight` at once, gated on health; a host on another version is left as it is, and the report says so |
 //!
 //! Each command also has a one-host form, `erel stop HOST NAME [--grace S]` and
 //! `erel restart HOST NAME [VERSION] [--grace S] [--env K=V].. [--user U] [-- ARGV..]`
@@ -93,9 +93,15 @@ pub struct RestartArgs {
     group: GroupArgs,
 }
 
-/// `erel rollback --group G [--hosts ID,..] [--exclude ID,..]`.
+/// `erel rollback --group G [--to VERSION] [--hosts ID,..] [--exclude ID,..]`.
 #[derive(Debug, Args)]
 pub struct RollbackArgs {
+    /// The version every selected host goes to; it must be present on each (refused
+    /// otherwise, naming the hosts that lack it) [default: on a host that runs the
+    /// group's version, the newest version unpacked before it; other hosts are left
+    /// as they are].
+    #[arg(long, value_name = "VERSION")]
+    to: Option<String>,
     #[command(flatten)]
     group: GroupArgs,
 }
@@ -210,11 +216,10 @@ pub async fn restart(
             agent::restart(ctx, cluster, one).await
         }
         Form::Group => {
-            // A restart may have to stage the version on a host that lost it: archives
-            // needed.
+            // A restart starts again what each host runs: archives are not opened.
             let file = super::cluster_file(cluster);
-            let plan = Plan::load(&file)?;
-            run(ctx, &file, &plan, args.group, Operation::Restart).await
+            let plan = Plan::load_with(&file, &ArchiveLookup::Unchecked)?;
+            run(ctx, &file, &plan, args.group, Operation::Restart, None).await
         }
     }
 }
@@ -227,7 +232,15 @@ pub async fn rollback(
 ) -> crate::Result<ExitCode> {
     // The versions rolled back to are on the hosts already: archives are not opened.
     let plan = Plan::load_with(cluster, &ArchiveLookup::Unchecked)?;
-    run(ctx, cluster, &plan, args.group, Operation::Rollback).await
+    run(
+        ctx,
+        cluster,
+        &plan,
+        args.group,
+        Operation::Rollback,
+        args.to,
+    )
+    .await
 }
 
 /// Runs `erel stop`: one host's release, or every selected host of groups.
@@ -248,7 +261,7 @@ pub async fn stop(
         Form::Group => {
             let file = super::cluster_file(cluster);
             let plan = Plan::load_with(&file, &ArchiveLookup::Unchecked)?;
-            run(ctx, &file, &plan, args.group, Operation::Stop).await
+            run(ctx, &file, &plan, args.group, Operation::Stop, None).await
         }
     }
 }
@@ -259,6 +272,7 @@ async fn run(
     plan: &Plan,
     args: GroupArgs,
     operation: Operation,
+    rollback_to: Option<String>,
 ) -> crate::Result<ExitCode> {
     if args.groups.is_empty() {
         return Err(Error::Usage(format!(
@@ -273,6 +287,7 @@ async fn run(
         hosts: args.selection.hosts,
         exclude: args.selection.exclude,
         operation,
+        rollback_to,
         ..RolloutOptions::default()
     };
     crate::rollout::check_selection(plan, &options)?;

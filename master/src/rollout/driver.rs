@@ -55,8 +55,8 @@ pub(crate) async fn rollout(
     };
     let mut tasks = JoinSet::new();
     for (index, group) in selected.into_iter().enumerate() {
-        let needs_archive = group.state == GroupState::Running
-            && matches!(options.operation, Operation::Deploy | Operation::Restart);
+        let needs_archive =
+            group.state == GroupState::Running && options.operation == Operation::Deploy;
         if needs_archive && group.archive.is_none() {
             return Err(Error::Cluster {
                 file: plan.origin.clone(),
@@ -481,9 +481,22 @@ async fn roll_hosts(
                         group: name.clone(),
                         host: id.clone(),
                         version,
+                        why: None,
                     },
                 );
                 outcomes.insert(id, HostOutcome::UpToDate);
+            }
+            Ok((_, Assessment::Leave { why }, version)) => {
+                emit(
+                    events,
+                    RolloutEvent::HostSkipped {
+                        group: name.clone(),
+                        host: id.clone(),
+                        version,
+                        why: Some(why.clone()),
+                    },
+                );
+                outcomes.insert(id, HostOutcome::Left { why });
             }
             Ok(found) => {
                 inspected.insert(id, found);
@@ -494,6 +507,21 @@ async fn roll_hosts(
                 outcomes.insert(id.clone(), outcome);
                 unreachable.push((id, reason));
             }
+        }
+    }
+
+    // A rollback to a named version is all or nothing: a host that lacks it (or did
+    // not answer) refuses it for every host, before any switch.
+    if let (Operation::Rollback, Some(to)) = (
+        ctx.shared.options.operation,
+        ctx.shared.options.rollback_to.as_deref(),
+    ) {
+        if !unreachable.is_empty() {
+            let why: Vec<&str> = unreachable.iter().map(|(_, why)| why.as_str()).collect();
+            return Some(format!(
+                "--to {to} refused, no host rolled back: {}",
+                why.join("; ")
+            ));
         }
     }
 
@@ -655,8 +683,9 @@ async fn switch_group(
     let mut staging = JoinSet::new();
     let mut waiting: HashMap<String, (oneshot::Receiver<Staged>, Assessment, String)> =
         HashMap::new();
-    // A rollback goes to a version already on the host: nothing to stage.
-    let stages = ctx.shared.options.operation != Operation::Rollback;
+    // A rollback goes to a version already on the host, a restart starts again the one
+    // the host runs: nothing to stage.
+    let stages = ctx.shared.options.operation == Operation::Deploy;
     for id in &order {
         let Some((session, assessment, version)) = inspected.remove(id) else {
             continue;
@@ -783,12 +812,16 @@ async fn inspect(ctx: &GroupCtx, host: &HostPlan) -> std::result::Result<Inspect
     let status = release_status(&pong.releases, &ctx.group.release);
     let version = ctx.group.version.clone();
     match ctx.shared.options.operation {
-        Operation::Restart => return Ok((session, assess_restart(status, &version), version)),
+        Operation::Restart => {
+            let (assessment, current) = assess_restart(status, &ctx.group.release);
+            return Ok((session, assessment, current));
+        }
         Operation::Rollback => {
-            return match rollback_target(status, &ctx.group.release) {
-                Ok((target, assessment)) => Ok((session, assessment, target)),
+            let to = ctx.shared.options.rollback_to.as_deref();
+            return match rollback_target(status, &ctx.group.release, &version, to) {
+                Ok((assessment, target)) => Ok((session, assessment, target)),
                 Err(why) => Err(HostFailure::new(HostPhase::Pinging, why)),
-            }
+            };
         }
         Operation::Deploy | Operation::Stop => {}
     }
