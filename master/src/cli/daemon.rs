@@ -49,6 +49,17 @@ pub struct MasterArgs {
     amqp: super::amqp::AmqpMasterArgs,
 }
 
+impl MasterArgs {
+    /// See [`super::amqp::AmqpMasterArgs::pick_mode`].
+    pub(super) fn pick_mode(
+        &mut self,
+        cluster_given: bool,
+        amqp: Option<clap::parser::ValueSource>,
+    ) -> crate::Result<()> {
+        self.amqp.pick_mode(cluster_given, amqp)
+    }
+}
+
 /// Runs the daemon until SIGTERM or Ctrl-C.
 pub async fn master(ctx: &Context, cluster: &Path, args: MasterArgs) -> crate::Result<ExitCode> {
     if args.amqp.url.is_some() {

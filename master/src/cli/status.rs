@@ -34,7 +34,7 @@ pub struct StatusArgs {
     connect_timeout: u64,
     /// Also show which master holds each group, from this RabbitMQ broker (with
     /// `--json`, the output becomes `{"hosts": [..], "holders": [..]}`).
-    #[arg(long = "amqp", value_name = "URL")]
+    #[arg(long = "amqp", env = "EREL_AMQP", value_name = "URL")]
     amqp: Option<String>,
     /// Prefix of the queue names on the broker.
     #[arg(long = "amqp-prefix", env = "EREL_AMQP_PREFIX", default_value = crate::amqp::DEFAULT_PREFIX, value_name = "PREFIX")]

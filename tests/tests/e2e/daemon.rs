@@ -108,6 +108,63 @@ fn write_cluster(fleet: &Fleet, revision: u64, version: &str) -> PathBuf {
     )
 }
 
+/// `EREL_AMQP` exported (as the README's AMQP section does) does not turn an explicit
+/// `erel master --cluster FILE` into an AMQP master; without `--cluster`, a refusal
+/// names `EREL_AMQP` as where `--amqp` came from; both flags given are refused.
+#[test]
+fn an_explicit_cluster_file_wins_over_erel_amqp_from_the_environment() {
+    let fleet = Fleet::with_beat_releases("envamqp", &["web"]);
+    let cluster = write_cluster(&fleet, 1, "1.0.0");
+    // Nothing listens on port 1: a master that took this URL could not run.
+    let url = "amqp://guest:guest@127.0.0.1:1/%2f";
+    let mut command = fleet.pki.erel();
+    command
+        .env("EREL_AMQP", url)
+        .arg("master")
+        .arg("--cluster")
+        .arg(&cluster)
+        .arg("--interval")
+        .arg(FILE_INTERVAL.as_secs().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let daemon = FileDaemon(Followed::spawn(&mut command, "erel master --cluster"));
+    fleet.wait_all_run("1.0.0", CONVERGE, "the file daemon runs 1.0.0", || {
+        daemon.0.log()
+    });
+    drop(daemon);
+
+    let out = fleet
+        .pki
+        .erel()
+        .env("EREL_AMQP", url)
+        .arg("master")
+        .output()
+        .expect("run erel");
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(
+            "--state-dir DIR is required with --amqp (from EREL_AMQP in the environment)"
+        ),
+        "{text}"
+    );
+
+    let out = fleet
+        .pki
+        .erel()
+        .env_remove("EREL_AMQP")
+        .args(["master", "--amqp", url, "--cluster"])
+        .arg(&cluster)
+        .output()
+        .expect("run erel");
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("--cluster FILE and --amqp {url} are two modes")),
+        "{text}"
+    );
+}
+
 #[test]
 fn daemon_tries_a_broken_revision_once_halts_the_group_and_applies_a_newer_one() {
     let fleet = fleet_with_a_broken_release("halt");

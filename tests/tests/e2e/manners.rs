@@ -87,6 +87,30 @@ fn start_up_errors_are_printed_once() {
 
     let out = erel(&["config", "show", "--amqp", "not a url"]);
     failed_once(&out, "not a url");
+
+    // A refusal that names its command names the program once.
+    let out = erel(&["stop", "--grace", "3"]);
+    assert!(!out.status.success());
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].starts_with("erel stop: "), "{lines:#?}");
+
+    // The agent says a start-up error once: one line, no log record repeating it.
+    let agent = Command::new(crate::helper::AGENT_BIN)
+        .args(["--listen", "127.0.0.1:0", "--certs"])
+        .arg(dir.path().join("no-bundle"))
+        .arg("--root")
+        .arg(dir.path().join("root"))
+        .env_remove("EREL_LOG")
+        .output()
+        .expect("run erel-boot");
+    assert!(!agent.status.success());
+    let lines = stderr_lines(&agent);
+    assert_eq!(lines.len(), 1, "said once: {lines:#?}");
+    assert!(
+        lines[0].starts_with("erel-boot: --certs: ") && lines[0].contains("no-bundle"),
+        "{lines:#?}"
+    );
 }
 
 /// A PKI, a beat archive and a cluster file naming one host at `addr`.
