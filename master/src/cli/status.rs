@@ -108,7 +108,9 @@ pub async fn status(ctx: &Context, cluster: &Path, args: StatusArgs) -> crate::R
         let json = match &args.amqp {
             Some(url) => {
                 let groups: Vec<String> = plan.groups.keys().cloned().collect();
-                let holders = super::config::holders_json(url, &args.amqp_prefix, &groups).await?;
+                let holders =
+                    super::config::holders_json(url, &args.amqp_prefix, &groups, plan.revision)
+                        .await?;
                 serde_json::to_string_pretty(&serde_json::json!({
                     "hosts": hosts,
                     "holders": holders,
