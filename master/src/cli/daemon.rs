@@ -197,6 +197,13 @@ pub struct HoldArgs {
     amqp_prefix: String,
 }
 
+impl HoldArgs {
+    /// Whether `--take-over` was given.
+    pub fn take_over(&self) -> bool {
+        self.take_over
+    }
+}
+
 /// What a command holds while it acts on groups; [`Hold::release`] hands it back.
 #[must_use = "the hold ends when released"]
 pub enum Hold {

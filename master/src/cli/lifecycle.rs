@@ -213,7 +213,7 @@ pub async fn restart(
                 grace: args.grace,
                 settings: args.settings,
             };
-            agent::restart(ctx, cluster, one).await
+            agent::restart(ctx, cluster, one, &args.group.hold).await
         }
         Form::Group => {
             // A restart starts again what each host runs: archives are not opened.
@@ -256,7 +256,7 @@ pub async fn stop(
                 name,
                 grace: args.grace,
             };
-            agent::stop(ctx, cluster, one).await
+            agent::stop(ctx, cluster, one, &args.group.hold).await
         }
         Form::Group => {
             let file = super::cluster_file(cluster);

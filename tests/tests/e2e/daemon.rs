@@ -283,8 +283,42 @@ fn daemon_holds_its_cluster_file_and_a_deploy_runs_only_with_take_over() {
     );
     assert!(fleet.all_run("1.0.0"), "{:?}", fleet.beats());
 
-    // The daemon acts again afterwards: drift is repaired.
-    stop_by_hand(&fleet, 1);
+    // The one-host forms are refused like the group forms: the daemon would undo them.
+    let first = fleet.agents[0].id.clone();
+    for words in [
+        vec!["stop", first.as_str(), "beat"],
+        vec!["restart", first.as_str(), "beat"],
+        vec!["start", first.as_str(), "beat", "1.0.0"],
+    ] {
+        let out = erel_on(&fleet, &cluster, &words);
+        let text = output_text(&out);
+        assert!(!out.status.success(), "{words:?}: {text}");
+        let command = format!("`erel {}` of beat at its next pass", words[0]);
+        assert!(
+            text.contains(&format!("{first}: "))
+                && text.contains("held by the daemon erel@")
+                && text.contains(&format!("pid {pid}"))
+                && text.contains(&command),
+            "{words:?}: {text}"
+        );
+    }
+    assert!(
+        fleet.all_run("1.0.0"),
+        "nothing touched: {:?}",
+        fleet.beats()
+    );
+
+    // With --take-over the one-host stop runs, warning that it lasts until the
+    // daemon's next pass; the daemon acts again afterwards: drift is repaired.
+    let second = fleet.agents[1].id.clone();
+    let out = erel_on(&fleet, &cluster, &["stop", &second, "beat", "--take-over"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("{second}: beat stopped"))
+            && text.contains("lasts until the next pass of the daemon"),
+        "{text}"
+    );
     fleet.wait_all_run("1.0.0", CONVERGE, "the daemon repairs drift again", || {
         daemon.0.log()
     });

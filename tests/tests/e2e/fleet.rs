@@ -310,7 +310,7 @@ async fn host_commands_take_the_groups_settings() {
     let (ok, out) = site.erel(&["restart", "cmd-1", ENV_RELEASE, "--env", "FROM_GROUP=flag"]);
     assert!(ok, "{out}");
     assert!(
-        out.contains("overrides group 'env''s FROM_GROUP"),
+        out.contains("overrides FROM_GROUP of group 'env'"),
         "the override is said: {out}"
     );
     assert!(out.contains("cmd-1: envdump stopped"), "{out}");
