@@ -29,7 +29,7 @@ use super::deploy::{check_groups, run_and_report, HostSelection};
 use super::{agent, Context};
 use crate::client::Connector;
 use crate::cluster::{ArchiveLookup, Plan};
-use crate::error::Error;
+use crate::error::{Error, ResultExt as _};
 use crate::rollout::{Operation, RolloutOptions};
 
 /// What every group form takes.
@@ -40,9 +40,15 @@ pub struct GroupArgs {
     groups: Vec<String>,
     #[command(flatten)]
     selection: HostSelection,
-    /// Print events as JSON lines, then the summary as JSON.
+    /// Print events as JSON lines, then the summary as JSON (with `--dry-run`, the
+    /// plan as a JSON array).
     #[arg(long)]
     json: bool,
+    /// Print what each selected host would get (the version it would restart or roll
+    /// back to, a stop, or why it is left as it is or would fail), touching nothing:
+    /// each host is only pinged.
+    #[arg(long)]
+    dry_run: bool,
     /// Seconds each phase of opening a connection to an agent may take before the host
     /// counts as unreachable [default: 5].
     #[arg(long, value_name = "SECS")]
@@ -64,6 +70,9 @@ impl GroupArgs {
         }
         if self.json {
             given.push("--json".into());
+        }
+        if self.dry_run {
+            given.push("--dry-run".into());
         }
         if let Some(secs) = self.connect_timeout {
             given.push(format!("--connect-timeout {secs}"));
@@ -297,6 +306,25 @@ async fn run(
                 Duration::from_secs(secs.max(1))
             }),
     );
+    if args.dry_run {
+        let planned = crate::rollout::planned_operation(plan, &connector, &options).await?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&planned).context("encoding the plan")?
+            );
+        } else {
+            println!(
+                "dry run of revision {} from {}: nothing is touched",
+                plan.revision,
+                cluster.display()
+            );
+            for host in &planned {
+                println!("{host}");
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     // A group a daemon holds is refused, naming the holder, unless `--take-over`.
     let command = super::deploy::Command {
         cluster,

@@ -37,18 +37,7 @@ pub(crate) async fn rollout(
         options: options.clone(),
         events: events.clone(),
     });
-    for group in &selected {
-        let starts = matches!(options.operation, Operation::Restart | Operation::Rollback);
-        if starts && group.state == GroupState::Stopped {
-            return Err(Error::Usage(format!(
-                "{}: group {} is stopped (state = \"stopped\"): a {} would start it; \
-                 set state = \"running\" and deploy instead",
-                plan.origin,
-                group.name,
-                operation_name(options.operation)
-            )));
-        }
-    }
+    refuse_starting_stopped(plan, &selected, options.operation)?;
     let mut left = match options.operation {
         Operation::Deploy => left_hosts(&shared, plan, &selected, &chosen).await,
         _ => HashMap::new(),
@@ -112,6 +101,169 @@ pub(crate) async fn planned_stops(
         .into_iter()
         .map(|(group, hosts)| (group, hosts.into_iter().map(|h| h.id).collect()))
         .collect())
+}
+
+/// What `erel restart|stop|rollback --group G --dry-run` says one host would get.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PlannedHost {
+    /// Group name.
+    pub group: String,
+    /// Host id.
+    pub host: String,
+    /// Its agent's address.
+    pub addr: String,
+    /// `restart`, `rollback`, `stop`, `leave` (nothing done, `why` says why) or `fail`
+    /// (the command would fail on it, `why` says why: unreachable, nothing to go to).
+    pub action: &'static str,
+    /// The version it runs (or ran last), when the agent said.
+    pub from: Option<String>,
+    /// The version it would run afterwards (`restart`, `rollback`).
+    pub to: Option<String>,
+    /// Why it is left or would fail.
+    pub why: Option<String>,
+}
+
+impl std::fmt::Display for PlannedHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} ({}): ", self.group, self.host, self.addr)?;
+        let from = self.from.as_deref().unwrap_or("nothing");
+        match (self.action, &self.to, &self.why) {
+            ("restart", Some(to), _) => write!(f, "restart {to}"),
+            ("rollback", Some(to), _) => write!(f, "rollback {from} -> {to}"),
+            ("stop", _, _) => write!(f, "stop (runs {from})"),
+            ("leave", _, Some(why)) => write!(f, "left as it is: {why}"),
+            (_, _, Some(why)) => write!(f, "would FAIL: {why}"),
+            (action, _, None) => write!(f, "{action}"),
+        }
+    }
+}
+
+/// What a group operation (`restart`, `stop`, `rollback`) would do to each selected
+/// host, touching nothing: each host is pinged and the same decisions as the
+/// operation's are made ([`assess_restart`], [`rollback_target`]; a stop stops a
+/// release that runs or is meant to). Hosts in file order, groups as selected.
+///
+/// # Errors
+/// The selection is refused ([`check_selection`]), or a group with `state =
+/// "stopped"` would be started (`restart`, `rollback`).
+pub(crate) async fn planned_operation(
+    plan: &Plan,
+    connector: &Connector,
+    options: &RolloutOptions,
+) -> Result<Vec<PlannedHost>> {
+    let selected = select_groups(plan, &options.groups)?;
+    let chosen = select_hosts(plan, &selected, options)?;
+    refuse_starting_stopped(plan, &selected, options.operation)?;
+    let mut looks = JoinSet::new();
+    let mut order = Vec::new();
+    for group in &selected {
+        for host in plan.hosts_in(&group.name) {
+            if !chosen.contains(&host.id) {
+                continue;
+            }
+            order.push((group.name.clone(), host.id.clone()));
+            let (group, host) = ((*group).clone(), host.clone());
+            let connector = connector.clone();
+            let options = options.clone();
+            looks.spawn(async move {
+                let planned = plan_host(&group, &host, connector, &options).await;
+                ((group.name.clone(), host.id.clone()), planned)
+            });
+        }
+    }
+    let mut planned = HashMap::new();
+    while let Some(joined) = looks.join_next().await {
+        if let Ok((key, host)) = joined {
+            planned.insert(key, host);
+        }
+    }
+    Ok(order
+        .into_iter()
+        .filter_map(|key| planned.remove(&key))
+        .collect())
+}
+
+async fn plan_host(
+    group: &GroupPlan,
+    host: &HostPlan,
+    connector: Connector,
+    options: &RolloutOptions,
+) -> PlannedHost {
+    let mut planned = PlannedHost {
+        group: group.name.clone(),
+        host: host.id.clone(),
+        addr: host.addr.clone(),
+        action: "fail",
+        from: None,
+        to: None,
+        why: None,
+    };
+    let mut session = HostSession::new(host.host_addr(), connector);
+    let pong = match session.ping(phase_budget(HostPhase::Pinging, group)).await {
+        Ok(pong) => pong,
+        Err(e) => {
+            planned.why = Some(unreachable(host, &e));
+            return planned;
+        }
+    };
+    let status = release_status(&pong.releases, &group.release);
+    planned.from = status.and_then(|s| s.version.clone());
+    let decided = match options.operation {
+        Operation::Restart => Ok(assess_restart(status, &group.release)),
+        Operation::Rollback => rollback_target(
+            status,
+            &group.release,
+            &group.version,
+            options.rollback_to.as_deref(),
+        ),
+        Operation::Stop | Operation::Deploy => {
+            let runs = status
+                .is_some_and(|s| s.desired_running || s.state == erel_proto::ReleaseState::Running);
+            if runs {
+                planned.action = "stop";
+            } else {
+                planned.action = "leave";
+                planned.why = Some(format!("{} is stopped already", group.release));
+            }
+            return planned;
+        }
+    };
+    match decided {
+        Ok((Assessment::Leave { why }, _)) => {
+            planned.action = "leave";
+            planned.why = Some(why);
+        }
+        Ok((_, to)) => {
+            planned.action = match options.operation {
+                Operation::Restart => "restart",
+                _ => "rollback",
+            };
+            planned.to = Some(to);
+        }
+        Err(why) => planned.why = Some(why),
+    }
+    planned
+}
+
+/// A `restart` or `rollback` would start a group marked `state = "stopped"`: refused.
+fn refuse_starting_stopped(
+    plan: &Plan,
+    selected: &[&GroupPlan],
+    operation: Operation,
+) -> Result<()> {
+    let starts = matches!(operation, Operation::Restart | Operation::Rollback);
+    for group in selected {
+        if starts && group.state == GroupState::Stopped {
+            return Err(Error::Usage(format!(
+                "{}: group {} is stopped (state = \"stopped\"): a {} would start it; \
+                 set state = \"running\" and deploy instead",
+                plan.origin,
+                group.name,
+                operation_name(operation)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks `--group`, `--hosts` and `--exclude` against `plan` without touching a host.

@@ -48,7 +48,8 @@ use serde::Serialize;
 
 pub(crate) use converge::{converge_file, keep_converged, ConvergeOptions};
 pub use decide::{Evidence, ProbeAnswer, VerdictKind};
-pub(crate) use driver::{check_selection, planned_stops};
+pub use driver::PlannedHost;
+pub(crate) use driver::{check_selection, planned_operation, planned_stops};
 pub(crate) use health::probe_all;
 pub use runner::run;
 

@@ -374,6 +374,58 @@ async fn after_a_halted_deploy_rollback_and_restart_never_go_forward() {
     );
     let before = fleet.release_pids(RELEASE);
 
+    // --dry-run says what each host would get and touches nothing.
+    let (ok, out) = erel(&fleet, &["rollback", "--group", "web", "--dry-run"]);
+    assert!(ok, "{out}");
+    for host in ["halted-1", "halted-2", "halted-3"] {
+        assert!(
+            out.contains(&format!("web/{host} (127.0.0.1:"))
+                && out.contains("left as it is: runs beat 0.2.0, not the group's 0.3.0"),
+            "{out}"
+        );
+    }
+    let (ok, out) = erel(&fleet, &["restart", "--group", "web", "--dry-run"]);
+    assert!(ok && out.matches("): restart 0.2.0").count() == 3, "{out}");
+    let (ok, out) = erel(
+        &fleet,
+        &["stop", "--group", "web", "--dry-run", "--hosts", "halted-1"],
+    );
+    assert!(
+        ok && out.contains("web/halted-1 (") && out.contains("stop (runs 0.2.0)"),
+        "{out}"
+    );
+    assert!(!out.contains("halted-2"), "{out}");
+    let out = fleet
+        .pki
+        .erel()
+        .args([
+            "rollback",
+            "--group",
+            "web",
+            "--to",
+            "0.1.0",
+            "--dry-run",
+            "--json",
+        ])
+        .arg("--cluster")
+        .arg(cluster_path(&fleet))
+        .output()
+        .expect("run erel");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let planned: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(planned.as_array().map(Vec::len), Some(3), "{planned}");
+    for host in planned.as_array().into_iter().flatten() {
+        assert_eq!(host["action"], "rollback", "{planned}");
+        assert_eq!(host["from"], "0.2.0", "{planned}");
+        assert_eq!(host["to"], "0.1.0", "{planned}");
+    }
+    fleet.expect_beats("0.2.0");
+    assert_eq!(
+        fleet.release_pids(RELEASE),
+        before,
+        "a dry run touches nothing"
+    );
+
     // No host runs the group's 0.3.0: each is left as it is, and the report says so.
     let (ok, out) = erel(&fleet, &["rollback", "--group", "web"]);
     assert!(ok, "{out}\n{}", fleet.agent_logs());
