@@ -222,8 +222,11 @@ async fn releases_that_leave_the_config_are_stopped_and_others_are_never_touched
     assert!(ok, "{out}");
     assert!(
         out.contains("stop      beat on leave-3: the host left the group"),
-        "the plan shows the stop first: {out}"
+        "the plan shows the stop: {out}"
     );
+    let stop_at = out.find("stop      beat on leave-3").expect("stop line");
+    let hosts_at = out.find("1. leave-1").expect("host list");
+    assert!(stop_at < hosts_at, "the stop comes first: {out}");
     assert!(!out.contains("stray"), "{out}");
     assert_eq!(answers(&fleet)[2], runs(&fleet, 2, "0.1.0"), "dry run");
 

@@ -184,6 +184,38 @@ fn deploy_dry_run_json_is_the_plan_and_touches_nothing() {
     assert_eq!(host["addr"], dead.as_str());
     assert_eq!(host["order"], 1);
     assert_eq!(host["canary"], true);
+    // What the text states is in the JSON too.
+    assert_eq!(group["max_failed"], 0);
+    assert_eq!(group["state"], "running");
+    assert_eq!(group["user"], serde_json::Value::Null);
+    assert_eq!(group["stop_grace_secs"], 10);
+
+    // The text names every probe, the passes and the drain, as the JSON does.
+    let text = std::fs::read_to_string(&cluster).expect("read").replace(
+        "health = { min_up_secs = 1, deadline_secs = 15 }",
+        "health = { tcp = 7000, http = 8080, path = \"/ready\", passes = 2, min_up_secs = 1, \
+         deadline_secs = 15 }\ndrain = { http = 8081, timeout_secs = 4 }\nmax_failed = 1",
+    );
+    std::fs::write(&cluster, text).expect("write");
+    let out = erel_with(&pki, &cluster, &["deploy", "--dry-run"]);
+    let said = output_text(&out);
+    assert!(out.status.success(), "{said}");
+    for part in [
+        "health    TCP port 7000 answers and HTTP GET port 8080/ready answers 2xx, 2 consecutive pass(es); up 1s",
+        "drain     POST port 8081/drain before each stop of a running release, answer within 4s",
+        "stop_grace_secs 10",
+        "up to 1 host(s) may fail",
+    ] {
+        assert!(said.contains(part), "{part:?} missing: {said}");
+    }
+    let out = erel_with(&pki, &cluster, &["deploy", "--dry-run", "--json"]);
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let group = &plan["groups"][0];
+    assert_eq!(group["max_failed"], 1);
+    assert_eq!(group["health"]["http"], "8080");
+    assert_eq!(group["health"]["path"], "/ready");
+    assert_eq!(group["health"]["passes"], 2);
+    assert_eq!(group["drain"]["timeout_secs"], 4);
 }
 
 #[test]
