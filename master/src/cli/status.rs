@@ -81,7 +81,9 @@ pub struct HostStatus {
     /// The group's health probes in a few words: `ok` when every one passed, else
     /// each failed one as `failed: <probe>: <answer>` (for example `failed: http GET
     /// 127.0.0.1:8080/health: HTTP 500 Internal Server Error`), joined by `; `; `-`
-    /// when the group has no probe (or the row has no group).
+    /// when the group has no probe (or the row has no group); `- (not probed: STATE)`
+    /// when the release does not run there (stopped, not installed, exited,
+    /// unreachable), which is not probed.
     pub probe: String,
     /// Each configured probe's answer at the one look `status` took (TCP first, then
     /// HTTP), each within [`DEFAULT_PROBE_TIMEOUT`], as a rollout's verification
@@ -205,14 +207,7 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
                 argv_env: ARGV_ENV_UNKNOWN.to_string(),
                 ..base.clone()
             };
-            // A stopped group's release is not meant to answer: nothing to probe.
-            if !stopped && (group.probe_port(host).is_some() || group.http_port(host).is_some()) {
-                let (group, host, row) = (group.clone(), host.clone(), out.len());
-                probes.spawn(async move {
-                    let answers = probe_all(&group, &host, DEFAULT_PROBE_TIMEOUT).await;
-                    (row, answers)
-                });
-            }
+            let mut runs = false;
             match &answer {
                 Err(e) => row.error = Some(e.to_string()),
                 Ok(pong) => {
@@ -222,9 +217,24 @@ pub async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatus> {
                             row.state = "not installed".to_string();
                             row.converged = stopped;
                         }
-                        Some(release) => fill(&mut row, release),
+                        Some(release) => {
+                            runs = release.state == erel_proto::ReleaseState::Running;
+                            fill(&mut row, release);
+                        }
                     }
                 }
+            }
+            let has_probe = group.probe_port(host).is_some() || group.http_port(host).is_some();
+            // Only a release that runs is probed: a stopped group's, a stopped or
+            // absent release, or an unreachable host's is not meant to answer.
+            if has_probe && !stopped && runs {
+                let (group, host, row) = (group.clone(), host.clone(), out.len());
+                probes.spawn(async move {
+                    let answers = probe_all(&group, &host, DEFAULT_PROBE_TIMEOUT).await;
+                    (row, answers)
+                });
+            } else if has_probe {
+                row.probe = format!("- (not probed: {})", row.state);
             }
             out.push(row);
         }
