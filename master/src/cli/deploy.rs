@@ -351,7 +351,19 @@ pub fn event_line(event: &RolloutEvent) -> Option<String> {
             release,
             version,
             hosts,
-        } => format!("group {group}: rolling {release} {version} to {hosts} host(s)"),
+            operation,
+        } => match operation {
+            crate::rollout::Operation::Deploy => {
+                format!("group {group}: rolling {release} {version} to {hosts} host(s)")
+            }
+            crate::rollout::Operation::Restart => format!(
+                "group {group}: restarting {release} on {hosts} host(s), each with the version it runs"
+            ),
+            crate::rollout::Operation::Stop => format!("group {group}: stopping {release} on {hosts} host(s)"),
+            crate::rollout::Operation::Rollback => format!(
+                "group {group}: rolling {release} back on {hosts} host(s), from {version} where it runs"
+            ),
+        },
         RolloutEvent::HostPhase { group, host, phase } => format!("{group}/{host}: {phase}"),
         RolloutEvent::HostVerdict {
             group,

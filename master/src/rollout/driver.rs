@@ -504,6 +504,7 @@ async fn run_group(
             release: ctx.group.release.clone(),
             version: ctx.group.version.clone(),
             hosts: hosts.len(),
+            operation,
         },
     );
     let mut outcomes: HashMap<String, HostOutcome> = HashMap::new();

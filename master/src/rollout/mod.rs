@@ -178,6 +178,9 @@ pub enum RolloutEvent {
         version: String,
         /// Hosts in the group.
         hosts: usize,
+        /// What is done to them: a deploy, or a group `restart`, `stop`, `rollback`
+        /// (which do not go to `version`).
+        operation: Operation,
     },
     /// A host entered a phase.
     HostPhase {

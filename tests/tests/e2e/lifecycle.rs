@@ -446,6 +446,10 @@ async fn after_a_halted_deploy_rollback_and_restart_never_go_forward() {
     );
     assert!(ok, "{out}\n{}", fleet.agent_logs());
     assert!(out.contains("restarted (pid"), "{out}");
+    assert!(
+        out.contains("group web: restarting beat on 1 host(s), each with the version it runs"),
+        "the header says restart, not a deploy of 0.3.0: {out}"
+    );
     assert!(!out.contains("0.3.0 ("), "{out}");
     fleet.expect_beats("0.2.0");
     let after = fleet.release_pids(RELEASE);
