@@ -490,7 +490,13 @@ fn summary_table(report: &RolloutReport, tails_shown: bool) -> String {
                     format!("stopped: {why}")
                 }
                 HostOutcome::UpToDate => "up to date".to_string(),
-                HostOutcome::Left { why } => format!("left as it is: {why}"),
+                HostOutcome::Left { why, version: runs } => {
+                    version = match runs.is_empty() {
+                        true => format!("{} (none)", group.release),
+                        false => format!("{} {runs}", group.release),
+                    };
+                    format!("left as it is: {why}")
+                }
                 HostOutcome::Failed(failure) => {
                     let HostFailure {
                         phase,

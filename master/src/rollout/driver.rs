@@ -645,11 +645,11 @@ async fn roll_hosts(
                     RolloutEvent::HostSkipped {
                         group: name.clone(),
                         host: id.clone(),
-                        version,
+                        version: version.clone(),
                         why: Some(why.clone()),
                     },
                 );
-                outcomes.insert(id, HostOutcome::Left { why });
+                outcomes.insert(id, HostOutcome::Left { why, version });
             }
             Ok(found) => {
                 inspected.insert(id, found);

@@ -437,6 +437,8 @@ pub enum HostOutcome {
     Left {
         /// Why, in words.
         why: String,
+        /// The version it runs (or ran last); empty when it never ran the release.
+        version: String,
     },
     /// It failed.
     Failed(HostFailure),

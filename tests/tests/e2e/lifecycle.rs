@@ -436,6 +436,16 @@ async fn after_a_halted_deploy_rollback_and_restart_never_go_forward() {
         out.contains("left as it is: runs beat 0.2.0, not the group's 0.3.0"),
         "{out}"
     );
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("halted-") && l.contains("left as it is"))
+        .collect();
+    assert_eq!(rows.len(), 3, "{out}");
+    assert!(
+        rows.iter()
+            .all(|row| row.contains("beat 0.2.0") && !row.contains("beat 0.3.0")),
+        "the VERSION column shows what runs: {out}"
+    );
     fleet.expect_beats("0.2.0");
     assert_eq!(fleet.release_pids(RELEASE), before, "nothing was restarted");
 
