@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::info;
 
 use crate::config::{Config, Flags};
 use crate::error::Error;
@@ -37,9 +37,8 @@ pub fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let text = erel_proto::text::error_chain(&e);
-            error!("{text}");
-            eprintln!("erel-boot: {text}");
+            // One line, once: the journal takes stderr as it is.
+            eprintln!("erel-boot: {}", erel_proto::text::error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -4,7 +4,8 @@
 //! - `<prefix>.halt.<group>` (durable, `x-max-length: 1`): the group's latest halt
 //!   state, [`HaltRecord`]. The master that halts a group at a revision
 //!   ([`crate::rollout::halt`]) writes `halted`; `erel config retry --group G` writes
-//!   `retry`, which ends that halt; whichever master holds the group next reads it,
+//!   `retry`, which ends that halt; the master that applies a newer revision writes
+//!   `cleared`; whichever master holds the group next reads it,
 //!   so a halt outlives the master that made it. Readers take the messages without
 //!   acknowledging them and put them back (`basic.nack` with requeue), so the record
 //!   stays for every reader; the newest message read wins.
@@ -33,6 +34,15 @@ const MAX_READ: usize = 8;
 pub enum HaltRecord {
     /// The group is halted at a revision.
     Halted(Halt),
+    /// A newer revision is being applied: the halt at an older one is over.
+    Cleared {
+        /// The group.
+        group: String,
+        /// The revision being applied.
+        revision: u64,
+        /// When, in milliseconds since the Unix epoch.
+        at_ms: u64,
+    },
     /// An operator asked to try the halted revision again.
     Retry {
         /// The group.
@@ -180,8 +190,10 @@ pub async fn retry(broker: &Broker, group: &str, by: &str) -> Result<Option<Halt
     outcome
 }
 
-/// The halts recorded for `groups` (for `erel status` and `erel config holders`).
-pub async fn halts(broker: &Broker, groups: &[String]) -> Result<Vec<Halt>> {
+/// The halts recorded for `groups` at `revision` or later (for `erel status` and
+/// `erel config holders`): a halt at an older revision is over once a newer one is
+/// applied, whether or not its record was cleared yet.
+pub async fn halts(broker: &Broker, groups: &[String], revision: u64) -> Result<Vec<Halt>> {
     let connection = broker.connect("halts reader").await?;
     let outcome = async {
         let channel = open_channel(&connection, &broker.display_url()).await?;
@@ -190,7 +202,9 @@ pub async fn halts(broker: &Broker, groups: &[String]) -> Result<Vec<Halt>> {
             if let Some(HaltRecord::Halted(halt)) =
                 read_halt(&channel, broker.names(), group).await?
             {
-                halts.push(halt);
+                if halt.revision >= revision {
+                    halts.push(halt);
+                }
             }
         }
         let _ = channel.close(200, "done".into()).await;

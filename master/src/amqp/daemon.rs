@@ -547,44 +547,83 @@ impl GroupTask {
             }
             Err(e) => Err(e),
         };
-        let mut halted = halted.lock().unwrap_or_else(|e| e.into_inner());
-        match record {
-            // A halt at an older revision is over: a newer one is being applied.
-            Ok(Some(HaltRecord::Halted(recorded))) if recorded.revision >= plan.revision => {
-                if halted
-                    .as_ref()
-                    .is_none_or(|known| known.since_ms < recorded.since_ms)
-                {
-                    *halted = Some(recorded);
+        // A halt recorded at an older revision is over: its record is cleared below.
+        let mut stale = matches!(
+            &record,
+            Ok(Some(HaltRecord::Halted(recorded))) if recorded.revision < plan.revision
+        );
+        let is_halted = {
+            let mut halted = halted.lock().unwrap_or_else(|e| e.into_inner());
+            match record {
+                // A halt at an older revision is over: a newer one is being applied.
+                Ok(Some(HaltRecord::Halted(recorded))) if recorded.revision >= plan.revision => {
+                    if halted
+                        .as_ref()
+                        .is_none_or(|known| known.since_ms < recorded.since_ms)
+                    {
+                        *halted = Some(recorded);
+                    }
                 }
-            }
-            Ok(Some(HaltRecord::Retry { by, at_ms, .. })) => {
-                if let Some(known) = halted.take_if(|known| known.since_ms <= at_ms) {
-                    info!(group = %self.group, revision = known.revision, by, "retry asked for; the halted revision is tried again");
-                    let _ = self.events.send(MasterEvent::GroupRetried {
-                        group: self.group.clone(),
-                        revision: known.revision,
-                        by,
-                    });
+                Ok(Some(HaltRecord::Retry { by, at_ms, .. })) => {
+                    if let Some(known) = halted.take_if(|known| known.since_ms <= at_ms) {
+                        info!(group = %self.group, revision = known.revision, by, "retry asked for; the halted revision is tried again");
+                        let _ = self.events.send(MasterEvent::GroupRetried {
+                            group: self.group.clone(),
+                            revision: known.revision,
+                            by,
+                        });
+                    }
                 }
+                Ok(Some(HaltRecord::Halted(_) | HaltRecord::Cleared { .. }) | None) => {}
+                Err(e) => warn!(group = %self.group, "cannot read the halt record: {e}"),
             }
-            Ok(Some(HaltRecord::Halted(_)) | None) => {}
-            Err(e) => warn!(group = %self.group, "cannot read the halt record: {e}"),
-        }
-        if let Some(known) = halted.take_if(|known| known.revision < plan.revision) {
-            info!(
-                group = %self.group,
-                "revision {} is newer than the halted revision {}; the group is rolled out again",
-                plan.revision,
-                known.revision
-            );
-        }
-        match halted.as_ref() {
-            Some(known) => {
-                debug!(group = %self.group, "not rolled out: {known}");
-                true
+            if let Some(known) = halted.take_if(|known| known.revision < plan.revision) {
+                stale = true;
+                info!(
+                    group = %self.group,
+                    "revision {} is newer than the halted revision {}; the group is rolled out again",
+                    plan.revision,
+                    known.revision
+                );
             }
-            None => false,
+            match halted.as_ref() {
+                Some(known) => {
+                    debug!(group = %self.group, "not rolled out: {known}");
+                    true
+                }
+                None => false,
+            }
+        };
+        if stale {
+            self.clear_halt(plan.revision).await;
+        }
+        is_halted
+    }
+
+    /// Writes that the group's halt is over, `revision` being newer than the halted
+    /// one, so that no reader shows it any more.
+    async fn clear_halt(&self, revision: u64) {
+        let record = HaltRecord::Cleared {
+            group: self.group.clone(),
+            revision,
+            at_ms: super::now_ms(),
+        };
+        let written = match self.halt_channel().await {
+            Ok(channel) => {
+                let written = control::write_halt(
+                    &channel,
+                    self.options.broker.names(),
+                    &self.group,
+                    &record,
+                )
+                .await;
+                let _ = channel.close(200, "done".into()).await;
+                written
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            warn!(group = %self.group, "the halt record still shows the older halt: {e}");
         }
     }
 

@@ -74,6 +74,9 @@ pub(super) struct StartArgs {
     version: String,
     #[command(flatten)]
     settings: StartSettings,
+    /// `--take-over`, and where the daemons' leases are (`--amqp`).
+    #[command(flatten)]
+    hold: super::daemon::HoldArgs,
 }
 
 /// What a `Start` carries beyond name and version, as given on the command line.
@@ -512,6 +515,8 @@ pub(super) async fn unpack(
 struct Target {
     host: HostAddr,
     group: Option<(HostPlan, GroupPlan)>,
+    /// The cluster file the group came from.
+    cluster: Option<PathBuf>,
     /// Why no group applies, when the host came from the cluster file.
     no_group: Option<String>,
 }
@@ -523,6 +528,7 @@ impl Target {
             return Ok(Target {
                 host,
                 group: None,
+                cluster: None,
                 no_group: None,
             });
         };
@@ -530,16 +536,19 @@ impl Target {
             return Ok(Target {
                 host,
                 group: None,
+                cluster: None,
                 no_group: None,
             });
         };
         match plan.group_running(member, release) {
             Some(group) => Ok(Target {
                 group: Some((member.clone(), group.clone())),
+                cluster: Some(super::cluster_file(cluster)),
                 host,
                 no_group: None,
             }),
             None => Ok(Target {
+                cluster: None,
                 no_group: Some(format!(
                     "{}: no group of this host runs '{release}' in {}; only the command line's settings apply",
                     host.id, plan.origin
@@ -548,6 +557,19 @@ impl Target {
                 group: None,
             }),
         }
+    }
+
+    /// The line saying that `--grace` overrode the group's `stop_grace_secs`, when it did.
+    fn grace_note(&self, flag: Option<u64>) -> Option<String> {
+        let (secs, (_, group)) = (flag?, self.group.as_ref()?);
+        (Duration::from_secs(secs) != group.stop_grace).then(|| {
+            format!(
+                "{}: --grace {secs} from the command line overrides stop_grace_secs {} of group '{}'",
+                self.host.id,
+                group.stop_grace.as_secs(),
+                group.name
+            )
+        })
     }
 
     /// The grace of a stop: `--grace`, else the group's, else the default.
@@ -580,10 +602,10 @@ impl Target {
         };
         let mut start = group.start_request(host, version);
         let mut notes = Vec::new();
-        let whose = format!("group '{}'", group.name);
+        let whose = format!("of group '{}'", group.name);
         if !flags.argv.is_empty() {
             notes.push(format!(
-                "argv from the command line, not {whose}'s: {}",
+                "argv from the command line, not the one {whose}: {}",
                 flags.argv.join(" ")
             ));
             start.argv = flags.argv;
@@ -599,7 +621,7 @@ impl Target {
             }
             if !overridden.is_empty() {
                 notes.push(format!(
-                    "env from the command line overrides {whose}'s {}",
+                    "env from the command line overrides {} {whose}",
                     overridden.join(", ")
                 ));
             }
@@ -607,7 +629,7 @@ impl Target {
         }
         if let Some(user) = flags.user {
             notes.push(format!(
-                "user '{user}' from the command line, not {whose}'s {}",
+                "user '{user}' from the command line, not '{}' {whose}",
                 start.user.as_deref().unwrap_or("(none)")
             ));
             start.user = Some(user);
@@ -625,6 +647,42 @@ impl Target {
                 self.host.id, group.name
             )
         })
+    }
+
+    /// Holds the host's group against its daemon while `command` acts on release
+    /// `name` by hand: a daemon keeps the group as its config says, so it would undo
+    /// the command at its next pass. Refused naming the holder unless `--take-over`,
+    /// which warns that the change lasts until that daemon's next pass. `None` for a
+    /// host in no group of the cluster file.
+    async fn hold(
+        &self,
+        command: &str,
+        name: &str,
+        hold: &super::daemon::HoldArgs,
+    ) -> Result<Option<super::daemon::Hold>> {
+        let (Some((_, group)), Some(cluster)) = (&self.group, &self.cluster) else {
+            return Ok(None);
+        };
+        let groups = [group.name.clone()];
+        let held = super::daemon::ensure_not_held(cluster, &groups, command, hold)
+            .await
+            .map_err(|e| match e {
+                Error::Usage(refused) => Error::Usage(format!(
+                    "{}: {refused}. That daemon keeps group '{}' as its config says: it \
+                     would undo this `{command}` of {name} at its next pass",
+                    self.host.id, group.name
+                )),
+                other => other,
+            })?;
+        if hold.take_over() {
+            eprintln!(
+                "warning: {}: {command} of {name} lasts until the next pass of the daemon \
+                 keeping group '{}': it repairs drift back to the group's config unless the \
+                 config changes",
+                self.host.id, group.name
+            );
+        }
+        Ok(Some(held))
     }
 
     fn describe(&self) -> Option<String> {
@@ -689,9 +747,19 @@ pub(super) async fn start(
     if let Some(line) = target.stopped_group_warning(&args.name) {
         println!("{line}");
     }
+    let held = target.hold("erel start", &args.name, &args.hold).await?;
     let mut session = HostSession::new(target.host.clone(), ctx.connector()?);
-    println!("{}", send_start(&target.host, &mut session, request).await?);
+    let started = send_start(&target.host, &mut session, request).await;
+    release(held).await;
+    println!("{}", started?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Hands back what [`Target::hold`] held.
+async fn release(held: Option<super::daemon::Hold>) {
+    if let Some(held) = held {
+        held.release().await;
+    }
 }
 
 /// Stops a release on one agent.
@@ -699,17 +767,21 @@ pub(super) async fn stop(
     ctx: &Context,
     cluster: Option<&Path>,
     args: StopArgs,
+    hold: &super::daemon::HoldArgs,
 ) -> Result<ExitCode> {
     let target = Target::resolve(&args.host, cluster, &args.name)?;
     let grace = target.stop_grace(args.grace);
     if let Some(line) = target.describe() {
         println!("{line}");
     }
+    if let Some(line) = target.grace_note(args.grace) {
+        println!("{line}");
+    }
+    let held = target.hold("erel stop", &args.name, hold).await?;
     let mut session = HostSession::new(target.host.clone(), ctx.connector()?);
-    println!(
-        "{}",
-        send_stop(&target.host, &mut session, &args.name, grace).await?
-    );
+    let stopped = send_stop(&target.host, &mut session, &args.name, grace).await;
+    release(held).await;
+    println!("{}", stopped?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -718,8 +790,16 @@ pub(super) async fn restart(
     ctx: &Context,
     cluster: Option<&Path>,
     args: RestartArgs,
+    hold: &super::daemon::HoldArgs,
 ) -> Result<ExitCode> {
     let target = Target::resolve(&args.host, cluster, &args.name)?;
+    let held = target.hold("erel restart", &args.name, hold).await?;
+    let outcome = restart_held(ctx, target, args).await;
+    release(held).await;
+    outcome
+}
+
+async fn restart_held(ctx: &Context, target: Target, args: RestartArgs) -> Result<ExitCode> {
     let mut session = HostSession::new(target.host.clone(), ctx.connector()?);
     let version = match args.version {
         Some(version) => version,
@@ -751,6 +831,9 @@ pub(super) async fn restart(
     }
     for note in notes {
         println!("{}: {note}", target.host.id);
+    }
+    if let Some(line) = target.grace_note(args.grace) {
+        println!("{line}");
     }
     if let Some(line) = target.stopped_group_warning(&args.name) {
         println!("{line}");
@@ -900,6 +983,7 @@ archive = "probe.tar.gz"
             group: plan
                 .group_running(host, release)
                 .map(|g| (host.clone(), g.clone())),
+            cluster: None,
             no_group: None,
         }
     }
@@ -957,6 +1041,7 @@ archive = "probe.tar.gz"
         let web = Target {
             host: host.host_addr(),
             group: Some((host.clone(), plan.groups["web"].clone())),
+            cluster: None,
             no_group: None,
         };
         let warning = web.stopped_group_warning("pong").expect("warned");
@@ -990,17 +1075,24 @@ archive = "probe.tar.gz"
         assert_eq!(start.user.as_deref(), Some("root"));
         let said = notes.join("\n");
         assert!(
-            said.contains("argv from the command line, not group 'web'"),
+            said.contains("argv from the command line, not the one of group 'web'"),
             "{said}"
         );
-        assert!(said.contains("overrides group 'web''s MODE"), "{said}");
+        assert!(said.contains("overrides MODE of group 'web'"), "{said}");
         assert!(
             !said.contains("EXTRA"),
             "an added variable overrides nothing: {said}"
         );
         assert!(
-            said.contains("user 'root' from the command line, not group 'web''s pong"),
+            said.contains("user 'root' from the command line, not 'pong' of group 'web'"),
             "{said}"
+        );
+
+        let web = target("pong");
+        assert_eq!(web.grace_note(None), None);
+        assert_eq!(
+            web.grace_note(Some(2)).as_deref(),
+            Some("web-1: --grace 2 from the command line overrides stop_grace_secs 30 of group 'web'")
         );
 
         // No group: the flags alone, nothing to say.

@@ -55,6 +55,62 @@ pub(super) struct AmqpMasterArgs {
     /// Longest wait between two reconnection attempts, in milliseconds.
     #[arg(long, default_value_t = 5000, value_name = "MS", hide = true)]
     pub reconnect_max_ms: u64,
+    /// Whether `url` came from `EREL_AMQP` in the environment ([`Self::pick_mode`]).
+    #[arg(skip)]
+    pub url_from_env: bool,
+}
+
+impl AmqpMasterArgs {
+    /// Settles which mode `erel master` runs in, from where its flags came from:
+    /// `cluster_given` when `--cluster` was on the command line, `amqp` where `--amqp`
+    /// came from (`None`: not given). An explicit `--cluster` wins over an `EREL_AMQP`
+    /// from the environment (the URL is dropped, and the mode is the file's); both
+    /// `--cluster` and `--amqp` on the command line are refused, naming both. An
+    /// `--amqp` from the environment is remembered, so refusals name `EREL_AMQP`.
+    ///
+    /// # Errors
+    /// [`Error::Usage`] for `--cluster` and `--amqp` both on the command line.
+    pub(super) fn pick_mode(
+        &mut self,
+        cluster_given: bool,
+        amqp: Option<clap::parser::ValueSource>,
+    ) -> crate::Result<()> {
+        use clap::parser::ValueSource;
+        match (cluster_given, amqp) {
+            (true, Some(ValueSource::EnvVariable)) => {
+                self.url = None;
+                if self.state_dir.is_some() || self.artifacts.is_some() || self.name.is_some() {
+                    return Err(Error::Usage(
+                        "erel master: --cluster FILE was given, so EREL_AMQP from the \
+                         environment is not used, yet --state-dir, --artifacts or --name \
+                         (AMQP mode only) were given too; drop --cluster to follow the \
+                         config log, or drop those flags"
+                            .to_string(),
+                    ));
+                }
+            }
+            (true, Some(ValueSource::CommandLine)) => {
+                return Err(Error::Usage(format!(
+                    "erel master: --cluster FILE and --amqp {} are two modes (a cluster \
+                     file, or the config log on the broker); give one",
+                    self.url.as_deref().unwrap_or("URL")
+                )));
+            }
+            (_, Some(ValueSource::EnvVariable)) => self.url_from_env = true,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// `--amqp`, as a refusal names it: with `(from EREL_AMQP in the environment)`
+    /// when it came from there.
+    fn amqp_words(&self) -> &'static str {
+        if self.url_from_env {
+            "--amqp (from EREL_AMQP in the environment)"
+        } else {
+            "--amqp"
+        }
+    }
 }
 
 /// Runs `erel master --amqp URL …` until SIGTERM or Ctrl-C, serving Prometheus metrics
@@ -66,15 +122,20 @@ pub(super) async fn master(
     connect_timeout: Duration,
     metrics: Option<std::net::SocketAddr>,
 ) -> crate::Result<ExitCode> {
+    let amqp = args.amqp_words();
     let url = args
         .url
         .ok_or_else(|| Error::Usage("--amqp URL is required".to_string()))?;
-    let state_dir = args
-        .state_dir
-        .ok_or_else(|| Error::Usage("--state-dir DIR is required with --amqp".to_string()))?;
-    let artifacts = args
-        .artifacts
-        .ok_or_else(|| Error::Usage("--artifacts DIR is required with --amqp".to_string()))?;
+    let state_dir = args.state_dir.ok_or_else(|| {
+        Error::Usage(format!(
+            "--state-dir DIR is required with {amqp}; for the cluster file, give --cluster FILE"
+        ))
+    })?;
+    let artifacts = args.artifacts.ok_or_else(|| {
+        Error::Usage(format!(
+            "--artifacts DIR is required with {amqp}; for the cluster file, give --cluster FILE"
+        ))
+    })?;
     if !artifacts.is_dir() {
         return Err(Error::Usage(format!(
             "--artifacts {}: not a directory",

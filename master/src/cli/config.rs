@@ -236,13 +236,16 @@ async fn history(args: HistoryArgs) -> crate::Result<ExitCode> {
 async fn holders(args: HoldersArgs) -> crate::Result<ExitCode> {
     let broker = args.broker.broker()?;
     let entries = log::read_all(&broker).await?;
-    let groups: Vec<String> = log::newest(&entries)
+    let newest = log::newest(&entries);
+    let groups: Vec<String> = newest
         .and_then(|e| e.text())
         .and_then(|text| Plan::parse(text, "config log", &ArchiveLookup::Unchecked).ok())
         .map(|plan| plan.groups.keys().cloned().collect())
         .unwrap_or_default();
+    // A halt at a revision older than the log's newest is over.
+    let revision = newest.and_then(|e| e.revision()).unwrap_or(0);
     let records = leadership::holders(&broker, &groups).await?;
-    let halts = control::halts(&broker, &groups).await?;
+    let halts = control::halts(&broker, &groups, revision).await?;
     if args.json {
         let rows = holder_rows(&groups, &records, &halts);
         println!(
@@ -251,7 +254,7 @@ async fn holders(args: HoldersArgs) -> crate::Result<ExitCode> {
         );
     } else {
         print!("{}", holders_table(&groups, &records));
-        print!("{}", halts_text(&halts, 0));
+        print!("{}", halts_text(&halts));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -266,19 +269,18 @@ pub(super) async fn holders_text(
 ) -> crate::Result<String> {
     let broker = crate::amqp::Broker::new(url, prefix)?;
     let records = leadership::holders(&broker, groups).await?;
-    let halts = control::halts(&broker, groups).await?;
+    let halts = control::halts(&broker, groups, revision).await?;
     Ok(format!(
         "{}{}",
         holders_table(groups, &records),
-        halts_text(&halts, revision)
+        halts_text(&halts)
     ))
 }
 
-/// One line per halt at `revision` or later, with the reason and how to retry.
-fn halts_text(halts: &[crate::rollout::halt::Halt], revision: u64) -> String {
+/// One line per halt, with the reason and how to retry.
+fn halts_text(halts: &[crate::rollout::halt::Halt]) -> String {
     halts
         .iter()
-        .filter(|halt| halt.revision >= revision)
         .map(|halt| {
             format!(
                 "HALTED: {halt} (since {}); `erel config retry --group {}` tries it again\n",
@@ -290,16 +292,17 @@ fn halts_text(halts: &[crate::rollout::halt::Halt], revision: u64) -> String {
 }
 
 /// The holders of `groups`, read from the broker at `url`, as `config holders --json`
-/// prints them, and the halts of those groups the broker keeps (for `erel status
-/// --json`).
+/// prints them, and the halts of those groups at `revision` or later the broker keeps
+/// (for `erel status --json`).
 pub(super) async fn holders_json(
     url: &str,
     prefix: &str,
     groups: &[String],
+    revision: u64,
 ) -> crate::Result<(Vec<serde_json::Value>, Vec<crate::rollout::halt::Halt>)> {
     let broker = crate::amqp::Broker::new(url, prefix)?;
     let records = leadership::holders(&broker, groups).await?;
-    let halts = control::halts(&broker, groups).await?;
+    let halts = control::halts(&broker, groups, revision).await?;
     Ok((holder_rows(groups, &records, &halts), halts))
 }
 

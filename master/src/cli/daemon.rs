@@ -49,6 +49,17 @@ pub(super) struct MasterArgs {
     amqp: super::amqp::AmqpMasterArgs,
 }
 
+impl MasterArgs {
+    /// See [`super::amqp::AmqpMasterArgs::pick_mode`].
+    pub(super) fn pick_mode(
+        &mut self,
+        cluster_given: bool,
+        amqp: Option<clap::parser::ValueSource>,
+    ) -> crate::Result<()> {
+        self.amqp.pick_mode(cluster_given, amqp)
+    }
+}
+
 /// Runs the daemon until SIGTERM or Ctrl-C.
 pub(super) async fn master(
     ctx: &Context,
@@ -188,6 +199,13 @@ pub(super) struct HoldArgs {
     /// Prefix of every queue and exchange name on the broker.
     #[arg(long = "amqp-prefix", env = "EREL_AMQP_PREFIX", default_value = DEFAULT_PREFIX, value_name = "PREFIX")]
     amqp_prefix: String,
+}
+
+impl HoldArgs {
+    /// Whether `--take-over` was given.
+    pub(super) fn take_over(&self) -> bool {
+        self.take_over
+    }
 }
 
 /// What a command holds while it acts on groups; [`Hold::release`] hands it back.

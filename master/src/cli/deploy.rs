@@ -284,7 +284,11 @@ impl Bars {
                 group,
                 host,
                 version,
-            } => (group, host, format!("up to date: runs {version}")),
+                why,
+            } => match why {
+                Some(why) => (group, host, format!("left as it is: {why}")),
+                None => (group, host, format!("up to date: runs {version}")),
+            },
             RolloutEvent::HostStopped {
                 group,
                 host,
@@ -351,7 +355,19 @@ pub(super) fn event_line(event: &RolloutEvent) -> Option<String> {
             release,
             version,
             hosts,
-        } => format!("group {group}: rolling {release} {version} to {hosts} host(s)"),
+            operation,
+        } => match operation {
+            crate::rollout::Operation::Deploy => {
+                format!("group {group}: rolling {release} {version} to {hosts} host(s)")
+            }
+            crate::rollout::Operation::Restart => format!(
+                "group {group}: restarting {release} on {hosts} host(s), each with the version it runs"
+            ),
+            crate::rollout::Operation::Stop => format!("group {group}: stopping {release} on {hosts} host(s)"),
+            crate::rollout::Operation::Rollback => format!(
+                "group {group}: rolling {release} back on {hosts} host(s), from {version} where it runs"
+            ),
+        },
         RolloutEvent::HostPhase { group, host, phase } => format!("{group}/{host}: {phase}"),
         RolloutEvent::HostVerdict {
             group,
@@ -375,7 +391,11 @@ pub(super) fn event_line(event: &RolloutEvent) -> Option<String> {
             group,
             host,
             version,
-        } => format!("{group}/{host}: up to date, runs {version}"),
+            why,
+        } => match why {
+            Some(why) => format!("{group}/{host}: left as it is: {why}"),
+            None => format!("{group}/{host}: up to date, runs {version}"),
+        },
         RolloutEvent::HostStopped {
             group,
             host,
@@ -474,6 +494,13 @@ fn summary_table(report: &RolloutReport, tails_shown: bool) -> String {
                     format!("stopped: {why}")
                 }
                 HostOutcome::UpToDate => "up to date".to_string(),
+                HostOutcome::Left { why, version: runs } => {
+                    version = match runs.is_empty() {
+                        true => format!("{} (none)", group.release),
+                        false => format!("{} {runs}", group.release),
+                    };
+                    format!("left as it is: {why}")
+                }
                 HostOutcome::Failed(failure) => {
                     let HostFailure {
                         phase,
@@ -562,21 +589,25 @@ fn describe_plan(
         if !options.groups.is_empty() && !options.groups.contains(&group.name) {
             continue;
         }
-        out.push_str(&describe_group(plan, group, options));
-        match stops {
-            Ok(stops) => {
-                for host in stops.get(&group.name).into_iter().flatten() {
-                    out.push_str(&format!(
+        // Stops come first, as the rollout does them first.
+        let left = match stops {
+            Ok(stops) => stops
+                .get(&group.name)
+                .into_iter()
+                .flatten()
+                .map(|host| {
+                    format!(
                         "  stop      {} on {host}: the host left the group\n",
                         group.release
-                    ));
-                }
-            }
-            Err(why) => out.push_str(&format!(
+                    )
+                })
+                .collect(),
+            Err(why) => format!(
                 "  (hosts that left the group, whose {} is stopped, not checked: {why})\n",
                 group.release
-            )),
-        }
+            ),
+        };
+        out.push_str(&describe_group(plan, group, options, &left));
     }
     let waiting: Vec<&str> = plan
         .hosts
@@ -595,7 +626,9 @@ waiting (in no group, nothing deployed): {}
     out
 }
 
-fn describe_group(plan: &Plan, group: &GroupPlan, options: &RolloutOptions) -> String {
+/// One group of the plan in words; `left` are its stop lines for hosts that left it,
+/// put first (after the header), as the rollout stops those first.
+fn describe_group(plan: &Plan, group: &GroupPlan, options: &RolloutOptions, left: &str) -> String {
     let hosts: Vec<_> = plan
         .hosts_in(&group.name)
         .into_iter()
@@ -604,8 +637,12 @@ fn describe_group(plan: &Plan, group: &GroupPlan, options: &RolloutOptions) -> S
         .collect();
     if group.state == GroupState::Stopped {
         let mut out = format!(
-            "\ngroup {}: {} stopped (state = \"stopped\"), at most {} host(s) at once\n",
-            group.name, group.release, group.max_in_flight
+            "\ngroup {}: {} stopped (state = \"stopped\"), at most {} host(s) at once, \
+             stop_grace_secs {}\n{left}",
+            group.name,
+            group.release,
+            group.max_in_flight,
+            group.stop_grace.as_secs()
         );
         for host in &hosts {
             out.push_str(&format!(
@@ -616,7 +653,7 @@ fn describe_group(plan: &Plan, group: &GroupPlan, options: &RolloutOptions) -> S
         return out;
     }
     let mut out = format!(
-        "\ngroup {}: {} {}\n",
+        "\ngroup {}: {} {}\n{left}",
         group.name, group.release, group.version
     );
     if let Some(archive) = &group.archive {
@@ -634,17 +671,42 @@ fn describe_group(plan: &Plan, group: &GroupPlan, options: &RolloutOptions) -> S
         group.argv.join(" ")
     };
     out.push_str(&format!("  command   {argv}\n"));
-    let probe = group
-        .health
-        .tcp
-        .as_ref()
-        .map(|port| format!("TCP port {port} answers, "))
-        .unwrap_or_default();
+    let user = group.user.as_deref().unwrap_or("the agent's own");
+    out.push_str(&format!(
+        "  runs as   {user} user; stop_grace_secs {}\n",
+        group.stop_grace.as_secs()
+    ));
+    let mut probes = Vec::new();
+    if let Some(port) = &group.health.tcp {
+        probes.push(format!("TCP port {port} answers"));
+    }
+    if let Some(http) = &group.health.http {
+        probes.push(format!(
+            "HTTP GET port {}{} answers 2xx",
+            http.port, http.path
+        ));
+    }
+    let probe = match probes.is_empty() {
+        true => String::new(),
+        false => format!(
+            "{}, {} consecutive pass(es); ",
+            probes.join(" and "),
+            group.health.passes
+        ),
+    };
     out.push_str(&format!(
         "  health    {probe}up {}s without a restart, within {}s\n",
         group.health.min_up.as_secs(),
         group.health.deadline.as_secs()
     ));
+    if let Some(drain) = &group.drain {
+        out.push_str(&format!(
+            "  drain     POST port {}{} before each stop of a running release, answer within {}s\n",
+            drain.port,
+            drain.path,
+            drain.timeout.as_secs()
+        ));
+    }
     let budget = match group.max_failed {
         0 => "the first failure halts the group".to_string(),
         n => format!("up to {n} host(s) may fail or be unreachable before the group halts"),
@@ -704,8 +766,16 @@ struct GroupJson {
     argv: Vec<String>,
     /// `releases/<name>/<version>` on each host.
     version_dir: String,
+    /// `running` or `stopped` (the release is stopped on every host).
+    state: &'static str,
+    /// The user the release runs as, if the group names one.
+    user: Option<String>,
+    /// Seconds between SIGTERM and SIGKILL when the release is stopped.
+    stop_grace_secs: u64,
     canaries: usize,
     max_in_flight: usize,
+    /// Hosts that may fail or be unreachable before the group halts.
+    max_failed: usize,
     health: HealthJson,
     /// The drain request sent before a running release is stopped, if any.
     drain: Option<DrainJson>,
@@ -778,6 +848,13 @@ fn plan_json(plan: &Plan, only: &[String]) -> PlanJson {
                 group.argv.clone()
             },
             version_dir: group.version_dir(),
+            state: match group.state {
+                GroupState::Running => "running",
+                GroupState::Stopped => "stopped",
+            },
+            user: group.user.clone(),
+            stop_grace_secs: group.stop_grace.as_secs(),
+            max_failed: group.max_failed,
             drain: group.drain.as_ref().map(|d| DrainJson {
                 http: d.port.to_string(),
                 path: d.path.clone(),
@@ -910,6 +987,7 @@ impl Progress {
                 group,
                 host,
                 version,
+                ..
             } => self.finish(
                 key(group, host),
                 Finished::UpToDate {
@@ -1206,7 +1284,7 @@ mod tests {
             &crate::cluster::ArchiveLookup::Unchecked,
         )
         .expect("valid");
-        let words = describe_group(&plan, &plan.groups["web"], &RolloutOptions::default());
+        let words = describe_group(&plan, &plan.groups["web"], &RolloutOptions::default(), "");
         assert!(
             words.contains(
                 "restart   hosts whose release has run since before 2026-11-29T12:00:00Z"
@@ -1223,7 +1301,7 @@ mod tests {
             &crate::cluster::ArchiveLookup::Unchecked,
         )
         .expect("valid");
-        let words = describe_group(&plan, &plan.groups["web"], &RolloutOptions::default());
+        let words = describe_group(&plan, &plan.groups["web"], &RolloutOptions::default(), "");
         assert!(!words.contains("restart "), "{words}");
         let json = serde_json::to_value(plan_json(&plan, &[])).expect("json");
         assert!(json["groups"][0]["restarted_at"].is_null(), "{json}");

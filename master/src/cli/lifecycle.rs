@@ -5,9 +5,9 @@
 //!
 //! | command | what each selected host of the group gets |
 //! | --- | --- |
-//! | `restart` | a rolling cold restart of the group's version: canaries first, then at most `max_in_flight` at once, gated on health; a host that fails is started once more with the same version, and the report says so |
+//! | `restart` | a rolling cold restart of the version the host runs (never the group's configured version): canaries first, then at most `max_in_flight` at once, gated on health; a host that fails is started once more with the same version, and the report says so; a host where the release is not running is left as it is, and the report says so |
 //! | `stop` | its release stopped, at most `max_in_flight` hosts at once, each with the group's `stop_grace_secs` |
-//! | `rollback` | the newest other version present on the host, at once (no canary phase), at most `max_in_flight` at once, gated on health |
+//! | `rollback` | a host that runs the group's version goes to the newest version unpacked before it (or to `--to VERSION`, which every selected host must have), at once (no canary phase), at most `max_in_flight` at once, gated on health; a host on another version is left as it is, and the report says so |
 //!
 //! Each command also has a one-host form, `erel stop HOST NAME [--grace S]` and
 //! `erel restart HOST NAME [VERSION] [--grace S] [--env K=V].. [--user U] [-- ARGV..]`
@@ -29,7 +29,7 @@ use super::deploy::{check_groups, run_and_report, HostSelection};
 use super::{agent, Context};
 use crate::client::Connector;
 use crate::cluster::{ArchiveLookup, Plan};
-use crate::error::Error;
+use crate::error::{Error, ResultExt as _};
 use crate::rollout::{Operation, RolloutOptions};
 
 /// What every group form takes.
@@ -40,9 +40,15 @@ pub(super) struct GroupArgs {
     groups: Vec<String>,
     #[command(flatten)]
     selection: HostSelection,
-    /// Print events as JSON lines, then the summary as JSON.
+    /// Print events as JSON lines, then the summary as JSON (with `--dry-run`, the
+    /// plan as a JSON array).
     #[arg(long)]
     json: bool,
+    /// Print what each selected host would get (the version it would restart or roll
+    /// back to, a stop, or why it is left as it is or would fail), touching nothing:
+    /// each host is only pinged.
+    #[arg(long)]
+    dry_run: bool,
     /// Seconds each phase of opening a connection to an agent may take before the host
     /// counts as unreachable [default: 5].
     #[arg(long, value_name = "SECS")]
@@ -64,6 +70,9 @@ impl GroupArgs {
         }
         if self.json {
             given.push("--json".into());
+        }
+        if self.dry_run {
+            given.push("--dry-run".into());
         }
         if let Some(secs) = self.connect_timeout {
             given.push(format!("--connect-timeout {secs}"));
@@ -93,9 +102,15 @@ pub(super) struct RestartArgs {
     group: GroupArgs,
 }
 
-/// `erel rollback --group G [--hosts ID,..] [--exclude ID,..]`.
+/// `erel rollback --group G [--to VERSION] [--hosts ID,..] [--exclude ID,..]`.
 #[derive(Debug, Args)]
 pub(super) struct RollbackArgs {
+    /// The version every selected host goes to; it must be present on each (refused
+    /// otherwise, naming the hosts that lack it) [default: on a host that runs the
+    /// group's version, the newest version unpacked before it; other hosts are left
+    /// as they are].
+    #[arg(long, value_name = "VERSION")]
+    to: Option<String>,
     #[command(flatten)]
     group: GroupArgs,
 }
@@ -207,14 +222,13 @@ pub(super) async fn restart(
                 grace: args.grace,
                 settings: args.settings,
             };
-            agent::restart(ctx, cluster, one).await
+            agent::restart(ctx, cluster, one, &args.group.hold).await
         }
         Form::Group => {
-            // A restart may have to stage the version on a host that lost it: archives
-            // needed.
+            // A restart starts again what each host runs: archives are not opened.
             let file = super::cluster_file(cluster);
-            let plan = Plan::load(&file)?;
-            run(ctx, &file, &plan, args.group, Operation::Restart).await
+            let plan = Plan::load_with(&file, &ArchiveLookup::Unchecked)?;
+            run(ctx, &file, &plan, args.group, Operation::Restart, None).await
         }
     }
 }
@@ -227,7 +241,15 @@ pub(super) async fn rollback(
 ) -> crate::Result<ExitCode> {
     // The versions rolled back to are on the hosts already: archives are not opened.
     let plan = Plan::load_with(cluster, &ArchiveLookup::Unchecked)?;
-    run(ctx, cluster, &plan, args.group, Operation::Rollback).await
+    run(
+        ctx,
+        cluster,
+        &plan,
+        args.group,
+        Operation::Rollback,
+        args.to,
+    )
+    .await
 }
 
 /// Runs `erel stop`: one host's release, or every selected host of groups.
@@ -243,12 +265,12 @@ pub(super) async fn stop(
                 name,
                 grace: args.grace,
             };
-            agent::stop(ctx, cluster, one).await
+            agent::stop(ctx, cluster, one, &args.group.hold).await
         }
         Form::Group => {
             let file = super::cluster_file(cluster);
             let plan = Plan::load_with(&file, &ArchiveLookup::Unchecked)?;
-            run(ctx, &file, &plan, args.group, Operation::Stop).await
+            run(ctx, &file, &plan, args.group, Operation::Stop, None).await
         }
     }
 }
@@ -259,6 +281,7 @@ async fn run(
     plan: &Plan,
     args: GroupArgs,
     operation: Operation,
+    rollback_to: Option<String>,
 ) -> crate::Result<ExitCode> {
     if args.groups.is_empty() {
         return Err(Error::Usage(format!(
@@ -273,6 +296,7 @@ async fn run(
         hosts: args.selection.hosts,
         exclude: args.selection.exclude,
         operation,
+        rollback_to,
         ..RolloutOptions::default()
     };
     crate::rollout::check_selection(plan, &options)?;
@@ -282,6 +306,25 @@ async fn run(
                 Duration::from_secs(secs.max(1))
             }),
     );
+    if args.dry_run {
+        let planned = crate::rollout::planned_operation(plan, &connector, &options).await?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&planned).context("encoding the plan")?
+            );
+        } else {
+            println!(
+                "dry run of revision {} from {}: nothing is touched",
+                plan.revision,
+                cluster.display()
+            );
+            for host in &planned {
+                println!("{host}");
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     // A group a daemon holds is refused, naming the holder, unless `--take-over`.
     let command = super::deploy::Command {
         cluster,

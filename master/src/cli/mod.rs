@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod agent;
 mod amqp;
@@ -57,9 +58,10 @@ enum Command {
     /// Stops a release on an agent (HOST NAME), or on the hosts of a group (--group).
     Stop(lifecycle::StopArgs),
     /// Stops a release on an agent and starts it again (HOST NAME), or a rolling cold
-    /// restart of a group's version, gated on health (--group).
+    /// restart of what each host of a group runs, gated on health (--group).
     Restart(lifecycle::RestartArgs),
-    /// Takes a group's hosts back to the newest other version present on each.
+    /// Takes a group's hosts on its version back to the one unpacked before it (or to
+    /// `--to VERSION`); hosts on another version are left as they are.
     Rollback(lifecycle::RollbackArgs),
     /// Prints a release's recent output on an agent; `--follow` keeps printing what is new.
     Logs(agent::LogsArgs),
@@ -67,7 +69,9 @@ enum Command {
     Status(status::StatusArgs),
     /// Brings the cluster's hosts to their desired versions, rolling, gated on health.
     Deploy(deploy::DeployArgs),
-    /// The daemon: keeps the cluster converged from the cluster file.
+    /// The daemon: keeps the cluster converged, from the cluster file (`--cluster FILE`,
+    /// default cluster.toml) or from the config log on RabbitMQ (`--amqp URL`, or
+    /// `EREL_AMQP` when no `--cluster` is given, with `--state-dir` and `--artifacts`).
     Master(daemon::MasterArgs),
     /// The config log on RabbitMQ: publish, show, history, holders.
     #[command(subcommand)]
@@ -87,7 +91,20 @@ pub fn main() -> ExitCode {
     if let Some(code) = erel_boot::run_output_writer_if_asked() {
         return code;
     }
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Command::Master(args) = &mut cli.command {
+        let master = matches.subcommand_matches("master");
+        let cluster_given = [Some(&matches), master]
+            .into_iter()
+            .flatten()
+            .any(|m| m.value_source("cluster") == Some(ValueSource::CommandLine));
+        let amqp = master.and_then(|m| amqp_source(m, "url"));
+        if let Err(e) = args.pick_mode(cluster_given, amqp) {
+            eprintln!("{}", error_line(&e.to_string()));
+            return ExitCode::FAILURE;
+        }
+    }
     let filter = log_filter(
         matches!(cli.command, Command::Master(_)),
         std::env::var("EREL_LOG").ok(),
@@ -111,10 +128,30 @@ pub fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("erel: {}", erel_proto::text::error_chain(&e));
+            eprintln!("{}", error_line(&erel_proto::text::error_chain(&e)));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error as the program prints it: prefixed `erel: `, unless it names the command
+/// itself already (`erel stop: ...`), so the program is named once.
+fn error_line(text: &str) -> String {
+    if text.starts_with("erel ") || text.starts_with("erel:") {
+        text.to_string()
+    } else {
+        format!("erel: {text}")
+    }
+}
+
+/// Where the value of `id` (an `--amqp URL` flag) came from: the command line or the
+/// environment (`EREL_AMQP`); `None` when it has none.
+fn amqp_source(matches: &ArgMatches, id: &str) -> Option<ValueSource> {
+    matches
+        .try_contains_id(id)
+        .ok()
+        .filter(|given| *given)
+        .and_then(|_| matches.value_source(id))
 }
 
 async fn run(cli: Cli) -> crate::Result<ExitCode> {
@@ -235,6 +272,18 @@ mod tests {
                 panic!("{line}: {e}");
             }
         }
+    }
+
+    #[test]
+    fn an_error_names_the_program_once() {
+        assert_eq!(
+            super::error_line("erel stop: use `erel stop HOST NAME ..`"),
+            "erel stop: use `erel stop HOST NAME ..`"
+        );
+        assert_eq!(
+            super::error_line("cluster.toml: revision: missing"),
+            "erel: cluster.toml: revision: missing"
+        );
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub(super) struct StatusArgs {
     connect_timeout: u64,
     /// Also show which master holds each group, from this RabbitMQ broker (with
     /// `--json`, the output becomes `{"hosts": [..], "holders": [..]}`).
-    #[arg(long = "amqp", value_name = "URL")]
+    #[arg(long = "amqp", env = "EREL_AMQP", value_name = "URL")]
     amqp: Option<String>,
     /// Prefix of the queue names on the broker.
     #[arg(long = "amqp-prefix", env = "EREL_AMQP_PREFIX", default_value = crate::amqp::DEFAULT_PREFIX, value_name = "PREFIX")]
@@ -83,7 +83,9 @@ pub(super) struct HostStatus {
     /// The group's health probes in a few words: `ok` when every one passed, else
     /// each failed one as `failed: <probe>: <answer>` (for example `failed: http GET
     /// 127.0.0.1:8080/health: HTTP 500 Internal Server Error`), joined by `; `; `-`
-    /// when the group has no probe (or the row has no group).
+    /// when the group has no probe (or the row has no group); `- (not probed: STATE)`
+    /// when the release does not run there (stopped, not installed, exited,
+    /// unreachable), which is not probed.
     pub probe: String,
     /// Each configured probe's answer at the one look `status` took (TCP first, then
     /// HTTP), each within [`DEFAULT_PROBE_TIMEOUT`], as a rollout's verification
@@ -129,7 +131,8 @@ pub(super) async fn status(
             Some(url) => {
                 let groups: Vec<String> = plan.groups.keys().cloned().collect();
                 let (holders, broker_halts) =
-                    super::config::holders_json(url, &args.amqp_prefix, &groups).await?;
+                    super::config::holders_json(url, &args.amqp_prefix, &groups, plan.revision)
+                        .await?;
                 halts.extend(broker_halts);
                 mark_halted(&mut hosts, &halts, plan.revision);
                 serde_json::to_string_pretty(&serde_json::json!({
@@ -243,14 +246,7 @@ pub(super) async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatu
                 argv_env: ARGV_ENV_UNKNOWN.to_string(),
                 ..base.clone()
             };
-            // A stopped group's release is not meant to answer: nothing to probe.
-            if !stopped && (group.probe_port(host).is_some() || group.http_port(host).is_some()) {
-                let (group, host, row) = (group.clone(), host.clone(), out.len());
-                probes.spawn(async move {
-                    let answers = probe_all(&group, &host, DEFAULT_PROBE_TIMEOUT).await;
-                    (row, answers)
-                });
-            }
+            let mut runs = false;
             match &answer {
                 Err(e) => row.error = Some(e.to_string()),
                 Ok(pong) => {
@@ -260,9 +256,24 @@ pub(super) async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatu
                             row.state = "not installed".to_string();
                             row.converged = stopped;
                         }
-                        Some(release) => fill(&mut row, release),
+                        Some(release) => {
+                            runs = release.state == erel_proto::ReleaseState::Running;
+                            fill(&mut row, release);
+                        }
                     }
                 }
+            }
+            let has_probe = group.probe_port(host).is_some() || group.http_port(host).is_some();
+            // Only a release that runs is probed: a stopped group's, a stopped or
+            // absent release, or an unreachable host's is not meant to answer.
+            if has_probe && !stopped && runs {
+                let (group, host, row) = (group.clone(), host.clone(), out.len());
+                probes.spawn(async move {
+                    let answers = probe_all(&group, &host, DEFAULT_PROBE_TIMEOUT).await;
+                    (row, answers)
+                });
+            } else if has_probe {
+                row.probe = format!("- (not probed: {})", row.state);
             }
             out.push(row);
         }

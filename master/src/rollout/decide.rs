@@ -65,6 +65,12 @@ pub(crate) enum Assessment {
         /// Where to return if it fails.
         previous: Option<Previous>,
     },
+    /// Nothing is done to it, for the reason given (a rollback or a restart that does
+    /// not concern what the host runs): reported, and it counts as settled.
+    Leave {
+        /// Why, in words: what it runs and why that is left as it is.
+        why: String,
+    },
     /// Stage (unless present), stop, start, verify.
     Switch {
         /// Where to return if the new version fails.
@@ -103,14 +109,14 @@ pub(crate) fn assess(
                 return Assessment::Verify {
                     pid,
                     up,
-                    previous: newest_other(status, version, true),
+                    previous: unpacked_before(status, version, true),
                 };
             }
         }
         // Up long enough but the probe fails: restart it; nothing older to return to
         // unless an older version is present.
         return Assessment::Switch {
-            previous: newest_other(status, version, true),
+            previous: unpacked_before(status, version, true),
             staged,
         };
     }
@@ -120,31 +126,51 @@ pub(crate) fn assess(
             was_running: status.desired_running || status.state == ReleaseState::Running,
         }),
         // The desired version is known but not running (crashed, or stopped by hand):
-        // if it fails again, the newest other version is where to go, and only when
-        // the release was meant to run.
-        _ => newest_other(status, version, status.desired_running),
+        // if it fails again, the version unpacked before it is where to go (not a
+        // newer one only staged, which never ran), and only when the release was
+        // meant to run.
+        _ => unpacked_before(status, version, status.desired_running),
     };
     Assessment::Switch { previous, staged }
 }
 
-/// What a host needs for a rolling restart of `version` (the group's): stop and start
-/// it again whatever it runs now, staged first when the host lacks it. The version the
-/// host ran is where a failed restart returns, which for a host that ran `version` is
-/// `version` itself: started once more.
-pub(crate) fn assess_restart(status: Option<&ReleaseStatus>, version: &str) -> Assessment {
-    let Some(status) = status else {
-        return Assessment::Switch {
-            previous: None,
-            staged: false,
+/// What a host needs for a rolling restart: the version it runs, stopped and started
+/// again (never the group's configured version, which may be one a deploy halted).
+/// A failed restart returns by starting that version once more. A host where the
+/// release is not running (unknown, never started, or stopped) is left as it is: a
+/// restart does not start what was stopped (`erel restart HOST NAME` does). Returns
+/// the assessment and the version restarted.
+pub(crate) fn assess_restart(
+    status: Option<&ReleaseStatus>,
+    release: &str,
+) -> (Assessment, String) {
+    let running = status.and_then(|s| {
+        let runs = s.state == ReleaseState::Running || s.desired_running;
+        s.version.as_deref().filter(|_| runs)
+    });
+    let Some(current) = running else {
+        let what = match status.and_then(|s| s.version.as_deref()) {
+            None => format!("{release} never ran here"),
+            Some(v) => format!("{release} {v} is not running here"),
         };
+        let version = status.and_then(|s| s.version.clone()).unwrap_or_default();
+        return (
+            Assessment::Leave {
+                why: format!("{what}: left as it is (`erel restart HOST {release}` starts it)"),
+            },
+            version,
+        );
     };
-    Assessment::Switch {
-        previous: status.version.as_ref().map(|current| Previous {
-            version: current.clone(),
-            was_running: status.desired_running || status.state == ReleaseState::Running,
-        }),
-        staged: status.versions.iter().any(|v| v == version),
-    }
+    (
+        Assessment::Switch {
+            previous: Some(Previous {
+                version: current.to_string(),
+                was_running: true,
+            }),
+            staged: true,
+        },
+        current.to_string(),
+    )
 }
 
 /// Whether the group's `restarted_at` asks for a restart of the release whose `Ping`
@@ -191,53 +217,104 @@ impl Assessment {
     }
 }
 
-/// Where `erel rollback` takes a host: the newest version of `release` present on the
-/// host other than the one it runs (or ran last), found in its `Ping` status (versions
-/// are listed oldest first, in the order they were unpacked), and the assessment that
-/// switches to it, with the current version as the way back. `Err` says why there is
-/// nothing to go back to.
+/// Where `erel rollback` takes a host, from its `Ping` status (versions are listed
+/// oldest first, in the order they were unpacked: see PROTOCOL.md, `Ping`):
+///
+/// - with `to` (`--to VERSION`): that version, which must be present;
+/// - else a host that runs (or ran last) the group's `version` goes to the newest
+///   version unpacked before it: a version staged after it (say by a deploy that
+///   halted) never ran, and is not gone back to;
+/// - else the host is left as it is ([`Assessment::Leave`]): it never switched to the
+///   group's version, or was rolled back already.
+///
+/// Returns the assessment (a switch with the current version as the way back, or
+/// `Leave`) and the version gone to (for `Leave`, the one it runs). `Err` says why
+/// there is nothing to go back to, naming the versions present.
 pub(crate) fn rollback_target(
     status: Option<&ReleaseStatus>,
     release: &str,
-) -> Result<(String, Assessment), String> {
+    version: &str,
+    to: Option<&str>,
+) -> Result<(Assessment, String), String> {
     let Some(status) = status else {
         return Err(format!("the agent knows no release {release}"));
     };
+    let present = || status.versions.join(", ");
     let Some(current) = status.version.as_deref() else {
         return Err(format!(
             "{release} never ran here: nothing to roll back from"
         ));
     };
-    let Some(target) = status.versions.iter().rev().find(|v| v.as_str() != current) else {
-        return Err(format!(
-            "no version of {release} other than {current} is present (present: {})",
-            status.versions.join(", ")
-        ));
+    let runs = status.desired_running || status.state == ReleaseState::Running;
+    let target = match to {
+        Some(to) => {
+            if !status.versions.iter().any(|v| v == to) {
+                return Err(format!(
+                    "{release} {to} is not present here (present, oldest first: {})",
+                    present()
+                ));
+            }
+            if current == to && runs {
+                return Ok((
+                    Assessment::Leave {
+                        why: format!("runs {release} {to} already"),
+                    },
+                    to.to_string(),
+                ));
+            }
+            to
+        }
+        None => {
+            if current != version {
+                return Ok((
+                    Assessment::Leave {
+                        why: format!(
+                            "runs {release} {current}, not the group's {version}: left as it \
+                             is (it never switched, or was rolled back already)"
+                        ),
+                    },
+                    current.to_string(),
+                ));
+            }
+            let listed = status.versions.iter().any(|v| v == current);
+            match unpacked_before(status, current, runs).filter(|_| listed) {
+                Some(before) => return Ok((switch_from(current, runs), before.version)),
+                None => {
+                    return Err(format!(
+                        "no version of {release} was unpacked before {current} (present, \
+                         oldest first: {}); name one with --to VERSION",
+                        present()
+                    ))
+                }
+            }
+        }
     };
-    let previous = Previous {
-        version: current.to_string(),
-        was_running: status.desired_running || status.state == ReleaseState::Running,
-    };
-    Ok((
-        target.clone(),
-        Assessment::Switch {
-            previous: Some(previous),
-            staged: true,
-        },
-    ))
+    Ok((switch_from(current, runs), target.to_string()))
 }
 
-/// The newest unpacked version other than `version` (versions are listed oldest first).
-fn newest_other(status: &ReleaseStatus, version: &str, was_running: bool) -> Option<Previous> {
-    status
+/// A switch whose way back is `current`, already present.
+fn switch_from(current: &str, was_running: bool) -> Assessment {
+    Assessment::Switch {
+        previous: Some(Previous {
+            version: current.to_string(),
+            was_running,
+        }),
+        staged: true,
+    }
+}
+
+/// The newest version unpacked before `version` (versions are listed oldest first),
+/// or, when `version` is not present, the newest one.
+fn unpacked_before(status: &ReleaseStatus, version: &str, was_running: bool) -> Option<Previous> {
+    let before = status
         .versions
         .iter()
-        .rev()
-        .find(|v| v.as_str() != version)
-        .map(|v| Previous {
-            version: v.clone(),
-            was_running,
-        })
+        .position(|v| v == version)
+        .unwrap_or(status.versions.len());
+    status.versions[..before].last().map(|v| Previous {
+        version: v.clone(),
+        was_running,
+    })
 }
 
 /// What one probe answered at one look.
@@ -888,6 +965,10 @@ impl HostSwitch {
             Assessment::UpToDate => {
                 machine.step = Step::Finished;
                 Action::Fail(HostFailure::new(HostPhase::Pinging, "nothing to switch"))
+            }
+            Assessment::Leave { why } => {
+                machine.step = Step::Finished;
+                Action::Fail(HostFailure::new(HostPhase::Pinging, why))
             }
             Assessment::Verify { pid, up, previous } => {
                 machine.previous = previous;
@@ -1581,7 +1662,8 @@ mod tests {
     #[test]
     fn a_restart_returns_to_what_ran_which_may_be_the_same_version() {
         let s = status("0.2.0", ReleaseState::Running, 600);
-        let assessment = assess_restart(Some(&s), "0.2.0");
+        let (assessment, version) = assess_restart(Some(&s), "beat");
+        assert_eq!(version, "0.2.0");
         assert_eq!(
             assessment,
             Assessment::Switch {
@@ -1613,11 +1695,108 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_restart_restarts_what_runs_never_the_groups_version() {
+        // The group wants 0.3.0 (a deploy of it halted); the host runs 0.2.0.
+        let s = after_a_halted_deploy("0.2.0");
+        let (assessment, version) = assess_restart(Some(&s), "beat");
+        assert_eq!(version, "0.2.0", "what runs, not 0.3.0");
+        assert!(matches!(
+            assessment,
+            Assessment::Switch { staged: true, .. }
+        ));
+
+        let mut stopped = s.clone();
+        stopped.state = ReleaseState::Stopped;
+        stopped.desired_running = false;
+        stopped.pid = None;
         assert_eq!(
-            assess_restart(None, "0.2.0"),
-            Assessment::Switch {
-                previous: None,
-                staged: false
+            assess_restart(Some(&stopped), "beat").0,
+            Assessment::Leave {
+                why: "beat 0.2.0 is not running here: left as it is (`erel restart HOST beat` \
+                      starts it)"
+                    .into()
+            }
+        );
+        assert_eq!(
+            assess_restart(None, "beat").0,
+            Assessment::Leave {
+                why: "beat never ran here: left as it is (`erel restart HOST beat` starts it)"
+                    .into()
+            }
+        );
+    }
+
+    /// A deploy of 0.3.0 that halted at its canary: 0.3.0 is staged everywhere (the
+    /// newest unpacked), every host runs 0.2.0 again or never left it.
+    fn after_a_halted_deploy(running: &str) -> ReleaseStatus {
+        let mut s = status(running, ReleaseState::Running, 600);
+        s.versions = vec!["0.1.0".into(), "0.2.0".into(), "0.3.0".into()];
+        s
+    }
+
+    #[test]
+    fn a_rollback_after_a_halted_deploy_leaves_hosts_that_never_switched() {
+        let s = after_a_halted_deploy("0.2.0");
+        let (assessment, version) =
+            rollback_target(Some(&s), "beat", "0.3.0", None).expect("decided");
+        assert_eq!(version, "0.2.0", "reported with what it runs");
+        match assessment {
+            Assessment::Leave { why } => assert_eq!(
+                why,
+                "runs beat 0.2.0, not the group's 0.3.0: left as it is (it never switched, \
+                 or was rolled back already)"
+            ),
+            other => panic!("a staged 0.3.0 is not gone forward to: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_rollback_goes_to_the_version_unpacked_before_the_groups() {
+        let s = after_a_halted_deploy("0.3.0");
+        let (assessment, target) =
+            rollback_target(Some(&s), "beat", "0.3.0", None).expect("a target");
+        assert_eq!(target, "0.2.0");
+        let (mut m, first) = HostSwitch::begin(assessment, &target);
+        assert_eq!(first, Action::Stop);
+        assert_eq!(m.next(Observed::Ok), Action::Start("0.2.0".into()));
+
+        // An older version deployed on purpose: nothing was unpacked before it.
+        let mut older = after_a_halted_deploy("0.1.0");
+        older.versions = vec!["0.1.0".into(), "0.2.0".into()];
+        let why = rollback_target(Some(&older), "beat", "0.1.0", None).expect_err("nothing");
+        assert_eq!(
+            why,
+            "no version of beat was unpacked before 0.1.0 (present, oldest first: 0.1.0, \
+             0.2.0); name one with --to VERSION"
+        );
+        let why = rollback_target(None, "beat", "0.1.0", None).expect_err("unknown");
+        assert!(why.contains("no release beat"), "{why}");
+    }
+
+    #[test]
+    fn a_rollback_to_a_named_version_needs_it_present() {
+        let s = after_a_halted_deploy("0.2.0");
+        let (assessment, target) =
+            rollback_target(Some(&s), "beat", "0.3.0", Some("0.1.0")).expect("a target");
+        assert_eq!(target, "0.1.0", "whatever the host runs");
+        assert!(
+            matches!(&assessment, Assessment::Switch { previous: Some(p), staged: true } if p.version == "0.2.0"),
+            "{assessment:?}"
+        );
+        let why = rollback_target(Some(&s), "beat", "0.3.0", Some("0.0.9")).expect_err("absent");
+        assert_eq!(
+            why,
+            "beat 0.0.9 is not present here (present, oldest first: 0.1.0, 0.2.0, 0.3.0)"
+        );
+        let (assessment, _) =
+            rollback_target(Some(&s), "beat", "0.3.0", Some("0.2.0")).expect("decided");
+        assert_eq!(
+            assessment,
+            Assessment::Leave {
+                why: "runs beat 0.2.0 already".into()
             }
         );
     }
@@ -1666,34 +1845,31 @@ mod tests {
     #[test]
     fn only_a_switch_back_to_the_same_version_is_a_restart_in_place() {
         let s = status("0.2.0", ReleaseState::Running, 600);
-        assert!(assess_restart(Some(&s), "0.2.0").restarts_in_place("0.2.0"));
+        assert!(assess_restart(Some(&s), "beat")
+            .0
+            .restarts_in_place("0.2.0"));
         let older = status("0.1.0", ReleaseState::Running, 600);
         assert!(!assess(Some(&older), "0.2.0", &health(None), None).restarts_in_place("0.2.0"));
-        assert!(!assess_restart(None, "0.2.0").restarts_in_place("0.2.0"));
+        assert!(!assess_restart(None, "beat").0.restarts_in_place("0.2.0"));
         assert!(!Assessment::UpToDate.restarts_in_place("0.2.0"));
     }
 
     #[test]
-    fn a_rollback_goes_to_the_newest_other_version_present() {
-        let mut s = status("0.2.0", ReleaseState::Running, 600);
-        s.versions = vec!["0.1.0".into(), "0.3.0".into(), "0.2.0".into()];
-        let (target, assessment) = rollback_target(Some(&s), "beat").expect("a target");
-        assert_eq!(
-            target, "0.3.0",
-            "the newest unpacked other than the running one"
-        );
-        let (mut m, first) = HostSwitch::begin(assessment, &target);
-        assert_eq!(first, Action::Stop);
-        assert_eq!(m.next(Observed::Ok), Action::Start("0.3.0".into()));
-
-        s.versions = vec!["0.2.0".into()];
-        let why = rollback_target(Some(&s), "beat").expect_err("nothing else");
-        assert!(
-            why.contains("other than 0.2.0") && why.contains("present: 0.2.0"),
-            "{why}"
-        );
-        let why = rollback_target(None, "beat").expect_err("unknown");
-        assert!(why.contains("no release beat"), "{why}");
+    fn a_deploy_falls_back_to_the_version_unpacked_before_not_a_staged_newer_one() {
+        // 0.2.0 is desired and present but crashed; 0.3.0 was staged later, never ran.
+        let mut s = after_a_halted_deploy("0.2.0");
+        s.state = ReleaseState::Exited {
+            code: Some(7),
+            signal: None,
+        };
+        s.pid = None;
+        match assess(Some(&s), "0.2.0", &health(None), None) {
+            Assessment::Switch {
+                previous: Some(previous),
+                ..
+            } => assert_eq!(previous.version, "0.1.0"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

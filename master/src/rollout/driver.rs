@@ -37,26 +37,15 @@ pub(crate) async fn rollout(
         options: options.clone(),
         events: events.clone(),
     });
-    for group in &selected {
-        let starts = matches!(options.operation, Operation::Restart | Operation::Rollback);
-        if starts && group.state == GroupState::Stopped {
-            return Err(Error::Usage(format!(
-                "{}: group {} is stopped (state = \"stopped\"): a {} would start it; \
-                 set state = \"running\" and deploy instead",
-                plan.origin,
-                group.name,
-                operation_name(options.operation)
-            )));
-        }
-    }
+    refuse_starting_stopped(plan, &selected, options.operation)?;
     let mut left = match options.operation {
         Operation::Deploy => left_hosts(&shared, plan, &selected, &chosen).await,
         _ => HashMap::new(),
     };
     let mut tasks = JoinSet::new();
     for (index, group) in selected.into_iter().enumerate() {
-        let needs_archive = group.state == GroupState::Running
-            && matches!(options.operation, Operation::Deploy | Operation::Restart);
+        let needs_archive =
+            group.state == GroupState::Running && options.operation == Operation::Deploy;
         if needs_archive && group.archive.is_none() {
             return Err(Error::Cluster {
                 file: plan.origin.clone(),
@@ -112,6 +101,169 @@ pub(crate) async fn planned_stops(
         .into_iter()
         .map(|(group, hosts)| (group, hosts.into_iter().map(|h| h.id).collect()))
         .collect())
+}
+
+/// What `erel restart|stop|rollback --group G --dry-run` says one host would get.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PlannedHost {
+    /// Group name.
+    pub group: String,
+    /// Host id.
+    pub host: String,
+    /// Its agent's address.
+    pub addr: String,
+    /// `restart`, `rollback`, `stop`, `leave` (nothing done, `why` says why) or `fail`
+    /// (the command would fail on it, `why` says why: unreachable, nothing to go to).
+    pub action: &'static str,
+    /// The version it runs (or ran last), when the agent said.
+    pub from: Option<String>,
+    /// The version it would run afterwards (`restart`, `rollback`).
+    pub to: Option<String>,
+    /// Why it is left or would fail.
+    pub why: Option<String>,
+}
+
+impl std::fmt::Display for PlannedHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} ({}): ", self.group, self.host, self.addr)?;
+        let from = self.from.as_deref().unwrap_or("nothing");
+        match (self.action, &self.to, &self.why) {
+            ("restart", Some(to), _) => write!(f, "restart {to}"),
+            ("rollback", Some(to), _) => write!(f, "rollback {from} -> {to}"),
+            ("stop", _, _) => write!(f, "stop (runs {from})"),
+            ("leave", _, Some(why)) => write!(f, "left as it is: {why}"),
+            (_, _, Some(why)) => write!(f, "would FAIL: {why}"),
+            (action, _, None) => write!(f, "{action}"),
+        }
+    }
+}
+
+/// What a group operation (`restart`, `stop`, `rollback`) would do to each selected
+/// host, touching nothing: each host is pinged and the same decisions as the
+/// operation's are made ([`assess_restart`], [`rollback_target`]; a stop stops a
+/// release that runs or is meant to). Hosts in file order, groups as selected.
+///
+/// # Errors
+/// The selection is refused ([`check_selection`]), or a group with `state =
+/// "stopped"` would be started (`restart`, `rollback`).
+pub(crate) async fn planned_operation(
+    plan: &Plan,
+    connector: &Connector,
+    options: &RolloutOptions,
+) -> Result<Vec<PlannedHost>> {
+    let selected = select_groups(plan, &options.groups)?;
+    let chosen = select_hosts(plan, &selected, options)?;
+    refuse_starting_stopped(plan, &selected, options.operation)?;
+    let mut looks = JoinSet::new();
+    let mut order = Vec::new();
+    for group in &selected {
+        for host in plan.hosts_in(&group.name) {
+            if !chosen.contains(&host.id) {
+                continue;
+            }
+            order.push((group.name.clone(), host.id.clone()));
+            let (group, host) = ((*group).clone(), host.clone());
+            let connector = connector.clone();
+            let options = options.clone();
+            looks.spawn(async move {
+                let planned = plan_host(&group, &host, connector, &options).await;
+                ((group.name.clone(), host.id.clone()), planned)
+            });
+        }
+    }
+    let mut planned = HashMap::new();
+    while let Some(joined) = looks.join_next().await {
+        if let Ok((key, host)) = joined {
+            planned.insert(key, host);
+        }
+    }
+    Ok(order
+        .into_iter()
+        .filter_map(|key| planned.remove(&key))
+        .collect())
+}
+
+async fn plan_host(
+    group: &GroupPlan,
+    host: &HostPlan,
+    connector: Connector,
+    options: &RolloutOptions,
+) -> PlannedHost {
+    let mut planned = PlannedHost {
+        group: group.name.clone(),
+        host: host.id.clone(),
+        addr: host.addr.clone(),
+        action: "fail",
+        from: None,
+        to: None,
+        why: None,
+    };
+    let mut session = HostSession::new(host.host_addr(), connector);
+    let pong = match session.ping(phase_budget(HostPhase::Pinging, group)).await {
+        Ok(pong) => pong,
+        Err(e) => {
+            planned.why = Some(unreachable(host, &e));
+            return planned;
+        }
+    };
+    let status = release_status(&pong.releases, &group.release);
+    planned.from = status.and_then(|s| s.version.clone());
+    let decided = match options.operation {
+        Operation::Restart => Ok(assess_restart(status, &group.release)),
+        Operation::Rollback => rollback_target(
+            status,
+            &group.release,
+            &group.version,
+            options.rollback_to.as_deref(),
+        ),
+        Operation::Stop | Operation::Deploy => {
+            let runs = status
+                .is_some_and(|s| s.desired_running || s.state == erel_proto::ReleaseState::Running);
+            if runs {
+                planned.action = "stop";
+            } else {
+                planned.action = "leave";
+                planned.why = Some(format!("{} is stopped already", group.release));
+            }
+            return planned;
+        }
+    };
+    match decided {
+        Ok((Assessment::Leave { why }, _)) => {
+            planned.action = "leave";
+            planned.why = Some(why);
+        }
+        Ok((_, to)) => {
+            planned.action = match options.operation {
+                Operation::Restart => "restart",
+                _ => "rollback",
+            };
+            planned.to = Some(to);
+        }
+        Err(why) => planned.why = Some(why),
+    }
+    planned
+}
+
+/// A `restart` or `rollback` would start a group marked `state = "stopped"`: refused.
+fn refuse_starting_stopped(
+    plan: &Plan,
+    selected: &[&GroupPlan],
+    operation: Operation,
+) -> Result<()> {
+    let starts = matches!(operation, Operation::Restart | Operation::Rollback);
+    for group in selected {
+        if starts && group.state == GroupState::Stopped {
+            return Err(Error::Usage(format!(
+                "{}: group {} is stopped (state = \"stopped\"): a {} would start it; \
+                 set state = \"running\" and deploy instead",
+                plan.origin,
+                group.name,
+                operation_name(operation)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks `--group`, `--hosts` and `--exclude` against `plan` without touching a host.
@@ -352,6 +504,7 @@ async fn run_group(
             release: ctx.group.release.clone(),
             version: ctx.group.version.clone(),
             hosts: hosts.len(),
+            operation,
         },
     );
     let mut outcomes: HashMap<String, HostOutcome> = HashMap::new();
@@ -481,9 +634,22 @@ async fn roll_hosts(
                         group: name.clone(),
                         host: id.clone(),
                         version,
+                        why: None,
                     },
                 );
                 outcomes.insert(id, HostOutcome::UpToDate);
+            }
+            Ok((_, Assessment::Leave { why }, version)) => {
+                emit(
+                    events,
+                    RolloutEvent::HostSkipped {
+                        group: name.clone(),
+                        host: id.clone(),
+                        version: version.clone(),
+                        why: Some(why.clone()),
+                    },
+                );
+                outcomes.insert(id, HostOutcome::Left { why, version });
             }
             Ok(found) => {
                 inspected.insert(id, found);
@@ -493,6 +659,21 @@ async fn roll_hosts(
                 outcomes.insert(id.clone(), outcome);
                 unreachable.push((id, host.addr.clone(), failure.reason));
             }
+        }
+    }
+
+    // A rollback to a named version is all or nothing: a host that lacks it (or did
+    // not answer) refuses it for every host, before any switch.
+    if let (Operation::Rollback, Some(to)) = (
+        ctx.shared.options.operation,
+        ctx.shared.options.rollback_to.as_deref(),
+    ) {
+        if !unreachable.is_empty() {
+            let why: Vec<&str> = unreachable.iter().map(|(_, _, why)| why.as_str()).collect();
+            return Some(format!(
+                "--to {to} refused, no host rolled back: {}",
+                why.join("; ")
+            ));
         }
     }
 
@@ -651,8 +832,9 @@ async fn switch_group(
     let mut staging = JoinSet::new();
     let mut waiting: HashMap<String, (oneshot::Receiver<Staged>, Assessment, String)> =
         HashMap::new();
-    // A rollback goes to a version already on the host: nothing to stage.
-    let stages = ctx.shared.options.operation != Operation::Rollback;
+    // A rollback goes to a version already on the host, a restart starts again the one
+    // the host runs: nothing to stage.
+    let stages = ctx.shared.options.operation == Operation::Deploy;
     for id in &order {
         let Some((session, assessment, version)) = inspected.remove(id) else {
             continue;
@@ -767,12 +949,16 @@ async fn inspect(ctx: &GroupCtx, host: &HostPlan) -> std::result::Result<Inspect
     let status = release_status(&pong.releases, &ctx.group.release);
     let version = ctx.group.version.clone();
     match ctx.shared.options.operation {
-        Operation::Restart => return Ok((session, assess_restart(status, &version), version)),
+        Operation::Restart => {
+            let (assessment, current) = assess_restart(status, &ctx.group.release);
+            return Ok((session, assessment, current));
+        }
         Operation::Rollback => {
-            return match rollback_target(status, &ctx.group.release) {
-                Ok((target, assessment)) => Ok((session, assessment, target)),
+            let to = ctx.shared.options.rollback_to.as_deref();
+            return match rollback_target(status, &ctx.group.release, &version, to) {
+                Ok((assessment, target)) => Ok((session, assessment, target)),
                 Err(why) => Err(HostFailure::new(HostPhase::Pinging, why)),
-            }
+            };
         }
         Operation::Deploy | Operation::Stop => {}
     }
@@ -789,7 +975,9 @@ async fn inspect(ctx: &GroupCtx, host: &HostPlan) -> std::result::Result<Inspect
             .restarted_at
             .is_some_and(|at| restart_due(status, &version, at, answered_at));
     if restart {
-        return Ok((session, assess_restart(status, &version), version));
+        // restart_due holds only while the group's version runs: that is what restarts.
+        let (assessment, current) = assess_restart(status, &ctx.group.release);
+        return Ok((session, assessment, current));
     }
     Ok((session, assessment, version))
 }

@@ -48,7 +48,8 @@ use serde::Serialize;
 
 pub(crate) use converge::{converge_file, keep_converged, ConvergeOptions};
 pub use decide::{Evidence, ProbeAnswer, VerdictKind};
-pub(crate) use driver::{check_selection, planned_stops};
+pub use driver::PlannedHost;
+pub(crate) use driver::{check_selection, planned_operation, planned_stops};
 pub(crate) use health::probe_all;
 pub use runner::run;
 
@@ -66,14 +67,18 @@ pub enum Operation {
     /// hosts that left the group (see [`run`]).
     #[default]
     Deploy,
-    /// A rolling cold restart of the group's version: canaries, `max_in_flight`, the
-    /// health gate; a host that fails is started once more with the same version.
+    /// A rolling cold restart of the version each host runs (never the group's
+    /// configured version): canaries, `max_in_flight`, the health gate; a host that
+    /// fails is started once more with the same version; a host where the release is
+    /// not running is left as it is.
     Restart,
     /// Stop the group's release, at most `max_in_flight` hosts at once, each with the
     /// group's `stop_grace_secs`.
     Stop,
-    /// Back to the previous version at once: the newest other version present on each
-    /// host, at most `max_in_flight` hosts at once, no canary phase, the health gate.
+    /// Back to the previous version at once: a host on the group's version goes to the
+    /// newest version unpacked before it (or to [`RolloutOptions::rollback_to`]), a
+    /// host on another version is left as it is; at most `max_in_flight` hosts at once,
+    /// no canary phase, the health gate.
     Rollback,
 }
 
@@ -89,6 +94,9 @@ pub struct RolloutOptions {
     pub exclude: Vec<String>,
     /// What is done to each host.
     pub operation: Operation,
+    /// For [`Operation::Rollback`]: the version every selected host goes to
+    /// (`--to VERSION`); `None`, the version unpacked before the group's.
+    pub rollback_to: Option<String>,
     /// How often a starting release is looked at.
     pub poll_interval: Duration,
     /// Hosts staged at once in each group.
@@ -105,6 +113,7 @@ impl Default for RolloutOptions {
             hosts: Vec::new(),
             exclude: Vec::new(),
             operation: Operation::Deploy,
+            rollback_to: None,
             poll_interval: Duration::from_millis(200),
             staging_parallel: 8,
             probe_timeout: DEFAULT_PROBE_TIMEOUT,
@@ -169,6 +178,9 @@ pub enum RolloutEvent {
         version: String,
         /// Hosts in the group.
         hosts: usize,
+        /// What is done to them: a deploy, or a group `restart`, `stop`, `rollback`
+        /// (which do not go to `version`).
+        operation: Operation,
     },
     /// A host entered a phase.
     HostPhase {
@@ -227,7 +239,8 @@ pub enum RolloutEvent {
         /// Why it was stopped.
         why: StopReason,
     },
-    /// A host already ran the desired version, healthy: nothing was done.
+    /// A host already ran the desired version, healthy, or the operation left it as it
+    /// is (`why` says why): nothing was done.
     HostSkipped {
         /// Group name.
         group: String,
@@ -235,6 +248,9 @@ pub enum RolloutEvent {
         host: String,
         /// The version it runs.
         version: String,
+        /// Why it was left as it is, when it is not simply up to date.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        why: Option<String>,
     },
     /// A host failed; the group halts when its failure budget (`max_failed`) is spent.
     HostFailed {
@@ -416,6 +432,14 @@ pub enum HostOutcome {
     },
     /// It already ran the desired version, healthy.
     UpToDate,
+    /// The operation left it as it is (a rollback of a host not on the group's version,
+    /// a restart of a host where the release is not running).
+    Left {
+        /// Why, in words.
+        why: String,
+        /// The version it runs (or ran last); empty when it never ran the release.
+        version: String,
+    },
     /// It failed.
     Failed(HostFailure),
     /// The group halted before this host's turn.
@@ -462,7 +486,9 @@ impl RolloutReport {
     /// True when every host runs its desired version, healthy.
     pub fn converged(&self) -> bool {
         self.hosts().all(|h| {
-            h.outcome.is_switched() || h.outcome == HostOutcome::UpToDate || h.outcome.is_stopped()
+            h.outcome.is_switched()
+                || matches!(h.outcome, HostOutcome::UpToDate | HostOutcome::Left { .. })
+                || h.outcome.is_stopped()
         })
     }
 

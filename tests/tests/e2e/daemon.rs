@@ -110,6 +110,63 @@ fn write_cluster(fleet: &Fleet, revision: u64, version: &str) -> PathBuf {
     )
 }
 
+/// `EREL_AMQP` exported (as the README's AMQP section does) does not turn an explicit
+/// `erel master --cluster FILE` into an AMQP master; without `--cluster`, a refusal
+/// names `EREL_AMQP` as where `--amqp` came from; both flags given are refused.
+#[test]
+fn an_explicit_cluster_file_wins_over_erel_amqp_from_the_environment() {
+    let fleet = Fleet::with_beat_releases("envamqp", &["web"]);
+    let cluster = write_cluster(&fleet, 1, "1.0.0");
+    // Nothing listens on port 1: a master that took this URL could not run.
+    let url = "amqp://guest:guest@127.0.0.1:1/%2f";
+    let mut command = fleet.pki.erel();
+    command
+        .env("EREL_AMQP", url)
+        .arg("master")
+        .arg("--cluster")
+        .arg(&cluster)
+        .arg("--interval")
+        .arg(FILE_INTERVAL.as_secs().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let daemon = FileDaemon(Followed::spawn(&mut command, "erel master --cluster"));
+    fleet.wait_all_run("1.0.0", CONVERGE, "the file daemon runs 1.0.0", || {
+        daemon.0.log()
+    });
+    drop(daemon);
+
+    let out = fleet
+        .pki
+        .erel()
+        .env("EREL_AMQP", url)
+        .arg("master")
+        .output()
+        .expect("run erel");
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(
+            "--state-dir DIR is required with --amqp (from EREL_AMQP in the environment)"
+        ),
+        "{text}"
+    );
+
+    let out = fleet
+        .pki
+        .erel()
+        .env_remove("EREL_AMQP")
+        .args(["master", "--amqp", url, "--cluster"])
+        .arg(&cluster)
+        .output()
+        .expect("run erel");
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("--cluster FILE and --amqp {url} are two modes")),
+        "{text}"
+    );
+}
+
 #[test]
 fn daemon_tries_a_broken_revision_once_halts_the_group_and_applies_a_newer_one() {
     let fleet = fleet_with_a_broken_release("halt");
@@ -472,8 +529,42 @@ fn daemon_holds_its_cluster_file_and_a_deploy_runs_only_with_take_over() {
     );
     assert!(fleet.all_run("1.0.0"), "{:?}", fleet.beats());
 
-    // The daemon acts again afterwards: drift is repaired.
-    stop_by_hand(&fleet, 1);
+    // The one-host forms are refused like the group forms: the daemon would undo them.
+    let first = fleet.agents[0].id.clone();
+    for words in [
+        vec!["stop", first.as_str(), "beat"],
+        vec!["restart", first.as_str(), "beat"],
+        vec!["start", first.as_str(), "beat", "1.0.0"],
+    ] {
+        let out = erel_on(&fleet, &cluster, &words);
+        let text = output_text(&out);
+        assert!(!out.status.success(), "{words:?}: {text}");
+        let command = format!("`erel {}` of beat at its next pass", words[0]);
+        assert!(
+            text.contains(&format!("{first}: "))
+                && text.contains("held by the daemon erel@")
+                && text.contains(&format!("pid {pid}"))
+                && text.contains(&command),
+            "{words:?}: {text}"
+        );
+    }
+    assert!(
+        fleet.all_run("1.0.0"),
+        "nothing touched: {:?}",
+        fleet.beats()
+    );
+
+    // With --take-over the one-host stop runs, warning that it lasts until the
+    // daemon's next pass; the daemon acts again afterwards: drift is repaired.
+    let second = fleet.agents[1].id.clone();
+    let out = erel_on(&fleet, &cluster, &["stop", &second, "beat", "--take-over"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("{second}: beat stopped"))
+            && text.contains("lasts until the next pass of the daemon"),
+        "{text}"
+    );
     fleet.wait_all_run("1.0.0", CONVERGE, "the daemon repairs drift again", || {
         daemon.0.log()
     });
@@ -618,6 +709,27 @@ fn amqp_daemon_tries_a_broken_revision_once_even_after_a_take_over_and_again_on_
     fleet.wait_all_run("3.0.0", CONVERGE, "revision 3 is rolled out", || {
         master.log()
     });
+
+    // The halt at revision 2 is over: shown nowhere, not even by a status read with
+    // the revision-2 file (its record was cleared when revision 3 was applied).
+    let out = erel(&fleet.pki, &["config", "holders"], &broker, &[]);
+    let text = output_text(&out);
+    assert!(out.status.success() && !text.contains("HALTED"), "{text}");
+    let out = erel(&fleet.pki, &["config", "holders", "--json"], &broker, &[]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(rows[0]["group"], "web", "{rows}");
+    assert!(rows[0]["halted"].is_null(), "{rows}");
+    let out = fleet
+        .pki
+        .erel()
+        .arg("--cluster")
+        .arg(&cluster)
+        .arg("status")
+        .args(broker.flags())
+        .output()
+        .expect("run erel status");
+    let text = output_text(&out);
+    assert!(!text.contains("HALTED"), "{text}");
     let _ = watcher.kill();
     let _ = watcher.wait();
 }

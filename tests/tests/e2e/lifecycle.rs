@@ -10,7 +10,7 @@ use erel_proto::ReleaseState;
 
 use crate::helper::fleet::Fleet;
 use crate::helper::install::{install_and_start, release_status};
-use crate::helper::release::beat_release;
+use crate::helper::release::{beat_release, failing_beat_release};
 use crate::helper::{free_port, output_text, wait_until, Followed, PATIENCE};
 
 const RELEASE: &str = "beat";
@@ -222,8 +222,11 @@ async fn releases_that_leave_the_config_are_stopped_and_others_are_never_touched
     assert!(ok, "{out}");
     assert!(
         out.contains("stop      beat on leave-3: the host left the group"),
-        "the plan shows the stop first: {out}"
+        "the plan shows the stop: {out}"
     );
+    let stop_at = out.find("stop      beat on leave-3").expect("stop line");
+    let hosts_at = out.find("1. leave-1").expect("host list");
+    assert!(stop_at < hosts_at, "the stop comes first: {out}");
     assert!(!out.contains("stray"), "{out}");
     assert_eq!(answers(&fleet)[2], runs(&fleet, 2, "0.1.0"), "dry run");
 
@@ -292,7 +295,10 @@ async fn a_group_is_restarted_rolled_back_and_stopped() {
     // Nothing to roll back to yet: refused per host, naming why, nothing touched.
     let (ok, out) = erel(&fleet, &["rollback", "--group", "web"]);
     assert!(!ok, "{out}");
-    assert!(out.contains("no version of beat other than 0.1.0"), "{out}");
+    assert!(
+        out.contains("no version of beat was unpacked before 0.1.0"),
+        "{out}"
+    );
     fleet.expect_beats("0.1.0");
 
     deploy_all(&fleet, 2, "0.2.0");
@@ -345,6 +351,157 @@ async fn a_group_is_restarted_rolled_back_and_stopped() {
     let (ok, out) = erel(&fleet, &["stop", "--group", "web", "--hosts", "life-1"]);
     assert!(ok, "{out}");
     assert_eq!(answers(&fleet)[1], runs(&fleet, 1, "0.1.0"));
+}
+
+/// After a deploy of a broken 0.3.0 halted at its canary, 0.3.0 is unpacked (at least
+/// on the canary) and is the newest version there; every host runs 0.2.0. Neither
+/// `rollback` nor `restart` on the group may go to 0.3.0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_halted_deploy_rollback_and_restart_never_go_forward() {
+    let fleet = fleet("halted", 3);
+    let releases = fleet.dir.path().join("releases");
+    failing_beat_release(&releases, RELEASE, "0.3.0", "exit");
+    deploy_all(&fleet, 1, "0.1.0");
+    deploy_all(&fleet, 2, "0.2.0");
+    write_cluster(&fleet, 3, "0.3.0", "canaries = 1", "");
+    let (ok, out) = erel(&fleet, &["deploy"]);
+    assert!(!ok && out.contains("HALTED"), "{out}");
+    fleet.expect_beats("0.2.0");
+    let canary = release_status(&fleet.pki, &fleet.agents[0], RELEASE)
+        .await
+        .expect("the canary knows beat");
+    assert_eq!(
+        canary.versions.last().map(String::as_str),
+        Some("0.3.0"),
+        "the failed version is the newest unpacked on the canary"
+    );
+    let before = fleet.release_pids(RELEASE);
+
+    // --dry-run says what each host would get and touches nothing.
+    let (ok, out) = erel(&fleet, &["rollback", "--group", "web", "--dry-run"]);
+    assert!(ok, "{out}");
+    for host in ["halted-1", "halted-2", "halted-3"] {
+        assert!(
+            out.contains(&format!("web/{host} (127.0.0.1:"))
+                && out.contains("left as it is: runs beat 0.2.0, not the group's 0.3.0"),
+            "{out}"
+        );
+    }
+    let (ok, out) = erel(&fleet, &["restart", "--group", "web", "--dry-run"]);
+    assert!(ok && out.matches("): restart 0.2.0").count() == 3, "{out}");
+    let (ok, out) = erel(
+        &fleet,
+        &["stop", "--group", "web", "--dry-run", "--hosts", "halted-1"],
+    );
+    assert!(
+        ok && out.contains("web/halted-1 (") && out.contains("stop (runs 0.2.0)"),
+        "{out}"
+    );
+    assert!(!out.contains("halted-2"), "{out}");
+    let out = fleet
+        .pki
+        .erel()
+        .args([
+            "rollback",
+            "--group",
+            "web",
+            "--to",
+            "0.1.0",
+            "--dry-run",
+            "--json",
+        ])
+        .arg("--cluster")
+        .arg(cluster_path(&fleet))
+        .output()
+        .expect("run erel");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let planned: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(planned.as_array().map(Vec::len), Some(3), "{planned}");
+    for host in planned.as_array().into_iter().flatten() {
+        assert_eq!(host["action"], "rollback", "{planned}");
+        assert_eq!(host["from"], "0.2.0", "{planned}");
+        assert_eq!(host["to"], "0.1.0", "{planned}");
+    }
+    fleet.expect_beats("0.2.0");
+    assert_eq!(
+        fleet.release_pids(RELEASE),
+        before,
+        "a dry run touches nothing"
+    );
+
+    // No host runs the group's 0.3.0: each is left as it is, and the report says so.
+    let (ok, out) = erel(&fleet, &["rollback", "--group", "web"]);
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    assert!(
+        out.contains("left as it is: runs beat 0.2.0, not the group's 0.3.0"),
+        "{out}"
+    );
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("halted-") && l.contains("left as it is"))
+        .collect();
+    assert_eq!(rows.len(), 3, "{out}");
+    assert!(
+        rows.iter()
+            .all(|row| row.contains("beat 0.2.0") && !row.contains("beat 0.3.0")),
+        "the VERSION column shows what runs: {out}"
+    );
+    fleet.expect_beats("0.2.0");
+    assert_eq!(fleet.release_pids(RELEASE), before, "nothing was restarted");
+
+    // A group restart restarts what runs (0.2.0), never the group's 0.3.0.
+    let (ok, out) = erel(
+        &fleet,
+        &["restart", "--group", "web", "--hosts", "halted-2"],
+    );
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    assert!(out.contains("restarted (pid"), "{out}");
+    assert!(
+        out.contains("group web: restarting beat on 1 host(s), each with the version it runs"),
+        "the header says restart, not a deploy of 0.3.0: {out}"
+    );
+    assert!(!out.contains("0.3.0 ("), "{out}");
+    fleet.expect_beats("0.2.0");
+    let after = fleet.release_pids(RELEASE);
+    assert_eq!(after[0], before[0], "halted-1 not selected");
+    assert!(
+        before[1].iter().all(|pid| !after[1].contains(pid)),
+        "halted-2 restarted: {before:?} -> {after:?}"
+    );
+
+    // --to a version some host lacks: refused naming the hosts, nothing touched.
+    let (ok, out) = erel(&fleet, &["rollback", "--group", "web", "--to", "0.0.9"]);
+    assert!(!ok, "{out}");
+    for host in ["halted-1", "halted-2", "halted-3"] {
+        assert!(
+            out.contains(&format!("{host} (")) && out.contains("beat 0.0.9 is not present here"),
+            "{out}"
+        );
+    }
+    assert!(
+        out.contains("--to 0.0.9 refused, no host rolled back"),
+        "{out}"
+    );
+    fleet.expect_beats("0.2.0");
+    assert_eq!(fleet.release_pids(RELEASE), after, "nothing was restarted");
+
+    // --to a version present: taken on the selected host, whatever it runs.
+    let (ok, out) = erel(
+        &fleet,
+        &[
+            "rollback", "--group", "web", "--to", "0.1.0", "--hosts", "halted-3",
+        ],
+    );
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    assert!(out.contains("switched from 0.2.0"), "{out}");
+    assert_eq!(
+        answers(&fleet),
+        vec![
+            runs(&fleet, 0, "0.2.0"),
+            runs(&fleet, 1, "0.2.0"),
+            runs(&fleet, 2, "0.1.0")
+        ]
+    );
 }
 
 /// A file daemon (`erel master --cluster`), killed when dropped if a test panics first.

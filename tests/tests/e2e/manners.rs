@@ -87,6 +87,30 @@ fn start_up_errors_are_printed_once() {
 
     let out = erel(&["config", "show", "--amqp", "not a url"]);
     failed_once(&out, "not a url");
+
+    // A refusal that names its command names the program once.
+    let out = erel(&["stop", "--grace", "3"]);
+    assert!(!out.status.success());
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].starts_with("erel stop: "), "{lines:#?}");
+
+    // The agent says a start-up error once: one line, no log record repeating it.
+    let agent = Command::new(crate::helper::AGENT_BIN)
+        .args(["--listen", "127.0.0.1:0", "--certs"])
+        .arg(dir.path().join("no-bundle"))
+        .arg("--root")
+        .arg(dir.path().join("root"))
+        .env_remove("EREL_LOG")
+        .output()
+        .expect("run erel-boot");
+    assert!(!agent.status.success());
+    let lines = stderr_lines(&agent);
+    assert_eq!(lines.len(), 1, "said once: {lines:#?}");
+    assert!(
+        lines[0].starts_with("erel-boot: --certs: ") && lines[0].contains("no-bundle"),
+        "{lines:#?}"
+    );
 }
 
 /// A PKI, a beat archive and a cluster file naming one host at `addr`.
@@ -160,6 +184,38 @@ fn deploy_dry_run_json_is_the_plan_and_touches_nothing() {
     assert_eq!(host["addr"], dead.as_str());
     assert_eq!(host["order"], 1);
     assert_eq!(host["canary"], true);
+    // What the text states is in the JSON too.
+    assert_eq!(group["max_failed"], 0);
+    assert_eq!(group["state"], "running");
+    assert_eq!(group["user"], serde_json::Value::Null);
+    assert_eq!(group["stop_grace_secs"], 10);
+
+    // The text names every probe, the passes and the drain, as the JSON does.
+    let text = std::fs::read_to_string(&cluster).expect("read").replace(
+        "health = { min_up_secs = 1, deadline_secs = 15 }",
+        "health = { tcp = 7000, http = 8080, path = \"/ready\", passes = 2, min_up_secs = 1, \
+         deadline_secs = 15 }\ndrain = { http = 8081, timeout_secs = 4 }\nmax_failed = 1",
+    );
+    std::fs::write(&cluster, text).expect("write");
+    let out = erel_with(&pki, &cluster, &["deploy", "--dry-run"]);
+    let said = output_text(&out);
+    assert!(out.status.success(), "{said}");
+    for part in [
+        "health    TCP port 7000 answers and HTTP GET port 8080/ready answers 2xx, 2 consecutive pass(es); up 1s",
+        "drain     POST port 8081/drain before each stop of a running release, answer within 4s",
+        "stop_grace_secs 10",
+        "up to 1 host(s) may fail",
+    ] {
+        assert!(said.contains(part), "{part:?} missing: {said}");
+    }
+    let out = erel_with(&pki, &cluster, &["deploy", "--dry-run", "--json"]);
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let group = &plan["groups"][0];
+    assert_eq!(group["max_failed"], 1);
+    assert_eq!(group["health"]["http"], "8080");
+    assert_eq!(group["health"]["path"], "/ready");
+    assert_eq!(group["health"]["passes"], 2);
+    assert_eq!(group["drain"]["timeout_secs"], 4);
 }
 
 #[test]
