@@ -102,6 +102,12 @@ fn assert_mentions(error: &str, parts: &[&str]) {
     }
 }
 
+/// A refusal of the cluster file: it starts with the file's name and mentions `parts`.
+fn assert_refusal(error: &str, parts: &[&str]) {
+    assert!(error.starts_with(FILE), "{error:?} names the file");
+    assert_mentions(error, parts);
+}
+
 #[test]
 fn a_valid_file_becomes_a_plan() {
     let fx = Fixture::new();
@@ -318,8 +324,7 @@ fn every_error_names_the_file_the_field_and_the_problem() {
     ];
     for (from, to, parts) in cases {
         let error = fx.error_with(from, to);
-        assert!(error.starts_with(FILE), "{error:?} names the file");
-        assert_mentions(&error, parts);
+        assert_refusal(&error, parts);
     }
 }
 
@@ -535,8 +540,7 @@ fn group_membership_refusals_name_the_host_and_the_groups() {
             "[[host]]\n{host}\n[[host]]\nid = \"b-1\"\naddr = \"10.0.0.2:1\"\ngroups = [\"web\", \"metrics\"]\n"
         ));
         let error = parse_unchecked(&text).expect_err(host).to_string();
-        assert!(error.starts_with(FILE), "{error:?} names the file");
-        assert_mentions(&error, parts);
+        assert_refusal(&error, parts);
     }
 }
 
@@ -778,8 +782,7 @@ fn wrong_health_and_drain_keys_are_refused_by_name() {
     ];
     for (to, parts) in cases {
         let error = fx.error_with(health, to);
-        assert!(error.starts_with(FILE), "{error:?} names the file");
-        assert_mentions(&error, parts);
+        assert_refusal(&error, parts);
     }
 }
 
