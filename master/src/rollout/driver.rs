@@ -962,17 +962,7 @@ state = "stopped"
 "#;
 
     fn status(name: &str, state: ReleaseState, desired_running: bool) -> ReleaseStatus {
-        ReleaseStatus {
-            name: name.into(),
-            versions: vec!["1".into()],
-            version: Some("1".into()),
-            desired_running,
-            pid: (state == ReleaseState::Running).then_some(42),
-            state,
-            restarts: 0,
-            up_secs: Some(1),
-            output_tail: String::new(),
-        }
+        crate::fixtures::release_status(name, "1", state, desired_running, 1)
     }
 
     fn running(name: &str) -> ReleaseStatus {
