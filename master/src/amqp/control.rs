@@ -14,13 +14,13 @@
 //!   is there gives the token back and waits until the request is gone (taken, or
 //!   expired) before it competes again ([`super::leadership`]).
 
-use lapin::options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions, QueuePurgeOptions};
+use lapin::options::{BasicGetOptions, BasicNackOptions, QueuePurgeOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 use serde::{Deserialize, Serialize};
 
 use super::{amqp_error, now_ms, open_channel, table, Broker, Names};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::rollout::halt::Halt;
 
 /// Messages read at most from one record queue (it keeps one; a requeued one may
@@ -101,27 +101,12 @@ async fn publish(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<()> {
-    channel
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions::default(),
-            body,
-            properties.with_content_type("application/json".into()),
-        )
-        .await
-        .map_err(|e| amqp_error(queue, "publishing the record", e))?
-        .await
-        .map_err(|e| amqp_error(queue, "publishing the record", e))?;
-    Ok(())
+    let properties = properties.with_content_type("application/json".into());
+    super::publish_to_queue(channel, queue, body, properties, "publishing the record").await
 }
 
 fn encode(queue: &str, value: &impl Serialize) -> Result<Vec<u8>> {
-    serde_json::to_vec(value).map_err(|e| Error::Amqp {
-        target: queue.to_string(),
-        action: "encoding the record".to_string(),
-        message: e.to_string(),
-    })
+    super::encode_json(queue, "encoding the record", value)
 }
 
 /// The group's latest halt record, if any.

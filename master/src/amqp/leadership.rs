@@ -41,8 +41,7 @@ use std::time::Duration;
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
@@ -281,11 +280,7 @@ async fn compete(
             since_ms,
             heartbeat_ms: now_ms(),
         };
-        let body = serde_json::to_vec(&record).map_err(|e| Error::Amqp {
-            target: holder.clone(),
-            action: "encoding the holder record".to_string(),
-            message: e.to_string(),
-        })?;
+        let body = super::encode_json(&holder, "encoding the holder record", &record)?;
         publish(
             &channel,
             &holder,
@@ -426,23 +421,14 @@ fn lost(lease: &str) -> Error {
     }
 }
 
+/// Publishes a lease token or a holder record to `queue`.
 async fn publish(
     channel: &Channel,
     queue: &str,
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<()> {
-    channel
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions::default(),
-            body,
-            properties,
-        )
-        .await
-        .map_err(|e| amqp_error(queue, "publishing", e))?;
-    Ok(())
+    super::publish_to_queue(channel, queue, body, properties, "publishing").await
 }
 
 /// The latest holder record of each group that has a live one.

@@ -364,6 +364,46 @@ impl Default for Backoff {
     }
 }
 
+/// Publishes `body` to `queue` through the default exchange with `properties`, and
+/// waits for the broker's confirm where the channel asked for confirms (AMQP 0-9-1
+/// `basic.publish`; RabbitMQ publisher confirms). A failure is an [`Error::Amqp`]
+/// naming `queue` and `action`.
+pub(crate) async fn publish_to_queue(
+    channel: &lapin::Channel,
+    queue: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+    action: &str,
+) -> Result<()> {
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+        .map_err(|e| amqp_error(queue, action, e))?
+        .await
+        .map_err(|e| amqp_error(queue, action, e))?;
+    Ok(())
+}
+
+/// `value` as JSON, the body of a record for `queue`; a failure is an [`Error::Amqp`]
+/// naming `queue` and `action`.
+pub(crate) fn encode_json(
+    queue: &str,
+    action: &str,
+    value: &impl serde::Serialize,
+) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| Error::Amqp {
+        target: queue.to_string(),
+        action: action.to_string(),
+        message: e.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
