@@ -7,14 +7,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::helper::amqp::{erel, logs, watch_command, BrokerLock, TestBroker, MASTER_INTERVAL};
+use crate::helper::amqp::{erel, logs, BrokerLock, TestBroker, Watcher, MASTER_INTERVAL};
 use crate::helper::fleet::Fleet;
 use crate::helper::release::failing_beat_release;
 use crate::helper::AgentCommands;
-use crate::helper::{follow_lines, output_text, wait_until_blocking, Followed};
+use crate::helper::{output_text, wait_until_blocking, Followed};
 
 /// The file daemon's `--interval`.
 const FILE_INTERVAL: Duration = Duration::from_secs(1);
@@ -271,6 +270,49 @@ fn all_restarted(fleet: &Fleet, before: &[Vec<i32>]) -> bool {
             .all(|(now, before)| !now.is_empty() && now.iter().all(|p| !before.contains(p)))
 }
 
+/// Waits until every host of `fleet` has restarted its release 1.0.0 (no pid of
+/// `before` left, two starts more than `starts`) and `switched` holds; then shows that
+/// passes every `interval` restart nothing again. `log` is the master's, for messages.
+fn restarted_once(
+    fleet: &Fleet,
+    (before, starts): (&[Vec<i32>], usize),
+    interval: Duration,
+    switched: impl Fn() -> bool,
+    log: impl Fn() -> String,
+) {
+    assert!(
+        wait_until_blocking(CONVERGE, || all_restarted(fleet, before) && switched()),
+        "every host is restarted: {before:?} -> {:?}\n{}\n{}",
+        fleet.release_pids("beat"),
+        log(),
+        fleet.agent_logs()
+    );
+    let after = fleet.release_pids("beat");
+    assert_eq!(
+        starts_of(fleet, "1.0.0"),
+        starts + 2,
+        "{}",
+        fleet.agent_logs()
+    );
+
+    // Passes keep coming every interval; each finds the releases started after the
+    // instant. Four intervals, plus the time one pass takes on a busy machine.
+    let passes = interval * 4 + Duration::from_secs(2);
+    std::thread::sleep(passes);
+    assert_eq!(
+        fleet.release_pids("beat"),
+        after,
+        "restarted once over {passes:?}\n{}",
+        log()
+    );
+    assert_eq!(
+        starts_of(fleet, "1.0.0"),
+        starts + 2,
+        "{}",
+        fleet.agent_logs()
+    );
+}
+
 #[test]
 fn daemon_restarts_each_host_once_for_a_revision_with_restarted_at() {
     let fleet = Fleet::with_beat_releases("restarted-at", &["web", "web"]);
@@ -283,37 +325,12 @@ fn daemon_restarts_each_host_once_for_a_revision_with_restarted_at() {
     let starts = starts_of(&fleet, "1.0.0");
 
     write_restarted_now(&fleet, 2);
-    assert!(
-        wait_until_blocking(CONVERGE, || all_restarted(&fleet, &before)
-            && daemon.0.log().contains(" converged revision=2")),
-        "every host is restarted: {before:?} -> {:?}\n{}\n{}",
-        fleet.release_pids("beat"),
-        daemon.0.log(),
-        fleet.agent_logs()
-    );
-    let after = fleet.release_pids("beat");
-    assert_eq!(
-        starts_of(&fleet, "1.0.0"),
-        starts + 2,
-        "{}",
-        fleet.agent_logs()
-    );
-
-    // Passes keep coming every interval; each finds the releases started after the
-    // instant. Four intervals, plus the time one pass takes on a busy machine.
-    let passes = FILE_INTERVAL * 4 + Duration::from_secs(2);
-    std::thread::sleep(passes);
-    assert_eq!(
-        fleet.release_pids("beat"),
-        after,
-        "restarted once over {passes:?}\n{}",
-        daemon.0.log()
-    );
-    assert_eq!(
-        starts_of(&fleet, "1.0.0"),
-        starts + 2,
-        "{}",
-        fleet.agent_logs()
+    restarted_once(
+        &fleet,
+        (&before, starts),
+        FILE_INTERVAL,
+        || daemon.0.log().contains(" converged revision=2"),
+        || daemon.0.log(),
     );
     assert_eq!(
         daemon.0.log().matches(" converged revision=2").count(),
@@ -329,50 +346,23 @@ fn amqp_daemon_restarts_each_host_once_for_a_revision_with_restarted_at() {
     let fleet = Fleet::with_beat_releases("amqp-restarted-at", &["web", "web"]);
     let broker = TestBroker::new("restarted-at", &["web"]);
     let master = fleet.master(&broker, "m1");
-    let (ok, out) = fleet.publish(&broker, &fleet.config(1, "1.0.0", ONE_AT_A_TIME));
-    assert!(ok, "{out}");
+    fleet.published(&broker, &fleet.config(1, "1.0.0", ONE_AT_A_TIME));
     fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || master.log());
     let before = pids_of_settled_releases(&fleet);
     let starts = starts_of(&fleet, "1.0.0");
 
-    let (ok, out) = fleet.publish(&broker, &restarted_now(&fleet, 2));
-    assert!(ok, "{out}");
+    fleet.published(&broker, &restarted_now(&fleet, 2));
     let applied = |log: &str| {
         log.lines()
             .filter(|line| line.contains("revision applied") && line.contains("revision=2"))
             .count()
     };
-    assert!(
-        wait_until_blocking(CONVERGE, || all_restarted(&fleet, &before)
-            && applied(&master.log()) > 0),
-        "every host is restarted: {before:?} -> {:?}\n{}\n{}",
-        fleet.release_pids("beat"),
-        master.log(),
-        fleet.agent_logs()
-    );
-    let after = fleet.release_pids("beat");
-    assert_eq!(
-        starts_of(&fleet, "1.0.0"),
-        starts + 2,
-        "{}",
-        fleet.agent_logs()
-    );
-
-    // Passes keep coming every interval; each finds the releases started after the
-    // instant. Four intervals, plus the time one pass takes on a busy machine.
-    let passes = MASTER_INTERVAL * 4 + Duration::from_secs(2);
-    std::thread::sleep(passes);
-    assert_eq!(
-        fleet.release_pids("beat"),
-        after,
-        "restarted once over {passes:?}\n{}",
-        master.log()
-    );
-    assert_eq!(
-        starts_of(&fleet, "1.0.0"),
-        starts + 2,
-        "{}",
-        fleet.agent_logs()
+    restarted_once(
+        &fleet,
+        (&before, starts),
+        MASTER_INTERVAL,
+        || applied(&master.log()) > 0,
+        || master.log(),
     );
     assert_eq!(applied(&master.log()), 1, "{}", master.log());
 }
@@ -487,35 +477,12 @@ fn amqp_daemon_tries_a_broken_revision_once_even_after_a_take_over_and_again_on_
     let broker = TestBroker::new("halt", &["web"]);
     let master = fleet.master(&broker, "m1");
 
-    let mut watcher = watch_command(&fleet.pki, &broker)
-        .spawn()
-        .expect("spawn erel watch");
-    let watched = Arc::new(Mutex::new(String::new()));
-    let listening = Arc::new(Mutex::new(String::new()));
-    follow_lines(
-        watcher.stdout.take().expect("stdout"),
-        watched.clone(),
-        |_| {},
-    );
-    follow_lines(
-        watcher.stderr.take().expect("stderr"),
-        listening.clone(),
-        |_| {},
-    );
-    assert!(
-        wait_until_blocking(NOTICE, || listening
-            .lock()
-            .expect("lock")
-            .contains("watching events")),
-        "erel watch listens"
-    );
+    let watcher = Watcher::start(&fleet.pki, &broker, NOTICE);
 
-    let (ok, out) = fleet.publish(&broker, &fleet.config(1, "1.0.0", ONE_AT_A_TIME));
-    assert!(ok, "{out}");
+    fleet.published(&broker, &fleet.config(1, "1.0.0", ONE_AT_A_TIME));
     fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || master.log());
 
-    let (ok, out) = fleet.publish(&broker, &fleet.config(2, "2.5.0", ONE_AT_A_TIME));
-    assert!(ok, "{out}");
+    fleet.published(&broker, &fleet.config(2, "2.5.0", ONE_AT_A_TIME));
     assert!(
         wait_until_blocking(CONVERGE, || master.log().contains("halted at revision 2")),
         "the failed rollout halts the group\n{}",
@@ -531,25 +498,21 @@ fn amqp_daemon_tries_a_broken_revision_once_even_after_a_take_over_and_again_on_
         fleet.agent_logs()
     );
     assert!(
-        wait_until_blocking(NOTICE, || watched
-            .lock()
-            .expect("lock")
+        wait_until_blocking(NOTICE, || watcher
+            .events()
             .contains("web: HALTED at revision 2")),
         "the halt is an event:\n{}",
-        watched.lock().expect("lock")
+        watcher.events()
     );
 
     // `erel status --amqp` shows it, with the reason and how to retry.
     let cluster = fleet.dir.path().join("cluster-2.toml");
-    let out = fleet
-        .pki
-        .erel()
-        .arg("--cluster")
-        .arg(&cluster)
-        .arg("status")
-        .args(broker.flags())
-        .output()
-        .expect("run erel status");
+    let out = erel(
+        &fleet.pki,
+        &["--cluster", cluster.to_str().expect("utf-8"), "status"],
+        &broker,
+        &[],
+    );
     let text = output_text(&out);
     assert!(
         text.contains("HALTED: group web halted at revision 2 (beat 2.5.0)")
@@ -613,13 +576,10 @@ fn amqp_daemon_tries_a_broken_revision_once_even_after_a_take_over_and_again_on_
     assert!(master.log().contains("retry asked for"), "{}", master.log());
 
     // A newer revision is rolled out.
-    let (ok, out) = fleet.publish(&broker, &fleet.config(3, "3.0.0", ONE_AT_A_TIME));
-    assert!(ok, "{out}");
+    fleet.published(&broker, &fleet.config(3, "3.0.0", ONE_AT_A_TIME));
     fleet.wait_all_run("3.0.0", CONVERGE, "revision 3 is rolled out", || {
         master.log()
     });
-    let _ = watcher.kill();
-    let _ = watcher.wait();
 }
 
 #[test]
@@ -632,8 +592,7 @@ fn amqp_deploy_is_refused_naming_the_holder_unless_it_takes_the_group_over() {
     let m1 = fleet.master(&broker, "m1");
     let m2 = fleet.master(&broker, "m2");
     let text = fleet.config(1, "1.0.0", ONE_AT_A_TIME);
-    let (ok, out) = fleet.publish(&broker, &text);
-    assert!(ok, "{out}");
+    fleet.published(&broker, &text);
     fleet.wait_all_run("1.0.0", CONVERGE, "the host runs 1.0.0", || {
         logs(&[&m1, &m2])
     });
