@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::digest_cache::sha256_file;
+use crate::fixtures::{groups_text, HOSTS_IN_SEVERAL_GROUPS};
 
 const FILE: &str = "cluster.toml";
 
@@ -458,47 +459,13 @@ fn max_failed_and_state_are_read_and_a_stopped_group_may_have_no_hosts() {
 
 /// Two groups, `web` (release beat) and `metrics` (release probe); `HOSTS` is spliced
 /// in as the `[[host]]` tables.
-fn groups_text(hosts: &str) -> String {
-    format!(
-        r#"
-revision = 3
-{hosts}
-[group.web]
-release = "beat"
-version = "0.2.0"
-archive = "beat.tar.gz"
-
-[group.metrics]
-release = "probe"
-version = "1.0.0"
-archive = "probe.tar.gz"
-"#
-    )
-}
-
 fn parse_unchecked(text: &str) -> Result<Plan> {
     Plan::parse(text, FILE, &ArchiveLookup::Unchecked)
 }
 
 #[test]
 fn a_host_may_belong_to_several_groups_and_a_host_in_none_waits() {
-    let text = groups_text(
-        r#"
-[[host]]
-id = "both-1"
-addr = "10.0.0.1:7070"
-groups = ["web", "metrics"]
-
-[[host]]
-id = "web-1"
-addr = "10.0.0.2:7070"
-group = "web"
-
-[[host]]
-id = "spare-1"
-addr = "10.0.0.3:7070"
-"#,
-    );
+    let text = groups_text(HOSTS_IN_SEVERAL_GROUPS);
     let plan = parse_unchecked(&text).expect("valid");
     let ids = |group: &str| -> Vec<String> {
         plan.hosts_in(group).iter().map(|h| h.id.clone()).collect()
