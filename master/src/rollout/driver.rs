@@ -926,7 +926,6 @@ mod tests {
 
     use super::*;
     use crate::cluster::ArchiveLookup;
-
     use crate::fixtures::{groups_text, HOSTS_IN_SEVERAL_GROUPS};
 
     /// A group no host belongs to, stopped, for [`groups_text`]'s file.

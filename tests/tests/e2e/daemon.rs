@@ -24,6 +24,16 @@ const NOTICE: Duration = Duration::from_secs(30);
 /// One canary, one host at a time: a failure touches one host only.
 const ONE_AT_A_TIME: &str = "max_in_flight = 1\ncanaries = 1";
 
+/// Asserts that the agents of `fleet` logged `expected` starts of beat `version`.
+fn assert_starts(fleet: &Fleet, version: &str, expected: usize) {
+    assert_eq!(
+        starts_of(fleet, version),
+        expected,
+        "{}",
+        fleet.agent_logs()
+    );
+}
+
 /// How many times any agent of `fleet` was asked to start `beat <version>`, from
 /// the one line each agent logs per command.
 fn starts_of(fleet: &Fleet, version: &str) -> usize {
@@ -124,7 +134,7 @@ fn daemon_tries_a_broken_revision_once_halts_the_group_and_applies_a_newer_one()
         "the failed rollout halts the group\n{}",
         daemon.0.log()
     );
-    assert_eq!(starts_of(&fleet, "2.5.0"), 1, "{}", fleet.agent_logs());
+    assert_starts(&fleet, "2.5.0", 1);
     // Passes keep coming every interval; none of them tries 2.5.0 again. Four
     // intervals, plus the time one pass takes to ping the hosts on a busy machine.
     let passes = FILE_INTERVAL * 4 + Duration::from_secs(2);
@@ -288,12 +298,7 @@ fn restarted_once(
         fleet.agent_logs()
     );
     let after = fleet.release_pids("beat");
-    assert_eq!(
-        starts_of(fleet, "1.0.0"),
-        starts + 2,
-        "{}",
-        fleet.agent_logs()
-    );
+    assert_starts(fleet, "1.0.0", starts + 2);
 
     // Passes keep coming every interval; each finds the releases started after the
     // instant. Four intervals, plus the time one pass takes on a busy machine.
@@ -305,12 +310,7 @@ fn restarted_once(
         "restarted once over {passes:?}\n{}",
         log()
     );
-    assert_eq!(
-        starts_of(fleet, "1.0.0"),
-        starts + 2,
-        "{}",
-        fleet.agent_logs()
-    );
+    assert_starts(fleet, "1.0.0", starts + 2);
 }
 
 #[test]
@@ -385,12 +385,7 @@ fn deploy_restarts_each_host_once_for_restarted_at() {
         "{before:?} -> {:?}\n{text}",
         fleet.release_pids("beat")
     );
-    assert_eq!(
-        starts_of(&fleet, "1.0.0"),
-        starts + 2,
-        "{}",
-        fleet.agent_logs()
-    );
+    assert_starts(&fleet, "1.0.0", starts + 2);
 
     // Deployed again, the same file restarts nothing: each release started after it.
     let after = fleet.release_pids("beat");
@@ -402,12 +397,7 @@ fn deploy_restarts_each_host_once_for_restarted_at() {
         "{text}"
     );
     assert_eq!(fleet.release_pids("beat"), after, "{text}");
-    assert_eq!(
-        starts_of(&fleet, "1.0.0"),
-        starts + 2,
-        "{}",
-        fleet.agent_logs()
-    );
+    assert_starts(&fleet, "1.0.0", starts + 2);
 }
 
 #[test]
@@ -572,7 +562,7 @@ fn amqp_daemon_tries_a_broken_revision_once_even_after_a_take_over_and_again_on_
         "retried and halted again\n{}",
         master.log()
     );
-    assert_eq!(starts_of(&fleet, "2.5.0"), 2, "{}", fleet.agent_logs());
+    assert_starts(&fleet, "2.5.0", 2);
     assert!(master.log().contains("retry asked for"), "{}", master.log());
 
     // A newer revision is rolled out.
