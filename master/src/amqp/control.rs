@@ -167,23 +167,19 @@ pub async fn retry(broker: &Broker, group: &str, by: &str) -> Result<Option<Halt
 
 /// The halts recorded for `groups` (for `erel status` and `erel config holders`).
 pub async fn halts(broker: &Broker, groups: &[String]) -> Result<Vec<Halt>> {
-    let connection = broker.connect("halts reader").await?;
-    let outcome = async {
-        let channel = open_channel(&connection, &broker.display_url()).await?;
-        let mut halts = Vec::new();
-        for group in groups {
-            if let Some(HaltRecord::Halted(halt)) =
-                read_halt(&channel, broker.names(), group).await?
-            {
-                halts.push(halt);
+    broker
+        .on_channel("halts reader", async |channel| {
+            let mut halts = Vec::new();
+            for group in groups {
+                if let Some(HaltRecord::Halted(halt)) =
+                    read_halt(channel, broker.names(), group).await?
+                {
+                    halts.push(halt);
+                }
             }
-        }
-        let _ = channel.close(200, "done".into()).await;
-        Ok(halts)
-    }
-    .await;
-    let _ = connection.close(200, "done".into()).await;
-    outcome
+            Ok(halts)
+        })
+        .await
 }
 
 /// A live hand-over request for `group` from someone other than `me`.
