@@ -79,29 +79,40 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn a_ping_answer_too_large_for_a_frame_keeps_the_newest_output() {
-        let tail = format!("{}END", "x".repeat(OUTPUT_TAIL_MAX - 3));
-        let releases = (0..60)
-            .map(|i| ReleaseStatus {
-                name: format!("release-{i}"),
-                versions: vec!["1".into()],
-                version: Some("1".into()),
-                desired_running: true,
-                pid: None,
-                state: ReleaseState::CrashLooping,
-                restarts: 5,
-                up_secs: None,
-                output_tail: tail.clone(),
-            })
-            .collect();
-        let mut pong = Pong {
+    /// Release `release-{i}` at version 1, desired running, in `state` after `restarts`,
+    /// with `tail` as its output.
+    fn release(i: usize, state: ReleaseState, restarts: u32, tail: &str) -> ReleaseStatus {
+        ReleaseStatus {
+            name: format!("release-{i}"),
+            versions: vec!["1".into()],
+            version: Some("1".into()),
+            desired_running: true,
+            pid: None,
+            state,
+            restarts,
+            up_secs: None,
+            output_tail: tail.to_string(),
+        }
+    }
+
+    /// A `Pong` from host `web-1` reporting `releases`.
+    fn sample_pong(releases: Vec<ReleaseStatus>) -> Pong {
+        Pong {
             host_id: "web-1".into(),
             agent_version: "0.1.0".into(),
             uptime_secs: 1,
             free_disk_bytes: 1,
             releases,
-        };
+        }
+    }
+
+    #[test]
+    fn a_ping_answer_too_large_for_a_frame_keeps_the_newest_output() {
+        let tail = format!("{}END", "x".repeat(OUTPUT_TAIL_MAX - 3));
+        let releases = (0..60)
+            .map(|i| release(i, ReleaseState::CrashLooping, 5, &tail))
+            .collect();
+        let mut pong = sample_pong(releases);
         let before = erel_proto::encode_body(&pong).expect("encode").len();
         assert!(
             before > MAX_FRAME,
@@ -121,26 +132,11 @@ mod tests {
     fn running_releases_tails_give_way_before_an_ended_ones_last_words() {
         let lines: String = (0..300).map(|i| format!("line {i:03}\n")).collect();
         let tail = lines[lines.len() - OUTPUT_TAIL_MAX..].to_string();
-        let release = |i: usize, state: ReleaseState| ReleaseStatus {
-            name: format!("release-{i}"),
-            versions: vec!["1".into()],
-            version: Some("1".into()),
-            desired_running: true,
-            pid: None,
-            state,
-            restarts: 0,
-            up_secs: None,
-            output_tail: tail.clone(),
-        };
-        let mut releases: Vec<_> = (0..40).map(|i| release(i, ReleaseState::Running)).collect();
-        releases.push(release(40, ReleaseState::CrashLooping));
-        let mut pong = Pong {
-            host_id: "web-1".into(),
-            agent_version: "0.1.0".into(),
-            uptime_secs: 1,
-            free_disk_bytes: 1,
-            releases,
-        };
+        let mut releases: Vec<_> = (0..40)
+            .map(|i| release(i, ReleaseState::Running, 0, &tail))
+            .collect();
+        releases.push(release(40, ReleaseState::CrashLooping, 0, &tail));
+        let mut pong = sample_pong(releases);
         fit_in_a_frame(&mut pong);
         assert!(erel_proto::encode_body(&pong).expect("encode").len() <= MAX_FRAME);
         let crashed = pong.releases.last().expect("still reported");

@@ -20,6 +20,8 @@ pub mod cluster;
 pub mod digest_cache;
 mod durable;
 pub mod error;
+#[cfg(test)]
+mod fixtures;
 pub mod metrics;
 pub mod release;
 pub mod rollout;

@@ -346,23 +346,15 @@ mod tests {
             stopped: 0,
         });
         let text = metrics.encode();
-        assert!(
-            text.contains("erel_hosts{state=\"converged\"} 1\n"),
-            "{text}"
-        );
-        assert!(text.contains("erel_hosts{state=\"failed\"} 1\n"), "{text}");
-        assert!(
-            text.contains("erel_hosts{state=\"in_flight\"} 0\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("erel_rollouts_total{group=\"web\"} 1\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("erel_host_failures_total{group=\"web\"} 1\n"),
-            "{text}"
-        );
+        for line in [
+            "erel_hosts{state=\"converged\"} 1\n",
+            "erel_hosts{state=\"failed\"} 1\n",
+            "erel_hosts{state=\"in_flight\"} 0\n",
+            "erel_rollouts_total{group=\"web\"} 1\n",
+            "erel_host_failures_total{group=\"web\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing:\n{text}");
+        }
     }
 
     #[test]

@@ -58,8 +58,7 @@ fn amqp_broker_restart_masters_reconnect_and_apply_the_next_revision() {
     let broker = TestBroker::new("restart", &["web"]);
     let m1 = fleet.master(&broker, "r1");
     let m2 = fleet.master(&broker, "r2");
-    let (ok, out) = fleet.publish(&broker, &fleet.config(1, "1.0.0", ""));
-    assert!(ok, "{out}");
+    fleet.published(&broker, &fleet.config(1, "1.0.0", ""));
     assert!(
         wait_until_blocking(Duration::from_secs(60), || fleet.all_run("1.0.0")
             && m1.held_revision() == Some(1)

@@ -178,24 +178,24 @@ fn revoke_keeps_earlier_entries_counts_up_and_is_idempotent() {
     assert_eq!(fs::read(web3.join(layout::CRL_PEM)).expect("crl"), crl);
 }
 
+/// The host certificate and key of the bundle in `dir`, as bytes.
+fn host_cert_and_key(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    let read = |name: &str| fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    (read(layout::HOST_PEM), read(layout::HOST_KEY))
+}
+
 #[test]
 fn reissuing_a_host_replaces_its_bundle() {
     let pki = pki("web-1");
-    let cert_before = fs::read(pki.bundle.join(layout::HOST_PEM)).expect("host.pem");
-    let key_before = fs::read(pki.bundle.join(layout::HOST_KEY)).expect("host.key");
+    let before = host_cert_and_key(&pki.bundle);
     let again = pki
         .master
         .replace_host("web-1", &[LOOPBACK], &["web-1.example.org".to_string()])
         .expect("re-issue");
     assert_eq!(again, pki.bundle);
-    assert_ne!(
-        fs::read(again.join(layout::HOST_PEM)).expect("host.pem"),
-        cert_before
-    );
-    assert_ne!(
-        fs::read(again.join(layout::HOST_KEY)).expect("host.key"),
-        key_before
-    );
+    let after = host_cert_and_key(&again);
+    assert_ne!(after.0, before.0, "a new certificate");
+    assert_ne!(after.1, before.1, "a new key");
     let hosts: Vec<_> = fs::read_dir(pki.master.path().join("hosts"))
         .expect("hosts")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
@@ -206,8 +206,7 @@ fn reissuing_a_host_replaces_its_bundle() {
 #[test]
 fn issuing_for_a_host_with_a_bundle_refuses_and_keeps_its_key() {
     let pki = pki("web-1");
-    let key_before = fs::read(pki.bundle.join(layout::HOST_KEY)).expect("host.key");
-    let cert_before = fs::read(pki.bundle.join(layout::HOST_PEM)).expect("host.pem");
+    let before = host_cert_and_key(&pki.bundle);
     let err = pki
         .master
         .issue_host("web-1", &[LOOPBACK], &[])
@@ -220,14 +219,7 @@ fn issuing_for_a_host_with_a_bundle_refuses_and_keeps_its_key() {
         other => panic!("expected BundleExists, got {other:?}"),
     }
     assert!(err.to_string().contains("--force"), "{err}");
-    assert_eq!(
-        fs::read(pki.bundle.join(layout::HOST_KEY)).expect("key"),
-        key_before
-    );
-    assert_eq!(
-        fs::read(pki.bundle.join(layout::HOST_PEM)).expect("pem"),
-        cert_before
-    );
+    assert_eq!(host_cert_and_key(&pki.bundle), before, "the bundle is kept");
     let hosts = fs::read_dir(pki.master.path().join("hosts"))
         .expect("hosts")
         .count();

@@ -15,13 +15,13 @@
 //!   is there gives the token back and waits until the request is gone (taken, or
 //!   expired) before it competes again ([`super::leadership`]).
 
-use lapin::options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions, QueuePurgeOptions};
+use lapin::options::{BasicGetOptions, BasicNackOptions, QueuePurgeOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 use serde::{Deserialize, Serialize};
 
 use super::{amqp_error, now_ms, open_channel, table, Broker, Names};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::rollout::halt::Halt;
 
 /// Messages read at most from one record queue (it keeps one; a requeued one may
@@ -111,27 +111,12 @@ async fn publish(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<()> {
-    channel
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions::default(),
-            body,
-            properties.with_content_type("application/json".into()),
-        )
-        .await
-        .map_err(|e| amqp_error(queue, "publishing the record", e))?
-        .await
-        .map_err(|e| amqp_error(queue, "publishing the record", e))?;
-    Ok(())
+    let properties = properties.with_content_type("application/json".into());
+    super::publish_to_queue(channel, queue, body, properties, "publishing the record").await
 }
 
 fn encode(queue: &str, value: &impl Serialize) -> Result<Vec<u8>> {
-    serde_json::to_vec(value).map_err(|e| Error::Amqp {
-        target: queue.to_string(),
-        action: "encoding the record".to_string(),
-        message: e.to_string(),
-    })
+    super::encode_json(queue, "encoding the record", value)
 }
 
 /// The group's latest halt record, if any.
@@ -194,25 +179,22 @@ pub async fn retry(broker: &Broker, group: &str, by: &str) -> Result<Option<Halt
 /// `erel config holders`): a halt at an older revision is over once a newer one is
 /// applied, whether or not its record was cleared yet.
 pub async fn halts(broker: &Broker, groups: &[String], revision: u64) -> Result<Vec<Halt>> {
-    let connection = broker.connect("halts reader").await?;
-    let outcome = async {
-        let channel = open_channel(&connection, &broker.display_url()).await?;
-        let mut halts = Vec::new();
-        for group in groups {
-            if let Some(HaltRecord::Halted(halt)) =
-                read_halt(&channel, broker.names(), group).await?
-            {
-                if halt.revision >= revision {
+    broker
+        .on_channel("halts reader", async |channel| {
+            let mut halts = Vec::new();
+            for group in groups {
+                if let Some(HaltRecord::Halted(halt)) =
+                    read_halt(channel, broker.names(), group).await?
+                {
+                    if halt.revision < revision {
+                        continue;
+                    }
                     halts.push(halt);
                 }
             }
-        }
-        let _ = channel.close(200, "done".into()).await;
-        Ok(halts)
-    }
-    .await;
-    let _ = connection.close(200, "done".into()).await;
-    outcome
+            Ok(halts)
+        })
+        .await
 }
 
 /// A live hand-over request for `group` from someone other than `me`.

@@ -41,8 +41,7 @@ use std::time::Duration;
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
@@ -237,11 +236,12 @@ async fn compete(
         .await
         .map_err(|e| amqp_error(&lease, "setting the prefetch", e))?;
     if declare_lease(&channel, &lease).await? == 0 {
-        publish(
+        super::publish_to_queue(
             &channel,
             &lease,
             b"token",
             BasicProperties::default().with_delivery_mode(2),
+            "publishing",
         )
         .await?;
     }
@@ -281,16 +281,13 @@ async fn compete(
             since_ms,
             heartbeat_ms: now_ms(),
         };
-        let body = serde_json::to_vec(&record).map_err(|e| Error::Amqp {
-            target: holder.clone(),
-            action: "encoding the holder record".to_string(),
-            message: e.to_string(),
-        })?;
-        publish(
+        let body = super::encode_json(&holder, "encoding the holder record", &record)?;
+        super::publish_to_queue(
             &channel,
             &holder,
             &body,
             BasicProperties::default().with_content_type("application/json".into()),
+            "publishing",
         )
         .await?;
         tokio::select! {
@@ -426,57 +423,34 @@ fn lost(lease: &str) -> Error {
     }
 }
 
-async fn publish(
-    channel: &Channel,
-    queue: &str,
-    body: &[u8],
-    properties: BasicProperties,
-) -> Result<()> {
-    channel
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions::default(),
-            body,
-            properties,
-        )
-        .await
-        .map_err(|e| amqp_error(queue, "publishing", e))?;
-    Ok(())
-}
-
 /// The latest holder record of each group that has a live one.
 pub(crate) async fn holders(broker: &Broker, groups: &[String]) -> Result<Vec<HolderRecord>> {
-    let connection = broker.connect("holders reader").await?;
-    let outcome = async {
-        let channel = open_channel(&connection, &broker.display_url()).await?;
-        let mut records = Vec::new();
-        for group in groups {
-            let queue = broker.names().holder(group)?;
-            declare_holder(&channel, &queue).await?;
-            let got = channel
-                .basic_get(queue.as_str().into(), BasicGetOptions::default())
-                .await
-                .map_err(|e| amqp_error(&queue, "reading the holder record", e))?;
-            if let Some(message) = got {
-                let record = serde_json::from_slice::<HolderRecord>(&message.delivery.data);
-                // Put it back for the next reader.
-                let _ = message
-                    .delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await;
-                if let Ok(record) = record {
-                    records.push(record);
+    broker
+        .on_channel("holders reader", async |channel| {
+            let mut records = Vec::new();
+            for group in groups {
+                let queue = broker.names().holder(group)?;
+                declare_holder(channel, &queue).await?;
+                let got = channel
+                    .basic_get(queue.as_str().into(), BasicGetOptions::default())
+                    .await
+                    .map_err(|e| amqp_error(&queue, "reading the holder record", e))?;
+                if let Some(message) = got {
+                    let record = serde_json::from_slice::<HolderRecord>(&message.delivery.data);
+                    // Put it back for the next reader.
+                    let _ = message
+                        .delivery
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        })
+                        .await;
+                    if let Ok(record) = record {
+                        records.push(record);
+                    }
                 }
             }
-        }
-        let _ = channel.close(200, "done".into()).await;
-        Ok(records)
-    }
-    .await;
-    let _ = connection.close(200, "done".into()).await;
-    outcome
+            Ok(records)
+        })
+        .await
 }

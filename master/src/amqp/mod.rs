@@ -134,6 +134,25 @@ impl Broker {
         amqp_error(self.display_url(), action, e)
     }
 
+    /// Runs `work` on a channel of a connection of its own, which `role` names in the
+    /// broker's connection list, then closes both whatever `work` returned.
+    pub(crate) async fn on_channel<T>(
+        &self,
+        role: &str,
+        work: impl AsyncFnOnce(&lapin::Channel) -> Result<T>,
+    ) -> Result<T> {
+        let connection = self.connect(role).await?;
+        let outcome = async {
+            let channel = open_channel(&connection, &self.display_url()).await?;
+            let outcome = work(&channel).await;
+            let _ = channel.close(200, "done".into()).await;
+            outcome
+        }
+        .await;
+        let _ = connection.close(200, "done".into()).await;
+        outcome
+    }
+
     /// Deletes every queue and exchange of this prefix (the config log included) that
     /// the given groups use. For tests and for retiring a cluster; nothing of another
     /// prefix is touched.
@@ -260,7 +279,6 @@ pub(crate) fn amqp_error(target: impl Into<String>, action: &str, e: lapin::Erro
     }
 }
 
-/// Queue arguments from `(key, value)` pairs.
 /// Opens a channel on `connection`; a failure names `target`.
 pub(crate) async fn open_channel(
     connection: &lapin::Connection,
@@ -272,6 +290,7 @@ pub(crate) async fn open_channel(
         .map_err(|e| amqp_error(target, "opening a channel", e))
 }
 
+/// Queue arguments from `(key, value)` pairs.
 pub(crate) fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
     let mut table = FieldTable::default();
     for (key, value) in entries {
@@ -362,6 +381,46 @@ impl Default for Backoff {
     fn default() -> Self {
         Backoff::new(Duration::from_millis(250), Duration::from_secs(5))
     }
+}
+
+/// Publishes `body` to `queue` through the default exchange with `properties`, and
+/// waits for the broker's confirm where the channel asked for confirms (AMQP 0-9-1
+/// `basic.publish`; RabbitMQ publisher confirms). A failure is an [`Error::Amqp`]
+/// naming `queue` and `action`.
+pub(crate) async fn publish_to_queue(
+    channel: &lapin::Channel,
+    queue: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+    action: &str,
+) -> Result<()> {
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+        .map_err(|e| amqp_error(queue, action, e))?
+        .await
+        .map_err(|e| amqp_error(queue, action, e))?;
+    Ok(())
+}
+
+/// `value` as JSON, the body of a record for `queue`; a failure is an [`Error::Amqp`]
+/// naming `queue` and `action`.
+pub(crate) fn encode_json(
+    queue: &str,
+    action: &str,
+    value: &impl serde::Serialize,
+) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| Error::Amqp {
+        target: queue.to_string(),
+        action: action.to_string(),
+        message: e.to_string(),
+    })
 }
 
 #[cfg(test)]

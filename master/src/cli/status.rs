@@ -486,17 +486,7 @@ mod tests {
     }
 
     fn release(state: ReleaseState, desired_running: bool) -> ReleaseStatus {
-        ReleaseStatus {
-            name: "pong".into(),
-            versions: vec!["2".into()],
-            version: Some("2".into()),
-            desired_running,
-            pid: (state == ReleaseState::Running).then_some(42),
-            state,
-            restarts: 0,
-            up_secs: Some(5),
-            output_tail: String::new(),
-        }
+        crate::fixtures::release_status("pong", "2", state, desired_running, 5)
     }
 
     fn answer(probe: &str, passed: bool, answer: &str) -> ProbeAnswer {

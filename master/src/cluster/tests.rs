@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::digest_cache::sha256_file;
+use crate::fixtures::{groups_text, HOSTS_IN_SEVERAL_GROUPS};
 
 const FILE: &str = "cluster.toml";
 
@@ -100,6 +101,12 @@ fn assert_mentions(error: &str, parts: &[&str]) {
     for part in parts {
         assert!(error.contains(part), "{error:?} should mention {part:?}");
     }
+}
+
+/// A refusal of the cluster file: it starts with the file's name and mentions `parts`.
+fn assert_refusal(error: &str, parts: &[&str]) {
+    assert!(error.starts_with(FILE), "{error:?} names the file");
+    assert_mentions(error, parts);
 }
 
 #[test]
@@ -318,8 +325,7 @@ fn every_error_names_the_file_the_field_and_the_problem() {
     ];
     for (from, to, parts) in cases {
         let error = fx.error_with(from, to);
-        assert!(error.starts_with(FILE), "{error:?} names the file");
-        assert_mentions(&error, parts);
+        assert_refusal(&error, parts);
     }
 }
 
@@ -453,47 +459,13 @@ fn max_failed_and_state_are_read_and_a_stopped_group_may_have_no_hosts() {
 
 /// Two groups, `web` (release beat) and `metrics` (release probe); `HOSTS` is spliced
 /// in as the `[[host]]` tables.
-fn groups_text(hosts: &str) -> String {
-    format!(
-        r#"
-revision = 3
-{hosts}
-[group.web]
-release = "beat"
-version = "0.2.0"
-archive = "beat.tar.gz"
-
-[group.metrics]
-release = "probe"
-version = "1.0.0"
-archive = "probe.tar.gz"
-"#
-    )
-}
-
 fn parse_unchecked(text: &str) -> Result<Plan> {
     Plan::parse(text, FILE, &ArchiveLookup::Unchecked)
 }
 
 #[test]
 fn a_host_may_belong_to_several_groups_and_a_host_in_none_waits() {
-    let text = groups_text(
-        r#"
-[[host]]
-id = "both-1"
-addr = "10.0.0.1:7070"
-groups = ["web", "metrics"]
-
-[[host]]
-id = "web-1"
-addr = "10.0.0.2:7070"
-group = "web"
-
-[[host]]
-id = "spare-1"
-addr = "10.0.0.3:7070"
-"#,
-    );
+    let text = groups_text(HOSTS_IN_SEVERAL_GROUPS);
     let plan = parse_unchecked(&text).expect("valid");
     let ids = |group: &str| -> Vec<String> {
         plan.hosts_in(group).iter().map(|h| h.id.clone()).collect()
@@ -535,8 +507,7 @@ fn group_membership_refusals_name_the_host_and_the_groups() {
             "[[host]]\n{host}\n[[host]]\nid = \"b-1\"\naddr = \"10.0.0.2:1\"\ngroups = [\"web\", \"metrics\"]\n"
         ));
         let error = parse_unchecked(&text).expect_err(host).to_string();
-        assert!(error.starts_with(FILE), "{error:?} names the file");
-        assert_mentions(&error, parts);
+        assert_refusal(&error, parts);
     }
 }
 
@@ -778,8 +749,7 @@ fn wrong_health_and_drain_keys_are_refused_by_name() {
     ];
     for (to, parts) in cases {
         let error = fx.error_with(health, to);
-        assert!(error.starts_with(FILE), "{error:?} names the file");
-        assert_mentions(&error, parts);
+        assert_refusal(&error, parts);
     }
 }
 

@@ -1114,34 +1114,10 @@ mod tests {
 
     use super::*;
     use crate::cluster::ArchiveLookup;
+    use crate::fixtures::{groups_text, HOSTS_IN_SEVERAL_GROUPS};
 
-    const CLUSTER: &str = r#"
-revision = 1
-
-[[host]]
-id = "both-1"
-addr = "127.0.0.1:7001"
-groups = ["web", "metrics"]
-
-[[host]]
-id = "web-1"
-addr = "127.0.0.1:7002"
-group = "web"
-
-[[host]]
-id = "spare-1"
-addr = "127.0.0.1:7003"
-
-[group.web]
-release = "beat"
-version = "0.2.0"
-archive = "beat.tar.gz"
-
-[group.metrics]
-release = "probe"
-version = "1.0.0"
-archive = "probe.tar.gz"
-
+    /// A group no host belongs to, stopped, for [`groups_text`]'s file.
+    const OLD_GROUP: &str = r#"
 [group.old]
 release = "legacy"
 version = "1"
@@ -1150,17 +1126,7 @@ state = "stopped"
 "#;
 
     fn status(name: &str, state: ReleaseState, desired_running: bool) -> ReleaseStatus {
-        ReleaseStatus {
-            name: name.into(),
-            versions: vec!["1".into()],
-            version: Some("1".into()),
-            desired_running,
-            pid: (state == ReleaseState::Running).then_some(42),
-            state,
-            restarts: 0,
-            up_secs: Some(1),
-            output_tail: String::new(),
-        }
+        crate::fixtures::release_status(name, "1", state, desired_running, 1)
     }
 
     fn running(name: &str) -> ReleaseStatus {
@@ -1178,7 +1144,8 @@ state = "stopped"
 
     #[test]
     fn a_host_left_a_group_when_none_of_its_groups_names_the_release_it_runs() {
-        let plan = Plan::parse(CLUSTER, "cluster.toml", &ArchiveLookup::Unchecked).expect("valid");
+        let text = groups_text(HOSTS_IN_SEVERAL_GROUPS) + OLD_GROUP;
+        let plan = Plan::parse(&text, "cluster.toml", &ArchiveLookup::Unchecked).expect("valid");
         // Its own groups' releases stay, whatever else runs beside them.
         assert!(left(&plan, "both-1", &[running("beat"), running("probe")]).is_empty());
         // web-1 is not in metrics: the probe it runs left that group.

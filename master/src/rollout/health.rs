@@ -40,19 +40,36 @@ fn millis(elapsed: Duration) -> u64 {
 
 /// Connects to `host:port` once, within `limit`: `connected`, or why not.
 pub(crate) async fn probe_tcp(host: &str, port: u16, limit: Duration) -> ProbeAnswer {
+    timed(format!("tcp {}", authority(host, port)), async {
+        let outcome =
+            tokio::time::timeout(limit, tokio::net::TcpStream::connect((host, port))).await;
+        match outcome {
+            Ok(Ok(_stream)) => (true, "connected".to_string()),
+            Ok(Err(e)) => (false, e.to_string()),
+            Err(_) => (false, no_answer_within(limit)),
+        }
+    })
+    .await
+}
+
+/// Runs one `check` (passed, answer) of `probe` and times it.
+async fn timed(
+    probe: String,
+    check: impl std::future::Future<Output = (bool, String)>,
+) -> ProbeAnswer {
     let began = Instant::now();
-    let outcome = tokio::time::timeout(limit, tokio::net::TcpStream::connect((host, port))).await;
-    let (passed, answer) = match outcome {
-        Ok(Ok(_stream)) => (true, "connected".to_string()),
-        Ok(Err(e)) => (false, e.to_string()),
-        Err(_) => (false, format!("no answer within {}s", limit.as_secs_f32())),
-    };
+    let (passed, answer) = check.await;
     ProbeAnswer {
-        probe: format!("tcp {}", authority(host, port)),
+        probe,
         passed,
         answer,
         took_ms: millis(began.elapsed()),
     }
+}
+
+/// The answer of a probe that got none within `limit`.
+fn no_answer_within(limit: Duration) -> String {
+    format!("no answer within {}s", limit.as_secs_f32())
 }
 
 /// Sends one bodiless HTTP/1.1 request, `method` `path` to `host:port`, and waits for
@@ -94,24 +111,19 @@ pub(crate) async fn http_request(
     };
     match tokio::time::timeout(limit, exchange).await {
         Ok(outcome) => outcome,
-        Err(_) => Err(format!("no answer within {}s", limit.as_secs_f32())),
+        Err(_) => Err(no_answer_within(limit)),
     }
 }
 
 /// `GET http://host:port/path` once, within `limit`: passed by a 2xx status.
 pub(crate) async fn probe_http(host: &str, port: u16, path: &str, limit: Duration) -> ProbeAnswer {
-    let began = Instant::now();
-    let outcome = http_request(Method::GET, host, port, path, limit).await;
-    let (passed, answer) = match outcome {
-        Ok(status) => (status.is_success(), format!("HTTP {status}")),
-        Err(why) => (false, why),
-    };
-    ProbeAnswer {
-        probe: format!("http GET {}{path}", authority(host, port)),
-        passed,
-        answer,
-        took_ms: millis(began.elapsed()),
-    }
+    timed(format!("http GET {}{path}", authority(host, port)), async {
+        match http_request(Method::GET, host, port, path, limit).await {
+            Ok(status) => (status.is_success(), format!("HTTP {status}")),
+            Err(why) => (false, why),
+        }
+    })
+    .await
 }
 
 /// Every probe `group` configures, once, on `host`, each within `limit`: TCP first,

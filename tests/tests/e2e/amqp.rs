@@ -6,12 +6,11 @@
 //! stopped is stopped, each stop logged; `erel watch` prints what they do. Each test has its own name prefix and deletes it at the end.
 //! (The broker-restart test is its own test binary, `amqp_restart`.)
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::helper::amqp::{erel, logs, watch_command, BrokerLock, MasterProc, TestBroker};
+use crate::helper::amqp::{erel, logs, BrokerLock, MasterProc, TestBroker, Watcher};
 use crate::helper::fleet::Fleet;
-use crate::helper::{follow_lines, output_text, wait_until_blocking};
+use crate::helper::{output_text, wait_until_blocking};
 
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
@@ -183,27 +182,10 @@ fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
     let mut master = fleet.master(&broker, "solo");
 
     // `erel watch` prints what the master does.
-    let mut watcher = watch_command(&fleet.pki, &broker)
-        .spawn()
-        .expect("spawn erel watch");
-    let watched = Arc::new(Mutex::new(String::new()));
-    let listening = Arc::new(Mutex::new(String::new()));
-    let stdout = watcher.stdout.take().expect("stdout");
-    follow_lines(stdout, watched.clone(), |_| {});
-    let stderr = watcher.stderr.take().expect("stderr");
-    follow_lines(stderr, listening.clone(), |_| {});
-    assert!(
-        wait_until_blocking(RECEIVE, || listening
-            .lock()
-            .expect("lock")
-            .contains("watching events")),
-        "erel watch listens: {}",
-        listening.lock().expect("lock")
-    );
+    let watcher = Watcher::start(&fleet.pki, &broker, RECEIVE);
 
     let v1 = fleet.config(1, "1.0.0", "");
-    let (ok, out) = fleet.publish(&broker, &v1);
-    assert!(ok, "{out}");
+    fleet.published(&broker, &v1);
     fleet.wait_all_run("1.0.0", CONVERGE, "the host runs 1.0.0", || master.log());
 
     // Not TOML; an unknown group; an archive missing from the artifact directory; a
@@ -241,12 +223,11 @@ fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
     );
 
     // A valid newer revision is still applied.
-    let (ok, out) = fleet.publish(&broker, &fleet.config(7, "2.0.0", ""));
-    assert!(ok, "{out}");
+    fleet.published(&broker, &fleet.config(7, "2.0.0", ""));
     fleet.wait_all_run("2.0.0", CONVERGE, "the host runs 2.0.0", || master.log());
     assert!(
         wait_until_blocking(RECEIVE, || {
-            let text = watched.lock().expect("lock");
+            let text = watcher.events();
             text.contains("revision 7 accepted")
                 && text.contains("revision 4 rejected")
                 && text.contains("rollout of beat 2.0.0 started")
@@ -254,15 +235,13 @@ fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
                 && text.contains("web: revision 7 applied")
         }),
         "erel watch printed the events:\n{}",
-        watched.lock().expect("lock")
+        watcher.events()
     );
     assert!(
         master.terminate(),
         "clean exit on SIGTERM\n{}",
         master.log()
     );
-    let _ = watcher.kill();
-    let _ = watcher.wait();
 }
 
 #[test]
@@ -274,8 +253,7 @@ fn amqp_one_master_acts_per_group_and_another_takes_over_when_it_is_killed() {
     let mut b = fleet.master(&broker, "mb");
     // Slow enough that the holder can be killed mid-rollout.
     let slow = "max_in_flight = 1\ncanaries = 1";
-    let (ok, out) = fleet.publish(&broker, &fleet.config(1, "1.0.0", slow));
-    assert!(ok, "{out}");
+    fleet.published(&broker, &fleet.config(1, "1.0.0", slow));
     fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || {
         logs(&[&a, &b])
     });
@@ -294,8 +272,7 @@ fn amqp_one_master_acts_per_group_and_another_takes_over_when_it_is_killed() {
     );
 
     // Roll to 2.0.0; kill the holder (SIGKILL) once its first host is done.
-    let (ok, out) = fleet.publish(&broker, &fleet.config(2, "2.0.0", slow));
-    assert!(ok, "{out}");
+    fleet.published(&broker, &fleet.config(2, "2.0.0", slow));
     assert!(
         wait_until_blocking(CONVERGE, || holder.log().matches("host done").count() >= 4),
         "the holder switches a first host to 2.0.0\n{}",
@@ -326,15 +303,12 @@ fn amqp_one_master_acts_per_group_and_another_takes_over_when_it_is_killed() {
     let mut shown = String::new();
     assert!(
         wait_until_blocking(RECEIVE, || {
-            let out = fleet
-                .pki
-                .erel()
-                .arg("--cluster")
-                .arg(&cluster)
-                .arg("status")
-                .args(broker.flags())
-                .output()
-                .expect("run erel status");
+            let out = erel(
+                &fleet.pki,
+                &["--cluster", cluster.to_str().expect("utf-8"), "status"],
+                &broker,
+                &[],
+            );
             shown = output_text(&out);
             shown.lines().any(|line| {
                 let words: Vec<&str> = line.split_whitespace().collect();
@@ -353,12 +327,10 @@ fn amqp_a_group_marked_stopped_is_stopped_and_the_master_logs_each_stop() {
     let broker = TestBroker::new("stopped", &["web"]);
     let mut master = fleet.master(&broker, "solo");
 
-    let (ok, out) = fleet.publish(&broker, &fleet.config(1, "1.0.0", ""));
-    assert!(ok, "{out}");
+    fleet.published(&broker, &fleet.config(1, "1.0.0", ""));
     fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || master.log());
 
-    let (ok, out) = fleet.publish(&broker, &fleet.config(2, "1.0.0", "state = \"stopped\""));
-    assert!(ok, "{out}");
+    fleet.published(&broker, &fleet.config(2, "1.0.0", "state = \"stopped\""));
     assert!(
         wait_until_blocking(CONVERGE, || fleet.beats().iter().all(String::is_empty)),
         "every host stopped: {:?}\n{}",

@@ -7,14 +7,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::helper::amqp::{erel, logs, watch_command, BrokerLock, TestBroker, MASTER_INTERVAL};
+use crate::helper::amqp::{erel, logs, BrokerLock, TestBroker, Watcher, MASTER_INTERVAL};
 use crate::helper::fleet::Fleet;
-use crate::helper::release::failing_beat_release;
+use crate::helper::release::{failing_beat_release, names_the_exit_failure};
 use crate::helper::AgentCommands;
-use crate::helper::{follow_lines, output_text, wait_until_blocking, Followed};
+use crate::helper::{output_text, wait_until_blocking, Followed};
 
 /// The file daemon's `--interval`.
 const FILE_INTERVAL: Duration = Duration::from_secs(1);
@@ -24,6 +23,37 @@ const CONVERGE: Duration = Duration::from_secs(90);
 const NOTICE: Duration = Duration::from_secs(30);
 /// One canary, one host at a time: a failure touches one host only.
 const ONE_AT_A_TIME: &str = "max_in_flight = 1\ncanaries = 1";
+
+/// Sleeps `passes` (a bound its caller derives from the pass interval) to show that
+/// nothing starts beat `version` again meanwhile: the agents of `fleet` logged
+/// `expected` starts of it. `what` and `log` (the master's, taken after the sleep)
+/// explain a failure.
+fn still_started_over(
+    fleet: &Fleet,
+    passes: Duration,
+    (version, expected): (&str, usize),
+    what: &str,
+    log: impl Fn() -> String,
+) {
+    std::thread::sleep(passes);
+    assert_eq!(
+        starts_of(fleet, version),
+        expected,
+        "{what} over {passes:?}\n{}\n{}",
+        log(),
+        fleet.agent_logs()
+    );
+}
+
+/// Asserts that the agents of `fleet` logged `expected` starts of beat `version`.
+fn assert_starts(fleet: &Fleet, version: &str, expected: usize) {
+    assert_eq!(
+        starts_of(fleet, version),
+        expected,
+        "{}",
+        fleet.agent_logs()
+    );
+}
 
 /// How many times any agent of `fleet` was asked to start `beat <version>`, from
 /// the one line each agent logs per command.
@@ -182,18 +212,13 @@ fn daemon_tries_a_broken_revision_once_halts_the_group_and_applies_a_newer_one()
         "the failed rollout halts the group\n{}",
         daemon.0.log()
     );
-    assert_eq!(starts_of(&fleet, "2.5.0"), 1, "{}", fleet.agent_logs());
+    assert_starts(&fleet, "2.5.0", 1);
     // Passes keep coming every interval; none of them tries 2.5.0 again. Four
     // intervals, plus the time one pass takes to ping the hosts on a busy machine.
     let passes = FILE_INTERVAL * 4 + Duration::from_secs(2);
-    std::thread::sleep(passes);
-    assert_eq!(
-        starts_of(&fleet, "2.5.0"),
-        1,
-        "tried once over {passes:?}\n{}\n{}",
-        daemon.0.log(),
-        fleet.agent_logs()
-    );
+    still_started_over(&fleet, passes, ("2.5.0", 1), "tried once", || {
+        daemon.0.log()
+    });
     assert!(fleet.all_run("1.0.0"), "rolled back: {:?}", fleet.beats());
 
     // `erel status` shows the halt with its reason; so does the state file.
@@ -203,10 +228,7 @@ fn daemon_tries_a_broken_revision_once_halts_the_group_and_applies_a_newer_one()
         text.contains("HALTED: group web halted at revision 2 (beat 2.5.0)"),
         "{text}"
     );
-    assert!(
-        text.contains("exited with code 3") || text.contains("restarted"),
-        "the reason: {text}"
-    );
+    assert!(names_the_exit_failure(&text), "the reason: {text}");
     assert!(
         text.contains("rolled back"),
         "whether it was rolled back: {text}"
@@ -328,6 +350,39 @@ fn all_restarted(fleet: &Fleet, before: &[Vec<i32>]) -> bool {
             .all(|(now, before)| !now.is_empty() && now.iter().all(|p| !before.contains(p)))
 }
 
+/// Waits until every host of `fleet` has restarted its release 1.0.0 (no pid of
+/// `before` left, two starts more than `starts`) and `switched` holds; then shows that
+/// passes every `interval` restart nothing again. `log` is the master's, for messages.
+fn restarted_once(
+    fleet: &Fleet,
+    (before, starts): (&[Vec<i32>], usize),
+    interval: Duration,
+    switched: impl Fn() -> bool,
+    log: impl Fn() -> String,
+) {
+    assert!(
+        wait_until_blocking(CONVERGE, || all_restarted(fleet, before) && switched()),
+        "every host is restarted: {before:?} -> {:?}\n{}\n{}",
+        fleet.release_pids("beat"),
+        log(),
+        fleet.agent_logs()
+    );
+    let after = fleet.release_pids("beat");
+    assert_starts(fleet, "1.0.0", starts + 2);
+
+    // Passes keep coming every interval; each finds the releases started after the
+    // instant. Four intervals, plus the time one pass takes on a busy machine.
+    let passes = interval * 4 + Duration::from_secs(2);
+    std::thread::sleep(passes);
+    assert_eq!(
+        fleet.release_pids("beat"),
+        after,
+        "restarted once over {passes:?}\n{}",
+        log()
+    );
+    assert_starts(fleet, "1.0.0", starts + 2);
+}
+
 #[test]
 fn daemon_restarts_each_host_once_for_a_revision_with_restarted_at() {
     let fleet = Fleet::with_beat_releases("restarted-at", &["web", "web"]);
@@ -340,37 +395,12 @@ fn daemon_restarts_each_host_once_for_a_revision_with_restarted_at() {
     let starts = starts_of(&fleet, "1.0.0");
 
     write_restarted_now(&fleet, 2);
-    assert!(
-        wait_until_blocking(CONVERGE, || all_restarted(&fleet, &before)
-            && daemon.0.log().contains(" converged revision=2")),
-        "every host is restarted: {before:?} -> {:?}\n{}\n{}",
-        fleet.release_pids("beat"),
-        daemon.0.log(),
-        fleet.agent_logs()
-    );
-    let after = fleet.release_pids("beat");
-    assert_eq!(
-        starts_of(&fleet, "1.0.0"),
-        starts + 2,
-        "{}",
-        fleet.agent_logs()
-    );
-
-    // Passes keep coming every interval; each finds the releases started after the
-    // instant. Four intervals, plus the time one pass takes on a busy machine.
-    let passes = FILE_INTERVAL * 4 + Duration::from_secs(2);
-    std::thread::sleep(passes);
-    assert_eq!(
-        fleet.release_pids("beat"),
-        after,
-        "restarted once over {passes:?}\n{}",
-        daemon.0.log()
-    );
-    assert_eq!(
-        starts_of(&fleet, "1.0.0"),
-        starts + 2,
-        "{}",
-        fleet.agent_logs()
+    restarted_once(
+        &fleet,
+        (&before, starts),
+        FILE_INTERVAL,
+        || daemon.0.log().contains(" converged revision=2"),
+        || daemon.0.log(),
     );
     assert_eq!(
         daemon.0.log().matches(" converged revision=2").count(),
@@ -386,50 +416,23 @@ fn amqp_daemon_restarts_each_host_once_for_a_revision_with_restarted_at() {
     let fleet = Fleet::with_beat_releases("amqp-restarted-at", &["web", "web"]);
     let broker = TestBroker::new("restarted-at", &["web"]);
     let master = fleet.master(&broker, "m1");
-    let (ok, out) = fleet.publish(&broker, &fleet.config(1, "1.0.0", ONE_AT_A_TIME));
-    assert!(ok, "{out}");
+    fleet.published(&broker, &fleet.config(1, "1.0.0", ONE_AT_A_TIME));
     fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || master.log());
     let before = pids_of_settled_releases(&fleet);
     let starts = starts_of(&fleet, "1.0.0");
 
-    let (ok, out) = fleet.publish(&broker, &restarted_now(&fleet, 2));
-    assert!(ok, "{out}");
+    fleet.published(&broker, &restarted_now(&fleet, 2));
     let applied = |log: &str| {
         log.lines()
             .filter(|line| line.contains("revision applied") && line.contains("revision=2"))
             .count()
     };
-    assert!(
-        wait_until_blocking(CONVERGE, || all_restarted(&fleet, &before)
-            && applied(&master.log()) > 0),
-        "every host is restarted: {before:?} -> {:?}\n{}\n{}",
-        fleet.release_pids("beat"),
-        master.log(),
-        fleet.agent_logs()
-    );
-    let after = fleet.release_pids("beat");
-    assert_eq!(
-        starts_of(&fleet, "1.0.0"),
-        starts + 2,
-        "{}",
-        fleet.agent_logs()
-    );
-
-    // Passes keep coming every interval; each finds the releases started after the
-    // instant. Four intervals, plus the time one pass takes on a busy machine.
-    let passes = MASTER_INTERVAL * 4 + Duration::from_secs(2);
-    std::thread::sleep(passes);
-    assert_eq!(
-        fleet.release_pids("beat"),
-        after,
-        "restarted once over {passes:?}\n{}",
-        master.log()
-    );
-    assert_eq!(
-        starts_of(&fleet, "1.0.0"),
-        starts + 2,
-        "{}",
-        fleet.agent_logs()
+    restarted_once(
+        &fleet,
+        (&before, starts),
+        MASTER_INTERVAL,
+        || applied(&master.log()) > 0,
+        || master.log(),
     );
     assert_eq!(applied(&master.log()), 1, "{}", master.log());
 }
@@ -452,12 +455,7 @@ fn deploy_restarts_each_host_once_for_restarted_at() {
         "{before:?} -> {:?}\n{text}",
         fleet.release_pids("beat")
     );
-    assert_eq!(
-        starts_of(&fleet, "1.0.0"),
-        starts + 2,
-        "{}",
-        fleet.agent_logs()
-    );
+    assert_starts(&fleet, "1.0.0", starts + 2);
 
     // Deployed again, the same file restarts nothing: each release started after it.
     let after = fleet.release_pids("beat");
@@ -469,12 +467,7 @@ fn deploy_restarts_each_host_once_for_restarted_at() {
         "{text}"
     );
     assert_eq!(fleet.release_pids("beat"), after, "{text}");
-    assert_eq!(
-        starts_of(&fleet, "1.0.0"),
-        starts + 2,
-        "{}",
-        fleet.agent_logs()
-    );
+    assert_starts(&fleet, "1.0.0", starts + 2);
 }
 
 #[test]
@@ -578,69 +571,35 @@ fn amqp_daemon_tries_a_broken_revision_once_even_after_a_take_over_and_again_on_
     let broker = TestBroker::new("halt", &["web"]);
     let master = fleet.master(&broker, "m1");
 
-    let mut watcher = watch_command(&fleet.pki, &broker)
-        .spawn()
-        .expect("spawn erel watch");
-    let watched = Arc::new(Mutex::new(String::new()));
-    let listening = Arc::new(Mutex::new(String::new()));
-    follow_lines(
-        watcher.stdout.take().expect("stdout"),
-        watched.clone(),
-        |_| {},
-    );
-    follow_lines(
-        watcher.stderr.take().expect("stderr"),
-        listening.clone(),
-        |_| {},
-    );
-    assert!(
-        wait_until_blocking(NOTICE, || listening
-            .lock()
-            .expect("lock")
-            .contains("watching events")),
-        "erel watch listens"
-    );
+    let watcher = Watcher::start(&fleet.pki, &broker, NOTICE);
 
-    let (ok, out) = fleet.publish(&broker, &fleet.config(1, "1.0.0", ONE_AT_A_TIME));
-    assert!(ok, "{out}");
+    fleet.published(&broker, &fleet.config(1, "1.0.0", ONE_AT_A_TIME));
     fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || master.log());
 
-    let (ok, out) = fleet.publish(&broker, &fleet.config(2, "2.5.0", ONE_AT_A_TIME));
-    assert!(ok, "{out}");
+    fleet.published(&broker, &fleet.config(2, "2.5.0", ONE_AT_A_TIME));
     assert!(
         wait_until_blocking(CONVERGE, || master.log().contains("halted at revision 2")),
         "the failed rollout halts the group\n{}",
         master.log()
     );
     let passes = MASTER_INTERVAL * 4 + Duration::from_secs(2);
-    std::thread::sleep(passes);
-    assert_eq!(
-        starts_of(&fleet, "2.5.0"),
-        1,
-        "tried once over {passes:?}\n{}\n{}",
-        master.log(),
-        fleet.agent_logs()
-    );
+    still_started_over(&fleet, passes, ("2.5.0", 1), "tried once", || master.log());
     assert!(
-        wait_until_blocking(NOTICE, || watched
-            .lock()
-            .expect("lock")
+        wait_until_blocking(NOTICE, || watcher
+            .events()
             .contains("web: HALTED at revision 2")),
         "the halt is an event:\n{}",
-        watched.lock().expect("lock")
+        watcher.events()
     );
 
     // `erel status --amqp` shows it, with the reason and how to retry.
     let cluster = fleet.dir.path().join("cluster-2.toml");
-    let out = fleet
-        .pki
-        .erel()
-        .arg("--cluster")
-        .arg(&cluster)
-        .arg("status")
-        .args(broker.flags())
-        .output()
-        .expect("run erel status");
+    let out = erel(
+        &fleet.pki,
+        &["--cluster", cluster.to_str().expect("utf-8"), "status"],
+        &broker,
+        &[],
+    );
     let text = output_text(&out);
     assert!(
         text.contains("HALTED: group web halted at revision 2 (beat 2.5.0)")
@@ -676,14 +635,8 @@ fn amqp_daemon_tries_a_broken_revision_once_even_after_a_take_over_and_again_on_
         "m2 takes the group over\n{}",
         master.log()
     );
-    std::thread::sleep(passes);
-    assert_eq!(
-        starts_of(&fleet, "2.5.0"),
-        1,
-        "the new holder kept the halt over {passes:?}\n{}\n{}",
-        master.log(),
-        fleet.agent_logs()
-    );
+    let what = "the new holder kept the halt";
+    still_started_over(&fleet, passes, ("2.5.0", 1), what, || master.log());
 
     // A retry tries it once more, and it halts again.
     let out = erel(
@@ -700,12 +653,11 @@ fn amqp_daemon_tries_a_broken_revision_once_even_after_a_take_over_and_again_on_
         "retried and halted again\n{}",
         master.log()
     );
-    assert_eq!(starts_of(&fleet, "2.5.0"), 2, "{}", fleet.agent_logs());
+    assert_starts(&fleet, "2.5.0", 2);
     assert!(master.log().contains("retry asked for"), "{}", master.log());
 
     // A newer revision is rolled out.
-    let (ok, out) = fleet.publish(&broker, &fleet.config(3, "3.0.0", ONE_AT_A_TIME));
-    assert!(ok, "{out}");
+    fleet.published(&broker, &fleet.config(3, "3.0.0", ONE_AT_A_TIME));
     fleet.wait_all_run("3.0.0", CONVERGE, "revision 3 is rolled out", || {
         master.log()
     });
@@ -730,8 +682,6 @@ fn amqp_daemon_tries_a_broken_revision_once_even_after_a_take_over_and_again_on_
         .expect("run erel status");
     let text = output_text(&out);
     assert!(!text.contains("HALTED"), "{text}");
-    let _ = watcher.kill();
-    let _ = watcher.wait();
 }
 
 #[test]
@@ -744,8 +694,7 @@ fn amqp_deploy_is_refused_naming_the_holder_unless_it_takes_the_group_over() {
     let m1 = fleet.master(&broker, "m1");
     let m2 = fleet.master(&broker, "m2");
     let text = fleet.config(1, "1.0.0", ONE_AT_A_TIME);
-    let (ok, out) = fleet.publish(&broker, &text);
-    assert!(ok, "{out}");
+    fleet.published(&broker, &text);
     fleet.wait_all_run("1.0.0", CONVERGE, "the host runs 1.0.0", || {
         logs(&[&m1, &m2])
     });

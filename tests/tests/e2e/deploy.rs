@@ -19,7 +19,7 @@ use erel_proto::ReleaseState;
 
 use crate::helper::fleet::Fleet;
 use crate::helper::otp::build_release_version;
-use crate::helper::release::{beat_release, failing_beat_release};
+use crate::helper::release::{beat_release, failing_beat_release, names_the_exit_failure};
 use crate::helper::AgentCommands;
 use crate::helper::{follow_lines, free_port, output_text, poll_until};
 
@@ -210,10 +210,7 @@ async fn a_broken_release_is_rolled_back_on_the_canary_and_nothing_else_is_touch
             ..
         }) => {
             assert!(rolled_back, "{reason}");
-            assert!(
-                reason.contains("exited with code 3") || reason.contains("restarted"),
-                "{reason}"
-            );
+            assert!(names_the_exit_failure(reason), "{reason}");
             assert!(
                 output_tail.contains("failing on purpose"),
                 "the release's own output: {output_tail:?}"

@@ -141,6 +141,26 @@ impl Site {
         std::fs::write(self.cluster(), text).expect("write cluster file");
     }
 
+    /// Writes the cluster file ([`Site::write`]) and deploys it; returns the output,
+    /// or panics with it and the agents' logs unless the deploy succeeds.
+    fn deployed(&self, revision: u64, version: &str, archive: &Path, lines: &str) -> String {
+        let (ok, out) = self.deploy_revision(revision, version, archive, lines);
+        assert!(ok, "{out}\n{}", self.logs());
+        out
+    }
+
+    /// Writes the cluster file ([`Site::write`]) and runs [`Site::deploy`].
+    fn deploy_revision(
+        &self,
+        revision: u64,
+        version: &str,
+        archive: &Path,
+        lines: &str,
+    ) -> (bool, String) {
+        self.write(revision, version, archive, lines);
+        self.deploy()
+    }
+
     /// Runs the real `erel deploy`; (success, stdout + stderr).
     fn deploy(&self) -> (bool, String) {
         let out = self
@@ -224,9 +244,7 @@ const HTTP_HEALTH: &str =
 async fn an_http_2xx_is_healthy_and_the_deploy_output_shows_the_evidence() {
     let site = Site::new("hok");
     let v1 = http_release(site.fleet.dir.path(), "0.1.0", SERVES);
-    site.write(1, "0.1.0", &v1, HTTP_HEALTH);
-    let (ok, out) = site.deploy();
-    assert!(ok, "{out}\n{}", site.logs());
+    let out = site.deployed(1, "0.1.0", &v1, HTTP_HEALTH);
     let probe = format!("http GET 127.0.0.1:{}/health", site.port());
     let verdict = out
         .lines()
@@ -269,12 +287,9 @@ async fn an_http_500_is_rolled_back_and_the_evidence_names_the_status() {
     let health = format!(
         "health = {{ http = \"$HTTP_PORT\", path = \"/health\", min_up_secs = 1, deadline_secs = {DEADLINE_SECS} }}"
     );
-    site.write(1, "0.1.0", &v1, &health);
-    let (ok, out) = site.deploy();
-    assert!(ok, "{out}\n{}", site.logs());
+    site.deployed(1, "0.1.0", &v1, &health);
 
-    site.write(2, "0.2.0", &v2, &health);
-    let (ok, out) = site.deploy();
+    let (ok, out) = site.deploy_revision(2, "0.2.0", &v2, &health);
     assert!(!ok, "0.2.0 must fail:\n{out}");
     let probe = format!("http GET 127.0.0.1:{}/health", site.port());
     assert!(
@@ -446,12 +461,9 @@ async fn a_drain_that_never_answers_is_given_up_after_its_timeout() {
     let lines = format!(
         "{HTTP_HEALTH}\ndrain = {{ http = \"$HTTP_PORT\", timeout_secs = {DRAIN_TIMEOUT_SECS} }}"
     );
-    site.write(1, "0.1.0", &v1, &lines);
-    let (ok, out) = site.deploy();
-    assert!(ok, "{out}\n{}", site.logs());
+    site.deployed(1, "0.1.0", &v1, &lines);
 
-    site.write(2, "0.2.0", &v2, &lines);
-    let (ok, out) = site.deploy();
+    let (ok, out) = site.deploy_revision(2, "0.2.0", &v2, &lines);
     assert!(
         ok,
         "the stop proceeds after the drain timeout:\n{out}\n{}",

@@ -10,7 +10,9 @@ use erel_proto::ReleaseState;
 use crate::helper::install::{install_and_start, push_and_unpack, release_status, start_request};
 use crate::helper::release::shell_release;
 use crate::helper::AgentCommands;
-use crate::helper::{follow_lines, output_text, pki_and_agent, wait_until, Pki, PATIENCE};
+use crate::helper::{
+    follow_lines, output_text, pki_and_agent, wait_until, AgentProc, Pki, PATIENCE,
+};
 
 /// A release that prints two lines, then a third once `$TRIGGER` exists, then waits.
 const CHATTY: &str = "#!/bin/sh\n\
@@ -41,13 +43,8 @@ async fn erel_logs_prints_a_running_release_output_and_follows_it() {
     );
 
     // Once: the output so far, from the run's header on.
-    let out = pki
-        .erel_at("logs", &agent)
-        .arg("chatty")
-        .output()
-        .expect("run erel logs");
-    let text = output_text(&out);
-    assert!(out.status.success(), "{text}");
+    let (ok, text) = erel_logs(&pki, &agent, "chatty");
+    assert!(ok, "{text}");
     assert!(text.starts_with("--- erel: starting"), "{text}");
     assert!(
         text.contains("chatty line one\nchatty line two\n"),
@@ -102,13 +99,8 @@ async fn erel_logs_of_an_unknown_release_names_the_host_and_its_releases() {
     let tarball = shell_release(work.path(), "known", "1", "#!/bin/sh\nexec sleep 100000\n");
     let mut client = pki.connect(&agent).await;
     push_and_unpack(&mut client, &tarball, "known", "1").await;
-    let out = pki
-        .erel_at("logs", &agent)
-        .arg("unknown")
-        .output()
-        .expect("run erel logs");
-    let text = output_text(&out);
-    assert!(!out.status.success(), "{text}");
+    let (ok, text) = erel_logs(&pki, &agent, "unknown");
+    assert!(!ok, "{text}");
     assert!(
         text.contains("host web-1 (127.0.0.1:")
             && text.contains("has no release unknown; its releases: known"),
@@ -196,4 +188,14 @@ async fn the_agent_logs_one_plain_line_per_command_and_refusals_as_warnings() {
         assert!(pid.is_some_and(|p| p.parse::<u32>().is_ok()), "{line}");
     }
     assert!(!log.contains("Some("), "{log}");
+}
+
+/// `erel logs <release>` on `agent`, once: (success, everything it printed).
+fn erel_logs(pki: &Pki, agent: &AgentProc, release: &str) -> (bool, String) {
+    let out = pki
+        .erel_at("logs", agent)
+        .arg(release)
+        .output()
+        .expect("run erel logs");
+    (out.status.success(), output_text(&out))
 }

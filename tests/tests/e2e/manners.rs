@@ -113,8 +113,11 @@ fn start_up_errors_are_printed_once() {
     );
 }
 
-/// A PKI, a beat archive and a cluster file naming one host at `addr`.
-fn one_host_cluster(pki: &Pki, id: &str, addr: &str) -> PathBuf {
+/// A PKI, a beat archive and a cluster file naming one host `id` at an address nobody
+/// listens on; returns the PKI, the address and the file.
+fn dead_host_cluster(id: &str) -> (Pki, String, PathBuf) {
+    let pki = Pki::new();
+    let addr = format!("127.0.0.1:{}", free_port());
     let dir = pki.dir.path();
     let releases = dir.join("releases");
     std::fs::create_dir_all(&releases).expect("mkdir");
@@ -127,7 +130,7 @@ fn one_host_cluster(pki: &Pki, id: &str, addr: &str) -> PathBuf {
     );
     let path = dir.join("cluster.toml");
     std::fs::write(&path, text).expect("write cluster");
-    path
+    (pki, addr, path)
 }
 
 fn erel_with(pki: &Pki, cluster: &Path, args: &[&str]) -> Output {
@@ -142,9 +145,7 @@ fn erel_with(pki: &Pki, cluster: &Path, args: &[&str]) -> Output {
 
 #[test]
 fn a_host_that_failed_before_its_switch_is_not_said_to_be_not_rolled_back() {
-    let pki = Pki::new();
-    let dead = format!("127.0.0.1:{}", free_port());
-    let cluster = one_host_cluster(&pki, "gone-1", &dead);
+    let (pki, dead, cluster) = dead_host_cluster("gone-1");
     let out = erel_with(&pki, &cluster, &["deploy", "--connect-timeout", "2"]);
     let text = output_text(&out);
     assert!(!out.status.success(), "{text}");
@@ -158,9 +159,7 @@ fn a_host_that_failed_before_its_switch_is_not_said_to_be_not_rolled_back() {
 
 #[test]
 fn deploy_dry_run_json_is_the_plan_and_touches_nothing() {
-    let pki = Pki::new();
-    let dead = format!("127.0.0.1:{}", free_port());
-    let cluster = one_host_cluster(&pki, "plan-1", &dead);
+    let (pki, dead, cluster) = dead_host_cluster("plan-1");
     let out = erel_with(&pki, &cluster, &["deploy", "--dry-run", "--json"]);
     assert!(out.status.success(), "{}", output_text(&out));
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout)
@@ -220,9 +219,7 @@ fn deploy_dry_run_json_is_the_plan_and_touches_nothing() {
 
 #[test]
 fn status_json_with_amqp_includes_the_holders() {
-    let pki = Pki::new();
-    let dead = format!("127.0.0.1:{}", free_port());
-    let cluster = one_host_cluster(&pki, "held-1", &dead);
+    let (pki, _, cluster) = dead_host_cluster("held-1");
     let prefix = crate::helper::amqp::unique_prefix("manners-status");
     let url = crate::helper::amqp::amqp_url();
     let out = erel_with(
@@ -265,17 +262,16 @@ fn slow_deploy(
     std::process::Child,
     std::sync::Arc<std::sync::Mutex<String>>,
 ) {
-    let releases = fleet.dir.path().join("releases");
-    std::fs::create_dir_all(&releases).expect("mkdir");
-    let archive = beat_release(&releases, "beat", "0.1.0");
-    let name = archive.file_name().expect("name").to_string_lossy();
-    let mut text = format!("revision = 1\n{}", fleet.hosts_toml("BEAT_PORT"));
-    text.push_str(&format!(
-        "[group.web]\nrelease = \"beat\"\nversion = \"0.1.0\"\narchive = \"releases/{name}\"\n\
-         max_in_flight = 1\ncanaries = 1\nstop_grace_secs = 5\n\
-         health = {{ tcp = \"$BEAT_PORT\", min_up_secs = {min_up_secs}, deadline_secs = {} }}\n",
-        min_up_secs * 2
-    ));
+    let text = beat_cluster_toml(
+        fleet,
+        1,
+        (&fleet.dir.path().join("releases"), "releases/"),
+        &format!(
+            "max_in_flight = 1\ncanaries = 1\nstop_grace_secs = 5\n\
+             health = {{ tcp = \"$BEAT_PORT\", min_up_secs = {min_up_secs}, deadline_secs = {} }}\n",
+            min_up_secs * 2
+        ),
+    );
     let cluster = fleet.dir.path().join("cluster.toml");
     std::fs::write(&cluster, text).expect("write cluster");
     let mut command = fleet.pki.erel();
@@ -318,25 +314,57 @@ fn interrupt_when(
     (status, text())
 }
 
+/// A cluster file of `revision` with every agent of `fleet` (health port `$BEAT_PORT`)
+/// in group `web`, running the beat release 0.1.0 built into `dir` and named in the
+/// file as `<archive_dir><archive file name>`, with `settings` lines in the group.
+fn beat_cluster_toml(
+    fleet: &crate::helper::fleet::Fleet,
+    revision: u64,
+    (dir, archive_dir): (&Path, &str),
+    settings: &str,
+) -> String {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let archive = beat_release(dir, "beat", "0.1.0");
+    let name = archive.file_name().expect("name").to_string_lossy();
+    let mut text = format!("revision = {revision}\n{}", fleet.hosts_toml("BEAT_PORT"));
+    text.push_str(&format!(
+        "[group.web]\nrelease = \"beat\"\nversion = \"0.1.0\"\n\
+         archive = \"{archive_dir}{name}\"\n{settings}"
+    ));
+    text
+}
+
+/// Deploys to `fleet` with `min_up_secs = 30` (so the canary stays in `verifying`),
+/// `--json` when `json`, and sends SIGINT once `needle` is printed; returns the exit
+/// status and everything printed.
+fn deploy_interrupted_at(
+    fleet: &crate::helper::fleet::Fleet,
+    json: bool,
+    needle: &str,
+) -> (std::process::ExitStatus, String) {
+    let (mut child, log) = slow_deploy(fleet, 30, json);
+    interrupt_when(&mut child, &log, needle)
+}
+
 #[test]
 fn ctrl_c_during_a_deploy_says_what_was_done_in_flight_and_untouched() {
     // min_up_secs holds the canary in `verifying` long enough to be interrupted there.
     let fleet = crate::helper::fleet::Fleet::new("intr", &["web"; 2]);
-    let (mut child, log) = slow_deploy(&fleet, 30, false);
-    let (status, text) = interrupt_when(&mut child, &log, "web/intr-1: verifying");
+    let (status, text) = deploy_interrupted_at(&fleet, false, "web/intr-1: verifying");
 
     assert_eq!(status.code(), Some(130), "exit status of Ctrl-C: {text}");
-    assert!(text.contains("INTERRUPTED"), "{text}");
     assert!(
         text.contains("IN FLIGHT  web/intr-1: was verifying when interrupted; now 0.1.0 running"),
         "the canary's state, asked of its agent: {text}"
     );
-    assert!(text.contains("health was NOT verified"), "{text}");
-    assert!(
-        text.contains("untouched  web/intr-2: its running release was not touched"),
-        "{text}"
-    );
-    assert!(text.contains("0 done, 1 in flight, 1 untouched"), "{text}");
+    for said in [
+        "INTERRUPTED",
+        "health was NOT verified",
+        "untouched  web/intr-2: its running release was not touched",
+        "0 done, 1 in flight, 1 untouched",
+    ] {
+        assert!(text.contains(said), "{said:?} missing: {text}");
+    }
     // The second host really was not touched.
     assert!(fleet.agents[1].release_pids("beat").is_empty(), "{text}");
 }
@@ -344,8 +372,7 @@ fn ctrl_c_during_a_deploy_says_what_was_done_in_flight_and_untouched() {
 #[test]
 fn ctrl_c_during_a_json_deploy_prints_the_summary_as_json() {
     let fleet = crate::helper::fleet::Fleet::new("intj", &["web"; 2]);
-    let (mut child, log) = slow_deploy(&fleet, 30, true);
-    let (status, text) = interrupt_when(&mut child, &log, "\"phase\":\"verifying\"");
+    let (status, text) = deploy_interrupted_at(&fleet, true, "\"phase\":\"verifying\"");
     assert_eq!(status.code(), Some(130), "{text}");
     let start = text
         .find("{\n")
@@ -378,59 +405,22 @@ fn http_get(addr: &str, path: &str) -> Option<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_serves_prometheus_metrics_of_its_fleet() {
     let fleet = crate::helper::fleet::Fleet::new("metr", &["web"; 2]);
-    let releases = fleet.dir.path().join("releases");
-    std::fs::create_dir_all(&releases).expect("mkdir");
-    let archive = beat_release(&releases, "beat", "0.1.0");
-    let name = archive.file_name().expect("name").to_string_lossy();
-    let mut text = format!("revision = 4\n{}", fleet.hosts_toml("BEAT_PORT"));
-    text.push_str(&format!(
-        "[group.web]\nrelease = \"beat\"\nversion = \"0.1.0\"\narchive = \"releases/{name}\"\n\
-         max_in_flight = 2\ncanaries = 0\n\
-         health = {{ tcp = \"$BEAT_PORT\", min_up_secs = 1, deadline_secs = 30 }}\n"
-    ));
+    let text = beat_cluster_toml(
+        &fleet,
+        4,
+        (&fleet.dir.path().join("releases"), "releases/"),
+        "max_in_flight = 2\ncanaries = 0\n\
+         health = { tcp = \"$BEAT_PORT\", min_up_secs = 1, deadline_secs = 30 }\n",
+    );
     let cluster = fleet.dir.path().join("cluster.toml");
     std::fs::write(&cluster, text).expect("write cluster");
 
-    let mut command = fleet.pki.erel();
-    command
-        .args([
-            "master",
-            "--interval",
-            "1",
-            "--metrics",
-            "127.0.0.1:0",
-            "--cluster",
-        ])
-        .arg(&cluster)
-        .env_remove("EREL_LOG");
-    let mut master = crate::helper::Followed::spawn(&mut command, "erel master");
-    let log = master
-        .log_showing("metrics on ", crate::helper::PATIENCE)
-        .await;
-    let addr = log
-        .lines()
-        .find_map(|l| l.strip_prefix("metrics on "))
-        .expect("address")
-        .trim()
-        .to_string();
-
-    let converged = crate::helper::poll_until(crate::helper::PATIENCE, || {
-        let addr = addr.clone();
-        async move {
-            let (status, body) = http_get(&addr, "/metrics")?;
-            let done = body.contains("erel_hosts{state=\"converged\"} 2\n");
-            done.then_some((status, body))
-        }
+    let flags = ["--cluster".as_ref(), cluster.as_os_str()];
+    let (mut master, addr) = master_with_metrics(&fleet.pki, &flags).await;
+    let body = metrics_showing(&addr, &["erel_hosts{state=\"converged\"} 2\n"], || {
+        master.log()
     })
     .await;
-    let (status, body) = converged.unwrap_or_else(|| {
-        panic!(
-            "never converged in the metrics: {:?}\n{}",
-            http_get(&addr, "/metrics"),
-            master.log()
-        )
-    });
-    assert_eq!(status, "HTTP/1.1 200 OK");
     for line in [
         "erel_revision 4\n",
         "erel_hosts{state=\"failed\"} 0\n",
@@ -500,14 +490,12 @@ async fn the_amqp_daemon_serves_metrics_of_the_revision_it_holds() {
     let broker = crate::helper::amqp::TestBroker::new("manners-metrics", &["web"]);
     let fleet = crate::helper::fleet::Fleet::new("amet", &["web"]);
     let artifacts = fleet.dir.path().join("artifacts");
-    std::fs::create_dir_all(&artifacts).expect("mkdir");
-    let archive = beat_release(&artifacts, "beat", "0.1.0");
-    let name = archive.file_name().expect("name").to_string_lossy();
-    let mut text = format!("revision = 3\n{}", fleet.hosts_toml("BEAT_PORT"));
-    text.push_str(&format!(
-        "[group.web]\nrelease = \"beat\"\nversion = \"0.1.0\"\narchive = \"{name}\"\n\
-         health = {{ tcp = \"$BEAT_PORT\", min_up_secs = 1, deadline_secs = 30 }}\n"
-    ));
+    let text = beat_cluster_toml(
+        &fleet,
+        3,
+        (&artifacts, ""),
+        "health = { tcp = \"$BEAT_PORT\", min_up_secs = 1, deadline_secs = 30 }\n",
+    );
     let config = artifacts.join("cluster.toml");
     std::fs::write(&config, text).expect("write config");
     let published = fleet

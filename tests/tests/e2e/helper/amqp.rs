@@ -3,13 +3,14 @@
 //! the others, real `erel master --amqp` processes, and the beat release's answer.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use erel_master::amqp::Broker;
 
 use super::fleet::Fleet;
-use super::{output_text, wait_until, Followed, Pki};
+use super::{follow_lines, output_text, wait_until, wait_until_blocking, Followed, Pki};
 
 /// The broker the tests use: `$EREL_TEST_AMQP`, else the local RabbitMQ.
 pub fn amqp_url() -> String {
@@ -247,6 +248,12 @@ impl Fleet {
         );
         (out.status.success(), output_text(&out))
     }
+
+    /// [`Fleet::publish`] that must be accepted; panics with erel's output when it is not.
+    pub fn published(&self, broker: &TestBroker, text: &str) {
+        let (ok, out) = self.publish(broker, text);
+        assert!(ok, "{out}");
+    }
 }
 
 /// Runs `erel <words> --amqp … <rest>`.
@@ -267,14 +274,54 @@ pub fn logs(masters: &[&MasterProc]) -> String {
         .collect()
 }
 
-/// `Command` for `erel watch`, stdout piped.
-pub fn watch_command(pki: &Pki, broker: &TestBroker) -> Command {
-    let mut command = pki.erel();
-    command
-        .arg("watch")
-        .args(broker.flags())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    command
+/// `erel watch` running: what it prints on stdout (the events) collected as it comes;
+/// killed when dropped.
+pub struct Watcher {
+    child: Child,
+    events: Arc<Mutex<String>>,
+}
+
+impl Watcher {
+    /// Starts `erel watch` on `broker` and waits up to `bound` for it to say (on
+    /// stderr) that it is watching; panics with what it said if it does not.
+    pub fn start(pki: &Pki, broker: &TestBroker, bound: Duration) -> Self {
+        let mut child = pki
+            .erel()
+            .arg("watch")
+            .args(broker.flags())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn erel watch");
+        let events = Arc::new(Mutex::new(String::new()));
+        let listening = Arc::new(Mutex::new(String::new()));
+        follow_lines(child.stdout.take().expect("stdout"), events.clone(), |_| {});
+        follow_lines(
+            child.stderr.take().expect("stderr"),
+            listening.clone(),
+            |_| {},
+        );
+        assert!(
+            wait_until_blocking(bound, || listening
+                .lock()
+                .expect("lock")
+                .contains("watching events")),
+            "erel watch listens: {}",
+            listening.lock().expect("lock")
+        );
+        Watcher { child, events }
+    }
+
+    /// The events printed so far.
+    pub fn events(&self) -> String {
+        self.events.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -33,6 +33,12 @@ pub fn failing_beat_release(dir: &Path, name: &str, version: &str, mode: &str) -
     beat(dir, name, version, Some(mode))
 }
 
+/// Whether `text` gives the reason a [`failing_beat_release`] in mode `exit` failed:
+/// its exit with code 3, or the restarts that followed it.
+pub fn names_the_exit_failure(text: &str) -> bool {
+    text.contains("exited with code 3") || text.contains("restarted")
+}
+
 fn beat(dir: &Path, name: &str, version: &str, fail: Option<&str>) -> PathBuf {
     let release = BeatRelease {
         name,
