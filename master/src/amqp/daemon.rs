@@ -608,21 +608,7 @@ impl GroupTask {
             revision,
             at_ms: super::now_ms(),
         };
-        let written = match self.halt_channel().await {
-            Ok(channel) => {
-                let written = control::write_halt(
-                    &channel,
-                    self.options.broker.names(),
-                    &self.group,
-                    &record,
-                )
-                .await;
-                let _ = channel.close(200, "done".into()).await;
-                written
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = written {
+        if let Err(e) = self.write_halt(&record).await {
             warn!(group = %self.group, "the halt record still shows the older halt: {e}");
         }
     }
@@ -633,6 +619,15 @@ impl GroupTask {
             &self.options.broker.names().halt(&self.group)?,
         )
         .await
+    }
+
+    /// Writes the group's halt record on a channel of its own.
+    async fn write_halt(&self, record: &HaltRecord) -> Result<()> {
+        let channel = self.halt_channel().await?;
+        let written =
+            control::write_halt(&channel, self.options.broker.names(), &self.group, record).await;
+        let _ = channel.close(200, "done".into()).await;
+        written
     }
 
     /// Halts the group: remembered, written to the halt record, published, logged.
@@ -650,22 +645,7 @@ impl GroupTask {
             reason: recorded.reason.clone(),
         });
         *halted.lock().unwrap_or_else(|e| e.into_inner()) = Some(recorded.clone());
-        let written = match self.halt_channel().await {
-            Ok(channel) => {
-                let record = HaltRecord::Halted(recorded);
-                let written = control::write_halt(
-                    &channel,
-                    self.options.broker.names(),
-                    &self.group,
-                    &record,
-                )
-                .await;
-                let _ = channel.close(200, "done".into()).await;
-                written
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = written {
+        if let Err(e) = self.write_halt(&HaltRecord::Halted(recorded)).await {
             warn!(group = %self.group, "the halt is known to this master only: {e}");
         }
     }
