@@ -415,3 +415,38 @@ async fn status_says_whether_a_release_runs_with_its_groups_argv_and_env() {
         ("-".to_string(), String::new())
     );
 }
+
+#[test]
+fn a_release_the_file_daemon_started_shows_argv_env_match() {
+    let site = Site::new(&["argvd-1"]);
+    site.write(1, &["group = \"env\""]);
+    let mut command = site.pki.erel();
+    command
+        .arg("--cluster")
+        .arg(site.cluster())
+        .arg("master")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    /// Killed when the test ends, however it ends.
+    struct Daemon(crate::helper::Followed);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            self.0.kill9();
+        }
+    }
+    let daemon = Daemon(crate::helper::Followed::spawn(
+        &mut command,
+        "erel master --cluster",
+    ));
+    let mut last = (String::new(), String::new());
+    let matched = wait_until_blocking(PATIENCE, || {
+        last = argv_env(&site, "argvd-1", "env");
+        last.0 == "match"
+    });
+    assert!(
+        matched,
+        "the daemon's start is recorded: last {last:?}\n{}\n{}",
+        daemon.0.log(),
+        site.logs()
+    );
+}
