@@ -148,9 +148,10 @@ pub const UNKNOWN: &str = "unknown";
 /// Whether `release` (as an agent reports it) runs with what `now` (the group's request
 /// for the running version) would start: `-` when it does not run; `match` or `differs`
 /// when `record` has its pid and version; else `unknown` with why (no record, started
-/// by another master or by hand, or restarted by the agent after a crash: the agent
-/// restarts with the request it was given, but a new pid cannot be told from a start
-/// by someone else).
+/// by another master or by hand, by a rollout's rollback of a failed switch (whose
+/// start the rollout's events do not report), or restarted by the agent after a crash:
+/// the agent restarts with the request it was given, but a new pid cannot be told from
+/// a start by someone else).
 pub fn compare(record: Option<&StartRecord>, release: &ReleaseStatus, now: &Start) -> ArgvEnv {
     let unknown = |why: String| ArgvEnv {
         word: UNKNOWN,
@@ -172,11 +173,15 @@ pub fn compare(record: Option<&StartRecord>, release: &ReleaseStatus, now: &Star
         return unknown(if release.restarts > 0 {
             format!(
                 "pid {pid} is not the recorded one: restarted by the agent after a crash \
-                 ({} restart(s)), or started by another master or by hand ({last})",
+                 ({} restart(s)), or started by another master or by hand, or by the \
+                 rollback of a failed switch ({last})",
                 release.restarts
             )
         } else {
-            format!("started by another master or by hand ({last})")
+            format!(
+                "started by another master or by hand, or by the rollback of a failed \
+                 switch ({last})"
+            )
         });
     }
     if record.fingerprint == fingerprint(now) {
