@@ -9,6 +9,7 @@
 //! - [`release`]: release tarballs built on the spot (the demo's beat release).
 //! - [`digest_cache`]: remembered sha256 digests of local files.
 //! - [`error`]: the one error type.
+//! - [`started`]: the record of releases this master started, for `status`'s argv/env.
 //! - [`metrics`]: the daemon's Prometheus metrics and the endpoint that serves them.
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]
@@ -25,6 +26,7 @@ mod fixtures;
 pub mod metrics;
 pub mod release;
 pub mod rollout;
+pub mod started;
 
 pub use client::{AgentClient, HostAddr};
 pub use error::{Error, Result};

@@ -700,9 +700,22 @@ impl Target {
 }
 
 /// Sends `start`; the line saying what happened.
-async fn send_start(host: &HostAddr, session: &mut HostSession, start: Start) -> Result<String> {
+/// Sends a start; the line saying what happened. A release started with a cluster
+/// file (`record`) is recorded beside it ([`crate::started::record`]) with the request
+/// sent; one that already ran is not (what it runs with did not change).
+async fn send_start(
+    host: &HostAddr,
+    session: &mut HostSession,
+    start: Start,
+    record: Option<&Path>,
+) -> Result<String> {
     let (name, version) = (start.name.clone(), start.version.clone());
-    let started: Started = session.command(Request::Start(start)).await?;
+    let started: Started = session.command(Request::Start(start.clone())).await?;
+    if let (Some(cluster), false) = (record, started.already_running) {
+        if let Err(e) = crate::started::record(cluster, &host.id, &start, started.pid) {
+            eprintln!("warning: the start is not recorded, status will say argv/env unknown: {e}");
+        }
+    }
     let how = if started.already_running {
         "already running"
     } else {
@@ -749,7 +762,13 @@ pub(super) async fn start(
     }
     let held = target.hold("erel start", &args.name, &args.hold).await?;
     let mut session = HostSession::new(target.host.clone(), ctx.connector()?);
-    let started = send_start(&target.host, &mut session, request).await;
+    let started = send_start(
+        &target.host,
+        &mut session,
+        request,
+        target.cluster.as_deref(),
+    )
+    .await;
     release(held).await;
     println!("{}", started?);
     Ok(ExitCode::SUCCESS)
@@ -843,7 +862,13 @@ async fn restart_held(ctx: &Context, target: Target, args: RestartArgs) -> Resul
         "{}",
         send_stop(&target.host, &mut session, &args.name, grace).await?
     );
-    println!("{}", send_start(&target.host, &mut session, request).await?);
+    let started = send_start(
+        &target.host,
+        &mut session,
+        request,
+        target.cluster.as_deref(),
+    );
+    println!("{}", started.await?);
     Ok(ExitCode::SUCCESS)
 }
 

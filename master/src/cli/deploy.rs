@@ -162,6 +162,9 @@ pub(super) async fn run_and_report(
     let mut progress = Progress::default();
     let rollout = Box::pin(rollout::run(plan, connector, options, |event| {
         progress.record(event);
+        if let Some(Err(e)) = crate::started::record_done(command.cluster, plan, event) {
+            eprintln!("warning: a start is not recorded, status will say argv/env unknown: {e}");
+        }
         view.show(event)
     }));
     let outcome = tokio::select! {

@@ -2,8 +2,9 @@
 //! groups has two rows, a waiting host one row in state `waiting`) with its address,
 //! reachability, desired and running release, state, uptime, restarts, the group's
 //! health probes (TCP and HTTP) looked at once now through the rollout's own probe
-//! code, and the output of a crashed release. Whether argv and env match the group's is
-//! shown as `unknown` (see [`HostStatus::argv_env`]). A row of a halted group carries
+//! code, and the output of a crashed release. Whether a running release was started
+//! with the argv, env and user its group gives now comes from the record of starts
+//! beside the cluster file (see [`HostStatus::argv_env`]). A row of a halted group carries
 //! the halt ([`HostStatus::halted`]). Exit 0 only when every host is
 //! reachable and runs the desired version of each of its groups (for a group marked
 //! `state = "stopped"`: does not run its release).
@@ -91,11 +92,16 @@ pub(super) struct HostStatus {
     /// HTTP), each within [`DEFAULT_PROBE_TIMEOUT`], as a rollout's verification
     /// looks; empty when the group has no probe.
     pub probes: Vec<ProbeAnswer>,
-    /// Whether the release runs with the group's argv and env: always `unknown`. An
-    /// agent's answer to `Ping` carries no argv or env, the wire format is frozen, and
-    /// a record kept by one master would be wrong as soon as another master, a daemon
-    /// or `erel start` started the release with other settings.
+    /// Whether the release runs with the argv, env and user the group gives now:
+    /// `match`, `differs`, `unknown`, or `-` when it does not run (and for a waiting
+    /// host). An agent's answer to `Ping` carries no argv or env, so this compares the
+    /// record of what a command with this cluster file started
+    /// ([`crate::started`]), when its pid and version are the running ones, with what
+    /// the group would start now.
     pub argv_env: String,
+    /// Why `argv_env` says `differs` or `unknown` (for example `no record of its
+    /// start`, `started by another master or by hand (..)`); `null` otherwise.
+    pub argv_env_why: Option<String>,
     /// The halt that keeps the row's group from being rolled out at the file's revision
     /// (see [`crate::rollout::halt`]): `group`, `revision`, `release`, `version`,
     /// `host` (the first that failed), `reason`, `since_ms` (milliseconds since the
@@ -104,9 +110,6 @@ pub(super) struct HostStatus {
     /// the broker.
     pub halted: Option<Halt>,
 }
-
-/// What [`HostStatus::argv_env`] says.
-const ARGV_ENV_UNKNOWN: &str = "unknown";
 
 /// Runs `erel status`.
 pub(super) async fn status(
@@ -118,6 +121,7 @@ pub(super) async fn status(
     let connector = Connector::new(ctx.tls()?, ctx.master_name())
         .with_connect_timeout(Duration::from_secs(args.connect_timeout.max(1)));
     let mut hosts = collect(&plan, &connector).await;
+    judge_argv_env(&plan, cluster, &mut hosts);
     if args.json {
         let mut halts: Vec<Halt> = match halt::load(cluster) {
             Ok(halts) => halts.iter().cloned().collect(),
@@ -221,6 +225,7 @@ pub(super) async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatu
             probe: "-".to_string(),
             probes: Vec::new(),
             argv_env: "-".to_string(),
+            argv_env_why: None,
             halted: None,
         };
         if groups.is_empty() {
@@ -243,7 +248,6 @@ pub(super) async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatu
                 release: Some(group.release.clone()),
                 desired_version: (!stopped).then(|| group.version.clone()),
                 desired_state: if stopped { "stopped" } else { "running" }.to_string(),
-                argv_env: ARGV_ENV_UNKNOWN.to_string(),
                 ..base.clone()
             };
             let mut runs = false;
@@ -285,6 +289,48 @@ pub(super) async fn collect(plan: &Plan, connector: &Connector) -> Vec<HostStatu
         }
     }
     out
+}
+
+/// Sets [`HostStatus::argv_env`] on each row whose release runs, from the record of
+/// starts beside `cluster` (an unreadable record: `unknown`, naming the file).
+fn judge_argv_env(plan: &Plan, cluster: &Path, hosts: &mut [HostStatus]) {
+    let records = crate::started::load(cluster);
+    for row in hosts.iter_mut() {
+        let (Some(group), Some(pid), Some(version)) = (
+            row.group.as_ref().and_then(|g| plan.groups.get(g)),
+            row.pid,
+            row.running_version.clone(),
+        ) else {
+            continue;
+        };
+        let Some(host) = plan.host(&row.host).filter(|_| row.state == "running") else {
+            continue;
+        };
+        let running = ReleaseStatus {
+            name: group.release.clone(),
+            versions: Vec::new(),
+            version: Some(version.clone()),
+            desired_running: true,
+            pid: Some(pid),
+            state: ReleaseState::Running,
+            restarts: row.restarts,
+            up_secs: row.up_secs,
+            output_tail: String::new(),
+        };
+        let judged = match &records {
+            Ok(records) => crate::started::compare(
+                records.get(&row.host).and_then(|r| r.get(&group.release)),
+                &running,
+                &group.start_request(host, &version),
+            ),
+            Err(e) => crate::started::ArgvEnv {
+                word: crate::started::UNKNOWN,
+                why: Some(e.to_string()),
+            },
+        };
+        row.argv_env = judged.word.to_string();
+        row.argv_env_why = judged.why;
+    }
 }
 
 /// [`HostStatus::probe`] from the answers: `-`, `ok`, or every failure with its probe.
@@ -380,9 +426,7 @@ pub(super) fn status_table(plan: &Plan, hosts: &[HostStatus]) -> String {
             out.push('\n');
         }
     }
-    if hosts.iter().any(|h| h.argv_env == ARGV_ENV_UNKNOWN) {
-        out.push_str("argv/env: unknown (agents do not report what a release was started with)\n");
-    }
+    out.push_str(&argv_env_text(hosts));
     let groups: Vec<&HostStatus> = hosts.iter().filter(|h| h.group.is_some()).collect();
     let converged = groups.iter().filter(|h| h.converged).count();
     let stopped = if groups.iter().any(|h| h.desired_state == "stopped") {
@@ -397,6 +441,34 @@ pub(super) fn status_table(plan: &Plan, hosts: &[HostStatus]) -> String {
     let waiting = hosts.iter().filter(|h| h.group.is_none()).count();
     if waiting > 0 {
         out.push_str(&format!("{waiting} host(s) waiting in no group\n"));
+    }
+    out
+}
+
+/// The argv/env lines below the table: one per running release that does not match,
+/// with why, then how many match.
+fn argv_env_text(hosts: &[HostStatus]) -> String {
+    let mut out = String::new();
+    let running: Vec<&HostStatus> = hosts.iter().filter(|h| h.argv_env != "-").collect();
+    for h in &running {
+        if h.argv_env != crate::started::MATCH {
+            let group = h.group.as_deref().unwrap_or("-");
+            let why = h.argv_env_why.as_deref().unwrap_or("");
+            out.push_str(&format!(
+                "{}/{group}: argv/env {}: {why}\n",
+                h.host, h.argv_env
+            ));
+        }
+    }
+    if !running.is_empty() {
+        let matching = running
+            .iter()
+            .filter(|h| h.argv_env == crate::started::MATCH)
+            .count();
+        out.push_str(&format!(
+            "argv/env: {matching} of {} running release(s) started with what their group gives now\n",
+            running.len()
+        ));
     }
     out
 }
@@ -445,6 +517,7 @@ mod tests {
             probe: "-".to_string(),
             probes: Vec::new(),
             argv_env: "-".to_string(),
+            argv_env_why: None,
             halted: None,
         }
     }
@@ -455,12 +528,12 @@ mod tests {
         web.state = "running".to_string();
         web.running_version = Some("2".to_string());
         web.probe = "ok".to_string();
-        web.argv_env = ARGV_ENV_UNKNOWN.to_string();
+        web.argv_env = "differs".to_string();
+        web.argv_env_why = Some("started with other argv/env/user".to_string());
         let mut metrics = row("a-1", Some("metrics"));
         metrics.state = "not installed".to_string();
         metrics.converged = false;
         metrics.probe = "failed: 127.0.0.1:1: refused".to_string();
-        metrics.argv_env = ARGV_ENV_UNKNOWN.to_string();
         let waiting = row("b-1", None);
         let table = status_table(&plan(), &[web, metrics, waiting]);
         let lines: Vec<&str> = table.lines().collect();
@@ -480,7 +553,14 @@ mod tests {
         );
         assert_eq!(words(lines[4])[..2], ["b-1", "-"], "{table}");
         assert!(lines[4].contains("waiting"), "{table}");
-        assert!(table.contains("argv/env: unknown"), "{table}");
+        assert!(
+            table.contains("a-1/web: argv/env differs: started with other argv/env/user\n"),
+            "{table}"
+        );
+        assert!(
+            table.contains("argv/env: 0 of 1 running release(s)"),
+            "{table}"
+        );
         assert!(table.contains("1 of 2 host/group pair(s)"), "{table}");
         assert!(table.contains("1 host(s) waiting in no group"), "{table}");
     }

@@ -178,7 +178,7 @@ impl FilePass {
     /// One pass: skipped while a deploy holds the rollout lock; halted groups left
     /// alone; a group that fails after a switch halted and the halt written beside the
     /// cluster file.
-    async fn pass(&self, plan: &Plan, on_event: impl FnMut(&RolloutEvent)) {
+    async fn pass(&self, plan: &Plan, mut on_event: impl FnMut(&RolloutEvent)) {
         let (path, master) = (self.path.clone(), self.master.clone());
         let _lock =
             match tokio::task::spawn_blocking(move || hold::try_rollout_lock(&path, &master)).await
@@ -224,6 +224,12 @@ impl FilePass {
                     groups
                 },
                 ..RolloutOptions::default()
+            };
+            let on_event = |event: &RolloutEvent| {
+                if let Some(Err(e)) = crate::started::record_done(&self.path, plan, event) {
+                    warn!("a start is not recorded, status will say argv/env unknown: {e}");
+                }
+                on_event(event)
             };
             let report =
                 converge_pass(plan, &self.connector, &options, self.interval, on_event).await;

@@ -221,7 +221,7 @@ async fn one_host_in_two_groups_runs_both_releases() {
         assert_eq!(r["state"], "running", "{r:#}");
         assert_eq!(r["converged"], true, "{r:#}");
         assert_eq!(r["probe"], probe, "{r:#}");
-        assert_eq!(r["argv_env"], "unknown", "{r:#}");
+        assert_eq!(r["argv_env"], "match", "started by this deploy: {r:#}");
     }
 
     // A stopped beat is not probed (it is not meant to answer): the probe says why.
@@ -340,4 +340,113 @@ async fn host_commands_take_the_groups_settings() {
     );
     let env = site.env_of("cmd-1");
     assert!(!env.contains("FROM_GROUP"), "no group settings: {env}");
+}
+
+/// `argv_env` of the status row of `host` in `group`: (word, why).
+fn argv_env(site: &Site, host: &str, group: &str) -> (String, String) {
+    let (_, rows) = site.status();
+    let r = row(&rows, host, Some(group));
+    (
+        r["argv_env"].as_str().unwrap_or_default().to_string(),
+        r["argv_env_why"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_whether_a_release_runs_with_its_groups_argv_and_env() {
+    let site = Site::new(&["argv-1"]);
+    site.write(1, &["group = \"env\""]);
+    site.deploy();
+    site.env_of("argv-1");
+    assert_eq!(
+        argv_env(&site, "argv-1", "env"),
+        ("match".to_string(), String::new()),
+        "the deploy recorded what it started"
+    );
+
+    // The group's env changes in the file, the version does not: what runs differs.
+    let text = std::fs::read_to_string(site.cluster()).expect("read the cluster file");
+    let changed = text.replace("revision = 1", "revision = 2").replace(
+        "FROM_GROUP = \"group env\"",
+        "FROM_GROUP = \"group env, changed\"",
+    );
+    assert_ne!(text, changed);
+    std::fs::write(site.cluster(), &changed).expect("write the cluster file");
+    let (word, why) = argv_env(&site, "argv-1", "env");
+    assert_eq!(word, "differs", "{why}");
+    assert!(why.contains("restart to apply"), "{why}");
+    let (_, table) = site.erel(&["status"]);
+    assert!(
+        table.contains("argv-1/env: argv/env differs: started with other argv/env/user")
+            && table.contains("argv/env: 0 of 1 running release(s)"),
+        "{table}"
+    );
+
+    // A group restart applies the file's settings: they match again.
+    let (ok, out) = site.erel(&["restart", "--group", "env"]);
+    assert!(ok, "{out}");
+    assert_eq!(argv_env(&site, "argv-1", "env").0, "match", "{out}");
+
+    // Started by hand with an env of its own (the command line overrides the group).
+    let (ok, out) = site.erel(&["stop", "argv-1", ENV_RELEASE]);
+    assert!(ok, "{out}");
+    let (ok, out) = site.erel(&["start", "argv-1", ENV_RELEASE, ENV_VERSION, "--env", "X=1"]);
+    assert!(ok, "{out}");
+    let (word, why) = argv_env(&site, "argv-1", "env");
+    assert_eq!(word, "differs", "{why}");
+
+    // Started through the agent's address, which names no group and keeps no record:
+    // the pid is not the recorded one.
+    let direct = site.agents[0].host().to_string();
+    let (ok, out) = site.erel(&["restart", &direct, ENV_RELEASE]);
+    assert!(ok, "{out}");
+    let (word, why) = argv_env(&site, "argv-1", "env");
+    assert_eq!(word, "unknown", "{why}");
+    assert!(
+        why.contains("started by another master or by hand"),
+        "{why}"
+    );
+
+    // Not running: nothing to compare.
+    let (ok, out) = site.erel(&["stop", "argv-1", ENV_RELEASE]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        argv_env(&site, "argv-1", "env"),
+        ("-".to_string(), String::new())
+    );
+}
+
+#[test]
+fn a_release_the_file_daemon_started_shows_argv_env_match() {
+    let site = Site::new(&["argvd-1"]);
+    site.write(1, &["group = \"env\""]);
+    let mut command = site.pki.erel();
+    command
+        .arg("--cluster")
+        .arg(site.cluster())
+        .arg("master")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    /// Killed when the test ends, however it ends.
+    struct Daemon(crate::helper::Followed);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            self.0.kill9();
+        }
+    }
+    let daemon = Daemon(crate::helper::Followed::spawn(
+        &mut command,
+        "erel master --cluster",
+    ));
+    let mut last = (String::new(), String::new());
+    let matched = wait_until_blocking(PATIENCE, || {
+        last = argv_env(&site, "argvd-1", "env");
+        last.0 == "match"
+    });
+    assert!(
+        matched,
+        "the daemon's start is recorded: last {last:?}\n{}\n{}",
+        daemon.0.log(),
+        site.logs()
+    );
 }
