@@ -809,3 +809,128 @@ fn amqp_deploy_is_refused_naming_the_holder_unless_it_takes_the_group_over() {
         logs(&[&m1, &m2])
     });
 }
+
+/// `GET /metrics` from `addr` over plain HTTP/1.1: the body, or `None` when nothing
+/// answers.
+fn scrape(addr: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(NOTICE)).ok()?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+}
+
+/// The file daemon with `--metrics`: its group is `erel_group_halted 0` while it
+/// converges, `1` once a broken revision halted it, `0` again when a newer revision is
+/// rolled out. Its log gives the failed host's release output once, on lines of its
+/// own below the failure, and its `not converged` line names the group.
+#[test]
+fn the_file_daemon_shows_a_halt_in_its_metrics_and_the_output_once_in_its_log() {
+    let fleet = fleet_with_a_broken_release("haltmetr");
+    let cluster = write_cluster(&fleet, 1, "1.0.0");
+    let mut command = fleet.pki.erel();
+    command
+        .arg("--cluster")
+        .arg(&cluster)
+        .args(["master", "--metrics", "127.0.0.1:0", "--interval"])
+        .arg(FILE_INTERVAL.as_secs().to_string())
+        .env_remove("EREL_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let daemon = FileDaemon(Followed::spawn(&mut command, "erel master --metrics"));
+    assert!(
+        wait_until_blocking(NOTICE, || daemon.0.log().contains("metrics on ")),
+        "{}",
+        daemon.0.log()
+    );
+    let addr = daemon_addr(&daemon);
+    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || {
+        daemon.0.log()
+    });
+    let halted = |value: u8| {
+        let (addr, line) = (
+            addr.clone(),
+            format!("erel_group_halted{{group=\"web\"}} {value}\n"),
+        );
+        move || scrape(&addr).is_some_and(|body| body.contains(&line))
+    };
+    assert!(
+        wait_until_blocking(NOTICE, halted(0)),
+        "not halted while converged: {:?}\n{}",
+        scrape(&daemon_addr(&daemon)),
+        daemon.0.log()
+    );
+
+    write_cluster(&fleet, 2, "2.5.0");
+    assert!(
+        wait_until_blocking(CONVERGE, halted(1)),
+        "halted after the failed rollout: {:?}\n{}",
+        scrape(&daemon_addr(&daemon)),
+        daemon.0.log()
+    );
+    let log = daemon.0.log();
+    let lines: Vec<&str> = log.lines().collect();
+    let failed = lines
+        .iter()
+        .position(|l| l.contains("web/") && l.contains("FAILED while"))
+        .unwrap_or_else(|| panic!("a failure line:\n{log}"));
+    assert!(
+        !lines[failed].contains("failing on purpose"),
+        "the output is not on the failure's own line:\n{log}"
+    );
+    let below: Vec<&str> = lines[failed + 1..]
+        .iter()
+        .take_while(|l| l.starts_with("  "))
+        .copied()
+        .collect();
+    let crashes = below
+        .iter()
+        .filter(|l| l.trim() == "beat 2.5.0: failing on purpose")
+        .count();
+    assert!(
+        crashes >= 1,
+        "the output follows the failure line, indented:\n{log}"
+    );
+    assert_eq!(
+        log.matches("beat 2.5.0: failing on purpose").count(),
+        crashes,
+        "the release output is logged once, below the failure:\n{log}"
+    );
+    assert!(
+        !below.iter().any(|l| l.contains("beat 1.0.0")),
+        "only the failed version's output, not what 1.0.0 printed before it:\n{log}"
+    );
+    let not_converged = log
+        .lines()
+        .find(|l| l.contains("not converged"))
+        .unwrap_or_else(|| panic!("a `not converged` line:\n{log}"));
+    assert!(not_converged.contains("groups=web"), "{not_converged}");
+
+    write_cluster(&fleet, 3, "3.0.0");
+    fleet.wait_all_run("3.0.0", CONVERGE, "revision 3 is rolled out", || {
+        daemon.0.log()
+    });
+    assert!(
+        wait_until_blocking(NOTICE, halted(0)),
+        "the halt ends with the newer revision: {:?}\n{}",
+        scrape(&daemon_addr(&daemon)),
+        daemon.0.log()
+    );
+}
+
+/// The metrics address a daemon said it serves on.
+fn daemon_addr(daemon: &FileDaemon) -> String {
+    daemon
+        .0
+        .log()
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics on ").map(|a| a.trim().to_string()))
+        .unwrap_or_default()
+}
