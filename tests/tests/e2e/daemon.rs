@@ -934,3 +934,58 @@ fn daemon_addr(daemon: &FileDaemon) -> String {
         .find_map(|l| l.strip_prefix("metrics on ").map(|a| a.trim().to_string()))
         .unwrap_or_default()
 }
+
+/// The group forms of `restart`, `stop` and `rollback` are refused like a deploy while
+/// the file daemon holds the group, naming it (master name and pid) and `--take-over`,
+/// and nothing on the hosts changes; `stop --group --take-over` then acts.
+#[test]
+fn group_restart_stop_and_rollback_are_refused_while_the_daemon_holds_the_group() {
+    let fleet = Fleet::with_beat_releases("holdgrp", &["web", "web"]);
+    let cluster = write_cluster(&fleet, 1, "1.0.0");
+    let daemon = FileDaemon::start(&fleet, &cluster);
+    assert!(
+        wait_until_blocking(CONVERGE, || daemon
+            .0
+            .log()
+            .contains(" converged revision=1")),
+        "{}",
+        daemon.0.log()
+    );
+    fleet.expect_beats("1.0.0");
+    let pid = daemon.0.pid().expect("running");
+    let starts = starts_of(&fleet, "1.0.0");
+    for words in [
+        ["restart", "--group", "web"],
+        ["stop", "--group", "web"],
+        ["rollback", "--group", "web"],
+    ] {
+        let out = erel_on(&fleet, &cluster, &words);
+        let text = output_text(&out);
+        assert!(!out.status.success(), "{words:?}: {text}");
+        assert!(
+            text.contains("held by the daemon erel@")
+                && text.contains(&format!("pid {pid}"))
+                && text.contains("--take-over"),
+            "{words:?}: {text}"
+        );
+    }
+    assert_eq!(
+        starts_of(&fleet, "1.0.0"),
+        starts,
+        "no host was restarted\n{}",
+        fleet.agent_logs()
+    );
+    assert!(
+        fleet.all_run("1.0.0"),
+        "nothing stopped: {:?}",
+        fleet.beats()
+    );
+
+    let out = erel_on(&fleet, &cluster, &["stop", "--group", "web", "--take-over"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}\n{}", daemon.0.log());
+    assert!(
+        text.contains("took over group(s) web from the daemon erel@"),
+        "{text}"
+    );
+}
