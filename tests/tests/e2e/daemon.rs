@@ -989,3 +989,47 @@ fn group_restart_stop_and_rollback_are_refused_while_the_daemon_holds_the_group(
         "{text}"
     );
 }
+
+/// Rollback through the daemon: a revision naming the old version again takes every
+/// host back to it (from the archive still unpacked there), one host at a time, and
+/// each host's agent starts it once more.
+#[test]
+fn a_revision_naming_the_old_version_rolls_the_daemons_group_back() {
+    let fleet = Fleet::with_beat_releases("daemonback", &["web", "web"]);
+    let cluster = write_cluster(&fleet, 1, "1.0.0");
+    let daemon = FileDaemon::start(&fleet, &cluster);
+    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || {
+        daemon.0.log()
+    });
+    write_cluster(&fleet, 2, "2.0.0");
+    fleet.wait_all_run("2.0.0", CONVERGE, "every host runs 2.0.0", || {
+        daemon.0.log()
+    });
+    assert_eq!(starts_of(&fleet, "1.0.0"), 2, "{}", fleet.agent_logs());
+
+    write_cluster(&fleet, 3, "1.0.0");
+    fleet.wait_all_run("1.0.0", CONVERGE, "revision 3 takes 1.0.0 back", || {
+        daemon.0.log()
+    });
+    assert_eq!(
+        starts_of(&fleet, "1.0.0"),
+        4,
+        "each host started 1.0.0 once more\n{}",
+        fleet.agent_logs()
+    );
+    // The beats answer before the verification that follows them ends: wait for it.
+    let switched_back = || {
+        daemon
+            .0
+            .log()
+            .split_once("revision=3")
+            .is_some_and(|(_, after)| after.matches(": done, runs 1.0.0").count() == 2)
+    };
+    assert!(
+        wait_until_blocking(CONVERGE, switched_back),
+        "both hosts switched back, verified:\n{}",
+        daemon.0.log()
+    );
+    let log = daemon.0.log();
+    assert!(!log.contains("FAILED"), "{log}");
+}
