@@ -9,6 +9,7 @@
 //! | `erel_hosts` | gauge | `state` | hosts by state: `converged`, `in_flight`, `pending`, `failed` |
 //! | `erel_rollouts_total` | counter | `group` | rollouts that switched or failed a host |
 //! | `erel_host_failures_total` | counter | `group` | hosts that failed a rollout |
+//! | `erel_group_halted` | gauge | `group` | 1 while the group is halted at the revision in force (a failed rollout, not tried again), else 0 |
 //!
 //! The daemon feeds [`Metrics`] from its rollout events ([`Metrics::record`]) and from
 //! the revision it applies ([`Metrics::set_revision`]); [`serve`] answers scrapes.
@@ -58,6 +59,7 @@ pub struct Metrics {
     hosts: Family<Labels, Gauge>,
     rollouts: Family<Labels, Counter>,
     host_failures: Family<Labels, Counter>,
+    group_halted: Family<Labels, Gauge>,
     state: Mutex<State>,
 }
 
@@ -85,6 +87,7 @@ impl Metrics {
         let hosts = Family::<Labels, Gauge>::default();
         let rollouts = Family::<Labels, Counter>::default();
         let host_failures = Family::<Labels, Counter>::default();
+        let group_halted = Family::<Labels, Gauge>::default();
         registry.register(
             "erel_revision",
             "The cluster revision in force",
@@ -110,6 +113,11 @@ impl Metrics {
             "Hosts of a group that failed a rollout",
             host_failures.clone(),
         );
+        registry.register(
+            "erel_group_halted",
+            "1 while the group is halted at the revision in force, else 0",
+            group_halted.clone(),
+        );
         for state in HOST_STATES {
             hosts.get_or_create(&state_labels(state)).set(0);
         }
@@ -120,6 +128,7 @@ impl Metrics {
             hosts,
             rollouts,
             host_failures,
+            group_halted,
             state: Mutex::new(State::default()),
         }
     }
@@ -132,6 +141,14 @@ impl Metrics {
         }
         self.revision
             .set(i64::try_from(revision).unwrap_or(i64::MAX));
+    }
+
+    /// Whether `group` is halted at the revision in force (`erel_group_halted`, 1 or
+    /// 0); the daemon sets it at each pass and when it halts the group.
+    pub fn set_halted(&self, group: &str, halted: bool) {
+        self.group_halted
+            .get_or_create(&group_labels(group))
+            .set(i64::from(halted));
     }
 
     /// Takes in one rollout event.
@@ -167,6 +184,7 @@ impl Metrics {
                 // Make the group's counters visible (at 0) from its first rollout on.
                 let _ = self.rollouts.get_or_create(&group_labels(group));
                 let _ = self.host_failures.get_or_create(&group_labels(group));
+                let _ = self.group_halted.get_or_create(&group_labels(group));
                 None
             }
             // A host that left a group is no longer one of its hosts.
@@ -177,9 +195,12 @@ impl Metrics {
                 ..
             } => Some((group, host, "")),
             RolloutEvent::HostStopped { group, host, .. } => Some((group, host, "stopped")),
-            RolloutEvent::GroupHalted { .. }
-            | RolloutEvent::HostVerdict { .. }
-            | RolloutEvent::HostDrain { .. } => None,
+            RolloutEvent::GroupHalted { group, .. } => {
+                // Halted until the daemon's next pass says otherwise.
+                self.set_halted(group, true);
+                None
+            }
+            RolloutEvent::HostVerdict { .. } | RolloutEvent::HostDrain { .. } => None,
         };
         if let Some((group, host, host_state)) = host_state {
             let mut state = self.lock();
@@ -355,6 +376,33 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line:?} missing:\n{text}");
         }
+    }
+
+    #[test]
+    fn a_halted_group_is_1_until_the_daemon_says_it_is_not() {
+        let metrics = Metrics::new();
+        metrics.record(&RolloutEvent::GroupHalted {
+            group: "web".into(),
+            reason: "boom".into(),
+            untouched: Vec::new(),
+        });
+        metrics.set_halted("db", false);
+        let text = metrics.encode();
+        assert!(
+            text.contains("erel_group_halted{group=\"web\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("erel_group_halted{group=\"db\"} 0\n"),
+            "{text}"
+        );
+        metrics.set_halted("web", false);
+        let text = metrics.encode();
+        assert!(
+            text.contains("erel_group_halted{group=\"web\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE erel_group_halted gauge\n"), "{text}");
     }
 
     #[test]

@@ -597,6 +597,9 @@ impl GroupTask {
         if stale {
             self.clear_halt(plan.revision).await;
         }
+        if let Some(metrics) = &self.options.metrics {
+            metrics.set_halted(&self.group, is_halted);
+        }
         is_halted
     }
 
@@ -645,6 +648,9 @@ impl GroupTask {
             reason: recorded.reason.clone(),
         });
         *halted.lock().unwrap_or_else(|e| e.into_inner()) = Some(recorded.clone());
+        if let Some(metrics) = &self.options.metrics {
+            metrics.set_halted(&self.group, true);
+        }
         if let Err(e) = self.write_halt(&HaltRecord::Halted(recorded)).await {
             warn!(group = %self.group, "the halt is known to this master only: {e}");
         }
@@ -698,7 +704,12 @@ impl GroupTask {
         }
         match event {
             RolloutEvent::HostPhase { host, phase, .. } => {
-                if !*started && matches!(phase, HostPhase::Staging | HostPhase::Stopping) {
+                if !*started
+                    && matches!(
+                        phase,
+                        HostPhase::Staging | HostPhase::Stopping | HostPhase::Starting
+                    )
+                {
                     *started = true;
                     if let Some(group) = plan.groups.get(&self.group) {
                         info!(group = %self.group, release = %group.release, version = %group.version, "rollout started");

@@ -217,11 +217,11 @@ pub(super) fn utc(ms: u64) -> String {
     )
 }
 
-/// Who publishes from this shell: `$USER@<host name>`.
+/// Who publishes from this shell: `USER@<host name>`, the user being `$USER`, else
+/// `$LOGNAME`, else the name the password database gives the real uid (getpwuid(3)),
+/// else the uid as a number.
 pub(super) fn publisher() -> String {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".to_string());
+    let user = user_name(|name| std::env::var(name).ok());
     let host = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -229,9 +229,45 @@ pub(super) fn publisher() -> String {
     format!("{user}@{host}")
 }
 
+/// `$USER`, else `$LOGNAME` (empty ones skipped), else [`uid_name`]; `var` reads the
+/// environment.
+fn user_name(var: impl Fn(&str) -> Option<String>) -> String {
+    ["USER", "LOGNAME"]
+        .into_iter()
+        .filter_map(|name| var(name).filter(|v| !v.is_empty()))
+        .next()
+        .unwrap_or_else(uid_name)
+}
+
+/// The real uid's name in the password database, or the uid as a number when it has
+/// none (a container's user without a passwd entry).
+fn uid_name() -> String {
+    let uid = nix::unistd::getuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(user)) => user.name,
+        _ => uid.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::utc;
+    use super::{user_name, utc};
+
+    #[test]
+    fn without_user_or_logname_the_publisher_is_the_uids_name_or_number() {
+        let uid = nix::unistd::getuid();
+        let expected = match nix::unistd::User::from_uid(uid) {
+            Ok(Some(user)) => user.name,
+            _ => uid.to_string(),
+        };
+        assert_eq!(user_name(|_| None), expected);
+        assert_eq!(user_name(|_| Some(String::new())), expected);
+        assert_ne!(expected, "unknown");
+        let logname = |name: &str| (name == "LOGNAME").then(|| "ops".to_string());
+        assert_eq!(user_name(logname), "ops");
+        let both = |name: &str| Some(format!("{name}-value"));
+        assert_eq!(user_name(both), "USER-value");
+    }
 
     #[test]
     fn times_print_as_utc() {

@@ -64,7 +64,8 @@ pub(super) struct HostStatus {
     pub desired_version: Option<String>,
     /// The group's `state`: `running` or `stopped`; `-` for a waiting host.
     pub desired_state: String,
-    /// The version the agent runs or last ran.
+    /// The version the agent runs, or ran last when [`Self::state`] is not `running`
+    /// (the table then shows it as `- (last VERSION)`).
     pub running_version: Option<String>,
     /// Its state, in words.
     pub state: String,
@@ -395,7 +396,7 @@ pub(super) fn status_table(plan: &Plan, hosts: &[HostStatus]) -> String {
                 }
                 _ => "-".to_string(),
             },
-            h.running_version.clone().unwrap_or_else(|| "-".to_string()),
+            running_words(h),
             match (h.reachable && !h.converged, h.state.as_str()) {
                 (true, "running") if h.desired_state == "stopped" => {
                     "running (to stop)".to_string()
@@ -471,6 +472,17 @@ fn argv_env_text(hosts: &[HostStatus]) -> String {
         ));
     }
     out
+}
+
+/// The RUNNING column: the version while the release runs; when it does not, the
+/// version it ran last as `- (last 1.1.0)`, so a stopped release is never shown with a
+/// version as if it ran; `-` when it never ran.
+fn running_words(h: &HostStatus) -> String {
+    match &h.running_version {
+        Some(version) if h.state == "running" => version.clone(),
+        Some(version) => format!("- (last {version})"),
+        None => "-".to_string(),
+    }
 }
 
 fn human_duration(secs: u64) -> String {
@@ -670,5 +682,27 @@ mod tests {
             "failed: tcp 127.0.0.1:81: Connection refused (os error 111); \
              failed: http GET 127.0.0.1:80/health: HTTP 500 Internal Server Error"
         );
+    }
+
+    #[test]
+    fn a_release_that_does_not_run_shows_its_last_version_as_such() {
+        let mut stopped = row("a-1", Some("web"));
+        stopped.state = "stopped".to_string();
+        stopped.running_version = Some("1.1.0".to_string());
+        stopped.converged = false;
+        let mut running = row("a-1", Some("metrics"));
+        running.state = "running".to_string();
+        running.running_version = Some("2".to_string());
+        let never = row("b-1", Some("web"));
+        assert_eq!(running_words(&stopped), "- (last 1.1.0)");
+        assert_eq!(running_words(&running), "2");
+        assert_eq!(running_words(&never), "-");
+        let table = status_table(&plan(), &[stopped, running]);
+        let line = table
+            .lines()
+            .find(|l| l.contains(" stopped"))
+            .expect("the stopped row");
+        assert!(line.contains("- (last 1.1.0)"), "{table}");
+        assert!(!line.contains(" 1.1.0 "), "{table}");
     }
 }

@@ -95,7 +95,7 @@ pub(crate) async fn converge_pass(
         Ok(report) if report.converged() => Some(report),
         Ok(report) => {
             warn!(
-                groups = ?options.groups,
+                groups = %report.unconverged_groups().join(","),
                 revision = plan.revision,
                 failed = report.failed(),
                 "not converged; looking again in {}s",
@@ -104,7 +104,12 @@ pub(crate) async fn converge_pass(
             Some(report)
         }
         Err(e) => {
-            warn!(groups = ?options.groups, revision = plan.revision, "cannot roll out: {e}");
+            let groups: Vec<&str> = if options.groups.is_empty() {
+                plan.groups.keys().map(String::as_str).collect()
+            } else {
+                options.groups.iter().map(String::as_str).collect()
+            };
+            warn!(groups = %groups.join(","), revision = plan.revision, "cannot roll out: {e}");
             None
         }
     }
@@ -140,6 +145,7 @@ pub(crate) async fn converge_file(
         connector,
         interval,
         halts,
+        metrics: metrics.clone(),
     };
     let converging = tokio::spawn(keep_converged(rx, interval, stop, move |plan| {
         let (file, on_event) = (file.clone(), on_event.clone());
@@ -172,6 +178,7 @@ struct FilePass {
     connector: Connector,
     interval: Duration,
     halts: Arc<Mutex<Halts>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl FilePass {
@@ -258,7 +265,12 @@ impl FilePass {
                 Ok(Err(e)) => error!("the halted groups are kept in memory only: {e}"),
                 Err(e) => error!("the halted groups are kept in memory only: {e}"),
             }
-            *self.halts.lock().unwrap_or_else(|e| e.into_inner()) = halts;
+            *self.halts.lock().unwrap_or_else(|e| e.into_inner()) = halts.clone();
+        }
+        if let Some(metrics) = &self.metrics {
+            for group in plan.groups.keys() {
+                metrics.set_halted(group, halts.blocking(group, plan.revision).is_some());
+            }
         }
     }
 }

@@ -77,6 +77,10 @@ pub(crate) enum Assessment {
         previous: Option<Previous>,
         /// The desired version is already unpacked on the host.
         staged: bool,
+        /// The release runs, or is meant to (a crash loop): it is stopped first. When
+        /// nothing runs (a first install, or a release stopped on purpose) the switch
+        /// starts at once and no `stopping` phase is reported.
+        stop_first: bool,
     },
 }
 
@@ -93,6 +97,7 @@ pub(crate) fn assess(
         return Assessment::Switch {
             previous: None,
             staged: false,
+            stop_first: false,
         };
     };
     let staged = status.versions.iter().any(|v| v == version);
@@ -118,6 +123,7 @@ pub(crate) fn assess(
         return Assessment::Switch {
             previous: unpacked_before(status, version, true),
             staged,
+            stop_first: true,
         };
     }
     let previous = match current {
@@ -131,7 +137,12 @@ pub(crate) fn assess(
         // meant to run.
         _ => unpacked_before(status, version, status.desired_running),
     };
-    Assessment::Switch { previous, staged }
+    let stop_first = status.desired_running || status.state != ReleaseState::Stopped;
+    Assessment::Switch {
+        previous,
+        staged,
+        stop_first,
+    }
 }
 
 /// What a host needs for a rolling restart: the version it runs, stopped and started
@@ -168,6 +179,7 @@ pub(crate) fn assess_restart(
                 was_running: true,
             }),
             staged: true,
+            stop_first: true,
         },
         current.to_string(),
     )
@@ -300,6 +312,7 @@ fn switch_from(current: &str, was_running: bool) -> Assessment {
             was_running,
         }),
         staged: true,
+        stop_first: true,
     }
 }
 
@@ -897,6 +910,28 @@ pub(crate) enum Action {
     Fail(HostFailure),
 }
 
+/// The part of a release's output tail that `version` wrote: from the first of the
+/// agent's start headers (`--- erel: starting RELEASE VERSION at TIME ---`) for
+/// `version` that follows every header of another version, so a failure shows the
+/// failed version's own runs and not what the version before it printed. The whole
+/// tail when it holds no header for `version` (it was cut above it).
+pub(crate) fn output_of_version(tail: &str, release: &str, version: &str) -> String {
+    let ours = format!("--- erel: starting {release} {version} at ");
+    let mut from = None;
+    let mut offset = 0;
+    for line in tail.split_inclusive('\n') {
+        if line.starts_with("--- erel: starting ") {
+            if line.starts_with(&ours) {
+                from.get_or_insert(offset);
+            } else {
+                from = None;
+            }
+        }
+        offset += line.len();
+    }
+    tail[from.unwrap_or(0)..].to_string()
+}
+
 /// What performing the last [`Action`] gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Observed {
@@ -980,9 +1015,18 @@ impl HostSwitch {
                     up,
                 }
             }
-            Assessment::Switch { previous, .. } => {
+            Assessment::Switch {
+                previous,
+                stop_first,
+                ..
+            } => {
                 machine.previous = previous;
-                Action::Stop
+                if stop_first {
+                    Action::Stop
+                } else {
+                    machine.step = Step::StartNew;
+                    Action::Start(machine.desired.clone())
+                }
             }
         };
         (machine, action)
@@ -1174,6 +1218,7 @@ mod tests {
             Assessment::Switch {
                 staged: true,
                 previous,
+                ..
             } => {
                 assert_eq!(previous.map(|p| p.version), Some("0.1.0".into()));
             }
@@ -1209,13 +1254,15 @@ mod tests {
                     was_running: true
                 }),
                 staged: false,
+                stop_first: true,
             }
         );
         assert_eq!(
             assess(None, "0.2.0", &health(None), None),
             Assessment::Switch {
                 previous: None,
-                staged: false
+                staged: false,
+                stop_first: false,
             }
         );
     }
@@ -1228,7 +1275,11 @@ mod tests {
             Assessment::Switch {
                 staged: true,
                 previous: Some(previous),
-            } => assert!(!previous.was_running, "a rollback would only stop it"),
+                stop_first,
+            } => {
+                assert!(!previous.was_running, "a rollback would only stop it");
+                assert!(!stop_first, "nothing runs: nothing to stop first");
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -1671,7 +1722,8 @@ mod tests {
                     version: "0.2.0".into(),
                     was_running: true
                 }),
-                staged: true
+                staged: true,
+                stop_first: true,
             }
         );
         let (mut m, first) = HostSwitch::begin_restart(assessment, "0.2.0");
@@ -1783,7 +1835,7 @@ mod tests {
             rollback_target(Some(&s), "beat", "0.3.0", Some("0.1.0")).expect("a target");
         assert_eq!(target, "0.1.0", "whatever the host runs");
         assert!(
-            matches!(&assessment, Assessment::Switch { previous: Some(p), staged: true } if p.version == "0.2.0"),
+            matches!(&assessment, Assessment::Switch { previous: Some(p), staged: true, .. } if p.version == "0.2.0"),
             "{assessment:?}"
         );
         let why = rollback_target(Some(&s), "beat", "0.3.0", Some("0.0.9")).expect_err("absent");
@@ -1888,9 +1940,55 @@ mod tests {
             Assessment::Switch {
                 previous,
                 staged: true,
+                stop_first: true,
             },
             "0.2.0",
         )
+    }
+
+    #[test]
+    fn the_output_of_a_version_starts_at_its_first_header_after_another_versions() {
+        let tail = "old line\n\
+            --- erel: starting beat 1.0.0 at 2026-01-01T00:00:00Z ---\n\
+            beat 1.0.0 listening\n\
+            --- erel: starting beat 2.5.0 at 2026-01-01T00:01:00Z ---\n\
+            failing\n\
+            --- erel: starting beat 2.5.0 at 2026-01-01T00:01:01Z ---\n\
+            failing\n";
+        assert_eq!(
+            output_of_version(tail, "beat", "2.5.0"),
+            "--- erel: starting beat 2.5.0 at 2026-01-01T00:01:00Z ---\n\
+             failing\n\
+             --- erel: starting beat 2.5.0 at 2026-01-01T00:01:01Z ---\n\
+             failing\n"
+        );
+        // No header of the version (cut above it): the whole tail.
+        assert_eq!(output_of_version("failing\n", "beat", "2.5.0"), "failing\n");
+        // Another version started last: its output is not the failed version's.
+        assert_eq!(output_of_version(tail, "beat", "1.0.0"), tail);
+        // A release named like a prefix of another is not taken for it.
+        let other = "--- erel: starting beat2 2.5.0 at T ---\nx\n";
+        assert_eq!(output_of_version(other, "beat", "2.5.0"), other);
+    }
+
+    #[test]
+    fn a_first_install_starts_at_once_and_a_failure_only_stops_it() {
+        let (assessment, desired) = (assess(None, "0.2.0", &health(None), None), "0.2.0");
+        let (mut m, first) = HostSwitch::begin(assessment, desired);
+        assert_eq!(
+            first,
+            Action::Start("0.2.0".into()),
+            "nothing runs to be stopped"
+        );
+        assert_eq!(m.phase(), HostPhase::Starting);
+        assert_eq!(
+            m.next(Observed::Started(7)),
+            Action::Verify {
+                version: "0.2.0".into(),
+                pid: 7,
+                up: Duration::ZERO
+            }
+        );
     }
 
     #[test]

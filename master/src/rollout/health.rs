@@ -209,7 +209,7 @@ pub(super) async fn watch_health(
                 };
                 return Observed::Failed {
                     reason: format!("{version}: {reason} (evidence: {evidence})"),
-                    output_tail: tail,
+                    output_tail: super::decide::output_of_version(&tail, &group.release, version),
                 };
             }
         }

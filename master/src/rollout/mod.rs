@@ -473,6 +473,18 @@ pub struct GroupReport {
     pub hosts: Vec<HostReport>,
 }
 
+impl GroupReport {
+    /// True when every host of the group runs its desired version, healthy, was left
+    /// as it is, or was stopped as asked.
+    pub fn converged(&self) -> bool {
+        self.hosts.iter().all(|h| {
+            h.outcome.is_switched()
+                || matches!(h.outcome, HostOutcome::UpToDate | HostOutcome::Left { .. })
+                || h.outcome.is_stopped()
+        })
+    }
+}
+
 /// The summary of a rollout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RolloutReport {
@@ -485,11 +497,16 @@ pub struct RolloutReport {
 impl RolloutReport {
     /// True when every host runs its desired version, healthy.
     pub fn converged(&self) -> bool {
-        self.hosts().all(|h| {
-            h.outcome.is_switched()
-                || matches!(h.outcome, HostOutcome::UpToDate | HostOutcome::Left { .. })
-                || h.outcome.is_stopped()
-        })
+        self.groups.iter().all(GroupReport::converged)
+    }
+
+    /// The names of the groups that did not converge, in report order.
+    pub fn unconverged_groups(&self) -> Vec<&str> {
+        self.groups
+            .iter()
+            .filter(|g| !g.converged())
+            .map(|g| g.group.as_str())
+            .collect()
     }
 
     /// Hosts switched in this rollout.

@@ -800,3 +800,27 @@ async fn requests_at_the_edges_of_every_field_are_answered_without_a_panic() {
     client.ping().await.expect("still serving");
     assert!(!agent.log().contains("panicked"), "{}", agent.log());
 }
+
+/// An agent reached under another host id is refused, and the error names what its
+/// certificate does name in the operator's spelling (`DNS:web-1, IP:127.0.0.1`, as
+/// `openssl x509 -text` shows a subjectAltName), never a library's debug form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reached_under_another_name_is_refused_naming_its_certificate_names() {
+    let (pki, agent) = pki_and_agent("web-1", &[]);
+    let out = pki
+        .erel()
+        .arg("ping")
+        .arg(format!("web-2@{}", agent.addr))
+        .output()
+        .expect("run erel ping");
+    let text = crate::helper::output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("does not name host 'web-2' (it names DNS:web-1, IP:127.0.0.1)"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("DnsName(") && !text.contains("IpAddress("),
+        "{text}"
+    );
+}

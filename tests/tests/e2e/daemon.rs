@@ -758,3 +758,227 @@ fn amqp_deploy_is_refused_naming_the_holder_unless_it_takes_the_group_over() {
         logs(&[&m1, &m2])
     });
 }
+
+/// `GET /metrics` from `addr` over plain HTTP/1.1: the body, or `None` when nothing
+/// answers.
+fn scrape(addr: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(NOTICE)).ok()?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+}
+
+/// The file daemon with `--metrics`: its group is `erel_group_halted 0` while it
+/// converges, `1` once a broken revision halted it, `0` again when a newer revision is
+/// rolled out. Its log gives the failed host's release output once, on lines of its
+/// own below the failure, and its `not converged` line names the group.
+#[test]
+fn the_file_daemon_shows_a_halt_in_its_metrics_and_the_output_once_in_its_log() {
+    let fleet = fleet_with_a_broken_release("haltmetr");
+    let cluster = write_cluster(&fleet, 1, "1.0.0");
+    let mut command = fleet.pki.erel();
+    command
+        .arg("--cluster")
+        .arg(&cluster)
+        .args(["master", "--metrics", "127.0.0.1:0", "--interval"])
+        .arg(FILE_INTERVAL.as_secs().to_string())
+        .env_remove("EREL_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let daemon = FileDaemon(Followed::spawn(&mut command, "erel master --metrics"));
+    assert!(
+        wait_until_blocking(NOTICE, || daemon.0.log().contains("metrics on ")),
+        "{}",
+        daemon.0.log()
+    );
+    let addr = daemon_addr(&daemon);
+    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || {
+        daemon.0.log()
+    });
+    let halted = |value: u8| {
+        let (addr, line) = (
+            addr.clone(),
+            format!("erel_group_halted{{group=\"web\"}} {value}\n"),
+        );
+        move || scrape(&addr).is_some_and(|body| body.contains(&line))
+    };
+    assert!(
+        wait_until_blocking(NOTICE, halted(0)),
+        "not halted while converged: {:?}\n{}",
+        scrape(&daemon_addr(&daemon)),
+        daemon.0.log()
+    );
+
+    write_cluster(&fleet, 2, "2.5.0");
+    assert!(
+        wait_until_blocking(CONVERGE, halted(1)),
+        "halted after the failed rollout: {:?}\n{}",
+        scrape(&daemon_addr(&daemon)),
+        daemon.0.log()
+    );
+    let log = daemon.0.log();
+    let lines: Vec<&str> = log.lines().collect();
+    let failed = lines
+        .iter()
+        .position(|l| l.contains("web/") && l.contains("FAILED while"))
+        .unwrap_or_else(|| panic!("a failure line:\n{log}"));
+    assert!(
+        !lines[failed].contains("failing on purpose"),
+        "the output is not on the failure's own line:\n{log}"
+    );
+    let below: Vec<&str> = lines[failed + 1..]
+        .iter()
+        .take_while(|l| l.starts_with("  "))
+        .copied()
+        .collect();
+    let crashes = below
+        .iter()
+        .filter(|l| l.trim() == "beat 2.5.0: failing on purpose")
+        .count();
+    assert!(
+        crashes >= 1,
+        "the output follows the failure line, indented:\n{log}"
+    );
+    assert_eq!(
+        log.matches("beat 2.5.0: failing on purpose").count(),
+        crashes,
+        "the release output is logged once, below the failure:\n{log}"
+    );
+    assert!(
+        !below.iter().any(|l| l.contains("beat 1.0.0")),
+        "only the failed version's output, not what 1.0.0 printed before it:\n{log}"
+    );
+    let not_converged = log
+        .lines()
+        .find(|l| l.contains("not converged"))
+        .unwrap_or_else(|| panic!("a `not converged` line:\n{log}"));
+    assert!(not_converged.contains("groups=web"), "{not_converged}");
+
+    write_cluster(&fleet, 3, "3.0.0");
+    fleet.wait_all_run("3.0.0", CONVERGE, "revision 3 is rolled out", || {
+        daemon.0.log()
+    });
+    assert!(
+        wait_until_blocking(NOTICE, halted(0)),
+        "the halt ends with the newer revision: {:?}\n{}",
+        scrape(&daemon_addr(&daemon)),
+        daemon.0.log()
+    );
+}
+
+/// The metrics address a daemon said it serves on.
+fn daemon_addr(daemon: &FileDaemon) -> String {
+    daemon
+        .0
+        .log()
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics on ").map(|a| a.trim().to_string()))
+        .unwrap_or_default()
+}
+
+/// The group forms of `restart`, `stop` and `rollback` are refused like a deploy while
+/// the file daemon holds the group, naming it (master name and pid) and `--take-over`,
+/// and nothing on the hosts changes; `stop --group --take-over` then acts.
+#[test]
+fn group_restart_stop_and_rollback_are_refused_while_the_daemon_holds_the_group() {
+    let fleet = Fleet::with_beat_releases("holdgrp", &["web", "web"]);
+    let cluster = write_cluster(&fleet, 1, "1.0.0");
+    let daemon = FileDaemon::start(&fleet, &cluster);
+    assert!(
+        wait_until_blocking(CONVERGE, || daemon
+            .0
+            .log()
+            .contains(" converged revision=1")),
+        "{}",
+        daemon.0.log()
+    );
+    fleet.expect_beats("1.0.0");
+    let pid = daemon.0.pid().expect("running");
+    let starts = starts_of(&fleet, "1.0.0");
+    for words in [
+        ["restart", "--group", "web"],
+        ["stop", "--group", "web"],
+        ["rollback", "--group", "web"],
+    ] {
+        let out = erel_on(&fleet, &cluster, &words);
+        let text = output_text(&out);
+        assert!(!out.status.success(), "{words:?}: {text}");
+        assert!(
+            text.contains("held by the daemon erel@")
+                && text.contains(&format!("pid {pid}"))
+                && text.contains("--take-over"),
+            "{words:?}: {text}"
+        );
+    }
+    assert_eq!(
+        starts_of(&fleet, "1.0.0"),
+        starts,
+        "no host was restarted\n{}",
+        fleet.agent_logs()
+    );
+    assert!(
+        fleet.all_run("1.0.0"),
+        "nothing stopped: {:?}",
+        fleet.beats()
+    );
+
+    let out = erel_on(&fleet, &cluster, &["stop", "--group", "web", "--take-over"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}\n{}", daemon.0.log());
+    assert!(
+        text.contains("took over group(s) web from the daemon erel@"),
+        "{text}"
+    );
+}
+
+/// Rollback through the daemon: a revision naming the old version again takes every
+/// host back to it (from the archive still unpacked there), one host at a time, and
+/// each host's agent starts it once more.
+#[test]
+fn a_revision_naming_the_old_version_rolls_the_daemons_group_back() {
+    let fleet = Fleet::with_beat_releases("daemonback", &["web", "web"]);
+    let cluster = write_cluster(&fleet, 1, "1.0.0");
+    let daemon = FileDaemon::start(&fleet, &cluster);
+    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || {
+        daemon.0.log()
+    });
+    write_cluster(&fleet, 2, "2.0.0");
+    fleet.wait_all_run("2.0.0", CONVERGE, "every host runs 2.0.0", || {
+        daemon.0.log()
+    });
+    assert_eq!(starts_of(&fleet, "1.0.0"), 2, "{}", fleet.agent_logs());
+
+    write_cluster(&fleet, 3, "1.0.0");
+    fleet.wait_all_run("1.0.0", CONVERGE, "revision 3 takes 1.0.0 back", || {
+        daemon.0.log()
+    });
+    assert_eq!(
+        starts_of(&fleet, "1.0.0"),
+        4,
+        "each host started 1.0.0 once more\n{}",
+        fleet.agent_logs()
+    );
+    // The beats answer before the verification that follows them ends: wait for it.
+    let switched_back = || {
+        daemon
+            .0
+            .log()
+            .split_once("revision=3")
+            .is_some_and(|(_, after)| after.matches(": done, runs 1.0.0").count() == 2)
+    };
+    assert!(
+        wait_until_blocking(CONVERGE, switched_back),
+        "both hosts switched back, verified:\n{}",
+        daemon.0.log()
+    );
+    let log = daemon.0.log();
+    assert!(!log.contains("FAILED"), "{log}");
+}

@@ -137,6 +137,15 @@ async fn deploys_v1_then_v2_and_a_repeat_does_nothing() {
     let (ok, out) = erel_deploy(&fleet, &[]);
     assert!(ok, "deploy v1 failed:\n{out}\n{}", fleet.agent_logs());
     assert!(out.contains("every host runs its desired version"), "{out}");
+    assert!(
+        !out.lines().any(|l| l.ends_with(": stopping")),
+        "a first install has nothing to stop:\n{out}"
+    );
+    assert_eq!(
+        out.lines().filter(|l| l.ends_with(": starting")).count(),
+        3,
+        "each host starts the release:\n{out}"
+    );
     fleet.expect_beats("0.1.0");
 
     fleet.write_cluster(2, "0.2.0", &v2, &group(1, 1));

@@ -291,6 +291,18 @@ async fn host_commands_take_the_groups_settings() {
         "the group's grace: {out}"
     );
     assert!(out.contains("cmd-1: envdump stopped"), "{out}");
+    // Delete on one host is this stop: what the README lists stays on disk (the
+    // unpacked version, its data directory, its output log, its run record).
+    let root = &site.agents[0].root;
+    for kept in [
+        root.join("releases").join(ENV_RELEASE).join(ENV_VERSION),
+        root.join("data").join(ENV_RELEASE),
+        root.join(".erel/logs").join(format!("{ENV_RELEASE}.log")),
+        root.join(".erel/releases"),
+        root.join("archives"),
+    ] {
+        assert!(kept.exists(), "{} stays after a stop", kept.display());
+    }
     std::fs::remove_file(site.env_file("cmd-1")).expect("remove");
 
     // The group's env, with the host's merged over it, reaches the release.

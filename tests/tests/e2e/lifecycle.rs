@@ -702,3 +702,58 @@ async fn one_host_and_group_forms_both_act_and_a_mix_of_them_is_refused() {
         vec![runs(&fleet, 0, "0.1.0"), String::new()]
     );
 }
+
+/// The line index of each host's first `web/<id>: stopping` and of the first host that
+/// is done, in a rollout's printed events.
+fn stop_and_done_lines(out: &str) -> (Vec<usize>, Option<usize>) {
+    // Each event line is `[  1.52s] web/<id>: ...`: the time is left out.
+    let lines: Vec<&str> = out
+        .lines()
+        .map(|l| l.split_once("] ").map_or(l, |(_, rest)| rest))
+        .collect();
+    let stopping = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("web/") && l.ends_with(": stopping"))
+        .map(|(i, _)| i)
+        .collect();
+    let done = lines
+        .iter()
+        .position(|l| l.starts_with("web/") && l.contains(": done, runs "));
+    (stopping, done)
+}
+
+/// `rollback --group` has no canary phase: with `canaries = 1` and `max_in_flight = 3`,
+/// all three hosts are stopping before the first is done, where the deploy before it
+/// finished its canary before it stopped another host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_rollback_skips_the_canary_phase_and_takes_max_in_flight_at_once() {
+    let fleet = fleet("nocanary", 3);
+    let lines = "canaries = 1\nmax_in_flight = 3";
+    write_cluster(&fleet, 1, "0.1.0", lines, "");
+    let (ok, out) = erel(&fleet, &["deploy"]);
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    write_cluster(&fleet, 2, "0.2.0", lines, "");
+    let (ok, out) = erel(&fleet, &["deploy"]);
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    fleet.expect_beats("0.2.0");
+    let (stopping, done) = stop_and_done_lines(&out);
+    assert_eq!(stopping.len(), 3, "{out}");
+    let done = done.unwrap_or_else(|| panic!("a host done:\n{out}"));
+    assert!(
+        stopping[0] < done && done < stopping[1],
+        "the deploy's canary is done before another host stops:\n{out}"
+    );
+
+    let (ok, out) = erel(&fleet, &["rollback", "--group", "web"]);
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    fleet.expect_beats("0.1.0");
+    let (stopping, done) = stop_and_done_lines(&out);
+    assert_eq!(stopping.len(), 3, "{out}");
+    let done = done.unwrap_or_else(|| panic!("a host done:\n{out}"));
+    assert!(
+        stopping.iter().all(|&s| s < done),
+        "no canary phase: every host stops before the first is done \
+         (each is verified for min_up_secs = 1 first):\n{out}"
+    );
+}
