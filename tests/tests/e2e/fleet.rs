@@ -462,3 +462,55 @@ fn a_release_the_file_daemon_started_shows_argv_env_match() {
         site.logs()
     );
 }
+
+/// A cluster file that validation refuses reaches no agent: an empty group, and a
+/// `version` its archive does not hold (today's archives carry `releases/<version>/`),
+/// each refused by `erel deploy` naming the file, the field and the value, with the
+/// agent's releases unchanged. Before validation knew them, the first went unnoticed and
+/// the second was caught only at staging, on a host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_file_that_validation_refuses_touches_no_agent() {
+    let site = Site::new(&["val-1"]);
+    let cluster = site.cluster();
+    let file = cluster.display().to_string();
+
+    // An empty group: `web` is defined, but no host names it.
+    site.write(1, &["group = \"env\""]);
+    let text = std::fs::read_to_string(&cluster).expect("read");
+    let web = format!(
+        "[group.web]\nrelease = \"beat\"\nversion = \"{BEAT_VERSION}\"\narchive = \"beat-{BEAT_VERSION}.tar.gz\"\n"
+    );
+    std::fs::write(&cluster, format!("{text}{web}")).expect("write");
+    let (ok, out) = site.erel(&["deploy"]);
+    assert!(!ok, "an empty group is refused: {out}");
+    for part in [file.as_str(), "group.web", "no host names group 'web'"] {
+        assert!(out.contains(part), "names {part:?}: {out}");
+    }
+
+    // A version the archive does not hold.
+    site.write(2, &["group = \"env\""]);
+    let text = std::fs::read_to_string(&cluster).expect("read");
+    let wrong = text.replacen(
+        &format!("version = \"{ENV_VERSION}\""),
+        "version = \"9.9.9\"",
+        1,
+    );
+    assert_ne!(wrong, text, "the group's version was replaced");
+    std::fs::write(&cluster, wrong).expect("write");
+    let (ok, out) = site.erel(&["deploy"]);
+    assert!(!ok, "a version the archive does not hold is refused: {out}");
+    for part in [
+        file.as_str(),
+        "group.env.version",
+        "'9.9.9'",
+        &format!("version(s) found: {ENV_VERSION}"),
+    ] {
+        assert!(out.contains(part), "names {part:?}: {out}");
+    }
+    assert_eq!(site.releases(0).await, [], "no agent was touched");
+
+    // The same file with the right version deploys.
+    site.write(3, &["group = \"env\""]);
+    site.deploy();
+    assert_eq!(site.releases(0).await, [running(ENV_RELEASE, ENV_VERSION)]);
+}
