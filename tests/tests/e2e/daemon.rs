@@ -88,6 +88,23 @@ impl FileDaemon {
             .stdout(Stdio::null());
         FileDaemon(Followed::spawn(&mut command, "erel master --cluster"))
     }
+
+    /// Starts a daemon on a revision-1 file of 1.0.0 and waits until its first
+    /// rollout has ended (verification included), so that a release stopped afterwards
+    /// is drift, not a failure of that rollout.
+    fn start_converged(fleet: &Fleet, cluster: &Path) -> Self {
+        let daemon = FileDaemon::start(fleet, cluster);
+        assert!(
+            wait_until_blocking(CONVERGE, || daemon
+                .0
+                .log()
+                .contains(" converged revision=1")),
+            "{}",
+            daemon.0.log()
+        );
+        fleet.expect_beats("1.0.0");
+        daemon
+    }
 }
 
 impl Drop for FileDaemon {
@@ -474,18 +491,7 @@ fn deploy_restarts_each_host_once_for_restarted_at() {
 fn daemon_holds_its_cluster_file_and_a_deploy_runs_only_with_take_over() {
     let fleet = Fleet::with_beat_releases("hold", &["web", "web"]);
     let cluster = write_cluster(&fleet, 1, "1.0.0");
-    let mut daemon = FileDaemon::start(&fleet, &cluster);
-    // Its rollout has ended (verification included), so that a release stopped below
-    // is drift, not a failure of that rollout.
-    assert!(
-        wait_until_blocking(CONVERGE, || daemon
-            .0
-            .log()
-            .contains(" converged revision=1")),
-        "{}",
-        daemon.0.log()
-    );
-    fleet.expect_beats("1.0.0");
+    let mut daemon = FileDaemon::start_converged(&fleet, &cluster);
     let pid = daemon.0.pid().expect("running");
 
     // A second daemon on the same file refuses to start, naming the first.
@@ -891,16 +897,7 @@ fn daemon_addr(daemon: &FileDaemon) -> String {
 fn group_restart_stop_and_rollback_are_refused_while_the_daemon_holds_the_group() {
     let fleet = Fleet::with_beat_releases("holdgrp", &["web", "web"]);
     let cluster = write_cluster(&fleet, 1, "1.0.0");
-    let daemon = FileDaemon::start(&fleet, &cluster);
-    assert!(
-        wait_until_blocking(CONVERGE, || daemon
-            .0
-            .log()
-            .contains(" converged revision=1")),
-        "{}",
-        daemon.0.log()
-    );
-    fleet.expect_beats("1.0.0");
+    let daemon = FileDaemon::start_converged(&fleet, &cluster);
     let pid = daemon.0.pid().expect("running");
     let starts = starts_of(&fleet, "1.0.0");
     for words in [
