@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use erel_master::client::Connector;
 use erel_proto::ReleaseState;
 
-use crate::helper::install::{install_and_start, push_and_unpack, release_status, start_request};
+use crate::helper::install::{
+    install_and_start, release_status, start_request, unpack_shell_release,
+};
 use crate::helper::release::shell_release;
 use crate::helper::AgentCommands;
 use crate::helper::{
@@ -96,9 +98,8 @@ async fn erel_logs_prints_a_running_release_output_and_follows_it() {
 async fn erel_logs_of_an_unknown_release_names_the_host_and_its_releases() {
     let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
-    let tarball = shell_release(work.path(), "known", "1", "#!/bin/sh\nexec sleep 100000\n");
-    let mut client = pki.connect(&agent).await;
-    push_and_unpack(&mut client, &tarball, "known", "1").await;
+    let script = "#!/bin/sh\nexec sleep 100000\n";
+    unpack_shell_release(&pki, &agent, work.path(), "known", "1", script).await;
     let (ok, text) = erel_logs(&pki, &agent, "unknown");
     assert!(!ok, "{text}");
     assert!(
@@ -112,14 +113,8 @@ async fn erel_logs_of_an_unknown_release_names_the_host_and_its_releases() {
 async fn the_agent_logs_one_plain_line_per_command_and_refusals_as_warnings() {
     let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
-    let tarball = shell_release(
-        work.path(),
-        "flop",
-        "1",
-        "#!/bin/sh\necho flop fails\nexit 3\n",
-    );
-    let mut client = pki.connect(&agent).await;
-    push_and_unpack(&mut client, &tarball, "flop", "1").await;
+    let script = "#!/bin/sh\necho flop fails\nexit 3\n";
+    let mut client = unpack_shell_release(&pki, &agent, work.path(), "flop", "1", script).await;
     client.ping().await.expect("ping");
     client
         .start(start_request("flop", "1", &[]))
