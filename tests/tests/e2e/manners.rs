@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use crate::helper::release::beat_release;
-use crate::helper::{free_port, output_text, Pki, MASTER_BIN};
+use crate::helper::{free_port, output_text, temp_path, Pki, MASTER_BIN};
 
 /// `erel` with `args`, with no `EREL_LOG` from the environment: the defaults are
 /// under test.
@@ -65,8 +65,7 @@ fn a_refused_amqp_login_prints_erels_message_alone() {
 
 #[test]
 fn start_up_errors_are_printed_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let missing_certs = dir.path().join("no-certs");
+    let (dir, missing_certs) = temp_path("no-certs");
     let missing_certs = missing_certs.to_str().expect("utf8");
     let out = erel(&["--certs", missing_certs, "ping", "web-1@127.0.0.1:1"]);
     failed_once(&out, "no-certs");

@@ -104,6 +104,14 @@ impl Pki {
     }
 }
 
+/// A fresh temporary directory and the path `name` inside it, not yet created. (The
+/// directory is removed when the first is dropped.)
+pub fn temp_path(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(name);
+    (dir, path)
+}
+
 /// What a finished command printed: its stdout, then its stderr.
 pub fn output_text(out: &Output) -> String {
     format!(
