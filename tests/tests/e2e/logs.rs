@@ -13,7 +13,7 @@ use crate::helper::install::{
 use crate::helper::release::shell_release;
 use crate::helper::AgentCommands;
 use crate::helper::{
-    follow_lines, output_text, pki_and_agent, wait_until, AgentProc, Pki, PATIENCE,
+    follow_lines, holds_all, output_text, pki_and_agent, wait_until, AgentProc, Pki, PATIENCE,
 };
 
 /// A release that prints two lines, then a third once `$TRIGGER` exists, then waits.
@@ -103,8 +103,13 @@ async fn erel_logs_of_an_unknown_release_names_the_host_and_its_releases() {
     let (ok, text) = erel_logs(&pki, &agent, "unknown");
     assert!(!ok, "{text}");
     assert!(
-        text.contains("host web-1 (127.0.0.1:")
-            && text.contains("has no release unknown; its releases: known"),
+        holds_all(
+            &text,
+            &[
+                "host web-1 (127.0.0.1:",
+                "has no release unknown; its releases: known"
+            ]
+        ),
         "{text}"
     );
 }
