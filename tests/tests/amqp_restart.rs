@@ -11,8 +11,7 @@ mod helper;
 use std::process::Command;
 use std::time::Duration;
 
-use helper::amqp::{logs, BrokerLock, TestBroker};
-use helper::fleet::Fleet;
+use helper::amqp::{logs, one_host_under_masters, BrokerLock};
 use helper::wait_until_blocking;
 
 /// Starts the broker's application again even when the test fails half-way.
@@ -54,11 +53,7 @@ fn rabbitmqctl(command: &str) -> std::process::Output {
 #[test]
 fn amqp_broker_restart_masters_reconnect_and_apply_the_next_revision() {
     let _lock = BrokerLock::exclusive();
-    let fleet = Fleet::with_beat_releases("amqp-rs", &["web"]);
-    let broker = TestBroker::new("restart", &["web"]);
-    let m1 = fleet.master(&broker, "r1");
-    let m2 = fleet.master(&broker, "r2");
-    fleet.published(&broker, &fleet.config(1, "1.0.0", ""));
+    let (fleet, broker, [m1, m2]) = one_host_under_masters("amqp-rs", "restart", ["r1", "r2"], "");
     assert!(
         wait_until_blocking(Duration::from_secs(60), || fleet.all_run("1.0.0")
             && m1.held_revision() == Some(1)

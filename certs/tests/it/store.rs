@@ -6,7 +6,7 @@ use std::path::Path;
 
 use erel_certs::{layout, validate_host_id, Error, MasterDir};
 
-use crate::helper::{pki, poll_until, LOOPBACK};
+use crate::helper::{pki, poll_until, Pki, LOOPBACK};
 
 fn mode(path: &Path) -> u32 {
     fs::metadata(path).expect("metadata").permissions().mode() & 0o777
@@ -184,10 +184,16 @@ fn host_cert_and_key(dir: &Path) -> (Vec<u8>, Vec<u8>) {
     (read(layout::HOST_PEM), read(layout::HOST_KEY))
 }
 
+/// A PKI with host `web-1` issued, and its bundle's certificate and key as issued.
+fn web_1_issued() -> (Pki, (Vec<u8>, Vec<u8>)) {
+    let pki = pki("web-1");
+    let issued = host_cert_and_key(&pki.bundle);
+    (pki, issued)
+}
+
 #[test]
 fn reissuing_a_host_replaces_its_bundle() {
-    let pki = pki("web-1");
-    let before = host_cert_and_key(&pki.bundle);
+    let (pki, before) = web_1_issued();
     let again = pki
         .master
         .replace_host("web-1", &[LOOPBACK], &["web-1.example.org".to_string()])
@@ -205,8 +211,7 @@ fn reissuing_a_host_replaces_its_bundle() {
 
 #[test]
 fn issuing_for_a_host_with_a_bundle_refuses_and_keeps_its_key() {
-    let pki = pki("web-1");
-    let before = host_cert_and_key(&pki.bundle);
+    let (pki, before) = web_1_issued();
     let err = pki
         .master
         .issue_host("web-1", &[LOOPBACK], &[])

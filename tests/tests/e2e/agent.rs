@@ -13,9 +13,10 @@ use tokio::io::AsyncWriteExt;
 use tokio_rustls::TlsConnector;
 
 use crate::helper::install::{
-    install_and_start, no_progress, release_status, start_request, without_digest,
+    install_and_start, no_progress, release_status, start_request, unpack_shell_release,
+    without_digest,
 };
-use crate::helper::release::{beat_release, sha256, shell_release};
+use crate::helper::release::{beat_release, sha256};
 use crate::helper::AgentCommands;
 use crate::helper::{
     free_port, listing, outlast_any_restart, pki_and_agent, retry_while_busy, wait_until,
@@ -375,26 +376,8 @@ async fn a_killed_release_is_restarted_and_one_that_exits_at_once_crash_loops() 
     assert!(wait_until(PATIENCE, || async { beat_answer(port).await.is_some() }).await);
 
     // A release that exits at once.
-    let tarball = shell_release(
-        work.path(),
-        "flop",
-        "1",
-        "#!/bin/sh\necho \"flop cannot find its config\" >&2\nexit 3\n",
-    );
-    let mut client = pki.connect(&agent).await;
-    client
-        .write_file(
-            &without_digest(&tarball),
-            "archives/flop-1.tar.gz",
-            0o644,
-            &mut no_progress(),
-        )
-        .await
-        .expect("push");
-    client
-        .unpack("archives/flop-1.tar.gz", "releases/flop/1", None)
-        .await
-        .expect("unpack");
+    let script = "#!/bin/sh\necho \"flop cannot find its config\" >&2\nexit 3\n";
+    let mut client = unpack_shell_release(&pki, &agent, work.path(), "flop", "1", script).await;
     client
         .start(start_request("flop", "1", &[]))
         .await

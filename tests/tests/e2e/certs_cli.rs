@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use crate::helper::{output_text, MASTER_BIN};
+use crate::helper::{output_text, temp_path, MASTER_BIN};
 
 fn erel(certs: &Path, args: &[&str]) -> Output {
     Command::new(MASTER_BIN)
@@ -27,8 +27,7 @@ fn path_str(path: &Path) -> &str {
 
 #[test]
 fn certs_init_and_host_make_certificates_openssl_accepts() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = dir.path().join("certs");
+    let (_dir, certs) = temp_path("certs");
     let init = erel(&certs, &["certs", "init"]);
     assert!(init.status.success(), "{}", output_text(&init));
     let host = erel(&certs, &["certs", "host", "web-1", "--ip", "127.0.0.1"]);
@@ -108,8 +107,7 @@ fn certs_init_and_host_make_certificates_openssl_accepts() {
 
 #[test]
 fn certs_errors_name_the_file_and_never_overwrite_a_ca() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = dir.path().join("certs");
+    let (_dir, certs) = temp_path("certs");
     let said = refused(&certs, &["certs", "host", "web-1"]);
     assert!(said.contains("ca.pem"), "{said}");
 
@@ -135,8 +133,7 @@ fn refused(certs: &Path, args: &[&str]) -> String {
 
 #[test]
 fn certs_host_never_overwrites_a_host_key_without_force() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = dir.path().join("certs");
+    let (dir, certs) = temp_path("certs");
     assert!(erel(&certs, &["certs", "init"]).status.success());
     let first = erel(&certs, &["certs", "host", "web-1", "--ip", "127.0.0.1"]);
     assert!(first.status.success(), "{}", output_text(&first));

@@ -13,8 +13,7 @@ use std::time::Duration;
 use erel_master::AgentClient;
 use erel_proto::{ReleaseState, ReleaseStatus, Started, Stopped};
 
-use crate::helper::install::{push_and_unpack, release_status, start_request};
-use crate::helper::release::shell_release;
+use crate::helper::install::{release_status, start_request, unpack_shell_release};
 use crate::helper::AgentCommands;
 use crate::helper::{outlast_any_restart, pki_and_agent, wait_until, AgentProc, Pki, PATIENCE};
 
@@ -48,9 +47,7 @@ async fn cgroup_app(id: &str, script: &str) -> (Pki, AgentProc, AgentClient, Sta
 /// Pushes and unpacks a shell release `app` `version` whose `bin/app` is `script`.
 async fn install(pki: &Pki, agent: &AgentProc, version: &str, script: &str) {
     let work = tempfile::tempdir().expect("tempdir");
-    let tarball = shell_release(work.path(), "app", version, script);
-    let mut client = pki.connect(agent).await;
-    push_and_unpack(&mut client, &tarball, "app", version).await;
+    unpack_shell_release(pki, agent, work.path(), "app", version, script).await;
 }
 
 /// Starts version `version` of `app` with `argv`, which must succeed.

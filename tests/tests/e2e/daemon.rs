@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use crate::helper::amqp::{erel, logs, BrokerLock, TestBroker, Watcher, MASTER_INTERVAL};
+use crate::helper::amqp::{
+    erel, logs, one_host_under_masters, BrokerLock, TestBroker, Watcher, MASTER_INTERVAL,
+};
 use crate::helper::fleet::Fleet;
 use crate::helper::release::{failing_beat_release, names_the_exit_failure};
 use crate::helper::AgentCommands;
@@ -87,6 +89,16 @@ impl FileDaemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         FileDaemon(Followed::spawn(&mut command, "erel master --cluster"))
+    }
+
+    /// Starts a daemon on a revision-1 file of 1.0.0 and waits until every host runs
+    /// 1.0.0.
+    fn start_running(fleet: &Fleet, cluster: &Path) -> Self {
+        let daemon = FileDaemon::start(fleet, cluster);
+        fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || {
+            daemon.0.log()
+        });
+        daemon
     }
 
     /// Starts a daemon on a revision-1 file of 1.0.0 and waits until its first
@@ -218,10 +230,7 @@ fn an_explicit_cluster_file_wins_over_erel_amqp_from_the_environment() {
 fn daemon_tries_a_broken_revision_once_halts_the_group_and_applies_a_newer_one() {
     let fleet = fleet_with_a_broken_release("halt");
     let cluster = write_cluster(&fleet, 1, "1.0.0");
-    let daemon = FileDaemon::start(&fleet, &cluster);
-    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || {
-        daemon.0.log()
-    });
+    let daemon = FileDaemon::start_running(&fleet, &cluster);
 
     write_cluster(&fleet, 2, "2.5.0");
     assert!(
@@ -404,10 +413,7 @@ fn restarted_once(
 fn daemon_restarts_each_host_once_for_a_revision_with_restarted_at() {
     let fleet = Fleet::with_beat_releases("restarted-at", &["web", "web"]);
     let cluster = write_cluster(&fleet, 1, "1.0.0");
-    let daemon = FileDaemon::start(&fleet, &cluster);
-    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || {
-        daemon.0.log()
-    });
+    let daemon = FileDaemon::start_running(&fleet, &cluster);
     let before = pids_of_settled_releases(&fleet);
     let starts = starts_of(&fleet, "1.0.0");
 
@@ -693,14 +699,10 @@ fn amqp_daemon_tries_a_broken_revision_once_even_after_a_take_over_and_again_on_
 #[test]
 fn amqp_deploy_is_refused_naming_the_holder_unless_it_takes_the_group_over() {
     let _lock = BrokerLock::shared();
-    let fleet = Fleet::with_beat_releases("amqp-hold", &["web"]);
-    let broker = TestBroker::new("hold", &["web"]);
     // Two masters: the holder hands the lease over, the one waiting in line passes it
     // on while the request is live.
-    let m1 = fleet.master(&broker, "m1");
-    let m2 = fleet.master(&broker, "m2");
-    let text = fleet.config(1, "1.0.0", ONE_AT_A_TIME);
-    fleet.published(&broker, &text);
+    let (fleet, broker, [m1, m2]) =
+        one_host_under_masters("amqp-hold", "hold", ["m1", "m2"], ONE_AT_A_TIME);
     fleet.wait_all_run("1.0.0", CONVERGE, "the host runs 1.0.0", || {
         logs(&[&m1, &m2])
     });
@@ -943,10 +945,7 @@ fn group_restart_stop_and_rollback_are_refused_while_the_daemon_holds_the_group(
 fn a_revision_naming_the_old_version_rolls_the_daemons_group_back() {
     let fleet = Fleet::with_beat_releases("daemonback", &["web", "web"]);
     let cluster = write_cluster(&fleet, 1, "1.0.0");
-    let daemon = FileDaemon::start(&fleet, &cluster);
-    fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || {
-        daemon.0.log()
-    });
+    let daemon = FileDaemon::start_running(&fleet, &cluster);
     write_cluster(&fleet, 2, "2.0.0");
     fleet.wait_all_run("2.0.0", CONVERGE, "every host runs 2.0.0", || {
         daemon.0.log()

@@ -51,6 +51,16 @@ impl Site {
         }
     }
 
+    /// One agent `id` in group `env`, deployed at revision 1; returns once the env
+    /// release there has written its environment.
+    fn env_group_deployed_on(id: &str) -> Site {
+        let site = Site::new(&[id]);
+        site.write(1, &["group = \"env\""]);
+        site.deploy();
+        site.env_of(id);
+        site
+    }
+
     fn cluster(&self) -> PathBuf {
         self.dir.path().join("cluster.toml")
     }
@@ -279,10 +289,7 @@ async fn a_waiting_host_is_left_alone_until_a_revision_names_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_commands_take_the_groups_settings() {
-    let site = Site::new(&["cmd-1"]);
-    site.write(1, &["group = \"env\""]);
-    site.deploy();
-    site.env_of("cmd-1");
+    let site = Site::env_group_deployed_on("cmd-1");
 
     let (ok, out) = site.erel(&["stop", "cmd-1", ENV_RELEASE]);
     assert!(ok, "{out}");
@@ -366,10 +373,7 @@ fn argv_env(site: &Site, host: &str, group: &str) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_says_whether_a_release_runs_with_its_groups_argv_and_env() {
-    let site = Site::new(&["argv-1"]);
-    site.write(1, &["group = \"env\""]);
-    site.deploy();
-    site.env_of("argv-1");
+    let site = Site::env_group_deployed_on("argv-1");
     assert_eq!(
         argv_env(&site, "argv-1", "env"),
         ("match".to_string(), String::new()),

@@ -36,6 +36,32 @@ const SERVES: Behaviour = Behaviour {
     drain_hangs: false,
 };
 
+impl Behaviour {
+    /// This behaviour, with `GET /health` answering `status`.
+    const fn answering(self, status: u16) -> Self {
+        Behaviour {
+            health_status: status,
+            ..self
+        }
+    }
+
+    /// This behaviour, with the first `count` `GET /health` answering 500.
+    const fn failing_first(self, count: u32) -> Self {
+        Behaviour {
+            fail_first: count,
+            ..self
+        }
+    }
+
+    /// This behaviour, with `POST /drain` never answering.
+    const fn hanging_on_drain(self) -> Self {
+        Behaviour {
+            drain_hangs: true,
+            ..self
+        }
+    }
+}
+
 /// A release whose `bin/web foreground` is a Python HTTP server on `$HTTP_PORT`:
 /// `GET /health` answers as `behaviour` says, `POST /drain` answers 200 (or never);
 /// it appends `health <version> <host> <status>`, `drain <version> <host>` and, on
@@ -147,6 +173,16 @@ impl Site {
         let (ok, out) = self.deploy_revision(revision, version, archive, lines);
         assert!(ok, "{out}\n{}", self.logs());
         out
+    }
+
+    /// Builds 0.1.0 behaving as `old` and 0.2.0 behaving as `new`, deploys 0.1.0 at
+    /// revision 1 ([`Site::deployed`]), then 0.2.0 at revision 2, both with `lines`;
+    /// the second deploy's (success, stdout + stderr).
+    fn upgrade(&self, old: Behaviour, new: Behaviour, lines: &str) -> (bool, String) {
+        let v1 = http_release(self.fleet.dir.path(), "0.1.0", old);
+        let v2 = http_release(self.fleet.dir.path(), "0.2.0", new);
+        self.deployed(1, "0.1.0", &v1, lines);
+        self.deploy_revision(2, "0.2.0", &v2, lines)
     }
 
     /// Writes the cluster file ([`Site::write`]) and runs [`Site::deploy`].
@@ -275,21 +311,14 @@ async fn an_http_2xx_is_healthy_and_the_deploy_output_shows_the_evidence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_500_is_rolled_back_and_the_evidence_names_the_status() {
     let site = Site::new("h500");
-    let v1 = http_release(site.fleet.dir.path(), "0.1.0", SERVES);
-    let broken = Behaviour {
-        health_status: 500,
-        ..SERVES
-    };
-    let v2 = http_release(site.fleet.dir.path(), "0.2.0", broken);
+    let broken = SERVES.answering(500);
     // A short deadline, as 0.2.0 answers 500 for as long as it runs; it also bounds
     // the old version's verification after the rollback, so it leaves that room.
     const DEADLINE_SECS: u64 = 6;
     let health = format!(
         "health = {{ http = \"$HTTP_PORT\", path = \"/health\", min_up_secs = 1, deadline_secs = {DEADLINE_SECS} }}"
     );
-    site.deployed(1, "0.1.0", &v1, &health);
-
-    let (ok, out) = site.deploy_revision(2, "0.2.0", &v2, &health);
+    let (ok, out) = site.upgrade(SERVES, broken, &health);
     assert!(!ok, "0.2.0 must fail:\n{out}");
     let probe = format!("http GET 127.0.0.1:{}/health", site.port());
     assert!(
@@ -342,10 +371,7 @@ async fn an_http_500_is_rolled_back_and_the_evidence_names_the_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_passes_are_needed_and_a_failure_resets_the_count() {
     let site = Site::new("hpass");
-    let flaky = Behaviour {
-        fail_first: 2,
-        ..SERVES
-    };
+    let flaky = SERVES.failing_first(2);
     let v1 = http_release(site.fleet.dir.path(), "0.1.0", flaky);
     site.write(
         1,
@@ -451,19 +477,12 @@ async fn the_running_release_is_drained_before_its_stop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_that_never_answers_is_given_up_after_its_timeout() {
     let site = Site::new("hhang");
-    let stuck = Behaviour {
-        drain_hangs: true,
-        ..SERVES
-    };
-    let v1 = http_release(site.fleet.dir.path(), "0.1.0", stuck);
-    let v2 = http_release(site.fleet.dir.path(), "0.2.0", SERVES);
+    let stuck = SERVES.hanging_on_drain();
     const DRAIN_TIMEOUT_SECS: u64 = 1;
     let lines = format!(
         "{HTTP_HEALTH}\ndrain = {{ http = \"$HTTP_PORT\", timeout_secs = {DRAIN_TIMEOUT_SECS} }}"
     );
-    site.deployed(1, "0.1.0", &v1, &lines);
-
-    let (ok, out) = site.deploy_revision(2, "0.2.0", &v2, &lines);
+    let (ok, out) = site.upgrade(stuck, SERVES, &lines);
     assert!(
         ok,
         "the stop proceeds after the drain timeout:\n{out}\n{}",

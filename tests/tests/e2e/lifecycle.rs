@@ -66,11 +66,18 @@ fn runs(fleet: &Fleet, host: usize, version: &str) -> String {
     format!("beat {version} {}", fleet.agents[host].id)
 }
 
+/// Runs `erel <words> --cluster <the fleet's file>`, which must succeed; its stdout +
+/// stderr.
+fn erel_ok(fleet: &Fleet, words: &[&str]) -> String {
+    let (ok, out) = erel(fleet, words);
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    out
+}
+
 /// Deploys `version` to every host and checks it is answered everywhere.
 fn deploy_all(fleet: &Fleet, revision: u64, version: &str) {
     write_cluster(fleet, revision, version, "", "");
-    let (ok, out) = erel(fleet, &["deploy"]);
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    erel_ok(fleet, &["deploy"]);
     fleet.expect_beats(version);
 }
 
@@ -123,7 +130,7 @@ async fn one_dead_host_within_max_failed_does_not_block_its_group() {
     fleet.expect_beats("0.1.0");
 
     // Leaving the dead hosts out, the group converges.
-    let (ok, out) = erel(
+    erel_ok(
         &fleet,
         &[
             "deploy",
@@ -133,7 +140,6 @@ async fn one_dead_host_within_max_failed_does_not_block_its_group() {
             "2",
         ],
     );
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
     fleet.expect_beats("0.2.0");
 }
 
@@ -141,16 +147,8 @@ async fn one_dead_host_within_max_failed_does_not_block_its_group() {
 async fn hosts_and_exclude_select_hosts_and_unknown_ids_are_refused() {
     let fleet = fleet("pick", 3);
     write_cluster(&fleet, 1, "0.1.0", "canaries = 0", "");
-    let (ok, out) = erel(&fleet, &["deploy", "--hosts", "pick-1,pick-3"]);
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
-    assert_eq!(
-        answers(&fleet),
-        vec![
-            runs(&fleet, 0, "0.1.0"),
-            String::new(),
-            runs(&fleet, 2, "0.1.0")
-        ]
-    );
+    let out = erel_ok(&fleet, &["deploy", "--hosts", "pick-1,pick-3"]);
+    fleet.expect_beats_per_host(&["0.1.0", "", "0.1.0"]);
     assert!(
         !out.contains("pick-2"),
         "pick-2 is not even looked at: {out}"
@@ -230,8 +228,7 @@ async fn releases_that_leave_the_config_are_stopped_and_others_are_never_touched
     assert!(!out.contains("stray"), "{out}");
     assert_eq!(answers(&fleet)[2], runs(&fleet, 2, "0.1.0"), "dry run");
 
-    let (ok, out) = erel(&fleet, &["deploy"]);
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    let out = erel_ok(&fleet, &["deploy"]);
     assert!(
         out.contains("leave-3: stopped beat (the host left the group)"),
         "{out}"
@@ -259,8 +256,7 @@ async fn releases_that_leave_the_config_are_stopped_and_others_are_never_touched
         out.contains("stop      beat on leave-1: the group is stopped"),
         "{out}"
     );
-    let (ok, out) = erel(&fleet, &["deploy"]);
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    let out = erel_ok(&fleet, &["deploy"]);
     assert!(out.contains("2 stopped"), "{out}");
     assert_eq!(answers(&fleet), vec![""; 3]);
     // Status counts a stopped group's host as it should be once its release is stopped.
@@ -304,8 +300,7 @@ async fn a_group_is_restarted_rolled_back_and_stopped() {
     deploy_all(&fleet, 2, "0.2.0");
     let before = fleet.release_pids(RELEASE);
 
-    let (ok, out) = erel(&fleet, &["restart", "--group", "web"]);
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    let out = erel_ok(&fleet, &["restart", "--group", "web"]);
     assert!(out.contains("restarted (pid"), "{out}");
     fleet.expect_beats("0.2.0");
     let after = fleet.release_pids(RELEASE);
@@ -316,30 +311,18 @@ async fn a_group_is_restarted_rolled_back_and_stopped() {
         );
     }
 
-    let (ok, out) = erel(
+    let out = erel_ok(
         &fleet,
         &["rollback", "--group", "web", "--exclude", "life-3"],
     );
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
     assert!(out.contains("switched from 0.2.0"), "{out}");
-    assert_eq!(
-        answers(&fleet),
-        vec![
-            runs(&fleet, 0, "0.1.0"),
-            runs(&fleet, 1, "0.1.0"),
-            runs(&fleet, 2, "0.2.0")
-        ]
-    );
+    fleet.expect_beats_per_host(&["0.1.0", "0.1.0", "0.2.0"]);
 
-    let (ok, out) = erel(
+    erel_ok(
         &fleet,
         &["stop", "--group", "web", "--hosts", "life-1,life-3"],
     );
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
-    assert_eq!(
-        answers(&fleet),
-        vec![String::new(), runs(&fleet, 1, "0.1.0"), String::new()]
-    );
+    fleet.expect_beats_per_host(&["", "0.1.0", ""]);
     let stopped = wait_until(PATIENCE, || async {
         fleet.agents[0].release_pids(RELEASE).is_empty()
             && fleet.agents[2].release_pids(RELEASE).is_empty()
@@ -430,8 +413,7 @@ async fn after_a_halted_deploy_rollback_and_restart_never_go_forward() {
     );
 
     // No host runs the group's 0.3.0: each is left as it is, and the report says so.
-    let (ok, out) = erel(&fleet, &["rollback", "--group", "web"]);
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    let out = erel_ok(&fleet, &["rollback", "--group", "web"]);
     assert!(
         out.contains("left as it is: runs beat 0.2.0, not the group's 0.3.0"),
         "{out}"
@@ -450,11 +432,10 @@ async fn after_a_halted_deploy_rollback_and_restart_never_go_forward() {
     assert_eq!(fleet.release_pids(RELEASE), before, "nothing was restarted");
 
     // A group restart restarts what runs (0.2.0), never the group's 0.3.0.
-    let (ok, out) = erel(
+    let out = erel_ok(
         &fleet,
         &["restart", "--group", "web", "--hosts", "halted-2"],
     );
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
     assert!(out.contains("restarted (pid"), "{out}");
     assert!(
         out.contains("group web: restarting beat on 1 host(s), each with the version it runs"),
@@ -486,22 +467,14 @@ async fn after_a_halted_deploy_rollback_and_restart_never_go_forward() {
     assert_eq!(fleet.release_pids(RELEASE), after, "nothing was restarted");
 
     // --to a version present: taken on the selected host, whatever it runs.
-    let (ok, out) = erel(
+    let out = erel_ok(
         &fleet,
         &[
             "rollback", "--group", "web", "--to", "0.1.0", "--hosts", "halted-3",
         ],
     );
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
     assert!(out.contains("switched from 0.2.0"), "{out}");
-    assert_eq!(
-        answers(&fleet),
-        vec![
-            runs(&fleet, 0, "0.2.0"),
-            runs(&fleet, 1, "0.2.0"),
-            runs(&fleet, 2, "0.1.0")
-        ]
-    );
+    fleet.expect_beats_per_host(&["0.2.0", "0.2.0", "0.1.0"]);
 }
 
 /// A file daemon (`erel master --cluster`), killed when dropped if a test panics first.
@@ -649,8 +622,7 @@ async fn one_host_and_group_forms_both_act_and_a_mix_of_them_is_refused() {
     assert_eq!(fleet.release_pids(RELEASE), before, "nothing was touched");
 
     // One host, with its group's settings: only that host's release restarts.
-    let (ok, out) = erel(&fleet, &["restart", "forms-1", RELEASE]);
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    let out = erel_ok(&fleet, &["restart", "forms-1", RELEASE]);
     assert!(
         out.contains("group 'web'") && out.contains("forms-1: beat stopped"),
         "{out}"
@@ -666,8 +638,7 @@ async fn one_host_and_group_forms_both_act_and_a_mix_of_them_is_refused() {
     assert_eq!(after_host[1], before[1], "forms-2 untouched");
 
     // The group form, narrowed to the other host: a rolling restart gated on health.
-    let (ok, out) = erel(&fleet, &["restart", "--group", "web", "--hosts", "forms-2"]);
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    let out = erel_ok(&fleet, &["restart", "--group", "web", "--hosts", "forms-2"]);
     assert!(out.contains("restarted (pid"), "{out}");
     fleet.expect_beats("0.2.0");
     let after_group = fleet.release_pids(RELEASE);
@@ -681,8 +652,7 @@ async fn one_host_and_group_forms_both_act_and_a_mix_of_them_is_refused() {
 
     // A one-host rollback: the older version, still unpacked there, with the group's
     // settings.
-    let (ok, out) = erel(&fleet, &["restart", "forms-1", RELEASE, "0.1.0"]);
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    let out = erel_ok(&fleet, &["restart", "forms-1", RELEASE, "0.1.0"]);
     assert!(out.contains("beat 0.1.0 started"), "{out}");
     let rolled_back = wait_until(PATIENCE, || async {
         answers(&fleet) == vec![runs(&fleet, 0, "0.1.0"), runs(&fleet, 1, "0.2.0")]
@@ -697,10 +667,7 @@ async fn one_host_and_group_forms_both_act_and_a_mix_of_them_is_refused() {
         out.contains("stop_grace_secs 5"),
         "the group's grace: {out}"
     );
-    assert_eq!(
-        answers(&fleet),
-        vec![runs(&fleet, 0, "0.1.0"), String::new()]
-    );
+    fleet.expect_beats_per_host(&["0.1.0", ""]);
 }
 
 /// The line index of each host's first `web/<id>: stopping` and of the first host that
@@ -731,11 +698,9 @@ async fn a_group_rollback_skips_the_canary_phase_and_takes_max_in_flight_at_once
     let fleet = fleet("nocanary", 3);
     let lines = "canaries = 1\nmax_in_flight = 3";
     write_cluster(&fleet, 1, "0.1.0", lines, "");
-    let (ok, out) = erel(&fleet, &["deploy"]);
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    erel_ok(&fleet, &["deploy"]);
     write_cluster(&fleet, 2, "0.2.0", lines, "");
-    let (ok, out) = erel(&fleet, &["deploy"]);
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    let out = erel_ok(&fleet, &["deploy"]);
     fleet.expect_beats("0.2.0");
     let (stopping, done) = stop_and_done_lines(&out);
     assert_eq!(stopping.len(), 3, "{out}");
@@ -745,8 +710,7 @@ async fn a_group_rollback_skips_the_canary_phase_and_takes_max_in_flight_at_once
         "the deploy's canary is done before another host stops:\n{out}"
     );
 
-    let (ok, out) = erel(&fleet, &["rollback", "--group", "web"]);
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    let out = erel_ok(&fleet, &["rollback", "--group", "web"]);
     fleet.expect_beats("0.1.0");
     let (stopping, done) = stop_and_done_lines(&out);
     assert_eq!(stopping.len(), 3, "{out}");

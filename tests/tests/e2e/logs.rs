@@ -7,11 +7,13 @@ use std::sync::{Arc, Mutex};
 use erel_master::client::Connector;
 use erel_proto::ReleaseState;
 
-use crate::helper::install::{install_and_start, push_and_unpack, release_status, start_request};
+use crate::helper::install::{
+    install_and_start, release_status, start_request, unpack_shell_release,
+};
 use crate::helper::release::shell_release;
 use crate::helper::AgentCommands;
 use crate::helper::{
-    follow_lines, output_text, pki_and_agent, wait_until, AgentProc, Pki, PATIENCE,
+    follow_lines, holds_all, output_text, pki_and_agent, wait_until, AgentProc, Pki, PATIENCE,
 };
 
 /// A release that prints two lines, then a third once `$TRIGGER` exists, then waits.
@@ -96,14 +98,18 @@ async fn erel_logs_prints_a_running_release_output_and_follows_it() {
 async fn erel_logs_of_an_unknown_release_names_the_host_and_its_releases() {
     let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
-    let tarball = shell_release(work.path(), "known", "1", "#!/bin/sh\nexec sleep 100000\n");
-    let mut client = pki.connect(&agent).await;
-    push_and_unpack(&mut client, &tarball, "known", "1").await;
+    let script = "#!/bin/sh\nexec sleep 100000\n";
+    unpack_shell_release(&pki, &agent, work.path(), "known", "1", script).await;
     let (ok, text) = erel_logs(&pki, &agent, "unknown");
     assert!(!ok, "{text}");
     assert!(
-        text.contains("host web-1 (127.0.0.1:")
-            && text.contains("has no release unknown; its releases: known"),
+        holds_all(
+            &text,
+            &[
+                "host web-1 (127.0.0.1:",
+                "has no release unknown; its releases: known"
+            ]
+        ),
         "{text}"
     );
 }
@@ -112,14 +118,8 @@ async fn erel_logs_of_an_unknown_release_names_the_host_and_its_releases() {
 async fn the_agent_logs_one_plain_line_per_command_and_refusals_as_warnings() {
     let (pki, agent) = pki_and_agent("web-1", &[]);
     let work = tempfile::tempdir().expect("tempdir");
-    let tarball = shell_release(
-        work.path(),
-        "flop",
-        "1",
-        "#!/bin/sh\necho flop fails\nexit 3\n",
-    );
-    let mut client = pki.connect(&agent).await;
-    push_and_unpack(&mut client, &tarball, "flop", "1").await;
+    let script = "#!/bin/sh\necho flop fails\nexit 3\n";
+    let mut client = unpack_shell_release(&pki, &agent, work.path(), "flop", "1", script).await;
     client.ping().await.expect("ping");
     client
         .start(start_request("flop", "1", &[]))

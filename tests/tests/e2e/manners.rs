@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use crate::helper::release::beat_release;
-use crate::helper::{free_port, output_text, Pki, MASTER_BIN};
+use crate::helper::{assert_holds_all, free_port, output_text, temp_path, Pki, MASTER_BIN};
 
 /// `erel` with `args`, with no `EREL_LOG` from the environment: the defaults are
 /// under test.
@@ -65,8 +65,7 @@ fn a_refused_amqp_login_prints_erels_message_alone() {
 
 #[test]
 fn start_up_errors_are_printed_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let missing_certs = dir.path().join("no-certs");
+    let (dir, missing_certs) = temp_path("no-certs");
     let missing_certs = missing_certs.to_str().expect("utf8");
     let out = erel(&["--certs", missing_certs, "ping", "web-1@127.0.0.1:1"]);
     failed_once(&out, "no-certs");
@@ -199,14 +198,15 @@ fn deploy_dry_run_json_is_the_plan_and_touches_nothing() {
     let out = erel_with(&pki, &cluster, &["deploy", "--dry-run"]);
     let said = output_text(&out);
     assert!(out.status.success(), "{said}");
-    for part in [
-        "health    TCP port 7000 answers and HTTP GET port 8080/ready answers 2xx, 2 consecutive pass(es); up 1s",
-        "drain     POST port 8081/drain before each stop of a running release, answer within 4s",
-        "stop_grace_secs 10",
-        "up to 1 host(s) may fail",
-    ] {
-        assert!(said.contains(part), "{part:?} missing: {said}");
-    }
+    assert_holds_all(
+        &said,
+        &[
+            "health    TCP port 7000 answers and HTTP GET port 8080/ready answers 2xx, 2 consecutive pass(es); up 1s",
+            "drain     POST port 8081/drain before each stop of a running release, answer within 4s",
+            "stop_grace_secs 10",
+            "up to 1 host(s) may fail",
+        ],
+    );
     let out = erel_with(&pki, &cluster, &["deploy", "--dry-run", "--json"]);
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let group = &plan["groups"][0];
@@ -357,14 +357,15 @@ fn ctrl_c_during_a_deploy_says_what_was_done_in_flight_and_untouched() {
         text.contains("IN FLIGHT  web/intr-1: was verifying when interrupted; now 0.1.0 running"),
         "the canary's state, asked of its agent: {text}"
     );
-    for said in [
-        "INTERRUPTED",
-        "health was NOT verified",
-        "untouched  web/intr-2: its running release was not touched",
-        "0 done, 1 in flight, 1 untouched",
-    ] {
-        assert!(text.contains(said), "{said:?} missing: {text}");
-    }
+    assert_holds_all(
+        &text,
+        &[
+            "INTERRUPTED",
+            "health was NOT verified",
+            "untouched  web/intr-2: its running release was not touched",
+            "0 done, 1 in flight, 1 untouched",
+        ],
+    );
     // The second host really was not touched.
     assert!(fleet.agents[1].release_pids("beat").is_empty(), "{text}");
 }

@@ -13,7 +13,7 @@ use erel_certs::layout;
 use erel_certs::testing::openssl::{concat, KeyKind, Leaf, Pki};
 
 use crate::helper::AgentCommands;
-use crate::helper::{exit_within, output_text, AgentProc, AGENT_BIN, MASTER_BIN};
+use crate::helper::{exit_within, holds_all, output_text, AgentProc, AGENT_BIN, MASTER_BIN};
 
 /// How long an agent may take to refuse a bundle and exit: the same bound the
 /// helper gives an agent to start.
@@ -225,8 +225,13 @@ async fn an_agent_without_the_intermediates_crl_names_the_masters_certificate_an
         .log_showing("Example Intermediate CA", AGENT_START_LIMIT)
         .await;
     assert!(
-        log.contains("master's certificate \"O=Example, CN=erel-master\"")
-            && log.contains("agent's crl.pem holds no CRL from its issuer"),
+        holds_all(
+            &log,
+            &[
+                "master's certificate \"O=Example, CN=erel-master\"",
+                "agent's crl.pem holds no CRL from its issuer"
+            ]
+        ),
         "{log}"
     );
 }

@@ -256,6 +256,23 @@ impl Fleet {
     }
 }
 
+/// A fleet of one `web` host `<prefix>-1` with the beat releases, a test broker for group
+/// `web` named after `test`, a master on it per entry of `names`, and revision 1 (1.0.0,
+/// with `extra` lines in the group) published to them. Bound as
+/// `let (fleet, broker, [m1, m2]) = …`, the masters are dropped first, then the broker.
+pub fn one_host_under_masters<const N: usize>(
+    prefix: &str,
+    test: &str,
+    names: [&str; N],
+    extra: &str,
+) -> (Fleet, TestBroker, [MasterProc; N]) {
+    let fleet = Fleet::with_beat_releases(prefix, &["web"]);
+    let broker = TestBroker::new(test, &["web"]);
+    let masters = names.map(|name| fleet.master(&broker, name));
+    fleet.published(&broker, &fleet.config(1, "1.0.0", extra));
+    (fleet, broker, masters)
+}
+
 /// Runs `erel <words> --amqp … <rest>`.
 pub fn erel(pki: &Pki, words: &[&str], broker: &TestBroker, rest: &[&str]) -> Output {
     pki.erel()

@@ -54,6 +54,21 @@ impl Fleet {
         text
     }
 
+    /// Asserts what each agent's beat answers, in host order: `beat <version> <id>` for
+    /// each entry of `versions`, or nothing where the entry is "" (the release is down).
+    pub fn expect_beats_per_host(&self, versions: &[&str]) {
+        let expected: Vec<String> = self
+            .agents
+            .iter()
+            .zip(versions)
+            .map(|(agent, version)| match *version {
+                "" => String::new(),
+                version => format!("beat {version} {}", agent.id),
+            })
+            .collect();
+        assert_eq!(self.beats(), expected);
+    }
+
     /// What each agent's release answers on its port.
     pub fn beats(&self) -> Vec<String> {
         self.ports.iter().map(|p| beat(*p)).collect()

@@ -7,7 +7,7 @@ use erel_master::client::{Progress, WriteSource};
 use erel_master::AgentClient;
 use erel_proto::{ReleaseStatus, Start};
 
-use super::release::sha256;
+use super::release::{sha256, shell_release};
 use super::AgentCommands;
 use super::{AgentProc, Pki};
 
@@ -51,6 +51,22 @@ pub async fn push_and_unpack(client: &mut AgentClient, tarball: &Path, name: &st
         )
         .await
         .expect("unpack");
+}
+
+/// A shell release `name` `version` whose `bin/<name>` is `script`, made in `work`,
+/// pushed to `agent` and unpacked there ([`push_and_unpack`]); the client that did it.
+pub async fn unpack_shell_release(
+    pki: &Pki,
+    agent: &AgentProc,
+    work: &Path,
+    name: &str,
+    version: &str,
+    script: &str,
+) -> AgentClient {
+    let tarball = shell_release(work, name, version, script);
+    let mut client = pki.connect(agent).await;
+    push_and_unpack(&mut client, &tarball, name, version).await;
+    client
 }
 
 /// A start of `name` `version` with `argv` (empty: the release's default), no extra

@@ -104,6 +104,27 @@ impl Pki {
     }
 }
 
+/// A fresh temporary directory and the path `name` inside it, not yet created. (The
+/// directory is removed when the first is dropped.)
+pub fn temp_path(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(name);
+    (dir, path)
+}
+
+/// True when `text` holds every one of `parts`.
+pub fn holds_all(text: &str, parts: &[&str]) -> bool {
+    parts.iter().all(|part| text.contains(part))
+}
+
+/// Asserts that `text` holds every one of `parts`; the failure names the first part
+/// missing and shows `text`.
+pub fn assert_holds_all(text: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(text.contains(part), "{part:?} missing: {text}");
+    }
+}
+
 /// What a finished command printed: its stdout, then its stderr.
 pub fn output_text(out: &Output) -> String {
     format!(
