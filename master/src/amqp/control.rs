@@ -18,6 +18,7 @@
 use lapin::options::{BasicGetOptions, BasicNackOptions, QueuePurgeOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{amqp_error, now_ms, open_channel, table, Broker, Names};
@@ -80,8 +81,14 @@ async fn declare(channel: &Channel, queue: &str, durable: bool) -> Result<()> {
     Ok(())
 }
 
-/// The newest message of `queue`, left in it for the next reader.
-async fn peek(channel: &Channel, queue: &str) -> Result<Option<Vec<u8>>> {
+/// The newest record of `queue` (declared first, `durable` or not), left in it for the
+/// next reader; `None` when the queue is empty or its record is not a `T`.
+async fn peek<T: DeserializeOwned>(
+    channel: &Channel,
+    queue: &str,
+    durable: bool,
+) -> Result<Option<T>> {
+    declare(channel, queue, durable).await?;
     let mut newest = None;
     let mut last = None;
     for _ in 0..MAX_READ {
@@ -102,7 +109,7 @@ async fn peek(channel: &Channel, queue: &str) -> Result<Option<Vec<u8>>> {
             .await
             .map_err(|e| amqp_error(queue, "putting the record back", e))?;
     }
-    Ok(newest)
+    Ok(newest.and_then(|body| serde_json::from_slice(&body).ok()))
 }
 
 async fn publish(
@@ -125,11 +132,7 @@ pub(crate) async fn read_halt(
     names: &Names,
     group: &str,
 ) -> Result<Option<HaltRecord>> {
-    let queue = names.halt(group)?;
-    declare(channel, &queue, true).await?;
-    Ok(peek(channel, &queue)
-        .await?
-        .and_then(|body| serde_json::from_slice(&body).ok()))
+    peek(channel, &names.halt(group)?, true).await
 }
 
 /// Writes the group's halt record (persistent).
@@ -204,12 +207,8 @@ pub(crate) async fn pending_handover(
     group: &str,
     me: &str,
 ) -> Result<Option<HandoverRequest>> {
-    let queue = names.handover(group)?;
-    declare(channel, &queue, false).await?;
-    Ok(peek(channel, &queue)
-        .await?
-        .and_then(|body| serde_json::from_slice::<HandoverRequest>(&body).ok())
-        .filter(|request| request.requester != me && request.until_ms > now_ms()))
+    let request: Option<HandoverRequest> = peek(channel, &names.handover(group)?, false).await?;
+    Ok(request.filter(|request| request.requester != me && request.until_ms > now_ms()))
 }
 
 /// Asks the holder of the request's group to hand it over; the message expires at the
