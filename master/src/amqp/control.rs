@@ -55,6 +55,16 @@ pub enum HaltRecord {
     },
 }
 
+impl HaltRecord {
+    /// The group the record is about.
+    pub fn group(&self) -> &str {
+        match self {
+            HaltRecord::Halted(halt) => &halt.group,
+            HaltRecord::Cleared { group, .. } | HaltRecord::Retry { group, .. } => group,
+        }
+    }
+}
+
 /// A request to hand a group over, from `erel deploy --take-over`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandoverRequest {
@@ -135,14 +145,13 @@ pub(crate) async fn read_halt(
     peek(channel, &names.halt(group)?, true).await
 }
 
-/// Writes the group's halt record (persistent).
+/// Writes a halt record (persistent) to the halt queue of the group it is about.
 pub(crate) async fn write_halt(
     channel: &Channel,
     names: &Names,
-    group: &str,
     record: &HaltRecord,
 ) -> Result<()> {
-    let queue = names.halt(group)?;
+    let queue = names.halt(record.group())?;
     declare(channel, &queue, true).await?;
     let body = encode(&queue, record)?;
     publish(
@@ -166,7 +175,7 @@ pub async fn retry(broker: &Broker, group: &str, by: &str) -> Result<Option<Halt
             by: by.to_string(),
             at_ms: now_ms(),
         };
-        write_halt(&channel, broker.names(), group, &record).await?;
+        write_halt(&channel, broker.names(), &record).await?;
         let _ = channel.close(200, "done".into()).await;
         Ok(match current {
             Some(HaltRecord::Halted(halt)) => Some(halt),
