@@ -21,8 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::cluster::Plan;
-use crate::durable;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::rollout::halt;
 use crate::rollout::RolloutEvent;
 
@@ -74,16 +73,9 @@ pub fn fingerprint(start: &Start) -> String {
 ///
 /// # Errors
 ///
-/// [`Error::Local`] naming the file when it cannot be read or is not this module's JSON.
+/// [`crate::Error::Local`] naming the file when it cannot be read or is not this module's JSON.
 pub fn load(cluster: &Path) -> Result<StartRecords> {
-    let path = halt::state_dir(cluster).join(STARTED_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(StartRecords::new()),
-        Err(e) => return Err(Error::local(&path, format!("cannot read: {e}"))),
-    };
-    serde_json::from_str(&text)
-        .map_err(|e| Error::local(&path, format!("not a record of started releases: {e}")))
+    halt::load_state(cluster, STARTED_FILE, "a record of started releases")
 }
 
 /// Records that `start` was started on `host` as process `pid`, replacing the host's
@@ -92,7 +84,7 @@ pub fn load(cluster: &Path) -> Result<StartRecords> {
 ///
 /// # Errors
 ///
-/// [`Error::Local`] naming the directory or file that could not be written.
+/// [`crate::Error::Local`] naming the directory or file that could not be written.
 pub fn record(cluster: &Path, host: &str, start: &Start, pid: u32) -> Result<()> {
     let mut records = load(cluster).unwrap_or_default();
     records.entry(host.to_string()).or_default().insert(
@@ -104,10 +96,7 @@ pub fn record(cluster: &Path, host: &str, start: &Start, pid: u32) -> Result<()>
             started_ms: crate::amqp::now_ms(),
         },
     );
-    let dir = halt::state_dir(cluster);
-    let json = serde_json::to_vec_pretty(&records)
-        .map_err(|e| Error::local(dir.join(STARTED_FILE), format!("cannot encode: {e}")))?;
-    durable::write(&dir, STARTED_FILE, &json)
+    halt::store_state(cluster, STARTED_FILE, &records)
 }
 
 /// Records the start a rollout's [`RolloutEvent::HostDone`] reports: the request is the
@@ -306,8 +295,7 @@ mod tests {
 
     #[test]
     fn records_survive_in_the_state_directory_and_garbage_is_named() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cluster = dir.path().join("cluster.toml");
+        let (dir, cluster) = crate::rollout::halt::temp_cluster();
         assert!(load(&cluster).expect("nothing yet").is_empty());
         record(&cluster, "a-1", &start(&[("X", "1")]), 42).expect("record");
         record(&cluster, "a-1", &start(&[]), 43).expect("record again");

@@ -18,6 +18,7 @@
 use lapin::options::{BasicGetOptions, BasicNackOptions, QueuePurgeOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{amqp_error, now_ms, open_channel, table, Broker, Names};
@@ -54,6 +55,16 @@ pub enum HaltRecord {
     },
 }
 
+impl HaltRecord {
+    /// The group the record is about.
+    pub fn group(&self) -> &str {
+        match self {
+            HaltRecord::Halted(halt) => &halt.group,
+            HaltRecord::Cleared { group, .. } | HaltRecord::Retry { group, .. } => group,
+        }
+    }
+}
+
 /// A request to hand a group over, from `erel deploy --take-over`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandoverRequest {
@@ -80,8 +91,14 @@ async fn declare(channel: &Channel, queue: &str, durable: bool) -> Result<()> {
     Ok(())
 }
 
-/// The newest message of `queue`, left in it for the next reader.
-async fn peek(channel: &Channel, queue: &str) -> Result<Option<Vec<u8>>> {
+/// The newest record of `queue` (declared first, `durable` or not), left in it for the
+/// next reader; `None` when the queue is empty or its record is not a `T`.
+async fn peek<T: DeserializeOwned>(
+    channel: &Channel,
+    queue: &str,
+    durable: bool,
+) -> Result<Option<T>> {
+    declare(channel, queue, durable).await?;
     let mut newest = None;
     let mut last = None;
     for _ in 0..MAX_READ {
@@ -102,7 +119,7 @@ async fn peek(channel: &Channel, queue: &str) -> Result<Option<Vec<u8>>> {
             .await
             .map_err(|e| amqp_error(queue, "putting the record back", e))?;
     }
-    Ok(newest)
+    Ok(newest.and_then(|body| serde_json::from_slice(&body).ok()))
 }
 
 async fn publish(
@@ -125,21 +142,16 @@ pub(crate) async fn read_halt(
     names: &Names,
     group: &str,
 ) -> Result<Option<HaltRecord>> {
-    let queue = names.halt(group)?;
-    declare(channel, &queue, true).await?;
-    Ok(peek(channel, &queue)
-        .await?
-        .and_then(|body| serde_json::from_slice(&body).ok()))
+    peek(channel, &names.halt(group)?, true).await
 }
 
-/// Writes the group's halt record (persistent).
+/// Writes a halt record (persistent) to the halt queue of the group it is about.
 pub(crate) async fn write_halt(
     channel: &Channel,
     names: &Names,
-    group: &str,
     record: &HaltRecord,
 ) -> Result<()> {
-    let queue = names.halt(group)?;
+    let queue = names.halt(record.group())?;
     declare(channel, &queue, true).await?;
     let body = encode(&queue, record)?;
     publish(
@@ -163,7 +175,7 @@ pub async fn retry(broker: &Broker, group: &str, by: &str) -> Result<Option<Halt
             by: by.to_string(),
             at_ms: now_ms(),
         };
-        write_halt(&channel, broker.names(), group, &record).await?;
+        write_halt(&channel, broker.names(), &record).await?;
         let _ = channel.close(200, "done".into()).await;
         Ok(match current {
             Some(HaltRecord::Halted(halt)) => Some(halt),
@@ -204,12 +216,8 @@ pub(crate) async fn pending_handover(
     group: &str,
     me: &str,
 ) -> Result<Option<HandoverRequest>> {
-    let queue = names.handover(group)?;
-    declare(channel, &queue, false).await?;
-    Ok(peek(channel, &queue)
-        .await?
-        .and_then(|body| serde_json::from_slice::<HandoverRequest>(&body).ok())
-        .filter(|request| request.requester != me && request.until_ms > now_ms()))
+    let request: Option<HandoverRequest> = peek(channel, &names.handover(group)?, false).await?;
+    Ok(request.filter(|request| request.requester != me && request.until_ms > now_ms()))
 }
 
 /// Asks the holder of the request's group to hand it over; the message expires at the

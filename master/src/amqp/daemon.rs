@@ -627,8 +627,7 @@ impl GroupTask {
     /// Writes the group's halt record on a channel of its own.
     async fn write_halt(&self, record: &HaltRecord) -> Result<()> {
         let channel = self.halt_channel().await?;
-        let written =
-            control::write_halt(&channel, self.options.broker.names(), &self.group, record).await;
+        let written = control::write_halt(&channel, self.options.broker.names(), record).await;
         let _ = channel.close(200, "done".into()).await;
         written
     }

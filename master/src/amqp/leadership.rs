@@ -260,21 +260,22 @@ async fn compete(
             close(channel).await;
             return Ok(Competed::Cancelled);
         }
-        next = consumer.next() => match next {
-            Some(Ok(token)) => token,
-            Some(Err(e)) => return Err(amqp_error(&lease, "waiting for the token", e)),
-            None => return Err(lost(&lease)),
-        },
+        next = consumer.next() => delivered(next, &lease, "waiting for the token")?,
     };
-    if let Some(request) = must_hand_over(&channel, names, group, master, handover).await? {
-        drop(token);
-        close(channel).await;
-        return Ok(Competed::HandedOver(request));
-    }
-    let since_ms = now_ms();
-    holding.send_replace(true);
-    tracing::info!(group, lease = %lease, "holding the group");
+    let mut since_ms = None;
     loop {
+        // Before holding, and after each heartbeat: a hand-over asked for goes first.
+        if let Some(request) = must_hand_over(&channel, names, group, master, handover).await? {
+            drop(token);
+            close(channel).await;
+            return Ok(Competed::HandedOver(request));
+        }
+        let since_ms = *since_ms.get_or_insert_with(|| {
+            let since_ms = now_ms();
+            holding.send_replace(true);
+            tracing::info!(group, lease = %lease, "holding the group");
+            since_ms
+        });
         let record = HolderRecord {
             group: group.to_string(),
             master: master.to_string(),
@@ -298,19 +299,26 @@ async fn compete(
                 return Ok(Competed::Cancelled);
             }
             _ = tokio::time::sleep(HEARTBEAT) => {}
-            next = consumer.next() => match next {
+            next = consumer.next() => {
                 // Only a duplicate token can come (prefetch 1 makes it unlikely); it
                 // stays unacknowledged too and goes back with the channel.
-                Some(Ok(_duplicate)) => {}
-                Some(Err(e)) => return Err(amqp_error(&lease, "holding the token", e)),
-                None => return Err(lost(&lease)),
-            },
+                let _duplicate = delivered(next, &lease, "holding the token")?;
+            }
         }
-        if let Some(request) = must_hand_over(&channel, names, group, master, handover).await? {
-            drop(token);
-            close(channel).await;
-            return Ok(Competed::HandedOver(request));
-        }
+    }
+}
+
+/// What the lease queue's consumer gave while `action`: a delivery, or the error that
+/// ends the round (the consumer ended: the lease is lost).
+fn delivered(
+    next: Option<std::result::Result<Delivery, lapin::Error>>,
+    lease: &str,
+    action: &str,
+) -> Result<Delivery> {
+    match next {
+        Some(Ok(delivery)) => Ok(delivery),
+        Some(Err(e)) => Err(amqp_error(lease, action, e)),
+        None => Err(lost(lease)),
     }
 }
 

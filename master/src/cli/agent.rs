@@ -685,6 +685,27 @@ impl Target {
         Ok(Some(held))
     }
 
+    /// Runs `work` on a session with the host while the group is held against its
+    /// daemon (see [`Self::hold`]), then hands the group back, whatever `work` returned.
+    async fn while_held<T>(
+        &self,
+        ctx: &Context,
+        (command, name): (&str, &str),
+        hold: &super::daemon::HoldArgs,
+        work: impl AsyncFnOnce(&mut HostSession) -> Result<T>,
+    ) -> Result<T> {
+        let held = self.hold(command, name, hold).await?;
+        let outcome = async {
+            let mut session = HostSession::new(self.host.clone(), ctx.connector()?);
+            work(&mut session).await
+        }
+        .await;
+        if let Some(held) = held {
+            held.release().await;
+        }
+        outcome
+    }
+
     fn describe(&self) -> Option<String> {
         match &self.group {
             Some((_, group)) => Some(format!(
@@ -751,34 +772,20 @@ pub(super) async fn start(
 ) -> Result<ExitCode> {
     let target = Target::resolve(&args.host, cluster, &args.name)?;
     let (request, notes) = target.start_request(&args.name, &args.version, args.settings);
-    if let Some(line) = target.describe() {
-        println!("{line}");
-    }
-    for note in notes {
-        println!("{}: {note}", target.host.id);
-    }
-    if let Some(line) = target.stopped_group_warning(&args.name) {
-        println!("{line}");
-    }
-    let held = target.hold("erel start", &args.name, &args.hold).await?;
-    let mut session = HostSession::new(target.host.clone(), ctx.connector()?);
-    let started = send_start(
-        &target.host,
-        &mut session,
-        request,
-        target.cluster.as_deref(),
-    )
-    .await;
-    release(held).await;
-    println!("{}", started?);
+    let notes = notes
+        .iter()
+        .map(|note| format!("{}: {note}", target.host.id));
+    let warning = target.stopped_group_warning(&args.name);
+    print_lines(target.describe().into_iter().chain(notes).chain(warning));
+    let record = target.cluster.as_deref();
+    let command = ("erel start", args.name.as_str());
+    let started = target
+        .while_held(ctx, command, &args.hold, async |session| {
+            send_start(&target.host, session, request, record).await
+        })
+        .await?;
+    println!("{started}");
     Ok(ExitCode::SUCCESS)
-}
-
-/// Hands back what [`Target::hold`] held.
-async fn release(held: Option<super::daemon::Hold>) {
-    if let Some(held) = held {
-        held.release().await;
-    }
 }
 
 /// Stops a release on one agent.
@@ -790,17 +797,18 @@ pub(super) async fn stop(
 ) -> Result<ExitCode> {
     let target = Target::resolve(&args.host, cluster, &args.name)?;
     let grace = target.stop_grace(args.grace);
-    if let Some(line) = target.describe() {
-        println!("{line}");
-    }
-    if let Some(line) = target.grace_note(args.grace) {
-        println!("{line}");
-    }
-    let held = target.hold("erel stop", &args.name, hold).await?;
-    let mut session = HostSession::new(target.host.clone(), ctx.connector()?);
-    let stopped = send_stop(&target.host, &mut session, &args.name, grace).await;
-    release(held).await;
-    println!("{}", stopped?);
+    print_lines(
+        target
+            .describe()
+            .into_iter()
+            .chain(target.grace_note(args.grace)),
+    );
+    let stopped = target
+        .while_held(ctx, ("erel stop", &args.name), hold, async |session| {
+            send_stop(&target.host, session, &args.name, grace).await
+        })
+        .await?;
+    println!("{stopped}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -812,14 +820,26 @@ pub(super) async fn restart(
     hold: &super::daemon::HoldArgs,
 ) -> Result<ExitCode> {
     let target = Target::resolve(&args.host, cluster, &args.name)?;
-    let held = target.hold("erel restart", &args.name, hold).await?;
-    let outcome = restart_held(ctx, target, args).await;
-    release(held).await;
-    outcome
+    let name = args.name.clone();
+    target
+        .while_held(ctx, ("erel restart", &name), hold, async |session| {
+            restart_held(session, &target, args).await
+        })
+        .await
 }
 
-async fn restart_held(ctx: &Context, target: Target, args: RestartArgs) -> Result<ExitCode> {
-    let mut session = HostSession::new(target.host.clone(), ctx.connector()?);
+/// Prints each line on its own.
+fn print_lines(lines: impl IntoIterator<Item = String>) {
+    for line in lines {
+        println!("{line}");
+    }
+}
+
+async fn restart_held(
+    session: &mut HostSession,
+    target: &Target,
+    args: RestartArgs,
+) -> Result<ExitCode> {
     let version = match args.version {
         Some(version) => version,
         None => {
@@ -860,14 +880,9 @@ async fn restart_held(ctx: &Context, target: Target, args: RestartArgs) -> Resul
     let grace = target.stop_grace(args.grace);
     println!(
         "{}",
-        send_stop(&target.host, &mut session, &args.name, grace).await?
+        send_stop(&target.host, session, &args.name, grace).await?
     );
-    let started = send_start(
-        &target.host,
-        &mut session,
-        request,
-        target.cluster.as_deref(),
-    );
+    let started = send_start(&target.host, session, request, target.cluster.as_deref());
     println!("{}", started.await?);
     Ok(ExitCode::SUCCESS)
 }

@@ -46,18 +46,7 @@ pub(super) struct MasterArgs {
     metrics: Option<std::net::SocketAddr>,
     /// `--amqp URL --state-dir DIR --name NAME --artifacts DIR`: the AMQP config log.
     #[command(flatten)]
-    amqp: super::amqp::AmqpMasterArgs,
-}
-
-impl MasterArgs {
-    /// See [`super::amqp::AmqpMasterArgs::pick_mode`].
-    pub(super) fn pick_mode(
-        &mut self,
-        cluster_given: bool,
-        amqp: Option<clap::parser::ValueSource>,
-    ) -> crate::Result<()> {
-        self.amqp.pick_mode(cluster_given, amqp)
-    }
+    pub(super) amqp: super::amqp::AmqpMasterArgs,
 }
 
 /// Runs the daemon until SIGTERM or Ctrl-C.

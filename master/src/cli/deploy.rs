@@ -272,54 +272,31 @@ impl Bars {
     }
 
     fn show(&mut self, event: &RolloutEvent) {
-        let (group, host, last) = match event {
-            RolloutEvent::HostPhase { group, host, phase } => {
+        if let RolloutEvent::GroupHalted {
+            group,
+            reason,
+            untouched,
+        } = event
+        {
+            for host in untouched {
+                let bar = self.bar(group, host);
+                bar.finish_with_message(format!("not touched: group halted ({reason})"));
+            }
+            return;
+        }
+        let Some((group, host)) = event.group_and_host() else {
+            return;
+        };
+        let last = match event {
+            RolloutEvent::HostPhase { phase, .. } => {
                 self.bar(group, host).set_message(phase.to_string());
                 return;
             }
-            RolloutEvent::HostDone {
-                group,
-                host,
-                version,
-                pid,
-            } => (group, host, format!("done: runs {version} (pid {pid})")),
-            RolloutEvent::HostSkipped {
-                group,
-                host,
-                version,
-                why,
-            } => match why {
-                Some(why) => (group, host, format!("left as it is: {why}")),
-                None => (group, host, format!("up to date: runs {version}")),
-            },
-            RolloutEvent::HostStopped {
-                group,
-                host,
-                release,
-                why,
-            } => (group, host, format!("stopped {release}: {why}")),
-            RolloutEvent::HostFailed {
-                group,
-                host,
-                failure,
-                ..
-            } => {
-                let rolled = failure.rollback_words();
-                let reason = &failure.reason;
-                (group, host, format!("FAILED, {rolled}: {reason}"))
-            }
-            RolloutEvent::GroupHalted {
-                group,
-                reason,
-                untouched,
-            } => {
-                for host in untouched {
-                    let bar = self.bar(group, host);
-                    bar.finish_with_message(format!("not touched: group halted ({reason})"));
-                }
+            RolloutEvent::HostDrain { outcome, .. } => {
+                self.bar(group, host).set_message(outcome.to_string());
                 return;
             }
-            RolloutEvent::HostVerdict { group, host, .. } => {
+            RolloutEvent::HostVerdict { .. } => {
                 // The evidence stays on screen, above the bars.
                 if let Some(line) = event_line(event) {
                     let _ = self.multi.println(line);
@@ -327,15 +304,22 @@ impl Bars {
                 self.bar(group, host);
                 return;
             }
-            RolloutEvent::HostDrain {
-                group,
-                host,
-                outcome,
-            } => {
-                self.bar(group, host).set_message(outcome.to_string());
-                return;
+            RolloutEvent::HostDone { version, pid, .. } => {
+                format!("done: runs {version} (pid {pid})")
             }
-            RolloutEvent::GroupStarted { .. } | RolloutEvent::GroupDone { .. } => return,
+            RolloutEvent::HostSkipped { version, why, .. } => match why {
+                Some(why) => format!("left as it is: {why}"),
+                None => format!("up to date: runs {version}"),
+            },
+            RolloutEvent::HostStopped { release, why, .. } => format!("stopped {release}: {why}"),
+            RolloutEvent::HostFailed { failure, .. } => {
+                let rolled = failure.rollback_words();
+                let reason = &failure.reason;
+                format!("FAILED, {rolled}: {reason}")
+            }
+            RolloutEvent::GroupStarted { .. }
+            | RolloutEvent::GroupHalted { .. }
+            | RolloutEvent::GroupDone { .. } => return,
         };
         self.bar(group, host).finish_with_message(last);
     }

@@ -225,10 +225,8 @@ pub(super) async fn restart(
             agent::restart(ctx, cluster, one, &args.group.hold).await
         }
         Form::Group => {
-            // A restart starts again what each host runs: archives are not opened.
             let file = super::cluster_file(cluster);
-            let plan = Plan::load_with(&file, &ArchiveLookup::Unchecked)?;
-            run(ctx, &file, &plan, args.group, Operation::Restart, None).await
+            run(ctx, &file, args.group, Operation::Restart, None).await
         }
     }
 }
@@ -239,17 +237,7 @@ pub(super) async fn rollback(
     cluster: &Path,
     args: RollbackArgs,
 ) -> crate::Result<ExitCode> {
-    // The versions rolled back to are on the hosts already: archives are not opened.
-    let plan = Plan::load_with(cluster, &ArchiveLookup::Unchecked)?;
-    run(
-        ctx,
-        cluster,
-        &plan,
-        args.group,
-        Operation::Rollback,
-        args.to,
-    )
-    .await
+    run(ctx, cluster, args.group, Operation::Rollback, args.to).await
 }
 
 /// Runs `erel stop`: one host's release, or every selected host of groups.
@@ -269,20 +257,23 @@ pub(super) async fn stop(
         }
         Form::Group => {
             let file = super::cluster_file(cluster);
-            let plan = Plan::load_with(&file, &ArchiveLookup::Unchecked)?;
-            run(ctx, &file, &plan, args.group, Operation::Stop, None).await
+            run(ctx, &file, args.group, Operation::Stop, None).await
         }
     }
 }
 
+/// Runs a group `operation` (a restart, a stop, a rollback) on the selected hosts of
+/// the groups `args` names in the cluster file.
 async fn run(
     ctx: &Context,
     cluster: &Path,
-    plan: &Plan,
     args: GroupArgs,
     operation: Operation,
     rollback_to: Option<String>,
 ) -> crate::Result<ExitCode> {
+    // These work on what the hosts hold already (a restart starts again what each
+    // host runs, a rollback goes to a version on the host): archives are not opened.
+    let plan = &Plan::load_with(cluster, &ArchiveLookup::Unchecked)?;
     if args.groups.is_empty() {
         return Err(Error::Usage(format!(
             "name the group with --group G (groups in {}: {})",

@@ -100,7 +100,7 @@ pub fn main() -> ExitCode {
             .flatten()
             .any(|m| m.value_source("cluster") == Some(ValueSource::CommandLine));
         let amqp = master.and_then(|m| amqp_source(m, "url"));
-        if let Err(e) = args.pick_mode(cluster_given, amqp) {
+        if let Err(e) = args.amqp.pick_mode(cluster_given, amqp) {
             eprintln!("{}", error_line(&e.to_string()));
             return ExitCode::FAILURE;
         }

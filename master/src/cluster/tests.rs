@@ -103,6 +103,14 @@ fn assert_mentions(error: &str, parts: &[&str]) {
     }
 }
 
+/// The words of the error `result` must be (`what` says why, should it be `Ok`).
+fn refusal<T: std::fmt::Debug, E: std::fmt::Display>(
+    result: std::result::Result<T, E>,
+    what: &str,
+) -> String {
+    result.expect_err(what).to_string()
+}
+
 /// A refusal of the cluster file: it starts with the file's name and mentions `parts`.
 fn assert_refusal(error: &str, parts: &[&str]) {
     assert!(error.starts_with(FILE), "{error:?} names the file");
@@ -184,33 +192,19 @@ fn defaults_apply_when_fields_are_left_out() {
 #[test]
 fn an_archive_named_only_by_sha256_is_found_in_the_artifacts() {
     let fx = Fixture::new();
-    let artifacts = fx.dir.path().join("releases");
-    let text = fx
-        .text()
-        .replace("archive = \"releases/beat-0.2.0.tar.gz\"\n", "");
-    let plan = Plan::parse(
-        &text,
-        "amqp revision 7",
-        &ArchiveLookup::Artifacts(artifacts),
-    )
-    .expect("found by sha256");
-    let archive = plan.groups["web"].archive.clone().expect("checked");
+    let artifacts = ArchiveLookup::Artifacts(fx.dir.path().join("releases"));
+    let archive_found = |(from, to): (&str, &str), origin: &str, how: &str| {
+        let plan = Plan::parse(&fx.text().replace(from, to), origin, &artifacts).expect(how);
+        plan.groups["web"].archive.clone().expect("checked")
+    };
+    let by_sha256 = ("archive = \"releases/beat-0.2.0.tar.gz\"\n", "");
+    let archive = archive_found(by_sha256, "amqp revision 7", "found by sha256");
     assert_eq!(archive.file_name, "beat-0.2.0.tar.gz");
 
     // By file name in the artifact directory, whatever directory the config names.
-    let text = fx
-        .text()
-        .replace("releases/beat-0.2.0.tar.gz", "elsewhere/beat-0.2.0.tar.gz");
-    let plan = Plan::parse(
-        &text,
-        "amqp",
-        &ArchiveLookup::Artifacts(fx.dir.path().join("releases")),
-    )
-    .expect("found by file name");
-    assert_eq!(
-        plan.groups["web"].archive.as_ref().map(|a| a.sha256),
-        Some(fx.sha256)
-    );
+    let elsewhere = ("releases/beat-0.2.0.tar.gz", "elsewhere/beat-0.2.0.tar.gz");
+    let archive = archive_found(elsewhere, "amqp", "found by file name");
+    assert_eq!(archive.sha256, fx.sha256);
 }
 
 #[test]
@@ -345,10 +339,10 @@ fn a_probe_port_may_come_from_each_hosts_env() {
     );
 
     let text = fx.text().replace("tcp = 27182", "tcp = \"$NODE_NAME\"");
-    let error = fx.parse(&text).expect_err("not a port").to_string();
+    let error = refusal(fx.parse(&text), "not a port");
     assert_mentions(&error, &["host[0].env.NODE_NAME", "does not set to a port"]);
     let text = fx.text().replace("tcp = 27182", "tcp = \"port\"");
-    let error = fx.parse(&text).expect_err("not a variable").to_string();
+    let error = refusal(fx.parse(&text), "not a variable");
     assert_mentions(&error, &["group.web.health.tcp", "neither a port number"]);
 }
 
@@ -370,7 +364,7 @@ fn a_group_without_any_archive_is_refused() {
         .text()
         .replace("archive = \"releases/beat-0.2.0.tar.gz\"\n", "")
         .replace(&format!("sha256 = \"{}\"\n", fx.sha256), "");
-    let error = fx.parse(&text).expect_err("no archive").to_string();
+    let error = refusal(fx.parse(&text), "no archive");
     assert_mentions(&error, &["group.web", "names no archive"]);
 
     let unknown = "cd".repeat(32);
@@ -378,7 +372,7 @@ fn a_group_without_any_archive_is_refused() {
         .text()
         .replace("archive = \"releases/beat-0.2.0.tar.gz\"\n", "")
         .replace(&fx.sha256.to_hex(), &unknown);
-    let error = fx.parse(&text).expect_err("unknown sha").to_string();
+    let error = refusal(fx.parse(&text), "unknown sha");
     assert_mentions(
         &error,
         &["group.web.sha256", "no archive with sha256", &unknown],
@@ -387,9 +381,10 @@ fn a_group_without_any_archive_is_refused() {
 
 #[test]
 fn an_unreadable_file_names_itself() {
-    let error = Plan::load(Path::new("/nonexistent/cluster.toml"))
-        .expect_err("missing")
-        .to_string();
+    let error = refusal(
+        Plan::load(Path::new("/nonexistent/cluster.toml")),
+        "missing",
+    );
     assert_mentions(&error, &["/nonexistent/cluster.toml", "cannot read"]);
 }
 
@@ -402,9 +397,7 @@ fn host_arguments_resolve_through_the_cluster_file() {
     assert_eq!(host.addr, "10.0.0.12:7070");
     let direct = resolve_host("x-1@127.0.0.1:9", Some(&path)).expect("explicit");
     assert_eq!(direct.id, "x-1");
-    let error = resolve_host("web-9", Some(&path))
-        .expect_err("unknown")
-        .to_string();
+    let error = refusal(resolve_host("web-9", Some(&path)), "unknown");
     assert_mentions(&error, &["web-9", "no host with this id"]);
 }
 
@@ -506,7 +499,7 @@ fn group_membership_refusals_name_the_host_and_the_groups() {
         let text = groups_text(&format!(
             "[[host]]\n{host}\n[[host]]\nid = \"b-1\"\naddr = \"10.0.0.2:1\"\ngroups = [\"web\", \"metrics\"]\n"
         ));
-        let error = parse_unchecked(&text).expect_err(host).to_string();
+        let error = refusal(parse_unchecked(&text), host);
         assert_refusal(&error, parts);
     }
 }
@@ -517,9 +510,7 @@ fn two_groups_of_one_host_may_not_run_the_same_release() {
         "[[host]]\nid = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroups = [\"web\", \"metrics\"]\n",
     )
     .replace("release = \"probe\"", "release = \"beat\"");
-    let error = parse_unchecked(&text)
-        .expect_err("same release")
-        .to_string();
+    let error = refusal(parse_unchecked(&text), "same release");
     assert_mentions(
         &error,
         &[
@@ -544,14 +535,14 @@ fn a_misspelt_group_is_reported_rather_than_the_group_it_leaves_empty() {
     let text = groups_text(
         "[[host]]\nid = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroups = [\"web\", \"metric\"]\n",
     );
-    let error = parse_unchecked(&text).expect_err("misspelt").to_string();
+    let error = refusal(parse_unchecked(&text), "misspelt");
     assert_mentions(&error, &["host[0].groups[1]", "unknown group 'metric'"]);
 }
 
 #[test]
 fn a_group_no_host_names_is_refused() {
     let text = groups_text("[[host]]\nid = \"a-1\"\naddr = \"10.0.0.1:1\"\ngroup = \"web\"\n");
-    let error = parse_unchecked(&text).expect_err("empty group").to_string();
+    let error = refusal(parse_unchecked(&text), "empty group");
     assert_mentions(
         &error,
         &[FILE, "group.metrics", "no host names group 'metrics'"],

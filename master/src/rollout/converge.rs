@@ -348,8 +348,7 @@ mod tests {
 
     #[test]
     fn a_cluster_file_still_being_written_is_read_once_it_is_quiet() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("cluster.toml");
+        let (dir, path) = crate::rollout::halt::temp_cluster();
         std::fs::write(&path, "revision = 1\n").expect("write");
         let mut stamp = FileStamp::take(&path).ok();
         // The first part of revision 2 by a writer that has not finished: on its own
@@ -383,8 +382,7 @@ mod tests {
 
     #[test]
     fn a_cluster_file_rewritten_with_its_size_and_mtime_kept_is_read_again() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("cluster.toml");
+        let (_dir, path) = crate::rollout::halt::temp_cluster();
         std::fs::write(&path, "revision = 1\n").expect("write");
         let fresh = FileStamp::take(&path).ok();
         assert!(

@@ -1382,14 +1382,19 @@ mod tests {
             false,
             "HTTP 500 Internal Server Error",
         )];
-        let mut count = PassCount::default();
-        let mut look = |answers: &[ProbeAnswer], elapsed: u64| {
-            let observation = Observation {
-                passes: count.record(answers),
-                ..observe(Some(&s), answers, 9, elapsed)
-            };
-            verify(&observation, "0.2.0", 42, &h)
+        // Each look counts passes from zero again.
+        let (status, health) = (&s, &h);
+        let counting_look = || {
+            let mut count = PassCount::default();
+            move |answers: &[ProbeAnswer], elapsed: u64| {
+                let observation = Observation {
+                    passes: count.record(answers),
+                    ..observe(Some(status), answers, 9, elapsed)
+                };
+                verify(&observation, "0.2.0", 42, health)
+            }
         };
+        let mut look = counting_look();
         assert_eq!(look(&ok, 5), Verdict::Wait, "1 of 3");
         assert_eq!(look(&ok, 6), Verdict::Wait, "2 of 3");
         assert_eq!(
@@ -1413,14 +1418,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
 
-        let mut count = PassCount::default();
-        let mut look = |answers: &[ProbeAnswer], elapsed: u64| {
-            let observation = Observation {
-                passes: count.record(answers),
-                ..observe(Some(&s), answers, 9, elapsed)
-            };
-            verify(&observation, "0.2.0", 42, &h)
-        };
+        let mut look = counting_look();
         assert_eq!(look(&ok, 28), Verdict::Wait);
         match look(&failing, 30) {
             Verdict::Deadline { reason, evidence } => {
@@ -1547,6 +1545,11 @@ mod tests {
         (1..=n).map(|i| format!("h-{i}")).collect()
     }
 
+    #[track_caller]
+    fn assert_halt_reason(s: &GroupSchedule, reason: &str) {
+        assert_eq!(s.halt_reason(), Some(reason));
+    }
+
     #[test]
     fn canaries_go_first_and_alone() {
         let mut s = GroupSchedule::new(hosts(5), 1, 3);
@@ -1634,10 +1637,7 @@ mod tests {
         assert!(s.is_finished());
         assert_eq!(s.untouched(), vec!["h-4"]);
         assert_eq!(s.failed(), 3);
-        assert_eq!(
-            s.halt_reason(),
-            Some("h-2 failed: boom (3 host(s) failed, max_failed = 2)")
-        );
+        assert_halt_reason(&s, "h-2 failed: boom (3 host(s) failed, max_failed = 2)");
     }
 
     #[test]
@@ -1691,9 +1691,9 @@ mod tests {
         assert!(!s.fail("h-1", HostFault::SwitchTask));
         assert_eq!(s.halt_reason(), None);
         assert!(s.fail("h-2", HostFault::StopBeforeRollout));
-        assert_eq!(
-            s.halt_reason(),
-            Some("stopping the release on h-2 failed (2 host(s) failed, max_failed = 1)")
+        assert_halt_reason(
+            &s,
+            "stopping the release on h-2 failed (2 host(s) failed, max_failed = 1)",
         );
     }
 
@@ -1704,10 +1704,7 @@ mod tests {
         assert!(s.finish("h-1", Err(BOOM)), "the canary proves the version");
         assert!(s.begin_next().is_empty());
         assert_eq!(s.untouched(), vec!["h-2", "h-3", "h-4"]);
-        assert_eq!(
-            s.halt_reason(),
-            Some("h-1 failed: boom (1 host(s) failed, max_failed = 3)")
-        );
+        assert_halt_reason(&s, "h-1 failed: boom (1 host(s) failed, max_failed = 3)");
     }
 
     #[test]
@@ -1931,6 +1928,15 @@ mod tests {
         assert!(s.is_finished());
     }
 
+    /// What follows a start of 0.2.0 as `pid`: verifying it, up from zero.
+    fn verify_fresh(pid: u32) -> Action {
+        Action::Verify {
+            version: "0.2.0".into(),
+            pid,
+            up: Duration::ZERO,
+        }
+    }
+
     fn switch(previous: Option<(&str, bool)>) -> (HostSwitch, Action) {
         let previous = previous.map(|(version, was_running)| Previous {
             version: version.into(),
@@ -1981,14 +1987,7 @@ mod tests {
             "nothing runs to be stopped"
         );
         assert_eq!(m.phase(), HostPhase::Starting);
-        assert_eq!(
-            m.next(Observed::Started(7)),
-            Action::Verify {
-                version: "0.2.0".into(),
-                pid: 7,
-                up: Duration::ZERO
-            }
-        );
+        assert_eq!(m.next(Observed::Started(7)), verify_fresh(7));
     }
 
     #[test]
@@ -1998,14 +1997,7 @@ mod tests {
         assert_eq!(m.phase(), HostPhase::Stopping);
         assert_eq!(m.next(Observed::Ok), Action::Start("0.2.0".into()));
         assert_eq!(m.phase(), HostPhase::Starting);
-        assert_eq!(
-            m.next(Observed::Started(7)),
-            Action::Verify {
-                version: "0.2.0".into(),
-                pid: 7,
-                up: Duration::ZERO
-            }
-        );
+        assert_eq!(m.next(Observed::Started(7)), verify_fresh(7));
         assert_eq!(m.phase(), HostPhase::Verifying);
         assert_eq!(
             m.next(Observed::Ok),

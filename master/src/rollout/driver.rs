@@ -305,11 +305,7 @@ fn select_hosts(
         .collect();
     let group_names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
     for (flag, ids) in [("--hosts", &options.hosts), ("--exclude", &options.exclude)] {
-        let unknown: Vec<&str> = ids
-            .iter()
-            .filter(|id| plan.host(id).is_none())
-            .map(String::as_str)
-            .collect();
+        let unknown = ids_where(ids, |id| plan.host(id).is_none());
         if !unknown.is_empty() {
             return Err(Error::Usage(format!(
                 "{}: {flag}: no host {} in the cluster file (hosts: {})",
@@ -322,11 +318,7 @@ fn select_hosts(
                     .join(", ")
             )));
         }
-        let outside: Vec<&str> = ids
-            .iter()
-            .filter(|id| !members.contains(id.as_str()))
-            .map(String::as_str)
-            .collect();
+        let outside = ids_where(ids, |id| !members.contains(id));
         if !outside.is_empty() {
             return Err(Error::Usage(format!(
                 "{}: {flag}: {} not in group(s) {}",
@@ -343,6 +335,14 @@ fn select_hosts(
         .filter(|h| !options.exclude.contains(&h.id))
         .map(|h| h.id.clone())
         .collect())
+}
+
+/// The `ids` for which `refused` holds, in their order.
+fn ids_where(ids: &[String], refused: impl Fn(&str) -> bool) -> Vec<&str> {
+    ids.iter()
+        .map(String::as_str)
+        .filter(|id| refused(id))
+        .collect()
 }
 
 /// The releases the groups of `host` run.

@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{HostOutcome, HostPhase, RolloutReport};
@@ -156,14 +157,7 @@ pub fn state_dir(cluster: &Path) -> PathBuf {
 /// [`Error::Local`] naming the file when it cannot be read or is not the JSON this
 /// module writes.
 pub fn load(cluster: &Path) -> Result<Halts> {
-    let path = state_dir(cluster).join(HALTED_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Halts::default()),
-        Err(e) => return Err(Error::local(&path, format!("cannot read: {e}"))),
-    };
-    serde_json::from_str(&text)
-        .map_err(|e| Error::local(&path, format!("not a list of halted groups: {e}")))
+    load_state(cluster, HALTED_FILE, "a list of halted groups")
 }
 
 /// Writes the halts beside `cluster`, durably (a crash leaves the old list or the new).
@@ -172,10 +166,50 @@ pub fn load(cluster: &Path) -> Result<Halts> {
 ///
 /// [`Error::Local`] naming the directory or file that could not be written.
 pub fn store(cluster: &Path, halts: &Halts) -> Result<()> {
+    store_state(cluster, HALTED_FILE, halts)
+}
+
+/// The JSON file `file` of the state directory beside `cluster` ([`state_dir`]);
+/// `T::default()` when it does not exist.
+///
+/// # Errors
+///
+/// [`Error::Local`] naming the file when it cannot be read, or is not JSON of `T`
+/// ("not {what}: ..").
+pub(crate) fn load_state<T: DeserializeOwned + Default>(
+    cluster: &Path,
+    file: &str,
+    what: &str,
+) -> Result<T> {
+    let path = state_dir(cluster).join(file);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(T::default()),
+        Err(e) => return Err(Error::local(&path, format!("cannot read: {e}"))),
+    };
+    serde_json::from_str(&text).map_err(|e| Error::local(&path, format!("not {what}: {e}")))
+}
+
+/// Writes `value` as the JSON file `file` of the state directory beside `cluster`,
+/// durably (a crash leaves the old file or the new).
+///
+/// # Errors
+///
+/// [`Error::Local`] naming the directory or file that could not be written.
+pub(crate) fn store_state(cluster: &Path, file: &str, value: &impl Serialize) -> Result<()> {
     let dir = state_dir(cluster);
-    let json = serde_json::to_vec_pretty(halts)
-        .map_err(|e| Error::local(dir.join(HALTED_FILE), format!("cannot encode: {e}")))?;
-    durable::write(&dir, HALTED_FILE, &json)
+    let json = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::local(dir.join(file), format!("cannot encode: {e}")))?;
+    durable::write(&dir, file, &json)
+}
+
+/// A cluster file's path in a fresh temporary directory (not written), for tests of
+/// what is kept beside it.
+#[cfg(test)]
+pub(crate) fn temp_cluster() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = dir.path().join("cluster.toml");
+    (dir, cluster)
 }
 
 #[cfg(test)]
@@ -242,8 +276,7 @@ mod tests {
 
     #[test]
     fn halts_survive_a_restart_in_the_state_directory() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cluster = dir.path().join("cluster.toml");
+        let (dir, cluster) = temp_cluster();
         assert!(load(&cluster).expect("nothing yet").is_empty());
         let mut halts = Halts::default();
         for halt in halts_of(&report(HostPhase::Starting), 0) {

@@ -206,8 +206,7 @@ mod tests {
 
     #[test]
     fn a_second_daemon_is_refused_naming_the_first_and_the_lock_goes_with_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cluster = dir.path().join("cluster.toml");
+        let (_dir, cluster) = crate::rollout::halt::temp_cluster();
         assert_eq!(daemon_holder(&cluster).expect("usable"), None);
         let first = daemon_lock(&cluster, "erel@first").expect("first daemon");
         let err = daemon_lock(&cluster, "erel@second").expect_err("second refused");
@@ -224,8 +223,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_rollout_lock_is_waited_for_within_a_bound() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cluster = dir.path().join("cluster.toml");
+        let (_dir, cluster) = crate::rollout::halt::temp_cluster();
         let pass = try_rollout_lock(&cluster, "erel@daemon")
             .expect("usable")
             .expect("free");

@@ -288,6 +288,25 @@ pub enum RolloutEvent {
     },
 }
 
+impl RolloutEvent {
+    /// The group and host an event is about; `None` for the group-wide events
+    /// (`GroupStarted`, `GroupHalted`, `GroupDone`).
+    pub fn group_and_host(&self) -> Option<(&str, &str)> {
+        match self {
+            RolloutEvent::HostPhase { group, host, .. }
+            | RolloutEvent::HostVerdict { group, host, .. }
+            | RolloutEvent::HostDrain { group, host, .. }
+            | RolloutEvent::HostDone { group, host, .. }
+            | RolloutEvent::HostStopped { group, host, .. }
+            | RolloutEvent::HostSkipped { group, host, .. }
+            | RolloutEvent::HostFailed { group, host, .. } => Some((group, host)),
+            RolloutEvent::GroupStarted { .. }
+            | RolloutEvent::GroupHalted { .. }
+            | RolloutEvent::GroupDone { .. } => None,
+        }
+    }
+}
+
 /// Whether a failed host was returned to its previous state, in the words reports use:
 /// "NOT rolled back" only when the failure came after the host's running release was
 /// touched (`host_changed`, see [`HostPhase::changes_host`]).
