@@ -31,7 +31,7 @@ pub(crate) async fn prune_after_start(agent: &Arc<Agent>, name: &str) {
         .collect();
     let agent = agent.clone();
     let release = name.to_string();
-    let keep_newest = agent.supervision.keep_versions;
+    let keep_newest = agent.supervisor.keep_versions();
     let outcome = blocking(move || prune(&agent.root, &release, &keep, keep_newest)).await;
     match outcome {
         Ok(removed) if !removed.is_empty() => {

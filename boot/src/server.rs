@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use crate::error::{Error, Result};
 use crate::fs::Root;
 use crate::peers::{HandshakeSlot, Handshakes};
-use crate::settings::{Limits, Supervision};
+use crate::settings::Limits;
 use crate::supervisor::Supervisor;
 use crate::{ping, retention, unpack, write_file};
 
@@ -56,8 +56,6 @@ pub(crate) struct Agent {
     pub(crate) host_id: String,
     /// Limits on what a command may write.
     pub(crate) limits: Limits,
-    /// Supervision settings (for retention).
-    pub(crate) supervision: Supervision,
     /// The release supervisor.
     pub(crate) supervisor: Supervisor,
     pub(crate) started: Instant,

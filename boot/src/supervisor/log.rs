@@ -706,11 +706,8 @@ mod tests {
         fs::create_dir(&logs).expect("mkdir");
         capped.write(b"back\n");
         let text = fs::read_to_string(&log).expect("log");
-        assert!(
-            text.starts_with("--- erel: 20 bytes of output lost: "),
-            "{text}"
-        );
-        assert!(text.ends_with(" ---\nback\n"), "{text}");
+        let (said, then) = ("--- erel: 20 bytes of output lost: ", " ---\nback\n");
+        assert!(text.starts_with(said) && text.ends_with(then), "{text}");
     }
 
     #[test]

@@ -27,10 +27,6 @@ pub(crate) struct Marker {
     pub(crate) archive: String,
     /// The archive's sha256, hex.
     pub(crate) sha256: String,
-    /// Entries unpacked.
-    entries: u64,
-    /// Bytes of file content unpacked.
-    bytes: u64,
     /// Device of the unpacked tree.
     dev: u64,
     /// Inode of the unpacked tree: the same at `dest` after the rename.
@@ -38,6 +34,10 @@ pub(crate) struct Marker {
     /// Birth time of the unpacked tree in nanoseconds since the epoch, where the file
     /// system records one: tells the tree from a later directory reusing its inode.
     born: Option<u128>,
+    /// Entries unpacked.
+    entries: u64,
+    /// Bytes of file content unpacked.
+    bytes: u64,
 }
 
 impl Marker {
@@ -55,11 +55,11 @@ impl Marker {
             dest: dest.to_string(),
             archive,
             sha256: sha256.to_hex(),
-            entries,
-            bytes,
             dev: meta.dev(),
             ino: meta.ino(),
             born: birth(&meta),
+            entries,
+            bytes,
         })
     }
 
