@@ -15,7 +15,7 @@ use erel_proto::{Sha256, Unpacked};
 use serde::{Deserialize, Serialize};
 
 use crate::digest;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::fs::{write_atomic, Root, State};
 
 /// What the agent records about a directory it unpacked.
@@ -50,7 +50,7 @@ impl Marker {
         sha256: Sha256,
         (entries, bytes): (u64, u64),
     ) -> Result<Self> {
-        let meta = fs::symlink_metadata(tree).map_err(|e| Error::io("inspect", tree, e))?;
+        let meta = fs::symlink_metadata(tree).io("inspect", tree)?;
         Ok(Marker {
             dest: dest.to_string(),
             archive,
