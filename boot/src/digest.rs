@@ -8,7 +8,7 @@ use std::path::Path;
 use erel_proto::Sha256;
 use sha2::{Digest, Sha256 as Hasher};
 
-use crate::error::{Error, Result};
+use crate::error::{IoContext, Result};
 
 /// Size of the buffer files are read with.
 const BUFFER: usize = 64 * 1024;
@@ -25,15 +25,14 @@ pub(crate) fn finish(hasher: Hasher) -> Sha256 {
 
 /// The digest of the whole file at `path`.
 pub(crate) fn of_file(path: &Path) -> Result<Sha256> {
-    let mut file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let mut file = File::open(path).io("open", path)?;
     of_open_file(&mut file, path)
 }
 
 /// The digest of what is left to read in `file` (opened at `path`, for messages).
 pub(crate) fn of_open_file(file: &mut File, path: &Path) -> Result<Sha256> {
     let mut hasher = Hasher::new();
-    io::copy(&mut io::BufReader::with_capacity(BUFFER, file), &mut hasher)
-        .map_err(|e| Error::io("read", path, e))?;
+    io::copy(&mut io::BufReader::with_capacity(BUFFER, file), &mut hasher).io("read", path)?;
     Ok(finish(hasher))
 }
 

@@ -140,6 +140,20 @@ pub enum Error {
 /// Result with the agent's error.
 pub(crate) type Result<T> = std::result::Result<T, Error>;
 
+/// Names the operation and the path of a failed I/O call: `File::open(p).io("open", p)?`
+/// gives [`Error::Io`] on failure. Errors that convert to `std::io::Error` (such as nix's
+/// `Errno` and serde_json's) are taken too.
+pub(crate) trait IoContext<T> {
+    /// The result, with an error turned into [`Error::Io`] for `op` on `path`.
+    fn io(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T, E: Into<std::io::Error>> IoContext<T> for std::result::Result<T, E> {
+    fn io(self, op: &'static str, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|e| Error::io(op, path, e.into()))
+    }
+}
+
 impl Error {
     /// Builds an [`Error::Io`] for `op` on `path`.
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {

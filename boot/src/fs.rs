@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use erel_proto::rules::{self, RELEASES_DIR};
 use erel_proto::text::shorten;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 
 /// Name of the agent's state directory under the root.
 pub(crate) const STATE_DIR: &str = ".erel";
@@ -109,12 +109,12 @@ impl Root {
     /// Opens (creating when missing) the root and its state directories. The root is
     /// canonicalized, so later checks compare real paths.
     pub(crate) fn open(dir: &Path) -> Result<Self> {
-        fs::create_dir_all(dir).map_err(|e| Error::io("create root", dir, e))?;
-        let dir = fs::canonicalize(dir).map_err(|e| Error::io("resolve root", dir, e))?;
+        fs::create_dir_all(dir).io("create root", dir)?;
+        let dir = fs::canonicalize(dir).io("resolve root", dir)?;
         let root = Root { dir };
         for sub in State::DIRS {
             let path = root.state(sub);
-            fs::create_dir_all(&path).map_err(|e| Error::io("create", &path, e))?;
+            fs::create_dir_all(&path).io("create", &path)?;
         }
         Ok(root)
     }
@@ -242,8 +242,7 @@ impl Root {
                 Err(e) => return Err(Error::io("create directory", &current, e)),
             };
             // `mkdir` does not follow a symlink in the last component: check what is there.
-            let meta =
-                fs::symlink_metadata(&current).map_err(|e| Error::io("inspect", &current, e))?;
+            let meta = fs::symlink_metadata(&current).io("inspect", &current)?;
             self.check_step(relative, &current, &meta, true)?;
             if created {
                 sync_parent(&current)?;
@@ -343,10 +342,9 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         .truncate(true)
         .mode(mode)
         .open(&tmp)
-        .map_err(|e| Error::io("create", &tmp, e))?;
-    file.write_all(bytes)
-        .map_err(|e| Error::io("write", &tmp, e))?;
-    file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+        .io("create", &tmp)?;
+    file.write_all(bytes).io("write", &tmp)?;
+    file.sync_all().io("fsync", &tmp)?;
     drop(file);
     rename_durably(&tmp, path)
 }
@@ -354,7 +352,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 /// Renames `from` (already synced) to `to` and fsyncs `to`'s directory, so the rename
 /// survives a crash.
 pub(crate) fn rename_durably(from: &Path, to: &Path) -> Result<()> {
-    fs::rename(from, to).map_err(|e| Error::io("rename into place", to, e))?;
+    fs::rename(from, to).io("rename into place", to)?;
     sync_parent(to)
 }
 
@@ -370,7 +368,7 @@ fn sync_parent(path: &Path) -> Result<()> {
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("fsync directory", dir, e))
+        .io("fsync directory", dir)
 }
 
 /// Removes a file; one already gone is not an error.
@@ -389,9 +387,9 @@ fn unless_gone(path: &Path, removed: std::io::Result<()>) -> Result<()> {
 /// Removes everything inside `dir` (not `dir` itself): files, and directories whole.
 /// Used at start-up on staging and trash directories a crash may have left full.
 pub(crate) fn empty_dir(dir: &Path) -> Result<()> {
-    let entries = fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
+    let entries = fs::read_dir(dir).io("list", dir)?;
     for entry in entries {
-        let path = entry.map_err(|e| Error::io("list", dir, e))?.path();
+        let path = entry.io("list", dir)?.path();
         let removed = if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
             fs::remove_dir_all(&path)
         } else {
@@ -538,7 +536,7 @@ impl AgentLock {
             .read(true)
             .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
             .open(root.path())
-            .map_err(|e| Error::io("open the root to lock it", root.path(), e))?;
+            .io("open the root to lock it", root.path())?;
         let root_lock = lock_or_refuse(dir, root, root.path(), &path)?;
         let file = OpenOptions::new()
             .read(true)
@@ -548,12 +546,12 @@ impl AgentLock {
             .mode(0o644)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
-            .map_err(|e| Error::io("open the agent lock (a regular file, not a link)", &path, e))?;
+            .io("open the agent lock (a regular file, not a link)", &path)?;
         let lock = lock_or_refuse(file, root, &path, &path)?;
         let pid = format!("{}\n", std::process::id());
         lock.set_len(0)
             .and_then(|()| lock.write_all_at(pid.as_bytes(), 0))
-            .map_err(|e| Error::io("write the agent lock", &path, e))?;
+            .io("write the agent lock", &path)?;
         Ok(AgentLock {
             _root: root_lock,
             _lock: lock,

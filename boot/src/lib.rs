@@ -78,7 +78,7 @@ pub async fn run(
     retention::sweep_trash(&root)
         .map_err(|e| Error::startup("removing versions left in the trash", e))?;
     let supervisor =
-        supervisor::Supervisor::open(root.clone(), host_id.clone(), config.supervision.clone())
+        supervisor::Supervisor::open(root.clone(), host_id.clone(), config.supervision)
             .await
             .map_err(|e| Error::startup("starting the release supervisor", e))?;
     let local = listener
@@ -89,7 +89,6 @@ pub async fn run(
         root,
         host_id,
         limits: config.limits,
-        supervision: config.supervision,
         supervisor: supervisor.clone(),
         started: std::time::Instant::now(),
     });

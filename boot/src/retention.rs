@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use erel_proto::rules;
 
-use crate::error::{Error, Result};
+use crate::error::{IoContext, Result};
 use crate::fs::{remove_if_present, sync_dir, unique_name, PathLock, Root, State};
 use crate::server::{blocking, Agent};
 use crate::unpack::{self, Marker};
@@ -31,7 +31,7 @@ pub(crate) async fn prune_after_start(agent: &Arc<Agent>, name: &str) {
         .collect();
     let agent = agent.clone();
     let release = name.to_string();
-    let keep_newest = agent.supervision.keep_versions;
+    let keep_newest = agent.supervisor.keep_versions();
     let outcome = blocking(move || prune(&agent.root, &release, &keep, keep_newest)).await;
     match outcome {
         Ok(removed) if !removed.is_empty() => {
@@ -65,7 +65,7 @@ pub(crate) fn prune(
             continue;
         };
         let grave = trash.join(unique_name());
-        fs::rename(&dir, &grave).map_err(|e| Error::io("move to trash", &dir, e))?;
+        fs::rename(&dir, &grave).io("move to trash", &dir)?;
         let marker_file = unpack::marker_path(root, &rules::version_dir(name, version));
         if let Some(marker) = unpack::read_marker(&marker_file) {
             archives.push(marker);

@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use crate::error::{Error, Result};
 use crate::fs::Root;
 use crate::peers::{HandshakeSlot, Handshakes};
-use crate::settings::{Limits, Supervision};
+use crate::settings::Limits;
 use crate::supervisor::Supervisor;
 use crate::{ping, retention, unpack, write_file};
 
@@ -56,8 +56,6 @@ pub(crate) struct Agent {
     pub(crate) host_id: String,
     /// Limits on what a command may write.
     pub(crate) limits: Limits,
-    /// Supervision settings (for retention).
-    pub(crate) supervision: Supervision,
     /// The release supervisor.
     pub(crate) supervisor: Supervisor,
     pub(crate) started: Instant,
@@ -374,8 +372,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let agent = self.agent.clone();
         let command = snake_case(request.name());
         let (subject, outcome) = match request {
-            Request::Hello(_) => hello_again(),
-            Request::Ping(_) => ping(&agent).await,
+            // A second `Hello` on a connection.
+            Request::Hello(_) => {
+                let refused = Error::BadRequest("Hello was already exchanged".into());
+                (String::new(), Ok(Err(refused)))
+            }
+            Request::Ping(_) => (
+                String::new(),
+                Ok(Ok(Response::Pong(ping::ping(&agent).await))),
+            ),
             Request::WriteFile(request) => write_file::transfer(self, request).await,
             Request::Unpack(request) => unpack(&agent, request).await,
             Request::Start(request) => start(&agent, request).await,
@@ -414,20 +419,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 /// What a command came to: its subject for the log, and its answer, or the error that
 /// ends the connection instead.
 pub(crate) type Outcome = (String, ConnResult<Result<Response>>);
-
-/// A second `Hello` on a connection.
-fn hello_again() -> Outcome {
-    let refused = Error::BadRequest("Hello was already exchanged".into());
-    (String::new(), Ok(Err(refused)))
-}
-
-/// `Ping`.
-async fn ping(agent: &Agent) -> Outcome {
-    (
-        String::new(),
-        Ok(Ok(Response::Pong(ping::ping(agent).await))),
-    )
-}
 
 /// `Unpack`, on a blocking thread.
 async fn unpack(agent: &Arc<Agent>, request: Unpack) -> Outcome {

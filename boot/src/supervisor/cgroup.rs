@@ -24,7 +24,7 @@ use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::settings::CgroupParent;
 
 use super::process;
@@ -139,10 +139,10 @@ impl Tree {
     /// child to join (close-on-exec, as std opens every file: the release never sees it).
     pub(super) fn prepare(&self, name: &str) -> Result<fs::File> {
         let dir = self.release_dir(name);
-        fs::create_dir_all(&dir).map_err(|e| Error::io("create cgroup", &dir, e))?;
+        fs::create_dir_all(&dir).io("create cgroup", &dir)?;
         let procs = dir.join("cgroup.procs");
         let file = fs::OpenOptions::new().write(true).open(&procs);
-        file.map_err(|e| Error::io("open", &procs, e))
+        file.io("open", &procs)
     }
 
     /// Live (non-zombie) members of release `name`'s cgroup and of every cgroup below it

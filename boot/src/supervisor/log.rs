@@ -75,7 +75,7 @@ use erel_proto::OUTPUT_TAIL_MAX;
 use nix::fcntl::{Flock, FlockArg, OFlag};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::fs::{Root, State};
 use crate::settings::{OutputWriter, MIN_LOG_MAX_BYTES};
 
@@ -111,16 +111,15 @@ fn rotated_path(log: &Path) -> PathBuf {
 /// release's stdout and stderr. The agent keeps none: the writer sees the end of the
 /// output once the release and what it started have closed theirs.
 pub(crate) fn output_pipe(log: &Path, header: &str) -> Result<(File, (Stdio, Stdio))> {
-    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
-        .map_err(|e| Error::io("make the output pipe for", log, e.into()))?;
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).io("make the output pipe for", log)?;
     let mut write = File::from(write);
     // An empty pipe holds far more than one line: this never blocks.
     write
         .write_all(format!("{header}\n").as_bytes())
-        .map_err(|e| Error::io("write the header for", log, e))?;
+        .io("write the header for", log)?;
     let dup = || {
         let copy = write.try_clone().map(Stdio::from);
-        copy.map_err(|e| Error::io("duplicate the output pipe for", log, e))
+        copy.io("duplicate the output pipe for", log)
     };
     Ok((File::from(read), (dup()?, dup()?)))
 }
@@ -706,11 +705,8 @@ mod tests {
         fs::create_dir(&logs).expect("mkdir");
         capped.write(b"back\n");
         let text = fs::read_to_string(&log).expect("log");
-        assert!(
-            text.starts_with("--- erel: 20 bytes of output lost: "),
-            "{text}"
-        );
-        assert!(text.ends_with(" ---\nback\n"), "{text}");
+        let (said, then) = ("--- erel: 20 bytes of output lost: ", " ---\nback\n");
+        assert!(text.starts_with(said) && text.ends_with(then), "{text}");
     }
 
     #[test]

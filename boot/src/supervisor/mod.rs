@@ -255,6 +255,11 @@ impl Supervisor {
         self.inner.containment.describe()
     }
 
+    /// How many versions of a release beyond the running one retention keeps.
+    pub(crate) fn keep_versions(&self) -> usize {
+        self.inner.settings.keep_versions
+    }
+
     /// Removes the agent's cgroup directory when nothing runs in it any more (a release
     /// still running keeps it, and its own cgroup). For an agent that goes away for good,
     /// such as the demo's; a host's agent keeps its directory for its whole life.

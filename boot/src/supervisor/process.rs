@@ -44,7 +44,7 @@ pub(crate) const NOTHING_RAN: Stopped = Stopped {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ProcStat {
     /// One-letter state (`R`, `S`, `D`, `Z`, …).
-    pub(crate) state: char,
+    state: char,
     /// Parent process.
     pub(crate) ppid: i32,
     /// Process group.

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::fs::{check_name, remove_if_present, write_atomic, Root, State};
 
 /// Suffix of a desired-state file.
@@ -130,9 +130,7 @@ fn save<T: Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
 
 fn load<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> Result<Option<T>> {
     match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| Error::io("decode", path, e.into())),
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).io("decode", path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io("read", path, e)),
     }
@@ -163,11 +161,11 @@ pub(crate) fn remove_run(root: &Root, name: &str) -> Result<()> {
 /// stop the agent from supervising the others.
 pub(crate) fn load_all_desired(root: &Root) -> Result<(Vec<Desired>, Vec<Error>)> {
     let dir = root.state(State::Releases);
-    let entries = fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
+    let entries = fs::read_dir(&dir).io("list", &dir)?;
     let mut found = Vec::new();
     let mut damaged = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+        let entry = entry.io("list", &dir)?;
         let file_name = entry.file_name();
         let name = file_name
             .to_str()

@@ -15,7 +15,7 @@ use erel_proto::text::quote;
 use nix::unistd::{Gid, Uid, User};
 use tokio::process::{Child, Command};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::fs::Root;
 use crate::settings::Supervision;
 
@@ -126,15 +126,14 @@ fn resolve_program(root: &Root, desired: &Desired) -> Result<PathBuf> {
         what: "program",
         path: shown.clone(),
     })?;
-    let real_dir =
-        fs::canonicalize(&version_dir).map_err(|e| Error::io("resolve", &version_dir, e))?;
+    let real_dir = fs::canonicalize(&version_dir).io("resolve", &version_dir)?;
     if !real.starts_with(&real_dir) {
         return Err(Error::invalid_path(
             program,
             "resolves outside the version directory",
         ));
     }
-    let meta = fs::metadata(&real).map_err(|e| Error::io("inspect", &real, e))?;
+    let meta = fs::metadata(&real).io("inspect", &real)?;
     if !meta.is_file() {
         return Err(spawn_failed(
             desired,
@@ -232,7 +231,7 @@ fn ensure_data_dir(root: &Root, desired: &Desired, run_as: Option<&RunAs>) -> Re
         (data.join("log"), 0o750, owner),
     ] {
         let made = nix::unistd::mkdir(&dir, nix::sys::stat::Mode::from_bits_truncate(mode));
-        unless(made, &[nix::errno::Errno::EEXIST]).map_err(|e| Error::io("create", &dir, e))?;
+        unless(made, &[nix::errno::Errno::EEXIST]).io("create", &dir)?;
         // Opened without following a symlink, then changed through the descriptor: the
         // release's user owns `data/<name>/` and may swap what is in it at any moment,
         // so a path checked first and changed after may no longer be the directory.
@@ -252,26 +251,24 @@ fn ensure_data_dir(root: &Root, desired: &Desired, run_as: Option<&RunAs>) -> Re
             }
             Err(e) => return Err(Error::io("open", &dir, e)),
         };
-        let meta = handle
-            .metadata()
-            .map_err(|e| Error::io("inspect", &dir, e))?;
+        let meta = handle.metadata().io("inspect", &dir)?;
         if !meta.is_dir() {
             return Err(not_a_dir());
         }
         let (uid, gid) = owner.unwrap_or((Uid::from_raw(meta.uid()), Gid::from_raw(meta.gid())));
         if meta.uid() != uid.as_raw() || meta.gid() != gid.as_raw() {
             std::os::unix::fs::fchown(&handle, Some(uid.as_raw()), Some(gid.as_raw()))
-                .map_err(|e| Error::io("change the owner of", &dir, e))?;
+                .io("change the owner of", &dir)?;
             if dir == data && meta.uid() != uid.as_raw() {
                 // A new user: what the previous one left is the new one's to write.
                 hand_over(&handle, meta.uid(), (uid, gid), HAND_OVER_DEPTH)
-                    .map_err(|e| Error::io("hand over the contents of", &dir, e))?;
+                    .io("hand over the contents of", &dir)?;
             }
         }
         if meta.permissions().mode() & 0o7777 != mode {
             handle
                 .set_permissions(fs::Permissions::from_mode(mode))
-                .map_err(|e| Error::io("set mode of", &dir, e))?;
+                .io("set mode of", &dir)?;
         }
     }
     Ok(data)
@@ -346,7 +343,7 @@ fn check_user_access(desired: &Desired, run_as: &RunAs, program: &Path) -> Resul
     checks[0].1 = 0o5;
     checks.reverse();
     for (path, bits) in checks {
-        let meta = fs::metadata(path).map_err(|e| Error::io("inspect", path, e))?;
+        let meta = fs::metadata(path).io("inspect", path)?;
         if !may(&meta, bits) {
             let (what, hint) = match bits {
                 0o1 => ("enter", "; the root and releases/ must be searchable by it"),

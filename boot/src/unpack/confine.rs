@@ -18,7 +18,7 @@ use std::path::{Component, Path, PathBuf};
 
 use erel_proto::text::quote;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::fs::MAX_NAME_LEN;
 
 /// Most symlinks followed while checking where one symlink leads (as Linux does).
@@ -125,7 +125,7 @@ impl Tree {
                 None => fs::DirBuilder::new()
                     .mode(0o755)
                     .create(&path)
-                    .map_err(|e| Error::io("create directory", &path, e))?,
+                    .io("create directory", &path)?,
             }
         }
         path.push(last);

@@ -42,7 +42,7 @@ use tar::EntryType;
 
 use super::confine::{entry_path, Tree};
 use super::{pax, sparse, stream};
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::settings::Limits;
 
 /// Largest long-name, long-link or PAX extended header accepted, with the header
@@ -263,13 +263,13 @@ impl Extraction<'_> {
             EntryType::Symlink => {
                 let target = self.tree.symlink(&name, &rel, link)?;
                 std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &path)
-                    .map_err(|e| Error::io("create symlink", &path, e))?;
+                    .io("create symlink", &path)?;
                 self.drain(&mut entry, &name)
             }
             EntryType::Link => {
                 let source = self.tree.link_source(&name, &rel, link)?;
                 // `link(2)` does not follow a symlink at its source on Linux.
-                fs::hard_link(&source, &path).map_err(|e| Error::io("create hard link", &path, e))
+                fs::hard_link(&source, &path).io("create hard link", &path)
             }
             _ => match &pax.sparse {
                 Some(sparse) => self.write_pax_sparse(&mut entry, &name, &path, mode, sparse),
@@ -380,7 +380,7 @@ impl Extraction<'_> {
             } else {
                 out.write_all(chunk)
             };
-            written.map_err(|e| Error::io("write", path, e))?;
+            written.io("write", path)?;
             copied += n as u64;
         }
         if copied != size {
@@ -401,8 +401,7 @@ impl Extraction<'_> {
         len: u64,
         mode: u32,
     ) -> Result<()> {
-        out.set_len(len)
-            .map_err(|e| Error::io("set length of", path, e))?;
+        out.set_len(len).io("set length of", path)?;
         self.bytes += len;
         set_mode(path, (mode & 0o777 & !0o022) | 0o400)
     }
@@ -417,7 +416,7 @@ impl Extraction<'_> {
                 fs::DirBuilder::new()
                     .mode(0o700)
                     .create(&path)
-                    .map_err(|e| Error::io("create directory", &path, e))?;
+                    .io("create directory", &path)?;
                 path
             }
             (path, Some(meta)) if meta.is_dir() => path,
@@ -441,12 +440,11 @@ pub(super) fn create_file(path: &Path) -> Result<File> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| Error::io("create", path, e))
+        .io("create", path)
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::io("set mode of", path, e))
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).io("set mode of", path)
 }
 
 /// Refuses an entry whose name or link target the tar crate and GNU tar would take

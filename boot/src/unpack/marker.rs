@@ -15,7 +15,7 @@ use erel_proto::{Sha256, Unpacked};
 use serde::{Deserialize, Serialize};
 
 use crate::digest;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::fs::{write_atomic, Root, State};
 
 /// What the agent records about a directory it unpacked.
@@ -27,10 +27,6 @@ pub(crate) struct Marker {
     pub(crate) archive: String,
     /// The archive's sha256, hex.
     pub(crate) sha256: String,
-    /// Entries unpacked.
-    entries: u64,
-    /// Bytes of file content unpacked.
-    bytes: u64,
     /// Device of the unpacked tree.
     dev: u64,
     /// Inode of the unpacked tree: the same at `dest` after the rename.
@@ -38,6 +34,10 @@ pub(crate) struct Marker {
     /// Birth time of the unpacked tree in nanoseconds since the epoch, where the file
     /// system records one: tells the tree from a later directory reusing its inode.
     born: Option<u128>,
+    /// Entries unpacked.
+    entries: u64,
+    /// Bytes of file content unpacked.
+    bytes: u64,
 }
 
 impl Marker {
@@ -50,16 +50,16 @@ impl Marker {
         sha256: Sha256,
         (entries, bytes): (u64, u64),
     ) -> Result<Self> {
-        let meta = fs::symlink_metadata(tree).map_err(|e| Error::io("inspect", tree, e))?;
+        let meta = fs::symlink_metadata(tree).io("inspect", tree)?;
         Ok(Marker {
             dest: dest.to_string(),
             archive,
             sha256: sha256.to_hex(),
-            entries,
-            bytes,
             dev: meta.dev(),
             ino: meta.ino(),
             born: birth(&meta),
+            entries,
+            bytes,
         })
     }
 

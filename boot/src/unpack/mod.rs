@@ -31,7 +31,7 @@ use std::path::Path;
 use erel_proto::{Sha256, Unpack, Unpacked};
 
 use crate::digest;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::fs::{empty_dir, sync_dir, unique_name, PathLock, Root, State};
 use crate::settings::Limits;
 
@@ -106,7 +106,7 @@ fn make_dir(path: &Path) -> Result<()> {
     fs::DirBuilder::new()
         .mode(0o700)
         .create(path)
-        .map_err(|e| Error::io("create staging directory", path, e))
+        .io("create staging directory", path)
 }
 
 /// Refuses a `dest` that exists (and was found not done), saying what it holds.
@@ -174,15 +174,15 @@ fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
 
 /// Makes everything written under `tree` durable.
 fn sync_tree(tree: &Path) -> Result<()> {
-    let dir = File::open(tree).map_err(|e| Error::io("open", tree, e))?;
-    nix::unistd::syncfs(&dir).map_err(|errno| Error::io("sync file system of", tree, errno.into()))
+    let dir = File::open(tree).io("open", tree)?;
+    nix::unistd::syncfs(&dir).io("sync file system of", tree)
 }
 
 /// Opens the archive: it must exist and be a regular file.
 fn open_archive(path: &Path, name: &str) -> Result<File> {
     let what = match fs::symlink_metadata(path) {
         Ok(meta) if meta.is_file() => {
-            return File::open(path).map_err(|e| Error::io("open", path, e));
+            return File::open(path).io("open", path);
         }
         Ok(_) => "archive (as a regular file)",
         Err(e) if e.kind() == io::ErrorKind::NotFound => "archive",

@@ -15,7 +15,7 @@ use erel_proto::text::quote;
 use super::entries::{create_file, Extraction, MAX_EXTENDED_HEADER};
 use super::pax::{self, malformed, unsupported, MapSource, PaxSparse, Refusal};
 use super::stream::BLOCK;
-use crate::error::{Error, Result};
+use crate::error::{IoContext, Result};
 
 /// One data region of a sparse file: `length` bytes at byte `offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +76,7 @@ impl Extraction<'_> {
             forgive(&mut self.consumed, start - at);
             self.copy_exact(entry, name, start - at, None)?;
             out.seek(SeekFrom::Start(region.offset))
-                .map_err(|e| Error::io("seek in", path, e))?;
+                .io("seek in", path)?;
             self.copy_exact(entry, name, region.length, Some((&mut out, path)))?;
             at = start + region.length;
         }
@@ -97,8 +97,7 @@ impl Extraction<'_> {
         let mut copied = 0u64;
         while let n @ 1.. = self.read_chunk(&mut part, name)? {
             if let Some((file, path)) = out.as_mut() {
-                file.write_all(&self.buffer[..n])
-                    .map_err(|e| Error::io("write", *path, e))?;
+                file.write_all(&self.buffer[..n]).io("write", *path)?;
             }
             copied += n as u64;
         }

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::rc::Rc;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 
 /// Size of a tar block.
 pub(super) const BLOCK: u64 = 512;
@@ -27,9 +27,7 @@ pub(super) struct Stream {
 pub(super) fn open(file: File, name: &str) -> Result<Stream> {
     let mut file = BufReader::new(file);
     let magic = file.seek(SeekFrom::Start(0)).and_then(|_| file.fill_buf());
-    let gzip = magic
-        .map_err(|e| Error::io("read", name, e))?
-        .starts_with(&[0x1f, 0x8b]);
+    let gzip = magic.io("read", name)?.starts_with(&[0x1f, 0x8b]);
     let mut source: Box<dyn Read> = match gzip {
         true => Box::new(flate2::read::MultiGzDecoder::new(file)),
         false => Box::new(file),

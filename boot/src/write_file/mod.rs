@@ -34,7 +34,7 @@ use erel_proto::{Sha256, WriteFile, Written};
 use sha2::{Digest, Sha256 as Hasher};
 
 use crate::digest;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::fs::{free_disk, remove_if_present, rename_durably, PathLock, Root, State};
 use crate::settings::Limits;
 
@@ -224,9 +224,8 @@ fn staged_prefix(target: &Target) -> Result<(u64, Hasher)> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, Hasher::new())),
         Err(e) => return Err(Error::io("inspect", &target.part, e)),
     };
-    let mut file = File::open(&target.part).map_err(|e| Error::io("open", &target.part, e))?;
-    let hasher =
-        digest::of_prefix(&mut file, len).map_err(|e| Error::io("read", &target.part, e))?;
+    let mut file = File::open(&target.part).io("open", &target.part)?;
+    let hasher = digest::of_prefix(&mut file, len).io("read", &target.part)?;
     Ok((len, hasher))
 }
 
@@ -287,13 +286,10 @@ pub(crate) fn begin(offer: Offer, offset: u64) -> Result<Receiver> {
         .truncate(false)
         .mode(PART_MODE)
         .open(&target.part)
-        .map_err(|e| Error::io("open", &target.part, e))?;
+        .io("open", &target.part)?;
     // Content in place was answered above, so this is a resume of staged bytes.
     let hasher = if offset == have {
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io("inspect", &target.part, e))?
-            .len();
+        let len = file.metadata().io("inspect", &target.part)?.len();
         if len != have {
             return Err(Error::Internal(format!(
                 "staging file {} changed size from {have} to {len} while locked",
@@ -302,14 +298,12 @@ pub(crate) fn begin(offer: Offer, offset: u64) -> Result<Receiver> {
         }
         hasher
     } else {
-        file.set_len(offset)
-            .map_err(|e| Error::io("truncate", &target.part, e))?;
-        file.seek(SeekFrom::Start(0))
-            .map_err(|e| Error::io("seek", &target.part, e))?;
-        digest::of_prefix(&mut file, offset).map_err(|e| Error::io("read", &target.part, e))?
+        file.set_len(offset).io("truncate", &target.part)?;
+        file.seek(SeekFrom::Start(0)).io("seek", &target.part)?;
+        digest::of_prefix(&mut file, offset).io("read", &target.part)?
     };
     file.seek(SeekFrom::Start(offset))
-        .map_err(|e| Error::io("seek", &target.part, e))?;
+        .io("seek", &target.part)?;
     Ok(Receiver {
         target,
         file: Some(file),
@@ -344,8 +338,7 @@ impl Receiver {
                 self.target.name
             )));
         };
-        file.write_all(chunk)
-            .map_err(|e| Error::io("write", &self.target.part, e))?;
+        file.write_all(chunk).io("write", &self.target.part)?;
         self.hasher.update(chunk);
         self.total += len;
         self.received += len;
@@ -387,8 +380,8 @@ impl Receiver {
         };
         let part = &self.target.part;
         file.set_permissions(fs::Permissions::from_mode(self.target.mode))
-            .map_err(|e| Error::io("set mode of", part, e))?;
-        file.sync_all().map_err(|e| Error::io("fsync", part, e))?;
+            .io("set mode of", part)?;
+        file.sync_all().io("fsync", part)?;
         drop(file);
 
         // Creates the destination's parents and checks again that no step of the path
@@ -411,14 +404,14 @@ impl Receiver {
     fn commit_present(self, sha256: Sha256) -> Result<Written> {
         self.target.check_announced(sha256)?;
         let dest = &self.target.dest;
-        let meta = fs::symlink_metadata(dest).map_err(|e| Error::io("inspect", dest, e))?;
+        let meta = fs::symlink_metadata(dest).io("inspect", dest)?;
         if !meta.is_file() {
             let reason = "stopped being a regular file during the transfer";
             return Err(conflict(&self.target.name, reason));
         }
         if meta.permissions().mode() & 0o7777 != self.target.mode {
             fs::set_permissions(dest, fs::Permissions::from_mode(self.target.mode))
-                .map_err(|e| Error::io("set mode of", dest, e))?;
+                .io("set mode of", dest)?;
         }
         Ok(Written {
             sha256,
@@ -446,10 +439,10 @@ impl Drop for Receiver {
 pub(crate) fn sweep_stale(root: &Root, older_than: Duration) -> Result<usize> {
     let staging = root.state(State::Staging);
     let now = SystemTime::now();
-    let entries = fs::read_dir(&staging).map_err(|e| Error::io("list", &staging, e))?;
+    let entries = fs::read_dir(&staging).io("list", &staging)?;
     let mut removed = 0;
     for entry in entries {
-        let path = entry.map_err(|e| Error::io("list", &staging, e))?.path();
+        let path = entry.io("list", &staging)?.path();
         if PathLock::is_held(&path) {
             continue;
         }
@@ -463,10 +456,10 @@ pub(crate) fn sweep_stale(root: &Root, older_than: Duration) -> Result<usize> {
             .unwrap_or(Duration::ZERO);
         if meta.is_dir() {
             // Nothing the agent writes here is a directory.
-            fs::remove_dir_all(&path).map_err(|e| Error::io("remove", &path, e))?;
+            fs::remove_dir_all(&path).io("remove", &path)?;
             removed += 1;
         } else if !meta.is_file() || age >= older_than {
-            fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
+            fs::remove_file(&path).io("remove", &path)?;
             removed += 1;
         }
     }
