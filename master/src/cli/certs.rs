@@ -1,11 +1,13 @@
 //! `erel certs init | host | revoke`.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::error::ResultExt as _;
 use clap::Subcommand;
 
+use super::kit::{self, Kit};
 use super::Context;
 
 /// Certificate commands.
@@ -27,10 +29,21 @@ pub(super) enum CertsCommand {
         /// A DNS name the certificate also names (repeatable).
         #[arg(long = "dns")]
         dns: Vec<String>,
-        /// Replace an existing bundle of ID with a new key and certificate (without
-        /// it, an existing host key is never overwritten).
+        /// Replace an existing bundle of ID with a new key and certificate, and an
+        /// existing --kit FILE (without it, an existing host key is never overwritten).
         #[arg(long)]
         force: bool,
+        /// Also write a host kit: one archive with the agent, the bundle, a boot.toml,
+        /// the systemd unit and install.sh, all a blank host needs (mode 0600).
+        #[arg(long, value_name = "FILE.tar.gz")]
+        kit: Option<PathBuf>,
+        /// Where the host's agent listens, written into the kit's boot.toml
+        /// [default: 0.0.0.0:7070].
+        #[arg(long, value_name = "ADDR:PORT", requires = "kit")]
+        listen: Option<SocketAddr>,
+        /// The agent binary the kit ships [default: erel-boot beside this program].
+        #[arg(long, value_name = "FILE", requires = "kit")]
+        agent: Option<PathBuf>,
     },
     /// Adds a host's (or the master's, as "master") certificate to the CRL.
     Revoke {
@@ -54,7 +67,18 @@ pub(super) fn run(ctx: &Context, command: CertsCommand) -> crate::Result<ExitCod
             ips,
             dns,
             force,
+            kit,
+            listen,
+            agent,
         } => {
+            // Everything a kit needs is checked before a key is made.
+            let kit = match kit {
+                Some(path) => {
+                    kit::check_target(&path, force)?;
+                    Some((path, kit::agent_binary(agent)?))
+                }
+                None => None,
+            };
             let issued = if force {
                 ctx.certs.replace_host(&id, &ips, &dns)
             } else {
@@ -65,6 +89,20 @@ pub(super) fn run(ctx: &Context, command: CertsCommand) -> crate::Result<ExitCod
                 "wrote the bundle for {id} to {} (copy it to the host's --certs directory)",
                 bundle.display()
             );
+            if let Some((path, agent)) = kit {
+                let spec = Kit {
+                    id: &id,
+                    bundle: &bundle,
+                    agent: &agent,
+                    listen: listen.unwrap_or(kit::DEFAULT_LISTEN),
+                };
+                kit::write(&spec, &path, force)
+                    .with_context(|| format!("certs host {id} --kit {}", path.display()))?;
+                println!(
+                    "wrote the kit for {id} to {} (on the host: tar xzf it, then run erel-host-{id}/install.sh)",
+                    path.display()
+                );
+            }
         }
         CertsCommand::Revoke { name } => {
             ctx.certs

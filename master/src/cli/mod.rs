@@ -16,6 +16,7 @@ mod context;
 mod daemon;
 mod demo;
 mod deploy;
+mod kit;
 mod lifecycle;
 mod status;
 mod watch;
@@ -244,6 +245,7 @@ mod tests {
             "erel --certs /etc/erel/certs certs init",
             "erel certs init --name prod",
             "erel certs host web-1 --ip 127.0.0.1 --dns web-1.example.org",
+            "erel certs host web-1 --ip 10.0.0.11 --kit web-1.tar.gz --listen 10.0.0.11:7070 --agent erel-boot",
             "erel certs revoke master",
             "erel ping web-1@127.0.0.1:7070 --json",
             "erel push web-1@127.0.0.1:7070 app.tar.gz archives/app.tar.gz --mode 600",

@@ -12,6 +12,7 @@ mod deploy;
 mod fleet;
 mod health;
 mod inputs;
+mod kit;
 mod lifecycle;
 mod logs;
 mod manners;

@@ -339,17 +339,46 @@ impl AgentProc {
 
     /// Every live process started under this agent's root.
     pub fn all_release_pids(&self) -> Vec<i32> {
-        processes_with_env(&[format!("EREL_ROOT={}", self.root.display())])
+        all_release_pids(&self.root)
     }
 
     /// The agent's cgroup directory, as its start-up log names it (`containment: cgroup
     /// v2 DIR`); `None` when it runs without cgroups.
     pub fn cgroup_dir(&self) -> Option<PathBuf> {
-        let log = self.log();
-        let start = log.find("containment: cgroup v2 ")? + "containment: cgroup v2 ".len();
-        let rest = &log[start..];
-        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-        Some(PathBuf::from(&rest[..end]))
+        agent_cgroup_dir(&self.log())
+    }
+}
+
+/// Every live process started by an agent on `root`.
+pub fn all_release_pids(root: &Path) -> Vec<i32> {
+    processes_with_env(&[format!("EREL_ROOT={}", root.display())])
+}
+
+/// An agent's cgroup directory, as its start-up `log` names it (`containment: cgroup v2
+/// DIR`); `None` when it runs without cgroups.
+pub fn agent_cgroup_dir(log: &str) -> Option<PathBuf> {
+    let start = log.find("containment: cgroup v2 ")? + "containment: cgroup v2 ".len();
+    let rest = &log[start..];
+    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    Some(PathBuf::from(&rest[..end]))
+}
+
+/// Kills the agent `process` on `root` (`kill -9`), then everything it started: the
+/// cgroups its log names and every release process.
+pub fn kill_agent_and_releases(process: &mut Followed, root: &Path) {
+    process.kill9();
+    if let Some(dir) = agent_cgroup_dir(&process.log()) {
+        remove_cgroup_tree(&dir);
+    }
+    for pid in all_release_pids(root) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
@@ -376,20 +405,7 @@ process_type!(AgentProc);
 
 impl Drop for AgentProc {
     fn drop(&mut self) {
-        self.kill9();
-        if let Some(dir) = self.cgroup_dir() {
-            remove_cgroup_tree(&dir);
-        }
-        for pid in self.all_release_pids() {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        kill_agent_and_releases(&mut self.process, &self.root);
     }
 }
 
