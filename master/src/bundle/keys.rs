@@ -115,6 +115,10 @@ fn write_key(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         .map_err(|e| Error::local(path, format!("cannot write: {e}")))
 }
 
+fn read_key(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::local(path, format!("cannot read: {e}")))
+}
+
 /// A secret key that signs bundles. Its `Debug` shows the key id only.
 pub struct SigningKey {
     secret: SecretKey,
@@ -136,8 +140,7 @@ impl SigningKey {
     /// [`Error::Local`] naming `path`: unreadable, not a minisign secret key, or a wrong
     /// password.
     pub fn load(path: &Path) -> Result<SigningKey> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::local(path, format!("cannot read: {e}")))?;
+        let text = read_key(path)?;
         let not_a_key = |e: minisign::PError| {
             Error::local(path, format!("not a usable minisign secret key: {e}"))
         };
@@ -175,17 +178,11 @@ impl SigningKey {
     }
 }
 
-/// A public key trusted to sign bundles and revisions. Its `Debug` shows the key id.
-#[derive(Clone)]
+/// A public key trusted to sign bundles and revisions.
+#[derive(Clone, Debug)]
 pub struct TrustedKey {
     public: PublicKey,
     id: String,
-}
-
-impl std::fmt::Debug for TrustedKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrustedKey").field("id", &self.id).finish()
-    }
 }
 
 impl TrustedKey {
@@ -194,8 +191,7 @@ impl TrustedKey {
     /// # Errors
     /// [`Error::Local`] naming `path`: unreadable, or not a minisign public key.
     pub fn load(path: &Path) -> Result<TrustedKey> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::local(path, format!("cannot read: {e}")))?;
+        let text = read_key(path)?;
         let public = PublicKeyBox::from_string(&text)
             .and_then(PublicKey::from_box)
             .map_err(|e| Error::local(path, format!("not a minisign public key: {e}")))?;
