@@ -83,6 +83,7 @@ fn start_master(
         interval: Duration::from_secs(30),
         backoff: Backoff::default(),
         metrics: None,
+        trusted_key: None,
     };
     let cancel = cancel.clone();
     tokio::spawn(async move {

@@ -4,6 +4,7 @@
 //! - [`cli`]: the `erel` program (`main.rs` only calls it).
 //! - [`client`]: the client for one agent: each command with its typed answer, the
 //!   resumable `WriteFile`, the one retry policy.
+//! - [`bundle`]: sealed bundles for air gaps: a signed revision and its archives.
 //! - [`cluster`]: the cluster file, validated once into a [`cluster::Plan`].
 //! - [`rollout`]: the rolling cold deploy: pure decisions, one I/O driver, the daemon loop.
 //! - [`release`]: release tarballs built on the spot (the demo's beat release).
@@ -15,6 +16,7 @@
 #![warn(unreachable_pub)]
 
 pub mod amqp;
+pub mod bundle;
 pub mod cli;
 pub mod client;
 pub mod cluster;

@@ -6,7 +6,8 @@
 //! newest one that validates (archives found in the artifact directory, checked by
 //! sha256) is written atomically to the state directory, and only then are the
 //! messages acknowledged and the new plan handed to the groups. A config that fails
-//! validation is logged with its reason and never applied.
+//! validation (or, for a master given a trusted key, is not signed with it) is logged
+//! with its reason and never applied.
 //!
 //! Once the log is read to its end (nothing more for [`log::SETTLE`]), the daemon
 //! competes for each group of its plan ([`leadership`]) and converges the groups it
@@ -78,6 +79,9 @@ pub struct DaemonOptions {
     pub backoff: Backoff,
     /// Told the revision held and every rollout event (`erel master --metrics`).
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// When set, only revisions signed with this key are applied
+    /// ([`crate::bundle::check_signed_revision`]); others are rejected as invalid ones.
+    pub trusted_key: Option<crate::bundle::TrustedKey>,
 }
 
 /// The plan every group task follows.
@@ -365,10 +369,19 @@ impl Daemon {
             let checked = {
                 let (entry, lookup, log_queue) =
                     (entry.clone(), self.lookup.clone(), log_queue.clone());
-                tokio::task::spawn_blocking(move || entry.validate(&log_queue, &lookup))
-                    .await
-                    .map_err(|e| format!("validation failed: {e}"))
-                    .and_then(|checked| checked.map_err(|e| e.to_string()))
+                let trusted = self.options.trusted_key.clone();
+                tokio::task::spawn_blocking(move || {
+                    let plan = entry.validate(&log_queue, &lookup)?;
+                    match &trusted {
+                        Some(key) => crate::bundle::check_signed_revision(key, &entry, &plan)
+                            .map(|()| plan)
+                            .map_err(Error::ConfigRefused),
+                        None => Ok(plan),
+                    }
+                })
+                .await
+                .map_err(|e| format!("validation failed: {e}"))
+                .and_then(|checked| checked.map_err(|e| e.to_string()))
             };
             match checked {
                 Ok(plan) => {

@@ -2,7 +2,9 @@
 //!
 //! Each message is one cluster file's text, as published, with headers:
 //! `erel-revision` (its revision), `erel-publisher` (who published it) and
-//! `erel-published-at-ms` (when, in milliseconds since the Unix epoch). The broker adds
+//! `erel-published-at-ms` (when, in milliseconds since the Unix epoch); a revision
+//! published from a signed bundle also carries `erel-manifest` and `erel-signature`
+//! ([`Signed`]; records without them stay readable). The broker adds
 //! `x-stream-offset` to every delivery: the message's position in the log.
 //!
 //! A stream keeps its messages after they are read, so a master that starts late, or
@@ -51,6 +53,10 @@ pub const HEADER_REVISION: &str = "erel-revision";
 pub const HEADER_PUBLISHER: &str = "erel-publisher";
 /// Header: when, in milliseconds since the Unix epoch.
 pub const HEADER_PUBLISHED_AT: &str = "erel-published-at-ms";
+/// Header of a signed revision: its bundle's manifest, as signed.
+pub const HEADER_MANIFEST: &str = "erel-manifest";
+/// Header of a signed revision: the manifest's signature (minisign's text format).
+pub const HEADER_SIGNATURE: &str = "erel-signature";
 /// Header the broker sets on stream deliveries: the message's offset in the log.
 const HEADER_OFFSET: &str = "x-stream-offset";
 
@@ -68,6 +74,19 @@ pub struct LogEntry {
     /// The config text, as published.
     #[serde(skip)]
     pub body: Vec<u8>,
+    /// The signed manifest that binds it, for a revision published from a bundle.
+    #[serde(skip)]
+    pub signed: Option<Signed>,
+}
+
+/// A revision's signature, as the config log record carries it
+/// (see [`crate::bundle`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    /// The bundle's manifest, as signed (its digests bind the text and the archives).
+    pub manifest: String,
+    /// The manifest's signature, in minisign's text format.
+    pub signature: String,
 }
 
 impl std::fmt::Debug for LogEntry {
@@ -78,6 +97,7 @@ impl std::fmt::Debug for LogEntry {
             .field("publisher", &self.publisher)
             .field("published_at_ms", &self.published_at_ms)
             .field("bytes", &self.body.len())
+            .field("signed", &self.signed.is_some())
             .finish()
     }
 }
@@ -92,6 +112,13 @@ impl LogEntry {
             publisher: header(HEADER_PUBLISHER).and_then(string),
             published_at_ms: header(HEADER_PUBLISHED_AT).and_then(integer),
             body: delivery.data.clone(),
+            signed: header(HEADER_MANIFEST)
+                .and_then(string)
+                .zip(header(HEADER_SIGNATURE).and_then(string))
+                .map(|(manifest, signature)| Signed {
+                    manifest,
+                    signature,
+                }),
         }
     }
 
@@ -273,14 +300,16 @@ pub struct Published {
     pub previous: Option<u64>,
 }
 
-/// Publishes a validated config: refuses it unless its revision is greater than every
-/// revision in the log ([`Error::RevisionNotNewer`]), then appends it and returns once
-/// the broker has confirmed it.
+/// Publishes a validated config, with its signature when it is `signed`: refuses it
+/// unless its revision is greater than every revision in the log
+/// ([`Error::RevisionNotNewer`]), then appends it and returns once the broker has
+/// confirmed it.
 pub async fn publish(
     broker: &Broker,
     plan: &Plan,
     text: &str,
     publisher: &str,
+    signed: Option<&Signed>,
 ) -> Result<Published> {
     let connection = broker.connect("config publisher").await?;
     let outcome = async {
@@ -296,7 +325,15 @@ pub async fn publish(
                 });
             }
         }
-        append_on(broker, &connection, text, Some(plan.revision), publisher).await?;
+        append_on(
+            broker,
+            &connection,
+            text,
+            Some(plan.revision),
+            publisher,
+            signed,
+        )
+        .await?;
         Ok(Published {
             revision: plan.revision,
             previous,
@@ -317,7 +354,7 @@ pub async fn append(
     publisher: &str,
 ) -> Result<()> {
     let connection = broker.connect("config publisher").await?;
-    let outcome = append_on(broker, &connection, text, revision, publisher).await;
+    let outcome = append_on(broker, &connection, text, revision, publisher, None).await;
     let _ = connection.close(200, "done".into()).await;
     outcome
 }
@@ -328,6 +365,7 @@ async fn append_on(
     text: &str,
     revision: Option<u64>,
     publisher: &str,
+    signed: Option<&Signed>,
 ) -> Result<()> {
     let names = broker.names();
     let queue = names.configs();
@@ -356,6 +394,10 @@ async fn append_on(
         );
     }
     headers.insert(HEADER_PUBLISHER.into(), text_value(publisher));
+    if let Some(signed) = signed {
+        headers.insert(HEADER_MANIFEST.into(), text_value(&signed.manifest));
+        headers.insert(HEADER_SIGNATURE.into(), text_value(&signed.signature));
+    }
     headers.insert(
         HEADER_PUBLISHED_AT.into(),
         AMQPValue::LongLongInt(i64::try_from(now).unwrap_or(i64::MAX)),
@@ -429,6 +471,7 @@ mod tests {
             publisher: Some("me".to_string()),
             published_at_ms: Some(1),
             body: text.as_bytes().to_vec(),
+            signed: None,
         }
     }
 

@@ -52,6 +52,10 @@ pub(super) struct AmqpMasterArgs {
     /// Where the archives configs name are found, by file name and sha256 (with --amqp).
     #[arg(long, value_name = "DIR", requires = "url")]
     pub artifacts: Option<PathBuf>,
+    /// Apply only revisions signed with this minisign public key (`erel bundle import`
+    /// publishes them); others are logged and not applied (with --amqp).
+    #[arg(long, env = "EREL_TRUSTED_KEY", value_name = "FILE")]
+    pub trusted_key: Option<PathBuf>,
     /// Longest wait between two reconnection attempts, in milliseconds.
     #[arg(long, default_value_t = 5000, value_name = "MS", hide = true)]
     pub reconnect_max_ms: u64,
@@ -142,6 +146,10 @@ pub(super) async fn master(
             artifacts.display()
         )));
     }
+    let trusted_key = match &args.trusted_key {
+        Some(path) => Some(crate::bundle::TrustedKey::load(path)?),
+        None => None,
+    };
     let name = args.name.unwrap_or_else(|| ctx.master_name());
     let connector =
         Connector::new(ctx.tls()?, ctx.master_name()).with_connect_timeout(connect_timeout);
@@ -163,8 +171,9 @@ pub(super) async fn master(
             Duration::from_millis(args.reconnect_max_ms.max(250)),
         ),
         metrics,
+        trusted_key,
     };
-    info!(broker = %options.broker.display_url(), name = %options.name, "master starting");
+    info!(trusted_key = ?options.trusted_key.as_ref().map(|k| k.id().to_string()), broker = %options.broker.display_url(), name = %options.name, "master starting");
     daemon::run(options, cancel).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -126,7 +126,19 @@ async fn publish(args: PublishArgs) -> crate::Result<ExitCode> {
         None => Plan::load(&args.file)?,
     };
     let publisher = args.publisher.unwrap_or_else(publisher);
-    let published = log::publish(&broker, &plan, &text, &publisher).await?;
+    publish_plan(&broker, &plan, &text, &publisher, None).await
+}
+
+/// Publishes a validated config (signed when `signed` is given) and prints what was
+/// done: `erel config publish` and `erel bundle import` both publish this way.
+pub(super) async fn publish_plan(
+    broker: &crate::amqp::Broker,
+    plan: &Plan,
+    text: &str,
+    publisher: &str,
+    signed: Option<&log::Signed>,
+) -> crate::Result<ExitCode> {
+    let published = log::publish(broker, plan, text, publisher, signed).await?;
     match published.previous {
         Some(previous) => println!(
             "published revision {} to {} (previous newest: {previous}); confirmed by the broker",

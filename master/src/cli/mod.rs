@@ -10,6 +10,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod agent;
 mod amqp;
+mod bundle;
 mod certs;
 mod config;
 mod context;
@@ -77,6 +78,9 @@ enum Command {
     /// The config log on RabbitMQ: publish, show, history, holders.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Sealed bundles for air gaps: keygen, create, verify, import.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
     /// Prints what the masters do, live, from RabbitMQ.
     Watch(watch::WatchArgs),
     /// The whole story on one machine: CA, three agents, deploy, roll, rollback.
@@ -174,6 +178,7 @@ async fn run(cli: Cli) -> crate::Result<ExitCode> {
         Command::Demo(args) => demo::demo(args).await,
         Command::DemoBeat => demo::beat().await,
         Command::Config(command) => config::run(command).await,
+        Command::Bundle(command) => bundle::run(command, &cluster_file(cluster)).await,
         Command::Watch(args) => watch::watch(args).await,
     }
 }
@@ -267,6 +272,11 @@ mod tests {
             "erel config show --json --amqp amqp://127.0.0.1:5672/%2f",
             "erel config history --amqp amqp://127.0.0.1:5672/%2f",
             "erel watch --amqp amqp://127.0.0.1:5672/%2f",
+            "erel bundle keygen --secret-key k.key --public-key k.pub",
+            "erel bundle create --cluster c.toml --secret-key k.key --expires-in 30d -o b.erel",
+            "erel bundle verify b.erel --public-key k.pub",
+            "erel bundle import b.erel --public-key k.pub --artifacts a --amqp amqp://127.0.0.1:5672/%2f",
+            "erel master --amqp amqp://127.0.0.1:5672/%2f --state-dir s --artifacts a --trusted-key k.pub",
             "erel demo",
         ] {
             let args = line.split_whitespace();

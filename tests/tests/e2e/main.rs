@@ -5,6 +5,7 @@ mod helper;
 
 mod agent;
 mod amqp;
+mod bundle;
 mod certs_cli;
 mod containment;
 mod daemon;

@@ -138,6 +138,18 @@ impl MasterProc {
         state_dir: &Path,
         artifacts: &Path,
     ) -> Self {
+        Self::start_with(pki, broker, name, state_dir, artifacts, &[])
+    }
+
+    /// [`MasterProc::start`] with `extra` arguments (`--trusted-key FILE`, …).
+    pub fn start_with(
+        pki: &Pki,
+        broker: &TestBroker,
+        name: &str,
+        state_dir: &Path,
+        artifacts: &Path,
+        extra: &[&str],
+    ) -> Self {
         let mut command = pki.erel();
         command
             .arg("master")
@@ -152,6 +164,7 @@ impl MasterProc {
             .arg(MASTER_INTERVAL.as_secs().to_string())
             .arg("--reconnect-max-ms")
             .arg("1000")
+            .args(extra)
             .env("EREL_LOG", "info,lapin=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
