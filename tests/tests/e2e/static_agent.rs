@@ -249,14 +249,28 @@ fn processes_in_chroot(root: &Path) -> Vec<i32> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_static_agent_serves_from_a_chroot_holding_only_itself() {
-    if !root_or_skip("the_static_agent_serves_from_a_chroot_holding_only_itself") {
-        return;
+/// A fresh PKI and the static agent for host `id` in a [`Chroot`] with `accounts`;
+/// `None` (and `test` said to be skipped) when not running as root.
+async fn pki_and_chroot_agent(
+    test: &str,
+    id: &str,
+    accounts: Option<(&str, &str)>,
+) -> Option<(Pki, ChrootAgent)> {
+    if !root_or_skip(test) {
+        return None;
     }
     let pki = Pki::new();
-    let chroot = Chroot::new(&pki, "static-1", None);
-    let agent = ChrootAgent::start("static-1", chroot).await;
+    let chroot = Chroot::new(&pki, id, accounts);
+    let agent = ChrootAgent::start(id, chroot).await;
+    Some((pki, agent))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_static_agent_serves_from_a_chroot_holding_only_itself() {
+    let test = "the_static_agent_serves_from_a_chroot_holding_only_itself";
+    let Some((pki, agent)) = pki_and_chroot_agent(test, "static-1", None).await else {
+        return;
+    };
     let out = run(pki.erel().arg("ping").arg(agent.host().to_string()));
     let text = output_text(&out);
     assert!(out.status.success(), "erel ping: {text}");
@@ -295,15 +309,14 @@ fn status_line(pid: u32, name: &str) -> Vec<u32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_in_the_chroot_runs_as_a_user_of_its_passwd_file() {
-    if !root_or_skip("a_release_in_the_chroot_runs_as_a_user_of_its_passwd_file") {
-        return;
-    }
-    let pki = Pki::new();
+    let test = "a_release_in_the_chroot_runs_as_a_user_of_its_passwd_file";
     let passwd = "# only what the release needs\nroot:x:0:0:root:/:/erel-boot\n\
                   app:x:4242:4242:the release:/var/lib/erel/data/idle:/nonexistent\n";
     let group = "root:x:0:\napp:x:4242:\nkeys:x:4343:other,app\nnot-app:x:4444:application\n";
-    let chroot = Chroot::new(&pki, "static-2", Some((passwd, group)));
-    let agent = ChrootAgent::start("static-2", chroot).await;
+    let accounts = Some((passwd, group));
+    let Some((pki, agent)) = pki_and_chroot_agent(test, "static-2", accounts).await else {
+        return;
+    };
 
     let work = tempfile::tempdir().expect("tempdir");
     let files = [
