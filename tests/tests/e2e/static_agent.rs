@@ -385,23 +385,34 @@ fn the_debian_package_installs_keeps_configuration_and_removes_cleanly() {
         return;
     }
     let deb = script_output("build-deb.sh", &[static_agent()]);
-    let info = output_text(&run(Command::new("dpkg-deb").arg("--info").arg(&deb)));
-    for needle in [
-        "Package: erel-boot",
-        "Architecture: amd64",
-        "conffiles",
-        "postinst",
-    ] {
-        assert!(info.contains(needle), "{needle:?} not in:\n{info}");
-    }
-    let contents = output_text(&run(Command::new("dpkg-deb").arg("--contents").arg(&deb)));
-    for needle in [
-        "-rwxr-xr-x root/root",
-        "./usr/sbin/erel-boot",
-        "./lib/systemd/system/erel-boot.service",
-        "./etc/erel/boot.toml",
-    ] {
-        assert!(contents.contains(needle), "{needle:?} not in:\n{contents}");
+    let shows = [
+        (
+            "--info",
+            &[
+                "Package: erel-boot",
+                "Architecture: amd64",
+                "conffiles",
+                "postinst",
+            ],
+        ),
+        (
+            "--contents",
+            &[
+                "-rwxr-xr-x root/root",
+                "./usr/sbin/erel-boot",
+                "./lib/systemd/system/erel-boot.service",
+                "./etc/erel/boot.toml",
+            ],
+        ),
+    ];
+    for (what, needles) in shows {
+        let text = output_text(&run(Command::new("dpkg-deb").arg(what).arg(&deb)));
+        for needle in needles {
+            assert!(
+                text.contains(needle),
+                "{needle:?} not in dpkg-deb {what}:\n{text}"
+            );
+        }
     }
 
     let root = dpkg_root();
