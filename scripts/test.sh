@@ -60,6 +60,10 @@ ensure_tools() {
     # The differential unpack tests compare the agent with GNU tar.
     tar --version 2>/dev/null | grep -q 'GNU tar' || apt_install tar
     command -v cargo >/dev/null || die "cargo is not on PATH"
+    # The static agent's tests: file(1), and a C compiler with a static libc for a
+    # release program that runs in a chroot holding nothing else.
+    command -v file >/dev/null || apt_install file
+    [ -f /usr/lib/x86_64-linux-gnu/libc.a ] && command -v cc >/dev/null || apt_install gcc libc6-dev
 }
 
 ensure_tools

@@ -2,7 +2,6 @@
 //! user, environment), its data directory, its output writer, and the fork that joins
 //! the release's cgroup, leads a new session and drops to the release's user.
 
-use std::ffi::CString;
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -12,7 +11,7 @@ use std::process::Stdio;
 
 use erel_proto::rules;
 use erel_proto::text::quote;
-use nix::unistd::{Gid, Uid, User};
+use nix::unistd::{Gid, Uid};
 use tokio::process::{Child, Command};
 
 use crate::error::{Error, IoContext, Result};
@@ -22,6 +21,9 @@ use crate::settings::Supervision;
 use super::log;
 use super::process::proc_stat;
 use super::record::Desired;
+use users::{Account, Wanted};
+
+mod users;
 
 /// `PATH` given to every release.
 const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -55,7 +57,7 @@ pub(crate) struct Spawned {
 /// Who a release runs as: the user's passwd entry and the groups it is in.
 #[derive(Debug, Clone)]
 struct RunAs {
-    user: User,
+    user: Account,
     groups: Vec<Gid>,
 }
 
@@ -69,7 +71,7 @@ pub(super) fn spawn_failed(desired: &Desired, reason: impl Into<String>) -> Erro
 }
 
 /// Looks up the user a release should run as (a name, or a numeric uid with a passwd
-/// entry).
+/// entry) in `/etc/passwd`, and its groups in `/etc/group` (see [`users`]).
 fn lookup_user(desired: &Desired, name: &str) -> Result<RunAs> {
     let failed = |why: String| Err(spawn_failed(desired, why));
     if name.len() > MAX_USER_LEN {
@@ -79,19 +81,26 @@ fn lookup_user(desired: &Desired, name: &str) -> Result<RunAs> {
         );
         return failed(why);
     }
-    let found = match name.parse::<u32>() {
-        Ok(uid) => User::from_uid(Uid::from_raw(uid)),
-        Err(_) => User::from_name(name),
+    let cannot = |file: &str, e: std::io::Error| {
+        failed(format!(
+            "cannot look up user '{}': {file}: {e}",
+            quote(name)
+        ))
     };
-    let user = match found {
-        Ok(Some(user)) => user,
-        Ok(None) => return failed(format!("unknown user '{}'", quote(name))),
-        Err(e) => return failed(format!("cannot look up user '{}': {e}", quote(name))),
+    let passwd = match users::read(Path::new(users::PASSWD)) {
+        Ok(passwd) => passwd,
+        Err(e) => return cannot(users::PASSWD, e),
     };
-    let groups = CString::new(user.name.clone())
-        .ok()
-        .and_then(|name| nix::unistd::getgrouplist(&name, user.gid).ok())
-        .unwrap_or_else(|| vec![user.gid]);
+    let Some(user) = users::find_user(&passwd, Wanted::parse(name)) else {
+        return failed(format!("unknown user '{}'", quote(name)));
+    };
+    // A host without /etc/group: the user is in its primary group only.
+    let group = match users::read(Path::new(users::GROUP)) {
+        Ok(group) => group,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return cannot(users::GROUP, e),
+    };
+    let groups = users::groups_of(&group, &user.name, user.gid);
     Ok(RunAs { user, groups })
 }
 
@@ -165,8 +174,9 @@ fn environment(
         None => (
             std::env::var("HOME").unwrap_or_else(|_| version_dir.to_string_lossy().into()),
             std::env::var("USER").ok().or_else(|| {
-                let user = User::from_uid(nix::unistd::geteuid()).ok().flatten();
-                user.map(|u| u.name)
+                let passwd = users::read(Path::new(users::PASSWD)).ok()?;
+                let uid = nix::unistd::geteuid().as_raw();
+                users::find_user(&passwd, Wanted::Uid(uid)).map(|u| u.name)
             }),
         ),
     };

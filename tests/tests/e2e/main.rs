@@ -23,3 +23,4 @@ mod output;
 mod peers;
 mod pki;
 mod push_content;
+mod static_agent;
