@@ -25,6 +25,8 @@
 //!   configuration from explicit files), `provider`, `MasterDir::reissue_master` and
 //!   `MasterDir::host_ids`.
 //! * `files`: atomic writes; keys are mode 0600 from the start.
+//! * `pushed`: [`PushedBundle`], a host's bundle as one file the master writes to
+//!   the agent's root, validated as a whole before the agent serves with it.
 //!
 //! ```
 //! # fn main() -> erel_certs::Result<()> {
@@ -75,6 +77,7 @@ mod files;
 mod keys;
 pub mod layout;
 mod pki;
+mod pushed;
 mod revocation;
 mod signatures;
 mod store;
@@ -85,6 +88,7 @@ mod verify;
 
 pub use error::{Error, Result};
 pub use explain::{certificate_names, explain_tls_error};
+pub use pushed::{Expected, PushedBundle, PUSHED_BUNDLE, PUSHED_BUNDLE_MODE};
 pub use store::MasterDir;
 pub use tls::{bundle_fingerprint, peer_name, server_config, server_name, BundleFingerprint};
 #[cfg(feature = "testing")]
