@@ -24,6 +24,7 @@
 //!   also makes public what only tests use: `client_config_from` (a client
 //!   configuration from explicit files), `provider`, `MasterDir::reissue_master` and
 //!   `MasterDir::host_ids`.
+//! * `rotation`: rotating the CA from the master: `next/`, `previous/`, `archive/`.
 //! * `files`: atomic writes; keys are mode 0600 from the start.
 //! * `pushed`: [`PushedBundle`], a host's bundle as one file the master writes to
 //!   the agent's root, validated as a whole before the agent serves with it.
@@ -79,6 +80,7 @@ pub mod layout;
 mod pki;
 mod pushed;
 mod revocation;
+mod rotation;
 mod signatures;
 mod store;
 #[cfg(feature = "testing")]

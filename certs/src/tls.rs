@@ -178,10 +178,65 @@ pub(crate) fn client_config(
     if sent == SentChain::Checked {
         chain = chain::own_chain(cert_pem, &chain, ca_pem, &anchors)?;
     }
-    let anchors = anchors.as_slice();
+    let crls = load_crls(&anchors, &chain, crl_pem)?;
+    let key = keys::load_key(key_pem)?;
+    client_from_parts(
+        ca_pem,
+        &anchors,
+        chain,
+        key,
+        (cert_pem, key_pem),
+        crls,
+        crl_pem,
+    )
+}
+
+/// A client configuration presenting `cert_pem` / `key_pem` (its chain checked
+/// against `ca_pem`) that trusts the CAs of every file of `trust` and checks the
+/// CRLs of every file of `crls`: a master during a rotation, or proving a host against
+/// the next CA alone.
+pub(crate) fn client_config_trusting<const T: usize, const C: usize>(
+    [ca_pem, cert_pem, key_pem]: [&Path; 3],
+    trust: [&Path; T],
+    crls: [&Path; C],
+) -> Result<Arc<ClientConfig>> {
+    let concat = |paths: &[&Path]| -> Result<Vec<u8>> {
+        let mut all = Vec::new();
+        for path in paths {
+            all.extend(crate::files::read(path)?);
+            all.push(b'\n');
+        }
+        Ok(all)
+    };
+    let anchors = parse_certs(trust[0], &concat(&trust)?)?;
+    let own_anchors = load_certs(ca_pem)?;
+    let chain = chain::own_chain(cert_pem, &load_certs(cert_pem)?, ca_pem, &own_anchors)?;
+    let crl_label = crls[0].to_path_buf();
+    let crls = revocation::parse(&crl_label, &concat(&crls)?, &known_cas(&anchors, &chain))?;
+    let key = keys::load_key(key_pem)?;
+    client_from_parts(
+        trust[0],
+        &anchors,
+        chain,
+        key,
+        (cert_pem, key_pem),
+        crls,
+        Some(&crl_label),
+    )
+}
+
+/// The client configuration from loaded parts.
+fn client_from_parts(
+    ca_pem: &Path,
+    anchors: &[CertificateDer<'static>],
+    chain: Vec<CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    (cert_pem, key_pem): (&Path, &Path),
+    crls: Crls,
+    crl_pem: Option<&Path>,
+) -> Result<Arc<ClientConfig>> {
     let provider = provider();
     let roots = Arc::new(load_roots(ca_pem, anchors)?);
-    let crls = load_crls(anchors, &chain, crl_pem)?;
     let inner = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
         .with_crls(crls.ders.clone())
         .only_check_end_entity_revocation()
@@ -191,7 +246,6 @@ pub(crate) fn client_config(
         inner,
         crl_issuers: crls.issuers,
     });
-    let key = keys::load_key(key_pem)?;
     let what = config_what("client", cert_pem, key_pem);
     let mut config = tls13_only(ClientConfig::builder_with_provider(provider), &what)?
         .dangerous()

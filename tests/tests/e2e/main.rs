@@ -21,3 +21,4 @@ mod output;
 mod peers;
 mod pki;
 mod push_content;
+mod rotate;
