@@ -29,6 +29,25 @@ fn refused_check(outcome: erel_certs::Result<impl std::fmt::Debug>) -> (&'static
     }
 }
 
+/// A cluster with host `web-1`, and the bundle of a second host `web-2`.
+fn web_1_and_web_2() -> (crate::helper::Pki, std::path::PathBuf) {
+    let pki = pki("web-1");
+    let other = pki
+        .master
+        .issue_host("web-2", &[LOOPBACK], &[])
+        .expect("web-2");
+    (pki, other)
+}
+
+/// The refusal of `bundle` by an agent of host `web-1` that has seen no master yet.
+fn refused_for_web_1(bundle: &PushedBundle) -> (&'static str, String) {
+    let expected = Expected {
+        host_id: "web-1",
+        masters: &[],
+    };
+    refused_check(bundle.validate(Path::new("b.toml"), &expected))
+}
+
 #[test]
 fn a_host_bundle_round_trips_through_toml_and_is_taken() {
     let pki = pki("web-1");
@@ -70,11 +89,7 @@ fn a_file_that_is_not_a_bundle_is_refused_by_the_format_check() {
 
 #[test]
 fn a_key_that_does_not_match_its_certificate_is_refused() {
-    let pki = pki("web-1");
-    let other = pki
-        .master
-        .issue_host("web-2", &[LOOPBACK], &[])
-        .expect("web-2");
+    let (pki, other) = web_1_and_web_2();
     let own = pki.bundle.clone();
     let bundle = PushedBundle::new(
         read(&own.join(layout::CA_PEM)),
@@ -82,28 +97,16 @@ fn a_key_that_does_not_match_its_certificate_is_refused() {
         read(&other.join(layout::HOST_KEY)),
         Some(read(&own.join(layout::CRL_PEM))),
     );
-    let expected = Expected {
-        host_id: "web-1",
-        masters: &[],
-    };
-    let (check, message) = refused_check(bundle.validate(Path::new("b.toml"), &expected));
+    let (check, message) = refused_for_web_1(&bundle);
     assert_eq!(check, "key", "{message}");
     assert!(message.contains("does not belong to"), "{message}");
 }
 
 #[test]
 fn a_bundle_for_another_host_is_refused() {
-    let pki = pki("web-1");
-    let other = pki
-        .master
-        .issue_host("web-2", &[LOOPBACK], &[])
-        .expect("web-2");
+    let (_pki, other) = web_1_and_web_2();
     let bundle = PushedBundle::from_dir(&other).expect("from_dir");
-    let expected = Expected {
-        host_id: "web-1",
-        masters: &[],
-    };
-    let (check, message) = refused_check(bundle.validate(Path::new("b.toml"), &expected));
+    let (check, message) = refused_for_web_1(&bundle);
     assert_eq!(check, "same host", "{message}");
     assert!(
         message.contains("\"web-2\"") && message.contains("\"web-1\""),
@@ -142,11 +145,7 @@ fn a_revoked_host_certificate_is_refused() {
     let pki = pki("web-1");
     pki.master.revoke("web-1").expect("revoke");
     let bundle = PushedBundle::from_dir(&pki.bundle).expect("from_dir");
-    let expected = Expected {
-        host_id: "web-1",
-        masters: &[],
-    };
-    let (check, message) = refused_check(bundle.validate(Path::new("b.toml"), &expected));
+    let (check, message) = refused_for_web_1(&bundle);
     assert_eq!(check, "not revoked", "{message}");
     assert!(message.contains("CRL number 2"), "{message}");
 }
@@ -157,11 +156,7 @@ fn an_expired_host_certificate_is_refused() {
     let dir = pki.tmp.path().join("expired");
     testing::expired_host_bundle(&pki.master, "web-1", &dir).expect("expired");
     let bundle = PushedBundle::from_dir(&dir).expect("from_dir");
-    let expected = Expected {
-        host_id: "web-1",
-        masters: &[],
-    };
-    let (check, message) = refused_check(bundle.validate(Path::new("b.toml"), &expected));
+    let (check, message) = refused_for_web_1(&bundle);
     assert_eq!(check, "valid now", "{message}");
 }
 
@@ -172,11 +167,7 @@ fn a_crl_from_a_foreign_ca_is_refused() {
     let bundle = PushedBundle::from_dir(&pki.bundle)
         .expect("from_dir")
         .with_crl(read(&foreign.master.crl_pem()));
-    let expected = Expected {
-        host_id: "web-1",
-        masters: &[],
-    };
-    let (check, message) = refused_check(bundle.validate(Path::new("b.toml"), &expected));
+    let (check, message) = refused_for_web_1(&bundle);
     assert_eq!(check, "crl", "{message}");
     assert!(message.contains("does not verify"), "{message}");
 }
