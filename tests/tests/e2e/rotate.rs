@@ -259,3 +259,35 @@ async fn revoke_push_locks_a_revoked_master_out_of_every_agent() {
     }
     assert_eq!(fleet.release_pids(RELEASE), pids);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_stops_answering_stops_the_rotation_and_a_second_run_resumes() {
+    let (mut fleet, cluster) = running_fleet("halt", 3).await;
+    let pids = fleet.release_pids(RELEASE);
+    assert!(fleet.agents[1].terminate(), "{}", fleet.agents[1].log());
+
+    let (ok, out) = erel(&fleet.pki, &["certs", "rotate"], &cluster);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("halt-2: the overlap round stopped at this host"),
+        "{out}"
+    );
+    // The canary holds the overlap bundle, the last host was not touched: both still
+    // take the master's current credentials.
+    for agent in [&fleet.agents[0], &fleet.agents[2]] {
+        answers(fleet.pki.client_config(), agent)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}\n{}", agent.id, agent.log()));
+    }
+    assert!(!fleet.agents[2].root.join(PUSHED_BUNDLE).exists());
+
+    fleet.agents[1].restart();
+    let (ok, out) = erel(&fleet.pki, &["certs", "rotate"], &cluster);
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    for agent in &fleet.agents {
+        answers(fleet.pki.client_config(), agent)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}\n{}", agent.id, agent.log()));
+    }
+    assert_eq!(fleet.release_pids(RELEASE), pids);
+}
