@@ -62,6 +62,10 @@ pub(crate) struct Flags {
     /// Time a peer has to complete its TLS handshake, in milliseconds.
     #[arg(long)]
     pub(crate) handshake_timeout_ms: Option<u64>,
+    /// Seconds a newly pushed certificate bundle waits for a master to authenticate
+    /// with it before the agent goes back to the previous one [default: 300].
+    #[arg(long)]
+    pub(crate) bundle_probation_secs: Option<u64>,
     /// Versions of each release kept besides the running one.
     #[arg(long)]
     pub(crate) keep_versions: Option<usize>,
@@ -129,7 +133,7 @@ impl Config {
         };
         fill_from!(flags, file: listen, root, certs, max_file_bytes, disk_reserve_bytes,
             max_unpack_bytes, max_unpack_entries, max_connections, max_handshakes,
-            max_handshakes_per_address, handshake_timeout_ms, keep_versions, restart_backoff_ms,
+            max_handshakes_per_address, handshake_timeout_ms, bundle_probation_secs, keep_versions, restart_backoff_ms,
             restart_backoff_max_ms, stable_after_ms, crash_loop_after, log_max_bytes,
             cgroup_parent);
         let in_file = flags.config.is_some();
@@ -170,6 +174,9 @@ impl Config {
                 .max_handshakes_per_address
                 .unwrap_or(d.max_handshakes_per_address),
             handshake_timeout: ms(flags.handshake_timeout_ms, d.handshake_timeout),
+            bundle_probation: flags
+                .bundle_probation_secs
+                .map_or(d.bundle_probation, Duration::from_secs),
         };
         let cgroup_parent = match flags.cgroup_parent {
             Some(text) => match CgroupParent::parse(&text) {
@@ -219,6 +226,9 @@ impl Config {
                     MAX_HANDSHAKE_TIMEOUT.as_millis()
                 ),
             );
+        }
+        if limits.bundle_probation.is_zero() {
+            return refuse("bundle_probation_secs", "must be at least 1".into());
         }
         if supervision.crash_loop_after == 0 {
             return refuse("crash_loop_after", "must be at least 1".into());

@@ -10,11 +10,14 @@
 //!   `Stop`, restarts, crash-loop detection, adoption); `retention` removes old versions.
 //! - `fs`: the root, the rules for every path the master names, the release layout,
 //!   durable writes and the agent's lock; `digest`: sha256 of a file or its first bytes.
+//! - `bundle`: the certificate bundle a master pushes to `certs/bundle.toml`, judged
+//!   as a whole, on probation until a master authenticates with it.
 //! - `config`: flags and `boot.toml` validated once; `settings`: limits and supervision;
 //!   `error`: the one error type; `cli`: the program (parse, bind, signals, [`run`]).
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]
 
+mod bundle;
 mod cli;
 mod config;
 mod digest;
@@ -77,6 +80,8 @@ pub async fn run(
     unpack::sweep_stale(&root).map_err(|e| Error::startup("cleaning interrupted unpacks", e))?;
     retention::sweep_trash(&root)
         .map_err(|e| Error::startup("removing versions left in the trash", e))?;
+    let pushed = bundle::Pushed::open(&root, &host_id, config.limits.bundle_probation);
+    let tls = tls.with_pushed(pushed);
     let supervisor =
         supervisor::Supervisor::open(root.clone(), host_id.clone(), config.supervision)
             .await

@@ -66,6 +66,8 @@ pub(crate) struct Agent {
 pub(crate) struct TlsSource {
     dir: PathBuf,
     current: Mutex<Loaded>,
+    /// The bundle a master pushed under the root, served before `dir` when taken.
+    pushed: Option<crate::bundle::Pushed>,
 }
 
 /// The acceptor in use, and the bundle files last tried.
@@ -84,13 +86,37 @@ impl TlsSource {
         let tried = erel_certs::bundle_fingerprint(&dir);
         let acceptor = TlsAcceptor::from(erel_certs::server_config(&dir)?);
         let current = Mutex::new(Loaded { acceptor, tried });
-        Ok(TlsSource { dir, current })
+        Ok(TlsSource {
+            dir,
+            current,
+            pushed: None,
+        })
+    }
+
+    /// The same, serving first with the bundle a master pushed (see `bundle`).
+    pub(crate) fn with_pushed(self, pushed: crate::bundle::Pushed) -> Self {
+        let pushed = Some(pushed);
+        TlsSource { pushed, ..self }
+    }
+
+    /// A master authenticated on a connection from `acceptor` with `chain`.
+    fn authenticated(
+        &self,
+        acceptor: &TlsAcceptor,
+        chain: &[rustls::pki_types::CertificateDer<'_>],
+    ) {
+        if let Some(pushed) = &self.pushed {
+            pushed.authenticated(acceptor.config(), chain);
+        }
     }
 
     /// The acceptor for a new connection, reloading the bundle first if it changed. A
     /// bundle that no longer loads (for example half-copied) keeps the previous one,
     /// and is tried again (and warned about again) only once its files change again.
     pub(crate) fn acceptor(&self) -> TlsAcceptor {
+        if let Some(config) = self.pushed.as_ref().and_then(|pushed| pushed.config()) {
+            return TlsAcceptor::from(config);
+        }
         let fingerprint = erel_certs::bundle_fingerprint(&self.dir);
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         if current.tried != fingerprint {
@@ -137,10 +163,12 @@ pub(crate) async fn serve(
         };
         let (slot, _crowded) = handshakes.admit(peer.ip());
         let acceptor = tls.acceptor();
+        let source = tls.clone();
         let agent = agent.clone();
         let shutdown = shutdown.clone();
         let sessions = sessions.clone();
         tracker.spawn(async move {
+            let acceptor = (acceptor, source);
             connection(stream, peer, slot, acceptor, agent, sessions, shutdown).await;
         });
     }
@@ -157,7 +185,7 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     slot: HandshakeSlot,
-    acceptor: TlsAcceptor,
+    (acceptor, source): (TlsAcceptor, Arc<TlsSource>),
     agent: Arc<Agent>,
     sessions: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -191,6 +219,9 @@ async fn connection(
     let Some(tls) = tls else {
         return;
     };
+    if let Some(chain) = tls.get_ref().1.peer_certificates() {
+        source.authenticated(&acceptor, chain);
+    }
     let peer_name = tls
         .get_ref()
         .1

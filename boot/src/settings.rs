@@ -34,6 +34,9 @@ pub struct Limits {
     pub max_handshakes_per_address: usize,
     /// Time a peer has to complete its TLS handshake, from the moment it is accepted.
     pub handshake_timeout: Duration,
+    /// How long a newly pushed certificate bundle (`certs/bundle.toml`) may wait for a
+    /// master to authenticate with it before the agent goes back to the previous one.
+    pub bundle_probation: Duration,
 }
 
 impl Default for Limits {
@@ -47,6 +50,7 @@ impl Default for Limits {
             max_handshakes: 64,
             max_handshakes_per_address: 8,
             handshake_timeout: Duration::from_secs(5),
+            bundle_probation: Duration::from_secs(300),
         }
     }
 }

@@ -102,6 +102,18 @@ pub enum Error {
         source: rustls::server::VerifierBuilderError,
     },
 
+    /// A pushed bundle (see [`crate::PushedBundle`]) failed one of the checks it must
+    /// pass before an agent takes it.
+    #[error("{path}: refused ({check}): {reason}")]
+    Refused {
+        /// The pushed bundle file.
+        path: PathBuf,
+        /// The check that failed, as [`crate::PushedBundle::validate`] names it.
+        check: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// The system's secure random generator failed.
     #[error("no secure random numbers available for {what}")]
     Random {

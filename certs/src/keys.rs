@@ -36,19 +36,23 @@ const ALGORITHMS: &str =
 /// key of an algorithm or size that cannot be used.
 pub(crate) fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
     warn_if_exposed(path);
-    let bytes = crate::files::read(path)?;
-    if is_encrypted(&bytes) {
+    parse_key(path, &crate::files::read(path)?)
+}
+
+/// As [`load_key`], from PEM text already read; `path` names where it came from.
+pub(crate) fn parse_key(path: &Path, bytes: &[u8]) -> Result<PrivateKeyDer<'static>> {
+    if is_encrypted(bytes) {
         return Err(Error::parse(
             path,
             "this private key is encrypted; the agent and the master start unattended, so store it unencrypted with mode 0600 (for example `openssl pkey -in KEY -out KEY.plain`)",
         ));
     }
-    if String::from_utf8_lossy(&bytes).contains("-----BEGIN RSA-PSS PRIVATE KEY-----") {
+    if String::from_utf8_lossy(bytes).contains("-----BEGIN RSA-PSS PRIVATE KEY-----") {
         return Err(Error::parse(path, RSA_PSS));
     }
     let mut keys = Vec::new();
     let mut others = Vec::new();
-    for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(&bytes) {
+    for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(bytes) {
         let (kind, der) = section.map_err(|e| Error::parse(path, format!("malformed PEM: {e}")))?;
         match kind {
             SectionKind::PrivateKey => {
@@ -156,7 +160,7 @@ fn label(kind: SectionKind) -> &'static str {
 }
 
 /// Logs a warning when a private key file is readable by group or others.
-fn warn_if_exposed(path: &Path) {
+pub(crate) fn warn_if_exposed(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode() & 0o777;

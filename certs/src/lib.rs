@@ -24,7 +24,10 @@
 //!   also makes public what only tests use: `client_config_from` (a client
 //!   configuration from explicit files), `provider`, `MasterDir::reissue_master` and
 //!   `MasterDir::host_ids`.
+//! * `rotation`: rotating the CA from the master: `next/`, `previous/`, `archive/`.
 //! * `files`: atomic writes; keys are mode 0600 from the start.
+//! * `pushed`: [`PushedBundle`], a host's bundle as one file the master writes to
+//!   the agent's root, validated as a whole before the agent serves with it.
 //!
 //! ```
 //! # fn main() -> erel_certs::Result<()> {
@@ -75,7 +78,9 @@ mod files;
 mod keys;
 pub mod layout;
 mod pki;
+mod pushed;
 mod revocation;
+mod rotation;
 mod signatures;
 mod store;
 #[cfg(feature = "testing")]
@@ -85,6 +90,7 @@ mod verify;
 
 pub use error::{Error, Result};
 pub use explain::{certificate_names, explain_tls_error};
+pub use pushed::{Expected, PushedBundle, PUSHED_BUNDLE, PUSHED_BUNDLE_MODE};
 pub use store::MasterDir;
 pub use tls::{bundle_fingerprint, peer_name, server_config, server_name, BundleFingerprint};
 #[cfg(feature = "testing")]

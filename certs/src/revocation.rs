@@ -53,8 +53,12 @@ pub(crate) struct Crls {
 /// whose signature does not verify, one from a CA without cRLSign, or two from the
 /// same CA.
 pub(crate) fn load(path: &Path, cas: &[CertificateDer<'static>]) -> Result<Crls> {
-    let ders = CertificateRevocationListDer::pem_file_iter(path)
-        .map_err(|e| crate::tls::pem_error(path, e))?
+    parse(path, &crate::files::read(path)?, cas)
+}
+
+/// As [`load`], from PEM text already read; `path` names where it came from.
+pub(crate) fn parse(path: &Path, pem: &[u8], cas: &[CertificateDer<'static>]) -> Result<Crls> {
+    let ders = CertificateRevocationListDer::pem_slice_iter(pem)
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| crate::tls::pem_error(path, e))?;
     if ders.is_empty() {

@@ -80,6 +80,13 @@ impl MasterDir {
     /// `ca.key`, the next init refuses too; remove the directory and start again.
     pub fn init(&self, cluster_name: &str) -> Result<()> {
         validate_cluster_name(cluster_name)?;
+        self.create(&format!("{cluster_name} erel CA"))?;
+        info!(dir = %self.path.display(), cluster = cluster_name, "created cluster CA and master certificate");
+        Ok(())
+    }
+
+    /// [`MasterDir::init`] with a CA named `ca_name`.
+    pub(crate) fn create(&self, ca_name: &str) -> Result<()> {
         let existing_files = [
             self.ca_pem(),
             self.path.join(CA_KEY),
@@ -91,7 +98,7 @@ impl MasterDir {
                 return Err(Error::AlreadyExists { path: existing });
             }
         }
-        let ca = Ca::generate(&format!("{cluster_name} erel CA"))?;
+        let ca = Ca::generate(ca_name)?;
         let master = ca.issue(&LeafSpec::new(
             MASTER_COMMON_NAME,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -132,9 +139,7 @@ impl MasterDir {
             crl.as_bytes(),
             PUBLIC_MODE,
             Existing::Replace,
-        )?;
-        info!(dir = %self.path.display(), cluster = cluster_name, "created cluster CA and master certificate");
-        Ok(())
+        )
     }
 
     /// Issues a new master client certificate (`master.pem`, `master.key`), for
@@ -154,8 +159,7 @@ impl MasterDir {
 
     /// Writes the master's certificate and key, replacing any old ones: the key
     /// first, so that a new certificate is never paired with an old key.
-    #[cfg(feature = "testing")]
-    fn write_master(&self, master: &crate::pki::Issued) -> Result<()> {
+    pub(crate) fn write_master(&self, master: &crate::pki::Issued) -> Result<()> {
         files::write_atomic(
             &self.master_key(),
             master.key_pem.as_bytes(),
@@ -337,6 +341,8 @@ impl MasterDir {
 
     /// The rustls client configuration of the master: presents `master.pem` /
     /// `master.key`, trusts only `ca.pem`, and checks `crl.pem` (which must exist).
+    /// During a rotation (`next/ca.pem` exists) it trusts the next CA as well, with
+    /// its CRL.
     /// The server's certificate must chain to `ca.pem`, carry the serverAuth extended
     /// key usage and name the [`crate::server_name`] the connection is made to.
     ///
@@ -351,10 +357,19 @@ impl MasterDir {
             return Err(Error::Missing { path: crl });
         }
         let files = [&self.ca_pem(), &self.master_pem(), &self.master_key()];
+        let next = self.next();
+        if next.ca_pem().is_file() {
+            // A rotation's overlap: hosts may already serve certificates of the next CA.
+            return tls::client_config_trusting(
+                files.map(PathBuf::as_path),
+                [&self.ca_pem(), &next.ca_pem()],
+                [&crl, &next.crl_pem()],
+            );
+        }
         tls::client_config(files.map(PathBuf::as_path), Some(&crl), SentChain::Checked)
     }
 
-    fn load_ca(&self) -> Result<Ca> {
+    pub(crate) fn load_ca(&self) -> Result<Ca> {
         Ca::load(&self.ca_pem(), &self.path.join(CA_KEY))
     }
 

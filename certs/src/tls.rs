@@ -44,35 +44,90 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// SEC1 PEM; every CRL must come from a CA of the bundle. Each refusal is an
 /// [`Error::Parse`] naming the file and the certificate at fault.
 pub fn server_config(bundle_dir: &Path) -> Result<Arc<ServerConfig>> {
-    let provider = provider();
-    let ca = bundle_dir.join(CA_PEM);
-    let anchors = load_certs(&ca)?;
-    let roots = load_roots(&ca, &anchors)?;
-    let cert_path = bundle_dir.join(HOST_PEM);
-    let key_path = bundle_dir.join(HOST_KEY);
-    let chain = chain::own_chain(&cert_path, &load_certs(&cert_path)?, &ca, &anchors)?;
-    let key = keys::load_key(&key_path)?;
+    let read = |name: &str| {
+        let path = bundle_dir.join(name);
+        crate::files::read(&path).map(|pem| (path, pem))
+    };
     let crl_path = bundle_dir.join(CRL_PEM);
-    let crl_path = crl_path.exists().then_some(crl_path.as_path());
-    let crls = load_crls(&anchors, &chain, crl_path)?;
+    let crl = if crl_path.exists() {
+        Some(read(CRL_PEM)?)
+    } else {
+        None
+    };
+    let key_path = bundle_dir.join(HOST_KEY);
+    keys::warn_if_exposed(&key_path);
+    let parts = BundleParts {
+        ca: read(CA_PEM)?,
+        host: read(HOST_PEM)?,
+        key: read(HOST_KEY)?,
+        crl,
+    };
+    Ok(server_parts(&parts)?.config)
+}
+
+/// The four parts of a host bundle, each as its PEM text and the path (or label)
+/// that names it in messages.
+pub(crate) struct BundleParts {
+    /// `ca.pem`: the CAs to trust.
+    pub(crate) ca: (PathBuf, Vec<u8>),
+    /// `host.pem`: the host's certificate, then its intermediates.
+    pub(crate) host: (PathBuf, Vec<u8>),
+    /// `host.key`: its private key.
+    pub(crate) key: (PathBuf, Vec<u8>),
+    /// `crl.pem`, when there is one.
+    pub(crate) crl: Option<(PathBuf, Vec<u8>)>,
+}
+
+/// What [`server_parts`] builds: the configuration, and what it was checked with.
+pub(crate) struct ServerParts {
+    /// The agent's configuration.
+    pub(crate) config: Arc<ServerConfig>,
+    /// Its verifier of masters.
+    pub(crate) verifier: Arc<MasterVerifier>,
+    /// The chain the agent sends, its own certificate first.
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    /// The CRLs of the bundle (DER), authenticated.
+    pub(crate) crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+}
+
+/// [`server_config`] from the parts of a bundle, validated as a whole.
+pub(crate) fn server_parts(parts: &BundleParts) -> Result<ServerParts> {
+    let provider = provider();
+    let (ca, ca_pem) = &parts.ca;
+    let anchors = parse_certs(ca, ca_pem)?;
+    let roots = load_roots(ca, &anchors)?;
+    let (cert_path, host_pem) = &parts.host;
+    let (key_path, key_pem) = &parts.key;
+    let chain = chain::own_chain(cert_path, &parse_certs(cert_path, host_pem)?, ca, &anchors)?;
+    let key = keys::parse_key(key_path, key_pem)?;
+    let crl_path = parts.crl.as_ref().map(|(path, _)| path.as_path());
+    let crls = match &parts.crl {
+        Some((path, pem)) => revocation::parse(path, pem, &known_cas(&anchors, &chain))?,
+        None => Crls::default(),
+    };
     let roots = Arc::new(roots);
     let inner = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
         .with_crls(crls.ders.clone())
         .only_check_end_entity_revocation()
         .build()
-        .map_err(|source| verifier_error(&ca, crl_path, &crls, &roots, source))?;
+        .map_err(|source| verifier_error(ca, crl_path, &crls, &roots, source))?;
     let verifier = Arc::new(MasterVerifier {
         inner,
         crl_issuers: crls.issuers,
     });
-    let what = config_what("server", &cert_path, &key_path);
+    let what = config_what("server", cert_path, key_path);
     let mut config = tls13_only(ServerConfig::builder_with_provider(provider), &what)?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|source| key_error(&cert_path, &key_path, what, source))?;
+        .with_client_cert_verifier(verifier.clone())
+        .with_single_cert(chain.clone(), key)
+        .map_err(|source| key_error(cert_path, key_path, what, source))?;
     config.send_tls13_tickets = 0;
     config.session_storage = Arc::new(NoServerSessionStorage {});
-    Ok(Arc::new(config))
+    Ok(ServerParts {
+        config: Arc::new(config),
+        verifier,
+        chain,
+        crls: crls.ders,
+    })
 }
 
 /// A client configuration from explicit files: trust only the CAs of `ca_pem`,
@@ -123,10 +178,65 @@ pub(crate) fn client_config(
     if sent == SentChain::Checked {
         chain = chain::own_chain(cert_pem, &chain, ca_pem, &anchors)?;
     }
-    let anchors = anchors.as_slice();
+    let crls = load_crls(&anchors, &chain, crl_pem)?;
+    let key = keys::load_key(key_pem)?;
+    client_from_parts(
+        ca_pem,
+        &anchors,
+        chain,
+        key,
+        (cert_pem, key_pem),
+        crls,
+        crl_pem,
+    )
+}
+
+/// A client configuration presenting `cert_pem` / `key_pem` (its chain checked
+/// against `ca_pem`) that trusts the CAs of every file of `trust` and checks the
+/// CRLs of every file of `crls`: a master during a rotation, or proving a host against
+/// the next CA alone.
+pub(crate) fn client_config_trusting<const T: usize, const C: usize>(
+    [ca_pem, cert_pem, key_pem]: [&Path; 3],
+    trust: [&Path; T],
+    crls: [&Path; C],
+) -> Result<Arc<ClientConfig>> {
+    let concat = |paths: &[&Path]| -> Result<Vec<u8>> {
+        let mut all = Vec::new();
+        for path in paths {
+            all.extend(crate::files::read(path)?);
+            all.push(b'\n');
+        }
+        Ok(all)
+    };
+    let anchors = parse_certs(trust[0], &concat(&trust)?)?;
+    let own_anchors = load_certs(ca_pem)?;
+    let chain = chain::own_chain(cert_pem, &load_certs(cert_pem)?, ca_pem, &own_anchors)?;
+    let crl_label = crls[0].to_path_buf();
+    let crls = revocation::parse(&crl_label, &concat(&crls)?, &known_cas(&anchors, &chain))?;
+    let key = keys::load_key(key_pem)?;
+    client_from_parts(
+        trust[0],
+        &anchors,
+        chain,
+        key,
+        (cert_pem, key_pem),
+        crls,
+        Some(&crl_label),
+    )
+}
+
+/// The client configuration from loaded parts.
+fn client_from_parts(
+    ca_pem: &Path,
+    anchors: &[CertificateDer<'static>],
+    chain: Vec<CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    (cert_pem, key_pem): (&Path, &Path),
+    crls: Crls,
+    crl_pem: Option<&Path>,
+) -> Result<Arc<ClientConfig>> {
     let provider = provider();
     let roots = Arc::new(load_roots(ca_pem, anchors)?);
-    let crls = load_crls(anchors, &chain, crl_pem)?;
     let inner = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
         .with_crls(crls.ders.clone())
         .only_check_end_entity_revocation()
@@ -136,7 +246,6 @@ pub(crate) fn client_config(
         inner,
         crl_issuers: crls.issuers,
     });
-    let key = keys::load_key(key_pem)?;
     let what = config_what("client", cert_pem, key_pem);
     let mut config = tls13_only(ClientConfig::builder_with_provider(provider), &what)?
         .dangerous()
@@ -358,8 +467,12 @@ pub fn bundle_fingerprint(bundle_dir: &Path) -> BundleFingerprint {
 
 /// Every certificate in a PEM file; at least one.
 pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| pem_error(path, e))?
+    parse_certs(path, &crate::files::read(path)?)
+}
+
+/// As [`load_certs`], from PEM text already read; `path` names where it came from.
+pub(crate) fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| pem_error(path, e))?;
     if certs.is_empty() {

@@ -28,6 +28,7 @@ mod fixtures;
 pub mod metrics;
 pub mod release;
 pub mod rollout;
+mod rotate;
 pub mod started;
 
 pub use client::{AgentClient, HostAddr};

@@ -6,4 +6,5 @@ mod handshake;
 mod helper;
 mod openssl;
 mod own_pki;
+mod pushed;
 mod store;

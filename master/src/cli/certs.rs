@@ -1,7 +1,7 @@
-//! `erel certs init | host | revoke`.
+//! `erel certs init | host | revoke | rotate`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::error::ResultExt as _;
@@ -49,11 +49,31 @@ pub(super) enum CertsCommand {
     Revoke {
         /// A host id with a bundle under hosts/, or "master".
         name: String,
+        /// Then push every host of the cluster file its bundle with the new CRL (a
+        /// revoked host or master gets a new certificate first), host by host, each
+        /// proved with a new connection.
+        #[arg(long)]
+        push: bool,
+    },
+    /// Rotates the cluster CA on every host of the cluster file without logging in to
+    /// them: overlap bundles first (both CAs), then the final ones (the new CA alone),
+    /// host by host, canaries first, each proved with a new connection.
+    Rotate {
+        /// Only the hosts of this group (repeatable; default: every host).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Print the hosts in the order they would be rotated, and do nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
 /// Runs a certificate command.
-pub(super) fn run(ctx: &Context, command: CertsCommand) -> crate::Result<ExitCode> {
+pub(super) async fn run(
+    ctx: &Context,
+    cluster: Option<&Path>,
+    command: CertsCommand,
+) -> crate::Result<ExitCode> {
     let dir = ctx.certs.path().display().to_string();
     match command {
         CertsCommand::Init { cluster_name } => {
@@ -104,14 +124,38 @@ pub(super) fn run(ctx: &Context, command: CertsCommand) -> crate::Result<ExitCod
                 );
             }
         }
-        CertsCommand::Revoke { name } => {
+        CertsCommand::Revoke { name, push } => {
             ctx.certs
                 .revoke(&name)
                 .with_context(|| format!("certs revoke {name}"))?;
-            println!(
-                "revoked {name}: {dir}/crl.pem and every host bundle's crl.pem updated; copy them to the agents"
-            );
+            if !push {
+                println!(
+                    "revoked {name}: {dir}/crl.pem and every host bundle's crl.pem updated; copy them to the agents"
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("revoked {name}; pushing the new CRL");
+            let hosts = cluster_hosts(cluster, &[])?;
+            crate::rotate::push_revocation(&ctx.certs, &name, &hosts, &ctx.master_name()).await?;
+            println!("every host serves the new CRL");
+        }
+        CertsCommand::Rotate { groups, dry_run } => {
+            let hosts = cluster_hosts(cluster, &groups)?;
+            if dry_run {
+                for (i, host) in hosts.iter().enumerate() {
+                    println!("{}. {host}: overlap bundle, then final bundle", i + 1);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            crate::rotate::rotate(&ctx.certs, &hosts, &ctx.master_name()).await?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The hosts of the cluster file, in rollout order (see `rotate`).
+fn cluster_hosts(cluster: Option<&Path>, groups: &[String]) -> crate::Result<Vec<crate::HostAddr>> {
+    let file = super::cluster_file(cluster);
+    let plan = crate::cluster::Plan::load_with(&file, &crate::cluster::ArchiveLookup::Unchecked)?;
+    crate::rotate::rollout_order(&plan, groups)
 }

@@ -163,7 +163,7 @@ async fn run(cli: Cli) -> crate::Result<ExitCode> {
     let ctx = Context::new(cli.certs);
     let cluster = cli.cluster.as_deref();
     match cli.command {
-        Command::Certs(command) => certs::run(&ctx, command),
+        Command::Certs(command) => certs::run(&ctx, cluster, command).await,
         Command::Ping(args) => agent::ping(&ctx, cluster, args).await,
         Command::Push(args) => agent::push(&ctx, cluster, args).await,
         Command::Unpack(args) => agent::unpack(&ctx, cluster, args).await,

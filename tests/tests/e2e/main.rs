@@ -23,4 +23,5 @@ mod output;
 mod peers;
 mod pki;
 mod push_content;
+mod rotate;
 mod static_agent;

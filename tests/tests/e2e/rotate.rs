@@ -1,0 +1,293 @@
+//! Keys rotate from the master: `erel certs rotate` and `erel certs revoke --push`
+//! against real agents over real TLS, with a release running throughout; and the
+//! agent's judgement of a pushed bundle (refusals, probation).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use erel_certs::{MasterDir, PushedBundle, PUSHED_BUNDLE};
+use erel_master::client::{Connector, WriteSource};
+
+use crate::helper::fleet::Fleet;
+use crate::helper::install::{install_and_start, no_progress};
+use crate::helper::release::beat_release;
+use crate::helper::AgentCommands;
+use crate::helper::{output_text, wait_until, AgentProc, Pki};
+
+const RELEASE: &str = "beat";
+/// Bound on a release coming up, and on an agent noticing a pushed bundle.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A fleet of `n` agents in group `web`, each running the beat release, and its
+/// cluster file.
+async fn running_fleet(prefix: &str, n: usize) -> (Fleet, PathBuf) {
+    let groups = vec!["web"; n];
+    let fleet = Fleet::new(prefix, &groups);
+    let tarball = beat_release(fleet.dir.path(), RELEASE, "0.1.0");
+    for (agent, port) in fleet.agents.iter().zip(&fleet.ports) {
+        let mut client = fleet.pki.connect(agent).await;
+        let env = vec![("BEAT_PORT".to_string(), port.to_string())];
+        install_and_start(&mut client, &tarball, RELEASE, "0.1.0", env).await;
+    }
+    let all = wait_until(PATIENCE, || async { fleet.all_run("0.1.0") }).await;
+    assert!(
+        all,
+        "release up: {:?}\n{}",
+        fleet.beats(),
+        fleet.agent_logs()
+    );
+    let name = tarball.file_name().expect("name").to_string_lossy();
+    let text = format!(
+        "revision = 1\n{}[group.web]\nrelease = \"{RELEASE}\"\nversion = \"0.1.0\"\narchive = \"{name}\"\ncanaries = 1\n",
+        fleet.hosts_toml("BEAT_PORT")
+    );
+    let cluster = fleet.dir.path().join("cluster.toml");
+    std::fs::write(&cluster, text).expect("cluster file");
+    (fleet, cluster)
+}
+
+/// Runs `erel --certs <pki> <words> --cluster <cluster>`; (success, output).
+fn erel(pki: &Pki, words: &[&str], cluster: &Path) -> (bool, String) {
+    let out = pki
+        .erel()
+        .args(words)
+        .arg("--cluster")
+        .arg(cluster)
+        .output()
+        .expect("run erel");
+    (out.status.success(), output_text(&out))
+}
+
+/// A copy of the master's credentials as they are now (to try them later).
+fn keep_master(pki: &Pki, name: &str) -> PathBuf {
+    let dir = pki.dir.path().join(name);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for file in ["ca.pem", "master.pem", "master.key", "crl.pem"] {
+        std::fs::copy(pki.master.path().join(file), dir.join(file)).expect("copy");
+    }
+    dir
+}
+
+/// A client that presents the master credentials kept in `kept` and trusts what the
+/// certificate directory trusts now (so a refusal is the agent's).
+fn kept_master_config(pki: &Pki, kept: &Path) -> Arc<rustls::ClientConfig> {
+    erel_certs::client_config_from(
+        &pki.master.ca_pem(),
+        &kept.join("master.pem"),
+        &kept.join("master.key"),
+        Some(&pki.master.crl_pem()),
+    )
+    .expect("client config")
+}
+
+/// Whether `agent` lets a master with `tls` in and answers a ping.
+async fn answers(tls: Arc<rustls::ClientConfig>, agent: &AgentProc) -> Result<(), String> {
+    let mut client = Connector::new(tls, "test-master")
+        .with_connect_timeout(Duration::from_secs(10))
+        .connect(&agent.host())
+        .await
+        .map_err(|e| e.to_string())?;
+    client.ping().await.map_err(|e| e.to_string())?;
+    client.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_ca_keeps_the_release_running_and_locks_the_old_master_out() {
+    let (mut fleet, cluster) = running_fleet("rot", 3).await;
+    let pids = fleet.release_pids(RELEASE);
+    let old = keep_master(&fleet.pki, "old-master");
+
+    let (ok, dry) = erel(&fleet.pki, &["certs", "rotate", "--dry-run"], &cluster);
+    assert!(ok, "{dry}");
+    assert!(dry.contains("1. rot-1@"), "{dry}");
+
+    let (ok, out) = erel(&fleet.pki, &["certs", "rotate"], &cluster);
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    assert!(out.contains("rotation done"), "{out}");
+    assert_eq!(
+        fleet.release_pids(RELEASE),
+        pids,
+        "the release was not restarted"
+    );
+    assert!(fleet.all_run("0.1.0"), "{:?}", fleet.beats());
+    assert!(!fleet.pki.master.next().path().exists());
+    assert!(!fleet.pki.master.previous().path().exists());
+
+    // The master's configuration now trusts the new CA alone: every agent serves the
+    // new chain, and takes the new master certificate.
+    let new = fleet.pki.client_config();
+    for agent in &fleet.agents {
+        answers(new.clone(), agent).await.expect("new credentials");
+        let old_try = answers(kept_master_config(&fleet.pki, &old), agent).await;
+        assert!(
+            old_try.is_err(),
+            "{}: the old master is still let in",
+            agent.id
+        );
+    }
+
+    // Restarted, an agent serves with the confirmed bundle at once.
+    fleet.agents[1].restart();
+    answers(new, &fleet.agents[1])
+        .await
+        .unwrap_or_else(|e| panic!("after a restart: {e}\n{}", fleet.agents[1].log()));
+    assert_eq!(fleet.release_pids(RELEASE), pids);
+}
+
+/// Writes `bundle` to the agent's `certs/bundle.toml` with WriteFile.
+async fn push(pki: &Pki, agent: &AgentProc, bundle: &PushedBundle) {
+    let file = pki.dir.path().join(format!("push-{}.toml", agent.id));
+    std::fs::write(&file, bundle.to_toml()).expect("stage");
+    let source = WriteSource {
+        path: file,
+        sha256: None,
+        sha256_of: None,
+    };
+    let mut client = pki.connect(agent).await;
+    client
+        .write_file(&source, PUSHED_BUNDLE, 0o600, &mut no_progress())
+        .await
+        .expect("push");
+    client.close().await;
+}
+
+/// Pushes `bundle`, then checks the master still gets in with its credentials and
+/// that the agent set the file aside as `bundle.toml.refused`, naming `check`.
+async fn refused(pki: &Pki, agent: &AgentProc, bundle: &PushedBundle, check: &str) {
+    push(pki, agent, bundle).await;
+    answers(pki.client_config(), agent)
+        .await
+        .unwrap_or_else(|e| panic!("the previous bundle serves: {e}\n{}", agent.log()));
+    let set_aside = agent.root.join(format!("{PUSHED_BUNDLE}.refused"));
+    assert!(set_aside.is_file(), "{}", agent.log());
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("refused ({check})")),
+        "{check}:\n{log}"
+    );
+    std::fs::remove_file(set_aside).expect("clear");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_pushed_bundles_are_refused_and_the_agent_keeps_answering() {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "bad-1", &[]);
+    answers(pki.client_config(), &agent)
+        .await
+        .expect("first contact");
+    let own = PushedBundle::from_dir(&pki.bundle("bad-1")).expect("own bundle");
+    let other_dir = pki.bundle("bad-2");
+    let other_key = std::fs::read_to_string(other_dir.join("host.key")).expect("key");
+    let mismatched = PushedBundle::new(
+        own.ca.clone(),
+        own.certificate.clone(),
+        other_key,
+        own.crl.clone(),
+    );
+    refused(&pki, &agent, &mismatched, "key").await;
+    let other_host = PushedBundle::from_dir(&other_dir).expect("bundle");
+    refused(&pki, &agent, &other_host, "same host").await;
+    let stranger = MasterDir::new(pki.dir.path().join("stranger"));
+    stranger.init("stranger").expect("init");
+    let lockout = PushedBundle::from_dir(
+        &stranger
+            .issue_host("bad-1", &["127.0.0.1".parse().expect("ip")], &[])
+            .expect("host"),
+    )
+    .expect("bundle");
+    refused(&pki, &agent, &lockout, "master kept").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_no_master_confirms_reverts_after_its_probation() {
+    let pki = Pki::new();
+    let agent = AgentProc::start(&pki, "prob-1", &["--bundle-probation-secs", "2"]);
+    answers(pki.client_config(), &agent)
+        .await
+        .expect("first contact");
+    // The next CA's certificate, trusting both CAs: valid for the agent, but a master
+    // that trusts only the current CA never completes a handshake with it.
+    pki.master.begin_rotation(&["prob-1"]).expect("next CA");
+    let overlap = pki
+        .master
+        .next()
+        .overlap_bundle(&pki.master, "prob-1")
+        .expect("overlap");
+    push(&pki, &agent, &overlap).await;
+    let only_current = erel_certs::client_config_from(
+        &pki.master.ca_pem(),
+        &pki.master.master_pem(),
+        &pki.master.master_key(),
+        Some(&pki.master.crl_pem()),
+    )
+    .expect("config");
+    assert!(
+        answers(only_current.clone(), &agent).await.is_err(),
+        "the pushed bundle serves"
+    );
+    let reverted = agent.root.join(format!("{PUSHED_BUNDLE}.reverted"));
+    let back = wait_until(PATIENCE, || async {
+        answers(only_current.clone(), &agent).await.is_ok() && reverted.is_file()
+    })
+    .await;
+    assert!(back, "not reverted:\n{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_push_locks_a_revoked_master_out_of_every_agent() {
+    let (fleet, cluster) = running_fleet("rvk", 2).await;
+    let pids = fleet.release_pids(RELEASE);
+    let stolen = keep_master(&fleet.pki, "stolen");
+    let (ok, out) = erel(
+        &fleet.pki,
+        &["certs", "revoke", "master", "--push"],
+        &cluster,
+    );
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    for agent in &fleet.agents {
+        answers(fleet.pki.client_config(), agent)
+            .await
+            .expect("the new master");
+        let tried = answers(kept_master_config(&fleet.pki, &stolen), agent).await;
+        assert!(
+            tried.is_err(),
+            "{}: the revoked master is still let in",
+            agent.id
+        );
+    }
+    assert_eq!(fleet.release_pids(RELEASE), pids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_stops_answering_stops_the_rotation_and_a_second_run_resumes() {
+    let (mut fleet, cluster) = running_fleet("halt", 3).await;
+    let pids = fleet.release_pids(RELEASE);
+    assert!(fleet.agents[1].terminate(), "{}", fleet.agents[1].log());
+
+    let (ok, out) = erel(&fleet.pki, &["certs", "rotate"], &cluster);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("halt-2: the overlap round stopped at this host"),
+        "{out}"
+    );
+    // The canary holds the overlap bundle, the last host was not touched: both still
+    // take the master's current credentials.
+    for agent in [&fleet.agents[0], &fleet.agents[2]] {
+        answers(fleet.pki.client_config(), agent)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}\n{}", agent.id, agent.log()));
+    }
+    assert!(!fleet.agents[2].root.join(PUSHED_BUNDLE).exists());
+
+    fleet.agents[1].restart();
+    let (ok, out) = erel(&fleet.pki, &["certs", "rotate"], &cluster);
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    for agent in &fleet.agents {
+        answers(fleet.pki.client_config(), agent)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}\n{}", agent.id, agent.log()));
+    }
+    assert_eq!(fleet.release_pids(RELEASE), pids);
+}
