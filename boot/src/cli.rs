@@ -8,6 +8,9 @@ use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::{Config, Flags};
 use crate::error::Error;
@@ -19,13 +22,18 @@ pub fn main() -> ExitCode {
     if let Some(code) = run_output_writer_if_asked() {
         return code;
     }
+    // `EREL_LOG` holds `tracing` targets and levels (`info`, `debug`, `info,erel_boot=debug`);
+    // read as `Targets`, which needs no regular expressions, unlike `EnvFilter`, so the
+    // static agent stays small. Unreadable or unset: `info`.
+    let filter = std::env::var("EREL_LOG")
+        .ok()
+        .and_then(|directives| directives.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EREL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .finish()
+        .with(filter)
         .init();
     let flags = Flags::parse();
     let outcome = tokio::runtime::Builder::new_multi_thread()
