@@ -8,7 +8,8 @@
 #   etc/erel/boot.toml                     its configuration (never overwritten)
 #   etc/erel/certs/                        the host's bundle, 0700 (never overwritten;
 #                                          host.key 0600)
-#   var/lib/erel/                          the agent's root, 0700
+#   var/lib/erel/                          the agent's root, 0755 (searchable by the
+#                                          users releases run as)
 #   etc/systemd/system/erel-boot.service   the unit (replaced only when it differs)
 # With DIR other than /, the configuration's paths and the unit's ExecStart point inside
 # DIR too. Run as root, every file and directory it creates is owned by root. With DIR /
@@ -134,7 +135,7 @@ trap 'rm -rf "$STAGING"' EXIT
 make_dir "$PREFIX/usr/local/bin" 0755
 make_dir "$ETC" 0755
 make_dir "$CERTS" 0700
-make_dir "$ROOT" 0700
+make_dir "$ROOT" 0755
 make_dir "$PREFIX/etc/systemd/system" 0755
 
 changed=no

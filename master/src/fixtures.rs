@@ -1,5 +1,7 @@
 //! Values the unit tests of several modules build alike.
 
+use std::path::{Path, PathBuf};
+
 use erel_proto::{ReleaseState, ReleaseStatus};
 
 /// What an agent reports of release `name` with `version` present and current, in
@@ -62,3 +64,12 @@ group = "web"
 id = "spare-1"
 addr = "10.0.0.3:7070"
 "#;
+
+/// An artifact directory `dir/artifacts` holding a copy of `archive` named `name`, as a
+/// master's `--artifacts` directory would.
+pub(crate) fn artifacts_holding(dir: &Path, archive: &Path, name: &str) -> PathBuf {
+    let artifacts = dir.join("artifacts");
+    std::fs::create_dir(&artifacts).expect("mkdir");
+    std::fs::copy(archive, artifacts.join(name)).expect("copy");
+    artifacts
+}

@@ -264,13 +264,11 @@ fn archives_are_copied_once_and_a_different_one_in_place_is_never_replaced() {
     let fx = Fixture::new();
     let path = fx.bundle();
     let manifest = fx.verify(&path).expect("verifies").manifest;
-    let artifacts = fx.dir.path().join("artifacts");
-    std::fs::create_dir(&artifacts).expect("mkdir");
-    std::fs::copy(
-        fx.dir.path().join("api-2.tar.gz"),
-        artifacts.join("api-2.tar.gz"),
-    )
-    .expect("copy");
+    let artifacts = crate::fixtures::artifacts_holding(
+        fx.dir.path(),
+        &fx.dir.path().join("api-2.tar.gz"),
+        "api-2.tar.gz",
+    );
     let missing = missing_archives(&manifest, &artifacts).expect("checked");
     assert_eq!(
         missing.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),

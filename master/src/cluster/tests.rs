@@ -160,13 +160,12 @@ fn a_valid_file_becomes_a_plan() {
 #[test]
 fn defaults_apply_when_fields_are_left_out() {
     let fx = Fixture::new();
-    let artifacts = fx.dir.path().join("artifacts");
-    std::fs::create_dir(&artifacts).expect("mkdir");
-    std::fs::copy(
-        fx.dir.path().join("releases/beat-0.2.0.tar.gz"),
-        artifacts.join("beat-1.tar.gz"),
-    )
-    .expect("copy");
+    // The archive is found by sha256 alone, in the file's artifacts/ directory.
+    crate::fixtures::artifacts_holding(
+        fx.dir.path(),
+        &fx.dir.path().join("releases/beat-0.2.0.tar.gz"),
+        "beat-1.tar.gz",
+    );
     let text = format!(
         "revision = 1\n[[host]]\nid = \"a-1\"\naddr = \"127.0.0.1:1\"\ngroup = \"g\"\n\
          [group.g]\nrelease = \"beat\"\nversion = \"0.2.0\"\nsha256 = \"{}\"\n",

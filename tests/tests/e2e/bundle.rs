@@ -134,11 +134,9 @@ impl AirGap {
     /// A master that trusts the `ops` key, its archives in the artifact directory.
     fn master(&self, fleet: &Fleet, broker: &TestBroker, name: &str) -> MasterProc {
         let key = self.public_key();
-        MasterProc::start_with(
-            &fleet.pki,
+        fleet.master_with(
             broker,
             name,
-            &fleet.state_dir(name),
             self.artifacts.path(),
             &["--trusted-key", &key],
         )

@@ -169,7 +169,9 @@ fn a_kit_installs_an_agent_on_a_blank_host_that_takes_a_deploy_and_a_second_inst
         (mode(&certs), mode(&certs.join("host.key"))),
         (0o700, 0o600)
     );
-    assert_eq!(mode(&root), 0o700);
+    // Searchable by the users releases run as: the agent refuses a start whose user
+    // cannot reach its program.
+    assert_eq!(mode(&root), 0o755);
     let owner = nix::unistd::geteuid().as_raw();
     assert_eq!(std::fs::metadata(&root).expect("root").uid(), owner);
     let config = std::fs::read_to_string(&conf).expect("boot.toml");

@@ -238,14 +238,27 @@ impl Fleet {
         path
     }
 
-    /// Starts a master on this fleet.
+    /// Starts a master on this fleet, its artifacts beside the cluster files.
     pub fn master(&self, broker: &TestBroker, name: &str) -> MasterProc {
-        MasterProc::start(
+        self.master_with(broker, name, self.dir.path(), &[])
+    }
+
+    /// Starts a master on this fleet with its artifacts in `artifacts` and `extra`
+    /// arguments (`--trusted-key FILE`, …).
+    pub fn master_with(
+        &self,
+        broker: &TestBroker,
+        name: &str,
+        artifacts: &Path,
+        extra: &[&str],
+    ) -> MasterProc {
+        MasterProc::start_with(
             &self.pki,
             broker,
             name,
             &self.state_dir(name),
-            self.dir.path(),
+            artifacts,
+            extra,
         )
     }
 
