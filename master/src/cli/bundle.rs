@@ -148,6 +148,14 @@ fn create(args: &CreateArgs, cluster: &Path) -> crate::Result<ExitCode> {
         (None, Some(after)) => Some(created + after),
         (None, None) => None,
     };
+    if let Some(at) = expires.filter(|at| *at <= created) {
+        // A bundle that every `verify` and `import` would refuse is no bundle to carry.
+        return Err(Error::Usage(format!(
+            "--expires {}: that is already past; give a later time or --expires-in",
+            at.format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|_| at.to_string())
+        )));
+    }
     let manifest = bundle::create(&bundle::CreateOptions {
         cluster_text: &text,
         plan: &plan,
