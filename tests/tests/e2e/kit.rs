@@ -33,7 +33,7 @@ fn pki_from_the_cli() -> Pki {
 }
 
 /// `erel certs host ID --ip 127.0.0.1 --kit KIT` with `extra` flags.
-fn certs_host_kit(pki: &Pki, id: &str, kit: &Path, extra: &[&str]) -> Output {
+pub(super) fn certs_host_kit(pki: &Pki, id: &str, kit: &Path, extra: &[&str]) -> Output {
     pki.erel()
         .args(["certs", "host", id, "--ip", "127.0.0.1", "--kit"])
         .arg(kit)
@@ -44,7 +44,7 @@ fn certs_host_kit(pki: &Pki, id: &str, kit: &Path, extra: &[&str]) -> Output {
 
 /// Runs an unpacked kit's `install.sh --prefix PREFIX`; its stdout lines, after asserting
 /// it succeeded.
-fn install(kit_dir: &Path, prefix: &Path) -> Vec<String> {
+pub(super) fn install(kit_dir: &Path, prefix: &Path) -> Vec<String> {
     let out = Command::new(kit_dir.join("install.sh"))
         .arg("--prefix")
         .arg(prefix)
@@ -80,9 +80,9 @@ fn snapshot(prefix: &Path) -> Vec<String> {
 }
 
 /// The agent an installed kit runs, stopped with everything it started when dropped.
-struct InstalledAgent {
-    process: Followed,
-    root: PathBuf,
+pub(super) struct InstalledAgent {
+    pub(super) process: Followed,
+    pub(super) root: PathBuf,
 }
 
 impl Drop for InstalledAgent {
