@@ -91,6 +91,34 @@ impl Drop for InstalledAgent {
     }
 }
 
+impl InstalledAgent {
+    /// Runs `start`, the command an `install.sh` printed, for the agent on `root`, and
+    /// waits until `host` (`ID@ADDR:PORT`) answers a ping.
+    pub(super) fn start(pki: &Pki, start: &str, root: &Path, host: &str) -> Self {
+        let argv: Vec<&str> = start.split_whitespace().collect();
+        let mut command = Command::new(argv[0]);
+        command
+            .args(&argv[1..])
+            .env("EREL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let mut agent = InstalledAgent {
+            process: Followed::spawn(&mut command, "the installed agent"),
+            root: root.to_path_buf(),
+        };
+        let answered = wait_until_blocking(PATIENCE, || {
+            let ping = pki.erel().args(["ping", host]).output().expect("run ping");
+            ping.status.success() || !agent.process.running()
+        });
+        assert!(
+            answered && agent.process.running(),
+            "the installed agent does not answer:\n{}",
+            agent.process.log()
+        );
+        agent
+    }
+}
+
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).expect("stat").permissions().mode() & 0o7777
 }
@@ -192,27 +220,8 @@ fn a_kit_installs_an_agent_on_a_blank_host_that_takes_a_deploy_and_a_second_inst
         )
     );
 
-    let argv: Vec<&str> = start.split_whitespace().collect();
-    let mut command = Command::new(argv[0]);
-    command
-        .args(&argv[1..])
-        .env("EREL_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    let mut agent = InstalledAgent {
-        process: Followed::spawn(&mut command, "the installed agent"),
-        root: root.clone(),
-    };
     let host = format!("kit-1@{listen}");
-    let answered = wait_until_blocking(PATIENCE, || {
-        let ping = pki.erel().args(["ping", &host]).output().expect("run ping");
-        ping.status.success() || !agent.process.running()
-    });
-    assert!(
-        answered && agent.process.running(),
-        "the installed agent does not answer:\n{}",
-        agent.process.log()
-    );
+    let mut agent = InstalledAgent::start(&pki, &start, &root, &host);
 
     let releases = work_dir.join("site/releases");
     std::fs::create_dir_all(&releases).expect("mkdir");

@@ -3,12 +3,12 @@
 //! host whose agent lost its root (its state) while the host and its bundle survived.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::helper::fleet::{beat, Fleet};
 use crate::helper::release::beat_release;
 use crate::helper::{
-    free_port, output_text, wait_until_blocking, AgentProc, Followed, Pki, AGENT_BIN, PATIENCE,
+    free_port, output_text, wait_until_blocking, AgentProc, Pki, AGENT_BIN, PATIENCE,
 };
 use crate::kit::{certs_host_kit, install, InstalledAgent};
 
@@ -59,27 +59,7 @@ fn install_and_start(pki: &Pki, kit: &Path, dir: &Path, host: &str) -> Installed
     let prefix = dir.join("host");
     let lines = install(&unpacked.join(format!("erel-host-{id}")), &prefix);
     let start = lines.last().expect("the start command");
-    let argv: Vec<&str> = start.split_whitespace().collect();
-    let mut command = Command::new(argv[0]);
-    command
-        .args(&argv[1..])
-        .env("EREL_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    let mut agent = InstalledAgent {
-        process: Followed::spawn(&mut command, "the installed agent"),
-        root: prefix.join("var/lib/erel"),
-    };
-    let answered = wait_until_blocking(PATIENCE, || {
-        let ping = pki.erel().args(["ping", host]).output().expect("run ping");
-        ping.status.success() || !agent.process.running()
-    });
-    assert!(
-        answered && agent.process.running(),
-        "the installed agent does not answer:\n{}",
-        agent.process.log()
-    );
-    agent
+    InstalledAgent::start(pki, start, &prefix.join("var/lib/erel"), host)
 }
 
 /// Copies the files of the bundle directory `from` into a new directory `to`.
