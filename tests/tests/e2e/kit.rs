@@ -33,7 +33,7 @@ fn pki_from_the_cli() -> Pki {
 }
 
 /// `erel certs host ID --ip 127.0.0.1 --kit KIT` with `extra` flags.
-fn certs_host_kit(pki: &Pki, id: &str, kit: &Path, extra: &[&str]) -> Output {
+pub(super) fn certs_host_kit(pki: &Pki, id: &str, kit: &Path, extra: &[&str]) -> Output {
     pki.erel()
         .args(["certs", "host", id, "--ip", "127.0.0.1", "--kit"])
         .arg(kit)
@@ -44,7 +44,7 @@ fn certs_host_kit(pki: &Pki, id: &str, kit: &Path, extra: &[&str]) -> Output {
 
 /// Runs an unpacked kit's `install.sh --prefix PREFIX`; its stdout lines, after asserting
 /// it succeeded.
-fn install(kit_dir: &Path, prefix: &Path) -> Vec<String> {
+pub(super) fn install(kit_dir: &Path, prefix: &Path) -> Vec<String> {
     let out = Command::new(kit_dir.join("install.sh"))
         .arg("--prefix")
         .arg(prefix)
@@ -80,14 +80,42 @@ fn snapshot(prefix: &Path) -> Vec<String> {
 }
 
 /// The agent an installed kit runs, stopped with everything it started when dropped.
-struct InstalledAgent {
-    process: Followed,
-    root: PathBuf,
+pub(super) struct InstalledAgent {
+    pub(super) process: Followed,
+    pub(super) root: PathBuf,
 }
 
 impl Drop for InstalledAgent {
     fn drop(&mut self) {
         kill_agent_and_releases(&mut self.process, &self.root);
+    }
+}
+
+impl InstalledAgent {
+    /// Runs `start`, the command an `install.sh` printed, for the agent on `root`, and
+    /// waits until `host` (`ID@ADDR:PORT`) answers a ping.
+    pub(super) fn start(pki: &Pki, start: &str, root: &Path, host: &str) -> Self {
+        let argv: Vec<&str> = start.split_whitespace().collect();
+        let mut command = Command::new(argv[0]);
+        command
+            .args(&argv[1..])
+            .env("EREL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let mut agent = InstalledAgent {
+            process: Followed::spawn(&mut command, "the installed agent"),
+            root: root.to_path_buf(),
+        };
+        let answered = wait_until_blocking(PATIENCE, || {
+            let ping = pki.erel().args(["ping", host]).output().expect("run ping");
+            ping.status.success() || !agent.process.running()
+        });
+        assert!(
+            answered && agent.process.running(),
+            "the installed agent does not answer:\n{}",
+            agent.process.log()
+        );
+        agent
     }
 }
 
@@ -192,27 +220,8 @@ fn a_kit_installs_an_agent_on_a_blank_host_that_takes_a_deploy_and_a_second_inst
         )
     );
 
-    let argv: Vec<&str> = start.split_whitespace().collect();
-    let mut command = Command::new(argv[0]);
-    command
-        .args(&argv[1..])
-        .env("EREL_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    let mut agent = InstalledAgent {
-        process: Followed::spawn(&mut command, "the installed agent"),
-        root: root.clone(),
-    };
     let host = format!("kit-1@{listen}");
-    let answered = wait_until_blocking(PATIENCE, || {
-        let ping = pki.erel().args(["ping", &host]).output().expect("run ping");
-        ping.status.success() || !agent.process.running()
-    });
-    assert!(
-        answered && agent.process.running(),
-        "the installed agent does not answer:\n{}",
-        agent.process.log()
-    );
+    let mut agent = InstalledAgent::start(&pki, &start, &root, &host);
 
     let releases = work_dir.join("site/releases");
     std::fs::create_dir_all(&releases).expect("mkdir");

@@ -23,5 +23,6 @@ mod output;
 mod peers;
 mod pki;
 mod push_content;
+mod recover;
 mod rotate;
 mod static_agent;

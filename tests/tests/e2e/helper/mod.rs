@@ -328,6 +328,21 @@ impl AgentProc {
         self.spawn();
     }
 
+    /// `kill -9` the agent, empty its root (its state lost, as with a replaced disk; what
+    /// its releases run is left alone) and start it again on the same root and port.
+    pub fn restart_on_wiped_root(&mut self) {
+        self.kill9();
+        for entry in std::fs::read_dir(&self.root).expect("read root") {
+            let path = entry.expect("root entry").path();
+            match path.is_dir() && !path.is_symlink() {
+                true => std::fs::remove_dir_all(&path),
+                false => std::fs::remove_file(&path),
+            }
+            .unwrap_or_else(|e| panic!("remove {}: {e}", path.display()));
+        }
+        self.spawn();
+    }
+
     /// Process ids of every live (non-zombie) process started for release `name` under
     /// this agent's root, found by the environment the agent gives releases.
     pub fn release_pids(&self, name: &str) -> Vec<i32> {
