@@ -17,7 +17,7 @@ pub enum Error {
     },
 
     /// A host already has a bundle (with its private key), and replacing it was not asked for.
-    #[error("{path} already exists: host {id} already has a key and certificate; refusing to overwrite them (pass --force to replace the bundle with a new key; the old certificate stays valid until `erel certs revoke {id}`)")]
+    #[error("{path} already exists: host {id} already has a key and certificate; refusing to overwrite them (pass --force to replace the bundle with a new key; run `erel certs revoke {id}` first, since revoke names the certificate the bundle holds, or the old certificate stays valid until it expires)")]
     BundleExists {
         /// The host id.
         id: String,
