@@ -65,7 +65,6 @@ if [ "$(id -u)" -eq 0 ]; then
     AS_ROOT=yes
 else
     AS_ROOT=no
-    [ "$PREFIX" != / ] || fail "installing to / needs root (or give --prefix DIR)"
 fi
 
 KIT=$(cd -P "$(dirname "$0")" && pwd -P)
@@ -77,6 +76,8 @@ mkdir -p "$PREFIX"
 PREFIX=$(cd -P "$PREFIX" && pwd -P)
 safe_path "$PREFIX" || fail "--prefix resolves to '$PREFIX': use only letters, digits and . _ / + -"
 [ "$PREFIX" != / ] || PREFIX=
+# Checked on the resolved prefix: `--prefix /.` is / too.
+[ "$AS_ROOT" = yes ] || [ -n "$PREFIX" ] || fail "installing to / needs root (or give --prefix DIR)"
 
 BIN=$PREFIX/usr/local/bin/erel-boot
 ETC=$PREFIX/etc/erel
@@ -115,7 +116,11 @@ put() {
 # overwritten).
 put_new() {
     if [ -e "$2" ] || [ -L "$2" ]; then
-        say "kept existing $2"
+        if [ -f "$2" ] && ! cmp -s "$1" "$2"; then
+            say "kept existing $2 (the kit's differs: remove it first to install the kit's)"
+        else
+            say "kept existing $2"
+        fi
     else
         put "$1" "$2" "$3"
     fi
