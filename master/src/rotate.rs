@@ -209,7 +209,12 @@ pub(crate) async fn rotate(
     chosen: &[HostAddr],
     master_name: &str,
 ) -> crate::Result<()> {
-    if !certs.previous().path().exists() {
+    if certs.switch_interrupted() {
+        certs
+            .switch_to_next()
+            .context("finishing the interrupted switch to the next CA")?;
+        println!("finished the interrupted switch: the master now presents its certificate from the new CA");
+    } else if !certs.previous().path().exists() {
         let ids: Vec<&str> = chosen.iter().map(|h| h.id.as_str()).collect();
         let next = certs
             .begin_rotation(&ids)
