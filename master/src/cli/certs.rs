@@ -145,8 +145,13 @@ pub(super) async fn run(
             let hosts = cluster_hosts(cluster, &groups)?;
             let all = cluster_hosts(cluster, &[])?;
             if dry_run {
+                let rounds = if hosts.len() == all.len() {
+                    "overlap bundle, then final bundle"
+                } else {
+                    "overlap bundle (the final round waits until every host holds one)"
+                };
                 for (i, host) in hosts.iter().enumerate() {
-                    println!("{}. {host}: overlap bundle, then final bundle", i + 1);
+                    println!("{}. {host}: {rounds}", i + 1);
                 }
                 return Ok(ExitCode::SUCCESS);
             }

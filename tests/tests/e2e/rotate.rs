@@ -301,6 +301,16 @@ async fn a_group_run_keeps_every_host_reachable_and_a_second_run_finishes() {
     let (fleet, cluster) = running_fleet("grp", &["ga", "gb"]).await;
     let pids = fleet.release_pids(RELEASE);
 
+    let (ok, dry) = erel(
+        &fleet.pki,
+        &["certs", "rotate", "--group", "ga", "--dry-run"],
+        &cluster,
+    );
+    assert!(ok, "{dry}");
+    assert!(dry.contains("1. grp-1@"), "{dry}");
+    assert!(!dry.contains("grp-2"), "{dry}");
+    assert!(dry.contains("the final round waits"), "{dry}");
+
     let (ok, out) = erel(&fleet.pki, &["certs", "rotate", "--group", "ga"], &cluster);
     assert!(ok, "{out}\n{}", fleet.agent_logs());
     assert!(!out.contains("rotation done"), "{out}");
