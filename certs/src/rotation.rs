@@ -168,25 +168,69 @@ impl MasterDir {
         )
     }
 
+    /// Whether a switch began and did not end (a crash in the middle): `previous/`
+    /// and `next/` both present. [`MasterDir::switch_to_next`] finishes it.
+    pub fn switch_interrupted(&self) -> bool {
+        self.previous().path().exists() && self.next().path().exists()
+    }
+
     /// Moves the current CA's files to `previous/` and the next CA's in their place;
     /// `next/` is removed. From then on the master presents its new certificate.
+    ///
+    /// Each of the twelve renames is made only when still to do (a name is in
+    /// `previous/` once its first move is done, and gone from `next/` once its second
+    /// is), so a switch stopped at any point is finished by calling this again.
+    ///
+    /// Errors: [`Error::Missing`] when a CA file to move is in neither place; I/O
+    /// errors naming the file.
     pub fn switch_to_next(&self) -> Result<()> {
+        self.switch_stopping_after(usize::MAX)
+    }
+
+    /// [`MasterDir::switch_to_next`], stopping after `renames` renames (to test a
+    /// crash in the middle).
+    fn switch_stopping_after(&self, renames: usize) -> Result<()> {
         let (next, previous) = (self.next(), self.previous());
         files::create_dir_private(previous.path())?;
+        // Every name is in both directories before its first move, so a name's
+        // place alone says which of its moves are done.
         for name in MOVED {
-            let from = self.path().join(name);
-            if from.symlink_metadata().is_ok() {
-                let to = previous.path().join(name);
-                fs::rename(&from, &to).map_err(|e| Error::io(&to, e))?;
+            if previous.path().join(name).symlink_metadata().is_ok() {
+                continue;
+            }
+            for dir in [self, &next] {
+                let path = dir.path().join(name);
+                if path.symlink_metadata().is_err() {
+                    if name != HOSTS_DIR {
+                        return Err(Error::Missing { path });
+                    }
+                    files::create_dir_private(&path)?;
+                }
             }
         }
+        let mut done = 0;
+        let mut rename = |from: PathBuf, to: PathBuf| -> Result<bool> {
+            if done == renames {
+                return Ok(false);
+            }
+            fs::rename(&from, &to).map_err(|e| Error::io(&to, e))?;
+            done += 1;
+            Ok(true)
+        };
+        for name in MOVED {
+            let kept = previous.path().join(name);
+            if kept.symlink_metadata().is_err() && !rename(self.path().join(name), kept)? {
+                return Ok(());
+            }
+        }
+        files::sync_dir(previous.path())?;
         for name in MOVED {
             let from = next.path().join(name);
-            if from.symlink_metadata().is_ok() {
-                let to = self.path().join(name);
-                fs::rename(&from, &to).map_err(|e| Error::io(&to, e))?;
+            if from.symlink_metadata().is_ok() && !rename(from, self.path().join(name))? {
+                return Ok(());
             }
         }
+        files::sync_dir(self.path())?;
         fs::remove_dir_all(next.path()).map_err(|e| Error::io(next.path(), e))?;
         files::sync_dir(self.path())?;
         tracing::info!(dir = %self.path().display(), "switched to the next CA");
@@ -202,5 +246,54 @@ impl MasterDir {
         fs::rename(self.previous().path(), &to).map_err(|e| Error::io(&to, e))?;
         files::sync_dir(self.path())?;
         Ok(to)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes of `name` under `dir` (a file) or of its host `a`'s certificate
+    /// (for `hosts/`).
+    fn content(dir: &MasterDir, name: &str) -> Vec<u8> {
+        let path = if name == HOSTS_DIR {
+            dir.host_dir("a").join(HOST_PEM)
+        } else {
+            dir.path().join(name)
+        };
+        fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn a_switch_stopped_after_any_rename_is_finished_by_the_next_call() {
+        for k in 0..=2 * MOVED.len() {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let certs = MasterDir::new(tmp.path().join("certs"));
+            certs.init("test").expect("init");
+            certs.issue_host("a", &[], &[]).expect("host");
+            let next = certs.begin_rotation(&["a"]).expect("begin");
+            let old: Vec<_> = MOVED.iter().map(|n| content(&certs, n)).collect();
+            let new: Vec<_> = MOVED.iter().map(|n| content(&next, n)).collect();
+
+            certs.switch_stopping_after(k).expect("switch stopped");
+            if k < 2 * MOVED.len() {
+                assert!(certs.switch_interrupted(), "after {k} renames");
+                certs.switch_to_next().expect("switch finished");
+            }
+
+            assert!(!certs.switch_interrupted(), "after {k} renames");
+            assert!(!next.path().exists(), "after {k} renames");
+            for (i, name) in MOVED.iter().enumerate() {
+                assert_eq!(content(&certs, name), new[i], "{name} after {k} renames");
+                assert_eq!(
+                    content(&certs.previous(), name),
+                    old[i],
+                    "previous/{name} after {k} renames"
+                );
+            }
+            certs
+                .client_config()
+                .expect("the new master's configuration");
+        }
     }
 }

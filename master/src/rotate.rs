@@ -19,6 +19,9 @@
 //!    (the next CA alone), proved with the new master certificate. The old CA is then
 //!    archived.
 //!
+//! With `--group`, the overlap round runs on those groups' hosts only, and the switch
+//! waits until every host of the cluster file holds the overlap bundle.
+//!
 //! Run again after a stop, it resumes: the next CA is kept in `next/` until the switch,
 //! the old one in `previous/` until the final round is done.
 
@@ -127,6 +130,12 @@ impl Round<'_> {
     /// Pushes `bundle`, then proves it with a new connection (a `Ping`).
     async fn push_and_prove(&self, host: &HostAddr, bundle: &PushedBundle) -> crate::Result<()> {
         self.push_to(host, bundle).await?;
+        self.prove(host).await
+    }
+
+    /// Proves what `host` serves now with a new connection of the round's proof
+    /// credentials (a `Ping`).
+    async fn prove(&self, host: &HostAddr) -> crate::Result<()> {
         let mut client = self.proof.connect(host).await.map_err(|e| {
             Error::Usage(format!(
                 "the new connection that proves the bundle failed: {e}"
@@ -185,14 +194,28 @@ fn staging(certs: &MasterDir) -> PathBuf {
     certs.path().join(".pushing")
 }
 
-/// `erel certs rotate`: rotates the cluster CA on `hosts` (see the module docs).
+/// What the operator copies to the other masters once a rotation is done.
+const OTHER_MASTERS: &str = "other masters: copy ca.pem, master.pem, master.key and crl.pem of this certificate directory to theirs and restart them; until then every host refuses them";
+
+/// `erel certs rotate`: rotates the cluster CA (see the module docs). `all` is every
+/// host of the cluster file in rollout order, `chosen` those whose overlap round runs
+/// now (all of them without `--group`). The master switches to the new CA only once
+/// every host of `all` holds the overlap bundle: a host outside `chosen` counts when a
+/// new connection that trusts the next CA alone proves it. Otherwise the run stops
+/// after the overlap round, naming the hosts still to do, with every host reachable.
 pub(crate) async fn rotate(
     certs: &MasterDir,
-    hosts: &[HostAddr],
+    all: &[HostAddr],
+    chosen: &[HostAddr],
     master_name: &str,
 ) -> crate::Result<()> {
-    let ids: Vec<&str> = hosts.iter().map(|h| h.id.as_str()).collect();
-    if !certs.previous().path().exists() {
+    if certs.switch_interrupted() {
+        certs
+            .switch_to_next()
+            .context("finishing the interrupted switch to the next CA")?;
+        println!("finished the interrupted switch: the master now presents its certificate from the new CA");
+    } else if !certs.previous().path().exists() {
+        let ids: Vec<&str> = chosen.iter().map(|h| h.id.as_str()).collect();
         let next = certs
             .begin_rotation(&ids)
             .context("preparing the next CA")?;
@@ -205,11 +228,25 @@ pub(crate) async fn rotate(
         };
         round
             .run(
-                hosts,
+                chosen,
                 |id| next.overlap_bundle(certs, id),
                 Some(&|id| certs.host_bundle(id)),
             )
             .await?;
+        let mut missing = Vec::new();
+        for host in all.iter().filter(|h| !chosen.iter().any(|c| c.id == h.id)) {
+            match round.prove(host).await {
+                Ok(()) => println!("{}: already holds the overlap bundle (proved)", host.id),
+                Err(_) => missing.push(host.id.as_str()),
+            }
+        }
+        if !missing.is_empty() {
+            println!(
+                "overlap round done on the chosen hosts; still on the old CA alone: {}. The master keeps its current certificate, and every host accepts it. Run `erel certs rotate` again without --group (or with the groups of these hosts) to finish",
+                missing.join(", ")
+            );
+            return Ok(());
+        }
         certs.switch_to_next().context("switching to the next CA")?;
         println!("the master now presents its certificate from the new CA");
     } else {
@@ -225,14 +262,14 @@ pub(crate) async fn rotate(
     };
     round
         .run(
-            hosts,
+            all,
             |id| certs.host_bundle(id),
             Some(&|id| certs.overlap_bundle(&previous, id)),
         )
         .await?;
     let archived = certs.archive_previous().context("archiving the old CA")?;
     println!(
-        "rotation done: every host serves the new CA alone; the old CA is archived in {}",
+        "rotation done: every host serves the new CA alone; the old CA is archived in {}; {OTHER_MASTERS}",
         archived.display()
     );
     Ok(())
@@ -268,5 +305,9 @@ pub(crate) async fn push_revocation(
     };
     // What a host held before is revoked now: a failed proof leaves the agent's
     // probation to go back.
-    round.run(hosts, |id| certs.host_bundle(id), None).await
+    round.run(hosts, |id| certs.host_bundle(id), None).await?;
+    if name == "master" {
+        println!("{OTHER_MASTERS}");
+    }
+    Ok(())
 }

@@ -59,7 +59,9 @@ pub(super) enum CertsCommand {
     /// them: overlap bundles first (both CAs), then the final ones (the new CA alone),
     /// host by host, canaries first, each proved with a new connection.
     Rotate {
-        /// Only the hosts of this group (repeatable; default: every host).
+        /// Only the overlap round, on the hosts of this group (repeatable; default:
+        /// every host). The master switches to the new CA, and the final round runs on
+        /// every host, only once every host of the cluster file holds the overlap bundle.
         #[arg(long = "group")]
         groups: Vec<String>,
         /// Print the hosts in the order they would be rotated, and do nothing.
@@ -141,13 +143,19 @@ pub(super) async fn run(
         }
         CertsCommand::Rotate { groups, dry_run } => {
             let hosts = cluster_hosts(cluster, &groups)?;
+            let all = cluster_hosts(cluster, &[])?;
             if dry_run {
+                let rounds = if hosts.len() == all.len() {
+                    "overlap bundle, then final bundle"
+                } else {
+                    "overlap bundle (the final round waits until every host holds one)"
+                };
                 for (i, host) in hosts.iter().enumerate() {
-                    println!("{}. {host}: overlap bundle, then final bundle", i + 1);
+                    println!("{}. {host}: {rounds}", i + 1);
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            crate::rotate::rotate(&ctx.certs, &hosts, &ctx.master_name()).await?;
+            crate::rotate::rotate(&ctx.certs, &all, &hosts, &ctx.master_name()).await?;
         }
     }
     Ok(ExitCode::SUCCESS)

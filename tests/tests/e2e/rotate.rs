@@ -19,11 +19,10 @@ const RELEASE: &str = "beat";
 /// Bound on a release coming up, and on an agent noticing a pushed bundle.
 const PATIENCE: Duration = Duration::from_secs(30);
 
-/// A fleet of `n` agents in group `web`, each running the beat release, and its
-/// cluster file.
-async fn running_fleet(prefix: &str, n: usize) -> (Fleet, PathBuf) {
-    let groups = vec!["web"; n];
-    let fleet = Fleet::new(prefix, &groups);
+/// A fleet of one agent per entry of `groups` (its group), each running the beat
+/// release, and its cluster file.
+async fn running_fleet(prefix: &str, groups: &[&str]) -> (Fleet, PathBuf) {
+    let fleet = Fleet::new(prefix, groups);
     let tarball = beat_release(fleet.dir.path(), RELEASE, "0.1.0");
     for (agent, port) in fleet.agents.iter().zip(&fleet.ports) {
         let mut client = fleet.pki.connect(agent).await;
@@ -38,10 +37,15 @@ async fn running_fleet(prefix: &str, n: usize) -> (Fleet, PathBuf) {
         fleet.agent_logs()
     );
     let name = tarball.file_name().expect("name").to_string_lossy();
-    let text = format!(
-        "revision = 1\n{}[group.web]\nrelease = \"{RELEASE}\"\nversion = \"0.1.0\"\narchive = \"{name}\"\ncanaries = 1\n",
-        fleet.hosts_toml("BEAT_PORT")
-    );
+    let mut text = format!("revision = 1\n{}", fleet.hosts_toml("BEAT_PORT"));
+    let mut named: Vec<&str> = groups.to_vec();
+    named.sort_unstable();
+    named.dedup();
+    for group in named {
+        text.push_str(&format!(
+            "[group.{group}]\nrelease = \"{RELEASE}\"\nversion = \"0.1.0\"\narchive = \"{name}\"\ncanaries = 1\n"
+        ));
+    }
     let cluster = fleet.dir.path().join("cluster.toml");
     std::fs::write(&cluster, text).expect("cluster file");
     (fleet, cluster)
@@ -95,7 +99,7 @@ async fn answers(tls: Arc<rustls::ClientConfig>, agent: &AgentProc) -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_the_ca_keeps_the_release_running_and_locks_the_old_master_out() {
-    let (mut fleet, cluster) = running_fleet("rot", 3).await;
+    let (mut fleet, cluster) = running_fleet("rot", &["web"; 3]).await;
     let pids = fleet.release_pids(RELEASE);
     let old = keep_master(&fleet.pki, "old-master");
 
@@ -237,7 +241,7 @@ async fn a_bundle_no_master_confirms_reverts_after_its_probation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_push_locks_a_revoked_master_out_of_every_agent() {
-    let (fleet, cluster) = running_fleet("rvk", 2).await;
+    let (fleet, cluster) = running_fleet("rvk", &["web"; 2]).await;
     let pids = fleet.release_pids(RELEASE);
     let stolen = keep_master(&fleet.pki, "stolen");
     let (ok, out) = erel(
@@ -262,7 +266,7 @@ async fn revoke_push_locks_a_revoked_master_out_of_every_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_that_stops_answering_stops_the_rotation_and_a_second_run_resumes() {
-    let (mut fleet, cluster) = running_fleet("halt", 3).await;
+    let (mut fleet, cluster) = running_fleet("halt", &["web"; 3]).await;
     let pids = fleet.release_pids(RELEASE);
     assert!(fleet.agents[1].terminate(), "{}", fleet.agents[1].log());
 
@@ -288,6 +292,52 @@ async fn a_host_that_stops_answering_stops_the_rotation_and_a_second_run_resumes
         answers(fleet.pki.client_config(), agent)
             .await
             .unwrap_or_else(|e| panic!("{}: {e}\n{}", agent.id, agent.log()));
+    }
+    assert_eq!(fleet.release_pids(RELEASE), pids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_run_keeps_every_host_reachable_and_a_second_run_finishes() {
+    let (fleet, cluster) = running_fleet("grp", &["ga", "gb"]).await;
+    let pids = fleet.release_pids(RELEASE);
+
+    let (ok, dry) = erel(
+        &fleet.pki,
+        &["certs", "rotate", "--group", "ga", "--dry-run"],
+        &cluster,
+    );
+    assert!(ok, "{dry}");
+    assert!(dry.contains("1. grp-1@"), "{dry}");
+    assert!(!dry.contains("grp-2"), "{dry}");
+    assert!(dry.contains("the final round waits"), "{dry}");
+
+    let (ok, out) = erel(&fleet.pki, &["certs", "rotate", "--group", "ga"], &cluster);
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    assert!(!out.contains("rotation done"), "{out}");
+    assert!(out.contains("still on the old CA alone: grp-2"), "{out}");
+    assert!(!fleet.pki.master.previous().path().exists(), "{out}");
+    assert!(fleet.agents[0].root.join(PUSHED_BUNDLE).exists());
+    assert!(!fleet.agents[1].root.join(PUSHED_BUNDLE).exists());
+    for agent in &fleet.agents {
+        answers(fleet.pki.client_config(), agent)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}\n{out}\n{}", agent.id, agent.log()));
+    }
+
+    let (ok, out) = erel(&fleet.pki, &["certs", "rotate", "--group", "gb"], &cluster);
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    assert!(
+        out.contains("grp-1: already holds the overlap bundle"),
+        "{out}"
+    );
+    assert!(out.contains("rotation done"), "{out}");
+    assert!(out.contains("other masters: copy"), "{out}");
+    assert!(!fleet.pki.master.next().path().exists());
+    assert!(!fleet.pki.master.previous().path().exists());
+    for agent in &fleet.agents {
+        answers(fleet.pki.client_config(), agent)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}\n{out}\n{}", agent.id, agent.log()));
     }
     assert_eq!(fleet.release_pids(RELEASE), pids);
 }
