@@ -191,7 +191,7 @@ impl Pushed {
                 info!(file = %self.file.display(), %sha256, "pushed certificate bundle confirmed: a master authenticated with it")
             }
             Err(e) => {
-                warn!(file = %self.file.display(), error = %e, "pushed certificate bundle confirmed, but not recorded: a restart will put it on probation again, or serve with the --certs directory once it is gone")
+                warn!(file = %self.file.display(), error = %e, "pushed certificate bundle confirmed, but not recorded: a restart will put it on probation again")
             }
         }
     }
