@@ -12,14 +12,18 @@
 //!   connection fails; the file stays for the operator);
 //! * taken: new connections are served with it, on probation. The first master that
 //!   authenticates with it confirms it, and its sha256 is recorded in
-//!   `.erel/bundle.confirmed`, so an agent restarted later takes it again at once. If
+//!   `.erel/bundle.confirmed`, so an agent restarted later takes it again at once; a
+//!   copy of it is kept in `.erel/bundle.confirmed.toml` (mode 0600). If
 //!   no master authenticates within the probation (setting `bundle_probation_secs`),
 //!   the agent goes back to the bundle it served before and renames the file to
 //!   `bundle.toml.reverted`. The probation is checked when a connection arrives: a
 //!   master that comes late is served with the previous bundle.
 //!
-//! Without the file (or once it is renamed away) the agent serves with its `--certs`
-//! directory, as before. Removing the file by hand goes back to that directory.
+//! Without the file (or once it is renamed away, also across a restart) the agent
+//! serves with the confirmed copy, judged again as a whole, and without a copy that
+//! passes, with its `--certs` directory, as before. A master can never write under
+//! `.erel/`, so a push cannot replace the copy. To go back to the `--certs` directory by
+//! hand, remove both the file and the copy.
 
 use std::collections::VecDeque;
 use std::os::unix::fs::MetadataExt;
@@ -39,6 +43,8 @@ use crate::fs::{Root, STATE_DIR};
 pub(crate) const RECENT_MASTERS: usize = 4;
 /// The record of the confirmed bundle's sha256, under the state directory.
 const CONFIRMED: &str = "bundle.confirmed";
+/// The copy of the confirmed bundle, under the state directory.
+const CONFIRMED_COPY: &str = "bundle.confirmed.toml";
 
 /// The pushed bundle's state on this agent.
 pub(crate) struct Pushed {
@@ -46,6 +52,8 @@ pub(crate) struct Pushed {
     file: PathBuf,
     /// `root/.erel/bundle.confirmed`.
     confirmed: PathBuf,
+    /// `root/.erel/bundle.confirmed.toml`.
+    copy: PathBuf,
     host_id: String,
     probation: Duration,
     state: Mutex<State>,
@@ -69,6 +77,8 @@ struct State {
 struct Taken {
     config: Arc<ServerConfig>,
     sha256: String,
+    /// The file's text, kept as a copy once confirmed.
+    text: Arc<str>,
 }
 
 /// A bundle on probation: until when, and what to go back to.
@@ -98,16 +108,23 @@ fn stamp(path: &Path) -> Option<Stamp> {
 
 impl Pushed {
     /// The pushed bundle of `root` for host `host_id`, with a probation of `probation`.
-    /// A file already there is judged now: taken at once when it is the confirmed one,
-    /// else on probation (no master has authenticated yet, so none can be locked out).
+    /// The confirmed copy, when one passes, serves first; a file already there is then
+    /// judged: taken at once when it is the confirmed one, else on probation (no master
+    /// has authenticated yet, so none can be locked out), going back to the copy.
     pub(crate) fn open(root: &Root, host_id: &str, probation: Duration) -> Self {
+        let state = root.path().join(STATE_DIR);
         let pushed = Pushed {
             file: root.path().join(PUSHED_BUNDLE),
-            confirmed: root.path().join(STATE_DIR).join(CONFIRMED),
+            confirmed: state.join(CONFIRMED),
+            copy: state.join(CONFIRMED_COPY),
             host_id: host_id.to_string(),
             probation,
             state: Mutex::new(State::default()),
         };
+        {
+            let mut state = pushed.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.serving = pushed.confirmed_copy(&state);
+        }
         pushed.config();
         pushed
     }
@@ -128,10 +145,18 @@ impl Pushed {
         if seen != state.seen {
             state.seen = seen.clone();
             if seen.is_none() {
-                if state.serving.take().is_some() {
-                    info!(file = %self.file.display(), "pushed certificate bundle removed; serving with the --certs directory");
-                }
                 state.probation = None;
+                let copy = self.confirmed_copy(&state);
+                if std::mem::replace(&mut state.serving, copy).is_some() {
+                    match &state.serving {
+                        Some(_) => {
+                            info!(file = %self.file.display(), copy = %self.copy.display(), "pushed certificate bundle removed; serving with its confirmed copy")
+                        }
+                        None => {
+                            info!(file = %self.file.display(), "pushed certificate bundle removed; serving with the --certs directory")
+                        }
+                    }
+                }
             } else {
                 self.judge(&mut state, now);
             }
@@ -155,8 +180,13 @@ impl Pushed {
             return;
         }
         let sha256 = serving.sha256.clone();
+        let text = serving.text.clone();
         state.probation = None;
-        match crate::fs::write_atomic(&self.confirmed, sha256.as_bytes(), 0o600) {
+        // The copy first: a record naming a bundle without its copy would leave a restart
+        // after a refused push on the --certs directory.
+        let kept = crate::fs::write_atomic(&self.copy, text.as_bytes(), 0o600)
+            .and_then(|()| crate::fs::write_atomic(&self.confirmed, sha256.as_bytes(), 0o600));
+        match kept {
             Ok(()) => {
                 info!(file = %self.file.display(), %sha256, "pushed certificate bundle confirmed: a master authenticated with it")
             }
@@ -169,22 +199,7 @@ impl Pushed {
     /// Judges the file as it is now: takes it (on probation unless it is the confirmed
     /// one) or refuses it.
     fn judge(&self, state: &mut State, now: Instant) {
-        let masters: Vec<_> = state.masters.iter().cloned().collect();
-        let expected = Expected {
-            host_id: &self.host_id,
-            masters: &masters,
-        };
-        let judged = std::fs::read_to_string(&self.file)
-            .map_err(|e| format!("cannot read it: {e}"))
-            .and_then(|text| {
-                let bundle = PushedBundle::parse(&self.file, &text).map_err(|e| e.to_string())?;
-                let config = bundle
-                    .validate(&self.file, &expected)
-                    .map_err(|e| e.to_string())?;
-                let sha256 = crate::digest::of_bytes(text.as_bytes()).to_hex();
-                Ok(Taken { config, sha256 })
-            });
-        match judged {
+        match self.read(&self.file, state) {
             Ok(taken) => {
                 let confirmed = std::fs::read_to_string(&self.confirmed)
                     .is_ok_and(|record| record.trim() == taken.sha256);
@@ -209,6 +224,45 @@ impl Pushed {
             Err(reason) => {
                 let to = self.set_aside(state, "refused");
                 warn!(file = %to.display(), %reason, "pushed certificate bundle refused; serving with the previous bundle");
+            }
+        }
+    }
+
+    /// Reads the bundle at `path` and validates it as a whole against this host and the
+    /// masters of `state`; the refusal names the check, or what could not be read.
+    fn read(&self, path: &Path, state: &State) -> Result<Taken, String> {
+        let masters: Vec<_> = state.masters.iter().cloned().collect();
+        let expected = Expected {
+            host_id: &self.host_id,
+            masters: &masters,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+        let bundle = PushedBundle::parse(path, &text).map_err(|e| e.to_string())?;
+        let config = bundle
+            .validate(path, &expected)
+            .map_err(|e| e.to_string())?;
+        let sha256 = crate::digest::of_bytes(text.as_bytes()).to_hex();
+        Ok(Taken {
+            config,
+            sha256,
+            text: text.into(),
+        })
+    }
+
+    /// The confirmed copy, judged again as a whole; `None` when there is none or it is
+    /// refused (logged, naming the check): the `--certs` directory then serves.
+    fn confirmed_copy(&self, state: &State) -> Option<Taken> {
+        if !self.copy.exists() {
+            return None;
+        }
+        match self.read(&self.copy, state) {
+            Ok(taken) => {
+                info!(copy = %self.copy.display(), sha256 = %taken.sha256, "serving with the confirmed copy of the pushed certificate bundle");
+                Some(taken)
+            }
+            Err(reason) => {
+                warn!(copy = %self.copy.display(), %reason, "confirmed copy of the pushed certificate bundle refused; serving with the --certs directory");
+                None
             }
         }
     }
@@ -375,6 +429,81 @@ mod tests {
         let dir = next.issue_host("web-1", &[], &[]).expect("host");
         let bundle = PushedBundle::from_dir(&dir).expect("bundle");
         refused_over_confirmed(&f, &bundle, "master kept");
+    }
+
+    /// Confirms the host's own bundle on a fresh agent and returns its sha256.
+    fn confirm_own(f: &Fixture) -> String {
+        let pushed = Pushed::open(&f.root, "web-1", LONG);
+        f.push(&f.own_bundle());
+        let config = pushed.config().expect("taken");
+        pushed.authenticated(&config, &f.master_chain());
+        let sha256 = pushed
+            .state
+            .lock()
+            .unwrap()
+            .serving
+            .as_ref()
+            .expect("served")
+            .sha256
+            .clone();
+        sha256
+    }
+
+    /// The sha256 a restarted agent serves with, with no probation pending.
+    fn served_after_restart(f: &Fixture) -> String {
+        let restarted = Pushed::open(&f.root, "web-1", LONG);
+        assert!(restarted.config().is_some(), "the --certs directory serves");
+        let state = restarted.state.lock().unwrap();
+        assert!(state.probation.is_none());
+        state.serving.as_ref().expect("served").sha256.clone()
+    }
+
+    #[test]
+    fn a_confirmed_bundle_is_copied_under_the_state_directory() {
+        let f = fixture();
+        confirm_own(&f);
+        let copy = f.root.path().join(STATE_DIR).join(CONFIRMED_COPY);
+        let pushed = std::fs::read(f.root.path().join(PUSHED_BUNDLE)).expect("pushed");
+        assert_eq!(std::fs::read(&copy).expect("copy"), pushed);
+        let mode = std::fs::metadata(&copy).expect("stat").mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
+    }
+
+    #[test]
+    fn after_a_refused_push_a_restart_serves_the_confirmed_copy() {
+        let f = fixture();
+        let other = f.certs.issue_host("web-2", &[], &[]).expect("web-2");
+        refused_over_confirmed(
+            &f,
+            &PushedBundle::from_dir(&other).expect("bundle"),
+            "same host",
+        );
+        assert!(!f.root.path().join(PUSHED_BUNDLE).exists());
+        let own = crate::digest::of_bytes(f.own_bundle().to_toml().as_bytes()).to_hex();
+        assert_eq!(served_after_restart(&f), own);
+    }
+
+    #[test]
+    fn after_a_reverted_push_a_restart_serves_the_confirmed_copy() {
+        let f = fixture();
+        let good = confirm_own(&f);
+        let probation = Duration::from_millis(300);
+        let pushed = Pushed::open(&f.root, "web-1", probation);
+        // The same bundle written differently: another file, never confirmed.
+        let text = format!("{}\n# pushed again\n", f.own_bundle().to_toml());
+        let file = f.root.path().join(PUSHED_BUNDLE);
+        crate::fs::write_atomic(&file, text.as_bytes(), 0o600).expect("push");
+        pushed.config().expect("taken on probation");
+        let deadline = Instant::now() + probation * 50;
+        while !f.set_aside("reverted").is_file() {
+            assert!(
+                Instant::now() < deadline,
+                "not reverted after its probation"
+            );
+            std::thread::sleep(probation / 4);
+            pushed.config();
+        }
+        assert_eq!(served_after_restart(&f), good);
     }
 
     #[test]

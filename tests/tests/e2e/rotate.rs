@@ -341,3 +341,48 @@ async fn a_group_run_keeps_every_host_reachable_and_a_second_run_finishes() {
     }
     assert_eq!(fleet.release_pids(RELEASE), pids);
 }
+
+/// A host started from a bundle directory of its own (as a kit installs it) keeps the
+/// rotated credentials across a refused push and a restart: the agent serves its
+/// confirmed copy, not the `--certs` directory the master no longer trusts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_rotation_a_refused_push_and_a_restart_the_new_master_still_gets_in() {
+    let pki = Pki::new();
+    let id = "keep-1";
+    let own = pki.dir.path().join("own-bundle");
+    std::fs::create_dir(&own).expect("mkdir");
+    for entry in std::fs::read_dir(pki.bundle(id)).expect("bundle") {
+        let from = entry.expect("entry").path();
+        std::fs::copy(&from, own.join(from.file_name().expect("name"))).expect("copy");
+    }
+    let mut agent = AgentProc::start_with_bundle(own, id);
+    answers(pki.client_config(), &agent)
+        .await
+        .expect("first contact");
+    let cluster = pki.dir.path().join("cluster.toml");
+    let text = format!(
+        "revision = 1\n[[host]]\nid = \"{id}\"\naddr = \"{}\"\ngroup = \"web\"\n\
+         [group.web]\nrelease = \"{RELEASE}\"\nversion = \"0.1.0\"\narchive = \"{RELEASE}-0.1.0.tar.gz\"\n",
+        agent.addr
+    );
+    std::fs::write(&cluster, text).expect("cluster file");
+    let (ok, out) = erel(&pki, &["certs", "rotate"], &cluster);
+    assert!(ok, "{out}\n{}", agent.log());
+
+    let other = PushedBundle::from_dir(&pki.bundle("keep-2")).expect("bundle");
+    push(&pki, &agent, &other).await;
+    answers(pki.client_config(), &agent)
+        .await
+        .unwrap_or_else(|e| panic!("the confirmed bundle serves: {e}\n{}", agent.log()));
+    let refused = agent.root.join(format!("{PUSHED_BUNDLE}.refused"));
+    assert!(refused.is_file(), "{}", agent.log());
+
+    agent.restart();
+    let ping = pki.erel_at("ping", &agent).output().expect("run erel ping");
+    assert!(
+        ping.status.success(),
+        "{}\n{}",
+        output_text(&ping),
+        agent.log()
+    );
+}
