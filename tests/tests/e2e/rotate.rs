@@ -288,11 +288,7 @@ async fn a_host_that_stops_answering_stops_the_rotation_and_a_second_run_resumes
     fleet.agents[1].restart();
     let (ok, out) = erel(&fleet.pki, &["certs", "rotate"], &cluster);
     assert!(ok, "{out}\n{}", fleet.agent_logs());
-    for agent in &fleet.agents {
-        answers(fleet.pki.client_config(), agent)
-            .await
-            .unwrap_or_else(|e| panic!("{}: {e}\n{}", agent.id, agent.log()));
-    }
+    every_agent_answers(&fleet, "").await;
     assert_eq!(fleet.release_pids(RELEASE), pids);
 }
 
@@ -318,11 +314,7 @@ async fn a_group_run_keeps_every_host_reachable_and_a_second_run_finishes() {
     assert!(!fleet.pki.master.previous().path().exists(), "{out}");
     assert!(fleet.agents[0].root.join(PUSHED_BUNDLE).exists());
     assert!(!fleet.agents[1].root.join(PUSHED_BUNDLE).exists());
-    for agent in &fleet.agents {
-        answers(fleet.pki.client_config(), agent)
-            .await
-            .unwrap_or_else(|e| panic!("{}: {e}\n{out}\n{}", agent.id, agent.log()));
-    }
+    every_agent_answers(&fleet, &out).await;
 
     let (ok, out) = erel(&fleet.pki, &["certs", "rotate", "--group", "gb"], &cluster);
     assert!(ok, "{out}\n{}", fleet.agent_logs());
@@ -334,11 +326,7 @@ async fn a_group_run_keeps_every_host_reachable_and_a_second_run_finishes() {
     assert!(out.contains("other masters: copy"), "{out}");
     assert!(!fleet.pki.master.next().path().exists());
     assert!(!fleet.pki.master.previous().path().exists());
-    for agent in &fleet.agents {
-        answers(fleet.pki.client_config(), agent)
-            .await
-            .unwrap_or_else(|e| panic!("{}: {e}\n{out}\n{}", agent.id, agent.log()));
-    }
+    every_agent_answers(&fleet, &out).await;
     assert_eq!(fleet.release_pids(RELEASE), pids);
 }
 
@@ -385,4 +373,14 @@ async fn after_a_rotation_a_refused_push_and_a_restart_the_new_master_still_gets
         output_text(&ping),
         agent.log()
     );
+}
+
+/// Every agent of `fleet` answers a new connection made with the master's current
+/// credentials; a failure names the agent, `context` (the command's output) and its log.
+async fn every_agent_answers(fleet: &Fleet, context: &str) {
+    for agent in &fleet.agents {
+        answers(fleet.pki.client_config(), agent)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}\n{context}\n{}", agent.id, agent.log()));
+    }
 }
