@@ -194,6 +194,12 @@ fn staging(certs: &MasterDir) -> PathBuf {
     certs.path().join(".pushing")
 }
 
+/// Removes the staging directory once a command has pushed everything; only when empty
+/// (`rmdir`), so a file left there by a failure stays for the operator to see.
+fn remove_staging(certs: &MasterDir) {
+    let _ = std::fs::remove_dir(staging(certs));
+}
+
 /// What the operator copies to the other masters once a rotation is done.
 const OTHER_MASTERS: &str = "other masters: copy ca.pem, master.pem, master.key and crl.pem of this certificate directory to theirs and restart them; until then every host refuses them";
 
@@ -268,6 +274,7 @@ pub(crate) async fn rotate(
         )
         .await?;
     let archived = certs.archive_previous().context("archiving the old CA")?;
+    remove_staging(certs);
     println!(
         "rotation done: every host serves the new CA alone; the old CA is archived in {}; {OTHER_MASTERS}",
         archived.display()
@@ -306,6 +313,7 @@ pub(crate) async fn push_revocation(
     // What a host held before is revoked now: a failed proof leaves the agent's
     // probation to go back.
     round.run(hosts, |id| certs.host_bundle(id), None).await?;
+    remove_staging(certs);
     if name == "master" {
         println!("{OTHER_MASTERS}");
     }

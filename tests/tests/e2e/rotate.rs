@@ -110,6 +110,10 @@ async fn rotating_the_ca_keeps_the_release_running_and_locks_the_old_master_out(
     let (ok, out) = erel(&fleet.pki, &["certs", "rotate"], &cluster);
     assert!(ok, "{out}\n{}", fleet.agent_logs());
     assert!(out.contains("rotation done"), "{out}");
+    assert!(
+        !fleet.pki.master.path().join(".pushing").exists(),
+        "the staging directory is removed once every bundle is pushed"
+    );
     assert_eq!(
         fleet.release_pids(RELEASE),
         pids,
