@@ -365,14 +365,10 @@ mod tests {
         let pushed = Pushed::open(&f.root, "web-1", probation);
         f.push(&f.own_bundle());
         assert!(pushed.config().is_some(), "taken on probation");
-        let deadline = Instant::now() + probation * 50;
-        while pushed.config().is_some() {
-            assert!(
-                Instant::now() < deadline,
-                "still served after its probation"
-            );
-            std::thread::sleep(probation / 4);
-        }
+        assert!(
+            crate::wait::until_blocking(probation * 50, || pushed.config().is_none()),
+            "still served after its probation"
+        );
         assert!(f.set_aside("reverted").is_file());
         assert!(!f.root.path().join(PUSHED_BUNDLE).exists());
     }
@@ -494,15 +490,13 @@ mod tests {
         let file = f.root.path().join(PUSHED_BUNDLE);
         crate::fs::write_atomic(&file, text.as_bytes(), 0o600).expect("push");
         pushed.config().expect("taken on probation");
-        let deadline = Instant::now() + probation * 50;
-        while !f.set_aside("reverted").is_file() {
-            assert!(
-                Instant::now() < deadline,
-                "not reverted after its probation"
-            );
-            std::thread::sleep(probation / 4);
-            pushed.config();
-        }
+        assert!(
+            crate::wait::until_blocking(probation * 50, || {
+                pushed.config();
+                f.set_aside("reverted").is_file()
+            }),
+            "not reverted after its probation"
+        );
         assert_eq!(served_after_restart(&f), good);
     }
 
