@@ -25,12 +25,15 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Consumer};
 use serde::Serialize;
 
-use super::{amqp_error, integer, now_ms, open_channel, string, table, text_value, Broker, Names};
-use crate::cluster::{ArchiveLookup, Plan};
+use super::{
+    amqp_error, integer, now_ms, open_channel, string, table, text_value, Backoff, Broker, Names,
+};
+use crate::cluster::{ArchiveLookup, Plan, MAX_REVISION};
 use crate::error::{Error, Result};
 
 /// The largest config accepted, published or received.
@@ -43,6 +46,8 @@ const STREAM_SEGMENT_BYTES: i64 = 8 * 1024 * 1024;
 pub const SETTLE: Duration = Duration::from_millis(300);
 /// ... and waits this long for the first message of a log that may be empty.
 const FIRST_MESSAGE_WAIT: Duration = Duration::from_millis(1000);
+/// How long `publish` waits for another publish to hand the publisher lease back.
+pub const PUBLISHER_LEASE_WAIT: Duration = Duration::from_secs(30);
 /// Unacknowledged deliveries a log reader allows (a stream consumer must set one); it
 /// bounds a reader's memory at this many configs (each at most 1 MiB).
 pub(crate) const PREFETCH: u16 = 100;
@@ -283,11 +288,13 @@ async fn read_all_on(broker: &Broker, connection: &lapin::Connection) -> Result<
 }
 
 /// The entry with the highest revision in the log, if any; of duplicates, the first
-/// (the one masters accepted: a later duplicate is not newer, so they ignore it).
+/// (the one masters accepted: a later duplicate is not newer, so they ignore it). A
+/// revision above [`MAX_REVISION`] does not count: every master refuses it, and it must
+/// not stop later revisions from being published.
 pub fn newest(entries: &[LogEntry]) -> Option<&LogEntry> {
     entries
         .iter()
-        .filter(|e| e.revision().is_some())
+        .filter(|e| e.revision().is_some_and(|r| r <= MAX_REVISION))
         .max_by_key(|e| (e.revision(), std::cmp::Reverse(e.offset)))
 }
 
@@ -300,10 +307,12 @@ pub struct Published {
     pub previous: Option<u64>,
 }
 
-/// Publishes a validated config, with its signature when it is `signed`: refuses it
-/// unless its revision is greater than every revision in the log
-/// ([`Error::RevisionNotNewer`]), then appends it and returns once the broker has
-/// confirmed it.
+/// Publishes a validated config, with its signature when it is `signed`: takes the
+/// publisher lease ([`take_publisher_lease`]), refuses the config unless its revision
+/// is greater than every revision in the log ([`Error::RevisionNotNewer`], naming who
+/// published the newest), then appends it and returns once the broker has confirmed
+/// it. The lease is held from the read to the confirmation, so of two publishes of the
+/// same next revision, one is confirmed and the other refused.
 pub async fn publish(
     broker: &Broker,
     plan: &Plan,
@@ -313,14 +322,17 @@ pub async fn publish(
 ) -> Result<Published> {
     let connection = broker.connect("config publisher").await?;
     let outcome = async {
+        take_publisher_lease(&connection, broker.names()).await?;
         let entries = read_all_on(broker, &connection).await?;
-        let previous = newest(&entries).and_then(LogEntry::revision);
+        let newest_entry = newest(&entries);
+        let previous = newest_entry.and_then(LogEntry::revision);
         if let Some(newest) = previous {
             if plan.revision <= newest {
                 return Err(Error::RevisionNotNewer {
                     origin: plan.origin.clone(),
                     revision: plan.revision,
                     newest,
+                    by: newest_entry.and_then(|e| e.publisher.clone()),
                     log: broker.names().configs(),
                 });
             }
@@ -340,8 +352,69 @@ pub async fn publish(
         })
     }
     .await;
+    // Closing the connection ends the lease (the broker deletes the exclusive queue).
     let _ = connection.close(200, "done".into()).await;
     outcome
+}
+
+/// Takes the publisher lease on `connection`: declares `<prefix>.publisher` as an
+/// exclusive queue, which the broker lets one connection own at a time and deletes
+/// when that connection closes (AMQP 0-9-1 `queue.declare`, `exclusive`; another
+/// connection's declare fails with `405 RESOURCE_LOCKED`). Waits for another
+/// publisher's lease up to [`PUBLISHER_LEASE_WAIT`], trying again with backoff.
+///
+/// # Errors
+///
+/// [`Error::Amqp`] naming the lease queue when another publisher held it for the whole
+/// wait, or for any other broker problem.
+async fn take_publisher_lease(connection: &lapin::Connection, names: &Names) -> Result<()> {
+    let queue = names.publisher();
+    let deadline = tokio::time::Instant::now() + PUBLISHER_LEASE_WAIT;
+    let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+    loop {
+        let channel = open_channel(connection, &queue).await?;
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(_) => {
+                let _ = channel.close(200, "done".into()).await;
+                return Ok(());
+            }
+            Err(e) if is_resource_locked(&e) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Error::Amqp {
+                        target: queue,
+                        action: "taking the publisher lease".to_string(),
+                        message: format!(
+                            "another publish held it for {}s; try again",
+                            PUBLISHER_LEASE_WAIT.as_secs()
+                        ),
+                    });
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => return Err(amqp_error(&queue, "taking the publisher lease", e)),
+        }
+    }
+}
+
+/// Whether the broker refused with `405 RESOURCE_LOCKED` (an exclusive queue owned by
+/// another connection).
+fn is_resource_locked(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(e)
+            if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED)
+    )
 }
 
 /// Appends a text to the log as is, with `revision` in its header (when given), and
@@ -502,6 +575,14 @@ mod tests {
         let log = entries(&[Some(1), Some(3), Some(2), Some(3)]);
         assert_eq!(newest(&log).and_then(|e| e.offset), Some(1));
         assert!(newest(&[]).is_none());
+    }
+
+    #[test]
+    fn a_revision_above_the_largest_does_not_block_later_ones() {
+        let log = entries(&[Some(1), Some(MAX_REVISION + 1), Some(u64::MAX), Some(2)]);
+        assert_eq!(newest(&log).and_then(|e| e.offset), Some(3));
+        let log = entries(&[Some(1), Some(MAX_REVISION)]);
+        assert_eq!(newest(&log).and_then(|e| e.offset), Some(1));
     }
 
     #[test]
