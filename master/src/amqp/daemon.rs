@@ -4,10 +4,14 @@
 //! the log from where it is ([`log`]). Each batch of deliveries is sorted newest
 //! revision first; revisions not newer than the one held are logged and ignored; the
 //! newest one that validates (archives found in the artifact directory, checked by
-//! sha256) is written atomically to the state directory, and only then are the
-//! messages acknowledged and the new plan handed to the groups. A config that fails
-//! validation (or, for a master given a trusted key, is not signed with it) is logged
-//! with its reason and never applied.
+//! sha256) is written atomically to the state directory, and only then is it the
+//! revision held, announced, and handed to the groups. A config that fails validation
+//! for good (or, for a master given a trusted key, is not signed with it) is logged
+//! with its reason and never applied. One that cannot be applied *yet* (the state
+//! directory cannot be written, say it is full; an archive not in the artifact
+//! directory yet) is retried with backoff until it applies or a newer revision
+//! does, and the master's position in the log never moves past it ([`Position`]), so
+//! neither a reconnection nor a full disk loses a revision.
 //!
 //! Once the log is read to its end (nothing more for [`log::SETTLE`]), the daemon
 //! competes for each group of its plan ([`leadership`]) and converges the groups it
@@ -88,12 +92,51 @@ pub struct DaemonOptions {
 type Plans = watch::Receiver<Option<Arc<Plan>>>;
 
 /// Where the daemon is in the log.
+///
+/// The position never runs ahead of the state directory: a message is behind it only
+/// once it is written there, refused for good, or not newer than the revision held.
+/// A revision that could not be applied for a reason that can pass (the state
+/// directory cannot be written, an archive is not in the artifact directory yet) is
+/// kept in `pending` and retried with backoff; a reconnection resumes the log at the
+/// oldest such message, so a lost connection cannot skip it either.
 #[derive(Debug, Default)]
 struct Position {
-    /// The revision held.
+    /// The revision held (the one in the state directory).
     held: Option<u64>,
-    /// The offset after the last message seen, where a new consumer resumes.
+    /// The offset after the last message seen, where a new consumer resumes when
+    /// nothing is pending.
     next_offset: Option<u64>,
+    /// Revisions newer than `held` not applied yet, newest first (at most
+    /// [`MAX_PENDING`]).
+    pending: Vec<LogEntry>,
+    /// The offset of the oldest message still pending (or dropped from `pending` for
+    /// room), where a new consumer resumes.
+    unresolved_from: Option<u64>,
+    /// The newest revision dropped from `pending` for room, if any: while it is newer
+    /// than the one held, it must be read from the log again.
+    dropped: Option<u64>,
+}
+
+impl Position {
+    /// Where a new consumer starts.
+    fn resume(&self) -> log::From {
+        match self.unresolved_from.or(self.next_offset) {
+            Some(offset) => log::From::Offset(offset),
+            None => log::From::First,
+        }
+    }
+}
+
+/// Revisions a master keeps in memory while they wait to be applied; older ones are
+/// read again from the log after a reconnection.
+const MAX_PENDING: usize = 16;
+
+/// Why a revision was not applied.
+enum NotApplied {
+    /// For good: it is logged and skipped.
+    Refused(String),
+    /// For now: it is retried until it applies or a newer one supersedes it.
+    NotYet(String),
 }
 
 /// Runs the daemon until `cancel` fires. Errors only when the state directory cannot be
@@ -212,10 +255,12 @@ impl Daemon {
         let event_channel = open_channel(&connection, &names.events()).await?;
         log::declare(&log_channel, names).await?;
         events::declare(&event_channel, names).await?;
-        let from = match position.next_offset {
-            Some(offset) => log::From::Offset(offset),
-            None => log::From::First,
-        };
+        let from = position.resume();
+        if position.unresolved_from.is_some() {
+            // Read again from the log, from the oldest of them.
+            position.pending.clear();
+            position.dropped = None;
+        }
         let tag = format!("{}-{}", self.options.name, std::process::id());
         let mut consumer = log::consume(&log_channel, names, &tag, from).await?;
         info!(log = %log_queue, ?from, "connected; reading the config log");
@@ -226,6 +271,10 @@ impl Daemon {
         let mut plans = self.plans.clone();
         let mut caught_up = false;
         let mut settle: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(log::SETTLE));
+        // Retrying the revisions pending, paced by the daemon's backoff.
+        let mut retry_backoff = self.options.backoff.clone();
+        let mut retry: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(Duration::ZERO));
+        let mut retrying = false;
         let outcome: Result<()> = loop {
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
@@ -259,19 +308,27 @@ impl Daemon {
                             None => break,
                         }
                     }
-                    if let Err(e) = self.apply_batch(&batch, position).await {
-                        break Err(e);
-                    }
+                    let reread = self.apply_batch(&batch, position).await;
                     if let Some(last) = batch.last() {
-                        // Acknowledged only now that the revision is on disk.
+                        // On a stream an acknowledgement only grants the consumer more
+                        // credit; where the master is in the log is `position`.
                         if let Err(e) = last.ack(BasicAckOptions { multiple: true }).await {
                             break Err(amqp_error(&log_queue, "acknowledging", e));
                         }
                     }
-                    if let Some(e) = ended {
+                    retrying = arm_retry(position, &mut retry, &mut retry_backoff, retrying);
+                    if let Some(e) = ended.or_else(|| reread.then(|| reread_error(&log_queue))) {
                         break Err(e);
                     }
                     settle.as_mut().reset(Instant::now() + log::SETTLE);
+                }
+                _ = &mut retry, if retrying => {
+                    retrying = false;
+                    let pending = std::mem::take(&mut position.pending);
+                    if self.apply(pending, position).await {
+                        break Err(reread_error(&log_queue));
+                    }
+                    retrying = arm_retry(position, &mut retry, &mut retry_backoff, retrying);
                 }
                 _ = &mut settle, if !caught_up => {
                     caught_up = true;
@@ -330,10 +387,9 @@ impl Daemon {
         outcome
     }
 
-    /// Applies one batch of log messages (see the module docs); returns an error only
-    /// when the state directory cannot be written (then nothing is acknowledged).
-    async fn apply_batch(&self, batch: &[Delivery], position: &mut Position) -> Result<()> {
-        let log_queue = self.options.broker.names().configs();
+    /// Applies one batch of log messages (see the module docs and [`Position`]). True
+    /// when revisions dropped from memory must be read from the log again.
+    async fn apply_batch(&self, batch: &[Delivery], position: &mut Position) -> bool {
         let entries: Vec<LogEntry> = batch.iter().map(LogEntry::from_delivery).collect();
         if let Some(offset) = entries.iter().filter_map(|e| e.offset).max() {
             position.next_offset = Some(offset + 1);
@@ -356,61 +412,25 @@ impl Daemon {
                 summarize(older.iter().filter_map(|e| e.revision()))
             );
         }
-        let mut accepted: Option<u64> = None;
-        for entry in newer {
-            if let Some(accepted) = accepted {
-                debug!(
-                    revision = ?entry.revision(),
-                    accepted,
-                    "superseded by a newer revision in the same batch"
-                );
-                continue;
-            }
-            let checked = {
-                let (entry, lookup, log_queue) =
-                    (entry.clone(), self.lookup.clone(), log_queue.clone());
-                let trusted = self.options.trusted_key.clone();
-                tokio::task::spawn_blocking(move || {
-                    let plan = entry.validate(&log_queue, &lookup)?;
-                    match &trusted {
-                        Some(key) => crate::bundle::check_signed_revision(key, &entry, &plan)
-                            .map(|()| plan)
-                            .map_err(Error::ConfigRefused),
-                        None => Ok(plan),
-                    }
-                })
-                .await
-                .map_err(|e| format!("validation failed: {e}"))
-                .and_then(|checked| checked.map_err(|e| e.to_string()))
-            };
-            match checked {
-                Ok(plan) => {
-                    let revision = plan.revision;
-                    let text = entry.text().unwrap_or_default().to_string();
-                    let state = self.state.clone();
-                    tokio::task::spawn_blocking(move || state.store(&text))
-                        .await
-                        .map_err(|e| {
-                            Error::local(self.state.config_path(), format!("writing failed: {e}"))
-                        })??;
-                    info!(
-                        revision,
-                        previous = ?position.held,
-                        publisher = entry.publisher.as_deref().unwrap_or("?"),
-                        "revision accepted and written to the state directory"
-                    );
-                    position.held = Some(revision);
-                    accepted = Some(revision);
-                    if let Some(metrics) = &self.options.metrics {
-                        metrics.set_revision(revision);
-                    }
-                    let _ = self.events.send(MasterEvent::RevisionAccepted {
-                        revision,
-                        publisher: entry.publisher.clone(),
-                    });
-                    self.plans_tx.send_replace(Some(Arc::new(plan)));
-                }
-                Err(reason) => {
+        let mut candidates: Vec<LogEntry> = newer.into_iter().cloned().collect();
+        candidates.append(&mut position.pending);
+        self.apply(candidates, position).await
+    }
+
+    /// Tries `candidates` (revisions newer than the one held), newest first: the first
+    /// that validates and is written to the state directory becomes the revision held
+    /// and supersedes the older ones; one refused for good is logged and skipped; one
+    /// that cannot be applied yet stays in `position.pending`. True when revisions
+    /// dropped from memory must be read from the log again.
+    async fn apply(&self, mut candidates: Vec<LogEntry>, position: &mut Position) -> bool {
+        candidates.sort_by_key(|e| std::cmp::Reverse((e.revision(), e.offset)));
+        candidates.dedup_by_key(|e| e.offset);
+        let mut pending = Vec::new();
+        let mut candidates = candidates.into_iter();
+        for entry in candidates.by_ref() {
+            match self.try_apply(&entry, position).await {
+                Ok(()) => break,
+                Err(NotApplied::Refused(reason)) => {
                     warn!(
                         revision = ?entry.revision(),
                         offset = ?entry.offset,
@@ -421,8 +441,120 @@ impl Daemon {
                         reason,
                     });
                 }
+                Err(NotApplied::NotYet(reason)) => {
+                    warn!(
+                        revision = ?entry.revision(),
+                        offset = ?entry.offset,
+                        held = ?position.held,
+                        "config not applied yet, tried again until it applies or a newer \
+                         revision does: {reason}"
+                    );
+                    pending.push(entry);
+                }
             }
         }
+        for entry in candidates {
+            debug!(
+                revision = ?entry.revision(),
+                held = ?position.held,
+                "superseded by a newer revision"
+            );
+        }
+        pending.retain(|e| match (e.revision(), position.held) {
+            (Some(revision), Some(held)) => revision > held,
+            _ => true,
+        });
+        let superseded = |revision: u64| position.held.is_some_and(|held| revision <= held);
+        if position.dropped.is_some_and(superseded) {
+            position.dropped = None;
+        }
+        if pending.is_empty() {
+            if position.dropped.is_some() {
+                return true;
+            }
+            position.unresolved_from = None;
+        } else {
+            let oldest = pending.iter().filter_map(|e| e.offset).min();
+            position.unresolved_from = match (position.unresolved_from, oldest) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        if pending.len() > MAX_PENDING {
+            // Read again from the log later (`unresolved_from`).
+            let newest_dropped = pending[MAX_PENDING..]
+                .iter()
+                .filter_map(LogEntry::revision)
+                .max();
+            position.dropped = position.dropped.max(newest_dropped);
+            pending.truncate(MAX_PENDING);
+        }
+        position.pending = pending;
+        false
+    }
+
+    /// Validates `entry` and writes it to the state directory; only then is it the
+    /// revision held, told to the metrics, the events and the groups.
+    async fn try_apply(
+        &self,
+        entry: &LogEntry,
+        position: &mut Position,
+    ) -> std::result::Result<(), NotApplied> {
+        let log_queue = self.options.broker.names().configs();
+        let checked = {
+            let (entry, lookup) = (entry.clone(), self.lookup.clone());
+            let trusted = self.options.trusted_key.clone();
+            tokio::task::spawn_blocking(move || {
+                let plan = entry.validate(&log_queue, &lookup)?;
+                match &trusted {
+                    Some(key) => crate::bundle::check_signed_revision(key, &entry, &plan)
+                        .map(|()| plan)
+                        .map_err(Error::ConfigRefused),
+                    None => Ok(plan),
+                }
+            })
+            .await
+        };
+        let plan = match checked {
+            Ok(Ok(plan)) => plan,
+            Ok(Err(e @ Error::ArchiveUnavailable { .. })) => {
+                return Err(NotApplied::NotYet(e.to_string()))
+            }
+            Ok(Err(e)) => return Err(NotApplied::Refused(e.to_string())),
+            Err(e) => return Err(NotApplied::NotYet(format!("validation failed: {e}"))),
+        };
+        let revision = plan.revision;
+        let text = entry.text().unwrap_or_default().to_string();
+        let state = self.state.clone();
+        match tokio::task::spawn_blocking(move || state.store(&text)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(NotApplied::NotYet(format!(
+                    "the state directory cannot be written: {e}"
+                )))
+            }
+            Err(e) => {
+                return Err(NotApplied::NotYet(format!(
+                    "{}: writing failed: {e}",
+                    self.state.config_path().display()
+                )))
+            }
+        }
+        info!(
+            revision,
+            previous = ?position.held,
+            publisher = entry.publisher.as_deref().unwrap_or("?"),
+            "revision accepted and written to the state directory"
+        );
+        position.held = Some(revision);
+        if let Some(metrics) = &self.options.metrics {
+            metrics.set_revision(revision);
+        }
+        let _ = self.events.send(MasterEvent::RevisionAccepted {
+            revision,
+            publisher: entry.publisher.clone(),
+        });
+        self.plans_tx.send_replace(Some(Arc::new(plan)));
         Ok(())
     }
 
@@ -782,6 +914,38 @@ impl GroupTask {
             let _ = self.events.send(event);
         }
     }
+}
+
+/// Ends a session so that the next one reads the log again from the oldest revision
+/// not applied yet.
+fn reread_error(log_queue: &str) -> Error {
+    Error::Amqp {
+        target: log_queue.to_string(),
+        action: "reading the config log".to_string(),
+        message: format!(
+            "more than {MAX_PENDING} revisions waited to be applied; reading the log again \
+             from the oldest"
+        ),
+    }
+}
+
+/// Sets `retry` to fire after the next backoff delay when revisions are pending and no
+/// retry is set yet; resets the backoff when nothing is pending. Returns whether a
+/// retry is set.
+fn arm_retry(
+    position: &Position,
+    retry: &mut Pin<Box<Sleep>>,
+    backoff: &mut Backoff,
+    retrying: bool,
+) -> bool {
+    if position.pending.is_empty() {
+        backoff.reset();
+        return false;
+    }
+    if !retrying {
+        retry.as_mut().reset(Instant::now() + backoff.next_delay());
+    }
+    true
 }
 
 /// Resolves once the lease is no longer held.

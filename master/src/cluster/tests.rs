@@ -316,6 +316,16 @@ fn every_error_names_the_file_the_field_and_the_problem() {
             &["revision", "line 2", "expected u64"],
         ),
         (
+            "min_up_secs = 5",
+            "min_up_secs = -5",
+            &["group.web.health.min_up_secs", "line", "expected u64"],
+        ),
+        (
+            "deadline_secs = 60",
+            "deadline_secs = 60, passes = 99999999999",
+            &["group.web.health.passes", "99999999999"],
+        ),
+        (
             "revision = 7",
             "revision = 9007199254740992",
             &["revision", "9007199254740992", "above the largest revision"],

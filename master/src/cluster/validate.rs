@@ -718,7 +718,7 @@ pub(super) fn toml_error(origin: &str, text: &str, error: &toml::de::Error) -> E
             let column = text[line_start..start].chars().count() + 1;
             let line_text = text[line_start..].lines().next().unwrap_or("");
             (
-                key_at(before, line_text),
+                key_at(before, line_text, start - line_start),
                 format!("line {line}, column {column}: "),
             )
         }
@@ -732,12 +732,30 @@ pub(super) fn toml_error(origin: &str, text: &str, error: &toml::de::Error) -> E
 }
 
 /// `table.key` for the key assigned on `line`, whose table header is the last one in
-/// `before`; empty when the line assigns nothing.
-fn key_at(before: &str, line: &str) -> String {
+/// `before`; empty when the line assigns nothing. When the error is at byte `at` of the
+/// line inside an inline table's value (`health = { passes = 0 }`), the inner key is
+/// added: `table.health.passes`.
+fn key_at(before: &str, line: &str, at: usize) -> String {
     let Some((key, _)) = line.split_once('=') else {
         return String::new();
     };
-    let key = key.trim().trim_matches('"');
+    let mut key = key.trim().trim_matches('"').to_string();
+    let upto = line.get(..at).unwrap_or(line);
+    if let Some(open) = upto.find('{') {
+        let inner = &upto[open + 1..];
+        if let Some(eq) = inner.rfind('=') {
+            // Only when the error is in that key's value, not after it.
+            let name = inner[..eq]
+                .rsplit([',', '{'])
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches('"');
+            if !name.is_empty() && !inner[eq + 1..].contains(',') {
+                key = format!("{key}.{name}");
+            }
+        }
+    }
     let table = before
         .lines()
         .rev()
@@ -746,6 +764,6 @@ fn key_at(before: &str, line: &str) -> String {
         .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
     match table {
         Some(table) if !table.is_empty() => format!("{table}.{key}"),
-        _ => key.to_string(),
+        _ => key,
     }
 }
