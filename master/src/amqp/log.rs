@@ -46,6 +46,9 @@ const STREAM_SEGMENT_BYTES: i64 = 8 * 1024 * 1024;
 pub const SETTLE: Duration = Duration::from_millis(300);
 /// ... and waits this long for the first message of a log that may be empty.
 const FIRST_MESSAGE_WAIT: Duration = Duration::from_millis(1000);
+/// How long `publish` waits for each message while it reads the log back up to the one
+/// it appended.
+const READ_BACK_WAIT: Duration = Duration::from_secs(10);
 /// How long `publish` waits for another publish to hand the publisher lease back.
 pub const PUBLISHER_LEASE_WAIT: Duration = Duration::from_secs(30);
 /// Unacknowledged deliveries a log reader allows (a stream consumer must set one); it
@@ -76,6 +79,9 @@ pub struct LogEntry {
     pub publisher: Option<String>,
     /// When, in milliseconds since the Unix epoch.
     pub published_at_ms: Option<u64>,
+    /// The AMQP `message-id` its publisher gave it (unique per publish).
+    #[serde(skip)]
+    pub message_id: Option<String>,
     /// The config text, as published.
     #[serde(skip)]
     pub body: Vec<u8>,
@@ -116,6 +122,11 @@ impl LogEntry {
             revision: header(HEADER_REVISION).and_then(integer),
             publisher: header(HEADER_PUBLISHER).and_then(string),
             published_at_ms: header(HEADER_PUBLISHED_AT).and_then(integer),
+            message_id: delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_string()),
             body: delivery.data.clone(),
             signed: header(HEADER_MANIFEST)
                 .and_then(string)
@@ -251,6 +262,17 @@ pub async fn read_all(broker: &Broker) -> Result<Vec<LogEntry>> {
 }
 
 async fn read_all_on(broker: &Broker, connection: &lapin::Connection) -> Result<Vec<LogEntry>> {
+    read_on(broker, connection, SETTLE, |_| false).await
+}
+
+/// The entries of the log from its start, oldest first, until `last` says an entry is
+/// the last one wanted, or nothing more arrived for `settle`.
+async fn read_on(
+    broker: &Broker,
+    connection: &lapin::Connection,
+    settle: Duration,
+    last: impl Fn(&LogEntry) -> bool,
+) -> Result<Vec<LogEntry>> {
     let names = broker.names();
     let queue = names.configs();
     let channel = open_channel(connection, &queue).await?;
@@ -261,16 +283,21 @@ async fn read_all_on(broker: &Broker, connection: &lapin::Connection) -> Result<
     let mut unacked = 0u16;
     loop {
         let wait = if entries.is_empty() {
-            FIRST_MESSAGE_WAIT
+            FIRST_MESSAGE_WAIT.max(settle)
         } else {
-            SETTLE
+            settle
         };
         let delivery = match tokio::time::timeout(wait, consumer.next()).await {
             Err(_) | Ok(None) => break,
             Ok(Some(Err(e))) => return Err(amqp_error(&queue, "reading the config log", e)),
             Ok(Some(Ok(delivery))) => delivery,
         };
-        entries.push(LogEntry::from_delivery(&delivery));
+        let entry = LogEntry::from_delivery(&delivery);
+        let done = last(&entry);
+        entries.push(entry);
+        if done {
+            break;
+        }
         unacked += 1;
         if unacked >= PREFETCH / 2 {
             delivery
@@ -310,9 +337,10 @@ pub struct Published {
 /// Publishes a validated config, with its signature when it is `signed`: takes the
 /// publisher lease ([`take_publisher_lease`]), refuses the config unless its revision
 /// is greater than every revision in the log ([`Error::RevisionNotNewer`], naming who
-/// published the newest), then appends it and returns once the broker has confirmed
-/// it. The lease is held from the read to the confirmation, so of two publishes of the
-/// same next revision, one is confirmed and the other refused.
+/// published the newest), appends it, waits for the broker's confirm, and reads the log
+/// back up to it ([`check_appended`]). The lease is held from the read to the read-back,
+/// so of two publishes of the same next revision one is confirmed and the other
+/// refused; the read-back makes sure a confirmed publish is one that masters apply.
 pub async fn publish(
     broker: &Broker,
     plan: &Plan,
@@ -337,7 +365,7 @@ pub async fn publish(
                 });
             }
         }
-        append_on(
+        let id = append_on(
             broker,
             &connection,
             text,
@@ -346,6 +374,7 @@ pub async fn publish(
             signed,
         )
         .await?;
+        check_appended(broker, &connection, plan, &id).await?;
         Ok(Published {
             revision: plan.revision,
             previous,
@@ -355,6 +384,59 @@ pub async fn publish(
     // Closing the connection ends the lease (the broker deletes the exclusive queue).
     let _ = connection.close(200, "done".into()).await;
     outcome
+}
+
+/// Reads the log back up to the message `id` just appended, and refuses the publish
+/// when a revision as new or newer precedes it (one that the first read missed, or that
+/// a publisher not holding the lease appended): masters ignore the new message then, so
+/// it must not be reported as published. The log is ordered, so once the message itself
+/// is read, everything before it has been.
+///
+/// # Errors
+///
+/// [`Error::RevisionNotNewer`] naming who published the revision that wins;
+/// [`Error::Amqp`] when the message cannot be read back within [`READ_BACK_WAIT`].
+async fn check_appended(
+    broker: &Broker,
+    connection: &lapin::Connection,
+    plan: &Plan,
+    id: &str,
+) -> Result<()> {
+    let queue = broker.names().configs();
+    let entries = read_on(broker, connection, READ_BACK_WAIT, |e| {
+        e.message_id.as_deref() == Some(id)
+    })
+    .await?;
+    let Some((own, before)) = entries.split_last() else {
+        return Err(not_read_back(&queue, plan.revision));
+    };
+    if own.message_id.as_deref() != Some(id) {
+        return Err(not_read_back(&queue, plan.revision));
+    }
+    match newest(before) {
+        Some(winner) if winner.revision().is_some_and(|r| r >= plan.revision) => {
+            Err(Error::RevisionNotNewer {
+                origin: plan.origin.clone(),
+                revision: plan.revision,
+                newest: winner.revision().unwrap_or(plan.revision),
+                by: winner.publisher.clone(),
+                log: queue,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn not_read_back(queue: &str, revision: u64) -> Error {
+    Error::Amqp {
+        target: queue.to_string(),
+        action: format!("reading revision {revision} back"),
+        message: format!(
+            "the broker confirmed it but it was not read back within {}s; \
+             check `erel config history`",
+            READ_BACK_WAIT.as_secs()
+        ),
+    }
 }
 
 /// Takes the publisher lease on `connection`: declares `<prefix>.publisher` as an
@@ -429,7 +511,7 @@ pub async fn append(
     let connection = broker.connect("config publisher").await?;
     let outcome = append_on(broker, &connection, text, revision, publisher, None).await;
     let _ = connection.close(200, "done".into()).await;
-    outcome
+    outcome.map(|_id| ())
 }
 
 async fn append_on(
@@ -439,7 +521,7 @@ async fn append_on(
     revision: Option<u64>,
     publisher: &str,
     signed: Option<&Signed>,
-) -> Result<()> {
+) -> Result<String> {
     let names = broker.names();
     let queue = names.configs();
     if text.len() > MAX_CONFIG_BYTES {
@@ -459,6 +541,7 @@ async fn append_on(
         .await
         .map_err(|e| amqp_error(&queue, "enabling publisher confirms", e))?;
     let now = now_ms();
+    let id = message_id(now);
     let mut headers = FieldTable::default();
     if let Some(revision) = revision {
         headers.insert(
@@ -480,6 +563,7 @@ async fn append_on(
         .with_delivery_mode(2)
         .with_content_type("application/toml".into())
         .with_app_id("erel".into())
+        .with_message_id(id.as_str().into())
         .with_timestamp(now / 1000);
     let confirmation = channel
         .basic_publish(
@@ -498,7 +582,7 @@ async fn append_on(
         .map_err(|e| amqp_error(&queue, "waiting for the broker's confirmation", e))?;
     let _ = channel.close(200, "done".into()).await;
     match confirmation {
-        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(None) => Ok(id),
         Confirmation::Ack(Some(returned)) => Err(Error::Amqp {
             target: queue,
             action: "publishing a config".to_string(),
@@ -515,6 +599,19 @@ async fn append_on(
             message: "the broker did not confirm it".to_string(),
         }),
     }
+}
+
+/// A message id no other publish uses: the host name, the process id and the time in
+/// nanoseconds.
+fn message_id(now_ms: u64) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("{host}.{}.{now_ms}.{nanos:09}", std::process::id())
 }
 
 /// The entries of one batch that may be applied over `held`, newest revision first,
@@ -543,6 +640,7 @@ mod tests {
             revision,
             publisher: Some("me".to_string()),
             published_at_ms: Some(1),
+            message_id: None,
             body: text.as_bytes().to_vec(),
             signed: None,
         }
