@@ -118,6 +118,42 @@ struct Position {
 }
 
 impl Position {
+    /// Keeps `pending` (newest first, as tried) as the revisions still to apply, minus
+    /// those the revision held supersedes; at most [`MAX_PENDING`] stay in memory. True
+    /// when revisions dropped for room must be read from the log again.
+    fn keep_pending(&mut self, mut pending: Vec<LogEntry>) -> bool {
+        let held = self.held;
+        let superseded = |revision: u64| held.is_some_and(|held| revision <= held);
+        pending.retain(|e| !e.revision().is_some_and(superseded));
+        if self.dropped.is_some_and(superseded) {
+            self.dropped = None;
+        }
+        if pending.is_empty() {
+            self.pending = pending;
+            if self.dropped.is_some() {
+                return true;
+            }
+            self.unresolved_from = None;
+            return false;
+        }
+        let oldest = pending.iter().filter_map(|e| e.offset).min();
+        self.unresolved_from = match (self.unresolved_from, oldest) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if pending.len() > MAX_PENDING {
+            // Read again from the log later (`unresolved_from`).
+            let newest_dropped = pending[MAX_PENDING..]
+                .iter()
+                .filter_map(LogEntry::revision)
+                .max();
+            self.dropped = self.dropped.max(newest_dropped);
+            pending.truncate(MAX_PENDING);
+        }
+        self.pending = pending;
+        false
+    }
+
     /// Where a new consumer starts.
     fn resume(&self) -> log::From {
         match self.unresolved_from.or(self.next_offset) {
@@ -460,37 +496,7 @@ impl Daemon {
                 "superseded by a newer revision"
             );
         }
-        pending.retain(|e| match (e.revision(), position.held) {
-            (Some(revision), Some(held)) => revision > held,
-            _ => true,
-        });
-        let superseded = |revision: u64| position.held.is_some_and(|held| revision <= held);
-        if position.dropped.is_some_and(superseded) {
-            position.dropped = None;
-        }
-        if pending.is_empty() {
-            if position.dropped.is_some() {
-                return true;
-            }
-            position.unresolved_from = None;
-        } else {
-            let oldest = pending.iter().filter_map(|e| e.offset).min();
-            position.unresolved_from = match (position.unresolved_from, oldest) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-        }
-        if pending.len() > MAX_PENDING {
-            // Read again from the log later (`unresolved_from`).
-            let newest_dropped = pending[MAX_PENDING..]
-                .iter()
-                .filter_map(LogEntry::revision)
-                .max();
-            position.dropped = position.dropped.max(newest_dropped);
-            pending.truncate(MAX_PENDING);
-        }
-        position.pending = pending;
-        false
+        position.keep_pending(pending)
     }
 
     /// Validates `entry` and writes it to the state directory; only then is it the
@@ -984,7 +990,74 @@ fn summarize(revisions: impl Iterator<Item = u64>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::summarize;
+    use super::{log, summarize, LogEntry, Position, MAX_PENDING};
+
+    /// A log entry of `revision` at `offset`.
+    fn entry(offset: u64, revision: u64) -> LogEntry {
+        LogEntry {
+            offset: Some(offset),
+            revision: Some(revision),
+            publisher: None,
+            published_at_ms: None,
+            message_id: None,
+            body: Vec::new(),
+            signed: None,
+        }
+    }
+
+    #[test]
+    fn a_pending_revision_holds_the_position_until_it_is_superseded() {
+        let mut position = Position {
+            held: Some(1),
+            next_offset: Some(10),
+            ..Position::default()
+        };
+        assert_eq!(position.resume(), log::From::Offset(10));
+        // Revisions 3 (offset 8) and 2 (offset 5) wait; a reconnection resumes at 5.
+        assert!(!position.keep_pending(vec![entry(8, 3), entry(5, 2)]));
+        assert_eq!(position.resume(), log::From::Offset(5));
+        assert_eq!(position.pending.len(), 2);
+        // Revision 2 applied: only 3 waits, still from offset 5 (conservative).
+        position.held = Some(2);
+        let pending = std::mem::take(&mut position.pending);
+        assert!(!position.keep_pending(pending));
+        assert_eq!(position.pending.len(), 1);
+        assert_eq!(position.resume(), log::From::Offset(5));
+        // Revision 4 applied: nothing waits, the position is the log's.
+        position.held = Some(4);
+        let pending = std::mem::take(&mut position.pending);
+        assert!(!position.keep_pending(pending));
+        assert!(position.pending.is_empty());
+        assert_eq!(position.resume(), log::From::Offset(10));
+    }
+
+    #[test]
+    fn revisions_dropped_for_room_are_read_again_unless_superseded() {
+        let count = MAX_PENDING as u64 + 4;
+        let many: Vec<LogEntry> = (0..count).rev().map(|i| entry(i, 100 + i)).collect();
+        let mut position = Position {
+            held: Some(1),
+            next_offset: Some(count),
+            ..Position::default()
+        };
+        assert!(!position.keep_pending(many.clone()));
+        assert_eq!(position.pending.len(), MAX_PENDING);
+        assert_eq!(position.resume(), log::From::Offset(0));
+        // Those kept all refused for good: the dropped ones must be read again.
+        assert!(position.keep_pending(Vec::new()));
+        assert_eq!(position.resume(), log::From::Offset(0));
+
+        let mut position = Position {
+            held: Some(1),
+            next_offset: Some(count),
+            ..Position::default()
+        };
+        assert!(!position.keep_pending(many));
+        // A revision newer than every dropped one applied: nothing to read again.
+        position.held = Some(100 + count);
+        assert!(!position.keep_pending(Vec::new()));
+        assert_eq!(position.resume(), log::From::Offset(count));
+    }
 
     #[test]
     fn revision_lists_are_summarized_as_ranges() {
