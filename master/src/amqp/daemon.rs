@@ -115,6 +115,10 @@ struct Position {
     /// The newest revision dropped from `pending` for room, if any: while it is newer
     /// than the one held, it must be read from the log again.
     dropped: Option<u64>,
+    /// The revision held has no plan for a reason that can pass (an archive missing
+    /// from the artifact directory when the master started): validated again with the
+    /// pending revisions until it has one or a newer revision applies.
+    unplanned: bool,
 }
 
 impl Position {
@@ -199,6 +203,14 @@ pub async fn run(options: DaemonOptions, cancel: CancellationToken) -> Result<()
                     dir = %options.state_dir.display(),
                     "config loaded from the state directory"
                 ),
+                Some(problem @ Error::ArchiveUnavailable { .. }) => {
+                    position.unplanned = true;
+                    warn!(
+                        revision = held.revision,
+                        "the config in the state directory is not usable yet; nothing is \
+                         converged until it is (tried again) or a newer revision arrives: {problem}"
+                    )
+                }
                 Some(problem) => error!(
                     revision = held.revision,
                     "the config in the state directory does not validate any more; \
@@ -310,7 +322,7 @@ impl Daemon {
         // Retrying the revisions pending, paced by the daemon's backoff.
         let mut retry_backoff = self.options.backoff.clone();
         let mut retry: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(Duration::ZERO));
-        let mut retrying = false;
+        let mut retrying = arm_retry(position, &mut retry, &mut retry_backoff, false);
         let outcome: Result<()> = loop {
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
@@ -360,6 +372,9 @@ impl Daemon {
                 }
                 _ = &mut retry, if retrying => {
                     retrying = false;
+                    if position.unplanned {
+                        self.plan_held(position).await;
+                    }
                     let pending = std::mem::take(&mut position.pending);
                     if self.apply(pending, position).await {
                         break Err(reread_error(&log_queue));
@@ -499,6 +514,39 @@ impl Daemon {
         position.keep_pending(pending)
     }
 
+    /// Validates the revision held again, for a master that started while one of its
+    /// archives was missing: once it validates, the groups follow it.
+    async fn plan_held(&self, position: &mut Position) {
+        let loaded = {
+            let (state, lookup) = (self.state.clone(), self.lookup.clone());
+            tokio::task::spawn_blocking(move || state.load(&lookup)).await
+        };
+        match loaded {
+            Ok(Ok(Some((held, None)))) if Some(held.revision) == position.held => {
+                info!(
+                    revision = held.revision,
+                    "the config in the state directory validates now"
+                );
+                position.unplanned = false;
+                self.plans_tx.send_replace(held.plan.map(Arc::new));
+            }
+            Ok(Ok(Some((_, Some(problem @ Error::ArchiveUnavailable { .. }))))) => {
+                warn!(revision = ?position.held, "the config in the state directory is not usable yet: {problem}");
+            }
+            Ok(Ok(Some((_, Some(problem))))) => {
+                position.unplanned = false;
+                error!(
+                    revision = ?position.held,
+                    "the config in the state directory does not validate; nothing is \
+                     converged until a newer revision arrives: {problem}"
+                );
+            }
+            Ok(Ok(_)) => position.unplanned = false,
+            Ok(Err(e)) => warn!("reading the state directory again: {e}"),
+            Err(e) => warn!("reading the state directory again: {e}"),
+        }
+    }
+
     /// Validates `entry` and writes it to the state directory; only then is it the
     /// revision held, told to the metrics, the events and the groups.
     async fn try_apply(
@@ -553,6 +601,7 @@ impl Daemon {
             "revision accepted and written to the state directory"
         );
         position.held = Some(revision);
+        position.unplanned = false;
         if let Some(metrics) = &self.options.metrics {
             metrics.set_revision(revision);
         }
@@ -935,16 +984,16 @@ fn reread_error(log_queue: &str) -> Error {
     }
 }
 
-/// Sets `retry` to fire after the next backoff delay when revisions are pending and no
-/// retry is set yet; resets the backoff when nothing is pending. Returns whether a
-/// retry is set.
+/// Sets `retry` to fire after the next backoff delay when revisions are pending (or the
+/// revision held waits for its plan) and no retry is set yet; resets the backoff when
+/// nothing waits. Returns whether a retry is set.
 fn arm_retry(
     position: &Position,
     retry: &mut Pin<Box<Sleep>>,
     backoff: &mut Backoff,
     retrying: bool,
 ) -> bool {
-    if position.pending.is_empty() {
+    if position.pending.is_empty() && !position.unplanned {
         backoff.reset();
         return false;
     }

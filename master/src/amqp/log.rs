@@ -16,6 +16,8 @@
 //! A stream never says "that was the last message", so a reader that wants the log as
 //! it is now (`publish`, `show`, `history`) reads from the start until nothing more has
 //! arrived for [`SETTLE`]. The daemon does not need to know: it keeps consuming.
+//! `publish` does not rely on that read alone: it holds the publisher lease
+//! (`<prefix>.publisher`) and, after appending, reads the log up to its own message.
 
 use std::time::Duration;
 

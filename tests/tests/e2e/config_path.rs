@@ -5,6 +5,8 @@
 //! - a revision whose archive reaches a master's artifact directory late is applied
 //!   once it arrives, without a new publish;
 //! - in both, every master ends on the same revision;
+//! - a master started while the archive of the revision it holds is missing converges
+//!   once the archive is there;
 //! - of two `erel config publish` of the same next revision at the same moment, one is
 //!   confirmed and the other refused, naming the revision and the winner;
 //! - every number a config carries reaches the masters exactly as published, or is
@@ -231,6 +233,43 @@ fn amqp_a_revision_whose_archive_arrives_late_is_applied_without_a_new_publish()
         logs(&[&behind, &ahead])
     });
     drop((behind, ahead));
+}
+
+#[test]
+fn amqp_a_master_started_while_its_held_revisions_archive_is_missing_converges_once_it_is_there() {
+    let _lock = BrokerLock::shared();
+    let fleet = Fleet::with_beat_releases("cfg-held", &["web"]);
+    let broker = TestBroker::new("held-archive", &["web"]);
+    // The state directory holds revision 1, as a master that ran before left it; the
+    // artifact directory does not have its archive yet (not mounted, say).
+    let v1 = fleet.config(1, "1.0.0", "");
+    let state_dir = fleet.state_dir("held");
+    std::fs::create_dir_all(&state_dir).expect("state dir");
+    std::fs::write(state_dir.join("config.toml"), &v1).expect("write the held config");
+    let empty = tempfile::tempdir().expect("tempdir");
+    let master = MasterProc::start(&fleet.pki, &broker, "held", &state_dir, empty.path());
+    assert!(
+        wait_until_blocking(RECEIVE, || master
+            .log()
+            .lines()
+            .filter(|l| l.contains("not usable yet") && l.contains("beat-1.0.0.tar.gz"))
+            .count()
+            >= 2),
+        "the master says which archive it waits for, more than once\n{}",
+        master.log()
+    );
+    assert!(
+        !fleet.all_run("1.0.0"),
+        "nothing converged yet: {:?}",
+        fleet.beats()
+    );
+
+    let partial = empty.path().join("beat-1.0.0.partial");
+    std::fs::copy(fleet.dir.path().join("beat-1.0.0.tar.gz"), &partial).expect("copy");
+    std::fs::rename(&partial, empty.path().join("beat-1.0.0.tar.gz")).expect("rename");
+    fleet.wait_all_run("1.0.0", CONVERGE, "the host runs 1.0.0", || master.log());
+    assert_eq!(master.held_text().as_deref(), Some(v1.as_str()));
+    assert!(log_revisions(&broker).is_empty(), "nothing was published");
 }
 
 #[test]
