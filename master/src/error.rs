@@ -85,6 +85,19 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// An archive a cluster file names is not (or not yet) usable in the directory it
+    /// is looked up in: missing, unreadable, or with other contents than its `sha256`
+    /// says. Unlike [`Error::Cluster`], the file itself may be right: the daemon retries
+    /// such a revision until the archive arrives or a newer revision supersedes it.
+    #[error("{}", cluster_message(file, field, message))]
+    ArchiveUnavailable {
+        /// The cluster file (or where a config text came from).
+        file: String,
+        /// The field naming the archive, e.g. `group.web.archive`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The AMQP broker could not be reached, or refused or failed an operation.
     #[error("AMQP {target}: {action}: {message}")]
     Amqp {
@@ -111,7 +124,10 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A config's revision is not newer than the newest one already in the config log.
-    #[error("{origin}: revision {revision} is not newer than revision {newest}, the newest in the config log {log}")]
+    #[error(
+        "{origin}: revision {revision} is not newer than revision {newest}, the newest in the config log {log}{}",
+        by.as_ref().map(|by| format!(" (published by {by})")).unwrap_or_default()
+    )]
     RevisionNotNewer {
         /// The config file.
         origin: String,
@@ -119,6 +135,8 @@ pub enum Error {
         revision: u64,
         /// The newest revision in the log.
         newest: u64,
+        /// Who published the newest revision, as its record says.
+        by: Option<String>,
         /// The config log (a queue name).
         log: String,
     },

@@ -4,10 +4,14 @@
 //! the log from where it is ([`log`]). Each batch of deliveries is sorted newest
 //! revision first; revisions not newer than the one held are logged and ignored; the
 //! newest one that validates (archives found in the artifact directory, checked by
-//! sha256) is written atomically to the state directory, and only then are the
-//! messages acknowledged and the new plan handed to the groups. A config that fails
-//! validation (or, for a master given a trusted key, is not signed with it) is logged
-//! with its reason and never applied.
+//! sha256) is written atomically to the state directory, and only then is it the
+//! revision held, announced, and handed to the groups. A config that fails validation
+//! for good (or, for a master given a trusted key, is not signed with it) is logged
+//! with its reason and never applied. One that cannot be applied *yet* (the state
+//! directory cannot be written, say it is full; an archive not in the artifact
+//! directory yet) is retried with backoff until it applies or a newer revision
+//! does, and the master's position in the log never moves past it ([`Position`]), so
+//! neither a reconnection nor a full disk loses a revision.
 //!
 //! Once the log is read to its end (nothing more for [`log::SETTLE`]), the daemon
 //! competes for each group of its plan ([`leadership`]) and converges the groups it
@@ -88,12 +92,91 @@ pub struct DaemonOptions {
 type Plans = watch::Receiver<Option<Arc<Plan>>>;
 
 /// Where the daemon is in the log.
+///
+/// The position never runs ahead of the state directory: a message is behind it only
+/// once it is written there, refused for good, or not newer than the revision held.
+/// A revision that could not be applied for a reason that can pass (the state
+/// directory cannot be written, an archive is not in the artifact directory yet) is
+/// kept in `pending` and retried with backoff; a reconnection resumes the log at the
+/// oldest such message, so a lost connection cannot skip it either.
 #[derive(Debug, Default)]
 struct Position {
-    /// The revision held.
+    /// The revision held (the one in the state directory).
     held: Option<u64>,
-    /// The offset after the last message seen, where a new consumer resumes.
+    /// The offset after the last message seen, where a new consumer resumes when
+    /// nothing is pending.
     next_offset: Option<u64>,
+    /// Revisions newer than `held` not applied yet, newest first (at most
+    /// [`MAX_PENDING`]).
+    pending: Vec<LogEntry>,
+    /// The offset of the oldest message still pending (or dropped from `pending` for
+    /// room), where a new consumer resumes.
+    unresolved_from: Option<u64>,
+    /// The newest revision dropped from `pending` for room, if any: while it is newer
+    /// than the one held, it must be read from the log again.
+    dropped: Option<u64>,
+    /// The revision held has no plan for a reason that can pass (an archive missing
+    /// from the artifact directory when the master started): validated again with the
+    /// pending revisions until it has one or a newer revision applies.
+    unplanned: bool,
+}
+
+impl Position {
+    /// Keeps `pending` (newest first, as tried) as the revisions still to apply, minus
+    /// those the revision held supersedes; at most [`MAX_PENDING`] stay in memory. True
+    /// when revisions dropped for room must be read from the log again.
+    fn keep_pending(&mut self, mut pending: Vec<LogEntry>) -> bool {
+        let held = self.held;
+        let superseded = |revision: u64| held.is_some_and(|held| revision <= held);
+        pending.retain(|e| !e.revision().is_some_and(superseded));
+        if self.dropped.is_some_and(superseded) {
+            self.dropped = None;
+        }
+        if pending.is_empty() {
+            self.pending = pending;
+            if self.dropped.is_some() {
+                return true;
+            }
+            self.unresolved_from = None;
+            return false;
+        }
+        let oldest = pending.iter().filter_map(|e| e.offset).min();
+        self.unresolved_from = match (self.unresolved_from, oldest) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if pending.len() > MAX_PENDING {
+            // Read again from the log later (`unresolved_from`).
+            let newest_dropped = pending[MAX_PENDING..]
+                .iter()
+                .filter_map(LogEntry::revision)
+                .max();
+            self.dropped = self.dropped.max(newest_dropped);
+            pending.truncate(MAX_PENDING);
+        }
+        self.pending = pending;
+        false
+    }
+
+    /// Where a new consumer starts.
+    fn resume(&self) -> log::From {
+        match self.unresolved_from.or(self.next_offset) {
+            Some(offset) => log::From::Offset(offset),
+            None => log::From::First,
+        }
+    }
+}
+
+/// Revisions a master keeps in memory while they wait to be applied; older ones are
+/// read again from the log after a reconnection.
+const MAX_PENDING: usize = 16;
+
+/// Why a revision was not applied.
+enum NotApplied {
+    /// For good: it is logged and skipped.
+    Refused(String),
+    /// For now: it is retried until it applies or a newer one supersedes it.
+    NotYet(String),
 }
 
 /// Runs the daemon until `cancel` fires. Errors only when the state directory cannot be
@@ -120,6 +203,14 @@ pub async fn run(options: DaemonOptions, cancel: CancellationToken) -> Result<()
                     dir = %options.state_dir.display(),
                     "config loaded from the state directory"
                 ),
+                Some(problem @ Error::ArchiveUnavailable { .. }) => {
+                    position.unplanned = true;
+                    warn!(
+                        revision = held.revision,
+                        "the config in the state directory is not usable yet; nothing is \
+                         converged until it is (tried again) or a newer revision arrives: {problem}"
+                    )
+                }
                 Some(problem) => error!(
                     revision = held.revision,
                     "the config in the state directory does not validate any more; \
@@ -212,10 +303,12 @@ impl Daemon {
         let event_channel = open_channel(&connection, &names.events()).await?;
         log::declare(&log_channel, names).await?;
         events::declare(&event_channel, names).await?;
-        let from = match position.next_offset {
-            Some(offset) => log::From::Offset(offset),
-            None => log::From::First,
-        };
+        let from = position.resume();
+        if position.unresolved_from.is_some() {
+            // Read again from the log, from the oldest of them.
+            position.pending.clear();
+            position.dropped = None;
+        }
         let tag = format!("{}-{}", self.options.name, std::process::id());
         let mut consumer = log::consume(&log_channel, names, &tag, from).await?;
         info!(log = %log_queue, ?from, "connected; reading the config log");
@@ -226,6 +319,10 @@ impl Daemon {
         let mut plans = self.plans.clone();
         let mut caught_up = false;
         let mut settle: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(log::SETTLE));
+        // Retrying the revisions pending, paced by the daemon's backoff.
+        let mut retry_backoff = self.options.backoff.clone();
+        let mut retry: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(Duration::ZERO));
+        let mut retrying = arm_retry(position, &mut retry, &mut retry_backoff, false);
         let outcome: Result<()> = loop {
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
@@ -259,19 +356,30 @@ impl Daemon {
                             None => break,
                         }
                     }
-                    if let Err(e) = self.apply_batch(&batch, position).await {
-                        break Err(e);
-                    }
+                    let reread = self.apply_batch(&batch, position).await;
                     if let Some(last) = batch.last() {
-                        // Acknowledged only now that the revision is on disk.
+                        // On a stream an acknowledgement only grants the consumer more
+                        // credit; where the master is in the log is `position`.
                         if let Err(e) = last.ack(BasicAckOptions { multiple: true }).await {
                             break Err(amqp_error(&log_queue, "acknowledging", e));
                         }
                     }
-                    if let Some(e) = ended {
+                    retrying = arm_retry(position, &mut retry, &mut retry_backoff, retrying);
+                    if let Some(e) = ended.or_else(|| reread.then(|| reread_error(&log_queue))) {
                         break Err(e);
                     }
                     settle.as_mut().reset(Instant::now() + log::SETTLE);
+                }
+                _ = &mut retry, if retrying => {
+                    retrying = false;
+                    if position.unplanned {
+                        self.plan_held(position).await;
+                    }
+                    let pending = std::mem::take(&mut position.pending);
+                    if self.apply(pending, position).await {
+                        break Err(reread_error(&log_queue));
+                    }
+                    retrying = arm_retry(position, &mut retry, &mut retry_backoff, retrying);
                 }
                 _ = &mut settle, if !caught_up => {
                     caught_up = true;
@@ -330,10 +438,9 @@ impl Daemon {
         outcome
     }
 
-    /// Applies one batch of log messages (see the module docs); returns an error only
-    /// when the state directory cannot be written (then nothing is acknowledged).
-    async fn apply_batch(&self, batch: &[Delivery], position: &mut Position) -> Result<()> {
-        let log_queue = self.options.broker.names().configs();
+    /// Applies one batch of log messages (see the module docs and [`Position`]). True
+    /// when revisions dropped from memory must be read from the log again.
+    async fn apply_batch(&self, batch: &[Delivery], position: &mut Position) -> bool {
         let entries: Vec<LogEntry> = batch.iter().map(LogEntry::from_delivery).collect();
         if let Some(offset) = entries.iter().filter_map(|e| e.offset).max() {
             position.next_offset = Some(offset + 1);
@@ -356,61 +463,25 @@ impl Daemon {
                 summarize(older.iter().filter_map(|e| e.revision()))
             );
         }
-        let mut accepted: Option<u64> = None;
-        for entry in newer {
-            if let Some(accepted) = accepted {
-                debug!(
-                    revision = ?entry.revision(),
-                    accepted,
-                    "superseded by a newer revision in the same batch"
-                );
-                continue;
-            }
-            let checked = {
-                let (entry, lookup, log_queue) =
-                    (entry.clone(), self.lookup.clone(), log_queue.clone());
-                let trusted = self.options.trusted_key.clone();
-                tokio::task::spawn_blocking(move || {
-                    let plan = entry.validate(&log_queue, &lookup)?;
-                    match &trusted {
-                        Some(key) => crate::bundle::check_signed_revision(key, &entry, &plan)
-                            .map(|()| plan)
-                            .map_err(Error::ConfigRefused),
-                        None => Ok(plan),
-                    }
-                })
-                .await
-                .map_err(|e| format!("validation failed: {e}"))
-                .and_then(|checked| checked.map_err(|e| e.to_string()))
-            };
-            match checked {
-                Ok(plan) => {
-                    let revision = plan.revision;
-                    let text = entry.text().unwrap_or_default().to_string();
-                    let state = self.state.clone();
-                    tokio::task::spawn_blocking(move || state.store(&text))
-                        .await
-                        .map_err(|e| {
-                            Error::local(self.state.config_path(), format!("writing failed: {e}"))
-                        })??;
-                    info!(
-                        revision,
-                        previous = ?position.held,
-                        publisher = entry.publisher.as_deref().unwrap_or("?"),
-                        "revision accepted and written to the state directory"
-                    );
-                    position.held = Some(revision);
-                    accepted = Some(revision);
-                    if let Some(metrics) = &self.options.metrics {
-                        metrics.set_revision(revision);
-                    }
-                    let _ = self.events.send(MasterEvent::RevisionAccepted {
-                        revision,
-                        publisher: entry.publisher.clone(),
-                    });
-                    self.plans_tx.send_replace(Some(Arc::new(plan)));
-                }
-                Err(reason) => {
+        let mut candidates: Vec<LogEntry> = newer.into_iter().cloned().collect();
+        candidates.append(&mut position.pending);
+        self.apply(candidates, position).await
+    }
+
+    /// Tries `candidates` (revisions newer than the one held), newest first: the first
+    /// that validates and is written to the state directory becomes the revision held
+    /// and supersedes the older ones; one refused for good is logged and skipped; one
+    /// that cannot be applied yet stays in `position.pending`. True when revisions
+    /// dropped from memory must be read from the log again.
+    async fn apply(&self, mut candidates: Vec<LogEntry>, position: &mut Position) -> bool {
+        candidates.sort_by_key(|e| std::cmp::Reverse((e.revision(), e.offset)));
+        candidates.dedup_by_key(|e| e.offset);
+        let mut pending = Vec::new();
+        let mut candidates = candidates.into_iter();
+        for entry in candidates.by_ref() {
+            match self.try_apply(&entry, position).await {
+                Ok(()) => break,
+                Err(NotApplied::Refused(reason)) => {
                     warn!(
                         revision = ?entry.revision(),
                         offset = ?entry.offset,
@@ -421,8 +492,124 @@ impl Daemon {
                         reason,
                     });
                 }
+                Err(NotApplied::NotYet(reason)) => {
+                    warn!(
+                        revision = ?entry.revision(),
+                        offset = ?entry.offset,
+                        held = ?position.held,
+                        "config not applied yet, tried again until it applies or a newer \
+                         revision does: {reason}"
+                    );
+                    pending.push(entry);
+                }
             }
         }
+        for entry in candidates {
+            debug!(
+                revision = ?entry.revision(),
+                held = ?position.held,
+                "superseded by a newer revision"
+            );
+        }
+        position.keep_pending(pending)
+    }
+
+    /// Validates the revision held again, for a master that started while one of its
+    /// archives was missing: once it validates, the groups follow it.
+    async fn plan_held(&self, position: &mut Position) {
+        let loaded = {
+            let (state, lookup) = (self.state.clone(), self.lookup.clone());
+            tokio::task::spawn_blocking(move || state.load(&lookup)).await
+        };
+        match loaded {
+            Ok(Ok(Some((held, None)))) if Some(held.revision) == position.held => {
+                info!(
+                    revision = held.revision,
+                    "the config in the state directory validates now"
+                );
+                position.unplanned = false;
+                self.plans_tx.send_replace(held.plan.map(Arc::new));
+            }
+            Ok(Ok(Some((_, Some(problem @ Error::ArchiveUnavailable { .. }))))) => {
+                warn!(revision = ?position.held, "the config in the state directory is not usable yet: {problem}");
+            }
+            Ok(Ok(Some((_, Some(problem))))) => {
+                position.unplanned = false;
+                error!(
+                    revision = ?position.held,
+                    "the config in the state directory does not validate; nothing is \
+                     converged until a newer revision arrives: {problem}"
+                );
+            }
+            Ok(Ok(_)) => position.unplanned = false,
+            Ok(Err(e)) => warn!("reading the state directory again: {e}"),
+            Err(e) => warn!("reading the state directory again: {e}"),
+        }
+    }
+
+    /// Validates `entry` and writes it to the state directory; only then is it the
+    /// revision held, told to the metrics, the events and the groups.
+    async fn try_apply(
+        &self,
+        entry: &LogEntry,
+        position: &mut Position,
+    ) -> std::result::Result<(), NotApplied> {
+        let log_queue = self.options.broker.names().configs();
+        let checked = {
+            let (entry, lookup) = (entry.clone(), self.lookup.clone());
+            let trusted = self.options.trusted_key.clone();
+            tokio::task::spawn_blocking(move || {
+                let plan = entry.validate(&log_queue, &lookup)?;
+                match &trusted {
+                    Some(key) => crate::bundle::check_signed_revision(key, &entry, &plan)
+                        .map(|()| plan)
+                        .map_err(Error::ConfigRefused),
+                    None => Ok(plan),
+                }
+            })
+            .await
+        };
+        let plan = match checked {
+            Ok(Ok(plan)) => plan,
+            Ok(Err(e @ Error::ArchiveUnavailable { .. })) => {
+                return Err(NotApplied::NotYet(e.to_string()))
+            }
+            Ok(Err(e)) => return Err(NotApplied::Refused(e.to_string())),
+            Err(e) => return Err(NotApplied::NotYet(format!("validation failed: {e}"))),
+        };
+        let revision = plan.revision;
+        let text = entry.text().unwrap_or_default().to_string();
+        let state = self.state.clone();
+        match tokio::task::spawn_blocking(move || state.store(&text)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(NotApplied::NotYet(format!(
+                    "the state directory cannot be written: {e}"
+                )))
+            }
+            Err(e) => {
+                return Err(NotApplied::NotYet(format!(
+                    "{}: writing failed: {e}",
+                    self.state.config_path().display()
+                )))
+            }
+        }
+        info!(
+            revision,
+            previous = ?position.held,
+            publisher = entry.publisher.as_deref().unwrap_or("?"),
+            "revision accepted and written to the state directory"
+        );
+        position.held = Some(revision);
+        position.unplanned = false;
+        if let Some(metrics) = &self.options.metrics {
+            metrics.set_revision(revision);
+        }
+        let _ = self.events.send(MasterEvent::RevisionAccepted {
+            revision,
+            publisher: entry.publisher.clone(),
+        });
+        self.plans_tx.send_replace(Some(Arc::new(plan)));
         Ok(())
     }
 
@@ -784,6 +971,38 @@ impl GroupTask {
     }
 }
 
+/// Ends a session so that the next one reads the log again from the oldest revision
+/// not applied yet.
+fn reread_error(log_queue: &str) -> Error {
+    Error::Amqp {
+        target: log_queue.to_string(),
+        action: "reading the config log".to_string(),
+        message: format!(
+            "more than {MAX_PENDING} revisions waited to be applied; reading the log again \
+             from the oldest"
+        ),
+    }
+}
+
+/// Sets `retry` to fire after the next backoff delay when revisions are pending (or the
+/// revision held waits for its plan) and no retry is set yet; resets the backoff when
+/// nothing waits. Returns whether a retry is set.
+fn arm_retry(
+    position: &Position,
+    retry: &mut Pin<Box<Sleep>>,
+    backoff: &mut Backoff,
+    retrying: bool,
+) -> bool {
+    if position.pending.is_empty() && !position.unplanned {
+        backoff.reset();
+        return false;
+    }
+    if !retrying {
+        retry.as_mut().reset(Instant::now() + backoff.next_delay());
+    }
+    true
+}
+
 /// Resolves once the lease is no longer held.
 async fn lost(holding: &mut watch::Receiver<bool>) {
     loop {
@@ -820,7 +1039,74 @@ fn summarize(revisions: impl Iterator<Item = u64>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::summarize;
+    use super::{log, summarize, LogEntry, Position, MAX_PENDING};
+
+    /// A log entry of `revision` at `offset`.
+    fn entry(offset: u64, revision: u64) -> LogEntry {
+        LogEntry {
+            offset: Some(offset),
+            revision: Some(revision),
+            publisher: None,
+            published_at_ms: None,
+            message_id: None,
+            body: Vec::new(),
+            signed: None,
+        }
+    }
+
+    #[test]
+    fn a_pending_revision_holds_the_position_until_it_is_superseded() {
+        let mut position = Position {
+            held: Some(1),
+            next_offset: Some(10),
+            ..Position::default()
+        };
+        assert_eq!(position.resume(), log::From::Offset(10));
+        // Revisions 3 (offset 8) and 2 (offset 5) wait; a reconnection resumes at 5.
+        assert!(!position.keep_pending(vec![entry(8, 3), entry(5, 2)]));
+        assert_eq!(position.resume(), log::From::Offset(5));
+        assert_eq!(position.pending.len(), 2);
+        // Revision 2 applied: only 3 waits, still from offset 5 (conservative).
+        position.held = Some(2);
+        let pending = std::mem::take(&mut position.pending);
+        assert!(!position.keep_pending(pending));
+        assert_eq!(position.pending.len(), 1);
+        assert_eq!(position.resume(), log::From::Offset(5));
+        // Revision 4 applied: nothing waits, the position is the log's.
+        position.held = Some(4);
+        let pending = std::mem::take(&mut position.pending);
+        assert!(!position.keep_pending(pending));
+        assert!(position.pending.is_empty());
+        assert_eq!(position.resume(), log::From::Offset(10));
+    }
+
+    #[test]
+    fn revisions_dropped_for_room_are_read_again_unless_superseded() {
+        let count = MAX_PENDING as u64 + 4;
+        let many: Vec<LogEntry> = (0..count).rev().map(|i| entry(i, 100 + i)).collect();
+        let mut position = Position {
+            held: Some(1),
+            next_offset: Some(count),
+            ..Position::default()
+        };
+        assert!(!position.keep_pending(many.clone()));
+        assert_eq!(position.pending.len(), MAX_PENDING);
+        assert_eq!(position.resume(), log::From::Offset(0));
+        // Those kept all refused for good: the dropped ones must be read again.
+        assert!(position.keep_pending(Vec::new()));
+        assert_eq!(position.resume(), log::From::Offset(0));
+
+        let mut position = Position {
+            held: Some(1),
+            next_offset: Some(count),
+            ..Position::default()
+        };
+        assert!(!position.keep_pending(many));
+        // A revision newer than every dropped one applied: nothing to read again.
+        position.held = Some(100 + count);
+        assert!(!position.keep_pending(Vec::new()));
+        assert_eq!(position.resume(), log::From::Offset(count));
+    }
 
     #[test]
     fn revision_lists_are_summarized_as_ranges() {

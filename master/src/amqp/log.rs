@@ -16,6 +16,8 @@
 //! A stream never says "that was the last message", so a reader that wants the log as
 //! it is now (`publish`, `show`, `history`) reads from the start until nothing more has
 //! arrived for [`SETTLE`]. The daemon does not need to know: it keeps consuming.
+//! `publish` does not rely on that read alone: it holds the publisher lease
+//! (`<prefix>.publisher`) and, after appending, reads the log up to its own message.
 
 use std::time::Duration;
 
@@ -25,12 +27,15 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Consumer};
 use serde::Serialize;
 
-use super::{amqp_error, integer, now_ms, open_channel, string, table, text_value, Broker, Names};
-use crate::cluster::{ArchiveLookup, Plan};
+use super::{
+    amqp_error, integer, now_ms, open_channel, string, table, text_value, Backoff, Broker, Names,
+};
+use crate::cluster::{ArchiveLookup, Plan, MAX_REVISION};
 use crate::error::{Error, Result};
 
 /// The largest config accepted, published or received.
@@ -43,6 +48,11 @@ const STREAM_SEGMENT_BYTES: i64 = 8 * 1024 * 1024;
 pub const SETTLE: Duration = Duration::from_millis(300);
 /// ... and waits this long for the first message of a log that may be empty.
 const FIRST_MESSAGE_WAIT: Duration = Duration::from_millis(1000);
+/// How long `publish` waits for each message while it reads the log back up to the one
+/// it appended.
+const READ_BACK_WAIT: Duration = Duration::from_secs(10);
+/// How long `publish` waits for another publish to hand the publisher lease back.
+pub const PUBLISHER_LEASE_WAIT: Duration = Duration::from_secs(30);
 /// Unacknowledged deliveries a log reader allows (a stream consumer must set one); it
 /// bounds a reader's memory at this many configs (each at most 1 MiB).
 pub(crate) const PREFETCH: u16 = 100;
@@ -71,6 +81,9 @@ pub struct LogEntry {
     pub publisher: Option<String>,
     /// When, in milliseconds since the Unix epoch.
     pub published_at_ms: Option<u64>,
+    /// The AMQP `message-id` its publisher gave it (unique per publish).
+    #[serde(skip)]
+    pub message_id: Option<String>,
     /// The config text, as published.
     #[serde(skip)]
     pub body: Vec<u8>,
@@ -111,6 +124,11 @@ impl LogEntry {
             revision: header(HEADER_REVISION).and_then(integer),
             publisher: header(HEADER_PUBLISHER).and_then(string),
             published_at_ms: header(HEADER_PUBLISHED_AT).and_then(integer),
+            message_id: delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_string()),
             body: delivery.data.clone(),
             signed: header(HEADER_MANIFEST)
                 .and_then(string)
@@ -246,6 +264,17 @@ pub async fn read_all(broker: &Broker) -> Result<Vec<LogEntry>> {
 }
 
 async fn read_all_on(broker: &Broker, connection: &lapin::Connection) -> Result<Vec<LogEntry>> {
+    read_on(broker, connection, SETTLE, |_| false).await
+}
+
+/// The entries of the log from its start, oldest first, until `last` says an entry is
+/// the last one wanted, or nothing more arrived for `settle`.
+async fn read_on(
+    broker: &Broker,
+    connection: &lapin::Connection,
+    settle: Duration,
+    last: impl Fn(&LogEntry) -> bool,
+) -> Result<Vec<LogEntry>> {
     let names = broker.names();
     let queue = names.configs();
     let channel = open_channel(connection, &queue).await?;
@@ -256,16 +285,21 @@ async fn read_all_on(broker: &Broker, connection: &lapin::Connection) -> Result<
     let mut unacked = 0u16;
     loop {
         let wait = if entries.is_empty() {
-            FIRST_MESSAGE_WAIT
+            FIRST_MESSAGE_WAIT.max(settle)
         } else {
-            SETTLE
+            settle
         };
         let delivery = match tokio::time::timeout(wait, consumer.next()).await {
             Err(_) | Ok(None) => break,
             Ok(Some(Err(e))) => return Err(amqp_error(&queue, "reading the config log", e)),
             Ok(Some(Ok(delivery))) => delivery,
         };
-        entries.push(LogEntry::from_delivery(&delivery));
+        let entry = LogEntry::from_delivery(&delivery);
+        let done = last(&entry);
+        entries.push(entry);
+        if done {
+            break;
+        }
         unacked += 1;
         if unacked >= PREFETCH / 2 {
             delivery
@@ -283,11 +317,13 @@ async fn read_all_on(broker: &Broker, connection: &lapin::Connection) -> Result<
 }
 
 /// The entry with the highest revision in the log, if any; of duplicates, the first
-/// (the one masters accepted: a later duplicate is not newer, so they ignore it).
+/// (the one masters accepted: a later duplicate is not newer, so they ignore it). A
+/// revision above [`MAX_REVISION`] does not count: every master refuses it, and it must
+/// not stop later revisions from being published.
 pub fn newest(entries: &[LogEntry]) -> Option<&LogEntry> {
     entries
         .iter()
-        .filter(|e| e.revision().is_some())
+        .filter(|e| e.revision().is_some_and(|r| r <= MAX_REVISION))
         .max_by_key(|e| (e.revision(), std::cmp::Reverse(e.offset)))
 }
 
@@ -300,10 +336,13 @@ pub struct Published {
     pub previous: Option<u64>,
 }
 
-/// Publishes a validated config, with its signature when it is `signed`: refuses it
-/// unless its revision is greater than every revision in the log
-/// ([`Error::RevisionNotNewer`]), then appends it and returns once the broker has
-/// confirmed it.
+/// Publishes a validated config, with its signature when it is `signed`: takes the
+/// publisher lease ([`take_publisher_lease`]), refuses the config unless its revision
+/// is greater than every revision in the log ([`Error::RevisionNotNewer`], naming who
+/// published the newest), appends it, waits for the broker's confirm, and reads the log
+/// back up to it ([`check_appended`]). The lease is held from the read to the read-back,
+/// so of two publishes of the same next revision one is confirmed and the other
+/// refused; the read-back makes sure a confirmed publish is one that masters apply.
 pub async fn publish(
     broker: &Broker,
     plan: &Plan,
@@ -313,19 +352,22 @@ pub async fn publish(
 ) -> Result<Published> {
     let connection = broker.connect("config publisher").await?;
     let outcome = async {
+        take_publisher_lease(&connection, broker.names()).await?;
         let entries = read_all_on(broker, &connection).await?;
-        let previous = newest(&entries).and_then(LogEntry::revision);
+        let newest_entry = newest(&entries);
+        let previous = newest_entry.and_then(LogEntry::revision);
         if let Some(newest) = previous {
             if plan.revision <= newest {
                 return Err(Error::RevisionNotNewer {
                     origin: plan.origin.clone(),
                     revision: plan.revision,
                     newest,
+                    by: newest_entry.and_then(|e| e.publisher.clone()),
                     log: broker.names().configs(),
                 });
             }
         }
-        append_on(
+        let id = append_on(
             broker,
             &connection,
             text,
@@ -334,14 +376,129 @@ pub async fn publish(
             signed,
         )
         .await?;
+        check_appended(broker, &connection, plan, &id).await?;
         Ok(Published {
             revision: plan.revision,
             previous,
         })
     }
     .await;
+    // Closing the connection ends the lease (the broker deletes the exclusive queue).
     let _ = connection.close(200, "done".into()).await;
     outcome
+}
+
+/// Reads the log back up to the message `id` just appended, and refuses the publish
+/// when a revision as new or newer precedes it (one that the first read missed, or that
+/// a publisher not holding the lease appended): masters ignore the new message then, so
+/// it must not be reported as published. The log is ordered, so once the message itself
+/// is read, everything before it has been.
+///
+/// # Errors
+///
+/// [`Error::RevisionNotNewer`] naming who published the revision that wins;
+/// [`Error::Amqp`] when the message cannot be read back within [`READ_BACK_WAIT`].
+async fn check_appended(
+    broker: &Broker,
+    connection: &lapin::Connection,
+    plan: &Plan,
+    id: &str,
+) -> Result<()> {
+    let queue = broker.names().configs();
+    let entries = read_on(broker, connection, READ_BACK_WAIT, |e| {
+        e.message_id.as_deref() == Some(id)
+    })
+    .await?;
+    let Some((own, before)) = entries.split_last() else {
+        return Err(not_read_back(&queue, plan.revision));
+    };
+    if own.message_id.as_deref() != Some(id) {
+        return Err(not_read_back(&queue, plan.revision));
+    }
+    match newest(before) {
+        Some(winner) if winner.revision().is_some_and(|r| r >= plan.revision) => {
+            Err(Error::RevisionNotNewer {
+                origin: plan.origin.clone(),
+                revision: plan.revision,
+                newest: winner.revision().unwrap_or(plan.revision),
+                by: winner.publisher.clone(),
+                log: queue,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn not_read_back(queue: &str, revision: u64) -> Error {
+    Error::Amqp {
+        target: queue.to_string(),
+        action: format!("reading revision {revision} back"),
+        message: format!(
+            "the broker confirmed it but it was not read back within {}s; \
+             check `erel config history`",
+            READ_BACK_WAIT.as_secs()
+        ),
+    }
+}
+
+/// Takes the publisher lease on `connection`: declares `<prefix>.publisher` as an
+/// exclusive queue, which the broker lets one connection own at a time and deletes
+/// when that connection closes (AMQP 0-9-1 `queue.declare`, `exclusive`; another
+/// connection's declare fails with `405 RESOURCE_LOCKED`). Waits for another
+/// publisher's lease up to [`PUBLISHER_LEASE_WAIT`], trying again with backoff.
+///
+/// # Errors
+///
+/// [`Error::Amqp`] naming the lease queue when another publisher held it for the whole
+/// wait, or for any other broker problem.
+async fn take_publisher_lease(connection: &lapin::Connection, names: &Names) -> Result<()> {
+    let queue = names.publisher();
+    let deadline = tokio::time::Instant::now() + PUBLISHER_LEASE_WAIT;
+    let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+    loop {
+        let channel = open_channel(connection, &queue).await?;
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(_) => {
+                let _ = channel.close(200, "done".into()).await;
+                return Ok(());
+            }
+            Err(e) if is_resource_locked(&e) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Error::Amqp {
+                        target: queue,
+                        action: "taking the publisher lease".to_string(),
+                        message: format!(
+                            "another publish held it for {}s; try again",
+                            PUBLISHER_LEASE_WAIT.as_secs()
+                        ),
+                    });
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => return Err(amqp_error(&queue, "taking the publisher lease", e)),
+        }
+    }
+}
+
+/// Whether the broker refused with `405 RESOURCE_LOCKED` (an exclusive queue owned by
+/// another connection).
+fn is_resource_locked(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(e)
+            if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED)
+    )
 }
 
 /// Appends a text to the log as is, with `revision` in its header (when given), and
@@ -356,7 +513,7 @@ pub async fn append(
     let connection = broker.connect("config publisher").await?;
     let outcome = append_on(broker, &connection, text, revision, publisher, None).await;
     let _ = connection.close(200, "done".into()).await;
-    outcome
+    outcome.map(|_id| ())
 }
 
 async fn append_on(
@@ -366,7 +523,7 @@ async fn append_on(
     revision: Option<u64>,
     publisher: &str,
     signed: Option<&Signed>,
-) -> Result<()> {
+) -> Result<String> {
     let names = broker.names();
     let queue = names.configs();
     if text.len() > MAX_CONFIG_BYTES {
@@ -386,6 +543,7 @@ async fn append_on(
         .await
         .map_err(|e| amqp_error(&queue, "enabling publisher confirms", e))?;
     let now = now_ms();
+    let id = message_id(now);
     let mut headers = FieldTable::default();
     if let Some(revision) = revision {
         headers.insert(
@@ -407,6 +565,7 @@ async fn append_on(
         .with_delivery_mode(2)
         .with_content_type("application/toml".into())
         .with_app_id("erel".into())
+        .with_message_id(id.as_str().into())
         .with_timestamp(now / 1000);
     let confirmation = channel
         .basic_publish(
@@ -425,7 +584,7 @@ async fn append_on(
         .map_err(|e| amqp_error(&queue, "waiting for the broker's confirmation", e))?;
     let _ = channel.close(200, "done".into()).await;
     match confirmation {
-        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(None) => Ok(id),
         Confirmation::Ack(Some(returned)) => Err(Error::Amqp {
             target: queue,
             action: "publishing a config".to_string(),
@@ -442,6 +601,19 @@ async fn append_on(
             message: "the broker did not confirm it".to_string(),
         }),
     }
+}
+
+/// A message id no other publish uses: the host name, the process id and the time in
+/// nanoseconds.
+fn message_id(now_ms: u64) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("{host}.{}.{now_ms}.{nanos:09}", std::process::id())
 }
 
 /// The entries of one batch that may be applied over `held`, newest revision first,
@@ -470,6 +642,7 @@ mod tests {
             revision,
             publisher: Some("me".to_string()),
             published_at_ms: Some(1),
+            message_id: None,
             body: text.as_bytes().to_vec(),
             signed: None,
         }
@@ -502,6 +675,14 @@ mod tests {
         let log = entries(&[Some(1), Some(3), Some(2), Some(3)]);
         assert_eq!(newest(&log).and_then(|e| e.offset), Some(1));
         assert!(newest(&[]).is_none());
+    }
+
+    #[test]
+    fn a_revision_above_the_largest_does_not_block_later_ones() {
+        let log = entries(&[Some(1), Some(MAX_REVISION + 1), Some(u64::MAX), Some(2)]);
+        assert_eq!(newest(&log).and_then(|e| e.offset), Some(3));
+        let log = entries(&[Some(1), Some(MAX_REVISION)]);
+        assert_eq!(newest(&log).and_then(|e| e.offset), Some(1));
     }
 
     #[test]

@@ -203,6 +203,12 @@ impl Names {
         format!("{}.configs", self.prefix)
     }
 
+    /// The publisher lease: `<prefix>.publisher`, an exclusive queue that one
+    /// `erel config publish` at a time holds ([`log::publish`]).
+    pub fn publisher(&self) -> String {
+        format!("{}.publisher", self.prefix)
+    }
+
     /// The events exchange: `<prefix>.events`.
     pub fn events(&self) -> String {
         format!("{}.events", self.prefix)

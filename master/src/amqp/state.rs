@@ -42,8 +42,9 @@ impl StateDir {
 
     /// The config held, if any. A file that cannot be read as a revision is an error;
     /// one whose revision reads but whose plan does not validate is held without a plan
-    /// (the reason is returned beside it).
-    pub(crate) fn load(&self, lookup: &ArchiveLookup) -> Result<Option<(Held, Option<String>)>> {
+    /// (the validation error is returned beside it: [`Error::ArchiveUnavailable`] when
+    /// only an archive is missing, which may pass).
+    pub(crate) fn load(&self, lookup: &ArchiveLookup) -> Result<Option<(Held, Option<Error>)>> {
         let path = self.config_path();
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
@@ -68,7 +69,7 @@ impl StateDir {
                         revision,
                         plan: None,
                     },
-                    Some(e.to_string()),
+                    Some(e),
                 )))
             }
         }

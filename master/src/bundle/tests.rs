@@ -311,6 +311,7 @@ fn a_master_checks_a_revisions_signature_text_and_archives() {
         revision: Some(3),
         publisher: None,
         published_at_ms: None,
+        message_id: None,
         body: body.as_bytes().to_vec(),
         signed,
     };

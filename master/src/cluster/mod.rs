@@ -87,6 +87,14 @@ pub(crate) const DEFAULT_DRAIN_PATH: &str = "/drain";
 pub(crate) const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 10;
 /// Seconds between SIGTERM and SIGKILL when the group says nothing.
 pub(crate) const DEFAULT_STOP_GRACE_SECS: u64 = 10;
+/// The largest revision a cluster file may carry: 2^53 - 1, the largest integer every
+/// JSON reader holds exactly (RFC 8259 section 6), so `--json` output and events show
+/// it as published; it also leaves room above for every later revision.
+pub const MAX_REVISION: u64 = (1 << 53) - 1;
+/// The longest wait a cluster file may ask for, in seconds (`health.min_up_secs`,
+/// `health.deadline_secs`, `drain.timeout_secs`): one day. A longer one is a typo, and
+/// the master adds these to clock instants, which must not overflow.
+pub const MAX_WAIT_SECS: u64 = 24 * 60 * 60;
 /// How far ahead of the master's clock `restarted_at` may be: the clocks of whoever
 /// wrote the file and of the master may differ by this much.
 pub(crate) const RESTARTED_AT_MAX_AHEAD: Duration = Duration::from_secs(5 * 60);

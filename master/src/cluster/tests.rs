@@ -315,6 +315,50 @@ fn every_error_names_the_file_the_field_and_the_problem() {
             "revision = -1",
             &["revision", "line 2", "expected u64"],
         ),
+        (
+            "min_up_secs = 5",
+            "min_up_secs = -5",
+            &["group.web.health.min_up_secs", "line", "expected u64"],
+        ),
+        (
+            "deadline_secs = 60",
+            "deadline_secs = 60, passes = 99999999999",
+            &["group.web.health.passes", "99999999999"],
+        ),
+        (
+            "revision = 7",
+            "revision = 9007199254740992",
+            &["revision", "9007199254740992", "above the largest revision"],
+        ),
+        (
+            "revision = 7",
+            "revision = 18446744073709551615",
+            &[
+                "revision",
+                "18446744073709551615",
+                "above the largest revision",
+            ],
+        ),
+        (
+            "max_in_flight = 1",
+            "max_in_flight = 4294967296",
+            &["group.web.max_in_flight", "line"],
+        ),
+        (
+            "deadline_secs = 60",
+            "deadline_secs = 86401",
+            &["group.web.health.deadline_secs", "86401", "one day"],
+        ),
+        (
+            "min_up_secs = 5, deadline_secs = 60",
+            "min_up_secs = 86401, deadline_secs = 90000",
+            &["group.web.health.min_up_secs", "86401", "one day"],
+        ),
+        (
+            "deadline_secs = 60",
+            "deadline_secs = 18446744073709551615",
+            &["group.web.health.deadline_secs", "one day"],
+        ),
     ];
     for (from, to, parts) in cases {
         let error = fx.error_with(from, to);
@@ -354,6 +398,46 @@ fn a_wrong_sha256_is_refused_with_both_digests() {
         &error,
         &["group.web.sha256", "wrong", &fx.sha256.to_hex(), &wrong],
     );
+}
+
+#[test]
+fn the_largest_numbers_allowed_are_kept_exactly() {
+    let fx = Fixture::new();
+    let text = fx
+        .text()
+        .replace("revision = 7", &format!("revision = {MAX_REVISION}"))
+        .replace(
+            "deadline_secs = 60",
+            &format!("deadline_secs = {MAX_WAIT_SECS}"),
+        )
+        .replace("max_in_flight = 1", "max_in_flight = 4294967295");
+    let plan = fx.parse(&text).expect("valid");
+    assert_eq!(plan.revision, (1 << 53) - 1);
+    let web = &plan.groups["web"];
+    assert_eq!(web.health.deadline, Duration::from_secs(86_400));
+    assert_eq!(web.max_in_flight, 4_294_967_295);
+}
+
+#[test]
+fn an_archive_not_there_yet_is_unavailable_not_invalid() {
+    let fx = Fixture::new();
+    let text = fx.text().replace("beat-0.2.0.tar.gz", "beat-0.3.0.tar.gz");
+    let error = fx.parse(&text).expect_err("missing archive");
+    assert!(
+        matches!(error, Error::ArchiveUnavailable { ref field, .. } if field == "group.web.archive"),
+        "{error:?}"
+    );
+    let wrong = "ab".repeat(32);
+    let text = fx.text().replace(&fx.sha256.to_hex(), &wrong);
+    let error = fx.parse(&text).expect_err("other contents");
+    assert!(
+        matches!(error, Error::ArchiveUnavailable { .. }),
+        "{error:?}"
+    );
+    // A file that is wrong in itself stays a plain refusal.
+    let text = fx.text().replace("max_in_flight = 1", "max_in_flight = 0");
+    let error = fx.parse(&text).expect_err("invalid");
+    assert!(matches!(error, Error::Cluster { .. }), "{error:?}");
 }
 
 #[test]

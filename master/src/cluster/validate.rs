@@ -15,7 +15,7 @@ use super::{
     Archive, ArchiveLookup, Drain, GroupPlan, GroupState, Health, HostPlan, HttpProbe, Plan,
     TcpProbe, DEFAULT_DEADLINE_SECS, DEFAULT_DRAIN_PATH, DEFAULT_DRAIN_TIMEOUT_SECS,
     DEFAULT_HEALTH_PATH, DEFAULT_MIN_UP_SECS, DEFAULT_PASSES, DEFAULT_STOP_GRACE_SECS,
-    RESTARTED_AT_MAX_AHEAD,
+    MAX_REVISION, MAX_WAIT_SECS, RESTARTED_AT_MAX_AHEAD,
 };
 use crate::digest_cache::sha256_file;
 use crate::error::{Error, Result};
@@ -30,6 +30,15 @@ struct Fault<'a> {
 }
 
 impl Fault<'_> {
+    /// An archive that is not (yet) usable where it is looked up.
+    fn unavailable(&self, field: impl Into<String>, message: impl Into<String>) -> Error {
+        Error::ArchiveUnavailable {
+            file: self.origin.to_string(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
     fn at(&self, field: impl Into<String>, message: impl Into<String>) -> Error {
         Error::Cluster {
             file: self.origin.to_string(),
@@ -42,6 +51,15 @@ impl Fault<'_> {
 pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<Plan> {
     let raw: RawCluster = toml::from_str(text).map_err(|e| toml_error(origin, text, &e))?;
     let fault = Fault { origin };
+    if raw.revision > MAX_REVISION {
+        return Err(fault.at(
+            "revision",
+            format!(
+                "{} is above the largest revision, {MAX_REVISION} (2^53 - 1)",
+                raw.revision
+            ),
+        ));
+    }
 
     let memberships = raw
         .host
@@ -397,6 +415,7 @@ fn health(fault: &Fault<'_>, name: &str, group: &RawGroup) -> Result<Health> {
         },
     };
     let min_up = raw.min_up_secs.unwrap_or(DEFAULT_MIN_UP_SECS);
+    at_most_a_day(fault, &field("min_up_secs"), min_up)?;
     let deadline = raw
         .deadline_secs
         .unwrap_or(DEFAULT_DEADLINE_SECS.max(min_up));
@@ -409,6 +428,7 @@ fn health(fault: &Fault<'_>, name: &str, group: &RawGroup) -> Result<Health> {
     if deadline == 0 {
         return Err(fault.at(field("deadline_secs"), "must be at least 1"));
     }
+    at_most_a_day(fault, &field("deadline_secs"), deadline)?;
     Ok(Health {
         tcp,
         http,
@@ -416,6 +436,17 @@ fn health(fault: &Fault<'_>, name: &str, group: &RawGroup) -> Result<Health> {
         min_up: Duration::from_secs(min_up),
         deadline: Duration::from_secs(deadline),
     })
+}
+
+/// Refuses a wait of more than [`MAX_WAIT_SECS`].
+fn at_most_a_day(fault: &Fault<'_>, field: &str, secs: u64) -> Result<()> {
+    if secs > MAX_WAIT_SECS {
+        return Err(fault.at(
+            field,
+            format!("{secs} seconds is more than the limit of {MAX_WAIT_SECS} (one day)"),
+        ));
+    }
+    Ok(())
 }
 
 fn drain(fault: &Fault<'_>, name: &str, group: &RawGroup) -> Result<Option<Drain>> {
@@ -427,6 +458,7 @@ fn drain(fault: &Fault<'_>, name: &str, group: &RawGroup) -> Result<Option<Drain
     if timeout == 0 {
         return Err(fault.at(field("timeout_secs"), "must be at least 1"));
     }
+    at_most_a_day(fault, &field("timeout_secs"), timeout)?;
     Ok(Some(Drain {
         port: port_spec(fault, &field("http"), &raw.http)?,
         path: http_path(
@@ -528,18 +560,21 @@ fn archive(
 
     let (path, sha256) = match (named, expected) {
         (Some(path), expected) => {
-            let meta = std::fs::metadata(&path)
-                .map_err(|e| fault.at(&archive_field, format!("{}: {e}", path.display())))?;
+            let meta = std::fs::metadata(&path).map_err(|e| {
+                fault.unavailable(&archive_field, format!("{}: {e}", path.display()))
+            })?;
             if !meta.is_file() {
                 return Err(fault.at(
                     &archive_field,
                     format!("{} is not a regular file", path.display()),
                 ));
             }
-            let actual = sha256_file(&path).map_err(|e| fault.at(&archive_field, e.to_string()))?;
+            let actual =
+                sha256_file(&path).map_err(|e| fault.unavailable(&archive_field, e.to_string()))?;
             if let Some(expected) = expected {
                 if expected != actual {
-                    return Err(fault.at(
+                    // Possibly a copy still under way: the file may yet become right.
+                    return Err(fault.unavailable(
                         &sha_field,
                         format!(
                             "wrong: {} has sha256 {actual}, the file says {expected}",
@@ -556,7 +591,7 @@ fn archive(
                     .iter()
                     .map(|d| d.display().to_string())
                     .collect();
-                fault.at(
+                fault.unavailable(
                     &sha_field,
                     format!("no archive with sha256 {expected} in {}", dirs.join(" or ")),
                 )
@@ -683,7 +718,7 @@ pub(super) fn toml_error(origin: &str, text: &str, error: &toml::de::Error) -> E
             let column = text[line_start..start].chars().count() + 1;
             let line_text = text[line_start..].lines().next().unwrap_or("");
             (
-                key_at(before, line_text),
+                key_at(before, line_text, start - line_start),
                 format!("line {line}, column {column}: "),
             )
         }
@@ -697,12 +732,30 @@ pub(super) fn toml_error(origin: &str, text: &str, error: &toml::de::Error) -> E
 }
 
 /// `table.key` for the key assigned on `line`, whose table header is the last one in
-/// `before`; empty when the line assigns nothing.
-fn key_at(before: &str, line: &str) -> String {
+/// `before`; empty when the line assigns nothing. When the error is at byte `at` of the
+/// line inside an inline table's value (`health = { passes = 0 }`), the inner key is
+/// added: `table.health.passes`.
+fn key_at(before: &str, line: &str, at: usize) -> String {
     let Some((key, _)) = line.split_once('=') else {
         return String::new();
     };
-    let key = key.trim().trim_matches('"');
+    let mut key = key.trim().trim_matches('"').to_string();
+    let upto = line.get(..at).unwrap_or(line);
+    if let Some(open) = upto.find('{') {
+        let inner = &upto[open + 1..];
+        if let Some(eq) = inner.rfind('=') {
+            // Only when the error is in that key's value, not after it.
+            let name = inner[..eq]
+                .rsplit([',', '{'])
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches('"');
+            if !name.is_empty() && !inner[eq + 1..].contains(',') {
+                key = format!("{key}.{name}");
+            }
+        }
+    }
     let table = before
         .lines()
         .rev()
@@ -711,6 +764,6 @@ fn key_at(before: &str, line: &str) -> String {
         .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
     match table {
         Some(table) if !table.is_empty() => format!("{table}.{key}"),
-        _ => key.to_string(),
+        _ => key,
     }
 }

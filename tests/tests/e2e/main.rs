@@ -7,6 +7,7 @@ mod agent;
 mod amqp;
 mod bundle;
 mod certs_cli;
+mod config_path;
 mod containment;
 mod daemon;
 mod deploy;
