@@ -93,7 +93,7 @@ async fn declare(channel: &Channel, queue: &str, durable: bool) -> Result<()> {
             table(args),
         )
         .await
-        .map_err(|e| amqp_error(queue, "declaring the queue", e))?;
+        .map_err(|e| super::declare_error(queue, "declaring the queue", e))?;
     Ok(())
 }
 

@@ -98,7 +98,7 @@ async fn declare_holder(channel: &Channel, queue: &str) -> Result<()> {
     channel
         .queue_declare(queue.into(), QueueDeclareOptions::default(), table(args))
         .await
-        .map_err(|e| amqp_error(queue, "declaring the holder record", e))?;
+        .map_err(|e| super::declare_error(queue, "declaring the holder record", e))?;
     Ok(())
 }
 

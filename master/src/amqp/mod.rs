@@ -433,8 +433,24 @@ pub(crate) async fn declare_replicated(
             table(args),
         )
         .await
-        .map_err(|e| amqp_error(queue, action, e))?;
+        .map_err(|e| declare_error(queue, action, e))?;
     Ok(declared.message_count())
+}
+
+/// [`amqp_error`] for a failed `queue.declare`; when the broker refused it because a
+/// queue of that name exists with other settings (`PRECONDITION_FAILED - inequivalent
+/// arg`), the message says how to get out of it.
+pub(crate) fn declare_error(queue: &str, action: &str, e: lapin::Error) -> Error {
+    let mut error = amqp_error(queue, action, e);
+    if let Error::Amqp { message, .. } = &mut error {
+        if message.contains("inequivalent arg") {
+            message.push_str(
+                " (the queue exists with other settings, such as the classic queues of an \
+                 older erel: with the masters stopped, delete it and start them again)",
+            );
+        }
+    }
+    error
 }
 
 /// Queue arguments from `(key, value)` pairs.
