@@ -675,6 +675,30 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_declared_with_other_settings_says_how_to_get_out_of_it() {
+        use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
+        let refusal = |text: &str| {
+            lapin::Error::from(lapin::ErrorKind::ProtocolError(AMQPError::new(
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+                text.into(),
+            )))
+        };
+        let said = declare_error(
+            "erel.lease.web",
+            "declaring the lease queue",
+            refusal(
+                "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue \
+                 'erel.lease.web' in vhost '/': received 'quorum' but current is 'classic'",
+            ),
+        )
+        .to_string();
+        assert!(said.contains("erel.lease.web"), "{said}");
+        assert!(said.contains("delete it"), "{said}");
+        let other = declare_error("q", "declaring", refusal("ACCESS_REFUSED - no")).to_string();
+        assert!(!other.contains("delete it"), "{other}");
+    }
+
+    #[test]
     fn integers_of_any_width_are_read() {
         assert_eq!(integer(&AMQPValue::LongLongInt(7)), Some(7));
         assert_eq!(integer(&AMQPValue::LongInt(-1)), None);
