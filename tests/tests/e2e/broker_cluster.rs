@@ -1,5 +1,6 @@
 //! The config log on a RabbitMQ cluster of three nodes: masters and `erel config
-//! publish` given every node, one node lost for good in the middle of publishes.
+//! publish` given every node, one node lost for good (its VM killed) in the middle of
+//! publishes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -157,7 +158,7 @@ fn cluster_a_lost_broker_node_loses_no_confirmed_revision_and_stops_no_master() 
         };
         let before = wait_until_blocking(BROKER_LIMIT, || count(false) >= CONFIRMED_EACH_SIDE);
         if before {
-            cluster.stop_node(lost_index);
+            cluster.kill_node(lost_index);
             node_lost.store(true, Ordering::SeqCst);
         }
         let after =

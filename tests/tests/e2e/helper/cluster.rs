@@ -226,16 +226,22 @@ impl RabbitCluster {
         self.nodes.iter().map(Node::url).collect()
     }
 
-    /// Stops node `index` for good (`rabbitmqctl shutdown`: the whole Erlang VM), as a
-    /// lost machine would go; kills the VM when it does not stop. Panics when the node
-    /// still answers afterwards.
-    pub fn stop_node(&mut self, index: usize) {
+    /// Loses node `index` for good, as a crashed machine goes: its Erlang VM is killed
+    /// (SIGKILL), so it closes nothing cleanly. Panics when the node still answers.
+    pub fn kill_node(&mut self, index: usize) {
         let name = self.nodes[index].name.clone();
-        let _ = self.ctl(&name, &["shutdown"]);
+        let vm = self.nodes[index]
+            .vm_pid()
+            .unwrap_or_else(|| panic!("node {name} wrote no pid file"));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(vm),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap_or_else(|e| panic!("kill the VM of node {name}: {e}"));
         self.reap(index);
         assert!(
             !self.ctl(&name, &["status"]).status.success(),
-            "node {name} still answers after shutdown"
+            "node {name} still answers after its VM was killed"
         );
     }
 
