@@ -1,7 +1,7 @@
 //! Per-group records beside the lease: halts with their retries, and hand-over
 //! requests.
 //!
-//! - `<prefix>.halt.<group>` (durable, `x-max-length: 1`): the group's latest halt
+//! - `<prefix>.halt.<group>` (a durable quorum queue, `x-max-length: 1`): the group's latest halt
 //!   state, [`HaltRecord`]. The master that halts a group at a revision
 //!   ([`crate::rollout::halt`]) writes `halted`; `erel config retry --group G` writes
 //!   `retry`, which ends that halt; the master that applies a newer revision writes
@@ -76,18 +76,24 @@ pub struct HandoverRequest {
     pub until_ms: u64,
 }
 
+/// Declares a record queue keeping one message: `durable` ones (halts) as replicated
+/// quorum queues ([`super::declare_replicated`]), so that they outlive the loss of a
+/// cluster node; the others as transient classic queues, which the broker deletes with
+/// a lost node and the next writer declares again.
 async fn declare(channel: &Channel, queue: &str, durable: bool) -> Result<()> {
+    let args = vec![("x-max-length", AMQPValue::LongLongInt(1))];
+    if durable {
+        super::declare_replicated(channel, queue, args, "declaring the queue").await?;
+        return Ok(());
+    }
     channel
         .queue_declare(
             queue.into(),
-            lapin::options::QueueDeclareOptions {
-                durable,
-                ..Default::default()
-            },
-            table(vec![("x-max-length", AMQPValue::LongLongInt(1))]),
+            lapin::options::QueueDeclareOptions::default(),
+            table(args),
         )
         .await
-        .map_err(|e| amqp_error(queue, "declaring the queue", e))?;
+        .map_err(|e| super::declare_error(queue, "declaring the queue", e))?;
     Ok(())
 }
 

@@ -28,8 +28,9 @@
 //!
 //! Faults: when the connection fails (broker restarted, connection cut, broker down at
 //! start) the daemon stops acting on every group (its leases are gone with the
-//! connection), leaves the hosts as they are, reconnects with backoff, resumes the log
-//! after the last offset it saw, and competes again. Cancelling the token ends it
+//! connection), leaves the hosts as they are, reconnects with backoff (starting at the
+//! next node of the list when it was given a cluster's nodes: the node it was on may be
+//! gone), resumes the log after the last offset it saw, and competes again. Cancelling the token ends it
 //! cleanly: rollouts in progress are abandoned (every agent command is idempotent, so
 //! the next holder completes them) and the leases are handed back at once.
 
@@ -246,6 +247,8 @@ pub async fn run(options: DaemonOptions, cancel: CancellationToken) -> Result<()
         match outcome {
             Ok(()) => break,
             Err(e) => {
+                // The node this session was on may be gone: start at the next one.
+                daemon.options.broker.fail_over();
                 let delay = backoff.next_delay();
                 warn!(
                     "{e}; the hosts stay as they are; reconnecting to {broker_url} in {} ms",

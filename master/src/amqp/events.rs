@@ -311,8 +311,8 @@ pub enum WatchNotice {
 }
 
 /// Prints events live: binds `<prefix>.watch.<tag>` to every event and calls `on_event`
-/// for each until `cancel` fires. Reconnects with backoff when the broker goes away
-/// (events published meanwhile are missed).
+/// for each until `cancel` fires. Reconnects with backoff when the broker goes away,
+/// to the next node of a cluster's list (events published meanwhile are missed).
 pub async fn watch(
     broker: &Broker,
     tag: &str,
@@ -392,6 +392,8 @@ pub async fn watch(
         match outcome {
             Ok(()) => return Ok(()),
             Err(e) => {
+                // Its node may be gone: the next attempt starts at the next one.
+                broker.fail_over();
                 let delay = backoff.next_delay();
                 on_notice(WatchNotice::Retrying(e.to_string(), delay));
                 tokio::select! {

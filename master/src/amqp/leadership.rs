@@ -71,17 +71,22 @@ pub(crate) struct HolderRecord {
     pub heartbeat_ms: u64,
 }
 
-/// The lease queue: one token, one active consumer (the holder). Returns how many
-/// messages it holds.
+/// The lease queue: one token, one active consumer (the holder); a quorum queue, so
+/// that on a RabbitMQ cluster it lives on a majority of the nodes and outlives the
+/// loss of any minority of them (its consumers on the lost node are gone with their
+/// connections, and the token goes to the next consumer). Returns how many messages
+/// it holds ready.
 async fn declare_lease(channel: &Channel, queue: &str) -> Result<u32> {
     let args = vec![
         ("x-single-active-consumer", AMQPValue::Boolean(true)),
         ("x-max-length", AMQPValue::LongLongInt(1)),
     ];
-    declare_durable(channel, queue, args, "declaring the lease queue").await
+    super::declare_replicated(channel, queue, args, "declaring the lease queue").await
 }
 
-/// The holder record: the newest holder only, forgotten after [`HOLDER_TTL`].
+/// The holder record: the newest holder only, forgotten after [`HOLDER_TTL`]. A
+/// transient classic queue: on a cluster, when its node is lost the broker deletes it,
+/// and the next holder's heartbeat declares it again on a node that is up.
 async fn declare_holder(channel: &Channel, queue: &str) -> Result<()> {
     let args = vec![
         ("x-max-length", AMQPValue::LongLongInt(1)),
@@ -90,29 +95,11 @@ async fn declare_holder(channel: &Channel, queue: &str) -> Result<()> {
             AMQPValue::LongLongInt(HOLDER_TTL.as_millis() as i64),
         ),
     ];
-    declare_durable(channel, queue, args, "declaring the holder record").await?;
-    Ok(())
-}
-
-/// Declares a durable queue with `args`; returns how many messages it holds.
-async fn declare_durable(
-    channel: &Channel,
-    queue: &str,
-    args: Vec<(&str, AMQPValue)>,
-    action: &str,
-) -> Result<u32> {
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            table(args),
-        )
+    channel
+        .queue_declare(queue.into(), QueueDeclareOptions::default(), table(args))
         .await
-        .map_err(|e| amqp_error(queue, action, e))?;
-    Ok(declared.message_count())
+        .map_err(|e| super::declare_error(queue, "declaring the holder record", e))?;
+    Ok(())
 }
 
 /// Competes for `group` on `connection` until `cancel` fires or the connection fails:

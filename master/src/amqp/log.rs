@@ -13,6 +13,9 @@
 //! ([`STREAM_MAX_BYTES`]); the broker only drops whole old segments, never the one the
 //! newest message is in.
 //!
+//! On a RabbitMQ cluster the stream is replicated to every node ([`declare`]), and
+//! every party given the cluster's nodes moves to another one when its node is lost.
+//!
 //! A stream never says "that was the last message", so a reader that wants the log as
 //! it is now (`publish`, `show`, `history`) reads from the start until nothing more has
 //! arrived for [`SETTLE`]. The daemon does not need to know: it keeps consuming.
@@ -193,6 +196,12 @@ pub fn text_revision(text: &str) -> Option<u64> {
 }
 
 /// Declares the config log (idempotent; every party declares it the same way).
+///
+/// No `x-initial-cluster-size` is given: on a RabbitMQ cluster the broker then places a
+/// replica of the stream on every node (its default, which the cluster test checks), its leader on the node
+/// the declaring client is connected to; a publish is confirmed once a majority of the
+/// replicas hold it, so a confirmed revision outlives the loss of any minority of the
+/// nodes.
 pub(crate) async fn declare(channel: &Channel, names: &Names) -> Result<()> {
     let queue = names.configs();
     channel

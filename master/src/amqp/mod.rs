@@ -18,11 +18,19 @@
 //! | --- | --- | --- |
 //! | `<prefix>.configs` | stream queue, durable | the config log |
 //! | `<prefix>.events` | topic exchange, durable | what masters do |
-//! | `<prefix>.lease.<group>` | classic queue, durable, single active consumer | who acts on a group |
-//! | `<prefix>.holder.<group>` | classic queue, at most one message | who holds a group, for `erel config holders` |
-//! | `<prefix>.halt.<group>` | classic queue, durable, at most one message | the group's halt (or retry) record |
-//! | `<prefix>.handover.<group>` | classic queue, at most one message | a deploy's request to take the group over |
+//! | `<prefix>.lease.<group>` | quorum queue, single active consumer | who acts on a group |
+//! | `<prefix>.holder.<group>` | classic queue, transient, at most one message | who holds a group, for `erel config holders` |
+//! | `<prefix>.halt.<group>` | quorum queue, at most one message | the group's halt (or retry) record |
+//! | `<prefix>.handover.<group>` | classic queue, transient, at most one message | a deploy's request to take the group over |
 //! | `<prefix>.watch.<tag>` | exclusive, auto-delete | one `erel watch` |
+//!
+//! On a RabbitMQ cluster, what must outlive a node is replicated: the config log (a
+//! stream, replicated to every node by default), the leases and the halt records
+//! (quorum queues, replicated to every node up to RabbitMQ's default group size). Both
+//! confirm a publish once a majority of their replicas hold it. What is transient
+//! lives on one node and is deleted by the broker when that node is lost; it is
+//! declared again by its next writer. [`Broker`] takes a list of nodes and moves to the
+//! next one when a connection fails.
 //!
 //! Every queue is named here: lapin cannot re-declare server-named queues after a
 //! reconnection, and this module reconnects on its own (see [`daemon`]).
@@ -34,6 +42,8 @@ pub(crate) mod leadership;
 pub mod log;
 pub(crate) mod state;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
@@ -54,44 +64,59 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT_SECS: u16 = 5;
 
 /// Where the broker is and which names this cluster uses on it.
+///
+/// The broker may be one node or several nodes of one RabbitMQ cluster, given as a
+/// list of URLs ([`Broker::new`]). Every connection goes to the node that answered last
+/// (the first of the list to begin with); when it does not answer, the next ones are
+/// tried in the list's order, each for at most [`CONNECT_TIMEOUT`]. A connection that
+/// failed after it was open makes the next connection start at the following node
+/// ([`Broker::fail_over`]). Clones share which node is current.
 #[derive(Clone)]
 pub struct Broker {
-    url: String,
+    nodes: Arc<[String]>,
+    current: Arc<AtomicUsize>,
     names: Names,
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
-            .field("url", &redact(&self.url))
+            .field("url", &self.display_url())
             .field("prefix", &self.names.prefix)
             .finish()
     }
 }
 
 impl Broker {
-    /// A broker at `url` (`amqp://user:password@host:port/vhost`) with names under
-    /// `prefix`. Refuses a prefix that is empty, too long, or holds anything but ASCII
-    /// letters, digits, `-`, `_` and `.`.
-    pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> Result<Self> {
-        let url = url.into();
+    /// A broker at `urls` with names under `prefix`.
+    ///
+    /// `urls` is one AMQP URI (`amqp://user:password@host:port/vhost`, as the RabbitMQ
+    /// URI specification writes it) or a comma-separated list of them, one per node of
+    /// one RabbitMQ cluster (`amqp://h1:5672,amqp://h2:5672`); blanks around each entry
+    /// are ignored, and a comma inside a password is written `%2C`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Amqp`] for an empty list, an empty entry or an entry that is not an AMQP
+    /// URI (naming it, its password hidden, and its place in the list), and for a
+    /// prefix that is empty, too long, or holds anything but ASCII letters, digits, `-`,
+    /// `_` and `.`.
+    pub fn new(urls: impl Into<String>, prefix: impl Into<String>) -> Result<Self> {
+        let urls = urls.into();
         let prefix = prefix.into();
         if prefix.is_empty() || prefix.len() > MAX_PREFIX_LEN || !prefix.chars().all(name_char) {
             return Err(Error::Amqp {
-                target: redact(&url),
+                target: redact_list(&urls),
                 action: format!("using the name prefix '{prefix}'"),
                 message: format!(
                     "a prefix is 1 to {MAX_PREFIX_LEN} ASCII letters, digits, '-', '_' or '.'"
                 ),
             });
         }
-        url.parse::<AMQPUri>().map_err(|e| Error::Amqp {
-            target: redact(&url),
-            action: "parsing the URL".to_string(),
-            message: e,
-        })?;
+        let nodes = parse_nodes(&urls)?;
         Ok(Broker {
-            url,
+            nodes: nodes.into(),
+            current: Arc::new(AtomicUsize::new(0)),
             names: Names { prefix },
         })
     }
@@ -101,32 +126,68 @@ impl Broker {
         &self.names
     }
 
-    /// The URL with its password hidden, as errors and logs show it.
+    /// The URLs, comma-separated, with their passwords hidden, as errors and logs
+    /// show them.
     pub fn display_url(&self) -> String {
-        redact(&self.url)
+        self.nodes
+            .iter()
+            .map(|url| redact(url))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
-    /// Opens a connection; `role` names it in the broker's connection list.
+    /// How many nodes were given.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Opens a connection; `role` names it in the broker's connection list. Tries the
+    /// current node first, then the others in the list's order; the one that answers
+    /// becomes the current node.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Amqp`] when no node answers: with one node, its error; with several,
+    /// every node's error in one message.
     pub(crate) async fn connect(&self, role: &str) -> Result<Connection> {
-        let mut uri: AMQPUri = self.url.parse().map_err(|e: String| Error::Amqp {
-            target: self.display_url(),
-            action: "parsing the URL".to_string(),
-            message: e,
-        })?;
-        if uri.query.heartbeat.is_none() {
-            uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+        let count = self.nodes.len();
+        let start = self.current.load(Ordering::Relaxed) % count;
+        let mut failures = Vec::new();
+        for step in 0..count {
+            let index = (start + step) % count;
+            let url = &self.nodes[index];
+            match connect_node(url, role).await {
+                Ok(connection) => {
+                    self.current.store(index, Ordering::Relaxed);
+                    if count > 1 {
+                        tracing::info!(node = %redact(url), role, "connected to broker node {} of {count}", index + 1);
+                    }
+                    return Ok(connection);
+                }
+                Err(e) if count == 1 => return Err(e),
+                Err(e) => {
+                    if step + 1 < count {
+                        tracing::warn!("{e}; trying the next broker node");
+                    }
+                    failures.push(e.to_string());
+                }
+            }
         }
-        let properties =
-            ConnectionProperties::default().with_connection_name(format!("erel {role}").into());
-        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, properties)).await
-        {
-            Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(e)) => Err(self.error("connecting", e)),
-            Err(_) => Err(Error::Amqp {
-                target: self.display_url(),
-                action: "connecting".to_string(),
-                message: format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
-            }),
+        Err(Error::Amqp {
+            target: self.display_url(),
+            action: "connecting".to_string(),
+            message: format!("no broker node answered: {}", failures.join("; ")),
+        })
+    }
+
+    /// Makes the next connection start at the node after the current one: for a
+    /// connection to the current node that failed after it was open (the node stopped,
+    /// or the network to it was cut), so that the next attempt does not wait on it.
+    pub(crate) fn fail_over(&self) {
+        let count = self.nodes.len();
+        if count > 1 {
+            let next = (self.current.load(Ordering::Relaxed) + 1) % count;
+            self.current.store(next, Ordering::Relaxed);
         }
     }
 
@@ -276,6 +337,66 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// Every entry of a comma-separated `urls` list, checked to be an AMQP URI.
+fn parse_nodes(urls: &str) -> Result<Vec<String>> {
+    let entries: Vec<&str> = urls.split(',').map(str::trim).collect();
+    let count = entries.len();
+    let mut nodes = Vec::with_capacity(count);
+    for (index, entry) in entries.into_iter().enumerate() {
+        let place = if count == 1 {
+            "parsing the URL".to_string()
+        } else {
+            format!("parsing broker address {} of {count}", index + 1)
+        };
+        if entry.is_empty() {
+            return Err(Error::Amqp {
+                target: redact_list(urls),
+                action: place,
+                message: "the address is empty (two commas in a row, or one at an end?)"
+                    .to_string(),
+            });
+        }
+        entry.parse::<AMQPUri>().map_err(|e| Error::Amqp {
+            target: redact(entry),
+            action: place,
+            message: e,
+        })?;
+        nodes.push(entry.to_string());
+    }
+    Ok(nodes)
+}
+
+/// Opens a connection to the node at `url`, within [`CONNECT_TIMEOUT`].
+async fn connect_node(url: &str, role: &str) -> Result<Connection> {
+    let mut uri: AMQPUri = url.parse().map_err(|e: String| Error::Amqp {
+        target: redact(url),
+        action: "parsing the URL".to_string(),
+        message: e,
+    })?;
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+    }
+    let properties =
+        ConnectionProperties::default().with_connection_name(format!("erel {role}").into());
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, properties)).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(e)) => Err(amqp_error(redact(url), "connecting", e)),
+        Err(_) => Err(Error::Amqp {
+            target: redact(url),
+            action: "connecting".to_string(),
+            message: format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+        }),
+    }
+}
+
+/// A comma-separated list of URLs, each with its password hidden.
+fn redact_list(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| redact(url.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// An [`Error::Amqp`] naming what was at fault (a queue, an exchange, the URL).
 pub(crate) fn amqp_error(target: impl Into<String>, action: &str, e: lapin::Error) -> Error {
     Error::Amqp {
@@ -294,6 +415,48 @@ pub(crate) async fn open_channel(
         .create_channel()
         .await
         .map_err(|e| amqp_error(target, "opening a channel", e))
+}
+
+/// Declares `queue` as a durable **quorum queue** with `args` (RabbitMQ's replicated
+/// queue type, Raft-based: on a cluster it has a replica on up to every node, stays
+/// available while a majority of them is up, and confirms a publish once a majority
+/// holds it). Returns how many messages it holds ready. A failure is an
+/// [`Error::Amqp`] naming `queue` and `action`.
+pub(crate) async fn declare_replicated(
+    channel: &lapin::Channel,
+    queue: &str,
+    mut args: Vec<(&str, AMQPValue)>,
+    action: &str,
+) -> Result<u32> {
+    args.push(("x-queue-type", text_value("quorum")));
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            table(args),
+        )
+        .await
+        .map_err(|e| declare_error(queue, action, e))?;
+    Ok(declared.message_count())
+}
+
+/// [`amqp_error`] for a failed `queue.declare`; when the broker refused it because a
+/// queue of that name exists with other settings (`PRECONDITION_FAILED - inequivalent
+/// arg`), the message says how to get out of it.
+pub(crate) fn declare_error(queue: &str, action: &str, e: lapin::Error) -> Error {
+    let mut error = amqp_error(queue, action, e);
+    if let Error::Amqp { message, .. } = &mut error {
+        if message.contains("inequivalent arg") {
+            message.push_str(
+                " (the queue exists with other settings, such as the classic queues of an \
+                 older erel: with the masters stopped, delete it and start them again)",
+            );
+        }
+    }
+    error
 }
 
 /// Queue arguments from `(key, value)` pairs.
@@ -454,6 +617,59 @@ mod tests {
     }
 
     #[test]
+    fn a_list_of_nodes_is_read_in_order() {
+        let broker = Broker::new(
+            " amqp://u:pw@h1:5672/%2f , amqp://h2:5673,amqp://h3",
+            "erel",
+        )
+        .expect("valid list");
+        assert_eq!(broker.node_count(), 3);
+        assert_eq!(
+            broker.display_url(),
+            "amqp://u:***@h1:5672/%2f,amqp://h2:5673,amqp://h3"
+        );
+        broker.fail_over();
+        assert_eq!(broker.current.load(Ordering::Relaxed), 1);
+        let clone = broker.clone();
+        clone.fail_over();
+        clone.fail_over();
+        assert_eq!(
+            broker.current.load(Ordering::Relaxed),
+            0,
+            "clones share the node"
+        );
+        let single = Broker::new("amqp://h1", "erel").expect("valid");
+        single.fail_over();
+        assert_eq!(single.current.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_bad_entry_in_the_list_is_named() {
+        let e = Broker::new("amqp://h1,ftp://u:secret@h2", "erel")
+            .expect_err("ftp is no AMQP scheme")
+            .to_string();
+        assert!(e.contains("broker address 2 of 2"), "{e}");
+        assert!(e.contains("ftp://u:***@h2"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+
+        let e = Broker::new("amqp://h1,,amqp://h3", "erel")
+            .expect_err("an empty entry")
+            .to_string();
+        assert!(e.contains("broker address 2 of 3"), "{e}");
+        assert!(e.contains("empty"), "{e}");
+
+        let e = Broker::new("amqp://h1,", "erel")
+            .expect_err("a trailing comma")
+            .to_string();
+        assert!(e.contains("broker address 2 of 2"), "{e}");
+
+        let e = Broker::new("amqp://h1:notaport", "erel")
+            .expect_err("a bad port")
+            .to_string();
+        assert!(e.contains("parsing the URL"), "{e}");
+    }
+
+    #[test]
     fn passwords_never_show() {
         assert_eq!(
             redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
@@ -462,6 +678,30 @@ mod tests {
         assert_eq!(redact("amqp://127.0.0.1"), "amqp://127.0.0.1");
         let broker = Broker::new("amqp://u:pw@h/v", "erel").expect("valid");
         assert!(!format!("{broker:?}").contains("pw"));
+    }
+
+    #[test]
+    fn a_queue_declared_with_other_settings_says_how_to_get_out_of_it() {
+        use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
+        let refusal = |text: &str| {
+            lapin::Error::from(lapin::ErrorKind::ProtocolError(AMQPError::new(
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+                text.into(),
+            )))
+        };
+        let said = declare_error(
+            "erel.lease.web",
+            "declaring the lease queue",
+            refusal(
+                "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue \
+                 'erel.lease.web' in vhost '/': received 'quorum' but current is 'classic'",
+            ),
+        )
+        .to_string();
+        assert!(said.contains("erel.lease.web"), "{said}");
+        assert!(said.contains("delete it"), "{said}");
+        let other = declare_error("q", "declaring", refusal("ACCESS_REFUSED - no")).to_string();
+        assert!(!other.contains("delete it"), "{other}");
     }
 
     #[test]

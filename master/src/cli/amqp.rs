@@ -19,9 +19,17 @@ use crate::rollout::RolloutOptions;
 /// `--amqp URL --amqp-prefix PREFIX`.
 #[derive(Debug, Clone, Args)]
 pub(super) struct BrokerArgs {
-    /// The RabbitMQ broker, e.g. amqp://guest:guest@127.0.0.1:5672/%2f
-    #[arg(long = "amqp", env = "EREL_AMQP", value_name = "URL")]
-    pub url: String,
+    /// The RabbitMQ broker, e.g. amqp://guest:guest@127.0.0.1:5672/%2f. For a cluster,
+    /// one URL per node: --amqp repeated, or comma-separated (in EREL_AMQP too); the
+    /// first node that answers is used, the next ones when it does not.
+    #[arg(
+        long = "amqp",
+        env = "EREL_AMQP",
+        value_name = "URL",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub url: Vec<String>,
     /// Prefix of every queue and exchange name on the broker.
     #[arg(long = "amqp-prefix", env = "EREL_AMQP_PREFIX", default_value = DEFAULT_PREFIX, value_name = "PREFIX")]
     pub prefix: String,
@@ -30,16 +38,31 @@ pub(super) struct BrokerArgs {
 impl BrokerArgs {
     /// The broker these flags name.
     pub(super) fn broker(&self) -> crate::Result<Broker> {
-        Broker::new(self.url.clone(), self.prefix.clone())
+        Broker::new(self.url.join(","), self.prefix.clone())
     }
+}
+
+/// `--amqp` given as a list (repeated, or split at commas by clap) as the one
+/// comma-separated string [`Broker::new`] reads; `None` when it was not given.
+pub(super) fn url_list(urls: &[String]) -> Option<String> {
+    (!urls.is_empty()).then(|| urls.join(","))
 }
 
 /// The flags of `erel master` that select the AMQP config log instead of a file.
 #[derive(Debug, Clone, Args)]
 pub(super) struct AmqpMasterArgs {
-    /// Follow the config log on this broker instead of a cluster file.
-    #[arg(long = "amqp", env = "EREL_AMQP", value_name = "URL")]
-    pub url: Option<String>,
+    /// Follow the config log on this broker instead of a cluster file. For a RabbitMQ
+    /// cluster, one URL per node: --amqp repeated, or comma-separated (in EREL_AMQP
+    /// too), e.g. amqp://h1:5672,amqp://h2:5672,amqp://h3:5672. The master connects to
+    /// the first node that answers (10 s per attempt), and when that connection is lost
+    /// reconnects to the next node, logging which one it is on.
+    #[arg(
+        long = "amqp",
+        env = "EREL_AMQP",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    pub url: Vec<String>,
     /// Prefix of every queue and exchange name on the broker.
     #[arg(long = "amqp-prefix", env = "EREL_AMQP_PREFIX", default_value = DEFAULT_PREFIX, value_name = "PREFIX")]
     pub prefix: String,
@@ -82,7 +105,7 @@ impl AmqpMasterArgs {
         use clap::parser::ValueSource;
         match (cluster_given, amqp) {
             (true, Some(ValueSource::EnvVariable)) => {
-                self.url = None;
+                self.url.clear();
                 if self.state_dir.is_some() || self.artifacts.is_some() || self.name.is_some() {
                     return Err(Error::Usage(
                         "erel master: --cluster FILE was given, so EREL_AMQP from the \
@@ -97,7 +120,7 @@ impl AmqpMasterArgs {
                 return Err(Error::Usage(format!(
                     "erel master: --cluster FILE and --amqp {} are two modes (a cluster \
                      file, or the config log on the broker); give one",
-                    self.url.as_deref().unwrap_or("URL")
+                    self.url.join(",")
                 )));
             }
             (_, Some(ValueSource::EnvVariable)) => self.url_from_env = true,
@@ -127,9 +150,10 @@ pub(super) async fn master(
     metrics: Option<std::net::SocketAddr>,
 ) -> crate::Result<ExitCode> {
     let amqp = args.amqp_words();
-    let url = args
-        .url
-        .ok_or_else(|| Error::Usage("--amqp URL is required".to_string()))?;
+    if args.url.is_empty() {
+        return Err(Error::Usage("--amqp URL is required".to_string()));
+    }
+    let url = args.url.join(",");
     let state_dir = args.state_dir.ok_or_else(|| {
         Error::Usage(format!(
             "--state-dir DIR is required with {amqp}; for the cluster file, give --cluster FILE"

@@ -55,7 +55,7 @@ pub(super) async fn master(
     cluster: &Path,
     args: MasterArgs,
 ) -> crate::Result<ExitCode> {
-    if args.amqp.url.is_some() {
+    if !args.amqp.url.is_empty() {
         let interval = Duration::from_secs(args.interval.max(1));
         let connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
         return super::amqp::master(ctx, args.amqp, interval, connect_timeout, args.metrics).await;
@@ -183,8 +183,14 @@ pub(super) struct HoldArgs {
     take_over_wait: u64,
     /// The RabbitMQ broker of the masters (AMQP mode): the groups' leases are checked
     /// and taken there instead of the daemon lock beside the cluster file.
-    #[arg(long = "amqp", env = "EREL_AMQP", value_name = "URL")]
-    amqp: Option<String>,
+    /// For a cluster, one URL per node (repeated, or comma-separated).
+    #[arg(
+        long = "amqp",
+        env = "EREL_AMQP",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    amqp: Vec<String>,
     /// Prefix of every queue and exchange name on the broker.
     #[arg(long = "amqp-prefix", env = "EREL_AMQP_PREFIX", default_value = DEFAULT_PREFIX, value_name = "PREFIX")]
     amqp_prefix: String,
@@ -252,10 +258,10 @@ pub(super) async fn ensure_not_held(
         super::amqp::publisher(),
         std::process::id()
     );
-    match &args.amqp {
+    match super::amqp::url_list(&args.amqp) {
         None => hold_file(cluster, groups, &me, args.take_over, wait).await,
         Some(url) => {
-            let broker = Broker::new(url.clone(), args.amqp_prefix.clone())?;
+            let broker = Broker::new(url, args.amqp_prefix.clone())?;
             hold_amqp(&broker, groups, &me, args.take_over, wait).await
         }
     }

@@ -37,8 +37,14 @@ pub(super) struct StatusArgs {
     connect_timeout: u64,
     /// Also show which master holds each group, from this RabbitMQ broker (with
     /// `--json`, the output becomes `{"hosts": [..], "holders": [..]}`).
-    #[arg(long = "amqp", env = "EREL_AMQP", value_name = "URL")]
-    amqp: Option<String>,
+    /// For a cluster, one URL per node (repeated, or comma-separated).
+    #[arg(
+        long = "amqp",
+        env = "EREL_AMQP",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    amqp: Vec<String>,
     /// Prefix of the queue names on the broker.
     #[arg(long = "amqp-prefix", env = "EREL_AMQP_PREFIX", default_value = crate::amqp::DEFAULT_PREFIX, value_name = "PREFIX")]
     amqp_prefix: String,
@@ -132,7 +138,8 @@ pub(super) async fn status(
             }
         };
         // With --amqp: {"hosts": [...], "holders": [...]}; else the hosts alone.
-        let json = match &args.amqp {
+        let amqp = super::amqp::url_list(&args.amqp);
+        let json = match &amqp {
             Some(url) => {
                 let groups: Vec<String> = plan.groups.keys().cloned().collect();
                 let (holders, broker_halts) =
@@ -154,7 +161,7 @@ pub(super) async fn status(
     } else {
         print!("{}", status_table(&plan, &hosts));
         print!("{}", super::daemon::halted_text(cluster, plan.revision));
-        if let Some(url) = &args.amqp {
+        if let Some(url) = &super::amqp::url_list(&args.amqp) {
             let groups: Vec<String> = plan.groups.keys().cloned().collect();
             print!(
                 "\n{}",

@@ -5,6 +5,7 @@ mod helper;
 
 mod agent;
 mod amqp;
+mod broker_cluster;
 mod bundle;
 mod certs_cli;
 mod config_path;

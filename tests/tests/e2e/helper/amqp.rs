@@ -75,7 +75,12 @@ pub struct TestBroker {
 
 impl TestBroker {
     pub fn new(test: &str, groups: &[&str]) -> Self {
-        let url = amqp_url();
+        Self::on(amqp_url(), test, groups)
+    }
+
+    /// [`TestBroker::new`] on the broker at `url` (a comma-separated list of a
+    /// cluster's nodes, as `--amqp` takes it).
+    pub fn on(url: String, test: &str, groups: &[&str]) -> Self {
         let prefix = unique_prefix(test);
         let broker = Broker::new(url.clone(), prefix.clone()).expect("valid broker");
         TestBroker {

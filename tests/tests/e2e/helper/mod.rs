@@ -24,6 +24,7 @@ macro_rules! process_type {
 }
 
 pub mod amqp;
+pub mod cluster;
 pub mod commands;
 pub mod fleet;
 pub mod install;
