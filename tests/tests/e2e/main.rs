@@ -10,6 +10,7 @@ mod certs_cli;
 mod containment;
 mod daemon;
 mod deploy;
+mod faults;
 mod fleet;
 mod health;
 mod inputs;
