@@ -28,8 +28,10 @@ const RELEASE: &str = "beat";
 /// One host at a time, the first alone: a rolling deploy with every phase in turn.
 const ONE_AT_A_TIME: &str = "max_in_flight = 1\ncanaries = 1";
 /// Bytes added to the archives of the tests that need a push or an unpack to last long
-/// enough to be interrupted (sent whole: the archive is an uncompressed `.tar`).
+/// enough to be interrupted (sent whole: the archive is an uncompressed `.tar`), in
+/// files of [`PAYLOAD_FILE`] bytes.
 const LARGE_PAYLOAD: u64 = 16 << 20;
+const PAYLOAD_FILE: u64 = 4 << 10;
 
 /// `erel <words> --cluster <cluster>` on `fleet`'s PKI.
 fn erel_on(fleet: &Fleet, cluster: &Path, words: &[&str]) -> std::process::Command {
@@ -186,6 +188,7 @@ fn an_agent_killed_during_write_file_then_during_unpack_keeps_its_release_and_th
     let large = with_payload(
         &beat_release(fleet.dir.path(), RELEASE, "2.0.0"),
         LARGE_PAYLOAD,
+        PAYLOAD_FILE,
         false,
     );
     let archive = large
@@ -342,7 +345,7 @@ fn fleet_for_master_kills(prefix: &str) -> (Fleet, PathBuf, Vec<(String, String)
             let version = format!("{}.0.0", i + 2);
             let mut archive = beat_release(fleet.dir.path(), RELEASE, &version);
             if at.large() {
-                archive = with_payload(&archive, LARGE_PAYLOAD, false);
+                archive = with_payload(&archive, LARGE_PAYLOAD, PAYLOAD_FILE, false);
             }
             let name = archive.file_name().expect("name").to_string_lossy();
             (version, name.into_owned())
@@ -469,6 +472,7 @@ fn a_disk_full_during_write_file_fails_clearly_keeps_the_old_release_and_leaves_
     let large = with_payload(
         &beat_release(fleet.dir.path(), RELEASE, "2.0.0"),
         LARGE_PAYLOAD,
+        PAYLOAD_FILE,
         false,
     );
     let archive = large
@@ -532,6 +536,7 @@ fn a_disk_full_during_unpack_fails_clearly_keeps_the_old_release_and_leaves_no_s
     let unpacked = 24 << 20;
     let archive = with_payload(
         &beat_release(fleet.dir.path(), RELEASE, "2.0.0"),
+        unpacked,
         unpacked,
         true,
     );

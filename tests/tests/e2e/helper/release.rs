@@ -53,11 +53,12 @@ fn beat(dir: &Path, name: &str, version: &str, fail: Option<&str>) -> PathBuf {
 }
 
 /// Rewrites the release tarball `archive` (`<name>-<version>.tar.gz`) with `payload`
-/// bytes more in `lib/payload.bin` (zeros, not a sparse entry, so they take their room
-/// on disk when unpacked): as `.tar.gz` in place when `gzip` (it stays small), else as an
+/// bytes more, in files of at most `file_size` bytes under `lib/payload/` (zeros, not
+/// sparse entries, so they take their room on disk when unpacked; many small files make
+/// an unpack last): as `.tar.gz` in place when `gzip` (it stays small), else as an
 /// uncompressed `<name>-<version>.tar` beside it (every byte sent on a push), the
 /// `.tar.gz` removed. The new archive's path.
-pub fn with_payload(archive: &Path, payload: u64, gzip: bool) -> PathBuf {
+pub fn with_payload(archive: &Path, payload: u64, file_size: u64, gzip: bool) -> PathBuf {
     use std::io::Write;
     let gz = std::fs::read(archive).expect("read the release tarball");
     let to = match gzip {
@@ -84,17 +85,22 @@ pub fn with_payload(archive: &Path, payload: u64, gzip: bool) -> PathBuf {
         tar.append_data(&mut header, path, &mut entry)
             .expect("copy an entry");
     }
-    let mut header = tar::Header::new_gnu();
-    header.set_size(payload);
-    header.set_mode(0o644);
-    header.set_entry_type(tar::EntryType::Regular);
-    header.set_mtime(1_700_000_000);
-    tar.append_data(
-        &mut header,
-        "lib/payload.bin",
-        std::io::repeat(0).take(payload),
-    )
-    .expect("append the payload");
+    let mut left = payload;
+    for i in 0.. {
+        if left == 0 {
+            break;
+        }
+        let size = left.min(file_size);
+        left -= size;
+        let mut header = tar::Header::new_gnu();
+        header.set_size(size);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_mtime(1_700_000_000);
+        let path = format!("lib/payload/{i}.bin");
+        tar.append_data(&mut header, path, std::io::repeat(0).take(size))
+            .expect("append the payload");
+    }
     tar.into_inner()
         .expect("finish the archive")
         .flush()
