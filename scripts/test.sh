@@ -64,6 +64,8 @@ ensure_tools() {
     # release program that runs in a chroot holding nothing else.
     command -v file >/dev/null || apt_install file
     [ -f /usr/lib/x86_64-linux-gnu/libc.a ] && command -v cc >/dev/null || apt_install gcc libc6-dev
+    # The clock-skew tests run agents with a clock of their own (a preloaded libfaketime).
+    [ -f /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || apt_install faketime
 }
 
 ensure_tools

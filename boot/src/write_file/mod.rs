@@ -21,6 +21,8 @@
 //! The holder is asked to let go ([`Offer::wanted`]); it stops where it is, keeping its
 //! bytes, and the new request resumes from them. Only a holder that does not let go
 //! within [`TAKE_OVER_WAIT`] (it is committing) makes the new request [`Error::Busy`].
+//! A write refused for lack of space (`ENOSPC`) is the exception: the staged bytes are
+//! removed at once, so a full disk is not kept full by a transfer that cannot finish.
 //! Parts nobody resumed are removed by [`sweep_stale`] when the agent starts.
 
 use std::fs::{self, File, OpenOptions};
@@ -30,7 +32,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use erel_proto::rules;
-use erel_proto::{Sha256, WriteFile, Written};
+use erel_proto::{ErrorKind, Sha256, WriteFile, Written};
 use sha2::{Digest, Sha256 as Hasher};
 
 use crate::digest;
@@ -338,7 +340,16 @@ impl Receiver {
                 self.target.name
             )));
         };
-        file.write_all(chunk).io("write", &self.target.part)?;
+        if let Err(e) = file.write_all(chunk) {
+            let error = Error::io("write", &self.target.part, e);
+            if error.kind() == ErrorKind::NoSpace {
+                // Bytes kept for a resume would go on holding the room that the running
+                // release and the retry after space is freed need: a full disk discards them.
+                self.file = None;
+                remove_if_present(&self.target.part)?;
+            }
+            return Err(error);
+        }
         self.hasher.update(chunk);
         self.total += len;
         self.received += len;

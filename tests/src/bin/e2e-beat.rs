@@ -1,10 +1,15 @@
 //! A tiny release program for the tests: `foreground` serves TCP on `$BEAT_PORT` and
 //! answers every connection with `beat <version> <host>`. `$BEAT_FAIL` makes it
 //! misbehave on purpose: `exit` exits at once with code 3, `silent` runs without
-//! listening.
+//! listening, `slow-stop` serves on for [`SLOW_STOP`] after a SIGTERM (saying so on
+//! stdout), then exits with code 0.
 
 use std::io::Write;
 use std::net::TcpListener;
+use std::time::Duration;
+
+/// How long the `slow-stop` mode serves on after a SIGTERM.
+const SLOW_STOP: Duration = Duration::from_secs(2);
 
 fn main() {
     let version = std::env::var("EREL_VERSION").unwrap_or_else(|_| "unknown".into());
@@ -20,6 +25,7 @@ fn main() {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
             }
         }
+        Ok("slow-stop") => stop_slowly_on_sigterm(version.clone()),
         _ => {}
     }
     let port = std::env::var("BEAT_PORT").unwrap_or_else(|_| "0".into());
@@ -37,4 +43,24 @@ fn main() {
         let mut stream = stream;
         let _ = writeln!(stream, "beat {version} {host}");
     }
+}
+
+/// Blocks SIGTERM in this thread (and so in every thread started after) and waits for it
+/// on a thread of its own, which says so, serves on for [`SLOW_STOP`] and exits.
+fn stop_slowly_on_sigterm(version: String) {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut term = SigSet::empty();
+    term.add(Signal::SIGTERM);
+    if let Err(e) = term.thread_block() {
+        eprintln!("beat {version}: cannot block SIGTERM: {e}");
+        std::process::exit(2);
+    }
+    std::thread::spawn(move || {
+        if term.wait().is_ok() {
+            println!("beat {version}: SIGTERM, stopping in {SLOW_STOP:?}");
+            let _ = std::io::stdout().flush();
+            std::thread::sleep(SLOW_STOP);
+            std::process::exit(0);
+        }
+    });
 }

@@ -12,6 +12,7 @@ mod config_path;
 mod containment;
 mod daemon;
 mod deploy;
+mod faults;
 mod fleet;
 mod health;
 mod inputs;

@@ -5,9 +5,7 @@
 //! These tests mount a tmpfs and so need root. Without it they say so on stderr and do
 //! nothing; with it they always run.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use erel_master::AgentClient;
@@ -15,6 +13,7 @@ use erel_proto::{ReleaseState, ReleaseStatus, OUTPUT_TAIL_MAX};
 
 use crate::helper::install::{install_and_start, no_progress, release_status, with_digest};
 use crate::helper::release::shell_release;
+use crate::helper::tmpfs::{can_mount, Tmpfs};
 use crate::helper::AgentCommands;
 use crate::helper::{pki_and_agent, poll_until, wait_until, AgentProc, Pki};
 
@@ -28,69 +27,6 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 const STATE_SLACK: u64 = 1 << 20;
 /// Bounded waits for agent-side reactions (restart backoff, exits) on a busy machine.
 const PATIENCE: Duration = Duration::from_secs(30);
-
-static MOUNTS: AtomicU32 = AtomicU32::new(0);
-
-/// A tmpfs mounted on a fresh directory, unmounted (lazily, so never left behind) and
-/// removed when dropped.
-struct Tmpfs {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("root");
-        std::fs::create_dir(&path).expect("mount point");
-        let name = format!(
-            "erel-test-{}-{}",
-            std::process::id(),
-            MOUNTS.fetch_add(1, Ordering::SeqCst)
-        );
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={size},mode=0755"))
-            .arg(&name)
-            .arg(&path)
-            .status()
-            .expect("run mount");
-        assert!(
-            status.success(),
-            "mount -t tmpfs {name} on {}",
-            path.display()
-        );
-        Tmpfs { _dir: dir, path }
-    }
-
-    /// (total, free) bytes, from statvfs(3).
-    fn space(&self) -> (u64, u64) {
-        let stat = nix::sys::statvfs::statvfs(&self.path).expect("statvfs");
-        let frag = stat.fragment_size() as u64;
-        (
-            stat.blocks() as u64 * frag,
-            stat.blocks_available() as u64 * frag,
-        )
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
-
-/// True when the test can run; otherwise says why on stderr, naming the test (the
-/// harness names each test's thread after it).
-fn can_mount() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    let current = std::thread::current();
-    let test = current.name().unwrap_or("this test");
-    eprintln!("SKIPPED {test}: mounting a tmpfs root needs root; run the tests as root");
-    false
-}
 
 /// Bytes in the release's two log files.
 fn log_bytes(root: &Path, name: &str) -> (u64, u64) {

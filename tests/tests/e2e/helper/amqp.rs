@@ -219,6 +219,12 @@ impl Fleet {
     /// A cluster file: every agent in its group, each group running `version`, with
     /// `extra` lines in every group section.
     pub fn config(&self, revision: u64, version: &str, extra: &str) -> String {
+        self.config_of(revision, version, &format!("beat-{version}.tar.gz"), extra)
+    }
+
+    /// [`Fleet::config`] with the archive `archive` (a file name in the artifact
+    /// directory) for `version`.
+    pub fn config_of(&self, revision: u64, version: &str, archive: &str, extra: &str) -> String {
         let mut text = format!("revision = {revision}\n");
         text.push_str(&self.hosts_toml("BEAT_PORT"));
         let mut seen = Vec::new();
@@ -228,7 +234,7 @@ impl Fleet {
             }
             seen.push(group.clone());
             text.push_str(&format!(
-                "[group.{group}]\nrelease = \"beat\"\nversion = \"{version}\"\narchive = \"beat-{version}.tar.gz\"\n\
+                "[group.{group}]\nrelease = \"beat\"\nversion = \"{version}\"\narchive = \"{archive}\"\n\
                  stop_grace_secs = 2\n\
                  health = {{ tcp = \"$BEAT_PORT\", min_up_secs = 1, deadline_secs = 15 }}\n{extra}\n"
             ));

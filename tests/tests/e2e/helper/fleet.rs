@@ -30,6 +30,12 @@ impl Fleet {
         let agents = (1..=groups.len())
             .map(|i| AgentProc::start(&pki, &format!("{prefix}-{i}"), &[]))
             .collect();
+        Fleet::of(pki, agents, groups)
+    }
+
+    /// A fleet of `agents` the caller started on `pki`, one per entry of `groups`.
+    pub fn of(pki: Pki, agents: Vec<AgentProc>, groups: &[&str]) -> Self {
+        assert_eq!(agents.len(), groups.len(), "one group per agent");
         let ports = groups.iter().map(|_| free_port()).collect();
         Fleet {
             pki,

@@ -30,6 +30,7 @@ pub mod fleet;
 pub mod install;
 pub mod otp;
 pub mod release;
+pub mod tmpfs;
 
 pub use commands::AgentCommands;
 
@@ -198,6 +199,8 @@ pub struct AgentProc {
     pub root: PathBuf,
     bundle: PathBuf,
     extra: Vec<String>,
+    /// Variables set in the agent's environment besides its own.
+    env: Vec<(String, String)>,
     process: Followed,
 }
 
@@ -212,7 +215,18 @@ impl AgentProc {
             .expect("canonical root")
             .join("root");
         std::fs::create_dir(&root).expect("create root");
-        Self::start_with(pki, id, root_dir, root, extra)
+        Self::start_with(pki, id, root_dir, root, &[], extra)
+    }
+
+    /// Starts an agent like [`AgentProc::start`], with `env` (`NAME`, `VALUE`) added to
+    /// its environment (a preloaded library, say), and so to its releases'.
+    pub fn start_with_env(pki: &Pki, id: &str, env: &[(&str, &str)], extra: &[&str]) -> Self {
+        let root_dir = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(root_dir.path())
+            .expect("canonical root")
+            .join("root");
+        std::fs::create_dir(&root).expect("create root");
+        Self::start_with(pki, id, root_dir, root, env, extra)
     }
 
     /// Starts an agent like [`AgentProc::start`], on `root`: a directory the caller made
@@ -220,7 +234,7 @@ impl AgentProc {
     pub fn start_on_root(pki: &Pki, id: &str, root: &Path, extra: &[&str]) -> Self {
         let root_dir = tempfile::tempdir().expect("tempdir");
         let root = std::fs::canonicalize(root).expect("canonical root");
-        Self::start_with(pki, id, root_dir, root, extra)
+        Self::start_with(pki, id, root_dir, root, &[], extra)
     }
 
     fn start_with(
@@ -228,6 +242,7 @@ impl AgentProc {
         id: &str,
         root_dir: tempfile::TempDir,
         root: PathBuf,
+        env: &[(&str, &str)],
         extra: &[&str],
     ) -> Self {
         let mut agent = AgentProc {
@@ -243,6 +258,10 @@ impl AgentProc {
                 .flatten()
                 .cloned()
                 .chain(extra.iter().map(|s| s.to_string()))
+                .collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             process: Followed::default(),
         };
@@ -265,6 +284,7 @@ impl AgentProc {
             root,
             bundle,
             extra: fast_supervision(),
+            env: Vec::new(),
             process: Followed::default(),
         };
         agent.spawn();
@@ -280,6 +300,7 @@ impl AgentProc {
             .arg("--certs")
             .arg(&self.bundle)
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("EREL_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -444,7 +465,7 @@ pub fn follow_lines(
 }
 
 /// A process a test started, with what it writes to stderr collected as it comes,
-/// across restarts. [`AgentProc`] and the AMQP tests' `MasterProc` are one each.
+/// across restarts; killed when dropped. [`AgentProc`] and the AMQP tests' `MasterProc` are one each.
 #[derive(Default)]
 pub struct Followed {
     child: Option<Child>,
@@ -458,13 +479,26 @@ impl Followed {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-        let process = Followed::default();
+        let mut process = Followed::default();
         let stderr = child.stderr.take().expect("stderr");
         follow_lines(stderr, process.log.clone(), |_| {});
-        Followed {
-            child: Some(child),
-            ..process
-        }
+        process.child = Some(child);
+        process
+    }
+
+    /// Runs `command` with its stdout and stderr piped and followed, into one log.
+    pub fn spawn_with_stdout(command: &mut Command, what: &str) -> Self {
+        let mut process = Followed::spawn(command.stdout(Stdio::piped()), what);
+        let child = process.child.as_mut().expect("just spawned");
+        let stdout = child.stdout.take().expect("stdout");
+        follow_lines(stdout, process.log.clone(), |_| {});
+        process
+    }
+
+    /// Its exit status once it exits within `limit`; `None` while it still runs (or
+    /// when it was not started).
+    pub fn exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        exit_within(self.child.as_mut()?, limit)
     }
 
     /// What the process logged so far.
@@ -506,6 +540,13 @@ impl Followed {
             return false;
         };
         terminate_child(child, limit)
+    }
+}
+
+/// A process left running when its test ends (or panics) is killed (`kill -9`).
+impl Drop for Followed {
+    fn drop(&mut self) {
+        self.kill9();
     }
 }
 

@@ -1,5 +1,6 @@
 //! Release tarballs made on the spot, relx-style, with the master's release builder.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use erel_master::release::{write_tarball, BeatRelease, ReleaseFile};
@@ -28,7 +29,8 @@ pub fn sha256(path: &Path) -> erel_proto::Sha256 {
 }
 
 /// Like [`beat_release`], but `bin/<name>` sets `BEAT_FAIL=<mode>` first, so the release
-/// is broken on purpose (`exit`: dies at once with code 3; `silent`: never listens).
+/// misbehaves on purpose (`exit`: dies at once with code 3; `silent`: never listens;
+/// `slow-stop`: serves on for 2 s after a SIGTERM, saying so in its output).
 pub fn failing_beat_release(dir: &Path, name: &str, version: &str, mode: &str) -> PathBuf {
     beat(dir, name, version, Some(mode))
 }
@@ -48,4 +50,63 @@ fn beat(dir: &Path, name: &str, version: &str, fail: Option<&str>) -> PathBuf {
         fail,
     };
     release.write(dir).expect("write beat release")
+}
+
+/// Rewrites the release tarball `archive` (`<name>-<version>.tar.gz`) with `payload`
+/// bytes more, in files of at most `file_size` bytes under `lib/payload/` (zeros, not
+/// sparse entries, so they take their room on disk when unpacked; many small files make
+/// an unpack last): as `.tar.gz` in place when `gzip` (it stays small), else as an
+/// uncompressed `<name>-<version>.tar` beside it (every byte sent on a push), the
+/// `.tar.gz` removed. The new archive's path.
+pub fn with_payload(archive: &Path, payload: u64, file_size: u64, gzip: bool) -> PathBuf {
+    use std::io::Write;
+    let gz = std::fs::read(archive).expect("read the release tarball");
+    let to = match gzip {
+        true => archive.to_path_buf(),
+        false => {
+            let name = archive.to_string_lossy();
+            PathBuf::from(name.strip_suffix(".gz").expect("a .tar.gz"))
+        }
+    };
+    let file = std::fs::File::create(&to).expect("create the archive");
+    let out: Box<dyn Write> = match gzip {
+        true => Box::new(flate2::write::GzEncoder::new(
+            file,
+            flate2::Compression::fast(),
+        )),
+        false => Box::new(file),
+    };
+    let mut tar = tar::Builder::new(out);
+    let mut entries = tar::Archive::new(flate2::read::GzDecoder::new(gz.as_slice()));
+    for entry in entries.entries().expect("read the release tarball") {
+        let mut entry = entry.expect("an entry");
+        let mut header = entry.header().clone();
+        let path = entry.path().expect("an entry's path").into_owned();
+        tar.append_data(&mut header, path, &mut entry)
+            .expect("copy an entry");
+    }
+    let mut left = payload;
+    for i in 0.. {
+        if left == 0 {
+            break;
+        }
+        let size = left.min(file_size);
+        left -= size;
+        let mut header = tar::Header::new_gnu();
+        header.set_size(size);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_mtime(1_700_000_000);
+        let path = format!("lib/payload/{i}.bin");
+        tar.append_data(&mut header, path, std::io::repeat(0).take(size))
+            .expect("append the payload");
+    }
+    tar.into_inner()
+        .expect("finish the archive")
+        .flush()
+        .expect("flush the archive");
+    if !gzip {
+        std::fs::remove_file(archive).expect("remove the .tar.gz");
+    }
+    to
 }
