@@ -29,6 +29,7 @@ pub mod fleet;
 pub mod install;
 pub mod otp;
 pub mod release;
+pub mod systemctl;
 
 pub use commands::AgentCommands;
 
