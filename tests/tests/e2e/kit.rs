@@ -1,7 +1,11 @@
 //! Host kits: `erel certs host ID --kit FILE` writes one archive; unpacked on a blank host
 //! (a scratch prefix here) its `install.sh` installs an agent that starts with the command
-//! it prints and takes a deploy, and a second run changes nothing. An existing kit is
-//! never overwritten without `--force`, and a missing agent binary is named.
+//! it prints and takes a deploy, and a second run changes nothing. An install killed by a
+//! signal leaves whole files and no temporary one, and the next run completes it; a host
+//! with the Debian package is refused. On a host that runs systemd (a chroot with a
+//! stand-in `systemctl` here, as root) the first install enables and starts the unit and
+//! later ones keep what the administrator chose. An existing kit is never overwritten
+//! without `--force`, and a missing agent binary is named.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
