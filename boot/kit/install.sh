@@ -11,11 +11,17 @@
 #   var/lib/erel/                          the agent's root, 0755 (searchable by the
 #                                          users releases run as)
 #   etc/systemd/system/erel-boot.service   the unit (replaced only when it differs)
+# The agent goes under /usr/local, where a binary installed by hand belongs (the
+# Debian package, managed by dpkg, puts its own in /usr/sbin); the unit's ExecStart
+# names it. A host with the package installed is refused: upgrade the package instead.
 # With DIR other than /, the configuration's paths and the unit's ExecStart point inside
-# DIR too. Run as root, every file and directory it creates is owned by root. With DIR /
-# and systemd running, it reloads systemd and enables and starts the unit (restarting the
-# agent when its binary or unit changed). A second run changes nothing. The last line it
-# prints is the command that starts the agent it installed.
+# DIR too. Run as root, every file and directory it creates is owned by root. Each file
+# is written to a temporary name beside it, fsynced and renamed: a power cut or a
+# signal leaves the old file or the new one, never a part. With DIR / and systemd
+# running, it reloads systemd when the unit changed, enables and starts the unit when
+# it installed it (a unit the administrator disabled stays disabled), and restarts a
+# running agent whose binary or unit changed. A second run changes nothing. The last
+# line it prints is the command that starts the agent it installed.
 set -eu
 
 UNIT_NAME=erel-boot.service
@@ -42,7 +48,7 @@ while [ $# -gt 0 ]; do
         shift
         ;;
     -h | --help)
-        sed -n '2,17s/^# \{0,1\}//p' "$0"
+        sed -n '2,25s/^# \{0,1\}//p' "$0"
         exit 0
         ;;
     *)
@@ -86,6 +92,12 @@ CERTS=$ETC/certs
 ROOT=$PREFIX/var/lib/erel
 UNIT=$PREFIX/etc/systemd/system/$UNIT_NAME
 
+# Two agents for one host would fight over its root, and this unit, in /etc, would hide
+# the package's.
+PACKAGED=$PREFIX/usr/sbin/erel-boot
+[ ! -e "$PACKAGED" ] ||
+    fail "$PACKAGED is there: the erel-boot Debian package is installed; upgrade it with dpkg, or remove it before installing this kit"
+
 own() {
     [ "$AS_ROOT" = no ] || chown 0:0 "$1"
 }
@@ -101,14 +113,18 @@ make_dir() {
     say "created $1 (mode $2)"
 }
 
-# put SRC DEST MODE: writes DEST from SRC through a temporary file beside it, renamed over
-# DEST once complete (a running agent keeps its old binary).
+# put SRC DEST MODE: writes DEST from SRC through a temporary file beside it, fsynced and
+# renamed over DEST once complete, then fsyncs the directory (a running agent keeps its
+# old binary; a power cut leaves the old DEST or the new one).
 put() {
-    tmp="$2.install-tmp.$$"
-    (umask 077 && cp "$1" "$tmp")
-    chmod "$3" "$tmp"
-    own "$tmp"
-    mv -f "$tmp" "$2"
+    PENDING="$2.install-tmp.$$"
+    (umask 077 && cp "$1" "$PENDING")
+    chmod "$3" "$PENDING"
+    own "$PENDING"
+    sync "$PENDING"
+    mv -f "$PENDING" "$2"
+    PENDING=
+    sync "$(dirname "$2")"
     say "installed $2"
 }
 
@@ -134,8 +150,20 @@ differs() {
     fi
 }
 
+# Removes the staging directory and a temporary file not yet renamed, on exit and on
+# INT, TERM and HUP (dash runs no EXIT trap on a signal), then dies of the same signal.
+PENDING=
+STAGING=
+cleanup() {
+    [ -z "$PENDING" ] || rm -f "$PENDING"
+    [ -z "$STAGING" ] || rm -rf "$STAGING"
+}
+trap cleanup EXIT
+for signal in INT TERM HUP; do
+    # shellcheck disable=SC2064 # the signal's name is meant to be expanded now
+    trap "cleanup; trap - $signal EXIT; kill -$signal \$\$" "$signal"
+done
 STAGING=$(mktemp -d "${TMPDIR:-/tmp}/erel-kit.XXXXXX")
-trap 'rm -rf "$STAGING"' EXIT
 
 make_dir "$PREFIX/usr/local/bin" 0755
 make_dir "$ETC" 0755
@@ -167,9 +195,13 @@ sed -e "s|^ExecStart=/usr/local/bin/erel-boot --config /etc/erel/boot.toml$|Exec
     "$KIT/$UNIT_NAME" >"$STAGING/$UNIT_NAME"
 grep -q "^ExecStart=$BIN --config $CONF$" "$STAGING/$UNIT_NAME" ||
     fail "$KIT/$UNIT_NAME has no ExecStart line to point at $BIN"
+first=no
+[ -e "$UNIT" ] || first=yes
+unit_changed=no
 if differs "$STAGING/$UNIT_NAME" "$UNIT"; then
     put "$STAGING/$UNIT_NAME" "$UNIT" 0644
     changed=yes
+    unit_changed=yes
 fi
 
 if [ -n "$PREFIX" ]; then
@@ -177,13 +209,17 @@ if [ -n "$PREFIX" ]; then
 elif [ ! -d /run/systemd/system ]; then
     say "systemd: not running here; start the agent with the command below"
 else
-    systemctl daemon-reload
-    if [ "$changed" = yes ] && systemctl is-active --quiet "$UNIT_NAME"; then
+    [ "$unit_changed" = no ] || systemctl daemon-reload
+    if [ "$first" = yes ]; then
+        systemctl enable --now "$UNIT_NAME"
+        say "systemd: $UNIT_NAME enabled and started"
+    elif [ "$changed" = yes ] && systemctl is-active --quiet "$UNIT_NAME"; then
         systemctl restart "$UNIT_NAME"
         say "systemd: restarted $UNIT_NAME (its binary or unit changed; releases keep running)"
+    else
+        # Enabled by the first install; what the administrator changed since stays.
+        say "systemd: $UNIT_NAME left enabled or disabled, running or not, as it was"
     fi
-    systemctl enable --now "$UNIT_NAME"
-    say "systemd: $UNIT_NAME enabled and running"
 fi
 
 say "$BIN --config $CONF"

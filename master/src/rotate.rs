@@ -20,7 +20,10 @@
 //!    archived.
 //!
 //! With `--group`, the overlap round runs on those groups' hosts only, and the switch
-//! waits until every host of the cluster file holds the overlap bundle.
+//! waits until every host of the cluster file holds the overlap bundle. With
+//! `--keep-old-ca`, the run stops there even when every host holds it: the other masters
+//! of the cluster can take the new master credentials from `next/` before the old CA is
+//! retired.
 //!
 //! Run again after a stop, it resumes: the next CA is kept in `next/` until the switch,
 //! the old one in `previous/` until the final round is done.
@@ -200,8 +203,11 @@ fn remove_staging(certs: &MasterDir) {
     let _ = std::fs::remove_dir(staging(certs));
 }
 
+/// What `--keep-old-ca` leaves, and what the operator does next.
+const KEPT_OLD_CA: &str = "overlap round done on every host: each trusts the old and the new CA and serves its certificate from the new one; the old CA is kept (--keep-old-ca). Other masters: copy ca.pem, master.pem, master.key and crl.pem of next/ in this certificate directory over theirs and restart them (every host accepts them now and after the old CA is retired); then run `erel certs rotate` again to retire the old CA";
+
 /// What the operator copies to the other masters once a rotation is done.
-const OTHER_MASTERS: &str = "other masters: copy ca.pem, master.pem, master.key and crl.pem of this certificate directory to theirs and restart them; until then every host refuses them";
+const OTHER_MASTERS: &str = "other masters: copy ca.pem, master.pem, master.key and crl.pem of this certificate directory to theirs and restart them; until then they reach no host (with --keep-old-ca, a rotation lets them switch before the old CA is retired)";
 
 /// `erel certs rotate`: rotates the cluster CA (see the module docs). `all` is every
 /// host of the cluster file in rollout order, `chosen` those whose overlap round runs
@@ -209,11 +215,14 @@ const OTHER_MASTERS: &str = "other masters: copy ca.pem, master.pem, master.key 
 /// every host of `all` holds the overlap bundle: a host outside `chosen` counts when a
 /// new connection that trusts the next CA alone proves it. Otherwise the run stops
 /// after the overlap round, naming the hosts still to do, with every host reachable.
+/// With `keep_old_ca`, it stops after the overlap round in any case (see
+/// [`KEPT_OLD_CA`]).
 pub(crate) async fn rotate(
     certs: &MasterDir,
     all: &[HostAddr],
     chosen: &[HostAddr],
     master_name: &str,
+    keep_old_ca: bool,
 ) -> crate::Result<()> {
     if certs.switch_interrupted() {
         certs
@@ -251,6 +260,10 @@ pub(crate) async fn rotate(
                 "overlap round done on the chosen hosts; still on the old CA alone: {}. The master keeps its current certificate, and every host accepts it. Run `erel certs rotate` again without --group (or with the groups of these hosts) to finish",
                 missing.join(", ")
             );
+            return Ok(());
+        }
+        if keep_old_ca {
+            println!("{KEPT_OLD_CA}");
             return Ok(());
         }
         certs.switch_to_next().context("switching to the next CA")?;

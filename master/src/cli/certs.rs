@@ -64,6 +64,12 @@ pub(super) enum CertsCommand {
         /// every host, only once every host of the cluster file holds the overlap bundle.
         #[arg(long = "group")]
         groups: Vec<String>,
+        /// Stop after the overlap round, before the master switches and the old CA is
+        /// retired: every host then trusts both CAs and serves its new certificate, and
+        /// the new master credentials wait in `next/` for the other masters. Run again
+        /// without it to finish.
+        #[arg(long)]
+        keep_old_ca: bool,
         /// Print the hosts in the order they would be rotated, and do nothing.
         #[arg(long)]
         dry_run: bool,
@@ -141,11 +147,17 @@ pub(super) async fn run(
             crate::rotate::push_revocation(&ctx.certs, &name, &hosts, &ctx.master_name()).await?;
             println!("every host serves the new CRL");
         }
-        CertsCommand::Rotate { groups, dry_run } => {
+        CertsCommand::Rotate {
+            groups,
+            dry_run,
+            keep_old_ca,
+        } => {
             let hosts = cluster_hosts(cluster, &groups)?;
             let all = cluster_hosts(cluster, &[])?;
             if dry_run {
-                let rounds = if hosts.len() == all.len() {
+                let rounds = if keep_old_ca {
+                    "overlap bundle (the final round waits for a run without --keep-old-ca)"
+                } else if hosts.len() == all.len() {
                     "overlap bundle, then final bundle"
                 } else {
                     "overlap bundle (the final round waits until every host holds one)"
@@ -155,7 +167,8 @@ pub(super) async fn run(
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            crate::rotate::rotate(&ctx.certs, &all, &hosts, &ctx.master_name()).await?;
+            crate::rotate::rotate(&ctx.certs, &all, &hosts, &ctx.master_name(), keep_old_ca)
+                .await?;
         }
     }
     Ok(ExitCode::SUCCESS)

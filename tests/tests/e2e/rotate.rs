@@ -388,3 +388,72 @@ async fn every_agent_answers(fleet: &Fleet, context: &str) {
             .unwrap_or_else(|e| panic!("{}: {e}\n{context}\n{}", agent.id, agent.log()));
     }
 }
+
+/// A master certificate directory elsewhere (another master of the cluster) holding
+/// `files` of `from`.
+fn other_master(pki: &Pki, name: &str, from: &MasterDir) -> MasterDir {
+    let dir = pki.dir.path().join(name);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for file in ["ca.pem", "master.pem", "master.key", "crl.pem"] {
+        std::fs::copy(from.path().join(file), dir.join(file)).expect("copy");
+    }
+    MasterDir::new(dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_old_ca_stops_before_the_switch_and_another_master_with_the_next_credentials_stays_in()
+{
+    let (fleet, cluster) = running_fleet("keep", &["web"; 2]).await;
+    let pids = fleet.release_pids(RELEASE);
+    let unchanged = other_master(&fleet.pki, "unchanged-master", &fleet.pki.master);
+
+    let (ok, out) = erel(&fleet.pki, &["certs", "rotate", "--keep-old-ca"], &cluster);
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    assert!(out.contains("the old CA is kept (--keep-old-ca)"), "{out}");
+    assert!(!out.contains("rotation done"), "{out}");
+    let next = fleet.pki.master.next();
+    assert!(next.path().join("master.pem").is_file(), "{out}");
+    assert!(
+        !fleet.pki.master.previous().path().exists(),
+        "no switch: {out}"
+    );
+    every_agent_answers(&fleet, &out).await;
+
+    // A master still on the old CA alone no longer trusts the hosts' new certificates.
+    for agent in &fleet.agents {
+        let tls = unchanged.client_config().expect("client config");
+        let refused = answers(tls, agent).await.expect_err("old CA alone");
+        assert!(
+            refused.contains("is not signed by the cluster CA (unknown CA)"),
+            "{refused}"
+        );
+    }
+    // Given the next credentials, another master gets in now and after the final round.
+    let other = other_master(&fleet.pki, "other-master", &next);
+    for agent in &fleet.agents {
+        let tls = other.client_config().expect("client config");
+        answers(tls, agent)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}\n{}", agent.id, agent.log()));
+    }
+
+    let (ok, out) = erel(&fleet.pki, &["certs", "rotate"], &cluster);
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    assert!(out.contains("rotation done"), "{out}");
+    every_agent_answers(&fleet, &out).await;
+    for agent in &fleet.agents {
+        let tls = other.client_config().expect("client config");
+        answers(tls, agent)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}\n{}", agent.id, agent.log()));
+        let tls = kept_master_config(&fleet.pki, unchanged.path());
+        let refused = answers(tls, agent)
+            .await
+            .expect_err("old master certificate");
+        assert!(
+            refused.contains("the agent refused our certificate: unknown CA"),
+            "{refused}"
+        );
+    }
+    assert_eq!(fleet.release_pids(RELEASE), pids);
+}

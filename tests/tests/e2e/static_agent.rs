@@ -19,6 +19,7 @@ use erel_master::{AgentClient, HostAddr};
 use erel_proto::{ReleaseState, Start};
 
 use crate::helper::install::push_and_unpack;
+use crate::helper::systemctl::StandInSystemctlRoot;
 use crate::helper::{
     fast_supervision, output_text, poll_until, processes_with_env, wait_until, AgentCommands,
     Followed, Pki, PATIENCE,
@@ -67,7 +68,7 @@ fn static_agent() -> &'static Path {
 }
 
 /// True when running as root; otherwise prints why `test` is skipped.
-fn root_or_skip(test: &str) -> bool {
+pub(super) fn root_or_skip(test: &str) -> bool {
     let root = nix::unistd::geteuid().is_root();
     if !root {
         println!("skipped: {test} needs root (chroot, mounts, device nodes)");
@@ -462,4 +463,87 @@ fn the_debian_package_installs_keeps_configuration_and_removes_cleanly() {
         !String::from_utf8_lossy(&status).contains("Package: erel-boot"),
         "dpkg still knows the package"
     );
+}
+
+#[test]
+fn on_a_systemd_host_the_packages_scripts_enable_on_first_install_only_and_restart_what_runs() {
+    let test =
+        "on_a_systemd_host_the_packages_scripts_enable_on_first_install_only_and_restart_what_runs";
+    if !root_or_skip(test) {
+        return;
+    }
+    // The maintainer scripts the package ships (scripts/build-deb.sh copies them as they
+    // are), run as dpkg runs them on the host.
+    let host = StandInSystemctlRoot::new();
+    std::fs::create_dir(host.at("/debian")).expect("mkdir");
+    for script in ["postinst", "prerm", "postrm"] {
+        std::fs::copy(
+            workspace().join("boot/debian").join(script),
+            host.at(&format!("/debian/{script}")),
+        )
+        .expect("copy a maintainer script");
+    }
+    let script = |argv: &[&str]| host.run_ok(&[&["/bin/sh"], argv].concat());
+    let unit = "erel-boot.service";
+    let mode = |path: &str| {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(host.at(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+        (meta.mode() & 0o7777, meta.uid())
+    };
+
+    // The first install, no bundle yet: enabled, not started, and it says what to do.
+    let text = script(&["/debian/postinst", "configure", ""]);
+    assert_eq!(
+        host.calls(),
+        ["daemon-reload".to_string(), format!("enable {unit}")]
+    );
+    assert_eq!(host.unit(), (true, false));
+    assert!(text.contains("put the host bundle"), "{text}");
+    assert_eq!(mode("/var/lib/erel"), (0o755, 0));
+    assert_eq!(mode("/etc/erel/certs"), (0o700, 0));
+
+    // An upgrade with the bundle in place: restarted on the new binary, not re-enabled.
+    std::fs::write(host.at("/etc/erel/certs/host.pem"), "a certificate").expect("write");
+    script(&["/debian/postinst", "configure", "0.1.0"]);
+    assert_eq!(
+        host.calls(),
+        [
+            "daemon-reload".to_string(),
+            format!("is-enabled --quiet {unit}"),
+            format!("restart {unit}")
+        ]
+    );
+    assert_eq!(host.unit(), (true, true));
+
+    // The administrator disabled and stopped it: an upgrade leaves it so.
+    host.set_unit(false, false);
+    script(&["/debian/postinst", "configure", "0.1.0"]);
+    assert_eq!(
+        host.calls(),
+        [
+            "daemon-reload".to_string(),
+            format!("is-enabled --quiet {unit}"),
+            format!("is-active --quiet {unit}")
+        ]
+    );
+    assert_eq!(host.unit(), (false, false));
+
+    // Removed: stopped, its enablement kept for a reinstall; purged: enablement gone.
+    host.set_unit(true, true);
+    script(&["/debian/prerm", "remove"]);
+    assert_eq!(host.calls(), [format!("stop {unit}")]);
+    script(&["/debian/postrm", "remove"]);
+    assert_eq!(host.calls(), ["daemon-reload"]);
+    let wants = host.at("/etc/systemd/system/multi-user.target.wants/erel-boot.service");
+    std::fs::create_dir_all(wants.parent().expect("dir")).expect("mkdir");
+    std::os::unix::fs::symlink("/lib/systemd/system/erel-boot.service", &wants).expect("symlink");
+    script(&["/debian/postrm", "purge"]);
+    assert_eq!(host.calls(), ["daemon-reload"]);
+    assert!(
+        std::fs::symlink_metadata(&wants).is_err(),
+        "enablement kept"
+    );
+    // A bundle directory holding a certificate stays; the empty root goes.
+    assert!(host.at("/etc/erel/certs/host.pem").is_file());
+    assert!(!host.at("/var/lib/erel").exists());
 }

@@ -30,6 +30,7 @@ pub mod fleet;
 pub mod install;
 pub mod otp;
 pub mod release;
+pub mod systemctl;
 pub mod tmpfs;
 
 pub use commands::AgentCommands;
