@@ -27,6 +27,7 @@ pub mod amqp;
 pub mod commands;
 pub mod fleet;
 pub mod install;
+pub mod netns;
 pub mod otp;
 pub mod release;
 
@@ -66,13 +67,16 @@ impl Pki {
         self.master.path()
     }
 
-    /// The bundle for `id`, issued on first use.
+    /// The bundle for `id`, issued on first use for 127.0.0.1.
     pub fn bundle(&self, id: &str) -> PathBuf {
+        self.bundle_naming(id, &["127.0.0.1".parse().expect("ip")])
+    }
+
+    /// The bundle for `id`, issued on first use with a certificate naming `ips`.
+    pub fn bundle_naming(&self, id: &str, ips: &[std::net::IpAddr]) -> PathBuf {
         let dir = self.master.host_dir(id);
         if !dir.join("host.pem").exists() {
-            self.master
-                .issue_host(id, &["127.0.0.1".parse().expect("ip")], &[])
-                .expect("issue host");
+            self.master.issue_host(id, ips, &[]).expect("issue host");
         }
         dir
     }
@@ -189,6 +193,38 @@ pub fn pki_and_agent(id: &str, extra: &[&str]) -> (Pki, AgentProc) {
     (pki, agent)
 }
 
+/// A new agent root: a folder inside a directory the agent owns, so that a test may look
+/// at the root's parent without seeing other tests' files.
+fn fresh_root() -> (tempfile::TempDir, PathBuf) {
+    let root_dir = tempfile::tempdir().expect("tempdir");
+    let root = std::fs::canonicalize(root_dir.path())
+        .expect("canonical root")
+        .join("root");
+    std::fs::create_dir(&root).expect("create root");
+    (root_dir, root)
+}
+
+/// Where an agent listens, with which bundle, in which network namespace.
+struct Placement {
+    /// The address to listen on (port 0 at first start).
+    addr: SocketAddr,
+    /// Its certificate bundle.
+    bundle: PathBuf,
+    /// The network namespace, `None` for the test's own.
+    netns: Option<String>,
+}
+
+impl Placement {
+    /// Loopback, port 0, with the bundle of `id` naming 127.0.0.1.
+    fn loopback(pki: &Pki, id: &str) -> Self {
+        Placement {
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            bundle: pki.bundle(id),
+            netns: None,
+        }
+    }
+}
+
 /// A real `erel-boot` process on loopback with its own temporary root.
 pub struct AgentProc {
     pub id: String,
@@ -197,6 +233,9 @@ pub struct AgentProc {
     pub root: PathBuf,
     bundle: PathBuf,
     extra: Vec<String>,
+    /// The network namespace (a name under `/run/netns`) the agent runs in; `None` for
+    /// the test's own.
+    netns: Option<String>,
     process: Followed,
 }
 
@@ -204,14 +243,8 @@ impl AgentProc {
     /// Starts an agent for host `id` with the fast supervision settings and `extra` flags
     /// (which win over the fast settings).
     pub fn start(pki: &Pki, id: &str, extra: &[&str]) -> Self {
-        // The root is a folder inside a directory this agent owns, so that a test may
-        // look at the root's parent without seeing other tests' files.
-        let root_dir = tempfile::tempdir().expect("tempdir");
-        let root = std::fs::canonicalize(root_dir.path())
-            .expect("canonical root")
-            .join("root");
-        std::fs::create_dir(&root).expect("create root");
-        Self::start_with(pki, id, root_dir, root, extra)
+        let (root_dir, root) = fresh_root();
+        Self::start_with(id, root_dir, root, extra, Placement::loopback(pki, id))
     }
 
     /// Starts an agent like [`AgentProc::start`], on `root`: a directory the caller made
@@ -219,22 +252,40 @@ impl AgentProc {
     pub fn start_on_root(pki: &Pki, id: &str, root: &Path, extra: &[&str]) -> Self {
         let root_dir = tempfile::tempdir().expect("tempdir");
         let root = std::fs::canonicalize(root).expect("canonical root");
-        Self::start_with(pki, id, root_dir, root, extra)
+        Self::start_with(id, root_dir, root, extra, Placement::loopback(pki, id))
+    }
+
+    /// Starts an agent like [`AgentProc::start`], inside the network namespace `netns`,
+    /// listening on `ip` (an address of that namespace) with a certificate naming it.
+    pub fn start_in_netns(
+        pki: &Pki,
+        id: &str,
+        netns: &str,
+        ip: std::net::IpAddr,
+        extra: &[&str],
+    ) -> Self {
+        let (root_dir, root) = fresh_root();
+        let placement = Placement {
+            addr: SocketAddr::new(ip, 0),
+            bundle: pki.bundle_naming(id, &[ip]),
+            netns: Some(netns.to_string()),
+        };
+        Self::start_with(id, root_dir, root, extra, placement)
     }
 
     fn start_with(
-        pki: &Pki,
         id: &str,
         root_dir: tempfile::TempDir,
         root: PathBuf,
         extra: &[&str],
+        placement: Placement,
     ) -> Self {
         let mut agent = AgentProc {
             id: id.to_string(),
-            addr: "127.0.0.1:0".parse().expect("addr"),
+            addr: placement.addr,
             root_dir,
             root,
-            bundle: pki.bundle(id),
+            bundle: placement.bundle,
             // A flag in `extra` replaces the same fast setting.
             extra: fast_supervision()
                 .chunks(2)
@@ -243,6 +294,7 @@ impl AgentProc {
                 .cloned()
                 .chain(extra.iter().map(|s| s.to_string()))
                 .collect(),
+            netns: placement.netns,
             process: Followed::default(),
         };
         agent.spawn();
@@ -252,11 +304,7 @@ impl AgentProc {
     /// Starts an agent for host `id` on the bundle directory `bundle` (for instance one
     /// made from an operator's own PKI), with the fast supervision settings.
     pub fn start_with_bundle(bundle: PathBuf, id: &str) -> Self {
-        let root_dir = tempfile::tempdir().expect("tempdir");
-        let root = std::fs::canonicalize(root_dir.path())
-            .expect("canonical root")
-            .join("root");
-        std::fs::create_dir(&root).expect("create root");
+        let (root_dir, root) = fresh_root();
         let mut agent = AgentProc {
             id: id.to_string(),
             addr: "127.0.0.1:0".parse().expect("addr"),
@@ -264,6 +312,7 @@ impl AgentProc {
             root,
             bundle,
             extra: fast_supervision(),
+            netns: None,
             process: Followed::default(),
         };
         agent.spawn();
@@ -271,7 +320,19 @@ impl AgentProc {
     }
 
     fn spawn(&mut self) {
-        let mut child = Command::new(AGENT_BIN)
+        // `nsenter` enters the network namespace only and then runs the agent in its
+        // place (same process), so the agent sees the test's file systems and cgroups.
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut nsenter = Command::new("nsenter");
+                nsenter
+                    .arg(format!("--net=/run/netns/{netns}"))
+                    .arg(AGENT_BIN);
+                nsenter
+            }
+            None => Command::new(AGENT_BIN),
+        };
+        let mut child = command
             .arg("--listen")
             .arg(self.addr.to_string())
             .arg("--root")
