@@ -49,6 +49,9 @@ fn rolling(max_failed: u32, min_up_secs: u64) -> String {
     )
 }
 
+/// `--interval` of the daemons here: how often a pass converges the cluster.
+const DAEMON_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The bound on a deploy that meets no fault: what a busy machine needs.
 const PLAIN_DEPLOY: Duration = PATIENCE.saturating_mul(2);
 
@@ -184,15 +187,15 @@ fn bulk_release(dir: &Path, version: &str) -> std::path::PathBuf {
     path
 }
 
-#[test]
-fn a_link_cut_mid_write_file_fails_the_host_then_the_next_deploy_resumes_the_push() {
-    let test = "a_link_cut_mid_write_file_fails_the_host_then_the_next_deploy_resumes_the_push";
-    let Some(fleet) = NetFleet::new(test, "cut", 1) else {
-        return;
-    };
+/// Where the bulk archive lands on the agent.
+const BULK_DEST: &str = "archives/bulk-1.0.0.tar";
+
+/// One host `<prefix>-1` on a slow link, a cluster file that installs the bulk release
+/// 1.0.0 there, and the archive's size.
+fn bulk_fleet(test: &str, prefix: &str) -> Option<(NetFleet, u64)> {
+    let fleet = NetFleet::new(test, prefix, 1)?;
     let archive = bulk_release(&fleet.releases(), "1.0.0");
     let size = std::fs::metadata(&archive).expect("archive").len();
-    let dest = "archives/bulk-1.0.0.tar";
     fleet.write_cluster(
         1,
         "bulk",
@@ -202,60 +205,132 @@ fn a_link_cut_mid_write_file_fails_the_host_then_the_next_deploy_resumes_the_pus
     );
     // A slow link, so that the cut lands in the middle of the transfer.
     fleet.net.shape(0, SLOW_RATE_KBIT, 256 << 10);
-    let root = fleet.agents[0].root.clone();
+    Some((fleet, size))
+}
 
-    let deploy = start_deploy(&fleet);
+/// Cuts the link of `fleet`'s host once its agent has staged [`CUT_AFTER`] bytes of the
+/// push `master` (a running `erel deploy` or daemon) makes; the bytes staged then.
+fn cut_mid_push(fleet: &NetFleet, master: &Running, size: u64) -> u64 {
+    let root = &fleet.agents[0].root;
     let at_cut = poll_until_blocking(PATIENCE, || {
-        let staged = staged_bytes(&root);
+        let staged = staged_bytes(root);
         (staged >= CUT_AFTER).then_some(staged)
     })
     .unwrap_or_else(|| {
         panic!(
             "nothing staged:\n{}\n{}",
-            deploy.output(),
+            master.output(),
             fleet.agent_logs()
         )
     });
     fleet.net.cut(0);
     assert!(at_cut < size, "cut before the end: {at_cut} of {size}");
+    at_cut
+}
 
-    // The master gives the transfer up once it stalls, tries one new connection, which
-    // the cut link cannot carry, and reports the host; the deploy never hangs.
-    let limit = TRANSFER_STALL_TIMEOUT + CONNECT_TIMEOUT * 2 + PATIENCE;
-    let (ok, out) = deploy.finish_within(limit, || fleet.agent_logs());
+/// The bound on a master's giving up a push whose link was cut: the transfer stalls,
+/// one new connection is tried, which the cut link cannot carry, and the host is
+/// reported.
+const CUT_PUSH_REPORTED: Duration = TRANSFER_STALL_TIMEOUT
+    .saturating_add(CONNECT_TIMEOUT.saturating_mul(2))
+    .saturating_add(PATIENCE);
+
+/// After a push to `fleet`'s host was cut and reported: nothing half-done is visible,
+/// and what arrived is kept in staging. The bytes kept.
+fn nothing_visible_after_the_cut(fleet: &NetFleet, at_cut: u64, size: u64) -> u64 {
+    let root = &fleet.agents[0].root;
+    assert!(
+        !root.join(BULK_DEST).exists(),
+        "no partial archive in place"
+    );
+    assert!(!root.join("releases/bulk").exists(), "nothing unpacked");
+    let held = staged_bytes(root);
+    assert!(held >= at_cut && held < size, "kept {held} of {size}");
+    held
+}
+
+/// Once the push completed after the link came back: the agent offered the `held`
+/// bytes, the master sent only the rest, and the archive is in place, whole.
+fn resumed_from(fleet: &NetFleet, held: u64, size: u64) {
+    let agent = &fleet.agents[0];
+    let offsets = completed_write_offsets(&agent.log(), BULK_DEST);
+    assert_eq!(
+        offsets,
+        vec![held],
+        "one completed transfer, from {held}:\n{}",
+        agent.log()
+    );
+    assert_eq!(staged_bytes(&agent.root), 0, "staging emptied");
+    let placed = std::fs::metadata(agent.root.join(BULK_DEST)).expect("archive in place");
+    assert_eq!(placed.len(), size);
+}
+
+#[test]
+fn a_link_cut_mid_write_file_fails_the_host_then_the_next_deploy_resumes_the_push() {
+    let test = "a_link_cut_mid_write_file_fails_the_host_then_the_next_deploy_resumes_the_push";
+    let Some((fleet, size)) = bulk_fleet(test, "cut") else {
+        return;
+    };
+    let deploy = start_deploy(&fleet);
+    let at_cut = cut_mid_push(&fleet, &deploy, size);
+    let (ok, out) = deploy.finish_within(CUT_PUSH_REPORTED, || fleet.agent_logs());
     assert!(!ok, "the cut host is not deployed:\n{out}");
     assert!(
         out.contains("cut-1") && out.contains("FAILED while staging"),
         "{out}"
     );
-    // Nothing half-done is visible; what arrived is kept in staging.
-    assert!(!root.join(dest).exists(), "no partial archive in place");
-    assert!(!root.join("releases/bulk").exists(), "nothing unpacked");
-    let held = staged_bytes(&root);
-    assert!(held >= at_cut && held < size, "kept {held} of {size}");
+    let held = nothing_visible_after_the_cut(&fleet, at_cut, size);
 
     fleet.net.restore(0);
-    let deploy = start_deploy(&fleet);
-    let (ok, out) = deploy.finish_within(TRANSFER_STALL_TIMEOUT + PATIENCE, || fleet.agent_logs());
+    let bound = TRANSFER_STALL_TIMEOUT + PATIENCE;
+    let (ok, out) = start_deploy(&fleet).finish_within(bound, || fleet.agent_logs());
     assert!(
         ok,
         "the deploy completes once the link is back:\n{out}\n{}",
         fleet.agent_logs()
     );
     assert!(out.contains("cut-1: done, runs 1.0.0"), "{out}");
-    // The agent offered what it held and the master sent only the rest.
-    let offsets = completed_write_offsets(&fleet.agents[0].log(), dest);
-    assert_eq!(
-        offsets,
-        vec![held],
-        "one completed transfer, from {held}:\n{}",
-        fleet.agents[0].log()
+    resumed_from(&fleet, held, size);
+}
+
+#[test]
+fn a_daemon_whose_push_is_cut_resumes_it_by_itself_once_the_link_is_back() {
+    let test = "a_daemon_whose_push_is_cut_resumes_it_by_itself_once_the_link_is_back";
+    let Some((fleet, size)) = bulk_fleet(test, "heal") else {
+        return;
+    };
+    let mut daemon = fleet.pki.erel();
+    daemon
+        .arg("--cluster")
+        .arg(fleet.cluster())
+        .args([
+            "master",
+            "--interval",
+            &DAEMON_INTERVAL.as_secs().to_string(),
+        ])
+        .args(["--connect-timeout", &CONNECT_TIMEOUT.as_secs().to_string()]);
+    let daemon = Running::spawn(&mut daemon);
+    let at_cut = cut_mid_push(&fleet, &daemon, size);
+    let reported = wait_until_blocking(CUT_PUSH_REPORTED, || {
+        daemon.output().contains("heal-1 (") && daemon.output().contains("FAILED while staging")
+    });
+    assert!(reported, "the cut push is reported:\n{}", daemon.output());
+    let held = nothing_visible_after_the_cut(&fleet, at_cut, size);
+
+    // A failure before anything was switched does not halt: a later pass tries again,
+    // and once the link is back, resumes the push.
+    fleet.net.restore(0);
+    let bound = DAEMON_INTERVAL + TRANSFER_STALL_TIMEOUT + PATIENCE;
+    let done = wait_until_blocking(bound, || {
+        daemon.output().contains("heal-1: done, runs 1.0.0")
+    });
+    assert!(
+        done,
+        "converged once the link is back:\n{}\n{}",
+        daemon.output(),
+        fleet.agent_logs()
     );
-    assert_eq!(staged_bytes(&root), 0, "staging emptied");
-    let placed = std::fs::metadata(root.join(dest))
-        .expect("archive in place")
-        .len();
-    assert_eq!(placed, size);
+    resumed_from(&fleet, held, size);
 }
 
 #[test]
