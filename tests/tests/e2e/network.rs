@@ -1,16 +1,21 @@
 //! Network faults between the master and its hosts, each agent in a network namespace of
-//! its own (see `helper::netns`): a link cut in the middle of a `WriteFile` and restored
-//! (the next deploy resumes the push from what the agent holds), a host lost for good in
-//! the middle of a group's rollout (reported within the master's bounds, the group
-//! halted as documented), and a slow, lossy link (the deploy completes, the other hosts
-//! see nothing of it). Where namespaces cannot be made, each test says "skipped" and
-//! returns.
+//! its own (see `helper::netns`):
+//!
+//! - a link cut in the middle of a `WriteFile`: the host is reported once the transfer
+//!   stalls, nothing half-done is visible, and once the link is restored the next deploy,
+//!   or the daemon's next pass by itself, resumes the push from what the agent holds;
+//! - a host lost for good in the middle of a group's rollout (between two hosts, or while
+//!   it is verified): reported within the master's phase bounds, never a hang, and the
+//!   next host halted or switched as the failure budget says;
+//! - a slow, lossy link: the deploy completes, the other hosts' links lose nothing.
+//!
+//! Where namespaces cannot be made, each test prints "skipped: <why>" and returns.
 
 use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use erel_master::client::TRANSFER_STALL_TIMEOUT;
 use erel_master::release::ReleaseFile;
@@ -337,22 +342,29 @@ fn a_daemon_whose_push_is_cut_resumes_it_by_itself_once_the_link_is_back() {
 fn a_host_lost_between_two_hosts_of_a_rollout_is_reported_and_the_group_halts() {
     let test = "a_host_lost_between_two_hosts_of_a_rollout_is_reported_and_the_group_halts";
     // Lost once the canary is done, before the master turns to it.
-    lose_the_second_host_mid_rollout(test, "lostb", "lostb-1: done, runs 0.2.0");
+    lose_the_second_host_mid_rollout(test, "lostb", "lostb-1: done, runs 0.2.0", 0);
 }
 
 #[test]
 fn a_host_lost_while_it_is_verified_is_reported_and_the_group_halts() {
     let test = "a_host_lost_while_it_is_verified_is_reported_and_the_group_halts";
-    // Lost with the new version started, while the master watches it over its
-    // connection.
-    lose_the_second_host_mid_rollout(test, "lostv", "lostv-2: verifying");
+    // Lost with the new version started, while the master watches it.
+    lose_the_second_host_mid_rollout(test, "lostv", "lostv-2: verifying", 0);
+}
+
+#[test]
+fn a_host_lost_within_the_failure_budget_is_reported_and_the_rollout_goes_on() {
+    let test = "a_host_lost_within_the_failure_budget_is_reported_and_the_rollout_goes_on";
+    lose_the_second_host_mid_rollout(test, "lostk", "lostk-1: done, runs 0.2.0", 1);
 }
 
 /// Three hosts `<prefix>-1..3` run beat 0.1.0; a rolling deploy of 0.2.0 (one canary,
-/// one host at a time, no failure allowed) loses host 2 for good once the deploy prints
-/// `trigger`. The deploy reports host 2 failed within the bounds of the master's phases,
-/// halts the group, and leaves host 3 untouched; the canary runs 0.2.0.
-fn lose_the_second_host_mid_rollout(test: &str, prefix: &str, trigger: &str) {
+/// one host at a time, `max_failed` failures allowed) loses host 2 for good once the
+/// deploy prints `trigger`. The deploy reports host 2 failed within the bounds of the
+/// master's phases and exits non-zero; the canary runs 0.2.0; host 3 is then as the
+/// README's failure budget says: switched to 0.2.0 with budget left, untouched (its
+/// 0.1.0 process the same) when the loss used up the budget and the group halted.
+fn lose_the_second_host_mid_rollout(test: &str, prefix: &str, trigger: &str, max_failed: u32) {
     let Some(mut fleet) = NetFleet::new(test, prefix, 3) else {
         return;
     };
@@ -360,19 +372,15 @@ fn lose_the_second_host_mid_rollout(test: &str, prefix: &str, trigger: &str) {
     let v2 = beat_release(&fleet.releases(), "beat", "0.2.0");
     // Each host stays in verification for a few seconds: time for the test to see the
     // trigger and act while the host is where the trigger says.
-    let group = rolling(0, LOSS_MIN_UP);
+    let group = rolling(max_failed, LOSS_MIN_UP);
     fleet.write_cluster(1, "beat", "0.1.0", &v1, &group);
     let (ok, out) = start_deploy(&fleet).finish_within(PLAIN_DEPLOY, || fleet.agent_logs());
     assert!(ok, "{out}\n{}", fleet.agent_logs());
     let ids: Vec<String> = (1..=3).map(|i| format!("{prefix}-{i}")).collect();
     let beats: Vec<String> = (0..3).map(|i| fleet.beat(i)).collect();
-    assert_eq!(
-        beats,
-        ids.iter()
-            .map(|id| format!("beat 0.1.0 {id}"))
-            .collect::<Vec<_>>()
-    );
-    let untouched_pids = fleet.agents[2].release_pids("beat");
+    let v1_beats: Vec<String> = ids.iter().map(|id| format!("beat 0.1.0 {id}")).collect();
+    assert_eq!(beats, v1_beats);
+    let third_pids = fleet.agents[2].release_pids("beat");
 
     fleet.write_cluster(2, "beat", "0.2.0", &v2, &group);
     let deploy = start_deploy(&fleet);
@@ -384,35 +392,39 @@ fn lose_the_second_host_mid_rollout(test: &str, prefix: &str, trigger: &str) {
         fleet.agent_logs()
     );
     fleet.lose(1);
-    let lost_at = Instant::now();
 
     // Whatever the master was doing with the lost host (stopping it, starting it,
     // watching it), one phase's bound, tried twice, ends that phase; the rollback that
     // follows a failed verification tries the same again; the rest takes what a busy
-    // machine needs.
+    // machine needs. Past this bound the deploy hangs (`finish_within` fails).
     let phase = TRANSFER_STALL_TIMEOUT
         .max(STOP_GRACE + STOP_MARGIN)
         .max(PING_BUDGET)
         .max(HEALTH_DEADLINE);
     let limit = (phase + CONNECT_TIMEOUT) * 4 + PATIENCE;
     let (ok, out) = deploy.finish_within(limit, || fleet.agent_logs());
-    let took = lost_at.elapsed();
     assert!(!ok, "a lost host fails the deploy:\n{out}");
-    let lost = format!("{}/{} (", "web", ids[1]);
+    let lost = format!("web/{} (", ids[1]);
     assert!(
         out.lines()
             .any(|l| l.contains(&lost) && l.contains("FAILED while")),
         "{} reported failed:\n{out}",
         ids[1]
     );
-    let halted = format!("not touched: {}", ids[2]);
-    assert!(out.contains("HALTED") && out.contains(&halted), "{out}");
-    assert!(took < limit, "reported after {took:?}");
-
-    // The canary runs the new version, the host after the lost one was not touched.
     assert_eq!(fleet.beat(0), format!("beat 0.2.0 {}", ids[0]));
-    assert_eq!(fleet.beat(2), format!("beat 0.1.0 {}", ids[2]));
-    assert_eq!(fleet.agents[2].release_pids("beat"), untouched_pids);
+    if max_failed == 0 {
+        let halted = format!("not touched: {}", ids[2]);
+        assert!(out.contains("HALTED") && out.contains(&halted), "{out}");
+        assert_eq!(fleet.beat(2), format!("beat 0.1.0 {}", ids[2]));
+        assert_eq!(fleet.agents[2].release_pids("beat"), third_pids);
+    } else {
+        assert!(!out.contains("HALTED"), "{out}");
+        assert!(
+            out.contains(&format!("{}: done, runs 0.2.0", ids[2])),
+            "{out}"
+        );
+        assert_eq!(fleet.beat(2), format!("beat 0.2.0 {}", ids[2]));
+    }
 }
 
 /// The rate of the lossy link: 1 MB/s.
