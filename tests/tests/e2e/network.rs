@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use erel_master::client::TRANSFER_STALL_TIMEOUT;
+use erel_master::client::{DEAD_PEER_TIMEOUT, TRANSFER_STALL_TIMEOUT};
 use erel_master::release::ReleaseFile;
 
 use crate::helper::netns::NetFleet;
@@ -176,9 +176,19 @@ fn bulk_release(dir: &Path, version: &str) -> std::path::PathBuf {
             mode: 0o644,
         },
     ];
-    let path = dir.join(format!("bulk-{version}.tar"));
+    write_plain_tar(dir, "bulk", version, &files)
+}
+
+/// Writes `dir/<name>-<version>.tar` holding `files` in order, uncompressed; its path.
+fn write_plain_tar(
+    dir: &Path,
+    name: &str,
+    version: &str,
+    files: &[ReleaseFile],
+) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}-{version}.tar"));
     let mut tar = tar::Builder::new(std::fs::File::create(&path).expect("create the tarball"));
-    for file in &files {
+    for file in files {
         let mut header = tar::Header::new_gnu();
         header.set_size(file.data.len() as u64);
         header.set_mode(file.mode);
@@ -233,12 +243,21 @@ fn cut_mid_push(fleet: &NetFleet, master: &Running, size: u64) -> u64 {
     at_cut
 }
 
-/// The bound on a master's giving up a push whose link was cut: the transfer stalls,
-/// one new connection is tried, which the cut link cannot carry, and the host is
-/// reported.
-const CUT_PUSH_REPORTED: Duration = TRANSFER_STALL_TIMEOUT
+/// The bound on a master's giving up a push whose link was cut: its connection is found
+/// dead (or the transfer stalls, if that came first), one new connection is tried, which
+/// the cut link cannot carry, and the host is reported.
+const CUT_PUSH_REPORTED: Duration = min(DEAD_PEER_TIMEOUT, TRANSFER_STALL_TIMEOUT)
     .saturating_add(CONNECT_TIMEOUT.saturating_mul(2))
     .saturating_add(PATIENCE);
+
+/// The shorter of two durations, in a constant.
+const fn min(a: Duration, b: Duration) -> Duration {
+    if a.as_nanos() < b.as_nanos() {
+        a
+    } else {
+        b
+    }
+}
 
 /// After a push to `fleet`'s host was cut and reported: nothing half-done is visible,
 /// and what arrived is kept in staging. The bytes kept.
@@ -425,6 +444,64 @@ fn lose_the_second_host_mid_rollout(test: &str, prefix: &str, trigger: &str, max
         );
         assert_eq!(fleet.beat(2), format!("beat 0.2.0 {}", ids[2]));
     }
+}
+
+/// Files in the archive of [`many_files_release`]: enough that the agent spends seconds
+/// unpacking it.
+const MANY_FILES: usize = 20_000;
+
+/// A release `many` `version` that sleeps, carrying [`MANY_FILES`] small files, written
+/// to `dir` as a plain `.tar`.
+fn many_files_release(dir: &Path, version: &str) -> std::path::PathBuf {
+    let mut files = vec![
+        ReleaseFile::start_script("many", "#!/bin/sh\nexec sleep 100000\n"),
+        ReleaseFile::marker("many", version),
+    ];
+    files.extend((0..MANY_FILES).map(|i| ReleaseFile {
+        path: format!("lib/{:03}/{i}.txt", i % 100),
+        data: format!("file {i}\n").into_bytes(),
+        mode: 0o644,
+    }));
+    write_plain_tar(dir, "many", version, &files)
+}
+
+#[test]
+fn a_host_lost_while_it_unpacks_is_reported_once_its_connection_is_found_dead() {
+    let test = "a_host_lost_while_it_unpacks_is_reported_once_its_connection_is_found_dead";
+    let Some(mut fleet) = NetFleet::new(test, "unpk", 1) else {
+        return;
+    };
+    let archive = many_files_release(&fleet.releases(), "1.0.0");
+    fleet.write_cluster(
+        1,
+        "many",
+        "1.0.0",
+        &archive,
+        "health = { min_up_secs = 1, deadline_secs = 30 }",
+    );
+    let deploy = start_deploy(&fleet);
+    let unpacking = fleet.agents[0].root.join(".erel/unpack");
+    let seen = wait_until_blocking(PLAIN_DEPLOY, || {
+        std::fs::read_dir(&unpacking).is_ok_and(|mut entries| entries.next().is_some())
+    });
+    assert!(
+        seen,
+        "never unpacked:\n{}\n{}",
+        deploy.output(),
+        fleet.agent_logs()
+    );
+    fleet.lose(0);
+
+    // The master waits for the answer to `Unpack` on a connection the host will never
+    // answer on again. The unpack's own bound is for slow disks (minutes); a dead peer is
+    // found by TCP well before it, then one new connection is tried.
+    let limit = DEAD_PEER_TIMEOUT + CONNECT_TIMEOUT * 2 + PATIENCE;
+    let (ok, out) = deploy.finish_within(limit, || fleet.agent_logs());
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("web/unpk-1 (") && out.contains("FAILED while staging"),
+        "{out}"
+    );
 }
 
 /// The rate of the lossy link: 1 MB/s.

@@ -201,9 +201,9 @@ impl Network {
         dropped_in(&outside) + dropped_in(&inside)
     }
 
-    /// Loses host `i` for good: every process in its namespace killed, the namespace and
-    /// its link removed. The agent's own handle should be killed first
-    /// ([`NetFleet::lose`] does both).
+    /// Removes host `i` for good: every process in its namespace killed, the namespace
+    /// and its link removed. [`NetFleet::lose`] cuts the link first, so that the host
+    /// vanishes without a word, and kills the agent through its handle.
     pub fn lose(&mut self, i: usize) {
         if let Some(host) = self.hosts[i].take() {
             remove_host(&host);
@@ -464,8 +464,11 @@ impl NetFleet {
         text.trim().to_string()
     }
 
-    /// Loses host `i` for good: its agent and releases killed, its namespace removed.
+    /// Loses host `i` for good, as a host whose power fails: its link cut first, so that
+    /// nothing it sends while it goes (no FIN, no reset) reaches anyone, then its agent
+    /// and releases killed and its namespace removed.
     pub fn lose(&mut self, i: usize) {
+        self.net.cut(i);
         let root = self.agents[i].root.clone();
         kill_agent_and_releases(&mut self.agents[i], &root);
         self.net.lose(i);
