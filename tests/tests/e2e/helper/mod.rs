@@ -631,28 +631,48 @@ const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
 
 /// A TCP port on loopback that no other test, in this process or another, is given: for
 /// a release to bind later (the agent starts it, so no listener can be handed over).
-///
-/// A port is reserved for the rest of the process by an exclusive `flock` on a file named
-/// after it in a directory shared by every test process; the kernel drops the lock when
-/// the process exits, so a crashed run leaves nothing reserved. Panics when no port of
+/// Reserved with [`reserve_number`] for the rest of the process. Panics when no port of
 /// [`TEST_PORTS`] is free.
 pub fn free_port() -> u16 {
+    static HELD: Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> = Mutex::new(Vec::new());
+    let first = u32::from(TEST_PORTS.start);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    let (port, lock) = reserve_number("erel-tests-ports", first, span, |port| {
+        std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok()
+    })
+    .unwrap_or_else(|| panic!("no free port left in {TEST_PORTS:?}"));
+    HELD.lock().expect("port reservations").push(lock);
+    port as u16
+}
+
+/// One of the `span` numbers from `first` that no test, in this process or another,
+/// holds, and that `usable` accepts; with the lock that reserves it, or `None` when every
+/// one is taken.
+///
+/// A number is reserved by an exclusive `flock` on a file named after it in
+/// `<temp dir>/<dir>`, a directory shared by every test process, for as long as the lock
+/// is kept; the kernel drops it when the process exits, so a crashed run leaves nothing
+/// reserved. Each process starts looking at its own place, so processes rarely contend
+/// for the same files.
+pub fn reserve_number(
+    dir: &str,
+    first: u32,
+    span: u32,
+    usable: impl Fn(u32) -> bool,
+) -> Option<(u32, nix::fcntl::Flock<std::fs::File>)> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    static HELD: Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> = Mutex::new(Vec::new());
-    let dir = std::env::temp_dir().join("erel-tests-ports");
-    std::fs::create_dir_all(&dir).expect("create the port reservation directory");
-    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
-    // Processes start at different places, so they rarely contend for the same files.
+    let dir = std::env::temp_dir().join(dir);
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("create the reservation directory {}: {e}", dir.display()));
     let start = std::process::id().wrapping_mul(7919) % span;
     for _ in 0..span {
-        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
-        let port = TEST_PORTS.start + offset as u16;
+        let number = first + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
         let Ok(file) = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(dir.join(port.to_string()))
+            .open(dir.join(number.to_string()))
         else {
             continue;
         };
@@ -660,12 +680,11 @@ pub fn free_port() -> u16 {
         else {
             continue;
         };
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            HELD.lock().expect("port reservations").push(lock);
-            return port;
+        if usable(number) {
+            return Some((number, lock));
         }
     }
-    panic!("no free port left in {TEST_PORTS:?}");
+    None
 }
 
 /// How often a bounded wait looks again.

@@ -19,7 +19,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use super::{kill_agent_and_releases, output_text, AgentProc, Pki};
+use super::{kill_agent_and_releases, output_text, reserve_number, AgentProc, Pki};
 
 /// Prefix of every name a network here creates (interfaces, namespaces).
 const PREFIX: &str = "rl-";
@@ -280,37 +280,20 @@ fn remove_leftovers() {
 }
 
 /// A /24 under `10.77.0.0/16` that no other network of any test process holds and no
-/// interface here already uses: reserved by an exclusive `flock` on a file named after
-/// it in a directory shared by every test process (the kernel drops it with the
-/// process, as for the kit's ports).
+/// interface here already uses, reserved with [`reserve_number`] for as long as the lock
+/// is kept.
 fn reserve_subnet() -> Result<(u8, nix::fcntl::Flock<std::fs::File>), String> {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join("erel-tests-subnets");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    let start = std::process::id().wrapping_mul(7919);
-    for _ in 0..254 {
-        let subnet = ((start + NEXT.fetch_add(1, Ordering::Relaxed)) % 254 + 1) as u8;
-        let Ok(file) = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(subnet.to_string()))
-        else {
-            continue;
-        };
-        let Ok(lock) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        else {
-            continue;
-        };
+    let unused = |subnet: u32| {
         let cidr = format!("{}.{}.{subnet}.0/24", NET[0], NET[1]);
-        if output("ip", &["-o", "addr", "show", "to", &cidr]).is_ok_and(|o| o.trim().is_empty()) {
-            return Ok((subnet, lock));
-        }
+        output("ip", &["-o", "addr", "show", "to", &cidr]).is_ok_and(|o| o.trim().is_empty())
+    };
+    match reserve_number("erel-tests-subnets", 1, 254, unused) {
+        Some((subnet, lock)) => Ok((subnet as u8, lock)),
+        None => Err(format!(
+            "no free /24 left under {}.{}.0.0/16",
+            NET[0], NET[1]
+        )),
     }
-    Err(format!(
-        "no free /24 left under {}.{}.0.0/16",
-        NET[0], NET[1]
-    ))
 }
 
 /// The sum of the `dropped N` counts in `tc -s qdisc show` output.
