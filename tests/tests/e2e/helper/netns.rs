@@ -9,9 +9,9 @@
 //! Names are unique per network: `rl-<pid>-<n>` (hex, at most 12 characters, so that
 //! interface names stay within Linux's 15) for the bridge (`-b`), the host-side veth of
 //! host `i` (`-h<i>`) and its namespace (`-<i>`); inside the namespace the link is
-//! `eth0`. Each network has a private /24, `10.77.<x>.0/24`, reserved for the life of
-//! the test process like the kit's ports; the bridge is `.1`, host `i` (from 0) is
-//! `.<i + 2>`.
+//! `eth0`. Each network has a private /24, `10.77.<x>.0/24`, reserved across test
+//! processes while it lives, as the kit's ports are; the bridge is `.1`, host `i` (from
+//! 0) is `.<i + 2>`.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -25,7 +25,7 @@ use super::{kill_agent_and_releases, output_text, reserve_number, AgentProc, Pki
 const PREFIX: &str = "rl-";
 /// The first two octets of every network's /24.
 const NET: [u8; 2] = [10, 77];
-/// Most hosts on one network (one hex digit keeps the names short).
+/// Most hosts on one network (one digit keeps the interface names within 15 characters).
 const MAX_HOSTS: usize = 9;
 
 /// A bridge in the test's namespace and one namespace per host linked to it.
