@@ -63,6 +63,8 @@ ensure_tools() {
     # The static agent's tests: file(1), and a C compiler with a static libc for a
     # release program that runs in a chroot holding nothing else.
     command -v file >/dev/null || apt_install file
+    # The network fault tests put each agent in a network namespace of its own.
+    command -v ip >/dev/null && command -v tc >/dev/null || apt_install iproute2
     [ -f /usr/lib/x86_64-linux-gnu/libc.a ] && command -v cc >/dev/null || apt_install gcc libc6-dev
     # The clock-skew tests run agents with a clock of their own (a preloaded libfaketime).
     [ -f /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || apt_install faketime

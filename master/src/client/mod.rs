@@ -36,6 +36,17 @@ pub use write_file::{Progress, WriteSource};
 
 /// A transfer making no progress for this long is abandoned.
 pub const TRANSFER_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection to an agent may go without a sign of life from the agent's
+/// side of TCP (an acknowledgement of what was sent, or of a keepalive probe while
+/// waiting for an answer) before it is given up as dead: a host that lost power or its
+/// network. A live agent's kernel acknowledges at once however busy the agent is, so
+/// this bounds only silence, never slow work such as a long `Unpack`.
+pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(20);
+/// Silence on an idle connection before the first keepalive probe, and between probes
+/// (`tcp(7)`: `TCP_KEEPIDLE`, `TCP_KEEPINTVL`); enough probes fit in
+/// [`DEAD_PEER_TIMEOUT`] that one lost probe is not taken for a dead peer.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
+const _: () = assert!(KEEPALIVE_EVERY.as_secs() * 3 <= DEAD_PEER_TIMEOUT.as_secs());
 /// Time allowed to send our `close_notify` when a client is closed.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -123,6 +134,23 @@ impl fmt::Debug for AgentClient {
     }
 }
 
+/// Makes TCP give `tcp` up once the agent's side stays silent for [`DEAD_PEER_TIMEOUT`]:
+/// keepalive probes while the connection waits for an answer (a long `Unpack`, say),
+/// and `TCP_USER_TIMEOUT` (`tcp(7)`, Linux) for what was sent and not acknowledged,
+/// which also ends the probing once it runs past the timeout. A read or write on a
+/// connection given up fails (`ETIMEDOUT`), as a reset would make it. Best effort: a
+/// system that refuses an option keeps its defaults, and the timeouts per command
+/// still hold.
+fn detect_dead_peer(tcp: &TcpStream) {
+    let socket = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_EVERY)
+        .with_interval(KEEPALIVE_EVERY);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+    #[cfg(target_os = "linux")]
+    let _ = socket.set_tcp_user_timeout(Some(DEAD_PEER_TIMEOUT));
+}
+
 impl AgentClient {
     /// Connects, verifies the agent's certificate names `host.id`, and exchanges `Hello`,
     /// each phase within its own timeout; [`Connector::connect`] is the way in.
@@ -150,6 +178,7 @@ impl AgentClient {
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
+        detect_dead_peer(&tcp);
         let server_name = erel_certs::server_name(&host.id)?;
         let connector = TlsConnector::from(tls);
         let handshake = async {
@@ -425,6 +454,36 @@ fn timeout(host: &HostAddr, phase: String) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn connections_to_agents_find_a_silent_peer_dead_within_the_bound() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let tcp = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        detect_dead_peer(&tcp);
+        let socket = socket2::SockRef::from(&tcp);
+        assert!(socket.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(
+            socket.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
+            KEEPALIVE_EVERY
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().expect("TCP_KEEPINTVL"),
+            KEEPALIVE_EVERY
+        );
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            socket.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
+            Some(DEAD_PEER_TIMEOUT)
+        );
+        assert!(
+            KEEPALIVE_EVERY * 3 <= DEAD_PEER_TIMEOUT,
+            "room for a lost probe"
+        );
+    }
 
     #[test]
     fn parses_host_addresses() {

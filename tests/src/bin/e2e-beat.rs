@@ -1,5 +1,6 @@
-//! A tiny release program for the tests: `foreground` serves TCP on `$BEAT_PORT` and
-//! answers every connection with `beat <version> <host>`. `$BEAT_FAIL` makes it
+//! A tiny release program for the tests: `foreground` serves TCP on `$BEAT_PORT` (on
+//! `$BEAT_ADDR`, 127.0.0.1 by default) and answers every connection with
+//! `beat <version> <host>`. `$BEAT_FAIL` makes it
 //! misbehave on purpose: `exit` exits at once with code 3, `silent` runs without
 //! listening, `slow-stop` serves on for [`SLOW_STOP`] after a SIGTERM (saying so on
 //! stdout), then exits with code 0.
@@ -29,7 +30,8 @@ fn main() {
         _ => {}
     }
     let port = std::env::var("BEAT_PORT").unwrap_or_else(|_| "0".into());
-    let listener = match TcpListener::bind(format!("127.0.0.1:{port}")) {
+    let addr = std::env::var("BEAT_ADDR").unwrap_or_else(|_| "127.0.0.1".into());
+    let listener = match TcpListener::bind(format!("{addr}:{port}")) {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("beat {version}: cannot listen on {port}: {e}");

@@ -20,6 +20,7 @@ mod kit;
 mod lifecycle;
 mod logs;
 mod manners;
+mod network;
 mod one_agent;
 mod otp;
 mod output;

@@ -28,6 +28,7 @@ pub mod cluster;
 pub mod commands;
 pub mod fleet;
 pub mod install;
+pub mod netns;
 pub mod otp;
 pub mod release;
 pub mod systemctl;
@@ -69,13 +70,16 @@ impl Pki {
         self.master.path()
     }
 
-    /// The bundle for `id`, issued on first use.
+    /// The bundle for `id`, issued on first use for 127.0.0.1.
     pub fn bundle(&self, id: &str) -> PathBuf {
+        self.bundle_naming(id, &["127.0.0.1".parse().expect("ip")])
+    }
+
+    /// The bundle for `id`, issued on first use with a certificate naming `ips`.
+    pub fn bundle_naming(&self, id: &str, ips: &[std::net::IpAddr]) -> PathBuf {
         let dir = self.master.host_dir(id);
         if !dir.join("host.pem").exists() {
-            self.master
-                .issue_host(id, &["127.0.0.1".parse().expect("ip")], &[])
-                .expect("issue host");
+            self.master.issue_host(id, ips, &[]).expect("issue host");
         }
         dir
     }
@@ -192,6 +196,38 @@ pub fn pki_and_agent(id: &str, extra: &[&str]) -> (Pki, AgentProc) {
     (pki, agent)
 }
 
+/// A new agent root: a folder inside a directory the agent owns, so that a test may look
+/// at the root's parent without seeing other tests' files.
+fn fresh_root() -> (tempfile::TempDir, PathBuf) {
+    let root_dir = tempfile::tempdir().expect("tempdir");
+    let root = std::fs::canonicalize(root_dir.path())
+        .expect("canonical root")
+        .join("root");
+    std::fs::create_dir(&root).expect("create root");
+    (root_dir, root)
+}
+
+/// Where an agent listens, with which bundle, in which network namespace.
+struct Placement {
+    /// The address to listen on (port 0 at first start).
+    addr: SocketAddr,
+    /// Its certificate bundle.
+    bundle: PathBuf,
+    /// The network namespace, `None` for the test's own.
+    netns: Option<String>,
+}
+
+impl Placement {
+    /// Loopback, port 0, with the bundle of `id` naming 127.0.0.1.
+    fn loopback(pki: &Pki, id: &str) -> Self {
+        Placement {
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            bundle: pki.bundle(id),
+            netns: None,
+        }
+    }
+}
+
 /// A real `erel-boot` process on loopback with its own temporary root.
 pub struct AgentProc {
     pub id: String,
@@ -202,6 +238,9 @@ pub struct AgentProc {
     extra: Vec<String>,
     /// Variables set in the agent's environment besides its own.
     env: Vec<(String, String)>,
+    /// The network namespace (a name under `/run/netns`) the agent runs in; `None` for
+    /// the test's own.
+    netns: Option<String>,
     process: Followed,
 }
 
@@ -209,25 +248,15 @@ impl AgentProc {
     /// Starts an agent for host `id` with the fast supervision settings and `extra` flags
     /// (which win over the fast settings).
     pub fn start(pki: &Pki, id: &str, extra: &[&str]) -> Self {
-        // The root is a folder inside a directory this agent owns, so that a test may
-        // look at the root's parent without seeing other tests' files.
-        let root_dir = tempfile::tempdir().expect("tempdir");
-        let root = std::fs::canonicalize(root_dir.path())
-            .expect("canonical root")
-            .join("root");
-        std::fs::create_dir(&root).expect("create root");
-        Self::start_with(pki, id, root_dir, root, &[], extra)
+        let (root_dir, root) = fresh_root();
+        Self::start_with(id, root_dir, root, &[], extra, Placement::loopback(pki, id))
     }
 
     /// Starts an agent like [`AgentProc::start`], with `env` (`NAME`, `VALUE`) added to
     /// its environment (a preloaded library, say), and so to its releases'.
     pub fn start_with_env(pki: &Pki, id: &str, env: &[(&str, &str)], extra: &[&str]) -> Self {
-        let root_dir = tempfile::tempdir().expect("tempdir");
-        let root = std::fs::canonicalize(root_dir.path())
-            .expect("canonical root")
-            .join("root");
-        std::fs::create_dir(&root).expect("create root");
-        Self::start_with(pki, id, root_dir, root, env, extra)
+        let (root_dir, root) = fresh_root();
+        Self::start_with(id, root_dir, root, env, extra, Placement::loopback(pki, id))
     }
 
     /// Starts an agent like [`AgentProc::start`], on `root`: a directory the caller made
@@ -235,23 +264,41 @@ impl AgentProc {
     pub fn start_on_root(pki: &Pki, id: &str, root: &Path, extra: &[&str]) -> Self {
         let root_dir = tempfile::tempdir().expect("tempdir");
         let root = std::fs::canonicalize(root).expect("canonical root");
-        Self::start_with(pki, id, root_dir, root, &[], extra)
+        Self::start_with(id, root_dir, root, &[], extra, Placement::loopback(pki, id))
+    }
+
+    /// Starts an agent like [`AgentProc::start`], inside the network namespace `netns`,
+    /// listening on `ip` (an address of that namespace) with a certificate naming it.
+    pub fn start_in_netns(
+        pki: &Pki,
+        id: &str,
+        netns: &str,
+        ip: std::net::IpAddr,
+        extra: &[&str],
+    ) -> Self {
+        let (root_dir, root) = fresh_root();
+        let placement = Placement {
+            addr: SocketAddr::new(ip, 0),
+            bundle: pki.bundle_naming(id, &[ip]),
+            netns: Some(netns.to_string()),
+        };
+        Self::start_with(id, root_dir, root, &[], extra, placement)
     }
 
     fn start_with(
-        pki: &Pki,
         id: &str,
         root_dir: tempfile::TempDir,
         root: PathBuf,
         env: &[(&str, &str)],
         extra: &[&str],
+        placement: Placement,
     ) -> Self {
         let mut agent = AgentProc {
             id: id.to_string(),
-            addr: "127.0.0.1:0".parse().expect("addr"),
+            addr: placement.addr,
             root_dir,
             root,
-            bundle: pki.bundle(id),
+            bundle: placement.bundle,
             // A flag in `extra` replaces the same fast setting.
             extra: fast_supervision()
                 .chunks(2)
@@ -264,6 +311,7 @@ impl AgentProc {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            netns: placement.netns,
             process: Followed::default(),
         };
         agent.spawn();
@@ -273,11 +321,7 @@ impl AgentProc {
     /// Starts an agent for host `id` on the bundle directory `bundle` (for instance one
     /// made from an operator's own PKI), with the fast supervision settings.
     pub fn start_with_bundle(bundle: PathBuf, id: &str) -> Self {
-        let root_dir = tempfile::tempdir().expect("tempdir");
-        let root = std::fs::canonicalize(root_dir.path())
-            .expect("canonical root")
-            .join("root");
-        std::fs::create_dir(&root).expect("create root");
+        let (root_dir, root) = fresh_root();
         let mut agent = AgentProc {
             id: id.to_string(),
             addr: "127.0.0.1:0".parse().expect("addr"),
@@ -286,6 +330,7 @@ impl AgentProc {
             bundle,
             extra: fast_supervision(),
             env: Vec::new(),
+            netns: None,
             process: Followed::default(),
         };
         agent.spawn();
@@ -293,7 +338,19 @@ impl AgentProc {
     }
 
     fn spawn(&mut self) {
-        let mut child = Command::new(AGENT_BIN)
+        // `nsenter` enters the network namespace only and then runs the agent in its
+        // place (same process), so the agent sees the test's file systems and cgroups.
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut nsenter = Command::new("nsenter");
+                nsenter
+                    .arg(format!("--net=/run/netns/{netns}"))
+                    .arg(AGENT_BIN);
+                nsenter
+            }
+            None => Command::new(AGENT_BIN),
+        };
+        let mut child = command
             .arg("--listen")
             .arg(self.addr.to_string())
             .arg("--root")
@@ -613,28 +670,48 @@ const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
 
 /// A TCP port on loopback that no other test, in this process or another, is given: for
 /// a release to bind later (the agent starts it, so no listener can be handed over).
-///
-/// A port is reserved for the rest of the process by an exclusive `flock` on a file named
-/// after it in a directory shared by every test process; the kernel drops the lock when
-/// the process exits, so a crashed run leaves nothing reserved. Panics when no port of
+/// Reserved with [`reserve_number`] for the rest of the process. Panics when no port of
 /// [`TEST_PORTS`] is free.
 pub fn free_port() -> u16 {
+    static HELD: Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> = Mutex::new(Vec::new());
+    let first = u32::from(TEST_PORTS.start);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    let (port, lock) = reserve_number("erel-tests-ports", first, span, |port| {
+        std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok()
+    })
+    .unwrap_or_else(|| panic!("no free port left in {TEST_PORTS:?}"));
+    HELD.lock().expect("port reservations").push(lock);
+    port as u16
+}
+
+/// One of the `span` numbers from `first` that no test, in this process or another,
+/// holds, and that `usable` accepts; with the lock that reserves it, or `None` when every
+/// one is taken.
+///
+/// A number is reserved by an exclusive `flock` on a file named after it in
+/// `<temp dir>/<dir>`, a directory shared by every test process, for as long as the lock
+/// is kept; the kernel drops it when the process exits, so a crashed run leaves nothing
+/// reserved. Each process starts looking at its own place, so processes rarely contend
+/// for the same files.
+pub fn reserve_number(
+    dir: &str,
+    first: u32,
+    span: u32,
+    usable: impl Fn(u32) -> bool,
+) -> Option<(u32, nix::fcntl::Flock<std::fs::File>)> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    static HELD: Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> = Mutex::new(Vec::new());
-    let dir = std::env::temp_dir().join("erel-tests-ports");
-    std::fs::create_dir_all(&dir).expect("create the port reservation directory");
-    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
-    // Processes start at different places, so they rarely contend for the same files.
+    let dir = std::env::temp_dir().join(dir);
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("create the reservation directory {}: {e}", dir.display()));
     let start = std::process::id().wrapping_mul(7919) % span;
     for _ in 0..span {
-        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
-        let port = TEST_PORTS.start + offset as u16;
+        let number = first + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
         let Ok(file) = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(dir.join(port.to_string()))
+            .open(dir.join(number.to_string()))
         else {
             continue;
         };
@@ -642,12 +719,11 @@ pub fn free_port() -> u16 {
         else {
             continue;
         };
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            HELD.lock().expect("port reservations").push(lock);
-            return port;
+        if usable(number) {
+            return Some((number, lock));
         }
     }
-    panic!("no free port left in {TEST_PORTS:?}");
+    None
 }
 
 /// How often a bounded wait looks again.
