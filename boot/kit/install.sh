@@ -18,8 +18,8 @@
 # DIR too. Run as root, every file and directory it creates is owned by root. Each file
 # is written to a temporary name beside it, fsynced and renamed: a power cut or a
 # signal leaves the old file or the new one, never a part. With DIR / and systemd
-# running, it reloads systemd when the unit changed, enables and starts the unit when
-# it installed it (a unit the administrator disabled stays disabled), and restarts a
+# running, it reloads systemd when the unit changed, enables and starts the unit until
+# one run has done so (a unit the administrator disabled stays disabled), and restarts a
 # running agent whose binary or unit changed. A second run changes nothing. The last
 # line it prints is the command that starts the agent it installed.
 set -eu
@@ -195,8 +195,13 @@ sed -e "s|^ExecStart=/usr/local/bin/erel-boot --config /etc/erel/boot.toml$|Exec
     "$KIT/$UNIT_NAME" >"$STAGING/$UNIT_NAME"
 grep -q "^ExecStart=$BIN --config $CONF$" "$STAGING/$UNIT_NAME" ||
     fail "$KIT/$UNIT_NAME has no ExecStart line to point at $BIN"
+# The unit is enabled by the install that installs it, and by no later one: a mark,
+# written once `systemctl enable --now` succeeded (like deb-systemd-helper's state under
+# /var/lib/systemd), tells a finished first install from one cut off before it enabled
+# the unit, which a rerun completes.
+ENABLED_MARK=$PREFIX/var/lib/erel-kit/unit-enabled
 first=no
-[ -e "$UNIT" ] || first=yes
+[ -e "$ENABLED_MARK" ] || first=yes
 unit_changed=no
 if differs "$STAGING/$UNIT_NAME" "$UNIT"; then
     put "$STAGING/$UNIT_NAME" "$UNIT" 0644
@@ -212,6 +217,9 @@ else
     [ "$unit_changed" = no ] || systemctl daemon-reload
     if [ "$first" = yes ]; then
         systemctl enable --now "$UNIT_NAME"
+        make_dir "$(dirname "$ENABLED_MARK")" 0755
+        printf '%s\n' "$UNIT_NAME" >"$STAGING/unit-enabled"
+        put "$STAGING/unit-enabled" "$ENABLED_MARK" 0644
         say "systemd: $UNIT_NAME enabled and started"
     elif [ "$changed" = yes ] && systemctl is-active --quiet "$UNIT_NAME"; then
         systemctl restart "$UNIT_NAME"

@@ -591,3 +591,48 @@ fn on_a_systemd_host_install_sh_enables_the_unit_once_and_keeps_the_administrato
     );
     assert_eq!(host.unit(), (true, true));
 }
+
+#[test]
+fn on_a_systemd_host_an_install_cut_off_before_it_enabled_the_unit_is_completed_by_a_rerun() {
+    let test =
+        "on_a_systemd_host_an_install_cut_off_before_it_enabled_the_unit_is_completed_by_a_rerun";
+    if !root_or_skip(test) {
+        return;
+    }
+    let pki = pki_from_the_cli();
+    let work = tempfile::tempdir().expect("tempdir");
+    let work_dir = std::fs::canonicalize(work.path()).expect("canonical");
+    let kit_dir = unpacked_kit(&pki, "kit-6", &work_dir);
+    let host = StandInSystemctlRoot::new();
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(&kit_dir)
+        .arg(host.at("/kit"))
+        .output()
+        .expect("run cp");
+    assert!(out.status.success(), "cp: {}", output_text(&out));
+    let unit = "erel-boot.service";
+
+    // The first install writes the unit, then stops where `systemctl enable` fails.
+    host.fail_next_enable();
+    let out = host.run(&["/kit/install.sh"]);
+    assert!(
+        !out.status.success(),
+        "an install whose enable failed must fail: {}",
+        output_text(&out)
+    );
+    assert!(host.at("/etc/systemd/system/erel-boot.service").exists());
+    assert_eq!(host.unit(), (false, false));
+    host.calls();
+
+    // The rerun finds the unit in place but never enabled: it enables and starts it.
+    let text = host.run_ok(&["/kit/install.sh"]);
+    assert_eq!(host.calls(), [format!("enable --now {unit}")], "{text}");
+    assert_eq!(host.unit(), (true, true));
+
+    // From then on the administrator's choice holds.
+    host.set_unit(false, false);
+    host.run_ok(&["/kit/install.sh"]);
+    assert_eq!(host.calls(), Vec::<String>::new());
+    assert_eq!(host.unit(), (false, false));
+}

@@ -13,8 +13,14 @@ use super::output_text;
 /// The stand-in `systemctl`, in the scratch root's `/stand-in/`.
 const STAND_IN_SYSTEMCTL: &str = r#"#!/bin/sh
 # A stand-in for systemctl(1), not systemd: records each call in /systemctl.calls and
-# keeps one unit's state in /systemctl.enabled and /systemctl.active.
+# keeps one unit's state in /systemctl.enabled and /systemctl.active. While
+# /systemctl.fail-enable exists, `enable` fails (once: it removes the file).
 echo "$*" >>/systemctl.calls
+if [ "$1" = enable ] && [ -e /systemctl.fail-enable ]; then
+    rm -f /systemctl.fail-enable
+    echo "stand-in systemctl: enable failed as the test asked" >&2
+    exit 1
+fi
 case "$1" in
 is-enabled) [ -e /systemctl.enabled ] ;;
 is-active) [ -e /systemctl.active ] ;;
@@ -111,6 +117,11 @@ impl StandInSystemctlRoot {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let _ = std::fs::remove_file(&path);
         text.lines().map(str::to_string).collect()
+    }
+
+    /// Makes the next `systemctl enable` fail, as a cut-off install would stop there.
+    pub fn fail_next_enable(&self) {
+        std::fs::write(self.at("/systemctl.fail-enable"), "").expect("write switch");
     }
 
     /// Sets the unit's state as an administrator's `systemctl enable/disable` and
