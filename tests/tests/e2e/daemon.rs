@@ -47,14 +47,25 @@ fn still_started_over(
     );
 }
 
-/// Asserts that the agents of `fleet` logged `expected` starts of beat `version`.
+/// Asserts that the agents of `fleet` logged `expected` starts of beat `version`. An
+/// agent logs a start once it has answered it, so a release may already serve before
+/// its start is in the log: the count is awaited (within [`NOTICE`]), then checked
+/// exactly.
 fn assert_starts(fleet: &Fleet, version: &str, expected: usize) {
+    wait_until_blocking(NOTICE, || starts_of(fleet, version) >= expected);
     assert_eq!(
         starts_of(fleet, version),
         expected,
         "{}",
         fleet.agent_logs()
     );
+}
+
+/// The starts of beat `version` after a fleet's first deploy of it (one per host), once
+/// every agent has logged its own (see [`assert_starts`]).
+fn first_starts(fleet: &Fleet, version: &str) -> usize {
+    assert_starts(fleet, version, fleet.agents.len());
+    fleet.agents.len()
 }
 
 /// How many times any agent of `fleet` was asked to start `beat <version>`, from
@@ -306,7 +317,7 @@ fn daemon_tries_a_broken_revision_once_halts_the_group_and_applies_a_newer_one()
             .is_some_and(|rows| rows.iter().all(|row| row["halted"].is_null())),
         "{rows}"
     );
-    assert_eq!(starts_of(&fleet, "2.5.0"), 1);
+    assert_starts(&fleet, "2.5.0", 1);
 }
 
 /// How long every host's release must have run before `restarted_at` is written: the
@@ -415,7 +426,7 @@ fn daemon_restarts_each_host_once_for_a_revision_with_restarted_at() {
     let cluster = write_cluster(&fleet, 1, "1.0.0");
     let daemon = FileDaemon::start_running(&fleet, &cluster);
     let before = pids_of_settled_releases(&fleet);
-    let starts = starts_of(&fleet, "1.0.0");
+    let starts = first_starts(&fleet, "1.0.0");
 
     write_restarted_now(&fleet, 2);
     restarted_once(
@@ -442,7 +453,7 @@ fn amqp_daemon_restarts_each_host_once_for_a_revision_with_restarted_at() {
     fleet.published(&broker, &fleet.config(1, "1.0.0", ONE_AT_A_TIME));
     fleet.wait_all_run("1.0.0", CONVERGE, "every host runs 1.0.0", || master.log());
     let before = pids_of_settled_releases(&fleet);
-    let starts = starts_of(&fleet, "1.0.0");
+    let starts = first_starts(&fleet, "1.0.0");
 
     fleet.published(&broker, &restarted_now(&fleet, 2));
     let applied = |log: &str| {
@@ -467,7 +478,7 @@ fn deploy_restarts_each_host_once_for_restarted_at() {
     let out = erel_on(&fleet, &cluster, &["deploy"]);
     assert!(out.status.success(), "{}", output_text(&out));
     let before = pids_of_settled_releases(&fleet);
-    let starts = starts_of(&fleet, "1.0.0");
+    let starts = first_starts(&fleet, "1.0.0");
 
     write_restarted_now(&fleet, 2);
     let out = erel_on(&fleet, &cluster, &["deploy"]);
@@ -901,7 +912,7 @@ fn group_restart_stop_and_rollback_are_refused_while_the_daemon_holds_the_group(
     let cluster = write_cluster(&fleet, 1, "1.0.0");
     let daemon = FileDaemon::start_converged(&fleet, &cluster);
     let pid = daemon.0.pid().expect("running");
-    let starts = starts_of(&fleet, "1.0.0");
+    let starts = first_starts(&fleet, "1.0.0");
     for words in [
         ["restart", "--group", "web"],
         ["stop", "--group", "web"],
@@ -956,12 +967,8 @@ fn a_revision_naming_the_old_version_rolls_the_daemons_group_back() {
     fleet.wait_all_run("1.0.0", CONVERGE, "revision 3 takes 1.0.0 back", || {
         daemon.0.log()
     });
-    assert_eq!(
-        starts_of(&fleet, "1.0.0"),
-        4,
-        "each host started 1.0.0 once more\n{}",
-        fleet.agent_logs()
-    );
+    // Each host started 1.0.0 once more.
+    assert_starts(&fleet, "1.0.0", 4);
     // The beats answer before the verification that follows them ends: wait for it.
     let switched_back = || {
         daemon
