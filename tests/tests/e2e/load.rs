@@ -11,7 +11,6 @@
 //! their own addresses), so that their pending handshakes stay under the agent's
 //! per-address cap; the crowd connects from other loopback addresses.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
+use crate::deploy::{group, RELEASE};
 use crate::helper::fleet::Fleet;
 use crate::helper::raw_peer::{closes_within, idle_peer};
 use crate::helper::release::beat_release;
@@ -54,10 +54,6 @@ const GARBAGE_ADDRESSES: u8 = 2;
 /// busy machine (the benchmark records the real figure: about 20 MiB).
 const RSS_BOUND_KIB: u64 = 128 * 1024;
 
-const RELEASE: &str = "beat";
-const GROUP: &str = "max_in_flight = 1\ncanaries = 1\n\
-                     health = { tcp = \"$BEAT_PORT\", min_up_secs = 1, deadline_secs = 15 }";
-
 /// What one run of the load saw.
 struct LoadReport {
     /// Pings answered, across all masters.
@@ -74,37 +70,15 @@ struct LoadReport {
     rss_kib: u64,
 }
 
-/// The beat release `version` in `releases/` and a cluster file naming it for the one
-/// agent of `fleet`.
-fn write_cluster(fleet: &Fleet, revision: u64, version: &str) {
-    let releases = fleet.dir.path().join("releases");
-    std::fs::create_dir_all(&releases).expect("mkdir releases");
-    let archive = beat_release(&releases, RELEASE, version);
-    let name = archive.file_name().expect("file name").to_string_lossy();
-    let text = format!(
-        "revision = {revision}\n{}[group.web]\nrelease = \"{RELEASE}\"\nversion = \"{version}\"\n\
-         archive = \"releases/{name}\"\nstop_grace_secs = 5\n{GROUP}\n",
-        fleet.hosts_toml("BEAT_PORT")
-    );
-    std::fs::write(cluster_file(fleet), text).expect("write cluster file");
-}
-
-fn cluster_file(fleet: &Fleet) -> std::path::PathBuf {
-    fleet.dir.path().join("cluster.toml")
-}
-
-/// `erel deploy` of the fleet's cluster file, on a blocking thread; (success, output).
-async fn deploy(pki_certs: &Path, cluster: &Path) -> (bool, String) {
-    let mut erel = std::process::Command::new(crate::helper::MASTER_BIN);
-    erel.arg("--certs")
-        .arg(pki_certs)
-        .arg("deploy")
-        .arg("--cluster")
-        .arg(cluster);
-    let out = tokio::task::spawn_blocking(move || erel.output().expect("run erel deploy"))
-        .await
-        .expect("deploy thread");
-    (out.status.success(), output_text(&out))
+/// `erel deploy` of `fleet`'s cluster file, started on a blocking thread: its success
+/// and output, and how long it took.
+fn deploy(fleet: &Fleet) -> tokio::task::JoinHandle<((bool, String), Duration)> {
+    let mut erel = fleet.erel(&["deploy"]);
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let out = erel.output().expect("run erel deploy");
+        ((out.status.success(), output_text(&out)), started.elapsed())
+    })
 }
 
 /// What a master saw while it pinged.
@@ -204,15 +178,13 @@ async fn run_load(id: &str) -> LoadReport {
         ],
     );
     let fleet = Fleet::of(pki, vec![agent], &["web"]);
-    let (agent, certs, cluster) = (
-        &fleet.agents[0],
-        fleet.pki.certs_dir(),
-        cluster_file(&fleet),
-    );
+    let agent = &fleet.agents[0];
+    let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
+    let v2 = beat_release(&fleet.releases(), RELEASE, "0.2.0");
 
-    // Without load: the first version, and what a switch reports.
-    write_cluster(&fleet, 1, "0.1.0");
-    let (ok, out) = deploy(certs, &cluster).await;
+    // Without load, the first version.
+    fleet.write_cluster(1, "0.1.0", &v1, &group(1, 1));
+    let ((ok, out), _) = deploy(&fleet).await.expect("deploy thread");
     assert!(ok, "deploy of 0.1.0 without load:\n{out}\n{}", agent.log());
     fleet.expect_beats("0.1.0");
 
@@ -238,24 +210,24 @@ async fn run_load(id: &str) -> LoadReport {
         async move { ended || connected.load(Ordering::SeqCst) == MASTERS }
     })
     .await;
-    assert!(
-        all_in && connected.load(Ordering::SeqCst) == MASTERS,
-        "{} of {MASTERS} masters connected (one ended: see its error below)\n{}",
-        connected.load(Ordering::SeqCst),
-        agent.log()
-    );
+    if !all_in || connected.load(Ordering::SeqCst) < MASTERS {
+        stop.store(true, Ordering::SeqCst);
+        let mut errors = Vec::new();
+        for handle in masters {
+            errors.extend(handle.await.expect("master task").errors);
+        }
+        panic!(
+            "{} of {MASTERS} masters connected: {}\n{}",
+            connected.load(Ordering::SeqCst),
+            errors.join("\n"),
+            agent.log()
+        );
+    }
     let load_started = Instant::now();
 
     // The deploy of the next version, under that load.
-    write_cluster(&fleet, 2, "0.2.0");
-    let deploying = {
-        let (certs, cluster) = (certs.to_path_buf(), cluster.clone());
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let outcome = deploy(&certs, &cluster).await;
-            (outcome, started.elapsed())
-        })
-    };
+    fleet.write_cluster(2, "0.2.0", &v2, &group(1, 1));
+    let deploying = deploy(&fleet);
 
     // The crowd arrives while it runs.
     let mut silent = Vec::new();
@@ -295,7 +267,7 @@ async fn run_load(id: &str) -> LoadReport {
         );
     }
 
-    let ((ok, out), deploy_took) = deploying.await.expect("deploy task");
+    let ((ok, out), deploy_took) = deploying.await.expect("deploy thread");
     assert!(ok, "deploy of 0.2.0 under load:\n{out}\n{}", agent.log());
     assert!(out.contains("every host runs its desired version"), "{out}");
     assert_eq!(out.matches("switched from 0.1.0").count(), 1, "{out}");
@@ -322,8 +294,7 @@ async fn run_load(id: &str) -> LoadReport {
     let refused = connector
         .connect(&host)
         .await
-        .err()
-        .expect("a master beyond max_connections is refused");
+        .expect_err("a master beyond max_connections is refused");
     assert_eq!(refused.agent_kind(), Some(ErrorKind::Busy), "{refused}");
     let text = refused.to_string();
     assert!(
