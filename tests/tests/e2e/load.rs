@@ -1,9 +1,10 @@
 //! Load on one agent: 200 masters pinging over mutual TLS at once, a crowd of TCP peers
 //! that never complete a TLS handshake (silent ones and ones that send garbage), and a
 //! rolling deploy running on the same agent all the while. No ping fails, the deploy
-//! reports what it reports without load, the silent peers are dropped once the
-//! handshake timeout passes, the agent's connection cap still holds, and its memory stays
-//! within a bound. The memory figure itself is measured by the ignored benchmark below.
+//! switches the host and reports it as it does without load, the silent peers are
+//! dropped once the handshake timeout passes, the agent's connection cap still holds,
+//! and its memory stays within a bound. The memory figure itself is measured by the
+//! ignored benchmark below.
 //!
 //! The agent's default `max_connections` is 32: an operator who expects 200 masters at
 //! once raises it, as this test does, to 200 plus room for the deploying master. The
