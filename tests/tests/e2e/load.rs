@@ -212,15 +212,15 @@ async fn run_load(id: &str) -> LoadReport {
         async move { ended || connected.load(Ordering::SeqCst) == MASTERS }
     })
     .await;
-    if !all_in || connected.load(Ordering::SeqCst) < MASTERS {
+    let in_at_once = connected.load(Ordering::SeqCst);
+    if !all_in || in_at_once < MASTERS {
         stop.store(true, Ordering::SeqCst);
         let mut errors = Vec::new();
         for handle in masters {
             errors.extend(handle.await.expect("master task").errors);
         }
         panic!(
-            "{} of {MASTERS} masters connected: {}\n{}",
-            connected.load(Ordering::SeqCst),
+            "{in_at_once} of {MASTERS} masters connected: {}\n{}",
             errors.join("\n"),
             agent.log()
         );
