@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use erel_master::client::WriteSource;
 use erel_proto::{
-    encode_frame, read_frame, ErrorKind, Hello, ReleaseState, Request, Response, Start, WriteBegin,
-    WriteFile, PROTOCOL_VERSION,
+    encode_frame, read_frame, ErrorKind, Hello, Ping, ReleaseState, Request, Response, Start,
+    WriteBegin, WriteFile, PROTOCOL_VERSION,
 };
 use tokio::io::AsyncWriteExt;
 use tokio_rustls::TlsConnector;
@@ -570,6 +570,78 @@ async fn bad_frames_get_an_error_and_the_agent_keeps_serving() {
     // Through all this, the agent serves others.
     let mut client = pki.connect(&agent).await;
     client.ping().await.expect("still serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_request_other_than_hello_and_a_second_hello_are_refused() {
+    let (pki, agent) = pki_and_agent("web-1", &[]);
+
+    // A command before Hello: refused, and the connection ends.
+    let mut raw = raw_connection(&pki, &agent).await;
+    let ping = encode_frame(&Request::Ping(Ping {})).expect("encode");
+    raw.write_all(&ping).await.expect("send");
+    let reply = expect_error_then_close(&mut raw).await;
+    assert_eq!(reply.kind, ErrorKind::BadRequest);
+    assert!(
+        reply
+            .message
+            .contains("the first frame must be Hello, got Ping"),
+        "{}",
+        reply.message
+    );
+
+    // A second Hello: refused, and the connection goes on serving.
+    let mut raw = raw_connection(&pki, &agent).await;
+    hello(&mut raw).await;
+    let again = encode_frame(&Request::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        name: "raw".into(),
+        software: "test".into(),
+    }))
+    .expect("encode");
+    raw.write_all(&again).await.expect("send");
+    match read_frame::<Response, _>(&mut raw).await {
+        Ok(Some(Response::Error(reply))) => {
+            assert_eq!(reply.kind, ErrorKind::BadRequest);
+            assert!(
+                reply.message.contains("Hello was already exchanged"),
+                "{}",
+                reply.message
+            );
+        }
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+    raw.write_all(&ping).await.expect("send");
+    match read_frame::<Response, _>(&mut raw).await {
+        Ok(Some(Response::Pong(_))) => {}
+        other => panic!("expected a Pong on the same connection, got {other:?}"),
+    }
+}
+
+/// The agent's fixed bound on the wait for a master's `Hello` once TLS is up
+/// (`HELLO_TIMEOUT` in the agent's server; not a flag).
+const AGENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_that_never_sends_hello_is_cut_after_the_hello_timeout() {
+    let (pki, agent) = pki_and_agent("web-1", &[]);
+    let started = std::time::Instant::now();
+    let mut raw = raw_connection(&pki, &agent).await;
+    let end = tokio::time::timeout(
+        AGENT_HELLO_TIMEOUT + PATIENCE,
+        read_frame::<Response, _>(&mut raw),
+    )
+    .await
+    .expect("the agent ends a connection that never says Hello");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= AGENT_HELLO_TIMEOUT,
+        "cut after {waited:?}, before the Hello timeout"
+    );
+    agent
+        .log_showing("timed out waiting for Hello", PATIENCE)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

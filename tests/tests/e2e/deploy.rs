@@ -23,24 +23,24 @@ use crate::helper::release::{beat_release, failing_beat_release, names_the_exit_
 use crate::helper::AgentCommands;
 use crate::helper::{follow_lines, free_port, output_text, poll_until};
 
-const RELEASE: &str = "beat";
+pub(crate) const RELEASE: &str = "beat";
 
 /// What the deploy tests do with a fleet: a cluster file at `cluster.toml` naming archives
 /// under `releases/`, and rollouts run in this process.
 impl Fleet {
     /// Where the archives go (made on first use).
-    fn releases(&self) -> PathBuf {
+    pub(crate) fn releases(&self) -> PathBuf {
         let releases = self.dir.path().join("releases");
         std::fs::create_dir_all(&releases).expect("mkdir");
         releases
     }
 
-    fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.dir.path().join("cluster.toml")
     }
 
     /// `erel <words> --cluster <this fleet's cluster file>`.
-    fn erel(&self, words: &[&str]) -> Command {
+    pub(crate) fn erel(&self, words: &[&str]) -> Command {
         let mut erel = self.pki.erel();
         erel.args(words).arg("--cluster").arg(self.path());
         erel
@@ -48,7 +48,13 @@ impl Fleet {
 
     /// Writes the cluster file: every agent in group `web` running `version` from
     /// `releases/<archive file name>`, with `group` lines added to the group.
-    fn write_cluster(&self, revision: u64, version: &str, archive: &Path, group: &str) -> PathBuf {
+    pub(crate) fn write_cluster(
+        &self,
+        revision: u64,
+        version: &str,
+        archive: &Path,
+        group: &str,
+    ) -> PathBuf {
         self.write_cluster_with(revision, version, archive, group, &[])
     }
 
@@ -101,7 +107,7 @@ impl Fleet {
 
 const FAST_HEALTH: &str = "health = { tcp = \"$BEAT_PORT\", min_up_secs = 1, deadline_secs = 15 }";
 
-fn group(max_in_flight: usize, canaries: usize) -> String {
+pub(crate) fn group(max_in_flight: usize, canaries: usize) -> String {
     format!("max_in_flight = {max_in_flight}\ncanaries = {canaries}\n{FAST_HEALTH}")
 }
 

@@ -18,6 +18,7 @@ mod health;
 mod inputs;
 mod kit;
 mod lifecycle;
+mod load;
 mod logs;
 mod manners;
 mod network;

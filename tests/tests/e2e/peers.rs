@@ -6,7 +6,6 @@
 //! Linux) so that the per-address cap applies to them and not to the master, which
 //! connects from 127.0.0.1.
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,9 +14,10 @@ use erel_master::client::Connector;
 use erel_master::client::{Progress, WriteSource};
 use erel_proto::ErrorKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::helper::install::without_digest;
+use crate::helper::raw_peer::{closes_within, idle_peer};
 use crate::helper::release::sha256;
 use crate::helper::AgentCommands;
 use crate::helper::{
@@ -26,16 +26,6 @@ use crate::helper::{
 
 /// A generous bound for anything the busy test machine must do "at once".
 const PROMPT: Duration = Duration::from_secs(20);
-
-/// A TCP connection to `agent` from `source` (a loopback address) that sends nothing.
-async fn idle_peer(agent: &AgentProc, source: &str) -> TcpStream {
-    let socket = TcpSocket::new_v4().expect("socket");
-    let from: IpAddr = source.parse().expect("source address");
-    socket
-        .bind(SocketAddr::new(from, 0))
-        .unwrap_or_else(|e| panic!("bind {source}: {e}"));
-    socket.connect(agent.addr).await.expect("connect")
-}
 
 /// A peer that starts a TLS record announcing a large ClientHello and then sends one
 /// byte of it at a time, slowly: a handshake that never completes on its own.
@@ -78,20 +68,6 @@ async fn closed_by_agent(stream: &TcpStream) -> bool {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
         Err(_) => true,
     }
-}
-
-/// Reads until the agent closes `stream`, within `limit`; false if still open.
-async fn closes_within(stream: &mut TcpStream, limit: Duration) -> bool {
-    let mut sink = [0u8; 256];
-    let drain = async {
-        loop {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    };
-    tokio::time::timeout(limit, drain).await.is_ok()
 }
 
 fn no_busy_busy(text: &str) {

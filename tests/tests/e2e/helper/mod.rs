@@ -30,6 +30,7 @@ pub mod fleet;
 pub mod install;
 pub mod netns;
 pub mod otp;
+pub mod raw_peer;
 pub mod release;
 pub mod systemctl;
 pub mod tmpfs;
@@ -837,4 +838,18 @@ pub fn listing(dir: &Path, skip: &str) -> Vec<String> {
     walk(dir, dir, skip, &mut out);
     out.sort();
     out
+}
+
+/// A field of `/proc/<pid>/status` given in KiB (`VmRSS`, `VmHWM`, ...); 0 when the
+/// process or the field is gone (proc(5)).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return 0;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or(0)
 }
