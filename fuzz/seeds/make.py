@@ -105,6 +105,7 @@ def archives():
     yield "escape-absolute", tar_bytes([entry("/abs", data=b"x")])
     yield "escape-symlink", tar_bytes([entry("out", tarfile.SYMTYPE, link="../../.."),
                                        entry("out/x", data=b"x")])
+    yield "escape-symlink-only", tar_bytes([entry("out", tarfile.SYMTYPE, link="../../..")])
     yield "setuid", tar_bytes([entry("s", data=b"x", mode=0o4755)])
     yield "fifo", tar_bytes([entry("f", tarfile.FIFOTYPE)])
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,10 +116,14 @@ def archives():
             f.seek(64 * 1024)
             f.write(b"tail")
         (src / "small").write_bytes(b"gnu tar")
-        out = pathlib.Path(tmp, "gnu.tar.gz")
-        subprocess.run(["tar", "--sparse", "--format=gnu", "-b1", "-czf", str(out),
+        for path in src.iterdir():
+            os.utime(path, (0, 0))
+        os.utime(src, (0, 0))
+        out = pathlib.Path(tmp, "gnu.tar")
+        subprocess.run(["tar", "--sparse", "--format=gnu", "-b1", "--owner=0", "--group=0",
+                        "--numeric-owner", "--sort=name", "-cf", str(out),
                         "-C", str(src), "."], check=True)
-        yield "gnu-sparse", out.read_bytes()
+        yield "gnu-sparse", gzip.compress(out.read_bytes(), mtime=0)
 
 
 def clean(dir):
