@@ -1,8 +1,9 @@
 //! The erel boot agent: installed once per host, never changed.
 //!
 //! One public function, [`run`]: given its [`Config`], a bound listener and a shutdown
-//! token, the agent serves the five commands until the token is cancelled. The modules
-//! behind it:
+//! token, the agent serves the five commands until the token is cancelled. (Hidden
+//! beside it, `Sessions` serves the same sessions without TLS, for the fuzz targets in
+//! `fuzz/`.) The modules behind it:
 //!
 //! - `server`: the mutual-TLS listener, the `Hello` handshake, the one exhaustive
 //!   dispatch; `peers`: the budget of peers still in the TLS handshake.
