@@ -1,8 +1,9 @@
 //! The erel boot agent: installed once per host, never changed.
 //!
 //! One public function, [`run`]: given its [`Config`], a bound listener and a shutdown
-//! token, the agent serves the five commands until the token is cancelled. The modules
-//! behind it:
+//! token, the agent serves the five commands until the token is cancelled. (Hidden
+//! beside it, `Sessions` serves the same sessions without TLS, for the fuzz targets in
+//! `fuzz/`.) The modules behind it:
 //!
 //! - `server`: the mutual-TLS listener, the `Hello` handshake, the one exhaustive
 //!   dispatch; `peers`: the budget of peers still in the TLS handshake.
@@ -34,8 +35,11 @@ mod unpack;
 mod wait;
 mod write_file;
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -71,15 +75,7 @@ pub async fn run(
     let host_id = host_id(&config.certs)?;
     let tls = server::TlsSource::load(config.certs.clone())
         .map_err(|e| Error::startup(format!("certificate bundle {}", config.certs.display()), e))?;
-    let root = fs::Root::open(&config.root)
-        .map_err(|e| Error::startup(format!("root directory {}", config.root.display()), e))?;
-    // Before anything under the root is touched: one agent per root.
-    let _agent_lock = fs::AgentLock::acquire(&root)?;
-    write_file::sweep_stale(&root, write_file::STALE_STAGING_AGE)
-        .map_err(|e| Error::startup("cleaning stale transfers", e))?;
-    unpack::sweep_stale(&root).map_err(|e| Error::startup("cleaning interrupted unpacks", e))?;
-    retention::sweep_trash(&root)
-        .map_err(|e| Error::startup("removing versions left in the trash", e))?;
+    let (root, _agent_lock) = open_root(&config.root)?;
     let pushed = bundle::Pushed::open(&root, &host_id, config.limits.bundle_probation);
     let tls = tls.with_pushed(pushed);
     let supervisor =
@@ -103,6 +99,82 @@ pub async fn run(
         supervisor.remove_empty_cgroups();
     }
     Ok(())
+}
+
+/// Opens the root, takes its lock, and clears what a crash left (stale transfers,
+/// interrupted unpacks, the trash).
+fn open_root(path: &Path) -> Result<(fs::Root, fs::AgentLock), Error> {
+    let root = fs::Root::open(path)
+        .map_err(|e| Error::startup(format!("root directory {}", path.display()), e))?;
+    // Before anything under the root is touched: one agent per root.
+    let agent_lock = fs::AgentLock::acquire(&root)?;
+    write_file::sweep_stale(&root, write_file::STALE_STAGING_AGE)
+        .map_err(|e| Error::startup("cleaning stale transfers", e))?;
+    unpack::sweep_stale(&root).map_err(|e| Error::startup("cleaning interrupted unpacks", e))?;
+    retention::sweep_trash(&root)
+        .map_err(|e| Error::startup("removing versions left in the trash", e))?;
+    Ok((root, agent_lock))
+}
+
+/// The agent's command side without its listener and TLS: a root opened as [`run`] opens
+/// it and a supervisor, serving sessions on streams whose peer is taken as already
+/// authenticated.
+///
+/// Exported, hidden, only for the fuzz targets (`fuzz/`), which feed arbitrary bytes to
+/// the decoding and execution of requests against a temporary root. A program serving
+/// masters uses [`run`], which verifies every peer's certificate first.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Sessions {
+    agent: Arc<server::Agent>,
+    _lock: fs::AgentLock,
+}
+
+impl Sessions {
+    /// Opens `root` (creating its layout, taking its lock, clearing what a crash left)
+    /// and starts the supervisor, as [`run`] does, for the host named `host_id`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Startup`] when the root, its lock or the supervisor cannot be set up.
+    pub async fn open(
+        root: &Path,
+        host_id: &str,
+        limits: Limits,
+        supervision: Supervision,
+    ) -> Result<Self, Error> {
+        let (root, lock) = open_root(root)?;
+        let host_id = host_id.to_string();
+        let supervisor = supervisor::Supervisor::open(root.clone(), host_id.clone(), supervision)
+            .await
+            .map_err(|e| Error::startup("starting the release supervisor", e))?;
+        let agent = Arc::new(server::Agent {
+            root,
+            host_id,
+            limits,
+            supervisor,
+            started: std::time::Instant::now(),
+        });
+        Ok(Sessions { agent, _lock: lock })
+    }
+
+    /// Serves one session on `stream` as a connection after its TLS handshake, with a
+    /// peer named `peer_name` at `peer`: the `Hello`, then requests until the stream ends
+    /// or a refusal ends the session.
+    pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+        peer: SocketAddr,
+        peer_name: &str,
+    ) {
+        let conn = server::Connection::new(stream, peer, peer_name.to_string(), self.agent.clone());
+        conn.serve(CancellationToken::new()).await;
+    }
+
+    /// Detaches from the releases (they keep running) and releases the root's lock.
+    pub async fn close(self) {
+        self.agent.supervisor.detach().await;
+    }
 }
 
 /// The host id the bundle's `host.pem` names.

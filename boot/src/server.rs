@@ -229,26 +229,42 @@ async fn connection(
         .and_then(|certs| certs.first())
         .and_then(erel_certs::peer_name)
         .unwrap_or_else(|| "unknown".to_string());
-    let mut conn = Connection {
-        stream: tls,
-        peer,
-        peer_name,
-        agent,
-        ended_by_command: false,
-    };
+    let mut conn = Connection::new(tls, peer, peer_name, agent);
     let Ok(_permit) = sessions.try_acquire_owned() else {
         conn.refuse_at_limit().await;
         let _ = tokio::time::timeout(REFUSAL_LINGER, conn.stream.shutdown()).await;
         return;
     };
-    match conn.run(shutdown).await {
-        Ok(()) => debug!(peer = %conn.peer, name = %conn.peer_name, "connection closed"),
-        Err(e) if conn.ended_by_command => {
-            debug!(peer = %conn.peer, error = %e, "connection ended")
+    conn.serve(shutdown).await;
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// A session with a master who authenticated as `peer_name`.
+    pub(crate) fn new(stream: S, peer: SocketAddr, peer_name: String, agent: Arc<Agent>) -> Self {
+        Connection {
+            stream,
+            peer,
+            peer_name,
+            agent,
+            ended_by_command: false,
         }
-        Err(e) => info!(peer = %conn.peer, name = %conn.peer_name, error = %e, "connection ended"),
     }
-    let _ = conn.stream.shutdown().await;
+
+    /// Runs the session (`Hello`, then requests until the master closes, a refusal ends
+    /// it or `shutdown` is cancelled), logs how it ended and shuts the stream down.
+    pub(crate) async fn serve(mut self, shutdown: CancellationToken) {
+        let conn = &mut self;
+        match conn.run(shutdown).await {
+            Ok(()) => debug!(peer = %conn.peer, name = %conn.peer_name, "connection closed"),
+            Err(e) if conn.ended_by_command => {
+                debug!(peer = %conn.peer, error = %e, "connection ended")
+            }
+            Err(e) => {
+                info!(peer = %conn.peer, name = %conn.peer_name, error = %e, "connection ended")
+            }
+        }
+        let _ = conn.stream.shutdown().await;
+    }
 }
 
 /// After refusing a handshake, the alert has been queued: shut our side down and drain
