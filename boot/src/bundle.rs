@@ -2,8 +2,8 @@
 //! change this agent's certificates without anyone logging in to the host.
 //!
 //! The master writes it with `WriteFile` (mode 0600), as [`erel_certs::PushedBundle`]
-//! describes. When the file appears or changes, the next connection finds it and the
-//! agent judges it as a whole ([`erel_certs::PushedBundle::validate`]: key, chain,
+//! describes. When the file appears or changes, the next connection (or a session's next
+//! request) finds it and the agent judges it as a whole ([`erel_certs::PushedBundle::validate`]: key, chain,
 //! validity, revocation, same host id, and that one of the last
 //! [`RECENT_MASTERS`] masters that authenticated here would still be accepted):
 //!
@@ -16,8 +16,9 @@
 //!   copy of it is kept in `.erel/bundle.confirmed.toml` (mode 0600). If
 //!   no master authenticates within the probation (setting `bundle_probation_secs`),
 //!   the agent goes back to the bundle it served before and renames the file to
-//!   `bundle.toml.reverted`. The probation is checked when a connection arrives: a
-//!   master that comes late is served with the previous bundle.
+//!   `bundle.toml.reverted`. The probation is checked when a connection arrives or a
+//!   session sends a request: a master that comes late is served with the previous
+//!   bundle.
 //!
 //! Without the file (or once it is renamed away, also across a restart) the agent
 //! serves with the confirmed copy, judged again as a whole, and without a copy that

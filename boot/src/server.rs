@@ -7,7 +7,8 @@
 //! dropped for a newcomer); only once its certificate is verified does it take one of
 //! the `max_connections` session permits, so peers without a certificate cannot use up
 //! the masters' room. A master beyond that limit is told so with `Busy`. Nothing a peer
-//! sends is read before its certificate is verified.
+//! sends is read before its certificate is verified, and a session's certificate is
+//! verified again at its next request once the bundle changes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
