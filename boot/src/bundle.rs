@@ -2,8 +2,8 @@
 //! change this agent's certificates without anyone logging in to the host.
 //!
 //! The master writes it with `WriteFile` (mode 0600), as [`erel_certs::PushedBundle`]
-//! describes. When the file appears or changes, the next connection finds it and the
-//! agent judges it as a whole ([`erel_certs::PushedBundle::validate`]: key, chain,
+//! describes. When the file appears or changes, the next connection (or a session's next
+//! request) finds it and the agent judges it as a whole ([`erel_certs::PushedBundle::validate`]: key, chain,
 //! validity, revocation, same host id, and that one of the last
 //! [`RECENT_MASTERS`] masters that authenticated here would still be accepted):
 //!
@@ -16,8 +16,9 @@
 //!   copy of it is kept in `.erel/bundle.confirmed.toml` (mode 0600). If
 //!   no master authenticates within the probation (setting `bundle_probation_secs`),
 //!   the agent goes back to the bundle it served before and renames the file to
-//!   `bundle.toml.reverted`. The probation is checked when a connection arrives: a
-//!   master that comes late is served with the previous bundle.
+//!   `bundle.toml.reverted`. The probation is checked when a connection arrives or a
+//!   session sends a request: a master that comes late is served with the previous
+//!   bundle.
 //!
 //! Without the file (or once it is renamed away, also across a restart) the agent
 //! serves with the confirmed copy, judged again as a whole, and without a copy that
@@ -31,9 +32,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use erel_certs::{Expected, PushedBundle, PUSHED_BUNDLE};
+use erel_certs::{Expected, PushedBundle, ServerTls, PUSHED_BUNDLE};
 use rustls::pki_types::CertificateDer;
-use rustls::ServerConfig;
 use tracing::{info, warn};
 
 use crate::fs::{Root, STATE_DIR};
@@ -75,7 +75,7 @@ struct State {
 /// A pushed bundle taken.
 #[derive(Clone)]
 struct Taken {
-    config: Arc<ServerConfig>,
+    tls: ServerTls,
     sha256: String,
     /// The file's text, kept as a copy once confirmed.
     text: Arc<str>,
@@ -132,7 +132,7 @@ impl Pushed {
     /// The configuration to serve a new connection with: the pushed bundle's, or `None`
     /// for the `--certs` directory. Ends an expired probation and judges a changed file
     /// first.
-    pub(crate) fn config(&self) -> Option<Arc<ServerConfig>> {
+    pub(crate) fn config(&self) -> Option<ServerTls> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         if state.probation.as_ref().is_some_and(|p| now >= p.until) {
@@ -161,12 +161,16 @@ impl Pushed {
                 self.judge(&mut state, now);
             }
         }
-        state.serving.as_ref().map(|taken| taken.config.clone())
+        state.serving.as_ref().map(|taken| taken.tls.clone())
     }
 
     /// A master authenticated on a connection served with `config` and presented
     /// `chain`: remembered, and a bundle on probation served with `config` is confirmed.
-    pub(crate) fn authenticated(&self, config: &Arc<ServerConfig>, chain: &[CertificateDer<'_>]) {
+    pub(crate) fn authenticated(
+        &self,
+        config: &Arc<rustls::ServerConfig>,
+        chain: &[CertificateDer<'_>],
+    ) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let chain: Vec<CertificateDer<'static>> =
             chain.iter().map(|c| c.clone().into_owned()).collect();
@@ -176,7 +180,7 @@ impl Pushed {
         let Some(serving) = &state.serving else {
             return;
         };
-        if state.probation.is_none() || !Arc::ptr_eq(&serving.config, config) {
+        if state.probation.is_none() || !Arc::ptr_eq(&serving.tls.config, config) {
             return;
         }
         let sha256 = serving.sha256.clone();
@@ -238,12 +242,12 @@ impl Pushed {
         };
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
         let bundle = PushedBundle::parse(path, &text).map_err(|e| e.to_string())?;
-        let config = bundle
+        let tls = bundle
             .validate(path, &expected)
             .map_err(|e| e.to_string())?;
         let sha256 = crate::digest::of_bytes(text.as_bytes()).to_hex();
         Ok(Taken {
-            config,
+            tls,
             sha256,
             text: text.into(),
         })
@@ -345,7 +349,7 @@ mod tests {
         let f = fixture();
         let pushed = Pushed::open(&f.root, "web-1", LONG);
         f.push(&f.own_bundle());
-        let config = pushed.config().expect("taken");
+        let config = pushed.config().expect("taken").config;
         assert!(pushed.state.lock().unwrap().probation.is_some());
         pushed.authenticated(&config, &f.master_chain());
         assert!(pushed.state.lock().unwrap().probation.is_none());
@@ -378,10 +382,10 @@ mod tests {
     fn refused_over_confirmed(f: &Fixture, bundle: &PushedBundle, check: &str) {
         let pushed = Pushed::open(&f.root, "web-1", LONG);
         f.push(&f.own_bundle());
-        let good = pushed.config().expect("taken");
+        let good = pushed.config().expect("taken").config;
         pushed.authenticated(&good, &f.master_chain());
         f.push(bundle);
-        let served = pushed.config().expect("still the confirmed bundle");
+        let served = pushed.config().expect("still the confirmed bundle").config;
         assert!(Arc::ptr_eq(&served, &good), "the refused bundle serves");
         let refused = f.set_aside("refused");
         assert!(refused.is_file(), "{} missing", refused.display());
@@ -431,7 +435,7 @@ mod tests {
     fn confirm_own(f: &Fixture) -> String {
         let pushed = Pushed::open(&f.root, "web-1", LONG);
         f.push(&f.own_bundle());
-        let config = pushed.config().expect("taken");
+        let config = pushed.config().expect("taken").config;
         pushed.authenticated(&config, &f.master_chain());
         let sha256 = pushed
             .state

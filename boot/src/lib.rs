@@ -167,7 +167,13 @@ impl Sessions {
         peer: SocketAddr,
         peer_name: &str,
     ) {
-        let conn = server::Connection::new(stream, peer, peer_name.to_string(), self.agent.clone());
+        let conn = server::Connection::new(
+            stream,
+            peer,
+            peer_name.to_string(),
+            self.agent.clone(),
+            None,
+        );
         conn.serve(CancellationToken::new()).await;
     }
 

@@ -7,19 +7,22 @@
 //! dropped for a newcomer); only once its certificate is verified does it take one of
 //! the `max_connections` session permits, so peers without a certificate cannot use up
 //! the masters' room. A master beyond that limit is told so with `Busy`. Nothing a peer
-//! sends is read before its certificate is verified.
+//! sends is read before its certificate is verified, and a session's certificate is
+//! verified again at its next request once the bundle changes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use erel_certs::ServerTls;
 use erel_proto::rules;
 use erel_proto::text::quote;
 use erel_proto::{
     read_frame_body, write_frame, ErrorKind, ErrorReply, FrameError, Hello, Request, Response,
     Start, Stop, Unpack, PROTOCOL_VERSION,
 };
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -70,9 +73,9 @@ pub(crate) struct TlsSource {
     pushed: Option<crate::bundle::Pushed>,
 }
 
-/// The acceptor in use, and the bundle files last tried.
+/// The configuration in use, and the bundle files last tried.
 struct Loaded {
-    acceptor: TlsAcceptor,
+    tls: ServerTls,
     /// The files last tried, whether they loaded or not: a replacement that did not
     /// load is not tried again (nor warned about again) until the files change, so
     /// connections, an unauthenticated flood included, cost one look at the files'
@@ -84,8 +87,8 @@ impl TlsSource {
     /// Loads the bundle in `dir` (`ca.pem`, `host.pem`, `host.key`, optional `crl.pem`).
     pub(crate) fn load(dir: PathBuf) -> std::result::Result<Self, erel_certs::Error> {
         let tried = erel_certs::bundle_fingerprint(&dir);
-        let acceptor = TlsAcceptor::from(erel_certs::server_config(&dir)?);
-        let current = Mutex::new(Loaded { acceptor, tried });
+        let tls = erel_certs::server_tls(&dir)?;
+        let current = Mutex::new(Loaded { tls, tried });
         Ok(TlsSource {
             dir,
             current,
@@ -99,39 +102,58 @@ impl TlsSource {
         TlsSource { pushed, ..self }
     }
 
-    /// A master authenticated on a connection from `acceptor` with `chain`.
-    fn authenticated(
-        &self,
-        acceptor: &TlsAcceptor,
-        chain: &[rustls::pki_types::CertificateDer<'_>],
-    ) {
+    /// A master authenticated on a connection served with `config` with `chain`.
+    fn authenticated(&self, config: &Arc<rustls::ServerConfig>, chain: &[CertificateDer<'_>]) {
         if let Some(pushed) = &self.pushed {
-            pushed.authenticated(acceptor.config(), chain);
+            pushed.authenticated(config, chain);
         }
     }
 
-    /// The acceptor for a new connection, reloading the bundle first if it changed. A
-    /// bundle that no longer loads (for example half-copied) keeps the previous one,
-    /// and is tried again (and warned about again) only once its files change again.
-    pub(crate) fn acceptor(&self) -> TlsAcceptor {
-        if let Some(config) = self.pushed.as_ref().and_then(|pushed| pushed.config()) {
-            return TlsAcceptor::from(config);
+    /// The configuration for a new connection or a session's next request, reloading
+    /// the bundle first if it changed. A bundle that no longer loads (for example
+    /// half-copied) keeps the previous one, and is tried again (and warned about again)
+    /// only once its files change again.
+    pub(crate) fn current(&self) -> ServerTls {
+        if let Some(tls) = self.pushed.as_ref().and_then(|pushed| pushed.config()) {
+            return tls;
         }
         let fingerprint = erel_certs::bundle_fingerprint(&self.dir);
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         if current.tried != fingerprint {
             current.tried = fingerprint;
-            match erel_certs::server_config(&self.dir) {
-                Ok(config) => {
+            match erel_certs::server_tls(&self.dir) {
+                Ok(tls) => {
                     info!(dir = %self.dir.display(), "certificate bundle changed; reloaded");
-                    current.acceptor = TlsAcceptor::from(config);
+                    current.tls = tls;
                 }
                 Err(e) => {
                     warn!(dir = %self.dir.display(), error = %e, "certificate bundle changed but does not load; keeping the previous one");
                 }
             }
         }
-        current.acceptor.clone()
+        current.tls.clone()
+    }
+}
+
+/// What a session's master authenticated with. Before each request the bundle is looked
+/// at as for a new connection; once it changed, the master's chain is judged again by
+/// the new bundle's verifier (CAs, dates, CRL), so a revoked master or one of a retired
+/// CA loses a session it already had. A transfer under way is judged at its start only.
+pub(crate) struct Credentials {
+    source: Arc<TlsSource>,
+    served: ServerTls,
+    chain: Vec<CertificateDer<'static>>,
+}
+
+impl Credentials {
+    /// Why the master would no longer be accepted, if it would not.
+    fn still_valid(&mut self) -> std::result::Result<(), String> {
+        let now = self.source.current();
+        if !Arc::ptr_eq(&now.config, &self.served.config) {
+            now.verify_master(&self.chain)?;
+            self.served = now;
+        }
+        Ok(())
     }
 }
 
@@ -162,14 +184,14 @@ pub(crate) async fn serve(
             },
         };
         let (slot, _crowded) = handshakes.admit(peer.ip());
-        let acceptor = tls.acceptor();
+        let served = tls.current();
         let source = tls.clone();
         let agent = agent.clone();
         let shutdown = shutdown.clone();
         let sessions = sessions.clone();
         tracker.spawn(async move {
-            let acceptor = (acceptor, source);
-            connection(stream, peer, slot, acceptor, agent, sessions, shutdown).await;
+            let served = (served, source);
+            connection(stream, peer, slot, served, agent, sessions, shutdown).await;
         });
     }
     tracker.close();
@@ -185,13 +207,14 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     slot: HandshakeSlot,
-    (acceptor, source): (TlsAcceptor, Arc<TlsSource>),
+    (served, source): (ServerTls, Arc<TlsSource>),
     agent: Arc<Agent>,
     sessions: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
     let limit = agent.limits.handshake_timeout;
+    let acceptor = TlsAcceptor::from(served.config.clone());
     let handshake = async {
         match tokio::time::timeout(limit, acceptor.accept(stream).into_fallible()).await {
             Ok(Ok(tls)) => Some(tls),
@@ -219,9 +242,15 @@ async fn connection(
     let Some(tls) = tls else {
         return;
     };
-    if let Some(chain) = tls.get_ref().1.peer_certificates() {
-        source.authenticated(&acceptor, chain);
-    }
+    let chain: Vec<_> = (tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .unwrap_or_default()
+        .iter())
+    .map(|c| c.clone().into_owned())
+    .collect();
+    source.authenticated(&served.config, &chain);
     let peer_name = tls
         .get_ref()
         .1
@@ -229,7 +258,12 @@ async fn connection(
         .and_then(|certs| certs.first())
         .and_then(erel_certs::peer_name)
         .unwrap_or_else(|| "unknown".to_string());
-    let mut conn = Connection::new(tls, peer, peer_name, agent);
+    let credentials = Credentials {
+        source,
+        served,
+        chain,
+    };
+    let mut conn = Connection::new(tls, peer, peer_name, agent, Some(credentials));
     let Ok(_permit) = sessions.try_acquire_owned() else {
         conn.refuse_at_limit().await;
         let _ = tokio::time::timeout(REFUSAL_LINGER, conn.stream.shutdown()).await;
@@ -240,13 +274,22 @@ async fn connection(
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// A session with a master who authenticated as `peer_name`.
-    pub(crate) fn new(stream: S, peer: SocketAddr, peer_name: String, agent: Arc<Agent>) -> Self {
+    /// A session on `stream`; `credentials` is `None` only for a stream that was not
+    /// authenticated by TLS (the hidden `Sessions` entry point).
+    pub(crate) fn new(
+        stream: S,
+        peer: SocketAddr,
+        peer_name: String,
+        agent: Arc<Agent>,
+        credentials: Option<Credentials>,
+    ) -> Self {
         Connection {
             stream,
             peer,
             peer_name,
             agent,
             ended_by_command: false,
+            credentials,
         }
     }
 
@@ -284,6 +327,8 @@ pub(crate) struct Connection<S> {
     pub(crate) agent: Arc<Agent>,
     /// A command's log line already said why the connection ends.
     ended_by_command: bool,
+    /// Judged again before each request (none without TLS: see [`Connection::new`]).
+    credentials: Option<Credentials>,
 }
 
 /// What a step of a connection returns: an error ends the connection.
@@ -339,6 +384,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Ok(request) => request,
                 Err(e) => return Err(self.refuse_frame(e).await),
             };
+            let judged = self.credentials.as_mut().map(Credentials::still_valid);
+            if let Some(Err(why)) = judged {
+                let why = format!("{why} after this session began; the connection is closed");
+                warn!(peer = %self.peer, name = %self.peer_name, %why, "session ended");
+                self.ended_by_command = true;
+                self.reply_error(ErrorKind::BadRequest, why.clone()).await?;
+                return Err(ConnError::Reported(why));
+            }
             self.dispatch(request).await?;
         }
     }

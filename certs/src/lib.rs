@@ -92,7 +92,10 @@ pub use error::{Error, Result};
 pub use explain::{certificate_names, explain_tls_error};
 pub use pushed::{Expected, PushedBundle, PUSHED_BUNDLE, PUSHED_BUNDLE_MODE};
 pub use store::MasterDir;
-pub use tls::{bundle_fingerprint, peer_name, server_config, server_name, BundleFingerprint};
+pub use tls::{
+    bundle_fingerprint, peer_name, server_config, server_name, server_tls, BundleFingerprint,
+    ServerTls,
+};
 #[cfg(feature = "testing")]
 pub use tls::{client_config_from, provider};
 

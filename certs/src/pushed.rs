@@ -26,16 +26,14 @@
 //! | `master kept` | a master certificate that recently authenticated to the agent is still accepted |
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier as _;
-use rustls::ServerConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::layout::{CA_PEM, CRL_PEM, HOST_KEY, HOST_PEM};
-use crate::tls::{self, BundleParts};
+use crate::tls::{self, BundleParts, ServerTls};
 
 /// Where the pushed bundle lives, relative to the agent's root.
 pub const PUSHED_BUNDLE: &str = "certs/bundle.toml";
@@ -161,11 +159,11 @@ impl PushedBundle {
     }
 
     /// Checks the bundle as a whole (the table in the module docs) and returns the
-    /// agent's server configuration from it, built as [`crate::server_config`] builds
+    /// agent's server configuration from it, built as [`crate::server_tls`] builds
     /// one from a directory. `path` names the file in messages.
     ///
     /// Errors: [`Error::Refused`] naming `path` and the check that failed.
-    pub fn validate(&self, path: &Path, expected: &Expected<'_>) -> Result<Arc<ServerConfig>> {
+    pub fn validate(&self, path: &Path, expected: &Expected<'_>) -> Result<ServerTls> {
         let refuse = |check: &'static str, reason: String| Error::Refused {
             path: path.to_path_buf(),
             check,
@@ -232,7 +230,7 @@ impl PushedBundle {
                     .verifier
                     .verify_client_cert(end_entity, intermediates, now)
                 {
-                    Ok(_) => return Ok(built.config),
+                    Ok(_) => return Ok(built.tls()),
                     Err(e) => refusals.push(format!(
                         "{}: {}",
                         crate::peer_name(end_entity).unwrap_or_else(|| "(unnamed)".into()),
@@ -249,7 +247,7 @@ impl PushedBundle {
                 ),
             ));
         }
-        Ok(built.config)
+        Ok(built.tls())
     }
 }
 

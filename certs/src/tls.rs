@@ -10,6 +10,7 @@ use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{
     ClientConfig, ConfigBuilder, ConfigSide, RootCertStore, ServerConfig, WantsVerifier,
@@ -44,6 +45,12 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// SEC1 PEM; every CRL must come from a CA of the bundle. Each refusal is an
 /// [`Error::Parse`] naming the file and the certificate at fault.
 pub fn server_config(bundle_dir: &Path) -> Result<Arc<ServerConfig>> {
+    server_tls(bundle_dir).map(|tls| tls.config)
+}
+
+/// [`server_config`], with the verifier of masters it was built with, to judge a
+/// session's master again later ([`ServerTls::verify_master`]).
+pub fn server_tls(bundle_dir: &Path) -> Result<ServerTls> {
     let read = |name: &str| {
         let path = bundle_dir.join(name);
         crate::files::read(&path).map(|pem| (path, pem))
@@ -62,7 +69,57 @@ pub fn server_config(bundle_dir: &Path) -> Result<Arc<ServerConfig>> {
         key: read(HOST_KEY)?,
         crl,
     };
-    Ok(server_parts(&parts)?.config)
+    Ok(server_parts(&parts)?.tls())
+}
+
+/// The agent's server configuration and the verifier of masters inside it (rustls
+/// does not hand a configuration's verifier back), so that a master authenticated
+/// under one bundle can be judged again under a newer one by the same code.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// The configuration to accept connections with.
+    pub config: Arc<ServerConfig>,
+    verifier: Arc<MasterVerifier>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// Judges a master's certificate `chain` (its own certificate first, then the
+    /// intermediates it sent) as a handshake with [`Self::config`] would judge it now:
+    /// chain to a CA of the bundle, clientAuth, dates, and the CRL of its issuer
+    /// (`revocation`).
+    ///
+    /// Errors: a sentence naming why, such as "the master's certificate was revoked
+    /// (serial 1a:2b)" or "the master's certificate is no longer accepted: the peer's
+    /// certificate is not signed by the cluster CA (unknown CA)".
+    pub fn verify_master(&self, chain: &[CertificateDer<'_>]) -> std::result::Result<(), String> {
+        let Some((end_entity, intermediates)) = chain.split_first() else {
+            return Err("the master presented no certificate".into());
+        };
+        let now = rustls::pki_types::UnixTime::now();
+        match self
+            .verifier
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            Ok(_) => Ok(()),
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => {
+                let serial = x509_parser::parse_x509_certificate(end_entity.as_ref())
+                    .map_or_else(|_| "unreadable".into(), |(_, c)| c.raw_serial_as_string());
+                Err(format!(
+                    "the master's certificate was revoked (serial {serial})"
+                ))
+            }
+            Err(e) => Err(format!(
+                "the master's certificate is no longer accepted: {}",
+                crate::explain::explain_rustls_error(&e).unwrap_or_else(|| e.to_string())
+            )),
+        }
+    }
 }
 
 /// The four parts of a host bundle, each as its PEM text and the path (or label)
@@ -88,6 +145,16 @@ pub(crate) struct ServerParts {
     pub(crate) chain: Vec<CertificateDer<'static>>,
     /// The CRLs of the bundle (DER), authenticated.
     pub(crate) crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+}
+
+impl ServerParts {
+    /// The configuration with its verifier.
+    pub(crate) fn tls(self) -> ServerTls {
+        ServerTls {
+            config: self.config,
+            verifier: self.verifier,
+        }
+    }
 }
 
 /// [`server_config`] from the parts of a bundle, validated as a whole.

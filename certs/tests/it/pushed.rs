@@ -171,3 +171,47 @@ fn a_crl_from_a_foreign_ca_is_refused() {
     assert_eq!(check, "crl", "{message}");
     assert!(message.contains("does not verify"), "{message}");
 }
+
+#[test]
+fn a_masters_chain_is_judged_again_by_a_newer_bundle() {
+    let pki = pki("web-1");
+    let before = master_chain(&pki.master);
+    let served = erel_certs::server_tls(&pki.bundle).expect("bundle");
+    served
+        .verify_master(&before)
+        .expect("the master of the bundle passes");
+    assert_eq!(
+        served.verify_master(&[]).expect_err("no certificate"),
+        "the master presented no certificate"
+    );
+
+    pki.master.revoke("master").expect("revoke");
+    // The bundle loaded before the revocation still passes it: the judgement is the
+    // bundle's, not the files'.
+    served
+        .verify_master(&before)
+        .expect("judged by the old CRL");
+    let newer = erel_certs::server_tls(&pki.bundle).expect("bundle with the new CRL");
+    let why = newer.verify_master(&before).expect_err("revoked");
+    let pem = read(&pki.master.master_pem());
+    let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("PEM");
+    let serial = der
+        .parse_x509()
+        .expect("certificate")
+        .raw_serial_as_string();
+    assert_eq!(
+        why,
+        format!("the master's certificate was revoked (serial {serial})")
+    );
+
+    // A master of another CA (of the same name): no longer accepted, naming why.
+    let other = crate::helper::pki("web-1");
+    let why = newer
+        .verify_master(&master_chain(&other.master))
+        .expect_err("another CA");
+    assert!(
+        why.starts_with("the master's certificate is no longer accepted: ")
+            && why.contains("not signed by the cluster CA"),
+        "{why}"
+    );
+}

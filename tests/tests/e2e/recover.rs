@@ -63,7 +63,7 @@ fn install_and_start(pki: &Pki, kit: &Path, dir: &Path, host: &str) -> Installed
 }
 
 /// Copies the files of the bundle directory `from` into a new directory `to`.
-fn copy_bundle(from: &Path, to: &Path) {
+pub(crate) fn copy_bundle(from: &Path, to: &Path) {
     std::fs::create_dir(to).expect("mkdir");
     for name in ["ca.pem", "host.pem", "host.key", "crl.pem"] {
         std::fs::copy(from.join(name), to.join(name)).expect("copy bundle file");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use erel_certs::{MasterDir, PushedBundle, PUSHED_BUNDLE};
-use erel_master::client::{Connector, WriteSource};
+use erel_master::client::{AgentClient, Connector, WriteSource};
 
 use crate::helper::fleet::Fleet;
 use crate::helper::install::{install_and_start, no_progress};
@@ -85,6 +85,16 @@ fn kept_master_config(pki: &Pki, kept: &Path) -> Arc<rustls::ClientConfig> {
     .expect("client config")
 }
 
+/// A session of the master credentials kept in `kept` with `agent`, proved by a ping.
+async fn connect_kept(pki: &Pki, kept: &Path, agent: &AgentProc) -> AgentClient {
+    let mut client = Connector::new(kept_master_config(pki, kept), "held-master")
+        .connect(&agent.host())
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", agent.id, agent.log()));
+    client.ping().await.expect("a ping before the change");
+    client
+}
+
 /// Whether `agent` lets a master with `tls` in and answers a ping.
 async fn answers(tls: Arc<rustls::ClientConfig>, agent: &AgentProc) -> Result<(), String> {
     let mut client = Connector::new(tls, "test-master")
@@ -102,6 +112,7 @@ async fn rotating_the_ca_keeps_the_release_running_and_locks_the_old_master_out(
     let (mut fleet, cluster) = running_fleet("rot", &["web"; 3]).await;
     let pids = fleet.release_pids(RELEASE);
     let old = keep_master(&fleet.pki, "old-master");
+    let mut held = connect_kept(&fleet.pki, &old, &fleet.agents[0]).await;
 
     let (ok, dry) = erel(&fleet.pki, &["certs", "rotate", "--dry-run"], &cluster);
     assert!(ok, "{dry}");
@@ -135,6 +146,19 @@ async fn rotating_the_ca_keeps_the_release_running_and_locks_the_old_master_out(
             agent.id
         );
     }
+
+    // A session the old master opened before the rotation ends at its next request.
+    let refused = held
+        .ping()
+        .await
+        .expect_err("the retired CA's session still runs");
+    let text = refused.to_string();
+    assert!(
+        text.contains("the master's certificate is no longer accepted")
+            && text.contains("unknown CA")
+            && text.contains("after this session began"),
+        "{text}"
+    );
 
     // Restarted, an agent serves with the confirmed bundle at once.
     fleet.agents[1].restart();
@@ -266,6 +290,75 @@ async fn revoke_push_locks_a_revoked_master_out_of_every_agent() {
         );
     }
     assert_eq!(fleet.release_pids(RELEASE), pids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_open_when_its_master_is_revoked_is_refused_at_its_next_request() {
+    let (fleet, cluster) = running_fleet("rvs", &["web"]).await;
+    let agent = &fleet.agents[0];
+    let stolen = keep_master(&fleet.pki, "stolen");
+    let pem = std::fs::read(stolen.join("master.pem")).expect("master.pem");
+    let (_, der) = x509_parser::pem::parse_x509_pem(&pem).expect("PEM");
+    let serial = der
+        .parse_x509()
+        .expect("certificate")
+        .raw_serial_as_string();
+    let mut held = connect_kept(&fleet.pki, &stolen, agent).await;
+
+    let (ok, out) = erel(
+        &fleet.pki,
+        &["certs", "revoke", "master", "--push"],
+        &cluster,
+    );
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    let refused = held
+        .ping()
+        .await
+        .expect_err("the revoked master's session still runs");
+    let expected =
+        format!("the master's certificate was revoked (serial {serial}) after this session began");
+    assert!(refused.to_string().contains(&expected), "{refused}");
+    let after = held.ping().await;
+    assert!(after.is_err(), "the session stays open: {after:?}");
+    let logged = wait_until(PATIENCE, || async { agent.log().contains(&expected) }).await;
+    assert!(logged, "{}", agent.log());
+    answers(fleet.pki.client_config(), agent)
+        .await
+        .expect("a fresh master gets in");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_push_of_a_host_gives_it_a_new_certificate_and_the_old_one_is_refused() {
+    let (fleet, cluster) = running_fleet("rvh", &["web"; 2]).await;
+    let pids = fleet.release_pids(RELEASE);
+    let stolen = fleet.pki.dir.path().join("stolen-host");
+    crate::recover::copy_bundle(&fleet.pki.master.host_dir("rvh-1"), &stolen);
+
+    let (ok, out) = erel(
+        &fleet.pki,
+        &["certs", "revoke", "rvh-1", "--push"],
+        &cluster,
+    );
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    assert!(out.contains("issued a new certificate for rvh-1"), "{out}");
+    every_agent_answers(&fleet, &out).await;
+    let pushed = PushedBundle::read(&fleet.agents[0].root.join(PUSHED_BUNDLE)).expect("pushed");
+    let old = std::fs::read_to_string(stolen.join("host.pem")).expect("host.pem");
+    assert_ne!(
+        pushed.certificate, old,
+        "the host still serves its revoked certificate"
+    );
+    assert_eq!(fleet.release_pids(RELEASE), pids);
+
+    // An agent serving with the revoked certificate is refused by the master.
+    let impostor = AgentProc::start_with_bundle(stolen, "rvh-1");
+    let out = fleet
+        .pki
+        .erel()
+        .args(["ping", &impostor.host().to_string()])
+        .output();
+    let text = output_text(&out.expect("run ping"));
+    assert!(text.contains("revoked"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
