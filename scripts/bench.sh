@@ -102,6 +102,7 @@ PermitRootLogin prohibit-password
 StrictModes no
 UsePAM no
 PidFile none
+Subsystem sftp internal-sftp
 CONF
         "$sshd" -D -e -f "$dir/sshd_config" 2>>"$dir/sshd.log" &
         sshd_pid=$!

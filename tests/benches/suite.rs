@@ -103,15 +103,29 @@ impl Bench {
         }
     }
 
-    /// `erel --certs … <words…>` as a shell command line.
+    /// `erel --certs … <words…>` as a shell command line, with a digest cache of its own
+    /// (see [`Bench::digest_cache`]).
     fn erel(&self, words: &[&str]) -> String {
         let mut line = vec![
+            format!(
+                "XDG_CACHE_HOME={}",
+                quote(&self.scratch("cache").display().to_string())
+            ),
             quote(MASTER_BIN),
             "--certs".into(),
             quote(&self.pki.certs_dir().display().to_string()),
         ];
         line.extend(words.iter().map(|w| quote(w)));
         line.join(" ")
+    }
+
+    /// Removes what `erel push` remembers of the files it hashed (its digest cache), so
+    /// the next push hashes its file again, as an operator's first push does.
+    fn forget_digests(&self) -> String {
+        format!(
+            "rm -rf {}",
+            quote(&self.scratch("cache").display().to_string())
+        )
     }
 
     /// The agent's address as `erel` takes it.
@@ -233,10 +247,20 @@ fn push(bench: &Bench, rows: &mut Vec<Row>) {
         make_file(&file, mib * MIB);
         let file_arg = file.display().to_string();
         let dest = format!("bench/{mib}m.bin");
+        // The headline figure hashes on both sides, as a first push does; with the digest
+        // cache warm (the same release pushed again, to another host say) only the agent
+        // hashes.
+        let push = bench.erel(&["push", &bench.host(), &file_arg, &dest]);
+        let clear = format!("rm -f {}", bench.on_agent(&dest));
         let erel = bench.time(
             &format!("erel push {mib} MiB"),
-            &format!("rm -f {}", bench.on_agent(&dest)),
-            &bench.erel(&["push", &bench.host(), &file_arg, &dest]),
+            &format!("{clear} && {}", bench.forget_digests()),
+            &push,
+        );
+        let warm = bench.time(
+            &format!("erel push {mib} MiB, digest cached"),
+            &clear,
+            &push,
         );
         let figure = format!("push {mib} MiB");
         if let Some(scp) = bench.ssh("scp") {
@@ -270,8 +294,34 @@ fn push(bench: &Bench, rows: &mut Vec<Row>) {
             &format!("openssl dgst -sha256 {} >/dev/null", quote(&file_arg)),
         );
         rows.push(Row {
-            figure,
+            figure: figure.clone(),
             erel,
+            peer: "floor: `openssl dgst -sha256`".into(),
+            peer_timing: Some(floor),
+            target: Some(1.5),
+        });
+        // What the disk allows: the same bytes written and synced, as the agent does.
+        let copy = bench.scratch("dd-target.bin");
+        let copy = quote(&copy.display().to_string());
+        let disk = bench.time(
+            &format!("dd conv=fsync {mib} MiB"),
+            &format!("rm -f {copy}"),
+            &format!(
+                "dd if={} of={copy} bs=1M conv=fsync status=none",
+                quote(&file_arg)
+            ),
+        );
+        let _ = std::fs::remove_file(bench.scratch("dd-target.bin"));
+        rows.push(Row {
+            figure: figure.clone(),
+            erel,
+            peer: "disk: `dd conv=fsync` (write + fsync)".into(),
+            peer_timing: Some(disk),
+            target: None,
+        });
+        rows.push(Row {
+            figure: format!("{figure}, digest cached by `erel`"),
+            erel: warm,
             peer: "floor: `openssl dgst -sha256`".into(),
             peer_timing: Some(floor),
             target: Some(1.5),
@@ -302,7 +352,7 @@ fn push_and_unpack(bench: &Bench, rows: &mut Vec<Row>) {
     );
     let erel = bench.time(
         "erel push + unpack",
-        &clear,
+        &format!("{clear} && {}", bench.forget_digests()),
         &format!(
             "{} && {}",
             bench.erel(&["push", &bench.host(), &archive_arg, on_agent]),
@@ -341,11 +391,17 @@ fn push_and_unpack(bench: &Bench, rows: &mut Vec<Row>) {
         peer_timing: ssh_tar,
         target: Some(0.6),
     });
-    // The unpack alone, the archive already pushed: where push + unpack spends its time.
+    // The unpack alone, the archive already pushed: where push + unpack spends its time,
+    // and the agent's CPU time per unpack (hyperfine's warm-up run included).
+    let cpu_before = agent_cpu(bench);
     let unpack = bench.time(
         "erel unpack",
         &format!("rm -rf {}", bench.on_agent(dest)),
         &bench.erel(&["unpack", &bench.host(), on_agent, dest]),
+    );
+    println!(
+        "agent CPU time per unpack (user + system): {:.2} s",
+        (agent_cpu(bench) - cpu_before) / f64::from(bench.runs + 1)
     );
     rows.push(Row {
         figure: "unpack alone (archive on the agent)".into(),
@@ -359,6 +415,22 @@ fn push_and_unpack(bench: &Bench, rows: &mut Vec<Row>) {
         .arg(bench.scratch("untar"))
         .arg(bench.agent.root.join(dest))
         .status();
+}
+
+/// The agent's CPU time so far (user + system, from `/proc/PID/stat`), in seconds.
+fn agent_cpu(bench: &Bench) -> f64 {
+    let pid = bench.agent.pid().expect("agent pid");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("agent's stat");
+    // Fields after the command name (which may hold spaces), from field 3 on; utime and
+    // stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
+    let rest = &stat[stat.rfind(')').expect("stat's command name") + 2..];
+    let ticks: f64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|t| t.parse::<f64>().expect("clock ticks"))
+        .sum();
+    ticks / 100.0
 }
 
 /// A word for `sh`, single-quoted.
