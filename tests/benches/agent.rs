@@ -4,18 +4,17 @@
 //!
 //! Run with `cargo bench -p erel-tests --bench agent`. It prints one line per figure.
 
+mod common;
 #[path = "../tests/e2e/helper/mod.rs"]
 mod helper;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{make_file, MIB};
 use erel_master::client::WriteSource;
 use helper::{AgentCommands, AgentProc, Pki, AGENT_BIN};
-
-const MIB: u64 = 1024 * 1024;
 
 /// The pause before reading the idle RSS, after start-up and after the first ping. It
 /// waits for nothing the agent reports (no setting governs it): it gives the agent's
@@ -174,26 +173,6 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .and_then(|line| line.split_whitespace().nth(1))
         .and_then(|kib| kib.parse().ok())
         .unwrap_or(0)
-}
-
-/// Writes `size` bytes of incompressible-looking data.
-fn make_file(path: &Path, size: u64) {
-    let mut file = std::io::BufWriter::with_capacity(
-        4 * MIB as usize,
-        std::fs::File::create(path).expect("create"),
-    );
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut block = vec![0u8; MIB as usize];
-    for _ in 0..size / MIB {
-        for chunk in block.chunks_exact_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            chunk.copy_from_slice(&state.to_le_bytes());
-        }
-        file.write_all(&block).expect("write");
-    }
-    file.flush().expect("flush");
 }
 
 /// Times `scp` of `file` to a private sshd on a loopback port, or None without sshd.

@@ -6,11 +6,17 @@ use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::rc::Rc;
+use std::sync::mpsc::{self, Receiver};
+use std::thread::JoinHandle;
 
 use crate::error::{Error, IoContext, Result};
 
 /// Size of a tar block.
 pub(super) const BLOCK: u64 = 512;
+
+/// Size of the decompressed chunks [`Ahead`] hands over, and how many it may hold ready.
+const AHEAD_CHUNK: usize = 256 * 1024;
+const AHEAD_CHUNKS: usize = 4;
 
 /// The archive opened for reading.
 pub(super) struct Stream {
@@ -29,7 +35,7 @@ pub(super) fn open(file: File, name: &str) -> Result<Stream> {
     let magic = file.seek(SeekFrom::Start(0)).and_then(|_| file.fill_buf());
     let gzip = magic.io("read", name)?.starts_with(&[0x1f, 0x8b]);
     let mut source: Box<dyn Read> = match gzip {
-        true => Box::new(flate2::read::MultiGzDecoder::new(file)),
+        true => Box::new(Ahead::spawn(flate2::read::MultiGzDecoder::new(file))?),
         false => Box::new(file),
     };
     // GNU tar's `--label` writes a first header of type `V` whose size field is left
@@ -165,5 +171,150 @@ impl Read for Metered {
         }
         self.meter.record(&buf[..n]);
         Ok(n)
+    }
+}
+
+/// A reader that decompresses on a thread of its own, up to [`AHEAD_CHUNKS`] chunks
+/// ahead of its consumer, so that inflating overlaps with creating and writing the
+/// files (as `tar xzf` runs `gzip -d` in a process of its own). Memory stays at a few
+/// chunks whatever the archive. Dropping it stops the thread and waits for it.
+struct Ahead {
+    chunks: Option<Receiver<io::Result<Vec<u8>>>>,
+    current: io::Cursor<Vec<u8>>,
+    ended: bool,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Ahead {
+    fn spawn<R: Read + Send + 'static>(mut source: R) -> Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(AHEAD_CHUNKS);
+        let thread = std::thread::Builder::new()
+            .name("unpack-inflate".into())
+            .spawn(move || loop {
+                let mut chunk = vec![0u8; AHEAD_CHUNK];
+                let mut filled = 0;
+                let outcome = loop {
+                    match source.read(&mut chunk[filled..]) {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => {
+                            filled += n;
+                            if filled == chunk.len() {
+                                break Ok(());
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
+                    }
+                };
+                chunk.truncate(filled);
+                let last = filled == 0 || outcome.is_err();
+                // The bytes before an error first, then the error; an empty chunk is
+                // the end. A send fails when the reader is gone: stop.
+                if filled > 0 && tx.send(Ok(chunk)).is_err() {
+                    return;
+                }
+                if let Err(e) = outcome {
+                    let _ = tx.send(Err(e));
+                }
+                if last {
+                    if filled == 0 {
+                        let _ = tx.send(Ok(Vec::new()));
+                    }
+                    return;
+                }
+            })
+            .map_err(|e| {
+                Error::Internal(format!("could not start the decompressing thread: {e}"))
+            })?;
+        Ok(Ahead {
+            chunks: Some(rx),
+            current: io::Cursor::new(Vec::new()),
+            ended: false,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Read for Ahead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let n = self.current.read(buf)?;
+            if n > 0 || buf.is_empty() || self.ended {
+                return Ok(n);
+            }
+            let next = self.chunks.as_ref().map(|rx| rx.recv());
+            match next {
+                Some(Ok(Ok(chunk))) if chunk.is_empty() => self.ended = true,
+                Some(Ok(Ok(chunk))) => self.current = io::Cursor::new(chunk),
+                Some(Ok(Err(e))) => return Err(e),
+                // The thread ended without saying so: it panicked.
+                Some(Err(_)) | None => {
+                    return Err(io::Error::other("the decompressing thread stopped"));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        // Closing the channel makes the thread's next send fail, and it returns.
+        drop(self.chunks.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gives `good` bytes in small reads, then fails.
+    struct FailsAfter {
+        good: io::Cursor<Vec<u8>>,
+    }
+
+    impl Read for FailsAfter {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let cap = buf.len().min(1000);
+            match self.good.read(&mut buf[..cap])? {
+                0 => Err(io::Error::other("disk on fire")),
+                n => Ok(n),
+            }
+        }
+    }
+
+    #[test]
+    fn ahead_hands_over_every_byte_then_the_end() {
+        let bytes: Vec<u8> = (0..3 * AHEAD_CHUNK + 17).map(|i| (i % 251) as u8).collect();
+        let mut ahead = Ahead::spawn(io::Cursor::new(bytes.clone())).expect("spawn");
+        let mut read = Vec::new();
+        ahead.read_to_end(&mut read).expect("read");
+        assert_eq!(read, bytes);
+        assert_eq!(ahead.read(&mut [0u8; 8]).expect("after the end"), 0);
+    }
+
+    #[test]
+    fn ahead_hands_over_the_bytes_before_an_error_then_the_error() {
+        let good = vec![7u8; AHEAD_CHUNK + 5000];
+        let source = FailsAfter {
+            good: io::Cursor::new(good.clone()),
+        };
+        let mut ahead = Ahead::spawn(source).expect("spawn");
+        let mut read = vec![0u8; good.len()];
+        ahead.read_exact(&mut read).expect("the good bytes");
+        assert_eq!(read, good);
+        let err = ahead.read(&mut [0u8; 8]).unwrap_err();
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+    }
+
+    #[test]
+    fn dropping_ahead_stops_its_thread_on_an_endless_source() {
+        // `io::repeat` never ends: the thread must stop because the reader is gone.
+        let mut ahead = Ahead::spawn(io::repeat(1)).expect("spawn");
+        let mut some = [0u8; 10];
+        ahead.read_exact(&mut some).expect("read");
+        drop(ahead); // joins the thread; hangs if it does not stop
     }
 }
