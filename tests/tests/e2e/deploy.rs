@@ -286,6 +286,33 @@ async fn a_broken_release_is_rolled_back_on_the_canary_and_nothing_else_is_touch
     assert!(out.contains("not touched"), "{out}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_env_too_large_for_a_frame_is_refused_before_anything_is_stopped() {
+    let (fleet, v2) = fleet_with_v1_v2("frame", 1, &group(1, 1));
+    let (ok, out) = erel_deploy(&fleet, &[]);
+    assert!(ok, "deploy v1 failed:\n{out}\n{}", fleet.agent_logs());
+    let pids = fleet.release_pids(RELEASE);
+
+    let big = "x".repeat(70_000);
+    let gate = format!("{}\nenv = {{ BIG = \"{big}\" }}", group(1, 1));
+    fleet.write_cluster(2, "0.2.0", &v2, &gate);
+    let (ok, out) = erel_deploy(&fleet, &[]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("cluster.toml")
+            && out.contains("group.web.env.BIG")
+            && out.contains("on host 'frame-1'")
+            && out.contains("65536-byte frame limit"),
+        "the refusal names the file, field, host and limit:\n{out}"
+    );
+    assert!(!out.contains(": stopping"), "{out}");
+    assert_eq!(fleet.release_pids(RELEASE), pids, "nothing was replaced");
+    for (version, state) in fleet.running(RELEASE).await {
+        assert_eq!(version.as_deref(), Some("0.1.0"));
+        assert_eq!(state, ReleaseState::Running);
+    }
+}
+
 /// A fleet `name` of `hosts` web hosts with the beat release 0.1.0 and 0.2.0 in
 /// its directory and a cluster file (revision 1) that runs 0.1.0 under `gate`; and
 /// the 0.2.0 archive.
