@@ -947,7 +947,9 @@ fn a_request_that_could_not_fit_in_a_frame_is_refused_naming_the_field_and_sizes
         &format!("env = {{ BEAT_PORT = \"27183\", FITS = \"{fits}\" }}"),
         1,
     );
-    let plan = fx.parse(&text).expect("a Start just under the cap is accepted");
+    let plan = fx
+        .parse(&text)
+        .expect("a Start just under the cap is accepted");
     let start = plan.groups["web"].start_request(&plan.hosts[0], "0.2.0");
     let len = erel_proto::encode_body(&erel_proto::Request::Start(start))
         .expect("encode")
