@@ -777,7 +777,7 @@ mod connect_tests {
     async fn a_peer_that_is_not_an_amqp_broker_is_named_as_such() {
         let addr = http_server().await;
         let broker =
-            Broker::new(&format!("amqp://guest:secret@{addr}/%2f"), "t-http").expect("valid URL");
+            Broker::new(format!("amqp://guest:secret@{addr}/%2f"), "t-http").expect("valid URL");
         let error = broker.connect("test").await.expect_err("HTTP is not AMQP");
         let text = error.to_string();
         assert!(
@@ -791,7 +791,7 @@ mod connect_tests {
         // In a list of nodes, the same words name the node at fault.
         let other = http_server().await;
         let list = format!("amqp://guest:guest@{addr}/%2f,amqp://guest:guest@{other}/%2f");
-        let broker = Broker::new(&list, "t-http").expect("valid list");
+        let broker = Broker::new(list, "t-http").expect("valid list");
         let text = broker
             .connect("test")
             .await
