@@ -858,7 +858,7 @@ fn refuse_oversized(host: &HostAddr, request: &Request) -> Result<()> {
         _ => String::new(),
     };
     Err(Error::Usage(format!(
-        "{}: the {} request would be {len} bytes, over the agent's {}-byte frame limit{largest}; nothing was sent",
+        "{}: the {} request would be {len} bytes, over the agent's {}-byte frame limit{largest}; refused before anything was changed",
         host.id,
         request.name(),
         erel_proto::MAX_FRAME
