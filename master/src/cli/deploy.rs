@@ -202,7 +202,7 @@ pub(super) async fn run_and_report(
         let tails_shown = matches!(view, View::Lines(_));
         print!("{}", summary_table(&report, tails_shown));
     }
-    Ok(if report.converged() {
+    Ok(if report.complete() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -535,9 +535,7 @@ fn summary_table(report: &RolloutReport, tails_shown: bool) -> String {
         out.push('\n');
     }
     let elsewhere = off_the_file(report);
-    let verdict = if report.converged() && !elsewhere.is_empty() {
-        format!("revision {}: {}\n", report.revision, elsewhere.join("; "))
-    } else if !report.unanswered.is_empty() {
+    let verdict = if !report.unanswered.is_empty() {
         let ids: Vec<&str> = report.unanswered.iter().map(|h| h.host.as_str()).collect();
         format!(
             "revision {}: NOT converged ({} failed): waiting host(s) {} did not answer, what they run is unknown\n",
@@ -545,6 +543,8 @@ fn summary_table(report: &RolloutReport, tails_shown: bool) -> String {
             report.failed(),
             ids.join(", ")
         )
+    } else if report.converged() && !elsewhere.is_empty() {
+        format!("revision {}: {}\n", report.revision, elsewhere.join("; "))
     } else if report.converged() && report.stopped() > 0 {
         format!(
             "revision {}: every host runs its desired version or has its release stopped ({} stopped)\n",
@@ -1362,7 +1362,7 @@ mod tests {
             unanswered: vec![lost],
             groups: Vec::new(),
         };
-        assert!(!report.converged());
+        assert!(!report.complete());
         assert_eq!(report.failed(), 1);
         let table = summary_table(&report, true);
         assert!(

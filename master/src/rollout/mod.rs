@@ -519,9 +519,18 @@ pub struct RolloutReport {
 }
 
 impl RolloutReport {
-    /// True when every host runs its desired version, healthy.
+    /// True when every host of the groups rolled out runs its desired version, healthy.
+    /// Says nothing of [`RolloutReport::unanswered`] waiting hosts: a daemon's pass for
+    /// one group is not held back by a spare host that is down; see
+    /// [`RolloutReport::complete`].
     pub fn converged(&self) -> bool {
-        self.groups.iter().all(GroupReport::converged) && self.unanswered.is_empty()
+        self.groups.iter().all(GroupReport::converged)
+    }
+
+    /// [`RolloutReport::converged`], and every waiting host answered: what `erel deploy`
+    /// exits 0 for.
+    pub fn complete(&self) -> bool {
+        self.converged() && self.unanswered.is_empty()
     }
 
     /// The names of the groups that did not converge, in report order.
