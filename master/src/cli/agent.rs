@@ -1183,6 +1183,44 @@ archive = "probe.tar.gz"
     }
 
     #[test]
+    fn a_request_from_flags_that_could_not_fit_in_a_frame_is_refused() {
+        let host: HostAddr = "web-1@127.0.0.1:7070".parse().expect("host");
+        let long = "d".repeat(erel_proto::MAX_FRAME);
+        let cases = [
+            (unpack_request("archives/a.tar", &long, None), "Unpack"),
+            (
+                Request::WriteFile(WriteFile {
+                    path: long.clone(),
+                    mode: 0o644,
+                    size: 1,
+                    sha256: None,
+                }),
+                "WriteFile",
+            ),
+        ];
+        for (request, name) in &cases {
+            let error = refuse_oversized(&host, request)
+                .expect_err("too large")
+                .to_string();
+            assert!(
+                error.contains(&format!("web-1: the {name} request would be 655"))
+                    && error
+                        .contains("65536-byte frame limit; refused before anything was changed"),
+                "{error}"
+            );
+        }
+        let none = target("other");
+        let (start, _) = none.start_request("other", "1", flags(&[], None, &["bin/x", &long]));
+        let error = refuse_oversized(&host, &Request::Start(start))
+            .expect_err("too large")
+            .to_string();
+        assert!(error.contains("(argv[1] is 65536 bytes)"), "{error}");
+        // What fits is let through.
+        let (start, _) = none.start_request("other", "1", flags(&[("A", "b")], None, &["bin/x"]));
+        assert!(refuse_oversized(&host, &Request::Start(start)).is_ok());
+    }
+
+    #[test]
     fn output_that_grew_shows_only_what_is_new() {
         assert_eq!(new_output("", "a\n"), NewOutput::Continues("a\n"));
         assert_eq!(new_output("a\n", "a\nb\n"), NewOutput::Continues("b\n"));
