@@ -376,16 +376,36 @@ async fn connect_node(url: &str, role: &str) -> Result<Connection> {
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
     }
+    let peer = format!("{}:{}", uri.authority.host, uri.authority.port);
     let properties =
         ConnectionProperties::default().with_connection_name(format!("erel {role}").into());
     match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, properties)).await {
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(e)) => Err(amqp_error(redact(url), "connecting", e)),
+        Ok(Err(e)) => Err(connect_error(url, &peer, e)),
         Err(_) => Err(Error::Amqp {
             target: redact(url),
             action: "connecting".to_string(),
             message: format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
         }),
+    }
+}
+
+/// A failed connection to the node at `url` (`peer` is its `host:port`). A peer whose
+/// first bytes are not an AMQP frame (the parser fails) or that names another protocol
+/// version is said not to be an AMQP 0-9-1 broker, with the client's own error after:
+/// the usual cause is a URL pointing at another service's port.
+fn connect_error(url: &str, peer: &str, e: lapin::Error) -> Error {
+    match e.kind() {
+        lapin::ErrorKind::ParsingError(_) | lapin::ErrorKind::InvalidProtocolVersion(_) => {
+            Error::Amqp {
+                target: redact(url),
+                action: "connecting".to_string(),
+                message: format!(
+                    "the peer at {peer} did not answer as an AMQP 0-9-1 broker (is this the broker's port?): {e}"
+                ),
+            }
+        }
+        _ => amqp_error(redact(url), "connecting", e),
     }
 }
 
@@ -723,5 +743,67 @@ mod tests {
         assert!(third >= Duration::from_millis(350) && third <= Duration::from_millis(438));
         backoff.reset();
         assert!(backoff.next_delay() < Duration::from_millis(130));
+    }
+}
+
+#[cfg(test)]
+mod connect_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A TCP server on a free port that answers every connection as an HTTP server
+    /// answers a request it cannot read; its address.
+    async fn http_server() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_is_not_an_amqp_broker_is_named_as_such() {
+        let addr = http_server().await;
+        let broker =
+            Broker::new(format!("amqp://guest:secret@{addr}/%2f"), "t-http").expect("valid URL");
+        let error = broker.connect("test").await.expect_err("HTTP is not AMQP");
+        let text = error.to_string();
+        assert!(
+            text.contains(&format!(
+                "the peer at {addr} did not answer as an AMQP 0-9-1 broker"
+            )),
+            "{text}"
+        );
+        assert!(!text.contains("secret"), "the password is hidden: {text}");
+
+        // In a list of nodes, the same words name the node at fault.
+        let other = http_server().await;
+        let list = format!("amqp://guest:guest@{addr}/%2f,amqp://guest:guest@{other}/%2f");
+        let broker = Broker::new(list, "t-http").expect("valid list");
+        let text = broker
+            .connect("test")
+            .await
+            .expect_err("no node is a broker")
+            .to_string();
+        for peer in [addr, other] {
+            assert!(
+                text.contains(&format!(
+                    "the peer at {peer} did not answer as an AMQP 0-9-1 broker"
+                )),
+                "{text}"
+            );
+        }
     }
 }

@@ -15,6 +15,7 @@ use crate::{Error, HostAddr};
 use clap::Args;
 use erel_proto::{
     ErrorKind, Ping, Pong, ReleaseState, ReleaseStatus, Request, Start, Started, Stopped, Unpacked,
+    WriteFile,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -349,6 +350,17 @@ pub(super) async fn push(
     args: PushArgs,
 ) -> Result<ExitCode> {
     let host = resolve(&args.host, cluster)?;
+    // The largest the request can be: the real size once read, a full digest.
+    let size = std::fs::metadata(&args.file).map_or(u64::MAX, |m| m.len());
+    refuse_oversized(
+        &host,
+        &Request::WriteFile(WriteFile {
+            path: args.dest.clone(),
+            mode: args.mode,
+            size,
+            sha256: Some(erel_proto::Sha256([0; 32])),
+        }),
+    )?;
     let cache = DigestCache::for_user();
     // Taken before anything reads the file: a digest is recorded below only if the
     // file is still in this state after the push.
@@ -489,8 +501,9 @@ pub(super) async fn unpack(
     cluster: Option<&Path>,
     args: UnpackArgs,
 ) -> Result<ExitCode> {
-    let (host, mut session) = open(ctx, cluster, &args.host)?;
     let request = unpack_request(&args.archive, &args.dest, None);
+    refuse_oversized(&resolve(&args.host, cluster)?, &request)?;
+    let (host, mut session) = open(ctx, cluster, &args.host)?;
     let done: Unpacked = session.command(request).await?;
     if done.already {
         println!(
@@ -772,6 +785,7 @@ pub(super) async fn start(
 ) -> Result<ExitCode> {
     let target = Target::resolve(&args.host, cluster, &args.name)?;
     let (request, notes) = target.start_request(&args.name, &args.version, args.settings);
+    refuse_oversized(&target.host, &Request::Start(request.clone()))?;
     let notes = notes
         .iter()
         .map(|note| format!("{}: {note}", target.host.id));
@@ -828,6 +842,29 @@ pub(super) async fn restart(
         .await
 }
 
+/// Refuses `request` for `host` when it could never reach the agent: its frame would be
+/// over [`erel_proto::MAX_FRAME`] (see [`crate::client::oversized`]). Called before
+/// anything is sent, so a refused `restart` stops nothing. A `Start` names its largest
+/// value.
+fn refuse_oversized(host: &HostAddr, request: &Request) -> Result<()> {
+    let Some(len) = crate::client::oversized(request) else {
+        return Ok(());
+    };
+    let largest = match request {
+        Request::Start(start) => {
+            let (part, part_len) = crate::client::largest_start_part(start);
+            format!(" ({part} is {part_len} bytes)")
+        }
+        _ => String::new(),
+    };
+    Err(Error::Usage(format!(
+        "{}: the {} request would be {len} bytes, over the agent's {}-byte frame limit{largest}; refused before anything was changed",
+        host.id,
+        request.name(),
+        erel_proto::MAX_FRAME
+    )))
+}
+
 /// Prints each line on its own.
 fn print_lines(lines: impl IntoIterator<Item = String>) {
     for line in lines {
@@ -859,6 +896,7 @@ async fn restart_held(
         }
     };
     let (request, notes) = target.start_request(&args.name, &version, args.settings);
+    refuse_oversized(&target.host, &Request::Start(request.clone()))?;
     match target.describe() {
         Some(line) => println!("{line}"),
         // The agent does not say what a release was started with: a restart without a
@@ -1142,6 +1180,44 @@ archive = "probe.tar.gz"
         assert_eq!(start.argv, ["bin/x"]);
         assert_eq!(start.env, [("A".to_string(), "b".to_string())]);
         assert!(notes.is_empty());
+    }
+
+    #[test]
+    fn a_request_from_flags_that_could_not_fit_in_a_frame_is_refused() {
+        let host: HostAddr = "web-1@127.0.0.1:7070".parse().expect("host");
+        let long = "d".repeat(erel_proto::MAX_FRAME);
+        let cases = [
+            (unpack_request("archives/a.tar", &long, None), "Unpack"),
+            (
+                Request::WriteFile(WriteFile {
+                    path: long.clone(),
+                    mode: 0o644,
+                    size: 1,
+                    sha256: None,
+                }),
+                "WriteFile",
+            ),
+        ];
+        for (request, name) in &cases {
+            let error = refuse_oversized(&host, request)
+                .expect_err("too large")
+                .to_string();
+            assert!(
+                error.contains(&format!("web-1: the {name} request would be 655"))
+                    && error
+                        .contains("65536-byte frame limit; refused before anything was changed"),
+                "{error}"
+            );
+        }
+        let none = target("other");
+        let (start, _) = none.start_request("other", "1", flags(&[], None, &["bin/x", &long]));
+        let error = refuse_oversized(&host, &Request::Start(start))
+            .expect_err("too large")
+            .to_string();
+        assert!(error.contains("(argv[1] is 65536 bytes)"), "{error}");
+        // What fits is let through.
+        let (start, _) = none.start_request("other", "1", flags(&[("A", "b")], None, &["bin/x"]));
+        assert!(refuse_oversized(&host, &Request::Start(start)).is_ok());
     }
 
     #[test]

@@ -202,7 +202,7 @@ pub(super) async fn run_and_report(
         let tails_shown = matches!(view, View::Lines(_));
         print!("{}", summary_table(&report, tails_shown));
     }
-    Ok(if report.converged() {
+    Ok(if report.complete() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -512,13 +512,40 @@ fn summary_table(report: &RolloutReport, tails_shown: bool) -> String {
             ]);
         }
     }
+    for host in &report.unanswered {
+        let result = match &host.outcome {
+            HostOutcome::Failed(failure) => format!(
+                "FAILED while {}: {}; what it runs is unknown",
+                failure.phase, failure.reason
+            ),
+            other => format!("{other:?}"),
+        };
+        rows.push([
+            host.host.clone(),
+            "(waiting)".to_string(),
+            host.addr.clone(),
+            "?".to_string(),
+            result,
+        ]);
+    }
     let mut out = table(&rows);
     for (host, tail) in tails {
         out.push_str(&format!("\n{host}: the release's last output:\n"));
         out.push_str(&indent(tail.trim_end(), "  "));
         out.push('\n');
     }
-    let verdict = if report.converged() && report.stopped() > 0 {
+    let elsewhere = off_the_file(report);
+    let verdict = if !report.unanswered.is_empty() {
+        let ids: Vec<&str> = report.unanswered.iter().map(|h| h.host.as_str()).collect();
+        format!(
+            "revision {}: NOT converged ({} failed): waiting host(s) {} did not answer, what they run is unknown\n",
+            report.revision,
+            report.failed(),
+            ids.join(", ")
+        )
+    } else if report.converged() && !elsewhere.is_empty() {
+        format!("revision {}: {}\n", report.revision, elsewhere.join("; "))
+    } else if report.converged() && report.stopped() > 0 {
         format!(
             "revision {}: every host runs its desired version or has its release stopped ({} stopped)\n",
             report.revision,
@@ -538,6 +565,40 @@ fn summary_table(report: &RolloutReport, tails_shown: bool) -> String {
     };
     out.push_str(&verdict);
     out
+}
+
+/// For each group, the hosts that ended on a version other than the cluster file's (a
+/// rollback, or a host a rollback left on an older one): "group web: h1, h2 run 1.0.0;
+/// the cluster file still asks for 2.0.0". Empty when every host ended on the file's
+/// version or stopped.
+fn off_the_file(report: &RolloutReport) -> Vec<String> {
+    let mut lines = Vec::new();
+    for group in &report.groups {
+        let mut by_version: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for host in &group.hosts {
+            let now = match &host.outcome {
+                HostOutcome::Switched { version, .. } => version.as_str(),
+                HostOutcome::Left { version, .. } => version.as_str(),
+                _ => continue,
+            };
+            if now != group.version {
+                by_version.entry(now).or_default().push(&host.host);
+            }
+        }
+        for (version, hosts) in by_version {
+            let runs = match version {
+                "" => "run no version".to_string(),
+                v => format!("run {v}"),
+            };
+            lines.push(format!(
+                "group {}: {} {runs}; the cluster file still asks for {}",
+                group.group,
+                hosts.join(", "),
+                group.version
+            ));
+        }
+    }
+    lines
 }
 
 /// Left-aligned columns; the last column is not padded.
@@ -1224,6 +1285,98 @@ mod tests {
     use super::*;
     use crate::rollout::{GroupReport, HostPhase, HostReport};
 
+    fn host(id: &str, outcome: HostOutcome) -> HostReport {
+        HostReport {
+            host: id.into(),
+            addr: "127.0.0.1:1".into(),
+            outcome,
+        }
+    }
+
+    fn web(version: &str, hosts: Vec<HostReport>) -> GroupReport {
+        GroupReport {
+            group: "web".into(),
+            release: "beat".into(),
+            version: version.into(),
+            halted: None,
+            hosts,
+        }
+    }
+
+    /// The summary's last line.
+    fn verdict(report: &RolloutReport) -> String {
+        let table = summary_table(report, true);
+        table.lines().last().expect("a verdict").to_string()
+    }
+
+    #[test]
+    fn the_verdict_says_which_hosts_run_another_version_than_the_file() {
+        let back = |id: &str| {
+            host(
+                id,
+                HostOutcome::Switched {
+                    from: Some("2.0.0".into()),
+                    version: "1.0.0".into(),
+                    pid: 7,
+                },
+            )
+        };
+        let left = host(
+            "h3",
+            HostOutcome::Left {
+                why: "does not run 2.0.0".into(),
+                version: "1.0.0".into(),
+            },
+        );
+        let report = RolloutReport {
+            revision: 2,
+            unanswered: Vec::new(),
+            groups: vec![web("2.0.0", vec![back("h1"), back("h2"), left])],
+        };
+        assert_eq!(
+            verdict(&report),
+            "revision 2: group web: h1, h2, h3 run 1.0.0; the cluster file still asks for 2.0.0"
+        );
+        let on_file = RolloutReport {
+            revision: 2,
+            unanswered: Vec::new(),
+            groups: vec![web("2.0.0", vec![host("h1", HostOutcome::UpToDate)])],
+        };
+        assert_eq!(
+            verdict(&on_file),
+            "revision 2: every host runs its desired version"
+        );
+    }
+
+    #[test]
+    fn an_unanswered_waiting_host_is_a_failure_the_verdict_names() {
+        let lost = host(
+            "h2",
+            HostOutcome::Failed(HostFailure::new(
+                HostPhase::Pinging,
+                "unreachable at 127.0.0.1:1: connection refused",
+            )),
+        );
+        let report = RolloutReport {
+            revision: 3,
+            unanswered: vec![lost],
+            groups: Vec::new(),
+        };
+        assert!(!report.complete());
+        assert_eq!(report.failed(), 1);
+        let table = summary_table(&report, true);
+        assert!(
+            table.contains("h2")
+                && table.contains("(waiting)")
+                && table.contains("unreachable at 127.0.0.1:1"),
+            "{table}"
+        );
+        assert_eq!(
+            verdict(&report),
+            "revision 3: NOT converged (1 failed): waiting host(s) h2 did not answer, what they run is unknown"
+        );
+    }
+
     #[test]
     fn a_failed_release_output_is_shown_once() {
         let failure = HostFailure {
@@ -1232,6 +1385,7 @@ mod tests {
         };
         let report = RolloutReport {
             revision: 1,
+            unanswered: Vec::new(),
             groups: vec![GroupReport {
                 group: "web".into(),
                 release: "beat".into(),

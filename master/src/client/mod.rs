@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use erel_proto::{
-    read_frame, rules, write_frame, FrameError, Hello, Pong, Request, Response, Sha256, Started,
-    Stop, Stopped, Unpack, Unpacked, PROTOCOL_VERSION,
+    read_frame, rules, write_frame, FrameError, Hello, Pong, Request, Response, Sha256, Start,
+    Started, Stop, Stopped, Unpack, Unpacked, MAX_FRAME, PROTOCOL_VERSION,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -400,6 +400,46 @@ pub fn stop_request(name: &str, grace: Duration) -> Request {
         name: name.to_string(),
         grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
     })
+}
+
+/// The size in bytes of `request`'s frame body when it is over [`MAX_FRAME`], the most
+/// either side of the protocol accepts; `None` when it fits. The size is that of the
+/// body the codec would send (`erel_proto::encode_body`), not an estimate, so a request
+/// refused here is exactly one the agent could never receive.
+pub fn oversized(request: &Request) -> Option<usize> {
+    let len = match erel_proto::encode_body(request) {
+        Ok(body) => body.len(),
+        // postcard fails to encode nothing erel sends; a failure reads as too large.
+        Err(_) => usize::MAX,
+    };
+    (len > MAX_FRAME).then_some(len)
+}
+
+/// The largest single value of a [`Start`]: its field (`argv[N]`, `env.KEY`, `user`,
+/// `name`, `version`) and its size in bytes (a variable counts its name and value), to
+/// name what made a too-large request too large.
+pub fn largest_start_part(start: &Start) -> (String, usize) {
+    let argv = start
+        .argv
+        .iter()
+        .enumerate()
+        .map(|(i, arg)| (format!("argv[{i}]"), arg.len()));
+    let env = start
+        .env
+        .iter()
+        .map(|(key, value)| (format!("env.{key}"), key.len() + value.len()));
+    let others = [
+        ("name".to_string(), start.name.len()),
+        ("version".to_string(), start.version.len()),
+        (
+            "user".to_string(),
+            start.user.as_deref().map_or(0, str::len),
+        ),
+    ];
+    argv.chain(env)
+        .chain(others)
+        .max_by_key(|(_, len)| *len)
+        .unwrap_or_default()
 }
 
 /// A failed TLS handshake, explained. An agent that closes the connection before the

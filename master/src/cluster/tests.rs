@@ -891,3 +891,68 @@ fn restarted_at_may_be_a_few_minutes_ahead_for_clocks_apart_and_no_more() {
     let past = validate::restarted_at("2020-01-01T00:00:00Z", now).expect("the past is fine");
     assert!(past < now);
 }
+
+#[test]
+fn a_request_that_could_not_fit_in_a_frame_is_refused_naming_the_field_and_sizes() {
+    let fx = Fixture::new();
+    let big = "x".repeat(70_000);
+    // Just under the cap: the whole Start (name, version, argv, both envs) fits.
+    let fits = "y".repeat(erel_proto::MAX_FRAME - 200);
+    let cases: &[(&str, String, &[&str])] = &[
+        (
+            "env = { BEAT_PORT = \"27183\" }",
+            format!("env = {{ BEAT_PORT = \"27183\", BIG = \"{big}\" }}"),
+            &[
+                "host[0].env.BIG",
+                "group 'web' on host 'web-1'",
+                "70",
+                "65536-byte frame limit",
+                "env.BIG is 70003 bytes",
+            ],
+        ),
+        (
+            "env = { NODE_NAME",
+            format!("env = {{ BIG = \"{big}\", NODE_NAME"),
+            &[
+                "group.web.env.BIG",
+                "on host 'web-1'",
+                "65536-byte frame limit",
+            ],
+        ),
+        (
+            "argv = [\"bin/beat\", \"foreground\"]",
+            format!("argv = [\"bin/beat\", \"{big}\"]"),
+            &["group.web.argv", "argv[1] is 70000 bytes", "frame limit"],
+        ),
+        (
+            "max_in_flight = 1",
+            format!("user = \"{big}\"\nmax_in_flight = 1"),
+            &["group.web.user", "user is 70000 bytes", "frame limit"],
+        ),
+        (
+            "argv = [\"bin/beat\", \"foreground\"]",
+            // Many small values that together are too large: the sum is what counts.
+            format!(
+                "argv = [\"bin/beat\", {}]",
+                vec!["\"abcdefghijklmnop\""; 4_000].join(", ")
+            ),
+            &["group.web.argv", "would be 68056 bytes", "frame limit"],
+        ),
+    ];
+    for (from, to, parts) in cases {
+        assert_refusal(&fx.error_with(from, to), parts);
+    }
+    let text = fx.text().replacen(
+        "env = { BEAT_PORT = \"27183\" }",
+        &format!("env = {{ BEAT_PORT = \"27183\", FITS = \"{fits}\" }}"),
+        1,
+    );
+    let plan = fx
+        .parse(&text)
+        .expect("a Start just under the cap is accepted");
+    let start = plan.groups["web"].start_request(&plan.hosts[0], "0.2.0");
+    let len = erel_proto::encode_body(&erel_proto::Request::Start(start))
+        .expect("encode")
+        .len();
+    assert!(len <= erel_proto::MAX_FRAME && len > erel_proto::MAX_FRAME - 300);
+}

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use erel_proto::text::floor_char_boundary;
-use erel_proto::Sha256;
+use erel_proto::{Request, Sha256, WriteFile};
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
@@ -122,6 +122,12 @@ pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<P
                     }
                 }
             }
+        }
+    }
+
+    for (index, host) in hosts.iter().enumerate() {
+        for group in host.groups.iter().filter_map(|g| groups.get(g)) {
+            check_frames(&fault, index, host, group)?;
         }
     }
 
@@ -342,6 +348,56 @@ fn group_plan(
         drain,
         restarted_at,
     })
+}
+
+/// Every request a rollout sends for `group` on host `index` fits in one frame: the
+/// `Start` (argv, the merged env, user, name, version), and the `WriteFile` and
+/// `Unpack` of the archive. Each is encoded as the agent would receive it
+/// ([`crate::client::oversized`]); a refusal names the field with the largest value.
+fn check_frames(fault: &Fault<'_>, index: usize, host: &HostPlan, group: &GroupPlan) -> Result<()> {
+    let limit = erel_proto::MAX_FRAME;
+    let start = group.start_request(host, &group.version);
+    if let Some(len) = crate::client::oversized(&Request::Start(start.clone())) {
+        let (part, part_len) = crate::client::largest_start_part(&start);
+        let field = match part.strip_prefix("env.") {
+            Some(key) if host.env.contains_key(key) => format!("host[{index}].env.{key}"),
+            Some(key) => format!("group.{}.env.{key}", group.name),
+            None if part.starts_with("argv") => format!("group.{}.argv", group.name),
+            None if part == "name" => format!("group.{}.release", group.name),
+            None => format!("group.{}.{part}", group.name),
+        };
+        return Err(fault.at(
+            field,
+            format!(
+                "the Start request for group '{}' on host '{}' would be {len} bytes, over the agent's {limit}-byte frame limit ({part} is {part_len} bytes)",
+                group.name, host.id
+            ),
+        ));
+    }
+    if let Some(archive) = &group.archive {
+        let dest = GroupPlan::archive_dest(archive);
+        let requests = [
+            Request::WriteFile(WriteFile {
+                path: dest.clone(),
+                mode: 0o644,
+                size: u64::MAX,
+                sha256: Some(archive.sha256),
+            }),
+            crate::client::unpack_request(&dest, &group.version_dir(), Some(archive.sha256)),
+        ];
+        for request in &requests {
+            if let Some(len) = crate::client::oversized(request) {
+                return Err(fault.at(
+                    format!("group.{}.archive", group.name),
+                    format!(
+                        "the {} request for '{dest}' would be {len} bytes, over the agent's {limit}-byte frame limit",
+                        request.name()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `restarted_at`: an RFC 3339 instant (RFC 3339 section 5.6, as `time`'s `Rfc3339`

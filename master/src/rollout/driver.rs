@@ -38,9 +38,9 @@ pub(crate) async fn rollout(
         events: events.clone(),
     });
     refuse_starting_stopped(plan, &selected, options.operation)?;
-    let mut left = match options.operation {
+    let (mut left, unanswered) = match options.operation {
         Operation::Deploy => left_hosts(&shared, plan, &selected, &chosen).await,
-        _ => HashMap::new(),
+        _ => (HashMap::new(), Vec::new()),
     };
     let mut tasks = JoinSet::new();
     for (index, group) in selected.into_iter().enumerate() {
@@ -78,6 +78,7 @@ pub(crate) async fn rollout(
     Ok(RolloutReport {
         revision: plan.revision,
         groups: groups.into_iter().map(|(_, g)| g).collect(),
+        unanswered,
     })
 }
 
@@ -96,7 +97,7 @@ pub(crate) async fn planned_stops(
         options: options.clone(),
         events,
     });
-    let left = left_hosts(&shared, plan, &selected, &chosen).await;
+    let (left, _) = left_hosts(&shared, plan, &selected, &chosen).await;
     Ok(left
         .into_iter()
         .map(|(group, hosts)| (group, hosts.into_iter().map(|h| h.id).collect()))
@@ -359,13 +360,15 @@ fn releases_of<'a>(plan: &'a Plan, host: &HostPlan) -> BTreeSet<&'a str> {
 /// `--hosts` narrows it, minus `--exclude`); by group, in file order. Only releases
 /// some group of the plan names are considered: a release no group names was not put
 /// there by erel's config (or was taken out of it with its group), so it is never
-/// touched. A host that does not answer is left alone here: its own group reports it.
+/// touched. A host that does not answer is left alone here: its own group reports it;
+/// a waiting host (in no group) has none, so it is pinged even when no group is
+/// selected and, unanswered, is returned second, as failed while pinging.
 async fn left_hosts(
     shared: &SharedRef,
     plan: &Plan,
     groups: &[&GroupPlan],
     chosen: &HashSet<String>,
-) -> HashMap<String, Vec<HostPlan>> {
+) -> (HashMap<String, Vec<HostPlan>>, Vec<HostReport>) {
     let options = &shared.options;
     let candidates: Vec<HostPlan> = plan
         .hosts
@@ -374,7 +377,7 @@ async fn left_hosts(
         .filter(|h| !options.exclude.contains(&h.id))
         .filter(|h| {
             let own = releases_of(plan, h);
-            groups.iter().any(|g| !own.contains(g.release.as_str()))
+            h.groups.is_empty() || groups.iter().any(|g| !own.contains(g.release.as_str()))
         })
         .cloned()
         .collect();
@@ -388,9 +391,23 @@ async fn left_hosts(
         });
     }
     let mut found: HashMap<String, BTreeSet<String>> = HashMap::new();
+    let mut unanswered: HashMap<String, HostReport> = HashMap::new();
     while let Some(joined) = pings.join_next().await {
-        let Ok((host, Ok(pong))) = joined else {
-            continue;
+        let (host, pong) = match joined {
+            Ok((host, Ok(pong))) => (host, pong),
+            Ok((host, Err(e))) if host.groups.is_empty() => {
+                let failure = HostFailure::new(HostPhase::Pinging, unreachable(&host, &e));
+                unanswered.insert(
+                    host.id.clone(),
+                    HostReport {
+                        host: host.id.clone(),
+                        addr: host.addr.clone(),
+                        outcome: HostOutcome::Failed(failure),
+                    },
+                );
+                continue;
+            }
+            _ => continue,
         };
         for group in left_groups(plan, &host, groups, &pong.releases) {
             found
@@ -399,7 +416,7 @@ async fn left_hosts(
                 .insert(host.id.clone());
         }
     }
-    found
+    let left = found
         .into_iter()
         .map(|(group, ids)| {
             let hosts = plan
@@ -410,7 +427,13 @@ async fn left_hosts(
                 .collect();
             (group, hosts)
         })
-        .collect()
+        .collect();
+    let unanswered = plan
+        .hosts
+        .iter()
+        .filter_map(|h| unanswered.remove(&h.id))
+        .collect();
+    (left, unanswered)
 }
 
 /// The selected groups whose release `host` runs (or is meant to run, per `releases`,

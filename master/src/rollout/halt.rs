@@ -220,6 +220,7 @@ mod tests {
     fn report(phase: HostPhase) -> RolloutReport {
         RolloutReport {
             revision: 4,
+            unanswered: Vec::new(),
             groups: vec![GroupReport {
                 group: "web".into(),
                 release: "beat".into(),

@@ -511,12 +511,26 @@ pub struct RolloutReport {
     pub revision: u64,
     /// Every group rolled out.
     pub groups: Vec<GroupReport>,
+    /// Waiting hosts (in no group) that did not answer the deploy's ping for releases
+    /// they left: what they run is unknown, so the rollout cannot have converged. Each
+    /// is [`HostOutcome::Failed`] while pinging.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unanswered: Vec<HostReport>,
 }
 
 impl RolloutReport {
-    /// True when every host runs its desired version, healthy.
+    /// True when every host of the groups rolled out runs its desired version, healthy.
+    /// Says nothing of [`RolloutReport::unanswered`] waiting hosts: a daemon's pass for
+    /// one group is not held back by a spare host that is down; see
+    /// [`RolloutReport::complete`].
     pub fn converged(&self) -> bool {
         self.groups.iter().all(GroupReport::converged)
+    }
+
+    /// [`RolloutReport::converged`], and every waiting host answered: what `erel deploy`
+    /// exits 0 for.
+    pub fn complete(&self) -> bool {
+        self.converged() && self.unanswered.is_empty()
     }
 
     /// The names of the groups that did not converge, in report order.
@@ -544,7 +558,10 @@ impl RolloutReport {
     }
 
     fn hosts(&self) -> impl Iterator<Item = &HostReport> {
-        self.groups.iter().flat_map(|g| g.hosts.iter())
+        self.groups
+            .iter()
+            .flat_map(|g| g.hosts.iter())
+            .chain(&self.unanswered)
     }
 }
 

@@ -286,6 +286,33 @@ async fn a_broken_release_is_rolled_back_on_the_canary_and_nothing_else_is_touch
     assert!(out.contains("not touched"), "{out}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_env_too_large_for_a_frame_is_refused_before_anything_is_stopped() {
+    let (fleet, v2) = fleet_with_v1_v2("frame", 1, &group(1, 1));
+    let (ok, out) = erel_deploy(&fleet, &[]);
+    assert!(ok, "deploy v1 failed:\n{out}\n{}", fleet.agent_logs());
+    let pids = fleet.release_pids(RELEASE);
+
+    let big = "x".repeat(70_000);
+    let gate = format!("{}\nenv = {{ BIG = \"{big}\" }}", group(1, 1));
+    fleet.write_cluster(2, "0.2.0", &v2, &gate);
+    let (ok, out) = erel_deploy(&fleet, &[]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("cluster.toml")
+            && out.contains("group.web.env.BIG")
+            && out.contains("on host 'frame-1'")
+            && out.contains("65536-byte frame limit"),
+        "the refusal names the file, field, host and limit:\n{out}"
+    );
+    assert!(!out.contains(": stopping"), "{out}");
+    assert_eq!(fleet.release_pids(RELEASE), pids, "nothing was replaced");
+    for (version, state) in fleet.running(RELEASE).await {
+        assert_eq!(version.as_deref(), Some("0.1.0"));
+        assert_eq!(state, ReleaseState::Running);
+    }
+}
+
 /// A fleet `name` of `hosts` web hosts with the beat release 0.1.0 and 0.2.0 in
 /// its directory and a cluster file (revision 1) that runs 0.1.0 under `gate`; and
 /// the 0.2.0 archive.
@@ -442,6 +469,52 @@ async fn an_unreachable_host_is_reported_with_its_address() {
         .agents
         .iter()
         .all(|a| a.release_pids(RELEASE).is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_host_that_does_not_answer_fails_the_deploy() {
+    let fleet = Fleet::new("idle", &["web"]);
+    let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
+    fleet.write_cluster(1, "0.1.0", &v1, &group(1, 1));
+    let (ok, out) = erel_deploy(&fleet, &[]);
+    assert!(ok, "deploy v1 failed:\n{out}\n{}", fleet.agent_logs());
+    let pids = fleet.release_pids(RELEASE);
+
+    // The group is removed; every host is waiting, and idle-9 does not answer.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let agent = &fleet.agents[0];
+    let text = format!(
+        "revision = 2\n[[host]]\nid = \"{}\"\naddr = \"{}\"\n[[host]]\nid = \"idle-9\"\naddr = \"{dead}\"\n",
+        agent.id, agent.addr
+    );
+    std::fs::write(fleet.path(), text).expect("write cluster file");
+    let (ok, out) = erel_deploy(&fleet, &["--connect-timeout", "2"]);
+    assert!(!ok, "an unanswered host is a failure:\n{out}");
+    assert!(
+        out.contains("idle-9") && out.contains(&dead) && out.contains("unreachable"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("every host runs its desired version"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .last()
+            .is_some_and(|l| l.contains("NOT converged") && l.contains("idle-9")),
+        "{out}"
+    );
+    // A release no group names is never touched.
+    assert_eq!(fleet.release_pids(RELEASE), pids);
+
+    // Once the dead host leaves the file, the same deploy is a success.
+    let text = format!(
+        "revision = 3\n[[host]]\nid = \"{}\"\naddr = \"{}\"\n",
+        agent.id, agent.addr
+    );
+    std::fs::write(fleet.path(), text).expect("write cluster file");
+    let (ok, out) = erel_deploy(&fleet, &[]);
+    assert!(ok, "{out}");
 }
 
 /// The OTP app's start/2 also serves TCP on `$HEALTH_PORT`, for the health probe.

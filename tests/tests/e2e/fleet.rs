@@ -339,6 +339,20 @@ async fn host_commands_take_the_groups_settings() {
     assert!(has_line(&env, "FROM_GROUP=flag"), "{env}");
     assert!(has_line(&env, "FROM_HOST=host cmd-1"), "{env}");
 
+    // A restart whose Start could never fit in a frame is refused before the stop.
+    let pids = site.agents[0].release_pids(ENV_RELEASE);
+    assert!(!pids.is_empty(), "envdump runs");
+    let big = format!("BIG={}", "x".repeat(70_000));
+    let (ok, out) = site.erel(&["restart", "cmd-1", ENV_RELEASE, "--env", &big]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("cmd-1: the Start request would be")
+            && out.contains("65536-byte frame limit (env.BIG is 70003 bytes); refused before anything was changed"),
+        "{out}"
+    );
+    assert!(!out.contains("stopped"), "{out}");
+    assert_eq!(site.agents[0].release_pids(ENV_RELEASE), pids);
+
     // A release no group of the host runs: said, then the agent's refusal.
     let (ok, out) = site.erel(&["start", "cmd-1", "nosuch", "1"]);
     assert!(!ok, "{out}");

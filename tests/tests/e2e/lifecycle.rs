@@ -316,6 +316,12 @@ async fn a_group_is_restarted_rolled_back_and_stopped() {
         &["rollback", "--group", "web", "--exclude", "life-3"],
     );
     assert!(out.contains("switched from 0.2.0"), "{out}");
+    // The summary does not claim the file's version: the next deploy goes back to it.
+    assert_eq!(
+        out.lines().last(),
+        Some("revision 2: group web: life-1, life-2 run 0.1.0; the cluster file still asks for 0.2.0"),
+        "{out}"
+    );
     fleet.expect_beats_per_host(&["0.1.0", "0.1.0", "0.2.0"]);
 
     erel_ok(
