@@ -529,11 +529,15 @@ async fn an_exited_release_reports_its_exit_while_waiting_to_restart() {
 
 #[tokio::test]
 async fn stop_terminates_gracefully() {
-    // `ready` comes after the fork, so the stop sees every member it must signal. The
-    // shell waits in short foreground sleeps rather than in `wait`: a signal that lands
-    // just before dash blocks in `wait` runs its trap only once the child ends.
+    // The background child says `ready` itself, after its exec: a forked shell keeps the
+    // parent's TERM trap until it execs (execve(2) resets caught signals), so a SIGTERM
+    // landing between the fork and the exec only runs that inherited trap and is lost,
+    // and the `sleep` it then becomes lives on (as under any supervisor, systemd's
+    // included). The parent waits in short foreground sleeps rather than in `wait`: a
+    // signal that lands just before dash blocks in `wait` runs its trap only once the
+    // child ends.
     let (fx, sup, started) = running(
-        "trap 'echo got term; exit 0' TERM\nsleep 1000 &\necho ready\nwhile :; do sleep 0.1; done",
+        "trap 'echo got term; exit 0' TERM\nsh -c 'echo ready; exec sleep 1000' &\nwhile :; do sleep 0.1; done",
     )
     .await;
     fx.wait_output("ready").await;
