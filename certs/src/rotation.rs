@@ -156,6 +156,25 @@ impl MasterDir {
             .with_crl(files::read_to_string(&self.crl_pem())?))
     }
 
+    /// The configuration that pushes a revoked host its new certificate: the
+    /// master's (see [`MasterDir::client_config`]) without the CRL check, so the
+    /// host's own revoked certificate is let in for that push. The chain to `ca.pem`
+    /// and the host's name are still checked. During an overlap (`next/ca.pem`
+    /// exists) it is [`MasterDir::client_config`] itself.
+    ///
+    /// Errors: those of [`MasterDir::client_config`].
+    pub fn revoked_host_push_config(&self) -> Result<Arc<rustls::ClientConfig>> {
+        if self.next().ca_pem().is_file() {
+            return self.client_config();
+        }
+        let files = [self.ca_pem(), self.master_pem(), self.master_key()];
+        crate::tls::client_config(
+            [&files[0], &files[1], &files[2]].map(PathBuf::as_path),
+            None,
+            crate::tls::SentChain::Checked,
+        )
+    }
+
     /// The configuration that proves a host holds its next certificate: presents the
     /// current master certificate and trusts the next CA alone, with its CRL.
     pub fn next_proof_config(&self) -> Result<Arc<rustls::ClientConfig>> {

@@ -297,8 +297,11 @@ pub(crate) async fn rotate(
 
 /// `erel certs revoke NAME --push`: after the revocation, every host of `hosts` gets
 /// its bundle with the new CRL, each proved with a new connection. A revoked host
-/// gets a new certificate first (its own bundle must not be revoked), and a revoked
-/// master a new master certificate, which makes the pushes.
+/// gets a new certificate first (its own bundle must not be revoked) and is pushed
+/// before the others, over a connection that lets its revoked certificate in (see
+/// [`erel_certs::MasterDir::revoked_host_push_config`]); a revoked master gets a new
+/// master certificate, which makes the pushes. After a stop, running the command again
+/// finishes it (the revocation is kept; the revoked host gets another certificate).
 pub(crate) async fn push_revocation(
     certs: &MasterDir,
     name: &str,
@@ -317,15 +320,31 @@ pub(crate) async fn push_revocation(
         println!("issued a new certificate for {name}");
     }
     let tls = certs.client_config()?;
-    let round = Round {
+    let round = |push| Round {
         name: "new CRL",
-        push: connector(tls.clone(), master_name),
-        proof: connector(tls, master_name),
+        push: connector(push, master_name),
+        proof: connector(tls.clone(), master_name),
         staging: staging(certs),
     };
-    // What a host held before is revoked now: a failed proof leaves the agent's
-    // probation to go back.
-    round.run(hosts, |id| certs.host_bundle(id), None).await?;
+    // The revoked host still serves its revoked certificate (the one it was given by
+    // a rotation, an earlier run or its install): it gets its new certificate, key and
+    // the new CRL first, over a connection that lets that certificate in for this
+    // push only, and is proved with the new CRL like the others. What a host held
+    // before is revoked now, so a failed proof leaves the agent's probation to go back.
+    let (revoked, others): (Vec<HostAddr>, Vec<HostAddr>) =
+        hosts.iter().cloned().partition(|h| h.id == name);
+    round(certs.revoked_host_push_config()?)
+        .run(&revoked, |id| certs.host_bundle(id), None)
+        .await
+        .map_err(|e| match e {
+            Error::Usage(why) => Error::Usage(format!(
+                "{why}. Running `erel certs revoke {name} --push` again issues {name} another certificate and pushes it the same way"
+            )),
+            e => e,
+        })?;
+    round(tls.clone())
+        .run(&others, |id| certs.host_bundle(id), None)
+        .await?;
     remove_staging(certs);
     if name == "master" {
         println!("{OTHER_MASTERS}");

@@ -361,6 +361,65 @@ async fn revoke_push_of_a_host_gives_it_a_new_certificate_and_the_old_one_is_ref
     assert!(text.contains("revoked"), "{text}");
 }
 
+/// After a rotation (kept old CA, then finished), the revoked host (the second of the
+/// rollout) still gets its new certificate: the master lets the host's revoked one in
+/// for that push only, then proves the new one with the new CRL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_push_of_a_host_after_a_rotation_gives_it_a_new_certificate() {
+    let (fleet, cluster) = running_fleet("rvr", &["web"; 2]).await;
+    let pids = fleet.release_pids(RELEASE);
+    for words in [
+        &["certs", "rotate", "--keep-old-ca"][..],
+        &["certs", "rotate"],
+    ] {
+        let (ok, out) = erel(&fleet.pki, words, &cluster);
+        assert!(ok, "{words:?}: {out}\n{}", fleet.agent_logs());
+    }
+    let stolen = fleet.pki.dir.path().join("stolen-host");
+    crate::recover::copy_bundle(&fleet.pki.master.host_dir("rvr-2"), &stolen);
+
+    let (ok, out) = erel(
+        &fleet.pki,
+        &["certs", "revoke", "rvr-2", "--push"],
+        &cluster,
+    );
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    assert!(out.contains("issued a new certificate for rvr-2"), "{out}");
+    every_agent_answers(&fleet, &out).await;
+    // The host serves the certificate the master issued it in place of the revoked one.
+    let agent = &fleet.agents[1];
+    assert_eq!(agent.id, "rvr-2");
+    let pushed = PushedBundle::read(&agent.root.join(PUSHED_BUNDLE)).expect("pushed");
+    let issued = fleet.pki.master.host_dir("rvr-2").join("host.pem");
+    let issued = std::fs::read_to_string(issued).expect("host.pem");
+    let old = std::fs::read_to_string(stolen.join("host.pem")).expect("host.pem");
+    assert_ne!(issued, old, "no new certificate issued: {out}");
+    assert_eq!(pushed.certificate, issued, "{out}\n{}", agent.log());
+
+    // Run again (as after a stop), it revokes the certificate the host serves now and
+    // gets it in the same way.
+    let (ok, again) = erel(
+        &fleet.pki,
+        &["certs", "revoke", "rvr-2", "--push"],
+        &cluster,
+    );
+    assert!(ok, "{again}\n{}", fleet.agent_logs());
+    every_agent_answers(&fleet, &again).await;
+    let pushed = PushedBundle::read(&agent.root.join(PUSHED_BUNDLE)).expect("pushed");
+    assert_ne!(pushed.certificate, issued, "{again}");
+    assert_eq!(fleet.release_pids(RELEASE), pids);
+
+    // An agent serving with the revoked certificate is refused by the master.
+    let impostor = AgentProc::start_with_bundle(stolen, "rvr-2");
+    let out = fleet
+        .pki
+        .erel()
+        .args(["ping", &impostor.host().to_string()])
+        .output();
+    let text = output_text(&out.expect("run ping"));
+    assert!(text.contains("revoked"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_that_stops_answering_stops_the_rotation_and_a_second_run_resumes() {
     let (mut fleet, cluster) = running_fleet("halt", &["web"; 3]).await;
