@@ -120,9 +120,16 @@ struct Position {
     /// from the artifact directory when the master started): validated again with the
     /// pending revisions until it has one or a newer revision applies.
     unplanned: bool,
-    /// The newest revision in the log as far as read ([`log::counts_after`]): a
-    /// revision more than [`crate::cluster::MAX_REVISION_STEP`] above it is refused.
+    /// The newest revision in the log as far as read, in log order, as `publish`
+    /// counts it ([`log::newest`]): a revision more than
+    /// [`crate::cluster::MAX_REVISION_STEP`] above it is refused for good.
     newest_seen: Option<u64>,
+    /// Offsets of messages refused for being too far ahead that a new consumer may
+    /// read again (from `unresolved_from` on): refused again without measuring them
+    /// against a `newest_seen` that later messages raised.
+    too_far: std::collections::BTreeSet<u64>,
+    /// The offset after the last message measured against `newest_seen`.
+    measured_to: Option<u64>,
     /// The newest pending revision and why it is not applied yet, while there is one:
     /// the groups are not rolled out (the hosts stay as they are) until it applies or
     /// a newer one does, so that an older revision is never rolled out over it.
@@ -151,6 +158,7 @@ impl Position {
                 return true;
             }
             self.unresolved_from = None;
+            self.too_far.clear();
             return false;
         }
         let oldest = pending.iter().filter_map(|e| e.offset).min();
@@ -168,6 +176,9 @@ impl Position {
             pending.truncate(MAX_PENDING);
         }
         self.pending = pending;
+        if let Some(from) = self.unresolved_from {
+            self.too_far.retain(|&offset| offset >= from);
+        }
         false
     }
 
@@ -207,7 +218,6 @@ pub async fn run(options: DaemonOptions, cancel: CancellationToken) -> Result<()
     let initial = match loaded {
         Some((held, problem)) => {
             position.held = Some(held.revision);
-            position.newest_seen = Some(held.revision);
             if let Some(metrics) = &options.metrics {
                 metrics.set_revision(held.revision);
             }
@@ -463,16 +473,24 @@ impl Daemon {
     /// Applies one batch of log messages (see the module docs and [`Position`]). True
     /// when revisions dropped from memory must be read from the log again.
     async fn apply_batch(&self, batch: &[Delivery], position: &mut Position) -> bool {
-        let entries: Vec<LogEntry> = batch.iter().map(LogEntry::from_delivery).collect();
+        let mut entries: Vec<LogEntry> = batch.iter().map(LogEntry::from_delivery).collect();
+        // Messages before it were measured when first read.
+        let read_to = position.measured_to;
         if let Some(offset) = entries.iter().filter_map(|e| e.offset).max() {
             position.next_offset = Some(offset + 1);
+            position.measured_to = position.measured_to.max(Some(offset + 1));
         }
-        let mut entries = entries;
         entries.sort_by_key(|e| e.offset);
         entries.retain(|entry| {
             let Some(revision) = entry.revision() else {
                 return true;
             };
+            let read_before = entry
+                .offset
+                .is_some_and(|offset| read_to.is_some_and(|to| offset < to));
+            if read_before {
+                return !entry.offset.is_some_and(|o| position.too_far.contains(&o));
+            }
             if log::counts_after(position.newest_seen, revision) {
                 position.newest_seen = position.newest_seen.max(Some(revision));
                 return true;
@@ -486,6 +504,9 @@ impl Daemon {
                 crate::cluster::MAX_REVISION
             );
             warn!(revision, offset = ?entry.offset, "config rejected, nothing of it applied: {reason}");
+            if let Some(offset) = entry.offset {
+                position.too_far.insert(offset);
+            }
             let _ = self.events.send(MasterEvent::RevisionRejected {
                 revision: Some(revision),
                 reason,
