@@ -11,7 +11,17 @@
 //! directory cannot be written, say it is full; an archive not in the artifact
 //! directory yet) is retried with backoff until it applies or a newer revision
 //! does, and the master's position in the log never moves past it ([`Position`]), so
-//! neither a reconnection nor a full disk loses a revision.
+//! neither a reconnection nor a full disk loses a revision. Only the newest such
+//! revision is tried: older ones wait behind it, untried, in case it is refused for
+//! good. While one waits, the master competes for no group (it hands their leases
+//! back): the revision it holds is older than one that may already be on the hosts,
+//! and rolling it out would roll them back; a master that has the newer revision can
+//! take the groups meanwhile. What is wrong with a revision for good (its text, its
+//! signature) is checked before what can pass (its archives).
+//!
+//! A revision more than [`crate::cluster::MAX_REVISION_STEP`] above the newest one
+//! before it in the log (counted as [`log::newest`] counts for `publish`) is refused
+//! for good, so that no single message can wedge the log at the largest revision.
 //!
 //! Once the log is read to its end (nothing more for [`log::SETTLE`]), the daemon
 //! competes for each group of its plan ([`leadership`]) and converges the groups it
