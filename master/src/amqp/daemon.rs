@@ -11,7 +11,17 @@
 //! directory cannot be written, say it is full; an archive not in the artifact
 //! directory yet) is retried with backoff until it applies or a newer revision
 //! does, and the master's position in the log never moves past it ([`Position`]), so
-//! neither a reconnection nor a full disk loses a revision.
+//! neither a reconnection nor a full disk loses a revision. Only the newest such
+//! revision is tried: older ones wait behind it, untried, in case it is refused for
+//! good. While one waits, the master competes for no group (it hands their leases
+//! back): the revision it holds is older than one that may already be on the hosts,
+//! and rolling it out would roll them back; a master that has the newer revision can
+//! take the groups meanwhile. What is wrong with a revision for good (its text, its
+//! signature) is checked before what can pass (its archives).
+//!
+//! A revision more than [`crate::cluster::MAX_REVISION_STEP`] above the newest one
+//! before it in the log (counted as [`log::newest`] counts for `publish`) is refused
+//! for good, so that no single message can wedge the log at the largest revision.
 //!
 //! Once the log is read to its end (nothing more for [`log::SETTLE`]), the daemon
 //! competes for each group of its plan ([`leadership`]) and converges the groups it
@@ -120,6 +130,23 @@ struct Position {
     /// from the artifact directory when the master started): validated again with the
     /// pending revisions until it has one or a newer revision applies.
     unplanned: bool,
+    /// The newest revision in the log as far as read, in log order, as `publish`
+    /// counts it ([`log::newest`]): a revision more than
+    /// [`crate::cluster::MAX_REVISION_STEP`] above it is refused for good.
+    newest_seen: Option<u64>,
+    /// Offsets of messages refused for being too far ahead that a new consumer may
+    /// read again (from `unresolved_from` on): refused again without measuring them
+    /// against a `newest_seen` that later messages raised.
+    too_far: std::collections::BTreeSet<u64>,
+    /// The offset after the last message measured against `newest_seen`.
+    measured_to: Option<u64>,
+    /// The newest pending revision and why it is not applied yet, while there is one:
+    /// the groups are not rolled out (the hosts stay as they are) until it applies or
+    /// a newer one does, so that an older revision is never rolled out over it.
+    waiting: Option<(Option<u64>, String)>,
+    /// The newest pending revision and how many older ones wait behind it, as last
+    /// logged (logged once).
+    behind_logged: Option<(Option<u64>, usize)>,
 }
 
 impl Position {
@@ -135,10 +162,13 @@ impl Position {
         }
         if pending.is_empty() {
             self.pending = pending;
+            self.waiting = None;
+            self.behind_logged = None;
             if self.dropped.is_some() {
                 return true;
             }
             self.unresolved_from = None;
+            self.too_far.clear();
             return false;
         }
         let oldest = pending.iter().filter_map(|e| e.offset).min();
@@ -156,6 +186,9 @@ impl Position {
             pending.truncate(MAX_PENDING);
         }
         self.pending = pending;
+        if let Some(from) = self.unresolved_from {
+            self.too_far.retain(|&offset| offset >= from);
+        }
         false
     }
 
@@ -368,6 +401,9 @@ impl Daemon {
                         }
                     }
                     retrying = arm_retry(position, &mut retry, &mut retry_backoff, retrying);
+                    if caught_up {
+                        self.sync_groups(&connection, &mut groups, &mut tasks, position.waiting.as_ref());
+                    }
                     if let Some(e) = ended.or_else(|| reread.then(|| reread_error(&log_queue))) {
                         break Err(e);
                     }
@@ -383,18 +419,21 @@ impl Daemon {
                         break Err(reread_error(&log_queue));
                     }
                     retrying = arm_retry(position, &mut retry, &mut retry_backoff, retrying);
+                    if caught_up {
+                        self.sync_groups(&connection, &mut groups, &mut tasks, position.waiting.as_ref());
+                    }
                 }
                 _ = &mut settle, if !caught_up => {
                     caught_up = true;
                     info!(revision = ?position.held, "config log read to its end");
-                    self.sync_groups(&connection, &mut groups, &mut tasks);
+                    self.sync_groups(&connection, &mut groups, &mut tasks, position.waiting.as_ref());
                 }
                 changed = plans.changed() => {
                     if changed.is_err() {
                         break Ok(());
                     }
                     if caught_up {
-                        self.sync_groups(&connection, &mut groups, &mut tasks);
+                        self.sync_groups(&connection, &mut groups, &mut tasks, position.waiting.as_ref());
                     }
                 }
                 Some(event) = events_rx.recv() => {
@@ -444,10 +483,46 @@ impl Daemon {
     /// Applies one batch of log messages (see the module docs and [`Position`]). True
     /// when revisions dropped from memory must be read from the log again.
     async fn apply_batch(&self, batch: &[Delivery], position: &mut Position) -> bool {
-        let entries: Vec<LogEntry> = batch.iter().map(LogEntry::from_delivery).collect();
+        let mut entries: Vec<LogEntry> = batch.iter().map(LogEntry::from_delivery).collect();
+        // Messages before it were measured when first read.
+        let read_to = position.measured_to;
         if let Some(offset) = entries.iter().filter_map(|e| e.offset).max() {
             position.next_offset = Some(offset + 1);
+            position.measured_to = position.measured_to.max(Some(offset + 1));
         }
+        entries.sort_by_key(|e| e.offset);
+        entries.retain(|entry| {
+            let Some(revision) = entry.revision() else {
+                return true;
+            };
+            let read_before = entry
+                .offset
+                .is_some_and(|offset| read_to.is_some_and(|to| offset < to));
+            if read_before {
+                return !entry.offset.is_some_and(|o| position.too_far.contains(&o));
+            }
+            if log::counts_after(position.newest_seen, revision) {
+                position.newest_seen = position.newest_seen.max(Some(revision));
+                return true;
+            }
+            let reason = format!(
+                "revision {revision} is more than {} (2^32) above the newest revision \
+                 before it in the log, {}; a revision may be at most that much newer \
+                 (and at most {})",
+                crate::cluster::MAX_REVISION_STEP,
+                position.newest_seen.unwrap_or(0),
+                crate::cluster::MAX_REVISION
+            );
+            warn!(revision, offset = ?entry.offset, "config rejected, nothing of it applied: {reason}");
+            if let Some(offset) = entry.offset {
+                position.too_far.insert(offset);
+            }
+            let _ = self.events.send(MasterEvent::RevisionRejected {
+                revision: Some(revision),
+                reason,
+            });
+            false
+        });
         let (newer, older) = log::newer_than(position.held, &entries);
         for entry in &older {
             debug!(
@@ -481,7 +556,7 @@ impl Daemon {
         candidates.dedup_by_key(|e| e.offset);
         let mut pending = Vec::new();
         let mut candidates = candidates.into_iter();
-        for entry in candidates.by_ref() {
+        while let Some(entry) = candidates.next() {
             match self.try_apply(&entry, position).await {
                 Ok(()) => break,
                 Err(NotApplied::Refused(reason)) => {
@@ -500,10 +575,27 @@ impl Daemon {
                         revision = ?entry.revision(),
                         offset = ?entry.offset,
                         held = ?position.held,
-                        "config not applied yet, tried again until it applies or a newer \
-                         revision does: {reason}"
+                        "waiting for revision {}: {reason}; no group is rolled out until it \
+                         applies or a newer revision does (the hosts stay as they are)",
+                        display_revision(entry.revision())
                     );
+                    position.waiting = Some((entry.revision(), reason));
                     pending.push(entry);
+                    // Older revisions wait behind it, untried: applying one would roll
+                    // the hosts back from a revision that may already be out.
+                    let behind: Vec<LogEntry> = candidates.by_ref().collect();
+                    let logged = (pending[0].revision(), behind.len());
+                    if !behind.is_empty() && position.behind_logged != Some(logged) {
+                        info!(
+                            "{} older revision(s) wait behind revision {}, not tried while \
+                             it waits (revisions {})",
+                            behind.len(),
+                            display_revision(pending[0].revision()),
+                            summarize(behind.iter().filter_map(|e| e.revision()))
+                        );
+                    }
+                    position.behind_logged = Some(logged);
+                    pending.extend(behind);
                 }
             }
         }
@@ -562,7 +654,19 @@ impl Daemon {
             let (entry, lookup) = (entry.clone(), self.lookup.clone());
             let trusted = self.options.trusted_key.clone();
             tokio::task::spawn_blocking(move || {
-                let plan = entry.validate(&log_queue, &lookup)?;
+                let plan = match entry.validate(&log_queue, &lookup) {
+                    Err(missing @ Error::ArchiveUnavailable { .. }) => {
+                        // What is wrong for good is told before what can pass: the
+                        // rest of the config and its signature, then the archives.
+                        let unchecked = entry.validate(&log_queue, &ArchiveLookup::Unchecked)?;
+                        if let Some(key) = &trusted {
+                            crate::bundle::check_signed_revision(key, &entry, &unchecked)
+                                .map_err(Error::ConfigRefused)?;
+                        }
+                        return Err(missing);
+                    }
+                    validated => validated?,
+                };
                 match &trusted {
                     Some(key) => crate::bundle::check_signed_revision(key, &entry, &plan)
                         .map(|()| plan)
@@ -617,22 +721,37 @@ impl Daemon {
     }
 
     /// Competes for exactly the groups of the current plan.
+    ///
+    /// While a newer revision than the one held waits to be applied (`waiting`), it
+    /// competes for none: the leases are handed back so that a master holding the newer
+    /// revision can act, and this one does not roll its older revision out.
     fn sync_groups(
         &self,
         connection: &Arc<Connection>,
         groups: &mut HashMap<String, GroupHandle>,
         tasks: &mut JoinSet<(String, Result<()>)>,
+        waiting: Option<&(Option<u64>, String)>,
     ) {
-        let wanted: Vec<String> = self
-            .plans
-            .borrow()
-            .as_ref()
-            .map(|plan| plan.groups.keys().cloned().collect())
-            .unwrap_or_default();
+        let wanted: Vec<String> = match waiting {
+            Some(_) => Vec::new(),
+            None => self
+                .plans
+                .borrow()
+                .as_ref()
+                .map(|plan| plan.groups.keys().cloned().collect())
+                .unwrap_or_default(),
+        };
         groups.retain(|group, handle| {
             let keep = wanted.contains(group);
             if !keep {
-                info!(group, "the group left the config; handing it back");
+                match waiting {
+                    Some((revision, reason)) => info!(
+                        group,
+                        "waiting for revision {}: {reason}; handing the group back",
+                        display_revision(*revision)
+                    ),
+                    None => info!(group, "the group left the config; handing it back"),
+                }
                 handle.cancel.cancel();
             }
             keep
@@ -873,10 +992,14 @@ impl GroupTask {
         else {
             return;
         };
-        if let Some(recorded) = halt::halts_of(&report, super::now_ms())
-            .into_iter()
-            .find(|h| h.group == self.group)
-        {
+        let found = halt::halts_of(&report, super::now_ms());
+        for (group, reason) in halt::waiting_of(&report, &found) {
+            warn!(
+                group,
+                "group waiting: {reason}; not halted, the next pass tries again"
+            );
+        }
+        if let Some(recorded) = found.into_iter().find(|h| h.group == self.group) {
             self.halt(recorded, halted).await;
             return;
         }
@@ -947,7 +1070,8 @@ impl GroupTask {
             RolloutEvent::GroupHalted {
                 reason, untouched, ..
             } => {
-                warn!(group = %self.group, ?untouched, "group halted: {reason}")
+                // Logged once the pass is over, as the halt it is or as waiting.
+                debug!(group = %self.group, ?untouched, "pass stopped: {reason}")
             }
             RolloutEvent::HostStopped {
                 host, release, why, ..
@@ -972,6 +1096,11 @@ impl GroupTask {
             let _ = self.events.send(event);
         }
     }
+}
+
+/// A revision as logs show it (`?` for a message without one).
+fn display_revision(revision: Option<u64>) -> String {
+    revision.map_or_else(|| "?".to_string(), |r| r.to_string())
 }
 
 /// Ends a session so that the next one reads the log again from the oldest revision

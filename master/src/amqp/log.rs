@@ -38,7 +38,7 @@ use serde::Serialize;
 use super::{
     amqp_error, integer, now_ms, open_channel, string, table, text_value, Backoff, Broker, Names,
 };
-use crate::cluster::{ArchiveLookup, Plan, MAX_REVISION};
+use crate::cluster::{ArchiveLookup, Plan, MAX_REVISION, MAX_REVISION_STEP};
 use crate::error::{Error, Result};
 
 /// The largest config accepted, published or received.
@@ -326,14 +326,33 @@ async fn read_on(
 }
 
 /// The entry with the highest revision in the log, if any; of duplicates, the first
-/// (the one masters accepted: a later duplicate is not newer, so they ignore it). A
-/// revision above [`MAX_REVISION`] does not count: every master refuses it, and it must
-/// not stop later revisions from being published.
+/// (the one masters accepted: a later duplicate is not newer, so they ignore it).
+/// Entries are taken in log order, and a revision that does not count
+/// ([`counts_after`]: above [`MAX_REVISION`], or more than [`MAX_REVISION_STEP`]
+/// above the newest revision before it) is skipped: every master refuses it, and it
+/// must not stop later revisions from being published.
 pub fn newest(entries: &[LogEntry]) -> Option<&LogEntry> {
-    entries
-        .iter()
-        .filter(|e| e.revision().is_some_and(|r| r <= MAX_REVISION))
-        .max_by_key(|e| (e.revision(), std::cmp::Reverse(e.offset)))
+    let mut newest: Option<&LogEntry> = None;
+    for entry in entries {
+        let Some(revision) = entry.revision() else {
+            continue;
+        };
+        let before = newest.and_then(LogEntry::revision);
+        if counts_after(before, revision) && before.is_none_or(|before| revision > before) {
+            newest = Some(entry);
+        }
+    }
+    newest
+}
+
+/// Whether `revision` may follow `newest`, the newest revision before it in the log
+/// (`None`: none): it is at most [`MAX_REVISION`] and at most [`MAX_REVISION_STEP`]
+/// above `newest` (above 0 for the first). A revision that may not is refused by
+/// `publish` and by every master, so no single message can bring the log near
+/// [`MAX_REVISION`], after which no later revision could be published: getting there
+/// takes at least 2^21 publishes.
+pub fn counts_after(newest: Option<u64>, revision: u64) -> bool {
+    revision <= MAX_REVISION && revision <= newest.unwrap_or(0).saturating_add(MAX_REVISION_STEP)
 }
 
 /// What [`publish`] did.
@@ -365,6 +384,15 @@ pub async fn publish(
         let entries = read_all_on(broker, &connection).await?;
         let newest_entry = newest(&entries);
         let previous = newest_entry.and_then(LogEntry::revision);
+        if !counts_after(previous, plan.revision) {
+            return Err(Error::ConfigRefused(format!(
+                "{}: revision {} is more than {MAX_REVISION_STEP} (2^32) above the newest \
+                 revision in the log, {}; a revision may be at most that much newer",
+                plan.origin,
+                plan.revision,
+                previous.unwrap_or(0)
+            )));
+        }
         if let Some(newest) = previous {
             if plan.revision <= newest {
                 return Err(Error::RevisionNotNewer {
@@ -690,8 +718,36 @@ mod tests {
     fn a_revision_above_the_largest_does_not_block_later_ones() {
         let log = entries(&[Some(1), Some(MAX_REVISION + 1), Some(u64::MAX), Some(2)]);
         assert_eq!(newest(&log).and_then(|e| e.offset), Some(3));
+        // The largest revision counts only once the log is within a step of it.
         let log = entries(&[Some(1), Some(MAX_REVISION)]);
-        assert_eq!(newest(&log).and_then(|e| e.offset), Some(1));
+        assert_eq!(newest(&log).and_then(|e| e.offset), Some(0));
+    }
+
+    #[test]
+    fn a_revision_counts_only_within_a_step_of_the_newest_before_it() {
+        let step = MAX_REVISION_STEP;
+        // (newest before, revision, counts)
+        let table = [
+            (None, 1, true),
+            (None, step, true),
+            (None, step + 1, false),
+            (Some(5), 5 + step, true),
+            (Some(5), 6 + step, false),
+            (Some(5), MAX_REVISION, false),
+            (Some(MAX_REVISION - 1), MAX_REVISION, true),
+            (Some(MAX_REVISION), MAX_REVISION + 1, false),
+            (Some(MAX_REVISION), u64::MAX, false),
+        ];
+        for (before, revision, counts) in table {
+            assert_eq!(
+                counts_after(before, revision),
+                counts,
+                "{revision} after {before:?}"
+            );
+        }
+        // A jump does not count, and what follows is measured from before the jump.
+        let log = entries(&[Some(1), Some(2 + step), Some(3), Some(3 + step)]);
+        assert_eq!(newest(&log).and_then(|e| e.offset), Some(3));
     }
 
     #[test]

@@ -228,12 +228,25 @@ async fn import(args: ImportArgs) -> crate::Result<ExitCode> {
     Plan::parse(&verified.cluster_text, &origin, &ArchiveLookup::Unchecked)?;
     let broker = args.broker.broker()?;
     let entries = log::read_all(&broker).await?;
-    if let Some(newest) = log::newest(&entries).and_then(log::LogEntry::revision) {
+    let newest = log::newest(&entries).and_then(log::LogEntry::revision);
+    if !log::counts_after(newest, revision) {
+        return Err(Error::local(
+            &args.bundle,
+            format!(
+                "too far ahead: the bundle holds revision {revision}, more than {} (2^32) \
+                 above the newest revision in the config log {}, {}; nothing was imported",
+                crate::cluster::MAX_REVISION_STEP,
+                broker.names().configs(),
+                newest.unwrap_or(0)
+            ),
+        ));
+    }
+    if let Some(newest) = newest {
         if revision <= newest {
             return Err(Error::local(
                 &args.bundle,
                 format!(
-                    "older than the current revision: the bundle holds revision \
+                    "not newer than the current revision: the bundle holds revision \
                      {revision}, the config log {} already has revision {newest}; \
                      nothing was imported",
                     broker.names().configs()

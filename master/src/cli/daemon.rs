@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use clap::Args;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use super::amqp::utc;
 use super::deploy::event_line;
@@ -117,7 +117,9 @@ fn log_event(event: &RolloutEvent) {
     };
     match event {
         RolloutEvent::HostFailed { .. } => error!("{line}"),
-        RolloutEvent::GroupHalted { .. } => warn!("{line}"),
+        // Logged once the pass is over, as the halt it is or as waiting (see
+        // `halt::waiting_of`): a pass stopped before switching anything halts nothing.
+        RolloutEvent::GroupHalted { .. } => tracing::debug!("{line}"),
         RolloutEvent::HostDone { .. }
         | RolloutEvent::HostVerdict { .. }
         | RolloutEvent::HostDrain { .. }

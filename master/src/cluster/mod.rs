@@ -91,6 +91,11 @@ pub(crate) const DEFAULT_STOP_GRACE_SECS: u64 = 10;
 /// JSON reader holds exactly (RFC 8259 section 6), so `--json` output and events show
 /// it as published; it also leaves room above for every later revision.
 pub const MAX_REVISION: u64 = (1 << 53) - 1;
+/// The most a revision may be above the newest revision before it in the config log:
+/// 2^32. A revision further ahead is refused when published and by every master, so
+/// one message cannot bring the log to [`MAX_REVISION`] (reaching it takes at least
+/// 2^21 publishes) and leave no revision to publish after it.
+pub const MAX_REVISION_STEP: u64 = 1 << 32;
 /// The longest wait a cluster file may ask for, in seconds (`health.min_up_secs`,
 /// `health.deadline_secs`, `drain.timeout_secs`): one day. A longer one is a typo, and
 /// the master adds these to clock instants, which must not overflow.

@@ -241,7 +241,14 @@ impl FilePass {
             let report =
                 converge_pass(plan, &self.connector, &options, self.interval, on_event).await;
             if let Some(report) = report {
-                for halted in halt::halts_of(&report, crate::amqp::now_ms()) {
+                let found = halt::halts_of(&report, crate::amqp::now_ms());
+                for (group, reason) in halt::waiting_of(&report, &found) {
+                    warn!(
+                        group,
+                        "group waiting: {reason}; not halted, the next pass tries again"
+                    );
+                }
+                for halted in found {
                     error!(
                         group = %halted.group,
                         revision = halted.revision,

@@ -90,6 +90,19 @@ pub fn halts_of(report: &RolloutReport, now_ms: u64) -> Vec<Halt> {
         .collect()
 }
 
+/// The groups of `report` whose pass stopped short without halting (`halts`, from
+/// [`halts_of`], being the halts of the same report): nothing was switched when it
+/// stopped (an agent unreachable, a push that failed), so a daemon's next pass tries
+/// again. Pairs of group name and why it stopped.
+pub fn waiting_of<'a>(report: &'a RolloutReport, halts: &[Halt]) -> Vec<(&'a str, &'a str)> {
+    report
+        .groups
+        .iter()
+        .filter(|group| !halts.iter().any(|h| h.group == group.group))
+        .filter_map(|group| Some((group.group.as_str(), group.halted.as_deref()?)))
+        .collect()
+}
+
 /// The groups a daemon holds halted, by name.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -271,8 +284,25 @@ mod tests {
     #[test]
     fn a_host_that_failed_before_its_switch_does_not_halt() {
         for phase in [HostPhase::Pinging, HostPhase::Staging, HostPhase::Staged] {
-            assert!(halts_of(&report(phase), 7).is_empty(), "{phase}");
+            let report = report(phase);
+            let halts = halts_of(&report, 7);
+            assert!(halts.is_empty(), "{phase}");
+            // The group waits for the next pass instead.
+            assert_eq!(
+                waiting_of(&report, &halts),
+                [("web", "1 host failed")],
+                "{phase}"
+            );
         }
+        let report = report(HostPhase::Verifying);
+        let halts = halts_of(&report, 7);
+        assert!(
+            waiting_of(&report, &halts).is_empty(),
+            "a halt is not waiting"
+        );
+        let mut converged = report.clone();
+        converged.groups[0].halted = None;
+        assert!(waiting_of(&converged, &[]).is_empty(), "nothing stopped");
     }
 
     #[test]

@@ -207,7 +207,7 @@ fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
             log.matches("config rejected").count() >= 3
                 && log
                     .lines()
-                    .any(|l| l.contains("config not applied yet") && l.contains("beat-9.tar.gz"))
+                    .any(|l| l.contains("waiting for revision 4") && l.contains("beat-9.tar.gz"))
         }),
         "three rejections and one revision waiting for its archive logged\n{}",
         master.log()
@@ -249,6 +249,70 @@ fn amqp_invalid_configs_are_rejected_and_the_daemon_keeps_running() {
         "clean exit on SIGTERM\n{}",
         master.log()
     );
+}
+
+#[test]
+fn amqp_a_revision_far_ahead_is_refused_and_the_log_stays_usable() {
+    let _lock = BrokerLock::shared();
+    let fleet = Fleet::with_beat_releases("amqp-far", &["web"]);
+    let broker = TestBroker::new("far-ahead", &["web"]);
+    let mut master = fleet.master(&broker, "solo");
+    let v1 = fleet.config(1, "1.0.0", "");
+    fleet.published(&broker, &v1);
+    fleet.wait_all_run("1.0.0", CONVERGE, "the host runs 1.0.0", || master.log());
+
+    // Appended by other means than `publish`: the largest revision, and one past the
+    // bound. Both refused for good by the master, naming the bound.
+    let largest = (1u64 << 53) - 1;
+    let step = 1u64 << 32;
+    inject(&broker, &fleet.config(largest, "2.0.0", ""), Some(largest));
+    inject(
+        &broker,
+        &fleet.config(3 + step, "2.0.0", ""),
+        Some(3 + step),
+    );
+    let refusals = |master: &MasterProc| {
+        master
+            .log()
+            .lines()
+            .filter(|l| l.contains("config rejected") && l.contains("(2^32) above"))
+            .count()
+    };
+    assert!(
+        wait_until_blocking(RECEIVE, || refusals(&master) >= 2),
+        "both refused, naming the bound\n{}",
+        master.log()
+    );
+    // `publish` refuses such a jump, naming the bound and the newest revision (1).
+    let (ok, text) = fleet.publish(&broker, &fleet.config(2 + step, "2.0.0", ""));
+    assert!(
+        !ok && text.contains("more than 4294967296 (2^32) above the newest revision in the log, 1"),
+        "{text}"
+    );
+    // The log is not wedged: the next revisions publish and apply.
+    fleet.published(&broker, &fleet.config(2, "2.0.0", ""));
+    let v3 = fleet.config(3, "2.0.0", "max_in_flight = 1");
+    fleet.published(&broker, &v3);
+    fleet.wait_all_run("2.0.0", CONVERGE, "the host runs 2.0.0", || master.log());
+    assert!(
+        wait_until_blocking(RECEIVE, || master.held_revision() == Some(3)),
+        "{}",
+        master.log()
+    );
+
+    // Restarted, the master reads the log again from its start and measures each
+    // message against the revisions before it, as `publish` does: the message of
+    // revision 3 + 2^32 is within 2^32 of the revision held now, but not of those
+    // before it in the log, and stays refused.
+    assert!(master.terminate(), "clean exit\n{}", master.log());
+    let master = fleet.master(&broker, "solo");
+    assert!(
+        wait_until_blocking(RECEIVE, || refusals(&master) >= 2
+            && master.log().contains("config log read to its end")),
+        "{}",
+        master.log()
+    );
+    assert_eq!(master.held_text().as_deref(), Some(v3.as_str()));
 }
 
 #[test]

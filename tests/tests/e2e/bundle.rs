@@ -210,18 +210,36 @@ fn bundle_create_verify_import_and_a_trusting_master_applies_only_signed_revisio
     assert_eq!(master.held_revision(), Some(1), "{}", master.log());
     assert!(fleet.all_run("1.0.0"), "untouched: {:?}", fleet.beats());
 
+    // Unsigned, and naming an archive this master's artifact directory lacks: what is
+    // wrong for good (no signature) is said first; it is not kept waiting for the
+    // archive.
+    let (ok, text) = fleet.publish(&broker, &fleet.config(3, "2.0.0", ""));
+    assert!(ok, "{text}");
+    assert!(
+        wait_until_blocking(RECEIVE, || master
+            .log()
+            .contains("revision 3 is not signed")),
+        "the unsigned revision is rejected, naming it\n{}",
+        master.log()
+    );
+    assert!(
+        !master.log().contains("waiting for revision 3"),
+        "{}",
+        master.log()
+    );
+
     // A signed newer one is applied.
-    let v3 = fleet.write("cluster-3.toml", &fleet.config(3, "2.0.0", ""));
+    let v4 = fleet.write("cluster-4.toml", &fleet.config(4, "2.0.0", ""));
     let out = gap.import(
         &fleet.pki,
         &broker,
-        &gap.create(&fleet.pki, &v3, "ops", &[]),
+        &gap.create(&fleet.pki, &v4, "ops", &[]),
     );
     assert!(out.status.success(), "{}", output_text(&out));
     fleet.wait_all_run("2.0.0", CONVERGE, "the host runs 2.0.0", || {
         logs(&[&master])
     });
-    assert_eq!(master.held_revision(), Some(3));
+    assert_eq!(master.held_revision(), Some(4));
     assert!(master.terminate(), "clean exit\n{}", master.log());
 }
 
@@ -318,6 +336,10 @@ fn bundle_refusals_say_which_and_change_nothing() {
     );
     let other_key = gap.create(&pki, &v3, "other", &[]);
     let older = gap.create(&pki, &cluster(1, "1.0.0"), "ops", &[]);
+    // Equal to the current revision (2): not newer either.
+    let equal = gap.create(&pki, &cluster(2, "2.0.0"), "ops", &[]);
+    // More than 2^32 above the current revision (2).
+    let far = gap.create(&pki, &cluster(3 + (1 << 32), "3.0.0"), "ops", &[]);
 
     for (bundle, words, on_verify) in [
         (
@@ -336,7 +358,13 @@ fn bundle_refusals_say_which_and_change_nothing() {
             true,
         ),
         (&other_key, "signed by another key", true),
-        (&older, "older than the current revision", false),
+        (&older, "not newer than the current revision", false),
+        (&equal, "not newer than the current revision", false),
+        (
+            &far,
+            "too far ahead: the bundle holds revision 4294967299",
+            false,
+        ),
     ] {
         if on_verify {
             let out = gap.verify(&pki, bundle);

@@ -7,6 +7,9 @@
 //! - in both, every master ends on the same revision;
 //! - a master started while the archive of the revision it holds is missing converges
 //!   once the archive is there;
+//! - a master that waits for a newer revision's archive never rolls the hosts back to
+//!   an older revision, not even once the master that rolled the newer one out is gone,
+//!   and rolls the newer one out once its archive arrives;
 //! - of two `erel config publish` of the same next revision at the same moment, one is
 //!   confirmed and the other refused, naming the revision and the winner;
 //! - every number a config carries reaches the masters exactly as published, or is
@@ -94,7 +97,7 @@ fn waits_because(master: &MasterProc, why: &str) -> usize {
     master
         .log()
         .lines()
-        .filter(|line| line.contains("config not applied yet") && line.contains(why))
+        .filter(|line| line.contains("waiting for revision") && line.contains(why))
         .count()
 }
 
@@ -200,17 +203,46 @@ fn amqp_a_revision_whose_archive_arrives_late_is_applied_without_a_new_publish()
     fleet.published(&broker, &v1);
     wait_all_hold(&[&behind, &ahead], &v1, "both masters hold revision 1");
 
+    // Revisions 2 and 3 both name 2.0.0: only the newest is tried again; 2 waits
+    // behind it, said once.
     let v2 = fleet.config(2, "2.0.0", "");
     fleet.published(&broker, &v2);
+    let v3 = fleet.config(3, "2.0.0", "max_in_flight = 1");
+    fleet.published(&broker, &v3);
     wait_all_hold(
         &[&ahead],
-        &v2,
-        "the master with the archive holds revision 2",
+        &v3,
+        "the master with the archive holds revision 3",
     );
+    let waits_for = |revision: &str| {
+        behind
+            .log()
+            .lines()
+            .filter(|l| l.contains(&format!("waiting for revision {revision}:")))
+            .count()
+    };
     assert!(
-        wait_until_blocking(RECEIVE, || waits_because(&behind, "beat-2.0.0.tar.gz") >= 2),
+        wait_until_blocking(RECEIVE, || waits_for("3") >= 1),
+        "the master without the archive waits for revision 3\n{}",
+        behind.log()
+    );
+    let waited_for_2 = waits_for("2");
+    assert!(
+        wait_until_blocking(RECEIVE, || waits_because(&behind, "beat-2.0.0.tar.gz") >= 2
+            && waits_for("3") >= 3),
         "the master without the archive says which one it waits for, more than once\n{}",
         behind.log()
+    );
+    let log = behind.log();
+    assert_eq!(
+        waits_for("2"),
+        waited_for_2,
+        "revision 2 is not tried again behind 3\n{log}"
+    );
+    assert_eq!(
+        log.matches("wait behind revision 3").count(),
+        1,
+        "said once\n{log}"
     );
     assert_eq!(behind.held_text().as_deref(), Some(v1.as_str()));
     assert!(
@@ -225,14 +257,122 @@ fn amqp_a_revision_whose_archive_arrives_late_is_applied_without_a_new_publish()
     std::fs::rename(&partial, late.path().join("beat-2.0.0.tar.gz")).expect("rename");
     wait_all_hold(
         &[&behind, &ahead],
-        &v2,
-        "once the archive is there, every master holds revision 2",
+        &v3,
+        "once the archive is there, every master holds revision 3",
     );
-    assert_eq!(log_revisions(&broker), vec![Some(1), Some(2)]);
+    assert_eq!(log_revisions(&broker), vec![Some(1), Some(2), Some(3)]);
     fleet.wait_all_run("2.0.0", CONVERGE, "the host runs 2.0.0", || {
         logs(&[&behind, &ahead])
     });
     drop((behind, ahead));
+}
+
+/// Whether `erel config holders` names `master` as the holder of some group.
+fn listed_as_holder(fleet: &Fleet, broker: &TestBroker, master: &str) -> bool {
+    let out = erel(&fleet.pki, &["config", "holders", "--json"], broker, &[]);
+    let rows: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    rows.as_array()
+        .is_none_or(|rows| rows.iter().any(|r| r["master"].as_str() == Some(master)))
+}
+
+#[test]
+fn amqp_a_master_behind_on_archives_never_rolls_the_hosts_back() {
+    let _lock = BrokerLock::shared();
+    let fleet = Fleet::with_beat_releases("cfg-lag", &["web"]);
+    let broker = TestBroker::new("lag-archive", &["web"]);
+    // One master's artifact directory holds only 1.0.0.
+    let late = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        fleet.dir.path().join("beat-1.0.0.tar.gz"),
+        late.path().join("beat-1.0.0.tar.gz"),
+    )
+    .expect("copy 1.0.0");
+    let behind = fleet.master_with(&broker, "behind", late.path(), &[]);
+    let mut ahead = fleet.master(&broker, "ahead");
+    let v1 = fleet.config(1, "1.0.0", "");
+    fleet.published(&broker, &v1);
+    wait_all_hold(&[&behind, &ahead], &v1, "both masters hold revision 1");
+    fleet.wait_all_run("1.0.0", CONVERGE, "the host runs 1.0.0", || {
+        logs(&[&behind, &ahead])
+    });
+
+    // Revision 2 waits for its archive on one master (which hands the group back if
+    // it held it); the other rolls it out.
+    let v2 = fleet.config(2, "2.0.0", "");
+    fleet.published(&broker, &v2);
+    assert!(
+        wait_until_blocking(RECEIVE, || waits_because(&behind, "beat-2.0.0.tar.gz") >= 1),
+        "the master without the archive says it waits for revision 2\n{}",
+        behind.log()
+    );
+    fleet.wait_all_run("2.0.0", CONVERGE, "the host runs 2.0.0", || {
+        logs(&[&behind, &ahead])
+    });
+    assert_eq!(behind.held_text().as_deref(), Some(v1.as_str()));
+    let rolled_before = behind.log().matches("rollout started").count();
+
+    // The master that rolled 2.0.0 out dies. Its lease runs out (`config holders` no
+    // longer names it) and the waiting master tries revision 2 again twice more: it
+    // does not take the group to roll revision 1 out.
+    ahead.kill9();
+    assert!(
+        wait_until_blocking(RECEIVE, || !listed_as_holder(&fleet, &broker, "ahead")),
+        "the dead master's lease runs out"
+    );
+    let waited = waits_because(&behind, "beat-2.0.0.tar.gz");
+    assert!(
+        wait_until_blocking(RECEIVE, || waits_because(&behind, "beat-2.0.0.tar.gz")
+            >= waited + 2),
+        "the master keeps waiting for revision 2's archive\n{}",
+        behind.log()
+    );
+    assert!(
+        fleet.all_run("2.0.0"),
+        "the host stays on 2.0.0: {:?}\n{}",
+        fleet.beats(),
+        behind.log()
+    );
+    let log = behind.log();
+    assert_eq!(
+        log.matches("rollout started").count(),
+        rolled_before,
+        "the waiting master rolled nothing out\n{log}"
+    );
+    assert!(!listed_as_holder(&fleet, &broker, "behind"), "{log}");
+    assert_eq!(behind.held_revision(), Some(1));
+
+    // 2.0.0's archive arrives: revision 2 applies, with no new publish, and the master
+    // takes the group at revision 2 (the host is on it already).
+    let partial = late.path().join("beat-2.0.0.partial");
+    std::fs::copy(fleet.dir.path().join("beat-2.0.0.tar.gz"), &partial).expect("copy 2.0.0");
+    std::fs::rename(&partial, late.path().join("beat-2.0.0.tar.gz")).expect("rename");
+    wait_all_hold(
+        &[&behind],
+        &v2,
+        "once the archive is there, the master holds revision 2",
+    );
+    assert!(
+        wait_until_blocking(CONVERGE, || behind
+            .log()
+            .lines()
+            .any(|l| l.contains("revision applied") && l.contains("revision=2"))),
+        "the master takes the group at revision 2\n{}",
+        behind.log()
+    );
+    assert_eq!(
+        log_revisions(&broker),
+        vec![Some(1), Some(2)],
+        "nothing published again"
+    );
+    assert!(fleet.all_run("2.0.0"), "{:?}", fleet.beats());
+    assert_eq!(
+        behind.log().matches("rollout started").count(),
+        rolled_before,
+        "nothing to roll: the host was on 2.0.0 throughout\n{}",
+        behind.log()
+    );
+    drop((ahead, behind));
 }
 
 #[test]
@@ -488,8 +628,16 @@ fn amqp_every_number_reaches_the_masters_exactly_or_is_refused_at_publish() {
             NONE,
             Expect::Refused(&["group.web.drain.timeout_secs"]),
         ),
-        // The largest revision last: nothing can be newer.
-        (Some("9007199254740991"), "", NONE, Expect::Kept),
+        // The largest revision is more than 2^32 above the newest in the log: it would
+        // leave nothing to publish after it.
+        (
+            Some("9007199254740991"),
+            "",
+            NONE,
+            Expect::Refused(&["revision 9007199254740991 is more than 4294967296 (2^32) above"]),
+        ),
+        // Exactly 2^32 above the newest in the log (`STEP`) is kept.
+        (Some("STEP"), "", NONE, Expect::Kept),
     ];
     let mut held: Option<String> = None;
     let mut next = 1u64;
@@ -500,6 +648,10 @@ fn amqp_every_number_reaches_the_masters_exactly_or_is_refused_at_publish() {
             text = text.replace(from, to);
         }
         if let Some(revision) = revision {
+            let revision = match revision {
+                "STEP" => (next - 1 + (1 << 32)).to_string(),
+                other => other.to_string(),
+            };
             text = text.replacen(
                 &format!("revision = {next}"),
                 &format!("revision = {revision}"),
@@ -536,18 +688,18 @@ fn amqp_every_number_reaches_the_masters_exactly_or_is_refused_at_publish() {
     let held = held.expect("some revision kept");
     for m in &masters {
         assert_eq!(m.held_text().as_deref(), Some(held.as_str()));
-        assert_eq!(m.held_revision(), Some((1 << 53) - 1));
+        assert_eq!(m.held_revision(), Some(4 + (1 << 32)));
     }
     let revisions = log_revisions(&broker);
     assert_eq!(
         revisions,
-        vec![Some(1), Some(2), Some(3), Some(4), Some((1 << 53) - 1)],
+        vec![Some(1), Some(2), Some(3), Some(4), Some(4 + (1 << 32))],
         "the header of each record carries the revision exactly"
     );
     let out = erel(&fleet.pki, &["config", "show", "--json"], &broker, &[]);
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("show --json");
-    assert_eq!(shown["revision"].as_u64(), Some((1 << 53) - 1));
-    // And the largest revision is the last: nothing newer is accepted.
+    assert_eq!(shown["revision"].as_u64(), Some(4 + (1 << 32)));
+    // And nothing above the largest revision is accepted.
     let (ok, said) = fleet.publish(&broker, &fleet.config(1 << 53, "1.0.0", ""));
     assert!(!ok && said.contains("above the largest revision"), "{said}");
 }

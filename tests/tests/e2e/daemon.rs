@@ -985,3 +985,36 @@ fn a_revision_naming_the_old_version_rolls_the_daemons_group_back() {
     let log = daemon.0.log();
     assert!(!log.contains("FAILED"), "{log}");
 }
+
+#[test]
+fn amqp_daemon_says_a_group_with_an_unreachable_host_waits_and_halts_nothing() {
+    let _lock = BrokerLock::shared();
+    let fleet = Fleet::with_beat_releases("unreach", &["web"]);
+    let broker = TestBroker::new("unreachable", &["web"]);
+    let master = fleet.master(&broker, "solo");
+    // A second host no agent listens for: every pass stops at it, before any switch.
+    let text = format!(
+        "{}\n[[host]]\nid = \"gone\"\naddr = \"127.0.0.1:1\"\ngroup = \"web\"\nenv = {{ BEAT_PORT = \"1\" }}\n",
+        fleet.config(1, "1.0.0", "")
+    );
+    fleet.published(&broker, &text);
+    let waiting = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("group waiting") && l.contains("gone"))
+            .count()
+    };
+    assert!(
+        wait_until_blocking(CONVERGE + MASTER_INTERVAL * 2, || waiting(&master.log())
+            >= 2),
+        "each pass says the group waits for the unreachable host\n{}",
+        master.log()
+    );
+    let log = master.log();
+    assert!(
+        !log.contains("group halted") && !log.contains("halted at revision"),
+        "nothing is halted\n{log}"
+    );
+    let out = erel(&fleet.pki, &["config", "holders"], &broker, &[]);
+    let shown = output_text(&out);
+    assert!(out.status.success() && !shown.contains("HALTED"), "{shown}");
+}
