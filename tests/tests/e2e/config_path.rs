@@ -157,13 +157,7 @@ fn archive_arrives(fleet: &Fleet, stem: &str, dir: &Path) {
 
 /// The revisions in the config log, oldest first.
 fn log_revisions(broker: &TestBroker) -> Vec<Option<u64>> {
-    let entries = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(erel_master::amqp::log::read_all(&broker.broker))
-        .expect("read the config log");
-    entries.iter().map(|e| e.revision).collect()
+    broker.config_log().iter().map(|e| e.revision).collect()
 }
 
 #[test]
