@@ -42,10 +42,32 @@ impl BrokerArgs {
     }
 }
 
-/// `--amqp` given as a list (repeated, or split at commas by clap) as the one
-/// comma-separated string [`Broker::new`] reads; `None` when it was not given.
-pub(super) fn url_list(urls: &[String]) -> Option<String> {
-    (!urls.is_empty()).then(|| urls.join(","))
+/// `--amqp URL --amqp-prefix PREFIX` for a command that also works on the cluster file
+/// alone: without `--amqp`, no broker.
+#[derive(Debug, Clone, Args)]
+pub(super) struct OptionalBrokerArgs {
+    /// The RabbitMQ broker of the masters, when they follow the config log (AMQP mode):
+    /// the groups' holders are read, and their leases checked and taken, there instead
+    /// of from the daemon lock beside the cluster file. For a cluster, one URL per node
+    /// (repeated, or comma-separated).
+    #[arg(
+        long = "amqp",
+        env = "EREL_AMQP",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    pub url: Vec<String>,
+    /// Prefix of every queue and exchange name on the broker.
+    #[arg(long = "amqp-prefix", env = "EREL_AMQP_PREFIX", default_value = DEFAULT_PREFIX, value_name = "PREFIX")]
+    pub prefix: String,
+}
+
+impl OptionalBrokerArgs {
+    /// `--amqp` given as a list (repeated, or split at commas by clap) as the one
+    /// comma-separated string [`Broker::new`] reads; `None` when it was not given.
+    pub(super) fn url_list(&self) -> Option<String> {
+        (!self.url.is_empty()).then(|| self.url.join(","))
+    }
 }
 
 /// The flags of `erel master` that select the AMQP config log instead of a file.
