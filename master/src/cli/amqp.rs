@@ -47,9 +47,12 @@ impl BrokerArgs {
 #[derive(Debug, Clone, Args)]
 pub(super) struct OptionalBrokerArgs {
     /// The RabbitMQ broker of the masters, when they follow the config log (AMQP mode):
-    /// the groups' holders are read, and their leases checked and taken, there instead
-    /// of from the daemon lock beside the cluster file. For a cluster, one URL per node
-    /// (repeated, or comma-separated).
+    /// `erel master` follows the log there, and the groups' holders and leases are
+    /// there instead of in the daemon lock beside the cluster file. For a RabbitMQ
+    /// cluster, one URL per node: --amqp repeated, or comma-separated (in EREL_AMQP
+    /// too), e.g. amqp://h1:5672,amqp://h2:5672,amqp://h3:5672. A connection goes to
+    /// the first node that answers (10 s per attempt); `erel master` reconnects to the
+    /// next node when its connection is lost, logging which one it is on.
     #[arg(
         long = "amqp",
         env = "EREL_AMQP",
@@ -73,21 +76,10 @@ impl OptionalBrokerArgs {
 /// The flags of `erel master` that select the AMQP config log instead of a file.
 #[derive(Debug, Clone, Args)]
 pub(super) struct AmqpMasterArgs {
-    /// Follow the config log on this broker instead of a cluster file. For a RabbitMQ
-    /// cluster, one URL per node: --amqp repeated, or comma-separated (in EREL_AMQP
-    /// too), e.g. amqp://h1:5672,amqp://h2:5672,amqp://h3:5672. The master connects to
-    /// the first node that answers (10 s per attempt), and when that connection is lost
-    /// reconnects to the next node, logging which one it is on.
-    #[arg(
-        long = "amqp",
-        env = "EREL_AMQP",
-        value_name = "URL",
-        value_delimiter = ','
-    )]
-    pub url: Vec<String>,
-    /// Prefix of every queue and exchange name on the broker.
-    #[arg(long = "amqp-prefix", env = "EREL_AMQP_PREFIX", default_value = DEFAULT_PREFIX, value_name = "PREFIX")]
-    pub prefix: String,
+    /// `--amqp URL --amqp-prefix PREFIX`: follow the config log on this broker instead
+    /// of a cluster file.
+    #[command(flatten)]
+    pub broker: OptionalBrokerArgs,
     /// Where the newest accepted config is kept (with --amqp).
     #[arg(long, value_name = "DIR", requires = "url")]
     pub state_dir: Option<PathBuf>,
@@ -127,7 +119,7 @@ impl AmqpMasterArgs {
         use clap::parser::ValueSource;
         match (cluster_given, amqp) {
             (true, Some(ValueSource::EnvVariable)) => {
-                self.url.clear();
+                self.broker.url.clear();
                 if self.state_dir.is_some() || self.artifacts.is_some() || self.name.is_some() {
                     return Err(Error::Usage(
                         "erel master: --cluster FILE was given, so EREL_AMQP from the \
@@ -142,7 +134,7 @@ impl AmqpMasterArgs {
                 return Err(Error::Usage(format!(
                     "erel master: --cluster FILE and --amqp {} are two modes (a cluster \
                      file, or the config log on the broker); give one",
-                    self.url.join(",")
+                    self.broker.url.join(",")
                 )));
             }
             (_, Some(ValueSource::EnvVariable)) => self.url_from_env = true,
@@ -172,10 +164,9 @@ pub(super) async fn master(
     metrics: Option<std::net::SocketAddr>,
 ) -> crate::Result<ExitCode> {
     let amqp = args.amqp_words();
-    if args.url.is_empty() {
+    let Some(url) = args.broker.url_list() else {
         return Err(Error::Usage("--amqp URL is required".to_string()));
-    }
-    let url = args.url.join(",");
+    };
     let state_dir = args.state_dir.ok_or_else(|| {
         Error::Usage(format!(
             "--state-dir DIR is required with {amqp}; for the cluster file, give --cluster FILE"
@@ -205,7 +196,7 @@ pub(super) async fn master(
         None => None,
     };
     let options = DaemonOptions {
-        broker: Broker::new(url, args.prefix)?,
+        broker: Broker::new(url, args.broker.prefix)?,
         state_dir,
         name,
         artifacts,

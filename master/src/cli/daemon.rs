@@ -55,7 +55,7 @@ pub(super) async fn master(
     cluster: &Path,
     args: MasterArgs,
 ) -> crate::Result<ExitCode> {
-    if !args.amqp.url.is_empty() {
+    if args.amqp.broker.url_list().is_some() {
         let interval = Duration::from_secs(args.interval.max(1));
         let connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
         return super::amqp::master(ctx, args.amqp, interval, connect_timeout, args.metrics).await;
