@@ -203,8 +203,17 @@ fn first_bytes_staged(agent: &AgentProc) -> Option<(String, u64)> {
     staged(agent).into_iter().find(|(_, len)| *len > 0)
 }
 
+/// Starts a deploy of `cluster` and waits (up to `PATIENCE`) until the first agent's
+/// staging file has received bytes; the deploy and that file with its size (`None`:
+/// never seen).
+fn deploy_until_bytes_staged(fleet: &Fleet, cluster: &Path) -> (Followed, Option<(String, u64)>) {
+    let master = spawn_deploy(fleet, cluster);
+    let part = poll_until_blocking(PATIENCE, || first_bytes_staged(&fleet.agents[0]));
+    (master, part)
+}
+
 /// Asserts that a push of `size` bytes was cut while staged (`part`, from
-/// `first_bytes_staged`, is short of `size`) and that the deploy `master` fails.
+/// `deploy_until_bytes_staged`, is short of `size`) and that the deploy `master` fails.
 fn expect_the_push_cut(master: &mut Followed, part: Option<(String, u64)>, size: u64) {
     let (name, len) = part.unwrap_or_else(|| panic!("no staging file:\n{}", master.log()));
     assert!(
@@ -248,8 +257,7 @@ fn an_agent_killed_during_write_file_then_during_unpack_keeps_its_release_and_th
     } = large_upgrade(&fleet);
 
     // Killed while the archive arrives: its staging file exists and has grown.
-    let mut master = spawn_deploy(&fleet, &v2);
-    let part = poll_until_blocking(PATIENCE, || first_bytes_staged(&fleet.agents[0]));
+    let (mut master, part) = deploy_until_bytes_staged(&fleet, &v2);
     fleet.agents[0].kill9();
     expect_the_push_cut(&mut master, part, size);
     fleet.agents[0].restart();
@@ -509,8 +517,7 @@ fn a_disk_full_during_write_file_fails_clearly_keeps_the_old_release_and_leaves_
 
     // The push was offered room; the disk fills while the bytes arrive (the agent held
     // still meanwhile, so that the transfer cannot end first).
-    let mut master = spawn_deploy(&fleet, &v2);
-    let part = poll_until_blocking(PATIENCE, || first_bytes_staged(&fleet.agents[0]));
+    let (mut master, part) = deploy_until_bytes_staged(&fleet, &v2);
     signal(fleet.agents[0].pid(), Signal::SIGSTOP);
     let ballast = fill(&tmpfs, 0);
     signal(fleet.agents[0].pid(), Signal::SIGCONT);
