@@ -11,14 +11,13 @@ use std::time::Duration;
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, ExchangeKind};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{amqp_error, now_ms, open_channel, Backoff, Broker, Names};
+use super::{amqp_error, declare_exclusive, now_ms, open_channel, Backoff, Broker, Names};
 use crate::error::{Error, Result};
 use crate::rollout::RolloutEvent;
 
@@ -328,16 +327,7 @@ pub async fn watch(
             let connection = broker.connect("watch").await?;
             let channel = open_channel(&connection, &queue).await?;
             declare(&channel, names).await?;
-            channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        auto_delete: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
+            declare_exclusive(&channel, &queue)
                 .await
                 .map_err(|e| amqp_error(&queue, "declaring the watch queue", e))?;
             channel

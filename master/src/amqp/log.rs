@@ -36,7 +36,8 @@ use lapin::{BasicProperties, Channel, Confirmation, Consumer};
 use serde::Serialize;
 
 use super::{
-    amqp_error, integer, now_ms, open_channel, string, table, text_value, Backoff, Broker, Names,
+    amqp_error, declare_exclusive, integer, now_ms, open_channel, string, table, text_value,
+    Backoff, Broker, Names,
 };
 use crate::cluster::{ArchiveLookup, Plan, MAX_REVISION, MAX_REVISION_STEP};
 use crate::error::{Error, Result};
@@ -494,17 +495,7 @@ async fn take_publisher_lease(connection: &lapin::Connection, names: &Names) -> 
     let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
     loop {
         let channel = open_channel(connection, &queue).await?;
-        let declared = channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
+        let declared = declare_exclusive(&channel, &queue).await;
         match declared {
             Ok(_) => {
                 let _ = channel.close(200, "done".into()).await;

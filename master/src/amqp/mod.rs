@@ -437,6 +437,28 @@ pub(crate) async fn open_channel(
         .map_err(|e| amqp_error(target, "opening a channel", e))
 }
 
+/// Declares `queue` exclusive and auto-delete (AMQP 0-9-1 `queue.declare`): it is the
+/// declaring connection's alone and the broker deletes it when that connection closes.
+/// While it stands, another connection's declare of the same name fails with
+/// `RESOURCE_LOCKED` (405), which makes such a queue a lease. The broker's error is
+/// returned as is, for the caller to tell that case apart.
+pub(crate) async fn declare_exclusive(
+    channel: &lapin::Channel,
+    queue: &str,
+) -> lapin::Result<lapin::Queue> {
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
 /// Declares `queue` as a durable **quorum queue** with `args` (RabbitMQ's replicated
 /// queue type, Raft-based: on a cluster it has a replica on up to every node, stays
 /// available while a majority of them is up, and confirms a publish once a majority

@@ -42,20 +42,17 @@ impl BrokerArgs {
     }
 }
 
-/// `--amqp` given as a list (repeated, or split at commas by clap) as the one
-/// comma-separated string [`Broker::new`] reads; `None` when it was not given.
-pub(super) fn url_list(urls: &[String]) -> Option<String> {
-    (!urls.is_empty()).then(|| urls.join(","))
-}
-
-/// The flags of `erel master` that select the AMQP config log instead of a file.
+/// `--amqp URL --amqp-prefix PREFIX` for a command that also works on the cluster file
+/// alone: without `--amqp`, no broker.
 #[derive(Debug, Clone, Args)]
-pub(super) struct AmqpMasterArgs {
-    /// Follow the config log on this broker instead of a cluster file. For a RabbitMQ
+pub(super) struct OptionalBrokerArgs {
+    /// The RabbitMQ broker of the masters, when they follow the config log (AMQP mode):
+    /// `erel master` follows the log there, and the groups' holders and leases are
+    /// there instead of in the daemon lock beside the cluster file. For a RabbitMQ
     /// cluster, one URL per node: --amqp repeated, or comma-separated (in EREL_AMQP
-    /// too), e.g. amqp://h1:5672,amqp://h2:5672,amqp://h3:5672. The master connects to
-    /// the first node that answers (10 s per attempt), and when that connection is lost
-    /// reconnects to the next node, logging which one it is on.
+    /// too), e.g. amqp://h1:5672,amqp://h2:5672,amqp://h3:5672. A connection goes to
+    /// the first node that answers (10 s per attempt); `erel master` reconnects to the
+    /// next node when its connection is lost, logging which one it is on.
     #[arg(
         long = "amqp",
         env = "EREL_AMQP",
@@ -66,6 +63,23 @@ pub(super) struct AmqpMasterArgs {
     /// Prefix of every queue and exchange name on the broker.
     #[arg(long = "amqp-prefix", env = "EREL_AMQP_PREFIX", default_value = DEFAULT_PREFIX, value_name = "PREFIX")]
     pub prefix: String,
+}
+
+impl OptionalBrokerArgs {
+    /// `--amqp` given as a list (repeated, or split at commas by clap) as the one
+    /// comma-separated string [`Broker::new`] reads; `None` when it was not given.
+    pub(super) fn url_list(&self) -> Option<String> {
+        (!self.url.is_empty()).then(|| self.url.join(","))
+    }
+}
+
+/// The flags of `erel master` that select the AMQP config log instead of a file.
+#[derive(Debug, Clone, Args)]
+pub(super) struct AmqpMasterArgs {
+    /// `--amqp URL --amqp-prefix PREFIX`: follow the config log on this broker instead
+    /// of a cluster file.
+    #[command(flatten)]
+    pub broker: OptionalBrokerArgs,
     /// Where the newest accepted config is kept (with --amqp).
     #[arg(long, value_name = "DIR", requires = "url")]
     pub state_dir: Option<PathBuf>,
@@ -105,7 +119,7 @@ impl AmqpMasterArgs {
         use clap::parser::ValueSource;
         match (cluster_given, amqp) {
             (true, Some(ValueSource::EnvVariable)) => {
-                self.url.clear();
+                self.broker.url.clear();
                 if self.state_dir.is_some() || self.artifacts.is_some() || self.name.is_some() {
                     return Err(Error::Usage(
                         "erel master: --cluster FILE was given, so EREL_AMQP from the \
@@ -120,7 +134,7 @@ impl AmqpMasterArgs {
                 return Err(Error::Usage(format!(
                     "erel master: --cluster FILE and --amqp {} are two modes (a cluster \
                      file, or the config log on the broker); give one",
-                    self.url.join(",")
+                    self.broker.url.join(",")
                 )));
             }
             (_, Some(ValueSource::EnvVariable)) => self.url_from_env = true,
@@ -150,10 +164,9 @@ pub(super) async fn master(
     metrics: Option<std::net::SocketAddr>,
 ) -> crate::Result<ExitCode> {
     let amqp = args.amqp_words();
-    if args.url.is_empty() {
+    let Some(url) = args.broker.url_list() else {
         return Err(Error::Usage("--amqp URL is required".to_string()));
-    }
-    let url = args.url.join(",");
+    };
     let state_dir = args.state_dir.ok_or_else(|| {
         Error::Usage(format!(
             "--state-dir DIR is required with {amqp}; for the cluster file, give --cluster FILE"
@@ -183,7 +196,7 @@ pub(super) async fn master(
         None => None,
     };
     let options = DaemonOptions {
-        broker: Broker::new(url, args.prefix)?,
+        broker: Broker::new(url, args.broker.prefix)?,
         state_dir,
         name,
         artifacts,

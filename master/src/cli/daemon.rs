@@ -21,7 +21,7 @@ use super::amqp::utc;
 use super::deploy::event_line;
 use super::Context;
 use crate::amqp::leadership::{self, TakeRefused, TakenLease};
-use crate::amqp::{Broker, DEFAULT_PREFIX};
+use crate::amqp::Broker;
 use crate::client::Connector;
 use crate::error::Error;
 use crate::error::ResultExt as _;
@@ -55,7 +55,7 @@ pub(super) async fn master(
     cluster: &Path,
     args: MasterArgs,
 ) -> crate::Result<ExitCode> {
-    if !args.amqp.url.is_empty() {
+    if args.amqp.broker.url_list().is_some() {
         let interval = Duration::from_secs(args.interval.max(1));
         let connect_timeout = Duration::from_secs(args.connect_timeout.max(1));
         return super::amqp::master(ctx, args.amqp, interval, connect_timeout, args.metrics).await;
@@ -183,19 +183,10 @@ pub(super) struct HoldArgs {
     /// Seconds `--take-over` waits for the holder before it gives up.
     #[arg(long, default_value_t = 300, value_name = "SECS")]
     take_over_wait: u64,
-    /// The RabbitMQ broker of the masters (AMQP mode): the groups' leases are checked
-    /// and taken there instead of the daemon lock beside the cluster file.
-    /// For a cluster, one URL per node (repeated, or comma-separated).
-    #[arg(
-        long = "amqp",
-        env = "EREL_AMQP",
-        value_name = "URL",
-        value_delimiter = ','
-    )]
-    amqp: Vec<String>,
-    /// Prefix of every queue and exchange name on the broker.
-    #[arg(long = "amqp-prefix", env = "EREL_AMQP_PREFIX", default_value = DEFAULT_PREFIX, value_name = "PREFIX")]
-    amqp_prefix: String,
+    /// `--amqp URL --amqp-prefix PREFIX`: the groups' leases are checked and taken on
+    /// the broker instead of the daemon lock beside the cluster file.
+    #[command(flatten)]
+    amqp: super::amqp::OptionalBrokerArgs,
 }
 
 impl HoldArgs {
@@ -260,10 +251,10 @@ pub(super) async fn ensure_not_held(
         super::amqp::publisher(),
         std::process::id()
     );
-    match super::amqp::url_list(&args.amqp) {
+    match args.amqp.url_list() {
         None => hold_file(cluster, groups, &me, args.take_over, wait).await,
         Some(url) => {
-            let broker = Broker::new(url, args.amqp_prefix.clone())?;
+            let broker = Broker::new(url, args.amqp.prefix.clone())?;
             hold_amqp(&broker, groups, &me, args.take_over, wait).await
         }
     }

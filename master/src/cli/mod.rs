@@ -67,7 +67,8 @@ enum Command {
     Rollback(lifecycle::RollbackArgs),
     /// Prints a release's recent output on an agent; `--follow` keeps printing what is new.
     Logs(agent::LogsArgs),
-    /// Table of every host in the cluster: group, desired and running release, state.
+    /// Table of every host in the cluster: group, desired and running release, state;
+    /// with `--amqp`, also which master holds each group.
     Status(status::StatusArgs),
     /// Brings the cluster's hosts to their desired versions, rolling, gated on health.
     Deploy(deploy::DeployArgs),

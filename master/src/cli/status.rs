@@ -28,26 +28,16 @@ use crate::rollout::{probe_all, ProbeAnswer, DEFAULT_PROBE_TIMEOUT};
 /// `erel status`.
 #[derive(Debug, Args)]
 pub(super) struct StatusArgs {
-    /// Print everything as JSON.
+    /// Print everything as JSON (with `--amqp`, `{"hosts": [..], "holders": [..]}`).
     #[arg(long)]
     json: bool,
     /// Seconds each phase of opening a connection to an agent may take: the TCP
     /// connection, then the TLS handshake with `Hello` (each phase gets the full time).
     #[arg(long, default_value_t = crate::client::DEFAULT_CONNECT_TIMEOUT.as_secs(), value_name = "SECS")]
     connect_timeout: u64,
-    /// Also show which master holds each group, from this RabbitMQ broker (with
-    /// `--json`, the output becomes `{"hosts": [..], "holders": [..]}`).
-    /// For a cluster, one URL per node (repeated, or comma-separated).
-    #[arg(
-        long = "amqp",
-        env = "EREL_AMQP",
-        value_name = "URL",
-        value_delimiter = ','
-    )]
-    amqp: Vec<String>,
-    /// Prefix of the queue names on the broker.
-    #[arg(long = "amqp-prefix", env = "EREL_AMQP_PREFIX", default_value = crate::amqp::DEFAULT_PREFIX, value_name = "PREFIX")]
-    amqp_prefix: String,
+    /// `--amqp URL --amqp-prefix PREFIX`: also show which master holds each group.
+    #[command(flatten)]
+    amqp: super::amqp::OptionalBrokerArgs,
 }
 
 /// One host × group as `status` shows it; a waiting host (in no group) has one row
@@ -138,12 +128,12 @@ pub(super) async fn status(
             }
         };
         // With --amqp: {"hosts": [...], "holders": [...]}; else the hosts alone.
-        let amqp = super::amqp::url_list(&args.amqp);
+        let amqp = args.amqp.url_list();
         let json = match &amqp {
             Some(url) => {
                 let groups: Vec<String> = plan.groups.keys().cloned().collect();
                 let (holders, broker_halts) =
-                    super::config::holders_json(url, &args.amqp_prefix, &groups, plan.revision)
+                    super::config::holders_json(url, &args.amqp.prefix, &groups, plan.revision)
                         .await?;
                 halts.extend(broker_halts);
                 mark_halted(&mut hosts, &halts, plan.revision);
@@ -161,11 +151,11 @@ pub(super) async fn status(
     } else {
         print!("{}", status_table(&plan, &hosts));
         print!("{}", super::daemon::halted_text(cluster, plan.revision));
-        if let Some(url) = &super::amqp::url_list(&args.amqp) {
+        if let Some(url) = &args.amqp.url_list() {
             let groups: Vec<String> = plan.groups.keys().cloned().collect();
             print!(
                 "\n{}",
-                super::config::holders_text(url, &args.amqp_prefix, &groups, plan.revision).await?
+                super::config::holders_text(url, &args.amqp.prefix, &groups, plan.revision).await?
             );
         }
     }

@@ -20,14 +20,11 @@ const CONFIRMED_EACH_SIDE: usize = 3;
 /// The newest revision, and every revision, the config log holds (read through any node
 /// that answers).
 fn log_revisions(broker: &TestBroker) -> Vec<u64> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let entries = runtime
-        .block_on(erel_master::amqp::log::read_all(&broker.broker))
-        .expect("read the config log");
-    entries.iter().filter_map(|e| e.revision()).collect()
+    broker
+        .config_log()
+        .iter()
+        .filter_map(|e| e.revision())
+        .collect()
 }
 
 /// The node (index in the cluster) `master` last said it connected to.

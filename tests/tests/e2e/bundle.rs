@@ -153,13 +153,8 @@ fn run(pki: &Pki, words: &[&str]) -> Output {
 
 /// (revision, signed) of every record of the config log.
 fn log_records(broker: &TestBroker) -> Vec<(Option<u64>, bool)> {
-    let entries = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(erel_master::amqp::log::read_all(&broker.broker))
-        .expect("read the config log");
-    entries
+    broker
+        .config_log()
         .iter()
         .map(|e| (e.revision(), e.signed.is_some()))
         .collect()

@@ -112,15 +112,52 @@ fn wait_all_hold(masters: &[&MasterProc], text: &str, what: &str) {
     );
 }
 
+/// Two masters holding revision 1 (release 1.0.0), one of them behind on archives.
+struct OneBehind {
+    /// The master whose artifact directory is `late`.
+    behind: MasterProc,
+    /// The master with the fleet's artifact directory (every archive).
+    ahead: MasterProc,
+    /// The artifact directory of `behind`: only 1.0.0's archive.
+    late: tempfile::TempDir,
+    /// Revision 1's config text.
+    v1: String,
+}
+
+/// Starts masters "behind" and "ahead" on `broker` (see `OneBehind`), publishes revision 1
+/// and waits until both hold it.
+fn one_behind_on_archives(fleet: &Fleet, broker: &TestBroker) -> OneBehind {
+    let late = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        fleet.dir.path().join("beat-1.0.0.tar.gz"),
+        late.path().join("beat-1.0.0.tar.gz"),
+    )
+    .expect("copy 1.0.0");
+    let behind = fleet.master_with(broker, "behind", late.path(), &[]);
+    let ahead = fleet.master(broker, "ahead");
+    let v1 = fleet.config(1, "1.0.0", "");
+    fleet.published(broker, &v1);
+    wait_all_hold(&[&behind, &ahead], &v1, "both masters hold revision 1");
+    OneBehind {
+        behind,
+        ahead,
+        late,
+        v1,
+    }
+}
+
+/// The fleet's archive `<stem>.tar.gz` arrives in artifact directory `dir` as a copy
+/// would land it: written beside as `<stem>.partial`, then renamed into place.
+fn archive_arrives(fleet: &Fleet, stem: &str, dir: &Path) {
+    let partial = dir.join(format!("{stem}.partial"));
+    std::fs::copy(fleet.dir.path().join(format!("{stem}.tar.gz")), &partial)
+        .unwrap_or_else(|e| panic!("copy {stem}: {e}"));
+    std::fs::rename(&partial, dir.join(format!("{stem}.tar.gz"))).expect("rename");
+}
+
 /// The revisions in the config log, oldest first.
 fn log_revisions(broker: &TestBroker) -> Vec<Option<u64>> {
-    let entries = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(erel_master::amqp::log::read_all(&broker.broker))
-        .expect("read the config log");
-    entries.iter().map(|e| e.revision).collect()
+    broker.config_log().iter().map(|e| e.revision).collect()
 }
 
 #[test]
@@ -190,18 +227,12 @@ fn amqp_a_revision_whose_archive_arrives_late_is_applied_without_a_new_publish()
     let fleet = Fleet::with_beat_releases("cfg-late", &["web"]);
     let broker = TestBroker::new("late-archive", &["web"]);
     // One master's artifact directory holds only 1.0.0 for now.
-    let late = tempfile::tempdir().expect("tempdir");
-    std::fs::copy(
-        fleet.dir.path().join("beat-1.0.0.tar.gz"),
-        late.path().join("beat-1.0.0.tar.gz"),
-    )
-    .expect("copy 1.0.0");
-    let behind = fleet.master_with(&broker, "behind", late.path(), &[]);
-    let ahead = fleet.master(&broker, "ahead");
-
-    let v1 = fleet.config(1, "1.0.0", "");
-    fleet.published(&broker, &v1);
-    wait_all_hold(&[&behind, &ahead], &v1, "both masters hold revision 1");
+    let OneBehind {
+        behind,
+        ahead,
+        late,
+        v1,
+    } = one_behind_on_archives(&fleet, &broker);
 
     // Revisions 2 and 3 both name 2.0.0: only the newest is tried again; 2 waits
     // behind it, said once.
@@ -252,9 +283,7 @@ fn amqp_a_revision_whose_archive_arrives_late_is_applied_without_a_new_publish()
     );
 
     // The archive arrives (copied beside, then renamed into place).
-    let partial = late.path().join("beat-2.0.0.partial");
-    std::fs::copy(fleet.dir.path().join("beat-2.0.0.tar.gz"), &partial).expect("copy 2.0.0");
-    std::fs::rename(&partial, late.path().join("beat-2.0.0.tar.gz")).expect("rename");
+    archive_arrives(&fleet, "beat-2.0.0", late.path());
     wait_all_hold(
         &[&behind, &ahead],
         &v3,
@@ -282,17 +311,12 @@ fn amqp_a_master_behind_on_archives_never_rolls_the_hosts_back() {
     let fleet = Fleet::with_beat_releases("cfg-lag", &["web"]);
     let broker = TestBroker::new("lag-archive", &["web"]);
     // One master's artifact directory holds only 1.0.0.
-    let late = tempfile::tempdir().expect("tempdir");
-    std::fs::copy(
-        fleet.dir.path().join("beat-1.0.0.tar.gz"),
-        late.path().join("beat-1.0.0.tar.gz"),
-    )
-    .expect("copy 1.0.0");
-    let behind = fleet.master_with(&broker, "behind", late.path(), &[]);
-    let mut ahead = fleet.master(&broker, "ahead");
-    let v1 = fleet.config(1, "1.0.0", "");
-    fleet.published(&broker, &v1);
-    wait_all_hold(&[&behind, &ahead], &v1, "both masters hold revision 1");
+    let OneBehind {
+        behind,
+        mut ahead,
+        late,
+        v1,
+    } = one_behind_on_archives(&fleet, &broker);
     fleet.wait_all_run("1.0.0", CONVERGE, "the host runs 1.0.0", || {
         logs(&[&behind, &ahead])
     });
@@ -344,9 +368,7 @@ fn amqp_a_master_behind_on_archives_never_rolls_the_hosts_back() {
 
     // 2.0.0's archive arrives: revision 2 applies, with no new publish, and the master
     // takes the group at revision 2 (the host is on it already).
-    let partial = late.path().join("beat-2.0.0.partial");
-    std::fs::copy(fleet.dir.path().join("beat-2.0.0.tar.gz"), &partial).expect("copy 2.0.0");
-    std::fs::rename(&partial, late.path().join("beat-2.0.0.tar.gz")).expect("rename");
+    archive_arrives(&fleet, "beat-2.0.0", late.path());
     wait_all_hold(
         &[&behind],
         &v2,
@@ -404,9 +426,7 @@ fn amqp_a_master_started_while_its_held_revisions_archive_is_missing_converges_o
         fleet.beats()
     );
 
-    let partial = empty.path().join("beat-1.0.0.partial");
-    std::fs::copy(fleet.dir.path().join("beat-1.0.0.tar.gz"), &partial).expect("copy");
-    std::fs::rename(&partial, empty.path().join("beat-1.0.0.tar.gz")).expect("rename");
+    archive_arrives(&fleet, "beat-1.0.0", empty.path());
     fleet.wait_all_run("1.0.0", CONVERGE, "the host runs 1.0.0", || master.log());
     assert_eq!(master.held_text().as_deref(), Some(v1.as_str()));
     assert!(log_revisions(&broker).is_empty(), "nothing was published");

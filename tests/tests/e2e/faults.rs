@@ -158,6 +158,71 @@ fn unpacking(agent: &AgentProc) -> Vec<String> {
     names_in(&agent.root.join(".erel/unpack"))
 }
 
+/// A fleet's upgrade from release 1.0.0 to a 2.0.0 whose archive is large enough to be
+/// caught while it is pushed.
+struct LargeUpgrade {
+    /// The 2.0.0 archive's file name.
+    archive: String,
+    /// The 2.0.0 archive's size in bytes.
+    size: u64,
+    /// What the agent holds and runs once 1.0.0 is deployed.
+    before: Held,
+    /// The cluster config that deploys 2.0.0.
+    v2: PathBuf,
+}
+
+/// Deploys release 1.0.0 to `fleet` and readies the large 2.0.0 (not yet deployed).
+fn large_upgrade(fleet: &Fleet) -> LargeUpgrade {
+    beat_release(fleet.dir.path(), RELEASE, "1.0.0");
+    let large = with_payload(
+        &beat_release(fleet.dir.path(), RELEASE, "2.0.0"),
+        LARGE_PAYLOAD,
+        PAYLOAD_FILE,
+        false,
+    );
+    let archive = large
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    let size = std::fs::metadata(&large).expect("archive").len();
+    let v1 = fleet.write("cluster.toml", &fleet.config(1, "1.0.0", ""));
+    deploy_and_expect(fleet, &v1, "1.0.0", "the first deploy");
+    let before = Held::of(&fleet.agents[0], "1.0.0");
+    let v2 = fleet.write("cluster.toml", &fleet.config_of(2, "2.0.0", &archive, ""));
+    LargeUpgrade {
+        archive,
+        size,
+        before,
+        v2,
+    }
+}
+
+/// The agent's first staging file that has received bytes, with its size; `None` before.
+fn first_bytes_staged(agent: &AgentProc) -> Option<(String, u64)> {
+    staged(agent).into_iter().find(|(_, len)| *len > 0)
+}
+
+/// Starts a deploy of `cluster` and waits (up to `PATIENCE`) until the first agent's
+/// staging file has received bytes; the deploy and that file with its size (`None`:
+/// never seen).
+fn deploy_until_bytes_staged(fleet: &Fleet, cluster: &Path) -> (Followed, Option<(String, u64)>) {
+    let master = spawn_deploy(fleet, cluster);
+    let part = poll_until_blocking(PATIENCE, || first_bytes_staged(&fleet.agents[0]));
+    (master, part)
+}
+
+/// Asserts that a push of `size` bytes was cut while staged (`part`, from
+/// `deploy_until_bytes_staged`, is short of `size`) and that the deploy `master` fails.
+fn expect_the_push_cut(master: &mut Followed, part: Option<(String, u64)>, size: u64) {
+    let (name, len) = part.unwrap_or_else(|| panic!("no staging file:\n{}", master.log()));
+    assert!(
+        len < size,
+        "{name}: {len} of {size} bytes: the push was over"
+    );
+    assert!(!exits(master, "the deploy").success(), "{}", master.log());
+}
+
 /// Asserts that `agent` still holds and runs `before` (release `version`), answers as
 /// `version`, and shows nothing half-done: no other version directory, no archive
 /// `archive` unless `archive_landed`, no unpack in progress.
@@ -184,42 +249,17 @@ fn expect_untouched(
 fn an_agent_killed_during_write_file_then_during_unpack_keeps_its_release_and_the_next_deploy_finishes(
 ) {
     let mut fleet = Fleet::new("agentkill", &["web"]);
-    beat_release(fleet.dir.path(), RELEASE, "1.0.0");
-    let large = with_payload(
-        &beat_release(fleet.dir.path(), RELEASE, "2.0.0"),
-        LARGE_PAYLOAD,
-        PAYLOAD_FILE,
-        false,
-    );
-    let archive = large
-        .file_name()
-        .expect("name")
-        .to_string_lossy()
-        .into_owned();
-    let size = std::fs::metadata(&large).expect("archive").len();
-    let v1 = fleet.write("cluster.toml", &fleet.config(1, "1.0.0", ""));
-    deploy_and_expect(&fleet, &v1, "1.0.0", "the first deploy");
-    let before = Held::of(&fleet.agents[0], "1.0.0");
-    let v2 = fleet.write("cluster.toml", &fleet.config_of(2, "2.0.0", &archive, ""));
+    let LargeUpgrade {
+        archive,
+        size,
+        before,
+        v2,
+    } = large_upgrade(&fleet);
 
     // Killed while the archive arrives: its staging file exists and has grown.
-    let mut master = spawn_deploy(&fleet, &v2);
-    let part = poll_until_blocking(PATIENCE, || {
-        staged(&fleet.agents[0])
-            .into_iter()
-            .find(|(_, len)| *len > 0)
-    });
+    let (mut master, part) = deploy_until_bytes_staged(&fleet, &v2);
     fleet.agents[0].kill9();
-    let (name, len) = part.unwrap_or_else(|| panic!("no staging file:\n{}", master.log()));
-    assert!(
-        len < size,
-        "{name}: {len} of {size} bytes: the push was over"
-    );
-    assert!(
-        !exits(&mut master, "the deploy").success(),
-        "{}",
-        master.log()
-    );
+    expect_the_push_cut(&mut master, part, size);
     fleet.agents[0].restart();
     let what = "after a kill during WriteFile";
     expect_untouched(&fleet, &before, "1.0.0", (&archive, false), what);
@@ -312,7 +352,7 @@ impl KillAt {
     fn reached(self, fleet: &Fleet, log: &str, phase_line: fn(&str, &str) -> String) -> bool {
         let first = &fleet.agents[0];
         match self {
-            KillAt::Pushing => staged(first).iter().any(|(_, len)| *len > 0),
+            KillAt::Pushing => first_bytes_staged(first).is_some(),
             KillAt::Unpacking => !unpacking(first).is_empty(),
             KillAt::Phase(phase) => log.contains(&phase_line(&first.id, phase)),
         }
@@ -468,45 +508,20 @@ fn a_disk_full_during_write_file_fails_clearly_keeps_the_old_release_and_leaves_
     let Some((tmpfs, fleet)) = fleet_on_tmpfs("64m", "fullpush") else {
         return;
     };
-    beat_release(fleet.dir.path(), RELEASE, "1.0.0");
-    let large = with_payload(
-        &beat_release(fleet.dir.path(), RELEASE, "2.0.0"),
-        LARGE_PAYLOAD,
-        PAYLOAD_FILE,
-        false,
-    );
-    let archive = large
-        .file_name()
-        .expect("name")
-        .to_string_lossy()
-        .into_owned();
-    let size = std::fs::metadata(&large).expect("archive").len();
-    let v1 = fleet.write("cluster.toml", &fleet.config(1, "1.0.0", ""));
-    deploy_and_expect(&fleet, &v1, "1.0.0", "the first deploy");
-    let before = Held::of(&fleet.agents[0], "1.0.0");
-    let v2 = fleet.write("cluster.toml", &fleet.config_of(2, "2.0.0", &archive, ""));
+    let LargeUpgrade {
+        archive,
+        size,
+        before,
+        v2,
+    } = large_upgrade(&fleet);
 
     // The push was offered room; the disk fills while the bytes arrive (the agent held
     // still meanwhile, so that the transfer cannot end first).
-    let mut master = spawn_deploy(&fleet, &v2);
-    let part = poll_until_blocking(PATIENCE, || {
-        staged(&fleet.agents[0])
-            .into_iter()
-            .find(|(_, len)| *len > 0)
-    });
+    let (mut master, part) = deploy_until_bytes_staged(&fleet, &v2);
     signal(fleet.agents[0].pid(), Signal::SIGSTOP);
-    let (name, len) = part.unwrap_or_else(|| panic!("no staging file:\n{}", master.log()));
     let ballast = fill(&tmpfs, 0);
     signal(fleet.agents[0].pid(), Signal::SIGCONT);
-    assert!(
-        len < size,
-        "{name}: {len} of {size} bytes: the push was over"
-    );
-    assert!(
-        !exits(&mut master, "the deploy").success(),
-        "{}",
-        master.log()
-    );
+    expect_the_push_cut(&mut master, part, size);
     let text = master.log();
     names_no_space(&text);
     // Failed while staging: the events' way of saying "its running release was not

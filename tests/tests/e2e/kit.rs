@@ -502,17 +502,13 @@ fn a_kit_is_not_installed_over_the_debian_package() {
     );
 }
 
-#[test]
-fn on_a_systemd_host_install_sh_enables_the_unit_once_and_keeps_the_administrators_choice() {
-    let test =
-        "on_a_systemd_host_install_sh_enables_the_unit_once_and_keeps_the_administrators_choice";
-    if !root_or_skip(test) {
-        return;
-    }
+/// A stand-in systemd host (see `StandInSystemctlRoot`) with a kit for `id` unpacked at
+/// its `/kit`; the host and the temporary directory the kit was written in.
+fn systemd_host_with_kit(id: &str) -> (StandInSystemctlRoot, tempfile::TempDir) {
     let pki = pki_from_the_cli();
     let work = tempfile::tempdir().expect("tempdir");
     let work_dir = std::fs::canonicalize(work.path()).expect("canonical");
-    let kit_dir = unpacked_kit(&pki, "kit-5", &work_dir);
+    let kit_dir = unpacked_kit(&pki, id, &work_dir);
     let host = StandInSystemctlRoot::new();
     let out = Command::new("cp")
         .arg("-a")
@@ -521,6 +517,17 @@ fn on_a_systemd_host_install_sh_enables_the_unit_once_and_keeps_the_administrato
         .output()
         .expect("run cp");
     assert!(out.status.success(), "cp: {}", output_text(&out));
+    (host, work)
+}
+
+#[test]
+fn on_a_systemd_host_install_sh_enables_the_unit_once_and_keeps_the_administrators_choice() {
+    let test =
+        "on_a_systemd_host_install_sh_enables_the_unit_once_and_keeps_the_administrators_choice";
+    if !root_or_skip(test) {
+        return;
+    }
+    let (host, _work) = systemd_host_with_kit("kit-5");
     let install = || host.run_ok(&["/kit/install.sh"]);
     let change = |path: &str, more: &[u8]| {
         let mut file = std::fs::OpenOptions::new()
@@ -599,18 +606,7 @@ fn on_a_systemd_host_an_install_cut_off_before_it_enabled_the_unit_is_completed_
     if !root_or_skip(test) {
         return;
     }
-    let pki = pki_from_the_cli();
-    let work = tempfile::tempdir().expect("tempdir");
-    let work_dir = std::fs::canonicalize(work.path()).expect("canonical");
-    let kit_dir = unpacked_kit(&pki, "kit-6", &work_dir);
-    let host = StandInSystemctlRoot::new();
-    let out = Command::new("cp")
-        .arg("-a")
-        .arg(&kit_dir)
-        .arg(host.at("/kit"))
-        .output()
-        .expect("run cp");
-    assert!(out.status.success(), "cp: {}", output_text(&out));
+    let (host, _work) = systemd_host_with_kit("kit-6");
     let unit = "erel-boot.service";
 
     // The first install writes the unit, then stops where `systemctl enable` fails.

@@ -327,21 +327,44 @@ async fn a_session_open_when_its_master_is_revoked_is_refused_at_its_next_reques
         .expect("a fresh master gets in");
 }
 
+/// A copy of `host`'s bundle as the master issued it, as a thief would keep it; its
+/// directory.
+fn stolen_bundle(fleet: &Fleet, host: &str) -> PathBuf {
+    let stolen = fleet.pki.dir.path().join("stolen-host");
+    crate::recover::copy_bundle(&fleet.pki.master.host_dir(host), &stolen);
+    stolen
+}
+
+/// `erel certs revoke HOST --push`; its output, after asserting that it succeeded and
+/// that every agent of `fleet` answers the master's credentials afterwards.
+async fn revoke_push(fleet: &Fleet, cluster: &Path, host: &str) -> String {
+    let (ok, out) = erel(&fleet.pki, &["certs", "revoke", host, "--push"], cluster);
+    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    every_agent_answers(fleet, &out).await;
+    out
+}
+
+/// Asserts that `erel ping` refuses an agent serving the bundle in `stolen` (host `id`),
+/// naming its certificate as revoked.
+fn expect_refused_as_revoked(fleet: &Fleet, stolen: PathBuf, id: &str) {
+    let impostor = AgentProc::start_with_bundle(stolen, id);
+    let out = fleet
+        .pki
+        .erel()
+        .args(["ping", &impostor.host().to_string()])
+        .output();
+    let text = output_text(&out.expect("run ping"));
+    assert!(text.contains("revoked"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_push_of_a_host_gives_it_a_new_certificate_and_the_old_one_is_refused() {
     let (fleet, cluster) = running_fleet("rvh", &["web"; 2]).await;
     let pids = fleet.release_pids(RELEASE);
-    let stolen = fleet.pki.dir.path().join("stolen-host");
-    crate::recover::copy_bundle(&fleet.pki.master.host_dir("rvh-1"), &stolen);
+    let stolen = stolen_bundle(&fleet, "rvh-1");
 
-    let (ok, out) = erel(
-        &fleet.pki,
-        &["certs", "revoke", "rvh-1", "--push"],
-        &cluster,
-    );
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    let out = revoke_push(&fleet, &cluster, "rvh-1").await;
     assert!(out.contains("issued a new certificate for rvh-1"), "{out}");
-    every_agent_answers(&fleet, &out).await;
     let pushed = PushedBundle::read(&fleet.agents[0].root.join(PUSHED_BUNDLE)).expect("pushed");
     let old = std::fs::read_to_string(stolen.join("host.pem")).expect("host.pem");
     assert_ne!(
@@ -351,14 +374,7 @@ async fn revoke_push_of_a_host_gives_it_a_new_certificate_and_the_old_one_is_ref
     assert_eq!(fleet.release_pids(RELEASE), pids);
 
     // An agent serving with the revoked certificate is refused by the master.
-    let impostor = AgentProc::start_with_bundle(stolen, "rvh-1");
-    let out = fleet
-        .pki
-        .erel()
-        .args(["ping", &impostor.host().to_string()])
-        .output();
-    let text = output_text(&out.expect("run ping"));
-    assert!(text.contains("revoked"), "{text}");
+    expect_refused_as_revoked(&fleet, stolen, "rvh-1");
 }
 
 /// After a rotation (kept old CA, then finished), the revoked host (the second of the
@@ -375,17 +391,10 @@ async fn revoke_push_of_a_host_after_a_rotation_gives_it_a_new_certificate() {
         let (ok, out) = erel(&fleet.pki, words, &cluster);
         assert!(ok, "{words:?}: {out}\n{}", fleet.agent_logs());
     }
-    let stolen = fleet.pki.dir.path().join("stolen-host");
-    crate::recover::copy_bundle(&fleet.pki.master.host_dir("rvr-2"), &stolen);
+    let stolen = stolen_bundle(&fleet, "rvr-2");
 
-    let (ok, out) = erel(
-        &fleet.pki,
-        &["certs", "revoke", "rvr-2", "--push"],
-        &cluster,
-    );
-    assert!(ok, "{out}\n{}", fleet.agent_logs());
+    let out = revoke_push(&fleet, &cluster, "rvr-2").await;
     assert!(out.contains("issued a new certificate for rvr-2"), "{out}");
-    every_agent_answers(&fleet, &out).await;
     // The host serves the certificate the master issued it in place of the revoked one.
     let agent = &fleet.agents[1];
     assert_eq!(agent.id, "rvr-2");
@@ -398,26 +407,13 @@ async fn revoke_push_of_a_host_after_a_rotation_gives_it_a_new_certificate() {
 
     // Run again (as after a stop), it revokes the certificate the host serves now and
     // gets it in the same way.
-    let (ok, again) = erel(
-        &fleet.pki,
-        &["certs", "revoke", "rvr-2", "--push"],
-        &cluster,
-    );
-    assert!(ok, "{again}\n{}", fleet.agent_logs());
-    every_agent_answers(&fleet, &again).await;
+    let again = revoke_push(&fleet, &cluster, "rvr-2").await;
     let pushed = PushedBundle::read(&agent.root.join(PUSHED_BUNDLE)).expect("pushed");
     assert_ne!(pushed.certificate, issued, "{again}");
     assert_eq!(fleet.release_pids(RELEASE), pids);
 
     // An agent serving with the revoked certificate is refused by the master.
-    let impostor = AgentProc::start_with_bundle(stolen, "rvr-2");
-    let out = fleet
-        .pki
-        .erel()
-        .args(["ping", &impostor.host().to_string()])
-        .output();
-    let text = output_text(&out.expect("run ping"));
-    assert!(text.contains("revoked"), "{text}");
+    expect_refused_as_revoked(&fleet, stolen, "rvr-2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@ use std::process::{Child, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use erel_master::amqp::log::LogEntry;
 use erel_master::amqp::Broker;
 
 use super::fleet::Fleet;
@@ -92,6 +93,17 @@ impl TestBroker {
     }
 
     /// `--amqp URL --amqp-prefix PREFIX`.
+    /// Every entry of this prefix's config log, oldest first, read from outside any
+    /// runtime ([`erel_master::amqp::log::read_all`]); panics when it cannot be read.
+    pub fn config_log(&self) -> Vec<LogEntry> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(erel_master::amqp::log::read_all(&self.broker))
+            .expect("read the config log")
+    }
+
     pub fn flags(&self) -> Vec<String> {
         vec![
             "--amqp".to_string(),
