@@ -28,6 +28,15 @@ use crate::rollout::halt::Halt;
 /// Messages read at most from one record queue (it keeps one; a requeued one may
 /// briefly sit beside a newer one).
 const MAX_READ: usize = 8;
+/// A record another reader holds (between its `basic.get` and its requeue) is not
+/// there for `basic.get`: an empty answer is asked again after each of these pauses
+/// before the queue counts as empty. Together they outlast a reader's two round trips
+/// on a busy broker; a queue that holds a record answers at the first try.
+const EMPTY_RECHECKS: [std::time::Duration; 3] = [
+    std::time::Duration::from_millis(25),
+    std::time::Duration::from_millis(75),
+    std::time::Duration::from_millis(200),
+];
 
 /// A group's latest halt state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,7 +107,9 @@ async fn declare(channel: &Channel, queue: &str, durable: bool) -> Result<()> {
 }
 
 /// The newest record of `queue` (declared first, `durable` or not), left in it for the
-/// next reader; `None` when the queue is empty or its record is not a `T`.
+/// next reader; `None` when the queue is empty or its record is not a `T`. An empty
+/// answer is asked again after the pauses of [`EMPTY_RECHECKS`], since a record another
+/// reader is peeking at that instant is not delivered to this one.
 async fn peek<T: DeserializeOwned>(
     channel: &Channel,
     queue: &str,
@@ -107,14 +118,25 @@ async fn peek<T: DeserializeOwned>(
     declare(channel, queue, durable).await?;
     let mut newest = None;
     let mut last = None;
-    for _ in 0..MAX_READ {
+    let mut rechecks = EMPTY_RECHECKS.iter();
+    let mut reads = 0;
+    while reads < MAX_READ {
         let got = channel
             .basic_get(queue.into(), BasicGetOptions::default())
             .await
             .map_err(|e| amqp_error(queue, "reading the record", e))?;
-        let Some(message) = got else { break };
-        newest = Some(message.delivery.data.clone());
-        last = Some(message.delivery);
+        match got {
+            Some(message) => {
+                reads += 1;
+                newest = Some(message.delivery.data.clone());
+                last = Some(message.delivery);
+            }
+            None if last.is_some() => break,
+            None => match rechecks.next() {
+                Some(pause) => tokio::time::sleep(*pause).await,
+                None => break,
+            },
+        }
     }
     if let Some(delivery) = last {
         delivery
