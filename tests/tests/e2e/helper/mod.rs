@@ -32,6 +32,7 @@ pub mod netns;
 pub mod otp;
 pub mod raw_peer;
 pub mod release;
+pub mod slow_link;
 pub mod systemctl;
 pub mod tmpfs;
 
