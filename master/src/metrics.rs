@@ -10,9 +10,12 @@
 //! | `erel_rollouts_total` | counter | `group` | rollouts that switched or failed a host |
 //! | `erel_host_failures_total` | counter | `group` | hosts that failed a rollout |
 //! | `erel_group_halted` | gauge | `group` | 1 while the group is halted at the revision in force (a failed rollout, not tried again), else 0 |
+//! | `erel_waiting_revision` | gauge | | the newer revision an AMQP master waits for (received, not applied yet for a reason that can pass, such as a missing archive or a full disk; no group is rolled out meanwhile), else 0 |
+//! | `erel_waiting_seconds` | gauge | | seconds since it began waiting for that revision, else 0 |
 //!
-//! The daemon feeds [`Metrics`] from its rollout events ([`Metrics::record`]) and from
-//! the revision it applies ([`Metrics::set_revision`]); [`serve`] answers scrapes.
+//! The daemon feeds [`Metrics`] from its rollout events ([`Metrics::record`]), from
+//! the revision it applies ([`Metrics::set_revision`]) and from the one it waits for
+//! ([`Metrics::set_waiting`]); [`serve`] answers scrapes.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -60,6 +63,8 @@ pub struct Metrics {
     rollouts: Family<Labels, Counter>,
     host_failures: Family<Labels, Counter>,
     group_halted: Family<Labels, Gauge>,
+    waiting_revision: Gauge,
+    waiting_age: Gauge<f64, AtomicU64>,
     state: Mutex<State>,
 }
 
@@ -70,6 +75,8 @@ struct State {
     revision: Option<(u64, Instant)>,
     /// Each host's state, by (group, host).
     hosts: HashMap<(String, String), &'static str>,
+    /// The revision waited for and since when.
+    waiting: Option<(u64, Instant)>,
 }
 
 impl Default for Metrics {
@@ -88,6 +95,8 @@ impl Metrics {
         let rollouts = Family::<Labels, Counter>::default();
         let host_failures = Family::<Labels, Counter>::default();
         let group_halted = Family::<Labels, Gauge>::default();
+        let waiting_revision = Gauge::default();
+        let waiting_age = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "erel_revision",
             "The cluster revision in force",
@@ -118,6 +127,17 @@ impl Metrics {
             "1 while the group is halted at the revision in force, else 0",
             group_halted.clone(),
         );
+        registry.register(
+            "erel_waiting_revision",
+            "The newer revision this master waits for (not applied yet; nothing is rolled \
+             out meanwhile), else 0",
+            waiting_revision.clone(),
+        );
+        registry.register(
+            "erel_waiting_seconds",
+            "Seconds since this master began waiting for that revision, else 0",
+            waiting_age.clone(),
+        );
         for state in HOST_STATES {
             hosts.get_or_create(&state_labels(state)).set(0);
         }
@@ -129,6 +149,8 @@ impl Metrics {
             rollouts,
             host_failures,
             group_halted,
+            waiting_revision,
+            waiting_age,
             state: Mutex::new(State::default()),
         }
     }
@@ -141,6 +163,25 @@ impl Metrics {
         }
         self.revision
             .set(i64::try_from(revision).unwrap_or(i64::MAX));
+    }
+
+    /// The newer revision the master waits for (`erel_waiting_revision`), `None` when it
+    /// waits for none; the wait's age (`erel_waiting_seconds`) restarts when the
+    /// revision changes.
+    pub fn set_waiting(&self, revision: Option<u64>) {
+        let mut state = self.lock();
+        match revision {
+            Some(revision) if state.waiting.map(|(r, _)| r) != Some(revision) => {
+                state.waiting = Some((revision, Instant::now()));
+            }
+            Some(_) => {}
+            None => state.waiting = None,
+        }
+        self.waiting_revision
+            .set(i64::try_from(revision.unwrap_or(0)).unwrap_or(i64::MAX));
+        if revision.is_none() {
+            self.waiting_age.set(0.0);
+        }
     }
 
     /// Whether `group` is halted at the revision in force (`erel_group_halted`, 1 or
@@ -221,9 +262,14 @@ impl Metrics {
 
     /// The metrics in the OpenMetrics text format, ending with `# EOF`.
     pub fn encode(&self) -> String {
-        if let Some((_, since)) = self.lock().revision {
+        let state = self.lock();
+        if let Some((_, since)) = state.revision {
             self.config_age.set(since.elapsed().as_secs_f64());
         }
+        if let Some((_, since)) = state.waiting {
+            self.waiting_age.set(since.elapsed().as_secs_f64());
+        }
+        drop(state);
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut text, &self.registry);
@@ -403,6 +449,47 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# TYPE erel_group_halted gauge\n"), "{text}");
+    }
+
+    /// The value of the unlabelled gauge `name` in `text`.
+    fn gauge(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}: {e} in {text}"))
+    }
+
+    #[test]
+    fn a_waiting_revision_shows_with_its_age_until_the_daemon_waits_for_none() {
+        let metrics = Metrics::new();
+        let text = metrics.encode();
+        assert_eq!(gauge(&text, "erel_waiting_revision"), 0.0, "{text}");
+        assert_eq!(gauge(&text, "erel_waiting_seconds"), 0.0, "{text}");
+
+        metrics.set_waiting(Some(2));
+        std::thread::sleep(Duration::from_millis(20));
+        let first = gauge(&metrics.encode(), "erel_waiting_seconds");
+        assert!(first >= 0.02, "{first}");
+        // The same revision again: the wait goes on.
+        metrics.set_waiting(Some(2));
+        let text = metrics.encode();
+        assert_eq!(gauge(&text, "erel_waiting_revision"), 2.0, "{text}");
+        assert!(gauge(&text, "erel_waiting_seconds") >= first, "{text}");
+        // A newer one: a new wait.
+        metrics.set_waiting(Some(3));
+        let text = metrics.encode();
+        assert_eq!(gauge(&text, "erel_waiting_revision"), 3.0, "{text}");
+        assert!(gauge(&text, "erel_waiting_seconds") < first, "{text}");
+
+        metrics.set_waiting(None);
+        let text = metrics.encode();
+        assert_eq!(gauge(&text, "erel_waiting_revision"), 0.0, "{text}");
+        assert_eq!(gauge(&text, "erel_waiting_seconds"), 0.0, "{text}");
+        assert!(
+            text.contains("# TYPE erel_waiting_revision gauge\n"),
+            "{text}"
+        );
     }
 
     #[test]

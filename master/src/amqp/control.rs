@@ -31,7 +31,11 @@ const MAX_READ: usize = 8;
 /// A record another reader holds (between its `basic.get` and its requeue) is not
 /// there for `basic.get`: an empty answer is asked again after each of these pauses
 /// before the queue counts as empty. Together they outlast a reader's two round trips
-/// on a busy broker; a queue that holds a record answers at the first try.
+/// on a busy broker; a queue that holds a record answers at the first try. A reader
+/// that stalls while it holds the record (its process stopped, its link to the broker
+/// silently cut) hides it for longer, until the broker closes that reader's connection
+/// (about twice the heartbeat): only a read that takes nothing, such as the records kept
+/// in a stream and read from its last offset, would close that window.
 const EMPTY_RECHECKS: [std::time::Duration; 3] = [
     std::time::Duration::from_millis(25),
     std::time::Duration::from_millis(75),

@@ -724,7 +724,8 @@ impl Daemon {
     ///
     /// While a newer revision than the one held waits to be applied (`waiting`), it
     /// competes for none: the leases are handed back so that a master holding the newer
-    /// revision can act, and this one does not roll its older revision out.
+    /// revision can act, and this one does not roll its older revision out. The
+    /// metrics are told which revision it waits for, if any.
     fn sync_groups(
         &self,
         connection: &Arc<Connection>,
@@ -732,6 +733,10 @@ impl Daemon {
         tasks: &mut JoinSet<(String, Result<()>)>,
         waiting: Option<&(Option<u64>, String)>,
     ) {
+        if let Some(metrics) = &self.options.metrics {
+            // An entry whose revision cannot be read shows as 0.
+            metrics.set_waiting(waiting.map(|(revision, _)| revision.unwrap_or(0)));
+        }
         let wanted: Vec<String> = match waiting {
             Some(_) => Vec::new(),
             None => self

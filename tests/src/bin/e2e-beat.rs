@@ -3,7 +3,9 @@
 //! `beat <version> <host>`. `$BEAT_FAIL` makes it
 //! misbehave on purpose: `exit` exits at once with code 3, `silent` runs without
 //! listening, `slow-stop` serves on for [`SLOW_STOP`] after a SIGTERM (saying so on
-//! stdout), then exits with code 0.
+//! stdout), then exits with code 0, `exit-at-<ms>` serves, then exits with code 3 once
+//! its process is `<ms>` milliseconds old (counted from the fork that made it, so
+//! however long the start script and the program's own start took).
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -27,6 +29,13 @@ fn main() {
             }
         }
         Ok("slow-stop") => stop_slowly_on_sigterm(version.clone()),
+        Ok(mode) if mode.starts_with("exit-at-") => {
+            let Ok(ms) = mode["exit-at-".len()..].parse() else {
+                eprintln!("beat {version}: not a number of milliseconds: {mode}");
+                std::process::exit(2);
+            };
+            exit_at(Duration::from_millis(ms), version.clone());
+        }
         _ => {}
     }
     let port = std::env::var("BEAT_PORT").unwrap_or_else(|_| "0".into());
@@ -65,4 +74,35 @@ fn stop_slowly_on_sigterm(version: String) {
             std::process::exit(0);
         }
     });
+}
+
+/// Exits with code 3, on a thread of its own, once this process is `age` old.
+fn exit_at(age: Duration, version: String) {
+    let Some(now) = process_age() else {
+        eprintln!("beat {version}: cannot tell the process's age from /proc");
+        std::process::exit(2);
+    };
+    std::thread::spawn(move || {
+        std::thread::sleep(age.saturating_sub(now));
+        eprintln!("beat {version}: exiting on purpose at {age:?} old");
+        std::process::exit(3);
+    });
+}
+
+/// How long ago this process was forked: `starttime` (field 22 of `/proc/self/stat`,
+/// in clock ticks since boot) against the first field of `/proc/uptime` (seconds since
+/// boot), as proc(5) describes both. `exec` keeps the process, so this counts from the
+/// fork of the supervisor that started it. Precise to a clock tick.
+fn process_age() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count from
+    // after its closing one, where field 3 begins.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let start_ticks: u64 = rest.split_whitespace().nth(22 - 3)?.parse().ok()?;
+    let ticks_per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    let ticks_per_sec = u64::try_from(ticks_per_sec).ok().filter(|t| *t > 0)?;
+    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+    let uptime: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+    let started = Duration::from_secs_f64(start_ticks as f64 / ticks_per_sec as f64);
+    Some(Duration::from_secs_f64(uptime).saturating_sub(started))
 }

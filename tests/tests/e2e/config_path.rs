@@ -13,7 +13,8 @@
 //! - of two `erel config publish` of the same next revision at the same moment, one is
 //!   confirmed and the other refused, naming the revision and the winner;
 //! - every number a config carries reaches the masters exactly as published, or is
-//!   refused at publish naming its field.
+//!   refused at publish naming its field;
+//! - a master that waits for a revision shows it in its metrics.
 //!
 //! Each test has its own name prefix on the broker and deletes it at the end.
 
@@ -24,7 +25,9 @@ use std::time::Duration;
 
 use crate::helper::amqp::{erel, logs, BrokerLock, MasterProc, TestBroker};
 use crate::helper::fleet::Fleet;
-use crate::helper::{output_text, wait_until_blocking};
+use crate::helper::{
+    metrics_addr, output_text, poll_until_blocking, scrape_metrics, wait_until_blocking,
+};
 
 /// How long a master may take to see a publish (or a freed cause) and store it: far
 /// above its backoff cap (`--reconnect-max-ms 1000`) and the log's settle time.
@@ -294,6 +297,73 @@ fn amqp_a_revision_whose_archive_arrives_late_is_applied_without_a_new_publish()
         logs(&[&behind, &ahead])
     });
     drop((behind, ahead));
+}
+
+/// A master that waits for a revision says so where an operator looks, not only in its
+/// log: its metrics give the revision it waits for and how long it has waited, beside
+/// the revision it holds, and 0 for both once the revision is applied.
+#[test]
+fn amqp_a_master_waiting_for_a_revision_shows_it_in_its_metrics() {
+    let _lock = BrokerLock::shared();
+    let fleet = Fleet::with_beat_releases("cfg-waitm", &["web"]);
+    let broker = TestBroker::new("wait-metrics", &["web"]);
+    // Its artifact directory holds only 1.0.0 for now.
+    let late = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        fleet.dir.path().join("beat-1.0.0.tar.gz"),
+        late.path().join("beat-1.0.0.tar.gz"),
+    )
+    .expect("copy 1.0.0");
+    let master = fleet.master_with(
+        &broker,
+        "behind",
+        late.path(),
+        &["--metrics", "127.0.0.1:0"],
+    );
+    let addr = poll_until_blocking(RECEIVE, || metrics_addr(&master.log()))
+        .unwrap_or_else(|| panic!("no metrics address\n{}", master.log()));
+    let metric = |name: &str| -> Option<f64> {
+        scrape_metrics(&addr, RECEIVE)?
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))?
+            .parse()
+            .ok()
+    };
+    let shows =
+        |name: &str, value: f64| wait_until_blocking(RECEIVE, || metric(name) == Some(value));
+
+    fleet.published(&broker, &fleet.config(1, "1.0.0", ""));
+    assert!(shows("erel_revision", 1.0), "{}", master.log());
+    assert_eq!(metric("erel_waiting_revision"), Some(0.0));
+
+    fleet.published(&broker, &fleet.config(2, "2.0.0", ""));
+    assert!(
+        shows("erel_waiting_revision", 2.0),
+        "{:?}\n{}",
+        scrape_metrics(&addr, RECEIVE),
+        master.log()
+    );
+    assert!(
+        wait_until_blocking(RECEIVE, || metric("erel_waiting_seconds")
+            .is_some_and(|secs| secs >= 1.0)),
+        "{:?}",
+        scrape_metrics(&addr, RECEIVE)
+    );
+    assert_eq!(metric("erel_revision"), Some(1.0), "still holds revision 1");
+    assert!(
+        waits_because(&master, "beat-2.0.0.tar.gz") >= 1,
+        "{}",
+        master.log()
+    );
+
+    archive_arrives(&fleet, "beat-2.0.0", late.path());
+    assert!(shows("erel_revision", 2.0), "{}", master.log());
+    assert!(
+        shows("erel_waiting_revision", 0.0),
+        "{:?}",
+        scrape_metrics(&addr, RECEIVE)
+    );
+    assert_eq!(metric("erel_waiting_seconds"), Some(0.0));
 }
 
 /// Whether `erel config holders` names `master` as the holder of some group.

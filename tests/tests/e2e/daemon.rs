@@ -15,7 +15,7 @@ use crate::helper::amqp::{
 use crate::helper::fleet::Fleet;
 use crate::helper::release::{failing_beat_release, names_the_exit_failure};
 use crate::helper::AgentCommands;
-use crate::helper::{output_text, wait_until_blocking, Followed};
+use crate::helper::{metrics_addr, output_text, scrape_metrics, wait_until_blocking, Followed};
 
 /// The file daemon's `--interval`.
 const FILE_INTERVAL: Duration = Duration::from_secs(1);
@@ -778,21 +778,9 @@ fn amqp_deploy_is_refused_naming_the_holder_unless_it_takes_the_group_over() {
     });
 }
 
-/// `GET /metrics` from `addr` over plain HTTP/1.1: the body, or `None` when nothing
-/// answers.
+/// `GET /metrics` from `addr`: the body, or `None` when nothing answers.
 fn scrape(addr: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(NOTICE)).ok()?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    text.split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
+    scrape_metrics(addr, NOTICE)
 }
 
 /// The file daemon with `--metrics`: its group is `erel_group_halted 0` while it
@@ -895,12 +883,7 @@ fn the_file_daemon_shows_a_halt_in_its_metrics_and_the_output_once_in_its_log() 
 
 /// The metrics address a daemon said it serves on.
 fn daemon_addr(daemon: &FileDaemon) -> String {
-    daemon
-        .0
-        .log()
-        .lines()
-        .find_map(|l| l.strip_prefix("metrics on ").map(|a| a.trim().to_string()))
-        .unwrap_or_default()
+    metrics_addr(&daemon.0.log()).unwrap_or_default()
 }
 
 /// The group forms of `restart`, `stop` and `rollback` are refused like a deploy while

@@ -28,6 +28,7 @@ mod output;
 mod peers;
 mod pki;
 mod push_content;
+mod records;
 mod recover;
 mod rotate;
 mod static_agent;

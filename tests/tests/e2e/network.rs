@@ -7,21 +7,27 @@
 //! - a host lost for good in the middle of a group's rollout (between two hosts, or while
 //!   it is verified): reported within the master's phase bounds, never a hang, and the
 //!   next host halted or switched as the failure budget says;
-//! - a slow, lossy link: the deploy completes, the other hosts' links lose nothing.
+//! - a slow, lossy link: the deploy completes, the other hosts' links lose nothing;
+//! - a fixed latency on one link (a proxy in the test, `helper::slow_link`): a rolling
+//!   deploy through it completes, and its health gate neither fails the slow host's good
+//!   release nor passes a release that dies before `min_up_secs`.
 //!
 //! Where namespaces cannot be made, each test prints "skipped: <why>" and returns.
 
 use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use erel_master::client::{DEAD_PEER_TIMEOUT, TRANSFER_STALL_TIMEOUT};
 use erel_master::release::ReleaseFile;
 
-use crate::helper::netns::NetFleet;
-use crate::helper::release::beat_release;
+use crate::helper::netns::{NetFleet, BEAT_PORT};
+use crate::helper::release::{beat_release, failing_beat_release, names_the_exit_failure};
+use crate::helper::slow_link::{Delay, SlowLink};
 use crate::helper::{
     exit_within, follow_lines, poll_until_blocking, wait_until_blocking, PATIENCE,
 };
@@ -549,4 +555,109 @@ fn a_slow_lossy_link_still_deploys_and_the_other_hosts_see_nothing_of_it() {
         (0, 0),
         "the other links lost none"
     );
+}
+
+/// The slow link: this much each way, every chunk, plus up to 20 ms of jitter.
+const SLOW_LINK: Delay = Delay {
+    fixed: Duration::from_millis(150),
+    jitter: Duration::from_millis(20),
+};
+/// `min_up_secs` of the slow-link test's health gate.
+const SLOW_MIN_UP: u64 = 3;
+/// Round trips over the slow link that one host's deploy may take, rollback included:
+/// far above what it needs (a connection's TCP, TLS and `Hello`, a ping, the push, the
+/// unpack, a stop, a start, and a ping per look while it is verified, each a few).
+const SLOW_ROUND_TRIPS: u32 = 200;
+
+/// The bound on a rolling deploy of the slow-link test: a deploy that meets no fault,
+/// its health gate's deadline, and [`SLOW_ROUND_TRIPS`] on the slow link.
+fn slow_deploy_bound() -> Duration {
+    PLAIN_DEPLOY + HEALTH_DEADLINE + SLOW_LINK.most() * 2 * SLOW_ROUND_TRIPS
+}
+
+#[test]
+fn a_host_behind_a_slow_link_deploys_and_its_health_gate_judges_it_rightly() {
+    let test = "a_host_behind_a_slow_link_deploys_and_its_health_gate_judges_it_rightly";
+    let Some(mut fleet) = NetFleet::new(test, "slow", 2) else {
+        return;
+    };
+    // The master reaches host 1 through the link: its agent's port and its release's
+    // port, both on the bridge's address (the health probe goes where the agent is).
+    let link = SlowLink::new(SLOW_LINK);
+    let front = IpAddr::V4(fleet.net.bridge_ip());
+    let host = IpAddr::V4(fleet.net.host(0).ip);
+    let agent = link.route(SocketAddr::new(front, 0), fleet.agents[0].addr);
+    let beat = link.route(
+        SocketAddr::new(front, BEAT_PORT),
+        SocketAddr::new(host, BEAT_PORT),
+    );
+    fleet.reach_through(0, agent);
+
+    // No false failure: each deploy completes, the slow host verified like the other.
+    let group = rolling(0, SLOW_MIN_UP);
+    for (revision, version) in [(1, "0.1.0"), (2, "0.2.0")] {
+        let archive = beat_release(&fleet.releases(), "beat", version);
+        fleet.write_cluster(revision, "beat", version, &archive, &group);
+        let deploy = start_deploy(&fleet);
+        let (ok, out) = deploy.finish_within(slow_deploy_bound(), || fleet.agent_logs());
+        assert!(ok, "{out}\n{}", fleet.agent_logs());
+        for id in ["slow-1", "slow-2"] {
+            assert!(
+                out.contains(&format!("{id}: done, runs {version}")),
+                "{out}"
+            );
+        }
+        let beats: Vec<String> = (0..2).map(|i| fleet.beat(i)).collect();
+        let expected = ["slow-1", "slow-2"].map(|id| format!("beat {version} {id}"));
+        assert_eq!(beats, expected);
+    }
+    let pushed = link.traffic().upstream_bytes.load(Ordering::Relaxed);
+    assert!(pushed > 0, "the deploys went through the link");
+    // The link is as slow as it says: the release's answer through it comes after the
+    // connection attempt crossed it and the answer crossed back.
+    let asked = std::time::Instant::now();
+    let answer = read_banner(beat);
+    assert_eq!(answer, "beat 0.2.0 slow-1");
+    assert!(
+        asked.elapsed() >= SLOW_LINK.fixed * 2,
+        "{:?}",
+        asked.elapsed()
+    );
+
+    // No false pass: a release that dies a link's delay short of min_up_secs (its
+    // process that old, however late its own start) is failed and rolled back, the
+    // group halts, and the other host is not touched.
+    let dies_at = Duration::from_secs(SLOW_MIN_UP) - SLOW_LINK.fixed;
+    let mode = format!("exit-at-{}", dies_at.as_millis());
+    let broken = failing_beat_release(&fleet.releases(), "beat", "0.3.0", &mode);
+    fleet.write_cluster(3, "beat", "0.3.0", &broken, &group);
+    let second_pids = fleet.agents[1].release_pids("beat");
+    let deploy = start_deploy(&fleet);
+    let (ok, out) = deploy.finish_within(slow_deploy_bound(), || fleet.agent_logs());
+    assert!(!ok, "the release that dies is not passed:\n{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("web/slow-1 (") && l.contains("FAILED while verifying")),
+        "{out}"
+    );
+    assert!(names_the_exit_failure(&out), "{out}");
+    assert!(
+        out.contains("HALTED") && out.contains("not touched: slow-2"),
+        "{out}"
+    );
+    assert_eq!(fleet.beat(0), "beat 0.2.0 slow-1", "rolled back");
+    assert_eq!(fleet.beat(1), "beat 0.2.0 slow-2");
+    assert_eq!(fleet.agents[1].release_pids("beat"), second_pids);
+}
+
+/// What the beat release at `addr` answers, read to its end (within [`PATIENCE`]).
+fn read_banner(addr: SocketAddr) -> String {
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, PATIENCE).expect("connect to the beat");
+    stream
+        .set_read_timeout(Some(PATIENCE))
+        .expect("read timeout");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read the beat");
+    text.trim().to_string()
 }

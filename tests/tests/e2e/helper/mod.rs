@@ -32,6 +32,7 @@ pub mod netns;
 pub mod otp;
 pub mod raw_peer;
 pub mod release;
+pub mod slow_link;
 pub mod systemctl;
 pub mod tmpfs;
 
@@ -725,6 +726,29 @@ pub fn reserve_number(
         }
     }
     None
+}
+
+/// `GET /metrics` from `addr` (a daemon's `--metrics` address) over plain HTTP/1.1,
+/// reading for at most `limit`: the body, or `None` when nothing answers.
+pub fn scrape_metrics(addr: &str, limit: Duration) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(limit)).ok()?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+}
+
+/// The address a daemon's `log` says it serves its metrics on (`metrics on ADDR`).
+pub fn metrics_addr(log: &str) -> Option<String> {
+    log.lines()
+        .find_map(|l| l.strip_prefix("metrics on ").map(|a| a.trim().to_string()))
 }
 
 /// How often a bounded wait looks again.

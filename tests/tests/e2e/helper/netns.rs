@@ -13,7 +13,7 @@
 //! processes while it lives, as the kit's ports are; the bridge is `.1`, host `i` (from
 //! 0) is `.<i + 2>`.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -142,6 +142,12 @@ impl Network {
 
     fn bridge(&self) -> String {
         format!("{}-b", self.tag)
+    }
+
+    /// The bridge's address, in the test's namespace: where the master's side of every
+    /// link is.
+    pub fn bridge_ip(&self) -> Ipv4Addr {
+        self.ip(1)
     }
 
     fn ip(&self, last: u8) -> Ipv4Addr {
@@ -349,6 +355,9 @@ pub struct NetFleet {
     pub pki: Pki,
     /// The cluster file and the archives it names.
     pub dir: tempfile::TempDir,
+    /// Per host, the address the cluster file gives instead of its agent's (a proxy in
+    /// front of it), when one was set ([`NetFleet::reach_through`]).
+    reached_at: Vec<Option<SocketAddr>>,
 }
 
 /// The port the beat release listens on, on its host's address: each host has a network
@@ -383,6 +392,7 @@ impl NetFleet {
             net,
             pki,
             dir: tempfile::tempdir().expect("tempdir"),
+            reached_at: vec![None; hosts],
         })
     }
 
@@ -398,6 +408,13 @@ impl NetFleet {
         self.dir.path().join("cluster.toml")
     }
 
+    /// From the next [`NetFleet::write_cluster`] on, the cluster file gives host `i` the
+    /// address `addr` (a proxy in front of its agent, on the same address as one in
+    /// front of its health probe's port) instead of its agent's.
+    pub fn reach_through(&mut self, i: usize, addr: SocketAddr) {
+        self.reached_at[i] = Some(addr);
+    }
+
     /// Writes the cluster file at `revision`: every host in group `web` with `BEAT_ADDR`
     /// and `BEAT_PORT` in its environment, the group running `release` `version` from
     /// `archive` (a file under [`NetFleet::releases`]), with `group` lines added.
@@ -410,12 +427,18 @@ impl NetFleet {
         group: &str,
     ) {
         let mut text = format!("revision = {revision}\n");
-        for (agent, host) in self.agents.iter().zip(&self.net.hosts) {
+        let hosts = self
+            .agents
+            .iter()
+            .zip(&self.net.hosts)
+            .zip(&self.reached_at);
+        for ((agent, host), reached_at) in hosts {
             let ip = host.as_ref().map(|h| h.ip.to_string()).unwrap_or_default();
             text.push_str(&format!(
                 "[[host]]\nid = \"{}\"\naddr = \"{}\"\ngroup = \"web\"\n\
                  env = {{ BEAT_ADDR = \"{ip}\", BEAT_PORT = \"{BEAT_PORT}\" }}\n",
-                agent.id, agent.addr
+                agent.id,
+                reached_at.unwrap_or(agent.addr)
             ));
         }
         let name = archive.file_name().expect("file name").to_string_lossy();

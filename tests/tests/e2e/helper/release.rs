@@ -30,7 +30,8 @@ pub fn sha256(path: &Path) -> erel_proto::Sha256 {
 
 /// Like [`beat_release`], but `bin/<name>` sets `BEAT_FAIL=<mode>` first, so the release
 /// misbehaves on purpose (`exit`: dies at once with code 3; `silent`: never listens;
-/// `slow-stop`: serves on for 2 s after a SIGTERM, saying so in its output).
+/// `slow-stop`: serves on for 2 s after a SIGTERM, saying so in its output;
+/// `exit-at-<ms>`: serves, then dies with code 3 once its process is `<ms>` ms old).
 pub fn failing_beat_release(dir: &Path, name: &str, version: &str, mode: &str) -> PathBuf {
     beat(dir, name, version, Some(mode))
 }
