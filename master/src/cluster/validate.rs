@@ -630,7 +630,8 @@ fn archive(
                 fault.unavailable(&archive_field, format!("{}: {e}", path.display()))
             })?;
             if !meta.is_file() {
-                return Err(fault.at(
+                // What stands under that name now may yet be replaced by the archive.
+                return Err(fault.unavailable(
                     &archive_field,
                     format!("{} is not a regular file", path.display()),
                 ));
@@ -673,7 +674,12 @@ fn archive(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     check_name(fault, &archive_field, "archive file name", &file_name)?;
-    check_version(fault, name, group, &path)?;
+    check_version(fault, name, group, &path).map_err(|e| match (e, expected) {
+        // Found by name alone: the verdict is about the file that holds the name now
+        // (another build, replaced later), not about the config, which names no bytes.
+        (Error::Cluster { field, message, .. }, None) => fault.unavailable(field, message),
+        (e, _) => e,
+    })?;
     Ok(Some(Archive {
         path,
         file_name,
