@@ -695,6 +695,29 @@ fn what_a_master_finds_by_file_name_alone_can_pass_and_is_not_refused_for_good()
         }
         other => panic!("a directory in the archive's place waits: {other:?}"),
     }
+    // Found by sha256 alone under a name an archive may not have: that is this
+    // master's file name, not the config's.
+    let releases = fx.dir.path().join("releases");
+    std::fs::rename(
+        releases.join("beat-0.2.0.tar.gz"),
+        releases.join("beat 0.2.0.tar.gz"),
+    )
+    .expect("rename");
+    let by_sha256 = fx
+        .text()
+        .replacen("archive = \"releases/beat-0.2.0.tar.gz\"\n", "", 1);
+    match Plan::parse(&by_sha256, "amqp", &artifacts) {
+        Err(Error::ArchiveUnavailable { field, message, .. }) => {
+            assert_eq!(field, "group.web.archive");
+            assert_mentions(&message, &["'beat 0.2.0.tar.gz'"]);
+        }
+        other => panic!("a file name of this machine's waits: {other:?}"),
+    }
+    std::fs::rename(
+        releases.join("beat 0.2.0.tar.gz"),
+        releases.join("beat-0.2.0.tar.gz"),
+    )
+    .expect("rename back");
     // With `sha256`, the bytes are the config's own: a version they do not hold is
     // wrong in the config itself, for every master alike.
     let with_sha256 = fx

@@ -673,7 +673,14 @@ fn archive(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    check_name(fault, &archive_field, "archive file name", &file_name)?;
+    check_name(fault, &archive_field, "archive file name", &file_name).map_err(|e| {
+        match (e, &group.archive) {
+            // Found by sha256 alone: the name is the one this machine's file has, which
+            // may yet be renamed; the config names no file.
+            (Error::Cluster { field, message, .. }, None) => fault.unavailable(field, message),
+            (e, _) => e,
+        }
+    })?;
     check_version(fault, name, group, &path).map_err(|e| match (e, expected) {
         // Found by name alone: the verdict is about the file that holds the name now
         // (another build, replaced later), not about the config, which names no bytes.
