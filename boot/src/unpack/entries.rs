@@ -43,6 +43,7 @@ use tar::EntryType;
 use super::confine::{entry_path, Tree};
 use super::{pax, sparse, stream};
 use crate::error::{Error, IoContext, Result};
+use crate::fs::free_disk;
 use crate::settings::Limits;
 
 /// Largest long-name, long-link or PAX extended header accepted, with the header
@@ -371,7 +372,7 @@ impl Extraction<'_> {
     ) -> Result<()> {
         let size = entry.size();
         self.announce(name, size)?;
-        let mut out = create_file(path)?;
+        let mut out = self.create_within_reserve(name, path, size)?;
         let mut copied: u64 = 0;
         while let n @ 1.. = self.read_chunk(entry, name)? {
             let chunk = &self.buffer[..n];
@@ -391,6 +392,26 @@ impl Extraction<'_> {
             )));
         }
         self.finish_file(out, path, copied, mode)
+    }
+
+    /// Creates the file of entry `name` at `path` for `size` bytes of content (a sparse
+    /// file counted expanded), refusing with [`Error::NoSpace`] when they would eat into
+    /// [`Limits::disk_reserve_bytes`] of the file system the tree is on, as `WriteFile`
+    /// refuses a transfer: the agent's own records and the next transfer keep room.
+    pub(super) fn create_within_reserve(&self, name: &str, path: &Path, size: u64) -> Result<File> {
+        if size > 0 {
+            let free = free_disk(path.parent().unwrap_or(path));
+            let reserve = self.limits.disk_reserve_bytes;
+            if free.saturating_sub(reserve) < size {
+                return Err(Error::NoSpace {
+                    what: format!("entry '{}' of {}", quote(name), self.archive_name),
+                    need: size,
+                    free,
+                    reserve,
+                });
+            }
+        }
+        create_file(path)
     }
 
     /// Gives a written file its length (a hole at its end stays one) and mode.

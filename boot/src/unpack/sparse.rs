@@ -12,7 +12,7 @@ use std::path::Path;
 
 use erel_proto::text::quote;
 
-use super::entries::{create_file, Extraction, MAX_EXTENDED_HEADER};
+use super::entries::{Extraction, MAX_EXTENDED_HEADER};
 use super::pax::{self, malformed, unsupported, MapSource, PaxSparse, Refusal};
 use super::stream::BLOCK;
 use crate::error::{IoContext, Result};
@@ -68,7 +68,7 @@ impl Extraction<'_> {
         // A map is at most MAX_EXTENDED_HEADER bytes and forgiven whole, so the real
         // size announced above still fits: count the holes now.
         self.consumed += sparse.real_size - data;
-        let mut out = create_file(path)?;
+        let mut out = self.create_within_reserve(name, path, sparse.real_size)?;
         let mut at = 0u64;
         for region in regions.iter().filter(|r| r.length > 0) {
             // Each region's data starts on a block boundary.

@@ -582,6 +582,27 @@ fn stops_a_decompression_bomb_at_the_limit() {
 }
 
 #[test]
+fn an_unpack_into_the_disk_reserve_is_refused_and_leaves_nothing() {
+    // As `WriteFile` does, an unpack keeps `disk_reserve_bytes` free: the agent's own
+    // records and the next transfer need room. No disk has this much free, so every
+    // file with content is refused, plain or sparse, naming the entry.
+    let mut f = fixture();
+    f.limits.disk_reserve_bytes = u64::MAX;
+    let raw = Raw::default().file("bin/tool", b"#!/bin/sh\n");
+    let err = f.refuses(&raw.finish(), ErrorKind::NoSpace, "bin/tool");
+    assert!(err.to_string().contains("reserve"), "{err}");
+    let sparse = sparse_1_0("data/table.dat", 10_000, &[(3, b"abc"), (10_000, b"")]);
+    f.refuses(&sparse.finish(), ErrorKind::NoSpace, "data/table.dat");
+    // Within the reserve, the same archive unpacks.
+    f.limits.disk_reserve_bytes = 0;
+    f.put(
+        "ok.tar",
+        &Raw::default().file("bin/tool", b"#!/bin/sh\n").finish(),
+    );
+    f.unpack("ok.tar", "ok").expect("room enough");
+}
+
+#[test]
 fn refuses_headers_that_lie_about_sizes() {
     let f = fixture();
     // Says 1000 bytes, holds 100, then the archive ends.

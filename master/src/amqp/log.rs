@@ -155,9 +155,20 @@ impl LogEntry {
         std::str::from_utf8(&self.body).ok()
     }
 
+    /// When it was published, by its publisher's clock (`None` without a readable
+    /// header).
+    pub fn published_at(&self) -> Option<time::OffsetDateTime> {
+        let ms = i128::from(self.published_at_ms?);
+        time::OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000).ok()
+    }
+
     /// Validates this entry as a config, archives found as `lookup` says: it must be
     /// UTF-8, small enough, a valid cluster file, and carry the revision its header
-    /// announces. The error's text is the reason, for the log.
+    /// announces. What depends on a clock (`restarted_at`) is judged as of its publish
+    /// time ([`LogEntry::published_at`]), as `publish` judged it, never by the reading
+    /// master's clock: every master gives one record one verdict. A record without a
+    /// publish time (not written by `publish`) has no such bound. The error's text is the
+    /// reason, for the log.
     pub(crate) fn validate(&self, log: &str, lookup: &ArchiveLookup) -> Result<Plan> {
         if self.body.len() > MAX_CONFIG_BYTES {
             return Err(Error::ConfigRefused(format!(
@@ -172,7 +183,7 @@ impl LogEntry {
             Some(offset) => format!("{log}@{offset}"),
             None => log.to_string(),
         };
-        let plan = Plan::parse(text, &origin, lookup)?;
+        let plan = Plan::parse_as_of(text, &origin, lookup, self.published_at())?;
         if let Some(header) = self.revision {
             if header != plan.revision {
                 return Err(Error::ConfigRefused(format!(
@@ -752,6 +763,51 @@ mod tests {
         let (newer, older) = newer_than(None, &batch);
         assert_eq!(newer.len(), 5);
         assert!(older.is_empty());
+    }
+
+    /// A config with `restarted_at` a few minutes ahead of its publisher's clock, as
+    /// `entry` publishes it: `publish` judged it by that clock.
+    fn restart_config(published_at: time::OffsetDateTime, ahead_secs: u64) -> LogEntry {
+        let at = (published_at + Duration::from_secs(ahead_secs))
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("format");
+        let text = format!(
+            "revision = 2\n[[host]]\nid = \"a\"\naddr = \"127.0.0.1:7070\"\ngroup = \"web\"\n\
+             [group.web]\nrelease = \"beat\"\nversion = \"1.0.0\"\n\
+             sha256 = \"{}\"\nrestarted_at = \"{at}\"\n",
+            "0".repeat(64)
+        );
+        let published_at_ms =
+            u64::try_from(published_at.unix_timestamp()).expect("after 1970") * 1000;
+        LogEntry {
+            published_at_ms: Some(published_at_ms),
+            ..entry(7, Some(2), &text)
+        }
+    }
+
+    #[test]
+    fn every_master_judges_restarted_at_by_the_publishers_clock_not_its_own() {
+        let limit = crate::cluster::RESTARTED_AT_MAX_AHEAD.as_secs();
+        // A publisher whose clock is ten minutes ahead of this master's (or a master ten
+        // minutes behind) published a restart asked for four minutes after its now:
+        // every master must hold it, whatever its own clock says.
+        let publisher_now = time::OffsetDateTime::now_utc() + Duration::from_secs(600);
+        let entry = restart_config(publisher_now, limit - 60);
+        let plan = entry
+            .validate("t.configs", &ArchiveLookup::Unchecked)
+            .expect("a revision publish accepted is accepted by every master");
+        assert!(plan.groups["web"].restarted_at.is_some());
+        // A record whose restart is further ahead of its own publish time than `publish`
+        // allows is refused by every master alike, whatever their clocks.
+        let past = time::OffsetDateTime::now_utc() - Duration::from_secs(3600);
+        let why = restart_config(past, limit + 1)
+            .validate("t.configs", &ArchiveLookup::Unchecked)
+            .expect_err("too far ahead of its publish time")
+            .to_string();
+        assert!(
+            why.contains("restarted_at") && why.contains("ahead"),
+            "{why}"
+        );
     }
 
     #[test]

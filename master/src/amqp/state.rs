@@ -52,7 +52,9 @@ impl StateDir {
             Err(e) => return Err(Error::local(&path, format!("cannot read: {e}"))),
         };
         let origin = path.display().to_string();
-        match Plan::parse(&text, &origin, lookup) {
+        // Accepted once already: what depends on a clock is not judged again (a
+        // `restarted_at` ahead of this clock takes effect once the clock reaches it).
+        match Plan::parse_as_of(&text, &origin, lookup, None) {
             Ok(plan) => Ok(Some((
                 Held {
                     revision: plan.revision,
@@ -129,6 +131,26 @@ mod tests {
         assert_eq!(held.revision, 9);
         assert!(held.plan.is_none());
         assert!(problem.is_some());
+    }
+
+    #[test]
+    fn a_held_restart_ahead_of_this_clock_keeps_its_plan_after_a_restart() {
+        // Accepted from the log by its publish time; this master's clock is behind.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::new(dir.path());
+        let text = format!(
+            "revision = 3\n[[host]]\nid = \"a\"\naddr = \"127.0.0.1:1\"\ngroup = \"web\"\n\
+             [group.web]\nrelease = \"beat\"\nversion = \"1.0.0\"\nsha256 = \"{}\"\n\
+             restarted_at = \"2999-01-01T00:00:00Z\"\n",
+            "0".repeat(64)
+        );
+        state.store(&text).expect("store");
+        let (held, problem) = state
+            .load(&ArchiveLookup::Unchecked)
+            .expect("loads")
+            .expect("holds one");
+        assert_eq!(held.revision, 3);
+        assert!(held.plan.is_some(), "{problem:?}");
     }
 
     #[test]

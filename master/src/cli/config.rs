@@ -250,8 +250,10 @@ async fn holders(args: HoldersArgs) -> crate::Result<ExitCode> {
     let entries = log::read_all(&broker).await?;
     let newest = log::newest(&entries);
     let groups: Vec<String> = newest
-        .and_then(|e| e.text())
-        .and_then(|text| Plan::parse(text, "config log", &ArchiveLookup::Unchecked).ok())
+        .and_then(|e| {
+            e.validate(&broker.names().configs(), &ArchiveLookup::Unchecked)
+                .ok()
+        })
         .map(|plan| plan.groups.keys().cloned().collect())
         .unwrap_or_default();
     // A halt at a revision older than the log's newest is over.

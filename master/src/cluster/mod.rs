@@ -37,10 +37,12 @@
 //! since before that instant is restarted once (canaries, `max_in_flight`, the health
 //! gate), by `erel deploy` and by the daemons. A release's start is the master's clock
 //! less the agent's up time, so no state is kept and host clocks do not matter. An
-//! instant more than [`RESTARTED_AT_MAX_AHEAD`] ahead of the master's clock is refused:
-//! it would be a restart scheduled for later, which the daemons would carry out at an
-//! unforeseen moment; an instant slightly ahead (clocks of the writer and the master
-//! apart) takes effect once the master's clock reaches it.
+//! instant more than [`RESTARTED_AT_MAX_AHEAD`] ahead of the clock that judges it is
+//! refused ([`Plan::parse_as_of`]; a config from the log is judged by its publish time,
+//! so every master gives it one verdict): it would be a restart scheduled for later,
+//! which the daemons would carry out at an unforeseen moment; an instant slightly ahead
+//! (clocks of the writer and the master apart) takes effect once the master's clock
+//! reaches it.
 //!
 //! A host may belong to several groups (`groups = [...]`), each running its own
 //! release on it; two groups of one host may not name the same release. A host in no
@@ -280,10 +282,23 @@ impl Plan {
         Plan::parse(&text, &path.display().to_string(), lookup)
     }
 
-    /// Validates a cluster file's text. `origin` names it in errors (a path, or where a
-    /// config received over the wire came from).
+    /// Validates a cluster file's text as of this machine's clock. `origin` names it in
+    /// errors (a path, or where a config received over the wire came from).
     pub(crate) fn parse(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<Plan> {
-        validate::plan(text, origin, lookup)
+        validate::plan(text, origin, lookup, Some(time::OffsetDateTime::now_utc()))
+    }
+
+    /// Validates a cluster file's text as of `now`, the instant a `restarted_at` may be
+    /// at most [`RESTARTED_AT_MAX_AHEAD`] ahead of; `None` measures nothing (a config
+    /// already accepted). A config from the log is judged as of its publish time, so
+    /// that every master gives it the verdict `publish` gave it, whatever their clocks.
+    pub(crate) fn parse_as_of(
+        text: &str,
+        origin: &str,
+        lookup: &ArchiveLookup,
+        now: Option<time::OffsetDateTime>,
+    ) -> Result<Plan> {
+        validate::plan(text, origin, lookup, now)
     }
 
     /// Reads only the revision of a cluster file, without validating the rest.

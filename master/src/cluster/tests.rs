@@ -666,6 +666,70 @@ fn a_version_the_archive_does_not_hold_is_refused() {
 }
 
 #[test]
+fn what_a_master_finds_by_file_name_alone_can_pass_and_is_not_refused_for_good() {
+    // A config that names its archive by file name only, without `sha256`: a master's
+    // artifact directory may hold another file of that name for now (the previous
+    // build, a copy under way, a directory). Its verdict is about that master's file,
+    // not about the config: the revision must wait (`ArchiveUnavailable`), never be
+    // refused for good by one master while the others apply it.
+    let fx = Fixture::new();
+    let artifacts = ArchiveLookup::Artifacts(fx.dir.path().join("releases"));
+    let no_sha256 = fx
+        .text()
+        .replacen(&format!("sha256 = \"{}\"\n", fx.sha256), "", 1);
+    assert!(!no_sha256.contains("sha256"), "{no_sha256}");
+    let newer = no_sha256.replacen("version = \"0.2.0\"", "version = \"0.3.0\"", 1);
+    match Plan::parse(&newer, "amqp", &artifacts) {
+        Err(Error::ArchiveUnavailable { field, message, .. }) => {
+            assert_eq!(field, "group.web.version");
+            assert_mentions(&message, &["'0.3.0'", "version(s) found: 0.2.0"]);
+        }
+        other => panic!("another build under the name waits: {other:?}"),
+    }
+    let dir_named = no_sha256.replace("beat-0.2.0.tar.gz", "beat-0.3.0.tar.gz");
+    std::fs::create_dir(fx.dir.path().join("releases/beat-0.3.0.tar.gz")).expect("mkdir");
+    match Plan::parse(&dir_named, "amqp", &artifacts) {
+        Err(Error::ArchiveUnavailable { field, message, .. }) => {
+            assert_eq!(field, "group.web.archive");
+            assert_mentions(&message, &["not a regular file"]);
+        }
+        other => panic!("a directory in the archive's place waits: {other:?}"),
+    }
+    // Found by sha256 alone under a name an archive may not have: that is this
+    // master's file name, not the config's.
+    let releases = fx.dir.path().join("releases");
+    std::fs::rename(
+        releases.join("beat-0.2.0.tar.gz"),
+        releases.join("beat 0.2.0.tar.gz"),
+    )
+    .expect("rename");
+    let by_sha256 = fx
+        .text()
+        .replacen("archive = \"releases/beat-0.2.0.tar.gz\"\n", "", 1);
+    match Plan::parse(&by_sha256, "amqp", &artifacts) {
+        Err(Error::ArchiveUnavailable { field, message, .. }) => {
+            assert_eq!(field, "group.web.archive");
+            assert_mentions(&message, &["'beat 0.2.0.tar.gz'"]);
+        }
+        other => panic!("a file name of this machine's waits: {other:?}"),
+    }
+    std::fs::rename(
+        releases.join("beat 0.2.0.tar.gz"),
+        releases.join("beat-0.2.0.tar.gz"),
+    )
+    .expect("rename back");
+    // With `sha256`, the bytes are the config's own: a version they do not hold is
+    // wrong in the config itself, for every master alike.
+    let with_sha256 = fx
+        .text()
+        .replacen("version = \"0.2.0\"", "version = \"0.3.0\"", 1);
+    match Plan::parse(&with_sha256, "amqp", &artifacts) {
+        Err(Error::Cluster { field, .. }) => assert_eq!(field, "group.web.version"),
+        other => panic!("refused for good: {other:?}"),
+    }
+}
+
+#[test]
 fn release_versions_are_the_directories_under_releases() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("otp.tar");
@@ -878,7 +942,7 @@ fn restarted_at_may_be_a_few_minutes_ahead_for_clocks_apart_and_no_more() {
         let text = at
             .format(&time::format_description::well_known::Rfc3339)
             .expect("format");
-        validate::restarted_at(&text, now)
+        validate::restarted_at(&text, Some(now))
     };
     let limit = RESTARTED_AT_MAX_AHEAD.as_secs();
     assert!(ahead(0).is_ok(), "now");
@@ -888,7 +952,7 @@ fn restarted_at_may_be_a_few_minutes_ahead_for_clocks_apart_and_no_more() {
         why.contains("more than 5 minutes ahead") && why.contains("2026-11-29T12:00:00Z"),
         "{why}"
     );
-    let past = validate::restarted_at("2020-01-01T00:00:00Z", now).expect("the past is fine");
+    let past = validate::restarted_at("2020-01-01T00:00:00Z", Some(now)).expect("the past is fine");
     assert!(past < now);
 }
 

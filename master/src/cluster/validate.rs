@@ -48,7 +48,13 @@ impl Fault<'_> {
     }
 }
 
-pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<Plan> {
+/// Validates `text` (see [`Plan::parse_as_of`] for `now`).
+pub(super) fn plan(
+    text: &str,
+    origin: &str,
+    lookup: &ArchiveLookup,
+    now: Option<OffsetDateTime>,
+) -> Result<Plan> {
     let raw: RawCluster = toml::from_str(text).map_err(|e| toml_error(origin, text, &e))?;
     let fault = Fault { origin };
     if raw.revision > MAX_REVISION {
@@ -76,7 +82,7 @@ pub(super) fn plan(text: &str, origin: &str, lookup: &ArchiveLookup) -> Result<P
             .count();
         groups.insert(
             name.clone(),
-            group_plan(&fault, name, group, hosts, lookup)?,
+            group_plan(&fault, name, group, hosts, lookup, now)?,
         );
     }
 
@@ -241,6 +247,7 @@ fn group_plan(
     group: &RawGroup,
     hosts: usize,
     lookup: &ArchiveLookup,
+    now: Option<OffsetDateTime>,
 ) -> Result<GroupPlan> {
     let field = |sub: &str| format!("group.{name}.{sub}");
     if !is_group_name(name) {
@@ -324,10 +331,9 @@ fn group_plan(
 
     let restarted_at = match &group.restarted_at {
         None => None,
-        Some(text) => Some(
-            restarted_at(text, OffsetDateTime::now_utc())
-                .map_err(|why| fault.at(field("restarted_at"), why))?,
-        ),
+        Some(text) => {
+            Some(restarted_at(text, now).map_err(|why| fault.at(field("restarted_at"), why))?)
+        }
     };
 
     let archive = archive(fault, name, group, lookup)?;
@@ -402,19 +408,23 @@ fn check_frames(fault: &Fault<'_>, index: usize, host: &HostPlan, group: &GroupP
 
 /// `restarted_at`: an RFC 3339 instant (RFC 3339 section 5.6, as `time`'s `Rfc3339`
 /// reads it, any offset), kept in UTC, at most [`RESTARTED_AT_MAX_AHEAD`] ahead of
-/// `now`. `Err` says what is wrong with `text`.
+/// `now` (not measured when `now` is `None`). `Err` says what is wrong with `text`.
 pub(super) fn restarted_at(
     text: &str,
-    now: OffsetDateTime,
+    now: Option<OffsetDateTime>,
 ) -> std::result::Result<OffsetDateTime, String> {
     let at = OffsetDateTime::parse(text, &Rfc3339).map_err(|e| {
         format!("'{text}' is not an RFC 3339 instant such as \"2026-11-29T12:00:00Z\": {e}")
     })?;
     let at = at.to_offset(UtcOffset::UTC);
+    let Some(now) = now else {
+        return Ok(at);
+    };
     if at - now > RESTARTED_AT_MAX_AHEAD {
         let now = now.format(&Rfc3339).unwrap_or_else(|_| now.to_string());
         return Err(format!(
-            "'{text}' is more than {} minutes ahead of this master's clock ({now}): \
+            "'{text}' is more than {} minutes ahead of {now}, the time it is judged by \
+             (this machine's clock; for a config read from the log, when it was published): \
              write the instant the restart is asked at, such as the time of writing",
             RESTARTED_AT_MAX_AHEAD.as_secs() / 60
         ));
@@ -620,7 +630,8 @@ fn archive(
                 fault.unavailable(&archive_field, format!("{}: {e}", path.display()))
             })?;
             if !meta.is_file() {
-                return Err(fault.at(
+                // What stands under that name now may yet be replaced by the archive.
+                return Err(fault.unavailable(
                     &archive_field,
                     format!("{} is not a regular file", path.display()),
                 ));
@@ -662,8 +673,20 @@ fn archive(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    check_name(fault, &archive_field, "archive file name", &file_name)?;
-    check_version(fault, name, group, &path)?;
+    check_name(fault, &archive_field, "archive file name", &file_name).map_err(|e| {
+        match (e, &group.archive) {
+            // Found by sha256 alone: the name is the one this machine's file has, which
+            // may yet be renamed; the config names no file.
+            (Error::Cluster { field, message, .. }, None) => fault.unavailable(field, message),
+            (e, _) => e,
+        }
+    })?;
+    check_version(fault, name, group, &path).map_err(|e| match (e, expected) {
+        // Found by name alone: the verdict is about the file that holds the name now
+        // (another build, replaced later), not about the config, which names no bytes.
+        (Error::Cluster { field, message, .. }, None) => fault.unavailable(field, message),
+        (e, _) => e,
+    })?;
     Ok(Some(Archive {
         path,
         file_name,
