@@ -212,6 +212,7 @@ impl AgentClient {
         let reader_file = file
             .try_clone()
             .map_err(|e| Error::local(path, format!("cannot read: {e}")))?;
+        let hashing = hasher.is_some();
         let reader = tokio::task::spawn_blocking(move || {
             read_chunks(&reader_path, reader_file, offset, size, hasher, &tx)
         });
@@ -242,6 +243,8 @@ impl AgentClient {
                 ),
             ));
         }
+        let why = if hashing { "to send and hash" } else { "to send" };
+        crate::digest_cache::note_read(path, sent, hashing, why);
         Ok(digest)
     }
 

@@ -3,8 +3,10 @@
 //! release builder write). Only entry names are read, never file contents.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Component, Path};
+
+use sha2::Digest;
 
 /// Entries read at most; an archive with more is judged by its first ones.
 pub(super) const MAX_ENTRIES: usize = 200_000;
@@ -26,14 +28,50 @@ pub(super) struct Versions {
 /// # Errors
 /// The archive cannot be opened, or is not a readable tar stream.
 pub(super) fn release_versions(path: &Path) -> io::Result<Versions> {
-    let mut file = BufReader::new(File::open(path)?);
+    let mut reader = BufReader::new(Hashing::new(File::open(path)?, None));
+    let versions = list_versions(&mut reader);
+    let bytes = reader.into_inner().bytes;
+    crate::digest_cache::note_read(path, bytes, false, "to list its versions");
+    versions
+}
+
+/// A reader that counts the bytes it passes on, and hashes them with `hasher` if any.
+struct Hashing<R> {
+    inner: R,
+    hasher: Option<sha2::Sha256>,
+    bytes: u64,
+}
+
+impl<R> Hashing<R> {
+    fn new(inner: R, hasher: Option<sha2::Sha256>) -> Self {
+        Hashing {
+            inner,
+            hasher,
+            bytes: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(hasher) = self.hasher.as_mut() {
+            hasher.update(&buf[..n]);
+        }
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// [`release_versions`] of the archive `reader` gives.
+fn list_versions(mut reader: impl BufRead) -> io::Result<Versions> {
     let mut magic = [0u8; 2];
-    let read = read_up_to(&mut file, &mut magic)?;
+    let read = read_up_to(&mut reader, &mut magic)?;
     let head = io::Cursor::new(magic[..read].to_vec());
-    let stream: Box<dyn Read> = if magic[..read] == [0x1f, 0x8b] {
-        Box::new(flate2::read::GzDecoder::new(head.chain(file)))
+    let stream: Box<dyn Read + '_> = if magic[..read] == [0x1f, 0x8b] {
+        Box::new(flate2::bufread::GzDecoder::new(head.chain(reader)))
     } else {
-        Box::new(head.chain(file))
+        Box::new(head.chain(reader))
     };
     let mut archive = tar::Archive::new(stream);
     let mut found = Vec::new();
