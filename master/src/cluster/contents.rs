@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Component, Path};
 
+use erel_proto::Sha256;
 use sha2::Digest;
 
 /// Entries read at most; an archive with more is judged by its first ones.
@@ -33,6 +34,29 @@ pub(super) fn release_versions(path: &Path) -> io::Result<Versions> {
     let bytes = reader.into_inner().bytes;
     crate::digest_cache::note_read(path, bytes, false, "to list its versions");
     versions
+}
+
+/// The sha256 of the file at `path` and the versions it holds (as
+/// [`release_versions`] lists them), from one read of the file: the bytes the listing
+/// reads are hashed as they pass, then the rest of the file (what follows the end of
+/// the tar stream, or of a listing cut short). Counted and logged as one hash of the
+/// file ([`crate::digest_cache::files_hashed`]).
+///
+/// # Errors
+/// The outer error: the file cannot be opened or read to its end (then there is no
+/// digest). The inner one: the file is not a readable tar stream (its digest still is).
+pub(super) fn hash_and_list(path: &Path) -> io::Result<(Sha256, io::Result<Versions>)> {
+    let file = File::open(path)?;
+    let mut reader = BufReader::with_capacity(
+        crate::digest_cache::HASH_READ,
+        Hashing::new(file, Some(sha2::Sha256::new())),
+    );
+    let versions = list_versions(&mut reader);
+    io::copy(&mut reader, &mut io::sink())?;
+    let hashing = reader.into_inner();
+    crate::digest_cache::note_read(path, hashing.bytes, true, "to hash and list its versions");
+    let hasher = hashing.hasher.unwrap_or_default();
+    Ok((Sha256(hasher.finalize().into()), versions))
 }
 
 /// A reader that counts the bytes it passes on, and hashes them with `hasher` if any.
