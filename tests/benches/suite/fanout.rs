@@ -14,6 +14,9 @@
 //! its own log (`EREL_LOG=erel_master::digest_cache=debug`: one `local file read` line
 //! per read, `hashed=true` when the read hashed it).
 //!
+//! `EREL_BENCH_FANOUT_WRAP` puts a profiler in front of each `erel deploy` (see
+//! [`Deployer::deploy`]).
+//!
 //! The archive is the beat release (a small TCP server) with the rest made of files of
 //! incompressible bytes (4 MiB each), gzipped: the bytes a release of already compressed
 //! assets would send.
@@ -200,7 +203,19 @@ impl Deployer<'_> {
         std::fs::write(&cluster, text).expect("write the cluster file");
         let cpu_before = children_cpu();
         let started = Instant::now();
-        let mut child = Command::new(MASTER_BIN)
+        // A profiler in front of the master (`EREL_BENCH_FANOUT_WRAP="strace -c -f -o
+        // FILE"`, `"perf record -g -o FILE --"`): its own CPU time then counts too.
+        let wrap = std::env::var("EREL_BENCH_FANOUT_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut command = Command::new(program);
+                command.args(words).arg(MASTER_BIN);
+                command
+            }
+            None => Command::new(MASTER_BIN),
+        };
+        let mut child = command
             .arg("--certs")
             .arg(self.bench.pki.certs_dir())
             .args(["deploy", "--cluster"])
