@@ -680,7 +680,10 @@ fn one_read_gives_the_digest_of_the_whole_file_and_its_versions() {
         assert!(crate::digest_cache::files_hashed() > hashed, "counted");
         assert_eq!(sha256, sha256_file(&path).expect("hash"), "gzip: {gzip}");
         let versions = versions.expect("a tar stream");
-        assert_eq!(versions, contents::release_versions(&path).expect("readable"));
+        assert_eq!(
+            versions,
+            contents::release_versions(&path).expect("readable")
+        );
         assert_eq!(versions.found, ["0.3.0"]);
     }
     // Not an archive: still a digest, and the listing's error.

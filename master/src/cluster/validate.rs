@@ -627,7 +627,10 @@ fn archive(
             }
             // One read of the archive gives both its digest and its versions.
             let (actual, versions) = hash_and_list(&path).map_err(|e| {
-                fault.unavailable(&archive_field, format!("{}: cannot read: {e}", path.display()))
+                fault.unavailable(
+                    &archive_field,
+                    format!("{}: cannot read: {e}", path.display()),
+                )
             })?;
             if let Some(expected) = expected {
                 if expected != actual {

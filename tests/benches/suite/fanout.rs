@@ -122,8 +122,7 @@ pub(crate) fn fanout(bench: &Bench, rows: &mut Vec<Row>) {
     }
     // CPU time per additional host: run i of the most hosts against run i of the
     // fewest, for each i.
-    if let (Some((few, few_runs)), Some((many, many_runs))) = (results.first(), results.last())
-    {
+    if let (Some((few, few_runs)), Some((many, many_runs))) = (results.first(), results.last()) {
         if many > few {
             let per_host = timing(
                 many_runs
@@ -220,7 +219,10 @@ impl Deployer<'_> {
             .arg(self.bench.pki.certs_dir())
             .args(["deploy", "--cluster"])
             .arg(&cluster)
-            .env("EREL_LOG", "erel_master=warn,erel_master::digest_cache=debug")
+            .env(
+                "EREL_LOG",
+                "erel_master=warn,erel_master::digest_cache=debug",
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -265,7 +267,9 @@ impl Deployer<'_> {
             let _ = std::fs::remove_file(self.dir.join(&old));
             for agent in self.agents {
                 let _ = std::fs::remove_file(agent.root.join("archives").join(&old));
-                let _ = std::fs::remove_dir_all(agent.root.join("releases").join(RELEASE).join(&previous));
+                let _ = std::fs::remove_dir_all(
+                    agent.root.join("releases").join(RELEASE).join(&previous),
+                );
             }
         }
         (run, size)
@@ -284,12 +288,20 @@ fn scp_peer(bench: &Bench, dir: &Path, hosts: usize, archive: &Path) -> Option<(
         .collect();
     let script = targets
         .iter()
-        .map(|t| format!("{scp} {} bench:{t} &", quote(&archive.display().to_string())))
+        .map(|t| {
+            format!(
+                "{scp} {} bench:{t} &",
+                quote(&archive.display().to_string())
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n")
         + "\nwait\n";
     for run in 0..=bench.runs {
-        let _ = Command::new("rm").arg("-f").args(targets.iter().map(|t| t.trim_matches('\''))).status();
+        let _ = Command::new("rm")
+            .arg("-f")
+            .args(targets.iter().map(|t| t.trim_matches('\'')))
+            .status();
         let cpu_before = children_cpu();
         let started = Instant::now();
         let status = Command::new("sh")
@@ -305,7 +317,10 @@ fn scp_peer(bench: &Bench, dir: &Path, hosts: usize, archive: &Path) -> Option<(
             cpus.push(cpu);
         }
     }
-    let _ = Command::new("rm").arg("-f").args(targets.iter().map(|t| t.trim_matches('\''))).status();
+    let _ = Command::new("rm")
+        .arg("-f")
+        .args(targets.iter().map(|t| t.trim_matches('\'')))
+        .status();
     Some((timing(walls.into_iter()), timing(cpus.into_iter())))
 }
 

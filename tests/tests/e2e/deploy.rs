@@ -325,7 +325,10 @@ fn archive_reads(log: &str, name: &str) -> (usize, usize) {
         .collect();
     (
         reads.iter().filter(|l| l.contains("hashed=true")).count(),
-        reads.iter().filter(|l| l.contains("why=\"to send\"")).count(),
+        reads
+            .iter()
+            .filter(|l| l.contains("why=\"to send\""))
+            .count(),
     )
 }
 
@@ -337,7 +340,10 @@ async fn a_rollout_hashes_its_archive_once_whatever_the_number_of_hosts() {
     let deploy = || {
         let out = fleet
             .erel(&["deploy"])
-            .env("EREL_LOG", "erel_master=warn,erel_master::digest_cache=debug")
+            .env(
+                "EREL_LOG",
+                "erel_master=warn,erel_master::digest_cache=debug",
+            )
             .output()
             .expect("run erel deploy");
         let text = output_text(&out);
