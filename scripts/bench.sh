@@ -143,6 +143,7 @@ export EREL_BENCH_ARCHIVE
 start_sshd
 if [ "$quick" -eq 1 ]; then
     export EREL_BENCH_RUNS="${EREL_BENCH_RUNS:-3}" EREL_BENCH_SIZES="${EREL_BENCH_SIZES:-8}"
+    export EREL_BENCH_FANOUT_HOSTS="${EREL_BENCH_FANOUT_HOSTS:-1,2}" EREL_BENCH_FANOUT_MB="${EREL_BENCH_FANOUT_MB:-4}"
 fi
 log "archive: $EREL_BENCH_ARCHIVE ($(du -h "$EREL_BENCH_ARCHIVE" | cut -f1))"
 # The suite's own scratch files (the pushed files, the agent's root) go to $work too.

@@ -16,11 +16,17 @@
 //! was changed within [`RACY_WINDOW`] of taking its stamp is not trusted on its own:
 //! [`DigestCache::get`] hashes such a file again (a local read, never a transfer) and
 //! records the fresh digest. A cache that cannot be read or written is simply not used.
+//!
+//! Every read of a whole local file, to hash it or to send it, is counted
+//! ([`files_hashed`], [`files_read`]) and logged at `debug` under this module's target
+//! (`EREL_LOG=erel_master::digest_cache=debug`): how often a rollout reads and hashes
+//! its archive can be seen, whatever the number of hosts.
 
 use std::fs::{File, Metadata};
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use erel_proto::Sha256;
@@ -30,7 +36,7 @@ use crate::durable;
 use crate::error::{Error, Result};
 
 /// Bytes read at a time when a local file is hashed.
-const HASH_READ: usize = 256 * 1024;
+pub(crate) const HASH_READ: usize = 256 * 1024;
 
 /// A file changed this little before its stamp was taken may change again without its
 /// stamp moving; its cached digest is checked by reading the file.
@@ -38,6 +44,37 @@ pub const RACY_WINDOW: Duration = Duration::from_secs(3);
 
 /// Version tag of the entry format; entries of another format are misses.
 const ENTRY_FORMAT: &str = "v2";
+
+/// Whole local files this process has hashed (see [`files_hashed`]).
+static FILES_HASHED: AtomicU64 = AtomicU64::new(0);
+/// Whole local files this process has read, hashed or sent (see [`files_read`]).
+static FILES_READ: AtomicU64 = AtomicU64::new(0);
+
+/// How many times this process has hashed a whole local file (a release archive when a
+/// cluster file is loaded, a file pushed without a known digest), since it started.
+pub fn files_hashed() -> u64 {
+    FILES_HASHED.load(Ordering::Relaxed)
+}
+
+/// How many times this process has read a local file from start to end (or from a
+/// resumed offset to the end), to hash it or to send it, since it started. A push of a
+/// file whose digest is known reads it once per host (from the page cache) and hashes
+/// it nowhere.
+pub fn files_read() -> u64 {
+    FILES_READ.load(Ordering::Relaxed)
+}
+
+/// Counts one read of `path` that passed `bytes` bytes, hashing them when `hashed`, for
+/// the reason `why` (`"to hash"`, `"to send"`, …), and logs it at `debug`: the line a
+/// benchmark or an operator counts (`local file read`, with `hashed=true` when it was
+/// hashed).
+pub(crate) fn note_read(path: &Path, bytes: u64, hashed: bool, why: &str) {
+    FILES_READ.fetch_add(1, Ordering::Relaxed);
+    if hashed {
+        FILES_HASHED.fetch_add(1, Ordering::Relaxed);
+    }
+    tracing::debug!(file = %path.display(), bytes, hashed, why, "local file read");
+}
 
 /// One state of a file as `stat(2)` reports it, and when it was observed.
 #[derive(Debug, Clone, Copy)]
@@ -231,7 +268,15 @@ impl DigestCache {
 /// Computes the sha256 of a file (blocking).
 pub fn sha256_file(path: &Path) -> Result<Sha256> {
     let mut file = File::open(path).map_err(|e| cannot_read(path, e))?;
-    hash_all(&mut file).map_err(|e| cannot_read(path, e))
+    hash_file(path, &mut file)
+}
+
+/// The sha256 of the rest of the open `file` at `path`, counted by [`note_read`].
+fn hash_file(path: &Path, file: &mut File) -> Result<Sha256> {
+    let mut hasher = sha2::Sha256::new();
+    let bytes = hash_into(&mut hasher, file).map_err(|e| cannot_read(path, e))?;
+    note_read(path, bytes, true, "to hash");
+    Ok(Sha256(hasher.finalize().into()))
 }
 
 /// A local file that could not be read, and why.
@@ -244,7 +289,7 @@ fn cannot_read(path: &Path, error: std::io::Error) -> Error {
 fn hash_unchanged(path: &Path) -> Result<(FileStamp, Sha256)> {
     let mut file = File::open(path).map_err(|e| cannot_read(path, e))?;
     let before = FileStamp::of_file(&file, path)?;
-    let sha256 = hash_all(&mut file).map_err(|e| cannot_read(path, e))?;
+    let sha256 = hash_file(path, &mut file)?;
     let after_file = FileStamp::of_file(&file, path)?;
     let after_path = FileStamp::take(path)?;
     if before.same_state(&after_file) && before.same_state(&after_path) {
@@ -252,13 +297,6 @@ fn hash_unchanged(path: &Path) -> Result<(FileStamp, Sha256)> {
     } else {
         Err(Error::local(path, "changed while it was read"))
     }
-}
-
-/// The sha256 of everything `reader` gives, to its end (blocking).
-fn hash_all(reader: &mut impl Read) -> std::io::Result<Sha256> {
-    let mut hasher = sha2::Sha256::new();
-    hash_into(&mut hasher, reader)?;
-    Ok(Sha256(hasher.finalize().into()))
 }
 
 /// Reads `reader` to its end into `hasher`, [`HASH_READ`] bytes at a time (blocking):
@@ -297,7 +335,10 @@ mod tests {
         let bytes: Vec<u8> = (0..HASH_READ * 2 + 7).map(|i| (i % 251) as u8).collect();
         let sha = |b: &[u8]| Sha256(sha2::Sha256::digest(b).into());
 
-        assert_eq!(hash_all(&mut bytes.as_slice()).expect("hash"), sha(&bytes));
+        let mut hasher = sha2::Sha256::new();
+        let hashed = hash_into(&mut hasher, &mut bytes.as_slice()).expect("hash");
+        assert_eq!(hashed, bytes.len() as u64);
+        assert_eq!(Sha256(hasher.finalize().into()), sha(&bytes));
 
         let len = HASH_READ as u64 + 3;
         let mut hasher = sha2::Sha256::new();

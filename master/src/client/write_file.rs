@@ -208,12 +208,21 @@ impl AgentClient {
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<Option<Sha256>> {
         let (tx, mut rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(CHUNKS_AHEAD);
+        // Buffers sent go back to the reader, which fills them again: a push allocates
+        // a handful of chunks, not one per 256 KiB read (each allocated, zeroed, its
+        // pages faulted in, then freed on another thread).
+        let (recycle, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
         let reader_path = path.to_path_buf();
         let reader_file = file
             .try_clone()
             .map_err(|e| Error::local(path, format!("cannot read: {e}")))?;
+        let hashing = hasher.is_some();
         let reader = tokio::task::spawn_blocking(move || {
-            read_chunks(&reader_path, reader_file, offset, size, hasher, &tx)
+            let chunks = Chunks {
+                tx: &tx,
+                recycled: &recycled,
+            };
+            read_chunks(&reader_path, reader_file, offset, size, hasher, chunks)
         });
         let mut sent = 0u64;
         let want = size - offset;
@@ -224,6 +233,8 @@ impl AgentClient {
                 .map_err(|_| timeout(&self.host, "sending file bytes".to_string()))?
                 .map_err(|e| super::io_error(&self.host, "sending file bytes", e))?;
             sent += chunk.len() as u64;
+            // The reader may have finished and gone: the buffer is then dropped here.
+            let _ = recycle.send(chunk);
             progress(Progress {
                 total: size,
                 skipped: offset,
@@ -242,6 +253,12 @@ impl AgentClient {
                 ),
             ));
         }
+        let why = if hashing {
+            "to send and hash"
+        } else {
+            "to send"
+        };
+        crate::digest_cache::note_read(path, sent, hashing, why);
         Ok(digest)
     }
 
@@ -333,21 +350,45 @@ fn hash_prefix(path: &Path, mut file: std::fs::File, len: u64) -> Result<sha2::S
     Ok(hasher)
 }
 
+/// Where [`read_chunks`] sends the chunks it reads, and where the sender gives their
+/// buffers back once their bytes are on the socket.
+struct Chunks<'a> {
+    tx: &'a mpsc::Sender<std::io::Result<Vec<u8>>>,
+    recycled: &'a std::sync::mpsc::Receiver<Vec<u8>>,
+}
+
+impl Chunks<'_> {
+    /// A buffer of `len` bytes to read into: one given back when there is one.
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        match self.recycled.try_recv() {
+            Ok(mut buffer) => {
+                buffer.resize(len, 0);
+                buffer
+            }
+            Err(_) => vec![0u8; len],
+        }
+    }
+}
+
+/// Reads bytes `offset..size` of `file` in chunks of [`CHUNK`] bytes (blocking),
+/// hashing them when `hasher` is given, and sends them to the socket side; stops early
+/// when the file shrank (the sender notices the short count) or the sender gave up.
 fn read_chunks(
     path: &Path,
     mut file: std::fs::File,
     offset: u64,
     size: u64,
     mut hasher: Option<sha2::Sha256>,
-    tx: &mpsc::Sender<std::io::Result<Vec<u8>>>,
+    chunks: Chunks<'_>,
 ) -> Result<Option<Sha256>> {
     use std::io::{Seek, SeekFrom};
+    let tx = chunks.tx;
     file.seek(SeekFrom::Start(offset))
         .map_err(|e| Error::local(path, format!("seek failed: {e}")))?;
     let mut left = size - offset;
     while left > 0 {
         let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
-        let mut chunk = vec![0u8; want];
+        let mut chunk = chunks.buffer(want);
         let mut filled = 0;
         while filled < want {
             match file.read(&mut chunk[filled..]) {

@@ -3,8 +3,11 @@
 //! release builder write). Only entry names are read, never file contents.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Component, Path};
+
+use erel_proto::Sha256;
+use sha2::Digest;
 
 /// Entries read at most; an archive with more is judged by its first ones.
 pub(super) const MAX_ENTRIES: usize = 200_000;
@@ -26,14 +29,73 @@ pub(super) struct Versions {
 /// # Errors
 /// The archive cannot be opened, or is not a readable tar stream.
 pub(super) fn release_versions(path: &Path) -> io::Result<Versions> {
-    let mut file = BufReader::new(File::open(path)?);
+    let mut reader = BufReader::new(Hashing::new(File::open(path)?, None));
+    let versions = list_versions(&mut reader);
+    let bytes = reader.into_inner().bytes;
+    crate::digest_cache::note_read(path, bytes, false, "to list its versions");
+    versions
+}
+
+/// The sha256 of the file at `path` and the versions it holds (as
+/// [`release_versions`] lists them), from one read of the file: the bytes the listing
+/// reads are hashed as they pass, then the rest of the file (what follows the end of
+/// the tar stream, or of a listing cut short). Counted and logged as one hash of the
+/// file ([`crate::digest_cache::files_hashed`]).
+///
+/// # Errors
+/// The outer error: the file cannot be opened or read to its end (then there is no
+/// digest). The inner one: the file is not a readable tar stream (its digest still is).
+pub(super) fn hash_and_list(path: &Path) -> io::Result<(Sha256, io::Result<Versions>)> {
+    let file = File::open(path)?;
+    let mut reader = BufReader::with_capacity(
+        crate::digest_cache::HASH_READ,
+        Hashing::new(file, Some(sha2::Sha256::new())),
+    );
+    let versions = list_versions(&mut reader);
+    io::copy(&mut reader, &mut io::sink())?;
+    let hashing = reader.into_inner();
+    crate::digest_cache::note_read(path, hashing.bytes, true, "to hash and list its versions");
+    let hasher = hashing.hasher.unwrap_or_default();
+    Ok((Sha256(hasher.finalize().into()), versions))
+}
+
+/// A reader that counts the bytes it passes on, and hashes them with `hasher` if any.
+struct Hashing<R> {
+    inner: R,
+    hasher: Option<sha2::Sha256>,
+    bytes: u64,
+}
+
+impl<R> Hashing<R> {
+    fn new(inner: R, hasher: Option<sha2::Sha256>) -> Self {
+        Hashing {
+            inner,
+            hasher,
+            bytes: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(hasher) = self.hasher.as_mut() {
+            hasher.update(&buf[..n]);
+        }
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// [`release_versions`] of the archive `reader` gives.
+fn list_versions(mut reader: impl BufRead) -> io::Result<Versions> {
     let mut magic = [0u8; 2];
-    let read = read_up_to(&mut file, &mut magic)?;
+    let read = read_up_to(&mut reader, &mut magic)?;
     let head = io::Cursor::new(magic[..read].to_vec());
-    let stream: Box<dyn Read> = if magic[..read] == [0x1f, 0x8b] {
-        Box::new(flate2::read::GzDecoder::new(head.chain(file)))
+    let stream: Box<dyn Read + '_> = if magic[..read] == [0x1f, 0x8b] {
+        Box::new(flate2::bufread::GzDecoder::new(head.chain(reader)))
     } else {
-        Box::new(head.chain(file))
+        Box::new(head.chain(reader))
     };
     let mut archive = tar::Archive::new(stream);
     let mut found = Vec::new();

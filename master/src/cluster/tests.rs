@@ -730,6 +730,35 @@ fn what_a_master_finds_by_file_name_alone_can_pass_and_is_not_refused_for_good()
 }
 
 #[test]
+fn one_read_gives_the_digest_of_the_whole_file_and_its_versions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for gzip in [true, false] {
+        let path = dir.path().join(if gzip { "a.tar.gz" } else { "a.tar" });
+        write_archive(&path, &["releases/0.3.0/start.boot", "bin/beat"], gzip);
+        // Bytes after the end of the archive are part of the file and of its digest.
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes.extend(std::iter::repeat_n(7u8, 300 * 1024));
+        std::fs::write(&path, &bytes).expect("write");
+        let hashed = crate::digest_cache::files_hashed();
+        let (sha256, versions) = contents::hash_and_list(&path).expect("readable");
+        assert!(crate::digest_cache::files_hashed() > hashed, "counted");
+        assert_eq!(sha256, sha256_file(&path).expect("hash"), "gzip: {gzip}");
+        let versions = versions.expect("a tar stream");
+        assert_eq!(
+            versions,
+            contents::release_versions(&path).expect("readable")
+        );
+        assert_eq!(versions.found, ["0.3.0"]);
+    }
+    // Not an archive: still a digest, and the listing's error.
+    let path = dir.path().join("garbage.tar.gz");
+    std::fs::write(&path, [0x1f, 0x8b, 1, 2, 3]).expect("write");
+    let (sha256, versions) = contents::hash_and_list(&path).expect("readable");
+    assert_eq!(sha256, sha256_file(&path).expect("hash"));
+    assert!(versions.is_err());
+}
+
+#[test]
 fn release_versions_are_the_directories_under_releases() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("otp.tar");

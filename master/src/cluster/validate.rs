@@ -9,7 +9,7 @@ use erel_proto::{Request, Sha256, WriteFile};
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
-use super::contents::{release_versions, MAX_ENTRIES};
+use super::contents::{hash_and_list, release_versions, Versions, MAX_ENTRIES};
 use super::raw::{RawCluster, RawGroup, RawHost, RawPort};
 use super::{
     Archive, ArchiveLookup, Drain, GroupPlan, GroupState, Health, HostPlan, HttpProbe, Plan,
@@ -624,7 +624,7 @@ fn archive(
         }
     };
 
-    let (path, sha256) = match (named, expected) {
+    let (path, sha256, versions) = match (named, expected) {
         (Some(path), expected) => {
             let meta = std::fs::metadata(&path).map_err(|e| {
                 fault.unavailable(&archive_field, format!("{}: {e}", path.display()))
@@ -636,8 +636,13 @@ fn archive(
                     format!("{} is not a regular file", path.display()),
                 ));
             }
-            let actual =
-                sha256_file(&path).map_err(|e| fault.unavailable(&archive_field, e.to_string()))?;
+            // One read of the archive gives both its digest and its versions.
+            let (actual, versions) = hash_and_list(&path).map_err(|e| {
+                fault.unavailable(
+                    &archive_field,
+                    format!("{}: cannot read: {e}", path.display()),
+                )
+            })?;
             if let Some(expected) = expected {
                 if expected != actual {
                     // Possibly a copy still under way: the file may yet become right.
@@ -650,7 +655,7 @@ fn archive(
                     ));
                 }
             }
-            (path, actual)
+            (path, actual, Some(versions))
         }
         (None, Some(expected)) => {
             let path = find_by_sha256(&search_dirs, expected).ok_or_else(|| {
@@ -663,7 +668,7 @@ fn archive(
                     format!("no archive with sha256 {expected} in {}", dirs.join(" or ")),
                 )
             })?;
-            (path, expected)
+            (path, expected, None)
         }
         (None, None) => {
             return Err(fault.at(format!("group.{name}"), "names no archive"));
@@ -681,7 +686,7 @@ fn archive(
             (e, _) => e,
         }
     })?;
-    check_version(fault, name, group, &path).map_err(|e| match (e, expected) {
+    check_version(fault, name, group, &path, versions).map_err(|e| match (e, expected) {
         // Found by name alone: the verdict is about the file that holds the name now
         // (another build, replaced later), not about the config, which names no bytes.
         (Error::Cluster { field, message, .. }, None) => fault.unavailable(field, message),
@@ -697,9 +702,17 @@ fn archive(
 /// Refuses a `version` the archive's `releases/<version>/` directories do not include.
 /// An archive without any (not the relx layout) says nothing and passes; so does one
 /// this listing cannot read: the agent's unpacker is the authority on what it accepts
-/// and refuses such an archive itself, naming the entry.
-fn check_version(fault: &Fault<'_>, name: &str, group: &RawGroup, path: &Path) -> Result<()> {
-    let Ok(versions) = release_versions(path) else {
+/// and refuses such an archive itself, naming the entry. `listed`: the archive's
+/// versions when already listed, else the archive is read here.
+fn check_version(
+    fault: &Fault<'_>,
+    name: &str,
+    group: &RawGroup,
+    path: &Path,
+    listed: Option<std::io::Result<Versions>>,
+) -> Result<()> {
+    let listed = listed.unwrap_or_else(|| release_versions(path));
+    let Ok(versions) = listed else {
         return Ok(());
     };
     if versions.found.is_empty() || versions.found.contains(&group.version) {

@@ -316,6 +316,59 @@ async fn an_env_too_large_for_a_frame_is_refused_before_anything_is_stopped() {
 /// A fleet `name` of `hosts` web hosts with the beat release 0.1.0 and 0.2.0 in
 /// its directory and a cluster file (revision 1) that runs 0.1.0 under `gate`; and
 /// the 0.2.0 archive.
+/// How many times `erel deploy`'s log (at `debug` for the digest cache's module) says
+/// it read the archive `name`: (in all, hashing it, to send it).
+fn archive_reads(log: &str, name: &str) -> (usize, usize, usize) {
+    let reads: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("local file read") && l.contains(name))
+        .collect();
+    (
+        reads.len(),
+        reads.iter().filter(|l| l.contains("hashed=true")).count(),
+        reads
+            .iter()
+            .filter(|l| l.contains("why=\"to send\""))
+            .count(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_hashes_its_archive_once_whatever_the_number_of_hosts() {
+    const HOSTS: usize = 4;
+    let (fleet, _) = fleet_with_v1_v2("hashonce", HOSTS, &group(HOSTS, 1));
+    let name = "beat-0.1.0.tar.gz";
+    let deploy = || {
+        let out = fleet
+            .erel(&["deploy"])
+            .env(
+                "EREL_LOG",
+                "erel_master=warn,erel_master::digest_cache=debug",
+            )
+            .output()
+            .expect("run erel deploy");
+        let text = output_text(&out);
+        assert!(
+            out.status.success(),
+            "deploy failed:\n{text}\n{}",
+            fleet.agent_logs()
+        );
+        text
+    };
+    let out = deploy();
+    fleet.expect_beats("0.1.0");
+    assert_eq!(
+        archive_reads(&out, name),
+        (1 + HOSTS, 1, HOSTS),
+        "the archive is read and hashed once when the cluster file is loaded (its \
+         versions listed on the way), then read once per host to send it, never hashed \
+         again:\n{out}"
+    );
+    // Every host holds it: nothing is sent again, and it is still hashed only once.
+    let out = deploy();
+    assert_eq!(archive_reads(&out, name), (1, 1, 0), "{out}");
+}
+
 fn fleet_with_v1_v2(name: &str, hosts: usize, gate: &str) -> (Fleet, PathBuf) {
     let fleet = Fleet::new(name, &vec!["web"; hosts]);
     let v1 = beat_release(&fleet.releases(), RELEASE, "0.1.0");
