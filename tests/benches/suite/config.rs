@@ -74,8 +74,17 @@ pub fn config(bench: &Bench, rows: &mut Vec<Row>) {
         .enable_all()
         .build()
         .expect("runtime");
-    let url = std::env::var("EREL_BENCH_AMQP")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string());
+    let url = match std::env::var("EREL_BENCH_AMQP") {
+        Ok(url) => url,
+        Err(_) => {
+            let local = std::net::SocketAddr::from(([127, 0, 0, 1], 5672));
+            if std::net::TcpStream::connect_timeout(&local, Duration::from_secs(2)).is_err() {
+                println!("skipped: configs (no broker on {local}; set EREL_BENCH_AMQP)");
+                return;
+            }
+            format!("amqp://guest:guest@{local}/%2f")
+        }
+    };
     let parts = std::env::var("EREL_BENCH_CONFIG_PARTS")
         .unwrap_or_else(|_| "broker,catch-up,cluster".to_string());
     let part = |name: &str| parts.split(',').any(|p| p.trim() == name);
