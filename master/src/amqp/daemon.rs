@@ -147,10 +147,6 @@ struct Position {
     /// The newest pending revision and how many older ones wait behind it, as last
     /// logged (logged once).
     behind_logged: Option<(Option<u64>, usize)>,
-    /// Batches before this offset are applied as they come, never deferred
-    /// ([`Daemon::defer_batch`]): set when revisions kept back for room must be read
-    /// again, so that reading them again tries every one of them.
-    eager_to: Option<u64>,
 }
 
 impl Position {
@@ -169,7 +165,6 @@ impl Position {
             self.waiting = None;
             self.behind_logged = None;
             if self.dropped.is_some() {
-                self.eager_to = self.eager_to.max(self.next_offset);
                 return true;
             }
             self.unresolved_from = None;
@@ -209,12 +204,6 @@ impl Position {
 /// Revisions a master keeps in memory while they wait to be applied; older ones are
 /// read again from the log after a reconnection.
 const MAX_PENDING: usize = 16;
-
-/// How long a master waits for the next batch after one that filled the prefetch
-/// before it applies what it deferred ([`Daemon::defer_batch`]): well above a broker's
-/// round trip for more credit, and what a burst of exactly a multiple of
-/// [`log::PREFETCH`] revisions may add to their publish-to-applied latency.
-const DEFER_LIMIT: Duration = Duration::from_millis(25);
 
 /// Why a revision was not applied.
 enum NotApplied {
@@ -370,9 +359,6 @@ impl Daemon {
         let mut retry_backoff = self.options.backoff.clone();
         let mut retry: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(Duration::ZERO));
         let mut retrying = arm_retry(position, &mut retry, &mut retry_backoff, false);
-        // Revisions deferred by a full batch, applied when this fires.
-        let mut flush: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(Duration::ZERO));
-        let mut deferring = false;
         let outcome: Result<()> = loop {
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
@@ -406,21 +392,7 @@ impl Daemon {
                             None => break,
                         }
                     }
-                    // A batch that filled the prefetch says more of the log is on its
-                    // way: its newest revision is applied with the next batch's (or
-                    // after DEFER_LIMIT), not written to disk a hundred at a time.
-                    let reread = if ended.is_none()
-                        && batch.len() == usize::from(log::PREFETCH)
-                        && batch_offset(&batch).is_some_and(|first| {
-                            position.eager_to.is_none_or(|eager_to| first >= eager_to)
-                        }) {
-                        deferring = true;
-                        flush.as_mut().reset(Instant::now() + DEFER_LIMIT);
-                        self.defer_batch(&batch, position)
-                    } else {
-                        deferring = false;
-                        self.apply_batch(&batch, position).await
-                    };
+                    let reread = self.apply_batch(&batch, position).await;
                     if let Some(last) = batch.last() {
                         // On a stream an acknowledgement only grants the consumer more
                         // credit; where the master is in the log is `position`.
@@ -436,17 +408,6 @@ impl Daemon {
                         break Err(e);
                     }
                     settle.as_mut().reset(Instant::now() + log::SETTLE);
-                }
-                _ = &mut flush, if deferring => {
-                    deferring = false;
-                    let pending = std::mem::take(&mut position.pending);
-                    if self.apply(pending, position).await {
-                        break Err(reread_error(&log_queue));
-                    }
-                    retrying = arm_retry(position, &mut retry, &mut retry_backoff, retrying);
-                    if caught_up {
-                        self.sync_groups(&connection, &mut groups, &mut tasks, position.waiting.as_ref());
-                    }
                 }
                 _ = &mut retry, if retrying => {
                     retrying = false;
@@ -522,29 +483,6 @@ impl Daemon {
     /// Applies one batch of log messages (see the module docs and [`Position`]). True
     /// when revisions dropped from memory must be read from the log again.
     async fn apply_batch(&self, batch: &[Delivery], position: &mut Position) -> bool {
-        let candidates = self.read_batch(batch, position);
-        self.apply(candidates, position).await
-    }
-
-    /// Reads one batch as [`Daemon::apply_batch`] does, but keeps its candidates with
-    /// the pending ones, untried, for the next batch (or the flush) to apply: while a
-    /// master reads a long log, it validates and writes one revision per burst instead
-    /// of one per batch. Nothing is written, so the position stays at the oldest of
-    /// them ([`Position::keep_pending`]); at most [`MAX_PENDING`] stay in memory, and
-    /// when none of those applies the others are read again, without deferring
-    /// ([`Position::eager_to`]), so that each of them is tried. True when revisions
-    /// dropped from memory must be read from the log again.
-    fn defer_batch(&self, batch: &[Delivery], position: &mut Position) -> bool {
-        let mut candidates = self.read_batch(batch, position);
-        candidates.sort_by_key(|e| std::cmp::Reverse((e.revision(), e.offset)));
-        candidates.dedup_by_key(|e| e.offset);
-        position.keep_pending(candidates)
-    }
-
-    /// The revisions of `batch` newer than the one held, with those pending: measured
-    /// against the newest revision seen (too far ahead: refused), older ones logged and
-    /// dropped.
-    fn read_batch(&self, batch: &[Delivery], position: &mut Position) -> Vec<LogEntry> {
         let mut entries: Vec<LogEntry> = batch.iter().map(LogEntry::from_delivery).collect();
         // Messages before it were measured when first read.
         let read_to = position.measured_to;
@@ -605,7 +543,7 @@ impl Daemon {
         }
         let mut candidates: Vec<LogEntry> = newer.into_iter().cloned().collect();
         candidates.append(&mut position.pending);
-        candidates
+        self.apply(candidates, position).await
     }
 
     /// Tries `candidates` (revisions newer than the one held), newest first: the first
@@ -1160,11 +1098,6 @@ impl GroupTask {
     }
 }
 
-/// The stream offset of the first message of `batch`.
-fn batch_offset(batch: &[Delivery]) -> Option<u64> {
-    batch.iter().filter_map(log::offset_of).min()
-}
-
 /// A revision as logs show it (`?` for a message without one).
 fn display_revision(revision: Option<u64>) -> String {
     revision.map_or_else(|| "?".to_string(), |r| r.to_string())
@@ -1291,12 +1224,9 @@ mod tests {
         assert!(!position.keep_pending(many.clone()));
         assert_eq!(position.pending.len(), MAX_PENDING);
         assert_eq!(position.resume(), log::From::Offset(0));
-        // Those kept all refused for good: the dropped ones must be read again, each
-        // batch of them applied as it comes (not deferred) up to where the log was read.
-        assert_eq!(position.eager_to, None);
+        // Those kept all refused for good: the dropped ones must be read again.
         assert!(position.keep_pending(Vec::new()));
         assert_eq!(position.resume(), log::From::Offset(0));
-        assert_eq!(position.eager_to, Some(count));
 
         let mut position = Position {
             held: Some(1),

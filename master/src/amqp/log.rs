@@ -119,16 +119,6 @@ impl std::fmt::Debug for LogEntry {
     }
 }
 
-/// The offset in the log of a delivery of the config log (its `x-stream-offset`).
-pub(crate) fn offset_of(delivery: &Delivery) -> Option<u64> {
-    delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(HEADER_OFFSET))
-        .and_then(integer)
-}
-
 impl LogEntry {
     pub(crate) fn from_delivery(delivery: &Delivery) -> LogEntry {
         let headers = delivery.properties.headers().as_ref();
