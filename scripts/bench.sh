@@ -11,6 +11,10 @@
 # changed; everything is removed on exit, signals included) and runs the Rust suite
 # (tests/benches/suite.rs) with the bench profile. --quick runs 3 times on small inputs,
 # to check that the whole chain works; its figures mean nothing.
+#
+# The config section uses the RabbitMQ at 127.0.0.1:5672 (guest/guest; or
+# $EREL_BENCH_AMQP) under names of its own, which it deletes, and starts and stops a
+# three-node RabbitMQ cluster of its own when rabbitmq-server is installed.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -144,6 +148,11 @@ start_sshd
 if [ "$quick" -eq 1 ]; then
     export EREL_BENCH_RUNS="${EREL_BENCH_RUNS:-3}" EREL_BENCH_SIZES="${EREL_BENCH_SIZES:-8}"
     export EREL_BENCH_FANOUT_HOSTS="${EREL_BENCH_FANOUT_HOSTS:-1,2}" EREL_BENCH_FANOUT_MB="${EREL_BENCH_FANOUT_MB:-4}"
+    # Configs: a short log and few publishes, and no three-node cluster (booting its
+    # nodes takes about a minute).
+    export EREL_BENCH_CONFIG_LOG="${EREL_BENCH_CONFIG_LOG:-1000}" \
+        EREL_BENCH_CONFIG_PUBLISHES="${EREL_BENCH_CONFIG_PUBLISHES:-10}" \
+        EREL_BENCH_CONFIG_PARTS="${EREL_BENCH_CONFIG_PARTS:-broker,catch-up}"
 fi
 log "archive: $EREL_BENCH_ARCHIVE ($(du -h "$EREL_BENCH_ARCHIVE" | cut -f1))"
 # The suite's own scratch files (the pushed files, the agent's root) go to $work too.

@@ -20,6 +20,8 @@
 mod common;
 #[path = "suite/fanout.rs"]
 mod fanout;
+#[path = "suite/config.rs"]
+mod config;
 #[path = "../tests/e2e/helper/mod.rs"]
 mod helper;
 
@@ -39,6 +41,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("push", push),
     ("unpack", push_and_unpack),
     ("fanout", fanout::fanout),
+    ("config", config::config),
 ];
 
 fn main() {
