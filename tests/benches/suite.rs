@@ -18,6 +18,8 @@
 //! A section is a function that appends [`Row`]s; new figures slot in as new sections.
 
 mod common;
+#[path = "suite/footprint.rs"]
+mod footprint;
 #[path = "../tests/e2e/helper/mod.rs"]
 mod helper;
 
@@ -33,7 +35,11 @@ use helper::{AgentProc, Pki, MASTER_BIN};
 type Section = fn(&Bench, &mut Vec<Row>);
 
 /// The sections, in the order they run.
-const SECTIONS: &[(&str, Section)] = &[("push", push), ("unpack", push_and_unpack)];
+const SECTIONS: &[(&str, Section)] = &[
+    ("push", push),
+    ("unpack", push_and_unpack),
+    ("footprint", footprint::footprint),
+];
 
 fn main() {
     let bench = Bench::from_env();
