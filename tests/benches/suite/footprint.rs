@@ -415,7 +415,8 @@ fn print_figures(figures: &[Figure]) {
         let (theirs, ratio) = match &figure.peer_values {
             Some(peer) => {
                 let ratio = spread(&figure.values).0 / spread(peer).0;
-                let theirs = if peer.len() == 1 {
+                // A target is already named in the peer column.
+                let theirs = if figure.peer.starts_with("target:") {
                     String::new()
                 } else {
                     show_spread(figure.unit, peer)
