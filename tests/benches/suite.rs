@@ -22,6 +22,8 @@ mod common;
 mod fanout;
 #[path = "suite/config.rs"]
 mod config;
+#[path = "suite/footprint.rs"]
+mod footprint;
 #[path = "../tests/e2e/helper/mod.rs"]
 mod helper;
 
@@ -42,6 +44,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("unpack", push_and_unpack),
     ("fanout", fanout::fanout),
     ("config", config::config),
+    ("footprint", footprint::footprint),
 ];
 
 fn main() {

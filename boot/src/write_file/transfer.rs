@@ -114,6 +114,13 @@ async fn taken_over<S: AsyncRead + AsyncWrite + Unpin>(
 /// on a blocking thread so hashing and writing overlap with receiving; memory stays at a
 /// few chunks whatever the size. The outer error ends the connection (the staged bytes
 /// are kept for a resume); the inner one is reported to the master.
+///
+/// The chunk buffers go round: the writer hands each one back once written, and the
+/// socket side fills it again. At most `CHUNKS_IN_FLIGHT + 2` are ever allocated (the
+/// ones queued, the one being written, the one being filled), each of at most
+/// [`CHUNK`] bytes and zeroed once. A fresh
+/// buffer per chunk would cost, at this size (above glibc's `mmap` threshold), a map,
+/// page faults on every page, a fill with zeros and an unmap, for every 256 KiB.
 async fn stream_to_disk<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     mut receiver: Receiver,
@@ -121,10 +128,13 @@ async fn stream_to_disk<S: AsyncRead + AsyncWrite + Unpin>(
     path: &str,
     wanted: &CancellationToken,
 ) -> ConnResult<Result<Receiver>> {
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+    let (tx, mut rx) = mpsc::channel::<Chunk>(CHUNKS_IN_FLIGHT);
+    let (give_back, mut returned) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = tokio::task::spawn_blocking(move || {
         while let Some(chunk) = rx.blocking_recv() {
-            receiver.write(&chunk)?;
+            receiver.write(chunk.filled())?;
+            // The socket side may have stopped; the buffer is then simply freed.
+            let _ = give_back.send(chunk.buf);
         }
         Ok(receiver)
     });
@@ -132,10 +142,11 @@ async fn stream_to_disk<S: AsyncRead + AsyncWrite + Unpin>(
     let mut read_error = None;
     while left > 0 {
         let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
-        let mut chunk = vec![0u8; want];
+        // `want` never grows, so a buffer given back is large enough.
+        let mut buf = returned.try_recv().unwrap_or_else(|_| vec![0u8; want]);
         let read = tokio::select! {
             _ = wanted.cancelled() => Err(ConnError::TakenOver(path.to_string())),
-            read = tokio::time::timeout(TRANSFER_STALL_TIMEOUT, read_some(&mut conn.stream, &mut chunk)) => match read {
+            read = tokio::time::timeout(TRANSFER_STALL_TIMEOUT, read_some(&mut conn.stream, &mut buf[..want])) => match read {
                 Err(_) => Err(ConnError::Timeout("transfer bytes")),
                 Ok(Err(e)) => Err(ConnError::Io(e)),
                 Ok(Ok(0)) => Err(ConnError::Io(io::Error::new(
@@ -145,16 +156,15 @@ async fn stream_to_disk<S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(Ok(n)) => Ok(n),
             },
         };
-        let n = match read {
+        let len = match read {
             Ok(n) => n,
             Err(error) => {
                 read_error = Some(error);
                 break;
             }
         };
-        chunk.truncate(n);
-        left -= n as u64;
-        if tx.send(chunk).await.is_err() {
+        left -= len as u64;
+        if tx.send(Chunk { buf, len }).await.is_err() {
             break; // the writer failed; its error is reported below
         }
     }
@@ -171,6 +181,19 @@ async fn stream_to_disk<S: AsyncRead + AsyncWrite + Unpin>(
     match error {
         ConnError::TakenOver(path) => Err(taken_over(conn, &path).await),
         error => Err(error),
+    }
+}
+
+/// A buffer on its way to the disk, of which the first `len` bytes arrived.
+struct Chunk {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Chunk {
+    /// The bytes that arrived.
+    fn filled(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
