@@ -143,6 +143,8 @@ export EREL_BENCH_ARCHIVE
 start_sshd
 if [ "$quick" -eq 1 ]; then
     export EREL_BENCH_RUNS="${EREL_BENCH_RUNS:-3}" EREL_BENCH_SIZES="${EREL_BENCH_SIZES:-8}"
+    # Rolling deploys: a few agents instead of 25 to 1,000.
+    export EREL_BENCH_ROLLING="${EREL_BENCH_ROLLING:-3}" EREL_BENCH_FLEET="${EREL_BENCH_FLEET:-5}"
 fi
 log "archive: $EREL_BENCH_ARCHIVE ($(du -h "$EREL_BENCH_ARCHIVE" | cut -f1))"
 # The suite's own scratch files (the pushed files, the agent's root) go to $work too.

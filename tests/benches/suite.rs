@@ -20,6 +20,8 @@
 mod common;
 #[path = "../tests/e2e/helper/mod.rs"]
 mod helper;
+#[path = "suite/rollout.rs"]
+mod rollout;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -33,7 +35,11 @@ use helper::{AgentProc, Pki, MASTER_BIN};
 type Section = fn(&Bench, &mut Vec<Row>);
 
 /// The sections, in the order they run.
-const SECTIONS: &[(&str, Section)] = &[("push", push), ("unpack", push_and_unpack)];
+const SECTIONS: &[(&str, Section)] = &[
+    ("push", push),
+    ("unpack", push_and_unpack),
+    ("rollout", rollout::rollout),
+];
 
 fn main() {
     let bench = Bench::from_env();
