@@ -822,6 +822,18 @@ pub(crate) fn probe_due(up: Duration, health: &Health) -> bool {
     up >= health.min_up
 }
 
+/// How long to wait before the next look at a release up for `up` that is not healthy
+/// yet: the poll interval, but never past the moment it has been up `min_up`, so that
+/// the look that can pass it comes when it can, not up to a whole interval later (with
+/// `min_up_secs` 1 and a 200 ms interval, every batch of a rollout waited up to 20 %
+/// longer than its gate).
+pub(crate) fn next_look(up: Duration, health: &Health, poll_interval: Duration) -> Duration {
+    match health.min_up.checked_sub(up) {
+        Some(left) if !left.is_zero() => poll_interval.min(left),
+        _ => poll_interval,
+    }
+}
+
 /// What the driver is to do next for a host being staged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum StageAction {
@@ -1489,6 +1501,20 @@ mod tests {
         assert!(s.begin_next().is_empty(), "the group halted");
         assert!(s.is_finished());
         assert_eq!(s.untouched(), vec!["h-1", "h-3"]);
+    }
+
+    #[test]
+    fn the_next_look_comes_when_min_up_is_reached_never_later() {
+        let health = health(Some(8080));
+        let interval = Duration::from_millis(200);
+        assert_eq!(health.min_up, Duration::from_secs(5), "the fixture's gate");
+        let at = |ms| next_look(Duration::from_millis(ms), &health, interval);
+        assert_eq!(at(0), interval);
+        assert_eq!(at(4850), Duration::from_millis(150));
+        assert_eq!(at(4999), Duration::from_millis(1));
+        // Up long enough (waiting for probe passes): the interval.
+        assert_eq!(at(5000), interval);
+        assert_eq!(at(9000), interval);
     }
 
     #[test]
