@@ -153,6 +153,8 @@ if [ "$quick" -eq 1 ]; then
     export EREL_BENCH_CONFIG_LOG="${EREL_BENCH_CONFIG_LOG:-1000}" \
         EREL_BENCH_CONFIG_PUBLISHES="${EREL_BENCH_CONFIG_PUBLISHES:-10}" \
         EREL_BENCH_CONFIG_PARTS="${EREL_BENCH_CONFIG_PARTS:-broker,catch-up}"
+    # Rolling deploys: a few agents instead of 25 to 1,000.
+    export EREL_BENCH_ROLLING="${EREL_BENCH_ROLLING:-3}" EREL_BENCH_FLEET="${EREL_BENCH_FLEET:-5}"
 fi
 log "archive: $EREL_BENCH_ARCHIVE ($(du -h "$EREL_BENCH_ARCHIVE" | cut -f1))"
 # The suite's own scratch files (the pushed files, the agent's root) go to $work too.

@@ -26,6 +26,8 @@ mod config;
 mod footprint;
 #[path = "../tests/e2e/helper/mod.rs"]
 mod helper;
+#[path = "suite/rollout.rs"]
+mod rollout;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -45,6 +47,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("fanout", fanout::fanout),
     ("config", config::config),
     ("footprint", footprint::footprint),
+    ("rollout", rollout::rollout),
 ];
 
 fn main() {

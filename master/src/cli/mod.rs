@@ -120,6 +120,7 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -137,6 +138,25 @@ pub fn main() -> ExitCode {
             eprintln!("{}", error_line(&erel_proto::text::error_chain(&e)));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises this process's soft limit on open files (`RLIMIT_NOFILE`) to its hard limit,
+/// which any process may do (setrlimit(2)): a rolling deploy holds one connection per
+/// host of the rollout from its first ping to the host's switch, so a fleet of 1,000
+/// hosts needs more than the soft limit of 1,024 many systems start a shell with. The
+/// hard limit stays the operator's (`ulimit -Hn`, systemd's `LimitNOFILE=`); when it
+/// cannot be read or raised, the soft limit stays as it was, logged at debug level.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!("open files limit stays {soft}: raising it to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!("open files limit not read: {e}"),
     }
 }
 

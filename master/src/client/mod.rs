@@ -32,6 +32,7 @@ use retry::{Retry, RetryPolicy};
 pub(crate) use retry::gave_up;
 pub use session::Connector;
 pub(crate) use session::{HostSession, DEFAULT_CONNECT_TIMEOUT};
+pub(crate) use write_file::push_buffer_bytes;
 pub use write_file::{Progress, WriteSource};
 
 /// A transfer making no progress for this long is abandoned.

@@ -33,6 +33,12 @@ use crate::error::{Error, Result};
 const CHUNK: usize = 256 * 1024;
 /// Chunks read ahead of the socket.
 const CHUNKS_AHEAD: usize = 4;
+/// The most bytes one push of a file of `size` bytes holds in its read buffers: the
+/// chunks read ahead of the socket and the one being sent, each at most [`CHUNK`].
+pub(crate) fn push_buffer_bytes(size: u64) -> usize {
+    usize::try_from(size).unwrap_or(CHUNK).min(CHUNK) * (CHUNKS_AHEAD + 1)
+}
+
 /// Time allowed to close a connection whose transfer is abandoned.
 const ABANDON_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 

@@ -822,6 +822,32 @@ pub(crate) fn probe_due(up: Duration, health: &Health) -> bool {
     up >= health.min_up
 }
 
+/// How long to wait before the next look at a release up for `up` that is not healthy
+/// yet: the poll interval, but never past the moment it has been up `min_up`, so that
+/// the look that can pass it comes when it can, not up to a whole interval later (with
+/// `min_up_secs` 1 and a 200 ms interval, every batch of a rollout waited up to 20 %
+/// longer than its gate).
+pub(crate) fn next_look(up: Duration, health: &Health, poll_interval: Duration) -> Duration {
+    match health.min_up.checked_sub(up) {
+        Some(left) if !left.is_zero() => poll_interval.min(left),
+        _ => poll_interval,
+    }
+}
+
+/// The most memory the read buffers of one group's pushes may hold at once while its
+/// hosts are staged ahead.
+pub(crate) const STAGING_BUFFERS: usize = 32 * 1024 * 1024;
+
+/// How many hosts of a group are staged at once: at least `configured` (the rollout's
+/// `staging_parallel`), and as many as switch at once (`max_in_flight`) while their
+/// pushes' buffers (`per_push` bytes each) fit in [`STAGING_BUFFERS`]. Staging a host
+/// waits on the agent's syncs far more than on the master, so a group that switches 100
+/// hosts a second must stage about as many at once, or its switches wait for staging.
+pub(crate) fn staging_width(configured: usize, max_in_flight: usize, per_push: usize) -> usize {
+    let fits = STAGING_BUFFERS / per_push.max(1);
+    configured.max(max_in_flight.min(fits)).max(1)
+}
+
 /// What the driver is to do next for a host being staged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum StageAction {
@@ -1489,6 +1515,35 @@ mod tests {
         assert!(s.begin_next().is_empty(), "the group halted");
         assert!(s.is_finished());
         assert_eq!(s.untouched(), vec!["h-1", "h-3"]);
+    }
+
+    #[test]
+    fn the_next_look_comes_when_min_up_is_reached_never_later() {
+        let health = health(Some(8080));
+        let interval = Duration::from_millis(200);
+        assert_eq!(health.min_up, Duration::from_secs(5), "the fixture's gate");
+        let at = |ms| next_look(Duration::from_millis(ms), &health, interval);
+        assert_eq!(at(0), interval);
+        assert_eq!(at(4850), Duration::from_millis(150));
+        assert_eq!(at(4999), Duration::from_millis(1));
+        // Up long enough (waiting for probe passes): the interval.
+        assert_eq!(at(5000), interval);
+        assert_eq!(at(9000), interval);
+    }
+
+    #[test]
+    fn staging_keeps_up_with_the_switches_within_its_memory() {
+        let small = 1024 * 5; // a small archive's push buffers
+        assert_eq!(staging_width(8, 100, small), 100);
+        assert_eq!(
+            staging_width(8, 1, small),
+            8,
+            "never below the configured width"
+        );
+        // A large archive (1.25 MiB of buffers per push): as many as fit in 32 MiB.
+        assert_eq!(staging_width(8, 100, 1280 * 1024), 25);
+        assert_eq!(staging_width(8, 100, usize::MAX), 8);
+        assert_eq!(staging_width(0, 0, 0), 1);
     }
 
     #[test]

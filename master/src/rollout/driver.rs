@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 
 use super::decide::{
-    assess, assess_restart, phase_budget, restart_due, rollback_target, wants_probe, Action,
-    Assessment, GroupSchedule, HostFault, HostSwitch, Observed, StageAction, Staging,
+    assess, assess_restart, phase_budget, restart_due, rollback_target, staging_width, wants_probe,
+    Action, Assessment, GroupSchedule, HostFault, HostSwitch, Observed, StageAction, Staging,
 };
 use super::health::{drain_before_stop, probe_all, release_status, watch_health};
 use super::{
@@ -850,7 +850,16 @@ async fn switch_group(
     let by_id: HashMap<&str, &HostPlan> = hosts.iter().map(|h| (h.id.as_str(), h)).collect();
 
     // 2. Stage ahead on every host, a bounded number at once.
-    let permits = Arc::new(Semaphore::new(ctx.shared.options.staging_parallel.max(1)));
+    let per_push = ctx.archive.as_ref().map_or(0, |archive| {
+        let size = std::fs::metadata(&archive.path).map_or(u64::MAX, |m| m.len());
+        crate::client::push_buffer_bytes(size)
+    });
+    let width = staging_width(
+        ctx.shared.options.staging_parallel,
+        ctx.group.max_in_flight,
+        per_push,
+    );
+    let permits = Arc::new(Semaphore::new(width));
     let (failed_tx, mut staging_failures) = mpsc::unbounded_channel::<(String, HostFailure)>();
     let mut staging = JoinSet::new();
     let mut waiting: HashMap<String, (oneshot::Receiver<Staged>, Assessment, String)> =

@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::decide::{
-    output_tail_wait, phase_budget, probe_due, verify, Observation, Observed, PassCount,
+    next_look, output_tail_wait, phase_budget, probe_due, verify, Observation, Observed, PassCount,
     ProbeAnswer, Verdict,
 };
 use super::{emit, DrainOutcome, EventSink, HostPhase, RolloutEvent, RolloutOptions};
@@ -197,7 +197,10 @@ pub(super) async fn watch_health(
         }
         match verdict {
             Verdict::Healthy(_) => return Observed::Ok,
-            Verdict::Wait => tokio::time::sleep(options.poll_interval).await,
+            Verdict::Wait => {
+                let wait = next_look(up, &group.health, options.poll_interval);
+                tokio::time::sleep(wait).await;
+            }
             Verdict::Lost(reason) => return Observed::failed(reason),
             Verdict::Unhealthy { reason, evidence } | Verdict::Deadline { reason, evidence } => {
                 let tail = match output_tail_wait(&observation) {

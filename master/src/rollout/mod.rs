@@ -99,7 +99,8 @@ pub struct RolloutOptions {
     pub rollback_to: Option<String>,
     /// How often a starting release is looked at.
     pub poll_interval: Duration,
-    /// Hosts staged at once in each group.
+    /// Hosts staged at once in each group, at least: a group whose `max_in_flight` is larger
+    /// stages as many at once while the pushes' buffers stay within 32 MiB.
     pub staging_parallel: usize,
     /// Time allowed for one health probe (a TCP connect, or an HTTP `GET` up to its
     /// status line).
