@@ -18,10 +18,10 @@
 //! A section is a function that appends [`Row`]s; new figures slot in as new sections.
 
 mod common;
-#[path = "suite/fanout.rs"]
-mod fanout;
 #[path = "suite/config.rs"]
 mod config;
+#[path = "suite/fanout.rs"]
+mod fanout;
 #[path = "suite/footprint.rs"]
 mod footprint;
 #[path = "../tests/e2e/helper/mod.rs"]
