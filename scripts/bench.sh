@@ -107,6 +107,9 @@ StrictModes no
 UsePAM no
 PidFile none
 Subsystem sftp internal-sftp
+# The fan-out peer opens one scp per host at once: room for all of them (the default,
+# 10:30:100, drops new connections beyond ten unauthenticated ones).
+MaxStartups 100
 CONF
         "$sshd" -D -e -f "$dir/sshd_config" 2>>"$dir/sshd.log" &
         sshd_pid=$!
