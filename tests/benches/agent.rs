@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{make_file, MIB};
 use erel_master::client::WriteSource;
-use helper::{AgentCommands, AgentProc, Pki, AGENT_BIN};
+use helper::{status_kib, AgentCommands, AgentProc, Pki, AGENT_BIN};
 
 /// The pause before reading the idle RSS, after start-up and after the first ping. It
 /// waits for nothing the agent reports (no setting governs it): it gives the agent's
@@ -50,7 +50,7 @@ async fn run() {
     tokio::time::sleep(SETTLE).await;
     println!(
         "erel-boot idle RSS: {:.1} MiB",
-        rss_kib(pid, "VmRSS") as f64 / 1024.0
+        status_kib(pid, "VmRSS") as f64 / 1024.0
     );
 
     // 256 MiB throughput, digest known in advance and computed while sending.
@@ -131,7 +131,7 @@ async fn run() {
     let sampling = tokio::spawn(async move {
         let mut peak = 0;
         loop {
-            let now = rss_kib(pid, "VmRSS");
+            let now = status_kib(pid, "VmRSS");
             if now == 0 {
                 return peak;
             }
@@ -145,7 +145,7 @@ async fn run() {
         .await
         .expect("push 1 GiB");
     let seconds = started.elapsed().as_secs_f64();
-    let hwm = rss_kib(pid, "VmHWM");
+    let hwm = status_kib(pid, "VmHWM");
     sampling.abort();
     println!(
         "erel-boot peak RSS receiving 1 GiB: {:.1} MiB (high-water mark since start; target < 32 MiB); {:.0} MiB/s",
@@ -160,19 +160,6 @@ fn cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
-}
-
-/// A field of /proc/PID/status in KiB (0 when the process is gone).
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return 0;
-    };
-    status
-        .lines()
-        .find(|line| line.starts_with(field))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|kib| kib.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Times `scp` of `file` to a private sshd on a loopback port, or None without sshd.

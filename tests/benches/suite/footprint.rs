@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use erel_master::client::{Connector, WriteSource};
 
 use crate::common::{make_file, MIB};
-use crate::helper::{AgentCommands, AgentProc};
+use crate::helper::{status_kib, AgentCommands, AgentProc};
 use crate::{quote, Bench};
 
 /// The pause before reading the idle RSS after the first ping: it gives start-up and
@@ -116,7 +116,7 @@ pub(crate) fn footprint(bench: &Bench, _rows: &mut Vec<crate::Row>) {
             let mut client = connector.connect(&agent.host()).await.expect("connect");
             client.ping().await.expect("ping");
             tokio::time::sleep(SETTLE).await;
-            idle.push(kib(pid, "VmRSS") as f64 / 1024.0);
+            idle.push(status_kib(pid, "VmRSS") as f64 / 1024.0);
             for ((mib, path, digest), cpu) in files.iter().zip(push_cpu.iter_mut()) {
                 let source = WriteSource {
                     path: path.clone(),
@@ -133,7 +133,7 @@ pub(crate) fn footprint(bench: &Bench, _rows: &mut Vec<crate::Row>) {
                 cpu.push(cpu_seconds(pid) - before);
                 let _ = std::fs::remove_file(agent.root.join(&dest));
             }
-            peak.push(kib(pid, "VmHWM") as f64 / 1024.0);
+            peak.push(status_kib(pid, "VmHWM") as f64 / 1024.0);
             client.close().await;
         });
         let load = connection_load(bench, &agent, load_seconds);
@@ -256,7 +256,7 @@ fn connection_load(bench: &Bench, agent: &AgentProc, seconds: f64) -> Load {
     let mut peak_rss = 0;
     while started.elapsed().as_secs_f64() < seconds {
         std::thread::sleep(Duration::from_millis(50));
-        peak_rss = peak_rss.max(kib(pid, "VmRSS"));
+        peak_rss = peak_rss.max(status_kib(pid, "VmRSS"));
     }
     stop.store(true, Ordering::Relaxed);
     for thread in threads {
@@ -307,19 +307,6 @@ fn cpu_seconds(pid: u32) -> f64 {
 fn children_cpu_seconds() -> f64 {
     let fields = stat_fields("self");
     (fields[13] + fields[14]) / 100.0
-}
-
-/// A field of /proc/PID/status in KiB (0 when the process is gone).
-fn kib(pid: u32, field: &str) -> u64 {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return 0;
-    };
-    status
-        .lines()
-        .find(|line| line.starts_with(field))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|kib| kib.parse().ok())
-        .unwrap_or(0)
 }
 
 /// What a figure counts.
