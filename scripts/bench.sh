@@ -8,7 +8,8 @@
 # for the archive), builds the release archive once into a cache directory
 # ($XDG_CACHE_HOME/erel-bench, else ~/.cache/erel-bench), starts a throw-away sshd on a
 # free loopback port with keys generated in a temporary directory (nothing global is
-# changed; everything is removed on exit, signals included) and runs the Rust suite
+# changed; everything is removed on exit, signals included), builds the static agent
+# for the footprint section (scripts/build-agent.sh) and runs the Rust suite
 # (tests/benches/suite.rs) with the bench profile. --quick runs 3 times on small inputs,
 # to check that the whole chain works; its figures mean nothing.
 #
@@ -147,6 +148,15 @@ ensure_tools
 work=$(mktemp -d "${TMPDIR:-/tmp}/erel-bench.XXXXXX")
 EREL_BENCH_ARCHIVE=$(archive)
 export EREL_BENCH_ARCHIVE
+# The footprint section measures the static agent too (its size, its idle memory): the
+# agent a blank host receives. Built once (cargo keeps it), when that section runs.
+case ",${EREL_BENCH_ONLY:-footprint}," in
+    *,footprint,*)
+        [ -f /usr/lib/x86_64-linux-gnu/libc.a ] && command -v cc >/dev/null || apt_install gcc libc6-dev
+        log "building the static agent (scripts/build-agent.sh)"
+        scripts/build-agent.sh >/dev/null
+        ;;
+esac
 start_sshd
 if [ "$quick" -eq 1 ]; then
     export EREL_BENCH_RUNS="${EREL_BENCH_RUNS:-3}" EREL_BENCH_SIZES="${EREL_BENCH_SIZES:-8}"

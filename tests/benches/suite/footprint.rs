@@ -5,7 +5,8 @@
 //! Each run starts a fresh agent (the bench build of `erel-boot`, on loopback, with its
 //! own PKI bundle) so that its high-water mark belongs to that run alone, then:
 //!
-//! 1. pings it once, waits [`SETTLE`], and reads `VmRSS` (idle);
+//! 1. pings it once, waits [`SETTLE`], and reads `VmRSS` (idle; the static agent's too,
+//!    on an agent of its own, when `scripts/build-agent.sh` has built it);
 //! 2. pushes each file (256 MiB, and the largest of `EREL_BENCH_SIZES`) with the
 //!    master's client code, the digest known in advance so that only the agent hashes,
 //!    and reads the agent's CPU time (`/proc/PID/stat`) and `VmHWM`;
@@ -148,6 +149,37 @@ pub(crate) fn footprint(bench: &Bench, _rows: &mut Vec<crate::Row>) {
         );
     }
 
+    // The agent a blank host receives is the static one: when it is built, its idle RSS
+    // is taken the same way, on an agent of its own per run.
+    if static_agent().is_file() {
+        let static_idle: Vec<f64> = (0..bench.runs)
+            .map(|run| {
+                let agent = AgentProc::start_program(
+                    &bench.pki,
+                    &format!("footprint-static-{run}"),
+                    &static_agent(),
+                    &[],
+                );
+                let pid = agent.pid().expect("agent pid");
+                let connector = Connector::new(bench.pki.client_config(), "bench-master");
+                runtime.block_on(async {
+                    let mut client = connector.connect(&agent.host()).await.expect("connect");
+                    client.ping().await.expect("ping");
+                    tokio::time::sleep(SETTLE).await;
+                    let rss = status_kib(pid, "VmRSS") as f64 / 1024.0;
+                    client.close().await;
+                    rss
+                })
+            })
+            .collect();
+        figures.push(Figure::against_target(
+            "idle RSS (static agent, `scripts/build-agent.sh`)",
+            Unit::Mib,
+            static_idle,
+            IDLE_RSS_TARGET_MIB,
+            Goal::AtMost,
+        ));
+    }
     figures.push(Figure::against_target(
         "idle RSS (bench build)",
         Unit::Mib,

@@ -243,6 +243,9 @@ pub struct AgentProc {
     /// The network namespace (a name under `/run/netns`) the agent runs in; `None` for
     /// the test's own.
     netns: Option<String>,
+    /// The executable: the tests' `erel-boot` ([`AGENT_BIN`]) unless started with
+    /// [`AgentProc::start_program`].
+    program: PathBuf,
     process: Followed,
 }
 
@@ -287,6 +290,17 @@ impl AgentProc {
         Self::start_with(id, root_dir, root, &[], extra, placement)
     }
 
+    /// Starts an agent like [`AgentProc::start`], running the executable `program`
+    /// instead of the tests' `erel-boot` (another build of it: the static agent, say).
+    pub fn start_program(pki: &Pki, id: &str, program: &Path, extra: &[&str]) -> Self {
+        let (root_dir, root) = fresh_root();
+        let mut agent =
+            Self::unspawned(id, root_dir, root, &[], extra, Placement::loopback(pki, id));
+        agent.program = program.to_path_buf();
+        agent.spawn();
+        agent
+    }
+
     fn start_with(
         id: &str,
         root_dir: tempfile::TempDir,
@@ -295,7 +309,20 @@ impl AgentProc {
         extra: &[&str],
         placement: Placement,
     ) -> Self {
-        let mut agent = AgentProc {
+        let mut agent = Self::unspawned(id, root_dir, root, env, extra, placement);
+        agent.spawn();
+        agent
+    }
+
+    fn unspawned(
+        id: &str,
+        root_dir: tempfile::TempDir,
+        root: PathBuf,
+        env: &[(&str, &str)],
+        extra: &[&str],
+        placement: Placement,
+    ) -> Self {
+        AgentProc {
             id: id.to_string(),
             addr: placement.addr,
             root_dir,
@@ -314,10 +341,9 @@ impl AgentProc {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             netns: placement.netns,
+            program: PathBuf::from(AGENT_BIN),
             process: Followed::default(),
-        };
-        agent.spawn();
-        agent
+        }
     }
 
     /// Starts an agent for host `id` on the bundle directory `bundle` (for instance one
@@ -333,6 +359,7 @@ impl AgentProc {
             extra: fast_supervision(),
             env: Vec::new(),
             netns: None,
+            program: PathBuf::from(AGENT_BIN),
             process: Followed::default(),
         };
         agent.spawn();
@@ -347,10 +374,10 @@ impl AgentProc {
                 let mut nsenter = Command::new("nsenter");
                 nsenter
                     .arg(format!("--net=/run/netns/{netns}"))
-                    .arg(AGENT_BIN);
+                    .arg(&self.program);
                 nsenter
             }
-            None => Command::new(AGENT_BIN),
+            None => Command::new(&self.program),
         };
         let mut child = command
             .arg("--listen")
