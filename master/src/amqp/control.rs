@@ -196,27 +196,28 @@ pub(crate) async fn write_halt(
 }
 
 /// `erel config retry --group G`: writes a retry record; the halt it ends, when the
-/// group was halted.
+/// group was halted. While the broker answers that the halt queue's replicas are not
+/// ready, it starts again on a new connection ([`Broker::on_connection`]).
 pub async fn retry(broker: &Broker, group: &str, by: &str) -> Result<Option<Halt>> {
-    let connection = broker.connect("retry").await?;
-    let outcome = async {
-        let channel = open_channel(&connection, &broker.names().halt(group)?).await?;
-        let current = read_halt(&channel, broker.names(), group).await?;
-        let record = HaltRecord::Retry {
-            group: group.to_string(),
-            by: by.to_string(),
-            at_ms: now_ms(),
-        };
-        write_halt(&channel, broker.names(), &record).await?;
-        let _ = channel.close(200, "done".into()).await;
-        Ok(match current {
-            Some(HaltRecord::Halted(halt)) => Some(halt),
-            _ => None,
+    let queue = broker.names().halt(group)?;
+    let at_ms = now_ms();
+    broker
+        .on_connection("retry", async |connection| {
+            let channel = open_channel(connection, &queue).await?;
+            let current = read_halt(&channel, broker.names(), group).await?;
+            let record = HaltRecord::Retry {
+                group: group.to_string(),
+                by: by.to_string(),
+                at_ms,
+            };
+            write_halt(&channel, broker.names(), &record).await?;
+            let _ = channel.close(200, "done".into()).await;
+            Ok(match current {
+                Some(HaltRecord::Halted(halt)) => Some(halt),
+                _ => None,
+            })
         })
-    }
-    .await;
-    let _ = connection.close(200, "done".into()).await;
-    outcome
+        .await
 }
 
 /// The halts recorded for `groups` at `revision` or later (for `erel status` and

@@ -276,12 +276,15 @@ pub(crate) async fn consume(
         .map_err(|e| amqp_error(&queue, "consuming the config log", e))
 }
 
-/// Every entry of the config log, oldest first, as it is now (see [`SETTLE`]).
+/// Every entry of the config log, oldest first, as it is now (see [`SETTLE`]). While
+/// the broker answers that the log's replicas are not ready (a log just declared on a
+/// cluster), the read starts again, for up to [`super::REPLICAS_READY_WAIT`].
 pub async fn read_all(broker: &Broker) -> Result<Vec<LogEntry>> {
-    let connection = broker.connect("config reader").await?;
-    let outcome = read_all_on(broker, &connection).await;
-    let _ = connection.close(200, "done".into()).await;
-    outcome
+    broker
+        .on_connection("config reader", async |connection| {
+            read_all_on(broker, connection).await
+        })
+        .await
 }
 
 async fn read_all_on(broker: &Broker, connection: &lapin::Connection) -> Result<Vec<LogEntry>> {
@@ -383,6 +386,12 @@ pub struct Published {
 /// back up to it ([`check_appended`]). The lease is held from the read to the read-back,
 /// so of two publishes of the same next revision one is confirmed and the other
 /// refused; the read-back makes sure a confirmed publish is one that masters apply.
+///
+/// While the broker answers that the log's replicas are not ready (a log just declared
+/// on a cluster whose members are still starting), the publish starts again on a new
+/// connection, for up to [`super::REPLICAS_READY_WAIT`]. Every attempt gives the
+/// message the same id, and one that finds it in the log already does not append it
+/// again: the message is in the log at most once.
 pub async fn publish(
     broker: &Broker,
     plan: &Plan,
@@ -390,51 +399,71 @@ pub async fn publish(
     publisher: &str,
     signed: Option<&Signed>,
 ) -> Result<Published> {
-    let connection = broker.connect("config publisher").await?;
-    let outcome = async {
-        take_publisher_lease(&connection, broker.names()).await?;
-        let entries = read_all_on(broker, &connection).await?;
-        let newest_entry = newest(&entries);
-        let previous = newest_entry.and_then(LogEntry::revision);
-        if !counts_after(previous, plan.revision) {
-            return Err(Error::ConfigRefused(format!(
-                "{}: revision {} is more than {MAX_REVISION_STEP} (2^32) above the newest \
-                 revision in the log, {}; a revision may be at most that much newer",
-                plan.origin,
-                plan.revision,
-                previous.unwrap_or(0)
-            )));
-        }
-        if let Some(newest) = previous {
-            if plan.revision <= newest {
-                return Err(Error::RevisionNotNewer {
-                    origin: plan.origin.clone(),
-                    revision: plan.revision,
-                    newest,
-                    by: newest_entry.and_then(|e| e.publisher.clone()),
-                    log: broker.names().configs(),
-                });
-            }
-        }
-        let id = append_on(
-            broker,
-            &connection,
-            text,
-            Some(plan.revision),
-            publisher,
-            signed,
-        )
-        .await?;
-        check_appended(broker, &connection, plan, &id).await?;
-        Ok(Published {
-            revision: plan.revision,
-            previous,
+    let now = now_ms();
+    let id = message_id(now);
+    let message = Message {
+        text,
+        revision: Some(plan.revision),
+        publisher,
+        signed,
+        id: &id,
+        now,
+    };
+    broker
+        .on_connection("config publisher", async |connection| {
+            publish_on(broker, connection, plan, &message).await
         })
+        .await
+}
+
+/// One attempt of [`publish`] on `connection`: appends `message` unless the log holds
+/// it already (an earlier attempt's). Closing the connection ends the lease (the broker
+/// deletes the exclusive queue).
+async fn publish_on(
+    broker: &Broker,
+    connection: &lapin::Connection,
+    plan: &Plan,
+    message: &Message<'_>,
+) -> Result<Published> {
+    take_publisher_lease(connection, broker.names()).await?;
+    let mut entries = read_all_on(broker, connection).await?;
+    // An earlier attempt's append the broker stored: what precedes it decides.
+    let appended = entries
+        .iter()
+        .position(|e| e.message_id.as_deref() == Some(message.id));
+    if let Some(own) = appended {
+        entries.truncate(own);
     }
-    .await;
-    // Closing the connection ends the lease (the broker deletes the exclusive queue).
-    let _ = connection.close(200, "done".into()).await;
-    outcome
+    let newest_entry = newest(&entries);
+    let previous = newest_entry.and_then(LogEntry::revision);
+    if !counts_after(previous, plan.revision) {
+        return Err(Error::ConfigRefused(format!(
+            "{}: revision {} is more than {MAX_REVISION_STEP} (2^32) above the newest \
+             revision in the log, {}; a revision may be at most that much newer",
+            plan.origin,
+            plan.revision,
+            previous.unwrap_or(0)
+        )));
+    }
+    if let Some(newest) = previous {
+        if plan.revision <= newest {
+            return Err(Error::RevisionNotNewer {
+                origin: plan.origin.clone(),
+                revision: plan.revision,
+                newest,
+                by: newest_entry.and_then(|e| e.publisher.clone()),
+                log: broker.names().configs(),
+            });
+        }
+    }
+    if appended.is_none() {
+        append_on(broker, connection, message).await?;
+    }
+    check_appended(broker, connection, plan, message.id).await?;
+    Ok(Published {
+        revision: plan.revision,
+        previous,
+    })
 }
 
 /// Reads the log back up to the message `id` just appended, and refuses the publish
@@ -543,26 +572,70 @@ fn is_resource_locked(error: &lapin::Error) -> bool {
 /// Appends a text to the log as is, with `revision` in its header (when given), and
 /// returns once the broker has confirmed it. Nothing is checked: [`publish`] is the
 /// checked way; this one exists to put arbitrary messages in the log (tests, repairs).
+///
+/// While the broker answers that the log's replicas are not ready (a log just declared
+/// on a cluster whose members are still starting), the append is tried again on a new
+/// connection, for up to [`super::REPLICAS_READY_WAIT`]. An append retried after the
+/// broker failed its confirm (`INTERNAL_ERROR`) may be in the log twice; [`publish`]
+/// checks its message's id and never appends it twice.
+///
+/// # Errors
+///
+/// [`Error::Amqp`] naming the log: a text larger than [`MAX_CONFIG_BYTES`], a broker
+/// that returned or refused the message, replicas still not ready after the wait, or
+/// any other broker problem.
 pub async fn append(
     broker: &Broker,
     text: &str,
     revision: Option<u64>,
     publisher: &str,
 ) -> Result<()> {
-    let connection = broker.connect("config publisher").await?;
-    let outcome = append_on(broker, &connection, text, revision, publisher, None).await;
-    let _ = connection.close(200, "done".into()).await;
-    outcome.map(|_id| ())
+    let now = now_ms();
+    let id = message_id(now);
+    let message = Message {
+        text,
+        revision,
+        publisher,
+        signed: None,
+        id: &id,
+        now,
+    };
+    broker
+        .on_connection("config publisher", async |connection| {
+            append_on(broker, connection, &message).await
+        })
+        .await
+}
+
+/// One message to append to the log.
+struct Message<'a> {
+    /// The config text.
+    text: &'a str,
+    /// Its revision header, when given.
+    revision: Option<u64>,
+    /// Who publishes it.
+    publisher: &'a str,
+    /// Its signature, for a revision published from a bundle.
+    signed: Option<&'a Signed>,
+    /// Its AMQP `message-id` ([`message_id`]).
+    id: &'a str,
+    /// When it is published, in ms since the Unix epoch.
+    now: u64,
 }
 
 async fn append_on(
     broker: &Broker,
     connection: &lapin::Connection,
-    text: &str,
-    revision: Option<u64>,
-    publisher: &str,
-    signed: Option<&Signed>,
-) -> Result<String> {
+    message: &Message<'_>,
+) -> Result<()> {
+    let Message {
+        text,
+        revision,
+        publisher,
+        signed,
+        id,
+        now,
+    } = *message;
     let names = broker.names();
     let queue = names.configs();
     if text.len() > MAX_CONFIG_BYTES {
@@ -581,8 +654,6 @@ async fn append_on(
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| amqp_error(&queue, "enabling publisher confirms", e))?;
-    let now = now_ms();
-    let id = message_id(now);
     let mut headers = FieldTable::default();
     if let Some(revision) = revision {
         headers.insert(
@@ -604,7 +675,7 @@ async fn append_on(
         .with_delivery_mode(2)
         .with_content_type("application/toml".into())
         .with_app_id("erel".into())
-        .with_message_id(id.as_str().into())
+        .with_message_id(id.into())
         .with_timestamp(now / 1000);
     let confirmation = channel
         .basic_publish(
@@ -623,7 +694,7 @@ async fn append_on(
         .map_err(|e| amqp_error(&queue, "waiting for the broker's confirmation", e))?;
     let _ = channel.close(200, "done".into()).await;
     match confirmation {
-        Confirmation::Ack(None) => Ok(id),
+        Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(returned)) => Err(Error::Amqp {
             target: queue,
             action: "publishing a config".to_string(),

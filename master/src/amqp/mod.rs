@@ -196,22 +196,47 @@ impl Broker {
     }
 
     /// Runs `work` on a channel of a connection of its own, which `role` names in the
-    /// broker's connection list, then closes both whatever `work` returned.
+    /// broker's connection list, then closes both whatever `work` returned. While the
+    /// broker answers that a queue's replicas are not ready ([`replicas_not_ready`]),
+    /// `work` runs again on a new connection ([`Broker::on_connection`]).
     pub(crate) async fn on_channel<T>(
         &self,
         role: &str,
-        work: impl AsyncFnOnce(&lapin::Channel) -> Result<T>,
+        mut work: impl AsyncFnMut(&lapin::Channel) -> Result<T>,
     ) -> Result<T> {
-        let connection = self.connect(role).await?;
-        let outcome = async {
-            let channel = open_channel(&connection, &self.display_url()).await?;
+        self.on_connection(role, async |connection| {
+            let channel = open_channel(connection, &self.display_url()).await?;
             let outcome = work(&channel).await;
             let _ = channel.close(200, "done".into()).await;
             outcome
-        }
-        .await;
-        let _ = connection.close(200, "done".into()).await;
-        outcome
+        })
+        .await
+    }
+
+    /// Runs `work` on a connection of its own, which `role` names in the broker's
+    /// connection list, then closes it whatever `work` returned. When `work` fails
+    /// because the broker answered that a queue's replicas are not ready yet
+    /// ([`replicas_not_ready`]: a stream or quorum queue just declared on a cluster
+    /// whose members are still starting), it runs again on a new connection (RabbitMQ
+    /// closes the connection with that answer), for up to [`REPLICAS_READY_WAIT`]
+    /// ([`retry_not_ready`]). `work` must be safe to run again from its start.
+    ///
+    /// # Errors
+    ///
+    /// `work`'s error; when the broker still answered "not ready" after the wait, an
+    /// [`Error::Amqp`] naming the queue and how long it waited.
+    pub(crate) async fn on_connection<T>(
+        &self,
+        role: &str,
+        mut work: impl AsyncFnMut(&Connection) -> Result<T>,
+    ) -> Result<T> {
+        retry_not_ready(REPLICAS_READY_WAIT, not_ready_backoff(), async || {
+            let connection = self.connect(role).await?;
+            let outcome = work(&connection).await;
+            let _ = connection.close(200, "done".into()).await;
+            outcome
+        })
+        .await
     }
 
     /// Deletes every queue and exchange of this prefix (the config log included) that
@@ -415,6 +440,96 @@ fn redact_list(urls: &str) -> String {
         .map(|url| redact(url.trim()))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// How long an operation waits for the replicas of a queue it uses to be ready
+/// ([`replicas_not_ready`]): as long as `erel config publish` waits for another
+/// publish's lease ([`log::PUBLISHER_LEASE_WAIT`], 30 s). On a RabbitMQ cluster started a
+/// moment before, the members of a stream just declared take a few seconds to start.
+pub const REPLICAS_READY_WAIT: Duration = log::PUBLISHER_LEASE_WAIT;
+
+/// The pauses between attempts while replicas are not ready: from 100 ms, doubling up
+/// to 2 s.
+fn not_ready_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(2))
+}
+
+/// What RabbitMQ answers, with `RESOURCE_ERROR` (506, which closes the connection),
+/// when a stream or quorum queue that exists is not ready to be used yet: its members
+/// are still starting, as on a cluster where it was just declared, or its coordinator
+/// is being elected (RabbitMQ 3.x `rabbit_channel` and `rabbit_stream_queue`).
+const NOT_READY_ANSWERS: [&str; 4] = [
+    "Stream not found",
+    "Stream coordinator unavailable",
+    "does not have a running local replica",
+    "does not have a replica on the local node",
+];
+
+/// Whether `error` is the broker saying that a queue's replicas are not ready yet
+/// ([`NOT_READY_ANSWERS`] after `RESOURCE_ERROR`), or failing with `INTERNAL_ERROR`
+/// (541, which closes the connection): RabbitMQ's answer when the channel's process
+/// crashed, as it does to a publisher confirm on a stream whose members are still
+/// starting on a cluster started a moment before. Both go away by themselves and are
+/// worth trying again on a new connection, for a bounded time. Any other error is not.
+pub(crate) fn replicas_not_ready(error: &Error) -> bool {
+    match error {
+        Error::Amqp { message, .. } => {
+            message.contains(": INTERNAL_ERROR")
+                || message
+                    .split_once("RESOURCE_ERROR - ")
+                    .is_some_and(|(_, said)| NOT_READY_ANSWERS.iter().any(|a| said.contains(a)))
+        }
+        _ => false,
+    }
+}
+
+/// Runs `attempt` until it returns anything but a [`replicas_not_ready`] error, pausing
+/// between attempts as `backoff` says; once `wait` has passed since the first attempt,
+/// the last such error is returned, saying how long it waited.
+///
+/// # Errors
+///
+/// `attempt`'s error that is not "not ready" at once; after `wait`, an [`Error::Amqp`]
+/// with the last error's target (the queue) and action, and a message that says the
+/// broker's answer and how many seconds were waited.
+pub(crate) async fn retry_not_ready<T>(
+    wait: Duration,
+    mut backoff: Backoff,
+    mut attempt: impl AsyncFnMut() -> Result<T>,
+) -> Result<T> {
+    let started = tokio::time::Instant::now();
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let error = match attempt().await {
+            Err(e) if replicas_not_ready(&e) => e,
+            other => return other,
+        };
+        let waited = started.elapsed();
+        if waited >= wait {
+            return Err(match error {
+                Error::Amqp {
+                    target,
+                    action,
+                    message,
+                } => Error::Amqp {
+                    message: format!(
+                        "{message}; the queue's replicas were still not ready after                          {:.1} s and {tries} attempts",
+                        waited.as_secs_f64()
+                    ),
+                    target,
+                    action,
+                },
+                other => other,
+            });
+        }
+        let pause = backoff.next_delay().min(wait - waited);
+        tracing::info!(
+            "{error}; its replicas are not ready yet, trying again in {} ms",
+            pause.as_millis()
+        );
+        tokio::time::sleep(pause).await;
+    }
 }
 
 /// An [`Error::Amqp`] naming what was at fault (a queue, an exchange, the URL).
@@ -744,6 +859,131 @@ mod tests {
         assert!(said.contains("delete it"), "{said}");
         let other = declare_error("q", "declaring", refusal("ACCESS_REFUSED - no")).to_string();
         assert!(!other.contains("delete it"), "{other}");
+    }
+
+    /// The broker's `text`, as lapin gives a refusal of `kind`, for `t.configs`.
+    fn refused(kind: lapin::protocol::AMQPErrorKind, text: &str) -> Error {
+        use lapin::protocol::AMQPError;
+        let e = lapin::Error::from(lapin::ErrorKind::ProtocolError(AMQPError::new(
+            kind,
+            text.into(),
+        )));
+        amqp_error("t.configs", "publishing a config", e)
+    }
+
+    fn resource_error(text: &str) -> Error {
+        use lapin::protocol::{AMQPErrorKind, AMQPHardError};
+        refused(AMQPErrorKind::Hard(AMQPHardError::RESOURCEERROR), text)
+    }
+
+    #[test]
+    fn replicas_not_ready_is_told_from_other_refusals() {
+        use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+        for text in [
+            "RESOURCE_ERROR - Stream not found for queue 't.configs' in vhost '/'",
+            "RESOURCE_ERROR - Stream coordinator unavailable for queue 't.configs' in vhost '/'",
+            "RESOURCE_ERROR - queue 't.configs' in vhost '/' does not have a running local replica",
+            "RESOURCE_ERROR - queue 't.configs' in vhost '/' does not have a replica on the local node",
+        ] {
+            assert!(replicas_not_ready(&resource_error(text)), "{text}");
+        }
+        // As a publisher confirm on a stream just declared through another node failed.
+        let internal = refused(
+            AMQPErrorKind::Hard(lapin::protocol::AMQPHardError::INTERNALERROR),
+            "INTERNAL_ERROR",
+        );
+        assert!(replicas_not_ready(&internal), "{internal}");
+        let others = [
+            refused(
+                AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
+                "NOT_FOUND - no queue 't.configs' in vhost '/'",
+            ),
+            refused(
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+                "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 't.configs'",
+            ),
+            resource_error("RESOURCE_ERROR - cannot declare queue 't.configs': queue limit"),
+            // The words alone, not from the broker's RESOURCE_ERROR, are not its answer.
+            Error::ConfigRefused("Stream not found".to_string()),
+            Error::Amqp {
+                target: "t.configs".to_string(),
+                action: "reading".to_string(),
+                message: "Stream not found".to_string(),
+            },
+        ];
+        for error in others {
+            assert!(!replicas_not_ready(&error), "{error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn not_ready_answers_are_retried_until_they_stop() {
+        let fast = || Backoff::new(Duration::from_millis(10), Duration::from_millis(20));
+        // Not ready twice, then done: the third attempt's answer.
+        let mut attempts = 0;
+        let outcome = retry_not_ready(Duration::from_secs(60), fast(), async || {
+            attempts += 1;
+            if attempts < 3 {
+                Err(resource_error(
+                    "RESOURCE_ERROR - Stream not found for queue 't.configs' in vhost '/'",
+                ))
+            } else {
+                Ok(attempts)
+            }
+        })
+        .await;
+        assert_eq!(outcome.expect("ready on the third attempt"), 3);
+
+        // Any other error is returned at once.
+        let mut attempts = 0;
+        let outcome: Result<()> = retry_not_ready(Duration::from_secs(60), fast(), async || {
+            attempts += 1;
+            Err(resource_error("RESOURCE_ERROR - something else"))
+        })
+        .await;
+        assert!(outcome.is_err());
+        assert_eq!(attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn replicas_never_ready_give_up_after_the_wait_naming_the_queue() {
+        let wait = Duration::from_millis(300);
+        let backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(50));
+        let started = std::time::Instant::now();
+        let mut attempts = 0u32;
+        let outcome: Result<()> = retry_not_ready(wait, backoff, async || {
+            attempts += 1;
+            Err(resource_error(
+                "RESOURCE_ERROR - queue 't.configs' in vhost '/' does not have a running local replica",
+            ))
+        })
+        .await;
+        let took = started.elapsed();
+        assert!(attempts > 2, "tried again: {attempts}");
+        assert!(took >= wait, "waited the whole {wait:?}: {took:?}");
+        // The last pause is cut to what is left of the wait (a busy machine may add
+        // to it, never a pause of its own).
+        assert!(took < wait + Duration::from_secs(5), "{took:?}");
+        let error = outcome.expect_err("never ready");
+        let Error::Amqp {
+            target,
+            action,
+            message,
+        } = &error
+        else {
+            panic!("an AMQP error: {error}");
+        };
+        assert_eq!(target, "t.configs");
+        assert_eq!(action, "publishing a config");
+        assert!(
+            message.contains("does not have a running local replica"),
+            "{message}"
+        );
+        assert!(message.contains("still not ready after "), "{message}");
+        assert!(
+            message.contains(&format!("{attempts} attempts")),
+            "{message}"
+        );
     }
 
     #[test]

@@ -46,7 +46,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{env_parse, Bench, Row, Timing};
-use crate::helper::amqp::{unique_prefix, BrokerLock};
+use crate::helper::amqp::{BrokerLock, TestBroker};
 use crate::helper::cluster::RabbitCluster;
 
 /// The target for publish-to-applied p99, in seconds.
@@ -59,6 +59,8 @@ const ACCEPT_LIMIT: Duration = Duration::from_secs(60);
 const PREFETCH: u16 = 100;
 /// Publishes in flight while the catch-up log is filled.
 const FILL_WINDOW: usize = 500;
+/// The one group of the configs ([`config_text`]).
+const GROUP: &str = "bench";
 
 type Error = Box<dyn std::error::Error>;
 
@@ -390,10 +392,16 @@ impl Latency {
 
 /// Publish-to-applied with `settings.masters` masters on the broker of `urls` (each
 /// master given the node list rotated, so that on a cluster they spread over the nodes).
+///
+/// Its queues, streams and exchange (prefix `t-bench-lat-…`) are deleted when it ends,
+/// by a guard that does so also when a run panics.
 async fn latency(setup: &Setup, urls: &[String], settings: &Settings) -> Result<Latency, Error> {
-    let prefix = unique_prefix("bench-lat");
-    let broker = Broker::new(urls.join(","), prefix.clone())?;
+    let names = TestBroker::on(urls.join(","), "bench-lat", &[GROUP]);
+    let prefix = names.prefix.clone();
+    let broker = names.broker.clone();
     let cancel = CancellationToken::new();
+    // Dropped before `names`: the masters stop before their names are deleted.
+    let _stop = cancel.clone().drop_guard();
     let mut events = watch(&broker, &cancel).await;
     let masters: Vec<_> = (0..settings.masters)
         .map(|i| {
@@ -437,7 +445,7 @@ async fn latency(setup: &Setup, urls: &[String], settings: &Settings) -> Result<
     for master in masters {
         let _ = master.await;
     }
-    broker.delete_everything(&["bench".to_string()]).await?;
+    drop(names);
     outcome
 }
 
@@ -469,10 +477,12 @@ impl CatchUp {
 }
 
 /// A new master's catch-up on a log of `settings.log` revisions, a new master (state
-/// directory empty) each run.
+/// directory empty) each run. Its log (prefix `t-bench-cu-…`) is deleted when it ends,
+/// by a guard that does so also when a run panics.
 async fn catch_up(setup: &Setup, url: &str, settings: &Settings) -> Result<CatchUp, Error> {
-    let prefix = unique_prefix("bench-cu");
-    let broker = Broker::new(url, prefix.clone())?;
+    let names = TestBroker::on(url.to_string(), "bench-cu", &[GROUP]);
+    let prefix = names.prefix.clone();
+    let broker = names.broker.clone();
     let outcome = async {
         let filling = Instant::now();
         fill(&broker, url, settings.log).await?;
@@ -482,6 +492,7 @@ async fn catch_up(setup: &Setup, url: &str, settings: &Settings) -> Result<Catch
             filling.elapsed().as_secs_f64()
         );
         let cancel = CancellationToken::new();
+        let _stop = cancel.clone().drop_guard();
         let mut events = watch(&broker, &cancel).await;
         let mut result = CatchUp {
             erel: Vec::new(),
@@ -496,6 +507,7 @@ async fn catch_up(setup: &Setup, url: &str, settings: &Settings) -> Result<Catch
             reader.close().await;
 
             let master_cancel = CancellationToken::new();
+            let _stop_master = master_cancel.clone().drop_guard();
             let start = Instant::now();
             let master = setup.master(
                 broker.clone(),
@@ -511,7 +523,7 @@ async fn catch_up(setup: &Setup, url: &str, settings: &Settings) -> Result<Catch
         Ok::<_, Error>(result)
     }
     .await;
-    broker.delete_everything(&["bench".to_string()]).await?;
+    drop(names);
     outcome
 }
 

@@ -304,3 +304,68 @@ fn cluster_a_node_that_does_not_answer_is_passed_over() {
     assert!(said.contains("no broker node answered"), "{said}");
     assert!(said.contains(&format!("127.0.0.1:{port}")), "{said}");
 }
+
+/// Configs published the moment a fresh cluster is up. Each round uses a prefix of its
+/// own, so it declares a new config log: first three appends at once (`log::append`),
+/// one through each node, as masters and a publisher starting together declare the log
+/// on every node, then `erel config publish` through another node each round. Their
+/// first reads and appends meet a stream whose replicas are still starting (the broker
+/// answers `RESOURCE_ERROR - Stream not found`, or that the queue "does not have a
+/// running local replica", until they are up), which they wait out.
+#[test]
+fn cluster_a_publish_right_after_the_cluster_started_is_confirmed() {
+    let fleet = Fleet::with_beat_releases("fr", &["web"]);
+    let cluster = match RabbitCluster::start("fresh") {
+        Ok(cluster) => cluster,
+        Err(why) => {
+            eprintln!("skipped: no three-node RabbitMQ cluster could be started: {why}");
+            return;
+        }
+    };
+    let urls = cluster.urls();
+    // The node list starting at node `first`: a party given it connects there.
+    let from = |first: usize| -> String {
+        let list: Vec<String> = urls[first..]
+            .iter()
+            .chain(&urls[..first])
+            .cloned()
+            .collect();
+        list.join(",")
+    };
+    for round in 0..urls.len() {
+        let broker = TestBroker::on(from(round), &format!("fresh{round}"), &["web"]);
+        let appended: Vec<String> = std::thread::scope(|scope| {
+            let appends: Vec<_> = (0..urls.len())
+                .map(|node| {
+                    let broker = erel_master::amqp::Broker::new(from(node), broker.prefix.clone())
+                        .expect("valid broker");
+                    scope.spawn(move || {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .expect("runtime")
+                            .block_on(erel_master::amqp::log::append(
+                                &broker,
+                                &format!("# not a config: appended through node {node}\n"),
+                                None,
+                                "test",
+                            ))
+                            .err()
+                            .map(|e| format!("through node {node}: {e}"))
+                    })
+                })
+                .collect();
+            appends
+                .into_iter()
+                .filter_map(|append| append.join().expect("append thread"))
+                .collect()
+        });
+        assert!(appended.is_empty(), "round {round}: {appended:?}");
+        let (ok, out) = fleet.publish(&broker, &fleet.config(1, "1.0.0", ""));
+        assert!(
+            ok,
+            "round {round}: published through node {round} of a cluster just started: {out}"
+        );
+        assert_eq!(log_revisions(&broker), vec![1], "round {round}");
+    }
+}
