@@ -8,20 +8,25 @@
 //! a [`fingerprint`] of the `Start` request and the time. `erel deploy`, group
 //! `restart`/`rollback`, the file daemon and the one-host `erel start`/`restart` write it;
 //! a write that fails is a warning, never a failed command. The AMQP daemon keeps no
-//! such record (it has no cluster file), so its starts show as `unknown`.
+//! such record (it has no cluster file), so its starts show as `unknown`. A rollout
+//! records through a [`Recorder`]: its starts are written on a thread of their own,
+//! those that arrive during a write together in the next one, so a rollout never waits
+//! for an `fsync` and 1,000 hosts do not cost 1,000 rewrites of the file.
 //!
 //! [`compare`] judges a running release against the record: the same pid and version
 //! prove that the recorded request is the one it runs with.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
 
 use erel_proto::{ReleaseState, ReleaseStatus, Start};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::cluster::Plan;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::rollout::halt;
 use crate::rollout::RolloutEvent;
 
@@ -86,23 +91,51 @@ pub fn load(cluster: &Path) -> Result<StartRecords> {
 ///
 /// [`crate::Error::Local`] naming the directory or file that could not be written.
 pub fn record(cluster: &Path, host: &str, start: &Start, pid: u32) -> Result<()> {
+    record_all(cluster, vec![Pending::new(host, start, pid)])
+}
+
+/// One start not written yet: host id, release name and its record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pending {
+    host: String,
+    release: String,
+    record: StartRecord,
+}
+
+impl Pending {
+    /// The record of `start` sent to `host`, answered with `pid`, now.
+    fn new(host: &str, start: &Start, pid: u32) -> Pending {
+        Pending {
+            host: host.to_string(),
+            release: start.name.clone(),
+            record: StartRecord {
+                version: start.version.clone(),
+                pid,
+                fingerprint: fingerprint(start),
+                started_ms: crate::amqp::now_ms(),
+            },
+        }
+    }
+}
+
+/// Writes `starts` beside `cluster` in one durable write, in order (a later start of
+/// the same release on the same host replaces an earlier one). An unreadable old
+/// record is replaced.
+fn record_all(cluster: &Path, starts: Vec<Pending>) -> Result<()> {
     let mut records = load(cluster).unwrap_or_default();
-    records.entry(host.to_string()).or_default().insert(
-        start.name.clone(),
-        StartRecord {
-            version: start.version.clone(),
-            pid,
-            fingerprint: fingerprint(start),
-            started_ms: crate::amqp::now_ms(),
-        },
-    );
+    for start in starts {
+        records
+            .entry(start.host)
+            .or_default()
+            .insert(start.release, start.record);
+    }
     halt::store_state(cluster, STARTED_FILE, &records)
 }
 
-/// Records the start a rollout's [`RolloutEvent::HostDone`] reports: the request is the
-/// one the rollout sent, built from `plan`'s group for that host and version. `None` for
-/// any other event (and for a group or host `plan` does not have).
-pub fn record_done(cluster: &Path, plan: &Plan, event: &RolloutEvent) -> Option<Result<()>> {
+/// The start a rollout's [`RolloutEvent::HostDone`] reports: the request is the one the
+/// rollout sent, built from `plan`'s group for that host and version. `None` for any
+/// other event (and for a group or host `plan` does not have).
+fn done_start(plan: &Plan, event: &RolloutEvent) -> Option<Pending> {
     let RolloutEvent::HostDone {
         group,
         host,
@@ -115,7 +148,130 @@ pub fn record_done(cluster: &Path, plan: &Plan, event: &RolloutEvent) -> Option<
     let group = plan.groups.get(group)?;
     let member = plan.host(host)?;
     let start = group.start_request(member, version);
-    Some(record(cluster, host, &start, *pid))
+    Some(Pending::new(host, &start, *pid))
+}
+
+/// Starts waiting for the writer, and whether the recorder is finishing.
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    closed: bool,
+}
+
+/// The queue and the condition the writer waits on.
+type Shared = (Mutex<Queue>, Condvar);
+
+/// Records the starts of a rollout's [`RolloutEvent::HostDone`] events beside a cluster
+/// file without holding the rollout up: [`Recorder::done`] only queues; a thread of its
+/// own writes what is queued, all of it in one durable write (load, replace the
+/// queued hosts' records, [`crate::durable`]), then waits for more. A start is thus
+/// written one write after it is queued at the latest, and the file is rewritten at
+/// most once per write's time, not once per host. A failed write is handed to `warn`
+/// and its starts are not tried again (as with [`record`], never a failed command).
+/// [`Recorder::finish`] (or dropping it) writes what is left and waits for it.
+pub struct Recorder {
+    shared: Arc<Shared>,
+    writer: Option<JoinHandle<usize>>,
+    /// Where to write when no thread could be started: then `done` writes at once.
+    cluster: PathBuf,
+    warn: Arc<dyn Fn(&Error) + Send + Sync>,
+}
+
+impl Recorder {
+    /// A recorder of starts beside `cluster`; `warn` gets each failed write's error.
+    pub fn new(cluster: &Path, warn: impl Fn(&Error) + Send + Sync + 'static) -> Recorder {
+        let shared: Arc<Shared> = Arc::default();
+        let warn: Arc<dyn Fn(&Error) + Send + Sync> = Arc::new(warn);
+        let writer = {
+            let (shared, cluster, warn) = (shared.clone(), cluster.to_path_buf(), warn.clone());
+            std::thread::Builder::new()
+                .name("erel-started".to_string())
+                .spawn(move || write_queued(&shared, &cluster, &*warn))
+                .ok()
+        };
+        Recorder {
+            shared,
+            writer,
+            cluster: cluster.to_path_buf(),
+            warn,
+        }
+    }
+
+    /// Queues the start `event` reports when it is a [`RolloutEvent::HostDone`] of a
+    /// group and host of `plan`, with the request the rollout sent; any other event is
+    /// ignored. Never waits for a write, unless no writer thread could be started.
+    pub fn done(&self, plan: &Plan, event: &RolloutEvent) {
+        let Some(start) = done_start(plan, event) else {
+            return;
+        };
+        if self.writer.is_none() {
+            if let Err(e) = record_all(&self.cluster, vec![start]) {
+                (self.warn)(&e);
+            }
+            return;
+        }
+        let (queue, ready) = &*self.shared;
+        queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pending
+            .push(start);
+        ready.notify_one();
+    }
+
+    /// Writes what is still queued and waits for it; the number of writes made in all
+    /// (each one durable write of the file, whatever the number of starts in it).
+    pub fn finish(mut self) -> usize {
+        self.close()
+    }
+
+    fn close(&mut self) -> usize {
+        let Some(writer) = self.writer.take() else {
+            return 0;
+        };
+        let (queue, ready) = &*self.shared;
+        queue.lock().unwrap_or_else(PoisonError::into_inner).closed = true;
+        ready.notify_one();
+        writer.join().unwrap_or(0)
+    }
+}
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder")
+            .field("cluster", &self.cluster)
+            .field("writer_thread", &self.writer.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The writer thread of a [`Recorder`]: writes what is queued, all at once, until the
+/// recorder is closed and nothing is left; the number of writes.
+fn write_queued(shared: &Shared, cluster: &Path, warn: &(dyn Fn(&Error) + Send + Sync)) -> usize {
+    let (queue, ready) = shared;
+    let mut writes = 0;
+    loop {
+        let starts = {
+            let mut queue = queue.lock().unwrap_or_else(PoisonError::into_inner);
+            while queue.pending.is_empty() && !queue.closed {
+                queue = ready.wait(queue).unwrap_or_else(PoisonError::into_inner);
+            }
+            if queue.pending.is_empty() {
+                return writes;
+            }
+            std::mem::take(&mut queue.pending)
+        };
+        if let Err(e) = record_all(cluster, starts) {
+            warn(&e);
+        }
+        writes += 1;
+    }
 }
 
 /// What [`compare`] says: `match`, `differs`, `unknown` or `-`, and why.
@@ -291,6 +447,91 @@ mod tests {
         stopped.state = ReleaseState::Stopped;
         stopped.pid = None;
         assert_eq!(compare(None, &stopped, &group).word, "-");
+    }
+
+    #[test]
+    fn a_recorder_writes_every_start_a_rollout_reports_and_ignores_other_events() {
+        use crate::cluster::ArchiveLookup;
+        use crate::fixtures::{groups_text, HOSTS_IN_SEVERAL_GROUPS};
+        let text = groups_text(HOSTS_IN_SEVERAL_GROUPS);
+        let plan = Plan::parse(&text, "cluster.toml", &ArchiveLookup::Unchecked).expect("valid");
+        let (_dir, cluster) = crate::rollout::halt::temp_cluster();
+        let warnings = Arc::new(Mutex::new(Vec::new()));
+        let warned = warnings.clone();
+        let starts = Recorder::new(&cluster, move |e| {
+            warned.lock().expect("lock").push(e.to_string());
+        });
+        let done = |group: &str, host: &str, version: &str, pid| RolloutEvent::HostDone {
+            group: group.into(),
+            host: host.into(),
+            version: version.into(),
+            pid,
+        };
+        // Many starts at once, one host's release twice: the last one stays.
+        for pid in 1..=200 {
+            starts.done(&plan, &done("web", "web-1", "0.2.0", pid));
+        }
+        starts.done(&plan, &done("metrics", "both-1", "1.0.0", 7));
+        starts.done(&plan, &done("web", "both-1", "0.2.0", 8));
+        // Not a start, or a group or host the file does not have: nothing.
+        starts.done(&plan, &done("gone", "web-1", "1", 9));
+        starts.done(&plan, &done("web", "gone-1", "1", 9));
+        starts.done(
+            &plan,
+            &RolloutEvent::HostPhase {
+                group: "web".into(),
+                host: "spare-1".into(),
+                phase: crate::rollout::HostPhase::Starting,
+            },
+        );
+        let writes = starts.finish();
+        assert!(
+            (1..=202).contains(&writes),
+            "{writes} writes for 202 starts"
+        );
+        assert!(warnings.lock().expect("lock").is_empty());
+        let records = load(&cluster).expect("load");
+        assert_eq!(
+            records.keys().collect::<Vec<_>>(),
+            ["both-1", "web-1"],
+            "only the starts of the file's groups and hosts"
+        );
+        let web = &records["web-1"]["beat"];
+        assert_eq!((web.pid, web.version.as_str()), (200, "0.2.0"));
+        let member = plan.host("web-1").expect("host");
+        let sent = plan.groups["web"].start_request(member, "0.2.0");
+        assert_eq!(web.fingerprint, fingerprint(&sent), "the request sent");
+        assert_eq!(records["both-1"]["probe"].pid, 7);
+        assert_eq!(records["both-1"]["beat"].pid, 8);
+    }
+
+    #[test]
+    fn a_recorder_that_cannot_write_warns_and_the_rollout_goes_on() {
+        use crate::cluster::ArchiveLookup;
+        use crate::fixtures::{groups_text, HOSTS_IN_SEVERAL_GROUPS};
+        let text = groups_text(HOSTS_IN_SEVERAL_GROUPS);
+        let plan = Plan::parse(&text, "cluster.toml", &ArchiveLookup::Unchecked).expect("valid");
+        let (dir, cluster) = crate::rollout::halt::temp_cluster();
+        // The state directory's place is taken by a file: no write can succeed.
+        std::fs::write(dir.path().join(halt::STATE_DIR), "").expect("write");
+        let warnings = Arc::new(Mutex::new(Vec::new()));
+        let warned = warnings.clone();
+        let starts = Recorder::new(&cluster, move |e| {
+            warned.lock().expect("lock").push(e.to_string());
+        });
+        starts.done(
+            &plan,
+            &RolloutEvent::HostDone {
+                group: "web".into(),
+                host: "web-1".into(),
+                version: "0.2.0".into(),
+                pid: 1,
+            },
+        );
+        drop(starts);
+        let warnings = warnings.lock().expect("lock");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains(halt::STATE_DIR), "{warnings:?}");
     }
 
     #[test]

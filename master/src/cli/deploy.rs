@@ -160,11 +160,12 @@ pub(super) async fn run_and_report(
         .await?;
     let mut interrupt = Interrupt::install()?;
     let mut progress = Progress::default();
+    let starts = crate::started::Recorder::new(command.cluster, |e| {
+        eprintln!("warning: a start is not recorded, status will say argv/env unknown: {e}");
+    });
     let rollout = Box::pin(rollout::run(plan, connector, options, |event| {
         progress.record(event);
-        if let Some(Err(e)) = crate::started::record_done(command.cluster, plan, event) {
-            eprintln!("warning: a start is not recorded, status will say argv/env unknown: {e}");
-        }
+        starts.done(plan, event);
         view.show(event)
     }));
     let outcome = tokio::select! {
@@ -177,6 +178,8 @@ pub(super) async fn run_and_report(
             None
         }
     };
+    // The starts still queued are written before anything is said.
+    let _ = tokio::task::spawn_blocking(move || starts.finish()).await;
     hold.release().await;
     view.finish();
     let Some(report) = outcome else {

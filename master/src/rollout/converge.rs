@@ -232,14 +232,16 @@ impl FilePass {
                 },
                 ..RolloutOptions::default()
             };
+            let starts = crate::started::Recorder::new(&self.path, |e| {
+                warn!("a start is not recorded, status will say argv/env unknown: {e}");
+            });
             let on_event = |event: &RolloutEvent| {
-                if let Some(Err(e)) = crate::started::record_done(&self.path, plan, event) {
-                    warn!("a start is not recorded, status will say argv/env unknown: {e}");
-                }
+                starts.done(plan, event);
                 on_event(event)
             };
             let report =
                 converge_pass(plan, &self.connector, &options, self.interval, on_event).await;
+            let _ = tokio::task::spawn_blocking(move || starts.finish()).await;
             if let Some(report) = report {
                 let found = halt::halts_of(&report, crate::amqp::now_ms());
                 for (group, reason) in halt::waiting_of(&report, &found) {

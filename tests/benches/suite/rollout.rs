@@ -16,6 +16,10 @@
 //! master's peak RSS (`VmHWM`, read from `/proc/PID/status` while it runs),
 //! its CPU time and the most file descriptors it held at once (sampled from
 //! `/proc/PID/fd`) are printed for each size.
+//!
+//! `EREL_BENCH_ROLLOUT_LOGS=DIR` keeps the output of every deploy, warm-up included, as
+//! `DIR/<kind>-<hosts>-<run>.log` (each event with the time since the rollout began; with
+//! `EREL_LOG=debug` the master's debug log too): the timeline of each batch.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -176,7 +180,13 @@ impl Fleet {
             let version = format!("{n}.{run}.0");
             let archive = self.archive(&version);
             let cluster = self.write_cluster(n, &version, &archive);
-            let deploy = deploy(&self.pki, &cluster, &self.dir.path().join("deploy.log"));
+            let log = self.dir.path().join("deploy.log");
+            let deploy = deploy(&self.pki, &cluster, &log);
+            if let Some(keep) = std::env::var_os("EREL_BENCH_ROLLOUT_LOGS") {
+                let kept = Path::new(&keep).join(format!("{}-{n}-{run}.log", self.kind));
+                std::fs::create_dir_all(&keep).expect("create EREL_BENCH_ROLLOUT_LOGS");
+                std::fs::copy(&log, &kept).expect("keep the deploy log");
+            }
             if run > 0 {
                 runs.push(deploy);
             }
