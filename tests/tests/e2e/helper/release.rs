@@ -47,12 +47,14 @@ pub fn names_the_exit_failure(text: &str) -> bool {
 
 /// A beat release's name, version and `BEAT_FAIL` mode.
 type BeatKey = (String, String, Option<String>);
+/// A packed beat release: its file name and the archive's bytes.
+type Packed = (OsString, Arc<Vec<u8>>);
 
 /// The beat releases this test process has written, by [`BeatKey`]: the file name and
 /// the archive's bytes. Packing the beat program (megabytes, compressed by a debug build)
 /// takes seconds, most tests write the same few releases, and an archive is the same
 /// bytes each time (fixed modes and times), so each is packed once and copied after.
-static WRITTEN: Mutex<BTreeMap<BeatKey, (OsString, Arc<Vec<u8>>)>> = Mutex::new(BTreeMap::new());
+static WRITTEN: Mutex<BTreeMap<BeatKey, Packed>> = Mutex::new(BTreeMap::new());
 
 fn beat(dir: &Path, name: &str, version: &str, fail: Option<&str>) -> PathBuf {
     let key = (
