@@ -1,7 +1,10 @@
 //! Release tarballs made on the spot, relx-style, with the master's release builder.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use erel_master::release::{write_tarball, BeatRelease, ReleaseFile};
 
@@ -42,7 +45,30 @@ pub fn names_the_exit_failure(text: &str) -> bool {
     text.contains("exited with code 3") || text.contains("restarted")
 }
 
+/// A beat release's name, version and `BEAT_FAIL` mode.
+type BeatKey = (String, String, Option<String>);
+/// A packed beat release: its file name and the archive's bytes.
+type Packed = (OsString, Arc<Vec<u8>>);
+
+/// The beat releases this test process has written, by [`BeatKey`]: the file name and
+/// the archive's bytes. Packing the beat program (megabytes, compressed by a debug build)
+/// takes seconds, most tests write the same few releases, and an archive is the same
+/// bytes each time (fixed modes and times), so each is packed once and copied after.
+static WRITTEN: Mutex<BTreeMap<BeatKey, Packed>> = Mutex::new(BTreeMap::new());
+
 fn beat(dir: &Path, name: &str, version: &str, fail: Option<&str>) -> PathBuf {
+    let key = (
+        name.to_string(),
+        version.to_string(),
+        fail.map(str::to_string),
+    );
+    let written = WRITTEN.lock().expect("beat releases").get(&key).cloned();
+    if let Some((file_name, bytes)) = written {
+        let path = dir.join(file_name);
+        std::fs::write(&path, bytes.as_slice())
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        return path;
+    }
     let release = BeatRelease {
         name,
         version,
@@ -50,7 +76,17 @@ fn beat(dir: &Path, name: &str, version: &str, fail: Option<&str>) -> PathBuf {
         server_args: &[],
         fail,
     };
-    release.write(dir).expect("write beat release")
+    let path = release.write(dir).expect("write beat release");
+    let bytes = std::fs::read(&path).expect("read the beat release back");
+    let file_name = path
+        .file_name()
+        .expect("the archive's file name")
+        .to_owned();
+    WRITTEN
+        .lock()
+        .expect("beat releases")
+        .insert(key, (file_name, Arc::new(bytes)));
+    path
 }
 
 /// Rewrites the release tarball `archive` (`<name>-<version>.tar.gz`) with `payload`
