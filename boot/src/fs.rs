@@ -356,6 +356,33 @@ pub(crate) fn rename_durably(from: &Path, to: &Path) -> Result<()> {
     sync_parent(to)
 }
 
+/// Starts writing `len` bytes of `file` from `offset` (bytes) to the disk and returns
+/// without waiting for them: `sync_file_range(2)` with `SYNC_FILE_RANGE_WRITE`, which
+/// queues the range's dirty pages for write-out (it may block briefly when the device's
+/// queue is full). A later `fsync` then has only the rest left to wait for. It makes
+/// nothing durable by itself: no metadata is written and nothing waits for the device,
+/// so callers still `fsync` before they rely on the bytes (see the man page's warning).
+///
+/// Errors are those of `sync_file_range(2)`: `EBADF`, `EINVAL` (a negative or overflowing
+/// range), `ESPIPE` (not a regular file, directory or block device), `EIO`, `ENOMEM`.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let invalid = |_| std::io::Error::from_raw_os_error(libc::EINVAL);
+    let offset = i64::try_from(offset).map_err(invalid)?;
+    let len = i64::try_from(len).map_err(invalid)?;
+    let fd = file.as_raw_fd();
+    #[allow(unsafe_code)]
+    // SAFETY: `fd` is borrowed from `file`, open for the whole call; the call reads no
+    // memory of ours and changes nothing but the kernel's write-out of the file's pages.
+    // Neither nix nor rustix wraps this system call.
+    let done = unsafe { libc::sync_file_range(fd, offset, len, libc::SYNC_FILE_RANGE_WRITE) };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Fsyncs the directory holding `path`.
 fn sync_parent(path: &Path) -> Result<()> {
     match path.parent() {
@@ -626,6 +653,25 @@ mod tests {
 
     fn root() -> (tempfile::TempDir, Root) {
         temp_root()
+    }
+
+    #[test]
+    fn writeback_starts_on_files_and_refuses_pipes_and_huge_ranges() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let mut file = File::create(&path).expect("create");
+        file.write_all(&[7u8; 100_000]).expect("write");
+        start_writeback(&file, 0, 100_000).expect("a written range");
+        start_writeback(&file, 4096, 0).expect("to the end of the file");
+        file.sync_all().expect("fsync");
+        assert_eq!(fs::read(&path).expect("read"), vec![7u8; 100_000]);
+
+        let huge = start_writeback(&file, u64::MAX, 1).unwrap_err();
+        assert_eq!(huge.raw_os_error(), Some(libc::EINVAL), "{huge}");
+        let (read, _write) = nix::unistd::pipe().expect("pipe");
+        let pipe = File::from(read);
+        let refused = start_writeback(&pipe, 0, 1).unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::ESPIPE), "{refused}");
     }
 
     #[test]

@@ -120,6 +120,35 @@ fn full_transfer_lands_with_its_mode() {
 }
 
 #[test]
+fn write_out_starts_every_step_from_where_the_transfer_began() {
+    let f = fixture();
+    let data = content(100_000);
+    let req = request("stepped.bin", &data, true);
+    let (_, cut) = f.sent("stepped.bin", &data, true, 30_000);
+    drop(cut); // the connection is cut
+    let offer = f.offer(&req).expect("offer");
+    assert_eq!(offer.have, 30_000);
+    let mut receiver = begin(offer, 30_000).expect("begin");
+    receiver.writeback_step = 25_000;
+    assert_eq!(
+        receiver.written_back, 30_000,
+        "nothing started before a byte arrives"
+    );
+    let mut marks = Vec::new();
+    for chunk in data[30_000..].chunks(10_000) {
+        receiver.write(chunk).expect("write");
+        marks.push(receiver.written_back);
+    }
+    // Started each time 25,000 bytes had arrived since the last start, for all of
+    // them; the last 10,000 are left to the commit's fsync.
+    let expected = [30_000, 30_000, 60_000, 60_000, 60_000, 90_000, 90_000];
+    assert_eq!(marks, expected);
+    let written = receiver.commit(digest(&data)).expect("commit");
+    assert_eq!(written.received, 70_000);
+    f.assert_landed("stepped.bin", &data);
+}
+
+#[test]
 fn empty_file_transfers() {
     let f = fixture();
     let req = request("empty", b"", true);
