@@ -58,8 +58,9 @@ pub fn files_hashed() -> u64 {
 
 /// How many times this process has read a local file from start to end (or from a
 /// resumed offset to the end), to hash it or to send it, since it started. A push of a
-/// file whose digest is known reads it once per host (from the page cache) and hashes
-/// it nowhere.
+/// file whose digest is known hashes it nowhere; a rollout's pushes of its archive read
+/// it once for all their hosts together (`client::SharedFile`, counted once, with the
+/// bytes they took from disk), `erel push` once per host.
 pub fn files_read() -> u64 {
     FILES_READ.load(Ordering::Relaxed)
 }

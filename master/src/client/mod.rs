@@ -4,11 +4,13 @@
 //! every failure names the host. An exchange is tried once: `retry` says when a
 //! failed command is tried again, `session` holds the [`Connector`], the one way to
 //! open connections, and the [`HostSession`] that tries a command again as that policy
-//! says; `write_file` the resumable transfer.
+//! says; `write_file` the resumable transfer, `shared_push` the same transfer of one file
+//! to many agents at once, read once for all of them.
 
 pub(crate) mod budget;
 pub(crate) mod retry;
 mod session;
+mod shared_push;
 mod write_file;
 
 use std::fmt;
@@ -32,6 +34,7 @@ use retry::{Retry, RetryPolicy};
 pub(crate) use retry::gave_up;
 pub use session::Connector;
 pub(crate) use session::{HostSession, DEFAULT_CONNECT_TIMEOUT};
+pub use shared_push::SharedFile;
 pub(crate) use write_file::push_buffer_bytes;
 pub use write_file::{Progress, WriteSource};
 

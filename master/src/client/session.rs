@@ -11,8 +11,7 @@ use erel_proto::{Ping, Pong, Request, Sha256, Start, Started, Stopped, Unpacked,
 use super::budget::answer_budget;
 use super::retry::{Retry, RetryPolicy};
 use super::{
-    gave_up, stop_request, unpack_request, AgentClient, Answer, HostAddr, PhaseTimeouts,
-    WriteSource,
+    gave_up, stop_request, unpack_request, AgentClient, Answer, HostAddr, PhaseTimeouts, SharedFile,
 };
 use crate::error::{Error, Result};
 
@@ -143,26 +142,13 @@ impl HostSession {
             .exchange(Request::Ping(Ping {}), limit))
     }
 
-    /// `WriteFile` of an archive whose digest is known: nothing is sent when present,
-    /// an interrupted transfer resumes.
-    pub(crate) async fn push(
-        &mut self,
-        path: &std::path::Path,
-        sha256: Sha256,
-        dest: &str,
-    ) -> Result<Written> {
-        let source = WriteSource {
-            path: path.to_path_buf(),
-            sha256: Some(sha256),
-            sha256_of: None,
-        };
+    /// `WriteFile` of an archive whose digest is known, pushed to many hosts at once and
+    /// read once for all of them ([`SharedFile`]): nothing is sent when present, an
+    /// interrupted transfer resumes.
+    pub(crate) async fn push(&mut self, shared: &SharedFile, dest: &str) -> Result<Written> {
         // Another master may be pushing the same file: as patient as `erel push`.
-        retrying!(self, RetryPolicy::for_push(), |client| client.write_file(
-            &source,
-            dest,
-            0o644,
-            &mut |_| {}
-        ))
+        retrying!(self, RetryPolicy::for_push(), |client| client
+            .write_shared(shared, dest, 0o644))
     }
 
     /// `Unpack`, answered within `limit`.

@@ -30,7 +30,7 @@ use crate::digest_cache::{hash_into, FileStamp};
 use crate::error::{Error, Result};
 
 /// Bytes read from disk per chunk.
-const CHUNK: usize = 256 * 1024;
+pub(super) const CHUNK: usize = 256 * 1024;
 /// Chunks read ahead of the socket.
 const CHUNKS_AHEAD: usize = 4;
 /// The most bytes one push of a file of `size` bytes holds in its read buffers: the
@@ -270,12 +270,12 @@ impl AgentClient {
 
     /// Closes the connection in the middle of a transfer, so that the agent commits
     /// nothing; bounded, as the agent may not be reading.
-    async fn abandon(&mut self) {
+    pub(super) async fn abandon(&mut self) {
         let _ = tokio::time::timeout(ABANDON_TIMEOUT, self.stream.shutdown()).await;
     }
 
     /// After a failed send, the agent may have said why before closing: read it.
-    async fn explain_cut_transfer(&mut self, error: Error) -> Error {
+    pub(super) async fn explain_cut_transfer(&mut self, error: Error) -> Error {
         if !matches!(error, Error::Protocol { .. } | Error::Timeout { .. }) {
             return error;
         }
@@ -293,7 +293,11 @@ impl AgentClient {
         }
     }
 
-    async fn receive_with(&mut self, limit: std::time::Duration, what: &str) -> Result<Response> {
+    pub(super) async fn receive_with(
+        &mut self,
+        limit: std::time::Duration,
+        what: &str,
+    ) -> Result<Response> {
         tokio::time::timeout(limit, self.receive())
             .await
             .map_err(|_| timeout(&self.host, format!("waiting for {what}")))?
@@ -301,7 +305,7 @@ impl AgentClient {
 }
 
 /// Opens the file to send and takes its stamp from the open file (blocking).
-fn open_stamped(path: &Path) -> Result<(std::fs::File, FileStamp)> {
+pub(super) fn open_stamped(path: &Path) -> Result<(std::fs::File, FileStamp)> {
     let file =
         std::fs::File::open(path).map_err(|e| Error::local(path, format!("cannot read: {e}")))?;
     let meta = file
@@ -314,7 +318,11 @@ fn open_stamped(path: &Path) -> Result<(std::fs::File, FileStamp)> {
 }
 
 /// Fails when the open file or the file at `path` is not in the state `before` any more.
-async fn unchanged_since(path: &Path, file: &std::fs::File, before: &FileStamp) -> Result<()> {
+pub(super) async fn unchanged_since(
+    path: &Path,
+    file: &std::fs::File,
+    before: &FileStamp,
+) -> Result<()> {
     let file = file
         .try_clone()
         .map_err(|e| Error::local(path, format!("cannot read: {e}")))?;

@@ -19,7 +19,7 @@ use super::{
     count, emit, EventSink, GroupReport, HostFailure, HostOutcome, HostPhase, HostReport,
     Operation, RolloutEvent, RolloutOptions, RolloutReport, Shared, SharedRef, StopReason,
 };
-use crate::client::{Connector, HostSession};
+use crate::client::{Connector, HostSession, SharedFile};
 use crate::cluster::{Archive, GroupPlan, GroupState, HostPlan, Plan};
 use crate::error::{Error, Result};
 
@@ -472,6 +472,8 @@ struct GroupCtx {
     group: GroupPlan,
     /// The group's archive; `None` when the operation stages nothing.
     archive: Option<Archive>,
+    /// The archive as the group's pushes read it: once for all of them.
+    push_source: Option<SharedFile>,
 }
 
 impl GroupCtx {
@@ -512,10 +514,14 @@ async fn run_group(
     hosts: Vec<HostPlan>,
     left: Vec<HostPlan>,
 ) -> GroupReport {
+    let push_source = archive
+        .as_ref()
+        .map(|archive| SharedFile::new(&archive.path, archive.sha256));
     let ctx = Arc::new(GroupCtx {
         shared,
         group,
         archive,
+        push_source,
     });
     let events = &ctx.shared.events;
     let name = ctx.group.name.clone();
@@ -1027,7 +1033,7 @@ fn unreachable(host: &HostPlan, error: &Error) -> String {
 async fn stage(ctx: &GroupCtx, mut session: HostSession, staged: bool) -> Staged {
     let id = session.host().id.clone();
     ctx.phase(&id, HostPhase::Staging);
-    let Some(archive) = &ctx.archive else {
+    let (Some(archive), Some(push_source)) = (&ctx.archive, &ctx.push_source) else {
         return Err(HostFailure::new(
             HostPhase::Staging,
             "the group's archive was not loaded",
@@ -1042,7 +1048,7 @@ async fn stage(ctx: &GroupCtx, mut session: HostSession, staged: bool) -> Staged
             StageAction::Staged => break,
             StageAction::Fail(failure) => return Err(failure),
             StageAction::Push => {
-                let pushed = session.push(&archive.path, archive.sha256, &dest).await;
+                let pushed = session.push(push_source, &dest).await;
                 observe(pushed)
             }
             StageAction::Unpack => {

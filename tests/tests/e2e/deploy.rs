@@ -359,10 +359,21 @@ async fn a_rollout_hashes_its_archive_once_whatever_the_number_of_hosts() {
     fleet.expect_beats("0.1.0");
     assert_eq!(
         archive_reads(&out, name),
-        (1 + HOSTS, 1, HOSTS),
+        (2, 1, 1),
         "the archive is read and hashed once when the cluster file is loaded (its \
-         versions listed on the way), then read once per host to send it, never hashed \
-         again:\n{out}"
+         versions listed on the way), then read once more for the {HOSTS} hosts' pushes \
+         together, never hashed again:\n{out}"
+    );
+    // That one read took the archive from disk once, not once per host.
+    let size = std::fs::metadata(fleet.releases().join(name))
+        .expect("the archive")
+        .len();
+    assert!(
+        out.lines().any(|l| l.contains("local file read")
+            && l.contains(name)
+            && l.contains("why=\"to send\"")
+            && l.contains(&format!("bytes={size} "))),
+        "the pushes read {size} bytes in all:\n{out}"
     );
     // Every host holds it: nothing is sent again, and it is still hashed only once.
     let out = deploy();
