@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use erel_proto::{rules, Request, Response, Sha256, WriteBegin, WriteCommit, WriteFile, Written};
+use erel_proto::{Request, Sha256, WriteBegin, WriteFile, Written};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::OnceCell;
 
@@ -186,26 +186,7 @@ impl AgentClient {
             size,
             sha256: Some(shared.sha256),
         });
-        self.send(&request).await?;
-        let offer = match self
-            .receive_with(TRANSFER_STALL_TIMEOUT, rules::answer_name(&request))
-            .await?
-        {
-            Response::WriteOffer(offer) => offer,
-            Response::Error(reply) => {
-                return Err(Error::Agent {
-                    host: self.host.id.clone(),
-                    reply,
-                })
-            }
-            other => return Err(self.unexpected(rules::answer_name(&request), &other)),
-        };
-        if offer.have > size {
-            return Err(self.protocol_error(format!(
-                "agent offered {} bytes of a {size}-byte file",
-                offer.have
-            )));
-        }
+        let offer = self.offer(&request, size).await?;
         // The agent keyed its staging by the digest we named: its bytes are a prefix of
         // this content, and it verifies the whole file at the end.
         let offset = offer.have;
@@ -222,18 +203,7 @@ impl AgentClient {
             self.abandon().await;
             return Err(e);
         }
-        self.send(&WriteCommit {
-            sha256: shared.sha256,
-        })
-        .await?;
-        match self.receive_with(TRANSFER_STALL_TIMEOUT, "Written").await? {
-            Response::Written(written) => Ok(written),
-            Response::Error(reply) => Err(Error::Agent {
-                host: self.host.id.clone(),
-                reply,
-            }),
-            other => Err(self.unexpected("Written", &other)),
-        }
+        self.commit(shared.sha256).await
     }
 
     /// Sends bytes `offset..size` from the shared window, fetching the next chunk while

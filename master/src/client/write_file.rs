@@ -108,26 +108,7 @@ impl AgentClient {
         // A transfer of the same file cut a moment ago may still hold the agent's
         // staging: the agent answers `Busy` and hands it over within a bounded time; the
         // caller's retry policy waits that out.
-        self.send(&request).await?;
-        let offer = match self
-            .receive_with(TRANSFER_STALL_TIMEOUT, rules::answer_name(&request))
-            .await?
-        {
-            Response::WriteOffer(offer) => offer,
-            Response::Error(reply) => {
-                return Err(Error::Agent {
-                    host: self.host.id.clone(),
-                    reply,
-                })
-            }
-            other => return Err(self.unexpected(rules::answer_name(&request), &other)),
-        };
-        if offer.have > size {
-            return Err(self.protocol_error(format!(
-                "agent offered {} bytes of a {size}-byte file",
-                offer.have
-            )));
-        }
+        let offer = self.offer(&request, size).await?;
         let (offset, hasher) = self.resume_point(source, &file, &offer).await?;
         self.send(&WriteBegin { offset }).await?;
         progress(Progress {
@@ -158,6 +139,42 @@ impl AgentClient {
             (None, Some(computed)) => computed,
             (None, None) => return Err(Error::local(&path, "internal: no digest computed")),
         };
+        self.commit(sha256).await
+    }
+
+    /// Sends `request` (a `WriteFile` of `size` bytes) and returns the agent's
+    /// `WriteOffer`: how many bytes of that content it holds already.
+    ///
+    /// Errors: the agent's refusal ([`Error::Agent`]), another answer, or an offer of
+    /// more bytes than the file has (a protocol error); timeouts and cut connections.
+    pub(super) async fn offer(&mut self, request: &Request, size: u64) -> Result<WriteOffer> {
+        self.send(request).await?;
+        let offer = match self
+            .receive_with(TRANSFER_STALL_TIMEOUT, rules::answer_name(request))
+            .await?
+        {
+            Response::WriteOffer(offer) => offer,
+            Response::Error(reply) => {
+                return Err(Error::Agent {
+                    host: self.host.id.clone(),
+                    reply,
+                })
+            }
+            other => return Err(self.unexpected(rules::answer_name(request), &other)),
+        };
+        if offer.have > size {
+            return Err(self.protocol_error(format!(
+                "agent offered {} bytes of a {size}-byte file",
+                offer.have
+            )));
+        }
+        Ok(offer)
+    }
+
+    /// Sends `WriteCommit` with the content's digest `sha256` and returns the agent's
+    /// `Written`; errors: the agent's refusal (a digest mismatch, say), another answer,
+    /// timeouts and cut connections.
+    pub(super) async fn commit(&mut self, sha256: Sha256) -> Result<Written> {
         self.send(&WriteCommit { sha256 }).await?;
         match self.receive_with(TRANSFER_STALL_TIMEOUT, "Written").await? {
             Response::Written(written) => Ok(written),
