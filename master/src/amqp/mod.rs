@@ -454,7 +454,8 @@ fn not_ready_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(100), Duration::from_secs(2))
 }
 
-/// What RabbitMQ answers, with `RESOURCE_ERROR` (506, which closes the connection),
+/// What RabbitMQ answers, with `RESOURCE_ERROR` (506, which closes the connection) or,
+/// to a `basic.consume`, with `PRECONDITION_FAILED` (406, which closes the channel),
 /// when a stream or quorum queue that exists is not ready to be used yet: its members
 /// are still starting, as on a cluster where it was just declared, or its coordinator
 /// is being elected (RabbitMQ 3.x `rabbit_channel` and `rabbit_stream_queue`).
@@ -466,7 +467,7 @@ const NOT_READY_ANSWERS: [&str; 4] = [
 ];
 
 /// Whether `error` is the broker saying that a queue's replicas are not ready yet
-/// ([`NOT_READY_ANSWERS`] after `RESOURCE_ERROR`), or failing with `INTERNAL_ERROR`
+/// ([`NOT_READY_ANSWERS`] after `RESOURCE_ERROR` or `PRECONDITION_FAILED`), or failing with `INTERNAL_ERROR`
 /// (541, which closes the connection): RabbitMQ's answer when the channel's process
 /// crashed, as it does to a publisher confirm on a stream whose members are still
 /// starting on a cluster started a moment before. Both go away by themselves and are
@@ -475,9 +476,13 @@ pub(crate) fn replicas_not_ready(error: &Error) -> bool {
     match error {
         Error::Amqp { message, .. } => {
             message.contains(": INTERNAL_ERROR")
-                || message
-                    .split_once("RESOURCE_ERROR - ")
-                    .is_some_and(|(_, said)| NOT_READY_ANSWERS.iter().any(|a| said.contains(a)))
+                || ["RESOURCE_ERROR - ", "PRECONDITION_FAILED - "]
+                    .iter()
+                    .any(|code| {
+                        message.split_once(code).is_some_and(|(_, said)| {
+                            NOT_READY_ANSWERS.iter().any(|a| said.contains(a))
+                        })
+                    })
         }
         _ => false,
     }
@@ -893,6 +898,13 @@ mod tests {
             "INTERNAL_ERROR",
         );
         assert!(replicas_not_ready(&internal), "{internal}");
+        // As a consume of a stream just declared on a single broker was refused.
+        let consume = refused(
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+            "PRECONDITION_FAILED - queue 'queue 't.configs' in vhost '/'' does not have a \
+             replica on the local node",
+        );
+        assert!(replicas_not_ready(&consume), "{consume}");
         let others = [
             refused(
                 AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
