@@ -200,7 +200,9 @@ impl Inner {
         };
         warn!(release = %name, pids = %super::comma_separated(strays.iter().map(|s| s.0)), "stopping processes of the release outside its cgroup");
         let what = format!("processes of release {name} outside its cgroup");
-        let stopped = process::stop_members(&what, alive, process::kill_each, SWITCH_GRACE);
+        let listing = process::Listing::Exact;
+        let stopped =
+            process::stop_members(&what, alive, listing, process::kill_each, SWITCH_GRACE);
         log_failure(name, "cannot stop them", stopped.await);
     }
 }

@@ -26,8 +26,14 @@ use crate::error::{Error, Result};
 
 use super::spawn::DATA_DIR;
 
-/// How often a group is checked for members while it is being stopped.
+/// The longest wait between two looks for members while a group is being stopped, and
+/// the wait between the two looks that must agree when members are found by a scan
+/// (see [`Listing::Scanned`]).
 const GROUP_POLL: Duration = Duration::from_millis(50);
+/// The first wait between two looks for members: most releases are gone within a few
+/// milliseconds of SIGTERM, so the looks begin close together and the wait doubles up
+/// to [`GROUP_POLL`] (5, 10, 20, 40, 50, 50 ms …).
+const FIRST_POLL: Duration = Duration::from_millis(5);
 /// How long a group may take to disappear after SIGKILL before the stop is reported as
 /// timed out (a process stuck in uninterruptible sleep).
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -227,16 +233,36 @@ pub(crate) fn signal_each(pids: &[u32], signal: Signal) {
     }
 }
 
-/// Polls until `members` is empty or `limit` passes; true when empty.
-///
-/// Empty counts only when two scans [`GROUP_POLL`] apart agree: without cgroups members
-/// are found partly by their environment, which reads as empty for a moment while a
-/// process execs (`/proc/<pid>/environ` before the new image's environment is laid out),
-/// so one scan can miss a member that is still there.
-pub(crate) async fn wait_empty(members: &impl Fn() -> Vec<u32>, limit: Duration) -> bool {
+/// How a list of members is known, which says whether one empty look proves that
+/// nothing is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listing {
+    /// The kernel's own list (a cgroup's `cgroup.procs`: a child is in it from its fork,
+    /// before its parent can exit), or known pids checked against their start times: one
+    /// empty look is final.
+    Exact,
+    /// Found partly by their environment ([`scan_members`]), which reads as empty for a
+    /// moment while a process execs (`/proc/<pid>/environ` before the new image's
+    /// environment is laid out): empty counts only when two looks [`GROUP_POLL`] apart
+    /// agree.
+    Scanned,
+}
+
+/// Polls until `members` is empty or `limit` passes; true when empty. The looks begin
+/// [`FIRST_POLL`] apart and back off to [`GROUP_POLL`]; `listing` says whether one empty
+/// look is enough.
+pub(crate) async fn wait_empty(
+    members: &impl Fn() -> Vec<u32>,
+    listing: Listing,
+    limit: Duration,
+) -> bool {
     let deadline = Instant::now() + limit;
+    let mut pause = FIRST_POLL;
     loop {
         if members().is_empty() {
+            if listing == Listing::Exact {
+                return true;
+            }
             tokio::time::sleep(GROUP_POLL).await;
             if members().is_empty() {
                 return true;
@@ -246,7 +272,8 @@ pub(crate) async fn wait_empty(members: &impl Fn() -> Vec<u32>, limit: Duration)
         if Instant::now() >= deadline {
             return false;
         }
-        tokio::time::sleep(GROUP_POLL).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(GROUP_POLL);
     }
 }
 
@@ -258,11 +285,13 @@ pub(crate) fn kill_each(pids: &[u32]) -> Result<()> {
 
 /// Stops everything `members` lists: SIGTERM to each member, up to `grace` for all of
 /// them to be gone, then `kill` of what is left (repeated while waiting, for what forked
-/// meanwhile) and up to [`KILL_WAIT`] for nothing to be left. Succeeds only when nothing
-/// is left; `what` names the release in the error.
+/// meanwhile) and up to [`KILL_WAIT`] for nothing to be left; `listing` says how
+/// `members` knows them ([`wait_empty`]). Succeeds only when nothing is left; `what`
+/// names the release in the error.
 pub(crate) async fn stop_members(
     what: &str,
     members: impl Fn() -> Vec<u32>,
+    listing: Listing,
     kill: impl Fn(&[u32]) -> Result<()>,
     grace: Duration,
 ) -> Result<Stopped> {
@@ -277,13 +306,13 @@ pub(crate) async fn stop_members(
         })
     };
     signal_each(&first, Signal::SIGTERM);
-    if wait_empty(&members, grace).await {
+    if wait_empty(&members, listing, grace).await {
         return stopped(false);
     }
     let deadline = Instant::now() + KILL_WAIT;
     loop {
         kill(&members())?;
-        if wait_empty(&members, GROUP_POLL * 4).await {
+        if wait_empty(&members, listing, GROUP_POLL * 4).await {
             return stopped(true);
         }
         if Instant::now() >= deadline {

@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::fs::check_name;
 
 use super::cgroup::Containment;
-use super::process;
+use super::process::{self, Listing};
 use super::record;
 use super::{log_failure, Current, Inner, Release, Supervisor, OUTPUT_DRAIN, REAP_WAIT};
 
@@ -92,15 +92,17 @@ impl Inner {
         let what = format!("release {name}");
         match &self.containment {
             Containment::Cgroup(tree) => {
+                let members = || tree.members(name);
+                let kill = |_: &[u32]| tree.kill(name);
                 let outcome =
-                    process::stop_members(&what, || tree.members(name), |_| tree.kill(name), grace)
-                        .await?;
+                    process::stop_members(&what, members, Listing::Exact, kill, grace).await?;
                 tree.remove(name);
                 Ok(outcome)
             }
             Containment::Fallback(_) => {
                 let members = || process::scan_members(anchor, self.root.path(), name);
-                process::stop_members(&what, members, process::kill_each, grace).await
+                let listing = Listing::Scanned;
+                process::stop_members(&what, members, listing, process::kill_each, grace).await
             }
         }
     }
@@ -115,7 +117,7 @@ pub(super) async fn wait_writer(name: &str, writer: Option<(u32, u64)>) {
         return;
     };
     let running = || Vec::from_iter(Some(pid).filter(|_| process::is_alive(pid, start_time)));
-    if !process::wait_empty(&running, OUTPUT_DRAIN).await {
+    if !process::wait_empty(&running, Listing::Exact, OUTPUT_DRAIN).await {
         warn!(release = %name, writer = pid, "the output writer has not ended {}s after the release; it ends once whatever still holds the release's output closes it", OUTPUT_DRAIN.as_secs());
     }
 }
