@@ -20,8 +20,8 @@ use crate::helper::fleet::Fleet;
 use crate::helper::release::{beat_release, failing_beat_release, sha256, with_payload};
 use crate::helper::tmpfs::{can_mount, Tmpfs};
 use crate::helper::{
-    assert_holds_all, listing, output_text, poll_until_blocking, wait_until_blocking, AgentProc,
-    Followed, Pki, NO_RESTART_WITHIN, PATIENCE,
+    assert_holds_all, describe_processes, listing, output_text, poll_until_blocking, sessions_of,
+    wait_until_blocking, AgentProc, Followed, Pki, NO_RESTART_WITHIN, PATIENCE,
 };
 
 const RELEASE: &str = "beat";
@@ -397,10 +397,17 @@ fn fleet_for_master_kills(prefix: &str) -> (Fleet, PathBuf, Vec<(String, String)
     (fleet, cluster, versions)
 }
 
-/// Asserts that no host runs two copies of the release (nor two versions) at once.
+/// Asserts that no host runs two copies of the release (nor two versions) at once. A copy
+/// is a session the agent started: a copy caught starting may show its start script and a
+/// subshell of it, one copy.
 fn at_most_one_copy_each(fleet: &Fleet, what: &str) {
     let pids = fleet.release_pids(RELEASE);
-    assert!(pids.iter().all(|p| p.len() <= 1), "{what}: {pids:?}");
+    let copies: Vec<Vec<i32>> = pids.iter().map(|p| sessions_of(p)).collect();
+    assert!(
+        copies.iter().all(|c| c.len() <= 1),
+        "{what}: sessions {copies:?} of processes {pids:?}:\n{}",
+        describe_processes(&pids.concat())
+    );
 }
 
 #[test]

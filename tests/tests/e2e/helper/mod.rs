@@ -682,6 +682,46 @@ pub fn processes_with_env(needles: &[String]) -> Vec<i32> {
     pids
 }
 
+/// One line per process of `pids`: its pid, parent pid, session id and command line, from
+/// `/proc/<pid>/stat` and `/proc/<pid>/cmdline` (proc(5)); a process gone since shows as gone.
+pub fn describe_processes(pids: &[i32]) -> String {
+    pids.iter()
+        .map(|pid| match process_ids(*pid) {
+            Some((ppid, sid)) => {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                format!(
+                    "pid {pid} ppid {ppid} session {sid}: {}\n",
+                    cmdline.trim_end()
+                )
+            }
+            None => format!("pid {pid}: gone\n"),
+        })
+        .collect()
+}
+
+/// The sessions that `pids` belong to, each once, sorted. The agent starts every copy of a
+/// release as the leader of a new session (`setsid`), so children it forks (a start
+/// script's `$(...)` subshell) share its session: this counts copies, not processes.
+pub fn sessions_of(pids: &[i32]) -> Vec<i32> {
+    let mut sessions: Vec<i32> = pids
+        .iter()
+        .filter_map(|p| process_ids(*p))
+        .map(|(_, sid)| sid)
+        .collect();
+    sessions.sort_unstable();
+    sessions.dedup();
+    sessions
+}
+
+/// The parent pid and session id of `pid` (fields 4 and 6 of `/proc/<pid>/stat`, proc(5)).
+fn process_ids(pid: i32) -> Option<(i32, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some((fields.get(1)?.parse().ok()?, fields.get(3)?.parse().ok()?))
+}
+
 fn is_zombie(pid: i32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return true;
