@@ -343,10 +343,30 @@ pub(crate) enum TakeRefused {
 /// master holds it: refused with [`TakeRefused::Held`], unless `take_over`, which asks
 /// the holder to hand it over and waits up to `wait` for the token.
 ///
+/// The lease is a replicated queue: on a cluster where it was just declared, its replicas
+/// may not be ready for a moment, which is retried for [`super::REPLICAS_READY_WAIT`]
+/// ([`super::retry_not_ready`]), each attempt on a new connection.
+///
 /// # Errors
 ///
 /// [`Error::Amqp`] for any broker problem.
 pub(crate) async fn take(
+    broker: &Broker,
+    group: &str,
+    requester: &str,
+    take_over: bool,
+    wait: Duration,
+) -> Result<std::result::Result<TakenLease, TakeRefused>> {
+    super::retry_not_ready(
+        super::REPLICAS_READY_WAIT,
+        super::not_ready_backoff(),
+        async || take_once(broker, group, requester, take_over, wait).await,
+    )
+    .await
+}
+
+/// One attempt of [`take`].
+async fn take_once(
     broker: &Broker,
     group: &str,
     requester: &str,
@@ -362,15 +382,25 @@ pub(crate) async fn take(
     }
     let connection = Arc::new(broker.connect(&format!("lease for {requester}")).await?);
     let names = broker.names().clone();
-    let channel = open_channel(&connection, &names.handover(group)?).await?;
-    if from.is_some() {
-        let request = HandoverRequest {
-            group: group.to_string(),
-            requester: requester.to_string(),
-            until_ms: now_ms() + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX / 2),
-        };
-        control::request_handover(&channel, &names, &request).await?;
-    }
+    let asked = async {
+        let channel = open_channel(&connection, &names.handover(group)?).await?;
+        if from.is_some() {
+            let request = HandoverRequest {
+                group: group.to_string(),
+                requester: requester.to_string(),
+                until_ms: now_ms() + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX / 2),
+            };
+            control::request_handover(&channel, &names, &request).await?;
+        }
+        Ok(channel)
+    };
+    let channel = match asked.await {
+        Ok(channel) => channel,
+        Err(e) => {
+            let _ = connection.close(200, "done".into()).await;
+            return Err(e);
+        }
+    };
     let (holding_tx, mut holding) = watch::channel(false);
     let cancel = CancellationToken::new();
     let task = tokio::spawn(hold(

@@ -519,7 +519,7 @@ pub(crate) async fn retry_not_ready<T>(
                     message,
                 } => Error::Amqp {
                     message: format!(
-                        "{message}; the queue's replicas were still not ready after                          {:.1} s and {tries} attempts",
+                        "{message}; the queue's replicas were still not ready after {:.1} s and {tries} attempts",
                         waited.as_secs_f64()
                     ),
                     target,
