@@ -22,6 +22,7 @@
 
 use std::fs;
 use std::io::ErrorKind;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
@@ -36,6 +37,16 @@ const AGENT_PREFIX: &str = "erel@";
 const RELEASE_PREFIX: &str = "release.";
 /// Longest escaped root kept readable in a cgroup name; longer roots are hashed.
 const MAX_ESCAPED: usize = 200;
+
+/// A release's cgroup, opened for its next process (see [`Tree::prepare`]).
+#[derive(Debug)]
+pub(crate) struct Joining {
+    /// The cgroup's directory: `clone3(2)` creates the child in it (`CLONE_INTO_CGROUP`).
+    pub(crate) dir: fs::File,
+    /// Its `cgroup.procs`, opened for writing: a child that was forked outside joins
+    /// the cgroup by writing `0` to it.
+    pub(crate) procs: fs::File,
+}
 
 /// How the releases of this agent are contained.
 #[derive(Debug, Clone)]
@@ -135,14 +146,24 @@ impl Tree {
         self.dir.join(format!("{RELEASE_PREFIX}{name}"))
     }
 
-    /// Creates the cgroup of `name` when missing and opens its `cgroup.procs` for the
-    /// child to join (close-on-exec, as std opens every file: the release never sees it).
-    pub(super) fn prepare(&self, name: &str) -> Result<fs::File> {
+    /// Creates the cgroup of `name` when missing and opens it for the child: its
+    /// directory, to be created in it, and its `cgroup.procs`, to join it where the
+    /// kernel cannot do that (both close-on-exec, as std opens every file: the release
+    /// never sees them).
+    pub(super) fn prepare(&self, name: &str) -> Result<Joining> {
         let dir = self.release_dir(name);
         fs::create_dir_all(&dir).io("create cgroup", &dir)?;
+        let opened = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&dir);
+        let opened = opened.io("open", &dir)?;
         let procs = dir.join("cgroup.procs");
         let file = fs::OpenOptions::new().write(true).open(&procs);
-        file.io("open", &procs)
+        Ok(Joining {
+            dir: opened,
+            procs: file.io("open", &procs)?,
+        })
     }
 
     /// Live (non-zombie) members of release `name`'s cgroup and of every cgroup below it

@@ -65,6 +65,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -110,7 +111,7 @@ fn rotated_path(log: &Path) -> PathBuf {
 /// read end, for the output writer, and two descriptors of its write end, for the
 /// release's stdout and stderr. The agent keeps none: the writer sees the end of the
 /// output once the release and what it started have closed theirs.
-pub(crate) fn output_pipe(log: &Path, header: &str) -> Result<(File, (Stdio, Stdio))> {
+pub(crate) fn output_pipe(log: &Path, header: &str) -> Result<(File, (OwnedFd, OwnedFd))> {
     let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).io("make the output pipe for", log)?;
     let mut write = File::from(write);
     // An empty pipe holds far more than one line: this never blocks.
@@ -118,7 +119,7 @@ pub(crate) fn output_pipe(log: &Path, header: &str) -> Result<(File, (Stdio, Std
         .write_all(format!("{header}\n").as_bytes())
         .io("write the header for", log)?;
     let dup = || {
-        let copy = write.try_clone().map(Stdio::from);
+        let copy = write.try_clone().map(OwnedFd::from);
         copy.io("duplicate the output pipe for", log)
     };
     Ok((File::from(read), (dup()?, dup()?)))

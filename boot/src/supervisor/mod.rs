@@ -82,7 +82,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use erel_proto::ReleaseState;
-use tokio::process::Child;
+use spawn::ReleaseChild;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -175,7 +175,7 @@ struct Current {
 #[derive(Debug)]
 enum Waiter {
     /// A child of this agent: waited for, and so reaped (said on the channel).
-    Own(Box<Child>, watch::Sender<bool>),
+    Own(Box<ReleaseChild>, watch::Sender<bool>),
     /// A process adopted after an agent restart: polled in `/proc`.
     Adopted,
     /// A release whose start command daemonized: polled until no member is left.

@@ -2,8 +2,10 @@
 //! user, environment), its data directory, its output writer, and the fork that joins
 //! the release's cgroup, leads a new session and drops to the release's user.
 
+use std::ffi::CString;
 use std::fs;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Component, Path, PathBuf};
@@ -13,17 +15,22 @@ use erel_proto::rules;
 use erel_proto::text::quote;
 use nix::unistd::{Gid, Uid};
 use tokio::process::{Child, Command};
+use tracing::debug;
 
 use crate::error::{Error, IoContext, Result};
 use crate::fs::Root;
 use crate::settings::Supervision;
 
+use super::cgroup::Joining;
 use super::log;
 use super::process::proc_stat;
 use super::record::Desired;
 use users::{Account, Wanted};
 
+mod clone;
 mod users;
+
+pub(crate) use clone::ClonedChild;
 
 /// `PATH` given to every release.
 const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -47,11 +54,42 @@ pub(crate) const DATA_DIR: &str = "data";
 #[derive(Debug)]
 pub(crate) struct Spawned {
     /// The child, to be waited for (and so reaped) by its supervision task.
-    pub(crate) child: Child,
+    pub(crate) child: ReleaseChild,
     /// Its pid (also its process group and session) and start time from `/proc`.
     pub(crate) anchor: (u32, u64),
     /// Its output writer (pid, start time), outside the release.
     pub(crate) writer: (u32, u64),
+}
+
+/// A release's main process, a child of the agent.
+#[derive(Debug)]
+pub(crate) enum ReleaseChild {
+    /// Created in its cgroup by `clone3` ([`clone`]).
+    Cloned(ClonedChild),
+    /// Spawned by tokio's `Command` (no cgroup, or a kernel without `CLONE_INTO_CGROUP`).
+    Command(Child),
+}
+
+impl ReleaseChild {
+    /// Its pid.
+    pub(crate) fn id(&self) -> Option<u32> {
+        match self {
+            ReleaseChild::Cloned(child) => Some(child.id()),
+            ReleaseChild::Command(child) => child.id(),
+        }
+    }
+
+    /// Waits for it to end and reaps it.
+    ///
+    /// # Errors
+    ///
+    /// The operating system's, when it cannot be waited for.
+    pub(crate) async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self {
+            ReleaseChild::Cloned(child) => child.wait().await,
+            ReleaseChild::Command(child) => child.wait().await,
+        }
+    }
 }
 
 /// Who a release runs as: the user's passwd entry and the groups it is in.
@@ -436,7 +474,7 @@ pub(crate) fn spawn(
     host_id: &str,
     desired: &Desired,
     settings: &Supervision,
-    cgroup: Option<fs::File>,
+    cgroup: Option<Joining>,
 ) -> Result<Spawned> {
     let Prepared {
         version_dir,
@@ -457,27 +495,56 @@ pub(crate) fn spawn(
         .map_err(|error| spawn_failed(desired, error.to_string()))?;
     let writer_start_time = proc_stat(writer_pid).map(|s| s.start_time).unwrap_or(0);
 
-    let mut command = std::process::Command::new(&program);
-    command
-        .args(desired.argv.iter().skip(1))
-        .current_dir(&version_dir)
-        .env_clear()
-        .envs(env)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr);
-    let procs = cgroup.as_ref().map(|f| f.as_raw_fd());
     let run_as = run_as.filter(|r| r.user.uid != nix::unistd::geteuid());
-    pre_exec(&mut command, procs, run_as);
-    let mut command = Command::from(command);
-    command.kill_on_drop(false);
-    let child = command
-        .spawn()
-        .map_err(|e| spawn_failed(desired, format!("{}: {e}", program.display())))?;
-    // The command holds descriptors of the pipe's write end: the writer sees the end of
-    // the output only once every one is closed.
-    drop(command);
-    drop(cgroup);
+    let child = match cgroup {
+        Some(cgroup) => {
+            let plan = clone_plan(
+                desired,
+                &program,
+                &version_dir,
+                &env,
+                stdout,
+                stderr,
+                run_as.as_ref(),
+            )?;
+            match clone::spawn(&plan, cgroup.dir.as_fd()) {
+                Ok(child) => ReleaseChild::Cloned(child),
+                Err(clone::Refused::Failed(why)) => {
+                    return Err(spawn_failed(
+                        desired,
+                        format!("{}: {why}", program.display()),
+                    ))
+                }
+                Err(clone::Refused::Unsupported(e)) => {
+                    debug!(release = %desired.name, "clone3 into the cgroup refused ({e}): forking and joining it instead");
+                    let [_, stdout, stderr] = plan.stdio;
+                    let (stdout, stderr) = (Stdio::from(stdout), Stdio::from(stderr));
+                    let procs = Some(cgroup.procs);
+                    command_spawn(
+                        desired,
+                        &program,
+                        &version_dir,
+                        env,
+                        (stdout, stderr),
+                        procs,
+                        run_as,
+                    )?
+                }
+            }
+        }
+        None => {
+            let (stdout, stderr) = (Stdio::from(stdout), Stdio::from(stderr));
+            command_spawn(
+                desired,
+                &program,
+                &version_dir,
+                env,
+                (stdout, stderr),
+                None,
+                run_as,
+            )?
+        }
+    };
     let pid = child
         .id()
         .ok_or_else(|| Error::Internal(format!("{} exited before it had a pid", desired.name)))?;
@@ -487,6 +554,76 @@ pub(crate) fn spawn(
         child,
         anchor: (pid, start_time),
         writer: (writer_pid, writer_start_time),
+    })
+}
+
+/// The release's program run by tokio's `Command`: `procs`, when given, is the
+/// `cgroup.procs` the child joins before `exec` (see [`pre_exec`]).
+fn command_spawn(
+    desired: &Desired,
+    program: &Path,
+    version_dir: &Path,
+    env: Vec<(String, String)>,
+    (stdout, stderr): (Stdio, Stdio),
+    procs: Option<fs::File>,
+    run_as: Option<RunAs>,
+) -> Result<ReleaseChild> {
+    let mut command = std::process::Command::new(program);
+    command
+        .args(desired.argv.iter().skip(1))
+        .current_dir(version_dir)
+        .env_clear()
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr);
+    pre_exec(&mut command, procs.as_ref().map(|f| f.as_raw_fd()), run_as);
+    let mut command = Command::from(command);
+    command.kill_on_drop(false);
+    let child = command
+        .spawn()
+        .map_err(|e| spawn_failed(desired, format!("{}: {e}", program.display())))?;
+    // The command holds descriptors of the pipe's write end: the writer sees the end of
+    // the output only once every one is closed. `procs` stays open until the child has
+    // joined: the spawn returns once it has exec'd.
+    drop(command);
+    drop(procs);
+    Ok(ReleaseChild::Command(child))
+}
+
+/// What [`clone::spawn`] needs, made before the clone: the program, `argv` (the
+/// program first, then `desired.argv` after its first word, as std's `Command` builds
+/// it), the environment, the working directory, `/dev/null` and the output pipe as
+/// standard descriptors, and the ids to drop to.
+fn clone_plan(
+    desired: &Desired,
+    program: &Path,
+    version_dir: &Path,
+    env: &[(String, String)],
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    run_as: Option<&RunAs>,
+) -> Result<clone::Plan> {
+    let text = |what: &str, bytes: Vec<u8>| {
+        CString::new(bytes).map_err(|_| spawn_failed(desired, format!("{what} holds a NUL byte")))
+    };
+    let path = |p: &Path| p.as_os_str().as_bytes().to_vec();
+    let mut argv = vec![text("the program", path(program))?];
+    for arg in desired.argv.iter().skip(1) {
+        argv.push(text("an argument", arg.clone().into_bytes())?);
+    }
+    let env = env
+        .iter()
+        .map(|(k, v)| text("the environment", format!("{k}={v}").into_bytes()))
+        .collect::<Result<Vec<_>>>()?;
+    let null = fs::File::open("/dev/null").io("open", Path::new("/dev/null"))?;
+    Ok(clone::Plan {
+        program: text("the program", path(program))?,
+        argv,
+        env,
+        cwd: text("the version directory", path(version_dir))?,
+        stdio: [null.into(), stdout, stderr],
+        ids: run_as.map(|r| (r.groups.clone(), r.user.gid, r.user.uid)),
     })
 }
 
