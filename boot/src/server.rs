@@ -23,7 +23,7 @@ use erel_proto::{
     Start, Stop, Unpack, PROTOCOL_VERSION,
 };
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -49,6 +49,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a refused connection is drained before it is closed.
 pub(crate) const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+/// Bytes read from the socket at once, beneath TLS. rustls asks for at most 4 KiB per
+/// read (its `READ_SIZE`), so a 16 KiB record of a file's bytes took four or five
+/// `recvfrom` calls; through this buffer one call brings in several records.
+const SOCKET_READ_BUFFER: usize = 64 << 10;
 
 /// Everything a connection needs to execute commands.
 #[derive(Debug)]
@@ -215,6 +219,7 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let limit = agent.limits.handshake_timeout;
     let acceptor = TlsAcceptor::from(served.config.clone());
+    let stream = BufReader::with_capacity(SOCKET_READ_BUFFER, stream);
     let handshake = async {
         match tokio::time::timeout(limit, acceptor.accept(stream).into_fallible()).await {
             Ok(Ok(tls)) => Some(tls),
@@ -313,7 +318,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 /// After refusing a handshake, the alert has been queued: shut our side down and drain
 /// what the peer already sent for a moment, so the close is not a reset that would
 /// swallow the alert telling the master why it was refused.
-async fn linger_after_refusal(mut stream: TcpStream) {
+async fn linger_after_refusal<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
     let _ = stream.shutdown().await;
     let mut sink = tokio::io::sink();
     let _ = tokio::time::timeout(REFUSAL_LINGER, tokio::io::copy(&mut stream, &mut sink)).await;
