@@ -10,9 +10,10 @@
 //!     release.<name>/                                            one per running release
 //! ```
 //!
-//! A release's process joins its cgroup in the forked child before `exec` (by writing
-//! `0` to `cgroup.procs`, see cgroup-v2(7) "Organizing processes"), so everything it
-//! starts, `setsid` and double forks included, is born inside. Membership is
+//! A release's process is created inside its cgroup (`clone3(2)` with
+//! `CLONE_INTO_CGROUP`, Linux 5.7; on older kernels the forked child joins it before
+//! `exec` by writing `0` to `cgroup.procs`, see cgroup-v2(7) "Organizing processes"), so
+//! everything it starts, `setsid` and double forks included, is born inside. Membership is
 //! `cgroup.procs` less zombies, of the release's cgroup and of any cgroup the release
 //! made below it; "empty" is `populated 0` in `cgroup.events`; the kill is
 //! a write of `1` to `cgroup.kill` (Linux 5.14), which reaches every member at once, or

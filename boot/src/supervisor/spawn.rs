@@ -1,6 +1,6 @@
 //! Spawning a release: the checks a `Start` passes first (version directory, program,
-//! user, environment), its data directory, its output writer, and the fork that joins
-//! the release's cgroup, leads a new session and drops to the release's user.
+//! user, environment), its data directory, its output writer, and the child created in
+//! the release's cgroup, which leads a new session and drops to the release's user.
 
 use std::ffi::CString;
 use std::fs;
@@ -464,7 +464,8 @@ fn check_switch(desired: &Desired, run_as: RunAs) -> Result<RunAs> {
 }
 
 /// Spawns a release: a new session (so a new process group), inside `cgroup` when given
-/// (the opened `cgroup.procs` of its cgroup, joined before `exec`), cwd the version
+/// (created in it by [`clone`], or joining it before `exec` where the kernel cannot do
+/// that), cwd the version
 /// directory, stdin from `/dev/null`, stdout and stderr a pipe to its output writer (see
 /// [`log`]), started first and outside the release's session and cgroup, the environment
 /// cleared and set by [`environment`], its data directory created, and privileges dropped
