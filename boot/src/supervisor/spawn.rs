@@ -497,7 +497,11 @@ pub(crate) fn spawn(
     let writer_start_time = proc_stat(writer_pid).map(|s| s.start_time).unwrap_or(0);
 
     let run_as = run_as.filter(|r| r.user.uid != nix::unistd::geteuid());
-    let child = match cgroup {
+    // Created in the cgroup by `clone3` where the kernel can; else by tokio's `Command`,
+    // joining the cgroup (when there is one) before `exec`. The plan, dropped at the end
+    // of its arm, holds this side's copies of the output pipe.
+    let cloned = match cgroup {
+        None => Err((stdout, stderr, None)),
         Some(cgroup) => {
             let plan = clone_plan(
                 desired,
@@ -509,7 +513,7 @@ pub(crate) fn spawn(
                 run_as.as_ref(),
             )?;
             match clone::spawn(&plan, cgroup.dir.as_fd()) {
-                Ok(child) => ReleaseChild::Cloned(child),
+                Ok(child) => Ok(child),
                 Err(clone::Refused::Failed(why)) => {
                     return Err(spawn_failed(
                         desired,
@@ -519,31 +523,16 @@ pub(crate) fn spawn(
                 Err(clone::Refused::Unsupported(e)) => {
                     debug!(release = %desired.name, "clone3 into the cgroup refused ({e}): forking and joining it instead");
                     let [_, stdout, stderr] = plan.stdio;
-                    let (stdout, stderr) = (Stdio::from(stdout), Stdio::from(stderr));
-                    let procs = Some(cgroup.procs);
-                    command_spawn(
-                        desired,
-                        &program,
-                        &version_dir,
-                        env,
-                        (stdout, stderr),
-                        procs,
-                        run_as,
-                    )?
+                    Err((stdout, stderr, Some(cgroup.procs)))
                 }
             }
         }
-        None => {
-            let (stdout, stderr) = (Stdio::from(stdout), Stdio::from(stderr));
-            command_spawn(
-                desired,
-                &program,
-                &version_dir,
-                env,
-                (stdout, stderr),
-                None,
-                run_as,
-            )?
+    };
+    let child = match cloned {
+        Ok(child) => ReleaseChild::Cloned(child),
+        Err((stdout, stderr, procs)) => {
+            let stdio = (Stdio::from(stdout), Stdio::from(stderr));
+            command_spawn(desired, &program, &version_dir, env, stdio, procs, run_as)?
         }
     };
     let pid = child
