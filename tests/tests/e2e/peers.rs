@@ -21,7 +21,8 @@ use crate::helper::raw_peer::{closes_within, idle_peer};
 use crate::helper::release::sha256;
 use crate::helper::AgentCommands;
 use crate::helper::{
-    free_port, output_text, pki_and_agent, poll_until, retry_while_busy, wait_until, AgentProc, Pki,
+    free_port, output_text, pki_and_agent, poll_until, retry_while_busy, wait_until, AgentProc,
+    Pki, PATIENCE,
 };
 
 /// A generous bound for anything the busy test machine must do "at once".
@@ -140,11 +141,10 @@ async fn idle_and_slow_peers_do_not_keep_the_master_out() {
         // More of the crowd arrives between the master's visits.
         crowd.push(idle_peer(&agent, "127.0.0.2").await);
     }
-    let log = agent.log();
-    assert!(
-        log.contains("unauthenticated peers at the limit"),
-        "the agent says it dropped handshakes:\n{log}"
-    );
+    // The agent says it dropped handshakes.
+    agent
+        .log_showing("unauthenticated peers at the limit", PATIENCE)
+        .await;
     for task in slow {
         task.abort();
     }
@@ -435,8 +435,7 @@ async fn two_masters_pushing_the_same_file_at_once_both_succeed() {
         let stdout = pushed(&agent, which, out);
         assert!(stdout.contains(&digest.to_hex()), "{which}");
     }
-    let log = agent.log();
-    assert!(log.contains("taken over by a newer request"), "{log}");
+    agent.log_showing_all(&["taken over by a newer request"], PATIENCE);
     let landed = agent.root.join("data/big.bin");
     assert_eq!(std::fs::metadata(&landed).expect("landed").len(), size);
     assert_eq!(sha256(&landed), digest);

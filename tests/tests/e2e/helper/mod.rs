@@ -602,6 +602,21 @@ impl Followed {
         log
     }
 
+    /// The log once every one of `needles` shows in it, waiting up to `limit` (blocking);
+    /// panics with the log naming what did not show. A line the process writes about
+    /// something the test has just seen happen reaches this log through a pipe and a
+    /// reader thread: it may come a moment later.
+    pub fn log_showing_all(&self, needles: &[&str], limit: Duration) -> String {
+        let shown = wait_until_blocking(limit, || {
+            let log = self.log();
+            needles.iter().all(|needle| log.contains(needle))
+        });
+        let log = self.log();
+        let missing: Vec<&&str> = needles.iter().filter(|n| !log.contains(**n)).collect();
+        assert!(shown, "{missing:?} not logged within {limit:?}:\n{log}");
+        log
+    }
+
     /// Its process id, while it has one.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
