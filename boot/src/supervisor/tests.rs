@@ -1307,3 +1307,39 @@ with_and_without_cgroups!(
     a_crash_leaves_nothing_behind_before_the_restart,
     a_zombie_is_not_running,
 );
+
+/// Where the kernel refuses to create the release's process in its cgroup (`clone3`
+/// with `CLONE_INTO_CGROUP`: older than Linux 5.7, or a seccomp filter), the agent forks
+/// and the child joins the cgroup before `exec`: the release still runs in it. The
+/// refusal is made here by handing the clone a directory that is not a cgroup.
+#[tokio::test]
+async fn a_refused_clone_into_the_cgroup_falls_back_to_joining_it() {
+    let (_dir, root, desired) = test_root_and_desired("fallback", "1");
+    release(&root, "fallback", "1", SLEEPER);
+    let tree = match Containment::detect(&CgroupParent::Auto, root.path()) {
+        Containment::Cgroup(tree) => tree,
+        Containment::Fallback(why) => {
+            let mounted = fs::read_to_string("/proc/self/mountinfo")
+                .is_ok_and(|m| m.lines().any(|l| l.contains(" - cgroup2 ")));
+            assert!(
+                !(nix::unistd::geteuid().is_root() && mounted),
+                "running as root with cgroup v2 mounted, yet: {why}"
+            );
+            eprintln!("SKIPPED: this test needs root and a writable cgroup v2: {why}");
+            return;
+        }
+    };
+    let mut joining = tree.prepare("fallback").expect("prepare");
+    joining.dir = fs::File::open("/dev/null").expect("/dev/null");
+    let spawned = super::spawn::spawn(&root, HOST, &desired, &settings(), Some(joining));
+    let mut spawned = spawned.expect("the fallback spawns");
+    let forked = matches!(spawned.child, super::spawn::ReleaseChild::Command(_));
+    let pid = spawned.anchor.0;
+    let members = tree.members("fallback");
+    let _ = tree.kill("fallback");
+    let _ = spawned.child.wait().await;
+    tree.remove("fallback");
+    tree.remove_if_empty();
+    assert!(forked, "spawned by the fallback, not by clone3");
+    assert_eq!(members, vec![pid], "the release joined its cgroup");
+}
