@@ -332,8 +332,26 @@ pub(crate) fn check_name(what: &str, name: &str) -> Result<()> {
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync
-/// of the directory. Readers see the old content or the new, never a mix.
+/// of the directory. Readers see the old content or the new, never a mix, and so does
+/// the next boot after a crash of the machine.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let tmp = write_beside(path, bytes, mode, true)?;
+    rename_durably(&tmp, path)
+}
+
+/// Writes `bytes` to `path` atomically for every process of this boot (a temporary file
+/// beside it, renamed over `path`; rename(2) replaces atomically), without waiting for
+/// the disk: an agent that crashes and restarts reads the old content or the new, but
+/// after a crash of the machine the file may hold either, or be empty or missing. For
+/// what describes the processes of this boot only, which such a crash ends anyway.
+pub(crate) fn write_replacing(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let tmp = write_beside(path, bytes, mode, false)?;
+    fs::rename(&tmp, path).io("rename into place", path)
+}
+
+/// Writes `bytes` to a temporary file beside `path` (fsynced when `durable`), returning
+/// its path.
+fn write_beside(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> Result<PathBuf> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let mut file = OpenOptions::new()
@@ -344,9 +362,10 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         .open(&tmp)
         .io("create", &tmp)?;
     file.write_all(bytes).io("write", &tmp)?;
-    file.sync_all().io("fsync", &tmp)?;
-    drop(file);
-    rename_durably(&tmp, path)
+    if durable {
+        file.sync_all().io("fsync", &tmp)?;
+    }
+    Ok(tmp)
 }
 
 /// Renames `from` (already synced) to `to` and fsyncs `to`'s directory, so the rename

@@ -4,7 +4,10 @@
 //!   process is spawned or signalled, so that an agent restart knows what should run;
 //! - `<name>.run`: the run record ([`RunRecord`]) of the process last spawned, written
 //!   right after the spawn, so that an agent restart can adopt it instead of starting a
-//!   second copy.
+//!   second copy. It describes a process of this boot, which a crash of the machine
+//!   ends, so it is replaced atomically but not synced to the disk (a start spends no
+//!   fsync on it); one found damaged is ignored, and an agent restart finds the release's
+//!   processes by their cgroup or environment without it.
 //!
 //! The two suffixes differ, so no release name can make one file collide with another.
 
@@ -14,7 +17,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fs::{check_name, remove_if_present, write_atomic, Root, State};
+use crate::fs::{check_name, remove_if_present, write_atomic, write_replacing, Root, State};
 
 /// Suffix of a desired-state file.
 const DESIRED_SUFFIX: &str = ".json";
@@ -122,10 +125,9 @@ fn path(root: &Root, name: &str, suffix: &str) -> PathBuf {
     root.state(State::Releases).join(format!("{name}{suffix}"))
 }
 
-fn save<T: Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(value)
-        .map_err(|e| Error::Internal(format!("encode {}: {e}", path.display())))?;
-    write_atomic(path, &bytes, RECORD_MODE)
+fn encode<T: Serialize>(path: &std::path::Path, value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::Internal(format!("encode {}: {e}", path.display())))
 }
 
 fn load<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> Result<Option<T>> {
@@ -138,12 +140,15 @@ fn load<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> Result<Option<T
 
 /// Records the desired state of `desired.name`, atomically.
 pub(crate) fn save_desired(root: &Root, desired: &Desired) -> Result<()> {
-    save(&path(root, &desired.name, DESIRED_SUFFIX), desired)
+    let path = path(root, &desired.name, DESIRED_SUFFIX);
+    write_atomic(&path, &encode(&path, desired)?, RECORD_MODE)
 }
 
-/// Records the process just spawned for `name`, atomically.
+/// Records the process just spawned for `name`, atomically but not durably (see the
+/// module's documentation).
 pub(crate) fn save_run(root: &Root, name: &str, run: &RunRecord) -> Result<()> {
-    save(&path(root, name, RUN_SUFFIX), run)
+    let path = path(root, name, RUN_SUFFIX);
+    write_replacing(&path, &encode(&path, run)?, RECORD_MODE)
 }
 
 /// The run record of `name`, if any.

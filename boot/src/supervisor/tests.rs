@@ -641,15 +641,48 @@ async fn an_agent_restart_adopts_the_running_release() {
     sup.detach().await;
 }
 
+/// How a machine crash can leave the run record, which is not synced (see `record`).
+enum LostRecord {
+    Missing,
+    Empty,
+    Torn,
+}
+
 #[tokio::test]
 async fn an_agent_restart_without_run_record_finds_the_release_by_environment() {
+    adopts_with_run_record(LostRecord::Missing).await;
+}
+
+#[tokio::test]
+async fn an_agent_restart_with_an_empty_run_record_finds_the_release() {
+    adopts_with_run_record(LostRecord::Empty).await;
+}
+
+#[tokio::test]
+async fn an_agent_restart_with_a_torn_run_record_finds_the_release() {
+    adopts_with_run_record(LostRecord::Torn).await;
+}
+
+/// An agent restarted over a release left running, its run record `lost` as given,
+/// adopts the one copy that runs (no second copy), rewrites the record and can stop it.
+async fn adopts_with_run_record(lost: LostRecord) {
     let (fx, started) = left_running().await;
-    fs::remove_file(fx.root.state(State::Releases).join("app.run")).expect("remove run record");
+    let record = fx.root.state(State::Releases).join("app.run");
+    match lost {
+        LostRecord::Missing => fs::remove_file(&record).expect("remove run record"),
+        LostRecord::Empty => fs::write(&record, b"").expect("empty the run record"),
+        LostRecord::Torn => {
+            let text = fs::read(&record).expect("read the run record");
+            fs::write(&record, &text[..text.len() / 2]).expect("tear the run record");
+        }
+    }
 
     let sup = fx.open().await;
     assert_eq!(one_copy_running(&fx, &sup).await, started.pid);
-    assert!(
-        fx.root.state(State::Releases).join("app.run").exists(),
+    let rewritten = super::record::load_run(&fx.root, "app").expect("a readable run record");
+    assert_eq!(
+        rewritten.map(|run| run.pid),
+        Some(started.pid),
         "record rewritten"
     );
 
