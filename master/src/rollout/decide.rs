@@ -645,6 +645,11 @@ impl GroupSchedule {
         self
     }
 
+    /// Whether `host` is one of the canaries, begun or not.
+    pub(crate) fn is_canary(&self, host: &str) -> bool {
+        self.canaries.iter().any(|h| h == host) || self.canaries_in_flight.contains(host)
+    }
+
     /// The hosts to begin now; they count as in flight until [`Self::finish`].
     pub(crate) fn begin_next(&mut self) -> Vec<String> {
         let mut begin = Vec::new();
@@ -1620,7 +1625,15 @@ mod tests {
     #[test]
     fn several_canaries_respect_max_in_flight_too() {
         let mut s = GroupSchedule::new(hosts(5), 3, 2);
+        let canaries = |s: &GroupSchedule| {
+            let all = ["h-1", "h-2", "h-3", "h-4", "h-5"];
+            all.into_iter()
+                .filter(|h| s.is_canary(h))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(canaries(&s), ["h-1", "h-2", "h-3"]);
         assert_eq!(s.begin_next(), vec!["h-1", "h-2"]);
+        assert_eq!(canaries(&s), ["h-1", "h-2", "h-3"], "begun or not");
         s.finish("h-1", Ok(()));
         assert_eq!(s.begin_next(), vec!["h-3"]);
         s.finish("h-2", Ok(()));

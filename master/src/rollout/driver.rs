@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use erel_proto::ErrorKind;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::decide::{
@@ -873,6 +873,11 @@ async fn switch_group(
     // A rollback goes to a version already on the host, a restart starts again the one
     // the host runs: nothing to stage.
     let stages = ctx.shared.options.operation == Operation::Deploy;
+    // The canaries are staged first and alone: the first switch waits on them, while
+    // every other host has at least the canaries' `min_up_secs` to be staged in. Each
+    // canary's staging holds a sender of `canaries_staging`; the others start once the
+    // last one is gone.
+    let (canaries_staging, gate) = watch::channel(());
     for id in &order {
         let Some((session, assessment, version)) = inspected.remove(id) else {
             continue;
@@ -885,7 +890,15 @@ async fn switch_group(
                 let permits = permits.clone();
                 let failed_tx = failed_tx.clone();
                 let id = id.clone();
+                let (holds, waits) = match schedule.is_canary(&id) {
+                    true => (Some(canaries_staging.clone()), None),
+                    false => (None, Some(gate.clone())),
+                };
                 staging.spawn(async move {
+                    let _holds = holds;
+                    if let Some(gate) = waits {
+                        canaries_staged(gate).await;
+                    }
                     let Ok(_permit) = permits.acquire_owned().await else {
                         return;
                     };
@@ -902,7 +915,7 @@ async fn switch_group(
         }
         waiting.insert(id.clone(), (rx, assessment, version));
     }
-    drop(failed_tx);
+    drop((failed_tx, canaries_staging));
 
     // 3. Switch, canaries first, at most max_in_flight at once.
     let mut tasks: HashMap<tokio::task::Id, String> = HashMap::new();
@@ -973,6 +986,12 @@ async fn switch_group(
     }
     staging.abort_all();
     schedule
+}
+
+/// Waits until every sender of `gate` is gone (no value is ever sent on it): the
+/// canaries' staging ended, however it ended.
+async fn canaries_staged(mut gate: watch::Receiver<()>) {
+    while gate.changed().await.is_ok() {}
 }
 
 /// Pings a host and decides what it needs.

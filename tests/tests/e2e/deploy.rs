@@ -438,8 +438,22 @@ async fn max_in_flight_bounds_the_hosts_down_at_once() {
     let mut most = 0;
     let mut first_done: Option<String> = None;
     let mut stopped_before_canary_done = 0;
+    let mut staging_before_canary_staged = BTreeSet::new();
+    let mut canary_staged = false;
     for (_, event) in &events {
         match event {
+            RolloutEvent::HostPhase {
+                host,
+                phase: HostPhase::Staging,
+                ..
+            } if !canary_staged => {
+                staging_before_canary_staged.insert(host.clone());
+            }
+            RolloutEvent::HostPhase {
+                host,
+                phase: HostPhase::Staged,
+                ..
+            } if host == "flight-1" => canary_staged = true,
             RolloutEvent::HostPhase {
                 host,
                 phase: HostPhase::Stopping,
@@ -460,6 +474,11 @@ async fn max_in_flight_bounds_the_hosts_down_at_once() {
     }
     assert_eq!(most, 2, "max_in_flight 2 is used and never exceeded");
     assert_eq!(stopped_before_canary_done, 1, "the canary goes alone");
+    assert_eq!(
+        staging_before_canary_staged,
+        BTreeSet::from(["flight-1".to_string()]),
+        "the canary is staged first and alone"
+    );
     assert_eq!(first_done.as_deref(), Some("flight-1"));
     let sampled = *most_down.lock().expect("lock");
     assert!(sampled <= 2, "sampled {sampled} hosts down at once");
