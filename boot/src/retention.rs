@@ -19,8 +19,22 @@ use crate::fs::{remove_if_present, sync_dir, unique_name, PathLock, Root, State}
 use crate::server::{blocking, Agent};
 use crate::unpack::{self, Marker};
 
-/// After a successful start, removes versions of that release beyond the kept ones.
-pub(crate) async fn prune_after_start(agent: &Arc<Agent>, name: &str) {
+/// After a successful start of release `name`, removes its versions beyond the kept
+/// ones, in the background: the `Started` answer does not wait for the removal (a
+/// directory tree, a sync, and a hash of each archive that goes with it), while no
+/// other start or stop of that release runs until it is done, so a version being
+/// started again is never the one removed.
+pub(crate) fn prune_after_start(agent: &Arc<Agent>, name: &str) {
+    let (agent, name) = (agent.clone(), name.to_string());
+    tokio::spawn(async move {
+        let pruned = prune_release(&agent, &name);
+        agent.supervisor.exclusively(&name, pruned).await;
+    });
+}
+
+/// Removes versions of release `name` beyond the kept ones (see [`prune`]), logging what
+/// was removed or why nothing could be.
+async fn prune_release(agent: &Arc<Agent>, name: &str) {
     let keep: Vec<String> = agent
         .supervisor
         .statuses()

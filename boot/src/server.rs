@@ -536,13 +536,14 @@ async fn unpack(agent: &Arc<Agent>, request: Unpack) -> Outcome {
     (subject, Ok(outcome))
 }
 
-/// `Start`; once started, versions of that release beyond the kept ones are removed.
+/// `Start`; once started, versions of that release beyond the kept ones are removed,
+/// after the answer.
 async fn start(agent: &Arc<Agent>, request: Start) -> Outcome {
     let mut subject = format!("{} {}", request.name, request.version);
     let outcome = agent.supervisor.start(&request).await;
     if let Ok(started) = &outcome {
         subject += &format!(" pid={}", started.pid);
-        retention::prune_after_start(agent, &request.name).await;
+        retention::prune_after_start(agent, &request.name);
     }
     (subject, Ok(outcome.map(Response::Started)))
 }

@@ -256,6 +256,18 @@ impl Supervisor {
     }
 
     /// How many versions of a release beyond the running one retention keeps.
+    /// Runs `work` while no start or stop of release `name` runs: they wait for it, and
+    /// it for them (the release's operation lock, which `Start` and `Stop` hold).
+    pub(crate) async fn exclusively<T>(
+        &self,
+        name: &str,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let release = self.inner.release(name);
+        let _op = release.op.lock().await;
+        work.await
+    }
+
     pub(crate) fn keep_versions(&self) -> usize {
         self.inner.settings.keep_versions
     }

@@ -1376,3 +1376,43 @@ async fn a_refused_clone_into_the_cgroup_falls_back_to_joining_it() {
     assert!(forked, "spawned by the fallback, not by clone3");
     assert_eq!(members, vec![pid], "the release joined its cgroup");
 }
+
+#[tokio::test]
+async fn a_start_waits_for_work_done_exclusively_on_its_release() {
+    let fx = two_versions();
+    let sup = fx.open().await;
+    start(&sup, "1").await;
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let (held_tx, held_rx) = tokio::sync::oneshot::channel::<()>();
+    let holder = tokio::spawn({
+        let sup = sup.clone();
+        async move {
+            let work = async {
+                let _ = held_tx.send(());
+                let _ = release_rx.await;
+            };
+            sup.exclusively("app", work).await;
+        }
+    });
+    held_rx.await.expect("the work runs");
+    let mut switch = tokio::spawn({
+        let sup = sup.clone();
+        async move { start(&sup, "2").await }
+    });
+    // Waiting, not racing: the start cannot end while the work holds the release.
+    let waited = tokio::time::timeout(Duration::from_millis(300), &mut switch).await;
+    assert!(waited.is_err(), "the start ran beside the exclusive work");
+    assert_eq!(
+        sup.running_versions(),
+        vec![("app".to_string(), "1".to_string())]
+    );
+    release_tx.send(()).expect("the work waits");
+    holder.await.expect("the work ends");
+    let started = switch.await.expect("the start ends");
+    assert!(!started.already_running);
+    assert_eq!(
+        sup.running_versions(),
+        vec![("app".to_string(), "2".to_string())]
+    );
+    sup.detach().await;
+}

@@ -19,8 +19,8 @@ use crate::helper::install::{
 use crate::helper::release::{beat_release, sha256};
 use crate::helper::AgentCommands;
 use crate::helper::{
-    free_port, listing, outlast_any_restart, pki_and_agent, retry_while_busy, wait_until,
-    AgentProc, Pki, PATIENCE,
+    free_port, listing, outlast_any_restart, pki_and_agent, poll_until, retry_while_busy,
+    wait_until, AgentProc, Pki, PATIENCE,
 };
 
 /// Pushes, unpacks and starts the beat release `version`; returns the port it serves.
@@ -733,10 +733,17 @@ async fn old_versions_and_their_archives_are_removed_beyond_the_kept_ones() {
     for version in ["1", "2", "3"] {
         beat_answering(&pki, &agent, version).await;
     }
-    let status = release_status(&pki, &agent, "beat").await.expect("known");
-    assert_eq!(status.version.as_deref(), Some("3"));
+    // Removed after the `Started` answer, in the background: waited for.
+    let archive_1 = agent.root.join("archives/beat-1.tar.gz");
+    let pruned = poll_until(PATIENCE, || async {
+        let status = release_status(&pki, &agent, "beat").await.expect("known");
+        (status.versions.len() < 3 && !archive_1.exists()).then_some(status)
+    })
+    .await
+    .expect("version 1 removed in time");
+    assert_eq!(pruned.version.as_deref(), Some("3"));
     assert_eq!(
-        status.versions,
+        pruned.versions,
         vec!["2".to_string(), "3".to_string()],
         "the running version and one other are kept"
     );
