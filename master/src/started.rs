@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use erel_proto::{ReleaseState, ReleaseStatus, Start};
 use serde::{Deserialize, Serialize};
@@ -165,8 +166,8 @@ type Shared = (Mutex<Queue>, Condvar);
 /// file without holding the rollout up: [`Recorder::done`] only queues; a thread of its
 /// own writes what is queued, all of it in one durable write (load, replace the
 /// queued hosts' records, [`crate::durable`]), then waits for more. A start is thus
-/// written one write after it is queued at the latest, and the file is rewritten at
-/// most once per write's time, not once per host. A failed write is handed to `warn`
+/// written within [`WRITE_EVERY`] and one write after it is queued, and the file is
+/// rewritten at most once per [`WRITE_EVERY`], not once per host. A failed write is handed to `warn`
 /// and its starts are not tried again (as with [`record`], never a failed command).
 /// [`Recorder::finish`] (or dropping it) writes what is left and waits for it.
 pub struct Recorder {
@@ -251,8 +252,16 @@ impl Drop for Recorder {
     }
 }
 
-/// The writer thread of a [`Recorder`]: writes what is queued, all at once, until the
-/// recorder is closed and nothing is left; the number of writes.
+/// The least time from the start of one write of a [`Recorder`] to the start of the
+/// next, unless the recorder is finishing: the starts queued meanwhile go in the next
+/// write together. Each write loads, merges and rewrites the whole file (about 200 bytes
+/// per host and release), so back-to-back writes during a 1,000-host rollout, whose
+/// hosts finish a few at a time, cost the master as much CPU as its pings.
+const WRITE_EVERY: Duration = Duration::from_millis(250);
+
+/// The writer thread of a [`Recorder`]: writes what is queued, all at once, at most once
+/// per [`WRITE_EVERY`] until the recorder is closed, then what is left; the number of
+/// writes.
 fn write_queued(shared: &Shared, cluster: &Path, warn: &(dyn Fn(&Error) + Send + Sync)) -> usize {
     let (queue, ready) = shared;
     let mut writes = 0;
@@ -267,10 +276,21 @@ fn write_queued(shared: &Shared, cluster: &Path, warn: &(dyn Fn(&Error) + Send +
             }
             std::mem::take(&mut queue.pending)
         };
+        let began = Instant::now();
         if let Err(e) = record_all(cluster, starts) {
             warn(&e);
         }
         writes += 1;
+        let mut queue = queue.lock().unwrap_or_else(PoisonError::into_inner);
+        while !queue.closed {
+            let Some(left) = WRITE_EVERY.checked_sub(began.elapsed()) else {
+                break;
+            };
+            queue = ready
+                .wait_timeout(queue, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 }
 
@@ -503,6 +523,38 @@ mod tests {
         assert_eq!(web.fingerprint, fingerprint(&sent), "the request sent");
         assert_eq!(records["both-1"]["probe"].pid, 7);
         assert_eq!(records["both-1"]["beat"].pid, 8);
+    }
+
+    #[test]
+    fn a_recorder_writes_at_most_once_per_interval_while_starts_trickle_in() {
+        use crate::cluster::ArchiveLookup;
+        use crate::fixtures::{groups_text, HOSTS_IN_SEVERAL_GROUPS};
+        let text = groups_text(HOSTS_IN_SEVERAL_GROUPS);
+        let plan = Plan::parse(&text, "cluster.toml", &ArchiveLookup::Unchecked).expect("valid");
+        let (_dir, cluster) = crate::rollout::halt::temp_cluster();
+        let starts = Recorder::new(&cluster, |e| panic!("{e}"));
+        // A start every 10 ms for at least 0.4 s: 40 writes if each start were written
+        // on its own.
+        let began = Instant::now();
+        for pid in 1..=40 {
+            let event = RolloutEvent::HostDone {
+                group: "web".into(),
+                host: "web-1".into(),
+                version: "0.2.0".into(),
+                pid,
+            };
+            starts.done(&plan, &event);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let writes = starts.finish();
+        let intervals = began.elapsed().as_millis() / WRITE_EVERY.as_millis();
+        let most = usize::try_from(intervals).expect("small") + 2;
+        assert!(
+            (1..=most).contains(&writes),
+            "{writes} writes in {} intervals",
+            intervals + 1
+        );
+        assert_eq!(load(&cluster).expect("load")["web-1"]["beat"].pid, 40);
     }
 
     #[test]
