@@ -148,10 +148,11 @@ ensure_tools
 work=$(mktemp -d "${TMPDIR:-/tmp}/erel-bench.XXXXXX")
 EREL_BENCH_ARCHIVE=$(archive)
 export EREL_BENCH_ARCHIVE
-# The footprint section measures the static agent too (its size, its idle memory): the
-# agent a blank host receives. Built once (cargo keeps it), when that section runs.
+# The footprint section measures the static agent too (its size, its idle memory), and
+# the rollout section's agents are static agents: the agent a blank host receives. Built
+# once (cargo keeps it), when one of those sections runs.
 case ",${EREL_BENCH_ONLY:-footprint}," in
-    *,footprint,*)
+    *,footprint,* | *,rollout,*)
         [ -f /usr/lib/x86_64-linux-gnu/libc.a ] && command -v cc >/dev/null || apt_install gcc libc6-dev
         log "building the static agent (scripts/build-agent.sh)"
         scripts/build-agent.sh >/dev/null

@@ -51,8 +51,8 @@ const CONNECTIONS_TARGET: f64 = 1000.0;
 const PUSH_FLOOR_TARGET: f64 = 1.5;
 
 /// Where `scripts/build-agent.sh` leaves the static agent (not built by the suite: its
-/// fat-LTO build takes minutes).
-fn static_agent() -> PathBuf {
+/// fat-LTO build takes minutes; `scripts/bench.sh` builds it for the sections that use it).
+pub(crate) fn static_agent() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/x86_64-unknown-linux-gnu/agent/erel-boot")
 }
 

@@ -10,6 +10,9 @@
 //! - `EREL_BENCH_FLEET` (default `100,250,500,1000`): a release that only sleeps, no
 //!   probe, `max_in_flight` 100, one canary, `min_up_secs` 1.
 //!
+//! The agents are the static agent of `scripts/build-agent.sh`, the program a host runs
+//! (its output writer, started with each release, is that program too).
+//!
 //! Each run deploys a new version to every host of the size (push, unpack, stop, start,
 //! verify; the staging overlaps the switches), after one untimed warm-up deploy that
 //! installs the release on the hosts new to the size. Besides the wall time, the
@@ -107,7 +110,9 @@ impl Fleet {
         let began = Instant::now();
         while self.agents.len() < n {
             let id = format!("{}-{}", self.kind, self.agents.len() + 1);
-            self.agents.push(AgentProc::start(&self.pki, &id, &[]));
+            let agent = crate::footprint::static_agent();
+            self.agents
+                .push(AgentProc::start_program(&self.pki, &id, &agent, &[]));
             if self.kind == "tcp" {
                 self.ports.push(free_port());
             }
