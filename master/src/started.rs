@@ -167,8 +167,9 @@ type Shared = (Mutex<Queue>, Condvar);
 /// own writes what is queued, all of it in one durable write (load, replace the
 /// queued hosts' records, [`crate::durable`]), then waits for more. A start is thus
 /// written within [`WRITE_EVERY`] and one write after it is queued, and the file is
-/// rewritten at most once per [`WRITE_EVERY`], not once per host. A failed write is handed to `warn`
-/// and its starts are not tried again (as with [`record`], never a failed command).
+/// rewritten at most once per [`WRITE_EVERY`], not once per host. A failed write is
+/// handed to `warn` and its starts are not tried again (as with [`record`], never a
+/// failed command).
 /// [`Recorder::finish`] (or dropping it) writes what is left and waits for it.
 pub struct Recorder {
     shared: Arc<Shared>,

@@ -255,7 +255,6 @@ impl Supervisor {
         self.inner.containment.describe()
     }
 
-    /// How many versions of a release beyond the running one retention keeps.
     /// Runs `work` while no start or stop of release `name` runs: they wait for it, and
     /// it for them (the release's operation lock, which `Start` and `Stop` hold).
     pub(crate) async fn exclusively<T>(
@@ -268,6 +267,7 @@ impl Supervisor {
         work.await
     }
 
+    /// How many versions of a release beyond the running one retention keeps.
     pub(crate) fn keep_versions(&self) -> usize {
         self.inner.settings.keep_versions
     }

@@ -218,14 +218,7 @@ impl Fixture {
         let sup = self.open_with(settings_with(parent)).await;
         let mode = sup.containment();
         if wants_cgroup && !mode.starts_with("cgroup v2") {
-            // Where it can run (root, cgroup v2 mounted), it must: never skipped silently.
-            let mounted = fs::read_to_string("/proc/self/mountinfo")
-                .is_ok_and(|m| m.lines().any(|l| l.contains(" - cgroup2 ")));
-            assert!(
-                !(nix::unistd::geteuid().is_root() && mounted),
-                "running as root with cgroup v2 mounted, yet: {mode}"
-            );
-            eprintln!("SKIPPED: this test needs root and a writable cgroup v2: {mode}");
+            skipped_without_cgroup(&mode);
             sup.detach().await;
             return None;
         }
@@ -1352,13 +1345,7 @@ async fn a_refused_clone_into_the_cgroup_falls_back_to_joining_it() {
     let tree = match Containment::detect(&CgroupParent::Auto, root.path()) {
         Containment::Cgroup(tree) => tree,
         Containment::Fallback(why) => {
-            let mounted = fs::read_to_string("/proc/self/mountinfo")
-                .is_ok_and(|m| m.lines().any(|l| l.contains(" - cgroup2 ")));
-            assert!(
-                !(nix::unistd::geteuid().is_root() && mounted),
-                "running as root with cgroup v2 mounted, yet: {why}"
-            );
-            eprintln!("SKIPPED: this test needs root and a writable cgroup v2: {why}");
+            skipped_without_cgroup(&why);
             return;
         }
     };
@@ -1415,4 +1402,16 @@ async fn a_start_waits_for_work_done_exclusively_on_its_release() {
         vec![("app".to_string(), "2".to_string())]
     );
     sup.detach().await;
+}
+
+/// Says that a test needing cgroup containment is skipped because of `why`; fails
+/// instead where it can run (root, cgroup v2 mounted): never skipped silently.
+fn skipped_without_cgroup(why: &str) {
+    let mounted = fs::read_to_string("/proc/self/mountinfo")
+        .is_ok_and(|m| m.lines().any(|l| l.contains(" - cgroup2 ")));
+    assert!(
+        !(nix::unistd::geteuid().is_root() && mounted),
+        "running as root with cgroup v2 mounted, yet: {why}"
+    );
+    eprintln!("SKIPPED: this test needs root and a writable cgroup v2: {why}");
 }
