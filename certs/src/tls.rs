@@ -30,6 +30,27 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The master's provider: [`provider`] with `TLS_AES_128_GCM_SHA256` first among its
+/// cipher suites, the others after it in ring's order (`TLS_AES_256_GCM_SHA384`, then
+/// `TLS_CHACHA20_POLY1305_SHA256`).
+///
+/// In TLS 1.3 the client lists the suites it offers in its order of preference and the
+/// server picks one (RFC 8446, section 4.1.1); rustls's server takes the first of the
+/// client's list that it supports (`ServerConfig::ignore_client_order` is false), so
+/// this order is what every connection to an agent uses, agents already installed
+/// included. AES-128-GCM is the suite every TLS 1.3 stack must implement (RFC 8446,
+/// section 9.1), first in BoringSSL's and Go's order where the CPU has AES instructions,
+/// and 10 rounds of AES per block instead of AES-256's 14: every byte a push sends is
+/// encrypted by the master and decrypted by the agent, so this is their cheapest
+/// strong cipher on the CPUs fleets run.
+fn master_provider() -> Arc<CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
+}
+
 /// The agent's server configuration from a host bundle directory (`ca.pem`,
 /// `host.pem`, `host.key`, and `crl.pem` when present).
 ///
@@ -302,7 +323,7 @@ fn client_from_parts(
     crls: Crls,
     crl_pem: Option<&Path>,
 ) -> Result<Arc<ClientConfig>> {
-    let provider = provider();
+    let provider = master_provider();
     let roots = Arc::new(load_roots(ca_pem, anchors)?);
     let inner = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
         .with_crls(crls.ders.clone())

@@ -33,13 +33,65 @@ async fn master_and_agent_complete_a_mutual_tls_exchange() {
 }
 
 #[tokio::test]
-async fn client_without_certificate_is_refused() {
+async fn the_master_and_agent_settle_on_aes_128_gcm() {
     let pki = pki("web-1");
     let server = server_config(&pki.bundle).expect("server config");
+    let client = pki.master.client_config().expect("client config");
+
+    let (client_result, server_result) = attempt(server, client, "web-1").await;
+
+    let aes_128 = Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    assert_eq!(client_result.expect("master side").suite, aes_128);
+    assert_eq!(server_result.expect("agent side").suite, aes_128);
+}
+
+/// The agent takes the master's order: a master that prefers another suite (an older
+/// build, ring's default order) or offers only one still gets it.
+#[tokio::test]
+async fn the_agent_takes_the_suite_the_master_prefers() {
+    use rustls::crypto::ring::cipher_suite as suites;
+    let pki = pki("web-1");
+    for (offered, wanted) in [
+        (
+            vec![suites::TLS13_AES_256_GCM_SHA384, suites::TLS13_AES_128_GCM_SHA256],
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+        ),
+        (
+            vec![suites::TLS13_CHACHA20_POLY1305_SHA256],
+            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+        ),
+    ] {
+        let server = server_config(&pki.bundle).expect("server config");
+        let ours = pki.master.client_config().expect("client config");
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: offered,
+            ..rustls::crypto::ring::default_provider()
+        };
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls13")
+            .with_root_certificates(cluster_roots(&pki))
+            .with_client_cert_resolver(ours.client_auth_cert_resolver.clone());
+        let (client_result, server_result) = attempt(server, Arc::new(client), "web-1").await;
+        assert_eq!(client_result.expect("master side").suite, Some(wanted));
+        assert_eq!(server_result.expect("agent side").suite, Some(wanted));
+    }
+}
+
+/// The cluster CA of `pki`, as a plain rustls root store.
+fn cluster_roots(pki: &Pki) -> rustls::RootCertStore {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(pki.master.ca_pem()).expect("ca.pem") {
         roots.add(cert.expect("cert")).expect("root");
     }
+    roots
+}
+
+#[tokio::test]
+async fn client_without_certificate_is_refused() {
+    let pki = pki("web-1");
+    let server = server_config(&pki.bundle).expect("server config");
+    let roots = cluster_roots(&pki);
     let client = rustls::ClientConfig::builder_with_provider(erel_certs::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("tls13")

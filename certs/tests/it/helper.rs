@@ -69,6 +69,8 @@ pub fn poll_until<T>(limit: Duration, mut probe: impl FnMut() -> Option<T>) -> O
 pub struct Served {
     /// The client's name from its certificate.
     pub peer: Option<String>,
+    /// The cipher suite the handshake settled on.
+    pub suite: Option<rustls::CipherSuite>,
 }
 
 /// Accepts one connection: TLS handshake, read one byte, echo it back.
@@ -97,11 +99,12 @@ pub async fn echo_once(config: Arc<ServerConfig>) -> (SocketAddr, JoinHandle<io:
             .peer_certificates()
             .and_then(|certs| certs.first())
             .and_then(erel_certs::peer_name);
+        let suite = tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
         let mut byte = [0u8; 1];
         timeout(tls.read_exact(&mut byte)).await?;
         timeout(tls.write_all(&byte)).await?;
         timeout(tls.shutdown()).await?;
-        Ok(Served { peer })
+        Ok(Served { peer, suite })
     });
     (addr, handle)
 }
@@ -116,6 +119,8 @@ pub struct Exchanged {
     pub echoed: u8,
     /// The server's name from its certificate.
     pub peer: Option<String>,
+    /// The cipher suite the handshake settled on.
+    pub suite: Option<rustls::CipherSuite>,
 }
 
 /// Connects to `addr` expecting host `host_id`, writes one byte and reads it back.
@@ -134,6 +139,7 @@ pub async fn exchange(
         .peer_certificates()
         .and_then(|certs| certs.first())
         .and_then(erel_certs::peer_name);
+    let suite = tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
     timeout(tls.write_all(&[42])).await?;
     timeout(tls.flush()).await?;
     let mut byte = [0u8; 1];
@@ -141,6 +147,7 @@ pub async fn exchange(
     Ok(Exchanged {
         echoed: byte[0],
         peer,
+        suite,
     })
 }
 
