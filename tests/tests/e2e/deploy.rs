@@ -485,6 +485,51 @@ async fn max_in_flight_bounds_the_hosts_down_at_once() {
     fleet.expect_beats("0.2.0");
 }
 
+/// The canary's staging fails (its agent cannot take the archive: a directory stands
+/// where it goes): the group halts with the reason, before any host is stopped, and the
+/// other hosts, whose staging waited for the canary's, are not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_cannot_be_staged_halts_the_group_before_anything_is_stopped() {
+    let (fleet, v2) = fleet_with_v1_v2("unstaged", 4, &group(2, 1));
+    let (report, _) = fleet.rollout().await;
+    assert!(report.converged(), "{report:?}\n{}", fleet.agent_logs());
+    let before: Vec<Vec<i32>> = fleet.release_pids(RELEASE);
+    let name = v2.file_name().expect("archive name");
+    std::fs::create_dir_all(fleet.agents[0].root.join("archives").join(name))
+        .expect("a directory where the canary's archive goes");
+
+    fleet.write_cluster(2, "0.2.0", &v2, &group(2, 1));
+    let (report, events) = fleet.rollout().await;
+    assert!(!report.converged(), "{report:?}");
+    let group = &report.groups[0];
+    assert!(group.halted.is_some(), "{group:?}");
+    match &group.hosts[0].outcome {
+        HostOutcome::Failed(HostFailure { reason, .. }) => {
+            assert!(reason.contains("is a directory"), "{reason}");
+        }
+        other => panic!("the canary should fail: {other:?}"),
+    }
+    for host in &group.hosts[1..] {
+        assert_eq!(host.outcome, HostOutcome::Untouched, "{}", host.host);
+    }
+    let stopped = events.iter().any(|(_, e)| {
+        matches!(
+            e,
+            RolloutEvent::HostPhase {
+                phase: HostPhase::Stopping,
+                ..
+            }
+        )
+    });
+    assert!(!stopped, "no host is stopped: {events:?}");
+    assert_eq!(
+        fleet.release_pids(RELEASE),
+        before,
+        "every host kept its process"
+    );
+    fleet.expect_beats("0.1.0");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_mid_rollout_finishes_when_run_again() {
     let (fleet, v2) = fleet_with_v1_v2("killed", 3, &group(1, 1));
