@@ -168,6 +168,12 @@ impl Bench {
 
     /// Times `command` (after `prepare`, untimed, before each run) with hyperfine.
     fn time(&self, name: &str, prepare: &str, command: &str) -> Timing {
+        self.time_and_cpu(name, prepare, command).0
+    }
+
+    /// [`Bench::time`], and the CPU time of `command` itself per run (hyperfine's mean
+    /// user + system time, of the command and its children), in seconds.
+    fn time_and_cpu(&self, name: &str, prepare: &str, command: &str) -> (Timing, f64) {
         let json = self.scratch("hyperfine.json");
         let status = Command::new("hyperfine")
             .args(["--style", "none", "--warmup", "1", "--runs"])
@@ -190,11 +196,12 @@ impl Bench {
                 .as_f64()
                 .unwrap_or_else(|| panic!("hyperfine's JSON has no {key}: {text}"))
         };
-        Timing {
+        let timing = Timing {
             median: field("median"),
             min: field("min"),
             max: field("max"),
-        }
+        };
+        (timing, field("user") + field("system"))
     }
 }
 
@@ -267,11 +274,14 @@ fn push(bench: &Bench, rows: &mut Vec<Row>) {
         // hashes.
         let push = bench.erel(&["push", &bench.host(), &file_arg, &dest]);
         let clear = format!("rm -f {}", bench.on_agent(&dest));
-        let erel = bench.time(
+        let agent_before = agent_cpu(bench);
+        let (erel, master_cpu) = bench.time_and_cpu(
             &format!("erel push {mib} MiB"),
             &format!("{clear} && {}", bench.forget_digests()),
             &push,
         );
+        // hyperfine's warm-up run is one more push.
+        let agent_per_push = (agent_cpu(bench) - agent_before) / f64::from(bench.runs + 1);
         let warm = bench.time(
             &format!("erel push {mib} MiB, digest cached"),
             &clear,
@@ -332,6 +342,24 @@ fn push(bench: &Bench, rows: &mut Vec<Row>) {
             erel,
             peer: "disk: `dd conv=fsync` (write + fsync)".into(),
             peer_timing: Some(disk),
+            target: None,
+        });
+        // Both ends share this machine's cores: the least wall time their CPU work
+        // allows, were it spread perfectly over the cores, beside the floor.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let least = (master_cpu + agent_per_push) / cores;
+        rows.push(Row {
+            figure: format!(
+                "{figure}: CPU time of both ends (master {master_cpu:.2} s + agent \
+                 {agent_per_push:.2} s, user + sys) ÷ {cores} cores"
+            ),
+            erel: Timing {
+                median: least,
+                min: least,
+                max: least,
+            },
+            peer: "floor: `openssl dgst -sha256`".into(),
+            peer_timing: Some(floor),
             target: None,
         });
         rows.push(Row {

@@ -53,7 +53,10 @@ async fn the_agent_takes_the_suite_the_master_prefers() {
     let pki = pki("web-1");
     for (offered, wanted) in [
         (
-            vec![suites::TLS13_AES_256_GCM_SHA384, suites::TLS13_AES_128_GCM_SHA256],
+            vec![
+                suites::TLS13_AES_256_GCM_SHA384,
+                suites::TLS13_AES_128_GCM_SHA256,
+            ],
             rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
         ),
         (
