@@ -166,10 +166,15 @@ impl Bench {
     /// removed just before the timed run makes every file the run creates pay for that
     /// scan (more than half of the agent's CPU in `perf`, for `tar` alike). The trees
     /// set aside are removed once the section is done.
+    ///
+    /// Then `sync`: `tar` leaves its files to the kernel's write-back, and the agent's
+    /// `syncfs` before it makes a tree visible writes everything dirty on the file system,
+    /// so without it a timed unpack would also write out the trees of the runs before it.
     fn set_aside(&self, quoted: &str) -> String {
         let aside = quote(&self.scratch(SET_ASIDE).display().to_string());
         format!(
-            "mkdir -p {aside} && if [ -e {quoted} ]; then mv {quoted} {aside}/$(date +%s%N); fi"
+            "mkdir -p {aside} && if [ -e {quoted} ]; then mv {quoted} {aside}/$(date +%s%N); fi \
+             && sync"
         )
     }
 
