@@ -33,6 +33,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use common::{make_file, MIB};
+use erel_master::digest_cache::RACY_WINDOW;
 use std::process::Command;
 
 use helper::{AgentProc, Pki, MASTER_BIN};
@@ -307,6 +308,7 @@ fn push(bench: &Bench, rows: &mut Vec<Row>) {
         );
         // hyperfine's warm-up run is one more push.
         let agent_per_push = (agent_cpu(bench) - agent_before) / f64::from(bench.runs + 1);
+        settle(&file);
         let warm = bench.time(
             &format!("erel push {mib} MiB, digest cached"),
             &clear,
@@ -396,6 +398,25 @@ fn push(bench: &Bench, rows: &mut Vec<Row>) {
         });
         let _ = std::fs::remove_file(&file);
         let _ = std::fs::remove_file(bench.agent.root.join(&dest));
+    }
+}
+
+/// Waits until `file` has not changed for the digest cache's [`RACY_WINDOW`]. Until
+/// then the cache does not trust what it recorded (a change within the window can leave
+/// the same timestamps) and a push hashes the file again before it sends it: the "digest
+/// cached" figure is of a file built a while before it is pushed again.
+fn settle(file: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(file).expect("the pushed file");
+    let changed = std::time::UNIX_EPOCH
+        + std::time::Duration::new(
+            u64::try_from(meta.ctime()).expect("ctime after 1970"),
+            u32::try_from(meta.ctime_nsec()).expect("nanoseconds"),
+        );
+    // A margin for the clock's granularity.
+    let settled = changed + RACY_WINDOW + std::time::Duration::from_millis(100);
+    if let Ok(left) = settled.duration_since(std::time::SystemTime::now()) {
+        std::thread::sleep(left);
     }
 }
 
