@@ -21,7 +21,7 @@ use lapin::{BasicProperties, Channel};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{amqp_error, now_ms, open_channel, table, Broker, Names};
+use super::{amqp_error, best_effort_close, now_ms, open_channel, table, Broker, Names};
 use crate::error::Result;
 use crate::rollout::halt::Halt;
 
@@ -211,7 +211,7 @@ pub async fn retry(broker: &Broker, group: &str, by: &str) -> Result<Option<Halt
                 at_ms,
             };
             write_halt(&channel, broker.names(), &record).await?;
-            let _ = channel.close(200, "done".into()).await;
+            best_effort_close(channel.close(200, "done".into())).await;
             Ok(match current {
                 Some(HaltRecord::Halted(halt)) => Some(halt),
                 _ => None,

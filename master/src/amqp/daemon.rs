@@ -65,7 +65,7 @@ use super::control::{self, HaltRecord};
 use super::events::{self, MasterEvent};
 use super::log::{self, LogEntry};
 use super::state::StateDir;
-use super::{amqp_error, leadership, open_channel, Backoff, Broker};
+use super::{amqp_error, best_effort_close, leadership, open_channel, Backoff, Broker};
 use crate::client::Connector;
 use crate::cluster::{ArchiveLookup, Plan};
 use crate::error::{Error, Result};
@@ -474,9 +474,9 @@ impl Daemon {
             }
         }
         drop(consumer);
-        let _ = log_channel.close(200, "master stopping".into()).await;
-        let _ = event_channel.close(200, "master stopping".into()).await;
-        let _ = connection.close(200, "master stopping".into()).await;
+        best_effort_close(log_channel.close(200, "master stopping".into())).await;
+        best_effort_close(event_channel.close(200, "master stopping".into())).await;
+        best_effort_close(connection.close(200, "master stopping".into())).await;
         outcome
     }
 
@@ -869,7 +869,7 @@ impl GroupTask {
         let record = match self.halt_channel().await {
             Ok(channel) => {
                 let record = control::read_halt(&channel, names, &self.group).await;
-                let _ = channel.close(200, "done".into()).await;
+                best_effort_close(channel.close(200, "done".into())).await;
                 record
             }
             Err(e) => Err(e),
@@ -955,7 +955,7 @@ impl GroupTask {
     async fn write_halt(&self, record: &HaltRecord) -> Result<()> {
         let channel = self.halt_channel().await?;
         let written = control::write_halt(&channel, self.options.broker.names(), record).await;
-        let _ = channel.close(200, "done".into()).await;
+        best_effort_close(channel.close(200, "done".into())).await;
         written
     }
 

@@ -17,7 +17,9 @@ use lapin::{BasicProperties, Channel, ExchangeKind};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{amqp_error, declare_exclusive, now_ms, open_channel, Backoff, Broker, Names};
+use super::{
+    amqp_error, best_effort_close, declare_exclusive, now_ms, open_channel, Backoff, Broker, Names,
+};
 use crate::error::{Error, Result};
 use crate::rollout::RolloutEvent;
 
@@ -358,8 +360,8 @@ pub async fn watch(
                 tokio::select! {
                     _ = cancel.cancelled() => {
                         drop(consumer);
-                        let _ = channel.close(200, "done".into()).await;
-                        let _ = connection.close(200, "done".into()).await;
+                        best_effort_close(channel.close(200, "done".into())).await;
+                        best_effort_close(connection.close(200, "done".into())).await;
                         return Ok(());
                     }
                     next = consumer.next() => match next {

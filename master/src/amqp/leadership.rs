@@ -50,7 +50,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::control::{self, HandoverRequest};
-use super::{amqp_error, now_ms, open_channel, table, Broker, Names};
+use super::{amqp_error, best_effort_close, now_ms, open_channel, table, Broker, Names};
 use crate::error::{Error, Result};
 
 /// How often a holder renews its holder record.
@@ -178,7 +178,7 @@ async fn wait_for_handover(
             _ = tokio::time::sleep(HANDOVER_POLL) => {}
         }
     };
-    let _ = channel.close(200, "done".into()).await;
+    best_effort_close(channel.close(200, "done".into())).await;
     outcome
 }
 
@@ -216,7 +216,7 @@ async fn compete(
     let channel = open_channel(connection, &lease).await?;
     let close = |channel: Channel| async move {
         // Closing the channel requeues the token for the next master.
-        let _ = channel.close(200, "released".into()).await;
+        best_effort_close(channel.close(200, "released".into())).await;
     };
     channel
         .basic_qos(1, BasicQosOptions::default())
@@ -323,7 +323,7 @@ impl TakenLease {
     pub(crate) async fn release(self) {
         self.cancel.cancel();
         let _ = self.task.await;
-        let _ = self.connection.close(200, "done".into()).await;
+        best_effort_close(self.connection.close(200, "done".into())).await;
     }
 }
 
@@ -397,7 +397,7 @@ async fn take_once(
     let channel = match asked.await {
         Ok(channel) => channel,
         Err(e) => {
-            let _ = connection.close(200, "done".into()).await;
+            best_effort_close(connection.close(200, "done".into())).await;
             return Err(e);
         }
     };
@@ -414,7 +414,7 @@ async fn take_once(
     ));
     let got = tokio::time::timeout(wait, holding.wait_for(|held| *held)).await;
     let _ = control::clear_handover(&channel, &names, group, requester).await;
-    let _ = channel.close(200, "done".into()).await;
+    best_effort_close(channel.close(200, "done".into())).await;
     let taken = TakenLease {
         from: from.clone(),
         cancel,
@@ -427,7 +427,7 @@ async fn take_once(
             // The holding task ended: a broker problem.
             taken.cancel.cancel();
             let outcome = taken.task.await;
-            let _ = taken.connection.close(200, "done".into()).await;
+            best_effort_close(taken.connection.close(200, "done".into())).await;
             match outcome {
                 Ok(Err(e)) => Err(e),
                 _ => Err(lost(&names.lease(group)?)),

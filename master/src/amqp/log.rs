@@ -36,8 +36,8 @@ use lapin::{BasicProperties, Channel, Confirmation, Consumer};
 use serde::Serialize;
 
 use super::{
-    amqp_error, declare_exclusive, integer, now_ms, open_channel, string, table, text_value,
-    Backoff, Broker, Names,
+    amqp_error, best_effort_close, declare_exclusive, integer, now_ms, open_channel, string, table,
+    text_value, Backoff, Broker, Names,
 };
 use crate::cluster::{ArchiveLookup, Plan, MAX_REVISION, MAX_REVISION_STEP};
 use crate::error::{Error, Result};
@@ -54,7 +54,7 @@ pub const SETTLE: Duration = Duration::from_millis(300);
 const FIRST_MESSAGE_WAIT: Duration = Duration::from_millis(1000);
 /// How long `publish` waits for each message while it reads the log back up to the one
 /// it appended.
-const READ_BACK_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const READ_BACK_WAIT: Duration = Duration::from_secs(10);
 /// How long `publish` waits for another publish to hand the publisher lease back.
 pub const PUBLISHER_LEASE_WAIT: Duration = Duration::from_secs(30);
 /// Unacknowledged deliveries a log reader allows (a stream consumer must set one); it
@@ -336,7 +336,7 @@ async fn read_on(
     let _ = channel
         .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
         .await;
-    let _ = channel.close(200, "done".into()).await;
+    best_effort_close(channel.close(200, "done".into())).await;
     Ok(entries)
 }
 
@@ -538,7 +538,7 @@ async fn take_publisher_lease(connection: &lapin::Connection, names: &Names) -> 
         let declared = declare_exclusive(&channel, &queue).await;
         match declared {
             Ok(_) => {
-                let _ = channel.close(200, "done".into()).await;
+                best_effort_close(channel.close(200, "done".into())).await;
                 return Ok(());
             }
             Err(e) if is_resource_locked(&e) => {
@@ -692,7 +692,7 @@ async fn append_on(
         .map_err(|e| amqp_error(&queue, "publishing a config", e))?
         .await
         .map_err(|e| amqp_error(&queue, "waiting for the broker's confirmation", e))?;
-    let _ = channel.close(200, "done".into()).await;
+    best_effort_close(channel.close(200, "done".into())).await;
     match confirmation {
         Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(returned)) => Err(Error::Amqp {

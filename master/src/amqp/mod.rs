@@ -59,6 +59,45 @@ pub const DEFAULT_PREFIX: &str = "erel";
 pub const MAX_PREFIX_LEN: usize = 64;
 /// How long opening a connection (TCP, AMQP handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest one attempt of [`Broker::on_connection`]'s work may take: the longest wait
+/// in it (a publish waiting for the publisher lease, then reading its revision back) with
+/// two connection timeouts of margin. A broker node lost mid-operation has left a publish
+/// waiting on the client library with no socket and no timer left to wake it; bounded, it
+/// fails with a message instead of never returning.
+const ATTEMPT_LIMIT: Duration = log::PUBLISHER_LEASE_WAIT
+    .saturating_add(log::READ_BACK_WAIT)
+    .saturating_add(CONNECT_TIMEOUT)
+    .saturating_add(CONNECT_TIMEOUT);
+/// How long closing a channel or a connection may take; the close is best effort.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// `work`'s outcome, or, when it has not ended within `limit`, an [`Error::Amqp`] naming
+/// the broker `target` and the `role` whose work it was.
+async fn within_limit<T>(
+    limit: Duration,
+    target: String,
+    role: &str,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+        Err(Error::Amqp {
+            target,
+            action: format!("the {role}'s work on one connection"),
+            message: format!(
+                "no answer from the broker within {} s (a node lost while it waited, \
+                     say); the connection was abandoned",
+                limit.as_secs()
+            ),
+        })
+    })
+}
+
+/// Awaits `close` (a channel's or a connection's close) for at most [`CLOSE_WAIT`],
+/// ignoring its outcome: a node already gone never answers a close, and nothing waits on
+/// it but the command's own end.
+pub(crate) async fn best_effort_close<T>(close: impl std::future::Future<Output = T>) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, close).await;
+}
 /// The AMQP heartbeat asked for when the URL does not say: a silently cut connection is
 /// noticed within about twice this.
 const DEFAULT_HEARTBEAT_SECS: u16 = 5;
@@ -207,7 +246,7 @@ impl Broker {
         self.on_connection(role, async |connection| {
             let channel = open_channel(connection, &self.display_url()).await?;
             let outcome = work(&channel).await;
-            let _ = channel.close(200, "done".into()).await;
+            best_effort_close(channel.close(200, "done".into())).await;
             outcome
         })
         .await
@@ -232,8 +271,9 @@ impl Broker {
     ) -> Result<T> {
         retry_not_ready(REPLICAS_READY_WAIT, not_ready_backoff(), async || {
             let connection = self.connect(role).await?;
-            let outcome = work(&connection).await;
-            let _ = connection.close(200, "done".into()).await;
+            let outcome =
+                within_limit(ATTEMPT_LIMIT, self.display_url(), role, work(&connection)).await;
+            best_effort_close(connection.close(200, "done".into())).await;
             outcome
         })
         .await
@@ -266,8 +306,8 @@ impl Broker {
             .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
             .await
             .map_err(|e| amqp_error(&exchange, "deleting the exchange", e))?;
-        let _ = channel.close(200, "done".into()).await;
-        let _ = connection.close(200, "done".into()).await;
+        best_effort_close(channel.close(200, "done".into())).await;
+        best_effort_close(connection.close(200, "done".into())).await;
         Ok(())
     }
 }
@@ -757,6 +797,37 @@ pub(crate) fn encode_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn work_that_never_ends_fails_at_the_limit_naming_the_broker_and_the_role() {
+        let limit = Duration::from_millis(50);
+        let began = std::time::Instant::now();
+        let never = std::future::pending::<Result<()>>();
+        let error = within_limit(limit, "node-1".into(), "config publisher", never)
+            .await
+            .expect_err("bounded");
+        assert!(began.elapsed() >= limit);
+        let text = error.to_string();
+        assert!(text.contains("node-1"), "{text}");
+        assert!(text.contains("config publisher"), "{text}");
+        assert!(text.contains("no answer from the broker within"), "{text}");
+
+        let done = within_limit(limit, "node-1".into(), "config publisher", async { Ok(7) });
+        assert_eq!(done.await.expect("within the limit"), 7);
+        let failed = within_limit(limit, "node-1".into(), "config publisher", async {
+            Err::<(), _>(Error::Usage("its own error".into()))
+        });
+        assert!(failed
+            .await
+            .expect_err("its own")
+            .to_string()
+            .contains("its own error"));
+    }
+
+    #[test]
+    fn an_attempt_may_take_every_wait_a_publish_makes() {
+        assert!(ATTEMPT_LIMIT > log::PUBLISHER_LEASE_WAIT + log::READ_BACK_WAIT + CONNECT_TIMEOUT);
+    }
 
     #[test]
     fn names_carry_the_prefix() {
