@@ -36,8 +36,9 @@ ensure_tools() {
     command -v openssl >/dev/null || apt_install openssl
     tar --version 2>/dev/null | grep -q 'GNU tar' || apt_install tar
     # The push + unpack input: Debian's whole Erlang/OTP (the `erlang` package, which
-    # rebar3 brings too, as scripts/test.sh installs it): 106 MB in 3,875 entries, 48.4 MB
-    # gzipped, the ~100 MB the benchmark asks for, whatever the machine had before.
+    # rebar3 brings too, as scripts/test.sh installs it): 3,872 entries, 102 MB, 48.4 MB
+    # gzipped, the ~100 MB the benchmark asks for. OTP packages installed besides it
+    # would add to the archive; its name in the cache counts the installation's entries.
     if command -v dpkg >/dev/null; then
         dpkg -s erlang >/dev/null 2>&1 || apt_install erlang
     fi
