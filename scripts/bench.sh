@@ -23,6 +23,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 quick=0
+[ "$#" -le 1 ] || die "too many arguments: $* (usage: scripts/bench.sh [--quick])"
 case "${1:-}" in
     --quick) quick=1 ;;
     "") ;;
