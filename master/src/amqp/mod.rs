@@ -824,6 +824,16 @@ mod tests {
             .contains("its own error"));
     }
 
+    #[tokio::test]
+    async fn a_close_nobody_answers_is_given_up_after_the_close_wait() {
+        let began = std::time::Instant::now();
+        best_effort_close(std::future::pending::<()>()).await;
+        let waited = began.elapsed();
+        assert!(waited >= CLOSE_WAIT, "{waited:?}");
+        // A bound, not a figure: a busy machine may add to it.
+        assert!(waited < CLOSE_WAIT * 4, "{waited:?}");
+    }
+
     #[test]
     fn an_attempt_may_take_every_wait_a_publish_makes() {
         assert!(ATTEMPT_LIMIT > log::PUBLISHER_LEASE_WAIT + log::READ_BACK_WAIT + CONNECT_TIMEOUT);
