@@ -13,15 +13,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-
 use crate::helper::fleet::Fleet;
 use crate::helper::release::{beat_release, failing_beat_release, sha256, with_payload};
+use crate::helper::stepping::{step_until, Stopped};
 use crate::helper::tmpfs::{can_mount, Tmpfs};
 use crate::helper::{
-    assert_holds_all, describe_processes, listing, output_text, poll_until_blocking, sessions_of,
-    wait_until_blocking, AgentProc, Followed, Pki, NO_RESTART_WITHIN, PATIENCE,
+    assert_holds_all, describe_processes, listing, output_text, sessions_of, wait_until_blocking,
+    AgentProc, Followed, Pki, NO_RESTART_WITHIN, PATIENCE,
 };
 
 const RELEASE: &str = "beat";
@@ -82,12 +80,6 @@ fn exits(master: &mut Followed, what: &str) -> ExitStatus {
     master
         .exit_within(PATIENCE)
         .unwrap_or_else(|| panic!("{what} still runs after {PATIENCE:?}:\n{}", master.log()))
-}
-
-/// Sends `signal` to the process `pid`.
-fn signal(pid: Option<u32>, signal: Signal) {
-    let pid = pid.expect("a running process");
-    kill(Pid::from_raw(pid as i32), signal).expect("signal the process");
 }
 
 /// Every file under `dir` with its sha256 (directories with none): what a release
@@ -203,13 +195,28 @@ fn first_bytes_staged(agent: &AgentProc) -> Option<(String, u64)> {
     staged(agent).into_iter().find(|(_, len)| *len > 0)
 }
 
-/// Starts a deploy of `cluster` and waits (up to `PATIENCE`) until the first agent's
-/// staging file has received bytes; the deploy and that file with its size (`None`:
-/// never seen).
-fn deploy_until_bytes_staged(fleet: &Fleet, cluster: &Path) -> (Followed, Option<(String, u64)>) {
+/// A staging file caught receiving bytes, with its size, and its agent held stopped.
+type CaughtPushing = ((String, u64), Stopped);
+
+/// Starts a deploy of `cluster` and steps the first agent until its staging file has
+/// received bytes (up to `PATIENCE`); the deploy, and that file with its size and the agent
+/// held stopped at that moment (`None`: never seen).
+fn deploy_until_bytes_staged(fleet: &Fleet, cluster: &Path) -> (Followed, Option<CaughtPushing>) {
     let master = spawn_deploy(fleet, cluster);
-    let part = poll_until_blocking(PATIENCE, || first_bytes_staged(&fleet.agents[0]));
+    let agent = &fleet.agents[0];
+    let part = step_until(agent.pid().expect("the agent runs"), PATIENCE, || {
+        first_bytes_staged(agent)
+    });
     (master, part)
+}
+
+/// Steps the first agent of `fleet` until an unpack is in progress on it (up to
+/// `PATIENCE`); the unpack's staging directory, with the agent held stopped.
+fn step_until_unpacking(fleet: &Fleet) -> Option<(String, Stopped)> {
+    let agent = &fleet.agents[0];
+    step_until(agent.pid().expect("the agent runs"), PATIENCE, || {
+        unpacking(agent).into_iter().next()
+    })
 }
 
 /// Asserts that a push of `size` bytes was cut while staged (`part`, from
@@ -259,14 +266,14 @@ fn an_agent_killed_during_write_file_then_during_unpack_keeps_its_release_and_th
     // Killed while the archive arrives: its staging file exists and has grown.
     let (mut master, part) = deploy_until_bytes_staged(&fleet, &v2);
     fleet.agents[0].kill9();
-    expect_the_push_cut(&mut master, part, size);
+    expect_the_push_cut(&mut master, part.map(|(part, _held)| part), size);
     fleet.agents[0].restart();
     let what = "after a kill during WriteFile";
     expect_untouched(&fleet, &before, "1.0.0", (&archive, false), what);
 
     // Killed while the archive is unpacked: the staging directory exists.
     let mut master = spawn_deploy(&fleet, &v2);
-    let busy = poll_until_blocking(PATIENCE, || unpacking(&fleet.agents[0]).into_iter().next());
+    let busy = step_until_unpacking(&fleet);
     fleet.agents[0].kill9();
     assert!(busy.is_some(), "no unpack seen:\n{}", master.log());
     assert!(
@@ -362,6 +369,23 @@ impl KillAt {
     fn large(self) -> bool {
         matches!(self, KillAt::Pushing | KillAt::Unpacking)
     }
+
+    /// Waits (up to `PATIENCE`) until the moment has come, the master's log read by `log`;
+    /// the first agent held stopped then, so that a moment within an operation of the
+    /// agent (a push, an unpack) is still the moment when the master is killed. `None`:
+    /// never reached.
+    fn wait(
+        self,
+        fleet: &Fleet,
+        log: impl Fn() -> String,
+        phase_line: fn(&str, &str) -> String,
+    ) -> Option<Stopped> {
+        let first = fleet.agents[0].pid().expect("the first agent runs");
+        step_until(first, PATIENCE, || {
+            self.reached(fleet, &log(), phase_line).then_some(())
+        })
+        .map(|((), held)| held)
+    }
 }
 
 const KILL_AT: [KillAt; 5] = [
@@ -418,13 +442,18 @@ fn erel_deploy_killed_at_each_phase_of_a_rolling_deploy_finishes_when_run_again(
         let text = fleet.config_of(revision, version, archive, ONE_AT_A_TIME);
         fleet.write("cluster.toml", &text);
         let mut master = spawn_deploy(&fleet, &cluster);
-        let reached = wait_until_blocking(PATIENCE, || {
-            at.reached(&fleet, &master.log(), |host, phase| {
-                format!("\"host\":\"{host}\",\"phase\":\"{phase}\"")
-            })
-        });
+        let reached = at.wait(
+            &fleet,
+            || master.log(),
+            |host, phase| format!("\"host\":\"{host}\",\"phase\":\"{phase}\""),
+        );
         master.kill9();
-        assert!(reached, "{what}: never reached:\n{}", master.log());
+        assert!(
+            reached.is_some(),
+            "{what}: never reached:\n{}",
+            master.log()
+        );
+        drop(reached);
         at_most_one_copy_each(&fleet, &what);
 
         let text = deploy_and_expect(&fleet, &cluster, version, &what);
@@ -445,13 +474,18 @@ fn the_file_daemon_killed_at_each_phase_of_a_rolling_deploy_finishes_when_starte
         let text = fleet.config_of(revision, version, archive, ONE_AT_A_TIME);
         fleet.write("cluster.toml", &text);
         let mut master = daemon();
-        let reached = wait_until_blocking(PATIENCE, || {
-            at.reached(&fleet, &master.log(), |host, phase| {
-                format!("web/{host}: {phase}")
-            })
-        });
+        let reached = at.wait(
+            &fleet,
+            || master.log(),
+            |host, phase| format!("web/{host}: {phase}"),
+        );
         master.kill9();
-        assert!(reached, "{what}: never reached:\n{}", master.log());
+        assert!(
+            reached.is_some(),
+            "{what}: never reached:\n{}",
+            master.log()
+        );
+        drop(reached);
         at_most_one_copy_each(&fleet, &what);
 
         let mut master = daemon();
@@ -525,9 +559,11 @@ fn a_disk_full_during_write_file_fails_clearly_keeps_the_old_release_and_leaves_
     // The push was offered room; the disk fills while the bytes arrive (the agent held
     // still meanwhile, so that the transfer cannot end first).
     let (mut master, part) = deploy_until_bytes_staged(&fleet, &v2);
-    signal(fleet.agents[0].pid(), Signal::SIGSTOP);
     let ballast = fill(&tmpfs, 0);
-    signal(fleet.agents[0].pid(), Signal::SIGCONT);
+    let part = part.map(|(part, held)| {
+        held.resume();
+        part
+    });
     expect_the_push_cut(&mut master, part, size);
     let text = master.log();
     names_no_space(&text);

@@ -28,6 +28,7 @@ use erel_master::release::ReleaseFile;
 use crate::helper::netns::{NetFleet, BEAT_PORT};
 use crate::helper::release::{beat_release, failing_beat_release, names_the_exit_failure};
 use crate::helper::slow_link::{Delay, SlowLink};
+use crate::helper::stepping::step_until;
 use crate::helper::{
     exit_within, follow_lines, poll_until_blocking, wait_until_blocking, PATIENCE,
 };
@@ -487,16 +488,21 @@ fn a_host_lost_while_it_unpacks_is_reported_once_its_connection_is_found_dead() 
     );
     let deploy = start_deploy(&fleet);
     let unpacking = fleet.agents[0].root.join(".erel/unpack");
-    let seen = wait_until_blocking(PLAIN_DEPLOY, || {
-        std::fs::read_dir(&unpacking).is_ok_and(|mut entries| entries.next().is_some())
+    // Stepped, and held stopped once seen unpacking: lost in the middle of the unpack.
+    let pid = fleet.agents[0].pid().expect("the agent runs");
+    let seen = step_until(pid, PLAIN_DEPLOY, || {
+        std::fs::read_dir(&unpacking)
+            .is_ok_and(|mut entries| entries.next().is_some())
+            .then_some(())
     });
     assert!(
-        seen,
+        seen.is_some(),
         "never unpacked:\n{}\n{}",
         deploy.output(),
         fleet.agent_logs()
     );
     fleet.lose(0);
+    drop(seen);
 
     // The master waits for the answer to `Unpack` on a connection the host will never
     // answer on again. The unpack's own bound is for slow disks (minutes); a dead peer is

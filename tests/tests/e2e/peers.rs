@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use crate::helper::install::without_digest;
 use crate::helper::raw_peer::{closes_within, idle_peer};
 use crate::helper::release::sha256;
+use crate::helper::stepping::step_until;
 use crate::helper::AgentCommands;
 use crate::helper::{
     free_port, output_text, pki_and_agent, poll_until, retry_while_busy, wait_until, AgentProc,
@@ -643,14 +644,22 @@ async fn an_unpack_cut_while_it_runs_is_repeated_at_once() {
             .await
     });
     let staging = agent.root.join(".erel/unpack");
-    let running = wait_until(Duration::from_secs(120), || {
-        let busy = std::fs::read_dir(&staging).is_ok_and(|mut d| d.next().is_some());
-        async move { busy }
-    })
-    .await;
-    assert!(running, "the first unpack starts\n{}", agent.log());
+    // Stepped, and held stopped once seen unpacking: the cut comes in the middle of it.
+    let pid = agent.pid().expect("the agent runs");
+    let running = tokio::task::block_in_place(|| {
+        step_until(pid, Duration::from_secs(120), || {
+            let busy = std::fs::read_dir(&staging).is_ok_and(|mut d| d.next().is_some());
+            busy.then_some(())
+        })
+    });
+    assert!(
+        running.is_some(),
+        "the first unpack starts\n{}",
+        agent.log()
+    );
     task.abort(); // the master goes away; the agent finishes what it started
     let _ = task.await;
+    drop(running);
 
     let done = repeat
         .unpack("archives/many.tar", "releases/many/1", Some(digest))

@@ -33,6 +33,7 @@ pub mod otp;
 pub mod raw_peer;
 pub mod release;
 pub mod slow_link;
+pub mod stepping;
 pub mod systemctl;
 pub mod tmpfs;
 
