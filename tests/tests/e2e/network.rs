@@ -30,7 +30,7 @@ use crate::helper::release::{beat_release, failing_beat_release, names_the_exit_
 use crate::helper::slow_link::{Delay, SlowLink};
 use crate::helper::stepping::step_until;
 use crate::helper::{
-    exit_within, follow_lines, poll_until_blocking, wait_until_blocking, PATIENCE,
+    exit_within, follow_lines, wait_until_blocking, PATIENCE,
 };
 
 /// `--connect-timeout` of every `erel deploy` here: how long each phase of opening a
@@ -234,7 +234,9 @@ fn bulk_fleet(test: &str, prefix: &str) -> Option<(NetFleet, u64)> {
 /// push `master` (a running `erel deploy` or daemon) makes; the bytes staged then.
 fn cut_mid_push(fleet: &NetFleet, master: &Running, size: u64) -> u64 {
     let root = &fleet.agents[0].root;
-    let at_cut = poll_until_blocking(PATIENCE, || {
+    // Stepped, and held stopped from the look that saw the bytes until the cut.
+    let pid = fleet.agents[0].pid().expect("the agent runs");
+    let (at_cut, held) = step_until(pid, PATIENCE, || {
         let staged = staged_bytes(root);
         (staged >= CUT_AFTER).then_some(staged)
     })
@@ -246,6 +248,7 @@ fn cut_mid_push(fleet: &NetFleet, master: &Running, size: u64) -> u64 {
         )
     });
     fleet.net.cut(0);
+    held.resume();
     assert!(at_cut < size, "cut before the end: {at_cut} of {size}");
     at_cut
 }

@@ -6,8 +6,6 @@
 //! Linux) so that the per-address cap applies to them and not to the master, which
 //! connects from 127.0.0.1.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use erel_master::client::Connector;
@@ -379,14 +377,16 @@ async fn a_push_killed_mid_way_is_repeated_at_once_and_resumes() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn erel push");
-    let started = wait_until(Duration::from_secs(120), || {
-        let staged = staged_bytes(&agent);
-        async move { staged >= 16 << 20 }
-    })
-    .await;
-    assert!(started, "the transfer starts\n{}", agent.log());
+    // Stepped, and held stopped once 16 MiB are staged: killed in the middle.
+    let started = tokio::task::block_in_place(|| {
+        step_until(child.id(), Duration::from_secs(120), || {
+            (staged_bytes(&agent) >= 16 << 20).then_some(())
+        })
+    });
+    assert!(started.is_some(), "the transfer starts\n{}", agent.log());
     child.kill().expect("kill -9 the push");
     let _ = child.wait();
+    drop(started);
     let cut_at = staged_bytes(&agent);
     assert!(cut_at < size, "cut mid-way ({cut_at} of {size})");
 
@@ -424,13 +424,17 @@ async fn two_masters_pushing_the_same_file_at_once_both_succeed() {
         command
     };
     let first = push().spawn().expect("spawn the first push");
-    let started = wait_until(Duration::from_secs(120), || {
-        let staged = staged_bytes(&agent);
-        async move { staged >= 16 << 20 }
-    })
-    .await;
-    assert!(started, "the first transfer starts\n{}", agent.log());
-    let second = push().output().expect("run the second push");
+    // The first is held stopped mid-way until the second has taken its transfer over.
+    let started = tokio::task::block_in_place(|| {
+        step_until(first.id(), Duration::from_secs(120), || {
+            (staged_bytes(&agent) >= 16 << 20).then_some(())
+        })
+    });
+    assert!(started.is_some(), "the first transfer starts\n{}", agent.log());
+    let second = push().spawn().expect("spawn the second push");
+    agent.log_showing_all(&["taken over by a newer request"], PATIENCE);
+    drop(started);
+    let second = second.wait_with_output().expect("wait for the second push");
     let first = first.wait_with_output().expect("wait for the first push");
     for (which, out) in [("first", &first), ("second", &second)] {
         let stdout = pushed(&agent, which, out);
@@ -460,17 +464,17 @@ async fn a_stalled_or_dropped_transfer_is_taken_over_at_once() {
     // A master that stops sending mid-way but keeps its connection open, as a peer
     // behind a cut network does: the agent would wait out its stall timeout for it.
     let mut stalled = pki.connect(&agent).await;
-    let sent = Arc::new(AtomicU64::new(0));
-    let counter = sent.clone();
-    let mut progress = move |p: Progress| counter.store(p.sent, Ordering::Relaxed);
+    let (counter, mut sent) = tokio::sync::watch::channel(0u64);
+    let mut progress = move |p: Progress| {
+        counter.send_replace(p.sent);
+    };
     tokio::select! {
+        // Asked first: the transfer stops at the first look after 8 MiB went out.
+        biased;
+        _ = sent.wait_for(|sent| *sent >= 8 << 20) => {}
         result = stalled.write_file(&source, "data/a.bin", 0o644, &mut progress) => {
             panic!("the transfer was to be stopped mid-way, it ended: {result:?}")
         }
-        _ = wait_until(Duration::from_secs(120), || {
-            let sent = sent.load(Ordering::Relaxed);
-            async move { sent >= 8 << 20 }
-        }) => {}
     }
     let started = Instant::now();
     let mut fresh = pki.connect(&agent).await;
@@ -502,22 +506,24 @@ async fn a_stalled_or_dropped_transfer_is_taken_over_at_once() {
     std::fs::write(&other, vec![5u8; 32 << 20]).expect("write");
     let other_source = without_digest(&other);
     let mut dropped = pki.connect(&agent).await;
-    let sent = Arc::new(AtomicU64::new(0));
-    let counter = sent.clone();
+    let (counter, mut sent) = tokio::sync::watch::channel(0u64);
     let task_source = other_source.clone();
-    let task = tokio::spawn(async move {
-        let mut progress = move |p: Progress| counter.store(p.sent, Ordering::Relaxed);
+    let transfer = async move {
+        let mut progress = move |p: Progress| {
+            counter.send_replace(p.sent);
+        };
         dropped
             .write_file(&task_source, "data/b.bin", 0o644, &mut progress)
             .await
-    });
-    wait_until(Duration::from_secs(120), || {
-        let sent = sent.load(Ordering::Relaxed);
-        async move { sent >= 4 << 20 }
-    })
-    .await;
-    task.abort();
-    let _ = task.await;
+    };
+    // Dropped (cancelled) at the first look after 4 MiB went out.
+    tokio::select! {
+        biased;
+        _ = sent.wait_for(|sent| *sent >= 4 << 20) => {}
+        result = transfer => {
+            panic!("the transfer was to be dropped mid-way, it ended: {result:?}")
+        }
+    }
     let mut fresh = pki.connect(&agent).await;
     let written = fresh
         .write_file(&other_source, "data/b.bin", 0o644, &mut |_| {})
