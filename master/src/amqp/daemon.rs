@@ -65,7 +65,9 @@ use super::control::{self, HaltRecord};
 use super::events::{self, MasterEvent};
 use super::log::{self, LogEntry};
 use super::state::StateDir;
-use super::{amqp_error, best_effort_close, leadership, open_channel, Backoff, Broker};
+use super::{
+    amqp_error, best_effort_close, leadership, open_channel, unless_lost, Backoff, Broker, CLOSE_WAIT,
+};
 use crate::client::Connector;
 use crate::cluster::{ArchiveLookup, Plan};
 use crate::error::{Error, Result};
@@ -335,10 +337,6 @@ impl Daemon {
             connection = broker.connect(&role) => Arc::new(connection?),
         };
         let log_queue = names.configs();
-        let log_channel = open_channel(&connection, &log_queue).await?;
-        let event_channel = open_channel(&connection, &names.events()).await?;
-        log::declare(&log_channel, names).await?;
-        events::declare(&event_channel, names).await?;
         let from = position.resume();
         if position.unresolved_from.is_some() {
             // Read again from the log, from the oldest of them.
@@ -346,7 +344,16 @@ impl Daemon {
             position.dropped = None;
         }
         let tag = format!("{}-{}", self.options.name, std::process::id());
-        let mut consumer = log::consume(&log_channel, names, &tag, from).await?;
+        let opening = async {
+            let log_channel = open_channel(&connection, &log_queue).await?;
+            let event_channel = open_channel(&connection, &names.events()).await?;
+            log::declare(&log_channel, names).await?;
+            events::declare(&event_channel, names).await?;
+            let consumer = log::consume(&log_channel, names, &tag, from).await?;
+            Ok((log_channel, event_channel, consumer))
+        };
+        let (log_channel, event_channel, mut consumer) =
+            unless_lost(&connection, &log_queue, "opening the config log", opening).await?;
         info!(log = %log_queue, ?from, "connected; reading the config log");
         backoff.reset();
 
@@ -359,7 +366,11 @@ impl Daemon {
         let mut retry_backoff = self.options.backoff.clone();
         let mut retry: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(Duration::ZERO));
         let mut retrying = arm_retry(position, &mut retry, &mut retry_backoff, false);
-        let outcome: Result<()> = loop {
+        // The whole of the session's reading, bounded by the connection's state: a
+        // future of the client library that a lost node left waiting cannot hold the
+        // session forever.
+        let reading = async {
+            loop {
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
                 next = consumer.next() => {
@@ -458,7 +469,10 @@ impl Daemon {
                     }),
                 },
             }
+            }
         };
+        let outcome: Result<()> =
+            unless_lost(&connection, &log_queue, "reading the config log", reading).await;
         for handle in groups.values() {
             handle.cancel.cancel();
         }
@@ -466,10 +480,8 @@ impl Daemon {
         // Events the groups sent while stopping.
         while let Ok(event) = events_rx.try_recv() {
             let envelope = events::envelope(&self.options.name, event);
-            if events::publish(&event_channel, names, &envelope)
-                .await
-                .is_err()
-            {
+            let publish = events::publish(&event_channel, names, &envelope);
+            if !matches!(tokio::time::timeout(CLOSE_WAIT, publish).await, Ok(Ok(()))) {
                 break;
             }
         }

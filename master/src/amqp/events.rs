@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    amqp_error, best_effort_close, declare_exclusive, now_ms, open_channel, Backoff, Broker, Names,
+    amqp_error, best_effort_close, declare_exclusive, now_ms, open_channel, Backoff, Broker, Names, unless_lost,
 };
 use crate::error::{Error, Result};
 use crate::rollout::RolloutEvent;
@@ -327,6 +327,9 @@ pub async fn watch(
     loop {
         let outcome = async {
             let connection = broker.connect("watch").await?;
+            // Bounded by the connection's state: a future of the client library that a
+            // lost node left waiting cannot silence the watch for good.
+            let watching = async {
             let channel = open_channel(&connection, &queue).await?;
             declare(&channel, names).await?;
             declare_exclusive(&channel, &queue)
@@ -379,6 +382,8 @@ pub async fn watch(
                     },
                 }
             }
+            };
+            unless_lost(&connection, &queue, "watching", watching).await
         }
         .await;
         match outcome {

@@ -50,7 +50,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::control::{self, HandoverRequest};
-use super::{amqp_error, best_effort_close, now_ms, open_channel, table, Broker, Names};
+use super::{
+    amqp_error, best_effort_close, now_ms, open_channel, table, unless_lost, Broker, Names,
+};
 use crate::error::{Error, Result};
 
 /// How often a holder renews its holder record.
@@ -120,7 +122,10 @@ pub(crate) async fn hold(
     handover: Option<watch::Receiver<bool>>,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let outcome = loop {
+    // Bounded by the connection's state: a future of the client library that a lost
+    // node left waiting cannot keep the group held by a master that no longer acts.
+    let competing = async {
+        loop {
         let round = compete(
             &connection,
             &names,
@@ -146,7 +151,10 @@ pub(crate) async fn hold(
             }
             Err(e) => break Err(e),
         }
+        }
     };
+    let action = format!("competing for group {group}");
+    let outcome = unless_lost(&connection, &group, &action, competing).await;
     holding.send_replace(false);
     outcome
 }

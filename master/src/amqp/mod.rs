@@ -92,6 +92,59 @@ async fn within_limit<T>(
     })
 }
 
+/// How long a connection may be seen out of the connected state before the work waiting
+/// on it is given up ([`unless_lost`]).
+const LOST_GRACE: Duration = CLOSE_WAIT;
+/// How often [`unless_lost`] looks at a connection's state.
+const STATUS_POLL: Duration = Duration::from_secs(1);
+
+/// `work`'s outcome, or an [`Error::Amqp`] naming `target` and `action` once `connection`
+/// has been out of the connected state (lapin's `ConnectionStatus`: closing, closed,
+/// errored) for [`LOST_GRACE`]; `work` is then dropped.
+///
+/// For work that waits on the AMQP client library for as long as the connection lives (a
+/// consumer read, a master's session): a broker node lost mid-operation has left a future
+/// of the library waiting with no socket and no timer left to wake it, while the
+/// connection's state said it was gone. Missed heartbeats put a silently cut connection in
+/// the error state, so this bounds that case too.
+pub(crate) async fn unless_lost<T>(
+    connection: &Connection,
+    target: &str,
+    action: &str,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::select! {
+        outcome = work => outcome,
+        () = lost_for(|| connection.status().connected(), LOST_GRACE, STATUS_POLL) => {
+            Err(Error::Amqp {
+                target: target.to_string(),
+                action: action.to_string(),
+                message: format!(
+                    "the connection to the broker was lost ({:?}) and nothing reported \
+                     it within {} s; the connection was abandoned",
+                    connection.status().state(),
+                    LOST_GRACE.as_secs()
+                ),
+            })
+        }
+    }
+}
+
+/// Resolves once `connected` has answered false at every look, one each `poll`, for at
+/// least `grace`; never while it answers true at least once a `grace`.
+async fn lost_for(connected: impl Fn() -> bool, grace: Duration, poll: Duration) {
+    let mut since: Option<tokio::time::Instant> = None;
+    loop {
+        let now = tokio::time::Instant::now();
+        if connected() {
+            since = None;
+        } else if now.duration_since(*since.get_or_insert(now)) >= grace {
+            return;
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
 /// Awaits `close` (a channel's or a connection's close) for at most [`CLOSE_WAIT`],
 /// ignoring its outcome: a node already gone never answers a close, and nothing waits on
 /// it but the command's own end.
@@ -832,6 +885,80 @@ mod tests {
         assert!(waited >= CLOSE_WAIT, "{waited:?}");
         // A bound, not a figure: a busy machine may add to it.
         assert!(waited < CLOSE_WAIT * 4, "{waited:?}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_out_of_the_connected_state_for_the_grace_is_found_lost() {
+        let (grace, poll) = (Duration::from_millis(200), Duration::from_millis(10));
+        let began = std::time::Instant::now();
+        lost_for(|| false, grace, poll).await;
+        let waited = began.elapsed();
+        assert!(waited >= grace, "{waited:?}");
+        // A bound, not a figure: a busy machine may add to it.
+        assert!(waited < grace * 20, "{waited:?}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_connected_again_within_the_grace_is_not_found_lost() {
+        let (grace, poll) = (Duration::from_millis(200), Duration::from_millis(10));
+        // Out of the connected state one look in four: each such streak is timed from its
+        // own first look, and the next look ends it, however late a busy machine makes it.
+        let looks = AtomicUsize::new(0);
+        let flapping = || looks.fetch_add(1, Ordering::Relaxed) % 4 == 3;
+        let outcome = tokio::time::timeout(grace * 5, lost_for(flapping, grace, poll)).await;
+        assert!(outcome.is_err(), "found lost while it came back");
+        assert!(looks.load(Ordering::Relaxed) > 4, "it kept looking");
+    }
+
+    /// Work that waits on a real broker's connection, which is then cut under it: the work
+    /// is a future nothing will ever wake, as the client library's was after a node was
+    /// lost. Needs RabbitMQ at `EREL_TEST_AMQP` (default `amqp://guest:guest@127.0.0.1:5672/%2f`;
+    /// `scripts/test.sh` starts it).
+    #[tokio::test]
+    async fn work_waiting_on_a_connection_that_is_cut_ends_naming_the_target_and_the_action() {
+        let url = std::env::var("EREL_TEST_AMQP")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string());
+        let mut uri: AMQPUri = url.parse().expect("EREL_TEST_AMQP is an AMQP URL");
+        let broker = format!("{}:{}", uri.authority.host, uri.authority.port);
+        // A proxy in front of the broker, whose connection the test cuts.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let proxy = tokio::spawn(async move {
+            let (mut client, _) = listener.accept().await.expect("accept");
+            let mut upstream = tokio::net::TcpStream::connect(&broker)
+                .await
+                .unwrap_or_else(|e| panic!("this test needs RabbitMQ at {broker}: {e}"));
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        });
+        uri.authority.host = addr.ip().to_string();
+        uri.authority.port = addr.port();
+        let connection = Connection::connect_uri(uri, ConnectionProperties::default())
+            .await
+            .expect("connect through the proxy");
+
+        let work = unless_lost(
+            &connection,
+            "t-lost.configs",
+            "reading the config log",
+            std::future::pending::<Result<()>>(),
+        );
+        tokio::pin!(work);
+        // Connected: the work goes on past the grace.
+        let going = tokio::time::timeout(LOST_GRACE + STATUS_POLL * 2, &mut work).await;
+        assert!(going.is_err(), "ended while connected: {going:?}");
+
+        proxy.abort();
+        let began = std::time::Instant::now();
+        let ended = tokio::time::timeout(LOST_GRACE * 6, work)
+            .await
+            .expect("given up once the connection was cut");
+        let text = ended.expect_err("the work fails").to_string();
+        assert!(began.elapsed() >= LOST_GRACE, "{:?}", began.elapsed());
+        for part in ["t-lost.configs", "reading the config log", "connection to the broker was lost"] {
+            assert!(text.contains(part), "{part:?} in {text}");
+        }
     }
 
     #[test]
