@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    amqp_error, best_effort_close, declare_exclusive, now_ms, open_channel, Backoff, Broker, Names, unless_lost,
+    amqp_error, best_effort_close, declare_exclusive, now_ms, open_channel, unless_lost, Backoff,
+    Broker, Names,
 };
 use crate::error::{Error, Result};
 use crate::rollout::RolloutEvent;

@@ -126,31 +126,31 @@ pub(crate) async fn hold(
     // node left waiting cannot keep the group held by a master that no longer acts.
     let competing = async {
         loop {
-        let round = compete(
-            &connection,
-            &names,
-            &group,
-            &master,
-            &holding,
-            handover.as_ref(),
-            &cancel,
-        );
-        match round.await {
-            Ok(Competed::Cancelled) => break Ok(()),
-            Ok(Competed::HandedOver(request)) => {
-                holding.send_replace(false);
-                tracing::info!(group, to = %request.requester, "group handed over on request");
-                if let Err(e) =
-                    wait_for_handover(&connection, &names, &group, &master, &cancel).await
-                {
-                    break Err(e);
+            let round = compete(
+                &connection,
+                &names,
+                &group,
+                &master,
+                &holding,
+                handover.as_ref(),
+                &cancel,
+            );
+            match round.await {
+                Ok(Competed::Cancelled) => break Ok(()),
+                Ok(Competed::HandedOver(request)) => {
+                    holding.send_replace(false);
+                    tracing::info!(group, to = %request.requester, "group handed over on request");
+                    if let Err(e) =
+                        wait_for_handover(&connection, &names, &group, &master, &cancel).await
+                    {
+                        break Err(e);
+                    }
+                    if cancel.is_cancelled() {
+                        break Ok(());
+                    }
                 }
-                if cancel.is_cancelled() {
-                    break Ok(());
-                }
+                Err(e) => break Err(e),
             }
-            Err(e) => break Err(e),
-        }
         }
     };
     let action = format!("competing for group {group}");

@@ -120,13 +120,32 @@ pub(crate) async fn unless_lost<T>(
                 target: target.to_string(),
                 action: action.to_string(),
                 message: format!(
-                    "the connection to the broker was lost ({:?}) and nothing reported \
-                     it within {} s; the connection was abandoned",
-                    connection.status().state(),
+                    "the connection to the broker was lost (the client library says it is \
+                     {}) and nothing reported it within {} s; the connection was abandoned",
+                    state_of(connection.status()),
                     LOST_GRACE.as_secs()
                 ),
             })
         }
+    }
+}
+
+/// A connection's state in words, from lapin's `ConnectionStatus`.
+fn state_of(status: &lapin::ConnectionStatus) -> &'static str {
+    if status.connected() {
+        "connected"
+    } else if status.errored() {
+        "in error"
+    } else if status.closing() {
+        "closing"
+    } else if status.closed() {
+        "closed"
+    } else if status.reconnecting() {
+        "reconnecting"
+    } else if status.connecting() {
+        "connecting"
+    } else {
+        "in an unknown state"
     }
 }
 
@@ -956,7 +975,11 @@ mod tests {
             .expect("given up once the connection was cut");
         let text = ended.expect_err("the work fails").to_string();
         assert!(began.elapsed() >= LOST_GRACE, "{:?}", began.elapsed());
-        for part in ["t-lost.configs", "reading the config log", "connection to the broker was lost"] {
+        for part in [
+            "t-lost.configs",
+            "reading the config log",
+            "connection to the broker was lost",
+        ] {
             assert!(text.contains(part), "{part:?} in {text}");
         }
     }

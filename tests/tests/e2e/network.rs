@@ -29,9 +29,7 @@ use crate::helper::netns::{NetFleet, BEAT_PORT};
 use crate::helper::release::{beat_release, failing_beat_release, names_the_exit_failure};
 use crate::helper::slow_link::{Delay, SlowLink};
 use crate::helper::stepping::step_until;
-use crate::helper::{
-    exit_within, follow_lines, wait_until_blocking, PATIENCE,
-};
+use crate::helper::{exit_within, follow_lines, wait_until_blocking, PATIENCE};
 
 /// `--connect-timeout` of every `erel deploy` here: how long each phase of opening a
 /// connection (TCP; TLS and `Hello`) may take.

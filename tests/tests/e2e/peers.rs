@@ -430,7 +430,11 @@ async fn two_masters_pushing_the_same_file_at_once_both_succeed() {
             (staged_bytes(&agent) >= 16 << 20).then_some(())
         })
     });
-    assert!(started.is_some(), "the first transfer starts\n{}", agent.log());
+    assert!(
+        started.is_some(),
+        "the first transfer starts\n{}",
+        agent.log()
+    );
     let second = push().spawn().expect("spawn the second push");
     agent.log_showing_all(&["taken over by a newer request"], PATIENCE);
     drop(started);
