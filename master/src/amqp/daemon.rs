@@ -66,8 +66,8 @@ use super::events::{self, MasterEvent};
 use super::log::{self, LogEntry};
 use super::state::StateDir;
 use super::{
-    amqp_error, best_effort_close, leadership, open_channel, unless_lost, Backoff, Broker,
-    CLOSE_WAIT,
+    amqp_error, best_effort_close, leadership, lost_error, lost_for, open_channel, unless_lost,
+    Backoff, Broker, CLOSE_WAIT, LOST_GRACE, STATUS_POLL,
 };
 use crate::client::Connector;
 use crate::cluster::{ArchiveLookup, Plan};
@@ -367,113 +367,123 @@ impl Daemon {
         let mut retry_backoff = self.options.backoff.clone();
         let mut retry: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(Duration::ZERO));
         let mut retrying = arm_retry(position, &mut retry, &mut retry_backoff, false);
-        // The whole of the session's reading, bounded by the connection's state: a
-        // future of the client library that a lost node left waiting cannot hold the
-        // session forever.
-        let reading = async {
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => break Ok(()),
-                    next = consumer.next() => {
-                        let first = match next {
-                            Some(Ok(delivery)) => delivery,
-                            Some(Err(e)) => break Err(amqp_error(&log_queue, "reading the config log", e)),
-                            None => break Err(Error::Amqp {
-                                target: log_queue.clone(),
-                                action: "reading the config log".to_string(),
-                                message: "the broker ended the consumer".to_string(),
-                            }),
+        // The connection's state, watched across the whole loop: a future of the client
+        // library that a lost node left waiting cannot hold the session forever. Looked at
+        // between branches only, so that a batch being applied is never cut short; the
+        // broker waits inside a branch are bounded each on their own.
+        let lost = lost_for(|| connection.status().connected(), LOST_GRACE, STATUS_POLL);
+        tokio::pin!(lost);
+        let outcome: Result<()> = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break Ok(()),
+                () = &mut lost => {
+                    break Err(lost_error(&connection, &log_queue, "reading the config log"));
+                }
+                next = consumer.next() => {
+                    let first = match next {
+                        Some(Ok(delivery)) => delivery,
+                        Some(Err(e)) => break Err(amqp_error(&log_queue, "reading the config log", e)),
+                        None => break Err(Error::Amqp {
+                            target: log_queue.clone(),
+                            action: "reading the config log".to_string(),
+                            message: "the broker ended the consumer".to_string(),
+                        }),
+                    };
+                    let mut batch = vec![first];
+                    let mut ended = None;
+                    while batch.len() < usize::from(log::PREFETCH) {
+                        match poll_once(consumer.next()).await {
+                            Some(Some(Ok(delivery))) => batch.push(delivery),
+                            Some(Some(Err(e))) => {
+                                ended = Some(amqp_error(&log_queue, "reading the config log", e));
+                                break;
+                            }
+                            Some(None) => {
+                                ended = Some(Error::Amqp {
+                                    target: log_queue.clone(),
+                                    action: "reading the config log".to_string(),
+                                    message: "the broker ended the consumer".to_string(),
+                                });
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    let reread = self.apply_batch(&batch, position).await;
+                    if let Some(last) = batch.last() {
+                        // On a stream an acknowledgement only grants the consumer more
+                        // credit; where the master is in the log is `position`.
+                        let ack = async {
+                            let acked = last.ack(BasicAckOptions { multiple: true }).await;
+                            acked.map_err(|e| amqp_error(&log_queue, "acknowledging", e))
                         };
-                        let mut batch = vec![first];
-                        let mut ended = None;
-                        while batch.len() < usize::from(log::PREFETCH) {
-                            match poll_once(consumer.next()).await {
-                                Some(Some(Ok(delivery))) => batch.push(delivery),
-                                Some(Some(Err(e))) => {
-                                    ended = Some(amqp_error(&log_queue, "reading the config log", e));
-                                    break;
-                                }
-                                Some(None) => {
-                                    ended = Some(Error::Amqp {
-                                        target: log_queue.clone(),
-                                        action: "reading the config log".to_string(),
-                                        message: "the broker ended the consumer".to_string(),
-                                    });
-                                    break;
-                                }
-                                None => break,
-                            }
-                        }
-                        let reread = self.apply_batch(&batch, position).await;
-                        if let Some(last) = batch.last() {
-                            // On a stream an acknowledgement only grants the consumer more
-                            // credit; where the master is in the log is `position`.
-                            if let Err(e) = last.ack(BasicAckOptions { multiple: true }).await {
-                                break Err(amqp_error(&log_queue, "acknowledging", e));
-                            }
-                        }
-                        retrying = arm_retry(position, &mut retry, &mut retry_backoff, retrying);
-                        if caught_up {
-                            self.sync_groups(&connection, &mut groups, &mut tasks, position.waiting.as_ref());
-                        }
-                        if let Some(e) = ended.or_else(|| reread.then(|| reread_error(&log_queue))) {
+                        let acked = unless_lost(&connection, &log_queue, "acknowledging", ack);
+                        if let Err(e) = acked.await {
                             break Err(e);
                         }
-                        settle.as_mut().reset(Instant::now() + log::SETTLE);
                     }
-                    _ = &mut retry, if retrying => {
-                        retrying = false;
-                        if position.unplanned {
-                            self.plan_held(position).await;
-                        }
-                        let pending = std::mem::take(&mut position.pending);
-                        if self.apply(pending, position).await {
-                            break Err(reread_error(&log_queue));
-                        }
-                        retrying = arm_retry(position, &mut retry, &mut retry_backoff, retrying);
-                        if caught_up {
-                            self.sync_groups(&connection, &mut groups, &mut tasks, position.waiting.as_ref());
-                        }
-                    }
-                    _ = &mut settle, if !caught_up => {
-                        caught_up = true;
-                        info!(revision = ?position.held, "config log read to its end");
+                    retrying = arm_retry(position, &mut retry, &mut retry_backoff, retrying);
+                    if caught_up {
                         self.sync_groups(&connection, &mut groups, &mut tasks, position.waiting.as_ref());
                     }
-                    changed = plans.changed() => {
-                        if changed.is_err() {
-                            break Ok(());
-                        }
-                        if caught_up {
-                            self.sync_groups(&connection, &mut groups, &mut tasks, position.waiting.as_ref());
-                        }
+                    if let Some(e) = ended.or_else(|| reread.then(|| reread_error(&log_queue))) {
+                        break Err(e);
                     }
-                    Some(event) = events_rx.recv() => {
-                        let envelope = events::envelope(&self.options.name, event);
-                        if let Err(e) = events::publish(&event_channel, names, &envelope).await {
-                            break Err(e);
-                        }
-                    }
-                    Some(joined) = tasks.join_next() => match joined {
-                        Ok((group, Ok(()))) => {
-                            debug!(group, "stopped competing for the group");
-                        }
-                        Ok((group, Err(e))) => break Err(Error::Amqp {
-                            target: names.lease(&group).unwrap_or_default(),
-                            action: format!("competing for group {group}"),
-                            message: e.to_string(),
-                        }),
-                        Err(e) => break Err(Error::Amqp {
-                            target: log_queue.clone(),
-                            action: "running a group".to_string(),
-                            message: e.to_string(),
-                        }),
-                    },
+                    settle.as_mut().reset(Instant::now() + log::SETTLE);
                 }
+                _ = &mut retry, if retrying => {
+                    retrying = false;
+                    if position.unplanned {
+                        self.plan_held(position).await;
+                    }
+                    let pending = std::mem::take(&mut position.pending);
+                    if self.apply(pending, position).await {
+                        break Err(reread_error(&log_queue));
+                    }
+                    retrying = arm_retry(position, &mut retry, &mut retry_backoff, retrying);
+                    if caught_up {
+                        self.sync_groups(&connection, &mut groups, &mut tasks, position.waiting.as_ref());
+                    }
+                }
+                _ = &mut settle, if !caught_up => {
+                    caught_up = true;
+                    info!(revision = ?position.held, "config log read to its end");
+                    self.sync_groups(&connection, &mut groups, &mut tasks, position.waiting.as_ref());
+                }
+                changed = plans.changed() => {
+                    if changed.is_err() {
+                        break Ok(());
+                    }
+                    if caught_up {
+                        self.sync_groups(&connection, &mut groups, &mut tasks, position.waiting.as_ref());
+                    }
+                }
+                Some(event) = events_rx.recv() => {
+                    let envelope = events::envelope(&self.options.name, event);
+                    let publish = events::publish(&event_channel, names, &envelope);
+                    let exchange = names.events();
+                    let published = unless_lost(&connection, &exchange, "publishing an event", publish);
+                    if let Err(e) = published.await {
+                        break Err(e);
+                    }
+                }
+                Some(joined) = tasks.join_next() => match joined {
+                    Ok((group, Ok(()))) => {
+                        debug!(group, "stopped competing for the group");
+                    }
+                    Ok((group, Err(e))) => break Err(Error::Amqp {
+                        target: names.lease(&group).unwrap_or_default(),
+                        action: format!("competing for group {group}"),
+                        message: e.to_string(),
+                    }),
+                    Err(e) => break Err(Error::Amqp {
+                        target: log_queue.clone(),
+                        action: "running a group".to_string(),
+                        message: e.to_string(),
+                    }),
+                },
             }
         };
-        let outcome: Result<()> =
-            unless_lost(&connection, &log_queue, "reading the config log", reading).await;
         for handle in groups.values() {
             handle.cancel.cancel();
         }

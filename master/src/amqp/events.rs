@@ -331,64 +331,66 @@ pub async fn watch(
             // Bounded by the connection's state: a future of the client library that a
             // lost node left waiting cannot silence the watch for good.
             let watching = async {
-            let channel = open_channel(&connection, &queue).await?;
-            declare(&channel, names).await?;
-            declare_exclusive(&channel, &queue)
-                .await
-                .map_err(|e| amqp_error(&queue, "declaring the watch queue", e))?;
-            channel
-                .queue_bind(
-                    queue.as_str().into(),
-                    names.events().as_str().into(),
-                    "#".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| amqp_error(&queue, "binding to the events exchange", e))?;
-            let mut consumer = channel
-                .basic_consume(
-                    queue.as_str().into(),
-                    "watch".into(),
-                    BasicConsumeOptions {
-                        no_ack: true,
-                        ..BasicConsumeOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| amqp_error(&queue, "consuming", e))?;
-            on_notice(WatchNotice::Listening(queue.clone()));
-            backoff.reset();
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => {
-                        drop(consumer);
-                        best_effort_close(channel.close(200, "done".into())).await;
-                        best_effort_close(connection.close(200, "done".into())).await;
-                        return Ok(());
-                    }
-                    next = consumer.next() => match next {
-                        Some(Ok(delivery)) => {
-                            if let Ok(envelope) = serde_json::from_slice::<Envelope>(&delivery.data) {
-                                on_event(envelope);
-                            }
+                let channel = open_channel(&connection, &queue).await?;
+                declare(&channel, names).await?;
+                declare_exclusive(&channel, &queue)
+                    .await
+                    .map_err(|e| amqp_error(&queue, "declaring the watch queue", e))?;
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        names.events().as_str().into(),
+                        "#".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| amqp_error(&queue, "binding to the events exchange", e))?;
+                let mut consumer = channel
+                    .basic_consume(
+                        queue.as_str().into(),
+                        "watch".into(),
+                        BasicConsumeOptions {
+                            no_ack: true,
+                            ..BasicConsumeOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| amqp_error(&queue, "consuming", e))?;
+                on_notice(WatchNotice::Listening(queue.clone()));
+                backoff.reset();
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => {
+                            drop(consumer);
+                            best_effort_close(channel.close(200, "done".into())).await;
+                            best_effort_close(connection.close(200, "done".into())).await;
+                            return Ok(());
                         }
-                        Some(Err(e)) => return Err(amqp_error(&queue, "watching", e)),
-                        None => return Err(Error::Amqp {
-                            target: queue.clone(),
-                            action: "watching".to_string(),
-                            message: "the broker ended the consumer".to_string(),
-                        }),
-                    },
+                        next = consumer.next() => match next {
+                            Some(Ok(delivery)) => {
+                                if let Ok(envelope) = serde_json::from_slice::<Envelope>(&delivery.data) {
+                                    on_event(envelope);
+                                }
+                            }
+                            Some(Err(e)) => return Err(amqp_error(&queue, "watching", e)),
+                            None => return Err(Error::Amqp {
+                                target: queue.clone(),
+                                action: "watching".to_string(),
+                                message: "the broker ended the consumer".to_string(),
+                            }),
+                        },
+                    }
                 }
-            }
             };
             unless_lost(&connection, &queue, "watching", watching).await
         }
         .await;
         match outcome {
             Ok(()) => return Ok(()),
+            // Cancelled while the watch was ending: no retry to announce.
+            Err(_) if cancel.is_cancelled() => return Ok(()),
             Err(e) => {
                 // Its node may be gone: the next attempt starts at the next one.
                 broker.fail_over();

@@ -153,8 +153,9 @@ pub(crate) async fn hold(
             }
         }
     };
+    let lease = names.lease(&group).unwrap_or_else(|_| group.clone());
     let action = format!("competing for group {group}");
-    let outcome = unless_lost(&connection, &group, &action, competing).await;
+    let outcome = unless_lost(&connection, &lease, &action, competing).await;
     holding.send_replace(false);
     outcome
 }
@@ -402,6 +403,8 @@ async fn take_once(
         }
         Ok(channel)
     };
+    let handover = names.handover(group)?;
+    let asked = unless_lost(&connection, &handover, "asking for a hand-over", asked);
     let channel = match asked.await {
         Ok(channel) => channel,
         Err(e) => {
@@ -421,7 +424,14 @@ async fn take_once(
         cancel.clone(),
     ));
     let got = tokio::time::timeout(wait, holding.wait_for(|held| *held)).await;
-    let _ = control::clear_handover(&channel, &names, group, requester).await;
+    let clear = control::clear_handover(&channel, &names, group, requester);
+    let _ = unless_lost(
+        &connection,
+        &handover,
+        "clearing the hand-over request",
+        clear,
+    )
+    .await;
     best_effort_close(channel.close(200, "done".into())).await;
     let taken = TakenLease {
         from: from.clone(),

@@ -99,8 +99,10 @@ const LOST_GRACE: Duration = CLOSE_WAIT;
 const STATUS_POLL: Duration = Duration::from_secs(1);
 
 /// `work`'s outcome, or an [`Error::Amqp`] naming `target` and `action` once `connection`
-/// has been out of the connected state (lapin's `ConnectionStatus`: closing, closed,
-/// errored) for [`LOST_GRACE`]; `work` is then dropped.
+/// has been out of the connected state (any other state of lapin's `ConnectionStatus`:
+/// connecting, reconnecting, closing, closed, errored) for [`LOST_GRACE`]; `work` is then
+/// dropped, so it must be work that may stop at any await (broker work, not a local
+/// change half made).
 ///
 /// For work that waits on the AMQP client library for as long as the connection lives (a
 /// consumer read, a master's session): a broker node lost mid-operation has left a future
@@ -116,17 +118,22 @@ pub(crate) async fn unless_lost<T>(
     tokio::select! {
         outcome = work => outcome,
         () = lost_for(|| connection.status().connected(), LOST_GRACE, STATUS_POLL) => {
-            Err(Error::Amqp {
-                target: target.to_string(),
-                action: action.to_string(),
-                message: format!(
-                    "the connection to the broker was lost (the client library says it is \
-                     {}) and nothing reported it within {} s; the connection was abandoned",
-                    state_of(connection.status()),
-                    LOST_GRACE.as_secs()
-                ),
-            })
+            Err(lost_error(connection, target, action))
         }
+    }
+}
+
+/// What [`unless_lost`] says of `connection` found lost while `action` on `target`.
+fn lost_error(connection: &Connection, target: &str, action: &str) -> Error {
+    Error::Amqp {
+        target: target.to_string(),
+        action: action.to_string(),
+        message: format!(
+            "the connection to the broker was lost (the client library says it is {}) and \
+             nothing reported it within {} s; the connection was abandoned",
+            state_of(connection.status()),
+            LOST_GRACE.as_secs()
+        ),
     }
 }
 
@@ -944,11 +951,11 @@ mod tests {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let mut upstream = tokio::net::TcpStream::connect(&broker)
+            .await
+            .unwrap_or_else(|e| panic!("this test needs RabbitMQ at {broker}: {e}"));
         let proxy = tokio::spawn(async move {
             let (mut client, _) = listener.accept().await.expect("accept");
-            let mut upstream = tokio::net::TcpStream::connect(&broker)
-                .await
-                .unwrap_or_else(|e| panic!("this test needs RabbitMQ at {broker}: {e}"));
             let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
         });
         uri.authority.host = addr.ip().to_string();

@@ -8,8 +8,12 @@
 //! describes it: every thread stops, nothing of its kernel state is lost); the probe is
 //! asked only while every thread is stopped. Once the probe sees the moment, the process
 //! stays stopped, so that what the test does next (kill it, fill its disk, cut its link,
-//! kill its peer) happens before the operation goes one step further. The process goes on
-//! when the [`Stopped`] it is handed is resumed or dropped (`SIGCONT`).
+//! kill its peer) happens before the process goes one step further. A slice is the test
+//! thread's sleep: a busy machine may stretch it to some milliseconds, still a small part
+//! of any operation caught this way. What the process's peers do meanwhile goes on (an
+//! agent still drains the socket of a pusher held stopped). The process goes on when the
+//! [`Stopped`] it is handed is resumed or dropped (`SIGCONT`, sent only while the pid is
+//! still the same process: a process killed and reaped meanwhile is left alone).
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +31,9 @@ pub const SLICE: Duration = Duration::from_millis(1);
 #[must_use = "the process stays stopped only while this is held"]
 pub struct Stopped {
     pid: Pid,
+    /// When the process started (`starttime` in `/proc/<pid>/stat`, proc(5)): a pid that
+    /// names another process by the time of the resume is not signalled.
+    started: Option<u64>,
     resumed: bool,
 }
 
@@ -39,7 +46,9 @@ impl Stopped {
     fn cont(&mut self) {
         if !self.resumed {
             self.resumed = true;
-            let _ = kill(self.pid, Signal::SIGCONT);
+            if self.started.is_some() && start_time(self.pid) == self.started {
+                let _ = kill(self.pid, Signal::SIGCONT);
+            }
         }
     }
 }
@@ -79,6 +88,7 @@ pub fn step_until<T>(
 fn stop(pid: Pid) -> Stopped {
     let stopped = Stopped {
         pid,
+        started: start_time(pid),
         resumed: false,
     };
     if kill(pid, Signal::SIGSTOP).is_err() {
@@ -95,6 +105,21 @@ fn stop(pid: Pid) -> Stopped {
     stopped
 }
 
+/// The fields of a process's or a thread's `stat` file after the command's closing
+/// parenthesis, the state first (proc(5)); `None` when it cannot be read.
+fn stat_fields(path: &std::path::Path) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// When `pid` started, in clock ticks after boot (field 22 of `/proc/<pid>/stat`, the
+/// 20th after the command); `None` once the pid names no process.
+fn start_time(pid: Pid) -> Option<u64> {
+    let path = std::path::PathBuf::from(format!("/proc/{pid}/stat"));
+    stat_fields(&path)?.get(19)?.parse().ok()
+}
+
 /// True when no thread of `pid` can run: each is stopped, traced, or dead, or the process
 /// is gone. The state is the field after the command's closing parenthesis in
 /// `/proc/<pid>/task/<tid>/stat` (proc(5)).
@@ -103,13 +128,12 @@ fn all_threads_stopped(pid: Pid) -> bool {
         return true;
     };
     tasks.flatten().all(|task| {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            return true; // the thread ended
-        };
-        let state = stat
-            .rfind(')')
-            .and_then(|end| stat[end + 1..].split_whitespace().next());
-        matches!(state, Some("T" | "t" | "Z" | "X") | None)
+        // A thread whose stat cannot be read has ended.
+        let fields = stat_fields(&task.path().join("stat")).unwrap_or_default();
+        matches!(
+            fields.first().map(String::as_str),
+            Some("T" | "t" | "Z" | "X") | None
+        )
     })
 }
 
@@ -134,9 +158,12 @@ mod tests {
                 .ok()
                 .and_then(|t| t.trim().parse::<u64>().ok())
         };
-        let (seen, held) =
-            super::step_until(child.id(), super::PATIENCE, || read().filter(|n| *n >= 50))
-                .expect("the counter reached 50");
+        let caught = super::step_until(child.id(), super::PATIENCE, || read().filter(|n| *n >= 50));
+        let Some((seen, held)) = caught else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the counter never reached 50");
+        };
         // Held: however long the test looks, the counter does not move.
         std::thread::sleep(super::SLICE * 50);
         assert_eq!(read(), Some(seen));
