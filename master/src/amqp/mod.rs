@@ -309,10 +309,6 @@ impl Broker {
         }
     }
 
-    fn error(&self, action: &str, e: lapin::Error) -> Error {
-        amqp_error(self.display_url(), action, e)
-    }
-
     /// Runs `work` on a channel of a connection of its own, which `role` names in the
     /// broker's connection list, then closes both whatever `work` returned. While the
     /// broker answers that a queue's replicas are not ready ([`replicas_not_ready`]),
@@ -362,11 +358,6 @@ impl Broker {
     /// the given groups use. For tests and for retiring a cluster; nothing of another
     /// prefix is touched.
     pub async fn delete_everything(&self, groups: &[String]) -> Result<()> {
-        let connection = self.connect("cleanup").await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| self.error("opening a channel", e))?;
         let mut queues = vec![self.names.configs()];
         for group in groups {
             queues.push(self.names.lease(group)?);
@@ -374,20 +365,22 @@ impl Broker {
             queues.push(self.names.halt(group)?);
             queues.push(self.names.handover(group)?);
         }
-        for queue in queues {
-            channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .map_err(|e| amqp_error(&queue, "deleting the queue", e))?;
-        }
         let exchange = self.names.events();
-        channel
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-            .await
-            .map_err(|e| amqp_error(&exchange, "deleting the exchange", e))?;
-        best_effort_close(channel.close(200, "done".into())).await;
-        best_effort_close(connection.close(200, "done".into())).await;
-        Ok(())
+        // On a connection of its own, bounded as every such attempt is.
+        self.on_channel("cleanup", async |channel| {
+            for queue in &queues {
+                channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await
+                    .map_err(|e| amqp_error(queue, "deleting the queue", e))?;
+            }
+            channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await
+                .map_err(|e| amqp_error(&exchange, "deleting the exchange", e))?;
+            Ok(())
+        })
+        .await
     }
 }
 
